@@ -1,0 +1,807 @@
+//! GGUF v3 reading and writing: metadata, tensor directory, and (de)quantisation of the block
+//! formats we support (F32, F16, BF16, Q8_0, Q4_0, Q4_1 in; F32, F16, Q8_0 out).
+//!
+//! Layout facts (GGUF v3): a header (magic `GGUF`, version, tensor count, metadata count), the
+//! metadata key/value list, the tensor directory (name, dims `ne0..`, type, offset), then the
+//! data section aligned to `general.alignment` (default 32). Dims are innermost first, so a
+//! matrix with `(ne0, ne1)` is stored row-major as `[ne1][ne0]`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+/// Errors from reading or writing a GGUF file. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a GGUF file (magic {found:?}, expected \"GGUF\")")]
+    BadMagic { path: PathBuf, found: [u8; 4] },
+    #[error("{path}: unsupported GGUF version {version} (supported: 2, 3)")]
+    BadVersion { path: PathBuf, version: u32 },
+    #[error("{path}: file is truncated: {what} needs bytes up to offset {needed}, file has {len}")]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        needed: u64,
+        len: u64,
+    },
+    #[error("{path}: malformed: {what}")]
+    Malformed { path: PathBuf, what: String },
+    #[error("{path}: tensor '{tensor}' has type {ggml_type} ({type_name}), which this loader does not support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    UnsupportedType {
+        path: PathBuf,
+        tensor: String,
+        ggml_type: u32,
+        type_name: &'static str,
+    },
+    #[error("{path}: tensor '{tensor}' not found")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: metadata key '{key}' missing or of the wrong type ({expected} expected)")]
+    MissingKey {
+        path: PathBuf,
+        key: String,
+        expected: &'static str,
+    },
+}
+
+/// GGML tensor types that appear in this code base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Bf16,
+}
+
+impl GgmlType {
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Bf16 => 30,
+        }
+    }
+
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::Bf16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::Bf16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+        }
+    }
+
+    /// Bytes needed to store `n` elements (n must be a multiple of the block size).
+    pub fn byte_len(self, n: usize) -> usize {
+        let (be, bb) = self.block();
+        n.div_ceil(be) * bb
+    }
+}
+
+/// Human name of a ggml type id, for error messages.
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16..=23 => "IQ-family",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        30 => "BF16",
+        _ => "unknown",
+    }
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v as u64),
+            Value::U16(v) => Some(v as u64),
+            Value::U32(v) => Some(v as u64),
+            Value::U64(v) => Some(v),
+            Value::I8(v) if v >= 0 => Some(v as u64),
+            Value::I16(v) if v >= 0 => Some(v as u64),
+            Value::I32(v) if v >= 0 => Some(v as u64),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v as f64),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the tensor directory.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dims innermost first (`ne0, ne1, ...`), as in the file.
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    /// Offset relative to the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed GGUF file, memory-mapped.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: u64,
+    map: memmap2::Mmap,
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        match end {
+            Some(end) => {
+                let s = &self.bytes[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(GgufError::Truncated {
+                path: self.path.to_path_buf(),
+                what: what.to_string(),
+                needed: self.pos as u64 + n as u64,
+                len: self.bytes.len() as u64,
+            }),
+        }
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, GgufError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, GgufError> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn malformed(&self, what: String) -> GgufError {
+        GgufError::Malformed {
+            path: self.path.to_path_buf(),
+            what,
+        }
+    }
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        if len > self.bytes.len() as u64 {
+            return Err(GgufError::Truncated {
+                path: self.path.to_path_buf(),
+                what: format!("{what} (string of {len} bytes)"),
+                needed: self.pos as u64 + len,
+                len: self.bytes.len() as u64,
+            });
+        }
+        let b = self.take(len as usize, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.malformed(format!("{what}: not UTF-8")))
+    }
+    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<Value, GgufError> {
+        Ok(match ty {
+            0 => Value::U8(self.u8(key)?),
+            1 => Value::I8(self.u8(key)? as i8),
+            2 => Value::U16(self.u16(key)?),
+            3 => Value::I16(self.u16(key)? as i16),
+            4 => Value::U32(self.u32(key)?),
+            5 => Value::I32(self.u32(key)? as i32),
+            6 => Value::F32(f32::from_bits(self.u32(key)?)),
+            7 => Value::Bool(self.u8(key)? != 0),
+            8 => Value::Str(self.string(key)?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.malformed(format!("metadata '{key}': arrays nested too deep")));
+                }
+                let elem_ty = self.u32(key)?;
+                let n = self.u64(key)?;
+                // Every element takes at least one byte: a count beyond the file is a lie.
+                if n > (self.bytes.len() - self.pos) as u64 {
+                    return Err(GgufError::Truncated {
+                        path: self.path.to_path_buf(),
+                        what: format!("metadata array '{key}' of {n} elements"),
+                        needed: self.pos as u64 + n,
+                        len: self.bytes.len() as u64,
+                    });
+                }
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(self.u64(key)? as i64),
+            12 => Value::F64(f64::from_bits(self.u64(key)?)),
+            other => {
+                return Err(self.malformed(format!(
+                    "metadata '{key}' has unknown value type {other}"
+                )))
+            }
+        })
+    }
+}
+
+impl GgufFile {
+    /// Open and parse the header, metadata and tensor directory; tensor data is read lazily.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        // SAFETY: the file is opened read-only and we never hand out references that outlive
+        // the map; a concurrent writer truncating the file is outside our contract.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let mut c = Cursor {
+            bytes: &map,
+            pos: 0,
+            path: &path,
+        };
+        let magic: [u8; 4] = c.take(4, "magic")?.try_into().expect("4 bytes");
+        if &magic != b"GGUF" {
+            return Err(GgufError::BadMagic { path, found: magic });
+        }
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::BadVersion { path, version });
+        }
+        let n_tensors = c.u64("tensor count")?;
+        let n_kv = c.u64("metadata count")?;
+        if n_tensors > 1 << 24 || n_kv > 1 << 24 {
+            return Err(c.malformed(format!(
+                "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
+            )));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("metadata key")?;
+            let ty = c.u32(&key)?;
+            let v = c.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = c.string("tensor name")?;
+            let n_dims = c.u32(&name)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(c.malformed(format!("tensor '{name}' has {n_dims} dims")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(c.u64(&name)?);
+            }
+            let ggml_type = c.u32(&name)?;
+            let offset = c.u64(&name)?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1);
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let file_len = map.len() as u64;
+        for t in &tensors {
+            let n = t
+                .dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| c.malformed(format!("tensor '{}' dims overflow", t.name)))?;
+            if let Some(ty) = GgmlType::from_id(t.ggml_type) {
+                let (be, _) = ty.block();
+                if t.dims[0] % be as u64 != 0 {
+                    return Err(c.malformed(format!(
+                        "tensor '{}' row length {} is not a multiple of the block size {be}",
+                        t.name, t.dims[0]
+                    )));
+                }
+                let end = data_start + t.offset + ty.byte_len(n as usize) as u64;
+                if end > file_len {
+                    return Err(GgufError::Truncated {
+                        path: path.clone(),
+                        what: format!("data of tensor '{}'", t.name),
+                        needed: end,
+                        len: file_len,
+                    });
+                }
+            }
+        }
+        Ok(GgufFile {
+            path,
+            version,
+            metadata,
+            tensors,
+            data_start,
+            map,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
+        self.get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| self.missing(key, "unsigned integer"))
+    }
+
+    pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {
+        self.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| self.missing(key, "number"))
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
+        self.get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.missing(key, "string"))
+    }
+
+    pub fn missing(&self, key: &str, expected: &'static str) -> GgufError {
+        GgufError::MissingKey {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected,
+        }
+    }
+
+    pub fn malformed(&self, what: impl Into<String>) -> GgufError {
+        GgufError::Malformed {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo, GgufError> {
+        self.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            })
+    }
+
+    /// Dequantize a tensor to f32, in file order (row-major `[ne1][ne0]`).
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), GgufError> {
+        let info = self.tensor_info(name)?;
+        let ty = GgmlType::from_id(info.ggml_type).ok_or_else(|| GgufError::UnsupportedType {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            ggml_type: info.ggml_type,
+            type_name: ggml_type_name(info.ggml_type),
+        })?;
+        let n = info.n_elements() as usize;
+        let start = (self.data_start + info.offset) as usize;
+        let bytes = &self.map[start..start + ty.byte_len(n)];
+        let dims = info.dims.iter().map(|&d| d as usize).collect();
+        Ok((dequantize(ty, bytes, n), dims))
+    }
+}
+
+/// Dequantize `n` elements of type `ty` from `bytes` (which must hold exactly `ty.byte_len(n)`).
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match ty {
+        GgmlType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(h)),
+        GgmlType::Bf16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        GgmlType::Q8_0 => {
+            for blk in bytes.chunks_exact(34) {
+                let d = h(&blk[0..2]);
+                out.extend(blk[2..34].iter().map(|&q| (q as i8) as f32 * d));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for blk in bytes.chunks_exact(18) {
+                let d = h(&blk[0..2]);
+                let qs = &blk[2..18];
+                out.extend(qs.iter().map(|&q| ((q & 0x0f) as f32 - 8.0) * d));
+                out.extend(qs.iter().map(|&q| ((q >> 4) as f32 - 8.0) * d));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for blk in bytes.chunks_exact(20) {
+                let d = h(&blk[0..2]);
+                let m = h(&blk[2..4]);
+                let qs = &blk[4..20];
+                out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + m));
+                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+            }
+        }
+    }
+    out.truncate(n);
+    out
+}
+
+/// Quantize f32 values to the given output type (F32, F16 or Q8_0).
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ty.byte_len(values.len()));
+    match ty {
+        GgmlType::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        GgmlType::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        GgmlType::Bf16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for blk in values.chunks(32) {
+                let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                for i in 0..32 {
+                    let v = blk.get(i).copied().unwrap_or(0.0);
+                    out.push(((v * inv).round().clamp(-127.0, 127.0) as i8) as u8);
+                }
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            unreachable!("the writer only offers F32, F16, BF16 and Q8_0")
+        }
+    }
+    out
+}
+
+/// A tensor to write: name, dims innermost first, type and f32 values in file order.
+pub struct WriteTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    pub values: Vec<f32>,
+}
+
+/// Write a GGUF v3 file atomically (temp file then rename).
+pub fn write(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[WriteTensor],
+) -> Result<(), GgufError> {
+    const ALIGN: u64 = 32;
+    let io = |source| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head: Vec<u8> = Vec::new();
+    head.extend_from_slice(b"GGUF");
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        put_str(&mut head, k);
+        put_value(&mut head, v, true);
+    }
+    let mut datas = Vec::with_capacity(tensors.len());
+    let mut offset = 0u64;
+    for t in tensors {
+        put_str(&mut head, &t.name);
+        head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            head.extend_from_slice(&d.to_le_bytes());
+        }
+        head.extend_from_slice(&t.ggml_type.id().to_le_bytes());
+        head.extend_from_slice(&offset.to_le_bytes());
+        let data = quantize(t.ggml_type, &t.values);
+        offset += (data.len() as u64).div_ceil(ALIGN) * ALIGN;
+        datas.push(data);
+    }
+    let pad = |len: u64| (len.div_ceil(ALIGN) * ALIGN - len) as usize;
+    let tmp = path.with_extension("gguf.partial");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    f.write_all(&head).map_err(io)?;
+    f.write_all(&vec![0u8; pad(head.len() as u64)]).map_err(io)?;
+    for d in &datas {
+        f.write_all(d).map_err(io)?;
+        f.write_all(&vec![0u8; pad(d.len() as u64)]).map_err(io)?;
+    }
+    let f = f.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::Str(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value, with_type: bool) {
+    if with_type {
+        out.extend_from_slice(&value_type(v).to_le_bytes());
+    }
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::Str(s) => put_str(out, s),
+        Value::Array(items) => {
+            let elem_ty = items.first().map(value_type).unwrap_or(4);
+            out.extend_from_slice(&elem_ty.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for it in items {
+                put_value(out, it, false);
+            }
+        }
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("fedspine-gguf-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn write_then_read_round_trips_f32_f16_q8() {
+        let dir = tmpdir("rt");
+        let path = dir.join("t.gguf");
+        let vals: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) / 7.0).collect();
+        let tensors = vec![
+            WriteTensor {
+                name: "a".into(),
+                dims: vec![32, 2],
+                ggml_type: GgmlType::F32,
+                values: vals.clone(),
+            },
+            WriteTensor {
+                name: "b".into(),
+                dims: vec![64],
+                ggml_type: GgmlType::F16,
+                values: vals.clone(),
+            },
+            WriteTensor {
+                name: "c".into(),
+                dims: vec![32, 2],
+                ggml_type: GgmlType::Q8_0,
+                values: vals.clone(),
+            },
+        ];
+        let meta = vec![
+            ("general.architecture".to_string(), Value::Str("llama".into())),
+            (
+                "x.list".to_string(),
+                Value::Array(vec![Value::U32(3), Value::U32(4)]),
+            ),
+        ];
+        write(&path, &meta, &tensors).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
+        assert_eq!(
+            g.get("x.list").unwrap(),
+            &Value::Array(vec![Value::U32(3), Value::U32(4)])
+        );
+        let (a, dims) = g.read_f32("a").unwrap();
+        assert_eq!(dims, vec![32, 2]);
+        assert_eq!(a, vals);
+        let (b, _) = g.read_f32("b").unwrap();
+        for (x, y) in b.iter().zip(&vals) {
+            assert!((x - y).abs() < 2e-3);
+        }
+        let (c, _) = g.read_f32("c").unwrap();
+        let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (x, y) in c.iter().zip(&vals) {
+            assert!((x - y).abs() <= amax / 127.0, "{x} vs {y}");
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn q4_blocks_dequantize_by_formula() {
+        // Q4_1: d = 0.5, m = -1.0, nibbles 0..15 low then high.
+        let mut blk = Vec::new();
+        blk.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        blk.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        for i in 0..16u8 {
+            blk.push(i | ((15 - i) << 4));
+        }
+        let v = dequantize(GgmlType::Q4_1, &blk, 32);
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[15], 15.0 * 0.5 - 1.0);
+        assert_eq!(v[16], 15.0 * 0.5 - 1.0);
+        assert_eq!(v[31], -1.0);
+        // Q4_0: d = 2, value = (q - 8) * d.
+        let mut blk = Vec::new();
+        blk.extend_from_slice(&f16::from_f32(2.0).to_le_bytes());
+        for i in 0..16u8 {
+            blk.push(i | (8 << 4));
+        }
+        let v = dequantize(GgmlType::Q4_0, &blk, 32);
+        assert_eq!(v[0], -16.0);
+        assert_eq!(v[9], 2.0);
+        assert_eq!(v[20], 0.0);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let dir = tmpdir("bad");
+        let p = dir.join("magic.gguf");
+        std::fs::write(&p, b"GGML\x03\0\0\0").unwrap();
+        let e = GgufFile::open(&p).err().unwrap();
+        assert!(matches!(e, GgufError::BadMagic { .. }), "{e}");
+        assert!(e.to_string().contains("magic.gguf"));
+
+        // A valid file cut short inside the tensor data.
+        let good = dir.join("good.gguf");
+        write(
+            &good,
+            &[],
+            &[WriteTensor {
+                name: "w".into(),
+                dims: vec![32, 4],
+                ggml_type: GgmlType::F32,
+                values: vec![1.0; 128],
+            }],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&good).unwrap();
+        let cut = dir.join("cut.gguf");
+        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+        let e = GgufFile::open(&cut).err().unwrap();
+        assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
+        assert!(e.to_string().contains("cut.gguf") && e.to_string().contains("'w'"));
+        // Cut inside the header.
+        std::fs::write(&cut, &bytes[..30]).unwrap();
+        assert!(matches!(
+            GgufFile::open(&cut).err().unwrap(),
+            GgufError::Truncated { .. }
+        ));
+
+        // An unknown quant type: patch the type id of the only tensor to Q6_K (14).
+        let mut patched = bytes.clone();
+        let name_pos = patched.windows(1).position(|w| w == b"w").unwrap();
+        // after the name: n_dims (4) + 2 dims (16) then type (4)
+        let ty_pos = name_pos + 1 + 4 + 16;
+        patched[ty_pos..ty_pos + 4].copy_from_slice(&14u32.to_le_bytes());
+        let q6 = dir.join("q6k.gguf");
+        std::fs::write(&q6, &patched).unwrap();
+        let g = GgufFile::open(&q6).unwrap();
+        let e = g.read_f32("w").err().unwrap();
+        assert!(
+            e.to_string().contains("Q6_K") && e.to_string().contains("q6k.gguf"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
