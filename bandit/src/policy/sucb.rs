@@ -1,0 +1,306 @@
+//! S-UCB: the paper's HOO-style tree search over the continuous (pruning ratio x rank index) space.
+//!
+//! The root cell is `[ratio_min, ratio_max] x [0, K)` where `K` is the number of allowed ranks
+//! and a rank index `k` stands for `ranks[k]`. A cell splits in two along its longer side
+//! (both sides measured as fractions of the full space): ratio cells split at the midpoint,
+//! rank cells at an integer index, so every cell holds whole ranks and snapping a point to
+//! the allowed rank set is exact. Node `(h, i)` stores its play count `T` and reward sum;
+//!
+//! ```text
+//! U = mean + c * sqrt(2 ln n / T) + nu * rho^h      (T = 0: +inf)
+//! B = min(U, max(B_left, B_right))                  (a child not yet in the tree: +inf)
+//! ```
+//!
+//! Each choice descends from the root by the larger `B` (ties at random) until it steps onto a
+//! child that is not in the tree yet, adds it, and plays a uniformly random point of its
+//! cell. A reward updates every node on the path from the root to the deepest node whose cell
+//! holds the played point. Nodes at `max_depth` are not split further, which bounds memory
+//! at `2^(max_depth + 1)` nodes; the tree has at most one node per choice anyway.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{check_range, check_reward, Policy};
+use crate::arm::{Arm, ArmSpace, DeviceContext};
+use crate::error::BanditError;
+use crate::feasibility::FeasibleRegion;
+
+/// Parameters of [`SUcb`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SUcbConfig {
+    /// Smoothness scale `nu` of the reward surface (> 0). Default `1.0`.
+    pub nu: f64,
+    /// Per-level shrink factor `rho` of the cell-diameter term, in (0, 1). Default `0.5`.
+    pub rho: f64,
+    /// Multiplier `c` of the confidence term. Default `1.0` (the formula in DESIGN.md).
+    pub exploration: f64,
+    /// Depth below which cells are not split (the root is depth 0). Default `16`.
+    pub max_depth: u32,
+}
+
+impl Default for SUcbConfig {
+    fn default() -> Self {
+        SUcbConfig {
+            nu: 1.0,
+            rho: 0.5,
+            exploration: 1.0,
+            max_depth: 16,
+        }
+    }
+}
+
+/// A cell: ratios `[ratio_lo, ratio_hi)` (closed at `ratio_max`) and rank indices
+/// `[rank_lo, rank_hi)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct Cell {
+    ratio_lo: f64,
+    ratio_hi: f64,
+    rank_lo: u32,
+    rank_hi: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Node {
+    depth: u32,
+    cell: Cell,
+    count: u64,
+    sum: f64,
+    /// Indices of the two children in `nodes`, once they exist.
+    children: [Option<u32>; 2],
+}
+
+/// S-UCB policy state: the tree, root first; children always come after their parent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SUcb {
+    config: SUcbConfig,
+    space: ArmSpace,
+    nodes: Vec<Node>,
+}
+
+impl SUcb {
+    pub fn new(space: ArmSpace, config: SUcbConfig) -> Result<Self, BanditError> {
+        space.validate()?;
+        check_range("nu", config.nu, 0.0, f64::MAX, "a finite number >= 0")?;
+        if !(config.rho > 0.0 && config.rho < 1.0) {
+            return Err(BanditError::param("rho", config.rho, "a number in (0, 1)"));
+        }
+        check_range(
+            "exploration",
+            config.exploration,
+            0.0,
+            f64::MAX,
+            "a finite number >= 0",
+        )?;
+        if config.max_depth > 60 {
+            return Err(BanditError::param(
+                "max_depth",
+                config.max_depth,
+                "at most 60",
+            ));
+        }
+        let root = Node {
+            depth: 0,
+            cell: Cell {
+                ratio_lo: space.ratio_min,
+                ratio_hi: space.ratio_max,
+                rank_lo: 0,
+                rank_hi: space.ranks.len() as u32,
+            },
+            count: 0,
+            sum: 0.0,
+            children: [None, None],
+        };
+        Ok(SUcb {
+            config,
+            space,
+            nodes: vec![root],
+        })
+    }
+
+    pub fn arm_space(&self) -> &ArmSpace {
+        &self.space
+    }
+
+    pub fn config(&self) -> &SUcbConfig {
+        &self.config
+    }
+
+    /// Number of nodes in the tree.
+    pub fn tree_size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Observations so far (the root's count).
+    pub fn observations(&self) -> u64 {
+        self.nodes[0].count
+    }
+
+    /// The two halves of a node's cell, or `None` if the node is a leaf for good (at
+    /// `max_depth`, or nothing left to split).
+    fn split(&self, node: &Node) -> Option<[Cell; 2]> {
+        if node.depth >= self.config.max_depth {
+            return None;
+        }
+        let c = node.cell;
+        let full_ratio = self.space.ratio_max - self.space.ratio_min;
+        let ratio_width = if full_ratio > 0.0 {
+            (c.ratio_hi - c.ratio_lo) / full_ratio
+        } else {
+            0.0
+        };
+        let rank_width = (c.rank_hi - c.rank_lo) as f64 / self.space.ranks.len() as f64;
+        let can_split_rank = c.rank_hi - c.rank_lo >= 2;
+        let mid_ratio = c.ratio_lo + (c.ratio_hi - c.ratio_lo) / 2.0;
+        let can_split_ratio = ratio_width > 0.0 && mid_ratio > c.ratio_lo && mid_ratio < c.ratio_hi;
+        if can_split_rank && (rank_width >= ratio_width || !can_split_ratio) {
+            let mid = c.rank_lo + (c.rank_hi - c.rank_lo) / 2;
+            Some([Cell { rank_hi: mid, ..c }, Cell { rank_lo: mid, ..c }])
+        } else if can_split_ratio {
+            Some([
+                Cell {
+                    ratio_hi: mid_ratio,
+                    ..c
+                },
+                Cell {
+                    ratio_lo: mid_ratio,
+                    ..c
+                },
+            ])
+        } else {
+            None
+        }
+    }
+
+    fn cell_contains(&self, cell: &Cell, ratio: f64, rank_index: u32) -> bool {
+        rank_index >= cell.rank_lo
+            && rank_index < cell.rank_hi
+            && ratio >= cell.ratio_lo
+            && (ratio < cell.ratio_hi || cell.ratio_hi >= self.space.ratio_max)
+    }
+
+    /// Whether some arm of the cell lies in the region (the region is monotone, so it is
+    /// enough to look at each rank's floor against the cell's upper ratio).
+    fn cell_feasible(&self, cell: &Cell, region: &FeasibleRegion) -> bool {
+        if region.is_unrestricted() {
+            return true;
+        }
+        (cell.rank_lo..cell.rank_hi)
+            .any(|k| region.allows_some(self.space.ranks[k as usize], cell.ratio_hi))
+    }
+
+    /// `B` of every node, bottom-up (children sit after their parents in `nodes`).
+    fn b_values(&self) -> Vec<f64> {
+        let n = self.nodes[0].count.max(1) as f64;
+        let log_term = 2.0 * n.ln();
+        let mut b = vec![f64::INFINITY; self.nodes.len()];
+        for (i, node) in self.nodes.iter().enumerate().rev() {
+            let u = if node.count == 0 {
+                f64::INFINITY
+            } else {
+                let t = node.count as f64;
+                node.sum / t
+                    + self.config.exploration * (log_term / t).sqrt()
+                    + self.config.nu * self.config.rho.powi(node.depth as i32)
+            };
+            let child_b = |c: Option<u32>| c.map_or(f64::INFINITY, |j| b[j as usize]);
+            let best_child = child_b(node.children[0]).max(child_b(node.children[1]));
+            b[i] = if self.split(node).is_none() {
+                u
+            } else {
+                u.min(best_child)
+            };
+        }
+        b
+    }
+
+    /// A uniformly random feasible point of `cell`.
+    fn sample_in(&self, cell: &Cell, region: &FeasibleRegion, rng: &mut ChaCha8Rng) -> Arm {
+        let ranks: Vec<u32> = (cell.rank_lo..cell.rank_hi)
+            .map(|k| self.space.ranks[k as usize])
+            .filter(|&r| region.allows_some(r, cell.ratio_hi))
+            .collect();
+        let rank = ranks[rng.random_range(0..ranks.len())];
+        let prune_ratio = region.sample_ratio(rank, cell.ratio_lo, cell.ratio_hi, rng);
+        Arm { prune_ratio, rank }
+    }
+}
+
+impl Policy for SUcb {
+    fn choose_in(
+        &mut self,
+        ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Arm, BanditError> {
+        if !self.cell_feasible(&self.nodes[0].cell, region) {
+            return Err(BanditError::NoFeasibleArm {
+                device_id: ctx.device_id,
+            });
+        }
+        let b = self.b_values();
+        let mut at = 0usize;
+        loop {
+            let node = &self.nodes[at];
+            let Some(halves) = self.split(node) else {
+                return Ok(self.sample_in(&node.cell, region, rng));
+            };
+            let score = |side: usize| -> Option<f64> {
+                if !self.cell_feasible(&halves[side], region) {
+                    return None;
+                }
+                Some(node.children[side].map_or(f64::INFINITY, |j| b[j as usize]))
+            };
+            let side = match (score(0), score(1)) {
+                (Some(l), Some(r)) if l == r => rng.random_range(0..2usize),
+                (Some(l), Some(r)) => usize::from(r > l),
+                (Some(_), None) => 0,
+                (None, Some(_)) => 1,
+                // A feasible cell always has a feasible half; kept as an error, not a panic.
+                (None, None) => {
+                    return Err(BanditError::NoFeasibleArm {
+                        device_id: ctx.device_id,
+                    })
+                }
+            };
+            match node.children[side] {
+                Some(j) => at = j as usize,
+                None => {
+                    let child = Node {
+                        depth: node.depth + 1,
+                        cell: halves[side],
+                        count: 0,
+                        sum: 0.0,
+                        children: [None, None],
+                    };
+                    let j = self.nodes.len();
+                    self.nodes[at].children[side] = Some(j as u32);
+                    self.nodes.push(child);
+                    return Ok(self.sample_in(&halves[side], region, rng));
+                }
+            }
+        }
+    }
+
+    fn observe(&mut self, _ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError> {
+        self.space.check(&arm)?;
+        check_reward(&arm, reward)?;
+        let k = self.space.rank_index(arm.rank).expect("checked above") as u32;
+        let mut at = 0usize;
+        loop {
+            self.nodes[at].count += 1;
+            self.nodes[at].sum += reward;
+            let next = self.nodes[at]
+                .children
+                .iter()
+                .flatten()
+                .copied()
+                .find(|&j| self.cell_contains(&self.nodes[j as usize].cell, arm.prune_ratio, k));
+            match next {
+                Some(j) => at = j as usize,
+                None => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Reward shaping: one round's per-device statistics in, one reward in [0, 1] per device out.
+//!
+//! For device `i` among the devices that finished in time (failed or late devices get 0):
+//!
+//! ```text
+//! loss_i  = (L_pre - L_post) / L_pre, then divided by max_j |loss_j| over the round
+//! spars_i = (s_t - s_{t-1}) / s_target, clamped to [-1, 1]
+//! norm_i  = |B_i A_i|_F / max_j |B_j A_j|_F
+//! time_i  = |T_i - mean_T| / mean_T            (mean over the devices that finished in time)
+//! R_i     = clamp((w1*loss_i + w2*spars_i + w3*norm_i - w4*time_i) / (w1 + w2 + w3), 0, 1)
+//! ```
+//!
+//! Dividing the loss term by the round's largest loss change is the within-round
+//! normalisation: losses fall less as training converges, and without it every later arm
+//! would look worse than the early ones. Dividing by `w1 + w2 + w3` makes a device that is best
+//! on every positive term and exactly on the mean time score 1. Each ratio with a zero
+//! denominator (`L_pre = 0`, `s_target = 0`, all norms 0, mean time 0) contributes 0.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::BanditError;
+
+/// What one device reported for one round (plus the coordinator's verdict on it).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Training loss before the round's local work.
+    pub loss_pre: f64,
+    /// Training loss after it.
+    pub loss_post: f64,
+    /// Device sparsity before the round, in [0, 1].
+    pub sparsity_prev: f64,
+    /// Device sparsity after the round, in [0, 1].
+    pub sparsity_now: f64,
+    /// The sparsity the device is heading for (the arm's ratio or the run's target), in [0, 1].
+    pub sparsity_target: f64,
+    /// Frobenius norm `|B A|_F` of the device's adapter update.
+    pub update_norm: f64,
+    /// Wall time of the device's round.
+    pub duration_ms: u64,
+    /// The device failed (crash, out of memory, rejected update): reward 0.
+    pub failed: bool,
+    /// The device answered after the deadline: reward 0.
+    pub missed_deadline: bool,
+}
+
+/// Weights of the four reward terms (all `>= 0`, and `w1 + w2 + w3 > 0`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardWeights {
+    /// Relative loss reduction. Default `1.0`.
+    pub w1: f64,
+    /// Sparsity progress toward the target. Default `0.5`.
+    pub w2: f64,
+    /// Update norm relative to the round's largest. Default `0.25`.
+    pub w3: f64,
+    /// Penalty for deviating from the round's mean duration. Default `0.25`.
+    pub w4: f64,
+}
+
+impl Default for RewardWeights {
+    fn default() -> Self {
+        RewardWeights {
+            w1: 1.0,
+            w2: 0.5,
+            w3: 0.25,
+            w4: 0.25,
+        }
+    }
+}
+
+impl RewardWeights {
+    pub fn validate(&self) -> Result<(), BanditError> {
+        for (name, w) in [
+            ("w1", self.w1),
+            ("w2", self.w2),
+            ("w3", self.w3),
+            ("w4", self.w4),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(BanditError::param(name, w, "a finite weight >= 0"));
+            }
+        }
+        let positive = self.w1 + self.w2 + self.w3;
+        if positive <= 0.0 {
+            return Err(BanditError::param(
+                "w1 + w2 + w3",
+                positive,
+                "a positive sum (some reward term must count)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_stat(
+    index: usize,
+    field: &'static str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+    expected: &'static str,
+) -> Result<(), BanditError> {
+    if value.is_finite() && value >= lo && value <= hi {
+        Ok(())
+    } else {
+        Err(BanditError::InvalidStat {
+            index,
+            field,
+            value,
+            expected,
+        })
+    }
+}
+
+/// Rewards for one round, in the order of `stats` (see the module docs for the formula).
+///
+/// Failed and late devices get 0 and their other fields are not looked at. For the rest,
+/// losses and the update norm must be finite and `>= 0` and sparsities in [0, 1]; anything
+/// else is an [`BanditError::InvalidStat`].
+pub fn shape_rewards(stats: &[RoundStats], w: &RewardWeights) -> Result<Vec<f64>, BanditError> {
+    w.validate()?;
+    let counts = |s: &RoundStats| !s.failed && !s.missed_deadline;
+    for (i, s) in stats.iter().enumerate().filter(|(_, s)| counts(s)) {
+        check_stat(i, "loss_pre", s.loss_pre, 0.0, f64::MAX, "finite and >= 0")?;
+        check_stat(
+            i,
+            "loss_post",
+            s.loss_post,
+            0.0,
+            f64::MAX,
+            "finite and >= 0",
+        )?;
+        check_stat(i, "sparsity_prev", s.sparsity_prev, 0.0, 1.0, "in [0, 1]")?;
+        check_stat(i, "sparsity_now", s.sparsity_now, 0.0, 1.0, "in [0, 1]")?;
+        check_stat(
+            i,
+            "sparsity_target",
+            s.sparsity_target,
+            0.0,
+            1.0,
+            "in [0, 1]",
+        )?;
+        check_stat(
+            i,
+            "update_norm",
+            s.update_norm,
+            0.0,
+            f64::MAX,
+            "finite and >= 0",
+        )?;
+    }
+    let valid: Vec<&RoundStats> = stats.iter().filter(|s| counts(s)).collect();
+    if valid.is_empty() {
+        return Ok(vec![0.0; stats.len()]);
+    }
+
+    let loss_change = |s: &RoundStats| {
+        if s.loss_pre > 0.0 {
+            (s.loss_pre - s.loss_post) / s.loss_pre
+        } else {
+            0.0
+        }
+    };
+    let max_loss_change = valid
+        .iter()
+        .map(|s| loss_change(s).abs())
+        .fold(0.0, f64::max);
+    let max_norm = valid.iter().map(|s| s.update_norm).fold(0.0, f64::max);
+    let mean_time = valid.iter().map(|s| s.duration_ms as f64).sum::<f64>() / valid.len() as f64;
+    let positive = w.w1 + w.w2 + w.w3;
+
+    Ok(stats
+        .iter()
+        .map(|s| {
+            if !counts(s) {
+                return 0.0;
+            }
+            let loss = if max_loss_change > 0.0 {
+                loss_change(s) / max_loss_change
+            } else {
+                0.0
+            };
+            let sparsity = if s.sparsity_target > 0.0 {
+                ((s.sparsity_now - s.sparsity_prev) / s.sparsity_target).clamp(-1.0, 1.0)
+            } else {
+                0.0
+            };
+            let norm = if max_norm > 0.0 {
+                s.update_norm / max_norm
+            } else {
+                0.0
+            };
+            let time = if mean_time > 0.0 {
+                (s.duration_ms as f64 - mean_time).abs() / mean_time
+            } else {
+                0.0
+            };
+            let raw = w.w1 * loss + w.w2 * sparsity + w.w3 * norm - w.w4 * time;
+            (raw / positive).clamp(0.0, 1.0)
+        })
+        .collect())
+}
