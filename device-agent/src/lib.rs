@@ -2,6 +2,13 @@
 //! pruning with LoRA fine-tuning, evaluation, and export.
 
 pub mod assets;
+pub mod backend;
+pub mod data;
+pub mod eval;
+pub mod export;
+pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,397 @@
+//! Weight import: GGUF files (architectures `llama` and `deci`, the latter for per-block head
+//! and channel counts) and HF checkpoints (`config.json` + `*.safetensors` + `tokenizer.json`),
+//! into a [`Llama`] and its [`Tok`].
+//!
+//! GGUF matrices are `[out, in]` and are transposed to burn's `[in, out]`. GGUF q/k rows are
+//! permuted for interleaved-pair RoPE; our model uses rotate-half, so those rows are
+//! un-permuted here (HF checkpoints already use rotate-half and are taken as they are).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Deserialize;
+
+use crate::gguf::{GgufError, GgufFile, Value};
+use crate::model::{Block, BlockShape, Llama, ModelConfig};
+use crate::tokenizer::{Tok, TokenizerError};
+
+/// Errors loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("{path}: architecture '{arch}' is not supported (supported: llama, deci; LLaMA-family models such as SmolLM2, TinyLlama, Llama 2/3)")]
+    UnsupportedArch { path: PathBuf, arch: String },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: neither a .gguf file nor a directory with config.json")]
+    UnknownFormat { path: PathBuf },
+}
+
+fn invalid(path: &Path, what: impl Into<String>) -> LoadError {
+    LoadError::Invalid {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+/// Load a model and its tokenizer from a `.gguf` file or an HF checkpoint directory.
+pub fn load(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
+    if path.is_dir() {
+        if path.join("config.json").is_file() {
+            return load_hf(path, device);
+        }
+        return Err(LoadError::UnknownFormat {
+            path: path.to_path_buf(),
+        });
+    }
+    if !path.exists() {
+        return Err(LoadError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    load_gguf(path, device)
+}
+
+/// `[rows, cols]` row-major -> `[cols, rows]` row-major.
+pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Reorder the `[out, in]` rows of a q/k matrix from interleaved-pair RoPE order (GGUF) to
+/// rotate-half order (HF, ours): row `h*hd + j*hd/2 + i` takes row `h*hd + 2i + j`.
+pub fn unpermute_rows(v: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    let half = head_dim / 2;
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = h * head_dim + j * half + i;
+                let src = h * head_dim + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Inverse of [`unpermute_rows`] (for GGUF export).
+pub fn permute_rows(v: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    let half = head_dim / 2;
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + j * half + i;
+                let dst = h * head_dim + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn per_layer(g: &GgufFile, key: &str, n_layers: usize) -> Result<Vec<usize>, GgufError> {
+    match g.get(key) {
+        Some(Value::Array(items)) => {
+            let v: Option<Vec<usize>> = items.iter().map(|x| x.as_u64().map(|x| x as usize)).collect();
+            match v {
+                Some(v) if v.len() == n_layers => Ok(v),
+                _ => Err(g.malformed(format!(
+                    "'{key}' must hold {n_layers} unsigned integers"
+                ))),
+            }
+        }
+        Some(v) => v
+            .as_u64()
+            .map(|x| vec![x as usize; n_layers])
+            .ok_or_else(|| g.missing(key, "integer or integer array")),
+        None => Err(g.missing(key, "integer or integer array")),
+    }
+}
+
+/// Load a GGUF model file.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
+    let g = GgufFile::open(path)?;
+    let arch = g.get_str("general.architecture")?.to_string();
+    if arch != "llama" && arch != "deci" {
+        return Err(LoadError::UnsupportedArch {
+            path: path.to_path_buf(),
+            arch,
+        });
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_layers = g.get_u64(&key("block_count"))? as usize;
+    let d_model = g.get_u64(&key("embedding_length"))? as usize;
+    let heads = per_layer(&g, &key("attention.head_count"), n_layers)?;
+    let kv_heads = match g.get(&key("attention.head_count_kv")) {
+        Some(_) => per_layer(&g, &key("attention.head_count_kv"), n_layers)?,
+        None => heads.clone(),
+    };
+    let ffn = per_layer(&g, &key("feed_forward_length"), n_layers)?;
+    let max_heads = heads.iter().copied().max().unwrap_or(0);
+    let head_dim = match g.get(&key("attention.key_length")).and_then(Value::as_u64) {
+        Some(v) => v as usize,
+        None if max_heads > 0 => d_model / max_heads,
+        None => return Err(invalid(path, "cannot infer head_dim: no attention heads")),
+    };
+    let rms_eps = g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
+    let rope_theta = g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0);
+    let ctx = g.get_u64(&key("context_length")).unwrap_or(2048) as usize;
+    // The un-pruned dims: recorded by our exporter, else the largest per-block count.
+    let orig = |k: &str, fallback: usize| {
+        g.get(&format!("fedspine.original.{k}"))
+            .and_then(Value::as_u64)
+            .map_or(fallback, |v| v as usize)
+    };
+    let tok = Tok::from_gguf(&g)?;
+    let (embed, emb_dims) = g.read_f32("token_embd.weight")?;
+    if emb_dims.len() != 2 || emb_dims[0] != d_model {
+        return Err(invalid(path, format!("token_embd.weight has dims {emb_dims:?}, expected [{d_model}, vocab]")));
+    }
+    let vocab = emb_dims[1];
+    let tie = g.tensor_info("output.weight").is_err();
+    let mut blocks = Vec::with_capacity(n_layers);
+    let mut shapes = Vec::with_capacity(n_layers);
+    let load_mat = |name: &str, out: usize, inp: usize| -> Result<Vec<f32>, LoadError> {
+        let (v, dims) = g.read_f32(name)?;
+        if dims != [inp, out] {
+            return Err(invalid(path, format!("tensor '{name}' has dims {dims:?}, expected [{inp}, {out}]")));
+        }
+        Ok(v)
+    };
+    let load_vec = |name: &str, n: usize| -> Result<Tensor<1>, LoadError> {
+        let (v, dims) = g.read_f32(name)?;
+        if dims != [n] {
+            return Err(invalid(path, format!("tensor '{name}' has dims {dims:?}, expected [{n}]")));
+        }
+        Ok(Tensor::from_data(TensorData::new(v, [n]), device))
+    };
+    let mat = |v: Vec<f32>, out: usize, inp: usize| -> Tensor<2> {
+        Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), device)
+    };
+    for l in 0..n_layers {
+        let (nh, nkv, f) = (heads[l], kv_heads[l], ffn[l]);
+        if nkv == 0 && nh > 0 || nkv > 0 && nh % nkv != 0 {
+            return Err(invalid(path, format!("block {l}: {nh} query heads cannot be grouped onto {nkv} KV heads")));
+        }
+        let p = |t: &str| format!("blk.{l}.{t}.weight");
+        let q = unpermute_rows(&load_mat(&p("attn_q"), nh * head_dim, d_model)?, nh, head_dim, d_model);
+        let k = unpermute_rows(&load_mat(&p("attn_k"), nkv * head_dim, d_model)?, nkv, head_dim, d_model);
+        let v = load_mat(&p("attn_v"), nkv * head_dim, d_model)?;
+        let o = load_mat(&p("attn_output"), d_model, nh * head_dim)?;
+        let gate = load_mat(&p("ffn_gate"), f, d_model)?;
+        let up = load_mat(&p("ffn_up"), f, d_model)?;
+        let down = load_mat(&p("ffn_down"), d_model, f)?;
+        blocks.push(Block {
+            attn_norm: load_vec(&p("attn_norm"), d_model)?,
+            wq: mat(q, nh * head_dim, d_model),
+            wk: mat(k, nkv * head_dim, d_model),
+            wv: mat(v, nkv * head_dim, d_model),
+            wo: mat(o, d_model, nh * head_dim),
+            ffn_norm: load_vec(&p("ffn_norm"), d_model)?,
+            w_gate: mat(gate, f, d_model),
+            w_up: mat(up, f, d_model),
+            w_down: mat(down, d_model, f),
+        });
+        shapes.push(BlockShape::dense(nh, nkv, f));
+    }
+    let config = ModelConfig {
+        vocab_size: vocab,
+        d_model,
+        head_dim,
+        n_heads: orig("head_count", max_heads),
+        n_kv_heads: orig("head_count_kv", kv_heads.iter().copied().max().unwrap_or(0)),
+        ffn_dim: orig("feed_forward_length", ffn.iter().copied().max().unwrap_or(0)),
+        rms_eps,
+        rope_theta,
+        max_seq_len: ctx.min(8192),
+        tie_embeddings: tie,
+        blocks: shapes,
+    };
+    let embed = Tensor::from_data(TensorData::new(embed, [vocab, d_model]), device);
+    let norm = load_vec("output_norm.weight", d_model)?;
+    let lm_head = if tie {
+        None
+    } else {
+        Some(mat(load_mat("output.weight", vocab, d_model)?, vocab, d_model))
+    };
+    let model = Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(path, e))?;
+    Ok((model, tok))
+}
+
+/// The fields of an HF `config.json` we read.
+#[derive(Debug, Deserialize)]
+pub struct HfConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    pub vocab_size: usize,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<serde_json::Value>,
+    pub model_type: Option<String>,
+    /// Written by our exporter for pruned models: per-block counts.
+    pub fedspine_blocks: Option<Vec<BlockShape>>,
+}
+
+/// Load an HF checkpoint directory.
+pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| LoadError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
+    if let Some(mt) = &hf.model_type {
+        if !matches!(mt.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(LoadError::UnsupportedArch {
+                path: cfg_path,
+                arch: mt.clone(),
+            });
+        }
+    }
+    let n_kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
+    let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads);
+    let shapes = match &hf.fedspine_blocks {
+        Some(b) if b.len() == hf.num_hidden_layers => b.clone(),
+        Some(_) => return Err(invalid(&cfg_path, "fedspine_blocks length differs from num_hidden_layers")),
+        None => vec![BlockShape::dense(hf.num_attention_heads, n_kv, hf.intermediate_size); hf.num_hidden_layers],
+    };
+    let tie = hf.tie_word_embeddings.unwrap_or(false);
+    let config = ModelConfig {
+        vocab_size: hf.vocab_size,
+        d_model: hf.hidden_size,
+        head_dim,
+        n_heads: hf.num_attention_heads,
+        n_kv_heads: n_kv,
+        ffn_dim: hf.intermediate_size,
+        rms_eps: hf.rms_norm_eps.unwrap_or(1e-5),
+        rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+        max_seq_len: hf.max_position_embeddings.unwrap_or(2048).min(8192),
+        tie_embeddings: tie,
+        blocks: shapes,
+    };
+    // Gather every *.safetensors file in the directory.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| LoadError::Io { path: dir.to_path_buf(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(invalid(dir, "no *.safetensors files"));
+    }
+    let mut store = std::collections::HashMap::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|source| LoadError::Io { path: f.clone(), source })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(f, e.to_string()))?;
+        for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            let vals: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                safetensors::Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                safetensors::Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                other => return Err(invalid(f, format!("tensor '{name}' has dtype {other:?}; supported: F32, F16, BF16"))),
+            };
+            store.insert(name, (vals, shape));
+        }
+    }
+    let mut take = |name: &str, want: &[usize]| -> Result<Vec<f32>, LoadError> {
+        let (v, shape) = store.remove(name).ok_or_else(|| invalid(dir, format!("tensor '{name}' missing")))?;
+        if shape != want {
+            return Err(invalid(dir, format!("tensor '{name}' has shape {shape:?}, expected {want:?}")));
+        }
+        Ok(v)
+    };
+    let d = config.d_model;
+    let v = config.vocab_size;
+    let mat = |vals: Vec<f32>, out: usize, inp: usize| -> Tensor<2> {
+        Tensor::from_data(TensorData::new(transpose(&vals, out, inp), [inp, out]), device)
+    };
+    let vec1 = |vals: Vec<f32>| -> Tensor<1> {
+        let n = vals.len();
+        Tensor::from_data(TensorData::new(vals, [n]), device)
+    };
+    let embed_v = take("model.embed_tokens.weight", &[v, d])?;
+    let mut blocks = Vec::new();
+    for (l, s) in config.blocks.iter().enumerate() {
+        let p = |t: &str| format!("model.layers.{l}.{t}.weight");
+        let (nq, nkv, f) = (s.n_heads * head_dim, s.n_kv_heads * head_dim, s.ffn_dim);
+        blocks.push(Block {
+            attn_norm: vec1(take(&p("input_layernorm"), &[d])?),
+            wq: mat(take(&p("self_attn.q_proj"), &[nq, d])?, nq, d),
+            wk: mat(take(&p("self_attn.k_proj"), &[nkv, d])?, nkv, d),
+            wv: mat(take(&p("self_attn.v_proj"), &[nkv, d])?, nkv, d),
+            wo: mat(take(&p("self_attn.o_proj"), &[d, nq])?, d, nq),
+            ffn_norm: vec1(take(&p("post_attention_layernorm"), &[d])?),
+            w_gate: mat(take(&p("mlp.gate_proj"), &[f, d])?, f, d),
+            w_up: mat(take(&p("mlp.up_proj"), &[f, d])?, f, d),
+            w_down: mat(take(&p("mlp.down_proj"), &[d, f])?, d, f),
+        });
+    }
+    let norm = vec1(take("model.norm.weight", &[d])?);
+    let lm_head = if tie { None } else { Some(mat(take("lm_head.weight", &[v, d])?, v, d)) };
+    let embed = Tensor::from_data(TensorData::new(embed_v, [v, d]), device);
+    let model = Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(dir, e))?;
+    let eos = match &hf.eos_token_id {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+        _ => None,
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string));
+    let tok = Tok::from_file(&tok_path, hf.bos_token_id, eos, template)?;
+    Ok((model, tok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips() {
+        let (nh, hd, cols) = (3, 8, 5);
+        let v: Vec<f32> = (0..nh * hd * cols).map(|i| i as f32).collect();
+        let u = unpermute_rows(&v, nh, hd, cols);
+        assert_ne!(u, v);
+        assert_eq!(permute_rows(&u, nh, hd, cols), v);
+        // Row 1 of head 0 in rotate-half order (first half, i=1) came from interleaved row 2.
+        assert_eq!(u[cols], v[2 * cols]);
+        // Row hd/2 (second half, i=0) came from interleaved row 1.
+        assert_eq!(u[(hd / 2) * cols], v[cols]);
+    }
+
+    #[test]
+    fn transpose_is_an_involution() {
+        let v: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let t = transpose(&v, 3, 4);
+        assert_eq!(t[1], 4.0);
+        assert_eq!(transpose(&t, 4, 3), v);
+    }
+}
