@@ -1,0 +1,2 @@
+//! Aggregation and transport benchmark (placeholder until written).
+fn main() {}

@@ -1,0 +1,31 @@
+//! FedSpine wire vocabulary: IDs, messages, adapter payloads, validation and the framed codec.
+//!
+//! This crate does no I/O and reads no clock: drivers (QUIC modules, the simulator) move bytes,
+//! the coordinator and the agent session interpret [`Message`]s.
+
+pub mod adapter;
+pub mod codec;
+pub mod ids;
+pub mod message;
+pub mod validate;
+
+/// Version of the wire format; a peer with another version is refused with a clear error.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+pub use adapter::{
+    kept_shape, layer_index_map, AdapterPayload, BlockKept, Buffer, KeptIndices, LayerAdapter,
+    LayerIndexMap, ModelDims, Proj, Side, Tensor2,
+};
+pub use codec::{
+    decode_body, decode_frame, encode_frame, encode_frame_into, frame_body_len, CodecError,
+    Decoded, FrameDecoder, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
+};
+pub use ids::{DeviceId, RoundId, Timestamp};
+pub use message::{
+    Ack, Arm, Bye, ByeReason, Capabilities, GlobalSlice, Heartbeat, Join, Message, Reject,
+    RejectReason, RoundConfig, Update, UpdateStats, Welcome,
+};
+pub use validate::{
+    validate_adapter, validate_dims, validate_kept, validate_update, Factor, ValidationError,
+    ValidationLimits,
+};
