@@ -1,0 +1,273 @@
+//! Loopback QUIC tests: mutual TLS identifies devices, refuses clients without a certificate,
+//! with another CA's certificate or another ALPN, and oversized frames are refused.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aggregator::pki;
+use aggregator::transport::{self, TransportError};
+use protocol::*;
+use quinn::crypto::rustls::QuicClientConfig;
+use tokio::time::timeout;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn pki_dir(dir: &Path, devices: &[u64]) {
+    pki::init_ca(dir).unwrap();
+    pki::issue_server(dir, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+    for &d in devices {
+        pki::issue_device(dir, DeviceId(d)).unwrap();
+    }
+}
+
+fn server(dir: &Path) -> (quinn::Endpoint, SocketAddr) {
+    let config = transport::load_server_config(dir).unwrap();
+    let endpoint = transport::server_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+fn client(config: quinn::ClientConfig) -> quinn::Endpoint {
+    transport::client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap()
+}
+
+fn join(id: u64) -> Message {
+    Message::Join(Join {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: DeviceId(id),
+        capabilities: Capabilities {
+            ram_bytes: 4 << 30,
+            backend: "flex".into(),
+            bench_score: None,
+        },
+    })
+}
+
+/// Accepts one connection and returns the device id it was mapped to (or the error).
+async fn accept_one(
+    endpoint: &quinn::Endpoint,
+) -> Result<transport::DeviceConnection, TransportError> {
+    let incoming = endpoint.accept().await.expect("endpoint open");
+    transport::accept_device(incoming, DEFAULT_MAX_FRAME_BYTES).await
+}
+
+/// A client that connects, joins and waits for an answer; all of it must fail for a refused
+/// client (the TLS 1.3 client may finish its handshake before the server rejects it).
+async fn try_session(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+) -> Result<Message, TransportError> {
+    let mut conn = transport::connect(endpoint, addr, "localhost", DEFAULT_MAX_FRAME_BYTES).await?;
+    conn.stream.send(&join(7)).await?;
+    conn.stream.recv().await?.ok_or(TransportError::Truncated {
+        expected: 1,
+        got: 0,
+    })
+}
+
+#[tokio::test]
+async fn a_device_with_a_valid_certificate_is_identified() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[7]);
+    let (server_ep, addr) = server(dir.path());
+    let server_task = tokio::spawn(async move {
+        let mut dev = accept_one(&server_ep).await.unwrap();
+        let first = dev.stream.recv().await.unwrap().unwrap();
+        dev.stream
+            .send(&Message::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                device_id: dev.device,
+                model: ModelDims::SMOLLM2_135M,
+                lora_alpha: 16.0,
+                heartbeat_interval_ms: 1000,
+            }))
+            .await
+            .unwrap();
+        // A multi-MB update arrives whole.
+        let big = dev.stream.recv().await.unwrap().unwrap();
+        let end = dev.stream.recv().await.unwrap();
+        (dev.device, first, big, end, dev.stream.bytes_received())
+    });
+    let client_ep = client(transport::load_client_config(dir.path(), DeviceId(7)).unwrap());
+    let mut conn = timeout(
+        LIMIT,
+        transport::connect(&client_ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    conn.stream.send(&join(7)).await.unwrap();
+    let welcome = timeout(LIMIT, conn.stream.recv()).await.unwrap().unwrap();
+    assert!(matches!(welcome, Some(Message::Welcome(w)) if w.device_id == DeviceId(7)));
+    // A full rank-16 SmolLM2 update (about 20 MB) crosses in one frame.
+    let dims = ModelDims::SMOLLM2_135M;
+    let kept = KeptIndices::full(&dims);
+    let (adapter, _) = aggregator::aggregate::GlobalAdapter::zeros(dims, 16)
+        .slice_for(&kept, 16, 16.0)
+        .unwrap();
+    let update = Message::Update(Update {
+        round: RoundId(1),
+        adapter,
+        kept,
+        stats: UpdateStats {
+            loss_pre: 3.0,
+            loss_post: 2.5,
+            sparsity: 0.0,
+            param_count: 134_515_008,
+            compute_ms: 1000,
+            bytes_down: 0,
+            bytes_up: 0,
+            peak_mem_bytes: 0,
+            samples: 32,
+            steps: 10,
+        },
+    });
+    conn.stream.send(&update).await.unwrap();
+    conn.stream.finish().unwrap();
+    let (device, first, got_big, end, received) =
+        timeout(LIMIT, server_task).await.unwrap().unwrap();
+    assert_eq!(device, DeviceId(7));
+    assert_eq!(first, join(7));
+    assert_eq!(got_big, update);
+    assert_eq!(end, None);
+    assert_eq!(received, conn.stream.bytes_sent());
+    assert!(received > 19_000_000, "{received}");
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[]);
+    let (server_ep, addr) = server(dir.path());
+    let ca = pki::load_ca(dir.path()).unwrap();
+    let client_ep = client(transport::client_config(&ca, None).unwrap());
+    let (server_side, client_side) = tokio::join!(
+        timeout(LIMIT, accept_one(&server_ep)),
+        timeout(LIMIT, try_session(&client_ep, addr)),
+    );
+    let err = server_side.unwrap().unwrap_err();
+    assert!(matches!(err, TransportError::Connection(_)), "{err}");
+    assert!(client_side.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let ours = tempfile::tempdir().unwrap();
+    pki_dir(ours.path(), &[]);
+    let theirs = tempfile::tempdir().unwrap();
+    pki_dir(theirs.path(), &[7]);
+    let (server_ep, addr) = server(ours.path());
+    // The client trusts our CA (so it accepts the server) but presents a device certificate
+    // signed by another CA.
+    let identity = pki::load_identity(&pki::device_paths(theirs.path(), DeviceId(7))).unwrap();
+    let ca = pki::load_ca(ours.path()).unwrap();
+    let client_ep = client(transport::client_config(&ca, Some(identity)).unwrap());
+    let (server_side, client_side) = tokio::join!(
+        timeout(LIMIT, accept_one(&server_ep)),
+        timeout(LIMIT, try_session(&client_ep, addr)),
+    );
+    let err = server_side.unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+    assert!(client_side.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn a_server_from_another_ca_is_refused_by_the_client() {
+    let ours = tempfile::tempdir().unwrap();
+    pki_dir(ours.path(), &[7]);
+    let theirs = tempfile::tempdir().unwrap();
+    pki_dir(theirs.path(), &[]);
+    let (server_ep, addr) = server(theirs.path());
+    let client_ep = client(transport::load_client_config(ours.path(), DeviceId(7)).unwrap());
+    let (server_side, client_side) = tokio::join!(
+        timeout(LIMIT, accept_one(&server_ep)),
+        timeout(LIMIT, try_session(&client_ep, addr)),
+    );
+    assert!(server_side.unwrap().is_err());
+    let err = client_side.unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_with_another_alpn_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[7]);
+    let (server_ep, addr) = server(dir.path());
+    let identity = pki::load_identity(&pki::device_paths(dir.path(), DeviceId(7))).unwrap();
+    let ca = pki::load_ca(dir.path()).unwrap();
+    let mut tls = transport::client_tls_config(&ca, Some(identity)).unwrap();
+    tls.alpn_protocols = vec![b"fedspine/0".to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let client_ep = client(config);
+    let (server_side, client_side) = tokio::join!(
+        timeout(LIMIT, accept_one(&server_ep)),
+        timeout(LIMIT, try_session(&client_ep, addr)),
+    );
+    assert!(server_side.unwrap().is_err());
+    assert!(client_side.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn oversized_and_forged_frames_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[3]);
+    let (server_ep, addr) = server(dir.path());
+    let server_task = tokio::spawn(async move {
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let mut dev = accept_one(&server_ep).await.unwrap();
+            results.push(dev.stream.recv().await.map(|_| ()));
+        }
+        results
+    });
+    let client_ep = client(transport::load_client_config(dir.path(), DeviceId(3)).unwrap());
+
+    // 1. A length prefix claiming 4 GiB (the most a u32 prefix can claim) and nothing else.
+    let mut conn = transport::connect(&client_ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    conn.stream.send_raw(&u32::MAX.to_le_bytes()).await.unwrap();
+
+    // 2. A small frame whose inner vector length claims 64 GiB of f32 values.
+    let mut conn2 = transport::connect(&client_ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    let mut body = vec![b'F', b'S', 1, 0];
+    body.extend_from_slice(&3u32.to_le_bytes()); // Message::Update
+    body.extend_from_slice(&1u64.to_le_bytes()); // round
+    body.extend_from_slice(&16u32.to_le_bytes()); // rank
+    body.extend_from_slice(&16f32.to_le_bytes()); // alpha
+    body.extend_from_slice(&1u64.to_le_bytes()); // one layer
+    body.extend_from_slice(&[0; 8]); // block 0, proj Q
+    body.extend_from_slice(&16u32.to_le_bytes());
+    body.extend_from_slice(&576u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // Buffer::F32
+    body.extend_from_slice(&(1u64 << 34).to_le_bytes()); // 2^34 f32 = 64 GiB
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    conn2.stream.send_raw(&frame).await.unwrap();
+
+    let results = timeout(LIMIT, server_task).await.unwrap().unwrap();
+    let mut texts: Vec<String> = results
+        .into_iter()
+        .map(|r| r.unwrap_err().to_string())
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        vec![
+            "frame body of 4294967295 bytes exceeds the limit of 134217728 bytes".to_string(),
+            "invalid message body: LimitExceeded".to_string(),
+        ]
+    );
+    drop(conn);
+    drop(conn2);
+}
