@@ -18,7 +18,8 @@ pub struct Exp3Config {
     /// Ratios in the grid. Default `6`.
     pub n_ratios: usize,
     /// Exploration share `gamma` in (0, 1]: the probability mass spread uniformly over the
-    /// feasible arms, and the learning rate (`gamma / K`). Default `0.1`.
+    /// feasible arms, and the learning rate (`gamma / K`). Default `0.2` (near the textbook
+    /// `sqrt(K ln K / ((e - 1) T))` for 30 arms and 2,000 rounds).
     pub gamma: f64,
 }
 
@@ -26,7 +27,7 @@ impl Default for Exp3Config {
     fn default() -> Self {
         Exp3Config {
             n_ratios: 6,
-            gamma: 0.1,
+            gamma: 0.2,
         }
     }
 }

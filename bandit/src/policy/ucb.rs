@@ -31,7 +31,9 @@ fn no_feasible(ctx: &DeviceContext) -> BanditError {
 pub struct Ucb1Config {
     /// Ratios in the grid (times every allowed rank). Default `6`.
     pub n_ratios: usize,
-    /// Multiplier `c` of the confidence bonus. Default `1.0` (classic UCB1 for [0, 1] rewards).
+    /// Multiplier `c` of the confidence bonus. Default `0.15`, tuned in the arena for rewards
+    /// in [0, 1] with noise around 0.1 (`1.0` is textbook UCB1, which over-explores there:
+    /// see BENCHMARKS-bandit.md).
     pub exploration: f64,
 }
 
@@ -39,7 +41,7 @@ impl Default for Ucb1Config {
     fn default() -> Self {
         Ucb1Config {
             n_ratios: 6,
-            exploration: 1.0,
+            exploration: 0.15,
         }
     }
 }
@@ -118,9 +120,10 @@ pub struct DiscountedUcbConfig {
     /// Ratios in the grid. Default `6`.
     pub n_ratios: usize,
     /// Discount per observation, in (0, 1]; the effective memory is about `1 / (1 - gamma)`
-    /// observations. Default `0.99`.
+    /// observations. Default `0.998` (about 500 observations: enough memory for a 30-arm
+    /// grid).
     pub gamma: f64,
-    /// Multiplier of the confidence bonus. Default `1.0`.
+    /// Multiplier of the confidence bonus. Default `0.15` (as UCB1).
     pub exploration: f64,
 }
 
@@ -128,8 +131,8 @@ impl Default for DiscountedUcbConfig {
     fn default() -> Self {
         DiscountedUcbConfig {
             n_ratios: 6,
-            gamma: 0.99,
-            exploration: 1.0,
+            gamma: 0.998,
+            exploration: 0.15,
         }
     }
 }
@@ -215,9 +218,9 @@ impl Policy for DiscountedUcb {
 pub struct SlidingWindowUcbConfig {
     /// Ratios in the grid. Default `6`.
     pub n_ratios: usize,
-    /// Number of most recent observations remembered. Default `300`.
+    /// Number of most recent observations remembered. Default `500`.
     pub window: usize,
-    /// Multiplier of the confidence bonus. Default `1.0`.
+    /// Multiplier of the confidence bonus. Default `0.15` (as UCB1).
     pub exploration: f64,
 }
 
@@ -225,8 +228,8 @@ impl Default for SlidingWindowUcbConfig {
     fn default() -> Self {
         SlidingWindowUcbConfig {
             n_ratios: 6,
-            window: 300,
-            exploration: 1.0,
+            window: 500,
+            exploration: 0.15,
         }
     }
 }
