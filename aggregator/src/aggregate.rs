@@ -453,7 +453,7 @@ pub fn check_contribution(
     let mut layer_delta_norms = Vec::with_capacity(contribution.adapter.layers.len());
     for l in &contribution.adapter.layers {
         let norm = layer_delta_norm(l, s);
-        if !(norm <= config.max_layer_delta_norm) {
+        if norm.is_nan() || norm > config.max_layer_delta_norm {
             return Err(AggregateError::DeltaNormTooLarge {
                 block: l.block,
                 proj: l.proj,

@@ -37,6 +37,8 @@ impl ModelDims {
     };
 
     /// Whether the dimensions are usable: all positive, query heads a multiple of KV heads.
+    // `u32::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn is_consistent(&self) -> bool {
         self.n_blocks > 0
             && self.d_model > 0
