@@ -1,0 +1,186 @@
+//! Reward shaping on hand-computed rounds: normalisation within the round, zero for failures, no division by zero.
+
+use bandit::{shape_rewards, BanditError, RewardWeights, RoundStats};
+use expect_test::{expect, Expect};
+
+/// One device's stats: (loss_pre, loss_post, sparsity_prev, sparsity_now, sparsity_target,
+/// update_norm, duration_ms).
+fn ok(l0: f64, l1: f64, s0: f64, s1: f64, target: f64, norm: f64, ms: u64) -> RoundStats {
+    RoundStats {
+        loss_pre: l0,
+        loss_post: l1,
+        sparsity_prev: s0,
+        sparsity_now: s1,
+        sparsity_target: target,
+        update_norm: norm,
+        duration_ms: ms,
+        failed: false,
+        missed_deadline: false,
+    }
+}
+
+fn check(stats: &[RoundStats], weights: RewardWeights, expect: Expect) {
+    let text = match shape_rewards(stats, &weights) {
+        Ok(r) => r
+            .iter()
+            .map(|v| format!("{v:.6}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(e) => e.to_string(),
+    };
+    expect.assert_eq(&text);
+}
+
+fn w() -> RewardWeights {
+    RewardWeights::default() // w1 = 1, w2 = 0.5, w3 = 0.25, w4 = 0.25; w1 + w2 + w3 = 1.75
+}
+
+#[test]
+fn two_devices_by_hand() {
+    // d0: loss 2.0 -> 1.5 (0.25), sparsity 0.1 -> 0.2 of 0.4 (0.25), norm 2 (1.0), 100 ms
+    // d1: loss 2.0 -> 1.8 (0.10), sparsity 0.1 -> 0.1 (0),         norm 1 (0.5), 300 ms
+    // loss normalised by the round's max 0.25: d0 1.0, d1 0.4; mean time 200: both 0.5 off.
+    // d0: (1.0 + 0.5*0.25 + 0.25*1.0 - 0.25*0.5) / 1.75 = 1.25 / 1.75 = 0.714286
+    // d1: (0.4 + 0           + 0.25*0.5 - 0.25*0.5) / 1.75 = 0.40 / 1.75 = 0.228571
+    let round = [
+        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
+        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
+    ];
+    check(&round, w(), expect!["0.714286 0.228571"]);
+}
+
+#[test]
+fn failures_and_late_devices_get_zero_and_do_not_shift_the_others() {
+    let mut failed = ok(f64::NAN, f64::NAN, f64::NAN, 2.0, -1.0, f64::INFINITY, 0);
+    failed.failed = true;
+    let mut late = ok(2.0, 0.1, 0.0, 0.4, 0.4, 100.0, 10_000);
+    late.missed_deadline = true;
+    let round = [
+        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
+        failed,
+        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
+        late,
+    ];
+    // Same as the two-device round above for the two that count.
+    check(&round, w(), expect!["0.714286 0.000000 0.228571 0.000000"]);
+}
+
+#[test]
+fn a_single_device_is_its_own_yardstick() {
+    // loss 3.0 -> 2.7 normalises to 1, norm to 1, time to 0; sparsity 0 -> 0.1 of 0.5 = 0.2.
+    // (1 + 0.5*0.2 + 0.25) / 1.75 = 1.35 / 1.75 = 0.771429
+    check(
+        &[ok(3.0, 2.7, 0.0, 0.1, 0.5, 0.7, 50)],
+        w(),
+        expect!["0.771429"],
+    );
+}
+
+#[test]
+fn zero_denominators_contribute_nothing() {
+    // L_pre = 0, s_target = 0, every norm 0, every duration 0: all terms 0.
+    let zero = ok(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0);
+    check(&[zero, zero], w(), expect!["0.000000 0.000000"]);
+    // Equal devices get equal rewards: loss 1, norm 1, time 0, sparsity 0.1/0.3 -> 1/3.
+    // (1 + 0.5/3 + 0.25) / 1.75 = 0.809524
+    let same = ok(1.0, 0.5, 0.2, 0.3, 0.3, 4.0, 1_000);
+    check(
+        &[same, same, same],
+        w(),
+        expect!["0.809524 0.809524 0.809524"],
+    );
+}
+
+#[test]
+fn rewards_are_clipped_to_the_unit_interval() {
+    // The first two losses went up, the third fell by half (the round's largest change, 0.5).
+    // Sparsity progress beyond the target is capped at 1.
+    let round = [
+        ok(2.0, 2.2, 0.0, 0.0, 0.5, 1.0, 100),
+        ok(2.0, 2.1, 0.0, 0.0, 0.5, 1.0, 100),
+        ok(2.0, 1.0, 0.0, 0.9, 0.1, 1.0, 100),
+    ];
+    // Third: loss 0.5/0.5 = 1, sparsity min(9, 1) = 1, norm 1, time 0: 1.75 / 1.75 = 1.
+    // First two: loss -0.1/0.5 = -0.2 and -0.05/0.5 = -0.1; raw -0.2 + 0.25 = 0.05 -> 0.028571
+    // and -0.1 + 0.25 = 0.15 -> 0.085714.
+    // Alone, a worsening loss gives -1 + 0.25 < 0, clipped to 0.
+    check(&round, w(), expect!["0.028571 0.085714 1.000000"]);
+    check(
+        &[ok(2.0, 2.2, 0.0, 0.0, 0.5, 1.0, 100)],
+        w(),
+        expect!["0.000000"],
+    );
+    check(&[], w(), expect![""]);
+}
+
+#[test]
+fn weights_change_the_mix() {
+    let round = [
+        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
+        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
+    ];
+    // Loss only: d0 1.0, d1 0.4.
+    let loss_only = RewardWeights {
+        w1: 1.0,
+        w2: 0.0,
+        w3: 0.0,
+        w4: 0.0,
+    };
+    check(&round, loss_only, expect!["1.000000 0.400000"]);
+    // Norm with a heavy time penalty: (0.25*1 - 1*0.5)/0.25 < 0 -> 0; (0.25*0.5 - 0.5)/0.25 -> 0.
+    let time_heavy = RewardWeights {
+        w1: 0.0,
+        w2: 0.0,
+        w3: 0.25,
+        w4: 1.0,
+    };
+    check(&round, time_heavy, expect!["0.000000 0.000000"]);
+}
+
+#[test]
+fn bad_statistics_and_weights_are_errors() {
+    let mut nan_loss = ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100);
+    nan_loss.loss_post = f64::NAN;
+    check(
+        &[ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100), nan_loss],
+        w(),
+        expect!["round statistics for entry 1: loss_post = NaN is not valid (finite and >= 0)"],
+    );
+    check(
+        &[ok(2.0, 1.5, 0.1, 1.2, 0.4, 2.0, 100)],
+        w(),
+        expect!["round statistics for entry 0: sparsity_now = 1.2 is not valid (in [0, 1])"],
+    );
+    check(
+        &[ok(2.0, 1.5, 0.1, 0.2, 0.4, f64::INFINITY, 100)],
+        w(),
+        expect!["round statistics for entry 0: update_norm = inf is not valid (finite and >= 0)"],
+    );
+    let negative = RewardWeights { w2: -0.5, ..w() };
+    check(
+        &[],
+        negative,
+        expect!["invalid parameter w2 = -0.5: expected a finite weight >= 0"],
+    );
+    let nothing = RewardWeights {
+        w1: 0.0,
+        w2: 0.0,
+        w3: 0.0,
+        w4: 1.0,
+    };
+    check(
+        &[],
+        nothing,
+        expect!["invalid parameter w1 + w2 + w3 = 0: expected a positive sum (some reward term must count)"],
+    );
+    assert!(matches!(
+        shape_rewards(&[nan_loss], &w()),
+        Err(BanditError::InvalidStat { index: 0, .. })
+    ));
+}
+
+#[test]
+fn weights_load_from_toml_with_defaults() {
+    let parsed: RewardWeights = toml::from_str("w4 = 0.5").unwrap();
+    assert_eq!(parsed, RewardWeights { w4: 0.5, ..w() });
+}
