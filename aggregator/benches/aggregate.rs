@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::aggregate::{AggregateConfig, Aggregation, Contribution, Method};
+use aggregator::aggregate::{AggregateConfig, Aggregation, Contribution, Method, SvdMode};
 use aggregator::{pki, transport};
 use protocol::*;
 use rand::{Rng, SeedableRng};
@@ -174,17 +174,32 @@ fn bench_aggregation(devices: usize) {
     );
     println!("| method | add all (s) | finish (s) | total (s) | peak extra heap (MiB) | state after adds (MiB) |");
     println!("|---|---|---|---|---|---|");
-    let methods = [
-        Method::HetLora,
-        Method::Exact,
-        Method::Median,
-        Method::TrimmedMean { trim_fraction: 0.1 },
+    let randomized = SvdMode::Randomized {
+        oversample: 8,
+        power_iters: 2,
+    };
+    let runs = [
+        ("hetlora", Method::HetLora, SvdMode::Full),
+        ("exact (full SVD)", Method::Exact, SvdMode::Full),
+        (
+            "exact (randomized SVD, p=8, q=2)",
+            Method::Exact,
+            randomized,
+        ),
+        ("median", Method::Median, SvdMode::Full),
+        (
+            "trimmed mean (10%)",
+            Method::TrimmedMean { trim_fraction: 0.1 },
+            SvdMode::Full,
+        ),
     ];
-    for method in methods {
+    for (label, method, svd) in runs {
         let batch = updates.clone();
         let base = reset_peak();
         let t0 = Instant::now();
-        let mut agg = Aggregation::new(dims, AggregateConfig::new(method, rank)).expect("config");
+        let mut config = AggregateConfig::new(method, rank);
+        config.svd = svd;
+        let mut agg = Aggregation::new(dims, config).expect("config");
         for u in batch {
             agg.add(u).expect("valid update");
         }
@@ -194,11 +209,10 @@ fn bench_aggregation(devices: usize) {
         let global = agg.finish(None).expect("finish");
         let t_finish = t1.elapsed();
         let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-        // Buffering methods hold the updates they were given: that is the inputs moving in,
-        // not growth, so report growth above the (moved) inputs.
+        // The batch is cloned before `base`: buffering methods take ownership of updates that
+        // already exist, so the peak counts only what aggregation itself allocates.
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
-            method.name(),
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
             t_add.as_secs_f64(),
             t_finish.as_secs_f64(),
             (t_add + t_finish).as_secs_f64(),

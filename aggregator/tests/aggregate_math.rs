@@ -617,3 +617,79 @@ fn config_and_dims_errors_are_reported() {
         Err(AggregateError::DimsMismatch { .. })
     ));
 }
+
+fn mid_dims() -> ModelDims {
+    ModelDims {
+        n_blocks: 1,
+        d_model: 32,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        ffn: 48,
+    }
+}
+
+/// Frobenius distance between the global delta and the aggregated dense delta, per layer.
+fn refactor_errors(svd: SvdMode, max_rank: u32, adapters: &[AdapterPayload]) -> Vec<f64> {
+    let dims = mid_dims();
+    let kept = KeptIndices::full(&dims);
+    let mut config = AggregateConfig::new(Method::Exact, max_rank);
+    config.svd = svd;
+    config.weight_by_samples = false;
+    let mut agg = Aggregation::new(dims, config).unwrap();
+    for (k, a) in adapters.iter().enumerate() {
+        agg.add(contribution(k as u64, a.clone(), kept.clone(), 1))
+            .unwrap();
+    }
+    let g = agg.finish(None).unwrap();
+    Proj::ALL
+        .iter()
+        .map(|&proj| {
+            let (out, inp) = dims.full_shape(proj);
+            let mut dense = vec![0.0; out * inp];
+            for a in adapters {
+                let (d, _) = device_delta(&dims, a, &kept, 0, proj);
+                for (x, y) in dense.iter_mut().zip(d) {
+                    *x += y / adapters.len() as f64;
+                }
+            }
+            g.delta(0, proj)
+                .iter()
+                .zip(&dense)
+                .map(|(&x, y)| (x as f64 - y).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect()
+}
+
+#[test]
+fn randomized_refactoring_is_exact_on_low_rank_and_near_optimal_otherwise() {
+    let dims = mid_dims();
+    let kept = KeptIndices::full(&dims);
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let randomized = SvdMode::Randomized {
+        oversample: 4,
+        power_iters: 2,
+    };
+    // Rank 3 delta, 7 probes on 32+ dimensional layers: reproduced exactly.
+    let one = vec![random_adapter(&dims, &kept, 3, 6.0, &mut rng)];
+    for err in refactor_errors(randomized, 3, &one) {
+        assert!(err < 1e-4, "{err}");
+    }
+    // Six rank-4 devices: rank-24 delta truncated to rank 4. The randomised truncation error
+    // is within 10% of the optimal (full SVD) one on every layer.
+    let many: Vec<_> = (0..6)
+        .map(|_| random_adapter(&dims, &kept, 4, 8.0, &mut rng))
+        .collect();
+    let full = refactor_errors(SvdMode::Full, 4, &many);
+    let fast = refactor_errors(randomized, 4, &many);
+    for ((proj, f), r) in Proj::ALL.iter().zip(&full).zip(&fast) {
+        assert!(*f > 0.1, "{proj}: the case must need truncation ({f})");
+        assert!(r <= &(1.10 * f), "{proj}: randomized {r} vs optimal {f}");
+        assert!(
+            r >= &(f * (1.0 - 1e-9)),
+            "{proj}: nothing beats the optimum"
+        );
+    }
+}

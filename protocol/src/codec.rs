@@ -203,17 +203,18 @@ impl FrameDecoder {
         }
     }
 
-    /// Appends received bytes; fails at once if the pending frame announces too large a body.
+    /// Appends received bytes; fails at once if the frame at the front announces too large a
+    /// body. Drain with [`FrameDecoder::next_message`] after every push: the decoder holds what
+    /// it is given.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), CodecError> {
-        if self.buf.len() < FRAME_HEADER_BYTES && self.buf.len() + bytes.len() >= FRAME_HEADER_BYTES
-        {
-            let mut header = [0u8; FRAME_HEADER_BYTES];
-            let have = self.buf.len();
-            header[..have].copy_from_slice(&self.buf);
-            header[have..].copy_from_slice(&bytes[..FRAME_HEADER_BYTES - have]);
-            frame_body_len(header, self.max_frame_bytes)?;
-        }
         self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= FRAME_HEADER_BYTES {
+            let header = [self.buf[0], self.buf[1], self.buf[2], self.buf[3]];
+            if let Err(e) = frame_body_len(header, self.max_frame_bytes) {
+                self.buf.clear();
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
