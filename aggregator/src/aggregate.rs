@@ -940,13 +940,16 @@ fn finish_exact_layer(
     Ok(GlobalLayer { block, proj, a, b })
 }
 
+/// Left singular vectors (columns), singular values, right singular vectors (columns).
+type Triplets = (Mat<f64>, Vec<f64>, Mat<f64>);
+
 /// The top `min(r, rank)` singular triplets `(U, S, V)` of `m`, largest first.
 fn top_singular(
     m: Mat<f64>,
     r: usize,
     mode: SvdMode,
     seed: u64,
-) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>), faer::linalg::svd::SvdError> {
+) -> Result<Triplets, faer::linalg::svd::SvdError> {
     let min_dim = m.nrows().min(m.ncols());
     let k = r.min(min_dim);
     let probes = match mode {
@@ -954,7 +957,7 @@ fn top_singular(
         SvdMode::Full => min_dim,
     };
     if let (SvdMode::Randomized { power_iters, .. }, true) = (mode, probes < min_dim) {
-        let mut rng = ChaCha8Rng::seed_from_u64(0x5EED_0F_5EED ^ seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(0x005E_ED0F_5EED ^ seed);
         let omega = Mat::<f64>::from_fn(m.ncols(), probes, |_, _| rng.random_range(-1.0..1.0));
         let mut q = (m.as_ref() * omega.as_ref()).qr().compute_thin_Q();
         for _ in 0..power_iters {
