@@ -451,7 +451,9 @@ impl SyntheticConfig {
             }
         }
         match self.noise {
-            Noise::Gaussian { std: s } | Noise::StudentT { scale: s, .. } if !(s >= 0.0) => {
+            Noise::Gaussian { std: s } | Noise::StudentT { scale: s, .. }
+                if s.is_nan() || s < 0.0 =>
+            {
                 Err(BanditError::param("noise scale", s, "a number >= 0"))
             }
             Noise::Pareto { scale, alpha } if !(scale >= 0.0 && alpha > 0.0) => {

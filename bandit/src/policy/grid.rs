@@ -73,9 +73,16 @@ impl ArmGrid {
 
     /// Indices of the grid arms inside `region`, ascending.
     pub fn feasible(&self, region: &FeasibleRegion) -> Vec<usize> {
-        (0..self.len())
-            .filter(|&i| region.contains(&self.arm(i)))
-            .collect()
+        self.feasible_iter(region).collect()
+    }
+
+    /// Like [`ArmGrid::feasible`], without allocating.
+    pub fn feasible_iter<'a>(
+        &'a self,
+        region: &'a FeasibleRegion,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let all = region.is_unrestricted();
+        (0..self.len()).filter(move |&i| all || region.contains(&self.arm(i)))
     }
 }
 

@@ -14,8 +14,14 @@
 //! Each choice descends from the root by the larger `B` (ties at random) until it steps onto a
 //! child that is not in the tree yet, adds it, and plays a uniformly random point of its
 //! cell. A reward updates every node on the path from the root to the deepest node whose cell
-//! holds the played point. Nodes at `max_depth` are not split further, which bounds memory
-//! at `2^(max_depth + 1)` nodes; the tree has at most one node per choice anyway.
+//! holds the played point.
+//!
+//! Memory and time per call are bounded: nodes at `max_depth` are not split, and once the tree
+//! holds `max_nodes` nodes it stops growing; a child that was never created then counts with
+//! its parent's `U` instead of `+inf`, and playing it draws a point in its cell without adding
+//! a node (the reward updates the path down to the parent). Each choice costs `O(nodes)`.
+//! Checkpoints store each node as `[count, reward_sum, left, right]` (`0`: no child); cells
+//! and depths are rebuilt from the tree's shape on load.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -30,7 +36,7 @@ use crate::feasibility::FeasibleRegion;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SUcbConfig {
-    /// Smoothness scale `nu` of the reward surface (> 0). Default `1.0`.
+    /// Smoothness scale `nu` of the reward surface (>= 0). Default `1.0`.
     pub nu: f64,
     /// Per-level shrink factor `rho` of the cell-diameter term, in (0, 1). Default `0.5`.
     pub rho: f64,
@@ -38,6 +44,8 @@ pub struct SUcbConfig {
     pub exploration: f64,
     /// Depth below which cells are not split (the root is depth 0). Default `16`.
     pub max_depth: u32,
+    /// Largest tree (one node per play until then). Default `2048`.
+    pub max_nodes: usize,
 }
 
 impl Default for SUcbConfig {
@@ -47,13 +55,14 @@ impl Default for SUcbConfig {
             rho: 0.5,
             exploration: 1.0,
             max_depth: 16,
+            max_nodes: 2048,
         }
     }
 }
 
 /// A cell: ratios `[ratio_lo, ratio_hi)` (closed at `ratio_max`) and rank indices
 /// `[rank_lo, rank_hi)`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Cell {
     ratio_lo: f64,
     ratio_hi: f64,
@@ -61,7 +70,7 @@ struct Cell {
     rank_hi: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 struct Node {
     depth: u32,
     cell: Cell,
@@ -72,11 +81,92 @@ struct Node {
 }
 
 /// S-UCB policy state: the tree, root first; children always come after their parent.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "SUcbState")]
 pub struct SUcb {
     config: SUcbConfig,
     space: ArmSpace,
     nodes: Vec<Node>,
+}
+
+/// The serialized form of [`SUcb`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SUcbState {
+    config: SUcbConfig,
+    space: ArmSpace,
+    /// `[count, reward_sum, left, right]` per node; 0 means no child.
+    nodes: Vec<(u64, f64, u32, u32)>,
+}
+
+#[derive(Serialize)]
+struct SUcbStateRef<'a> {
+    config: &'a SUcbConfig,
+    space: &'a ArmSpace,
+    nodes: Vec<(u64, f64, u32, u32)>,
+}
+
+impl Serialize for SUcb {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        SUcbStateRef {
+            config: &self.config,
+            space: &self.space,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let [l, r] = n.children.map(|c| c.unwrap_or(0));
+                    (n.count, n.sum, l, r)
+                })
+                .collect(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl TryFrom<SUcbState> for SUcb {
+    type Error = BanditError;
+
+    fn try_from(state: SUcbState) -> Result<Self, BanditError> {
+        let bad = |why: String| BanditError::param("s-ucb tree", why, "a tree written by SUcb");
+        let mut tree = SUcb::new(state.space, state.config)?;
+        let n = state.nodes.len();
+        if n == 0 {
+            return Err(bad("no root".into()));
+        }
+        // Placeholders, each overwritten by its parent (which always comes first).
+        let root = tree.nodes[0].clone();
+        tree.nodes.resize(n, root);
+        let mut has_parent = vec![false; n];
+        for (i, &(count, sum, left, right)) in state.nodes.iter().enumerate() {
+            if i > 0 && !has_parent[i] {
+                return Err(bad(format!("node {i} is not reachable from the root")));
+            }
+            if !sum.is_finite() {
+                return Err(bad(format!("node {i} has reward sum {sum}")));
+            }
+            tree.nodes[i].count = count;
+            tree.nodes[i].sum = sum;
+            tree.nodes[i].children = [None, None];
+            for (side, child) in [left, right].into_iter().enumerate() {
+                if child == 0 {
+                    continue;
+                }
+                let j = child as usize;
+                if j <= i || j >= n || has_parent[j] {
+                    return Err(bad(format!("node {i} has an impossible child {j}")));
+                }
+                let Some(halves) = tree.split(&tree.nodes[i]) else {
+                    return Err(bad(format!("node {i} cannot have children")));
+                };
+                has_parent[j] = true;
+                tree.nodes[j].depth = tree.nodes[i].depth + 1;
+                tree.nodes[j].cell = halves[side];
+                tree.nodes[i].children[side] = Some(child);
+            }
+        }
+        Ok(tree)
+    }
 }
 
 impl SUcb {
@@ -98,6 +188,13 @@ impl SUcb {
                 "max_depth",
                 config.max_depth,
                 "at most 60",
+            ));
+        }
+        if config.max_nodes == 0 || config.max_nodes > u32::MAX as usize {
+            return Err(BanditError::param(
+                "max_nodes",
+                config.max_nodes,
+                "between 1 and 2^32 - 1",
             ));
         }
         let root = Node {
@@ -135,6 +232,10 @@ impl SUcb {
     /// Observations so far (the root's count).
     pub fn observations(&self) -> u64 {
         self.nodes[0].count
+    }
+
+    fn is_full(&self) -> bool {
+        self.nodes.len() >= self.config.max_nodes
     }
 
     /// The two halves of a node's cell, or `None` if the node is a leaf for good (at
@@ -190,29 +291,29 @@ impl SUcb {
             .any(|k| region.allows_some(self.space.ranks[k as usize], cell.ratio_hi))
     }
 
-    /// `B` of every node, bottom-up (children sit after their parents in `nodes`).
-    fn b_values(&self) -> Vec<f64> {
+    /// `U` and `B` of every node, bottom-up (children sit after their parents in `nodes`).
+    fn bounds(&self) -> (Vec<f64>, Vec<f64>) {
         let n = self.nodes[0].count.max(1) as f64;
         let log_term = 2.0 * n.ln();
+        let full = self.is_full();
+        let mut u = vec![f64::INFINITY; self.nodes.len()];
         let mut b = vec![f64::INFINITY; self.nodes.len()];
         for (i, node) in self.nodes.iter().enumerate().rev() {
-            let u = if node.count == 0 {
-                f64::INFINITY
-            } else {
+            if node.count > 0 {
                 let t = node.count as f64;
-                node.sum / t
+                u[i] = node.sum / t
                     + self.config.exploration * (log_term / t).sqrt()
-                    + self.config.nu * self.config.rho.powi(node.depth as i32)
-            };
-            let child_b = |c: Option<u32>| c.map_or(f64::INFINITY, |j| b[j as usize]);
-            let best_child = child_b(node.children[0]).max(child_b(node.children[1]));
+                    + self.config.nu * self.config.rho.powi(node.depth as i32);
+            }
             b[i] = if self.split(node).is_none() {
-                u
+                u[i]
             } else {
-                u.min(best_child)
+                let missing = if full { u[i] } else { f64::INFINITY };
+                let child_b = |c: Option<u32>| c.map_or(missing, |j| b[j as usize]);
+                u[i].min(child_b(node.children[0]).max(child_b(node.children[1])))
             };
         }
-        b
+        (u, b)
     }
 
     /// A uniformly random feasible point of `cell`.
@@ -239,18 +340,20 @@ impl Policy for SUcb {
                 device_id: ctx.device_id,
             });
         }
-        let b = self.b_values();
+        let (u, b) = self.bounds();
+        let full = self.is_full();
         let mut at = 0usize;
         loop {
             let node = &self.nodes[at];
             let Some(halves) = self.split(node) else {
                 return Ok(self.sample_in(&node.cell, region, rng));
             };
+            let missing = if full { u[at] } else { f64::INFINITY };
             let score = |side: usize| -> Option<f64> {
                 if !self.cell_feasible(&halves[side], region) {
                     return None;
                 }
-                Some(node.children[side].map_or(f64::INFINITY, |j| b[j as usize]))
+                Some(node.children[side].map_or(missing, |j| b[j as usize]))
             };
             let side = match (score(0), score(1)) {
                 (Some(l), Some(r)) if l == r => rng.random_range(0..2usize),
@@ -266,6 +369,7 @@ impl Policy for SUcb {
             };
             match node.children[side] {
                 Some(j) => at = j as usize,
+                None if full => return Ok(self.sample_in(&halves[side], region, rng)),
                 None => {
                     let child = Node {
                         depth: node.depth + 1,

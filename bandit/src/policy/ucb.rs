@@ -15,8 +15,13 @@ use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
 use crate::feasibility::FeasibleRegion;
 
-fn bonus(exploration: f64, n: f64, count: f64) -> f64 {
-    exploration * (2.0 * n.max(1.0).ln() / count).sqrt()
+/// `2 ln n`, computed once per choice (`n < 1` counts as 1).
+fn log_term(n: f64) -> f64 {
+    2.0 * n.max(1.0).ln()
+}
+
+fn bonus(exploration: f64, log_term: f64, count: f64) -> f64 {
+    exploration * (log_term / count).sqrt()
 }
 
 fn no_feasible(ctx: &DeviceContext) -> BanditError {
@@ -89,13 +94,13 @@ impl Policy for Ucb1 {
         region: &FeasibleRegion,
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
-        let n = self.total as f64;
-        let scored = self.grid.feasible(region).into_iter().map(|i| {
+        let log_n = log_term(self.total as f64);
+        let scored = self.grid.feasible_iter(region).map(|i| {
             let s = self.stats[i];
             let score = if s.count == 0 {
                 f64::INFINITY
             } else {
-                s.mean() + bonus(self.config.exploration, n, s.count as f64)
+                s.mean() + bonus(self.config.exploration, log_n, s.count as f64)
             };
             (i, score)
         });
@@ -184,13 +189,13 @@ impl Policy for DiscountedUcb {
         region: &FeasibleRegion,
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
-        let n: f64 = self.counts.iter().sum();
-        let scored = self.grid.feasible(region).into_iter().map(|i| {
+        let log_n = log_term(self.counts.iter().sum());
+        let scored = self.grid.feasible_iter(region).map(|i| {
             let c = self.counts[i];
             let score = if c <= 0.0 {
                 f64::INFINITY
             } else {
-                self.sums[i] / c + bonus(self.config.exploration, n, c)
+                self.sums[i] / c + bonus(self.config.exploration, log_n, c)
             };
             (i, score)
         });
@@ -279,13 +284,13 @@ impl Policy for SlidingWindowUcb {
         region: &FeasibleRegion,
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
-        let n = self.total.min(self.config.window as u64) as f64;
-        let scored = self.grid.feasible(region).into_iter().map(|i| {
+        let log_n = log_term(self.total.min(self.config.window as u64) as f64);
+        let scored = self.grid.feasible_iter(region).map(|i| {
             let s = self.stats[i];
             let score = if s.count == 0 {
                 f64::INFINITY
             } else {
-                s.mean() + bonus(self.config.exploration, n, s.count as f64)
+                s.mean() + bonus(self.config.exploration, log_n, s.count as f64)
             };
             (i, score)
         });
