@@ -10,5 +10,8 @@ pub mod generate;
 pub mod gguf;
 pub mod lora;
 pub mod model;
+pub mod prune;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
+pub mod workload;

@@ -14,7 +14,12 @@ use device_agent::generate::{self, GenerateConfig, Sampling};
 use device_agent::gguf::GgufFile;
 use device_agent::model::Llama;
 use device_agent::tokenizer::Tok;
+use device_agent::export;
+use device_agent::lora::Adapter;
+use device_agent::prune::{self, Criterion, KeptMaps, PruneConfig};
+use device_agent::train::{TrainConfig, Tuner};
 use device_agent::weights;
+use device_agent::workload::{ClsShard, LmShard, SpamTask};
 
 #[derive(Parser)]
 #[command(name = "device-agent", version, about = "FedSpine device agent: run, prune-and-tune and export a LLaMA-family model")]
@@ -36,6 +41,84 @@ enum Command {
     Generate(GenerateArgs),
     /// Perplexity and next-token accuracy on a text file or a bundled data set.
     Eval(EvalArgs),
+    /// Prune and tune locally (no server): LoRA fine-tuning with structured pruning.
+    Tune(TuneArgs),
+    /// Merge an adapter into its pruned base and write GGUF or HF safetensors.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct TuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Workload: sotu (causal LM), spam (classification through the LM), moby-dick (causal LM).
+    #[arg(long, default_value = "sotu")]
+    dataset: String,
+    /// SOTU: inclusive year range, e.g. 1990-2021.
+    #[arg(long, default_value = "2001-2021")]
+    years: String,
+    /// Spam: number of e-mails (balanced ham/spam, seeded sample).
+    #[arg(long, default_value_t = 240)]
+    examples: usize,
+    /// Moby-Dick: inclusive chapter range.
+    #[arg(long, default_value = "3-12")]
+    chapters: String,
+    /// Target sparsity (fraction of non-embedding parameters removed).
+    #[arg(long, default_value_t = 0.0)]
+    ratio: f64,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA alpha (scale = alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Tokens per training window (LM workloads).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Importance criterion: lora-gradient, taylor, magnitude, random.
+    #[arg(long, default_value = "lora-gradient")]
+    criterion: String,
+    /// Optimiser steps between pruning events.
+    #[arg(long, default_value_t = 20)]
+    prune_every: usize,
+    /// Equal head/channel counts in every block (exports as stock arch llama).
+    #[arg(long)]
+    uniform: bool,
+    /// Prune MLP channels only.
+    #[arg(long)]
+    no_heads: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory for the adapter, kept-index maps and metrics.jsonl.
+    #[arg(long, default_value = "runs/tune")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Adapter directory written by `tune` (kept maps + adapter); without it the base is exported.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// gguf or hf.
+    #[arg(long, default_value = "gguf")]
+    format: String,
+    /// GGUF precision: f32, f16, q8_0.
+    #[arg(long, default_value = "f16")]
+    precision: String,
+    /// Output file (gguf) or directory (hf).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -101,6 +184,9 @@ struct EvalArgs {
     /// Print the metrics as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Adapter directory written by `tune`: evaluates the pruned model with its adapter.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 fn load(args: &ModelArgs) -> Result<(Llama, Tok)> {
@@ -215,13 +301,20 @@ fn main() -> Result<()> {
                 }
                 (None, Some(other)) => bail!("unknown data set '{other}' for eval (moby-dick, sotu, or use --text FILE)"),
             };
-            let (model, tok) = load(&args.model)?;
+            let (base, tok) = load(&args.model)?;
+            let (model, adapter) = match &args.adapter {
+                Some(dir) => {
+                    let (m, a) = load_tuned(&base, dir)?;
+                    (m, Some(a))
+                }
+                None => (base, None),
+            };
             let mut ids = tok.encode(&text)?;
             if args.max_tokens > 0 {
                 ids.truncate(args.max_tokens);
             }
             let seq_len = args.seq_len.min(model.config.max_seq_len);
-            let m = eval::evaluate_windows(&model, None, &eval::windows(&ids, seq_len), 4);
+            let m = eval::evaluate_windows(&model, adapter.as_ref(), &eval::windows(&ids, seq_len), 4);
             if args.json {
                 println!("{}", serde_json::json!({"source": source, "seq_len": seq_len, "metrics": m}));
             } else {
@@ -231,6 +324,140 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Command::Tune(args) => tune(args)?,
+        Command::Export(args) => {
+            let (base, tok) = load(&args.model)?;
+            let model = match &args.adapter {
+                Some(dir) => {
+                    let (m, a) = load_tuned(&base, dir)?;
+                    a.merge_into(&m)
+                }
+                None => base,
+            };
+            match args.format.as_str() {
+                "gguf" => {
+                    let precision: export::GgufPrecision = args.precision.parse().map_err(anyhow::Error::msg)?;
+                    let rep = export::export_gguf(&model, &tok, &args.out, precision)?;
+                    println!("wrote {} (arch {}, {:?})", args.out.display(), rep.arch, precision);
+                    for n in rep.notes {
+                        println!("note: {n}");
+                    }
+                }
+                "hf" | "safetensors" => {
+                    let note = export::export_hf(&model, &tok, &args.out)?;
+                    println!("wrote {}", args.out.display());
+                    if let Some(n) = note {
+                        println!("note: {n}");
+                    }
+                }
+                other => bail!("unknown export format '{other}' (gguf, hf)"),
+            }
+            let c = &model.config;
+            println!("parameters: {} total, {} non-embedding, sparsity {:.3}", c.total_params(), c.non_embedding_params(), c.sparsity());
+        }
     }
+    Ok(())
+}
+
+/// The pruned model and adapter saved by `tune` in `dir`.
+fn load_tuned(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Adapter)> {
+    let meta_path = dir.join("adapter.json");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?)
+        .with_context(|| format!("parsing {}", meta_path.display()))?;
+    let kept: KeptMaps = serde_json::from_value(meta["kept"].clone()).with_context(|| format!("{}: missing or invalid 'kept' maps", meta_path.display()))?;
+    let model = prune::slice_model(base, &kept).with_context(|| format!("{}: kept maps do not fit this base model", meta_path.display()))?;
+    let adapter = Adapter::load(dir, &model.config, &model.device)?;
+    Ok((model, adapter))
+}
+
+fn parse_range(s: &str) -> Result<(u32, u32)> {
+    let (a, b) = s.split_once('-').with_context(|| format!("'{s}' is not a range like 1990-2021"))?;
+    Ok((a.trim().parse()?, b.trim().parse()?))
+}
+
+fn progress(len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]").expect("template"));
+    pb
+}
+
+fn tune(args: TuneArgs) -> Result<()> {
+    let (base, tok) = load(&args.model)?;
+    let criterion: Criterion = args.criterion.parse().map_err(anyhow::Error::msg)?;
+    if !(0.0..0.95).contains(&args.ratio) {
+        bail!("--ratio {} is outside [0, 0.95)", args.ratio);
+    }
+    let mut prune_cfg = PruneConfig::for_layers(base.config.n_layers());
+    prune_cfg.uniform = args.uniform;
+    prune_cfg.prune_heads = !args.no_heads;
+    let cfg = TrainConfig { lr: args.lr, grad_accum: args.grad_accum, prune_every: args.prune_every, criterion, prune: prune_cfg, seed: args.seed, ..TrainConfig::default() };
+    let adapter = Adapter::new(&base.config, args.rank, args.alpha, args.seed, &base.device);
+    let mut tuner = Tuner::new(&base, KeptMaps::dense(&base.config), adapter, cfg)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?);
+    let pb = progress(args.steps as u64);
+    let summary = match args.dataset.as_str() {
+        "sotu" | "moby-dick" => {
+            let texts: Vec<String> = if args.dataset == "sotu" {
+                let (a, b) = parse_range(&args.years)?;
+                data::sotu()?.into_iter().filter(|s| (a..=b).contains(&s.year)).map(|s| s.text).collect()
+            } else {
+                let (a, b) = parse_range(&args.chapters)?;
+                (a..=b).map(|c| data::moby_dick_chapter(c as usize).map(|d| d.text)).collect::<Result<_, _>>()?
+            };
+            if texts.is_empty() {
+                bail!("the selection holds no documents");
+            }
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let shard = LmShard::build(&tok, &refs, args.seq_len, 0.1, args.seed)?;
+            let before = shard.evaluate(&base, None);
+            let report = tuner.run_round(&base, args.steps, args.ratio, |i| shard.batch(i, args.batch), |r| {
+                let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
+                pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
+                pb.inc(1);
+            })?;
+            let after = shard.evaluate(&tuner.model, Some(&tuner.adapter));
+            serde_json::json!({"workload": args.dataset, "train_windows": shard.train.len(), "test_windows": shard.test.len(),
+                "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
+        }
+        "spam" => {
+            let task = SpamTask::new(&tok, 192)?;
+            let mut mails = data::spam_assassin()?;
+            use rand::seq::SliceRandom;
+            mails.shuffle(&mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed));
+            let half = args.examples / 2;
+            let pick: Vec<_> = mails.iter().filter(|m| m.spam).take(half).chain(mails.iter().filter(|m| !m.spam).take(args.examples - half)).collect();
+            let examples = pick.iter().map(|m| task.example(&tok, &m.text, m.spam)).collect::<Result<Vec<_>, _>>()?;
+            let shard = ClsShard::split(examples, 0.25, args.seed);
+            let before = task.evaluate(&base, None, &shard.test, tok.eos, 8);
+            let n = shard.train.len().max(1);
+            let report = tuner.run_round(&base, args.steps, args.ratio, |i| {
+                let refs: Vec<_> = (0..args.batch).map(|k| &shard.train[(i * args.batch + k) % n]).collect();
+                task.batch(&refs, tok.eos).0
+            }, |r| {
+                let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
+                pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
+                pb.inc(1);
+            })?;
+            let after = task.evaluate(&tuner.model, Some(&tuner.adapter), &shard.test, tok.eos, 8);
+            serde_json::json!({"workload": "spam", "train": shard.train.len(), "test": shard.test.len(),
+                "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
+        }
+        other => bail!("unknown data set '{other}' (sotu, spam, moby-dick)"),
+    };
+    pb.finish_and_clear();
+    metrics.flush()?;
+    let c = &tuner.model.config;
+    tuner.adapter.save(&args.out, serde_json::json!({
+        "kept": tuner.kept, "sparsity": c.sparsity(), "non_embedding_params": c.non_embedding_params(),
+        "total_params": c.total_params(), "criterion": args.criterion, "seed": args.seed,
+    }))?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    println!("saved adapter and kept-index maps to {}", args.out.display());
     Ok(())
 }
