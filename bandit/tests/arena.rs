@@ -150,6 +150,12 @@ fn arena_configs_load_from_toml() {
     let back: ArenaConfig = toml::from_str(&toml::to_string(&default).unwrap()).unwrap();
     assert_eq!(back, default);
 
+    // The example config shipped with the crate stays loadable.
+    let example: ArenaConfig =
+        toml::from_str(include_str!("../configs/arena-tuning.toml")).unwrap();
+    assert_eq!(example.policies.len(), 7);
+    assert_eq!(example.environments, ArenaConfig::default().environments);
+
     let typo = toml::from_str::<ArenaConfig>("rounds = 5\nround = 6").unwrap_err();
     assert!(typo.to_string().contains("unknown field `round`"), "{typo}");
 }

@@ -303,19 +303,21 @@ impl Default for SyntheticConfig {
 }
 
 impl SyntheticConfig {
-    /// The built-in environments, in order: `stationary`, `drifting`, `switching`,
-    /// `heavy-tailed`, `device-classes`.
+    /// Names of the built-in environments (see [`SyntheticConfig::preset`]).
+    pub const PRESETS: [&'static str; 5] = [
+        "stationary",
+        "drifting",
+        "switching",
+        "heavy-tailed",
+        "device-classes",
+    ];
+
+    /// The built-in environments, in [`SyntheticConfig::PRESETS`] order.
     pub fn presets() -> Vec<SyntheticConfig> {
-        [
-            "stationary",
-            "drifting",
-            "switching",
-            "heavy-tailed",
-            "device-classes",
-        ]
-        .into_iter()
-        .map(|n| SyntheticConfig::preset(n).expect("known preset"))
-        .collect()
+        Self::PRESETS
+            .into_iter()
+            .map(|n| SyntheticConfig::preset(n).expect("known preset"))
+            .collect()
     }
 
     /// A built-in environment by name (all on [`ArmSpace::default`], Gaussian noise 0.1

@@ -14,8 +14,8 @@ use clap::Parser;
 /// optima and compare cumulative regret (lower is better).
 ///
 /// With no arguments it runs every policy with default parameters on the built-in synthetic
-/// environments (stationary, drifting, heavy-tailed, device-classes) for 2,000 rounds and 8
-/// devices, prints the regret table and writes summary.json, summary.csv and one
+/// environments (stationary, drifting, switching, heavy-tailed, device-classes) for 2,000
+/// rounds and 8 devices, prints the regret table and writes summary.json, summary.csv and one
 /// regret-<environment>.svg per environment into --out.
 #[derive(Parser, Debug)]
 #[command(name = "bandit-arena", version)]
@@ -189,8 +189,8 @@ fn apply_flags(config: &mut ArenaConfig, args: &Args) -> Result<()> {
             match found {
                 Some(e) => chosen.push(e),
                 None => bail!(
-                    "unknown environment {name:?}: not in the config and not a preset \
-                     (stationary, drifting, heavy-tailed, device-classes)"
+                    "unknown environment {name:?}: not in the config and not a preset ({})",
+                    SyntheticConfig::PRESETS.join(", ")
                 ),
             }
         }
