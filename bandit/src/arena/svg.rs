@@ -73,6 +73,7 @@ pub fn regret_svg(report: &EnvironmentReport) -> String {
     let py = |v: f64| TOP + plot_h - v / y_top * plot_h;
 
     let mut s = String::new();
+    // The xmlns value is SVG's namespace identifier, which viewers require; it is not fetched.
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#

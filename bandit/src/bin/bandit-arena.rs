@@ -16,12 +16,12 @@ use clap::Parser;
 /// With no arguments it runs every policy with default parameters on the built-in synthetic
 /// environments (stationary, drifting, switching, heavy-tailed, device-classes) for 2,000
 /// rounds and 8 devices, prints the regret table and writes summary.json, summary.csv and one
-/// regret-<environment>.svg per environment into --out.
+/// regret-ENVIRONMENT.svg per environment into --out.
 #[derive(Parser, Debug)]
 #[command(name = "bandit-arena", version)]
 struct Args {
-    /// Arena config (TOML): seed, rounds, devices, scope, feasibility, [[policies]],
-    /// [[environments]]. Print the default one with --print-config.
+    /// Arena config (TOML): seed, rounds, devices, scope, feasibility, and arrays of policy
+    /// and environment tables. Print the default one with --print-config.
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// Seed for the policies' and the environments' random draws.
