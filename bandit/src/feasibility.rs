@@ -326,6 +326,15 @@ impl<P: Policy> Filtered<P> {
     ) -> Result<Option<InfeasibleReason>, BanditError> {
         self.filter.record(arm, peak_mem_bytes, duration_ms, ctx)
     }
+
+    /// See [`FeasibilityFilter::record_out_of_memory`].
+    pub fn record_out_of_memory(
+        &mut self,
+        arm: Arm,
+        ctx: &DeviceContext,
+    ) -> Result<(), BanditError> {
+        self.filter.record_out_of_memory(arm, ctx)
+    }
 }
 
 impl<P: Policy> Policy for Filtered<P> {
