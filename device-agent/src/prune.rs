@@ -317,8 +317,9 @@ pub struct PruneConfig {
     pub min_heads_per_block: usize,
     /// Minimum MLP channels kept per block.
     pub min_channels_per_block: usize,
-    /// Prune the same number of heads and channels in every prunable block, so the model
-    /// exports as stock arch `llama` (GGUF) and loads in stock HF transformers.
+    /// Prune the same number of heads and channels in every block (protected blocks included:
+    /// equal counts are the point), heads in equal numbers per KV group, so the model exports
+    /// as stock arch `llama` (GGUF) and loads in stock HF transformers.
     pub uniform: bool,
     /// Also prune attention heads (otherwise MLP channels only).
     pub prune_heads: bool,
@@ -380,7 +381,8 @@ pub fn select_prune(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], 
     let prunable: Vec<usize> = (0..kept.blocks.len()).filter(|l| !pc.protected_blocks.contains(l)).collect();
     let mut new = kept.clone();
     if pc.uniform {
-        return select_uniform(cfg, kept, scores, want_removed, pc, &prunable);
+        let all: Vec<usize> = (0..kept.blocks.len()).collect();
+        return select_uniform(cfg, kept, scores, want_removed, pc, &all);
     }
     // Candidates: (normalised score, block, is_head, local index).
     let mut cands: Vec<(f64, usize, bool, usize)> = Vec::new();
@@ -467,8 +469,12 @@ fn select_uniform(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], wa
     let mlp_params = f_min as f64 * channel_cost(cfg) as f64;
     let share_attn = if pc.prune_heads { attn_params / (attn_params + mlp_params).max(1.0) } else { 0.0 };
     let per_block = want_removed / n;
+    // Heads go in equal numbers from every KV group, so query heads still map onto KV heads in
+    // equal consecutive groups (what stock runtimes assume).
+    let groups = prunable.iter().map(|&l| kept.blocks[l].kv_heads.len()).max().unwrap_or(1).max(1);
     let heads_per_block = ((per_block * share_attn) / head_cost(cfg) as f64).round() as usize;
-    let heads_per_block = heads_per_block.min(h_min.saturating_sub(pc.min_heads_per_block));
+    let heads_per_block = heads_per_block.min(h_min.saturating_sub(pc.min_heads_per_block.max(groups)));
+    let heads_per_block = heads_per_block / groups * groups;
     let head_removed = heads_per_block as f64 * head_cost(cfg) as f64;
     let ch_per_block = ((per_block - head_removed).max(0.0) / channel_cost(cfg) as f64).ceil() as usize;
     let ch_per_block = ch_per_block.min(f_min.saturating_sub(pc.min_channels_per_block));
@@ -480,7 +486,14 @@ fn select_uniform(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], wa
             idx.truncate(k);
             idx
         };
-        let dh = lowest(&s.heads, heads_per_block);
+        // The lowest-scored heads of each KV group.
+        let b = &kept.blocks[l];
+        let mut dh = Vec::new();
+        for &kv in &b.kv_heads {
+            let members: Vec<usize> = (0..b.heads.len()).filter(|&i| KeptMaps::kv_of(cfg, b.heads[i]) == kv).collect();
+            let sub: Vec<f64> = members.iter().map(|&i| s.heads[i]).collect();
+            dh.extend(lowest(&sub, heads_per_block / groups).into_iter().map(|k| members[k]));
+        }
         let dc = lowest(&s.channels, ch_per_block);
         apply_drops(cfg, &mut new.blocks[l], &dh, &dc);
     }
@@ -571,6 +584,7 @@ mod tests {
         let new = select_prune(&c, &KeptMaps::dense(&c), &scores, 0.3, &pc);
         let shapes = new.shapes(&c);
         assert!(shapes.windows(2).all(|w| w[0].n_heads == w[1].n_heads && w[0].ffn_dim == w[1].ffn_dim));
+        assert!(shapes.iter().all(BlockShape::uniform_groups));
         assert!(params_of(&c, &new) < c.dense_non_embedding_params());
     }
 }
