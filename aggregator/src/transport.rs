@@ -43,6 +43,9 @@ pub const SEND_WINDOW_BYTES: u64 = 64 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive interval, well inside the idle timeout.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Requested UDP socket buffer size (the kernel caps it, e.g. at `net.core.rmem_max`): the
+/// default (about 200 KiB on Linux) overflows when many devices upload at once.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Largest chunk read from a stream at once.
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
@@ -187,12 +190,55 @@ pub fn load_client_config(
     client_config(&pki::load_ca(pki_dir)?, Some(identity))
 }
 
+/// A UDP socket bound to `addr` with enlarged buffers (best effort: a kernel cap is logged,
+/// not an error).
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
+    let bind_err = |source| TransportError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind_err)?;
+    if addr.is_ipv6() {
+        // Accept IPv4-mapped peers too where the platform allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    for (what, result) in [
+        (
+            "receive",
+            socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES),
+        ),
+        ("send", socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES)),
+    ] {
+        if let Err(e) = result {
+            tracing::warn!(%addr, buffer = what, error = %e, "cannot enlarge UDP socket buffer");
+        }
+    }
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+fn endpoint_on(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TransportError> {
+    let socket = bind_udp(addr)?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })
+}
+
 /// A server endpoint listening on `addr` (needs a tokio runtime).
 pub fn server_endpoint(
     addr: SocketAddr,
     config: quinn::ServerConfig,
 ) -> Result<Endpoint, TransportError> {
-    Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
+    endpoint_on(addr, Some(config))
 }
 
 /// A client endpoint bound to `bind` (e.g. `0.0.0.0:0`) using `config` for its connections
@@ -201,8 +247,7 @@ pub fn client_endpoint(
     bind: SocketAddr,
     config: quinn::ClientConfig,
 ) -> Result<Endpoint, TransportError> {
-    let mut endpoint =
-        Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+    let mut endpoint = endpoint_on(bind, None)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
