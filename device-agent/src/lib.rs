@@ -3,6 +3,7 @@
 
 pub mod assets;
 pub mod backend;
+pub mod cost;
 pub mod data;
 pub mod eval;
 pub mod export;
@@ -11,7 +12,9 @@ pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod prune;
+pub mod session;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
+pub mod wire;
 pub mod workload;
