@@ -149,6 +149,8 @@ pub enum AggregateError {
     DimsMismatch { expected: ModelDims, got: ModelDims },
     #[error("invalid aggregation config: {0}")]
     Config(String),
+    #[error("the previous global adapter is malformed (layers or buffers do not match its dims and rank)")]
+    MalformedGlobal,
     #[error("SVD of layer {block}.{proj} failed: {detail}")]
     Svd {
         block: u32,
@@ -272,12 +274,13 @@ impl GlobalAdapter {
         g
     }
 
-    /// The layer `(block, proj)`.
+    /// The layer `(block, proj)`. Panics if `block` is outside the model.
     pub fn layer(&self, block: u32, proj: Proj) -> &GlobalLayer {
         &self.layers[layer_slot(block, proj)]
     }
 
-    /// The dense delta `b @ a` of a layer, `[out_full, in_full]` row-major.
+    /// The dense delta `b @ a` of a layer, `[out_full, in_full]` row-major. Panics if `block` is
+    /// outside the model or the adapter is not well formed.
     pub fn delta(&self, block: u32, proj: Proj) -> Vec<f32> {
         let l = self.layer(block, proj);
         let (out, inp) = self.dims.full_shape(proj);
@@ -353,6 +356,9 @@ impl GlobalAdapter {
         rank: u32,
         alpha: f32,
     ) -> Result<(AdapterPayload, u32), AggregateError> {
+        if !self.is_well_formed() {
+            return Err(AggregateError::MalformedGlobal);
+        }
         validate_kept(&self.dims, kept)?;
         if rank == 0 {
             return Err(ValidationError::Rank {
@@ -711,6 +717,7 @@ impl Aggregation {
                     got: p.dims,
                 })
             }
+            Some(p) if !p.is_well_formed() => return Err(AggregateError::MalformedGlobal),
             Some(p) if p.rank == rank => Some(Cow::Borrowed(p)),
             Some(p) => Some(Cow::Owned(p.with_rank(rank))),
             None => None,

@@ -693,3 +693,20 @@ fn randomized_refactoring_is_exact_on_low_rank_and_near_optimal_otherwise() {
         );
     }
 }
+
+#[test]
+fn a_malformed_previous_global_is_refused_not_indexed() {
+    let dims = tiny();
+    let mut prev = GlobalAdapter::zeros(dims, 2);
+    prev.layers[3].b.pop();
+    assert!(!prev.is_well_formed());
+    let agg = Aggregation::new(dims, AggregateConfig::new(Method::HetLora, 2)).unwrap();
+    assert!(matches!(
+        agg.finish(Some(&prev)),
+        Err(AggregateError::MalformedGlobal)
+    ));
+    assert!(matches!(
+        prev.slice_for(&KeptIndices::full(&dims), 2, 2.0),
+        Err(AggregateError::MalformedGlobal)
+    ));
+}

@@ -45,6 +45,26 @@ pub struct Join {
     pub capabilities: Capabilities,
 }
 
+impl Join {
+    /// Checks a join against the identity the transport certified: the same protocol version
+    /// and the device id of the client certificate (a device cannot claim another's id).
+    pub fn check(&self, certified: DeviceId) -> Result<(), RejectReason> {
+        if self.protocol_version != crate::PROTOCOL_VERSION {
+            return Err(RejectReason::VersionMismatch {
+                ours: crate::PROTOCOL_VERSION,
+                theirs: self.protocol_version,
+            });
+        }
+        if self.device_id != certified {
+            return Err(RejectReason::IdentityMismatch {
+                claimed: self.device_id,
+                certified,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What a device tells the aggregator about itself; no speed is assumed beyond this.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Encode, Decode)]
 pub struct Capabilities {
@@ -212,4 +232,37 @@ pub enum ByeReason {
     ServerShutdown,
     /// Training is complete; no more rounds.
     Finished,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_check_names_version_and_identity_faults() {
+        let join = |v, id| Join {
+            protocol_version: v,
+            device_id: DeviceId(id),
+            capabilities: Capabilities {
+                ram_bytes: 1,
+                backend: "flex".into(),
+                bench_score: None,
+            },
+        };
+        assert_eq!(join(crate::PROTOCOL_VERSION, 4).check(DeviceId(4)), Ok(()));
+        assert_eq!(
+            join(crate::PROTOCOL_VERSION + 1, 4)
+                .check(DeviceId(4))
+                .unwrap_err()
+                .to_string(),
+            "protocol version mismatch: aggregator speaks 1, device sent 2"
+        );
+        assert_eq!(
+            join(crate::PROTOCOL_VERSION, 5)
+                .check(DeviceId(4))
+                .unwrap_err()
+                .to_string(),
+            "device id device-5 does not match the certificate's device-4"
+        );
+    }
 }
