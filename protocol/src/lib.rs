@@ -22,8 +22,8 @@ pub use codec::{
 };
 pub use ids::{DeviceId, RoundId, Timestamp};
 pub use message::{
-    Ack, Arm, Bye, ByeReason, Capabilities, GlobalSlice, Heartbeat, Join, Message, Reject,
-    RejectReason, RoundConfig, Update, UpdateStats, Welcome,
+    Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat, Join, Message,
+    Reject, RejectReason, RoundConfig, RoundFailed, Update, UpdateStats, Welcome,
 };
 pub use validate::{
     validate_adapter, validate_dims, validate_kept, validate_update, Factor, ValidationError,

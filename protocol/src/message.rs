@@ -17,6 +17,7 @@ pub enum Message {
     Reject(Reject),
     Heartbeat(Heartbeat),
     Bye(Bye),
+    RoundFailed(RoundFailed),
 }
 
 impl Message {
@@ -31,6 +32,7 @@ impl Message {
             Message::Reject(_) => "reject",
             Message::Heartbeat(_) => "heartbeat",
             Message::Bye(_) => "bye",
+            Message::RoundFailed(_) => "round_failed",
         }
     }
 }
@@ -208,6 +210,27 @@ pub enum RejectReason {
     Unexpected(String),
     #[error("the aggregator is shutting down")]
     ShuttingDown,
+}
+
+/// Device -> aggregator: the device could not run its local round (instead of an [`Update`]).
+/// The aggregator counts the round as failed for the device (reward 0); an
+/// [`FailReason::OutOfMemory`] also teaches the device's feasibility filter that the arm (and
+/// every costlier one) does not fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Encode, Decode)]
+pub struct RoundFailed {
+    pub round: RoundId,
+    pub reason: FailReason,
+}
+
+/// Why a device could not run its local round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Encode, Decode, thiserror::Error)]
+pub enum FailReason {
+    /// The round needed more memory than the device has.
+    #[error("out of memory: the round needs {needed_bytes} bytes, the device has {ram_bytes}")]
+    OutOfMemory { needed_bytes: u64, ram_bytes: u64 },
+    /// Any other local failure (bad configuration, a training error), in words.
+    #[error("local round failed: {0}")]
+    Error(String),
 }
 
 /// Device -> aggregator: still alive (and how far along the current round it is).

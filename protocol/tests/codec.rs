@@ -126,6 +126,17 @@ fn all_messages() -> Vec<Message> {
         Message::Bye(Bye {
             reason: ByeReason::Leaving,
         }),
+        Message::RoundFailed(RoundFailed {
+            round: RoundId(3),
+            reason: FailReason::OutOfMemory {
+                needed_bytes: 3 << 30,
+                ram_bytes: 2 << 30,
+            },
+        }),
+        Message::RoundFailed(RoundFailed {
+            round: RoundId(4),
+            reason: FailReason::Error("bad batch".into()),
+        }),
     ]
 }
 
@@ -223,7 +234,9 @@ fn invalid_frames_are_refused_with_clear_errors() {
     check_err(
         &frame_with_body(&[b'F', b'S', 1, 0, 200, 0, 0, 0]),
         1024,
-        expect!["invalid message body: UnexpectedVariant { type_name: \"Message\", allowed: Range { min: 0, max: 7 }, found: 200 }"],
+        expect![[
+            r#"invalid message body: UnexpectedVariant { type_name: "Message", allowed: Range { min: 0, max: 8 }, found: 200 }"#
+        ]],
     );
     // A valid message followed by junk inside the same frame.
     let mut body = encode_frame(&Message::Ack(Ack { round: RoundId(1) })).unwrap()[4..].to_vec();
