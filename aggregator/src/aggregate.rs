@@ -26,6 +26,8 @@
 //!   `w_k ∝ |B̃_k Ã_k|_F` (times the sample count when `weight_by_samples`), normalised over the
 //!   holders of each coordinate; each device later receives the truncation to its rank.
 //!   Streaming: running sums of size `max_rank x (in + out)` per layer, whatever the device count.
+//! - [`Method::Mean`]: the same zero-padded running sums with weights `w_k` = sample count
+//!   (or 1): FedAvg of the factors, the `fedlora` baseline.
 //! - [`Method::Exact`] (FlexLoRA-style): `dW = Σ w_k s_k B_k A_k` per layer in full coordinates
 //!   (`w_k` = sample count, or 1), normalised over holders, then a thin SVD (faer, `f64`)
 //!   re-factors it at `max_rank`: `B̃ = U_r sqrt(S_r)`, `Ã = sqrt(S_r) V_rᵀ`, the square root of
@@ -65,6 +67,9 @@ const NORM_FLOOR: f64 = 1e-30;
 pub enum Method {
     /// Zero-pad, norm-weighted average of the factors, truncation per device.
     HetLora,
+    /// Plain (FedAvg) average of the factors, weighted by sample count when configured: the
+    /// `fedlora` baseline. With equal ranks and no pruning it is FedAvg on `A` and `B`.
+    Mean,
     /// Weighted average of the weight deltas, re-factored by truncated SVD.
     Exact,
     /// Coordinate-wise median of the factors.
@@ -78,6 +83,7 @@ impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::HetLora => "hetlora",
+            Method::Mean => "mean",
             Method::Exact => "exact",
             Method::Median => "median",
             Method::TrimmedMean { .. } => "trimmed-mean",
@@ -577,7 +583,7 @@ impl Aggregation {
         }
         let n = dims.n_layers();
         let state = match config.method {
-            Method::HetLora => State::Mean((0..n).map(|_| None).collect()),
+            Method::HetLora | Method::Mean => State::Mean((0..n).map(|_| None).collect()),
             Method::Exact => State::Exact((0..n).map(|_| None).collect()),
             Method::Median | Method::TrimmedMean { .. } => State::Buffered(Vec::new()),
         };
@@ -636,6 +642,7 @@ impl Aggregation {
         let scale = contribution.adapter.scale();
         let dims = self.dims;
         let max_rank = self.config.max_rank as usize;
+        let plain_mean = self.config.method == Method::Mean;
         match &mut self.state {
             State::Mean(layers) => {
                 let mult = (scale * clip_factor).sqrt();
@@ -645,7 +652,11 @@ impl Aggregation {
                     .iter()
                     .zip(&check.layer_delta_norms)
                 {
-                    let weight = (norm * clip_factor + NORM_FLOOR) * sample_weight;
+                    let weight = if plain_mean {
+                        sample_weight
+                    } else {
+                        (norm * clip_factor + NORM_FLOOR) * sample_weight
+                    };
                     let (out_full, in_full) = dims.full_shape(layer.proj);
                     let acc =
                         layers[layer_slot(layer.block, layer.proj)].get_or_insert_with(|| {

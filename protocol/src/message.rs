@@ -210,6 +210,32 @@ pub enum RejectReason {
     Unexpected(String),
     #[error("the aggregator is shutting down")]
     ShuttingDown,
+    #[error("the aggregator cannot use this device: {0}")]
+    Unsupported(String),
+}
+
+impl RejectReason {
+    /// A short, stable name for counters and metrics (`stale_round`, `non_finite`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RejectReason::VersionMismatch { .. } => "version_mismatch",
+            RejectReason::UnknownDevice(_) => "unknown_device",
+            RejectReason::IdentityMismatch { .. } => "identity_mismatch",
+            RejectReason::AlreadyConnected(_) => "already_connected",
+            RejectReason::NotJoined => "not_joined",
+            RejectReason::NotSelected(_) => "not_selected",
+            RejectReason::StaleRound { .. } => "stale_round",
+            RejectReason::LateUpdate(_) => "late_update",
+            RejectReason::DuplicateUpdate(_) => "duplicate_update",
+            RejectReason::Malformed(_) => "malformed",
+            RejectReason::NonFinite => "non_finite",
+            RejectReason::NormTooLarge { .. } => "norm_too_large",
+            RejectReason::TooLarge { .. } => "too_large",
+            RejectReason::Unexpected(_) => "unexpected",
+            RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::Unsupported(_) => "unsupported",
+        }
+    }
 }
 
 /// Device -> aggregator: the device could not run its local round (instead of an [`Update`]).

@@ -1,0 +1,330 @@
+//! `CoordinatorConfig`: plain data (serde, TOML-loadable) for everything a run of the round
+//! coordinator decides with, and its validation.
+//!
+//! Every field has a default, so a TOML file names only what it changes:
+//!
+//! ```toml
+//! rounds = 3
+//! devices_per_round = 3
+//! min_devices = 3
+//! round_deadline_ms = 120000
+//! local_steps = 20
+//!
+//! [strategy]
+//! kind = "fedspine"          # fedspine | hetlora | fedlora | fixed-prune | ratio-bandit
+//!
+//! [aggregation]
+//! method = "exact"           # exact | hetlora | mean | median | trimmed-mean
+//!
+//! [arms]
+//! ratio_min = 0.0
+//! ratio_max = 0.3
+//! ranks = [4, 8]
+//!
+//! [policy]
+//! kind = "s-ucb"
+//! ```
+
+use bandit::{ArmSpace, FeasibilityConfig, PolicyConfig, RewardWeights};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{AggregateConfig, Method, SvdMode};
+use crate::coordinator::CoordinatorError;
+use crate::strategy::StrategyConfig;
+
+/// How updates are combined (the strategy may override the method: `hetlora` always uses
+/// HetLoRA averaging and `fedlora` plain averaging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AggregationMethod {
+    /// Weight-delta averaging re-factored by SVD (FlexLoRA-style).
+    Exact,
+    /// Zero-pad and norm-weighted factor averaging.
+    Hetlora,
+    /// Plain factor averaging (FedAvg on `A` and `B`).
+    Mean,
+    /// Coordinate-wise median of the factors.
+    Median,
+    /// Coordinate-wise trimmed mean of the factors (`trim_fraction` at each end).
+    TrimmedMean,
+}
+
+/// SVD used by the exact method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SvdChoice {
+    /// Exact thin SVD.
+    Full,
+    /// Randomised subspace iteration (`svd_oversample`, `svd_power_iters`).
+    Randomized,
+}
+
+/// Aggregation settings (see [`crate::aggregate`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregationConfig {
+    /// Default `exact`.
+    pub method: AggregationMethod,
+    /// For `trimmed-mean`. Default `0.1`.
+    pub trim_fraction: f64,
+    /// Scale an update down to this total delta norm. Default: no clipping.
+    pub clip_norm: Option<f64>,
+    /// Refuse an update with a layer whose `|s B A|_F` exceeds this. Default `1000`.
+    pub max_layer_delta_norm: f64,
+    /// Refuse an update with a factor whose Frobenius norm exceeds this. Default `10000`.
+    pub max_factor_norm: f64,
+    /// Weight each update by its sample count. Default `true`.
+    pub weight_by_samples: bool,
+    /// Default `randomized` (about 9x faster than `full` on SmolLM2 layers, exact when the
+    /// delta's rank is at most `max_rank + svd_oversample`).
+    pub svd: SvdChoice,
+    pub svd_oversample: u32,
+    pub svd_power_iters: u32,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        AggregationConfig {
+            method: AggregationMethod::Exact,
+            trim_fraction: 0.1,
+            clip_norm: None,
+            max_layer_delta_norm: 1.0e3,
+            max_factor_norm: 1.0e4,
+            weight_by_samples: true,
+            svd: SvdChoice::Randomized,
+            svd_oversample: 8,
+            svd_power_iters: 2,
+        }
+    }
+}
+
+impl AggregationConfig {
+    /// The aggregation math's config at `max_rank`, with `method` overriding the configured one.
+    pub fn to_aggregate_config(
+        &self,
+        method: Option<AggregationMethod>,
+        max_rank: u32,
+    ) -> AggregateConfig {
+        let method = match method.unwrap_or(self.method) {
+            AggregationMethod::Exact => Method::Exact,
+            AggregationMethod::Hetlora => Method::HetLora,
+            AggregationMethod::Mean => Method::Mean,
+            AggregationMethod::Median => Method::Median,
+            AggregationMethod::TrimmedMean => Method::TrimmedMean {
+                trim_fraction: self.trim_fraction,
+            },
+        };
+        let mut config = AggregateConfig::new(method, max_rank);
+        config.clip_norm = self.clip_norm;
+        config.max_layer_delta_norm = self.max_layer_delta_norm;
+        config.max_factor_norm = self.max_factor_norm;
+        config.weight_by_samples = self.weight_by_samples;
+        config.svd = match self.svd {
+            SvdChoice::Full => SvdMode::Full,
+            SvdChoice::Randomized => SvdMode::Randomized {
+                oversample: self.svd_oversample,
+                power_iters: self.svd_power_iters,
+            },
+        };
+        config
+    }
+}
+
+/// Everything the coordinator decides with. Plain data; see the module docs for a TOML
+/// example. [`CoordinatorConfig::validate`] runs in [`crate::coordinator::Coordinator::new`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Which strategy picks arms and aggregates. Default `fedspine`.
+    pub strategy: StrategyConfig,
+    /// Rounds to run; the coordinator says goodbye (`Bye(Finished)`) after the last one.
+    pub rounds: u64,
+    /// Devices whose updates a round aims for.
+    pub devices_per_round: usize,
+    /// Extra fraction selected on top of `devices_per_round` (0.2 selects 12 for 10), so that
+    /// stragglers and dropouts do not starve a round.
+    pub over_selection: f64,
+    /// Idle joined devices needed before a round starts. Default: `devices_per_round`.
+    pub min_devices: Option<usize>,
+    /// Fraction of the selected devices whose accepted updates a round needs at its deadline
+    /// to be aggregated; below it the round is abandoned. At least one update is always needed.
+    pub quorum_fraction: f64,
+    /// Close the round as soon as `devices_per_round` updates were accepted (the over-selected
+    /// rest then count as missed). Default `true`.
+    pub close_at_target: bool,
+    /// Time a device has for its round, counted from the round start; the round closes then.
+    pub round_deadline_ms: u64,
+    /// Pause between the close of a round and the start of the next.
+    pub round_interval_ms: u64,
+    pub local_steps: u32,
+    /// Prune toward the arm's ratio every this many local steps.
+    pub prune_interval_steps: u32,
+    pub learning_rate: f32,
+    pub batch_size: u32,
+    /// LoRA alpha of every adapter (scale = alpha / rank).
+    pub lora_alpha: f32,
+    /// Rank of the global adapter; every rank an arm may use must be at most this.
+    pub max_rank: u32,
+    /// How often devices send heartbeats while they work.
+    pub heartbeat_interval_ms: u64,
+    /// Seed of the coordinator's generator (selection, arms, round seeds, initial adapter).
+    pub seed: u64,
+    pub aggregation: AggregationConfig,
+    pub reward: RewardWeights,
+    /// The bandit of adaptive strategies. Default S-UCB.
+    pub policy: PolicyConfig,
+    /// Pruning ratios and LoRA ranks arms are drawn from.
+    pub arms: ArmSpace,
+    pub feasibility: FeasibilityConfig,
+    /// Send global adapter slices in half precision.
+    pub f16_downloads: bool,
+    /// Largest update frame accepted, in bytes.
+    pub max_update_bytes: u64,
+    /// Device ids allowed to join; empty admits every device with a valid certificate.
+    pub allowed_devices: Vec<u64>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            strategy: StrategyConfig::Fedspine,
+            rounds: 20,
+            devices_per_round: 10,
+            over_selection: 0.2,
+            min_devices: None,
+            quorum_fraction: 0.5,
+            close_at_target: true,
+            round_deadline_ms: 600_000,
+            round_interval_ms: 0,
+            local_steps: 40,
+            prune_interval_steps: 20,
+            learning_rate: 1e-3,
+            batch_size: 4,
+            lora_alpha: 32.0,
+            max_rank: 64,
+            heartbeat_interval_ms: 5_000,
+            seed: 0,
+            aggregation: AggregationConfig::default(),
+            reward: RewardWeights::default(),
+            policy: PolicyConfig::SUcb(Default::default()),
+            arms: ArmSpace::default(),
+            feasibility: FeasibilityConfig::default(),
+            f16_downloads: false,
+            max_update_bytes: protocol::DEFAULT_MAX_FRAME_BYTES as u64,
+            allowed_devices: Vec::new(),
+        }
+    }
+}
+
+fn invalid(what: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::InvalidConfig(what.into())
+}
+
+impl CoordinatorConfig {
+    /// Parses a TOML document (unknown keys are errors).
+    pub fn from_toml_str(text: &str) -> Result<CoordinatorConfig, CoordinatorError> {
+        let config: CoordinatorConfig =
+            toml::from_str(text).map_err(|e| invalid(format!("TOML: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Idle joined devices a round needs to start.
+    pub fn min_devices_to_start(&self) -> usize {
+        self.min_devices.unwrap_or(self.devices_per_round).max(1)
+    }
+
+    /// Devices selected per round when enough are idle: `ceil(devices_per_round * (1 +
+    /// over_selection))`.
+    pub fn selection_size(&self) -> usize {
+        ((self.devices_per_round as f64) * (1.0 + self.over_selection)).ceil() as usize
+    }
+
+    /// Checks ranges and cross-field constraints.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        if self.rounds == 0 {
+            return Err(invalid("rounds must be at least 1"));
+        }
+        if self.devices_per_round == 0 {
+            return Err(invalid("devices_per_round must be at least 1"));
+        }
+        if !(self.over_selection.is_finite() && (0.0..=10.0).contains(&self.over_selection)) {
+            return Err(invalid(format!(
+                "over_selection {} is outside [0, 10]",
+                self.over_selection
+            )));
+        }
+        if !(self.quorum_fraction > 0.0 && self.quorum_fraction <= 1.0) {
+            return Err(invalid(format!(
+                "quorum_fraction {} is outside (0, 1]",
+                self.quorum_fraction
+            )));
+        }
+        for (name, value) in [
+            ("round_deadline_ms", self.round_deadline_ms),
+            ("local_steps", self.local_steps as u64),
+            ("prune_interval_steps", self.prune_interval_steps as u64),
+            ("batch_size", self.batch_size as u64),
+            ("max_rank", self.max_rank as u64),
+            ("max_update_bytes", self.max_update_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("{name} must be positive")));
+            }
+        }
+        for (name, value) in [
+            ("learning_rate", self.learning_rate),
+            ("lora_alpha", self.lora_alpha),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(invalid(format!(
+                    "{name} {value} is not a positive finite number"
+                )));
+            }
+        }
+        self.arms
+            .validate()
+            .map_err(|e| invalid(format!("arms: {e}")))?;
+        if self.arms.ratio_max >= 1.0 {
+            return Err(invalid(format!(
+                "arms.ratio_max {} must be below 1 (a device cannot prune everything)",
+                self.arms.ratio_max
+            )));
+        }
+        self.reward
+            .validate()
+            .map_err(|e| invalid(format!("reward: {e}")))?;
+        self.feasibility
+            .validate()
+            .map_err(|e| invalid(format!("feasibility: {e}")))?;
+        self.policy
+            .build(&self.arms)
+            .map_err(|e| invalid(format!("policy: {e}")))?;
+        let agg = &self.aggregation;
+        if !(0.0..0.5).contains(&agg.trim_fraction) {
+            return Err(invalid(format!(
+                "aggregation.trim_fraction {} is outside [0, 0.5)",
+                agg.trim_fraction
+            )));
+        }
+        if let Some(c) = agg.clip_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid(format!(
+                    "aggregation.clip_norm {c} is not a positive finite number"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("max_layer_delta_norm", agg.max_layer_delta_norm),
+            ("max_factor_norm", agg.max_factor_norm),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(invalid(format!(
+                    "aggregation.{name} {value} is not a positive finite number"
+                )));
+            }
+        }
+        self.strategy.validate(self)?;
+        Ok(())
+    }
+}

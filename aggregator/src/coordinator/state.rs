@@ -1,0 +1,99 @@
+//! The coordinator's persistent state: what a checkpoint holds and `restore` resumes from.
+//!
+//! Everything learned lives here: the global adapter, one bandit per device (policy and
+//! feasibility filter), each device's last reported kept-index maps and sparsity, the round
+//! counter, the generator's exact position and the run's counters. Connections and an open
+//! round are not part of it: a restored coordinator has no device connected and starts the
+//! round after the last closed one when devices join again.
+//!
+//! Bandit states are stored as JSON text inside the state (the bandit crate's policies use
+//! internally tagged enums, which only self-describing formats can read back); JSON with
+//! `float_roundtrip` restores them bit-identically whatever the outer encoding.
+
+use protocol::{Capabilities, DeviceId, KeptIndices, ModelDims, RoundId};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::GlobalAdapter;
+use crate::coordinator::summary::Counters;
+use crate::strategy::DeviceBandit;
+
+/// Schema version of [`CoordinatorState`] in checkpoints; bump it on any change to the
+/// state's shape.
+pub const STATE_SCHEMA: u32 = 1;
+
+/// A registered device as the coordinator remembers it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    /// What the device said in its last join.
+    pub capabilities: Capabilities,
+    /// The device's bandit: its policy and what its feasibility filter learned.
+    #[serde(with = "json_text")]
+    pub bandit: DeviceBandit,
+    /// Kept-index maps of the device's last accepted update (`None`: unpruned so far).
+    pub kept: Option<KeptIndices>,
+    /// Sparsity of the device's last accepted update.
+    pub sparsity: f64,
+    pub rounds_selected: u64,
+    pub rounds_completed: u64,
+    pub rounds_failed: u64,
+    pub rounds_missed: u64,
+}
+
+/// Everything a restarted coordinator needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorState {
+    /// The model the run is for.
+    pub dims: ModelDims,
+    /// Strategy name of the run (a checkpoint is refused by another strategy).
+    pub strategy: String,
+    /// The last round that closed (0 before the first).
+    pub round: RoundId,
+    pub global: GlobalAdapter,
+    /// Registered devices by ascending id.
+    pub devices: Vec<DeviceRecord>,
+    /// The generator exactly where the run left it.
+    pub rng: ChaCha8Rng,
+    pub counters: Counters,
+}
+
+impl CoordinatorState {
+    /// SHA-256 (hex) of the devices' bandit states in JSON: equal digests mean equal learned
+    /// arm choices. Used to show which state a resumed run continues from.
+    pub fn bandit_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for d in &self.devices {
+            hasher.update(d.id.0.to_le_bytes());
+            // Serialising plain data to a string cannot fail.
+            let text = serde_json::to_string(&d.bandit).unwrap_or_default();
+            hasher.update((text.len() as u64).to_le_bytes());
+            hasher.update(text.as_bytes());
+        }
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Serde adapter: a value stored as its JSON text.
+mod json_text {
+    use serde::de::{DeserializeOwned, Error as _};
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(value).map_err(S::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
+    }
+}

@@ -1,0 +1,54 @@
+//! `fedlora`: no pruning, every device at one LoRA rank, factors averaged (FedAvg on `A` and
+//! `B`).
+
+use protocol::Capabilities;
+use serde::{Deserialize, Serialize};
+
+use super::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
+use crate::aggregate::AggregateConfig;
+use crate::coordinator::{AggregationMethod, CoordinatorError};
+
+/// Parameters of `fedlora`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FedLoraConfig {
+    /// Default 16.
+    pub rank: u32,
+}
+
+impl Default for FedLoraConfig {
+    fn default() -> Self {
+        FedLoraConfig { rank: 16 }
+    }
+}
+
+/// The plain federated LoRA baseline.
+#[derive(Clone, Debug)]
+pub struct FedLora {
+    common: Common,
+    config: FedLoraConfig,
+}
+
+impl FedLora {
+    pub fn new(common: Common, config: FedLoraConfig) -> Result<FedLora, CoordinatorError> {
+        common.check_space(&fixed_space(0.0, config.rank).0)?;
+        Ok(FedLora { common, config })
+    }
+}
+
+impl Strategy for FedLora {
+    fn name(&self) -> &'static str {
+        "fedlora"
+    }
+
+    fn bandit_for(&self, _capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError> {
+        let (space, policy) = fixed_space(0.0, self.config.rank);
+        self.common.bandit(&policy, &space)
+    }
+
+    fn aggregate_config(&self) -> AggregateConfig {
+        self.common
+            .aggregation
+            .to_aggregate_config(Some(AggregationMethod::Mean), self.common.max_rank)
+    }
+}

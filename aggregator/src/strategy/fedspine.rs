@@ -1,0 +1,43 @@
+//! `fedspine`: every device has its own bandit (S-UCB by default) over the whole (pruning
+//! ratio, LoRA rank) space; devices prune iteratively toward the chosen ratio while they tune.
+
+use bandit::ArmSpace;
+use protocol::Capabilities;
+
+use super::{Common, DeviceBandit, Strategy, StrategyError};
+use crate::aggregate::AggregateConfig;
+use crate::coordinator::CoordinatorError;
+
+/// The paper's strategy.
+#[derive(Clone, Debug)]
+pub struct FedSpine {
+    common: Common,
+}
+
+impl FedSpine {
+    pub fn new(common: Common) -> Result<FedSpine, CoordinatorError> {
+        common.check_space(&common.arms)?;
+        Ok(FedSpine { common })
+    }
+
+    /// The arm space every device's bandit explores.
+    pub fn space(&self) -> &ArmSpace {
+        &self.common.arms
+    }
+}
+
+impl Strategy for FedSpine {
+    fn name(&self) -> &'static str {
+        "fedspine"
+    }
+
+    fn bandit_for(&self, _capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError> {
+        self.common.bandit(&self.common.policy, &self.common.arms)
+    }
+
+    fn aggregate_config(&self) -> AggregateConfig {
+        self.common
+            .aggregation
+            .to_aggregate_config(None, self.common.max_rank)
+    }
+}

@@ -1,0 +1,123 @@
+//! `hetlora`: no pruning; each device trains at a rank bounded by its RAM tier (HetLoRA's
+//! capability-based ranks), chosen among the allowed ranks by its bandit, and updates are
+//! combined by HetLoRA's zero-pad, norm-weighted averaging.
+
+use bandit::ArmSpace;
+use protocol::Capabilities;
+use serde::{Deserialize, Serialize};
+
+use super::{Common, DeviceBandit, Strategy, StrategyError};
+use crate::aggregate::AggregateConfig;
+use crate::coordinator::{AggregationMethod, CoordinatorError};
+
+/// Devices with at least `min_ram_bytes` may use ranks up to `max_rank`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankTier {
+    pub min_ram_bytes: u64,
+    pub max_rank: u32,
+}
+
+/// Parameters of `hetlora`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HetLoraConfig {
+    /// RAM tiers; a device gets the tier with the largest `min_ram_bytes` it reaches, and a
+    /// device below every tier gets the smallest allowed rank. Default: under 2 GiB rank 4,
+    /// 2 GiB rank 8, 4 GiB rank 16, 8 GiB rank 32, 16 GiB rank 64.
+    pub rank_tiers: Vec<RankTier>,
+}
+
+impl Default for HetLoraConfig {
+    fn default() -> Self {
+        let gib = 1u64 << 30;
+        HetLoraConfig {
+            rank_tiers: vec![
+                RankTier {
+                    min_ram_bytes: 0,
+                    max_rank: 4,
+                },
+                RankTier {
+                    min_ram_bytes: 2 * gib,
+                    max_rank: 8,
+                },
+                RankTier {
+                    min_ram_bytes: 4 * gib,
+                    max_rank: 16,
+                },
+                RankTier {
+                    min_ram_bytes: 8 * gib,
+                    max_rank: 32,
+                },
+                RankTier {
+                    min_ram_bytes: 16 * gib,
+                    max_rank: 64,
+                },
+            ],
+        }
+    }
+}
+
+impl HetLoraConfig {
+    /// The largest rank a device with `ram_bytes` may use.
+    pub fn rank_cap(&self, ram_bytes: u64) -> Option<u32> {
+        self.rank_tiers
+            .iter()
+            .filter(|t| t.min_ram_bytes <= ram_bytes)
+            .max_by_key(|t| t.min_ram_bytes)
+            .map(|t| t.max_rank)
+    }
+}
+
+/// Heterogeneous ranks, no pruning.
+#[derive(Clone, Debug)]
+pub struct HetLora {
+    common: Common,
+    config: HetLoraConfig,
+}
+
+impl HetLora {
+    pub fn new(common: Common, config: HetLoraConfig) -> Result<HetLora, CoordinatorError> {
+        let space = ArmSpace {
+            ratio_min: 0.0,
+            ratio_max: 0.0,
+            ranks: common.arms.ranks.clone(),
+        };
+        common.check_space(&space)?;
+        Ok(HetLora { common, config })
+    }
+
+    /// The ranks a device with `ram_bytes` may use (at least the smallest configured one).
+    pub fn ranks_for(&self, ram_bytes: u64) -> Vec<u32> {
+        let all = &self.common.arms.ranks;
+        let cap = self.config.rank_cap(ram_bytes).unwrap_or(0);
+        let allowed: Vec<u32> = all.iter().copied().filter(|&r| r <= cap).collect();
+        if allowed.is_empty() {
+            all.iter().copied().take(1).collect()
+        } else {
+            allowed
+        }
+    }
+}
+
+impl Strategy for HetLora {
+    fn name(&self) -> &'static str {
+        "hetlora"
+    }
+
+    fn bandit_for(&self, capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError> {
+        let space = ArmSpace::new(0.0, 0.0, self.ranks_for(capabilities.ram_bytes))?;
+        // A fixed policy would insist on its configured rank; let it pick the space's median.
+        let policy = match &self.common.policy {
+            bandit::PolicyConfig::Fixed(_) => bandit::PolicyConfig::Fixed(Default::default()),
+            other => other.clone(),
+        };
+        self.common.bandit(&policy, &space)
+    }
+
+    fn aggregate_config(&self) -> AggregateConfig {
+        self.common
+            .aggregation
+            .to_aggregate_config(Some(AggregationMethod::Hetlora), self.common.max_rank)
+    }
+}
