@@ -154,12 +154,24 @@ fn ndarray_device() -> Result<Device, BackendError> {
 
 #[cfg(feature = "wgpu")]
 fn gpu_device(kind: BackendKind) -> Result<Device, BackendError> {
-    gpu::device(kind)
+    gpu::device(kind).map(|(device, _)| device)
 }
 
 #[cfg(not(feature = "wgpu"))]
 fn gpu_device(_kind: BackendKind) -> Result<Device, BackendError> {
     unreachable!("BackendKind::device checks is_compiled first")
+}
+
+impl BackendKind {
+    /// The adapter a GPU backend runs on, once [`BackendKind::device`] has started it; `None` for
+    /// CPU backends and for GPU backends not started (or that could not start).
+    pub fn adapter(self) -> Option<AdapterSummary> {
+        #[cfg(feature = "wgpu")]
+        if self.is_gpu() && self.is_compiled() {
+            return gpu::started(self);
+        }
+        None
+    }
 }
 
 /// What we know about a GPU adapter, in plain data (no wgpu types), so the admission policy can
@@ -191,9 +203,12 @@ impl AdapterSummary {
         let name = self.name.to_ascii_lowercase();
         let driver = self.driver.to_ascii_lowercase();
         self.reported_cpu
-            || SOFTWARE
-                .iter()
-                .any(|s| name.contains(s) || driver.split(|c: char| !c.is_alphanumeric()).any(|w| w == *s))
+            || SOFTWARE.iter().any(|s| {
+                name.contains(s)
+                    || driver
+                        .split(|c: char| !c.is_alphanumeric())
+                        .any(|w| w == *s)
+            })
     }
 }
 
@@ -246,10 +261,14 @@ mod gpu {
     /// adapter selector can be initialised only once, and a second attempt after a failure would
     /// only fail the same way. The lock also keeps two threads from creating graphics instances
     /// at once, which the Vulkan loader does not survive.
-    static STARTED: Mutex<Vec<(BackendKind, Result<Device, String>)>> = Mutex::new(Vec::new());
+    static STARTED: Mutex<Vec<(BackendKind, Outcome)>> = Mutex::new(Vec::new());
 
-    pub(super) fn device(kind: BackendKind) -> Result<Device, BackendError> {
-        let mut started = STARTED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    type Outcome = Result<(Device, AdapterSummary), String>;
+
+    pub(super) fn device(kind: BackendKind) -> Result<(Device, AdapterSummary), BackendError> {
+        let mut started = STARTED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let outcome = match started.iter().find(|(k, _)| *k == kind) {
             Some((_, outcome)) => outcome.clone(),
             None => {
@@ -259,6 +278,17 @@ mod gpu {
             }
         };
         outcome.map_err(|why| BackendError::Unavailable { backend: kind, why })
+    }
+
+    pub(super) fn started(kind: BackendKind) -> Option<AdapterSummary> {
+        let started = STARTED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        started
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, outcome)| outcome.as_ref().ok())
+            .map(|(_, adapter)| adapter.clone())
     }
 
     /// The graphics API a backend asks wgpu for.
@@ -273,7 +303,9 @@ mod gpu {
     /// What a backend needs from the machine, for messages.
     fn needs(kind: BackendKind) -> &'static str {
         match kind {
-            BackendKind::Vulkan => "a GPU with a Vulkan driver and the Vulkan loader (libvulkan.so.1)",
+            BackendKind::Vulkan => {
+                "a GPU with a Vulkan driver and the Vulkan loader (libvulkan.so.1)"
+            }
             BackendKind::Metal => "a Metal GPU (macOS or iOS)",
             _ => {
                 "a GPU reachable through Vulkan (driver plus the Vulkan loader, libvulkan.so.1), \
@@ -282,11 +314,13 @@ mod gpu {
         }
     }
 
-    fn start(kind: BackendKind) -> Result<Device, String> {
+    fn start(kind: BackendKind) -> Outcome {
         // burn's `init_with_setup` reports a missing adapter as an error; the unwind guard is for
         // panics further down (wgpu, the driver's own checks), which must not escape as a crash.
         let attempt = catch_unwind(AssertUnwindSafe(|| {
-            Device::wgpu_options().graphics_api(api(kind)).init_with_setup()
+            Device::wgpu_options()
+                .graphics_api(api(kind))
+                .init_with_setup()
         }));
         let (device, setup) = match attempt {
             Ok(Ok(started)) => started,
@@ -319,7 +353,7 @@ mod gpu {
             software = summary.is_software(),
             "GPU backend started"
         );
-        Ok(device)
+        Ok((device, summary))
     }
 
     fn describe_init_error(kind: BackendKind, err: &WgpuInitError) -> String {
