@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod checkpoint;
 pub mod coordinator;
 pub mod pki;
+pub mod server;
 pub mod strategy;
 pub mod transport;
 

@@ -362,6 +362,12 @@ impl FramedStream {
         Ok(self.send.finish()?)
     }
 
+    /// The two halves, for a driver that reads and writes concurrently (use [`send_frame`]
+    /// and [`recv_frame`] on them).
+    pub fn into_parts(self) -> (SendStream, RecvStream) {
+        (self.send, self.recv)
+    }
+
     /// Frame bytes sent so far.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent

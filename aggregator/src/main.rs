@@ -1,0 +1,186 @@
+//! The `aggregator` command line: manage the private CA (`ca init`, `ca issue-device`,
+//! `ca issue-server`) and run the federated server (`serve`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aggregator::{pki, server, transport};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use protocol::DeviceId;
+
+#[derive(Parser)]
+#[command(
+    name = "aggregator",
+    version,
+    about = "FedSpine aggregator: private CA and the federated prune-and-tune server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificate authority for mutual TLS.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run rounds with the devices that connect, until the configured rounds are done.
+    Serve(ServeArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new CA (refuses to replace an existing one).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue device certificates (`device-<id>.pem` and its key).
+    IssueDevice {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Device id; repeat for several devices.
+        #[arg(long = "id", required = true)]
+        ids: Vec<u64>,
+    },
+    /// Issue the aggregator's certificate for the names devices dial.
+    IssueServer {
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address; repeat for several.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Run configuration (TOML): coordinator settings and the `model`.
+    #[arg(long)]
+    config: PathBuf,
+    /// PKI directory with ca.pem, server.pem and server.key.pem.
+    #[arg(long)]
+    pki: PathBuf,
+    /// UDP address to listen on.
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    listen: SocketAddr,
+    /// Directory of the checkpoint written at every round end.
+    #[arg(long)]
+    state: PathBuf,
+    /// Continue the run saved in --state (refuses a corrupt or incompatible checkpoint).
+    #[arg(long)]
+    resume: bool,
+    /// Per-round metrics, one JSON object per line (appended).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Largest number of simultaneous connections.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds to wait for devices to leave after the last round.
+    #[arg(long, default_value_t = 5)]
+    finish_grace_s: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Ca(ca) => run_ca(ca),
+        Command::Serve(args) => run_serve(args),
+    }
+}
+
+fn run_ca(cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Init { dir } => {
+            let paths = pki::init_ca(&dir).context("creating the CA")?;
+            println!("CA certificate {}", paths.cert.display());
+        }
+        CaCommand::IssueDevice { dir, ids } => {
+            for id in ids {
+                let paths = pki::issue_device(&dir, DeviceId(id))
+                    .with_context(|| format!("issuing the certificate of device {id}"))?;
+                println!("device {id}: {}", paths.cert.display());
+            }
+        }
+        CaCommand::IssueServer { dir, names } => {
+            let paths =
+                pki::issue_server(&dir, &names).context("issuing the server certificate")?;
+            println!("server certificate {}", paths.cert.display());
+        }
+    }
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    transport::install_crypto_provider();
+    let (config, dims) = server::load_serve_config(&args.config)?;
+    let mut opts = server::ServeOptions::new(args.listen, args.pki.clone(), args.state.clone());
+    opts.metrics = args.metrics.clone();
+    opts.max_connections = args.max_connections.max(1);
+    opts.finish_grace = Duration::from_secs(args.finish_grace_s);
+    let rounds = config.rounds;
+    let coordinator = server::prepare(config, dims, &opts, args.resume)?;
+    if args.resume {
+        let state = coordinator.state();
+        tracing::info!(
+            round = state.round.0,
+            bandit_digest = %state.bandit_digest(),
+            path = %opts.checkpoint_path().display(),
+            "resumed"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(server::serve(
+        coordinator,
+        &opts,
+        args.resume,
+        |addr| {
+            // Scripts and tests read the bound address from the first line of stdout.
+            println!("listening on {addr}");
+        },
+        shutdown_signal(),
+    ))?;
+    if outcome.finished {
+        println!("finished: {} of {rounds} rounds", outcome.round.0);
+    } else {
+        println!(
+            "stopped after round {} of {rounds}; continue with --resume",
+            outcome.round.0
+        );
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C (or SIGTERM on Unix).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,260 @@
+//! The server driver in-process over loopback QUIC with mutual TLS: scripted devices that answer
+//! with hand-made updates run a whole fedspine run; an interrupted run says goodbye, keeps its
+//! last round-end checkpoint and resumes from it; a new run refuses to replace a checkpoint.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use aggregator::server::{self, ServeOptions, ServerError};
+use aggregator::{pki, transport, Coordinator, CoordinatorConfig};
+use protocol::*;
+use tokio::sync::oneshot;
+
+fn dims() -> ModelDims {
+    ModelDims {
+        n_blocks: 2,
+        d_model: 8,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        ffn: 12,
+    }
+}
+
+fn config(rounds: u64) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig {
+        rounds,
+        devices_per_round: 3,
+        over_selection: 0.0,
+        round_deadline_ms: 20_000,
+        max_rank: 8,
+        seed: 3,
+        ..CoordinatorConfig::default()
+    };
+    c.arms.ranks = vec![2, 4, 8];
+    c.arms.ratio_max = 0.3;
+    c
+}
+
+fn pki_dir(dir: &Path, devices: &[u64]) {
+    pki::init_ca(dir).unwrap();
+    pki::issue_server(dir, &["localhost".into()]).unwrap();
+    for &d in devices {
+        pki::issue_device(dir, DeviceId(d)).unwrap();
+    }
+}
+
+/// A scripted device: joins, answers every round configuration with its slice plus a small
+/// shift of `B`, and returns the goodbye reason and the rounds it answered.
+async fn device(pki: &Path, id: u64, addr: SocketAddr) -> (Option<ByeReason>, Vec<u64>) {
+    let config = transport::load_client_config(pki, DeviceId(id)).unwrap();
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let mut conn = transport::connect(&endpoint, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    conn.stream
+        .send(&Message::Join(Join {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: DeviceId(id),
+            capabilities: Capabilities {
+                ram_bytes: 4 << 30,
+                backend: "scripted".into(),
+                bench_score: None,
+            },
+        }))
+        .await
+        .unwrap();
+    let mut answered = Vec::new();
+    loop {
+        match conn.stream.recv().await {
+            Ok(Some(Message::RoundConfig(rc))) => {
+                let slice = rc.global.unwrap();
+                let mut adapter = slice.adapter.to_f32();
+                for layer in &mut adapter.layers {
+                    if let Buffer::F32(b) = &mut layer.b.data {
+                        for (i, x) in b.iter_mut().enumerate() {
+                            *x += 0.01 * ((i as u64 + id) % 3) as f32;
+                        }
+                    }
+                }
+                let update = Update {
+                    round: rc.round,
+                    adapter,
+                    kept: slice.kept,
+                    stats: UpdateStats {
+                        loss_pre: 3.0,
+                        loss_post: 2.0,
+                        sparsity: 0.0,
+                        param_count: 100,
+                        compute_ms: 5,
+                        bytes_down: 100,
+                        bytes_up: 100,
+                        peak_mem_bytes: 1 << 20,
+                        samples: 8,
+                        steps: rc.local_steps,
+                    },
+                };
+                answered.push(rc.round.0);
+                conn.stream.send(&Message::Update(update)).await.unwrap();
+            }
+            Ok(Some(Message::Bye(bye))) => return (Some(bye.reason), answered),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return (None, answered),
+        }
+    }
+}
+
+fn options(dir: &Path) -> ServeOptions {
+    let mut opts = ServeOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.join("pki"),
+        dir.join("state"),
+    );
+    opts.metrics = Some(dir.join("metrics.jsonl"));
+    opts.progress = false;
+    opts.finish_grace = Duration::from_secs(2);
+    opts
+}
+
+fn metrics_events(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_completes_and_a_new_run_refuses_to_replace_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    pki_dir(&pki, &[1, 2, 3]);
+    let opts = options(dir.path());
+    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let server_opts = opts.clone();
+    let server = tokio::spawn(async move {
+        server::serve(
+            coord,
+            &server_opts,
+            false,
+            |a| addr_tx.send(a).unwrap(),
+            std::future::pending(),
+        )
+        .await
+    });
+    let addr = addr_rx.await.unwrap();
+    let devices: Vec<_> = (1..=3)
+        .map(|id| {
+            tokio::spawn({
+                let pki = pki.clone();
+                async move { device(&pki, id, addr).await }
+            })
+        })
+        .collect();
+    for d in devices {
+        let (bye, answered) = tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bye, Some(ByeReason::Finished));
+        assert_eq!(answered, vec![1, 2]);
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(outcome.finished);
+    assert_eq!(outcome.round, RoundId(2));
+    assert_eq!(outcome.counters.updates_accepted, 6);
+
+    let events = metrics_events(dir.path());
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["start", "round", "round"]);
+    assert_eq!(events[2]["round"], 2);
+    assert_eq!(events[2]["participants"].as_array().unwrap().len(), 3);
+
+    let err = server::prepare(config(2), dims(), &opts, false).unwrap_err();
+    assert!(matches!(err, ServerError::CheckpointExists { .. }), "{err}");
+    // Another model's checkpoint is refused with the file named.
+    let mut other = dims();
+    other.ffn = 16;
+    let err = server::prepare(config(3), other, &opts, true).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("coordinator.ckpt cannot be resumed"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_says_goodbye_and_resumes_from_its_last_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    pki_dir(&pki, &[1, 2, 3]);
+    let opts = options(dir.path());
+    let mut c = config(3);
+    c.round_interval_ms = 60_000;
+    let coord = server::prepare(c.clone(), dims(), &opts, false).unwrap();
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server_opts = opts.clone();
+    let server = tokio::spawn(async move {
+        server::serve(
+            coord,
+            &server_opts,
+            false,
+            |a| addr_tx.send(a).unwrap(),
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let addr = addr_rx.await.unwrap();
+    let devices: Vec<_> = (1..=3)
+        .map(|id| {
+            tokio::spawn({
+                let pki = pki.clone();
+                async move { device(&pki, id, addr).await }
+            })
+        })
+        .collect();
+    // Round 1 closes; round 2 waits a minute; interrupt in between.
+    let metrics = dir.path().join("metrics.jsonl");
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .contains("\"event\":\"round\"")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    stop_tx.send(()).unwrap();
+    for d in devices {
+        let (bye, answered) = d.await.unwrap();
+        assert_eq!(bye, Some(ByeReason::ServerShutdown));
+        assert_eq!(answered, vec![1]);
+    }
+    let outcome = server.await.unwrap().unwrap();
+    assert!(!outcome.finished);
+    assert_eq!(outcome.round, RoundId(1));
+
+    let saved: aggregator::CoordinatorState = aggregator::checkpoint::read(
+        &opts.checkpoint_path(),
+        aggregator::coordinator::STATE_SCHEMA,
+    )
+    .unwrap();
+    assert_eq!(saved.round, RoundId(1));
+    let resumed = server::prepare(c, dims(), &opts, true).unwrap();
+    assert_eq!(resumed.round(), RoundId(1));
+    assert_eq!(resumed.state().bandit_digest(), saved.bandit_digest());
+    let _: &Coordinator = &resumed;
+}
