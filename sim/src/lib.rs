@@ -1,1 +1,41 @@
-//! placeholder
+//! FedSpine simulator: one round coordinator and many device sessions in one process, on a
+//! virtual clock, with real training of the real model on real, non-IID data (or, for policy
+//! tuning at scale, a fitted surrogate). Only time is simulated: compute time comes from each
+//! local step's FLOPs at the device's current pruned shape and its profile's throughput,
+//! transfer time from the encoded message size, link rate and round trip.
+//!
+//! - [`driver`]: the discrete-event loop over the coordinator and sessions.
+//! - [`profile`]: device profiles and fleets (data files in `sim/profiles/`).
+//! - [`timing`]: the time model (compute, transfer, memory, inference latency).
+//! - [`partition`], [`data`]: non-IID splits (SOTU by president or era, spam by Dirichlet label
+//!   skew) and per-device local data.
+//! - [`trainer`], [`surrogate`]: real local rounds (`run_job` on one shared base model) or the
+//!   fitted loss-response model.
+//! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
+//! - [`report`], [`svg`]: per-round JSONL, summaries, tables and charts.
+//!
+//! Architecture invariant: the simulator only drives the coordinator and the sessions; rounds,
+//! arms, aggregation and rewards are theirs. No wall clock, no unseeded randomness: the same
+//! seed gives byte-identical reports.
+
+pub mod config;
+pub mod data;
+pub mod driver;
+pub mod error;
+pub mod experiment;
+pub mod partition;
+pub mod profile;
+pub mod progress;
+pub mod queue;
+pub mod report;
+pub mod sampling;
+pub mod surrogate;
+pub mod svg;
+pub mod timing;
+pub mod trainer;
+
+pub use config::{ExperimentConfig, Mode};
+pub use driver::{Observer, Quiet, Simulation};
+pub use error::SimError;
+pub use experiment::{compare, run, Resources};
+pub use report::{Report, Summary};

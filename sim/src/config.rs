@@ -1,0 +1,403 @@
+//! Experiment configuration (TOML) and the built-in presets.
+//!
+//! An experiment names a strategy, a fleet, a model, a workload, how and when to evaluate,
+//! and the coordinator's own config (the same `CoordinatorConfig` the real aggregator reads,
+//! under `[coordinator]`). Every field has a default, so a file names only what it changes:
+//!
+//! ```toml
+//! name = "my-run"
+//! strategy = "fedspine"      # fedspine | hetlora | fedlora | fixed-prune | ratio-bandit
+//! seed = 7
+//! mode = "real"              # real | surrogate
+//!
+//! [fleet]
+//! preset = "paper"           # paper | mixed, or list groups:
+//! # groups = [{ profile = "jetson-tx2", count = 10 }, { profile = "my-board.toml", count = 5 }]
+//!
+//! [workload]
+//! kind = "sotu"
+//!
+//! [coordinator]
+//! rounds = 20
+//! devices_per_round = 4
+//!
+//! [strategies.fixed-prune]   # parameters of a strategy when it runs
+//! prune_ratio = 0.3
+//! rank = 8
+//! ```
+//!
+//! Presets (`default`, `full`, `surrogate`, `tiny`) are such files in `sim/configs/`, compiled
+//! in; `sim run` without arguments runs `default`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use aggregator::coordinator::CoordinatorConfig;
+use aggregator::strategy::StrategyConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::data::WorkloadConfig;
+use crate::error::SimError;
+use crate::profile::{FleetGroup, FleetSpec};
+
+/// Real training on the model, or the fitted surrogate (no model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Real,
+    Surrogate,
+}
+
+/// Which devices make up the fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A built-in fleet (`paper`, `mixed`); ignored when `groups` is not empty.
+    pub preset: String,
+    pub groups: Vec<FleetGroup>,
+    /// Scale the fleet to this many devices, keeping the groups' proportions (0 = as given).
+    pub devices: usize,
+    /// Devices come online at a uniform random time within this many seconds of the start.
+    pub connect_spread_s: f64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            preset: "paper".into(),
+            groups: Vec::new(),
+            devices: 0,
+            connect_spread_s: 10.0,
+        }
+    }
+}
+
+impl FleetConfig {
+    pub fn spec(&self) -> Result<FleetSpec, SimError> {
+        let spec = if self.groups.is_empty() {
+            FleetSpec::named(&self.preset).ok_or_else(|| {
+                SimError::Config(format!(
+                    "unknown fleet preset '{}' (paper, mixed; or give groups)",
+                    self.preset
+                ))
+            })?
+        } else {
+            FleetSpec {
+                groups: self.groups.clone(),
+            }
+        };
+        Ok(if self.devices > 0 {
+            spec.scaled_to(self.devices)
+        } else {
+            spec
+        })
+    }
+}
+
+/// The model the devices train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ModelChoice {
+    /// SmolLM2-135M-Instruct from the asset cache.
+    Default,
+    /// A GGUF file or HF checkpoint directory.
+    Path { path: PathBuf },
+    /// A random tiny LLaMA (tests, smoke runs); pairs with the synthetic workload.
+    Tiny(TinyModel),
+}
+
+impl Default for ModelChoice {
+    fn default() -> Self {
+        ModelChoice::Default
+    }
+}
+
+/// Shape of a random tiny model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TinyModel {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub seed: u64,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        TinyModel {
+            vocab: 48,
+            d_model: 32,
+            layers: 3,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            ffn: 64,
+            seed: 1,
+        }
+    }
+}
+
+/// Which metric the time-to-target column uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetMetric {
+    /// Next-token accuracy (LM) or label accuracy (classification); higher is better.
+    Accuracy,
+    /// Held-out perplexity (LM); lower is better.
+    Perplexity,
+}
+
+/// Evaluation of the global adapter on devices' held-out data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate the panel after every this many rounds (and after the last one).
+    pub every_rounds: u64,
+    /// Devices in the panel (chosen once, stratified by class; 0 = every device).
+    pub panel_devices: usize,
+    /// Devices whose final model is evaluated at the end (0 = every device).
+    pub final_devices: usize,
+    pub target_metric: TargetMetric,
+    /// Time to target is the virtual time of the first panel evaluation at or past this.
+    pub target_value: f64,
+    /// Prompt length for the inference-latency column.
+    pub latency_prompt_tokens: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every_rounds: 2,
+            panel_devices: 6,
+            final_devices: 24,
+            target_metric: TargetMetric::Accuracy,
+            target_value: 0.4,
+            latency_prompt_tokens: 128,
+        }
+    }
+}
+
+/// Surrogate-mode settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SurrogateConfig {
+    /// Parameters file written by `sim fit-surrogate`; empty = the built-in fit.
+    pub params: String,
+}
+
+impl Default for SurrogateConfig {
+    fn default() -> Self {
+        SurrogateConfig {
+            params: String::new(),
+        }
+    }
+}
+
+/// A whole experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentConfig {
+    pub name: String,
+    /// Strategy to run (overrides `coordinator.strategy`), with parameters from `strategies`.
+    pub strategy: String,
+    pub seed: u64,
+    pub mode: Mode,
+    /// Where reports go (a folder per strategy inside it).
+    pub output_dir: PathBuf,
+    /// Stop after this much virtual time even if rounds remain.
+    pub max_virtual_hours: f64,
+    pub fleet: FleetConfig,
+    pub model: ModelChoice,
+    pub workload: WorkloadConfig,
+    pub eval: EvalConfig,
+    pub surrogate: SurrogateConfig,
+    pub coordinator: CoordinatorConfig,
+    /// Per-strategy parameters, e.g. `[strategies.fixed-prune] prune_ratio = 0.3`.
+    pub strategies: BTreeMap<String, toml::Table>,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        ExperimentConfig {
+            name: "experiment".into(),
+            strategy: "fedspine".into(),
+            seed: 7,
+            mode: Mode::Real,
+            output_dir: PathBuf::from("runs/experiment"),
+            max_virtual_hours: 1000.0,
+            fleet: FleetConfig::default(),
+            model: ModelChoice::default(),
+            workload: WorkloadConfig::default(),
+            eval: EvalConfig::default(),
+            surrogate: SurrogateConfig::default(),
+            coordinator: CoordinatorConfig::default(),
+            strategies: BTreeMap::new(),
+        }
+    }
+}
+
+/// The built-in presets: (name, TOML text).
+pub const PRESETS: [(&str, &str); 4] = [
+    ("default", include_str!("../configs/default.toml")),
+    ("full", include_str!("../configs/full.toml")),
+    ("surrogate", include_str!("../configs/surrogate.toml")),
+    ("tiny", include_str!("../configs/tiny.toml")),
+];
+
+/// The strategy names `sim compare` accepts.
+pub const STRATEGIES: [&str; 5] = [
+    "fedspine",
+    "hetlora",
+    "fedlora",
+    "fixed-prune",
+    "ratio-bandit",
+];
+
+impl ExperimentConfig {
+    /// Parse and check a config; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, SimError> {
+        let mut c: ExperimentConfig =
+            toml::from_str(text).map_err(|e| SimError::Config(format!("{origin}: {e}")))?;
+        c.apply_strategy()?;
+        c.validate()
+            .map_err(|e| SimError::Config(format!("{origin}: {e}")))?;
+        Ok(c)
+    }
+
+    /// A built-in preset.
+    pub fn preset(name: &str) -> Result<Self, SimError> {
+        let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            SimError::Config(format!(
+                "unknown preset '{name}' (built-in: {})",
+                names.join(", ")
+            ))
+        })?;
+        Self::from_toml(text, &format!("preset {name}"))
+    }
+
+    /// A config file.
+    pub fn load(path: &Path) -> Result<Self, SimError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SimError::io(path, e))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Switch to strategy `name` (with its `[strategies.NAME]` parameters).
+    pub fn with_strategy(&self, name: &str) -> Result<Self, SimError> {
+        let mut c = self.clone();
+        c.strategy = name.to_string();
+        c.apply_strategy()?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Build `coordinator.strategy` from `strategy` and its parameter table; copy the seed.
+    fn apply_strategy(&mut self) -> Result<(), SimError> {
+        if !STRATEGIES.contains(&self.strategy.as_str()) {
+            return Err(SimError::Config(format!(
+                "unknown strategy '{}' (one of {})",
+                self.strategy,
+                STRATEGIES.join(", ")
+            )));
+        }
+        let mut table = self
+            .strategies
+            .get(&self.strategy)
+            .cloned()
+            .unwrap_or_default();
+        table.insert("kind".into(), toml::Value::String(self.strategy.clone()));
+        let sc: StrategyConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| SimError::Config(format!("strategies.{}: {e}", self.strategy)))?;
+        self.coordinator.strategy = sc;
+        self.coordinator.seed = self.seed;
+        Ok(())
+    }
+
+    /// Cross-field checks the parts cannot do alone.
+    pub fn validate(&self) -> Result<(), SimError> {
+        self.coordinator
+            .validate()
+            .map_err(|e| SimError::Config(e.to_string()))?;
+        let fleet = self.fleet.spec()?;
+        if fleet.total() == 0 {
+            return Err(SimError::Config("the fleet has no devices".into()));
+        }
+        if self.coordinator.min_devices_to_start() > fleet.total() {
+            return Err(SimError::Config(format!(
+                "coordinator.min_devices {} exceeds the fleet's {} devices",
+                self.coordinator.min_devices_to_start(),
+                fleet.total()
+            )));
+        }
+        if matches!(self.model, ModelChoice::Tiny(_))
+            != (self.workload.kind == crate::data::WorkloadKind::Synthetic)
+            && self.mode == Mode::Real
+        {
+            return Err(SimError::Config(
+                "the tiny model pairs with the synthetic workload (and only it)".into(),
+            ));
+        }
+        if !(self.max_virtual_hours > 0.0) {
+            return Err(SimError::Config(
+                "max_virtual_hours must be positive".into(),
+            ));
+        }
+        if self.eval.every_rounds == 0 {
+            return Err(SimError::Config(
+                "eval.every_rounds must be at least 1".into(),
+            ));
+        }
+        if !(self.fleet.connect_spread_s >= 0.0 && self.fleet.connect_spread_s.is_finite()) {
+            return Err(SimError::Config(
+                "fleet.connect_spread_s must be >= 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The output folder of this strategy's run.
+    pub fn run_dir(&self) -> PathBuf {
+        self.output_dir.join(&self.strategy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse() {
+        for (name, _) in PRESETS {
+            let c = ExperimentConfig::preset(name).unwrap();
+            assert_eq!(c.coordinator.seed, c.seed);
+        }
+        let d = ExperimentConfig::preset("default").unwrap();
+        assert_eq!(d.fleet.spec().unwrap().total(), 80);
+    }
+
+    #[test]
+    fn strategy_parameters_come_from_their_table() {
+        let c = ExperimentConfig::from_toml(
+            "strategy = \"fixed-prune\"\n[fleet]\npreset = \"paper\"\n[coordinator]\nmin_devices = 4\ndevices_per_round = 4\n[coordinator.arms]\nratio_min = 0.0\nratio_max = 0.5\nranks = [4, 8]\n[strategies.fixed-prune]\nprune_ratio = 0.25\nrank = 8\n",
+            "test",
+        )
+        .unwrap();
+        match &c.coordinator.strategy {
+            StrategyConfig::FixedPrune(f) => assert_eq!((f.prune_ratio, f.rank), (0.25, 8)),
+            other => panic!("{other:?}"),
+        }
+        let h = c.with_strategy("hetlora").unwrap();
+        assert_eq!(h.coordinator.strategy.name(), "hetlora");
+        let e = c.with_strategy("fedprox").unwrap_err().to_string();
+        assert!(e.contains("unknown strategy 'fedprox'"), "{e}");
+        let e = ExperimentConfig::from_toml("rounds = 3", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+}

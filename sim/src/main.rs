@@ -1,0 +1,291 @@
+//! The `sim` binary: run an experiment, compare strategies on the same fleet and seed, fit the
+//! surrogate from real runs, list profiles and presets. Without arguments it runs the `default`
+//! preset. Wall-clock throughput and peak memory are measured here (never in the reports, which
+//! depend on the seed only) and printed at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sim::config::{ExperimentConfig, Mode, PRESETS, STRATEGIES};
+use sim::profile::{DeviceProfile, BUILTIN_PROFILES};
+use sim::progress::Progress;
+use sim::report::{self, Report};
+use sim::{experiment, surrogate, Resources};
+
+#[derive(Parser)]
+#[command(
+    name = "sim",
+    about = "FedSpine simulator: many virtual devices on a virtual clock, real training."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one strategy (default: the `default` preset with its strategy).
+    Run(RunArgs),
+    /// Run several strategies on the same fleet, data and seed, and write a comparison.
+    Compare {
+        /// Comma-separated strategies: fedspine, hetlora, fedlora, fixed-prune, ratio-bandit.
+        #[arg(long, default_value = "fedspine,hetlora,fixed-prune")]
+        strategies: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Fit the surrogate's loss-response parameters from real runs' rounds.jsonl files.
+    FitSurrogate {
+        /// rounds.jsonl files or run folders containing them.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the parameters (TOML).
+        #[arg(long, default_value = "surrogate-params.toml")]
+        out: PathBuf,
+    },
+    /// List the built-in device profiles.
+    Profiles,
+    /// List the built-in presets.
+    Presets,
+}
+
+#[derive(Args, Clone, Default)]
+struct RunArgs {
+    /// Experiment file (TOML); see `sim presets` for the built-in ones.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Built-in preset: default, full, surrogate, tiny.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Override the strategy.
+    #[arg(long)]
+    strategy: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the number of rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Scale the fleet to this many devices (same class proportions).
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Override the devices per round.
+    #[arg(long)]
+    devices_per_round: Option<usize>,
+    /// Output folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn load(&self) -> Result<(ExperimentConfig, Option<PathBuf>)> {
+        let (mut cfg, base) = match (&self.config, &self.preset) {
+            (Some(p), _) => (
+                ExperimentConfig::load(p)?,
+                p.parent().map(Path::to_path_buf),
+            ),
+            (None, Some(name)) => (ExperimentConfig::preset(name)?, None),
+            (None, None) => (ExperimentConfig::preset("default")?, None),
+        };
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        if let Some(r) = self.rounds {
+            cfg.coordinator.rounds = r;
+        }
+        if let Some(n) = self.devices {
+            cfg.fleet.devices = n;
+        }
+        if let Some(k) = self.devices_per_round {
+            cfg.coordinator.devices_per_round = k;
+            if cfg.coordinator.min_devices.is_some_and(|m| m < k) {
+                cfg.coordinator.min_devices = Some(k);
+            }
+        }
+        if let Some(o) = &self.out {
+            cfg.output_dir = o.clone();
+        }
+        let strategy = self
+            .strategy
+            .clone()
+            .unwrap_or_else(|| cfg.strategy.clone());
+        let cfg = cfg.with_strategy(&strategy)?;
+        Ok((cfg, base))
+    }
+}
+
+/// Peak resident set size of this process, from the kernel (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn print_throughput(reports: &[Report], load_s: f64, run_s: f64) {
+    let jobs: u64 = reports.iter().map(|r| r.summary.jobs_trained).sum();
+    let mode = reports
+        .first()
+        .map(|r| r.summary.mode.as_str())
+        .unwrap_or("real");
+    eprintln!(
+        "wall clock: {load_s:.1} s loading, {run_s:.1} s simulating; {jobs} device-rounds trained"
+    );
+    if run_s > 0.0 {
+        if mode == "surrogate" {
+            eprintln!(
+                "throughput: {:.1} device-rounds per second (surrogate mode)",
+                jobs as f64 / run_s
+            );
+        } else {
+            eprintln!(
+                "throughput: {:.0} device-rounds per hour (real mode)",
+                jobs as f64 / run_s * 3600.0
+            );
+        }
+    }
+    if let Some(m) = peak_rss_mib() {
+        eprintln!("peak resident memory: {m:.0} MiB");
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let (cfg, base) = args.load()?;
+    let t0 = Instant::now();
+    let resources =
+        Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut progress = Progress::new(&cfg.strategy, cfg.coordinator.rounds);
+    let t1 = Instant::now();
+    let report = experiment::run(&cfg, &resources, &mut progress)?;
+    progress.finish();
+    let run_s = t1.elapsed().as_secs_f64();
+    let dir = cfg.run_dir();
+    report.write_to(&dir)?;
+    println!("{}", report::markdown_table(std::slice::from_ref(&report)));
+    println!("reports in {}", dir.display());
+    print_throughput(std::slice::from_ref(&report), load_s, run_s);
+    Ok(())
+}
+
+fn compare(strategies: &str, args: RunArgs) -> Result<()> {
+    let (cfg, base) = args.load()?;
+    let names: Vec<String> = strategies
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if names.is_empty() {
+        bail!(
+            "--strategies is empty (choose from {})",
+            STRATEGIES.join(", ")
+        );
+    }
+    let t0 = Instant::now();
+    let resources =
+        Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut reports = Vec::new();
+    let mut progress = Progress::new("", cfg.coordinator.rounds);
+    for name in &names {
+        let c = cfg.with_strategy(name)?;
+        progress.restart(name, c.coordinator.rounds);
+        let r = experiment::run(&c, &resources, &mut progress)?;
+        r.write_to(&c.run_dir())?;
+        reports.push(r);
+    }
+    progress.finish();
+    let run_s = t1.elapsed().as_secs_f64();
+    report::write_comparison(&reports, &cfg.output_dir)?;
+    println!("{}", report::markdown_table(&reports));
+    println!(
+        "reports in {} (compare.md, metric.svg, one folder per strategy)",
+        cfg.output_dir.display()
+    );
+    print_throughput(&reports, load_s, run_s);
+    Ok(())
+}
+
+fn fit(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
+    let files: Vec<PathBuf> = runs
+        .into_iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.join("rounds.jsonl")
+            } else {
+                p
+            }
+        })
+        .collect();
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let params = surrogate::fit(&refs)?;
+    let text = format!("# Surrogate loss-response parameters (see sim/src/surrogate.rs), fitted by `sim fit-surrogate`.\n{}", params.to_toml());
+    std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", params.to_toml());
+    println!("written to {}", out.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        None => run(RunArgs::default()),
+        Some(Cmd::Run(a)) => run(a),
+        Some(Cmd::Compare { strategies, run: a }) => compare(&strategies, a),
+        Some(Cmd::FitSurrogate { runs, out }) => fit(runs, out),
+        Some(Cmd::Profiles) => {
+            println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");
+            println!("|---|---|---|---|---|---|---|---|---|");
+            for (name, text) in BUILTIN_PROFILES {
+                let p = DeviceProfile::from_toml(text, name)?;
+                println!(
+                    "| {} | {} | {} | {} | {:?} | {}/{} | {} | {} | {} |",
+                    p.name,
+                    p.class,
+                    p.ram_gib,
+                    p.train_gflops,
+                    p.power_modes,
+                    p.uplink_mbps,
+                    p.downlink_mbps,
+                    p.rtt_ms,
+                    p.variability,
+                    p.dropout_prob
+                );
+            }
+            println!("\nFleets: paper (30 TX2, 40 Xavier NX, 10 AGX Xavier), mixed (paper + 12+12 phones + 8+8 Raspberry Pis).");
+            Ok(())
+        }
+        Some(Cmd::Presets) => {
+            for (name, text) in PRESETS {
+                let c = ExperimentConfig::from_toml(text, name)?;
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches('#')
+                    .trim();
+                let mode = if c.mode == Mode::Surrogate {
+                    "surrogate"
+                } else {
+                    "real"
+                };
+                println!(
+                    "{name:10} {mode:9} {} devices, {} rounds, {} per round: {first}",
+                    c.fleet.spec()?.total(),
+                    c.coordinator.rounds,
+                    c.coordinator.devices_per_round
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! A terminal progress bar for simulation runs (indicatif, rounds done with an ETA from wall
+//! time); hidden when stderr is not a terminal, where round lines go to the log instead.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::driver::Observer;
+use crate::report::RoundRecord;
+
+/// Draws one bar per run.
+pub struct Progress {
+    bar: ProgressBar,
+    label: String,
+    jobs: u64,
+}
+
+impl Progress {
+    pub fn new(label: &str, rounds: u64) -> Self {
+        let bar = if std::io::stderr().is_terminal() {
+            ProgressBar::new(rounds)
+        } else {
+            ProgressBar::hidden()
+        };
+        let style = ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {pos}/{len} rounds, {elapsed} elapsed, ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(label.to_string());
+        Progress {
+            bar,
+            label: label.to_string(),
+            jobs: 0,
+        }
+    }
+
+    /// Start a new run's bar (for `compare`).
+    pub fn restart(&mut self, label: &str, rounds: u64) {
+        self.bar.finish_and_clear();
+        *self = Progress::new(label, rounds);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Observer for Progress {
+    fn round_closed(&mut self, r: &RoundRecord, total: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(r.round);
+        let eval = r
+            .eval
+            .as_ref()
+            .map(|e| format!(", panel accuracy {:.4}", e.accuracy))
+            .unwrap_or_default();
+        let line = format!("{}: round {}/{total} at {:.2} virtual h: {} of {} answered, {} missed, {} dropped, {} failed{eval}", self.label, r.round, r.closed_s / 3600.0, r.accepted, r.selected, r.missed, r.dropped, r.failed);
+        self.bar
+            .set_message(format!("{} local rounds trained", self.jobs));
+        if self.bar.is_hidden() {
+            tracing::info!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn job_started(&mut self) {
+        self.jobs += 1;
+        if self.jobs % 4 == 0 {
+            self.bar
+                .set_message(format!("{} local rounds trained", self.jobs));
+        }
+    }
+
+    fn note(&mut self, line: &str) {
+        if self.bar.is_hidden() {
+            tracing::info!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}

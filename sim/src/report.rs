@@ -1,0 +1,409 @@
+//! Reports of a run: one JSON line per round, a per-strategy summary (time to target, final
+//! quality, sparsity, inference latency and peak memory by device class, bytes moved, rejects),
+//! per-device histories, a Markdown table over strategies, and the SVG charts.
+//!
+//! Everything here is a function of the simulation's results only (virtual time, never wall
+//! time), so the same seed writes byte-identical files.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::SimError;
+use crate::svg::{self, Chart, Series};
+
+/// One selected device's round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Play {
+    pub device: u64,
+    pub class: String,
+    pub prune_ratio: f64,
+    pub rank: u32,
+    /// `accepted`, `missed` (deadline or round closed first), `dropped` (the device went away
+    /// during the round), `out_of_memory`, `error`, or a reject kind.
+    pub outcome: String,
+    /// Bandit reward the coordinator computed (accepted devices).
+    pub reward: Option<f64>,
+    /// Sparsity after the round (accepted devices).
+    pub sparsity: Option<f64>,
+    /// Virtual compute seconds of the local round (devices that trained).
+    pub compute_s: Option<f64>,
+    /// Round start to update arrival, virtual seconds (accepted devices).
+    pub duration_s: Option<f64>,
+    pub peak_mem_mib: Option<f64>,
+    /// Held-out loss before and after the local round (accepted devices).
+    pub loss_pre: Option<f64>,
+    pub loss_post: Option<f64>,
+    /// Sparsity before the round (accepted devices).
+    pub sparsity_prev: Option<f64>,
+    /// `|s B A|_F` of the update (accepted devices).
+    pub delta_norm: Option<f64>,
+    /// Local steps of the round (accepted devices).
+    pub steps: Option<u64>,
+}
+
+impl Play {
+    /// A play with only defaults (fill the known fields with struct update syntax).
+    pub fn empty() -> Self {
+        Play {
+            device: 0,
+            class: String::new(),
+            prune_ratio: f64::NAN,
+            rank: 0,
+            outcome: String::new(),
+            reward: None,
+            sparsity: None,
+            compute_s: None,
+            duration_s: None,
+            peak_mem_mib: None,
+            loss_pre: None,
+            loss_post: None,
+            sparsity_prev: None,
+            delta_norm: None,
+            steps: None,
+        }
+    }
+}
+
+/// A panel evaluation of the global adapter on devices' own models and held-out data.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalRecord {
+    pub round: u64,
+    pub time_s: f64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub perplexity: Option<f64>,
+    pub devices: usize,
+}
+
+/// One closed round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub started_s: f64,
+    pub closed_s: f64,
+    pub closed_by: String,
+    pub aggregated: bool,
+    pub selected: usize,
+    pub accepted: usize,
+    pub missed: usize,
+    pub dropped: usize,
+    pub failed: usize,
+    pub rejects: BTreeMap<String, u64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub mean_loss_pre: Option<f64>,
+    pub mean_loss_post: Option<f64>,
+    /// Mean sparsity over every device of the fleet after the round.
+    pub fleet_sparsity: f64,
+    pub plays: Vec<Play>,
+    pub eval: Option<EvalRecord>,
+}
+
+/// A device at the end of the run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceFinal {
+    pub device: u64,
+    pub profile: String,
+    pub class: String,
+    pub data: String,
+    pub power_mode: f64,
+    pub sparsity: f64,
+    pub params: u64,
+    pub rounds_trained: u64,
+    pub inference_ms: f64,
+    pub peak_mem_mib: f64,
+    /// Quality of the final model (pruned base + global adapter), when evaluated.
+    pub quality: Option<crate::trainer::Quality>,
+    /// (round, ratio, rank, outcome) of every round the device was selected for.
+    pub history: Vec<(u64, f64, u32, String)>,
+}
+
+/// Per-class aggregates.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct ClassSummary {
+    pub devices: usize,
+    pub mean_sparsity: f64,
+    pub mean_inference_ms: f64,
+    pub max_peak_mem_mib: f64,
+    pub mean_ratio_played: f64,
+    pub mean_rank_played: f64,
+    pub plays: usize,
+}
+
+/// One strategy's run in numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub strategy: String,
+    /// `real` or `surrogate`; surrogate numbers come from a fitted model, not training.
+    pub mode: String,
+    pub devices: usize,
+    pub rounds_closed: u64,
+    pub rounds_aggregated: u64,
+    pub virtual_hours: f64,
+    pub target: String,
+    pub time_to_target_h: Option<f64>,
+    pub final_accuracy: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub final_perplexity: Option<f64>,
+    pub final_devices_evaluated: usize,
+    pub last_panel_accuracy: Option<f64>,
+    /// Mean final sparsity over every device, and over devices that trained at least once.
+    pub mean_sparsity: f64,
+    pub mean_sparsity_trained: f64,
+    pub devices_trained: usize,
+    pub mean_inference_ms: f64,
+    pub max_peak_mem_mib: f64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub rejects: u64,
+    pub missed: u64,
+    pub dropped: u64,
+    pub out_of_memory: u64,
+    pub jobs_trained: u64,
+    pub by_class: BTreeMap<String, ClassSummary>,
+    /// Why the run ended: `finished`, `time_limit` or `stalled`.
+    pub ended_by: String,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub summary: Summary,
+    pub rounds: Vec<RoundRecord>,
+    pub devices: Vec<DeviceFinal>,
+    /// The experiment's configuration, as run.
+    pub config: serde_json::Value,
+}
+
+fn json_line<T: Serialize>(v: &T) -> String {
+    // Plain data with string keys: serialising cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn write(path: &Path, text: &str) -> Result<(), SimError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| SimError::io(dir, e))?;
+    }
+    std::fs::write(path, text).map_err(|e| SimError::io(path, e))
+}
+
+impl Report {
+    /// `rounds.jsonl`, `devices.jsonl`, `summary.json`, `summary.md`, `arms.svg` and
+    /// `metric.svg` into `dir`.
+    pub fn write_to(&self, dir: &Path) -> Result<(), SimError> {
+        let rounds: String = self.rounds.iter().map(|r| json_line(r) + "\n").collect();
+        write(&dir.join("rounds.jsonl"), &rounds)?;
+        let devices: String = self.devices.iter().map(|d| json_line(d) + "\n").collect();
+        write(&dir.join("devices.jsonl"), &devices)?;
+        let summary = serde_json::to_string_pretty(
+            &serde_json::json!({ "summary": self.summary, "config": self.config }),
+        )
+        .unwrap_or_default();
+        write(&dir.join("summary.json"), &(summary + "\n"))?;
+        write(
+            &dir.join("summary.md"),
+            &markdown_table(std::slice::from_ref(self)),
+        )?;
+        write(&dir.join("arms.svg"), &arms_svg(self))?;
+        write(
+            &dir.join("metric.svg"),
+            &metric_svg(std::slice::from_ref(self)),
+        )?;
+        Ok(())
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "-".into(),
+    }
+}
+
+/// The comparison table (Markdown) over one or more runs, plus per-class latency and sparsity.
+pub fn markdown_table(reports: &[Report]) -> String {
+    let mut s = String::new();
+    if reports.iter().any(|r| r.summary.mode == "surrogate") {
+        s.push_str("**SURROGATE MODE**: losses and accuracies come from a loss-response model fitted to real runs, not from training.\n\n");
+    }
+    let target = reports
+        .first()
+        .map(|r| r.summary.target.clone())
+        .unwrap_or_default();
+    let _ = writeln!(s, "| strategy | time to {target} (virtual h) | final accuracy | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual h |");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in reports {
+        let m = &r.summary;
+        let ttt = match m.time_to_target_h {
+            Some(h) => format!("{h:.2}"),
+            None => "not reached".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.3} / {:.3} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.2} |",
+            m.strategy,
+            ttt,
+            opt(m.final_accuracy, 4),
+            opt(m.final_perplexity, 2),
+            m.mean_sparsity,
+            m.mean_sparsity_trained,
+            m.mean_inference_ms,
+            m.max_peak_mem_mib,
+            m.bytes_up as f64 / 1e6,
+            m.bytes_down as f64 / 1e6,
+            m.rejects,
+            m.missed,
+            m.dropped,
+            m.out_of_memory,
+            m.rounds_closed,
+            m.virtual_hours
+        );
+    }
+    let classes: Vec<String> = {
+        let mut v: Vec<String> = reports
+            .iter()
+            .flat_map(|r| r.summary.by_class.keys().cloned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    s.push_str("\nBy device class (final models): mean sparsity, mean inference latency (ms), mean arm played (ratio, rank), max peak training memory (MiB)\n\n");
+    let _ = writeln!(s, "| strategy | {} |", classes.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(classes.len()));
+    for r in reports {
+        let cells: Vec<String> = classes
+            .iter()
+            .map(|c| match r.summary.by_class.get(c) {
+                Some(k) => format!(
+                    "s {:.2}, {:.1} ms, arm ({:.2}, {:.1}), {:.0} MiB",
+                    k.mean_sparsity,
+                    k.mean_inference_ms,
+                    k.mean_ratio_played,
+                    k.mean_rank_played,
+                    k.max_peak_mem_mib
+                ),
+                None => "-".into(),
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", r.summary.strategy, cells.join(" | "));
+    }
+    s
+}
+
+/// Panel accuracy (or perplexity) against virtual hours, one line per run.
+pub fn metric_svg(reports: &[Report]) -> String {
+    let perplexity = reports
+        .first()
+        .is_some_and(|r| r.summary.target.starts_with("perplexity"));
+    let series = reports
+        .iter()
+        .map(|r| Series {
+            name: r.summary.strategy.clone(),
+            points: r
+                .rounds
+                .iter()
+                .filter_map(|x| x.eval.as_ref())
+                .map(|e| {
+                    (
+                        e.time_s / 3600.0,
+                        if perplexity {
+                            e.perplexity.unwrap_or(f64::NAN)
+                        } else {
+                            e.accuracy
+                        },
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    let surrogate = reports.iter().any(|r| r.summary.mode == "surrogate");
+    let what = if perplexity {
+        "held-out perplexity"
+    } else {
+        "held-out accuracy"
+    };
+    let target = reports.first().and_then(|r| {
+        let t = &r.summary.target;
+        t.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| (v, format!("target {v}")))
+    });
+    svg::render(&[Chart {
+        title: format!(
+            "{what} of the global adapter on device models vs virtual time{}",
+            if surrogate { " (SURROGATE)" } else { "" }
+        ),
+        x_label: "virtual time (hours)".into(),
+        y_label: what.into(),
+        series,
+        target,
+    }])
+}
+
+/// Mean pruning ratio and mean rank played per round, one line per device class.
+pub fn arms_svg(report: &Report) -> String {
+    let mut by_class: BTreeMap<&str, (Vec<(f64, f64)>, Vec<(f64, f64)>)> = BTreeMap::new();
+    for r in &report.rounds {
+        let mut acc: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+        for p in &r.plays {
+            let e = acc.entry(p.class.as_str()).or_default();
+            e.0 += p.prune_ratio;
+            e.1 += p.rank as f64;
+            e.2 += 1;
+        }
+        for (c, (ratio, rank, n)) in acc {
+            let e = by_class.entry(c).or_default();
+            e.0.push((r.round as f64, ratio / n as f64));
+            e.1.push((r.round as f64, rank / n as f64));
+        }
+    }
+    let mode = if report.summary.mode == "surrogate" {
+        " (SURROGATE)"
+    } else {
+        ""
+    };
+    let ratio = Chart {
+        title: format!(
+            "{}: pruning ratio played, mean per device class{mode}",
+            report.summary.strategy
+        ),
+        x_label: "round".into(),
+        y_label: "pruning ratio".into(),
+        series: by_class
+            .iter()
+            .map(|(c, v)| Series {
+                name: c.to_string(),
+                points: v.0.clone(),
+            })
+            .collect(),
+        target: None,
+    };
+    let rank = Chart {
+        title: format!(
+            "{}: LoRA rank played, mean per device class{mode}",
+            report.summary.strategy
+        ),
+        x_label: "round".into(),
+        y_label: "LoRA rank".into(),
+        series: by_class
+            .iter()
+            .map(|(c, v)| Series {
+                name: c.to_string(),
+                points: v.1.clone(),
+            })
+            .collect(),
+        target: None,
+    };
+    svg::render(&[ratio, rank])
+}
+
+/// Write the comparison files (`compare.md`, `metric.svg`) for several runs into `dir`.
+pub fn write_comparison(reports: &[Report], dir: &Path) -> Result<(), SimError> {
+    write(&dir.join("compare.md"), &markdown_table(reports))?;
+    write(&dir.join("metric.svg"), &metric_svg(reports))
+}

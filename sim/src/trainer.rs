@@ -1,0 +1,172 @@
+//! What stands in for a device's hardware in the simulator: something that runs a local round
+//! and evaluates a device's model. [`RealTrainer`] runs the device agent's own `run_job` on the
+//! one shared frozen base model (real loss, real pruning); the surrogate
+//! ([`crate::surrogate::SurrogateTrainer`]) answers from a fitted loss-response model instead.
+//! Either way the driver turns the work's FLOPs into virtual time.
+
+use device_agent::model::{Llama, ModelConfig};
+use device_agent::prune::{self, KeptMaps};
+use device_agent::session::{self, AgentConfig, DeviceState, JobOutcome, LocalData, TrainJob};
+use protocol::{Arm, GlobalSlice, Timestamp};
+use serde::Serialize;
+
+use crate::timing::{self, RoundFlops, StepShape};
+
+/// A finished local round and what it cost.
+pub struct TrainedRound {
+    pub outcome: JobOutcome,
+    pub flops: RoundFlops,
+}
+
+/// Held-out quality of a device's model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Quality {
+    /// Mean loss (nats): next-token NLL (LM) or label cross-entropy (classification).
+    pub loss: f64,
+    /// Next-token accuracy (LM) or label accuracy (classification).
+    pub accuracy: f64,
+    /// `exp(loss)` for LM workloads.
+    pub perplexity: Option<f64>,
+}
+
+/// The simulator's stand-in for device hardware and local training.
+pub trait LocalTrainer {
+    /// `real` or `surrogate` (reports label the mode).
+    fn mode(&self) -> &'static str;
+    /// The dense model every device holds (wire dimensions come from it).
+    fn dense(&self) -> &ModelConfig;
+    /// The model whose shape sets time and memory for a device with `kept` maps (the dense
+    /// model pruned to them in real mode; the real model at the same sparsity for the surrogate).
+    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig;
+    /// Tokens per training sequence of `device`.
+    fn seq_len(&self, device: usize) -> usize;
+    /// Tokens of one held-out evaluation of `device`, and their sequence length.
+    fn eval_tokens(&self, device: usize) -> (usize, usize);
+    /// Run `job` for `device` from `state`.
+    fn train(
+        &mut self,
+        device: usize,
+        job: &TrainJob,
+        state: &DeviceState,
+        agent: &AgentConfig,
+    ) -> Result<TrainedRound, String>;
+    /// Quality of `device`'s model (its kept maps) with `slice` of the global adapter.
+    fn evaluate(
+        &mut self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+    ) -> Result<Quality, String>;
+    /// Bytes a frame of `encoded_len` would take on the wire for the modelled model (the
+    /// surrogate's wire model is tiny; it reports the real model's sizes).
+    fn wire_bytes(&self, _msg: &protocol::Message, encoded_len: usize) -> usize {
+        encoded_len
+    }
+    /// A round closed (the surrogate updates its global state).
+    fn round_closed(&mut self, _aggregated: bool, _participants: &[(usize, f64)]) {}
+}
+
+/// Real local training: `session::run_job` on the shared base.
+pub struct RealTrainer {
+    /// The one frozen base model; devices hold only kept maps and adapters.
+    pub base: Llama,
+    pub data: Vec<LocalData>,
+}
+
+impl RealTrainer {
+    pub fn new(base: Llama, data: Vec<LocalData>) -> Self {
+        RealTrainer { base, data }
+    }
+}
+
+/// The model of a device: the dense config with `kept`'s block shapes.
+pub fn pruned_config(dense: &ModelConfig, kept: &KeptMaps) -> ModelConfig {
+    let mut c = dense.clone();
+    c.blocks = kept.shapes(dense);
+    c
+}
+
+impl LocalTrainer for RealTrainer {
+    fn mode(&self) -> &'static str {
+        "real"
+    }
+
+    fn dense(&self) -> &ModelConfig {
+        &self.base.config
+    }
+
+    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig {
+        pruned_config(&self.base.config, kept)
+    }
+
+    fn seq_len(&self, device: usize) -> usize {
+        self.data[device].seq_len()
+    }
+
+    fn eval_tokens(&self, device: usize) -> (usize, usize) {
+        crate::data::eval_tokens(&self.data[device])
+    }
+
+    fn train(
+        &mut self,
+        device: usize,
+        job: &TrainJob,
+        state: &DeviceState,
+        agent: &AgentConfig,
+    ) -> Result<TrainedRound, String> {
+        let data = &self.data[device];
+        let outcome = session::run_job(job, state, &self.base, data, agent, |_| {})
+            .map_err(|e| e.to_string())?;
+        let pre = pruned_config(&self.base.config, &state.kept);
+        let post = pruned_config(&self.base.config, &outcome.kept);
+        let (eval_tokens, eval_seq) = crate::data::eval_tokens(data);
+        let shape = StepShape {
+            rank: job.arm.rank as usize,
+            batch: job.batch,
+            seq: data.seq_len(),
+            eval_tokens,
+            eval_seq,
+        };
+        let flops = timing::round_flops(&pre, &post, shape, &outcome.report);
+        Ok(TrainedRound { outcome, flops })
+    }
+
+    fn evaluate(
+        &mut self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+    ) -> Result<Quality, String> {
+        let data = &self.data[device];
+        let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
+        let job = eval_job(slice);
+        let adapter = session::start_adapter(&job, state, &self.base).map_err(|e| e.to_string())?;
+        let (loss, accuracy) = data.evaluate(&model, Some(&adapter));
+        let perplexity = matches!(data, LocalData::Lm(_)).then(|| loss.exp());
+        Ok(Quality {
+            loss,
+            accuracy,
+            perplexity,
+        })
+    }
+}
+
+/// A job that only carries a global slice (for building the evaluated adapter the way a device
+/// builds its starting adapter).
+pub fn eval_job(slice: &GlobalSlice) -> TrainJob {
+    TrainJob {
+        round: protocol::RoundId(0),
+        arm: Arm {
+            prune_ratio: 0.0,
+            rank: slice.adapter.rank,
+        },
+        global: Some(slice.clone()),
+        local_steps: 1,
+        prune_every: 1,
+        lr: 0.0,
+        batch: 1,
+        seed: 0,
+        alpha: slice.adapter.alpha as f64,
+        deadline: Timestamp(0),
+    }
+}
