@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 
-use aggregator::coordinator::{Command, Coordinator, Event, RoundSummary};
+use aggregator::coordinator::{Command, Coordinator, CoordinatorState, Event, RoundSummary};
 use device_agent::prune::{KeptMaps, PruneConfig};
 use device_agent::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
@@ -279,7 +279,13 @@ impl<'a> Simulation<'a> {
     }
 
     /// Run to the end (last round, time limit or a stall) and build the report.
-    pub fn run(mut self) -> Result<Report, SimError> {
+    pub fn run(self) -> Result<Report, SimError> {
+        self.run_with_state().map(|(r, _)| r)
+    }
+
+    /// [`Simulation::run`], also returning the coordinator's final state (devices' bandits,
+    /// counters, global adapter) for inspection.
+    pub fn run_with_state(mut self) -> Result<(Report, CoordinatorState), SimError> {
         let limit = Timestamp((self.cfg.max_virtual_hours * 3_600_000.0) as u64);
         let stall_ms = (self.cfg.coordinator.round_deadline_ms.saturating_mul(20)).max(86_400_000);
         let mut ended_by = "stalled";
@@ -927,7 +933,7 @@ impl<'a> Simulation<'a> {
         })
     }
 
-    fn finish(mut self, ended_by: &str) -> Result<Report, SimError> {
+    fn finish(mut self, ended_by: &str) -> Result<(Report, CoordinatorState), SimError> {
         let final_set = choose_devices(
             &self.devices,
             &self.profiles,
@@ -961,12 +967,16 @@ impl<'a> Simulation<'a> {
         }
         let summary = self.summarise(&devices, &qualities, ended_by);
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
-        Ok(Report {
-            summary,
-            rounds: self.rounds,
-            devices,
-            config,
-        })
+        let state = self.coordinator.state();
+        Ok((
+            Report {
+                summary,
+                rounds: self.rounds,
+                devices,
+                config,
+            },
+            state,
+        ))
     }
 
     fn summarise(

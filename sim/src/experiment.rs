@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
 use device_agent::model::{Llama, ModelConfig};
 use device_agent::session::LocalData;
@@ -114,6 +115,15 @@ pub fn run(
     resources: &Resources,
     observer: &mut dyn Observer,
 ) -> Result<Report, SimError> {
+    run_with_state(cfg, resources, observer).map(|(r, _)| r)
+}
+
+/// [`run`], also returning the coordinator's final state.
+pub fn run_with_state(
+    cfg: &ExperimentConfig,
+    resources: &Resources,
+    observer: &mut dyn Observer,
+) -> Result<(Report, CoordinatorState), SimError> {
     let mut trainer = resources.trainer(cfg)?;
     let sim = Simulation::new(
         cfg.clone(),
@@ -122,7 +132,7 @@ pub fn run(
         trainer.as_mut(),
         observer,
     )?;
-    sim.run()
+    sim.run_with_state()
 }
 
 /// Run each of `strategies` on the same fleet, data and seed.
