@@ -504,10 +504,20 @@ impl Llama {
                     }
                     None => (k, v),
                 };
-                // Expand KV heads to one per query head by the explicit map (GQA).
+                // Expand KV heads to one per query head (GQA): equal consecutive groups repeat
+                // each KV head (whose backward is a cheap sum), any other map selects by index.
                 let (k, v) = if nkv == nh && shape.q_to_kv.iter().enumerate().all(|(i, &k)| i == k)
                 {
                     (k, v)
+                } else if shape.uniform_groups() {
+                    let g = nh / nkv;
+                    let t = k.dims()[2];
+                    let rep = |x: Tensor<4>| {
+                        x.reshape([batch, nkv, 1, t * hd])
+                            .repeat_dim(2, g)
+                            .reshape([batch, nh, t, hd])
+                    };
+                    (rep(k), rep(v))
                 } else {
                     (
                         k.select(1, self.q_to_kv[l].clone()),

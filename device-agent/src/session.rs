@@ -8,8 +8,8 @@
 //! the adapter the device last trained; the frozen base is shared and re-sliced each round.
 
 use protocol::{
-    Arm, ByeReason, Capabilities, DeviceId, GlobalSlice, Heartbeat, Join, Message, RoundConfig, RoundId, Timestamp,
-    Update, UpdateStats, PROTOCOL_VERSION,
+    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join, Message, RoundConfig, RoundFailed,
+    RoundId, Timestamp, Update, UpdateStats, PROTOCOL_VERSION,
 };
 
 use crate::lora::{Adapter, HostFactors};
@@ -141,8 +141,9 @@ pub enum AgentEvent {
     /// The transport is up (send Join).
     Connected,
     Message(Message),
-    /// The driver finished a job (with compute time and peak memory filled in by the driver).
-    JobDone(Result<JobOutcome, String>),
+    /// The driver finished a job (with compute time and peak memory filled in by the driver),
+    /// or could not run it (out of memory, an error); a failure is reported to the aggregator.
+    JobDone(Result<JobOutcome, FailReason>),
     /// The transport went away.
     Disconnected,
 }
@@ -306,7 +307,7 @@ impl AgentSession {
         }))]
     }
 
-    fn on_job_done(&mut self, _now: Timestamp, result: Result<JobOutcome, String>) -> Vec<AgentCommand> {
+    fn on_job_done(&mut self, _now: Timestamp, result: Result<JobOutcome, FailReason>) -> Vec<AgentCommand> {
         let Phase::Training(round) = self.phase else {
             return vec![];
         };
@@ -325,10 +326,10 @@ impl AgentSession {
                 vec![AgentCommand::Send(Message::Update(update))]
             }
             Ok(_) => vec![],
-            Err(e) => {
-                tracing::warn!(%round, error = %e, "local round failed");
+            Err(reason) => {
+                tracing::warn!(%round, error = %reason, "local round failed");
                 self.phase = Phase::Idle;
-                vec![]
+                vec![AgentCommand::Send(Message::RoundFailed(RoundFailed { round, reason }))]
             }
         }
     }

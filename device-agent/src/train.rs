@@ -38,6 +38,9 @@ pub struct TrainConfig {
     pub criterion: Criterion,
     pub prune: PruneConfig,
     pub seed: u64,
+    /// Recompute cheap activations in the backward pass instead of keeping them (burn's
+    /// balanced gradient checkpointing): less memory for a little more compute.
+    pub checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -57,6 +60,7 @@ impl Default for TrainConfig {
             criterion: Criterion::LoraGradient,
             prune: PruneConfig::default(),
             seed: 0,
+            checkpointing: false,
         }
     }
 }
@@ -228,6 +232,12 @@ impl Tuner {
     /// With `importance`, the Taylor criterion's base-weight gradients are taken too.
     fn micro(&mut self, batch: &Batch, norm: f64, want_scores: bool) -> (StepStats, Option<Vec<BlockScores>>) {
         let taylor = want_scores && self.cfg.criterion == Criterion::Taylor;
+        let strategy = if self.cfg.checkpointing {
+            burn::tensor::GradientCheckpointingStrategy::Balanced
+        } else {
+            burn::tensor::GradientCheckpointingStrategy::Disabled
+        };
+        let leaf = |t: &Tensor<2>| t.clone().autodiff().with_gradient_checkpointing_strategy(strategy).require_grad();
         let leaves = Adapter {
             rank: self.adapter.rank,
             alpha: self.adapter.alpha,
@@ -237,10 +247,7 @@ impl Tuner {
                 .iter()
                 .map(|b| {
                     b.iter()
-                        .map(|f| LoraFactors {
-                            a: f.a.clone().autodiff().require_grad(),
-                            b: f.b.clone().autodiff().require_grad(),
-                        })
+                        .map(|f| LoraFactors { a: leaf(&f.a), b: leaf(&f.b) })
                         .collect()
                 })
                 .collect(),
@@ -251,7 +258,7 @@ impl Tuner {
             let mut m = self.model.clone();
             for b in &mut m.blocks {
                 for p in [Proj::Q, Proj::O, Proj::Gate, Proj::Up, Proj::Down] {
-                    let w = b.weight(p).clone().autodiff().require_grad();
+                    let w = leaf(b.weight(p));
                     *b.weight_mut(p) = w;
                 }
             }

@@ -125,6 +125,7 @@ enum Ev {
         dev: usize,
         epoch: u64,
         frame: Vec<u8>,
+        bytes: u64,
     },
     JobDone {
         dev: usize,
@@ -157,7 +158,7 @@ pub struct Simulation<'a> {
 
 /// The session's failure event for a job that could not run.
 fn job_failed(reason: FailReason) -> AgentEvent {
-    AgentEvent::JobDone(Err(reason.to_string()))
+    AgentEvent::JobDone(Err(reason))
 }
 
 fn ms_to_s(ms: u64) -> f64 {
@@ -325,7 +326,7 @@ impl<'a> Simulation<'a> {
                     self.queue.push(self.now.plus_ms(d.max(1)), Ev::Churn(i));
                 }
                 self.schedule_window(i);
-                self.availability_changed(i);
+                self.availability_changed(i)?;
             }
             Ev::Churn(i) => {
                 let p = self.profile(i).clone();
@@ -338,18 +339,18 @@ impl<'a> Simulation<'a> {
                 };
                 let dur = exponential(mean * 60_000.0, &mut d.rng) as u64;
                 self.queue.push(self.now.plus_ms(dur.max(1)), Ev::Churn(i));
-                self.availability_changed(i);
+                self.availability_changed(i)?;
             }
             Ev::Window(i) => {
                 let h = self.local_hour(i);
                 let on = in_window(&self.profile(i).windows_h, h);
                 self.devices[i].window_on = on;
                 self.schedule_window(i);
-                self.availability_changed(i);
+                self.availability_changed(i)?;
             }
             Ev::Recover(i) => {
                 self.devices[i].crashed = false;
-                self.availability_changed(i);
+                self.availability_changed(i)?;
             }
             Ev::Crash { dev, token } => {
                 if self.devices[dev].job_token == token {
@@ -358,7 +359,7 @@ impl<'a> Simulation<'a> {
                     self.dropped_total += 1;
                     self.queue
                         .push(self.now.plus_ms(reconnect.max(1)), Ev::Recover(dev));
-                    self.availability_changed(dev);
+                    self.availability_changed(dev)?;
                 }
             }
             Ev::ToServer {
@@ -389,7 +390,12 @@ impl<'a> Simulation<'a> {
                 );
                 self.apply_coordinator(cmds)?;
             }
-            Ev::ToDevice { dev, epoch, frame } => {
+            Ev::ToDevice {
+                dev,
+                epoch,
+                frame,
+                bytes,
+            } => {
                 if self.devices[dev].epoch != epoch || !self.devices[dev].connected {
                     return Ok(());
                 }
@@ -402,7 +408,7 @@ impl<'a> Simulation<'a> {
                     }
                 };
                 if let Message::RoundConfig(_) = &msg {
-                    self.devices[dev].last_config_bytes = frame.len() as u64;
+                    self.devices[dev].last_config_bytes = bytes;
                 }
                 let cmds = self.devices[dev]
                     .session
@@ -479,17 +485,19 @@ impl<'a> Simulation<'a> {
     }
 
     /// Re-evaluate whether device `i` is online and connect or disconnect it.
-    fn availability_changed(&mut self, i: usize) {
+    fn availability_changed(&mut self, i: usize) -> Result<(), SimError> {
         let online = self.devices[i].online();
         let d = &self.devices[i];
         if online && !d.connected && !d.refused {
-            self.connect(i);
+            self.connect(i)
         } else if !online && d.connected {
-            self.disconnect(i, true);
+            self.disconnect(i, true)
+        } else {
+            Ok(())
         }
     }
 
-    fn connect(&mut self, i: usize) {
+    fn connect(&mut self, i: usize) -> Result<(), SimError> {
         let d = &mut self.devices[i];
         d.connected = true;
         d.epoch += 1;
@@ -497,17 +505,16 @@ impl<'a> Simulation<'a> {
         let cmds = self
             .coordinator
             .handle(self.now, Event::Connected { device: id });
-        // A connection event produces no sends worth failing over.
-        let _ = self.apply_coordinator(cmds);
+        self.apply_coordinator(cmds)?;
         let cmds = self.devices[i]
             .session
             .handle(self.now, AgentEvent::Connected);
-        let _ = self.apply_session(i, cmds);
+        self.apply_session(i, cmds)
     }
 
     /// The connection of device `i` ends; with `restart`, the agent process is gone too (its
     /// job is lost; its next connection gets a fresh session with the saved state).
-    fn disconnect(&mut self, i: usize, restart: bool) {
+    fn disconnect(&mut self, i: usize, restart: bool) -> Result<(), SimError> {
         let d = &mut self.devices[i];
         d.connected = false;
         d.epoch += 1;
@@ -528,7 +535,7 @@ impl<'a> Simulation<'a> {
         let cmds = self
             .coordinator
             .handle(self.now, Event::Disconnected { device: id });
-        let _ = self.apply_coordinator(cmds);
+        self.apply_coordinator(cmds)
     }
 
     /// Schedule a frame on a link; returns the arrival time.
@@ -599,6 +606,7 @@ impl<'a> Simulation<'a> {
                 dev: i,
                 epoch,
                 frame,
+                bytes: bytes as u64,
             },
         );
         Ok(())
@@ -622,7 +630,7 @@ impl<'a> Simulation<'a> {
                         tracing::debug!(%device, %reason, "aggregator closed the connection");
                         if self.devices[i].connected {
                             self.devices[i].refused = true;
-                            self.disconnect(i, false);
+                            self.disconnect(i, false)?;
                         }
                     }
                 }
@@ -635,21 +643,25 @@ impl<'a> Simulation<'a> {
     }
 
     fn schedule_coord_timer(&mut self) {
-        if let Some(t) = self.coordinator.poll_timeout() {
-            if self.coord_timer != Some(t) {
+        match self.coordinator.poll_timeout() {
+            Some(t) if self.coord_timer != Some(t) => {
                 self.coord_timer = Some(t);
                 self.queue.push(t.max(self.now), Ev::CoordTimer);
             }
+            Some(_) => {}
+            None => self.coord_timer = None,
         }
     }
 
     fn schedule_device_timer(&mut self, i: usize) {
         let d = &mut self.devices[i];
-        if let Some(t) = d.session.poll_timeout() {
-            if d.timer_at != Some(t) {
+        match d.session.poll_timeout() {
+            Some(t) if d.timer_at != Some(t) => {
                 d.timer_at = Some(t);
                 self.queue.push(t.max(self.now), Ev::DeviceTimer(i));
             }
+            Some(_) => {}
+            None => d.timer_at = None,
         }
     }
 
@@ -662,7 +674,7 @@ impl<'a> Simulation<'a> {
                     tracing::debug!(device = %self.devices[i].id, %reason, "device closed its session");
                     if self.devices[i].connected {
                         self.devices[i].refused = true;
-                        self.disconnect(i, false);
+                        self.disconnect(i, false)?;
                     }
                 }
             }
@@ -1062,8 +1074,8 @@ impl<'a> Simulation<'a> {
             devices_trained: trained.len(),
             mean_inference_ms: devices.iter().map(|d| d.inference_ms).sum::<f64>() / n,
             max_peak_mem_mib: devices.iter().map(|d| d.peak_mem_mib).fold(0.0, f64::max),
-            bytes_up: self.rounds.iter().map(|r| r.bytes_up).sum(),
-            bytes_down: self.rounds.iter().map(|r| r.bytes_down).sum(),
+            bytes_up: self.bytes_up_total,
+            bytes_down: self.bytes_down_total,
             rejects: counters.total_rejects(),
             missed: self.rounds.iter().map(|r| r.missed as u64).sum(),
             dropped: self.dropped_total,

@@ -1,0 +1,95 @@
+//! Speed and memory of the device agent on the default model, one row per peer figure of the
+//! speed issue, all measured in one run: LoRA training step (rank 16, batch 4 x seq 256,
+//! AdamW, fp32) dense and pruned, prompt forward (256 tokens, batch 1), greedy generation (64
+//! tokens), and the pruned model's forward speed-up, with peak RSS.
+//!
+//! FLOPs are counted analytically by `device_agent::cost` (multiply-add = 2 FLOPs; a LoRA step
+//! is forward + activation gradients, no base-weight gradients). Run with
+//! `cargo bench -p device-agent --bench speed` (add `-- quick` for one repetition).
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use device_agent::{assets, cost, generate, lora::Adapter, prune, train, weights};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn peak_rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let reps = if quick { 1 } else { 3 };
+    let device = Device::flex();
+    let (base, tok) = weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    let text = device_agent::data::moby_dick_chapter(3).expect("data").text;
+    let ids = tok.encode(&text).expect("encode");
+    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
+    let batch = train::Batch::lm(&wins);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("threads: {threads}, repetitions: {reps} (medians)");
+    println!("| workload | ours | unit | GFLOP/s | note |");
+    println!("|---|---|---|---|---|");
+
+    // LoRA training step, dense and pruned (50% MLP channels, 1/3 of the heads).
+    let mut pruned_kept = prune::KeptMaps::dense(&base.config);
+    for b in &mut pruned_kept.blocks {
+        b.channels = (0..base.config.ffn_dim / 2).collect();
+        b.heads = vec![0, 1, 3, 4, 6, 7];
+    }
+    for (name, kept) in [("dense", prune::KeptMaps::dense(&base.config)), ("pruned 50% MLP, 1/3 heads", pruned_kept.clone())] {
+        let model = prune::slice_model(&base, &kept).expect("slice");
+        let ad = Adapter::new(&model.config, 16, 32.0, 0, &device);
+        let mut t = train::Tuner::new(&base, kept, ad, train::TrainConfig::default()).expect("tuner");
+        t.train_micro(&batch, 1e-3, false); // warm-up
+        let mut secs = Vec::new();
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            t.train_micro(&batch, 1e-3, false).expect("one optimiser step per micro-batch");
+            secs.push(t0.elapsed().as_secs_f64());
+        }
+        let s = median(secs);
+        let flops = cost::train_step_flops(&model.config, 16, 4, 256);
+        println!("| LoRA r16 step, b4 x s256, fp32, {name} | {:.0} | tok/s ({s:.2} s/step) | {:.0} | peak RSS so far {:.0} MiB |", 1024.0 / s, flops / s / 1e9, peak_rss_mib());
+    }
+
+    // Prompt forward, 256 tokens, batch 1, dense and pruned.
+    let prompt: Vec<u32> = ids[..256].to_vec();
+    let mut fwd = Vec::new();
+    for (name, kept) in [("dense", prune::KeptMaps::dense(&base.config)), ("pruned", pruned_kept)] {
+        let model = prune::slice_model(&base, &kept).expect("slice");
+        let toks = || model.tokens_tensor(&[prompt.clone()]);
+        let _ = model.forward(toks(), None).into_data();
+        let mut secs = Vec::new();
+        for _ in 0..reps.max(3) {
+            let t0 = Instant::now();
+            let _ = model.forward(toks(), None).into_data();
+            secs.push(t0.elapsed().as_secs_f64());
+        }
+        let s = median(secs);
+        fwd.push(s);
+        let flops = cost::forward_flops(&model.config, 256, 256, true);
+        println!("| prompt forward 256 tokens, b1, fp32, {name} | {:.0} | tok/s | {:.0} | |", 256.0 / s, flops / s / 1e9);
+    }
+    println!("| forward speed-up of the pruned model | {:.2} | x | | |", fwd[0] / fwd[1]);
+
+    // Greedy generation of 64 tokens after a short prompt.
+    let chat = tok.encode(&tok.chat_prompt("Write a short story about a whale.", None)).expect("encode");
+    let cfg = generate::GenerateConfig { max_new_tokens: 64, sampling: generate::Sampling::Greedy, seed: 0 };
+    let mut rates = Vec::new();
+    for _ in 0..reps {
+        let g = generate::generate(&base, &tok, None, &chat, &cfg, |_| {}).expect("generate");
+        rates.push(g.tokens.len() as f64 / g.decode_s);
+    }
+    println!("| greedy generation, fp32 weights | {:.1} | tok/s | | weights {:.0} MB per token |", median(rates), base.config.total_params() as f64 * 4.0 / 1e6);
+    println!("peak RSS: {:.0} MiB", peak_rss_mib());
+}
