@@ -55,6 +55,9 @@ pub struct WorkloadConfig {
     pub spam_examples: usize,
     /// Body tokens kept per e-mail.
     pub spam_body_tokens: usize,
+    /// Size of a global held-out set (balanced over labels for spam) that evaluations of the
+    /// global adapter use instead of each device's own held-out data; 0 = devices' own.
+    pub global_eval_items: usize,
 }
 
 impl Default for WorkloadConfig {
@@ -69,6 +72,7 @@ impl Default for WorkloadConfig {
             max_train_items: 64,
             spam_examples: 2400,
             spam_body_tokens: 48,
+            global_eval_items: 0,
         }
     }
 }
@@ -77,6 +81,12 @@ impl Default for WorkloadConfig {
 pub struct DeviceData {
     pub data: LocalData,
     pub label: String,
+}
+
+/// Every device's data, and the global held-out set when configured.
+pub struct Workload {
+    pub devices: Vec<DeviceData>,
+    pub global_test: Option<LocalData>,
 }
 
 fn cut_at_whitespace(text: &str, mut i: usize) -> usize {
@@ -115,12 +125,7 @@ fn cap<T>(mut v: Vec<T>, n: usize) -> Vec<T> {
 }
 
 /// Build every device's data for `n` devices.
-pub fn build(
-    cfg: &WorkloadConfig,
-    n: usize,
-    tok: &Tok,
-    seed: u64,
-) -> Result<Vec<DeviceData>, SimError> {
+pub fn build(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Workload, SimError> {
     match cfg.kind {
         WorkloadKind::Sotu => build_sotu(cfg, n, tok, seed),
         WorkloadKind::Spam => build_spam(cfg, n, tok, seed),
@@ -183,12 +188,7 @@ pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) 
         .collect()
 }
 
-fn build_sotu(
-    cfg: &WorkloadConfig,
-    n: usize,
-    tok: &Tok,
-    seed: u64,
-) -> Result<Vec<DeviceData>, SimError> {
+fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Workload, SimError> {
     let speeches = data::sotu().map_err(|e| SimError::Data(e.to_string()))?;
     let meta: Vec<DocMeta> = speeches
         .iter()
@@ -204,6 +204,8 @@ fn build_sotu(
         SotuSplit::Era => partition::by_era(&meta, n),
     };
     let mut out = Vec::with_capacity(n);
+    let mut held_out: Vec<Vec<Vec<u32>>> = Vec::with_capacity(n);
+    
     for (d, shard) in shards.into_iter().enumerate() {
         let parts: Vec<&str> = shard.pieces.iter().map(|p| piece_text(&texts, p)).collect();
         let mut lm = LmShard::build(
@@ -221,21 +223,31 @@ fn build_sotu(
             )));
         }
         lm.train = cap(lm.train, cfg.max_train_items);
+        held_out.push(lm.test.clone());
         lm.test = cap(lm.test, cfg.eval_items);
         out.push(DeviceData {
             data: LocalData::Lm(lm),
             label: shard.label,
         });
     }
-    Ok(out)
+    // The global set: held-out windows of every device in turn.
+    let global_test = (cfg.global_eval_items > 0).then(|| {
+        let mut test = Vec::with_capacity(cfg.global_eval_items);
+        let mut k = 0;
+        while test.len() < cfg.global_eval_items && held_out.iter().any(|h| k < h.len()) {
+            for h in &held_out {
+                if test.len() < cfg.global_eval_items && k < h.len() {
+                    test.push(h[k].clone());
+                }
+            }
+            k += 1;
+        }
+        LocalData::Lm(LmShard { seq_len: cfg.seq_len, train: Vec::new(), test })
+    });
+    Ok(Workload { devices: out, global_test })
 }
 
-fn build_spam(
-    cfg: &WorkloadConfig,
-    n: usize,
-    tok: &Tok,
-    seed: u64,
-) -> Result<Vec<DeviceData>, SimError> {
+fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Workload, SimError> {
     let mut mails = data::spam_assassin().map_err(|e| SimError::Data(e.to_string()))?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a_4d11);
     // A seeded sample of the corpus, label proportions kept.
@@ -260,6 +272,41 @@ fn build_spam(
     }
     let task =
         SpamTask::new(tok, cfg.spam_body_tokens).map_err(|e| SimError::Data(e.to_string()))?;
+    let encode = |m: &data::Email| {
+        // Tokenise a prefix only: the body is truncated to `spam_body_tokens` anyway.
+        let end = cut_at_whitespace(&m.text, cfg.spam_body_tokens * 12);
+        task.example(tok, &m.text[..end], m.spam)
+            .map_err(|e| SimError::Data(e.to_string()))
+    };
+    // A balanced global held-out set, taken out before partitioning.
+    let mut global = Vec::new();
+    if cfg.global_eval_items > 0 {
+        let half = cfg.global_eval_items / 2;
+        let (mut s, mut h) = (0, 0);
+        let mut rest = Vec::with_capacity(mails.len());
+        for m in mails.drain(..) {
+            if m.spam && s < half {
+                s += 1;
+                global.push(m);
+            } else if !m.spam && h < cfg.global_eval_items - half {
+                h += 1;
+                global.push(m);
+            } else {
+                rest.push(m);
+            }
+        }
+        mails = rest;
+    }
+    let global_test = if global.is_empty() {
+        None
+    } else {
+        let test = global.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        Some(LocalData::Cls {
+            task: task.clone(),
+            shard: ClsShard { train: Vec::new(), test },
+            pad: tok.eos,
+        })
+    };
     let labels: Vec<usize> = mails.iter().map(|m| usize::from(m.spam)).collect();
     let per_device =
         partition::dirichlet_label_skew(&labels, 2, n, cfg.dirichlet_alpha, 6, &mut rng);
@@ -267,13 +314,7 @@ fn build_spam(
     for (d, idx) in per_device.into_iter().enumerate() {
         let mut examples = Vec::with_capacity(idx.len());
         for &i in &idx {
-            let m = &mails[i];
-            // Tokenise a prefix only: the body is truncated to `spam_body_tokens` anyway.
-            let end = cut_at_whitespace(&m.text, cfg.spam_body_tokens * 12);
-            let ex = task
-                .example(tok, &m.text[..end], m.spam)
-                .map_err(|e| SimError::Data(e.to_string()))?;
-            examples.push(ex);
+            examples.push(encode(&mails[i])?);
         }
         let spam = examples.iter().filter(|e| e.label).count();
         let mut shard = ClsShard::split(
@@ -303,7 +344,7 @@ fn build_spam(
             label,
         });
     }
-    Ok(out)
+    Ok(Workload { devices: out, global_test })
 }
 
 /// Tokens one held-out evaluation scores and their sequence length (for the time model).

@@ -26,6 +26,8 @@ pub struct Resources {
     pub labels: Vec<String>,
     pub base: Option<Llama>,
     pub data: Vec<LocalData>,
+    /// A global held-out set evaluations use instead of devices' own held-out data.
+    pub global_test: Option<LocalData>,
     pub surrogate: Option<SurrogateParams>,
 }
 
@@ -53,6 +55,7 @@ impl Resources {
                 labels,
                 base: None,
                 data: Vec::new(),
+                global_test: None,
                 surrogate: Some(params),
             });
         }
@@ -65,7 +68,7 @@ impl Resources {
                 }
                 let m = tiny_model(t);
                 let shards = data::build_synthetic(&cfg.workload, n, t.vocab, cfg.seed);
-                (m, shards)
+                (m, data::Workload { devices: shards, global_test: None })
             }
             choice => {
                 let path = match choice {
@@ -78,12 +81,14 @@ impl Resources {
                 (m, shards)
             }
         };
-        let (data, labels) = shards.into_iter().map(|d| (d.data, d.label)).unzip();
+        let global_test = shards.global_test;
+        let (data, labels) = shards.devices.into_iter().map(|d| (d.data, d.label)).unzip();
         Ok(Resources {
             profiles,
             labels,
             base: Some(base),
             data,
+            global_test,
             surrogate: None,
         })
     }
@@ -91,7 +96,11 @@ impl Resources {
     /// A trainer for one run (the base model's tensors are shared, not copied).
     pub fn trainer(&self, cfg: &ExperimentConfig) -> Result<Box<dyn LocalTrainer>, SimError> {
         match (&self.base, &self.surrogate) {
-            (Some(base), _) => Ok(Box::new(RealTrainer::new(base.clone(), self.data.clone()))),
+            (Some(base), _) => Ok(Box::new(RealTrainer::new(
+                base.clone(),
+                self.data.clone(),
+                self.global_test.clone(),
+            ))),
             (None, Some(p)) => {
                 let seq = cfg.workload.seq_len;
                 let eval_tokens = cfg.workload.eval_items.max(1) * seq;

@@ -156,6 +156,7 @@ pub struct Summary {
     pub devices_trained: usize,
     pub mean_inference_ms: f64,
     pub max_peak_mem_mib: f64,
+    /// Bytes on every link over the whole run (every message, late and refused ones included).
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub rejects: u64,

@@ -71,11 +71,17 @@ pub struct RealTrainer {
     /// The one frozen base model; devices hold only kept maps and adapters.
     pub base: Llama,
     pub data: Vec<LocalData>,
+    /// When set, evaluations of the global adapter use this held-out set for every device.
+    pub global_test: Option<LocalData>,
 }
 
 impl RealTrainer {
-    pub fn new(base: Llama, data: Vec<LocalData>) -> Self {
-        RealTrainer { base, data }
+    pub fn new(base: Llama, data: Vec<LocalData>, global_test: Option<LocalData>) -> Self {
+        RealTrainer {
+            base,
+            data,
+            global_test,
+        }
     }
 }
 
@@ -137,7 +143,7 @@ impl LocalTrainer for RealTrainer {
         state: &DeviceState,
         slice: &GlobalSlice,
     ) -> Result<Quality, String> {
-        let data = &self.data[device];
+        let data = self.global_test.as_ref().unwrap_or(&self.data[device]);
         let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
         let job = eval_job(slice);
         let adapter = session::start_adapter(&job, state, &self.base).map_err(|e| e.to_string())?;

@@ -23,7 +23,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
     let ModelChoice::Tiny(t) = &cfg.model else { panic!("tiny model expected") };
     let shards = data::build_synthetic(&cfg.workload, profiles.len(), t.vocab, cfg.seed);
     let (data, labels) = shards.into_iter().map(|d| (d.data, d.label)).unzip();
-    Resources { profiles, labels, base: Some(tiny_model(t)), data, surrogate: None }
+    Resources { profiles, labels, base: Some(tiny_model(t)), data, global_test: None, surrogate: None }
 }
 
 /// The report's files as text (what `write_to` writes, without the SVGs).
