@@ -26,8 +26,63 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Kept maps for a uniform prune of `ratio` of the non-embedding parameters (magnitude
+/// criterion, every block alike, so the comparison is about size, not about which units).
+fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMaps {
+    let pc = prune::PruneConfig { uniform: true, protected_blocks: vec![], ..prune::PruneConfig::default() };
+    prune::select_prune(&base.config, &prune::KeptMaps::dense(&base.config), &prune::magnitude_scores(base), ratio, &pc)
+}
+
+/// One training configuration in its own process so its peak RSS is its own:
+/// `speed step <sparsity> <rank>`.
+fn step_only(sparsity: f64, rank: usize) {
+    let device = Device::flex();
+    let (base, tok) = weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    let ids = tok.encode(&device_agent::data::moby_dick_chapter(3).expect("data").text).expect("encode");
+    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
+    let batch = train::Batch::lm(&wins);
+    let kept = uniform_prune(&base, sparsity);
+    let model = prune::slice_model(&base, &kept).expect("slice");
+    let ad = Adapter::new(&model.config, rank, 2.0 * rank as f64, 0, &device);
+    let mut t = train::Tuner::new(&base, kept, ad, train::TrainConfig::default()).expect("tuner");
+    t.train_micro(&batch, 1e-3, false);
+    let mut secs = Vec::new();
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        t.train_micro(&batch, 1e-3, false);
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    let s = median(secs);
+    let est = cost::train_memory(&model.config, rank, 4, 256).total as f64 / (1 << 20) as f64;
+    println!(
+        "| {:.2} | {rank} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
+        model.config.sparsity(),
+        1024.0 / s,
+        peak_rss_mib()
+    );
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "step") {
+        let sp: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let r: usize = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(16);
+        step_only(sp, r);
+        return;
+    }
+    if args.iter().any(|a| a == "grid") {
+        println!("| sparsity | rank | s/step | tok/s | peak RSS MiB | estimate MiB |");
+        println!("|---|---|---|---|---|---|");
+        let exe = std::env::current_exe().expect("own path");
+        for sp in [0.0, 0.3, 0.5] {
+            for r in [8, 16, 64] {
+                let out = std::process::Command::new(&exe).args(["step", &sp.to_string(), &r.to_string()]).output().expect("child");
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        return;
+    }
+    let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 1 } else { 3 };
     let device = Device::flex();
     let (base, tok) = weights::load(&assets::default_model().expect("model"), &device).expect("load");
@@ -81,6 +136,25 @@ fn main() {
         println!("| prompt forward 256 tokens, b1, fp32, {name} | {:.0} | tok/s | {:.0} | |", 256.0 / s, flops / s / 1e9);
     }
     println!("| forward speed-up of the pruned model | {:.2} | x | | |", fwd[0] / fwd[1]);
+
+    // Inference latency by sparsity (uniform pruning), 256-token prompt.
+    let mut dense_s = 0.0;
+    for sp in [0.0, 0.3, 0.5] {
+        let model = prune::slice_model(&base, &uniform_prune(&base, sp)).expect("slice");
+        let toks = || model.tokens_tensor(&[prompt.clone()]);
+        let _ = model.forward(toks(), None).into_data();
+        let mut secs = Vec::new();
+        for _ in 0..reps.max(3) {
+            let t0 = Instant::now();
+            let _ = model.forward(toks(), None).into_data();
+            secs.push(t0.elapsed().as_secs_f64());
+        }
+        let s = median(secs);
+        if sp == 0.0 {
+            dense_s = s;
+        }
+        println!("| prompt forward at sparsity {:.2} | {:.1} | ms ({:.2}x dense) | | {} params |", model.config.sparsity(), s * 1e3, s / dense_s, model.config.total_params());
+    }
 
     // Greedy generation of 64 tokens after a short prompt.
     let chat = tok.encode(&tok.chat_prompt("Write a short story about a whale.", None)).expect("encode");
