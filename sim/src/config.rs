@@ -26,7 +26,7 @@
 //! rank = 8
 //! ```
 //!
-//! Presets (`default`, `full`, `surrogate`, `tiny`) are such files in `sim/configs/`, compiled
+//! Presets (`default`, `sotu`, `full`, `surrogate`, `tiny`) are such files in `sim/configs/`, compiled
 //! in; `sim run` without arguments runs `default`.
 
 use std::collections::BTreeMap;
@@ -95,21 +95,16 @@ impl FleetConfig {
 }
 
 /// The model the devices train.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ModelChoice {
     /// SmolLM2-135M-Instruct from the asset cache.
+    #[default]
     Default,
     /// A GGUF file or HF checkpoint directory.
     Path { path: PathBuf },
     /// A random tiny LLaMA (tests, smoke runs); pairs with the synthetic workload.
     Tiny(TinyModel),
-}
-
-impl Default for ModelChoice {
-    fn default() -> Self {
-        ModelChoice::Default
-    }
 }
 
 /// Shape of a random tiny model.
@@ -182,19 +177,11 @@ impl Default for EvalConfig {
 }
 
 /// Surrogate-mode settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SurrogateConfig {
     /// Parameters file written by `sim fit-surrogate`; empty = the built-in fit.
     pub params: String,
-}
-
-impl Default for SurrogateConfig {
-    fn default() -> Self {
-        SurrogateConfig {
-            params: String::new(),
-        }
-    }
 }
 
 /// A whole experiment.
@@ -241,8 +228,9 @@ impl Default for ExperimentConfig {
 }
 
 /// The built-in presets: (name, TOML text).
-pub const PRESETS: [(&str, &str); 4] = [
+pub const PRESETS: [(&str, &str); 5] = [
     ("default", include_str!("../configs/default.toml")),
+    ("sotu", include_str!("../configs/sotu.toml")),
     ("full", include_str!("../configs/full.toml")),
     ("surrogate", include_str!("../configs/surrogate.toml")),
     ("tiny", include_str!("../configs/tiny.toml")),
@@ -342,7 +330,7 @@ impl ExperimentConfig {
                 "the tiny model pairs with the synthetic workload (and only it)".into(),
             ));
         }
-        if !(self.max_virtual_hours > 0.0) {
+        if self.max_virtual_hours.is_nan() || self.max_virtual_hours <= 0.0 {
             return Err(SimError::Config(
                 "max_virtual_hours must be positive".into(),
             ));

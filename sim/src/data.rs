@@ -205,7 +205,7 @@ fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
     };
     let mut out = Vec::with_capacity(n);
     let mut held_out: Vec<Vec<Vec<u32>>> = Vec::with_capacity(n);
-    
+
     for (d, shard) in shards.into_iter().enumerate() {
         let parts: Vec<&str> = shard.pieces.iter().map(|p| piece_text(&texts, p)).collect();
         let mut lm = LmShard::build(
@@ -242,9 +242,16 @@ fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
             }
             k += 1;
         }
-        LocalData::Lm(LmShard { seq_len: cfg.seq_len, train: Vec::new(), test })
+        LocalData::Lm(LmShard {
+            seq_len: cfg.seq_len,
+            train: Vec::new(),
+            test,
+        })
     });
-    Ok(Workload { devices: out, global_test })
+    Ok(Workload {
+        devices: out,
+        global_test,
+    })
 }
 
 fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Workload, SimError> {
@@ -303,7 +310,10 @@ fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
         let test = global.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         Some(LocalData::Cls {
             task: task.clone(),
-            shard: ClsShard { train: Vec::new(), test },
+            shard: ClsShard {
+                train: Vec::new(),
+                test,
+            },
             pad: tok.eos,
         })
     };
@@ -344,7 +354,10 @@ fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
             label,
         });
     }
-    Ok(Workload { devices: out, global_test })
+    Ok(Workload {
+        devices: out,
+        global_test,
+    })
 }
 
 /// Tokens one held-out evaluation scores and their sequence length (for the time model).

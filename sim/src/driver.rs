@@ -872,12 +872,12 @@ impl<'a> Simulation<'a> {
             .map(|i| self.sparsity_of(i))
             .sum::<f64>()
             / self.devices.len().max(1) as f64;
-        let eval =
-            if round % self.cfg.eval.every_rounds == 0 || round >= self.cfg.coordinator.rounds {
-                Some(self.evaluate_panel(round)?)
-            } else {
-                None
-            };
+        let eval = if due(round, self.cfg.eval.every_rounds) || round >= self.cfg.coordinator.rounds
+        {
+            Some(self.evaluate_panel(round)?)
+        } else {
+            None
+        };
         let record = RoundRecord {
             round,
             started_s: ms_to_s(s.started_at.0),
@@ -1085,6 +1085,13 @@ impl<'a> Simulation<'a> {
             ended_by: ended_by.to_string(),
         }
     }
+}
+
+/// Whether `round` is a multiple of `every` (`u64::is_multiple_of` needs Rust 1.87; the
+/// workspace supports 1.85).
+#[allow(clippy::manual_is_multiple_of)]
+fn due(round: u64, every: u64) -> bool {
+    every > 0 && round % every == 0
 }
 
 /// Whether local hour `h` falls in one of `windows` (empty = always).

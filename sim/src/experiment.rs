@@ -68,7 +68,13 @@ impl Resources {
                 }
                 let m = tiny_model(t);
                 let shards = data::build_synthetic(&cfg.workload, n, t.vocab, cfg.seed);
-                (m, data::Workload { devices: shards, global_test: None })
+                (
+                    m,
+                    data::Workload {
+                        devices: shards,
+                        global_test: None,
+                    },
+                )
             }
             choice => {
                 let path = match choice {
@@ -82,7 +88,11 @@ impl Resources {
             }
         };
         let global_test = shards.global_test;
-        let (data, labels) = shards.devices.into_iter().map(|d| (d.data, d.label)).unzip();
+        let (data, labels) = shards
+            .devices
+            .into_iter()
+            .map(|d| (d.data, d.label))
+            .unzip();
         Ok(Resources {
             profiles,
             labels,

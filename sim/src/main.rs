@@ -56,7 +56,7 @@ struct RunArgs {
     /// Experiment file (TOML); see `sim presets` for the built-in ones.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in preset: default, full, surrogate, tiny.
+    /// Built-in preset: default, sotu, full, surrogate, tiny.
     #[arg(long)]
     preset: Option<String>,
     /// Override the strategy.

@@ -203,10 +203,7 @@ pub fn dirichlet_label_skew(
         }
     }
     let min = min_per_device.min(labels.len() / n.max(1));
-    loop {
-        let Some(poor) = (0..n).find(|&d| out[d].len() < min) else {
-            break;
-        };
+    while let Some(poor) = (0..n).find(|&d| out[d].len() < min) {
         let rich = (0..n)
             .max_by_key(|&d| (out[d].len(), std::cmp::Reverse(d)))
             .expect("devices");

@@ -348,7 +348,8 @@ pub fn metric_svg(reports: &[Report]) -> String {
 
 /// Mean pruning ratio and mean rank played per round, one line per device class.
 pub fn arms_svg(report: &Report) -> String {
-    let mut by_class: BTreeMap<&str, (Vec<(f64, f64)>, Vec<(f64, f64)>)> = BTreeMap::new();
+    type Lines = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+    let mut by_class: BTreeMap<&str, Lines> = BTreeMap::new();
     for r in &report.rounds {
         let mut acc: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
         for p in &r.plays {

@@ -20,18 +20,38 @@ fn agx() -> DeviceProfile {
 
 /// Resources for `profiles` with the tiny model and synthetic data of `cfg`.
 fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources {
-    let ModelChoice::Tiny(t) = &cfg.model else { panic!("tiny model expected") };
+    let ModelChoice::Tiny(t) = &cfg.model else {
+        panic!("tiny model expected")
+    };
     let shards = data::build_synthetic(&cfg.workload, profiles.len(), t.vocab, cfg.seed);
     let (data, labels) = shards.into_iter().map(|d| (d.data, d.label)).unzip();
-    Resources { profiles, labels, base: Some(tiny_model(t)), data, global_test: None, surrogate: None }
+    Resources {
+        profiles,
+        labels,
+        base: Some(tiny_model(t)),
+        data,
+        global_test: None,
+        surrogate: None,
+    }
 }
 
 /// The report's files as text (what `write_to` writes, without the SVGs).
 fn report_text(r: &Report) -> String {
-    let dir = std::env::temp_dir().join(format!("fedspine-sim-{}-{}", std::process::id(), r.summary.strategy));
+    let dir = std::env::temp_dir().join(format!(
+        "fedspine-sim-{}-{}",
+        std::process::id(),
+        r.summary.strategy
+    ));
     r.write_to(&dir).unwrap();
     let mut s = String::new();
-    for f in ["rounds.jsonl", "devices.jsonl", "summary.json", "summary.md", "arms.svg", "metric.svg"] {
+    for f in [
+        "rounds.jsonl",
+        "devices.jsonl",
+        "summary.json",
+        "summary.md",
+        "arms.svg",
+        "metric.svg",
+    ] {
         s.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -50,7 +70,9 @@ fn same_seed_gives_byte_identical_reports_and_another_seed_differs() {
     let (b, _) = run(&cfg, &res);
     assert_eq!(a.summary.ended_by, "finished");
     assert_eq!(a.summary.rounds_closed, cfg.coordinator.rounds);
-    assert!(a.summary.jobs_trained >= cfg.coordinator.rounds * cfg.coordinator.devices_per_round as u64);
+    assert!(
+        a.summary.jobs_trained >= cfg.coordinator.rounds * cfg.coordinator.devices_per_round as u64
+    );
     assert_eq!(report_text(&a), report_text(&b));
 
     let mut other = cfg.clone();
@@ -70,7 +92,12 @@ fn same_seed_gives_byte_identical_reports_and_another_seed_differs() {
 fn ucb_totals(state: &CoordinatorState, device: u64) -> (u64, f64) {
     let rec = state.devices.iter().find(|d| d.id.0 == device).unwrap();
     let v = serde_json::to_value(&rec.bandit.policy).unwrap();
-    let stats = v.pointer("/Ucb1/stats").or_else(|| v.pointer("/ucb1/stats")).or_else(|| v.get("stats")).cloned().unwrap_or_else(|| panic!("no UCB1 statistics in {v}"));
+    let stats = v
+        .pointer("/Ucb1/stats")
+        .or_else(|| v.pointer("/ucb1/stats"))
+        .or_else(|| v.get("stats"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no UCB1 statistics in {v}"));
     let mut count = 0;
     let mut sum = 0.0;
     for s in stats.as_array().unwrap() {
@@ -91,11 +118,21 @@ fn a_straggler_misses_its_deadlines_and_its_bandit_learns_reward_zero() {
     let cfg = cfg.with_strategy("fedspine").unwrap();
     // A straggler whose cheapest round (rank 2, pruning at most halving the work) takes 12 s
     // against a 10 s deadline, and its costliest well under the run's 60 s.
-    let ModelChoice::Tiny(t) = &cfg.model else { panic!() };
+    let ModelChoice::Tiny(t) = &cfg.model else {
+        panic!()
+    };
     let dense = tiny_model(t).config;
     let seq = cfg.workload.seq_len;
-    let shape = timing::StepShape { rank: 2, batch: cfg.coordinator.batch_size as usize, seq, eval_tokens: cfg.workload.eval_items * seq, eval_seq: seq };
-    let cheapest = 0.5 * timing::round_flops_estimate(&dense, &dense, shape, cfg.coordinator.local_steps as usize).total();
+    let shape = timing::StepShape {
+        rank: 2,
+        batch: cfg.coordinator.batch_size as usize,
+        seq,
+        eval_tokens: cfg.workload.eval_items * seq,
+        eval_seq: seq,
+    };
+    let cheapest = 0.5
+        * timing::round_flops_estimate(&dense, &dense, shape, cfg.coordinator.local_steps as usize)
+            .total();
     let mut slow = agx();
     slow.name = "straggler".into();
     slow.class = "Straggler".into();
@@ -106,13 +143,33 @@ fn a_straggler_misses_its_deadlines_and_its_bandit_learns_reward_zero() {
     let res = resources(&cfg, profiles);
     let (report, state) = run(&cfg, &res);
     let straggler = 5;
-    let plays: Vec<_> = report.rounds.iter().flat_map(|r| r.plays.iter()).filter(|p| p.device == straggler).collect();
-    assert_eq!(plays.len(), cfg.coordinator.rounds as usize, "selected every round");
-    assert!(plays.iter().all(|p| p.outcome == "missed" && p.reward == Some(0.0)), "{plays:?}");
+    let plays: Vec<_> = report
+        .rounds
+        .iter()
+        .flat_map(|r| r.plays.iter())
+        .filter(|p| p.device == straggler)
+        .collect();
+    assert_eq!(
+        plays.len(),
+        cfg.coordinator.rounds as usize,
+        "selected every round"
+    );
+    assert!(
+        plays
+            .iter()
+            .all(|p| p.outcome == "missed" && p.reward == Some(0.0)),
+        "{plays:?}"
+    );
     // Every round closed at its deadline, and the straggler's late updates were refused.
-    assert!(report.rounds.iter().all(|r| r.closed_by == "deadline" && r.aggregated));
+    assert!(report
+        .rounds
+        .iter()
+        .all(|r| r.closed_by == "deadline" && r.aggregated));
     let rec = state.devices.iter().find(|d| d.id.0 == straggler).unwrap();
-    assert_eq!((rec.rounds_completed, rec.rounds_missed), (0, cfg.coordinator.rounds));
+    assert_eq!(
+        (rec.rounds_completed, rec.rounds_missed),
+        (0, cfg.coordinator.rounds)
+    );
     // The bandit saw one zero reward per round for the straggler; fast devices earned more.
     let (count, sum) = ucb_totals(&state, straggler);
     assert_eq!((count, sum), (cfg.coordinator.rounds, 0.0));
@@ -134,7 +191,9 @@ fn a_device_with_too_little_ram_never_plays_an_excluded_arm_again() {
     cfg.coordinator.over_selection = 0.0;
     let cfg = cfg.with_strategy("fedspine").unwrap();
     // RAM between the needs of ranks 4 and 8 at the dense shape: rank 8 fails until pruned far.
-    let ModelChoice::Tiny(t) = &cfg.model else { panic!() };
+    let ModelChoice::Tiny(t) = &cfg.model else {
+        panic!()
+    };
     let dense = tiny_model(t).config;
     let (b, s) = (cfg.coordinator.batch_size as usize, cfg.workload.seq_len);
     let need4 = timing::peak_memory(&dense, 4, b, s);
@@ -148,7 +207,12 @@ fn a_device_with_too_little_ram_never_plays_an_excluded_arm_again() {
     let (report, _) = run(&cfg, &res);
     let mut ooms = 0;
     for d in 1..=3u64 {
-        let plays: Vec<_> = report.rounds.iter().flat_map(|r| r.plays.iter().map(move |p| (r.round, p))).filter(|(_, p)| p.device == d).collect();
+        let plays: Vec<_> = report
+            .rounds
+            .iter()
+            .flat_map(|r| r.plays.iter().map(move |p| (r.round, p)))
+            .filter(|(_, p)| p.device == d)
+            .collect();
         for (k, (round, p)) in plays.iter().enumerate() {
             if p.outcome != "out_of_memory" {
                 continue;
@@ -160,9 +224,15 @@ fn a_device_with_too_little_ram_never_plays_an_excluded_arm_again() {
                 assert!(!covered, "device {d}: round {later} replays ({}, {}) after the OOM of ({}, {}) in round {round}", q.prune_ratio, q.rank, p.prune_ratio, p.rank);
             }
         }
-        assert!(plays.iter().any(|(_, p)| p.outcome == "accepted"), "device {d} trained a feasible arm");
+        assert!(
+            plays.iter().any(|(_, p)| p.outcome == "accepted"),
+            "device {d} trained a feasible arm"
+        );
     }
-    assert!(ooms >= 1, "the scenario must provoke out-of-memory failures");
+    assert!(
+        ooms >= 1,
+        "the scenario must provoke out-of-memory failures"
+    );
     assert_eq!(report.summary.out_of_memory, ooms);
 }
 
@@ -174,15 +244,38 @@ fn dropouts_lose_the_round_and_devices_come_back() {
     let mut flaky = agx();
     flaky.dropout_prob = 1.0;
     flaky.reconnect_s = 1.0;
-    let profiles = vec![agx(), agx(), agx(), agx(), flaky.clone(), flaky.clone(), flaky.clone(), flaky];
+    let profiles = vec![
+        agx(),
+        agx(),
+        agx(),
+        agx(),
+        flaky.clone(),
+        flaky.clone(),
+        flaky.clone(),
+        flaky,
+    ];
     let res = resources(&cfg, profiles);
     let (report, _) = run(&cfg, &res);
     assert_eq!(report.summary.ended_by, "finished");
-    let flaky_plays: Vec<_> = report.rounds.iter().flat_map(|r| r.plays.iter()).filter(|p| p.device >= 5).collect();
+    let flaky_plays: Vec<_> = report
+        .rounds
+        .iter()
+        .flat_map(|r| r.plays.iter())
+        .filter(|p| p.device >= 5)
+        .collect();
     assert!(!flaky_plays.is_empty());
-    assert!(flaky_plays.iter().all(|p| p.outcome == "dropped" || p.outcome == "missed"), "{flaky_plays:?}");
+    assert!(
+        flaky_plays
+            .iter()
+            .all(|p| p.outcome == "dropped" || p.outcome == "missed"),
+        "{flaky_plays:?}"
+    );
     assert!(report.summary.dropped >= 1);
     // Dropped devices reconnected: they were selected again in later rounds.
-    let rounds_with_flaky = report.rounds.iter().filter(|r| r.plays.iter().any(|p| p.device >= 5)).count();
+    let rounds_with_flaky = report
+        .rounds
+        .iter()
+        .filter(|r| r.plays.iter().any(|p| p.device >= 5))
+        .count();
     assert!(rounds_with_flaky >= 2, "{rounds_with_flaky}");
 }
