@@ -1,6 +1,7 @@
 //! The `aggregator` command line: manage the private CA (`ca init`, `ca issue-device`,
 //! `ca issue-server`) and run the federated server (`serve`).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,6 +91,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Ca(ca) => run_ca(ca),

@@ -31,6 +31,10 @@ use rustls::RootCertStore;
 
 use crate::pki::{self, Identity, PkiError};
 
+/// The async runtime and QUIC crates this transport is built on, for drivers outside this
+/// crate (the device agent's client) so that they use exactly the same versions.
+pub use {quinn, tokio};
+
 /// Application protocol negotiated by TLS; both sides must set it or the handshake fails.
 pub const ALPN: &[u8] = b"fedspine/1";
 /// Per-stream receive window: a whole 20 MB update can be in flight.
@@ -97,15 +101,22 @@ pub fn install_crypto_provider() {
 
 /// Transport parameters sized for multi-MB updates.
 pub fn transport_config() -> quinn::TransportConfig {
+    transport_config_with_idle(IDLE_TIMEOUT)
+}
+
+/// [`transport_config`] with another idle timeout (the smaller of both sides' applies), and
+/// keep-alives often enough (at most a third of it) that a healthy idle connection survives.
+/// A short timeout lets a device notice a vanished aggregator quickly.
+pub fn transport_config_with_idle(idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
         .send_window(SEND_WINDOW_BYTES)
         .max_concurrent_bidi_streams(VarInt::from_u32(4))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
-    // 60 s fits the idle-timeout encoding; `try_from` fails only beyond 2^62 ms.
-    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL.min(idle / 3)));
+    // Durations below 2^62 ms fit the idle-timeout encoding.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     t
@@ -188,6 +199,17 @@ pub fn load_client_config(
 ) -> Result<quinn::ClientConfig, TransportError> {
     let identity = pki::load_identity(&pki::device_paths(pki_dir, id))?;
     client_config(&pki::load_ca(pki_dir)?, Some(identity))
+}
+
+/// [`load_client_config`] with the idle timeout of [`transport_config_with_idle`].
+pub fn load_client_config_with_idle(
+    pki_dir: &Path,
+    id: DeviceId,
+    idle: Duration,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let mut config = load_client_config(pki_dir, id)?;
+    config.transport_config(Arc::new(transport_config_with_idle(idle)));
+    Ok(config)
 }
 
 /// A UDP socket bound to `addr` with enlarged buffers (best effort: a kernel cap is logged,

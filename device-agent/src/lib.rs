@@ -3,6 +3,7 @@
 
 pub mod assets;
 pub mod backend;
+pub mod client;
 pub mod cost;
 pub mod data;
 pub mod eval;

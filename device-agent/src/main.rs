@@ -45,6 +45,8 @@ enum Command {
     Tune(TuneArgs),
     /// Merge an adapter into its pruned base and write GGUF or HF safetensors.
     Export(ExportArgs),
+    /// Take part in federated rounds: connect to an aggregator (QUIC, mutual TLS) and train.
+    Join(device_agent::client::JoinArgs),
 }
 
 #[derive(Args)]
@@ -325,6 +327,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Tune(args) => tune(args)?,
+        Command::Join(args) => { device_agent::client::run_join(args)?; }
         Command::Export(args) => {
             let (base, tok) = load(&args.model)?;
             let model = match &args.adapter {
