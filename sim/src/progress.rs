@@ -56,7 +56,7 @@ impl Observer for Progress {
             .as_ref()
             .map(|e| format!(", panel accuracy {:.4}", e.accuracy))
             .unwrap_or_default();
-        let line = format!("{}: round {}/{total} at {:.2} virtual h: {} of {} answered, {} missed, {} dropped, {} failed{eval}", self.label, r.round, r.closed_s / 3600.0, r.accepted, r.selected, r.missed, r.dropped, r.failed);
+        let line = format!("{}: round {}/{total} at {:.1} virtual min: {} of {} answered, {} missed, {} dropped, {} failed{eval}", self.label, r.round, r.closed_s / 60.0, r.accepted, r.selected, r.missed, r.dropped, r.failed);
         self.bar
             .set_message(format!("{} local rounds trained", self.jobs));
         if self.bar.is_hidden() {

@@ -142,9 +142,11 @@ pub struct Summary {
     pub devices: usize,
     pub rounds_closed: u64,
     pub rounds_aggregated: u64,
-    pub virtual_hours: f64,
+    /// Virtual time at the end of the run, seconds.
+    pub virtual_s: f64,
     pub target: String,
-    pub time_to_target_h: Option<f64>,
+    /// Virtual seconds to the first panel evaluation at or past the target.
+    pub time_to_target_s: Option<f64>,
     pub final_accuracy: Option<f64>,
     pub final_loss: Option<f64>,
     pub final_perplexity: Option<f64>,
@@ -224,6 +226,19 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     }
 }
 
+/// Minutes for runs up to two virtual hours, else hours: (unit, seconds per unit).
+fn time_unit(reports: &[Report]) -> (&'static str, f64) {
+    let longest = reports
+        .iter()
+        .map(|r| r.summary.virtual_s)
+        .fold(0.0, f64::max);
+    if longest > 7200.0 {
+        ("h", 3600.0)
+    } else {
+        ("min", 60.0)
+    }
+}
+
 /// The comparison table (Markdown) over one or more runs, plus per-class latency and sparsity.
 pub fn markdown_table(reports: &[Report]) -> String {
     let mut s = String::new();
@@ -234,12 +249,13 @@ pub fn markdown_table(reports: &[Report]) -> String {
         .first()
         .map(|r| r.summary.target.clone())
         .unwrap_or_default();
-    let _ = writeln!(s, "| strategy | time to {target} (virtual h) | final accuracy | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual h |");
+    let (unit, div) = time_unit(reports);
+    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in reports {
         let m = &r.summary;
-        let ttt = match m.time_to_target_h {
-            Some(h) => format!("{h:.2}"),
+        let ttt = match m.time_to_target_s {
+            Some(t) => format!("{:.2}", t / div),
             None => "not reached".into(),
         };
         let _ = writeln!(
@@ -260,7 +276,7 @@ pub fn markdown_table(reports: &[Report]) -> String {
             m.dropped,
             m.out_of_memory,
             m.rounds_closed,
-            m.virtual_hours
+            m.virtual_s / div
         );
     }
     let classes: Vec<String> = {
@@ -295,8 +311,9 @@ pub fn markdown_table(reports: &[Report]) -> String {
     s
 }
 
-/// Panel accuracy (or perplexity) against virtual hours, one line per run.
+/// Panel accuracy (or perplexity) against virtual time, one line per run.
 pub fn metric_svg(reports: &[Report]) -> String {
+    let (unit, div) = time_unit(reports);
     let perplexity = reports
         .first()
         .is_some_and(|r| r.summary.target.starts_with("perplexity"));
@@ -310,7 +327,7 @@ pub fn metric_svg(reports: &[Report]) -> String {
                 .filter_map(|x| x.eval.as_ref())
                 .map(|e| {
                     (
-                        e.time_s / 3600.0,
+                        e.time_s / div,
                         if perplexity {
                             e.perplexity.unwrap_or(f64::NAN)
                         } else {
@@ -339,7 +356,10 @@ pub fn metric_svg(reports: &[Report]) -> String {
             "{what} of the global adapter on device models vs virtual time{}",
             if surrogate { " (SURROGATE)" } else { "" }
         ),
-        x_label: "virtual time (hours)".into(),
+        x_label: format!(
+            "virtual time ({})",
+            if unit == "h" { "hours" } else { "minutes" }
+        ),
         y_label: what.into(),
         series,
         target,

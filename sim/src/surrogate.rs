@@ -684,24 +684,22 @@ pub fn fit(files: &[&Path]) -> Result<SurrogateParams, SimError> {
     } else {
         (evals.first().map_or(0.5, |e| e.1), 0.0)
     };
-    // 6. Update norm per unit of gain.
-    let (mut ns, mut nn) = (0.0, 0usize);
+    // 6. Update norm per unit of gain (ratio of sums: robust to tiny gains).
+    let (mut norms, mut gains) = (0.0, 0.0);
     for (_, obs) in runs.iter().flatten() {
         let g = (round_pre(obs) - floor).max(1e-6);
         for o in obs.iter().filter(|o| o.norm > 0.0) {
-            let gain = phi(o) * g;
-            if gain > 1e-9 {
-                ns += o.norm / gain;
-                nn += 1;
-            }
+            norms += o.norm;
+            gains += phi(o) * g;
         }
     }
     let params = SurrogateParams {
         source: format!(
-            "fitted from {} file(s), {} accepted updates, {} evaluations",
+            "fitted from {} file(s), {} accepted updates, {} evaluations; post-round loss RMSE {:.3}",
             files.len(),
             n_obs,
-            evals.len()
+            evals.len(),
+            resid_sd
         ),
         loss_initial: first.max(floor + 1e-3).min(max_pre.max(first)),
         loss_floor: floor,
@@ -713,7 +711,7 @@ pub fn fit(files: &[&Path]) -> Result<SurrogateParams, SimError> {
         noise_sd,
         accuracy_intercept: a,
         accuracy_slope: b,
-        norm_per_gain: if nn > 0 { ns / nn as f64 } else { 1.0 },
+        norm_per_gain: if gains > 1e-9 { norms / gains } else { 1.0 },
         perplexity,
     };
     params.validate().map_err(SimError::Surrogate)?;
