@@ -871,3 +871,76 @@ fn toml_configs_parse_with_defaults_and_refuse_typos() {
         "invalid coordinator config: rank 8 exceeds max_rank 4"
     );
 }
+
+fn join_with_ram(id: u64, ram_bytes: u64) -> Message {
+    Message::Join(Join {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: DeviceId(id),
+        capabilities: Capabilities {
+            ram_bytes,
+            backend: "flex".into(),
+            bench_score: None,
+        },
+    })
+}
+
+/// The arms each strategy plays for devices of 1, 3 and 6 GiB, and its aggregation method.
+#[test]
+fn each_strategy_plays_its_own_arms() {
+    let gib = 1u64 << 30;
+    let run_strategy = |strategy: StrategyConfig| {
+        let mut c = config();
+        c.strategy = strategy;
+        c.arms.ratio_max = 0.4;
+        let mut h = Harness::new(c);
+        for (d, ram) in [(1, gib), (2, 3 * gib), (3, 6 * gib)] {
+            h.step(Connect(d));
+            h.deliver(d, join_with_ram(d, ram), 64);
+        }
+        for d in 1..=3 {
+            h.step(Answer(d));
+        }
+        let arms: Vec<String> = (1..=3)
+            .map(|d| {
+                let a = h.configs[&(d, 1)].arm;
+                let space = h
+                    .coord
+                    .device(DeviceId(d))
+                    .unwrap()
+                    .bandit
+                    .policy
+                    .arm_space();
+                format!(
+                    "d{d} ({:.2}, {}) of [{}, {}] x {:?}",
+                    a.prune_ratio, a.rank, space.ratio_min, space.ratio_max, space.ranks
+                )
+            })
+            .collect();
+        format!(
+            "{}: {} -> {}",
+            h.coord.strategy_name(),
+            arms.join(", "),
+            h.summaries[0].aggregation
+        )
+    };
+    let lines: Vec<String> = [
+        StrategyConfig::Fedspine,
+        StrategyConfig::Hetlora(Default::default()),
+        StrategyConfig::Fedlora(aggregator::strategy::FedLoraConfig { rank: 8 }),
+        StrategyConfig::FixedPrune(FixedPruneConfig {
+            prune_ratio: 0.3,
+            rank: 2,
+        }),
+        StrategyConfig::RatioBandit(aggregator::strategy::RatioBanditConfig { rank: 4 }),
+    ]
+    .into_iter()
+    .map(run_strategy)
+    .collect();
+    expect![[r#"
+        fedspine: d1 (0.35, 2) of [0, 0.4] x [2, 4, 8], d2 (0.22, 2) of [0, 0.4] x [2, 4, 8], d3 (0.19, 4) of [0, 0.4] x [2, 4, 8] -> exact
+        hetlora: d1 (0.00, 2) of [0, 0] x [2, 4], d2 (0.00, 2) of [0, 0] x [2, 4, 8], d3 (0.00, 4) of [0, 0] x [2, 4, 8] -> hetlora
+        fedlora: d1 (0.00, 8) of [0, 0] x [8], d2 (0.00, 8) of [0, 0] x [8], d3 (0.00, 8) of [0, 0] x [8] -> mean
+        fixed-prune: d1 (0.30, 2) of [0.3, 0.3] x [2], d2 (0.30, 2) of [0.3, 0.3] x [2], d3 (0.30, 2) of [0.3, 0.3] x [2] -> exact
+        ratio-bandit: d1 (0.18, 4) of [0, 0.4] x [4], d2 (0.11, 4) of [0, 0.4] x [4], d3 (0.29, 4) of [0, 0.4] x [4] -> exact"#]]
+    .assert_eq(&lines.join("\n"));
+}

@@ -258,3 +258,47 @@ async fn an_interrupted_run_says_goodbye_and_resumes_from_its_last_round() {
     assert_eq!(resumed.state().bandit_digest(), saved.bandit_digest());
     let _: &Coordinator = &resumed;
 }
+
+#[test]
+fn a_corrupt_or_foreign_checkpoint_is_refused_and_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    std::fs::create_dir_all(&opts.state_dir).unwrap();
+    let path = opts.checkpoint_path();
+    // Not a checkpoint at all.
+    std::fs::write(&path, b"hello").unwrap();
+    let err = server::prepare(config(2), dims(), &opts, true).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "checkpoint {} is not a FedSpine checkpoint (bad magic)",
+            path.display()
+        )
+    );
+    // A real checkpoint with one flipped byte in its body.
+    let state = Coordinator::new(config(2), dims()).unwrap().state();
+    aggregator::checkpoint::write_atomic(&path, aggregator::coordinator::STATE_SCHEMA, &state)
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = server::prepare(config(2), dims(), &opts, true).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "checkpoint {} is corrupt: body checksum mismatch",
+            path.display()
+        )
+    );
+    // A state written under another schema version.
+    aggregator::checkpoint::write_atomic(&path, 99, &state).unwrap();
+    let err = server::prepare(config(2), dims(), &opts, true).unwrap_err();
+    assert!(err.to_string().contains("holds state schema 99"), "{err}");
+    // Nothing was replaced.
+    assert!(server::prepare(config(2), dims(), &opts, false).is_err());
+    assert_eq!(
+        aggregator::checkpoint::read::<aggregator::CoordinatorState>(&path, 99).unwrap(),
+        state
+    );
+}

@@ -3,7 +3,8 @@
 //! device claiming another device's id is refused with `IdentityMismatch`, a wrong protocol
 //! version (in the join or in the frame header) gets a clear reject, and forged frames (a
 //! 4 GiB length prefix, a vector claiming 64 GiB inside a small frame) are refused without the
-//! server allocating them; afterwards a valid device still joins.
+//! server allocating them; afterwards a valid device still joins, and SIGTERM stops the server
+//! cleanly.
 
 mod common;
 
@@ -224,5 +225,20 @@ fn the_aggregator_refuses_strangers_impostors_wrong_versions_and_forged_frames()
         .map(|v| v["kind"].as_str().unwrap())
         .collect();
     assert_eq!(refused, ["version_mismatch", "too_large", "malformed"]);
-    agg.kill();
+
+    // A graceful stop (SIGTERM, handled like Ctrl-C): exit 0, nothing lost, resumable.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &agg.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = agg.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status}\n{}", agg.log_tail());
+    assert!(
+        agg.stdout
+            .iter()
+            .any(|l| l == "stopped after round 0 of 1; continue with --resume"),
+        "{:?}",
+        agg.stdout
+    );
 }

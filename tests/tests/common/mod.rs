@@ -41,6 +41,26 @@ pub fn bins() -> &'static Bins {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // Drop what `cargo test` set for this test process: a build script that watches one
+        // of these (ring watches CARGO_MANIFEST_DIR) would otherwise see a change and rebuild
+        // everything above it, here and again in the next ordinary build.
+        for (key, _) in std::env::vars_os() {
+            let Some(key) = key.to_str() else { continue };
+            if key == "OUT_DIR"
+                || key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    key,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                cmd.env_remove(key);
+            }
+        }
         cmd.current_dir(workspace_root())
             .args([
                 "build",
