@@ -6,11 +6,16 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -26,7 +31,14 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn all_sources() -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for c in ["device-agent", "aggregator", "bandit", "protocol", "sim", "tests"] {
+    for c in [
+        "device-agent",
+        "aggregator",
+        "bandit",
+        "protocol",
+        "sim",
+        "tests",
+    ] {
         rust_files(&root().join(c), &mut v);
     }
     v.sort();
@@ -75,7 +87,15 @@ fn may_do_io(r: &str) -> bool {
 
 #[test]
 fn cores_read_no_clock_and_make_no_rng() {
-    let banned = ["Instant::now", "SystemTime::now", "thread_rng", "rand::rng()", "from_entropy", "OsRng", "from_os_rng"];
+    let banned = [
+        "Instant::now",
+        "SystemTime::now",
+        "thread_rng",
+        "rand::rng()",
+        "from_entropy",
+        "OsRng",
+        "from_os_rng",
+    ];
     let mut bad = Vec::new();
     for p in all_sources() {
         let r = rel(&p);
@@ -91,7 +111,11 @@ fn cores_read_no_clock_and_make_no_rng() {
             }
         }
     }
-    assert!(bad.is_empty(), "sans-IO cores must take time and randomness from their caller:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "sans-IO cores must take time and randomness from their caller:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -104,26 +128,40 @@ fn only_transport_modules_and_binaries_use_tokio_or_quinn() {
         }
         let text = std::fs::read_to_string(&p).expect("source readable");
         for (i, line) in code_lines(&text) {
-            if line.contains("tokio::") || line.contains("quinn::") || line.contains("use tokio") || line.contains("use quinn") {
+            if line.contains("tokio::")
+                || line.contains("quinn::")
+                || line.contains("use tokio")
+                || line.contains("use quinn")
+            {
                 bad.push(format!("{r}:{}", i + 1));
             }
         }
     }
-    assert!(bad.is_empty(), "tokio/quinn outside transport modules and binaries:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "tokio/quinn outside transport modules and binaries:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
 fn burn_free_crates_do_not_depend_on_burn() {
     for c in ["protocol", "bandit", "aggregator"] {
-        let manifest = std::fs::read_to_string(root().join(c).join("Cargo.toml")).expect("manifest");
+        let manifest =
+            std::fs::read_to_string(root().join(c).join("Cargo.toml")).expect("manifest");
         assert!(
-            !manifest.lines().any(|l| l.trim_start().starts_with("burn") || l.contains("device-agent")),
+            !manifest
+                .lines()
+                .any(|l| l.trim_start().starts_with("burn") || l.contains("device-agent")),
             "{c}/Cargo.toml must not depend on burn or the device agent"
         );
     }
     let proto = std::fs::read_to_string(root().join("protocol/Cargo.toml")).expect("manifest");
     for dep in ["tokio", "quinn"] {
-        assert!(!proto.lines().any(|l| l.trim_start().starts_with(dep)), "protocol must not depend on {dep}");
+        assert!(
+            !proto.lines().any(|l| l.trim_start().starts_with(dep)),
+            "protocol must not depend on {dep}"
+        );
     }
 }
 
@@ -137,7 +175,11 @@ fn every_source_file_says_what_it_is_for() {
         })
         .map(|p| rel(&p))
         .collect();
-    assert!(missing.is_empty(), "files without a leading //! line:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "files without a leading //! line:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
@@ -152,7 +194,11 @@ fn no_ignored_or_should_panic_tests() {
             }
         }
     }
-    assert!(bad.is_empty(), "assert the error or the outcome instead:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "assert the error or the outcome instead:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -163,7 +209,9 @@ fn no_web_addresses_in_code_or_docs() {
     }
     let mut bad = Vec::new();
     for p in files {
-        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
         for (i, line) in text.lines().enumerate() {
             // The SVG namespace is an identifier that image viewers require, not a location.
             if line.contains("www.w3.org/2000/svg") {
