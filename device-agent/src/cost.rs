@@ -20,7 +20,7 @@ pub fn forward_flops(cfg: &ModelConfig, tokens: usize, seq: usize, with_lm_head:
         let (nh, nkv, ffn) = (b.n_heads as f64, b.n_kv_heads as f64, b.ffn_dim as f64);
         f += 2.0 * t * d * (2.0 * nh * hd + 2.0 * nkv * hd); // q, o and k, v
         f += 2.0 * t * 3.0 * d * ffn; // gate, up, down
-        // QK^T and AV with a causal mask: on average half of `seq` keys per query.
+                                      // QK^T and AV with a causal mask: on average half of `seq` keys per query.
         f += 2.0 * 2.0 * t * nh * hd * (seq as f64 + 1.0) / 2.0;
     }
     if with_lm_head {
@@ -75,16 +75,26 @@ pub fn train_memory(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) ->
     let mut adapter = 0u64;
     let mut act = 0u64;
     for b in &cfg.blocks {
-        let (q, kv, ffn) = (b.n_heads as u64 * hd, b.n_kv_heads as u64 * hd, b.ffn_dim as u64);
+        let (q, kv, ffn) = (
+            b.n_heads as u64 * hd,
+            b.n_kv_heads as u64 * hd,
+            b.ffn_dim as u64,
+        );
         adapter += rank as u64 * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ffn) + (ffn + d));
         // normed inputs (2x d), q/k/v, attention output, probabilities, gate/up/act/product
-        act += tokens * (4 * d + 2 * q + 2 * kv + 4 * ffn) + (batch * seq * seq) as u64 * b.n_heads as u64;
+        act += tokens * (4 * d + 2 * q + 2 * kv + 4 * ffn)
+            + (batch * seq * seq) as u64 * b.n_heads as u64;
         act += tokens * rank as u64 * 7;
     }
     let adapter_and_optimizer = adapter * f * 4;
     let logits_chunk = crate::eval::LOGIT_CHUNK_ROWS as u64 * cfg.vocab_size as u64 * 3;
     let activations = (act + logits_chunk) * f;
-    MemoryEstimate { weights, adapter_and_optimizer, activations, total: weights + adapter_and_optimizer + activations }
+    MemoryEstimate {
+        weights,
+        adapter_and_optimizer,
+        activations,
+        total: weights + adapter_and_optimizer + activations,
+    }
 }
 
 #[cfg(test)]

@@ -100,7 +100,10 @@ pub fn sotu() -> Result<Vec<Speech>, DataError> {
         });
     }
     if out.is_empty() {
-        return Err(DataError::Invalid(format!("no speeches found in {}", dir.display())));
+        return Err(DataError::Invalid(format!(
+            "no speeches found in {}",
+            dir.display()
+        )));
     }
     Ok(out)
 }
@@ -163,6 +166,9 @@ mod tests {
     #[test]
     fn headers_are_dropped_but_subject_kept() {
         let raw = "From: a@b\nSubject: Win money now\nX-Spam: yes\n\nHello there.\nBye.\n";
-        assert_eq!(strip_headers(raw), "Subject: Win money now\nHello there.\nBye.");
+        assert_eq!(
+            strip_headers(raw),
+            "Subject: Win money now\nHello there.\nBye."
+        );
     }
 }

@@ -24,7 +24,11 @@ pub const LOGIT_CHUNK_ROWS: usize = 256;
 
 /// Sum of NLL and count of correct argmax predictions over `hidden` rows vs `targets`
 /// (rows whose target is `None` are skipped).
-pub fn score_rows(model: &Llama, hidden: Tensor<2>, targets: &[Option<u32>]) -> (f64, usize, usize) {
+pub fn score_rows(
+    model: &Llama,
+    hidden: Tensor<2>,
+    targets: &[Option<u32>],
+) -> (f64, usize, usize) {
     let [n, d] = hidden.dims();
     assert_eq!(n, targets.len());
     let mut nll = 0.0;
@@ -33,14 +37,29 @@ pub fn score_rows(model: &Llama, hidden: Tensor<2>, targets: &[Option<u32>]) -> 
     let mut start = 0;
     while start < n {
         let len = LOGIT_CHUNK_ROWS.min(n - start);
-        let rows: Vec<usize> = (start..start + len).filter(|&r| targets[r].is_some()).collect();
+        let rows: Vec<usize> = (start..start + len)
+            .filter(|&r| targets[r].is_some())
+            .collect();
         if !rows.is_empty() {
             let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let sel = hidden.clone().select(0, Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &model.device));
+            let sel = hidden.clone().select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &model.device),
+            );
             let logits = model.logits(sel.reshape([rows.len(), d]));
-            let tgt: Vec<i64> = rows.iter().map(|&r| targets[r].unwrap_or(0) as i64).collect();
-            let tgt = Tensor::<2, Int>::from_data(TensorData::new(tgt, [rows.len(), 1]), &model.device);
-            let pred: Vec<i64> = logits.clone().argmax(1).into_data().convert::<i64>().try_to_vec().expect("ints");
+            let tgt: Vec<i64> = rows
+                .iter()
+                .map(|&r| targets[r].unwrap_or(0) as i64)
+                .collect();
+            let tgt =
+                Tensor::<2, Int>::from_data(TensorData::new(tgt, [rows.len(), 1]), &model.device);
+            let pred: Vec<i64> = logits
+                .clone()
+                .argmax(1)
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec()
+                .expect("ints");
             let lp = log_softmax(logits, 1).gather(1, tgt);
             let lp: Vec<f32> = lp.into_data().try_to_vec().expect("floats");
             for (k, &r) in rows.iter().enumerate() {
@@ -57,7 +76,12 @@ pub fn score_rows(model: &Llama, hidden: Tensor<2>, targets: &[Option<u32>]) -> 
 }
 
 /// Perplexity and accuracy over windows of token ids (each window predicts its own next tokens).
-pub fn evaluate_windows(model: &Llama, adapter: Option<&Adapter>, windows: &[Vec<u32>], batch: usize) -> LmMetrics {
+pub fn evaluate_windows(
+    model: &Llama,
+    adapter: Option<&Adapter>,
+    windows: &[Vec<u32>],
+    batch: usize,
+) -> LmMetrics {
     let mut nll = 0.0;
     let mut correct = 0;
     let mut count = 0;
@@ -83,11 +107,19 @@ pub fn evaluate_windows(model: &Llama, adapter: Option<&Adapter>, windows: &[Vec
         }
         i = j;
     }
-    let mean = if count > 0 { nll / count as f64 } else { f64::NAN };
+    let mean = if count > 0 {
+        nll / count as f64
+    } else {
+        f64::NAN
+    };
     LmMetrics {
         nll: mean,
         perplexity: mean.exp(),
-        accuracy: if count > 0 { correct as f64 / count as f64 } else { f64::NAN },
+        accuracy: if count > 0 {
+            correct as f64 / count as f64
+        } else {
+            f64::NAN
+        },
         tokens: count,
     }
 }
@@ -95,7 +127,10 @@ pub fn evaluate_windows(model: &Llama, adapter: Option<&Adapter>, windows: &[Vec
 /// Split a token stream into consecutive windows of `len` tokens (the tail shorter window is
 /// kept if it has at least two tokens).
 pub fn windows(ids: &[u32], len: usize) -> Vec<Vec<u32>> {
-    ids.chunks(len.max(2)).filter(|c| c.len() >= 2).map(<[u32]>::to_vec).collect()
+    ids.chunks(len.max(2))
+        .filter(|c| c.len() >= 2)
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 #[cfg(test)]

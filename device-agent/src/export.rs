@@ -39,11 +39,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 }
 
 fn host(t: &burn::tensor::Tensor<2>) -> Vec<f32> {
-    t.clone().into_data().convert::<f32>().try_to_vec().expect("f32 tensor")
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .expect("f32 tensor")
 }
 
 fn host1(t: &burn::tensor::Tensor<1>) -> Vec<f32> {
-    t.clone().into_data().convert::<f32>().try_to_vec().expect("f32 tensor")
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .expect("f32 tensor")
 }
 
 /// Weights in checkpoint orientation (`[out, in]` rows, rotate-half q/k), by HF name.
@@ -51,7 +59,11 @@ fn hf_tensors(model: &Llama) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let c = &model.config;
     let d = c.d_model;
     let mut out = Vec::new();
-    out.push(("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d], host(&model.embed)));
+    out.push((
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+        host(&model.embed),
+    ));
     for (l, b) in model.blocks.iter().enumerate() {
         let p = |t: &str| format!("model.layers.{l}.{t}.weight");
         let t = |w: &burn::tensor::Tensor<2>| {
@@ -76,7 +88,11 @@ fn hf_tensors(model: &Llama) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out.push(("model.norm.weight".to_string(), vec![d], host1(&model.norm)));
     if let Some(h) = &model.lm_head {
         let [i, o] = h.dims();
-        out.push(("lm_head.weight".to_string(), vec![o, i], transpose(&host(h), i, o)));
+        out.push((
+            "lm_head.weight".to_string(),
+            vec![o, i],
+            transpose(&host(h), i, o),
+        ));
     }
     out
 }
@@ -140,7 +156,8 @@ pub fn export_hf(model: &Llama, tok: &Tok, dir: &Path) -> Result<Option<String>,
         )
     };
     let cfg_path = dir.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).expect("json")).map_err(io(&cfg_path))?;
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).expect("json"))
+        .map_err(io(&cfg_path))?;
     let tok_path = dir.join("tokenizer.json");
     std::fs::write(&tok_path, tok.to_json()?).map_err(io(&tok_path))?;
     if let Some(t) = &tok.chat_template {
@@ -152,9 +169,11 @@ pub fn export_hf(model: &Llama, tok: &Tok, dir: &Path) -> Result<Option<String>,
 
 /// Whether every block has the same head, KV-head and channel counts.
 pub fn uniform_counts(c: &ModelConfig) -> bool {
-    c.blocks
-        .windows(2)
-        .all(|w| w[0].n_heads == w[1].n_heads && w[0].n_kv_heads == w[1].n_kv_heads && w[0].ffn_dim == w[1].ffn_dim)
+    c.blocks.windows(2).all(|w| {
+        w[0].n_heads == w[1].n_heads
+            && w[0].n_kv_heads == w[1].n_kv_heads
+            && w[0].ffn_dim == w[1].ffn_dim
+    })
 }
 
 fn bytemuck_cast(v: &[f32]) -> &[u8] {
@@ -195,7 +214,12 @@ pub struct GgufReport {
 /// Write a GGUF file. Blocks with equal counts -> arch `llama`; unequal -> arch `deci`. Where
 /// query heads do not map onto KV heads in equal consecutive groups (what llama.cpp assumes),
 /// KV heads are repeated so that every group is uniform, which is exact.
-pub fn export_gguf(model: &Llama, tok: &Tok, path: &Path, precision: GgufPrecision) -> Result<GgufReport, ExportError> {
+pub fn export_gguf(
+    model: &Llama,
+    tok: &Tok,
+    path: &Path,
+    precision: GgufPrecision,
+) -> Result<GgufReport, ExportError> {
     let c = &model.config;
     let d = c.d_model;
     let hd = c.head_dim;
@@ -234,19 +258,38 @@ pub fn export_gguf(model: &Llama, tok: &Tok, path: &Path, precision: GgufPrecisi
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::Str(arch.into())),
         ("general.name".into(), Value::Str("FedSpine export".into())),
-        ("general.file_type".into(), Value::U32(match precision { GgufPrecision::F32 => 0, GgufPrecision::F16 => 1, GgufPrecision::Q8_0 => 7 })),
+        (
+            "general.file_type".into(),
+            Value::U32(match precision {
+                GgufPrecision::F32 => 0,
+                GgufPrecision::F16 => 1,
+                GgufPrecision::Q8_0 => 7,
+            }),
+        ),
         (k("block_count"), Value::U32(c.n_layers() as u32)),
         (k("context_length"), Value::U32(c.max_seq_len as u32)),
         (k("embedding_length"), Value::U32(d as u32)),
         (k("rope.dimension_count"), Value::U32(hd as u32)),
         (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_eps as f32),
+        ),
         (k("attention.key_length"), Value::U32(hd as u32)),
         (k("attention.value_length"), Value::U32(hd as u32)),
         (k("vocab_size"), Value::U32(c.vocab_size as u32)),
-        ("fedspine.original.head_count".into(), Value::U32(c.n_heads as u32)),
-        ("fedspine.original.head_count_kv".into(), Value::U32(c.n_kv_heads as u32)),
-        ("fedspine.original.feed_forward_length".into(), Value::U32(c.ffn_dim as u32)),
+        (
+            "fedspine.original.head_count".into(),
+            Value::U32(c.n_heads as u32),
+        ),
+        (
+            "fedspine.original.head_count_kv".into(),
+            Value::U32(c.n_kv_heads as u32),
+        ),
+        (
+            "fedspine.original.feed_forward_length".into(),
+            Value::U32(c.ffn_dim as u32),
+        ),
         ("fedspine.block_head_count".into(), arr(&heads)),
         ("fedspine.block_head_count_kv".into(), arr(&kv_counts)),
         ("fedspine.block_feed_forward_length".into(), arr(&ffn)),
@@ -254,7 +297,10 @@ pub fn export_gguf(model: &Llama, tok: &Tok, path: &Path, precision: GgufPrecisi
     if uniform {
         meta.push((k("feed_forward_length"), Value::U32(ffn[0] as u32)));
         meta.push((k("attention.head_count"), Value::U32(heads[0] as u32)));
-        meta.push((k("attention.head_count_kv"), Value::U32(kv_counts[0] as u32)));
+        meta.push((
+            k("attention.head_count_kv"),
+            Value::U32(kv_counts[0] as u32),
+        ));
     } else {
         meta.push((k("feed_forward_length"), arr(&ffn)));
         meta.push((k("attention.head_count"), arr(&heads)));
@@ -268,7 +314,12 @@ pub fn export_gguf(model: &Llama, tok: &Tok, path: &Path, precision: GgufPrecisi
     };
     let mut tensors = Vec::new();
     // Embedding rows are [vocab][d]: dims (d, vocab).
-    tensors.push(WriteTensor { name: "token_embd.weight".into(), dims: vec![d as u64, c.vocab_size as u64], ggml_type: mat_ty, values: host(&model.embed) });
+    tensors.push(WriteTensor {
+        name: "token_embd.weight".into(),
+        dims: vec![d as u64, c.vocab_size as u64],
+        ggml_type: mat_ty,
+        values: host(&model.embed),
+    });
     for (l, (b, s)) in model.blocks.iter().zip(&c.blocks).enumerate() {
         let p = |t: &str| format!("blk.{l}.{t}.weight");
         // [in, out] -> file rows [out][in].
@@ -289,28 +340,51 @@ pub fn export_gguf(model: &Llama, tok: &Tok, path: &Path, precision: GgufPrecisi
         let kr = permute_rows(&take_heads(rows(&b.wk), slots), nkv_out, hd, d);
         let vr = take_heads(rows(&b.wv), slots);
         let mut push = |name: String, dims: Vec<usize>, values: Vec<f32>, ty: GgmlType| {
-            tensors.push(WriteTensor { name, dims: dims.iter().map(|&x| x as u64).collect(), ggml_type: ty, values });
+            tensors.push(WriteTensor {
+                name,
+                dims: dims.iter().map(|&x| x as u64).collect(),
+                ggml_type: ty,
+                values,
+            });
         };
         push(p("attn_norm"), vec![d], host1(&b.attn_norm), GgmlType::F32);
         push(p("attn_q"), vec![d, s.n_heads * hd], q, mat_ty);
         push(p("attn_k"), vec![d, nkv_out * hd], kr, mat_ty);
         push(p("attn_v"), vec![d, nkv_out * hd], vr, mat_ty);
-        push(p("attn_output"), vec![s.n_heads * hd, d], rows(&b.wo), mat_ty);
+        push(
+            p("attn_output"),
+            vec![s.n_heads * hd, d],
+            rows(&b.wo),
+            mat_ty,
+        );
         push(p("ffn_norm"), vec![d], host1(&b.ffn_norm), GgmlType::F32);
         push(p("ffn_gate"), vec![d, s.ffn_dim], rows(&b.w_gate), mat_ty);
         push(p("ffn_up"), vec![d, s.ffn_dim], rows(&b.w_up), mat_ty);
         push(p("ffn_down"), vec![s.ffn_dim, d], rows(&b.w_down), mat_ty);
     }
-    tensors.push(WriteTensor { name: "output_norm.weight".into(), dims: vec![d as u64], ggml_type: GgmlType::F32, values: host1(&model.norm) });
+    tensors.push(WriteTensor {
+        name: "output_norm.weight".into(),
+        dims: vec![d as u64],
+        ggml_type: GgmlType::F32,
+        values: host1(&model.norm),
+    });
     if let Some(h) = &model.lm_head {
         let [i, o] = h.dims();
-        tensors.push(WriteTensor { name: "output.weight".into(), dims: vec![d as u64, c.vocab_size as u64], ggml_type: mat_ty, values: transpose(&host(h), i, o) });
+        tensors.push(WriteTensor {
+            name: "output.weight".into(),
+            dims: vec![d as u64, c.vocab_size as u64],
+            ggml_type: mat_ty,
+            values: transpose(&host(h), i, o),
+        });
     }
     // Q8_0 needs rows that are a multiple of 32 elements; fall back to F16 per tensor otherwise.
     let mut notes = Vec::new();
     for t in &mut tensors {
         if t.ggml_type == GgmlType::Q8_0 && t.dims[0] % 32 != 0 {
-            notes.push(format!("{}: row length {} is not a multiple of 32, written as F16", t.name, t.dims[0]));
+            notes.push(format!(
+                "{}: row length {} is not a multiple of 32, written as F16",
+                t.name, t.dims[0]
+            ));
             t.ggml_type = GgmlType::F16;
         }
     }
@@ -324,19 +398,36 @@ pub fn export_gguf(model: &Llama, tok: &Tok, path: &Path, precision: GgufPrecisi
     if repeated > 0 {
         notes.push(format!("{repeated} KV head copies were added so every block groups query heads uniformly (exact; slightly larger KV cache)"));
     }
-    Ok(GgufReport { arch, repeated_kv_heads: repeated, notes })
+    Ok(GgufReport {
+        arch,
+        repeated_kv_heads: repeated,
+        notes,
+    })
 }
 
 /// GGUF tokenizer keys rebuilt from a tokenizer (vocab, merges, types, special ids).
 fn tokenizer_metadata(tok: &Tok) -> Vec<(String, Value)> {
-    let json: serde_json::Value = tok.to_json().ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let json: serde_json::Value = tok
+        .to_json()
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
     let vocab: BTreeMap<u32, String> = json["model"]["vocab"]
         .as_object()
-        .map(|m| m.iter().filter_map(|(k, v)| v.as_u64().map(|id| (id as u32, k.clone()))).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_u64().map(|id| (id as u32, k.clone())))
+                .collect()
+        })
         .unwrap_or_default();
     let specials: std::collections::HashSet<u32> = json["added_tokens"]
         .as_array()
-        .map(|a| a.iter().filter(|t| t["special"].as_bool() == Some(true)).filter_map(|t| t["id"].as_u64().map(|x| x as u32)).collect())
+        .map(|a| {
+            a.iter()
+                .filter(|t| t["special"].as_bool() == Some(true))
+                .filter_map(|t| t["id"].as_u64().map(|x| x as u32))
+                .collect()
+        })
         .unwrap_or_default();
     let merges: Vec<Value> = json["model"]["merges"]
         .as_array()
@@ -344,22 +435,39 @@ fn tokenizer_metadata(tok: &Tok) -> Vec<(String, Value)> {
             a.iter()
                 .filter_map(|m| match m {
                     serde_json::Value::String(s) => Some(Value::Str(s.clone())),
-                    serde_json::Value::Array(p) => Some(Value::Str(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))),
+                    serde_json::Value::Array(p) => Some(Value::Str(format!(
+                        "{} {}",
+                        p.first()?.as_str()?,
+                        p.get(1)?.as_str()?
+                    ))),
                     _ => None,
                 })
                 .collect()
         })
         .unwrap_or_default();
     let n = vocab.keys().next_back().map_or(0, |m| m + 1);
-    let tokens: Vec<Value> = (0..n).map(|i| Value::Str(vocab.get(&i).cloned().unwrap_or_default())).collect();
-    let types: Vec<Value> = (0..n).map(|i| Value::I32(if specials.contains(&i) { 3 } else { 1 })).collect();
+    let tokens: Vec<Value> = (0..n)
+        .map(|i| Value::Str(vocab.get(&i).cloned().unwrap_or_default()))
+        .collect();
+    let types: Vec<Value> = (0..n)
+        .map(|i| Value::I32(if specials.contains(&i) { 3 } else { 1 }))
+        .collect();
     let mut meta = vec![
-        ("tokenizer.ggml.model".to_string(), Value::Str("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::Str("smollm".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::Str("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::Str("smollm".into()),
+        ),
         ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
         ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
-        ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(tok.eos)),
+        (
+            "tokenizer.ggml.eos_token_id".to_string(),
+            Value::U32(tok.eos),
+        ),
     ];
     if let Some(b) = tok.bos {
         meta.push(("tokenizer.ggml.bos_token_id".to_string(), Value::U32(b)));

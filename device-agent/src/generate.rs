@@ -13,7 +13,10 @@ use crate::tokenizer::{Tok, TokenizerError};
 pub enum Sampling {
     Greedy,
     /// Temperature and nucleus mass; `top_p = 1.0` samples the full distribution.
-    TopP { temperature: f32, top_p: f32 },
+    TopP {
+        temperature: f32,
+        top_p: f32,
+    },
 }
 
 /// Settings of one generation.
@@ -41,7 +44,13 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut ChaCha8Rng) -> u32 {
         logits
             .iter()
             .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     match sampling {
@@ -105,7 +114,11 @@ pub fn generate(
             .try_to_vec()
             .expect("f32 logits")
     };
-    let mut logits = last(model.hidden(model.tokens_tensor(&[prompt_ids.to_vec()]), adapter, Some(&mut cache)));
+    let mut logits = last(model.hidden(
+        model.tokens_tensor(&[prompt_ids.to_vec()]),
+        adapter,
+        Some(&mut cache),
+    ));
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut out: Vec<u32> = Vec::new();
@@ -120,7 +133,11 @@ pub fn generate(
         if out.len() == max_new {
             break;
         }
-        logits = last(model.hidden(model.tokens_tensor(&[vec![next]]), adapter, Some(&mut cache)));
+        logits = last(model.hidden(
+            model.tokens_tensor(&[vec![next]]),
+            adapter,
+            Some(&mut cache),
+        ));
     }
     let decode_s = t1.elapsed().as_secs_f64();
     Ok(Generation {
@@ -142,9 +159,15 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         assert_eq!(sample(&logits, Sampling::Greedy, &mut rng), 1);
         // A tiny nucleus keeps only the best token.
-        let s = Sampling::TopP { temperature: 1.0, top_p: 0.01 };
+        let s = Sampling::TopP {
+            temperature: 1.0,
+            top_p: 0.01,
+        };
         assert_eq!(sample(&logits, s, &mut rng), 1);
-        let s = Sampling::TopP { temperature: 1.0, top_p: 1.0 };
+        let s = Sampling::TopP {
+            temperature: 1.0,
+            top_p: 1.0,
+        };
         let a: Vec<u32> = {
             let mut r = ChaCha8Rng::seed_from_u64(9);
             (0..50).map(|_| sample(&logits, s, &mut r)).collect()

@@ -306,9 +306,9 @@ impl<'a> Cursor<'a> {
             11 => Value::I64(self.u64(key)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(key)?)),
             other => {
-                return Err(self.malformed(format!(
-                    "metadata '{key}' has unknown value type {other}"
-                )))
+                return Err(
+                    self.malformed(format!("metadata '{key}' has unknown value type {other}"))
+                )
             }
         })
     }
@@ -601,7 +601,8 @@ pub fn write(
     let tmp = path.with_extension("gguf.partial");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     f.write_all(&head).map_err(io)?;
-    f.write_all(&vec![0u8; pad(head.len() as u64)]).map_err(io)?;
+    f.write_all(&vec![0u8; pad(head.len() as u64)])
+        .map_err(io)?;
     for d in &datas {
         f.write_all(d).map_err(io)?;
         f.write_all(&vec![0u8; pad(d.len() as u64)]).map_err(io)?;
@@ -699,7 +700,10 @@ mod tests {
             },
         ];
         let meta = vec![
-            ("general.architecture".to_string(), Value::Str("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::Str("llama".into()),
+            ),
             (
                 "x.list".to_string(),
                 Value::Array(vec![Value::U32(3), Value::U32(4)]),

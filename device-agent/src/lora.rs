@@ -66,8 +66,9 @@ impl Adapter {
                     .map(|&p| {
                         let (din, dout) = proj_dims(cfg, l, p);
                         let std = 1.0 / (din.max(1) as f64).sqrt();
-                        let a: Vec<f32> =
-                            (0..din * rank).map(|_| (normal(&mut rng) * std) as f32).collect();
+                        let a: Vec<f32> = (0..din * rank)
+                            .map(|_| (normal(&mut rng) * std) as f32)
+                            .collect();
                         LoraFactors {
                             a: Tensor::from_data(TensorData::new(a, [din, rank]), device),
                             b: Tensor::zeros([rank, dout], device),
@@ -105,8 +106,18 @@ impl Adapter {
             for (&p, f) in Proj::ALL.iter().zip(blk) {
                 let [din, r] = f.a.dims();
                 let [_, dout] = f.b.dims();
-                let a: Vec<f32> = f.a.clone().transpose().into_data().try_to_vec().expect("f32");
-                let b: Vec<f32> = f.b.clone().transpose().into_data().try_to_vec().expect("f32");
+                let a: Vec<f32> =
+                    f.a.clone()
+                        .transpose()
+                        .into_data()
+                        .try_to_vec()
+                        .expect("f32");
+                let b: Vec<f32> =
+                    f.b.clone()
+                        .transpose()
+                        .into_data()
+                        .try_to_vec()
+                        .expect("f32");
                 debug_assert_eq!(a.len(), r * din);
                 out.push(HostFactors {
                     block: l,
@@ -164,46 +175,85 @@ impl Adapter {
                         let [_, dout] = f.b.dims();
                         let device = f.a.device();
                         let k = r0.min(rank);
-                        let kept = (k > 0).then(|| (f.a.clone().narrow(1, 0, k), f.b.clone().narrow(0, 0, k).mul_scalar(keep_scale)));
+                        let kept = (k > 0).then(|| {
+                            (
+                                f.a.clone().narrow(1, 0, k),
+                                f.b.clone().narrow(0, 0, k).mul_scalar(keep_scale),
+                            )
+                        });
                         if rank == k {
                             let (a, b) = kept.expect("rank > 0");
                             return LoraFactors { a, b };
                         }
                         let std = 1.0 / (din.max(1) as f64).sqrt();
-                        let extra: Vec<f32> = (0..din * (rank - k)).map(|_| (rand_distr_free::normal(&mut rng) * std) as f32).collect();
-                        let extra = Tensor::from_data(TensorData::new(extra, [din, rank - k]), &device);
+                        let extra: Vec<f32> = (0..din * (rank - k))
+                            .map(|_| (rand_distr_free::normal(&mut rng) * std) as f32)
+                            .collect();
+                        let extra =
+                            Tensor::from_data(TensorData::new(extra, [din, rank - k]), &device);
                         let zeros = Tensor::zeros([rank - k, dout], &device);
                         match kept {
-                            Some((a, b)) => LoraFactors { a: Tensor::cat(vec![a, extra], 1), b: Tensor::cat(vec![b, zeros], 0) },
+                            Some((a, b)) => LoraFactors {
+                                a: Tensor::cat(vec![a, extra], 1),
+                                b: Tensor::cat(vec![b, zeros], 0),
+                            },
                             None => LoraFactors { a: extra, b: zeros },
                         }
                     })
                     .collect()
             })
             .collect();
-        Adapter { rank, alpha: self.alpha, blocks }
+        Adapter {
+            rank,
+            alpha: self.alpha,
+            blocks,
+        }
     }
 
     /// Build from host factors in wire orientation (`A: [rank, in]`, `B: [out, rank]`).
-    pub fn from_host(cfg: &ModelConfig, rank: usize, alpha: f64, factors: &[HostFactors], device: &Device) -> Result<Adapter, AdapterError> {
-        let bad = |what: String| AdapterError::Invalid { path: "adapter".into(), what };
-        let mut blocks: Vec<Vec<Option<LoraFactors>>> = (0..cfg.n_layers()).map(|_| vec![None; 7]).collect();
+    pub fn from_host(
+        cfg: &ModelConfig,
+        rank: usize,
+        alpha: f64,
+        factors: &[HostFactors],
+        device: &Device,
+    ) -> Result<Adapter, AdapterError> {
+        let bad = |what: String| AdapterError::Invalid {
+            path: "adapter".into(),
+            what,
+        };
+        let mut blocks: Vec<Vec<Option<LoraFactors>>> =
+            (0..cfg.n_layers()).map(|_| vec![None; 7]).collect();
         for f in factors {
             if f.block >= cfg.n_layers() {
-                return Err(bad(format!("block {} beyond the model's {}", f.block, cfg.n_layers())));
+                return Err(bad(format!(
+                    "block {} beyond the model's {}",
+                    f.block,
+                    cfg.n_layers()
+                )));
             }
             let (din, dout) = proj_dims(cfg, f.block, f.proj);
-            if f.cols_in != din || f.rows_out != dout || f.a.len() != rank * din || f.b.len() != dout * rank {
+            if f.cols_in != din
+                || f.rows_out != dout
+                || f.a.len() != rank * din
+                || f.b.len() != dout * rank
+            {
                 return Err(bad(format!(
                     "block {} {}: factors are A[{}x{}] B[{}x{}], the model needs A[{rank}x{din}] B[{dout}x{rank}]",
                     f.block, f.proj.name(), f.a.len() / f.cols_in.max(1), f.cols_in, f.rows_out, f.b.len() / f.rows_out.max(1)
                 )));
             }
             if f.a.iter().chain(&f.b).any(|v| !v.is_finite()) {
-                return Err(bad(format!("block {} {}: non-finite values", f.block, f.proj.name())));
+                return Err(bad(format!(
+                    "block {} {}: non-finite values",
+                    f.block,
+                    f.proj.name()
+                )));
             }
-            let a = Tensor::<2>::from_data(TensorData::new(f.a.clone(), [rank, din]), device).transpose();
-            let b = Tensor::<2>::from_data(TensorData::new(f.b.clone(), [dout, rank]), device).transpose();
+            let a = Tensor::<2>::from_data(TensorData::new(f.a.clone(), [rank, din]), device)
+                .transpose();
+            let b = Tensor::<2>::from_data(TensorData::new(f.b.clone(), [dout, rank]), device)
+                .transpose();
             blocks[f.block][f.proj.index()] = Some(LoraFactors { a, b });
         }
         let blocks = blocks
@@ -212,11 +262,17 @@ impl Adapter {
             .map(|(l, blk)| {
                 blk.into_iter()
                     .enumerate()
-                    .map(|(i, f)| f.ok_or_else(|| bad(format!("block {l} {} missing", Proj::ALL[i].name()))))
+                    .map(|(i, f)| {
+                        f.ok_or_else(|| bad(format!("block {l} {} missing", Proj::ALL[i].name())))
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Adapter { rank, alpha, blocks })
+        Ok(Adapter {
+            rank,
+            alpha,
+            blocks,
+        })
     }
 
     /// Merge into a model of the same (pruned) shape: `W + scale * a @ b`.
@@ -234,51 +290,115 @@ impl Adapter {
     }
 
     /// Save as `adapter.safetensors` (PEFT-style names and orientation) plus `adapter.json`.
-    pub fn save(&self, dir: &std::path::Path, extra: serde_json::Value) -> Result<(), AdapterError> {
-        let io = |source| AdapterError::Io { path: dir.display().to_string(), source };
+    pub fn save(
+        &self,
+        dir: &std::path::Path,
+        extra: serde_json::Value,
+    ) -> Result<(), AdapterError> {
+        let io = |source| AdapterError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let host = self.to_host();
         let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for f in &host {
             let name = format!("model.layers.{}.{}", f.block, f.proj.name());
             let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-            bufs.push((format!("{name}.lora_A.weight"), vec![self.rank, f.cols_in], bytes(&f.a)));
-            bufs.push((format!("{name}.lora_B.weight"), vec![f.rows_out, self.rank], bytes(&f.b)));
+            bufs.push((
+                format!("{name}.lora_A.weight"),
+                vec![self.rank, f.cols_in],
+                bytes(&f.a),
+            ));
+            bufs.push((
+                format!("{name}.lora_B.weight"),
+                vec![f.rows_out, self.rank],
+                bytes(&f.b),
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
             .iter()
-            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("consistent view")))
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .expect("consistent view"),
+                )
+            })
             .collect();
         let path = dir.join("adapter.safetensors");
         let tmp = dir.join("adapter.safetensors.partial");
-        safetensors::tensor::serialize_to_file(views, None, &tmp).map_err(|e| AdapterError::Invalid { path: path.display().to_string(), what: e.to_string() })?;
+        safetensors::tensor::serialize_to_file(views, None, &tmp).map_err(|e| {
+            AdapterError::Invalid {
+                path: path.display().to_string(),
+                what: e.to_string(),
+            }
+        })?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         let mut meta = serde_json::json!({ "rank": self.rank, "alpha": self.alpha, "blocks": self.blocks.len() });
         if let (Some(m), serde_json::Value::Object(e)) = (meta.as_object_mut(), extra) {
             m.extend(e);
         }
-        std::fs::write(dir.join("adapter.json"), serde_json::to_string_pretty(&meta).expect("json")).map_err(io)?;
+        std::fs::write(
+            dir.join("adapter.json"),
+            serde_json::to_string_pretty(&meta).expect("json"),
+        )
+        .map_err(io)?;
         Ok(())
     }
 
     /// Load what [`Adapter::save`] wrote, for a model of config `cfg` (already pruned to the
     /// adapter's kept maps).
-    pub fn load(dir: &std::path::Path, cfg: &ModelConfig, device: &Device) -> Result<Adapter, AdapterError> {
+    pub fn load(
+        dir: &std::path::Path,
+        cfg: &ModelConfig,
+        device: &Device,
+    ) -> Result<Adapter, AdapterError> {
         let meta_path = dir.join("adapter.json");
-        let bad = |what: String| AdapterError::Invalid { path: meta_path.display().to_string(), what };
-        let text = std::fs::read_to_string(&meta_path).map_err(|source| AdapterError::Io { path: meta_path.display().to_string(), source })?;
-        let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let rank = meta["rank"].as_u64().ok_or_else(|| bad("no 'rank'".into()))? as usize;
-        let alpha = meta["alpha"].as_f64().ok_or_else(|| bad("no 'alpha'".into()))?;
+        let bad = |what: String| AdapterError::Invalid {
+            path: meta_path.display().to_string(),
+            what,
+        };
+        let text = std::fs::read_to_string(&meta_path).map_err(|source| AdapterError::Io {
+            path: meta_path.display().to_string(),
+            source,
+        })?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let rank = meta["rank"]
+            .as_u64()
+            .ok_or_else(|| bad("no 'rank'".into()))? as usize;
+        let alpha = meta["alpha"]
+            .as_f64()
+            .ok_or_else(|| bad("no 'alpha'".into()))?;
         let st_path = dir.join("adapter.safetensors");
-        let bytes = std::fs::read(&st_path).map_err(|source| AdapterError::Io { path: st_path.display().to_string(), source })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Invalid { path: st_path.display().to_string(), what: e.to_string() })?;
+        let bytes = std::fs::read(&st_path).map_err(|source| AdapterError::Io {
+            path: st_path.display().to_string(),
+            source,
+        })?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Invalid {
+                path: st_path.display().to_string(),
+                what: e.to_string(),
+            })?;
         let read = |name: &str| -> Result<(Vec<f32>, Vec<usize>), AdapterError> {
-            let v = st.tensor(name).map_err(|e| AdapterError::Invalid { path: st_path.display().to_string(), what: format!("{name}: {e}") })?;
+            let v = st.tensor(name).map_err(|e| AdapterError::Invalid {
+                path: st_path.display().to_string(),
+                what: format!("{name}: {e}"),
+            })?;
             if v.dtype() != safetensors::Dtype::F32 {
-                return Err(AdapterError::Invalid { path: st_path.display().to_string(), what: format!("{name}: dtype {:?}, expected F32", v.dtype()) });
+                return Err(AdapterError::Invalid {
+                    path: st_path.display().to_string(),
+                    what: format!("{name}: dtype {:?}, expected F32", v.dtype()),
+                });
             }
-            Ok((v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(), v.shape().to_vec()))
+            Ok((
+                v.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                v.shape().to_vec(),
+            ))
         };
         let mut host = Vec::new();
         for l in 0..cfg.n_layers() {
@@ -286,11 +406,21 @@ impl Adapter {
                 let name = format!("model.layers.{l}.{}", p.name());
                 let (a, sa) = read(&format!("{name}.lora_A.weight"))?;
                 let (b, sb) = read(&format!("{name}.lora_B.weight"))?;
-                host.push(HostFactors { block: l, proj: p, a, b, rows_out: sb[0], cols_in: sa.get(1).copied().unwrap_or(0) });
+                host.push(HostFactors {
+                    block: l,
+                    proj: p,
+                    a,
+                    b,
+                    rows_out: sb[0],
+                    cols_in: sa.get(1).copied().unwrap_or(0),
+                });
             }
         }
         Adapter::from_host(cfg, rank, alpha, &host, device).map_err(|e| match e {
-            AdapterError::Invalid { what, .. } => AdapterError::Invalid { path: st_path.display().to_string(), what },
+            AdapterError::Invalid { what, .. } => AdapterError::Invalid {
+                path: st_path.display().to_string(),
+                what,
+            },
             other => other,
         })
     }

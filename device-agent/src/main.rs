@@ -10,19 +10,23 @@ use device_agent::assets;
 use device_agent::backend::BackendKind;
 use device_agent::data;
 use device_agent::eval;
+use device_agent::export;
 use device_agent::generate::{self, GenerateConfig, Sampling};
 use device_agent::gguf::GgufFile;
-use device_agent::model::Llama;
-use device_agent::tokenizer::Tok;
-use device_agent::export;
 use device_agent::lora::Adapter;
+use device_agent::model::Llama;
 use device_agent::prune::{self, Criterion, KeptMaps, PruneConfig};
+use device_agent::tokenizer::Tok;
 use device_agent::train::{TrainConfig, Tuner};
 use device_agent::weights;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
 
 #[derive(Parser)]
-#[command(name = "device-agent", version, about = "FedSpine device agent: run, prune-and-tune and export a LLaMA-family model")]
+#[command(
+    name = "device-agent",
+    version,
+    about = "FedSpine device agent: run, prune-and-tune and export a LLaMA-family model"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -198,13 +202,16 @@ fn load(args: &ModelArgs) -> Result<(Llama, Tok)> {
         Some(p) => p.clone(),
         None => assets::default_model().context("getting the default model")?,
     };
-    let (model, tok) = weights::load(&path, &device).with_context(|| format!("loading model {}", path.display()))?;
+    let (model, tok) = weights::load(&path, &device)
+        .with_context(|| format!("loading model {}", path.display()))?;
     Ok((model, tok))
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -213,7 +220,10 @@ fn main() -> Result<()> {
             let list: Vec<assets::Asset> = if names.is_empty() {
                 assets::ASSETS.to_vec()
             } else {
-                names.iter().map(|n| assets::Asset::by_name(n)).collect::<Result<_, _>>()?
+                names
+                    .iter()
+                    .map(|n| assets::Asset::by_name(n))
+                    .collect::<Result<_, _>>()?
             };
             for a in list {
                 let p = assets::ensure(&a)?;
@@ -231,7 +241,10 @@ fn main() -> Result<()> {
                 for (k, v) in &g.metadata {
                     let shown = match v {
                         device_agent::gguf::Value::Array(a) => format!("[{} items]", a.len()),
-                        device_agent::gguf::Value::Str(s) if s.len() > 80 => format!("{:?}...", &s[..s.char_indices().nth(80).map_or(s.len(), |c| c.0)]),
+                        device_agent::gguf::Value::Str(s) if s.len() > 80 => format!(
+                            "{:?}...",
+                            &s[..s.char_indices().nth(80).map_or(s.len(), |c| c.0)]
+                        ),
                         other => format!("{other:?}"),
                     };
                     println!("  {k} = {shown}");
@@ -241,13 +254,28 @@ fn main() -> Result<()> {
             let c = &m.config;
             println!(
                 "blocks {} d_model {} heads {}/{} kv head_dim {} ffn {} vocab {} tied {}",
-                c.n_layers(), c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.tie_embeddings
+                c.n_layers(),
+                c.d_model,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.ffn_dim,
+                c.vocab_size,
+                c.tie_embeddings
             );
             println!(
                 "parameters: {} total, {} non-embedding, sparsity {:.3}",
-                c.total_params(), c.non_embedding_params(), c.sparsity()
+                c.total_params(),
+                c.non_embedding_params(),
+                c.sparsity()
             );
-            println!("tokenizer: {} tokens, eos {}, bos {:?}, chatml {}", tok.vocab_size(), tok.eos, tok.bos, tok.chatml);
+            println!(
+                "tokenizer: {} tokens, eos {}, bos {:?}, chatml {}",
+                tok.vocab_size(),
+                tok.eos,
+                tok.bos,
+                tok.chatml
+            );
         }
         Command::Generate(args) => {
             let (model, tok) = load(&args.model)?;
@@ -290,7 +318,11 @@ fn main() -> Result<()> {
         }
         Command::Eval(args) => {
             let (source, text) = match (&args.text, args.dataset.as_deref()) {
-                (Some(p), _) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+                (Some(p), _) => (
+                    p.display().to_string(),
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
                 (None, Some("moby-dick") | None) => {
                     let d = data::moby_dick_chapter(args.chapter)?;
                     (format!("moby-dick {}", d.id), d.text)
@@ -298,10 +330,15 @@ fn main() -> Result<()> {
                 (None, Some("sotu")) => {
                     let speeches = data::sotu()?;
                     let year = args.year.unwrap_or(2021);
-                    let s = speeches.into_iter().find(|s| s.year == year).with_context(|| format!("no State of the Union address for {year}"))?;
+                    let s = speeches
+                        .into_iter()
+                        .find(|s| s.year == year)
+                        .with_context(|| format!("no State of the Union address for {year}"))?;
                     (format!("sotu {} {}", s.year, s.president), s.text)
                 }
-                (None, Some(other)) => bail!("unknown data set '{other}' for eval (moby-dick, sotu, or use --text FILE)"),
+                (None, Some(other)) => bail!(
+                    "unknown data set '{other}' for eval (moby-dick, sotu, or use --text FILE)"
+                ),
             };
             let (base, tok) = load(&args.model)?;
             let (model, adapter) = match &args.adapter {
@@ -316,9 +353,13 @@ fn main() -> Result<()> {
                 ids.truncate(args.max_tokens);
             }
             let seq_len = args.seq_len.min(model.config.max_seq_len);
-            let m = eval::evaluate_windows(&model, adapter.as_ref(), &eval::windows(&ids, seq_len), 4);
+            let m =
+                eval::evaluate_windows(&model, adapter.as_ref(), &eval::windows(&ids, seq_len), 4);
             if args.json {
-                println!("{}", serde_json::json!({"source": source, "seq_len": seq_len, "metrics": m}));
+                println!(
+                    "{}",
+                    serde_json::json!({"source": source, "seq_len": seq_len, "metrics": m})
+                );
             } else {
                 println!(
                     "{source}: {} tokens scored in windows of {seq_len}: perplexity {:.3}, next-token accuracy {:.4}, NLL {:.4}",
@@ -327,7 +368,9 @@ fn main() -> Result<()> {
             }
         }
         Command::Tune(args) => tune(args)?,
-        Command::Join(args) => { device_agent::client::run_join(args)?; }
+        Command::Join(args) => {
+            device_agent::client::run_join(args)?;
+        }
         Command::Export(args) => {
             let (base, tok) = load(&args.model)?;
             let model = match &args.adapter {
@@ -339,9 +382,15 @@ fn main() -> Result<()> {
             };
             match args.format.as_str() {
                 "gguf" => {
-                    let precision: export::GgufPrecision = args.precision.parse().map_err(anyhow::Error::msg)?;
+                    let precision: export::GgufPrecision =
+                        args.precision.parse().map_err(anyhow::Error::msg)?;
                     let rep = export::export_gguf(&model, &tok, &args.out, precision)?;
-                    println!("wrote {} (arch {}, {:?})", args.out.display(), rep.arch, precision);
+                    println!(
+                        "wrote {} (arch {}, {:?})",
+                        args.out.display(),
+                        rep.arch,
+                        precision
+                    );
                     for n in rep.notes {
                         println!("note: {n}");
                     }
@@ -356,7 +405,12 @@ fn main() -> Result<()> {
                 other => bail!("unknown export format '{other}' (gguf, hf)"),
             }
             let c = &model.config;
-            println!("parameters: {} total, {} non-embedding, sparsity {:.3}", c.total_params(), c.non_embedding_params(), c.sparsity());
+            println!(
+                "parameters: {} total, {} non-embedding, sparsity {:.3}",
+                c.total_params(),
+                c.non_embedding_params(),
+                c.sparsity()
+            );
         }
     }
     Ok(())
@@ -365,16 +419,27 @@ fn main() -> Result<()> {
 /// The pruned model and adapter saved by `tune` in `dir`.
 fn load_tuned(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Adapter)> {
     let meta_path = dir.join("adapter.json");
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?)
-        .with_context(|| format!("parsing {}", meta_path.display()))?;
-    let kept: KeptMaps = serde_json::from_value(meta["kept"].clone()).with_context(|| format!("{}: missing or invalid 'kept' maps", meta_path.display()))?;
-    let model = prune::slice_model(base, &kept).with_context(|| format!("{}: kept maps do not fit this base model", meta_path.display()))?;
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&meta_path)
+            .with_context(|| format!("reading {}", meta_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", meta_path.display()))?;
+    let kept: KeptMaps = serde_json::from_value(meta["kept"].clone())
+        .with_context(|| format!("{}: missing or invalid 'kept' maps", meta_path.display()))?;
+    let model = prune::slice_model(base, &kept).with_context(|| {
+        format!(
+            "{}: kept maps do not fit this base model",
+            meta_path.display()
+        )
+    })?;
     let adapter = Adapter::load(dir, &model.config, &model.device)?;
     Ok((model, adapter))
 }
 
 fn parse_range(s: &str) -> Result<(u32, u32)> {
-    let (a, b) = s.split_once('-').with_context(|| format!("'{s}' is not a range like 1990-2021"))?;
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("'{s}' is not a range like 1990-2021"))?;
     Ok((a.trim().parse()?, b.trim().parse()?))
 }
 
@@ -384,7 +449,12 @@ fn progress(len: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]").expect("template"));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("template"),
+    );
     pb
 }
 
@@ -397,21 +467,39 @@ fn tune(args: TuneArgs) -> Result<()> {
     let mut prune_cfg = PruneConfig::for_layers(base.config.n_layers());
     prune_cfg.uniform = args.uniform;
     prune_cfg.prune_heads = !args.no_heads;
-    let cfg = TrainConfig { lr: args.lr, grad_accum: args.grad_accum, prune_every: args.prune_every, criterion, prune: prune_cfg, seed: args.seed, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        lr: args.lr,
+        grad_accum: args.grad_accum,
+        prune_every: args.prune_every,
+        criterion,
+        prune: prune_cfg,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
     let adapter = Adapter::new(&base.config, args.rank, args.alpha, args.seed, &base.device);
     let mut tuner = Tuner::new(&base, KeptMaps::dense(&base.config), adapter, cfg)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics = std::io::BufWriter::new(std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?);
+    let mut metrics = std::io::BufWriter::new(
+        std::fs::File::create(&metrics_path)
+            .with_context(|| format!("creating {}", metrics_path.display()))?,
+    );
     let pb = progress(args.steps as u64);
     let summary = match args.dataset.as_str() {
         "sotu" | "moby-dick" => {
             let texts: Vec<String> = if args.dataset == "sotu" {
                 let (a, b) = parse_range(&args.years)?;
-                data::sotu()?.into_iter().filter(|s| (a..=b).contains(&s.year)).map(|s| s.text).collect()
+                data::sotu()?
+                    .into_iter()
+                    .filter(|s| (a..=b).contains(&s.year))
+                    .map(|s| s.text)
+                    .collect()
             } else {
                 let (a, b) = parse_range(&args.chapters)?;
-                (a..=b).map(|c| data::moby_dick_chapter(c as usize).map(|d| d.text)).collect::<Result<_, _>>()?
+                (a..=b)
+                    .map(|c| data::moby_dick_chapter(c as usize).map(|d| d.text))
+                    .collect::<Result<_, _>>()?
             };
             if texts.is_empty() {
                 bail!("the selection holds no documents");
@@ -419,11 +507,17 @@ fn tune(args: TuneArgs) -> Result<()> {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let shard = LmShard::build(&tok, &refs, args.seq_len, 0.1, args.seed)?;
             let before = shard.evaluate(&base, None);
-            let report = tuner.run_round(&base, args.steps, args.ratio, |i| shard.batch(i, args.batch), |r| {
-                let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
-                pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
-                pb.inc(1);
-            })?;
+            let report = tuner.run_round(
+                &base,
+                args.steps,
+                args.ratio,
+                |i| shard.batch(i, args.batch),
+                |r| {
+                    let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
+                    pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
+                    pb.inc(1);
+                },
+            )?;
             let after = shard.evaluate(&tuner.model, Some(&tuner.adapter));
             serde_json::json!({"workload": args.dataset, "train_windows": shard.train.len(), "test_windows": shard.test.len(),
                 "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
@@ -432,21 +526,39 @@ fn tune(args: TuneArgs) -> Result<()> {
             let task = SpamTask::new(&tok, 192)?;
             let mut mails = data::spam_assassin()?;
             use rand::seq::SliceRandom;
-            mails.shuffle(&mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed));
+            mails.shuffle(
+                &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed),
+            );
             let half = args.examples / 2;
-            let pick: Vec<_> = mails.iter().filter(|m| m.spam).take(half).chain(mails.iter().filter(|m| !m.spam).take(args.examples - half)).collect();
-            let examples = pick.iter().map(|m| task.example(&tok, &m.text, m.spam)).collect::<Result<Vec<_>, _>>()?;
+            let pick: Vec<_> = mails
+                .iter()
+                .filter(|m| m.spam)
+                .take(half)
+                .chain(mails.iter().filter(|m| !m.spam).take(args.examples - half))
+                .collect();
+            let examples = pick
+                .iter()
+                .map(|m| task.example(&tok, &m.text, m.spam))
+                .collect::<Result<Vec<_>, _>>()?;
             let shard = ClsShard::split(examples, 0.25, args.seed);
             let before = task.evaluate(&base, None, &shard.test, tok.eos, 8);
             let n = shard.train.len().max(1);
-            let report = tuner.run_round(&base, args.steps, args.ratio, |i| {
-                let refs: Vec<_> = (0..args.batch).map(|k| &shard.train[(i * args.batch + k) % n]).collect();
-                task.batch(&refs, tok.eos).0
-            }, |r| {
-                let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
-                pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
-                pb.inc(1);
-            })?;
+            let report = tuner.run_round(
+                &base,
+                args.steps,
+                args.ratio,
+                |i| {
+                    let refs: Vec<_> = (0..args.batch)
+                        .map(|k| &shard.train[(i * args.batch + k) % n])
+                        .collect();
+                    task.batch(&refs, tok.eos).0
+                },
+                |r| {
+                    let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
+                    pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
+                    pb.inc(1);
+                },
+            )?;
             let after = task.evaluate(&tuner.model, Some(&tuner.adapter), &shard.test, tok.eos, 8);
             serde_json::json!({"workload": "spam", "train": shard.train.len(), "test": shard.test.len(),
                 "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
@@ -461,6 +573,9 @@ fn tune(args: TuneArgs) -> Result<()> {
         "total_params": c.total_params(), "criterion": args.criterion, "seed": args.seed,
     }))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    println!("saved adapter and kept-index maps to {}", args.out.display());
+    println!(
+        "saved adapter and kept-index maps to {}",
+        args.out.display()
+    );
     Ok(())
 }

@@ -112,12 +112,7 @@ impl ModelConfig {
         let hd = self.head_dim;
         self.blocks
             .iter()
-            .map(|b| {
-                2 * d
-                    + d * b.n_heads * hd * 2
-                    + d * b.n_kv_heads * hd * 2
-                    + 3 * d * b.ffn_dim
-            })
+            .map(|b| 2 * d + d * b.n_heads * hd * 2 + d * b.n_kv_heads * hd * 2 + 3 * d * b.ffn_dim)
             .sum::<usize>()
             + d
     }
@@ -131,10 +126,8 @@ impl ModelConfig {
     /// Parameters of the same architecture before pruning.
     pub fn dense_non_embedding_params(&self) -> usize {
         let mut dense = self.clone();
-        dense.blocks = vec![
-            BlockShape::dense(self.n_heads, self.n_kv_heads, self.ffn_dim);
-            self.blocks.len()
-        ];
+        dense.blocks =
+            vec![BlockShape::dense(self.n_heads, self.n_kv_heads, self.ffn_dim); self.blocks.len()];
         dense.non_embedding_params()
     }
 
@@ -262,8 +255,16 @@ impl Rope {
     /// Rotate `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [_, _, seq, hd] = x.dims();
-        let cos = self.cos.clone().narrow(0, start, seq).reshape([1, 1, seq, hd]);
-        let sin = self.sin.clone().narrow(0, start, seq).reshape([1, 1, seq, hd]);
+        let cos = self
+            .cos
+            .clone()
+            .narrow(0, start, seq)
+            .reshape([1, 1, seq, hd]);
+        let sin = self
+            .sin
+            .clone()
+            .narrow(0, start, seq)
+            .reshape([1, 1, seq, hd]);
         let x1 = x.clone().narrow(3, 0, hd / 2);
         let x2 = x.clone().narrow(3, hd / 2, hd / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
@@ -364,7 +365,9 @@ impl Llama {
             ];
             for (name, got, exp) in want {
                 if got != exp {
-                    return Err(format!("block {i} {name}: weight is {got:?}, expected {exp:?}"));
+                    return Err(format!(
+                        "block {i} {name}: weight is {got:?}, expected {exp:?}"
+                    ));
                 }
             }
             if s.q_to_kv.len() != s.n_heads || s.q_to_kv.iter().any(|&k| k >= s.n_kv_heads) {
@@ -433,8 +436,15 @@ impl Llama {
             })
             .collect();
         let lm_head = (!config.tie_embeddings).then(|| mat(d, config.vocab_size, std));
-        Llama::new(config, embed, blocks, Tensor::ones([d], device), lm_head, device)
-            .expect("random weights match their own config")
+        Llama::new(
+            config,
+            embed,
+            blocks,
+            Tensor::ones([d], device),
+            lm_head,
+            device,
+        )
+        .expect("random weights match their own config")
     }
 
     /// Token ids `[batch, seq]` as an index tensor.

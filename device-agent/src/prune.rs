@@ -35,14 +35,18 @@ pub struct KeptMaps {
 pub enum PruneError {
     #[error("kept-index maps have {got} blocks, the model has {want}")]
     BlockCount { got: usize, want: usize },
-    #[error("block {block}: kept {what} index {index} is out of range (< {limit}) or not ascending")]
+    #[error(
+        "block {block}: kept {what} index {index} is out of range (< {limit}) or not ascending"
+    )]
     BadIndex {
         block: usize,
         what: &'static str,
         index: usize,
         limit: usize,
     },
-    #[error("block {block}: kept KV heads {kv:?} do not match those read by kept query heads {want:?}")]
+    #[error(
+        "block {block}: kept KV heads {kv:?} do not match those read by kept query heads {want:?}"
+    )]
     KvMismatch {
         block: usize,
         kv: Vec<usize>,
@@ -120,7 +124,10 @@ impl KeptMaps {
                     .iter()
                     .map(|&h| {
                         let kv = Self::kv_of(cfg, h);
-                        b.kv_heads.iter().position(|&k| k == kv).expect("validated maps")
+                        b.kv_heads
+                            .iter()
+                            .position(|&k| k == kv)
+                            .expect("validated maps")
                     })
                     .collect(),
             })
@@ -202,18 +209,30 @@ pub enum Unit {
 /// Local positions (in `old`) of the entries that `new` keeps; `new` must be a subset of `old`.
 pub fn local_positions(old: &[usize], new: &[usize]) -> Vec<usize> {
     new.iter()
-        .map(|x| old.binary_search(x).expect("new kept set is a subset of the old"))
+        .map(|x| {
+            old.binary_search(x)
+                .expect("new kept set is a subset of the old")
+        })
         .collect()
 }
 
 /// Slice a LoRA-shaped tensor of block `l`, projection `p` from `old` to `new` kept maps.
-pub fn slice_factor(t: Tensor<2>, p: Proj, is_a: bool, old: &BlockKept, new: &BlockKept, head_dim: usize) -> Tensor<2> {
+pub fn slice_factor(
+    t: Tensor<2>,
+    p: Proj,
+    is_a: bool,
+    old: &BlockKept,
+    new: &BlockKept,
+    head_dim: usize,
+) -> Tensor<2> {
     match factor_pruned_dim(p, is_a) {
         None => t,
         Some((dim, unit)) => {
             let pos = match unit {
                 Unit::Head => head_elems(&local_positions(&old.heads, &new.heads), head_dim),
-                Unit::KvHead => head_elems(&local_positions(&old.kv_heads, &new.kv_heads), head_dim),
+                Unit::KvHead => {
+                    head_elems(&local_positions(&old.kv_heads, &new.kv_heads), head_dim)
+                }
                 Unit::Channel => local_positions(&old.channels, &new.channels),
             };
             keep(t, dim, &pos)
@@ -244,7 +263,9 @@ impl std::str::FromStr for Criterion {
             "taylor" => Ok(Self::Taylor),
             "magnitude" => Ok(Self::Magnitude),
             "random" => Ok(Self::Random),
-            o => Err(format!("unknown criterion '{o}' (lora-gradient, taylor, magnitude, random)")),
+            o => Err(format!(
+                "unknown criterion '{o}' (lora-gradient, taylor, magnitude, random)"
+            )),
         }
     }
 }
@@ -258,21 +279,38 @@ pub struct BlockScores {
 
 /// Per-element importance matrices of a block's five prunable projections (`[in, out]`),
 /// summed into group scores.
-pub fn group_scores(q: Tensor<2>, o: Tensor<2>, gate: Tensor<2>, up: Tensor<2>, down: Tensor<2>, head_dim: usize) -> BlockScores {
+pub fn group_scores(
+    q: Tensor<2>,
+    o: Tensor<2>,
+    gate: Tensor<2>,
+    up: Tensor<2>,
+    down: Tensor<2>,
+    head_dim: usize,
+) -> BlockScores {
     let [_, qo] = q.dims();
     let nh = qo / head_dim.max(1);
     let heads = if nh == 0 {
         Vec::new()
     } else {
-        let qs = q.sum_dim(0).reshape([nh, head_dim]).sum_dim(1).reshape([nh]);
-        let os = o.sum_dim(1).reshape([nh, head_dim]).sum_dim(1).reshape([nh]);
+        let qs = q
+            .sum_dim(0)
+            .reshape([nh, head_dim])
+            .sum_dim(1)
+            .reshape([nh]);
+        let os = o
+            .sum_dim(1)
+            .reshape([nh, head_dim])
+            .sum_dim(1)
+            .reshape([nh]);
         host_f64(qs + os)
     };
     let [_, f] = gate.dims();
     let channels = if f == 0 {
         Vec::new()
     } else {
-        let cs = gate.sum_dim(0).reshape([f]) + up.sum_dim(0).reshape([f]) + down.sum_dim(1).reshape([f]);
+        let cs = gate.sum_dim(0).reshape([f])
+            + up.sum_dim(0).reshape([f])
+            + down.sum_dim(1).reshape([f]);
         host_f64(cs)
     };
     BlockScores { heads, channels }
@@ -287,7 +325,16 @@ fn host_f64(t: Tensor<1>) -> Vec<f64> {
 pub fn magnitude_scores(m: &Llama) -> Vec<BlockScores> {
     m.blocks
         .iter()
-        .map(|b| group_scores(b.wq.clone().abs(), b.wo.clone().abs(), b.w_gate.clone().abs(), b.w_up.clone().abs(), b.w_down.clone().abs(), m.config.head_dim))
+        .map(|b| {
+            group_scores(
+                b.wq.clone().abs(),
+                b.wo.clone().abs(),
+                b.w_gate.clone().abs(),
+                b.w_up.clone().abs(),
+                b.w_down.clone().abs(),
+                m.config.head_dim,
+            )
+        })
         .collect()
 }
 
@@ -341,7 +388,11 @@ impl PruneConfig {
     /// The default with the first and last blocks of an `n_layers` model protected.
     pub fn for_layers(n_layers: usize) -> Self {
         PruneConfig {
-            protected_blocks: if n_layers > 2 { vec![0, n_layers - 1] } else { vec![] },
+            protected_blocks: if n_layers > 2 {
+                vec![0, n_layers - 1]
+            } else {
+                vec![]
+            },
             ..Self::default()
         }
     }
@@ -371,14 +422,22 @@ pub fn params_of(cfg: &ModelConfig, kept: &KeptMaps) -> usize {
 /// `cfg`) reaches at least `target`, lowest normalised score first, and return the new maps.
 /// Scores are per kept unit in local order (as [`BlockScores`]); each block's scores are
 /// divided by that block's mean for the unit type, so blocks compare on the same scale.
-pub fn select_prune(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], target: f64, pc: &PruneConfig) -> KeptMaps {
+pub fn select_prune(
+    cfg: &ModelConfig,
+    kept: &KeptMaps,
+    scores: &[BlockScores],
+    target: f64,
+    pc: &PruneConfig,
+) -> KeptMaps {
     let dense = cfg.dense_non_embedding_params() as f64;
     let current = params_of(cfg, kept) as f64;
     let want_removed = (current - (1.0 - target) * dense).max(0.0);
     if want_removed <= 0.0 {
         return kept.clone();
     }
-    let prunable: Vec<usize> = (0..kept.blocks.len()).filter(|l| !pc.protected_blocks.contains(l)).collect();
+    let prunable: Vec<usize> = (0..kept.blocks.len())
+        .filter(|l| !pc.protected_blocks.contains(l))
+        .collect();
     let mut new = kept.clone();
     if pc.uniform {
         let all: Vec<usize> = (0..kept.blocks.len()).collect();
@@ -390,16 +449,35 @@ pub fn select_prune(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], 
         let s = &scores[l];
         let norm = |v: &[f64]| {
             let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-            if mean > 0.0 && mean.is_finite() { mean } else { 1.0 }
+            if mean > 0.0 && mean.is_finite() {
+                mean
+            } else {
+                1.0
+            }
         };
         let mc = norm(&s.channels);
-        cands.extend(s.channels.iter().enumerate().map(|(i, &x)| (x / mc, l, false, i)));
+        cands.extend(
+            s.channels
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (x / mc, l, false, i)),
+        );
         if pc.prune_heads {
             let mh = norm(&s.heads);
-            cands.extend(s.heads.iter().enumerate().map(|(i, &x)| (x / mh, l, true, i)));
+            cands.extend(
+                s.heads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| (x / mh, l, true, i)),
+            );
         }
     }
-    cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    cands.sort_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
     let mut drop_heads: Vec<Vec<usize>> = vec![Vec::new(); kept.blocks.len()];
     let mut drop_ch: Vec<Vec<usize>> = vec![Vec::new(); kept.blocks.len()];
     let mut removed = 0.0;
@@ -439,7 +517,13 @@ pub fn select_prune(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], 
 }
 
 fn apply_drops(cfg: &ModelConfig, b: &mut BlockKept, heads: &[usize], channels: &[usize]) {
-    b.heads = b.heads.iter().enumerate().filter(|(i, _)| !heads.contains(i)).map(|(_, &h)| h).collect();
+    b.heads = b
+        .heads
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !heads.contains(i))
+        .map(|(_, &h)| h)
+        .collect();
     let mut ch_drop = channels.to_vec();
     ch_drop.sort_unstable();
     b.channels = b
@@ -456,27 +540,55 @@ fn apply_drops(cfg: &ModelConfig, b: &mut BlockKept, heads: &[usize], channels: 
 
 /// Uniform variant: the same number of heads and channels removed from every prunable block
 /// (each block removes its own lowest-scored units).
-fn select_uniform(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], want_removed: f64, pc: &PruneConfig, prunable: &[usize]) -> KeptMaps {
+fn select_uniform(
+    cfg: &ModelConfig,
+    kept: &KeptMaps,
+    scores: &[BlockScores],
+    want_removed: f64,
+    pc: &PruneConfig,
+    prunable: &[usize],
+) -> KeptMaps {
     let mut new = kept.clone();
     if prunable.is_empty() {
         return new;
     }
     let n = prunable.len() as f64;
     // Split the budget between heads and channels in proportion to their parameter shares.
-    let f_min = prunable.iter().map(|&l| kept.blocks[l].channels.len()).min().unwrap_or(0);
-    let h_min = prunable.iter().map(|&l| kept.blocks[l].heads.len()).min().unwrap_or(0);
-    let attn_params = h_min as f64 * (head_cost(cfg) as f64 + kv_cost(cfg) as f64 / (cfg.n_heads / cfg.n_kv_heads.max(1)).max(1) as f64);
+    let f_min = prunable
+        .iter()
+        .map(|&l| kept.blocks[l].channels.len())
+        .min()
+        .unwrap_or(0);
+    let h_min = prunable
+        .iter()
+        .map(|&l| kept.blocks[l].heads.len())
+        .min()
+        .unwrap_or(0);
+    let attn_params = h_min as f64
+        * (head_cost(cfg) as f64
+            + kv_cost(cfg) as f64 / (cfg.n_heads / cfg.n_kv_heads.max(1)).max(1) as f64);
     let mlp_params = f_min as f64 * channel_cost(cfg) as f64;
-    let share_attn = if pc.prune_heads { attn_params / (attn_params + mlp_params).max(1.0) } else { 0.0 };
+    let share_attn = if pc.prune_heads {
+        attn_params / (attn_params + mlp_params).max(1.0)
+    } else {
+        0.0
+    };
     let per_block = want_removed / n;
     // Heads go in equal numbers from every KV group, so query heads still map onto KV heads in
     // equal consecutive groups (what stock runtimes assume).
-    let groups = prunable.iter().map(|&l| kept.blocks[l].kv_heads.len()).max().unwrap_or(1).max(1);
+    let groups = prunable
+        .iter()
+        .map(|&l| kept.blocks[l].kv_heads.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let heads_per_block = ((per_block * share_attn) / head_cost(cfg) as f64).round() as usize;
-    let heads_per_block = heads_per_block.min(h_min.saturating_sub(pc.min_heads_per_block.max(groups)));
+    let heads_per_block =
+        heads_per_block.min(h_min.saturating_sub(pc.min_heads_per_block.max(groups)));
     let heads_per_block = heads_per_block / groups * groups;
     let head_removed = heads_per_block as f64 * head_cost(cfg) as f64;
-    let ch_per_block = ((per_block - head_removed).max(0.0) / channel_cost(cfg) as f64).ceil() as usize;
+    let ch_per_block =
+        ((per_block - head_removed).max(0.0) / channel_cost(cfg) as f64).ceil() as usize;
     let ch_per_block = ch_per_block.min(f_min.saturating_sub(pc.min_channels_per_block));
     for &l in prunable {
         let s = &scores[l];
@@ -490,9 +602,15 @@ fn select_uniform(cfg: &ModelConfig, kept: &KeptMaps, scores: &[BlockScores], wa
         let b = &kept.blocks[l];
         let mut dh = Vec::new();
         for &kv in &b.kv_heads {
-            let members: Vec<usize> = (0..b.heads.len()).filter(|&i| KeptMaps::kv_of(cfg, b.heads[i]) == kv).collect();
+            let members: Vec<usize> = (0..b.heads.len())
+                .filter(|&i| KeptMaps::kv_of(cfg, b.heads[i]) == kv)
+                .collect();
             let sub: Vec<f64> = members.iter().map(|&i| s.heads[i]).collect();
-            dh.extend(lowest(&sub, heads_per_block / groups).into_iter().map(|k| members[k]));
+            dh.extend(
+                lowest(&sub, heads_per_block / groups)
+                    .into_iter()
+                    .map(|k| members[k]),
+            );
         }
         let dc = lowest(&s.channels, ch_per_block);
         apply_drops(cfg, &mut new.blocks[l], &dh, &dc);
@@ -506,8 +624,14 @@ pub fn slice_scores(scores: &[BlockScores], old: &KeptMaps, new: &KeptMaps) -> V
         .iter()
         .zip(old.blocks.iter().zip(&new.blocks))
         .map(|(s, (o, n))| BlockScores {
-            heads: local_positions(&o.heads, &n.heads).iter().map(|&i| s.heads[i]).collect(),
-            channels: local_positions(&o.channels, &n.channels).iter().map(|&i| s.channels[i]).collect(),
+            heads: local_positions(&o.heads, &n.heads)
+                .iter()
+                .map(|&i| s.heads[i])
+                .collect(),
+            channels: local_positions(&o.channels, &n.channels)
+                .iter()
+                .map(|&i| s.channels[i])
+                .collect(),
         })
         .collect()
 }
@@ -529,7 +653,10 @@ mod tests {
         let m = Llama::random(cfg(), 1, &Device::flex());
         let s = slice_model(&m, &KeptMaps::dense(&m.config)).unwrap();
         let t = m.tokens_tensor(&[vec![1, 2, 3, 4, 5]]);
-        assert_eq!(to_rows(m.forward(t.clone(), None)), to_rows(s.forward(t, None)));
+        assert_eq!(
+            to_rows(m.forward(t.clone(), None)),
+            to_rows(s.forward(t, None))
+        );
     }
 
     #[test]
@@ -539,7 +666,10 @@ mod tests {
         let mut rng = scores_rng(3);
         let m = Llama::random(c.clone(), 1, &Device::flex());
         let scores = random_scores(&m, &mut rng);
-        let pc = PruneConfig { min_channels_per_block: 1, ..PruneConfig::for_layers(4) };
+        let pc = PruneConfig {
+            min_channels_per_block: 1,
+            ..PruneConfig::for_layers(4)
+        };
         for target in [0.1, 0.25, 0.35] {
             let new = select_prune(&c, &kept, &scores, target, &pc);
             new.validate(&c).unwrap();
@@ -548,7 +678,11 @@ mod tests {
             let got = params_of(&c, &new) as f64;
             // At or below the plan, by less than the largest group (a head plus its KV head).
             assert!(got <= planned + 1e-9, "target {target}: {got} > {planned}");
-            assert!(planned - got < (head_cost(&c) + kv_cost(&c)) as f64, "target {target}: overshoot {}", planned - got);
+            assert!(
+                planned - got < (head_cost(&c) + kv_cost(&c)) as f64,
+                "target {target}: overshoot {}",
+                planned - got
+            );
             // Protected blocks untouched.
             assert_eq!(new.blocks[0], kept.blocks[0]);
             assert_eq!(new.blocks[3], kept.blocks[3]);
@@ -580,10 +714,17 @@ mod tests {
         let c = cfg();
         let m = Llama::random(c.clone(), 2, &Device::flex());
         let scores = magnitude_scores(&m);
-        let pc = PruneConfig { uniform: true, protected_blocks: vec![], min_channels_per_block: 1, ..PruneConfig::default() };
+        let pc = PruneConfig {
+            uniform: true,
+            protected_blocks: vec![],
+            min_channels_per_block: 1,
+            ..PruneConfig::default()
+        };
         let new = select_prune(&c, &KeptMaps::dense(&c), &scores, 0.3, &pc);
         let shapes = new.shapes(&c);
-        assert!(shapes.windows(2).all(|w| w[0].n_heads == w[1].n_heads && w[0].ffn_dim == w[1].ffn_dim));
+        assert!(shapes
+            .windows(2)
+            .all(|w| w[0].n_heads == w[1].n_heads && w[0].ffn_dim == w[1].ffn_dim));
         assert!(shapes.iter().all(BlockShape::uniform_groups));
         assert!(params_of(&c, &new) < c.dense_non_embedding_params());
     }

@@ -8,8 +8,8 @@
 //! the adapter the device last trained; the frozen base is shared and re-sliced each round.
 
 use protocol::{
-    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join, Message, RoundConfig, RoundFailed,
-    RoundId, Timestamp, Update, UpdateStats, PROTOCOL_VERSION,
+    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join, Message,
+    RoundConfig, RoundFailed, RoundId, Timestamp, Update, UpdateStats, PROTOCOL_VERSION,
 };
 
 use crate::lora::{Adapter, HostFactors};
@@ -34,7 +34,11 @@ pub enum SessionError {
 #[derive(Debug, Clone)]
 pub enum LocalData {
     Lm(LmShard),
-    Cls { task: SpamTask, shard: ClsShard, pad: u32 },
+    Cls {
+        task: SpamTask,
+        shard: ClsShard,
+        pad: u32,
+    },
 }
 
 impl LocalData {
@@ -44,7 +48,9 @@ impl LocalData {
             LocalData::Lm(s) => s.batch(i, batch),
             LocalData::Cls { task, shard, pad } => {
                 let n = shard.train.len().max(1);
-                let refs: Vec<_> = (0..batch).map(|k| &shard.train[(i * batch + k) % n]).collect();
+                let refs: Vec<_> = (0..batch)
+                    .map(|k| &shard.train[(i * batch + k) % n])
+                    .collect();
                 task.batch(&refs, *pad).0
             }
         }
@@ -77,7 +83,12 @@ impl LocalData {
     pub fn seq_len(&self) -> usize {
         match self {
             LocalData::Lm(s) => s.seq_len,
-            LocalData::Cls { shard, .. } => shard.train.iter().map(|e| e.prompt.len()).max().unwrap_or(1),
+            LocalData::Cls { shard, .. } => shard
+                .train
+                .iter()
+                .map(|e| e.prompt.len())
+                .max()
+                .unwrap_or(1),
         }
     }
 }
@@ -92,7 +103,10 @@ pub struct DeviceState {
 
 impl DeviceState {
     pub fn fresh(base: &Llama) -> Self {
-        DeviceState { kept: KeptMaps::dense(&base.config), adapter: None }
+        DeviceState {
+            kept: KeptMaps::dense(&base.config),
+            adapter: None,
+        }
     }
 }
 
@@ -237,7 +251,8 @@ impl AgentSession {
                 }
                 self.alpha = w.lora_alpha as f64;
                 self.heartbeat_ms = w.heartbeat_interval_ms;
-                self.next_heartbeat = (w.heartbeat_interval_ms > 0).then(|| Timestamp(now.0 + w.heartbeat_interval_ms));
+                self.next_heartbeat = (w.heartbeat_interval_ms > 0)
+                    .then(|| Timestamp(now.0 + w.heartbeat_interval_ms));
                 if self.phase == Phase::Joining {
                     self.phase = Phase::Idle;
                 }
@@ -255,8 +270,13 @@ impl AgentSession {
                 self.rejects.push(r.reason.to_string());
                 use protocol::RejectReason as R;
                 match r.reason {
-                    R::VersionMismatch { .. } | R::UnknownDevice(_) | R::IdentityMismatch { .. } => {
-                        vec![AgentCommand::Close(format!("refused by the aggregator: {}", r.reason))]
+                    R::VersionMismatch { .. }
+                    | R::UnknownDevice(_)
+                    | R::IdentityMismatch { .. } => {
+                        vec![AgentCommand::Close(format!(
+                            "refused by the aggregator: {}",
+                            r.reason
+                        ))]
                     }
                     _ => {
                         if matches!(self.phase, Phase::AwaitingAck(_)) {
@@ -286,7 +306,10 @@ impl AgentSession {
             tracing::warn!(busy = %r, new = %rc.round, "round config while training; ignored");
             return vec![];
         }
-        let ok = rc.arm.prune_ratio.is_finite() && (0.0..1.0).contains(&rc.arm.prune_ratio) && rc.arm.rank > 0 && rc.batch_size > 0;
+        let ok = rc.arm.prune_ratio.is_finite()
+            && (0.0..1.0).contains(&rc.arm.prune_ratio)
+            && rc.arm.rank > 0
+            && rc.batch_size > 0;
         if !ok {
             tracing::warn!(round = %rc.round, "invalid round config refused");
             return vec![];
@@ -307,7 +330,11 @@ impl AgentSession {
         }))]
     }
 
-    fn on_job_done(&mut self, _now: Timestamp, result: Result<JobOutcome, FailReason>) -> Vec<AgentCommand> {
+    fn on_job_done(
+        &mut self,
+        _now: Timestamp,
+        result: Result<JobOutcome, FailReason>,
+    ) -> Vec<AgentCommand> {
         let Phase::Training(round) = self.phase else {
             return vec![];
         };
@@ -329,7 +356,10 @@ impl AgentSession {
             Err(reason) => {
                 tracing::warn!(%round, error = %reason, "local round failed");
                 self.phase = Phase::Idle;
-                vec![AgentCommand::Send(Message::RoundFailed(RoundFailed { round, reason }))]
+                vec![AgentCommand::Send(Message::RoundFailed(RoundFailed {
+                    round,
+                    reason,
+                }))]
             }
         }
     }
@@ -353,7 +383,10 @@ impl AgentSession {
                     Phase::Training(r) | Phase::AwaitingAck(r) => Some(r),
                     _ => None,
                 };
-                vec![AgentCommand::Send(Message::Heartbeat(Heartbeat { round, steps_done: self.steps_done }))]
+                vec![AgentCommand::Send(Message::Heartbeat(Heartbeat {
+                    round,
+                    steps_done: self.steps_done,
+                }))]
             }
             _ => vec![],
         }
@@ -363,7 +396,11 @@ impl AgentSession {
 /// Build the device's starting adapter for a job: the global slice cut to the device's own
 /// kept maps (which may be a subset of the maps the server cut it for) with padded components
 /// re-initialised, else the device's own adapter resized to the arm's rank, else fresh.
-pub fn start_adapter(job: &TrainJob, state: &DeviceState, base: &Llama) -> Result<Adapter, SessionError> {
+pub fn start_adapter(
+    job: &TrainJob,
+    state: &DeviceState,
+    base: &Llama,
+) -> Result<Adapter, SessionError> {
     let rank = job.arm.rank as usize;
     let dense = &base.config;
     let own_cfg = {
@@ -374,20 +411,29 @@ pub fn start_adapter(job: &TrainJob, state: &DeviceState, base: &Llama) -> Resul
     match &job.global {
         Some(g) => {
             let slice_kept = wire::kept_from_wire(&g.kept);
-            slice_kept.validate(dense).map_err(|e| SessionError::BadSlice(e.to_string()))?;
+            slice_kept
+                .validate(dense)
+                .map_err(|e| SessionError::BadSlice(e.to_string()))?;
             let mut cfg = dense.clone();
             cfg.blocks = slice_kept.shapes(dense);
             let host = wire::adapter_from_wire(&g.adapter);
             let r = g.adapter.rank as usize;
-            let ad = Adapter::from_host(&cfg, r, g.adapter.alpha as f64, &host, &base.device).map_err(|e| SessionError::BadSlice(e.to_string()))?;
+            let ad = Adapter::from_host(&cfg, r, g.adapter.alpha as f64, &host, &base.device)
+                .map_err(|e| SessionError::BadSlice(e.to_string()))?;
             // Cut to the device's own kept maps.
             let hd = dense.head_dim;
             let mut blocks = Vec::with_capacity(ad.blocks.len());
             for (l, blk) in ad.blocks.into_iter().enumerate() {
                 let (o, n) = (&slice_kept.blocks[l], &state.kept.blocks[l]);
-                let subset = |a: &[usize], b: &[usize]| b.iter().all(|x| a.binary_search(x).is_ok());
-                if !(subset(&o.heads, &n.heads) && subset(&o.channels, &n.channels) && subset(&o.kv_heads, &n.kv_heads)) {
-                    return Err(SessionError::BadSlice(format!("block {l}: the slice lacks units this device kept")));
+                let subset =
+                    |a: &[usize], b: &[usize]| b.iter().all(|x| a.binary_search(x).is_ok());
+                if !(subset(&o.heads, &n.heads)
+                    && subset(&o.channels, &n.channels)
+                    && subset(&o.kv_heads, &n.kv_heads))
+                {
+                    return Err(SessionError::BadSlice(format!(
+                        "block {l}: the slice lacks units this device kept"
+                    )));
                 }
                 blocks.push(
                     Proj::ALL
@@ -400,18 +446,37 @@ pub fn start_adapter(job: &TrainJob, state: &DeviceState, base: &Llama) -> Resul
                         .collect(),
                 );
             }
-            let ad = Adapter { rank: r, alpha: g.adapter.alpha as f64, blocks };
+            let ad = Adapter {
+                rank: r,
+                alpha: g.adapter.alpha as f64,
+                blocks,
+            };
             // Components past `filled_rank` are zero padding: re-initialise them.
             let filled = (g.filled_rank as usize).min(r);
-            let ad = if filled < r { ad.resize(filled.max(1), job.seed).resize(r, job.seed ^ 1) } else { ad };
-            Ok(if ad.rank != rank { ad.resize(rank, job.seed) } else { ad })
+            let ad = if filled < r {
+                ad.resize(filled.max(1), job.seed).resize(r, job.seed ^ 1)
+            } else {
+                ad
+            };
+            Ok(if ad.rank != rank {
+                ad.resize(rank, job.seed)
+            } else {
+                ad
+            })
         }
         None => match &state.adapter {
             Some((r, alpha, host)) => {
-                let ad = Adapter::from_host(&own_cfg, *r, *alpha, host, &base.device).map_err(|e| SessionError::BadSlice(e.to_string()))?;
+                let ad = Adapter::from_host(&own_cfg, *r, *alpha, host, &base.device)
+                    .map_err(|e| SessionError::BadSlice(e.to_string()))?;
                 Ok(ad.resize(rank, job.seed))
             }
-            None => Ok(Adapter::new(&own_cfg, rank, job.alpha, job.seed, &base.device)),
+            None => Ok(Adapter::new(
+                &own_cfg,
+                rank,
+                job.alpha,
+                job.seed,
+                &base.device,
+            )),
         },
     }
 }
@@ -428,7 +493,9 @@ pub fn run_job(
     mut on_step: impl FnMut(usize),
 ) -> Result<JobOutcome, SessionError> {
     if job.local_steps == 0 || job.batch == 0 {
-        return Err(SessionError::BadConfig("local_steps and batch_size must be positive".into()));
+        return Err(SessionError::BadConfig(
+            "local_steps and batch_size must be positive".into(),
+        ));
     }
     let adapter = start_adapter(job, state, base)?;
     let cfg = TrainConfig {
@@ -446,10 +513,16 @@ pub fn run_job(
     // Round-local batch order: a seeded offset into the shard.
     let offset = (job.seed % n as u64) as usize;
     let mut step = 0;
-    let report = tuner.run_round(base, job.local_steps, job.arm.prune_ratio, |i| data.batch(offset + i, job.batch), |_| {
-        step += 1;
-        on_step(step);
-    })?;
+    let report = tuner.run_round(
+        base,
+        job.local_steps,
+        job.arm.prune_ratio,
+        |i| data.batch(offset + i, job.batch),
+        |_| {
+            step += 1;
+            on_step(step);
+        },
+    )?;
     let (loss_post, metric_post) = data.evaluate(&tuner.model, Some(&tuner.adapter));
     let c = &tuner.model.config;
     let stats = UpdateStats {
@@ -460,14 +533,19 @@ pub fn run_job(
         compute_ms: 0,
         bytes_down: 0,
         bytes_up: 0,
-        peak_mem_bytes: crate::cost::train_memory(c, tuner.adapter.rank, job.batch, data.seq_len()).total,
+        peak_mem_bytes: crate::cost::train_memory(c, tuner.adapter.rank, job.batch, data.seq_len())
+            .total,
         samples: (job.local_steps * job.batch) as u64,
         steps: job.local_steps as u32,
     };
     Ok(JobOutcome {
         round: job.round,
         kept: tuner.kept.clone(),
-        adapter: (tuner.adapter.rank, tuner.adapter.alpha, tuner.adapter.to_host()),
+        adapter: (
+            tuner.adapter.rank,
+            tuner.adapter.alpha,
+            tuner.adapter.to_host(),
+        ),
         stats,
         report,
         metric_post,

@@ -28,7 +28,8 @@ pub enum TokenizerError {
 }
 
 /// Default system prompt of the SmolLM2 instruct template.
-pub const SMOLLM_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+pub const SMOLLM_SYSTEM: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 /// A tokenizer with the ids of the special tokens we use.
 #[derive(Clone)]
@@ -120,14 +121,18 @@ impl Tok {
             .collect();
         tk.add_special_tokens(&specials);
         let id = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        let eos = id("tokenizer.ggml.eos_token_id").ok_or_else(|| {
-            g.missing("tokenizer.ggml.eos_token_id", "token id")
-        })?;
+        let eos = id("tokenizer.ggml.eos_token_id")
+            .ok_or_else(|| g.missing("tokenizer.ggml.eos_token_id", "token id"))?;
         let chat_template = g
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
             .map(str::to_string);
-        Ok(Self::finish(tk, id("tokenizer.ggml.bos_token_id"), eos, chat_template))
+        Ok(Self::finish(
+            tk,
+            id("tokenizer.ggml.bos_token_id"),
+            eos,
+            chat_template,
+        ))
     }
 
     /// Load an HF `tokenizer.json`; special-token ids come from `config.json`-style hints or
@@ -154,7 +159,8 @@ impl Tok {
     }
 
     fn finish(tk: Tokenizer, bos: Option<u32>, eos: u32, chat_template: Option<String>) -> Self {
-        let chatml = tk.token_to_id("<|im_start|>").is_some() && tk.token_to_id("<|im_end|>").is_some();
+        let chatml =
+            tk.token_to_id("<|im_start|>").is_some() && tk.token_to_id("<|im_end|>").is_some();
         Tok {
             inner: tk,
             bos,
@@ -192,11 +198,9 @@ impl Tok {
 
     /// A ChatML prompt for one user turn, ready for the assistant's answer.
     pub fn chat_prompt(&self, user: &str, system: Option<&str>) -> String {
-        let system = system.unwrap_or_else(|| {
-            match &self.chat_template {
-                Some(t) if t.contains(SMOLLM_SYSTEM) => SMOLLM_SYSTEM,
-                _ => "You are a helpful assistant.",
-            }
+        let system = system.unwrap_or_else(|| match &self.chat_template {
+            Some(t) if t.contains(SMOLLM_SYSTEM) => SMOLLM_SYSTEM,
+            _ => "You are a helpful assistant.",
         });
         format!(
             "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"

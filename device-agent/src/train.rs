@@ -89,7 +89,10 @@ impl Batch {
     /// Causal-LM batch from windows of `L + 1` tokens: inputs `w[..L]`, targets `w[1..]`.
     pub fn lm(windows: &[Vec<u32>]) -> Batch {
         let tokens: Vec<Vec<u32>> = windows.iter().map(|w| w[..w.len() - 1].to_vec()).collect();
-        let targets = windows.iter().flat_map(|w| w[1..].iter().map(|&t| Some(t))).collect();
+        let targets = windows
+            .iter()
+            .flat_map(|w| w[1..].iter().map(|&t| Some(t)))
+            .collect();
         Batch { tokens, targets }
     }
 
@@ -109,7 +112,12 @@ pub struct StepStats {
 
 /// Chunked cross-entropy from hidden rows: returns (sum of NLL, correct argmax count, dL/dh)
 /// where `L = sum NLL / norm`.
-pub fn chunked_ce(model: &Llama, h: Tensor<2>, targets: &[Option<u32>], norm: f64) -> (f64, usize, Tensor<2>) {
+pub fn chunked_ce(
+    model: &Llama,
+    h: Tensor<2>,
+    targets: &[Option<u32>],
+    norm: f64,
+) -> (f64, usize, Tensor<2>) {
     let [n, d] = h.dims();
     let device = model.device.clone();
     let head = match &model.lm_head {
@@ -136,12 +144,23 @@ pub fn chunked_ce(model: &Llama, h: Tensor<2>, targets: &[Option<u32>], norm: f6
         let sum = exp.clone().sum_dim(1); // [len, 1]
         let idx: Vec<i64> = tg.iter().map(|t| t.unwrap_or(0) as i64).collect();
         let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [len, 1]), &device);
-        let w: Vec<f32> = tg.iter().map(|t| if t.is_some() { 1.0 } else { 0.0 }).collect();
+        let w: Vec<f32> = tg
+            .iter()
+            .map(|t| if t.is_some() { 1.0 } else { 0.0 })
+            .collect();
         let w = Tensor::<2>::from_data(TensorData::new(w.clone(), [len, 1]), &device);
         let tgt_logit = shifted.clone().gather(1, idx.clone());
         let row_nll = sum.clone().log() - tgt_logit; // [len, 1]
-        let pred: Vec<i64> = shifted.argmax(1).into_data().convert::<i64>().try_to_vec().expect("ints");
-        let row_nll_h: Vec<f32> = (row_nll * w.clone()).into_data().try_to_vec().expect("floats");
+        let pred: Vec<i64> = shifted
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .expect("ints");
+        let row_nll_h: Vec<f32> = (row_nll * w.clone())
+            .into_data()
+            .try_to_vec()
+            .expect("floats");
         nll += row_nll_h.iter().map(|&x| x as f64).sum::<f64>();
         for (k, t) in tg.iter().enumerate() {
             if let Some(t) = t {
@@ -153,7 +172,8 @@ pub fn chunked_ce(model: &Llama, h: Tensor<2>, targets: &[Option<u32>], norm: f6
         // dNLL/dlogits = softmax - onehot, masked and scaled.
         let probs = exp / sum;
         let minus_one = Tensor::<2>::full([len, 1], -1.0, &device);
-        let dlogits = probs.scatter(1, idx, minus_one, burn::tensor::IndexingUpdateOp::Add) * w.div_scalar(norm);
+        let dlogits = probs.scatter(1, idx, minus_one, burn::tensor::IndexingUpdateOp::Add)
+            * w.div_scalar(norm);
         grads.push(dlogits.matmul(head.clone()));
         start += len;
     }
@@ -198,7 +218,12 @@ pub struct StepRecord {
 impl Tuner {
     /// Start from the dense base, kept maps and (optionally) an adapter already shaped to
     /// those maps.
-    pub fn new(base: &Llama, kept: KeptMaps, adapter: Adapter, cfg: TrainConfig) -> Result<Self, PruneError> {
+    pub fn new(
+        base: &Llama,
+        kept: KeptMaps,
+        adapter: Adapter,
+        cfg: TrainConfig,
+    ) -> Result<Self, PruneError> {
         let model = prune::slice_model(base, &kept)?;
         let n = model.config.n_layers() * 14;
         let mut moments = Vec::with_capacity(n);
@@ -230,14 +255,24 @@ impl Tuner {
 
     /// Forward and backward on one micro-batch; gradients accumulate until an optimiser step.
     /// With `importance`, the Taylor criterion's base-weight gradients are taken too.
-    fn micro(&mut self, batch: &Batch, norm: f64, want_scores: bool) -> (StepStats, Option<Vec<BlockScores>>) {
+    fn micro(
+        &mut self,
+        batch: &Batch,
+        norm: f64,
+        want_scores: bool,
+    ) -> (StepStats, Option<Vec<BlockScores>>) {
         let taylor = want_scores && self.cfg.criterion == Criterion::Taylor;
         let strategy = if self.cfg.checkpointing {
             burn::tensor::GradientCheckpointingStrategy::Balanced
         } else {
             burn::tensor::GradientCheckpointingStrategy::Disabled
         };
-        let leaf = |t: &Tensor<2>| t.clone().autodiff().with_gradient_checkpointing_strategy(strategy).require_grad();
+        let leaf = |t: &Tensor<2>| {
+            t.clone()
+                .autodiff()
+                .with_gradient_checkpointing_strategy(strategy)
+                .require_grad()
+        };
         let leaves = Adapter {
             rank: self.adapter.rank,
             alpha: self.adapter.alpha,
@@ -247,7 +282,10 @@ impl Tuner {
                 .iter()
                 .map(|b| {
                     b.iter()
-                        .map(|f| LoraFactors { a: leaf(&f.a), b: leaf(&f.b) })
+                        .map(|f| LoraFactors {
+                            a: leaf(&f.a),
+                            b: leaf(&f.b),
+                        })
                         .collect()
                 })
                 .collect(),
@@ -293,7 +331,14 @@ impl Tuner {
                             let g = w.grad(&grads).expect("tracked weight has a gradient");
                             (w.clone().inner() * g).abs()
                         };
-                        prune::group_scores(i(Proj::Q), i(Proj::O), i(Proj::Gate), i(Proj::Up), i(Proj::Down), self.model.config.head_dim)
+                        prune::group_scores(
+                            i(Proj::Q),
+                            i(Proj::O),
+                            i(Proj::Gate),
+                            i(Proj::Up),
+                            i(Proj::Down),
+                            self.model.config.head_dim,
+                        )
                     })
                     .collect(),
             )
@@ -324,11 +369,20 @@ impl Tuner {
                     let f = &self.adapter.blocks[l][p.index()];
                     let da = self.accum[fidx(l, p, true)].clone().expect("gradient");
                     let db = self.accum[fidx(l, p, false)].clone().expect("gradient");
-                    let g = (da.clone().matmul(f.b.clone()) + f.a.clone().matmul(db.clone()) - da.matmul(db)).mul_scalar(s);
+                    let g = (da.clone().matmul(f.b.clone()) + f.a.clone().matmul(db.clone())
+                        - da.matmul(db))
+                    .mul_scalar(s);
                     let w = b.weight(p).clone() + f.a.clone().matmul(f.b.clone()).mul_scalar(s);
                     (g * w).abs()
                 };
-                prune::group_scores(imp(Proj::Q), imp(Proj::O), imp(Proj::Gate), imp(Proj::Up), imp(Proj::Down), hd)
+                prune::group_scores(
+                    imp(Proj::Q),
+                    imp(Proj::O),
+                    imp(Proj::Gate),
+                    imp(Proj::Up),
+                    imp(Proj::Down),
+                    hd,
+                )
             })
             .collect()
     }
@@ -341,8 +395,18 @@ impl Tuner {
                 .into_iter()
                 .zip(now)
                 .map(|(p, n)| BlockScores {
-                    heads: p.heads.iter().zip(&n.heads).map(|(a, b)| lam * a + (1.0 - lam) * b).collect(),
-                    channels: p.channels.iter().zip(&n.channels).map(|(a, b)| lam * a + (1.0 - lam) * b).collect(),
+                    heads: p
+                        .heads
+                        .iter()
+                        .zip(&n.heads)
+                        .map(|(a, b)| lam * a + (1.0 - lam) * b)
+                        .collect(),
+                    channels: p
+                        .channels
+                        .iter()
+                        .zip(&n.channels)
+                        .map(|(a, b)| lam * a + (1.0 - lam) * b)
+                        .collect(),
                 })
                 .collect(),
         });
@@ -350,7 +414,12 @@ impl Tuner {
 
     /// Run one micro-batch; when `grad_accum` micro-batches have been seen, take an AdamW
     /// step at learning rate `lr` and return its record.
-    pub fn train_micro(&mut self, batch: &Batch, lr: f64, track_importance: bool) -> Option<StepRecord> {
+    pub fn train_micro(
+        &mut self,
+        batch: &Batch,
+        lr: f64,
+        track_importance: bool,
+    ) -> Option<StepRecord> {
         let accum = self.cfg.grad_accum.max(1);
         // Normalise by the targets of this micro-batch times the accumulation count, so the
         // accumulated gradient is the mean over the optimiser step.
@@ -396,11 +465,22 @@ impl Tuner {
 
     /// Clip and apply AdamW to every factor; returns the pre-clip global gradient norm.
     fn apply_adamw(&mut self, lr: f64) -> f64 {
-        let grads: Vec<Tensor<2>> = self.accum.iter_mut().map(|g| g.take().expect("accumulated gradient")).collect();
-        let sq: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum().reshape([1])).collect();
+        let grads: Vec<Tensor<2>> = self
+            .accum
+            .iter_mut()
+            .map(|g| g.take().expect("accumulated gradient"))
+            .collect();
+        let sq: Vec<Tensor<1>> = grads
+            .iter()
+            .map(|g| g.clone().square().sum().reshape([1]))
+            .collect();
         let total: f32 = Tensor::cat(sq, 0).sum().into_scalar();
         let norm = (total as f64).sqrt();
-        let clip = if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm { self.cfg.clip_norm / norm } else { 1.0 };
+        let clip = if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm {
+            self.cfg.clip_norm / norm
+        } else {
+            1.0
+        };
         let c = &self.cfg;
         let t = (self.step + 1) as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
@@ -412,9 +492,15 @@ impl Tuner {
                     let g = grads[k].clone().mul_scalar(clip);
                     let (m, v) = &mut self.moments[k];
                     let m_new = m.clone().mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-                    let v_new = v.clone().mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
-                    let upd = m_new.clone().div_scalar(bc1) / (v_new.clone().div_scalar(bc2).sqrt() + c.eps);
-                    let decayed = if c.weight_decay > 0.0 { param.clone().mul_scalar(1.0 - lr * c.weight_decay) } else { param.clone() };
+                    let v_new =
+                        v.clone().mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
+                    let upd = m_new.clone().div_scalar(bc1)
+                        / (v_new.clone().div_scalar(bc2).sqrt() + c.eps);
+                    let decayed = if c.weight_decay > 0.0 {
+                        param.clone().mul_scalar(1.0 - lr * c.weight_decay)
+                    } else {
+                        param.clone()
+                    };
                     *param = decayed - upd.mul_scalar(lr);
                     *m = m_new;
                     *v = v_new;
@@ -500,7 +586,11 @@ impl Tuner {
         mut on_step: impl FnMut(&StepRecord),
     ) -> Result<RoundReport, PruneError> {
         let before = self.sparsity();
-        let events = if target > before + 1e-12 { prune_schedule(steps, self.cfg.prune_every) } else { Vec::new() };
+        let events = if target > before + 1e-12 {
+            prune_schedule(steps, self.cfg.prune_every)
+        } else {
+            Vec::new()
+        };
         let targets = event_targets(before, target, events.len());
         let mut records = Vec::with_capacity(steps);
         let mut prune_events = Vec::new();
@@ -524,7 +614,12 @@ impl Tuner {
                 prune_events.push((done, self.sparsity()));
             }
         }
-        Ok(RoundReport { steps: records, sparsity_before: before, sparsity_after: self.sparsity(), prune_events })
+        Ok(RoundReport {
+            steps: records,
+            sparsity_before: before,
+            sparsity_after: self.sparsity(),
+            prune_events,
+        })
     }
 }
 
@@ -548,7 +643,9 @@ pub fn event_targets(start: f64, target: f64, events: usize) -> Vec<f64> {
     if target <= start || events == 0 {
         return vec![start; events];
     }
-    (1..=events).map(|i| start + (target - start) * i as f64 / events as f64).collect()
+    (1..=events)
+        .map(|i| start + (target - start) * i as f64 / events as f64)
+        .collect()
 }
 
 #[cfg(test)]
@@ -572,7 +669,12 @@ mod tests {
         let t = event_targets(0.1, 0.5, 4);
         assert!((t[0] - 0.2).abs() < 1e-12 && (t[3] - 0.5).abs() < 1e-12);
         assert_eq!(event_targets(0.5, 0.3, 2), vec![0.5, 0.5]);
-        let c = TrainConfig { lr: 1.0, warmup_steps: 2, min_lr_ratio: 0.0, ..TrainConfig::default() };
+        let c = TrainConfig {
+            lr: 1.0,
+            warmup_steps: 2,
+            min_lr_ratio: 0.0,
+            ..TrainConfig::default()
+        };
         assert!(lr_at(&c, 0, 20) < lr_at(&c, 1, 20));
         assert!((lr_at(&c, 2, 20) - 1.0).abs() < 1e-12);
         assert!(lr_at(&c, 19, 20) < 0.05);
@@ -581,7 +683,11 @@ mod tests {
     #[test]
     fn manual_ce_gradient_matches_autodiff() {
         let (m, _) = tiny();
-        let h = Tensor::<2>::random([6, 16], burn::tensor::Distribution::Normal(0.0, 1.0), &m.device);
+        let h = Tensor::<2>::random(
+            [6, 16],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &m.device,
+        );
         let targets = vec![Some(3), None, Some(7), Some(39), None, Some(0)];
         let (nll, _, dh) = chunked_ce(&m, h.clone(), &targets, 4.0);
         // Autodiff reference.
@@ -590,8 +696,16 @@ mod tests {
         let mut loss: Option<Tensor<1>> = None;
         for (r, t) in targets.iter().enumerate() {
             if let Some(t) = t {
-                let x = lp.clone().narrow(0, r, 1).narrow(1, *t as usize, 1).reshape([1]).neg();
-                loss = Some(match loss { Some(l) => l + x, None => x });
+                let x = lp
+                    .clone()
+                    .narrow(0, r, 1)
+                    .narrow(1, *t as usize, 1)
+                    .reshape([1])
+                    .neg();
+                loss = Some(match loss {
+                    Some(l) => l + x,
+                    None => x,
+                });
             }
         }
         let loss = loss.unwrap();
@@ -609,16 +723,30 @@ mod tests {
     fn training_lowers_the_loss_and_pruning_slices_state() {
         let (base, c) = tiny();
         let adapter = Adapter::new(&c, 4, 8.0, 1, &base.device);
-        let cfg = TrainConfig { lr: 1e-2, prune: PruneConfig { min_channels_per_block: 4, ..PruneConfig::for_layers(3) }, ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            lr: 1e-2,
+            prune: PruneConfig {
+                min_channels_per_block: 4,
+                ..PruneConfig::for_layers(3)
+            },
+            ..TrainConfig::default()
+        };
         let mut t = Tuner::new(&base, KeptMaps::dense(&c), adapter, cfg).unwrap();
-        let windows: Vec<Vec<u32>> = (0..4).map(|r| (0..17).map(|i| ((i * 3 + r) % 40) as u32).collect()).collect();
+        let windows: Vec<Vec<u32>> = (0..4)
+            .map(|r| (0..17).map(|i| ((i * 3 + r) % 40) as u32).collect())
+            .collect();
         let batch = Batch::lm(&windows);
         let first = t.train_micro(&batch, 1e-2, true).unwrap();
         let mut last = first.clone();
         for _ in 0..30 {
             last = t.train_micro(&batch, 1e-2, true).unwrap();
         }
-        assert!(last.loss < first.loss * 0.8, "{} -> {}", first.loss, last.loss);
+        assert!(
+            last.loss < first.loss * 0.8,
+            "{} -> {}",
+            first.loss,
+            last.loss
+        );
         let removed = t.prune_to(&base, 0.2).unwrap();
         assert!(removed > 0);
         assert!(t.sparsity() >= 0.2 - 1e-9);

@@ -109,12 +109,13 @@ pub fn permute_rows(v: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> 
 fn per_layer(g: &GgufFile, key: &str, n_layers: usize) -> Result<Vec<usize>, GgufError> {
     match g.get(key) {
         Some(Value::Array(items)) => {
-            let v: Option<Vec<usize>> = items.iter().map(|x| x.as_u64().map(|x| x as usize)).collect();
+            let v: Option<Vec<usize>> = items
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as usize))
+                .collect();
             match v {
                 Some(v) if v.len() == n_layers => Ok(v),
-                _ => Err(g.malformed(format!(
-                    "'{key}' must hold {n_layers} unsigned integers"
-                ))),
+                _ => Err(g.malformed(format!("'{key}' must hold {n_layers} unsigned integers"))),
             }
         }
         Some(v) => v
@@ -150,7 +151,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
         None if max_heads > 0 => d_model / max_heads,
         None => return Err(invalid(path, "cannot infer head_dim: no attention heads")),
     };
-    let rms_eps = g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
+    let rms_eps = g
+        .get_f64(&key("attention.layer_norm_rms_epsilon"))
+        .unwrap_or(1e-5);
     let rope_theta = g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0);
     let ctx = g.get_u64(&key("context_length")).unwrap_or(2048) as usize;
     // The un-pruned dims: recorded by our exporter, else the largest per-block count.
@@ -162,7 +165,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     let tok = Tok::from_gguf(&g)?;
     let (embed, emb_dims) = g.read_f32("token_embd.weight")?;
     if emb_dims.len() != 2 || emb_dims[0] != d_model {
-        return Err(invalid(path, format!("token_embd.weight has dims {emb_dims:?}, expected [{d_model}, vocab]")));
+        return Err(invalid(
+            path,
+            format!("token_embd.weight has dims {emb_dims:?}, expected [{d_model}, vocab]"),
+        ));
     }
     let vocab = emb_dims[1];
     let tie = g.tensor_info("output.weight").is_err();
@@ -171,14 +177,20 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     let load_mat = |name: &str, out: usize, inp: usize| -> Result<Vec<f32>, LoadError> {
         let (v, dims) = g.read_f32(name)?;
         if dims != [inp, out] {
-            return Err(invalid(path, format!("tensor '{name}' has dims {dims:?}, expected [{inp}, {out}]")));
+            return Err(invalid(
+                path,
+                format!("tensor '{name}' has dims {dims:?}, expected [{inp}, {out}]"),
+            ));
         }
         Ok(v)
     };
     let load_vec = |name: &str, n: usize| -> Result<Tensor<1>, LoadError> {
         let (v, dims) = g.read_f32(name)?;
         if dims != [n] {
-            return Err(invalid(path, format!("tensor '{name}' has dims {dims:?}, expected [{n}]")));
+            return Err(invalid(
+                path,
+                format!("tensor '{name}' has dims {dims:?}, expected [{n}]"),
+            ));
         }
         Ok(Tensor::from_data(TensorData::new(v, [n]), device))
     };
@@ -188,11 +200,24 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     for l in 0..n_layers {
         let (nh, nkv, f) = (heads[l], kv_heads[l], ffn[l]);
         if nkv == 0 && nh > 0 || nkv > 0 && nh % nkv != 0 {
-            return Err(invalid(path, format!("block {l}: {nh} query heads cannot be grouped onto {nkv} KV heads")));
+            return Err(invalid(
+                path,
+                format!("block {l}: {nh} query heads cannot be grouped onto {nkv} KV heads"),
+            ));
         }
         let p = |t: &str| format!("blk.{l}.{t}.weight");
-        let q = unpermute_rows(&load_mat(&p("attn_q"), nh * head_dim, d_model)?, nh, head_dim, d_model);
-        let k = unpermute_rows(&load_mat(&p("attn_k"), nkv * head_dim, d_model)?, nkv, head_dim, d_model);
+        let q = unpermute_rows(
+            &load_mat(&p("attn_q"), nh * head_dim, d_model)?,
+            nh,
+            head_dim,
+            d_model,
+        );
+        let k = unpermute_rows(
+            &load_mat(&p("attn_k"), nkv * head_dim, d_model)?,
+            nkv,
+            head_dim,
+            d_model,
+        );
         let v = load_mat(&p("attn_v"), nkv * head_dim, d_model)?;
         let o = load_mat(&p("attn_output"), d_model, nh * head_dim)?;
         let gate = load_mat(&p("ffn_gate"), f, d_model)?;
@@ -217,7 +242,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
         head_dim,
         n_heads: orig("head_count", max_heads),
         n_kv_heads: orig("head_count_kv", kv_heads.iter().copied().max().unwrap_or(0)),
-        ffn_dim: orig("feed_forward_length", ffn.iter().copied().max().unwrap_or(0)),
+        ffn_dim: orig(
+            "feed_forward_length",
+            ffn.iter().copied().max().unwrap_or(0),
+        ),
         rms_eps,
         rope_theta,
         max_seq_len: ctx.min(8192),
@@ -229,9 +257,14 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     let lm_head = if tie {
         None
     } else {
-        Some(mat(load_mat("output.weight", vocab, d_model)?, vocab, d_model))
+        Some(mat(
+            load_mat("output.weight", vocab, d_model)?,
+            vocab,
+            d_model,
+        ))
     };
-    let model = Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(path, e))?;
+    let model =
+        Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(path, e))?;
     Ok((model, tok))
 }
 
@@ -263,7 +296,8 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
         path: cfg_path.clone(),
         source,
     })?;
-    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
+    let hf: HfConfig =
+        serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
     if let Some(mt) = &hf.model_type {
         if !matches!(mt.as_str(), "llama" | "mistral" | "qwen2") {
             return Err(LoadError::UnsupportedArch {
@@ -273,11 +307,21 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
         }
     }
     let n_kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-    let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads);
+    let head_dim = hf
+        .head_dim
+        .unwrap_or(hf.hidden_size / hf.num_attention_heads);
     let shapes = match &hf.fedspine_blocks {
         Some(b) if b.len() == hf.num_hidden_layers => b.clone(),
-        Some(_) => return Err(invalid(&cfg_path, "fedspine_blocks length differs from num_hidden_layers")),
-        None => vec![BlockShape::dense(hf.num_attention_heads, n_kv, hf.intermediate_size); hf.num_hidden_layers],
+        Some(_) => {
+            return Err(invalid(
+                &cfg_path,
+                "fedspine_blocks length differs from num_hidden_layers",
+            ))
+        }
+        None => vec![
+            BlockShape::dense(hf.num_attention_heads, n_kv, hf.intermediate_size);
+            hf.num_hidden_layers
+        ],
     };
     let tie = hf.tie_word_embeddings.unwrap_or(false);
     let config = ModelConfig {
@@ -295,7 +339,10 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
     };
     // Gather every *.safetensors file in the directory.
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| LoadError::Io { path: dir.to_path_buf(), source })?
+        .map_err(|source| LoadError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
@@ -305,31 +352,57 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
     }
     let mut store = std::collections::HashMap::new();
     for f in &files {
-        let bytes = std::fs::read(f).map_err(|source| LoadError::Io { path: f.clone(), source })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(f, e.to_string()))?;
+        let bytes = std::fs::read(f).map_err(|source| LoadError::Io {
+            path: f.clone(),
+            source,
+        })?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| invalid(f, e.to_string()))?;
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let data = view.data();
             let vals: Vec<f32> = match view.dtype() {
-                safetensors::Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                safetensors::Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                safetensors::Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                other => return Err(invalid(f, format!("tensor '{name}' has dtype {other:?}; supported: F32, F16, BF16"))),
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(invalid(
+                        f,
+                        format!("tensor '{name}' has dtype {other:?}; supported: F32, F16, BF16"),
+                    ))
+                }
             };
             store.insert(name, (vals, shape));
         }
     }
     let mut take = |name: &str, want: &[usize]| -> Result<Vec<f32>, LoadError> {
-        let (v, shape) = store.remove(name).ok_or_else(|| invalid(dir, format!("tensor '{name}' missing")))?;
+        let (v, shape) = store
+            .remove(name)
+            .ok_or_else(|| invalid(dir, format!("tensor '{name}' missing")))?;
         if shape != want {
-            return Err(invalid(dir, format!("tensor '{name}' has shape {shape:?}, expected {want:?}")));
+            return Err(invalid(
+                dir,
+                format!("tensor '{name}' has shape {shape:?}, expected {want:?}"),
+            ));
         }
         Ok(v)
     };
     let d = config.d_model;
     let v = config.vocab_size;
     let mat = |vals: Vec<f32>, out: usize, inp: usize| -> Tensor<2> {
-        Tensor::from_data(TensorData::new(transpose(&vals, out, inp), [inp, out]), device)
+        Tensor::from_data(
+            TensorData::new(transpose(&vals, out, inp), [inp, out]),
+            device,
+        )
     };
     let vec1 = |vals: Vec<f32>| -> Tensor<1> {
         let n = vals.len();
@@ -353,9 +426,14 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
         });
     }
     let norm = vec1(take("model.norm.weight", &[d])?);
-    let lm_head = if tie { None } else { Some(mat(take("lm_head.weight", &[v, d])?, v, d)) };
+    let lm_head = if tie {
+        None
+    } else {
+        Some(mat(take("lm_head.weight", &[v, d])?, v, d))
+    };
     let embed = Tensor::from_data(TensorData::new(embed_v, [v, d]), device);
-    let model = Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(dir, e))?;
+    let model =
+        Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(dir, e))?;
     let eos = match &hf.eos_token_id {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
         Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
@@ -365,7 +443,11 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
     let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string));
+        .and_then(|v| {
+            v.get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        });
     let tok = Tok::from_file(&tok_path, hf.bos_token_id, eos, template)?;
     Ok((model, tok))
 }

@@ -35,7 +35,11 @@ pub fn kept_to_wire(k: &KeptMaps) -> KeptIndices {
         blocks: k
             .blocks
             .iter()
-            .map(|b| protocol::BlockKept { query_heads: v(&b.heads), kv_heads: v(&b.kv_heads), mlp_channels: v(&b.channels) })
+            .map(|b| protocol::BlockKept {
+                query_heads: v(&b.heads),
+                kv_heads: v(&b.kv_heads),
+                mlp_channels: v(&b.channels),
+            })
             .collect(),
     }
 }
@@ -46,13 +50,22 @@ pub fn kept_from_wire(k: &KeptIndices) -> KeptMaps {
         blocks: k
             .blocks
             .iter()
-            .map(|b| BlockKept { heads: v(&b.query_heads), kv_heads: v(&b.kv_heads), channels: v(&b.mlp_channels) })
+            .map(|b| BlockKept {
+                heads: v(&b.query_heads),
+                kv_heads: v(&b.kv_heads),
+                channels: v(&b.mlp_channels),
+            })
             .collect(),
     }
 }
 
 /// Host factors -> wire payload (optionally half precision).
-pub fn adapter_to_wire(rank: usize, alpha: f64, factors: &[HostFactors], f16: bool) -> AdapterPayload {
+pub fn adapter_to_wire(
+    rank: usize,
+    alpha: f64,
+    factors: &[HostFactors],
+    f16: bool,
+) -> AdapterPayload {
     let p = AdapterPayload {
         rank: rank as u32,
         alpha: alpha as f32,
@@ -98,7 +111,11 @@ mod tests {
     fn kept_maps_and_adapters_round_trip_through_the_wire() {
         let c = ModelConfig::dense(30, 16, 2, 4, 2, 4, 24, true);
         let mut k = KeptMaps::dense(&c);
-        k.blocks[1] = BlockKept { heads: vec![2, 3], kv_heads: vec![1], channels: vec![0, 5, 7] };
+        k.blocks[1] = BlockKept {
+            heads: vec![2, 3],
+            kv_heads: vec![1],
+            channels: vec![0, 5, 7],
+        };
         assert_eq!(kept_from_wire(&kept_to_wire(&k)), k);
         let ad = Adapter::new(&c, 3, 6.0, 1, &Device::flex());
         let host = ad.to_host();

@@ -26,23 +26,40 @@ impl LmShard {
     /// Tokenise `texts`, pack them end to end (separated by the end-of-text token) into windows
     /// of `seq_len + 1` tokens, shuffle with `seed`, and hold out `test_fraction` of them (at
     /// least one window when there are two or more).
-    pub fn build(tok: &Tok, texts: &[&str], seq_len: usize, test_fraction: f64, seed: u64) -> Result<Self, TokenizerError> {
+    pub fn build(
+        tok: &Tok,
+        texts: &[&str],
+        seq_len: usize,
+        test_fraction: f64,
+        seed: u64,
+    ) -> Result<Self, TokenizerError> {
         let mut ids = Vec::new();
         for t in texts {
             ids.extend(tok.encode(t)?);
             ids.push(tok.eos);
         }
-        let mut windows: Vec<Vec<u32>> = ids.chunks_exact(seq_len + 1).map(<[u32]>::to_vec).collect();
+        let mut windows: Vec<Vec<u32>> =
+            ids.chunks_exact(seq_len + 1).map(<[u32]>::to_vec).collect();
         windows.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        let n_test = if windows.len() >= 2 { ((windows.len() as f64 * test_fraction).round() as usize).max(1) } else { 0 };
+        let n_test = if windows.len() >= 2 {
+            ((windows.len() as f64 * test_fraction).round() as usize).max(1)
+        } else {
+            0
+        };
         let test = windows.split_off(windows.len() - n_test);
-        Ok(LmShard { seq_len, train: windows, test })
+        Ok(LmShard {
+            seq_len,
+            train: windows,
+            test,
+        })
     }
 
     /// The `i`-th training batch of `batch` windows (cycling through the shard).
     pub fn batch(&self, i: usize, batch: usize) -> Batch {
         let n = self.train.len().max(1);
-        let w: Vec<Vec<u32>> = (0..batch).map(|k| self.train[(i * batch + k) % n].clone()).collect();
+        let w: Vec<Vec<u32>> = (0..batch)
+            .map(|k| self.train[(i * batch + k) % n].clone())
+            .collect();
         Batch::lm(&w)
     }
 
@@ -85,14 +102,24 @@ impl SpamTask {
             let ids = tok.encode(s)?;
             match ids.as_slice() {
                 [id] => Ok(*id),
-                _ => Err(TokenizerError::Tokenizers(format!("label '{s}' is not a single token"))),
+                _ => Err(TokenizerError::Tokenizers(format!(
+                    "label '{s}' is not a single token"
+                ))),
             }
         };
-        Ok(SpamTask { yes: one(" yes")?, no: one(" no")?, max_body_tokens })
+        Ok(SpamTask {
+            yes: one(" yes")?,
+            no: one(" no")?,
+            max_body_tokens,
+        })
     }
 
     pub fn label_token(&self, spam: bool) -> u32 {
-        if spam { self.yes } else { self.no }
+        if spam {
+            self.yes
+        } else {
+            self.no
+        }
     }
 
     /// Encode one e-mail.
@@ -100,7 +127,10 @@ impl SpamTask {
         let mut body = tok.encode(text)?;
         body.truncate(self.max_body_tokens);
         body.extend(tok.encode(SPAM_QUESTION)?);
-        Ok(ClsExample { prompt: body, label: spam })
+        Ok(ClsExample {
+            prompt: body,
+            label: spam,
+        })
     }
 
     /// A right-padded batch with a single target per row (the label after the prompt).
@@ -122,7 +152,14 @@ impl SpamTask {
     }
 
     /// Classification accuracy (label with the larger logit of the two) and label loss.
-    pub fn evaluate(&self, model: &Llama, adapter: Option<&Adapter>, examples: &[ClsExample], pad: u32, batch: usize) -> ClsMetrics {
+    pub fn evaluate(
+        &self,
+        model: &Llama,
+        adapter: Option<&Adapter>,
+        examples: &[ClsExample],
+        pad: u32,
+        batch: usize,
+    ) -> ClsMetrics {
         let mut correct = 0;
         let mut loss = 0.0;
         for chunk in examples.chunks(batch.max(1)) {
@@ -132,7 +169,13 @@ impl SpamTask {
             let h = model.hidden(model.tokens_tensor(&b.tokens), adapter, None);
             let rows: Vec<usize> = last.iter().enumerate().map(|(i, &p)| i * len + p).collect();
             let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let sel = h.select(0, burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(idx, [rows.len()]), &model.device));
+            let sel = h.select(
+                0,
+                burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(idx, [rows.len()]),
+                    &model.device,
+                ),
+            );
             let logits = burn::tensor::activation::log_softmax(model.logits(sel), 1);
             let lp = crate::model::to_rows(logits);
             for (e, row) in chunk.iter().zip(&lp) {
@@ -144,7 +187,11 @@ impl SpamTask {
             }
         }
         let n = examples.len().max(1) as f64;
-        ClsMetrics { accuracy: correct as f64 / n, loss: loss / n, examples: examples.len() }
+        ClsMetrics {
+            accuracy: correct as f64 / n,
+            loss: loss / n,
+            examples: examples.len(),
+        }
     }
 }
 
@@ -160,6 +207,9 @@ impl ClsShard {
         examples.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         let n_test = ((examples.len() as f64 * test_fraction).round() as usize).min(examples.len());
         let test = examples.split_off(examples.len() - n_test);
-        ClsShard { train: examples, test }
+        ClsShard {
+            train: examples,
+            test,
+        }
     }
 }

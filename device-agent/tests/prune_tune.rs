@@ -22,7 +22,10 @@ fn model() -> &'static (Llama, Tok) {
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().flatten().zip(b.iter().flatten()).fold(0f32, |w, (x, y)| w.max((x - y).abs()))
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0f32, |w, (x, y)| w.max((x - y).abs()))
 }
 
 const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
@@ -36,7 +39,9 @@ fn random_adapter(m: &Llama, rank: usize, seed: u64) -> Adapter {
         .to_host()
         .into_iter()
         .map(|mut f| {
-            f.b = (0..f.b.len()).map(|_| (rng.random::<f32>() - 0.5) * 0.02).collect();
+            f.b = (0..f.b.len())
+                .map(|_| (rng.random::<f32>() - 0.5) * 0.02)
+                .collect();
             f
         })
         .collect();
@@ -49,11 +54,18 @@ fn fresh_lora_leaves_logits_unchanged_and_merging_equals_the_adapter() {
     let toks = m.tokens_tensor(&[PROMPT.to_vec()]);
     let base = to_rows(m.forward(toks.clone(), None));
     let fresh = Adapter::new(&m.config, 8, 16.0, 3, &m.device);
-    assert_eq!(to_rows(m.forward(toks.clone(), Some(&fresh))), base, "B = 0 must be an exact no-op");
+    assert_eq!(
+        to_rows(m.forward(toks.clone(), Some(&fresh))),
+        base,
+        "B = 0 must be an exact no-op"
+    );
 
     let ad = random_adapter(m, 8, 4);
     let with = to_rows(m.forward(toks.clone(), Some(&ad)));
-    assert!(max_diff(&with, &base) > 1e-2, "the random adapter changes the logits");
+    assert!(
+        max_diff(&with, &base) > 1e-2,
+        "the random adapter changes the logits"
+    );
     let merged = ad.merge_into(m);
     let d = max_diff(&to_rows(merged.forward(toks, None)), &with);
     assert!(d < 2e-3, "merged vs adapter: {d}");
@@ -65,7 +77,10 @@ fn real_model_pruning_plans_and_zero_prune() {
     let c = &m.config;
     let zero = prune::slice_model(m, &KeptMaps::dense(c)).unwrap();
     let toks = m.tokens_tensor(&[PROMPT.to_vec()]);
-    assert_eq!(to_rows(zero.forward(toks.clone(), None)), to_rows(m.forward(toks.clone(), None)));
+    assert_eq!(
+        to_rows(zero.forward(toks.clone(), None)),
+        to_rows(m.forward(toks.clone(), None))
+    );
 
     let scores = prune::magnitude_scores(m);
     let pc = PruneConfig::for_layers(c.n_layers());
@@ -75,17 +90,26 @@ fn real_model_pruning_plans_and_zero_prune() {
         let kept = prune::select_prune(c, &KeptMaps::dense(c), &scores, p, &pc);
         let got = prune::params_of(c, &kept) as f64;
         let plan = (1.0 - p) * dense;
-        assert!(got <= plan && plan - got < group, "ratio {p}: {got} vs plan {plan}");
+        assert!(
+            got <= plan && plan - got < group,
+            "ratio {p}: {got} vs plan {plan}"
+        );
         let pm = prune::slice_model(m, &kept).unwrap();
         assert!((pm.config.sparsity() - p).abs() < group / dense);
-        assert_eq!(pm.blocks[0].w_gate.dims(), m.blocks[0].w_gate.dims(), "first block protected");
+        assert_eq!(
+            pm.blocks[0].w_gate.dims(),
+            m.blocks[0].w_gate.dims(),
+            "first block protected"
+        );
         let rows = to_rows(pm.forward(toks.clone(), None));
         assert!(rows.iter().flatten().all(|v| v.is_finite()));
     }
 }
 
 fn moby_shard(tok: &Tok) -> LmShard {
-    let texts: Vec<String> = (3..=8).map(|c| data::moby_dick_chapter(c).unwrap().text).collect();
+    let texts: Vec<String> = (3..=8)
+        .map(|c| data::moby_dick_chapter(c).unwrap().text)
+        .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut s = LmShard::build(tok, &refs, 128, 0.2, 7).unwrap();
     s.test.truncate(8);
@@ -97,43 +121,89 @@ fn lora_gradient_importance_beats_random_channels() {
     let (m, tok) = model();
     let shard = moby_shard(tok);
     let c = &m.config;
-    let pc = PruneConfig { prune_heads: false, ..PruneConfig::for_layers(c.n_layers()) };
+    let pc = PruneConfig {
+        prune_heads: false,
+        ..PruneConfig::for_layers(c.n_layers())
+    };
     // 20% of the MLP channels of every prunable block.
     let prunable = (c.n_layers() - pc.protected_blocks.len()) as f64;
-    let target = 0.2 * prunable * (3 * c.d_model * c.ffn_dim) as f64 / c.dense_non_embedding_params() as f64;
+    let target =
+        0.2 * prunable * (3 * c.d_model * c.ffn_dim) as f64 / c.dense_non_embedding_params() as f64;
     let mut ppl = Vec::new();
     for criterion in [Criterion::LoraGradient, Criterion::Random] {
-        let cfg = TrainConfig { criterion, prune: pc.clone(), lr: 1e-3, seed: 5, ..TrainConfig::default() };
+        let cfg = TrainConfig {
+            criterion,
+            prune: pc.clone(),
+            lr: 1e-3,
+            seed: 5,
+            ..TrainConfig::default()
+        };
         let ad = Adapter::new(c, 8, 16.0, 5, &m.device);
         let mut t = Tuner::new(m, KeptMaps::dense(c), ad, cfg).unwrap();
         for i in 0..6 {
             t.train_micro(&shard.batch(i, 2), 1e-3, true).unwrap();
         }
         t.prune_to(m, target).unwrap();
-        let removed: usize = t.kept.blocks.iter().map(|b| c.ffn_dim - b.channels.len()).sum();
+        let removed: usize = t
+            .kept
+            .blocks
+            .iter()
+            .map(|b| c.ffn_dim - b.channels.len())
+            .sum();
         let expect = (0.2 * prunable * c.ffn_dim as f64).round() as usize;
-        assert!(removed.abs_diff(expect) <= 1, "{criterion:?}: removed {removed} channels, planned {expect}");
+        assert!(
+            removed.abs_diff(expect) <= 1,
+            "{criterion:?}: removed {removed} channels, planned {expect}"
+        );
         // The pruned base alone, without the adapter: only the choice of channels differs.
         ppl.push(shard.evaluate(&t.model, None).perplexity);
     }
     let base = shard.evaluate(m, None).perplexity;
-    assert!(ppl[0] < ppl[1], "LoRA-gradient {} vs random {} (dense {base})", ppl[0], ppl[1]);
+    assert!(
+        ppl[0] < ppl[1],
+        "LoRA-gradient {} vs random {} (dense {base})",
+        ppl[0],
+        ppl[1]
+    );
 }
 
 #[test]
 fn tuning_on_a_sotu_shard_lowers_held_out_perplexity() {
     let (m, tok) = model();
-    let texts: Vec<String> = data::sotu().unwrap().into_iter().filter(|s| (2009..=2016).contains(&s.year)).map(|s| s.text).collect();
+    let texts: Vec<String> = data::sotu()
+        .unwrap()
+        .into_iter()
+        .filter(|s| (2009..=2016).contains(&s.year))
+        .map(|s| s.text)
+        .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut shard = LmShard::build(tok, &refs, 128, 0.1, 11).unwrap();
     shard.test.truncate(8);
     let before = shard.evaluate(m, None);
-    let cfg = TrainConfig { lr: 2e-3, seed: 11, prune: PruneConfig::for_layers(m.config.n_layers()), ..TrainConfig::default() };
-    let mut t = Tuner::new(m, KeptMaps::dense(&m.config), Adapter::new(&m.config, 8, 16.0, 11, &m.device), cfg).unwrap();
-    let rep = t.run_round(m, 12, 0.0, |i| shard.batch(i, 4), |_| {}).unwrap();
+    let cfg = TrainConfig {
+        lr: 2e-3,
+        seed: 11,
+        prune: PruneConfig::for_layers(m.config.n_layers()),
+        ..TrainConfig::default()
+    };
+    let mut t = Tuner::new(
+        m,
+        KeptMaps::dense(&m.config),
+        Adapter::new(&m.config, 8, 16.0, 11, &m.device),
+        cfg,
+    )
+    .unwrap();
+    let rep = t
+        .run_round(m, 12, 0.0, |i| shard.batch(i, 4), |_| {})
+        .unwrap();
     assert_eq!(rep.steps.len(), 12);
     let after = shard.evaluate(&t.model, Some(&t.adapter));
-    assert!(after.perplexity < before.perplexity * 0.97, "held-out perplexity {} -> {}", before.perplexity, after.perplexity);
+    assert!(
+        after.perplexity < before.perplexity * 0.97,
+        "held-out perplexity {} -> {}",
+        before.perplexity,
+        after.perplexity
+    );
 }
 
 #[test]
@@ -142,19 +212,62 @@ fn tuning_on_a_spam_shard_raises_accuracy() {
     let task = SpamTask::new(tok, 128).unwrap();
     let mails = data::spam_assassin().unwrap();
     // A balanced, deterministic pick: every 40th message of each class.
-    let pick: Vec<_> = mails.iter().filter(|e| e.spam).step_by(40).take(60).chain(mails.iter().filter(|e| !e.spam).step_by(40).take(60)).collect();
-    let ex = pick.iter().map(|e| task.example(tok, &e.text, e.spam).unwrap()).collect();
+    let pick: Vec<_> = mails
+        .iter()
+        .filter(|e| e.spam)
+        .step_by(40)
+        .take(60)
+        .chain(mails.iter().filter(|e| !e.spam).step_by(40).take(60))
+        .collect();
+    let ex = pick
+        .iter()
+        .map(|e| task.example(tok, &e.text, e.spam).unwrap())
+        .collect();
     let mut shard = ClsShard::split(ex, 1.0 / 3.0, 3);
     shard.test.truncate(40);
     let before = task.evaluate(m, None, &shard.test, tok.eos, 8);
-    let cfg = TrainConfig { lr: 1e-3, seed: 3, ..TrainConfig::default() };
-    let mut t = Tuner::new(m, KeptMaps::dense(&m.config), Adapter::new(&m.config, 8, 16.0, 3, &m.device), cfg).unwrap();
+    let cfg = TrainConfig {
+        lr: 1e-3,
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    let mut t = Tuner::new(
+        m,
+        KeptMaps::dense(&m.config),
+        Adapter::new(&m.config, 8, 16.0, 3, &m.device),
+        cfg,
+    )
+    .unwrap();
     let n = shard.train.len();
-    t.run_round(m, 16, 0.0, |i| task.batch(&(0..4).map(|k| &shard.train[(i * 4 + k) % n]).collect::<Vec<_>>(), tok.eos).0, |_| {}).unwrap();
+    t.run_round(
+        m,
+        16,
+        0.0,
+        |i| {
+            task.batch(
+                &(0..4)
+                    .map(|k| &shard.train[(i * 4 + k) % n])
+                    .collect::<Vec<_>>(),
+                tok.eos,
+            )
+            .0
+        },
+        |_| {},
+    )
+    .unwrap();
     let after = task.evaluate(&t.model, Some(&t.adapter), &shard.test, tok.eos, 8);
-    assert!(after.accuracy > before.accuracy + 0.1, "accuracy {} -> {}", before.accuracy, after.accuracy);
+    assert!(
+        after.accuracy > before.accuracy + 0.1,
+        "accuracy {} -> {}",
+        before.accuracy,
+        after.accuracy
+    );
     // Chance is 0.5 on this balanced test set.
-    assert!(after.accuracy >= 0.6, "accuracy after tuning {}", after.accuracy);
+    assert!(
+        after.accuracy >= 0.6,
+        "accuracy after tuning {}",
+        after.accuracy
+    );
 }
 
 #[test]
@@ -164,8 +277,17 @@ fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
     let dir = std::env::temp_dir().join(format!("fedspine-export-{}", std::process::id()));
     let toks = m.tokens_tensor(&[PROMPT.to_vec()]);
     for uniform in [false, true] {
-        let pc = PruneConfig { uniform, ..PruneConfig::for_layers(c.n_layers()) };
-        let kept = prune::select_prune(c, &KeptMaps::dense(c), &prune::magnitude_scores(m), 0.3, &pc);
+        let pc = PruneConfig {
+            uniform,
+            ..PruneConfig::for_layers(c.n_layers())
+        };
+        let kept = prune::select_prune(
+            c,
+            &KeptMaps::dense(c),
+            &prune::magnitude_scores(m),
+            0.3,
+            &pc,
+        );
         let pm = prune::slice_model(m, &kept).unwrap();
         let ad = random_adapter(&pm, 4, 9);
         let merged = ad.merge_into(&pm);
@@ -178,32 +300,52 @@ fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
         let d = max_diff(&to_rows(g.forward(toks.clone(), None)), &want);
         assert!(d < 1e-4, "GGUF F32 reload differs by {d}");
         if rep.repeated_kv_heads == 0 {
-            assert_eq!(g.config.non_embedding_params(), merged.config.non_embedding_params());
+            assert_eq!(
+                g.config.non_embedding_params(),
+                merged.config.non_embedding_params()
+            );
         }
 
         let hf = dir.join(format!("hf-{uniform}"));
         let note = export::export_hf(&merged, tok, &hf).unwrap();
-        assert_eq!(note.is_none(), uniform && merged.config.blocks.iter().all(|b| b.uniform_groups()));
+        assert_eq!(
+            note.is_none(),
+            uniform && merged.config.blocks.iter().all(|b| b.uniform_groups())
+        );
         let (h, _) = weights::load(&hf, &Device::flex()).unwrap();
         let d = max_diff(&to_rows(h.forward(toks.clone(), None)), &want);
         assert!(d < 1e-4, "HF reload differs by {d}");
-
     }
     // Reduced precisions of the dense model with a merged adapter load and stay close. (A
     // heavily pruned model without recovery training amplifies rounding far more, so the
     // precision check uses the dense one.)
     let merged = random_adapter(m, 4, 9).merge_into(m);
     let want = to_rows(merged.forward(toks.clone(), None));
-    let argmax = |v: &Vec<f32>| v.iter().enumerate().fold((0, f32::MIN), |w, (i, &x)| if x > w.1 { (i, x) } else { w }).0;
+    let argmax = |v: &Vec<f32>| {
+        v.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |w, (i, &x)| if x > w.1 { (i, x) } else { w })
+            .0
+    };
     for (prec, tol) in [(GgufPrecision::F16, 0.05), (GgufPrecision::Q8_0, 0.5)] {
         let p = dir.join(format!("dense-{prec:?}.gguf"));
         export::export_gguf(&merged, tok, &p, prec).unwrap();
         let (q, _) = weights::load(&p, &Device::flex()).unwrap();
         let got = to_rows(q.forward(toks.clone(), None));
-        let mean = got.iter().flatten().zip(want.iter().flatten()).map(|(x, y)| (x - y).abs()).sum::<f32>() / (got.len() * got[0].len()) as f32;
+        let mean = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+            / (got.len() * got[0].len()) as f32;
         eprintln!("{prec:?}: mean abs logit difference {mean}");
         assert!(mean < tol, "{prec:?}: mean abs logit difference {mean}");
-        assert_eq!(got.iter().map(argmax).collect::<Vec<_>>(), want.iter().map(argmax).collect::<Vec<_>>(), "{prec:?} changes a greedy choice");
+        assert_eq!(
+            got.iter().map(argmax).collect::<Vec<_>>(),
+            want.iter().map(argmax).collect::<Vec<_>>(),
+            "{prec:?} changes a greedy choice"
+        );
     }
     std::fs::remove_dir_all(dir).ok();
 }

@@ -65,7 +65,11 @@ fn max_logit_error(m: &Llama, r: &Reference) -> f32 {
             worst = worst.max((row[t.id as usize] - t.logit).abs());
         }
         // Our top-1 is the reference's top-1.
-        let best = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        let best = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0;
         assert_eq!(best as u32, tops[0].id);
     }
     worst
@@ -76,8 +80,14 @@ fn tokenizer_and_logits_match_the_reference() {
     let (m, tok) = model();
     let r = reference();
     assert_eq!(tok.encode(&r.prompt).unwrap(), r.token_ids);
-    assert_eq!(tok.chat_prompt("What is the capital of France?", None), r.chat.rendered_prompt);
-    assert_eq!(tok.encode(&r.chat.rendered_prompt).unwrap(), r.chat.prompt_ids);
+    assert_eq!(
+        tok.chat_prompt("What is the capital of France?", None),
+        r.chat.rendered_prompt
+    );
+    assert_eq!(
+        tok.encode(&r.chat.rendered_prompt).unwrap(),
+        r.chat.prompt_ids
+    );
     let err = max_logit_error(m, &r);
     assert!(err < 0.02, "max top-5 logit error {err}");
 }
@@ -86,9 +96,16 @@ fn tokenizer_and_logits_match_the_reference() {
 fn greedy_chat_answers_paris() {
     let (m, tok) = model();
     let r = reference();
-    let cfg = GenerateConfig { max_new_tokens: 16, sampling: Sampling::Greedy, seed: 0 };
+    let cfg = GenerateConfig {
+        max_new_tokens: 16,
+        sampling: Sampling::Greedy,
+        seed: 0,
+    };
     let mut streamed = String::new();
-    let g = generate::generate(m, tok, None, &r.chat.prompt_ids, &cfg, |p| streamed.push_str(p)).unwrap();
+    let g = generate::generate(m, tok, None, &r.chat.prompt_ids, &cfg, |p| {
+        streamed.push_str(p)
+    })
+    .unwrap();
     assert!(g.text.contains("Paris"), "{}", g.text);
     assert_eq!(streamed, g.text);
     // The reference's greedy ids, up to the end-of-turn token we stop at.
@@ -104,16 +121,28 @@ fn perplexity_on_held_out_moby_dick_is_sane_and_survives_hf_export() {
     ids.truncate(768);
     let wins = eval::windows(&ids, 256);
     let base = eval::evaluate_windows(m, None, &wins, 3);
-    assert!(base.perplexity > 5.0 && base.perplexity < 100.0, "perplexity {}", base.perplexity);
+    assert!(
+        base.perplexity > 5.0 && base.perplexity < 100.0,
+        "perplexity {}",
+        base.perplexity
+    );
 
     let dir = scratch("hf");
     let note = export::export_hf(m, tok, &dir).unwrap();
-    assert!(note.is_none(), "a dense model exports for stock HF: {note:?}");
+    assert!(
+        note.is_none(),
+        "a dense model exports for stock HF: {note:?}"
+    );
     let (m2, tok2) = weights::load(&dir, &Device::flex()).unwrap();
     assert_eq!(tok2.encode(&text).unwrap()[..768], ids[..]);
     let again = eval::evaluate_windows(&m2, None, &wins, 3);
     let rel = (again.perplexity - base.perplexity).abs() / base.perplexity;
-    assert!(rel < 1e-3, "GGUF {} vs HF export {}", base.perplexity, again.perplexity);
+    assert!(
+        rel < 1e-3,
+        "GGUF {} vs HF export {}",
+        base.perplexity,
+        again.perplexity
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -126,10 +155,17 @@ fn gguf_f32_export_reloads_with_identical_logits() {
     let rep = export::export_gguf(m, tok, &p, GgufPrecision::F32).unwrap();
     assert_eq!(rep.arch, "llama");
     let (m2, tok2) = weights::load(&p, &Device::flex()).unwrap();
-    assert_eq!(tok2.encode(&r.chat.rendered_prompt).unwrap(), r.chat.prompt_ids);
+    assert_eq!(
+        tok2.encode(&r.chat.rendered_prompt).unwrap(),
+        r.chat.prompt_ids
+    );
     let a = to_rows(m.forward(m.tokens_tensor(&[r.token_ids.clone()]), None));
     let b = to_rows(m2.forward(m2.tokens_tensor(&[r.token_ids.clone()]), None));
-    let worst = a.iter().flatten().zip(b.iter().flatten()).fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+    let worst = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
     assert!(worst < 1e-4, "max logit difference {worst}");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -143,33 +179,72 @@ fn bad_model_files_are_clear_errors() {
     // Truncated: the first 4 MB of the real file.
     let cut = dir.join("truncated.gguf");
     std::fs::write(&cut, &bytes[..4 << 20]).unwrap();
-    let e = weights::load(&cut, &Device::flex()).err().unwrap().to_string();
-    assert!(e.contains("truncated.gguf") && e.contains("truncated"), "{e}");
+    let e = weights::load(&cut, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("truncated.gguf") && e.contains("truncated"),
+        "{e}"
+    );
 
     // Wrong magic.
     let mut wrong = bytes[..1024].to_vec();
     wrong[..4].copy_from_slice(b"GGJT");
     let p = dir.join("magic.gguf");
     std::fs::write(&p, &wrong).unwrap();
-    let e = weights::load(&p, &Device::flex()).err().unwrap().to_string();
-    assert!(e.contains("magic.gguf") && e.contains("not a GGUF file"), "{e}");
+    let e = weights::load(&p, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("magic.gguf") && e.contains("not a GGUF file"),
+        "{e}"
+    );
 
     // A file with llama metadata but no tokenizer.
     let p = dir.join("notok.gguf");
     let meta = vec![
-        ("general.architecture".to_string(), Value::Str("llama".into())),
+        (
+            "general.architecture".to_string(),
+            Value::Str("llama".into()),
+        ),
         ("llama.block_count".to_string(), Value::U32(1)),
         ("llama.embedding_length".to_string(), Value::U32(32)),
         ("llama.attention.head_count".to_string(), Value::U32(2)),
         ("llama.feed_forward_length".to_string(), Value::U32(32)),
     ];
-    gguf::write(&p, &meta, &[WriteTensor { name: "token_embd.weight".into(), dims: vec![32, 4], ggml_type: gguf::GgmlType::F32, values: vec![0.0; 128] }]).unwrap();
-    let e = weights::load(&p, &Device::flex()).err().unwrap().to_string();
-    assert!(e.contains("notok.gguf") && e.contains("tokenizer.ggml.model"), "{e}");
+    gguf::write(
+        &p,
+        &meta,
+        &[WriteTensor {
+            name: "token_embd.weight".into(),
+            dims: vec![32, 4],
+            ggml_type: gguf::GgmlType::F32,
+            values: vec![0.0; 128],
+        }],
+    )
+    .unwrap();
+    let e = weights::load(&p, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("notok.gguf") && e.contains("tokenizer.ggml.model"),
+        "{e}"
+    );
 
     // An architecture we do not run.
     let p = dir.join("mamba.gguf");
-    gguf::write(&p, &[("general.architecture".to_string(), Value::Str("mamba".into()))], &[]).unwrap();
+    gguf::write(
+        &p,
+        &[(
+            "general.architecture".to_string(),
+            Value::Str("mamba".into()),
+        )],
+        &[],
+    )
+    .unwrap();
     let e = weights::load(&p, &Device::flex()).err().unwrap();
     assert!(matches!(e, LoadError::UnsupportedArch { .. }), "{e}");
     assert!(e.to_string().contains("mamba"));
