@@ -185,7 +185,7 @@ fn run_backend(
 
     let reference = o.reference.then(|| reference_error(&m));
     if let Some((err, top1)) = reference {
-        eprintln!("[{kind}] reference: max top-5 logit error {err:.4}, top-1 agrees: {top1}");
+        eprintln!("[{kind}] reference: max top-5 logit error {err:.1e}, top-1 agrees: {top1}");
     }
 
     let prompt = &tokens[..o.seq];
@@ -338,7 +338,7 @@ fn main() -> ExitCode {
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let reference = match r.reference {
-            Some((err, top1)) => format!("{err:.4}{}", if top1 { "" } else { " (top-1 differs)" }),
+            Some((err, top1)) => format!("{err:.1e}{}", if top1 { "" } else { " (top-1 differs)" }),
             None => "-".into(),
         };
         let vs_flex = match &flex_logits {
