@@ -136,7 +136,7 @@ fn reference_error(m: &Llama) -> (f32, bool) {
         "../tests/data/smollm2-135m-instruct-fp32.json"
     ))
     .expect("reference json");
-    let rows = to_rows(m.forward(m.tokens_tensor(&[r.token_ids.clone()]), None));
+    let rows = to_rows(m.forward(m.tokens_tensor(std::slice::from_ref(&r.token_ids)), None));
     let mut worst = 0f32;
     let mut top1 = true;
     for (row, tops) in rows.iter().zip(&r.top5_per_position) {

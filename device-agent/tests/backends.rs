@@ -166,7 +166,7 @@ mod on_device {
                 .expect("reference json");
         let path = assets::default_model().expect("default model in cache or fetchable");
         let (m, _) = weights::load(&path, device).expect("default model loads");
-        let rows = to_rows(m.forward(m.tokens_tensor(&[r.token_ids.clone()]), None));
+        let rows = to_rows(m.forward(m.tokens_tensor(std::slice::from_ref(&r.token_ids)), None));
         assert_eq!(rows.len(), r.top5_per_position.len());
         let mut worst = 0f32;
         for (row, tops) in rows.iter().zip(&r.top5_per_position) {
