@@ -45,7 +45,7 @@ fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMa
 
 /// One training configuration in its own process so its peak RSS is its own:
 /// `speed step <sparsity> <rank>`.
-fn step_only(sparsity: f64, rank: usize) {
+fn step_only(sparsity: f64, rank: usize, recompute: bool) {
     let device = Device::flex();
     let (base, tok) =
         weights::load(&assets::default_model().expect("model"), &device).expect("load");
@@ -57,7 +57,11 @@ fn step_only(sparsity: f64, rank: usize) {
     let kept = uniform_prune(&base, sparsity);
     let model = prune::slice_model(&base, &kept).expect("slice");
     let ad = Adapter::new(&model.config, rank, 2.0 * rank as f64, 0, &device);
-    let mut t = train::Tuner::new(&base, kept, ad, train::TrainConfig::default()).expect("tuner");
+    let cfg = train::TrainConfig {
+        recompute_blocks: recompute,
+        ..train::TrainConfig::default()
+    };
+    let mut t = train::Tuner::new(&base, kept, ad, cfg).expect("tuner");
     t.train_micro(&batch, 1e-3, false);
     let mut secs = Vec::new();
     for _ in 0..2 {
@@ -68,8 +72,13 @@ fn step_only(sparsity: f64, rank: usize) {
     let s = median(secs);
     let est = cost::train_memory(&model.config, rank, 4, 256).total as f64 / (1 << 20) as f64;
     println!(
-        "| {:.2} | {rank} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
+        "| {:.2} | {rank} | {} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
         model.config.sparsity(),
+        if recompute {
+            "block recompute"
+        } else {
+            "keep activations"
+        },
         1024.0 / s,
         peak_rss_mib()
     );
@@ -80,20 +89,32 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "step") {
         let sp: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let r: usize = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(16);
-        step_only(sp, r);
+        step_only(sp, r, args.iter().any(|a| a == "recompute"));
         return;
     }
-    if args.iter().any(|a| a == "grid") {
-        println!("| sparsity | rank | s/step | tok/s | peak RSS MiB | estimate MiB |");
-        println!("|---|---|---|---|---|---|");
+    let grid = args.iter().any(|a| a == "grid");
+    if grid || args.iter().any(|a| a == "memory") {
+        // Each configuration in its own process, so each peak RSS is its own. `memory`: the
+        // dense rank-16 step in both modes; `grid`: sparsity x rank x mode.
+        println!(
+            "| sparsity | rank | mode | s/step | tok/s | peak RSS MiB | estimate MiB (keep) |"
+        );
+        println!("|---|---|---|---|---|---|---|");
         let exe = std::env::current_exe().expect("own path");
-        for sp in [0.0, 0.3, 0.5] {
-            for r in [8, 16, 64] {
-                let out = std::process::Command::new(&exe)
-                    .args(["step", &sp.to_string(), &r.to_string()])
-                    .output()
-                    .expect("child");
-                print!("{}", String::from_utf8_lossy(&out.stdout));
+        let (sps, ranks): (&[f64], &[usize]) = if grid {
+            (&[0.0, 0.3, 0.5], &[8, 16, 64])
+        } else {
+            (&[0.0], &[16])
+        };
+        for &sp in sps {
+            for &r in ranks {
+                for mode in ["keep", "recompute"] {
+                    let out = std::process::Command::new(&exe)
+                        .args(["step", &sp.to_string(), &r.to_string(), mode])
+                        .output()
+                        .expect("child");
+                    print!("{}", String::from_utf8_lossy(&out.stdout));
+                }
             }
         }
         return;

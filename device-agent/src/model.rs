@@ -468,8 +468,6 @@ impl Llama {
     ) -> Tensor<2> {
         let [batch, seq] = tokens.dims();
         let cfg = &self.config;
-        let d = cfg.d_model;
-        let hd = cfg.head_dim;
         let start = cache.as_ref().map_or(0, |c| c.len);
         assert!(
             start + seq <= cfg.max_seq_len,
@@ -477,82 +475,113 @@ impl Llama {
             start + seq,
             cfg.max_seq_len
         );
-        let mut x: Tensor<2> = embedding(self.embed.clone(), tokens).reshape([batch * seq, d]);
+        let mut x = self.embed_tokens(tokens);
+        for l in 0..self.blocks.len() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = self.block_forward(l, x, adapter, slot, start, batch, seq);
+        }
+        if let Some(c) = cache {
+            c.len += seq;
+        }
+        self.final_norm(x)
+    }
+
+    /// Token embeddings: `[batch, seq]` -> `[batch * seq, d_model]`.
+    pub fn embed_tokens(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        let [batch, seq] = tokens.dims();
+        embedding(self.embed.clone(), tokens).reshape([batch * seq, self.config.d_model])
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: Tensor<2>) -> Tensor<2> {
+        rms_norm(x, &self.norm, self.config.rms_eps)
+    }
+
+    /// One decoder block (attention and MLP with their residuals) on rows `[batch * seq, d]`
+    /// at positions `start..start + seq`, appending to the block's KV cache slot if given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn block_forward(
+        &self,
+        l: usize,
+        mut x: Tensor<2>,
+        adapter: Option<&Adapter>,
+        cache_layer: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        start: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Tensor<2> {
+        let cfg = &self.config;
+        let hd = cfg.head_dim;
+        let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
         let opts = AttentionModuleOptions {
             scale: None,
             softcap: None,
             is_causal: true,
         };
-        for (l, (blk, shape)) in self.blocks.iter().zip(&cfg.blocks).enumerate() {
-            let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
-            let h = rms_norm(x.clone(), &blk.attn_norm, cfg.rms_eps);
-            let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
-            let attn_out = if nh == 0 {
-                None
-            } else {
-                let q = proj(h.clone(), &blk.wq, lora(Proj::Q))
-                    .reshape([batch, seq, nh, hd])
-                    .swap_dims(1, 2);
-                let k = proj(h.clone(), &blk.wk, lora(Proj::K))
-                    .reshape([batch, seq, nkv, hd])
-                    .swap_dims(1, 2);
-                let v = proj(h, &blk.wv, lora(Proj::V))
-                    .reshape([batch, seq, nkv, hd])
-                    .swap_dims(1, 2);
-                let q = self.rope.apply(q, start);
-                let k = self.rope.apply(k, start);
-                let (k, v) = match cache.as_deref_mut() {
-                    Some(c) => {
-                        let (k, v) = match c.layers[l].take() {
-                            Some((pk, pv)) => {
-                                (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
-                            }
-                            None => (k, v),
-                        };
-                        c.layers[l] = Some((k.clone(), v.clone()));
-                        (k, v)
-                    }
-                    None => (k, v),
-                };
-                // Expand KV heads to one per query head (GQA): equal consecutive groups repeat
-                // each KV head (whose backward is a cheap sum), any other map selects by index.
-                let (k, v) = if nkv == nh && shape.q_to_kv.iter().enumerate().all(|(i, &k)| i == k)
-                {
-                    (k, v)
-                } else if shape.uniform_groups() {
-                    let g = nh / nkv;
-                    let t = k.dims()[2];
-                    let rep = |x: Tensor<4>| {
-                        x.reshape([batch, nkv, 1, t * hd])
-                            .repeat_dim(2, g)
-                            .reshape([batch, nh, t, hd])
+        let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
+        let h = rms_norm(x.clone(), &blk.attn_norm, cfg.rms_eps);
+        let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
+        let attn_out = if nh == 0 {
+            None
+        } else {
+            let q = proj(h.clone(), &blk.wq, lora(Proj::Q))
+                .reshape([batch, seq, nh, hd])
+                .swap_dims(1, 2);
+            let k = proj(h.clone(), &blk.wk, lora(Proj::K))
+                .reshape([batch, seq, nkv, hd])
+                .swap_dims(1, 2);
+            let v = proj(h, &blk.wv, lora(Proj::V))
+                .reshape([batch, seq, nkv, hd])
+                .swap_dims(1, 2);
+            let q = self.rope.apply(q, start);
+            let k = self.rope.apply(k, start);
+            let (k, v) = match cache_layer {
+                Some(c) => {
+                    let (k, v) = match c.take() {
+                        Some((pk, pv)) => {
+                            (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
+                        }
+                        None => (k, v),
                     };
-                    (rep(k), rep(v))
-                } else {
-                    (
-                        k.select(1, self.q_to_kv[l].clone()),
-                        v.select(1, self.q_to_kv[l].clone()),
-                    )
-                };
-                let o = attention(q, k, v, None, None, opts.clone())
-                    .swap_dims(1, 2)
-                    .reshape([batch * seq, nh * hd]);
-                Some(proj(o, &blk.wo, lora(Proj::O)))
+                    *c = Some((k.clone(), v.clone()));
+                    (k, v)
+                }
+                None => (k, v),
             };
-            if let Some(a) = attn_out {
-                x = x + a;
-            }
-            if shape.ffn_dim > 0 {
-                let h = rms_norm(x.clone(), &blk.ffn_norm, cfg.rms_eps);
-                let g = proj(h.clone(), &blk.w_gate, lora(Proj::Gate));
-                let u = proj(h, &blk.w_up, lora(Proj::Up));
-                x = x + proj(silu(g) * u, &blk.w_down, lora(Proj::Down));
-            }
+            // Expand KV heads to one per query head (GQA): equal consecutive groups repeat
+            // each KV head (whose backward is a cheap sum), any other map selects by index.
+            let (k, v) = if nkv == nh && shape.q_to_kv.iter().enumerate().all(|(i, &k)| i == k) {
+                (k, v)
+            } else if shape.uniform_groups() {
+                let g = nh / nkv;
+                let t = k.dims()[2];
+                let rep = |x: Tensor<4>| {
+                    x.reshape([batch, nkv, 1, t * hd])
+                        .repeat_dim(2, g)
+                        .reshape([batch, nh, t, hd])
+                };
+                (rep(k), rep(v))
+            } else {
+                (
+                    k.select(1, self.q_to_kv[l].clone()),
+                    v.select(1, self.q_to_kv[l].clone()),
+                )
+            };
+            let o = attention(q, k, v, None, None, opts.clone())
+                .swap_dims(1, 2)
+                .reshape([batch * seq, nh * hd]);
+            Some(proj(o, &blk.wo, lora(Proj::O)))
+        };
+        if let Some(a) = attn_out {
+            x = x + a;
         }
-        if let Some(c) = cache {
-            c.len += seq;
+        if shape.ffn_dim > 0 {
+            let h = rms_norm(x.clone(), &blk.ffn_norm, cfg.rms_eps);
+            let g = proj(h.clone(), &blk.w_gate, lora(Proj::Gate));
+            let u = proj(h, &blk.w_up, lora(Proj::Up));
+            x = x + proj(silu(g) * u, &blk.w_down, lora(Proj::Down));
         }
-        rms_norm(x, &self.norm, cfg.rms_eps)
+        x
     }
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.

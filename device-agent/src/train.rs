@@ -41,6 +41,10 @@ pub struct TrainConfig {
     /// Recompute cheap activations in the backward pass instead of keeping them (burn's
     /// balanced gradient checkpointing): less memory for a little more compute.
     pub checkpointing: bool,
+    /// Keep only each block's input during the forward pass and rebuild one block's graph at
+    /// a time in the backward pass (about one extra forward of compute; peak activation
+    /// memory of one block instead of all of them). For devices with little RAM.
+    pub recompute_blocks: bool,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +65,7 @@ impl Default for TrainConfig {
             prune: PruneConfig::default(),
             seed: 0,
             checkpointing: false,
+            recompute_blocks: false,
         }
     }
 }
@@ -303,15 +308,62 @@ impl Tuner {
             tracked = m;
             model_ref = &tracked;
         }
-        let tokens = self.model.tokens_tensor(&batch.tokens);
-        let h = model_ref.hidden(tokens, Some(&leaves), None);
-        let (nll, correct, dh) = chunked_ce(&self.model, h.clone().inner(), &batch.targets, norm);
-        let surrogate = (h * dh).sum();
-        let grads = surrogate.backward();
+        let hd = self.model.config.head_dim;
+        let n_layers = self.model.blocks.len();
+        let mut block_grads: Vec<Option<burn::tensor::Gradients>> = Vec::new();
+        let (nll, correct) = if self.cfg.recompute_blocks {
+            // Block-wise recomputation: a plain forward keeps only each block's input; the
+            // backward then rebuilds one block's graph at a time from its input and the
+            // gradient flowing into its output, so at most one block's activations live.
+            let [bsz, seq] = [batch.tokens.len(), batch.tokens.first().map_or(0, Vec::len)];
+            let mut xs = Vec::with_capacity(n_layers);
+            let mut x = self
+                .model
+                .embed_tokens(self.model.tokens_tensor(&batch.tokens));
+            for l in 0..n_layers {
+                xs.push(x.clone());
+                x = self
+                    .model
+                    .block_forward(l, x, Some(&self.adapter), None, 0, bsz, seq);
+            }
+            let x_leaf = leaf(&x);
+            let h = self.model.final_norm(x_leaf.clone());
+            let (nll, correct, dh) =
+                chunked_ce(&self.model, h.clone().inner(), &batch.targets, norm);
+            let grads = (h * dh).sum().backward();
+            let mut dx = x_leaf
+                .grad(&grads)
+                .expect("final hidden state has a gradient");
+            block_grads.resize_with(n_layers, || None);
+            for l in (0..n_layers).rev() {
+                let xin = leaf(&xs[l]);
+                let out = model_ref.block_forward(l, xin.clone(), Some(&leaves), None, 0, bsz, seq);
+                let grads = (out * dx).sum().backward();
+                dx = xin.grad(&grads).expect("block input has a gradient");
+                block_grads[l] = Some(grads);
+            }
+            (nll, correct)
+        } else {
+            let tokens = self.model.tokens_tensor(&batch.tokens);
+            let h = model_ref.hidden(tokens, Some(&leaves), None);
+            let (nll, correct, dh) =
+                chunked_ce(&self.model, h.clone().inner(), &batch.targets, norm);
+            let grads = (h * dh).sum().backward();
+            block_grads = (0..n_layers).map(|_| None).collect();
+            block_grads[0] = Some(grads);
+            (nll, correct)
+        };
+        // With one graph, every block's gradients live in the first entry.
+        let grads_of = |l: usize| -> &burn::tensor::Gradients {
+            block_grads[l]
+                .as_ref()
+                .or(block_grads[0].as_ref())
+                .expect("gradients")
+        };
         for (l, blk) in leaves.blocks.iter().enumerate() {
             for (&p, f) in Proj::ALL.iter().zip(blk) {
                 for (is_a, t) in [(true, &f.a), (false, &f.b)] {
-                    let g = t.grad(&grads).expect("LoRA factor has a gradient");
+                    let g = t.grad(grads_of(l)).expect("LoRA factor has a gradient");
                     let slot = &mut self.accum[fidx(l, p, is_a)];
                     *slot = Some(match slot.take() {
                         Some(acc) => acc + g,
@@ -325,10 +377,11 @@ impl Tuner {
                 model_ref
                     .blocks
                     .iter()
-                    .map(|b| {
+                    .enumerate()
+                    .map(|(l, b)| {
                         let i = |p: Proj| {
                             let w = b.weight(p);
-                            let g = w.grad(&grads).expect("tracked weight has a gradient");
+                            let g = w.grad(grads_of(l)).expect("tracked weight has a gradient");
                             (w.clone().inner() * g).abs()
                         };
                         prune::group_scores(
@@ -337,7 +390,7 @@ impl Tuner {
                             i(Proj::Gate),
                             i(Proj::Up),
                             i(Proj::Down),
-                            self.model.config.head_dim,
+                            hd,
                         )
                     })
                     .collect(),
@@ -716,6 +769,56 @@ mod tests {
         let ours: Vec<f32> = dh.into_data().try_to_vec().unwrap();
         for (a, b) in g.iter().zip(&ours) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn block_recomputation_gives_the_same_step() {
+        let (base, c) = tiny();
+        let windows: Vec<Vec<u32>> = (0..2)
+            .map(|r| (0..13).map(|i| ((i * 5 + r) % 40) as u32).collect())
+            .collect();
+        let batch = Batch::lm(&windows);
+        let run = |recompute: bool| {
+            let cfg = TrainConfig {
+                recompute_blocks: recompute,
+                criterion: Criterion::Taylor,
+                ..TrainConfig::default()
+            };
+            let mut t = Tuner::new(
+                &base,
+                KeptMaps::dense(&c),
+                Adapter::new(&c, 4, 8.0, 2, &base.device),
+                cfg,
+            )
+            .unwrap();
+            let mut recs = Vec::new();
+            for _ in 0..3 {
+                recs.push(t.train_micro(&batch, 1e-2, true).unwrap());
+            }
+            let a: Vec<f32> = t.adapter.blocks[1][Proj::Up.index()]
+                .b
+                .clone()
+                .into_data()
+                .try_to_vec()
+                .unwrap();
+            (recs, a, t.scores.clone().unwrap())
+        };
+        let (r1, a1, s1) = run(false);
+        let (r2, a2, s2) = run(true);
+        for (x, y) in r1.iter().zip(&r2) {
+            assert!(
+                (x.loss - y.loss).abs() < 1e-4
+                    && (x.grad_norm - y.grad_norm).abs() < 1e-3 * x.grad_norm.max(1.0)
+            );
+        }
+        for (x, y) in a1.iter().zip(&a2) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+        for (x, y) in s1.iter().zip(&s2) {
+            for (p, q) in x.channels.iter().zip(&y.channels) {
+                assert!((p - q).abs() <= 1e-3 * p.abs().max(1e-6), "{p} vs {q}");
+            }
         }
     }
 
