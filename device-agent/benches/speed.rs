@@ -45,7 +45,7 @@ fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMa
 
 /// One training configuration in its own process so its peak RSS is its own:
 /// `speed step <sparsity> <rank>`.
-fn step_only(sparsity: f64, rank: usize, recompute: bool) {
+fn step_only(sparsity: f64, rank: usize, recompute: bool, default_malloc: bool) {
     let device = Device::flex();
     let (base, tok) =
         weights::load(&assets::default_model().expect("model"), &device).expect("load");
@@ -72,24 +72,154 @@ fn step_only(sparsity: f64, rank: usize, recompute: bool) {
     let s = median(secs);
     let est = cost::train_memory(&model.config, rank, 4, 256).total as f64 / (1 << 20) as f64;
     println!(
-        "| {:.2} | {rank} | {} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
+        "| {:.2} | {rank} | {}{} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
         model.config.sparsity(),
         if recompute {
             "block recompute"
         } else {
             "keep activations"
         },
+        if default_malloc {
+            ", glibc malloc defaults"
+        } else {
+            ""
+        },
         1024.0 / s,
         peak_rss_mib()
     );
 }
 
+/// `-- profile`: the per-operator profile of the dense rank-16 step and the matmul ceiling on
+/// the step's shapes (the backend's matmul against the `gemm` crate it wraps, called directly).
+fn profile(reps: usize) {
+    let device = Device::flex();
+    let (base, tok) =
+        weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    let ids = tok
+        .encode(&device_agent::data::moby_dick_chapter(3).expect("data").text)
+        .expect("encode");
+    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
+    let batch = train::Batch::lm(&wins);
+    let ad = Adapter::new(&base.config, 16, 32.0, 0, &device);
+    let p = device_agent::profile::lora_step_profile(&base, &ad, &batch, reps);
+    println!("Per-operator profile, dense LoRA r16 step, b4 x s256 ({reps} repetitions, medians)");
+    println!(
+        "| operator | calls/step | fwd ms/call | bwd ms/call | ms/step | share of step | GFLOP/s |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut sum = 0.0;
+    for o in &p.ops {
+        sum += o.step_ms();
+        let gf = if o.flops > 0.0 {
+            format!("{:.0}", o.flops / ((o.fwd_ms + o.bwd_ms) * 1e-3) / 1e9)
+        } else {
+            String::new()
+        };
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1}% | {gf} |",
+            o.name,
+            o.calls,
+            o.fwd_ms,
+            o.bwd_ms,
+            o.step_ms(),
+            100.0 * o.step_ms() / p.step_ms
+        );
+    }
+    println!(
+        "| sum of the operators | | | | {sum:.0} | {:.1}% | |",
+        100.0 * sum / p.step_ms
+    );
+    println!(
+        "| rest: autodiff graph, AdamW, clipping, allocation | | | | {:.0} | {:.1}% | |",
+        p.step_ms - sum,
+        100.0 * (p.step_ms - sum) / p.step_ms
+    );
+    println!(
+        "| whole step (measured) | 1 | | | {:.0} | 100% | |",
+        p.step_ms
+    );
+
+    println!();
+    println!(
+        "Matmul ceiling on the step's shapes, GFLOP/s (contiguous operands, medians of {reps})"
+    );
+    println!("| m x k x n | flex f32 | gemm crate f32, direct | flex f16 | flex bf16 |");
+    println!("|---|---|---|---|---|");
+    let (n, d, f, v) = (1024, base.config.d_model, base.config.ffn_dim, 8192);
+    for (m, k, nn) in [
+        (n, d, d),
+        (n, d, 192),
+        (n, d, f),
+        (n, f, d),
+        (n, d, v),
+        (2048, 2048, 2048),
+    ] {
+        use burn::tensor::DType;
+        let fl = device_agent::profile::backend_matmul_gflops(m, k, nn, DType::F32, reps, &device);
+        let direct = gemm_direct_gflops(m, k, nn, reps);
+        let h = device_agent::profile::backend_matmul_gflops(m, k, nn, DType::F16, reps, &device);
+        let b = device_agent::profile::backend_matmul_gflops(m, k, nn, DType::BF16, reps, &device);
+        println!("| {m} x {k} x {nn} | {fl:.0} | {direct:.0} | {h:.0} | {b:.0} |");
+    }
+}
+
+/// The `gemm` crate (the one the flex backend calls) on row-major f32 buffers, all threads.
+fn gemm_direct_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut c = vec![0f32; m * n];
+    let mut run = || {
+        let t0 = Instant::now();
+        // SAFETY: the three buffers hold m*k, k*n and m*n elements with the strides given.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        t0.elapsed().as_secs_f64()
+    };
+    run();
+    let t = median((0..reps).map(|_| run()).collect());
+    2.0 * (m * k * n) as f64 / t / 1e9
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // What the binaries do (see `backend::tune_allocator`); `default-malloc` measures without.
+    let default_malloc = args.iter().any(|a| a == "default-malloc");
+    if !default_malloc {
+        device_agent::backend::tune_allocator();
+    }
     if let Some(i) = args.iter().position(|a| a == "step") {
         let sp: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let r: usize = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(16);
-        step_only(sp, r, args.iter().any(|a| a == "recompute"));
+        step_only(sp, r, args.iter().any(|a| a == "recompute"), default_malloc);
+        return;
+    }
+    if args.iter().any(|a| a == "profile") {
+        profile(if args.iter().any(|a| a == "quick") {
+            3
+        } else {
+            7
+        });
         return;
     }
     let grid = args.iter().any(|a| a == "grid");
@@ -109,11 +239,19 @@ fn main() {
         for &sp in sps {
             for &r in ranks {
                 for mode in ["keep", "recompute"] {
-                    let out = std::process::Command::new(&exe)
-                        .args(["step", &sp.to_string(), &r.to_string(), mode])
-                        .output()
-                        .expect("child");
-                    print!("{}", String::from_utf8_lossy(&out.stdout));
+                    // `memory` also shows the allocator tuning's effect, side by side.
+                    let allocs: &[&str] = if grid {
+                        &["tuned"]
+                    } else {
+                        &["tuned", "default-malloc"]
+                    };
+                    for alloc in allocs {
+                        let out = std::process::Command::new(&exe)
+                            .args(["step", &sp.to_string(), &r.to_string(), mode, alloc])
+                            .output()
+                            .expect("child");
+                        print!("{}", String::from_utf8_lossy(&out.stdout));
+                    }
                 }
             }
         }

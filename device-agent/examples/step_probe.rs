@@ -2,6 +2,9 @@
 use burn::tensor::Device;
 use device_agent::{assets, lora::Adapter, prune::KeptMaps, train::*, weights};
 fn main() {
+    if std::env::args().all(|a| a != "default-malloc") {
+        device_agent::backend::tune_allocator();
+    }
     let ckpt = std::env::args().nth(1).as_deref() != Some("plain");
     let (base, tok) = weights::load(&assets::default_model().unwrap(), &Device::flex()).unwrap();
     let text = device_agent::data::moby_dick_chapter(3).unwrap().text;

@@ -376,3 +376,20 @@ mod gpu {
         }
     }
 }
+
+/// Tune the C allocator for training on the CPU backend: the backend allocates and frees
+/// tensors of many megabytes every operation, which glibc by default serves with fresh `mmap`s
+/// and hands back at once, so every large temporary pays page faults and zeroing again. Serving
+/// them from the heap and keeping freed memory for reuse makes a LoRA step 5-10% faster
+/// (`cargo bench -p device-agent --bench speed`) at the same peak RSS; memory freed after a
+/// peak stays with the process until it exits. Call once at start-up, before other threads
+/// allocate. Does nothing on other C libraries.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes allocator parameters; called before worker threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}

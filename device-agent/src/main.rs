@@ -212,6 +212,7 @@ fn load(args: &ModelArgs) -> Result<(Llama, Tok)> {
 }
 
 fn main() -> Result<()> {
+    device_agent::backend::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

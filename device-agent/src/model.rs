@@ -11,11 +11,12 @@
 //! (see [`crate::weights`]).
 
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, embedding};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::activation::softmax;
+use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels;
 use crate::lora::Adapter;
 
 /// Shape of one decoder block after any pruning.
@@ -311,20 +312,109 @@ pub struct Llama {
     pub device: Device,
 }
 
-fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
+pub(crate) fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
     let ms = x.clone().square().mean_dim(1);
     let d = w.dims()[0];
     x * (ms + eps).sqrt().recip() * w.clone().reshape([1, d])
 }
 
-/// `x @ W (+ scale * (x @ A) @ B)`; `x` is `[n, in]`.
-#[inline]
-fn proj(x: Tensor<2>, w: &Tensor<2>, lora: Option<(&Tensor<2>, &Tensor<2>, f64)>) -> Tensor<2> {
-    let base = x.clone().matmul(w.clone());
-    match lora {
-        Some((a, b, scale)) => base + x.matmul(a.clone()).matmul(b.clone()).mul_scalar(scale),
-        None => base,
+/// Causal scaled dot-product attention, `[batch, heads, seq, hd]` queries against `[batch,
+/// heads, keys, hd]` keys and values, the queries being the last `seq` of the `keys` positions.
+/// Leaner than burn's generic fallback on the CPU backend (`cargo bench -p device-agent --bench
+/// speed -- profile`): the scale goes on `q` rather than on the `seq x keys` scores, the mask is
+/// one add of a bias (0 or -1e30: finite, so [`softmax_fused`]'s identity stays exact), and the
+/// softmax is the backend's fused kernel, also under autodiff.
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [_, _, seq, hd] = q.dims();
+    let keys = k.dims()[2];
+    let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
+    let scores = q.matmul(k.swap_dims(2, 3));
+    let scores = if seq > 1 {
+        let past = keys - seq;
+        let bias: Vec<f32> = (0..seq)
+            .flat_map(|i| (0..keys).map(move |j| if j > past + i { -1e30 } else { 0.0 }))
+            .collect();
+        let bias = Tensor::<2>::from_data(TensorData::new(bias, [seq, keys]), &scores.device());
+        scores + bias.reshape([1, 1, seq, keys])
+    } else {
+        scores
+    };
+    softmax_fused(scores).matmul(v)
+}
+
+/// Softmax over the last dimension with the backend's fused kernel for the value, also when
+/// `s` is tracked by autodiff. Burn's autodiff builds softmax from max, sub, exp, sum and div,
+/// and the CPU backend's element-wise `exp` is scalar and single-threaded (about 20x the cost
+/// of an add per element), which made attention's softmax the largest non-matmul cost of a
+/// training step. Here the value `P` comes from the fused kernel as a constant and the
+/// gradient from an expression that is zero in value:
+/// `y = P + P*z - P*sum(P*z)` with `z = s - detach(s)`, whose vector-Jacobian product is
+/// exactly softmax's, `ds = P * (dy - sum(dy * P))`. Needs finite `s` (`z` must be 0, not NaN).
+pub fn softmax_fused<const D: usize>(s: Tensor<D>) -> Tensor<D> {
+    let plain = |t: Tensor<D>| kernels::softmax_last(&t).unwrap_or_else(|| softmax(t, D - 1));
+    if !s.is_tracked() {
+        return plain(s.inner());
     }
+    let p = plain(s.clone().inner());
+    let z = s.clone() - s.detach();
+    let pz = z * p.clone();
+    let corr = pz.clone().sum_dim(D - 1) * p.clone();
+    pz - corr + p
+}
+
+/// SiLU with the value and slope from one vectorised pass ([`kernels::silu_with_slope`]) and
+/// the gradient through `y = v + (g - detach(g)) * slope`, zero in its second term: three cheap
+/// element-wise operations under autodiff instead of flex's scalar sigmoid and its backward.
+/// Other backends use burn's `silu`.
+pub fn silu_fused<const D: usize>(g: Tensor<D>) -> Tensor<D> {
+    let tracked = g.is_tracked();
+    match kernels::silu_with_slope(&g.clone().inner()) {
+        Some((v, _)) if !tracked => v,
+        Some((v, slope)) => v + (g.clone() - g.detach()) * slope,
+        None => silu(g),
+    }
+}
+
+type LoraRef<'a> = Option<(&'a Tensor<2>, &'a Tensor<2>, f64)>;
+
+/// `x @ W (+ (x @ A) @ (scale * B))`; `x` is `[n, in]`.
+#[inline]
+fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
+    let [out] = proj_group(x, [(w, lora)]);
+    out
+}
+
+/// Several projections of the same input. When every one has a LoRA branch, their `A`
+/// factors are joined so `x` is read once by one `[n, in] x [in, sum of ranks]` matmul instead
+/// of one skinny matmul each; the scale is applied to the small `B` (`[r, out]`), not to the
+/// `[n, out]` product.
+fn proj_group<const N: usize>(x: Tensor<2>, parts: [(&Tensor<2>, LoraRef); N]) -> [Tensor<2>; N] {
+    let all_lora = parts.iter().all(|(_, l)| l.is_some());
+    let xa = if all_lora && N > 1 {
+        let a: Vec<Tensor<2>> = parts
+            .iter()
+            .map(|(_, l)| l.map(|(a, _, _)| a.clone()).expect("checked"))
+            .collect();
+        Some(x.clone().matmul(Tensor::cat(a, 1)))
+    } else {
+        None
+    };
+    let mut offset = 0;
+    parts.map(|(w, lora)| {
+        let base = x.clone().matmul(w.clone());
+        match lora {
+            Some((a, b, scale)) => {
+                let r = a.dims()[1];
+                let low = match &xa {
+                    Some(xa) => xa.clone().narrow(1, offset, r),
+                    None => x.clone().matmul(a.clone()),
+                };
+                offset += r;
+                base + low.matmul(b.clone().mul_scalar(scale))
+            }
+            None => base,
+        }
+    })
 }
 
 impl Llama {
@@ -513,26 +603,23 @@ impl Llama {
         let cfg = &self.config;
         let hd = cfg.head_dim;
         let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
-        let opts = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
         let h = rms_norm(x.clone(), &blk.attn_norm, cfg.rms_eps);
         let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
         let attn_out = if nh == 0 {
             None
         } else {
-            let q = proj(h.clone(), &blk.wq, lora(Proj::Q))
-                .reshape([batch, seq, nh, hd])
-                .swap_dims(1, 2);
-            let k = proj(h.clone(), &blk.wk, lora(Proj::K))
-                .reshape([batch, seq, nkv, hd])
-                .swap_dims(1, 2);
-            let v = proj(h, &blk.wv, lora(Proj::V))
-                .reshape([batch, seq, nkv, hd])
-                .swap_dims(1, 2);
+            let [q, k, v] = proj_group(
+                h,
+                [
+                    (&blk.wq, lora(Proj::Q)),
+                    (&blk.wk, lora(Proj::K)),
+                    (&blk.wv, lora(Proj::V)),
+                ],
+            );
+            let q = q.reshape([batch, seq, nh, hd]).swap_dims(1, 2);
+            let k = k.reshape([batch, seq, nkv, hd]).swap_dims(1, 2);
+            let v = v.reshape([batch, seq, nkv, hd]).swap_dims(1, 2);
             let q = self.rope.apply(q, start);
             let k = self.rope.apply(k, start);
             let (k, v) = match cache_layer {
@@ -567,7 +654,7 @@ impl Llama {
                     v.select(1, self.q_to_kv[l].clone()),
                 )
             };
-            let o = attention(q, k, v, None, None, opts.clone())
+            let o = causal_attention(q, k, v)
                 .swap_dims(1, 2)
                 .reshape([batch * seq, nh * hd]);
             Some(proj(o, &blk.wo, lora(Proj::O)))
@@ -577,9 +664,11 @@ impl Llama {
         }
         if shape.ffn_dim > 0 {
             let h = rms_norm(x.clone(), &blk.ffn_norm, cfg.rms_eps);
-            let g = proj(h.clone(), &blk.w_gate, lora(Proj::Gate));
-            let u = proj(h, &blk.w_up, lora(Proj::Up));
-            x = x + proj(silu(g) * u, &blk.w_down, lora(Proj::Down));
+            let [g, u] = proj_group(
+                h,
+                [(&blk.w_gate, lora(Proj::Gate)), (&blk.w_up, lora(Proj::Up))],
+            );
+            x = x + proj(silu_fused(g) * u, &blk.w_down, lora(Proj::Down));
         }
         x
     }

@@ -8,6 +8,7 @@
 //! never exist at once and never enter the autodiff graph. The graph then runs backward from
 //! `sum(h * dL/dh)` through the decoder into the LoRA factors.
 
+use burn::tensor::activation::softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -143,30 +144,35 @@ pub fn chunked_ce(
         }
         let hc = h.clone().narrow(0, start, len);
         let logits = hc.matmul(head.clone().transpose()); // [len, vocab]
-        let max = logits.clone().max_dim(1); // [len, 1]
-        let shifted = logits - max;
-        let exp = shifted.clone().exp();
-        let sum = exp.clone().sum_dim(1); // [len, 1]
+                                                          // Predictions in one pass; probabilities from the backend's fused row softmax (one
+                                                          // vectorised, row-parallel pass, where exp element by element is scalar).
+        let pred = logits.clone().argmax(1); // [len, 1]
+        let probs = crate::kernels::softmax_last(&logits).unwrap_or_else(|| softmax(logits, 1));
         let idx: Vec<i64> = tg.iter().map(|t| t.unwrap_or(0) as i64).collect();
         let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [len, 1]), &device);
         let w: Vec<f32> = tg
             .iter()
             .map(|t| if t.is_some() { 1.0 } else { 0.0 })
             .collect();
+        let p_tgt: Vec<f32> = probs
+            .clone()
+            .gather(1, idx.clone())
+            .into_data()
+            .try_to_vec()
+            .expect("floats");
+        // -ln p of the target; a probability below f32's smallest normal (a loss above 87
+        // nats) counts as that bound.
+        nll += p_tgt
+            .iter()
+            .zip(&w)
+            .map(|(&p, &wi)| -f64::from(p.max(f32::MIN_POSITIVE)).ln() * f64::from(wi))
+            .sum::<f64>();
         let w = Tensor::<2>::from_data(TensorData::new(w.clone(), [len, 1]), &device);
-        let tgt_logit = shifted.clone().gather(1, idx.clone());
-        let row_nll = sum.clone().log() - tgt_logit; // [len, 1]
-        let pred: Vec<i64> = shifted
-            .argmax(1)
+        let pred: Vec<i64> = pred
             .into_data()
             .convert::<i64>()
             .try_to_vec()
             .expect("ints");
-        let row_nll_h: Vec<f32> = (row_nll * w.clone())
-            .into_data()
-            .try_to_vec()
-            .expect("floats");
-        nll += row_nll_h.iter().map(|&x| x as f64).sum::<f64>();
         for (k, t) in tg.iter().enumerate() {
             if let Some(t) = t {
                 if pred[k] == *t as i64 {
@@ -174,11 +180,10 @@ pub fn chunked_ce(
                 }
             }
         }
-        // dNLL/dlogits = softmax - onehot, masked and scaled.
-        let probs = exp / sum;
-        let minus_one = Tensor::<2>::full([len, 1], -1.0, &device);
-        let dlogits = probs.scatter(1, idx, minus_one, burn::tensor::IndexingUpdateOp::Add)
-            * w.div_scalar(norm);
+        // dNLL/dlogits = (softmax - onehot) * w / norm.
+        let w = w.div_scalar(norm);
+        let dlogits =
+            (probs * w.clone()).scatter(1, idx, w.neg(), burn::tensor::IndexingUpdateOp::Add);
         grads.push(dlogits.matmul(head.clone()));
         start += len;
     }

@@ -1,0 +1,376 @@
+//! Where the time of one LoRA training step goes, operator by operator, and how fast the
+//! backend's matmul runs on the step's shapes.
+//!
+//! The CPU backend executes eagerly, so each operator of a decoder block can be timed on its
+//! own at the step's shapes: forward on plain tensors, forward plus backward on autodiff
+//! leaves. The backward time is `(y * g).sum().backward()` minus the same on a bare leaf of
+//! `y`'s shape, so the seed's own cost is not charged to the operator. Per-step totals multiply
+//! by the number of calls in one step (blocks x calls per block); the remainder against a
+//! measured whole step is autodiff bookkeeping, AdamW, clipping and allocation.
+//! Used by the `speed` bench (`-- profile`); not on any training path.
+
+use std::time::Instant;
+
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor};
+
+use crate::lora::Adapter;
+use crate::model::{rms_norm, Llama, Proj};
+use crate::train::{chunked_ce, Batch, TrainConfig, Tuner};
+
+/// One operator's measured cost.
+#[derive(Debug, Clone)]
+pub struct OpTime {
+    pub name: String,
+    /// Calls in one training step.
+    pub calls: usize,
+    /// Median forward time of one call, milliseconds.
+    pub fwd_ms: f64,
+    /// Median backward time of one call (forward excluded), milliseconds.
+    pub bwd_ms: f64,
+    /// Analytical FLOPs of one call, forward plus backward (0 where not counted).
+    pub flops: f64,
+}
+
+impl OpTime {
+    /// Milliseconds per training step.
+    pub fn step_ms(&self) -> f64 {
+        self.calls as f64 * (self.fwd_ms + self.bwd_ms)
+    }
+}
+
+/// A per-operator profile with the whole step it is compared against.
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    pub ops: Vec<OpTime>,
+    /// Median time of one whole measured training step, milliseconds.
+    pub step_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Median forward and backward milliseconds of `f` over `reps` runs on `inputs`.
+fn time_op<F>(inputs: &[Tensor<2>], reps: usize, f: F) -> (f64, f64)
+where
+    F: Fn(&[Tensor<2>]) -> Tensor<2>,
+{
+    let _ = f(inputs); // warm-up: first-touch allocations
+    let fwd = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                let y = f(inputs);
+                let d = ms(t);
+                drop(y);
+                d
+            })
+            .collect(),
+    );
+    let out_dims = f(inputs).dims();
+    let device = inputs[0].device();
+    let g = Tensor::<2>::random(out_dims, Distribution::Normal(0.0, 1.0), &device);
+    let seed_cost = |y: Tensor<2>| {
+        let t = Instant::now();
+        let _grads = (y * g.clone().autodiff()).sum().backward();
+        ms(t)
+    };
+    let mut bwd = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let leaves: Vec<Tensor<2>> = inputs
+            .iter()
+            .map(|t| t.clone().autodiff().require_grad())
+            .collect();
+        let y = f(&leaves);
+        let full = seed_cost(y);
+        let bare = seed_cost(
+            Tensor::<2>::zeros(out_dims, &device)
+                .autodiff()
+                .require_grad(),
+        );
+        bwd.push((full - bare).max(0.0));
+    }
+    (fwd, median(bwd))
+}
+
+/// Profile one LoRA training step of `model` with `adapter` on `batch` (all rows of equal
+/// length), `reps` repetitions per operator. Shapes are those of block 0; every block is
+/// charged the same (the profile is meant for unpruned or uniformly pruned models).
+pub fn lora_step_profile(
+    model: &Llama,
+    adapter: &Adapter,
+    batch: &Batch,
+    reps: usize,
+) -> StepProfile {
+    let device = model.device.clone();
+    let cfg = &model.config;
+    let layers = cfg.n_layers();
+    let (bsz, seq) = (batch.tokens.len(), batch.tokens[0].len());
+    let n = bsz * seq;
+    let d = cfg.d_model;
+    let hd = cfg.head_dim;
+    let shape = &cfg.blocks[0];
+    let (nh, nkv, ffn) = (shape.n_heads, shape.n_kv_heads, shape.ffn_dim);
+    let blk = &model.blocks[0];
+    let rnd = |dims: [usize; 2]| Tensor::<2>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+    let mut ops = Vec::new();
+    let mut push = |name: &str, calls: usize, (fwd_ms, bwd_ms): (f64, f64), flops: f64| {
+        ops.push(OpTime {
+            name: name.to_string(),
+            calls,
+            fwd_ms,
+            bwd_ms,
+            flops,
+        })
+    };
+
+    let x = rnd([n, d]);
+    let norm_w = blk.attn_norm.clone();
+    let eps = cfg.rms_eps;
+    push(
+        "RMSNorm",
+        2 * layers + 1,
+        time_op(&[x.clone()], reps, |i| rms_norm(i[0].clone(), &norm_w, eps)),
+        0.0,
+    );
+
+    // Frozen base matmuls: forward x W, backward dY W^T (no weight gradient).
+    let projs = [
+        (Proj::Q, d),
+        (Proj::K, d),
+        (Proj::V, d),
+        (Proj::O, nh * hd),
+        (Proj::Gate, d),
+        (Proj::Up, d),
+        (Proj::Down, ffn),
+    ];
+    for (p, fan_in) in projs {
+        let w = blk.weight(p).clone();
+        let fan_out = w.dims()[1];
+        let xin = rnd([n, fan_in]);
+        let flops = 2.0 * 2.0 * (n * fan_in * fan_out) as f64;
+        let t = time_op(&[xin], reps, |i| i[0].clone().matmul(w.clone()));
+        push(
+            &format!("frozen matmul {} ({fan_in}x{fan_out})", p.name()),
+            layers,
+            t,
+            flops,
+        );
+    }
+    // LoRA branches with the scale and the add into the base output, all seven summed.
+    let mut lora = (0.0, 0.0);
+    let mut lora_flops = 0.0;
+    for (p, fan_in) in projs {
+        let Some((a, b, s)) = adapter.factors(0, p) else {
+            continue;
+        };
+        let fan_out = b.dims()[1];
+        let r = a.dims()[1];
+        let (xin, base) = (rnd([n, fan_in]), rnd([n, fan_out]));
+        // forward 2 matmuls; backward dX, dA, dB and the pass through B: 3 more pairs
+        lora_flops += 2.0 * 3.0 * (n * r * (fan_in + fan_out)) as f64;
+        let t = time_op(&[xin, base, a.clone(), b.clone()], reps, |i| {
+            i[1].clone()
+                + i[0]
+                    .clone()
+                    .matmul(i[2].clone())
+                    .matmul(i[3].clone())
+                    .mul_scalar(s)
+        });
+        lora.0 += t.0;
+        lora.1 += t.1;
+    }
+    push(
+        "LoRA branches, 7 projections (x A B s + base)",
+        layers,
+        lora,
+        lora_flops,
+    );
+
+    // Attention between the projections: head split, RoPE, GQA repeat, SDPA, head merge.
+    let (q, k, v) = (rnd([n, nh * hd]), rnd([n, nkv * hd]), rnd([n, nkv * hd]));
+    let split = move |t: Tensor<2>, heads: usize| t.reshape([bsz, seq, heads, hd]).swap_dims(1, 2);
+    let rope = model.rope.clone();
+    let g = nh / nkv.max(1);
+    let rep = move |t: Tensor<4>| {
+        t.reshape([bsz, nkv, 1, seq * hd])
+            .repeat_dim(2, g)
+            .reshape([bsz, nh, seq, hd])
+    };
+    let opts = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    let merge = move |t: Tensor<4>| t.swap_dims(1, 2).reshape([n, nh * hd]);
+    // QK^T and AV over the full square (the fallback masks, it does not skip): 4 b h s^2 e
+    // forward, twice that backward.
+    let attn_flops = 12.0 * (bsz * nh * seq * seq * hd) as f64;
+    let flat = move |t: Tensor<4>| {
+        let [b, h, s, e] = t.dims();
+        t.reshape([b * h * s, e])
+    };
+    let unflat = move |t: Tensor<2>, heads: usize| t.reshape([bsz, heads, seq, hd]);
+    let (q4, k4) = (flat(split(q.clone(), nh)), flat(split(k.clone(), nkv)));
+    let mut rope_t = (0.0, 0.0);
+    for (t, heads) in [(q4, nh), (k4, nkv)] {
+        let (f, b) = time_op(&[t], reps, |i| {
+            flat(rope.apply(unflat(i[0].clone(), heads), 0))
+        });
+        rope_t.0 += f;
+        rope_t.1 += b;
+    }
+    push("RoPE on q and k", layers, rope_t, 0.0);
+    {
+        let opts = opts.clone();
+        let (q4, k4, v4) = (
+            split(q.clone(), nh),
+            rep(split(k.clone(), nkv)),
+            rep(split(v.clone(), nkv)),
+        );
+        push(
+            "attention, burn's generic fallback (for comparison, not called)",
+            0,
+            time_op(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
+                let o = attention(
+                    unflat(i[0].clone(), nh),
+                    unflat(i[1].clone(), nh),
+                    unflat(i[2].clone(), nh),
+                    None,
+                    None,
+                    opts.clone(),
+                );
+                flat(o)
+            }),
+            attn_flops,
+        );
+    }
+    {
+        let (q4, k4, v4) = (
+            split(q.clone(), nh),
+            rep(split(k.clone(), nkv)),
+            rep(split(v.clone(), nkv)),
+        );
+        let t = time_op(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
+            flat(crate::model::causal_attention(
+                unflat(i[0].clone(), nh),
+                unflat(i[1].clone(), nh),
+                unflat(i[2].clone(), nh),
+            ))
+        });
+        push(
+            "attention softmax(QK^T)V, causal (ours: model::causal_attention)",
+            layers,
+            t,
+            attn_flops,
+        );
+    }
+    // Layout: q's head split and merge (the merge copies), k's and v's GQA repeat.
+    let split_merge = time_op(&[q.clone()], reps, |i| merge(split(i[0].clone(), nh)));
+    let repeat = time_op(&[k.clone()], reps, |i| flat(rep(split(i[0].clone(), nkv))));
+    push(
+        "head split/merge, GQA repeat of k and v (copies)",
+        layers,
+        (
+            split_merge.0 + 2.0 * repeat.0,
+            split_merge.1 + 2.0 * repeat.1,
+        ),
+        0.0,
+    );
+    let (gt, ut) = (rnd([n, ffn]), rnd([n, ffn]));
+    push(
+        "SwiGLU with burn's silu (for comparison, not called)",
+        0,
+        time_op(&[gt.clone(), ut.clone()], reps, |i| {
+            silu(i[0].clone()) * i[1].clone()
+        }),
+        0.0,
+    );
+    push(
+        "SwiGLU silu(gate) * up (ours: model::silu_fused)",
+        layers,
+        time_op(&[gt.clone(), ut.clone()], reps, |i| {
+            crate::model::silu_fused(i[0].clone()) * i[1].clone()
+        }),
+        0.0,
+    );
+    push(
+        "residual add",
+        2 * layers,
+        time_op(&[x.clone(), rnd([n, d])], reps, |i| {
+            i[0].clone() + i[1].clone()
+        }),
+        0.0,
+    );
+    // The head: logits chunk by chunk with the hand-formed gradient (no autodiff graph).
+    let hf = rms_norm(x.clone(), &model.norm, eps);
+    let ce = median(
+        (0..reps.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                let _ = chunked_ce(model, hf.clone(), &batch.targets, n as f64);
+                ms(t)
+            })
+            .collect(),
+    );
+    let vocab = model.embed.dims()[0];
+    push(
+        "LM head + cross-entropy, chunked (logits and dH)",
+        1,
+        (ce, 0.0),
+        2.0 * 2.0 * (n * d * vocab) as f64,
+    );
+
+    // The whole step, for the remainder.
+    let mut tuner = Tuner::new(
+        model,
+        crate::prune::KeptMaps::dense(&model.config),
+        adapter.clone(),
+        TrainConfig::default(),
+    )
+    .expect("dense kept maps fit the model");
+    tuner.train_micro(batch, 1e-4, false);
+    let step_ms = median(
+        (0..reps.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                tuner.train_micro(batch, 1e-4, false);
+                ms(t)
+            })
+            .collect(),
+    );
+    StepProfile { ops, step_ms }
+}
+
+/// GFLOP/s of a `[m, k] x [k, n]` matmul through the backend (contiguous operands), median of
+/// `reps` after one warm-up.
+pub fn backend_matmul_gflops(
+    m: usize,
+    k: usize,
+    n: usize,
+    dtype: burn::tensor::DType,
+    reps: usize,
+    device: &burn::tensor::Device,
+) -> f64 {
+    let a = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let b = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let _ = a.clone().matmul(b.clone());
+    let t = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = a.clone().matmul(b.clone());
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    2.0 * (m * k * n) as f64 / t / 1e9
+}
