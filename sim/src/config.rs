@@ -364,6 +364,9 @@ mod tests {
             let c = ExperimentConfig::preset(name).unwrap();
             assert_eq!(c.coordinator.seed, c.seed);
         }
+        let example = include_str!("../configs/examples/mixed-surrogate.toml");
+        let m = ExperimentConfig::from_toml(example, "mixed-surrogate").unwrap();
+        assert_eq!(m.fleet.spec().unwrap().total(), 120);
         let d = ExperimentConfig::preset("default").unwrap();
         assert_eq!(d.fleet.spec().unwrap().total(), 80);
     }

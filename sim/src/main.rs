@@ -229,6 +229,7 @@ fn fit(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    device_agent::backend::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
