@@ -60,7 +60,9 @@ pub fn score_rows(
                 .convert::<i64>()
                 .try_to_vec()
                 .expect("ints");
-            let lp = log_softmax(logits, 1).gather(1, tgt);
+            let lp = crate::kernels::log_softmax_last(&logits)
+                .unwrap_or_else(|| log_softmax(logits, 1))
+                .gather(1, tgt);
             let lp: Vec<f32> = lp.into_data().try_to_vec().expect("floats");
             for (k, &r) in rows.iter().enumerate() {
                 nll -= lp[k] as f64;

@@ -121,6 +121,27 @@ multiversion! {
 }
 
 multiversion! {
+    /// Log-softmax of each `row_len`-long row of `x` into `out`: `x - max - ln(sum(e^(x - max)))`.
+    fn log_softmax_rows(x: &[f32], out: &mut [f32], row_len: usize) {
+        for (xr, or) in x.chunks_exact(row_len).zip(out.chunks_exact_mut(row_len)) {
+            let max = lane_max(xr);
+            let mut acc = [0.0f32; 16];
+            let chunks = xr.chunks_exact(16);
+            let rest: f32 = chunks.remainder().iter().map(|&v| exp_lane(v - max)).sum();
+            for c in chunks {
+                for (a, &v) in acc.iter_mut().zip(c) {
+                    *a += exp_lane(v - max);
+                }
+            }
+            let shift = max + (acc.iter().sum::<f32>() + rest).ln();
+            for (o, &v) in or.iter_mut().zip(xr) {
+                *o = v - shift;
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `silu(g) = g * sigmoid(g)` into `value` and its derivative
     /// `sigmoid(g) * (1 + g * (1 - sigmoid(g)))` into `slope`.
     fn silu_rows(g: &[f32], value: &mut [f32], slope: &mut [f32]) {
@@ -168,6 +189,21 @@ pub fn softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
         out.par_chunks_mut(row * ROWS_PER_TASK)
             .zip(x.par_chunks(row * ROWS_PER_TASK))
             .for_each(|(o, i)| softmax_rows(i, o, row));
+    }
+    Some(wrap(out, dims))
+}
+
+/// Log-softmax over the last dimension of a flex f32 tensor without autodiff; `None` otherwise.
+pub fn log_softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
+    let ft = flex_f32(t)?;
+    let dims = t.dims();
+    let row = dims[D - 1];
+    let x = slice(&ft);
+    let mut out = vec![0.0f32; x.len()];
+    if row > 0 {
+        out.par_chunks_mut(row * ROWS_PER_TASK)
+            .zip(x.par_chunks(row * ROWS_PER_TASK))
+            .for_each(|(o, i)| log_softmax_rows(i, o, row));
     }
     Some(wrap(out, dims))
 }
@@ -229,6 +265,12 @@ mod tests {
             .max()
             .into_scalar();
         assert!(diff < 5e-6, "softmax of a view differs by {diff}");
+        let diff: f32 = (log_softmax_last(&x).unwrap()
+            - burn::tensor::activation::log_softmax(x.clone(), 1))
+        .abs()
+        .max()
+        .into_scalar();
+        assert!(diff < 1e-5, "log-softmax differs by {diff}");
         let (v, s) = silu_with_slope(&x).expect("flex f32");
         let diff: f32 = (v - burn::tensor::activation::silu(x.clone()))
             .abs()
