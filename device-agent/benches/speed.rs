@@ -271,6 +271,17 @@ fn main() {
     println!("| workload | ours | unit | GFLOP/s | note |");
     println!("|---|---|---|---|---|");
 
+    // Large square fp32 matmul through the backend.
+    let sq = device_agent::profile::backend_matmul_gflops(
+        2048,
+        2048,
+        2048,
+        burn::tensor::DType::F32,
+        reps.max(3),
+        &device,
+    );
+    println!("| fp32 matmul 2048 x 2048 x 2048 | {sq:.0} | GFLOP/s | {sq:.0} | |");
+
     // LoRA training step, dense and pruned (50% MLP channels, 1/3 of the heads).
     let mut pruned_kept = prune::KeptMaps::dense(&base.config);
     for b in &mut pruned_kept.blocks {
