@@ -375,7 +375,7 @@ pub fn silu_fused<const D: usize>(g: Tensor<D>) -> Tensor<D> {
     }
 }
 
-type LoraRef<'a> = Option<(&'a Tensor<2>, &'a Tensor<2>, f64)>;
+pub(crate) type LoraRef<'a> = Option<(&'a Tensor<2>, &'a Tensor<2>, f64)>;
 
 /// `x @ W (+ (x @ A) @ (scale * B))`; `x` is `[n, in]`.
 #[inline]
@@ -389,31 +389,43 @@ fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
 /// of one skinny matmul each; the scale is applied to the small `B` (`[r, out]`), not to the
 /// `[n, out]` product.
 fn proj_group<const N: usize>(x: Tensor<2>, parts: [(&Tensor<2>, LoraRef); N]) -> [Tensor<2>; N] {
-    let all_lora = parts.iter().all(|(_, l)| l.is_some());
+    let mut low = lora_group(x.clone(), parts.map(|(_, l)| l)).into_iter();
+    parts.map(|(w, _)| {
+        let base = x.clone().matmul(w.clone());
+        match low.next().flatten() {
+            Some(d) => base + d,
+            None => base,
+        }
+    })
+}
+
+/// The LoRA terms `(x @ A) @ (scale * B)` of [`proj_group`], `None` where a projection has no
+/// adapter; the `A` factors are joined when every projection has one.
+pub(crate) fn lora_group<const N: usize>(
+    x: Tensor<2>,
+    loras: [LoraRef; N],
+) -> [Option<Tensor<2>>; N] {
+    let all_lora = loras.iter().all(Option::is_some);
     let xa = if all_lora && N > 1 {
-        let a: Vec<Tensor<2>> = parts
+        let a: Vec<Tensor<2>> = loras
             .iter()
-            .map(|(_, l)| l.map(|(a, _, _)| a.clone()).expect("checked"))
+            .map(|l| l.map(|(a, _, _)| a.clone()).expect("checked"))
             .collect();
         Some(x.clone().matmul(Tensor::cat(a, 1)))
     } else {
         None
     };
     let mut offset = 0;
-    parts.map(|(w, lora)| {
-        let base = x.clone().matmul(w.clone());
-        match lora {
-            Some((a, b, scale)) => {
-                let r = a.dims()[1];
-                let low = match &xa {
-                    Some(xa) => xa.clone().narrow(1, offset, r),
-                    None => x.clone().matmul(a.clone()),
-                };
-                offset += r;
-                base + low.matmul(b.clone().mul_scalar(scale))
-            }
-            None => base,
-        }
+    loras.map(|lora| {
+        lora.map(|(a, b, scale)| {
+            let r = a.dims()[1];
+            let low = match &xa {
+                Some(xa) => xa.clone().narrow(1, offset, r),
+                None => x.clone().matmul(a.clone()),
+            };
+            offset += r;
+            low.matmul(b.clone().mul_scalar(scale))
+        })
     })
 }
 

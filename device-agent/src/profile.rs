@@ -17,7 +17,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor};
 
 use crate::lora::Adapter;
-use crate::model::{rms_norm, Llama, Proj};
+use crate::model::{lora_group, rms_norm, Llama, Proj};
 use crate::train::{chunked_ce, Batch, TrainConfig, Tuner};
 
 /// One operator's measured cost.
@@ -58,10 +58,11 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Median forward and backward milliseconds of `f` over `reps` runs on `inputs`.
+/// Median forward and backward milliseconds of `f` over `reps` runs on `inputs`; every output
+/// is seeded with its own random gradient.
 fn time_op<F>(inputs: &[Tensor<2>], reps: usize, f: F) -> (f64, f64)
 where
-    F: Fn(&[Tensor<2>]) -> Tensor<2>,
+    F: Fn(&[Tensor<2>]) -> Vec<Tensor<2>>,
 {
     let _ = f(inputs); // warm-up: first-touch allocations
     let fwd = median(
@@ -75,12 +76,21 @@ where
             })
             .collect(),
     );
-    let out_dims = f(inputs).dims();
+    let out_dims: Vec<[usize; 2]> = f(inputs).iter().map(Tensor::dims).collect();
     let device = inputs[0].device();
-    let g = Tensor::<2>::random(out_dims, Distribution::Normal(0.0, 1.0), &device);
-    let seed_cost = |y: Tensor<2>| {
+    let seeds: Vec<Tensor<2>> = out_dims
+        .iter()
+        .map(|&d| Tensor::<2>::random(d, Distribution::Normal(0.0, 1.0), &device))
+        .collect();
+    let seed_cost = |ys: Vec<Tensor<2>>| {
         let t = Instant::now();
-        let _grads = (y * g.clone().autodiff()).sum().backward();
+        let total = ys
+            .into_iter()
+            .zip(&seeds)
+            .map(|(y, g)| (y * g.clone().autodiff()).sum())
+            .reduce(|a, b| a + b)
+            .expect("at least one output");
+        let _grads = total.backward();
         ms(t)
     };
     let mut bwd = Vec::with_capacity(reps);
@@ -89,16 +99,24 @@ where
             .iter()
             .map(|t| t.clone().autodiff().require_grad())
             .collect();
-        let y = f(&leaves);
-        let full = seed_cost(y);
+        let full = seed_cost(f(&leaves));
         let bare = seed_cost(
-            Tensor::<2>::zeros(out_dims, &device)
-                .autodiff()
-                .require_grad(),
+            out_dims
+                .iter()
+                .map(|&d| Tensor::<2>::zeros(d, &device).autodiff().require_grad())
+                .collect(),
         );
         bwd.push((full - bare).max(0.0));
     }
     (fwd, median(bwd))
+}
+
+/// [`time_op`] for an operation with one output.
+fn time_one<F>(inputs: &[Tensor<2>], reps: usize, f: F) -> (f64, f64)
+where
+    F: Fn(&[Tensor<2>]) -> Tensor<2>,
+{
+    time_op(inputs, reps, |i| vec![f(i)])
 }
 
 /// Profile one LoRA training step of `model` with `adapter` on `batch` (all rows of equal
@@ -138,7 +156,7 @@ pub fn lora_step_profile(
     push(
         "RMSNorm",
         2 * layers + 1,
-        time_op(&[x.clone()], reps, |i| rms_norm(i[0].clone(), &norm_w, eps)),
+        time_one(&[x.clone()], reps, |i| rms_norm(i[0].clone(), &norm_w, eps)),
         0.0,
     );
 
@@ -157,7 +175,7 @@ pub fn lora_step_profile(
         let fan_out = w.dims()[1];
         let xin = rnd([n, fan_in]);
         let flops = 2.0 * 2.0 * (n * fan_in * fan_out) as f64;
-        let t = time_op(&[xin], reps, |i| i[0].clone().matmul(w.clone()));
+        let t = time_one(&[xin], reps, |i| i[0].clone().matmul(w.clone()));
         push(
             &format!("frozen matmul {} ({fan_in}x{fan_out})", p.name()),
             layers,
@@ -165,31 +183,51 @@ pub fn lora_step_profile(
             flops,
         );
     }
-    // LoRA branches with the scale and the add into the base output, all seven summed.
+    // LoRA terms as the model computes them (`model::lora_group`: q/k/v and gate/up share one
+    // `x A` matmul, the scale is on B) plus their add into the base outputs, per input group.
     let mut lora = (0.0, 0.0);
     let mut lora_flops = 0.0;
-    for (p, fan_in) in projs {
-        let Some((a, b, s)) = adapter.factors(0, p) else {
+    let groups: [&[(Proj, usize)]; 4] = [&projs[0..3], &projs[3..4], &projs[4..6], &projs[6..7]];
+    for group in groups {
+        let fan_in = group[0].1;
+        let facs: Vec<(Tensor<2>, Tensor<2>, f64)> = group
+            .iter()
+            .filter_map(|&(p, _)| adapter.factors(0, p))
+            .map(|(a, b, s)| (a.clone(), b.clone(), s))
+            .collect();
+        if facs.len() != group.len() {
             continue;
-        };
-        let fan_out = b.dims()[1];
-        let r = a.dims()[1];
-        let (xin, base) = (rnd([n, fan_in]), rnd([n, fan_out]));
-        // forward 2 matmuls; backward dX, dA, dB and the pass through B: 3 more pairs
-        lora_flops += 2.0 * 3.0 * (n * r * (fan_in + fan_out)) as f64;
-        let t = time_op(&[xin, base, a.clone(), b.clone()], reps, |i| {
-            i[1].clone()
-                + i[0]
-                    .clone()
-                    .matmul(i[2].clone())
-                    .matmul(i[3].clone())
-                    .mul_scalar(s)
+        }
+        let mut inputs = vec![rnd([n, fan_in])];
+        for (a, b, _) in &facs {
+            let fan_out = b.dims()[1];
+            let r = a.dims()[1];
+            // forward 2 matmuls; backward dX, dA, dB and the pass through B: 3 more pairs
+            lora_flops += 2.0 * 3.0 * (n * r * (fan_in + fan_out)) as f64;
+            inputs.extend([rnd([n, fan_out]), a.clone(), b.clone()]);
+        }
+        let scales: Vec<f64> = facs.iter().map(|f| f.2).collect();
+        let t = time_op(&inputs, reps, |i| {
+            let k = scales.len();
+            let refs: Vec<Option<(&Tensor<2>, &Tensor<2>, f64)>> = (0..k)
+                .map(|j| Some((&i[2 + 3 * j], &i[3 + 3 * j], scales[j])))
+                .collect();
+            let terms: Vec<Option<Tensor<2>>> = match k {
+                1 => lora_group(i[0].clone(), [refs[0]]).into(),
+                2 => lora_group(i[0].clone(), [refs[0], refs[1]]).into(),
+                _ => lora_group(i[0].clone(), [refs[0], refs[1], refs[2]]).into(),
+            };
+            terms
+                .into_iter()
+                .enumerate()
+                .map(|(j, d)| i[1 + 3 * j].clone() + d.expect("every projection has factors"))
+                .collect()
         });
         lora.0 += t.0;
         lora.1 += t.1;
     }
     push(
-        "LoRA branches, 7 projections (x A B s + base)",
+        "LoRA terms, 7 projections (joined x A, then (x A)(s B), + base)",
         layers,
         lora,
         lora_flops,
@@ -222,7 +260,7 @@ pub fn lora_step_profile(
     let (q4, k4) = (flat(split(q.clone(), nh)), flat(split(k.clone(), nkv)));
     let mut rope_t = (0.0, 0.0);
     for (t, heads) in [(q4, nh), (k4, nkv)] {
-        let (f, b) = time_op(&[t], reps, |i| {
+        let (f, b) = time_one(&[t], reps, |i| {
             flat(rope.apply(unflat(i[0].clone(), heads), 0))
         });
         rope_t.0 += f;
@@ -239,7 +277,7 @@ pub fn lora_step_profile(
         push(
             "attention, burn's generic fallback (for comparison, not called)",
             0,
-            time_op(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
+            time_one(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
                 let o = attention(
                     unflat(i[0].clone(), nh),
                     unflat(i[1].clone(), nh),
@@ -259,7 +297,7 @@ pub fn lora_step_profile(
             rep(split(k.clone(), nkv)),
             rep(split(v.clone(), nkv)),
         );
-        let t = time_op(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
+        let t = time_one(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
             flat(crate::model::causal_attention(
                 unflat(i[0].clone(), nh),
                 unflat(i[1].clone(), nh),
@@ -274,8 +312,8 @@ pub fn lora_step_profile(
         );
     }
     // Layout: q's head split and merge (the merge copies), k's and v's GQA repeat.
-    let split_merge = time_op(&[q.clone()], reps, |i| merge(split(i[0].clone(), nh)));
-    let repeat = time_op(&[k.clone()], reps, |i| flat(rep(split(i[0].clone(), nkv))));
+    let split_merge = time_one(&[q.clone()], reps, |i| merge(split(i[0].clone(), nh)));
+    let repeat = time_one(&[k.clone()], reps, |i| flat(rep(split(i[0].clone(), nkv))));
     push(
         "head split/merge, GQA repeat of k and v (copies)",
         layers,
@@ -289,7 +327,7 @@ pub fn lora_step_profile(
     push(
         "SwiGLU with burn's silu (for comparison, not called)",
         0,
-        time_op(&[gt.clone(), ut.clone()], reps, |i| {
+        time_one(&[gt.clone(), ut.clone()], reps, |i| {
             silu(i[0].clone()) * i[1].clone()
         }),
         0.0,
@@ -297,7 +335,7 @@ pub fn lora_step_profile(
     push(
         "SwiGLU silu(gate) * up (ours: model::silu_fused)",
         layers,
-        time_op(&[gt.clone(), ut.clone()], reps, |i| {
+        time_one(&[gt.clone(), ut.clone()], reps, |i| {
             crate::model::silu_fused(i[0].clone()) * i[1].clone()
         }),
         0.0,
@@ -305,7 +343,7 @@ pub fn lora_step_profile(
     push(
         "residual add",
         2 * layers,
-        time_op(&[x.clone(), rnd([n, d])], reps, |i| {
+        time_one(&[x.clone(), rnd([n, d])], reps, |i| {
             i[0].clone() + i[1].clone()
         }),
         0.0,
