@@ -180,6 +180,39 @@ enum Phase {
     AwaitingAck(RoundId),
 }
 
+/// The parts of a round configuration that define the job (all but the deadline, which is
+/// relative to receipt, and the global slice's factor values, which a re-sent configuration
+/// takes from the same aggregator state).
+#[derive(Debug, Clone, PartialEq)]
+struct JobKey {
+    round: RoundId,
+    arm: Arm,
+    local_steps: u32,
+    prune_interval_steps: u32,
+    learning_rate: u32,
+    batch_size: u32,
+    seed: u64,
+    global: Option<(u32, u32, protocol::KeptIndices)>,
+}
+
+impl JobKey {
+    fn of(rc: &RoundConfig) -> Self {
+        JobKey {
+            round: rc.round,
+            arm: rc.arm,
+            local_steps: rc.local_steps,
+            prune_interval_steps: rc.prune_interval_steps,
+            learning_rate: rc.learning_rate.to_bits(),
+            batch_size: rc.batch_size,
+            seed: rc.seed,
+            global: rc
+                .global
+                .as_ref()
+                .map(|g| (g.adapter.rank, g.filled_rank, g.kept.clone())),
+        }
+    }
+}
+
 /// The sans-IO device session.
 #[derive(Debug)]
 pub struct AgentSession {
@@ -190,6 +223,11 @@ pub struct AgentSession {
     heartbeat_ms: u64,
     next_heartbeat: Option<Timestamp>,
     steps_done: u32,
+    /// What identifies the running job's configuration (a re-sent copy is a duplicate).
+    running: Option<JobKey>,
+    /// A different configuration that arrived while a job ran, with when it arrived: it starts
+    /// when that job ends, and the superseded job's result is dropped.
+    queued: Option<(Timestamp, RoundConfig)>,
     /// Rounds completed and acknowledged.
     pub acked_rounds: Vec<RoundId>,
     /// Reasons of rejects received.
@@ -206,6 +244,8 @@ impl AgentSession {
             heartbeat_ms: 0,
             next_heartbeat: None,
             steps_done: 0,
+            running: None,
+            queued: None,
             acked_rounds: Vec::new(),
             rejects: Vec::new(),
         }
@@ -219,7 +259,11 @@ impl AgentSession {
     pub fn handle(&mut self, now: Timestamp, event: AgentEvent) -> Vec<AgentCommand> {
         match event {
             AgentEvent::Connected => {
-                self.phase = Phase::Joining;
+                // A job in flight survives a reconnection: its result is still sent, and the
+                // aggregator decides whether the round is open.
+                if !matches!(self.phase, Phase::Training(_)) {
+                    self.phase = Phase::Joining;
+                }
                 vec![AgentCommand::Send(Message::Join(Join {
                     protocol_version: PROTOCOL_VERSION,
                     device_id: self.config.device_id,
@@ -303,7 +347,20 @@ impl AgentSession {
 
     fn on_round(&mut self, now: Timestamp, rc: RoundConfig) -> Vec<AgentCommand> {
         if let Phase::Training(r) = self.phase {
-            tracing::warn!(busy = %r, new = %rc.round, "round config while training; ignored");
+            // The aggregator re-sends the configuration to a selected device that rejoins
+            // (after a network drop or its own restart). The same job keeps running; a
+            // different one (another round, or the same round re-planned) waits for it, so a
+            // device never trains two jobs at once.
+            if self.running.as_ref() == Some(&JobKey::of(&rc)) {
+                tracing::debug!(round = %r, "round configuration re-sent; the job continues");
+            } else {
+                tracing::info!(
+                    busy = %r,
+                    new = %rc.round,
+                    "new round configuration while training: it starts when the running job ends"
+                );
+                self.queued = Some((now, rc));
+            }
             return vec![];
         }
         let ok = rc.arm.prune_ratio.is_finite()
@@ -315,6 +372,7 @@ impl AgentSession {
             return vec![];
         }
         self.phase = Phase::Training(rc.round);
+        self.running = Some(JobKey::of(&rc));
         self.steps_done = 0;
         vec![AgentCommand::Train(Box::new(TrainJob {
             round: rc.round,
@@ -332,12 +390,28 @@ impl AgentSession {
 
     fn on_job_done(
         &mut self,
-        _now: Timestamp,
+        now: Timestamp,
         result: Result<JobOutcome, FailReason>,
     ) -> Vec<AgentCommand> {
         let Phase::Training(round) = self.phase else {
             return vec![];
         };
+        self.running = None;
+        if let Some((received, next)) = self.queued.take() {
+            tracing::info!(
+                superseded = %round,
+                next = %next.round,
+                "the finished job was superseded; its result is dropped"
+            );
+            self.phase = Phase::Idle;
+            // The new job's deadline still counts from when its configuration arrived.
+            let elapsed = now.0.saturating_sub(received.0);
+            let next = RoundConfig {
+                deadline_ms: next.deadline_ms.saturating_sub(elapsed),
+                ..next
+            };
+            return self.on_round(now, next);
+        }
         match result {
             Ok(out) if out.round == round => {
                 self.state.kept = out.kept.clone();
@@ -550,4 +624,135 @@ pub fn run_job(
         report,
         metric_post,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use protocol::{ModelDims, Welcome};
+
+    fn session() -> AgentSession {
+        let cfg = ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true);
+        let config = AgentConfig {
+            device_id: DeviceId(3),
+            capabilities: Capabilities {
+                ram_bytes: 1 << 30,
+                backend: "flex".into(),
+                bench_score: None,
+            },
+            criterion: Criterion::LoraGradient,
+            prune: PruneConfig::for_layers(4),
+            f16_updates: false,
+        };
+        let state = DeviceState {
+            kept: KeptMaps::dense(&cfg),
+            adapter: None,
+        };
+        let mut s = AgentSession::new(config, state);
+        s.handle(Timestamp(0), AgentEvent::Connected);
+        s.handle(Timestamp(0), AgentEvent::Message(welcome()));
+        s
+    }
+
+    fn welcome() -> Message {
+        Message::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: DeviceId(3),
+            model: ModelDims::SMOLLM2_135M,
+            lora_alpha: 16.0,
+            heartbeat_interval_ms: 0,
+        })
+    }
+
+    fn config(round: u64, rank: u32, deadline_ms: u64) -> Message {
+        Message::RoundConfig(RoundConfig {
+            round: RoundId(round),
+            arm: Arm {
+                prune_ratio: 0.2,
+                rank,
+            },
+            global: None,
+            deadline_ms,
+            local_steps: 4,
+            prune_interval_steps: 2,
+            learning_rate: 1e-3,
+            batch_size: 2,
+            seed: 9,
+        })
+    }
+
+    fn failed() -> AgentEvent {
+        AgentEvent::JobDone(Err(FailReason::Error("test".into())))
+    }
+
+    fn trains(cmds: &[AgentCommand]) -> Vec<(RoundId, u32, Timestamp)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                AgentCommand::Train(j) => Some((j.round, j.arm.rank, j.deadline)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn failures(cmds: &[AgentCommand]) -> Vec<RoundId> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                AgentCommand::Send(Message::RoundFailed(f)) => Some(f.round),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_job_survives_a_reconnection_and_a_re_sent_configuration() {
+        let mut s = session();
+        let c = s.handle(Timestamp(10), AgentEvent::Message(config(1, 8, 60_000)));
+        assert_eq!(trains(&c).len(), 1);
+        assert!(s.handle(Timestamp(20), AgentEvent::Disconnected).is_empty());
+        let c = s.handle(Timestamp(30), AgentEvent::Connected);
+        assert!(matches!(
+            c.as_slice(),
+            [AgentCommand::Send(Message::Join(_))]
+        ));
+        assert!(
+            s.is_training(),
+            "reconnecting must not forget the running job"
+        );
+        s.handle(Timestamp(31), AgentEvent::Message(welcome()));
+        // The aggregator re-sends the same job with the deadline left: no second job.
+        let c = s.handle(Timestamp(32), AgentEvent::Message(config(1, 8, 40_000)));
+        assert!(
+            trains(&c).is_empty(),
+            "a re-sent configuration must not start a second job"
+        );
+        // The running job's result is still reported for its round.
+        let c = s.handle(Timestamp(50), failed());
+        assert_eq!(failures(&c), vec![RoundId(1)]);
+        assert!(!s.is_training());
+    }
+
+    #[test]
+    fn a_different_configuration_waits_for_the_running_job_and_supersedes_it() {
+        let mut s = session();
+        s.handle(Timestamp(10), AgentEvent::Message(config(1, 8, 60_000)));
+        // The same round re-planned (another rank), e.g. by an aggregator resumed from a
+        // checkpoint: queued, not started alongside.
+        let c = s.handle(Timestamp(100), AgentEvent::Message(config(1, 4, 30_000)));
+        assert!(trains(&c).is_empty());
+        // When the running job ends, its result is dropped and the queued job starts, its
+        // deadline still counted from when its configuration arrived.
+        let c = s.handle(Timestamp(1_100), failed());
+        assert!(
+            failures(&c).is_empty(),
+            "the superseded job must not be reported"
+        );
+        assert_eq!(
+            trains(&c),
+            vec![(RoundId(1), 4, Timestamp(1_100 + 30_000 - 1_000))]
+        );
+        assert!(s.is_training());
+        let c = s.handle(Timestamp(2_000), failed());
+        assert_eq!(failures(&c), vec![RoundId(1)]);
+    }
 }

@@ -178,8 +178,16 @@ fn a_straggler_misses_its_deadlines_and_its_bandit_learns_reward_zero() {
         assert_eq!(n, cfg.coordinator.rounds);
         assert!(s > 0.0, "device {d} earned nothing");
     }
-    // Its updates arrive after their round closed and are refused.
-    assert!(report.rounds.iter().any(|r| r.rejects.contains_key("stale_round") || r.rejects.contains_key("late_update")), "late updates are refused");
+    // While it trains round N, round N+1's configuration arrives: the session queues it and,
+    // when round N's job ends, drops that (already stale) result and starts round N+1, so the
+    // straggler never trains two jobs at once and never sends a stale update.
+    assert!(
+        report
+            .rounds
+            .iter()
+            .all(|r| !r.rejects.contains_key("stale_round")),
+        "a superseded job's result was sent"
+    );
 }
 
 #[test]
