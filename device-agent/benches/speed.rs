@@ -341,6 +341,7 @@ fn main() {
 
     // Inference latency by sparsity (uniform pruning), 256-token prompt.
     let mut dense_s = 0.0;
+    let mut dense_first = 0.0;
     for sp in [0.0, 0.3, 0.5] {
         let model = prune::slice_model(&base, &uniform_prune(&base, sp)).expect("slice");
         let toks = || model.tokens_tensor(&[prompt.clone()]);
@@ -352,14 +353,34 @@ fn main() {
             secs.push(t0.elapsed().as_secs_f64());
         }
         let s = median(secs);
+        // Time to the first generated token: logits of the last position only, as
+        // `generate` does (the LM head costs 1/256 of the full-logits forward's).
+        let first = || {
+            let h = model.hidden(toks(), None, None);
+            let d = h.dims()[1];
+            model
+                .logits(h.narrow(0, 255, 1).reshape([1, d]))
+                .into_data()
+        };
+        let _ = first();
+        let mut firsts = Vec::new();
+        for _ in 0..reps.max(3) {
+            let t0 = Instant::now();
+            let _ = first();
+            firsts.push(t0.elapsed().as_secs_f64());
+        }
+        let f = median(firsts);
         if sp == 0.0 {
             dense_s = s;
+            dense_first = f;
         }
         println!(
-            "| prompt forward at sparsity {:.2} | {:.1} | ms ({:.2}x dense) | | {} params |",
+            "| prompt forward at sparsity {:.2} | {:.1} | ms ({:.2}x dense); first token {:.1} ms ({:.2}x dense) | | {} params |",
             model.config.sparsity(),
             s * 1e3,
             s / dense_s,
+            f * 1e3,
+            f / dense_first,
             model.config.total_params()
         );
     }

@@ -48,14 +48,17 @@ fn exp_lane(x: f32) -> f32 {
 
 macro_rules! multiversion {
     ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        multiversion! { $(#[$m])* fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn v4($($arg: $ty),*) $body
+                unsafe fn v4($($arg: $ty),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) $body
+                unsafe fn v3($($arg: $ty),*) -> $ret $body
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features the function was compiled for.
                     return unsafe { v4($($arg),*) };
@@ -142,6 +145,27 @@ multiversion! {
 }
 
 multiversion! {
+    /// Cross-entropy of one row of logits `x` against `target`: writes the gradient
+    /// `(softmax(x) - onehot(target)) * scale` into `out` and returns the row's loss
+    /// `ln(sum(e^(x - max))) - (x[target] - max)` (exact, no underflow) and its arg-max (the
+    /// first one on ties).
+    fn cross_entropy_row(x: &[f32], out: &mut [f32], target: usize, scale: f32) -> (f32, usize) {
+        let max = lane_max(x);
+        let pred = x.iter().position(|&v| v == max).unwrap_or(0);
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = exp_lane(v - max);
+        }
+        let sum = lane_sum(out);
+        let k = scale / sum;
+        for o in out.iter_mut() {
+            *o *= k;
+        }
+        out[target] -= scale;
+        (sum.ln() - (x[target] - max), pred)
+    }
+}
+
+multiversion! {
     /// `silu(g) = g * sigmoid(g)` into `value` and its derivative
     /// `sigmoid(g) * (1 + g * (1 - sigmoid(g)))` into `slope`.
     fn silu_rows(g: &[f32], value: &mut [f32], slope: &mut [f32]) {
@@ -208,6 +232,45 @@ pub fn log_softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
     Some(wrap(out, dims))
 }
 
+/// One chunk's cross-entropy from its logits `[rows, vocab]` (flex f32, no autodiff; `None`
+/// otherwise): the gradient w.r.t. the logits, `(softmax - onehot) * scale` on rows with a
+/// target and 0 elsewhere, each row's loss (0 without a target) and each row's arg-max. One
+/// read of the logits for max, exp and sum and one write of the gradient, row-parallel.
+pub fn cross_entropy_rows(
+    logits: &Tensor<2>,
+    targets: &[Option<u32>],
+    scale: f32,
+) -> Option<(Tensor<2>, Vec<f32>, Vec<usize>)> {
+    let ft = flex_f32(logits)?;
+    let [rows, vocab] = logits.dims();
+    if rows != targets.len() || vocab == 0 || targets.iter().flatten().any(|&t| t as usize >= vocab)
+    {
+        return None;
+    }
+    let x = slice(&ft);
+    let mut grad = vec![0.0f32; x.len()];
+    let per_row: Vec<(f32, usize)> = grad
+        .par_chunks_mut(vocab)
+        .zip(x.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .map(|((o, xr), t)| match t {
+            Some(t) => cross_entropy_row(xr, o, *t as usize, scale),
+            None => (
+                0.0,
+                xr.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                    )
+                    .0,
+            ),
+        })
+        .collect();
+    let (nll, pred) = per_row.into_iter().unzip();
+    Some((wrap(grad, [rows, vocab]), nll, pred))
+}
+
 /// `(silu(g), silu'(g))` of a flex f32 tensor without autodiff; `None` otherwise.
 pub fn silu_with_slope<const D: usize>(g: &Tensor<D>) -> Option<(Tensor<D>, Tensor<D>)> {
     let ft = flex_f32(g)?;
@@ -271,6 +334,39 @@ mod tests {
         .max()
         .into_scalar();
         assert!(diff < 1e-5, "log-softmax differs by {diff}");
+        // Cross-entropy rows against burn's log-softmax, one row without a target.
+        let mut targets: Vec<Option<u32>> = (0..37).map(|i| Some((i * 7 % 301) as u32)).collect();
+        targets[5] = None;
+        let (grad, nll, pred) = cross_entropy_rows(&x, &targets, 0.5).expect("flex f32");
+        let lp = burn::tensor::activation::log_softmax(x.clone(), 1);
+        let p = burn::tensor::activation::softmax(x.clone(), 1);
+        let (lp, p, g) = (
+            lp.into_data().to_vec::<f32>().unwrap(),
+            p.into_data().to_vec::<f32>().unwrap(),
+            grad.into_data().to_vec::<f32>().unwrap(),
+        );
+        let xs = x.clone().into_data().to_vec::<f32>().unwrap();
+        for (r, t) in targets.iter().enumerate() {
+            let row = &xs[r * 301..(r + 1) * 301];
+            let best = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(row[pred[r]], best, "arg-max of row {r}");
+            for c in 0..301 {
+                let want = match t {
+                    Some(t) => 0.5 * (p[r * 301 + c] - if c as u32 == *t { 1.0 } else { 0.0 }),
+                    None => 0.0,
+                };
+                assert!(
+                    (g[r * 301 + c] - want).abs() < 5e-6,
+                    "gradient at ({r}, {c})"
+                );
+            }
+            let want = t.map_or(0.0, |t| -lp[r * 301 + t as usize]);
+            assert!(
+                (nll[r] - want).abs() < 1e-4 * want.max(1.0),
+                "loss of row {r}: {} vs {want}",
+                nll[r]
+            );
+        }
         let (v, s) = silu_with_slope(&x).expect("flex f32");
         let diff: f32 = (v - burn::tensor::activation::silu(x.clone()))
             .abs()

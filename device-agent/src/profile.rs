@@ -156,7 +156,9 @@ pub fn lora_step_profile(
     push(
         "RMSNorm",
         2 * layers + 1,
-        time_one(&[x.clone()], reps, |i| rms_norm(i[0].clone(), &norm_w, eps)),
+        time_one(std::slice::from_ref(&x), reps, |i| {
+            rms_norm(i[0].clone(), &norm_w, eps)
+        }),
         0.0,
     );
 
@@ -268,7 +270,6 @@ pub fn lora_step_profile(
     }
     push("RoPE on q and k", layers, rope_t, 0.0);
     {
-        let opts = opts.clone();
         let (q4, k4, v4) = (
             split(q.clone(), nh),
             rep(split(k.clone(), nkv)),
@@ -284,7 +285,7 @@ pub fn lora_step_profile(
                     unflat(i[2].clone(), nh),
                     None,
                     None,
-                    opts.clone(),
+                    opts,
                 );
                 flat(o)
             }),
@@ -312,8 +313,12 @@ pub fn lora_step_profile(
         );
     }
     // Layout: q's head split and merge (the merge copies), k's and v's GQA repeat.
-    let split_merge = time_one(&[q.clone()], reps, |i| merge(split(i[0].clone(), nh)));
-    let repeat = time_one(&[k.clone()], reps, |i| flat(rep(split(i[0].clone(), nkv))));
+    let split_merge = time_one(std::slice::from_ref(&q), reps, |i| {
+        merge(split(i[0].clone(), nh))
+    });
+    let repeat = time_one(std::slice::from_ref(&k), reps, |i| {
+        flat(rep(split(i[0].clone(), nkv)))
+    });
     push(
         "head split/merge, GQA repeat of k and v (copies)",
         layers,

@@ -144,8 +144,22 @@ pub fn chunked_ce(
         }
         let hc = h.clone().narrow(0, start, len);
         let logits = hc.matmul(head.clone().transpose()); // [len, vocab]
-                                                          // Predictions in one pass; probabilities from the backend's fused row softmax (one
-                                                          // vectorised, row-parallel pass, where exp element by element is scalar).
+                                                          // One fused pass on the CPU backend (loss, predictions and gradient together).
+        if let Some((dlogits, row_nll, pred)) =
+            crate::kernels::cross_entropy_rows(&logits, tg, (1.0 / norm) as f32)
+        {
+            for ((t, l), p) in tg.iter().zip(&row_nll).zip(&pred) {
+                if let Some(t) = t {
+                    nll += f64::from(*l);
+                    correct += usize::from(*p == *t as usize);
+                }
+            }
+            grads.push(dlogits.matmul(head.clone()));
+            start += len;
+            continue;
+        }
+        // Predictions in one pass; probabilities from the backend's fused row softmax (one
+        // vectorised, row-parallel pass, where exp element by element is scalar).
         let pred = logits.clone().argmax(1); // [len, 1]
         let probs = crate::kernels::softmax_last(&logits).unwrap_or_else(|| softmax(logits, 1));
         let idx: Vec<i64> = tg.iter().map(|t| t.unwrap_or(0) as i64).collect();
