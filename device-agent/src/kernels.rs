@@ -177,6 +177,15 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `silu(g) = g * sigmoid(g)` into `value`.
+    fn silu_only(g: &[f32], value: &mut [f32]) {
+        for (&x, v) in g.iter().zip(value.iter_mut()) {
+            *v = x / (1.0 + exp_lane(-x));
+        }
+    }
+}
+
 /// The tensor's f32 buffer when it lives on flex without autodiff, made contiguous.
 fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
     if t.is_autodiff() || t.dtype() != DType::F32 {
@@ -209,7 +218,9 @@ pub fn softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
     let row = dims[D - 1];
     let x = slice(&ft);
     let mut out = vec![0.0f32; x.len()];
-    if row > 0 {
+    if row > 0 && x.len() <= ELEMS_PER_TASK {
+        softmax_rows(x, &mut out, row); // small (decoding): no thread hand-off
+    } else if row > 0 {
         out.par_chunks_mut(row * ROWS_PER_TASK)
             .zip(x.par_chunks(row * ROWS_PER_TASK))
             .for_each(|(o, i)| softmax_rows(i, o, row));
@@ -224,7 +235,9 @@ pub fn log_softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
     let row = dims[D - 1];
     let x = slice(&ft);
     let mut out = vec![0.0f32; x.len()];
-    if row > 0 {
+    if row > 0 && x.len() <= ELEMS_PER_TASK {
+        log_softmax_rows(x, &mut out, row); // small (decoding): no thread hand-off
+    } else if row > 0 {
         out.par_chunks_mut(row * ROWS_PER_TASK)
             .zip(x.par_chunks(row * ROWS_PER_TASK))
             .for_each(|(o, i)| log_softmax_rows(i, o, row));
@@ -284,6 +297,23 @@ pub fn silu_with_slope<const D: usize>(g: &Tensor<D>) -> Option<(Tensor<D>, Tens
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .for_each(|((v, s), i)| silu_rows(i, v, s));
     Some((wrap(value, dims), wrap(slope, dims)))
+}
+
+/// `silu(g)` of a flex f32 tensor without autodiff (inference); `None` otherwise.
+pub fn silu_value<const D: usize>(g: &Tensor<D>) -> Option<Tensor<D>> {
+    let ft = flex_f32(g)?;
+    let dims = g.dims();
+    let x = slice(&ft);
+    let mut value = vec![0.0f32; x.len()];
+    if x.len() <= ELEMS_PER_TASK {
+        silu_only(x, &mut value);
+    } else {
+        value
+            .par_chunks_mut(ELEMS_PER_TASK)
+            .zip(x.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(v, i)| silu_only(i, v));
+    }
+    Some(wrap(value, dims))
 }
 
 #[cfg(test)]
@@ -367,6 +397,11 @@ mod tests {
                 nll[r]
             );
         }
+        let diff: f32 = (silu_value(&x).unwrap() - burn::tensor::activation::silu(x.clone()))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-5, "silu value differs by {diff}");
         let (v, s) = silu_with_slope(&x).expect("flex f32");
         let diff: f32 = (v - burn::tensor::activation::silu(x.clone()))
             .abs()

@@ -367,9 +367,11 @@ pub fn softmax_fused<const D: usize>(s: Tensor<D>) -> Tensor<D> {
 /// element-wise operations under autodiff instead of flex's scalar sigmoid and its backward.
 /// Other backends use burn's `silu`.
 pub fn silu_fused<const D: usize>(g: Tensor<D>) -> Tensor<D> {
-    let tracked = g.is_tracked();
+    if !g.is_tracked() {
+        let g = g.inner();
+        return kernels::silu_value(&g).unwrap_or_else(|| silu(g));
+    }
     match kernels::silu_with_slope(&g.clone().inner()) {
-        Some((v, _)) if !tracked => v,
         Some((v, slope)) => v + (g.clone() - g.detach()) * slope,
         None => silu(g),
     }
