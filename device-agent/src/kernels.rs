@@ -371,11 +371,11 @@ mod tests {
         let lp = burn::tensor::activation::log_softmax(x.clone(), 1);
         let p = burn::tensor::activation::softmax(x.clone(), 1);
         let (lp, p, g) = (
-            lp.into_data().to_vec::<f32>().unwrap(),
-            p.into_data().to_vec::<f32>().unwrap(),
-            grad.into_data().to_vec::<f32>().unwrap(),
+            lp.into_data().try_to_vec::<f32>().unwrap(),
+            p.into_data().try_to_vec::<f32>().unwrap(),
+            grad.into_data().try_to_vec::<f32>().unwrap(),
         );
-        let xs = x.clone().into_data().to_vec::<f32>().unwrap();
+        let xs = x.clone().into_data().try_to_vec::<f32>().unwrap();
         for (r, t) in targets.iter().enumerate() {
             let row = &xs[r * 301..(r + 1) * 301];
             let best = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
