@@ -17,6 +17,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median seconds of `reps` calls of `f` after one warm-up call.
+fn time_median<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
+    let _ = f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t0 = Instant::now();
+                let _ = f();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
 fn peak_rss_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -318,14 +332,7 @@ fn main() {
     ] {
         let model = prune::slice_model(&base, &kept).expect("slice");
         let toks = || model.tokens_tensor(&[prompt.clone()]);
-        let _ = model.forward(toks(), None).into_data();
-        let mut secs = Vec::new();
-        for _ in 0..reps.max(3) {
-            let t0 = Instant::now();
-            let _ = model.forward(toks(), None).into_data();
-            secs.push(t0.elapsed().as_secs_f64());
-        }
-        let s = median(secs);
+        let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
         fwd.push(s);
         let flops = cost::forward_flops(&model.config, 256, 256, true);
         println!(
@@ -345,14 +352,7 @@ fn main() {
     for sp in [0.0, 0.3, 0.5] {
         let model = prune::slice_model(&base, &uniform_prune(&base, sp)).expect("slice");
         let toks = || model.tokens_tensor(&[prompt.clone()]);
-        let _ = model.forward(toks(), None).into_data();
-        let mut secs = Vec::new();
-        for _ in 0..reps.max(3) {
-            let t0 = Instant::now();
-            let _ = model.forward(toks(), None).into_data();
-            secs.push(t0.elapsed().as_secs_f64());
-        }
-        let s = median(secs);
+        let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
         // Time to the first generated token: logits of the last position only, as
         // `generate` does (the LM head costs 1/256 of the full-logits forward's).
         let first = || {
@@ -362,14 +362,7 @@ fn main() {
                 .logits(h.narrow(0, 255, 1).reshape([1, d]))
                 .into_data()
         };
-        let _ = first();
-        let mut firsts = Vec::new();
-        for _ in 0..reps.max(3) {
-            let t0 = Instant::now();
-            let _ = first();
-            firsts.push(t0.elapsed().as_secs_f64());
-        }
-        let f = median(firsts);
+        let f = time_median(reps.max(3), first);
         if sp == 0.0 {
             dense_s = s;
             dense_first = f;

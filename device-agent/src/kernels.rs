@@ -211,38 +211,36 @@ fn wrap<const D: usize>(v: Vec<f32>, dims: [usize; D]) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(v, dims)))
 }
 
-/// Softmax over the last dimension of a flex f32 tensor without autodiff; `None` otherwise.
-pub fn softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
+/// Apply a row kernel (`input row, output row, row length`) over the last dimension of a flex
+/// f32 tensor without autodiff; `None` otherwise. Small tensors (decoding) run on the calling
+/// thread, larger ones row-parallel.
+fn map_rows<const D: usize>(
+    t: &Tensor<D>,
+    kernel: fn(&[f32], &mut [f32], usize),
+) -> Option<Tensor<D>> {
     let ft = flex_f32(t)?;
     let dims = t.dims();
     let row = dims[D - 1];
     let x = slice(&ft);
     let mut out = vec![0.0f32; x.len()];
     if row > 0 && x.len() <= ELEMS_PER_TASK {
-        softmax_rows(x, &mut out, row); // small (decoding): no thread hand-off
+        kernel(x, &mut out, row);
     } else if row > 0 {
         out.par_chunks_mut(row * ROWS_PER_TASK)
             .zip(x.par_chunks(row * ROWS_PER_TASK))
-            .for_each(|(o, i)| softmax_rows(i, o, row));
+            .for_each(|(o, i)| kernel(i, o, row));
     }
     Some(wrap(out, dims))
 }
 
+/// Softmax over the last dimension of a flex f32 tensor without autodiff; `None` otherwise.
+pub fn softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
+    map_rows(t, softmax_rows)
+}
+
 /// Log-softmax over the last dimension of a flex f32 tensor without autodiff; `None` otherwise.
 pub fn log_softmax_last<const D: usize>(t: &Tensor<D>) -> Option<Tensor<D>> {
-    let ft = flex_f32(t)?;
-    let dims = t.dims();
-    let row = dims[D - 1];
-    let x = slice(&ft);
-    let mut out = vec![0.0f32; x.len()];
-    if row > 0 && x.len() <= ELEMS_PER_TASK {
-        log_softmax_rows(x, &mut out, row); // small (decoding): no thread hand-off
-    } else if row > 0 {
-        out.par_chunks_mut(row * ROWS_PER_TASK)
-            .zip(x.par_chunks(row * ROWS_PER_TASK))
-            .for_each(|(o, i)| log_softmax_rows(i, o, row));
-    }
-    Some(wrap(out, dims))
+    map_rows(t, log_softmax_rows)
 }
 
 /// One chunk's cross-entropy from its logits `[rows, vocab]` (flex f32, no autodiff; `None`
