@@ -21,8 +21,9 @@ const ROWS_PER_TASK: usize = 32;
 /// Elements handed to one rayon task by the element-wise kernels.
 const ELEMS_PER_TASK: usize = 1 << 15;
 
-/// `e^x` for one lane, accurate to about 2 ulp on `[-87, 88]`; 0 below, +inf above. Written
-/// without branches or calls so a loop over it vectorises.
+/// `e^x` for one lane, accurate to about 2 ulp on `[-87.3, 88.3]`; exactly 0 below that range
+/// (as `expf` underflows; a masked attention score of -1e30 must weigh 0, not a subnormal) and
+/// +inf above it. Written without branches or calls so a loop over it vectorises.
 #[inline(always)]
 fn exp_lane(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -30,9 +31,11 @@ fn exp_lane(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_55, 88.376_26);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln(2) / 2
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.376_26;
+    let c = x.clamp(LO, HI);
+    let n = (c * LOG2E + ROUND) - ROUND;
+    let r = c - n * LN2_HI - n * LN2_LO; // |r| <= ln(2) / 2
                                          // e^r by its Taylor series to degree 6 (error below 2e-7 relative on that interval).
     let p = 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -43,7 +46,14 @@ fn exp_lane(x: f32) -> f32 {
     let p = p * r + 1.0;
     // 2^n as bits; n is in [-126, 127] after the clamp.
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    let y = p * scale;
+    // Selects, not branches: they vectorise.
+    let y = if x < LO { 0.0 } else { y };
+    if x > HI {
+        f32::INFINITY
+    } else {
+        y
+    }
 }
 
 macro_rules! multiversion {
@@ -136,9 +146,9 @@ multiversion! {
                     *a += exp_lane(v - max);
                 }
             }
-            let shift = max + (acc.iter().sum::<f32>() + rest).ln();
+            let lse = (acc.iter().sum::<f32>() + rest).ln();
             for (o, &v) in or.iter_mut().zip(xr) {
-                *o = v - shift;
+                *o = (v - max) - lse;
             }
         }
     }
@@ -329,8 +339,9 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 5e-7, "worst relative error {worst:e}");
-        assert!(exp_lane(-1000.0) < 1e-37);
-        assert!(exp_lane(1000.0) > 1e38);
+        assert_eq!(exp_lane(-1000.0), 0.0);
+        assert_eq!(exp_lane(-1e30), 0.0);
+        assert_eq!(exp_lane(1000.0), f32::INFINITY);
     }
 
     #[test]

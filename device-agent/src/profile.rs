@@ -64,6 +64,7 @@ fn time_op<F>(inputs: &[Tensor<2>], reps: usize, f: F) -> (f64, f64)
 where
     F: Fn(&[Tensor<2>]) -> Vec<Tensor<2>>,
 {
+    let reps = reps.max(1);
     let _ = f(inputs); // warm-up: first-touch allocations
     let fwd = median(
         (0..reps)

@@ -228,6 +228,10 @@ pub struct AgentSession {
     /// A different configuration that arrived while a job ran, with when it arrived: it starts
     /// when that job ends, and the superseded job's result is dropped.
     queued: Option<(Timestamp, RoundConfig)>,
+    /// The last finished job's update until the aggregator acknowledges or refuses it: a
+    /// configuration re-sent for that same job (the device rejoined before the update arrived)
+    /// is answered with this update again instead of a second training.
+    last_update: Option<(JobKey, Update)>,
     /// Rounds completed and acknowledged.
     pub acked_rounds: Vec<RoundId>,
     /// Reasons of rejects received.
@@ -246,6 +250,7 @@ impl AgentSession {
             steps_done: 0,
             running: None,
             queued: None,
+            last_update: None,
             acked_rounds: Vec::new(),
             rejects: Vec::new(),
         }
@@ -307,11 +312,21 @@ impl AgentSession {
                 if self.phase == Phase::AwaitingAck(a.round) {
                     self.phase = Phase::Idle;
                 }
+                if self
+                    .last_update
+                    .as_ref()
+                    .is_some_and(|(k, _)| k.round == a.round)
+                {
+                    self.last_update = None;
+                }
                 self.acked_rounds.push(a.round);
                 vec![]
             }
             Message::Reject(r) => {
                 self.rejects.push(r.reason.to_string());
+                if r.round.is_some() && self.last_update.as_ref().map(|(k, _)| k.round) == r.round {
+                    self.last_update = None;
+                }
                 use protocol::RejectReason as R;
                 match r.reason {
                     R::VersionMismatch { .. }
@@ -363,6 +378,13 @@ impl AgentSession {
             }
             return vec![];
         }
+        if let Some((key, update)) = &self.last_update {
+            if *key == JobKey::of(&rc) {
+                tracing::debug!(round = %rc.round, "configuration re-sent for a finished job; update sent again");
+                self.phase = Phase::AwaitingAck(rc.round);
+                return vec![AgentCommand::Send(Message::Update(update.clone()))];
+            }
+        }
         let ok = rc.arm.prune_ratio.is_finite()
             && (0.0..1.0).contains(&rc.arm.prune_ratio)
             && rc.arm.rank > 0
@@ -396,7 +418,7 @@ impl AgentSession {
         let Phase::Training(round) = self.phase else {
             return vec![];
         };
-        self.running = None;
+        let key = self.running.take();
         if let Some((received, next)) = self.queued.take() {
             tracing::info!(
                 superseded = %round,
@@ -406,6 +428,16 @@ impl AgentSession {
             self.phase = Phase::Idle;
             // The new job's deadline still counts from when its configuration arrived.
             let elapsed = now.0.saturating_sub(received.0);
+            if elapsed >= next.deadline_ms {
+                tracing::warn!(round = %next.round, "its deadline passed while the previous job ran");
+                return vec![AgentCommand::Send(Message::RoundFailed(RoundFailed {
+                    round: next.round,
+                    reason: FailReason::Error(
+                        "the round's deadline passed while the previous job was still running"
+                            .into(),
+                    ),
+                }))];
+            }
             let next = RoundConfig {
                 deadline_ms: next.deadline_ms.saturating_sub(elapsed),
                 ..next
@@ -424,9 +456,13 @@ impl AgentSession {
                 };
                 self.state.adapter = Some(out.adapter);
                 self.phase = Phase::AwaitingAck(round);
+                self.last_update = key.map(|k| (k, update.clone()));
                 vec![AgentCommand::Send(Message::Update(update))]
             }
-            Ok(_) => vec![],
+            Ok(_) => {
+                self.phase = Phase::Idle;
+                vec![]
+            }
             Err(reason) => {
                 tracing::warn!(%round, error = %reason, "local round failed");
                 self.phase = Phase::Idle;
@@ -754,5 +790,78 @@ mod tests {
         assert!(s.is_training());
         let c = s.handle(Timestamp(2_000), failed());
         assert_eq!(failures(&c), vec![RoundId(1)]);
+    }
+
+    fn finished(round: u64) -> AgentEvent {
+        let cfg = ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true);
+        AgentEvent::JobDone(Ok(JobOutcome {
+            round: RoundId(round),
+            kept: KeptMaps::dense(&cfg),
+            adapter: (8, 16.0, Vec::new()),
+            stats: UpdateStats {
+                loss_pre: 2.0,
+                loss_post: 1.5,
+                sparsity: 0.2,
+                param_count: 1000,
+                compute_ms: 5,
+                bytes_down: 0,
+                bytes_up: 0,
+                peak_mem_bytes: 1 << 20,
+                samples: 8,
+                steps: 4,
+            },
+            report: crate::train::RoundReport {
+                steps: Vec::new(),
+                sparsity_before: 0.0,
+                sparsity_after: 0.2,
+                prune_events: Vec::new(),
+            },
+            metric_post: 1.5,
+        }))
+    }
+
+    fn updates(cmds: &[AgentCommand]) -> Vec<RoundId> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                AgentCommand::Send(Message::Update(u)) => Some(u.round),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_job_finished_while_disconnected_is_answered_not_trained_again() {
+        let mut s = session();
+        s.handle(Timestamp(10), AgentEvent::Message(config(1, 8, 60_000)));
+        s.handle(Timestamp(20), AgentEvent::Disconnected);
+        // The job ends while the link is down (the client keeps the update in its outbox).
+        let c = s.handle(Timestamp(30), finished(1));
+        assert_eq!(updates(&c), vec![RoundId(1)]);
+        s.handle(Timestamp(40), AgentEvent::Connected);
+        s.handle(Timestamp(41), AgentEvent::Message(welcome()));
+        // The aggregator has not seen the update yet and re-sends the configuration: the
+        // device answers with the same update instead of training the job a second time.
+        let c = s.handle(Timestamp(42), AgentEvent::Message(config(1, 8, 50_000)));
+        assert!(trains(&c).is_empty());
+        assert_eq!(updates(&c), vec![RoundId(1)]);
+        // Once acknowledged, the next round's configuration trains normally.
+        s.handle(
+            Timestamp(50),
+            AgentEvent::Message(Message::Ack(protocol::Ack { round: RoundId(1) })),
+        );
+        let c = s.handle(Timestamp(60), AgentEvent::Message(config(2, 8, 60_000)));
+        assert_eq!(trains(&c).len(), 1);
+    }
+
+    #[test]
+    fn a_queued_configuration_whose_deadline_passed_is_reported_failed() {
+        let mut s = session();
+        s.handle(Timestamp(0), AgentEvent::Message(config(1, 8, 60_000)));
+        s.handle(Timestamp(1_000), AgentEvent::Message(config(2, 8, 5_000)));
+        // Round 1's job ends 10 s after round 2's configuration arrived (5 s deadline).
+        let c = s.handle(Timestamp(11_000), finished(1));
+        assert!(updates(&c).is_empty() && trains(&c).is_empty());
+        assert_eq!(failures(&c), vec![RoundId(2)]);
+        assert!(!s.is_training());
     }
 }

@@ -8,7 +8,7 @@
 //! never exist at once and never enter the autodiff graph. The graph then runs backward from
 //! `sum(h * dL/dh)` through the decoder into the LoRA factors.
 
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -161,6 +161,7 @@ pub fn chunked_ce(
         // Predictions in one pass; probabilities from the backend's fused row softmax (one
         // vectorised, row-parallel pass, where exp element by element is scalar).
         let pred = logits.clone().argmax(1); // [len, 1]
+        let logits_for_loss = logits.clone();
         let probs = crate::kernels::softmax_last(&logits).unwrap_or_else(|| softmax(logits, 1));
         let idx: Vec<i64> = tg.iter().map(|t| t.unwrap_or(0) as i64).collect();
         let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [len, 1]), &device);
@@ -168,18 +169,16 @@ pub fn chunked_ce(
             .iter()
             .map(|t| if t.is_some() { 1.0 } else { 0.0 })
             .collect();
-        let p_tgt: Vec<f32> = probs
-            .clone()
+        // The exact loss, -log_softmax at the target (no underflow of a tiny probability).
+        let lp_tgt: Vec<f32> = log_softmax(logits_for_loss, 1)
             .gather(1, idx.clone())
             .into_data()
             .try_to_vec()
             .expect("floats");
-        // -ln p of the target; a probability below f32's smallest normal (a loss above 87
-        // nats) counts as that bound.
-        nll += p_tgt
+        nll += lp_tgt
             .iter()
             .zip(&w)
-            .map(|(&p, &wi)| -f64::from(p.max(f32::MIN_POSITIVE)).ln() * f64::from(wi))
+            .map(|(&lp, &wi)| -f64::from(lp) * f64::from(wi))
             .sum::<f64>();
         let w = Tensor::<2>::from_data(TensorData::new(w.clone(), [len, 1]), &device);
         let pred: Vec<i64> = pred
