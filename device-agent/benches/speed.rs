@@ -17,6 +17,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The default model, its tokenizer, the tokens of Moby-Dick chapter 3 and the bench's training
+/// batch (4 windows of 256 tokens plus their next-token targets).
+struct Setup {
+    base: device_agent::model::Llama,
+    tok: device_agent::tokenizer::Tok,
+    ids: Vec<u32>,
+    batch: train::Batch,
+}
+
+fn setup(device: &Device) -> Setup {
+    let (base, tok) =
+        weights::load(&assets::default_model().expect("model"), device).expect("load");
+    let ids = tok
+        .encode(&device_agent::data::moby_dick_chapter(3).expect("data").text)
+        .expect("encode");
+    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
+    let batch = train::Batch::lm(&wins);
+    Setup {
+        base,
+        tok,
+        ids,
+        batch,
+    }
+}
+
 /// Median seconds of `reps` calls of `f` after one warm-up call.
 fn time_median<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
     let _ = f();
@@ -61,13 +86,7 @@ fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMa
 /// `speed step <sparsity> <rank>`.
 fn step_only(sparsity: f64, rank: usize, recompute: bool, default_malloc: bool) {
     let device = Device::flex();
-    let (base, tok) =
-        weights::load(&assets::default_model().expect("model"), &device).expect("load");
-    let ids = tok
-        .encode(&device_agent::data::moby_dick_chapter(3).expect("data").text)
-        .expect("encode");
-    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
-    let batch = train::Batch::lm(&wins);
+    let Setup { base, batch, .. } = setup(&device);
     let kept = uniform_prune(&base, sparsity);
     let model = prune::slice_model(&base, &kept).expect("slice");
     let ad = Adapter::new(&model.config, rank, 2.0 * rank as f64, 0, &device);
@@ -76,14 +95,7 @@ fn step_only(sparsity: f64, rank: usize, recompute: bool, default_malloc: bool) 
         ..train::TrainConfig::default()
     };
     let mut t = train::Tuner::new(&base, kept, ad, cfg).expect("tuner");
-    t.train_micro(&batch, 1e-3, false);
-    let mut secs = Vec::new();
-    for _ in 0..2 {
-        let t0 = Instant::now();
-        t.train_micro(&batch, 1e-3, false);
-        secs.push(t0.elapsed().as_secs_f64());
-    }
-    let s = median(secs);
+    let s = time_median(2, || t.train_micro(&batch, 1e-3, false));
     let est = cost::train_memory(&model.config, rank, 4, 256).total as f64 / (1 << 20) as f64;
     println!(
         "| {:.2} | {rank} | {}{} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
@@ -107,13 +119,7 @@ fn step_only(sparsity: f64, rank: usize, recompute: bool, default_malloc: bool) 
 /// the step's shapes (the backend's matmul against the `gemm` crate it wraps, called directly).
 fn profile(reps: usize) {
     let device = Device::flex();
-    let (base, tok) =
-        weights::load(&assets::default_model().expect("model"), &device).expect("load");
-    let ids = tok
-        .encode(&device_agent::data::moby_dick_chapter(3).expect("data").text)
-        .expect("encode");
-    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
-    let batch = train::Batch::lm(&wins);
+    let Setup { base, batch, .. } = setup(&device);
     let ad = Adapter::new(&base.config, 16, 32.0, 0, &device);
     let p = device_agent::profile::lora_step_profile(&base, &ad, &batch, reps);
     println!("Per-operator profile, dense LoRA r16 step, b4 x s256 ({reps} repetitions, medians)");
@@ -274,12 +280,12 @@ fn main() {
     let quick = args.iter().any(|a| a == "quick");
     let reps = if quick { 1 } else { 3 };
     let device = Device::flex();
-    let (base, tok) =
-        weights::load(&assets::default_model().expect("model"), &device).expect("load");
-    let text = device_agent::data::moby_dick_chapter(3).expect("data").text;
-    let ids = tok.encode(&text).expect("encode");
-    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
-    let batch = train::Batch::lm(&wins);
+    let Setup {
+        base,
+        tok,
+        ids,
+        batch,
+    } = setup(&device);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("threads: {threads}, repetitions: {reps} (medians)");
     println!("| workload | ours | unit | GFLOP/s | note |");
@@ -310,15 +316,10 @@ fn main() {
         let ad = Adapter::new(&model.config, 16, 32.0, 0, &device);
         let mut t =
             train::Tuner::new(&base, kept, ad, train::TrainConfig::default()).expect("tuner");
-        t.train_micro(&batch, 1e-3, false); // warm-up
-        let mut secs = Vec::new();
-        for _ in 0..reps {
-            let t0 = Instant::now();
+        let s = time_median(reps, || {
             t.train_micro(&batch, 1e-3, false)
-                .expect("one optimiser step per micro-batch");
-            secs.push(t0.elapsed().as_secs_f64());
-        }
-        let s = median(secs);
+                .expect("one optimiser step per micro-batch")
+        });
         let flops = cost::train_step_flops(&model.config, 16, 4, 256);
         println!("| LoRA r16 step, b4 x s256, fp32, {name} | {:.0} | tok/s ({s:.2} s/step) | {:.0} | peak RSS so far {:.0} MiB |", 1024.0 / s, flops / s / 1e9, peak_rss_mib());
     }
@@ -331,7 +332,7 @@ fn main() {
         ("pruned", pruned_kept),
     ] {
         let model = prune::slice_model(&base, &kept).expect("slice");
-        let toks = || model.tokens_tensor(&[prompt.clone()]);
+        let toks = || model.tokens_tensor(std::slice::from_ref(&prompt));
         let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
         fwd.push(s);
         let flops = cost::forward_flops(&model.config, 256, 256, true);
@@ -351,7 +352,7 @@ fn main() {
     let mut dense_first = 0.0;
     for sp in [0.0, 0.3, 0.5] {
         let model = prune::slice_model(&base, &uniform_prune(&base, sp)).expect("slice");
-        let toks = || model.tokens_tensor(&[prompt.clone()]);
+        let toks = || model.tokens_tensor(std::slice::from_ref(&prompt));
         let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
         // Time to the first generated token: logits of the last position only, as
         // `generate` does (the LM head costs 1/256 of the full-logits forward's).
