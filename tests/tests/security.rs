@@ -134,7 +134,8 @@ fn the_aggregator_refuses_strangers_impostors_wrong_versions_and_forged_frames()
         let other = dir.join("other-ca");
         pki::init_ca(&other).unwrap();
         pki::issue_device(&other, DeviceId(1)).unwrap();
-        let stranger = identity::load_identity(&identity::device_paths(&other, DeviceId(1))).unwrap();
+        let stranger =
+            identity::load_identity(&identity::device_paths(&other, DeviceId(1))).unwrap();
         let other_ca = transport::client_config(&ca, Some(stranger)).unwrap();
         let r = probe(other_ca, addr, Ok(join(1, PROTOCOL_VERSION))).await;
         assert!(r.is_err(), "another CA's certificate got {r:?}");

@@ -124,4 +124,3 @@ impl FramedStream {
         self.bytes_received
     }
 }
-

@@ -30,8 +30,15 @@ fn pki_dir(dir: &Path, devices: &[u64]) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    write_pair(&identity::ca_paths(dir), &ca.self_signed(&ca_key).unwrap(), &ca_key);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    write_pair(
+        &identity::ca_paths(dir),
+        &ca.self_signed(&ca_key).unwrap(),
+        &ca_key,
+    );
     let issuer = Issuer::new(ca, ca_key);
     let leaf = |names: Vec<String>, usage, paths: identity::CertPaths| {
         let key = KeyPair::generate().unwrap();
@@ -215,7 +222,8 @@ async fn a_certificate_from_another_ca_is_refused() {
     let (server_ep, addr) = server(ours.path());
     // The client trusts our CA (so it accepts the server) but presents a device certificate
     // signed by another CA.
-    let identity = identity::load_identity(&identity::device_paths(theirs.path(), DeviceId(7))).unwrap();
+    let identity =
+        identity::load_identity(&identity::device_paths(theirs.path(), DeviceId(7))).unwrap();
     let ca = identity::load_ca(ours.path()).unwrap();
     let client_ep = client(transport::client_config(&ca, Some(identity)).unwrap());
     let (server_side, client_side) = tokio::join!(
@@ -255,7 +263,8 @@ async fn a_client_with_another_alpn_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     pki_dir(dir.path(), &[7]);
     let (server_ep, addr) = server(dir.path());
-    let identity = identity::load_identity(&identity::device_paths(dir.path(), DeviceId(7))).unwrap();
+    let identity =
+        identity::load_identity(&identity::device_paths(dir.path(), DeviceId(7))).unwrap();
     let ca = identity::load_ca(dir.path()).unwrap();
     let mut tls = transport::client_tls_config(&ca, Some(identity)).unwrap();
     tls.alpn_protocols = vec![b"fedspine/0".to_vec()];
