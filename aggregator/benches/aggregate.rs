@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aggregator::aggregate::{AggregateConfig, Aggregation, Contribution, Method, SvdMode};
-use aggregator::{pki, transport};
+use aggregator::pki;
 use protocol::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,8 +1,8 @@
 //! FedSpine aggregator library: the sans-IO round coordinator and its strategies, aggregation
-//! math, checkpoints, the private CA, the QUIC transport and the server driver.
+//! math, checkpoints, the private CA and the QUIC server driver.
 //!
 //! `coordinator`, `strategy`, `aggregate` and `checkpoint` are pure (no sockets, no clock, no
-//! tokio); `pki`, `transport` and `server` are the I/O edge.
+//! tokio); `pki` and `server` are the I/O edge, on top of the `transport` crate.
 
 pub mod aggregate;
 pub mod checkpoint;
@@ -10,7 +10,6 @@ pub mod coordinator;
 pub mod pki;
 pub mod server;
 pub mod strategy;
-pub mod transport;
 
 pub use coordinator::{
     Command, Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorState, Event,

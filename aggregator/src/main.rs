@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aggregator::{pki, server, transport};
+use aggregator::{pki, server};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use protocol::DeviceId;

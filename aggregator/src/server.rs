@@ -42,13 +42,13 @@ use protocol::{CodecError, DeviceId, Message, ModelDims, Reject, RejectReason, T
 use quinn::VarInt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc as tmpsc, watch};
+use transport::TransportError;
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::coordinator::{
     Command, Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorState, Counters, Event,
     RoundSummary, STATE_SCHEMA,
 };
-use crate::transport::{self, TransportError};
 
 /// File name of the checkpoint inside the state directory.
 pub const CHECKPOINT_FILE: &str = "coordinator.ckpt";

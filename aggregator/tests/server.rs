@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aggregator::server::{self, ServeOptions, ServerError};
-use aggregator::{pki, transport, Coordinator, CoordinatorConfig};
+use aggregator::{pki, Coordinator, CoordinatorConfig};
 use protocol::*;
 use tokio::sync::oneshot;
 

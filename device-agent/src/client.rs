@@ -20,15 +20,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::transport::tokio::sync::mpsc;
-use aggregator::transport::tokio::time::sleep_until;
-use aggregator::transport::{self, quinn, tokio, TransportError};
 use protocol::{
     ByeReason, Capabilities, DeviceId, FailReason, Message, ModelDims, RejectReason, Timestamp,
     DEFAULT_MAX_FRAME_BYTES,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use transport::TransportError;
 
 use crate::backend::BackendKind;
 use crate::model::{Llama, ModelConfig};

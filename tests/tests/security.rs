@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use aggregator::transport::{self, tokio, TransportError};
-use aggregator::{pki, transport::quinn};
+use aggregator::pki;
 use common::*;
 use protocol::*;
+use transport::{identity, TransportError};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -123,7 +123,7 @@ fn the_aggregator_refuses_strangers_impostors_wrong_versions_and_forged_frames()
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         transport::install_crypto_provider();
-        let ca = pki::load_ca(&pki_dir).unwrap();
+        let ca = identity::load_ca(&pki_dir).unwrap();
 
         // No client certificate: the handshake is refused.
         let no_cert = transport::client_config(&ca, None).unwrap();
@@ -134,7 +134,8 @@ fn the_aggregator_refuses_strangers_impostors_wrong_versions_and_forged_frames()
         let other = dir.join("other-ca");
         pki::init_ca(&other).unwrap();
         pki::issue_device(&other, DeviceId(1)).unwrap();
-        let stranger = pki::load_identity(&pki::device_paths(&other, DeviceId(1))).unwrap();
+        let stranger =
+            identity::load_identity(&identity::device_paths(&other, DeviceId(1))).unwrap();
         let other_ca = transport::client_config(&ca, Some(stranger)).unwrap();
         let r = probe(other_ca, addr, Ok(join(1, PROTOCOL_VERSION))).await;
         assert!(r.is_err(), "another CA's certificate got {r:?}");

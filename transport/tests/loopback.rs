@@ -6,19 +6,82 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregator::pki;
-use aggregator::transport::{self, TransportError};
 use protocol::*;
 use quinn::crypto::rustls::QuicClientConfig;
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use tokio::time::timeout;
+use transport::{identity, TransportError};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// Writes a certificate and its key where the PKI layout expects them.
+fn write_pair(paths: &identity::CertPaths, cert: &rcgen::Certificate, key: &KeyPair) {
+    std::fs::write(&paths.cert, cert.pem()).unwrap();
+    std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+}
+
+/// A PKI directory as `aggregator ca` lays it out (issuance is the aggregator's; these are
+/// test certificates with the same names and usages): a CA, a server certificate for
+/// `localhost` and `127.0.0.1`, and one certificate per device.
 fn pki_dir(dir: &Path, devices: &[u64]) {
-    pki::init_ca(dir).unwrap();
-    pki::issue_server(dir, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    write_pair(
+        &identity::ca_paths(dir),
+        &ca.self_signed(&ca_key).unwrap(),
+        &ca_key,
+    );
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, usage, paths: identity::CertPaths| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        write_pair(&paths, &params.signed_by(&key, &issuer).unwrap(), &key);
+    };
+    leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        identity::server_paths(dir),
+    );
     for &d in devices {
-        pki::issue_device(dir, DeviceId(d)).unwrap();
+        leaf(
+            vec![identity::device_dns_name(DeviceId(d))],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            identity::device_paths(dir, DeviceId(d)),
+        );
+    }
+}
+
+/// A full-rank update of zeros over every adapted layer of the model.
+fn zero_adapter(dims: &ModelDims, rank: u32, alpha: f32) -> AdapterPayload {
+    let layers = (0..dims.n_blocks)
+        .flat_map(|block| {
+            Proj::ALL.into_iter().map(move |proj| {
+                let (out, inp) = dims.full_shape(proj);
+                LayerAdapter {
+                    block,
+                    proj,
+                    a: Tensor2::zeros(rank, inp as u32),
+                    b: Tensor2::zeros(out as u32, rank),
+                }
+            })
+        })
+        .collect();
+    AdapterPayload {
+        rank,
+        alpha,
+        layers,
     }
 }
 
@@ -104,9 +167,7 @@ async fn a_device_with_a_valid_certificate_is_identified() {
     // A full rank-16 SmolLM2 update (about 20 MB) crosses in one frame.
     let dims = ModelDims::SMOLLM2_135M;
     let kept = KeptIndices::full(&dims);
-    let (adapter, _) = aggregator::aggregate::GlobalAdapter::zeros(dims, 16)
-        .slice_for(&kept, 16, 16.0)
-        .unwrap();
+    let adapter = zero_adapter(&dims, 16, 16.0);
     let update = Message::Update(Update {
         round: RoundId(1),
         adapter,
@@ -141,7 +202,7 @@ async fn a_client_without_a_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     pki_dir(dir.path(), &[]);
     let (server_ep, addr) = server(dir.path());
-    let ca = pki::load_ca(dir.path()).unwrap();
+    let ca = identity::load_ca(dir.path()).unwrap();
     let client_ep = client(transport::client_config(&ca, None).unwrap());
     let (server_side, client_side) = tokio::join!(
         timeout(LIMIT, accept_one(&server_ep)),
@@ -161,8 +222,9 @@ async fn a_certificate_from_another_ca_is_refused() {
     let (server_ep, addr) = server(ours.path());
     // The client trusts our CA (so it accepts the server) but presents a device certificate
     // signed by another CA.
-    let identity = pki::load_identity(&pki::device_paths(theirs.path(), DeviceId(7))).unwrap();
-    let ca = pki::load_ca(ours.path()).unwrap();
+    let identity =
+        identity::load_identity(&identity::device_paths(theirs.path(), DeviceId(7))).unwrap();
+    let ca = identity::load_ca(ours.path()).unwrap();
     let client_ep = client(transport::client_config(&ca, Some(identity)).unwrap());
     let (server_side, client_side) = tokio::join!(
         timeout(LIMIT, accept_one(&server_ep)),
@@ -201,8 +263,9 @@ async fn a_client_with_another_alpn_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     pki_dir(dir.path(), &[7]);
     let (server_ep, addr) = server(dir.path());
-    let identity = pki::load_identity(&pki::device_paths(dir.path(), DeviceId(7))).unwrap();
-    let ca = pki::load_ca(dir.path()).unwrap();
+    let identity =
+        identity::load_identity(&identity::device_paths(dir.path(), DeviceId(7))).unwrap();
+    let ca = identity::load_ca(dir.path()).unwrap();
     let mut tls = transport::client_tls_config(&ca, Some(identity)).unwrap();
     tls.alpn_protocols = vec![b"fedspine/0".to_vec()];
     let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
