@@ -1,6 +1,7 @@
-//! Hand-written SVG line charts for the reports: a metric against virtual time per strategy,
-//! and arm choices (pruning ratio, LoRA rank) over rounds per device class. No plotting crate:
-//! a chart is a few axes, ticks and polylines.
+//! The workspace's one SVG line-chart writer: [`render`] stacks [`Chart`]s (title, axis labels,
+//! one polyline per [`Series`], an optional dashed target line) into one document. Used by the
+//! simulator's reports and the bandit arena's regret charts. No plotting crate and no
+//! dependencies: a chart is a few axes, ticks and polylines.
 
 use std::fmt::Write as _;
 
