@@ -5,6 +5,7 @@
 //! named in ARCHITECTURE.md, no ignored or should-panic tests, and no web addresses in code or
 //! docs.
 
+#[path = "tidy/modgraph.rs"]
 mod modgraph;
 
 use std::path::{Path, PathBuf};

@@ -8,8 +8,8 @@
 //! other edges are lifted to the two sibling modules under the nearest common ancestor, so
 //! `policy::sucb -> feasibility` becomes `policy -> feasibility`. A path that names an item a
 //! module re-exports with `pub use` leads to the module the item comes from. Comments, strings
-//! and character literals are skipped, and `super` inside an inline `mod tests { .. }` means
-//! the file's own module.
+//! and character literals are skipped, and so are `#[cfg(test)]` modules (unit tests may use
+//! any module); `super` inside another inline module means the file's own module.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -237,6 +237,52 @@ fn is_pub(toks: &[(Tok, usize)], i: usize) -> bool {
     false
 }
 
+/// Whether the item whose keyword is at `i` carries `#[cfg(test)]` among its attributes.
+fn cfg_test_before(toks: &[(Tok, usize)], i: usize) -> bool {
+    let cfg_test = [
+        Tok::Ident("cfg".into()),
+        Tok::Punct('('),
+        Tok::Ident("test".into()),
+        Tok::Punct(')'),
+    ];
+    let mut k = i;
+    // Step back over a visibility, then over each `#[...]`.
+    if k >= 1 && ident(toks, k - 1) == Some("pub") {
+        k -= 1;
+    }
+    while k >= 1 && is(toks, k - 1, &Tok::Punct(']')) {
+        let Some(open) = (0..k - 1).rev().find(|&j| is(toks, j, &Tok::Punct('['))) else {
+            return false;
+        };
+        if toks[open + 1..k - 1].iter().map(|t| &t.0).eq(cfg_test.iter()) {
+            return true;
+        }
+        if open == 0 || !is(toks, open - 1, &Tok::Punct('#')) {
+            return false;
+        }
+        k = open - 1;
+    }
+    false
+}
+
+/// The index just past the block whose `{` is at `open`.
+fn block_end(toks: &[(Tok, usize)], open: usize) -> usize {
+    let mut depth = 0usize;
+    for (k, (t, _)) in toks.iter().enumerate().skip(open) {
+        match t {
+            Tok::Punct('{') => depth += 1,
+            Tok::Punct('}') => {
+                depth -= 1;
+                if depth == 0 {
+                    return k + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    toks.len()
+}
+
 /// Every `use` path and every inline `crate::`/`super::`/`self::` path in one file.
 fn references(src: &str) -> Vec<Reference> {
     let toks = tokens(src);
@@ -254,6 +300,11 @@ fn references(src: &str) -> Vec<Reference> {
                 depth = depth.saturating_sub(1);
             }
             Tok::Ident(kw) if kw == "mod" && is(&toks, i + 2, &Tok::Punct('{')) => {
+                if cfg_test_before(&toks, i) {
+                    // Unit tests may use any module of the crate: not part of the graph.
+                    i = block_end(&toks, i + 2);
+                    continue;
+                }
                 if let Some(name) = ident(&toks, i + 1) {
                     scope.push((name.to_string(), depth + 1));
                 }
@@ -485,10 +536,13 @@ mod tests {
         let found = cycles(&[
             ("lib.rs", "pub mod a;\npub mod b;\npub use a::{A, Tr};\n"),
             ("a/mod.rs", "mod x;\npub use x::X;\npub trait Tr {}\npub struct A;\n"),
-            ("a/x.rs", "use super::Tr;\nuse crate::a::A;\npub struct X;\n"),
+            (
+                "a/x.rs",
+                "use super::Tr;\nuse crate::a::A;\npub struct X;\n#[cfg(test)]\n#[allow(unused)]\nmod tests {\n    use crate::b::*;\n}\n",
+            ),
             (
                 "b.rs",
-                "use crate::a::X;\nfn f() {}\n#[cfg(test)]\nmod tests {\n    use super::*;\n    use super::f;\n}\n",
+                "use crate::a::X;\nfn f() {}\nmod inner {\n    use super::*;\n    use super::f;\n}\n",
             ),
         ]);
         assert!(found.is_empty(), "{found:?}");
