@@ -350,3 +350,29 @@ fn architecture_names_every_source_file() {
         missing.join("\n")
     );
 }
+
+#[test]
+fn every_unsafe_block_says_why_it_is_sound() {
+    let mut bad = Vec::new();
+    for p in all_sources() {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in code_lines(&text) {
+            let unsafe_site = [concat!("unsafe", " {"), concat!("unsafe", " impl")]
+                .iter()
+                .any(|u| line.contains(u));
+            // The justification sits on the lines just above (or on the same line).
+            let justified = lines[i.saturating_sub(8)..=i]
+                .iter()
+                .any(|l| l.contains("SAFETY:"));
+            if unsafe_site && !justified {
+                bad.push(format!("{}:{}", rel(&p), i + 1));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "unsafe without a `// SAFETY:` comment saying why it is sound:\n{}",
+        bad.join("\n")
+    );
+}
