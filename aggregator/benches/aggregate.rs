@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use aggregator::aggregate::{AggregateConfig, Aggregation, Contribution, Method, SvdMode};
 use aggregator::{pki, transport};
 use protocol::*;
-use test_support::{peak_bytes, reset_peak, CountingAllocator};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use test_support::{peak_bytes, reset_peak, CountingAllocator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[global_allocator]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::arm::{Arm, ArmSpace, DeviceContext};
+use crate::arm::{Arm, DeviceContext};
 use crate::error::BanditError;
 use crate::policy::Policy;
 use crate::region::FeasibleRegion;

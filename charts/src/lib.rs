@@ -57,7 +57,12 @@ fn fmt_tick(v: f64, step: f64) -> String {
     } else {
         (-step.log10()).ceil() as usize
     };
-    format!("{v:.decimals$}")
+    let label = format!("{v:.decimals$}");
+    // A tick at (or rounding to) zero from below reads "0", not "-0".
+    match label.strip_prefix('-') {
+        Some(digits) if digits.chars().all(|c| c == '0' || c == '.') => digits.to_string(),
+        _ => label,
+    }
 }
 
 /// Chart geometry.
@@ -257,5 +262,13 @@ mod tests {
         assert!(svg.contains("accuracy &lt;vs&gt; time"));
         assert!(svg.contains("target 0.42"));
         assert!(!svg.contains("NaN"));
+    }
+
+    #[test]
+    fn zero_ticks_have_no_minus_sign() {
+        assert_eq!(fmt_tick(-0.0, 10.0), "0");
+        assert_eq!(fmt_tick(-1e-17, 0.05), "0.00");
+        assert_eq!(fmt_tick(-0.05, 0.05), "-0.05");
+        assert_eq!(fmt_tick(20.0, 10.0), "20");
     }
 }

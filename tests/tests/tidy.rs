@@ -281,7 +281,12 @@ fn no_import_cycles_between_modules() {
     let mut found = Vec::new();
     for c in crates() {
         let graph = modgraph::Crate::new(&library_sources(&c));
-        found.extend(graph.cycles().into_iter().map(|cycle| format!("{c}: {cycle}")));
+        found.extend(
+            graph
+                .cycles()
+                .into_iter()
+                .map(|cycle| format!("{c}: {cycle}")),
+        );
     }
     assert!(
         found.is_empty(),
@@ -298,7 +303,10 @@ fn no_source_file_over_800_lines() {
         if !r.contains("/src/") {
             continue;
         }
-        let lines = std::fs::read_to_string(&p).unwrap_or_default().lines().count();
+        let lines = std::fs::read_to_string(&p)
+            .unwrap_or_default()
+            .lines()
+            .count();
         if lines > 800 {
             long.push(format!("{r}: {lines} lines"));
         }

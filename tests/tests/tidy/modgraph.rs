@@ -103,7 +103,11 @@ fn tokens(src: &str) -> Vec<(Tok, usize)> {
                 i = q + 1;
             }
         } else if c.is_alphabetic() || c == '_' {
-            let start = if c == 'r' && at(i + 1) == '#' { i + 2 } else { i };
+            let start = if c == 'r' && at(i + 1) == '#' {
+                i + 2
+            } else {
+                i
+            };
             let mut j = start;
             while j < b.len() && (b[j].is_alphanumeric() || b[j] == '_') {
                 j += 1;
@@ -142,7 +146,13 @@ fn raw_string_end(b: &[char], i: usize) -> Option<usize> {
     }
     j += 1;
     while j < b.len() {
-        if b[j] == '"' && b[j + 1..].iter().take(hashes).filter(|&&c| c == '#').count() == hashes
+        if b[j] == '"'
+            && b[j + 1..]
+                .iter()
+                .take(hashes)
+                .filter(|&&c| c == '#')
+                .count()
+                == hashes
         {
             return Some(j + 1 + hashes);
         }
@@ -254,7 +264,11 @@ fn cfg_test_before(toks: &[(Tok, usize)], i: usize) -> bool {
         let Some(open) = (0..k - 1).rev().find(|&j| is(toks, j, &Tok::Punct('['))) else {
             return false;
         };
-        if toks[open + 1..k - 1].iter().map(|t| &t.0).eq(cfg_test.iter()) {
+        if toks[open + 1..k - 1]
+            .iter()
+            .map(|t| &t.0)
+            .eq(cfg_test.iter())
+        {
             return true;
         }
         if open == 0 || !is(toks, open - 1, &Tok::Punct('#')) {
@@ -398,7 +412,13 @@ impl Crate {
 
     /// The module `path` (seen from module `from`, inline scopes included) refers to, if it
     /// refers into this crate; `depth` bounds re-export chains.
-    fn resolve(&self, from: &[String], path: &[String], glob: bool, depth: usize) -> Option<ModPath> {
+    fn resolve(
+        &self,
+        from: &[String],
+        path: &[String],
+        glob: bool,
+        depth: usize,
+    ) -> Option<ModPath> {
         let first = path.first()?;
         let (mut cur, rest) = match first.as_str() {
             "crate" => (Vec::new(), &path[1..]),
@@ -457,7 +477,11 @@ impl Crate {
                 let Some(target) = self.resolve(&from, &r.path, r.glob, 0) else {
                     continue;
                 };
-                let common = module.iter().zip(&target).take_while(|(a, b)| a == b).count();
+                let common = module
+                    .iter()
+                    .zip(&target)
+                    .take_while(|(a, b)| a == b)
+                    .count();
                 if common == module.len() || common == target.len() {
                     continue;
                 }
@@ -557,7 +581,10 @@ mod tests {
             ("b.rs", "use crate::{a::{self}, c};\npub struct B;\n"),
         ]);
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].starts_with("a -> b -> a (via a/x.rs:1 crate::B"), "{found:?}");
+        assert!(
+            found[0].starts_with("a -> b -> a (via a/x.rs:1 crate::B"),
+            "{found:?}"
+        );
     }
 
     #[test]
