@@ -109,3 +109,22 @@ pub fn thread_peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
     let out = f();
     (out, THREAD_PEAK.with(|p| p.get()) - base)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[global_allocator]
+    static GLOBAL: CountingAllocator = CountingAllocator;
+
+    #[test]
+    fn counts_this_threads_and_the_process_peak() {
+        let base = reset_peak();
+        let (buffer, peak) = thread_peak_during(|| vec![1u8; 1 << 20]);
+        assert!(peak >= 1 << 20, "thread peak {peak}");
+        assert!(peak_bytes().saturating_sub(base) >= 1 << 20);
+        drop(buffer);
+        let (_, peak) = thread_peak_during(|| ());
+        assert!(peak < 1 << 20, "nothing allocated, peak {peak}");
+    }
+}
