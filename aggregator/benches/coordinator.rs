@@ -6,55 +6,15 @@
 //!
 //! `cargo bench -p aggregator --bench coordinator [-- --devices N]`. Prints Markdown.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use aggregator::coordinator::{AggregationMethod, Command, Coordinator, CoordinatorConfig, Event};
 use aggregator::strategy::{FixedPruneConfig, StrategyConfig};
 use protocol::*;
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(size: usize) {
-    let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size >= layout.size() {
-            grew(new_size - layout.size());
-        } else {
-            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use test_support::{peak_bytes, reset_peak, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
@@ -66,7 +26,7 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, f64, usize) {
     let t = Instant::now();
     let out = f();
     let s = t.elapsed().as_secs_f64();
-    (out, s, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+    (out, s, peak_bytes().saturating_sub(base))
 }
 
 fn answer(rc: &RoundConfig, device: u64) -> Update {

@@ -1,35 +1,16 @@
-//! Arms (pruning ratio x LoRA rank), the arm space they live in, and the device context a policy sees.
-
-use std::fmt;
+//! The arm space (pruning-ratio interval x LoRA ranks) arms live in, and the device context a policy sees.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::BanditError;
 
+/// One choice for one device and round (pruning ratio, LoRA rank): the wire type itself, so the
+/// coordinator sends what the policy chose without a conversion.
+pub use protocol::Arm;
+
 /// Two ratios closer than this are the same grid point (guards against decimal round-off in
 /// configs and traces; grid ratios themselves are computed exactly the same way every time).
 pub const RATIO_TOLERANCE: f64 = 1e-9;
-
-/// One choice for one device and round: prune to `prune_ratio` and train LoRA with `rank`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Arm {
-    /// Target sparsity after this round, a fraction in [0, 1].
-    pub prune_ratio: f64,
-    /// LoRA rank.
-    pub rank: u32,
-}
-
-impl Arm {
-    pub fn new(prune_ratio: f64, rank: u32) -> Self {
-        Arm { prune_ratio, rank }
-    }
-}
-
-impl fmt::Display for Arm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "(ratio {}, rank {})", self.prune_ratio, self.rank)
-    }
-}
 
 /// The arms a policy may play: a continuous pruning-ratio interval times a set of LoRA ranks.
 ///

@@ -1,6 +1,6 @@
 //! The crate's single error type, `BanditError`: every way a caller can hand the bandit bad input.
 
-use crate::arm::Arm;
+use protocol::Arm;
 
 /// Everything that can go wrong when building or driving a policy.
 ///

@@ -1,10 +1,11 @@
 //! FedSpine's bandit: per-device (pruning ratio, LoRA rank) choice learned online, as pure logic.
 //!
-//! - [`arm`]: [`Arm`], [`ArmSpace`] (ratio interval x allowed ranks, and its grids),
-//!   [`DeviceContext`].
+//! - [`arm`]: [`ArmSpace`] (ratio interval x allowed ranks, and its grids), [`DeviceContext`];
+//!   [`Arm`] itself is `protocol::Arm`, the type the coordinator sends.
 //! - [`policy`]: the [`Policy`] trait; S-UCB, UCB1, discounted and sliding-window UCB,
 //!   Gaussian Thompson sampling, EXP3, epsilon-greedy, fixed and uniform-random; the
 //!   serializable [`PolicyConfig`] -> [`AnyPolicy`] pair used for configs and checkpoints.
+//! - [`region`]: [`FeasibleRegion`], the arms a policy may still choose.
 //! - [`feasibility`]: [`FeasibilityFilter`] learns per device which arms exceed its memory or
 //!   deadline; [`Filtered`] makes any policy respect it.
 //! - [`reward`]: [`shape_rewards`] turns one round's statistics into rewards in [0, 1].
@@ -41,13 +42,15 @@ pub mod arm;
 pub mod error;
 pub mod feasibility;
 pub mod policy;
+pub mod region;
 pub mod reward;
 pub mod sampling;
 
 pub use arm::{Arm, ArmSpace, DeviceContext};
 pub use error::BanditError;
 pub use feasibility::{
-    Exclusion, FeasibilityConfig, FeasibilityFilter, FeasibleRegion, Filtered, InfeasibleReason,
+    Exclusion, FeasibilityConfig, FeasibilityFilter, Filtered, InfeasibleReason,
 };
 pub use policy::{AnyPolicy, Policy, PolicyConfig};
+pub use region::FeasibleRegion;
 pub use reward::{shape_rewards, RewardWeights, RoundStats};

@@ -65,6 +65,8 @@ macro_rules! multiversion {
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                // SAFETY: `v4` and `v3` are unsafe only for their target features; they are
+                // called below only after the CPU reports those features.
                 #[target_feature(enable = "avx512f")]
                 unsafe fn v4($($arg: $ty),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]

@@ -1,5 +1,7 @@
 //! The messages devices and the aggregator exchange, and the reasons a message is rejected.
 
+use std::fmt;
+
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 
@@ -90,13 +92,26 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u64,
 }
 
-/// The bandit's choice for one device in one round.
+/// The bandit's choice for one device in one round: prune to `prune_ratio` and train LoRA with
+/// `rank`. The one arm type of the workspace: the bandit plays it, the coordinator sends it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Encode, Decode)]
 pub struct Arm {
-    /// Sparsity target after this round, in `[0, 1)`; monotone on the device.
+    /// Sparsity target after this round, a fraction in `[0, 1]`; monotone on the device.
     pub prune_ratio: f64,
     /// LoRA rank for this round.
     pub rank: u32,
+}
+
+impl Arm {
+    pub fn new(prune_ratio: f64, rank: u32) -> Self {
+        Arm { prune_ratio, rank }
+    }
+}
+
+impl fmt::Display for Arm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "(ratio {}, rank {})", self.prune_ratio, self.rank)
+    }
 }
 
 /// The slice of the global adapter a device starts its round from.

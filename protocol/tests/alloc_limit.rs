@@ -1,56 +1,11 @@
-//! A frame whose inner vector claims 64 GiB is refused without allocating it (counted by a
-//! per-thread allocation tracker installed as this test binary's global allocator).
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+//! A frame whose inner vector claims 64 GiB is refused without allocating it (counted per thread
+//! by `test_support::CountingAllocator`, installed as this test binary's global allocator).
 
 use protocol::*;
-
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<usize> = const { Cell::new(0) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note_alloc(size: usize) {
-    let _ = LIVE.try_with(|live| {
-        let now = live.get() + size;
-        live.set(now);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-}
-
-fn note_free(size: usize) {
-    let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(size)));
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note_free(layout.size());
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_free(layout.size());
-        note_alloc(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use test_support::{thread_peak_during, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Peak bytes allocated on this thread while running `f`, above what was live before.
-fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = LIVE.with(|l| l.get());
-    PEAK.with(|p| p.set(base));
-    let out = f();
-    (out, PEAK.with(|p| p.get()) - base)
-}
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 #[test]
 fn forged_inner_lengths_are_refused_without_allocating() {
@@ -66,7 +21,7 @@ fn forged_inner_lengths_are_refused_without_allocating() {
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
 
-    let (result, peak) = peak_during(|| decode_frame(&frame, DEFAULT_MAX_FRAME_BYTES));
+    let (result, peak) = thread_peak_during(|| decode_frame(&frame, DEFAULT_MAX_FRAME_BYTES));
     let err = result.unwrap_err();
     assert!(
         matches!(
@@ -93,7 +48,7 @@ fn forged_inner_lengths_are_refused_without_allocating() {
     body.extend_from_slice(&[0u8; 32]);
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
-    let (result, peak) = peak_during(|| decode_frame(&frame, DEFAULT_MAX_FRAME_BYTES));
+    let (result, peak) = thread_peak_during(|| decode_frame(&frame, DEFAULT_MAX_FRAME_BYTES));
     assert!(matches!(
         result,
         Err(CodecError::Decode(
@@ -105,7 +60,7 @@ fn forged_inner_lengths_are_refused_without_allocating() {
 
 #[test]
 fn a_frame_prefix_claiming_gigabytes_is_refused_before_buffering() {
-    let (result, peak) = peak_during(|| {
+    let (result, peak) = thread_peak_during(|| {
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
         decoder.push(&u32::MAX.to_le_bytes())
     });

@@ -12,7 +12,7 @@
 //! - [`trainer`], [`surrogate`]: real local rounds (`run_job` on one shared base model) or the
 //!   fitted loss-response model.
 //! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
-//! - [`report`], [`svg`]: per-round JSONL, summaries, tables and charts.
+//! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`).
 //!
 //! Architecture invariant: the simulator only drives the coordinator and the sessions; rounds,
 //! arms, aggregation and rewards are theirs. No wall clock, no unseeded randomness: the same
@@ -30,7 +30,6 @@ pub mod queue;
 pub mod report;
 pub mod sampling;
 pub mod surrogate;
-pub mod svg;
 pub mod timing;
 pub mod trainer;
 

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use charts::{Chart, Series};
 use serde::Serialize;
 
 use crate::error::SimError;
-use crate::svg::{self, Chart, Series};
 
 /// One selected device's round.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -351,7 +351,7 @@ pub fn metric_svg(reports: &[Report]) -> String {
             .and_then(|v| v.parse::<f64>().ok())
             .map(|v| (v, format!("target {v}")))
     });
-    svg::render(&[Chart {
+    charts::render(&[Chart {
         title: format!(
             "{what} of the global adapter on device models vs virtual time{}",
             if surrogate { " (SURROGATE)" } else { "" }
@@ -421,7 +421,7 @@ pub fn arms_svg(report: &Report) -> String {
             .collect(),
         target: None,
     };
-    svg::render(&[ratio, rank])
+    charts::render(&[ratio, rank])
 }
 
 /// Write the comparison files (`compare.md`, `metric.svg`) for several runs into `dir`.

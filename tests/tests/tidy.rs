@@ -1,7 +1,12 @@
 //! House rules as an ordinary test: sans-IO cores read no clock and create no RNG of their
 //! own, only transport modules and binaries touch tokio/quinn, burn stays out of the
-//! burn-free crates, every source file says what it is for, no ignored or should-panic tests,
-//! and no web addresses in code or docs.
+//! burn-free crates and the aggregator out of the device agent, no import cycles between a
+//! crate's modules, every source file says what it is for and stays under 800 lines and is
+//! named in ARCHITECTURE.md, no ignored or should-panic tests, and no web addresses in code or
+//! docs.
+
+#[path = "tidy/modgraph.rs"]
+mod modgraph;
 
 use std::path::{Path, PathBuf};
 
@@ -29,20 +34,45 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The workspace members, as the root manifest's `members = [...]` lists them.
+fn crates() -> Vec<String> {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).expect("root manifest");
+    let start = manifest.find("members").expect("workspace members");
+    let list = &manifest[start..];
+    let list = &list[list.find('[').expect("members list") + 1..];
+    let list = &list[..list.find(']').expect("members list end")];
+    list.split(',')
+        .map(|m| m.trim().trim_matches('"').to_string())
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
 fn all_sources() -> Vec<PathBuf> {
     let mut v = Vec::new();
-    for c in [
-        "device-agent",
-        "aggregator",
-        "bandit",
-        "protocol",
-        "sim",
-        "tests",
-    ] {
+    for c in crates() {
         rust_files(&root().join(c), &mut v);
     }
     v.sort();
     v
+}
+
+/// Library sources of a crate (`src/**` without `main.rs` and `src/bin/`), as (path relative to
+/// `src/`, text).
+fn library_sources(krate: &str) -> Vec<(String, String)> {
+    let src = root().join(krate).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|p| {
+            let r = p.strip_prefix(&src).ok()?.to_str()?.replace('\\', "/");
+            if r == "main.rs" || r.starts_with("bin/") {
+                return None;
+            }
+            Some((r, std::fs::read_to_string(&p).ok()?))
+        })
+        .collect()
 }
 
 fn rel(p: &Path) -> String {
@@ -67,6 +97,7 @@ fn is_core(r: &str) -> bool {
         "aggregator/src/strategy",
         "device-agent/src/session",
         "sim/src/",
+        "charts/src/",
     ];
     let exempt = ["/bin/", "src/main.rs", "sim/src/progress"];
     core_prefixes.iter().any(|p| r.starts_with(p)) && !exempt.iter().any(|e| r.contains(e))
@@ -146,7 +177,7 @@ fn only_transport_modules_and_binaries_use_tokio_or_quinn() {
 
 #[test]
 fn burn_free_crates_do_not_depend_on_burn() {
-    for c in ["protocol", "bandit", "aggregator"] {
+    for c in ["protocol", "bandit", "aggregator", "charts", "test-support"] {
         let manifest =
             std::fs::read_to_string(root().join(c).join("Cargo.toml")).expect("manifest");
         assert!(
@@ -223,4 +254,133 @@ fn no_web_addresses_in_code_or_docs() {
         }
     }
     assert!(bad.is_empty(), "web addresses found:\n{}", bad.join("\n"));
+}
+
+/// Dependency lines (`name = ...`, `name.workspace = true`) of a manifest, any section.
+fn depends_on(manifest: &str, dep: &str) -> bool {
+    manifest.lines().any(|l| {
+        let key = l.trim_start();
+        key.strip_prefix(dep)
+            .is_some_and(|rest| rest.trim_start().starts_with(['=', '.']))
+    })
+}
+
+#[test]
+fn the_device_agent_does_not_depend_on_the_aggregator() {
+    let manifest =
+        std::fs::read_to_string(root().join("device-agent/Cargo.toml")).expect("manifest");
+    assert!(
+        !depends_on(&manifest, "aggregator"),
+        "device-agent/Cargo.toml must not depend on the aggregator: what both need belongs in \
+         protocol or a shared crate"
+    );
+}
+
+#[test]
+fn no_import_cycles_between_modules() {
+    let mut found = Vec::new();
+    for c in crates() {
+        let graph = modgraph::Crate::new(&library_sources(&c));
+        found.extend(
+            graph
+                .cycles()
+                .into_iter()
+                .map(|cycle| format!("{c}: {cycle}")),
+        );
+    }
+    assert!(
+        found.is_empty(),
+        "modules that import each other (move the shared part into its own module):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn no_source_file_over_800_lines() {
+    let mut long = Vec::new();
+    for p in all_sources() {
+        let r = rel(&p);
+        if !r.contains("/src/") {
+            continue;
+        }
+        let lines = std::fs::read_to_string(&p)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        if lines > 800 {
+            long.push(format!("{r}: {lines} lines"));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "split these files (one concern per file):\n{}",
+        long.join("\n")
+    );
+}
+
+/// Whether `text` names `path` (not as the tail of a longer path or name).
+fn names(text: &str, path: &str) -> bool {
+    text.match_indices(path).any(|(i, _)| {
+        !text[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || "_-/".contains(c))
+    })
+}
+
+#[test]
+fn architecture_names_every_source_file() {
+    let map = std::fs::read_to_string(root().join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let mut missing = Vec::new();
+    for p in all_sources() {
+        let r = rel(&p);
+        let Some((krate, in_src)) = r.split_once("/src/") else {
+            continue;
+        };
+        // The crate's section of the code map, up to the next crate's heading.
+        let heading = format!("### `{krate}`");
+        let section = map.find(&heading).map_or("", |at| {
+            let rest = &map[at + heading.len()..];
+            &rest[..rest.find("\n### ").unwrap_or(rest.len())]
+        });
+        let dir = in_src.strip_suffix("mod.rs");
+        let named = names(&map, &r)
+            || names(section, in_src)
+            || dir.is_some_and(|d| !d.is_empty() && names(section, d));
+        if !named {
+            missing.push(r);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md's code map does not name (as `crate/src/path.rs`, or as `path.rs` or \
+         `dir/` in the crate's section):\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn every_unsafe_block_says_why_it_is_sound() {
+    let mut bad = Vec::new();
+    for p in all_sources() {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in code_lines(&text) {
+            let unsafe_site = [concat!("unsafe", " {"), concat!("unsafe", " impl")]
+                .iter()
+                .any(|u| line.contains(u));
+            // The justification sits on the lines just above (or on the same line).
+            let justified = lines[i.saturating_sub(8)..=i]
+                .iter()
+                .any(|l| l.contains("SAFETY:"));
+            if unsafe_site && !justified {
+                bad.push(format!("{}:{}", rel(&p), i + 1));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "unsafe without a `// SAFETY:` comment saying why it is sound:\n{}",
+        bad.join("\n")
+    );
 }

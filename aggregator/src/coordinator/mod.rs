@@ -740,7 +740,7 @@ impl Coordinator {
         if let FailReason::OutOfMemory { .. } = failed.reason {
             self.counters.out_of_memory += 1;
             let result = match self.record_mut(device) {
-                Some(r) => r.bandit.record_out_of_memory(bandit_arm(arm), &ctx),
+                Some(r) => r.bandit.record_out_of_memory(arm, &ctx),
                 None => Ok(()),
             };
             self.note_bandit_error(device, result);
@@ -878,10 +878,7 @@ impl Coordinator {
             participants.insert(
                 device,
                 Participant {
-                    arm: protocol::Arm {
-                        prune_ratio: arm.prune_ratio,
-                        rank: arm.rank,
-                    },
+                    arm,
                     ctx,
                     seed,
                     sparsity_prev: record.sparsity,
@@ -998,7 +995,7 @@ impl Coordinator {
         };
         let (mut loss_pre, mut loss_post, mut weight) = (0.0, 0.0, 0.0);
         for ((device, p), reward) in participants.into_iter().zip(rewards) {
-            let bandit_arm = bandit_arm(p.arm);
+            let bandit_arm = p.arm;
             let mut results: Vec<Result<(), BanditError>> = Vec::new();
             let Some(record) = self.record_mut(device) else {
                 continue;
@@ -1122,10 +1119,6 @@ impl Coordinator {
             })
             .collect()
     }
-}
-
-fn bandit_arm(arm: protocol::Arm) -> bandit::Arm {
-    bandit::Arm::new(arm.prune_ratio, arm.rank)
 }
 
 /// Refuses statistics the reward cannot use: non-finite or negative losses, sparsity outside

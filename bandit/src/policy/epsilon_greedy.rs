@@ -8,7 +8,7 @@ use super::grid::{argmax_random_tie, ArmStats};
 use super::{check_range, check_reward, ArmGrid, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 /// Parameters of [`EpsilonGreedy`]. After `t` observations the exploration probability is
 /// `max(epsilon_min, epsilon * decay^t)`.

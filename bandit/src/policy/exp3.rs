@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{check_reward, ArmGrid, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 /// Parameters of [`Exp3`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{check_reward, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 /// Parameters of [`Fixed`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arm::{Arm, ArmSpace, RATIO_TOLERANCE};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 /// `n_ratios` evenly spaced ratios times every allowed rank, indexed ratio-major (see
 /// [`ArmSpace::grid`]). Arms are computed, not stored, so a checkpoint stays small.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 pub use epsilon_greedy::{EpsilonGreedy, EpsilonGreedyConfig};
 pub use exp3::{Exp3, Exp3Config};

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::{check_range, check_reward, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 /// Parameters of [`SUcb`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use super::grid::{argmax_random_tie, ArmStats};
 use super::{check_range, check_reward, ArmGrid, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 use crate::sampling::standard_normal;
 
 /// Parameters of [`Thompson`]: a Normal prior on each arm's mean reward and a known reward

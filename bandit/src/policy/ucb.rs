@@ -13,7 +13,7 @@ use super::grid::{argmax_random_tie, ArmStats};
 use super::{check_range, check_reward, ArmGrid, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
-use crate::feasibility::FeasibleRegion;
+use crate::region::FeasibleRegion;
 
 /// `2 ln n`, computed once per choice (`n < 1` counts as 1).
 fn log_term(n: f64) -> f64 {

@@ -1,6 +1,7 @@
-//! Hand-written SVG line charts for the reports: a metric against virtual time per strategy,
-//! and arm choices (pruning ratio, LoRA rank) over rounds per device class. No plotting crate:
-//! a chart is a few axes, ticks and polylines.
+//! The workspace's one SVG line-chart writer: [`render`] stacks [`Chart`]s (title, axis labels,
+//! one polyline per [`Series`], an optional dashed target line) into one document. Used by the
+//! simulator's reports and the bandit arena's regret charts. No plotting crate and no
+//! dependencies: a chart is a few axes, ticks and polylines.
 
 use std::fmt::Write as _;
 
@@ -56,7 +57,12 @@ fn fmt_tick(v: f64, step: f64) -> String {
     } else {
         (-step.log10()).ceil() as usize
     };
-    format!("{v:.decimals$}")
+    let label = format!("{v:.decimals$}");
+    // A tick at (or rounding to) zero from below reads "0", not "-0".
+    match label.strip_prefix('-') {
+        Some(digits) if digits.chars().all(|c| c == '0' || c == '.') => digits.to_string(),
+        _ => label,
+    }
 }
 
 /// Chart geometry.
@@ -256,5 +262,13 @@ mod tests {
         assert!(svg.contains("accuracy &lt;vs&gt; time"));
         assert!(svg.contains("target 0.42"));
         assert!(!svg.contains("NaN"));
+    }
+
+    #[test]
+    fn zero_ticks_have_no_minus_sign() {
+        assert_eq!(fmt_tick(-0.0, 10.0), "0");
+        assert_eq!(fmt_tick(-1e-17, 0.05), "0.00");
+        assert_eq!(fmt_tick(-0.05, 0.05), "-0.05");
+        assert_eq!(fmt_tick(20.0, 10.0), "20");
     }
 }
