@@ -29,10 +29,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::BackendKind;
-use crate::model::{Llama, ModelConfig};
-use crate::prune::{Criterion, PruneConfig};
 use crate::cost::PrunedModel;
 use crate::job::{run_job, LocalData};
+use crate::model::{Llama, ModelConfig};
+use crate::prune::{Criterion, PruneConfig};
 use crate::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
 };

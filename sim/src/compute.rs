@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use device_agent::model::{Llama, ModelConfig};
-use device_agent::prune::{self, KeptMaps};
 use device_agent::cost::{PrunedModel, RoundCosts};
 use device_agent::job::{self, LocalData};
+use device_agent::model::{Llama, ModelConfig};
+use device_agent::prune::{self, KeptMaps};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use protocol::{Arm, GlobalSlice, Timestamp};
 use serde::Serialize;
@@ -136,8 +136,8 @@ impl LocalTrainer for RealTrainer {
         agent: &AgentConfig,
     ) -> Result<TrainedRound, String> {
         let data = &self.data[device];
-        let outcome = job::run_job(job, state, &self.base, data, agent, |_| {})
-            .map_err(|e| e.to_string())?;
+        let outcome =
+            job::run_job(job, state, &self.base, data, agent, |_| {}).map_err(|e| e.to_string())?;
         let pre = pruned_config(&self.base.config, &state.kept);
         let post = pruned_config(&self.base.config, &outcome.kept);
         let (eval_tokens, eval_seq) = crate::local_data::eval_tokens(data);

@@ -36,9 +36,9 @@ use aggregator::coordinator::CoordinatorConfig;
 use aggregator::strategy::StrategyConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::local_data::WorkloadConfig;
 use crate::error::SimError;
 use crate::hardware::{FleetGroup, FleetSpec};
+use crate::local_data::WorkloadConfig;
 
 /// Real training on the model, or the fitted surrogate (no model).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -62,7 +62,6 @@ pub trait Observer {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-
 /// One virtual device.
 struct VDev {
     id: DeviceId,
@@ -651,7 +650,6 @@ impl<'a> Simulation<'a> {
         self.schedule_device_timer(i);
         Ok(())
     }
-
 }
 
 /// Whether local hour `h` falls in one of `windows` (empty = always).

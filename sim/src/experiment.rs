@@ -6,18 +6,18 @@ use std::path::Path;
 
 use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
-use device_agent::model::{Llama, ModelConfig};
 use device_agent::job::LocalData;
+use device_agent::model::{Llama, ModelConfig};
 use device_agent::{assets, weights};
 
+use crate::compute::{LocalTrainer, RealTrainer};
 use crate::config::{ExperimentConfig, Mode, ModelChoice};
-use crate::local_data::{self, WorkloadKind};
 use crate::driver::{Observer, Simulation};
 use crate::error::SimError;
 use crate::hardware::DeviceProfile;
+use crate::local_data::{self, WorkloadKind};
 use crate::report::Report;
 use crate::surrogate::{SurrogateParams, SurrogateTrainer};
-use crate::compute::{LocalTrainer, RealTrainer};
 
 /// What every run of an experiment shares: device profiles, and in real mode the one frozen
 /// base model and every device's data.

@@ -25,15 +25,14 @@
 //! model's adapter at the same rank and sparsity.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
+use device_agent::cost::{self, RoundCosts};
 use device_agent::lora::HostFactors;
 use device_agent::model::{ModelConfig, Proj};
 use device_agent::prune::{self, BlockScores, KeptMaps, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{RoundReport, StepRecord};
-use device_agent::cost::{self, RoundCosts};
 use device_agent::wire;
 use protocol::{Buffer, GlobalSlice, Message, UpdateStats};
 use rand::{Rng, SeedableRng};

@@ -14,7 +14,10 @@ use crate::report::EvalRecord;
 
 impl Simulation<'_> {
     /// Quality of each of `devices`' models (its kept maps) with the global adapter.
-    pub(super) fn evaluate_devices(&mut self, devices: &[usize]) -> Result<Vec<(usize, Quality)>, SimError> {
+    pub(super) fn evaluate_devices(
+        &mut self,
+        devices: &[usize],
+    ) -> Result<Vec<(usize, Quality)>, SimError> {
         let global = self.coordinator.global().clone();
         let alpha = self.cfg.coordinator.lora_alpha;
         let mut out = Vec::with_capacity(devices.len());
@@ -58,7 +61,12 @@ impl Simulation<'_> {
 }
 
 /// `n` devices (all when `n == 0` or `n >= len`), stratified by profile and seeded.
-pub(super) fn choose_devices(devices: &[VDev], profiles: &[DeviceProfile], n: usize, seed: u64) -> Vec<usize> {
+pub(super) fn choose_devices(
+    devices: &[VDev],
+    profiles: &[DeviceProfile],
+    n: usize,
+    seed: u64,
+) -> Vec<usize> {
     if n == 0 || n >= devices.len() {
         return (0..devices.len()).collect();
     }
