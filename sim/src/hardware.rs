@@ -1,4 +1,4 @@
-//! Device profiles and fleets as data: what a class of device can do (training memory,
+//! Device hardware profiles and fleets as data: what a class of device can do (training memory,
 //! sustained FLOP/s, link rates, variability, availability, dropouts), loaded from TOML files a
 //! user can edit. The built-in profiles live in `sim/profiles/*.toml`, each value with a
 //! comment citing where it comes from; they are compiled in, and a fleet may name a file path
