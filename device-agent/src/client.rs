@@ -1,14 +1,12 @@
 //! The device agent's QUIC client: `device-agent join`. It loads the base model once, builds
 //! the device's local data, connects to the aggregator with mutual TLS and drives the sans-IO
-//! [`AgentSession`]: messages in, commands out, heartbeats from `poll_timeout`, local rounds
-//! ([`session::run_job`]) on a blocking thread with the wall-clock compute time measured here.
-//! A lost connection is retried with exponential back-off (a round in progress keeps running
-//! and its update is sent after re-joining); `Bye(Finished)` ends the process cleanly.
-//!
-//! Before running a round the client compares the round's estimated peak memory
-//! ([`crate::cost::train_memory`]) with the RAM it reported and answers `RoundFailed` with
-//! `OutOfMemory` instead of starting a round that cannot fit; any other local failure is a
-//! `RoundFailed` with the error text.
+//! [`AgentSession`]: messages in (with their frame sizes), commands out, heartbeats from
+//! `poll_timeout`, local rounds ([`run_job`]) on a blocking thread with the wall-clock
+//! compute time measured here. A lost connection is retried with exponential back-off (a round
+//! in progress keeps running and the session sends its update after re-joining);
+//! `Bye(Finished)` ends the process cleanly. Round decisions (the out-of-memory pre-check
+//! against the reported RAM, byte accounting, the outbox) are the session's; a local failure
+//! is a `RoundFailed` with the error text.
 //!
 //! `--model tiny` is a **test configuration**: a random-weight 4-block model (vocab 256,
 //! d_model 64) and `--dataset synthetic` token streams from a fixed noisy transition rule, for
@@ -31,11 +29,12 @@ use tokio::time::sleep_until;
 use transport::TransportError;
 
 use crate::backend::BackendKind;
+use crate::cost::PrunedModel;
+use crate::job::{run_job, LocalData};
 use crate::model::{Llama, ModelConfig};
 use crate::prune::{Criterion, PruneConfig};
 use crate::session::{
-    self, AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, LocalData,
-    TrainJob,
+    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
 };
 use crate::tokenizer::Tok;
 use crate::workload::{ClsShard, LmShard, SpamTask};
@@ -343,6 +342,10 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         criterion,
         prune: PruneConfig::for_layers(base.config.n_layers()),
         f16_updates: args.f16_updates,
+        costs: Arc::new(PrunedModel {
+            dense: base.config.clone(),
+            seq_len: data.seq_len(),
+        }),
     };
     let session = AgentSession::new(agent.clone(), DeviceState::fresh(&base));
     tracing::info!(
@@ -400,10 +403,6 @@ struct Driver {
     start: Instant,
     progress: Arc<AtomicU32>,
     jobs: mpsc::UnboundedSender<JobResult>,
-    /// Answers produced while disconnected, sent after the next `Welcome`.
-    outbox: Vec<Message>,
-    /// Frame size of the latest round configuration (the round's download).
-    last_config_bytes: u64,
     /// The held model's dims, checked against the aggregator's.
     dims: ModelDims,
     bye: Option<ByeReason>,
@@ -422,7 +421,7 @@ impl Driver {
         for cmd in cmds {
             match cmd {
                 AgentCommand::Send(msg) => ok &= self.send(link, msg).await,
-                AgentCommand::Train(job) => self.start_job(*job),
+                AgentCommand::Train { job, state } => self.start_job(*job, state),
                 AgentCommand::Close(reason) => match self.bye {
                     Some(ByeReason::Finished) => self.finished = true,
                     Some(_) => tracing::info!(%reason, "the aggregator went away; will reconnect"),
@@ -433,38 +432,29 @@ impl Driver {
         ok
     }
 
-    async fn send(&mut self, link: &mut Option<Link>, mut msg: Message) -> bool {
-        if let Message::Update(update) = &mut msg {
-            // The frame's size does not depend on the value of this fixed-width field.
-            update.stats.bytes_down = self.last_config_bytes;
-            if let Ok(frame) = protocol::encode_frame(&msg) {
-                if let Message::Update(update) = &mut msg {
-                    update.stats.bytes_up = frame.len() as u64;
+    /// Sends one message; one that cannot be sent goes back to the session (which keeps an
+    /// update or failure report for the next connection). False when the connection broke.
+    async fn send(&mut self, link: &mut Option<Link>, msg: Message) -> bool {
+        let sent = match link.as_mut() {
+            Some(l) => match transport::send_frame(&mut l.send, &msg).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = msg.kind(), "send failed");
+                    false
                 }
-            }
-        }
-        let Some(l) = link.as_mut() else {
-            if matches!(msg, Message::Update(_) | Message::RoundFailed(_)) {
-                self.outbox.push(msg);
-            }
-            return false;
+            },
+            None => false,
         };
-        match transport::send_frame(&mut l.send, &msg).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, kind = msg.kind(), "send failed");
-                if matches!(msg, Message::Update(_) | Message::RoundFailed(_)) {
-                    self.outbox.push(msg);
-                }
-                false
-            }
+        if !sent {
+            let now = self.now();
+            self.session.handle(now, AgentEvent::Undelivered(msg));
         }
+        sent
     }
 
-    /// Runs a local round on a blocking thread (or refuses it when it cannot fit in RAM).
-    fn start_job(&mut self, job: TrainJob) {
+    /// Runs a local round from `state` on a blocking thread.
+    fn start_job(&mut self, job: TrainJob, state: DeviceState) {
         let work = self.work.clone();
-        let state = self.session.state.clone();
         let progress = self.progress.clone();
         let tx = self.jobs.clone();
         progress.store(0, Ordering::SeqCst);
@@ -476,27 +466,15 @@ impl Driver {
     }
 }
 
-/// Memory check, then [`session::run_job`] with the compute time measured.
+/// [`run_job`] with the compute time measured.
 fn run_local_round(
     job: &TrainJob,
     state: &DeviceState,
     work: &Work,
     progress: &AtomicU32,
 ) -> Result<JobOutcome, FailReason> {
-    let ram = work.agent.capabilities.ram_bytes;
-    let mut cfg = work.base.config.clone();
-    cfg.blocks = state.kept.shapes(&work.base.config);
-    let needed =
-        crate::cost::train_memory(&cfg, job.arm.rank as usize, job.batch, work.data.seq_len())
-            .total;
-    if needed > ram {
-        return Err(FailReason::OutOfMemory {
-            needed_bytes: needed,
-            ram_bytes: ram,
-        });
-    }
     let started = Instant::now();
-    let mut outcome = session::run_job(job, state, &work.base, &work.data, &work.agent, |step| {
+    let mut outcome = run_job(job, state, &work.base, &work.data, &work.agent, |step| {
         progress.store(step as u32, Ordering::SeqCst)
     })
     .map_err(|e| FailReason::Error(e.to_string()))?;
@@ -532,8 +510,6 @@ async fn drive(
         start: Instant::now(),
         progress: Arc::new(AtomicU32::new(0)),
         jobs: jobs_tx,
-        outbox: Vec::new(),
-        last_config_bytes: 0,
         dims,
         bye: None,
         refused: None,
@@ -669,7 +645,6 @@ async fn on_message(
             });
         }
         Message::RoundConfig(rc) => {
-            d.last_config_bytes = bytes;
             tracing::info!(round = %rc.round, ratio = rc.arm.prune_ratio, rank = rc.arm.rank, "round assigned");
         }
         Message::Bye(b) => d.bye = Some(b.reason),
@@ -681,15 +656,10 @@ async fn on_message(
         }
         _ => {}
     }
-    let welcome = matches!(msg, Message::Welcome(_));
-    let cmds = d.session.handle(d.now(), AgentEvent::Message(msg));
-    let mut ok = d.execute(link, cmds).await;
-    if welcome && ok {
-        for queued in std::mem::take(&mut d.outbox) {
-            ok &= d.send(link, queued).await;
-        }
-    }
-    Ok(ok)
+    let cmds = d
+        .session
+        .handle(d.now(), AgentEvent::Message { msg, bytes });
+    Ok(d.execute(link, cmds).await)
 }
 
 async fn close(link: &mut Option<Link>, endpoint: &quinn::Endpoint) {

@@ -2,6 +2,10 @@
 //! step and of inference, and the peak memory of training. The simulator's virtual clock and
 //! memory-feasibility checks use it; benchmarks quote measured figures next to it.
 //!
+//! [`RoundCosts`] is how a device's session sizes a round before starting it (peak memory
+//! against its RAM) and a message on the wire: [`PrunedModel`] for a device that holds its own
+//! pruned model; the simulator's surrogate sizes the real model it stands in for.
+//!
 //! FLOP counting: a multiply-add is 2 FLOPs. A training step with a frozen base computes the
 //! forward pass, the gradient with respect to activations (another pass of the same matmul
 //! size) but no base-weight gradients; LoRA factors cost a forward and two gradient matmuls.
@@ -9,6 +13,45 @@
 use serde::Serialize;
 
 use crate::model::ModelConfig;
+use crate::prune::KeptMaps;
+
+/// How a device sizes its rounds and messages (a session's out-of-memory pre-check and byte
+/// accounting ask it; pure functions, no I/O).
+pub trait RoundCosts: Send + Sync + std::fmt::Debug {
+    /// The model whose shape sets time and memory for a device with `kept` maps.
+    fn shape(&self, kept: &KeptMaps) -> ModelConfig;
+    /// Tokens per training sequence.
+    fn seq_len(&self) -> usize;
+    /// Bytes `msg` takes on the wire when its encoded frame is `frame_len` bytes long.
+    fn wire_bytes(&self, _msg: &protocol::Message, frame_len: usize) -> usize {
+        frame_len
+    }
+    /// Peak memory of a round that starts from `kept` at `rank` with `batch` sequences (its
+    /// largest shape: pruning only shrinks the model).
+    fn round_memory(&self, kept: &KeptMaps, rank: usize, batch: usize) -> u64 {
+        train_memory(&self.shape(kept), rank, batch, self.seq_len()).total
+    }
+}
+
+/// The costs of a device that holds `dense` pruned to its kept maps and trains on sequences of
+/// `seq_len` tokens; messages take their encoded size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrunedModel {
+    pub dense: ModelConfig,
+    pub seq_len: usize,
+}
+
+impl RoundCosts for PrunedModel {
+    fn shape(&self, kept: &KeptMaps) -> ModelConfig {
+        let mut c = self.dense.clone();
+        c.blocks = kept.shapes(&self.dense);
+        c
+    }
+
+    fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+}
 
 /// FLOPs of one forward pass over `tokens` tokens in sequences of `seq` (causal attention).
 pub fn forward_flops(cfg: &ModelConfig, tokens: usize, seq: usize, with_lm_head: bool) -> f64 {

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod job;
 pub mod kernels;
 pub mod lora;
 pub mod model;

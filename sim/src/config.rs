@@ -36,9 +36,9 @@ use aggregator::coordinator::CoordinatorConfig;
 use aggregator::strategy::StrategyConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::data::WorkloadConfig;
 use crate::error::SimError;
-use crate::profile::{FleetGroup, FleetSpec};
+use crate::hardware::{FleetGroup, FleetSpec};
+use crate::local_data::WorkloadConfig;
 
 /// Real training on the model, or the fitted surrogate (no model).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,7 +323,7 @@ impl ExperimentConfig {
             )));
         }
         if matches!(self.model, ModelChoice::Tiny(_))
-            != (self.workload.kind == crate::data::WorkloadKind::Synthetic)
+            != (self.workload.kind == crate::local_data::WorkloadKind::Synthetic)
             && self.mode == Mode::Real
         {
             return Err(SimError::Config(

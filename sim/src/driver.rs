@@ -8,10 +8,9 @@
 //!   its link (the device's uplink or downlink, one message at a time) is free, and is decoded
 //!   on arrival. Messages of a connection that closed meanwhile are lost.
 //! - **Compute.** A session's `Train` command runs the local round at once (real training or
-//!   the surrogate) and its result is delivered after the virtual compute time. Before
-//!   training, the round's peak memory (the device's current pruned shape at the arm's rank)
-//!   is compared with the profile's RAM: over it, the round fails with `OutOfMemory` after the
-//!   time of one step, as it would on the device.
+//!   the surrogate) and its result is delivered after the virtual compute time. (A round that
+//!   cannot fit in the profile's RAM never gets here: the session refuses it, sized by the
+//!   trainer's costs, exactly as on a real device.)
 //! - **Availability and dropouts.** Devices come online after a random delay, follow their
 //!   profile's daily windows and on/off churn, and a selected device may drop out during its
 //!   round (its job is lost; it restarts with its saved state after `reconnect_s`). Going
@@ -19,29 +18,38 @@
 //!   session on its next connection (the agent process restarted), with its kept maps and
 //!   adapter kept, as an agent persists them.
 //!
-//! Everything else (rounds, selection, arms, aggregation, rewards, rejects) is the coordinator's
-//! and the session's own code.
+//! Everything else (rounds, selection, arms, aggregation, rewards, rejects, a device's
+//! out-of-memory pre-check, byte accounting and outbox) is the coordinator's and the session's
+//! own code.
+//!
+//! This file is the event loop (devices, availability, links, timers, command dispatch); the
+//! seams around it: [`jobs`] (local rounds on the virtual clock), [`panel`] (evaluations) and
+//! [`records`] (round records, the report).
 
-use std::collections::BTreeMap;
+mod jobs;
+mod panel;
+mod records;
 
-use aggregator::coordinator::{Command, Coordinator, CoordinatorState, Event, RoundSummary};
+use aggregator::coordinator::{Command, Coordinator, CoordinatorState, Event};
 use device_agent::prune::{KeptMaps, PruneConfig};
 use device_agent::session::{
-    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
+    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome,
 };
-use device_agent::{cost, wire};
+use device_agent::wire;
 use protocol::{Capabilities, DeviceId, FailReason, Message, Timestamp};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{ExperimentConfig, TargetMetric};
+use crate::compute::LocalTrainer;
+use crate::config::ExperimentConfig;
 use crate::error::SimError;
-use crate::profile::DeviceProfile;
+use crate::hardware::DeviceProfile;
 use crate::queue::EventQueue;
-use crate::report::{ClassSummary, DeviceFinal, EvalRecord, Play, Report, RoundRecord, Summary};
-use crate::sampling::{exponential, truncated_normal};
+use crate::report::{Report, RoundRecord};
+use crate::sampling::exponential;
 use crate::timing;
-use crate::trainer::{LocalTrainer, Quality};
+use jobs::JobInfo;
+use panel::choose_devices;
 
 /// Progress callbacks (the binary draws a progress bar; tests ignore them).
 pub trait Observer {
@@ -53,18 +61,6 @@ pub trait Observer {
 /// An observer that ignores everything.
 pub struct Quiet;
 impl Observer for Quiet {}
-
-/// What a device's current local round is doing.
-#[derive(Debug, Clone)]
-struct JobInfo {
-    round: u64,
-    started: Timestamp,
-    done_at: Timestamp,
-    steps: usize,
-    compute_ms: Option<u64>,
-    /// `running`, `out_of_memory`, `dropped`, `error`.
-    state: &'static str,
-}
 
 /// One virtual device.
 struct VDev {
@@ -92,7 +88,6 @@ struct VDev {
     /// Incremented for every job; results of older jobs are stale.
     job_token: u64,
     job: Option<JobInfo>,
-    last_config_bytes: u64,
     /// The last round configuration the aggregator sent this device: (round, arm).
     sent_arm: Option<(u64, protocol::Arm)>,
     rounds_trained: u64,
@@ -157,8 +152,14 @@ pub struct Simulation<'a> {
 }
 
 /// The session's failure event for a job that could not run.
-fn job_failed(reason: FailReason) -> AgentEvent {
-    AgentEvent::JobDone(Err(reason))
+/// The message in a frame the simulator encoded itself (`what` says which way it went).
+fn decode(frame: &[u8], what: &str) -> Result<Message, SimError> {
+    match protocol::decode_frame(frame, protocol::MAX_FRAME_BYTES) {
+        Ok(protocol::Decoded::Frame { message, .. }) => Ok(message),
+        other => Err(SimError::Coordinator(format!(
+            "a frame {what} did not decode: {other:?}"
+        ))),
+    }
 }
 
 fn ms_to_s(ms: u64) -> f64 {
@@ -219,6 +220,7 @@ impl<'a> Simulation<'a> {
                 criterion: device_agent::prune::Criterion::LoraGradient,
                 prune: PruneConfig::for_layers(dense.n_layers()),
                 f16_updates: false,
+                costs: trainer.costs(i),
             };
             let state = DeviceState {
                 kept: KeptMaps::dense(&dense),
@@ -247,7 +249,6 @@ impl<'a> Simulation<'a> {
                 timer_at: None,
                 job_token: 0,
                 job: None,
-                last_config_bytes: 0,
                 sent_arm: None,
                 rounds_trained: 0,
                 peak_mem: 0,
@@ -371,14 +372,7 @@ impl<'a> Simulation<'a> {
                 if self.devices[dev].epoch != epoch || !self.devices[dev].connected {
                     return Ok(());
                 }
-                let msg = match protocol::decode_frame(&frame, protocol::MAX_FRAME_BYTES) {
-                    Ok(protocol::Decoded::Frame { message, .. }) => message,
-                    other => {
-                        return Err(SimError::Coordinator(format!(
-                            "a frame from a device did not decode: {other:?}"
-                        )))
-                    }
-                };
+                let msg = decode(&frame, "from a device")?;
                 let id = self.devices[dev].id;
                 let cmds = self.coordinator.handle(
                     self.now,
@@ -399,31 +393,19 @@ impl<'a> Simulation<'a> {
                 if self.devices[dev].epoch != epoch || !self.devices[dev].connected {
                     return Ok(());
                 }
-                let msg = match protocol::decode_frame(&frame, protocol::MAX_FRAME_BYTES) {
-                    Ok(protocol::Decoded::Frame { message, .. }) => message,
-                    other => {
-                        return Err(SimError::Coordinator(format!(
-                            "a frame to a device did not decode: {other:?}"
-                        )))
-                    }
-                };
-                if let Message::RoundConfig(_) = &msg {
-                    self.devices[dev].last_config_bytes = bytes;
-                }
+                let msg = decode(&frame, "to a device")?;
                 let cmds = self.devices[dev]
                     .session
-                    .handle(self.now, AgentEvent::Message(msg));
+                    .handle(self.now, AgentEvent::Message { msg, bytes });
                 self.apply_session(dev, cmds)?;
             }
             Ev::JobDone { dev, token, result } => {
                 if self.devices[dev].job_token != token {
                     return Ok(());
                 }
-                let event = match *result {
-                    Ok(outcome) => AgentEvent::JobDone(Ok(outcome)),
-                    Err(reason) => job_failed(reason),
-                };
-                let cmds = self.devices[dev].session.handle(self.now, event);
+                let cmds = self.devices[dev]
+                    .session
+                    .handle(self.now, AgentEvent::JobDone(*result));
                 self.apply_session(dev, cmds)?;
             }
             Ev::DeviceTimer(i) => {
@@ -432,13 +414,8 @@ impl<'a> Simulation<'a> {
                     d.timer_at = None;
                 }
                 if d.session.poll_timeout().is_some_and(|t| t <= self.now) {
-                    if let Some(j) = &d.job {
-                        if j.state == "running" && j.done_at > j.started {
-                            let frac = self.now.ms_since(j.started) as f64
-                                / j.done_at.ms_since(j.started) as f64;
-                            d.session
-                                .set_progress((frac.min(1.0) * j.steps as f64) as u32);
-                        }
+                    if let Some(steps) = d.job.as_ref().and_then(|j| j.steps_done(self.now)) {
+                        d.session.set_progress(steps);
                     }
                     let cmds = d.session.handle_timeout(self.now);
                     self.apply_session(i, cmds)?;
@@ -525,8 +502,7 @@ impl<'a> Simulation<'a> {
                     j.state = "dropped";
                 }
             }
-            let fresh = AgentSession::new(d.session.config.clone(), d.session.state.clone());
-            d.session = fresh;
+            d.session.restart();
             d.timer_at = None;
         } else {
             let _ = d.session.handle(self.now, AgentEvent::Disconnected);
@@ -552,17 +528,9 @@ impl<'a> Simulation<'a> {
         start.plus_ms(serialise + rtt_ms.ceil() as u64)
     }
 
-    fn send_to_server(&mut self, i: usize, mut msg: Message) -> Result<(), SimError> {
+    fn send_to_server(&mut self, i: usize, msg: Message) -> Result<(), SimError> {
         if !self.devices[i].connected {
             return Ok(());
-        }
-        if let Message::Update(u) = &mut msg {
-            // The transport fills in the update's own size (fixed-width encoding: the value
-            // does not change the length).
-            let len = protocol::encode_frame(&Message::Update(u.clone()))
-                .map(|f| f.len())
-                .unwrap_or(0);
-            u.stats.bytes_up = self.trainer.wire_bytes(&Message::Update(u.clone()), len) as u64;
         }
         let frame = protocol::encode_frame(&msg)
             .map_err(|e| SimError::Coordinator(format!("cannot encode a device message: {e}")))?;
@@ -669,7 +637,7 @@ impl<'a> Simulation<'a> {
         for c in cmds {
             match c {
                 AgentCommand::Send(msg) => self.send_to_server(i, msg)?,
-                AgentCommand::Train(job) => self.start_job(i, *job)?,
+                AgentCommand::Train { job, state } => self.start_job(i, *job, state)?,
                 AgentCommand::Close(reason) => {
                     tracing::debug!(device = %self.devices[i].id, %reason, "device closed its session");
                     if self.devices[i].connected {
@@ -682,447 +650,9 @@ impl<'a> Simulation<'a> {
         self.schedule_device_timer(i);
         Ok(())
     }
-
-    /// A session asked to train: check memory, maybe drop out, else run the round now and
-    /// deliver its result after the virtual compute time.
-    fn start_job(&mut self, i: usize, job: TrainJob) -> Result<(), SimError> {
-        self.observer.job_started();
-        let profile = self.profile(i).clone();
-        let d = &mut self.devices[i];
-        d.job_token += 1;
-        let token = d.job_token;
-        let rank = job.arm.rank as usize;
-        let pre = self.trainer.cost_config(&d.session.state.kept);
-        let seq = self.trainer.seq_len(i);
-        let draw = truncated_normal(1.0, profile.variability, &mut d.rng);
-        let gflops = profile.train_gflops * d.power_mode * draw;
-        let step_ms =
-            timing::compute_ms(cost::train_step_flops(&pre, rank, job.batch, seq), gflops);
-        let mut info = JobInfo {
-            round: job.round.0,
-            started: self.now,
-            done_at: self.now,
-            steps: job.local_steps,
-            compute_ms: None,
-            state: "running",
-        };
-        let need = timing::peak_memory(&pre, rank, job.batch, seq);
-        let ram = profile.ram_bytes();
-        if need > ram {
-            info.state = "out_of_memory";
-            info.done_at = self.now.plus_ms(step_ms);
-            d.job = Some(info);
-            let result = Box::new(Err(FailReason::OutOfMemory {
-                needed_bytes: need,
-                ram_bytes: ram,
-            }));
-            self.queue.push(
-                self.now.plus_ms(step_ms),
-                Ev::JobDone {
-                    dev: i,
-                    token,
-                    result,
-                },
-            );
-            return Ok(());
-        }
-        if d.rng.random::<f64>() < profile.dropout_prob {
-            // The device goes away at a uniform point of the round's expected duration; its work
-            // is lost, so it is not computed.
-            let expected = step_ms.saturating_mul(job.local_steps as u64);
-            let at = self
-                .now
-                .plus_ms((d.rng.random::<f64>() * expected as f64) as u64);
-            info.state = "dropped";
-            d.job = Some(info);
-            self.queue.push(at, Ev::Crash { dev: i, token });
-            return Ok(());
-        }
-        let state = d.session.state.clone();
-        let agent = d.session.config.clone();
-        match self.trainer.train(i, &job, &state, &agent) {
-            Ok(trained) => {
-                let mut outcome = trained.outcome;
-                let ms = timing::compute_ms(trained.flops.total(), gflops);
-                outcome.stats.compute_ms = ms;
-                outcome.stats.bytes_down = self.devices[i].last_config_bytes;
-                let d = &mut self.devices[i];
-                d.peak_mem = d.peak_mem.max(outcome.stats.peak_mem_bytes);
-                d.rounds_trained += 1;
-                info.compute_ms = Some(ms);
-                info.done_at = self.now.plus_ms(ms);
-                d.job = Some(info);
-                self.jobs_trained += 1;
-                self.queue.push(
-                    self.now.plus_ms(ms),
-                    Ev::JobDone {
-                        dev: i,
-                        token,
-                        result: Box::new(Ok(outcome)),
-                    },
-                );
-            }
-            Err(e) => {
-                info.state = "error";
-                info.done_at = self.now.plus_ms(step_ms);
-                self.devices[i].job = Some(info);
-                self.queue.push(
-                    self.now.plus_ms(step_ms),
-                    Ev::JobDone {
-                        dev: i,
-                        token,
-                        result: Box::new(Err(FailReason::Error(e))),
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn class_of(&self, i: usize) -> String {
-        self.profile(i).class.clone()
-    }
-
-    fn sparsity_of(&self, i: usize) -> f64 {
-        self.trainer
-            .cost_config(&self.devices[i].session.state.kept)
-            .sparsity()
-    }
-
-    fn round_closed(&mut self, s: RoundSummary) -> Result<(), SimError> {
-        self.last_progress = self.now;
-        let round = s.round.0;
-        let mut plays = Vec::new();
-        let mut dropped = 0;
-        let mut participants_for_trainer = Vec::new();
-        for p in &s.participants {
-            let Some(i) = self.index_of(p.device) else {
-                continue;
-            };
-            participants_for_trainer.push((i, p.reward));
-            plays.push(Play {
-                device: p.device.0,
-                class: self.class_of(i),
-                prune_ratio: p.arm.prune_ratio,
-                rank: p.arm.rank,
-                outcome: "accepted".into(),
-                reward: Some(p.reward),
-                sparsity: Some(p.sparsity as f64),
-                compute_s: Some(ms_to_s(p.compute_ms)),
-                duration_s: Some(ms_to_s(p.duration_ms)),
-                peak_mem_mib: Some(p.peak_mem_bytes as f64 / (1 << 20) as f64),
-                loss_pre: Some(p.loss_pre as f64),
-                loss_post: Some(p.loss_post as f64),
-                sparsity_prev: Some(p.sparsity_prev),
-                delta_norm: Some(p.delta_norm),
-                steps: Some(self.cfg.coordinator.local_steps as u64),
-            });
-        }
-        for f in &s.failed {
-            let Some(i) = self.index_of(f.device) else {
-                continue;
-            };
-            plays.push(Play {
-                device: f.device.0,
-                class: self.class_of(i),
-                prune_ratio: f.arm.prune_ratio,
-                rank: f.arm.rank,
-                outcome: f.kind.clone(),
-                reward: Some(0.0),
-                ..Play::empty()
-            });
-        }
-        for &m in &s.missed {
-            let Some(i) = self.index_of(m) else { continue };
-            let (ratio, rank) = match self.devices[i].sent_arm {
-                Some((r, a)) if r == round => (a.prune_ratio, a.rank),
-                _ => (f64::NAN, 0),
-            };
-            let job = self.devices[i].job.clone().filter(|j| j.round == round);
-            let outcome = match job.as_ref().map(|j| j.state) {
-                Some("dropped") => {
-                    dropped += 1;
-                    "dropped"
-                }
-                _ => "missed",
-            };
-            let compute_s = job.and_then(|j| j.compute_ms).map(ms_to_s);
-            plays.push(Play {
-                device: m.0,
-                class: self.class_of(i),
-                prune_ratio: ratio,
-                rank,
-                outcome: outcome.into(),
-                reward: Some(0.0),
-                compute_s,
-                ..Play::empty()
-            });
-        }
-        plays.sort_by_key(|p| p.device);
-        for p in &plays {
-            if let Some(i) = self.index_of(DeviceId(p.device)) {
-                self.devices[i]
-                    .history
-                    .push((round, p.prune_ratio, p.rank, p.outcome.clone()));
-            }
-        }
-        self.trainer
-            .round_closed(s.aggregated, &participants_for_trainer);
-        let fleet_sparsity = (0..self.devices.len())
-            .map(|i| self.sparsity_of(i))
-            .sum::<f64>()
-            / self.devices.len().max(1) as f64;
-        let eval = if due(round, self.cfg.eval.every_rounds) || round >= self.cfg.coordinator.rounds
-        {
-            Some(self.evaluate_panel(round)?)
-        } else {
-            None
-        };
-        let record = RoundRecord {
-            round,
-            started_s: ms_to_s(s.started_at.0),
-            closed_s: ms_to_s(s.closed_at.0),
-            closed_by: s.closed_by.clone(),
-            aggregated: s.aggregated,
-            selected: s.selected.len(),
-            accepted: s.participants.len(),
-            missed: s.missed.len() - dropped,
-            dropped,
-            failed: s.failed.len(),
-            rejects: s.rejects.clone(),
-            bytes_up: s.bytes_up,
-            bytes_down: s.bytes_down,
-            mean_loss_pre: s.mean_loss_pre,
-            mean_loss_post: s.mean_loss_post,
-            fleet_sparsity,
-            plays,
-            eval,
-        };
-        self.observer
-            .round_closed(&record, self.cfg.coordinator.rounds);
-        self.rounds.push(record);
-        Ok(())
-    }
-
-    fn evaluate_devices(&mut self, devices: &[usize]) -> Result<Vec<(usize, Quality)>, SimError> {
-        let global = self.coordinator.global().clone();
-        let alpha = self.cfg.coordinator.lora_alpha;
-        let mut out = Vec::with_capacity(devices.len());
-        for &i in devices {
-            let state = self.devices[i].session.state.clone();
-            let kept = wire::kept_to_wire(&state.kept);
-            let slice = global
-                .global_slice(&kept, global.rank, alpha)
-                .map_err(|e| {
-                    SimError::Coordinator(format!("cannot slice the global adapter: {e}"))
-                })?;
-            let q = self
-                .trainer
-                .evaluate(i, &state, &slice)
-                .map_err(SimError::Model)?;
-            out.push((i, q));
-        }
-        Ok(out)
-    }
-
-    fn evaluate_panel(&mut self, round: u64) -> Result<EvalRecord, SimError> {
-        let panel = self.panel.clone();
-        let q = self.evaluate_devices(&panel)?;
-        let n = q.len().max(1) as f64;
-        let loss = q.iter().map(|(_, x)| x.loss).sum::<f64>() / n;
-        let accuracy = q.iter().map(|(_, x)| x.accuracy).sum::<f64>() / n;
-        let perplexity = q
-            .iter()
-            .all(|(_, x)| x.perplexity.is_some())
-            .then(|| q.iter().filter_map(|(_, x)| x.perplexity).sum::<f64>() / n);
-        Ok(EvalRecord {
-            round,
-            time_s: ms_to_s(self.now.0),
-            loss,
-            accuracy,
-            perplexity,
-            devices: q.len(),
-        })
-    }
-
-    fn finish(mut self, ended_by: &str) -> Result<(Report, CoordinatorState), SimError> {
-        let final_set = choose_devices(
-            &self.devices,
-            &self.profiles,
-            self.cfg.eval.final_devices,
-            self.cfg.seed ^ 0xf1_4a1,
-        );
-        let qualities: BTreeMap<usize, Quality> =
-            self.evaluate_devices(&final_set)?.into_iter().collect();
-        let prompt = self.cfg.eval.latency_prompt_tokens;
-        let mut devices = Vec::with_capacity(self.devices.len());
-        for i in 0..self.devices.len() {
-            let cfg = self
-                .trainer
-                .cost_config(&self.devices[i].session.state.kept);
-            let p = self.profile(i).clone();
-            let d = &self.devices[i];
-            devices.push(DeviceFinal {
-                device: d.id.0,
-                profile: p.name.clone(),
-                class: p.class.clone(),
-                data: d.data_label.clone(),
-                power_mode: d.power_mode,
-                sparsity: cfg.sparsity(),
-                params: cfg.total_params() as u64,
-                rounds_trained: d.rounds_trained,
-                inference_ms: timing::inference_ms(&cfg, prompt, p.infer_gflops * d.power_mode),
-                peak_mem_mib: d.peak_mem as f64 / (1 << 20) as f64,
-                quality: qualities.get(&i).copied(),
-                history: d.history.clone(),
-            });
-        }
-        let summary = self.summarise(&devices, &qualities, ended_by);
-        let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
-        let state = self.coordinator.state();
-        Ok((
-            Report {
-                summary,
-                rounds: self.rounds,
-                devices,
-                config,
-            },
-            state,
-        ))
-    }
-
-    fn summarise(
-        &self,
-        devices: &[DeviceFinal],
-        qualities: &BTreeMap<usize, Quality>,
-        ended_by: &str,
-    ) -> Summary {
-        let counters = self.coordinator.counters();
-        let e = &self.cfg.eval;
-        let (target, reached) = match e.target_metric {
-            TargetMetric::Accuracy => (
-                format!("accuracy >= {}", e.target_value),
-                self.rounds
-                    .iter()
-                    .filter_map(|r| r.eval.as_ref())
-                    .find(|x| x.accuracy >= e.target_value),
-            ),
-            TargetMetric::Perplexity => (
-                format!("perplexity <= {}", e.target_value),
-                self.rounds
-                    .iter()
-                    .filter_map(|r| r.eval.as_ref())
-                    .find(|x| x.perplexity.is_some_and(|p| p <= e.target_value)),
-            ),
-        };
-        let n = devices.len().max(1) as f64;
-        let trained: Vec<&DeviceFinal> = devices.iter().filter(|d| d.rounds_trained > 0).collect();
-        let qn = qualities.len();
-        let mean_q = |f: &dyn Fn(&Quality) -> Option<f64>| -> Option<f64> {
-            let v: Vec<f64> = qualities.values().filter_map(f).collect();
-            (!v.is_empty() && v.len() == qn).then(|| v.iter().sum::<f64>() / v.len() as f64)
-        };
-        let mut by_class: BTreeMap<String, ClassSummary> = BTreeMap::new();
-        for d in devices {
-            let c = by_class.entry(d.class.clone()).or_default();
-            c.devices += 1;
-            c.mean_sparsity += d.sparsity;
-            c.mean_inference_ms += d.inference_ms;
-            c.max_peak_mem_mib = c.max_peak_mem_mib.max(d.peak_mem_mib);
-        }
-        for r in &self.rounds {
-            for p in &r.plays {
-                let c = by_class.entry(p.class.clone()).or_default();
-                c.mean_ratio_played += p.prune_ratio;
-                c.mean_rank_played += p.rank as f64;
-                c.plays += 1;
-            }
-        }
-        for c in by_class.values_mut() {
-            let k = c.devices.max(1) as f64;
-            c.mean_sparsity /= k;
-            c.mean_inference_ms /= k;
-            let p = c.plays.max(1) as f64;
-            c.mean_ratio_played /= p;
-            c.mean_rank_played /= p;
-        }
-        Summary {
-            strategy: self.cfg.strategy.clone(),
-            mode: self.trainer.mode().to_string(),
-            devices: devices.len(),
-            rounds_closed: self.rounds.len() as u64,
-            rounds_aggregated: self.rounds.iter().filter(|r| r.aggregated).count() as u64,
-            virtual_s: ms_to_s(self.now.0),
-            target,
-            time_to_target_s: reached.map(|x| x.time_s),
-            final_accuracy: mean_q(&|q| Some(q.accuracy)),
-            final_loss: mean_q(&|q| Some(q.loss)),
-            final_perplexity: mean_q(&|q| q.perplexity),
-            final_devices_evaluated: qn,
-            last_panel_accuracy: self
-                .rounds
-                .iter()
-                .rev()
-                .find_map(|r| r.eval.as_ref())
-                .map(|x| x.accuracy),
-            mean_sparsity: devices.iter().map(|d| d.sparsity).sum::<f64>() / n,
-            mean_sparsity_trained: if trained.is_empty() {
-                0.0
-            } else {
-                trained.iter().map(|d| d.sparsity).sum::<f64>() / trained.len() as f64
-            },
-            devices_trained: trained.len(),
-            mean_inference_ms: devices.iter().map(|d| d.inference_ms).sum::<f64>() / n,
-            max_peak_mem_mib: devices.iter().map(|d| d.peak_mem_mib).fold(0.0, f64::max),
-            bytes_up: self.bytes_up_total,
-            bytes_down: self.bytes_down_total,
-            rejects: counters.total_rejects(),
-            missed: self.rounds.iter().map(|r| r.missed as u64).sum(),
-            dropped: self.dropped_total,
-            out_of_memory: counters.out_of_memory,
-            jobs_trained: self.jobs_trained,
-            by_class,
-            ended_by: ended_by.to_string(),
-        }
-    }
-}
-
-/// Whether `round` is a multiple of `every` (`u64::is_multiple_of` needs Rust 1.87; the
-/// workspace supports 1.85).
-#[allow(clippy::manual_is_multiple_of)]
-fn due(round: u64, every: u64) -> bool {
-    every > 0 && round % every == 0
 }
 
 /// Whether local hour `h` falls in one of `windows` (empty = always).
 fn in_window(windows: &[[f64; 2]], h: f64) -> bool {
     windows.is_empty() || windows.iter().any(|w| w[0] <= h && h < w[1])
-}
-
-/// `n` devices (all when `n == 0` or `n >= len`), stratified by profile and seeded.
-fn choose_devices(devices: &[VDev], profiles: &[DeviceProfile], n: usize, seed: u64) -> Vec<usize> {
-    if n == 0 || n >= devices.len() {
-        return (0..devices.len()).collect();
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); profiles.len()];
-    for (i, d) in devices.iter().enumerate() {
-        groups[d.profile].push(i);
-    }
-    for g in &mut groups {
-        rand::seq::SliceRandom::shuffle(g.as_mut_slice(), &mut rng);
-    }
-    // Round-robin over groups, so every class is represented.
-    let mut out = Vec::with_capacity(n);
-    let mut k = 0;
-    while out.len() < n {
-        for g in &groups {
-            if out.len() < n && k < g.len() {
-                out.push(g[k]);
-            }
-        }
-        k += 1;
-    }
-    out.sort_unstable();
-    out
 }

@@ -6,18 +6,18 @@ use std::path::Path;
 
 use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
+use device_agent::job::LocalData;
 use device_agent::model::{Llama, ModelConfig};
-use device_agent::session::LocalData;
 use device_agent::{assets, weights};
 
+use crate::compute::{LocalTrainer, RealTrainer};
 use crate::config::{ExperimentConfig, Mode, ModelChoice};
-use crate::data::{self, WorkloadKind};
 use crate::driver::{Observer, Simulation};
 use crate::error::SimError;
-use crate::profile::DeviceProfile;
+use crate::hardware::DeviceProfile;
+use crate::local_data::{self, WorkloadKind};
 use crate::report::Report;
 use crate::surrogate::{SurrogateParams, SurrogateTrainer};
-use crate::trainer::{LocalTrainer, RealTrainer};
 
 /// What every run of an experiment shares: device profiles, and in real mode the one frozen
 /// base model and every device's data.
@@ -67,10 +67,10 @@ impl Resources {
                     ));
                 }
                 let m = tiny_model(t);
-                let shards = data::build_synthetic(&cfg.workload, n, t.vocab, cfg.seed);
+                let shards = local_data::build_synthetic(&cfg.workload, n, t.vocab, cfg.seed);
                 (
                     m,
-                    data::Workload {
+                    local_data::Workload {
                         devices: shards,
                         global_test: None,
                     },
@@ -83,7 +83,7 @@ impl Resources {
                 };
                 let (m, tok) = weights::load(&path, &Device::flex())
                     .map_err(|e| SimError::Model(format!("{}: {e}", path.display())))?;
-                let shards = data::build(&cfg.workload, n, &tok, cfg.seed)?;
+                let shards = local_data::build(&cfg.workload, n, &tok, cfg.seed)?;
                 (m, shards)
             }
         };

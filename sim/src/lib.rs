@@ -4,13 +4,15 @@
 //! local step's FLOPs at the device's current pruned shape and its profile's throughput,
 //! transfer time from the encoded message size, link rate and round trip.
 //!
-//! - [`driver`]: the discrete-event loop over the coordinator and sessions.
-//! - [`profile`]: device profiles and fleets (data files in `sim/profiles/`).
+//! - [`driver`]: the discrete-event loop over the coordinator and sessions (with its jobs,
+//!   evaluation panel and records).
+//! - [`hardware`]: device hardware profiles and fleets (data files in `sim/profiles/`).
 //! - [`timing`]: the time model (compute, transfer, memory, inference latency).
-//! - [`partition`], [`data`]: non-IID splits (SOTU by president or era, spam by Dirichlet label
-//!   skew) and per-device local data.
-//! - [`trainer`], [`surrogate`]: real local rounds (`run_job` on one shared base model) or the
-//!   fitted loss-response model.
+//! - [`partition`], [`local_data`]: non-IID splits (SOTU by president or era, spam by
+//!   Dirichlet label skew) and building each device's local data; [`apportion`]: whole counts
+//!   from quotas.
+//! - [`compute`], [`surrogate`]: the compute stand-in, real local rounds (`run_job` on one
+//!   shared base model) or the fitted loss-response model.
 //! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
 //! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`).
 //!
@@ -18,20 +20,21 @@
 //! arms, aggregation and rewards are theirs. No wall clock, no unseeded randomness: the same
 //! seed gives byte-identical reports.
 
+pub mod apportion;
+pub mod compute;
 pub mod config;
-pub mod data;
 pub mod driver;
 pub mod error;
 pub mod experiment;
+pub mod hardware;
+pub mod local_data;
 pub mod partition;
-pub mod profile;
 pub mod progress;
 pub mod queue;
 pub mod report;
 pub mod sampling;
 pub mod surrogate;
 pub mod timing;
-pub mod trainer;
 
 pub use config::{ExperimentConfig, Mode};
 pub use driver::{Observer, Quiet, Simulation};

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sim::config::{ExperimentConfig, Mode, PRESETS, STRATEGIES};
-use sim::profile::{DeviceProfile, BUILTIN_PROFILES};
+use sim::hardware::{DeviceProfile, BUILTIN_PROFILES};
 use sim::progress::Progress;
 use sim::report::{self, Report};
 use sim::{experiment, surrogate, Resources};

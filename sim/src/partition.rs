@@ -14,6 +14,7 @@
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::apportion::largest_remainder;
 use crate::sampling::dirichlet;
 
 /// A piece of one text: characters `[start, end)` of text `text`.
@@ -136,17 +137,11 @@ pub fn by_group(docs: &[DocMeta], n: usize) -> Vec<TextShard> {
     let total: f64 = sizes.iter().sum();
     let spare = n - groups.len();
     let exact: Vec<f64> = sizes.iter().map(|s| s / total * spare as f64).collect();
-    let mut k: Vec<usize> = exact.iter().map(|x| 1 + x.floor() as usize).collect();
-    let mut rest: Vec<(usize, f64)> = exact
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (i, x - x.floor()))
+    // At least one each, the spare devices by largest remainder.
+    let k: Vec<usize> = largest_remainder(&exact, spare)
+        .into_iter()
+        .map(|c| 1 + c)
         .collect();
-    rest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let short = n - k.iter().sum::<usize>();
-    for (i, _) in rest.into_iter().take(short) {
-        k[i] += 1;
-    }
     let mut shards = Vec::with_capacity(n);
     for ((name, idx), kg) in groups.iter().zip(k) {
         let stream: Vec<(usize, usize)> = idx.iter().map(|&i| (i, docs[i].chars)).collect();

@@ -116,7 +116,7 @@ pub struct DeviceFinal {
     pub inference_ms: f64,
     pub peak_mem_mib: f64,
     /// Quality of the final model (pruned base + global adapter), when evaluated.
-    pub quality: Option<crate::trainer::Quality>,
+    pub quality: Option<crate::compute::Quality>,
     /// (round, ratio, rank, outcome) of every round the device was selected for.
     pub history: Vec<(u64, f64, u32, String)>,
 }

@@ -6,9 +6,9 @@
 use aggregator::coordinator::CoordinatorState;
 use sim::config::{ExperimentConfig, ModelChoice};
 use sim::experiment::{self, tiny_model, Resources};
-use sim::profile::{DeviceProfile, BUILTIN_PROFILES};
+use sim::hardware::{DeviceProfile, BUILTIN_PROFILES};
 use sim::report::Report;
-use sim::{data, timing, Quiet};
+use sim::{local_data, timing, Quiet};
 
 fn tiny_config() -> ExperimentConfig {
     ExperimentConfig::preset("tiny").unwrap()
@@ -23,7 +23,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
     let ModelChoice::Tiny(t) = &cfg.model else {
         panic!("tiny model expected")
     };
-    let shards = data::build_synthetic(&cfg.workload, profiles.len(), t.vocab, cfg.seed);
+    let shards = local_data::build_synthetic(&cfg.workload, profiles.len(), t.vocab, cfg.seed);
     let (data, labels) = shards.into_iter().map(|d| (d.data, d.label)).unzip();
     Resources {
         profiles,

@@ -1,4 +1,4 @@
-//! Device profiles and fleets as data: what a class of device can do (training memory,
+//! Device hardware profiles and fleets as data: what a class of device can do (training memory,
 //! sustained FLOP/s, link rates, variability, availability, dropouts), loaded from TOML files a
 //! user can edit. The built-in profiles live in `sim/profiles/*.toml`, each value with a
 //! comment citing where it comes from; they are compiled in, and a fleet may name a file path
@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::apportion::largest_remainder;
 use crate::error::SimError;
 
 /// One class of device.
@@ -269,17 +270,7 @@ impl FleetSpec {
             .iter()
             .map(|g| g.count as f64 * n as f64 / total)
             .collect();
-        let mut counts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
-        let mut rest: Vec<(usize, f64)> = exact
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (i, x - x.floor()))
-            .collect();
-        rest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let short = n - counts.iter().sum::<usize>();
-        for (i, _) in rest.into_iter().take(short) {
-            counts[i] += 1;
-        }
+        let counts = largest_remainder(&exact, n);
         FleetSpec {
             groups: self
                 .groups

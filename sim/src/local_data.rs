@@ -3,7 +3,7 @@
 //! built into the device agent's [`LocalData`].
 
 use device_agent::data;
-use device_agent::session::LocalData;
+use device_agent::job::LocalData;
 use device_agent::tokenizer::Tok;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
 use rand::seq::SliceRandom;

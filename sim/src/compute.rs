@@ -1,12 +1,16 @@
-//! What stands in for a device's hardware in the simulator: something that runs a local round
-//! and evaluates a device's model. [`RealTrainer`] runs the device agent's own `run_job` on the
-//! one shared frozen base model (real loss, real pruning); the surrogate
+//! The compute stand-in: what does a device's local work in the simulator (runs a local round,
+//! evaluates a device's model, sizes its rounds). [`RealTrainer`] runs the device agent's own
+//! `run_job` on the one shared frozen base model (real loss, real pruning); the surrogate
 //! ([`crate::surrogate::SurrogateTrainer`]) answers from a fitted loss-response model instead.
 //! Either way the driver turns the work's FLOPs into virtual time.
 
+use std::sync::Arc;
+
+use device_agent::cost::{PrunedModel, RoundCosts};
+use device_agent::job::{self, LocalData};
 use device_agent::model::{Llama, ModelConfig};
 use device_agent::prune::{self, KeptMaps};
-use device_agent::session::{self, AgentConfig, DeviceState, JobOutcome, LocalData, TrainJob};
+use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use protocol::{Arm, GlobalSlice, Timestamp};
 use serde::Serialize;
 
@@ -40,6 +44,10 @@ pub trait LocalTrainer {
     fn cost_config(&self, kept: &KeptMaps) -> ModelConfig;
     /// Tokens per training sequence of `device`.
     fn seq_len(&self, device: usize) -> usize;
+    /// How `device`'s session sizes its rounds and messages (the same shapes, sequence length
+    /// and wire sizes as [`LocalTrainer::cost_config`], [`LocalTrainer::seq_len`] and
+    /// [`LocalTrainer::wire_bytes`]).
+    fn costs(&self, device: usize) -> Arc<dyn RoundCosts>;
     /// Tokens of one held-out evaluation of `device`, and their sequence length.
     fn eval_tokens(&self, device: usize) -> (usize, usize);
     /// Run `job` for `device` from `state`.
@@ -66,7 +74,7 @@ pub trait LocalTrainer {
     fn round_closed(&mut self, _aggregated: bool, _participants: &[(usize, f64)]) {}
 }
 
-/// Real local training: `session::run_job` on the shared base.
+/// Real local training: `job::run_job` on the shared base.
 pub struct RealTrainer {
     /// The one frozen base model; devices hold only kept maps and adapters.
     pub base: Llama,
@@ -109,8 +117,15 @@ impl LocalTrainer for RealTrainer {
         self.data[device].seq_len()
     }
 
+    fn costs(&self, device: usize) -> Arc<dyn RoundCosts> {
+        Arc::new(PrunedModel {
+            dense: self.base.config.clone(),
+            seq_len: self.seq_len(device),
+        })
+    }
+
     fn eval_tokens(&self, device: usize) -> (usize, usize) {
-        crate::data::eval_tokens(&self.data[device])
+        crate::local_data::eval_tokens(&self.data[device])
     }
 
     fn train(
@@ -121,11 +136,11 @@ impl LocalTrainer for RealTrainer {
         agent: &AgentConfig,
     ) -> Result<TrainedRound, String> {
         let data = &self.data[device];
-        let outcome = session::run_job(job, state, &self.base, data, agent, |_| {})
-            .map_err(|e| e.to_string())?;
+        let outcome =
+            job::run_job(job, state, &self.base, data, agent, |_| {}).map_err(|e| e.to_string())?;
         let pre = pruned_config(&self.base.config, &state.kept);
         let post = pruned_config(&self.base.config, &outcome.kept);
-        let (eval_tokens, eval_seq) = crate::data::eval_tokens(data);
+        let (eval_tokens, eval_seq) = crate::local_data::eval_tokens(data);
         let shape = StepShape {
             rank: job.arm.rank as usize,
             batch: job.batch,
@@ -146,7 +161,7 @@ impl LocalTrainer for RealTrainer {
         let data = self.global_test.as_ref().unwrap_or(&self.data[device]);
         let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
         let job = eval_job(slice);
-        let adapter = session::start_adapter(&job, state, &self.base).map_err(|e| e.to_string())?;
+        let adapter = job::start_adapter(&job, state, &self.base).map_err(|e| e.to_string())?;
         let (loss, accuracy) = data.evaluate(&model, Some(&adapter));
         let perplexity = matches!(data, LocalData::Lm(_)).then(|| loss.exp());
         Ok(Quality {

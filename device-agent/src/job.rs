@@ -1,0 +1,248 @@
+//! A device's local round on burn: its local data ([`LocalData`]), the starting adapter built
+//! from the global slice or its own last adapter ([`start_adapter`]), and [`run_job`], the whole
+//! round (held-out loss before, prune-and-tune, loss after). A deterministic function of the
+//! job, the device's state, the shared frozen base and the data; drivers run it where the
+//! session's `Train` command says, and time it themselves.
+
+use protocol::UpdateStats;
+
+use crate::lora::Adapter;
+use crate::model::{Llama, Proj};
+use crate::prune::{self, PruneError};
+use crate::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
+use crate::train::{TrainConfig, Tuner};
+use crate::wire;
+use crate::workload::{ClsShard, LmShard, SpamTask};
+
+/// Errors of a device round.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("round config is invalid: {0}")]
+    BadConfig(String),
+    #[error("global adapter slice does not fit this device: {0}")]
+    BadSlice(String),
+    #[error(transparent)]
+    Prune(#[from] PruneError),
+}
+
+/// A device's local data: a causal-LM shard or a classification shard.
+#[derive(Debug, Clone)]
+pub enum LocalData {
+    Lm(LmShard),
+    Cls {
+        task: SpamTask,
+        shard: ClsShard,
+        pad: u32,
+    },
+}
+
+impl LocalData {
+    /// Training micro-batch `i` of `batch` items.
+    pub fn batch(&self, i: usize, batch: usize) -> crate::train::Batch {
+        match self {
+            LocalData::Lm(s) => s.batch(i, batch),
+            LocalData::Cls { task, shard, pad } => {
+                let n = shard.train.len().max(1);
+                let refs: Vec<_> = (0..batch)
+                    .map(|k| &shard.train[(i * batch + k) % n])
+                    .collect();
+                task.batch(&refs, *pad).0
+            }
+        }
+    }
+
+    /// Held-out loss (nats) and task metric (next-token accuracy for LM, label accuracy for
+    /// classification).
+    pub fn evaluate(&self, model: &Llama, adapter: Option<&Adapter>) -> (f64, f64) {
+        match self {
+            LocalData::Lm(s) => {
+                let m = s.evaluate(model, adapter);
+                (m.nll, m.accuracy)
+            }
+            LocalData::Cls { task, shard, pad } => {
+                let m = task.evaluate(model, adapter, &shard.test, *pad, 8);
+                (m.loss, m.accuracy)
+            }
+        }
+    }
+
+    /// Training items (windows or examples).
+    pub fn train_len(&self) -> usize {
+        match self {
+            LocalData::Lm(s) => s.train.len(),
+            LocalData::Cls { shard, .. } => shard.train.len(),
+        }
+    }
+
+    /// Tokens per training sequence (LM windows) or the longest prompt (classification).
+    pub fn seq_len(&self) -> usize {
+        match self {
+            LocalData::Lm(s) => s.seq_len,
+            LocalData::Cls { shard, .. } => shard
+                .train
+                .iter()
+                .map(|e| e.prompt.len())
+                .max()
+                .unwrap_or(1),
+        }
+    }
+}
+
+/// Build the device's starting adapter for a job: the global slice cut to the device's own
+/// kept maps (which may be a subset of the maps the server cut it for) with padded components
+/// re-initialised, else the device's own adapter resized to the arm's rank, else fresh.
+pub fn start_adapter(
+    job: &TrainJob,
+    state: &DeviceState,
+    base: &Llama,
+) -> Result<Adapter, JobError> {
+    let rank = job.arm.rank as usize;
+    let dense = &base.config;
+    let own_cfg = {
+        let mut c = dense.clone();
+        c.blocks = state.kept.shapes(dense);
+        c
+    };
+    match &job.global {
+        Some(g) => {
+            let slice_kept = wire::kept_from_wire(&g.kept);
+            slice_kept
+                .validate(dense)
+                .map_err(|e| JobError::BadSlice(e.to_string()))?;
+            let mut cfg = dense.clone();
+            cfg.blocks = slice_kept.shapes(dense);
+            let host = wire::adapter_from_wire(&g.adapter);
+            let r = g.adapter.rank as usize;
+            let ad = Adapter::from_host(&cfg, r, g.adapter.alpha as f64, &host, &base.device)
+                .map_err(|e| JobError::BadSlice(e.to_string()))?;
+            // Cut to the device's own kept maps.
+            let hd = dense.head_dim;
+            let mut blocks = Vec::with_capacity(ad.blocks.len());
+            for (l, blk) in ad.blocks.into_iter().enumerate() {
+                let (o, n) = (&slice_kept.blocks[l], &state.kept.blocks[l]);
+                let subset =
+                    |a: &[usize], b: &[usize]| b.iter().all(|x| a.binary_search(x).is_ok());
+                if !(subset(&o.heads, &n.heads)
+                    && subset(&o.channels, &n.channels)
+                    && subset(&o.kv_heads, &n.kv_heads))
+                {
+                    return Err(JobError::BadSlice(format!(
+                        "block {l}: the slice lacks units this device kept"
+                    )));
+                }
+                blocks.push(
+                    Proj::ALL
+                        .iter()
+                        .zip(blk)
+                        .map(|(&p, f)| crate::lora::LoraFactors {
+                            a: prune::slice_factor(f.a, p, true, o, n, hd),
+                            b: prune::slice_factor(f.b, p, false, o, n, hd),
+                        })
+                        .collect(),
+                );
+            }
+            let ad = Adapter {
+                rank: r,
+                alpha: g.adapter.alpha as f64,
+                blocks,
+            };
+            // Components past `filled_rank` are zero padding: re-initialise them.
+            let filled = (g.filled_rank as usize).min(r);
+            let ad = if filled < r {
+                ad.resize(filled.max(1), job.seed).resize(r, job.seed ^ 1)
+            } else {
+                ad
+            };
+            Ok(if ad.rank != rank {
+                ad.resize(rank, job.seed)
+            } else {
+                ad
+            })
+        }
+        None => match &state.adapter {
+            Some((r, alpha, host)) => {
+                let ad = Adapter::from_host(&own_cfg, *r, *alpha, host, &base.device)
+                    .map_err(|e| JobError::BadSlice(e.to_string()))?;
+                Ok(ad.resize(rank, job.seed))
+            }
+            None => Ok(Adapter::new(
+                &own_cfg,
+                rank,
+                job.alpha,
+                job.seed,
+                &base.device,
+            )),
+        },
+    }
+}
+
+/// Run one local round: start adapter, held-out loss before, prune-and-tune, loss after.
+/// Compute time and peak memory are left for the driver to fill in (they are measurements,
+/// or virtual in the simulator).
+pub fn run_job(
+    job: &TrainJob,
+    state: &DeviceState,
+    base: &Llama,
+    data: &LocalData,
+    agent: &AgentConfig,
+    mut on_step: impl FnMut(usize),
+) -> Result<JobOutcome, JobError> {
+    if job.local_steps == 0 || job.batch == 0 {
+        return Err(JobError::BadConfig(
+            "local_steps and batch_size must be positive".into(),
+        ));
+    }
+    let adapter = start_adapter(job, state, base)?;
+    let cfg = TrainConfig {
+        lr: job.lr,
+        prune_every: job.prune_every,
+        criterion: agent.criterion,
+        prune: agent.prune.clone(),
+        seed: job.seed,
+        warmup_steps: (job.local_steps / 10).max(1),
+        ..TrainConfig::default()
+    };
+    let mut tuner = Tuner::new(base, state.kept.clone(), adapter, cfg)?;
+    let (loss_pre, _) = data.evaluate(&tuner.model, Some(&tuner.adapter));
+    let n = data.train_len().max(1);
+    // Round-local batch order: a seeded offset into the shard.
+    let offset = (job.seed % n as u64) as usize;
+    let mut step = 0;
+    let report = tuner.run_round(
+        base,
+        job.local_steps,
+        job.arm.prune_ratio,
+        |i| data.batch(offset + i, job.batch),
+        |_| {
+            step += 1;
+            on_step(step);
+        },
+    )?;
+    let (loss_post, metric_post) = data.evaluate(&tuner.model, Some(&tuner.adapter));
+    let c = &tuner.model.config;
+    let stats = UpdateStats {
+        loss_pre: loss_pre as f32,
+        loss_post: loss_post as f32,
+        sparsity: c.sparsity() as f32,
+        param_count: c.total_params() as u64,
+        compute_ms: 0,
+        bytes_down: 0,
+        bytes_up: 0,
+        peak_mem_bytes: crate::cost::train_memory(c, tuner.adapter.rank, job.batch, data.seq_len())
+            .total,
+        samples: (job.local_steps * job.batch) as u64,
+        steps: job.local_steps as u32,
+    };
+    Ok(JobOutcome {
+        round: job.round,
+        kept: tuner.kept.clone(),
+        adapter: (
+            tuner.adapter.rank,
+            tuner.adapter.alpha,
+            tuner.adapter.to_host(),
+        ),
+        stats,
+        report,
+        metric_post,
+    })
+}

@@ -1,0 +1,353 @@
+//! Unit tests of the device session: jobs across reconnections, re-sent and superseded
+//! configurations, the outbox, the out-of-memory pre-check and byte accounting (sans-IO, no
+//! model).
+
+use super::*;
+use crate::cost::PrunedModel;
+use crate::model::ModelConfig;
+use protocol::{ModelDims, Welcome};
+
+fn tiny() -> ModelConfig {
+    ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true)
+}
+
+/// The costs the test sessions size rounds with.
+fn costs() -> PrunedModel {
+    PrunedModel {
+        dense: tiny(),
+        seq_len: 16,
+    }
+}
+
+fn session() -> AgentSession {
+    session_with_ram(1 << 30)
+}
+
+/// A connected, welcomed session of a device with `ram_bytes` of RAM.
+fn session_with_ram(ram_bytes: u64) -> AgentSession {
+    let cfg = tiny();
+    let config = AgentConfig {
+        device_id: DeviceId(3),
+        capabilities: Capabilities {
+            ram_bytes,
+            backend: "flex".into(),
+            bench_score: None,
+        },
+        criterion: Criterion::LoraGradient,
+        prune: PruneConfig::for_layers(4),
+        f16_updates: false,
+        costs: Arc::new(costs()),
+    };
+    let state = DeviceState {
+        kept: KeptMaps::dense(&cfg),
+        adapter: None,
+    };
+    let mut s = AgentSession::new(config, state);
+    s.handle(Timestamp(0), AgentEvent::Connected);
+    s.handle(Timestamp(0), msg(welcome()));
+    s
+}
+
+/// A message as the driver delivers it (a 100-byte frame).
+fn msg(m: Message) -> AgentEvent {
+    AgentEvent::Message { msg: m, bytes: 100 }
+}
+
+fn welcome() -> Message {
+    Message::Welcome(Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: DeviceId(3),
+        model: ModelDims::SMOLLM2_135M,
+        lora_alpha: 16.0,
+        heartbeat_interval_ms: 0,
+    })
+}
+
+fn config(round: u64, rank: u32, deadline_ms: u64) -> Message {
+    Message::RoundConfig(RoundConfig {
+        round: RoundId(round),
+        arm: Arm {
+            prune_ratio: 0.2,
+            rank,
+        },
+        global: None,
+        deadline_ms,
+        local_steps: 4,
+        prune_interval_steps: 2,
+        learning_rate: 1e-3,
+        batch_size: 2,
+        seed: 9,
+    })
+}
+
+fn failed() -> AgentEvent {
+    AgentEvent::JobDone(Err(FailReason::Error("test".into())))
+}
+
+fn trains(cmds: &[AgentCommand]) -> Vec<(RoundId, u32, Timestamp)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            AgentCommand::Train { job, .. } => Some((job.round, job.arm.rank, job.deadline)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failures(cmds: &[AgentCommand]) -> Vec<RoundId> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            AgentCommand::Send(Message::RoundFailed(f)) => Some(f.round),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_job_survives_a_reconnection_and_a_re_sent_configuration() {
+    let mut s = session();
+    let c = s.handle(Timestamp(10), msg(config(1, 8, 60_000)));
+    assert_eq!(trains(&c).len(), 1);
+    assert!(s.handle(Timestamp(20), AgentEvent::Disconnected).is_empty());
+    let c = s.handle(Timestamp(30), AgentEvent::Connected);
+    assert!(matches!(
+        c.as_slice(),
+        [AgentCommand::Send(Message::Join(_))]
+    ));
+    assert!(
+        s.is_training(),
+        "reconnecting must not forget the running job"
+    );
+    s.handle(Timestamp(31), msg(welcome()));
+    // The aggregator re-sends the same job with the deadline left: no second job.
+    let c = s.handle(Timestamp(32), msg(config(1, 8, 40_000)));
+    assert!(
+        trains(&c).is_empty(),
+        "a re-sent configuration must not start a second job"
+    );
+    // The running job's result is still reported for its round.
+    let c = s.handle(Timestamp(50), failed());
+    assert_eq!(failures(&c), vec![RoundId(1)]);
+    assert!(!s.is_training());
+}
+
+#[test]
+fn a_different_configuration_waits_for_the_running_job_and_supersedes_it() {
+    let mut s = session();
+    s.handle(Timestamp(10), msg(config(1, 8, 60_000)));
+    // The same round re-planned (another rank), e.g. by an aggregator resumed from a
+    // checkpoint: queued, not started alongside.
+    let c = s.handle(Timestamp(100), msg(config(1, 4, 30_000)));
+    assert!(trains(&c).is_empty());
+    // When the running job ends, its result is dropped and the queued job starts, its
+    // deadline still counted from when its configuration arrived.
+    let c = s.handle(Timestamp(1_100), failed());
+    assert!(
+        failures(&c).is_empty(),
+        "the superseded job must not be reported"
+    );
+    assert_eq!(
+        trains(&c),
+        vec![(RoundId(1), 4, Timestamp(1_100 + 30_000 - 1_000))]
+    );
+    assert!(s.is_training());
+    let c = s.handle(Timestamp(2_000), failed());
+    assert_eq!(failures(&c), vec![RoundId(1)]);
+}
+
+fn finished(round: u64) -> AgentEvent {
+    let cfg = ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true);
+    AgentEvent::JobDone(Ok(JobOutcome {
+        round: RoundId(round),
+        kept: KeptMaps::dense(&cfg),
+        adapter: (8, 16.0, Vec::new()),
+        stats: UpdateStats {
+            loss_pre: 2.0,
+            loss_post: 1.5,
+            sparsity: 0.2,
+            param_count: 1000,
+            compute_ms: 5,
+            bytes_down: 0,
+            bytes_up: 0,
+            peak_mem_bytes: 1 << 20,
+            samples: 8,
+            steps: 4,
+        },
+        report: crate::train::RoundReport {
+            steps: Vec::new(),
+            sparsity_before: 0.0,
+            sparsity_after: 0.2,
+            prune_events: Vec::new(),
+        },
+        metric_post: 1.5,
+    }))
+}
+
+fn updates(cmds: &[AgentCommand]) -> Vec<RoundId> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            AgentCommand::Send(Message::Update(u)) => Some(u.round),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_job_finished_while_disconnected_is_answered_not_trained_again() {
+    let mut s = session();
+    s.handle(Timestamp(10), msg(config(1, 8, 60_000)));
+    s.handle(Timestamp(20), AgentEvent::Disconnected);
+    // The job ends while the link is down: the update waits in the outbox and goes out
+    // after the next Welcome.
+    let c = s.handle(Timestamp(30), finished(1));
+    assert!(c.is_empty());
+    s.handle(Timestamp(40), AgentEvent::Connected);
+    let c = s.handle(Timestamp(41), msg(welcome()));
+    assert_eq!(updates(&c), vec![RoundId(1)]);
+    // The aggregator has not seen the update yet and re-sends the configuration: the
+    // device answers with the same update instead of training the job a second time.
+    let c = s.handle(Timestamp(42), msg(config(1, 8, 50_000)));
+    assert!(trains(&c).is_empty());
+    assert_eq!(updates(&c), vec![RoundId(1)]);
+    // Once acknowledged, the next round's configuration trains normally.
+    s.handle(
+        Timestamp(50),
+        msg(Message::Ack(protocol::Ack { round: RoundId(1) })),
+    );
+    let c = s.handle(Timestamp(60), msg(config(2, 8, 60_000)));
+    assert_eq!(trains(&c).len(), 1);
+}
+
+#[test]
+fn a_queued_configuration_whose_deadline_passed_is_reported_failed() {
+    let mut s = session();
+    s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
+    s.handle(Timestamp(1_000), msg(config(2, 8, 5_000)));
+    // Round 1's job ends 10 s after round 2's configuration arrived (5 s deadline).
+    let c = s.handle(Timestamp(11_000), finished(1));
+    assert!(updates(&c).is_empty() && trains(&c).is_empty());
+    assert_eq!(failures(&c), vec![RoundId(2)]);
+    assert!(!s.is_training());
+}
+
+fn sent_updates(cmds: &[AgentCommand]) -> Vec<Update> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            AgentCommand::Send(Message::Update(u)) => Some(u.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn answers_produced_while_disconnected_wait_for_the_next_welcome() {
+    let mut s = session();
+    s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
+    s.handle(Timestamp(5), AgentEvent::Disconnected);
+    // A failure report produced while the link is down is kept, not sent.
+    assert!(s.handle(Timestamp(10), failed()).is_empty());
+    assert_eq!(s.outbox().len(), 1);
+    // Joining sends only Join; the outbox goes out after the Welcome, oldest first.
+    let c = s.handle(Timestamp(20), AgentEvent::Connected);
+    assert!(matches!(
+        c.as_slice(),
+        [AgentCommand::Send(Message::Join(_))]
+    ));
+    let c = s.handle(Timestamp(21), msg(welcome()));
+    assert_eq!(failures(&c), vec![RoundId(1)]);
+    assert!(s.outbox().is_empty());
+    // An update the driver could not deliver is kept too; other messages are not.
+    s.handle(Timestamp(30), msg(config(2, 8, 60_000)));
+    let c = s.handle(Timestamp(40), finished(2));
+    let update = c.into_iter().next().unwrap();
+    let AgentCommand::Send(update) = update else {
+        panic!("an update was expected")
+    };
+    s.handle(Timestamp(41), AgentEvent::Undelivered(update));
+    s.handle(
+        Timestamp(41),
+        AgentEvent::Undelivered(Message::Heartbeat(Heartbeat {
+            round: None,
+            steps_done: 0,
+        })),
+    );
+    s.handle(Timestamp(42), AgentEvent::Disconnected);
+    s.handle(Timestamp(50), AgentEvent::Connected);
+    let c = s.handle(Timestamp(51), msg(welcome()));
+    assert_eq!(updates(&c), vec![RoundId(2)]);
+    assert_eq!(c.len(), 1);
+}
+
+#[test]
+fn a_restart_keeps_the_state_and_forgets_the_rest() {
+    let mut s = session();
+    s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
+    s.handle(Timestamp(5), AgentEvent::Disconnected);
+    s.handle(Timestamp(10), finished(1));
+    let kept = s.state().kept.clone();
+    s.restart();
+    assert!(!s.is_training() && s.outbox().is_empty());
+    assert_eq!(s.state().kept, kept);
+}
+
+#[test]
+fn a_round_that_does_not_fit_in_ram_fails_before_it_starts() {
+    let kept = KeptMaps::dense(&tiny());
+    let need4 = costs().round_memory(&kept, 4, 2);
+    let need8 = costs().round_memory(&kept, 8, 2);
+    assert!(need4 < need8);
+    let mut s = session_with_ram((need4 + need8) / 2);
+    let c = s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
+    assert!(trains(&c).is_empty());
+    match c.as_slice() {
+        [AgentCommand::Send(Message::RoundFailed(f))] => {
+            assert_eq!(f.round, RoundId(1));
+            assert_eq!(
+                f.reason,
+                FailReason::OutOfMemory {
+                    needed_bytes: need8,
+                    ram_bytes: (need4 + need8) / 2,
+                }
+            );
+        }
+        other => panic!("expected one RoundFailed, got {other:?}"),
+    }
+    assert!(!s.is_training());
+    // A smaller rank fits and trains, from the session's state.
+    let c = s.handle(Timestamp(10), msg(config(2, 4, 60_000)));
+    match c.as_slice() {
+        [AgentCommand::Train { job, state }] => {
+            assert_eq!(job.arm.rank, 4);
+            assert_eq!(state.kept, kept);
+        }
+        other => panic!("expected a Train command, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_update_counts_its_configuration_download_and_its_own_upload() {
+    let mut s = session();
+    s.handle(
+        Timestamp(0),
+        AgentEvent::Message {
+            msg: config(1, 8, 60_000),
+            bytes: 1_234,
+        },
+    );
+    // A configuration queued behind the running job keeps its own frame size.
+    s.handle(
+        Timestamp(5),
+        AgentEvent::Message {
+            msg: config(2, 8, 60_000),
+            bytes: 777,
+        },
+    );
+    let c = s.handle(Timestamp(10), failed());
+    assert_eq!(trains(&c).len(), 1, "the queued job starts");
+    let c = s.handle(Timestamp(20), finished(2));
+    let [u] = sent_updates(&c).try_into().unwrap();
+    assert_eq!(u.stats.bytes_down, 777);
+    let frame = protocol::encode_frame(&Message::Update(u.clone())).unwrap();
+    assert_eq!(u.stats.bytes_up, frame.len() as u64);
+    // Other fields of the job's statistics pass through.
+    assert_eq!((u.stats.compute_ms, u.stats.steps), (5, 4));
+}
