@@ -42,7 +42,7 @@ fn tiny_tok(dir: &Path) -> Tok {
         merges.push((space.clone(), c.to_string()));
         vocab.push(format!("{space}{c}"));
     }
-    let vocab = vocab
+    let vocab: tokenizers::models::bpe::Vocab = vocab
         .into_iter()
         .enumerate()
         .map(|(i, t)| (t, i as u32))
