@@ -19,6 +19,7 @@ pub mod prune;
 pub mod session;
 pub mod tokenizer;
 pub mod train;
+pub mod user_data;
 pub mod weights;
 pub mod wire;
 pub mod workload;

@@ -31,6 +31,15 @@ pub enum TokenizerError {
 pub const SMOLLM_SYSTEM: &str =
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
+/// The ChatML marker that closes a message (followed by a newline in the rendered chat).
+pub const CHATML_END: &str = "<|im_end|>";
+
+/// The ChatML text that opens a message of `role`; the content follows, then [`CHATML_END`]
+/// and a newline.
+pub fn chatml_header(role: &str) -> String {
+    format!("<|im_start|>{role}\n")
+}
+
 /// A tokenizer with the ids of the special tokens we use.
 #[derive(Clone)]
 pub struct Tok {
@@ -196,14 +205,23 @@ impl Tok {
         self.inner.id_to_token(id)
     }
 
-    /// A ChatML prompt for one user turn, ready for the assistant's answer.
-    pub fn chat_prompt(&self, user: &str, system: Option<&str>) -> String {
-        let system = system.unwrap_or_else(|| match &self.chat_template {
+    /// The system message a chat starts with when it brings none (SmolLM2's own when the
+    /// checkpoint's template names it).
+    pub fn default_system(&self) -> &'static str {
+        match &self.chat_template {
             Some(t) if t.contains(SMOLLM_SYSTEM) => SMOLLM_SYSTEM,
             _ => "You are a helpful assistant.",
-        });
+        }
+    }
+
+    /// A ChatML prompt for one user turn, ready for the assistant's answer.
+    pub fn chat_prompt(&self, user: &str, system: Option<&str>) -> String {
+        let system = system.unwrap_or_else(|| self.default_system());
         format!(
-            "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+            "{}{system}{CHATML_END}\n{}{user}{CHATML_END}\n{}",
+            chatml_header("system"),
+            chatml_header("user"),
+            chatml_header("assistant")
         )
     }
 
