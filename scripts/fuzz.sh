@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the protocol crate with cargo fuzz (libFuzzer, nightly toolchain): installs cargo-fuzz
 # if it is missing, runs every target in fuzz/ for N executions in one process (no -jobs, which
-# would fork workers that log to files), then minimises each corpus back into fuzz/corpus/<target>/ (the replay test, protocol/tests/fuzz_corpus.rs,
-# re-runs those files on stable). Crashes land in fuzz/artifacts/<target>/; keep a minimised
+# would fork workers that log to files), then minimises each corpus back into
+# fuzz/corpus/<target>/ (the replay test, protocol/tests/fuzz_corpus.rs, re-runs those files on
+# stable). Crashes land in fuzz/artifacts/<target>/; keep a minimised
 # crash as fuzz/regressions/<target>/<name> next to its fix.
 #
 # Usage: scripts/fuzz.sh [N] [TARGET...]
