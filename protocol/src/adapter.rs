@@ -36,7 +36,8 @@ impl ModelDims {
         ffn: 1536,
     };
 
-    /// Whether the dimensions are usable: all positive, query heads a multiple of KV heads.
+    /// Whether the dimensions are usable: all positive, query heads a multiple of KV heads, and
+    /// the attention width `n_heads * head_dim` a `u32` (the type of a full-model index).
     // `u32::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
     #[allow(clippy::manual_is_multiple_of)]
     pub fn is_consistent(&self) -> bool {
@@ -47,6 +48,7 @@ impl ModelDims {
             && self.head_dim > 0
             && self.ffn > 0
             && self.n_heads % self.n_kv_heads == 0
+            && self.n_heads.checked_mul(self.head_dim).is_some()
     }
 
     /// Query heads that share one KV head.
@@ -62,8 +64,8 @@ impl ModelDims {
     /// Full `(out, in)` of a projection's weight.
     pub fn full_shape(&self, proj: Proj) -> (usize, usize) {
         let d = self.d_model as usize;
-        let q = (self.n_heads * self.head_dim) as usize;
-        let kv = (self.n_kv_heads * self.head_dim) as usize;
+        let q = self.n_heads as usize * self.head_dim as usize;
+        let kv = self.n_kv_heads as usize * self.head_dim as usize;
         let f = self.ffn as usize;
         match proj {
             Proj::Q => (q, d),
@@ -488,6 +490,30 @@ mod tests {
         assert_eq!(d.kv_head_of(2), 0);
         assert_eq!(d.kv_head_of(3), 1);
         assert_eq!(d.kv_head_of(8), 2);
+    }
+
+    #[test]
+    fn dims_whose_attention_width_overflows_u32_are_inconsistent() {
+        // Found by the decode_validate fuzz target: a welcome whose head_dim times n_heads
+        // overflows u32 passed validation, then computing a shape overflowed.
+        let dims = ModelDims {
+            n_blocks: 1,
+            d_model: 8,
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 0x8000_0002,
+            ffn: 6,
+        };
+        assert!(!dims.is_consistent());
+        assert_eq!(dims.full_shape(Proj::Q), (0x1_0000_0004, 8));
+        let widest = ModelDims {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: u32::MAX,
+            ..dims
+        };
+        assert!(widest.is_consistent());
+        assert_eq!(widest.full_shape(Proj::O), (8, u32::MAX as usize));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 pub mod adapter;
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod message;
 pub mod validate;

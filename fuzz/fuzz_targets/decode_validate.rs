@@ -1,0 +1,12 @@
+//! Fuzz target: a frame body through decode_body, then validation of the dims, update or global slice it carries
+//! (invariants in `protocol::fuzzing::check_decode_validate`).
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use protocol::fuzzing::{check_decode_validate, CountingAlloc};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fuzz_target!(|data: &[u8]| check_decode_validate(data));

@@ -1,0 +1,12 @@
+//! Fuzz target: a byte stream (length-prefixed frames) through decode_frame and FrameDecoder
+//! (invariants in `protocol::fuzzing::check_frame_stream`).
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use protocol::fuzzing::{check_frame_stream, CountingAlloc};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fuzz_target!(|data: &[u8]| check_frame_stream(data));

@@ -1,0 +1,114 @@
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) and kept regression inputs
+//! (`fuzz/regressions/<target>/`) through the same checks the fuzz targets run, so the stable
+//! test suite re-asserts every invariant the fuzzers held on every input they kept.
+
+use std::path::{Path, PathBuf};
+
+use protocol::fuzzing::{
+    allocation_tracking_active, check_decode_validate, check_frame_stream, check_round_trip,
+    seed_messages, CountingAlloc, FUZZ_DIMS,
+};
+use protocol::{
+    encode_frame, validate_adapter, validate_update, Message, RoundConfig, ValidationLimits,
+    FRAME_HEADER_BYTES,
+};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+type Check = fn(&[u8]);
+
+const TARGETS: [(&str, Check); 3] = [
+    ("frame_decoder", check_frame_stream),
+    ("decode_validate", check_decode_validate),
+    ("round_trip", check_round_trip),
+];
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+/// Every regular file directly under `dir`, sorted (empty if `dir` does not exist).
+fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+fn replay(target: &str, check: Check) -> usize {
+    let corpus = inputs(&fuzz_dir().join("corpus").join(target));
+    assert!(
+        !corpus.is_empty(),
+        "no corpus for {target} under fuzz/corpus/{target}"
+    );
+    let regressions = inputs(&fuzz_dir().join("regressions").join(target));
+    for path in corpus.iter().chain(&regressions) {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("cannot read {}: {e}", path.display()),
+        };
+        let outcome = std::panic::catch_unwind(|| check(&bytes));
+        assert!(outcome.is_ok(), "{target} fails on {}", path.display());
+    }
+    corpus.len() + regressions.len()
+}
+
+#[test]
+fn the_allocation_counter_is_installed() {
+    assert!(allocation_tracking_active());
+}
+
+#[test]
+fn frame_decoder_corpus_replays() {
+    let (name, check) = TARGETS[0];
+    assert!(replay(name, check) > 0);
+}
+
+#[test]
+fn decode_validate_corpus_replays() {
+    let (name, check) = TARGETS[1];
+    assert!(replay(name, check) > 0);
+}
+
+#[test]
+fn round_trip_corpus_replays() {
+    let (name, check) = TARGETS[2];
+    assert!(replay(name, check) > 0);
+}
+
+#[test]
+fn seed_messages_pass_every_check() {
+    for message in seed_messages() {
+        let frame = match encode_frame(&message) {
+            Ok(frame) => frame,
+            Err(e) => panic!("seed {} does not encode: {e}", message.kind()),
+        };
+        // Seeds must pass validation, or the fuzzers start outside the interesting code.
+        if let Message::Update(u) = &message {
+            assert_eq!(
+                validate_update(&FUZZ_DIMS, u, &ValidationLimits::default()),
+                Ok(())
+            );
+        }
+        if let Message::RoundConfig(RoundConfig {
+            global: Some(g), ..
+        }) = &message
+        {
+            let limits = ValidationLimits::default();
+            assert_eq!(
+                validate_adapter(&FUZZ_DIMS, &g.adapter, &g.kept, &limits),
+                Ok(())
+            );
+        }
+        check_frame_stream(&frame);
+        for (_, check) in &TARGETS[1..] {
+            check(&frame[FRAME_HEADER_BYTES..]);
+        }
+    }
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Fuzzes the protocol crate with cargo fuzz (libFuzzer, nightly toolchain): installs cargo-fuzz
+# if it is missing, runs every target in fuzz/ for N executions in one process (no -jobs, which
+# would fork workers that log to files), then minimises each corpus back into
+# fuzz/corpus/<target>/ (the replay test, protocol/tests/fuzz_corpus.rs, re-runs those files on
+# stable). Crashes land in fuzz/artifacts/<target>/; keep a minimised
+# crash as fuzz/regressions/<target>/<name> next to its fix.
+#
+# Usage: scripts/fuzz.sh [N] [TARGET...]
+#   N       executions per target (default 10000000)
+#   TARGET  targets to run (default: every target `cargo fuzz list` shows)
+# Environment:
+#   FUZZ_TOOLCHAIN  rustup toolchain for cargo fuzz (default: nightly)
+#   FUZZ_MAX_LEN    largest input libFuzzer generates, in bytes (default 8192)
+#   FUZZ_ARGS       extra libFuzzer flags (e.g. "-max_total_time=600")
+#   FUZZ_NO_CMIN    set to 1 to keep the grown corpus instead of minimising it
+# Exits non-zero as soon as a target finds a crash; the log above names the input.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runs="${1:-10000000}"
+shift || true
+toolchain="${FUZZ_TOOLCHAIN:-nightly}"
+max_len="${FUZZ_MAX_LEN:-8192}"
+
+if ! cargo +"$toolchain" fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
+
+if [ "$#" -gt 0 ]; then
+    targets=("$@")
+else
+    mapfile -t targets < <(cargo +"$toolchain" fuzz list)
+fi
+
+for target in "${targets[@]}"; do
+    corpus="fuzz/corpus/$target"
+    if [ ! -d "$corpus" ] || [ -z "$(ls -A "$corpus")" ]; then
+        echo "seeding $corpus"
+        cargo run -q -p protocol --example fuzz_seeds -- fuzz/corpus
+    fi
+    echo "== $target: $runs executions"
+    # shellcheck disable=SC2086
+    cargo +"$toolchain" fuzz run "$target" -- \
+        -runs="$runs" -max_len="$max_len" -print_final_stats=1 \
+        ${FUZZ_ARGS:-}
+    if [ "${FUZZ_NO_CMIN:-0}" != 1 ]; then
+        cargo +"$toolchain" fuzz cmin "$target" -- -max_len="$max_len"
+    fi
+done
+echo "fuzzed ${targets[*]} for $runs executions each; replay with: cargo test -p protocol --test fuzz_corpus"
