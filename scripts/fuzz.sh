@@ -2,7 +2,7 @@
 # Fuzzes the protocol crate with cargo fuzz (libFuzzer, nightly toolchain): installs cargo-fuzz
 # if it is missing, runs every target in fuzz/ for N executions in one process (no -jobs, which
 # would fork workers that log to files), then minimises each corpus back into
-# fuzz/corpus/<target>/ (the replay test, protocol/tests/fuzz_corpus.rs, re-runs those files on
+# fuzz/corpus/<target>/ (the replay test, tests/tests/fuzz_corpus.rs, re-runs those files on
 # stable). Crashes land in fuzz/artifacts/<target>/; keep a minimised
 # crash as fuzz/regressions/<target>/<name> next to its fix.
 #
@@ -38,7 +38,7 @@ for target in "${targets[@]}"; do
     corpus="fuzz/corpus/$target"
     if [ ! -d "$corpus" ] || [ -z "$(ls -A "$corpus")" ]; then
         echo "seeding $corpus"
-        cargo run -q -p protocol --example fuzz_seeds -- fuzz/corpus
+        cargo run -q -p protocol --features fuzzing --example fuzz_seeds -- fuzz/corpus
     fi
     echo "== $target: $runs executions"
     # shellcheck disable=SC2086
@@ -49,4 +49,4 @@ for target in "${targets[@]}"; do
         cargo +"$toolchain" fuzz cmin "$target" -- -max_len="$max_len"
     fi
 done
-echo "fuzzed ${targets[*]} for $runs executions each; replay with: cargo test -p protocol --test fuzz_corpus"
+echo "fuzzed ${targets[*]} for $runs executions each; replay with: cargo test -p tests --test fuzz_corpus"

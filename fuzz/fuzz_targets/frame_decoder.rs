@@ -4,9 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protocol::fuzzing::{check_frame_stream, CountingAlloc};
+use protocol::fuzzing::check_frame_stream;
+use test_support::CountingAllocator;
 
 #[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
+static ALLOC: CountingAllocator = CountingAllocator;
 
 fuzz_target!(|data: &[u8]| check_frame_stream(data));

@@ -4,9 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protocol::fuzzing::{check_round_trip, CountingAlloc};
+use protocol::fuzzing::check_round_trip;
+use test_support::CountingAllocator;
 
 #[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
+static ALLOC: CountingAllocator = CountingAllocator;
 
 fuzz_target!(|data: &[u8]| check_round_trip(data));

@@ -1,6 +1,7 @@
 //! Invariant checks shared by the fuzz targets (`fuzz/`) and the corpus replay test
-//! (`protocol/tests/fuzz_corpus.rs`), the seed messages the corpora start from, and an
-//! allocation counter both install to bound what a decode may allocate.
+//! (`tests/tests/fuzz_corpus.rs`), and the seed messages the corpora start from. Both install
+//! `test_support::CountingAllocator` so the checks can bound what a decode allocates. Compiled
+//! with the `fuzzing` feature only.
 //!
 //! Each `check_*` function takes arbitrary bytes, never returns an error, and panics (an
 //! `assert!`) only when an invariant of this crate is broken:
@@ -12,8 +13,6 @@
 //! Not part of the wire API: the module is public only so that the fuzz crate (outside the
 //! workspace) and the replay test can share one copy of the checks.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashSet;
 
 use crate::adapter::{
@@ -45,68 +44,15 @@ pub const FUZZ_DIMS: ModelDims = ModelDims {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Allocation accounting
-
-thread_local! {
-    static LIVE: Cell<usize> = const { Cell::new(0) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note_alloc(size: usize) {
-    let _ = LIVE.try_with(|live| {
-        let now = live.get().saturating_add(size);
-        live.set(now);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-}
-
-fn note_free(size: usize) {
-    let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(size)));
-}
-
-/// A global allocator that forwards to [`System`] and counts the bytes each thread holds.
-/// Install it with `#[global_allocator]` in a fuzz target or test binary; without it the
-/// allocation bounds of the checks are not measured (they then pass trivially).
-pub struct CountingAlloc;
-
-// SAFETY: every call forwards to `System` with the caller's arguments unchanged; the counters
-// are const-initialised thread-locals that never allocate.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc(layout.size());
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, which `System` shares.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_alloc(layout.size());
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        note_free(layout.size());
-        // SAFETY: `ptr` was allocated by `System` with `layout` (every path above forwards).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_free(layout.size());
-        note_alloc(new_size);
-        // SAFETY: as for `dealloc`; `new_size` is the caller's, checked by its contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+// Allocation accounting (through `test_support::CountingAllocator`, installed by the caller)
 
 /// Peak bytes this thread held while running `f`, above what it held before.
-pub fn peak_alloc_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let out = f();
-    (out, PEAK.with(Cell::get).saturating_sub(base))
+fn peak_alloc_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    test_support::thread_peak_during(f)
 }
 
-/// Whether [`CountingAlloc`] is this binary's global allocator.
+/// Whether `test_support::CountingAllocator` is this binary's global allocator (without it the
+/// allocation bounds of the checks are not measured and pass trivially).
 pub fn allocation_tracking_active() -> bool {
     let (_, peak) = peak_alloc_during(|| std::hint::black_box(vec![0u8; 4096]));
     peak >= 4096

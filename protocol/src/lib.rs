@@ -6,6 +6,7 @@
 pub mod adapter;
 pub mod codec;
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod ids;
 pub mod message;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::fuzzing::{
     allocation_tracking_active, check_decode_validate, check_frame_stream, check_round_trip,
-    seed_messages, CountingAlloc, FUZZ_DIMS,
+    seed_messages, FUZZ_DIMS,
 };
 use protocol::{
     encode_frame, validate_adapter, validate_update, Message, RoundConfig, ValidationLimits,
@@ -14,7 +14,7 @@ use protocol::{
 };
 
 #[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
+static ALLOC: test_support::CountingAllocator = test_support::CountingAllocator;
 
 type Check = fn(&[u8]);
 
