@@ -8,13 +8,14 @@
 //! the adapter the device last trained; the frozen base is shared and re-sliced each round.
 
 use protocol::{
-    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join, Message,
-    RoundConfig, RoundFailed, RoundId, Timestamp, Update, UpdateStats, PROTOCOL_VERSION,
+    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join,
+    KeptIndices, Message, Proj, RoundConfig, RoundFailed, RoundId, Timestamp, Update,
+    UpdateStats, PROTOCOL_VERSION,
 };
 
 use crate::lora::{Adapter, HostFactors};
-use crate::model::{Llama, Proj};
-use crate::prune::{self, Criterion, KeptMaps, PruneConfig, PruneError};
+use crate::model::Llama;
+use crate::prune::{self, Criterion, KeptIndicesExt, PruneConfig, PruneError};
 use crate::train::{RoundReport, TrainConfig, Tuner};
 use crate::wire;
 use crate::workload::{ClsShard, LmShard, SpamTask};
@@ -96,7 +97,7 @@ impl LocalData {
 /// What a device remembers between rounds.
 #[derive(Debug, Clone)]
 pub struct DeviceState {
-    pub kept: KeptMaps,
+    pub kept: KeptIndices,
     /// The adapter the device last trained (rank, alpha, factors in wire orientation).
     pub adapter: Option<(usize, f64, Vec<HostFactors>)>,
 }
@@ -104,7 +105,7 @@ pub struct DeviceState {
 impl DeviceState {
     pub fn fresh(base: &Llama) -> Self {
         DeviceState {
-            kept: KeptMaps::dense(&base.config),
+            kept: KeptIndices::dense(&base.config),
             adapter: None,
         }
     }
@@ -141,7 +142,7 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub struct JobOutcome {
     pub round: RoundId,
-    pub kept: KeptMaps,
+    pub kept: KeptIndices,
     pub adapter: (usize, f64, Vec<HostFactors>),
     pub stats: UpdateStats,
     pub report: RoundReport,
@@ -451,7 +452,7 @@ impl AgentSession {
                 let update = Update {
                     round,
                     adapter: wire::adapter_to_wire(rank, alpha, &factors, self.config.f16_updates),
-                    kept: wire::kept_to_wire(&out.kept),
+                    kept: out.kept.clone(),
                     stats: out.stats,
                 };
                 self.state.adapter = Some(out.adapter);
@@ -520,7 +521,7 @@ pub fn start_adapter(
     };
     match &job.global {
         Some(g) => {
-            let slice_kept = wire::kept_from_wire(&g.kept);
+            let slice_kept = &g.kept;
             slice_kept
                 .validate(dense)
                 .map_err(|e| SessionError::BadSlice(e.to_string()))?;
@@ -536,9 +537,9 @@ pub fn start_adapter(
             for (l, blk) in ad.blocks.into_iter().enumerate() {
                 let (o, n) = (&slice_kept.blocks[l], &state.kept.blocks[l]);
                 let subset =
-                    |a: &[usize], b: &[usize]| b.iter().all(|x| a.binary_search(x).is_ok());
-                if !(subset(&o.heads, &n.heads)
-                    && subset(&o.channels, &n.channels)
+                    |a: &[u32], b: &[u32]| b.iter().all(|x| a.binary_search(x).is_ok());
+                if !(subset(&o.query_heads, &n.query_heads)
+                    && subset(&o.mlp_channels, &n.mlp_channels)
                     && subset(&o.kv_heads, &n.kv_heads))
                 {
                     return Err(SessionError::BadSlice(format!(
@@ -682,7 +683,7 @@ mod tests {
             f16_updates: false,
         };
         let state = DeviceState {
-            kept: KeptMaps::dense(&cfg),
+            kept: KeptIndices::dense(&cfg),
             adapter: None,
         };
         let mut s = AgentSession::new(config, state);
@@ -796,7 +797,7 @@ mod tests {
         let cfg = ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true);
         AgentEvent::JobDone(Ok(JobOutcome {
             round: RoundId(round),
-            kept: KeptMaps::dense(&cfg),
+            kept: KeptIndices::dense(&cfg),
             adapter: (8, 16.0, Vec::new()),
             stats: UpdateStats {
                 loss_pre: 2.0,

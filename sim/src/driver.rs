@@ -25,12 +25,12 @@
 use std::collections::BTreeMap;
 
 use aggregator::coordinator::{Command, Coordinator, CoordinatorState, Event, RoundSummary};
-use device_agent::prune::{KeptMaps, PruneConfig};
+use device_agent::prune::{KeptIndicesExt, PruneConfig};
 use device_agent::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
 };
 use device_agent::{cost, wire};
-use protocol::{Capabilities, DeviceId, FailReason, Message, Timestamp};
+use protocol::{Capabilities, DeviceId, FailReason, KeptIndices, Message, Timestamp};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -221,7 +221,7 @@ impl<'a> Simulation<'a> {
                 f16_updates: false,
             };
             let state = DeviceState {
-                kept: KeptMaps::dense(&dense),
+                kept: KeptIndices::dense(&dense),
                 adapter: None,
             };
             let start =
@@ -910,7 +910,7 @@ impl<'a> Simulation<'a> {
         let mut out = Vec::with_capacity(devices.len());
         for &i in devices {
             let state = self.devices[i].session.state.clone();
-            let kept = wire::kept_to_wire(&state.kept);
+            let kept = state.kept.clone();
             let slice = global
                 .global_slice(&kept, global.rank, alpha)
                 .map_err(|e| {

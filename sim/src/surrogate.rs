@@ -28,12 +28,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use device_agent::lora::HostFactors;
-use device_agent::model::{ModelConfig, Proj};
-use device_agent::prune::{self, BlockScores, KeptMaps, PruneConfig};
+use device_agent::model::ModelConfig;
+use device_agent::prune::{self, BlockScores, KeptIndicesExt, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{RoundReport, StepRecord};
-use device_agent::{cost, wire};
-use protocol::{Buffer, GlobalSlice, Message, UpdateStats};
+use device_agent::cost;
+use protocol::{Buffer, GlobalSlice, KeptIndices, Message, Proj, UpdateStats};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -219,7 +219,7 @@ impl SurrogateTrainer {
         }
     }
 
-    fn wire_sparsity(&self, kept: &KeptMaps) -> f64 {
+    fn wire_sparsity(&self, kept: &KeptIndices) -> f64 {
         pruned_config(&self.wire, kept).sparsity()
     }
 
@@ -301,7 +301,7 @@ impl LocalTrainer for SurrogateTrainer {
         &self.wire
     }
 
-    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig {
+    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig {
         real_at_sparsity(&self.real, self.wire_sparsity(kept))
     }
 
@@ -437,7 +437,7 @@ impl LocalTrainer for SurrogateTrainer {
     fn wire_bytes(&self, msg: &Message, encoded_len: usize) -> usize {
         match msg {
             Message::Update(u) => {
-                let s = self.wire_sparsity(&wire::kept_from_wire(&u.kept));
+                let s = self.wire_sparsity(&u.kept);
                 let elem = u
                     .adapter
                     .layers
@@ -447,7 +447,7 @@ impl LocalTrainer for SurrogateTrainer {
             }
             Message::RoundConfig(rc) => match &rc.global {
                 Some(g) => {
-                    let s = self.wire_sparsity(&wire::kept_from_wire(&g.kept));
+                    let s = self.wire_sparsity(&g.kept);
                     let elem = g
                         .adapter
                         .layers

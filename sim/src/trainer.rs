@@ -5,9 +5,9 @@
 //! Either way the driver turns the work's FLOPs into virtual time.
 
 use device_agent::model::{Llama, ModelConfig};
-use device_agent::prune::{self, KeptMaps};
+use device_agent::prune::{self, KeptIndicesExt};
 use device_agent::session::{self, AgentConfig, DeviceState, JobOutcome, LocalData, TrainJob};
-use protocol::{Arm, GlobalSlice, Timestamp};
+use protocol::{Arm, GlobalSlice, KeptIndices, Timestamp};
 use serde::Serialize;
 
 use crate::timing::{self, RoundFlops, StepShape};
@@ -37,7 +37,7 @@ pub trait LocalTrainer {
     fn dense(&self) -> &ModelConfig;
     /// The model whose shape sets time and memory for a device with `kept` maps (the dense
     /// model pruned to them in real mode; the real model at the same sparsity for the surrogate).
-    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig;
+    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig;
     /// Tokens per training sequence of `device`.
     fn seq_len(&self, device: usize) -> usize;
     /// Tokens of one held-out evaluation of `device`, and their sequence length.
@@ -86,7 +86,7 @@ impl RealTrainer {
 }
 
 /// The model of a device: the dense config with `kept`'s block shapes.
-pub fn pruned_config(dense: &ModelConfig, kept: &KeptMaps) -> ModelConfig {
+pub fn pruned_config(dense: &ModelConfig, kept: &KeptIndices) -> ModelConfig {
     let mut c = dense.clone();
     c.blocks = kept.shapes(dense);
     c
@@ -101,7 +101,7 @@ impl LocalTrainer for RealTrainer {
         &self.base.config
     }
 
-    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig {
+    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig {
         pruned_config(&self.base.config, kept)
     }
 
