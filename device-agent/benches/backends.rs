@@ -24,10 +24,10 @@ use device_agent::gguf::GgufFile;
 use device_agent::lora::Adapter;
 use device_agent::model::{to_rows, KvCache, Llama};
 use device_agent::prune::{self, KeptIndicesExt, PruneConfig};
-use protocol::KeptIndices;
 use device_agent::tokenizer::Tok;
 use device_agent::train::{Batch, TrainConfig, Tuner};
 use device_agent::weights;
+use protocol::KeptIndices;
 
 /// Reference top-5 logits must agree within this (the tolerance).
 const REFERENCE_TOLERANCE: f32 = 0.05;

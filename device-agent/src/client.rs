@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::BackendKind;
 use crate::model::{Llama, ModelConfig};
-use crate::prune::{Criterion, PruneConfig};
+use crate::prune::{Criterion, KeptIndicesExt, PruneConfig};
 use crate::session::{
     self, AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, LocalData,
     TrainJob,

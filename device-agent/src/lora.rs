@@ -237,7 +237,9 @@ impl Adapter {
                 blk.into_iter()
                     .enumerate()
                     .map(|(i, f)| {
-                        f.ok_or_else(|| bad(format!("block {l} {} missing", module_name(Proj::ALL[i]))))
+                        f.ok_or_else(|| {
+                            bad(format!("block {l} {} missing", module_name(Proj::ALL[i])))
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             })

@@ -8,9 +8,9 @@
 //! the adapter the device last trained; the frozen base is shared and re-sliced each round.
 
 use protocol::{
-    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join,
-    KeptIndices, Message, Proj, RoundConfig, RoundFailed, RoundId, Timestamp, Update,
-    UpdateStats, PROTOCOL_VERSION,
+    Arm, ByeReason, Capabilities, DeviceId, FailReason, GlobalSlice, Heartbeat, Join, KeptIndices,
+    Message, Proj, RoundConfig, RoundFailed, RoundId, Timestamp, Update, UpdateStats,
+    PROTOCOL_VERSION,
 };
 
 use crate::lora::{Adapter, HostFactors};
@@ -536,8 +536,7 @@ pub fn start_adapter(
             let mut blocks = Vec::with_capacity(ad.blocks.len());
             for (l, blk) in ad.blocks.into_iter().enumerate() {
                 let (o, n) = (&slice_kept.blocks[l], &state.kept.blocks[l]);
-                let subset =
-                    |a: &[u32], b: &[u32]| b.iter().all(|x| a.binary_search(x).is_ok());
+                let subset = |a: &[u32], b: &[u32]| b.iter().all(|x| a.binary_search(x).is_ok());
                 if !(subset(&o.query_heads, &n.query_heads)
                     && subset(&o.mlp_channels, &n.mlp_channels)
                     && subset(&o.kv_heads, &n.kv_heads))

@@ -194,7 +194,13 @@ mod on_device {
             .collect();
         let batch = Batch::lm(&windows);
         let ad = Adapter::new(&m.config, 4, 8.0, 9, device);
-        let mut t = Tuner::new(&m, KeptIndices::dense(&m.config), ad, TrainConfig::default()).unwrap();
+        let mut t = Tuner::new(
+            &m,
+            KeptIndices::dense(&m.config),
+            ad,
+            TrainConfig::default(),
+        )
+        .unwrap();
         let steps = (0..2)
             .map(|_| {
                 let r = t

@@ -27,12 +27,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use device_agent::cost;
 use device_agent::lora::HostFactors;
 use device_agent::model::ModelConfig;
 use device_agent::prune::{self, BlockScores, KeptIndicesExt, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{RoundReport, StepRecord};
-use device_agent::cost;
 use protocol::{Buffer, GlobalSlice, KeptIndices, Message, Proj, UpdateStats};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -56,7 +56,10 @@ pub(crate) fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
 /// factors are joined so `x` is read once by one `[n, in] x [in, sum of ranks]` matmul instead
 /// of one skinny matmul each; the scale is applied to the small `B` (`[r, out]`), not to the
 /// `[n, out]` product.
-pub(crate) fn proj_group<const N: usize>(x: Tensor<2>, parts: [(&Tensor<2>, LoraRef); N]) -> [Tensor<2>; N] {
+pub(crate) fn proj_group<const N: usize>(
+    x: Tensor<2>,
+    parts: [(&Tensor<2>, LoraRef); N],
+) -> [Tensor<2>; N] {
     let mut low = lora_group(x.clone(), parts.map(|(_, l)| l)).into_iter();
     parts.map(|(w, _)| {
         let base = x.clone().matmul(w.clone());
