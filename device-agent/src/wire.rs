@@ -70,7 +70,7 @@ mod tests {
     use protocol::{BlockKept, KeptIndices};
 
     #[test]
-    fn kept_maps_and_adapters_round_trip_through_the_wire() {
+    fn adapters_round_trip_and_kept_maps_validate_on_both_sides() {
         let c = ModelConfig::dense(30, 16, 2, 4, 2, 4, 24, true);
         let mut k = KeptIndices::dense(&c);
         k.blocks[1] = BlockKept {
