@@ -23,10 +23,11 @@ use device_agent::backend::BackendKind;
 use device_agent::gguf::GgufFile;
 use device_agent::lora::Adapter;
 use device_agent::model::{to_rows, KvCache, Llama};
-use device_agent::prune::{self, KeptMaps, PruneConfig};
+use device_agent::prune::{self, KeptIndicesExt, PruneConfig};
 use device_agent::tokenizer::Tok;
 use device_agent::train::{Batch, TrainConfig, Tuner};
 use device_agent::weights;
+use protocol::KeptIndices;
 
 /// Reference top-5 logits must agree within this (the tolerance).
 const REFERENCE_TOLERANCE: f32 = 0.05;
@@ -170,7 +171,7 @@ fn run_backend(
     o: &Options,
     kind: BackendKind,
     tokens: &[u32],
-    kept: &mut Option<KeptMaps>,
+    kept: &mut Option<KeptIndices>,
 ) -> Result<Row, String> {
     let device: Device = kind.device().map_err(|e| e.to_string())?;
     if let Some(adapter) = kind.adapter() {
@@ -204,7 +205,7 @@ fn run_backend(
     let adapter = Adapter::new(&m.config, o.rank, 2.0 * o.rank as f64, 0, &device);
     let mut tuner = Tuner::new(
         &m,
-        KeptMaps::dense(&m.config),
+        KeptIndices::dense(&m.config),
         adapter,
         TrainConfig::default(),
     )
@@ -231,7 +232,7 @@ fn run_backend(
         let pc = PruneConfig::for_layers(m.config.n_layers());
         prune::select_prune(
             &m.config,
-            &KeptMaps::dense(&m.config),
+            &KeptIndices::dense(&m.config),
             &prune::magnitude_scores(&m),
             o.prune,
             &pc,

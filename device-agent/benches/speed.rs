@@ -10,7 +10,9 @@
 use std::time::Instant;
 
 use burn::tensor::Device;
-use device_agent::{assets, cost, generate, lora::Adapter, prune, train, weights};
+use device_agent::prune::{self, KeptIndicesExt};
+use device_agent::{assets, cost, generate, lora::Adapter, train, weights};
+use protocol::KeptIndices;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -67,7 +69,7 @@ fn peak_rss_mib() -> f64 {
 
 /// Kept maps for a uniform prune of `ratio` of the non-embedding parameters (magnitude
 /// criterion, every block alike, so the comparison is about size, not about which units).
-fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMaps {
+fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> KeptIndices {
     let pc = prune::PruneConfig {
         uniform: true,
         protected_blocks: vec![],
@@ -75,7 +77,7 @@ fn uniform_prune(base: &device_agent::model::Llama, ratio: f64) -> prune::KeptMa
     };
     prune::select_prune(
         &base.config,
-        &prune::KeptMaps::dense(&base.config),
+        &KeptIndices::dense(&base.config),
         &prune::magnitude_scores(base),
         ratio,
         &pc,
@@ -121,7 +123,7 @@ fn profile(reps: usize) {
     let device = Device::flex();
     let Setup { base, batch, .. } = setup(&device);
     let ad = Adapter::new(&base.config, 16, 32.0, 0, &device);
-    let p = device_agent::profile::lora_step_profile(&base, &ad, &batch, reps);
+    let p = device_agent::op_timer::lora_step_profile(&base, &ad, &batch, reps);
     println!("Per-operator profile, dense LoRA r16 step, b4 x s256 ({reps} repetitions, medians)");
     println!(
         "| operator | calls/step | fwd ms/call | bwd ms/call | ms/step | share of step | GFLOP/s |"
@@ -175,10 +177,10 @@ fn profile(reps: usize) {
         (2048, 2048, 2048),
     ] {
         use burn::tensor::DType;
-        let fl = device_agent::profile::backend_matmul_gflops(m, k, nn, DType::F32, reps, &device);
+        let fl = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F32, reps, &device);
         let direct = gemm_direct_gflops(m, k, nn, reps);
-        let h = device_agent::profile::backend_matmul_gflops(m, k, nn, DType::F16, reps, &device);
-        let b = device_agent::profile::backend_matmul_gflops(m, k, nn, DType::BF16, reps, &device);
+        let h = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F16, reps, &device);
+        let b = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::BF16, reps, &device);
         println!("| {m} x {k} x {nn} | {fl:.0} | {direct:.0} | {h:.0} | {b:.0} |");
     }
 }
@@ -292,7 +294,7 @@ fn main() {
     println!("|---|---|---|---|---|");
 
     // Large square fp32 matmul through the backend.
-    let sq = device_agent::profile::backend_matmul_gflops(
+    let sq = device_agent::op_timer::backend_matmul_gflops(
         2048,
         2048,
         2048,
@@ -303,13 +305,13 @@ fn main() {
     println!("| fp32 matmul 2048 x 2048 x 2048 | {sq:.0} | GFLOP/s | {sq:.0} | |");
 
     // LoRA training step, dense and pruned (50% MLP channels, 1/3 of the heads).
-    let mut pruned_kept = prune::KeptMaps::dense(&base.config);
+    let mut pruned_kept = KeptIndices::dense(&base.config);
     for b in &mut pruned_kept.blocks {
-        b.channels = (0..base.config.ffn_dim / 2).collect();
-        b.heads = vec![0, 1, 3, 4, 6, 7];
+        b.mlp_channels = (0..base.config.ffn_dim as u32 / 2).collect();
+        b.query_heads = vec![0, 1, 3, 4, 6, 7];
     }
     for (name, kept) in [
-        ("dense", prune::KeptMaps::dense(&base.config)),
+        ("dense", KeptIndices::dense(&base.config)),
         ("pruned 50% MLP, 1/3 heads", pruned_kept.clone()),
     ] {
         let model = prune::slice_model(&base, &kept).expect("slice");
@@ -328,7 +330,7 @@ fn main() {
     let prompt: Vec<u32> = ids[..256].to_vec();
     let mut fwd = Vec::new();
     for (name, kept) in [
-        ("dense", prune::KeptMaps::dense(&base.config)),
+        ("dense", KeptIndices::dense(&base.config)),
         ("pruned", pruned_kept),
     ] {
         let model = prune::slice_model(&base, &kept).expect("slice");

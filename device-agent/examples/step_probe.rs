@@ -1,6 +1,7 @@
 //! Quick probe: time LoRA training steps on the real model (arg: "ckpt" or "plain").
 use burn::tensor::Device;
-use device_agent::{assets, lora::Adapter, prune::KeptMaps, train::*, weights};
+use device_agent::{assets, lora::Adapter, prune::KeptIndicesExt, train::*, weights};
+use protocol::KeptIndices;
 fn main() {
     if std::env::args().all(|a| a != "default-malloc") {
         device_agent::backend::tune_allocator();
@@ -16,7 +17,7 @@ fn main() {
         checkpointing: ckpt,
         ..TrainConfig::default()
     };
-    let mut t = Tuner::new(&base, KeptMaps::dense(&base.config), ad, cfg).unwrap();
+    let mut t = Tuner::new(&base, KeptIndices::dense(&base.config), ad, cfg).unwrap();
     for i in 0..3 {
         let t0 = std::time::Instant::now();
         let r = t.train_micro(&batch, 1e-3, i > 0).unwrap();

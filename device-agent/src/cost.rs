@@ -13,13 +13,15 @@
 use serde::Serialize;
 
 use crate::model::ModelConfig;
-use crate::prune::KeptMaps;
+use protocol::KeptIndices;
+
+use crate::prune::KeptIndicesExt;
 
 /// How a device sizes its rounds and messages (a session's out-of-memory pre-check and byte
 /// accounting ask it; pure functions, no I/O).
 pub trait RoundCosts: Send + Sync + std::fmt::Debug {
     /// The model whose shape sets time and memory for a device with `kept` maps.
-    fn shape(&self, kept: &KeptMaps) -> ModelConfig;
+    fn shape(&self, kept: &KeptIndices) -> ModelConfig;
     /// Tokens per training sequence.
     fn seq_len(&self) -> usize;
     /// Bytes `msg` takes on the wire when its encoded frame is `frame_len` bytes long.
@@ -28,7 +30,7 @@ pub trait RoundCosts: Send + Sync + std::fmt::Debug {
     }
     /// Peak memory of a round that starts from `kept` at `rank` with `batch` sequences (its
     /// largest shape: pruning only shrinks the model).
-    fn round_memory(&self, kept: &KeptMaps, rank: usize, batch: usize) -> u64 {
+    fn round_memory(&self, kept: &KeptIndices, rank: usize, batch: usize) -> u64 {
         train_memory(&self.shape(kept), rank, batch, self.seq_len()).total
     }
 }
@@ -42,7 +44,7 @@ pub struct PrunedModel {
 }
 
 impl RoundCosts for PrunedModel {
-    fn shape(&self, kept: &KeptMaps) -> ModelConfig {
+    fn shape(&self, kept: &KeptIndices) -> ModelConfig {
         let mut c = self.dense.clone();
         c.blocks = kept.shapes(&self.dense);
         c

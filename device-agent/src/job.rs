@@ -7,12 +7,13 @@
 use protocol::UpdateStats;
 
 use crate::lora::Adapter;
-use crate::model::{Llama, Proj};
-use crate::prune::{self, PruneError};
+use crate::model::Llama;
+use crate::prune::{self, KeptIndicesExt, PruneError};
 use crate::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use crate::train::{TrainConfig, Tuner};
 use crate::wire;
 use crate::workload::{ClsShard, LmShard, SpamTask};
+use protocol::Proj;
 
 /// Errors of a device round.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +106,7 @@ pub fn start_adapter(
     };
     match &job.global {
         Some(g) => {
-            let slice_kept = wire::kept_from_wire(&g.kept);
+            let slice_kept = &g.kept;
             slice_kept
                 .validate(dense)
                 .map_err(|e| JobError::BadSlice(e.to_string()))?;
@@ -120,10 +121,9 @@ pub fn start_adapter(
             let mut blocks = Vec::with_capacity(ad.blocks.len());
             for (l, blk) in ad.blocks.into_iter().enumerate() {
                 let (o, n) = (&slice_kept.blocks[l], &state.kept.blocks[l]);
-                let subset =
-                    |a: &[usize], b: &[usize]| b.iter().all(|x| a.binary_search(x).is_ok());
-                if !(subset(&o.heads, &n.heads)
-                    && subset(&o.channels, &n.channels)
+                let subset = |a: &[u32], b: &[u32]| b.iter().all(|x| a.binary_search(x).is_ok());
+                if !(subset(&o.query_heads, &n.query_heads)
+                    && subset(&o.mlp_channels, &n.mlp_channels)
                     && subset(&o.kv_heads, &n.kv_heads))
                 {
                     return Err(JobError::BadSlice(format!(

@@ -14,7 +14,7 @@ pub mod job;
 pub mod kernels;
 pub mod lora;
 pub mod model;
-pub mod profile;
+pub mod op_timer;
 pub mod prune;
 pub mod session;
 pub mod tokenizer;

@@ -3,27 +3,16 @@
 //! `[in, rank]` and `b` is `[rank, out]`, so the delta is `a @ b`; on the wire (see
 //! [`Adapter::to_host`]) they use the PyTorch orientation `A = a^T` (`[rank, in]`) and
 //! `B = b^T` (`[out, rank]`).
+//!
+//! The adapter type itself and how a projection applies it live with the model
+//! ([`crate::model::lora_layer`]); this module creates, resizes, converts, merges and saves
+//! adapters.
 
 use burn::tensor::{Device, Tensor, TensorData};
+use protocol::Proj;
 
-use crate::model::{Llama, ModelConfig, Proj};
-
-/// The factors of one adapted projection.
-#[derive(Debug, Clone)]
-pub struct LoraFactors {
-    /// `[in, rank]`
-    pub a: Tensor<2>,
-    /// `[rank, out]`
-    pub b: Tensor<2>,
-}
-
-/// A LoRA adapter for a whole model: `blocks[l][proj.index()]`.
-#[derive(Debug, Clone)]
-pub struct Adapter {
-    pub rank: usize,
-    pub alpha: f64,
-    pub blocks: Vec<Vec<LoraFactors>>,
-}
+pub use crate::model::lora_layer::{Adapter, LoraFactors};
+use crate::model::{module_name, Llama, ModelConfig};
 
 /// Host copy of one projection's factors in wire orientation.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,21 +71,6 @@ impl Adapter {
             alpha,
             blocks,
         }
-    }
-
-    pub fn scale(&self) -> f64 {
-        self.alpha / self.rank.max(1) as f64
-    }
-
-    /// Factors and scale for block `l`, projection `p`.
-    pub fn factors(&self, l: usize, p: Proj) -> Option<(&Tensor<2>, &Tensor<2>, f64)> {
-        if self.rank == 0 {
-            return None;
-        }
-        self.blocks
-            .get(l)
-            .and_then(|b| b.get(p.index()))
-            .map(|f| (&f.a, &f.b, self.scale()))
     }
 
     /// Copy to host buffers in wire orientation.
@@ -240,14 +214,14 @@ impl Adapter {
             {
                 return Err(bad(format!(
                     "block {} {}: factors are A[{}x{}] B[{}x{}], the model needs A[{rank}x{din}] B[{dout}x{rank}]",
-                    f.block, f.proj.name(), f.a.len() / f.cols_in.max(1), f.cols_in, f.rows_out, f.b.len() / f.rows_out.max(1)
+                    f.block, module_name(f.proj), f.a.len() / f.cols_in.max(1), f.cols_in, f.rows_out, f.b.len() / f.rows_out.max(1)
                 )));
             }
             if f.a.iter().chain(&f.b).any(|v| !v.is_finite()) {
                 return Err(bad(format!(
                     "block {} {}: non-finite values",
                     f.block,
-                    f.proj.name()
+                    module_name(f.proj)
                 )));
             }
             let a = Tensor::<2>::from_data(TensorData::new(f.a.clone(), [rank, din]), device)
@@ -263,7 +237,9 @@ impl Adapter {
                 blk.into_iter()
                     .enumerate()
                     .map(|(i, f)| {
-                        f.ok_or_else(|| bad(format!("block {l} {} missing", Proj::ALL[i].name())))
+                        f.ok_or_else(|| {
+                            bad(format!("block {l} {} missing", module_name(Proj::ALL[i])))
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -303,7 +279,7 @@ impl Adapter {
         let host = self.to_host();
         let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for f in &host {
-            let name = format!("model.layers.{}.{}", f.block, f.proj.name());
+            let name = format!("model.layers.{}.{}", f.block, module_name(f.proj));
             let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
             bufs.push((
                 format!("{name}.lora_A.weight"),
@@ -403,7 +379,7 @@ impl Adapter {
         let mut host = Vec::new();
         for l in 0..cfg.n_layers() {
             for &p in &Proj::ALL {
-                let name = format!("model.layers.{l}.{}", p.name());
+                let name = format!("model.layers.{l}.{}", module_name(p));
                 let (a, sa) = read(&format!("{name}.lora_A.weight"))?;
                 let (b, sb) = read(&format!("{name}.lora_B.weight"))?;
                 host.push(HostFactors {

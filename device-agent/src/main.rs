@@ -15,11 +15,12 @@ use device_agent::generate::{self, GenerateConfig, Sampling};
 use device_agent::gguf::GgufFile;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
-use device_agent::prune::{self, Criterion, KeptMaps, PruneConfig};
+use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::tokenizer::Tok;
 use device_agent::train::{TrainConfig, Tuner};
 use device_agent::weights;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
+use protocol::KeptIndices;
 
 #[derive(Parser)]
 #[command(
@@ -429,7 +430,7 @@ fn load_tuned(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Adapter)> {
             .with_context(|| format!("reading {}", meta_path.display()))?,
     )
     .with_context(|| format!("parsing {}", meta_path.display()))?;
-    let kept: KeptMaps = serde_json::from_value(meta["kept"].clone())
+    let kept: KeptIndices = serde_json::from_value(meta["kept"].clone())
         .with_context(|| format!("{}: missing or invalid 'kept' maps", meta_path.display()))?;
     let model = prune::slice_model(base, &kept).with_context(|| {
         format!(
@@ -483,7 +484,7 @@ fn tune(args: TuneArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     let adapter = Adapter::new(&base.config, args.rank, args.alpha, args.seed, &base.device);
-    let mut tuner = Tuner::new(&base, KeptMaps::dense(&base.config), adapter, cfg)?;
+    let mut tuner = Tuner::new(&base, KeptIndices::dense(&base.config), adapter, cfg)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let metrics_path = args.out.join("metrics.jsonl");

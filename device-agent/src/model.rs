@@ -9,132 +9,37 @@
 //! Rotary embeddings use the rotate-half convention (first half / second half of each head);
 //! GGUF files store q/k rows permuted for interleaved pairs and are un-permuted on import
 //! (see [`crate::weights`]).
+//!
+//! The submodules hold the pieces: [`config`] the hyper-parameters and block shapes,
+//! [`layers`] the weightless building blocks (norm, rotary embeddings, attention, fused
+//! activations), [`lora_layer`] the adapter's factors as a projection applies them. The seven
+//! projections are named by [`protocol::Proj`], the same vocabulary the wire uses.
 
-use burn::tensor::activation::silu;
-use burn::tensor::activation::softmax;
+pub mod config;
+pub mod layers;
+pub mod lora_layer;
+
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
+use protocol::Proj;
 
-use crate::kernels;
-use crate::lora::Adapter;
+pub use config::{BlockShape, ModelConfig};
+pub(crate) use layers::rms_norm;
+pub use layers::{causal_attention, silu_fused, softmax_fused, Rope};
+pub(crate) use lora_layer::lora_group;
+use lora_layer::{proj, proj_group, Adapter};
 
-/// Shape of one decoder block after any pruning.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockShape {
-    /// Query heads kept in this block.
-    pub n_heads: usize,
-    /// KV heads kept in this block.
-    pub n_kv_heads: usize,
-    /// MLP intermediate channels kept in this block.
-    pub ffn_dim: usize,
-    /// For each kept query head, the index (among this block's kept KV heads) it reads.
-    pub q_to_kv: Vec<usize>,
-}
-
-impl BlockShape {
-    /// The unpruned shape: query head h reads KV head h / (n_heads / n_kv_heads).
-    pub fn dense(n_heads: usize, n_kv_heads: usize, ffn_dim: usize) -> Self {
-        let group = n_heads / n_kv_heads.max(1);
-        BlockShape {
-            n_heads,
-            n_kv_heads,
-            ffn_dim,
-            q_to_kv: (0..n_heads).map(|h| h / group.max(1)).collect(),
-        }
-    }
-
-    /// Whether query heads map onto KV heads in equal consecutive groups (what llama.cpp and
-    /// stock HF transformers assume).
-    pub fn uniform_groups(&self) -> bool {
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return false;
-        }
-        let g = self.n_heads / self.n_kv_heads;
-        self.q_to_kv.iter().enumerate().all(|(h, &kv)| kv == h / g)
-    }
-}
-
-/// Hyper-parameters of a LLaMA-family model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelConfig {
-    pub vocab_size: usize,
-    pub d_model: usize,
-    pub head_dim: usize,
-    /// Query heads of the unpruned model (per block).
-    pub n_heads: usize,
-    /// KV heads of the unpruned model (per block).
-    pub n_kv_heads: usize,
-    /// MLP width of the unpruned model (per block).
-    pub ffn_dim: usize,
-    pub rms_eps: f64,
-    pub rope_theta: f64,
-    pub max_seq_len: usize,
-    pub tie_embeddings: bool,
-    /// Actual per-block shapes (equal to the dense shape unless pruned).
-    pub blocks: Vec<BlockShape>,
-}
-
-impl ModelConfig {
-    pub fn n_layers(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// A dense config with `n_layers` identical blocks.
-    #[allow(clippy::too_many_arguments)]
-    pub fn dense(
-        vocab_size: usize,
-        d_model: usize,
-        n_layers: usize,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        ffn_dim: usize,
-        tie_embeddings: bool,
-    ) -> Self {
-        ModelConfig {
-            vocab_size,
-            d_model,
-            head_dim,
-            n_heads,
-            n_kv_heads,
-            ffn_dim,
-            rms_eps: 1e-5,
-            rope_theta: 10_000.0,
-            max_seq_len: 2048,
-            tie_embeddings,
-            blocks: vec![BlockShape::dense(n_heads, n_kv_heads, ffn_dim); n_layers],
-        }
-    }
-
-    /// Parameters outside the embedding table and LM head (what sparsity is measured on).
-    pub fn non_embedding_params(&self) -> usize {
-        let d = self.d_model;
-        let hd = self.head_dim;
-        self.blocks
-            .iter()
-            .map(|b| 2 * d + d * b.n_heads * hd * 2 + d * b.n_kv_heads * hd * 2 + 3 * d * b.ffn_dim)
-            .sum::<usize>()
-            + d
-    }
-
-    /// All parameters (embedding counted once when tied).
-    pub fn total_params(&self) -> usize {
-        let emb = self.vocab_size * self.d_model;
-        self.non_embedding_params() + if self.tie_embeddings { emb } else { 2 * emb }
-    }
-
-    /// Parameters of the same architecture before pruning.
-    pub fn dense_non_embedding_params(&self) -> usize {
-        let mut dense = self.clone();
-        dense.blocks =
-            vec![BlockShape::dense(self.n_heads, self.n_kv_heads, self.ffn_dim); self.blocks.len()];
-        dense.non_embedding_params()
-    }
-
-    /// Fraction of non-embedding parameters removed relative to the dense architecture.
-    pub fn sparsity(&self) -> f64 {
-        1.0 - self.non_embedding_params() as f64 / self.dense_non_embedding_params() as f64
+/// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
+/// checkpoints and PEFT adapter files spell it.
+pub fn module_name(p: Proj) -> &'static str {
+    match p {
+        Proj::Q => "q_proj",
+        Proj::K => "k_proj",
+        Proj::V => "v_proj",
+        Proj::O => "o_proj",
+        Proj::Gate => "gate_proj",
+        Proj::Up => "up_proj",
+        Proj::Down => "down_proj",
     }
 }
 
@@ -159,44 +64,6 @@ pub struct Block {
     pub w_down: Tensor<2>,
 }
 
-/// The seven LoRA-adapted projections of a block, in a fixed order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Proj {
-    pub const ALL: [Proj; 7] = [
-        Proj::Q,
-        Proj::K,
-        Proj::V,
-        Proj::O,
-        Proj::Gate,
-        Proj::Up,
-        Proj::Down,
-    ];
-    pub fn index(self) -> usize {
-        self as usize
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Proj::Q => "q_proj",
-            Proj::K => "k_proj",
-            Proj::V => "v_proj",
-            Proj::O => "o_proj",
-            Proj::Gate => "gate_proj",
-            Proj::Up => "up_proj",
-            Proj::Down => "down_proj",
-        }
-    }
-}
-
 impl Block {
     pub fn weight(&self, p: Proj) -> &Tensor<2> {
         match p {
@@ -219,57 +86,6 @@ impl Block {
             Proj::Up => &mut self.w_up,
             Proj::Down => &mut self.w_down,
         }
-    }
-}
-
-/// Precomputed rotary tables, `[max_seq_len, head_dim]` each (halves duplicated).
-#[derive(Debug, Clone)]
-pub struct Rope {
-    cos: Tensor<2>,
-    sin: Tensor<2>,
-}
-
-impl Rope {
-    pub fn new(head_dim: usize, max_seq_len: usize, theta: f64, device: &Device) -> Self {
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_seq_len * head_dim);
-        let mut sin = Vec::with_capacity(max_seq_len * head_dim);
-        for pos in 0..max_seq_len {
-            let row: Vec<(f32, f32)> = (0..half)
-                .map(|i| {
-                    let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
-                    let a = pos as f64 * freq;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .collect();
-            for _ in 0..2 {
-                cos.extend(row.iter().map(|r| r.0));
-                sin.extend(row.iter().map(|r| r.1));
-            }
-        }
-        Rope {
-            cos: Tensor::from_data(TensorData::new(cos, [max_seq_len, head_dim]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max_seq_len, head_dim]), device),
-        }
-    }
-
-    /// Rotate `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.
-    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [_, _, seq, hd] = x.dims();
-        let cos = self
-            .cos
-            .clone()
-            .narrow(0, start, seq)
-            .reshape([1, 1, seq, hd]);
-        let sin = self
-            .sin
-            .clone()
-            .narrow(0, start, seq)
-            .reshape([1, 1, seq, hd]);
-        let x1 = x.clone().narrow(3, 0, hd / 2);
-        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
     }
 }
 
@@ -310,125 +126,6 @@ pub struct Llama {
     /// Per block, the KV index of each query head, as an index tensor for `select`.
     q_to_kv: Vec<Tensor<1, Int>>,
     pub device: Device,
-}
-
-pub(crate) fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
-    let ms = x.clone().square().mean_dim(1);
-    let d = w.dims()[0];
-    x * (ms + eps).sqrt().recip() * w.clone().reshape([1, d])
-}
-
-/// Causal scaled dot-product attention, `[batch, heads, seq, hd]` queries against `[batch,
-/// heads, keys, hd]` keys and values, the queries being the last `seq` of the `keys` positions.
-/// Leaner than burn's generic fallback on the CPU backend (`cargo bench -p device-agent --bench
-/// speed -- profile`): the scale goes on `q` rather than on the `seq x keys` scores, the mask is
-/// one add of a bias (0 or -1e30: finite, so [`softmax_fused`]'s identity stays exact), and the
-/// softmax is the backend's fused kernel, also under autodiff.
-pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let [_, _, seq, hd] = q.dims();
-    let keys = k.dims()[2];
-    let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
-    let scores = q.matmul(k.swap_dims(2, 3));
-    let scores = if seq > 1 {
-        let past = keys - seq;
-        let bias: Vec<f32> = (0..seq)
-            .flat_map(|i| (0..keys).map(move |j| if j > past + i { -1e30 } else { 0.0 }))
-            .collect();
-        let bias = Tensor::<2>::from_data(TensorData::new(bias, [seq, keys]), &scores.device());
-        scores + bias.reshape([1, 1, seq, keys])
-    } else {
-        scores
-    };
-    softmax_fused(scores).matmul(v)
-}
-
-/// Softmax over the last dimension with the backend's fused kernel for the value, also when
-/// `s` is tracked by autodiff. Burn's autodiff builds softmax from max, sub, exp, sum and div,
-/// and the CPU backend's element-wise `exp` is scalar and single-threaded (about 20x the cost
-/// of an add per element), which made attention's softmax the largest non-matmul cost of a
-/// training step. Here the value `P` comes from the fused kernel as a constant and the
-/// gradient from an expression that is zero in value:
-/// `y = P + P*z - P*sum(P*z)` with `z = s - detach(s)`, whose vector-Jacobian product is
-/// exactly softmax's, `ds = P * (dy - sum(dy * P))`. Needs finite `s` (`z` must be 0, not NaN).
-pub fn softmax_fused<const D: usize>(s: Tensor<D>) -> Tensor<D> {
-    let plain = |t: Tensor<D>| kernels::softmax_last(&t).unwrap_or_else(|| softmax(t, D - 1));
-    if !s.is_tracked() {
-        return plain(s.inner());
-    }
-    let p = plain(s.clone().inner());
-    let z = s.clone() - s.detach();
-    let pz = z * p.clone();
-    let corr = pz.clone().sum_dim(D - 1) * p.clone();
-    pz - corr + p
-}
-
-/// SiLU with the value and slope from one vectorised pass ([`kernels::silu_with_slope`]) and
-/// the gradient through `y = v + (g - detach(g)) * slope`, zero in its second term: three cheap
-/// element-wise operations under autodiff instead of flex's scalar sigmoid and its backward.
-/// Other backends use burn's `silu`.
-pub fn silu_fused<const D: usize>(g: Tensor<D>) -> Tensor<D> {
-    if !g.is_tracked() {
-        let g = g.inner();
-        return kernels::silu_value(&g).unwrap_or_else(|| silu(g));
-    }
-    match kernels::silu_with_slope(&g.clone().inner()) {
-        Some((v, slope)) => v + (g.clone() - g.detach()) * slope,
-        None => silu(g),
-    }
-}
-
-pub(crate) type LoraRef<'a> = Option<(&'a Tensor<2>, &'a Tensor<2>, f64)>;
-
-/// `x @ W (+ (x @ A) @ (scale * B))`; `x` is `[n, in]`.
-#[inline]
-fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
-    let [out] = proj_group(x, [(w, lora)]);
-    out
-}
-
-/// Several projections of the same input. When every one has a LoRA branch, their `A`
-/// factors are joined so `x` is read once by one `[n, in] x [in, sum of ranks]` matmul instead
-/// of one skinny matmul each; the scale is applied to the small `B` (`[r, out]`), not to the
-/// `[n, out]` product.
-fn proj_group<const N: usize>(x: Tensor<2>, parts: [(&Tensor<2>, LoraRef); N]) -> [Tensor<2>; N] {
-    let mut low = lora_group(x.clone(), parts.map(|(_, l)| l)).into_iter();
-    parts.map(|(w, _)| {
-        let base = x.clone().matmul(w.clone());
-        match low.next().flatten() {
-            Some(d) => base + d,
-            None => base,
-        }
-    })
-}
-
-/// The LoRA terms `(x @ A) @ (scale * B)` of [`proj_group`], `None` where a projection has no
-/// adapter; the `A` factors are joined when every projection has one.
-pub(crate) fn lora_group<const N: usize>(
-    x: Tensor<2>,
-    loras: [LoraRef; N],
-) -> [Option<Tensor<2>>; N] {
-    let all_lora = loras.iter().all(Option::is_some);
-    let xa = if all_lora && N > 1 {
-        let a: Vec<Tensor<2>> = loras
-            .iter()
-            .map(|l| l.map(|(a, _, _)| a.clone()).expect("checked"))
-            .collect();
-        Some(x.clone().matmul(Tensor::cat(a, 1)))
-    } else {
-        None
-    };
-    let mut offset = 0;
-    loras.map(|lora| {
-        lora.map(|(a, b, scale)| {
-            let r = a.dims()[1];
-            let low = match &xa {
-                Some(xa) => xa.clone().narrow(1, offset, r),
-                None => x.clone().matmul(a.clone()),
-            };
-            offset += r;
-            low.matmul(b.clone().mul_scalar(scale))
-        })
-    })
 }
 
 impl Llama {
@@ -791,13 +488,5 @@ mod tests {
         let rows = to_rows(m.forward(m.tokens_tensor(&[vec![1, 2, 3, 4]]), None));
         assert_eq!(rows.len(), 4);
         assert!(rows.iter().flatten().all(|v| v.is_finite()));
-    }
-
-    #[test]
-    fn param_counts_match_smollm2() {
-        let c = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
-        // 134,515,008 parameters in SmolLM2-135M.
-        assert_eq!(c.total_params(), 134_515_008);
-        assert_eq!(c.sparsity(), 0.0);
     }
 }

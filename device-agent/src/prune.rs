@@ -9,26 +9,16 @@
 //!   head reads it; kept query heads keep reading their own KV head through the block's
 //!   query -> KV map (see [`BlockShape::q_to_kv`]).
 //! Embeddings, norms and the LM head are never pruned.
+//!
+//! Kept-index maps are the wire's own types, [`protocol::KeptIndices`] (one [`BlockKept`] per
+//! block); [`KeptIndicesExt`] reads them against a dense [`ModelConfig`].
 
 use burn::tensor::{Int, Tensor, TensorData};
+use protocol::{BlockKept, KeptIndices, Proj};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Block, BlockShape, Llama, ModelConfig, Proj};
-
-/// Kept units of one block, as ascending indices into the dense model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockKept {
-    pub heads: Vec<usize>,
-    pub kv_heads: Vec<usize>,
-    pub channels: Vec<usize>,
-}
-
-/// Kept-index maps of a whole model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeptMaps {
-    pub blocks: Vec<BlockKept>,
-}
+use crate::model::{Block, BlockShape, Llama, ModelConfig};
 
 /// Errors in pruning inputs.
 #[derive(Debug, thiserror::Error)]
@@ -49,32 +39,50 @@ pub enum PruneError {
     )]
     KvMismatch {
         block: usize,
-        kv: Vec<usize>,
-        want: Vec<usize>,
+        kv: Vec<u32>,
+        want: Vec<u32>,
     },
 }
 
-impl KeptMaps {
+/// Kept-index maps read against the dense model's config.
+pub trait KeptIndicesExt: Sized {
     /// Everything kept.
-    pub fn dense(cfg: &ModelConfig) -> Self {
-        KeptMaps {
+    fn dense(cfg: &ModelConfig) -> Self;
+    /// Check the maps against the dense config.
+    fn validate(&self, cfg: &ModelConfig) -> Result<(), PruneError>;
+    /// Block shapes these maps give a dense config.
+    fn shapes(&self, cfg: &ModelConfig) -> Vec<BlockShape>;
+}
+
+/// Dense KV head read by dense query head `h`.
+pub fn kv_of(cfg: &ModelConfig, h: u32) -> u32 {
+    h / (cfg.n_heads / cfg.n_kv_heads.max(1)).max(1) as u32
+}
+
+/// `0..n` as kept indices.
+fn all_of(n: usize) -> Vec<u32> {
+    (0..n as u32).collect()
+}
+
+/// Kept indices as `usize` positions.
+fn positions(idx: &[u32]) -> Vec<usize> {
+    idx.iter().map(|&i| i as usize).collect()
+}
+
+impl KeptIndicesExt for KeptIndices {
+    fn dense(cfg: &ModelConfig) -> Self {
+        KeptIndices {
             blocks: (0..cfg.n_layers())
                 .map(|_| BlockKept {
-                    heads: (0..cfg.n_heads).collect(),
-                    kv_heads: (0..cfg.n_kv_heads).collect(),
-                    channels: (0..cfg.ffn_dim).collect(),
+                    query_heads: all_of(cfg.n_heads),
+                    kv_heads: all_of(cfg.n_kv_heads),
+                    mlp_channels: all_of(cfg.ffn_dim),
                 })
                 .collect(),
         }
     }
 
-    /// Dense KV head read by dense query head `h`.
-    pub fn kv_of(cfg: &ModelConfig, h: usize) -> usize {
-        h / (cfg.n_heads / cfg.n_kv_heads.max(1)).max(1)
-    }
-
-    /// Check the maps against the dense config.
-    pub fn validate(&self, cfg: &ModelConfig) -> Result<(), PruneError> {
+    fn validate(&self, cfg: &ModelConfig) -> Result<(), PruneError> {
         if self.blocks.len() != cfg.n_layers() {
             return Err(PruneError::BlockCount {
                 got: self.blocks.len(),
@@ -83,22 +91,22 @@ impl KeptMaps {
         }
         for (i, b) in self.blocks.iter().enumerate() {
             for (what, v, limit) in [
-                ("head", &b.heads, cfg.n_heads),
+                ("head", &b.query_heads, cfg.n_heads),
                 ("kv head", &b.kv_heads, cfg.n_kv_heads),
-                ("channel", &b.channels, cfg.ffn_dim),
+                ("channel", &b.mlp_channels, cfg.ffn_dim),
             ] {
                 for (k, &x) in v.iter().enumerate() {
-                    if x >= limit || (k > 0 && v[k - 1] >= x) {
+                    if x as usize >= limit || (k > 0 && v[k - 1] >= x) {
                         return Err(PruneError::BadIndex {
                             block: i,
                             what,
-                            index: x,
+                            index: x as usize,
                             limit,
                         });
                     }
                 }
             }
-            let mut want: Vec<usize> = b.heads.iter().map(|&h| Self::kv_of(cfg, h)).collect();
+            let mut want: Vec<u32> = b.query_heads.iter().map(|&h| kv_of(cfg, h)).collect();
             want.dedup();
             if want != b.kv_heads {
                 return Err(PruneError::KvMismatch {
@@ -111,19 +119,18 @@ impl KeptMaps {
         Ok(())
     }
 
-    /// Block shapes these maps give a dense config.
-    pub fn shapes(&self, cfg: &ModelConfig) -> Vec<BlockShape> {
+    fn shapes(&self, cfg: &ModelConfig) -> Vec<BlockShape> {
         self.blocks
             .iter()
             .map(|b| BlockShape {
-                n_heads: b.heads.len(),
+                n_heads: b.query_heads.len(),
                 n_kv_heads: b.kv_heads.len(),
-                ffn_dim: b.channels.len(),
+                ffn_dim: b.mlp_channels.len(),
                 q_to_kv: b
-                    .heads
+                    .query_heads
                     .iter()
                     .map(|&h| {
-                        let kv = Self::kv_of(cfg, h);
+                        let kv = kv_of(cfg, h);
                         b.kv_heads
                             .iter()
                             .position(|&k| k == kv)
@@ -140,7 +147,8 @@ fn idx_tensor(idx: &[usize], device: &burn::tensor::Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
-/// Element indices of whole heads: head `h` covers `h*hd .. (h+1)*hd`.
+/// Element indices of whole heads: head `h` covers `h*hd .. (h+1)*hd` (`heads` are dense head
+/// indices or local head positions).
 pub fn head_elems(heads: &[usize], head_dim: usize) -> Vec<usize> {
     heads
         .iter()
@@ -159,7 +167,7 @@ pub fn keep(t: Tensor<2>, dim: usize, idx: &[usize]) -> Tensor<2> {
 
 /// Slice the dense base model to the kept units. Blocks that keep everything share the base's
 /// tensors, so a 0% prune is bit-identical to the dense model.
-pub fn slice_model(base: &Llama, kept: &KeptMaps) -> Result<Llama, PruneError> {
+pub fn slice_model(base: &Llama, kept: &KeptIndices) -> Result<Llama, PruneError> {
     let cfg = &base.config;
     kept.validate(cfg)?;
     let hd = cfg.head_dim;
@@ -167,8 +175,9 @@ pub fn slice_model(base: &Llama, kept: &KeptMaps) -> Result<Llama, PruneError> {
     let mut m = base.clone();
     for (l, (b, shape)) in kept.blocks.iter().zip(shapes).enumerate() {
         let src = &base.blocks[l];
-        let q_cols = head_elems(&b.heads, hd);
-        let kv_cols = head_elems(&b.kv_heads, hd);
+        let q_cols = head_elems(&positions(&b.query_heads), hd);
+        let kv_cols = head_elems(&positions(&b.kv_heads), hd);
+        let channels = positions(&b.mlp_channels);
         let block = Block {
             attn_norm: src.attn_norm.clone(),
             wq: keep(src.wq.clone(), 1, &q_cols),
@@ -176,9 +185,9 @@ pub fn slice_model(base: &Llama, kept: &KeptMaps) -> Result<Llama, PruneError> {
             wv: keep(src.wv.clone(), 1, &kv_cols),
             wo: keep(src.wo.clone(), 0, &q_cols),
             ffn_norm: src.ffn_norm.clone(),
-            w_gate: keep(src.w_gate.clone(), 1, &b.channels),
-            w_up: keep(src.w_up.clone(), 1, &b.channels),
-            w_down: keep(src.w_down.clone(), 0, &b.channels),
+            w_gate: keep(src.w_gate.clone(), 1, &channels),
+            w_up: keep(src.w_up.clone(), 1, &channels),
+            w_down: keep(src.w_down.clone(), 0, &channels),
         };
         m.set_block(l, block, shape);
     }
@@ -207,7 +216,7 @@ pub enum Unit {
 }
 
 /// Local positions (in `old`) of the entries that `new` keeps; `new` must be a subset of `old`.
-pub fn local_positions(old: &[usize], new: &[usize]) -> Vec<usize> {
+pub fn local_positions(old: &[u32], new: &[u32]) -> Vec<usize> {
     new.iter()
         .map(|x| {
             old.binary_search(x)
@@ -229,11 +238,14 @@ pub fn slice_factor(
         None => t,
         Some((dim, unit)) => {
             let pos = match unit {
-                Unit::Head => head_elems(&local_positions(&old.heads, &new.heads), head_dim),
+                Unit::Head => head_elems(
+                    &local_positions(&old.query_heads, &new.query_heads),
+                    head_dim,
+                ),
                 Unit::KvHead => {
                     head_elems(&local_positions(&old.kv_heads, &new.kv_heads), head_dim)
                 }
-                Unit::Channel => local_positions(&old.channels, &new.channels),
+                Unit::Channel => local_positions(&old.mlp_channels, &new.mlp_channels),
             };
             keep(t, dim, &pos)
         }
@@ -412,7 +424,7 @@ fn channel_cost(cfg: &ModelConfig) -> usize {
 }
 
 /// Non-embedding parameter count of the dense config pruned to `kept`.
-pub fn params_of(cfg: &ModelConfig, kept: &KeptMaps) -> usize {
+pub fn params_of(cfg: &ModelConfig, kept: &KeptIndices) -> usize {
     let mut c = cfg.clone();
     c.blocks = kept.shapes(cfg);
     c.non_embedding_params()
@@ -424,11 +436,11 @@ pub fn params_of(cfg: &ModelConfig, kept: &KeptMaps) -> usize {
 /// divided by that block's mean for the unit type, so blocks compare on the same scale.
 pub fn select_prune(
     cfg: &ModelConfig,
-    kept: &KeptMaps,
+    kept: &KeptIndices,
     scores: &[BlockScores],
     target: f64,
     pc: &PruneConfig,
-) -> KeptMaps {
+) -> KeptIndices {
     let dense = cfg.dense_non_embedding_params() as f64;
     let current = params_of(cfg, kept) as f64;
     let want_removed = (current - (1.0 - target) * dense).max(0.0);
@@ -487,23 +499,23 @@ pub fn select_prune(
         }
         let b = &kept.blocks[l];
         if is_head {
-            if b.heads.len() - drop_heads[l].len() <= pc.min_heads_per_block {
+            if b.query_heads.len() - drop_heads[l].len() <= pc.min_heads_per_block {
                 continue;
             }
             drop_heads[l].push(i);
             removed += head_cost(cfg) as f64;
             // A KV head freed by this removal counts too.
-            let kv = KeptMaps::kv_of(cfg, b.heads[i]);
+            let kv = kv_of(cfg, b.query_heads[i]);
             let still_read = b
-                .heads
+                .query_heads
                 .iter()
                 .enumerate()
-                .any(|(j, &h)| !drop_heads[l].contains(&j) && KeptMaps::kv_of(cfg, h) == kv);
+                .any(|(j, &h)| !drop_heads[l].contains(&j) && kv_of(cfg, h) == kv);
             if !still_read {
                 removed += kv_cost(cfg) as f64;
             }
         } else {
-            if b.channels.len() - drop_ch[l].len() <= pc.min_channels_per_block {
+            if b.mlp_channels.len() - drop_ch[l].len() <= pc.min_channels_per_block {
                 continue;
             }
             drop_ch[l].push(i);
@@ -517,8 +529,8 @@ pub fn select_prune(
 }
 
 fn apply_drops(cfg: &ModelConfig, b: &mut BlockKept, heads: &[usize], channels: &[usize]) {
-    b.heads = b
-        .heads
+    b.query_heads = b
+        .query_heads
         .iter()
         .enumerate()
         .filter(|(i, _)| !heads.contains(i))
@@ -526,14 +538,14 @@ fn apply_drops(cfg: &ModelConfig, b: &mut BlockKept, heads: &[usize], channels: 
         .collect();
     let mut ch_drop = channels.to_vec();
     ch_drop.sort_unstable();
-    b.channels = b
-        .channels
+    b.mlp_channels = b
+        .mlp_channels
         .iter()
         .enumerate()
         .filter(|(i, _)| ch_drop.binary_search(i).is_err())
         .map(|(_, &c)| c)
         .collect();
-    let mut kv: Vec<usize> = b.heads.iter().map(|&h| KeptMaps::kv_of(cfg, h)).collect();
+    let mut kv: Vec<u32> = b.query_heads.iter().map(|&h| kv_of(cfg, h)).collect();
     kv.dedup();
     b.kv_heads = kv;
 }
@@ -542,12 +554,12 @@ fn apply_drops(cfg: &ModelConfig, b: &mut BlockKept, heads: &[usize], channels: 
 /// (each block removes its own lowest-scored units).
 fn select_uniform(
     cfg: &ModelConfig,
-    kept: &KeptMaps,
+    kept: &KeptIndices,
     scores: &[BlockScores],
     want_removed: f64,
     pc: &PruneConfig,
     prunable: &[usize],
-) -> KeptMaps {
+) -> KeptIndices {
     let mut new = kept.clone();
     if prunable.is_empty() {
         return new;
@@ -556,12 +568,12 @@ fn select_uniform(
     // Split the budget between heads and channels in proportion to their parameter shares.
     let f_min = prunable
         .iter()
-        .map(|&l| kept.blocks[l].channels.len())
+        .map(|&l| kept.blocks[l].mlp_channels.len())
         .min()
         .unwrap_or(0);
     let h_min = prunable
         .iter()
-        .map(|&l| kept.blocks[l].heads.len())
+        .map(|&l| kept.blocks[l].query_heads.len())
         .min()
         .unwrap_or(0);
     let attn_params = h_min as f64
@@ -602,8 +614,8 @@ fn select_uniform(
         let b = &kept.blocks[l];
         let mut dh = Vec::new();
         for &kv in &b.kv_heads {
-            let members: Vec<usize> = (0..b.heads.len())
-                .filter(|&i| KeptMaps::kv_of(cfg, b.heads[i]) == kv)
+            let members: Vec<usize> = (0..b.query_heads.len())
+                .filter(|&i| kv_of(cfg, b.query_heads[i]) == kv)
                 .collect();
             let sub: Vec<f64> = members.iter().map(|&i| s.heads[i]).collect();
             dh.extend(
@@ -619,16 +631,20 @@ fn select_uniform(
 }
 
 /// Slice per-unit score vectors from `old` to `new` kept maps (for EMA state).
-pub fn slice_scores(scores: &[BlockScores], old: &KeptMaps, new: &KeptMaps) -> Vec<BlockScores> {
+pub fn slice_scores(
+    scores: &[BlockScores],
+    old: &KeptIndices,
+    new: &KeptIndices,
+) -> Vec<BlockScores> {
     scores
         .iter()
         .zip(old.blocks.iter().zip(&new.blocks))
         .map(|(s, (o, n))| BlockScores {
-            heads: local_positions(&o.heads, &n.heads)
+            heads: local_positions(&o.query_heads, &n.query_heads)
                 .iter()
                 .map(|&i| s.heads[i])
                 .collect(),
-            channels: local_positions(&o.channels, &n.channels)
+            channels: local_positions(&o.mlp_channels, &n.mlp_channels)
                 .iter()
                 .map(|&i| s.channels[i])
                 .collect(),
@@ -651,7 +667,7 @@ mod tests {
     #[test]
     fn zero_prune_is_bit_identical() {
         let m = Llama::random(cfg(), 1, &Device::flex());
-        let s = slice_model(&m, &KeptMaps::dense(&m.config)).unwrap();
+        let s = slice_model(&m, &KeptIndices::dense(&m.config)).unwrap();
         let t = m.tokens_tensor(&[vec![1, 2, 3, 4, 5]]);
         assert_eq!(
             to_rows(m.forward(t.clone(), None)),
@@ -662,7 +678,7 @@ mod tests {
     #[test]
     fn pruning_reaches_the_planned_count_within_one_group() {
         let c = cfg();
-        let kept = KeptMaps::dense(&c);
+        let kept = KeptIndices::dense(&c);
         let mut rng = scores_rng(3);
         let m = Llama::random(c.clone(), 1, &Device::flex());
         let scores = random_scores(&m, &mut rng);
@@ -696,14 +712,14 @@ mod tests {
     #[test]
     fn kv_head_goes_when_no_query_head_reads_it() {
         let c = cfg(); // 4 heads on 2 KV heads: heads 0,1 -> kv 0; 2,3 -> kv 1
-        let mut b = KeptMaps::dense(&c).blocks[1].clone();
+        let mut b = KeptIndices::dense(&c).blocks[1].clone();
         apply_drops(&c, &mut b, &[0, 1], &[]);
-        assert_eq!(b.heads, vec![2, 3]);
+        assert_eq!(b.query_heads, vec![2, 3]);
         assert_eq!(b.kv_heads, vec![1]);
-        let mut b2 = KeptMaps::dense(&c).blocks[1].clone();
+        let mut b2 = KeptIndices::dense(&c).blocks[1].clone();
         apply_drops(&c, &mut b2, &[1, 3], &[]);
         assert_eq!(b2.kv_heads, vec![0, 1]);
-        let mut maps = KeptMaps::dense(&c);
+        let mut maps = KeptIndices::dense(&c);
         maps.blocks[1] = b2;
         let shapes = maps.shapes(&c);
         assert_eq!(shapes[1].q_to_kv, vec![0, 1]);
@@ -720,7 +736,7 @@ mod tests {
             min_channels_per_block: 1,
             ..PruneConfig::default()
         };
-        let new = select_prune(&c, &KeptMaps::dense(&c), &scores, 0.3, &pc);
+        let new = select_prune(&c, &KeptIndices::dense(&c), &scores, 0.3, &pc);
         let shapes = new.shapes(&c);
         assert!(shapes
             .windows(2)

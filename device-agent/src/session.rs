@@ -25,14 +25,15 @@ use protocol::{
 use crate::cost::RoundCosts;
 use crate::lora::HostFactors;
 use crate::model::Llama;
-use crate::prune::{Criterion, KeptMaps, PruneConfig};
+use crate::prune::{Criterion, KeptIndicesExt, PruneConfig};
 use crate::train::RoundReport;
 use crate::wire;
+use protocol::KeptIndices;
 
 /// What a device remembers between rounds.
 #[derive(Debug, Clone)]
 pub struct DeviceState {
-    pub kept: KeptMaps,
+    pub kept: KeptIndices,
     /// The adapter the device last trained (rank, alpha, factors in wire orientation).
     pub adapter: Option<(usize, f64, Vec<HostFactors>)>,
 }
@@ -40,7 +41,7 @@ pub struct DeviceState {
 impl DeviceState {
     pub fn fresh(base: &Llama) -> Self {
         DeviceState {
-            kept: KeptMaps::dense(&base.config),
+            kept: KeptIndices::dense(&base.config),
             adapter: None,
         }
     }
@@ -81,7 +82,7 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub struct JobOutcome {
     pub round: RoundId,
-    pub kept: KeptMaps,
+    pub kept: KeptIndices,
     pub adapter: (usize, f64, Vec<HostFactors>),
     pub stats: UpdateStats,
     pub report: RoundReport,
@@ -485,7 +486,7 @@ impl AgentSession {
                 let mut update = Update {
                     round,
                     adapter: wire::adapter_to_wire(rank, alpha, &factors, self.config.f16_updates),
-                    kept: wire::kept_to_wire(&out.kept),
+                    kept: out.kept.clone(),
                     stats: UpdateStats {
                         bytes_down: config_bytes.unwrap_or(0),
                         ..out.stats

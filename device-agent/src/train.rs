@@ -2,20 +2,27 @@
 //! cosine learning rate, global-norm clipping, gradient accumulation) interleaved with
 //! structured pruning toward a sparsity target every K steps, guided by an importance EMA.
 //!
-//! The loss is computed in row chunks straight from the final hidden states: for each chunk
-//! the logits, the cross-entropy and its gradient with respect to the hidden rows are formed
-//! by hand (softmax minus one-hot, times the tied embedding), so the `[tokens, vocab]` logits
-//! never exist at once and never enter the autodiff graph. The graph then runs backward from
-//! `sum(h * dL/dh)` through the decoder into the LoRA factors.
+//! The loss ([`loss`]) is computed in row chunks straight from the final hidden states, and
+//! its gradient with respect to them by hand, so the `[tokens, vocab]` logits never enter the
+//! autodiff graph; the graph then runs backward from `sum(h * dL/dh)` through the decoder into
+//! the LoRA factors. [`schedule`] says when the learning rate changes and when pruning happens;
+//! `adamw` is the optimiser; this file holds the settings and the [`Tuner`], whose state is the
+//! sliced model, the kept maps, the adapter, its AdamW moments and the importance EMA.
 
-use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Int, Tensor, TensorData};
+mod adamw;
+pub mod loss;
+pub mod schedule;
+
+use burn::tensor::Tensor;
+use protocol::{KeptIndices, Proj};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::LOGIT_CHUNK_ROWS;
 use crate::lora::{Adapter, LoraFactors};
-use crate::model::{Llama, Proj};
-use crate::prune::{self, BlockScores, Criterion, KeptMaps, PruneConfig, PruneError};
+use crate::model::Llama;
+use crate::prune::{self, BlockScores, Criterion, PruneConfig, PruneError};
+
+pub use loss::{chunked_ce, Batch, StepStats};
+pub use schedule::{event_targets, lr_at, prune_schedule};
 
 /// Optimiser and schedule settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,138 +78,6 @@ impl Default for TrainConfig {
     }
 }
 
-/// Learning rate at optimiser step `step` (0-based) of `total`.
-pub fn lr_at(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
-    let warm = cfg.warmup_steps.min(total / 5);
-    if step < warm {
-        return cfg.lr * (step + 1) as f64 / (warm + 1) as f64;
-    }
-    let span = total.saturating_sub(warm).max(1) as f64;
-    let t = ((step - warm) as f64 / span).min(1.0);
-    let min = cfg.lr * cfg.min_lr_ratio;
-    min + (cfg.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-}
-
-/// One micro-batch: token rows of equal length and, per position (row-major), the token to
-/// predict there (`None` = no loss at this position).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    pub tokens: Vec<Vec<u32>>,
-    pub targets: Vec<Option<u32>>,
-}
-
-impl Batch {
-    /// Causal-LM batch from windows of `L + 1` tokens: inputs `w[..L]`, targets `w[1..]`.
-    pub fn lm(windows: &[Vec<u32>]) -> Batch {
-        let tokens: Vec<Vec<u32>> = windows.iter().map(|w| w[..w.len() - 1].to_vec()).collect();
-        let targets = windows
-            .iter()
-            .flat_map(|w| w[1..].iter().map(|&t| Some(t)))
-            .collect();
-        Batch { tokens, targets }
-    }
-
-    pub fn n_targets(&self) -> usize {
-        self.targets.iter().filter(|t| t.is_some()).count()
-    }
-}
-
-/// What one micro-batch measured.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
-pub struct StepStats {
-    /// Mean cross-entropy over the targets (nats).
-    pub loss: f64,
-    pub targets: usize,
-    pub correct: usize,
-}
-
-/// Chunked cross-entropy from hidden rows: returns (sum of NLL, correct argmax count, dL/dh)
-/// where `L = sum NLL / norm`.
-pub fn chunked_ce(
-    model: &Llama,
-    h: Tensor<2>,
-    targets: &[Option<u32>],
-    norm: f64,
-) -> (f64, usize, Tensor<2>) {
-    let [n, d] = h.dims();
-    let device = model.device.clone();
-    let head = match &model.lm_head {
-        Some(w) => w.clone().transpose(), // [vocab, d]
-        None => model.embed.clone(),
-    };
-    let mut nll = 0.0;
-    let mut correct = 0;
-    let mut grads = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = LOGIT_CHUNK_ROWS.min(n - start);
-        let tg = &targets[start..start + len];
-        if tg.iter().all(Option::is_none) {
-            grads.push(Tensor::zeros([len, d], &device));
-            start += len;
-            continue;
-        }
-        let hc = h.clone().narrow(0, start, len);
-        let logits = hc.matmul(head.clone().transpose()); // [len, vocab]
-                                                          // One fused pass on the CPU backend (loss, predictions and gradient together).
-        if let Some((dlogits, row_nll, pred)) =
-            crate::kernels::cross_entropy_rows(&logits, tg, (1.0 / norm) as f32)
-        {
-            for ((t, l), p) in tg.iter().zip(&row_nll).zip(&pred) {
-                if let Some(t) = t {
-                    nll += f64::from(*l);
-                    correct += usize::from(*p == *t as usize);
-                }
-            }
-            grads.push(dlogits.matmul(head.clone()));
-            start += len;
-            continue;
-        }
-        // Predictions in one pass; probabilities from the backend's fused row softmax (one
-        // vectorised, row-parallel pass, where exp element by element is scalar).
-        let pred = logits.clone().argmax(1); // [len, 1]
-        let logits_for_loss = logits.clone();
-        let probs = crate::kernels::softmax_last(&logits).unwrap_or_else(|| softmax(logits, 1));
-        let idx: Vec<i64> = tg.iter().map(|t| t.unwrap_or(0) as i64).collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [len, 1]), &device);
-        let w: Vec<f32> = tg
-            .iter()
-            .map(|t| if t.is_some() { 1.0 } else { 0.0 })
-            .collect();
-        // The exact loss, -log_softmax at the target (no underflow of a tiny probability).
-        let lp_tgt: Vec<f32> = log_softmax(logits_for_loss, 1)
-            .gather(1, idx.clone())
-            .into_data()
-            .try_to_vec()
-            .expect("floats");
-        nll += lp_tgt
-            .iter()
-            .zip(&w)
-            .map(|(&lp, &wi)| -f64::from(lp) * f64::from(wi))
-            .sum::<f64>();
-        let w = Tensor::<2>::from_data(TensorData::new(w.clone(), [len, 1]), &device);
-        let pred: Vec<i64> = pred
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .expect("ints");
-        for (k, t) in tg.iter().enumerate() {
-            if let Some(t) = t {
-                if pred[k] == *t as i64 {
-                    correct += 1;
-                }
-            }
-        }
-        // dNLL/dlogits = (softmax - onehot) * w / norm.
-        let w = w.div_scalar(norm);
-        let dlogits =
-            (probs * w.clone()).scatter(1, idx, w.neg(), burn::tensor::IndexingUpdateOp::Add);
-        grads.push(dlogits.matmul(head.clone()));
-        start += len;
-    }
-    (nll, correct, Tensor::cat(grads, 0))
-}
-
 /// Flat index of a factor: `(block * 7 + proj) * 2 + (0 for a, 1 for b)`.
 fn fidx(l: usize, p: Proj, is_a: bool) -> usize {
     (l * 7 + p.index()) * 2 + usize::from(!is_a)
@@ -212,7 +87,7 @@ fn fidx(l: usize, p: Proj, is_a: bool) -> usize {
 /// accumulated gradients and the importance EMA.
 pub struct Tuner {
     pub model: Llama,
-    pub kept: KeptMaps,
+    pub kept: KeptIndices,
     pub adapter: Adapter,
     pub cfg: TrainConfig,
     /// Optimiser steps taken.
@@ -243,7 +118,7 @@ impl Tuner {
     /// those maps.
     pub fn new(
         base: &Llama,
-        kept: KeptMaps,
+        kept: KeptIndices,
         adapter: Adapter,
         cfg: TrainConfig,
     ) -> Result<Self, PruneError> {
@@ -541,45 +416,14 @@ impl Tuner {
             .iter_mut()
             .map(|g| g.take().expect("accumulated gradient"))
             .collect();
-        let sq: Vec<Tensor<1>> = grads
-            .iter()
-            .map(|g| g.clone().square().sum().reshape([1]))
-            .collect();
-        let total: f32 = Tensor::cat(sq, 0).sum().into_scalar();
-        let norm = (total as f64).sqrt();
-        let clip = if self.cfg.clip_norm > 0.0 && norm > self.cfg.clip_norm {
-            self.cfg.clip_norm / norm
-        } else {
-            1.0
-        };
-        let c = &self.cfg;
-        let t = (self.step + 1) as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let mut k = 0;
-        for blk in self.adapter.blocks.iter_mut() {
-            for f in blk.iter_mut() {
-                for param in [&mut f.a, &mut f.b] {
-                    let g = grads[k].clone().mul_scalar(clip);
-                    let (m, v) = &mut self.moments[k];
-                    let m_new = m.clone().mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-                    let v_new =
-                        v.clone().mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
-                    let upd = m_new.clone().div_scalar(bc1)
-                        / (v_new.clone().div_scalar(bc2).sqrt() + c.eps);
-                    let decayed = if c.weight_decay > 0.0 {
-                        param.clone().mul_scalar(1.0 - lr * c.weight_decay)
-                    } else {
-                        param.clone()
-                    };
-                    *param = decayed - upd.mul_scalar(lr);
-                    *m = m_new;
-                    *v = v_new;
-                    k += 1;
-                }
-            }
-        }
-        norm
+        adamw::step(
+            &mut self.adapter,
+            &mut self.moments,
+            grads,
+            &self.cfg,
+            self.step,
+            lr,
+        )
     }
 
     /// Prune toward `target` sparsity using the current importance (random scores for the
@@ -602,14 +446,17 @@ impl Tuner {
             .blocks
             .iter()
             .zip(&new.blocks)
-            .map(|(o, n)| (o.heads.len() - n.heads.len()) + (o.channels.len() - n.channels.len()))
+            .map(|(o, n)| {
+                (o.query_heads.len() - n.query_heads.len())
+                    + (o.mlp_channels.len() - n.mlp_channels.len())
+            })
             .sum();
         self.apply_kept(base, new)?;
         Ok(removed)
     }
 
     /// Re-slice everything to new kept maps (a subset of the current ones).
-    pub fn apply_kept(&mut self, base: &Llama, new: KeptMaps) -> Result<(), PruneError> {
+    pub fn apply_kept(&mut self, base: &Llama, new: KeptIndices) -> Result<(), PruneError> {
         self.model = prune::slice_model(base, &new)?;
         let hd = base.config.head_dim;
         let mut k = 0;
@@ -694,100 +541,17 @@ impl Tuner {
     }
 }
 
-/// The steps (1-based optimiser steps) after which pruning happens in a round of `steps`
-/// steps with pruning every `every` steps: at `every, 2*every, ...` leaving the last
-/// `every` steps for recovery; a round shorter than `every` prunes once, half-way.
-pub fn prune_schedule(steps: usize, every: usize) -> Vec<usize> {
-    let every = every.max(1);
-    if steps == 0 {
-        return vec![];
-    }
-    if steps <= every {
-        return vec![(steps / 2).max(1)];
-    }
-    let n = steps.div_ceil(every) - 1;
-    (1..=n).map(|i| i * every).collect()
-}
-
-/// Sparsity target of each pruning event: equal steps from `start` to `target`.
-pub fn event_targets(start: f64, target: f64, events: usize) -> Vec<f64> {
-    if target <= start || events == 0 {
-        return vec![start; events];
-    }
-    (1..=events)
-        .map(|i| start + (target - start) * i as f64 / events as f64)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::ModelConfig;
-    use burn::tensor::activation::log_softmax;
+    use crate::prune::KeptIndicesExt;
     use burn::tensor::Device;
 
     fn tiny() -> (Llama, ModelConfig) {
         let mut c = ModelConfig::dense(40, 16, 3, 4, 2, 4, 32, true);
         c.max_seq_len = 32;
         (Llama::random(c.clone(), 11, &Device::flex()), c)
-    }
-
-    #[test]
-    fn schedule_prunes_in_equal_steps_and_leaves_recovery() {
-        assert_eq!(prune_schedule(100, 20), vec![20, 40, 60, 80]);
-        assert_eq!(prune_schedule(10, 20), vec![5]);
-        assert_eq!(prune_schedule(41, 20), vec![20, 40]);
-        let t = event_targets(0.1, 0.5, 4);
-        assert!((t[0] - 0.2).abs() < 1e-12 && (t[3] - 0.5).abs() < 1e-12);
-        assert_eq!(event_targets(0.5, 0.3, 2), vec![0.5, 0.5]);
-        let c = TrainConfig {
-            lr: 1.0,
-            warmup_steps: 2,
-            min_lr_ratio: 0.0,
-            ..TrainConfig::default()
-        };
-        assert!(lr_at(&c, 0, 20) < lr_at(&c, 1, 20));
-        assert!((lr_at(&c, 2, 20) - 1.0).abs() < 1e-12);
-        assert!(lr_at(&c, 19, 20) < 0.05);
-    }
-
-    #[test]
-    fn manual_ce_gradient_matches_autodiff() {
-        let (m, _) = tiny();
-        let h = Tensor::<2>::random(
-            [6, 16],
-            burn::tensor::Distribution::Normal(0.0, 1.0),
-            &m.device,
-        );
-        let targets = vec![Some(3), None, Some(7), Some(39), None, Some(0)];
-        let (nll, _, dh) = chunked_ce(&m, h.clone(), &targets, 4.0);
-        // Autodiff reference.
-        let leaf = h.clone().autodiff().require_grad();
-        let lp = log_softmax(m.logits(leaf.clone()), 1);
-        let mut loss: Option<Tensor<1>> = None;
-        for (r, t) in targets.iter().enumerate() {
-            if let Some(t) = t {
-                let x = lp
-                    .clone()
-                    .narrow(0, r, 1)
-                    .narrow(1, *t as usize, 1)
-                    .reshape([1])
-                    .neg();
-                loss = Some(match loss {
-                    Some(l) => l + x,
-                    None => x,
-                });
-            }
-        }
-        let loss = loss.unwrap();
-        let want_nll: f32 = loss.clone().inner().into_scalar();
-        assert!((nll - want_nll as f64).abs() < 1e-4);
-        let grads = loss.div_scalar(4.0).backward();
-        let g: Vec<f32> = leaf.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
-        let ours: Vec<f32> = dh.into_data().try_to_vec().unwrap();
-        for (a, b) in g.iter().zip(&ours) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
     }
 
     #[test]
@@ -805,7 +569,7 @@ mod tests {
             };
             let mut t = Tuner::new(
                 &base,
-                KeptMaps::dense(&c),
+                KeptIndices::dense(&c),
                 Adapter::new(&c, 4, 8.0, 2, &base.device),
                 cfg,
             )
@@ -852,7 +616,7 @@ mod tests {
             },
             ..TrainConfig::default()
         };
-        let mut t = Tuner::new(&base, KeptMaps::dense(&c), adapter, cfg).unwrap();
+        let mut t = Tuner::new(&base, KeptIndices::dense(&c), adapter, cfg).unwrap();
         let windows: Vec<Vec<u32>> = (0..4)
             .map(|r| (0..17).map(|i| ((i * 3 + r) % 40) as u32).collect())
             .collect();

@@ -1,21 +1,11 @@
 //! Conversions between the device agent's types and the wire vocabulary of the `protocol`
-//! crate: kept-index maps, adapter factors (PyTorch orientation on the wire) and model dims.
+//! crate: adapter factors (PyTorch orientation on the wire) and model dims. Projections and
+//! kept-index maps need none: the agent uses [`protocol::Proj`] and [`protocol::KeptIndices`].
 
-use protocol::{AdapterPayload, KeptIndices, LayerAdapter, ModelDims, Tensor2};
+use protocol::{AdapterPayload, LayerAdapter, ModelDims, Tensor2};
 
 use crate::lora::HostFactors;
-use crate::model::{ModelConfig, Proj};
-use crate::prune::{BlockKept, KeptMaps};
-
-/// Wire projection for a model projection (same order).
-pub fn proj_to_wire(p: Proj) -> protocol::Proj {
-    protocol::Proj::ALL[p.index()]
-}
-
-/// Model projection for a wire projection.
-pub fn proj_from_wire(p: protocol::Proj) -> Proj {
-    Proj::ALL[p.index()]
-}
+use crate::model::ModelConfig;
 
 /// Dims of the dense model.
 pub fn dims_of(cfg: &ModelConfig) -> ModelDims {
@@ -26,36 +16,6 @@ pub fn dims_of(cfg: &ModelConfig) -> ModelDims {
         n_kv_heads: cfg.n_kv_heads as u32,
         head_dim: cfg.head_dim as u32,
         ffn: cfg.ffn_dim as u32,
-    }
-}
-
-pub fn kept_to_wire(k: &KeptMaps) -> KeptIndices {
-    let v = |x: &[usize]| x.iter().map(|&i| i as u32).collect();
-    KeptIndices {
-        blocks: k
-            .blocks
-            .iter()
-            .map(|b| protocol::BlockKept {
-                query_heads: v(&b.heads),
-                kv_heads: v(&b.kv_heads),
-                mlp_channels: v(&b.channels),
-            })
-            .collect(),
-    }
-}
-
-pub fn kept_from_wire(k: &KeptIndices) -> KeptMaps {
-    let v = |x: &[u32]| x.iter().map(|&i| i as usize).collect();
-    KeptMaps {
-        blocks: k
-            .blocks
-            .iter()
-            .map(|b| BlockKept {
-                heads: v(&b.query_heads),
-                kv_heads: v(&b.kv_heads),
-                channels: v(&b.mlp_channels),
-            })
-            .collect(),
     }
 }
 
@@ -73,7 +33,7 @@ pub fn adapter_to_wire(
             .iter()
             .map(|f| LayerAdapter {
                 block: f.block as u32,
-                proj: proj_to_wire(f.proj),
+                proj: f.proj,
                 a: Tensor2::f32(rank as u32, f.cols_in as u32, f.a.clone()),
                 b: Tensor2::f32(f.rows_out as u32, rank as u32, f.b.clone()),
             })
@@ -92,7 +52,7 @@ pub fn adapter_from_wire(p: &AdapterPayload) -> Vec<HostFactors> {
         .iter()
         .map(|l| HostFactors {
             block: l.block as usize,
-            proj: proj_from_wire(l.proj),
+            proj: l.proj,
             a: l.a.data.to_f32_vec(),
             b: l.b.data.to_f32_vec(),
             rows_out: l.b.rows as usize,
@@ -105,23 +65,25 @@ pub fn adapter_from_wire(p: &AdapterPayload) -> Vec<HostFactors> {
 mod tests {
     use super::*;
     use crate::lora::Adapter;
+    use crate::prune::KeptIndicesExt;
     use burn::tensor::Device;
+    use protocol::{BlockKept, KeptIndices};
 
     #[test]
-    fn kept_maps_and_adapters_round_trip_through_the_wire() {
+    fn adapters_round_trip_and_kept_maps_validate_on_both_sides() {
         let c = ModelConfig::dense(30, 16, 2, 4, 2, 4, 24, true);
-        let mut k = KeptMaps::dense(&c);
+        let mut k = KeptIndices::dense(&c);
         k.blocks[1] = BlockKept {
-            heads: vec![2, 3],
+            query_heads: vec![2, 3],
             kv_heads: vec![1],
-            channels: vec![0, 5, 7],
+            mlp_channels: vec![0, 5, 7],
         };
-        assert_eq!(kept_from_wire(&kept_to_wire(&k)), k);
+        k.validate(&c).unwrap();
         let ad = Adapter::new(&c, 3, 6.0, 1, &Device::flex());
         let host = ad.to_host();
         let back = adapter_from_wire(&adapter_to_wire(3, 6.0, &host, false));
         assert_eq!(back, host);
         let dims = dims_of(&c);
-        protocol::validate_kept(&dims, &kept_to_wire(&k)).unwrap();
+        protocol::validate_kept(&dims, &k).unwrap();
     }
 }

@@ -142,9 +142,10 @@ mod on_device {
     use device_agent::assets;
     use device_agent::lora::Adapter;
     use device_agent::model::{to_rows, Llama, ModelConfig};
-    use device_agent::prune::KeptMaps;
+    use device_agent::prune::KeptIndicesExt;
     use device_agent::train::{Batch, TrainConfig, Tuner};
     use device_agent::weights;
+    use protocol::KeptIndices;
 
     #[derive(serde::Deserialize)]
     struct Top {
@@ -193,7 +194,13 @@ mod on_device {
             .collect();
         let batch = Batch::lm(&windows);
         let ad = Adapter::new(&m.config, 4, 8.0, 9, device);
-        let mut t = Tuner::new(&m, KeptMaps::dense(&m.config), ad, TrainConfig::default()).unwrap();
+        let mut t = Tuner::new(
+            &m,
+            KeptIndices::dense(&m.config),
+            ad,
+            TrainConfig::default(),
+        )
+        .unwrap();
         let steps = (0..2)
             .map(|_| {
                 let r = t

@@ -10,11 +10,12 @@ use device_agent::data;
 use device_agent::export::{self, GgufPrecision};
 use device_agent::lora::{Adapter, HostFactors};
 use device_agent::model::{to_rows, Llama};
-use device_agent::prune::{self, Criterion, KeptMaps, PruneConfig};
+use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::tokenizer::Tok;
 use device_agent::train::{TrainConfig, Tuner};
 use device_agent::weights;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
+use protocol::KeptIndices;
 
 fn model() -> &'static (Llama, Tok) {
     static M: OnceLock<(Llama, Tok)> = OnceLock::new();
@@ -75,7 +76,7 @@ fn fresh_lora_leaves_logits_unchanged_and_merging_equals_the_adapter() {
 fn real_model_pruning_plans_and_zero_prune() {
     let (m, _) = model();
     let c = &m.config;
-    let zero = prune::slice_model(m, &KeptMaps::dense(c)).unwrap();
+    let zero = prune::slice_model(m, &KeptIndices::dense(c)).unwrap();
     let toks = m.tokens_tensor(&[PROMPT.to_vec()]);
     assert_eq!(
         to_rows(zero.forward(toks.clone(), None)),
@@ -87,7 +88,7 @@ fn real_model_pruning_plans_and_zero_prune() {
     let dense = c.dense_non_embedding_params() as f64;
     let group = (2 * c.d_model * c.head_dim * 2) as f64; // a head and the KV head it frees
     for p in [0.1, 0.3, 0.5] {
-        let kept = prune::select_prune(c, &KeptMaps::dense(c), &scores, p, &pc);
+        let kept = prune::select_prune(c, &KeptIndices::dense(c), &scores, p, &pc);
         let got = prune::params_of(c, &kept) as f64;
         let plan = (1.0 - p) * dense;
         assert!(
@@ -139,7 +140,7 @@ fn lora_gradient_importance_beats_random_channels() {
             ..TrainConfig::default()
         };
         let ad = Adapter::new(c, 8, 16.0, 5, &m.device);
-        let mut t = Tuner::new(m, KeptMaps::dense(c), ad, cfg).unwrap();
+        let mut t = Tuner::new(m, KeptIndices::dense(c), ad, cfg).unwrap();
         for i in 0..6 {
             t.train_micro(&shard.batch(i, 2), 1e-3, true).unwrap();
         }
@@ -148,7 +149,7 @@ fn lora_gradient_importance_beats_random_channels() {
             .kept
             .blocks
             .iter()
-            .map(|b| c.ffn_dim - b.channels.len())
+            .map(|b| c.ffn_dim - b.mlp_channels.len())
             .sum();
         let expect = (0.2 * prunable * c.ffn_dim as f64).round() as usize;
         assert!(
@@ -188,7 +189,7 @@ fn tuning_on_a_sotu_shard_lowers_held_out_perplexity() {
     };
     let mut t = Tuner::new(
         m,
-        KeptMaps::dense(&m.config),
+        KeptIndices::dense(&m.config),
         Adapter::new(&m.config, 8, 16.0, 11, &m.device),
         cfg,
     )
@@ -233,7 +234,7 @@ fn tuning_on_a_spam_shard_raises_accuracy() {
     };
     let mut t = Tuner::new(
         m,
-        KeptMaps::dense(&m.config),
+        KeptIndices::dense(&m.config),
         Adapter::new(&m.config, 8, 16.0, 3, &m.device),
         cfg,
     )
@@ -283,7 +284,7 @@ fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
         };
         let kept = prune::select_prune(
             c,
-            &KeptMaps::dense(c),
+            &KeptIndices::dense(c),
             &prune::magnitude_scores(m),
             0.3,
             &pc,

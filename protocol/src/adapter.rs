@@ -371,14 +371,19 @@ impl AdapterPayload {
     }
 }
 
-/// What a device kept of one block, as sorted indices into the full model.
+/// What a device kept of one block, as sorted indices into the full model. The device agent
+/// uses this type for its own kept maps too (there is one vocabulary for kept units).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Encode, Decode)]
 pub struct BlockKept {
     /// Kept query heads, strictly increasing, each `< n_heads`.
+    // The alias reads the device agent's `adapter.json` files written before the agent used
+    // this type (serde only; the bincode wire format has no field names).
+    #[serde(alias = "heads")]
     pub query_heads: Vec<u32>,
     /// Kept KV heads: exactly the KV heads read by a kept query head, strictly increasing.
     pub kv_heads: Vec<u32>,
     /// Kept MLP intermediate channels, strictly increasing, each `< ffn`.
+    #[serde(alias = "channels")]
     pub mlp_channels: Vec<u32>,
 }
 

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use device_agent::cost::{PrunedModel, RoundCosts};
 use device_agent::job::{self, LocalData};
 use device_agent::model::{Llama, ModelConfig};
-use device_agent::prune::{self, KeptMaps};
+use device_agent::prune::{self, KeptIndicesExt};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
+use protocol::KeptIndices;
 use protocol::{Arm, GlobalSlice, Timestamp};
 use serde::Serialize;
 
@@ -41,7 +42,7 @@ pub trait LocalTrainer {
     fn dense(&self) -> &ModelConfig;
     /// The model whose shape sets time and memory for a device with `kept` maps (the dense
     /// model pruned to them in real mode; the real model at the same sparsity for the surrogate).
-    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig;
+    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig;
     /// Tokens per training sequence of `device`.
     fn seq_len(&self, device: usize) -> usize;
     /// How `device`'s session sizes its rounds and messages (the same shapes, sequence length
@@ -94,7 +95,7 @@ impl RealTrainer {
 }
 
 /// The model of a device: the dense config with `kept`'s block shapes.
-pub fn pruned_config(dense: &ModelConfig, kept: &KeptMaps) -> ModelConfig {
+pub fn pruned_config(dense: &ModelConfig, kept: &KeptIndices) -> ModelConfig {
     let mut c = dense.clone();
     c.blocks = kept.shapes(dense);
     c
@@ -109,7 +110,7 @@ impl LocalTrainer for RealTrainer {
         &self.base.config
     }
 
-    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig {
+    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig {
         pruned_config(&self.base.config, kept)
     }
 

@@ -31,11 +31,12 @@ mod panel;
 mod records;
 
 use aggregator::coordinator::{Command, Coordinator, CoordinatorState, Event};
-use device_agent::prune::{KeptMaps, PruneConfig};
+use device_agent::prune::{KeptIndicesExt, PruneConfig};
 use device_agent::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome,
 };
 use device_agent::wire;
+use protocol::KeptIndices;
 use protocol::{Capabilities, DeviceId, FailReason, Message, Timestamp};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -223,7 +224,7 @@ impl<'a> Simulation<'a> {
                 costs: trainer.costs(i),
             };
             let state = DeviceState {
-                kept: KeptMaps::dense(&dense),
+                kept: KeptIndices::dense(&dense),
                 adapter: None,
             };
             let start =

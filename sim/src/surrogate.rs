@@ -29,12 +29,12 @@ use std::sync::Arc;
 
 use device_agent::cost::{self, RoundCosts};
 use device_agent::lora::HostFactors;
-use device_agent::model::{ModelConfig, Proj};
-use device_agent::prune::{self, BlockScores, KeptMaps, PruneConfig};
+use device_agent::model::ModelConfig;
+use device_agent::prune::{self, BlockScores, KeptIndicesExt, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{RoundReport, StepRecord};
-use device_agent::wire;
 use protocol::{Buffer, GlobalSlice, Message, UpdateStats};
+use protocol::{KeptIndices, Proj};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -181,7 +181,7 @@ pub struct SurrogateCosts {
 }
 
 impl SurrogateCosts {
-    fn wire_sparsity(&self, kept: &KeptMaps) -> f64 {
+    fn wire_sparsity(&self, kept: &KeptIndices) -> f64 {
         pruned_config(&self.wire, kept).sparsity()
     }
 
@@ -209,7 +209,7 @@ impl SurrogateCosts {
 }
 
 impl RoundCosts for SurrogateCosts {
-    fn shape(&self, kept: &KeptMaps) -> ModelConfig {
+    fn shape(&self, kept: &KeptIndices) -> ModelConfig {
         real_at_sparsity(&self.real, self.wire_sparsity(kept))
     }
 
@@ -220,7 +220,7 @@ impl RoundCosts for SurrogateCosts {
     fn wire_bytes(&self, msg: &Message, encoded_len: usize) -> usize {
         match msg {
             Message::Update(u) => {
-                let s = self.wire_sparsity(&wire::kept_from_wire(&u.kept));
+                let s = self.wire_sparsity(&u.kept);
                 let elem = u
                     .adapter
                     .layers
@@ -230,7 +230,7 @@ impl RoundCosts for SurrogateCosts {
             }
             Message::RoundConfig(rc) => match &rc.global {
                 Some(g) => {
-                    let s = self.wire_sparsity(&wire::kept_from_wire(&g.kept));
+                    let s = self.wire_sparsity(&&g.kept);
                     let elem = g
                         .adapter
                         .layers
@@ -304,7 +304,7 @@ impl SurrogateTrainer {
         }
     }
 
-    fn wire_sparsity(&self, kept: &KeptMaps) -> f64 {
+    fn wire_sparsity(&self, kept: &KeptIndices) -> f64 {
         self.costs.wire_sparsity(kept)
     }
 
@@ -364,7 +364,7 @@ impl LocalTrainer for SurrogateTrainer {
         &self.wire
     }
 
-    fn cost_config(&self, kept: &KeptMaps) -> ModelConfig {
+    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig {
         self.costs.shape(kept)
     }
 

@@ -39,7 +39,7 @@ fn session_with_ram(ram_bytes: u64) -> AgentSession {
         costs: Arc::new(costs()),
     };
     let state = DeviceState {
-        kept: KeptMaps::dense(&cfg),
+        kept: KeptIndices::dense(&cfg),
         adapter: None,
     };
     let mut s = AgentSession::new(config, state);
@@ -158,7 +158,7 @@ fn finished(round: u64) -> AgentEvent {
     let cfg = ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true);
     AgentEvent::JobDone(Ok(JobOutcome {
         round: RoundId(round),
-        kept: KeptMaps::dense(&cfg),
+        kept: KeptIndices::dense(&cfg),
         adapter: (8, 16.0, Vec::new()),
         stats: UpdateStats {
             loss_pre: 2.0,
@@ -291,7 +291,7 @@ fn a_restart_keeps_the_state_and_forgets_the_rest() {
 
 #[test]
 fn a_round_that_does_not_fit_in_ram_fails_before_it_starts() {
-    let kept = KeptMaps::dense(&tiny());
+    let kept = KeptIndices::dense(&tiny());
     let need4 = costs().round_memory(&kept, 4, 2);
     let need8 = costs().round_memory(&kept, 8, 2);
     assert!(need4 < need8);

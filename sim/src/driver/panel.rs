@@ -2,7 +2,6 @@
 //! (their kept maps with the current global adapter) are evaluated every few rounds, and the
 //! larger final set evaluated at the end.
 
-use device_agent::wire;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -23,7 +22,7 @@ impl Simulation<'_> {
         let mut out = Vec::with_capacity(devices.len());
         for &i in devices {
             let state = self.devices[i].session.state().clone();
-            let kept = wire::kept_to_wire(&state.kept);
+            let kept = state.kept.clone();
             let slice = global
                 .global_slice(&kept, global.rank, alpha)
                 .map_err(|e| {

@@ -15,9 +15,11 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor};
+use protocol::{KeptIndices, Proj};
 
 use crate::lora::Adapter;
-use crate::model::{lora_group, rms_norm, Llama, Proj};
+use crate::model::{lora_group, module_name, rms_norm, Llama};
+use crate::prune::KeptIndicesExt;
 use crate::train::{chunked_ce, Batch, TrainConfig, Tuner};
 
 /// One operator's measured cost.
@@ -180,7 +182,7 @@ pub fn lora_step_profile(
         let flops = 2.0 * 2.0 * (n * fan_in * fan_out) as f64;
         let t = time_one(&[xin], reps, |i| i[0].clone().matmul(w.clone()));
         push(
-            &format!("frozen matmul {} ({fan_in}x{fan_out})", p.name()),
+            &format!("frozen matmul {} ({fan_in}x{fan_out})", module_name(p)),
             layers,
             t,
             flops,
@@ -376,7 +378,7 @@ pub fn lora_step_profile(
     // The whole step, for the remainder.
     let mut tuner = Tuner::new(
         model,
-        crate::prune::KeptMaps::dense(&model.config),
+        KeptIndices::dense(&model.config),
         adapter.clone(),
         TrainConfig::default(),
     )

@@ -1,0 +1,136 @@
+//! Model hyper-parameters: [`ModelConfig`] for a LLaMA-family decoder and [`BlockShape`], the
+//! head and channel counts of one block (which differ between blocks once pruned).
+
+use serde::{Deserialize, Serialize};
+
+/// Shape of one decoder block after any pruning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockShape {
+    /// Query heads kept in this block.
+    pub n_heads: usize,
+    /// KV heads kept in this block.
+    pub n_kv_heads: usize,
+    /// MLP intermediate channels kept in this block.
+    pub ffn_dim: usize,
+    /// For each kept query head, the index (among this block's kept KV heads) it reads.
+    pub q_to_kv: Vec<usize>,
+}
+
+impl BlockShape {
+    /// The unpruned shape: query head h reads KV head h / (n_heads / n_kv_heads).
+    pub fn dense(n_heads: usize, n_kv_heads: usize, ffn_dim: usize) -> Self {
+        let group = n_heads / n_kv_heads.max(1);
+        BlockShape {
+            n_heads,
+            n_kv_heads,
+            ffn_dim,
+            q_to_kv: (0..n_heads).map(|h| h / group.max(1)).collect(),
+        }
+    }
+
+    /// Whether query heads map onto KV heads in equal consecutive groups (what llama.cpp and
+    /// stock HF transformers assume).
+    pub fn uniform_groups(&self) -> bool {
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return false;
+        }
+        let g = self.n_heads / self.n_kv_heads;
+        self.q_to_kv.iter().enumerate().all(|(h, &kv)| kv == h / g)
+    }
+}
+
+/// Hyper-parameters of a LLaMA-family model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub head_dim: usize,
+    /// Query heads of the unpruned model (per block).
+    pub n_heads: usize,
+    /// KV heads of the unpruned model (per block).
+    pub n_kv_heads: usize,
+    /// MLP width of the unpruned model (per block).
+    pub ffn_dim: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f64,
+    pub max_seq_len: usize,
+    pub tie_embeddings: bool,
+    /// Actual per-block shapes (equal to the dense shape unless pruned).
+    pub blocks: Vec<BlockShape>,
+}
+
+impl ModelConfig {
+    pub fn n_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// A dense config with `n_layers` identical blocks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dense(
+        vocab_size: usize,
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        ffn_dim: usize,
+        tie_embeddings: bool,
+    ) -> Self {
+        ModelConfig {
+            vocab_size,
+            d_model,
+            head_dim,
+            n_heads,
+            n_kv_heads,
+            ffn_dim,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_seq_len: 2048,
+            tie_embeddings,
+            blocks: vec![BlockShape::dense(n_heads, n_kv_heads, ffn_dim); n_layers],
+        }
+    }
+
+    /// Parameters outside the embedding table and LM head (what sparsity is measured on).
+    pub fn non_embedding_params(&self) -> usize {
+        let d = self.d_model;
+        let hd = self.head_dim;
+        self.blocks
+            .iter()
+            .map(|b| 2 * d + d * b.n_heads * hd * 2 + d * b.n_kv_heads * hd * 2 + 3 * d * b.ffn_dim)
+            .sum::<usize>()
+            + d
+    }
+
+    /// All parameters (embedding counted once when tied).
+    pub fn total_params(&self) -> usize {
+        let emb = self.vocab_size * self.d_model;
+        self.non_embedding_params() + if self.tie_embeddings { emb } else { 2 * emb }
+    }
+
+    /// Parameters of the same architecture before pruning.
+    pub fn dense_non_embedding_params(&self) -> usize {
+        let mut dense = self.clone();
+        dense.blocks =
+            vec![BlockShape::dense(self.n_heads, self.n_kv_heads, self.ffn_dim); self.blocks.len()];
+        dense.non_embedding_params()
+    }
+
+    /// Fraction of non-embedding parameters removed relative to the dense architecture.
+    pub fn sparsity(&self) -> f64 {
+        1.0 - self.non_embedding_params() as f64 / self.dense_non_embedding_params() as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn param_counts_match_smollm2() {
+        let c = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
+        // 134,515,008 parameters in SmolLM2-135M.
+        assert_eq!(c.total_params(), 134_515_008);
+        assert_eq!(c.sparsity(), 0.0);
+    }
+}

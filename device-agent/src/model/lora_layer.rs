@@ -1,0 +1,101 @@
+//! LoRA on a projection: the factors of an [`Adapter`] and how a projection applies them,
+//! `x @ W + (x @ a) @ (scale * b)` with `scale = alpha / rank`. Factors are stored in burn's
+//! `[in, out]` orientation: `a` is `[in, rank]` and `b` is `[rank, out]`. Creating, resizing,
+//! converting, merging and saving adapters is [`crate::lora`]'s business; this module is the
+//! part the forward pass needs.
+
+use burn::tensor::Tensor;
+use protocol::Proj;
+
+/// The factors of one adapted projection.
+#[derive(Debug, Clone)]
+pub struct LoraFactors {
+    /// `[in, rank]`
+    pub a: Tensor<2>,
+    /// `[rank, out]`
+    pub b: Tensor<2>,
+}
+
+/// A LoRA adapter for a whole model: `blocks[l][proj.index()]`.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub rank: usize,
+    pub alpha: f64,
+    pub blocks: Vec<Vec<LoraFactors>>,
+}
+
+impl Adapter {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
+
+    /// Factors and scale for block `l`, projection `p`.
+    pub fn factors(&self, l: usize, p: Proj) -> Option<(&Tensor<2>, &Tensor<2>, f64)> {
+        if self.rank == 0 {
+            return None;
+        }
+        self.blocks
+            .get(l)
+            .and_then(|b| b.get(p.index()))
+            .map(|f| (&f.a, &f.b, self.scale()))
+    }
+}
+
+/// One projection's LoRA branch as the forward pass reads it: `(a, b, scale)`, `None` when the
+/// projection has no adapter.
+pub(crate) type LoraRef<'a> = Option<(&'a Tensor<2>, &'a Tensor<2>, f64)>;
+
+/// `x @ W (+ (x @ A) @ (scale * B))`; `x` is `[n, in]`.
+#[inline]
+pub(crate) fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
+    let [out] = proj_group(x, [(w, lora)]);
+    out
+}
+
+/// Several projections of the same input. When every one has a LoRA branch, their `A`
+/// factors are joined so `x` is read once by one `[n, in] x [in, sum of ranks]` matmul instead
+/// of one skinny matmul each; the scale is applied to the small `B` (`[r, out]`), not to the
+/// `[n, out]` product.
+pub(crate) fn proj_group<const N: usize>(
+    x: Tensor<2>,
+    parts: [(&Tensor<2>, LoraRef); N],
+) -> [Tensor<2>; N] {
+    let mut low = lora_group(x.clone(), parts.map(|(_, l)| l)).into_iter();
+    parts.map(|(w, _)| {
+        let base = x.clone().matmul(w.clone());
+        match low.next().flatten() {
+            Some(d) => base + d,
+            None => base,
+        }
+    })
+}
+
+/// The LoRA terms `(x @ A) @ (scale * B)` of [`proj_group`], `None` where a projection has no
+/// adapter; the `A` factors are joined when every projection has one.
+pub(crate) fn lora_group<const N: usize>(
+    x: Tensor<2>,
+    loras: [LoraRef; N],
+) -> [Option<Tensor<2>>; N] {
+    let all_lora = loras.iter().all(Option::is_some);
+    let xa = if all_lora && N > 1 {
+        let a: Vec<Tensor<2>> = loras
+            .iter()
+            .map(|l| l.map(|(a, _, _)| a.clone()).expect("checked"))
+            .collect();
+        Some(x.clone().matmul(Tensor::cat(a, 1)))
+    } else {
+        None
+    };
+    let mut offset = 0;
+    loras.map(|lora| {
+        lora.map(|(a, b, scale)| {
+            let r = a.dims()[1];
+            let low = match &xa {
+                Some(xa) => xa.clone().narrow(1, offset, r),
+                None => x.clone().matmul(a.clone()),
+            };
+            offset += r;
+            low.matmul(b.clone().mul_scalar(scale))
+        })
+    })
+}
