@@ -186,6 +186,7 @@ fn profile(reps: usize) {
 }
 
 /// The `gemm` crate (the one the flex backend calls) on row-major f32 buffers, all threads.
+#[allow(unsafe_code)]
 fn gemm_direct_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
     let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();

@@ -386,6 +386,7 @@ mod gpu {
 /// allocate. Does nothing on other C libraries.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
     // SAFETY: `mallopt` only changes allocator parameters; called before worker threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);

@@ -176,6 +176,7 @@ pub fn uniform_counts(c: &ModelConfig) -> bool {
     })
 }
 
+#[allow(unsafe_code)]
 fn bytemuck_cast(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern is a valid u8; the slice length is scaled
     // by size_of::<f32>() and alignment only decreases.

@@ -330,6 +330,7 @@ impl GgufFile {
         let file = std::fs::File::open(&path).map_err(io)?;
         // SAFETY: the file is opened read-only and we never hand out references that outlive
         // the map; a concurrent writer truncating the file is outside our contract.
+        #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         let mut c = Cursor {
             bytes: &map,
