@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::aggregate::{AggregateConfig, Aggregation, Contribution, Method, SvdMode};
+use aggregator::aggregate::{
+    AggregationConfig, AggregationMethod, Aggregation, Contribution, SvdMode,
+};
 use aggregator::{pki, transport};
 use protocol::*;
 use rand::{Rng, SeedableRng};
@@ -174,22 +176,18 @@ fn bench_aggregation(devices: usize) {
     );
     println!("| method | add all (s) | finish (s) | total (s) | peak extra heap (MiB) | state after adds (MiB) |");
     println!("|---|---|---|---|---|---|");
-    let randomized = SvdMode::Randomized {
-        oversample: 8,
-        power_iters: 2,
-    };
     let runs = [
-        ("hetlora", Method::HetLora, SvdMode::Full),
-        ("exact (full SVD)", Method::Exact, SvdMode::Full),
+        ("hetlora", AggregationMethod::HetLora, SvdMode::Full),
+        ("exact (full SVD)", AggregationMethod::Exact, SvdMode::Full),
         (
             "exact (randomized SVD, p=8, q=2)",
-            Method::Exact,
-            randomized,
+            AggregationMethod::Exact,
+            SvdMode::Randomized,
         ),
-        ("median", Method::Median, SvdMode::Full),
+        ("median", AggregationMethod::Median, SvdMode::Full),
         (
             "trimmed mean (10%)",
-            Method::TrimmedMean { trim_fraction: 0.1 },
+            AggregationMethod::TrimmedMean,
             SvdMode::Full,
         ),
     ];
@@ -197,9 +195,15 @@ fn bench_aggregation(devices: usize) {
         let batch = updates.clone();
         let base = reset_peak();
         let t0 = Instant::now();
-        let mut config = AggregateConfig::new(method, rank);
-        config.svd = svd;
-        let mut agg = Aggregation::new(dims, config).expect("config");
+        let config = AggregationConfig {
+            method,
+            trim_fraction: 0.1,
+            svd,
+            svd_oversample: 8,
+            svd_power_iters: 2,
+            ..AggregationConfig::default()
+        };
+        let mut agg = Aggregation::new(dims, rank, config).expect("config");
         for u in batch {
             agg.add(u).expect("valid update");
         }

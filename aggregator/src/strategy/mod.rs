@@ -27,8 +27,7 @@ use protocol::Capabilities;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::{CoordinatorConfig, CoordinatorError};
+use crate::aggregate::AggregationConfig;
 
 pub use fedlora::{FedLora, FedLoraConfig};
 pub use fedspine::FedSpine;
@@ -39,9 +38,13 @@ pub use ratio_bandit::{RatioBandit, RatioBanditConfig};
 /// A device's learned arm choice: its policy behind its feasibility filter.
 pub type DeviceBandit = Filtered<AnyPolicy>;
 
-/// Why a strategy cannot serve a device.
+/// Why a strategy cannot be built from its config, or cannot serve a device. The coordinator
+/// wraps it (`CoordinatorError::Strategy`) or turns it into a reject.
 #[derive(Debug, thiserror::Error)]
 pub enum StrategyError {
+    /// The strategy's settings do not fit together (shown after "invalid coordinator config: ").
+    #[error("{0}")]
+    InvalidConfig(String),
     #[error("no arm fits the device: {0}")]
     NoArm(String),
     #[error(transparent)]
@@ -57,8 +60,11 @@ pub trait Strategy: fmt::Debug + Send {
     /// A fresh bandit for a newly registered device with these capabilities.
     fn bandit_for(&self, capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError>;
 
-    /// How this strategy aggregates a round.
-    fn aggregate_config(&self) -> AggregateConfig;
+    /// How this strategy aggregates a round, given the configured `[aggregation]` settings
+    /// (default: as configured).
+    fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
+        configured.clone()
+    }
 
     /// The arm a selected device plays this round (default: its bandit's choice).
     fn choose_arm(
@@ -100,9 +106,9 @@ impl StrategyConfig {
         }
     }
 
-    /// The strategy for a run configured by `config`.
-    pub fn build(&self, config: &CoordinatorConfig) -> Result<Box<dyn Strategy>, CoordinatorError> {
-        let common = Common::from_config(config);
+    /// The strategy, with the settings every strategy shares; refuses settings that do not fit
+    /// together (a rank above `max_rank`, an invalid arm space).
+    pub fn build(&self, common: Common) -> Result<Box<dyn Strategy>, StrategyError> {
         Ok(match self {
             StrategyConfig::Fedspine => Box::new(FedSpine::new(common)?),
             StrategyConfig::Hetlora(c) => Box::new(HetLora::new(common, c.clone())?),
@@ -111,34 +117,21 @@ impl StrategyConfig {
             StrategyConfig::RatioBandit(c) => Box::new(RatioBandit::new(common, *c)?),
         })
     }
-
-    /// Checks the strategy's own fields against the rest of the config.
-    pub fn validate(&self, config: &CoordinatorConfig) -> Result<(), CoordinatorError> {
-        self.build(config).map(|_| ())
-    }
 }
 
-/// What every strategy takes from the coordinator's config.
+/// The run's settings every strategy takes (the coordinator fills them from its config).
 #[derive(Clone, Debug)]
 pub struct Common {
+    /// Pruning ratios and LoRA ranks arms are drawn from.
     pub arms: ArmSpace,
+    /// The bandit of adaptive strategies.
     pub policy: PolicyConfig,
     pub feasibility: bandit::FeasibilityConfig,
+    /// Rank of the global adapter; no arm may use a higher one.
     pub max_rank: u32,
-    pub aggregation: crate::coordinator::AggregationConfig,
 }
 
 impl Common {
-    fn from_config(config: &CoordinatorConfig) -> Common {
-        Common {
-            arms: config.arms.clone(),
-            policy: config.policy.clone(),
-            feasibility: config.feasibility,
-            max_rank: config.max_rank,
-            aggregation: config.aggregation.clone(),
-        }
-    }
-
     /// `policy` over `space`, behind a fresh feasibility filter.
     fn bandit(
         &self,
@@ -152,12 +145,12 @@ impl Common {
     }
 
     /// Refuses a space with a rank above the global adapter's.
-    fn check_space(&self, space: &ArmSpace) -> Result<(), CoordinatorError> {
+    fn check_space(&self, space: &ArmSpace) -> Result<(), StrategyError> {
         space
             .validate()
-            .map_err(|e| CoordinatorError::InvalidConfig(format!("arm space: {e}")))?;
+            .map_err(|e| StrategyError::InvalidConfig(format!("arm space: {e}")))?;
         match space.ranks.iter().find(|&&r| r > self.max_rank) {
-            Some(r) => Err(CoordinatorError::InvalidConfig(format!(
+            Some(r) => Err(StrategyError::InvalidConfig(format!(
                 "rank {r} exceeds max_rank {}",
                 self.max_rank
             ))),
