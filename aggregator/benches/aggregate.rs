@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aggregator::aggregate::{
-    AggregationConfig, AggregationMethod, Aggregation, Contribution, SvdMode,
+    Aggregation, AggregationConfig, AggregationMethod, Contribution, SvdMode,
 };
 use aggregator::{pki, transport};
 use protocol::*;

@@ -2,6 +2,8 @@
 //! mean of the zero-padded effective factors over the devices holding each coordinate (these
 //! buffer every update until the round closes).
 
+use std::borrow::Cow;
+
 use protocol::{layer_index_map, AdapterPayload, KeptIndices, ModelDims};
 
 use super::config::{AggregationConfig, AggregationMethod};

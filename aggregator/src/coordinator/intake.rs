@@ -5,7 +5,6 @@
 //! failures. Anything wrong is a `Reject` with a reason and a counter, never a panic or an
 //! `Err`.
 
-use bandit::Policy;
 use protocol::{
     Ack, Bye, ByeReason, DeviceId, FailReason, Join, Message, Reject, RejectReason, RoundFailed,
     RoundId, Timestamp, Update, UpdateStats, Welcome, PROTOCOL_VERSION,
@@ -28,7 +27,8 @@ impl Coordinator {
         entry.joined = false;
     }
 
-    /// A connection ended: the device stays registered; the round may now be answered by all.
+    /// A connection ended: the device stays registered, and the open round closes if no
+    /// connected participant still owes an answer.
     pub(super) fn on_disconnected(
         &mut self,
         now: Timestamp,
