@@ -4,7 +4,7 @@
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
 use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// Parameters of `fedlora`.

@@ -4,7 +4,7 @@
 use bandit::ArmSpace;
 use protocol::Capabilities;
 
-use super::{Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{Common, DeviceBandit, Strategy, StrategyError};
 
 /// The paper's strategy.
 #[derive(Clone, Debug)]

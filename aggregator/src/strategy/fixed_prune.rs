@@ -3,7 +3,7 @@
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
 
 /// Parameters of `fixed-prune`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

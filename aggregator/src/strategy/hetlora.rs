@@ -6,7 +6,7 @@ use bandit::ArmSpace;
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{Common, DeviceBandit, Strategy, StrategyError};
 use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// Devices with at least `min_ram_bytes` may use ranks up to `max_rank`.

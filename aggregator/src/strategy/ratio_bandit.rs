@@ -5,7 +5,7 @@ use bandit::ArmSpace;
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{Common, DeviceBandit, Strategy, StrategyError};
 
 /// Parameters of `ratio-bandit`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
