@@ -96,3 +96,49 @@ impl Default for AggregationConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key of the `[aggregation]` table, as config files write it.
+    #[test]
+    fn the_toml_table_keeps_its_names() {
+        let c: AggregationConfig = toml::from_str(
+            r#"
+            method = "trimmed-mean"
+            trim_fraction = 0.2
+            clip_norm = 5.0
+            max_layer_delta_norm = 100.0
+            max_factor_norm = 200.0
+            weight_by_samples = false
+            svd = "full"
+            svd_oversample = 4
+            svd_power_iters = 1
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            AggregationConfig {
+                method: AggregationMethod::TrimmedMean,
+                trim_fraction: 0.2,
+                clip_norm: Some(5.0),
+                max_layer_delta_norm: 100.0,
+                max_factor_norm: 200.0,
+                weight_by_samples: false,
+                svd: SvdMode::Full,
+                svd_oversample: 4,
+                svd_power_iters: 1,
+            }
+        );
+        for name in ["exact", "hetlora", "mean", "median", "trimmed-mean"] {
+            let c: AggregationConfig = toml::from_str(&format!("method = \"{name}\"")).unwrap();
+            assert_eq!(c.method.name(), name);
+        }
+        let randomized: AggregationConfig = toml::from_str("svd = \"randomized\"").unwrap();
+        assert_eq!(randomized, AggregationConfig::default());
+        assert!(toml::from_str::<AggregationConfig>("method = \"het-lora\"").is_err());
+        assert!(toml::from_str::<AggregationConfig>("rank = 4").is_err());
+    }
+}
