@@ -4,20 +4,63 @@
 //! `cargo bench -p aggregator --bench aggregate [-- --devices N --clients N --skip-aggregate
 //! --skip-transport]`. Prints a Markdown report to stdout.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::aggregate::{AggregateConfig, Aggregation, Contribution, Method, SvdMode};
+use aggregator::aggregate::{
+    Aggregation, AggregationConfig, AggregationMethod, Contribution, SvdMode,
+};
 use aggregator::pki;
 use protocol::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use test_support::{peak_bytes, reset_peak, CountingAllocator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Counts live heap bytes and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(size: usize) {
+    let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size >= layout.size() {
+            grew(new_size - layout.size());
+        } else {
+            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
 #[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+static GLOBAL: Counting = Counting;
+
+fn reset_peak() -> usize {
+    let now = LIVE.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
@@ -133,22 +176,18 @@ fn bench_aggregation(devices: usize) {
     );
     println!("| method | add all (s) | finish (s) | total (s) | peak extra heap (MiB) | state after adds (MiB) |");
     println!("|---|---|---|---|---|---|");
-    let randomized = SvdMode::Randomized {
-        oversample: 8,
-        power_iters: 2,
-    };
     let runs = [
-        ("hetlora", Method::HetLora, SvdMode::Full),
-        ("exact (full SVD)", Method::Exact, SvdMode::Full),
+        ("hetlora", AggregationMethod::HetLora, SvdMode::Full),
+        ("exact (full SVD)", AggregationMethod::Exact, SvdMode::Full),
         (
             "exact (randomized SVD, p=8, q=2)",
-            Method::Exact,
-            randomized,
+            AggregationMethod::Exact,
+            SvdMode::Randomized,
         ),
-        ("median", Method::Median, SvdMode::Full),
+        ("median", AggregationMethod::Median, SvdMode::Full),
         (
             "trimmed mean (10%)",
-            Method::TrimmedMean { trim_fraction: 0.1 },
+            AggregationMethod::TrimmedMean,
             SvdMode::Full,
         ),
     ];
@@ -156,9 +195,15 @@ fn bench_aggregation(devices: usize) {
         let batch = updates.clone();
         let base = reset_peak();
         let t0 = Instant::now();
-        let mut config = AggregateConfig::new(method, rank);
-        config.svd = svd;
-        let mut agg = Aggregation::new(dims, config).expect("config");
+        let config = AggregationConfig {
+            method,
+            trim_fraction: 0.1,
+            svd,
+            svd_oversample: 8,
+            svd_power_iters: 2,
+            ..AggregationConfig::default()
+        };
+        let mut agg = Aggregation::new(dims, rank, config).expect("config");
         for u in batch {
             agg.add(u).expect("valid update");
         }
@@ -167,7 +212,7 @@ fn bench_aggregation(devices: usize) {
         let t1 = Instant::now();
         let global = agg.finish(None).expect("finish");
         let t_finish = t1.elapsed();
-        let peak = peak_bytes().saturating_sub(base);
+        let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
         // The batch is cloned before `base`: buffering methods take ownership of updates that
         // already exist, so the peak counts only what aggregation itself allocates.
         println!(

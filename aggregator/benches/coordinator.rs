@@ -8,7 +8,8 @@
 
 use std::time::Instant;
 
-use aggregator::coordinator::{AggregationMethod, Command, Coordinator, CoordinatorConfig, Event};
+use aggregator::aggregate::AggregationMethod;
+use aggregator::coordinator::{Command, Coordinator, CoordinatorConfig, Event};
 use aggregator::strategy::{FixedPruneConfig, StrategyConfig};
 use protocol::*;
 use test_support::{peak_bytes, reset_peak, CountingAllocator};
@@ -204,8 +205,8 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     // A first, unreported round warms the allocator: the first touch of 1.5 GiB of fresh
     // pages otherwise lands on whichever row runs first.
-    round(devices, AggregationMethod::Hetlora, "warm-up", false);
-    round(devices, AggregationMethod::Hetlora, "hetlora", true);
+    round(devices, AggregationMethod::HetLora, "warm-up", false);
+    round(devices, AggregationMethod::HetLora, "hetlora", true);
     round(
         devices,
         AggregationMethod::Exact,

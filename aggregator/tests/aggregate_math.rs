@@ -46,6 +46,23 @@ fn random_adapter(
     }
 }
 
+/// The settings these tests run with: `method`, the full SVD, everything else at its default.
+fn settings(method: AggregationMethod) -> AggregationConfig {
+    AggregationConfig {
+        method,
+        svd: SvdMode::Full,
+        ..AggregationConfig::default()
+    }
+}
+
+/// The trimmed mean dropping `trim_fraction` at each end.
+fn trimmed_mean(trim_fraction: f64) -> AggregationConfig {
+    AggregationConfig {
+        trim_fraction,
+        ..settings(AggregationMethod::TrimmedMean)
+    }
+}
+
 fn contribution(
     device: u64,
     adapter: AdapterPayload,
@@ -110,9 +127,9 @@ fn exact_with_equal_ranks_and_no_pruning_is_the_average_of_products() {
         .collect();
     for weight_by_samples in [false, true] {
         let samples = [10u64, 20, 70];
-        let mut config = AggregateConfig::new(Method::Exact, 4);
+        let mut config = settings(AggregationMethod::Exact);
         config.weight_by_samples = weight_by_samples;
-        let mut agg = Aggregation::new(dims, config).unwrap();
+        let mut agg = Aggregation::new(dims, 4, config).unwrap();
         for (k, a) in adapters.iter().enumerate() {
             agg.add(contribution(k as u64, a.clone(), kept.clone(), samples[k]))
                 .unwrap();
@@ -163,9 +180,9 @@ fn hetlora_matches_its_formula_on_a_hand_computed_case() {
     let d1 = q(1, 1.0, vec![1.0, 0.0], vec![2.0, 0.0]);
     // Device 2: rank 2, scale 1, B2 A2 = [[0, 1], [1, 0]], |B2 A2|_F = sqrt(2).
     let d2 = q(2, 2.0, vec![0.0, 1.0, 1.0, 0.0], vec![1.0, 0.0, 0.0, 1.0]);
-    let mut config = AggregateConfig::new(Method::HetLora, 2);
+    let mut config = settings(AggregationMethod::HetLora);
     config.weight_by_samples = false;
-    let mut agg = Aggregation::new(dims, config).unwrap();
+    let mut agg = Aggregation::new(dims, 2, config).unwrap();
     let n1 = agg
         .add(contribution(1, d1, kept.clone(), 5))
         .unwrap()
@@ -217,14 +234,13 @@ fn a_coordinate_held_by_one_device_takes_that_devices_value() {
     let a1 = random_adapter(&dims, &full, 2, 8.0, &mut rng);
     let sqrt_s1 = (a1.scale()).sqrt();
     // Rows/columns only device 1 holds: q rows 2..4, o columns 2..4, gate/up row 1, down col 1.
-    for method in [
-        Method::HetLora,
-        Method::Median,
-        Method::TrimmedMean {
-            trim_fraction: 0.25,
-        },
+    for config in [
+        settings(AggregationMethod::HetLora),
+        settings(AggregationMethod::Median),
+        trimmed_mean(0.25),
     ] {
-        let mut agg = Aggregation::new(dims, AggregateConfig::new(method, 2)).unwrap();
+        let method = config.method;
+        let mut agg = Aggregation::new(dims, 2, config).unwrap();
         agg.add(contribution(0, a0.clone(), pruned.clone(), 10))
             .unwrap();
         agg.add(contribution(1, a1.clone(), full.clone(), 30))
@@ -266,7 +282,7 @@ fn a_coordinate_held_by_one_device_takes_that_devices_value() {
         }
     }
     // Exact: the delta's coordinates held only by device 1 equal its own s B A there.
-    let mut agg = Aggregation::new(dims, AggregateConfig::new(Method::Exact, 4)).unwrap();
+    let mut agg = Aggregation::new(dims, 4, settings(AggregationMethod::Exact)).unwrap();
     agg.add(contribution(0, a0.clone(), pruned.clone(), 10))
         .unwrap();
     agg.add(contribution(1, a1.clone(), full.clone(), 30))
@@ -303,8 +319,8 @@ fn coordinates_nobody_holds_keep_the_previous_global_value() {
     }
     let a0 = random_adapter(&dims, &pruned, 2, 4.0, &mut rng);
     // (The exact method compares deltas: see the next test.)
-    for method in [Method::HetLora, Method::Median] {
-        let mut agg = Aggregation::new(dims, AggregateConfig::new(method, 2)).unwrap();
+    for method in [AggregationMethod::HetLora, AggregationMethod::Median] {
+        let mut agg = Aggregation::new(dims, 2, settings(method)).unwrap();
         agg.add(contribution(0, a0.clone(), pruned.clone(), 1))
             .unwrap();
         let g = agg.finish(Some(&previous)).unwrap();
@@ -337,7 +353,7 @@ fn exact_keeps_the_previous_delta_where_nobody_holds_it() {
     }
     let a0 = random_adapter(&dims, &pruned, 2, 4.0, &mut rng);
     // max_rank 4 = full rank of every 4x4 layer: the SVD re-factoring is exact.
-    let mut agg = Aggregation::new(dims, AggregateConfig::new(Method::Exact, 4)).unwrap();
+    let mut agg = Aggregation::new(dims, 4, settings(AggregationMethod::Exact)).unwrap();
     agg.add(contribution(0, a0.clone(), pruned.clone(), 1))
         .unwrap();
     let g = agg.finish(Some(&previous)).unwrap();
@@ -364,7 +380,7 @@ fn svd_refactoring_reproduces_a_low_rank_matrix_and_slices_back() {
     let kept = KeptIndices::full(&dims);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let a = random_adapter(&dims, &kept, 3, 6.0, &mut rng);
-    let mut agg = Aggregation::new(dims, AggregateConfig::new(Method::Exact, 5)).unwrap();
+    let mut agg = Aggregation::new(dims, 5, settings(AggregationMethod::Exact)).unwrap();
     agg.add(contribution(0, a.clone(), kept.clone(), 1))
         .unwrap();
     let g = agg.finish(None).unwrap();
@@ -441,13 +457,9 @@ fn median_and_trimmed_mean_resist_an_outlier() {
             v.iter_mut().for_each(|x| *x = 5.0);
         }
     }
-    for method in [
-        Method::Median,
-        Method::TrimmedMean {
-            trim_fraction: 0.25,
-        },
-    ] {
-        let mut agg = Aggregation::new(dims, AggregateConfig::new(method, 2)).unwrap();
+    for config in [settings(AggregationMethod::Median), trimmed_mean(0.25)] {
+        let method = config.method;
+        let mut agg = Aggregation::new(dims, 2, config).unwrap();
         for k in 0..3 {
             agg.add(contribution(k, honest.clone(), kept.clone(), 1))
                 .unwrap();
@@ -482,10 +494,14 @@ fn bad_updates_are_refused_before_touching_state() {
         v.iter_mut().for_each(|x| *x = 900.0);
     }
     let high_rank = random_adapter(&dims, &kept, 4, 2.0, &mut rng);
-    for method in [Method::HetLora, Method::Exact, Method::Median] {
-        let mut config = AggregateConfig::new(method, 2);
+    for method in [
+        AggregationMethod::HetLora,
+        AggregationMethod::Exact,
+        AggregationMethod::Median,
+    ] {
+        let mut config = settings(method);
         config.max_layer_delta_norm = 100.0;
-        let mut agg = Aggregation::new(dims, config).unwrap();
+        let mut agg = Aggregation::new(dims, 2, config.clone()).unwrap();
         agg.add(contribution(0, good.clone(), kept.clone(), 1))
             .unwrap();
         let bytes = agg.state_bytes();
@@ -510,7 +526,7 @@ fn bad_updates_are_refused_before_touching_state() {
         assert_eq!(e.to_string(), "invalid update: rank 4 is outside 1..=2");
         assert_eq!((agg.len(), agg.state_bytes()), (1, bytes));
         let with_rejects = agg.finish(None).unwrap();
-        let mut alone = Aggregation::new(dims, config).unwrap();
+        let mut alone = Aggregation::new(dims, 2, config).unwrap();
         alone
             .add(contribution(0, good.clone(), kept.clone(), 1))
             .unwrap();
@@ -530,9 +546,9 @@ fn clipping_bounds_the_delta_norm() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let a = random_adapter(&dims, &kept, 2, 2.0, &mut rng);
     let norm = delta_norm(&a);
-    let mut config = AggregateConfig::new(Method::HetLora, 2);
+    let mut config = settings(AggregationMethod::HetLora);
     config.clip_norm = Some(norm / 4.0);
-    let mut agg = Aggregation::new(dims, config).unwrap();
+    let mut agg = Aggregation::new(dims, 2, config).unwrap();
     let accepted = agg.add(contribution(0, a, kept, 1)).unwrap();
     assert!((accepted.clip_factor - 0.25).abs() < 1e-12);
     let g = agg.finish(None).unwrap();
@@ -574,8 +590,8 @@ fn mean_type_state_does_not_grow_with_the_number_of_devices() {
     let dims = tiny();
     let kept = KeptIndices::full(&dims);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    for method in [Method::HetLora, Method::Exact] {
-        let mut agg = Aggregation::new(dims, AggregateConfig::new(method, 2)).unwrap();
+    for method in [AggregationMethod::HetLora, AggregationMethod::Exact] {
+        let mut agg = Aggregation::new(dims, 2, settings(method)).unwrap();
         agg.add(contribution(
             0,
             random_adapter(&dims, &kept, 2, 2.0, &mut rng),
@@ -600,15 +616,12 @@ fn mean_type_state_does_not_grow_with_the_number_of_devices() {
 #[test]
 fn config_and_dims_errors_are_reported() {
     let dims = tiny();
-    let bad = Aggregation::new(
-        dims,
-        AggregateConfig::new(Method::TrimmedMean { trim_fraction: 0.5 }, 2),
-    );
+    let bad = Aggregation::new(dims, 2, trimmed_mean(0.5));
     assert_eq!(
         bad.err().map(|e| e.to_string()),
         Some("invalid aggregation config: trim_fraction 0.5 is outside [0, 0.5)".to_string())
     );
-    let agg = Aggregation::new(dims, AggregateConfig::new(Method::HetLora, 2)).unwrap();
+    let agg = Aggregation::new(dims, 2, settings(AggregationMethod::HetLora)).unwrap();
     let mut other = dims;
     other.ffn = 8;
     let prev = GlobalAdapter::zeros(other, 2);
@@ -630,13 +643,20 @@ fn mid_dims() -> ModelDims {
 }
 
 /// Frobenius distance between the global delta and the aggregated dense delta, per layer.
-fn refactor_errors(svd: SvdMode, max_rank: u32, adapters: &[AdapterPayload]) -> Vec<f64> {
+fn refactor_errors(
+    svd: SvdMode,
+    oversample: u32,
+    max_rank: u32,
+    adapters: &[AdapterPayload],
+) -> Vec<f64> {
     let dims = mid_dims();
     let kept = KeptIndices::full(&dims);
-    let mut config = AggregateConfig::new(Method::Exact, max_rank);
+    let mut config = settings(AggregationMethod::Exact);
     config.svd = svd;
+    config.svd_oversample = oversample;
+    config.svd_power_iters = 2;
     config.weight_by_samples = false;
-    let mut agg = Aggregation::new(dims, config).unwrap();
+    let mut agg = Aggregation::new(dims, max_rank, config).unwrap();
     for (k, a) in adapters.iter().enumerate() {
         agg.add(contribution(k as u64, a.clone(), kept.clone(), 1))
             .unwrap();
@@ -668,13 +688,11 @@ fn randomized_refactoring_is_exact_on_low_rank_and_near_optimal_otherwise() {
     let dims = mid_dims();
     let kept = KeptIndices::full(&dims);
     let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let randomized = SvdMode::Randomized {
-        oversample: 4,
-        power_iters: 2,
-    };
+    // Randomised with 4 extra probes and 2 power iterations.
+    let randomized = SvdMode::Randomized;
     // Rank 3 delta, 7 probes on 32+ dimensional layers: reproduced exactly.
     let one = vec![random_adapter(&dims, &kept, 3, 6.0, &mut rng)];
-    for err in refactor_errors(randomized, 3, &one) {
+    for err in refactor_errors(randomized, 4, 3, &one) {
         assert!(err < 1e-4, "{err}");
     }
     // Six rank-4 devices: rank-24 delta truncated to rank 4. The randomised truncation error
@@ -682,8 +700,8 @@ fn randomized_refactoring_is_exact_on_low_rank_and_near_optimal_otherwise() {
     let many: Vec<_> = (0..6)
         .map(|_| random_adapter(&dims, &kept, 4, 8.0, &mut rng))
         .collect();
-    let full = refactor_errors(SvdMode::Full, 4, &many);
-    let fast = refactor_errors(randomized, 4, &many);
+    let full = refactor_errors(SvdMode::Full, 4, 4, &many);
+    let fast = refactor_errors(randomized, 4, 4, &many);
     for ((proj, f), r) in Proj::ALL.iter().zip(&full).zip(&fast) {
         assert!(*f > 0.1, "{proj}: the case must need truncation ({f})");
         assert!(r <= &(1.10 * f), "{proj}: randomized {r} vs optimal {f}");
@@ -700,7 +718,7 @@ fn a_malformed_previous_global_is_refused_not_indexed() {
     let mut prev = GlobalAdapter::zeros(dims, 2);
     prev.layers[3].b.pop();
     assert!(!prev.is_well_formed());
-    let agg = Aggregation::new(dims, AggregateConfig::new(Method::HetLora, 2)).unwrap();
+    let agg = Aggregation::new(dims, 2, settings(AggregationMethod::HetLora)).unwrap();
     assert!(matches!(
         agg.finish(Some(&prev)),
         Err(AggregateError::MalformedGlobal)

@@ -28,107 +28,9 @@
 use bandit::{ArmSpace, FeasibilityConfig, PolicyConfig, RewardWeights};
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{AggregateConfig, Method, SvdMode};
-use crate::coordinator::CoordinatorError;
-use crate::strategy::StrategyConfig;
-
-/// How updates are combined (the strategy may override the method: `hetlora` always uses
-/// HetLoRA averaging and `fedlora` plain averaging).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AggregationMethod {
-    /// Weight-delta averaging re-factored by SVD (FlexLoRA-style).
-    Exact,
-    /// Zero-pad and norm-weighted factor averaging.
-    Hetlora,
-    /// Plain factor averaging (FedAvg on `A` and `B`).
-    Mean,
-    /// Coordinate-wise median of the factors.
-    Median,
-    /// Coordinate-wise trimmed mean of the factors (`trim_fraction` at each end).
-    TrimmedMean,
-}
-
-/// SVD used by the exact method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SvdChoice {
-    /// Exact thin SVD.
-    Full,
-    /// Randomised subspace iteration (`svd_oversample`, `svd_power_iters`).
-    Randomized,
-}
-
-/// Aggregation settings (see [`crate::aggregate`]).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AggregationConfig {
-    /// Default `exact`.
-    pub method: AggregationMethod,
-    /// For `trimmed-mean`. Default `0.1`.
-    pub trim_fraction: f64,
-    /// Scale an update down to this total delta norm. Default: no clipping.
-    pub clip_norm: Option<f64>,
-    /// Refuse an update with a layer whose `|s B A|_F` exceeds this. Default `1000`.
-    pub max_layer_delta_norm: f64,
-    /// Refuse an update with a factor whose Frobenius norm exceeds this. Default `10000`.
-    pub max_factor_norm: f64,
-    /// Weight each update by its sample count. Default `true`.
-    pub weight_by_samples: bool,
-    /// Default `randomized` (about 9x faster than `full` on SmolLM2 layers, exact when the
-    /// delta's rank is at most `max_rank + svd_oversample`).
-    pub svd: SvdChoice,
-    pub svd_oversample: u32,
-    pub svd_power_iters: u32,
-}
-
-impl Default for AggregationConfig {
-    fn default() -> Self {
-        AggregationConfig {
-            method: AggregationMethod::Exact,
-            trim_fraction: 0.1,
-            clip_norm: None,
-            max_layer_delta_norm: 1.0e3,
-            max_factor_norm: 1.0e4,
-            weight_by_samples: true,
-            svd: SvdChoice::Randomized,
-            svd_oversample: 8,
-            svd_power_iters: 2,
-        }
-    }
-}
-
-impl AggregationConfig {
-    /// The aggregation math's config at `max_rank`, with `method` overriding the configured one.
-    pub fn to_aggregate_config(
-        &self,
-        method: Option<AggregationMethod>,
-        max_rank: u32,
-    ) -> AggregateConfig {
-        let method = match method.unwrap_or(self.method) {
-            AggregationMethod::Exact => Method::Exact,
-            AggregationMethod::Hetlora => Method::HetLora,
-            AggregationMethod::Mean => Method::Mean,
-            AggregationMethod::Median => Method::Median,
-            AggregationMethod::TrimmedMean => Method::TrimmedMean {
-                trim_fraction: self.trim_fraction,
-            },
-        };
-        let mut config = AggregateConfig::new(method, max_rank);
-        config.clip_norm = self.clip_norm;
-        config.max_layer_delta_norm = self.max_layer_delta_norm;
-        config.max_factor_norm = self.max_factor_norm;
-        config.weight_by_samples = self.weight_by_samples;
-        config.svd = match self.svd {
-            SvdChoice::Full => SvdMode::Full,
-            SvdChoice::Randomized => SvdMode::Randomized {
-                oversample: self.svd_oversample,
-                power_iters: self.svd_power_iters,
-            },
-        };
-        config
-    }
-}
+use super::error::CoordinatorError;
+use crate::aggregate::AggregationConfig;
+use crate::strategy::{Common, Strategy, StrategyConfig};
 
 /// Everything the coordinator decides with. Plain data; see the module docs for a TOML
 /// example. [`CoordinatorConfig::validate`] runs in [`crate::coordinator::Coordinator::new`].
@@ -169,6 +71,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_ms: u64,
     /// Seed of the coordinator's generator (selection, arms, round seeds, initial adapter).
     pub seed: u64,
+    /// How updates are combined (see [`crate::aggregate`]); the strategy may override the
+    /// method.
     pub aggregation: AggregationConfig,
     pub reward: RewardWeights,
     /// The bandit of adaptive strategies. Default S-UCB.
@@ -324,7 +228,22 @@ impl CoordinatorConfig {
                 )));
             }
         }
-        self.strategy.validate(self)?;
+        self.build_strategy()?;
         Ok(())
+    }
+
+    /// The settings every strategy takes from this config.
+    pub fn strategy_common(&self) -> Common {
+        Common {
+            arms: self.arms.clone(),
+            policy: self.policy.clone(),
+            feasibility: self.feasibility,
+            max_rank: self.max_rank,
+        }
+    }
+
+    /// The configured strategy (refused when its settings do not fit the rest of the config).
+    pub fn build_strategy(&self) -> Result<Box<dyn Strategy>, CoordinatorError> {
+        Ok(self.strategy.build(self.strategy_common())?)
     }
 }

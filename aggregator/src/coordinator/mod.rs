@@ -36,39 +36,45 @@
 //! A device that disconnects stays registered; if it was selected and comes back before the
 //! round closes, its update still counts (and on re-joining it is sent its round configuration
 //! again, with the time left).
+//!
+//! # Where things are
+//! - this file: the [`Coordinator`] struct, its public API (`new`, `restore`, `state`,
+//!   `handle`, `handle_timeout`, `poll_timeout`, `shutdown`) and its accessors;
+//! - `selection.rs`: step 2 (round start: sampling, arms, round configurations);
+//! - `intake.rs`: steps 1 and 3 (connections, joins, updates, failures, rejects);
+//! - `close.rs`: step 4 (close conditions, aggregation, rewards, summary, checkpoint);
+//! - `round.rs`: the open round's data (arms are `protocol::Arm`, the bandit's own type);
+//! - `config.rs`, `error.rs`, `state.rs`, `summary.rs`: config, errors, checkpointed state,
+//!   reports.
+//!
+//! Strategies ([`crate::strategy`]) and the aggregation math ([`crate::aggregate`]) sit below
+//! the coordinator and never import it: it passes them what they need and wraps their errors.
 
+mod close;
 mod config;
+mod error;
+mod intake;
+mod round;
+mod selection;
 mod state;
 mod summary;
 
 use std::collections::BTreeMap;
 
-use bandit::{shape_rewards, BanditError, DeviceContext, Policy, RoundStats};
-use protocol::{
-    Ack, Bye, ByeReason, DeviceId, FailReason, Join, KeptIndices, Message, ModelDims, Reject,
-    RejectReason, RoundConfig, RoundFailed, RoundId, Timestamp, Update, UpdateStats, Welcome,
-    PROTOCOL_VERSION,
-};
-use rand::{Rng, SeedableRng};
+use bandit::BanditError;
+use protocol::{Bye, ByeReason, DeviceId, Message, ModelDims, RoundId, Timestamp};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::aggregate::{Aggregation, Contribution, GlobalAdapter};
+use crate::aggregate::GlobalAdapter;
 use crate::strategy::Strategy;
 
-pub use config::{AggregationConfig, AggregationMethod, CoordinatorConfig, SvdChoice};
+use round::OpenRound;
+
+pub use config::CoordinatorConfig;
+pub use error::CoordinatorError;
 pub use state::{CoordinatorState, DeviceRecord, STATE_SCHEMA};
 pub use summary::{Counters, FailedSummary, ParticipantSummary, RoundSummary};
-
-/// Why a coordinator could not be built or restored. Nothing a peer sends produces one.
-#[derive(Debug, thiserror::Error)]
-pub enum CoordinatorError {
-    #[error("invalid coordinator config: {0}")]
-    InvalidConfig(String),
-    #[error("invalid model dimensions: {0:?}")]
-    InvalidDims(ModelDims),
-    #[error("saved state does not fit this run: {0}")]
-    IncompatibleState(String),
-}
 
 /// Inputs from the driver.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,51 +109,6 @@ pub enum Command {
     Checkpoint,
     /// The last round closed; devices were told `Bye(Finished)`.
     Finished,
-}
-
-/// How a selected device's round ended (so far).
-#[derive(Clone, Debug)]
-enum Outcome {
-    Pending,
-    Completed(Box<Completed>),
-    Failed { kind: String, reason: String },
-}
-
-#[derive(Clone, Debug)]
-struct Completed {
-    stats: UpdateStats,
-    kept: KeptIndices,
-    duration_ms: u64,
-    bytes_up: u64,
-    delta_norm: f64,
-}
-
-#[derive(Clone, Debug)]
-struct Participant {
-    arm: protocol::Arm,
-    ctx: DeviceContext,
-    seed: u64,
-    sparsity_prev: f64,
-    outcome: Outcome,
-}
-
-struct OpenRound {
-    id: RoundId,
-    started_at: Timestamp,
-    deadline: Timestamp,
-    participants: BTreeMap<DeviceId, Participant>,
-    aggregation: Aggregation,
-    quorum: usize,
-    rejects: BTreeMap<String, u64>,
-}
-
-impl OpenRound {
-    fn accepted(&self) -> usize {
-        self.participants
-            .values()
-            .filter(|p| matches!(p.outcome, Outcome::Completed(_)))
-            .count()
-    }
 }
 
 /// A device as the coordinator sees it: its persistent record (once it joined) and its
@@ -207,7 +168,7 @@ impl Coordinator {
         if protocol::validate_dims(&dims).is_err() {
             return Err(CoordinatorError::InvalidDims(dims));
         }
-        let strategy = config.strategy.build(&config)?;
+        let strategy = config.build_strategy()?;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let global = GlobalAdapter::init_lora(dims, config.max_rank, config.lora_alpha, &mut rng);
         Ok(Coordinator {
@@ -281,7 +242,7 @@ impl Coordinator {
                 return Err(invalid_state(format!("{id} appears twice")));
             }
         }
-        let strategy = config.strategy.build(&config)?;
+        let strategy = config.build_strategy()?;
         let finished = state.round.0 >= config.rounds;
         Ok(Coordinator {
             finished,
@@ -409,691 +370,6 @@ impl Coordinator {
         }
     }
 
-    fn entry(&mut self, device: DeviceId) -> &mut DeviceEntry {
-        self.devices.entry(device).or_default()
-    }
-
-    fn on_connected(&mut self, device: DeviceId) {
-        self.counters.connections += 1;
-        let entry = self.entry(device);
-        if entry.connected {
-            tracing::debug!(%device, "connection replaced by a new one");
-        }
-        entry.connected = true;
-        entry.joined = false;
-    }
-
-    fn on_disconnected(&mut self, now: Timestamp, device: DeviceId, out: &mut Vec<Command>) {
-        if let Some(entry) = self.devices.get_mut(&device) {
-            if entry.connected {
-                self.counters.disconnects += 1;
-                tracing::debug!(%device, "device disconnected");
-            }
-            entry.connected = false;
-            entry.joined = false;
-        }
-        self.maybe_close_early(now, out);
-    }
-
-    fn reject(
-        &mut self,
-        out: &mut Vec<Command>,
-        device: DeviceId,
-        round: Option<RoundId>,
-        reason: RejectReason,
-    ) {
-        let kind = reason.kind().to_string();
-        tracing::debug!(%device, ?round, %reason, "message rejected");
-        *self.counters.rejects.entry(kind.clone()).or_default() += 1;
-        if let Some(open) = &mut self.open {
-            *open.rejects.entry(kind).or_default() += 1;
-        }
-        out.push(Command::Send {
-            device,
-            msg: Message::Reject(Reject { round, reason }),
-        });
-    }
-
-    fn on_message(
-        &mut self,
-        now: Timestamp,
-        device: DeviceId,
-        msg: Message,
-        bytes: u64,
-        out: &mut Vec<Command>,
-    ) {
-        self.counters.bytes_received += bytes;
-        // A driver reports Connected first; be lenient if it did not.
-        let entry = self.entry(device);
-        entry.connected = true;
-        let joined = entry.joined;
-        match msg {
-            Message::Join(join) => self.on_join(now, device, join, out),
-            Message::Update(update) if joined => self.on_update(now, device, update, bytes, out),
-            Message::RoundFailed(failed) if joined => {
-                self.on_round_failed(now, device, failed, out)
-            }
-            Message::Update(Update { round, .. })
-            | Message::RoundFailed(RoundFailed { round, .. }) => {
-                self.reject(out, device, Some(round), RejectReason::NotJoined)
-            }
-            Message::Heartbeat(_) => self.counters.heartbeats += 1,
-            Message::Bye(_) => {
-                out.push(Command::Disconnect {
-                    device,
-                    reason: "the device said goodbye".into(),
-                });
-                self.on_disconnected(now, device, out);
-            }
-            other => self.reject(
-                out,
-                device,
-                None,
-                RejectReason::Unexpected(other.kind().to_string()),
-            ),
-        }
-    }
-
-    fn refuse_join(&mut self, out: &mut Vec<Command>, device: DeviceId, reason: RejectReason) {
-        let text = reason.to_string();
-        self.reject(out, device, None, reason);
-        out.push(Command::Disconnect {
-            device,
-            reason: text,
-        });
-        if let Some(entry) = self.devices.get_mut(&device) {
-            entry.joined = false;
-        }
-    }
-
-    fn on_join(&mut self, now: Timestamp, device: DeviceId, join: Join, out: &mut Vec<Command>) {
-        if let Err(reason) = join.check(device) {
-            return self.refuse_join(out, device, reason);
-        }
-        if !self.config.allowed_devices.is_empty()
-            && !self.config.allowed_devices.contains(&device.0)
-        {
-            return self.refuse_join(out, device, RejectReason::UnknownDevice(device));
-        }
-        let caps = join.capabilities;
-        let fresh = match self.devices.get(&device).and_then(|e| e.record.as_ref()) {
-            None => true,
-            // Other hardware under the same identity: what its bandit learned no longer holds.
-            Some(r) => r.capabilities.ram_bytes != caps.ram_bytes,
-        };
-        let bandit = if fresh {
-            match self.strategy.bandit_for(&caps) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    return self.refuse_join(out, device, RejectReason::Unsupported(e.to_string()))
-                }
-            }
-        } else {
-            None
-        };
-        let entry = self.entry(device);
-        match (entry.record.as_mut(), bandit) {
-            (Some(record), bandit) => {
-                if let Some(b) = bandit {
-                    tracing::info!(%device, "device re-joined with other RAM; its bandit starts over");
-                    record.bandit = b;
-                }
-                record.capabilities = caps;
-            }
-            (None, Some(bandit)) => {
-                entry.record = Some(DeviceRecord {
-                    id: device,
-                    capabilities: caps,
-                    bandit,
-                    kept: None,
-                    sparsity: 0.0,
-                    rounds_selected: 0,
-                    rounds_completed: 0,
-                    rounds_failed: 0,
-                    rounds_missed: 0,
-                })
-            }
-            // A device without a record always gets a fresh bandit above.
-            (None, None) => return,
-        }
-        entry.joined = true;
-        self.counters.joins += 1;
-        tracing::debug!(%device, "device joined");
-        out.push(Command::Send {
-            device,
-            msg: Message::Welcome(Welcome {
-                protocol_version: PROTOCOL_VERSION,
-                device_id: device,
-                model: self.dims,
-                lora_alpha: self.config.lora_alpha,
-                heartbeat_interval_ms: self.config.heartbeat_interval_ms,
-            }),
-        });
-        if self.finished {
-            out.push(Command::Send {
-                device,
-                msg: Message::Bye(Bye {
-                    reason: ByeReason::Finished,
-                }),
-            });
-            return;
-        }
-        // A selected device that comes back before answering gets its configuration again.
-        let resend = self.open.as_ref().and_then(|open| {
-            let p = open.participants.get(&device)?;
-            matches!(p.outcome, Outcome::Pending)
-                .then(|| (open.id, p.clone(), open.deadline.ms_since(now)))
-        });
-        if let Some((round, participant, left_ms)) = resend {
-            match self.round_config(device, round, &participant, left_ms) {
-                Ok(rc) => out.push(Command::Send {
-                    device,
-                    msg: Message::RoundConfig(rc),
-                }),
-                Err(e) => {
-                    tracing::warn!(%device, error = %e, "cannot re-send the round configuration")
-                }
-            }
-        }
-    }
-
-    /// Where a device's answer about `round` stands: `Ok` when it is for the open round, or the
-    /// reason to refuse it.
-    fn check_answer_round(&self, round: RoundId) -> Result<(), RejectReason> {
-        match &self.open {
-            Some(open) if open.id == round => Ok(()),
-            _ if round > self.round => Err(RejectReason::Malformed(format!(
-                "{round} has not started (latest is {})",
-                self.round
-            ))),
-            _ if round < self.round => Err(RejectReason::StaleRound {
-                got: round,
-                current: self.round,
-            }),
-            _ => Err(RejectReason::LateUpdate(round)),
-        }
-    }
-
-    /// The pending participant `device` of the open round, or the reason to refuse its answer.
-    fn pending_participant(
-        &mut self,
-        device: DeviceId,
-        round: RoundId,
-    ) -> Result<&mut Participant, RejectReason> {
-        self.check_answer_round(round)?;
-        let open = self.open.as_mut().ok_or(RejectReason::LateUpdate(round))?;
-        let p = open
-            .participants
-            .get_mut(&device)
-            .ok_or(RejectReason::NotSelected(round))?;
-        match p.outcome {
-            Outcome::Pending => Ok(p),
-            _ => Err(RejectReason::DuplicateUpdate(round)),
-        }
-    }
-
-    /// Marks a pending participant failed and refuses its message.
-    fn fail_and_reject(
-        &mut self,
-        out: &mut Vec<Command>,
-        device: DeviceId,
-        round: RoundId,
-        reason: RejectReason,
-    ) {
-        if let Ok(p) = self.pending_participant(device, round) {
-            p.outcome = Outcome::Failed {
-                kind: reason.kind().to_string(),
-                reason: reason.to_string(),
-            };
-        }
-        self.reject(out, device, Some(round), reason);
-    }
-
-    fn on_update(
-        &mut self,
-        now: Timestamp,
-        device: DeviceId,
-        update: Update,
-        bytes: u64,
-        out: &mut Vec<Command>,
-    ) {
-        let round = update.round;
-        let arm_rank = match self.pending_participant(device, round) {
-            Ok(p) => p.arm.rank,
-            Err(reason) => return self.reject(out, device, Some(round), reason),
-        };
-        if bytes > self.config.max_update_bytes {
-            let reason = RejectReason::TooLarge {
-                bytes,
-                limit: self.config.max_update_bytes,
-            };
-            return self.fail_and_reject(out, device, round, reason);
-        }
-        if update.adapter.rank != arm_rank {
-            let reason = RejectReason::Malformed(format!(
-                "adapter rank {} differs from the round's rank {arm_rank}",
-                update.adapter.rank
-            ));
-            return self.fail_and_reject(out, device, round, reason);
-        }
-        if let Err(reason) = check_stats(&update.stats) {
-            return self.fail_and_reject(out, device, round, reason);
-        }
-        let Some(open) = self.open.as_mut() else {
-            return;
-        };
-        let stats = update.stats;
-        let kept = update.kept.clone();
-        let contribution = Contribution {
-            device,
-            adapter: update.adapter,
-            kept: update.kept,
-            samples: stats.samples,
-        };
-        match open.aggregation.add(contribution) {
-            Ok(accepted) => {
-                let duration_ms = now.ms_since(open.started_at);
-                if let Some(p) = open.participants.get_mut(&device) {
-                    p.outcome = Outcome::Completed(Box::new(Completed {
-                        stats,
-                        kept,
-                        duration_ms,
-                        bytes_up: bytes,
-                        delta_norm: accepted.delta_norm,
-                    }));
-                }
-                self.counters.updates_accepted += 1;
-                tracing::debug!(%device, %round, delta_norm = accepted.delta_norm, "update accepted");
-                out.push(Command::Send {
-                    device,
-                    msg: Message::Ack(Ack { round }),
-                });
-                self.maybe_close_early(now, out);
-            }
-            Err(e) => self.fail_and_reject(out, device, round, e.reject_reason()),
-        }
-    }
-
-    fn on_round_failed(
-        &mut self,
-        now: Timestamp,
-        device: DeviceId,
-        failed: RoundFailed,
-        out: &mut Vec<Command>,
-    ) {
-        let round = failed.round;
-        let participant = match self.pending_participant(device, round) {
-            Ok(p) => p,
-            Err(reason) => return self.reject(out, device, Some(round), reason),
-        };
-        let kind = match failed.reason {
-            FailReason::OutOfMemory { .. } => "out_of_memory",
-            FailReason::Error(_) => "error",
-        };
-        participant.outcome = Outcome::Failed {
-            kind: kind.to_string(),
-            reason: failed.reason.to_string(),
-        };
-        let (arm, ctx) = (participant.arm, participant.ctx);
-        self.counters.round_failures += 1;
-        tracing::info!(%device, %round, reason = %failed.reason, "device could not run its round");
-        if let FailReason::OutOfMemory { .. } = failed.reason {
-            self.counters.out_of_memory += 1;
-            let result = match self.record_mut(device) {
-                Some(r) => r.bandit.record_out_of_memory(arm, &ctx),
-                None => Ok(()),
-            };
-            self.note_bandit_error(device, result);
-        }
-        self.maybe_close_early(now, out);
-    }
-
-    fn record_mut(&mut self, device: DeviceId) -> Option<&mut DeviceRecord> {
-        self.devices
-            .get_mut(&device)
-            .and_then(|e| e.record.as_mut())
-    }
-
-    fn note_bandit_error(&mut self, device: DeviceId, result: Result<(), BanditError>) {
-        if let Err(e) = result {
-            self.counters.bandit_errors += 1;
-            tracing::warn!(%device, error = %e, "bandit refused an observation");
-        }
-    }
-
-    fn maybe_close_early(&mut self, now: Timestamp, out: &mut Vec<Command>) {
-        let Some(open) = &self.open else { return };
-        if self.config.close_at_target && open.accepted() >= self.config.devices_per_round {
-            return self.close_round(now, "target_reached", out);
-        }
-        let waiting = open.participants.iter().any(|(id, p)| {
-            matches!(p.outcome, Outcome::Pending)
-                && self.devices.get(id).is_some_and(|e| e.connected)
-        });
-        if !waiting {
-            self.close_round(now, "all_answered", out);
-        }
-    }
-
-    /// The round configuration of a participant with `deadline_ms` left.
-    fn round_config(
-        &self,
-        device: DeviceId,
-        round: RoundId,
-        participant: &Participant,
-        deadline_ms: u64,
-    ) -> Result<RoundConfig, crate::aggregate::AggregateError> {
-        let full;
-        let kept = match self.device(device).and_then(|r| r.kept.as_ref()) {
-            Some(k) => k,
-            None => {
-                full = KeptIndices::full(&self.dims);
-                &full
-            }
-        };
-        let mut slice =
-            self.global
-                .global_slice(kept, participant.arm.rank, self.config.lora_alpha)?;
-        if self.config.f16_downloads {
-            slice.adapter = slice.adapter.to_f16();
-        }
-        Ok(RoundConfig {
-            round,
-            arm: participant.arm,
-            global: Some(slice),
-            deadline_ms,
-            local_steps: self.config.local_steps,
-            prune_interval_steps: self.config.prune_interval_steps,
-            learning_rate: self.config.learning_rate,
-            batch_size: self.config.batch_size,
-            seed: participant.seed,
-        })
-    }
-
-    fn try_start_round(&mut self, now: Timestamp, out: &mut Vec<Command>) {
-        if self.closed_now || self.open.is_some() || self.finished {
-            return;
-        }
-        if let Some(gate) = self.gate {
-            if now < gate {
-                return;
-            }
-            self.gate = None;
-        }
-        let idle: Vec<DeviceId> = self
-            .devices
-            .iter()
-            .filter(|(_, e)| e.connected && e.joined && e.record.is_some())
-            .map(|(id, _)| *id)
-            .collect();
-        if idle.len() < self.config.min_devices_to_start() {
-            return;
-        }
-        let k = self.config.selection_size().min(idle.len());
-        let mut picks: Vec<DeviceId> = rand::seq::index::sample(&mut self.rng, idle.len(), k)
-            .into_iter()
-            .map(|i| idle[i])
-            .collect();
-        picks.sort_unstable();
-        let aggregation = match Aggregation::new(self.dims, self.strategy.aggregate_config()) {
-            Ok(a) => a,
-            Err(e) => {
-                self.counters.aggregation_errors += 1;
-                tracing::error!(error = %e, "cannot set up the round's aggregation");
-                return;
-            }
-        };
-        let id = self.round.next();
-        let mut participants = BTreeMap::new();
-        for device in picks {
-            let Some(entry) = self.devices.get_mut(&device) else {
-                continue;
-            };
-            let Some(record) = entry.record.as_mut() else {
-                continue;
-            };
-            let ctx = DeviceContext {
-                device_id: device.0,
-                round: id.0,
-                ram_bytes: Some(record.capabilities.ram_bytes),
-                deadline_ms: Some(self.config.round_deadline_ms),
-            };
-            let arm = match self
-                .strategy
-                .choose_arm(&mut record.bandit, &ctx, &mut self.rng)
-            {
-                Ok(arm) => arm,
-                Err(BanditError::NoFeasibleArm { .. }) => {
-                    self.counters.no_feasible_arm += 1;
-                    tracing::info!(%device, round = %id, "no feasible arm left; device skipped");
-                    continue;
-                }
-                Err(e) => {
-                    self.counters.bandit_errors += 1;
-                    tracing::warn!(%device, error = %e, "bandit could not choose; device skipped");
-                    continue;
-                }
-            };
-            let seed = self.rng.random::<u64>();
-            participants.insert(
-                device,
-                Participant {
-                    arm,
-                    ctx,
-                    seed,
-                    sparsity_prev: record.sparsity,
-                    outcome: Outcome::Pending,
-                },
-            );
-        }
-        let mut configs = Vec::with_capacity(participants.len());
-        for (device, p) in &participants {
-            match self.round_config(*device, id, p, self.config.round_deadline_ms) {
-                Ok(rc) => configs.push((*device, rc)),
-                Err(e) => tracing::warn!(%device, error = %e, "cannot slice the global adapter"),
-            }
-        }
-        participants.retain(|d, _| configs.iter().any(|(c, _)| c == d));
-        if participants.is_empty() {
-            return;
-        }
-        let quorum = ((self.config.quorum_fraction * participants.len() as f64).ceil() as usize)
-            .clamp(1, participants.len());
-        self.round = id;
-        self.counters.rounds_started += 1;
-        tracing::info!(round = %id, selected = participants.len(), quorum, "round started");
-        for (device, rc) in configs {
-            if let Some(r) = self.record_mut(device) {
-                r.rounds_selected += 1;
-            }
-            out.push(Command::Send {
-                device,
-                msg: Message::RoundConfig(rc),
-            });
-        }
-        self.open = Some(OpenRound {
-            id,
-            started_at: now,
-            deadline: now.plus_ms(self.config.round_deadline_ms),
-            participants,
-            aggregation,
-            quorum,
-            rejects: BTreeMap::new(),
-        });
-    }
-
-    fn close_round(&mut self, now: Timestamp, closed_by: &str, out: &mut Vec<Command>) {
-        let Some(open) = self.open.take() else { return };
-        self.closed_now = true;
-        self.last_closed = open.id;
-        let accepted = open.accepted();
-        let quorum_met = accepted >= open.quorum;
-        let method = open.aggregation.config().method.name().to_string();
-        let OpenRound {
-            id,
-            started_at,
-            participants,
-            aggregation,
-            quorum,
-            rejects,
-            ..
-        } = open;
-        let mut aggregated = false;
-        if quorum_met {
-            match aggregation.finish(Some(&self.global)) {
-                Ok(global) => {
-                    self.global = global;
-                    aggregated = true;
-                }
-                Err(e) => {
-                    self.counters.aggregation_errors += 1;
-                    tracing::error!(round = %id, error = %e, "aggregation failed; the global adapter is unchanged");
-                }
-            }
-        }
-        if aggregated {
-            self.counters.rounds_aggregated += 1;
-        } else {
-            self.counters.rounds_abandoned += 1;
-        }
-
-        let stats: Vec<RoundStats> = participants.values().map(round_stats).collect();
-        // With quorum every selected device learns its shaped reward; without it only the
-        // devices that failed or missed learn (reward 0).
-        let rewards: Vec<Option<f64>> = if quorum_met {
-            match shape_rewards(&stats, &self.config.reward) {
-                Ok(r) => r.into_iter().map(Some).collect(),
-                Err(e) => {
-                    self.counters.bandit_errors += 1;
-                    tracing::warn!(round = %id, error = %e, "cannot shape rewards");
-                    zero_unless_completed(&participants)
-                }
-            }
-        } else {
-            zero_unless_completed(&participants)
-        };
-
-        let mut summary = RoundSummary {
-            round: id,
-            strategy: self.strategy.name().to_string(),
-            started_at,
-            closed_at: now,
-            selected: participants.keys().copied().collect(),
-            participants: Vec::new(),
-            missed: Vec::new(),
-            failed: Vec::new(),
-            rejects,
-            aggregation: method,
-            quorum,
-            quorum_met,
-            aggregated,
-            closed_by: closed_by.to_string(),
-            bytes_up: 0,
-            bytes_down: 0,
-            mean_loss_pre: None,
-            mean_loss_post: None,
-        };
-        let (mut loss_pre, mut loss_post, mut weight) = (0.0, 0.0, 0.0);
-        for ((device, p), reward) in participants.into_iter().zip(rewards) {
-            let bandit_arm = p.arm;
-            let mut results: Vec<Result<(), BanditError>> = Vec::new();
-            let Some(record) = self.record_mut(device) else {
-                continue;
-            };
-            if let Some(r) = reward {
-                results.push(record.bandit.observe(&p.ctx, bandit_arm, r));
-            }
-            match p.outcome {
-                Outcome::Completed(c) => {
-                    results.push(
-                        record
-                            .bandit
-                            .record(bandit_arm, c.stats.peak_mem_bytes, c.duration_ms, &p.ctx)
-                            .map(|_| ()),
-                    );
-                    record.kept = Some(c.kept);
-                    record.sparsity = c.stats.sparsity as f64;
-                    record.rounds_completed += 1;
-                    let w = c.stats.samples.max(1) as f64;
-                    loss_pre += w * c.stats.loss_pre as f64;
-                    loss_post += w * c.stats.loss_post as f64;
-                    weight += w;
-                    summary.bytes_up += c.bytes_up;
-                    summary.bytes_down += c.stats.bytes_down;
-                    summary.participants.push(ParticipantSummary {
-                        device,
-                        arm: p.arm,
-                        loss_pre: c.stats.loss_pre,
-                        loss_post: c.stats.loss_post,
-                        sparsity_prev: p.sparsity_prev,
-                        sparsity: c.stats.sparsity,
-                        reward: reward.unwrap_or(0.0),
-                        compute_ms: c.stats.compute_ms,
-                        duration_ms: c.duration_ms,
-                        bytes_up: c.bytes_up,
-                        bytes_down: c.stats.bytes_down,
-                        peak_mem_bytes: c.stats.peak_mem_bytes,
-                        samples: c.stats.samples,
-                        delta_norm: c.delta_norm,
-                    });
-                }
-                Outcome::Failed { kind, reason } => {
-                    record.rounds_failed += 1;
-                    summary.failed.push(FailedSummary {
-                        device,
-                        arm: p.arm,
-                        kind,
-                        reason,
-                    });
-                }
-                Outcome::Pending => {
-                    record.rounds_missed += 1;
-                    self.counters.missed += 1;
-                    summary.missed.push(device);
-                }
-            }
-            for result in results {
-                self.note_bandit_error(device, result);
-            }
-        }
-        if weight > 0.0 {
-            summary.mean_loss_pre = Some(loss_pre / weight);
-            summary.mean_loss_post = Some(loss_post / weight);
-        }
-        tracing::info!(
-            round = %id,
-            accepted,
-            quorum,
-            aggregated,
-            closed_by,
-            "round closed"
-        );
-        out.push(Command::Checkpoint);
-        out.push(Command::RoundClosed(Box::new(summary)));
-        if self.last_closed.0 >= self.config.rounds {
-            self.finish(out);
-        } else {
-            self.gate = Some(now.plus_ms(self.config.round_interval_ms));
-        }
-    }
-
-    fn finish(&mut self, out: &mut Vec<Command>) {
-        self.finished = true;
-        self.gate = None;
-        for (device, entry) in &self.devices {
-            if entry.connected {
-                out.push(Command::Send {
-                    device: *device,
-                    msg: Message::Bye(Bye {
-                        reason: ByeReason::Finished,
-                    }),
-                });
-            }
-        }
-        tracing::info!(rounds = self.last_closed.0, "training finished");
-        out.push(Command::Finished);
-    }
-
     /// Says goodbye to every connected device (the driver is shutting down) and closes the
     /// open round without aggregating it. The state stays as of the last closed round.
     pub fn shutdown(&mut self) -> Vec<Command> {
@@ -1119,60 +395,24 @@ impl Coordinator {
             })
             .collect()
     }
-}
 
-/// Refuses statistics the reward cannot use: non-finite or negative losses, sparsity outside
-/// `[0, 1]`.
-fn check_stats(stats: &UpdateStats) -> Result<(), RejectReason> {
-    let (pre, post, sparsity) = (stats.loss_pre, stats.loss_post, stats.sparsity);
-    if !(pre.is_finite() && post.is_finite() && sparsity.is_finite()) {
-        return Err(RejectReason::NonFinite);
+    /// The device's entry, created on first contact.
+    fn entry(&mut self, device: DeviceId) -> &mut DeviceEntry {
+        self.devices.entry(device).or_default()
     }
-    if pre < 0.0 || post < 0.0 {
-        return Err(RejectReason::Malformed(format!(
-            "negative loss ({pre}, {post})"
-        )));
-    }
-    if !(0.0..=1.0).contains(&sparsity) {
-        return Err(RejectReason::Malformed(format!(
-            "sparsity {sparsity} is outside [0, 1]"
-        )));
-    }
-    Ok(())
-}
 
-fn round_stats(p: &Participant) -> RoundStats {
-    let mut s = RoundStats {
-        loss_pre: 0.0,
-        loss_post: 0.0,
-        sparsity_prev: p.sparsity_prev,
-        sparsity_now: p.sparsity_prev,
-        sparsity_target: p.arm.prune_ratio.clamp(0.0, 1.0),
-        update_norm: 0.0,
-        duration_ms: 0,
-        failed: false,
-        missed_deadline: false,
-    };
-    match &p.outcome {
-        Outcome::Completed(c) => {
-            s.loss_pre = c.stats.loss_pre as f64;
-            s.loss_post = c.stats.loss_post as f64;
-            s.sparsity_now = c.stats.sparsity as f64;
-            s.update_norm = c.delta_norm;
-            s.duration_ms = c.duration_ms;
+    /// A registered device's record, for updating.
+    fn record_mut(&mut self, device: DeviceId) -> Option<&mut DeviceRecord> {
+        self.devices
+            .get_mut(&device)
+            .and_then(|e| e.record.as_mut())
+    }
+
+    /// Counts and logs a bandit's refusal (it leaves the bandit unchanged; the run goes on).
+    fn note_bandit_error(&mut self, device: DeviceId, result: Result<(), BanditError>) {
+        if let Err(e) = result {
+            self.counters.bandit_errors += 1;
+            tracing::warn!(%device, error = %e, "bandit refused an observation");
         }
-        Outcome::Failed { .. } => s.failed = true,
-        Outcome::Pending => s.missed_deadline = true,
     }
-    s
-}
-
-fn zero_unless_completed(participants: &BTreeMap<DeviceId, Participant>) -> Vec<Option<f64>> {
-    participants
-        .values()
-        .map(|p| match p.outcome {
-            Outcome::Completed(_) => None,
-            _ => Some(0.0),
-        })
-        .collect()
 }

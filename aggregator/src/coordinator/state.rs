@@ -14,8 +14,8 @@ use protocol::{Capabilities, DeviceId, KeptIndices, ModelDims, RoundId};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::summary::Counters;
 use crate::aggregate::GlobalAdapter;
-use crate::coordinator::summary::Counters;
 use crate::strategy::DeviceBandit;
 
 /// Schema version of [`CoordinatorState`] in checkpoints; bump it on any change to the

@@ -4,9 +4,8 @@
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::{AggregationMethod, CoordinatorError};
+use super::common::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
+use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// Parameters of `fedlora`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,7 +29,7 @@ pub struct FedLora {
 }
 
 impl FedLora {
-    pub fn new(common: Common, config: FedLoraConfig) -> Result<FedLora, CoordinatorError> {
+    pub fn new(common: Common, config: FedLoraConfig) -> Result<FedLora, StrategyError> {
         common.check_space(&fixed_space(0.0, config.rank).0)?;
         Ok(FedLora { common, config })
     }
@@ -46,9 +45,10 @@ impl Strategy for FedLora {
         self.common.bandit(&policy, &space)
     }
 
-    fn aggregate_config(&self) -> AggregateConfig {
-        self.common
-            .aggregation
-            .to_aggregate_config(Some(AggregationMethod::Mean), self.common.max_rank)
+    fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
+        AggregationConfig {
+            method: AggregationMethod::Mean,
+            ..configured.clone()
+        }
     }
 }

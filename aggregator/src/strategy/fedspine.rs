@@ -4,9 +4,7 @@
 use bandit::ArmSpace;
 use protocol::Capabilities;
 
-use super::{Common, DeviceBandit, Strategy, StrategyError};
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::CoordinatorError;
+use super::common::{Common, DeviceBandit, Strategy, StrategyError};
 
 /// The paper's strategy.
 #[derive(Clone, Debug)]
@@ -15,7 +13,7 @@ pub struct FedSpine {
 }
 
 impl FedSpine {
-    pub fn new(common: Common) -> Result<FedSpine, CoordinatorError> {
+    pub fn new(common: Common) -> Result<FedSpine, StrategyError> {
         common.check_space(&common.arms)?;
         Ok(FedSpine { common })
     }
@@ -33,11 +31,5 @@ impl Strategy for FedSpine {
 
     fn bandit_for(&self, _capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError> {
         self.common.bandit(&self.common.policy, &self.common.arms)
-    }
-
-    fn aggregate_config(&self) -> AggregateConfig {
-        self.common
-            .aggregation
-            .to_aggregate_config(None, self.common.max_rank)
     }
 }

@@ -3,9 +3,7 @@
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::CoordinatorError;
+use super::common::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
 
 /// Parameters of `fixed-prune`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,9 +32,9 @@ pub struct FixedPrune {
 }
 
 impl FixedPrune {
-    pub fn new(common: Common, config: FixedPruneConfig) -> Result<FixedPrune, CoordinatorError> {
+    pub fn new(common: Common, config: FixedPruneConfig) -> Result<FixedPrune, StrategyError> {
         if !(0.0..1.0).contains(&config.prune_ratio) {
-            return Err(CoordinatorError::InvalidConfig(format!(
+            return Err(StrategyError::InvalidConfig(format!(
                 "fixed-prune ratio {} is outside [0, 1)",
                 config.prune_ratio
             )));
@@ -54,11 +52,5 @@ impl Strategy for FixedPrune {
     fn bandit_for(&self, _capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError> {
         let (space, policy) = fixed_space(self.config.prune_ratio, self.config.rank);
         self.common.bandit(&policy, &space)
-    }
-
-    fn aggregate_config(&self) -> AggregateConfig {
-        self.common
-            .aggregation
-            .to_aggregate_config(None, self.common.max_rank)
     }
 }

@@ -6,9 +6,8 @@ use bandit::ArmSpace;
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{Common, DeviceBandit, Strategy, StrategyError};
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::{AggregationMethod, CoordinatorError};
+use super::common::{Common, DeviceBandit, Strategy, StrategyError};
+use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// Devices with at least `min_ram_bytes` may use ranks up to `max_rank`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,7 +76,7 @@ pub struct HetLora {
 }
 
 impl HetLora {
-    pub fn new(common: Common, config: HetLoraConfig) -> Result<HetLora, CoordinatorError> {
+    pub fn new(common: Common, config: HetLoraConfig) -> Result<HetLora, StrategyError> {
         let space = ArmSpace {
             ratio_min: 0.0,
             ratio_max: 0.0,
@@ -115,9 +114,10 @@ impl Strategy for HetLora {
         self.common.bandit(&policy, &space)
     }
 
-    fn aggregate_config(&self) -> AggregateConfig {
-        self.common
-            .aggregation
-            .to_aggregate_config(Some(AggregationMethod::Hetlora), self.common.max_rank)
+    fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
+        AggregationConfig {
+            method: AggregationMethod::HetLora,
+            ..configured.clone()
+        }
     }
 }

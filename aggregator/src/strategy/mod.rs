@@ -10,66 +10,28 @@
 //! | `fedlora` | ratio 0 x one rank | fixed | plain mean |
 //! | `fixed-prune` | one ratio x one rank | fixed | `aggregation.method` |
 //! | `ratio-bandit` | `arms` ratios x one rank | `policy` | `aggregation.method` |
+//!
+//! Strategies sit below the coordinator and never import it: they see the bandit crate, the
+//! protocol and the aggregation settings only. The coordinator passes them the run settings
+//! ([`Common`]) and the configured `[aggregation]` table, and wraps their [`StrategyError`].
+//! `common.rs` holds the trait and what all strategies share; a new strategy is one more file
+//! implementing [`Strategy`] and one more [`StrategyConfig`] variant.
 
+mod common;
 mod fedlora;
 mod fedspine;
 mod fixed_prune;
 mod hetlora;
 mod ratio_bandit;
 
-use std::fmt;
-
-use bandit::{
-    AnyPolicy, Arm, ArmSpace, BanditError, DeviceContext, FeasibilityFilter, Filtered, Policy,
-    PolicyConfig,
-};
-use protocol::Capabilities;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::{CoordinatorConfig, CoordinatorError};
-
+pub use common::{Common, DeviceBandit, Strategy, StrategyError};
 pub use fedlora::{FedLora, FedLoraConfig};
 pub use fedspine::FedSpine;
 pub use fixed_prune::{FixedPrune, FixedPruneConfig};
 pub use hetlora::{HetLora, HetLoraConfig, RankTier};
 pub use ratio_bandit::{RatioBandit, RatioBanditConfig};
-
-/// A device's learned arm choice: its policy behind its feasibility filter.
-pub type DeviceBandit = Filtered<AnyPolicy>;
-
-/// Why a strategy cannot serve a device.
-#[derive(Debug, thiserror::Error)]
-pub enum StrategyError {
-    #[error("no arm fits the device: {0}")]
-    NoArm(String),
-    #[error(transparent)]
-    Bandit(#[from] BanditError),
-}
-
-/// One federated strategy. Implementations are small: everything but these decisions is the
-/// coordinator's.
-pub trait Strategy: fmt::Debug + Send {
-    /// The strategy's config name (`fedspine`, `hetlora`, ...).
-    fn name(&self) -> &'static str;
-
-    /// A fresh bandit for a newly registered device with these capabilities.
-    fn bandit_for(&self, capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError>;
-
-    /// How this strategy aggregates a round.
-    fn aggregate_config(&self) -> AggregateConfig;
-
-    /// The arm a selected device plays this round (default: its bandit's choice).
-    fn choose_arm(
-        &self,
-        bandit: &mut DeviceBandit,
-        ctx: &DeviceContext,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<Arm, BanditError> {
-        bandit.choose(ctx, rng)
-    }
-}
 
 /// Which strategy to run; TOML `[strategy]` with a `kind` key plus the strategy's own fields.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -100,9 +62,9 @@ impl StrategyConfig {
         }
     }
 
-    /// The strategy for a run configured by `config`.
-    pub fn build(&self, config: &CoordinatorConfig) -> Result<Box<dyn Strategy>, CoordinatorError> {
-        let common = Common::from_config(config);
+    /// The strategy, with the settings every strategy shares; refuses settings that do not fit
+    /// together (a rank above `max_rank`, an invalid arm space).
+    pub fn build(&self, common: Common) -> Result<Box<dyn Strategy>, StrategyError> {
         Ok(match self {
             StrategyConfig::Fedspine => Box::new(FedSpine::new(common)?),
             StrategyConfig::Hetlora(c) => Box::new(HetLora::new(common, c.clone())?),
@@ -111,72 +73,4 @@ impl StrategyConfig {
             StrategyConfig::RatioBandit(c) => Box::new(RatioBandit::new(common, *c)?),
         })
     }
-
-    /// Checks the strategy's own fields against the rest of the config.
-    pub fn validate(&self, config: &CoordinatorConfig) -> Result<(), CoordinatorError> {
-        self.build(config).map(|_| ())
-    }
-}
-
-/// What every strategy takes from the coordinator's config.
-#[derive(Clone, Debug)]
-pub struct Common {
-    pub arms: ArmSpace,
-    pub policy: PolicyConfig,
-    pub feasibility: bandit::FeasibilityConfig,
-    pub max_rank: u32,
-    pub aggregation: crate::coordinator::AggregationConfig,
-}
-
-impl Common {
-    fn from_config(config: &CoordinatorConfig) -> Common {
-        Common {
-            arms: config.arms.clone(),
-            policy: config.policy.clone(),
-            feasibility: config.feasibility,
-            max_rank: config.max_rank,
-            aggregation: config.aggregation.clone(),
-        }
-    }
-
-    /// `policy` over `space`, behind a fresh feasibility filter.
-    fn bandit(
-        &self,
-        policy: &PolicyConfig,
-        space: &ArmSpace,
-    ) -> Result<DeviceBandit, StrategyError> {
-        Ok(Filtered::new(
-            policy.build(space)?,
-            FeasibilityFilter::new(self.feasibility)?,
-        ))
-    }
-
-    /// Refuses a space with a rank above the global adapter's.
-    fn check_space(&self, space: &ArmSpace) -> Result<(), CoordinatorError> {
-        space
-            .validate()
-            .map_err(|e| CoordinatorError::InvalidConfig(format!("arm space: {e}")))?;
-        match space.ranks.iter().find(|&&r| r > self.max_rank) {
-            Some(r) => Err(CoordinatorError::InvalidConfig(format!(
-                "rank {r} exceeds max_rank {}",
-                self.max_rank
-            ))),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A one-arm space and its fixed policy.
-fn fixed_space(prune_ratio: f64, rank: u32) -> (ArmSpace, PolicyConfig) {
-    (
-        ArmSpace {
-            ratio_min: prune_ratio,
-            ratio_max: prune_ratio,
-            ranks: vec![rank],
-        },
-        PolicyConfig::Fixed(bandit::policy::FixedConfig {
-            prune_ratio: Some(prune_ratio),
-            rank: Some(rank),
-        }),
-    )
 }

@@ -5,9 +5,7 @@ use bandit::ArmSpace;
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::{Common, DeviceBandit, Strategy, StrategyError};
-use crate::aggregate::AggregateConfig;
-use crate::coordinator::CoordinatorError;
+use super::common::{Common, DeviceBandit, Strategy, StrategyError};
 
 /// Parameters of `ratio-bandit`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,7 +29,7 @@ pub struct RatioBandit {
 }
 
 impl RatioBandit {
-    pub fn new(common: Common, config: RatioBanditConfig) -> Result<RatioBandit, CoordinatorError> {
+    pub fn new(common: Common, config: RatioBanditConfig) -> Result<RatioBandit, StrategyError> {
         let space = ArmSpace {
             ratio_min: common.arms.ratio_min,
             ratio_max: common.arms.ratio_max,
@@ -49,11 +47,5 @@ impl Strategy for RatioBandit {
 
     fn bandit_for(&self, _capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError> {
         self.common.bandit(&self.common.policy, &self.space)
-    }
-
-    fn aggregate_config(&self) -> AggregateConfig {
-        self.common
-            .aggregation
-            .to_aggregate_config(None, self.common.max_rank)
     }
 }

@@ -1,0 +1,315 @@
+//! Aggregation of heterogeneous-rank, heterogeneously pruned LoRA updates on plain buffers.
+//!
+//! # Model of an update
+//! Device `k` sends factors `A_k` (`[r_k, in_k]`) and `B_k` (`[out_k, r_k]`) per layer, in its
+//! pruned local coordinates, with scale `s_k = alpha_k / r_k`. Its kept-index maps say where
+//! each local row and column sits in the full model ([`protocol::layer_index_map`]).
+//!
+//! # Effective factors
+//! Devices may use different ranks and therefore different scales, so everything here works on
+//! *effective* factors with the scale folded in: `Ã = sqrt(s) A`, `B̃ = sqrt(s) B`, so that
+//! `s B A = B̃ Ã`. The [`GlobalAdapter`] stores effective factors in full coordinates at the
+//! aggregation's `max_rank`; [`GlobalAdapter::slice_for`] divides by `sqrt(s)` of the receiving
+//! device, so a device that does not train sends back exactly what it received.
+//!
+//! # Scatter and coordinate-wise normalisation
+//! A device's values land at its kept coordinates only; pruned coordinates are *absent*, not
+//! zero. Every accumulator keeps, next to its sums, the total weight of the devices that hold
+//! each coordinate and divides by it: a coordinate held by one device takes that device's value.
+//! Rank padding is different: a rank-4 update inside a rank-16 aggregation holds zeros in
+//! components 4..16 (HetLoRA's zero padding). A coordinate that no device holds keeps the
+//! previous global value (zero if there is none). Each projection is pruned on one side only
+//! (see [`protocol::Side`]), so holder weights are a vector along that side.
+//!
+//! # Methods
+//! - [`AggregationMethod::HetLora`] (`mean.rs`): zero-pad to `max_rank`, average `Ã` and `B̃`
+//!   with per-layer weights `w_k ∝ |B̃_k Ã_k|_F` (times the sample count when
+//!   `weight_by_samples`), normalised over the holders of each coordinate; each device later
+//!   receives the truncation to its rank. Streaming: running sums of size
+//!   `max_rank x (in + out)` per layer, whatever the device count.
+//! - [`AggregationMethod::Mean`] (`mean.rs`): the same zero-padded running sums with weights
+//!   `w_k` = sample count (or 1): FedAvg of the factors, the `fedlora` baseline.
+//! - [`AggregationMethod::Exact`] (`exact.rs`, FlexLoRA-style): `dW = Σ w_k s_k B_k A_k` per
+//!   layer in full coordinates (`w_k` = sample count, or 1), normalised over holders, then a
+//!   thin SVD (faer, `f64`) re-factors it at `max_rank`: `B̃ = U_r sqrt(S_r)`,
+//!   `Ã = sqrt(S_r) V_rᵀ`, the square root of the singular values split evenly between the
+//!   factors. Since singular triplets are ordered, truncating to a device's rank is the best
+//!   rank-`r_k` approximation ([`SvdMode::Randomized`] trades exactness for speed on large
+//!   layers). faer runs sequentially, so results do not depend on thread scheduling.
+//!   Streaming: one dense `f32` `[out, in]` running sum per layer (about 425 MB for
+//!   SmolLM2-135M), whatever the device count.
+//! - [`AggregationMethod::Median`], [`AggregationMethod::TrimmedMean`] (`robust.rs`):
+//!   coordinate-wise over the holders of each coordinate of the zero-padded effective factors
+//!   (unweighted). These must buffer every update until [`Aggregation::finish`].
+//!
+//! Every update is validated ([`protocol::validate_adapter`]: shapes, finiteness, factor norms)
+//! and its per-layer delta norms `|s B A|_F` checked against `max_layer_delta_norm` *before* it
+//! touches any accumulator. Optional norm clipping scales an update whose total delta norm
+//! exceeds `clip_norm` down to it.
+//!
+//! # Where things are
+//! `config.rs` holds the settings ([`AggregationConfig`]), `error.rs` the error,
+//! `global.rs` the [`GlobalAdapter`] and the slice a device receives, `contribution.rs` an
+//! update's validation and delta norms, `mean.rs`, `exact.rs` and `robust.rs` one method
+//! family each (clipping is in `robust.rs`); this file is the round's [`Aggregation`] that
+//! feeds each accepted update to its method and finishes into the next global adapter.
+
+mod config;
+mod contribution;
+mod error;
+mod exact;
+mod global;
+mod mean;
+mod robust;
+
+use std::borrow::Cow;
+
+use protocol::{ModelDims, Side};
+
+pub use config::{AggregationConfig, AggregationMethod, SvdMode};
+pub use contribution::{
+    check_contribution, delta_norm, layer_delta_norm, Accepted, Contribution, ContributionCheck,
+};
+pub use error::AggregateError;
+pub use global::{GlobalAdapter, GlobalLayer};
+
+use exact::ExactLayer;
+use global::layer_slot;
+use mean::MeanLayer;
+use robust::Buffered;
+
+/// What a round's aggregation holds until it finishes, by method.
+enum State {
+    /// HetLoRA and plain mean: running sums per layer ([`mean`]).
+    Mean(Vec<Option<MeanLayer>>),
+    /// Exact: a dense delta sum per layer ([`exact`]).
+    Exact(Vec<Option<ExactLayer>>),
+    /// Median and trimmed mean: every accepted update ([`robust`]).
+    Buffered(Vec<Buffered>),
+}
+
+/// One round's aggregation: feed accepted updates with [`Aggregation::add`] as they arrive,
+/// then [`Aggregation::finish`] into the next global adapter.
+pub struct Aggregation {
+    dims: ModelDims,
+    /// Rank of the global adapter; updates of a higher rank are refused.
+    max_rank: u32,
+    config: AggregationConfig,
+    state: State,
+    accepted: usize,
+}
+
+impl Aggregation {
+    /// An empty aggregation into a global adapter of rank `max_rank`.
+    pub fn new(
+        dims: ModelDims,
+        max_rank: u32,
+        config: AggregationConfig,
+    ) -> Result<Aggregation, AggregateError> {
+        protocol::validate_dims(&dims)?;
+        if max_rank == 0 {
+            return Err(AggregateError::Config("max_rank must be positive".into()));
+        }
+        if config.method == AggregationMethod::TrimmedMean {
+            let trim_fraction = config.trim_fraction;
+            if !(0.0..0.5).contains(&trim_fraction) {
+                return Err(AggregateError::Config(format!(
+                    "trim_fraction {trim_fraction} is outside [0, 0.5)"
+                )));
+            }
+        }
+        if let Some(c) = config.clip_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(AggregateError::Config(format!(
+                    "clip_norm {c} is not a positive finite number"
+                )));
+            }
+        }
+        let n = dims.n_layers();
+        let state = match config.method {
+            AggregationMethod::HetLora | AggregationMethod::Mean => {
+                State::Mean((0..n).map(|_| None).collect())
+            }
+            AggregationMethod::Exact => State::Exact((0..n).map(|_| None).collect()),
+            AggregationMethod::Median | AggregationMethod::TrimmedMean => {
+                State::Buffered(Vec::new())
+            }
+        };
+        Ok(Aggregation {
+            dims,
+            max_rank,
+            config,
+            state,
+            accepted: 0,
+        })
+    }
+
+    /// Number of updates accepted so far.
+    pub fn len(&self) -> usize {
+        self.accepted
+    }
+
+    /// Whether no update was accepted yet.
+    pub fn is_empty(&self) -> bool {
+        self.accepted == 0
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AggregationConfig {
+        &self.config
+    }
+
+    /// Rank of the global adapter this aggregation produces.
+    pub fn max_rank(&self) -> u32 {
+        self.max_rank
+    }
+
+    /// Bytes held by the accumulators (buffered updates included).
+    pub fn state_bytes(&self) -> usize {
+        match &self.state {
+            State::Mean(layers) => layers.iter().flatten().map(MeanLayer::state_bytes).sum(),
+            State::Exact(layers) => layers.iter().flatten().map(ExactLayer::state_bytes).sum(),
+            State::Buffered(v) => v.iter().map(|b| b.adapter.byte_len()).sum(),
+        }
+    }
+
+    /// Validates `contribution` and, only if it is acceptable, folds it into the state.
+    pub fn add(&mut self, contribution: Contribution) -> Result<Accepted, AggregateError> {
+        let check = check_contribution(&self.dims, self.max_rank, &self.config, &contribution)?;
+        let clip_factor = robust::clip_factor(check.delta_norm, self.config.clip_norm);
+        let sample_weight = if self.config.weight_by_samples {
+            contribution.samples.max(1) as f64
+        } else {
+            1.0
+        };
+        let scale = contribution.adapter.scale();
+        let dims = self.dims;
+        let max_rank = self.max_rank as usize;
+        let plain_mean = self.config.method == AggregationMethod::Mean;
+        match &mut self.state {
+            State::Mean(layers) => {
+                let mult = (scale * clip_factor).sqrt();
+                for (layer, norm) in contribution
+                    .adapter
+                    .layers
+                    .iter()
+                    .zip(&check.layer_delta_norms)
+                {
+                    let weight = if plain_mean {
+                        sample_weight
+                    } else {
+                        mean::hetlora_weight(*norm, clip_factor, sample_weight)
+                    };
+                    let (out_full, in_full) = dims.full_shape(layer.proj);
+                    let acc = layers[layer_slot(layer.block, layer.proj)]
+                        .get_or_insert_with(|| MeanLayer::new(out_full, in_full, max_rank));
+                    mean::add_mean_layer(
+                        &dims,
+                        acc,
+                        layer,
+                        &contribution.kept,
+                        weight * mult,
+                        weight,
+                        max_rank,
+                    );
+                }
+            }
+            State::Exact(layers) => {
+                let mult = (scale * clip_factor * sample_weight) as f32;
+                for layer in &contribution.adapter.layers {
+                    let (out_full, in_full) = dims.full_shape(layer.proj);
+                    let side = match layer.proj.pruned_side() {
+                        Side::Rows => out_full,
+                        Side::Cols => in_full,
+                    };
+                    let acc = layers[layer_slot(layer.block, layer.proj)]
+                        .get_or_insert_with(|| ExactLayer::new(out_full, in_full, side));
+                    exact::add_exact_layer(
+                        &dims,
+                        acc,
+                        layer,
+                        &contribution.kept,
+                        mult,
+                        sample_weight,
+                    );
+                }
+            }
+            State::Buffered(v) => v.push(Buffered {
+                factor_mult: (scale * clip_factor).sqrt(),
+                adapter: contribution.adapter,
+                kept: contribution.kept,
+            }),
+        }
+        self.accepted += 1;
+        tracing::debug!(
+            device = %contribution.device,
+            delta_norm = check.delta_norm,
+            clip_factor,
+            method = self.config.method.name(),
+            "update aggregated"
+        );
+        Ok(Accepted {
+            delta_norm: check.delta_norm,
+            clip_factor,
+        })
+    }
+
+    /// The next global adapter at `max_rank`. Coordinates no accepted update held keep their
+    /// value in `previous` (zero without one).
+    pub fn finish(self, previous: Option<&GlobalAdapter>) -> Result<GlobalAdapter, AggregateError> {
+        let dims = self.dims;
+        let rank = self.max_rank;
+        let prev: Option<Cow<'_, GlobalAdapter>> = match previous {
+            Some(p) if p.dims != dims => {
+                return Err(AggregateError::DimsMismatch {
+                    expected: dims,
+                    got: p.dims,
+                })
+            }
+            Some(p) if !p.is_well_formed() => return Err(AggregateError::MalformedGlobal),
+            Some(p) if p.rank == rank => Some(Cow::Borrowed(p)),
+            Some(p) => Some(Cow::Owned(p.with_rank(rank))),
+            None => None,
+        };
+        let prev_layer = |slot: usize| prev.as_ref().map(|p| &p.layers[slot]);
+        let mut layers = Vec::with_capacity(dims.n_layers());
+        match self.state {
+            State::Mean(accs) => {
+                for (slot, acc) in accs.into_iter().enumerate() {
+                    layers.push(mean::finish_mean_layer(
+                        &dims,
+                        slot,
+                        acc,
+                        prev_layer(slot),
+                        rank,
+                    ));
+                }
+            }
+            State::Exact(accs) => {
+                for (slot, acc) in accs.into_iter().enumerate() {
+                    layers.push(exact::finish_exact_layer(
+                        &dims,
+                        slot,
+                        acc,
+                        prev_layer(slot),
+                        rank,
+                        &self.config,
+                    )?);
+                }
+            }
+            State::Buffered(updates) => {
+                for slot in 0..dims.n_layers() {
+                    layers.push(robust::finish_robust_layer(
+                        &dims,
+                        slot,
+                        &updates,
+                        prev_layer(slot),
+                        rank,
+                        &self.config,
+                    ));
+                }
+            }
+        }
+        Ok(GlobalAdapter { dims, rank, layers })
+    }
+}

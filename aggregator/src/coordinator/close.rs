@@ -1,0 +1,258 @@
+//! Round close: at the deadline, when every selected device answered, or at the target count.
+//! With quorum the round's aggregation replaces the global adapter; then each selected device's
+//! bandit learns its reward, device records and counters are updated, and the round's summary
+//! is emitted after a `Checkpoint` command (and `Finished` after the last round).
+
+use std::collections::BTreeMap;
+
+use bandit::{shape_rewards, BanditError, Policy, RoundStats};
+use protocol::{Bye, ByeReason, DeviceId, Message, RoundId, Timestamp};
+
+use super::round::{OpenRound, Outcome, Participant};
+use super::summary::{FailedSummary, ParticipantSummary, RoundSummary};
+use super::{Command, Coordinator};
+use crate::aggregate::Aggregation;
+
+impl Coordinator {
+    /// Closes the open round early when `close_at_target` and enough updates were accepted,
+    /// or when no selected device that is still connected has yet to answer.
+    pub(super) fn maybe_close_early(&mut self, now: Timestamp, out: &mut Vec<Command>) {
+        let Some(open) = &self.open else { return };
+        if self.config.close_at_target && open.accepted() >= self.config.devices_per_round {
+            return self.close_round(now, "target_reached", out);
+        }
+        let waiting = open.participants.iter().any(|(id, p)| {
+            matches!(p.outcome, Outcome::Pending)
+                && self.devices.get(id).is_some_and(|e| e.connected)
+        });
+        if !waiting {
+            self.close_round(now, "all_answered", out);
+        }
+    }
+
+    /// Closes the open round (`closed_by` says why, for the summary): aggregates it with
+    /// quorum, lets every selected device's bandit learn, updates the device records and
+    /// emits `Checkpoint` then `RoundClosed` (and `Finished` after the last round).
+    pub(super) fn close_round(&mut self, now: Timestamp, closed_by: &str, out: &mut Vec<Command>) {
+        let Some(open) = self.open.take() else { return };
+        self.closed_now = true;
+        self.last_closed = open.id;
+        let accepted = open.accepted();
+        let quorum_met = accepted >= open.quorum;
+        let method = open.aggregation.config().method.name().to_string();
+        let OpenRound {
+            id,
+            started_at,
+            participants,
+            aggregation,
+            quorum,
+            rejects,
+            ..
+        } = open;
+        let aggregated = quorum_met && self.merge_round(id, aggregation);
+        if aggregated {
+            self.counters.rounds_aggregated += 1;
+        } else {
+            self.counters.rounds_abandoned += 1;
+        }
+        let rewards = self.round_rewards(id, quorum_met, &participants);
+
+        let mut summary = RoundSummary {
+            round: id,
+            strategy: self.strategy.name().to_string(),
+            started_at,
+            closed_at: now,
+            selected: participants.keys().copied().collect(),
+            participants: Vec::new(),
+            missed: Vec::new(),
+            failed: Vec::new(),
+            rejects,
+            aggregation: method,
+            quorum,
+            quorum_met,
+            aggregated,
+            closed_by: closed_by.to_string(),
+            bytes_up: 0,
+            bytes_down: 0,
+            mean_loss_pre: None,
+            mean_loss_post: None,
+        };
+        let (mut loss_pre, mut loss_post, mut weight) = (0.0, 0.0, 0.0);
+        for ((device, p), reward) in participants.into_iter().zip(rewards) {
+            let mut results: Vec<Result<(), BanditError>> = Vec::new();
+            let Some(record) = self.record_mut(device) else {
+                continue;
+            };
+            if let Some(r) = reward {
+                results.push(record.bandit.observe(&p.ctx, p.arm, r));
+            }
+            match p.outcome {
+                Outcome::Completed(c) => {
+                    results.push(
+                        record
+                            .bandit
+                            .record(p.arm, c.stats.peak_mem_bytes, c.duration_ms, &p.ctx)
+                            .map(|_| ()),
+                    );
+                    record.kept = Some(c.kept);
+                    record.sparsity = c.stats.sparsity as f64;
+                    record.rounds_completed += 1;
+                    let w = c.stats.samples.max(1) as f64;
+                    loss_pre += w * c.stats.loss_pre as f64;
+                    loss_post += w * c.stats.loss_post as f64;
+                    weight += w;
+                    summary.bytes_up += c.bytes_up;
+                    summary.bytes_down += c.stats.bytes_down;
+                    summary.participants.push(ParticipantSummary {
+                        device,
+                        arm: p.arm,
+                        loss_pre: c.stats.loss_pre,
+                        loss_post: c.stats.loss_post,
+                        sparsity_prev: p.sparsity_prev,
+                        sparsity: c.stats.sparsity,
+                        reward: reward.unwrap_or(0.0),
+                        compute_ms: c.stats.compute_ms,
+                        duration_ms: c.duration_ms,
+                        bytes_up: c.bytes_up,
+                        bytes_down: c.stats.bytes_down,
+                        peak_mem_bytes: c.stats.peak_mem_bytes,
+                        samples: c.stats.samples,
+                        delta_norm: c.delta_norm,
+                    });
+                }
+                Outcome::Failed { kind, reason } => {
+                    record.rounds_failed += 1;
+                    summary.failed.push(FailedSummary {
+                        device,
+                        arm: p.arm,
+                        kind,
+                        reason,
+                    });
+                }
+                Outcome::Pending => {
+                    record.rounds_missed += 1;
+                    self.counters.missed += 1;
+                    summary.missed.push(device);
+                }
+            }
+            for result in results {
+                self.note_bandit_error(device, result);
+            }
+        }
+        if weight > 0.0 {
+            summary.mean_loss_pre = Some(loss_pre / weight);
+            summary.mean_loss_post = Some(loss_post / weight);
+        }
+        tracing::info!(
+            round = %id,
+            accepted,
+            quorum,
+            aggregated,
+            closed_by,
+            "round closed"
+        );
+        out.push(Command::Checkpoint);
+        out.push(Command::RoundClosed(Box::new(summary)));
+        if self.last_closed.0 >= self.config.rounds {
+            self.finish(out);
+        } else {
+            self.gate = Some(now.plus_ms(self.config.round_interval_ms));
+        }
+    }
+
+    /// Finishes the round's aggregation into the next global adapter; `false` (and the global
+    /// adapter unchanged) when it fails.
+    fn merge_round(&mut self, id: RoundId, aggregation: Aggregation) -> bool {
+        match aggregation.finish(Some(&self.global)) {
+            Ok(global) => {
+                self.global = global;
+                true
+            }
+            Err(e) => {
+                self.counters.aggregation_errors += 1;
+                tracing::error!(round = %id, error = %e, "aggregation failed; the global adapter is unchanged");
+                false
+            }
+        }
+    }
+
+    /// Each participant's bandit reward, in participant order: with quorum every selected
+    /// device gets its shaped reward (`bandit::shape_rewards` of its round statistics);
+    /// without it only the devices that failed or missed learn (reward 0), and `None` means
+    /// "learns nothing this round".
+    fn round_rewards(
+        &mut self,
+        id: RoundId,
+        quorum_met: bool,
+        participants: &BTreeMap<DeviceId, Participant>,
+    ) -> Vec<Option<f64>> {
+        if !quorum_met {
+            return zero_unless_completed(participants);
+        }
+        let stats: Vec<RoundStats> = participants.values().map(round_stats).collect();
+        match shape_rewards(&stats, &self.config.reward) {
+            Ok(r) => r.into_iter().map(Some).collect(),
+            Err(e) => {
+                self.counters.bandit_errors += 1;
+                tracing::warn!(round = %id, error = %e, "cannot shape rewards");
+                zero_unless_completed(participants)
+            }
+        }
+    }
+
+    /// Marks the run finished and says goodbye to every connected device.
+    fn finish(&mut self, out: &mut Vec<Command>) {
+        self.finished = true;
+        self.gate = None;
+        for (device, entry) in &self.devices {
+            if entry.connected {
+                out.push(Command::Send {
+                    device: *device,
+                    msg: Message::Bye(Bye {
+                        reason: ByeReason::Finished,
+                    }),
+                });
+            }
+        }
+        tracing::info!(rounds = self.last_closed.0, "training finished");
+        out.push(Command::Finished);
+    }
+}
+
+/// What the reward shaping sees of a participant's round (failed and missed ones included).
+fn round_stats(p: &Participant) -> RoundStats {
+    let mut s = RoundStats {
+        loss_pre: 0.0,
+        loss_post: 0.0,
+        sparsity_prev: p.sparsity_prev,
+        sparsity_now: p.sparsity_prev,
+        sparsity_target: p.arm.prune_ratio.clamp(0.0, 1.0),
+        update_norm: 0.0,
+        duration_ms: 0,
+        failed: false,
+        missed_deadline: false,
+    };
+    match &p.outcome {
+        Outcome::Completed(c) => {
+            s.loss_pre = c.stats.loss_pre as f64;
+            s.loss_post = c.stats.loss_post as f64;
+            s.sparsity_now = c.stats.sparsity as f64;
+            s.update_norm = c.delta_norm;
+            s.duration_ms = c.duration_ms;
+        }
+        Outcome::Failed { .. } => s.failed = true,
+        Outcome::Pending => s.missed_deadline = true,
+    }
+    s
+}
+
+/// Reward 0 for failed and missed participants, nothing for those that completed.
+fn zero_unless_completed(participants: &BTreeMap<DeviceId, Participant>) -> Vec<Option<f64>> {
+    participants
+        .values()
+        .map(|p| match p.outcome {
+            Outcome::Completed(_) => None,
+            _ => Some(0.0),
+        })
+        .collect()
+}

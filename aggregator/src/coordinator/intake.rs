@@ -1,0 +1,391 @@
+//! Intake: what the coordinator does with each event and message. Connections, joins
+//! (version, identity, allow-list, a bandit for a new device, the round configuration re-sent
+//! to a selected device that comes back), updates (round, selection, duplicates, size, rank,
+//! statistics, then the aggregation's validation of shapes, finiteness and norms) and reported
+//! failures. Anything wrong is a `Reject` with a reason and a counter, never a panic or an
+//! `Err`.
+
+use protocol::{
+    Ack, Bye, ByeReason, DeviceId, FailReason, Join, Message, Reject, RejectReason, RoundFailed,
+    RoundId, Timestamp, Update, UpdateStats, Welcome, PROTOCOL_VERSION,
+};
+
+use super::round::{Completed, Outcome, Participant};
+use super::{Command, Coordinator, DeviceRecord};
+use crate::aggregate::Contribution;
+
+impl Coordinator {
+    /// A connection is up: the device must join (again) before anything else counts.
+    pub(super) fn on_connected(&mut self, device: DeviceId) {
+        self.counters.connections += 1;
+        let entry = self.entry(device);
+        if entry.connected {
+            tracing::debug!(%device, "connection replaced by a new one");
+        }
+        entry.connected = true;
+        entry.joined = false;
+    }
+
+    /// A connection ended: the device stays registered, and the open round closes if no
+    /// connected participant still owes an answer.
+    pub(super) fn on_disconnected(
+        &mut self,
+        now: Timestamp,
+        device: DeviceId,
+        out: &mut Vec<Command>,
+    ) {
+        if let Some(entry) = self.devices.get_mut(&device) {
+            if entry.connected {
+                self.counters.disconnects += 1;
+                tracing::debug!(%device, "device disconnected");
+            }
+            entry.connected = false;
+            entry.joined = false;
+        }
+        self.maybe_close_early(now, out);
+    }
+
+    /// Refuses a message: counts the reject by kind (run and open round) and tells the device.
+    fn reject(
+        &mut self,
+        out: &mut Vec<Command>,
+        device: DeviceId,
+        round: Option<RoundId>,
+        reason: RejectReason,
+    ) {
+        let kind = reason.kind().to_string();
+        tracing::debug!(%device, ?round, %reason, "message rejected");
+        *self.counters.rejects.entry(kind.clone()).or_default() += 1;
+        if let Some(open) = &mut self.open {
+            *open.rejects.entry(kind).or_default() += 1;
+        }
+        out.push(Command::Send {
+            device,
+            msg: Message::Reject(Reject { round, reason }),
+        });
+    }
+
+    /// Dispatches one message; updates and failures need a joined device.
+    pub(super) fn on_message(
+        &mut self,
+        now: Timestamp,
+        device: DeviceId,
+        msg: Message,
+        bytes: u64,
+        out: &mut Vec<Command>,
+    ) {
+        self.counters.bytes_received += bytes;
+        // A driver reports Connected first; be lenient if it did not.
+        let entry = self.entry(device);
+        entry.connected = true;
+        let joined = entry.joined;
+        match msg {
+            Message::Join(join) => self.on_join(now, device, join, out),
+            Message::Update(update) if joined => self.on_update(now, device, update, bytes, out),
+            Message::RoundFailed(failed) if joined => {
+                self.on_round_failed(now, device, failed, out)
+            }
+            Message::Update(Update { round, .. })
+            | Message::RoundFailed(RoundFailed { round, .. }) => {
+                self.reject(out, device, Some(round), RejectReason::NotJoined)
+            }
+            Message::Heartbeat(_) => self.counters.heartbeats += 1,
+            Message::Bye(_) => {
+                out.push(Command::Disconnect {
+                    device,
+                    reason: "the device said goodbye".into(),
+                });
+                self.on_disconnected(now, device, out);
+            }
+            other => self.reject(
+                out,
+                device,
+                None,
+                RejectReason::Unexpected(other.kind().to_string()),
+            ),
+        }
+    }
+
+    /// Refuses a join and closes the connection.
+    fn refuse_join(&mut self, out: &mut Vec<Command>, device: DeviceId, reason: RejectReason) {
+        let text = reason.to_string();
+        self.reject(out, device, None, reason);
+        out.push(Command::Disconnect {
+            device,
+            reason: text,
+        });
+        if let Some(entry) = self.devices.get_mut(&device) {
+            entry.joined = false;
+        }
+    }
+
+    /// Checks a join (version, identity, allow-list), registers the device (a fresh bandit on
+    /// its first join or other RAM), welcomes it, and re-sends its round configuration when it
+    /// was selected and has not answered yet.
+    fn on_join(&mut self, now: Timestamp, device: DeviceId, join: Join, out: &mut Vec<Command>) {
+        if let Err(reason) = join.check(device) {
+            return self.refuse_join(out, device, reason);
+        }
+        if !self.config.allowed_devices.is_empty()
+            && !self.config.allowed_devices.contains(&device.0)
+        {
+            return self.refuse_join(out, device, RejectReason::UnknownDevice(device));
+        }
+        let caps = join.capabilities;
+        let fresh = match self.devices.get(&device).and_then(|e| e.record.as_ref()) {
+            None => true,
+            // Other hardware under the same identity: what its bandit learned no longer holds.
+            Some(r) => r.capabilities.ram_bytes != caps.ram_bytes,
+        };
+        let bandit = if fresh {
+            match self.strategy.bandit_for(&caps) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    return self.refuse_join(out, device, RejectReason::Unsupported(e.to_string()))
+                }
+            }
+        } else {
+            None
+        };
+        let entry = self.entry(device);
+        match (entry.record.as_mut(), bandit) {
+            (Some(record), bandit) => {
+                if let Some(b) = bandit {
+                    tracing::info!(%device, "device re-joined with other RAM; its bandit starts over");
+                    record.bandit = b;
+                }
+                record.capabilities = caps;
+            }
+            (None, Some(bandit)) => {
+                entry.record = Some(DeviceRecord {
+                    id: device,
+                    capabilities: caps,
+                    bandit,
+                    kept: None,
+                    sparsity: 0.0,
+                    rounds_selected: 0,
+                    rounds_completed: 0,
+                    rounds_failed: 0,
+                    rounds_missed: 0,
+                })
+            }
+            // A device without a record always gets a fresh bandit above.
+            (None, None) => return,
+        }
+        entry.joined = true;
+        self.counters.joins += 1;
+        tracing::debug!(%device, "device joined");
+        out.push(Command::Send {
+            device,
+            msg: Message::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                device_id: device,
+                model: self.dims,
+                lora_alpha: self.config.lora_alpha,
+                heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            }),
+        });
+        if self.finished {
+            out.push(Command::Send {
+                device,
+                msg: Message::Bye(Bye {
+                    reason: ByeReason::Finished,
+                }),
+            });
+            return;
+        }
+        // A selected device that comes back before answering gets its configuration again.
+        let resend = self.open.as_ref().and_then(|open| {
+            let p = open.participants.get(&device)?;
+            matches!(p.outcome, Outcome::Pending)
+                .then(|| (open.id, p.clone(), open.deadline.ms_since(now)))
+        });
+        if let Some((round, participant, left_ms)) = resend {
+            match self.round_config(device, round, &participant, left_ms) {
+                Ok(rc) => out.push(Command::Send {
+                    device,
+                    msg: Message::RoundConfig(rc),
+                }),
+                Err(e) => {
+                    tracing::warn!(%device, error = %e, "cannot re-send the round configuration")
+                }
+            }
+        }
+    }
+
+    /// Where a device's answer about `round` stands: `Ok` when it is for the open round, or the
+    /// reason to refuse it.
+    fn check_answer_round(&self, round: RoundId) -> Result<(), RejectReason> {
+        match &self.open {
+            Some(open) if open.id == round => Ok(()),
+            _ if round > self.round => Err(RejectReason::Malformed(format!(
+                "{round} has not started (latest is {})",
+                self.round
+            ))),
+            _ if round < self.round => Err(RejectReason::StaleRound {
+                got: round,
+                current: self.round,
+            }),
+            _ => Err(RejectReason::LateUpdate(round)),
+        }
+    }
+
+    /// The pending participant `device` of the open round, or the reason to refuse its answer.
+    fn pending_participant(
+        &mut self,
+        device: DeviceId,
+        round: RoundId,
+    ) -> Result<&mut Participant, RejectReason> {
+        self.check_answer_round(round)?;
+        let open = self.open.as_mut().ok_or(RejectReason::LateUpdate(round))?;
+        let p = open
+            .participants
+            .get_mut(&device)
+            .ok_or(RejectReason::NotSelected(round))?;
+        match p.outcome {
+            Outcome::Pending => Ok(p),
+            _ => Err(RejectReason::DuplicateUpdate(round)),
+        }
+    }
+
+    /// Marks a pending participant failed and refuses its message.
+    fn fail_and_reject(
+        &mut self,
+        out: &mut Vec<Command>,
+        device: DeviceId,
+        round: RoundId,
+        reason: RejectReason,
+    ) {
+        if let Ok(p) = self.pending_participant(device, round) {
+            p.outcome = Outcome::Failed {
+                kind: reason.kind().to_string(),
+                reason: reason.to_string(),
+            };
+        }
+        self.reject(out, device, Some(round), reason);
+    }
+
+    /// Checks an update (round, selection, duplicate, frame size, rank, statistics) and folds it
+    /// into the round's aggregation, which validates shapes, finiteness and norms; any refusal
+    /// marks the participant failed and is a `Reject` with its reason.
+    fn on_update(
+        &mut self,
+        now: Timestamp,
+        device: DeviceId,
+        update: Update,
+        bytes: u64,
+        out: &mut Vec<Command>,
+    ) {
+        let round = update.round;
+        let arm_rank = match self.pending_participant(device, round) {
+            Ok(p) => p.arm.rank,
+            Err(reason) => return self.reject(out, device, Some(round), reason),
+        };
+        if bytes > self.config.max_update_bytes {
+            let reason = RejectReason::TooLarge {
+                bytes,
+                limit: self.config.max_update_bytes,
+            };
+            return self.fail_and_reject(out, device, round, reason);
+        }
+        if update.adapter.rank != arm_rank {
+            let reason = RejectReason::Malformed(format!(
+                "adapter rank {} differs from the round's rank {arm_rank}",
+                update.adapter.rank
+            ));
+            return self.fail_and_reject(out, device, round, reason);
+        }
+        if let Err(reason) = check_stats(&update.stats) {
+            return self.fail_and_reject(out, device, round, reason);
+        }
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        let stats = update.stats;
+        let kept = update.kept.clone();
+        let contribution = Contribution {
+            device,
+            adapter: update.adapter,
+            kept: update.kept,
+            samples: stats.samples,
+        };
+        match open.aggregation.add(contribution) {
+            Ok(accepted) => {
+                let duration_ms = now.ms_since(open.started_at);
+                if let Some(p) = open.participants.get_mut(&device) {
+                    p.outcome = Outcome::Completed(Box::new(Completed {
+                        stats,
+                        kept,
+                        duration_ms,
+                        bytes_up: bytes,
+                        delta_norm: accepted.delta_norm,
+                    }));
+                }
+                self.counters.updates_accepted += 1;
+                tracing::debug!(%device, %round, delta_norm = accepted.delta_norm, "update accepted");
+                out.push(Command::Send {
+                    device,
+                    msg: Message::Ack(Ack { round }),
+                });
+                self.maybe_close_early(now, out);
+            }
+            Err(e) => self.fail_and_reject(out, device, round, e.reject_reason()),
+        }
+    }
+
+    /// A device could not run its round: it is marked failed (reward 0 at the close), and an
+    /// out-of-memory report teaches its feasibility filter.
+    fn on_round_failed(
+        &mut self,
+        now: Timestamp,
+        device: DeviceId,
+        failed: RoundFailed,
+        out: &mut Vec<Command>,
+    ) {
+        let round = failed.round;
+        let participant = match self.pending_participant(device, round) {
+            Ok(p) => p,
+            Err(reason) => return self.reject(out, device, Some(round), reason),
+        };
+        let kind = match failed.reason {
+            FailReason::OutOfMemory { .. } => "out_of_memory",
+            FailReason::Error(_) => "error",
+        };
+        participant.outcome = Outcome::Failed {
+            kind: kind.to_string(),
+            reason: failed.reason.to_string(),
+        };
+        let (arm, ctx) = (participant.arm, participant.ctx);
+        self.counters.round_failures += 1;
+        tracing::info!(%device, %round, reason = %failed.reason, "device could not run its round");
+        if let FailReason::OutOfMemory { .. } = failed.reason {
+            self.counters.out_of_memory += 1;
+            let result = match self.record_mut(device) {
+                Some(r) => r.bandit.record_out_of_memory(arm, &ctx),
+                None => Ok(()),
+            };
+            self.note_bandit_error(device, result);
+        }
+        self.maybe_close_early(now, out);
+    }
+}
+
+/// Refuses statistics the reward cannot use: non-finite or negative losses, sparsity outside
+/// `[0, 1]`.
+fn check_stats(stats: &UpdateStats) -> Result<(), RejectReason> {
+    let (pre, post, sparsity) = (stats.loss_pre, stats.loss_post, stats.sparsity);
+    if !(pre.is_finite() && post.is_finite() && sparsity.is_finite()) {
+        return Err(RejectReason::NonFinite);
+    }
+    if pre < 0.0 || post < 0.0 {
+        return Err(RejectReason::Malformed(format!(
+            "negative loss ({pre}, {post})"
+        )));
+    }
+    if !(0.0..=1.0).contains(&sparsity) {
+        return Err(RejectReason::Malformed(format!(
+            "sparsity {sparsity} is outside [0, 1]"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Selection: the start of a round. Once enough joined devices are idle, a seeded sample of
+//! them (with over-selection) is chosen, each one's bandit picks its arm, and each is sent its
+//! `RoundConfig` with its slice of the global adapter.
+
+use std::collections::BTreeMap;
+
+use bandit::{BanditError, DeviceContext};
+use protocol::{DeviceId, KeptIndices, Message, RoundConfig, RoundId, Timestamp};
+use rand::Rng;
+
+use super::round::{OpenRound, Outcome, Participant};
+use super::{Command, Coordinator};
+use crate::aggregate::{AggregateError, Aggregation};
+
+impl Coordinator {
+    /// The round configuration of a participant with `deadline_ms` left.
+    pub(super) fn round_config(
+        &self,
+        device: DeviceId,
+        round: RoundId,
+        participant: &Participant,
+        deadline_ms: u64,
+    ) -> Result<RoundConfig, AggregateError> {
+        let full;
+        let kept = match self.device(device).and_then(|r| r.kept.as_ref()) {
+            Some(k) => k,
+            None => {
+                full = KeptIndices::full(&self.dims);
+                &full
+            }
+        };
+        let mut slice =
+            self.global
+                .global_slice(kept, participant.arm.rank, self.config.lora_alpha)?;
+        if self.config.f16_downloads {
+            slice.adapter = slice.adapter.to_f16();
+        }
+        Ok(RoundConfig {
+            round,
+            arm: participant.arm,
+            global: Some(slice),
+            deadline_ms,
+            local_steps: self.config.local_steps,
+            prune_interval_steps: self.config.prune_interval_steps,
+            learning_rate: self.config.learning_rate,
+            batch_size: self.config.batch_size,
+            seed: participant.seed,
+        })
+    }
+
+    /// Starts a round when none is open, the interval since the last close passed and enough
+    /// joined devices are idle: samples them with the seeded generator, asks each one's bandit
+    /// (through the strategy) for its arm, and sends each its `RoundConfig`.
+    pub(super) fn try_start_round(&mut self, now: Timestamp, out: &mut Vec<Command>) {
+        if self.closed_now || self.open.is_some() || self.finished {
+            return;
+        }
+        if let Some(gate) = self.gate {
+            if now < gate {
+                return;
+            }
+            self.gate = None;
+        }
+        let idle: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(_, e)| e.connected && e.joined && e.record.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if idle.len() < self.config.min_devices_to_start() {
+            return;
+        }
+        let k = self.config.selection_size().min(idle.len());
+        let mut picks: Vec<DeviceId> = rand::seq::index::sample(&mut self.rng, idle.len(), k)
+            .into_iter()
+            .map(|i| idle[i])
+            .collect();
+        picks.sort_unstable();
+        let aggregation_config = self.strategy.aggregation(&self.config.aggregation);
+        let aggregation =
+            match Aggregation::new(self.dims, self.config.max_rank, aggregation_config) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.counters.aggregation_errors += 1;
+                    tracing::error!(error = %e, "cannot set up the round's aggregation");
+                    return;
+                }
+            };
+        let id = self.round.next();
+        let mut participants = BTreeMap::new();
+        for device in picks {
+            let Some(entry) = self.devices.get_mut(&device) else {
+                continue;
+            };
+            let Some(record) = entry.record.as_mut() else {
+                continue;
+            };
+            let ctx = DeviceContext {
+                device_id: device.0,
+                round: id.0,
+                ram_bytes: Some(record.capabilities.ram_bytes),
+                deadline_ms: Some(self.config.round_deadline_ms),
+            };
+            let arm = match self
+                .strategy
+                .choose_arm(&mut record.bandit, &ctx, &mut self.rng)
+            {
+                Ok(arm) => arm,
+                Err(BanditError::NoFeasibleArm { .. }) => {
+                    self.counters.no_feasible_arm += 1;
+                    tracing::info!(%device, round = %id, "no feasible arm left; device skipped");
+                    continue;
+                }
+                Err(e) => {
+                    self.counters.bandit_errors += 1;
+                    tracing::warn!(%device, error = %e, "bandit could not choose; device skipped");
+                    continue;
+                }
+            };
+            let seed = self.rng.random::<u64>();
+            participants.insert(
+                device,
+                Participant {
+                    arm,
+                    ctx,
+                    seed,
+                    sparsity_prev: record.sparsity,
+                    outcome: Outcome::Pending,
+                },
+            );
+        }
+        let mut configs = Vec::with_capacity(participants.len());
+        for (device, p) in &participants {
+            match self.round_config(*device, id, p, self.config.round_deadline_ms) {
+                Ok(rc) => configs.push((*device, rc)),
+                Err(e) => tracing::warn!(%device, error = %e, "cannot slice the global adapter"),
+            }
+        }
+        participants.retain(|d, _| configs.iter().any(|(c, _)| c == d));
+        if participants.is_empty() {
+            return;
+        }
+        let quorum = ((self.config.quorum_fraction * participants.len() as f64).ceil() as usize)
+            .clamp(1, participants.len());
+        self.round = id;
+        self.counters.rounds_started += 1;
+        tracing::info!(round = %id, selected = participants.len(), quorum, "round started");
+        for (device, rc) in configs {
+            if let Some(r) = self.record_mut(device) {
+                r.rounds_selected += 1;
+            }
+            out.push(Command::Send {
+                device,
+                msg: Message::RoundConfig(rc),
+            });
+        }
+        self.open = Some(OpenRound {
+            id,
+            started_at: now,
+            deadline: now.plus_ms(self.config.round_deadline_ms),
+            participants,
+            aggregation,
+            quorum,
+            rejects: BTreeMap::new(),
+        });
+    }
+}

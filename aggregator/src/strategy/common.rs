@@ -1,0 +1,110 @@
+//! What every strategy shares: the [`Strategy`] trait, its error, the device bandit type, and
+//! the run settings the coordinator passes in ([`Common`]).
+
+use std::fmt;
+
+use bandit::{
+    AnyPolicy, Arm, ArmSpace, BanditError, DeviceContext, FeasibilityFilter, Filtered, Policy,
+    PolicyConfig,
+};
+use protocol::Capabilities;
+use rand_chacha::ChaCha8Rng;
+
+use crate::aggregate::AggregationConfig;
+
+/// A device's learned arm choice: its policy behind its feasibility filter.
+pub type DeviceBandit = Filtered<AnyPolicy>;
+
+/// Why a strategy cannot be built from its config, or cannot serve a device. The coordinator
+/// wraps it (`CoordinatorError::Strategy`) or turns it into a reject.
+#[derive(Debug, thiserror::Error)]
+pub enum StrategyError {
+    /// The strategy's settings do not fit together (shown after "invalid coordinator config: ").
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("no arm fits the device: {0}")]
+    NoArm(String),
+    #[error(transparent)]
+    Bandit(#[from] BanditError),
+}
+
+/// One federated strategy. Implementations are small: everything but these decisions is the
+/// coordinator's.
+pub trait Strategy: fmt::Debug + Send {
+    /// The strategy's config name (`fedspine`, `hetlora`, ...).
+    fn name(&self) -> &'static str;
+
+    /// A fresh bandit for a newly registered device with these capabilities.
+    fn bandit_for(&self, capabilities: &Capabilities) -> Result<DeviceBandit, StrategyError>;
+
+    /// How this strategy aggregates a round, given the configured `[aggregation]` settings
+    /// (default: as configured).
+    fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
+        configured.clone()
+    }
+
+    /// The arm a selected device plays this round (default: its bandit's choice).
+    fn choose_arm(
+        &self,
+        bandit: &mut DeviceBandit,
+        ctx: &DeviceContext,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Arm, BanditError> {
+        bandit.choose(ctx, rng)
+    }
+}
+
+/// The run's settings every strategy takes (the coordinator fills them from its config).
+#[derive(Clone, Debug)]
+pub struct Common {
+    /// Pruning ratios and LoRA ranks arms are drawn from.
+    pub arms: ArmSpace,
+    /// The bandit of adaptive strategies.
+    pub policy: PolicyConfig,
+    pub feasibility: bandit::FeasibilityConfig,
+    /// Rank of the global adapter; no arm may use a higher one.
+    pub max_rank: u32,
+}
+
+impl Common {
+    /// `policy` over `space`, behind a fresh feasibility filter.
+    pub(super) fn bandit(
+        &self,
+        policy: &PolicyConfig,
+        space: &ArmSpace,
+    ) -> Result<DeviceBandit, StrategyError> {
+        Ok(Filtered::new(
+            policy.build(space)?,
+            FeasibilityFilter::new(self.feasibility)?,
+        ))
+    }
+
+    /// Refuses a space with a rank above the global adapter's.
+    pub(super) fn check_space(&self, space: &ArmSpace) -> Result<(), StrategyError> {
+        space
+            .validate()
+            .map_err(|e| StrategyError::InvalidConfig(format!("arm space: {e}")))?;
+        match space.ranks.iter().find(|&&r| r > self.max_rank) {
+            Some(r) => Err(StrategyError::InvalidConfig(format!(
+                "rank {r} exceeds max_rank {}",
+                self.max_rank
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A one-arm space and its fixed policy.
+pub(super) fn fixed_space(prune_ratio: f64, rank: u32) -> (ArmSpace, PolicyConfig) {
+    (
+        ArmSpace {
+            ratio_min: prune_ratio,
+            ratio_max: prune_ratio,
+            ranks: vec![rank],
+        },
+        PolicyConfig::Fixed(bandit::policy::FixedConfig {
+            prune_ratio: Some(prune_ratio),
+            rank: Some(rank),
+        }),
+    )
+}
