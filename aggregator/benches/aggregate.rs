@@ -4,9 +4,7 @@
 //! `cargo bench -p aggregator --bench aggregate [-- --devices N --clients N --skip-aggregate
 //! --skip-transport]`. Prints a Markdown report to stdout.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,50 +15,11 @@ use aggregator::pki;
 use protocol::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use test_support::{peak_bytes, reset_peak, CountingAllocator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Counts live heap bytes and their peak.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(size: usize) {
-    let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size >= layout.size() {
-            grew(new_size - layout.size());
-        } else {
-            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64
@@ -212,7 +171,7 @@ fn bench_aggregation(devices: usize) {
         let t1 = Instant::now();
         let global = agg.finish(None).expect("finish");
         let t_finish = t1.elapsed();
-        let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+        let peak = peak_bytes().saturating_sub(base);
         // The batch is cloned before `base`: buffering methods take ownership of updates that
         // already exist, so the peak counts only what aggregation itself allocates.
         println!(

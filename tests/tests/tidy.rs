@@ -110,7 +110,7 @@ fn may_do_io(r: &str) -> bool {
         || r.starts_with("tests/")
         || r.contains("/tests/")
         || r.contains("/benches/")
-        || r.starts_with("aggregator/src/transport")
+        || r.starts_with("transport/src/")
         || r.starts_with("aggregator/src/server")
         || r.starts_with("aggregator/src/pki")
         || r.starts_with("device-agent/src/client")
