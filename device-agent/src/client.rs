@@ -37,6 +37,7 @@ use crate::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
 };
 use crate::tokenizer::Tok;
+use crate::user_data::UserDataConfig;
 use crate::workload::{ClsShard, LmShard, SpamTask};
 use crate::{assets, data, weights, wire};
 
@@ -58,6 +59,14 @@ pub struct JoinArgs {
     /// Local data: sotu, spam, moby-dick, or synthetic (with --model tiny).
     #[arg(long, default_value = "sotu")]
     pub dataset: String,
+    /// Train on your own files instead of a bundled data set: a file or a directory of
+    /// `.txt`/`.md` text and `.jsonl` records (text, chat, instruction or classification; see
+    /// README).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Share of your own data (`--data`) held out for evaluation (seeded; at least one item).
+    #[arg(long, default_value_t = 0.1)]
+    pub test_fraction: f64,
     /// SOTU: inclusive year range.
     #[arg(long, default_value = "2001-2021")]
     pub years: String,
@@ -240,6 +249,17 @@ fn load_data(args: &JoinArgs, base: &Llama, tok: Option<&Tok>) -> Result<LocalDa
             .map_err(|e| setup("tokenising the data")(e.to_string()))?;
         Ok(LocalData::Lm(shard))
     };
+    if let Some(path) = &args.data {
+        let what = format!("--data {}", path.display());
+        let tok = tok.ok_or_else(|| setup(what.clone())("this model has no tokenizer".into()))?;
+        let cfg = UserDataConfig {
+            seq_len,
+            test_fraction: args.test_fraction,
+            seed,
+            ..UserDataConfig::default()
+        };
+        return LocalData::from_files(path, tok, &cfg).map_err(|e| setup(what)(e.to_string()));
+    }
     match args.dataset.as_str() {
         "synthetic" => {
             if base.config.vocab_size < 256 {
@@ -351,6 +371,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
     tracing::info!(
         device = args.id,
         dataset = %args.dataset,
+        data = ?args.data,
         train_items = data.train_len(),
         ram_mb = ram_bytes >> 20,
         "device ready"

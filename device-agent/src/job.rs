@@ -10,7 +10,9 @@ use crate::lora::Adapter;
 use crate::model::Llama;
 use crate::prune::{self, KeptIndicesExt, PruneError};
 use crate::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
+use crate::tokenizer::Tok;
 use crate::train::{TrainConfig, Tuner};
+use crate::user_data::{self, MaskedShard, UserData, UserDataConfig, UserDataError};
 use crate::wire;
 use crate::workload::{ClsShard, LmShard, SpamTask};
 use protocol::Proj;
@@ -26,10 +28,12 @@ pub enum JobError {
     Prune(#[from] PruneError),
 }
 
-/// A device's local data: a causal-LM shard or a classification shard.
+/// A device's local data: a causal-LM shard, a causal-LM shard with a loss mask (the user's
+/// own chat or instruction files), or a classification shard.
 #[derive(Debug, Clone)]
 pub enum LocalData {
     Lm(LmShard),
+    Masked(MaskedShard),
     Cls {
         task: SpamTask,
         shard: ClsShard,
@@ -42,6 +46,7 @@ impl LocalData {
     pub fn batch(&self, i: usize, batch: usize) -> crate::train::Batch {
         match self {
             LocalData::Lm(s) => s.batch(i, batch),
+            LocalData::Masked(s) => s.batch(i, batch),
             LocalData::Cls { task, shard, pad } => {
                 let n = shard.train.len().max(1);
                 let refs: Vec<_> = (0..batch)
@@ -60,6 +65,10 @@ impl LocalData {
                 let m = s.evaluate(model, adapter);
                 (m.nll, m.accuracy)
             }
+            LocalData::Masked(s) => {
+                let m = s.evaluate(model, adapter);
+                (m.nll, m.accuracy)
+            }
             LocalData::Cls { task, shard, pad } => {
                 let m = task.evaluate(model, adapter, &shard.test, *pad, 8);
                 (m.loss, m.accuracy)
@@ -67,10 +76,28 @@ impl LocalData {
         }
     }
 
+    /// The user's own files (`user_data`): masked causal-LM windows, or two-label
+    /// classification through the LM.
+    pub fn from_files(
+        path: &std::path::Path,
+        tok: &Tok,
+        cfg: &UserDataConfig,
+    ) -> Result<LocalData, UserDataError> {
+        Ok(match user_data::load(path, tok, cfg)? {
+            UserData::Lm(shard) => LocalData::Masked(shard),
+            UserData::Cls { task, shard, .. } => LocalData::Cls {
+                task,
+                shard,
+                pad: tok.eos,
+            },
+        })
+    }
+
     /// Training items (windows or examples).
     pub fn train_len(&self) -> usize {
         match self {
             LocalData::Lm(s) => s.train.len(),
+            LocalData::Masked(s) => s.train.len(),
             LocalData::Cls { shard, .. } => shard.train.len(),
         }
     }
@@ -79,6 +106,7 @@ impl LocalData {
     pub fn seq_len(&self) -> usize {
         match self {
             LocalData::Lm(s) => s.seq_len,
+            LocalData::Masked(s) => s.seq_len,
             LocalData::Cls { shard, .. } => shard
                 .train
                 .iter()

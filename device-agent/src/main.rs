@@ -13,11 +13,13 @@ use device_agent::eval;
 use device_agent::export;
 use device_agent::generate::{self, GenerateConfig, Sampling};
 use device_agent::gguf::GgufFile;
+use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::tokenizer::Tok;
-use device_agent::train::{TrainConfig, Tuner};
+use device_agent::train::{StepRecord, TrainConfig, Tuner};
+use device_agent::user_data::UserDataConfig;
 use device_agent::weights;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
 use protocol::KeptIndices;
@@ -61,6 +63,14 @@ struct TuneArgs {
     /// Workload: sotu (causal LM), spam (classification through the LM), moby-dick (causal LM).
     #[arg(long, default_value = "sotu")]
     dataset: String,
+    /// Train on your own files instead of a bundled data set: a file or a directory of
+    /// `.txt`/`.md` text and `.jsonl` records (text, chat, instruction or classification; see
+    /// README).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Share of your own data (`--data`) held out for evaluation (seeded; at least one item).
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
     /// SOTU: inclusive year range, e.g. 1990-2021.
     #[arg(long, default_value = "2001-2021")]
     years: String,
@@ -493,84 +503,109 @@ fn tune(args: TuneArgs) -> Result<()> {
             .with_context(|| format!("creating {}", metrics_path.display()))?,
     );
     let pb = progress(args.steps as u64);
-    let summary = match args.dataset.as_str() {
-        "sotu" | "moby-dick" => {
-            let texts: Vec<String> = if args.dataset == "sotu" {
-                let (a, b) = parse_range(&args.years)?;
-                data::sotu()?
-                    .into_iter()
-                    .filter(|s| (a..=b).contains(&s.year))
-                    .map(|s| s.text)
-                    .collect()
-            } else {
-                let (a, b) = parse_range(&args.chapters)?;
-                (a..=b)
-                    .map(|c| data::moby_dick_chapter(c as usize).map(|d| d.text))
-                    .collect::<Result<_, _>>()?
-            };
-            if texts.is_empty() {
-                bail!("the selection holds no documents");
+    let mut log_step = |r: &StepRecord| {
+        let _ = writeln!(
+            metrics,
+            "{}",
+            serde_json::to_string(r).expect("a step record is plain numbers")
+        );
+        pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
+        pb.inc(1);
+    };
+    let summary = if let Some(path) = &args.data {
+        let cfg = UserDataConfig {
+            seq_len: args.seq_len,
+            test_fraction: args.test_fraction,
+            seed: args.seed,
+            ..UserDataConfig::default()
+        };
+        let local = LocalData::from_files(path, &tok, &cfg)
+            .with_context(|| format!("reading --data {}", path.display()))?;
+        let before = local.evaluate(&base, None);
+        let report = tuner.run_round(
+            &base,
+            args.steps,
+            args.ratio,
+            |i| local.batch(i, args.batch),
+            &mut log_step,
+        )?;
+        let after = local.evaluate(&tuner.model, Some(&tuner.adapter));
+        serde_json::json!({"workload": path.display().to_string(), "train_items": local.train_len(),
+            "before": {"loss": before.0, "metric": before.1}, "after": {"loss": after.0, "metric": after.1},
+            "sparsity": report.sparsity_after, "prune_events": report.prune_events})
+    } else {
+        match args.dataset.as_str() {
+            "sotu" | "moby-dick" => {
+                let texts: Vec<String> = if args.dataset == "sotu" {
+                    let (a, b) = parse_range(&args.years)?;
+                    data::sotu()?
+                        .into_iter()
+                        .filter(|s| (a..=b).contains(&s.year))
+                        .map(|s| s.text)
+                        .collect()
+                } else {
+                    let (a, b) = parse_range(&args.chapters)?;
+                    (a..=b)
+                        .map(|c| data::moby_dick_chapter(c as usize).map(|d| d.text))
+                        .collect::<Result<_, _>>()?
+                };
+                if texts.is_empty() {
+                    bail!("the selection holds no documents");
+                }
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let shard = LmShard::build(&tok, &refs, args.seq_len, 0.1, args.seed)?;
+                let before = shard.evaluate(&base, None);
+                let report = tuner.run_round(
+                    &base,
+                    args.steps,
+                    args.ratio,
+                    |i| shard.batch(i, args.batch),
+                    &mut log_step,
+                )?;
+                let after = shard.evaluate(&tuner.model, Some(&tuner.adapter));
+                serde_json::json!({"workload": args.dataset, "train_windows": shard.train.len(), "test_windows": shard.test.len(),
+                "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
             }
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let shard = LmShard::build(&tok, &refs, args.seq_len, 0.1, args.seed)?;
-            let before = shard.evaluate(&base, None);
-            let report = tuner.run_round(
-                &base,
-                args.steps,
-                args.ratio,
-                |i| shard.batch(i, args.batch),
-                |r| {
-                    let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
-                    pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
-                    pb.inc(1);
-                },
-            )?;
-            let after = shard.evaluate(&tuner.model, Some(&tuner.adapter));
-            serde_json::json!({"workload": args.dataset, "train_windows": shard.train.len(), "test_windows": shard.test.len(),
+            "spam" => {
+                let task = SpamTask::new(&tok, 192)?;
+                let mut mails = data::spam_assassin()?;
+                use rand::seq::SliceRandom;
+                mails.shuffle(
+                    &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed),
+                );
+                let half = args.examples / 2;
+                let pick: Vec<_> = mails
+                    .iter()
+                    .filter(|m| m.spam)
+                    .take(half)
+                    .chain(mails.iter().filter(|m| !m.spam).take(args.examples - half))
+                    .collect();
+                let examples = pick
+                    .iter()
+                    .map(|m| task.example(&tok, &m.text, m.spam))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let shard = ClsShard::split(examples, 0.25, args.seed);
+                let before = task.evaluate(&base, None, &shard.test, tok.eos, 8);
+                let n = shard.train.len().max(1);
+                let report = tuner.run_round(
+                    &base,
+                    args.steps,
+                    args.ratio,
+                    |i| {
+                        let refs: Vec<_> = (0..args.batch)
+                            .map(|k| &shard.train[(i * args.batch + k) % n])
+                            .collect();
+                        task.batch(&refs, tok.eos).0
+                    },
+                    &mut log_step,
+                )?;
+                let after =
+                    task.evaluate(&tuner.model, Some(&tuner.adapter), &shard.test, tok.eos, 8);
+                serde_json::json!({"workload": "spam", "train": shard.train.len(), "test": shard.test.len(),
                 "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
+            }
+            other => bail!("unknown data set '{other}' (sotu, spam, moby-dick)"),
         }
-        "spam" => {
-            let task = SpamTask::new(&tok, 192)?;
-            let mut mails = data::spam_assassin()?;
-            use rand::seq::SliceRandom;
-            mails.shuffle(
-                &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(args.seed),
-            );
-            let half = args.examples / 2;
-            let pick: Vec<_> = mails
-                .iter()
-                .filter(|m| m.spam)
-                .take(half)
-                .chain(mails.iter().filter(|m| !m.spam).take(args.examples - half))
-                .collect();
-            let examples = pick
-                .iter()
-                .map(|m| task.example(&tok, &m.text, m.spam))
-                .collect::<Result<Vec<_>, _>>()?;
-            let shard = ClsShard::split(examples, 0.25, args.seed);
-            let before = task.evaluate(&base, None, &shard.test, tok.eos, 8);
-            let n = shard.train.len().max(1);
-            let report = tuner.run_round(
-                &base,
-                args.steps,
-                args.ratio,
-                |i| {
-                    let refs: Vec<_> = (0..args.batch)
-                        .map(|k| &shard.train[(i * args.batch + k) % n])
-                        .collect();
-                    task.batch(&refs, tok.eos).0
-                },
-                |r| {
-                    let _ = writeln!(metrics, "{}", serde_json::to_string(r).expect("json"));
-                    pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
-                    pb.inc(1);
-                },
-            )?;
-            let after = task.evaluate(&tuner.model, Some(&tuner.adapter), &shard.test, tok.eos, 8);
-            serde_json::json!({"workload": "spam", "train": shard.train.len(), "test": shard.test.len(),
-                "before": before, "after": after, "sparsity": report.sparsity_after, "prune_events": report.prune_events})
-        }
-        other => bail!("unknown data set '{other}' (sotu, spam, moby-dick)"),
     };
     pb.finish_and_clear();
     metrics.flush()?;

@@ -364,6 +364,7 @@ fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
 pub fn eval_tokens(d: &LocalData) -> (usize, usize) {
     match d {
         LocalData::Lm(s) => (s.test.len() * s.seq_len, s.seq_len),
+        LocalData::Masked(s) => (s.test.len() * s.seq_len, s.seq_len),
         LocalData::Cls { shard, .. } => {
             let seq = shard.test.iter().map(|e| e.prompt.len()).max().unwrap_or(1);
             (shard.test.len() * seq, seq)
