@@ -25,7 +25,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds both binaries (a no-op when `cargo test --workspace` already did) into the target
+/// Builds both binaries (a no-op inside `cargo test --workspace`, which already did) into the target
 /// directory and profile this test runs from, once per test binary.
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
@@ -62,15 +62,10 @@ pub fn bins() -> &'static Bins {
             }
         }
         cmd.current_dir(workspace_root())
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "aggregator",
-                "-p",
-                "device-agent",
-                "--bins",
-            ])
+            // The same package and target selection as `cargo test --workspace`, so features
+            // resolve the same way and this is a no-op inside that run (`-p aggregator -p
+            // device-agent` alone would resolve burn's features differently and build it again).
+            .args(["build", "-q", "--workspace", "--bins", "--tests"])
             .arg("--target-dir")
             .arg(&target);
         if release {
