@@ -59,11 +59,14 @@ pub fn score_rows(
                 .into_data()
                 .convert::<i64>()
                 .try_to_vec()
-                .expect("ints");
+                .expect("argmax indices converted to i64 on the line above");
             let lp = crate::kernels::log_softmax_last(&logits)
                 .unwrap_or_else(|| log_softmax(logits, 1))
                 .gather(1, tgt);
-            let lp: Vec<f32> = lp.into_data().try_to_vec().expect("floats");
+            let lp: Vec<f32> = lp
+                .into_data()
+                .try_to_vec()
+                .expect("log-probabilities of f32 logits are f32");
             for (k, &r) in rows.iter().enumerate() {
                 nll -= lp[k] as f64;
                 if pred[k] == targets[r].unwrap_or(u32::MAX) as i64 {

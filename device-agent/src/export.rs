@@ -43,7 +43,7 @@ fn host(t: &burn::tensor::Tensor<2>) -> Vec<f32> {
         .into_data()
         .convert::<f32>()
         .try_to_vec()
-        .expect("f32 tensor")
+        .expect("converted to f32 on the line above")
 }
 
 fn host1(t: &burn::tensor::Tensor<1>) -> Vec<f32> {
@@ -51,7 +51,7 @@ fn host1(t: &burn::tensor::Tensor<1>) -> Vec<f32> {
         .into_data()
         .convert::<f32>()
         .try_to_vec()
-        .expect("f32 tensor")
+        .expect("converted to f32 on the line above")
 }
 
 /// Weights in checkpoint orientation (`[out, in]` rows, rotate-half q/k), by HF name.
@@ -156,8 +156,12 @@ pub fn export_hf(model: &Llama, tok: &Tok, dir: &Path) -> Result<Option<String>,
         )
     };
     let cfg_path = dir.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).expect("json"))
-        .map_err(io(&cfg_path))?;
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&cfg)
+            .expect("config.json is a JSON value built in memory; serialising it cannot fail"),
+    )
+    .map_err(io(&cfg_path))?;
     let tok_path = dir.join("tokenizer.json");
     std::fs::write(&tok_path, tok.to_json()?).map_err(io(&tok_path))?;
     if let Some(t) = &tok.chat_template {

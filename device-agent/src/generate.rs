@@ -112,7 +112,7 @@ pub fn generate(
             .logits(row)
             .into_data()
             .try_to_vec()
-            .expect("f32 logits")
+            .expect("the model computes in f32, so its logits are f32")
     };
     let mut logits = last(model.hidden(
         model.tokens_tensor(&[prompt_ids.to_vec()]),

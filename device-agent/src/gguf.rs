@@ -250,11 +250,15 @@ impl<'a> Cursor<'a> {
     }
     fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
         let b = self.take(4, what)?;
-        Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            b.try_into().expect("take(4) returned exactly 4 bytes"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
         let b = self.take(8, what)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            b.try_into().expect("take(8) returned exactly 8 bytes"),
+        ))
     }
     fn malformed(&self, what: String) -> GgufError {
         GgufError::Malformed {
@@ -337,7 +341,10 @@ impl GgufFile {
             pos: 0,
             path: &path,
         };
-        let magic: [u8; 4] = c.take(4, "magic")?.try_into().expect("4 bytes");
+        let magic: [u8; 4] = c
+            .take(4, "magic")?
+            .try_into()
+            .expect("take(4) returned exactly 4 bytes");
         if &magic != b"GGUF" {
             return Err(GgufError::BadMagic { path, found: magic });
         }

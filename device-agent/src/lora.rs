@@ -85,13 +85,13 @@ impl Adapter {
                         .transpose()
                         .into_data()
                         .try_to_vec()
-                        .expect("f32");
+                        .expect("LoRA factors are f32 tensors (created by Adapter::new as f32)");
                 let b: Vec<f32> =
                     f.b.clone()
                         .transpose()
                         .into_data()
                         .try_to_vec()
-                        .expect("f32");
+                        .expect("LoRA factors are f32 tensors (created by Adapter::new as f32)");
                 debug_assert_eq!(a.len(), r * din);
                 out.push(HostFactors {
                     block: l,
@@ -156,7 +156,8 @@ impl Adapter {
                             )
                         });
                         if rank == k {
-                            let (a, b) = kept.expect("rank > 0");
+                            let (a, b) = kept
+                                .expect("rank == k > 0, so the loop above stored the kept factors");
                             return LoraFactors { a, b };
                         }
                         let std = 1.0 / (din.max(1) as f64).sqrt();
@@ -317,7 +318,9 @@ impl Adapter {
         }
         std::fs::write(
             dir.join("adapter.json"),
-            serde_json::to_string_pretty(&meta).expect("json"),
+            serde_json::to_string_pretty(&meta).expect(
+                "adapter metadata is a JSON value built in memory; serialising it cannot fail",
+            ),
         )
         .map_err(io)?;
         Ok(())

@@ -469,7 +469,7 @@ fn progress(len: u64) -> indicatif::ProgressBar {
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
         )
-        .expect("template"),
+        .expect("the progress template is a fixed, valid indicatif template"),
     );
     pb
 }

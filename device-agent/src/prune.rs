@@ -329,7 +329,11 @@ pub fn group_scores(
 }
 
 fn host_f64(t: Tensor<1>) -> Vec<f64> {
-    let v: Vec<f32> = t.into_data().convert::<f32>().try_to_vec().expect("f32");
+    let v: Vec<f32> = t
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .expect("converted to f32 on the line above");
     v.into_iter().map(f64::from).collect()
 }
 

@@ -251,7 +251,7 @@ impl Tuner {
             block_grads[l]
                 .as_ref()
                 .or(block_grads[0].as_ref())
-                .expect("gradients")
+                .expect("block 0 always records its gradients, so the fallback is present")
         };
         for (l, blk) in leaves.blocks.iter().enumerate() {
             for (&p, f) in Proj::ALL.iter().zip(blk) {
@@ -313,8 +313,8 @@ impl Tuner {
             .map(|(l, b)| {
                 let imp = |p: Proj| {
                     let f = &self.adapter.blocks[l][p.index()];
-                    let da = self.accum[fidx(l, p, true)].clone().expect("gradient");
-                    let db = self.accum[fidx(l, p, false)].clone().expect("gradient");
+                    let da = self.accum[fidx(l, p, true)].clone().expect("every LoRA factor is an autodiff leaf, so a backward pass accumulated its gradient");
+                    let db = self.accum[fidx(l, p, false)].clone().expect("every LoRA factor is an autodiff leaf, so a backward pass accumulated its gradient");
                     let g = (da.clone().matmul(f.b.clone()) + f.a.clone().matmul(db.clone())
                         - da.matmul(db))
                     .mul_scalar(s);

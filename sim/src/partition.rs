@@ -201,11 +201,13 @@ pub fn dirichlet_label_skew(
     while let Some(poor) = (0..n).find(|&d| out[d].len() < min) {
         let rich = (0..n)
             .max_by_key(|&d| (out[d].len(), std::cmp::Reverse(d)))
-            .expect("devices");
+            .expect("a poor device was found, so 0..n is not empty");
         if out[rich].len() <= min {
             break;
         }
-        let x = out[rich].pop().expect("non-empty");
+        let x = out[rich]
+            .pop()
+            .expect("rich holds more than min >= 0 items");
         out[poor].push(x);
     }
     for v in &mut out {

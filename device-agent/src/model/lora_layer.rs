@@ -80,7 +80,10 @@ pub(crate) fn lora_group<const N: usize>(
     let xa = if all_lora && N > 1 {
         let a: Vec<Tensor<2>> = loras
             .iter()
-            .map(|l| l.map(|(a, _, _)| a.clone()).expect("checked"))
+            .map(|l| {
+                l.map(|(a, _, _)| a.clone())
+                    .expect("all_lora: every projection of the group has factors")
+            })
             .collect();
         Some(x.clone().matmul(Tensor::cat(a, 1)))
     } else {

@@ -102,7 +102,7 @@ pub fn chunked_ce(
             .gather(1, idx.clone())
             .into_data()
             .try_to_vec()
-            .expect("floats");
+            .expect("log-probabilities of f32 logits are f32");
         nll += lp_tgt
             .iter()
             .zip(&w)
@@ -113,7 +113,7 @@ pub fn chunked_ce(
             .into_data()
             .convert::<i64>()
             .try_to_vec()
-            .expect("ints");
+            .expect("argmax indices converted to i64 on the line above");
         for (k, t) in tg.iter().enumerate() {
             if let Some(t) = t {
                 if pred[k] == *t as i64 {

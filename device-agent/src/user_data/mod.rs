@@ -175,8 +175,14 @@ pub fn load(path: &Path, tok: &Tok, cfg: &UserDataConfig) -> Result<UserData, Us
     let is_cls = |f: &Format| *f == Format::JsonlClassification;
     let n_cls = formats.iter().filter(|(_, f)| is_cls(f)).count();
     if n_cls > 0 && n_cls < formats.len() {
-        let (a, _) = formats.iter().find(|(_, f)| is_cls(f)).expect("counted");
-        let (b, f) = formats.iter().find(|(_, f)| !is_cls(f)).expect("counted");
+        let (a, _) = formats
+            .iter()
+            .find(|(_, f)| is_cls(f))
+            .expect("mixed: at least one classification file was counted");
+        let (b, f) = formats
+            .iter()
+            .find(|(_, f)| !is_cls(f))
+            .expect("mixed: at least one other file was counted");
         return Err(UserDataError::Invalid(format!(
             "{} holds classification records but {} holds {}: train one task at a time",
             a.display(),
