@@ -414,3 +414,90 @@ fn a_byzantine_device_cannot_steer_any_aggregation_method() {
         }
     }
 }
+
+/// Refusal limits wide enough to let factors near `f32::MAX` through validation, so that the
+/// aggregate itself overflows.
+fn overflowing_config(method: AggregationMethod) -> CoordinatorConfig {
+    let mut c = config(2, method);
+    c.aggregation.max_factor_norm = 1.0e300;
+    c.aggregation.max_layer_delta_norm = 1.0e300;
+    c
+}
+
+#[test]
+fn a_non_finite_aggregate_keeps_the_previous_global_and_is_reported() {
+    let mut h = Harness::new(overflowing_config(AggregationMethod::Mean));
+    let before = h.coord.global().clone();
+    for d in [1, 2] {
+        h.join(d);
+    }
+    for d in [1, 2] {
+        let rc = h.config_of(d);
+        let mut update = honest(d, &rc);
+        for layer in &mut update.adapter.layers {
+            if let Buffer::F32(b) = &mut layer.b.data {
+                b.iter_mut().for_each(|x| *x = 3.0e38);
+            }
+        }
+        h.message(d, Message::Update(update));
+    }
+    h.wait_until(Timestamp(1_000));
+    assert_eq!(h.summaries.len(), 1);
+    let s = &h.summaries[0];
+    assert_eq!(s.participants.len(), 2, "both updates passed validation");
+    assert!(s.quorum_met);
+    assert!(
+        !s.aggregated,
+        "the overflowing aggregate did not replace the global"
+    );
+    assert!(s.non_finite_aggregate, "the summary says so");
+    assert!(s.progress_line(1).contains("aggregate not finite"));
+    let c = h.coord.counters();
+    assert_eq!(c.non_finite_aggregates, 1);
+    assert_eq!(c.rounds_aggregated, 0);
+    assert_eq!(c.aggregation_errors, 0);
+    assert_eq!(h.coord.global(), &before, "the previous global is kept");
+    assert!(
+        h.coord.state().global.is_finite(),
+        "what is checkpointed is finite"
+    );
+}
+
+#[test]
+fn restore_refuses_a_state_whose_global_adapter_is_not_finite() {
+    let config = config(9, AggregationMethod::HetLora);
+    let h = run_round(config.clone(), 9, None);
+    let good = h.coord.state();
+    assert!(Coordinator::restore(config.clone(), good.clone()).is_ok());
+    for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut bad = good.clone();
+        let last = bad.global.layers.len() - 1;
+        bad.global.layers[last].b[0] = poison;
+        let err = match Coordinator::restore(config.clone(), bad) {
+            Ok(_) => panic!("a global adapter holding {poison} was restored"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("non-finite"), "{poison}: {err}");
+    }
+}
+
+#[test]
+fn the_metadata_bounds_have_defaults_and_are_validated() {
+    let c = CoordinatorConfig::from_toml_str("rounds = 2").expect("older TOML still parses");
+    assert_eq!((c.max_samples, c.max_loss), (1_000_000, 1.0e3));
+    let c = CoordinatorConfig::from_toml_str("max_samples = 64\nmax_loss = 20.0").expect("parses");
+    assert_eq!((c.max_samples, c.max_loss), (64, 20.0));
+    // Clipped to max_samples and to local_steps * batch_size (40 * 4 by default).
+    assert_eq!(c.pinned_samples(u64::MAX), 64);
+    assert_eq!(c.pinned_samples(10), 10);
+    let wide = CoordinatorConfig::default();
+    assert_eq!(wide.pinned_samples(u64::MAX), 160);
+    for bad in [
+        "max_samples = 0",
+        "max_loss = 0.0",
+        "max_loss = -1.0",
+        "max_loss = nan",
+    ] {
+        assert!(CoordinatorConfig::from_toml_str(bad).is_err(), "{bad}");
+    }
+}
