@@ -54,7 +54,7 @@ fn config(devices: usize, method: AggregationMethod) -> CoordinatorConfig {
 /// Every aggregation configuration the coordinator offers (each method, both SVD modes, norm
 /// clipping), by name, for `devices` devices per round.
 fn variants(devices: usize) -> Vec<(&'static str, CoordinatorConfig)> {
-    let with = |devices: usize, method, f: fn(&mut CoordinatorConfig)| {
+    let with = |_: usize, method, f: fn(&mut CoordinatorConfig)| {
         let mut c = config(devices, method);
         f(&mut c);
         c
