@@ -136,6 +136,14 @@ impl GlobalAdapter {
         }
     }
 
+    /// Whether every value of every layer is finite (checked before an aggregate replaces the
+    /// global adapter, and on restore).
+    pub fn is_finite(&self) -> bool {
+        self.layers
+            .iter()
+            .all(|l| l.a.iter().chain(&l.b).all(|x| x.is_finite()))
+    }
+
     /// Checks that the adapter's layers and buffers match its dimensions and rank (for state
     /// restored from disk).
     pub fn is_well_formed(&self) -> bool {

@@ -47,9 +47,15 @@ impl Coordinator {
             aggregation,
             quorum,
             rejects,
+            samples_clipped,
             ..
         } = open;
-        let aggregated = quorum_met && self.merge_round(id, aggregation);
+        let merged = if quorum_met {
+            self.merge_round(id, aggregation)
+        } else {
+            Merge::Failed
+        };
+        let aggregated = merged == Merge::Replaced;
         if aggregated {
             self.counters.rounds_aggregated += 1;
         } else {
@@ -71,6 +77,8 @@ impl Coordinator {
             quorum,
             quorum_met,
             aggregated,
+            non_finite_aggregate: merged == Merge::NonFinite,
+            samples_clipped,
             closed_by: closed_by.to_string(),
             bytes_up: 0,
             bytes_down: 0,
@@ -160,18 +168,24 @@ impl Coordinator {
         }
     }
 
-    /// Finishes the round's aggregation into the next global adapter; `false` (and the global
-    /// adapter unchanged) when it fails.
-    fn merge_round(&mut self, id: RoundId, aggregation: Aggregation) -> bool {
+    /// Finishes the round's aggregation into the next global adapter. The global adapter is
+    /// unchanged when the aggregation fails or its result holds a non-finite value (so a
+    /// non-finite global is never checkpointed).
+    fn merge_round(&mut self, id: RoundId, aggregation: Aggregation) -> Merge {
         match aggregation.finish(Some(&self.global)) {
-            Ok(global) => {
+            Ok(global) if global.is_finite() => {
                 self.global = global;
-                true
+                Merge::Replaced
+            }
+            Ok(_) => {
+                self.counters.non_finite_aggregates += 1;
+                tracing::error!(round = %id, "the aggregate holds non-finite values; the global adapter is unchanged");
+                Merge::NonFinite
             }
             Err(e) => {
                 self.counters.aggregation_errors += 1;
                 tracing::error!(round = %id, error = %e, "aggregation failed; the global adapter is unchanged");
-                false
+                Merge::Failed
             }
         }
     }
@@ -217,6 +231,17 @@ impl Coordinator {
         tracing::info!(rounds = self.last_closed.0, "training finished");
         out.push(Command::Finished);
     }
+}
+
+/// How a round's aggregate ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Merge {
+    /// It replaced the global adapter.
+    Replaced,
+    /// It held non-finite values and was dropped.
+    NonFinite,
+    /// No quorum, or the aggregation failed.
+    Failed,
 }
 
 /// What the reward shaping sees of a participant's round (failed and missed ones included).

@@ -84,6 +84,13 @@ pub struct CoordinatorConfig {
     pub f16_downloads: bool,
     /// Largest update frame accepted, in bytes.
     pub max_update_bytes: u64,
+    /// Most training samples an update may weigh with: a reported count above it (or above the
+    /// round's `local_steps * batch_size`, what an honest device can have seen) is clipped to
+    /// it before it weights the aggregation or the loss means. Default `1_000_000`.
+    pub max_samples: u64,
+    /// Largest held-out loss (nats) an update may report; above it, or negative or non-finite,
+    /// the update is refused before its losses reach the reward shaping. Default `1000`.
+    pub max_loss: f32,
     /// Device ids allowed to join; empty admits every device with a valid certificate.
     pub allowed_devices: Vec<u64>,
 }
@@ -115,6 +122,8 @@ impl Default for CoordinatorConfig {
             feasibility: FeasibilityConfig::default(),
             f16_downloads: false,
             max_update_bytes: protocol::DEFAULT_MAX_FRAME_BYTES as u64,
+            max_samples: 1_000_000,
+            max_loss: 1.0e3,
             allowed_devices: Vec::new(),
         }
     }
@@ -131,6 +140,13 @@ impl CoordinatorConfig {
             toml::from_str(text).map_err(|e| invalid(format!("TOML: {e}")))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The sample count an update reporting `reported` weighs with: at most `max_samples` and
+    /// at most what the round let a device see (`local_steps * batch_size`).
+    pub fn pinned_samples(&self, reported: u64) -> u64 {
+        let round = (self.local_steps as u64).saturating_mul(self.batch_size as u64);
+        reported.min(self.max_samples).min(round)
     }
 
     /// Idle joined devices a round needs to start.
@@ -171,6 +187,7 @@ impl CoordinatorConfig {
             ("batch_size", self.batch_size as u64),
             ("max_rank", self.max_rank as u64),
             ("max_update_bytes", self.max_update_bytes),
+            ("max_samples", self.max_samples),
         ] {
             if value == 0 {
                 return Err(invalid(format!("{name} must be positive")));
@@ -179,6 +196,7 @@ impl CoordinatorConfig {
         for (name, value) in [
             ("learning_rate", self.learning_rate),
             ("lora_alpha", self.lora_alpha),
+            ("max_loss", self.max_loss),
         ] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(invalid(format!(

@@ -1,13 +1,16 @@
 //! Intake: what the coordinator does with each event and message. Connections, joins
 //! (version, identity, allow-list, a bandit for a new device, the round configuration re-sent
 //! to a selected device that comes back), updates (round, selection, duplicates, size, rank,
-//! statistics, then the aggregation's validation of shapes, finiteness and norms) and reported
+//! the round's alpha, every assigned layer present, statistics with losses in range, the
+//! sample count clipped to its bound, then the aggregation's validation of shapes, finiteness
+//! and norms: nothing a device reports steers the weighting unchecked) and reported
 //! failures. Anything wrong is a `Reject` with a reason and a counter, never a panic or an
 //! `Err`.
 
 use protocol::{
-    Ack, Bye, ByeReason, DeviceId, FailReason, Join, Message, Reject, RejectReason, RoundFailed,
-    RoundId, Timestamp, Update, UpdateStats, Welcome, PROTOCOL_VERSION,
+    Ack, AdapterPayload, Bye, ByeReason, DeviceId, FailReason, Join, Message, ModelDims, Proj,
+    Reject, RejectReason, RoundFailed, RoundId, Timestamp, Update, UpdateStats, Welcome,
+    PROTOCOL_VERSION,
 };
 
 use super::round::{Completed, Outcome, Participant};
@@ -295,13 +298,29 @@ impl Coordinator {
             ));
             return self.fail_and_reject(out, device, round, reason);
         }
-        if let Err(reason) = check_stats(&update.stats) {
+        if update.adapter.alpha != self.config.lora_alpha {
+            let reason = RejectReason::Malformed(format!(
+                "adapter alpha {} differs from the round's alpha {}",
+                update.adapter.alpha, self.config.lora_alpha
+            ));
             return self.fail_and_reject(out, device, round, reason);
+        }
+        if let Err(reason) = check_layers_present(&self.dims, &update.adapter) {
+            return self.fail_and_reject(out, device, round, reason);
+        }
+        if let Err(reason) = check_stats(&update.stats, self.config.max_loss) {
+            return self.fail_and_reject(out, device, round, reason);
+        }
+        let mut stats = update.stats;
+        let samples = self.config.pinned_samples(stats.samples);
+        let clipped = samples != stats.samples;
+        if clipped {
+            tracing::debug!(%device, reported = stats.samples, samples, "sample count clipped");
+            stats.samples = samples;
         }
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let stats = update.stats;
         let kept = update.kept.clone();
         let contribution = Contribution {
             device,
@@ -311,6 +330,10 @@ impl Coordinator {
         };
         match open.aggregation.add(contribution) {
             Ok(accepted) => {
+                if clipped {
+                    open.samples_clipped += 1;
+                    self.counters.samples_clipped += 1;
+                }
                 let duration_ms = now.ms_since(open.started_at);
                 if let Some(p) = open.participants.get_mut(&device) {
                     p.outcome = Outcome::Completed(Box::new(Completed {
@@ -370,9 +393,29 @@ impl Coordinator {
     }
 }
 
-/// Refuses statistics the reward cannot use: non-finite or negative losses, sparsity outside
-/// `[0, 1]`.
-fn check_stats(stats: &UpdateStats) -> Result<(), RejectReason> {
+/// Refuses an update that leaves out a layer the device was sent: every device is assigned
+/// every `(block, projection)` of the model (its round configuration's slice holds them all).
+/// Duplicates and out-of-range blocks are the aggregation's validation to refuse.
+fn check_layers_present(dims: &ModelDims, adapter: &AdapterPayload) -> Result<(), RejectReason> {
+    let n = dims.n_layers();
+    let mut present = vec![false; n];
+    for l in &adapter.layers {
+        if let Some(slot) = present.get_mut(l.block as usize * Proj::ALL.len() + l.proj.index()) {
+            *slot = true;
+        }
+    }
+    let held = present.iter().filter(|&&p| p).count();
+    if held < n {
+        return Err(RejectReason::Malformed(format!(
+            "the update holds {held} of the {n} layers the device was assigned"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses statistics the reward cannot use: non-finite losses, losses outside
+/// `[0, max_loss]`, sparsity outside `[0, 1]`.
+fn check_stats(stats: &UpdateStats, max_loss: f32) -> Result<(), RejectReason> {
     let (pre, post, sparsity) = (stats.loss_pre, stats.loss_post, stats.sparsity);
     if !(pre.is_finite() && post.is_finite() && sparsity.is_finite()) {
         return Err(RejectReason::NonFinite);
@@ -380,6 +423,11 @@ fn check_stats(stats: &UpdateStats) -> Result<(), RejectReason> {
     if pre < 0.0 || post < 0.0 {
         return Err(RejectReason::Malformed(format!(
             "negative loss ({pre}, {post})"
+        )));
+    }
+    if pre > max_loss || post > max_loss {
+        return Err(RejectReason::Malformed(format!(
+            "loss ({pre}, {post}) exceeds the bound {max_loss}"
         )));
     }
     if !(0.0..=1.0).contains(&sparsity) {

@@ -213,6 +213,11 @@ impl Coordinator {
                 "its global adapter does not match its model dimensions",
             ));
         }
+        if !state.global.is_finite() {
+            return Err(invalid_state(
+                "its global adapter holds non-finite values (NaN or infinity)",
+            ));
+        }
         if state.global.rank != config.max_rank {
             return Err(invalid_state(format!(
                 "its global adapter has rank {}, the config's max_rank is {}",

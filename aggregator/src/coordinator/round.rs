@@ -56,6 +56,8 @@ pub(super) struct OpenRound {
     pub(super) quorum: usize,
     /// Rejects during the round, by kind.
     pub(super) rejects: BTreeMap<String, u64>,
+    /// Accepted updates whose sample count was clipped.
+    pub(super) samples_clipped: u64,
 }
 
 impl OpenRound {

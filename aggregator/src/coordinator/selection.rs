@@ -162,6 +162,7 @@ impl Coordinator {
             aggregation,
             quorum,
             rejects: BTreeMap::new(),
+            samples_clipped: 0,
         });
     }
 }

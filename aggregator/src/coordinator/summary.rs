@@ -67,6 +67,13 @@ pub struct RoundSummary {
     pub quorum_met: bool,
     /// Whether the global adapter was replaced by this round's aggregate.
     pub aggregated: bool,
+    /// The round's aggregate held non-finite values, so the previous global adapter was kept.
+    #[serde(default)]
+    pub non_finite_aggregate: bool,
+    /// Accepted updates whose reported sample count was clipped (see
+    /// `CoordinatorConfig::max_samples`).
+    #[serde(default)]
+    pub samples_clipped: u64,
     /// Why the round closed: `all_answered`, `target_reached` or `deadline`.
     pub closed_by: String,
     pub bytes_up: u64,
@@ -102,6 +109,8 @@ impl RoundSummary {
             loss,
             if self.aggregated {
                 format!("aggregated ({})", self.aggregation)
+            } else if self.non_finite_aggregate {
+                "aggregate not finite, global kept".to_string()
             } else if self.quorum_met {
                 "aggregation failed".to_string()
             } else {
@@ -140,6 +149,12 @@ pub struct Counters {
     pub aggregation_errors: u64,
     /// Rejects sent, by reason kind.
     pub rejects: BTreeMap<String, u64>,
+    /// Round aggregates that held non-finite values (the previous global adapter was kept).
+    #[serde(default)]
+    pub non_finite_aggregates: u64,
+    /// Accepted updates whose reported sample count was clipped to the bound.
+    #[serde(default)]
+    pub samples_clipped: u64,
 }
 
 impl Counters {
