@@ -352,6 +352,7 @@ impl Sinks {
 }
 
 /// Runs the server until the last round is over (and devices left) or `shutdown` resolves.
+/// A round-end checkpoint that cannot be written ends it with [`ServerError::CheckpointFailed`].
 /// Binds `opts.listen` and calls `on_listening` with the bound address (port 0 picks one).
 pub async fn serve(
     coordinator: Coordinator,
@@ -407,7 +408,7 @@ pub async fn serve(
         handshake_failures: AtomicU64::new(0),
         max_frame_bytes: opts.max_frame_bytes,
     });
-    let (finished_tx, mut finished_rx) = watch::channel(if coordinator.is_finished() {
+    let (phase_tx, mut phase_rx) = watch::channel(if coordinator.is_finished() {
         Phase::Finished
     } else {
         Phase::Running
@@ -415,7 +416,7 @@ pub async fn serve(
     let thread_shared = shared.clone();
     let coordinator_thread = std::thread::Builder::new()
         .name("coordinator".into())
-        .spawn(move || run_coordinator(coordinator, input_rx, &thread_shared, sinks, finished_tx))
+        .spawn(move || run_coordinator(coordinator, input_rx, &thread_shared, sinks, phase_tx))
         .map_err(|source| ServerError::Io {
             path: PathBuf::from("coordinator thread"),
             op: "spawn",
@@ -425,7 +426,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(shutdown);
-    let mut finished = *finished_rx.borrow() != Phase::Running;
+    let mut finished = *phase_rx.borrow() != Phase::Running;
     let mut interrupted = false;
     while !finished {
         tokio::select! {
@@ -434,8 +435,8 @@ pub async fn serve(
                 interrupted = true;
                 break;
             }
-            changed = finished_rx.changed() => {
-                finished = changed.is_err() || *finished_rx.borrow() != Phase::Running;
+            changed = phase_rx.changed() => {
+                finished = changed.is_err() || *phase_rx.borrow() != Phase::Running;
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
@@ -454,7 +455,7 @@ pub async fn serve(
         }
     }
 
-    let failed = *finished_rx.borrow() == Phase::Failed;
+    let failed = *phase_rx.borrow() == Phase::Failed;
     if interrupted || failed {
         shared.input(Input::Shutdown);
     } else {
