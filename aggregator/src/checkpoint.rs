@@ -15,10 +15,22 @@
 //! that is not exactly such a file: wrong magic, other format or schema version, truncated,
 //! extended, checksum mismatch, undecodable body. Nothing here ever deletes or replaces a file
 //! it could not read.
+//!
+//! # Temporary files
+//! The temporary file of `dir/NAME` is `dir/.NAME.tmp.<pid>.<n>`, `n` a per-process counter, so
+//! two writers never share one. It is created exclusively (`O_CREAT | O_EXCL`, which refuses
+//! any existing entry, a symbolic link included, without following it), with mode 0600 on Unix
+//! (the umask can only narrow it; the rename keeps it, so checkpoints are owner-only). A name
+//! that is taken is skipped for the next one, a few times, then the write fails naming it. Any
+//! error after creation removes the temporary file; an I/O error (disk full, file too large)
+//! is returned naming the file and the step, and the previous checkpoint stays as it was.
+//! A crash can leave a temporary file behind; [`remove_stale_temps`] removes those (the server
+//! calls it when it opens its state directory, before it reads the checkpoint).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -32,6 +44,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 32;
 /// Largest body accepted when reading (16 GiB).
 pub const MAX_BODY_BYTES: u64 = 16 << 30;
+/// How many temporary-file names a write tries before it gives up.
+pub const TEMP_ATTEMPTS: u32 = 8;
+
+/// Numbers this process's temporary files.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Why a checkpoint could not be written or read. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -86,16 +103,92 @@ fn io_err<'a>(
     }
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
+/// The file name of `path`, or `checkpoint` for a path without one.
+fn file_name(path: &Path) -> String {
+    path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".to_string());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+        .unwrap_or_else(|| "checkpoint".to_string())
 }
 
-/// Serialises `state` and atomically replaces `path` with it (temp file, fsync, rename, fsync
-/// of the directory). Returns the file size in bytes.
+/// The prefix every temporary file of `path` starts with: `.NAME.tmp`.
+fn temp_prefix(path: &Path) -> String {
+    format!(".{}.tmp", file_name(path))
+}
+
+/// Creates a fresh temporary file next to `path`: exclusively (never an existing entry, never
+/// through a symbolic link), owner read/write only.
+fn create_temp(path: &Path) -> Result<(File, PathBuf), CheckpointError> {
+    let prefix = temp_prefix(path);
+    let pid = std::process::id();
+    let mut attempt = 0;
+    loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!("{prefix}.{pid}.{n}"));
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(&tmp) {
+            Ok(file) => return Ok((file, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                attempt += 1;
+                tracing::warn!(path = %tmp.display(), "temporary checkpoint name taken; trying another");
+                if attempt >= TEMP_ATTEMPTS {
+                    return Err(io_err(&tmp, "create temporary file")(e));
+                }
+            }
+            Err(e) => return Err(io_err(&tmp, "create temporary file")(e)),
+        }
+    }
+}
+
+/// Removes the temporary files a crashed writer of `path` left behind (`.NAME.tmp.*`, and the
+/// `.NAME.tmp-<pid>` of earlier builds) and returns them. Only files and symbolic links are
+/// removed (a link itself, never its target); anything else with such a name is left alone
+/// and logged. Call it only while no other process writes `path`.
+pub fn remove_stale_temps(path: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let prefix = temp_prefix(path);
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other.map_err(io_err(dir, "list directory"))?,
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir, "list directory"))?;
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if !(rest.starts_with('.') || rest.starts_with('-')) {
+            continue;
+        }
+        let stale = entry.path();
+        let kind = fs::symlink_metadata(&stale)
+            .map_err(io_err(&stale, "stat"))?
+            .file_type();
+        if !(kind.is_file() || kind.is_symlink()) {
+            tracing::warn!(path = %stale.display(), "not a file; left in place");
+            continue;
+        }
+        fs::remove_file(&stale).map_err(io_err(&stale, "remove stale temporary file"))?;
+        tracing::warn!(path = %stale.display(), "removed a stale temporary checkpoint file");
+        removed.push(stale);
+    }
+    if !removed.is_empty() {
+        sync_parent_dir(path)?;
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Serialises `state` and atomically replaces `path` with it (exclusive temporary file, fsync,
+/// rename, fsync of the directory). Returns the file size in bytes. On an error the temporary
+/// file is removed and `path` still holds what it held before (only when the last step, the
+/// directory fsync, fails is the new file already in place, but perhaps not yet durable).
 pub fn write_atomic<T: Serialize>(
     path: &Path,
     schema: u32,
@@ -115,14 +208,8 @@ pub fn write_atomic<T: Serialize>(
     header.extend_from_slice(&(body.len() as u64).to_le_bytes());
     header.extend_from_slice(&digest);
 
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp, "create temporary file"))?;
+    let (file, tmp) = create_temp(path)?;
+    let result = (|mut file: File| {
         file.write_all(&header)
             .and_then(|_| file.write_all(&body))
             .map_err(io_err(&tmp, "write"))?;
@@ -130,7 +217,7 @@ pub fn write_atomic<T: Serialize>(
         drop(file);
         fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
         sync_parent_dir(path)
-    })();
+    })(file);
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }

@@ -21,6 +21,15 @@
 //! reason, which a peer with another framing can still read), counts it, and closes the
 //! connection.
 //!
+//! # A checkpoint that cannot be written
+//! At a round end the coordinator asks for `Checkpoint` then `RoundClosed`. If the checkpoint
+//! cannot be written (disk full, I/O error), the round is not reported closed: no progress or
+//! metrics line, no `Finished`, nothing after it in that batch. The server says
+//! `Bye(ServerShutdown)` to every device, stops, and [`serve`] returns
+//! [`ServerError::CheckpointFailed`] (the binary exits non-zero). It does not go on with state
+//! it could not persist: a `--resume` continues from the last checkpoint that was written and
+//! redoes the round after it, so the metrics never report a round the checkpoint lacks.
+//!
 //! # Shutdown
 //! The `shutdown` future passed to [`serve`] (Ctrl-C in the binary) makes the coordinator say
 //! `Bye(ServerShutdown)` to every device; the server waits briefly for the queues to drain and
@@ -88,6 +97,12 @@ pub enum ServerError {
     NoCheckpoint { path: PathBuf },
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error("round {round} closed but its checkpoint could not be written, so the server stopped without reporting it (--resume continues from the last written checkpoint): {source}")]
+    CheckpointFailed {
+        round: u64,
+        #[source]
+        source: CheckpointError,
+    },
     #[error("the coordinator thread stopped unexpectedly")]
     CoordinatorThread,
 }
@@ -197,6 +212,10 @@ pub fn prepare(
         source,
     })?;
     let path = opts.checkpoint_path();
+    // A crash during a write leaves a temporary file; the checkpoint itself is whole.
+    for stale in checkpoint::remove_stale_temps(&path)? {
+        tracing::warn!(path = %stale.display(), "removed a temporary file left by an interrupted checkpoint write");
+    }
     let saved: Option<CoordinatorState> = checkpoint::read_if_exists(&path, STATE_SCHEMA)?;
     match (resume, saved) {
         (false, None) => Ok(Coordinator::new(config, dims)?),
@@ -253,6 +272,16 @@ enum Input {
     /// A frame refused by the codec (for counting and metrics).
     Refused(DeviceId, RejectReason),
     Shutdown,
+}
+
+/// Where the coordinator thread is, as the accept loop sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Every round ran.
+    Finished,
+    /// A checkpoint could not be written; the thread stopped.
+    Failed,
 }
 
 enum Outbound {
@@ -323,6 +352,7 @@ impl Sinks {
 }
 
 /// Runs the server until the last round is over (and devices left) or `shutdown` resolves.
+/// A round-end checkpoint that cannot be written ends it with [`ServerError::CheckpointFailed`].
 /// Binds `opts.listen` and calls `on_listening` with the bound address (port 0 picks one).
 pub async fn serve(
     coordinator: Coordinator,
@@ -378,11 +408,15 @@ pub async fn serve(
         handshake_failures: AtomicU64::new(0),
         max_frame_bytes: opts.max_frame_bytes,
     });
-    let (finished_tx, mut finished_rx) = watch::channel(coordinator.is_finished());
+    let (phase_tx, mut phase_rx) = watch::channel(if coordinator.is_finished() {
+        Phase::Finished
+    } else {
+        Phase::Running
+    });
     let thread_shared = shared.clone();
     let coordinator_thread = std::thread::Builder::new()
         .name("coordinator".into())
-        .spawn(move || run_coordinator(coordinator, input_rx, &thread_shared, sinks, finished_tx))
+        .spawn(move || run_coordinator(coordinator, input_rx, &thread_shared, sinks, phase_tx))
         .map_err(|source| ServerError::Io {
             path: PathBuf::from("coordinator thread"),
             op: "spawn",
@@ -392,7 +426,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let mut backoff = BACKOFF_MIN;
     tokio::pin!(shutdown);
-    let mut finished = *finished_rx.borrow();
+    let mut finished = *phase_rx.borrow() != Phase::Running;
     let mut interrupted = false;
     while !finished {
         tokio::select! {
@@ -401,8 +435,8 @@ pub async fn serve(
                 interrupted = true;
                 break;
             }
-            changed = finished_rx.changed() => {
-                finished = changed.is_err() || *finished_rx.borrow();
+            changed = phase_rx.changed() => {
+                finished = changed.is_err() || *phase_rx.borrow() != Phase::Running;
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
@@ -421,7 +455,8 @@ pub async fn serve(
         }
     }
 
-    if interrupted {
+    let failed = *phase_rx.borrow() == Phase::Failed;
+    if interrupted || failed {
         shared.input(Input::Shutdown);
     } else {
         // Training is over: give devices a moment to read their goodbye and leave.
@@ -431,7 +466,7 @@ pub async fn serve(
         }
         shared.input(Input::Shutdown);
     }
-    let coordinator = tokio::task::spawn_blocking(move || coordinator_thread.join())
+    let (coordinator, failure) = tokio::task::spawn_blocking(move || coordinator_thread.join())
         .await
         .map_err(|_| ServerError::CoordinatorThread)?
         .map_err(|_| ServerError::CoordinatorThread)?;
@@ -450,6 +485,9 @@ pub async fn serve(
     if failures > 0 {
         tracing::info!(failures, "connections refused at the handshake");
     }
+    if let Some(e) = failure {
+        return Err(e);
+    }
     Ok(ServeOutcome {
         round: coordinator.state().round,
         finished: coordinator.is_finished() && !interrupted,
@@ -462,15 +500,17 @@ fn run_coordinator(
     inputs: mpsc::Receiver<Input>,
     shared: &Shared,
     mut sinks: Sinks,
-    finished: watch::Sender<bool>,
-) -> Coordinator {
+    phase: watch::Sender<Phase>,
+) -> (Coordinator, Option<ServerError>) {
     let start = Instant::now();
     let now = || Timestamp(start.elapsed().as_millis() as u64);
-    loop {
+    let failure = loop {
         // Due timers first, so a stream of messages cannot starve a deadline.
         if coord.poll_timeout().is_some_and(|t| t <= now()) {
             let cmds = coord.handle_timeout(now());
-            execute(&coord, cmds, shared, &mut sinks, &finished);
+            if let Err(e) = execute(&coord, cmds, shared, &mut sinks, &phase) {
+                break Some(e);
+            }
             continue;
         }
         let input = match coord.poll_timeout() {
@@ -479,18 +519,20 @@ fn run_coordinator(
                 match inputs.recv_timeout(wait) {
                     Ok(input) => input,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break None,
                 }
             }
             None => match inputs.recv() {
                 Ok(input) => input,
-                Err(_) => break,
+                Err(_) => break None,
             },
         };
         match input {
             Input::Event(event) => {
                 let cmds = coord.handle(now(), event);
-                execute(&coord, cmds, shared, &mut sinks, &finished);
+                if let Err(e) = execute(&coord, cmds, shared, &mut sinks, &phase) {
+                    break Some(e);
+                }
             }
             Input::Refused(device, reason) => {
                 sinks.metrics_line(&MetricsLine::Refused {
@@ -501,21 +543,30 @@ fn run_coordinator(
             }
             Input::Shutdown => {
                 let cmds = coord.shutdown();
-                execute(&coord, cmds, shared, &mut sinks, &finished);
-                break;
+                // Shutdown asks for no checkpoint, so this cannot fail.
+                let _ = execute(&coord, cmds, shared, &mut sinks, &phase);
+                break None;
             }
         }
+    };
+    if let Some(e) = &failure {
+        tracing::error!(error = %e, "stopping: the state of the last round could not be persisted");
+        let cmds = coord.shutdown();
+        let _ = execute(&coord, cmds, shared, &mut sinks, &phase);
+        let _ = phase.send(Phase::Failed);
     }
-    coord
+    (coord, failure)
 }
 
+/// Carries out `cmds` in order. A checkpoint that cannot be written stops the batch there (the
+/// `RoundClosed` after it is not reported) and is returned.
 fn execute(
     coord: &Coordinator,
     cmds: Vec<Command>,
     shared: &Shared,
     sinks: &mut Sinks,
-    finished: &watch::Sender<bool>,
-) {
+    phase: &watch::Sender<Phase>,
+) -> Result<(), ServerError> {
     for cmd in cmds {
         match cmd {
             Command::Send { device, msg } => match shared.sender(device) {
@@ -537,8 +588,11 @@ fn execute(
                     Ok(bytes) => {
                         tracing::debug!(round = state.round.0, bytes, "checkpoint written")
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "checkpoint failed; the run goes on without it")
+                    Err(source) => {
+                        return Err(ServerError::CheckpointFailed {
+                            round: state.round.0,
+                            source,
+                        })
                     }
                 }
             }
@@ -551,10 +605,11 @@ fn execute(
                 sinks.metrics_line(&MetricsLine::Round(&summary));
             }
             Command::Finished => {
-                let _ = finished.send(true);
+                let _ = phase.send(Phase::Finished);
             }
         }
     }
+    Ok(())
 }
 
 async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {

@@ -1,6 +1,8 @@
 //! The server driver in-process over loopback QUIC with mutual TLS: scripted devices that answer
 //! with hand-made updates run a whole fedspine run; an interrupted run says goodbye, keeps its
-//! last round-end checkpoint and resumes from it; a new run refuses to replace a checkpoint.
+//! last round-end checkpoint and resumes from it; a new run refuses to replace a checkpoint; a
+//! checkpoint that cannot be written stops the server without reporting the round; a resume
+//! after a crash mid-write removes the temporary file and loads the last good checkpoint.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -301,4 +303,95 @@ fn a_corrupt_or_foreign_checkpoint_is_refused_and_left_in_place() {
         aggregator::checkpoint::read::<aggregator::CoordinatorState>(&path, 99).unwrap(),
         state
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_written_stops_the_server_before_the_round_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    pki_dir(&pki, &[1, 2, 3]);
+    let opts = options(dir.path());
+    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+    // A non-empty directory where the checkpoint goes: the rename into place fails, also for
+    // root (permission bits would not stop root).
+    let path = opts.checkpoint_path();
+    std::fs::create_dir_all(path.join("occupied")).unwrap();
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let server_opts = opts.clone();
+    let server = tokio::spawn(async move {
+        server::serve(
+            coord,
+            &server_opts,
+            false,
+            |a| addr_tx.send(a).unwrap(),
+            std::future::pending(),
+        )
+        .await
+    });
+    let addr = addr_rx.await.unwrap();
+    let devices: Vec<_> = (1..=3)
+        .map(|id| {
+            tokio::spawn({
+                let pki = pki.clone();
+                async move { device(&pki, id, addr).await }
+            })
+        })
+        .collect();
+    for d in devices {
+        let (bye, answered) = tokio::time::timeout(Duration::from_secs(60), d)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bye, Some(ByeReason::ServerShutdown));
+        assert_eq!(answered, vec![1]);
+    }
+    let err = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, ServerError::CheckpointFailed { round: 1, .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with("round 1 closed but its checkpoint could not be written")
+            && text.contains(&format!(
+                "checkpoint {}: rename into place failed",
+                path.display()
+            )),
+        "{text}"
+    );
+    // The round was not reported, and no temporary file is left.
+    let kinds: Vec<String> = metrics_events(dir.path())
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["start"]);
+    let mut left: Vec<_> = std::fs::read_dir(&opts.state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["coordinator.ckpt"]);
+}
+
+#[test]
+fn a_resume_after_a_crash_mid_write_loads_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(dir.path());
+    std::fs::create_dir_all(&opts.state_dir).unwrap();
+    let path = opts.checkpoint_path();
+    let state = Coordinator::new(config(2), dims()).unwrap().state();
+    aggregator::checkpoint::write_atomic(&path, aggregator::coordinator::STATE_SCHEMA, &state)
+        .unwrap();
+    let good = std::fs::read(&path).unwrap();
+    // The dead writer's half-written next checkpoint.
+    let tmp = opts.state_dir.join(".coordinator.ckpt.tmp.4000000.3");
+    std::fs::write(&tmp, &good[..good.len() / 2]).unwrap();
+    let resumed = server::prepare(config(2), dims(), &opts, true).unwrap();
+    assert_eq!(resumed.state(), state);
+    assert!(!tmp.exists());
+    assert_eq!(std::fs::read(&path).unwrap(), good);
 }
