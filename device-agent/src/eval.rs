@@ -19,6 +19,21 @@ pub struct LmMetrics {
     pub tokens: usize,
 }
 
+impl LmMetrics {
+    /// Metrics from summed NLL (nats), correct predictions and scored positions (NaN when
+    /// nothing was scored).
+    pub fn from_sums(nll: f64, correct: usize, count: usize) -> Self {
+        let per = |x: f64| if count > 0 { x / count as f64 } else { f64::NAN };
+        let mean = per(nll);
+        LmMetrics {
+            nll: mean,
+            perplexity: mean.exp(),
+            accuracy: per(correct as f64),
+            tokens: count,
+        }
+    }
+}
+
 /// Rows of logits computed at once when scoring (bounds memory at `CHUNK * vocab` floats).
 pub const LOGIT_CHUNK_ROWS: usize = 256;
 
@@ -112,21 +127,7 @@ pub fn evaluate_windows(
         }
         i = j;
     }
-    let mean = if count > 0 {
-        nll / count as f64
-    } else {
-        f64::NAN
-    };
-    LmMetrics {
-        nll: mean,
-        perplexity: mean.exp(),
-        accuracy: if count > 0 {
-            correct as f64 / count as f64
-        } else {
-            f64::NAN
-        },
-        tokens: count,
-    }
+    LmMetrics::from_sums(nll, correct, count)
 }
 
 /// Split a token stream into consecutive windows of `len` tokens (the tail shorter window is

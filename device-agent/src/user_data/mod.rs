@@ -118,21 +118,7 @@ impl MaskedShard {
             correct += c;
             count += n;
         }
-        let mean = if count > 0 {
-            nll / count as f64
-        } else {
-            f64::NAN
-        };
-        LmMetrics {
-            nll: mean,
-            perplexity: mean.exp(),
-            accuracy: if count > 0 {
-                correct as f64 / count as f64
-            } else {
-                f64::NAN
-            },
-            tokens: count,
-        }
+        LmMetrics::from_sums(nll, correct, count)
     }
 }
 
