@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,8 @@ use crate::job::{run_job, LocalData};
 use crate::model::{Llama, ModelConfig};
 use crate::prune::{Criterion, PruneConfig};
 use crate::session::{
-    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, TrainJob,
+    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, RoundLimits,
+    TrainJob,
 };
 use crate::tokenizer::Tok;
 use crate::user_data::UserDataConfig;
@@ -366,6 +367,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
             dense: base.config.clone(),
             seq_len: data.seq_len(),
         }),
+        limits: RoundLimits::default(),
     };
     let session = AgentSession::new(agent.clone(), DeviceState::fresh(&base));
     tracing::info!(
@@ -423,6 +425,8 @@ struct Driver {
     work: Arc<Work>,
     start: Instant,
     progress: Arc<AtomicU32>,
+    /// The running job's stop flag (set when the session cancels it at its deadline).
+    cancel: Arc<AtomicBool>,
     jobs: mpsc::UnboundedSender<JobResult>,
     /// The held model's dims, checked against the aggregator's.
     dims: ModelDims,
@@ -443,6 +447,10 @@ impl Driver {
             match cmd {
                 AgentCommand::Send(msg) => ok &= self.send(link, msg).await,
                 AgentCommand::Train { job, state } => self.start_job(*job, state),
+                AgentCommand::Cancel(round) => {
+                    tracing::warn!(%round, "the round's deadline passed: stopping its job");
+                    self.cancel.store(true, Ordering::SeqCst);
+                }
                 AgentCommand::Close(reason) => match self.bye {
                     Some(ByeReason::Finished) => self.finished = true,
                     Some(_) => tracing::info!(%reason, "the aggregator went away; will reconnect"),
@@ -479,9 +487,12 @@ impl Driver {
         let progress = self.progress.clone();
         let tx = self.jobs.clone();
         progress.store(0, Ordering::SeqCst);
+        // A fresh flag per job: cancelling one job never stops the next.
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.cancel = cancel.clone();
         tokio::task::spawn_blocking(move || {
             let round = job.round;
-            let result = run_local_round(&job, &state, &work, &progress);
+            let result = run_local_round(&job, &state, &work, &progress, &cancel);
             let _ = tx.send(JobResult { round, result });
         });
     }
@@ -493,10 +504,12 @@ fn run_local_round(
     state: &DeviceState,
     work: &Work,
     progress: &AtomicU32,
+    cancel: &AtomicBool,
 ) -> Result<JobOutcome, FailReason> {
     let started = Instant::now();
     let mut outcome = run_job(job, state, &work.base, &work.data, &work.agent, |step| {
-        progress.store(step as u32, Ordering::SeqCst)
+        progress.store(step as u32, Ordering::SeqCst);
+        !cancel.load(Ordering::SeqCst)
     })
     .map_err(|e| FailReason::Error(e.to_string()))?;
     outcome.stats.compute_ms = started.elapsed().as_millis() as u64;
@@ -530,6 +543,7 @@ async fn drive(
         work,
         start: Instant::now(),
         progress: Arc::new(AtomicU32::new(0)),
+        cancel: Arc::new(AtomicBool::new(false)),
         jobs: jobs_tx,
         dims,
         bye: None,
@@ -583,13 +597,18 @@ async fn drive(
             }
             continue;
         }
-        let timer = match (d.session.poll_timeout(), link.is_some()) {
-            (Some(t), true) => {
-                let wait = t.0.saturating_sub(d.now().0);
-                tokio::time::Instant::now() + Duration::from_millis(wait)
-            }
-            _ if link.is_none() => next_attempt,
-            _ => tokio::time::Instant::now() + Duration::from_secs(3600),
+        // The session's timer (heartbeats, the running job's deadline) counts while
+        // disconnected too; a far-off time (an aggregator's huge heartbeat interval) is
+        // capped at an hour so the instant cannot overflow.
+        let session_timer = d.session.poll_timeout().map(|t| {
+            let wait = t.ms_since(d.now()).min(3_600_000);
+            tokio::time::Instant::now() + Duration::from_millis(wait)
+        });
+        let timer = match (session_timer, link.is_none()) {
+            (Some(t), true) => t.min(next_attempt),
+            (Some(t), false) => t,
+            (None, true) => next_attempt,
+            (None, false) => tokio::time::Instant::now() + Duration::from_secs(3600),
         };
         let mut lost = false;
         tokio::select! {
@@ -624,11 +643,9 @@ async fn drive(
                 lost = !d.execute(&mut link, cmds).await && link.is_some();
             }
             _ = sleep_until(timer) => {
-                if link.is_some() {
-                    d.session.set_progress(d.progress.load(Ordering::SeqCst));
-                    let cmds = d.session.handle_timeout(d.now());
-                    lost = !d.execute(&mut link, cmds).await;
-                }
+                d.session.set_progress(d.progress.load(Ordering::SeqCst));
+                let cmds = d.session.handle_timeout(d.now());
+                lost |= !d.execute(&mut link, cmds).await && link.is_some();
             }
         }
         if lost && link.is_some() {

@@ -112,33 +112,39 @@ pub struct MemoryEstimate {
 /// and the activations kept for the backward pass (per block: inputs of every matmul, the
 /// attention probabilities, the SwiGLU intermediates), plus one logit chunk.
 pub fn train_memory(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> MemoryEstimate {
-    let f = 4u64;
-    let weights = cfg.total_params() as u64 * f;
-    let tokens = (batch * seq) as u64;
-    let d = cfg.d_model as u64;
-    let hd = cfg.head_dim as u64;
-    let mut adapter = 0u64;
-    let mut act = 0u64;
+    // u128 throughout, saturated to u64 at the end: a hostile rank or batch can make the
+    // estimate huge but never wrap below the device's RAM.
+    let n = |v: usize| v as u128;
+    let f = 4u128;
+    let weights = n(cfg.total_params()) * f;
+    let (rank, batch, seq) = (n(rank), n(batch), n(seq));
+    let tokens = batch * seq;
+    let d = n(cfg.d_model);
+    let hd = n(cfg.head_dim);
+    let mut adapter = 0u128;
+    let mut act = 0u128;
     for b in &cfg.blocks {
-        let (q, kv, ffn) = (
-            b.n_heads as u64 * hd,
-            b.n_kv_heads as u64 * hd,
-            b.ffn_dim as u64,
-        );
-        adapter += rank as u64 * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ffn) + (ffn + d));
+        let (q, kv, ffn) = (n(b.n_heads) * hd, n(b.n_kv_heads) * hd, n(b.ffn_dim));
+        adapter = adapter
+            .saturating_add(rank * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ffn) + (ffn + d)));
         // normed inputs (2x d), q/k/v, attention output, probabilities, gate/up/act/product
-        act += tokens * (4 * d + 2 * q + 2 * kv + 4 * ffn)
-            + (batch * seq * seq) as u64 * b.n_heads as u64;
-        act += tokens * rank as u64 * 7;
+        act = act
+            .saturating_add(tokens.saturating_mul(4 * d + 2 * q + 2 * kv + 4 * ffn))
+            .saturating_add(tokens.saturating_mul(seq).saturating_mul(n(b.n_heads)))
+            .saturating_add(tokens.saturating_mul(rank).saturating_mul(7));
     }
-    let adapter_and_optimizer = adapter * f * 4;
-    let logits_chunk = crate::eval::LOGIT_CHUNK_ROWS as u64 * cfg.vocab_size as u64 * 3;
-    let activations = (act + logits_chunk) * f;
+    let adapter_and_optimizer = adapter.saturating_mul(f * 4);
+    let logits_chunk = n(crate::eval::LOGIT_CHUNK_ROWS) * n(cfg.vocab_size) * 3;
+    let activations = act.saturating_add(logits_chunk).saturating_mul(f);
+    let total = weights
+        .saturating_add(adapter_and_optimizer)
+        .saturating_add(activations);
+    let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
     MemoryEstimate {
-        weights,
-        adapter_and_optimizer,
-        activations,
-        total: weights + adapter_and_optimizer + activations,
+        weights: clamp(weights),
+        adapter_and_optimizer: clamp(adapter_and_optimizer),
+        activations: clamp(activations),
+        total: clamp(total),
     }
 }
 
@@ -161,5 +167,15 @@ mod tests {
         assert!((fd / approx - 1.0).abs() < 0.25, "{fd} vs {approx}");
         assert!(train_memory(&pruned, 16, 4, 256).total < train_memory(&dense, 16, 4, 256).total);
         assert!(train_memory(&dense, 64, 4, 256).total > train_memory(&dense, 4, 4, 256).total);
+    }
+
+    #[test]
+    fn a_huge_rank_or_batch_saturates_instead_of_wrapping() {
+        let dense = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
+        let max = u32::MAX as usize;
+        assert_eq!(train_memory(&dense, max, max, 256).total, u64::MAX);
+        assert_eq!(train_memory(&dense, usize::MAX, 4, 256).total, u64::MAX);
+        let big = train_memory(&dense, 4, max, 4096).total;
+        assert!(big > train_memory(&dense, 4, 4, 256).total * 1000, "{big}");
     }
 }

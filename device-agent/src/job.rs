@@ -26,6 +26,8 @@ pub enum JobError {
     BadSlice(String),
     #[error(transparent)]
     Prune(#[from] PruneError),
+    #[error("stopped after {steps} of {planned} local steps: the round's deadline passed")]
+    Cancelled { steps: usize, planned: usize },
 }
 
 /// A device's local data: a causal-LM shard, a causal-LM shard with a loss mask (the user's
@@ -206,14 +208,16 @@ pub fn start_adapter(
 
 /// Run one local round: start adapter, held-out loss before, prune-and-tune, loss after.
 /// Compute time and peak memory are left for the driver to fill in (they are measurements,
-/// or virtual in the simulator).
+/// or virtual in the simulator). `on_step` sees each finished step's count; when it returns
+/// false (the driver was told to cancel the job) the round stops there with
+/// [`JobError::Cancelled`].
 pub fn run_job(
     job: &TrainJob,
     state: &DeviceState,
     base: &Llama,
     data: &LocalData,
     agent: &AgentConfig,
-    mut on_step: impl FnMut(usize),
+    mut on_step: impl FnMut(usize) -> bool,
 ) -> Result<JobOutcome, JobError> {
     if job.local_steps == 0 || job.batch == 0 {
         return Err(JobError::BadConfig(
@@ -236,16 +240,24 @@ pub fn run_job(
     // Round-local batch order: a seeded offset into the shard.
     let offset = (job.seed % n as u64) as usize;
     let mut step = 0;
-    let report = tuner.run_round(
+    let mut stopped = false;
+    let report = tuner.run_round_while(
         base,
         job.local_steps,
         job.arm.prune_ratio,
         |i| data.batch(offset + i, job.batch),
         |_| {
             step += 1;
-            on_step(step);
+            stopped = !on_step(step);
+            !stopped
         },
     )?;
+    if stopped {
+        return Err(JobError::Cancelled {
+            steps: step,
+            planned: job.local_steps,
+        });
+    }
     let (loss_post, metric_post) = data.evaluate(&tuner.model, Some(&tuner.adapter));
     let c = &tuner.model.config;
     let stats = UpdateStats {
@@ -258,7 +270,7 @@ pub fn run_job(
         bytes_up: 0,
         peak_mem_bytes: crate::cost::train_memory(c, tuner.adapter.rank, job.batch, data.seq_len())
             .total,
-        samples: (job.local_steps * job.batch) as u64,
+        samples: (job.local_steps as u64).saturating_mul(job.batch as u64),
         steps: job.local_steps as u32,
     };
     Ok(JobOutcome {

@@ -76,6 +76,87 @@ pub struct AgentConfig {
     pub f16_updates: bool,
     /// How the device sizes a round (peak memory) and a message on the wire.
     pub costs: Arc<dyn RoundCosts>,
+    /// The most a round configuration may ask of this device.
+    pub limits: RoundLimits,
+}
+
+/// Caps on what an aggregator may ask of a device: a round configuration (or the Welcome's
+/// LoRA alpha) over any of them is refused with a `RoundFailed` that names the value and the
+/// cap, before anything is sized or allocated for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundLimits {
+    /// Largest LoRA rank (of the arm and of a global slice).
+    pub max_rank: u32,
+    /// Largest batch, in sequences.
+    pub max_batch: u32,
+    /// Most local optimiser steps in one round.
+    pub max_local_steps: u32,
+    /// Largest learning rate; it must also be finite and positive.
+    pub max_learning_rate: f64,
+    /// Largest LoRA alpha (the Welcome's and a global slice's); finite and positive too.
+    pub max_alpha: f64,
+}
+
+impl Default for RoundLimits {
+    fn default() -> Self {
+        RoundLimits {
+            max_rank: 256,
+            max_batch: 64,
+            max_local_steps: 10_000,
+            max_learning_rate: 1.0,
+            max_alpha: 1e4,
+        }
+    }
+}
+
+impl RoundLimits {
+    /// Why `rc` (with the run's LoRA `alpha`) is refused, or `Ok` when it is within the caps.
+    pub fn check(&self, rc: &RoundConfig, alpha: f64) -> Result<(), String> {
+        let ratio = rc.arm.prune_ratio;
+        if !(ratio.is_finite() && (0.0..1.0).contains(&ratio)) {
+            return Err(format!("prune ratio {ratio} is not in [0, 1)"));
+        }
+        let within = |what: &str, v: u64, max: u64| {
+            if v == 0 || v > max {
+                Err(format!("{what} {v} is not in [1, {max}]"))
+            } else {
+                Ok(())
+            }
+        };
+        within("rank", rc.arm.rank.into(), self.max_rank.into())?;
+        within("batch size", rc.batch_size.into(), self.max_batch.into())?;
+        within(
+            "local steps",
+            rc.local_steps.into(),
+            self.max_local_steps.into(),
+        )?;
+        let positive = |what: &str, v: f64, max: f64| {
+            if v.is_finite() && v > 0.0 && v <= max {
+                Ok(())
+            } else {
+                Err(format!("{what} {v} is not a finite value in (0, {max}]"))
+            }
+        };
+        positive(
+            "learning rate",
+            rc.learning_rate as f64,
+            self.max_learning_rate,
+        )?;
+        positive("LoRA alpha", alpha, self.max_alpha)?;
+        if let Some(g) = &rc.global {
+            within(
+                "global slice rank",
+                g.adapter.rank.into(),
+                self.max_rank.into(),
+            )?;
+            positive(
+                "global slice LoRA alpha",
+                g.adapter.alpha as f64,
+                self.max_alpha,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// What a finished job produced.
@@ -118,6 +199,9 @@ pub enum AgentCommand {
         job: Box<TrainJob>,
         state: DeviceState,
     },
+    /// Stop the running job of this round at its next step: its deadline passed and it was
+    /// reported failed. The driver still reports the job done (its result is dropped).
+    Cancel(RoundId),
     /// Stop: the aggregator said goodbye or refused us for good.
     Close(String),
 }
@@ -128,6 +212,10 @@ enum Phase {
     Joining,
     Idle,
     Training(RoundId),
+    /// The running job's deadline passed: the round was reported failed and the job told to
+    /// stop; the device stays busy until the driver reports the job done (its result is then
+    /// dropped), so two jobs never run at once.
+    Cancelled(RoundId),
     AwaitingAck(RoundId),
 }
 
@@ -188,6 +276,10 @@ pub struct AgentSession {
     /// What identifies the running job's configuration (a re-sent copy is a duplicate), and
     /// that configuration's frame size.
     running: Option<(JobKey, u64)>,
+    /// When the running job's round fails (in the driver's clock) if the job has not finished.
+    deadline: Option<Timestamp>,
+    /// The running job's local steps, for the failure report at its deadline.
+    job_steps: u32,
     /// A different configuration that arrived while a job ran: it starts when that job ends,
     /// and the superseded job's result is dropped.
     queued: Option<Queued>,
@@ -216,6 +308,8 @@ impl AgentSession {
             next_heartbeat: None,
             steps_done: 0,
             running: None,
+            deadline: None,
+            job_steps: 0,
             queued: None,
             last_update: None,
             outbox: Vec::new(),
@@ -240,6 +334,15 @@ impl AgentSession {
         matches!(self.phase, Phase::Training(_))
     }
 
+    /// Whether a job (running, or cancelled at its deadline and not yet reported done)
+    /// occupies the device.
+    fn busy(&self) -> Option<RoundId> {
+        match self.phase {
+            Phase::Training(r) | Phase::Cancelled(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// Messages waiting for the next connection.
     pub fn outbox(&self) -> &[Message] {
         &self.outbox
@@ -252,7 +355,7 @@ impl AgentSession {
                 self.connected = true;
                 // A job in flight survives a reconnection: its result is still sent, and the
                 // aggregator decides whether the round is open.
-                if !matches!(self.phase, Phase::Training(_)) {
+                if self.busy().is_none() {
                     self.phase = Phase::Joining;
                 }
                 vec![AgentCommand::Send(Message::Join(Join {
@@ -265,7 +368,7 @@ impl AgentSession {
                 self.connected = false;
                 // A job in flight keeps running; its update is sent after reconnecting only if
                 // the round is still open (the aggregator decides).
-                if !matches!(self.phase, Phase::Training(_)) {
+                if self.busy().is_none() {
                     self.phase = Phase::Disconnected;
                 }
                 self.next_heartbeat = None;
@@ -304,8 +407,10 @@ impl AgentSession {
                 }
                 self.alpha = w.lora_alpha as f64;
                 self.heartbeat_ms = w.heartbeat_interval_ms;
-                self.next_heartbeat = (w.heartbeat_interval_ms > 0)
-                    .then(|| Timestamp(now.0 + w.heartbeat_interval_ms));
+                // The interval comes from the network: the next beat saturates at the end of
+                // time (an interval of u64::MAX means no heartbeats), never wraps or panics.
+                self.next_heartbeat =
+                    (w.heartbeat_interval_ms > 0).then(|| now.plus_ms(w.heartbeat_interval_ms));
                 if self.phase == Phase::Joining {
                     self.phase = Phase::Idle;
                 }
@@ -368,7 +473,7 @@ impl AgentSession {
     }
 
     fn on_round(&mut self, now: Timestamp, rc: RoundConfig, bytes: u64) -> Vec<AgentCommand> {
-        if let Phase::Training(r) = self.phase {
+        if let Some(r) = self.busy() {
             // The aggregator re-sends the configuration to a selected device that rejoins
             // (after a network drop or its own restart). The same job keeps running; a
             // different one (another round, or the same round re-planned) waits for it, so a
@@ -397,13 +502,14 @@ impl AgentSession {
                 return self.answer(Message::Update(update));
             }
         }
-        let ok = rc.arm.prune_ratio.is_finite()
-            && (0.0..1.0).contains(&rc.arm.prune_ratio)
-            && rc.arm.rank > 0
-            && rc.batch_size > 0;
-        if !ok {
-            tracing::warn!(round = %rc.round, "invalid round config refused");
-            return vec![];
+        // Caps first: nothing is sized or allocated for a configuration over them.
+        if let Err(why) = self.config.limits.check(&rc, self.alpha) {
+            tracing::warn!(round = %rc.round, %why, "round configuration refused");
+            self.phase = Phase::Idle;
+            return self.answer(Message::RoundFailed(RoundFailed {
+                round: rc.round,
+                reason: FailReason::Error(format!("round configuration refused: {why}")),
+            }));
         }
         // A round that cannot fit in the device's RAM is refused before it starts; the
         // aggregator's feasibility filter learns from the report.
@@ -427,6 +533,9 @@ impl AgentSession {
         self.phase = Phase::Training(rc.round);
         self.running = Some((JobKey::of(&rc), bytes));
         self.steps_done = 0;
+        let deadline = now.plus_ms(rc.deadline_ms);
+        self.deadline = Some(deadline);
+        self.job_steps = rc.local_steps;
         vec![AgentCommand::Train {
             job: Box::new(TrainJob {
                 round: rc.round,
@@ -438,7 +547,7 @@ impl AgentSession {
                 batch: rc.batch_size as usize,
                 seed: rc.seed,
                 alpha: self.alpha,
-                deadline: Timestamp(now.0.saturating_add(rc.deadline_ms)),
+                deadline,
             }),
             state: self.state.clone(),
         }]
@@ -449,10 +558,13 @@ impl AgentSession {
         now: Timestamp,
         result: Result<JobOutcome, FailReason>,
     ) -> Vec<AgentCommand> {
-        let Phase::Training(round) = self.phase else {
-            return vec![];
+        let (round, cancelled) = match self.phase {
+            Phase::Training(r) => (r, false),
+            Phase::Cancelled(r) => (r, true),
+            _ => return vec![],
         };
         let running = self.running.take();
+        self.deadline = None;
         if let Some(next) = self.queued.take() {
             tracing::info!(
                 superseded = %round,
@@ -477,6 +589,11 @@ impl AgentSession {
                 ..next.config
             };
             return self.on_round(now, config, next.bytes);
+        }
+        if cancelled {
+            tracing::info!(%round, "a job stopped at its deadline ended; its result is dropped");
+            self.phase = Phase::Idle;
+            return vec![];
         }
         match result {
             Ok(out) if out.round == round => {
@@ -523,18 +640,44 @@ impl AgentSession {
         self.steps_done = steps_done;
     }
 
-    /// The next time the session wants [`AgentSession::handle_timeout`].
+    /// The next time the session wants [`AgentSession::handle_timeout`]: the next heartbeat or
+    /// the running job's deadline, whichever comes first.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.next_heartbeat
+        let deadline = self.deadline.filter(|_| self.is_training());
+        match (self.next_heartbeat, deadline) {
+            (Some(h), Some(d)) => Some(h.min(d)),
+            (h, d) => h.or(d),
+        }
     }
 
-    /// Timers: heartbeats while connected.
+    /// Timers: the running job's deadline (the round is reported failed and the job told to
+    /// stop; its late result is dropped), and heartbeats while connected.
     pub fn handle_timeout(&mut self, now: Timestamp) -> Vec<AgentCommand> {
+        let mut cmds = Vec::new();
+        if let (Phase::Training(round), Some(deadline)) = (self.phase, self.deadline) {
+            if now >= deadline {
+                tracing::warn!(%round, steps_done = self.steps_done, "the round's deadline passed during training");
+                self.phase = Phase::Cancelled(round);
+                self.deadline = None;
+                cmds.push(AgentCommand::Cancel(round));
+                let reason = FailReason::Error(format!(
+                    "the round's deadline passed after {} of {} local steps",
+                    self.steps_done, self.job_steps
+                ));
+                cmds.extend(self.answer(Message::RoundFailed(RoundFailed { round, reason })));
+            }
+        }
+        cmds.extend(self.heartbeat(now));
+        cmds
+    }
+
+    /// A heartbeat when one is due and the transport is up.
+    fn heartbeat(&mut self, now: Timestamp) -> Vec<AgentCommand> {
         match self.next_heartbeat {
             Some(t) if now >= t && self.phase != Phase::Disconnected => {
-                self.next_heartbeat = Some(Timestamp(now.0 + self.heartbeat_ms.max(1)));
+                self.next_heartbeat = Some(now.plus_ms(self.heartbeat_ms.max(1)));
                 let round = match self.phase {
-                    Phase::Training(r) | Phase::AwaitingAck(r) => Some(r),
+                    Phase::Training(r) | Phase::Cancelled(r) | Phase::AwaitingAck(r) => Some(r),
                     _ => None,
                 };
                 vec![AgentCommand::Send(Message::Heartbeat(Heartbeat {

@@ -500,8 +500,24 @@ impl Tuner {
         base: &Llama,
         steps: usize,
         target: f64,
-        mut next_batch: impl FnMut(usize) -> Batch,
+        next_batch: impl FnMut(usize) -> Batch,
         mut on_step: impl FnMut(&StepRecord),
+    ) -> Result<RoundReport, PruneError> {
+        self.run_round_while(base, steps, target, next_batch, |r| {
+            on_step(r);
+            true
+        })
+    }
+
+    /// [`Tuner::run_round`] that stops after any step where `on_step` returns false (the
+    /// report then holds the steps done).
+    pub fn run_round_while(
+        &mut self,
+        base: &Llama,
+        steps: usize,
+        target: f64,
+        mut next_batch: impl FnMut(usize) -> Batch,
+        mut on_step: impl FnMut(&StepRecord) -> bool,
     ) -> Result<RoundReport, PruneError> {
         let before = self.sparsity();
         let events = if target > before + 1e-12 {
@@ -524,9 +540,12 @@ impl Tuner {
                     break r;
                 }
             };
-            on_step(&rec);
+            let go_on = on_step(&rec);
             records.push(rec);
             let done = self.step - first_step;
+            if !go_on {
+                break;
+            }
             if let Some(k) = events.iter().position(|&e| e == done) {
                 self.prune_to(base, targets[k])?;
                 prune_events.push((done, self.sparsity()));

@@ -137,8 +137,8 @@ impl LocalTrainer for RealTrainer {
         agent: &AgentConfig,
     ) -> Result<TrainedRound, String> {
         let data = &self.data[device];
-        let outcome =
-            job::run_job(job, state, &self.base, data, agent, |_| {}).map_err(|e| e.to_string())?;
+        let outcome = job::run_job(job, state, &self.base, data, agent, |_| true)
+            .map_err(|e| e.to_string())?;
         let pre = pruned_config(&self.base.config, &state.kept);
         let post = pruned_config(&self.base.config, &outcome.kept);
         let (eval_tokens, eval_seq) = crate::local_data::eval_tokens(data);

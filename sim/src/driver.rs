@@ -222,6 +222,7 @@ impl<'a> Simulation<'a> {
                 prune: PruneConfig::for_layers(dense.n_layers()),
                 f16_updates: false,
                 costs: trainer.costs(i),
+                limits: device_agent::session::RoundLimits::default(),
             };
             let state = DeviceState {
                 kept: KeptIndices::dense(&dense),
@@ -639,6 +640,9 @@ impl<'a> Simulation<'a> {
             match c {
                 AgentCommand::Send(msg) => self.send_to_server(i, msg)?,
                 AgentCommand::Train { job, state } => self.start_job(i, *job, state)?,
+                // A virtual job cannot stop early: its result still arrives at its virtual end
+                // and the session drops it (the round was reported failed at its deadline).
+                AgentCommand::Cancel(_) => {}
                 AgentCommand::Close(reason) => {
                     tracing::debug!(device = %self.devices[i].id, %reason, "device closed its session");
                     if self.devices[i].connected {

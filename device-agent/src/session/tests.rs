@@ -1,6 +1,6 @@
 //! Unit tests of the device session: jobs across reconnections, re-sent and superseded
-//! configurations, the outbox, the out-of-memory pre-check and byte accounting (sans-IO, no
-//! model).
+//! configurations, the outbox, the out-of-memory pre-check, byte accounting, and a hostile
+//! aggregator's values (heartbeat intervals, caps, the round deadline) (sans-IO, no model).
 
 use super::*;
 use crate::cost::PrunedModel;
@@ -37,6 +37,7 @@ fn session_with_ram(ram_bytes: u64) -> AgentSession {
         prune: PruneConfig::for_layers(4),
         f16_updates: false,
         costs: Arc::new(costs()),
+        limits: RoundLimits::default(),
     };
     let state = DeviceState {
         kept: KeptIndices::dense(&cfg),
@@ -350,4 +351,189 @@ fn an_update_counts_its_configuration_download_and_its_own_upload() {
     assert_eq!(u.stats.bytes_up, frame.len() as u64);
     // Other fields of the job's statistics pass through.
     assert_eq!((u.stats.compute_ms, u.stats.steps), (5, 4));
+}
+
+fn welcome_with_heartbeat(ms: u64) -> Message {
+    let Message::Welcome(w) = welcome() else {
+        unreachable!("welcome() builds a Welcome")
+    };
+    Message::Welcome(Welcome {
+        heartbeat_interval_ms: ms,
+        ..w
+    })
+}
+
+fn heartbeats(cmds: &[AgentCommand]) -> usize {
+    cmds.iter()
+        .filter(|c| matches!(c, AgentCommand::Send(Message::Heartbeat(_))))
+        .count()
+}
+
+#[test]
+fn a_huge_heartbeat_interval_saturates_instead_of_wrapping() {
+    for interval in [u64::MAX, u64::MAX / 2] {
+        let mut s = session();
+        let now = Timestamp(u64::MAX / 2 + 10);
+        s.handle(now, msg(welcome_with_heartbeat(interval)));
+        let due = s.poll_timeout().expect("a heartbeat is scheduled");
+        assert!(due >= now, "the next beat {due} must not wrap before {now}");
+        assert_eq!(due, now.plus_ms(interval));
+        // At the end of time the beat is sent and the next one saturates too.
+        let c = s.handle_timeout(Timestamp(u64::MAX));
+        assert_eq!(heartbeats(&c), 1);
+        assert_eq!(s.poll_timeout(), Some(Timestamp(u64::MAX)));
+        // A job's deadline from the network saturates as well.
+        let c = s.handle(Timestamp(u64::MAX - 5), msg(config(1, 8, u64::MAX)));
+        assert_eq!(trains(&c), vec![(RoundId(1), 8, Timestamp(u64::MAX))]);
+    }
+}
+
+fn refusal(cmds: &[AgentCommand]) -> String {
+    match cmds {
+        [AgentCommand::Send(Message::RoundFailed(RoundFailed {
+            reason: FailReason::Error(why),
+            ..
+        }))] => why.clone(),
+        other => panic!("expected one RoundFailed, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_configuration_over_the_caps_is_refused_with_its_reason() {
+    let mut s = session();
+    let Message::RoundConfig(base) = config(1, 8, 60_000) else {
+        unreachable!("config() builds a RoundConfig")
+    };
+    let cases: Vec<(RoundConfig, &str)> = vec![
+        (
+            RoundConfig {
+                arm: Arm::new(0.2, u32::MAX),
+                ..base.clone()
+            },
+            "rank 4294967295 is not in [1, 256]",
+        ),
+        (
+            RoundConfig {
+                batch_size: u32::MAX,
+                ..base.clone()
+            },
+            "batch size 4294967295 is not in [1, 64]",
+        ),
+        (
+            RoundConfig {
+                local_steps: 10_001,
+                ..base.clone()
+            },
+            "local steps 10001 is not in [1, 10000]",
+        ),
+        (
+            RoundConfig {
+                learning_rate: f32::NAN,
+                ..base.clone()
+            },
+            "learning rate NaN is not a finite value in (0, 1]",
+        ),
+        (
+            RoundConfig {
+                learning_rate: 2.0,
+                ..base.clone()
+            },
+            "learning rate 2 is not a finite value in (0, 1]",
+        ),
+        (
+            RoundConfig {
+                arm: Arm::new(f64::INFINITY, 8),
+                ..base.clone()
+            },
+            "prune ratio inf is not in [0, 1)",
+        ),
+    ];
+    for (i, (rc, why)) in cases.into_iter().enumerate() {
+        let round = RoundId(i as u64 + 1);
+        let c = s.handle(
+            Timestamp(i as u64),
+            msg(Message::RoundConfig(RoundConfig { round, ..rc })),
+        );
+        assert!(trains(&c).is_empty());
+        assert_eq!(failures(&c), vec![round]);
+        assert_eq!(refusal(&c), format!("round configuration refused: {why}"));
+        assert!(!s.is_training());
+    }
+    // A Welcome's alpha over the cap refuses the rounds that would train with it.
+    let Message::Welcome(w) = welcome() else {
+        unreachable!("welcome() builds a Welcome")
+    };
+    s.handle(
+        Timestamp(50),
+        msg(Message::Welcome(Welcome {
+            lora_alpha: f32::INFINITY,
+            ..w
+        })),
+    );
+    let c = s.handle(Timestamp(60), msg(config(9, 8, 60_000)));
+    assert_eq!(
+        refusal(&c),
+        "round configuration refused: LoRA alpha inf is not a finite value in (0, 10000]"
+    );
+    // Within the caps, the device trains again.
+    s.handle(Timestamp(70), msg(welcome()));
+    let c = s.handle(Timestamp(80), msg(config(10, 256, 60_000)));
+    assert_eq!(trains(&c).len(), 1);
+}
+
+fn cancels(cmds: &[AgentCommand]) -> Vec<RoundId> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            AgentCommand::Cancel(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_job_running_at_its_deadline_fails_then_and_its_late_result_is_dropped() {
+    let mut s = session();
+    s.handle(Timestamp(1_000), msg(config(1, 8, 5_000)));
+    assert_eq!(s.poll_timeout(), Some(Timestamp(6_000)));
+    s.set_progress(3);
+    // Before the deadline nothing happens.
+    assert!(s.handle_timeout(Timestamp(5_999)).is_empty());
+    let c = s.handle_timeout(Timestamp(6_000));
+    assert_eq!(cancels(&c), vec![RoundId(1)]);
+    assert_eq!(failures(&c), vec![RoundId(1)]);
+    assert_eq!(
+        refusal(&c[1..]),
+        "the round's deadline passed after 3 of 4 local steps"
+    );
+    assert_eq!(s.poll_timeout(), None, "the deadline fires once");
+    // The device stays busy until the job ends: the next round waits for it.
+    let c = s.handle(Timestamp(6_500), msg(config(2, 8, 60_000)));
+    assert!(trains(&c).is_empty());
+    // The late result is not sent; the queued round starts.
+    let c = s.handle(Timestamp(7_000), finished(1));
+    assert!(updates(&c).is_empty() && failures(&c).is_empty());
+    assert_eq!(trains(&c), vec![(RoundId(2), 8, Timestamp(66_500))]);
+    // A job that ends in time is not cancelled, and its late timer does nothing.
+    let c = s.handle(Timestamp(8_000), finished(2));
+    assert_eq!(updates(&c), vec![RoundId(2)]);
+    assert!(s.handle_timeout(Timestamp(70_000)).is_empty());
+}
+
+#[test]
+fn a_deadline_passing_while_disconnected_is_reported_after_the_welcome() {
+    let mut s = session();
+    s.handle(Timestamp(0), msg(config(1, 8, 1_000)));
+    s.handle(Timestamp(10), AgentEvent::Disconnected);
+    let c = s.handle_timeout(Timestamp(1_000));
+    assert_eq!(cancels(&c), vec![RoundId(1)]);
+    assert!(
+        failures(&c).is_empty(),
+        "nothing is sent while disconnected"
+    );
+    // The late result (here a cancelled job's error) is dropped, not reported twice.
+    assert!(s.handle(Timestamp(1_100), failed()).is_empty());
+    s.handle(Timestamp(2_000), AgentEvent::Connected);
+    let c = s.handle(Timestamp(2_001), msg(welcome()));
+    assert_eq!(failures(&c), vec![RoundId(1)]);
+    assert_eq!(c.len(), 1);
 }
