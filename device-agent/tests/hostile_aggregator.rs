@@ -1,0 +1,137 @@
+//! A hostile aggregator against the device session (sans-IO, no model): round configurations
+//! with a rank or batch of `u32::MAX` are refused with a clear `RoundFailed`, no `Train`, and
+//! nothing sized for them is allocated (a counting allocator watches), and a Welcome with a
+//! huge heartbeat interval neither panics nor wraps the session's timers.
+
+use std::sync::Arc;
+
+use device_agent::cost::PrunedModel;
+use device_agent::model::ModelConfig;
+use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::session::{
+    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, RoundLimits,
+};
+use protocol::{
+    Arm, Capabilities, DeviceId, FailReason, KeptIndices, Message, ModelDims, RoundConfig,
+    RoundFailed, RoundId, Timestamp, Welcome, PROTOCOL_VERSION,
+};
+
+#[global_allocator]
+static A: test_support::CountingAllocator = test_support::CountingAllocator;
+
+fn tiny() -> ModelConfig {
+    ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true)
+}
+
+/// A connected session of a device with 1 GiB of RAM, welcomed with `heartbeat_ms`.
+fn session(heartbeat_ms: u64, now: Timestamp) -> AgentSession {
+    let config = AgentConfig {
+        device_id: DeviceId(3),
+        capabilities: Capabilities {
+            ram_bytes: 1 << 30,
+            backend: "flex".into(),
+            bench_score: None,
+        },
+        criterion: Criterion::LoraGradient,
+        prune: PruneConfig::for_layers(4),
+        f16_updates: false,
+        costs: Arc::new(PrunedModel {
+            dense: tiny(),
+            seq_len: 16,
+        }),
+        limits: RoundLimits::default(),
+    };
+    let state = DeviceState {
+        kept: KeptIndices::dense(&tiny()),
+        adapter: None,
+    };
+    let mut s = AgentSession::new(config, state);
+    s.handle(now, AgentEvent::Connected);
+    s.handle(
+        now,
+        AgentEvent::Message {
+            msg: Message::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                device_id: DeviceId(3),
+                model: ModelDims::SMOLLM2_135M,
+                lora_alpha: 16.0,
+                heartbeat_interval_ms: heartbeat_ms,
+            }),
+            bytes: 100,
+        },
+    );
+    s
+}
+
+fn config(round: u64, rank: u32, batch: u32) -> Message {
+    Message::RoundConfig(RoundConfig {
+        round: RoundId(round),
+        arm: Arm::new(0.2, rank),
+        global: None,
+        deadline_ms: u64::MAX,
+        local_steps: 4,
+        prune_interval_steps: 2,
+        learning_rate: 1e-3,
+        batch_size: batch,
+        seed: 9,
+    })
+}
+
+#[test]
+fn a_huge_rank_or_batch_is_refused_without_allocating_for_it() {
+    let mut s = session(0, Timestamp(0));
+    for (round, rank, batch, why) in [
+        (1, u32::MAX, 2, "rank 4294967295 is not in [1, 256]"),
+        (2, 8, u32::MAX, "batch size 4294967295 is not in [1, 64]"),
+        (3, u32::MAX, u32::MAX, "rank 4294967295 is not in [1, 256]"),
+    ] {
+        let event = AgentEvent::Message {
+            msg: config(round, rank, batch),
+            bytes: 100,
+        };
+        let (cmds, peak) = test_support::thread_peak_during(|| s.handle(Timestamp(round), event));
+        assert!(
+            peak < 64 << 10,
+            "handling the configuration allocated {peak} bytes at its peak"
+        );
+        match cmds.as_slice() {
+            [AgentCommand::Send(Message::RoundFailed(RoundFailed {
+                round: r,
+                reason: FailReason::Error(text),
+            }))] => {
+                assert_eq!(*r, RoundId(round));
+                assert_eq!(text, &format!("round configuration refused: {why}"));
+            }
+            other => panic!("expected one RoundFailed, got {other:?}"),
+        }
+        assert!(!s.is_training());
+    }
+    // The device is not wedged: a configuration within the caps trains.
+    let cmds = s.handle(
+        Timestamp(10),
+        AgentEvent::Message {
+            msg: config(4, 8, 2),
+            bytes: 100,
+        },
+    );
+    assert!(matches!(cmds.as_slice(), [AgentCommand::Train { .. }]));
+}
+
+#[test]
+fn a_huge_heartbeat_interval_neither_panics_nor_wraps() {
+    for interval in [u64::MAX, u64::MAX / 2, u64::MAX / 2 + 1] {
+        let now = Timestamp(u64::MAX / 2 + 7);
+        let mut s = session(interval, now);
+        let due = s.poll_timeout().expect("a heartbeat is scheduled");
+        assert_eq!(due, now.plus_ms(interval));
+        assert!(due > now);
+        // Nothing is due before its time, and at the end of time one beat goes out.
+        assert!(s.handle_timeout(now).is_empty());
+        let cmds = s.handle_timeout(Timestamp(u64::MAX));
+        assert!(matches!(
+            cmds.as_slice(),
+            [AgentCommand::Send(Message::Heartbeat(_))]
+        ));
+        assert_eq!(s.poll_timeout(), Some(Timestamp(u64::MAX)));
+    }
+}
