@@ -178,14 +178,17 @@ fn a_straggler_misses_its_deadlines_and_its_bandit_learns_reward_zero() {
         assert_eq!(n, cfg.coordinator.rounds);
         assert!(s > 0.0, "device {d} earned nothing");
     }
-    // While it trains round N, round N+1's configuration arrives: the session queues it and,
-    // when round N's job ends, drops that (already stale) result and starts round N+1, so the
-    // straggler never trains two jobs at once and never sends a stale update.
+    // At its own deadline (counted from receipt, so just after the aggregator's) the straggler
+    // reports round N failed and its job is cancelled; round N+1's configuration queues behind
+    // it and, when round N's job ends, that result is dropped and round N+1 starts, so the
+    // straggler never trains two jobs at once and never sends a stale update. Its one
+    // deadline failure report per round reaches the aggregator after the close and is refused
+    // as stale: at most one such reject per round, from the one straggler.
     assert!(
         report
             .rounds
             .iter()
-            .all(|r| !r.rejects.contains_key("stale_round")),
+            .all(|r| r.rejects.get("stale_round").copied().unwrap_or(0) <= 1),
         "a superseded job's result was sent"
     );
 }
