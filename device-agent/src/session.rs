@@ -12,6 +12,13 @@
 //! an `Update` or `RoundFailed` produced while the transport is down (or that the driver could
 //! not deliver) is kept and sent after the next `Welcome`.
 //!
+//! Nothing from the network is trusted to be small: a round configuration over the device's
+//! [`RoundLimits`] (rank, batch, local steps, learning rate, alpha) is refused with a
+//! `RoundFailed` naming the value and the cap before anything is sized for it; every time
+//! computed from a network value (`now + heartbeat interval`, `now + deadline`) saturates; and a
+//! job still running at its round's deadline is reported failed then, its driver told to stop
+//! it ([`AgentCommand::Cancel`]), and its late result dropped.
+//!
 //! State kept across rounds: the kept-index maps (pruning is cumulative and never undone) and
 //! the adapter the device last trained; the frozen base is shared and re-sliced each round.
 

@@ -1,15 +1,18 @@
 //! A hostile aggregator against the device session (sans-IO, no model): round configurations
 //! with a rank or batch of `u32::MAX` are refused with a clear `RoundFailed`, no `Train`, and
 //! nothing sized for them is allocated (a counting allocator watches), and a Welcome with a
-//! huge heartbeat interval neither panics nor wraps the session's timers.
+//! huge heartbeat interval neither panics nor wraps the session's timers; and a job the driver
+//! cancels (its deadline passed) stops at its next step (on the tiny random model).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use device_agent::cost::PrunedModel;
+use device_agent::job::{run_job, LocalData};
 use device_agent::model::ModelConfig;
 use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::session::{
-    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, RoundLimits,
+    AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, RoundLimits, TrainJob,
 };
 use protocol::{
     Arm, Capabilities, DeviceId, FailReason, KeptIndices, Message, ModelDims, RoundConfig,
@@ -23,9 +26,9 @@ fn tiny() -> ModelConfig {
     ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true)
 }
 
-/// A connected session of a device with 1 GiB of RAM, welcomed with `heartbeat_ms`.
-fn session(heartbeat_ms: u64, now: Timestamp) -> AgentSession {
-    let config = AgentConfig {
+/// The settings of a device with 1 GiB of RAM holding the tiny test model.
+fn agent_config() -> AgentConfig {
+    AgentConfig {
         device_id: DeviceId(3),
         capabilities: Capabilities {
             ram_bytes: 1 << 30,
@@ -40,7 +43,12 @@ fn session(heartbeat_ms: u64, now: Timestamp) -> AgentSession {
             seq_len: 16,
         }),
         limits: RoundLimits::default(),
-    };
+    }
+}
+
+/// A connected session of a device with 1 GiB of RAM, welcomed with `heartbeat_ms`.
+fn session(heartbeat_ms: u64, now: Timestamp) -> AgentSession {
+    let config = agent_config();
     let state = DeviceState {
         kept: KeptIndices::dense(&tiny()),
         adapter: None,
@@ -134,4 +142,45 @@ fn a_huge_heartbeat_interval_neither_panics_nor_wraps() {
         ));
         assert_eq!(s.poll_timeout(), Some(Timestamp(u64::MAX)));
     }
+}
+
+#[test]
+fn a_cancelled_job_stops_at_its_next_step() {
+    let base = device_agent::client::tiny_model(&burn::tensor::Device::flex());
+    let data = LocalData::Lm(device_agent::client::synthetic_shard(8, 8, 2, 1));
+    let mut agent = agent_config();
+    agent.prune = PruneConfig::for_layers(base.config.n_layers());
+    let job = TrainJob {
+        round: RoundId(1),
+        arm: Arm::new(0.0, 2),
+        global: None,
+        local_steps: 6,
+        prune_every: 2,
+        lr: 1e-3,
+        batch: 2,
+        seed: 3,
+        alpha: 16.0,
+        deadline: Timestamp(u64::MAX),
+    };
+    let state = DeviceState::fresh(&base);
+    // The driver's flag is set (the session said Cancel) while step 2 runs: the job stops
+    // after that step instead of running all 6.
+    let cancel = AtomicBool::new(false);
+    let mut seen = Vec::new();
+    let r = run_job(&job, &state, &base, &data, &agent, |step| {
+        seen.push(step);
+        if step == 2 {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        !cancel.load(Ordering::SeqCst)
+    });
+    let err = r.expect_err("a cancelled job has no outcome");
+    assert_eq!(
+        err.to_string(),
+        "stopped after 2 of 6 local steps: the round's deadline passed"
+    );
+    assert_eq!(seen, vec![1, 2]);
+    // Uncancelled, the same job runs every step.
+    let out = run_job(&job, &state, &base, &data, &agent, |_| true).expect("the job runs");
+    assert_eq!(out.stats.steps, 6);
 }
