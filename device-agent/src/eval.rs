@@ -23,7 +23,13 @@ impl LmMetrics {
     /// Metrics from summed NLL (nats), correct predictions and scored positions (NaN when
     /// nothing was scored).
     pub fn from_sums(nll: f64, correct: usize, count: usize) -> Self {
-        let per = |x: f64| if count > 0 { x / count as f64 } else { f64::NAN };
+        let per = |x: f64| {
+            if count > 0 {
+                x / count as f64
+            } else {
+                f64::NAN
+            }
+        };
         let mean = per(nll);
         LmMetrics {
             nll: mean,
