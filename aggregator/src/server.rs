@@ -13,6 +13,10 @@
 //!   device id ([`transport::accept_device`]), then a reader (frames -> events, every read
 //!   capped) and a writer (queue -> frames; a close request flushes the queue, finishes the
 //!   stream, waits for the peer to read it, then closes the connection with the reason).
+//! - Right after the handshake the device and its certificate are checked against the
+//!   revocation list `revoked.txt` of the PKI directory ([`transport::Revocations`]), re-read
+//!   whenever the file changes: a revoked device is refused with the reason in the QUIC close,
+//!   logged and counted, and the server keeps running.
 //! - A newer connection of the same device replaces the older one; only the current
 //!   connection's end is reported to the coordinator as a disconnect.
 //!
@@ -51,7 +55,7 @@ use protocol::{CodecError, DeviceId, Message, ModelDims, Reject, RejectReason, T
 use quinn::VarInt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc as tmpsc, watch};
-use transport::TransportError;
+use transport::{Revocations, TransportError};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::coordinator::{
@@ -105,6 +109,8 @@ pub enum ServerError {
     },
     #[error("the coordinator thread stopped unexpectedly")]
     CoordinatorThread,
+    #[error(transparent)]
+    Revocation(#[from] transport::RevocationError),
 }
 
 /// The model a run is for: a preset name or explicit dimensions.
@@ -245,6 +251,8 @@ pub struct ServeOutcome {
     /// Whether every configured round ran.
     pub finished: bool,
     pub counters: Counters,
+    /// Connections refused because the revocation list named their device or certificate.
+    pub revoked_refusals: u64,
 }
 
 /// One JSONL line of the metrics file.
@@ -301,6 +309,8 @@ struct Shared {
     inputs: Mutex<mpsc::Sender<Input>>,
     live: AtomicUsize,
     handshake_failures: AtomicU64,
+    revoked_refusals: AtomicU64,
+    revocations: Revocations,
     max_frame_bytes: usize,
 }
 
@@ -361,6 +371,10 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeOutcome, ServerError> {
+    if let Some(ca_key) = exposed_ca_key(&opts.pki_dir) {
+        tracing::warn!(path = %ca_key.display(), "the CA key sits in the server's PKI directory; keep it offline and serve from a bundle (aggregator ca export-server)");
+    }
+    let revocations = Revocations::open_in(&opts.pki_dir)?;
     let server_config = transport::load_server_config(&opts.pki_dir)?;
     let endpoint = transport::server_endpoint(opts.listen, server_config)?;
     let local = endpoint.local_addr().map_err(|source| ServerError::Io {
@@ -406,6 +420,8 @@ pub async fn serve(
         inputs: Mutex::new(input_tx),
         live: AtomicUsize::new(0),
         handshake_failures: AtomicU64::new(0),
+        revoked_refusals: AtomicU64::new(0),
+        revocations,
         max_frame_bytes: opts.max_frame_bytes,
     });
     let (phase_tx, mut phase_rx) = watch::channel(if coordinator.is_finished() {
@@ -485,6 +501,10 @@ pub async fn serve(
     if failures > 0 {
         tracing::info!(failures, "connections refused at the handshake");
     }
+    let revoked = shared.revoked_refusals.load(Ordering::SeqCst);
+    if revoked > 0 {
+        tracing::info!(revoked, "connections refused by the revocation list");
+    }
     if let Some(e) = failure {
         return Err(e);
     }
@@ -492,7 +512,14 @@ pub async fn serve(
         round: coordinator.state().round,
         finished: coordinator.is_finished() && !interrupted,
         counters: coordinator.counters().clone(),
+        revoked_refusals: shared.revoked_refusals.load(Ordering::SeqCst),
     })
+}
+
+/// The CA key, if it sits in `pki_dir` (where the server would not need it).
+pub fn exposed_ca_key(pki_dir: &Path) -> Option<PathBuf> {
+    let key = transport::ca_paths(pki_dir).key;
+    key.exists().then_some(key)
 }
 
 fn run_coordinator(
@@ -617,11 +644,15 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        transport::accept_device(incoming, shared.max_frame_bytes),
+        transport::accept_device_checked(incoming, shared.max_frame_bytes, &shared.revocations),
     )
     .await
     {
         Ok(Ok(conn)) => conn,
+        Ok(Err(TransportError::Revoked(revoked))) => {
+            shared.revoked_refusals.fetch_add(1, Ordering::SeqCst);
+            return tracing::warn!(%remote, reason = %revoked, "connection refused: revoked");
+        }
         Ok(Err(e)) => {
             shared.handshake_failures.fetch_add(1, Ordering::SeqCst);
             return tracing::warn!(%remote, error = %e, "connection refused");
