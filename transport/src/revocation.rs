@@ -94,9 +94,9 @@ pub enum RevocationError {
 /// Why a connection was refused: the entry that matched.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Revoked {
-    #[error("device {0} is revoked")]
+    #[error("{0} is revoked")]
     Device(DeviceId),
-    #[error("certificate {fingerprint} of device {device} is revoked")]
+    #[error("certificate {fingerprint} of {device} is revoked")]
     Certificate {
         device: DeviceId,
         fingerprint: Fingerprint,
