@@ -424,4 +424,111 @@ mod tests {
             assert_eq!(mode, 0o600, "{}", key.display());
         }
     }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_reissued_key_is_owner_only_and_a_readable_ca_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = init_ca(dir.path()).unwrap();
+        let dev = issue_device(dir.path(), DeviceId(2)).unwrap();
+        fs::set_permissions(&dev.key, fs::Permissions::from_mode(0o644)).unwrap();
+        issue_device(dir.path(), DeviceId(2)).unwrap();
+        let mode = fs::metadata(&dev.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::set_permissions(&ca.key, fs::Permissions::from_mode(0o604)).unwrap();
+        let err = issue_device(dir.path(), DeviceId(3)).unwrap_err();
+        assert!(
+            err.to_string().ends_with(&format!(
+                "(mode 604); restrict it with `chmod 600 {}`",
+                ca.key.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_exported_device_bundle_holds_no_ca_key_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        init_ca(&ca_dir).unwrap();
+        issue_device(&ca_dir, DeviceId(5)).unwrap();
+        let out = dir.path().join("device-5");
+        let written = export_device(&ca_dir, DeviceId(5), &out).unwrap();
+        let mut names: Vec<String> = fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ca.pem", "device-5.key.pem", "device-5.pem"]);
+        assert_eq!(written.len(), 3);
+        transport::load_client_config(&out, DeviceId(5)).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&out.join("device-5.key.pem")), 0o600);
+            assert_eq!(mode(&out) & 0o077, 0);
+        }
+        // Not into the CA directory, not beside another CA key, not a device never issued.
+        let err = export_device(&ca_dir, DeviceId(5), &ca_dir).unwrap_err();
+        assert!(matches!(err, PkiError::ExportIntoCa { .. }), "{err}");
+        let other = dir.path().join("other");
+        init_ca(&other).unwrap();
+        let err = export_device(&ca_dir, DeviceId(5), &other).unwrap_err();
+        assert!(matches!(err, PkiError::ExportBesideCaKey { .. }), "{err}");
+        let err = export_device(&ca_dir, DeviceId(6), &dir.path().join("d6")).unwrap_err();
+        assert!(
+            err.to_string().contains("device-6.pem: read failed"),
+            "{err}"
+        );
+        // The server's bundle likewise.
+        issue_server(&ca_dir, &["localhost".into()]).unwrap();
+        let pki = dir.path().join("pki");
+        export_server(&ca_dir, &pki).unwrap();
+        assert!(!pki.join(identity::CA_KEY_FILE).exists());
+        transport::load_server_config(&pki).unwrap();
+    }
+
+    #[test]
+    fn revoke_appends_device_and_fingerprint_lines_the_list_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        let dev = issue_device(dir.path(), DeviceId(5)).unwrap();
+        let other = issue_device(dir.path(), DeviceId(6)).unwrap();
+        assert!(matches!(
+            revoke(dir.path(), None, &[]),
+            Err(PkiError::NothingToRevoke)
+        ));
+        // A hand-edited file without a final newline is continued on a new line.
+        fs::write(dir.path().join(REVOKED_FILE), "# revoked devices").unwrap();
+        let lines = revoke(dir.path(), Some(DeviceId(5)), &[other.cert.clone()]).unwrap();
+        assert_eq!(lines.len(), 3);
+        let list = RevocationList::load(&dir.path().join(REVOKED_FILE)).unwrap();
+        let fp = |p: &Path| Fingerprint::of(&identity::load_certs(p).unwrap()[0]);
+        assert_eq!(list.devices, [DeviceId(5)].into_iter().collect());
+        assert_eq!(
+            list.certificates,
+            [fp(&dev.cert), fp(&other.cert)].into_iter().collect()
+        );
+        // Re-issuing device 5 and removing its device line admits the new certificate only.
+        let old = fp(&dev.cert);
+        issue_device(dir.path(), DeviceId(5)).unwrap();
+        let text = fs::read_to_string(dir.path().join(REVOKED_FILE)).unwrap();
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with("device-5"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(dir.path().join(REVOKED_FILE), kept).unwrap();
+        let list = RevocationList::load(&dir.path().join(REVOKED_FILE)).unwrap();
+        assert_eq!(list.check(DeviceId(5), fp(&dev.cert)), Ok(()));
+        assert_eq!(
+            list.check(DeviceId(5), old),
+            Err(transport::Revoked::Certificate {
+                device: DeviceId(5),
+                fingerprint: old
+            })
+        );
+    }
 }
