@@ -420,11 +420,24 @@ async fn join_once(pki: &Path, id: u64, addr: SocketAddr) -> Result<Message, Str
         conn.stream.recv().await
     }
     .await;
-    let result = match answer {
-        Ok(Some(msg)) => Ok(msg),
-        Ok(None) => Err("stream finished".into()),
-        Err(e) => Err(e.to_string()),
-    };
+    let result =
+        match answer {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err("stream finished".into()),
+            Err(e) => {
+                let reason =
+                    match tokio::time::timeout(Duration::from_secs(5), conn.connection.closed())
+                        .await
+                    {
+                        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                            String::from_utf8_lossy(&c.reason).into_owned()
+                        }
+                        Ok(other) => other.to_string(),
+                        Err(_) => "still open".into(),
+                    };
+                Err(format!("{e}; closed: {reason}"))
+            }
+        };
     conn.connection
         .close(quinn::VarInt::from_u32(0), b"probe done");
     result
