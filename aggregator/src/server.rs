@@ -16,7 +16,8 @@
 //! - Right after the handshake the device and its certificate are checked against the
 //!   revocation list `revoked.txt` of the PKI directory ([`transport::Revocations`]), re-read
 //!   whenever the file changes: a revoked device is refused with the reason in the QUIC close,
-//!   logged and counted, and the server keeps running.
+//!   logged and counted, and the server keeps running. Every two seconds the live connections
+//!   are checked too: a device revoked while connected is closed with the reason.
 //! - A newer connection of the same device replaces the older one; only the current
 //!   connection's end is reported to the coordinator as a disconnect.
 //!
@@ -69,6 +70,8 @@ pub const CHECKPOINT_FILE: &str = "coordinator.ckpt";
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a close request the writer waits this long for the peer to read what was sent.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// How often live connections are checked against the revocation list.
+const REVOCATION_SWEEP: Duration = Duration::from_secs(2);
 /// Accept back-off bounds while the connection cap is reached.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -251,7 +254,8 @@ pub struct ServeOutcome {
     /// Whether every configured round ran.
     pub finished: bool,
     pub counters: Counters,
-    /// Connections refused because the revocation list named their device or certificate.
+    /// Connections refused (at the handshake) or closed (while live) because the revocation
+    /// list named their device or certificate.
     pub revoked_refusals: u64,
 }
 
@@ -301,7 +305,14 @@ enum Outbound {
 struct Registry {
     next_id: u64,
     /// The current connection of each device: its id and queue.
-    conns: HashMap<DeviceId, (u64, tmpsc::UnboundedSender<Outbound>)>,
+    conns: HashMap<
+        DeviceId,
+        (
+            u64,
+            tmpsc::UnboundedSender<Outbound>,
+            transport::Fingerprint,
+        ),
+    >,
 }
 
 struct Shared {
@@ -324,7 +335,22 @@ impl Shared {
 
     fn sender(&self, device: DeviceId) -> Option<tmpsc::UnboundedSender<Outbound>> {
         let reg = self.registry.lock().ok()?;
-        reg.conns.get(&device).map(|(_, tx)| tx.clone())
+        reg.conns.get(&device).map(|(_, tx, _)| tx.clone())
+    }
+
+    /// Closes the connections the revocation list now refuses (a device revoked while
+    /// connected); each close ends its reader, which reports the disconnect.
+    fn close_revoked(&self) {
+        let Ok(reg) = self.registry.lock() else {
+            return;
+        };
+        for (device, (_, tx, fingerprint)) in &reg.conns {
+            if let Err(revoked) = self.revocations.check(*device, *fingerprint) {
+                tracing::warn!(%device, reason = %revoked, "closing a revoked device's connection");
+                self.revoked_refusals.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(Outbound::Close(revoked.to_string()));
+            }
+        }
     }
 }
 
@@ -444,6 +470,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let mut finished = *phase_rx.borrow() != Phase::Running;
     let mut interrupted = false;
+    let mut revocation_sweep = tokio::time::interval(REVOCATION_SWEEP);
     while !finished {
         tokio::select! {
             _ = &mut shutdown => {
@@ -468,6 +495,7 @@ pub async fn serve(
                 tasks.spawn(handle_connection(incoming, shared.clone()));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = revocation_sweep.tick() => shared.close_revoked(),
         }
     }
 
@@ -670,7 +698,8 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         Ok(mut reg) => {
             reg.next_id += 1;
             let id = reg.next_id;
-            if let Some((_, old)) = reg.conns.insert(device, (id, tx.clone())) {
+            if let Some((_, old, _)) = reg.conns.insert(device, (id, tx.clone(), conn.fingerprint))
+            {
                 let _ = old.send(Outbound::Close("replaced by a newer connection".into()));
             }
             id
@@ -728,7 +757,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     }
     let current = match shared.registry.lock() {
         Ok(mut reg) => match reg.conns.get(&device) {
-            Some((id, _)) if *id == conn_id => {
+            Some((id, _, _)) if *id == conn_id => {
                 reg.conns.remove(&device);
                 true
             }

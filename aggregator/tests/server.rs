@@ -3,8 +3,8 @@
 //! last round-end checkpoint and resumes from it; a new run refuses to replace a checkpoint; a
 //! checkpoint that cannot be written stops the server without reporting the round; a resume
 //! after a crash mid-write removes the temporary file and loads the last good checkpoint; a
-//! device revoked while the server runs is refused from its next connection on, and the
-//! others still join.
+//! device revoked while the server runs is refused from its next connection on, a connected
+//! one whose certificate is revoked is closed, and the others still join.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -483,10 +483,47 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
         Err(text) => assert!(text.contains("device-5 is revoked"), "{text}"),
         Ok(msg) => panic!("a revoked device got {msg:?}"),
     }
-    let four = tokio::time::timeout(limit, join_once(&pki, 4, addr))
+
+    // Device 4 still connects, and stays connected.
+    let config = transport::load_client_config(&pki, DeviceId(4)).unwrap();
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let mut held = transport::connect(&endpoint, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
         .await
         .unwrap();
-    assert!(welcomed(&four), "{four:?}");
+    held.stream
+        .send(&Message::Join(Join {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: DeviceId(4),
+            capabilities: Capabilities {
+                ram_bytes: 4 << 30,
+                backend: "scripted".into(),
+                bench_score: None,
+            },
+        }))
+        .await
+        .unwrap();
+    let welcome = tokio::time::timeout(limit, held.stream.recv())
+        .await
+        .unwrap();
+    assert!(
+        matches!(welcome, Ok(Some(Message::Welcome(_)))),
+        "{welcome:?}"
+    );
+    assert!(held.connection.close_reason().is_none());
+
+    // Revoking device 4's certificate closes its live connection with the reason.
+    let cert4 = transport::device_paths(&pki, DeviceId(4)).cert;
+    pki::revoke(&pki, None, &[cert4]).unwrap();
+    let closed = tokio::time::timeout(limit, held.connection.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            assert!(reason.ends_with("of device-4 is revoked"), "{reason}");
+        }
+        other => panic!("expected the server to close, got {other}"),
+    }
 
     stop_tx.send(()).unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(30), server)
@@ -494,6 +531,6 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(outcome.revoked_refusals, 1);
+    assert_eq!(outcome.revoked_refusals, 2);
     assert_eq!(outcome.round, RoundId(0));
 }
