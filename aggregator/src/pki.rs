@@ -502,7 +502,12 @@ mod tests {
         ));
         // A hand-edited file without a final newline is continued on a new line.
         fs::write(dir.path().join(REVOKED_FILE), "# revoked devices").unwrap();
-        let lines = revoke(dir.path(), Some(DeviceId(5)), &[other.cert.clone()]).unwrap();
+        let lines = revoke(
+            dir.path(),
+            Some(DeviceId(5)),
+            std::slice::from_ref(&other.cert),
+        )
+        .unwrap();
         assert_eq!(lines.len(), 3);
         let list = RevocationList::load(&dir.path().join(REVOKED_FILE)).unwrap();
         let fp = |p: &Path| Fingerprint::of(&identity::load_certs(p).unwrap()[0]);

@@ -341,11 +341,13 @@ impl Shared {
     /// Closes the connections the revocation list now refuses (a device revoked while
     /// connected); each close ends its reader, which reports the disconnect.
     fn close_revoked(&self) {
+        self.revocations.refresh();
+        let list = self.revocations.list();
         let Ok(reg) = self.registry.lock() else {
             return;
         };
         for (device, (_, tx, fingerprint)) in &reg.conns {
-            if let Err(revoked) = self.revocations.check(*device, *fingerprint) {
+            if let Err(revoked) = list.check(*device, *fingerprint) {
                 tracing::warn!(%device, reason = %revoked, "closing a revoked device's connection");
                 self.revoked_refusals.fetch_add(1, Ordering::SeqCst);
                 let _ = tx.send(Outbound::Close(revoked.to_string()));
