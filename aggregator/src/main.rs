@@ -1,5 +1,6 @@
 //! The `aggregator` command line: manage the private CA (`ca init`, `ca issue-device`,
-//! `ca issue-server`) and run the federated server (`serve`).
+//! `ca issue-server`, `ca export-device`, `ca export-server`, `ca revoke`) and run the
+//! federated server (`serve`).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -54,6 +55,40 @@ enum CaCommand {
         #[arg(long = "name", required = true)]
         names: Vec<String>,
     },
+    /// Write a device's bundle (ca.pem, device-<id>.pem and its key; never the CA key) into a
+    /// directory of its own, the one `device-agent join --pki` loads from.
+    ExportDevice {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the server's bundle (ca.pem, server.pem and its key; never the CA key) into the
+    /// directory `serve --pki` loads from.
+    ExportServer {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Append to the revocation list (revoked.txt) a running server re-reads: a device (every
+    /// certificate naming it; with its certificate's fingerprint if --dir holds it) and/or
+    /// single certificates by fingerprint.
+    Revoke {
+        /// The server's PKI directory (where revoked.txt lives).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Device id to refuse whatever certificate it presents.
+        #[arg(long)]
+        id: Option<u64>,
+        /// Certificate file to refuse (by SHA-256 fingerprint); repeat for several.
+        #[arg(long = "cert")]
+        certs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -61,7 +96,8 @@ struct ServeArgs {
     /// Run configuration (TOML): coordinator settings and the `model`.
     #[arg(long)]
     config: PathBuf,
-    /// PKI directory with ca.pem, server.pem and server.key.pem.
+    /// PKI directory with ca.pem, server.pem and server.key.pem (and optionally revoked.txt;
+    /// the CA key does not belong here: see `ca export-server`).
     #[arg(long)]
     pki: PathBuf,
     /// UDP address to listen on.
@@ -117,12 +153,37 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
                 pki::issue_server(&dir, &names).context("issuing the server certificate")?;
             println!("server certificate {}", paths.cert.display());
         }
+        CaCommand::ExportDevice { dir, id, out } => {
+            let written = pki::export_device(&dir, DeviceId(id), &out)
+                .with_context(|| format!("exporting the bundle of device {id}"))?;
+            for path in written {
+                println!("{}", path.display());
+            }
+        }
+        CaCommand::ExportServer { dir, out } => {
+            let written = pki::export_server(&dir, &out).context("exporting the server bundle")?;
+            for path in written {
+                println!("{}", path.display());
+            }
+        }
+        CaCommand::Revoke { dir, id, certs } => {
+            let lines = pki::revoke(&dir, id.map(DeviceId), &certs).context("revoking")?;
+            for line in lines {
+                println!("{line}");
+            }
+        }
     }
     Ok(())
 }
 
 fn run_serve(args: ServeArgs) -> Result<()> {
     transport::install_crypto_provider();
+    if let Some(ca_key) = server::exposed_ca_key(&args.pki) {
+        eprintln!(
+            "warning: the CA key {} sits in the server's PKI directory; keep it offline and serve from `aggregator ca export-server --dir <ca> --out <pki>`",
+            ca_key.display()
+        );
+    }
     let (config, dims) = server::load_serve_config(&args.config)?;
     let mut opts = server::ServeOptions::new(args.listen, args.pki.clone(), args.state.clone());
     opts.metrics = args.metrics.clone();

@@ -13,6 +13,11 @@
 //!   device id ([`transport::accept_device`]), then a reader (frames -> events, every read
 //!   capped) and a writer (queue -> frames; a close request flushes the queue, finishes the
 //!   stream, waits for the peer to read it, then closes the connection with the reason).
+//! - Right after the handshake the device and its certificate are checked against the
+//!   revocation list `revoked.txt` of the PKI directory ([`transport::Revocations`]), re-read
+//!   whenever the file changes: a revoked device is refused with the reason in the QUIC close,
+//!   logged and counted, and the server keeps running. Every two seconds the live connections
+//!   are checked too: a device revoked while connected is closed with the reason.
 //! - A newer connection of the same device replaces the older one; only the current
 //!   connection's end is reported to the coordinator as a disconnect.
 //!
@@ -51,7 +56,7 @@ use protocol::{CodecError, DeviceId, Message, ModelDims, Reject, RejectReason, T
 use quinn::VarInt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc as tmpsc, watch};
-use transport::TransportError;
+use transport::{Revocations, TransportError};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::coordinator::{
@@ -65,6 +70,8 @@ pub const CHECKPOINT_FILE: &str = "coordinator.ckpt";
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a close request the writer waits this long for the peer to read what was sent.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// How often live connections are checked against the revocation list.
+const REVOCATION_SWEEP: Duration = Duration::from_secs(2);
 /// Accept back-off bounds while the connection cap is reached.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -105,6 +112,8 @@ pub enum ServerError {
     },
     #[error("the coordinator thread stopped unexpectedly")]
     CoordinatorThread,
+    #[error(transparent)]
+    Revocation(#[from] transport::RevocationError),
 }
 
 /// The model a run is for: a preset name or explicit dimensions.
@@ -245,6 +254,9 @@ pub struct ServeOutcome {
     /// Whether every configured round ran.
     pub finished: bool,
     pub counters: Counters,
+    /// Connections refused (at the handshake) or closed (while live) because the revocation
+    /// list named their device or certificate.
+    pub revoked_refusals: u64,
 }
 
 /// One JSONL line of the metrics file.
@@ -293,7 +305,14 @@ enum Outbound {
 struct Registry {
     next_id: u64,
     /// The current connection of each device: its id and queue.
-    conns: HashMap<DeviceId, (u64, tmpsc::UnboundedSender<Outbound>)>,
+    conns: HashMap<
+        DeviceId,
+        (
+            u64,
+            tmpsc::UnboundedSender<Outbound>,
+            transport::Fingerprint,
+        ),
+    >,
 }
 
 struct Shared {
@@ -301,6 +320,8 @@ struct Shared {
     inputs: Mutex<mpsc::Sender<Input>>,
     live: AtomicUsize,
     handshake_failures: AtomicU64,
+    revoked_refusals: AtomicU64,
+    revocations: Revocations,
     max_frame_bytes: usize,
 }
 
@@ -314,7 +335,24 @@ impl Shared {
 
     fn sender(&self, device: DeviceId) -> Option<tmpsc::UnboundedSender<Outbound>> {
         let reg = self.registry.lock().ok()?;
-        reg.conns.get(&device).map(|(_, tx)| tx.clone())
+        reg.conns.get(&device).map(|(_, tx, _)| tx.clone())
+    }
+
+    /// Closes the connections the revocation list now refuses (a device revoked while
+    /// connected); each close ends its reader, which reports the disconnect.
+    fn close_revoked(&self) {
+        self.revocations.refresh();
+        let list = self.revocations.list();
+        let Ok(reg) = self.registry.lock() else {
+            return;
+        };
+        for (device, (_, tx, fingerprint)) in &reg.conns {
+            if let Err(revoked) = list.check(*device, *fingerprint) {
+                tracing::warn!(%device, reason = %revoked, "closing a revoked device's connection");
+                self.revoked_refusals.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(Outbound::Close(revoked.to_string()));
+            }
+        }
     }
 }
 
@@ -361,6 +399,10 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeOutcome, ServerError> {
+    if let Some(ca_key) = exposed_ca_key(&opts.pki_dir) {
+        tracing::warn!(path = %ca_key.display(), "the CA key sits in the server's PKI directory; keep it offline and serve from a bundle (aggregator ca export-server)");
+    }
+    let revocations = Revocations::open_in(&opts.pki_dir)?;
     let server_config = transport::load_server_config(&opts.pki_dir)?;
     let endpoint = transport::server_endpoint(opts.listen, server_config)?;
     let local = endpoint.local_addr().map_err(|source| ServerError::Io {
@@ -406,6 +448,8 @@ pub async fn serve(
         inputs: Mutex::new(input_tx),
         live: AtomicUsize::new(0),
         handshake_failures: AtomicU64::new(0),
+        revoked_refusals: AtomicU64::new(0),
+        revocations,
         max_frame_bytes: opts.max_frame_bytes,
     });
     let (phase_tx, mut phase_rx) = watch::channel(if coordinator.is_finished() {
@@ -428,6 +472,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let mut finished = *phase_rx.borrow() != Phase::Running;
     let mut interrupted = false;
+    let mut revocation_sweep = tokio::time::interval(REVOCATION_SWEEP);
     while !finished {
         tokio::select! {
             _ = &mut shutdown => {
@@ -452,6 +497,7 @@ pub async fn serve(
                 tasks.spawn(handle_connection(incoming, shared.clone()));
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = revocation_sweep.tick() => shared.close_revoked(),
         }
     }
 
@@ -485,6 +531,10 @@ pub async fn serve(
     if failures > 0 {
         tracing::info!(failures, "connections refused at the handshake");
     }
+    let revoked = shared.revoked_refusals.load(Ordering::SeqCst);
+    if revoked > 0 {
+        tracing::info!(revoked, "connections refused by the revocation list");
+    }
     if let Some(e) = failure {
         return Err(e);
     }
@@ -492,7 +542,14 @@ pub async fn serve(
         round: coordinator.state().round,
         finished: coordinator.is_finished() && !interrupted,
         counters: coordinator.counters().clone(),
+        revoked_refusals: shared.revoked_refusals.load(Ordering::SeqCst),
     })
+}
+
+/// The CA key, if it sits in `pki_dir` (where the server would not need it).
+pub fn exposed_ca_key(pki_dir: &Path) -> Option<PathBuf> {
+    let key = transport::ca_paths(pki_dir).key;
+    key.exists().then_some(key)
 }
 
 fn run_coordinator(
@@ -617,11 +674,15 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        transport::accept_device(incoming, shared.max_frame_bytes),
+        transport::accept_device_checked(incoming, shared.max_frame_bytes, &shared.revocations),
     )
     .await
     {
         Ok(Ok(conn)) => conn,
+        Ok(Err(TransportError::Revoked(revoked))) => {
+            shared.revoked_refusals.fetch_add(1, Ordering::SeqCst);
+            return tracing::warn!(%remote, reason = %revoked, "connection refused: revoked");
+        }
         Ok(Err(e)) => {
             shared.handshake_failures.fetch_add(1, Ordering::SeqCst);
             return tracing::warn!(%remote, error = %e, "connection refused");
@@ -639,7 +700,8 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         Ok(mut reg) => {
             reg.next_id += 1;
             let id = reg.next_id;
-            if let Some((_, old)) = reg.conns.insert(device, (id, tx.clone())) {
+            if let Some((_, old, _)) = reg.conns.insert(device, (id, tx.clone(), conn.fingerprint))
+            {
                 let _ = old.send(Outbound::Close("replaced by a newer connection".into()));
             }
             id
@@ -697,7 +759,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     }
     let current = match shared.registry.lock() {
         Ok(mut reg) => match reg.conns.get(&device) {
-            Some((id, _)) if *id == conn_id => {
+            Some((id, _, _)) if *id == conn_id => {
                 reg.conns.remove(&device);
                 true
             }

@@ -2,7 +2,9 @@
 //! with hand-made updates run a whole fedspine run; an interrupted run says goodbye, keeps its
 //! last round-end checkpoint and resumes from it; a new run refuses to replace a checkpoint; a
 //! checkpoint that cannot be written stops the server without reporting the round; a resume
-//! after a crash mid-write removes the temporary file and loads the last good checkpoint.
+//! after a crash mid-write removes the temporary file and loads the last good checkpoint; a
+//! device revoked while the server runs is refused from its next connection on, a connected
+//! one whose certificate is revoked is closed, and the others still join.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -394,4 +396,141 @@ fn a_resume_after_a_crash_mid_write_loads_the_last_good_checkpoint() {
     assert_eq!(resumed.state(), state);
     assert!(!tmp.exists());
     assert_eq!(std::fs::read(&path).unwrap(), good);
+}
+
+/// Connects as device `id`, joins, and returns the first message back or the error text (a
+/// refused connection is closed with the reason).
+async fn join_once(pki: &Path, id: u64, addr: SocketAddr) -> Result<Message, String> {
+    let config = transport::load_client_config(pki, DeviceId(id)).map_err(|e| e.to_string())?;
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let mut conn = transport::connect(&endpoint, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    let join = Message::Join(Join {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: DeviceId(id),
+        capabilities: Capabilities {
+            ram_bytes: 4 << 30,
+            backend: "scripted".into(),
+            bench_score: None,
+        },
+    });
+    let answer = async {
+        conn.stream.send(&join).await?;
+        conn.stream.recv().await
+    }
+    .await;
+    let result =
+        match answer {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err("stream finished".into()),
+            Err(e) => {
+                let reason =
+                    match tokio::time::timeout(Duration::from_secs(5), conn.connection.closed())
+                        .await
+                    {
+                        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                            String::from_utf8_lossy(&c.reason).into_owned()
+                        }
+                        Ok(other) => other.to_string(),
+                        Err(_) => "still open".into(),
+                    };
+                Err(format!("{e}; closed: {reason}"))
+            }
+        };
+    conn.connection
+        .close(quinn::VarInt::from_u32(0), b"probe done");
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    pki_dir(&pki, &[4, 5]);
+    let opts = options(dir.path());
+    // Three devices per round: two never start one.
+    let coord = server::prepare(config(1), dims(), &opts, false).unwrap();
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server_opts = opts.clone();
+    let server = tokio::spawn(async move {
+        server::serve(
+            coord,
+            &server_opts,
+            false,
+            |a| addr_tx.send(a).unwrap(),
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let addr = addr_rx.await.unwrap();
+    let limit = Duration::from_secs(20);
+    let welcomed = |r: &Result<Message, String>| matches!(r, Ok(Message::Welcome(_)));
+    let first = tokio::time::timeout(limit, join_once(&pki, 5, addr))
+        .await
+        .unwrap();
+    assert!(welcomed(&first), "{first:?}");
+
+    // `aggregator ca revoke --dir pki --id 5`, no restart.
+    pki::revoke(&pki, Some(DeviceId(5)), &[]).unwrap();
+    let refused = tokio::time::timeout(limit, join_once(&pki, 5, addr))
+        .await
+        .unwrap();
+    match &refused {
+        Err(text) => assert!(text.contains("device-5 is revoked"), "{text}"),
+        Ok(msg) => panic!("a revoked device got {msg:?}"),
+    }
+
+    // Device 4 still connects, and stays connected.
+    let config = transport::load_client_config(&pki, DeviceId(4)).unwrap();
+    let endpoint = transport::client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let mut held = transport::connect(&endpoint, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    held.stream
+        .send(&Message::Join(Join {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: DeviceId(4),
+            capabilities: Capabilities {
+                ram_bytes: 4 << 30,
+                backend: "scripted".into(),
+                bench_score: None,
+            },
+        }))
+        .await
+        .unwrap();
+    let welcome = tokio::time::timeout(limit, held.stream.recv())
+        .await
+        .unwrap();
+    assert!(
+        matches!(welcome, Ok(Some(Message::Welcome(_)))),
+        "{welcome:?}"
+    );
+    assert!(held.connection.close_reason().is_none());
+
+    // Revoking device 4's certificate closes its live connection with the reason.
+    let cert4 = transport::device_paths(&pki, DeviceId(4)).cert;
+    pki::revoke(&pki, None, &[cert4]).unwrap();
+    let closed = tokio::time::timeout(limit, held.connection.closed())
+        .await
+        .unwrap();
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            assert!(reason.ends_with("of device-4 is revoked"), "{reason}");
+        }
+        other => panic!("expected the server to close, got {other}"),
+    }
+
+    stop_tx.send(()).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.revoked_refusals, 2);
+    assert_eq!(outcome.round, RoundId(0));
 }

@@ -15,6 +15,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::frame::FramedStream;
 use crate::identity::{self, Identity};
+use crate::revocation::{Fingerprint, Revocations};
 use crate::tls::{client_tls_config, server_tls_config};
 use crate::TransportError;
 
@@ -169,6 +170,8 @@ pub fn client_endpoint(
 #[derive(Debug)]
 pub struct DeviceConnection {
     pub device: DeviceId,
+    /// SHA-256 of the device's certificate (DER).
+    pub fingerprint: Fingerprint,
     pub connection: Connection,
     pub stream: FramedStream,
 }
@@ -180,18 +183,45 @@ pub async fn accept_device(
     incoming: quinn::Incoming,
     max_frame_bytes: usize,
 ) -> Result<DeviceConnection, TransportError> {
+    accept(incoming, max_frame_bytes, None).await
+}
+
+/// [`accept_device`], refusing a device or certificate that `revocations` lists (checked right
+/// after the handshake, against the file as it is now): the connection is closed with the
+/// reason (error code 2) and [`TransportError::Revoked`] returned.
+pub async fn accept_device_checked(
+    incoming: quinn::Incoming,
+    max_frame_bytes: usize,
+    revocations: &Revocations,
+) -> Result<DeviceConnection, TransportError> {
+    accept(incoming, max_frame_bytes, Some(revocations)).await
+}
+
+async fn accept(
+    incoming: quinn::Incoming,
+    max_frame_bytes: usize,
+    revocations: Option<&Revocations>,
+) -> Result<DeviceConnection, TransportError> {
     let connection = incoming.await?;
-    let device = match identity::peer_device_id(&connection) {
-        Ok(id) => id,
+    let identified = identity::peer_certificate(&connection).and_then(|leaf| {
+        identity::device_id_from_cert(&leaf).map(|id| (id, Fingerprint::of(&leaf)))
+    });
+    let (device, fingerprint) = match identified {
+        Ok(found) => found,
         Err(e) => {
             connection.close(VarInt::from_u32(1), b"certificate names no device");
             return Err(e.into());
         }
     };
+    if let Some(revoked) = revocations.and_then(|r| r.check(device, fingerprint).err()) {
+        connection.close(VarInt::from_u32(2), revoked.to_string().as_bytes());
+        return Err(revoked.into());
+    }
     let (send, recv) = connection.accept_bi().await?;
     tracing::debug!(%device, remote = %connection.remote_address(), "device connected");
     Ok(DeviceConnection {
         device,
+        fingerprint,
         connection,
         stream: FramedStream::new(send, recv, max_frame_bytes),
     })

@@ -10,8 +10,14 @@
 //! | `ca.pem`, `ca.key.pem` | the self-signed CA certificate and its key |
 //! | `server.pem`, `server.key.pem` | the aggregator's certificate and key |
 //! | `device-<id>.pem`, `device-<id>.key.pem` | one device's certificate and key |
+//! | `revoked.txt` | refused devices and certificates ([`crate::revocation`]) |
+//!
+//! Private keys are read only from files that neither group nor others may access (mode
+//! `& 0o077 == 0` on Unix): [`read_private_key`] refuses anything else, naming the file and the
+//! fix (`chmod 600`).
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use protocol::DeviceId;
@@ -50,6 +56,8 @@ pub enum IdentityError {
     AmbiguousDeviceName(Vec<u64>),
     #[error("peer presented no certificate")]
     NoPeerCertificate,
+    #[error("{path}: private key is accessible by group or others (mode {mode:o}); restrict it with `chmod 600 {path}`")]
+    KeyPermissions { path: PathBuf, mode: u32 },
 }
 
 /// Paths of a certificate and its private key.
@@ -140,9 +148,42 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
     Ok(certs)
 }
 
-/// The private key in a PEM file.
+/// The text of a private key file, refused (before any byte is read) when group or others may
+/// read or write it: the mode is checked on the opened file, so the file checked is the file
+/// read.
+pub fn read_private_key(path: &Path) -> Result<String, IdentityError> {
+    let io_err = |op: &'static str| {
+        move |source| IdentityError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let mut file = fs::File::open(path).map_err(io_err("read"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file
+            .metadata()
+            .map_err(io_err("stat"))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::KeyPermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io_err("read"))?;
+    Ok(text)
+}
+
+/// The private key in a PEM file ([`read_private_key`]: owner-only files only).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
-    let text = read_text(path)?;
+    let text = read_private_key(path)?;
     PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| IdentityError::Pem {
         path: path.to_path_buf(),
         detail: e.to_string(),
@@ -181,16 +222,23 @@ pub fn device_id_from_cert(cert: &CertificateDer<'_>) -> Result<DeviceId, Identi
     }
 }
 
-/// The device a connection's verified client certificate names.
-pub fn peer_device_id(connection: &Connection) -> Result<DeviceId, IdentityError> {
+/// The leaf of a connection's verified peer certificate chain.
+pub fn peer_certificate(connection: &Connection) -> Result<CertificateDer<'static>, IdentityError> {
     let identity = connection
         .peer_identity()
         .ok_or(IdentityError::NoPeerCertificate)?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| IdentityError::NoPeerCertificate)?;
-    let leaf = certs.first().ok_or(IdentityError::NoPeerCertificate)?;
-    device_id_from_cert(leaf)
+    certs
+        .first()
+        .cloned()
+        .ok_or(IdentityError::NoPeerCertificate)
+}
+
+/// The device a connection's verified client certificate names.
+pub fn peer_device_id(connection: &Connection) -> Result<DeviceId, IdentityError> {
+    device_id_from_cert(&peer_certificate(connection)?)
 }
 
 #[cfg(test)]
@@ -270,6 +318,21 @@ mod tests {
             .unwrap();
         fs::write(&paths.cert, cert.pem()).unwrap();
         fs::write(&paths.key, key.serialize_pem()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o644)).unwrap();
+            let err = load_identity(&paths).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{0}: private key is accessible by group or others (mode 644); restrict it \
+                     with `chmod 600 {0}`",
+                    paths.key.display()
+                )
+            );
+            fs::set_permissions(&paths.key, fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let identity = load_identity(&paths).unwrap();
         assert_eq!(
             device_id_from_cert(&identity.chain[0]).unwrap(),

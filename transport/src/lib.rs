@@ -16,6 +16,7 @@
 //! | [`tls`] | rustls server and client configurations |
 //! | [`endpoint`] | transport parameters, quinn configs and endpoints, accept and connect |
 //! | [`frame`] | frames over a stream ([`send_frame`], [`recv_frame`], [`FramedStream`]) |
+//! | [`revocation`] | the revocation list (`revoked.txt`) checked after the handshake |
 //!
 //! The crate does not re-export quinn or tokio: a driver depends on them itself. Issuing
 //! certificates is the aggregator's (`aggregator::pki`); this crate only reads them.
@@ -23,21 +24,25 @@
 pub mod endpoint;
 pub mod frame;
 pub mod identity;
+pub mod revocation;
 pub mod tls;
 
 pub use endpoint::{
-    accept_device, client_config, client_endpoint, connect, load_client_config,
-    load_client_config_with_idle, load_server_config, server_config, server_endpoint,
-    transport_config, transport_config_with_idle, AggregatorConnection, DeviceConnection,
-    CONNECTION_RECEIVE_WINDOW_BYTES, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, SEND_WINDOW_BYTES,
-    STREAM_RECEIVE_WINDOW_BYTES, UDP_SOCKET_BUFFER_BYTES,
+    accept_device, accept_device_checked, client_config, client_endpoint, connect,
+    load_client_config, load_client_config_with_idle, load_server_config, server_config,
+    server_endpoint, transport_config, transport_config_with_idle, AggregatorConnection,
+    DeviceConnection, CONNECTION_RECEIVE_WINDOW_BYTES, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL,
+    SEND_WINDOW_BYTES, STREAM_RECEIVE_WINDOW_BYTES, UDP_SOCKET_BUFFER_BYTES,
 };
 pub use frame::{recv_frame, send_frame, FramedStream};
 pub use identity::{
     ca_paths, device_dns_name, device_id_from_cert, device_paths, load_ca, load_certs,
-    load_identity, load_key, parse_device_dns_name, peer_device_id, server_paths, CertPaths,
-    Identity, IdentityError, CA_CERT_FILE, CA_KEY_FILE, DEVICE_DOMAIN, SERVER_CERT_FILE,
-    SERVER_KEY_FILE,
+    load_identity, load_key, parse_device_dns_name, peer_certificate, peer_device_id,
+    read_private_key, server_paths, CertPaths, Identity, IdentityError, CA_CERT_FILE, CA_KEY_FILE,
+    DEVICE_DOMAIN, SERVER_CERT_FILE, SERVER_KEY_FILE,
+};
+pub use revocation::{
+    Fingerprint, RevocationError, RevocationList, Revocations, Revoked, REVOKED_FILE,
 };
 pub use tls::{
     client_tls_config, crypto_provider, install_crypto_provider, server_tls_config, ALPN,
@@ -76,6 +81,8 @@ pub enum TransportError {
     ClosedStream(#[from] quinn::ClosedStream),
     #[error(transparent)]
     Codec(#[from] protocol::CodecError),
+    #[error("refused: {0}")]
+    Revoked(#[from] Revoked),
     #[error("stream ended inside a frame: {got} of {expected} bytes")]
     Truncated { expected: usize, got: usize },
 }

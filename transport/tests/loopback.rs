@@ -1,5 +1,7 @@
 //! Loopback QUIC tests: mutual TLS identifies devices, refuses clients without a certificate,
-//! with another CA's certificate or another ALPN, and oversized frames are refused.
+//! with another CA's certificate or another ALPN, a device certificate cannot serve as the
+//! aggregator, a revoked device is refused after its handshake, a private key others can read
+//! is refused on load, and oversized frames are refused.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,10 +19,22 @@ use transport::{identity, TransportError};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// Writes a certificate and its key where the PKI layout expects them.
+/// Sets a file's permission bits (Unix).
+fn chmod(path: &Path, mode: u32) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+}
+
+/// Writes a certificate and its key (owner-only) where the PKI layout expects them.
 fn write_pair(paths: &identity::CertPaths, cert: &rcgen::Certificate, key: &KeyPair) {
     std::fs::write(&paths.cert, cert.pem()).unwrap();
     std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+    chmod(&paths.key, 0o600);
 }
 
 /// A PKI directory as `aggregator ca` lays it out (issuance is the aggregator's; these are
@@ -333,4 +347,133 @@ async fn oversized_and_forged_frames_are_refused() {
     );
     drop(conn);
     drop(conn2);
+}
+
+#[tokio::test]
+async fn a_device_certificate_cannot_serve_as_the_aggregator() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[4, 7]);
+    // A rogue server presents device 4's certificate and key, signed by the very CA device 7
+    // trusts.
+    let stolen = identity::load_identity(&identity::device_paths(dir.path(), DeviceId(4))).unwrap();
+    let ca = identity::load_ca(dir.path()).unwrap();
+    let rogue = transport::server_config(stolen, &ca).unwrap();
+    let server_ep = transport::server_endpoint("127.0.0.1:0".parse().unwrap(), rogue).unwrap();
+    let addr = server_ep.local_addr().unwrap();
+    let client_ep = client(transport::load_client_config(dir.path(), DeviceId(7)).unwrap());
+    // Dialled as the aggregator's name or as the device's own name: either way the
+    // certificate is for client authentication only (rustls checks the server-auth usage
+    // before the name, and `aggregator ca` never issues a device certificate server-auth).
+    let expect = "does not allow extended key usage for server authentication";
+    for name in ["localhost", "device-4.fedspine"] {
+        let client_side = timeout(
+            LIMIT,
+            transport::connect(&client_ep, addr, name, DEFAULT_MAX_FRAME_BYTES),
+        );
+        let (server_side, client_side) =
+            tokio::join!(timeout(LIMIT, accept_one(&server_ep)), client_side);
+        assert!(server_side.unwrap().is_err(), "{name}");
+        let err = client_side.unwrap().unwrap_err().to_string();
+        assert!(
+            err.contains("invalid peer certificate") && err.contains(expect),
+            "{name}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_device_is_refused_after_its_handshake_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[4, 5]);
+    let revocations = transport::Revocations::open_in(dir.path()).unwrap();
+    let (server_ep, addr) = server(dir.path());
+    let five = client(transport::load_client_config(dir.path(), DeviceId(5)).unwrap());
+    let four = client(transport::load_client_config(dir.path(), DeviceId(4)).unwrap());
+    async fn session(
+        ep: &quinn::Endpoint,
+        addr: SocketAddr,
+        id: u64,
+    ) -> Result<(), TransportError> {
+        let mut conn = transport::connect(ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES).await?;
+        conn.stream.send(&join(id)).await?;
+        // The server only reads the join; wait for it to close the connection.
+        let _ = conn.stream.recv().await;
+        Ok(())
+    }
+    async fn accept(
+        server_ep: &quinn::Endpoint,
+        revs: &transport::Revocations,
+    ) -> Result<(DeviceId, Option<Message>), TransportError> {
+        let incoming = server_ep.accept().await.expect("endpoint open");
+        let mut dev =
+            transport::accept_device_checked(incoming, DEFAULT_MAX_FRAME_BYTES, revs).await?;
+        let first = dev.stream.recv().await?;
+        dev.connection.close(quinn::VarInt::from_u32(0), b"done");
+        Ok((dev.device, first))
+    }
+    // Before the revocation device 5 is admitted.
+    let (server_side, _) = tokio::join!(
+        timeout(LIMIT, accept(&server_ep, &revocations)),
+        timeout(LIMIT, session(&five, addr, 5))
+    );
+    assert_eq!(server_side.unwrap().unwrap(), (DeviceId(5), Some(join(5))));
+    // Revoke it by editing the file; the same list object sees the change.
+    std::fs::write(revocations.path(), "# lost on a train\ndevice-5\n").unwrap();
+    let (server_side, client_side) = tokio::join!(
+        timeout(LIMIT, accept(&server_ep, &revocations)),
+        timeout(LIMIT, session(&five, addr, 5))
+    );
+    let err = server_side.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Revoked(transport::Revoked::Device(DeviceId(5)))
+        ),
+        "{err}"
+    );
+    // The device learns why (from the close reason) or fails to send at all.
+    if let Ok(Err(e)) = client_side {
+        assert!(e.to_string().contains("device-5 is revoked"), "{e}");
+    }
+    let (server_side, _) = tokio::join!(
+        timeout(LIMIT, accept(&server_ep, &revocations)),
+        timeout(LIMIT, session(&four, addr, 4))
+    );
+    assert_eq!(server_side.unwrap().unwrap(), (DeviceId(4), Some(join(4))));
+    // By fingerprint: device 4's current certificate only.
+    let cert = identity::load_certs(&identity::device_paths(dir.path(), DeviceId(4)).cert).unwrap();
+    let fp = transport::Fingerprint::of(&cert[0]);
+    std::fs::write(revocations.path(), format!("{fp}\n")).unwrap();
+    let (server_side, _) = tokio::join!(
+        timeout(LIMIT, accept(&server_ep, &revocations)),
+        timeout(LIMIT, session(&four, addr, 4))
+    );
+    let err = server_side.unwrap().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("refused: certificate {fp} of device-4 is revoked")
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_private_key_others_can_read_is_refused_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[7]);
+    let key = identity::device_paths(dir.path(), DeviceId(7)).key;
+    chmod(&key, 0o644);
+    let err = transport::load_client_config(dir.path(), DeviceId(7)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{0}: private key is accessible by group or others (mode 644); restrict it with `chmod 600 {0}`",
+            key.display()
+        )
+    );
+    let server_key = identity::server_paths(dir.path()).key;
+    chmod(&server_key, 0o640);
+    let err = transport::load_server_config(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("(mode 640)"), "{err}");
+    chmod(&key, 0o600);
+    transport::load_client_config(dir.path(), DeviceId(7)).unwrap();
 }
