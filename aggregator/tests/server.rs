@@ -6,14 +6,16 @@
 //! device revoked while the server runs is refused from its next connection on, a connected
 //! one whose certificate is revoked is closed, and the others still join.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use aggregator::server::{self, ServeOptions, ServerError};
+use aggregator::server::{self, ServeOptions, ServeOutcome, ServerError};
 use aggregator::{pki, Coordinator, CoordinatorConfig};
 use protocol::*;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 fn dims() -> ModelDims {
     ModelDims {
@@ -129,13 +131,13 @@ fn metrics_events(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_completes_and_a_new_run_refuses_to_replace_its_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    pki_dir(&pki, &[1, 2, 3]);
-    let opts = options(dir.path());
-    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+/// Runs `serve` on its own task until `shutdown` resolves; returns the task and the address
+/// the server bound.
+async fn spawn_server(
+    coord: Coordinator,
+    opts: &ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (JoinHandle<Result<ServeOutcome, ServerError>>, SocketAddr) {
     let (addr_tx, addr_rx) = oneshot::channel();
     let server_opts = opts.clone();
     let server = tokio::spawn(async move {
@@ -144,19 +146,32 @@ async fn a_run_completes_and_a_new_run_refuses_to_replace_its_checkpoint() {
             &server_opts,
             false,
             |a| addr_tx.send(a).unwrap(),
-            std::future::pending(),
+            shutdown,
         )
         .await
     });
-    let addr = addr_rx.await.unwrap();
-    let devices: Vec<_> = (1..=3)
+    (server, addr_rx.await.unwrap())
+}
+
+/// Scripted devices 1, 2 and 3, each on its own task.
+fn spawn_devices(pki: &Path, addr: SocketAddr) -> Vec<JoinHandle<(Option<ByeReason>, Vec<u64>)>> {
+    (1..=3)
         .map(|id| {
-            tokio::spawn({
-                let pki = pki.clone();
-                async move { device(&pki, id, addr).await }
-            })
+            let pki = pki.to_path_buf();
+            tokio::spawn(async move { device(&pki, id, addr).await })
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_completes_and_a_new_run_refuses_to_replace_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    pki_dir(&pki, &[1, 2, 3]);
+    let opts = options(dir.path());
+    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+    let (server, addr) = spawn_server(coord, &opts, std::future::pending()).await;
+    let devices = spawn_devices(&pki, addr);
     for d in devices {
         let (bye, answered) = tokio::time::timeout(Duration::from_secs(60), d)
             .await
@@ -205,30 +220,12 @@ async fn an_interrupted_run_says_goodbye_and_resumes_from_its_last_round() {
     let mut c = config(3);
     c.round_interval_ms = 60_000;
     let coord = server::prepare(c.clone(), dims(), &opts, false).unwrap();
-    let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server_opts = opts.clone();
-    let server = tokio::spawn(async move {
-        server::serve(
-            coord,
-            &server_opts,
-            false,
-            |a| addr_tx.send(a).unwrap(),
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    let addr = addr_rx.await.unwrap();
-    let devices: Vec<_> = (1..=3)
-        .map(|id| {
-            tokio::spawn({
-                let pki = pki.clone();
-                async move { device(&pki, id, addr).await }
-            })
-        })
-        .collect();
+    let (server, addr) = spawn_server(coord, &opts, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+    let devices = spawn_devices(&pki, addr);
     // Round 1 closes; round 2 waits a minute; interrupt in between.
     let metrics = dir.path().join("metrics.jsonl");
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -318,27 +315,8 @@ async fn a_checkpoint_that_cannot_be_written_stops_the_server_before_the_round_i
     // root (permission bits would not stop root).
     let path = opts.checkpoint_path();
     std::fs::create_dir_all(path.join("occupied")).unwrap();
-    let (addr_tx, addr_rx) = oneshot::channel();
-    let server_opts = opts.clone();
-    let server = tokio::spawn(async move {
-        server::serve(
-            coord,
-            &server_opts,
-            false,
-            |a| addr_tx.send(a).unwrap(),
-            std::future::pending(),
-        )
-        .await
-    });
-    let addr = addr_rx.await.unwrap();
-    let devices: Vec<_> = (1..=3)
-        .map(|id| {
-            tokio::spawn({
-                let pki = pki.clone();
-                async move { device(&pki, id, addr).await }
-            })
-        })
-        .collect();
+    let (server, addr) = spawn_server(coord, &opts, std::future::pending()).await;
+    let devices = spawn_devices(&pki, addr);
     for d in devices {
         let (bye, answered) = tokio::time::timeout(Duration::from_secs(60), d)
             .await
@@ -451,22 +429,11 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
     let opts = options(dir.path());
     // Three devices per round: two never start one.
     let coord = server::prepare(config(1), dims(), &opts, false).unwrap();
-    let (addr_tx, addr_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server_opts = opts.clone();
-    let server = tokio::spawn(async move {
-        server::serve(
-            coord,
-            &server_opts,
-            false,
-            |a| addr_tx.send(a).unwrap(),
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-    });
-    let addr = addr_rx.await.unwrap();
+    let (server, addr) = spawn_server(coord, &opts, async {
+        let _ = stop_rx.await;
+    })
+    .await;
     let limit = Duration::from_secs(20);
     let welcomed = |r: &Result<Message, String>| matches!(r, Ok(Message::Welcome(_)));
     let first = tokio::time::timeout(limit, join_once(&pki, 5, addr))
