@@ -5,26 +5,18 @@
 //! counted reject (or, for the sample count, a counted clip). A non-finite aggregate keeps the
 //! previous global adapter, and a state with a non-finite global adapter is not restored.
 
+mod common;
+
 use aggregator::aggregate::{AggregationMethod, GlobalAdapter, SvdMode};
 use aggregator::coordinator::{Command, Coordinator, CoordinatorConfig, Event, RoundSummary};
 use aggregator::strategy::{FixedPruneConfig, StrategyConfig};
 use protocol::{
-    Buffer, Capabilities, DeviceId, Join, Message, ModelDims, RoundConfig, Timestamp, Update,
-    UpdateStats, PROTOCOL_VERSION,
+    Buffer, Capabilities, DeviceId, Join, Message, RoundConfig, Timestamp, Update, PROTOCOL_VERSION,
 };
 
-const BYZANTINE: u64 = 10;
+use common::{dims, shifted_answer};
 
-fn dims() -> ModelDims {
-    ModelDims {
-        n_blocks: 2,
-        d_model: 8,
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 4,
-        ffn: 12,
-    }
-}
+const BYZANTINE: u64 = 10;
 
 /// `devices` devices per round, all selected, one round, fixed arms (ratio 0.25, rank 4),
 /// local_steps 4 x batch_size 4 = 16 samples per honest update.
@@ -97,35 +89,7 @@ fn variants(devices: usize) -> Vec<(&'static str, CoordinatorConfig)> {
 /// The honest answer to `rc`: the slice with B shifted (a non-zero delta), its kept maps, 16
 /// samples and plausible losses.
 fn honest(device: u64, rc: &RoundConfig) -> Update {
-    let slice = rc
-        .global
-        .as_ref()
-        .expect("every round config carries a slice");
-    let mut adapter = slice.adapter.to_f32();
-    for (l, layer) in adapter.layers.iter_mut().enumerate() {
-        if let Buffer::F32(b) = &mut layer.b.data {
-            for (i, x) in b.iter_mut().enumerate() {
-                *x += 0.01 * ((i + l + device as usize) % 5) as f32;
-            }
-        }
-    }
-    Update {
-        round: rc.round,
-        adapter,
-        kept: slice.kept.clone(),
-        stats: UpdateStats {
-            loss_pre: 3.0,
-            loss_post: 2.5,
-            sparsity: 0.0,
-            param_count: 1000,
-            compute_ms: 100,
-            bytes_down: 1000,
-            bytes_up: 2000,
-            peak_mem_bytes: 1 << 20,
-            samples: 16,
-            steps: rc.local_steps,
-        },
-    }
+    shifted_answer(device, rc, 2.5, 100)
 }
 
 /// One Byzantine behaviour: how it edits its honest answer, and whether the coordinator must

@@ -4,6 +4,8 @@
 //! `UPDATE_EXPECT=1`). Updates are tiny hand-made adapters on a two-block model: the device
 //! "trains" by adding a fixed perturbation to the slice it received.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -11,20 +13,11 @@ use aggregator::coordinator::{Command, Coordinator, CoordinatorConfig, Event, Ro
 use aggregator::strategy::{FixedPruneConfig, StrategyConfig};
 use expect_test::{expect, Expect};
 use protocol::{
-    Buffer, Capabilities, DeviceId, FailReason, Join, KeptIndices, Message, ModelDims, RoundConfig,
+    Buffer, Capabilities, DeviceId, FailReason, Join, KeptIndices, Message, RoundConfig,
     RoundFailed, RoundId, Timestamp, Update, UpdateStats, PROTOCOL_VERSION,
 };
 
-fn dims() -> ModelDims {
-    ModelDims {
-        n_blocks: 2,
-        d_model: 8,
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 4,
-        ffn: 12,
-    }
-}
+use common::{dims, join_msg, shifted_answer};
 
 /// Three devices per round, no over-selection, half quorum, 1 s deadline, fixed arms.
 fn config() -> CoordinatorConfig {
@@ -69,50 +62,10 @@ enum Step {
     Wait(u64),
 }
 
-fn join_msg(id: u64) -> Message {
-    Message::Join(Join {
-        protocol_version: PROTOCOL_VERSION,
-        device_id: DeviceId(id),
-        capabilities: Capabilities {
-            ram_bytes: 4 << 30,
-            backend: "flex".into(),
-            bench_score: None,
-        },
-    })
-}
-
-/// What the device sends back for `rc`: its slice with B shifted (so the delta is non-zero),
-/// the kept maps it was sliced for, plausible statistics.
+/// What the device sends back for `rc`: its slice with B shifted, a loss that falls with its
+/// id, a compute time that grows with it.
 fn answer(device: u64, rc: &RoundConfig) -> Update {
-    let slice = rc
-        .global
-        .as_ref()
-        .expect("every round config carries a slice");
-    let mut adapter = slice.adapter.to_f32();
-    for (l, layer) in adapter.layers.iter_mut().enumerate() {
-        if let Buffer::F32(b) = &mut layer.b.data {
-            for (i, x) in b.iter_mut().enumerate() {
-                *x += 0.01 * ((i + l + device as usize) % 5) as f32;
-            }
-        }
-    }
-    Update {
-        round: rc.round,
-        adapter,
-        kept: slice.kept.clone(),
-        stats: UpdateStats {
-            loss_pre: 3.0,
-            loss_post: 2.5 - 0.1 * device as f32,
-            sparsity: 0.0,
-            param_count: 1000,
-            compute_ms: 100 * device,
-            bytes_down: 1000,
-            bytes_up: 2000,
-            peak_mem_bytes: 1 << 20,
-            samples: 16,
-            steps: rc.local_steps,
-        },
-    }
+    shifted_answer(device, rc, 2.5 - 0.1 * device as f32, 100 * device)
 }
 
 struct Harness {

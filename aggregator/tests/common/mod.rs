@@ -1,0 +1,67 @@
+//! Helpers shared by the coordinator tests: the tiny model's dimensions, a device's Join, and
+//! an honest device's answer to a round configuration.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use protocol::{
+    Buffer, Capabilities, DeviceId, Join, Message, ModelDims, RoundConfig, Update, UpdateStats,
+    PROTOCOL_VERSION,
+};
+
+/// Two blocks, d_model 8, 2 query heads on 1 KV head of width 4, FFN 12.
+pub fn dims() -> ModelDims {
+    ModelDims {
+        n_blocks: 2,
+        d_model: 8,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        ffn: 12,
+    }
+}
+
+pub fn join_msg(id: u64) -> Message {
+    Message::Join(Join {
+        protocol_version: PROTOCOL_VERSION,
+        device_id: DeviceId(id),
+        capabilities: Capabilities {
+            ram_bytes: 4 << 30,
+            backend: "flex".into(),
+            bench_score: None,
+        },
+    })
+}
+
+/// What a device sends back for `rc`: its slice with B shifted (so the delta is non-zero), the
+/// kept maps it was sliced for, 16 samples, and the given post-round loss and compute time.
+pub fn shifted_answer(device: u64, rc: &RoundConfig, loss_post: f32, compute_ms: u64) -> Update {
+    let slice = rc
+        .global
+        .as_ref()
+        .expect("every round config carries a slice");
+    let mut adapter = slice.adapter.to_f32();
+    for (l, layer) in adapter.layers.iter_mut().enumerate() {
+        if let Buffer::F32(b) = &mut layer.b.data {
+            for (i, x) in b.iter_mut().enumerate() {
+                *x += 0.01 * ((i + l + device as usize) % 5) as f32;
+            }
+        }
+    }
+    Update {
+        round: rc.round,
+        adapter,
+        kept: slice.kept.clone(),
+        stats: UpdateStats {
+            loss_pre: 3.0,
+            loss_post,
+            sparsity: 0.0,
+            param_count: 1000,
+            compute_ms,
+            bytes_down: 1000,
+            bytes_up: 2000,
+            peak_mem_bytes: 1 << 20,
+            samples: 16,
+            steps: rc.local_steps,
+        },
+    }
+}
