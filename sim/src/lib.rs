@@ -7,7 +7,8 @@
 //! - [`driver`]: the discrete-event loop over the coordinator and sessions (with its jobs,
 //!   evaluation panel and records).
 //! - [`hardware`]: device hardware profiles and fleets (data files in `sim/profiles/`).
-//! - [`timing`]: the time model (compute, transfer, memory, inference latency).
+//! - [`timing`]: the time model (compute, transfer, memory, inference latency);
+//!   [`time_model`]: the per-operator step-time model calibrated on a real host (`sim calibrate`).
 //! - [`partition`], [`local_data`]: non-IID splits (SOTU by president or era, spam by
 //!   Dirichlet label skew) and building each device's local data; [`apportion`]: whole counts
 //!   from quotas.
@@ -34,6 +35,7 @@ pub mod queue;
 pub mod report;
 pub mod sampling;
 pub mod surrogate;
+pub mod time_model;
 pub mod timing;
 
 pub use config::{ExperimentConfig, Mode};

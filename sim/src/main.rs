@@ -45,6 +45,23 @@ enum Cmd {
         #[arg(long, default_value = "surrogate-params.toml")]
         out: PathBuf,
     },
+    /// Time the agent's training step and forward pass over a grid of pruned shapes, ranks and
+    /// batch geometries on the real model, fit the per-operator time model and print measured
+    /// against leave-one-out predictions (this model and the FLOPs-linear one).
+    Calibrate {
+        /// Where to write the measurements (JSON).
+        #[arg(long, default_value = "calibration.json")]
+        out: PathBuf,
+        /// Refit and print an existing measurement file instead of measuring.
+        #[arg(long, conflicts_with = "out")]
+        from: Option<PathBuf>,
+        /// Timed repetitions per point (median; after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// A third of the grid, for a smoke run.
+        #[arg(long)]
+        quick: bool,
+    },
     /// List the built-in device profiles.
     Profiles,
     /// List the built-in presets.
@@ -228,6 +245,53 @@ fn fit(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
     Ok(())
 }
 
+fn calibrate(out: PathBuf, from: Option<PathBuf>, reps: usize, quick: bool) -> Result<()> {
+    use sim::time_model::{self, grid, Calibration, TimeModel};
+    let cal = match from {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            Calibration::from_json(&text, &p.display().to_string())?
+        }
+        None => {
+            let device = burn::tensor::Device::flex();
+            let (base, tok) =
+                device_agent::weights::load(&device_agent::assets::default_model()?, &device)?;
+            let ids = tok.encode(&device_agent::data::moby_dick_chapter(3)?.text)?;
+            let design = grid::design(quick);
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let build = if cfg!(debug_assertions) {
+                "dev (dependencies at opt-level 3)"
+            } else {
+                "release"
+            };
+            let host = grid::host_info(command, build);
+            eprintln!("timing {} configurations on {} ...", design.len(), host.cpu);
+            let measurements = grid::measure(&base, &ids, &design, reps, |m| {
+                eprintln!(
+                    "  {} {} s={:.2} r={} {}x{}: {:.0} ms",
+                    m.kind.name(),
+                    m.label,
+                    m.sparsity,
+                    m.workload.rank,
+                    m.workload.batch,
+                    m.workload.seq,
+                    m.ms
+                );
+            })?;
+            let cal = Calibration { host, measurements };
+            let text = serde_json::to_string_pretty(&cal)?;
+            std::fs::write(&out, text + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("measurements written to {}", out.display());
+            Calibration::from_json(&serde_json::to_string(&cal)?, &out.display().to_string())?
+        }
+    };
+    let model = TimeModel::fit(&cal)?;
+    println!("{}", time_model::markdown(&cal, &model));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     device_agent::backend::tune_allocator();
     tracing_subscriber::fmt()
@@ -243,6 +307,12 @@ fn main() -> Result<()> {
         Some(Cmd::Run(a)) => run(a),
         Some(Cmd::Compare { strategies, run: a }) => compare(&strategies, a),
         Some(Cmd::FitSurrogate { runs, out }) => fit(runs, out),
+        Some(Cmd::Calibrate {
+            out,
+            from,
+            reps,
+            quick,
+        }) => calibrate(out, from, reps, quick),
         Some(Cmd::Profiles) => {
             println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");
             println!("|---|---|---|---|---|---|---|---|---|");

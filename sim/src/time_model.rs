@@ -1,0 +1,364 @@
+//! The calibrated time model: how long one training step or one forward pass takes at a given
+//! pruned shape, LoRA rank, batch and sequence length, fitted to measurements taken on a real
+//! host (`sim calibrate`, which runs the device agent's own training step on the real model).
+//!
+//! A step's time is a non-negative combination of per-operator quantities of the shape:
+//!
+//! ```text
+//! t = c0                      per-step overhead (scheduling, optimiser, bookkeeping)
+//!   + c1 * F_block            FLOPs of the seven block projections (shrink with pruning)
+//!   + c2 * F_head             FLOPs of the LM head (never pruned)
+//!   + c3 * F_attn             FLOPs of QK^T and AV (quadratic in the sequence)
+//!   + c4 * F_lora             FLOPs of the LoRA factors (skinny matmuls, low efficiency)
+//!   + c5 * E_act              activation elements written and read by element-wise operators
+//! ```
+//!
+//! (The attention probabilities' element-wise work, `T n H` elements, is proportional to the
+//! attention FLOPs and lands in `c3`.)
+//!
+//! with one coefficient vector per kind of work (training step, training step while importance
+//! is accumulated, forward pass). The quantities are forward-pass counts; a training step's
+//! backward work is proportional to them and lands in the coefficients. Coefficients are fitted
+//! by non-negative least squares on relative error (every point counts alike whatever its
+//! size), validated by leave-one-out: each measured point is predicted by a fit to all the
+//! others. The model the simulator used before, time linear in total FLOPs, is fitted and
+//! validated the same way beside it ([`Validation::flops_linear`]).
+//!
+//! A device class scales the host model by one factor: the profile's `train_gflops` is its
+//! sustained throughput on the reference shape ([`REFERENCE`]), so a device's time for any shape
+//! is the host's time for that shape times `host throughput at the reference / device
+//! throughput`. The host's shape-dependence (what shrinks with pruning and what does not) is
+//! assumed to carry over to the device; the memory-bound share may differ on boards with other
+//! bandwidth-to-compute ratios, which is what a sensitivity run varies.
+
+mod fit;
+pub mod grid;
+mod table;
+
+use serde::{Deserialize, Serialize};
+
+use device_agent::cost;
+use device_agent::model::ModelConfig;
+
+pub use fit::{nnls, Validation};
+pub use table::markdown;
+
+/// What was timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// One optimiser step (forward, backward into the LoRA factors, update).
+    Train,
+    /// One optimiser step that also accumulates importance scores for a pending prune.
+    TrainScoring,
+    /// One forward pass with the adapter and the loss (a held-out evaluation batch).
+    Forward,
+}
+
+impl StepKind {
+    pub const ALL: [StepKind; 3] = [StepKind::Train, StepKind::TrainScoring, StepKind::Forward];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Train => "train",
+            StepKind::TrainScoring => "train_scoring",
+            StepKind::Forward => "forward",
+        }
+    }
+}
+
+/// The parts of a (possibly pruned) model shape the time depends on: every quantity of the
+/// model is linear in these per-model sums.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ShapeSums {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    /// Query heads kept, summed over blocks.
+    pub heads: usize,
+    /// KV heads kept, summed over blocks.
+    pub kv_heads: usize,
+    /// MLP channels kept, summed over blocks.
+    pub channels: usize,
+}
+
+impl ShapeSums {
+    pub fn of(cfg: &ModelConfig) -> ShapeSums {
+        ShapeSums {
+            vocab: cfg.vocab_size,
+            d_model: cfg.d_model,
+            head_dim: cfg.head_dim,
+            layers: cfg.blocks.len(),
+            heads: cfg.blocks.iter().map(|b| b.n_heads).sum(),
+            kv_heads: cfg.blocks.iter().map(|b| b.n_kv_heads).sum(),
+            channels: cfg.blocks.iter().map(|b| b.ffn_dim).sum(),
+        }
+    }
+}
+
+/// A step's workload: shape, rank and batch geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    pub shape: ShapeSums,
+    pub rank: usize,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Number of per-operator quantities (the length of [`features`]).
+pub const N_FEATURES: usize = 6;
+/// Their names, in order.
+pub const FEATURE_NAMES: [&str; N_FEATURES] = [
+    "overhead (ms)",
+    "block GFLOP",
+    "LM-head GFLOP",
+    "attention GFLOP",
+    "LoRA GFLOP",
+    "activation M-elements",
+];
+
+/// The per-operator quantities of one forward pass over `w` (GFLOP and millions of elements;
+/// the first is the constant 1 of the overhead term).
+pub fn features(w: &Workload) -> [f64; N_FEATURES] {
+    let s = &w.shape;
+    let t = (w.batch * w.seq) as f64;
+    let d = s.d_model as f64;
+    let hd = s.head_dim as f64;
+    let (h, kv, ch) = (s.heads as f64, s.kv_heads as f64, s.channels as f64);
+    let r = w.rank as f64;
+    let n = w.seq as f64;
+    let l = s.layers as f64;
+    let block = 2.0 * t * d * (2.0 * h * hd + 2.0 * kv * hd) + 2.0 * t * 3.0 * d * ch;
+    let head = 2.0 * t * d * s.vocab as f64;
+    let attn = 2.0 * 2.0 * t * h * hd * (n + 1.0) / 2.0;
+    // (in + out) of the seven adapted projections, summed over blocks.
+    let io = l * 7.0 * d + 2.0 * h * hd + 2.0 * kv * hd + 3.0 * ch;
+    let lora = 2.0 * t * r * io;
+    let act = t * (4.0 * d * l + 2.0 * h * hd + 2.0 * kv * hd + 4.0 * ch);
+    [
+        1.0,
+        block * 1e-9,
+        head * 1e-9,
+        attn * 1e-9,
+        lora * 1e-9,
+        act * 1e-6,
+    ]
+}
+
+/// Total FLOPs of the work, as the FLOPs-linear model counts them (`cost`'s formulas: a
+/// training step is two forward passes plus three LoRA forward passes).
+pub fn total_flops(kind: StepKind, cfg_sums: &Workload) -> f64 {
+    let f = features(cfg_sums);
+    let forward = (f[1] + f[2] + f[3]) * 1e9;
+    let lora = f[4] * 1e9;
+    match kind {
+        StepKind::Train | StepKind::TrainScoring => 2.0 * forward + 3.0 * lora,
+        StepKind::Forward => forward + lora,
+    }
+}
+
+/// The reference shape a profile's `train_gflops` describes: the dense model, rank 8, two
+/// sequences of 128 tokens, a plain training step.
+pub const REFERENCE: (usize, usize, usize) = (8, 2, 128);
+
+/// One timed point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    pub kind: StepKind,
+    /// How the shape was pruned (`dense`, `channels`, `heads+channels`) and to what sparsity.
+    pub label: String,
+    pub sparsity: f64,
+    pub workload: Workload,
+    /// Median wall time, milliseconds.
+    pub ms: f64,
+    /// Repetitions the median is over (after one warm-up).
+    pub reps: usize,
+}
+
+/// Where and how a measurement file was taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// CPU model name.
+    pub cpu: String,
+    /// Instruction sets the kernels could use (`avx512f`, `avx2`, `fma`, `neon`).
+    pub isa: Vec<String>,
+    pub threads: usize,
+    /// Build profile of the measuring binary.
+    pub build: String,
+    pub command: String,
+    /// UTC date, `YYYY-MM-DD`.
+    pub date: String,
+}
+
+/// A measurement file as `sim calibrate` writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub host: HostInfo,
+    pub measurements: Vec<Measurement>,
+}
+
+/// Why a calibration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TimeModelError {
+    #[error("calibration {origin}: {reason}")]
+    Invalid { origin: String, reason: String },
+    #[error("calibration grid: {0}")]
+    Grid(String),
+    #[error("calibration {origin}: not a measurement file: {source}")]
+    Parse {
+        origin: String,
+        source: serde_json::Error,
+    },
+}
+
+impl Calibration {
+    /// Parse and check a measurement file (`origin` names it in errors).
+    pub fn from_json(text: &str, origin: &str) -> Result<Calibration, TimeModelError> {
+        let c: Calibration =
+            serde_json::from_str(text).map_err(|source| TimeModelError::Parse {
+                origin: origin.to_string(),
+                source,
+            })?;
+        let bad = |reason: String| TimeModelError::Invalid {
+            origin: origin.to_string(),
+            reason,
+        };
+        for (i, m) in c.measurements.iter().enumerate() {
+            let w = &m.workload;
+            if !(m.ms.is_finite() && m.ms > 0.0) {
+                return Err(bad(format!("measurement {i}: time {} ms", m.ms)));
+            }
+            if w.batch == 0 || w.seq == 0 || w.shape.layers == 0 || w.shape.d_model == 0 {
+                return Err(bad(format!("measurement {i}: empty workload {w:?}")));
+            }
+            if w.seq > 1 << 20 || w.batch > 1 << 16 || w.rank > 1 << 16 {
+                return Err(bad(format!("measurement {i}: workload out of range {w:?}")));
+            }
+        }
+        for kind in StepKind::ALL {
+            let n = c.measurements.iter().filter(|m| m.kind == kind).count();
+            if n > 0 && n <= N_FEATURES {
+                return Err(bad(format!(
+                    "{n} {} points: at least {} are needed to fit and validate",
+                    kind.name(),
+                    N_FEATURES + 1
+                )));
+            }
+        }
+        if !c.measurements.iter().any(|m| m.kind == StepKind::Train) {
+            return Err(bad("no training-step points".into()));
+        }
+        Ok(c)
+    }
+
+    pub fn of_kind(&self, kind: StepKind) -> Vec<&Measurement> {
+        self.measurements
+            .iter()
+            .filter(|m| m.kind == kind)
+            .collect()
+    }
+}
+
+/// Fitted coefficients for each kind of work.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimeModel {
+    /// `(kind, coefficients)` for every kind the calibration measured.
+    pub coefficients: Vec<(StepKind, [f64; N_FEATURES])>,
+    /// Host milliseconds of a training step at [`REFERENCE`] on the calibration's model shape.
+    pub reference_ms: f64,
+    /// FLOPs of that step.
+    pub reference_flops: f64,
+}
+
+impl TimeModel {
+    /// Fit every measured kind (kinds not measured fall back: scoring steps to plain steps).
+    pub fn fit(cal: &Calibration) -> Result<TimeModel, TimeModelError> {
+        let mut coefficients = Vec::new();
+        for kind in StepKind::ALL {
+            let pts = cal.of_kind(kind);
+            if pts.is_empty() {
+                continue;
+            }
+            coefficients.push((kind, fit::fit_points(&pts)));
+        }
+        let dense = cal
+            .measurements
+            .iter()
+            .find(|m| m.sparsity == 0.0)
+            .map(|m| m.workload.shape)
+            .ok_or_else(|| TimeModelError::Invalid {
+                origin: cal.host.command.clone(),
+                reason: "no dense point to take the reference shape from".into(),
+            })?;
+        let (rank, batch, seq) = REFERENCE;
+        let reference = Workload {
+            shape: dense,
+            rank,
+            batch,
+            seq,
+        };
+        let mut m = TimeModel {
+            coefficients,
+            reference_ms: 0.0,
+            reference_flops: total_flops(StepKind::Train, &reference),
+        };
+        m.reference_ms = m.host_ms(StepKind::Train, &reference);
+        Ok(m)
+    }
+
+    fn coefs(&self, kind: StepKind) -> &[f64; N_FEATURES] {
+        let find = |k: StepKind| self.coefficients.iter().find(|(c, _)| *c == k);
+        let hit = find(kind)
+            .or_else(|| find(StepKind::Train))
+            .or_else(|| self.coefficients.first());
+        match hit {
+            Some((_, c)) => c,
+            None => &[0.0; N_FEATURES],
+        }
+    }
+
+    /// Predicted host milliseconds of one step of `kind` on `w`.
+    pub fn host_ms(&self, kind: StepKind, w: &Workload) -> f64 {
+        let f = features(w);
+        self.coefs(kind).iter().zip(f).map(|(c, x)| c * x).sum()
+    }
+
+    /// Host throughput at the reference shape, GFLOP/s.
+    pub fn reference_gflops(&self) -> f64 {
+        self.reference_flops / (self.reference_ms * 1e-3) * 1e-9
+    }
+
+    /// Milliseconds of one step of `kind` on `w` on a device whose sustained throughput at the
+    /// reference shape is `device_gflops`.
+    pub fn device_ms(&self, kind: StepKind, w: &Workload, device_gflops: f64) -> f64 {
+        self.host_ms(kind, w) * self.reference_gflops() / device_gflops
+    }
+
+    /// The same for a model config.
+    pub fn device_ms_for(
+        &self,
+        kind: StepKind,
+        cfg: &ModelConfig,
+        rank: usize,
+        batch: usize,
+        seq: usize,
+        device_gflops: f64,
+    ) -> f64 {
+        let w = Workload {
+            shape: ShapeSums::of(cfg),
+            rank,
+            batch,
+            seq,
+        };
+        self.device_ms(kind, &w, device_gflops)
+    }
+}
+
+/// The FLOPs the simulator's old model charges for a training step (kept for comparisons).
+pub fn flops_linear_train(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> f64 {
+    cost::train_step_flops(cfg, rank, batch, seq)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! The calibration grid: times the device agent's own training step and forward pass on the
+//! real model over pruned shapes, LoRA ranks and batch geometries (`sim calibrate`).
+//!
+//! The design is not a full factorial (that would take hours on a 2-core host): a sparsity
+//! sweep for two pruning mixes at one rank and batch, a rank sweep at two shapes, and a batch
+//! and sequence sweep at three shapes. Every point is one training-step time and one forward
+//! time (the median of `reps` calls after a warm-up); importance-scoring steps are timed on the
+//! sparsity sweep only.
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use device_agent::lora::Adapter;
+use device_agent::model::Llama;
+use device_agent::prune::{self, KeptIndicesExt, PruneConfig};
+use device_agent::{eval, train};
+use protocol::KeptIndices;
+
+use super::{HostInfo, Measurement, ShapeSums, StepKind, TimeModelError, Workload};
+
+/// How units are removed to reach a sparsity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// MLP channels only.
+    Channels,
+    /// Heads and channels, by the magnitude criterion.
+    HeadsAndChannels,
+}
+
+impl Mix {
+    fn label(self, sparsity: f64) -> String {
+        if sparsity == 0.0 {
+            "dense".into()
+        } else {
+            match self {
+                Mix::Channels => "channels".into(),
+                Mix::HeadsAndChannels => "heads+channels".into(),
+            }
+        }
+    }
+}
+
+/// One configuration to time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub mix: Mix,
+    pub sparsity: f64,
+    pub rank: usize,
+    pub batch: usize,
+    pub seq: usize,
+    /// Also time a step that accumulates importance scores.
+    pub scoring: bool,
+}
+
+/// The calibration design (`quick`: a third of it, for a smoke run).
+pub fn design(quick: bool) -> Vec<Point> {
+    let p = |mix, sparsity, rank, batch, seq, scoring| Point {
+        mix,
+        sparsity,
+        rank,
+        batch,
+        seq,
+        scoring,
+    };
+    let mut v = vec![p(Mix::Channels, 0.0, 8, 2, 128, true)];
+    for s in [0.15, 0.3, 0.45, 0.6] {
+        v.push(p(Mix::Channels, s, 8, 2, 128, true));
+        v.push(p(Mix::HeadsAndChannels, s, 8, 2, 128, true));
+    }
+    for r in [4, 16, 32] {
+        v.push(p(Mix::Channels, 0.0, r, 2, 128, false));
+        v.push(p(Mix::HeadsAndChannels, 0.45, r, 2, 128, false));
+    }
+    for (b, n) in [(1, 64), (4, 64), (1, 256), (4, 128), (2, 256)] {
+        v.push(p(Mix::Channels, 0.0, 16, b, n, false));
+        v.push(p(Mix::Channels, 0.3, 16, b, n, false));
+        v.push(p(Mix::HeadsAndChannels, 0.6, 16, b, n, false));
+    }
+    if quick {
+        v = v.into_iter().step_by(3).collect();
+    }
+    v
+}
+
+/// Kept maps that reach `sparsity` by `mix` (magnitude scores, every block alike so the
+/// shape, not the choice of units, is what varies).
+pub fn kept_for(base: &Llama, mix: Mix, sparsity: f64) -> KeptIndices {
+    let dense = KeptIndices::dense(&base.config);
+    if sparsity == 0.0 {
+        return dense;
+    }
+    let pc = PruneConfig {
+        uniform: true,
+        protected_blocks: vec![],
+        prune_heads: mix == Mix::HeadsAndChannels,
+        ..PruneConfig::default()
+    };
+    prune::select_prune(
+        &base.config,
+        &dense,
+        &prune::magnitude_scores(base),
+        sparsity,
+        &pc,
+    )
+}
+
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Time every point of `design` on `base`, with training windows cut from `ids`; `on_point`
+/// sees each measurement as it is taken.
+pub fn measure(
+    base: &Llama,
+    ids: &[u32],
+    design: &[Point],
+    reps: usize,
+    mut on_point: impl FnMut(&Measurement),
+) -> Result<Vec<Measurement>, TimeModelError> {
+    let device: &Device = &base.device;
+    let mut out = Vec::new();
+    for p in design {
+        let kept = kept_for(base, p.mix, p.sparsity);
+        let mut cfg = base.config.clone();
+        cfg.blocks = kept.shapes(&base.config);
+        let windows: Vec<Vec<u32>> = ids
+            .chunks_exact(p.seq + 1)
+            .take(p.batch)
+            .map(<[u32]>::to_vec)
+            .collect();
+        if windows.len() < p.batch {
+            return Err(TimeModelError::Grid(format!(
+                "the calibration text has too few tokens for {} windows of {}",
+                p.batch, p.seq
+            )));
+        }
+        let batch = train::Batch::lm(&windows);
+        let adapter = Adapter::new(&cfg, p.rank, 2.0 * p.rank as f64, 0, device);
+        let tcfg = train::TrainConfig::default();
+        let mut tuner = train::Tuner::new(base, kept, adapter, tcfg)
+            .map_err(|e| TimeModelError::Grid(format!("{p:?}: {e}")))?;
+        let workload = Workload {
+            shape: ShapeSums::of(&tuner.model.config),
+            rank: p.rank,
+            batch: p.batch,
+            seq: p.seq,
+        };
+        let sparsity = tuner.sparsity();
+        let mut record = |kind: StepKind, ms: f64| {
+            let m = Measurement {
+                kind,
+                label: p.mix.label(p.sparsity),
+                sparsity,
+                workload,
+                ms,
+                reps,
+            };
+            on_point(&m);
+            out.push(m);
+        };
+        let ms = median_ms(reps, || {
+            tuner.train_micro(&batch, 1e-4, false);
+        });
+        record(StepKind::Train, ms);
+        if p.scoring {
+            let ms = median_ms(reps, || {
+                tuner.train_micro(&batch, 1e-4, true);
+            });
+            record(StepKind::TrainScoring, ms);
+        }
+        let ms = median_ms(reps, || {
+            eval::evaluate_windows(&tuner.model, Some(&tuner.adapter), &windows, p.batch);
+        });
+        record(StepKind::Forward, ms);
+    }
+    Ok(out)
+}
+
+/// The host's CPU model name and the instruction sets the kernels may use.
+pub fn host_info(command: String, build: &str) -> HostInfo {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name") || l.starts_with("Model"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(
+            || std::env::consts::ARCH.to_string(),
+            |(_, v)| v.trim().to_string(),
+        );
+    HostInfo {
+        cpu,
+        isa: isa(),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        build: build.to_string(),
+        command,
+        date: utc_date(),
+    }
+}
+
+fn isa() -> Vec<String> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            v.push("avx512f".to_string());
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            v.push("avx2".to_string());
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            v.push("fma".to_string());
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push("neon".to_string());
+        }
+    }
+    v
+}
+
+/// Today's UTC date from the system clock (civil-from-days).
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}

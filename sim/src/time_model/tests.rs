@@ -1,0 +1,148 @@
+//! Tests of the time model: the solver, the fit on synthetic points from known coefficients,
+//! agreement with `cost`'s FLOPs, the file checks, and the shipped calibration's stated error.
+
+use super::*;
+use device_agent::model::ModelConfig;
+
+fn smollm() -> ModelConfig {
+    ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true)
+}
+
+fn pruned(heads: usize, ffn: usize) -> ModelConfig {
+    let mut c = smollm();
+    for b in c.blocks.iter_mut().skip(1) {
+        b.n_heads = heads;
+        b.n_kv_heads = heads.div_ceil(3);
+        b.ffn_dim = ffn;
+    }
+    c
+}
+
+fn synthetic(coefs: &[f64; N_FEATURES], kind: StepKind) -> Vec<Measurement> {
+    let mut v = Vec::new();
+    for (i, (h, f)) in [(9, 1536), (6, 1536), (9, 768), (3, 512), (6, 1024)]
+        .into_iter()
+        .enumerate()
+    {
+        for (rank, batch, seq) in [(4, 1, 64), (8, 2, 128), (16, 4, 128), (32, 2, 256)] {
+            let cfg = pruned(h, f);
+            let w = Workload {
+                shape: ShapeSums::of(&cfg),
+                rank,
+                batch,
+                seq,
+            };
+            let ms: f64 = coefs.iter().zip(features(&w)).map(|(c, x)| c * x).sum();
+            v.push(Measurement {
+                kind,
+                label: format!("shape {i}"),
+                sparsity: cfg.sparsity(),
+                workload: w,
+                ms,
+                reps: 1,
+            });
+        }
+    }
+    v
+}
+
+fn calibration(measurements: Vec<Measurement>) -> Calibration {
+    Calibration {
+        host: HostInfo {
+            cpu: "test".into(),
+            isa: vec![],
+            threads: 1,
+            build: "test".into(),
+            command: "test".into(),
+            date: "2026-11-30".into(),
+        },
+        measurements,
+    }
+}
+
+#[test]
+fn nnls_recovers_non_negative_coefficients_and_clamps_negative_ones() {
+    // b = 2 x0 + 3 x2 exactly.
+    let rows: Vec<Vec<f64>> = (0..12)
+        .map(|i| {
+            let t = i as f64;
+            vec![1.0 + t, (t * 0.7).sin() + 2.0, t * t * 0.1 + 1.0]
+        })
+        .collect();
+    let b: Vec<f64> = rows.iter().map(|r| 2.0 * r[0] + 3.0 * r[2]).collect();
+    let x = nnls(&rows, &b);
+    assert!((x[0] - 2.0).abs() < 1e-9 && x[1].abs() < 1e-9 && (x[2] - 3.0).abs() < 1e-9);
+    // With a negative true coefficient the solver never returns a negative one.
+    let b: Vec<f64> = rows.iter().map(|r| 2.0 * r[0] - 1.0 * r[1]).collect();
+    let x = nnls(&rows, &b);
+    assert!(x.iter().all(|&v| v >= 0.0), "{x:?}");
+}
+
+#[test]
+fn fitting_points_from_known_coefficients_recovers_them() {
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4];
+    let cal = calibration(synthetic(&truth, StepKind::Train));
+    let model = TimeModel::fit(&cal).unwrap();
+    let (_, got) = &model.coefficients[0];
+    for (g, t) in got.iter().zip(truth) {
+        assert!((g / t - 1.0).abs() < 1e-6, "{got:?} vs {truth:?}");
+    }
+    let v = Validation::leave_one_out(StepKind::Train, &cal.of_kind(StepKind::Train));
+    assert!(v.ours().0 < 1e-6, "{:?}", v.ours());
+    // Time linear in FLOPs cannot follow a fixed overhead and memory terms.
+    assert!(v.flops_linear().0 > 0.05, "{:?}", v.flops_linear());
+}
+
+#[test]
+fn total_flops_are_the_cost_module_s() {
+    for cfg in [smollm(), pruned(3, 512), pruned(6, 1024)] {
+        let w = Workload {
+            shape: ShapeSums::of(&cfg),
+            rank: 16,
+            batch: 4,
+            seq: 256,
+        };
+        let ours = total_flops(StepKind::Train, &w);
+        let theirs = cost::train_step_flops(&cfg, 16, 4, 256);
+        assert!((ours / theirs - 1.0).abs() < 1e-12, "{ours} vs {theirs}");
+        let fwd = total_flops(StepKind::Forward, &w);
+        let theirs =
+            cost::forward_flops(&cfg, 1024, 256, true) + cost::lora_forward_flops(&cfg, 16, 1024);
+        assert!((fwd / theirs - 1.0).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn a_device_runs_the_reference_step_at_its_profile_throughput() {
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4];
+    let model = TimeModel::fit(&calibration(synthetic(&truth, StepKind::Train))).unwrap();
+    let (rank, batch, seq) = REFERENCE;
+    let ms = model.device_ms_for(StepKind::Train, &smollm(), rank, batch, seq, 133.0);
+    let want = model.reference_flops / 133e9 * 1e3;
+    assert!((ms / want - 1.0).abs() < 1e-9, "{ms} vs {want}");
+    // A half-pruned model is faster, but by less than half: the head does not shrink.
+    let half = model.device_ms_for(StepKind::Train, &pruned(5, 700), rank, batch, seq, 133.0);
+    assert!(half < ms && half > 0.5 * ms * 0.9, "{half} vs {ms}");
+}
+
+#[test]
+fn bad_measurement_files_are_refused_with_the_reason() {
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4];
+    let mut pts = synthetic(&truth, StepKind::Train);
+    pts[3].ms = -1.0;
+    let text = serde_json::to_string(&calibration(pts)).unwrap();
+    let e = Calibration::from_json(&text, "x.json")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x.json") && e.contains("measurement 3"), "{e}");
+    let pts = synthetic(&truth, StepKind::Train)[..5].to_vec();
+    let text = serde_json::to_string(&calibration(pts)).unwrap();
+    let e = Calibration::from_json(&text, "y.json")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least"), "{e}");
+    let e = Calibration::from_json("{\"host\": 3}", "z.json")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("z.json"), "{e}");
+}
