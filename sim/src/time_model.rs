@@ -108,6 +108,10 @@ pub struct Workload {
 
 /// Number of per-operator quantities (the length of [`features`]).
 pub const N_FEATURES: usize = 6;
+/// Fewest points of a kind that are fitted (one more than the coefficients, so leave-one-out
+/// is defined). Training steps and forward passes must have them; a kind with fewer (scoring
+/// steps in a quick run) falls back to the training step's coefficients.
+pub const MIN_POINTS: usize = N_FEATURES + 1;
 /// Their names, in order.
 pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "overhead (ms)",
@@ -161,6 +165,9 @@ pub fn total_flops(kind: StepKind, cfg_sums: &Workload) -> f64 {
 /// The reference shape a profile's `train_gflops` describes: the dense model, rank 8, two
 /// sequences of 128 tokens, a plain training step.
 pub const REFERENCE: (usize, usize, usize) = (8, 2, 128);
+/// The reference a profile's `infer_gflops` describes: one 128-token prompt through the dense
+/// model (rank 8 adapter), a forward pass.
+pub const REFERENCE_FORWARD: (usize, usize, usize) = (8, 1, 128);
 
 /// One timed point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -236,18 +243,14 @@ impl Calibration {
                 return Err(bad(format!("measurement {i}: workload out of range {w:?}")));
             }
         }
-        for kind in StepKind::ALL {
-            let n = c.measurements.iter().filter(|m| m.kind == kind).count();
-            if n > 0 && n <= N_FEATURES {
+        for kind in [StepKind::Train, StepKind::Forward] {
+            let n = c.of_kind(kind).len();
+            if n < MIN_POINTS {
                 return Err(bad(format!(
-                    "{n} {} points: at least {} are needed to fit and validate",
-                    kind.name(),
-                    N_FEATURES + 1
+                    "{n} {} points: at least {MIN_POINTS} are needed to fit and validate",
+                    kind.name()
                 )));
             }
-        }
-        if !c.measurements.iter().any(|m| m.kind == StepKind::Train) {
-            return Err(bad("no training-step points".into()));
         }
         Ok(c)
     }
@@ -269,15 +272,19 @@ pub struct TimeModel {
     pub reference_ms: f64,
     /// FLOPs of that step.
     pub reference_flops: f64,
+    /// Host milliseconds and FLOPs of the forward pass at [`REFERENCE_FORWARD`].
+    pub reference_forward_ms: f64,
+    pub reference_forward_flops: f64,
 }
 
 impl TimeModel {
-    /// Fit every measured kind (kinds not measured fall back: scoring steps to plain steps).
+    /// Fit every kind with at least [`MIN_POINTS`] points (the others fall back to the
+    /// training step's coefficients).
     pub fn fit(cal: &Calibration) -> Result<TimeModel, TimeModelError> {
         let mut coefficients = Vec::new();
         for kind in StepKind::ALL {
             let pts = cal.of_kind(kind);
-            if pts.is_empty() {
+            if pts.len() < MIN_POINTS {
                 continue;
             }
             coefficients.push((kind, fit::fit_points(&pts)));
@@ -291,19 +298,28 @@ impl TimeModel {
                 origin: cal.host.command.clone(),
                 reason: "no dense point to take the reference shape from".into(),
             })?;
-        let (rank, batch, seq) = REFERENCE;
-        let reference = Workload {
+        let at = |(rank, batch, seq): (usize, usize, usize)| Workload {
             shape: dense,
             rank,
             batch,
             seq,
         };
+        let (train, forward) = (at(REFERENCE), at(REFERENCE_FORWARD));
         let mut m = TimeModel {
             coefficients,
             reference_ms: 0.0,
-            reference_flops: total_flops(StepKind::Train, &reference),
+            reference_flops: total_flops(StepKind::Train, &train),
+            reference_forward_ms: 0.0,
+            reference_forward_flops: total_flops(StepKind::Forward, &forward),
         };
-        m.reference_ms = m.host_ms(StepKind::Train, &reference);
+        m.reference_ms = m.host_ms(StepKind::Train, &train);
+        m.reference_forward_ms = m.host_ms(StepKind::Forward, &forward);
+        if !(m.reference_ms > 0.0 && m.reference_forward_ms > 0.0) {
+            return Err(TimeModelError::Invalid {
+                origin: cal.host.command.clone(),
+                reason: "the fit predicts no time for the reference step".into(),
+            });
+        }
         Ok(m)
     }
 
@@ -329,10 +345,26 @@ impl TimeModel {
         self.reference_flops / (self.reference_ms * 1e-3) * 1e-9
     }
 
+    /// Host forward throughput at the forward reference, GFLOP/s.
+    pub fn reference_forward_gflops(&self) -> f64 {
+        self.reference_forward_flops / (self.reference_forward_ms * 1e-3) * 1e-9
+    }
+
+    /// The work of one step of `kind` on `w` in reference-equivalent FLOPs: the FLOPs the
+    /// reference step (training or forward, by `kind`) does in the same host time. A device
+    /// computes it in `equivalent / device_gflops` seconds, whatever its shape.
+    pub fn equivalent_flops(&self, kind: StepKind, w: &Workload) -> f64 {
+        let rate = match kind {
+            StepKind::Forward => self.reference_forward_gflops(),
+            StepKind::Train | StepKind::TrainScoring => self.reference_gflops(),
+        };
+        self.host_ms(kind, w) * 1e-3 * rate * 1e9
+    }
+
     /// Milliseconds of one step of `kind` on `w` on a device whose sustained throughput at the
     /// reference shape is `device_gflops`.
     pub fn device_ms(&self, kind: StepKind, w: &Workload, device_gflops: f64) -> f64 {
-        self.host_ms(kind, w) * self.reference_gflops() / device_gflops
+        self.equivalent_flops(kind, w) / (device_gflops * 1e9) * 1e3
     }
 
     /// The same for a model config.

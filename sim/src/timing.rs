@@ -1,16 +1,21 @@
 //! The time model: how long a device computes and how long a message travels, on the virtual
 //! clock. Only time is modelled; the training itself is real.
 //!
-//! **Compute.** A local round's FLOPs are the sum over its optimiser steps of
-//! `cost::train_step_flops(shape during the step, rank, batch, seq)` plus two held-out
-//! evaluations (before and after, `cost::forward_flops`). The shape during a step is not
-//! recorded per step, but its non-embedding parameter count is (`StepRecord::params`); FLOPs are
-//! affine in the kept units, so a step's FLOPs are interpolated between the round's starting
-//! and final shapes by that count (exact when pruning removes MLP channels only, within a few
-//! percent when it also removes heads, whose attention-score cost differs). Importance scoring
-//! and optimiser updates are ignored (under 1% of a step at our sizes). Time is
-//! `FLOPs / (train_gflops * power_mode * draw)`, where `draw` is the device's per-round speed
-//! factor from a truncated normal around 1.
+//! **Compute.** Each optimiser step of a local round is charged what the calibrated
+//! per-operator model ([`crate::time_model`], fitted to the agent's own steps timed on a real
+//! host, shipped as `sim/calibration/*.json`) predicts for the step's shape, rank, batch and
+//! sequence length: a pruned model does not get cheaper in proportion to its FLOPs, because
+//! the LM head, per-step overhead and memory-bound operators do not shrink. Steps that still
+//! accumulate importance for a pending prune are charged as such. Two held-out evaluations
+//! (before and after) are charged as forward passes. The shape during a step is not recorded
+//! per step, but its non-embedding parameter count is (`StepRecord::params`); the model is
+//! affine in the kept units, so a step's cost is interpolated between the round's starting and
+//! final shapes by that count. Costs are carried as *reference-equivalent FLOPs* (the FLOPs
+//! the reference step does in the same host time, [`crate::time_model::REFERENCE`]), so a
+//! device profile's `train_gflops` (its throughput on the reference step) turns them into time:
+//! `ms = equivalent / (train_gflops * power_mode * draw)`, where `draw` is the device's
+//! per-round speed factor from a truncated normal around 1. The FLOPs-linear model the
+//! simulator used before is kept as [`round_flops_linear`] for comparison.
 //!
 //! **Transfer.** `bytes * 8 / rate + rtt`, with the rate of the direction's link (uplink for
 //! device -> aggregator, downlink the other way); a link carries one message at a time, later
@@ -19,9 +24,64 @@
 //! **Memory.** `cost::train_memory(shape at the round's start, arm rank, batch, seq)`; the
 //! round's start is its largest shape, since pruning only shrinks the model.
 
+use std::sync::OnceLock;
+
 use device_agent::cost;
 use device_agent::model::ModelConfig;
 use device_agent::train::RoundReport;
+
+use crate::time_model::{Calibration, ShapeSums, StepKind, TimeModel, Workload};
+
+/// The shipped calibration: (file, its text).
+pub const BUILTIN_CALIBRATION: (&str, &str) = (
+    "sim/calibration/amd-epyc-avx2.json",
+    include_str!("../calibration/amd-epyc-avx2.json"),
+);
+
+/// The calibrated time model the simulator charges compute with (fitted once, from
+/// [`BUILTIN_CALIBRATION`]).
+pub fn calibrated() -> &'static TimeModel {
+    static MODEL: OnceLock<TimeModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let (origin, text) = BUILTIN_CALIBRATION;
+        Calibration::from_json(text, origin)
+            .and_then(|c| TimeModel::fit(&c))
+            .expect("the built-in calibration parses and fits (checked by a unit test)")
+    })
+}
+
+fn workload(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> Workload {
+    Workload {
+        shape: ShapeSums::of(cfg),
+        rank,
+        batch,
+        seq,
+    }
+}
+
+/// Reference-equivalent FLOPs of one training step (`scoring`: while importance accumulates).
+pub fn train_step_flops(
+    cfg: &ModelConfig,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    scoring: bool,
+) -> f64 {
+    let kind = if scoring {
+        StepKind::TrainScoring
+    } else {
+        StepKind::Train
+    };
+    calibrated().equivalent_flops(kind, &workload(cfg, rank, batch, seq))
+}
+
+/// Reference-equivalent FLOPs of a forward pass over `tokens` tokens in sequences of `seq`
+/// with a rank-`rank` adapter (0: merged or none).
+pub fn forward_flops(cfg: &ModelConfig, tokens: usize, seq: usize, rank: usize) -> f64 {
+    let seq = seq.max(1);
+    let batch = tokens.div_ceil(seq).max(1);
+    calibrated().equivalent_flops(StepKind::Forward, &workload(cfg, rank, batch, seq))
+}
 
 /// FLOPs of one local round.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -47,8 +107,42 @@ pub struct StepShape {
     pub eval_seq: usize,
 }
 
-/// FLOPs of a round from its report, the starting and final shapes.
+/// Reference-equivalent FLOPs of a round from its report, the starting and final shapes.
 pub fn round_flops(
+    pre: &ModelConfig,
+    post: &ModelConfig,
+    shape: StepShape,
+    report: &RoundReport,
+) -> RoundFlops {
+    let (r, b, n) = (shape.rank, shape.batch, shape.seq);
+    let cost = |cfg: &ModelConfig, scoring: bool| train_step_flops(cfg, r, b, n, scoring);
+    let p_pre = pre.non_embedding_params() as f64;
+    let p_post = post.non_embedding_params() as f64;
+    // Steps before the round's last pruning event accumulate importance scores.
+    let last_event = report.prune_events.last().map_or(0, |&(step, _)| step);
+    let train = report
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let scoring = i < last_event;
+            let (f_pre, f_post) = (cost(pre, scoring), cost(post, scoring));
+            if (p_pre - p_post).abs() < 0.5 {
+                f_pre
+            } else {
+                let frac = ((s.params as f64 - p_post) / (p_pre - p_post)).clamp(0.0, 1.0);
+                f_post + (f_pre - f_post) * frac
+            }
+        })
+        .sum();
+    let eval = forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
+        + forward_flops(post, shape.eval_tokens, shape.eval_seq, r);
+    RoundFlops { train, eval }
+}
+
+/// The FLOPs-linear round cost the simulator used before the calibrated model (every step's
+/// analytic FLOPs, `cost::train_step_flops`, at the interpolated shape), for comparisons.
+pub fn round_flops_linear(
     pre: &ModelConfig,
     post: &ModelConfig,
     shape: StepShape,
@@ -75,19 +169,20 @@ pub fn round_flops(
     RoundFlops { train, eval }
 }
 
-/// FLOPs of a round when only the shapes are known (the surrogate): steps before the first
-/// pruning event run at the starting shape, the rest at the average of the two.
+/// Reference-equivalent FLOPs of a round when only the shapes are known (the surrogate):
+/// steps run at the average of the starting and final shapes' costs.
 pub fn round_flops_estimate(
     pre: &ModelConfig,
     post: &ModelConfig,
     shape: StepShape,
     steps: usize,
 ) -> RoundFlops {
-    let f_pre = cost::train_step_flops(pre, shape.rank, shape.batch, shape.seq);
-    let f_post = cost::train_step_flops(post, shape.rank, shape.batch, shape.seq);
-    let train = steps as f64 * 0.5 * (f_pre + f_post);
-    let eval = cost::forward_flops(pre, shape.eval_tokens, shape.eval_seq, true)
-        + cost::forward_flops(post, shape.eval_tokens, shape.eval_seq, true);
+    let (r, b, n) = (shape.rank, shape.batch, shape.seq);
+    let train = steps as f64
+        * 0.5
+        * (train_step_flops(pre, r, b, n, false) + train_step_flops(post, r, b, n, false));
+    let eval = forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
+        + forward_flops(post, shape.eval_tokens, shape.eval_seq, r);
     RoundFlops { train, eval }
 }
 
@@ -102,10 +197,11 @@ pub fn transfer_ms(bytes: usize, mbps: f64, rtt_ms: f64) -> u64 {
     (serialise + rtt_ms).ceil() as u64
 }
 
-/// Latency of one inference forward pass over `tokens` tokens (a prompt of that length) on a
-/// device with `infer_gflops`, in milliseconds (fractional).
+/// Latency of one inference forward pass over `tokens` tokens (a prompt of that length, the
+/// adapter merged) on a device whose forward throughput at the forward reference is
+/// `infer_gflops`, in milliseconds (fractional).
 pub fn inference_ms(cfg: &ModelConfig, tokens: usize, infer_gflops: f64) -> f64 {
-    cost::forward_flops(cfg, tokens, tokens, true) / (infer_gflops * 1e9) * 1000.0
+    forward_flops(cfg, tokens, tokens, 0) / (infer_gflops * 1e9) * 1000.0
 }
 
 /// Peak training memory of a round that starts at `cfg`.
@@ -117,14 +213,6 @@ pub fn peak_memory(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> 
 mod tests {
     use super::*;
     use device_agent::train::StepRecord;
-
-    fn cfg(ffn: usize) -> ModelConfig {
-        let mut c = ModelConfig::dense(1000, 64, 4, 4, 2, 16, 256, true);
-        for b in &mut c.blocks {
-            b.ffn_dim = ffn;
-        }
-        c
-    }
 
     fn report(params: &[usize]) -> RoundReport {
         RoundReport {
@@ -147,31 +235,59 @@ mod tests {
         }
     }
 
+    fn smollm(ffn: usize) -> ModelConfig {
+        let mut c = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
+        for b in c.blocks.iter_mut() {
+            b.ffn_dim = ffn;
+        }
+        c
+    }
+
     #[test]
-    fn step_flops_follow_the_pruned_shape() {
-        let (pre, post) = (cfg(256), cfg(128));
+    fn step_costs_follow_the_pruned_shape() {
+        let (pre, post) = (smollm(1536), smollm(768));
         let shape = StepShape {
             rank: 8,
             batch: 2,
-            seq: 32,
-            eval_tokens: 64,
-            eval_seq: 32,
+            seq: 128,
+            eval_tokens: 256,
+            eval_seq: 128,
         };
         let pp = pre.non_embedding_params();
         let pq = post.non_embedding_params();
-        let f_pre = cost::train_step_flops(&pre, 8, 2, 32);
-        let f_post = cost::train_step_flops(&post, 8, 2, 32);
-        // Two steps at the start shape, two at the end shape.
+        let f_pre = train_step_flops(&pre, 8, 2, 128, false);
+        let f_post = train_step_flops(&post, 8, 2, 128, false);
+        // Two steps at the start shape, two at the end shape, no pruning event.
         let r = round_flops(&pre, &post, shape, &report(&[pp, pp, pq, pq]));
-        assert!((r.train - 2.0 * (f_pre + f_post)).abs() < 1.0);
+        assert!((r.train / (2.0 * (f_pre + f_post)) - 1.0).abs() < 1e-9);
         // A step half-way through the pruning costs the mean of the two.
         let mid = (pp + pq) / 2;
         let r = round_flops(&pre, &post, shape, &report(&[mid]));
         assert!((r.train / (0.5 * (f_pre + f_post)) - 1.0).abs() < 1e-3);
         // No pruning: every step at the dense shape.
         let r = round_flops(&pre, &pre, shape, &report(&[pp, pp, pp]));
-        assert!((r.train - 3.0 * f_pre).abs() < 1.0);
+        assert!((r.train / (3.0 * f_pre) - 1.0).abs() < 1e-9);
         assert!(r.eval > 0.0);
+        // Halving the MLP saves less time than FLOPs: the head and overheads do not shrink.
+        let flops_ratio =
+            cost::train_step_flops(&post, 8, 2, 128) / cost::train_step_flops(&pre, 8, 2, 128);
+        assert!(
+            f_post / f_pre > flops_ratio,
+            "{} vs {flops_ratio}",
+            f_post / f_pre
+        );
+        assert!(f_post < f_pre);
+    }
+
+    #[test]
+    fn the_reference_step_costs_its_flops_and_the_builtin_calibration_fits() {
+        let m = calibrated();
+        let (rank, batch, seq) = crate::time_model::REFERENCE;
+        let dense = smollm(1536);
+        let eq = train_step_flops(&dense, rank, batch, seq, false);
+        let flops = cost::train_step_flops(&dense, rank, batch, seq);
+        assert!((eq / flops - 1.0).abs() < 1e-9, "{eq} vs {flops}");
+        assert!(m.reference_gflops() > 1.0 && m.reference_forward_gflops() > 1.0);
     }
 
     #[test]

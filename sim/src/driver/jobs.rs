@@ -1,9 +1,8 @@
 //! Local rounds on the virtual clock: a session's `Train` command runs the round at once (real
 //! training or the surrogate) and its result is delivered after the virtual compute time (the
-//! round's FLOPs at the device's throughput, power mode and per-round speed draw), unless the
+//! round's calibrated cost at the device's throughput, power mode and per-round speed draw), unless the
 //! device drops out during it.
 
-use device_agent::cost;
 use device_agent::session::{DeviceState, TrainJob};
 use protocol::{FailReason, Timestamp};
 use rand::Rng;
@@ -56,8 +55,10 @@ impl Simulation<'_> {
         let seq = self.trainer.seq_len(i);
         let draw = truncated_normal(1.0, profile.variability, &mut d.rng);
         let gflops = profile.train_gflops * d.power_mode * draw;
-        let step_ms =
-            timing::compute_ms(cost::train_step_flops(&pre, rank, job.batch, seq), gflops);
+        let step_ms = timing::compute_ms(
+            timing::train_step_flops(&pre, rank, job.batch, seq, false),
+            gflops,
+        );
         let mut info = JobInfo {
             round: job.round.0,
             started: self.now,

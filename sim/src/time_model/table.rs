@@ -23,7 +23,7 @@ pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
     let mut summary = Vec::new();
     for kind in StepKind::ALL {
         let pts = cal.of_kind(kind);
-        if pts.is_empty() {
+        if pts.len() < super::MIN_POINTS {
             continue;
         }
         let v = Validation::leave_one_out(kind, &pts);
