@@ -15,12 +15,31 @@ use protocol::{
 
 use super::keeper::{Opened, StateKeeper};
 use super::*;
-use crate::client::{synthetic_shard, tiny_model};
 use crate::cost::PrunedModel;
 use crate::job::{run_job, LocalData};
 use crate::prune::{Criterion, PruneConfig};
 use crate::session::{AgentCommand, AgentConfig, AgentEvent, AgentSession, RoundLimits};
 use crate::wire;
+use crate::workload::LmShard;
+
+/// The tiny test model of `join --model tiny` (4 blocks, vocab 256, d_model 64; seed 7).
+fn tiny_model(device: &Device) -> Llama {
+    Llama::random(
+        ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true),
+        7,
+        device,
+    )
+}
+
+/// Windows of 16 tokens (plus the target) following a fixed rule, something to learn.
+fn rule_shard() -> LmShard {
+    let window = |i: u32| -> Vec<u32> { (0..17).map(|t| (i * 7 + t * 37 + 11) % 256).collect() };
+    LmShard {
+        seq_len: 16,
+        train: (0..16).map(window).collect(),
+        test: (16..20).map(window).collect(),
+    }
+}
 
 /// A fresh, empty directory for one test.
 fn temp_dir(name: &str) -> PathBuf {
@@ -107,7 +126,7 @@ fn train(base: &Llama, cmds: Vec<AgentCommand>) -> crate::session::JobOutcome {
             _ => None,
         })
         .expect("the session asked for training");
-    let data = LocalData::Lm(synthetic_shard(16, 16, 4, 3));
+    let data = LocalData::Lm(rule_shard());
     run_job(&job, &state, base, &data, &agent(base), |_| true).expect("the round trains")
 }
 
@@ -180,7 +199,7 @@ fn a_saved_round_is_resumed_answered_again_and_never_trained_twice() {
     // Restarted after the acknowledgement: nothing left to re-send; round 2 trains from the
     // pruned state (its slice cut for the maps the aggregator recorded).
     drop((keeper, s));
-    let (mut keeper, resume) = StateKeeper::open(&dir, &base, 3, false).unwrap();
+    let (keeper, resume) = StateKeeper::open(&dir, &base, 3, false).unwrap();
     assert!(resume.unacked.is_none());
     let mut s = session(&base, resume);
     let cmds = s.handle(Timestamp(5), config(&base, 2, &outcome.kept));
@@ -383,7 +402,7 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     let ids = tok
         .encode("The Congress shall have power to lay and collect taxes")
         .unwrap();
-    let data = LocalData::Lm(crate::workload::LmShard {
+    let data = LocalData::Lm(LmShard {
         seq_len: 8,
         train: ids.windows(9).step_by(2).map(<[u32]>::to_vec).collect(),
         test: vec![ids[..9].to_vec()],
