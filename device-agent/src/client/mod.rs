@@ -8,6 +8,16 @@
 //! against the reported RAM, byte accounting, the outbox) are the session's; a local failure
 //! is a `RoundFailed` with the error text.
 //!
+//! With `--state DIR` the device's state survives the process ([`crate::state_dir`]): the
+//! session resumes from the directory's file (kept maps, adapter, the update the aggregator
+//! has not acknowledged), and the file is rewritten atomically when a round ends (before its
+//! update is sent), after each upload and when the aggregator answers the update. A file that
+//! cannot be used stops `join` (unless `--fresh-state`), and so does a write that fails: the
+//! agent never goes on with state it could not persist. Each load and save prints a `state:`
+//! line on stdout with the kept maps' digest.
+//!
+//! `local.rs` loads what the device trains with (model, local data, reported RAM).
+//!
 //! `--model tiny` is a **test configuration**: a random-weight 4-block model (vocab 256,
 //! d_model 64) and `--dataset synthetic` token streams from a fixed noisy transition rule, for
 //! fast end-to-end runs without assets. The default is the real SmolLM2-135M-Instruct.

@@ -387,9 +387,9 @@ fn argmax_rows(rows: &[Vec<f32>]) -> Vec<usize> {
 
 /// The real SmolLM2-135M: a pruned round saved to a state directory; the state-dir model
 /// (pruned base plus the adapter, unmerged) and its F32 GGUF and HF safetensors exports
-/// (merged, written, reloaded) give the same logits. Tolerance: 2e-3 absolute on logits of
+/// (merged, written, reloaded) give the same logits. Tolerance: 1e-3 absolute on logits of
 /// magnitude ~10-30, the f32 rounding of `x (W + s a b)` against `x W + s (x a) b`; the greedy
-/// choice at every position must agree.
+/// choice at every position must agree. (Measured: 1.7e-4 for both formats.)
 #[test]
 fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     use crate::export::{self, GgufPrecision};
@@ -436,7 +436,7 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     let got = crate::model::to_rows(g.forward(toks.clone(), None));
     let d = max_diff(&got, &want);
     eprintln!("GGUF F32 export: max abs logit difference {d}");
-    assert!(d < 2e-3, "GGUF reload differs by {d}");
+    assert!(d < 1e-3, "GGUF reload differs by {d}");
     assert_eq!(argmax_rows(&got), argmax_rows(&want));
 
     let hf = dir.join("hf");
@@ -445,7 +445,7 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     let got = crate::model::to_rows(h.forward(toks, None));
     let d = max_diff(&got, &want);
     eprintln!("safetensors export: max abs logit difference {d}");
-    assert!(d < 2e-3, "safetensors reload differs by {d}");
+    assert!(d < 1e-3, "safetensors reload differs by {d}");
     assert_eq!(argmax_rows(&got), argmax_rows(&want));
     std::fs::remove_dir_all(&dir).ok();
 }
