@@ -17,7 +17,7 @@ use common::*;
 const ROUND_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Two tiny devices, three fedspine rounds, every device in every round; local rounds long
-/// enough (400 steps) that a kill lands mid-training, and a pruning arm in every round.
+/// enough (120 steps, seconds) that a kill lands mid-training; a pruning arm in every round.
 fn run_config() -> String {
     format!(
         "rounds = 3
@@ -26,8 +26,8 @@ over_selection = 0.0
 min_devices = 2
 quorum_fraction = 1.0
 round_deadline_ms = 600000
-local_steps = 400
-prune_interval_steps = 100
+local_steps = 120
+prune_interval_steps = 40
 learning_rate = 0.01
 batch_size = 4
 lora_alpha = 16.0
@@ -192,6 +192,13 @@ fn a_killed_agent_rejoins_with_its_pruned_model_and_no_round_is_trained_twice() 
     let rounds = round_lines(dir);
     assert_eq!(rounds.len(), 3);
     for r in &rounds {
+        let compute_ms: Vec<u64> = r["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["compute_ms"].as_u64().unwrap())
+            .collect();
+        eprintln!("round {}: local rounds took {compute_ms:?} ms", r["round"]);
         assert_eq!(r["aggregated"], true, "{r}");
         assert_eq!(r["participants"].as_array().unwrap().len(), 2, "{r}");
         assert!(r["failed"].as_array().unwrap().is_empty(), "{r}");
@@ -235,6 +242,7 @@ fn unusable_state_is_an_error_naming_the_file() {
             .arg(dir.join("pki"))
             .args(["--id", "1", "--model", "tiny", "--dataset", "synthetic"])
             .args(["--max-attempts", "1", "--reconnect-max-s", "1"])
+            .args(["--idle-timeout-s", "1"])
             .arg("--state")
             .arg(&state)
             .args(extra)
