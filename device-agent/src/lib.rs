@@ -17,6 +17,7 @@ pub mod model;
 pub mod op_timer;
 pub mod prune;
 pub mod session;
+pub mod state_dir;
 pub mod tokenizer;
 pub mod train;
 pub mod user_data;

@@ -15,7 +15,7 @@ pub use crate::model::lora_layer::{Adapter, LoraFactors};
 use crate::model::{module_name, Llama, ModelConfig};
 
 /// Host copy of one projection's factors in wire orientation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HostFactors {
     pub block: usize,
     pub proj: Proj,

@@ -1,4 +1,5 @@
-//! The `device-agent` command line: fetch assets, inspect a checkpoint, generate text, evaluate.
+//! The `device-agent` command line: fetch assets, inspect a checkpoint, generate text, evaluate,
+//! tune, export, join federated rounds, show a device state directory.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
 use device_agent::train::{StepRecord, TrainConfig, Tuner};
 use device_agent::user_data::UserDataConfig;
@@ -54,6 +56,18 @@ enum Command {
     Export(ExportArgs),
     /// Take part in federated rounds: connect to an aggregator (QUIC, mutual TLS) and train.
     Join(device_agent::client::JoinArgs),
+    /// Show what a device state directory (`join --state DIR`) holds, as JSON.
+    State(StateArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    /// The state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Include the kept-index maps.
+    #[arg(long)]
+    kept: bool,
 }
 
 #[derive(Args)]
@@ -129,8 +143,12 @@ struct ExportArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Adapter directory written by `tune` (kept maps + adapter); without it the base is exported.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "state")]
     adapter: Option<PathBuf>,
+    /// A device state directory (`join --state`): export the device's pruned model with its
+    /// last-trained adapter merged (`--model` must be the base it was written for).
+    #[arg(long)]
+    state: Option<PathBuf>,
     /// gguf or hf.
     #[arg(long, default_value = "gguf")]
     format: String,
@@ -178,6 +196,10 @@ struct GenerateArgs {
     /// Print prefill and decode speed to stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// A device state directory (`join --state`): chat with the device's pruned model and its
+    /// last-trained adapter (`--model` must be the base it was written for).
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -206,8 +228,12 @@ struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// Adapter directory written by `tune`: evaluates the pruned model with its adapter.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "state")]
     adapter: Option<PathBuf>,
+    /// A device state directory (`join --state`): evaluates the device's pruned model with its
+    /// last-trained adapter (`--model` must be the base it was written for).
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 fn load(args: &ModelArgs) -> Result<(Llama, Tok)> {
@@ -294,7 +320,11 @@ fn main() -> Result<()> {
             );
         }
         Command::Generate(args) => {
-            let (model, tok) = load(&args.model)?;
+            let (base, tok) = load(&args.model)?;
+            let (model, adapter) = match &args.state {
+                Some(dir) => from_state(&base, dir)?,
+                None => (base, None),
+            };
             let text = if args.raw || !tok.chatml {
                 args.prompt.clone()
             } else {
@@ -315,7 +345,7 @@ fn main() -> Result<()> {
                 seed: args.seed,
             };
             let mut out = std::io::stdout().lock();
-            let g = generate::generate(&model, &tok, None, &ids, &cfg, |piece| {
+            let g = generate::generate(&model, &tok, adapter.as_ref(), &ids, &cfg, |piece| {
                 let _ = out.write_all(piece.as_bytes());
                 let _ = out.flush();
             })?;
@@ -357,12 +387,13 @@ fn main() -> Result<()> {
                 ),
             };
             let (base, tok) = load(&args.model)?;
-            let (model, adapter) = match &args.adapter {
-                Some(dir) => {
+            let (model, adapter) = match (&args.adapter, &args.state) {
+                (Some(dir), _) => {
                     let (m, a) = load_tuned(&base, dir)?;
                     (m, Some(a))
                 }
-                None => (base, None),
+                (None, Some(dir)) => from_state(&base, dir)?,
+                (None, None) => (base, None),
             };
             let mut ids = tok.encode(&text)?;
             if args.max_tokens > 0 {
@@ -387,14 +418,19 @@ fn main() -> Result<()> {
         Command::Join(args) => {
             device_agent::client::run_join(args)?;
         }
+        Command::State(args) => show_state(&args)?,
         Command::Export(args) => {
             let (base, tok) = load(&args.model)?;
-            let model = match &args.adapter {
-                Some(dir) => {
+            let model = match (&args.adapter, &args.state) {
+                (Some(dir), _) => {
                     let (m, a) = load_tuned(&base, dir)?;
                     a.merge_into(&m)
                 }
-                None => base,
+                (None, Some(dir)) => match from_state(&base, dir)? {
+                    (m, Some(a)) => a.merge_into(&m),
+                    (m, None) => m,
+                },
+                (None, None) => base,
             };
             match args.format.as_str() {
                 "gguf" => {
@@ -429,6 +465,66 @@ fn main() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The device's pruned model and last-trained adapter from a state directory written by `join
+/// --state` for `base`; says on stderr what it loaded.
+fn from_state(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Option<Adapter>)> {
+    let (model, adapter, saved) = state_dir::tuned_model(dir, base)?;
+    let round = match &saved.last_round {
+        Some(l) => format!("last round {} ({})", l.round, l.status),
+        None => "no round yet".into(),
+    };
+    let adapter_note = match &adapter {
+        Some(a) => format!(
+            "its last-trained adapter (rank {}, alpha {})",
+            a.rank, a.alpha
+        ),
+        None => "no adapter (it has not trained yet)".into(),
+    };
+    eprintln!(
+        "device {} state {}: {round}; sparsity {:.3}, {adapter_note}",
+        saved.device_id,
+        dir.display(),
+        model.config.sparsity()
+    );
+    Ok((model, adapter))
+}
+
+/// `device-agent state`: the state file's contents as JSON (no model needed).
+fn show_state(args: &StateArgs) -> Result<()> {
+    let (fingerprint, saved) = state_dir::inspect(&args.state)?;
+    let kept = &saved.device.kept;
+    kept.validate(&saved.model).with_context(|| {
+        format!(
+            "{}: kept maps do not fit the model it names",
+            state_dir::state_file(&args.state).display()
+        )
+    })?;
+    let mut pruned = saved.model.clone();
+    pruned.blocks = kept.shapes(&saved.model);
+    let last = saved.last_round.as_ref().map(|l| {
+        serde_json::json!({
+            "round": l.round.0, "status": l.status.to_string(), "unacknowledged_update": l.unacked.is_some(),
+            "loss_pre": l.stats.loss_pre, "loss_post": l.stats.loss_post, "sparsity": l.stats.sparsity,
+        })
+    });
+    let mut out = serde_json::json!({
+        "file": state_dir::state_file(&args.state).display().to_string(),
+        "device_id": saved.device_id,
+        "model": state_dir::describe(&saved.model),
+        "model_fingerprint": fingerprint.hex(),
+        "kept_digest": state_dir::kept_digest(kept),
+        "sparsity": pruned.sparsity(),
+        "non_embedding_params": pruned.non_embedding_params(),
+        "adapter": saved.device.adapter.as_ref().map(|(rank, alpha, _)| serde_json::json!({"rank": rank, "alpha": alpha})),
+        "last_round": last,
+    });
+    if args.kept {
+        out["kept"] = serde_json::to_value(kept)?;
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 

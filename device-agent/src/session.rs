@@ -37,8 +37,9 @@ use crate::train::RoundReport;
 use crate::wire;
 use protocol::KeptIndices;
 
-/// What a device remembers between rounds.
-#[derive(Debug, Clone)]
+/// What a device remembers between rounds (persisted whole by `join --state`, see
+/// [`crate::state_dir`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceState {
     pub kept: KeptIndices,
     /// The adapter the device last trained (rank, alpha, factors in wire orientation).
@@ -229,7 +230,7 @@ enum Phase {
 /// The parts of a round configuration that define the job (all but the deadline, which is
 /// relative to receipt, and the global slice's factor values, which a re-sent configuration
 /// takes from the same aggregator state).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct JobKey {
     round: RoundId,
     arm: Arm,
@@ -257,6 +258,16 @@ impl JobKey {
                 .map(|g| (g.adapter.rank, g.filled_rank, g.kept.clone())),
         }
     }
+}
+
+/// A finished job's update that the aggregator has not acknowledged or refused, with what
+/// identifies its job: what an agent that keeps its state on disk persists so that, after a
+/// restart, a configuration re-sent for that job is answered with this update again instead
+/// of a second training ([`AgentSession::resume`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UnackedUpdate {
+    key: JobKey,
+    pub update: Update,
 }
 
 /// A round configuration that arrived while a job ran.
@@ -323,6 +334,27 @@ impl AgentSession {
             acked_rounds: Vec::new(),
             rejects: Vec::new(),
         }
+    }
+
+    /// A session for an agent process that restarted from what it persisted: its state and
+    /// the update it had not seen acknowledged (a configuration re-sent for that job is
+    /// answered with the update again, not trained a second time). A running job and the
+    /// outbox are gone: a job killed mid-training runs again from `state`.
+    pub fn resume(config: AgentConfig, state: DeviceState, unacked: Option<UnackedUpdate>) -> Self {
+        let mut session = AgentSession::new(config, state);
+        session.last_update = unacked.map(|u| (u.key, u.update));
+        session
+    }
+
+    /// The last finished job's update while the aggregator has neither acknowledged nor
+    /// refused it, for a driver that persists it (see [`AgentSession::resume`]).
+    pub fn unacked_update(&self) -> Option<UnackedUpdate> {
+        self.last_update
+            .as_ref()
+            .map(|(key, update)| UnackedUpdate {
+                key: key.clone(),
+                update: update.clone(),
+            })
     }
 
     /// The agent process restarted: everything but what an agent persists (its kept maps and

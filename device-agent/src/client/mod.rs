@@ -8,6 +8,16 @@
 //! against the reported RAM, byte accounting, the outbox) are the session's; a local failure
 //! is a `RoundFailed` with the error text.
 //!
+//! With `--state DIR` the device's state survives the process ([`crate::state_dir`]): the
+//! session resumes from the directory's file (kept maps, adapter, the update the aggregator
+//! has not acknowledged), and the file is rewritten atomically when a round ends (before its
+//! update is sent), after each upload and when the aggregator answers the update. A file that
+//! cannot be used stops `join` (unless `--fresh-state`), and so does a write that fails: the
+//! agent never goes on with state it could not persist. Each load and save prints a `state:`
+//! line on stdout with the kept maps' digest.
+//!
+//! `local.rs` loads what the device trains with (model, local data, reported RAM).
+//!
 //! `--model tiny` is a **test configuration**: a random-weight 4-block model (vocab 256,
 //! d_model 64) and `--dataset synthetic` token streams from a fixed noisy transition rule, for
 //! fast end-to-end runs without assets. The default is the real SmolLM2-135M-Instruct.
@@ -28,19 +38,22 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use transport::TransportError;
 
-use crate::backend::BackendKind;
 use crate::cost::PrunedModel;
 use crate::job::{run_job, LocalData};
-use crate::model::{Llama, ModelConfig};
+use crate::model::Llama;
 use crate::prune::{Criterion, PruneConfig};
 use crate::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, JobOutcome, RoundLimits,
     TrainJob,
 };
-use crate::tokenizer::Tok;
-use crate::user_data::UserDataConfig;
-use crate::workload::{ClsShard, LmShard, SpamTask};
-use crate::{assets, data, weights, wire};
+use crate::state_dir::keeper::{Opened, StateKeeper};
+use crate::state_dir::{self, StateError};
+use crate::wire;
+
+mod local;
+
+use local::{load_data, load_model, machine_ram_bytes};
+pub use local::{synthetic_shard, tiny_model};
 
 /// `device-agent join`: take part in federated rounds.
 #[derive(clap::Args, Debug, Clone)]
@@ -111,6 +124,15 @@ pub struct JoinArgs {
     /// Give up after this many failed connection attempts in a row (0: never).
     #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
+    /// Keep the device's state (kept maps, adapter, last round) in this directory: loaded at
+    /// start, so a restarted agent rejoins with its pruned model, and written atomically at
+    /// each round's end and after each upload. A file there that cannot be used is an error.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// With --state: start dense even though the directory holds a state (the old file is
+    /// kept as device-state.bin.old).
+    #[arg(long, requires = "state")]
+    pub fresh_state: bool,
 }
 
 /// Why `join` stopped with an error.
@@ -126,6 +148,16 @@ pub enum ClientError {
     GaveUp { attempts: u32, last: String },
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The state directory holds a state this agent cannot use.
+    #[error("{source}; to start this device dense instead, pass --fresh-state (the file is kept as {}.old)", state_dir::STATE_FILE)]
+    StateUnusable {
+        #[source]
+        source: StateError,
+    },
+    /// The state could not be written: the agent stops (before sending an update it could not
+    /// persist).
+    #[error("{0}; the agent stopped rather than go on with state it could not persist")]
+    StateWrite(#[source] StateError),
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(String) -> ClientError {
@@ -140,184 +172,6 @@ pub struct JoinReport {
     pub rounds_acked: usize,
     /// Reject reasons received.
     pub rejects: Vec<String>,
-}
-
-/// The tiny test model: 4 blocks, vocab 256, d_model 64, 4 query / 2 KV heads of 16, FFN 128,
-/// random weights from a fixed seed (every device holds the same base).
-pub fn tiny_model(device: &burn::tensor::Device) -> Llama {
-    Llama::random(
-        ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true),
-        7,
-        device,
-    )
-}
-
-/// Synthetic token windows for the tiny model: a stream where each token follows its
-/// predecessor by a fixed rule (`next = 37 * t + 11 mod 256`) with probability 0.8 and is
-/// uniform otherwise, so there is something to learn; `seed` draws the noise.
-pub fn synthetic_shard(seq_len: usize, train: usize, test: usize, seed: u64) -> LmShard {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let window = |rng: &mut ChaCha8Rng| {
-        let mut t: u32 = rng.random_range(0..256);
-        let mut w = Vec::with_capacity(seq_len + 1);
-        for _ in 0..=seq_len {
-            w.push(t);
-            t = if rng.random::<f32>() < 0.8 {
-                (37 * t + 11) % 256
-            } else {
-                rng.random_range(0..256)
-            };
-        }
-        w
-    };
-    LmShard {
-        seq_len,
-        train: (0..train).map(|_| window(&mut rng)).collect(),
-        test: (0..test).map(|_| window(&mut rng)).collect(),
-    }
-}
-
-fn parse_range(s: &str) -> Result<(u32, u32), ClientError> {
-    let bad = || ClientError::Setup {
-        what: format!("range '{s}'"),
-        detail: "expected FROM-TO, e.g. 1990-2021".into(),
-    };
-    let (a, b) = s.split_once('-').ok_or_else(bad)?;
-    Ok((
-        a.trim().parse().map_err(|_| bad())?,
-        b.trim().parse().map_err(|_| bad())?,
-    ))
-}
-
-/// Total memory of this machine, from `/proc/meminfo` (4 GiB when unknown).
-fn machine_ram_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(4 << 30)
-}
-
-/// Loads the base model (and its tokenizer when it has one).
-fn load_model(args: &JoinArgs) -> Result<(Llama, Option<Tok>), ClientError> {
-    let backend: BackendKind = args
-        .backend
-        .parse()
-        .map_err(|e: crate::backend::BackendError| setup("--backend")(e.to_string()))?;
-    let device = backend
-        .device()
-        .map_err(|e| setup(format!("backend {}", args.backend))(e.to_string()))?;
-    match args.model.as_deref() {
-        Some("tiny") if args.dataset != "synthetic" => Err(setup("--model tiny")(
-            "the tiny test model has a 256-token vocabulary: use --dataset synthetic".into(),
-        )),
-        Some("tiny") => Ok((tiny_model(&device), None)),
-        other => {
-            let path = match other {
-                Some(p) => PathBuf::from(p),
-                None => assets::default_model()
-                    .map_err(|e| setup("the default model")(e.to_string()))?,
-            };
-            let (model, tok) = weights::load(&path, &device)
-                .map_err(|e| setup(format!("loading {}", path.display()))(e.to_string()))?;
-            Ok((model, Some(tok)))
-        }
-    }
-}
-
-/// Builds the device's local data.
-fn load_data(args: &JoinArgs, base: &Llama, tok: Option<&Tok>) -> Result<LocalData, ClientError> {
-    let seed = args.data_seed.unwrap_or(args.id);
-    let seq_len = args.seq_len.min(base.config.max_seq_len).max(2);
-    let need_tok = || {
-        tok.ok_or_else(|| {
-            setup(format!("--dataset {}", args.dataset))("this model has no tokenizer".into())
-        })
-    };
-    let texts_shard = |texts: Vec<String>| -> Result<LocalData, ClientError> {
-        if texts.is_empty() {
-            return Err(setup(format!("--dataset {}", args.dataset))(
-                "the selection holds no documents".into(),
-            ));
-        }
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let shard = LmShard::build(need_tok()?, &refs, seq_len, 0.1, seed)
-            .map_err(|e| setup("tokenising the data")(e.to_string()))?;
-        Ok(LocalData::Lm(shard))
-    };
-    if let Some(path) = &args.data {
-        let what = format!("--data {}", path.display());
-        let tok = tok.ok_or_else(|| setup(what.clone())("this model has no tokenizer".into()))?;
-        let cfg = UserDataConfig {
-            seq_len,
-            test_fraction: args.test_fraction,
-            seed,
-            ..UserDataConfig::default()
-        };
-        return LocalData::from_files(path, tok, &cfg).map_err(|e| setup(what)(e.to_string()));
-    }
-    match args.dataset.as_str() {
-        "synthetic" => {
-            if base.config.vocab_size < 256 {
-                return Err(setup("--dataset synthetic")(
-                    "needs a vocabulary of at least 256 tokens".into(),
-                ));
-            }
-            Ok(LocalData::Lm(synthetic_shard(seq_len, 64, 16, seed)))
-        }
-        "sotu" => {
-            let (a, b) = parse_range(&args.years)?;
-            let speeches =
-                data::sotu().map_err(|e| setup("State of the Union data")(e.to_string()))?;
-            texts_shard(
-                speeches
-                    .into_iter()
-                    .filter(|s| (a..=b).contains(&s.year))
-                    .map(|s| s.text)
-                    .collect(),
-            )
-        }
-        "moby-dick" => {
-            let (a, b) = parse_range(&args.chapters)?;
-            let texts = (a..=b)
-                .map(|c| data::moby_dick_chapter(c as usize).map(|d| d.text))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| setup("Moby-Dick data")(e.to_string()))?;
-            texts_shard(texts)
-        }
-        "spam" => {
-            let tok = need_tok()?;
-            let task = SpamTask::new(tok, 192).map_err(|e| setup("spam task")(e.to_string()))?;
-            let mut mails =
-                data::spam_assassin().map_err(|e| setup("SpamAssassin data")(e.to_string()))?;
-            use rand::seq::SliceRandom;
-            mails.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-            let half = args.examples / 2;
-            let pick = mails
-                .iter()
-                .filter(|m| m.spam)
-                .take(half)
-                .chain(mails.iter().filter(|m| !m.spam).take(args.examples - half));
-            let examples = pick
-                .map(|m| task.example(tok, &m.text, m.spam))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| setup("tokenising e-mails")(e.to_string()))?;
-            let shard = ClsShard::split(examples, 0.25, seed);
-            Ok(LocalData::Cls {
-                task,
-                shard,
-                pad: tok.eos,
-            })
-        }
-        other => Err(setup("--dataset")(format!(
-            "unknown data set '{other}' (sotu, spam, moby-dick, synthetic)"
-        ))),
-    }
 }
 
 /// Everything a local round needs, shared with the blocking thread that runs it.
@@ -369,7 +223,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         }),
         limits: RoundLimits::default(),
     };
-    let session = AgentSession::new(agent.clone(), DeviceState::fresh(&base));
+    let (session, keeper) = open_state(&args, &base, agent.clone())?;
     tracing::info!(
         device = args.id,
         dataset = %args.dataset,
@@ -384,7 +238,43 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         .build()
         .map_err(|e| setup("async runtime")(e.to_string()))?;
     let work = Arc::new(Work { base, data, agent });
-    runtime.block_on(drive(args, session, work))
+    runtime.block_on(drive(args, session, keeper, work))
+}
+
+/// The session: resumed from `--state DIR` when given (its kept maps, adapter and unacknowledged
+/// update), else fresh and dense.
+fn open_state(
+    args: &JoinArgs,
+    base: &Llama,
+    agent: AgentConfig,
+) -> Result<(AgentSession, Option<StateKeeper>), ClientError> {
+    let Some(dir) = &args.state else {
+        return Ok((AgentSession::new(agent, DeviceState::fresh(base)), None));
+    };
+    let (keeper, resume) =
+        StateKeeper::open(dir, base, args.id, args.fresh_state).map_err(|source| match source {
+            StateError::Io { .. } | StateError::NotADirectory { .. } => {
+                ClientError::StateWrite(source)
+            }
+            source => ClientError::StateUnusable { source },
+        })?;
+    let digest = state_dir::kept_digest(&resume.state.kept);
+    let path = keeper.path().display();
+    match &resume.opened {
+        Opened::New => println!("state: new at {path} (dense), kept {digest}"),
+        Opened::Replaced { old } => println!(
+            "state: fresh start at {path} (dense), kept {digest}; the previous state is in {}",
+            old.display()
+        ),
+        Opened::Loaded { last_round } => match last_round {
+            Some((round, status)) => {
+                println!("state: loaded {path}: last round {round} ({status}), kept {digest}")
+            }
+            None => println!("state: loaded {path}: no round yet, kept {digest}"),
+        },
+    }
+    let session = AgentSession::resume(agent, resume.state, resume.unacked);
+    Ok((session, Some(keeper)))
 }
 
 async fn connect(endpoint: &quinn::Endpoint, args: &JoinArgs) -> Result<Link, TransportError> {
@@ -433,6 +323,10 @@ struct Driver {
     bye: Option<ByeReason>,
     refused: Option<String>,
     finished: bool,
+    /// The state directory (`--state`), written at round ends, uploads and answers.
+    keeper: Option<StateKeeper>,
+    /// A state write that failed while sending: the loop stops with it.
+    state_error: Option<StateError>,
 }
 
 impl Driver {
@@ -445,7 +339,21 @@ impl Driver {
         let mut ok = true;
         for cmd in cmds {
             match cmd {
-                AgentCommand::Send(msg) => ok &= self.send(link, msg).await,
+                AgentCommand::Send(msg) => {
+                    let upload = match &msg {
+                        Message::Update(u) => Some(u.round),
+                        _ => None,
+                    };
+                    let sent = self.send(link, msg).await;
+                    if let (true, Some(round)) = (sent, upload) {
+                        if let Err(ClientError::StateWrite(e)) =
+                            self.persist(|k, s| k.uploaded(s, round))
+                        {
+                            self.state_error.get_or_insert(e);
+                        }
+                    }
+                    ok &= sent;
+                }
                 AgentCommand::Train { job, state } => self.start_job(*job, state),
                 AgentCommand::Cancel(round) => {
                     tracing::warn!(%round, "the round's deadline passed: stopping its job");
@@ -479,6 +387,27 @@ impl Driver {
             self.session.handle(now, AgentEvent::Undelivered(msg));
         }
         sent
+    }
+
+    /// Runs `save` on the state keeper (when `--state` is given) and reports what it saved.
+    fn persist(
+        &mut self,
+        save: impl FnOnce(&mut StateKeeper, &AgentSession) -> Result<bool, StateError>,
+    ) -> Result<(), ClientError> {
+        let Some(keeper) = self.keeper.as_mut() else {
+            return Ok(());
+        };
+        if save(keeper, &self.session).map_err(ClientError::StateWrite)? {
+            if let Some(last) = keeper.last_round() {
+                println!(
+                    "state: saved round {} ({}), kept {}",
+                    last.round,
+                    last.status,
+                    state_dir::kept_digest(&self.session.state().kept)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Runs a local round from `state` on a blocking thread.
@@ -529,6 +458,7 @@ fn run_local_round(
 async fn drive(
     args: JoinArgs,
     session: AgentSession,
+    keeper: Option<StateKeeper>,
     work: Arc<Work>,
 ) -> Result<JoinReport, ClientError> {
     let idle = Duration::from_secs(args.idle_timeout_s.max(1));
@@ -549,6 +479,8 @@ async fn drive(
         bye: None,
         refused: None,
         finished: false,
+        keeper,
+        state_error: None,
     };
     let max_backoff = Duration::from_secs(d.args.reconnect_max_s.max(1));
     let mut backoff = Duration::from_millis(500);
@@ -563,6 +495,10 @@ async fn drive(
         if let Some(reason) = d.refused.take() {
             close(&mut link, &endpoint).await;
             return Err(ClientError::Refused(reason));
+        }
+        if let Some(e) = d.state_error.take() {
+            close(&mut link, &endpoint).await;
+            return Err(ClientError::StateWrite(e));
         }
         if link.is_none() && tokio::time::Instant::now() >= next_attempt {
             match connect(&endpoint, &d.args).await {
@@ -640,6 +576,12 @@ async fn drive(
                         d.session.handle(now, AgentEvent::JobDone(Err(reason)))
                     }
                 };
+                // The round's result is on disk before its update goes out; a failed write
+                // stops the agent with the update unsent.
+                if let Err(e) = d.persist(|k, s| k.round_done(s, job.round)) {
+                    close(&mut link, &endpoint).await;
+                    return Err(e);
+                }
                 lost = !d.execute(&mut link, cmds).await && link.is_some();
             }
             _ = sleep_until(timer) => {
@@ -694,9 +636,17 @@ async fn on_message(
         }
         _ => {}
     }
+    let answer = match &msg {
+        Message::Ack(a) => Some((a.round, Ok(()))),
+        Message::Reject(r) => r.round.map(|round| (round, Err(r.reason.to_string()))),
+        _ => None,
+    };
     let cmds = d
         .session
         .handle(d.now(), AgentEvent::Message { msg, bytes });
+    if let Some((round, answer)) = answer {
+        d.persist(|k, s| k.answered(s, round, answer))?;
+    }
     Ok(d.execute(link, cmds).await)
 }
 
@@ -707,51 +657,4 @@ async fn close(link: &mut Option<Link>, endpoint: &quinn::Endpoint) {
             .close(quinn::VarInt::from_u32(0), b"device leaving");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn synthetic_shards_are_deterministic_and_follow_the_rule_mostly() {
-        let a = synthetic_shard(16, 8, 2, 5);
-        assert_eq!(a, synthetic_shard(16, 8, 2, 5));
-        assert_ne!(a, synthetic_shard(16, 8, 2, 6));
-        let pairs: Vec<(u32, u32)> = a
-            .train
-            .iter()
-            .flat_map(|w| w.windows(2).map(|p| (p[0], p[1])).collect::<Vec<_>>())
-            .collect();
-        let follow = pairs
-            .iter()
-            .filter(|(x, y)| (37 * x + 11) % 256 == *y)
-            .count();
-        let share = follow as f64 / pairs.len() as f64;
-        assert!((0.7..0.95).contains(&share), "{share}");
-        assert!(a.train.iter().all(|w| w.len() == 17));
-    }
-
-    #[test]
-    fn ranges_parse_strictly() {
-        assert_eq!(parse_range("1990-2021").unwrap(), (1990, 2021));
-        assert!(parse_range("1990").is_err());
-        assert!(parse_range("a-b").is_err());
-    }
-
-    #[test]
-    fn the_tiny_model_has_the_dims_its_aggregator_config_names() {
-        let m = tiny_model(&burn::tensor::Device::flex());
-        assert_eq!(
-            wire::dims_of(&m.config),
-            ModelDims {
-                n_blocks: 4,
-                d_model: 64,
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 16,
-                ffn: 128
-            }
-        );
-    }
 }

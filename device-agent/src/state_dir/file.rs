@@ -1,0 +1,300 @@
+//! The device state file's container: a versioned header with the base model's fingerprint
+//! and a SHA-256 checksum, a bincode body, and the crash-safe write (exclusive 0600 temporary
+//! file, fsync, rename, fsync of the directory).
+//!
+//! # Layout
+//! ```text
+//! magic               b"FSDEVST\n"   8 bytes
+//! format version      u32 LE         (of this container, [`FORMAT_VERSION`])
+//! schema version      u32 LE         (of the body type, [`super::SCHEMA_VERSION`])
+//! body length         u64 LE
+//! model fingerprint   32 bytes       (the base model the state belongs to)
+//! SHA-256             32 bytes       (of the 56 header bytes before it, then the body)
+//! body                               bincode (serde, standard config)
+//! ```
+//! The checksum covers the header fields too, so a flipped fingerprint or length byte is a
+//! checksum error, not a wrong-model claim. Reading refuses anything that is not exactly such
+//! a file, naming the file and what is wrong; nothing here deletes or replaces a file it could
+//! not read.
+//!
+//! The temporary file of `dir/NAME` is `dir/.NAME.tmp.<pid>.<n>`: created with `create_new`
+//! (`O_CREAT | O_EXCL`, which refuses any existing entry, a symbolic link included, without
+//! following it) and mode 0600, so a planted link is never written through and the state stays
+//! owner-only. A crash leaves either the old or the new file in place, never a torn one; the
+//! temporary files it may leave are removed by [`remove_stale_temps`] when the agent opens its
+//! state directory. (The aggregator's `checkpoint.rs` does the same for the server; the device
+//! agent does not link the aggregator, so the few lines live here too.)
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{Fingerprint, StateError};
+
+/// First bytes of every device state file.
+pub const MAGIC: [u8; 8] = *b"FSDEVST\n";
+/// Version of the container layout.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of the header fields the checksum follows.
+const FIELDS_BYTES: usize = 8 + 4 + 4 + 8 + 32;
+/// Bytes before the body.
+pub const HEADER_BYTES: usize = FIELDS_BYTES + 32;
+/// Largest body accepted when reading (4 GiB: far above any adapter of a device model).
+pub const MAX_BODY_BYTES: u64 = 4 << 30;
+/// How many temporary-file names a write tries before it gives up.
+const TEMP_ATTEMPTS: u32 = 8;
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// An I/O error at `op` on `path`.
+pub(super) fn io_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+fn temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".into());
+    format!(".{name}.tmp.")
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A fresh temporary file next to `path`: exclusively created, owner read/write only.
+fn create_temp(path: &Path) -> Result<(File, PathBuf), StateError> {
+    let prefix = temp_prefix(path);
+    let pid = std::process::id();
+    let mut attempt = 0;
+    loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!("{prefix}{pid}.{n}"));
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(&tmp) {
+            Ok(file) => return Ok((file, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                attempt += 1;
+                tracing::warn!(path = %tmp.display(), "temporary state file name taken; trying another");
+                if attempt >= TEMP_ATTEMPTS {
+                    return Err(io_err(&tmp, "create temporary file")(e));
+                }
+            }
+            Err(e) => return Err(io_err(&tmp, "create temporary file")(e)),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn sync_dir(path: &Path) -> Result<(), StateError> {
+    let dir = parent_dir(path);
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir, "fsync directory"))
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_path: &Path) -> Result<(), StateError> {
+    Ok(())
+}
+
+/// Removes the temporary files a killed writer of `path` left behind (`.NAME.tmp.*`; files
+/// and symbolic links only, a link itself and never its target). Returns what it removed.
+pub fn remove_stale_temps(path: &Path) -> Result<Vec<PathBuf>, StateError> {
+    let dir = parent_dir(path);
+    let prefix = temp_prefix(path);
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other.map_err(io_err(dir, "list directory"))?,
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir, "list directory"))?;
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            continue;
+        }
+        let stale = entry.path();
+        let kind = fs::symlink_metadata(&stale)
+            .map_err(io_err(&stale, "stat"))?
+            .file_type();
+        if !(kind.is_file() || kind.is_symlink()) {
+            tracing::warn!(path = %stale.display(), "not a file; left in place");
+            continue;
+        }
+        fs::remove_file(&stale).map_err(io_err(&stale, "remove stale temporary file"))?;
+        tracing::warn!(path = %stale.display(), "removed a temporary state file a killed agent left");
+        removed.push(stale);
+    }
+    if !removed.is_empty() {
+        sync_dir(path)?;
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// The header fields before the checksum.
+fn fields(schema: u32, body_len: u64, model: &Fingerprint) -> [u8; FIELDS_BYTES] {
+    let mut h = [0u8; FIELDS_BYTES];
+    h[..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&schema.to_le_bytes());
+    h[16..24].copy_from_slice(&body_len.to_le_bytes());
+    h[24..56].copy_from_slice(&model.0);
+    h
+}
+
+fn checksum(fields: &[u8], body: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(fields);
+    hasher.update(body);
+    hasher.finalize().into()
+}
+
+/// Serialises `value` and atomically replaces `path` with it. Returns the file size. On an
+/// error the temporary file is removed and `path` holds what it held before.
+pub fn write_atomic<T: Serialize>(
+    path: &Path,
+    schema: u32,
+    model: &Fingerprint,
+    value: &T,
+) -> Result<u64, StateError> {
+    let body = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
+        StateError::Encode {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }
+    })?;
+    let head = fields(schema, body.len() as u64, model);
+    let sum = checksum(&head, &body);
+    let (file, tmp) = create_temp(path)?;
+    let result = (|mut file: File| {
+        file.write_all(&head)
+            .and_then(|_| file.write_all(&sum))
+            .and_then(|_| file.write_all(&body))
+            .map_err(io_err(&tmp, "write"))?;
+        file.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        drop(file);
+        fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
+        sync_dir(path)
+    })(file);
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    Ok((HEADER_BYTES + body.len()) as u64)
+}
+
+/// Reads and verifies the file at `path` (magic, versions, length, checksum, body), returning
+/// the model fingerprint it was written for and its body. The fingerprint is the caller's to
+/// compare.
+pub fn read<T: DeserializeOwned>(path: &Path, schema: u32) -> Result<(Fingerprint, T), StateError> {
+    let p = || path.to_path_buf();
+    let mut file = File::open(path).map_err(io_err(path, "open"))?;
+    let actual = file.metadata().map_err(io_err(path, "stat"))?.len();
+    if actual < HEADER_BYTES as u64 {
+        let mut head = Vec::new();
+        file.read_to_end(&mut head).map_err(io_err(path, "read"))?;
+        let n = head.len().min(MAGIC.len());
+        if head[..n] != MAGIC[..n] {
+            return Err(StateError::NotAStateFile { path: p() });
+        }
+        return Err(StateError::Truncated {
+            path: p(),
+            expected: HEADER_BYTES as u64,
+            actual,
+        });
+    }
+    let mut header = [0u8; HEADER_BYTES];
+    file.read_exact(&mut header)
+        .map_err(io_err(path, "read header"))?;
+    if header[..8] != MAGIC {
+        return Err(StateError::NotAStateFile { path: p() });
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    if word(8) != FORMAT_VERSION {
+        return Err(StateError::FormatVersion {
+            path: p(),
+            found: word(8),
+            expected: FORMAT_VERSION,
+        });
+    }
+    if word(12) != schema {
+        return Err(StateError::Schema {
+            path: p(),
+            found: word(12),
+            expected: schema,
+        });
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[16..24]);
+    let body_len = u64::from_le_bytes(len);
+    if body_len > MAX_BODY_BYTES {
+        return Err(StateError::TooLarge {
+            path: p(),
+            len: body_len,
+            max: MAX_BODY_BYTES,
+        });
+    }
+    let expected = HEADER_BYTES as u64 + body_len;
+    if actual < expected {
+        return Err(StateError::Truncated {
+            path: p(),
+            expected,
+            actual,
+        });
+    }
+    if actual > expected {
+        return Err(StateError::TrailingBytes {
+            path: p(),
+            extra: actual - expected,
+        });
+    }
+    let mut body = vec![0u8; body_len as usize];
+    file.read_exact(&mut body)
+        .map_err(io_err(path, "read body"))?;
+    if checksum(&header[..FIELDS_BYTES], &body)[..] != header[FIELDS_BYTES..] {
+        return Err(StateError::Checksum { path: p() });
+    }
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(&header[24..56]);
+    // The body's length is checked against MAX_BODY_BYTES above; the limit only bounds what a
+    // length field inside the body may ask for.
+    let config = bincode::config::standard().with_limit::<{ usize::MAX / 4 }>();
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(&body, config).map_err(|e| StateError::Decode {
+            path: p(),
+            detail: e.to_string(),
+        })?;
+    if used != body.len() {
+        return Err(StateError::Decode {
+            path: p(),
+            detail: format!("{} bytes left after the state", body.len() - used),
+        });
+    }
+    Ok((Fingerprint(fingerprint), value))
+}
