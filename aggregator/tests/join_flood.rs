@@ -75,9 +75,9 @@ async fn a_selected_device_that_sends_a_thousand_joins_and_never_reads_costs_the
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), flooder.conn.stream.recv())
             .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+            .expect("the flooder's goodbye did not come within 10 s")
+            .unwrap_or_else(|e| panic!("the server closed the flooder: {e}"))
+            .expect("the stream ended before the goodbye");
         match msg {
             Message::RoundConfig(_) => configs += 1,
             Message::Welcome(_) => welcomes += 1,
