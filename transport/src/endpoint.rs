@@ -257,3 +257,20 @@ pub async fn connect(
         stream: FramedStream::new(send, recv, max_frame_bytes),
     })
 }
+
+/// [`connect`] with a client config of its own, so one endpoint (one UDP socket) can carry
+/// the connections of many identities (load tests, gateways).
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    max_frame_bytes: usize,
+) -> Result<AggregatorConnection, TransportError> {
+    let connection = endpoint.connect_with(config, addr, server_name)?.await?;
+    let (send, recv) = connection.open_bi().await?;
+    Ok(AggregatorConnection {
+        connection,
+        stream: FramedStream::new(send, recv, max_frame_bytes),
+    })
+}

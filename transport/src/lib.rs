@@ -28,7 +28,7 @@ pub mod revocation;
 pub mod tls;
 
 pub use endpoint::{
-    accept_device, accept_device_checked, client_config, client_endpoint, connect,
+    accept_device, accept_device_checked, client_config, client_endpoint, connect, connect_with,
     load_client_config, load_client_config_with_idle, load_server_config, server_config,
     server_endpoint, transport_config, transport_config_with_idle, AggregatorConnection,
     DeviceConnection, CONNECTION_RECEIVE_WINDOW_BYTES, IDLE_TIMEOUT, INCOMING_BUFFER_TOTAL_BYTES,

@@ -1,9 +1,11 @@
 //! Helpers shared by the server attack tests: a PKI, serve options, the server on its own task,
 //! a device connection from a chosen loopback address (optionally with a tiny receive window,
 //! for a device that does not read), an honest scripted device, and the reason a connection
-//! was closed with.
+//! was closed with; `load.rs` runs many scripted devices at once.
 
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod load;
 
 use std::future::Future;
 use std::net::SocketAddr;
