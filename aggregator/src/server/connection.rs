@@ -12,8 +12,7 @@ use quinn::VarInt;
 use tokio::sync::mpsc as tmpsc;
 use transport::TransportError;
 
-use super::driver::Input;
-use super::registry::{close_code, Conn, Counters, Outbound, Shared, Slot};
+use super::registry::{close_code, Conn, Counters, Input, Outbound, Shared, Slot};
 use crate::coordinator::Event;
 
 /// After a close request the writer waits this long for the peer to read what was sent.

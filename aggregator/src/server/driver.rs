@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use protocol::{DeviceId, RejectReason, Timestamp};
+use protocol::{DeviceId, Timestamp};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::registry::{InboundPermit, Shared};
+use super::registry::{Input, Shared};
 use super::ServerError;
 use crate::checkpoint;
-use crate::coordinator::{Command, Coordinator, Event, RoundSummary, STATE_SCHEMA};
+use crate::coordinator::{Command, Coordinator, RoundSummary, STATE_SCHEMA};
 
 /// One JSONL line of the metrics file.
 #[derive(Serialize)]
@@ -35,15 +35,6 @@ pub(super) enum MetricsLine<'a> {
         kind: &'a str,
         reason: String,
     },
-}
-
-/// What the coordinator thread receives.
-pub(super) enum Input {
-    /// An event; a message holds its inbound permits until it is handled.
-    Event(Event, Option<InboundPermit>),
-    /// A frame refused by the codec (for counting and metrics).
-    Refused(DeviceId, RejectReason),
-    Shutdown,
 }
 
 /// Where the coordinator thread is, as the accept loop sees it.

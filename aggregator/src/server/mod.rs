@@ -78,8 +78,8 @@ use crate::coordinator::{
 
 use accept::Admission;
 use connection::CLOSE_FLUSH;
-use driver::{Input, MetricsLine, Phase, Sinks};
-use registry::Shared;
+use driver::{MetricsLine, Phase, Sinks};
+use registry::{Input, Shared};
 
 pub use config::{load_serve_config, ModelSpec, NetLimits, ServeOptions};
 pub use registry::NetStats;

@@ -22,14 +22,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{DeviceId, Message};
+use protocol::{DeviceId, Message, RejectReason};
 use quinn::VarInt;
 use serde::Serialize;
 use tokio::sync::{mpsc as tmpsc, OwnedSemaphorePermit, Semaphore};
 use transport::{Fingerprint, Revocations};
 
 use super::config::NetLimits;
-use super::driver::Input;
+use crate::coordinator::Event;
 
 /// QUIC application close codes the server uses.
 pub(super) mod close_code {
@@ -146,6 +146,15 @@ impl Drop for QueuedFrame {
 pub(super) enum Outbound {
     Frame(QueuedFrame),
     Close(String),
+}
+
+/// What the coordinator thread receives.
+pub(super) enum Input {
+    /// An event; a message holds its inbound permits until it is handled.
+    Event(Event, Option<InboundPermit>),
+    /// A frame refused by the codec (for counting and metrics).
+    Refused(DeviceId, RejectReason),
+    Shutdown,
 }
 
 /// The two permits a message holds while it waits for the coordinator thread.
