@@ -84,7 +84,8 @@ pub struct NetLimits {
     pub write_timeout: Duration,
     /// Frames queued to one device at most.
     pub outbound_queue_frames: usize,
-    /// Bytes queued to one device at most (a single frame into an empty queue always fits).
+    /// Bytes queued to one device before a further frame is refused: the queue holds at most
+    /// this plus one frame.
     pub outbound_queue_bytes: usize,
     /// Messages of one connection waiting for the coordinator thread at most (read-ahead).
     pub inbound_per_connection: usize,

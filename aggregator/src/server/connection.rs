@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{CodecError, Message, Reject, RejectReason};
 use quinn::VarInt;
-use tokio::sync::mpsc as tmpsc;
+use tokio::sync::{mpsc as tmpsc, Notify};
 use transport::TransportError;
 
 use super::registry::{close_code, Conn, Counters, Input, Outbound, Shared, Slot};
@@ -58,7 +58,13 @@ pub(super) async fn handle(incoming: quinn::Incoming, shared: Arc<Shared>, mut s
     tracing::info!(%device, %remote, "device connected");
     shared.input(Input::Event(Event::Connected { device }, None));
 
-    let writer = tokio::spawn(write_loop(send, rx, connection.clone(), shared.clone()));
+    let writer = tokio::spawn(write_loop(
+        send,
+        rx,
+        connection.clone(),
+        conn.drained.clone(),
+        shared.clone(),
+    ));
     read_loop(&mut recv, &conn, &shared).await;
     if shared.unregister(&conn) {
         tracing::info!(%device, "device disconnected");
@@ -141,18 +147,33 @@ async fn read_loop(recv: &mut quinn::RecvStream, conn: &Arc<Conn>, shared: &Arc<
     }
 }
 
-/// Queue -> stream; each write must finish within the write timeout.
+/// Queue -> stream; each write must finish within the write timeout. Tells the reader
+/// (`drained`) whenever the queue shrank, and when it stops.
 async fn write_loop(
     mut send: quinn::SendStream,
     mut rx: tmpsc::Receiver<Outbound>,
     connection: quinn::Connection,
+    drained: Arc<Notify>,
     shared: Arc<Shared>,
+) {
+    write_frames(&mut send, &mut rx, &connection, &drained, &shared).await;
+    rx.close();
+    drained.notify_waiters();
+}
+
+async fn write_frames(
+    send: &mut quinn::SendStream,
+    rx: &mut tmpsc::Receiver<Outbound>,
+    connection: &quinn::Connection,
+    drained: &Notify,
+    shared: &Shared,
 ) {
     let write_timeout = shared.limits.write_timeout;
     while let Some(out) = rx.recv().await {
+        drained.notify_waiters();
         match out {
             Outbound::Frame(frame) => {
-                let write = transport::send_frame_bytes(&mut send, &frame.bytes);
+                let write = transport::send_frame_bytes(send, &frame.bytes);
                 match tokio::time::timeout(write_timeout, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {

@@ -3,8 +3,9 @@
 //! the bounded inbound path to the coordinator thread, and the counters of everything refused.
 //!
 //! # Bounds
-//! - Outbound: each connection has a queue of at most `outbound_queue_frames` frames and
-//!   `outbound_queue_bytes` bytes (one frame into an empty queue always fits). Frames are
+//! - Outbound: each connection has a queue of at most `outbound_queue_frames` frames; a frame
+//!   is refused once `outbound_queue_bytes` are queued, so the queue holds at most that plus one
+//!   frame (a round configuration larger than the budget still goes to a device that reads). Frames are
 //!   encoded on the coordinator thread, so the bytes are exact. A frame that does not fit
 //!   means the device does not read: its connection is closed with the reason ("slow reader"),
 //!   never buffered further. The server-wide total and its peak are metered.
@@ -15,6 +16,10 @@
 //!   them and cannot starve the others, and a reader without a permit stops reading (QUIC flow
 //!   control then holds its peer back). Connection events (up, down, a refused frame) need no
 //!   permit: there are at most three per connection.
+//! - Inbound waits for outbound: a reader hands over its next message only while its
+//!   connection's outbound queue is at most half full, so a device that asks faster than it
+//!   reads the answers is slowed down (and closed by the write timeout if it stops reading),
+//!   and the queue overflows only on what the server sends of its own accord.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 use protocol::{DeviceId, Message, RejectReason};
 use quinn::VarInt;
 use serde::Serialize;
-use tokio::sync::{mpsc as tmpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc as tmpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use transport::{Fingerprint, Revocations};
 
 use super::config::NetLimits;
@@ -174,6 +179,8 @@ pub(super) struct Conn {
     /// Milliseconds (server clock) of the last frame received, or of the connection's start.
     last_rx_ms: AtomicU64,
     inbound: Arc<Semaphore>,
+    /// Signalled by the writer whenever it took a frame off the queue, and when it stops.
+    pub drained: Arc<Notify>,
 }
 
 impl Conn {
@@ -334,6 +341,7 @@ impl Shared {
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             last_rx_ms: AtomicU64::new(now),
             inbound: Arc::new(Semaphore::new(self.limits.inbound_per_connection.max(1))),
+            drained: Arc::new(Notify::new()),
         });
         reg.conns.insert(device, conn.clone());
         Ok((conn, rx))
@@ -379,7 +387,7 @@ impl Shared {
         };
         let len = bytes.len();
         let queued = conn.queued_bytes.load(Ordering::SeqCst);
-        if queued > 0 && queued + len > self.limits.outbound_queue_bytes {
+        if queued >= self.limits.outbound_queue_bytes {
             return self.slow_reader(
                 conn,
                 &format!(
@@ -434,9 +442,22 @@ impl Shared {
         conn.close_now(close_code::SLOW_READER, reason);
     }
 
-    /// The permits a message of `conn` needs before it goes to the coordinator thread (waits
-    /// in line, first come first served).
+    /// The permits a message of `conn` needs before it goes to the coordinator thread: waits
+    /// until the connection's outbound queue is at most half full, then in line (first come,
+    /// first served) for a permit of the connection and one of the server. `None` when the
+    /// connection is going away.
     pub async fn inbound_permit(&self, conn: &Conn) -> Option<InboundPermit> {
+        let room = (self.limits.outbound_queue_frames.max(1) / 2).max(1);
+        loop {
+            let drained = conn.drained.notified();
+            if conn.tx.is_closed() {
+                return None;
+            }
+            if conn.tx.capacity() >= room {
+                break;
+            }
+            drained.await;
+        }
         let connection = conn.inbound.clone().acquire_owned().await.ok()?;
         let server = self.inbound.clone().acquire_owned().await.ok()?;
         let pending = self.limits.inbound_total.max(1) - self.inbound.available_permits();
