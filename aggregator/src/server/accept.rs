@@ -10,7 +10,7 @@ use super::registry::{Counters, Shared, Slot, SlotRefused};
 /// What became of a connection attempt.
 pub(super) enum Admission {
     /// Go ahead with the handshake, holding this slot.
-    Accept(quinn::Incoming, Slot),
+    Accept(Box<quinn::Incoming>, Slot),
     /// Answered (Retry sent, or refused by an address cap); nothing more to do.
     Answered,
     /// Refused because the server is full; the accept loop backs off.
@@ -37,7 +37,7 @@ pub(super) fn admit(incoming: quinn::Incoming, shared: &Arc<Shared>) -> Admissio
         return Admission::Answered;
     }
     match shared.take_slot(remote.ip()) {
-        Ok(slot) => Admission::Accept(incoming, slot),
+        Ok(slot) => Admission::Accept(Box::new(incoming), slot),
         Err(SlotRefused::Capacity) => {
             Counters::bump(&shared.counters.capacity_refusals);
             tracing::warn!(%remote, cap = shared.limits.max_connections, "connection cap reached; refusing");

@@ -289,7 +289,7 @@ pub async fn serve(
                 match accept::admit(incoming, &shared) {
                     Admission::Accept(incoming, slot) => {
                         backoff = BACKOFF_MIN;
-                        tasks.spawn(connection::handle(incoming, shared.clone(), slot));
+                        tasks.spawn(connection::handle(*incoming, shared.clone(), slot));
                     }
                     Admission::Answered => {}
                     Admission::Full => {

@@ -15,7 +15,9 @@
 //!   `inbound_total` messages wait, one connection holds at most `inbound_per_connection` of
 //!   them and cannot starve the others, and a reader without a permit stops reading (QUIC flow
 //!   control then holds its peer back). Connection events (up, down, a refused frame) need no
-//!   permit: there are at most three per connection.
+//!   permit: there are at most three per connection. So the channel to the coordinator thread
+//!   holds at most `inbound_total` messages plus three events per live connection (at most
+//!   `max_connections`), and the frames waiting in readers at most one per connection.
 //! - Inbound waits for outbound: a reader hands over its next message only while its
 //!   connection's outbound queue is at most half full, so a device that asks faster than it
 //!   reads the answers is slowed down (and closed by the write timeout if it stops reading),
