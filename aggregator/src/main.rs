@@ -115,6 +115,31 @@ struct ServeArgs {
     /// Largest number of simultaneous connections.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Largest number of simultaneous connections from one IP address.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_ip: usize,
+    /// Largest number of connections from one IP address still in their handshake.
+    #[arg(long, default_value_t = 16)]
+    max_handshakes_per_ip: usize,
+    /// Skip QUIC address validation (Retry): saves a round trip per connection, but spoofed
+    /// or stalled Initial packets then hold connection slots.
+    #[arg(long)]
+    no_address_validation: bool,
+    /// Milliseconds a connection has to finish its handshake and open its stream.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Milliseconds a frame has to arrive whole once its first byte arrived.
+    #[arg(long, default_value_t = 60_000)]
+    frame_timeout_ms: u64,
+    /// Milliseconds one frame write to a device may take (a device that does not read).
+    #[arg(long, default_value_t = 30_000)]
+    write_timeout_ms: u64,
+    /// Sustained messages per second one connection may send.
+    #[arg(long, default_value_t = 20.0)]
+    messages_per_second: f64,
+    /// Messages one connection may send in a burst above that rate.
+    #[arg(long, default_value_t = 64)]
+    message_burst: u32,
     /// Seconds to wait for devices to leave after the last round.
     #[arg(long, default_value_t = 5)]
     finish_grace_s: u64,
@@ -187,7 +212,24 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let (config, dims) = server::load_serve_config(&args.config)?;
     let mut opts = server::ServeOptions::new(args.listen, args.pki.clone(), args.state.clone());
     opts.metrics = args.metrics.clone();
-    opts.max_connections = args.max_connections.max(1);
+    opts.limits = server::NetLimits {
+        max_connections: args.max_connections.max(1),
+        max_connections_per_ip: args.max_connections_per_ip.max(1),
+        max_handshakes_per_ip: args.max_handshakes_per_ip.max(1),
+        validate_addresses: !args.no_address_validation,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
+        frame_read_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
+        write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
+        messages_per_second: args.messages_per_second,
+        message_burst: args.message_burst.max(1),
+        ..server::NetLimits::default()
+    };
+    if !(args.messages_per_second.is_finite() && args.messages_per_second > 0.0) {
+        anyhow::bail!(
+            "--messages-per-second must be a positive number, got {}",
+            args.messages_per_second
+        );
+    }
     opts.finish_grace = Duration::from_secs(args.finish_grace_s);
     let rounds = config.rounds;
     let coordinator = server::prepare(config, dims, &opts, args.resume)?;

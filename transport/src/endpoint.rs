@@ -29,6 +29,11 @@ pub const SEND_WINDOW_BYTES: u64 = 64 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive interval, well inside the idle timeout.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Most connection attempts quinn holds before the server decided on them (accept, retry or
+/// refuse, which the aggregator does at once); more are refused by quinn itself.
+pub const MAX_INCOMING: usize = 4096;
+/// Bytes quinn buffers for all undecided connection attempts together.
+pub const INCOMING_BUFFER_TOTAL_BYTES: u64 = 16 << 20;
 /// Requested UDP socket buffer size (the kernel caps it, e.g. at `net.core.rmem_max`): the
 /// default (about 200 KiB on Linux) overflows when many devices upload at once.
 pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
@@ -63,7 +68,10 @@ pub fn server_config(
 ) -> Result<quinn::ServerConfig, TransportError> {
     let crypto = QuicServerConfig::try_from(server_tls_config(identity, ca)?)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config
+        .transport_config(Arc::new(transport_config()))
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL_BYTES);
     Ok(config)
 }
 
@@ -243,6 +251,23 @@ pub async fn connect(
     max_frame_bytes: usize,
 ) -> Result<AggregatorConnection, TransportError> {
     let connection = endpoint.connect(addr, server_name)?.await?;
+    let (send, recv) = connection.open_bi().await?;
+    Ok(AggregatorConnection {
+        connection,
+        stream: FramedStream::new(send, recv, max_frame_bytes),
+    })
+}
+
+/// [`connect`] with a client config of its own, so one endpoint (one UDP socket) can carry
+/// the connections of many identities (load tests, gateways).
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    max_frame_bytes: usize,
+) -> Result<AggregatorConnection, TransportError> {
+    let connection = endpoint.connect_with(config, addr, server_name)?.await?;
     let (send, recv) = connection.open_bi().await?;
     Ok(AggregatorConnection {
         connection,

@@ -1,6 +1,11 @@
 //! Framed messages over a QUIC stream: length-prefixed [`protocol::codec`] frames, every read
 //! capped (the length prefix is checked against the frame limit before the body is read, and
-//! the body is read in chunks, so memory follows the bytes actually received).
+//! the body is read in chunks, so memory follows the bytes actually received). A server reads
+//! with [`recv_frame_within`]: once a frame's first byte arrived, the whole frame must arrive
+//! within a deadline, or the read fails and its buffer is freed (a peer that declares a large
+//! frame and trickles it cannot hold memory for long).
+
+use std::time::Duration;
 
 use protocol::{decode_body, encode_frame, frame_body_len, Message, FRAME_HEADER_BYTES};
 use quinn::{RecvStream, SendStream};
@@ -17,6 +22,12 @@ pub async fn send_frame(send: &mut SendStream, message: &Message) -> Result<usiz
     Ok(frame.len())
 }
 
+/// Writes one frame already encoded ([`protocol::encode_frame`]).
+pub async fn send_frame_bytes(send: &mut SendStream, frame: &[u8]) -> Result<(), TransportError> {
+    send.write_all(frame).await?;
+    Ok(())
+}
+
 /// Reads one frame: `Ok(None)` when the peer finished the stream at a frame boundary. The
 /// length prefix is checked against `max_frame_bytes` before any body byte is read, and the
 /// body buffer grows only as bytes arrive. Returns the message and the frame size.
@@ -24,12 +35,57 @@ pub async fn recv_frame(
     recv: &mut RecvStream,
     max_frame_bytes: usize,
 ) -> Result<Option<(Message, usize)>, TransportError> {
+    let mut first = [0u8; 1];
+    match recv.read(&mut first).await? {
+        None => Ok(None),
+        Some(0) => Err(TransportError::Truncated {
+            expected: FRAME_HEADER_BYTES,
+            got: 0,
+        }),
+        Some(_) => recv_rest(recv, first[0], max_frame_bytes).await.map(Some),
+    }
+}
+
+/// [`recv_frame`] with a deadline: waiting for a frame's first byte takes as long as the peer
+/// likes (the connection's idle timeout and keep-alives govern that), but from the first byte
+/// on the whole frame must arrive within `frame_timeout`, or [`TransportError::FrameTimeout`]
+/// is returned and the partial frame dropped.
+pub async fn recv_frame_within(
+    recv: &mut RecvStream,
+    max_frame_bytes: usize,
+    frame_timeout: Duration,
+) -> Result<Option<(Message, usize)>, TransportError> {
+    let mut first = [0u8; 1];
+    let lead = match recv.read(&mut first).await? {
+        None => return Ok(None),
+        Some(0) => {
+            return Err(TransportError::Truncated {
+                expected: FRAME_HEADER_BYTES,
+                got: 0,
+            })
+        }
+        Some(_) => first[0],
+    };
+    match tokio::time::timeout(frame_timeout, recv_rest(recv, lead, max_frame_bytes)).await {
+        Ok(result) => result.map(Some),
+        Err(_) => Err(TransportError::FrameTimeout {
+            limit_ms: frame_timeout.as_millis() as u64,
+        }),
+    }
+}
+
+/// The rest of a frame whose first byte was `lead`.
+async fn recv_rest(
+    recv: &mut RecvStream,
+    lead: u8,
+    max_frame_bytes: usize,
+) -> Result<(Message, usize), TransportError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
-    let mut filled = 0;
+    header[0] = lead;
+    let mut filled = 1;
     while filled < FRAME_HEADER_BYTES {
         match recv.read(&mut header[filled..]).await? {
             Some(n) => filled += n,
-            None if filled == 0 => return Ok(None),
             None => {
                 return Err(TransportError::Truncated {
                     expected: FRAME_HEADER_BYTES,
@@ -53,7 +109,7 @@ pub async fn recv_frame(
         }
     }
     let message = decode_body(&body)?;
-    Ok(Some((message, FRAME_HEADER_BYTES + body_len)))
+    Ok((message, FRAME_HEADER_BYTES + body_len))
 }
 
 /// Both halves of a bidirectional stream carrying frames, with byte counters.

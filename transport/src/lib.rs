@@ -15,7 +15,7 @@
 //! | [`identity`] | PKI file names, PEM loading, device DNS name <-> id, certificate -> device |
 //! | [`tls`] | rustls server and client configurations |
 //! | [`endpoint`] | transport parameters, quinn configs and endpoints, accept and connect |
-//! | [`frame`] | frames over a stream ([`send_frame`], [`recv_frame`], [`FramedStream`]) |
+//! | [`frame`] | frames over a stream ([`send_frame`], [`recv_frame`], [`recv_frame_within`], [`FramedStream`]) |
 //! | [`revocation`] | the revocation list (`revoked.txt`) checked after the handshake |
 //!
 //! The crate does not re-export quinn or tokio: a driver depends on them itself. Issuing
@@ -28,13 +28,14 @@ pub mod revocation;
 pub mod tls;
 
 pub use endpoint::{
-    accept_device, accept_device_checked, client_config, client_endpoint, connect,
+    accept_device, accept_device_checked, client_config, client_endpoint, connect, connect_with,
     load_client_config, load_client_config_with_idle, load_server_config, server_config,
     server_endpoint, transport_config, transport_config_with_idle, AggregatorConnection,
-    DeviceConnection, CONNECTION_RECEIVE_WINDOW_BYTES, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL,
-    SEND_WINDOW_BYTES, STREAM_RECEIVE_WINDOW_BYTES, UDP_SOCKET_BUFFER_BYTES,
+    DeviceConnection, CONNECTION_RECEIVE_WINDOW_BYTES, IDLE_TIMEOUT, INCOMING_BUFFER_TOTAL_BYTES,
+    KEEP_ALIVE_INTERVAL, MAX_INCOMING, SEND_WINDOW_BYTES, STREAM_RECEIVE_WINDOW_BYTES,
+    UDP_SOCKET_BUFFER_BYTES,
 };
-pub use frame::{recv_frame, send_frame, FramedStream};
+pub use frame::{recv_frame, recv_frame_within, send_frame, send_frame_bytes, FramedStream};
 pub use identity::{
     ca_paths, device_dns_name, device_id_from_cert, device_paths, load_ca, load_certs,
     load_identity, load_key, parse_device_dns_name, peer_certificate, peer_device_id,
@@ -85,4 +86,6 @@ pub enum TransportError {
     Revoked(#[from] Revoked),
     #[error("stream ended inside a frame: {got} of {expected} bytes")]
     Truncated { expected: usize, got: usize },
+    #[error("a frame did not arrive whole within {limit_ms} ms of its first byte")]
+    FrameTimeout { limit_ms: u64 },
 }

@@ -1,7 +1,8 @@
 //! Loopback QUIC tests: mutual TLS identifies devices, refuses clients without a certificate,
 //! with another CA's certificate or another ALPN, a device certificate cannot serve as the
 //! aggregator, a revoked device is refused after its handshake, a private key others can read
-//! is refused on load, and oversized frames are refused.
+//! is refused on load, oversized frames are refused, and a frame must arrive whole within its
+//! deadline once its first byte came (a trickled one fails, a split but timely one passes).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -476,4 +477,56 @@ fn a_private_key_others_can_read_is_refused_on_load() {
     assert!(err.to_string().contains("(mode 640)"), "{err}");
     chmod(&key, 0o600);
     transport::load_client_config(dir.path(), DeviceId(7)).unwrap();
+}
+
+#[tokio::test]
+async fn a_frame_must_arrive_whole_within_its_deadline_from_its_first_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[3]);
+    let (server_ep, addr) = server(dir.path());
+    let deadline = Duration::from_millis(500);
+    let server_task = tokio::spawn(async move {
+        let dev = accept_one(&server_ep).await.unwrap();
+        let (_send, mut recv) = dev.stream.into_parts();
+        // The first frame comes after an idle second (waiting for a first byte has no
+        // deadline), split in two parts 100 ms apart; the second trickles.
+        let first = transport::recv_frame_within(&mut recv, DEFAULT_MAX_FRAME_BYTES, deadline)
+            .await
+            .map(|f| f.map(|(msg, _)| msg));
+        let started = std::time::Instant::now();
+        let second =
+            transport::recv_frame_within(&mut recv, DEFAULT_MAX_FRAME_BYTES, deadline).await;
+        (first, second.map(|_| ()), started.elapsed(), dev.connection)
+    });
+    let client_ep = client(transport::load_client_config(dir.path(), DeviceId(3)).unwrap());
+    let mut conn = transport::connect(&client_ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    let frame = encode_frame(&join(3)).unwrap();
+    // The stream becomes visible to the server with its first byte.
+    conn.stream.send_raw(&frame[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.stream.send_raw(&frame[1..]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let trickle = tokio::spawn(async move {
+        for byte in frame {
+            if conn.stream.send_raw(&[byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        conn
+    });
+    let (first, second, took, _connection) = timeout(LIMIT, server_task).await.unwrap().unwrap();
+    assert_eq!(first.unwrap(), Some(join(3)));
+    match second {
+        Err(TransportError::FrameTimeout { limit_ms: 500 }) => {}
+        other => panic!("expected a frame timeout, got {other:?}"),
+    }
+    // An idle second before the trickle's first byte (no deadline), then the 500 ms deadline.
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(2500),
+        "the trickled frame failed {took:?} after the first frame"
+    );
+    trickle.abort();
 }

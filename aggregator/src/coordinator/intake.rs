@@ -1,6 +1,8 @@
 //! Intake: what the coordinator does with each event and message. Connections, joins
 //! (version, identity, allow-list, a bandit for a new device, the round configuration re-sent
-//! to a selected device that comes back), updates (round, selection, duplicates, size, rank,
+//! to a selected device that comes back: once per connection; a repeated Join on the same
+//! connection gets a Welcome only, and other RAM updates the capabilities but keeps the
+//! bandit), updates (round, selection, duplicates, size, rank,
 //! the round's alpha, every assigned layer present, statistics with losses in range, the
 //! sample count clipped to its bound, then the aggregation's validation of shapes, finiteness
 //! and norms: nothing a device reports steers the weighting unchecked) and reported
@@ -123,8 +125,19 @@ impl Coordinator {
     }
 
     /// Checks a join (version, identity, allow-list), registers the device (a fresh bandit on
-    /// its first join or other RAM), welcomes it, and re-sends its round configuration when it
-    /// was selected and has not answered yet.
+    /// its first join), welcomes it, and re-sends its round configuration when it was selected
+    /// and has not answered yet.
+    ///
+    /// Amplification: the round configuration (with its global slice, megabytes) goes to a
+    /// connection once. A selected device already joined on this connection has it (sent at
+    /// selection, or at its first Join here), so a repeated Join on the same connection is
+    /// answered with a Welcome only (a few dozen bytes) and not counted as a join; the driver's
+    /// rate limit and bounded queues bound even that.
+    ///
+    /// A Join with another RAM figure keeps the device's bandit (what it learned stays) and
+    /// updates the capabilities its feasibility filter checks every round (`ram_bytes` in the
+    /// device context). A strategy that sizes the arm space by RAM at the first join
+    /// (HetLoRA's rank ladder) keeps that space.
     fn on_join(&mut self, now: Timestamp, device: DeviceId, join: Join, out: &mut Vec<Command>) {
         if let Err(reason) = join.check(device) {
             return self.refuse_join(out, device, reason);
@@ -135,27 +148,21 @@ impl Coordinator {
             return self.refuse_join(out, device, RejectReason::UnknownDevice(device));
         }
         let caps = join.capabilities;
-        let fresh = match self.devices.get(&device).and_then(|e| e.record.as_ref()) {
-            None => true,
-            // Other hardware under the same identity: what its bandit learned no longer holds.
-            Some(r) => r.capabilities.ram_bytes != caps.ram_bytes,
-        };
-        let bandit = if fresh {
-            match self.strategy.bandit_for(&caps) {
+        let bandit = match self.devices.get(&device).and_then(|e| e.record.as_ref()) {
+            Some(_) => None,
+            None => match self.strategy.bandit_for(&caps) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     return self.refuse_join(out, device, RejectReason::Unsupported(e.to_string()))
                 }
-            }
-        } else {
-            None
+            },
         };
         let entry = self.entry(device);
+        let repeated = entry.joined;
         match (entry.record.as_mut(), bandit) {
-            (Some(record), bandit) => {
-                if let Some(b) = bandit {
-                    tracing::info!(%device, "device re-joined with other RAM; its bandit starts over");
-                    record.bandit = b;
+            (Some(record), _) => {
+                if record.capabilities.ram_bytes != caps.ram_bytes {
+                    tracing::info!(%device, old = record.capabilities.ram_bytes, new = caps.ram_bytes, "device reports other RAM; its bandit keeps what it learned");
                 }
                 record.capabilities = caps;
             }
@@ -175,18 +182,28 @@ impl Coordinator {
             // A device without a record always gets a fresh bandit above.
             (None, None) => return,
         }
+        let welcome = Message::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: device,
+            model: self.dims,
+            lora_alpha: self.config.lora_alpha,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+        });
+        if repeated {
+            tracing::debug!(%device, "repeated join on the same connection: welcome only");
+            out.push(Command::Send {
+                device,
+                msg: welcome,
+            });
+            return;
+        }
+        let entry = self.entry(device);
         entry.joined = true;
         self.counters.joins += 1;
         tracing::debug!(%device, "device joined");
         out.push(Command::Send {
             device,
-            msg: Message::Welcome(Welcome {
-                protocol_version: PROTOCOL_VERSION,
-                device_id: device,
-                model: self.dims,
-                lora_alpha: self.config.lora_alpha,
-                heartbeat_interval_ms: self.config.heartbeat_interval_ms,
-            }),
+            msg: welcome,
         });
         if self.finished {
             out.push(Command::Send {
