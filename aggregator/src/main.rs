@@ -112,6 +112,10 @@ struct ServeArgs {
     /// Per-round metrics, one JSON object per line (appended).
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Serve Prometheus metrics over plain HTTP (`GET /metrics`) on this address, e.g.
+    /// 127.0.0.1:9464 (off unless given; bind it to a private interface).
+    #[arg(long)]
+    prometheus_listen: Option<SocketAddr>,
     /// Largest number of simultaneous connections.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
@@ -212,6 +216,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let (config, dims) = server::load_serve_config(&args.config)?;
     let mut opts = server::ServeOptions::new(args.listen, args.pki.clone(), args.state.clone());
     opts.metrics = args.metrics.clone();
+    opts.prometheus = args.prometheus_listen;
     opts.limits = server::NetLimits {
         max_connections: args.max_connections.max(1),
         max_connections_per_ip: args.max_connections_per_ip.max(1),

@@ -54,6 +54,16 @@ fn pki_dir(dir: &Path, devices: &[u64]) {
 /// A scripted device: joins, answers every round configuration with its slice plus a small
 /// shift of `B`, and returns the goodbye reason and the rounds it answered.
 async fn device(pki: &Path, id: u64, addr: SocketAddr) -> (Option<ByeReason>, Vec<u64>) {
+    device_until(pki, id, addr, u64::MAX).await
+}
+
+/// [`device`] that answers rounds up to `last` only (it keeps reading, silently, after that).
+async fn device_until(
+    pki: &Path,
+    id: u64,
+    addr: SocketAddr,
+    last: u64,
+) -> (Option<ByeReason>, Vec<u64>) {
     let config = transport::load_client_config(pki, DeviceId(id)).unwrap();
     let endpoint = transport::client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
     let mut conn = transport::connect(&endpoint, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
@@ -74,7 +84,7 @@ async fn device(pki: &Path, id: u64, addr: SocketAddr) -> (Option<ByeReason>, Ve
     let mut answered = Vec::new();
     loop {
         match conn.stream.recv().await {
-            Ok(Some(Message::RoundConfig(rc))) => {
+            Ok(Some(Message::RoundConfig(rc))) if rc.round.0 <= last => {
                 let slice = rc.global.unwrap();
                 let mut adapter = slice.adapter.to_f32();
                 for layer in &mut adapter.layers {
@@ -500,4 +510,102 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
         .unwrap();
     assert_eq!(outcome.revoked_refusals, 2);
     assert_eq!(outcome.round, RoundId(0));
+}
+
+/// `GET /metrics` over plain TCP; the response's body.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    text.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_follow_the_run_on_their_own_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    pki_dir(&pki, &[1, 2, 3]);
+    let mut opts = options(dir.path());
+    let prom = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    opts.prometheus = Some(prom);
+    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (server, addr) = spawn_server(coord, &opts, async move {
+        let _ = stop_rx.await;
+    })
+    .await;
+    // Before any device: a valid exposition with nothing counted.
+    let body = scrape(prom).await;
+    assert_eq!(sample(&body, "fedspine_rounds_started_total"), 0.0);
+    assert_eq!(sample(&body, "fedspine_devices_connected"), 0.0);
+    // Devices 1 and 2 answer every round, device 3 only round 1: round 2 stays open.
+    let mut devices = Vec::new();
+    for (id, last) in [(1, u64::MAX), (2, u64::MAX), (3, 1)] {
+        let pki = pki.clone();
+        devices.push(tokio::spawn(async move {
+            device_until(&pki, id, addr, last).await
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let body = scrape(prom).await;
+        if sample(&body, "fedspine_rounds_aggregated_total") >= 1.0
+            && sample(&body, "fedspine_rounds_started_total") >= 2.0
+        {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no round closed:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&body, "fedspine_devices_connected"), 3.0);
+    assert_eq!(sample(&body, "fedspine_joins_total"), 3.0);
+    // Round 1's three updates, and round 2's from devices 1 and 2 once they arrive.
+    let accepted = sample(&body, "fedspine_updates_accepted_total");
+    assert!((3.0..=5.0).contains(&accepted), "{accepted}");
+    assert_eq!(sample(&body, "fedspine_round_duration_seconds_count"), 1.0);
+    assert_eq!(sample(&body, "fedspine_last_round"), 1.0);
+    let plays: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("fedspine_arm_plays_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(plays, 3.0);
+    assert!(sample(&body, "fedspine_bytes_total{direction=\"received\"}") > 0.0);
+    // Anything but GET /metrics is refused.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(prom).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        assert!(out.starts_with(b"HTTP/1.1 404"));
+    }
+    stop_tx.send(()).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!outcome.finished);
+    for d in devices {
+        let _ = tokio::time::timeout(Duration::from_secs(30), d).await;
+    }
 }

@@ -141,6 +141,8 @@ pub struct ServeOptions {
     pub finish_grace: Duration,
     /// Bounds on what peers may cost the server.
     pub limits: NetLimits,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address; off by default.
+    pub prometheus: Option<SocketAddr>,
 }
 
 impl ServeOptions {
@@ -155,6 +157,7 @@ impl ServeOptions {
             progress: std::io::stderr().is_terminal(),
             finish_grace: Duration::from_secs(5),
             limits: NetLimits::default(),
+            prometheus: None,
         }
     }
 

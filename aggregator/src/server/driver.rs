@@ -16,6 +16,7 @@ use super::registry::{Input, Shared};
 use super::ServerError;
 use crate::checkpoint;
 use crate::coordinator::{Command, Coordinator, RoundSummary, STATE_SCHEMA};
+use crate::prometheus::MetricsView;
 
 /// One JSONL line of the metrics file.
 #[derive(Serialize)]
@@ -53,9 +54,22 @@ pub(super) struct Sinks {
     pub metrics: Option<File>,
     pub metrics_path: Option<PathBuf>,
     pub progress: bool,
+    /// What the Prometheus endpoint renders, when it is on.
+    pub prometheus: Option<Arc<std::sync::Mutex<MetricsView>>>,
 }
 
 impl Sinks {
+    /// Copy the coordinator's counters (and a closed round) into the Prometheus view.
+    fn observe(&self, coord: &Coordinator, round: Option<&RoundSummary>) {
+        let Some(view) = &self.prometheus else { return };
+        if let Ok(mut v) = view.lock() {
+            v.counters = coord.counters().clone();
+            if let Some(r) = round {
+                v.observe_round(r);
+            }
+        }
+    }
+
     pub fn metrics_line(&mut self, line: &MetricsLine<'_>) {
         let Some(file) = &mut self.metrics else {
             return;
@@ -169,11 +183,13 @@ fn execute(
                     eprintln!("{line}");
                 }
                 sinks.metrics_line(&MetricsLine::Round(&summary));
+                sinks.observe(coord, Some(&summary));
             }
             Command::Finished => {
                 let _ = phase.send(Phase::Finished);
             }
         }
     }
+    sinks.observe(coord, None);
     Ok(())
 }

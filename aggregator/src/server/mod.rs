@@ -58,6 +58,7 @@ mod config;
 mod connection;
 mod driver;
 mod registry;
+mod scrape;
 
 use std::fs::OpenOptions;
 use std::future::Future;
@@ -75,6 +76,7 @@ use crate::checkpoint::{self, CheckpointError};
 use crate::coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorState, Counters, STATE_SCHEMA,
 };
+use crate::prometheus::MetricsView;
 
 use accept::Admission;
 use connection::CLOSE_FLUSH;
@@ -208,6 +210,23 @@ pub async fn serve(
         op: "read the bound address",
         source,
     })?;
+    // The metrics port is bound before the server reports itself listening.
+    let scrape_listener = match opts.prometheus {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Io {
+                    path: PathBuf::from(addr.to_string()),
+                    op: "bind the Prometheus listener",
+                    source,
+                })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %bound, "Prometheus metrics on GET /metrics");
+            eprintln!("prometheus metrics on {bound}");
+            Some(listener)
+        }
+        None => None,
+    };
     tracing::info!(addr = %local, strategy = coordinator.strategy_name(), round = coordinator.round().0, "listening");
     on_listening(local);
 
@@ -225,11 +244,15 @@ pub async fn serve(
         ),
         None => None,
     };
+    let prometheus_view = opts
+        .prometheus
+        .map(|_| Arc::new(std::sync::Mutex::new(MetricsView::default())));
     let mut sinks = Sinks {
         checkpoint: opts.checkpoint_path(),
         metrics,
         metrics_path: opts.metrics.clone(),
         progress: opts.progress,
+        prometheus: prometheus_view.clone(),
     };
     let state = coordinator.state();
     sinks.metrics_line(&MetricsLine::Start {
@@ -251,6 +274,13 @@ pub async fn serve(
         opts.limits.clone(),
         duplicate_idle,
     ));
+    let scrape_task = match (scrape_listener, prometheus_view) {
+        (Some(listener), Some(view)) => {
+            Some(tokio::spawn(scrape::serve(listener, view, shared.clone())))
+        }
+        _ => None,
+    };
+
     let (phase_tx, mut phase_rx) = watch::channel(if coordinator.is_finished() {
         Phase::Finished
     } else {
@@ -327,6 +357,9 @@ pub async fn serve(
         }
     }
     tasks.abort_all();
+    if let Some(t) = scrape_task {
+        t.abort();
+    }
     endpoint.close(VarInt::from_u32(0), b"aggregator shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     let net = shared.counters.snapshot();

@@ -264,6 +264,11 @@ impl Shared {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Devices with a registered (authenticated, joined) connection.
+    pub fn devices(&self) -> usize {
+        self.registry.lock().map_or(0, |r| r.conns.len())
+    }
+
     /// Live connections (handshaking or established).
     pub fn live(&self) -> usize {
         self.live.load(Ordering::SeqCst)
