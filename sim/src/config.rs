@@ -283,6 +283,26 @@ impl ExperimentConfig {
         Ok(c)
     }
 
+    /// Switch to a compared entry: a strategy name, optionally with `@policy` (a policy kind
+    /// such as `uniform-random` or `fixed`, with its default parameters) replacing
+    /// `coordinator.policy`.
+    pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
+        let (strategy, policy) = match entry.split_once('@') {
+            Some((s, p)) => (s.trim(), Some(p.trim())),
+            None => (entry.trim(), None),
+        };
+        let mut c = self.with_strategy(strategy)?;
+        if let Some(kind) = policy {
+            let mut t = toml::Table::new();
+            t.insert("kind".into(), toml::Value::String(kind.to_string()));
+            c.coordinator.policy = toml::Value::Table(t).try_into().map_err(|e| {
+                SimError::Config(format!("entry '{entry}': unknown policy '{kind}' ({e})"))
+            })?;
+            c.validate()?;
+        }
+        Ok(c)
+    }
+
     /// Build `coordinator.strategy` from `strategy` and its parameter table; copy the seed.
     fn apply_strategy(&mut self) -> Result<(), SimError> {
         if !STRATEGIES.contains(&self.strategy.as_str()) {

@@ -133,6 +133,31 @@ pub struct ClassSummary {
     pub plays: usize,
 }
 
+/// The final evaluation's coverage and uncertainty (see `driver/final_eval.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct EvalSummary {
+    /// Devices that trained and were evaluated (all of them unless `eval.final_devices` caps).
+    pub trained_evaluated: usize,
+    /// Devices the fleet evaluation covers (the evaluated trained ones and every device that
+    /// never trained).
+    pub fleet_evaluated: usize,
+    /// Distinct models evaluated (devices with equal kept maps share one evaluation when every
+    /// model is scored on the same global set).
+    pub distinct_models: usize,
+    /// Items (classification) or tokens (LM) one evaluation scores.
+    pub items_per_evaluation: usize,
+    /// Whether every model is scored on the same items (a global held-out set); then they
+    /// count once in the effective sample size.
+    pub shared_items: bool,
+    /// Standard error of `final_accuracy` from the effective sample size.
+    pub trained_accuracy_se: Option<f64>,
+    /// Mean accuracy, loss and perplexity over the whole fleet.
+    pub fleet_accuracy: Option<f64>,
+    pub fleet_accuracy_se: Option<f64>,
+    pub fleet_loss: Option<f64>,
+    pub fleet_perplexity: Option<f64>,
+}
+
 /// One strategy's run in numbers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
@@ -145,8 +170,11 @@ pub struct Summary {
     /// Virtual time at the end of the run, seconds.
     pub virtual_s: f64,
     pub target: String,
+    /// The final evaluation over the whole fleet and the standard errors.
+    pub evaluation: EvalSummary,
     /// Virtual seconds to the first panel evaluation at or past the target.
     pub time_to_target_s: Option<f64>,
+    /// Mean final quality over the evaluated devices that trained.
     pub final_accuracy: Option<f64>,
     pub final_loss: Option<f64>,
     pub final_perplexity: Option<f64>,

@@ -32,6 +32,8 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         data,
         global_test: None,
         surrogate: None,
+        tok: None,
+        seed: cfg.seed,
     }
 }
 

@@ -6,7 +6,8 @@
 //! A stream's key is `SHA-256("fedspine/stream/v1" || len(label) || label || seed)`, the 32-byte
 //! seed of a `ChaCha8Rng`. A [`Stream`] is used two ways:
 //! - sequentially ([`Stream::rng`], [`Stream::rng_for`]: the generator, or one of its 2^64
-//!   ChaCha sub-streams, e.g. one per device);
+//!   ChaCha sub-streams, e.g. one per device; [`Stream::rng_at`]: a generator per pair, e.g. a
+//!   device's draws in one round);
 //! - by random access ([`Stream::at`]): one `u64` per `(a, b)` pair, e.g. per (round, device),
 //!   read at a fixed position of sub-stream `a`. Nothing is consumed, so the value of a pair
 //!   does not depend on which other pairs were read or in what order: this is what makes the
@@ -64,6 +65,15 @@ impl Stream {
     pub fn rng_for(&self, n: u64) -> ChaCha8Rng {
         let mut r = self.rng();
         r.set_stream(n);
+        r
+    }
+
+    /// A generator for pair `(a, b)` (e.g. a device's draws in one round): sub-stream `a` from
+    /// word `b * 2^32`, so pairs never overlap while each draws fewer than 2^31 values. `b` is
+    /// taken modulo 2^36.
+    pub fn rng_at(&self, a: u64, b: u64) -> ChaCha8Rng {
+        let mut r = self.rng_for(a);
+        r.set_word_pos(u128::from(b & ((1 << 36) - 1)) << 32);
         r
     }
 
