@@ -26,7 +26,7 @@
 //! rank = 8
 //! ```
 //!
-//! Presets (`default`, `sotu`, `full`, `surrogate`, `tiny`) are such files in `sim/configs/`, compiled
+//! Presets (`default`, `sotu`, `full`, `surrogate`, `tiny`, `bandit`) are such files in `sim/configs/`, compiled
 //! in; `sim run` without arguments runs `default`.
 
 use std::collections::BTreeMap;
@@ -228,12 +228,13 @@ impl Default for ExperimentConfig {
 }
 
 /// The built-in presets: (name, TOML text).
-pub const PRESETS: [(&str, &str); 5] = [
+pub const PRESETS: [(&str, &str); 6] = [
     ("default", include_str!("../configs/default.toml")),
     ("sotu", include_str!("../configs/sotu.toml")),
     ("full", include_str!("../configs/full.toml")),
     ("surrogate", include_str!("../configs/surrogate.toml")),
     ("tiny", include_str!("../configs/tiny.toml")),
+    ("bandit", include_str!("../configs/bandit.toml")),
 ];
 
 /// The strategy names `sim compare` accepts.

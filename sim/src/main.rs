@@ -64,7 +64,7 @@ struct RunArgs {
     /// Experiment file (TOML); see `sim presets` for the built-in ones.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in preset: default, sotu, full, surrogate, tiny.
+    /// Built-in preset: default, sotu, full, surrogate, tiny, bandit.
     #[arg(long)]
     preset: Option<String>,
     /// Override the strategy.

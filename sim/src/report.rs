@@ -278,7 +278,7 @@ pub fn markdown_table(reports: &[Report]) -> String {
         .map(|r| r.summary.target.clone())
         .unwrap_or_default();
     let (unit, div) = time_unit(reports);
-    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
+    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy +- SE: trained / fleet | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in reports {
         let m = &r.summary;
@@ -291,7 +291,13 @@ pub fn markdown_table(reports: &[Report]) -> String {
             "| {} | {} | {} | {} | {:.3} / {:.3} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.2} |",
             m.strategy,
             ttt,
-            opt(m.final_accuracy, 4),
+            format!(
+                "{} +- {} / {} +- {}",
+                opt(m.final_accuracy, 4),
+                opt(m.evaluation.trained_accuracy_se, 3),
+                opt(m.evaluation.fleet_accuracy, 4),
+                opt(m.evaluation.fleet_accuracy_se, 3)
+            ),
             opt(m.final_perplexity, 2),
             m.mean_sparsity,
             m.mean_sparsity_trained,
@@ -305,6 +311,14 @@ pub fn markdown_table(reports: &[Report]) -> String {
             m.out_of_memory,
             m.rounds_closed,
             m.virtual_s / div
+        );
+    }
+    if let Some(e) = reports.first().map(|r| &r.summary.evaluation) {
+        let _ = writeln!(
+            s,
+            "\nFinal accuracy: mean over the devices that trained and over the whole fleet; SE from the effective sample size ({} items per evaluation, tokens for language modelling{}).",
+            e.items_per_evaluation,
+            if e.shared_items { ", shared by every model, so counted once" } else { ", each device's own held-out set" }
         );
     }
     let classes: Vec<String> = {
