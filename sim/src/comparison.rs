@@ -435,7 +435,7 @@ impl Comparison {
         if let Some(se) = self.final_accuracy_se {
             let _ = writeln!(
                 s,
-                "One final evaluation scores {} items every model shares (effective sample size): standard error of a final accuracy about {:.3} ({:.1} points) before the spread over seeds.\n",
+                "Effective sample size of one final evaluation: {} items (tokens for language modelling; items every model is scored on count once, per-device held-out sets add up): standard error of a final accuracy about {:.3} ({:.1} points), within one seed.\n",
                 self.eval_items_effective,
                 se,
                 se * 100.0
