@@ -440,8 +440,8 @@ fn duplicate_stale_unselected_and_future_updates_are_refused() {
             @0     d2 <- ack round-1
             @0     checkpoint
             @0     closed round-1 by target_reached: selected [1, 2] ok [1, 2] missed [] failed [] quorum 1 met, aggregated
+            @10    d1 <- round_config round-2 ratio 0.250 rank 4 ffn kept 24 deadline 1000ms
             @10    d2 <- round_config round-2 ratio 0.250 rank 4 ffn kept 24 deadline 1000ms
-            @10    d3 <- round_config round-2 ratio 0.250 rank 4 ffn kept 24 deadline 1000ms
             @10    d1 <- reject update for round-1 is stale: the current round is round-2
             @10    d2 <- reject malformed update: round-9 has not started (latest is round-2)
         "#]],
@@ -716,17 +716,17 @@ fn fedspine_bandits_choose_pruned_arms_and_devices_report_pruned_kept_maps() {
             @0     d1 <- welcome
             @0     d2 <- welcome
             @0     d3 <- welcome
-            @0     d1 <- round_config round-1 ratio 0.441 rank 2 ffn kept 24 deadline 1000ms
-            @0     d2 <- round_config round-1 ratio 0.277 rank 2 ffn kept 24 deadline 1000ms
-            @0     d3 <- round_config round-1 ratio 0.232 rank 4 ffn kept 24 deadline 1000ms
+            @0     d1 <- round_config round-1 ratio 0.348 rank 2 ffn kept 24 deadline 1000ms
+            @0     d2 <- round_config round-1 ratio 0.442 rank 4 ffn kept 24 deadline 1000ms
+            @0     d3 <- round_config round-1 ratio 0.452 rank 2 ffn kept 24 deadline 1000ms
             @0     d1 <- ack round-1
             @0     d2 <- ack round-1
             @0     d3 <- ack round-1
             @0     checkpoint
             @0     closed round-1 by target_reached: selected [1, 2, 3] ok [1, 2, 3] missed [] failed [] quorum 2 met, aggregated
-            @10    d1 <- round_config round-2 ratio 0.093 rank 4 ffn kept 20 deadline 1000ms
-            @10    d2 <- round_config round-2 ratio 0.107 rank 8 ffn kept 24 deadline 1000ms
-            @10    d3 <- round_config round-2 ratio 0.137 rank 2 ffn kept 24 deadline 1000ms
+            @10    d1 <- round_config round-2 ratio 0.270 rank 4 ffn kept 20 deadline 1000ms
+            @10    d2 <- round_config round-2 ratio 0.272 rank 2 ffn kept 24 deadline 1000ms
+            @10    d3 <- round_config round-2 ratio 0.036 rank 8 ffn kept 24 deadline 1000ms
         "#]],
     );
     assert_eq!(h.coord.device(DeviceId(1)).unwrap().sparsity, 0.1f32 as f64);
@@ -890,10 +890,10 @@ fn each_strategy_plays_its_own_arms() {
     .map(run_strategy)
     .collect();
     expect![[r#"
-        fedspine: d1 (0.35, 2) of [0, 0.4] x [2, 4, 8], d2 (0.22, 2) of [0, 0.4] x [2, 4, 8], d3 (0.19, 4) of [0, 0.4] x [2, 4, 8] -> exact
-        hetlora: d1 (0.00, 2) of [0, 0] x [2, 4], d2 (0.00, 2) of [0, 0] x [2, 4, 8], d3 (0.00, 4) of [0, 0] x [2, 4, 8] -> hetlora
+        fedspine: d1 (0.28, 2) of [0, 0.4] x [2, 4, 8], d2 (0.35, 4) of [0, 0.4] x [2, 4, 8], d3 (0.36, 2) of [0, 0.4] x [2, 4, 8] -> exact
+        hetlora: d1 (0.00, 2) of [0, 0] x [2, 4], d2 (0.00, 4) of [0, 0] x [2, 4, 8], d3 (0.00, 2) of [0, 0] x [2, 4, 8] -> hetlora
         fedlora: d1 (0.00, 8) of [0, 0] x [8], d2 (0.00, 8) of [0, 0] x [8], d3 (0.00, 8) of [0, 0] x [8] -> mean
         fixed-prune: d1 (0.30, 2) of [0.3, 0.3] x [2], d2 (0.30, 2) of [0.3, 0.3] x [2], d3 (0.30, 2) of [0.3, 0.3] x [2] -> exact
-        ratio-bandit: d1 (0.18, 4) of [0, 0.4] x [4], d2 (0.11, 4) of [0, 0.4] x [4], d3 (0.29, 4) of [0, 0.4] x [4] -> exact"#]]
+        ratio-bandit: d1 (0.14, 4) of [0, 0.4] x [4], d2 (0.38, 4) of [0, 0.4] x [4], d3 (0.18, 4) of [0, 0.4] x [4] -> exact"#]]
     .assert_eq(&lines.join("\n"));
 }

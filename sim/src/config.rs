@@ -26,7 +26,7 @@
 //! rank = 8
 //! ```
 //!
-//! Presets (`default`, `sotu`, `full`, `surrogate`, `tiny`) are such files in `sim/configs/`, compiled
+//! Presets (`default`, `sotu`, `full`, `surrogate`, `tiny`, `bandit`) are such files in `sim/configs/`, compiled
 //! in; `sim run` without arguments runs `default`.
 
 use std::collections::BTreeMap;
@@ -228,12 +228,13 @@ impl Default for ExperimentConfig {
 }
 
 /// The built-in presets: (name, TOML text).
-pub const PRESETS: [(&str, &str); 5] = [
+pub const PRESETS: [(&str, &str); 6] = [
     ("default", include_str!("../configs/default.toml")),
     ("sotu", include_str!("../configs/sotu.toml")),
     ("full", include_str!("../configs/full.toml")),
     ("surrogate", include_str!("../configs/surrogate.toml")),
     ("tiny", include_str!("../configs/tiny.toml")),
+    ("bandit", include_str!("../configs/bandit.toml")),
 ];
 
 /// The strategy names `sim compare` accepts.
@@ -280,6 +281,26 @@ impl ExperimentConfig {
         c.strategy = name.to_string();
         c.apply_strategy()?;
         c.validate()?;
+        Ok(c)
+    }
+
+    /// Switch to a compared entry: a strategy name, optionally with `@policy` (a policy kind
+    /// such as `uniform-random` or `fixed`, with its default parameters) replacing
+    /// `coordinator.policy`.
+    pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
+        let (strategy, policy) = match entry.split_once('@') {
+            Some((s, p)) => (s.trim(), Some(p.trim())),
+            None => (entry.trim(), None),
+        };
+        let mut c = self.with_strategy(strategy)?;
+        if let Some(kind) = policy {
+            let mut t = toml::Table::new();
+            t.insert("kind".into(), toml::Value::String(kind.to_string()));
+            c.coordinator.policy = toml::Value::Table(t).try_into().map_err(|e| {
+                SimError::Config(format!("entry '{entry}': unknown policy '{kind}' ({e})"))
+            })?;
+            c.validate()?;
+        }
         Ok(c)
     }
 

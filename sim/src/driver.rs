@@ -1,7 +1,10 @@
 //! The discrete-event driver: one [`Coordinator`] and one [`AgentSession`] per virtual device,
 //! advanced on a virtual clock by a queue of timed events (message deliveries, finished local
 //! rounds, the cores' timers, availability changes and dropouts). Events at the same instant
-//! run in the order they were scheduled, so a seed fixes the run.
+//! run in the order they were scheduled, so a seed fixes the run. Each kind of draw has its own
+//! named stream of the seed (`aggregator::coordinator::streams`): availability per device,
+//! per-round device noise by (device, round), the evaluation panel; the data partition is
+//! `local_data`'s and selection, arms and local-round seeds are the coordinator's.
 //!
 //! The driver plays the parts the real deployment gives to hardware and transport:
 //! - **Links.** A message is encoded with the real codec; it arrives `bytes / rate + rtt` after
@@ -23,13 +26,16 @@
 //! own code.
 //!
 //! This file is the event loop (devices, availability, links, timers, command dispatch); the
-//! seams around it: [`jobs`] (local rounds on the virtual clock), [`panel`] (evaluations) and
-//! [`records`] (round records, the report).
+//! seams around it: [`jobs`] (local rounds on the virtual clock), [`panel`] (evaluations),
+//! [`final_eval`] (the final evaluation of trained devices and of the fleet) and [`records`]
+//! (round records, the report).
 
+mod final_eval;
 mod jobs;
 mod panel;
 mod records;
 
+use aggregator::coordinator::streams::{label, Stream};
 use aggregator::coordinator::{Command, Coordinator, CoordinatorState, Event};
 use device_agent::prune::{KeptIndicesExt, PruneConfig};
 use device_agent::session::{
@@ -38,7 +44,7 @@ use device_agent::session::{
 use device_agent::wire;
 use protocol::KeptIndices;
 use protocol::{Capabilities, DeviceId, FailReason, Message, Timestamp};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::compute::LocalTrainer;
@@ -70,7 +76,9 @@ struct VDev {
     power_mode: f64,
     data_label: String,
     session: AgentSession,
-    rng: ChaCha8Rng,
+    /// This device's sub-stream of the run's `availability` stream (start, churn, phase, power
+    /// mode), which nothing else draws from: every strategy sees the same availability.
+    availability: ChaCha8Rng,
     /// Availability components.
     window_on: bool,
     churn_on: bool,
@@ -138,6 +146,8 @@ pub struct Simulation<'a> {
     profiles: Vec<DeviceProfile>,
     devices: Vec<VDev>,
     coordinator: Coordinator,
+    /// Per-round device noise (speed draw, dropout), read by (device, round).
+    device_round: Stream,
     coord_timer: Option<Timestamp>,
     queue: EventQueue<Ev>,
     now: Timestamp,
@@ -201,9 +211,7 @@ impl<'a> Simulation<'a> {
                 }
             };
             let prof = &uniq[pi];
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xd3_u64.wrapping_mul(0x0100_0000_01b3));
-            rng.set_stream(i as u64 + 1);
+            let mut rng = Stream::new(cfg.seed, label::AVAILABILITY).rng_for(i as u64 + 1);
             let power_mode = prof.power_modes[rng.random_range(0..prof.power_modes.len())];
             let phase_h = rng.random::<f64>() * 24.0;
             let churn_on = prof.mean_online_min <= 0.0
@@ -237,7 +245,7 @@ impl<'a> Simulation<'a> {
                 power_mode,
                 data_label: label,
                 session: AgentSession::new(agent, state),
-                rng,
+                availability: rng,
                 window_on,
                 churn_on,
                 crashed: false,
@@ -257,8 +265,11 @@ impl<'a> Simulation<'a> {
                 history: Vec::new(),
             });
         }
-        let panel = choose_devices(&devices, &uniq, cfg.eval.panel_devices, cfg.seed ^ 0x9a_e1);
+        let panel_seed = Stream::new(cfg.seed, label::EVALUATION).at(0, 0);
+        let panel = choose_devices(&devices, &uniq, cfg.eval.panel_devices, panel_seed);
+        let device_round = Stream::new(cfg.seed, label::DEVICE_ROUND);
         Ok(Simulation {
+            device_round,
             cfg,
             profiles: uniq,
             devices,
@@ -325,7 +336,7 @@ impl<'a> Simulation<'a> {
                     } else {
                         p.mean_offline_min
                     };
-                    let d = exponential(mean * 60_000.0, &mut self.devices[i].rng) as u64;
+                    let d = exponential(mean * 60_000.0, &mut self.devices[i].availability) as u64;
                     self.queue.push(self.now.plus_ms(d.max(1)), Ev::Churn(i));
                 }
                 self.schedule_window(i);
@@ -340,7 +351,7 @@ impl<'a> Simulation<'a> {
                 } else {
                     p.mean_offline_min
                 };
-                let dur = exponential(mean * 60_000.0, &mut d.rng) as u64;
+                let dur = exponential(mean * 60_000.0, &mut d.availability) as u64;
                 self.queue.push(self.now.plus_ms(dur.max(1)), Ev::Churn(i));
                 self.availability_changed(i)?;
             }

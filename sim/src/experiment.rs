@@ -1,6 +1,11 @@
 //! Setting up and running experiments: load the fleet's profiles, the model and the devices'
 //! data once ([`Resources`]), then run one strategy ([`run`]) or several on the same fleet and
-//! seed ([`compare`]).
+//! seed ([`compare`]), or on several seeds ([`compare_seeds`]: the model is loaded once and the
+//! data re-partitioned per seed).
+//!
+//! A compared entry is a strategy name, optionally with a policy after `@`
+//! (`fedspine@uniform-random`, `fedspine@fixed`): the strategy with `coordinator.policy`
+//! replaced, so S-UCB can be set against random and fixed arms on the same seeds.
 
 use std::path::Path;
 
@@ -8,6 +13,7 @@ use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
 use device_agent::job::LocalData;
 use device_agent::model::{Llama, ModelConfig};
+use device_agent::tokenizer::Tok;
 use device_agent::{assets, weights};
 
 use crate::compute::{LocalTrainer, RealTrainer};
@@ -29,6 +35,10 @@ pub struct Resources {
     /// A global held-out set evaluations use instead of devices' own held-out data.
     pub global_test: Option<LocalData>,
     pub surrogate: Option<SurrogateParams>,
+    /// The tokenizer of a loaded checkpoint (to partition the data again for another seed).
+    pub tok: Option<Tok>,
+    /// The seed the data was partitioned with.
+    pub seed: u64,
 }
 
 /// The random tiny model of a config.
@@ -57,9 +67,11 @@ impl Resources {
                 data: Vec::new(),
                 global_test: None,
                 surrogate: Some(params),
+                tok: None,
+                seed: cfg.seed,
             });
         }
-        let (base, shards) = match &cfg.model {
+        let (base, shards, tok) = match &cfg.model {
             ModelChoice::Tiny(t) => {
                 if cfg.workload.kind != WorkloadKind::Synthetic {
                     return Err(SimError::Config(
@@ -74,6 +86,7 @@ impl Resources {
                         devices: shards,
                         global_test: None,
                     },
+                    None,
                 )
             }
             choice => {
@@ -84,7 +97,7 @@ impl Resources {
                 let (m, tok) = weights::load(&path, &Device::flex())
                     .map_err(|e| SimError::Model(format!("{}: {e}", path.display())))?;
                 let shards = local_data::build(&cfg.workload, n, &tok, cfg.seed)?;
-                (m, shards)
+                (m, shards, Some(tok))
             }
         };
         let global_test = shards.global_test;
@@ -100,6 +113,50 @@ impl Resources {
             data,
             global_test,
             surrogate: None,
+            tok,
+            seed: cfg.seed,
+        })
+    }
+
+    /// The same fleet and model with the data partitioned for `seed` (a cheap copy when it is
+    /// the seed already loaded; the base model's tensors are shared).
+    pub fn for_seed(&self, cfg: &ExperimentConfig, seed: u64) -> Result<Resources, SimError> {
+        let n = self.profiles.len();
+        let (data, labels, global_test) = if seed == self.seed || self.base.is_none() {
+            (
+                self.data.clone(),
+                self.labels.clone(),
+                self.global_test.clone(),
+            )
+        } else {
+            let shards = match (&cfg.model, &self.tok) {
+                (ModelChoice::Tiny(t), _) => local_data::Workload {
+                    devices: local_data::build_synthetic(&cfg.workload, n, t.vocab, seed),
+                    global_test: None,
+                },
+                (_, Some(tok)) => local_data::build(&cfg.workload, n, tok, seed)?,
+                (_, None) => {
+                    return Err(SimError::Config(
+                        "no tokenizer loaded to partition the data for another seed".into(),
+                    ))
+                }
+            };
+            let (data, labels) = shards
+                .devices
+                .into_iter()
+                .map(|d| (d.data, d.label))
+                .unzip();
+            (data, labels, shards.global_test)
+        };
+        Ok(Resources {
+            profiles: self.profiles.clone(),
+            labels,
+            base: self.base.clone(),
+            data,
+            global_test,
+            surrogate: self.surrogate.clone(),
+            tok: self.tok.clone(),
+            seed,
         })
     }
 
@@ -154,18 +211,70 @@ pub fn run_with_state(
     sim.run_with_state()
 }
 
-/// Run each of `strategies` on the same fleet, data and seed.
+/// Run `cfg` as compared entry `entry` (a strategy, optionally `@policy`); the report's
+/// strategy column names the entry.
+pub fn run_entry(
+    cfg: &ExperimentConfig,
+    entry: &str,
+    resources: &Resources,
+    observer: &mut dyn Observer,
+) -> Result<Report, SimError> {
+    let c = cfg.with_entry(entry)?;
+    let mut r = run(&c, resources, observer)?;
+    r.summary.strategy = entry.to_string();
+    Ok(r)
+}
+
+/// Run each of `entries` on the same fleet, data and seed.
 pub fn compare(
     cfg: &ExperimentConfig,
-    strategies: &[String],
+    entries: &[String],
     resources: &Resources,
     observer: &mut dyn Observer,
 ) -> Result<Vec<Report>, SimError> {
-    let mut out = Vec::with_capacity(strategies.len());
-    for s in strategies {
-        let c = cfg.with_strategy(s)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for s in entries {
         observer.note(&format!("strategy {s}"));
-        out.push(run(&c, resources, observer)?);
+        out.push(run_entry(cfg, s, resources, observer)?);
+    }
+    Ok(out)
+}
+
+/// The runs of one seed of a comparison, in the order of the entries.
+pub struct SeedRuns {
+    pub seed: u64,
+    pub reports: Vec<Report>,
+}
+
+/// The seeds of a comparison over `n` seeds from `cfg.seed`: `seed, seed + 1, ...`.
+pub fn seeds(cfg: &ExperimentConfig, n: usize) -> Vec<u64> {
+    (0..n as u64).map(|k| cfg.seed.wrapping_add(k)).collect()
+}
+
+/// Run every entry on every seed (the data partitioned per seed; every entry of a seed sees
+/// the same partition, availability and selection streams). `done` is called after each run
+/// (the binary writes its files there).
+pub fn compare_seeds(
+    cfg: &ExperimentConfig,
+    entries: &[String],
+    seeds: &[u64],
+    resources: &Resources,
+    observer: &mut dyn Observer,
+    done: &mut dyn FnMut(u64, &Report) -> Result<(), SimError>,
+) -> Result<Vec<SeedRuns>, SimError> {
+    let mut out = Vec::with_capacity(seeds.len());
+    for &seed in seeds {
+        let mut c = cfg.clone();
+        c.seed = seed;
+        let res = resources.for_seed(&c, seed)?;
+        let mut reports = Vec::with_capacity(entries.len());
+        for e in entries {
+            observer.note(&format!("seed {seed}, strategy {e}"));
+            let r = run_entry(&c, e, &res, observer)?;
+            done(seed, &r)?;
+            reports.push(r);
+        }
+        out.push(SeedRuns { seed, reports });
     }
     Ok(out)
 }

@@ -16,24 +16,29 @@
 //!   shared base model) or the fitted loss-response model.
 //! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
 //! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`).
+//! - [`comparison`], [`stats`], [`host`]: comparisons over seeds (bootstrap intervals, paired
+//!   differences, the bandits' settled arms per class) and the CPU class a run was computed on.
 //!
 //! Architecture invariant: the simulator only drives the coordinator and the sessions; rounds,
 //! arms, aggregation and rewards are theirs. No wall clock, no unseeded randomness: the same
 //! seed gives byte-identical reports.
 
 pub mod apportion;
+pub mod comparison;
 pub mod compute;
 pub mod config;
 pub mod driver;
 pub mod error;
 pub mod experiment;
 pub mod hardware;
+pub mod host;
 pub mod local_data;
 pub mod partition;
 pub mod progress;
 pub mod queue;
 pub mod report;
 pub mod sampling;
+pub mod stats;
 pub mod surrogate;
 pub mod time_model;
 pub mod timing;

@@ -1,13 +1,14 @@
 //! Per-device local data for real runs: the workload (SOTU causal LM or spam classification),
 //! its non-IID split over the fleet (see [`crate::partition`]) and each device's held-out split,
-//! built into the device agent's [`LocalData`].
+//! built into the device agent's [`LocalData`]. Every draw comes from the run seed's
+//! `partition` stream, so no other part of a run shifts the data.
 
+use aggregator::coordinator::streams::{label, Stream};
 use device_agent::data;
 use device_agent::job::LocalData;
 use device_agent::tokenizer::Tok;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +140,8 @@ pub fn build(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wor
 pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) -> Vec<DeviceData> {
     use rand::Rng;
     let dialects = n.clamp(1, 4);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5f_7e71c);
+    let partition = Stream::new(seed, label::PARTITION);
+    let mut rng = partition.rng();
     let perms: Vec<Vec<u32>> = (0..dialects)
         .map(|_| {
             let mut p: Vec<u32> = (0..vocab as u32).collect();
@@ -156,10 +158,7 @@ pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) 
     (0..n)
         .map(|d| {
             let k = d % dialects;
-            let mut drng = ChaCha8Rng::seed_from_u64(
-                seed.wrapping_add(d as u64)
-                    .wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            );
+            let mut drng = partition.rng_for(d as u64 + 1);
             let window = |rng: &mut ChaCha8Rng| -> Vec<u32> {
                 let mut w = Vec::with_capacity(cfg.seq_len + 1);
                 let mut t = rng.random_range(0..vocab as u32);
@@ -213,7 +212,7 @@ fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
             &parts,
             cfg.seq_len,
             cfg.test_fraction,
-            seed ^ (d as u64).wrapping_mul(0x9e37_79b9),
+            Stream::new(seed, label::PARTITION).at(d as u64 + 1, 0),
         )
         .map_err(|e| SimError::Data(e.to_string()))?;
         if lm.train.is_empty() || lm.test.is_empty() {
@@ -256,7 +255,8 @@ fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
 
 fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Workload, SimError> {
     let mut mails = data::spam_assassin().map_err(|e| SimError::Data(e.to_string()))?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a_4d11);
+    let partition = Stream::new(seed, label::PARTITION);
+    let mut rng: ChaCha8Rng = partition.rng();
     // A seeded sample of the corpus, label proportions kept.
     if cfg.spam_examples > 0 && cfg.spam_examples < mails.len() {
         mails.shuffle(&mut rng);
@@ -330,7 +330,7 @@ fn build_spam(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
         let mut shard = ClsShard::split(
             examples,
             cfg.test_fraction.max(1.0 / idx.len().max(2) as f64),
-            seed ^ (d as u64).wrapping_mul(0x9e37_79b9),
+            partition.at(d as u64 + 1, 0),
         );
         shard.train = cap(shard.train, cfg.max_train_items);
         shard.test = cap(shard.test, cfg.eval_items);

@@ -10,9 +10,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sim::config::{ExperimentConfig, Mode, PRESETS, STRATEGIES};
 use sim::hardware::{DeviceProfile, BUILTIN_PROFILES};
+use sim::host::HostInfo;
 use sim::progress::Progress;
 use sim::report::{self, Report};
-use sim::{experiment, surrogate, Resources};
+use sim::{comparison, experiment, surrogate, Observer, Resources};
 
 #[derive(Parser)]
 #[command(
@@ -28,11 +29,18 @@ struct Cli {
 enum Cmd {
     /// Run one strategy (default: the `default` preset with its strategy).
     Run(RunArgs),
-    /// Run several strategies on the same fleet, data and seed, and write a comparison.
+    /// Run several strategies on the same fleet, data and seeds, and write a comparison.
     Compare {
-        /// Comma-separated strategies: fedspine, hetlora, fedlora, fixed-prune, ratio-bandit.
+        /// Comma-separated strategies: fedspine, hetlora, fedlora, fixed-prune, ratio-bandit;
+        /// `NAME@POLICY` replaces the policy (e.g. `fedspine@uniform-random`,
+        /// `fedspine@fixed`). The first is the reference of the paired differences.
         #[arg(long, default_value = "fedspine,hetlora,fixed-prune")]
         strategies: String,
+        /// Run every strategy on this many seeds (the config's seed, +1, ...): per-seed folders
+        /// `seed-S/STRATEGY/`, and `compare.json`/`compare.md` with bootstrap intervals and
+        /// paired differences. 1 (the default) writes one folder per strategy as before.
+        #[arg(long, default_value_t = 1)]
+        seeds: usize,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -73,7 +81,7 @@ struct RunArgs {
     /// Experiment file (TOML); see `sim presets` for the built-in ones.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in preset: default, sotu, full, surrogate, tiny.
+    /// Built-in preset: default, sotu, full, surrogate, tiny, bandit.
     #[arg(long)]
     preset: Option<String>,
     /// Override the strategy.
@@ -186,7 +194,7 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn compare(strategies: &str, args: RunArgs) -> Result<()> {
+fn compare(strategies: &str, n_seeds: usize, args: RunArgs) -> Result<()> {
     let (cfg, base) = args.load()?;
     let names: Vec<String> = strategies
         .split(',')
@@ -199,30 +207,118 @@ fn compare(strategies: &str, args: RunArgs) -> Result<()> {
             STRATEGIES.join(", ")
         );
     }
+    if n_seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    for n in &names {
+        cfg.with_entry(n)
+            .with_context(|| format!("--strategies entry '{n}'"))?;
+    }
+    let host = HostInfo::detect();
+    eprintln!("CPU: {}", host.line());
     let t0 = Instant::now();
     let resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut reports = Vec::new();
     let mut progress = Progress::new("", cfg.coordinator.rounds);
-    for name in &names {
-        let c = cfg.with_strategy(name)?;
-        progress.restart(name, c.coordinator.rounds);
-        let r = experiment::run(&c, &resources, &mut progress)?;
-        r.write_to(&c.run_dir())?;
-        reports.push(r);
+    if n_seeds == 1 {
+        let mut reports = Vec::new();
+        for name in &names {
+            let c = cfg.with_entry(name)?;
+            progress.restart(name, c.coordinator.rounds);
+            let r = experiment::run_entry(&cfg, name, &resources, &mut progress)?;
+            r.write_to(&cfg.output_dir.join(name))?;
+            reports.push(r);
+        }
+        progress.finish();
+        let run_s = t1.elapsed().as_secs_f64();
+        report::write_comparison(&reports, &cfg.output_dir)?;
+        write_host(&cfg.output_dir, &host)?;
+        println!("{}", report::markdown_table(&reports));
+        println!(
+            "reports in {} (compare.md, metric.svg, host.json, one folder per strategy)",
+            cfg.output_dir.display()
+        );
+        print_throughput(&reports, load_s, run_s);
+        return Ok(());
     }
+    let seeds = experiment::seeds(&cfg, n_seeds);
+    let out = cfg.output_dir.clone();
+    let rounds = cfg.coordinator.rounds;
+    let mut write_run = |seed: u64, r: &Report| -> Result<(), sim::SimError> {
+        r.write_to(&out.join(format!("seed-{seed}")).join(&r.summary.strategy))
+    };
+    let mut observer = SeedProgress {
+        inner: &mut progress,
+        rounds,
+    };
+    let runs = experiment::compare_seeds(
+        &cfg,
+        &names,
+        &seeds,
+        &resources,
+        &mut observer,
+        &mut write_run,
+    )?;
     progress.finish();
     let run_s = t1.elapsed().as_secs_f64();
-    report::write_comparison(&reports, &cfg.output_dir)?;
-    println!("{}", report::markdown_table(&reports));
+    let items = runs.first().and_then(|r| r.reports.first()).map_or(0, |r| {
+        let e = &r.summary.evaluation;
+        if e.shared_items {
+            e.items_per_evaluation
+        } else {
+            e.items_per_evaluation * e.trained_evaluated.max(1)
+        }
+    });
+    let cmp = comparison::compare(&cfg.name, &names, &runs, items);
+    write_file(&out.join("compare.json"), &cmp.to_json())?;
+    write_file(&out.join("compare.md"), &cmp.to_markdown())?;
+    for r in &runs {
+        report::write_comparison(&r.reports, &out.join(format!("seed-{}", r.seed)))?;
+    }
+    write_host(&out, &host)?;
+    println!("{}", cmp.to_markdown());
+    println!("CPU: {}", host.line());
     println!(
-        "reports in {} (compare.md, metric.svg, one folder per strategy)",
-        cfg.output_dir.display()
+        "reports in {} (compare.json, compare.md, host.json, seed-S/STRATEGY/ per run)",
+        out.display()
     );
-    print_throughput(&reports, load_s, run_s);
+    let all: Vec<Report> = runs.into_iter().flat_map(|r| r.reports).collect();
+    print_throughput(&all, load_s, run_s);
     Ok(())
+}
+
+/// The progress bar restarted at each run of a comparison over seeds.
+struct SeedProgress<'a> {
+    inner: &'a mut Progress,
+    rounds: u64,
+}
+
+impl Observer for SeedProgress<'_> {
+    fn round_closed(&mut self, record: &sim::report::RoundRecord, total: u64) {
+        self.inner.round_closed(record, total);
+    }
+    fn job_started(&mut self) {
+        self.inner.job_started();
+    }
+    fn note(&mut self, line: &str) {
+        self.inner.restart(line, self.rounds);
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `host.json`: the CPU class the numbers beside it were computed on (kept apart from the
+/// seed-determined files, which stay byte-identical across hosts).
+fn write_host(dir: &Path, host: &HostInfo) -> Result<()> {
+    let text = serde_json::to_string_pretty(host).unwrap_or_default() + "\n";
+    write_file(&dir.join("host.json"), &text)
 }
 
 fn fit(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
@@ -305,7 +401,11 @@ fn main() -> Result<()> {
     match cli.command {
         None => run(RunArgs::default()),
         Some(Cmd::Run(a)) => run(a),
-        Some(Cmd::Compare { strategies, run: a }) => compare(&strategies, a),
+        Some(Cmd::Compare {
+            strategies,
+            seeds,
+            run: a,
+        }) => compare(&strategies, seeds, a),
         Some(Cmd::FitSurrogate { runs, out }) => fit(runs, out),
         Some(Cmd::Calibrate {
             out,

@@ -133,6 +133,31 @@ pub struct ClassSummary {
     pub plays: usize,
 }
 
+/// The final evaluation's coverage and uncertainty (see `driver/final_eval.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct EvalSummary {
+    /// Devices that trained and were evaluated (all of them unless `eval.final_devices` caps).
+    pub trained_evaluated: usize,
+    /// Devices the fleet evaluation covers (the evaluated trained ones and every device that
+    /// never trained).
+    pub fleet_evaluated: usize,
+    /// Distinct models evaluated (devices with equal kept maps share one evaluation when every
+    /// model is scored on the same global set).
+    pub distinct_models: usize,
+    /// Items (classification) or tokens (LM) one evaluation scores.
+    pub items_per_evaluation: usize,
+    /// Whether every model is scored on the same items (a global held-out set); then they
+    /// count once in the effective sample size.
+    pub shared_items: bool,
+    /// Standard error of `final_accuracy` from the effective sample size.
+    pub trained_accuracy_se: Option<f64>,
+    /// Mean accuracy, loss and perplexity over the whole fleet.
+    pub fleet_accuracy: Option<f64>,
+    pub fleet_accuracy_se: Option<f64>,
+    pub fleet_loss: Option<f64>,
+    pub fleet_perplexity: Option<f64>,
+}
+
 /// One strategy's run in numbers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
@@ -145,8 +170,11 @@ pub struct Summary {
     /// Virtual time at the end of the run, seconds.
     pub virtual_s: f64,
     pub target: String,
+    /// The final evaluation over the whole fleet and the standard errors.
+    pub evaluation: EvalSummary,
     /// Virtual seconds to the first panel evaluation at or past the target.
     pub time_to_target_s: Option<f64>,
+    /// Mean final quality over the evaluated devices that trained.
     pub final_accuracy: Option<f64>,
     pub final_loss: Option<f64>,
     pub final_perplexity: Option<f64>,
@@ -250,7 +278,7 @@ pub fn markdown_table(reports: &[Report]) -> String {
         .map(|r| r.summary.target.clone())
         .unwrap_or_default();
     let (unit, div) = time_unit(reports);
-    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
+    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy +- SE: trained / fleet | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in reports {
         let m = &r.summary;
@@ -263,7 +291,13 @@ pub fn markdown_table(reports: &[Report]) -> String {
             "| {} | {} | {} | {} | {:.3} / {:.3} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.2} |",
             m.strategy,
             ttt,
-            opt(m.final_accuracy, 4),
+            format!(
+                "{} +- {} / {} +- {}",
+                opt(m.final_accuracy, 4),
+                opt(m.evaluation.trained_accuracy_se, 3),
+                opt(m.evaluation.fleet_accuracy, 4),
+                opt(m.evaluation.fleet_accuracy_se, 3)
+            ),
             opt(m.final_perplexity, 2),
             m.mean_sparsity,
             m.mean_sparsity_trained,
@@ -277,6 +311,14 @@ pub fn markdown_table(reports: &[Report]) -> String {
             m.out_of_memory,
             m.rounds_closed,
             m.virtual_s / div
+        );
+    }
+    if let Some(e) = reports.first().map(|r| &r.summary.evaluation) {
+        let _ = writeln!(
+            s,
+            "\nFinal accuracy: mean over the devices that trained and over the whole fleet; SE from the effective sample size ({} items per evaluation, tokens for language modelling{}).",
+            e.items_per_evaluation,
+            if e.shared_items { ", shared by every model, so counted once" } else { ", each device's own held-out set" }
         );
     }
     let classes: Vec<String> = {

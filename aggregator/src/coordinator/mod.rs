@@ -1,7 +1,9 @@
 //! The round coordinator as a sans-IO state machine: events in (`handle(now, event)`,
 //! `handle_timeout(now)`), commands out, next deadline from `poll_timeout()`. It reads no clock,
-//! opens no socket and starts no thread; its only randomness is a `ChaCha8Rng` seeded from the
-//! config, so the same events at the same times give the same commands. The QUIC server
+//! opens no socket and starts no thread; its only randomness comes from named streams of the
+//! config's seed ([`streams`]: selection, policy, training, the initial adapter), so the same
+//! events at the same times give the same commands, and strategies run on one seed select the
+//! same devices whatever their bandits draw. The QUIC server
 //! (`crate::server`) and the simulator drive the same code.
 //!
 //! # Life of a run
@@ -11,11 +13,13 @@
 //!    `Reject` and a [`Command::Disconnect`]; a valid join registers the device (a fresh bandit
 //!    from the strategy on its first join) and gets a `Welcome`.
 //! 2. A round starts when no round is open and at least `min_devices` joined devices are idle:
-//!    `min(ceil(devices_per_round * (1 + over_selection)), idle)` of them are sampled with the
-//!    seeded generator, each device's bandit picks its arm, and each gets a `RoundConfig` with
+//!    `min(ceil(devices_per_round * (1 + over_selection)), idle)` of them are sampled (the
+//!    idle devices with the smallest keys of the round on the `selection` stream: a uniform
+//!    sample that no other draw shifts), each device's bandit picks its arm (from the `policy`
+//!    stream), and each gets a `RoundConfig` with
 //!    its slice of the global adapter (cut to the kept maps of its last accepted update, at its
 //!    arm's rank). The first round already sends a slice: the global adapter starts as the
-//!    standard LoRA initialisation (`A` random, `B = 0`) drawn from the seeded generator, so
+//!    standard LoRA initialisation (`A` random, `B = 0`) drawn from the `global-init` stream, so
 //!    every device starts from the same `A` and averaged factors stay meaningful.
 //! 3. Updates are checked (round, selection, duplicates, size, rank, statistics, shapes,
 //!    finiteness, norms) and folded into the round's streaming aggregation as they arrive;
@@ -57,19 +61,20 @@ mod intake;
 mod round;
 mod selection;
 mod state;
+pub mod streams;
 mod summary;
 
 use std::collections::BTreeMap;
 
 use bandit::BanditError;
 use protocol::{Bye, ByeReason, DeviceId, Message, ModelDims, RoundId, Timestamp};
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::aggregate::GlobalAdapter;
 use crate::strategy::Strategy;
 
 use round::OpenRound;
+use streams::Stream;
 
 pub use config::CoordinatorConfig;
 pub use error::CoordinatorError;
@@ -134,7 +139,12 @@ pub struct Coordinator {
     open: Option<OpenRound>,
     /// Earliest time the next round may start.
     gate: Option<Timestamp>,
-    rng: ChaCha8Rng,
+    /// Which idle devices a round selects (random access by round and device).
+    selection: Stream,
+    /// Each participant's local-round seed (random access by round and device).
+    training: Stream,
+    /// The bandits' randomness, the one sequential stream (checkpointed as `state.rng`).
+    policy_rng: ChaCha8Rng,
     counters: Counters,
     finished: bool,
     /// A round closed during the current call (the next one waits for `handle_timeout`).
@@ -169,9 +179,12 @@ impl Coordinator {
             return Err(CoordinatorError::InvalidDims(dims));
         }
         let strategy = config.build_strategy()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let global = GlobalAdapter::init_lora(dims, config.max_rank, config.lora_alpha, &mut rng);
+        let mut init = Stream::new(config.seed, streams::label::GLOBAL_INIT).rng();
+        let global = GlobalAdapter::init_lora(dims, config.max_rank, config.lora_alpha, &mut init);
         Ok(Coordinator {
+            selection: Stream::new(config.seed, streams::label::SELECTION),
+            training: Stream::new(config.seed, streams::label::TRAINING),
+            policy_rng: Stream::new(config.seed, streams::label::POLICY).rng(),
             finished: false,
             config,
             dims,
@@ -182,7 +195,6 @@ impl Coordinator {
             last_closed: RoundId(0),
             open: None,
             gate: None,
-            rng,
             counters: Counters::default(),
             closed_now: false,
         })
@@ -249,6 +261,8 @@ impl Coordinator {
         }
         let strategy = config.build_strategy()?;
         let finished = state.round.0 >= config.rounds;
+        let selection = Stream::new(config.seed, streams::label::SELECTION);
+        let training = Stream::new(config.seed, streams::label::TRAINING);
         Ok(Coordinator {
             finished,
             config,
@@ -260,7 +274,9 @@ impl Coordinator {
             last_closed: state.round,
             open: None,
             gate: None,
-            rng: state.rng,
+            selection,
+            training,
+            policy_rng: state.rng,
             counters: state.counters,
             closed_now: false,
         })
@@ -279,7 +295,7 @@ impl Coordinator {
                 .values()
                 .filter_map(|e| e.record.clone())
                 .collect(),
-            rng: self.rng.clone(),
+            rng: self.policy_rng.clone(),
             counters: self.counters.clone(),
         }
     }

@@ -1,12 +1,18 @@
 //! Selection: the start of a round. Once enough joined devices are idle, a seeded sample of
 //! them (with over-selection) is chosen, each one's bandit picks its arm, and each is sent its
 //! `RoundConfig` with its slice of the global adapter.
+//!
+//! The sample is the `k` idle devices with the smallest keys of the round, each key read from
+//! the `selection` stream at (round, device): a uniform sample without replacement that reads
+//! no sequential generator. Runs of different strategies on one seed therefore select the same
+//! devices whenever the same devices are idle, and a device idle in one run but not in the
+//! other changes only its own place in the sample. Local-round seeds are read the same way
+//! from the `training` stream; only the bandits draw from the sequential `policy` stream.
 
 use std::collections::BTreeMap;
 
 use bandit::{BanditError, DeviceContext};
 use protocol::{DeviceId, KeptIndices, Message, RoundConfig, RoundId, Timestamp};
-use rand::Rng;
 
 use super::round::{OpenRound, Outcome, Participant};
 use super::{Command, Coordinator};
@@ -71,10 +77,13 @@ impl Coordinator {
             return;
         }
         let k = self.config.selection_size().min(idle.len());
-        let mut picks: Vec<DeviceId> = rand::seq::index::sample(&mut self.rng, idle.len(), k)
-            .into_iter()
-            .map(|i| idle[i])
+        let next = self.round.next().0;
+        let mut keyed: Vec<(u64, DeviceId)> = idle
+            .iter()
+            .map(|d| (self.selection.at(next, d.0), *d))
             .collect();
+        keyed.sort_unstable();
+        let mut picks: Vec<DeviceId> = keyed.into_iter().take(k).map(|(_, d)| d).collect();
         picks.sort_unstable();
         let aggregation_config = self.strategy.aggregation(&self.config.aggregation);
         let aggregation =
@@ -103,7 +112,7 @@ impl Coordinator {
             };
             let arm = match self
                 .strategy
-                .choose_arm(&mut record.bandit, &ctx, &mut self.rng)
+                .choose_arm(&mut record.bandit, &ctx, &mut self.policy_rng)
             {
                 Ok(arm) => arm,
                 Err(BanditError::NoFeasibleArm { .. }) => {
@@ -117,7 +126,7 @@ impl Coordinator {
                     continue;
                 }
             };
-            let seed = self.rng.random::<u64>();
+            let seed = self.training.at(id.0, device.0);
             participants.insert(
                 device,
                 Participant {

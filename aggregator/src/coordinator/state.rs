@@ -53,7 +53,8 @@ pub struct CoordinatorState {
     pub global: GlobalAdapter,
     /// Registered devices by ascending id.
     pub devices: Vec<DeviceRecord>,
-    /// The generator exactly where the run left it.
+    /// The bandits' generator (the `policy` stream) exactly where the run left it; the other
+    /// streams are read by position from the config's seed and need no saving.
     pub rng: ChaCha8Rng,
     pub counters: Counters,
 }

@@ -1,7 +1,9 @@
 //! Local rounds on the virtual clock: a session's `Train` command runs the round at once (real
 //! training or the surrogate) and its result is delivered after the virtual compute time (the
-//! round's calibrated cost at the device's throughput, power mode and per-round speed draw), unless the
-//! device drops out during it.
+//! round's calibrated cost at the device's throughput, power mode and per-round speed draw),
+//! unless the device drops out during it. The speed draw and the dropout of a device's round
+//! come from the run's `device-round` stream at (device, round): the same in every strategy's
+//! run.
 
 use device_agent::session::{DeviceState, TrainJob};
 use protocol::{FailReason, Timestamp};
@@ -47,13 +49,14 @@ impl Simulation<'_> {
     ) -> Result<(), SimError> {
         self.observer.job_started();
         let profile = self.profile(i).clone();
+        let mut noise = self.device_round.rng_at(i as u64 + 1, job.round.0);
         let d = &mut self.devices[i];
         d.job_token += 1;
         let token = d.job_token;
         let rank = job.arm.rank as usize;
         let pre = self.trainer.cost_config(&state.kept);
         let seq = self.trainer.seq_len(i);
-        let draw = truncated_normal(1.0, profile.variability, &mut d.rng);
+        let draw = truncated_normal(1.0, profile.variability, &mut noise);
         let gflops = profile.train_gflops * d.power_mode * draw;
         let step_ms = timing::compute_ms(
             timing::train_step_flops(&pre, rank, job.batch, seq, false),
@@ -67,13 +70,13 @@ impl Simulation<'_> {
             compute_ms: None,
             state: "running",
         };
-        if d.rng.random::<f64>() < profile.dropout_prob {
+        if noise.random::<f64>() < profile.dropout_prob {
             // The device goes away at a uniform point of the round's expected duration; its work
             // is lost, so it is not computed.
             let expected = step_ms.saturating_mul(job.local_steps as u64);
             let at = self
                 .now
-                .plus_ms((d.rng.random::<f64>() * expected as f64) as u64);
+                .plus_ms((noise.random::<f64>() * expected as f64) as u64);
             info.state = "dropped";
             d.job = Some(info);
             self.queue.push(at, Ev::Crash { dev: i, token });

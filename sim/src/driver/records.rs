@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use aggregator::coordinator::{CoordinatorState, RoundSummary};
 use protocol::DeviceId;
 
-use super::panel::choose_devices;
 use super::{ms_to_s, Simulation};
 use crate::compute::Quality;
 use crate::config::TargetMetric;
@@ -145,14 +144,8 @@ impl Simulation<'_> {
 
     /// The report: the final evaluation, every device's final state and the summary.
     pub(super) fn finish(mut self, ended_by: &str) -> Result<(Report, CoordinatorState), SimError> {
-        let final_set = choose_devices(
-            &self.devices,
-            &self.profiles,
-            self.cfg.eval.final_devices,
-            self.cfg.seed ^ 0xf1_4a1,
-        );
-        let qualities: BTreeMap<usize, Quality> =
-            self.evaluate_devices(&final_set)?.into_iter().collect();
+        let final_eval = self.final_evaluation()?;
+        let qualities = final_eval.trained;
         let prompt = self.cfg.eval.latency_prompt_tokens;
         let mut devices = Vec::with_capacity(self.devices.len());
         for i in 0..self.devices.len() {
@@ -172,11 +165,12 @@ impl Simulation<'_> {
                 rounds_trained: d.rounds_trained,
                 inference_ms: timing::inference_ms(&cfg, prompt, p.infer_gflops * d.power_mode),
                 peak_mem_mib: d.peak_mem as f64 / (1 << 20) as f64,
-                quality: qualities.get(&i).copied(),
+                quality: final_eval.fleet.get(&i).copied(),
                 history: d.history.clone(),
             });
         }
-        let summary = self.summarise(&devices, &qualities, ended_by);
+        let mut summary = self.summarise(&devices, &qualities, ended_by);
+        summary.evaluation = final_eval.summary;
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
         let state = self.coordinator.state();
         Ok((
@@ -253,6 +247,7 @@ impl Simulation<'_> {
             rounds_aggregated: self.rounds.iter().filter(|r| r.aggregated).count() as u64,
             virtual_s: ms_to_s(self.now.0),
             target,
+            evaluation: Default::default(),
             time_to_target_s: reached.map(|x| x.time_s),
             final_accuracy: mean_q(&|q| Some(q.accuracy)),
             final_loss: mean_q(&|q| Some(q.loss)),

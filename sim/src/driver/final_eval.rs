@@ -1,0 +1,136 @@
+//! The final evaluation: every device that trained (or a seeded sample of them when
+//! `eval.final_devices` caps it), and separately the whole fleet, each device's model being its
+//! kept maps with the global adapter; plus the effective sample size and standard errors.
+//!
+//! In real mode with a global held-out set, a device's evaluated model and its test items are a
+//! function of its kept maps and the global adapter only, so devices with equal kept maps
+//! (every device that never pruned, e.g. all of a dense strategy's fleet) are evaluated once
+//! and share the result: the fleet evaluation costs one evaluation per distinct model, not per
+//! device. (Without a global set, or in surrogate mode, each device is evaluated itself.)
+
+use std::collections::BTreeMap;
+
+use aggregator::coordinator::streams::{label, Stream};
+use protocol::KeptIndices;
+use rand::seq::SliceRandom;
+
+use super::Simulation;
+use crate::compute::Quality;
+use crate::error::SimError;
+use crate::local_data::WorkloadKind;
+use crate::report::EvalSummary;
+use crate::stats;
+
+/// What the final evaluation found.
+pub(super) struct FinalEvaluation {
+    /// Qualities of the evaluated devices that trained.
+    pub(super) trained: BTreeMap<usize, Quality>,
+    /// Qualities of every device the fleet evaluation covers (the trained ones above and every
+    /// device that never trained).
+    pub(super) fleet: BTreeMap<usize, Quality>,
+    pub(super) summary: EvalSummary,
+}
+
+fn mean_of(q: &BTreeMap<usize, Quality>, f: impl Fn(&Quality) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = q.values().filter_map(f).collect();
+    (v.len() == q.len()).then(|| stats::mean(&v)).flatten()
+}
+
+impl Simulation<'_> {
+    /// Items (classification) or tokens (LM) one evaluation scores, and whether every model
+    /// is scored on the same ones (a global held-out set). Shared items count once in the
+    /// effective sample size; tokens of one window are correlated, so for LM workloads this
+    /// is an upper bound.
+    fn eval_sample(&self) -> (usize, bool) {
+        let w = &self.cfg.workload;
+        let per_item = match w.kind {
+            WorkloadKind::Spam => 1,
+            _ => w.seq_len.max(1),
+        };
+        if w.global_eval_items > 0
+            && w.kind != WorkloadKind::Synthetic
+            && self.trainer.mode() == "real"
+        {
+            (w.global_eval_items * per_item, true)
+        } else {
+            (w.eval_items * per_item, false)
+        }
+    }
+
+    /// Evaluate each of `devices`, once per distinct kept maps when `shared` (every model is
+    /// scored on the same global set, so equal kept maps mean equal results).
+    fn evaluate_distinct(
+        &mut self,
+        devices: &[usize],
+        shared: bool,
+        memo: &mut Vec<(KeptIndices, Quality)>,
+    ) -> Result<BTreeMap<usize, Quality>, SimError> {
+        let mut out = BTreeMap::new();
+        for &i in devices {
+            let kept = self.devices[i].session.state().kept.clone();
+            let known = memo.iter().find(|(k, _)| shared && *k == kept);
+            let q = match known {
+                Some((_, q)) => *q,
+                None => {
+                    let q = self
+                        .evaluate_devices(&[i])?
+                        .first()
+                        .map(|x| x.1)
+                        .ok_or_else(|| {
+                            SimError::Coordinator("an evaluation returned nothing".into())
+                        })?;
+                    memo.push((kept, q));
+                    q
+                }
+            };
+            out.insert(i, q);
+        }
+        Ok(out)
+    }
+
+    /// The final evaluation (see the module docs).
+    pub(super) fn final_evaluation(&mut self) -> Result<FinalEvaluation, SimError> {
+        let n = self.devices.len();
+        let mut trained: Vec<usize> = (0..n)
+            .filter(|&i| self.devices[i].rounds_trained > 0)
+            .collect();
+        let cap = self.cfg.eval.final_devices;
+        if cap > 0 && trained.len() > cap {
+            let mut rng = Stream::new(self.cfg.seed, label::EVALUATION).rng_for(1);
+            trained.shuffle(&mut rng);
+            trained.truncate(cap);
+            trained.sort_unstable();
+        }
+        let untrained: Vec<usize> = (0..n)
+            .filter(|&i| self.devices[i].rounds_trained == 0)
+            .collect();
+        let (items, shared) = self.eval_sample();
+        let mut memo = Vec::new();
+        let trained_q = self.evaluate_distinct(&trained, shared, &mut memo)?;
+        let mut fleet = trained_q.clone();
+        fleet.extend(self.evaluate_distinct(&untrained, shared, &mut memo)?);
+        // Shared items count once; per-device held-out sets add up.
+        let n_eff = |k: usize| if shared { items } else { items * k };
+        let trained_accuracy = mean_of(&trained_q, |q| Some(q.accuracy));
+        let fleet_accuracy = mean_of(&fleet, |q| Some(q.accuracy));
+        let summary = EvalSummary {
+            trained_evaluated: trained_q.len(),
+            fleet_evaluated: fleet.len(),
+            distinct_models: memo.len(),
+            items_per_evaluation: items,
+            shared_items: shared,
+            trained_accuracy_se: trained_accuracy
+                .and_then(|p| stats::accuracy_se(p, n_eff(trained_q.len()))),
+            fleet_accuracy,
+            fleet_accuracy_se: fleet_accuracy
+                .and_then(|p| stats::accuracy_se(p, n_eff(fleet.len()))),
+            fleet_loss: mean_of(&fleet, |q| Some(q.loss)),
+            fleet_perplexity: mean_of(&fleet, |q| q.perplexity),
+        };
+        Ok(FinalEvaluation {
+            trained: trained_q,
+            fleet,
+            summary,
+        })
+    }
+}
