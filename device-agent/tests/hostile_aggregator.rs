@@ -153,6 +153,7 @@ fn a_cancelled_job_stops_at_its_next_step() {
     let job = TrainJob {
         round: RoundId(1),
         arm: Arm::new(0.0, 2),
+        target_sparsity: None,
         global: None,
         local_steps: 6,
         prune_every: 2,

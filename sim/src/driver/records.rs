@@ -151,8 +151,10 @@ impl Simulation<'_> {
             self.cfg.eval.final_devices,
             self.cfg.seed ^ 0xf1_4a1,
         );
-        let qualities: BTreeMap<usize, Quality> =
-            self.evaluate_devices(&final_set)?.into_iter().collect();
+        let evaluated = self.evaluate_devices(&final_set, true)?;
+        let (final_brought, final_min_sparsity) =
+            (evaluated.brought_to_target, evaluated.min_sparsity);
+        let qualities: BTreeMap<usize, Quality> = evaluated.qualities.into_iter().collect();
         let prompt = self.cfg.eval.latency_prompt_tokens;
         let mut devices = Vec::with_capacity(self.devices.len());
         for i in 0..self.devices.len() {
@@ -176,7 +178,9 @@ impl Simulation<'_> {
                 history: d.history.clone(),
             });
         }
-        let summary = self.summarise(&devices, &qualities, ended_by);
+        let mut summary = self.summarise(&devices, &qualities, ended_by);
+        summary.final_brought_to_target = final_brought;
+        summary.final_min_sparsity = final_min_sparsity;
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
         let state = self.coordinator.state();
         Ok((
@@ -258,6 +262,8 @@ impl Simulation<'_> {
             final_loss: mean_q(&|q| Some(q.loss)),
             final_perplexity: mean_q(&|q| q.perplexity),
             final_devices_evaluated: qn,
+            final_brought_to_target: 0,
+            final_min_sparsity: None,
             last_panel_accuracy: self
                 .rounds
                 .iter()
