@@ -75,6 +75,7 @@ fn config(round: u64, rank: u32, batch: u32) -> Message {
     Message::RoundConfig(RoundConfig {
         round: RoundId(round),
         arm: Arm::new(0.2, rank),
+        target_sparsity: None,
         global: None,
         deadline_ms: u64::MAX,
         local_steps: 4,

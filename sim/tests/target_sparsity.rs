@@ -66,7 +66,11 @@ fn fedspine_devices_close_the_gap_at_the_bandits_pace_and_short_ones_are_brought
     // Every panel evaluation and the final one scored models at s*.
     for eval in report.rounds.iter().filter_map(|r| r.eval.as_ref()) {
         let min = eval.min_sparsity.unwrap();
-        assert!(min >= TARGET - SPARSITY_TOLERANCE, "round {}: {min}", eval.round);
+        assert!(
+            min >= TARGET - SPARSITY_TOLERANCE,
+            "round {}: {min}",
+            eval.round
+        );
     }
     let s = &report.summary;
     assert_eq!(s.final_devices_evaluated, report.devices.len());
