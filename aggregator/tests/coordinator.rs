@@ -777,7 +777,10 @@ fn a_restored_coordinator_continues_exactly_like_the_original() {
 
     // A state from another strategy or rank is refused with a clear error.
     let mut other = c.clone();
-    other.strategy = StrategyConfig::Fedlora(aggregator::strategy::FedLoraConfig { rank: 4 });
+    other.strategy = StrategyConfig::Fedlora(aggregator::strategy::FedLoraConfig {
+        rank: 4,
+        ..Default::default()
+    });
     let err = Coordinator::restore(other, state.clone()).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -879,7 +882,10 @@ fn each_strategy_plays_its_own_arms() {
     let lines: Vec<String> = [
         StrategyConfig::Fedspine,
         StrategyConfig::Hetlora(Default::default()),
-        StrategyConfig::Fedlora(aggregator::strategy::FedLoraConfig { rank: 8 }),
+        StrategyConfig::Fedlora(aggregator::strategy::FedLoraConfig {
+            rank: 8,
+            ..Default::default()
+        }),
         StrategyConfig::FixedPrune(FixedPruneConfig {
             prune_ratio: 0.3,
             rank: 2,
@@ -891,8 +897,8 @@ fn each_strategy_plays_its_own_arms() {
     .collect();
     expect![[r#"
         fedspine: d1 (0.28, 2) of [0, 0.4] x [2, 4, 8], d2 (0.35, 4) of [0, 0.4] x [2, 4, 8], d3 (0.36, 2) of [0, 0.4] x [2, 4, 8] -> exact
-        hetlora: d1 (0.00, 2) of [0, 0] x [2, 4], d2 (0.00, 4) of [0, 0] x [2, 4, 8], d3 (0.00, 2) of [0, 0] x [2, 4, 8] -> hetlora
-        fedlora: d1 (0.00, 8) of [0, 0] x [8], d2 (0.00, 8) of [0, 0] x [8], d3 (0.00, 8) of [0, 0] x [8] -> mean
+        hetlora: d1 (0.00, 2) of [0, 0] x [2, 4], d2 (0.00, 4) of [0, 0] x [2, 4, 8], d3 (0.00, 2) of [0, 0] x [2, 4, 8] -> exact
+        fedlora: d1 (0.00, 8) of [0, 0] x [8], d2 (0.00, 8) of [0, 0] x [8], d3 (0.00, 8) of [0, 0] x [8] -> exact
         fixed-prune: d1 (0.30, 2) of [0.3, 0.3] x [2], d2 (0.30, 2) of [0.3, 0.3] x [2], d3 (0.30, 2) of [0.3, 0.3] x [2] -> exact
         ratio-bandit: d1 (0.14, 4) of [0, 0.4] x [4], d2 (0.38, 4) of [0, 0.4] x [4], d3 (0.18, 4) of [0, 0.4] x [4] -> exact"#]]
     .assert_eq(&lines.join("\n"));

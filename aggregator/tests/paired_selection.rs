@@ -96,7 +96,10 @@ fn run(config: CoordinatorConfig) -> Selections {
 fn strategies_on_one_seed_select_the_same_devices_with_the_same_seeds() {
     let strategies = [
         StrategyConfig::Fedspine,
-        StrategyConfig::Fedlora(FedLoraConfig { rank: 8 }),
+        StrategyConfig::Fedlora(FedLoraConfig {
+            rank: 8,
+            ..Default::default()
+        }),
         StrategyConfig::Hetlora(Default::default()),
         StrategyConfig::FixedPrune(FixedPruneConfig {
             prune_ratio: 0.3,

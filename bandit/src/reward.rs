@@ -3,18 +3,32 @@
 //! For device `i` among the devices that finished in time (failed or late devices get 0):
 //!
 //! ```text
-//! loss_i  = (L_pre - L_post) / L_pre, then divided by max_j |loss_j| over the round
-//! spars_i = (s_t - s_{t-1}) / s_target, clamped to [-1, 1]
-//! norm_i  = |B_i A_i|_F / max_j |B_j A_j|_F
-//! time_i  = |T_i - mean_T| / mean_T            (mean over the devices that finished in time)
-//! R_i     = clamp((w1*loss_i + w2*spars_i + w3*norm_i - w4*time_i) / (w1 + w2 + w3), 0, 1)
+//! loss_i     = (L_pre - L_post) / L_pre, then divided by max_j |loss_j| over the round
+//! progress_i = (s_t - s_{t-1}) / (s* - s_{t-1}), clamped to [-1, 1]   (1 when s_{t-1} >= s*)
+//! norm_i     = |B_i A_i|_F / max_j |B_j A_j|_F
+//! late_i     = (T_i - mean_T) / mean_T          (mean over the devices that finished in time)
+//! time_i     = late_i                when late_i > 0   (a straggler: full penalty)
+//!            = early_credit * late_i otherwise          (an early finisher: a smaller credit)
+//! R_i        = clamp((w1*loss_i + w2*progress_i + w3*norm_i - w4*time_i) / (w1 + w2 + w3), 0, 1)
 //! ```
 //!
-//! Dividing the loss term by the round's largest loss change is the within-round
-//! normalisation: losses fall less as training converges, and without it every later arm
-//! would look worse than the early ones. Dividing by `w1 + w2 + w3` makes a device that is best
-//! on every positive term and exactly on the mean time score 1. Each ratio with a zero
-//! denominator (`L_pre = 0`, `s_target = 0`, all norms 0, mean time 0) contributes 0.
+//! - **Loss**: dividing by the round's largest loss change is the within-round normalisation:
+//!   losses fall less as training converges, and without it every later arm would look worse
+//!   than the early ones.
+//! - **Progress toward s\***: the share of the remaining gap to the run's target sparsity `s*`
+//!   that the round closed. It is not divided by the arm's own ratio, so a small non-zero ratio
+//!   earns a small share, never full credit; only closing the whole gap earns 1. A device
+//!   already at `s*` keeps full credit (there is nothing left to close).
+//! - **Update importance**: the norm of the device's LoRA update relative to the round's
+//!   largest.
+//! - **Completion time** relative to the round's pace (its mean completion time): a straggler
+//!   loses `w4` per unit of relative lateness, an early finisher gains only `early_credit * w4`
+//!   per unit of earliness (`early_credit < 1`), so finishing late costs more than finishing
+//!   early earns.
+//!
+//! Dividing by `w1 + w2 + w3` makes a device that is best on every positive term and exactly on
+//! the mean time score 1. Each ratio with a zero denominator (`L_pre = 0`, all norms 0, mean
+//! time 0) contributes 0.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +45,8 @@ pub struct RoundStats {
     pub sparsity_prev: f64,
     /// Device sparsity after the round, in [0, 1].
     pub sparsity_now: f64,
-    /// The sparsity the device is heading for (the arm's ratio or the run's target), in [0, 1].
+    /// The run's target sparsity s* the device is heading for, in [0, 1] (not the arm's ratio:
+    /// progress is measured against the common target).
     pub sparsity_target: f64,
     /// Frobenius norm `|B A|_F` of the device's adapter update.
     pub update_norm: f64,
@@ -53,8 +68,11 @@ pub struct RewardWeights {
     pub w2: f64,
     /// Update norm relative to the round's largest. Default `0.25`.
     pub w3: f64,
-    /// Penalty for deviating from the round's mean duration. Default `0.25`.
+    /// Penalty per unit of relative lateness against the round's mean duration. Default `0.25`.
     pub w4: f64,
+    /// Share of `w4` an early finisher earns per unit of relative earliness, in `[0, 1)`
+    /// (stragglers are penalised more than early finishers are rewarded). Default `0.5`.
+    pub early_credit: f64,
 }
 
 impl Default for RewardWeights {
@@ -64,6 +82,7 @@ impl Default for RewardWeights {
             w2: 0.5,
             w3: 0.25,
             w4: 0.25,
+            early_credit: 0.5,
         }
     }
 }
@@ -79,6 +98,13 @@ impl RewardWeights {
             if !(w.is_finite() && w >= 0.0) {
                 return Err(BanditError::param(name, w, "a finite weight >= 0"));
             }
+        }
+        if !(self.early_credit.is_finite() && (0.0..1.0).contains(&self.early_credit)) {
+            return Err(BanditError::param(
+                "early_credit",
+                self.early_credit,
+                "in [0, 1) (an early finisher earns less than a straggler loses)",
+            ));
         }
         let positive = self.w1 + self.w2 + self.w3;
         if positive <= 0.0 {
@@ -180,23 +206,34 @@ pub fn shape_rewards(stats: &[RoundStats], w: &RewardWeights) -> Result<Vec<f64>
             } else {
                 0.0
             };
-            let sparsity = if s.sparsity_target > 0.0 {
-                ((s.sparsity_now - s.sparsity_prev) / s.sparsity_target).clamp(-1.0, 1.0)
-            } else {
-                0.0
-            };
+            let progress = progress_toward_target(s);
             let norm = if max_norm > 0.0 {
                 s.update_norm / max_norm
             } else {
                 0.0
             };
-            let time = if mean_time > 0.0 {
-                (s.duration_ms as f64 - mean_time).abs() / mean_time
+            let late = if mean_time > 0.0 {
+                (s.duration_ms as f64 - mean_time) / mean_time
             } else {
                 0.0
             };
-            let raw = w.w1 * loss + w.w2 * sparsity + w.w3 * norm - w.w4 * time;
+            let time = if late > 0.0 {
+                late
+            } else {
+                w.early_credit * late
+            };
+            let raw = w.w1 * loss + w.w2 * progress + w.w3 * norm - w.w4 * time;
             (raw / positive).clamp(0.0, 1.0)
         })
         .collect())
+}
+
+/// The share of the remaining gap to the target sparsity that the round closed, in `[-1, 1]`
+/// (1 for a device that started at or past the target: there was nothing left to close).
+fn progress_toward_target(s: &RoundStats) -> f64 {
+    let gap = s.sparsity_target - s.sparsity_prev;
+    if gap <= 0.0 {
+        return 1.0;
+    }
+    ((s.sparsity_now - s.sparsity_prev) / gap).clamp(-1.0, 1.0)
 }

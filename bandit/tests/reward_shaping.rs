@@ -37,16 +37,18 @@ fn w() -> RewardWeights {
 
 #[test]
 fn two_devices_by_hand() {
-    // d0: loss 2.0 -> 1.5 (0.25), sparsity 0.1 -> 0.2 of 0.4 (0.25), norm 2 (1.0), 100 ms
-    // d1: loss 2.0 -> 1.8 (0.10), sparsity 0.1 -> 0.1 (0),         norm 1 (0.5), 300 ms
-    // loss normalised by the round's max 0.25: d0 1.0, d1 0.4; mean time 200: both 0.5 off.
-    // d0: (1.0 + 0.5*0.25 + 0.25*1.0 - 0.25*0.5) / 1.75 = 1.25 / 1.75 = 0.714286
-    // d1: (0.4 + 0           + 0.25*0.5 - 0.25*0.5) / 1.75 = 0.40 / 1.75 = 0.228571
+    // d0: loss 2.0 -> 1.5 (0.25), sparsity 0.1 -> 0.2 toward 0.4 (a third of the gap 0.3),
+    //     norm 2 (1.0), 100 ms
+    // d1: loss 2.0 -> 1.8 (0.10), sparsity 0.1 -> 0.1 (0), norm 1 (0.5), 300 ms
+    // loss normalised by the round's max 0.25: d0 1.0, d1 0.4; mean time 200: d0 0.5 early
+    // (credit 0.5 * 0.5 = 0.25), d1 0.5 late (penalty 0.5).
+    // d0: (1.0 + 0.5/3 + 0.25*1.0 + 0.25*0.25) / 1.75 = 1.479167 / 1.75 = 0.845238
+    // d1: (0.4 + 0     + 0.25*0.5 - 0.25*0.5)  / 1.75 = 0.40 / 1.75     = 0.228571
     let round = [
         ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
         ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
     ];
-    check(&round, w(), expect!["0.714286 0.228571"]);
+    check(&round, w(), expect!["0.845238 0.228571"]);
 }
 
 #[test]
@@ -62,7 +64,7 @@ fn failures_and_late_devices_get_zero_and_do_not_shift_the_others() {
         late,
     ];
     // Same as the two-device round above for the two that count.
-    check(&round, w(), expect!["0.714286 0.000000 0.228571 0.000000"]);
+    check(&round, w(), expect!["0.845238 0.000000 0.228571 0.000000"]);
 }
 
 #[test]
@@ -78,16 +80,19 @@ fn a_single_device_is_its_own_yardstick() {
 
 #[test]
 fn zero_denominators_contribute_nothing() {
-    // L_pre = 0, s_target = 0, every norm 0, every duration 0: all terms 0.
+    // L_pre = 0, every norm 0, every duration 0: those terms are 0. A device that started at
+    // the target (here s* = 0) has nothing left to close: progress 1, 0.5 / 1.75.
     let zero = ok(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0);
-    check(&[zero, zero], w(), expect!["0.000000 0.000000"]);
-    // Equal devices get equal rewards: loss 1, norm 1, time 0, sparsity 0.1/0.3 -> 1/3.
-    // (1 + 0.5/3 + 0.25) / 1.75 = 0.809524
-    let same = ok(1.0, 0.5, 0.2, 0.3, 0.3, 4.0, 1_000);
+    check(&[zero, zero], w(), expect!["0.285714 0.285714"]);
+    let short = ok(0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0);
+    check(&[short, short], w(), expect!["0.000000 0.000000"]);
+    // Equal devices get equal rewards: loss 1, norm 1, time 0, sparsity 0.2 -> 0.25 toward 0.3
+    // (half the gap). (1 + 0.5*0.5 + 0.25) / 1.75 = 0.857143
+    let same = ok(1.0, 0.5, 0.2, 0.25, 0.3, 4.0, 1_000);
     check(
         &[same, same, same],
         w(),
-        expect!["0.809524 0.809524 0.809524"],
+        expect!["0.857143 0.857143 0.857143"],
     );
 }
 
@@ -100,7 +105,7 @@ fn rewards_are_clipped_to_the_unit_interval() {
         ok(2.0, 2.1, 0.0, 0.0, 0.5, 1.0, 100),
         ok(2.0, 1.0, 0.0, 0.9, 0.1, 1.0, 100),
     ];
-    // Third: loss 0.5/0.5 = 1, sparsity min(9, 1) = 1, norm 1, time 0: 1.75 / 1.75 = 1.
+    // Third: loss 0.5/0.5 = 1, progress past the target min(9, 1) = 1, norm 1, time 0: 1.75 / 1.75 = 1.
     // First two: loss -0.1/0.5 = -0.2 and -0.05/0.5 = -0.1; raw -0.2 + 0.25 = 0.05 -> 0.028571
     // and -0.1 + 0.25 = 0.15 -> 0.085714.
     // Alone, a worsening loss gives -1 + 0.25 < 0, clipped to 0.
@@ -125,16 +130,19 @@ fn weights_change_the_mix() {
         w2: 0.0,
         w3: 0.0,
         w4: 0.0,
+        ..w()
     };
     check(&round, loss_only, expect!["1.000000 0.400000"]);
-    // Norm with a heavy time penalty: (0.25*1 - 1*0.5)/0.25 < 0 -> 0; (0.25*0.5 - 0.5)/0.25 -> 0.
+    // Norm with a heavy time weight: d0 finished 0.5 early, (0.25*1 + 1*0.5*0.5)/0.25 = 2 -> 1;
+    // d1 0.5 late, (0.25*0.5 - 1*0.5)/0.25 < 0 -> 0.
     let time_heavy = RewardWeights {
         w1: 0.0,
         w2: 0.0,
         w3: 0.25,
         w4: 1.0,
+        ..w()
     };
-    check(&round, time_heavy, expect!["0.000000 0.000000"]);
+    check(&round, time_heavy, expect!["1.000000 0.000000"]);
 }
 
 #[test]
@@ -167,11 +175,21 @@ fn bad_statistics_and_weights_are_errors() {
         w2: 0.0,
         w3: 0.0,
         w4: 1.0,
+        ..w()
     };
     check(
         &[],
         nothing,
         expect!["invalid parameter w1 + w2 + w3 = 0: expected a positive sum (some reward term must count)"],
+    );
+    let generous = RewardWeights {
+        early_credit: 1.0,
+        ..w()
+    };
+    check(
+        &[],
+        generous,
+        expect!["invalid parameter early_credit = 1: expected in [0, 1) (an early finisher earns less than a straggler loses)"],
     );
     assert!(matches!(
         shape_rewards(&[nan_loss], &w()),

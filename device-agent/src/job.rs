@@ -241,10 +241,12 @@ pub fn run_job(
     let offset = (job.seed % n as u64) as usize;
     let mut step = 0;
     let mut stopped = false;
+    // With a run target the arm's ratio is the round's pace: close that share of the gap.
+    let round_target = job.sparsity_goal().round_target(tuner.sparsity());
     let report = tuner.run_round_while(
         base,
         job.local_steps,
-        job.arm.prune_ratio,
+        round_target,
         |i| data.batch(offset + i, job.batch),
         |_| {
             step += 1;

@@ -60,6 +60,9 @@ impl DeviceState {
 pub struct TrainJob {
     pub round: RoundId,
     pub arm: Arm,
+    /// The run's target sparsity: with it the arm's ratio is the round's pace toward it
+    /// ([`protocol::SparsityGoal`]).
+    pub target_sparsity: Option<f64>,
     pub global: Option<GlobalSlice>,
     pub local_steps: usize,
     pub prune_every: usize,
@@ -69,6 +72,14 @@ pub struct TrainJob {
     pub alpha: f64,
     /// When the round's deadline falls, in the driver's clock.
     pub deadline: Timestamp,
+}
+
+impl TrainJob {
+    /// How far the job prunes: read against the device's sparsity when the job starts, the
+    /// round's goal is `SparsityGoal::round_target`.
+    pub fn sparsity_goal(&self) -> protocol::SparsityGoal {
+        protocol::SparsityGoal::of(&self.arm, self.target_sparsity)
+    }
 }
 
 /// Static settings of a device.
@@ -120,10 +131,7 @@ impl Default for RoundLimits {
 impl RoundLimits {
     /// Why `rc` (with the run's LoRA `alpha`) is refused, or `Ok` when it is within the caps.
     pub fn check(&self, rc: &RoundConfig, alpha: f64) -> Result<(), String> {
-        let ratio = rc.arm.prune_ratio;
-        if !(ratio.is_finite() && (0.0..1.0).contains(&ratio)) {
-            return Err(format!("prune ratio {ratio} is not in [0, 1)"));
-        }
+        rc.sparsity_goal().check()?;
         let within = |what: &str, v: u64, max: u64| {
             if v == 0 || v > max {
                 Err(format!("{what} {v} is not in [1, {max}]"))
@@ -234,6 +242,7 @@ enum Phase {
 struct JobKey {
     round: RoundId,
     arm: Arm,
+    target_sparsity: Option<u64>,
     local_steps: u32,
     prune_interval_steps: u32,
     learning_rate: u32,
@@ -247,6 +256,7 @@ impl JobKey {
         JobKey {
             round: rc.round,
             arm: rc.arm,
+            target_sparsity: rc.target_sparsity.map(f64::to_bits),
             local_steps: rc.local_steps,
             prune_interval_steps: rc.prune_interval_steps,
             learning_rate: rc.learning_rate.to_bits(),
@@ -361,6 +371,12 @@ impl AgentSession {
     /// adapter) is forgotten, including a running job and the outbox.
     pub fn restart(&mut self) {
         *self = AgentSession::new(self.config.clone(), self.state.clone());
+    }
+
+    /// The device's static settings (the simulator evaluates a device's model with its
+    /// pruning criterion and limits).
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
     }
 
     /// What the device keeps across rounds, for observers (reports, evaluations). A driver
@@ -579,6 +595,7 @@ impl AgentSession {
             job: Box::new(TrainJob {
                 round: rc.round,
                 arm: rc.arm,
+                target_sparsity: rc.target_sparsity,
                 global: rc.global,
                 local_steps: rc.local_steps as usize,
                 prune_every: rc.prune_interval_steps.max(1) as usize,

@@ -75,6 +75,7 @@ fn config(round: u64, rank: u32, batch: u32) -> Message {
     Message::RoundConfig(RoundConfig {
         round: RoundId(round),
         arm: Arm::new(0.2, rank),
+        target_sparsity: None,
         global: None,
         deadline_ms: u64::MAX,
         local_steps: 4,
@@ -153,6 +154,7 @@ fn a_cancelled_job_stops_at_its_next_step() {
     let job = TrainJob {
         round: RoundId(1),
         arm: Arm::new(0.0, 2),
+        target_sparsity: None,
         global: None,
         local_steps: 6,
         prune_every: 2,

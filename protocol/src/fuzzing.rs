@@ -317,6 +317,25 @@ fn check_adapter(
     }
 }
 
+/// A round configuration's sparsity goal: a goal that passes its range check never asks a
+/// device to un-prune or to go past the run's target, and never yields a non-finite value; a
+/// refused one names what is out of range.
+fn check_sparsity_goal(rc: &RoundConfig) {
+    let goal = rc.sparsity_goal();
+    match goal.check() {
+        Ok(()) => {
+            for current in [0.0, 0.3, 0.6, 0.89] {
+                let t = goal.round_target(current);
+                assert!(t.is_finite() && (0.0..1.0).contains(&t), "{goal:?}: {t}");
+                if let Some(target) = goal.target() {
+                    assert!(t >= current && t <= current.max(target), "{goal:?}: {t}");
+                }
+            }
+        }
+        Err(why) => assert!(why.contains("is not in"), "{why}"),
+    }
+}
+
 /// Decodes `body` as a frame body and validates whatever it carries: a welcome's model
 /// dimensions, an update, or a round configuration's global slice.
 ///
@@ -345,11 +364,12 @@ pub fn check_decode_validate(body: &[u8]) {
                 check_adapter(&u.adapter, &u.kept, Some(u), limits);
             }
         }
-        Message::RoundConfig(RoundConfig {
-            global: Some(g), ..
-        }) => {
-            for limits in [&limits, &tight] {
-                check_adapter(&g.adapter, &g.kept, None, limits);
+        Message::RoundConfig(rc) => {
+            check_sparsity_goal(rc);
+            if let Some(g) = &rc.global {
+                for limits in [&limits, &tight] {
+                    check_adapter(&g.adapter, &g.kept, None, limits);
+                }
             }
         }
         Message::Join(j) => {
@@ -528,6 +548,7 @@ pub fn seed_messages() -> Vec<Message> {
             prune_ratio: 0.25,
             rank: 2,
         },
+        target_sparsity: None,
         global,
         deadline_ms: 60_000,
         local_steps: 40,
@@ -572,6 +593,10 @@ pub fn seed_messages() -> Vec<Message> {
             heartbeat_interval_ms: 5000,
         }),
         Message::RoundConfig(config(None)),
+        Message::RoundConfig(RoundConfig {
+            target_sparsity: Some(0.3),
+            ..config(None)
+        }),
         Message::RoundConfig(config(Some(GlobalSlice {
             adapter: update.adapter.to_f16(),
             kept: update.kept.clone(),

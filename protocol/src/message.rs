@@ -92,11 +92,17 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u64,
 }
 
-/// The bandit's choice for one device in one round: prune to `prune_ratio` and train LoRA with
-/// `rank`. The one arm type of the workspace: the bandit plays it, the coordinator sends it.
+/// The bandit's choice for one device in one round: a pruning ratio and a LoRA `rank`. The one
+/// arm type of the workspace: the bandit plays it, the coordinator sends it.
+///
+/// What the ratio means depends on the round's [`RoundConfig::target_sparsity`] (see
+/// [`SparsityGoal`]): with a run target s*, it is the round's *pace*, the share of the
+/// remaining gap to s* the device closes this round; without one, the device's sparsity
+/// target after this round.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Encode, Decode)]
 pub struct Arm {
-    /// Sparsity target after this round, a fraction in `[0, 1]`; monotone on the device.
+    /// The round's pace in `[0, 1]` (with a run target) or its sparsity target in `[0, 1)`
+    /// (without one); pruning is monotone on the device either way.
     pub prune_ratio: f64,
     /// LoRA rank for this round.
     pub rank: u32,
@@ -111,6 +117,90 @@ impl Arm {
 impl fmt::Display for Arm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "(ratio {}, rank {})", self.prune_ratio, self.rank)
+    }
+}
+
+/// Largest target sparsity a run may set: a device keeps at least a tenth of its prunable
+/// parameters.
+pub const MAX_TARGET_SPARSITY: f64 = 0.9;
+
+/// Sparsities this close count as equal: a device this close below s* is at s*, and a round
+/// whose goal would leave less than this of the gap closes it. (One query head of SmolLM2-135M
+/// is about 0.14% of its non-embedding parameters, one MLP channel about 0.002%.)
+pub const SPARSITY_TOLERANCE: f64 = 0.005;
+
+/// How far a device prunes in one round: the arm's ratio read against the run's target.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SparsityGoal {
+    /// No run target: reach this sparsity by the end of the round (a target at or below the
+    /// device's current sparsity means no further pruning).
+    Absolute(f64),
+    /// Close the share `pace` of the remaining gap to the run's target sparsity `target`
+    /// this round: the round's goal is `s_now + pace * (target - s_now)`. A pace of 1 closes
+    /// the whole gap, a pace of 0 prunes nothing; a device at or past `target` prunes nothing.
+    Paced { target: f64, pace: f64 },
+}
+
+impl SparsityGoal {
+    /// The goal of a round with `arm` and the run's `target_sparsity`.
+    pub fn of(arm: &Arm, target_sparsity: Option<f64>) -> SparsityGoal {
+        match target_sparsity {
+            Some(target) => SparsityGoal::Paced {
+                target,
+                pace: arm.prune_ratio,
+            },
+            None => SparsityGoal::Absolute(arm.prune_ratio),
+        }
+    }
+
+    /// Why the goal is out of range (naming the value and the range), or `Ok`: an absolute
+    /// target in `[0, 1)`, a run target in `[0, MAX_TARGET_SPARSITY]`, a pace in `[0, 1]`.
+    pub fn check(&self) -> Result<(), String> {
+        let within = |what: &str, v: f64, lo: f64, hi: f64, closed: bool| {
+            let ok = v.is_finite() && v >= lo && (v < hi || (closed && v == hi));
+            if ok {
+                Ok(())
+            } else {
+                let close = if closed { ']' } else { ')' };
+                Err(format!("{what} {v} is not in [{lo}, {hi}{close}"))
+            }
+        };
+        match *self {
+            SparsityGoal::Absolute(r) => within("prune ratio", r, 0.0, 1.0, false),
+            SparsityGoal::Paced { target, pace } => {
+                within("target sparsity", target, 0.0, MAX_TARGET_SPARSITY, true)?;
+                within("pruning pace", pace, 0.0, 1.0, true)
+            }
+        }
+    }
+
+    /// The sparsity a device at `current` should reach by the end of the round. At or below
+    /// `current` means no further pruning. A paced goal that would leave less than
+    /// [`SPARSITY_TOLERANCE`] of the gap closes it; a device within the tolerance of the target
+    /// is at it.
+    pub fn round_target(&self, current: f64) -> f64 {
+        match *self {
+            SparsityGoal::Absolute(r) => r,
+            SparsityGoal::Paced { target, pace } => {
+                if current >= target - SPARSITY_TOLERANCE || pace <= 0.0 {
+                    return current;
+                }
+                let goal = current + pace.min(1.0) * (target - current);
+                if target - goal < SPARSITY_TOLERANCE {
+                    target
+                } else {
+                    goal
+                }
+            }
+        }
+    }
+
+    /// The run's target sparsity, if the goal is paced.
+    pub fn target(&self) -> Option<f64> {
+        match *self {
+            SparsityGoal::Absolute(_) => None,
+            SparsityGoal::Paced { target, .. } => Some(target),
+        }
     }
 }
 
@@ -131,6 +221,10 @@ pub struct GlobalSlice {
 pub struct RoundConfig {
     pub round: RoundId,
     pub arm: Arm,
+    /// The run's target sparsity s* in `[0, MAX_TARGET_SPARSITY]`: the arm's ratio is then
+    /// the round's pace toward it ([`SparsityGoal::Paced`]). `None`: the arm's ratio is the
+    /// round's sparsity target ([`SparsityGoal::Absolute`]).
+    pub target_sparsity: Option<f64>,
     /// `None` when the device should keep (or freshly initialise) its own adapter.
     pub global: Option<GlobalSlice>,
     /// Time budget for the round in milliseconds, counted from when the device receives this.
@@ -142,6 +236,13 @@ pub struct RoundConfig {
     pub batch_size: u32,
     /// Seed for the device's round-local randomness (batch order, re-initialised rows).
     pub seed: u64,
+}
+
+impl RoundConfig {
+    /// How far the device prunes this round.
+    pub fn sparsity_goal(&self) -> SparsityGoal {
+        SparsityGoal::of(&self.arm, self.target_sparsity)
+    }
 }
 
 /// Run statistics of one device round.
@@ -301,6 +402,60 @@ pub enum ByeReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paced_goal_closes_its_share_of_the_gap() {
+        let goal = |pace| SparsityGoal::of(&Arm::new(pace, 4), Some(0.5));
+        // Half the gap from 0.1: 0.1 + 0.5 * 0.4.
+        assert!((goal(0.5).round_target(0.1) - 0.3).abs() < 1e-12);
+        // A pace of 1 closes the whole gap; 0 prunes nothing.
+        assert_eq!(goal(1.0).round_target(0.1), 0.5);
+        assert_eq!(goal(0.0).round_target(0.1), 0.1);
+        // At (or within the tolerance of) the target: nothing more.
+        assert_eq!(goal(0.7).round_target(0.5), 0.5);
+        assert_eq!(goal(0.7).round_target(0.498), 0.498);
+        // A goal leaving less than the tolerance closes the gap.
+        assert_eq!(goal(0.5).round_target(0.492), 0.5);
+        // Repeated rounds at one pace approach s* geometrically and then stop within the
+        // tolerance of it.
+        let mut s = 0.0;
+        for _ in 0..10 {
+            s = goal(0.5).round_target(s);
+        }
+        assert!(s <= 0.5 && 0.5 - s <= SPARSITY_TOLERANCE, "{s}");
+        // Without a run target the ratio is the round's own target.
+        let absolute = SparsityGoal::of(&Arm::new(0.3, 4), None);
+        assert_eq!(absolute.round_target(0.1), 0.3);
+        assert_eq!(absolute.target(), None);
+    }
+
+    #[test]
+    fn goal_ranges_are_checked_and_named() {
+        let check = |ratio, target| SparsityGoal::of(&Arm::new(ratio, 4), target).check();
+        assert_eq!(check(0.3, None), Ok(()));
+        assert_eq!(check(1.0, Some(0.5)), Ok(()));
+        assert_eq!(check(0.0, Some(MAX_TARGET_SPARSITY)), Ok(()));
+        assert_eq!(
+            check(1.0, None).unwrap_err(),
+            "prune ratio 1 is not in [0, 1)"
+        );
+        assert_eq!(
+            check(0.5, Some(0.95)).unwrap_err(),
+            "target sparsity 0.95 is not in [0, 0.9]"
+        );
+        assert_eq!(
+            check(1.5, Some(0.5)).unwrap_err(),
+            "pruning pace 1.5 is not in [0, 1]"
+        );
+        assert_eq!(
+            check(f64::NAN, Some(0.5)).unwrap_err(),
+            "pruning pace NaN is not in [0, 1]"
+        );
+        assert_eq!(
+            check(0.5, Some(-0.1)).unwrap_err(),
+            "target sparsity -0.1 is not in [0, 0.9]"
+        );
+    }
 
     #[test]
     fn join_check_names_version_and_identity_faults() {

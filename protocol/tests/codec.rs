@@ -98,6 +98,7 @@ fn all_messages() -> Vec<Message> {
                 prune_ratio: 0.25,
                 rank: 2,
             },
+            target_sparsity: Some(0.5),
             global: Some(GlobalSlice {
                 adapter: update.adapter.to_f16(),
                 kept: update.kept.clone(),

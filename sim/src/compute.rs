@@ -9,8 +9,9 @@ use std::sync::Arc;
 use device_agent::cost::{PrunedModel, RoundCosts};
 use device_agent::job::{self, LocalData};
 use device_agent::model::{Llama, ModelConfig};
-use device_agent::prune::{self, KeptIndicesExt};
+use device_agent::prune::{self, BlockScores, Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
+use device_agent::train::{TrainConfig, Tuner};
 use protocol::KeptIndices;
 use protocol::{Arm, GlobalSlice, Timestamp};
 use serde::Serialize;
@@ -32,6 +33,22 @@ pub struct Quality {
     pub accuracy: f64,
     /// `exp(loss)` for LM workloads.
     pub perplexity: Option<f64>,
+}
+
+/// How a device's model is brought to the run's target sparsity before it is evaluated: the
+/// device's own importance scores (its criterion on `importance_batches` micro-batches of its
+/// own training data, with its model and the global adapter; no update is applied), one-shot
+/// structured pruning to `target`, then `recovery_steps` local steps (0: none).
+#[derive(Debug, Clone)]
+pub struct ToTarget {
+    pub target: f64,
+    pub importance_batches: usize,
+    pub recovery_steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub criterion: Criterion,
+    pub prune: PruneConfig,
 }
 
 /// The simulator's stand-in for device hardware and local training.
@@ -66,6 +83,36 @@ pub trait LocalTrainer {
         state: &DeviceState,
         slice: &GlobalSlice,
     ) -> Result<Quality, String>;
+    /// Quality of `device`'s model brought to `goal.target` first (see [`ToTarget`]), and the
+    /// kept maps it was evaluated with. This default has no model to score importance with
+    /// (the surrogate): it prunes the dense model's kept maps with seeded random scores and
+    /// skips the recovery.
+    fn evaluate_at_target(
+        &mut self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+        goal: &ToTarget,
+    ) -> Result<(Quality, KeptIndices), String> {
+        use rand::{Rng, SeedableRng};
+        let dense = self.dense().clone();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(goal.seed);
+        let scores: Vec<BlockScores> = state
+            .kept
+            .shapes(&dense)
+            .iter()
+            .map(|s| BlockScores {
+                heads: (0..s.n_heads).map(|_| rng.random()).collect(),
+                channels: (0..s.ffn_dim).map(|_| rng.random()).collect(),
+            })
+            .collect();
+        let kept = prune::select_prune(&dense, &state.kept, &scores, goal.target, &goal.prune);
+        let pruned = DeviceState {
+            kept: kept.clone(),
+            ..state.clone()
+        };
+        Ok((self.evaluate(device, &pruned, slice)?, kept))
+    }
     /// Bytes a frame of `encoded_len` would take on the wire for the modelled model (the
     /// surrogate's wire model is tiny; it reports the real model's sizes).
     fn wire_bytes(&self, _msg: &protocol::Message, encoded_len: usize) -> usize {
@@ -171,6 +218,77 @@ impl LocalTrainer for RealTrainer {
             perplexity,
         })
     }
+
+    fn evaluate_at_target(
+        &mut self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+        goal: &ToTarget,
+    ) -> Result<(Quality, KeptIndices), String> {
+        self.real_at_target(device, state, slice, goal)
+    }
+}
+
+impl RealTrainer {
+    /// [`LocalTrainer::evaluate_at_target`] on the real model: the device's model with the
+    /// global adapter, importance from its own data, `Tuner::prune_to`, the recovery steps,
+    /// then the held-out evaluation.
+    fn real_at_target(
+        &mut self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+        goal: &ToTarget,
+    ) -> Result<(Quality, KeptIndices), String> {
+        let data = &self.data[device];
+        let adapter =
+            job::start_adapter(&eval_job(slice), state, &self.base).map_err(|e| e.to_string())?;
+        let cfg = TrainConfig {
+            lr: goal.lr,
+            criterion: goal.criterion,
+            prune: goal.prune.clone(),
+            seed: goal.seed,
+            warmup_steps: (goal.recovery_steps / 10).max(1),
+            ..TrainConfig::default()
+        };
+        let mut tuner =
+            Tuner::new(&self.base, state.kept.clone(), adapter, cfg).map_err(|e| e.to_string())?;
+        let n = data.train_len().max(1);
+        let offset = (goal.seed % n as u64) as usize;
+        // Importance only: at learning rate 0 the optimiser leaves the adapter as it is.
+        for i in 0..goal.importance_batches.max(1) {
+            tuner.train_micro(&data.batch(offset + i, goal.batch), 0.0, true);
+        }
+        tuner
+            .prune_to(&self.base, goal.target)
+            .map_err(|e| e.to_string())?;
+        if goal.recovery_steps > 0 {
+            let start = offset + goal.importance_batches.max(1);
+            // A target at the current sparsity: no pruning events, training only.
+            let now = tuner.sparsity();
+            tuner
+                .run_round(
+                    &self.base,
+                    goal.recovery_steps,
+                    now,
+                    |i| data.batch(start + i, goal.batch),
+                    |_| {},
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        let test = self.global_test.as_ref().unwrap_or(data);
+        let (loss, accuracy) = test.evaluate(&tuner.model, Some(&tuner.adapter));
+        let perplexity = matches!(test, LocalData::Lm(_)).then(|| loss.exp());
+        Ok((
+            Quality {
+                loss,
+                accuracy,
+                perplexity,
+            },
+            tuner.kept.clone(),
+        ))
+    }
 }
 
 /// A job that only carries a global slice (for building the evaluated adapter the way a device
@@ -182,6 +300,7 @@ pub fn eval_job(slice: &GlobalSlice) -> TrainJob {
             prune_ratio: 0.0,
             rank: slice.adapter.rank,
         },
+        target_sparsity: None,
         global: Some(slice.clone()),
         local_steps: 1,
         prune_every: 1,

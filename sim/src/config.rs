@@ -6,7 +6,7 @@
 //!
 //! ```toml
 //! name = "my-run"
-//! strategy = "fedspine"      # fedspine | hetlora | fedlora | fixed-prune | ratio-bandit
+//! strategy = "fedspine"      # fedspine | hetlora | fedlora | fixed-prune | ratio-bandit | prune-after-fl
 //! seed = 7
 //! mode = "real"              # real | surrogate
 //!
@@ -238,12 +238,13 @@ pub const PRESETS: [(&str, &str); 6] = [
 ];
 
 /// The strategy names `sim compare` accepts.
-pub const STRATEGIES: [&str; 5] = [
+pub const STRATEGIES: [&str; 6] = [
     "fedspine",
     "hetlora",
     "fedlora",
     "fixed-prune",
     "ratio-bandit",
+    "prune-after-fl",
 ];
 
 impl ExperimentConfig {

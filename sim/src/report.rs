@@ -76,6 +76,11 @@ pub struct EvalRecord {
     pub accuracy: f64,
     pub perplexity: Option<f64>,
     pub devices: usize,
+    /// Evaluated devices of a pruning strategy that were short of the run's target sparsity
+    /// and were brought to it (with their own importance scores) before they were scored.
+    pub brought_to_target: usize,
+    /// The lowest sparsity among the evaluated models, as scored.
+    pub min_sparsity: Option<f64>,
 }
 
 /// One closed round.
@@ -179,6 +184,10 @@ pub struct Summary {
     pub final_loss: Option<f64>,
     pub final_perplexity: Option<f64>,
     pub final_devices_evaluated: usize,
+    /// Of those, the devices brought to the run's target sparsity before they were scored
+    /// (short of it; `prune-after-fl`: every dense one), and the lowest evaluated sparsity.
+    pub final_brought_to_target: usize,
+    pub final_min_sparsity: Option<f64>,
     pub last_panel_accuracy: Option<f64>,
     /// Mean final sparsity over every device, and over devices that trained at least once.
     pub mean_sparsity: f64,

@@ -391,7 +391,8 @@ impl LocalTrainer for SurrogateTrainer {
         let steps = job.local_steps;
         let s_prev = self.wire_sparsity(&state.kept);
         let mut job_rng = ChaCha8Rng::seed_from_u64(job.seed);
-        let kept = if job.arm.prune_ratio > s_prev + 1e-12 {
+        let goal = job.sparsity_goal().round_target(s_prev);
+        let kept = if goal > s_prev + 1e-12 {
             let shapes = state.kept.shapes(&self.wire);
             let scores: Vec<BlockScores> = shapes
                 .iter()
@@ -400,13 +401,7 @@ impl LocalTrainer for SurrogateTrainer {
                     channels: (0..s.ffn_dim).map(|_| job_rng.random()).collect(),
                 })
                 .collect();
-            prune::select_prune(
-                &self.wire,
-                &state.kept,
-                &scores,
-                job.arm.prune_ratio,
-                &self.prune,
-            )
+            prune::select_prune(&self.wire, &state.kept, &scores, goal, &self.prune)
         } else {
             state.kept.clone()
         };

@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How updates are combined (a strategy may override the configured method: `hetlora` always
-/// uses HetLoRA averaging and `fedlora` plain averaging).
+/// How updates are combined (every strategy uses the configured method unless its own config
+/// names one: `hetlora` and `fedlora` take an `aggregation` override).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AggregationMethod {

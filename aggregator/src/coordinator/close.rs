@@ -203,7 +203,11 @@ impl Coordinator {
         if !quorum_met {
             return zero_unless_completed(participants);
         }
-        let stats: Vec<RoundStats> = participants.values().map(round_stats).collect();
+        let target = self.config.reward_target();
+        let stats: Vec<RoundStats> = participants
+            .values()
+            .map(|p| round_stats(p, target))
+            .collect();
         match shape_rewards(&stats, &self.config.reward) {
             Ok(r) => r.into_iter().map(Some).collect(),
             Err(e) => {
@@ -244,14 +248,15 @@ enum Merge {
     Failed,
 }
 
-/// What the reward shaping sees of a participant's round (failed and missed ones included).
-fn round_stats(p: &Participant) -> RoundStats {
+/// What the reward shaping sees of a participant's round (failed and missed ones included);
+/// progress is measured toward the run's `target` sparsity, not the arm's own ratio.
+fn round_stats(p: &Participant, target: f64) -> RoundStats {
     let mut s = RoundStats {
         loss_pre: 0.0,
         loss_post: 0.0,
         sparsity_prev: p.sparsity_prev,
         sparsity_now: p.sparsity_prev,
-        sparsity_target: p.arm.prune_ratio.clamp(0.0, 1.0),
+        sparsity_target: target,
         update_norm: 0.0,
         duration_ms: 0,
         failed: false,

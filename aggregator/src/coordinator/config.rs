@@ -9,16 +9,18 @@
 //! min_devices = 3
 //! round_deadline_ms = 120000
 //! local_steps = 20
+//! target_sparsity = 0.3      # s*: every pruning strategy's devices head for it
 //!
 //! [strategy]
 //! kind = "fedspine"          # fedspine | hetlora | fedlora | fixed-prune | ratio-bandit
+//!                            # | prune-after-fl
 //!
 //! [aggregation]
 //! method = "exact"           # exact | hetlora | mean | median | trimmed-mean
 //!
-//! [arms]
+//! [arms]                     # with target_sparsity the ratio is the round's pace
 //! ratio_min = 0.0
-//! ratio_max = 0.3
+//! ratio_max = 1.0
 //! ranks = [4, 8]
 //!
 //! [policy]
@@ -39,6 +41,12 @@ use crate::strategy::{Common, Strategy, StrategyConfig};
 pub struct CoordinatorConfig {
     /// Which strategy picks arms and aggregates. Default `fedspine`.
     pub strategy: StrategyConfig,
+    /// The run's target sparsity s* in `[0, 0.9]` (the paper's levels are 0.3 and 0.5). Every
+    /// round configuration carries it, and an arm's pruning ratio is then the round's *pace*:
+    /// a device at sparsity `s` prunes toward `s + ratio * (s* - s)` this round
+    /// ([`protocol::SparsityGoal`]), so a ratio of 1 closes the whole gap and arms may go up to
+    /// 1. `None` (the default): an arm's ratio is the device's sparsity target after the round.
+    pub target_sparsity: Option<f64>,
     /// Rounds to run; the coordinator says goodbye (`Bye(Finished)`) after the last one.
     pub rounds: u64,
     /// Devices whose updates a round aims for.
@@ -99,6 +107,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             strategy: StrategyConfig::Fedspine,
+            target_sparsity: None,
             rounds: 20,
             devices_per_round: 10,
             over_selection: 0.2,
@@ -207,11 +216,24 @@ impl CoordinatorConfig {
         self.arms
             .validate()
             .map_err(|e| invalid(format!("arms: {e}")))?;
-        if self.arms.ratio_max >= 1.0 {
-            return Err(invalid(format!(
-                "arms.ratio_max {} must be below 1 (a device cannot prune everything)",
-                self.arms.ratio_max
-            )));
+        match self.target_sparsity {
+            Some(t) => {
+                if !(t.is_finite() && (0.0..=protocol::MAX_TARGET_SPARSITY).contains(&t)) {
+                    return Err(invalid(format!(
+                        "target_sparsity {t} is outside [0, {}]",
+                        protocol::MAX_TARGET_SPARSITY
+                    )));
+                }
+            }
+            None => {
+                if self.arms.ratio_max >= 1.0 {
+                    return Err(invalid(format!(
+                        "arms.ratio_max {} must be below 1 without a target_sparsity (a device \
+                         cannot prune everything)",
+                        self.arms.ratio_max
+                    )));
+                }
+            }
         }
         self.reward
             .validate()
@@ -257,7 +279,16 @@ impl CoordinatorConfig {
             policy: self.policy.clone(),
             feasibility: self.feasibility,
             max_rank: self.max_rank,
+            target_sparsity: self.target_sparsity,
         }
+    }
+
+    /// The sparsity the reward's progress term measures against: the run's target, or without
+    /// one the largest ratio an arm may play (so no ratio short of it earns full credit).
+    pub fn reward_target(&self) -> f64 {
+        self.target_sparsity
+            .unwrap_or(self.arms.ratio_max)
+            .clamp(0.0, 1.0)
     }
 
     /// The configured strategy (refused when its settings do not fit the rest of the config).

@@ -44,6 +44,7 @@ impl Coordinator {
         Ok(RoundConfig {
             round,
             arm: participant.arm,
+            target_sparsity: self.config.target_sparsity,
             global: Some(slice),
             deadline_ms,
             local_steps: self.config.local_steps,

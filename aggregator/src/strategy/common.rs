@@ -10,7 +10,7 @@ use bandit::{
 use protocol::Capabilities;
 use rand_chacha::ChaCha8Rng;
 
-use crate::aggregate::AggregationConfig;
+use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// A device's learned arm choice: its policy behind its feasibility filter.
 pub type DeviceBandit = Filtered<AnyPolicy>;
@@ -54,6 +54,21 @@ pub trait Strategy: fmt::Debug + Send {
     }
 }
 
+/// How a strategy's devices reach the run's target sparsity s*, which says what an evaluation
+/// does with a device that is not there yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetRoute {
+    /// Never pruned (`hetlora`, `fedlora`): evaluated dense.
+    Dense,
+    /// Pruned in the rounds at the pace of the arms (`fedspine`, `ratio-bandit`,
+    /// `fixed-prune`); a device evaluated before it reached s* is brought there first with its
+    /// own importance scores.
+    Paced,
+    /// Dense through the rounds, then pruned to s* in one shot with LoRA-gradient importance on
+    /// each device, followed by `recovery_steps` local steps (`prune-after-fl`).
+    AfterTraining { recovery_steps: u32 },
+}
+
 /// The run's settings every strategy takes (the coordinator fills them from its config).
 #[derive(Clone, Debug)]
 pub struct Common {
@@ -64,6 +79,8 @@ pub struct Common {
     pub feasibility: bandit::FeasibilityConfig,
     /// Rank of the global adapter; no arm may use a higher one.
     pub max_rank: u32,
+    /// The run's target sparsity s*; with it an arm's ratio is the round's pace toward it.
+    pub target_sparsity: Option<f64>,
 }
 
 impl Common {
@@ -92,6 +109,32 @@ impl Common {
             None => Ok(()),
         }
     }
+}
+
+/// The configured aggregation, with `method` in place of the configured method when a
+/// strategy's config names one (an explicit choice: by default every strategy aggregates with
+/// the run's configured method, so strategies are compared on one aggregation).
+pub(super) fn aggregation_with(
+    configured: &AggregationConfig,
+    method: Option<AggregationMethod>,
+) -> AggregationConfig {
+    AggregationConfig {
+        method: method.unwrap_or(configured.method),
+        ..configured.clone()
+    }
+}
+
+/// Refuses a fixed ratio outside its range: with a run target it is the round's pace, in
+/// `[0, 1]`; without one the round's sparsity target, in `[0, 1)`.
+pub(super) fn check_fixed_ratio(
+    who: &str,
+    ratio: f64,
+    target_sparsity: Option<f64>,
+) -> Result<(), StrategyError> {
+    let arm = protocol::Arm::new(ratio, 1);
+    protocol::SparsityGoal::of(&arm, target_sparsity)
+        .check()
+        .map_err(|e| StrategyError::InvalidConfig(format!("{who}: {e}")))
 }
 
 /// A one-arm space and its fixed policy.

@@ -1,10 +1,10 @@
-//! `fedlora`: no pruning, every device at one LoRA rank, factors averaged (FedAvg on `A` and
-//! `B`).
+//! `fedlora`: no pruning, every device at one LoRA rank. Aggregated with the run's configured
+//! method unless its config names one (`aggregation = "mean"` is FedAvg on `A` and `B`).
 
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::common::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{aggregation_with, fixed_space, Common, DeviceBandit, Strategy, StrategyError};
 use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// Parameters of `fedlora`.
@@ -13,11 +13,16 @@ use crate::aggregate::{AggregationConfig, AggregationMethod};
 pub struct FedLoraConfig {
     /// Default 16.
     pub rank: u32,
+    /// Aggregation method of this strategy's rounds. Default: the run's `aggregation.method`.
+    pub aggregation: Option<AggregationMethod>,
 }
 
 impl Default for FedLoraConfig {
     fn default() -> Self {
-        FedLoraConfig { rank: 16 }
+        FedLoraConfig {
+            rank: 16,
+            aggregation: None,
+        }
     }
 }
 
@@ -46,9 +51,6 @@ impl Strategy for FedLora {
     }
 
     fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
-        AggregationConfig {
-            method: AggregationMethod::Mean,
-            ..configured.clone()
-        }
+        aggregation_with(configured, self.config.aggregation)
     }
 }

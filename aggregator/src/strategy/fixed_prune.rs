@@ -1,15 +1,22 @@
-//! `fixed-prune`: one pruning ratio and one LoRA rank for every device, every round.
+//! `fixed-prune`: one pruning ratio and one LoRA rank for every device, every round. With a run
+//! target sparsity s* the ratio is a fixed pace: every round a device closes that share of its
+//! remaining gap to s*.
 
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::common::{fixed_space, Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{
+    check_fixed_ratio, fixed_space, Common, DeviceBandit, Strategy, StrategyError,
+};
 
 /// Parameters of `fixed-prune`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FixedPruneConfig {
-    /// Default 0.3.
+    /// The arm's ratio (TOML `prune_ratio` or `pace`): with a run target sparsity, the share of
+    /// the remaining gap to it a device closes every round, in `[0, 1]`; without one, every
+    /// round's sparsity target, in `[0, 1)`. Default 0.3.
+    #[serde(alias = "pace")]
     pub prune_ratio: f64,
     /// Default 16.
     pub rank: u32,
@@ -33,12 +40,7 @@ pub struct FixedPrune {
 
 impl FixedPrune {
     pub fn new(common: Common, config: FixedPruneConfig) -> Result<FixedPrune, StrategyError> {
-        if !(0.0..1.0).contains(&config.prune_ratio) {
-            return Err(StrategyError::InvalidConfig(format!(
-                "fixed-prune ratio {} is outside [0, 1)",
-                config.prune_ratio
-            )));
-        }
+        check_fixed_ratio("fixed-prune", config.prune_ratio, common.target_sparsity)?;
         common.check_space(&fixed_space(config.prune_ratio, config.rank).0)?;
         Ok(FixedPrune { common, config })
     }

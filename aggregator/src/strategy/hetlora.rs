@@ -1,12 +1,13 @@
 //! `hetlora`: no pruning; each device trains at a rank bounded by its RAM tier (HetLoRA's
-//! capability-based ranks), chosen among the allowed ranks by its bandit, and updates are
-//! combined by HetLoRA's zero-pad, norm-weighted averaging.
+//! capability-based ranks), chosen among the allowed ranks by its bandit. Updates are combined
+//! with the run's configured method unless its config names one (`aggregation = "hetlora"`:
+//! HetLoRA's zero-pad, norm-weighted averaging).
 
 use bandit::ArmSpace;
 use protocol::Capabilities;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Common, DeviceBandit, Strategy, StrategyError};
+use super::common::{aggregation_with, Common, DeviceBandit, Strategy, StrategyError};
 use crate::aggregate::{AggregationConfig, AggregationMethod};
 
 /// Devices with at least `min_ram_bytes` may use ranks up to `max_rank`.
@@ -25,6 +26,8 @@ pub struct HetLoraConfig {
     /// device below every tier gets the smallest allowed rank. Default: under 2 GiB rank 4,
     /// 2 GiB rank 8, 4 GiB rank 16, 8 GiB rank 32, 16 GiB rank 64.
     pub rank_tiers: Vec<RankTier>,
+    /// Aggregation method of this strategy's rounds. Default: the run's `aggregation.method`.
+    pub aggregation: Option<AggregationMethod>,
 }
 
 impl Default for HetLoraConfig {
@@ -53,6 +56,7 @@ impl Default for HetLoraConfig {
                     max_rank: 64,
                 },
             ],
+            aggregation: None,
         }
     }
 }
@@ -115,9 +119,6 @@ impl Strategy for HetLora {
     }
 
     fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
-        AggregationConfig {
-            method: AggregationMethod::HetLora,
-            ..configured.clone()
-        }
+        aggregation_with(configured, self.config.aggregation)
     }
 }

@@ -3,13 +3,20 @@
 //! round logic and every piece of learned state (one bandit per device, in its device table);
 //! a strategy is stateless and rebuilt from the config, so checkpoints never hold one.
 //!
-//! | strategy | arms | policy | aggregation |
-//! |---|---|---|---|
-//! | `fedspine` | `arms` (ratio x rank) | `policy` (S-UCB by default) | `aggregation.method` |
-//! | `hetlora` | ratio 0 x ranks up to the device's RAM tier | `policy` | HetLoRA |
-//! | `fedlora` | ratio 0 x one rank | fixed | plain mean |
-//! | `fixed-prune` | one ratio x one rank | fixed | `aggregation.method` |
-//! | `ratio-bandit` | `arms` ratios x one rank | `policy` | `aggregation.method` |
+//! | strategy | arms | policy | aggregation | reaches s* |
+//! |---|---|---|---|---|
+//! | `fedspine` | `arms` (pace x rank) | `policy` (S-UCB by default) | `aggregation.method` | at the bandit's pace |
+//! | `hetlora` | ratio 0 x ranks up to the device's RAM tier | `policy` | `aggregation.method`, or its own `aggregation` | never (dense) |
+//! | `fedlora` | ratio 0 x one rank | fixed | `aggregation.method`, or its own `aggregation` | never (dense) |
+//! | `fixed-prune` | one pace x one rank | fixed | `aggregation.method` | at its fixed pace |
+//! | `ratio-bandit` | `arms` paces x one rank | `policy` | `aggregation.method` | at the bandit's pace |
+//! | `prune-after-fl` | ratio 0 x one rank | fixed | `aggregation.method` | one shot after the rounds, then recovery |
+//!
+//! Every strategy aggregates with the run's configured method by default, so a comparison of
+//! strategies is not also a comparison of aggregation methods; `hetlora` and `fedlora` take an
+//! explicit `aggregation` override (HetLoRA's own averaging is `aggregation = "hetlora"`).
+//! With a run target sparsity s* (`target_sparsity`), an arm's ratio is the round's pace: the
+//! share of the remaining gap to s* a device closes ([`protocol::SparsityGoal`]).
 //!
 //! Strategies sit below the coordinator and never import it: they see the bandit crate, the
 //! protocol and the aggregation settings only. The coordinator passes them the run settings
@@ -22,15 +29,17 @@ mod fedlora;
 mod fedspine;
 mod fixed_prune;
 mod hetlora;
+mod prune_after_fl;
 mod ratio_bandit;
 
 use serde::{Deserialize, Serialize};
 
-pub use common::{Common, DeviceBandit, Strategy, StrategyError};
+pub use common::{Common, DeviceBandit, Strategy, StrategyError, TargetRoute};
 pub use fedlora::{FedLora, FedLoraConfig};
 pub use fedspine::FedSpine;
 pub use fixed_prune::{FixedPrune, FixedPruneConfig};
 pub use hetlora::{HetLora, HetLoraConfig, RankTier};
+pub use prune_after_fl::{PruneAfterFl, PruneAfterFlConfig, MAX_RECOVERY_STEPS};
 pub use ratio_bandit::{RatioBandit, RatioBanditConfig};
 
 /// Which strategy to run; TOML `[strategy]` with a `kind` key plus the strategy's own fields.
@@ -48,6 +57,8 @@ pub enum StrategyConfig {
     FixedPrune(FixedPruneConfig),
     /// Bandit over the pruning ratio only, one rank.
     RatioBandit(RatioBanditConfig),
+    /// Dense federated LoRA, then one-shot pruning to s* and a short recovery on each device.
+    PruneAfterFl(PruneAfterFlConfig),
 }
 
 impl StrategyConfig {
@@ -59,6 +70,20 @@ impl StrategyConfig {
             StrategyConfig::Fedlora(_) => "fedlora",
             StrategyConfig::FixedPrune(_) => "fixed-prune",
             StrategyConfig::RatioBandit(_) => "ratio-bandit",
+            StrategyConfig::PruneAfterFl(_) => "prune-after-fl",
+        }
+    }
+
+    /// How this strategy's devices reach the run's target sparsity.
+    pub fn target_route(&self) -> TargetRoute {
+        match self {
+            StrategyConfig::Fedspine
+            | StrategyConfig::FixedPrune(_)
+            | StrategyConfig::RatioBandit(_) => TargetRoute::Paced,
+            StrategyConfig::Hetlora(_) | StrategyConfig::Fedlora(_) => TargetRoute::Dense,
+            StrategyConfig::PruneAfterFl(c) => TargetRoute::AfterTraining {
+                recovery_steps: c.recovery_steps,
+            },
         }
     }
 
@@ -71,6 +96,7 @@ impl StrategyConfig {
             StrategyConfig::Fedlora(c) => Box::new(FedLora::new(common, *c)?),
             StrategyConfig::FixedPrune(c) => Box::new(FixedPrune::new(common, *c)?),
             StrategyConfig::RatioBandit(c) => Box::new(RatioBandit::new(common, *c)?),
+            StrategyConfig::PruneAfterFl(c) => Box::new(PruneAfterFl::new(common, *c)?),
         })
     }
 }

@@ -71,6 +71,7 @@ fn config(round: u64, rank: u32, deadline_ms: u64) -> Message {
             prune_ratio: 0.2,
             rank,
         },
+        target_sparsity: None,
         global: None,
         deadline_ms,
         local_steps: 4,
@@ -446,6 +447,21 @@ fn a_configuration_over_the_caps_is_refused_with_its_reason() {
                 ..base.clone()
             },
             "prune ratio inf is not in [0, 1)",
+        ),
+        (
+            RoundConfig {
+                target_sparsity: Some(0.95),
+                ..base.clone()
+            },
+            "target sparsity 0.95 is not in [0, 0.9]",
+        ),
+        (
+            RoundConfig {
+                arm: Arm::new(1.5, 8),
+                target_sparsity: Some(0.5),
+                ..base.clone()
+            },
+            "pruning pace 1.5 is not in [0, 1]",
         ),
     ];
     for (i, (rc, why)) in cases.into_iter().enumerate() {

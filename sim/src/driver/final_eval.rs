@@ -6,7 +6,11 @@
 //! function of its kept maps and the global adapter only, so devices with equal kept maps
 //! (every device that never pruned, e.g. all of a dense strategy's fleet) are evaluated once
 //! and share the result: the fleet evaluation costs one evaluation per distinct model, not per
-//! device. (Without a global set, or in surrogate mode, each device is evaluated itself.)
+//! device. (Without a global set, or in surrogate mode, each device is evaluated itself.) A
+//! device that is brought to the target sparsity first (`panel.rs`) is pruned with its own
+//! importance scores, so its result is its own and is never shared; whether a device is
+//! brought depends only on its kept maps' sparsity, so a shared result is never one that
+//! would have been brought.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +33,21 @@ pub(super) struct FinalEvaluation {
     /// device that never trained).
     pub(super) fleet: BTreeMap<usize, Quality>,
     pub(super) summary: EvalSummary,
+    /// Devices of the fleet evaluation brought to the target sparsity before scoring.
+    pub(super) brought_to_target: usize,
+    /// The lowest sparsity among the fleet's evaluated models (as scored).
+    pub(super) min_sparsity: Option<f64>,
+}
+
+/// What [`Simulation::evaluate_distinct`] shares between devices and counts.
+#[derive(Default)]
+struct Memo {
+    /// Results of evaluations that depend on the kept maps only.
+    shared: Vec<(KeptIndices, Quality, f64)>,
+    /// Evaluations run.
+    evaluations: usize,
+    brought_to_target: usize,
+    min_sparsity: Option<f64>,
 }
 
 fn mean_of(q: &BTreeMap<usize, Quality>, f: impl Fn(&Quality) -> Option<f64>) -> Option<f64> {
@@ -63,26 +82,29 @@ impl Simulation<'_> {
         &mut self,
         devices: &[usize],
         shared: bool,
-        memo: &mut Vec<(KeptIndices, Quality)>,
+        memo: &mut Memo,
     ) -> Result<BTreeMap<usize, Quality>, SimError> {
         let mut out = BTreeMap::new();
         for &i in devices {
             let kept = self.devices[i].session.state().kept.clone();
-            let known = memo.iter().find(|(k, _)| shared && *k == kept);
-            let q = match known {
-                Some((_, q)) => *q,
+            let known = memo.shared.iter().find(|(k, _, _)| shared && *k == kept);
+            let (q, sparsity) = match known {
+                Some((_, q, s)) => (*q, *s),
                 None => {
-                    let q = self
-                        .evaluate_devices(&[i])?
-                        .first()
-                        .map(|x| x.1)
-                        .ok_or_else(|| {
-                            SimError::Coordinator("an evaluation returned nothing".into())
-                        })?;
-                    memo.push((kept, q));
-                    q
+                    let e = self.evaluate_devices(&[i], true)?;
+                    let q = e.qualities.first().map(|x| x.1).ok_or_else(|| {
+                        SimError::Coordinator("an evaluation returned nothing".into())
+                    })?;
+                    let s = e.min_sparsity.unwrap_or(0.0);
+                    memo.evaluations += 1;
+                    memo.brought_to_target += e.brought_to_target;
+                    if e.brought_to_target == 0 {
+                        memo.shared.push((kept, q, s));
+                    }
+                    (q, s)
                 }
             };
+            memo.min_sparsity = Some(memo.min_sparsity.map_or(sparsity, |m| m.min(sparsity)));
             out.insert(i, q);
         }
         Ok(out)
@@ -105,7 +127,7 @@ impl Simulation<'_> {
             .filter(|&i| self.devices[i].rounds_trained == 0)
             .collect();
         let (items, shared) = self.eval_sample();
-        let mut memo = Vec::new();
+        let mut memo = Memo::default();
         let trained_q = self.evaluate_distinct(&trained, shared, &mut memo)?;
         let mut fleet = trained_q.clone();
         fleet.extend(self.evaluate_distinct(&untrained, shared, &mut memo)?);
@@ -116,7 +138,7 @@ impl Simulation<'_> {
         let summary = EvalSummary {
             trained_evaluated: trained_q.len(),
             fleet_evaluated: fleet.len(),
-            distinct_models: memo.len(),
+            distinct_models: memo.evaluations,
             items_per_evaluation: items,
             shared_items: shared,
             trained_accuracy_se: trained_accuracy
@@ -131,6 +153,8 @@ impl Simulation<'_> {
             trained: trained_q,
             fleet,
             summary,
+            brought_to_target: memo.brought_to_target,
+            min_sparsity: memo.min_sparsity,
         })
     }
 }

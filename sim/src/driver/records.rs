@@ -171,6 +171,8 @@ impl Simulation<'_> {
         }
         let mut summary = self.summarise(&devices, &qualities, ended_by);
         summary.evaluation = final_eval.summary;
+        summary.final_brought_to_target = final_eval.brought_to_target;
+        summary.final_min_sparsity = final_eval.min_sparsity;
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
         let state = self.coordinator.state();
         Ok((
@@ -253,6 +255,8 @@ impl Simulation<'_> {
             final_loss: mean_q(&|q| Some(q.loss)),
             final_perplexity: mean_q(&|q| q.perplexity),
             final_devices_evaluated: qn,
+            final_brought_to_target: 0,
+            final_min_sparsity: None,
             last_panel_accuracy: self
                 .rounds
                 .iter()

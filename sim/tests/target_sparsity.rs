@@ -1,0 +1,124 @@
+//! The run's target sparsity s* in the simulator, on the random tiny model (fast, no assets):
+//! under `fedspine` every device closes the share of its gap to s* that its bandit's pace
+//! says (within one pruning unit), and a device evaluated before it reached s* is brought
+//! there first and counted; `prune-after-fl` trains dense through every round and prunes only
+//! for the final evaluation; a dense strategy is evaluated dense.
+
+use protocol::{SparsityGoal, SPARSITY_TOLERANCE};
+use sim::config::{ExperimentConfig, ModelChoice};
+use sim::experiment::{self, tiny_model, Resources};
+use sim::report::Report;
+use sim::Quiet;
+
+/// s* for the tiny model: only its middle block is prunable (the first and last are
+/// protected), so about 18% is the most it can shed.
+const TARGET: f64 = 0.15;
+
+fn config(strategy: &str) -> ExperimentConfig {
+    let mut cfg = ExperimentConfig::preset("tiny").unwrap();
+    cfg.coordinator.target_sparsity = Some(TARGET);
+    cfg.coordinator.arms.ratio_min = 0.25;
+    cfg.coordinator.arms.ratio_max = 1.0;
+    cfg.coordinator.rounds = 3;
+    cfg.eval.final_devices = 0; // the whole fleet
+    cfg.with_strategy(strategy).unwrap()
+}
+
+fn run(cfg: &ExperimentConfig) -> Report {
+    let res = Resources::load(cfg, None).unwrap();
+    experiment::run_with_state(cfg, &res, &mut Quiet).unwrap().0
+}
+
+/// The largest share of the tiny model's non-embedding parameters one pruning step can
+/// remove: a query head together with the KV head it frees.
+fn one_unit(cfg: &ExperimentConfig) -> f64 {
+    let ModelChoice::Tiny(t) = &cfg.model else {
+        panic!("tiny model expected")
+    };
+    let dense = tiny_model(t).config;
+    (4 * t.d_model * t.head_dim) as f64 / dense.dense_non_embedding_params() as f64
+}
+
+#[test]
+fn fedspine_devices_close_the_gap_at_the_bandits_pace_and_short_ones_are_brought_to_target() {
+    let cfg = config("fedspine");
+    let report = run(&cfg);
+    let unit = one_unit(&cfg);
+    let mut paced = 0;
+    for play in report.rounds.iter().flat_map(|r| &r.plays) {
+        let (Some(before), Some(after)) = (play.sparsity_prev, play.sparsity) else {
+            continue;
+        };
+        let goal = SparsityGoal::Paced {
+            target: TARGET,
+            pace: play.prune_ratio,
+        }
+        .round_target(before);
+        assert!(
+            after >= goal - 1e-9 && after <= goal + unit,
+            "device {} at pace {}: {before} -> {after}, goal {goal}",
+            play.device,
+            play.prune_ratio
+        );
+        paced += 1;
+    }
+    assert!(paced >= 6, "only {paced} accepted plays");
+    // Every panel evaluation and the final one scored models at s*.
+    for eval in report.rounds.iter().filter_map(|r| r.eval.as_ref()) {
+        let min = eval.min_sparsity.unwrap();
+        assert!(
+            min >= TARGET - SPARSITY_TOLERANCE,
+            "round {}: {min}",
+            eval.round
+        );
+    }
+    let s = &report.summary;
+    assert_eq!(s.final_devices_evaluated, report.devices.len());
+    assert!(s.final_min_sparsity.unwrap() >= TARGET - SPARSITY_TOLERANCE);
+    // The devices short of s* at the end (those that never trained, at least) were brought
+    // there and counted; the others were not.
+    let short = report
+        .devices
+        .iter()
+        .filter(|d| d.sparsity < TARGET - SPARSITY_TOLERANCE)
+        .count();
+    assert!(
+        report
+            .devices
+            .iter()
+            .any(|d| d.sparsity < TARGET - SPARSITY_TOLERANCE),
+        "every device reached s* in 3 rounds: the test needs one that did not"
+    );
+    assert_eq!(s.final_brought_to_target, short);
+}
+
+#[test]
+fn prune_after_fl_trains_dense_and_prunes_only_for_the_final_evaluation() {
+    let cfg = config("prune-after-fl");
+    let report = run(&cfg);
+    let plays: Vec<_> = report.rounds.iter().flat_map(|r| &r.plays).collect();
+    assert!(!plays.is_empty());
+    for p in &plays {
+        assert_eq!(p.prune_ratio, 0.0);
+        if let Some(s) = p.sparsity {
+            assert_eq!(s, 0.0, "device {} pruned during the rounds", p.device);
+        }
+    }
+    assert!(report.devices.iter().all(|d| d.sparsity == 0.0));
+    // The panel during the rounds scores the dense models.
+    for eval in report.rounds.iter().filter_map(|r| r.eval.as_ref()) {
+        assert_eq!((eval.brought_to_target, eval.min_sparsity), (0, Some(0.0)));
+    }
+    // At the end every device is pruned to s* (and recovered) before it is scored.
+    let s = &report.summary;
+    assert_eq!(s.final_brought_to_target, report.devices.len());
+    assert!(s.final_min_sparsity.unwrap() >= TARGET - SPARSITY_TOLERANCE);
+    assert!(s.final_accuracy.is_some_and(f64::is_finite));
+}
+
+#[test]
+fn a_dense_strategy_is_evaluated_dense() {
+    let report = run(&config("fedlora"));
+    assert_eq!(report.summary.final_brought_to_target, 0);
+    assert_eq!(report.summary.final_min_sparsity, Some(0.0));
+}
