@@ -112,6 +112,7 @@ fn config(base: &Llama, round: u64, kept: &KeptIndices) -> AgentEvent {
             learning_rate: 0.01,
             batch_size: 2,
             seed: 40 + round,
+            target_sparsity: None,
         }),
         bytes: 1000,
     }
