@@ -182,6 +182,8 @@ impl Default for EvalConfig {
 pub struct SurrogateConfig {
     /// Parameters file written by `sim fit-surrogate`; empty = the built-in fit.
     pub params: String,
+    /// Accept a parameter file without provenance (hand-set, not fitted).
+    pub force_unfitted: bool,
 }
 
 /// A whole experiment.

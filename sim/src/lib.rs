@@ -23,6 +23,7 @@
 pub mod apportion;
 pub mod compute;
 pub mod config;
+pub mod device_rounds;
 pub mod driver;
 pub mod error;
 pub mod experiment;
@@ -31,6 +32,7 @@ pub mod local_data;
 pub mod partition;
 pub mod progress;
 pub mod queue;
+pub mod record;
 pub mod report;
 pub mod sampling;
 pub mod surrogate;

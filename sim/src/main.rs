@@ -36,14 +36,37 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Fit the surrogate's loss-response parameters from real runs' rounds.jsonl files.
+    /// Fit the surrogate's loss and accuracy response from recorded device-rounds
+    /// (device_rounds.jsonl files or run folders holding one); writes the parameters with their
+    /// provenance and held-out validation error.
     FitSurrogate {
-        /// rounds.jsonl files or run folders containing them.
+        /// device_rounds.jsonl files or run folders containing them.
         #[arg(required = true)]
-        runs: Vec<PathBuf>,
+        data: Vec<PathBuf>,
         /// Where to write the parameters (TOML).
         #[arg(long, default_value = "surrogate-params.toml")]
         out: PathBuf,
+        /// Seed of the train / held-out split.
+        #[arg(long, default_value_t = 1)]
+        split_seed: u64,
+        /// Share of the device-rounds held out for validation.
+        #[arg(long, default_value_t = 0.25)]
+        holdout: f64,
+    },
+    /// Train a designed grid of arms (prune ratio x rank) in real mode, one fixed arm per run,
+    /// and append every device-round to a dataset for `sim fit-surrogate`.
+    Record {
+        /// Comma-separated prune ratios.
+        #[arg(long, default_value = "0,0.25,0.5")]
+        ratios: String,
+        /// Comma-separated ranks.
+        #[arg(long, default_value = "4,16")]
+        ranks: String,
+        /// The dataset to append to.
+        #[arg(long, default_value = "runs/record/device_rounds.jsonl")]
+        data: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// List the built-in device profiles.
     Profiles,
@@ -76,6 +99,9 @@ struct RunArgs {
     /// Output folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Surrogate mode: accept a parameter file without provenance (not fitted).
+    #[arg(long)]
+    force_unfitted: bool,
 }
 
 impl RunArgs {
@@ -106,6 +132,7 @@ impl RunArgs {
         if let Some(o) = &self.out {
             cfg.output_dir = o.clone();
         }
+        cfg.surrogate.force_unfitted |= self.force_unfitted;
         let strategy = self
             .strategy
             .clone()
@@ -208,23 +235,37 @@ fn compare(strategies: &str, args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn fit(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
-    let files: Vec<PathBuf> = runs
-        .into_iter()
-        .map(|p| {
-            if p.is_dir() {
-                p.join("rounds.jsonl")
-            } else {
-                p
-            }
-        })
-        .collect();
-    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-    let params = surrogate::fit(&refs)?;
+fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let opts = surrogate::FitOptions {
+        split_seed,
+        holdout,
+        command,
+        date: surrogate::utc_now(),
+    };
+    let params = surrogate::fit_device_rounds(&data, &opts)?;
     let text = format!("# Surrogate loss-response parameters (see sim/src/surrogate.rs), fitted by `sim fit-surrogate`.\n{}", params.to_toml());
     std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     println!("{}", params.to_toml());
     println!("written to {}", out.display());
+    Ok(())
+}
+
+fn record(ratios: &str, ranks: &str, data: &Path, args: RunArgs) -> Result<()> {
+    let grid = sim::record::Grid::parse(ratios, ranks)?;
+    let (cfg, base) = args.load()?;
+    let resources =
+        Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    let cells = grid.cells().len() as u64;
+    let mut progress = Progress::new("record", cfg.coordinator.rounds * cells);
+    let t = Instant::now();
+    let n = sim::record::record(&cfg, &resources, &grid, data, &mut progress)?;
+    progress.finish();
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "{n} device-rounds appended to {} ({cells} cells, {s:.0} s)",
+        data.display()
+    );
     Ok(())
 }
 
@@ -242,7 +283,18 @@ fn main() -> Result<()> {
         None => run(RunArgs::default()),
         Some(Cmd::Run(a)) => run(a),
         Some(Cmd::Compare { strategies, run: a }) => compare(&strategies, a),
-        Some(Cmd::FitSurrogate { runs, out }) => fit(runs, out),
+        Some(Cmd::FitSurrogate {
+            data,
+            out,
+            split_seed,
+            holdout,
+        }) => fit(data, out, split_seed, holdout),
+        Some(Cmd::Record {
+            ratios,
+            ranks,
+            data,
+            run: a,
+        }) => record(&ratios, &ranks, &data, a),
         Some(Cmd::Profiles) => {
             println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");
             println!("|---|---|---|---|---|---|---|---|---|");

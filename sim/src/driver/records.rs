@@ -11,6 +11,7 @@ use super::panel::choose_devices;
 use super::{ms_to_s, Simulation};
 use crate::compute::Quality;
 use crate::config::TargetMetric;
+use crate::device_rounds::DeviceRound;
 use crate::error::SimError;
 use crate::report::{ClassSummary, DeviceFinal, Play, Report, RoundRecord, Summary};
 use crate::timing;
@@ -179,12 +180,14 @@ impl Simulation<'_> {
         let summary = self.summarise(&devices, &qualities, ended_by);
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
         let state = self.coordinator.state();
+        let device_rounds = self.device_rounds();
         Ok((
             Report {
                 summary,
                 rounds: self.rounds,
                 devices,
                 config,
+                device_rounds,
             },
             state,
         ))
@@ -282,7 +285,29 @@ impl Simulation<'_> {
             jobs_trained: self.jobs_trained,
             by_class,
             ended_by: ended_by.to_string(),
+            surrogate_params: self.trainer.params_note(),
         }
+    }
+
+    /// The trainer's recorded device-rounds, with what only the driver knows filled in.
+    fn device_rounds(&mut self) -> Vec<DeviceRound> {
+        let mut out = self.trainer.take_device_rounds();
+        let workload = serde_json::to_value(self.cfg.workload.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        for r in &mut out {
+            r.workload = workload.clone();
+            r.seed = self.cfg.seed;
+            r.strategy = self.cfg.strategy.clone();
+            if let Some(i) = usize::try_from(r.device)
+                .ok()
+                .filter(|&i| i < self.devices.len())
+            {
+                r.class = self.class_of(i);
+            }
+        }
+        out
     }
 }
 
