@@ -21,10 +21,23 @@ impl Simulation<'_> {
         self.profile(i).class.clone()
     }
 
-    fn sparsity_of(&self, i: usize) -> f64 {
-        self.trainer
-            .cost_config(&self.devices[i].session.state().kept)
-            .sparsity()
+    /// Sparsity of device `i`'s model. It depends only on the kept counts per block (query
+    /// heads, KV heads, MLP channels), so it is computed once per distinct count vector: the
+    /// per-round fleet mean over 10,000 devices would otherwise rebuild a model config per
+    /// device.
+    fn sparsity_of(&mut self, i: usize) -> f64 {
+        let kept = &self.devices[i].session.state().kept;
+        let key: Vec<[usize; 3]> = kept
+            .blocks
+            .iter()
+            .map(|b| [b.query_heads.len(), b.kv_heads.len(), b.mlp_channels.len()])
+            .collect();
+        if let Some(&s) = self.sparsity_memo.get(&key) {
+            return s;
+        }
+        let s = self.trainer.cost_config(kept).sparsity();
+        self.sparsity_memo.insert(key, s);
+        s
     }
 
     /// A round closed: its plays, the devices' histories, a panel evaluation when due, and
@@ -108,10 +121,11 @@ impl Simulation<'_> {
         }
         self.trainer
             .round_closed(s.aggregated, &participants_for_trainer);
-        let fleet_sparsity = (0..self.devices.len())
-            .map(|i| self.sparsity_of(i))
-            .sum::<f64>()
-            / self.devices.len().max(1) as f64;
+        let mut sparsity_sum = 0.0;
+        for i in 0..self.devices.len() {
+            sparsity_sum += self.sparsity_of(i);
+        }
+        let fleet_sparsity = sparsity_sum / self.devices.len().max(1) as f64;
         let eval = if due(round, self.cfg.eval.every_rounds) || round >= self.cfg.coordinator.rounds
         {
             Some(self.evaluate_panel(round)?)
