@@ -230,11 +230,12 @@ impl Default for ExperimentConfig {
 }
 
 /// The built-in presets: (name, TOML text).
-pub const PRESETS: [(&str, &str); 5] = [
+pub const PRESETS: [(&str, &str); 6] = [
     ("default", include_str!("../configs/default.toml")),
     ("sotu", include_str!("../configs/sotu.toml")),
     ("full", include_str!("../configs/full.toml")),
     ("surrogate", include_str!("../configs/surrogate.toml")),
+    ("paper-surrogate", include_str!("../configs/paper-surrogate.toml")),
     ("tiny", include_str!("../configs/tiny.toml")),
 ];
 

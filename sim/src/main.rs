@@ -79,7 +79,7 @@ struct RunArgs {
     /// Experiment file (TOML); see `sim presets` for the built-in ones.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in preset: default, sotu, full, surrogate, tiny.
+    /// Built-in preset: default, sotu, full, surrogate, paper-surrogate, tiny.
     #[arg(long)]
     preset: Option<String>,
     /// Override the strategy.

@@ -177,18 +177,19 @@ fn a_parameter_file_without_provenance_is_refused_unless_forced() {
     // The binary refuses it too, and runs it when forced (the report names the source).
     let sim = env!("CARGO_BIN_EXE_sim");
     let exp = dir.join("exp.toml");
-    let text = include_str!("../configs/surrogate.toml").replace(
-        "[fleet]",
-        &format!("[surrogate]\nparams = {:?}\n\n[fleet]", path.display().to_string()),
-    );
+    let text = include_str!("../configs/surrogate.toml")
+        .replace(
+            "[fleet]",
+            &format!("[surrogate]\nparams = {:?}\n\n[fleet]", path.display().to_string()),
+        )
+        .replace("devices = 10000", "devices = 300")
+        .replace("min_devices = 5000", "min_devices = 150");
     std::fs::write(&exp, text).unwrap();
     let args = |force: bool| {
         let mut a: Vec<String> = [
             "run",
             "--config",
             exp.to_str().unwrap(),
-            "--devices",
-            "300",
             "--rounds",
             "2",
             "--devices-per-round",
