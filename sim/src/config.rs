@@ -235,7 +235,10 @@ pub const PRESETS: [(&str, &str); 6] = [
     ("sotu", include_str!("../configs/sotu.toml")),
     ("full", include_str!("../configs/full.toml")),
     ("surrogate", include_str!("../configs/surrogate.toml")),
-    ("paper-surrogate", include_str!("../configs/paper-surrogate.toml")),
+    (
+        "paper-surrogate",
+        include_str!("../configs/paper-surrogate.toml"),
+    ),
     ("tiny", include_str!("../configs/tiny.toml")),
 ];
 

@@ -253,7 +253,10 @@ pub fn markdown_table(reports: &[Report]) -> String {
     let mut s = String::new();
     if reports.iter().any(|r| r.summary.mode == "surrogate") {
         s.push_str("**SURROGATE MODE**: losses and accuracies come from a loss-response model fitted to real runs, not from training.\n\n");
-        if let Some(note) = reports.iter().find_map(|r| r.summary.surrogate_params.as_ref()) {
+        if let Some(note) = reports
+            .iter()
+            .find_map(|r| r.summary.surrogate_params.as_ref())
+        {
             let _ = writeln!(s, "Surrogate parameters: {note}\n");
         }
     }

@@ -16,13 +16,12 @@
 //! ```
 //!
 //! `o_i ~ N(0, device_sd)` is fixed per device (non-IID data), `noise ~ N(0, noise_sd)` per
-//! round. [`fit`] estimates the parameters from real runs' `rounds.jsonl` (per-update losses,
-//! sparsities, ranks, steps, delta norms, and the panel evaluations): the sparsity penalty by
-//! within-round regression, the floor, local rate and rank half-point by a grid search on the
-//! updates' post-round losses, the carry-over from the round-to-round decay of the gap, and the
-//! accuracy line from the evaluations. Time and memory use the real model's cost model at the
-//! device's sparsity (MLP channels of the prunable blocks scaled down), message sizes the real
-//! model's adapter at the same rank and sparsity.
+//! round. [`fit_device_rounds`] estimates the parameters from recorded real device-rounds
+//! (`device_rounds.jsonl`, written by real-mode runs and `sim record`; see [`fit`] for the
+//! estimation and the held-out validation) and writes them with their provenance; a parameter
+//! file without provenance is refused unless forced ([`params`]). Time and memory use the real
+//! model's cost model at the device's sparsity (MLP channels of the prunable blocks scaled down),
+//! message sizes the real model's adapter at the same rank and sparsity.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -114,7 +114,10 @@ fn fitting_drawn_device_rounds_recovers_the_parameters() {
     // Stated tolerances: floor +-0.1 nats, rate +-20%, rank half-point +-35%, sparsity
     // penalty +-0.1, accuracy slope +-0.02, carry +-0.15, norm per gain +-15%.
     let close = |name: &str, got: f64, want: f64, tol: f64| {
-        assert!((got - want).abs() <= tol, "{name}: got {got}, want {want} +- {tol}");
+        assert!(
+            (got - want).abs() <= tol,
+            "{name}: got {got}, want {want} +- {tol}"
+        );
     };
     close("loss_floor", got.loss_floor, 1.2, 0.1);
     close("local_rate", got.local_rate, 0.03, 0.2 * 0.03);
@@ -180,7 +183,10 @@ fn a_parameter_file_without_provenance_is_refused_unless_forced() {
     let text = include_str!("../configs/surrogate.toml")
         .replace(
             "[fleet]",
-            &format!("[surrogate]\nparams = {:?}\n\n[fleet]", path.display().to_string()),
+            &format!(
+                "[surrogate]\nparams = {:?}\n\n[fleet]",
+                path.display().to_string()
+            ),
         )
         .replace("devices = 10000", "devices = 300")
         .replace("min_devices = 5000", "min_devices = 150");
