@@ -265,4 +265,48 @@ mod tests {
         let got = update_norm(&[f], rank, 8.0);
         assert!((got - want.sqrt()).abs() < 1e-9, "{got} vs {}", want.sqrt());
     }
+
+    #[test]
+    fn a_line_out_of_range_is_refused_with_its_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("fedspine-dr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = DeviceRound {
+            workload: "spam".into(),
+            seed: 1,
+            strategy: "fixed-prune".into(),
+            round: 1,
+            device: 0,
+            class: "c".into(),
+            prune_ratio: 0.2,
+            rank: 4,
+            sparsity_before: 0.0,
+            sparsity_after: 0.2,
+            steps: 6,
+            batch: 2,
+            data_items: 10,
+            data_tokens: 500,
+            label_share: Some(0.3),
+            loss_before: 1.0,
+            loss_after: 0.5,
+            accuracy_before: 0.5,
+            accuracy_after: 0.8,
+            update_norm: 1.0,
+            measured_compute_ms: 10.0,
+        };
+        let bad = DeviceRound {
+            accuracy_after: 2.0,
+            ..good.clone()
+        };
+        let path = dir.join(FILE_NAME);
+        std::fs::remove_file(&path).ok();
+        append(&path, &[good.clone(), bad]).unwrap();
+        let err = read(std::slice::from_ref(&dir)).unwrap_err().to_string();
+        assert!(err.contains("device_rounds.jsonl:2"), "{err}");
+        assert!(err.contains("outside [0, 1]"), "{err}");
+        std::fs::write(&path, to_jsonl(std::slice::from_ref(&good))).unwrap();
+        let (rounds, inputs) = read(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(rounds, vec![good]);
+        assert_eq!(inputs[0].device_rounds, 1);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

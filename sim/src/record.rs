@@ -112,3 +112,27 @@ pub fn record(
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grid_parses_checks_and_fixes_one_arm_per_cell() {
+        let g = Grid::parse("0, 0.5", "4,32").unwrap();
+        assert_eq!(g.cells(), vec![(0.0, 4), (0.0, 32), (0.5, 4), (0.5, 32)]);
+        let err = Grid::parse("0,1.5", "4").unwrap_err().to_string();
+        assert!(err.contains("'1.5'"), "{err}");
+        let err = Grid::parse("0", "four").unwrap_err().to_string();
+        assert!(err.contains("'four'"), "{err}");
+        let cfg = ExperimentConfig::preset("tiny").unwrap();
+        let c = cell_config(&cfg, 3, 0.5, 32).unwrap();
+        assert_eq!(c.strategy, "fixed-prune");
+        assert_eq!(c.seed, cfg.seed + 3);
+        assert!(c.coordinator.max_rank >= 32);
+        assert!(!c.coordinator.close_at_target);
+        let surrogate = ExperimentConfig::preset("surrogate").unwrap();
+        let err = cell_config(&surrogate, 0, 0.0, 4).unwrap_err().to_string();
+        assert!(err.contains("mode = \"real\""), "{err}");
+    }
+}
