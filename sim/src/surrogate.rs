@@ -432,12 +432,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builtin_parameters_load_and_the_real_model_shrinks_with_sparsity() {
-        let p = SurrogateParams::load(&crate::config::SurrogateConfig {
-            params: String::new(),
-            force_unfitted: true,
-        })
-        .unwrap();
+    fn the_shipped_fit_loads_without_force_and_the_real_model_shrinks_with_sparsity() {
+        // The shipped parameters carry their provenance and validation: no force needed.
+        let p = SurrogateParams::load(&crate::config::SurrogateConfig::default()).unwrap();
+        assert!(p.provenance.is_some() && p.validation.is_some());
+        assert!(!p.perplexity, "fitted to the spam workload");
         assert!(p.phi(16.0, 10.0) > p.phi(4.0, 10.0));
         let real = real_model();
         for s in [0.1, 0.3, 0.5] {
