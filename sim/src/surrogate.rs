@@ -437,7 +437,8 @@ mod tests {
         let p = SurrogateParams::load(&crate::config::SurrogateConfig::default()).unwrap();
         assert!(p.provenance.is_some() && p.validation.is_some());
         assert!(!p.perplexity, "fitted to the spam workload");
-        assert!(p.phi(16.0, 10.0) > p.phi(4.0, 10.0));
+        // More rank never closes less of the gap (the spam fit finds no rank effect: half = 0).
+        assert!(p.phi(16.0, 10.0) >= p.phi(4.0, 10.0));
         let real = real_model();
         for s in [0.1, 0.3, 0.5] {
             let c = real_at_sparsity(&real, s);
