@@ -94,7 +94,13 @@ pub struct RealTrainer {
     pub global_test: Option<LocalData>,
     /// Device-rounds trained since the last [`LocalTrainer::take_device_rounds`].
     recorded: Vec<DeviceRound>,
+    /// A wall clock in milliseconds, injected by the binary (the library reads no clock), to
+    /// record each round's measured compute; `None` leaves it out.
+    pub wall_clock: Option<WallClock>,
 }
+
+/// A wall clock in milliseconds since an arbitrary start.
+pub type WallClock = fn() -> f64;
 
 impl RealTrainer {
     pub fn new(base: Llama, data: Vec<LocalData>, global_test: Option<LocalData>) -> Self {
@@ -103,6 +109,7 @@ impl RealTrainer {
             data,
             global_test,
             recorded: Vec::new(),
+            wall_clock: None,
         }
     }
 }
@@ -157,10 +164,13 @@ impl LocalTrainer for RealTrainer {
             let adapter = job::start_adapter(job, state, &self.base).map_err(|e| e.to_string())?;
             data.evaluate(&model, Some(&adapter)).1
         };
-        let wall = std::time::Instant::now();
+        let started_ms = self.wall_clock.map(|clock| clock());
         let outcome = job::run_job(job, state, &self.base, data, agent, |_| true)
             .map_err(|e| e.to_string())?;
-        let measured_compute_ms = wall.elapsed().as_secs_f64() * 1000.0;
+        let measured_compute_ms = self
+            .wall_clock
+            .zip(started_ms)
+            .map(|(clock, t0)| clock() - t0);
         let stats = device_rounds::data_stats(data);
         let (rank, alpha, factors) = &outcome.adapter;
         self.recorded.push(DeviceRound {

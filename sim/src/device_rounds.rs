@@ -4,8 +4,9 @@
 //! appends designed grids of arms to it; `sim fit-surrogate` reads it, with each input file's
 //! SHA-256 for the parameters' provenance.
 //!
-//! `measured_compute_ms` is the one wall-clock field: this file is a dataset, not a report, and
-//! the same seed gives the same file except for it.
+//! `measured_compute_ms` is the one wall-clock field, present when the binary gives the run a
+//! clock (the library reads none): this file is a dataset, not a report, and the same seed gives
+//! the same file except for it.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -54,8 +55,9 @@ pub struct DeviceRound {
     pub accuracy_after: f64,
     /// `sqrt(sum over layers |(alpha / rank) B A|_F^2)` of the adapter the round produced.
     pub update_norm: f64,
-    /// Wall-clock milliseconds of the local round (training and its two evaluations).
-    pub measured_compute_ms: f64,
+    /// Wall-clock milliseconds of the local round (training and its two evaluations), when the
+    /// binary gave the run a clock.
+    pub measured_compute_ms: Option<f64>,
 }
 
 impl DeviceRound {
@@ -70,7 +72,7 @@ impl DeviceRound {
             self.accuracy_before,
             self.accuracy_after,
             self.update_norm,
-            self.measured_compute_ms,
+            self.measured_compute_ms.unwrap_or(0.0),
         ];
         if nums.iter().any(|x| !x.is_finite()) {
             return Err("a number is not finite".into());
@@ -291,7 +293,7 @@ mod tests {
             accuracy_before: 0.5,
             accuracy_after: 0.8,
             update_norm: 1.0,
-            measured_compute_ms: 10.0,
+            measured_compute_ms: Some(10.0),
         };
         let bad = DeviceRound {
             accuracy_after: 2.0,

@@ -29,6 +29,8 @@ pub struct Resources {
     /// A global held-out set evaluations use instead of devices' own held-out data.
     pub global_test: Option<LocalData>,
     pub surrogate: Option<SurrogateParams>,
+    /// A wall clock for real-mode device-round records (set by the binary).
+    pub wall_clock: Option<crate::compute::WallClock>,
 }
 
 /// The random tiny model of a config.
@@ -57,6 +59,7 @@ impl Resources {
                 data: Vec::new(),
                 global_test: None,
                 surrogate: Some(params),
+                wall_clock: None,
             });
         }
         let (base, shards) = match &cfg.model {
@@ -100,17 +103,19 @@ impl Resources {
             data,
             global_test,
             surrogate: None,
+            wall_clock: None,
         })
     }
 
     /// A trainer for one run (the base model's tensors are shared, not copied).
     pub fn trainer(&self, cfg: &ExperimentConfig) -> Result<Box<dyn LocalTrainer>, SimError> {
         match (&self.base, &self.surrogate) {
-            (Some(base), _) => Ok(Box::new(RealTrainer::new(
-                base.clone(),
-                self.data.clone(),
-                self.global_test.clone(),
-            ))),
+            (Some(base), _) => {
+                let mut t =
+                    RealTrainer::new(base.clone(), self.data.clone(), self.global_test.clone());
+                t.wall_clock = self.wall_clock;
+                Ok(Box::new(t))
+            }
             (None, Some(p)) => {
                 let seq = cfg.workload.seq_len;
                 let eval_tokens = cfg.workload.eval_items.max(1) * seq;

@@ -180,8 +180,9 @@ fn print_throughput(reports: &[Report], load_s: f64, run_s: f64) {
 fn run(args: RunArgs) -> Result<()> {
     let (cfg, base) = args.load()?;
     let t0 = Instant::now();
-    let resources =
+    let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    resources.wall_clock = Some(wall_ms);
     let load_s = t0.elapsed().as_secs_f64();
     let mut progress = Progress::new(&cfg.strategy, cfg.coordinator.rounds);
     let t1 = Instant::now();
@@ -210,8 +211,9 @@ fn compare(strategies: &str, args: RunArgs) -> Result<()> {
         );
     }
     let t0 = Instant::now();
-    let resources =
+    let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    resources.wall_clock = Some(wall_ms);
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut reports = Vec::new();
@@ -241,7 +243,7 @@ fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Resul
         split_seed,
         holdout,
         command,
-        date: surrogate::utc_now(),
+        date: utc_now(),
     };
     let params = surrogate::fit_device_rounds(&data, &opts)?;
     let text = format!("# Surrogate loss-response parameters (see sim/src/surrogate.rs), fitted by `sim fit-surrogate`.\n{}", params.to_toml());
@@ -251,11 +253,43 @@ fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Resul
     Ok(())
 }
 
+/// The current UTC time as RFC 3339 (`2026-11-30T15:04:05Z`), for provenance.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Milliseconds since the first call (the device-round records' compute clock).
+fn wall_ms() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1000.0
+}
+
 fn record(ratios: &str, ranks: &str, data: &Path, args: RunArgs) -> Result<()> {
     let grid = sim::record::Grid::parse(ratios, ranks)?;
     let (cfg, base) = args.load()?;
-    let resources =
+    let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    resources.wall_clock = Some(wall_ms);
     let cells = grid.cells().len() as u64;
     let mut progress = Progress::new("record", cfg.coordinator.rounds * cells);
     let t = Instant::now();

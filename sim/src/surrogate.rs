@@ -44,7 +44,7 @@ use crate::timing::{self, StepShape};
 mod fit;
 mod params;
 pub use fit::{fit_device_rounds, fit_slice, predict, FitOptions};
-pub use params::{utc_now, Provenance, SurrogateParams, Validation};
+pub use params::{Provenance, SurrogateParams, Validation};
 
 /// The real model whose costs the surrogate reports (SmolLM2-135M).
 pub fn real_model() -> ModelConfig {

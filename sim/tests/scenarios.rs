@@ -32,6 +32,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         data,
         global_test: None,
         surrogate: None,
+        wall_clock: None,
     }
 }
 

@@ -87,7 +87,7 @@ fn draw(p: &SurrogateParams, runs: u64, rounds: u64, per_round: u64) -> Vec<Devi
                     accuracy_before: acc(before, &mut rng),
                     accuracy_after: acc(after, &mut rng),
                     update_norm: p.norm_per_gain * phi * gap,
-                    measured_compute_ms: 1000.0,
+                    measured_compute_ms: Some(1000.0),
                 });
             }
             gap *= 1.0 - p.carry * phis.iter().sum::<f64>() / phis.len() as f64;
