@@ -16,6 +16,7 @@ use protocol::KeptIndices;
 use protocol::{Arm, GlobalSlice, Timestamp};
 use serde::Serialize;
 
+use crate::device_rounds::{self, DeviceRound};
 use crate::timing::{self, RoundFlops, StepShape};
 
 /// A finished local round and what it cost.
@@ -120,6 +121,15 @@ pub trait LocalTrainer {
     }
     /// A round closed (the surrogate updates its global state).
     fn round_closed(&mut self, _aggregated: bool, _participants: &[(usize, f64)]) {}
+    /// The device-rounds recorded since the last call (real mode; class, seed, strategy and
+    /// workload are filled in by the driver).
+    fn take_device_rounds(&mut self) -> Vec<DeviceRound> {
+        Vec::new()
+    }
+    /// Where the parameters came from and how well they validated (surrogate mode).
+    fn params_note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Real local training: `job::run_job` on the shared base.
@@ -129,7 +139,15 @@ pub struct RealTrainer {
     pub data: Vec<LocalData>,
     /// When set, evaluations of the global adapter use this held-out set for every device.
     pub global_test: Option<LocalData>,
+    /// Device-rounds trained since the last [`LocalTrainer::take_device_rounds`].
+    recorded: Vec<DeviceRound>,
+    /// A wall clock in milliseconds, injected by the binary (the library reads no clock), to
+    /// record each round's measured compute; `None` leaves it out.
+    pub wall_clock: Option<WallClock>,
 }
+
+/// A wall clock in milliseconds since an arbitrary start.
+pub type WallClock = fn() -> f64;
 
 impl RealTrainer {
     pub fn new(base: Llama, data: Vec<LocalData>, global_test: Option<LocalData>) -> Self {
@@ -137,6 +155,8 @@ impl RealTrainer {
             base,
             data,
             global_test,
+            recorded: Vec::new(),
+            wall_clock: None,
         }
     }
 }
@@ -184,8 +204,45 @@ impl LocalTrainer for RealTrainer {
         agent: &AgentConfig,
     ) -> Result<TrainedRound, String> {
         let data = &self.data[device];
+        // Held-out accuracy of the starting adapter, for the device-round dataset (run_job
+        // measures the loss before the round but keeps only the accuracy after it).
+        let accuracy_before = {
+            let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
+            let adapter = job::start_adapter(job, state, &self.base).map_err(|e| e.to_string())?;
+            data.evaluate(&model, Some(&adapter)).1
+        };
+        let started_ms = self.wall_clock.map(|clock| clock());
         let outcome = job::run_job(job, state, &self.base, data, agent, |_| true)
             .map_err(|e| e.to_string())?;
+        let measured_compute_ms = self
+            .wall_clock
+            .zip(started_ms)
+            .map(|(clock, t0)| clock() - t0);
+        let stats = device_rounds::data_stats(data);
+        let (rank, alpha, factors) = &outcome.adapter;
+        self.recorded.push(DeviceRound {
+            workload: String::new(),
+            seed: 0,
+            strategy: String::new(),
+            round: job.round.0,
+            device: device as u64,
+            class: String::new(),
+            prune_ratio: job.arm.prune_ratio,
+            rank: job.arm.rank,
+            sparsity_before: outcome.report.sparsity_before,
+            sparsity_after: outcome.report.sparsity_after,
+            steps: job.local_steps as u64,
+            batch: job.batch as u64,
+            data_items: stats.items,
+            data_tokens: stats.tokens,
+            label_share: stats.label_share,
+            loss_before: outcome.stats.loss_pre as f64,
+            loss_after: outcome.stats.loss_post as f64,
+            accuracy_before,
+            accuracy_after: outcome.metric_post,
+            update_norm: device_rounds::update_norm(factors, *rank, *alpha),
+            measured_compute_ms,
+        });
         let pre = pruned_config(&self.base.config, &state.kept);
         let post = pruned_config(&self.base.config, &outcome.kept);
         let (eval_tokens, eval_seq) = crate::local_data::eval_tokens(data);
@@ -198,6 +255,10 @@ impl LocalTrainer for RealTrainer {
         };
         let flops = timing::round_flops(&pre, &post, shape, &outcome.report);
         Ok(TrainedRound { outcome, flops })
+    }
+
+    fn take_device_rounds(&mut self) -> Vec<DeviceRound> {
+        std::mem::take(&mut self.recorded)
     }
 
     fn evaluate(

@@ -182,6 +182,8 @@ impl Default for EvalConfig {
 pub struct SurrogateConfig {
     /// Parameters file written by `sim fit-surrogate`; empty = the built-in fit.
     pub params: String,
+    /// Accept a parameter file without provenance (hand-set, not fitted).
+    pub force_unfitted: bool,
 }
 
 /// A whole experiment.
@@ -228,11 +230,15 @@ impl Default for ExperimentConfig {
 }
 
 /// The built-in presets: (name, TOML text).
-pub const PRESETS: [(&str, &str); 6] = [
+pub const PRESETS: [(&str, &str); 7] = [
     ("default", include_str!("../configs/default.toml")),
     ("sotu", include_str!("../configs/sotu.toml")),
     ("full", include_str!("../configs/full.toml")),
     ("surrogate", include_str!("../configs/surrogate.toml")),
+    (
+        "paper-surrogate",
+        include_str!("../configs/paper-surrogate.toml"),
+    ),
     ("tiny", include_str!("../configs/tiny.toml")),
     ("bandit", include_str!("../configs/bandit.toml")),
 ];

@@ -160,6 +160,8 @@ pub struct Simulation<'a> {
     dropped_total: u64,
     bytes_up_total: u64,
     bytes_down_total: u64,
+    /// Sparsity by kept counts per block (see `records.rs`).
+    sparsity_memo: std::collections::HashMap<Vec<[usize; 3]>, f64>,
 }
 
 /// The session's failure event for a job that could not run.
@@ -286,6 +288,7 @@ impl<'a> Simulation<'a> {
             dropped_total: 0,
             bytes_up_total: 0,
             bytes_down_total: 0,
+            sparsity_memo: std::collections::HashMap::new(),
         })
     }
 

@@ -39,6 +39,8 @@ pub struct Resources {
     pub tok: Option<Tok>,
     /// The seed the data was partitioned with.
     pub seed: u64,
+    /// A wall clock for real-mode device-round records (set by the binary).
+    pub wall_clock: Option<crate::compute::WallClock>,
 }
 
 /// The random tiny model of a config.
@@ -56,7 +58,7 @@ impl Resources {
         let profiles = cfg.fleet.spec()?.expand(base_dir)?;
         let n = profiles.len();
         if cfg.mode == Mode::Surrogate {
-            let params = SurrogateParams::load(&cfg.surrogate.params)?;
+            let params = SurrogateParams::load(&cfg.surrogate)?;
             let labels = (0..n)
                 .map(|i| format!("surrogate device {}", i + 1))
                 .collect();
@@ -69,6 +71,7 @@ impl Resources {
                 surrogate: Some(params),
                 tok: None,
                 seed: cfg.seed,
+                wall_clock: None,
             });
         }
         let (base, shards, tok) = match &cfg.model {
@@ -115,6 +118,7 @@ impl Resources {
             surrogate: None,
             tok,
             seed: cfg.seed,
+            wall_clock: None,
         })
     }
 
@@ -157,17 +161,19 @@ impl Resources {
             surrogate: self.surrogate.clone(),
             tok: self.tok.clone(),
             seed,
+            wall_clock: self.wall_clock.clone(),
         })
     }
 
     /// A trainer for one run (the base model's tensors are shared, not copied).
     pub fn trainer(&self, cfg: &ExperimentConfig) -> Result<Box<dyn LocalTrainer>, SimError> {
         match (&self.base, &self.surrogate) {
-            (Some(base), _) => Ok(Box::new(RealTrainer::new(
-                base.clone(),
-                self.data.clone(),
-                self.global_test.clone(),
-            ))),
+            (Some(base), _) => {
+                let mut t =
+                    RealTrainer::new(base.clone(), self.data.clone(), self.global_test.clone());
+                t.wall_clock = self.wall_clock;
+                Ok(Box::new(t))
+            }
             (None, Some(p)) => {
                 let seq = cfg.workload.seq_len;
                 let eval_tokens = cfg.workload.eval_items.max(1) * seq;

@@ -44,14 +44,37 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Fit the surrogate's loss-response parameters from real runs' rounds.jsonl files.
+    /// Fit the surrogate's loss and accuracy response from recorded device-rounds
+    /// (device_rounds.jsonl files or run folders holding one); writes the parameters with their
+    /// provenance and held-out validation error.
     FitSurrogate {
-        /// rounds.jsonl files or run folders containing them.
+        /// device_rounds.jsonl files or run folders containing them.
         #[arg(required = true)]
-        runs: Vec<PathBuf>,
+        data: Vec<PathBuf>,
         /// Where to write the parameters (TOML).
         #[arg(long, default_value = "surrogate-params.toml")]
         out: PathBuf,
+        /// Seed of the train / held-out split.
+        #[arg(long, default_value_t = 1)]
+        split_seed: u64,
+        /// Share of the device-rounds held out for validation.
+        #[arg(long, default_value_t = 0.25)]
+        holdout: f64,
+    },
+    /// Train a designed grid of arms (prune ratio x rank) in real mode, one fixed arm per run,
+    /// and append every device-round to a dataset for `sim fit-surrogate`.
+    Record {
+        /// Comma-separated prune ratios.
+        #[arg(long, default_value = "0,0.25,0.5")]
+        ratios: String,
+        /// Comma-separated ranks.
+        #[arg(long, default_value = "4,16")]
+        ranks: String,
+        /// The dataset to append to.
+        #[arg(long, default_value = "runs/record/device_rounds.jsonl")]
+        data: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Time the agent's training step and forward pass over a grid of pruned shapes, ranks and
     /// batch geometries on the real model, fit the per-operator time model and print measured
@@ -81,7 +104,7 @@ struct RunArgs {
     /// Experiment file (TOML); see `sim presets` for the built-in ones.
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// Built-in preset: default, sotu, full, surrogate, tiny, bandit.
+    /// Built-in preset: default, sotu, full, surrogate, paper-surrogate, tiny, bandit.
     #[arg(long)]
     preset: Option<String>,
     /// Override the strategy.
@@ -101,6 +124,9 @@ struct RunArgs {
     /// Output folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Surrogate mode: accept a parameter file without provenance (not fitted).
+    #[arg(long)]
+    force_unfitted: bool,
 }
 
 impl RunArgs {
@@ -131,6 +157,7 @@ impl RunArgs {
         if let Some(o) = &self.out {
             cfg.output_dir = o.clone();
         }
+        cfg.surrogate.force_unfitted |= self.force_unfitted;
         let strategy = self
             .strategy
             .clone()
@@ -178,8 +205,9 @@ fn print_throughput(reports: &[Report], load_s: f64, run_s: f64) {
 fn run(args: RunArgs) -> Result<()> {
     let (cfg, base) = args.load()?;
     let t0 = Instant::now();
-    let resources =
+    let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    resources.wall_clock = Some(wall_ms);
     let load_s = t0.elapsed().as_secs_f64();
     let mut progress = Progress::new(&cfg.strategy, cfg.coordinator.rounds);
     let t1 = Instant::now();
@@ -217,8 +245,9 @@ fn compare(strategies: &str, n_seeds: usize, args: RunArgs) -> Result<()> {
     let host = HostInfo::detect();
     eprintln!("CPU: {}", host.line());
     let t0 = Instant::now();
-    let resources =
+    let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    resources.wall_clock = Some(wall_ms);
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut progress = Progress::new("", cfg.coordinator.rounds);
@@ -321,19 +350,15 @@ fn write_host(dir: &Path, host: &HostInfo) -> Result<()> {
     write_file(&dir.join("host.json"), &text)
 }
 
-fn fit(runs: Vec<PathBuf>, out: PathBuf) -> Result<()> {
-    let files: Vec<PathBuf> = runs
-        .into_iter()
-        .map(|p| {
-            if p.is_dir() {
-                p.join("rounds.jsonl")
-            } else {
-                p
-            }
-        })
-        .collect();
-    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-    let params = surrogate::fit(&refs)?;
+fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let opts = surrogate::FitOptions {
+        split_seed,
+        holdout,
+        command,
+        date: utc_now(),
+    };
+    let params = surrogate::fit_device_rounds(&data, &opts)?;
     let text = format!("# Surrogate loss-response parameters (see sim/src/surrogate.rs), fitted by `sim fit-surrogate`.\n{}", params.to_toml());
     std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     println!("{}", params.to_toml());
@@ -388,6 +413,56 @@ fn calibrate(out: PathBuf, from: Option<PathBuf>, reps: usize, quick: bool) -> R
     Ok(())
 }
 
+/// The current UTC time as RFC 3339 (`2026-11-30T15:04:05Z`), for provenance.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Milliseconds since the first call (the device-round records' compute clock).
+fn wall_ms() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1000.0
+}
+
+fn record(ratios: &str, ranks: &str, data: &Path, args: RunArgs) -> Result<()> {
+    let grid = sim::record::Grid::parse(ratios, ranks)?;
+    let (cfg, base) = args.load()?;
+    let mut resources =
+        Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
+    resources.wall_clock = Some(wall_ms);
+    let cells = grid.cells().len() as u64;
+    let mut progress = Progress::new("record", cfg.coordinator.rounds * cells);
+    let t = Instant::now();
+    let n = sim::record::record(&cfg, &resources, &grid, data, &mut progress)?;
+    progress.finish();
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "{n} device-rounds appended to {} ({cells} cells, {s:.0} s)",
+        data.display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     device_agent::backend::tune_allocator();
     tracing_subscriber::fmt()
@@ -406,7 +481,18 @@ fn main() -> Result<()> {
             seeds,
             run: a,
         }) => compare(&strategies, seeds, a),
-        Some(Cmd::FitSurrogate { runs, out }) => fit(runs, out),
+        Some(Cmd::FitSurrogate {
+            data,
+            out,
+            split_seed,
+            holdout,
+        }) => fit(data, out, split_seed, holdout),
+        Some(Cmd::Record {
+            ratios,
+            ranks,
+            data,
+            run: a,
+        }) => record(&ratios, &ranks, &data, a),
         Some(Cmd::Calibrate {
             out,
             from,

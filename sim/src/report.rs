@@ -206,6 +206,9 @@ pub struct Summary {
     pub by_class: BTreeMap<String, ClassSummary>,
     /// Why the run ended: `finished`, `time_limit` or `stalled`.
     pub ended_by: String,
+    /// Surrogate mode: where the parameters came from and their validation error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub surrogate_params: Option<String>,
 }
 
 /// Everything a run produced.
@@ -216,6 +219,8 @@ pub struct Report {
     pub devices: Vec<DeviceFinal>,
     /// The experiment's configuration, as run.
     pub config: serde_json::Value,
+    /// Real mode: every local round's inputs and outcomes (`device_rounds.jsonl`).
+    pub device_rounds: Vec<crate::device_rounds::DeviceRound>,
 }
 
 fn json_line<T: Serialize>(v: &T) -> String {
@@ -238,6 +243,10 @@ impl Report {
         write(&dir.join("rounds.jsonl"), &rounds)?;
         let devices: String = self.devices.iter().map(|d| json_line(d) + "\n").collect();
         write(&dir.join("devices.jsonl"), &devices)?;
+        if !self.device_rounds.is_empty() {
+            let text = crate::device_rounds::to_jsonl(&self.device_rounds);
+            write(&dir.join(crate::device_rounds::FILE_NAME), &text)?;
+        }
         let summary = serde_json::to_string_pretty(
             &serde_json::json!({ "summary": self.summary, "config": self.config }),
         )
@@ -281,6 +290,12 @@ pub fn markdown_table(reports: &[Report]) -> String {
     let mut s = String::new();
     if reports.iter().any(|r| r.summary.mode == "surrogate") {
         s.push_str("**SURROGATE MODE**: losses and accuracies come from a loss-response model fitted to real runs, not from training.\n\n");
+        if let Some(note) = reports
+            .iter()
+            .find_map(|r| r.summary.surrogate_params.as_ref())
+        {
+            let _ = writeln!(s, "Surrogate parameters: {note}\n");
+        }
     }
     let target = reports
         .first()

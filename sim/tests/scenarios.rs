@@ -34,6 +34,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         surrogate: None,
         tok: None,
         seed: cfg.seed,
+        wall_clock: None,
     }
 }
 

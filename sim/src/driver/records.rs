@@ -10,6 +10,7 @@ use protocol::DeviceId;
 use super::{ms_to_s, Simulation};
 use crate::compute::Quality;
 use crate::config::TargetMetric;
+use crate::device_rounds::DeviceRound;
 use crate::error::SimError;
 use crate::report::{ClassSummary, DeviceFinal, Play, Report, RoundRecord, Summary};
 use crate::timing;
@@ -19,10 +20,23 @@ impl Simulation<'_> {
         self.profile(i).class.clone()
     }
 
-    fn sparsity_of(&self, i: usize) -> f64 {
-        self.trainer
-            .cost_config(&self.devices[i].session.state().kept)
-            .sparsity()
+    /// Sparsity of device `i`'s model. It depends only on the kept counts per block (query
+    /// heads, KV heads, MLP channels), so it is computed once per distinct count vector: the
+    /// per-round fleet mean over 10,000 devices would otherwise rebuild a model config per
+    /// device.
+    fn sparsity_of(&mut self, i: usize) -> f64 {
+        let kept = &self.devices[i].session.state().kept;
+        let key: Vec<[usize; 3]> = kept
+            .blocks
+            .iter()
+            .map(|b| [b.query_heads.len(), b.kv_heads.len(), b.mlp_channels.len()])
+            .collect();
+        if let Some(&s) = self.sparsity_memo.get(&key) {
+            return s;
+        }
+        let s = self.trainer.cost_config(kept).sparsity();
+        self.sparsity_memo.insert(key, s);
+        s
     }
 
     /// A round closed: its plays, the devices' histories, a panel evaluation when due, and
@@ -106,10 +120,11 @@ impl Simulation<'_> {
         }
         self.trainer
             .round_closed(s.aggregated, &participants_for_trainer);
-        let fleet_sparsity = (0..self.devices.len())
-            .map(|i| self.sparsity_of(i))
-            .sum::<f64>()
-            / self.devices.len().max(1) as f64;
+        let mut sparsity_sum = 0.0;
+        for i in 0..self.devices.len() {
+            sparsity_sum += self.sparsity_of(i);
+        }
+        let fleet_sparsity = sparsity_sum / self.devices.len().max(1) as f64;
         let eval = if due(round, self.cfg.eval.every_rounds) || round >= self.cfg.coordinator.rounds
         {
             Some(self.evaluate_panel(round)?)
@@ -175,12 +190,14 @@ impl Simulation<'_> {
         summary.final_min_sparsity = final_eval.min_sparsity;
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
         let state = self.coordinator.state();
+        let device_rounds = self.device_rounds();
         Ok((
             Report {
                 summary,
                 rounds: self.rounds,
                 devices,
                 config,
+                device_rounds,
             },
             state,
         ))
@@ -281,7 +298,29 @@ impl Simulation<'_> {
             jobs_trained: self.jobs_trained,
             by_class,
             ended_by: ended_by.to_string(),
+            surrogate_params: self.trainer.params_note(),
         }
+    }
+
+    /// The trainer's recorded device-rounds, with what only the driver knows filled in.
+    fn device_rounds(&mut self) -> Vec<DeviceRound> {
+        let mut out = self.trainer.take_device_rounds();
+        let workload = serde_json::to_value(self.cfg.workload.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        for r in &mut out {
+            r.workload = workload.clone();
+            r.seed = self.cfg.seed;
+            r.strategy = self.cfg.strategy.clone();
+            if let Some(i) = usize::try_from(r.device)
+                .ok()
+                .filter(|&i| i < self.devices.len())
+            {
+                r.class = self.class_of(i);
+            }
+        }
+        out
     }
 }
 
