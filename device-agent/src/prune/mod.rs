@@ -9,6 +9,9 @@
 //! - Query head h: its `head_dim` columns of q and rows of o. A KV head goes when no kept query
 //!   head reads it; kept query heads keep reading their own KV head through the block's
 //!   query -> KV map (see [`BlockShape::q_to_kv`]).
+//! - KV head g: its `head_dim` columns of k and v. It is scored on its own (k and v count in
+//!   the importance), and the ranking splits its score and its parameters evenly among the
+//!   kept query heads that read it; it goes with the last of them.
 //! Embeddings, norms and the LM head are never pruned.
 //!
 //! Kept-index maps are the wire's own types, [`protocol::KeptIndices`] (one [`BlockKept`] per
