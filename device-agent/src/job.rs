@@ -234,7 +234,16 @@ pub fn run_job(
         warmup_steps: (job.local_steps / 10).max(1),
         ..TrainConfig::default()
     };
-    let mut tuner = Tuner::new(base, state.kept.clone(), adapter, cfg)?;
+    let tuner = Tuner::new(base, state.kept.clone(), adapter, cfg)?;
+    // The importance EMA continues from the device's earlier rounds; one that does not fit
+    // the kept maps (a damaged state file) is dropped, and the EMA starts afresh.
+    let mut tuner = match state.importance.check(&state.kept) {
+        Ok(()) => tuner.with_importance(state.importance.clone())?,
+        Err(e) => {
+            tracing::warn!(error = %e, "the carried importance EMA does not fit the kept maps; starting afresh");
+            tuner
+        }
+    };
     let (loss_pre, _) = data.evaluate(&tuner.model, Some(&tuner.adapter));
     let n = data.train_len().max(1);
     // Round-local batch order: a seeded offset into the shard.
@@ -283,6 +292,7 @@ pub fn run_job(
             tuner.adapter.alpha,
             tuner.adapter.to_host(),
         ),
+        importance: tuner.importance.clone(),
         stats,
         report,
         metric_post,

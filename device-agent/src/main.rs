@@ -20,7 +20,9 @@ use device_agent::model::Llama;
 use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
-use device_agent::train::{StepRecord, TrainConfig, Tuner};
+use device_agent::train::{
+    check_weight_decay, optimiser_name, PruneShape, StepRecord, TrainConfig, Tuner,
+};
 use device_agent::user_data::UserDataConfig;
 use device_agent::weights;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
@@ -118,9 +120,24 @@ struct TuneArgs {
     /// Importance criterion: lora-gradient, taylor, magnitude, random.
     #[arg(long, default_value = "lora-gradient")]
     criterion: String,
-    /// Optimiser steps between pruning events.
+    /// The longest interval, in optimiser steps, between pruning events (the paper's K); a
+    /// round too short for --min-prune-events events at this interval prunes more often.
     #[arg(long, default_value_t = 20)]
     prune_every: usize,
+    /// The fewest events the pruning is spread over (within the first three quarters of the
+    /// steps); 8 keeps every cubic event under a third of the gap.
+    #[arg(long, default_value_t = 8)]
+    min_prune_events: usize,
+    /// How the pruning is spread over its events: cubic, linear, one-shot.
+    #[arg(long, default_value = "cubic")]
+    prune_schedule: String,
+    /// Decoupled weight decay (0: the optimiser is Adam; above 0: AdamW).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Prune every prunable block by the same share (LoRAPrune's per-layer ratio) instead of
+    /// one ranking over all blocks.
+    #[arg(long)]
+    per_block: bool,
     /// Equal head/channel counts in every block (exports as stock arch llama).
     #[arg(long)]
     uniform: bool,
@@ -576,13 +593,20 @@ fn tune(args: TuneArgs) -> Result<()> {
     if !(0.0..0.95).contains(&args.ratio) {
         bail!("--ratio {} is outside [0, 0.95)", args.ratio);
     }
+    let prune_shape: PruneShape = args.prune_schedule.parse().map_err(anyhow::Error::msg)?;
+    check_weight_decay(args.weight_decay, args.lr)
+        .map_err(|e| anyhow::anyhow!("--weight-decay: {e}"))?;
     let mut prune_cfg = PruneConfig::for_layers(base.config.n_layers());
     prune_cfg.uniform = args.uniform;
+    prune_cfg.per_block = args.per_block;
     prune_cfg.prune_heads = !args.no_heads;
     let cfg = TrainConfig {
         lr: args.lr,
+        weight_decay: args.weight_decay,
         grad_accum: args.grad_accum,
         prune_every: args.prune_every,
+        min_prune_events: args.min_prune_events,
+        prune_shape,
         criterion,
         prune: prune_cfg,
         seed: args.seed,
@@ -608,7 +632,7 @@ fn tune(args: TuneArgs) -> Result<()> {
         pb.set_message(format!("loss {:.3} sparsity {:.2}", r.loss, r.sparsity));
         pb.inc(1);
     };
-    let summary = if let Some(path) = &args.data {
+    let mut summary = if let Some(path) = &args.data {
         let cfg = UserDataConfig {
             seq_len: args.seq_len,
             test_fraction: args.test_fraction,
@@ -709,7 +733,9 @@ fn tune(args: TuneArgs) -> Result<()> {
     tuner.adapter.save(&args.out, serde_json::json!({
         "kept": tuner.kept, "sparsity": c.sparsity(), "non_embedding_params": c.non_embedding_params(),
         "total_params": c.total_params(), "criterion": args.criterion, "seed": args.seed,
+        "optimiser": optimiser_name(&tuner.cfg), "prune_schedule": args.prune_schedule,
     }))?;
+    summary["optimiser"] = optimiser_name(&tuner.cfg).into();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(
         "saved adapter and kept-index maps to {}",

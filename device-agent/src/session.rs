@@ -19,8 +19,9 @@
 //! job still running at its round's deadline is reported failed then, its driver told to stop
 //! it ([`AgentCommand::Cancel`]), and its late result dropped.
 //!
-//! State kept across rounds: the kept-index maps (pruning is cumulative and never undone) and
-//! the adapter the device last trained; the frozen base is shared and re-sliced each round.
+//! State kept across rounds: the kept-index maps (pruning is cumulative and never undone),
+//! the adapter the device last trained and its importance EMA; the frozen base is shared and
+//! re-sliced each round.
 
 use std::sync::Arc;
 
@@ -32,7 +33,7 @@ use protocol::{
 use crate::cost::RoundCosts;
 use crate::lora::HostFactors;
 use crate::model::Llama;
-use crate::prune::{Criterion, KeptIndicesExt, PruneConfig};
+use crate::prune::{Criterion, Importance, KeptIndicesExt, PruneConfig};
 use crate::train::RoundReport;
 use crate::wire;
 use protocol::KeptIndices;
@@ -44,6 +45,8 @@ pub struct DeviceState {
     pub kept: KeptIndices,
     /// The adapter the device last trained (rank, alpha, factors in wire orientation).
     pub adapter: Option<(usize, f64, Vec<HostFactors>)>,
+    /// The importance EMA over the kept units (sliced with `kept`), continued by every round.
+    pub importance: Importance,
 }
 
 impl DeviceState {
@@ -51,6 +54,7 @@ impl DeviceState {
         DeviceState {
             kept: KeptIndices::dense(&base.config),
             adapter: None,
+            importance: Importance::default(),
         }
     }
 }
@@ -181,6 +185,8 @@ pub struct JobOutcome {
     pub round: RoundId,
     pub kept: KeptIndices,
     pub adapter: (usize, f64, Vec<HostFactors>),
+    /// The importance EMA after the round, over `kept`.
+    pub importance: Importance,
     pub stats: UpdateStats,
     pub report: RoundReport,
     /// Held-out metric (accuracy) after the round, for reports.
@@ -667,6 +673,7 @@ impl AgentSession {
                 };
                 update.stats.bytes_up = self.upload_bytes(&update);
                 self.state.adapter = Some(out.adapter);
+                self.state.importance = out.importance;
                 self.phase = Phase::AwaitingAck(round);
                 self.last_update = key.map(|k| (k, update.clone()));
                 self.answer(Message::Update(update))

@@ -1,13 +1,14 @@
-//! Prune-and-tune on one device: LoRA fine-tuning (AdamW on the adapter only, warm-up +
-//! cosine learning rate, global-norm clipping, gradient accumulation) interleaved with
-//! structured pruning toward a sparsity target every K steps, guided by an importance EMA.
+//! Prune-and-tune on one device: LoRA fine-tuning (Adam on the adapter only, AdamW when
+//! weight decay is set; warm-up + cosine learning rate, global-norm clipping, gradient
+//! accumulation) interleaved with gradual structured pruning toward a sparsity target,
+//! guided by an importance EMA that the device carries from round to round.
 //!
 //! The loss ([`loss`]) is computed in row chunks straight from the final hidden states, and
 //! its gradient with respect to them by hand, so the `[tokens, vocab]` logits never enter the
 //! autodiff graph; the graph then runs backward from `sum(h * dL/dh)` through the decoder into
 //! the LoRA factors. [`schedule`] says when the learning rate changes and when pruning happens;
 //! `adamw` is the optimiser; this file holds the settings and the [`Tuner`], whose state is the
-//! sliced model, the kept maps, the adapter, its AdamW moments and the importance EMA.
+//! sliced model, the kept maps, the adapter, its optimiser moments and the importance EMA.
 
 mod adamw;
 pub mod loss;
@@ -19,15 +20,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, LoraFactors};
 use crate::model::Llama;
-use crate::prune::{self, BlockScores, Criterion, PruneConfig, PruneError};
+use crate::prune::{self, BlockScores, Criterion, Importance, PruneConfig, PruneError};
 
+pub use adamw::{check_weight_decay, optimiser_name};
 pub use loss::{chunked_ce, Batch, StepStats};
-pub use schedule::{event_targets, lr_at, prune_schedule};
+pub use schedule::{event_targets, lr_at, prune_schedule, prune_window, PruneShape};
 
 /// Optimiser and schedule settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct TrainConfig {
     pub lr: f64,
+    /// Decoupled weight decay (AdamW: `w -= lr * weight_decay * w` beside the Adam step);
+    /// default 0, which makes the optimiser plain Adam. Must be finite, at least 0, and
+    /// `lr * weight_decay < 1`.
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -39,10 +45,15 @@ pub struct TrainConfig {
     pub clip_norm: f64,
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
-    /// Importance EMA factor (`I = lambda * I_prev + (1 - lambda) * I_now`).
+    /// Importance EMA factor (`I = lambda * I_prev + (1 - lambda) * I_now`, bias-corrected).
     pub ema_lambda: f64,
-    /// Optimiser steps between pruning events.
+    /// The longest interval, in optimiser steps, between pruning events (the paper's K).
     pub prune_every: usize,
+    /// The fewest pruning events a round's gap is spread over, when its pruning window has
+    /// that many steps (see [`schedule`]).
+    pub min_prune_events: usize,
+    /// How the gap is spread over the events.
+    pub prune_shape: PruneShape,
     pub criterion: Criterion,
     pub prune: PruneConfig,
     pub seed: u64,
@@ -69,6 +80,8 @@ impl Default for TrainConfig {
             grad_accum: 1,
             ema_lambda: 0.9,
             prune_every: 20,
+            min_prune_events: 8,
+            prune_shape: PruneShape::Cubic,
             criterion: Criterion::LoraGradient,
             prune: PruneConfig::default(),
             seed: 0,
@@ -83,7 +96,7 @@ fn fidx(l: usize, p: Proj, is_a: bool) -> usize {
     (l * 7 + p.index()) * 2 + usize::from(!is_a)
 }
 
-/// A device's prune-and-tune state: the sliced model, kept maps, adapter, AdamW moments,
+/// A device's prune-and-tune state: the sliced model, kept maps, adapter, optimiser moments,
 /// accumulated gradients and the importance EMA.
 pub struct Tuner {
     pub model: Llama,
@@ -96,8 +109,9 @@ pub struct Tuner {
     accum: Vec<Option<Tensor<2>>>,
     accum_micro: usize,
     accum_stats: StepStats,
-    /// Importance EMA (per kept unit, local order).
-    pub scores: Option<Vec<BlockScores>>,
+    /// Importance EMA (per kept unit, local order); carried across rounds by the device
+    /// ([`Tuner::with_importance`], then read back from here).
+    pub importance: Importance,
     rng: rand_chacha::ChaCha8Rng,
 }
 
@@ -142,9 +156,22 @@ impl Tuner {
             accum: vec![None; n],
             accum_micro: 0,
             accum_stats: StepStats::default(),
-            scores: None,
+            importance: Importance::default(),
             rng,
         })
+    }
+
+    /// Continue the importance EMA a device carried from earlier rounds (it must match the
+    /// kept maps this tuner started from).
+    pub fn with_importance(mut self, importance: Importance) -> Result<Self, PruneError> {
+        importance.check(&self.kept)?;
+        self.importance = importance;
+        Ok(self)
+    }
+
+    /// The bias-corrected importance estimate, or `None` before any sample.
+    pub fn scores(&self) -> Option<Vec<BlockScores>> {
+        self.importance.estimate(self.cfg.ema_lambda)
     }
 
     pub fn sparsity(&self) -> f64 {
@@ -193,7 +220,7 @@ impl Tuner {
         if taylor {
             let mut m = self.model.clone();
             for b in &mut m.blocks {
-                for p in [Proj::Q, Proj::O, Proj::Gate, Proj::Up, Proj::Down] {
+                for p in Proj::ALL {
                     let w = leaf(b.weight(p));
                     *b.weight_mut(p) = w;
                 }
@@ -277,14 +304,7 @@ impl Tuner {
                             let g = w.grad(grads_of(l)).expect("tracked weight has a gradient");
                             (w.clone().inner() * g).abs()
                         };
-                        prune::group_scores(
-                            i(Proj::Q),
-                            i(Proj::O),
-                            i(Proj::Gate),
-                            i(Proj::Up),
-                            i(Proj::Down),
-                            hd,
-                        )
+                        prune::group_scores(i, hd)
                     })
                     .collect(),
             )
@@ -321,45 +341,18 @@ impl Tuner {
                     let w = b.weight(p).clone() + f.a.clone().matmul(f.b.clone()).mul_scalar(s);
                     (g * w).abs()
                 };
-                prune::group_scores(
-                    imp(Proj::Q),
-                    imp(Proj::O),
-                    imp(Proj::Gate),
-                    imp(Proj::Up),
-                    imp(Proj::Down),
-                    hd,
-                )
+                prune::group_scores(imp, hd)
             })
             .collect()
     }
 
     fn update_ema(&mut self, now: Vec<BlockScores>) {
-        let lam = self.cfg.ema_lambda;
-        self.scores = Some(match self.scores.take() {
-            None => now,
-            Some(prev) => prev
-                .into_iter()
-                .zip(now)
-                .map(|(p, n)| BlockScores {
-                    heads: p
-                        .heads
-                        .iter()
-                        .zip(&n.heads)
-                        .map(|(a, b)| lam * a + (1.0 - lam) * b)
-                        .collect(),
-                    channels: p
-                        .channels
-                        .iter()
-                        .zip(&n.channels)
-                        .map(|(a, b)| lam * a + (1.0 - lam) * b)
-                        .collect(),
-                })
-                .collect(),
-        });
+        self.importance.update(now, self.cfg.ema_lambda);
     }
 
-    /// Run one micro-batch; when `grad_accum` micro-batches have been seen, take an AdamW
-    /// step at learning rate `lr` and return its record.
+    /// Run one micro-batch; when `grad_accum` micro-batches have been seen, take an optimiser
+    /// step at learning rate `lr` and return its record. With `track_importance`, the
+    /// criterion's per-step scores (LoRA-gradient, Taylor) are folded into the EMA.
     pub fn train_micro(
         &mut self,
         batch: &Batch,
@@ -381,20 +374,11 @@ impl Tuner {
         if self.accum_micro < accum {
             return None;
         }
-        if track_importance {
-            match self.cfg.criterion {
-                Criterion::LoraGradient => {
-                    let s = self.lora_scores();
-                    self.update_ema(s);
-                }
-                Criterion::Magnitude => {
-                    let s = prune::magnitude_scores(&self.model);
-                    self.scores = Some(s);
-                }
-                Criterion::Random | Criterion::Taylor => {}
-            }
+        if track_importance && self.cfg.criterion == Criterion::LoraGradient {
+            let s = self.lora_scores();
+            self.update_ema(s);
         }
-        let grad_norm = self.apply_adamw(lr);
+        let grad_norm = self.apply_optimiser(lr);
         let stats = std::mem::take(&mut self.accum_stats);
         self.accum_micro = 0;
         self.step += 1;
@@ -409,8 +393,8 @@ impl Tuner {
         })
     }
 
-    /// Clip and apply AdamW to every factor; returns the pre-clip global gradient norm.
-    fn apply_adamw(&mut self, lr: f64) -> f64 {
+    /// Clip and apply the optimiser to every factor; returns the pre-clip global gradient norm.
+    fn apply_optimiser(&mut self, lr: f64) -> f64 {
         let grads: Vec<Tensor<2>> = self
             .accum
             .iter_mut()
@@ -426,16 +410,16 @@ impl Tuner {
         )
     }
 
-    /// Prune toward `target` sparsity using the current importance (random scores for the
-    /// random criterion); slices the model, adapter, moments and EMA. Returns units removed.
+    /// Prune toward `target` sparsity using the current importance (the bias-corrected EMA;
+    /// fresh scores for magnitude and random, and magnitude before the EMA's first sample);
+    /// slices the model, adapter, moments and EMA. Returns units removed.
     pub fn prune_to(&mut self, base: &Llama, target: f64) -> Result<usize, PruneError> {
         let scores = match self.cfg.criterion {
             Criterion::Random => prune::random_scores(&self.model, &mut self.rng),
             Criterion::Magnitude => prune::magnitude_scores(&self.model),
-            _ => match &self.scores {
-                Some(s) => s.clone(),
-                None => prune::magnitude_scores(&self.model),
-            },
+            _ => self
+                .scores()
+                .unwrap_or_else(|| prune::magnitude_scores(&self.model)),
         };
         let new = prune::select_prune(&base.config, &self.kept, &scores, target, &self.cfg.prune);
         if new == self.kept {
@@ -473,9 +457,7 @@ impl Tuner {
                 }
             }
         }
-        if let Some(s) = &self.scores {
-            self.scores = Some(prune::slice_scores(s, &self.kept, &new));
-        }
+        self.importance = self.importance.slice(&self.kept, &new);
         self.kept = new;
         Ok(())
     }
@@ -493,8 +475,9 @@ pub struct RoundReport {
 
 impl Tuner {
     /// One local round: `steps` optimiser steps on batches from `next_batch(micro_index)`,
-    /// pruning toward `target` sparsity in equal steps every `prune_every` steps. A target at
-    /// or below the current sparsity means no further pruning (pruning is never undone).
+    /// pruning toward `target` sparsity in the events of [`prune_schedule`] with the targets
+    /// of [`event_targets`] (gradual by default). A target at or below the current sparsity
+    /// means no further pruning (pruning is never undone).
     pub fn run_round(
         &mut self,
         base: &Llama,
@@ -520,12 +503,13 @@ impl Tuner {
         mut on_step: impl FnMut(&StepRecord) -> bool,
     ) -> Result<RoundReport, PruneError> {
         let before = self.sparsity();
+        let c = &self.cfg;
         let events = if target > before + 1e-12 {
-            prune_schedule(steps, self.cfg.prune_every)
+            prune_schedule(steps, c.prune_every, c.min_prune_events, c.prune_shape)
         } else {
             Vec::new()
         };
-        let targets = event_targets(before, target, events.len());
+        let targets = event_targets(before, target, events.len(), c.prune_shape);
         let mut records = Vec::with_capacity(steps);
         let mut prune_events = Vec::new();
         let mut micro = 0;
@@ -603,7 +587,7 @@ mod tests {
                 .into_data()
                 .try_to_vec()
                 .unwrap();
-            (recs, a, t.scores.clone().unwrap())
+            (recs, a, t.scores().unwrap())
         };
         let (r1, a1, s1) = run(false);
         let (r2, a2, s2) = run(true);
@@ -621,6 +605,72 @@ mod tests {
                 assert!((p - q).abs() <= 1e-3 * p.abs().max(1e-6), "{p} vs {q}");
             }
         }
+    }
+
+    /// The importance EMA handed from one tuner to the next (as a device carries it from
+    /// round to round, through a serialised state) continues exactly: with the adapter held
+    /// still (learning rate 0, so every step sees the same gradients), two rounds of 3 steps
+    /// with a prune between them give the same scores as one run of 6 steps with the prune
+    /// in the middle.
+    #[test]
+    fn importance_carries_over_rounds() {
+        let (base, c) = tiny();
+        let windows: Vec<Vec<u32>> = (0..2)
+            .map(|r| (0..13).map(|i| ((i * 7 + r) % 40) as u32).collect())
+            .collect();
+        let batch = Batch::lm(&windows);
+        let cfg = TrainConfig {
+            prune: PruneConfig {
+                min_channels_per_block: 4,
+                ..PruneConfig::for_layers(3)
+            },
+            ..TrainConfig::default()
+        };
+        let fresh = || {
+            let ad = Adapter::new(&c, 4, 8.0, 2, &base.device);
+            let mut t = Tuner::new(&base, KeptIndices::dense(&c), ad, cfg.clone()).unwrap();
+            // One real step first (no importance), so B is not zero.
+            t.train_micro(&batch, 1e-2, false).unwrap();
+            t
+        };
+        let steps = |t: &mut Tuner, n: usize| {
+            for _ in 0..n {
+                t.train_micro(&batch, 0.0, true).unwrap();
+            }
+        };
+        let mut one = fresh();
+        steps(&mut one, 3);
+        one.prune_to(&base, 0.2).unwrap();
+        steps(&mut one, 3);
+
+        let mut first = fresh();
+        steps(&mut first, 3);
+        first.prune_to(&base, 0.2).unwrap();
+        assert_eq!(first.importance.samples, 3);
+        let carried: Importance =
+            serde_json::from_str(&serde_json::to_string(&first.importance).unwrap()).unwrap();
+        let mut second = Tuner::new(&base, first.kept.clone(), first.adapter.clone(), cfg)
+            .unwrap()
+            .with_importance(carried)
+            .unwrap();
+        steps(&mut second, 3);
+        assert_eq!(second.kept, one.kept);
+        assert_eq!(second.importance.samples, 6);
+        assert_eq!(second.scores(), one.scores());
+        // A carried EMA that does not fit the kept maps is refused, naming the block.
+        let mut bad = one.importance.clone();
+        bad.ema[1].channels.pop();
+        let e = Tuner::new(
+            &base,
+            one.kept.clone(),
+            one.adapter.clone(),
+            one.cfg.clone(),
+        )
+        .unwrap()
+        .with_importance(bad)
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("block 1"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,7 @@ fn session(heartbeat_ms: u64, now: Timestamp) -> AgentSession {
     let state = DeviceState {
         kept: KeptIndices::dense(&tiny()),
         adapter: None,
+        importance: Default::default(),
     };
     let mut s = AgentSession::new(config, state);
     s.handle(now, AgentEvent::Connected);

@@ -237,6 +237,7 @@ impl<'a> Simulation<'a> {
             let state = DeviceState {
                 kept: KeptIndices::dense(&dense),
                 adapter: None,
+                importance: Default::default(),
             };
             let start =
                 Timestamp((rng.random::<f64>() * cfg.fleet.connect_spread_s * 1000.0) as u64);

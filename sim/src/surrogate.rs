@@ -185,6 +185,7 @@ impl SurrogateTrainer {
             min_heads_per_block: 1,
             min_channels_per_block: 4,
             uniform: false,
+            per_block: false,
             prune_heads: true,
         };
         SurrogateTrainer {
@@ -301,6 +302,7 @@ impl LocalTrainer for SurrogateTrainer {
                 .iter()
                 .map(|s| BlockScores {
                     heads: (0..s.n_heads).map(|_| job_rng.random()).collect(),
+                    kv_heads: Vec::new(),
                     channels: (0..s.ffn_dim).map(|_| job_rng.random()).collect(),
                 })
                 .collect();
@@ -375,6 +377,7 @@ impl LocalTrainer for SurrogateTrainer {
             round: job.round,
             kept,
             adapter: (rank, job.alpha, factors),
+            importance: Default::default(),
             stats,
             report,
             metric_post: p.accuracy(loss_post),

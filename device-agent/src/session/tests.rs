@@ -42,6 +42,7 @@ fn session_with_ram(ram_bytes: u64) -> AgentSession {
     let state = DeviceState {
         kept: KeptIndices::dense(&cfg),
         adapter: None,
+        importance: Default::default(),
     };
     let mut s = AgentSession::new(config, state);
     s.handle(Timestamp(0), AgentEvent::Connected);
@@ -162,6 +163,7 @@ fn finished(round: u64) -> AgentEvent {
         round: RoundId(round),
         kept: KeptIndices::dense(&cfg),
         adapter: (8, 16.0, Vec::new()),
+        importance: Default::default(),
         stats: UpdateStats {
             loss_pre: 2.0,
             loss_post: 1.5,
