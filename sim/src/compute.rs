@@ -104,6 +104,7 @@ pub trait LocalTrainer {
             .iter()
             .map(|s| BlockScores {
                 heads: (0..s.n_heads).map(|_| rng.random()).collect(),
+                kv_heads: (0..s.n_kv_heads).map(|_| rng.random()).collect(),
                 channels: (0..s.ffn_dim).map(|_| rng.random()).collect(),
             })
             .collect();

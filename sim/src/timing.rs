@@ -34,8 +34,8 @@ use crate::time_model::{Calibration, ShapeSums, StepKind, TimeModel, Workload};
 
 /// The shipped calibration: (file, its text).
 pub const BUILTIN_CALIBRATION: (&str, &str) = (
-    "sim/calibration/amd-epyc-avx2.json",
-    include_str!("../calibration/amd-epyc-avx2.json"),
+    "sim/calibration/amd-epyc-zen4-avx512.json",
+    include_str!("../calibration/amd-epyc-zen4-avx512.json"),
 );
 
 /// The calibrated time model the simulator charges compute with (fitted once, from

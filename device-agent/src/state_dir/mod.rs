@@ -41,8 +41,9 @@ use crate::session::{DeviceState, UnackedUpdate};
 /// The state file inside a state directory.
 pub const STATE_FILE: &str = "device-state.bin";
 /// Version of [`SavedState`]'s encoding; bump it whenever `SavedState`, [`DeviceState`] or a
-/// type they hold changes (bincode is not self-describing).
-pub const SCHEMA_VERSION: u32 = 1;
+/// type they hold changes (bincode is not self-describing). 2: `DeviceState` carries the
+/// importance EMA.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Why a state directory could not be read, written or used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
