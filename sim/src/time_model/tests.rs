@@ -146,3 +146,29 @@ fn bad_measurement_files_are_refused_with_the_reason() {
         .to_string();
     assert!(e.contains("z.json"), "{e}");
 }
+
+/// The stated leave-one-out errors of the shipped calibration (BENCHMARKS.md, "Time model"):
+/// (kind, largest, mean).
+const STATED: [(StepKind, f64, f64); 3] = [
+    (StepKind::Train, 0.15, 0.053),
+    (StepKind::TrainScoring, 0.115, 0.059),
+    (StepKind::Forward, 0.237, 0.064),
+];
+
+#[test]
+fn the_shipped_calibration_reproduces_its_measurements_within_the_stated_error() {
+    let (origin, text) = crate::timing::BUILTIN_CALIBRATION;
+    let cal = Calibration::from_json(text, origin).unwrap();
+    for (kind, max, mean) in STATED {
+        let v = Validation::leave_one_out(kind, &cal.of_kind(kind));
+        let (got_max, got_mean) = v.ours();
+        assert!(
+            got_max <= max && got_mean <= mean,
+            "{}: leave-one-out error {got_max:.3} / {got_mean:.3}, stated {max} / {mean}",
+            kind.name()
+        );
+    }
+    // On training steps the per-operator model beats time linear in FLOPs.
+    let v = Validation::leave_one_out(StepKind::Train, &cal.of_kind(StepKind::Train));
+    assert!(v.ours().0 < v.flops_linear().0 && v.ours().1 < v.flops_linear().1);
+}
