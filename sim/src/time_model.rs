@@ -16,8 +16,9 @@
 //! (The attention probabilities' element-wise work, `T n H` elements, is proportional to the
 //! attention FLOPs and lands in `c3`.)
 //!
-//! with one coefficient vector per kind of work (training step, training step while importance
-//! is accumulated, forward pass). The quantities are forward-pass counts; a training step's
+//! with one coefficient vector per kind of work (training step, forward pass); a training step
+//! that also accumulates importance for a pending prune costs a fitted factor times a plain
+//! one. The quantities are forward-pass counts; a training step's
 //! backward work is proportional to them and lands in the coefficients. Coefficients are fitted
 //! by non-negative least squares on relative error (every point counts alike whatever its
 //! size), validated by leave-one-out: each measured point is predicted by a fit to all the
@@ -109,8 +110,8 @@ pub struct Workload {
 /// Number of per-operator quantities (the length of [`features`]).
 pub const N_FEATURES: usize = 6;
 /// Fewest points of a kind that are fitted (one more than the coefficients, so leave-one-out
-/// is defined). Training steps and forward passes must have them; a kind with fewer (scoring
-/// steps in a quick run) falls back to the training step's coefficients.
+/// is defined). Training steps and forward passes must have them; scoring steps need only one
+/// (they set a factor on the training step, [`TimeModel::scoring_factor`]).
 pub const MIN_POINTS: usize = N_FEATURES + 1;
 /// Their names, in order.
 pub const FEATURE_NAMES: [&str; N_FEATURES] = [
@@ -263,11 +264,17 @@ impl Calibration {
     }
 }
 
-/// Fitted coefficients for each kind of work.
+/// Fitted coefficients for training steps and forward passes, and the cost of accumulating
+/// importance as a factor on a training step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TimeModel {
-    /// `(kind, coefficients)` for every kind the calibration measured.
+    /// `(kind, coefficients)` for training steps and forward passes.
     pub coefficients: Vec<(StepKind, [f64; N_FEATURES])>,
+    /// A step that accumulates importance costs this many plain training steps of the same
+    /// workload (the mean ratio over the measured scoring points; 1 without any). A factor,
+    /// not a fit of its own: the grid measures scoring steps at one batch geometry only, where
+    /// separate coefficients are not identifiable and extrapolate badly.
+    pub scoring_factor: f64,
     /// Host milliseconds of a training step at [`REFERENCE`] on the calibration's model shape.
     pub reference_ms: f64,
     /// FLOPs of that step.
@@ -278,17 +285,22 @@ pub struct TimeModel {
 }
 
 impl TimeModel {
-    /// Fit every kind with at least [`MIN_POINTS`] points (the others fall back to the
-    /// training step's coefficients).
+    /// Fit training steps and forward passes (each with at least [`MIN_POINTS`] points; a
+    /// missing forward fit falls back to the training step's) and the scoring factor.
     pub fn fit(cal: &Calibration) -> Result<TimeModel, TimeModelError> {
         let mut coefficients = Vec::new();
-        for kind in StepKind::ALL {
+        for kind in [StepKind::Train, StepKind::Forward] {
             let pts = cal.of_kind(kind);
             if pts.len() < MIN_POINTS {
                 continue;
             }
             coefficients.push((kind, fit::fit_points(&pts)));
         }
+        let train = coefficients
+            .first()
+            .map(|(_, c)| *c)
+            .unwrap_or([0.0; N_FEATURES]);
+        let scoring_factor = fit::scoring_factor(&train, &cal.of_kind(StepKind::TrainScoring));
         let dense = cal
             .measurements
             .iter()
@@ -307,6 +319,7 @@ impl TimeModel {
         let (train, forward) = (at(REFERENCE), at(REFERENCE_FORWARD));
         let mut m = TimeModel {
             coefficients,
+            scoring_factor,
             reference_ms: 0.0,
             reference_flops: total_flops(StepKind::Train, &train),
             reference_forward_ms: 0.0,
@@ -325,6 +338,11 @@ impl TimeModel {
 
     fn coefs(&self, kind: StepKind) -> &[f64; N_FEATURES] {
         let find = |k: StepKind| self.coefficients.iter().find(|(c, _)| *c == k);
+        let kind = if kind == StepKind::TrainScoring {
+            StepKind::Train
+        } else {
+            kind
+        };
         let hit = find(kind)
             .or_else(|| find(StepKind::Train))
             .or_else(|| self.coefficients.first());
@@ -337,7 +355,12 @@ impl TimeModel {
     /// Predicted host milliseconds of one step of `kind` on `w`.
     pub fn host_ms(&self, kind: StepKind, w: &Workload) -> f64 {
         let f = features(w);
-        self.coefs(kind).iter().zip(f).map(|(c, x)| c * x).sum()
+        let t: f64 = self.coefs(kind).iter().zip(f).map(|(c, x)| c * x).sum();
+        if kind == StepKind::TrainScoring {
+            t * self.scoring_factor
+        } else {
+            t
+        }
     }
 
     /// Host throughput at the reference shape, GFLOP/s.

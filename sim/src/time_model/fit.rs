@@ -96,6 +96,27 @@ pub(super) fn fit_points(points: &[&Measurement]) -> [f64; N_FEATURES] {
     out
 }
 
+fn predict(c: &[f64; N_FEATURES], m: &Measurement) -> f64 {
+    c.iter()
+        .zip(features(&m.workload))
+        .map(|(c, x)| c * x)
+        .sum()
+}
+
+/// Mean of measured over predicted plain-step time across scoring points (1 without any).
+pub(super) fn scoring_factor(train: &[f64; N_FEATURES], scoring: &[&Measurement]) -> f64 {
+    let r: Vec<f64> = scoring
+        .iter()
+        .map(|m| m.ms / predict(train, m))
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .collect();
+    if r.is_empty() {
+        1.0
+    } else {
+        r.iter().sum::<f64>() / r.len() as f64
+    }
+}
+
 /// The FLOPs-linear model: `t = k * FLOPs`, `k` by least squares on relative error.
 fn fit_flops_linear(kind: StepKind, points: &[&Measurement]) -> f64 {
     let (mut num, mut den) = (0.0, 0.0);
@@ -142,6 +163,35 @@ impl Validation {
         Validation {
             kind,
             points: points.len(),
+            predictions,
+        }
+    }
+
+    /// Leave-one-out over scoring steps: each predicted as the training-step fit (to every
+    /// training point) times the factor of the other scoring points.
+    pub fn leave_one_out_scoring(train: &[&Measurement], scoring: &[&Measurement]) -> Validation {
+        let c = fit_points(train);
+        let predictions = (0..scoring.len())
+            .map(|i| {
+                let rest: Vec<&Measurement> = scoring
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, m)| *m)
+                    .collect();
+                let m = scoring[i];
+                let ours = scoring_factor(&c, &rest) * predict(&c, m);
+                let k = fit_flops_linear(StepKind::TrainScoring, &rest);
+                (
+                    m.ms,
+                    ours,
+                    k * total_flops(StepKind::TrainScoring, &m.workload),
+                )
+            })
+            .collect();
+        Validation {
+            kind: StepKind::TrainScoring,
+            points: scoring.len(),
             predictions,
         }
     }

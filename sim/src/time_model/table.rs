@@ -23,10 +23,14 @@ pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
     let mut summary = Vec::new();
     for kind in StepKind::ALL {
         let pts = cal.of_kind(kind);
-        if pts.len() < super::MIN_POINTS {
+        if pts.len() < super::MIN_POINTS && !(kind == StepKind::TrainScoring && pts.len() > 1) {
             continue;
         }
-        let v = Validation::leave_one_out(kind, &pts);
+        let v = if kind == StepKind::TrainScoring {
+            Validation::leave_one_out_scoring(&cal.of_kind(StepKind::Train), &pts)
+        } else {
+            Validation::leave_one_out(kind, &pts)
+        };
         let _ = writeln!(
             s,
             "**{}** (each prediction from a fit that left the point out)\n",
@@ -90,6 +94,11 @@ pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
             .collect();
         let _ = writeln!(s, "| {name} | {} |", row.join(" | "));
     }
+    let _ = writeln!(
+        s,
+        "\nA step that accumulates importance costs {:.3} plain steps (mean over the scoring points).",
+        model.scoring_factor
+    );
     let _ = writeln!(
         s,
         "\nReference step (dense, rank {}, {} x {}): {:.0} ms, {:.1} GFLOP/s on this host.",
