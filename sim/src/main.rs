@@ -356,7 +356,7 @@ fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Resul
         split_seed,
         holdout,
         command,
-        date: utc_now(),
+        date: sim::time_model::grid::utc_now(),
     };
     let params = surrogate::fit_device_rounds(&data, &opts)?;
     let text = format!("# Surrogate loss-response parameters (see sim/src/surrogate.rs), fitted by `sim fit-surrogate`.\n{}", params.to_toml());
@@ -411,31 +411,6 @@ fn calibrate(out: PathBuf, from: Option<PathBuf>, reps: usize, quick: bool) -> R
     let model = TimeModel::fit(&cal)?;
     println!("{}", time_model::markdown(&cal, &model));
     Ok(())
-}
-
-/// The current UTC time as RFC 3339 (`2026-11-30T15:04:05Z`), for provenance.
-pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// Milliseconds since the first call (the device-round records' compute clock).

@@ -163,6 +163,12 @@ pub fn total_flops(kind: StepKind, cfg_sums: &Workload) -> f64 {
     }
 }
 
+/// The shipped calibration: (file, its text).
+pub const BUILTIN_CALIBRATION: (&str, &str) = (
+    "sim/calibration/amd-epyc-zen4-avx512.json",
+    include_str!("../calibration/amd-epyc-zen4-avx512.json"),
+);
+
 /// The reference shape a profile's `train_gflops` describes: the dense model, rank 8, two
 /// sequences of 128 tokens, a plain training step.
 pub const REFERENCE: (usize, usize, usize) = (8, 2, 128);

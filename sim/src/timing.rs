@@ -30,13 +30,9 @@ use device_agent::cost;
 use device_agent::model::ModelConfig;
 use device_agent::train::RoundReport;
 
-use crate::time_model::{Calibration, ShapeSums, StepKind, TimeModel, Workload};
-
-/// The shipped calibration: (file, its text).
-pub const BUILTIN_CALIBRATION: (&str, &str) = (
-    "sim/calibration/amd-epyc-zen4-avx512.json",
-    include_str!("../calibration/amd-epyc-zen4-avx512.json"),
-);
+use crate::time_model::{
+    Calibration, ShapeSums, StepKind, TimeModel, Workload, BUILTIN_CALIBRATION,
+};
 
 /// The calibrated time model the simulator charges compute with (fitted once, from
 /// [`BUILTIN_CALIBRATION`]).

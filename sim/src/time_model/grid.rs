@@ -229,11 +229,13 @@ fn isa() -> Vec<String> {
     v
 }
 
-/// Today's UTC date from the system clock (civil-from-days).
-fn utc_date() -> String {
+/// The current UTC time as RFC 3339 (`2026-11-30T15:04:05Z`), from the system clock
+/// (civil-from-days), for provenance lines.
+pub fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let rem = secs % 86_400;
     let z = (secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -243,5 +245,15 @@ fn utc_date() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Today's UTC date, `YYYY-MM-DD`.
+fn utc_date() -> String {
+    utc_now()[..10].to_string()
 }

@@ -157,7 +157,7 @@ const STATED: [(StepKind, f64, f64); 3] = [
 
 #[test]
 fn the_shipped_calibration_reproduces_its_measurements_within_the_stated_error() {
-    let (origin, text) = crate::timing::BUILTIN_CALIBRATION;
+    let (origin, text) = BUILTIN_CALIBRATION;
     let cal = Calibration::from_json(text, origin).unwrap();
     for (kind, max, mean) in STATED {
         let v = if kind == StepKind::TrainScoring {
