@@ -154,7 +154,9 @@ pub struct EvalConfig {
     pub every_rounds: u64,
     /// Devices in the panel (chosen once, stratified by class; 0 = every device).
     pub panel_devices: usize,
-    /// Devices whose final model is evaluated at the end (0 = every device).
+    /// Devices whose final model is evaluated at the end, among those that trained, and
+    /// again among those that never trained for the fleet figure (a seeded sample of each;
+    /// 0 = every device).
     pub final_devices: usize,
     pub target_metric: TargetMetric,
     /// Time to target is the virtual time of the first panel evaluation at or past this.

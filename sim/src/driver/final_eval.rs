@@ -1,6 +1,8 @@
 //! The final evaluation: every device that trained (or a seeded sample of them when
-//! `eval.final_devices` caps it), and separately the whole fleet, each device's model being its
-//! kept maps with the global adapter; plus the effective sample size and standard errors.
+//! `eval.final_devices` caps it), and separately the whole fleet (the same cap applies to the
+//! devices that never trained, sampled with the run's evaluation stream), each device's model
+//! being its kept maps with the global adapter; plus the effective sample size and standard
+//! errors.
 //!
 //! In real mode with a global held-out set, a device's evaluated model and its test items are a
 //! function of its kept maps and the global adapter only, so devices with equal kept maps
@@ -123,9 +125,18 @@ impl Simulation<'_> {
             trained.truncate(cap);
             trained.sort_unstable();
         }
-        let untrained: Vec<usize> = (0..n)
+        let mut untrained: Vec<usize> = (0..n)
             .filter(|&i| self.devices[i].rounds_trained == 0)
             .collect();
+        // The same cap for the devices that never trained: a device short of s* is pruned with
+        // its own importance before it is scored, so each costs a whole evaluation; with a cap
+        // the fleet figure is the mean over a seeded sample of them plus the trained set.
+        if cap > 0 && untrained.len() > cap {
+            let mut rng = Stream::new(self.cfg.seed, label::EVALUATION).rng_for(2);
+            untrained.shuffle(&mut rng);
+            untrained.truncate(cap);
+            untrained.sort_unstable();
+        }
         let (items, shared) = self.eval_sample();
         let mut memo = Memo::default();
         let trained_q = self.evaluate_distinct(&trained, shared, &mut memo)?;
