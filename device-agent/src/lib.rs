@@ -1,6 +1,7 @@
 //! FedSpine device agent: a LLaMA-family model on burn, its weights and tokenizer, structured
 //! pruning with LoRA fine-tuning, evaluation, and export.
 
+pub mod agent_config;
 pub mod assets;
 pub mod backend;
 pub mod client;

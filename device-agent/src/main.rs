@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use device_agent::assets;
 use device_agent::backend::BackendKind;
@@ -273,7 +273,18 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // `join --config FILE`: the file's flags go first, the command line's own override them.
+    let command = Cli::command().mut_subcommand("join", |c| c.args_override_self(true));
+    let known: Vec<String> = command
+        .find_subcommand("join")
+        .map(|c| {
+            c.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let args = device_agent::agent_config::expand(std::env::args_os().collect(), &known)?;
+    let cli = Cli::from_arg_matches(&command.get_matches_from(args))?;
     match cli.command {
         Command::Fetch { names } => {
             let list: Vec<assets::Asset> = if names.is_empty() {

@@ -83,3 +83,54 @@ fn the_agent_unit_verifies_and_its_command_line_parses() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+#[test]
+fn an_agent_config_file_sets_join_flags_and_the_command_line_overrides_it() {
+    let agent = &bins().device_agent;
+    // The example file's keys are all `join` flags with valid values.
+    let example = root().join("deploy/agent.toml");
+    let out = Command::new(agent)
+        .args(["join", "--config"])
+        .arg(&example)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A file's values are used (the error names the file's PKI directory), and a flag on the
+    // command line wins over the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "aggregator = \"127.0.0.1:9\"\nid = 1\npki = \"/nonexistent/from-file\"\nmodel = \"tiny\"\ndataset = \"synthetic\"\nmax_attempts = 1\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(agent)
+            .env("RUST_BACKTRACE", "0")
+            .args(["join", "--config"])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(run(&[]).contains("/nonexistent/from-file/device-1.pem"));
+    let over = run(&["--pki", "/nonexistent/from-cli"]);
+    assert!(
+        over.contains("/nonexistent/from-cli/device-1.pem"),
+        "{over}"
+    );
+    // A key that is no flag is refused with the file and the key named.
+    std::fs::write(&file, "agregator = \"x\"\n").unwrap();
+    let bad = run(&[]);
+    assert!(
+        bad.contains("agent.toml") && bad.contains("unknown key 'agregator'"),
+        "{bad}"
+    );
+}

@@ -58,6 +58,10 @@ pub use local::{synthetic_shard, tiny_model};
 /// `device-agent join`: take part in federated rounds.
 #[derive(clap::Args, Debug, Clone)]
 pub struct JoinArgs {
+    /// A TOML file of `join` flags (`aggregator = "10.0.0.2:7443"`, `state = "/var/lib/x"`,
+    /// `fresh-state = true`); flags on the command line override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The aggregator's UDP address.
     #[arg(long)]
     pub aggregator: SocketAddr,
