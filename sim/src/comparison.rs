@@ -395,6 +395,28 @@ fn fmt_interval(i: &Option<Interval>, digits: usize, of: usize) -> String {
     }
 }
 
+/// One markdown table: a row per metric, a column per entry in `columns`, each cell the
+/// interval of the row in `rows` for that metric and entry.
+fn metric_table(s: &mut String, columns: &[String], rows: &[MetricRow], n: usize) {
+    let _ = writeln!(s, "| metric | {} |", columns.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(columns.len()));
+    for (key, what, unit) in METRICS {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|e| {
+                let row = rows.iter().find(|r| r.metric == key && &r.entry == e);
+                fmt_interval(&row.and_then(|r| r.interval), digits(key), n)
+            })
+            .collect();
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" ({unit})")
+        };
+        let _ = writeln!(s, "| {what}{unit} | {} |", cells.join(" | "));
+    }
+}
+
 fn digits(key: &str) -> usize {
     match key {
         "time_to_target_s" | "megabytes" | "peak_train_mem_mib" => 1,
@@ -441,27 +463,7 @@ impl Comparison {
                 se * 100.0
             );
         }
-        let _ = writeln!(s, "| metric | {} |", self.entries.join(" | "));
-        let _ = writeln!(s, "|---|{}", "---|".repeat(self.entries.len()));
-        for (key, what, unit) in METRICS {
-            let cells: Vec<String> = self
-                .entries
-                .iter()
-                .map(|e| {
-                    let row = self
-                        .metrics
-                        .iter()
-                        .find(|r| r.metric == key && &r.entry == e);
-                    fmt_interval(&row.and_then(|r| r.interval), digits(key), n)
-                })
-                .collect();
-            let unit = if unit.is_empty() {
-                String::new()
-            } else {
-                format!(" ({unit})")
-            };
-            let _ = writeln!(s, "| {what}{unit} | {} |", cells.join(" | "));
-        }
+        metric_table(&mut s, &self.entries, &self.metrics, n);
         if self.entries.len() > 1 {
             let others: Vec<String> = self
                 .entries
@@ -473,26 +475,7 @@ impl Comparison {
                 s,
                 "\nPaired differences, seed by seed (an interval excluding 0 is a difference these seeds support):\n"
             );
-            let _ = writeln!(s, "| metric | {} |", others.join(" | "));
-            let _ = writeln!(s, "|---|{}", "---|".repeat(others.len()));
-            for (key, what, unit) in METRICS {
-                let cells: Vec<String> = others
-                    .iter()
-                    .map(|e| {
-                        let row = self
-                            .paired
-                            .iter()
-                            .find(|r| r.metric == key && &r.entry == e);
-                        fmt_interval(&row.and_then(|r| r.interval), digits(key), n)
-                    })
-                    .collect();
-                let unit = if unit.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({unit})")
-                };
-                let _ = writeln!(s, "| {what}{unit} | {} |", cells.join(" | "));
-            }
+            metric_table(&mut s, &others, &self.paired, n);
         }
         let _ = writeln!(
             s,

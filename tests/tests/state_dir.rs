@@ -53,24 +53,8 @@ fn state_dir(dir: &Path, id: u64) -> PathBuf {
 
 /// `device-agent join --state` with the tiny model; `name` tells incarnations apart.
 fn start_agent_with_state(dir: &Path, id: u64, addr: &str, name: &str) -> Proc {
-    let mut cmd = Command::new(&bins().device_agent);
-    cmd.arg("join")
-        .args(["--aggregator", addr, "--server-name", "localhost"])
-        .arg("--pki")
-        .arg(dir.join("pki"))
-        .args(["--id", &id.to_string()])
-        .args([
-            "--model",
-            "tiny",
-            "--dataset",
-            "synthetic",
-            "--seq-len",
-            "32",
-        ])
-        .args(["--idle-timeout-s", "5", "--reconnect-max-s", "2"])
-        .args(["--max-attempts", "60"])
-        .arg("--state")
-        .arg(state_dir(dir, id));
+    let mut cmd = agent_command(dir, id, addr);
+    cmd.arg("--state").arg(state_dir(dir, id));
     Proc::spawn(name, cmd, dir)
 }
 

@@ -314,8 +314,9 @@ pub fn start_aggregator(dir: &Path, name: &str, listen: &str, resume: bool) -> (
     (proc, addr)
 }
 
-/// `device-agent join` with the tiny test model and synthetic data.
-pub fn start_agent(dir: &Path, id: u64, addr: &str) -> Proc {
+/// The `device-agent join` command line of device `id` with the tiny test model and
+/// synthetic data (callers may add flags before spawning it).
+pub fn agent_command(dir: &Path, id: u64, addr: &str) -> Command {
     let mut cmd = Command::new(&bins().device_agent);
     cmd.arg("join")
         .args(["--aggregator", addr, "--server-name", "localhost"])
@@ -332,7 +333,12 @@ pub fn start_agent(dir: &Path, id: u64, addr: &str) -> Proc {
         ])
         .args(["--idle-timeout-s", "5", "--reconnect-max-s", "2"])
         .args(["--max-attempts", "60"]);
-    Proc::spawn(&format!("device-{id}"), cmd, dir)
+    cmd
+}
+
+/// `device-agent join` with the tiny test model and synthetic data.
+pub fn start_agent(dir: &Path, id: u64, addr: &str) -> Proc {
+    Proc::spawn(&format!("device-{id}"), agent_command(dir, id, addr), dir)
 }
 
 /// The metrics file's JSON lines.
