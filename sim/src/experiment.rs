@@ -26,7 +26,8 @@ use crate::report::Report;
 use crate::surrogate::{SurrogateParams, SurrogateTrainer};
 
 /// What every run of an experiment shares: device profiles, and in real mode the one frozen
-/// base model and every device's data.
+/// base model and every device's data. Cloning shares the base model's tensors.
+#[derive(Clone)]
 pub struct Resources {
     pub profiles: Vec<DeviceProfile>,
     pub labels: Vec<String>,

@@ -40,6 +40,7 @@ pub mod queue;
 pub mod record;
 pub mod report;
 pub mod sampling;
+pub mod sensitivity;
 pub mod stats;
 pub mod surrogate;
 pub mod time_model;

@@ -41,6 +41,11 @@ enum Cmd {
         /// paired differences. 1 (the default) writes one folder per strategy as before.
         #[arg(long, default_value_t = 1)]
         seeds: usize,
+        /// Also re-run every strategy on the same seeds with every profile's compute derated
+        /// x0.5 and x2 and its bandwidth x0.5 and x2, and write the headline ratios under each
+        /// (`sensitivity.md`, `sensitivity.json`); five times the work.
+        #[arg(long)]
+        sensitivity: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -222,7 +227,7 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn compare(strategies: &str, n_seeds: usize, args: RunArgs) -> Result<()> {
+fn compare(strategies: &str, n_seeds: usize, sensitivity: bool, args: RunArgs) -> Result<()> {
     let (cfg, base) = args.load()?;
     let names: Vec<String> = strategies
         .split(',')
@@ -237,6 +242,9 @@ fn compare(strategies: &str, n_seeds: usize, args: RunArgs) -> Result<()> {
     }
     if n_seeds == 0 {
         bail!("--seeds must be at least 1");
+    }
+    if sensitivity && n_seeds < 2 {
+        bail!("--sensitivity compares paired seeds: give --seeds 2 or more (5 for intervals)");
     }
     for n in &names {
         cfg.with_entry(n)
@@ -308,6 +316,31 @@ fn compare(strategies: &str, n_seeds: usize, args: RunArgs) -> Result<()> {
     }
     write_host(&out, &host)?;
     println!("{}", cmp.to_markdown());
+    if sensitivity {
+        let mut variants = vec![(sim::sensitivity::VARIANTS[0], cmp.clone())];
+        for v in &sim::sensitivity::VARIANTS[1..] {
+            let res = resources.perturbed(*v);
+            let mut observer = SeedProgress {
+                inner: &mut progress,
+                rounds,
+            };
+            observer.note(&format!("sensitivity: {}", v.label));
+            let runs = experiment::compare_seeds(
+                &cfg,
+                &names,
+                &seeds,
+                &res,
+                &mut observer,
+                &mut |_, _| Ok(()),
+            )?;
+            progress.finish();
+            variants.push((*v, comparison::compare(&cfg.name, &names, &runs, items)));
+        }
+        let table = sim::sensitivity::headline(&variants);
+        write_file(&out.join("sensitivity.json"), &table.to_json())?;
+        write_file(&out.join("sensitivity.md"), &table.to_markdown())?;
+        println!("{}", table.to_markdown());
+    }
     println!("CPU: {}", host.line());
     println!(
         "reports in {} (compare.json, compare.md, host.json, seed-S/STRATEGY/ per run)",
@@ -454,8 +487,9 @@ fn main() -> Result<()> {
         Some(Cmd::Compare {
             strategies,
             seeds,
+            sensitivity,
             run: a,
-        }) => compare(&strategies, seeds, a),
+        }) => compare(&strategies, seeds, sensitivity, a),
         Some(Cmd::FitSurrogate {
             data,
             out,
