@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::device_rounds::{self, DeviceRound};
 use crate::timing::{self, RoundFlops, StepShape};
+use crate::wall_profile::WallLedger;
 
 /// A finished local round and what it cost.
 pub struct TrainedRound {
@@ -145,6 +146,8 @@ pub struct RealTrainer {
     /// A wall clock in milliseconds, injected by the binary (the library reads no clock), to
     /// record each round's measured compute; `None` leaves it out.
     pub wall_clock: Option<WallClock>,
+    /// Where the wall time goes (with `wall_clock`), for the binary's overhead table.
+    pub wall_ledger: Option<Arc<WallLedger>>,
 }
 
 /// A wall clock in milliseconds since an arbitrary start.
@@ -158,6 +161,7 @@ impl RealTrainer {
             global_test,
             recorded: Vec::new(),
             wall_clock: None,
+            wall_ledger: None,
         }
     }
 }
@@ -207,14 +211,28 @@ impl LocalTrainer for RealTrainer {
         let data = &self.data[device];
         // Held-out accuracy of the starting adapter, for the device-round dataset (run_job
         // measures the loss before the round but keeps only the accuracy after it).
-        let accuracy_before = {
-            let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
-            let adapter = job::start_adapter(job, state, &self.base).map_err(|e| e.to_string())?;
-            data.evaluate(&model, Some(&adapter)).1
-        };
+        let ledger = self.wall_ledger.as_deref();
+        let accuracy_before = WallLedger::time(
+            ledger,
+            self.wall_clock,
+            "device-round dataset: accuracy before the round",
+            || -> Result<f64, String> {
+                let model =
+                    prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
+                let adapter =
+                    job::start_adapter(job, state, &self.base).map_err(|e| e.to_string())?;
+                Ok(data.evaluate(&model, Some(&adapter)).1)
+            },
+        )?;
         let started_ms = self.wall_clock.map(|clock| clock());
         let outcome = job::run_job(job, state, &self.base, data, agent, |_| true)
             .map_err(|e| e.to_string())?;
+        if let (Some(l), Some(clock), Some(t0)) = (ledger, self.wall_clock, started_ms) {
+            l.add(
+                "local rounds (run_job: slicing, steps, pruning)",
+                clock() - t0,
+            );
+        }
         let measured_compute_ms = self
             .wall_clock
             .zip(started_ms)
@@ -269,10 +287,18 @@ impl LocalTrainer for RealTrainer {
         slice: &GlobalSlice,
     ) -> Result<Quality, String> {
         let data = self.global_test.as_ref().unwrap_or(&self.data[device]);
-        let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
-        let job = eval_job(slice);
-        let adapter = job::start_adapter(&job, state, &self.base).map_err(|e| e.to_string())?;
-        let (loss, accuracy) = data.evaluate(&model, Some(&adapter));
+        let (base, ledger) = (&self.base, self.wall_ledger.as_deref());
+        let (loss, accuracy) = WallLedger::time(
+            ledger,
+            self.wall_clock,
+            "evaluations (panel, final)",
+            || -> Result<(f64, f64), String> {
+                let model = prune::slice_model(base, &state.kept).map_err(|e| e.to_string())?;
+                let job = eval_job(slice);
+                let adapter = job::start_adapter(&job, state, base).map_err(|e| e.to_string())?;
+                Ok(data.evaluate(&model, Some(&adapter)))
+            },
+        )?;
         let perplexity = matches!(data, LocalData::Lm(_)).then(|| loss.exp());
         Ok(Quality {
             loss,
@@ -288,7 +314,13 @@ impl LocalTrainer for RealTrainer {
         slice: &GlobalSlice,
         goal: &ToTarget,
     ) -> Result<(Quality, KeptIndices), String> {
-        self.real_at_target(device, state, slice, goal)
+        let (ledger, clock) = (self.wall_ledger.clone(), self.wall_clock);
+        WallLedger::time(
+            ledger.as_deref(),
+            clock,
+            "bring to s* and evaluate (final)",
+            || self.real_at_target(device, state, slice, goal),
+        )
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Resources {
     pub seed: u64,
     /// A wall clock for real-mode device-round records (set by the binary).
     pub wall_clock: Option<crate::compute::WallClock>,
+    /// Where real-mode wall time goes (filled when `wall_clock` is set).
+    pub wall_ledger: Option<std::sync::Arc<crate::wall_profile::WallLedger>>,
 }
 
 /// The random tiny model of a config.
@@ -73,6 +75,7 @@ impl Resources {
                 tok: None,
                 seed: cfg.seed,
                 wall_clock: None,
+                wall_ledger: None,
             });
         }
         let (base, shards, tok) = match &cfg.model {
@@ -120,6 +123,7 @@ impl Resources {
             tok,
             seed: cfg.seed,
             wall_clock: None,
+            wall_ledger: None,
         })
     }
 
@@ -162,7 +166,8 @@ impl Resources {
             surrogate: self.surrogate.clone(),
             tok: self.tok.clone(),
             seed,
-            wall_clock: self.wall_clock.clone(),
+            wall_clock: self.wall_clock,
+            wall_ledger: self.wall_ledger.clone(),
         })
     }
 
@@ -173,6 +178,7 @@ impl Resources {
                 let mut t =
                     RealTrainer::new(base.clone(), self.data.clone(), self.global_test.clone());
                 t.wall_clock = self.wall_clock;
+                t.wall_ledger = self.wall_ledger.clone();
                 Ok(Box::new(t))
             }
             (None, Some(p)) => {

@@ -45,6 +45,7 @@ pub mod stats;
 pub mod surrogate;
 pub mod time_model;
 pub mod timing;
+pub mod wall_profile;
 
 pub use config::{ExperimentConfig, Mode};
 pub use driver::{Observer, Quiet, Simulation};

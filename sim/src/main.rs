@@ -207,12 +207,23 @@ fn print_throughput(reports: &[Report], load_s: f64, run_s: f64) {
     }
 }
 
+/// Real mode: where the run's wall time went (compute against everything else).
+fn print_wall_profile(resources: &Resources, mode: &str, run_s: f64) {
+    if let (Some(ledger), "real") = (&resources.wall_ledger, mode) {
+        eprintln!(
+            "where the {run_s:.1} s of simulating went (wall time):\n{}",
+            ledger.table(run_s * 1000.0)
+        );
+    }
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let (cfg, base) = args.load()?;
     let t0 = Instant::now();
     let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
     resources.wall_clock = Some(wall_ms);
+    resources.wall_ledger = Some(Default::default());
     let load_s = t0.elapsed().as_secs_f64();
     let mut progress = Progress::new(&cfg.strategy, cfg.coordinator.rounds);
     let t1 = Instant::now();
@@ -223,6 +234,7 @@ fn run(args: RunArgs) -> Result<()> {
     report.write_to(&dir)?;
     println!("{}", report::markdown_table(std::slice::from_ref(&report)));
     println!("reports in {}", dir.display());
+    print_wall_profile(&resources, &report.summary.mode, run_s);
     print_throughput(std::slice::from_ref(&report), load_s, run_s);
     Ok(())
 }

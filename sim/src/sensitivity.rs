@@ -281,6 +281,7 @@ mod tests {
             tok: None,
             seed: 1,
             wall_clock: None,
+            wall_ledger: None,
         };
         let p = &r.perturbed(VARIANTS[1]).profiles[0];
         assert_eq!(p.train_gflops, base.train_gflops * 0.5);
