@@ -80,6 +80,7 @@ fn config(round: u64, rank: u32, deadline_ms: u64) -> Message {
         learning_rate: 1e-3,
         batch_size: 2,
         seed: 9,
+        options: Default::default(),
     })
 }
 
