@@ -38,20 +38,21 @@ fn hetlora() -> StrategyConfig {
     StrategyConfig::Hetlora(HetLoraConfig::default())
 }
 
-/// The first `rank` components of an update's adapter (wire orientation: `A` is
-/// `[rank, in]`, `B` is `[out, rank]`), as a device that dropped its tail sends it.
-fn truncate(update: &mut Update, rank: u32) {
+/// An update's adapter at `rank` components (wire orientation: `A` is `[rank, in]`, `B` is
+/// `[out, rank]`): the first `rank` as a device that dropped its tail sends them, or zero
+/// components appended (an update above its round's rank).
+fn resize(update: &mut Update, rank: u32) {
     let old = update.adapter.rank as usize;
     let r = rank as usize;
     for layer in &mut update.adapter.layers {
         if let Buffer::F32(a) = &mut layer.a.data {
-            a.truncate(r * layer.a.cols as usize);
+            a.resize(r * layer.a.cols as usize, 0.0);
         }
         layer.a.rows = rank;
         if let Buffer::F32(b) = &mut layer.b.data {
             *b = b
                 .chunks_exact(old)
-                .flat_map(|row| row[..r].to_vec())
+                .flat_map(|row| (0..r).map(|i| row.get(i).copied().unwrap_or(0.0)))
                 .collect();
         }
         layer.b.cols = rank;
@@ -123,7 +124,7 @@ impl Run {
     fn answer(&mut self, d: u64, round: u64, rank: u32) {
         let rc = self.sent[&(d, round)].clone();
         let mut update = shifted_answer(d, &rc, 2.0, 100);
-        truncate(&mut update, rank);
+        resize(&mut update, rank);
         self.deliver(d, Message::Update(update));
     }
 
