@@ -131,7 +131,10 @@ impl Run {
     fn rank_sent(&self, d: u64, round: u64) -> u32 {
         let rc = &self.sent[&(d, round)];
         let slice = rc.global.as_ref().expect("a slice");
-        assert_eq!(slice.adapter.rank, rc.arm.rank, "the slice is cut at the rank sent");
+        assert_eq!(
+            slice.adapter.rank, rc.arm.rank,
+            "the slice is cut at the rank sent"
+        );
         rc.arm.rank
     }
 }

@@ -237,7 +237,8 @@ pub fn run_job(
     if let Some(rp) = &job.rank_pruning {
         rp.check().map_err(JobError::BadConfig)?;
     }
-    let tuner = Tuner::new(base, state.kept.clone(), adapter, cfg)?.with_rank_pruning(job.rank_pruning);
+    let tuner =
+        Tuner::new(base, state.kept.clone(), adapter, cfg)?.with_rank_pruning(job.rank_pruning);
     // The importance EMA continues from the device's earlier rounds; one that does not fit
     // the kept maps (a damaged state file) is dropped, and the EMA starts afresh.
     let mut tuner = match state.importance.check(&state.kept) {
@@ -294,8 +295,13 @@ pub fn run_job(
         compute_ms: 0,
         bytes_down: 0,
         bytes_up: 0,
-        peak_mem_bytes: crate::cost::train_memory(c, pruned.trained_rank, job.batch, data.seq_len())
-            .total,
+        peak_mem_bytes: crate::cost::train_memory(
+            c,
+            pruned.trained_rank,
+            job.batch,
+            data.seq_len(),
+        )
+        .total,
         samples: (job.local_steps as u64).saturating_mul(job.batch as u64),
         steps: job.local_steps as u32,
     };

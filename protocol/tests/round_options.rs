@@ -42,7 +42,10 @@ fn a_round_without_options_costs_no_byte_and_rank_pruning_round_trips() {
     let framed = encode_frame(&Message::RoundConfig(with.clone())).unwrap();
     // One tag byte and three f32 settings, appended after everything a plain round holds.
     assert_eq!(framed.len(), plain.len() + 1 + 12);
-    assert_eq!(framed[FRAME_HEADER_BYTES + 4..plain.len()], plain[FRAME_HEADER_BYTES + 4..]);
+    assert_eq!(
+        framed[FRAME_HEADER_BYTES + 4..plain.len()],
+        plain[FRAME_HEADER_BYTES + 4..]
+    );
     let back = decode_body(&framed[FRAME_HEADER_BYTES..]).unwrap();
     assert_eq!(back, Message::RoundConfig(with));
     let back = decode_body(&plain[FRAME_HEADER_BYTES..]).unwrap();
@@ -57,7 +60,10 @@ fn an_unknown_round_option_tag_is_refused() {
     frame[..FRAME_HEADER_BYTES].copy_from_slice(&len.to_le_bytes());
     let err = decode_body(&frame[FRAME_HEADER_BYTES..]).unwrap_err();
     assert!(matches!(err, CodecError::Decode(_)), "{err}");
-    assert!(err.to_string().contains("unknown round option tag 7"), "{err}");
+    assert!(
+        err.to_string().contains("unknown round option tag 7"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 
 use bandit::{BanditError, DeviceContext};
-use protocol::{Arm, DeviceId, KeptIndices, Message, RoundConfig, RoundId, RoundOptions, Timestamp};
+use protocol::{
+    Arm, DeviceId, KeptIndices, Message, RoundConfig, RoundId, RoundOptions, Timestamp,
+};
 
 use super::round::{OpenRound, Outcome, Participant};
 use super::{Command, Coordinator};
@@ -35,9 +37,9 @@ impl Coordinator {
                 &full
             }
         };
-        let mut slice =
-            self.global
-                .global_slice(kept, participant.rank, self.config.lora_alpha)?;
+        let mut slice = self
+            .global
+            .global_slice(kept, participant.rank, self.config.lora_alpha)?;
         if self.config.f16_downloads {
             slice.adapter = slice.adapter.to_f16();
         }

@@ -39,7 +39,12 @@ pub(super) fn add_tail_gradients(
         .blocks
         .iter()
         .flat_map(|blk| blk.iter())
-        .flat_map(|f| [(f.a.clone().narrow(1, head, tail), 1), (f.b.clone().narrow(0, head, tail), 0)])
+        .flat_map(|f| {
+            [
+                (f.a.clone().narrow(1, head, tail), 1),
+                (f.b.clone().narrow(0, head, tail), 0),
+            ]
+        })
         .collect();
     // Every tail's squared norm in one read.
     let sq: Vec<Tensor<1>> = tails
@@ -95,7 +100,10 @@ pub fn tail_share(adapter: &Adapter, tail: usize) -> Option<f64> {
     if parts.is_empty() {
         return None;
     }
-    let v: Vec<f32> = Tensor::cat(parts, 0).into_data().try_into_vec::<f32>().ok()?;
+    let v: Vec<f32> = Tensor::cat(parts, 0)
+        .into_data()
+        .try_into_vec::<f32>()
+        .ok()?;
     let (mut whole, mut part) = (0.0f64, 0.0f64);
     for pair in v.chunks_exact(2) {
         whole += pair[0] as f64;
@@ -226,7 +234,13 @@ mod tests {
         };
         let (a2, b2) = (step(&a, &ga), step(&b, &gb));
         let tail_norm = |v: &[f32], tail: &dyn Fn(usize) -> bool| {
-            norm(&v.iter().enumerate().filter(|(i, _)| tail(*i)).map(|(_, x)| *x).collect::<Vec<_>>())
+            norm(
+                &v.iter()
+                    .enumerate()
+                    .filter(|(i, _)| tail(*i))
+                    .map(|(_, x)| *x)
+                    .collect::<Vec<_>>(),
+            )
         };
         let in_a = |i: usize| i % 4 == 3;
         let in_b = |i: usize| i / 2 == 3;
@@ -242,7 +256,14 @@ mod tests {
         }
         // Off at reg 0.
         let mut grads = vec![None, None];
-        add_tail_gradients(&ad, &mut grads, &RankPruning { reg: 0.0, ..PRUNING });
+        add_tail_gradients(
+            &ad,
+            &mut grads,
+            &RankPruning {
+                reg: 0.0,
+                ..PRUNING
+            },
+        );
         assert!(grads.iter().all(Option::is_none));
     }
 
@@ -282,15 +303,24 @@ mod tests {
             ..ad.clone()
         };
         let tuner = |ad: Adapter| {
-            Tuner::new(&base, kept.clone(), ad, crate::train::TrainConfig::default())
-                .unwrap()
-                .with_rank_pruning(Some(PRUNING))
+            Tuner::new(
+                &base,
+                kept.clone(),
+                ad,
+                crate::train::TrainConfig::default(),
+            )
+            .unwrap()
+            .with_rank_pruning(Some(PRUNING))
         };
         let mut t = tuner(small_tail(&dense, 0.1));
         let before: Vec<f32> = {
             let f = &t.adapter.blocks[0][0];
             let head = |x: Tensor<2>, dim| x.narrow(dim, 0, 3);
-            values(&head(f.a.clone(), 1).matmul(head(f.b.clone(), 0)).mul_scalar(t.adapter.scale()))
+            values(
+                &head(f.a.clone(), 1)
+                    .matmul(head(f.b.clone(), 0))
+                    .mul_scalar(t.adapter.scale()),
+            )
         };
         let out = t.self_prune_rank();
         assert_eq!((out.trained_rank, out.rank), (4, 3), "{out:?}");
@@ -298,7 +328,11 @@ mod tests {
         assert_eq!(t.adapter.rank, 3);
         let f = &t.adapter.blocks[0][0];
         assert_eq!(f.a.dims()[1], 3);
-        let after = values(&f.a.clone().matmul(f.b.clone()).mul_scalar(t.adapter.scale()));
+        let after = values(
+            &f.a.clone()
+                .matmul(f.b.clone())
+                .mul_scalar(t.adapter.scale()),
+        );
         for (x, y) in before.iter().zip(&after) {
             assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
         }
@@ -312,6 +346,13 @@ mod tests {
         assert_eq!(t.self_prune_rank().rank, 4);
         // Without rank pruning nothing is measured or dropped.
         let mut t = tuner(small_tail(&dense, 0.1)).with_rank_pruning(None);
-        assert_eq!(t.self_prune_rank(), SelfPruned { trained_rank: 4, rank: 4, tail_share: None });
+        assert_eq!(
+            t.self_prune_rank(),
+            SelfPruned {
+                trained_rank: 4,
+                rank: 4,
+                tail_share: None
+            }
+        );
     }
 }
