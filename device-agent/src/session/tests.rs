@@ -466,6 +466,19 @@ fn a_configuration_over_the_caps_is_refused_with_its_reason() {
             },
             "pruning pace 1.5 is not in [0, 1]",
         ),
+        (
+            RoundConfig {
+                options: protocol::RoundOptions {
+                    rank_pruning: Some(protocol::RankPruning {
+                        reg: 0.01,
+                        gamma: 0.1,
+                        step: 1.0,
+                    }),
+                },
+                ..base.clone()
+            },
+            "rank pruning step 1 is not in (0, 1)",
+        ),
     ];
     for (i, (rc, why)) in cases.into_iter().enumerate() {
         let round = RoundId(i as u64 + 1);
