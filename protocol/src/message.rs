@@ -302,7 +302,7 @@ bincode::impl_borrow_decode!(RoundOptions);
 
 /// HetLoRA's rank self-pruning for one round (Cho et al., 2024, "Heterogeneous LoRA for
 /// Federated Fine-tuning of On-Device Foundation Models"): local training adds the regulariser
-/// `reg * sum over layers of |B_tail|_F * |A_tail|_F`, where the tail is the last
+/// `reg * sum over layers of (|A_tail|_F + |B_tail|_F)`, where the tail is the last
 /// `tail_len(rank)` rank components, pushing them toward zero; after training the device drops
 /// the tail when its share of the adapter's delta norm, `|s B_tail A_tail|_F / |s B A|_F` over
 /// all layers, is below `gamma`, and reports the reduced rank. The server keeps the reduced
