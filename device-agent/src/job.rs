@@ -234,7 +234,11 @@ pub fn run_job(
         warmup_steps: (job.local_steps / 10).max(1),
         ..TrainConfig::default()
     };
-    let tuner = Tuner::new(base, state.kept.clone(), adapter, cfg)?;
+    if let Some(rp) = &job.rank_pruning {
+        rp.check().map_err(JobError::BadConfig)?;
+    }
+    let tuner =
+        Tuner::new(base, state.kept.clone(), adapter, cfg)?.with_rank_pruning(job.rank_pruning);
     // The importance EMA continues from the device's earlier rounds; one that does not fit
     // the kept maps (a damaged state file) is dropped, and the EMA starts afresh.
     let mut tuner = match state.importance.check(&state.kept) {
@@ -269,6 +273,18 @@ pub fn run_job(
             planned: job.local_steps,
         });
     }
+    // HetLoRA's rank self-pruning: the tail goes before the held-out loss is taken, so the
+    // loss is that of the adapter the update carries.
+    let pruned = tuner.self_prune_rank();
+    if pruned.rank < pruned.trained_rank {
+        tracing::info!(
+            round = %job.round,
+            from = pruned.trained_rank,
+            to = pruned.rank,
+            tail_share = pruned.tail_share,
+            "rank self-pruned"
+        );
+    }
     let (loss_post, metric_post) = data.evaluate(&tuner.model, Some(&tuner.adapter));
     let c = &tuner.model.config;
     let stats = UpdateStats {
@@ -279,8 +295,13 @@ pub fn run_job(
         compute_ms: 0,
         bytes_down: 0,
         bytes_up: 0,
-        peak_mem_bytes: crate::cost::train_memory(c, tuner.adapter.rank, job.batch, data.seq_len())
-            .total,
+        peak_mem_bytes: crate::cost::train_memory(
+            c,
+            pruned.trained_rank,
+            job.batch,
+            data.seq_len(),
+        )
+        .total,
         samples: (job.local_steps as u64).saturating_mul(job.batch as u64),
         steps: job.local_steps as u32,
     };

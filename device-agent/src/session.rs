@@ -76,6 +76,8 @@ pub struct TrainJob {
     pub alpha: f64,
     /// When the round's deadline falls, in the driver's clock.
     pub deadline: Timestamp,
+    /// HetLoRA's rank self-pruning, when the round asks for it.
+    pub rank_pruning: Option<protocol::RankPruning>,
 }
 
 impl TrainJob {
@@ -136,6 +138,9 @@ impl RoundLimits {
     /// Why `rc` (with the run's LoRA `alpha`) is refused, or `Ok` when it is within the caps.
     pub fn check(&self, rc: &RoundConfig, alpha: f64) -> Result<(), String> {
         rc.sparsity_goal().check()?;
+        if let Some(rp) = &rc.options.rank_pruning {
+            rp.check()?;
+        }
         let within = |what: &str, v: u64, max: u64| {
             if v == 0 || v > max {
                 Err(format!("{what} {v} is not in [1, {max}]"))
@@ -610,6 +615,7 @@ impl AgentSession {
                 seed: rc.seed,
                 alpha: self.alpha,
                 deadline,
+                rank_pruning: rc.options.rank_pruning,
             }),
             state: self.state.clone(),
         }]

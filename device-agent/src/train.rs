@@ -12,6 +12,7 @@
 
 mod adamw;
 pub mod loss;
+pub mod rank_prune;
 pub mod schedule;
 
 use burn::tensor::Tensor;
@@ -24,6 +25,7 @@ use crate::prune::{self, BlockScores, Criterion, Importance, PruneConfig, PruneE
 
 pub use adamw::{check_weight_decay, optimiser_name};
 pub use loss::{chunked_ce, Batch, StepStats};
+pub use rank_prune::SelfPruned;
 pub use schedule::{event_targets, lr_at, prune_schedule, prune_window, PruneShape};
 
 /// Optimiser and schedule settings.
@@ -113,6 +115,9 @@ pub struct Tuner {
     /// ([`Tuner::with_importance`], then read back from here).
     pub importance: Importance,
     rng: rand_chacha::ChaCha8Rng,
+    /// HetLoRA's rank self-pruning ([`rank_prune`]); `None` (the default) leaves training as
+    /// it is.
+    rank_pruning: Option<protocol::RankPruning>,
 }
 
 /// A record of one optimiser step.
@@ -158,6 +163,7 @@ impl Tuner {
             accum_stats: StepStats::default(),
             importance: Importance::default(),
             rng,
+            rank_pruning: None,
         })
     }
 
@@ -377,6 +383,9 @@ impl Tuner {
         if track_importance && self.cfg.criterion == Criterion::LoraGradient {
             let s = self.lora_scores();
             self.update_ema(s);
+        }
+        if let Some(rp) = &self.rank_pruning {
+            rank_prune::add_tail_gradients(&self.adapter, &mut self.accum, rp);
         }
         let grad_norm = self.apply_optimiser(lr);
         let stats = std::mem::take(&mut self.accum_stats);

@@ -84,6 +84,7 @@ fn config(round: u64, rank: u32, batch: u32) -> Message {
         learning_rate: 1e-3,
         batch_size: batch,
         seed: 9,
+        options: Default::default(),
     })
 }
 
@@ -164,6 +165,7 @@ fn a_cancelled_job_stops_at_its_next_step() {
         seed: 3,
         alpha: 16.0,
         deadline: Timestamp(u64::MAX),
+        rank_pruning: None,
     };
     let state = DeviceState::fresh(&base);
     // The driver's flag is set (the session said Cancel) while step 2 runs: the job stops

@@ -27,7 +27,8 @@ use crate::codec::{
 use crate::ids::{DeviceId, RoundId};
 use crate::message::{
     Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat, Join, Message,
-    Reject, RejectReason, RoundConfig, RoundFailed, Update, UpdateStats, Welcome,
+    RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions, Update, UpdateStats,
+    Welcome,
 };
 use crate::validate::{validate_adapter, validate_dims, validate_update, ValidationLimits};
 use crate::PROTOCOL_VERSION;
@@ -556,6 +557,7 @@ pub fn seed_messages() -> Vec<Message> {
         learning_rate: 1e-3,
         batch_size: 4,
         seed: 99,
+        options: Default::default(),
     };
     let reasons = [
         RejectReason::VersionMismatch { ours: 1, theirs: 2 },
@@ -595,6 +597,16 @@ pub fn seed_messages() -> Vec<Message> {
         Message::RoundConfig(config(None)),
         Message::RoundConfig(RoundConfig {
             target_sparsity: Some(0.3),
+            ..config(None)
+        }),
+        Message::RoundConfig(RoundConfig {
+            options: RoundOptions {
+                rank_pruning: Some(RankPruning {
+                    reg: 0.01,
+                    gamma: 0.05,
+                    step: 0.25,
+                }),
+            },
             ..config(None)
         }),
         Message::RoundConfig(config(Some(GlobalSlice {

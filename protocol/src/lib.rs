@@ -26,8 +26,8 @@ pub use codec::{
 pub use ids::{DeviceId, RoundId, Timestamp};
 pub use message::{
     Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat, Join, Message,
-    Reject, RejectReason, RoundConfig, RoundFailed, SparsityGoal, Update, UpdateStats, Welcome,
-    MAX_TARGET_SPARSITY, SPARSITY_TOLERANCE,
+    RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions, SparsityGoal,
+    Update, UpdateStats, Welcome, MAX_TARGET_SPARSITY, SPARSITY_TOLERANCE,
 };
 pub use validate::{
     validate_adapter, validate_dims, validate_kept, validate_update, Factor, ValidationError,

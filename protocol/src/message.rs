@@ -236,12 +236,111 @@ pub struct RoundConfig {
     pub batch_size: u32,
     /// Seed for the device's round-local randomness (batch order, re-initialised rows).
     pub seed: u64,
+    /// Settings only some strategies send (HetLoRA's rank self-pruning). Must stay the last
+    /// field: it is encoded as the frame's last bytes, and not at all when nothing is set.
+    #[serde(default)]
+    pub options: RoundOptions,
 }
 
 impl RoundConfig {
     /// How far the device prunes this round.
     pub fn sparsity_goal(&self) -> SparsityGoal {
         SparsityGoal::of(&self.arm, self.target_sparsity)
+    }
+}
+
+/// Optional settings of a round that only some strategies send. On the wire they cost nothing
+/// when none is set: [`RoundOptions`] is the last field of [`RoundConfig`], which is the whole
+/// of a `Message::RoundConfig` frame, so it is written as a tag byte and its settings only
+/// when one is set, and read only when bytes remain in the frame. A round of any strategy
+/// that sets none is therefore byte-for-byte the frame it was before the options existed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundOptions {
+    /// HetLoRA's rank self-pruning (`hetlora` only).
+    pub rank_pruning: Option<RankPruning>,
+}
+
+/// Tag byte of [`RoundOptions`] with `rank_pruning` set.
+const OPTIONS_RANK_PRUNING: u8 = 1;
+
+impl Encode for RoundOptions {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        match &self.rank_pruning {
+            None => Ok(()),
+            Some(rp) => {
+                OPTIONS_RANK_PRUNING.encode(encoder)?;
+                rp.encode(encoder)
+            }
+        }
+    }
+}
+
+impl<Context> Decode<Context> for RoundOptions {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        use bincode::de::read::Reader;
+        // The frame codec decodes from a slice, whose reader can tell whether bytes remain.
+        if decoder.reader().peek_read(1).is_none() {
+            return Ok(RoundOptions::default());
+        }
+        match u8::decode(decoder)? {
+            OPTIONS_RANK_PRUNING => Ok(RoundOptions {
+                rank_pruning: Some(RankPruning::decode(decoder)?),
+            }),
+            tag => Err(bincode::error::DecodeError::OtherString(format!(
+                "unknown round option tag {tag}"
+            ))),
+        }
+    }
+}
+
+bincode::impl_borrow_decode!(RoundOptions);
+
+/// HetLoRA's rank self-pruning for one round (Cho et al., 2024, "Heterogeneous LoRA for
+/// Federated Fine-tuning of On-Device Foundation Models"): local training adds the regulariser
+/// `reg * sum over layers of (|A_tail|_F + |B_tail|_F)`, where the tail is the last
+/// `tail_len(rank)` rank components, pushing them toward zero; after training the device drops
+/// the tail when its share of the adapter's delta norm, `|s B_tail A_tail|_F / |s B A|_F` over
+/// all layers, is below `gamma`, and reports the reduced rank. The server keeps the reduced
+/// rank for the device's later rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Encode, Decode)]
+pub struct RankPruning {
+    /// Weight of the tail regulariser (lambda), at least 0.
+    pub reg: f32,
+    /// The tail is dropped when its share of the delta norm is below this, in `[0, 1)`.
+    pub gamma: f32,
+    /// Share of the rank that forms the tail, in `(0, 1)`: the tail is
+    /// `max(1, floor(step * rank))` components (never the whole rank).
+    pub step: f32,
+}
+
+impl RankPruning {
+    /// Why the settings are out of range (naming the value and its range), or `Ok`.
+    pub fn check(&self) -> Result<(), String> {
+        let RankPruning { reg, gamma, step } = *self;
+        if !(reg.is_finite() && reg >= 0.0) {
+            return Err(format!("rank pruning reg {reg} is not a finite value >= 0"));
+        }
+        if !(gamma.is_finite() && (0.0..1.0).contains(&gamma)) {
+            return Err(format!("rank pruning gamma {gamma} is not in [0, 1)"));
+        }
+        if !(step.is_finite() && step > 0.0 && step < 1.0) {
+            return Err(format!("rank pruning step {step} is not in (0, 1)"));
+        }
+        Ok(())
+    }
+
+    /// Rank components in the tail of an adapter of `rank`: `max(1, floor(step * rank))`,
+    /// and none for rank 1 (a rank is never pruned to 0).
+    pub fn tail_len(&self, rank: u32) -> u32 {
+        if rank <= 1 {
+            return 0;
+        }
+        ((self.step as f64 * rank as f64).floor() as u32).clamp(1, rank - 1)
     }
 }
 

@@ -110,6 +110,7 @@ fn all_messages() -> Vec<Message> {
             learning_rate: 1e-3,
             batch_size: 4,
             seed: 99,
+            options: Default::default(),
         }),
         Message::Update(update),
         Message::Ack(Ack { round: RoundId(3) }),

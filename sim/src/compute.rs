@@ -403,5 +403,6 @@ pub fn eval_job(slice: &GlobalSlice) -> TrainJob {
         seed: 0,
         alpha: slice.adapter.alpha as f64,
         deadline: Timestamp(0),
+        rank_pruning: None,
     }
 }

@@ -22,6 +22,10 @@
 //! file without provenance is refused unless forced ([`params`]). Time and memory use the real
 //! model's cost model at the device's sparsity (MLP channels of the prunable blocks scaled down),
 //! message sizes the real model's adapter at the same rank and sparsity.
+//!
+//! HetLoRA's rank self-pruning is not modelled: the surrogate has no adapter whose tail it
+//! could measure, so its devices always report the rank they were sent and a `hetlora` run's
+//! ranks stay its bandits' choices (only real mode shows the self-pruning).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

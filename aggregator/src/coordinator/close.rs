@@ -86,8 +86,14 @@ impl Coordinator {
             mean_loss_post: None,
         };
         let (mut loss_pre, mut loss_post, mut weight) = (0.0, 0.0, 0.0);
+        let self_prunes = self.strategy.rank_pruning().is_some();
         for ((device, p), reward) in participants.into_iter().zip(rewards) {
             let mut results: Vec<Result<(), BanditError>> = Vec::new();
+            // The arm as sent: the bandit's, at the (possibly self-pruning-capped) rank sent.
+            let sent = protocol::Arm {
+                rank: p.rank,
+                ..p.arm
+            };
             let Some(record) = self.record_mut(device) else {
                 continue;
             };
@@ -103,6 +109,11 @@ impl Coordinator {
                             .map(|_| ()),
                     );
                     record.kept = Some(c.kept);
+                    // Only a drop below the rank sent is self-pruning; a device that kept its
+                    // rank keeps its limit (ranks only ever shrink by self-pruning).
+                    if self_prunes && c.rank < p.rank {
+                        record.rank_limit = Some(c.rank);
+                    }
                     record.sparsity = c.stats.sparsity as f64;
                     record.rounds_completed += 1;
                     let w = c.stats.samples.max(1) as f64;
@@ -113,7 +124,7 @@ impl Coordinator {
                     summary.bytes_down += c.stats.bytes_down;
                     summary.participants.push(ParticipantSummary {
                         device,
-                        arm: p.arm,
+                        arm: sent,
                         loss_pre: c.stats.loss_pre,
                         loss_post: c.stats.loss_post,
                         sparsity_prev: p.sparsity_prev,
@@ -132,7 +143,7 @@ impl Coordinator {
                     record.rounds_failed += 1;
                     summary.failed.push(FailedSummary {
                         device,
-                        arm: p.arm,
+                        arm: sent,
                         kind,
                         reason,
                     });

@@ -173,6 +173,7 @@ impl Coordinator {
                     bandit,
                     kept: None,
                     sparsity: 0.0,
+                    rank_limit: None,
                     rounds_selected: 0,
                     rounds_completed: 0,
                     rounds_failed: 0,
@@ -298,7 +299,7 @@ impl Coordinator {
     ) {
         let round = update.round;
         let arm_rank = match self.pending_participant(device, round) {
-            Ok(p) => p.arm.rank,
+            Ok(p) => p.rank,
             Err(reason) => return self.reject(out, device, Some(round), reason),
         };
         if bytes > self.config.max_update_bytes {
@@ -308,10 +309,18 @@ impl Coordinator {
             };
             return self.fail_and_reject(out, device, round, reason);
         }
-        if update.adapter.rank != arm_rank {
+        let rank = update.adapter.rank;
+        if self.strategy.rank_pruning().is_some() {
+            // Rank self-pruning: the device may report fewer components than it was sent.
+            if rank == 0 || rank > arm_rank {
+                let reason = RejectReason::Malformed(format!(
+                    "adapter rank {rank} is not in [1, {arm_rank}] (the round's rank)"
+                ));
+                return self.fail_and_reject(out, device, round, reason);
+            }
+        } else if rank != arm_rank {
             let reason = RejectReason::Malformed(format!(
-                "adapter rank {} differs from the round's rank {arm_rank}",
-                update.adapter.rank
+                "adapter rank {rank} differs from the round's rank {arm_rank}"
             ));
             return self.fail_and_reject(out, device, round, reason);
         }
@@ -356,6 +365,7 @@ impl Coordinator {
                     p.outcome = Outcome::Completed(Box::new(Completed {
                         stats,
                         kept,
+                        rank,
                         duration_ms,
                         bytes_up: bytes,
                         delta_norm: accepted.delta_norm,

@@ -249,6 +249,14 @@ impl Coordinator {
                     record.sparsity, record.id
                 )));
             }
+            if let Some(r) = record.rank_limit {
+                if r == 0 || r > config.max_rank {
+                    return Err(invalid_state(format!(
+                        "self-pruned rank {r} of {} is not in [1, {}]",
+                        record.id, config.max_rank
+                    )));
+                }
+            }
             let id = record.id;
             let entry = DeviceEntry {
                 record: Some(record),

@@ -24,6 +24,8 @@ pub(super) enum Outcome {
 pub(super) struct Completed {
     pub(super) stats: UpdateStats,
     pub(super) kept: KeptIndices,
+    /// Rank of the accepted adapter (below the round's after rank self-pruning).
+    pub(super) rank: u32,
     /// From the round start to the update's arrival.
     pub(super) duration_ms: u64,
     pub(super) bytes_up: u64,
@@ -35,6 +37,9 @@ pub(super) struct Completed {
 #[derive(Clone, Debug)]
 pub(super) struct Participant {
     pub(super) arm: protocol::Arm,
+    /// The rank it was sent: the arm's, or lower where the strategy caps it at the rank the
+    /// device self-pruned to.
+    pub(super) rank: u32,
     /// What its bandit chose the arm with (and learns the reward with).
     pub(super) ctx: DeviceContext,
     /// The round seed the device was sent.

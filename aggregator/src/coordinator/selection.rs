@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 
 use bandit::{BanditError, DeviceContext};
-use protocol::{DeviceId, KeptIndices, Message, RoundConfig, RoundId, Timestamp};
+use protocol::{
+    Arm, DeviceId, KeptIndices, Message, RoundConfig, RoundId, RoundOptions, Timestamp,
+};
 
 use super::round::{OpenRound, Outcome, Participant};
 use super::{Command, Coordinator};
@@ -35,15 +37,18 @@ impl Coordinator {
                 &full
             }
         };
-        let mut slice =
-            self.global
-                .global_slice(kept, participant.arm.rank, self.config.lora_alpha)?;
+        let mut slice = self
+            .global
+            .global_slice(kept, participant.rank, self.config.lora_alpha)?;
         if self.config.f16_downloads {
             slice.adapter = slice.adapter.to_f16();
         }
         Ok(RoundConfig {
             round,
-            arm: participant.arm,
+            arm: Arm {
+                rank: participant.rank,
+                ..participant.arm
+            },
             target_sparsity: self.config.target_sparsity,
             global: Some(slice),
             deadline_ms,
@@ -52,6 +57,9 @@ impl Coordinator {
             learning_rate: self.config.learning_rate,
             batch_size: self.config.batch_size,
             seed: participant.seed,
+            options: RoundOptions {
+                rank_pruning: self.strategy.rank_pruning(),
+            },
         })
     }
 
@@ -128,10 +136,12 @@ impl Coordinator {
                 }
             };
             let seed = self.training.at(id.0, device.0);
+            let rank = self.strategy.sent_rank(arm.rank, record.rank_limit);
             participants.insert(
                 device,
                 Participant {
                     arm,
+                    rank,
                     ctx,
                     seed,
                     sparsity_prev: record.sparsity,

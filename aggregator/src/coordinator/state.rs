@@ -20,7 +20,7 @@ use crate::strategy::DeviceBandit;
 
 /// Schema version of [`CoordinatorState`] in checkpoints; bump it on any change to the
 /// state's shape.
-pub const STATE_SCHEMA: u32 = 1;
+pub const STATE_SCHEMA: u32 = 2;
 
 /// A registered device as the coordinator remembers it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,10 @@ pub struct DeviceRecord {
     pub kept: Option<KeptIndices>,
     /// Sparsity of the device's last accepted update.
     pub sparsity: f64,
+    /// The rank the device last self-pruned to (an accepted update below the rank it was
+    /// sent), under a strategy with rank self-pruning (`hetlora`): its later rounds are sent
+    /// at most this rank. `None`: it never self-pruned.
+    pub rank_limit: Option<u32>,
     pub rounds_selected: u64,
     pub rounds_completed: u64,
     pub rounds_failed: u64,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParticipantSummary {
     pub device: DeviceId,
+    /// The arm as sent (its rank capped where the device self-pruned its rank).
     pub arm: Arm,
     /// Held-out loss before and after the device's local work.
     pub loss_pre: f32,

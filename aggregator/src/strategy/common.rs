@@ -43,6 +43,23 @@ pub trait Strategy: fmt::Debug + Send {
         configured.clone()
     }
 
+    /// HetLoRA's rank self-pruning, sent with every round of this strategy (default: none).
+    /// A strategy that sends it accepts an update of a lower rank than its round's, and caps
+    /// each device's later ranks at the rank it last reported ([`Strategy::sent_rank`]).
+    fn rank_pruning(&self) -> Option<protocol::RankPruning> {
+        None
+    }
+
+    /// The rank a device is sent when its bandit chose `chosen` and it last self-pruned to
+    /// `limit`: `min(chosen, limit)` for a strategy with rank self-pruning,
+    /// `chosen` otherwise.
+    fn sent_rank(&self, chosen: u32, limit: Option<u32>) -> u32 {
+        match (self.rank_pruning(), limit) {
+            (Some(_), Some(limit)) => chosen.min(limit).max(1),
+            _ => chosen,
+        }
+    }
+
     /// The arm a selected device plays this round (default: its bandit's choice).
     fn choose_arm(
         &self,

@@ -1,10 +1,14 @@
 //! `hetlora`: no pruning; each device trains at a rank bounded by its RAM tier (HetLoRA's
-//! capability-based ranks), chosen among the allowed ranks by its bandit. Updates are combined
-//! with the run's configured method unless its config names one (`aggregation = "hetlora"`:
-//! HetLoRA's zero-pad, norm-weighted averaging).
+//! capability-based ranks), chosen among the allowed ranks by its bandit, with HetLoRA's rank
+//! self-pruning (Cho et al., 2024, "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+//! Foundation Models"): every round carries [`protocol::RankPruning`], the device regularises
+//! its tail rank components toward zero and drops them when they carry little of the update,
+//! and the device's later rounds are sent at most the rank it reported (never above its
+//! bandit's choice). Updates are combined with the run's configured method unless its config
+//! names one (`aggregation = "hetlora"`: HetLoRA's zero-pad, norm-weighted averaging).
 
 use bandit::ArmSpace;
-use protocol::Capabilities;
+use protocol::{Capabilities, RankPruning};
 use serde::{Deserialize, Serialize};
 
 use super::common::{aggregation_with, Common, DeviceBandit, Strategy, StrategyError};
@@ -28,6 +32,18 @@ pub struct HetLoraConfig {
     pub rank_tiers: Vec<RankTier>,
     /// Aggregation method of this strategy's rounds. Default: the run's `aggregation.method`.
     pub aggregation: Option<AggregationMethod>,
+    /// Weight lambda of the regulariser `lambda * (|A_tail|_F + |B_tail|_F)` per layer on the
+    /// tail rank components during local training. Default 0.01 (ours: the paper tunes it per
+    /// task and publishes no single value).
+    pub rank_reg: f32,
+    /// The device drops the tail when its share of the update's norm is below this, in
+    /// `[0, 1)`. Default 0.1 (ours).
+    pub prune_gamma: f32,
+    /// Share of the rank that forms the tail (dropped in one self-pruning step), in `(0, 1)`:
+    /// `max(1, floor(prune_step * rank))` components. Default 0.125, so rank 8 goes to 7 and
+    /// rank 32 to 28; the paper's decay factor gamma (rank `r -> floor(gamma r)`) is
+    /// `1 - prune_step`. `rank_reg = 0` with `prune_gamma = 0` turns self-pruning off.
+    pub prune_step: f32,
 }
 
 impl Default for HetLoraConfig {
@@ -57,6 +73,9 @@ impl Default for HetLoraConfig {
                 },
             ],
             aggregation: None,
+            rank_reg: 0.01,
+            prune_gamma: 0.1,
+            prune_step: 0.125,
         }
     }
 }
@@ -70,9 +89,22 @@ impl HetLoraConfig {
             .max_by_key(|t| t.min_ram_bytes)
             .map(|t| t.max_rank)
     }
+
+    /// The rank self-pruning each round carries, or `None` when it is off (`rank_reg` and
+    /// `prune_gamma` both 0).
+    pub fn rank_pruning(&self) -> Option<RankPruning> {
+        if self.rank_reg == 0.0 && self.prune_gamma == 0.0 {
+            return None;
+        }
+        Some(RankPruning {
+            reg: self.rank_reg,
+            gamma: self.prune_gamma,
+            step: self.prune_step,
+        })
+    }
 }
 
-/// Heterogeneous ranks, no pruning.
+/// Heterogeneous ranks with rank self-pruning, no structured pruning.
 #[derive(Clone, Debug)]
 pub struct HetLora {
     common: Common,
@@ -87,6 +119,10 @@ impl HetLora {
             ranks: common.arms.ranks.clone(),
         };
         common.check_space(&space)?;
+        if let Some(rp) = config.rank_pruning() {
+            rp.check()
+                .map_err(|e| StrategyError::InvalidConfig(format!("strategy hetlora: {e}")))?;
+        }
         Ok(HetLora { common, config })
     }
 
@@ -120,5 +156,9 @@ impl Strategy for HetLora {
 
     fn aggregation(&self, configured: &AggregationConfig) -> AggregationConfig {
         aggregation_with(configured, self.config.aggregation)
+    }
+
+    fn rank_pruning(&self) -> Option<RankPruning> {
+        self.config.rank_pruning()
     }
 }

@@ -6,7 +6,7 @@
 //! | strategy | arms | policy | aggregation | reaches s* |
 //! |---|---|---|---|---|
 //! | `fedspine` | `arms` (pace x rank) | `policy` (S-UCB by default) | `aggregation.method` | at the bandit's pace |
-//! | `hetlora` | ratio 0 x ranks up to the device's RAM tier | `policy` | `aggregation.method`, or its own `aggregation` | never (dense) |
+//! | `hetlora` | ratio 0 x ranks up to the device's RAM tier, capped at the rank it self-pruned to | `policy` | `aggregation.method`, or its own `aggregation` | never (dense) |
 //! | `fedlora` | ratio 0 x one rank | fixed | `aggregation.method`, or its own `aggregation` | never (dense) |
 //! | `fixed-prune` | one pace x one rank | fixed | `aggregation.method` | at its fixed pace |
 //! | `ratio-bandit` | `arms` paces x one rank | `policy` | `aggregation.method` | at the bandit's pace |

@@ -80,6 +80,7 @@ fn config(round: u64, rank: u32, deadline_ms: u64) -> Message {
         learning_rate: 1e-3,
         batch_size: 2,
         seed: 9,
+        options: Default::default(),
     })
 }
 
@@ -464,6 +465,19 @@ fn a_configuration_over_the_caps_is_refused_with_its_reason() {
                 ..base.clone()
             },
             "pruning pace 1.5 is not in [0, 1]",
+        ),
+        (
+            RoundConfig {
+                options: protocol::RoundOptions {
+                    rank_pruning: Some(protocol::RankPruning {
+                        reg: 0.01,
+                        gamma: 0.1,
+                        step: 1.0,
+                    }),
+                },
+                ..base.clone()
+            },
+            "rank pruning step 1 is not in (0, 1)",
         ),
     ];
     for (i, (rc, why)) in cases.into_iter().enumerate() {

@@ -113,6 +113,7 @@ fn config(base: &Llama, round: u64, kept: &KeptIndices) -> AgentEvent {
             batch_size: 2,
             seed: 40 + round,
             target_sparsity: None,
+            options: Default::default(),
         }),
         bytes: 1000,
     }
