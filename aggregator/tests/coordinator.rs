@@ -528,6 +528,7 @@ fn wrong_version_other_identity_and_unexpected_messages_are_refused() {
             ram_bytes: 1 << 30,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
     });
     let h = check(
@@ -542,8 +543,8 @@ fn wrong_version_other_identity_and_unexpected_messages_are_refused() {
             Raw(4, Message::Update(answer_for_nobody()), 512),
         ],
         expect![[r#"
-            @0     d1 <- reject protocol version mismatch: aggregator speaks 1, device sent 2
-            @0     d1 disconnected: protocol version mismatch: aggregator speaks 1, device sent 2
+            @0     d1 <- reject protocol version mismatch: aggregator speaks 2, device sent 3
+            @0     d1 disconnected: protocol version mismatch: aggregator speaks 2, device sent 3
             @0     d2 <- reject device id device-5 does not match the certificate's device-2
             @0     d2 disconnected: device id device-5 does not match the certificate's device-2
             @0     d4 <- reject unexpected ack message
@@ -836,6 +837,7 @@ fn join_with_ram(id: u64, ram_bytes: u64) -> Message {
             ram_bytes,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
     })
 }

@@ -77,6 +77,7 @@ async fn device_until(
                 ram_bytes: 4 << 30,
                 backend: "scripted".into(),
                 bench_score: None,
+                device_class: None,
             },
         }))
         .await
@@ -401,6 +402,7 @@ async fn join_once(pki: &Path, id: u64, addr: SocketAddr) -> Result<Message, Str
             ram_bytes: 4 << 30,
             backend: "scripted".into(),
             bench_score: None,
+            device_class: None,
         },
     });
     let answer = async {
@@ -475,6 +477,7 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
                 ram_bytes: 4 << 30,
                 backend: "scripted".into(),
                 bench_score: None,
+                device_class: None,
             },
         }))
         .await
