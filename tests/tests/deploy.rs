@@ -126,6 +126,33 @@ fn an_agent_config_file_sets_join_flags_and_the_command_line_overrides_it() {
         over.contains("/nonexistent/from-cli/device-1.pem"),
         "{over}"
     );
+    // The file's device class is checked at start with the aggregator's rule, and a class on
+    // the command line overrides it.
+    std::fs::write(
+        &file,
+        "aggregator = \"127.0.0.1:9\"\nid = 1\npki = \"/nonexistent/from-file\"\ndevice_class = \"Jetson NX\"\n",
+    )
+    .unwrap();
+    let refused = run(&[]);
+    assert!(
+        refused.contains("--device-class")
+            && refused.contains("device class \"Jetson NX\" holds 'J': only a-z, 0-9"),
+        "{refused}"
+    );
+    let fixed = run(&[
+        "--device-class",
+        "jetson-nx",
+        "--model",
+        "tiny",
+        "--dataset",
+        "synthetic",
+        "--max-attempts",
+        "1",
+    ]);
+    assert!(
+        fixed.contains("/nonexistent/from-file/device-1.pem"),
+        "{fixed}"
+    );
     // A key that is no flag is refused with the file and the key named.
     std::fs::write(&file, "agregator = \"x\"\n").unwrap();
     let bad = run(&[]);
