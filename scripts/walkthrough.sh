@@ -106,6 +106,8 @@ rounds_closed() {
     c=$(grep -c '"event":"round"' rounds.jsonl 2>/dev/null) || true
     echo "${c:-0}"
 }
+# rounds_at_least N: whether N rounds have closed (a command wait_for re-runs).
+rounds_at_least() { [ "$(rounds_closed)" -ge "$1" ]; }
 # json_field FILE KEY: a top-level field of `device-agent state`'s JSON.
 json_field() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2" 2>/dev/null || true; }
 
@@ -144,7 +146,7 @@ agent2=$spawned
 
 # 8: round 1 closes; the aggregator's scrape shows each class's arms.
 start=$(date +%s)
-if wait_for "$timeout_s" "round 1" test "$(rounds_closed)" -ge 1; then
+if wait_for "$timeout_s" "round 1" rounds_at_least 1; then
     record "round 1 closed" PASS $(($(date +%s) - start))
 else
     record "round 1 closed" FAIL $(($(date +%s) - start))
@@ -182,7 +184,7 @@ fi
 
 # 13: rounds 2 and 3; both agents are told the run is over and exit.
 start=$(date +%s)
-if wait_for "$timeout_s" "the third round" test "$(rounds_closed)" -ge 3; then
+if wait_for "$timeout_s" "the third round" rounds_at_least 3; then
     record "rounds 2 and 3 closed" PASS $(($(date +%s) - start))
 else
     record "rounds 2 and 3 closed" FAIL $(($(date +%s) - start))
