@@ -93,6 +93,7 @@ wait_for() {
     local limit="$1" what="$2"
     shift 2
     local start=$(date +%s)
+    echo "== waiting for $what"
     until "$@" 2>/dev/null; do
         if [ $(($(date +%s) - start)) -ge "$limit" ]; then
             echo "   timed out after ${limit}s waiting for $what"
