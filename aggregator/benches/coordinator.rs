@@ -185,6 +185,7 @@ fn join(d: u64) -> Event {
                 ram_bytes: 8 << 30,
                 backend: "bench".into(),
                 bench_score: None,
+                device_class: None,
             },
         }),
         bytes: 64,

@@ -5,12 +5,29 @@
 //! Exposed: rounds started, aggregated and abandoned; devices connected; joins, heartbeats,
 //! accepted updates, round failures, out-of-memory reports, missed devices; rejects by reason;
 //! bytes received and sent; the duration of closed rounds (a histogram); arms played by rank
-//! and pruning-ratio bucket; the last round's number, participants and mean losses.
+//! and pruning-ratio bucket; per device class, the arms assigned and the share of the class's
+//! devices on each arm now; the last round's number, participants and mean losses.
+//!
+//! Label cardinality is bounded: ranks come from the run's arm space, ratios fall in ten
+//! buckets, and device classes (checked words of at most 32 characters, see
+//! `protocol::check_device_class`) get their own label for the first [`MAX_CLASS_LABELS`]
+//! seen; devices of any later class are counted under `other`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
+use protocol::DeviceId;
+
 use crate::coordinator::{Counters, RoundSummary};
+
+/// Distinct device-class labels the metrics keep; later classes are counted as
+/// [`OTHER_CLASS`].
+pub const MAX_CLASS_LABELS: usize = 32;
+/// The label of the classes past [`MAX_CLASS_LABELS`].
+pub const OTHER_CLASS: &str = "other";
+
+/// An arm as the metrics label it: device-class label, LoRA rank, pruning-ratio bucket.
+pub type ClassArm = (String, u32, String);
 
 /// Upper bounds (seconds) of the round-duration histogram's buckets.
 pub const ROUND_SECONDS_BUCKETS: [f64; 10] = [
@@ -29,6 +46,12 @@ pub struct MetricsView {
     pub round_seconds: Vec<f64>,
     /// Arms played (accepted updates) by `(rank, ratio bucket)`, over the run.
     pub arms: BTreeMap<(u32, String), u64>,
+    /// Arms assigned to selected devices by class label, rank and ratio bucket, over the run.
+    pub class_arms: BTreeMap<ClassArm, u64>,
+    /// Each device's latest assigned arm (bounded by the devices the coordinator knows).
+    pub current_arms: BTreeMap<DeviceId, ClassArm>,
+    /// The class labels in use, at most [`MAX_CLASS_LABELS`] (besides [`OTHER_CLASS`]).
+    pub class_labels: BTreeSet<String>,
     /// The last closed round, if any.
     pub last_round: Option<RoundSummary>,
 }
@@ -44,7 +67,43 @@ impl MetricsView {
                 .entry((p.arm.rank, ratio_bucket(p.arm.prune_ratio)))
                 .or_insert(0) += 1;
         }
+        for a in &round.assigned {
+            let arm = (
+                self.class_label(&a.device_class),
+                a.arm.rank,
+                ratio_bucket(a.arm.prune_ratio),
+            );
+            *self.class_arms.entry(arm.clone()).or_insert(0) += 1;
+            self.current_arms.insert(a.device, arm);
+        }
         self.last_round = Some(round.clone());
+    }
+
+    /// The label `class` is counted under: itself while fewer than [`MAX_CLASS_LABELS`]
+    /// classes have been seen (or it is one of them), else [`OTHER_CLASS`].
+    pub fn class_label(&mut self, class: &str) -> String {
+        if class != OTHER_CLASS
+            && (self.class_labels.contains(class) || self.class_labels.len() < MAX_CLASS_LABELS)
+        {
+            self.class_labels.insert(class.to_string());
+            class.to_string()
+        } else {
+            OTHER_CLASS.to_string()
+        }
+    }
+
+    /// Per class label, the share of its devices whose latest assigned arm is each arm.
+    pub fn class_arm_shares(&self) -> BTreeMap<ClassArm, f64> {
+        let mut devices: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut on_arm: BTreeMap<&ClassArm, u64> = BTreeMap::new();
+        for arm in self.current_arms.values() {
+            *devices.entry(arm.0.as_str()).or_insert(0) += 1;
+            *on_arm.entry(arm).or_insert(0) += 1;
+        }
+        on_arm
+            .into_iter()
+            .map(|(arm, n)| (arm.clone(), n as f64 / devices[arm.0.as_str()] as f64))
+            .collect()
     }
 }
 
@@ -228,6 +287,38 @@ pub fn render(view: &MetricsView) -> String {
             "fedspine_arm_plays_total",
             &[("rank", &rank.to_string()), ("ratio", ratio)],
             *n as f64,
+        );
+    }
+    o.family(
+        "fedspine_arm_assignments_total",
+        "counter",
+        "Arms sent to selected devices, by device class, LoRA rank and pruning-ratio bucket.",
+    );
+    for ((class, rank, ratio), n) in &view.class_arms {
+        o.sample(
+            "fedspine_arm_assignments_total",
+            &[
+                ("class", class),
+                ("rank", &rank.to_string()),
+                ("ratio", ratio),
+            ],
+            *n as f64,
+        );
+    }
+    o.family(
+        "fedspine_class_arm_share_ratio",
+        "gauge",
+        "Share of a device class's devices whose latest assigned arm is this rank and ratio bucket.",
+    );
+    for ((class, rank, ratio), share) in view.class_arm_shares() {
+        o.sample(
+            "fedspine_class_arm_share_ratio",
+            &[
+                ("class", &class),
+                ("rank", &rank.to_string()),
+                ("ratio", &ratio),
+            ],
+            share,
         );
     }
     if let Some(r) = &view.last_round {

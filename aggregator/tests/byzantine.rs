@@ -228,6 +228,7 @@ impl Harness {
                     ram_bytes: 4 << 30,
                     backend: "flex".into(),
                     bench_score: None,
+                    device_class: None,
                 },
             }),
         );

@@ -528,6 +528,7 @@ fn wrong_version_other_identity_and_unexpected_messages_are_refused() {
             ram_bytes: 1 << 30,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
     });
     let h = check(
@@ -542,8 +543,8 @@ fn wrong_version_other_identity_and_unexpected_messages_are_refused() {
             Raw(4, Message::Update(answer_for_nobody()), 512),
         ],
         expect![[r#"
-            @0     d1 <- reject protocol version mismatch: aggregator speaks 1, device sent 2
-            @0     d1 disconnected: protocol version mismatch: aggregator speaks 1, device sent 2
+            @0     d1 <- reject protocol version mismatch: aggregator speaks 2, device sent 3
+            @0     d1 disconnected: protocol version mismatch: aggregator speaks 2, device sent 3
             @0     d2 <- reject device id device-5 does not match the certificate's device-2
             @0     d2 disconnected: device id device-5 does not match the certificate's device-2
             @0     d4 <- reject unexpected ack message
@@ -836,6 +837,7 @@ fn join_with_ram(id: u64, ram_bytes: u64) -> Message {
             ram_bytes,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
     })
 }
@@ -902,4 +904,121 @@ fn each_strategy_plays_its_own_arms() {
         fixed-prune: d1 (0.30, 2) of [0.3, 0.3] x [2], d2 (0.30, 2) of [0.3, 0.3] x [2], d3 (0.30, 2) of [0.3, 0.3] x [2] -> exact
         ratio-bandit: d1 (0.14, 4) of [0, 0.4] x [4], d2 (0.38, 4) of [0, 0.4] x [4], d3 (0.18, 4) of [0, 0.4] x [4] -> exact"#]]
     .assert_eq(&lines.join("\n"));
+}
+
+fn join_as(id: u64, class: Option<&str>) -> Message {
+    let Message::Join(mut join) = join_msg(id) else {
+        unreachable!("join_msg makes a Join")
+    };
+    join.capabilities.device_class = class.map(str::to_string);
+    Message::Join(join)
+}
+
+#[test]
+fn device_classes_are_kept_per_device_and_a_bad_one_is_refused() {
+    let h = check(
+        config(),
+        vec![
+            Connect(4),
+            Raw(4, join_as(4, Some("Jetson NX")), 64),
+            Connect(1),
+            Raw(1, join_as(1, Some("jetson-nx")), 64),
+            Connect(2),
+            Raw(2, join_as(2, Some("rpi5")), 64),
+            Join(3),
+            Answer(1),
+            Answer(2),
+            Answer(3),
+        ],
+        expect![[r#"
+            @0     d4 <- reject device class "Jetson NX" holds 'J': only a-z, 0-9, '.', '_' and '-' are allowed
+            @0     d4 disconnected: device class "Jetson NX" holds 'J': only a-z, 0-9, '.', '_' and '-' are allowed
+            @0     d1 <- welcome
+            @0     d2 <- welcome
+            @0     d3 <- welcome
+            @0     d1 <- round_config round-1 ratio 0.250 rank 4 ffn kept 24 deadline 1000ms
+            @0     d2 <- round_config round-1 ratio 0.250 rank 4 ffn kept 24 deadline 1000ms
+            @0     d3 <- round_config round-1 ratio 0.250 rank 4 ffn kept 24 deadline 1000ms
+            @0     d1 <- ack round-1
+            @0     d2 <- ack round-1
+            @0     d3 <- ack round-1
+            @0     checkpoint
+            @0     closed round-1 by target_reached: selected [1, 2, 3] ok [1, 2, 3] missed [] failed [] quorum 2 met, aggregated
+        "#]],
+    );
+    let class = |d: u64| {
+        h.coord
+            .device(DeviceId(d))
+            .map(|r| r.capabilities.class().to_string())
+    };
+    assert_eq!(class(1).as_deref(), Some("jetson-nx"));
+    assert_eq!(class(2).as_deref(), Some("rpi5"));
+    assert_eq!(class(3).as_deref(), Some("unknown"));
+    assert_eq!(class(4), None, "a refused join registers nothing");
+    assert_eq!(h.coord.counters().rejects_of("bad_device_class"), 1);
+    let assigned: Vec<(u64, &str, u32)> = h.summaries[0]
+        .assigned
+        .iter()
+        .map(|a| (a.device.0, a.device_class.as_str(), a.arm.rank))
+        .collect();
+    assert_eq!(
+        assigned,
+        [(1, "jetson-nx", 4), (2, "rpi5", 4), (3, "unknown", 4)]
+    );
+
+    // The class is part of the checkpointed state, and a schema-1 checkpoint (before classes)
+    // still resumes, its devices of class unknown.
+    let state = h.coord.state();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.ckpt");
+    aggregator::checkpoint::write_atomic(&path, aggregator::coordinator::STATE_SCHEMA, &state)
+        .unwrap();
+    let back = aggregator::server::read_state(&path).unwrap().unwrap();
+    assert_eq!(back, state);
+    let old = aggregator::coordinator::CoordinatorStateV1 {
+        dims: state.dims,
+        strategy: state.strategy.clone(),
+        round: state.round,
+        global: state.global.clone(),
+        devices: state
+            .devices
+            .iter()
+            .map(|d| aggregator::coordinator::DeviceRecordV1 {
+                id: d.id,
+                capabilities: aggregator::coordinator::CapabilitiesV1 {
+                    ram_bytes: d.capabilities.ram_bytes,
+                    backend: d.capabilities.backend.clone(),
+                    bench_score: d.capabilities.bench_score,
+                },
+                bandit: d.bandit.clone(),
+                kept: d.kept.clone(),
+                sparsity: d.sparsity,
+                rounds_selected: d.rounds_selected,
+                rounds_completed: d.rounds_completed,
+                rounds_failed: d.rounds_failed,
+                rounds_missed: d.rounds_missed,
+            })
+            .collect(),
+        rng: state.rng.clone(),
+        counters: state.counters.clone(),
+    };
+    aggregator::checkpoint::write_atomic(&path, aggregator::coordinator::STATE_SCHEMA_V1, &old)
+        .unwrap();
+    let migrated = aggregator::server::read_state(&path).unwrap().unwrap();
+    assert!(migrated
+        .devices
+        .iter()
+        .all(|d| d.capabilities.class() == "unknown"));
+    let mut expected = state.clone();
+    for d in &mut expected.devices {
+        d.capabilities.device_class = None;
+    }
+    assert_eq!(migrated, expected);
+    assert!(Coordinator::restore(config(), migrated).is_ok());
+    // Another schema is still refused, naming the file.
+    aggregator::checkpoint::write_atomic(&path, 99, &state).unwrap();
+    let err = aggregator::server::read_state(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("state.ckpt") && err.contains("99"), "{err}");
 }

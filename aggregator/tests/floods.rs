@@ -385,6 +385,7 @@ fn a_device_that_comes_back_with_other_ram_keeps_its_bandit() {
                 ram_bytes,
                 backend: "flex".into(),
                 bench_score: None,
+                device_class: None,
             },
         }),
         bytes: 64,

@@ -77,6 +77,8 @@ async fn device_until(
                 ram_bytes: 4 << 30,
                 backend: "scripted".into(),
                 bench_score: None,
+                // Two boards of one class and one of another (the metrics count per class).
+                device_class: Some(if id == 3 { "rpi5" } else { "jetson-nx" }.into()),
             },
         }))
         .await
@@ -401,6 +403,7 @@ async fn join_once(pki: &Path, id: u64, addr: SocketAddr) -> Result<Message, Str
             ram_bytes: 4 << 30,
             backend: "scripted".into(),
             bench_score: None,
+            device_class: None,
         },
     });
     let answer = async {
@@ -475,6 +478,7 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
                 ram_bytes: 4 << 30,
                 backend: "scripted".into(),
                 bench_score: None,
+                device_class: None,
             },
         }))
         .await
@@ -588,6 +592,23 @@ async fn prometheus_scrapes_follow_the_run_on_their_own_port() {
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum();
     assert_eq!(plays, 3.0);
+    // Round 1's arms by the class each device named in its Join.
+    let per_class = |metric: &str, class: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{class=\"{class}\",")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        per_class("fedspine_arm_assignments_total", "jetson-nx"),
+        2.0
+    );
+    assert_eq!(per_class("fedspine_arm_assignments_total", "rpi5"), 1.0);
+    assert_eq!(
+        per_class("fedspine_class_arm_share_ratio", "jetson-nx"),
+        1.0
+    );
+    assert_eq!(per_class("fedspine_class_arm_share_ratio", "rpi5"), 1.0);
     assert!(sample(&body, "fedspine_bytes_total{direction=\"received\"}") > 0.0);
     // Anything but GET /metrics is refused.
     {

@@ -34,6 +34,7 @@ fn agent_config() -> AgentConfig {
             ram_bytes: 1 << 30,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(4),

@@ -26,9 +26,9 @@ use crate::codec::{
 };
 use crate::ids::{DeviceId, RoundId};
 use crate::message::{
-    Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat, Join, Message,
-    RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions, Update, UpdateStats,
-    Welcome,
+    check_device_class, Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat,
+    Join, Message, RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions,
+    Update, UpdateStats, Welcome,
 };
 use crate::validate::{validate_adapter, validate_dims, validate_update, ValidationLimits};
 use crate::PROTOCOL_VERSION;
@@ -377,7 +377,15 @@ pub fn check_decode_validate(body: &[u8]) {
             let other = DeviceId(j.device_id.0 ^ 1);
             assert!(j.check(other).is_err());
             let own = j.check(j.device_id);
-            assert_eq!(own.is_ok(), j.protocol_version == PROTOCOL_VERSION);
+            let class_ok = j
+                .capabilities
+                .device_class
+                .as_deref()
+                .is_none_or(|c| check_device_class(c).is_ok());
+            assert_eq!(
+                own.is_ok(),
+                j.protocol_version == PROTOCOL_VERSION && class_ok
+            );
         }
         Message::Reject(r) => {
             assert!(!r.reason.kind().is_empty() && !r.reason.to_string().is_empty())
@@ -576,6 +584,7 @@ pub fn seed_messages() -> Vec<Message> {
             limit: 1.0e4,
         },
         RejectReason::Unsupported("no".into()),
+        RejectReason::BadDeviceClass("device class \"X\" holds 'X'".into()),
     ];
     let mut messages = vec![
         Message::Join(Join {
@@ -585,6 +594,7 @@ pub fn seed_messages() -> Vec<Message> {
                 ram_bytes: 8 << 30,
                 backend: "flex".into(),
                 bench_score: Some(1.5),
+                device_class: Some("jetson-nx".into()),
             },
         }),
         Message::Welcome(Welcome {

@@ -13,7 +13,8 @@ pub mod message;
 pub mod validate;
 
 /// Version of the wire format; a peer with another version is refused with a clear error.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: `Capabilities::device_class`.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 pub use adapter::{
     kept_shape, layer_index_map, AdapterPayload, BlockKept, Buffer, KeptIndices, LayerAdapter,
@@ -25,9 +26,10 @@ pub use codec::{
 };
 pub use ids::{DeviceId, RoundId, Timestamp};
 pub use message::{
-    Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat, Join, Message,
-    RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions, SparsityGoal,
-    Update, UpdateStats, Welcome, MAX_TARGET_SPARSITY, SPARSITY_TOLERANCE,
+    check_device_class, Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat,
+    Join, Message, RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions,
+    SparsityGoal, Update, UpdateStats, Welcome, MAX_DEVICE_CLASS_CHARS, MAX_TARGET_SPARSITY,
+    SPARSITY_TOLERANCE, UNKNOWN_DEVICE_CLASS,
 };
 pub use validate::{
     validate_adapter, validate_dims, validate_kept, validate_update, Factor, ValidationError,

@@ -51,7 +51,8 @@ pub struct Join {
 
 impl Join {
     /// Checks a join against the identity the transport certified: the same protocol version
-    /// and the device id of the client certificate (a device cannot claim another's id).
+    /// and the device id of the client certificate (a device cannot claim another's id); and a
+    /// device class, when given, that [`check_device_class`] accepts.
     pub fn check(&self, certified: DeviceId) -> Result<(), RejectReason> {
         if self.protocol_version != crate::PROTOCOL_VERSION {
             return Err(RejectReason::VersionMismatch {
@@ -65,8 +66,52 @@ impl Join {
                 certified,
             });
         }
+        if let Some(class) = &self.capabilities.device_class {
+            check_device_class(class).map_err(RejectReason::BadDeviceClass)?;
+        }
         Ok(())
     }
+}
+
+/// Longest device class name, in characters.
+pub const MAX_DEVICE_CLASS_CHARS: usize = 32;
+/// The class of a device that named none.
+pub const UNKNOWN_DEVICE_CLASS: &str = "unknown";
+
+/// Checks a device class name: 1 to [`MAX_DEVICE_CLASS_CHARS`] characters of `a-z`, `0-9`,
+/// `.`, `_` and `-` (a Prometheus label value and a file-name-safe word). The error says what is
+/// wrong and quotes at most the first 32 characters of the name, escaped.
+pub fn check_device_class(class: &str) -> Result<(), String> {
+    let shown = || {
+        let head: String = class.chars().take(MAX_DEVICE_CLASS_CHARS).collect();
+        let more = if class.chars().count() > MAX_DEVICE_CLASS_CHARS {
+            "..."
+        } else {
+            ""
+        };
+        format!("\"{}\"{more}", head.escape_default())
+    };
+    if class.is_empty() {
+        return Err("device class is empty".into());
+    }
+    let chars = class.chars().count();
+    if chars > MAX_DEVICE_CLASS_CHARS {
+        return Err(format!(
+            "device class {} has {chars} characters (at most {MAX_DEVICE_CLASS_CHARS})",
+            shown()
+        ));
+    }
+    if let Some(bad) = class
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "device class {} holds {:?}: only a-z, 0-9, '.', '_' and '-' are allowed",
+            shown(),
+            bad
+        ));
+    }
+    Ok(())
 }
 
 /// What a device tells the aggregator about itself; no speed is assumed beyond this.
@@ -77,6 +122,17 @@ pub struct Capabilities {
     pub backend: String,
     /// Optional result of a local micro-benchmark (higher is faster).
     pub bench_score: Option<f32>,
+    /// What kind of board this is (`jetson-nx`, `rpi5`, ...), as its operator named it: 1 to
+    /// [`MAX_DEVICE_CLASS_CHARS`] characters of `[a-z0-9._-]` ([`check_device_class`]); a Join
+    /// with any other name is refused. `None`: [`UNKNOWN_DEVICE_CLASS`].
+    pub device_class: Option<String>,
+}
+
+impl Capabilities {
+    /// The device class, [`UNKNOWN_DEVICE_CLASS`] when none was given.
+    pub fn class(&self) -> &str {
+        self.device_class.as_deref().unwrap_or(UNKNOWN_DEVICE_CLASS)
+    }
 }
 
 /// Aggregator -> device: the join was accepted.
@@ -427,6 +483,9 @@ pub enum RejectReason {
     ShuttingDown,
     #[error("the aggregator cannot use this device: {0}")]
     Unsupported(String),
+    /// The Join named a device class [`check_device_class`] refuses (the text says why).
+    #[error("{0}")]
+    BadDeviceClass(String),
 }
 
 impl RejectReason {
@@ -449,6 +508,7 @@ impl RejectReason {
             RejectReason::Unexpected(_) => "unexpected",
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::Unsupported(_) => "unsupported",
+            RejectReason::BadDeviceClass(_) => "bad_device_class",
         }
     }
 }
@@ -565,6 +625,7 @@ mod tests {
                 ram_bytes: 1,
                 backend: "flex".into(),
                 bench_score: None,
+                device_class: None,
             },
         };
         assert_eq!(join(crate::PROTOCOL_VERSION, 4).check(DeviceId(4)), Ok(()));
@@ -573,7 +634,7 @@ mod tests {
                 .check(DeviceId(4))
                 .unwrap_err()
                 .to_string(),
-            "protocol version mismatch: aggregator speaks 1, device sent 2"
+            "protocol version mismatch: aggregator speaks 2, device sent 3"
         );
         assert_eq!(
             join(crate::PROTOCOL_VERSION, 5)
@@ -581,6 +642,69 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "device id device-5 does not match the certificate's device-4"
+        );
+    }
+
+    #[test]
+    fn device_classes_are_short_lowercase_words() {
+        for good in [
+            "jetson-nx",
+            "rpi5",
+            "a",
+            "pixel_8.pro",
+            "x".repeat(32).as_str(),
+        ] {
+            assert_eq!(check_device_class(good), Ok(()), "{good}");
+        }
+        let cases = [
+            ("", "device class is empty"),
+            (
+                "Jetson-NX",
+                "device class \"Jetson-NX\" holds 'J': only a-z, 0-9, '.', '_' and '-' are allowed",
+            ),
+            (
+                "rpi 5",
+                "device class \"rpi 5\" holds ' ': only a-z, 0-9, '.', '_' and '-' are allowed",
+            ),
+            (
+                "a\"}\nb",
+                "device class \"a\\\"}\\nb\" holds '\"': only a-z, 0-9, '.', '_' and '-' are allowed",
+            ),
+            (
+                "jétson",
+                "device class \"j\\u{e9}tson\" holds 'é': only a-z, 0-9, '.', '_' and '-' are allowed",
+            ),
+        ];
+        for (bad, message) in cases {
+            assert_eq!(check_device_class(bad).unwrap_err(), message, "{bad:?}");
+        }
+        let long = "y".repeat(40);
+        assert_eq!(
+            check_device_class(&long).unwrap_err(),
+            format!(
+                "device class \"{}\"... has 40 characters (at most 32)",
+                "y".repeat(32)
+            )
+        );
+        let join = |class: Option<&str>| Join {
+            protocol_version: crate::PROTOCOL_VERSION,
+            device_id: DeviceId(3),
+            capabilities: Capabilities {
+                ram_bytes: 1,
+                backend: "flex".into(),
+                bench_score: None,
+                device_class: class.map(str::to_string),
+            },
+        };
+        assert_eq!(join(None).check(DeviceId(3)), Ok(()));
+        assert_eq!(join(None).capabilities.class(), UNKNOWN_DEVICE_CLASS);
+        assert_eq!(join(Some("rpi5")).check(DeviceId(3)), Ok(()));
+        assert_eq!(join(Some("rpi5")).capabilities.class(), "rpi5");
+        let refused = join(Some("RPi 5")).check(DeviceId(3)).unwrap_err();
+        assert_eq!(refused.kind(), "bad_device_class");
+        assert_eq!(
+            refused.to_string(),
+            "device class \"RPi 5\" holds 'R': only a-z, 0-9, '.', '_' and '-' are allowed"
         );
     }
 }

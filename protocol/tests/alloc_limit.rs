@@ -11,7 +11,12 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 fn forged_inner_lengths_are_refused_without_allocating() {
     // Message::Update(Update { round, adapter: { rank, alpha, layers: Vec<..> } ... }) with the
     // layer vector claiming 2^36 / size_of(LayerAdapter) elements, i.e. about 64 GiB.
-    let mut body = vec![b'F', b'S', 1, 0];
+    let mut body = vec![
+        b'F',
+        b'S',
+        PROTOCOL_VERSION as u8,
+        (PROTOCOL_VERSION >> 8) as u8,
+    ];
     body.extend_from_slice(&3u32.to_le_bytes()); // variant Update
     body.extend_from_slice(&1u64.to_le_bytes()); // round
     body.extend_from_slice(&16u32.to_le_bytes()); // rank
@@ -33,7 +38,12 @@ fn forged_inner_lengths_are_refused_without_allocating() {
     assert!(peak < 64 << 10, "decoder allocated {peak} bytes");
 
     // A 64 GiB f32 buffer claim inside a heartbeat-sized frame: same outcome.
-    let mut body = vec![b'F', b'S', 1, 0];
+    let mut body = vec![
+        b'F',
+        b'S',
+        PROTOCOL_VERSION as u8,
+        (PROTOCOL_VERSION >> 8) as u8,
+    ];
     body.extend_from_slice(&3u32.to_le_bytes());
     body.extend_from_slice(&1u64.to_le_bytes());
     body.extend_from_slice(&16u32.to_le_bytes());

@@ -83,6 +83,7 @@ fn all_messages() -> Vec<Message> {
                 ram_bytes: 8 << 30,
                 backend: "flex".into(),
                 bench_score: Some(1.5),
+                device_class: Some("rpi5".into()),
             },
         }),
         Message::Welcome(Welcome {
@@ -230,11 +231,20 @@ fn invalid_frames_are_refused_with_clear_errors() {
     check_err(
         &frame_with_body(&[b'F', b'S', 9, 0, 0, 0, 0, 0]),
         1024,
-        expect!["protocol version mismatch: this side speaks 1, the peer sent 9"],
+        expect!["protocol version mismatch: this side speaks 2, the peer sent 9"],
     );
     // Unknown enum discriminant after a valid prefix.
     check_err(
-        &frame_with_body(&[b'F', b'S', 1, 0, 200, 0, 0, 0]),
+        &frame_with_body(&[
+            b'F',
+            b'S',
+            PROTOCOL_VERSION as u8,
+            (PROTOCOL_VERSION >> 8) as u8,
+            200,
+            0,
+            0,
+            0,
+        ]),
         1024,
         expect![[
             r#"invalid message body: UnexpectedVariant { type_name: "Message", allowed: Range { min: 0, max: 8 }, found: 200 }"#
@@ -278,7 +288,12 @@ fn garbage_never_panics() {
     for round in 0..2000 {
         let mut bytes: Vec<u8> = if round % 2 == 0 {
             let len = (rand_byte() as usize) * 3;
-            let mut body = vec![b'F', b'S', 1, 0];
+            let mut body = vec![
+                b'F',
+                b'S',
+                PROTOCOL_VERSION as u8,
+                (PROTOCOL_VERSION >> 8) as u8,
+            ];
             body.extend((0..len).map(|_| rand_byte()));
             frame_with_body(&body)
         } else {

@@ -227,6 +227,7 @@ impl<'a> Simulation<'a> {
                     ram_bytes: prof.ram_bytes(),
                     backend: "sim".into(),
                     bench_score: None,
+                    device_class: None,
                 },
                 criterion: device_agent::prune::Criterion::LoraGradient,
                 prune: PruneConfig::for_layers(dense.n_layers()),

@@ -35,6 +35,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         tok: None,
         seed: cfg.seed,
         wall_clock: None,
+        wall_ledger: None,
     }
 }
 

@@ -126,6 +126,27 @@ fn an_agent_config_file_sets_join_flags_and_the_command_line_overrides_it() {
         over.contains("/nonexistent/from-cli/device-1.pem"),
         "{over}"
     );
+    // The file's device class is checked at start with the aggregator's rule (every value in
+    // the file is, even one the command line overrides); a good one is used.
+    let with_class = |class: &str| {
+        std::fs::write(
+            &file,
+            format!("aggregator = \"127.0.0.1:9\"\nid = 1\npki = \"/nonexistent/from-file\"\nmodel = \"tiny\"\ndataset = \"synthetic\"\nmax_attempts = 1\ndevice_class = \"{class}\"\n"),
+        )
+        .unwrap();
+        run(&[])
+    };
+    let refused = with_class("Jetson NX");
+    assert!(
+        refused.contains("--device-class")
+            && refused.contains("device class \"Jetson NX\" holds 'J': only a-z, 0-9"),
+        "{refused}"
+    );
+    let accepted = with_class("jetson-nx");
+    assert!(
+        accepted.contains("/nonexistent/from-file/device-1.pem"),
+        "{accepted}"
+    );
     // A key that is no flag is refused with the file and the key named.
     std::fs::write(&file, "agregator = \"x\"\n").unwrap();
     let bad = run(&[]);

@@ -27,6 +27,7 @@ fn join(id: u64, version: u16) -> Message {
             ram_bytes: 1 << 30,
             backend: "probe".into(),
             bench_score: None,
+            device_class: None,
         },
     })
 }
@@ -156,7 +157,7 @@ fn the_aggregator_refuses_strangers_impostors_wrong_versions_and_forged_frames()
             .unwrap();
         assert_eq!(
             rejects(&got),
-            ["protocol version mismatch: aggregator speaks 1, device sent 99"]
+            ["protocol version mismatch: aggregator speaks 2, device sent 99"]
         );
 
         // A frame header with another protocol version: the reject names it, and so does the
@@ -166,13 +167,14 @@ fn the_aggregator_refuses_strangers_impostors_wrong_versions_and_forged_frames()
             .unwrap();
         assert_eq!(
             rejects(&got),
-            ["protocol version mismatch: aggregator speaks 1, device sent 9"]
+            ["protocol version mismatch: aggregator speaks 2, device sent 9"]
         );
         assert!(end.contains("closed: protocol version mismatch"), "{end}");
 
         // A length prefix claiming 4 GiB: refused from the prefix alone.
         let mut huge = u32::MAX.to_le_bytes().to_vec();
-        huge.extend_from_slice(b"FS\x01\x00");
+        huge.extend_from_slice(b"FS");
+        huge.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         let (got, _) = probe(client_of(&pki_dir, 1), addr, Err(huge))
             .await
             .unwrap();

@@ -119,6 +119,7 @@ fn join(id: u64) -> Message {
             ram_bytes: 4 << 30,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
     })
 }
@@ -318,7 +319,12 @@ async fn oversized_and_forged_frames_are_refused() {
     let mut conn2 = transport::connect(&client_ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
         .await
         .unwrap();
-    let mut body = vec![b'F', b'S', 1, 0];
+    let mut body = vec![
+        b'F',
+        b'S',
+        PROTOCOL_VERSION as u8,
+        (PROTOCOL_VERSION >> 8) as u8,
+    ];
     body.extend_from_slice(&3u32.to_le_bytes()); // Message::Update
     body.extend_from_slice(&1u64.to_le_bytes()); // round
     body.extend_from_slice(&16u32.to_le_bytes()); // rank

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 
 use bandit::{shape_rewards, BanditError, Policy, RoundStats};
-use protocol::{Bye, ByeReason, DeviceId, Message, RoundId, Timestamp};
+use protocol::{Bye, ByeReason, DeviceId, Message, RoundId, Timestamp, UNKNOWN_DEVICE_CLASS};
 
 use super::round::{OpenRound, Outcome, Participant};
-use super::summary::{FailedSummary, ParticipantSummary, RoundSummary};
+use super::summary::{Assignment, FailedSummary, ParticipantSummary, RoundSummary};
 use super::{Command, Coordinator};
 use crate::aggregate::Aggregation;
 
@@ -62,6 +62,17 @@ impl Coordinator {
             self.counters.rounds_abandoned += 1;
         }
         let rewards = self.round_rewards(id, quorum_met, &participants);
+        let assigned = participants
+            .iter()
+            .map(|(device, p)| Assignment {
+                device: *device,
+                device_class: self
+                    .device(*device)
+                    .map_or(UNKNOWN_DEVICE_CLASS, |r| r.capabilities.class())
+                    .to_string(),
+                arm: p.arm,
+            })
+            .collect();
 
         let mut summary = RoundSummary {
             round: id,
@@ -69,6 +80,7 @@ impl Coordinator {
             started_at,
             closed_at: now,
             selected: participants.keys().copied().collect(),
+            assigned,
             participants: Vec::new(),
             missed: Vec::new(),
             failed: Vec::new(),

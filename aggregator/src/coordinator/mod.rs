@@ -78,8 +78,11 @@ use streams::Stream;
 
 pub use config::CoordinatorConfig;
 pub use error::CoordinatorError;
-pub use state::{CoordinatorState, DeviceRecord, STATE_SCHEMA};
-pub use summary::{Counters, FailedSummary, ParticipantSummary, RoundSummary};
+pub use state::{
+    CapabilitiesV1, CoordinatorState, CoordinatorStateV1, DeviceRecord, DeviceRecordV1,
+    STATE_SCHEMA, STATE_SCHEMA_V1,
+};
+pub use summary::{Assignment, Counters, FailedSummary, ParticipantSummary, RoundSummary};
 
 /// Inputs from the driver.
 #[derive(Clone, Debug, PartialEq)]

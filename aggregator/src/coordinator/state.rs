@@ -9,6 +9,11 @@
 //! Bandit states are stored as JSON text inside the state (the bandit crate's policies use
 //! internally tagged enums, which only self-describing formats can read back); JSON with
 //! `float_roundtrip` restores them bit-identically whatever the outer encoding.
+//!
+//! Schemas: 2 (this build) added each device's class to its capabilities and its self-pruned
+//! rank limit (`rank_limit`, HetLoRA); a schema-1
+//! checkpoint ([`CoordinatorStateV1`]) still resumes, every device in it of class `unknown`
+//! until it joins again.
 
 use protocol::{Capabilities, DeviceId, KeptIndices, ModelDims, RoundId};
 use rand_chacha::ChaCha8Rng;
@@ -19,14 +24,16 @@ use crate::aggregate::GlobalAdapter;
 use crate::strategy::DeviceBandit;
 
 /// Schema version of [`CoordinatorState`] in checkpoints; bump it on any change to the
-/// state's shape.
+/// state's shape (and keep reading the previous one, see [`CoordinatorStateV1`]).
 pub const STATE_SCHEMA: u32 = 2;
+/// The schema before device classes: [`CoordinatorStateV1`].
+pub const STATE_SCHEMA_V1: u32 = 1;
 
 /// A registered device as the coordinator remembers it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub id: DeviceId,
-    /// What the device said in its last join.
+    /// What the device said in its last join, its class included (`Capabilities::class`).
     pub capabilities: Capabilities,
     /// The device's bandit: its policy and what its feasibility filter learned.
     #[serde(with = "json_text")]
@@ -81,6 +88,77 @@ impl CoordinatorState {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
+    }
+}
+
+/// A schema-1 checkpoint: [`CoordinatorState`] as it was before `Capabilities::device_class`
+/// (bincode is not self-describing, so the old shape is spelled out to read old files).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorStateV1 {
+    pub dims: ModelDims,
+    pub strategy: String,
+    pub round: RoundId,
+    pub global: GlobalAdapter,
+    pub devices: Vec<DeviceRecordV1>,
+    pub rng: ChaCha8Rng,
+    pub counters: Counters,
+}
+
+/// A schema-1 [`DeviceRecord`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecordV1 {
+    pub id: DeviceId,
+    pub capabilities: CapabilitiesV1,
+    #[serde(with = "json_text")]
+    pub bandit: DeviceBandit,
+    pub kept: Option<KeptIndices>,
+    pub sparsity: f64,
+    pub rounds_selected: u64,
+    pub rounds_completed: u64,
+    pub rounds_failed: u64,
+    pub rounds_missed: u64,
+}
+
+/// Protocol-1 [`Capabilities`] (no device class).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapabilitiesV1 {
+    pub ram_bytes: u64,
+    pub backend: String,
+    pub bench_score: Option<f32>,
+}
+
+impl From<CoordinatorStateV1> for CoordinatorState {
+    /// Every device of a schema-1 state is of class `unknown` (its next Join tells its class).
+    fn from(old: CoordinatorStateV1) -> CoordinatorState {
+        CoordinatorState {
+            dims: old.dims,
+            strategy: old.strategy,
+            round: old.round,
+            global: old.global,
+            devices: old
+                .devices
+                .into_iter()
+                .map(|d| DeviceRecord {
+                    id: d.id,
+                    capabilities: Capabilities {
+                        ram_bytes: d.capabilities.ram_bytes,
+                        backend: d.capabilities.backend,
+                        bench_score: d.capabilities.bench_score,
+                        device_class: None,
+                    },
+                    bandit: d.bandit,
+                    kept: d.kept,
+                    sparsity: d.sparsity,
+                    rank_limit: None,
+                    rounds_selected: d.rounds_selected,
+                    rounds_completed: d.rounds_completed,
+                    rounds_failed: d.rounds_failed,
+                    rounds_missed: d.rounds_missed,
+                })
+                .collect(),
+            rng: old.rng,
+            counters: old.counters,
+        }
     }
 }
 

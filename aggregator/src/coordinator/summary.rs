@@ -34,6 +34,15 @@ pub struct ParticipantSummary {
     pub delta_norm: f64,
 }
 
+/// The arm a selected device was sent, with the device's class when the round started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub device: DeviceId,
+    /// `Capabilities::class` of its last Join (`unknown` when it named none).
+    pub device_class: String,
+    pub arm: Arm,
+}
+
 /// A selected device that did not contribute.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FailedSummary {
@@ -53,6 +62,10 @@ pub struct RoundSummary {
     pub closed_at: Timestamp,
     /// Every selected device, ascending.
     pub selected: Vec<DeviceId>,
+    /// The arm each selected device was sent, by device id, with its class (the metrics count
+    /// arms per class from it).
+    #[serde(default)]
+    pub assigned: Vec<Assignment>,
     /// Accepted updates, by device id.
     pub participants: Vec<ParticipantSummary>,
     /// Selected devices that had not answered when the round closed.

@@ -3,25 +3,47 @@
 //! HTTP exchange's answers to good, partial, hostile and wrong requests.
 
 use super::*;
-use crate::coordinator::ParticipantSummary;
+use crate::coordinator::{Assignment, ParticipantSummary};
 use protocol::{Arm, DeviceId, RoundId, Timestamp};
 
 fn round(n: u64, secs: u64, arms: &[(f64, u32)]) -> RoundSummary {
+    classed(
+        n,
+        secs,
+        &arms
+            .iter()
+            .map(|&(r, k)| ("unknown", r, k))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A round whose device `i` has class `arms[i].0` and played arm `(ratio, rank)`.
+fn classed(n: u64, secs: u64, arms: &[(&str, f64, u32)]) -> RoundSummary {
+    let arm = |ratio: f64, rank: u32| Arm {
+        prune_ratio: ratio,
+        rank,
+    };
     RoundSummary {
         round: RoundId(n),
         strategy: "fedspine".into(),
         started_at: Timestamp(1_000),
         closed_at: Timestamp(1_000 + secs * 1000),
         selected: (0..arms.len() as u64).map(DeviceId).collect(),
+        assigned: arms
+            .iter()
+            .enumerate()
+            .map(|(i, &(class, ratio, rank))| Assignment {
+                device: DeviceId(i as u64),
+                device_class: class.into(),
+                arm: arm(ratio, rank),
+            })
+            .collect(),
         participants: arms
             .iter()
             .enumerate()
-            .map(|(i, &(ratio, rank))| ParticipantSummary {
+            .map(|(i, &(_, ratio, rank))| ParticipantSummary {
                 device: DeviceId(i as u64),
-                arm: Arm {
-                    prune_ratio: ratio,
-                    rank,
-                },
+                arm: arm(ratio, rank),
                 loss_pre: 3.0,
                 loss_post: 2.5,
                 sparsity_prev: 0.0,
@@ -66,6 +88,30 @@ fn view() -> MetricsView {
     v.counters.rejects.insert("non_finite".into(), 1);
     v.observe_round(&round(1, 3, &[(0.05, 4), (0.25, 8)]));
     v.observe_round(&round(2, 70, &[(0.25, 8), (0.95, 16)]));
+    v
+}
+
+/// Two classes: device 0 and 1 are `jetson-nx`, device 2 is `rpi5`.
+fn two_classes() -> MetricsView {
+    let mut v = MetricsView::default();
+    v.observe_round(&classed(
+        1,
+        10,
+        &[
+            ("jetson-nx", 0.25, 8),
+            ("jetson-nx", 0.25, 8),
+            ("rpi5", 0.55, 2),
+        ],
+    ));
+    v.observe_round(&classed(
+        2,
+        10,
+        &[
+            ("jetson-nx", 0.35, 16),
+            ("jetson-nx", 0.25, 8),
+            ("rpi5", 0.55, 2),
+        ],
+    ));
     v
 }
 
@@ -158,7 +204,12 @@ fn the_exposition_is_valid_text_format_with_the_run_s_figures() {
     );
     assert_eq!(s["fedspine_last_round"], 2.0);
     assert_eq!(s["fedspine_last_round_mean_loss{when=\"after\"}"], 2.5);
-    // Debian's promtool, where installed (CI installs the `prometheus` package).
+    promtool_check(&text);
+    promtool_check(&render(&two_classes()));
+}
+
+/// Debian's promtool, where installed (CI installs the `prometheus` package).
+fn promtool_check(text: &str) {
     if let Ok(out) = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -235,4 +286,75 @@ fn the_http_exchange_answers_only_get_metrics() {
     // A head that never ends is cut off at the bound.
     let long = vec![b'a'; MAX_REQUEST_BYTES];
     assert_eq!(status(&long), "HTTP/1.1 431");
+}
+
+#[test]
+fn each_device_class_shows_its_own_arms() {
+    let text = render(&two_classes());
+    let s = check_format(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let assigned = |class: &str, rank: u32, ratio: &str| {
+        s.get(&format!(
+            "fedspine_arm_assignments_total{{class=\"{class}\",rank=\"{rank}\",ratio=\"{ratio}\"}}"
+        ))
+        .copied()
+    };
+    let share = |class: &str, rank: u32, ratio: &str| {
+        s.get(&format!(
+            "fedspine_class_arm_share_ratio{{class=\"{class}\",rank=\"{rank}\",ratio=\"{ratio}\"}}"
+        ))
+        .copied()
+    };
+    // jetson-nx: rank 8 at 0.2-0.3 three times, rank 16 at 0.3-0.4 once; rpi5: rank 2 twice.
+    assert_eq!(assigned("jetson-nx", 8, "0.2-0.3"), Some(3.0));
+    assert_eq!(assigned("jetson-nx", 16, "0.3-0.4"), Some(1.0));
+    assert_eq!(assigned("rpi5", 2, "0.5-0.6"), Some(2.0));
+    assert_eq!(assigned("rpi5", 8, "0.2-0.3"), None);
+    assert_eq!(assigned("jetson-nx", 2, "0.5-0.6"), None);
+    // Now: one jetson on each of its two arms, the rpi on its one.
+    assert_eq!(share("jetson-nx", 8, "0.2-0.3"), Some(0.5));
+    assert_eq!(share("jetson-nx", 16, "0.3-0.4"), Some(0.5));
+    assert_eq!(share("rpi5", 2, "0.5-0.6"), Some(1.0));
+    assert_eq!(
+        s.keys()
+            .filter(|k| k.starts_with("fedspine_class_arm_share_ratio"))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn classes_past_the_cap_are_counted_as_other() {
+    let mut v = MetricsView::default();
+    let names: Vec<String> = (0..MAX_CLASS_LABELS + 8)
+        .map(|i| format!("board-{i:02}"))
+        .collect();
+    let arms: Vec<(&str, f64, u32)> = names.iter().map(|n| (n.as_str(), 0.15, 4)).collect();
+    v.observe_round(&classed(1, 5, &arms));
+    // A device naming itself "other" joins the overflow label and takes no slot.
+    v.observe_round(&classed(2, 5, &[("other", 0.15, 4)]));
+    let text = render(&v);
+    let s = check_format(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let classes: BTreeSet<String> = s
+        .keys()
+        .filter_map(|k| k.strip_prefix("fedspine_arm_assignments_total{class=\""))
+        .filter_map(|k| k.split('"').next())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(classes.len(), MAX_CLASS_LABELS + 1, "{classes:?}");
+    assert!(classes.contains("board-00") && classes.contains("board-31"));
+    assert!(!classes.contains("board-32"));
+    // The 8 classes past the cap, and the device of round 2 (device 0, now "other").
+    assert_eq!(
+        s["fedspine_arm_assignments_total{class=\"other\",rank=\"4\",ratio=\"0.1-0.2\"}"],
+        9.0
+    );
+    // Device 0 moved from board-00 to other; shares follow each device's latest class.
+    assert_eq!(
+        s["fedspine_class_arm_share_ratio{class=\"other\",rank=\"4\",ratio=\"0.1-0.2\"}"],
+        1.0
+    );
+    assert!(!s.contains_key(
+        "fedspine_class_arm_share_ratio{class=\"board-00\",rank=\"4\",ratio=\"0.1-0.2\"}"
+    ));
+    promtool_check(&text);
 }

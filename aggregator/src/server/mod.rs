@@ -74,7 +74,8 @@ use transport::{Revocations, TransportError};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::coordinator::{
-    Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorState, Counters, STATE_SCHEMA,
+    Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorState, CoordinatorStateV1,
+    Counters, STATE_SCHEMA, STATE_SCHEMA_V1,
 };
 use crate::prometheus::MetricsView;
 
@@ -153,7 +154,7 @@ pub fn prepare(
     for stale in checkpoint::remove_stale_temps(&path)? {
         tracing::warn!(path = %stale.display(), "removed a temporary file left by an interrupted checkpoint write");
     }
-    let saved: Option<CoordinatorState> = checkpoint::read_if_exists(&path, STATE_SCHEMA)?;
+    let saved = read_state(&path)?;
     match (resume, saved) {
         (false, None) => Ok(Coordinator::new(config, dims)?),
         (false, Some(_)) => Err(ServerError::CheckpointExists { path }),
@@ -171,6 +172,22 @@ pub fn prepare(
             Coordinator::restore(config, state)
                 .map_err(|source| ServerError::Incompatible { path, source })
         }
+    }
+}
+
+/// The checkpoint at `path`, if any: this build's schema, or schema 1 (before device classes)
+/// brought forward with every device of class `unknown`.
+pub fn read_state(path: &Path) -> Result<Option<CoordinatorState>, CheckpointError> {
+    match checkpoint::read_if_exists::<CoordinatorState>(path, STATE_SCHEMA) {
+        Err(CheckpointError::Schema {
+            found: STATE_SCHEMA_V1,
+            ..
+        }) => {
+            let old: CoordinatorStateV1 = checkpoint::read(path, STATE_SCHEMA_V1)?;
+            tracing::info!(path = %path.display(), "read a schema-1 checkpoint: its devices are of class unknown until they join again");
+            Ok(Some(old.into()))
+        }
+        other => other,
     }
 }
 

@@ -28,6 +28,7 @@ pub fn join_msg(id: u64) -> Message {
             ram_bytes: 4 << 30,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
     })
 }

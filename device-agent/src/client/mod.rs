@@ -110,6 +110,11 @@ pub struct JoinArgs {
     /// RAM reported to the aggregator in MiB (default: the machine's total memory).
     #[arg(long)]
     pub ram_mb: Option<u64>,
+    /// What kind of board this is, reported to the aggregator (its metrics count arms per
+    /// class): 1 to 32 characters of a-z, 0-9, '.', '_', '-', e.g. `jetson-nx` or `rpi5`.
+    /// Default: none (the aggregator counts the device as `unknown`).
+    #[arg(long, value_parser = parse_device_class)]
+    pub device_class: Option<String>,
     /// Importance criterion: lora-gradient, taylor, magnitude, random.
     #[arg(long, default_value = "lora-gradient")]
     pub criterion: String,
@@ -162,6 +167,12 @@ pub enum ClientError {
     /// persist).
     #[error("{0}; the agent stopped rather than go on with state it could not persist")]
     StateWrite(#[source] StateError),
+}
+
+/// `--device-class`: checked here with the aggregator's own rule, so a bad name stops the agent
+/// at start rather than at its first Join.
+fn parse_device_class(text: &str) -> Result<String, String> {
+    protocol::check_device_class(text).map(|()| text.to_string())
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(String) -> ClientError {
@@ -217,6 +228,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
             ram_bytes,
             backend: args.backend.clone(),
             bench_score: None,
+            device_class: args.device_class.clone(),
         },
         criterion,
         prune: PruneConfig::for_layers(base.config.n_layers()),
@@ -234,6 +246,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         data = ?args.data,
         train_items = data.train_len(),
         ram_mb = ram_bytes >> 20,
+        device_class = args.device_class.as_deref().unwrap_or(protocol::UNKNOWN_DEVICE_CLASS),
         "device ready"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()

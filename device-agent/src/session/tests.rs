@@ -32,6 +32,7 @@ fn session_with_ram(ram_bytes: u64) -> AgentSession {
             ram_bytes,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(4),

@@ -56,6 +56,7 @@ fn agent(base: &Llama) -> AgentConfig {
             ram_bytes: 64 << 30,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(base.config.n_layers()),
