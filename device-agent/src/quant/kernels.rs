@@ -1,0 +1,154 @@
+//! The int8 dot products of the Q8_0 matmul: one weight row (Q8_0 blocks) against every row of
+//! the activations (also quantized to Q8_0 blocks), `y[i] = sum_b dw[b] * dx[i, b] * sum_k
+//! w[b, k] * x[i, b, k]`, the inner sum exact in int32. Paths: AVX-512 VNNI (`vpdpbusd`),
+//! AVX2 (`maddubs` + `madd`) and a portable one (also what aarch64 compiles to). The x86 paths
+//! multiply unsigned by signed bytes, so they use the sign trick: `|x| * (w * sign(x))`, exact
+//! because every quantized value lies in `-127..=127` (the quantizer clamps there; `-128` would
+//! not survive the sign flip).
+
+use crate::cpu::DotPath;
+
+/// Values per Q8_0 block (along the input dimension).
+pub const QK: usize = 32;
+
+/// One weight row against the activations: `qw`/`dw` are the row's `nb` blocks (values and f16
+/// scale bits), `qx`/`dx` the activations' `y.len()` rows of `nb` blocks each, `tab` the f16 ->
+/// f32 table. Writes `y[i]` for each activation row `i`.
+pub struct RowArgs<'a> {
+    pub qw: &'a [i8],
+    pub dw: &'a [u16],
+    pub qx: &'a [i8],
+    pub dx: &'a [f32],
+    pub tab: &'a [f32; 65536],
+}
+
+/// Run the row kernel of `path` (which the caller has checked the CPU supports: see
+/// [`crate::cpu::DotPath::detect`]); the portable one for paths this build lacks.
+#[allow(unsafe_code)]
+pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
+    let nb = a.dw.len();
+    assert!(a.qw.len() == nb * QK && a.qx.len() == y.len() * nb * QK && a.dx.len() == y.len() * nb);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        DotPath::Avx512Vnni if crate::cpu::hardware().1 >= DotPath::Avx512Vnni => {
+            // SAFETY: the CPU reports AVX-512F/BW/VL/VNNI (checked just above); the slices'
+            // lengths were checked against `nb` and `y.len()` at the top.
+            unsafe { x86::row_vnni(a, y) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        DotPath::Avx512Vnni | DotPath::Avx2 if crate::cpu::hardware().1 >= DotPath::Avx2 => {
+            // SAFETY: the CPU reports AVX2 and FMA; lengths checked as above.
+            unsafe { x86::row_avx2(a, y) }
+        }
+        _ => row_portable(a, y),
+    }
+}
+
+/// The portable row kernel (the reference the others are tested against).
+pub fn row_portable(a: &RowArgs, y: &mut [f32]) {
+    let nb = a.dw.len();
+    for (i, yi) in y.iter_mut().enumerate() {
+        let qx = &a.qx[i * nb * QK..(i + 1) * nb * QK];
+        let dx = &a.dx[i * nb..(i + 1) * nb];
+        let mut acc = 0.0f32;
+        for b in 0..nb {
+            let w = &a.qw[b * QK..(b + 1) * QK];
+            let x = &qx[b * QK..(b + 1) * QK];
+            let s: i32 = w.iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum();
+            acc += a.tab[a.dw[b] as usize] * dx[b] * s as f32;
+        }
+        *yi = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::{RowArgs, QK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The shared loop, expanded inside each target-feature function; `$dot8` turns one
+    /// block's `(|x|, w * sign(x))` into 8 int32 partial sums.
+    macro_rules! rows {
+        ($a:expr, $y:expr, $dot8:ident) => {{
+            let (a, y): (&RowArgs, &mut [f32]) = ($a, $y);
+            let nb = a.dw.len();
+            // The weight row's scales, converted once for every activation row.
+            let mut dws = [0f32; 64];
+            let mut dw_big = Vec::new();
+            let dw: &mut [f32] = if nb <= dws.len() {
+                &mut dws[..nb]
+            } else {
+                dw_big.resize(nb, 0.0);
+                &mut dw_big
+            };
+            for (d, &h) in dw.iter_mut().zip(a.dw) {
+                *d = a.tab[h as usize];
+            }
+            let wp = a.qw.as_ptr();
+            for (i, yi) in y.iter_mut().enumerate() {
+                let xp = a.qx.as_ptr().add(i * nb * QK);
+                let dx = a.dx.as_ptr().add(i * nb);
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                let mut b = 0;
+                while b + 1 < nb {
+                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                    let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
+                    let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                    let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
+                    let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
+                    let d1 = _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1));
+                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                    acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                    b += 2;
+                }
+                if b < nb {
+                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                    let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
+                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                }
+                *yi = hsum(_mm256_add_ps(acc0, acc1));
+            }
+        }};
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot8_avx2(ax: __m256i, sw: __m256i) -> __m256i {
+        // u8 x i8 pairs summed to i16 (at most 2 * 127 * 127, no saturation), then to i32.
+        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1))
+    }
+
+    /// SAFETY (caller): the CPU has AVX2 and FMA; slice lengths as [`super::row_dots`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_avx2(a: &RowArgs, y: &mut [f32]) {
+        rows!(a, y, dot8_avx2)
+    }
+
+    /// SAFETY (caller): the CPU has AVX-512F/BW/VL/VNNI; slice lengths as above.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn row_vnni(a: &RowArgs, y: &mut [f32]) {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn dot8_vnni(ax: __m256i, sw: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw)
+        }
+        rows!(a, y, dot8_vnni)
+    }
+}
