@@ -70,6 +70,7 @@ fn matmul_matches_the_scalar_reference_on_awkward_shapes() {
     for &(n, rows, cols) in &[
         (1, 7, 32),
         (3, 5, 45),
+        (6, 11, 96),
         (2, 9, 7),
         (5, 33, 576),
         (1, 1536, 576),
@@ -116,7 +117,7 @@ fn matmul_matches_the_scalar_reference_on_awkward_shapes() {
 
 #[test]
 fn every_dot_path_agrees_with_the_portable_one() {
-    let (n, rows, cols) = (6, 200, 45 + 576);
+    let (n, rows, cols) = (7, 200, 45 + 576 + 32);
     let w = seeded(rows * cols, 77, 0.5);
     // Include values that quantize to +-127 and to 0.
     let mut x = seeded(n * cols, 78, 4.0);
