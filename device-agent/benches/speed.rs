@@ -17,6 +17,7 @@
 use std::time::Instant;
 
 use burn::tensor::Device;
+use device_agent::cpu::DotPath;
 use device_agent::prune::{self, KeptIndicesExt};
 use device_agent::quant::{self, BasePrecision, Q8Matrix};
 use device_agent::{assets, cost, generate, lora::Adapter, train, weights};
@@ -245,7 +246,7 @@ fn rss_only(precision: BasePrecision) {
     let (mut base, _tok) =
         weights::load(&assets::default_model().expect("model"), &device).expect("load");
     let loaded = status_mib("VmRSS:");
-    quant::set_base_precision(&mut base, precision).expect("quantize");
+    base.set_base_precision(precision).expect("quantize");
     let held = status_mib("VmRSS:");
     println!("{before:.0} {loaded:.0} {held:.0}");
 }
@@ -294,18 +295,30 @@ fn quant_rows(
                 .into_data()
         });
         let fl = 2.0 * (n * k * m) as f64;
+        // Each int8 path the CPU has, called directly (FEDSPINE_ISA does not limit these).
+        let (_, hw) = device_agent::cpu::hardware();
+        let paths: Vec<String> = [DotPath::Avx512Vnni, DotPath::Avx2, DotPath::Portable]
+            .into_iter()
+            .filter(|&p| p <= hw)
+            .map(|p| {
+                let t = time_small(|| q.matmul_with(p, &xv, n).expect("shapes"));
+                format!("{p} {:.0}", fl / t / 1e9)
+            })
+            .collect();
         println!(
-            "| matmul {n} x {k} x {m}: fp32 (flex) vs Q8_0 | {:.0} vs {:.0} | GFLOP/s | | Q8_0 through tensors {:.0} GFLOP/s; weights {:.2} MB fp32, {:.2} MB Q8_0; int8 MAC = 2 ops |",
+            "| matmul {n} x {k} x {m}: fp32 (flex) vs Q8_0 | {:.0} vs {:.0} | GFLOP/s | | Q8_0 through tensors {:.0} GFLOP/s; by path: {}; weights {:.2} MB fp32, {:.2} MB Q8_0; int8 MAC = 2 ops |",
             fl / t32 / 1e9,
             fl / tq / 1e9,
             fl / tqt / 1e9,
+            paths.join(", "),
             (k * m * 4) as f64 / 1e6,
             q.bytes() as f64 / 1e6
         );
     }
 
     let mut qbase = base.clone();
-    let rep = quant::set_base_precision(&mut qbase, BasePrecision::Q8_0)
+    let rep = qbase
+        .set_base_precision(BasePrecision::Q8_0)
         .expect("quantize")
         .expect("Q8_0");
     // Prompt forward, 256 tokens, batch 1: full logits, as the fp32 row above.

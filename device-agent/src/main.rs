@@ -18,7 +18,7 @@ use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
-use device_agent::quant::{self, BasePrecision};
+use device_agent::quant::BasePrecision;
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
 use device_agent::train::{
@@ -525,7 +525,7 @@ fn main() -> Result<()> {
 /// Hold the (already sliced) model's frozen base at `precision`; with `report`, say what it
 /// saved on stderr.
 fn set_precision(model: &mut Llama, precision: BasePrecision, report: bool) -> Result<()> {
-    if let Some(r) = quant::set_base_precision(model, precision)? {
+    if let Some(r) = model.set_base_precision(precision)? {
         if report {
             eprintln!(
                 "base held in Q8_0: {:.0} MB instead of {:.0} MB fp32 ({})",

@@ -30,7 +30,7 @@ pub(crate) use lora_layer::lora_group;
 use lora_layer::{proj, proj_group, Adapter, Base};
 use std::sync::Arc;
 
-use crate::quant::QuantBase;
+use crate::quant::{self, BasePrecision, Q8Matrix, QuantBase, QuantError, QuantReport};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
 /// checkpoints and PEFT adapter files spell it.
@@ -211,9 +211,55 @@ impl Llama {
         self.quant.as_deref()
     }
 
-    /// Hold the frozen base quantized (see [`crate::quant::set_base_precision`]).
-    pub(crate) fn set_quant_base(&mut self, q: Arc<QuantBase>) {
-        self.quant = Some(q);
+    /// Hold the frozen base at `precision`: for Q8_0, quantize the embedding table, the LM head
+    /// and every projection ([`crate::quant`]) and drop their fp32 tensors (the weight tensors
+    /// become empty, so quantize last: after loading, slicing and merging). `None` for F32 or
+    /// when already quantized.
+    pub fn set_base_precision(
+        &mut self,
+        precision: BasePrecision,
+    ) -> Result<Option<QuantReport>, QuantError> {
+        if precision == BasePrecision::F32 || self.quant.is_some() {
+            return Ok(None);
+        }
+        let device = self.device.clone();
+        let empty = || Tensor::<2>::zeros([0, 0], &device);
+        let mut fp32 = 0usize;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for blk in &mut self.blocks {
+            let mut mats = Vec::with_capacity(Proj::ALL.len());
+            for p in Proj::ALL {
+                let w = std::mem::replace(blk.weight_mut(p), empty());
+                fp32 += 4 * w.dims().iter().product::<usize>();
+                mats.push(Q8Matrix::from_in_out(w)?);
+            }
+            blocks.push(mats);
+        }
+        let [v, d] = self.embed.dims();
+        let embed_t = std::mem::replace(&mut self.embed, empty());
+        fp32 += 4 * v * d;
+        let embed = Q8Matrix::from_rows(embed_t, v, d)?;
+        let lm_head = match self.lm_head.take() {
+            Some(w) => {
+                fp32 += 4 * w.dims().iter().product::<usize>();
+                let m = Q8Matrix::from_in_out(w)?;
+                self.lm_head = Some(empty());
+                Some(m)
+            }
+            None => None,
+        };
+        let base = QuantBase {
+            embed,
+            lm_head,
+            blocks,
+        };
+        let q8 = base.bytes();
+        self.quant = Some(Arc::new(base));
+        quant::release_freed_memory();
+        Ok(Some(QuantReport {
+            fp32_bytes: fp32,
+            q8_bytes: q8,
+        }))
     }
 
     /// Replace block `i`'s weights and shape (used by pruning).

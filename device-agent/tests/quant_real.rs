@@ -8,7 +8,7 @@ use device_agent::assets;
 use device_agent::data;
 use device_agent::generate::{self, GenerateConfig, Sampling};
 use device_agent::model::to_rows;
-use device_agent::quant::{self, BasePrecision};
+use device_agent::quant::BasePrecision;
 use device_agent::weights;
 
 #[derive(serde::Deserialize)]
@@ -53,7 +53,8 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
     let path = assets::default_model().expect("default model in cache or fetchable");
     let (fp, tok) = weights::load(&path, &Device::flex()).expect("default model loads");
     let mut q = fp.clone();
-    let rep = quant::set_base_precision(&mut q, BasePrecision::Q8_0)
+    let rep = q
+        .set_base_precision(BasePrecision::Q8_0)
         .expect("quantizes")
         .expect("Q8_0 asked");
     let ratio = rep.q8_bytes as f64 / rep.fp32_bytes as f64;

@@ -1,5 +1,5 @@
-//! A frozen base kept quantized in memory (`--base-precision q8_0`, for `generate` and `eval`):
-//! GGUF's Q8_0 blocks (32 int8 values sharing one f16 scale, running along the *input*
+//! A frozen base kept quantized in memory (`--base-precision q8_0`, for `generate` and `eval`;
+//! a model takes it on through `Llama::set_base_precision`): GGUF's Q8_0 blocks (32 int8 values sharing one f16 scale, running along the *input*
 //! dimension of each output row) and a matmul that multiplies from them, quantizing the
 //! activations' rows to Q8_0 blocks too and summing int8 products exactly in int32
 //! ([`kernels`]: AVX-512 VNNI, AVX2, portable; chosen at run time by [`crate::cpu::DotPath`]).
@@ -18,13 +18,12 @@
 
 pub mod kernels;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::cpu::DotPath;
-use crate::model::Llama;
 use kernels::{RowArgs, QK};
 use protocol::Proj;
 
@@ -401,59 +400,9 @@ pub struct QuantReport {
     pub q8_bytes: usize,
 }
 
-/// Hold `model`'s frozen base at `precision`: for Q8_0, quantize the embedding table, the LM
-/// head and every projection, and drop their fp32 tensors (the model's weight tensors become
-/// empty, so quantize last: after loading, slicing and merging). `None` for F32.
-pub fn set_base_precision(
-    model: &mut Llama,
-    precision: BasePrecision,
-) -> Result<Option<QuantReport>, QuantError> {
-    if precision == BasePrecision::F32 || model.quant_base().is_some() {
-        return Ok(None);
-    }
-    let device = model.device.clone();
-    let empty = || Tensor::<2>::zeros([0, 0], &device);
-    let mut fp32 = 0usize;
-    let mut blocks = Vec::with_capacity(model.blocks.len());
-    for blk in &mut model.blocks {
-        let mut mats = Vec::with_capacity(Proj::ALL.len());
-        for p in Proj::ALL {
-            let w = std::mem::replace(blk.weight_mut(p), empty());
-            fp32 += 4 * w.dims().iter().product::<usize>();
-            mats.push(Q8Matrix::from_in_out(w)?);
-        }
-        blocks.push(mats);
-    }
-    let [v, d] = model.embed.dims();
-    let embed_t = std::mem::replace(&mut model.embed, empty());
-    fp32 += 4 * v * d;
-    let embed = Q8Matrix::from_rows(embed_t, v, d)?;
-    let lm_head = match model.lm_head.take() {
-        Some(w) => {
-            fp32 += 4 * w.dims().iter().product::<usize>();
-            let m = Q8Matrix::from_in_out(w)?;
-            model.lm_head = Some(empty());
-            Some(m)
-        }
-        None => None,
-    };
-    let base = QuantBase {
-        embed,
-        lm_head,
-        blocks,
-    };
-    let q8 = base.bytes();
-    model.set_quant_base(Arc::new(base));
-    release_freed_memory();
-    Ok(Some(QuantReport {
-        fp32_bytes: fp32,
-        q8_bytes: q8,
-    }))
-}
-
 /// Hand freed heap pages back to the system: the binaries tune glibc's allocator never to trim
 /// on its own (`backend::tune_allocator`), which would keep the dropped fp32 weights resident.
-fn release_freed_memory() {
+pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
     // SAFETY: `malloc_trim` only returns free pages of the allocator's arenas to the system.

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::gguf::{self, GgmlType};
-use crate::model::{to_rows, KvCache, ModelConfig};
+use crate::model::{to_rows, KvCache, Llama, ModelConfig};
 use burn::tensor::Device;
 
 fn seeded(n: usize, seed: u32, scale: f32) -> Vec<f32> {
@@ -157,7 +157,8 @@ fn quantized_tiny_model_stays_close_and_caches_alike() {
     for tie in [true, false] {
         let fp = Llama::random(tiny(2, tie), 5, &device);
         let mut q = fp.clone();
-        let rep = set_base_precision(&mut q, BasePrecision::Q8_0)
+        let rep = q
+            .set_base_precision(BasePrecision::Q8_0)
             .unwrap()
             .expect("quantized");
         assert!(q.quant_base().is_some() && fp.quant_base().is_none());
