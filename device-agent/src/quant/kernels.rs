@@ -190,12 +190,12 @@ mod x86 {
                 _mm256_set1_ps(a.tab[*a.dw.get_unchecked(b + 1) as usize]),
                 1,
             );
-            for r in 0..R {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
                 let i = i0 + r;
                 let x = _mm512_loadu_si512(a.qx.as_ptr().add((i * nb + b) * QK) as *const _);
                 let p = _mm512_dpbusd_epi32(corr, _mm512_xor_si512(x, flip), w);
                 let dx = _mm512_loadu_ps(a.dx8.as_ptr().add((i * nb + b) * 8));
-                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(p), acc[r]);
+                *acc_r = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(p), *acc_r);
             }
             b += 2;
         }
@@ -214,8 +214,8 @@ mod x86 {
                 *t = hsum(_mm256_cvtepi32_ps(p)) * dw * *a.dx.get_unchecked(i * nb + b);
             }
         }
-        for r in 0..R {
-            y[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+        for ((yr, acc_r), t) in y.iter_mut().zip(acc).zip(tail) {
+            *yr = _mm512_reduce_add_ps(acc_r) + t;
         }
     }
 }
