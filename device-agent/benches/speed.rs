@@ -6,11 +6,20 @@
 //! FLOPs are counted analytically by `device_agent::cost` (multiply-add = 2 FLOPs; a LoRA step
 //! is forward + activation gradients, no base-weight gradients). Run with
 //! `cargo bench -p device-agent --bench speed` (add `-- quick` for one repetition).
+//!
+//! It prints first the CPU (model name, family/model) and the paths our kernels take on it
+//! (`device_agent::cpu`; `FEDSPINE_ISA=avx2|portable` caps ours, not burn's matmul). The Q8_0
+//! frozen base (`--base-precision q8_0`) is measured beside fp32 in the same run: its raw
+//! matmul at the decode and prompt shapes, prompt forward, greedy generation and the resident
+//! memory of the loaded model (each precision in its own process). `-- quant` runs only those
+//! rows.
 
 use std::time::Instant;
 
 use burn::tensor::Device;
+use device_agent::cpu::DotPath;
 use device_agent::prune::{self, KeptIndicesExt};
+use device_agent::quant::{self, BasePrecision, Q8Matrix};
 use device_agent::{assets, cost, generate, lora::Adapter, train, weights};
 use protocol::KeptIndices;
 
@@ -59,9 +68,14 @@ fn time_median<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// A memory figure of `/proc/self/status` (`VmHWM:`, `VmRSS:`) in MiB; NaN where unreadable.
+fn status_mib(key: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|k| k.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
@@ -224,6 +238,167 @@ fn gemm_direct_gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
     2.0 * (m * k * n) as f64 / t / 1e9
 }
 
+/// `speed rss <precision>`, in a fresh process: resident memory before loading, after loading
+/// fp32, and after holding the base at `precision`.
+fn rss_only(precision: BasePrecision) {
+    let before = status_mib("VmRSS:");
+    let device = Device::flex();
+    let (mut base, _tok) =
+        weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    let loaded = status_mib("VmRSS:");
+    base.set_base_precision(precision).expect("quantize");
+    let held = status_mib("VmRSS:");
+    println!("{before:.0} {loaded:.0} {held:.0}");
+}
+
+/// Seconds per call of `f`: the median of batches, each at least 50 ms long.
+fn time_small<T>(mut f: impl FnMut() -> T) -> f64 {
+    let t0 = Instant::now();
+    let _ = f();
+    let once = t0.elapsed().as_secs_f64().max(1e-7);
+    let per_batch = ((0.05 / once) as usize).clamp(1, 10_000);
+    median(
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..per_batch {
+                    let _ = f();
+                }
+                t.elapsed().as_secs_f64() / per_batch as f64
+            })
+            .collect(),
+    )
+}
+
+/// The Q8_0 rows: raw matmul against fp32 at the decode and prompt shapes, prompt forward,
+/// greedy generation (fp32 and Q8_0 in the same run) and the loaded model's resident memory.
+fn quant_rows(
+    base: &device_agent::model::Llama,
+    tok: &device_agent::tokenizer::Tok,
+    ids: &[u32],
+    reps: usize,
+) {
+    use burn::tensor::{Distribution, Tensor};
+    let device = base.device.clone();
+    let (d, f) = (base.config.d_model, base.config.ffn_dim);
+    for (n, k, m) in [(1, d, f), (1, f, d), (256, d, f), (256, f, d)] {
+        let x = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<2>::random([k, m], Distribution::Normal(0.0, 0.05), &device);
+        let t32 = time_small(|| x.clone().matmul(w.clone()).into_data());
+        let q = Q8Matrix::from_in_out(w.clone()).expect("quantize");
+        let xv: Vec<f32> = x.clone().into_data().try_to_vec().expect("f32");
+        let tq = time_small(|| q.matmul(&xv, n).expect("shapes"));
+        let tqt = time_small(|| {
+            quant::matmul_tensors(&[&q], x.clone())
+                .expect("shapes")
+                .remove(0)
+                .into_data()
+        });
+        let fl = 2.0 * (n * k * m) as f64;
+        // Each int8 path the CPU has, called directly (FEDSPINE_ISA does not limit these).
+        let (_, hw) = device_agent::cpu::hardware();
+        let paths: Vec<String> = [DotPath::Avx512Vnni, DotPath::Avx2, DotPath::Portable]
+            .into_iter()
+            .filter(|&p| p <= hw)
+            .map(|p| {
+                let t = time_small(|| q.matmul_with(p, &xv, n).expect("shapes"));
+                format!("{p} {:.0}", fl / t / 1e9)
+            })
+            .collect();
+        println!(
+            "| matmul {n} x {k} x {m}: fp32 (flex) vs Q8_0 | {:.0} vs {:.0} | GFLOP/s | | Q8_0 through tensors {:.0} GFLOP/s; by path: {}; weights {:.2} MB fp32, {:.2} MB Q8_0; int8 MAC = 2 ops |",
+            fl / t32 / 1e9,
+            fl / tq / 1e9,
+            fl / tqt / 1e9,
+            paths.join(", "),
+            (k * m * 4) as f64 / 1e6,
+            q.bytes() as f64 / 1e6
+        );
+    }
+
+    let mut qbase = base.clone();
+    let rep = qbase
+        .set_base_precision(BasePrecision::Q8_0)
+        .expect("quantize")
+        .expect("Q8_0");
+    // Prompt forward, 256 tokens, batch 1: full logits, as the fp32 row above.
+    let prompt: Vec<u32> = ids[..256].to_vec();
+    let mut fwd = Vec::new();
+    for model in [base, &qbase] {
+        let toks = || model.tokens_tensor(std::slice::from_ref(&prompt));
+        let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
+        fwd.push(256.0 / s);
+    }
+    println!(
+        "| prompt forward 256 tokens, b1: fp32 vs Q8_0 base | {:.0} vs {:.0} | tok/s | | Q8_0/fp32 {:.2}x |",
+        fwd[0],
+        fwd[1],
+        fwd[1] / fwd[0]
+    );
+
+    // Greedy generation of 64 tokens, both precisions alternating in the same run.
+    let chat = tok
+        .encode(&tok.chat_prompt("Write a short story about a whale.", None))
+        .expect("encode");
+    let cfg = generate::GenerateConfig {
+        max_new_tokens: 64,
+        sampling: generate::Sampling::Greedy,
+        seed: 0,
+    };
+    let mut rates = [Vec::new(), Vec::new()];
+    for _ in 0..reps.max(3) {
+        for (i, model) in [base, &qbase].into_iter().enumerate() {
+            let g = generate::generate(model, tok, None, &chat, &cfg, |_| {}).expect("generate");
+            rates[i].push(g.tokens.len() as f64 / g.decode_s);
+        }
+    }
+    let [r32, rq] = rates.map(median);
+    // Bytes each decoded token reads: every projection and the LM head (the tied embedding
+    // table is the LM head; an untied one is read one row per token, which is negligible).
+    let lm = 4.0 * (base.config.vocab_size * d) as f64;
+    let proj32 = rep.fp32_bytes as f64 - if base.config.tie_embeddings { 0.0 } else { lm };
+    let projq = proj32 * rep.q8_bytes as f64 / rep.fp32_bytes as f64;
+    println!(
+        "| greedy generation, 64 tokens: fp32 vs Q8_0 base | {r32:.1} vs {rq:.1} | tok/s | | Q8_0/fp32 {:.2}x; weights read per token {:.0} vs {:.0} MB ({:.1} vs {:.1} GB/s) |",
+        rq / r32,
+        proj32 / 1e6,
+        projq / 1e6,
+        proj32 * r32 / 1e9,
+        projq * rq / 1e9
+    );
+
+    // Resident memory, each precision in a fresh process.
+    let exe = std::env::current_exe().expect("own path");
+    let mut rss = Vec::new();
+    for p in ["f32", "q8_0"] {
+        let out = std::process::Command::new(&exe)
+            .args(["rss", p])
+            .output()
+            .expect("child");
+        let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        rss.push(v);
+    }
+    if let [a, b] = &rss[..] {
+        if a.len() == 3 && b.len() == 3 {
+            println!(
+                "| resident memory of the loaded model: fp32 vs Q8_0 base | {:.0} vs {:.0} | MiB | | {:.2}x; above the process's {:.0} MiB before loading: {:.0} vs {:.0} MiB ({:.2}x); base held {:.0} MB fp32 -> {:.0} MB Q8_0 |",
+                a[2],
+                b[2],
+                b[2] / a[2],
+                a[0],
+                a[2] - a[0],
+                b[2] - b[0],
+                (b[2] - b[0]) / (a[2] - a[0]),
+                rep.fp32_bytes as f64 / 1e6,
+                rep.q8_bytes as f64 / 1e6
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // What the binaries do (see `backend::tune_allocator`); `default-malloc` measures without.
@@ -235,6 +410,15 @@ fn main() {
         let sp: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let r: usize = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(16);
         step_only(sp, r, args.iter().any(|a| a == "recompute"), default_malloc);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "rss") {
+        let p: BasePrecision = args
+            .get(i + 1)
+            .map_or("f32", String::as_str)
+            .parse()
+            .expect("precision f32 or q8_0");
+        rss_only(p);
         return;
     }
     if args.iter().any(|a| a == "profile") {
@@ -290,9 +474,14 @@ fn main() {
         batch,
     } = setup(&device);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
     println!("threads: {threads}, repetitions: {reps} (medians)");
     println!("| workload | ours | unit | GFLOP/s | note |");
     println!("|---|---|---|---|---|");
+    if args.iter().any(|a| a == "quant") {
+        quant_rows(&base, &tok, &ids, reps);
+        return;
+    }
 
     // Large square fp32 matmul through the backend.
     let sq = device_agent::op_timer::backend_matmul_gflops(
@@ -401,5 +590,6 @@ fn main() {
         median(rates),
         base.config.total_params() as f64 * 4.0 / 1e6
     );
+    quant_rows(&base, &tok, &ids, reps);
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
 }

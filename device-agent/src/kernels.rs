@@ -4,7 +4,7 @@
 //! which made them a quarter of a LoRA step (`cargo bench -p device-agent --bench speed --
 //! profile`). These kernels read the flex tensor's buffer in place, split rows across rayon's
 //! threads and evaluate `exp` with a branch-free polynomial that the compiler vectorises (AVX-512
-//! or AVX2 chosen at run time).
+//! or AVX2 chosen at run time by [`crate::cpu::Isa`], which `FEDSPINE_ISA` can cap).
 //!
 //! They work on tensors without autodiff; on other backends or dtypes they return `None` and the
 //! caller uses burn's own operation. Training paths get gradients through
@@ -72,15 +72,17 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) -> $ret $body
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features the function was compiled for.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: as above.
-                    return unsafe { v3($($arg),*) };
+                // `Isa::detect` is what the CPU reports, capped by `FEDSPINE_ISA`.
+                match crate::cpu::Isa::detect() {
+                    crate::cpu::Isa::Avx512 => {
+                        // SAFETY: the CPU has the features the function was compiled for.
+                        return unsafe { v4($($arg),*) };
+                    }
+                    crate::cpu::Isa::Avx2Fma => {
+                        // SAFETY: as above.
+                        return unsafe { v3($($arg),*) };
+                    }
+                    _ => {}
                 }
             }
             $body

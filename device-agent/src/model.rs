@@ -27,7 +27,10 @@ pub use config::{BlockShape, ModelConfig};
 pub(crate) use layers::rms_norm;
 pub use layers::{causal_attention, silu_fused, softmax_fused, Rope};
 pub(crate) use lora_layer::lora_group;
-use lora_layer::{proj, proj_group, Adapter};
+use lora_layer::{proj, proj_group, Adapter, Base};
+use std::sync::Arc;
+
+use crate::quant::{self, BasePrecision, Q8Matrix, QuantBase, QuantError, QuantReport};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
 /// checkpoints and PEFT adapter files spell it.
@@ -126,6 +129,9 @@ pub struct Llama {
     /// Per block, the KV index of each query head, as an index tensor for `select`.
     q_to_kv: Vec<Tensor<1, Int>>,
     pub device: Device,
+    /// The frozen base in Q8_0 ([`crate::quant`]) when loaded with `--base-precision q8_0`;
+    /// the fp32 weight tensors above are then empty.
+    quant: Option<Arc<QuantBase>>,
 }
 
 impl Llama {
@@ -196,11 +202,72 @@ impl Llama {
             rope,
             q_to_kv,
             device: device.clone(),
+            quant: None,
         })
+    }
+
+    /// The quantized frozen base, when the model holds one.
+    pub fn quant_base(&self) -> Option<&QuantBase> {
+        self.quant.as_deref()
+    }
+
+    /// Hold the frozen base at `precision`: for Q8_0, quantize the embedding table, the LM head
+    /// and every projection ([`crate::quant`]) and drop their fp32 tensors (the weight tensors
+    /// become empty, so quantize last: after loading, slicing and merging). `None` for F32 or
+    /// when already quantized.
+    pub fn set_base_precision(
+        &mut self,
+        precision: BasePrecision,
+    ) -> Result<Option<QuantReport>, QuantError> {
+        if precision == BasePrecision::F32 || self.quant.is_some() {
+            return Ok(None);
+        }
+        let device = self.device.clone();
+        let empty = || Tensor::<2>::zeros([0, 0], &device);
+        let mut fp32 = 0usize;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for blk in &mut self.blocks {
+            let mut mats = Vec::with_capacity(Proj::ALL.len());
+            for p in Proj::ALL {
+                let w = std::mem::replace(blk.weight_mut(p), empty());
+                fp32 += 4 * w.dims().iter().product::<usize>();
+                mats.push(Q8Matrix::from_in_out(w)?);
+            }
+            blocks.push(mats);
+        }
+        let [v, d] = self.embed.dims();
+        let embed_t = std::mem::replace(&mut self.embed, empty());
+        fp32 += 4 * v * d;
+        let embed = Q8Matrix::from_rows(embed_t, v, d)?;
+        let lm_head = match self.lm_head.take() {
+            Some(w) => {
+                fp32 += 4 * w.dims().iter().product::<usize>();
+                let m = Q8Matrix::from_in_out(w)?;
+                self.lm_head = Some(empty());
+                Some(m)
+            }
+            None => None,
+        };
+        let base = QuantBase {
+            embed,
+            lm_head,
+            blocks,
+        };
+        let q8 = base.bytes();
+        self.quant = Some(Arc::new(base));
+        quant::release_freed_memory();
+        Ok(Some(QuantReport {
+            fp32_bytes: fp32,
+            q8_bytes: q8,
+        }))
     }
 
     /// Replace block `i`'s weights and shape (used by pruning).
     pub fn set_block(&mut self, i: usize, block: Block, shape: BlockShape) {
+        assert!(
+            self.quant.is_none(),
+            "a model with a quantized base cannot be re-sliced: slice in fp32, then quantize"
+        );
         let idx: Vec<i64> = shape.q_to_kv.iter().map(|&k| k as i64).collect();
         self.q_to_kv[i] = Tensor::from_data(TensorData::new(idx, [shape.n_heads]), &self.device);
         self.blocks[i] = block;
@@ -289,6 +356,9 @@ impl Llama {
 
     /// Token embeddings: `[batch, seq]` -> `[batch * seq, d_model]`.
     pub fn embed_tokens(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        if let Some(q) = &self.quant {
+            return q.embed_tokens(tokens);
+        }
         let [batch, seq] = tokens.dims();
         embedding(self.embed.clone(), tokens).reshape([batch * seq, self.config.d_model])
     }
@@ -315,6 +385,10 @@ impl Llama {
         let hd = cfg.head_dim;
         let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
+        let w = |p: Proj| match &self.quant {
+            Some(q) => Base::Q8(q.proj(l, p)),
+            None => Base::F32(blk.weight(p)),
+        };
         let h = rms_norm(x.clone(), &blk.attn_norm, cfg.rms_eps);
         let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
         let attn_out = if nh == 0 {
@@ -323,9 +397,9 @@ impl Llama {
             let [q, k, v] = proj_group(
                 h,
                 [
-                    (&blk.wq, lora(Proj::Q)),
-                    (&blk.wk, lora(Proj::K)),
-                    (&blk.wv, lora(Proj::V)),
+                    (w(Proj::Q), lora(Proj::Q)),
+                    (w(Proj::K), lora(Proj::K)),
+                    (w(Proj::V), lora(Proj::V)),
                 ],
             );
             let q = q.reshape([batch, seq, nh, hd]).swap_dims(1, 2);
@@ -368,7 +442,7 @@ impl Llama {
             let o = causal_attention(q, k, v)
                 .swap_dims(1, 2)
                 .reshape([batch * seq, nh * hd]);
-            Some(proj(o, &blk.wo, lora(Proj::O)))
+            Some(proj(o, w(Proj::O), lora(Proj::O)))
         };
         if let Some(a) = attn_out {
             x = x + a;
@@ -377,15 +451,21 @@ impl Llama {
             let h = rms_norm(x.clone(), &blk.ffn_norm, cfg.rms_eps);
             let [g, u] = proj_group(
                 h,
-                [(&blk.w_gate, lora(Proj::Gate)), (&blk.w_up, lora(Proj::Up))],
+                [
+                    (w(Proj::Gate), lora(Proj::Gate)),
+                    (w(Proj::Up), lora(Proj::Up)),
+                ],
             );
-            x = x + proj(silu_fused(g) * u, &blk.w_down, lora(Proj::Down));
+            x = x + proj(silu_fused(g) * u, w(Proj::Down), lora(Proj::Down));
         }
         x
     }
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
+        if let Some(q) = &self.quant {
+            return q.logits(hidden);
+        }
         match &self.lm_head {
             Some(w) => hidden.matmul(w.clone()),
             None => hidden.matmul(self.embed.clone().transpose()),

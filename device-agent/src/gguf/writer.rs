@@ -23,15 +23,12 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
             .iter()
             .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         GgmlType::Q8_0 => {
+            // The block rule is the quantized base's (one definition).
+            let mut q = [0i8; 32];
             for blk in values.chunks(32) {
-                let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let d = crate::quant::quantize_block(blk, &mut q);
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                for i in 0..32 {
-                    let v = blk.get(i).copied().unwrap_or(0.0);
-                    out.push(((v * inv).round().clamp(-127.0, 127.0) as i8) as u8);
-                }
+                out.extend(q.iter().map(|&v| v as u8));
             }
         }
         GgmlType::Q4_0 | GgmlType::Q4_1 => {

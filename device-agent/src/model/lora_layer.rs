@@ -7,6 +7,15 @@
 use burn::tensor::Tensor;
 use protocol::Proj;
 
+use crate::quant::{self, Q8Matrix};
+
+/// A projection's frozen base weight: fp32 `[in, out]`, or Q8_0 `[out, in]` blocks.
+#[derive(Clone, Copy)]
+pub(crate) enum Base<'a> {
+    F32(&'a Tensor<2>),
+    Q8(&'a Q8Matrix),
+}
+
 /// The factors of one adapted projection.
 #[derive(Debug, Clone)]
 pub struct LoraFactors {
@@ -47,7 +56,7 @@ pub(crate) type LoraRef<'a> = Option<(&'a Tensor<2>, &'a Tensor<2>, f64)>;
 
 /// `x @ W (+ (x @ A) @ (scale * B))`; `x` is `[n, in]`.
 #[inline]
-pub(crate) fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
+pub(crate) fn proj(x: Tensor<2>, w: Base, lora: LoraRef) -> Tensor<2> {
     let [out] = proj_group(x, [(w, lora)]);
     out
 }
@@ -55,14 +64,32 @@ pub(crate) fn proj(x: Tensor<2>, w: &Tensor<2>, lora: LoraRef) -> Tensor<2> {
 /// Several projections of the same input. When every one has a LoRA branch, their `A`
 /// factors are joined so `x` is read once by one `[n, in] x [in, sum of ranks]` matmul instead
 /// of one skinny matmul each; the scale is applied to the small `B` (`[r, out]`), not to the
-/// `[n, out]` product.
+/// `[n, out]` product. Q8_0 bases quantize `x` once for the whole group.
 pub(crate) fn proj_group<const N: usize>(
     x: Tensor<2>,
-    parts: [(&Tensor<2>, LoraRef); N],
+    parts: [(Base, LoraRef); N],
 ) -> [Tensor<2>; N] {
     let mut low = lora_group(x.clone(), parts.map(|(_, l)| l)).into_iter();
+    let q8: Vec<&Q8Matrix> = parts
+        .iter()
+        .filter_map(|(w, _)| match w {
+            Base::Q8(m) => Some(*m),
+            Base::F32(_) => None,
+        })
+        .collect();
+    let mut q8_out = if q8.is_empty() {
+        Vec::new()
+    } else {
+        quant::expect_q8(quant::matmul_tensors(&q8, x.clone()))
+    }
+    .into_iter();
     parts.map(|(w, _)| {
-        let base = x.clone().matmul(w.clone());
+        let base = match w {
+            Base::F32(w) => x.clone().matmul(w.clone()),
+            Base::Q8(_) => q8_out
+                .next()
+                .expect("one quantized product per quantized base"),
+        };
         match low.next().flatten() {
             Some(d) => base + d,
             None => base,

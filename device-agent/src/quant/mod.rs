@@ -1,0 +1,612 @@
+//! A frozen base kept quantized in memory (`--base-precision q8_0`, for `generate` and `eval`;
+//! a model takes it on through `Llama::set_base_precision`): GGUF's Q8_0 blocks (32 int8 values sharing one f16 scale, running along the *input*
+//! dimension of each output row) and a matmul that multiplies from them, quantizing the
+//! activations' rows to Q8_0 blocks too and summing int8 products exactly in int32
+//! ([`kernels`]: AVX-512 VNNI, AVX2, portable; chosen at run time by [`crate::cpu::DotPath`]).
+//! Output rows are split across rayon's threads, so one decoded token pulls the weights through
+//! every core.
+//!
+//! The block's quantization rule ([`quantize_block`]) is the one the GGUF writer uses, so a
+//! Q8_0 file read back and quantized again gives the same blocks. Blocks are stored as two
+//! arrays (values, then scales) rather than interleaved 34-byte records; the content is the
+//! same. An input dimension that is not a multiple of 32 (a pruned MLP) pads its last block
+//! with zeros. Slicing: output rows can be dropped freely; input columns only by whole
+//! 32-blocks, so a pruned model is sliced in fp32 first and quantized afterwards.
+//!
+//! The LoRA path stays fp32 and is added on top (QLoRA style). There is no backward through a
+//! quantized matmul: `tune` keeps an fp32 base.
+
+pub mod kernels;
+
+use std::sync::OnceLock;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::cpu::DotPath;
+use kernels::{RowArgs, QK};
+use protocol::Proj;
+
+/// Errors of the quantized base.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("{what}: {got} values, expected {expected}")]
+    Shape {
+        what: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error("unknown base precision '{0}' (f32, q8_0)")]
+    UnknownPrecision(String),
+    #[error("a Q8_0 base has no backward pass: training needs an fp32 base")]
+    Tracked,
+}
+
+/// How the frozen base's projections are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BasePrecision {
+    #[default]
+    F32,
+    Q8_0,
+}
+
+impl std::str::FromStr for BasePrecision {
+    type Err = QuantError;
+    fn from_str(s: &str) -> Result<Self, QuantError> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(BasePrecision::F32),
+            "q8_0" | "q8" => Ok(BasePrecision::Q8_0),
+            _ => Err(QuantError::UnknownPrecision(s.to_string())),
+        }
+    }
+}
+
+/// Quantize up to 32 values (missing ones count as 0) to one Q8_0 block: `d = max|v| / 127`,
+/// `q = round(v / d)` clamped to `-127..=127`. Returns `d` in f32 (the GGUF block stores it as
+/// f16). The one definition of the block rule (the GGUF writer calls it too).
+pub fn quantize_block(values: &[f32], q: &mut [i8; QK]) -> f32 {
+    let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (i, qi) in q.iter_mut().enumerate() {
+        let v = values.get(i).copied().unwrap_or(0.0);
+        *qi = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// The f16 -> f32 table (256 KiB), built once.
+fn f16_table() -> &'static [f32; 65536] {
+    static TAB: OnceLock<Box<[f32; 65536]>> = OnceLock::new();
+    TAB.get_or_init(|| {
+        let mut t = Box::new([0f32; 65536]);
+        for (i, v) in t.iter_mut().enumerate() {
+            *v = half::f16::from_bits(i as u16).to_f32();
+        }
+        t
+    })
+}
+
+/// A `[rows, cols]` matrix in Q8_0 blocks along `cols` (for a projection: rows = outputs,
+/// cols = inputs).
+#[derive(Clone)]
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    /// Blocks per row, `ceil(cols / 32)`.
+    nb: usize,
+    /// `rows * nb * 32` values, each in `-127..=127`.
+    qs: Vec<i8>,
+    /// `rows * nb` f16 scales (bits).
+    d: Vec<u16>,
+}
+
+impl std::fmt::Debug for Q8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8Matrix[{} x {}]", self.rows, self.cols)
+    }
+}
+
+/// Activation rows quantized to Q8_0 blocks (scales kept in f32).
+pub struct QRows {
+    n: usize,
+    nb: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    /// `d` with each scale repeated 8 times (for the VNNI kernel's lane-wise scaling).
+    d8: Vec<f32>,
+}
+
+impl QRows {
+    /// Quantize `n` rows of `cols` values (row-major `x`).
+    pub fn quantize(x: &[f32], n: usize, cols: usize) -> Result<QRows, QuantError> {
+        if x.len() != n * cols {
+            return Err(QuantError::Shape {
+                what: format!("activations [{n}, {cols}]"),
+                got: x.len(),
+                expected: n * cols,
+            });
+        }
+        let nb = cols.div_ceil(QK);
+        let mut qs = vec![0i8; n * nb * QK];
+        let mut d = vec![0f32; n * nb];
+        let work = |(r, (q, dr)): (usize, (&mut [i8], &mut [f32]))| {
+            let row = &x[r * cols..(r + 1) * cols];
+            for (b, (qb, db)) in q.chunks_exact_mut(QK).zip(dr.iter_mut()).enumerate() {
+                let end = ((b + 1) * QK).min(cols);
+                let qb: &mut [i8; QK] = qb.try_into().expect("chunks of QK");
+                *db = quantize_block(&row[b * QK..end], qb);
+            }
+        };
+        if n * cols >= 1 << 16 && nb > 0 {
+            qs.par_chunks_mut(nb * QK)
+                .zip(d.par_chunks_mut(nb))
+                .enumerate()
+                .for_each(work);
+        } else if nb > 0 {
+            qs.chunks_mut(nb * QK)
+                .zip(d.chunks_mut(nb))
+                .enumerate()
+                .for_each(work);
+        }
+        let d8 = d.iter().flat_map(|&v| [v; 8]).collect();
+        Ok(QRows { n, nb, qs, d, d8 })
+    }
+}
+
+impl Q8Matrix {
+    /// Quantize a row-major `[rows, cols]` matrix.
+    pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Result<Q8Matrix, QuantError> {
+        if values.len() != rows * cols {
+            return Err(QuantError::Shape {
+                what: format!("matrix [{rows}, {cols}]"),
+                got: values.len(),
+                expected: rows * cols,
+            });
+        }
+        let nb = cols.div_ceil(QK);
+        let mut qs = vec![0i8; rows * nb * QK];
+        let mut d = vec![0u16; rows * nb];
+        if nb > 0 {
+            qs.par_chunks_mut(nb * QK)
+                .zip(d.par_chunks_mut(nb))
+                .enumerate()
+                .for_each(|(r, (q, dr))| {
+                    let row = &values[r * cols..(r + 1) * cols];
+                    for (b, (qb, db)) in q.chunks_exact_mut(QK).zip(dr.iter_mut()).enumerate() {
+                        let end = ((b + 1) * QK).min(cols);
+                        let qb: &mut [i8; QK] = qb.try_into().expect("chunks of QK");
+                        *db = half::f16::from_f32(quantize_block(&row[b * QK..end], qb)).to_bits();
+                    }
+                });
+        }
+        Ok(Q8Matrix {
+            rows,
+            cols,
+            nb,
+            qs,
+            d,
+        })
+    }
+
+    /// Quantize a projection held as burn holds it, `[in, out]`: rows become the outputs.
+    pub fn from_in_out(w: Tensor<2>) -> Result<Q8Matrix, QuantError> {
+        let [i, o] = w.dims();
+        Self::from_rows(w.transpose(), o, i)
+    }
+
+    /// Quantize a `[rows, cols]` tensor as it is.
+    pub fn from_rows(w: Tensor<2>, rows: usize, cols: usize) -> Result<Q8Matrix, QuantError> {
+        let v: Vec<f32> =
+            w.into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .map_err(|_| QuantError::Shape {
+                    what: "weights (not convertible to f32)".into(),
+                    got: 0,
+                    expected: rows * cols,
+                })?;
+        Self::quantize(&v, rows, cols)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes held (values and f16 scales).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * self.d.len()
+    }
+
+    /// Row `r` dequantized (`cols` values).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let tab = f16_table();
+        let q = &self.qs[r * self.nb * QK..(r + 1) * self.nb * QK];
+        let d = &self.d[r * self.nb..(r + 1) * self.nb];
+        q.iter()
+            .enumerate()
+            .take(self.cols)
+            .map(|(k, &v)| v as f32 * tab[d[k / QK] as usize])
+            .collect()
+    }
+
+    /// `y[n, rows] = x[n, cols] · selfᵀ` on the path this process detected.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>, QuantError> {
+        self.matmul_with(DotPath::detect(), x, n)
+    }
+
+    /// As [`Self::matmul`] on a chosen dot path (paths the CPU lacks fall back to portable).
+    pub fn matmul_with(&self, path: DotPath, x: &[f32], n: usize) -> Result<Vec<f32>, QuantError> {
+        let qx = QRows::quantize(x, n, self.cols)?;
+        Ok(self.matmul_q(path, &qx))
+    }
+
+    /// The matmul from already quantized activations (`qx` has this matrix's block count).
+    pub fn matmul_q(&self, path: DotPath, qx: &QRows) -> Vec<f32> {
+        assert_eq!(qx.nb, self.nb, "activations quantized for another width");
+        let (n, out, nb) = (qx.n, self.rows, self.nb);
+        let tab = f16_table();
+        let mut yt = vec![0f32; out * n];
+        if n == 0 || out == 0 {
+            return yt;
+        }
+        let row = |j: usize, y: &mut [f32]| {
+            let a = RowArgs {
+                qw: &self.qs[j * nb * QK..(j + 1) * nb * QK],
+                dw: &self.d[j * nb..(j + 1) * nb],
+                qx: &qx.qs,
+                dx: &qx.d,
+                dx8: &qx.d8,
+                tab,
+            };
+            kernels::row_dots(path, &a, y);
+        };
+        let macs = out * n * nb * QK;
+        if macs < 1 << 18 {
+            yt.chunks_mut(n).enumerate().for_each(|(j, y)| row(j, y));
+        } else {
+            let threads = rayon::current_num_threads().max(1);
+            let per_task = out.div_ceil(threads * 8).max(1);
+            yt.par_chunks_mut(per_task * n)
+                .enumerate()
+                .for_each(|(c, ys)| {
+                    for (jj, y) in ys.chunks_mut(n).enumerate() {
+                        row(c * per_task + jj, y);
+                    }
+                });
+        }
+        if n == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; n * out];
+        for (j, col) in yt.chunks_exact(n).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                y[i * out + j] = v;
+            }
+        }
+        y
+    }
+}
+
+/// `x[n, cols]` (a burn tensor, no autodiff) times each matrix, quantizing `x` once.
+pub fn matmul_tensors(mats: &[&Q8Matrix], x: Tensor<2>) -> Result<Vec<Tensor<2>>, QuantError> {
+    if x.is_tracked() {
+        return Err(QuantError::Tracked);
+    }
+    let device = x.device();
+    let [n, cols] = x.dims();
+    let v: Vec<f32> =
+        x.into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .map_err(|_| QuantError::Shape {
+                what: "activations (not convertible to f32)".into(),
+                got: 0,
+                expected: n * cols,
+            })?;
+    let qx = QRows::quantize(&v, n, cols)?;
+    let path = DotPath::detect();
+    mats.iter()
+        .map(|m| {
+            if m.cols != cols {
+                return Err(QuantError::Shape {
+                    what: format!("input of a [{} x {}] Q8_0 matrix", m.rows, m.cols),
+                    got: cols,
+                    expected: m.cols,
+                });
+            }
+            let y = m.matmul_q(path, &qx);
+            Ok(Tensor::from_data(TensorData::new(y, [n, m.rows]), &device))
+        })
+        .collect()
+}
+
+/// A model's frozen base in Q8_0: the embedding table (also the LM head when tied), the untied
+/// LM head, and per block the seven projections in [`Proj::ALL`] order, each `[out, in]`.
+#[derive(Debug)]
+pub struct QuantBase {
+    pub embed: Q8Matrix,
+    pub lm_head: Option<Q8Matrix>,
+    pub blocks: Vec<Vec<Q8Matrix>>,
+}
+
+impl QuantBase {
+    /// Bytes held by all the quantized matrices.
+    pub fn bytes(&self) -> usize {
+        self.embed.bytes()
+            + self.lm_head.as_ref().map_or(0, Q8Matrix::bytes)
+            + self
+                .blocks
+                .iter()
+                .flatten()
+                .map(Q8Matrix::bytes)
+                .sum::<usize>()
+    }
+
+    /// The projection `p` of block `l`.
+    pub fn proj(&self, l: usize, p: Proj) -> &Q8Matrix {
+        &self.blocks[l][p.index()]
+    }
+
+    /// Embedding rows of token ids, `[ids.len(), d_model]` row-major.
+    pub fn embed_rows(&self, ids: &[i64]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ids.len() * self.embed.cols);
+        for &t in ids {
+            let t = usize::try_from(t)
+                .ok()
+                .filter(|&t| t < self.embed.rows)
+                .unwrap_or_else(|| {
+                    panic!("token id {t} outside the vocabulary of {}", self.embed.rows)
+                });
+            out.extend(self.embed.dequantize_row(t));
+        }
+        out
+    }
+
+    /// Embeddings `[batch, seq]` -> `[batch * seq, d_model]`.
+    pub fn embed_tokens(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        let device = tokens.device();
+        let [b, s] = tokens.dims();
+        let ids: Vec<i64> = tokens
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec()
+            .expect("token ids convert to i64");
+        let rows = self.embed_rows(&ids);
+        Tensor::from_data(TensorData::new(rows, [b * s, self.embed.cols]), &device)
+    }
+
+    /// LM head logits of hidden rows `[n, d_model]` -> `[n, vocab]`.
+    pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        expect_q8(matmul_tensors(&[head], hidden)).remove(0)
+    }
+}
+
+/// The result of a quantized matmul in the forward pass, whose shapes the model has checked;
+/// the one error left is autodiff, which has no backward here.
+pub(crate) fn expect_q8(r: Result<Vec<Tensor<2>>, QuantError>) -> Vec<Tensor<2>> {
+    r.unwrap_or_else(|e| panic!("Q8_0 base: {e}"))
+}
+
+/// What quantizing a model did.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantReport {
+    /// Bytes of the fp32 tensors replaced.
+    pub fp32_bytes: usize,
+    /// Bytes of the Q8_0 matrices that replace them.
+    pub q8_bytes: usize,
+}
+
+/// Hand freed heap pages back to the system: the binaries tune glibc's allocator never to trim
+/// on its own (`backend::tune_allocator`), which would keep the dropped fp32 weights resident.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: `malloc_trim` only returns free pages of the allocator's arenas to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Tests of the Q8_0 base: the block rule against the GGUF reader, the matmul against a scalar
+    // reference on awkward shapes, every dot path against the portable one, and a tiny random
+    // model whose quantized forward (full and KV-cached) stays close to fp32.
+
+    use super::*;
+    use crate::gguf::{self, GgmlType};
+    use crate::model::{to_rows, KvCache, Llama, ModelConfig};
+    use burn::tensor::Device;
+
+    fn seeded(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// `x[n, cols] · w[rows, cols]ᵀ` in f64.
+    fn reference(x: &[f32], w: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * rows];
+        for i in 0..n {
+            for j in 0..rows {
+                y[i * rows + j] = (0..cols)
+                    .map(|k| x[i * cols + k] as f64 * w[j * cols + k] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    /// The activations as the kernels see them after quantization.
+    fn dequantized_rows(q: &QRows, cols: usize) -> Vec<f32> {
+        (0..q.n)
+            .flat_map(|i| {
+                (0..cols).map(move |k| q.qs[i * q.nb * QK + k] as f32 * q.d[i * q.nb + k / QK])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocks_are_the_gguf_writers_and_read_back_exactly() {
+        let v = seeded(5 * 70, 3, 2.0);
+        let m = Q8Matrix::quantize(&v, 5, 70).unwrap();
+        for r in 0..5 {
+            // The writer pads each row to whole blocks the same way.
+            let bytes = gguf::writer::quantize(GgmlType::Q8_0, &v[r * 70..(r + 1) * 70]);
+            let back = gguf::dequantize(GgmlType::Q8_0, &bytes, 70);
+            assert_eq!(back, m.dequantize_row(r), "row {r}");
+            // Quantizing the dequantized values again gives the same blocks (a Q8_0 file loses
+            // nothing more when its base is held quantized).
+            let again = Q8Matrix::quantize(&back, 1, 70).unwrap();
+            assert_eq!(again.dequantize_row(0), back, "row {r} re-quantized");
+            // Within half a step of the original.
+            for (k, (&a, &b)) in v[r * 70..(r + 1) * 70].iter().zip(&back).enumerate() {
+                let d = m.d[r * m.nb + k / QK];
+                let step = half::f16::from_bits(d).to_f32();
+                assert!((a - b).abs() <= 0.5 * step * 1.01 + 1e-7, "{a} vs {b}");
+            }
+        }
+        assert!(Q8Matrix::quantize(&v, 5, 71).is_err());
+    }
+
+    #[test]
+    fn matmul_matches_the_scalar_reference_on_awkward_shapes() {
+        let mut seed = 10;
+        // n: decode, odd, and a prompt-sized block; cols: whole blocks, a ragged last block,
+        // fewer than one block, and the model's widths; rows large enough for the parallel path.
+        for &(n, rows, cols) in &[
+            (1, 7, 32),
+            (3, 5, 45),
+            (6, 11, 96),
+            (2, 9, 7),
+            (5, 33, 576),
+            (1, 1536, 576),
+            (17, 300, 1536),
+            (4, 0, 64),
+            (0, 8, 64),
+        ] {
+            seed += 1;
+            let w = seeded(rows * cols, seed, 0.3);
+            let x = seeded(n * cols, seed + 100, 3.0);
+            let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
+            let y = m.matmul(&x, n).unwrap();
+            assert_eq!(y.len(), n * rows);
+            // Exact up to f32 rounding against the dequantized operands.
+            let wd: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
+            let xq = QRows::quantize(&x, n, cols).unwrap();
+            let xd = dequantized_rows(&xq, cols);
+            let exact = reference(&xd, &wd, n, rows, cols);
+            let scale = exact.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
+            for (k, (&a, &b)) in y.iter().zip(&exact).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() <= 1e-5 * scale,
+                    "[{n}x{rows}x{cols}] #{k}: {a} vs {b}"
+                );
+            }
+            // Within the quantization error of the fp32 product: each operand carries at most
+            // half a step (max/254) per value.
+            let fp = reference(&x, &w, n, rows, cols);
+            for (k, (&a, &b)) in y.iter().zip(&fp).enumerate() {
+                let bound = 2.0 * (cols as f64).sqrt() * 3.0 * 0.3 / 254.0 + 1e-6;
+                assert!(
+                    (a as f64 - b).abs() <= bound,
+                    "[{n}x{rows}x{cols}] #{k}: {a} vs fp32 {b} (bound {bound})"
+                );
+            }
+        }
+        // A wrong activation length is an error, not a panic.
+        let m = Q8Matrix::quantize(&seeded(64, 1, 1.0), 2, 32).unwrap();
+        assert!(matches!(
+            m.matmul(&[0.0; 31], 1),
+            Err(QuantError::Shape { .. })
+        ));
+    }
+
+    #[test]
+    fn every_dot_path_agrees_with_the_portable_one() {
+        let (n, rows, cols) = (7, 200, 45 + 576 + 32);
+        let w = seeded(rows * cols, 77, 0.5);
+        // Include values that quantize to +-127 and to 0.
+        let mut x = seeded(n * cols, 78, 4.0);
+        x[3] = 4.0;
+        x[4] = -4.0;
+        x[5] = 0.0;
+        let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
+        let base = m.matmul_with(DotPath::Portable, &x, n).unwrap();
+        let (_, hw) = crate::cpu::hardware();
+        for path in [DotPath::Avx2, DotPath::Avx512Vnni] {
+            let y = m.matmul_with(path, &x, n).unwrap();
+            let worst = y
+                .iter()
+                .zip(&base)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs() / q.abs().max(1.0)));
+            assert!(
+                worst < 1e-5,
+                "{path} (hardware offers {hw}) differs from portable by {worst}"
+            );
+        }
+        assert!(
+            "q4_k".parse::<BasePrecision>().is_err()
+                && "Q8_0".parse::<BasePrecision>().unwrap() == BasePrecision::Q8_0
+        );
+    }
+
+    fn tiny(n_layers: usize, tie: bool) -> ModelConfig {
+        // d_model 64 and ffn 80: the MLP's input width is not a multiple of 32.
+        let mut c = ModelConfig::dense(97, 64, n_layers, 4, 2, 16, 80, tie);
+        c.max_seq_len = 64;
+        c
+    }
+
+    #[test]
+    fn quantized_tiny_model_stays_close_and_caches_alike() {
+        let device = Device::flex();
+        for tie in [true, false] {
+            let fp = Llama::random(tiny(2, tie), 5, &device);
+            let mut q = fp.clone();
+            let rep = q
+                .set_base_precision(BasePrecision::Q8_0)
+                .unwrap()
+                .expect("quantized");
+            assert!(q.quant_base().is_some() && fp.quant_base().is_none());
+            // The fp32 tensors are gone from the quantized model.
+            assert_eq!(q.blocks[0].wq.dims(), [0, 0]);
+            assert!(rep.q8_bytes * 3 < rep.fp32_bytes, "{rep:?}");
+            let ids: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
+            let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
+            let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
+            let scale = a.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst < 0.05 * scale, "tie {tie}: {worst} of {scale}");
+            // KV-cached decoding of the quantized model equals its full forward.
+            let mut cache = KvCache::new(2);
+            let mut rows = to_rows(q.logits(q.hidden(
+                q.tokens_tensor(&[ids[..5].to_vec()]),
+                None,
+                Some(&mut cache),
+            )));
+            for &t in &ids[5..] {
+                rows.extend(to_rows(q.logits(q.hidden(
+                    q.tokens_tensor(&[vec![t]]),
+                    None,
+                    Some(&mut cache),
+                ))));
+            }
+            for (r, c) in b.iter().flatten().zip(rows.iter().flatten()) {
+                assert!((r - c).abs() < 1e-4, "{r} vs {c}");
+            }
+        }
+    }
+}
