@@ -193,7 +193,7 @@ impl Simulation<'_> {
         let device_rounds = self.device_rounds();
         let mut report = Report {
             summary,
-            rounds: self.rounds,
+            rounds: std::mem::take(&mut self.rounds),
             devices,
             config,
             device_rounds,
