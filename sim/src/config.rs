@@ -453,6 +453,35 @@ mod tests {
         assert_eq!(m.fleet.spec().unwrap().total(), 120);
         let d = ExperimentConfig::preset("default").unwrap();
         assert_eq!(d.fleet.spec().unwrap().total(), 80);
+        for (name, text) in [
+            (
+                "byzantine",
+                include_str!("../configs/examples/byzantine.toml"),
+            ),
+            (
+                "byzantine-surrogate",
+                include_str!("../configs/examples/byzantine-surrogate.toml"),
+            ),
+        ] {
+            let b = ExperimentConfig::from_toml(text, name).unwrap();
+            assert_eq!(b.byzantine.fraction, 0.1, "{name}");
+            for entry in [
+                "hetlora+agg=median+clean",
+                "hetlora+clip=3",
+                "hetlora+agg=trimmed-mean",
+            ] {
+                b.with_entry(entry).unwrap();
+            }
+            let clean = b.with_entry("hetlora+agg=median+clean").unwrap();
+            assert!(clean.byzantine.is_off());
+            assert_eq!(clean.coordinator.aggregation.method.name(), "median");
+            let e = b.with_entry("hetlora+agg=avg").unwrap_err().to_string();
+            assert!(e.contains("unknown aggregation method 'avg'"), "{e}");
+            let e = b.with_entry("hetlora+clip=-1").unwrap_err().to_string();
+            assert!(e.contains("clip=-1"), "{e}");
+            let e = b.with_entry("hetlora+poison").unwrap_err().to_string();
+            assert!(e.contains("unknown modifier 'poison'"), "{e}");
+        }
     }
 
     #[test]
