@@ -475,6 +475,17 @@ mod tests {
             let clean = b.with_entry("hetlora+agg=median+clean").unwrap();
             assert!(clean.byzantine.is_off());
             assert_eq!(clean.coordinator.aggregation.method.name(), "median");
+            match &clean.coordinator.strategy {
+                StrategyConfig::Hetlora(h) => assert_eq!(
+                    h.aggregation,
+                    Some(aggregator::aggregate::AggregationMethod::Median),
+                    "the strategy's own override follows the entry"
+                ),
+                other => panic!("{other:?}"),
+            }
+            let clip = b.with_entry("hetlora+clip=3").unwrap();
+            assert_eq!(clip.coordinator.aggregation.clip_norm, Some(3.0));
+            assert_eq!(clip.byzantine, b.byzantine);
             let e = b.with_entry("hetlora+agg=avg").unwrap_err().to_string();
             assert!(e.contains("unknown aggregation method 'avg'"), "{e}");
             let e = b.with_entry("hetlora+clip=-1").unwrap_err().to_string();
