@@ -4,7 +4,10 @@
 //! intervals; and, per device class, the arms the bandits settle on (the most played arm over
 //! the last third of the rounds) with the late rewards. Written as `compare.json` and
 //! `compare.md`; both depend on the runs' reports only, so the same seeds give byte-identical
-//! files (the host's CPU goes to `host.json`, see [`crate::host`]).
+//! files (the host's CPU goes to `host.json`, see [`crate::host`]). With Byzantine devices,
+//! [`byzantine`] sets each poisoned entry against its `+clean` twin.
+
+pub mod byzantine;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -242,6 +245,9 @@ pub struct Comparison {
     /// and the standard error of the first entry's mean final accuracy from it.
     pub eval_items_effective: usize,
     pub final_accuracy_se: Option<f64>,
+    /// Poisoned entries against their clean twins (absent without Byzantine runs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub byzantine: Vec<byzantine::ByzantineRow>,
 }
 
 /// The comparison of `runs` (every seed ran `entries` in order). `eval_items` is the
@@ -301,6 +307,7 @@ pub fn compare(name: &str, entries: &[String], runs: &[SeedRuns], eval_items: us
         }
     }
     let bandit = bandit_rows(entries, runs, &boot, level);
+    let byzantine = byzantine::rows(entries, runs, &boot, level);
     let first: Vec<&Report> = runs.iter().filter_map(|r| r.reports.first()).collect();
     let mode = first
         .first()
@@ -326,6 +333,7 @@ pub fn compare(name: &str, entries: &[String], runs: &[SeedRuns], eval_items: us
         bandit,
         eval_items_effective: eval_items,
         final_accuracy_se,
+        byzantine,
     }
 }
 
@@ -501,6 +509,11 @@ impl Comparison {
                 b.mean_plays_per_device
             );
         }
+        s.push_str(&byzantine::markdown(
+            &self.byzantine,
+            n,
+            self.mode == "surrogate",
+        ));
         s
     }
 }

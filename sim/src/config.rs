@@ -36,6 +36,7 @@ use aggregator::coordinator::CoordinatorConfig;
 use aggregator::strategy::StrategyConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::byzantine::ByzantineConfig;
 use crate::error::SimError;
 use crate::hardware::{FleetGroup, FleetSpec};
 use crate::local_data::WorkloadConfig;
@@ -209,6 +210,9 @@ pub struct ExperimentConfig {
     pub coordinator: CoordinatorConfig,
     /// Per-strategy parameters, e.g. `[strategies.fixed-prune] prune_ratio = 0.3`.
     pub strategies: BTreeMap<String, toml::Table>,
+    /// Devices that poison their updates (none by default; see [`crate::byzantine`]).
+    #[serde(skip_serializing_if = "ByzantineConfig::is_off")]
+    pub byzantine: ByzantineConfig,
 }
 
 impl Default for ExperimentConfig {
@@ -227,6 +231,7 @@ impl Default for ExperimentConfig {
             surrogate: SurrogateConfig::default(),
             coordinator: CoordinatorConfig::default(),
             strategies: BTreeMap::new(),
+            byzantine: ByzantineConfig::default(),
         }
     }
 }
@@ -295,13 +300,61 @@ impl ExperimentConfig {
 
     /// Switch to a compared entry: a strategy name, optionally with `@policy` (a policy kind
     /// such as `uniform-random` or `fixed`, with its default parameters) replacing
-    /// `coordinator.policy`.
+    /// `coordinator.policy`, then any `+`-separated modifiers: `agg=METHOD` (the aggregation
+    /// method, for the strategy's own `aggregation` override too), `clip=NORM`
+    /// (`aggregation.clip_norm`) and `clean` (no Byzantine devices). E.g.
+    /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
-        let (strategy, policy) = match entry.split_once('@') {
+        let mut parts = entry.split('+');
+        let head = parts.next().unwrap_or_default();
+        let (strategy, policy) = match head.split_once('@') {
             Some((s, p)) => (s.trim(), Some(p.trim())),
-            None => (entry.trim(), None),
+            None => (head.trim(), None),
         };
-        let mut c = self.with_strategy(strategy)?;
+        let mut base = self.clone();
+        let mut clip = None;
+        let mut clean = false;
+        for m in parts {
+            let m = m.trim();
+            match m.split_once('=') {
+                Some(("agg", method)) => {
+                    let value = toml::Value::String(method.to_string());
+                    base.coordinator.aggregation.method =
+                        value.clone().try_into().map_err(|e| {
+                            SimError::Config(format!(
+                                "entry '{entry}': unknown aggregation method '{method}' ({e})"
+                            ))
+                        })?;
+                    if matches!(strategy, "hetlora" | "fedlora") {
+                        base.strategies
+                            .entry(strategy.to_string())
+                            .or_default()
+                            .insert("aggregation".into(), value);
+                    }
+                }
+                Some(("clip", norm)) => match norm.parse::<f64>() {
+                    Ok(x) if x.is_finite() && x > 0.0 => clip = Some(x),
+                    _ => {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': clip={norm} is not a positive norm"
+                        )))
+                    }
+                },
+                None if m == "clean" => clean = true,
+                _ => {
+                    return Err(SimError::Config(format!(
+                        "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, clean)"
+                    )))
+                }
+            }
+        }
+        if clip.is_some() {
+            base.coordinator.aggregation.clip_norm = clip;
+        }
+        if clean {
+            base.byzantine.fraction = 0.0;
+        }
+        let mut c = base.with_strategy(strategy)?;
         if let Some(kind) = policy {
             let mut t = toml::Table::new();
             t.insert("kind".into(), toml::Value::String(kind.to_string()));
@@ -365,6 +418,7 @@ impl ExperimentConfig {
                 "max_virtual_hours must be positive".into(),
             ));
         }
+        self.byzantine.validate()?;
         if self.eval.every_rounds == 0 {
             return Err(SimError::Config(
                 "eval.every_rounds must be at least 1".into(),
@@ -399,6 +453,46 @@ mod tests {
         assert_eq!(m.fleet.spec().unwrap().total(), 120);
         let d = ExperimentConfig::preset("default").unwrap();
         assert_eq!(d.fleet.spec().unwrap().total(), 80);
+        for (name, text) in [
+            (
+                "byzantine",
+                include_str!("../configs/examples/byzantine.toml"),
+            ),
+            (
+                "byzantine-surrogate",
+                include_str!("../configs/examples/byzantine-surrogate.toml"),
+            ),
+        ] {
+            let b = ExperimentConfig::from_toml(text, name).unwrap();
+            assert_eq!(b.byzantine.fraction, 0.1, "{name}");
+            for entry in [
+                "hetlora+agg=median+clean",
+                "hetlora+clip=3",
+                "hetlora+agg=trimmed-mean",
+            ] {
+                b.with_entry(entry).unwrap();
+            }
+            let clean = b.with_entry("hetlora+agg=median+clean").unwrap();
+            assert!(clean.byzantine.is_off());
+            assert_eq!(clean.coordinator.aggregation.method.name(), "median");
+            match &clean.coordinator.strategy {
+                StrategyConfig::Hetlora(h) => assert_eq!(
+                    h.aggregation,
+                    Some(aggregator::aggregate::AggregationMethod::Median),
+                    "the strategy's own override follows the entry"
+                ),
+                other => panic!("{other:?}"),
+            }
+            let clip = b.with_entry("hetlora+clip=3").unwrap();
+            assert_eq!(clip.coordinator.aggregation.clip_norm, Some(3.0));
+            assert_eq!(clip.byzantine, b.byzantine);
+            let e = b.with_entry("hetlora+agg=avg").unwrap_err().to_string();
+            assert!(e.contains("unknown aggregation method 'avg'"), "{e}");
+            let e = b.with_entry("hetlora+clip=-1").unwrap_err().to_string();
+            assert!(e.contains("clip=-1"), "{e}");
+            let e = b.with_entry("hetlora+poison").unwrap_err().to_string();
+            assert!(e.contains("unknown modifier 'poison'"), "{e}");
+        }
     }
 
     #[test]

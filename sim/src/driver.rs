@@ -27,9 +27,11 @@
 //!
 //! This file is the event loop (devices, availability, links, timers, command dispatch); the
 //! seams around it: [`jobs`] (local rounds on the virtual clock), [`panel`] (evaluations),
-//! [`final_eval`] (the final evaluation of trained devices and of the fleet) and [`records`]
-//! (round records, the report).
+//! [`final_eval`] (the final evaluation of trained devices and of the fleet), [`records`]
+//! (round records, the report) and [`byzantine`] (what attacking devices did; they poison
+//! their updates in `send_to_server`, see [`crate::byzantine`]).
 
+mod byzantine;
 mod final_eval;
 mod jobs;
 mod panel;
@@ -162,6 +164,9 @@ pub struct Simulation<'a> {
     bytes_down_total: u64,
     /// Sparsity by kept counts per block (see `records.rs`).
     sparsity_memo: std::collections::HashMap<Vec<[usize; 3]>, f64>,
+    /// Per device: whether it poisons its updates (`[byzantine]`), and the poisoned updates sent.
+    attackers: Vec<bool>,
+    poisoned_sent: u64,
 }
 
 /// The session's failure event for a job that could not run.
@@ -272,7 +277,15 @@ impl<'a> Simulation<'a> {
         let panel_seed = Stream::new(cfg.seed, label::EVALUATION).at(0, 0);
         let panel = choose_devices(&devices, &uniq, cfg.eval.panel_devices, panel_seed);
         let device_round = Stream::new(cfg.seed, label::DEVICE_ROUND);
+        let mut attackers = vec![false; devices.len()];
+        if !cfg.byzantine.is_off() {
+            for i in crate::byzantine::choose(&cfg.byzantine, cfg.seed, devices.len()) {
+                attackers[i] = true;
+            }
+        }
         Ok(Simulation {
+            attackers,
+            poisoned_sent: 0,
             device_round,
             cfg,
             profiles: uniq,
@@ -546,9 +559,14 @@ impl<'a> Simulation<'a> {
         start.plus_ms(serialise + rtt_ms.ceil() as u64)
     }
 
-    fn send_to_server(&mut self, i: usize, msg: Message) -> Result<(), SimError> {
+    fn send_to_server(&mut self, i: usize, mut msg: Message) -> Result<(), SimError> {
         if !self.devices[i].connected {
             return Ok(());
+        }
+        // A Byzantine device poisons what it sends, after training honestly.
+        if let (Message::Update(u), true) = (&mut msg, self.attackers[i]) {
+            crate::byzantine::poison(u, self.cfg.byzantine.attack, self.cfg.seed, i)?;
+            self.poisoned_sent += 1;
         }
         let frame = protocol::encode_frame(&msg)
             .map_err(|e| SimError::Coordinator(format!("cannot encode a device message: {e}")))?;

@@ -15,6 +15,7 @@
 //! - [`compute`], [`surrogate`]: the compute stand-in, real local rounds (`run_job` on one
 //!   shared base model) or the fitted loss-response model.
 //! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
+//! - [`byzantine`]: attacking devices that poison the update they send (`[byzantine]`).
 //! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`).
 //! - [`comparison`], [`stats`], [`host`]: comparisons over seeds (bootstrap intervals, paired
 //!   differences, the bandits' settled arms per class) and the CPU class a run was computed on.
@@ -24,6 +25,7 @@
 //! seed gives byte-identical reports.
 
 pub mod apportion;
+pub mod byzantine;
 pub mod comparison;
 pub mod compute;
 pub mod config;

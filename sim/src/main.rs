@@ -33,7 +33,10 @@ enum Cmd {
     Compare {
         /// Comma-separated strategies: fedspine, hetlora, fedlora, fixed-prune, ratio-bandit;
         /// `NAME@POLICY` replaces the policy (e.g. `fedspine@uniform-random`,
-        /// `fedspine@fixed`). The first is the reference of the paired differences.
+        /// `fedspine@fixed`). Modifiers after `+`: `agg=METHOD` (aggregation method),
+        /// `clip=NORM` (norm clipping), `clean` (no `[byzantine]` devices), e.g.
+        /// `hetlora+agg=median,hetlora+agg=median+clean`. The first is the reference of the
+        /// paired differences; a poisoned entry and its `+clean` twin get a Byzantine table.
         #[arg(long, default_value = "fedspine,hetlora,fixed-prune")]
         strategies: String,
         /// Run every strategy on this many seeds (the config's seed, +1, ...): per-seed folders

@@ -209,6 +209,9 @@ pub struct Summary {
     /// Surrogate mode: where the parameters came from and their validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub surrogate_params: Option<String>,
+    /// Runs with Byzantine devices: who attacked and what became of their updates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<crate::byzantine::ByzantineSummary>,
 }
 
 /// Everything a run produced.

@@ -191,16 +191,15 @@ impl Simulation<'_> {
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
         let state = self.coordinator.state();
         let device_rounds = self.device_rounds();
-        Ok((
-            Report {
-                summary,
-                rounds: self.rounds,
-                devices,
-                config,
-                device_rounds,
-            },
-            state,
-        ))
+        let mut report = Report {
+            summary,
+            rounds: std::mem::take(&mut self.rounds),
+            devices,
+            config,
+            device_rounds,
+        };
+        report.summary.byzantine = self.byzantine_summary(&report);
+        Ok((report, state))
     }
 
     fn summarise(
@@ -299,6 +298,7 @@ impl Simulation<'_> {
             by_class,
             ended_by: ended_by.to_string(),
             surrogate_params: self.trainer.params_note(),
+            byzantine: None,
         }
     }
 
