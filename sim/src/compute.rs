@@ -150,8 +150,7 @@ pub struct RealTrainer {
     pub wall_ledger: Option<Arc<WallLedger>>,
 }
 
-/// A wall clock in milliseconds since an arbitrary start.
-pub type WallClock = fn() -> f64;
+pub use crate::wall_profile::WallClock;
 
 impl RealTrainer {
     pub fn new(base: Llama, data: Vec<LocalData>, global_test: Option<LocalData>) -> Self {

@@ -233,6 +233,7 @@ mod tests {
             bandit: Vec::new(),
             eval_items_effective: 400,
             final_accuracy_se: None,
+            byzantine: Vec::new(),
         }
     }
 

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use crate::compute::WallClock;
+/// A wall clock in milliseconds since an arbitrary start (injected by the binary: the library
+/// reads no clock).
+pub type WallClock = fn() -> f64;
 
 /// Milliseconds and calls per part.
 #[derive(Debug, Default)]
