@@ -622,6 +622,44 @@ mod tests {
         }
     }
 
+    /// A stream of undeliverable answers keeps the outbox at its bound, newest last, and the
+    /// next Welcome sends exactly those.
+    #[test]
+    fn the_outbox_is_bounded_and_keeps_the_newest() {
+        let mut s = session(1 << 30);
+        let fail = |round: u64| {
+            Message::RoundFailed(RoundFailed {
+                round: RoundId(round),
+                reason: FailReason::Error("undelivered".into()),
+            })
+        };
+        for round in 0..1000 {
+            assert!(s
+                .handle(Timestamp(0), AgentEvent::Undelivered(fail(round)))
+                .is_empty());
+            assert!(s.outbox().len() <= super::super::MAX_OUTBOX);
+        }
+        s.handle(Timestamp(0), AgentEvent::Connected);
+        let mut b = Bytes(&[0, 4, 0, 0, 0x80, 0x41, 4, 0x88, 0x13]);
+        let cmds = s.handle(
+            Timestamp(0),
+            AgentEvent::Message {
+                msg: welcome(&mut b),
+                bytes: 100,
+            },
+        );
+        let rounds: Vec<u64> = cmds
+            .iter()
+            .map(|c| match c {
+                AgentCommand::Send(Message::RoundFailed(f)) => f.round.0,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        let max = super::super::MAX_OUTBOX as u64;
+        assert_eq!(rounds, (1000 - max..1000).collect::<Vec<_>>());
+        assert!(s.outbox().is_empty());
+    }
+
     /// The seeds reach what they are named for (or the fuzzer would start far from the
     /// session's paths).
     #[test]
