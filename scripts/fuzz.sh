@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Fuzzes the protocol crate with cargo fuzz (libFuzzer, nightly toolchain): installs cargo-fuzz
+# Fuzzes the protocol, aggregator and device-agent crates with cargo fuzz (libFuzzer, nightly
+# toolchain): installs cargo-fuzz
 # if it is missing, runs every target in fuzz/ for N executions in one process (no -jobs, which
 # would fork workers that log to files), then minimises each corpus back into
 # fuzz/corpus/<target>/ (the replay test, tests/tests/fuzz_corpus.rs, re-runs those files on
-# stable). Crashes land in fuzz/artifacts/<target>/; keep a minimised
-# crash as fuzz/regressions/<target>/<name> next to its fix.
+# stable; the agent_session corpus replays as a device-agent unit test). Crashes land in
+# fuzz/artifacts/<target>/; keep a minimised crash as fuzz/regressions/<target>/<name> next to
+# its fix.
+#
+# agent_session links the device agent and so burn: it builds with the `agent` feature of the
+# fuzz crate, without a sanitizer (`-s none`: burn under the address sanitizer does not build in
+# reasonable time on a small machine; libFuzzer's coverage and overflow checks remain) and in
+# its own target directory (fuzz/target-agent), so it does not rebuild the other targets.
 #
 # Usage: scripts/fuzz.sh [N] [TARGET...]
 #   N       executions per target (default 10000000)
@@ -38,15 +45,27 @@ for target in "${targets[@]}"; do
     corpus="fuzz/corpus/$target"
     if [ ! -d "$corpus" ] || [ -z "$(ls -A "$corpus")" ]; then
         echo "seeding $corpus"
-        cargo run -q -p protocol --features fuzzing --example fuzz_seeds -- fuzz/corpus
+        case "$target" in
+            aggregate)
+                cargo run -q -p aggregator --features fuzzing --example fuzz_seeds -- fuzz/corpus ;;
+            agent_session)
+                FEDSPINE_WRITE_FUZZ_SEEDS=1 cargo test -q --workspace --lib agent_session_seeds ;;
+            *)
+                cargo run -q -p protocol --features fuzzing --example fuzz_seeds -- fuzz/corpus ;;
+        esac
+    fi
+    build_args=()
+    if [ "$target" = agent_session ]; then
+        build_args=(--features agent -s none --target-dir fuzz/target-agent)
     fi
     echo "== $target: $runs executions"
     # shellcheck disable=SC2086
-    cargo +"$toolchain" fuzz run "$target" -- \
+    cargo +"$toolchain" fuzz run "${build_args[@]}" "$target" -- \
         -runs="$runs" -max_len="$max_len" -print_final_stats=1 \
         ${FUZZ_ARGS:-}
     if [ "${FUZZ_NO_CMIN:-0}" != 1 ]; then
-        cargo +"$toolchain" fuzz cmin "$target" -- -max_len="$max_len"
+        cargo +"$toolchain" fuzz cmin "${build_args[@]}" "$target" -- -max_len="$max_len"
     fi
 done
 echo "fuzzed ${targets[*]} for $runs executions each; replay with: cargo test -p tests --test fuzz_corpus"
+echo "(agent_session: cargo test --workspace --lib agent_session)"

@@ -26,6 +26,16 @@
 //! is returned naming the file and the step, and the previous checkpoint stays as it was.
 //! A crash can leave a temporary file behind; [`remove_stale_temps`] removes those (the server
 //! calls it when it opens its state directory, before it reads the checkpoint).
+//!
+//! # Failpoints (tests only)
+//! [`failpoint`] pauses the process at a named point when the environment variable
+//! [`FAILPOINT_ENV`] (`FEDSPINE_FAILPOINT`) names it, so that a test can SIGKILL the aggregator
+//! there (`aggregator/tests/crash_points.rs`). The points: `after-temp-write` (the temporary
+//! file is written and fsynced, not yet renamed), `after-rename` (the new checkpoint is in place
+//! and its directory fsynced, the round not yet reported closed), both in [`write_atomic`], and
+//! `mid-aggregation` (the server driver, after an update was folded into the open round's
+//! aggregation and acknowledged). Unset, a failpoint is one environment lookup and nothing
+//! else.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -46,6 +56,44 @@ pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 32;
 pub const MAX_BODY_BYTES: u64 = 16 << 30;
 /// How many temporary-file names a write tries before it gives up.
 pub const TEMP_ATTEMPTS: u32 = 8;
+
+/// The environment variable that arms a [`failpoint`]: `POINT` (its first hit) or `POINT:N`
+/// (its N-th hit in this process).
+pub const FAILPOINT_ENV: &str = "FEDSPINE_FAILPOINT";
+
+/// Hits of the armed failpoint so far.
+static FAILPOINT_HITS: AtomicU64 = AtomicU64::new(0);
+
+/// Test-only fault injection: when [`FAILPOINT_ENV`] arms `point` and this is its chosen hit,
+/// says so on stderr (`failpoint POINT reached (hit N); pausing until killed`) and blocks this
+/// thread for good, so a test can kill the process exactly here. Inert when the variable is
+/// unset or names another point; a malformed hit count is an error on stderr, not a pause.
+pub fn failpoint(point: &str) {
+    let Some(armed) = std::env::var_os(FAILPOINT_ENV) else {
+        return;
+    };
+    let armed = armed.to_string_lossy();
+    let (name, hit) = match armed.split_once(':') {
+        Some((name, n)) => match n.parse::<u64>() {
+            Ok(n) if n >= 1 => (name, n),
+            _ => {
+                eprintln!("{FAILPOINT_ENV}={armed}: the hit count must be a positive integer");
+                return;
+            }
+        },
+        None => (armed.as_ref(), 1),
+    };
+    if name != point {
+        return;
+    }
+    let n = FAILPOINT_HITS.fetch_add(1, Ordering::SeqCst) + 1;
+    if n == hit {
+        eprintln!("failpoint {point} reached (hit {n}); pausing until killed");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
 
 /// Numbers this process's temporary files.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -215,8 +263,11 @@ pub fn write_atomic<T: Serialize>(
             .map_err(io_err(&tmp, "write"))?;
         file.sync_all().map_err(io_err(&tmp, "fsync"))?;
         drop(file);
+        failpoint("after-temp-write");
         fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
-        sync_parent_dir(path)
+        sync_parent_dir(path)?;
+        failpoint("after-rename");
+        Ok(())
     })(file);
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

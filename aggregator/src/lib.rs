@@ -7,6 +7,8 @@
 pub mod aggregate;
 pub mod checkpoint;
 pub mod coordinator;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod pki;
 pub mod prometheus;
 pub mod server;

@@ -88,6 +88,11 @@ impl TrainJob {
     }
 }
 
+/// Most messages the outbox keeps: past it the oldest is dropped (and logged), so neither a
+/// long disconnection nor a stream of undeliverable answers grows the session without bound
+/// (the aggregator treats a missing answer as a failed round).
+pub const MAX_OUTBOX: usize = 16;
+
 /// Static settings of a device.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -442,7 +447,7 @@ impl AgentSession {
             }
             AgentEvent::Undelivered(msg) => {
                 if matches!(msg, Message::Update(_) | Message::RoundFailed(_)) {
-                    self.outbox.push(msg);
+                    self.keep(msg);
                 }
                 vec![]
             }
@@ -457,9 +462,21 @@ impl AgentSession {
         if self.connected {
             vec![AgentCommand::Send(msg)]
         } else {
-            self.outbox.push(msg);
+            self.keep(msg);
             vec![]
         }
+    }
+
+    /// Puts `msg` in the outbox, dropping the oldest message past [`MAX_OUTBOX`].
+    fn keep(&mut self, msg: Message) {
+        if self.outbox.len() >= MAX_OUTBOX {
+            let dropped = self.outbox.remove(0);
+            tracing::warn!(
+                kind = dropped.kind(),
+                "outbox full; the oldest answer is dropped"
+            );
+        }
+        self.outbox.push(msg);
     }
 
     fn on_message(&mut self, now: Timestamp, m: Message, bytes: u64) -> Vec<AgentCommand> {
@@ -759,5 +776,7 @@ impl AgentSession {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,12 @@
 //! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) and kept regression inputs
 //! (`fuzz/regressions/<target>/`) through the same checks the fuzz targets run, so the stable
-//! test suite re-asserts every invariant the fuzzers held on every input they kept.
+//! test suite re-asserts every invariant the fuzzers held on every input they kept. (The
+//! `agent_session` target's corpus replays as a device-agent unit test,
+//! `session::fuzzing::tests`, so that this crate does not link burn.)
 
 use std::path::{Path, PathBuf};
+
+use aggregator::fuzzing::{check_aggregate, seed_inputs};
 
 use protocol::fuzzing::{
     allocation_tracking_active, check_decode_validate, check_frame_stream, check_round_trip,
@@ -18,10 +22,11 @@ static ALLOC: test_support::CountingAllocator = test_support::CountingAllocator;
 
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 3] = [
+const TARGETS: [(&str, Check); 4] = [
     ("frame_decoder", check_frame_stream),
     ("decode_validate", check_decode_validate),
     ("round_trip", check_round_trip),
+    ("aggregate", check_aggregate),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -83,6 +88,25 @@ fn round_trip_corpus_replays() {
 }
 
 #[test]
+fn aggregate_corpus_replays() {
+    let (name, check) = TARGETS[3];
+    assert!(replay(name, check) > 0);
+}
+
+#[test]
+fn aggregate_seeds_are_accepted_and_pass() {
+    let seeds = seed_inputs();
+    assert!(seeds.len() >= 4);
+    for (name, input) in &seeds {
+        // Every seed update passes a round's checks, or the fuzzer starts outside the
+        // aggregation code.
+        let accepted = aggregator::fuzzing::accepted_as_round(input);
+        assert!(accepted >= 1, "{name}: no update accepted");
+        check_aggregate(input);
+    }
+}
+
+#[test]
 fn seed_messages_pass_every_check() {
     for message in seed_messages() {
         let frame = match encode_frame(&message) {
@@ -107,7 +131,7 @@ fn seed_messages_pass_every_check() {
             );
         }
         check_frame_stream(&frame);
-        for (_, check) in &TARGETS[1..] {
+        for (_, check) in &TARGETS[1..3] {
             check(&frame[FRAME_HEADER_BYTES..]);
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use protocol::{DeviceId, Timestamp};
+use protocol::{DeviceId, Message, Timestamp};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -160,7 +160,14 @@ fn execute(
 ) -> Result<(), ServerError> {
     for cmd in cmds {
         match cmd {
-            Command::Send { device, msg } => shared.send(device, &msg),
+            Command::Send { device, msg } => {
+                shared.send(device, &msg);
+                if let Message::Ack(_) = msg {
+                    // Tests only: an update is folded into the open round (see
+                    // `checkpoint::failpoint`).
+                    checkpoint::failpoint("mid-aggregation");
+                }
+            }
             Command::Disconnect { device, reason } => shared.disconnect(device, reason),
             Command::Checkpoint => {
                 let state = coord.state();
