@@ -194,6 +194,7 @@ async fn device(pki: PathBuf, id: u64, addr: SocketAddr) -> Vec<u64> {
                 ram_bytes: 4 << 30,
                 backend: "scripted".into(),
                 bench_score: None,
+                device_class: None,
             },
         });
         if conn.stream.send(&join).await.is_err() {

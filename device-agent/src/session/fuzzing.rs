@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use protocol::{
     decode_body, encode_frame, Arm, Capabilities, DeviceId, FailReason, GlobalSlice, KeptIndices,
-    Message, ModelDims, Proj, RoundConfig, RoundFailed, RoundId, Timestamp, UpdateStats, Welcome,
-    DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    Message, ModelDims, Proj, RankPruning, RoundConfig, RoundFailed, RoundId, RoundOptions,
+    Timestamp, UpdateStats, Welcome, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 
 use super::{
@@ -46,6 +46,7 @@ fn session(ram_bytes: u64) -> AgentSession {
             ram_bytes,
             backend: "flex".into(),
             bench_score: None,
+            device_class: None,
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(4),
@@ -165,6 +166,13 @@ fn round_config(b: &mut Bytes) -> Message {
         learning_rate: b.f32(),
         batch_size: b.wide() as u32,
         seed: u64::from(b.u8()),
+        options: RoundOptions {
+            rank_pruning: (b.u8() % 4 == 0).then(|| RankPruning {
+                reg: b.f32(),
+                gamma: b.f32(),
+                step: b.f32(),
+            }),
+        },
     })
 }
 
@@ -473,7 +481,7 @@ pub fn seed_inputs() -> Vec<(String, Vec<u8>)> {
     };
     let alpha16 = [4, 0, 0, 0x80, 0x41];
     // Round `round`: no global, prune ratio 0.25, no target, deadline 30 s, prune interval 2,
-    // learning rate 1/64, seed 7, a 100-byte frame.
+    // learning rate 1/64, seed 7, no round options (1 % 4 != 0), a 100-byte frame.
     let config = |round: u8, rank: &[u8], steps: &[u8], batch: &[u8]| {
         let mut c = vec![CONFIG, round];
         c.extend(rank);
@@ -483,6 +491,7 @@ pub fn seed_inputs() -> Vec<(String, Vec<u8>)> {
         c.extend([2, 6, 1]);
         c.extend(batch);
         c.push(7);
+        c.push(1);
         c.extend(small(100));
         c
     };
