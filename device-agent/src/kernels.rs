@@ -433,15 +433,7 @@ mod tests {
         assert!(softmax_last(&x.clone().autodiff().require_grad()).is_none());
     }
 
-    fn seeded(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
+    use test_support::seeded_noise as seeded;
 
     /// Value and input gradient of `sum(f(x) * w)` under autodiff.
     fn value_and_grad(

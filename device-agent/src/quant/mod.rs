@@ -422,15 +422,7 @@ mod tests {
     use crate::model::{to_rows, KvCache, Llama, ModelConfig};
     use burn::tensor::Device;
 
-    fn seeded(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
+    use test_support::seeded_noise as seeded;
 
     /// `x[n, cols] · w[rows, cols]ᵀ` in f64.
     fn reference(x: &[f32], w: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f64> {
