@@ -24,6 +24,7 @@ for b in aggregator device-agent; do
         exit 1
     }
 done
+bin="$(cd "$bin" && pwd)" # the steps run in the working directory, so a relative path would break
 export PATH="$bin:$PATH"
 export FEDSPINE_OFFLINE="${FEDSPINE_OFFLINE:-1}"
 edge_triple=aarch64-unknown-linux-gnu
@@ -135,7 +136,7 @@ fi
 join1=(device-agent join --aggregator 127.0.0.1:7443 --server-name localhost --pki dev-1 --id 1 --device-class x86-64 --data deploy/examples/dev-1-chats.jsonl --state dev-1-state)
 if [ "$arm" = 1 ]; then
     join2=(qemu-aarch64-static -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/release/device-agent
-        join --aggregator 127.0.0.1:7443 --server-name localhost --pki dev-2 --id 2 --device-class rpi5 --data deploy/examples/dev-2-notes.jsonl --state dev-2-state)
+        join --aggregator 127.0.0.1:7443 --server-name localhost --pki dev-2 --id 2 --device-class rpi5 --data deploy/examples/dev-2-notes.jsonl --seq-len 32 --state dev-2-state)
 else
     join2=(device-agent join --aggregator 127.0.0.1:7443 --server-name localhost --pki dev-2 --id 2 --device-class x86-64 --data deploy/examples/dev-2-notes.jsonl --state dev-2-state)
 fi
