@@ -112,7 +112,13 @@ fn step_only(sparsity: f64, rank: usize, recompute: bool, default_malloc: bool) 
     };
     let mut t = train::Tuner::new(&base, kept, ad, cfg).expect("tuner");
     let s = time_median(2, || t.train_micro(&batch, 1e-3, false));
-    let est = cost::train_memory(&model.config, rank, 4, 256).total as f64 / (1 << 20) as f64;
+    let mode = if recompute {
+        cost::MemoryMode::RecomputeBlocks
+    } else {
+        cost::MemoryMode::KeepActivations
+    };
+    let est =
+        cost::train_memory_in(&model.config, rank, 4, 256, mode).total as f64 / (1 << 20) as f64;
     println!(
         "| {:.2} | {rank} | {}{} | {s:.2} | {:.0} | {:.0} | {est:.0} |",
         model.config.sparsity(),

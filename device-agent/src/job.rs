@@ -232,6 +232,7 @@ pub fn run_job(
         prune: agent.prune.clone(),
         seed: job.seed,
         warmup_steps: (job.local_steps / 10).max(1),
+        recompute_blocks: job.memory.recomputes(),
         ..TrainConfig::default()
     };
     if let Some(rp) = &job.rank_pruning {
@@ -295,11 +296,12 @@ pub fn run_job(
         compute_ms: 0,
         bytes_down: 0,
         bytes_up: 0,
-        peak_mem_bytes: crate::cost::train_memory(
+        peak_mem_bytes: crate::cost::train_memory_in(
             c,
             pruned.trained_rank,
             job.batch,
             data.seq_len(),
+            job.memory,
         )
         .total,
         samples: (job.local_steps as u64).saturating_mul(job.batch as u64),

@@ -326,6 +326,31 @@ impl Adapter {
         Ok(())
     }
 
+    /// What `tune` saved in `dir`: `base` pruned to the kept maps in `adapter.json`, and the
+    /// adapter trained on it.
+    pub fn load_tuned(
+        base: &Llama,
+        dir: &std::path::Path,
+    ) -> Result<(Llama, Adapter), AdapterError> {
+        let meta_path = dir.join("adapter.json");
+        let bad = |what: String| AdapterError::Invalid {
+            path: meta_path.display().to_string(),
+            what,
+        };
+        let text = std::fs::read_to_string(&meta_path).map_err(|source| AdapterError::Io {
+            path: meta_path.display().to_string(),
+            source,
+        })?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let kept: protocol::KeptIndices = serde_json::from_value(meta["kept"].clone())
+            .map_err(|e| bad(format!("missing or invalid 'kept' maps: {e}")))?;
+        let model = crate::prune::slice_model(base, &kept)
+            .map_err(|e| bad(format!("kept maps do not fit this base model: {e}")))?;
+        let adapter = Adapter::load(dir, &model.config, &model.device)?;
+        Ok((model, adapter))
+    }
+
     /// Load what [`Adapter::save`] wrote, for a model of config `cfg` (already pruned to the
     /// adapter's kept maps).
     pub fn load(

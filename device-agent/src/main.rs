@@ -9,6 +9,8 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use device_agent::assets;
 use device_agent::backend::BackendKind;
+use device_agent::client::{machine_ram_bytes, parse_range};
+use device_agent::cost::{self, MemoryMode};
 use device_agent::data;
 use device_agent::eval;
 use device_agent::export;
@@ -17,7 +19,7 @@ use device_agent::gguf::GgufFile;
 use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
-use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::quant::BasePrecision;
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
@@ -145,8 +147,12 @@ struct TuneArgs {
     /// Prune MLP channels only.
     #[arg(long)]
     no_heads: bool,
-    /// Low-memory training: recompute one block at a time in the backward pass (about 3.5x
-    /// less peak memory for about 1.5x the time).
+    /// Activation memory: keep (fastest), recompute (one block at a time in the backward pass:
+    /// about a third of the peak for about 1.45x the time), or auto (keep when its estimated
+    /// peak fits in this machine's RAM).
+    #[arg(long, default_value = "auto")]
+    memory: String,
+    /// The same as `--memory recompute`.
     #[arg(long)]
     low_memory: bool,
     #[arg(long, default_value_t = 0)]
@@ -435,7 +441,7 @@ fn main() -> Result<()> {
             let (base, tok) = load(&args.model)?;
             let (mut model, adapter) = match (&args.adapter, &args.state) {
                 (Some(dir), _) => {
-                    let (m, a) = load_tuned(&base, dir)?;
+                    let (m, a) = Adapter::load_tuned(&base, dir)?;
                     drop(base);
                     (m, Some(a))
                 }
@@ -475,7 +481,7 @@ fn main() -> Result<()> {
             let (base, tok) = load(&args.model)?;
             let model = match (&args.adapter, &args.state) {
                 (Some(dir), _) => {
-                    let (m, a) = load_tuned(&base, dir)?;
+                    let (m, a) = Adapter::load_tuned(&base, dir)?;
                     a.merge_into(&m)
                 }
                 (None, Some(dir)) => match from_state(&base, dir)? {
@@ -596,33 +602,6 @@ fn show_state(args: &StateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pruned model and adapter saved by `tune` in `dir`.
-fn load_tuned(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Adapter)> {
-    let meta_path = dir.join("adapter.json");
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&meta_path)
-            .with_context(|| format!("reading {}", meta_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", meta_path.display()))?;
-    let kept: KeptIndices = serde_json::from_value(meta["kept"].clone())
-        .with_context(|| format!("{}: missing or invalid 'kept' maps", meta_path.display()))?;
-    let model = prune::slice_model(base, &kept).with_context(|| {
-        format!(
-            "{}: kept maps do not fit this base model",
-            meta_path.display()
-        )
-    })?;
-    let adapter = Adapter::load(dir, &model.config, &model.device)?;
-    Ok((model, adapter))
-}
-
-fn parse_range(s: &str) -> Result<(u32, u32)> {
-    let (a, b) = s
-        .split_once('-')
-        .with_context(|| format!("'{s}' is not a range like 1990-2021"))?;
-    Ok((a.trim().parse()?, b.trim().parse()?))
-}
-
 fn progress(len: u64) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
@@ -651,6 +630,20 @@ fn tune(args: TuneArgs) -> Result<()> {
     prune_cfg.uniform = args.uniform;
     prune_cfg.per_block = args.per_block;
     prune_cfg.prune_heads = !args.no_heads;
+    let peak =
+        |m| cost::train_memory_in(&base.config, args.rank, args.batch, args.seq_len, m).total;
+    let setting = if args.low_memory {
+        "recompute"
+    } else {
+        &args.memory
+    };
+    let memory =
+        MemoryMode::from_setting(setting, peak, machine_ram_bytes()).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "memory: {} (estimated peak {} MiB)",
+        memory.name(),
+        peak(memory) >> 20
+    );
     let cfg = TrainConfig {
         lr: args.lr,
         weight_decay: args.weight_decay,
@@ -661,7 +654,7 @@ fn tune(args: TuneArgs) -> Result<()> {
         criterion,
         prune: prune_cfg,
         seed: args.seed,
-        recompute_blocks: args.low_memory,
+        recompute_blocks: memory.recomputes(),
         ..TrainConfig::default()
     };
     let adapter = Adapter::new(&base.config, args.rank, args.alpha, args.seed, &base.device);
@@ -787,6 +780,7 @@ fn tune(args: TuneArgs) -> Result<()> {
         "optimiser": optimiser_name(&tuner.cfg), "prune_schedule": args.prune_schedule,
     }))?;
     summary["optimiser"] = optimiser_name(&tuner.cfg).into();
+    summary["memory_mode"] = memory.name().into();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(
         "saved adapter and kept-index maps to {}",

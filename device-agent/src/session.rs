@@ -30,7 +30,7 @@ use protocol::{
     RoundConfig, RoundFailed, RoundId, Timestamp, Update, UpdateStats, PROTOCOL_VERSION,
 };
 
-use crate::cost::RoundCosts;
+use crate::cost::{MemoryMode, RoundCosts};
 use crate::lora::HostFactors;
 use crate::model::Llama;
 use crate::prune::{Criterion, Importance, KeptIndicesExt, PruneConfig};
@@ -78,6 +78,8 @@ pub struct TrainJob {
     pub deadline: Timestamp,
     /// HetLoRA's rank self-pruning, when the round asks for it.
     pub rank_pruning: Option<protocol::RankPruning>,
+    /// The fastest memory mode whose estimated peak fits the device's RAM.
+    pub memory: MemoryMode,
 }
 
 impl TrainJob {
@@ -594,24 +596,32 @@ impl AgentSession {
                 reason: FailReason::Error(format!("round configuration refused: {why}")),
             }));
         }
-        // A round that cannot fit in the device's RAM is refused before it starts; the
-        // aggregator's feasibility filter learns from the report.
-        let needed = self.config.costs.round_memory(
-            &self.state.kept,
-            rc.arm.rank as usize,
-            rc.batch_size as usize,
-        );
+        // The round trains keeping its activations when that fits in the device's RAM, else
+        // recomputing blocks; one that fits neither way is refused before it starts (the
+        // aggregator's feasibility filter learns from the report).
         let ram = self.config.capabilities.ram_bytes;
-        if needed > ram {
-            tracing::warn!(round = %rc.round, needed, ram, "the round does not fit in RAM");
-            self.phase = Phase::Idle;
-            return self.answer(Message::RoundFailed(RoundFailed {
-                round: rc.round,
-                reason: FailReason::OutOfMemory {
-                    needed_bytes: needed,
-                    ram_bytes: ram,
-                },
-            }));
+        let (rank, batch) = (rc.arm.rank as usize, rc.batch_size as usize);
+        let estimate = |mode| {
+            self.config
+                .costs
+                .round_memory(&self.state.kept, rank, batch, mode)
+        };
+        let memory = match MemoryMode::fitting(estimate, ram) {
+            Ok(mode) => mode,
+            Err(needed) => {
+                tracing::warn!(round = %rc.round, needed, ram, "the round does not fit in RAM");
+                self.phase = Phase::Idle;
+                return self.answer(Message::RoundFailed(RoundFailed {
+                    round: rc.round,
+                    reason: FailReason::OutOfMemory {
+                        needed_bytes: needed,
+                        ram_bytes: ram,
+                    },
+                }));
+            }
+        };
+        if memory.recomputes() {
+            tracing::info!(round = %rc.round, ram, "activations do not fit in RAM: recomputing blocks");
         }
         self.phase = Phase::Training(rc.round);
         self.running = Some((JobKey::of(&rc), bytes));
@@ -633,6 +643,7 @@ impl AgentSession {
                 alpha: self.alpha,
                 deadline,
                 rank_pruning: rc.options.rank_pruning,
+                memory,
             }),
             state: self.state.clone(),
         }]

@@ -167,6 +167,7 @@ fn a_cancelled_job_stops_at_its_next_step() {
         alpha: 16.0,
         deadline: Timestamp(u64::MAX),
         rank_pruning: None,
+        memory: device_agent::cost::MemoryMode::KeepActivations,
     };
     let state = DeviceState::fresh(&base);
     // The driver's flag is set (the session said Cancel) while step 2 runs: the job stops

@@ -403,5 +403,6 @@ pub fn eval_job(slice: &GlobalSlice) -> TrainJob {
         alpha: slice.adapter.alpha as f64,
         deadline: Timestamp(0),
         rank_pruning: None,
+        memory: device_agent::cost::MemoryMode::KeepActivations,
     }
 }

@@ -365,7 +365,8 @@ impl LocalTrainer for SurrogateTrainer {
             compute_ms: 0,
             bytes_down: 0,
             bytes_up: 0,
-            peak_mem_bytes: cost::train_memory(&pre, rank, job.batch, self.seq_len).total,
+            peak_mem_bytes: cost::train_memory_in(&pre, rank, job.batch, self.seq_len, job.memory)
+                .total,
             samples: (steps * job.batch) as u64,
             steps: steps as u32,
         };

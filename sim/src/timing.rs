@@ -26,7 +26,7 @@
 
 use std::sync::OnceLock;
 
-use device_agent::cost;
+use device_agent::cost::{self, MemoryMode};
 use device_agent::model::ModelConfig;
 use device_agent::train::RoundReport;
 
@@ -89,6 +89,25 @@ pub struct RoundFlops {
 impl RoundFlops {
     pub fn total(&self) -> f64 {
         self.train + self.eval
+    }
+
+    /// The round's cost when its device trains in `mode`: recomputing blocks repeats their
+    /// forward pass in every step.
+    pub fn in_mode(self, mode: MemoryMode) -> RoundFlops {
+        RoundFlops {
+            train: self.train * step_cost_factor(mode),
+            eval: self.eval,
+        }
+    }
+}
+
+/// Time of a training step in `mode` over its time keeping activations: 1.45 for block
+/// recomputation (4.05 against 2.79 s per dense r16 b4 x s256 step, BENCHMARKS.md "The
+/// allocator"; one host, one run).
+pub fn step_cost_factor(mode: MemoryMode) -> f64 {
+    match mode {
+        MemoryMode::KeepActivations => 1.0,
+        MemoryMode::RecomputeBlocks => 1.45,
     }
 }
 

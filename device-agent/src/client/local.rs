@@ -51,7 +51,8 @@ pub fn synthetic_shard(seq_len: usize, train: usize, test: usize, seed: u64) -> 
     }
 }
 
-pub(super) fn parse_range(s: &str) -> Result<(u32, u32), ClientError> {
+/// A `FROM-TO` range of years or chapters.
+pub fn parse_range(s: &str) -> Result<(u32, u32), ClientError> {
     let bad = || ClientError::Setup {
         what: format!("range '{s}'"),
         detail: "expected FROM-TO, e.g. 1990-2021".into(),
@@ -64,7 +65,7 @@ pub(super) fn parse_range(s: &str) -> Result<(u32, u32), ClientError> {
 }
 
 /// Total memory of this machine, from `/proc/meminfo` (4 GiB when unknown).
-pub(super) fn machine_ram_bytes() -> u64 {
+pub fn machine_ram_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {

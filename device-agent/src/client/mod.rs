@@ -52,7 +52,8 @@ use crate::wire;
 
 mod local;
 
-use local::{load_data, load_model, machine_ram_bytes};
+use local::{load_data, load_model};
+pub use local::{machine_ram_bytes, parse_range};
 pub use local::{synthetic_shard, tiny_model};
 
 /// `device-agent join`: take part in federated rounds.

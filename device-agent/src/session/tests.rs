@@ -3,7 +3,7 @@
 //! aggregator's values (heartbeat intervals, caps, the round deadline) (sans-IO, no model).
 
 use super::*;
-use crate::cost::PrunedModel;
+use crate::cost::{MemoryMode, PrunedModel};
 use crate::model::ModelConfig;
 use protocol::{ModelDims, Welcome};
 
@@ -298,8 +298,9 @@ fn a_restart_keeps_the_state_and_forgets_the_rest() {
 #[test]
 fn a_round_that_does_not_fit_in_ram_fails_before_it_starts() {
     let kept = KeptIndices::dense(&tiny());
-    let need4 = costs().round_memory(&kept, 4, 2);
-    let need8 = costs().round_memory(&kept, 8, 2);
+    let low = MemoryMode::RecomputeBlocks;
+    let need4 = costs().round_memory(&kept, 4, 2, low);
+    let need8 = costs().round_memory(&kept, 8, 2, low);
     assert!(need4 < need8);
     let mut s = session_with_ram((need4 + need8) / 2);
     let c = s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
@@ -326,6 +327,26 @@ fn a_round_that_does_not_fit_in_ram_fails_before_it_starts() {
             assert_eq!(state.kept, kept);
         }
         other => panic!("expected a Train command, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_device_short_of_ram_recomputes_blocks_instead_of_failing() {
+    let kept = KeptIndices::dense(&tiny());
+    let keep = costs().round_memory(&kept, 8, 2, MemoryMode::KeepActivations);
+    let low = costs().round_memory(&kept, 8, 2, MemoryMode::RecomputeBlocks);
+    assert!(low < keep, "recomputing must need less: {low} vs {keep}");
+    for (ram, want) in [
+        (keep, MemoryMode::KeepActivations),
+        (keep - 1, MemoryMode::RecomputeBlocks),
+        (low, MemoryMode::RecomputeBlocks),
+    ] {
+        let mut s = session_with_ram(ram);
+        let c = s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
+        match c.as_slice() {
+            [AgentCommand::Train { job, .. }] => assert_eq!(job.memory, want, "RAM {ram}"),
+            other => panic!("RAM {ram}: expected a Train command, got {other:?}"),
+        }
     }
 }
 

@@ -59,7 +59,8 @@ impl Simulation<'_> {
         let draw = truncated_normal(1.0, profile.variability, &mut noise);
         let gflops = profile.train_gflops * d.power_mode * draw;
         let step_ms = timing::compute_ms(
-            timing::train_step_flops(&pre, rank, job.batch, seq, false),
+            timing::train_step_flops(&pre, rank, job.batch, seq, false)
+                * timing::step_cost_factor(job.memory),
             gflops,
         );
         let mut info = JobInfo {
@@ -86,7 +87,7 @@ impl Simulation<'_> {
         match self.trainer.train(i, &job, &state, &agent) {
             Ok(trained) => {
                 let mut outcome = trained.outcome;
-                let ms = timing::compute_ms(trained.flops.total(), gflops);
+                let ms = timing::compute_ms(trained.flops.in_mode(job.memory).total(), gflops);
                 outcome.stats.compute_ms = ms;
                 let d = &mut self.devices[i];
                 d.peak_mem = d.peak_mem.max(outcome.stats.peak_mem_bytes);
