@@ -119,7 +119,8 @@ struct ServeArgs {
     /// Largest number of simultaneous connections.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
-    /// Largest number of simultaneous connections from one IP address.
+    /// Largest number of simultaneous connections from one IP address (an IPv6 /64 counts as
+    /// one address).
     #[arg(long, default_value_t = 64)]
     max_connections_per_ip: usize,
     /// Largest number of connections from one IP address still in their handshake.

@@ -67,9 +67,10 @@ pub fn load_serve_config(path: &Path) -> Result<(CoordinatorConfig, ModelDims), 
 pub struct NetLimits {
     /// Largest number of live connections (handshaking or established).
     pub max_connections: usize,
-    /// Live connections from one IP address (handshaking or established).
+    /// Live connections from one IP address (handshaking or established); an IPv6 /64 counts
+    /// as one address.
     pub max_connections_per_ip: usize,
-    /// Connections from one IP address still in their handshake.
+    /// Connections from one IP address (an IPv6 /64) still in their handshake.
     pub max_handshakes_per_ip: usize,
     /// Answer a connection attempt from an address not yet validated with a QUIC Retry (a
     /// stateless round trip that proves the sender receives at its address), so spoofed or

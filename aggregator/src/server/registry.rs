@@ -1,5 +1,6 @@
 //! What the server's tasks share: the live connections by device (with the duplicate-connection
-//! policy), connection slots per IP address, the bounded outbound queue of each connection and
+//! policy), connection slots per address ([`address_group`]: an IPv4 address, or an IPv6 /64,
+//! which one host or user usually holds whole), the bounded outbound queue of each connection and
 //! the bounded inbound path to the coordinator thread, and the counters of everything refused.
 //!
 //! # Bounds
@@ -198,7 +199,24 @@ impl Conn {
     }
 }
 
-/// Live connections and slots of one IP address.
+/// The address a peer's per-address caps count against: an IPv4 address as it is (also when
+/// written as an IPv4-mapped IPv6 address), an IPv6 address by its /64 prefix. An IPv6 host or
+/// customer is usually given a whole /64, so capping single IPv6 addresses would let one
+/// attacker take every slot by rotating through 2^64 of its own addresses.
+pub(super) fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
+/// Live connections and slots of one address group ([`address_group`]).
 #[derive(Default)]
 struct IpSlots {
     connections: usize,
@@ -281,8 +299,10 @@ impl Shared {
         }
     }
 
-    /// A connection slot for a peer at `ip`, within the server's and the address's caps.
+    /// A connection slot for a peer at `ip`, within the server's caps and those of its
+    /// address group ([`address_group`]).
     pub fn take_slot(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, SlotRefused> {
+        let ip = address_group(ip);
         let mut reg = self.registry.lock().map_err(|_| SlotRefused::Capacity)?;
         if self.live() >= self.limits.max_connections {
             return Err(SlotRefused::Capacity);
@@ -529,5 +549,69 @@ impl Drop for Slot {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(per_ip: usize) -> Arc<Shared> {
+        let (tx, _rx) = mpsc::channel();
+        let limits = NetLimits {
+            max_connections_per_ip: per_ip,
+            max_handshakes_per_ip: per_ip,
+            ..NetLimits::default()
+        };
+        Arc::new(Shared::new(
+            tx,
+            Revocations::open(std::path::Path::new("/nonexistent/fedspine-revoked.txt"))
+                .expect("a missing list is empty"),
+            1 << 20,
+            limits,
+            Duration::from_secs(1),
+        ))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("a literal address")
+    }
+
+    #[test]
+    fn ipv6_addresses_are_grouped_by_their_64_bit_prefix() {
+        assert_eq!(
+            address_group(ip("2001:db8:1:2:aaaa::1")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            address_group(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(address_group(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(address_group(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(address_group(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+    }
+
+    #[test]
+    fn rotating_through_one_64_does_not_escape_the_per_address_cap() {
+        let s = shared(3);
+        // An attacker holding 2001:db8:0:1::/64 tries a new address for every connection.
+        let mut held = Vec::new();
+        for i in 1..=3u16 {
+            let a = ip(&format!("2001:db8:0:1:{i:x}::{i:x}"));
+            held.push(s.take_slot(a).ok().expect("within the cap"));
+        }
+        let fourth = s.take_slot(ip("2001:db8:0:1:dead:beef:0:1"));
+        assert!(matches!(
+            fourth,
+            Err(SlotRefused::Address { connections: 3, .. })
+        ));
+        // The neighbouring /64 and an IPv4 peer are not affected.
+        assert!(s.take_slot(ip("2001:db8:0:2::1")).is_ok());
+        assert!(s.take_slot(ip("192.0.2.1")).is_ok());
+        // Slots come back when connections end, and the group's entry goes with the last one.
+        held.clear();
+        assert!(s.take_slot(ip("2001:db8:0:1::9")).is_ok());
+        assert!(s.registry.lock().expect("lock").per_ip.len() <= 3);
     }
 }
