@@ -206,9 +206,29 @@ async fn a_run_completes_and_a_new_run_refuses_to_replace_its_checkpoint() {
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["start", "round", "round"]);
-    assert_eq!(events[2]["round"], 2);
-    assert_eq!(events[2]["participants"].as_array().unwrap().len(), 3);
+    assert_eq!(kinds, ["start", "round", "net", "round", "net"]);
+    assert_eq!(events[3]["round"], 2);
+    assert_eq!(events[3]["participants"].as_array().unwrap().len(), 3);
+    // Each round is followed by the network counters: every cause the run's outcome reports,
+    // cumulative (never above the figure at the end, never below round 1's).
+    assert_eq!(
+        (events[2]["round"].as_u64(), events[4]["round"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let net = serde_json::to_value(&outcome.net).unwrap();
+    for (cause, end) in net.as_object().unwrap() {
+        let at = |i: usize| {
+            events[i][cause]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{cause}: {}", events[i]))
+        };
+        assert!(at(2) <= at(4) && at(4) <= end.as_u64().unwrap(), "{cause}");
+    }
+    assert!(
+        events[4]["peak_queued_bytes"].as_u64().unwrap() > 0,
+        "{}",
+        events[4]
+    );
 
     let err = server::prepare(config(2), dims(), &opts, false).unwrap_err();
     assert!(matches!(err, ServerError::CheckpointExists { .. }), "{err}");

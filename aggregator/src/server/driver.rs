@@ -12,7 +12,7 @@ use protocol::{DeviceId, Message, Timestamp};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::registry::{Input, Shared};
+use super::registry::{Input, NetStats, Shared};
 use super::ServerError;
 use crate::checkpoint;
 use crate::coordinator::{Command, Coordinator, RoundSummary, STATE_SCHEMA};
@@ -30,6 +30,13 @@ pub(super) enum MetricsLine<'a> {
         bandit_digest: String,
     },
     Round(&'a RoundSummary),
+    /// The network counters after a round closed (cumulative since the server started):
+    /// refusals by cause and the queues' peaks.
+    Net {
+        round: u64,
+        #[serde(flatten)]
+        stats: NetStats,
+    },
     /// Frames the driver refused before they reached the coordinator.
     Refused {
         device: DeviceId,
@@ -190,6 +197,10 @@ fn execute(
                     eprintln!("{line}");
                 }
                 sinks.metrics_line(&MetricsLine::Round(&summary));
+                sinks.metrics_line(&MetricsLine::Net {
+                    round: summary.round.0,
+                    stats: shared.counters.snapshot(),
+                });
                 sinks.observe(coord, Some(&summary));
             }
             Command::Finished => {
