@@ -2,9 +2,9 @@
 //! the activations (also quantized to Q8_0 blocks), `y[i] = sum_b dw[b] * dx[i, b] * sum_k
 //! w[b, k] * x[i, b, k]`, the inner sum exact in int32. Paths: AVX-512 VNNI (`vpdpbusd`),
 //! AVX2 (`maddubs` + `madd`) and a portable one (also what aarch64 compiles to). The x86
-//! instructions multiply unsigned by signed bytes: AVX2 uses the sign trick, `|x| * (w *
+//! instructions multiply unsigned by signed bytes; both x86 paths use the sign trick, `|x| * (w *
 //! sign(x))`, exact because every quantized value lies in `-127..=127` (the quantizer clamps
-//! there; `-128` would not survive the sign flip); VNNI the offset trick (see `row_vnni`).
+//! there; `-128` would not survive the sign flip).
 
 use crate::cpu::DotPath;
 
@@ -19,8 +19,6 @@ pub struct RowArgs<'a> {
     pub dw: &'a [u16],
     pub qx: &'a [i8],
     pub dx: &'a [f32],
-    /// `dx` with each scale repeated 8 times (one per int32 lane of a block's partial sums).
-    pub dx8: &'a [f32],
     pub tab: &'a [f32; 65536],
 }
 
@@ -29,12 +27,7 @@ pub struct RowArgs<'a> {
 #[allow(unsafe_code)]
 pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
     let nb = a.dw.len();
-    assert!(
-        a.qw.len() == nb * QK
-            && a.qx.len() == y.len() * nb * QK
-            && a.dx.len() == y.len() * nb
-            && a.dx8.len() == 8 * a.dx.len()
-    );
+    assert!(a.qw.len() == nb * QK && a.qx.len() == y.len() * nb * QK && a.dx.len() == y.len() * nb);
     match path {
         #[cfg(target_arch = "x86_64")]
         DotPath::Avx512Vnni if crate::cpu::hardware().1 >= DotPath::Avx512Vnni => {
@@ -148,74 +141,21 @@ mod x86 {
         rows!(a, y, dot8_avx2)
     }
 
-    /// The VNNI row kernel: two blocks (64 bytes) per 512-bit `vpdpbusd`, four activation rows
-    /// per pass over the weight row. Unsigned-by-signed bytes by the offset trick: `x + 128`
-    /// (a sign-bit flip) times `w`, the accumulator starting at `-128 * sum(w)` per lane, so
-    /// each lane holds exactly `sum(x * w)`. The activations' scales come expanded to 8 lanes
-    /// per block (`RowArgs::dx8`), so a pair of blocks' scales is one load.
-    ///
-    /// SAFETY (caller): the CPU has AVX-512F/BW/VL/VNNI; slice lengths as above.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn row_vnni(a: &RowArgs, y: &mut [f32]) {
-        let n = y.len();
-        let mut i = 0;
-        while i + 4 <= n {
-            tile_vnni::<4>(a, i, &mut y[i..i + 4]);
-            i += 4;
-        }
-        while i < n {
-            tile_vnni::<1>(a, i, &mut y[i..i + 1]);
-            i += 1;
-        }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    unsafe fn dot8_vnni(ax: __m256i, sw: __m256i) -> __m256i {
+        // One instruction for AVX2's two: u8 x i8 quads summed straight into i32 lanes.
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tile_vnni<const R: usize>(a: &RowArgs, i0: usize, y: &mut [f32]) {
-        let nb = a.dw.len();
-        let wp = a.qw.as_ptr();
-        let flip = _mm512_set1_epi8(-128);
-        let flip256 = _mm256_set1_epi8(-128);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut b = 0;
-        while b + 1 < nb {
-            let w = _mm512_loadu_si512(wp.add(b * QK) as *const _);
-            // -128 * (sum of each lane's four weights).
-            let corr = _mm512_sub_epi32(
-                _mm512_setzero_si512(),
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, w),
-            );
-            let dw = _mm512_insertf32x8(
-                _mm512_set1_ps(a.tab[*a.dw.get_unchecked(b) as usize]),
-                _mm256_set1_ps(a.tab[*a.dw.get_unchecked(b + 1) as usize]),
-                1,
-            );
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let i = i0 + r;
-                let x = _mm512_loadu_si512(a.qx.as_ptr().add((i * nb + b) * QK) as *const _);
-                let p = _mm512_dpbusd_epi32(corr, _mm512_xor_si512(x, flip), w);
-                let dx = _mm512_loadu_ps(a.dx8.as_ptr().add((i * nb + b) * 8));
-                *acc_r = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(p), *acc_r);
-            }
-            b += 2;
-        }
-        let mut tail = [0f32; R];
-        if b < nb {
-            let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-            let corr = _mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip256, w),
-            );
-            let dw = a.tab[*a.dw.get_unchecked(b) as usize];
-            for (r, t) in tail.iter_mut().enumerate() {
-                let i = i0 + r;
-                let x = _mm256_loadu_si256(a.qx.as_ptr().add((i * nb + b) * QK) as *const __m256i);
-                let p = _mm256_dpbusd_epi32(corr, _mm256_xor_si256(x, flip256), w);
-                *t = hsum(_mm256_cvtepi32_ps(p)) * dw * *a.dx.get_unchecked(i * nb + b);
-            }
-        }
-        for ((yr, acc_r), t) in y.iter_mut().zip(acc).zip(tail) {
-            *yr = _mm512_reduce_add_ps(acc_r) + t;
-        }
+    /// The VNNI row kernel: AVX2's loop and sign trick with `vpdpbusd` on 256-bit registers.
+    /// (An earlier 512-bit version, two blocks per instruction with the `x + 128` offset trick,
+    /// ran at half AVX2's speed on Zen 4, whose 512-bit operations are two 256-bit halves and
+    /// where the offset's correction cost a second `vpdpbusd` per block pair.)
+    ///
+    /// SAFETY (caller): the CPU has AVX-512F/VL/VNNI; slice lengths as above.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn row_vnni(a: &RowArgs, y: &mut [f32]) {
+        rows!(a, y, dot8_vnni)
     }
 }

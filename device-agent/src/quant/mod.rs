@@ -113,8 +113,6 @@ pub struct QRows {
     nb: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
-    /// `d` with each scale repeated 8 times (for the VNNI kernel's lane-wise scaling).
-    d8: Vec<f32>,
 }
 
 impl QRows {
@@ -149,8 +147,7 @@ impl QRows {
                 .enumerate()
                 .for_each(work);
         }
-        let d8 = d.iter().flat_map(|&v| [v; 8]).collect();
-        Ok(QRows { n, nb, qs, d, d8 })
+        Ok(QRows { n, nb, qs, d })
     }
 }
 
@@ -258,7 +255,6 @@ impl Q8Matrix {
                 dw: &self.d[j * nb..(j + 1) * nb],
                 qx: &qx.qs,
                 dx: &qx.d,
-                dx8: &qx.d8,
                 tab,
             };
             kernels::row_dots(path, &a, y);
