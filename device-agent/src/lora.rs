@@ -332,17 +332,7 @@ impl Adapter {
         base: &Llama,
         dir: &std::path::Path,
     ) -> Result<(Llama, Adapter), AdapterError> {
-        let meta_path = dir.join("adapter.json");
-        let bad = |what: String| AdapterError::Invalid {
-            path: meta_path.display().to_string(),
-            what,
-        };
-        let text = std::fs::read_to_string(&meta_path).map_err(|source| AdapterError::Io {
-            path: meta_path.display().to_string(),
-            source,
-        })?;
-        let meta: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let (meta, bad) = read_meta(dir)?;
         let kept: protocol::KeptIndices = serde_json::from_value(meta["kept"].clone())
             .map_err(|e| bad(format!("missing or invalid 'kept' maps: {e}")))?;
         let model = crate::prune::slice_model(base, &kept)
@@ -358,17 +348,7 @@ impl Adapter {
         cfg: &ModelConfig,
         device: &Device,
     ) -> Result<Adapter, AdapterError> {
-        let meta_path = dir.join("adapter.json");
-        let bad = |what: String| AdapterError::Invalid {
-            path: meta_path.display().to_string(),
-            what,
-        };
-        let text = std::fs::read_to_string(&meta_path).map_err(|source| AdapterError::Io {
-            path: meta_path.display().to_string(),
-            source,
-        })?;
-        let meta: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let (meta, bad) = read_meta(dir)?;
         let rank = meta["rank"]
             .as_u64()
             .ok_or_else(|| bad("no 'rank'".into()))? as usize;
@@ -428,4 +408,22 @@ impl Adapter {
             other => other,
         })
     }
+}
+
+/// `dir/adapter.json` parsed, and a maker of errors that name it.
+fn read_meta(
+    dir: &std::path::Path,
+) -> Result<(serde_json::Value, impl Fn(String) -> AdapterError), AdapterError> {
+    let path = dir.join("adapter.json").display().to_string();
+    let text =
+        std::fs::read_to_string(dir.join("adapter.json")).map_err(|source| AdapterError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    let bad = move |what: String| AdapterError::Invalid {
+        path: path.clone(),
+        what,
+    };
+    let meta = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    Ok((meta, bad))
 }
