@@ -21,8 +21,10 @@
 //! device -> aggregator, downlink the other way); a link carries one message at a time, later
 //! messages queue behind it. The aggregator's own link is assumed not to be the bottleneck.
 //!
-//! **Memory.** `cost::train_memory(shape at the round's start, arm rank, batch, seq)`; the
-//! round's start is its largest shape, since pruning only shrinks the model.
+//! **Memory.** `cost::train_memory_in(shape at the round's start, arm rank, batch, seq, mode)`;
+//! the round's start is its largest shape, since pruning only shrinks the model. A device keeps
+//! activations when that fits its RAM, else recomputes blocks (slower by `step_cost_factor`);
+//! a round runs out of memory only when neither mode fits.
 
 use std::sync::OnceLock;
 
@@ -219,9 +221,15 @@ pub fn inference_ms(cfg: &ModelConfig, tokens: usize, infer_gflops: f64) -> f64 
     forward_flops(cfg, tokens, tokens, 0) / (infer_gflops * 1e9) * 1000.0
 }
 
-/// Peak training memory of a round that starts at `cfg`.
-pub fn peak_memory(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> u64 {
-    cost::train_memory(cfg, rank, batch, seq).total
+/// Peak training memory of a round that starts at `cfg` and trains in `mode`.
+pub fn peak_memory(
+    cfg: &ModelConfig,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    mode: MemoryMode,
+) -> u64 {
+    cost::train_memory_in(cfg, rank, batch, seq, mode).total
 }
 
 #[cfg(test)]

@@ -205,14 +205,17 @@ fn a_device_with_too_little_ram_never_plays_an_excluded_arm_again() {
     cfg.coordinator.min_devices = Some(3);
     cfg.coordinator.over_selection = 0.0;
     let cfg = cfg.with_strategy("fedspine").unwrap();
-    // RAM between the needs of ranks 4 and 8 at the dense shape: rank 8 fails until pruned far.
+    // RAM between the needs of ranks 4 and 8 at the dense shape in the leaner memory mode
+    // (recomputing blocks; a device falls back to it before failing): rank 8 fails until
+    // pruned far.
     let ModelChoice::Tiny(t) = &cfg.model else {
         panic!()
     };
     let dense = tiny_model(t).config;
     let (b, s) = (cfg.coordinator.batch_size as usize, cfg.workload.seq_len);
-    let need4 = timing::peak_memory(&dense, 4, b, s);
-    let need8 = timing::peak_memory(&dense, 8, b, s);
+    let lean = device_agent::cost::MemoryMode::RecomputeBlocks;
+    let need4 = timing::peak_memory(&dense, 4, b, s, lean);
+    let need8 = timing::peak_memory(&dense, 8, b, s, lean);
     assert!(need4 < need8);
     let mut small = agx();
     small.name = "small".into();
