@@ -483,9 +483,18 @@ pub enum RejectReason {
     ShuttingDown,
     #[error("the aggregator cannot use this device: {0}")]
     Unsupported(String),
-    /// The Join named a device class [`check_device_class`] refuses (the text says why).
-    #[error("{0}")]
+    /// The Join named a device class [`check_device_class`] refuses (the text says why; a
+    /// decoded reason may carry any text, empty included, which displays as a fixed sentence).
+    #[error("{}", class_refusal_text(.0))]
     BadDeviceClass(String),
+}
+
+fn class_refusal_text(why: &str) -> &str {
+    if why.trim().is_empty() {
+        "the device class was refused (no reason given)"
+    } else {
+        why
+    }
 }
 
 impl RejectReason {
@@ -706,5 +715,21 @@ mod tests {
             refused.to_string(),
             "device class \"RPi 5\" holds 'R': only a-z, 0-9, '.', '_' and '-' are allowed"
         );
+    }
+
+    #[test]
+    fn every_reject_reason_says_something_even_with_empty_peer_text() {
+        // A decoded Reject carries whatever text its sender chose, empty included (the
+        // decode_validate fuzzer's finding: a bare "{0}" displayed as nothing).
+        let empty = String::new;
+        let reasons = [
+            RejectReason::Malformed(empty()),
+            RejectReason::Unexpected(empty()),
+            RejectReason::Unsupported(empty()),
+            RejectReason::BadDeviceClass(empty()),
+        ];
+        for reason in reasons {
+            assert!(!reason.to_string().trim().is_empty(), "{}", reason.kind());
+        }
     }
 }
