@@ -4,9 +4,10 @@
 //! deadline; the per-address caps refuse the connection and the handshake over them, and a
 //! handshake that stalls is dropped at its budget; a second connection of an active device is
 //! refused while a silent one is replaced; a message flood is throttled and closed while honest
-//! devices finish their round; 1,100 stalled QUIC Initials hold no connection slot (address
-//! validation by Retry) and a real device still joins within 2 s; a device that comes back with
-//! other RAM keeps its bandit.
+//! devices finish their round; 1,280 stalled QUIC Initials from 80 addresses hold no
+//! connection slot (address validation by Retry) and a real device still joins within 2 s,
+//! while with validation off the same flood fills every slot and keeps it out; a device that
+//! comes back with other RAM keeps its bandit.
 
 mod common;
 mod netkit;
@@ -304,69 +305,120 @@ async fn a_heartbeat_flood_is_throttled_and_closed_while_honest_devices_finish_t
     assert_eq!(outcome.counters.updates_accepted, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_initials_hold_no_slot_and_a_real_device_joins_within_two_seconds() {
+/// The flood both address-validation tests send: from each loopback address 127.0.0.a, `a` in
+/// `addresses`, `per_address` connection attempts of one real QUIC Initial packet each, never
+/// continued (the sender ignores every answer), as a spoofing or stalling attacker would.
+/// Returns the packets sent.
+fn send_stalled_initials(
+    client: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    addresses: std::ops::Range<u8>,
+    per_address: usize,
+) -> usize {
+    let mut sent = 0;
+    for a in addresses {
+        let socket = std::net::UdpSocket::bind(format!("127.0.0.{a}:0")).unwrap();
+        let mut endpoint = quinn_proto::Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            false,
+            Some([a; 32]),
+        );
+        let mut attempts = Vec::new();
+        for _ in 0..per_address {
+            let now = Instant::now();
+            let (_, mut conn) = endpoint
+                .connect(now, client.clone(), addr, "localhost")
+                .unwrap();
+            let mut buf = Vec::new();
+            if let Some(t) = conn.poll_transmit(now, 1, &mut buf) {
+                socket.send_to(&buf[..t.size], addr).unwrap();
+                sent += 1;
+            }
+            attempts.push(conn);
+        }
+        // Stay within the kernel's default socket buffer on the server side.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sent
+}
+
+/// 80 addresses x 16 attempts: 1,280 stalled Initials, each address at the per-address
+/// handshake cap, together a quarter more than the server's 1,024 connection slots.
+const FLOOD_ADDRESSES: std::ops::Range<u8> = 10..90;
+const FLOOD_PER_ADDRESS: usize = 16;
+
+/// Runs the flood against a server with or without address validation, then a real device
+/// connects from 127.0.0.1 and joins. Returns the device's answer (or why it got none) within
+/// `patience`, the time it took, and the server's outcome.
+async fn flood_then_join(
+    validate_addresses: bool,
+    patience: Duration,
+) -> (
+    Result<Message, String>,
+    Duration,
+    aggregator::server::ServeOutcome,
+) {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     netkit::pki_dir(&pki, [1]);
-    let opts = netkit::options(dir.path());
+    let mut opts = netkit::options(dir.path());
+    opts.limits.validate_addresses = validate_addresses;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (server, addr) = netkit::spawn_server(netkit::config(1, 3), common::dims(), &opts, async {
         let _ = stop_rx.await;
     })
     .await;
-    // 1,100 connection attempts from 11 addresses: one real Initial packet each, never
-    // continued (the sender ignores every answer), as a spoofing or stalling attacker would.
     let client = transport::load_client_config(&pki, DeviceId(1)).unwrap();
     let sent = tokio::task::spawn_blocking(move || {
-        let mut sent = 0;
-        for a in 10u8..21 {
-            let socket = std::net::UdpSocket::bind(format!("127.0.0.{a}:0")).unwrap();
-            let mut endpoint = quinn_proto::Endpoint::new(
-                Arc::new(quinn_proto::EndpointConfig::default()),
-                None,
-                false,
-                Some([a; 32]),
-            );
-            let mut attempts = Vec::new();
-            for _ in 0..100 {
-                let now = Instant::now();
-                let (_, mut conn) = endpoint
-                    .connect(now, client.clone(), addr, "localhost")
-                    .unwrap();
-                let mut buf = Vec::new();
-                if let Some(t) = conn.poll_transmit(now, 1, &mut buf) {
-                    socket.send_to(&buf[..t.size], addr).unwrap();
-                    sent += 1;
-                }
-                attempts.push(conn);
-            }
-            // Stay within the kernel's default socket buffer on the server side.
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sent
+        send_stalled_initials(client, addr, FLOOD_ADDRESSES, FLOOD_PER_ADDRESS)
     })
     .await
     .unwrap();
-    assert_eq!(sent, 1100);
+    assert_eq!(sent, FLOOD_ADDRESSES.len() * FLOOD_PER_ADDRESS);
 
     let started = Instant::now();
-    let mut peer = netkit::connect(&pki, 1, addr, "127.0.0.1", None)
-        .await
-        .unwrap();
-    let answer = peer.join(1).await;
+    let attempt = async {
+        let mut peer = netkit::connect(&pki, 1, addr, "127.0.0.1", None).await?;
+        peer.join(1).await
+    };
+    let answer = match tokio::time::timeout(patience, attempt).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("no answer within {patience:?}")),
+    };
     let took = started.elapsed();
-    assert!(matches!(answer, Ok(Message::Welcome(_))), "{answer:?}");
-    assert!(took < Duration::from_secs(2), "joined after {took:?}");
-
     stop_tx.send(()).unwrap();
     let outcome = netkit::outcome(server).await;
+    eprintln!("validation {validate_addresses}: {answer:?} after {took:?}; {:?}", outcome.net);
+    (answer, took, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_initials_hold_no_slot_and_a_real_device_joins_within_two_seconds() {
+    let (answer, took, outcome) = flood_then_join(true, Duration::from_secs(10)).await;
+    assert!(matches!(answer, Ok(Message::Welcome(_))), "{answer:?}");
+    assert!(took < Duration::from_secs(2), "joined after {took:?}");
     // Every attempt got a stateless Retry (the real device's first Initial too); none held a
     // slot, so nothing was refused for capacity and no handshake timed out.
     assert!(outcome.net.retries_sent >= 1000, "{:?}", outcome.net);
     assert_eq!(outcome.net.capacity_refusals, 0);
     assert_eq!(outcome.net.address_refusals, 0);
     assert_eq!(outcome.net.handshake_timeouts, 0);
+}
+
+/// The contrast: the same flood against a server with address validation off fills every
+/// connection slot with handshakes that never finish, and the real device is refused; so the
+/// test above passes because of the Retry, not because the flood is too weak to matter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_address_validation_the_same_flood_keeps_a_real_device_out() {
+    let (answer, _, outcome) = flood_then_join(false, Duration::from_secs(2)).await;
+    assert!(
+        !matches!(answer, Ok(Message::Welcome(_))),
+        "the device joined through the flood: {:?}",
+        outcome.net
+    );
+    assert_eq!(outcome.net.retries_sent, 0);
+    assert!(outcome.net.capacity_refusals >= 1, "{:?}", outcome.net);
 }
 
 #[test]
