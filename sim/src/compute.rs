@@ -317,7 +317,7 @@ impl LocalTrainer for RealTrainer {
         WallLedger::time(
             ledger.as_deref(),
             clock,
-            "bring to s* and evaluate (final)",
+            "bring to s* and evaluate (panel, final)",
             || self.real_at_target(device, state, slice, goal),
         )
     }
