@@ -389,7 +389,10 @@ async fn flood_then_join(
     let took = started.elapsed();
     stop_tx.send(()).unwrap();
     let outcome = netkit::outcome(server).await;
-    eprintln!("validation {validate_addresses}: {answer:?} after {took:?}; {:?}", outcome.net);
+    eprintln!(
+        "validation {validate_addresses}: {answer:?} after {took:?}; {:?}",
+        outcome.net
+    );
     (answer, took, outcome)
 }
 
