@@ -494,8 +494,10 @@ impl AgentSession {
                 self.heartbeat_ms = w.heartbeat_interval_ms;
                 // The interval comes from the network: the next beat saturates at the end of
                 // time (an interval of u64::MAX means no heartbeats), never wraps or panics.
-                self.next_heartbeat =
-                    (w.heartbeat_interval_ms > 0).then(|| now.plus_ms(w.heartbeat_interval_ms));
+                // A Welcome handled after the transport went down (read before the drop was
+                // noticed) schedules nothing: heartbeats start with the next connection's.
+                self.next_heartbeat = (w.heartbeat_interval_ms > 0 && self.connected)
+                    .then(|| now.plus_ms(w.heartbeat_interval_ms));
                 if self.phase == Phase::Joining {
                     self.phase = Phase::Idle;
                 }
@@ -741,7 +743,11 @@ impl AgentSession {
     /// the running job's deadline, whichever comes first.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let deadline = self.deadline.filter(|_| self.is_training());
-        match (self.next_heartbeat, deadline) {
+        // Heartbeats are due only over a live transport ([`Self::heartbeat`] sends none
+        // otherwise): a timer it would not clear must not be reported, or a driver that sleeps
+        // until the next timer would spin.
+        let heartbeat = self.next_heartbeat.filter(|_| self.connected);
+        match (heartbeat, deadline) {
             (Some(h), Some(d)) => Some(h.min(d)),
             (h, d) => h.or(d),
         }
@@ -771,7 +777,7 @@ impl AgentSession {
     /// A heartbeat when one is due and the transport is up.
     fn heartbeat(&mut self, now: Timestamp) -> Vec<AgentCommand> {
         match self.next_heartbeat {
-            Some(t) if now >= t && self.phase != Phase::Disconnected => {
+            Some(t) if now >= t && self.connected => {
                 self.next_heartbeat = Some(now.plus_ms(self.heartbeat_ms.max(1)));
                 let round = match self.phase {
                     Phase::Training(r) | Phase::Cancelled(r) | Phase::AwaitingAck(r) => Some(r),

@@ -591,3 +591,34 @@ fn a_deadline_passing_while_disconnected_is_reported_after_the_welcome() {
     assert_eq!(failures(&c), vec![RoundId(1)]);
     assert_eq!(c.len(), 1);
 }
+
+#[test]
+fn a_welcome_handled_after_the_transport_went_down_leaves_no_due_heartbeat() {
+    // The agent_session fuzzer's finding: a Welcome read before a drop was noticed, handled
+    // after it, scheduled a heartbeat that `handle_timeout` never sends while disconnected, so
+    // `poll_timeout` kept reporting a past time (a driver sleeping until it would spin).
+    let beating = |interval| {
+        let Message::Welcome(mut w) = welcome() else {
+            unreachable!()
+        };
+        w.heartbeat_interval_ms = interval;
+        msg(Message::Welcome(w))
+    };
+    let mut s = session();
+    s.handle(Timestamp(0), beating(5_000));
+    assert_eq!(s.poll_timeout(), Some(Timestamp(5_000)));
+    s.handle(Timestamp(1_000), AgentEvent::Disconnected);
+    assert_eq!(s.poll_timeout(), None);
+    s.handle(Timestamp(1_001), beating(5_000));
+    assert_eq!(
+        s.poll_timeout(),
+        None,
+        "no heartbeat is due while disconnected"
+    );
+    assert!(s.handle_timeout(Timestamp(1 << 40)).is_empty());
+    assert_eq!(s.poll_timeout(), None);
+    // The next connection's Welcome starts the beat again.
+    s.handle(Timestamp(2_000), AgentEvent::Connected);
+    s.handle(Timestamp(2_001), beating(5_000));
+    assert_eq!(s.poll_timeout(), Some(Timestamp(7_001)));
+}
