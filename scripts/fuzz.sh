@@ -65,6 +65,10 @@ for target in "${targets[@]}"; do
         ${FUZZ_ARGS:-}
     if [ "${FUZZ_NO_CMIN:-0}" != 1 ]; then
         cargo +"$toolchain" fuzz cmin "${build_args[@]}" "$target" -- -max_len="$max_len"
+        if [ "$target" = agent_session ]; then
+            # cmin renames every input to its hash; the replay test wants the named seeds.
+            FEDSPINE_WRITE_FUZZ_SEEDS=1 cargo test -q --workspace --lib agent_session_seeds
+        fi
     fi
 done
 echo "fuzzed ${targets[*]} for $runs executions each; replay with: cargo test -p tests --test fuzz_corpus"
