@@ -23,7 +23,7 @@ use crate::stats::{self, Interval};
 pub const RATIO_BIN: f64 = 0.05;
 
 /// The metrics compared, as (key, description, unit).
-pub const METRICS: [(&str, &str, &str); 9] = [
+pub const METRICS: [(&str, &str, &str); 10] = [
     (
         "time_to_target_s",
         "virtual time to the target (seeds that reached it)",
@@ -32,6 +32,11 @@ pub const METRICS: [(&str, &str, &str); 9] = [
     (
         "final_accuracy_trained",
         "final accuracy, devices that trained",
+        "",
+    ),
+    (
+        "final_accuracy_as_trained",
+        "final accuracy, devices that trained, as trained (before any was brought to s*)",
         "",
     ),
     (
@@ -70,6 +75,7 @@ fn values(r: &Report, window: Option<(f64, f64)>) -> Vec<Option<f64>> {
     vec![
         s.time_to_target_s,
         s.final_accuracy,
+        s.evaluation.trained_accuracy_before_target,
         s.evaluation.fleet_accuracy,
         window.and_then(|w| accuracy_auc(r, w)),
         Some(s.mean_sparsity_trained),

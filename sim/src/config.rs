@@ -375,18 +375,33 @@ impl ExperimentConfig {
                 STRATEGIES.join(", ")
             )));
         }
-        let mut table = self
-            .strategies
-            .get(&self.strategy)
-            .cloned()
-            .unwrap_or_default();
-        table.insert("kind".into(), toml::Value::String(self.strategy.clone()));
-        let sc: StrategyConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| SimError::Config(format!("strategies.{}: {e}", self.strategy)))?;
-        self.coordinator.strategy = sc;
+        self.coordinator.strategy = self.strategy_config(&self.strategy)?;
         self.coordinator.seed = self.seed;
         Ok(())
+    }
+
+    /// Strategy `name` with its `[strategies.NAME]` parameters (defaults where absent).
+    fn strategy_config(&self, name: &str) -> Result<StrategyConfig, SimError> {
+        let mut table = self.strategies.get(name).cloned().unwrap_or_default();
+        table.insert("kind".into(), toml::Value::String(name.to_string()));
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| SimError::Config(format!("strategies.{name}: {e}")))
+    }
+
+    /// Local steps a device gets after it is brought to s* for the final evaluation, whatever
+    /// its strategy: `prune-after-fl`'s `recovery_steps` (its table, or its default), so a
+    /// paced strategy's device that fell short of s* recovers exactly as long as a
+    /// `prune-after-fl` device does and every strategy's final models at s* have the same
+    /// recovery budget.
+    pub fn final_recovery_steps(&self) -> Result<u32, SimError> {
+        match self.strategy_config("prune-after-fl")? {
+            StrategyConfig::PruneAfterFl(c) => Ok(c.recovery_steps),
+            other => Err(SimError::Config(format!(
+                "strategies.prune-after-fl parsed as {}",
+                other.name()
+            ))),
+        }
     }
 
     /// Cross-field checks the parts cannot do alone.
@@ -419,6 +434,7 @@ impl ExperimentConfig {
             ));
         }
         self.byzantine.validate()?;
+        self.final_recovery_steps()?;
         if self.eval.every_rounds == 0 {
             return Err(SimError::Config(
                 "eval.every_rounds must be at least 1".into(),

@@ -122,6 +122,9 @@ pub struct DeviceFinal {
     pub peak_mem_mib: f64,
     /// Quality of the final model (pruned base + global adapter), when evaluated.
     pub quality: Option<crate::compute::Quality>,
+    /// Where the device was brought to the target sparsity before it was scored: the quality
+    /// of its model as it was, before that.
+    pub quality_before_target: Option<crate::compute::Quality>,
     /// (round, ratio, rank, outcome) of every round the device was selected for.
     pub history: Vec<(u64, f64, u32, String)>,
 }
@@ -161,6 +164,14 @@ pub struct EvalSummary {
     pub fleet_accuracy_se: Option<f64>,
     pub fleet_loss: Option<f64>,
     pub fleet_perplexity: Option<f64>,
+    /// Local steps each device brought to the target sparsity got before it was scored, for
+    /// every strategy (`prune-after-fl`'s `recovery_steps`).
+    pub recovery_steps: u32,
+    /// Of the evaluated devices that trained, those brought to the target sparsity first.
+    pub trained_brought_to_target: usize,
+    /// Mean accuracy of the evaluated devices that trained, each model as it was trained
+    /// (its own sparsity): before any was brought to the target sparsity.
+    pub trained_accuracy_before_target: Option<f64>,
 }
 
 /// One strategy's run in numbers.
@@ -347,6 +358,29 @@ pub fn markdown_table(reports: &[Report]) -> String {
             e.items_per_evaluation,
             if e.shared_items { ", shared by every model, so counted once" } else { ", each device's own held-out set" }
         );
+    }
+    if reports
+        .iter()
+        .any(|r| r.summary.final_brought_to_target > 0)
+    {
+        let _ = writeln!(
+            s,
+            "\nBrought to s* before the final evaluation (own importance, one-shot pruning, then the same recovery steps for every strategy): devices that trained, brought / evaluated, and their mean accuracy as trained -> as scored.\n"
+        );
+        s.push_str("| strategy | recovery steps | trained devices brought | accuracy as trained | accuracy at s* |\n|---|---|---|---|---|\n");
+        for r in reports {
+            let (m, e) = (&r.summary, &r.summary.evaluation);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} / {} | {} | {} |",
+                m.strategy,
+                e.recovery_steps,
+                e.trained_brought_to_target,
+                e.trained_evaluated,
+                opt(e.trained_accuracy_before_target, 4),
+                opt(m.final_accuracy, 4)
+            );
+        }
     }
     let classes: Vec<String> = {
         let mut v: Vec<String> = reports

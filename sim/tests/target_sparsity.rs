@@ -91,6 +91,59 @@ fn fedspine_devices_close_the_gap_at_the_bandits_pace_and_short_ones_are_brought
         "every device reached s* in 3 rounds: the test needs one that did not"
     );
     assert_eq!(s.final_brought_to_target, short);
+    // Each brought device was also scored as it was; the others were not.
+    for d in &report.devices {
+        assert_eq!(
+            d.quality_before_target.is_some(),
+            d.sparsity < TARGET - SPARSITY_TOLERANCE,
+            "device {}",
+            d.device
+        );
+    }
+    // The recovery budget is prune-after-fl's (tiny: 2 steps), whatever the strategy.
+    assert_eq!(s.evaluation.recovery_steps, 2);
+    assert!(s
+        .evaluation
+        .trained_accuracy_before_target
+        .is_some_and(f64::is_finite));
+}
+
+#[test]
+fn a_paced_device_brought_to_target_at_the_end_recovers_for_the_same_budget_as_prune_after_fl() {
+    // The same run (same seed: same rounds) with no recovery and with 6 steps of it: only the
+    // devices brought to s* score differently, and their scores as trained do not move.
+    let with_recovery = |steps: i64| {
+        let mut cfg = config("fedspine");
+        cfg.strategies
+            .entry("prune-after-fl".into())
+            .or_default()
+            .insert("recovery_steps".into(), toml::Value::Integer(steps));
+        let cfg = cfg.with_strategy("fedspine").unwrap();
+        assert_eq!(cfg.final_recovery_steps().unwrap(), steps as u32);
+        run(&cfg)
+    };
+    let (none, some) = (with_recovery(0), with_recovery(6));
+    assert_eq!(
+        none.rounds, some.rounds,
+        "the rounds themselves must not change"
+    );
+    let mut brought = 0;
+    for (a, b) in none.devices.iter().zip(&some.devices) {
+        assert_eq!(a.quality_before_target, b.quality_before_target);
+        if a.quality_before_target.is_some() {
+            brought += 1;
+            let (qa, qb) = (a.quality.unwrap(), b.quality.unwrap());
+            assert_ne!(
+                qa.loss, qb.loss,
+                "device {}: recovery changed nothing",
+                a.device
+            );
+        } else {
+            assert_eq!(a.quality, b.quality, "device {}", a.device);
+        }
+    }
+    assert!(brought > 0);
+    assert_eq!(some.summary.evaluation.recovery_steps, 6);
 }
 
 #[test]
@@ -115,6 +168,16 @@ fn prune_after_fl_trains_dense_and_prunes_only_for_the_final_evaluation() {
     assert_eq!(s.final_brought_to_target, report.devices.len());
     assert!(s.final_min_sparsity.unwrap() >= TARGET - SPARSITY_TOLERANCE);
     assert!(s.final_accuracy.is_some_and(f64::is_finite));
+    assert_eq!(s.evaluation.recovery_steps, 2);
+    // Every device was also scored dense, as trained.
+    assert!(report
+        .devices
+        .iter()
+        .all(|d| d.quality_before_target.is_some()));
+    assert_eq!(
+        s.evaluation.trained_brought_to_target,
+        s.evaluation.trained_evaluated
+    );
 }
 
 #[test]
@@ -122,4 +185,12 @@ fn a_dense_strategy_is_evaluated_dense() {
     let report = run(&config("fedlora"));
     assert_eq!(report.summary.final_brought_to_target, 0);
     assert_eq!(report.summary.final_min_sparsity, Some(0.0));
+    assert!(report
+        .devices
+        .iter()
+        .all(|d| d.quality_before_target.is_none()));
+    assert_eq!(
+        report.summary.evaluation.trained_accuracy_before_target,
+        report.summary.final_accuracy
+    );
 }

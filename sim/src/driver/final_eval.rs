@@ -10,9 +10,11 @@
 //! and share the result: the fleet evaluation costs one evaluation per distinct model, not per
 //! device. (Without a global set, or in surrogate mode, each device is evaluated itself.) A
 //! device that is brought to the target sparsity first (`panel.rs`) is pruned with its own
-//! importance scores, so its result is its own and is never shared; whether a device is
-//! brought depends only on its kept maps' sparsity, so a shared result is never one that
-//! would have been brought.
+//! importance scores and recovers on its own data, so its result is its own and is never
+//! shared; whether a device is brought depends only on its kept maps' sparsity, so a shared
+//! result is never one that would have been brought. Its score as it was before it was brought
+//! (its kept maps with the global adapter) is shared like any other: devices that never trained
+//! cost one such score in all.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +22,7 @@ use aggregator::coordinator::streams::{label, Stream};
 use protocol::KeptIndices;
 use rand::seq::SliceRandom;
 
+use super::panel::Scored;
 use super::Simulation;
 use crate::compute::Quality;
 use crate::error::SimError;
@@ -37,6 +40,8 @@ pub(super) struct FinalEvaluation {
     pub(super) summary: EvalSummary,
     /// Devices of the fleet evaluation brought to the target sparsity before scoring.
     pub(super) brought_to_target: usize,
+    /// Their qualities as they were before they were brought (their own sparsity).
+    pub(super) before_target: BTreeMap<usize, Quality>,
     /// The lowest sparsity among the fleet's evaluated models (as scored).
     pub(super) min_sparsity: Option<f64>,
 }
@@ -44,8 +49,10 @@ pub(super) struct FinalEvaluation {
 /// What [`Simulation::evaluate_distinct`] shares between devices and counts.
 #[derive(Default)]
 struct Memo {
-    /// Results of evaluations that depend on the kept maps only.
+    /// Results of evaluations that depend on the kept maps only: the models as they are.
     shared: Vec<(KeptIndices, Quality, f64)>,
+    /// Scores of brought devices' models as they were, by kept maps.
+    before: Vec<(KeptIndices, Quality)>,
     /// Evaluations run.
     evaluations: usize,
     brought_to_target: usize,
@@ -85,29 +92,39 @@ impl Simulation<'_> {
         devices: &[usize],
         shared: bool,
         memo: &mut Memo,
-    ) -> Result<BTreeMap<usize, Quality>, SimError> {
+    ) -> Result<BTreeMap<usize, Scored>, SimError> {
         let mut out = BTreeMap::new();
         for &i in devices {
             let kept = self.devices[i].session.state().kept.clone();
             let known = memo.shared.iter().find(|(k, _, _)| shared && *k == kept);
-            let (q, sparsity) = match known {
-                Some((_, q, s)) => (*q, *s),
+            let e = match known {
+                Some((_, q, s)) => Scored {
+                    quality: *q,
+                    brought: false,
+                    before_target: None,
+                    sparsity: *s,
+                },
                 None => {
-                    let e = self.evaluate_devices(&[i], true)?;
-                    let q = e.qualities.first().map(|x| x.1).ok_or_else(|| {
-                        SimError::Coordinator("an evaluation returned nothing".into())
-                    })?;
-                    let s = e.min_sparsity.unwrap_or(0.0);
+                    let before = memo
+                        .before
+                        .iter()
+                        .find(|(k, _)| shared && *k == kept)
+                        .map(|(_, q)| *q);
+                    let e = self.evaluate_device(i, true, before)?;
                     memo.evaluations += 1;
-                    memo.brought_to_target += e.brought_to_target;
-                    if e.brought_to_target == 0 {
-                        memo.shared.push((kept, q, s));
+                    if e.brought {
+                        memo.brought_to_target += 1;
+                        if let (Some(q), None) = (e.before_target, before) {
+                            memo.before.push((kept, q));
+                        }
+                    } else {
+                        memo.shared.push((kept, e.quality, e.sparsity));
                     }
-                    (q, s)
+                    e
                 }
             };
-            memo.min_sparsity = Some(memo.min_sparsity.map_or(sparsity, |m| m.min(sparsity)));
-            out.insert(i, q);
+            memo.min_sparsity = Some(memo.min_sparsity.map_or(e.sparsity, |m| m.min(e.sparsity)));
+            out.insert(i, e);
         }
         Ok(out)
     }
@@ -139,9 +156,20 @@ impl Simulation<'_> {
         }
         let (items, shared) = self.eval_sample();
         let mut memo = Memo::default();
-        let trained_q = self.evaluate_distinct(&trained, shared, &mut memo)?;
-        let mut fleet = trained_q.clone();
-        fleet.extend(self.evaluate_distinct(&untrained, shared, &mut memo)?);
+        let mut scored = self.evaluate_distinct(&trained, shared, &mut memo)?;
+        let trained_q: BTreeMap<usize, Quality> =
+            scored.iter().map(|(&i, e)| (i, e.quality)).collect();
+        scored.extend(self.evaluate_distinct(&untrained, shared, &mut memo)?);
+        let fleet: BTreeMap<usize, Quality> = scored.iter().map(|(&i, e)| (i, e.quality)).collect();
+        let before_target: BTreeMap<usize, Quality> = scored
+            .iter()
+            .filter_map(|(&i, e)| e.before_target.map(|q| (i, q)))
+            .collect();
+        // The trained devices' models as they were: before any was brought to s*.
+        let as_trained: BTreeMap<usize, Quality> = trained_q
+            .iter()
+            .map(|(i, q)| (*i, before_target.get(i).copied().unwrap_or(*q)))
+            .collect();
         // Shared items count once; per-device held-out sets add up.
         let n_eff = |k: usize| if shared { items } else { items * k };
         let trained_accuracy = mean_of(&trained_q, |q| Some(q.accuracy));
@@ -159,12 +187,19 @@ impl Simulation<'_> {
                 .and_then(|p| stats::accuracy_se(p, n_eff(fleet.len()))),
             fleet_loss: mean_of(&fleet, |q| Some(q.loss)),
             fleet_perplexity: mean_of(&fleet, |q| q.perplexity),
+            recovery_steps: self.cfg.final_recovery_steps()?,
+            trained_accuracy_before_target: mean_of(&as_trained, |q| Some(q.accuracy)),
+            trained_brought_to_target: trained_q
+                .keys()
+                .filter(|i| before_target.contains_key(i))
+                .count(),
         };
         Ok(FinalEvaluation {
             trained: trained_q,
             fleet,
             summary,
             brought_to_target: memo.brought_to_target,
+            before_target,
             min_sparsity: memo.min_sparsity,
         })
     }

@@ -6,9 +6,13 @@
 //! is evaluated before it reached s* (more than `protocol::SPARSITY_TOLERANCE` short) is
 //! brought there first, on a copy, with its own importance scores (LoRA-gradient on a few
 //! micro-batches of its own data) and one-shot `Tuner::prune_to`; the evaluations count how many
-//! were. `prune-after-fl` devices are evaluated dense during the rounds and, in the final
-//! evaluation, pruned to s* in one shot and recovered for the strategy's `recovery_steps`
-//! before they are scored. Dense strategies (`hetlora`, `fedlora`) are evaluated dense.
+//! were. In the panel's evaluations during the rounds it is scored right after that step; in
+//! the final evaluation it first recovers for the run's recovery budget
+//! ([`crate::config::ExperimentConfig::final_recovery_steps`]: `prune-after-fl`'s
+//! `recovery_steps`), and its model as it was, before any of this, is scored too.
+//! `prune-after-fl` devices are evaluated dense during the rounds and, in the final evaluation,
+//! pruned to s* in one shot and recovered for the same budget (their before-scores are the dense
+//! models'). Dense strategies (`hetlora`, `fedlora`) are evaluated dense.
 
 use aggregator::strategy::TargetRoute;
 use rand::SeedableRng;
@@ -33,6 +37,19 @@ pub(super) struct Evaluated {
     pub(super) min_sparsity: Option<f64>,
 }
 
+/// One device's evaluation.
+pub(super) struct Scored {
+    /// Its model's quality as scored (after any bringing to s* and recovery).
+    pub(super) quality: Quality,
+    /// Whether it was brought to the target sparsity before it was scored.
+    pub(super) brought: bool,
+    /// In the final evaluation, where the device was brought to s*: its model's quality as it
+    /// was (its own sparsity), before that; `None` otherwise.
+    pub(super) before_target: Option<Quality>,
+    /// The sparsity of the model as scored.
+    pub(super) sparsity: f64,
+}
+
 impl Simulation<'_> {
     /// Quality of each of `devices`' models (its kept maps) with the global adapter, brought
     /// to the run's target sparsity first where the strategy says so (`final_eval`: the
@@ -42,70 +59,105 @@ impl Simulation<'_> {
         devices: &[usize],
         final_eval: bool,
     ) -> Result<Evaluated, SimError> {
-        let global = self.coordinator.global().clone();
-        let c = &self.cfg.coordinator;
-        let alpha = c.lora_alpha;
-        let route = c.strategy.target_route();
-        let target = c.target_sparsity;
-        let (batch, lr, seed) = (c.batch_size as usize, c.learning_rate as f64, c.seed);
-        let dense = self.trainer.dense().clone();
         let mut out = Evaluated {
             qualities: Vec::with_capacity(devices.len()),
             brought_to_target: 0,
             min_sparsity: None,
         };
         for &i in devices {
-            let session = &self.devices[i].session;
-            let state = session.state().clone();
-            let (criterion, prune) = (session.config().criterion, session.config().prune.clone());
-            let slice = global
-                .global_slice(&state.kept, global.rank, alpha)
-                .map_err(|e| {
-                    SimError::Coordinator(format!("cannot slice the global adapter: {e}"))
-                })?;
-            let sparsity = pruned_config(&dense, &state.kept).sparsity();
-            let recovery = match (target, route) {
-                (Some(t), TargetRoute::Paced) if sparsity < t - protocol::SPARSITY_TOLERANCE => {
-                    Some(0)
-                }
-                (Some(t), TargetRoute::AfterTraining { recovery_steps })
-                    if final_eval && sparsity < t - protocol::SPARSITY_TOLERANCE =>
-                {
-                    Some(recovery_steps as usize)
-                }
-                _ => None,
-            };
-            let (q, evaluated) = match (recovery, target) {
-                (Some(recovery_steps), Some(t)) => {
-                    let goal = ToTarget {
-                        target: t,
-                        importance_batches: IMPORTANCE_BATCHES,
-                        recovery_steps,
-                        batch,
-                        lr,
-                        seed: seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                        criterion,
-                        prune,
-                    };
-                    let (q, kept) = self
-                        .trainer
-                        .evaluate_at_target(i, &state, &slice, &goal)
-                        .map_err(SimError::Model)?;
-                    out.brought_to_target += 1;
-                    (q, pruned_config(&dense, &kept).sparsity())
-                }
-                _ => {
-                    let q = self
-                        .trainer
-                        .evaluate(i, &state, &slice)
-                        .map_err(SimError::Model)?;
-                    (q, sparsity)
-                }
-            };
-            out.min_sparsity = Some(out.min_sparsity.map_or(evaluated, |m| m.min(evaluated)));
-            out.qualities.push((i, q));
+            let e = self.evaluate_device(i, final_eval, None)?;
+            out.brought_to_target += usize::from(e.brought);
+            out.min_sparsity = Some(out.min_sparsity.map_or(e.sparsity, |m| m.min(e.sparsity)));
+            out.qualities.push((i, e.quality));
         }
         Ok(out)
+    }
+
+    /// Whether device `i`'s model is short of the run's target sparsity (by more than
+    /// `protocol::SPARSITY_TOLERANCE`) under a strategy that prunes.
+    pub(super) fn is_short(&self, i: usize) -> bool {
+        let c = &self.cfg.coordinator;
+        let kept = &self.devices[i].session.state().kept;
+        let sparsity = pruned_config(self.trainer.dense(), kept).sparsity();
+        !matches!(c.strategy.target_route(), TargetRoute::Dense)
+            && c.target_sparsity
+                .is_some_and(|t| sparsity < t - protocol::SPARSITY_TOLERANCE)
+    }
+
+    /// Device `i`'s model with the global adapter, brought to the run's target sparsity first
+    /// where the strategy says so (see the module docs). `known_before`: the quality of a model
+    /// with the same kept maps already scored as it is on the same items (the final
+    /// evaluation shares it), so the before-score is not computed again.
+    pub(super) fn evaluate_device(
+        &mut self,
+        i: usize,
+        final_eval: bool,
+        known_before: Option<Quality>,
+    ) -> Result<Scored, SimError> {
+        let global = self.coordinator.global();
+        let c = &self.cfg.coordinator;
+        let (batch, lr, seed) = (c.batch_size as usize, c.learning_rate as f64, c.seed);
+        let route = c.strategy.target_route();
+        let dense = self.trainer.dense().clone();
+        let session = &self.devices[i].session;
+        let state = session.state().clone();
+        let (criterion, prune) = (session.config().criterion, session.config().prune.clone());
+        let slice = global
+            .global_slice(&state.kept, global.rank, c.lora_alpha)
+            .map_err(|e| SimError::Coordinator(format!("cannot slice the global adapter: {e}")))?;
+        let sparsity = pruned_config(&dense, &state.kept).sparsity();
+        let short = self.is_short(i);
+        let brought = match route {
+            TargetRoute::Paced => short,
+            TargetRoute::AfterTraining { .. } => short && final_eval,
+            TargetRoute::Dense => false,
+        };
+        let (true, Some(target)) = (brought, c.target_sparsity) else {
+            let quality = self
+                .trainer
+                .evaluate(i, &state, &slice)
+                .map_err(SimError::Model)?;
+            return Ok(Scored {
+                quality,
+                brought: false,
+                before_target: None,
+                sparsity,
+            });
+        };
+        let before_target = match (final_eval, known_before) {
+            (false, _) => None,
+            (true, Some(q)) => Some(q),
+            (true, None) => Some(
+                self.trainer
+                    .evaluate(i, &state, &slice)
+                    .map_err(SimError::Model)?,
+            ),
+        };
+        // `prune-after-fl`'s own recovery is the run's budget (read from the same table).
+        let goal = ToTarget {
+            target,
+            importance_batches: IMPORTANCE_BATCHES,
+            recovery_steps: if final_eval {
+                self.cfg.final_recovery_steps()? as usize
+            } else {
+                0
+            },
+            batch,
+            lr,
+            seed: seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            criterion,
+            prune,
+        };
+        let (quality, kept) = self
+            .trainer
+            .evaluate_at_target(i, &state, &slice, &goal)
+            .map_err(SimError::Model)?;
+        Ok(Scored {
+            quality,
+            brought: true,
+            before_target,
+            sparsity: pruned_config(&dense, &kept).sparsity(),
+        })
     }
 
     /// The panel's mean quality after `round`.

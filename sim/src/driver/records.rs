@@ -181,6 +181,7 @@ impl Simulation<'_> {
                 inference_ms: timing::inference_ms(&cfg, prompt, p.infer_gflops * d.power_mode),
                 peak_mem_mib: d.peak_mem as f64 / (1 << 20) as f64,
                 quality: final_eval.fleet.get(&i).copied(),
+                quality_before_target: final_eval.before_target.get(&i).copied(),
                 history: d.history.clone(),
             });
         }
