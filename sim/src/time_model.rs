@@ -108,7 +108,7 @@ pub struct Workload {
 }
 
 /// Number of per-operator quantities (the length of [`features`]).
-pub const N_FEATURES: usize = 6;
+pub const N_FEATURES: usize = 7;
 /// Fewest points of a kind that are fitted (one more than the coefficients, so leave-one-out
 /// is defined). Training steps and forward passes must have them; scoring steps need only one
 /// (they set a factor on the training step, [`TimeModel::scoring_factor`]).
@@ -121,6 +121,7 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "attention GFLOP",
     "LoRA GFLOP",
     "activation M-elements",
+    "weight M-params",
 ];
 
 /// The per-operator quantities of one forward pass over `w` (GFLOP and millions of elements;
@@ -141,6 +142,9 @@ pub fn features(w: &Workload) -> [f64; N_FEATURES] {
     let io = l * 7.0 * d + 2.0 * h * hd + 2.0 * kv * hd + 3.0 * ch;
     let lora = 2.0 * t * r * io;
     let act = t * (4.0 * d * l + 2.0 * h * hd + 2.0 * kv * hd + 4.0 * ch);
+    // Weights a pass reads once whatever the token count (blocks and the tied LM head): what
+    // small batches pay for, and what pruning shrinks.
+    let weights = d * (2.0 * h * hd + 2.0 * kv * hd) + 3.0 * d * ch + d * s.vocab as f64;
     [
         1.0,
         block * 1e-9,
@@ -148,6 +152,7 @@ pub fn features(w: &Workload) -> [f64; N_FEATURES] {
         attn * 1e-9,
         lora * 1e-9,
         act * 1e-6,
+        weights * 1e-6,
     ]
 }
 
