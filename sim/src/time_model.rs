@@ -11,6 +11,8 @@
 //!   + c3 * F_attn             FLOPs of QK^T and AV (quadratic in the sequence)
 //!   + c4 * F_lora             FLOPs of the LoRA factors (skinny matmuls, low efficiency)
 //!   + c5 * E_act              activation elements written and read by element-wise operators
+//!   + c6 * W                  weights a pass reads once, whatever its token count (blocks and
+//!                             the tied LM head; shrink with pruning; dominate small batches)
 //! ```
 //!
 //! (The attention probabilities' element-wise work, `T n H` elements, is proportional to the
