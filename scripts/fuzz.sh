@@ -47,7 +47,7 @@ for target in "${targets[@]}"; do
         echo "seeding $corpus"
         case "$target" in
             aggregate)
-                cargo run -q -p aggregator --features fuzzing --example fuzz_seeds -- fuzz/corpus ;;
+                cargo run -q -p aggregator --features fuzzing --example aggregate_fuzz_seeds -- fuzz/corpus ;;
             agent_session)
                 FEDSPINE_WRITE_FUZZ_SEEDS=1 cargo test -q --workspace --lib agent_session_seeds ;;
             *)

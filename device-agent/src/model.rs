@@ -25,7 +25,7 @@ use protocol::Proj;
 
 pub use config::{BlockShape, ModelConfig};
 pub(crate) use layers::rms_norm;
-pub use layers::{causal_attention, silu_fused, softmax_fused, Rope};
+pub use layers::{causal_attention, grouped_decode_attention, silu_fused, softmax_fused, Rope};
 pub(crate) use lora_layer::lora_group;
 use lora_layer::{proj, proj_group, Adapter, Base};
 use std::sync::Arc;
@@ -420,9 +420,14 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            // Expand KV heads to one per query head (GQA): equal consecutive groups repeat
-            // each KV head (whose backward is a cheap sum), any other map selects by index.
-            let (k, v) = if nkv == nh && shape.q_to_kv.iter().enumerate().all(|(i, &k)| i == k) {
+            // Decoding one position with equal consecutive groups: the group's queries share
+            // their KV head in place.
+            let grouped = seq == 1 && nkv < nh && shape.uniform_groups();
+            // Otherwise expand KV heads to one per query head (GQA): equal consecutive groups
+            // repeat each KV head (whose backward is a cheap sum), any other map selects by index.
+            let (k, v) = if grouped
+                || (nkv == nh && shape.q_to_kv.iter().enumerate().all(|(i, &k)| i == k))
+            {
                 (k, v)
             } else if shape.uniform_groups() {
                 let g = nh / nkv;
@@ -439,9 +444,12 @@ impl Llama {
                     v.select(1, self.q_to_kv[l].clone()),
                 )
             };
-            let o = causal_attention(q, k, v)
-                .swap_dims(1, 2)
-                .reshape([batch * seq, nh * hd]);
+            let o = if grouped {
+                grouped_decode_attention(q, k, v)
+            } else {
+                causal_attention(q, k, v)
+            };
+            let o = o.swap_dims(1, 2).reshape([batch * seq, nh * hd]);
             Some(proj(o, w(Proj::O), lora(Proj::O)))
         };
         if let Some(a) = attn_out {
@@ -491,6 +499,7 @@ pub fn to_rows(t: Tensor<2>) -> Vec<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::Distribution;
 
     fn tiny(n_layers: usize) -> ModelConfig {
         let mut c = ModelConfig::dense(61, 32, n_layers, 4, 2, 8, 48, true);
@@ -539,6 +548,31 @@ mod tests {
             for (x, y) in a.iter().zip(b) {
                 assert!((x - y).abs() < 1e-4, "{x} vs {y}");
             }
+        }
+    }
+
+    #[test]
+    fn grouped_decoding_attention_equals_attention_over_repeated_kv_heads() {
+        let d = dev();
+        let (batch, nkv, g, t, hd) = (2, 3, 3, 7, 8);
+        let nh = nkv * g;
+        let q = Tensor::<4>::random([batch, nh, 1, hd], Distribution::Normal(0.0, 1.0), &d);
+        let k = Tensor::<4>::random([batch, nkv, t, hd], Distribution::Normal(0.0, 1.0), &d);
+        let v = Tensor::<4>::random([batch, nkv, t, hd], Distribution::Normal(0.0, 1.0), &d);
+        let rep = |x: Tensor<4>| {
+            x.reshape([batch, nkv, 1, t * hd])
+                .repeat_dim(2, g)
+                .reshape([batch, nh, t, hd])
+        };
+        let want = causal_attention(q.clone(), rep(k.clone()), rep(v.clone()));
+        let got = grouped_decode_attention(q, k, v);
+        assert_eq!(got.dims(), [batch, nh, 1, hd]);
+        let (want, got) = (
+            want.into_data().to_vec::<f32>().unwrap(),
+            got.into_data().to_vec::<f32>().unwrap(),
+        );
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 

@@ -89,6 +89,27 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     softmax_fused(scores).matmul(v)
 }
 
+/// Attention of one new position per sequence over its cached keys, with grouped KV heads
+/// read in place: `q` is `[batch, n_heads, 1, hd]`, `k` and `v` are `[batch, n_kv_heads, t, hd]`,
+/// and query head `h` reads KV head `h / (n_heads / n_kv_heads)` (consecutive, equal groups).
+/// The group's queries become the rows of one `[g, hd] x [hd, t]` product per KV head, so the
+/// keys and values are not copied out per query head as the general path does (at decoding
+/// those copies were most of a step's memory traffic besides the weights). Every cached
+/// position precedes the new one: no mask. Returns `[batch, n_heads, 1, hd]`.
+pub fn grouped_decode_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [batch, nh, seq, hd] = q.dims();
+    let nkv = k.dims()[1];
+    debug_assert!(seq == 1 && nkv > 0 && nh % nkv == 0);
+    let g = nh / nkv;
+    let q = q
+        .reshape([batch, nkv, g, hd])
+        .mul_scalar(1.0 / (hd as f64).sqrt());
+    let scores = q.matmul(k.swap_dims(2, 3));
+    softmax_fused(scores)
+        .matmul(v)
+        .reshape([batch, nh, seq, hd])
+}
+
 /// Softmax over the last dimension with the backend's fused kernel for the value, also when
 /// `s` is tracked by autodiff. Burn's autodiff builds softmax from max, sub, exp, sum and div,
 /// and the CPU backend's element-wise `exp` is scalar and single-threaded (about 20x the cost

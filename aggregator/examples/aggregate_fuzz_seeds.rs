@@ -2,7 +2,7 @@
 //! `aggregator::fuzzing::seed_inputs`, under `<dir>/aggregate/` (default `<dir>` is
 //! `fuzz/corpus`).
 //!
-//! `cargo run -p aggregator --features fuzzing --example fuzz_seeds -- fuzz/corpus`
+//! `cargo run -p aggregator --features fuzzing --example aggregate_fuzz_seeds -- fuzz/corpus`
 
 use std::path::PathBuf;
 
