@@ -66,7 +66,9 @@ impl Grid {
 
 /// The config of grid cell `k` (arm `ratio`, `rank`): `fixed-prune` with that arm, seed
 /// `cfg.seed + k` (other devices, other data order), and evaluations cut to the minimum (the
-/// dataset records each device's own held-out quality; panels are not needed).
+/// dataset records each device's own held-out quality; panels are not needed, and the one
+/// final evaluation uses the devices' own held-out items instead of a global set, which on the
+/// presets costs minutes per model).
 pub fn cell_config(
     cfg: &ExperimentConfig,
     k: usize,
@@ -88,6 +90,7 @@ pub fn cell_config(
     c.eval.every_rounds = c.coordinator.rounds.max(1);
     c.eval.panel_devices = c.eval.panel_devices.min(1);
     c.eval.final_devices = c.eval.final_devices.min(1);
+    c.workload.global_eval_items = 0;
     c.coordinator.close_at_target = false;
     c.output_dir = cfg.output_dir.join(format!("cell-{k:02}-r{ratio}-k{rank}"));
     c.with_strategy("fixed-prune")
@@ -131,6 +134,7 @@ mod tests {
         assert_eq!(c.seed, cfg.seed + 3);
         assert!(c.coordinator.max_rank >= 32);
         assert!(!c.coordinator.close_at_target);
+        assert_eq!(c.workload.global_eval_items, 0);
         let surrogate = ExperimentConfig::preset("surrogate").unwrap();
         let err = cell_config(&surrogate, 0, 0.0, 4).unwrap_err().to_string();
         assert!(err.contains("mode = \"real\""), "{err}");
