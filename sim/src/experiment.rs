@@ -61,7 +61,7 @@ impl Resources {
         let profiles = cfg.fleet.spec()?.expand(base_dir)?;
         let n = profiles.len();
         if cfg.mode == Mode::Surrogate {
-            let params = SurrogateParams::load(&cfg.surrogate)?;
+            let params = SurrogateParams::load(&cfg.surrogate, cfg.workload.kind)?;
             let labels = (0..n)
                 .map(|i| format!("surrogate device {}", i + 1))
                 .collect();

@@ -433,13 +433,20 @@ impl LocalTrainer for SurrogateTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::local_data::WorkloadKind;
 
     #[test]
     fn the_shipped_fit_loads_without_force_and_the_real_model_shrinks_with_sparsity() {
         // The shipped parameters carry their provenance and validation: no force needed.
-        let p = SurrogateParams::load(&crate::config::SurrogateConfig::default()).unwrap();
+        let cfg = crate::config::SurrogateConfig::default();
+        let p = SurrogateParams::load(&cfg, WorkloadKind::Spam).unwrap();
         assert!(p.provenance.is_some() && p.validation.is_some());
         assert!(!p.perplexity, "fitted to the spam workload");
+        // The SOTU workload gets its own fit, of perplexities.
+        let sotu = SurrogateParams::load(&cfg, WorkloadKind::Sotu).unwrap();
+        assert!(sotu.provenance.is_some() && sotu.validation.is_some());
+        assert!(sotu.perplexity, "fitted to the SOTU workload");
+        assert!(sotu.note().contains("sotu"), "{}", sotu.note());
         // More rank never closes less of the gap (the spam fit finds no rank effect: half = 0).
         assert!(p.phi(16.0, 10.0) >= p.phi(4.0, 10.0));
         let real = real_model();

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sim::config::SurrogateConfig;
 use sim::device_rounds::{self, DeviceRound};
+use sim::local_data::WorkloadKind;
 use sim::sampling::standard_normal;
 use sim::surrogate::{fit_device_rounds, FitOptions, SurrogateParams};
 
@@ -147,10 +148,13 @@ fn fitting_drawn_device_rounds_recovers_the_parameters() {
     // The written file loads back without force, with the same values.
     let out = dir.join("params.toml");
     std::fs::write(&out, got.to_toml()).unwrap();
-    let back = SurrogateParams::load(&SurrogateConfig {
-        params: out.display().to_string(),
-        force_unfitted: false,
-    })
+    let back = SurrogateParams::load(
+        &SurrogateConfig {
+            params: out.display().to_string(),
+            force_unfitted: false,
+        },
+        WorkloadKind::Spam,
+    )
     .unwrap();
     assert_eq!(back, got);
     std::fs::remove_dir_all(&dir).ok();
@@ -167,14 +171,19 @@ fn a_parameter_file_without_provenance_is_refused_unless_forced() {
         params: path.display().to_string(),
         force_unfitted: false,
     };
-    let err = SurrogateParams::load(&cfg).unwrap_err().to_string();
+    let err = SurrogateParams::load(&cfg, WorkloadKind::Spam)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no provenance"), "{err}");
     assert!(err.contains("--force-unfitted"), "{err}");
     assert!(err.contains("hand-set.toml"), "{err}");
-    let forced = SurrogateParams::load(&SurrogateConfig {
-        force_unfitted: true,
-        ..cfg
-    })
+    let forced = SurrogateParams::load(
+        &SurrogateConfig {
+            force_unfitted: true,
+            ..cfg
+        },
+        WorkloadKind::Spam,
+    )
     .unwrap();
     assert!(forced.note().starts_with("UNFITTED (forced)"));
     // The binary refuses it too, and runs it when forced (the report names the source).

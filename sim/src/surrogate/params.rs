@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::SurrogateConfig;
 use crate::device_rounds::InputFile;
 use crate::error::SimError;
+use crate::local_data::WorkloadKind;
 
 /// The fitted loss-response model (see the parent module's docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,9 +69,12 @@ pub struct Validation {
     pub accuracy_mae_baseline: f64,
 }
 
-/// The built-in parameters: fitted to recorded spam device-rounds (`sim record` + `sim
-/// fit-surrogate`; the file states its provenance).
+/// The built-in parameters, one file per workload, each fitted to device-rounds recorded on it
+/// (`sim record` + `sim fit-surrogate`; the files state their provenance): spam classification
+/// (also used for the synthetic workload, which has no fit of its own) and State of the Union
+/// language modelling.
 pub const BUILTIN_SPAM: &str = include_str!("../../configs/surrogate-params-spam.toml");
+pub const BUILTIN_SOTU: &str = include_str!("../../configs/surrogate-params-sotu.toml");
 
 impl SurrogateParams {
     /// Parse and check a parameter file (provenance not required; see [`Self::load`]).
@@ -82,12 +86,17 @@ impl SurrogateParams {
         Ok(p)
     }
 
-    /// The parameters a surrogate run uses: the built-in spam fit when `cfg.params` is empty,
-    /// else that file. Parameters without provenance are refused unless `cfg.force_unfitted`.
-    pub fn load(cfg: &SurrogateConfig) -> Result<Self, SimError> {
+    /// The parameters a surrogate run uses: when `cfg.params` is empty, the built-in fit for
+    /// `workload` (SOTU's for `sotu`, spam's otherwise), else that file. Parameters without
+    /// provenance are refused unless `cfg.force_unfitted`.
+    pub fn load(cfg: &SurrogateConfig, workload: WorkloadKind) -> Result<Self, SimError> {
         let (p, origin) = if cfg.params.is_empty() {
-            let origin = "built-in surrogate parameters (sim/configs/surrogate-params-spam.toml)";
-            (Self::from_toml(BUILTIN_SPAM, origin)?, origin.to_string())
+            let (text, file) = match workload {
+                WorkloadKind::Sotu => (BUILTIN_SOTU, "surrogate-params-sotu.toml"),
+                _ => (BUILTIN_SPAM, "surrogate-params-spam.toml"),
+            };
+            let origin = format!("built-in surrogate parameters (sim/configs/{file})");
+            (Self::from_toml(text, &origin)?, origin)
         } else {
             let text =
                 std::fs::read_to_string(&cfg.params).map_err(|e| SimError::io(&cfg.params, e))?;
