@@ -73,17 +73,6 @@ impl Simulation<'_> {
         Ok(out)
     }
 
-    /// Whether device `i`'s model is short of the run's target sparsity (by more than
-    /// `protocol::SPARSITY_TOLERANCE`) under a strategy that prunes.
-    pub(super) fn is_short(&self, i: usize) -> bool {
-        let c = &self.cfg.coordinator;
-        let kept = &self.devices[i].session.state().kept;
-        let sparsity = pruned_config(self.trainer.dense(), kept).sparsity();
-        !matches!(c.strategy.target_route(), TargetRoute::Dense)
-            && c.target_sparsity
-                .is_some_and(|t| sparsity < t - protocol::SPARSITY_TOLERANCE)
-    }
-
     /// Device `i`'s model with the global adapter, brought to the run's target sparsity first
     /// where the strategy says so (see the module docs). `known_before`: the quality of a model
     /// with the same kept maps already scored as it is on the same items (the final
@@ -106,7 +95,10 @@ impl Simulation<'_> {
             .global_slice(&state.kept, global.rank, c.lora_alpha)
             .map_err(|e| SimError::Coordinator(format!("cannot slice the global adapter: {e}")))?;
         let sparsity = pruned_config(&dense, &state.kept).sparsity();
-        let short = self.is_short(i);
+        // Short of s* by more than `protocol::SPARSITY_TOLERANCE`.
+        let short = c
+            .target_sparsity
+            .is_some_and(|t| sparsity < t - protocol::SPARSITY_TOLERANCE);
         let brought = match route {
             TargetRoute::Paced => short,
             TargetRoute::AfterTraining { .. } => short && final_eval,
