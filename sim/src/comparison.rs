@@ -51,12 +51,12 @@ pub const METRICS: [(&str, &str, &str); 10] = [
     ),
     (
         "mean_sparsity_trained",
-        "final sparsity, devices that trained",
+        "sparsity as trained, devices that trained",
         "",
     ),
     (
         "inference_ms",
-        "inference latency of the final models, fleet mean",
+        "inference latency of the final models (as evaluated: at s* where brought there)",
         "ms",
     ),
     ("peak_train_mem_mib", "peak training memory", "MiB"),

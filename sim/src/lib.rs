@@ -17,6 +17,7 @@
 //! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
 //! - [`byzantine`]: attacking devices that poison the update they send (`[byzantine]`).
 //! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`).
+//! - [`validation`]: a real-mode comparison against the same experiment through the surrogate.
 //! - [`comparison`], [`stats`], [`host`]: comparisons over seeds (bootstrap intervals, paired
 //!   differences, the bandits' settled arms per class) and the CPU class a run was computed on.
 //!
@@ -47,6 +48,7 @@ pub mod stats;
 pub mod surrogate;
 pub mod time_model;
 pub mod timing;
+pub mod validation;
 pub mod wall_profile;
 
 pub use config::{ExperimentConfig, Mode};

@@ -52,6 +52,17 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Validate the surrogate on a whole run: a one-seed `compare` folder of a real-mode run and
+    /// the same experiment through the surrogate (`--mode surrogate`); prints and writes
+    /// `validation.md` beside the surrogate folder's runs (strategy order, curve errors).
+    ValidateSurrogate {
+        /// The real-mode comparison folder (one folder per strategy).
+        #[arg(long)]
+        real: PathBuf,
+        /// The surrogate comparison folder of the same experiment.
+        #[arg(long)]
+        surrogate: PathBuf,
+    },
     /// Fit the surrogate's loss and accuracy response from recorded device-rounds
     /// (device_rounds.jsonl files or run folders holding one); writes the parameters with their
     /// provenance and held-out validation error.
@@ -132,9 +143,21 @@ struct RunArgs {
     /// Output folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Override the mode: `real` (training) or `surrogate` (the fitted loss-response model),
+    /// e.g. to run a real-mode experiment file through the surrogate for validation.
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<Mode>,
     /// Surrogate mode: accept a parameter file without provenance (not fitted).
     #[arg(long)]
     force_unfitted: bool,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "real" => Ok(Mode::Real),
+        "surrogate" => Ok(Mode::Surrogate),
+        other => Err(format!("unknown mode '{other}' (real or surrogate)")),
+    }
 }
 
 impl RunArgs {
@@ -164,6 +187,9 @@ impl RunArgs {
         }
         if let Some(o) = &self.out {
             cfg.output_dir = o.clone();
+        }
+        if let Some(m) = self.mode {
+            cfg.mode = m;
         }
         cfg.surrogate.force_unfitted |= self.force_unfitted;
         let strategy = self
@@ -511,6 +537,12 @@ fn main() -> Result<()> {
             split_seed,
             holdout,
         }) => fit(data, out, split_seed, holdout),
+        Some(Cmd::ValidateSurrogate { real, surrogate }) => {
+            let table = sim::validation::validate(&real, &surrogate)?;
+            write_file(&surrogate.join("validation.md"), &table)?;
+            println!("{table}");
+            Ok(())
+        }
         Some(Cmd::Record {
             ratios,
             ranks,

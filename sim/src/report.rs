@@ -115,9 +115,14 @@ pub struct DeviceFinal {
     pub class: String,
     pub data: String,
     pub power_mode: f64,
+    /// Sparsity and parameters of the model the device holds at the end (as trained).
     pub sparsity: f64,
     pub params: u64,
     pub rounds_trained: u64,
+    /// Sparsity of its final model: the one the final evaluation scored, brought to the target
+    /// sparsity where it was short of it (else `sparsity`).
+    pub final_sparsity: f64,
+    /// Inference latency of that final model (prompt of `eval.latency_prompt_tokens`).
     pub inference_ms: f64,
     pub peak_mem_mib: f64,
     /// Quality of the final model (pruned base + global adapter), when evaluated.
@@ -133,6 +138,9 @@ pub struct DeviceFinal {
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct ClassSummary {
     pub devices: usize,
+    /// Of them, those whose final model the final evaluation scored; the two means below are
+    /// over these final models.
+    pub final_models: usize,
     pub mean_sparsity: f64,
     pub mean_inference_ms: f64,
     pub max_peak_mem_mib: f64,
@@ -200,10 +208,13 @@ pub struct Summary {
     pub final_brought_to_target: usize,
     pub final_min_sparsity: Option<f64>,
     pub last_panel_accuracy: Option<f64>,
-    /// Mean final sparsity over every device, and over devices that trained at least once.
+    /// Mean sparsity as trained (the kept maps each device holds at the end) over every device,
+    /// and over devices that trained at least once.
     pub mean_sparsity: f64,
     pub mean_sparsity_trained: f64,
     pub devices_trained: usize,
+    /// Mean inference latency of the final models (at s* where they were brought there), over
+    /// the devices the final evaluation scored.
     pub mean_inference_ms: f64,
     pub max_peak_mem_mib: f64,
     /// Bytes on every link over the whole run (every message, late and refused ones included).
@@ -316,7 +327,7 @@ pub fn markdown_table(reports: &[Report]) -> String {
         .map(|r| r.summary.target.clone())
         .unwrap_or_default();
     let (unit, div) = time_unit(reports);
-    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy +- SE: trained / fleet | final perplexity | mean sparsity (all / trained) | inference ms (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
+    let _ = writeln!(s, "| strategy | time to {target} (virtual {unit}) | final accuracy +- SE: trained / fleet | final perplexity | mean sparsity as trained (all / trained) | inference ms, final models (mean) | peak train mem (MiB) | MB up | MB down | rejects | missed | dropped | OOM | rounds | virtual {unit} |");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in reports {
         let m = &r.summary;

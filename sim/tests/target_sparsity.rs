@@ -7,7 +7,9 @@
 use protocol::{SparsityGoal, SPARSITY_TOLERANCE};
 use sim::config::{ExperimentConfig, ModelChoice};
 use sim::experiment::{self, tiny_model, Resources};
+use sim::hardware::DeviceProfile;
 use sim::report::Report;
+use sim::timing;
 use sim::Quiet;
 
 /// s* for the tiny model: only its middle block is prunable (the first and last are
@@ -100,6 +102,11 @@ fn fedspine_devices_close_the_gap_at_the_bandits_pace_and_short_ones_are_brought
             d.device
         );
     }
+    // Every final model is at s*, including those of the devices that were brought there.
+    assert!(report
+        .devices
+        .iter()
+        .all(|d| d.final_sparsity >= TARGET - SPARSITY_TOLERANCE));
     // The recovery budget is prune-after-fl's (tiny: 2 steps), whatever the strategy.
     assert_eq!(s.evaluation.recovery_steps, 2);
     assert!(s
@@ -178,6 +185,36 @@ fn prune_after_fl_trains_dense_and_prunes_only_for_the_final_evaluation() {
         s.evaluation.trained_brought_to_target,
         s.evaluation.trained_evaluated
     );
+    // The final models are the pruned ones: their sparsity and inference latency are those at
+    // s*, not the dense model's the devices hold (a dense latency here was a reported bug).
+    let ModelChoice::Tiny(t) = &cfg.model else {
+        panic!("tiny model expected")
+    };
+    let dense = tiny_model(t).config;
+    let prompt = cfg.eval.latency_prompt_tokens;
+    for d in &report.devices {
+        assert!(
+            d.final_sparsity >= TARGET - SPARSITY_TOLERANCE,
+            "device {}",
+            d.device
+        );
+        let p = DeviceProfile::resolve(&d.profile, None).unwrap();
+        let dense_ms = timing::inference_ms(&dense, prompt, p.infer_gflops * d.power_mode);
+        assert!(
+            d.inference_ms < dense_ms,
+            "device {}: {} ms at s*, {dense_ms} ms dense",
+            d.device,
+            d.inference_ms
+        );
+    }
+    let mean = |f: fn(&sim::report::DeviceFinal) -> f64| {
+        report.devices.iter().map(f).sum::<f64>() / report.devices.len() as f64
+    };
+    assert!((s.mean_inference_ms - mean(|d| d.inference_ms)).abs() < 1e-9);
+    for c in s.by_class.values() {
+        assert_eq!(c.final_models, c.devices);
+        assert!(c.mean_sparsity >= TARGET - SPARSITY_TOLERANCE);
+    }
 }
 
 #[test]
@@ -185,6 +222,10 @@ fn a_dense_strategy_is_evaluated_dense() {
     let report = run(&config("fedlora"));
     assert_eq!(report.summary.final_brought_to_target, 0);
     assert_eq!(report.summary.final_min_sparsity, Some(0.0));
+    assert!(report
+        .devices
+        .iter()
+        .all(|d| d.final_sparsity == 0.0 && d.sparsity == 0.0));
     assert!(report
         .devices
         .iter()

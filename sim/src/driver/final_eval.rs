@@ -42,6 +42,8 @@ pub(super) struct FinalEvaluation {
     pub(super) brought_to_target: usize,
     /// Their qualities as they were before they were brought (their own sparsity).
     pub(super) before_target: BTreeMap<usize, Quality>,
+    /// Their kept maps as scored (at the target sparsity).
+    pub(super) at_target: BTreeMap<usize, KeptIndices>,
     /// The lowest sparsity among the fleet's evaluated models (as scored).
     pub(super) min_sparsity: Option<f64>,
 }
@@ -103,6 +105,7 @@ impl Simulation<'_> {
                     brought: false,
                     before_target: None,
                     sparsity: *s,
+                    kept_at_target: None,
                 },
                 None => {
                     let before = memo
@@ -161,6 +164,10 @@ impl Simulation<'_> {
             scored.iter().map(|(&i, e)| (i, e.quality)).collect();
         scored.extend(self.evaluate_distinct(&untrained, shared, &mut memo)?);
         let fleet: BTreeMap<usize, Quality> = scored.iter().map(|(&i, e)| (i, e.quality)).collect();
+        let at_target: BTreeMap<usize, KeptIndices> = scored
+            .iter_mut()
+            .filter_map(|(&i, e)| e.kept_at_target.take().map(|k| (i, k)))
+            .collect();
         let before_target: BTreeMap<usize, Quality> = scored
             .iter()
             .filter_map(|(&i, e)| e.before_target.map(|q| (i, q)))
@@ -200,6 +207,7 @@ impl Simulation<'_> {
             summary,
             brought_to_target: memo.brought_to_target,
             before_target,
+            at_target,
             min_sparsity: memo.min_sparsity,
         })
     }

@@ -15,6 +15,7 @@
 //! models'). Dense strategies (`hetlora`, `fedlora`) are evaluated dense.
 
 use aggregator::strategy::TargetRoute;
+use protocol::KeptIndices;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -48,6 +49,8 @@ pub(super) struct Scored {
     pub(super) before_target: Option<Quality>,
     /// The sparsity of the model as scored.
     pub(super) sparsity: f64,
+    /// Where it was brought to the target sparsity: the kept maps it was scored with.
+    pub(super) kept_at_target: Option<KeptIndices>,
 }
 
 impl Simulation<'_> {
@@ -114,6 +117,7 @@ impl Simulation<'_> {
                 brought: false,
                 before_target: None,
                 sparsity,
+                kept_at_target: None,
             });
         };
         let before_target = match (final_eval, known_before) {
@@ -149,6 +153,7 @@ impl Simulation<'_> {
             brought: true,
             before_target,
             sparsity: pruned_config(&dense, &kept).sparsity(),
+            kept_at_target: Some(kept),
         })
     }
 

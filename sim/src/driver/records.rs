@@ -13,7 +13,7 @@ use crate::config::TargetMetric;
 use crate::device_rounds::DeviceRound;
 use crate::error::SimError;
 use crate::report::{ClassSummary, DeviceFinal, Play, Report, RoundRecord, Summary};
-use crate::timing;
+use crate::{stats, timing};
 
 impl Simulation<'_> {
     fn class_of(&self, i: usize) -> String {
@@ -164,9 +164,13 @@ impl Simulation<'_> {
         let prompt = self.cfg.eval.latency_prompt_tokens;
         let mut devices = Vec::with_capacity(self.devices.len());
         for i in 0..self.devices.len() {
-            let cfg = self
-                .trainer
-                .cost_config(&self.devices[i].session.state().kept);
+            let held = &self.devices[i].session.state().kept;
+            let cfg = self.trainer.cost_config(held);
+            // The model the final evaluation scored: brought to s* where it was short of it.
+            let scored = match final_eval.at_target.get(&i) {
+                Some(k) => self.trainer.cost_config(k),
+                None => cfg.clone(),
+            };
             let p = self.profile(i).clone();
             let d = &self.devices[i];
             devices.push(DeviceFinal {
@@ -178,7 +182,8 @@ impl Simulation<'_> {
                 sparsity: cfg.sparsity(),
                 params: cfg.total_params() as u64,
                 rounds_trained: d.rounds_trained,
-                inference_ms: timing::inference_ms(&cfg, prompt, p.infer_gflops * d.power_mode),
+                final_sparsity: scored.sparsity(),
+                inference_ms: timing::inference_ms(&scored, prompt, p.infer_gflops * d.power_mode),
                 peak_mem_mib: d.peak_mem as f64 / (1 << 20) as f64,
                 quality: final_eval.fleet.get(&i).copied(),
                 quality_before_target: final_eval.before_target.get(&i).copied(),
@@ -234,13 +239,20 @@ impl Simulation<'_> {
             let v: Vec<f64> = qualities.values().filter_map(f).collect();
             (!v.is_empty() && v.len() == qn).then(|| v.iter().sum::<f64>() / v.len() as f64)
         };
+        // Sparsity and latency of the final models: those the final evaluation scored (every
+        // device unless `eval.final_devices` caps it; all of them if none was scored).
+        let scored = |d: &&DeviceFinal| d.quality.is_some() || qn == 0;
         let mut by_class: BTreeMap<String, ClassSummary> = BTreeMap::new();
         for d in devices {
             let c = by_class.entry(d.class.clone()).or_default();
             c.devices += 1;
-            c.mean_sparsity += d.sparsity;
-            c.mean_inference_ms += d.inference_ms;
             c.max_peak_mem_mib = c.max_peak_mem_mib.max(d.peak_mem_mib);
+        }
+        for d in devices.iter().filter(scored) {
+            let c = by_class.entry(d.class.clone()).or_default();
+            c.final_models += 1;
+            c.mean_sparsity += d.final_sparsity;
+            c.mean_inference_ms += d.inference_ms;
         }
         for r in &self.rounds {
             for p in &r.plays {
@@ -251,7 +263,7 @@ impl Simulation<'_> {
             }
         }
         for c in by_class.values_mut() {
-            let k = c.devices.max(1) as f64;
+            let k = c.final_models.max(1) as f64;
             c.mean_sparsity /= k;
             c.mean_inference_ms /= k;
             let p = c.plays.max(1) as f64;
@@ -287,7 +299,14 @@ impl Simulation<'_> {
                 trained.iter().map(|d| d.sparsity).sum::<f64>() / trained.len() as f64
             },
             devices_trained: trained.len(),
-            mean_inference_ms: devices.iter().map(|d| d.inference_ms).sum::<f64>() / n,
+            mean_inference_ms: stats::mean(
+                &devices
+                    .iter()
+                    .filter(scored)
+                    .map(|d| d.inference_ms)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap_or(0.0),
             max_peak_mem_mib: devices.iter().map(|d| d.peak_mem_mib).fold(0.0, f64::max),
             bytes_up: self.bytes_up_total,
             bytes_down: self.bytes_down_total,
