@@ -568,8 +568,8 @@ mod tests {
         let got = grouped_decode_attention(q, k, v);
         assert_eq!(got.dims(), [batch, nh, 1, hd]);
         let (want, got) = (
-            want.into_data().to_vec::<f32>().unwrap(),
-            got.into_data().to_vec::<f32>().unwrap(),
+            want.into_data().try_to_vec::<f32>().unwrap(),
+            got.into_data().try_to_vec::<f32>().unwrap(),
         );
         for (a, b) in want.iter().zip(&got) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");

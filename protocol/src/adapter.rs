@@ -159,8 +159,9 @@ impl fmt::Display for Proj {
     }
 }
 
-/// A flat row-major buffer, either `f32` or IEEE half precision stored as raw `u16` bits.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Encode, Decode)]
+/// A flat row-major buffer, either `f32` or IEEE half precision stored as raw `u16` bits. Its
+/// wire form is written and read in bulk (`buffer_codec.rs`), byte-identical to the derive's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Buffer {
     F32(Vec<f32>),
     F16(Vec<u16>),

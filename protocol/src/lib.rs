@@ -4,6 +4,7 @@
 //! the coordinator and the agent session interpret [`Message`]s.
 
 pub mod adapter;
+mod buffer_codec;
 pub mod codec;
 #[doc(hidden)]
 #[cfg(feature = "fuzzing")]

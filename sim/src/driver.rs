@@ -104,6 +104,10 @@ struct VDev {
     rounds_trained: u64,
     peak_mem: u64,
     history: Vec<(u64, f64, u32, String)>,
+    /// The kept maps' shape (heads, KV heads, channels per block) when its sparsity was last
+    /// computed, and that sparsity: the fleet's mean is taken every round over every device,
+    /// and most devices' maps have not changed since.
+    sparsity_seen: Option<(Vec<[usize; 3]>, f64)>,
 }
 
 impl VDev {
@@ -272,6 +276,7 @@ impl<'a> Simulation<'a> {
                 rounds_trained: 0,
                 peak_mem: 0,
                 history: Vec::new(),
+                sparsity_seen: None,
             });
         }
         let panel_seed = Stream::new(cfg.seed, label::EVALUATION).at(0, 0);

@@ -38,7 +38,7 @@ use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{RoundReport, StepRecord};
 use protocol::{Buffer, GlobalSlice, Message, UpdateStats};
 use protocol::{KeptIndices, Proj};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::compute::{pruned_config, LocalTrainer, Quality, TrainedRound};
@@ -55,25 +55,40 @@ pub fn real_model() -> ModelConfig {
     ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true)
 }
 
-/// The tiny model whose adapters travel through the coordinator in surrogate mode.
+/// The tiny model whose adapters travel through the coordinator in surrogate mode: four
+/// blocks, all prunable, of 2 query heads sharing one KV head and 32 MLP channels. One channel
+/// is 0.63% of its non-embedding parameters (the resolution of a surrogate device's sparsity);
+/// its adapter is 704 numbers per rank, small enough that a device-round costs microseconds.
 pub fn wire_model() -> ModelConfig {
-    ModelConfig::dense(32, 16, 10, 4, 2, 4, 64, true)
+    ModelConfig::dense(32, 8, 4, 2, 1, 4, 32, true)
 }
 
 /// The real model at non-embedding sparsity `s`: MLP channels of the prunable blocks (all but
 /// the first and last) scaled down by the same count.
 pub fn real_at_sparsity(real: &ModelConfig, s: f64) -> ModelConfig {
-    let mut c = real.clone();
-    let n = c.n_layers();
+    real_at(real, real.dense_non_embedding_params(), s)
+}
+
+/// MLP channels each prunable block of `real` keeps at sparsity `s` (`dense`: its dense
+/// non-embedding parameter count); `None` when nothing is pruned.
+fn ffn_kept(real: &ModelConfig, dense: usize, s: f64) -> Option<usize> {
+    let n = real.n_layers();
     if n <= 2 || s <= 0.0 {
-        return c;
+        return None;
     }
-    let per_channel = 3 * c.d_model;
-    let want = s * c.dense_non_embedding_params() as f64;
+    let per_channel = 3 * real.d_model;
+    let want = s * dense as f64;
     let per_block = (want / (n - 2) as f64 / per_channel as f64).round() as usize;
-    let keep = c.ffn_dim.saturating_sub(per_block).max(32);
-    for b in c.blocks.iter_mut().take(n - 1).skip(1) {
-        b.ffn_dim = keep;
+    Some(real.ffn_dim.saturating_sub(per_block).max(32))
+}
+
+fn real_at(real: &ModelConfig, dense: usize, s: f64) -> ModelConfig {
+    let mut c = real.clone();
+    if let Some(keep) = ffn_kept(real, dense, s) {
+        let n = c.n_layers();
+        for b in c.blocks.iter_mut().take(n - 1).skip(1) {
+            b.ffn_dim = keep;
+        }
     }
     c
 }
@@ -84,40 +99,64 @@ pub fn real_at_sparsity(real: &ModelConfig, s: f64) -> ModelConfig {
 pub struct SurrogateCosts {
     wire: ModelConfig,
     real: ModelConfig,
+    /// `real`'s dense non-embedding parameter count (asked for every message and round).
+    real_dense: usize,
     seq_len: usize,
 }
 
 impl SurrogateCosts {
+    fn new(wire: ModelConfig, real: ModelConfig, seq_len: usize) -> Self {
+        SurrogateCosts {
+            wire,
+            real_dense: real.dense_non_embedding_params(),
+            real,
+            seq_len,
+        }
+    }
+
     fn wire_sparsity(&self, kept: &KeptIndices) -> f64 {
         pruned_config(&self.wire, kept).sparsity()
     }
 
+    /// The real model at sparsity `s` (as [`real_at_sparsity`]).
+    fn real_at(&self, s: f64) -> ModelConfig {
+        real_at(&self.real, self.real_dense, s)
+    }
+
     /// Bytes of a real-model adapter payload at `rank` for kept maps of wire sparsity `s`.
     fn real_payload_bytes(&self, rank: usize, s: f64, elem: usize) -> usize {
-        let c = real_at_sparsity(&self.real, s);
+        let c = &self.real;
+        let keep = ffn_kept(c, self.real_dense, s);
+        let n = c.n_layers();
         let d = c.d_model;
         let hd = c.head_dim;
+        let ffn = |l: usize, dense: usize| match keep {
+            Some(k) if l > 0 && l + 1 < n => k,
+            _ => dense,
+        };
         let per_rank: usize = c
             .blocks
             .iter()
-            .map(|b| {
-                let (q, kv, f) = (b.n_heads * hd, b.n_kv_heads * hd, b.ffn_dim);
+            .enumerate()
+            .map(|(l, b)| {
+                let (q, kv, f) = (b.n_heads * hd, b.n_kv_heads * hd, ffn(l, b.ffn_dim));
                 (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
             })
             .sum();
         let kept: usize = c
             .blocks
             .iter()
-            .map(|b| b.n_heads + b.n_kv_heads + b.ffn_dim)
+            .enumerate()
+            .map(|(l, b)| b.n_heads + b.n_kv_heads + ffn(l, b.ffn_dim))
             .sum::<usize>()
             * 4;
-        rank * per_rank * elem + kept + 64 * c.n_layers() * Proj::ALL.len()
+        rank * per_rank * elem + kept + 64 * n * Proj::ALL.len()
     }
 }
 
 impl RoundCosts for SurrogateCosts {
     fn shape(&self, kept: &KeptIndices) -> ModelConfig {
-        real_at_sparsity(&self.real, self.wire_sparsity(kept))
+        self.real_at(self.wire_sparsity(kept))
     }
 
     fn seq_len(&self) -> usize {
@@ -158,7 +197,6 @@ pub struct SurrogateTrainer {
     pub params: SurrogateParams,
     costs: Arc<SurrogateCosts>,
     wire: ModelConfig,
-    real: ModelConfig,
     prune: PruneConfig,
     seq_len: usize,
     eval_tokens: usize,
@@ -185,9 +223,9 @@ impl SurrogateTrainer {
             .collect();
         let wire = wire_model();
         let prune = PruneConfig {
-            protected_blocks: vec![0, wire.n_layers() - 1],
+            protected_blocks: vec![],
             min_heads_per_block: 1,
-            min_channels_per_block: 4,
+            min_channels_per_block: 2,
             uniform: false,
             per_block: false,
             prune_heads: true,
@@ -195,13 +233,8 @@ impl SurrogateTrainer {
         SurrogateTrainer {
             gap: params.loss_initial - params.loss_floor,
             params,
-            costs: Arc::new(SurrogateCosts {
-                wire: wire.clone(),
-                real: real_model(),
-                seq_len,
-            }),
+            costs: Arc::new(SurrogateCosts::new(wire.clone(), real_model(), seq_len)),
             wire,
-            real: real_model(),
             prune,
             seq_len,
             eval_tokens,
@@ -235,13 +268,9 @@ impl SurrogateTrainer {
             for p in Proj::ALL {
                 let (din, dout) = device_agent::lora::proj_dims(cfg, l, p);
                 let sa = 1.0 / (din.max(1) as f64).sqrt();
-                let a = (0..rank * din)
-                    .map(|_| (standard_normal(rng) * sa) as f32)
-                    .collect();
+                let a = unit_variance(rank * din, sa, rng);
                 let sb = per_layer / ((dout * rank).max(1) as f64).sqrt();
-                let b = (0..dout * rank)
-                    .map(|_| (standard_normal(rng) * sb) as f32)
-                    .collect();
+                let b = unit_variance(dout * rank, sb, rng);
                 out.push(HostFactors {
                     block: l,
                     proj: p,
@@ -254,6 +283,17 @@ impl SurrogateTrainer {
         }
         out
     }
+}
+
+/// `n` independent draws of mean 0 and standard deviation `sd`, uniform on
+/// `[-sqrt(3) sd, sqrt(3) sd]`: only the factors' scale matters to the surrogate (the loss comes
+/// from the response model), and one 32-bit uniform per number costs a fraction of a normal.
+fn unit_variance(n: usize, sd: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let half_width = (3.0f64.sqrt() * sd) as f32;
+    let scale = 2.0 * half_width / (1u64 << 32) as f32;
+    (0..n)
+        .map(|_| rng.next_u32() as f32 * scale - half_width)
+        .collect()
 }
 
 fn elem_bytes(b: &Buffer) -> usize {
@@ -332,10 +372,7 @@ impl LocalTrainer for SurrogateTrainer {
             p.norm_per_gain * phi * self.gap,
             &mut job_rng,
         );
-        let (pre, post) = (
-            real_at_sparsity(&self.real, s_prev),
-            real_at_sparsity(&self.real, s_new),
-        );
+        let (pre, post) = (self.costs.real_at(s_prev), self.costs.real_at(s_new));
         let params_pre = wire_cfg.non_embedding_params();
         let report = RoundReport {
             steps: (1..=steps)
@@ -455,5 +492,35 @@ mod tests {
             assert!((c.sparsity() - s).abs() < 0.01, "{s}: {}", c.sparsity());
         }
         assert_eq!(real_at_sparsity(&real, 0.0), real);
+    }
+
+    #[test]
+    fn message_sizes_are_the_real_adapter_at_the_wire_models_sparsity() {
+        let costs = SurrogateCosts::new(wire_model(), real_model(), 64);
+        for s in [0.0, 0.1, 0.3, 0.5] {
+            let c = real_at_sparsity(&real_model(), s);
+            assert_eq!(costs.real_at(s), c);
+            // Counted the long way: every projection of every block at rank 8, f32, plus the
+            // kept indices (4 bytes each) and 64 bytes of framing per layer.
+            let mut numbers = 0;
+            let mut kept = 0;
+            for l in 0..c.n_layers() {
+                for p in Proj::ALL {
+                    let (din, dout) = device_agent::lora::proj_dims(&c, l, p);
+                    numbers += 8 * (din + dout);
+                }
+                let b = &c.blocks[l];
+                kept += b.n_heads + b.n_kv_heads + b.ffn_dim;
+            }
+            let want = numbers * 4 + kept * 4 + 64 * c.n_layers() * Proj::ALL.len();
+            assert_eq!(costs.real_payload_bytes(8, s, 4), want, "s = {s}");
+        }
+        // The wire model itself: every block prunable, 704 adapter numbers per rank.
+        let wire = wire_model();
+        let per_rank: usize = (0..wire.n_layers())
+            .flat_map(|l| Proj::ALL.map(|p| device_agent::lora::proj_dims(&wire, l, p)))
+            .map(|(din, dout)| din + dout)
+            .sum();
+        assert_eq!(per_rank, 704);
     }
 }

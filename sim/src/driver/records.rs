@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aggregator::coordinator::{CoordinatorState, RoundSummary};
-use protocol::DeviceId;
+use protocol::{BlockKept, DeviceId};
 
 use super::{ms_to_s, Simulation};
 use crate::compute::Quality;
@@ -25,17 +25,26 @@ impl Simulation<'_> {
     /// per-round fleet mean over 10,000 devices would otherwise rebuild a model config per
     /// device.
     fn sparsity_of(&mut self, i: usize) -> f64 {
-        let kept = &self.devices[i].session.state().kept;
-        let key: Vec<[usize; 3]> = kept
-            .blocks
-            .iter()
-            .map(|b| [b.query_heads.len(), b.kv_heads.len(), b.mlp_channels.len()])
-            .collect();
-        if let Some(&s) = self.sparsity_memo.get(&key) {
-            return s;
+        let d = &self.devices[i];
+        let kept = &d.session.state().kept;
+        let shape = |b: &BlockKept| [b.query_heads.len(), b.kv_heads.len(), b.mlp_channels.len()];
+        if let Some((seen, s)) = &d.sparsity_seen {
+            if seen.len() == kept.blocks.len()
+                && seen.iter().zip(&kept.blocks).all(|(k, b)| *k == shape(b))
+            {
+                return *s;
+            }
         }
-        let s = self.trainer.cost_config(kept).sparsity();
-        self.sparsity_memo.insert(key, s);
+        let key: Vec<[usize; 3]> = kept.blocks.iter().map(shape).collect();
+        let s = match self.sparsity_memo.get(&key) {
+            Some(&s) => s,
+            None => {
+                let s = self.trainer.cost_config(kept).sparsity();
+                self.sparsity_memo.insert(key.clone(), s);
+                s
+            }
+        };
+        self.devices[i].sparsity_seen = Some((key, s));
         s
     }
 
