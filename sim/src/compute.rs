@@ -9,7 +9,7 @@ use std::sync::Arc;
 use device_agent::cost::{PrunedModel, RoundCosts};
 use device_agent::job::{self, LocalData};
 use device_agent::model::{Llama, ModelConfig};
-use device_agent::prune::{self, BlockScores, Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{TrainConfig, Tuner};
 use protocol::KeptIndices;
@@ -86,36 +86,14 @@ pub trait LocalTrainer {
         slice: &GlobalSlice,
     ) -> Result<Quality, String>;
     /// Quality of `device`'s model brought to `goal.target` first (see [`ToTarget`]), and the
-    /// kept maps it was evaluated with. This default has no model to score importance with
-    /// (the surrogate): it prunes the dense model's kept maps with seeded random scores and
-    /// skips the recovery.
+    /// kept maps it was evaluated with.
     fn evaluate_at_target(
         &mut self,
         device: usize,
         state: &DeviceState,
         slice: &GlobalSlice,
         goal: &ToTarget,
-    ) -> Result<(Quality, KeptIndices), String> {
-        use rand::{Rng, SeedableRng};
-        let dense = self.dense().clone();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(goal.seed);
-        let scores: Vec<BlockScores> = state
-            .kept
-            .shapes(&dense)
-            .iter()
-            .map(|s| BlockScores {
-                heads: (0..s.n_heads).map(|_| rng.random()).collect(),
-                kv_heads: (0..s.n_kv_heads).map(|_| rng.random()).collect(),
-                channels: (0..s.ffn_dim).map(|_| rng.random()).collect(),
-            })
-            .collect();
-        let kept = prune::select_prune(&dense, &state.kept, &scores, goal.target, &goal.prune);
-        let pruned = DeviceState {
-            kept: kept.clone(),
-            ..state.clone()
-        };
-        Ok((self.evaluate(device, &pruned, slice)?, kept))
-    }
+    ) -> Result<(Quality, KeptIndices), String>;
     /// Bytes a frame of `encoded_len` would take on the wire for the modelled model (the
     /// surrogate's wire model is tiny; it reports the real model's sizes).
     fn wire_bytes(&self, _msg: &protocol::Message, encoded_len: usize) -> usize {

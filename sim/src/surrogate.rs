@@ -41,7 +41,7 @@ use protocol::{KeptIndices, Proj};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::compute::{pruned_config, LocalTrainer, Quality, TrainedRound};
+use crate::compute::{pruned_config, LocalTrainer, Quality, ToTarget, TrainedRound};
 use crate::sampling::standard_normal;
 use crate::timing::{self, StepShape};
 
@@ -442,6 +442,36 @@ impl LocalTrainer for SurrogateTrainer {
             accuracy: p.accuracy(loss),
             perplexity: p.perplexity.then(|| loss.exp()),
         })
+    }
+
+    /// No model to score importance with: the wire model's kept maps are pruned to the target
+    /// with seeded random scores under the surrogate's own pruning limits (the session's are
+    /// the real model's: its protected blocks and 32-channel floor would leave the wire model
+    /// nothing to prune), and the recovery is not modelled.
+    fn evaluate_at_target(
+        &mut self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+        goal: &ToTarget,
+    ) -> Result<(Quality, KeptIndices), String> {
+        let mut rng = ChaCha8Rng::seed_from_u64(goal.seed);
+        let scores: Vec<BlockScores> = state
+            .kept
+            .shapes(&self.wire)
+            .iter()
+            .map(|s| BlockScores {
+                heads: (0..s.n_heads).map(|_| rng.random()).collect(),
+                kv_heads: (0..s.n_kv_heads).map(|_| rng.random()).collect(),
+                channels: (0..s.ffn_dim).map(|_| rng.random()).collect(),
+            })
+            .collect();
+        let kept = prune::select_prune(&self.wire, &state.kept, &scores, goal.target, &self.prune);
+        let pruned = DeviceState {
+            kept: kept.clone(),
+            ..state.clone()
+        };
+        Ok((self.evaluate(device, &pruned, slice)?, kept))
     }
 
     fn wire_bytes(&self, msg: &Message, encoded_len: usize) -> usize {

@@ -235,3 +235,33 @@ fn a_dense_strategy_is_evaluated_dense() {
         report.summary.final_accuracy
     );
 }
+
+#[test]
+fn surrogate_runs_score_every_final_model_at_target() {
+    // The surrogate brings devices to s* on its wire model under its own pruning limits (the
+    // session's are the real model's); a regression once left prune-after-fl's final models at
+    // 3% sparsity while the report called them brought to s*.
+    for strategy in ["prune-after-fl", "fedspine"] {
+        let mut cfg = ExperimentConfig::preset("paper-surrogate").unwrap();
+        cfg.coordinator.rounds = 6;
+        let cfg = cfg.with_strategy(strategy).unwrap();
+        let target = cfg.coordinator.target_sparsity.unwrap();
+        let report = run(&cfg);
+        let s = &report.summary;
+        assert_eq!(s.mode, "surrogate");
+        assert!(s.final_brought_to_target > 0, "{strategy}");
+        assert!(
+            s.final_min_sparsity.unwrap() >= target - SPARSITY_TOLERANCE,
+            "{strategy}: {:?}",
+            s.final_min_sparsity
+        );
+        for d in report.devices.iter().filter(|d| d.quality.is_some()) {
+            assert!(
+                d.final_sparsity >= target - SPARSITY_TOLERANCE,
+                "{strategy}: device {} at {}",
+                d.device,
+                d.final_sparsity
+            );
+        }
+    }
+}
