@@ -17,7 +17,7 @@ use protocol::{
 };
 
 use super::round::{OpenRound, Outcome, Participant};
-use super::{Command, Coordinator};
+use super::{Command, Coordinator, DeviceEntry};
 use crate::aggregate::{AggregateError, Aggregation};
 
 impl Coordinator {
@@ -76,15 +76,19 @@ impl Coordinator {
             }
             self.gate = None;
         }
+        let idle_now = |e: &&DeviceEntry| e.connected && e.joined && e.record.is_some();
+        // Called on every message while no round is open (every join of a 10,000-device fleet
+        // coming up): count, stopping at the minimum, before collecting anything.
+        let min = self.config.min_devices_to_start();
+        if self.devices.values().filter(idle_now).take(min).count() < min {
+            return;
+        }
         let idle: Vec<DeviceId> = self
             .devices
             .iter()
-            .filter(|(_, e)| e.connected && e.joined && e.record.is_some())
+            .filter(|(_, e)| idle_now(e))
             .map(|(id, _)| *id)
             .collect();
-        if idle.len() < self.config.min_devices_to_start() {
-            return;
-        }
         let k = self.config.selection_size().min(idle.len());
         let next = self.round.next().0;
         let mut keyed: Vec<(u64, DeviceId)> = idle

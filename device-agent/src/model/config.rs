@@ -93,13 +93,18 @@ impl ModelConfig {
 
     /// Parameters outside the embedding table and LM head (what sparsity is measured on).
     pub fn non_embedding_params(&self) -> usize {
-        let d = self.d_model;
-        let hd = self.head_dim;
         self.blocks
             .iter()
-            .map(|b| 2 * d + d * b.n_heads * hd * 2 + d * b.n_kv_heads * hd * 2 + 3 * d * b.ffn_dim)
+            .map(|b| self.block_params(b.n_heads, b.n_kv_heads, b.ffn_dim))
             .sum::<usize>()
-            + d
+            + self.d_model
+    }
+
+    /// Parameters of one block with these head and channel counts (two norms, the four
+    /// attention projections, the three MLP projections).
+    fn block_params(&self, n_heads: usize, n_kv_heads: usize, ffn_dim: usize) -> usize {
+        let (d, hd) = (self.d_model, self.head_dim);
+        2 * d + d * n_heads * hd * 2 + d * n_kv_heads * hd * 2 + 3 * d * ffn_dim
     }
 
     /// All parameters (embedding counted once when tied).
@@ -110,10 +115,8 @@ impl ModelConfig {
 
     /// Parameters of the same architecture before pruning.
     pub fn dense_non_embedding_params(&self) -> usize {
-        let mut dense = self.clone();
-        dense.blocks =
-            vec![BlockShape::dense(self.n_heads, self.n_kv_heads, self.ffn_dim); self.blocks.len()];
-        dense.non_embedding_params()
+        self.blocks.len() * self.block_params(self.n_heads, self.n_kv_heads, self.ffn_dim)
+            + self.d_model
     }
 
     /// Fraction of non-embedding parameters removed relative to the dense architecture.
@@ -132,5 +135,12 @@ mod tests {
         // 134,515,008 parameters in SmolLM2-135M.
         assert_eq!(c.total_params(), 134_515_008);
         assert_eq!(c.sparsity(), 0.0);
+        // Pruned: the dense count is the architecture's, whatever the blocks now hold.
+        let mut p = c.clone();
+        p.blocks[3] = BlockShape::dense(6, 2, 1000);
+        assert_eq!(p.dense_non_embedding_params(), c.non_embedding_params());
+        let removed = 576 * 64 * 2 * 3 + 576 * 64 * 2 + 3 * 576 * 536;
+        assert_eq!(c.non_embedding_params() - p.non_embedding_params(), removed);
+        assert!((p.sparsity() - removed as f64 / c.non_embedding_params() as f64).abs() < 1e-15);
     }
 }
