@@ -17,8 +17,9 @@ use bincode::{BorrowDecode, Decode, Encode};
 
 use crate::adapter::Buffer;
 
-/// Elements converted per chunk (bounded stack use whatever the buffer's length).
-const CHUNK_BYTES: usize = 4096;
+/// Bytes converted per chunk (bounded stack use whatever the buffer's length; small, since most
+/// factors are a few hundred numbers and the chunk is zeroed on every call).
+const CHUNK_BYTES: usize = 1024;
 
 const F32_VARIANT: u32 = 0;
 const F16_VARIANT: u32 = 1;

@@ -93,9 +93,26 @@ pub fn encode_frame_into(message: &Message, out: &mut Vec<u8>) -> Result<usize, 
     Ok(out.len() - start)
 }
 
+/// Bytes an adapter-carrying message's factors take (its other fields are small): enough room
+/// to encode it without growing the buffer through every doubling.
+fn size_hint(message: &Message) -> usize {
+    let factors = |a: &crate::AdapterPayload| -> usize {
+        a.layers
+            .iter()
+            .map(|l| l.a.data.byte_len() + l.b.data.byte_len() + 64)
+            .sum()
+    };
+    let big = match message {
+        Message::Update(u) => factors(&u.adapter),
+        Message::RoundConfig(rc) => rc.global.as_ref().map_or(0, |g| factors(&g.adapter)),
+        _ => 0,
+    };
+    big + 1024
+}
+
 /// Encodes `message` as one frame.
 pub fn encode_frame(message: &Message) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(size_hint(message));
     encode_frame_into(message, &mut out)?;
     Ok(out)
 }
