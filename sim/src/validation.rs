@@ -141,10 +141,33 @@ impl PairCheck {
         self.real_se.is_some_and(|se| self.real.abs() > 2.0 * se)
     }
 
-    /// Whether the surrogate orders the pair as real mode does.
-    pub fn agrees(&self) -> bool {
-        self.real.signum() == self.surrogate.signum()
+    /// How the surrogate orders the pair against real mode: a surrogate difference under
+    /// [`TIE`] is no order at all.
+    pub fn order(&self) -> Order {
+        if self.surrogate.abs() < TIE {
+            Order::Tie
+        } else if (self.real > 0.0) == (self.surrogate > 0.0) {
+            Order::Same
+        } else {
+            Order::Opposite
+        }
     }
+
+    /// Whether the surrogate orders the pair as real mode does (a tie does not).
+    pub fn agrees(&self) -> bool {
+        self.order() == Order::Same
+    }
+}
+
+/// A surrogate accuracy difference smaller than this (0.05 points) is a tie.
+pub const TIE: f64 = 5e-4;
+
+/// The surrogate's order of a pair against real mode's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Same,
+    Opposite,
+    Tie,
 }
 
 /// Every pair of the strategies present in both, on final accuracy.
@@ -247,7 +270,11 @@ pub fn validate(real_dir: &Path, surrogate_dir: &Path) -> Result<String, SimErro
             opt(c.real_se, 3),
             if c.resolved() { "yes" } else { "no" },
             c.surrogate,
-            if c.agrees() { "yes" } else { "no" }
+            match c.order() {
+                Order::Same => "yes",
+                Order::Opposite => "no (opposite)",
+                Order::Tie => "no (surrogate: tie)",
+            }
         );
     }
     let resolved: Vec<&PairCheck> = checks.iter().filter(|c| c.resolved()).collect();
@@ -300,7 +327,15 @@ mod tests {
         // a - c: resolved, both positive.
         assert!(p[1].resolved() && p[1].agrees());
         // b - c: -0.01 with SE 0.014: not resolved; surrogate +0.2 disagrees.
-        assert!(!p[2].resolved() && !p[2].agrees());
+        assert!(!p[2].resolved() && p[2].order() == Order::Opposite);
+        // A surrogate that cannot tell two strategies apart does not agree with anything.
+        let tied = [
+            trace("a", "surrogate", 0.7, 0.0),
+            trace("b", "surrogate", 0.7, 0.0),
+        ];
+        let p = pairs(&real[..2], &tied);
+        assert_eq!(p[0].order(), Order::Tie);
+        assert!(!p[0].agrees());
     }
 
     #[test]
