@@ -47,8 +47,10 @@ pub(super) fn f32_data(buffer: &Buffer) -> Cow<'_, [f32]> {
     }
 }
 
-/// `|s B A|_F` of a validated layer, from the `r x r` Gram matrices (no `[out, in]` product):
-/// `|B A|_F² = Σ_ij (BᵀB)_ij (A Aᵀ)_ij`.
+/// `|s B A|_F` of a validated layer without forming the `[out, in]` product when the factors are
+/// wide: `|B A|_F² = Σ_ij (BᵀB)_ij (A Aᵀ)_ij` from the `r x r` Gram matrices, about
+/// `r² (in/2 + out)` multiplications. Factors narrower than their rank (tiny models at high
+/// rank) take the product row by row instead, `r in out` multiplications, when that is fewer.
 pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
     let r = layer.a.rows as usize;
     let inp = layer.a.cols as usize;
@@ -58,6 +60,16 @@ pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
     if layer.b.cols as usize != r || a.len() != r * inp || b.len() != out * r {
         return f64::NAN;
     }
+    let sq = if inp * out < r * (inp / 2 + out) {
+        product_norm_sq(&a, &b, r, inp)
+    } else {
+        gram_norm_sq(&a, &b, r, inp, out)
+    };
+    scale.abs() * sq.max(0.0).sqrt()
+}
+
+/// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major).
+fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
     let mut gram_a = vec![0.0f64; r * r];
     for i in 0..r {
         for j in i..r {
@@ -81,8 +93,25 @@ pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
             }
         }
     }
-    let sq: f64 = gram_a.iter().zip(&gram_b).map(|(x, y)| x * y).sum();
-    scale.abs() * sq.max(0.0).sqrt()
+    gram_a.iter().zip(&gram_b).map(|(x, y)| x * y).sum()
+}
+
+/// `|B A|_F²` from the product, one output row at a time.
+fn product_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize) -> f64 {
+    let mut row = vec![0.0f64; inp];
+    let mut sq = 0.0;
+    for b_row in b.chunks_exact(r.max(1)) {
+        row.iter_mut().for_each(|x| *x = 0.0);
+        for (k, &bk) in b_row.iter().enumerate() {
+            if bk != 0.0 {
+                for (x, &ak) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                    *x += bk as f64 * ak as f64;
+                }
+            }
+        }
+        sq += row.iter().map(|x| x * x).sum::<f64>();
+    }
+    sq
 }
 
 /// Total delta norm `sqrt(Σ_layers |s B A|_F²)` of a validated adapter.
@@ -128,4 +157,62 @@ pub fn check_contribution(
         layer_delta_norms,
         delta_norm,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic spread of values, zeros included.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761) >> 16;
+                if h % 7 == 0 {
+                    0.0
+                } else {
+                    (h % 2001) as f32 / 1000.0 - 1.0
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn both_ways_to_the_delta_norm_agree_with_the_explicit_product() {
+        // (rank, in, out): wide factors (Gram), narrow ones (product), and the boundary.
+        for (r, inp, out) in [
+            (8, 576, 1536),
+            (16, 8, 32),
+            (16, 4, 4),
+            (4, 8, 8),
+            (1, 3, 2),
+        ] {
+            let (a, b) = (values(r * inp, 1), values(out * r, 2));
+            let mut want = 0.0f64;
+            for o in 0..out {
+                for i in 0..inp {
+                    let x: f64 = (0..r)
+                        .map(|k| b[o * r + k] as f64 * a[k * inp + i] as f64)
+                        .sum();
+                    want += x * x;
+                }
+            }
+            let gram = gram_norm_sq(&a, &b, r, inp, out);
+            let product = product_norm_sq(&a, &b, r, inp);
+            for got in [gram, product] {
+                assert!(
+                    (got - want).abs() <= 1e-9 * want.max(1.0),
+                    "r {r}, in {inp}, out {out}: {got} vs {want}"
+                );
+            }
+            let layer = LayerAdapter {
+                block: 0,
+                proj: protocol::Proj::Q,
+                a: protocol::Tensor2::f32(r as u32, inp as u32, a),
+                b: protocol::Tensor2::f32(out as u32, r as u32, b),
+            };
+            let n = layer_delta_norm(&layer, -0.5);
+            assert!((n - 0.5 * want.sqrt()).abs() <= 1e-9 * want.sqrt().max(1.0));
+        }
+    }
 }
