@@ -125,32 +125,24 @@ impl SurrogateCosts {
 
     /// Bytes of a real-model adapter payload at `rank` for kept maps of wire sparsity `s`.
     fn real_payload_bytes(&self, rank: usize, s: f64, elem: usize) -> usize {
-        let c = &self.real;
-        let keep = ffn_kept(c, self.real_dense, s);
-        let n = c.n_layers();
+        let c = self.real_at(s);
         let d = c.d_model;
         let hd = c.head_dim;
-        let ffn = |l: usize, dense: usize| match keep {
-            Some(k) if l > 0 && l + 1 < n => k,
-            _ => dense,
-        };
         let per_rank: usize = c
             .blocks
             .iter()
-            .enumerate()
-            .map(|(l, b)| {
-                let (q, kv, f) = (b.n_heads * hd, b.n_kv_heads * hd, ffn(l, b.ffn_dim));
+            .map(|b| {
+                let (q, kv, f) = (b.n_heads * hd, b.n_kv_heads * hd, b.ffn_dim);
                 (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
             })
             .sum();
         let kept: usize = c
             .blocks
             .iter()
-            .enumerate()
-            .map(|(l, b)| b.n_heads + b.n_kv_heads + ffn(l, b.ffn_dim))
+            .map(|b| b.n_heads + b.n_kv_heads + b.ffn_dim)
             .sum::<usize>()
             * 4;
-        rank * per_rank * elem + kept + 64 * n * Proj::ALL.len()
+        rank * per_rank * elem + kept + 64 * c.n_layers() * Proj::ALL.len()
     }
 }
 
@@ -249,6 +241,28 @@ impl SurrogateTrainer {
         self.costs.wire_sparsity(kept)
     }
 
+    /// Seeded random importance for the wire model's kept heads (and KV heads when asked; a
+    /// round's pruning draws none, the bring-to-s* step does) and channels, block by block.
+    fn random_scores(
+        &self,
+        kept: &KeptIndices,
+        kv_heads: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<BlockScores> {
+        kept.shapes(&self.wire)
+            .iter()
+            .map(|s| BlockScores {
+                heads: (0..s.n_heads).map(|_| rng.random()).collect(),
+                kv_heads: if kv_heads {
+                    (0..s.n_kv_heads).map(|_| rng.random()).collect()
+                } else {
+                    Vec::new()
+                },
+                channels: (0..s.ffn_dim).map(|_| rng.random()).collect(),
+            })
+            .collect()
+    }
+
     fn noise(&mut self) -> f64 {
         self.params.noise_sd * standard_normal(&mut self.rng)
     }
@@ -268,9 +282,9 @@ impl SurrogateTrainer {
             for p in Proj::ALL {
                 let (din, dout) = device_agent::lora::proj_dims(cfg, l, p);
                 let sa = 1.0 / (din.max(1) as f64).sqrt();
-                let a = unit_variance(rank * din, sa, rng);
+                let a = uniform_draws(rank * din, sa, rng);
                 let sb = per_layer / ((dout * rank).max(1) as f64).sqrt();
-                let b = unit_variance(dout * rank, sb, rng);
+                let b = uniform_draws(dout * rank, sb, rng);
                 out.push(HostFactors {
                     block: l,
                     proj: p,
@@ -288,7 +302,7 @@ impl SurrogateTrainer {
 /// `n` independent draws of mean 0 and standard deviation `sd`, uniform on
 /// `[-sqrt(3) sd, sqrt(3) sd]`: only the factors' scale matters to the surrogate (the loss comes
 /// from the response model), and one 32-bit uniform per number costs a fraction of a normal.
-fn unit_variance(n: usize, sd: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
+fn uniform_draws(n: usize, sd: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let half_width = (3.0f64.sqrt() * sd) as f32;
     let scale = 2.0 * half_width / (1u64 << 32) as f32;
     (0..n)
@@ -341,15 +355,7 @@ impl LocalTrainer for SurrogateTrainer {
         let mut job_rng = ChaCha8Rng::seed_from_u64(job.seed);
         let goal = job.sparsity_goal().round_target(s_prev);
         let kept = if goal > s_prev + 1e-12 {
-            let shapes = state.kept.shapes(&self.wire);
-            let scores: Vec<BlockScores> = shapes
-                .iter()
-                .map(|s| BlockScores {
-                    heads: (0..s.n_heads).map(|_| job_rng.random()).collect(),
-                    kv_heads: Vec::new(),
-                    channels: (0..s.ffn_dim).map(|_| job_rng.random()).collect(),
-                })
-                .collect();
+            let scores = self.random_scores(&state.kept, false, &mut job_rng);
             prune::select_prune(&self.wire, &state.kept, &scores, goal, &self.prune)
         } else {
             state.kept.clone()
@@ -456,16 +462,7 @@ impl LocalTrainer for SurrogateTrainer {
         goal: &ToTarget,
     ) -> Result<(Quality, KeptIndices), String> {
         let mut rng = ChaCha8Rng::seed_from_u64(goal.seed);
-        let scores: Vec<BlockScores> = state
-            .kept
-            .shapes(&self.wire)
-            .iter()
-            .map(|s| BlockScores {
-                heads: (0..s.n_heads).map(|_| rng.random()).collect(),
-                kv_heads: (0..s.n_kv_heads).map(|_| rng.random()).collect(),
-                channels: (0..s.ffn_dim).map(|_| rng.random()).collect(),
-            })
-            .collect();
+        let scores = self.random_scores(&state.kept, true, &mut rng);
         let kept = prune::select_prune(&self.wire, &state.kept, &scores, goal.target, &self.prune);
         let pruned = DeviceState {
             kept: kept.clone(),
