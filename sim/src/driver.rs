@@ -171,6 +171,9 @@ pub struct Simulation<'a> {
     /// Per device: whether it poisons its updates (`[byzantine]`), and the poisoned updates sent.
     attackers: Vec<bool>,
     poisoned_sent: u64,
+    /// Frame buffers whose message was delivered, reused by the next sends (a 10,000-device
+    /// run would otherwise allocate and free one per message).
+    frame_pool: Vec<Vec<u8>>,
 }
 
 /// The session's failure event for a job that could not run.
@@ -309,6 +312,7 @@ impl<'a> Simulation<'a> {
             bytes_up_total: 0,
             bytes_down_total: 0,
             sparsity_memo: std::collections::HashMap::new(),
+            frame_pool: Vec::new(),
         })
     }
 
@@ -409,6 +413,7 @@ impl<'a> Simulation<'a> {
                     return Ok(());
                 }
                 let msg = decode(&frame, "from a device")?;
+                self.recycle(frame);
                 let id = self.devices[dev].id;
                 let cmds = self.coordinator.handle(
                     self.now,
@@ -430,6 +435,7 @@ impl<'a> Simulation<'a> {
                     return Ok(());
                 }
                 let msg = decode(&frame, "to a device")?;
+                self.recycle(frame);
                 let cmds = self.devices[dev]
                     .session
                     .handle(self.now, AgentEvent::Message { msg, bytes });
@@ -550,6 +556,26 @@ impl<'a> Simulation<'a> {
         self.apply_coordinator(cmds)
     }
 
+    /// Frame buffers kept for reuse, and the largest capacity kept (a full-model frame is not
+    /// held on to).
+    const FRAME_POOL: usize = 256;
+    const FRAME_KEEP_BYTES: usize = 4 << 20;
+
+    /// `msg` encoded with the real codec into a reused buffer.
+    fn encode(&mut self, msg: &Message) -> Result<Vec<u8>, protocol::CodecError> {
+        let mut frame = self.frame_pool.pop().unwrap_or_default();
+        frame.clear();
+        protocol::encode_frame_into(msg, &mut frame)?;
+        Ok(frame)
+    }
+
+    /// Returns a delivered frame's buffer to the pool.
+    fn recycle(&mut self, frame: Vec<u8>) {
+        if self.frame_pool.len() < Self::FRAME_POOL && frame.capacity() <= Self::FRAME_KEEP_BYTES {
+            self.frame_pool.push(frame);
+        }
+    }
+
     /// Schedule a frame on a link; returns the arrival time.
     fn link(
         free: &mut Timestamp,
@@ -573,7 +599,8 @@ impl<'a> Simulation<'a> {
             crate::byzantine::poison(u, self.cfg.byzantine.attack, self.cfg.seed, i)?;
             self.poisoned_sent += 1;
         }
-        let frame = protocol::encode_frame(&msg)
+        let frame = self
+            .encode(&msg)
             .map_err(|e| SimError::Coordinator(format!("cannot encode a device message: {e}")))?;
         let bytes = self.trainer.wire_bytes(&msg, frame.len());
         let (up, rtt) = (self.profile(i).uplink_mbps, self.profile(i).rtt_ms);
@@ -600,7 +627,7 @@ impl<'a> Simulation<'a> {
         if !self.devices[i].connected {
             return Ok(());
         }
-        let frame = protocol::encode_frame(&msg).map_err(|e| {
+        let frame = self.encode(&msg).map_err(|e| {
             SimError::Coordinator(format!("cannot encode an aggregator message: {e}"))
         })?;
         let bytes = self.trainer.wire_bytes(&msg, frame.len());

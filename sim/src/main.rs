@@ -15,6 +15,31 @@ use sim::progress::Progress;
 use sim::report::{self, Report};
 use sim::{comparison, experiment, surrogate, Observer, Resources};
 
+/// The simulator allocates and frees many message-sized buffers per device-round (decoded
+/// adapters, global slices, per-round bookkeeping). With glibc's allocator a third of the
+/// 10,000-device preset's time went to `malloc`/`free`; mimalloc serves them from per-size pages.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc's `mi_option_t` (`mimalloc.h`, the same index in its v2
+/// and v3); the Rust bindings name no constant for it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Surrogate mode: keep freed memory with the process instead of handing it back to the OS
+/// 10 ms later (the default). mimalloc's arenas sit on transparent huge pages here, so every
+/// purge cost a 2 MiB page fault and zeroing on the next allocation: 20-25% of the 10,000-device
+/// preset's wall time was the kernel clearing pages (`perf record`). Real mode keeps the default:
+/// there the same setting was 5% faster but raised peak resident memory by 13% (BENCHMARKS.md,
+/// "Simulator throughput and memory").
+fn keep_freed_memory() {
+    #[allow(unsafe_code)]
+    // SAFETY: `mi_option_set` only stores an option value that mimalloc reads when it next
+    // considers purging; it takes no pointers and is valid at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "sim",
@@ -99,13 +124,15 @@ enum Cmd {
     /// batch geometries on the real model, fit the per-operator time model and print measured
     /// against leave-one-out predictions (this model and the FLOPs-linear one).
     Calibrate {
-        /// Where to write the measurements (JSON).
-        #[arg(long, default_value = "calibration.json")]
-        out: PathBuf,
-        /// Refit and print an existing measurement file instead of measuring.
-        #[arg(long, conflicts_with = "out")]
-        from: Option<PathBuf>,
-        /// Timed repetitions per point (median; after one warm-up).
+        /// Where to write the measurements (JSON; default `calibration.json`). With `--from`,
+        /// where to write the merged file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Refit and print existing measurement files instead of measuring; several (repeat
+        /// the flag) are merged point by point, each point at its fastest over the files.
+        #[arg(long)]
+        from: Vec<PathBuf>,
+        /// Timed calls per point (the fastest is kept; after one warm-up).
         #[arg(long, default_value_t = 3)]
         reps: usize,
         /// A third of the grid, for a smoke run.
@@ -192,6 +219,9 @@ impl RunArgs {
             cfg.mode = m;
         }
         cfg.surrogate.force_unfitted |= self.force_unfitted;
+        if cfg.mode == Mode::Surrogate {
+            keep_freed_memory();
+        }
         let strategy = self
             .strategy
             .clone()
@@ -440,47 +470,56 @@ fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Resul
     Ok(())
 }
 
-fn calibrate(out: PathBuf, from: Option<PathBuf>, reps: usize, quick: bool) -> Result<()> {
+fn calibrate(out: Option<PathBuf>, from: Vec<PathBuf>, reps: usize, quick: bool) -> Result<()> {
     use sim::time_model::{self, grid, Calibration, TimeModel};
-    let cal = match from {
-        Some(p) => {
+    let cal = if !from.is_empty() {
+        let mut runs = Vec::new();
+        for p in &from {
             let text =
-                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            Calibration::from_json(&text, &p.display().to_string())?
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let origin = p.display().to_string();
+            let cal = Calibration::from_json(&text, &origin)?;
+            runs.push((origin, cal));
         }
-        None => {
-            let device = burn::tensor::Device::flex();
-            let (base, tok) =
-                device_agent::weights::load(&device_agent::assets::default_model()?, &device)?;
-            let ids = tok.encode(&device_agent::data::moby_dick_chapter(3)?.text)?;
-            let design = grid::design(quick);
-            let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let build = if cfg!(debug_assertions) {
-                "dev (dependencies at opt-level 3)"
-            } else {
-                "release"
-            };
-            let host = grid::host_info(command, build);
-            eprintln!("timing {} configurations on {} ...", design.len(), host.cpu);
-            let measurements = grid::measure(&base, &ids, &design, reps, |m| {
-                eprintln!(
-                    "  {} {} s={:.2} r={} {}x{}: {:.0} ms",
-                    m.kind.name(),
-                    m.label,
-                    m.sparsity,
-                    m.workload.rank,
-                    m.workload.batch,
-                    m.workload.seq,
-                    m.ms
-                );
-            })?;
-            let cal = Calibration { host, measurements };
-            let text = serde_json::to_string_pretty(&cal)?;
-            std::fs::write(&out, text + "\n")
+        let cal = Calibration::fastest_of(&runs)?;
+        if let Some(out) = &out {
+            std::fs::write(out, serde_json::to_string_pretty(&cal)? + "\n")
                 .with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("measurements written to {}", out.display());
-            Calibration::from_json(&serde_json::to_string(&cal)?, &out.display().to_string())?
+            eprintln!("merged measurements written to {}", out.display());
         }
+        cal
+    } else {
+        let out = out.unwrap_or_else(|| PathBuf::from("calibration.json"));
+        let device = burn::tensor::Device::flex();
+        let (base, tok) =
+            device_agent::weights::load(&device_agent::assets::default_model()?, &device)?;
+        let ids = tok.encode(&device_agent::data::moby_dick_chapter(3)?.text)?;
+        let design = grid::design(quick);
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let build = if cfg!(debug_assertions) {
+            "dev (dependencies at opt-level 3)"
+        } else {
+            "release"
+        };
+        let host = grid::host_info(command, build);
+        eprintln!("timing {} configurations on {} ...", design.len(), host.cpu);
+        let measurements = grid::measure(&base, &ids, &design, reps, |m| {
+            eprintln!(
+                "  {} {} s={:.2} r={} {}x{}: {:.0} ms",
+                m.kind.name(),
+                m.label,
+                m.sparsity,
+                m.workload.rank,
+                m.workload.batch,
+                m.workload.seq,
+                m.ms
+            );
+        })?;
+        let cal = Calibration { host, measurements };
+        let text = serde_json::to_string_pretty(&cal)?;
+        std::fs::write(&out, text + "\n").with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("measurements written to {}", out.display());
+        Calibration::from_json(&serde_json::to_string(&cal)?, &out.display().to_string())?
     };
     let model = TimeModel::fit(&cal)?;
     println!("{}", time_model::markdown(&cal, &model));
@@ -513,7 +552,6 @@ fn record(ratios: &str, ranks: &str, data: &Path, args: RunArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    device_agent::backend::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

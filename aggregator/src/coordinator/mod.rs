@@ -152,6 +152,9 @@ pub struct Coordinator {
     finished: bool,
     /// A round closed during the current call (the next one waits for `handle_timeout`).
     closed_now: bool,
+    /// Scratch for a round start's selection keys (kept so a big fleet does not allocate it
+    /// per round).
+    selection_keys: Vec<(u64, DeviceId)>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -200,6 +203,7 @@ impl Coordinator {
             gate: None,
             counters: Counters::default(),
             closed_now: false,
+            selection_keys: Vec::new(),
         })
     }
 
@@ -290,6 +294,7 @@ impl Coordinator {
             policy_rng: state.rng,
             counters: state.counters,
             closed_now: false,
+            selection_keys: Vec::new(),
         })
     }
 

@@ -63,6 +63,21 @@ impl Coordinator {
         })
     }
 
+    /// The idle devices keyed by their selection value for round `round`, in the kept buffer
+    /// (taken out of `self`; the caller puts it back).
+    fn pairs_scratch(&mut self, round: u64) -> Vec<(u64, DeviceId)> {
+        let mut keys = std::mem::take(&mut self.selection_keys);
+        keys.clear();
+        let mut reader = self.selection.pairs(round);
+        keys.extend(
+            self.devices
+                .iter()
+                .filter(|(_, e)| is_idle(e))
+                .map(|(id, _)| (reader.at(id.0), *id)),
+        );
+        keys
+    }
+
     /// Starts a round when none is open, the interval since the last close passed and enough
     /// joined devices are idle: samples them with the seeded generator, asks each one's bandit
     /// (through the strategy) for its arm, and sends each its `RoundConfig`.
@@ -76,27 +91,30 @@ impl Coordinator {
             }
             self.gate = None;
         }
-        let idle_now = |e: &&DeviceEntry| e.connected && e.joined && e.record.is_some();
         // Called on every message while no round is open (every join of a 10,000-device fleet
         // coming up): count, stopping at the minimum, before collecting anything.
         let min = self.config.min_devices_to_start();
-        if self.devices.values().filter(idle_now).take(min).count() < min {
+        if self
+            .devices
+            .values()
+            .filter(|e| is_idle(e))
+            .take(min)
+            .count()
+            < min
+        {
             return;
         }
-        let idle: Vec<DeviceId> = self
-            .devices
-            .iter()
-            .filter(|(_, e)| idle_now(e))
-            .map(|(id, _)| *id)
-            .collect();
-        let k = self.config.selection_size().min(idle.len());
+        // Every idle device keyed by its selection value this round; the `k` smallest keys are
+        // picked. The key buffer is kept across rounds (a 10,000-device fleet would allocate
+        // and fault in 160 KB per round start) and only the picks are ordered.
         let next = self.round.next().0;
-        let mut keyed: Vec<(u64, DeviceId)> = idle
-            .iter()
-            .map(|d| (self.selection.at(next, d.0), *d))
-            .collect();
-        keyed.sort_unstable();
-        let mut picks: Vec<DeviceId> = keyed.into_iter().take(k).map(|(_, d)| d).collect();
+        let mut keys = self.pairs_scratch(next);
+        let k = self.config.selection_size().min(keys.len());
+        if k > 0 && k < keys.len() {
+            keys.select_nth_unstable(k - 1);
+        }
+        let mut picks: Vec<DeviceId> = keys[..k].iter().map(|&(_, d)| d).collect();
+        self.selection_keys = keys;
         picks.sort_unstable();
         let aggregation_config = self.strategy.aggregation(&self.config.aggregation);
         let aggregation =
@@ -189,4 +207,9 @@ impl Coordinator {
             samples_clipped: 0,
         });
     }
+}
+
+/// A device a round may select: connected, joined and with a record (not in a round).
+fn is_idle(e: &DeviceEntry) -> bool {
+    e.connected && e.joined && e.record.is_some()
 }
