@@ -469,6 +469,22 @@ mod tests {
         assert_eq!(m.fleet.spec().unwrap().total(), 120);
         let d = ExperimentConfig::preset("default").unwrap();
         assert_eq!(d.fleet.spec().unwrap().total(), 80);
+        use crate::local_data::WorkloadKind;
+        for (name, text, workload) in [
+            (
+                "validate-spam",
+                include_str!("../configs/examples/validate-spam.toml"),
+                WorkloadKind::Spam,
+            ),
+            (
+                "validate-sotu",
+                include_str!("../configs/examples/validate-sotu.toml"),
+                WorkloadKind::Sotu,
+            ),
+        ] {
+            let v = ExperimentConfig::from_toml(text, name).unwrap();
+            assert_eq!((v.mode, v.workload.kind), (Mode::Real, workload), "{name}");
+        }
         for (name, text) in [
             (
                 "byzantine",

@@ -13,6 +13,11 @@
 //!   + c5 * E_act              activation elements written and read by element-wise operators
 //!   + c6 * W                  weights a pass reads once, whatever its token count (blocks and
 //!                             the tied LM head; shrink with pruning; dominate small batches)
+//!   + c7 * H_seq              (sequence, query head) pairs: attention runs as one small
+//!                             matmul, softmax and matmul per pair, with a cost per pair that
+//!                             does not scale with its length (dispatch, packing); removing a
+//!                             head removes it, which is why head pruning saves more per FLOP
+//!                             than channel pruning on short passes
 //! ```
 //!
 //! (The attention probabilities' element-wise work, `T n H` elements, is proportional to the
@@ -110,7 +115,7 @@ pub struct Workload {
 }
 
 /// Number of per-operator quantities (the length of [`features`]).
-pub const N_FEATURES: usize = 7;
+pub const N_FEATURES: usize = 8;
 /// Fewest points of a kind that are fitted (one more than the coefficients, so leave-one-out
 /// is defined). Training steps and forward passes must have them; scoring steps need only one
 /// (they set a factor on the training step, [`TimeModel::scoring_factor`]).
@@ -124,6 +129,7 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "LoRA GFLOP",
     "activation M-elements",
     "weight M-params",
+    "k head-sequences",
 ];
 
 /// The per-operator quantities of one forward pass over `w` (GFLOP and millions of elements;
@@ -155,6 +161,7 @@ pub fn features(w: &Workload) -> [f64; N_FEATURES] {
         lora * 1e-9,
         act * 1e-6,
         weights * 1e-6,
+        h * w.batch as f64 * 1e-3,
     ]
 }
 
@@ -191,10 +198,21 @@ pub struct Measurement {
     pub label: String,
     pub sparsity: f64,
     pub workload: Workload,
-    /// Median wall time, milliseconds.
+    /// Wall time, milliseconds: the fastest of `reps` timed calls (files written before
+    /// 2026-12-01 hold the median).
     pub ms: f64,
-    /// Repetitions the median is over (after one warm-up).
+    /// Timed calls the time is taken over (after one warm-up each run).
     pub reps: usize,
+}
+
+impl Measurement {
+    /// Whether `other` timed the same work (kind, shape, rank and geometry).
+    pub fn same_point(&self, other: &Measurement) -> bool {
+        self.kind == other.kind
+            && self.label == other.label
+            && self.sparsity.to_bits() == other.sparsity.to_bits()
+            && self.workload == other.workload
+    }
 }
 
 /// Where and how a measurement file was taken.
@@ -267,6 +285,55 @@ impl Calibration {
             }
         }
         Ok(c)
+    }
+
+    /// Several calibration runs of one host merged point by point: each point's time is the
+    /// fastest over the runs that measured it and its `reps` their sum. The work is
+    /// deterministic, so a slower time is interference; on a shared 2-core host a fastest of 7
+    /// calls within one run still kept some (two runs disagreed by up to 10% on single points).
+    /// Runs from different CPUs or builds are refused; `runs` pairs each with its origin.
+    pub fn fastest_of(runs: &[(String, Calibration)]) -> Result<Calibration, TimeModelError> {
+        let Some((first_origin, first)) = runs.first() else {
+            return Err(TimeModelError::Invalid {
+                origin: "merge".into(),
+                reason: "no calibration to merge".into(),
+            });
+        };
+        let mut merged = first.clone();
+        for (origin, run) in &runs[1..] {
+            let same = |a: &HostInfo, b: &HostInfo| {
+                a.cpu == b.cpu && a.isa == b.isa && a.threads == b.threads && a.build == b.build
+            };
+            if !same(&run.host, &first.host) {
+                return Err(TimeModelError::Invalid {
+                    origin: origin.clone(),
+                    reason: format!(
+                        "measured on {} ({}, {} threads, {} build), not on the host of {first_origin} ({}, {} threads, {} build)",
+                        run.host.cpu, run.host.isa.join(","), run.host.threads, run.host.build,
+                        first.host.cpu, first.host.threads, first.host.build
+                    ),
+                });
+            }
+            for m in &run.measurements {
+                match merged.measurements.iter_mut().find(|x| x.same_point(m)) {
+                    Some(x) => {
+                        x.ms = x.ms.min(m.ms);
+                        x.reps += m.reps;
+                    }
+                    None => merged.measurements.push(m.clone()),
+                }
+            }
+            merged.host.date = merged.host.date.clone().max(run.host.date.clone());
+        }
+        merged.host.command = format!(
+            "fastest per point of {} runs: {}",
+            runs.len(),
+            runs.iter()
+                .map(|(o, c)| format!("{o} ({})", c.host.command))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        Ok(merged)
     }
 
     pub fn of_kind(&self, kind: StepKind) -> Vec<&Measurement> {

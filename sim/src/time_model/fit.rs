@@ -8,7 +8,7 @@ use super::{features, total_flops, Measurement, StepKind, N_FEATURES};
 /// Non-negative least squares `min |A x - b|^2, x >= 0` for a few columns, exactly: the
 /// solution is the unconstrained least-squares solution on some subset of the columns with
 /// every entry positive, so every subset is tried and the best feasible one kept (2^k small
-/// solves; k is 6 here). Columns are scaled to unit norm for the solves.
+/// solves; k is [`super::N_FEATURES`] here). Columns are scaled to unit norm for the solves.
 pub fn nnls(a: &[Vec<f64>], b: &[f64]) -> Vec<f64> {
     let k = a.first().map_or(0, Vec::len);
     let norms: Vec<f64> = (0..k)

@@ -80,7 +80,7 @@ fn nnls_recovers_non_negative_coefficients_and_clamps_negative_ones() {
 
 #[test]
 fn fitting_points_from_known_coefficients_recovers_them() {
-    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0];
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0, 30.0];
     let cal = calibration(synthetic(&truth, StepKind::Train));
     let model = TimeModel::fit(&cal).unwrap();
     let (_, got) = &model.coefficients[0];
@@ -114,7 +114,7 @@ fn total_flops_are_the_cost_module_s() {
 
 #[test]
 fn a_device_runs_the_reference_step_at_its_profile_throughput() {
-    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0];
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0, 30.0];
     let model = TimeModel::fit(&calibration(synthetic(&truth, StepKind::Train))).unwrap();
     let (rank, batch, seq) = REFERENCE;
     let ms = model.device_ms_for(StepKind::Train, &smollm(), rank, batch, seq, 133.0);
@@ -127,7 +127,7 @@ fn a_device_runs_the_reference_step_at_its_profile_throughput() {
 
 #[test]
 fn bad_measurement_files_are_refused_with_the_reason() {
-    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0];
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0, 30.0];
     let mut pts = synthetic(&truth, StepKind::Train);
     pts[3].ms = -1.0;
     let text = serde_json::to_string(&calibration(pts)).unwrap();
@@ -150,9 +150,9 @@ fn bad_measurement_files_are_refused_with_the_reason() {
 /// The stated leave-one-out errors of the shipped calibration (BENCHMARKS.md, "Time model"):
 /// (kind, largest, mean).
 const STATED: [(StepKind, f64, f64); 3] = [
-    (StepKind::Train, 0.058, 0.021),
-    (StepKind::TrainScoring, 0.074, 0.024),
-    (StepKind::Forward, 0.184, 0.044),
+    (StepKind::Train, 0.093, 0.029),
+    (StepKind::TrainScoring, 0.067, 0.027),
+    (StepKind::Forward, 0.081, 0.033),
 ];
 
 #[test]
@@ -175,4 +175,34 @@ fn the_shipped_calibration_reproduces_its_measurements_within_the_stated_error()
     // On training steps the per-operator model beats time linear in FLOPs.
     let v = Validation::leave_one_out(StepKind::Train, &cal.of_kind(StepKind::Train));
     assert!(v.ours().0 < v.flops_linear().0 && v.ours().1 < v.flops_linear().1);
+}
+
+#[test]
+fn runs_merge_to_the_fastest_time_per_point_and_other_hosts_are_refused() {
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0, 30.0];
+    let a = calibration(synthetic(&truth, StepKind::Train));
+    let mut b = a.clone();
+    // The second run: point 0 slower (interference), point 1 faster, and one point only it has.
+    b.measurements[0].ms *= 1.2;
+    b.measurements[1].ms *= 0.9;
+    let mut extra = b.measurements[2].clone();
+    extra.workload.seq = 96;
+    b.measurements.push(extra.clone());
+    let merged =
+        Calibration::fastest_of(&[("a.json".into(), a.clone()), ("b.json".into(), b)]).unwrap();
+    assert_eq!(merged.measurements.len(), a.measurements.len() + 1);
+    assert_eq!(merged.measurements[0].ms, a.measurements[0].ms);
+    assert_eq!(merged.measurements[1].ms, a.measurements[1].ms * 0.9);
+    assert_eq!(merged.measurements[2].ms, a.measurements[2].ms);
+    assert_eq!(merged.measurements[0].reps, 2);
+    assert!(merged.measurements.last().unwrap().same_point(&extra));
+    assert!(merged.host.command.contains("a.json") && merged.host.command.contains("b.json"));
+    let mut other = a.clone();
+    other.host.cpu = "another CPU".into();
+    let e = Calibration::fastest_of(&[("a.json".into(), a), ("c.json".into(), other)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.json") && e.contains("another CPU"), "{e}");
+    let e = Calibration::fastest_of(&[]).unwrap_err().to_string();
+    assert!(e.contains("no calibration"), "{e}");
 }
