@@ -698,7 +698,7 @@ impl AgentSession {
                 self.state.kept = out.kept.clone();
                 let (rank, alpha, factors) = out.adapter.clone();
                 let (key, config_bytes) = running.unzip();
-                let mut update = Update {
+                let mut msg = Message::Update(Update {
                     round,
                     adapter: wire::adapter_to_wire(rank, alpha, &factors, self.config.f16_updates),
                     kept: out.kept.clone(),
@@ -706,13 +706,16 @@ impl AgentSession {
                         bytes_down: config_bytes.unwrap_or(0),
                         ..out.stats
                     },
-                };
-                update.stats.bytes_up = self.upload_bytes(&update);
+                });
+                let bytes_up = self.upload_bytes(&msg);
+                if let Message::Update(update) = &mut msg {
+                    update.stats.bytes_up = bytes_up;
+                    self.last_update = key.map(|k| (k, update.clone()));
+                }
                 self.state.adapter = Some(out.adapter);
                 self.state.importance = out.importance;
                 self.phase = Phase::AwaitingAck(round);
-                self.last_update = key.map(|k| (k, update.clone()));
-                self.answer(Message::Update(update))
+                self.answer(msg)
             }
             Ok(_) => {
                 self.phase = Phase::Idle;
@@ -726,12 +729,12 @@ impl AgentSession {
         }
     }
 
-    /// The update's size on the wire: its encoded frame (the codec's integers are fixed-width,
-    /// so the value of `bytes_up` does not change the length), as the costs size it.
-    fn upload_bytes(&self, update: &Update) -> u64 {
-        let msg = Message::Update(update.clone());
-        let frame_len = protocol::encode_frame(&msg).map_or(0, |f| f.len());
-        self.config.costs.wire_bytes(&msg, frame_len) as u64
+    /// An update's size on the wire: its frame's length, counted without encoding a copy (the
+    /// codec's integers are fixed-width, so the value of `bytes_up` does not change it), as the
+    /// costs size it.
+    fn upload_bytes(&self, msg: &Message) -> u64 {
+        let frame_len = protocol::frame_len(msg).unwrap_or(0);
+        self.config.costs.wire_bytes(msg, frame_len) as u64
     }
 
     /// Progress of the running job (for heartbeats).

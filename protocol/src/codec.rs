@@ -15,6 +15,7 @@
 //! vector claiming 64 GiB) fails with a limit error instead of allocating the claimed size.
 
 use bincode::config;
+use bincode::enc::write::SizeWriter;
 use bincode::error::{DecodeError, EncodeError};
 
 use crate::message::Message;
@@ -91,6 +92,23 @@ pub fn encode_frame_into(message: &Message, out: &mut Vec<u8>) -> Result<usize, 
     }
     out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&(body_len as u32).to_le_bytes());
     Ok(out.len() - start)
+}
+
+/// The length of the frame [`encode_frame`] would produce for `message`, counted without
+/// writing it anywhere (a device sizes its update this way before sending it, without a copy
+/// of a possibly 20 MB frame). Fails as encoding would.
+pub fn frame_len(message: &Message) -> Result<usize, CodecError> {
+    let mut encoder = bincode::enc::EncoderImpl::new(SizeWriter::default(), wire_config());
+    bincode::Encode::encode(message, &mut encoder).map_err(CodecError::Encode)?;
+    let body_len =
+        MAGIC.len() + PROTOCOL_VERSION.to_le_bytes().len() + encoder.into_writer().bytes_written;
+    if body_len > MAX_FRAME_BYTES {
+        return Err(CodecError::FrameTooLarge {
+            len: body_len as u64,
+            max: MAX_FRAME_BYTES as u64,
+        });
+    }
+    Ok(FRAME_HEADER_BYTES + body_len)
 }
 
 /// Bytes an adapter-carrying message's factors take (its other fields are small): enough room

@@ -22,8 +22,9 @@ pub use adapter::{
     LayerIndexMap, ModelDims, Proj, Side, Tensor2,
 };
 pub use codec::{
-    decode_body, decode_frame, encode_frame, encode_frame_into, frame_body_len, CodecError,
-    Decoded, FrameDecoder, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
+    decode_body, decode_frame, encode_frame, encode_frame_into, frame_body_len, frame_len,
+    CodecError, Decoded, FrameDecoder, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_BYTES,
+    MAX_FRAME_BYTES,
 };
 pub use ids::{DeviceId, RoundId, Timestamp};
 pub use message::{

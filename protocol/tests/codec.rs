@@ -147,6 +147,13 @@ fn all_messages() -> Vec<Message> {
 fn every_message_round_trips() {
     for message in all_messages() {
         let frame = encode_frame(&message).unwrap();
+        // The counted length is the encoded one, for every kind of message.
+        assert_eq!(
+            frame_len(&message).unwrap(),
+            frame.len(),
+            "{}",
+            message.kind()
+        );
         match decode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap() {
             Decoded::Frame {
                 message: back,
