@@ -14,8 +14,10 @@
 //! prune_quality -- ...` where a release build is affordable. Options: `--steps N` (200),
 //! `--batch N` (2), `--test-windows N` (32), `--seed N` (1), `--ratios 0.3,0.5`, `--criteria
 //! lora-gradient,taylor,magnitude,random`, `--schedules cubic,one-shot` (the grid is their
-//! product), or `--configs criterion:schedule:ratio,...` for an explicit list, and `--no-dense`
-//! to skip the dense row.
+//! product), or `--configs criterion:schedule:ratio[:K],...` for an explicit list, and
+//! `--no-dense` to skip the dense row. A configuration's `K` is the paper's pruning interval:
+//! an event every `K` optimiser steps of the pruning window, with no floor on the number of
+//! events (without it, `tune`'s defaults: at most 20 steps apart and at least 8 events).
 
 use std::time::Instant;
 
@@ -33,7 +35,16 @@ struct Opts {
     test_windows: usize,
     seed: u64,
     dense: bool,
-    configs: Vec<(String, String, f64)>,
+    configs: Vec<Config>,
+}
+
+/// One row to run: criterion, schedule, target sparsity, and the pruning interval `K` when
+/// the row sets one.
+struct Config {
+    criterion: String,
+    schedule: String,
+    ratio: f64,
+    interval: Option<usize>,
 }
 
 fn list(v: &str) -> Vec<String> {
@@ -101,30 +112,54 @@ fn opts() -> Result<Opts, String> {
             .split(',')
             .map(|c| {
                 let p: Vec<&str> = c.split(':').collect();
-                match p.as_slice() {
-                    [cr, sc, r] => r
-                        .parse()
-                        .map(|r| (cr.to_string(), sc.to_string(), r))
-                        .map_err(|_| format!("--configs: ratio {r:?} in {c:?} is not a number")),
-                    _ => Err(format!("--configs: {c:?} is not criterion:schedule:ratio")),
-                }
+                let (cr, sc, r, k) = match p.as_slice() {
+                    [cr, sc, r] => (cr, sc, r, None),
+                    [cr, sc, r, k] => (cr, sc, r, Some(k)),
+                    _ => {
+                        return Err(format!(
+                            "--configs: {c:?} is not criterion:schedule:ratio[:K]"
+                        ))
+                    }
+                };
+                let ratio = r
+                    .parse()
+                    .map_err(|_| format!("--configs: ratio {r:?} in {c:?} is not a number"))?;
+                let interval = match k {
+                    Some(k) => {
+                        Some(k.parse::<usize>().ok().filter(|&k| k > 0).ok_or_else(|| {
+                            format!("--configs: K {k:?} in {c:?} is not a positive whole number")
+                        })?)
+                    }
+                    None => None,
+                };
+                Ok(Config {
+                    criterion: cr.to_string(),
+                    schedule: sc.to_string(),
+                    ratio,
+                    interval,
+                })
             })
             .collect::<Result<_, _>>()?,
         None => ratios
             .iter()
             .flat_map(|&r| {
                 let schedules = &schedules;
-                criteria
-                    .iter()
-                    .flat_map(move |c| schedules.iter().map(move |s| (c.clone(), s.clone(), r)))
+                criteria.iter().flat_map(move |c| {
+                    schedules.iter().map(move |s| Config {
+                        criterion: c.clone(),
+                        schedule: s.clone(),
+                        ratio: r,
+                        interval: None,
+                    })
+                })
             })
             .collect(),
     };
-    for (c, s, r) in &o.configs {
-        c.parse::<Criterion>()?;
-        s.parse::<PruneShape>()?;
-        if !(0.0..0.95).contains(r) {
-            return Err(format!("ratio {r} is outside [0, 0.95)"));
+    for c in &o.configs {
+        c.criterion.parse::<Criterion>()?;
+        c.schedule.parse::<PruneShape>()?;
+        if !(0.0..0.95).contains(&c.ratio) {
+            return Err(format!("ratio {} is outside [0, 0.95)", c.ratio));
         }
     }
     if o.steps == 0 || o.batch == 0 || o.test_windows == 0 {
@@ -150,14 +185,22 @@ fn run(
     criterion: Criterion,
     shape: PruneShape,
     ratio: f64,
+    interval: Option<usize>,
 ) -> Row {
     let t0 = Instant::now();
+    let defaults = TrainConfig::default();
     let cfg = TrainConfig {
         criterion,
         prune_shape: shape,
         prune: PruneConfig::for_layers(base.config.n_layers()),
         seed: o.seed,
-        ..TrainConfig::default()
+        prune_every: interval.unwrap_or(defaults.prune_every),
+        min_prune_events: if interval.is_some() {
+            1
+        } else {
+            defaults.min_prune_events
+        },
+        ..defaults
     };
     let ad = Adapter::new(&base.config, 8, 32.0, o.seed, &base.device);
     let mut t = Tuner::new(base, KeptIndices::dense(&base.config), ad, cfg).expect("dense maps");
@@ -208,8 +251,8 @@ fn main() {
     );
     let untrained = shard.evaluate(&base, None).perplexity;
     println!("untrained dense base: held-out perplexity {untrained:.3}\n");
-    println!("| criterion | schedule | target | sparsity | events | held-out ppl | x dense | max train loss | last train loss | s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| criterion | schedule | K | target | sparsity | events | held-out ppl | x dense | max train loss | last train loss | s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let dense = o.dense.then(|| {
         let r = run(
             &base,
@@ -218,21 +261,31 @@ fn main() {
             Criterion::LoraGradient,
             PruneShape::Cubic,
             0.0,
+            None,
         );
         println!(
-            "| dense | - | 0 | {:.3} | 0 | {:.3} | 1.00 | {:.3} | {:.3} | {:.0} |",
+            "| dense | - | - | 0 | {:.3} | 0 | {:.3} | 1.00 | {:.3} | {:.3} | {:.0} |",
             r.sparsity, r.ppl, r.max_loss, r.last_loss, r.secs
         );
         r.ppl
     });
-    for (c, s, ratio) in &o.configs {
-        let criterion: Criterion = c.parse().expect("checked in opts");
-        let shape: PruneShape = s.parse().expect("checked in opts");
-        let r = run(&base, &shard, &o, criterion, shape, *ratio);
+    for c in &o.configs {
+        let criterion: Criterion = c.criterion.parse().expect("checked in opts");
+        let shape: PruneShape = c.schedule.parse().expect("checked in opts");
+        let r = run(&base, &shard, &o, criterion, shape, c.ratio, c.interval);
         let x = dense.map_or("-".to_string(), |d| format!("{:.2}", r.ppl / d));
+        let k = c.interval.map_or("default".to_string(), |k| k.to_string());
         println!(
-            "| {c} | {s} | {ratio} | {:.3} | {} | {:.3} | {x} | {:.3} | {:.3} | {:.0} |",
-            r.sparsity, r.events, r.ppl, r.max_loss, r.last_loss, r.secs
+            "| {} | {} | {k} | {} | {:.3} | {} | {:.3} | {x} | {:.3} | {:.3} | {:.0} |",
+            c.criterion,
+            c.schedule,
+            c.ratio,
+            r.sparsity,
+            r.events,
+            r.ppl,
+            r.max_loss,
+            r.last_loss,
+            r.secs
         );
     }
 }
