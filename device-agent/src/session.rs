@@ -729,9 +729,8 @@ impl AgentSession {
         }
     }
 
-    /// An update's size on the wire: its frame's length, counted without encoding a copy (the
-    /// codec's integers are fixed-width, so the value of `bytes_up` does not change it), as the
-    /// costs size it.
+    /// An update's size on the wire as the costs size it: its frame's length, counted without
+    /// encoding a copy (fixed-width integers: the value of `bytes_up` does not change it).
     fn upload_bytes(&self, msg: &Message) -> u64 {
         let frame_len = protocol::frame_len(msg).unwrap_or(0);
         self.config.costs.wire_bytes(msg, frame_len) as u64
