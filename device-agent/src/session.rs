@@ -707,7 +707,7 @@ impl AgentSession {
                         ..out.stats
                     },
                 });
-                let bytes_up = self.upload_bytes(&msg);
+                let bytes_up = self.upload_bytes(&msg); // fixed-width: its value keeps the length
                 if let Message::Update(update) = &mut msg {
                     update.stats.bytes_up = bytes_up;
                     self.last_update = key.map(|k| (k, update.clone()));
@@ -729,8 +729,7 @@ impl AgentSession {
         }
     }
 
-    /// An update's size on the wire as the costs size it: its frame's length, counted without
-    /// encoding a copy (fixed-width integers: the value of `bytes_up` does not change it).
+    /// An update's wire size as the costs count it, its frame counted without encoding a copy.
     fn upload_bytes(&self, msg: &Message) -> u64 {
         let frame_len = protocol::frame_len(msg).unwrap_or(0);
         self.config.costs.wire_bytes(msg, frame_len) as u64
