@@ -12,13 +12,16 @@
 //! frozen base (`--base-precision q8_0`) is measured beside fp32 in the same run: its raw
 //! matmul at the decode and prompt shapes, prompt forward, greedy generation and the resident
 //! memory of the loaded model (each precision in its own process). `-- quant` runs only those
-//! rows.
+//! rows. bf16 products on the frozen base (`tune --precision bf16`, [`device_agent::bf16`]) are
+//! timed against fp32 alternating call by call (the LoRA step dense and pruned, the prompt
+//! forward); `-- bf16` runs only those rows.
 
 use std::time::Instant;
 
 use burn::tensor::Device;
 use device_agent::cpu::DotPath;
 use device_agent::prune::{self, KeptIndicesExt};
+use device_agent::bf16::Precision;
 use device_agent::quant::{self, BasePrecision, Q8Matrix};
 use device_agent::{assets, cost, generate, lora::Adapter, train, weights};
 use protocol::KeptIndices;
@@ -405,6 +408,65 @@ fn quant_rows(
     }
 }
 
+/// `-- bf16`: the LoRA step and the prompt forward with bf16 products on the frozen base
+/// against fp32, the two alternating call by call in this process (medians of `reps` each).
+fn bf16_rows(base: &device_agent::model::Llama, batch: &train::Batch, ids: &[u32], reps: usize) {
+    let mut b16 = base.clone();
+    let (p, why) = b16.set_precision(Precision::Bf16);
+    if p != Precision::Bf16 {
+        println!("| bf16 rows | not run | | | {} |", why.unwrap_or("fp32"));
+        return;
+    }
+    let mut pruned = KeptIndices::dense(&base.config);
+    for b in &mut pruned.blocks {
+        b.mlp_channels = (0..base.config.ffn_dim as u32 / 2).collect();
+        b.query_heads = vec![0, 1, 3, 4, 6, 7];
+    }
+    for (name, kept) in [
+        ("dense", KeptIndices::dense(&base.config)),
+        ("pruned 50% MLP, 1/3 heads", pruned),
+    ] {
+        let config = prune::slice_model(base, &kept).expect("slice").config;
+        let tuner = |m: &device_agent::model::Llama| {
+            let ad = Adapter::new(&config, 16, 32.0, 0, &m.device);
+            train::Tuner::new(m, kept.clone(), ad, train::TrainConfig::default()).expect("tuner")
+        };
+        let (mut t32, mut t16) = (tuner(base), tuner(&b16));
+        let step = |t: &mut train::Tuner| {
+            let t0 = Instant::now();
+            t.train_micro(batch, 1e-3, false).expect("one step");
+            t0.elapsed().as_secs_f64()
+        };
+        step(&mut t32);
+        step(&mut t16);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            a.push(step(&mut t32));
+            b.push(step(&mut t16));
+        }
+        let (a, b) = (median(a), median(b));
+        let flops = cost::train_step_flops(&config, 16, 4, 256);
+        println!("| LoRA r16 step, b4 x s256, bf16 base, {name} | {:.0} | tok/s ({b:.2} s/step) | {:.0} | fp32 alternating: {:.0} tok/s ({a:.2} s/step); **{:.2}x** |", 1024.0 / b, flops / b / 1e9, 1024.0 / a, a / b);
+    }
+    let prompt: Vec<u32> = ids[..256].to_vec();
+    let toks = || base.tokens_tensor(std::slice::from_ref(&prompt));
+    let fwd = |m: &device_agent::model::Llama| {
+        let t0 = Instant::now();
+        let _ = m.forward(toks(), None).into_data();
+        t0.elapsed().as_secs_f64()
+    };
+    fwd(base);
+    fwd(&b16);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(3) {
+        a.push(fwd(base));
+        b.push(fwd(&b16));
+    }
+    let (a, b) = (median(a), median(b));
+    let flops = cost::forward_flops(&base.config, 256, 256, true);
+    println!("| prompt forward 256 tokens, b1, bf16 base, dense | {:.0} | tok/s | {:.0} | fp32 alternating: {:.0} tok/s; **{:.2}x** |", 256.0 / b, flops / b / 1e9, 256.0 / a, a / b);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // What the binaries do (see `backend::tune_allocator`); `default-malloc` measures without.
@@ -486,6 +548,10 @@ fn main() {
     println!("|---|---|---|---|---|");
     if args.iter().any(|a| a == "quant") {
         quant_rows(&base, &tok, &ids, reps);
+        return;
+    }
+    if args.iter().any(|a| a == "bf16") {
+        bf16_rows(&base, &batch, &ids, reps.max(3));
         return;
     }
 
@@ -597,5 +663,6 @@ fn main() {
         base.config.total_params() as f64 * 4.0 / 1e6
     );
     quant_rows(&base, &tok, &ids, reps);
+    bf16_rows(&base, &batch, &ids, reps);
     println!("peak RSS: {:.0} MiB", peak_rss_mib());
 }

@@ -240,6 +240,14 @@ pub fn admit_adapter(adapter: &AdapterSummary, allow_software: bool) -> Result<(
 }
 
 /// Whether [`ALLOW_SOFTWARE_GPU_ENV`] is set to a true value.
+/// Is this device (with or without autodiff) the flex CPU backend?
+pub fn is_flex(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    )
+}
+
 pub fn software_gpu_allowed() -> bool {
     std::env::var(ALLOW_SOFTWARE_GPU_ENV).is_ok_and(|v| {
         let v = v.trim().to_ascii_lowercase();

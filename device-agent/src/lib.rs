@@ -4,6 +4,7 @@
 pub mod agent_config;
 pub mod assets;
 pub mod backend;
+pub mod bf16;
 pub mod client;
 pub mod cost;
 pub mod cpu;

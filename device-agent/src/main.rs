@@ -20,6 +20,7 @@ use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::bf16::Precision;
 use device_agent::quant::BasePrecision;
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
@@ -155,6 +156,11 @@ struct TuneArgs {
     /// The same as `--memory recompute`.
     #[arg(long)]
     low_memory: bool,
+    /// Arithmetic of the frozen base's products: fp32, or bf16 (operands rounded to bf16, fp32
+    /// accumulation, on AVX-512-BF16; LoRA, optimiser and loss stay fp32). Where the CPU or
+    /// backend cannot, bf16 says so and runs fp32.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output directory for the adapter, kept-index maps and metrics.jsonl.
@@ -618,7 +624,13 @@ fn progress(len: u64) -> indicatif::ProgressBar {
 }
 
 fn tune(args: TuneArgs) -> Result<()> {
-    let (base, tok) = load(&args.model)?;
+    let precision: Precision = args.precision.parse()?;
+    let (mut base, tok) = load(&args.model)?;
+    let (precision, why) = base.set_precision(precision);
+    if let Some(why) = why {
+        eprintln!("precision: {why}");
+    }
+    eprintln!("precision: {precision} products on the frozen base");
     let criterion: Criterion = args.criterion.parse().map_err(anyhow::Error::msg)?;
     if !(0.0..0.95).contains(&args.ratio) {
         bail!("--ratio {} is outside [0, 0.95)", args.ratio);
@@ -781,6 +793,7 @@ fn tune(args: TuneArgs) -> Result<()> {
     }))?;
     summary["optimiser"] = optimiser_name(&tuner.cfg).into();
     summary["memory_mode"] = memory.name().into();
+    summary["precision"] = precision.to_string().into();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     println!(
         "saved adapter and kept-index maps to {}",

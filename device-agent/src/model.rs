@@ -30,6 +30,7 @@ pub(crate) use lora_layer::lora_group;
 use lora_layer::{proj, proj_group, Adapter, Base};
 use std::sync::Arc;
 
+use crate::bf16::{self, Precision};
 use crate::quant::{self, BasePrecision, Q8Matrix, QuantBase, QuantError, QuantReport};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
@@ -132,6 +133,9 @@ pub struct Llama {
     /// The frozen base in Q8_0 ([`crate::quant`]) when loaded with `--base-precision q8_0`;
     /// the fp32 weight tensors above are then empty.
     quant: Option<Arc<QuantBase>>,
+    /// The arithmetic of the fp32 base's matrix products ([`crate::bf16`]); resolved, so bf16
+    /// only where the backend and the CPU run it.
+    precision: Precision,
 }
 
 impl Llama {
@@ -203,7 +207,22 @@ impl Llama {
             q_to_kv,
             device: device.clone(),
             quant: None,
+            precision: Precision::Fp32,
         })
+    }
+
+    /// Run the frozen base's products at `precision` where this backend and CPU can (see
+    /// [`Precision::resolve`]); returns the precision that will run and, if it differs, why.
+    pub fn set_precision(&mut self, precision: Precision) -> (Precision, Option<&'static str>) {
+        let flex = crate::backend::is_flex(&self.device);
+        let (p, why) = precision.resolve(flex);
+        self.precision = p;
+        (p, why)
+    }
+
+    /// The arithmetic the frozen base's products run in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The quantized frozen base, when the model holds one.
@@ -387,6 +406,7 @@ impl Llama {
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
         let w = |p: Proj| match &self.quant {
             Some(q) => Base::Q8(q.proj(l, p)),
+            None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
         };
         let h = rms_norm(x.clone(), &blk.attn_norm, cfg.rms_eps);
@@ -474,8 +494,11 @@ impl Llama {
         if let Some(q) = &self.quant {
             return q.logits(hidden);
         }
+        let bf16 = self.precision == Precision::Bf16;
         match &self.lm_head {
+            Some(w) if bf16 => bf16::matmul(hidden, w),
             Some(w) => hidden.matmul(w.clone()),
+            None if bf16 => bf16::matmul_transposed(hidden, &self.embed),
             None => hidden.matmul(self.embed.clone().transpose()),
         }
     }

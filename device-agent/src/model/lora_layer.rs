@@ -9,10 +9,12 @@ use protocol::Proj;
 
 use crate::quant::{self, Q8Matrix};
 
-/// A projection's frozen base weight: fp32 `[in, out]`, or Q8_0 `[out, in]` blocks.
+/// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, or with bf16
+/// operands: [`crate::bf16`]), or Q8_0 `[out, in]` blocks.
 #[derive(Clone, Copy)]
 pub(crate) enum Base<'a> {
     F32(&'a Tensor<2>),
+    Bf16(&'a Tensor<2>),
     Q8(&'a Q8Matrix),
 }
 
@@ -74,7 +76,7 @@ pub(crate) fn proj_group<const N: usize>(
         .iter()
         .filter_map(|(w, _)| match w {
             Base::Q8(m) => Some(*m),
-            Base::F32(_) => None,
+            Base::F32(_) | Base::Bf16(_) => None,
         })
         .collect();
     let mut q8_out = if q8.is_empty() {
@@ -86,6 +88,7 @@ pub(crate) fn proj_group<const N: usize>(
     parts.map(|(w, _)| {
         let base = match w {
             Base::F32(w) => x.clone().matmul(w.clone()),
+            Base::Bf16(w) => crate::bf16::matmul(x.clone(), w),
             Base::Q8(_) => q8_out
                 .next()
                 .expect("one quantized product per quantized base"),
