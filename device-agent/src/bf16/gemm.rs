@@ -86,39 +86,12 @@ impl PackedB {
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut words = vec![0u32; panels * pairs * NR];
-        let at = |kk: usize, j: usize| -> u16 {
-            if kk >= k || j >= n {
-                return 0;
-            }
-            bf16_bits(match layout {
-                Layout::Transposed => w[j * cols + kk],
-                Layout::Plain => w[kk * cols + j],
-            })
-        };
         words
             .par_chunks_mut(pairs * NR)
             .enumerate()
             .for_each(|(q, panel)| match layout {
-                // Column-major walk: each column of the panel is a contiguous row of `w`.
-                Layout::Transposed => {
-                    for jj in 0..NR {
-                        let j = q * NR + jj;
-                        for p in 0..pairs {
-                            panel[p * NR + jj] =
-                                at(2 * p, j) as u32 | (at(2 * p + 1, j) as u32) << 16;
-                        }
-                    }
-                }
-                // Row-major walk: each pair reads two contiguous stretches of rows of `w`.
-                Layout::Plain => {
-                    for p in 0..pairs {
-                        for jj in 0..NR {
-                            let j = q * NR + jj;
-                            panel[p * NR + jj] =
-                                at(2 * p, j) as u32 | (at(2 * p + 1, j) as u32) << 16;
-                        }
-                    }
-                }
+                Layout::Transposed => pack_transposed(w, k, n, q, panel),
+                Layout::Plain => pack_plain(w, k, n, q, panel),
             });
         PackedB { k, n, pairs, words }
     }
@@ -146,16 +119,90 @@ impl PackedB {
 fn round_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut out = vec![0u32; m * pairs];
-    out.par_chunks_mut(pairs)
-        .zip(a.par_chunks(k))
+    out.par_chunks_mut(pairs * ROUND_ROWS)
+        .zip(a.par_chunks(k * ROUND_ROWS))
         .for_each(|(dst, src)| {
-            for (p, d) in dst.iter_mut().enumerate() {
-                let lo = bf16_bits(src[2 * p]) as u32;
-                let hi = src.get(2 * p + 1).map_or(0, |v| bf16_bits(*v) as u32);
-                *d = lo | hi << 16;
+            for (d, s) in dst.chunks_mut(pairs).zip(src.chunks(k)) {
+                round_row(s, d);
             }
         });
     out
+}
+
+/// Rows of `a` rounded by one task.
+const ROUND_ROWS: usize = 16;
+
+/// One row rounded to bf16 pairs (`dst` has `src.len().div_ceil(2)` words; an odd length pads
+/// the last word's high half with 0).
+fn round_row(src: &[f32], dst: &mut [u32]) {
+    debug_assert_eq!(dst.len(), src.len().div_ceil(2));
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the instructions are present; the kernel reads `src.len() / 32 * 32` values
+        // and writes half as many words, both within the slices.
+        #[allow(unsafe_code)]
+        unsafe {
+            done = x86::round_row(src.as_ptr(), src.len(), dst.as_mut_ptr());
+        }
+    }
+    for p in done / 2..dst.len() {
+        let lo = bf16_bits(src[2 * p]) as u32;
+        let hi = src.get(2 * p + 1).map_or(0, |v| bf16_bits(*v) as u32);
+        dst[p] = lo | hi << 16;
+    }
+}
+
+/// Panel `q` of a `[k][n]` weight (`Layout::Plain`): pair `p` of column `j` is
+/// `(w[2p][j], w[2p+1][j])`, two stretches of rows read 16 columns at a time.
+fn pack_plain(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
+    let j0 = q * NR;
+    let cols = (n - j0).min(NR);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+            let r0 = &w[2 * p * n + j0..][..cols];
+            let r1 = (2 * p + 1 < k).then(|| &w[(2 * p + 1) * n + j0..][..cols]);
+            // SAFETY: the instructions are present; the kernel reads `cols` (<= NR) values of
+            // each row slice and writes NR words of `out`.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::interleave_pair(r0, r1, out);
+            }
+        }
+        return;
+    }
+    for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+        for (jj, o) in out.iter_mut().enumerate().take(cols) {
+            let j = j0 + jj;
+            let lo = bf16_bits(w[2 * p * n + j]) as u32;
+            let hi = if 2 * p + 1 < k {
+                bf16_bits(w[(2 * p + 1) * n + j]) as u32
+            } else {
+                0
+            };
+            *o = lo | hi << 16;
+        }
+    }
+}
+
+/// Panel `q` of an `[n][k]` weight (`Layout::Transposed`): pair `p` of column `j` is
+/// `(w[j][2p], w[j][2p+1])`, adjacent in row `j`; each row is rounded whole, then the panel's
+/// rows are turned into its pairs.
+fn pack_transposed(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
+    let pairs = k.div_ceil(2);
+    let j0 = q * NR;
+    let cols = (n - j0).min(NR);
+    let mut rows = vec![0u32; cols * pairs];
+    for (jj, dst) in rows.chunks_exact_mut(pairs).enumerate() {
+        round_row(&w[(j0 + jj) * k..][..k], dst);
+    }
+    for p in 0..pairs {
+        let out = &mut panel[p * NR..][..cols];
+        for (jj, o) in out.iter_mut().enumerate() {
+            *o = rows[jj * pairs + p];
+        }
+    }
 }
 
 /// A raw pointer to the output that tasks write disjoint tiles of.
@@ -251,6 +298,60 @@ mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
+    /// Round `len` values at `src` to bf16 into `dst` (as pairs: value `2p` in the low half of
+    /// word `p`), 32 at a time; returns how many values it did (a multiple of 32; the caller
+    /// does the rest).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512-BF16 present; `src` readable for `len` values, `dst` writable for
+    /// `len / 2` words.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_row(src: *const f32, len: usize, dst: *mut u32) -> usize {
+        let mut i = 0;
+        while i + 32 <= len {
+            let lo = _mm512_loadu_ps(src.add(i));
+            let hi = _mm512_loadu_ps(src.add(i + 16));
+            // Lanes 0..16 from `lo`, 16..32 from `hi`: memory order.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.add(i / 2).cast(), v);
+            i += 32;
+        }
+        i
+    }
+
+    /// Round `r0[j]` and `r1[j]` (0 where `r1` is absent or `j` past the slices) and store word
+    /// `j` of `out` as `(r0[j], r1[j])`, for the NR words of one pair of a panel.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX-512BW and AVX-512-BF16 present; `r0` and `r1` at most NR values; `out`
+    /// exactly NR words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave_pair(r0: &[f32], r1: Option<&[f32]>, out: &mut [u32]) {
+        debug_assert!(r0.len() <= NR && out.len() == NR);
+        // Word i of the result takes u16 lanes i and 16 + i of the converted pair.
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+            20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        for h in 0..2 {
+            let from = h * 16;
+            let n0 = r0.len().saturating_sub(from).min(16);
+            let m0: __mmask16 = ((1u32 << n0) - 1) as u16;
+            let a = _mm512_maskz_loadu_ps(m0, r0.as_ptr().add(from.min(r0.len())));
+            let b = match r1 {
+                Some(r1) => {
+                    let n1 = r1.len().saturating_sub(from).min(16);
+                    let m1: __mmask16 = ((1u32 << n1) - 1) as u16;
+                    _mm512_maskz_loadu_ps(m1, r1.as_ptr().add(from.min(r1.len())))
+                }
+                None => _mm512_setzero_ps(),
+            };
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+            let v = _mm512_permutexvar_epi16(idx, v);
+            _mm512_storeu_si512(out.as_mut_ptr().add(from).cast(), v);
+        }
+    }
+
     /// One tile: `rows` (1..=MR) rows of `a` (each `pairs` words, consecutive) times one panel,
     /// into the `rows x cols` cells at `c` (row stride `ldc`).
     ///
@@ -335,6 +436,24 @@ mod tests {
         assert_eq!(bf16_value(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
         assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
         assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+    }
+
+    /// The vector rounding (where present) is the scalar rule, bit for bit: ties to even, both
+    /// signs, the tail past the last 32.
+    #[test]
+    fn row_rounding_matches_the_scalar_rule() {
+        let mut v = values(101, 9);
+        // Exact ties between two bf16 neighbours, odd and even.
+        v[3] = 1.0 + 1.0 / 256.0;
+        v[4] = 1.0 + 3.0 / 256.0;
+        v[5] = -(1.0 + 1.0 / 256.0);
+        let mut got = vec![0u32; v.len().div_ceil(2)];
+        round_row(&v, &mut got);
+        for (i, x) in v.iter().enumerate() {
+            let half = (got[i / 2] >> (16 * (i % 2))) as u16;
+            assert_eq!(half, bf16_bits(*x), "value {i}: {x}");
+        }
+        assert_eq!(got[50] >> 16, 0, "odd length pads with 0");
     }
 
     /// Both layouts, ragged shapes (odd k, n off the panel, m off the tile), against the
