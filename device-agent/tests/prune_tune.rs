@@ -350,3 +350,69 @@ fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `tune --precision bf16` against fp32 on the real model: 40 steps of batch 2 x 64 on Moby-Dick
+/// with pruning to 20% sparsity in the round, same seed, same batches. Where the CPU runs bf16
+/// products, every step's loss stays within 0.15 nats of fp32's (the pruning events make single
+/// steps jumpy; measured 0.085 on Zen 4), the last ten steps' mean within 0.02 (measured
+/// 0.002), and the held-out perplexity of the result within 3% (measured 0.4%); elsewhere bf16
+/// resolves to fp32 and says why.
+#[test]
+fn bf16_products_train_like_fp32_for_40_steps() {
+    use device_agent::bf16::Precision;
+    let (m, tok) = model();
+    let mut m16 = m.clone();
+    let (p, why) = m16.set_precision(Precision::Bf16);
+    if !device_agent::bf16::gemm::available() {
+        assert_eq!(p, Precision::Fp32);
+        assert!(why.unwrap().contains("AVX-512-BF16"));
+        return;
+    }
+    assert_eq!((p, why), (Precision::Bf16, None));
+    // Short windows keep the 80 steps of this test near a minute and a half in the test build.
+    let texts: Vec<String> = (3..=6)
+        .map(|c| data::moby_dick_chapter(c).unwrap().text)
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut shard = LmShard::build(tok, &refs, 64, 0.2, 7).unwrap();
+    shard.test.truncate(16);
+    let run = |base: &Llama| {
+        let cfg = TrainConfig {
+            lr: 2e-3,
+            seed: 3,
+            prune_every: 5,
+            prune: PruneConfig::for_layers(base.config.n_layers()),
+            ..TrainConfig::default()
+        };
+        let ad = Adapter::new(&base.config, 8, 16.0, 3, &base.device);
+        let mut t = Tuner::new(base, KeptIndices::dense(&base.config), ad, cfg).unwrap();
+        let rep = t
+            .run_round(base, 40, 0.2, |i| shard.batch(i, 2), |_| {})
+            .unwrap();
+        let losses: Vec<f64> = rep.steps.iter().map(|s| s.loss).collect();
+        let ppl = shard.evaluate(&t.model, Some(&t.adapter)).perplexity;
+        (losses, ppl, t.model.config.sparsity(), t.model.precision())
+    };
+    let t0 = std::time::Instant::now();
+    let (l32, p32, s32, _) = run(m);
+    let t1 = std::time::Instant::now();
+    let (l16, p16, s16, prec) = run(&m16);
+    eprintln!("fp32 {:.1} s, bf16 {:.1} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
+    assert_eq!(prec, Precision::Bf16, "the pruned copies keep the precision");
+    assert_eq!(l32.len(), 40);
+    let worst = l32
+        .iter()
+        .zip(&l16)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f64, f64::max);
+    let tail = |l: &[f64]| l[30..].iter().sum::<f64>() / 10.0;
+    eprintln!(
+        "fp32 vs bf16: worst step {worst:.4}, last-10 mean {:.4} vs {:.4}, ppl {p32:.3} vs {p16:.3}, sparsity {s32:.3} vs {s16:.3}",
+        tail(&l32),
+        tail(&l16)
+    );
+    assert!(worst < 0.15, "worst step loss gap {worst}");
+    assert!((tail(&l32) - tail(&l16)).abs() < 0.02);
+    assert!((p16 / p32 - 1.0).abs() < 0.03, "perplexity {p32} vs {p16}");
+    assert!(s32 > 0.15 && (s32 - s16).abs() < 0.01, "sparsity {s32} vs {s16}");
+}
