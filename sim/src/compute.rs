@@ -57,6 +57,11 @@ pub struct ToTarget {
 pub trait LocalTrainer {
     /// `real` or `surrogate` (reports label the mode).
     fn mode(&self) -> &'static str;
+    /// Arithmetic of the frozen base's products in training (`fp32`, `bf16`); `none` where
+    /// nothing trains (the surrogate).
+    fn precision(&self) -> &'static str {
+        "none"
+    }
     /// The dense model every device holds (wire dimensions come from it).
     fn dense(&self) -> &ModelConfig;
     /// The model whose shape sets time and memory for a device with `kept` maps (the dense
@@ -153,6 +158,10 @@ pub fn pruned_config(dense: &ModelConfig, kept: &KeptIndices) -> ModelConfig {
 impl LocalTrainer for RealTrainer {
     fn mode(&self) -> &'static str {
         "real"
+    }
+
+    fn precision(&self) -> &'static str {
+        self.base.precision().name()
     }
 
     fn dense(&self) -> &ModelConfig {

@@ -204,6 +204,10 @@ pub struct ExperimentConfig {
     pub max_virtual_hours: f64,
     pub fleet: FleetConfig,
     pub model: ModelChoice,
+    /// Real mode: arithmetic of the frozen base's products, `fp32` or `bf16` (operands rounded
+    /// to bf16 with fp32 accumulation, on a CPU with AVX-512-BF16; elsewhere the run says so and
+    /// trains in fp32). The report's summary names the one that ran.
+    pub precision: String,
     pub workload: WorkloadConfig,
     pub eval: EvalConfig,
     pub surrogate: SurrogateConfig,
@@ -226,6 +230,7 @@ impl Default for ExperimentConfig {
             max_virtual_hours: 1000.0,
             fleet: FleetConfig::default(),
             model: ModelChoice::default(),
+            precision: "fp32".into(),
             workload: WorkloadConfig::default(),
             eval: EvalConfig::default(),
             surrogate: SurrogateConfig::default(),
@@ -409,6 +414,9 @@ impl ExperimentConfig {
         self.coordinator
             .validate()
             .map_err(|e| SimError::Config(e.to_string()))?;
+        self.precision
+            .parse::<device_agent::bf16::Precision>()
+            .map_err(|e| SimError::Config(format!("precision: {e}")))?;
         let fleet = self.fleet.spec()?;
         if fleet.total() == 0 {
             return Err(SimError::Config("the fleet has no devices".into()));

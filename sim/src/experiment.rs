@@ -11,6 +11,7 @@ use std::path::Path;
 
 use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
+use device_agent::bf16::Precision;
 use device_agent::job::LocalData;
 use device_agent::model::{Llama, ModelConfig};
 use device_agent::tokenizer::Tok;
@@ -78,7 +79,7 @@ impl Resources {
                 wall_ledger: None,
             });
         }
-        let (base, shards, tok) = match &cfg.model {
+        let (mut base, shards, tok) = match &cfg.model {
             ModelChoice::Tiny(t) => {
                 if cfg.workload.kind != WorkloadKind::Synthetic {
                     return Err(SimError::Config(
@@ -107,6 +108,13 @@ impl Resources {
                 (m, shards, Some(tok))
             }
         };
+        let asked: Precision = cfg
+            .precision
+            .parse()
+            .map_err(|e| SimError::Config(format!("precision: {e}")))?;
+        if let (_, Some(why)) = base.set_precision(asked) {
+            eprintln!("precision: {why}");
+        }
         let global_test = shards.global_test;
         let (data, labels) = shards
             .devices

@@ -188,6 +188,10 @@ pub struct Summary {
     pub strategy: String,
     /// `real` or `surrogate`; surrogate numbers come from a fitted model, not training.
     pub mode: String,
+    /// Real mode: the arithmetic of the frozen base's products (`fp32`, `bf16`); `none` for the
+    /// surrogate.
+    #[serde(default)]
+    pub precision: String,
     pub devices: usize,
     pub rounds_closed: u64,
     pub rounds_aggregated: u64,
@@ -321,6 +325,9 @@ pub fn markdown_table(reports: &[Report]) -> String {
         {
             let _ = writeln!(s, "Surrogate parameters: {note}\n");
         }
+    }
+    if reports.iter().any(|r| r.summary.precision == "bf16") {
+        s.push_str("**bf16 products**: the frozen base's matrix products ran with bf16 operands and fp32 accumulation (`precision = \"bf16\"`); its losses differ from an fp32 run's by rounding, not by method.\n\n");
     }
     let target = reports
         .first()

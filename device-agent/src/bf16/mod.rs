@@ -40,12 +40,19 @@ pub enum Precision {
     Bf16,
 }
 
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Precision {
+    /// The name a flag or config takes: `fp32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

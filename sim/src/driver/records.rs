@@ -282,6 +282,7 @@ impl Simulation<'_> {
         Summary {
             strategy: self.cfg.strategy.clone(),
             mode: self.trainer.mode().to_string(),
+            precision: self.trainer.precision().to_string(),
             devices: devices.len(),
             rounds_closed: self.rounds.len() as u64,
             rounds_aggregated: self.rounds.iter().filter(|r| r.aggregated).count() as u64,
