@@ -19,9 +19,9 @@
 use std::time::Instant;
 
 use burn::tensor::Device;
+use device_agent::bf16::Precision;
 use device_agent::cpu::DotPath;
 use device_agent::prune::{self, KeptIndicesExt};
-use device_agent::bf16::Precision;
 use device_agent::quant::{self, BasePrecision, Q8Matrix};
 use device_agent::{assets, cost, generate, lora::Adapter, train, weights};
 use protocol::KeptIndices;

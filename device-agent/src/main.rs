@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use device_agent::assets;
 use device_agent::backend::BackendKind;
+use device_agent::bf16::Precision;
 use device_agent::client::{machine_ram_bytes, parse_range};
 use device_agent::cost::{self, MemoryMode};
 use device_agent::data;
@@ -20,7 +21,6 @@ use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
-use device_agent::bf16::Precision;
 use device_agent::quant::BasePrecision;
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
@@ -265,6 +265,9 @@ struct EvalArgs {
     /// about 0.27x the weights' memory; any adapter stays fp32 on top).
     #[arg(long, default_value = "f32")]
     base_precision: String,
+    /// Arithmetic of an fp32 base's products: fp32, or bf16 (as `tune --precision`).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Adapter directory written by `tune`: evaluates the pruned model with its adapter.
     #[arg(long, conflicts_with = "state")]
     adapter: Option<PathBuf>,
@@ -459,6 +462,10 @@ fn main() -> Result<()> {
                 (None, None) => (base, None),
             };
             set_precision(&mut model, precision, false)?;
+            let asked: Precision = args.precision.parse()?;
+            if let (_, Some(why)) = model.set_precision(asked) {
+                eprintln!("precision: {why}");
+            }
             let mut ids = tok.encode(&text)?;
             if args.max_tokens > 0 {
                 ids.truncate(args.max_tokens);

@@ -397,8 +397,16 @@ fn bf16_products_train_like_fp32_for_40_steps() {
     let (l32, p32, s32, _) = run(m);
     let t1 = std::time::Instant::now();
     let (l16, p16, s16, prec) = run(&m16);
-    eprintln!("fp32 {:.1} s, bf16 {:.1} s", (t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64());
-    assert_eq!(prec, Precision::Bf16, "the pruned copies keep the precision");
+    eprintln!(
+        "fp32 {:.1} s, bf16 {:.1} s",
+        (t1 - t0).as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        prec,
+        Precision::Bf16,
+        "the pruned copies keep the precision"
+    );
     assert_eq!(l32.len(), 40);
     let worst = l32
         .iter()
@@ -414,5 +422,8 @@ fn bf16_products_train_like_fp32_for_40_steps() {
     assert!(worst < 0.15, "worst step loss gap {worst}");
     assert!((tail(&l32) - tail(&l16)).abs() < 0.02);
     assert!((p16 / p32 - 1.0).abs() < 0.03, "perplexity {p32} vs {p16}");
-    assert!(s32 > 0.15 && (s32 - s16).abs() < 0.01, "sparsity {s32} vs {s16}");
+    assert!(
+        s32 > 0.15 && (s32 - s16).abs() < 0.01,
+        "sparsity {s32} vs {s16}"
+    );
 }

@@ -42,11 +42,12 @@ pub fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
-/// Does this CPU have the instructions the kernel needs?
+/// Does this CPU have the instructions the kernel needs, and may our kernels use AVX-512
+/// (`FEDSPINE_ISA=avx2|portable` says no: [`crate::cpu`])?
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        crate::cpu::Isa::detect() == crate::cpu::Isa::Avx512
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -78,7 +79,12 @@ impl PackedB {
     /// Pack `w` (`rows x cols`, row-major) for products of the given layout: `Transposed` reads
     /// it as `[n][k]`, `Plain` as `[k][n]`.
     pub fn pack(w: &[f32], rows: usize, cols: usize, layout: Layout) -> PackedB {
-        assert_eq!(w.len(), rows * cols, "weight of {rows} x {cols} has {} values", w.len());
+        assert_eq!(
+            w.len(),
+            rows * cols,
+            "weight of {rows} x {cols} has {} values",
+            w.len()
+        );
         let (k, n) = match layout {
             Layout::Transposed => (cols, rows),
             Layout::Plain => (rows, cols),
@@ -220,9 +226,22 @@ unsafe impl Sync for OutPtr {}
 /// `out` is `m x n` row-major. Panics unless [`available`] (the caller checks it once).
 pub fn matmul(a: &[f32], m: usize, b: &PackedB, out: &mut [f32]) {
     let (k, n) = (b.k, b.n);
-    assert_eq!(a.len(), m * k, "left operand: {} values for {m} x {k}", a.len());
-    assert_eq!(out.len(), m * n, "output: {} values for {m} x {n}", out.len());
-    assert!(available(), "bf16 matmul called on a CPU without AVX-512-BF16");
+    assert_eq!(
+        a.len(),
+        m * k,
+        "left operand: {} values for {m} x {k}",
+        a.len()
+    );
+    assert_eq!(
+        out.len(),
+        m * n,
+        "output: {} values for {m} x {n}",
+        out.len()
+    );
+    assert!(
+        available(),
+        "bf16 matmul called on a CPU without AVX-512-BF16"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -330,8 +349,8 @@ mod x86 {
         debug_assert!(r0.len() <= NR && out.len() == NR);
         // Word i of the result takes u16 lanes i and 16 + i of the converted pair.
         let idx = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
-            20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
         );
         for h in 0..2 {
             let from = h * 16;
@@ -402,8 +421,16 @@ mod x86 {
                 _mm512_storeu_ps(dst.add(16), v[1]);
             }
         } else {
-            let m0: __mmask16 = if cols >= 16 { 0xFFFF } else { (1u16 << cols) - 1 };
-            let m1: __mmask16 = if cols > 16 { ((1u32 << (cols - 16)) - 1) as u16 } else { 0 };
+            let m0: __mmask16 = if cols >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << cols) - 1
+            };
+            let m1: __mmask16 = if cols > 16 {
+                ((1u32 << (cols - 16)) - 1) as u16
+            } else {
+                0
+            };
             for (i, v) in acc.iter().enumerate().take(rows) {
                 let dst = c.add(i * ldc);
                 _mm512_mask_storeu_ps(dst, m0, v[0]);
@@ -460,7 +487,13 @@ mod tests {
     /// reference and against the fp32 product within bf16's rounding.
     #[test]
     fn kernel_matches_the_reference_on_ragged_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (3, 7, 5), (8, 64, 32), (13, 33, 47), (70, 130, 97)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 7, 5),
+            (8, 64, 32),
+            (13, 33, 47),
+            (70, 130, 97),
+        ] {
             let a = values(m * k, 1 + m as u32);
             let w = values(n * k, 7 + n as u32);
             for layout in [Layout::Transposed, Layout::Plain] {

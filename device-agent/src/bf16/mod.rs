@@ -79,7 +79,7 @@ impl Precision {
             ),
             Precision::Bf16 if !gemm::available() => (
                 Precision::Fp32,
-                Some("this CPU has no AVX-512-BF16 (bf16 dot products); running fp32"),
+                Some("no AVX-512-BF16 (bf16 dot products) on this CPU, or FEDSPINE_ISA caps our kernels below AVX-512; running fp32"),
             ),
             Precision::Bf16 => (Precision::Bf16, None),
         }
@@ -120,7 +120,10 @@ impl Bf16Backend for Flex {
         } else {
             (Layout::Plain, wr, wc)
         };
-        assert_eq!(k, wk, "bf16 product of [{m}, {k}] with a weight of [{wr}, {wc}]");
+        assert_eq!(
+            k, wk,
+            "bf16 product of [{m}, {k}] with a weight of [{wr}, {wc}]"
+        );
         let xs = x.as_slice::<f32>().expect("contiguous f32");
         let ws = w.as_slice::<f32>().expect("contiguous f32");
         let packed = PackedB::pack(ws, wr, wc, layout);
@@ -170,9 +173,11 @@ impl<B: Backend + Bf16Backend, C: CheckpointStrategy> Bf16Backend for Autodiff<B
                 let out = B::bf16_matmul(x.into_primitive(), w.clone(), transposed);
                 prep.finish(w, out)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::bf16_matmul(x.into_primitive(), w.into_primitive(), transposed))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::bf16_matmul(
+                x.into_primitive(),
+                w.into_primitive(),
+                transposed,
+            )),
         }
     }
 }
@@ -188,7 +193,10 @@ pub fn matmul_transposed(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 }
 
 fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool) -> Tensor<2> {
-    debug_assert!(!w.is_tracked(), "bf16 products give no gradient to the weight");
+    debug_assert!(
+        !w.is_tracked(),
+        "bf16 products give no gradient to the weight"
+    );
     Tensor::from_dispatch(<Dispatch as Bf16Backend>::bf16_matmul(
         x.into_dispatch(),
         w.clone().into_dispatch(),
@@ -243,9 +251,17 @@ mod tests {
         let g = random([m, n], 3, &device);
         for transposed in [false, true] {
             let x = random([m, k], 1, &device).require_grad();
-            let w = if transposed { w.clone().transpose() } else { w.clone() };
+            let w = if transposed {
+                w.clone().transpose()
+            } else {
+                w.clone()
+            };
             let y16 = product(x.clone(), &w, transposed);
-            let wt = if transposed { w.clone().transpose() } else { w.clone() };
+            let wt = if transposed {
+                w.clone().transpose()
+            } else {
+                w.clone()
+            };
             let y32 = x.clone().matmul(wt);
             let err = max_rel(y16.clone().inner(), y32.clone().inner());
             // Not fp32 under another name: rounding shows, within its bound.
