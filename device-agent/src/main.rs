@@ -9,7 +9,6 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use device_agent::assets;
 use device_agent::backend::BackendKind;
-use device_agent::bf16::Precision;
 use device_agent::client::{machine_ram_bytes, parse_range};
 use device_agent::cost::{self, MemoryMode};
 use device_agent::data;
@@ -156,9 +155,8 @@ struct TuneArgs {
     /// The same as `--memory recompute`.
     #[arg(long)]
     low_memory: bool,
-    /// Arithmetic of the frozen base's products: fp32, or bf16 (operands rounded to bf16, fp32
-    /// accumulation, on AVX-512-BF16; LoRA, optimiser and loss stay fp32). Where the CPU or
-    /// backend cannot, bf16 says so and runs fp32.
+    /// Frozen-base products: fp32, or bf16 (bf16 operands, fp32 sums, on AVX-512-BF16; LoRA,
+    /// optimiser and loss stay fp32); where the CPU or backend cannot, it says so, runs fp32.
     #[arg(long, default_value = "fp32")]
     precision: String,
     #[arg(long, default_value_t = 0)]
@@ -384,7 +382,7 @@ fn main() -> Result<()> {
                 }
                 None => (base, None),
             };
-            set_precision(&mut model, precision, args.stats)?;
+            hold_base(&mut model, precision, args.stats)?;
             let text = if args.raw || !tok.chatml {
                 args.prompt.clone()
             } else {
@@ -461,11 +459,8 @@ fn main() -> Result<()> {
                 }
                 (None, None) => (base, None),
             };
-            set_precision(&mut model, precision, false)?;
-            let asked: Precision = args.precision.parse()?;
-            if let (_, Some(why)) = model.set_precision(asked) {
-                eprintln!("precision: {why}");
-            }
+            hold_base(&mut model, precision, false)?;
+            model.apply_precision(&args.precision)?;
             let mut ids = tok.encode(&text)?;
             if args.max_tokens > 0 {
                 ids.truncate(args.max_tokens);
@@ -539,24 +534,22 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The device's pruned model and last-trained adapter from a state directory written by `join
-/// --state` for `base`; says on stderr what it loaded.
 /// Hold the (already sliced) model's frozen base at `precision`; with `report`, say what it
 /// saved on stderr.
-fn set_precision(model: &mut Llama, precision: BasePrecision, report: bool) -> Result<()> {
-    if let Some(r) = model.set_base_precision(precision)? {
-        if report {
-            eprintln!(
-                "base held in Q8_0: {:.0} MB instead of {:.0} MB fp32 ({})",
-                r.q8_bytes as f64 / 1e6,
-                r.fp32_bytes as f64 / 1e6,
-                device_agent::cpu::CpuInfo::detect()
-            );
-        }
+fn hold_base(model: &mut Llama, precision: BasePrecision, report: bool) -> Result<()> {
+    if let (Some(r), true) = (model.set_base_precision(precision)?, report) {
+        eprintln!(
+            "base held in Q8_0: {:.0} MB instead of {:.0} MB fp32 ({})",
+            r.q8_bytes as f64 / 1e6,
+            r.fp32_bytes as f64 / 1e6,
+            device_agent::cpu::CpuInfo::detect()
+        );
     }
     Ok(())
 }
 
+/// The device's pruned model and last-trained adapter from a state directory written by `join
+/// --state` for `base`; says on stderr what it loaded.
 fn from_state(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Option<Adapter>)> {
     let (model, adapter, saved) = state_dir::tuned_model(dir, base)?;
     let round = match &saved.last_round {
@@ -631,12 +624,8 @@ fn progress(len: u64) -> indicatif::ProgressBar {
 }
 
 fn tune(args: TuneArgs) -> Result<()> {
-    let precision: Precision = args.precision.parse()?;
     let (mut base, tok) = load(&args.model)?;
-    let (precision, why) = base.set_precision(precision);
-    if let Some(why) = why {
-        eprintln!("precision: {why}");
-    }
+    let precision = base.apply_precision(&args.precision)?.name();
     eprintln!("precision: {precision} products on the frozen base");
     let criterion: Criterion = args.criterion.parse().map_err(anyhow::Error::msg)?;
     if !(0.0..0.95).contains(&args.ratio) {

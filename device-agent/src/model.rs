@@ -30,7 +30,7 @@ pub(crate) use lora_layer::lora_group;
 use lora_layer::{proj, proj_group, Adapter, Base};
 use std::sync::Arc;
 
-use crate::bf16::{self, Precision};
+use crate::bf16::{self, Precision, PrecisionError};
 use crate::quant::{self, BasePrecision, Q8Matrix, QuantBase, QuantError, QuantReport};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
@@ -218,6 +218,16 @@ impl Llama {
         let (p, why) = precision.resolve(flex);
         self.precision = p;
         (p, why)
+    }
+
+    /// [`Llama::set_precision`] from a flag or config value (`fp32`, `bf16`), saying on stderr
+    /// why when the precision that runs is not the one asked for; returns the one that runs.
+    pub fn apply_precision(&mut self, name: &str) -> Result<Precision, PrecisionError> {
+        let (p, why) = self.set_precision(name.parse()?);
+        if let Some(why) = why {
+            eprintln!("precision: {why}");
+        }
+        Ok(p)
     }
 
     /// The arithmetic the frozen base's products run in.

@@ -108,12 +108,18 @@ fn real_model_pruning_plans_and_zero_prune() {
 }
 
 fn moby_shard(tok: &Tok) -> LmShard {
-    let texts: Vec<String> = (3..=8)
+    moby_shard_of(tok, 8, 128, 8)
+}
+
+/// Moby-Dick chapters 3 to `last` in windows of `window` tokens, 20% held out and cut to `test`
+/// windows.
+fn moby_shard_of(tok: &Tok, last: usize, window: usize, test: usize) -> LmShard {
+    let texts: Vec<String> = (3..=last)
         .map(|c| data::moby_dick_chapter(c).unwrap().text)
         .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let mut s = LmShard::build(tok, &refs, 128, 0.2, 7).unwrap();
-    s.test.truncate(8);
+    let mut s = LmShard::build(tok, &refs, window, 0.2, 7).unwrap();
+    s.test.truncate(test);
     s
 }
 
@@ -370,12 +376,7 @@ fn bf16_products_train_like_fp32_for_40_steps() {
     }
     assert_eq!((p, why), (Precision::Bf16, None));
     // Short windows keep the 80 steps of this test near a minute and a half in the test build.
-    let texts: Vec<String> = (3..=6)
-        .map(|c| data::moby_dick_chapter(c).unwrap().text)
-        .collect();
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let mut shard = LmShard::build(tok, &refs, 64, 0.2, 7).unwrap();
-    shard.test.truncate(16);
+    let shard = moby_shard_of(tok, 6, 64, 16);
     let run = |base: &Llama| {
         let cfg = TrainConfig {
             lr: 2e-3,

@@ -11,7 +11,6 @@ use std::path::Path;
 
 use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
-use device_agent::bf16::Precision;
 use device_agent::job::LocalData;
 use device_agent::model::{Llama, ModelConfig};
 use device_agent::tokenizer::Tok;
@@ -108,13 +107,8 @@ impl Resources {
                 (m, shards, Some(tok))
             }
         };
-        let asked: Precision = cfg
-            .precision
-            .parse()
+        base.apply_precision(&cfg.precision)
             .map_err(|e| SimError::Config(format!("precision: {e}")))?;
-        if let (_, Some(why)) = base.set_precision(asked) {
-            eprintln!("precision: {why}");
-        }
         let global_test = shards.global_test;
         let (data, labels) = shards
             .devices

@@ -9,7 +9,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{setup, ClientError, JoinArgs};
 use crate::backend::BackendKind;
-use crate::bf16::{Precision, PrecisionError};
 use crate::job::LocalData;
 use crate::model::{Llama, ModelConfig};
 use crate::tokenizer::Tok;
@@ -81,15 +80,10 @@ pub fn machine_ram_bytes() -> u64 {
 
 /// Loads the base model (and its tokenizer when it has one).
 pub(super) fn load_model(args: &JoinArgs) -> Result<(Llama, Option<Tok>), ClientError> {
-    let precision: Precision = args
-        .precision
-        .parse()
-        .map_err(|e: PrecisionError| setup("--precision")(e.to_string()))?;
     let (mut model, tok) = load_base(args)?;
-    let (precision, why) = model.set_precision(precision);
-    if let Some(why) = why {
-        eprintln!("precision: {why}");
-    }
+    let precision = model
+        .apply_precision(&args.precision)
+        .map_err(|e| setup("--precision")(e.to_string()))?;
     eprintln!("precision: {precision} products on the frozen base");
     Ok((model, tok))
 }
