@@ -59,10 +59,11 @@ pub fn available() -> bool {
 /// How a weight matrix is laid out relative to the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// `w` is `[n][k]` (a linear layer's `[out][in]` weight): the product is `a * w^T`, the
-    /// layer's forward pass.
+    /// `w` is `[n][k]`: the product is `a * w^T`. Here: a projection's input gradient (its
+    /// weight is burn's `[in, out]`) and the tied LM head's forward (the `[vocab, d]` embedding).
     Transposed,
-    /// `w` is `[k][n]`: the product is `a * w`, the same layer's input gradient (`k` = out).
+    /// `w` is `[k][n]`: the product is `a * w`. Here: a projection's forward and the tied LM
+    /// head's input gradient.
     Plain,
 }
 
@@ -100,16 +101,6 @@ impl PackedB {
                 Layout::Plain => pack_plain(w, k, n, q, panel),
             });
         PackedB { k, n, pairs, words }
-    }
-
-    /// The reduced dimension.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// The output columns.
-    pub fn n(&self) -> usize {
-        self.n
     }
 
     fn panel(&self, q: usize) -> &[u32] {
