@@ -169,9 +169,10 @@ pub fn train_memory(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) ->
 pub const PROCESS_OVERHEAD_BYTES: u64 = 32 << 20;
 
 /// Peak training memory: f32 weights, the adapter with its gradient and two AdamW moments,
-/// the activations kept for the backward pass (per block: the normed inputs, q/k/v before and
-/// after the rotary embedding, the attention scores and probabilities, the attention output,
-/// the SwiGLU intermediates, the residual sums and the LoRA products; in
+/// the activations kept for the backward pass (per block: the block's input and residual sum
+/// and their normed copies, the queries, the rotated keys and the values, the attention output,
+/// SwiGLU's gate and up (see [`crate::fused`] for why nothing more) and the LoRA products; one
+/// block's attention scores at a time; in
 /// [`MemoryMode::RecomputeBlocks`] each block's input and one block's activations), one logit
 /// chunk, and [`PROCESS_OVERHEAD_BYTES`]. Within 4% of the measured peaks of both modes at
 /// the default shape (a test below).
@@ -194,17 +195,20 @@ pub fn train_memory_in(
     let mut adapter = 0u128;
     let mut act = 0u128;
     let mut largest_block = 0u128;
+    let mut largest_scores = 0u128;
     for b in &cfg.blocks {
         let (q, kv, ffn) = (n(b.n_heads) * hd, n(b.n_kv_heads) * hd, n(b.ffn_dim));
         adapter = adapter
             .saturating_add(rank * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ffn) + (ffn + d)));
-        // normed inputs and residual sums (4x d), q/k/v and rotated q/k, attention output,
-        // scores and probabilities, gate/up/act/product
+        // inputs, residual sums and their normed copies (4x d); q, rotated k, v and the
+        // attention output; gate and up; no attention probabilities and no SwiGLU product
+        // (both recomputed in the backward pass)
         let block = tokens
-            .saturating_mul(4 * d + 3 * q + 3 * kv + 4 * ffn)
-            .saturating_add(tokens.saturating_mul(seq).saturating_mul(2 * n(b.n_heads)))
+            .saturating_mul(4 * d + 2 * q + 2 * kv + 2 * ffn)
             .saturating_add(tokens.saturating_mul(rank).saturating_mul(7));
         largest_block = largest_block.max(block);
+        largest_scores =
+            largest_scores.max(tokens.saturating_mul(seq).saturating_mul(n(b.n_heads)));
         act = act.saturating_add(match mode {
             MemoryMode::KeepActivations => block,
             MemoryMode::RecomputeBlocks => tokens.saturating_mul(d),
@@ -213,6 +217,8 @@ pub fn train_memory_in(
     if mode == MemoryMode::RecomputeBlocks {
         act = act.saturating_add(largest_block);
     }
+    // One block's scores, probabilities and their gradient live at a time.
+    act = act.saturating_add(largest_scores.saturating_mul(3));
     let adapter_and_optimizer = adapter.saturating_mul(f * 4);
     let logits_chunk = n(crate::eval::LOGIT_CHUNK_ROWS) * n(cfg.vocab_size) * 3;
     let activations = act.saturating_add(logits_chunk).saturating_mul(f);
@@ -253,11 +259,11 @@ mod tests {
     #[test]
     fn the_estimates_match_the_measured_peaks_of_both_modes() {
         // Peak RSS of `tune --steps 2 --batch 4 --seq-len 256 --rank 16` on SmolLM2-135M
-        // (BENCHMARKS.md, "Memory modes"): 2,587 MiB keeping activations, 861 MiB recomputing.
+        // (BENCHMARKS.md, "Memory modes"): 1,536 MiB keeping activations, 849 MiB recomputing.
         let dense = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
         for (mode, measured) in [
-            (MemoryMode::KeepActivations, 2587.0),
-            (MemoryMode::RecomputeBlocks, 861.0),
+            (MemoryMode::KeepActivations, 1536.0),
+            (MemoryMode::RecomputeBlocks, 849.0),
         ] {
             let est = train_memory_in(&dense, 16, 4, 256, mode).total as f64 / (1 << 20) as f64;
             eprintln!("{mode:?}: estimated {est:.0} MiB, measured {measured} MiB");

@@ -41,7 +41,7 @@ impl LmMetrics {
 }
 
 /// Rows of logits computed at once when scoring (bounds memory at `CHUNK * vocab` floats).
-pub const LOGIT_CHUNK_ROWS: usize = 256;
+pub const LOGIT_CHUNK_ROWS: usize = 128;
 
 /// Sum of NLL and count of correct argmax predictions over `hidden` rows vs `targets`
 /// (rows whose target is `None` are skipped).

@@ -6,10 +6,9 @@
 //! threads and evaluate `exp` with a branch-free polynomial that the compiler vectorises (AVX-512
 //! or AVX2 chosen at run time by [`crate::cpu::Isa`], which `FEDSPINE_ISA` can cap).
 //!
-//! They work on tensors without autodiff; on other backends or dtypes they return `None` and the
-//! caller uses burn's own operation. Training paths get gradients through
-//! [`crate::model::softmax_fused`] and [`crate::model::silu_fused`], which take these values as
-//! constants.
+//! The tensor-level functions work on tensors without autodiff; on other backends or dtypes they
+//! return `None` and the caller uses burn's own operation. The slice-level `*_into` functions are
+//! the bodies of [`crate::fused`]'s softmax and SwiGLU, which carry their own backward passes.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -181,24 +180,156 @@ multiversion! {
 }
 
 multiversion! {
-    /// `silu(g) = g * sigmoid(g)` into `value` and its derivative
-    /// `sigmoid(g) * (1 + g * (1 - sigmoid(g)))` into `slope`.
-    fn silu_rows(g: &[f32], value: &mut [f32], slope: &mut [f32]) {
-        for ((&x, v), s) in g.iter().zip(value.iter_mut()).zip(slope.iter_mut()) {
-            let sig = 1.0 / (1.0 + exp_lane(-x));
-            *v = x * sig;
-            *s = sig * (1.0 + x * (1.0 - sig));
+    /// Softmax's input gradient from its output `p` and the output gradient `dy`, row by row,
+    /// times `scale` (the factor the scores were scaled by, or 1): `p * (dy - sum(dy * p)) *
+    /// scale`.
+    fn softmax_grad_rows(p: &[f32], dy: &[f32], out: &mut [f32], row_len: usize, scale: f32) {
+        for ((pr, dr), or) in p
+            .chunks_exact(row_len)
+            .zip(dy.chunks_exact(row_len))
+            .zip(out.chunks_exact_mut(row_len))
+        {
+            for ((o, &a), &b) in or.iter_mut().zip(pr).zip(dr) {
+                *o = a * b;
+            }
+            let dot = lane_sum(or);
+            for ((o, &a), &b) in or.iter_mut().zip(pr).zip(dr) {
+                *o = a * (b - dot) * scale;
+            }
         }
     }
 }
 
 multiversion! {
-    /// `silu(g) = g * sigmoid(g)` into `value`.
-    fn silu_only(g: &[f32], value: &mut [f32]) {
-        for (&x, v) in g.iter().zip(value.iter_mut()) {
-            *v = x / (1.0 + exp_lane(-x));
+    /// Causal softmax of scaled attention scores, row by row: row `first_row + n` of the buffer
+    /// is group row `r = (first_row + n) % mask.group_rows`, the query at position
+    /// `mask.past + r % mask.seq`, which sees the keys up to and including its own position;
+    /// later keys get probability 0.
+    fn causal_softmax_rows(x: &[f32], out: &mut [f32], row_len: usize, first_row: usize, mask: CausalMask) {
+        for (n, (xr, or)) in x.chunks_exact(row_len).zip(out.chunks_exact_mut(row_len)).enumerate() {
+            let r = (first_row + n) % mask.group_rows;
+            let valid = (mask.past + r % mask.seq + 1).min(row_len);
+            let (xv, ov) = (&xr[..valid], &mut or[..valid]);
+            let max = lane_max(xv);
+            for (o, &v) in ov.iter_mut().zip(xv) {
+                *o = exp_lane((v - max) * mask.scale);
+            }
+            let inv = 1.0 / lane_sum(ov);
+            for o in ov.iter_mut() {
+                *o *= inv;
+            }
+            or[valid..].fill(0.0);
         }
     }
+}
+
+/// Which keys each row of attention scores may see, and the scores' scale (see
+/// [`causal_softmax_into`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CausalMask {
+    /// Rows of one `[rows, keys]` score matrix: a KV head's group of queries, `g * seq`.
+    pub group_rows: usize,
+    /// New positions per sequence; a group's rows cycle through them.
+    pub seq: usize,
+    /// Cached positions before the new ones (`keys - seq`).
+    pub past: usize,
+    /// Factor on the scores inside the exponential (`1 / sqrt(head_dim)`).
+    pub scale: f32,
+}
+
+multiversion! {
+    /// SwiGLU's value `silu(g) * u` into `out`.
+    fn swiglu_lanes(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &x), &v) in out.iter_mut().zip(g).zip(u) {
+            *o = x / (1.0 + exp_lane(-x)) * v;
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU's input gradients from `g`, `u` and the output gradient `dy`:
+    /// `dg = dy * u * silu'(g)`, `du = dy * silu(g)`.
+    fn swiglu_grad_lanes(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for ((((a, b), &x), &v), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+            let sig = 1.0 / (1.0 + exp_lane(-x));
+            *a = d * v * sig * (1.0 + x * (1.0 - sig));
+            *b = d * x * sig;
+        }
+    }
+}
+
+/// Softmax of each `row_len`-long row of `x` into `out`, row-parallel when large.
+pub(crate) fn softmax_into(x: &[f32], out: &mut [f32], row_len: usize) {
+    if row_len == 0 {
+        return;
+    }
+    if x.len() <= ELEMS_PER_TASK {
+        return softmax_rows(x, out, row_len);
+    }
+    let chunk = row_len * ROWS_PER_TASK;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(o, i)| softmax_rows(i, o, row_len));
+}
+
+/// [`softmax_grad_rows`] over whole buffers, row-parallel when large.
+pub(crate) fn softmax_grad_into(
+    p: &[f32],
+    dy: &[f32],
+    out: &mut [f32],
+    row_len: usize,
+    scale: f32,
+) {
+    if row_len == 0 {
+        return;
+    }
+    if p.len() <= ELEMS_PER_TASK {
+        return softmax_grad_rows(p, dy, out, row_len, scale);
+    }
+    let chunk = row_len * ROWS_PER_TASK;
+    out.par_chunks_mut(chunk)
+        .zip(p.par_chunks(chunk))
+        .zip(dy.par_chunks(chunk))
+        .for_each(|((o, p), d)| softmax_grad_rows(p, d, o, row_len, scale));
+}
+
+/// [`causal_softmax_rows`] over a whole buffer of `[.., group_rows, row_len]` scores,
+/// row-parallel when large.
+pub(crate) fn causal_softmax_into(x: &[f32], out: &mut [f32], row_len: usize, mask: CausalMask) {
+    if row_len == 0 || mask.group_rows == 0 || mask.seq == 0 {
+        return;
+    }
+    if x.len() <= ELEMS_PER_TASK {
+        return causal_softmax_rows(x, out, row_len, 0, mask);
+    }
+    let chunk = row_len * ROWS_PER_TASK;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(i, (o, x))| causal_softmax_rows(x, o, row_len, i * ROWS_PER_TASK, mask));
+}
+
+/// `silu(g) * u` element-wise into `out`, parallel when large.
+pub(crate) fn swiglu_into(g: &[f32], u: &[f32], out: &mut [f32]) {
+    if g.len() <= ELEMS_PER_TASK {
+        return swiglu_lanes(g, u, out);
+    }
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(g.par_chunks(ELEMS_PER_TASK))
+        .zip(u.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((o, g), u)| swiglu_lanes(g, u, o));
+}
+
+/// SwiGLU's input gradients ([`swiglu_grad_lanes`]) over whole buffers, parallel when large.
+pub(crate) fn swiglu_grad_into(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    if g.len() <= ELEMS_PER_TASK {
+        return swiglu_grad_lanes(g, u, dy, dg, du);
+    }
+    let e = ELEMS_PER_TASK;
+    dg.par_chunks_mut(e)
+        .zip(du.par_chunks_mut(e))
+        .zip(g.par_chunks(e).zip(u.par_chunks(e)).zip(dy.par_chunks(e)))
+        .for_each(|((a, b), ((g, u), d))| swiglu_grad_lanes(g, u, d, a, b));
 }
 
 /// The tensor's f32 buffer when it lives on flex without autodiff, made contiguous.
@@ -297,38 +428,6 @@ pub fn cross_entropy_rows(
     Some((wrap(grad, [rows, vocab]), nll, pred))
 }
 
-/// `(silu(g), silu'(g))` of a flex f32 tensor without autodiff; `None` otherwise.
-pub fn silu_with_slope<const D: usize>(g: &Tensor<D>) -> Option<(Tensor<D>, Tensor<D>)> {
-    let ft = flex_f32(g)?;
-    let dims = g.dims();
-    let x = slice(&ft);
-    let mut value = vec![0.0f32; x.len()];
-    let mut slope = vec![0.0f32; x.len()];
-    value
-        .par_chunks_mut(ELEMS_PER_TASK)
-        .zip(slope.par_chunks_mut(ELEMS_PER_TASK))
-        .zip(x.par_chunks(ELEMS_PER_TASK))
-        .for_each(|((v, s), i)| silu_rows(i, v, s));
-    Some((wrap(value, dims), wrap(slope, dims)))
-}
-
-/// `silu(g)` of a flex f32 tensor without autodiff (inference); `None` otherwise.
-pub fn silu_value<const D: usize>(g: &Tensor<D>) -> Option<Tensor<D>> {
-    let ft = flex_f32(g)?;
-    let dims = g.dims();
-    let x = slice(&ft);
-    let mut value = vec![0.0f32; x.len()];
-    if x.len() <= ELEMS_PER_TASK {
-        silu_only(x, &mut value);
-    } else {
-        value
-            .par_chunks_mut(ELEMS_PER_TASK)
-            .zip(x.par_chunks(ELEMS_PER_TASK))
-            .for_each(|(v, i)| silu_only(i, v));
-    }
-    Some(wrap(value, dims))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,73 +510,7 @@ mod tests {
                 nll[r]
             );
         }
-        let diff: f32 = (silu_value(&x).unwrap() - burn::tensor::activation::silu(x.clone()))
-            .abs()
-            .max()
-            .into_scalar();
-        assert!(diff < 1e-5, "silu value differs by {diff}");
-        let (v, s) = silu_with_slope(&x).expect("flex f32");
-        let diff: f32 = (v - burn::tensor::activation::silu(x.clone()))
-            .abs()
-            .max()
-            .into_scalar();
-        assert!(diff < 1e-5, "silu differs by {diff}");
-        // The slope against a central difference.
-        let h = 1e-2;
-        let fd = (burn::tensor::activation::silu(x.clone().add_scalar(h))
-            - burn::tensor::activation::silu(x.clone().sub_scalar(h)))
-        .div_scalar(2.0 * h);
-        let diff: f32 = (s - fd).abs().max().into_scalar();
-        assert!(diff < 1e-3, "silu slope differs by {diff}");
         // Autodiff tensors are declined (the caller keeps the graph).
         assert!(softmax_last(&x.clone().autodiff().require_grad()).is_none());
-    }
-
-    use test_support::seeded_noise as seeded;
-
-    /// Value and input gradient of `sum(f(x) * w)` under autodiff.
-    fn value_and_grad(
-        f: impl Fn(Tensor<2>) -> Tensor<2>,
-        x: &Tensor<2>,
-        w: &Tensor<2>,
-    ) -> (Tensor<2>, Tensor<2>) {
-        let xa = x.clone().autodiff().require_grad();
-        let y = f(xa.clone());
-        let grads = (y.clone() * w.clone()).sum().backward();
-        (y.inner(), xa.grad(&grads).expect("input gradient"))
-    }
-
-    #[test]
-    fn fused_softmax_and_silu_have_burns_values_and_gradients() {
-        use crate::model::{silu_fused, softmax_fused};
-        let device = Device::flex();
-        let (rows, cols) = (7, 53);
-        let mut xv = seeded(rows * cols, 7, 6.0);
-        // Masked entries as the causal attention writes them.
-        for r in 0..rows {
-            for c in (cols - r)..cols {
-                xv[r * cols + c] = -1e30;
-            }
-        }
-        let x = Tensor::<2>::from_data(TensorData::new(xv, [rows, cols]), &device);
-        let w = Tensor::<2>::from_data(
-            TensorData::new(seeded(rows * cols, 11, 1.0), [rows, cols]),
-            &device,
-        );
-        let max_diff = |a: Tensor<2>, b: Tensor<2>| -> f32 { (a - b).abs().max().into_scalar() };
-        let (ya, ga) = value_and_grad(softmax_fused, &x, &w);
-        let (yb, gb) = value_and_grad(|t| burn::tensor::activation::softmax(t, 1), &x, &w);
-        assert!(max_diff(ya, yb) < 5e-6);
-        let d = max_diff(ga, gb);
-        assert!(d < 5e-6, "softmax gradients differ by {d}");
-        let x = Tensor::<2>::from_data(
-            TensorData::new(seeded(rows * cols, 5, 9.0), [rows, cols]),
-            &device,
-        );
-        let (ya, ga) = value_and_grad(silu_fused, &x, &w);
-        let (yb, gb) = value_and_grad(burn::tensor::activation::silu, &x, &w);
-        assert!(max_diff(ya, yb) < 1e-5);
-        let d = max_diff(ga, gb);
-        assert!(d < 1e-5, "silu gradients differ by {d}");
     }
 }

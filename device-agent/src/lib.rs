@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod job;

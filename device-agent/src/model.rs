@@ -24,10 +24,12 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use protocol::Proj;
 
 pub use config::{BlockShape, ModelConfig};
+#[cfg(test)]
+pub(crate) use layers::attention_by_ops;
 pub(crate) use layers::rms_norm;
-pub use layers::{causal_attention, grouped_decode_attention, silu_fused, softmax_fused, Rope};
+pub use layers::{causal_attention, Rope};
 pub(crate) use lora_layer::lora_group;
-use lora_layer::{proj, proj_group, Adapter, Base};
+use lora_layer::{proj, proj_group, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 
 use crate::bf16::{self, Precision, PrecisionError};
@@ -450,35 +452,17 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            // Decoding one position with equal consecutive groups: the group's queries share
-            // their KV head in place.
-            let grouped = seq == 1 && nkv < nh && shape.uniform_groups();
-            // Otherwise expand KV heads to one per query head (GQA): equal consecutive groups
-            // repeat each KV head (whose backward is a cheap sum), any other map selects by index.
-            let (k, v) = if grouped
-                || (nkv == nh && shape.q_to_kv.iter().enumerate().all(|(i, &k)| i == k))
-            {
+            // Equal consecutive groups read their KV head in place; any other map selects one
+            // KV head per query head by index.
+            let (k, v) = if shape.uniform_groups() {
                 (k, v)
-            } else if shape.uniform_groups() {
-                let g = nh / nkv;
-                let t = k.dims()[2];
-                let rep = |x: Tensor<4>| {
-                    x.reshape([batch, nkv, 1, t * hd])
-                        .repeat_dim(2, g)
-                        .reshape([batch, nh, t, hd])
-                };
-                (rep(k), rep(v))
             } else {
                 (
                     k.select(1, self.q_to_kv[l].clone()),
                     v.select(1, self.q_to_kv[l].clone()),
                 )
             };
-            let o = if grouped {
-                grouped_decode_attention(q, k, v)
-            } else {
-                causal_attention(q, k, v)
-            };
+            let o = causal_attention(q, k, v);
             let o = o.swap_dims(1, 2).reshape([batch * seq, nh * hd]);
             Some(proj(o, w(Proj::O), lora(Proj::O)))
         };
@@ -494,7 +478,7 @@ impl Llama {
                     (w(Proj::Up), lora(Proj::Up)),
                 ],
             );
-            x = x + proj(silu_fused(g) * u, w(Proj::Down), lora(Proj::Down));
+            x = x + swiglu_proj(g, u, w(Proj::Down), lora(Proj::Down));
         }
         x
     }
@@ -584,28 +568,32 @@ mod tests {
         }
     }
 
+    /// Grouped KV heads read in place give what attention over KV heads repeated per query head
+    /// gives, decoding one position and a causal prompt after cached positions.
     #[test]
-    fn grouped_decoding_attention_equals_attention_over_repeated_kv_heads() {
+    fn grouped_attention_equals_attention_over_repeated_kv_heads() {
         let d = dev();
         let (batch, nkv, g, t, hd) = (2, 3, 3, 7, 8);
         let nh = nkv * g;
-        let q = Tensor::<4>::random([batch, nh, 1, hd], Distribution::Normal(0.0, 1.0), &d);
-        let k = Tensor::<4>::random([batch, nkv, t, hd], Distribution::Normal(0.0, 1.0), &d);
-        let v = Tensor::<4>::random([batch, nkv, t, hd], Distribution::Normal(0.0, 1.0), &d);
-        let rep = |x: Tensor<4>| {
-            x.reshape([batch, nkv, 1, t * hd])
-                .repeat_dim(2, g)
-                .reshape([batch, nh, t, hd])
-        };
-        let want = causal_attention(q.clone(), rep(k.clone()), rep(v.clone()));
-        let got = grouped_decode_attention(q, k, v);
-        assert_eq!(got.dims(), [batch, nh, 1, hd]);
-        let (want, got) = (
-            want.into_data().try_to_vec::<f32>().unwrap(),
-            got.into_data().try_to_vec::<f32>().unwrap(),
-        );
-        for (a, b) in want.iter().zip(&got) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        for seq in [1, 4, t] {
+            let q = Tensor::<4>::random([batch, nh, seq, hd], Distribution::Normal(0.0, 1.0), &d);
+            let k = Tensor::<4>::random([batch, nkv, t, hd], Distribution::Normal(0.0, 1.0), &d);
+            let v = Tensor::<4>::random([batch, nkv, t, hd], Distribution::Normal(0.0, 1.0), &d);
+            let rep = |x: Tensor<4>| {
+                x.reshape([batch, nkv, 1, t * hd])
+                    .repeat_dim(2, g)
+                    .reshape([batch, nh, t, hd])
+            };
+            let want = causal_attention(q.clone(), rep(k.clone()), rep(v.clone()));
+            let got = causal_attention(q.clone(), k, v);
+            assert_eq!(got.dims(), [batch, nh, seq, hd]);
+            let (want, got) = (
+                want.into_data().try_to_vec::<f32>().unwrap(),
+                got.into_data().try_to_vec::<f32>().unwrap(),
+            );
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() < 1e-5, "seq {seq}: {a} vs {b}");
+            }
         }
     }
 

@@ -298,37 +298,30 @@ pub fn lora_step_profile(
     {
         let (q4, k4, v4) = (
             split(q.clone(), nh),
-            rep(split(k.clone(), nkv)),
-            rep(split(v.clone(), nkv)),
+            split(k.clone(), nkv),
+            split(v.clone(), nkv),
         );
         let t = time_one(&[flat(q4), flat(k4), flat(v4)], reps, |i| {
             flat(crate::model::causal_attention(
                 unflat(i[0].clone(), nh),
-                unflat(i[1].clone(), nh),
-                unflat(i[2].clone(), nh),
+                unflat(i[1].clone(), nkv),
+                unflat(i[2].clone(), nkv),
             ))
         });
         push(
-            "attention softmax(QK^T)V, causal (ours: model::causal_attention)",
+            "attention softmax(QK^T)V, causal, KV groups in place (ours: model::causal_attention)",
             layers,
             t,
             attn_flops,
         );
     }
-    // Layout: q's head split and merge (the merge copies), k's and v's GQA repeat.
-    let split_merge = time_one(std::slice::from_ref(&q), reps, |i| {
-        merge(split(i[0].clone(), nh))
-    });
-    let repeat = time_one(std::slice::from_ref(&k), reps, |i| {
-        flat(rep(split(i[0].clone(), nkv)))
-    });
+    // Layout: q's head split and merge (the merge copies).
     push(
-        "head split/merge, GQA repeat of k and v (copies)",
+        "head split/merge (copies)",
         layers,
-        (
-            split_merge.0 + 2.0 * repeat.0,
-            split_merge.1 + 2.0 * repeat.1,
-        ),
+        time_one(std::slice::from_ref(&q), reps, |i| {
+            merge(split(i[0].clone(), nh))
+        }),
         0.0,
     );
     let (gt, ut) = (rnd([n, ffn]), rnd([n, ffn]));
@@ -341,10 +334,10 @@ pub fn lora_step_profile(
         0.0,
     );
     push(
-        "SwiGLU silu(gate) * up (ours: model::silu_fused)",
+        "SwiGLU silu(gate) * up (ours: fused::swiglu)",
         layers,
         time_one(&[gt.clone(), ut.clone()], reps, |i| {
-            crate::model::silu_fused(i[0].clone()) * i[1].clone()
+            crate::fused::swiglu(i[0].clone(), i[1].clone())
         }),
         0.0,
     );

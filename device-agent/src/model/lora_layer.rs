@@ -7,6 +7,7 @@
 use burn::tensor::Tensor;
 use protocol::Proj;
 
+use crate::fused;
 use crate::quant::{self, Q8Matrix};
 
 /// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, or with bf16
@@ -87,8 +88,7 @@ pub(crate) fn proj_group<const N: usize>(
     .into_iter();
     parts.map(|(w, _)| {
         let base = match w {
-            Base::F32(w) => x.clone().matmul(w.clone()),
-            Base::Bf16(w) => crate::bf16::matmul(x.clone(), w),
+            Base::F32(_) | Base::Bf16(_) => dense_product(x.clone(), w),
             Base::Q8(_) => q8_out
                 .next()
                 .expect("one quantized product per quantized base"),
@@ -98,6 +98,30 @@ pub(crate) fn proj_group<const N: usize>(
             None => base,
         }
     })
+}
+
+/// `x @ W` for an fp32 base (in fp32 or with bf16 operands); Q8_0 bases go through
+/// [`quant::matmul_tensors`].
+fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
+    match w {
+        Base::F32(w) => x.matmul(w.clone()),
+        Base::Bf16(w) => crate::bf16::matmul(x, w),
+        Base::Q8(_) => unreachable!("Q8_0 products are taken per group by proj_group"),
+    }
+}
+
+/// The down projection of SwiGLU, `proj(silu(g) * u, w, lora)`. On flex with an fp32 base the
+/// LoRA `A` product goes through [`fused::swiglu_matmul`], so the `[n, ffn]` SwiGLU output is
+/// not kept for the backward pass (it is recomputed from `g` and `u`, which SwiGLU keeps).
+pub(crate) fn swiglu_proj(g: Tensor<2>, u: Tensor<2>, w: Base, lora: LoraRef) -> Tensor<2> {
+    let act = fused::swiglu(g.clone(), u.clone());
+    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_)) = (lora, w) else {
+        return proj(act, w, lora);
+    };
+    match fused::swiglu_matmul(act.clone(), g, u, a.clone()) {
+        Some(low) => dense_product(act, w) + low.matmul(b.clone().mul_scalar(scale)),
+        None => proj(act, w, lora),
+    }
 }
 
 /// The LoRA terms `(x @ A) @ (scale * B)` of [`proj_group`], `None` where a projection has no
