@@ -1,17 +1,23 @@
-//! Softmax and SwiGLU as single operations with a hand-written backward, on the flex CPU
-//! backend (plain and under autodiff): the value comes from one vectorised pass of
-//! [`crate::kernels`], and the autodiff graph keeps only what the gradient needs.
+//! Operations with a hand-written backward pass on the flex CPU backend (plain and under
+//! autodiff), written so that a LoRA step keeps only what its gradients need: softmax, SwiGLU,
+//! causal attention, and the LoRA `A` products of a normed input and of SwiGLU's output. Values
+//! come from the vectorised passes of [`crate::kernels`] and flex's own matrix products.
 //!
-//! Built from burn's primitives, attention's softmax under autodiff kept the scores, the
-//! probabilities and a second copy of the probabilities for the product with `V` (three
-//! `batch x heads x seq x keys` tensors per block), and SwiGLU kept `silu(g)`, its slope and
-//! `u` besides the product. Here softmax keeps its output `P` alone (the same buffer the next
-//! product keeps: `ds = P * (dy - sum(dy * P))`), and SwiGLU keeps `g` and `u` alone (`dg = dy *
-//! u * silu'(g)`, `du = dy * silu(g)`, recomputed in the backward pass). That is one
-//! scores-sized and one MLP-sized tensor less per block kept for the backward pass (BENCHMARKS.md,
-//! "Memory modes"), and fewer passes over them.
+//! Built from burn's primitives, a block kept for the backward pass: the attention scores, the
+//! probabilities and a second copy of them, keys and values copied out per query head, `silu(g)`
+//! and its slope besides `u` and the SwiGLU product, and both normed inputs (about 63 MB per
+//! block at batch 4 x 256 on SmolLM2-135M). Here:
+//! - [`causal_attention`] keeps `q`, `k` and `v` (KV heads grouped in place, not copied) and
+//!   recomputes the probabilities in the backward pass (one `q k^T` product per block);
+//! - [`swiglu`] keeps `g` and `u`; [`swiglu_matmul`] and [`norm_matmul`] are the LoRA `A`
+//!   products of SwiGLU's output and of RMSNorm's output, which recompute those outputs from what
+//!   SwiGLU and RMSNorm keep anyway, so neither `[n, ffn]` product nor `[n, d]` normed copy is
+//!   kept (the frozen products next to them keep only their weights);
+//! - [`softmax`] keeps its output only.
 //!
-//! Other backends keep burn's own operations ([`softmax`], [`swiglu`] choose).
+//! That is about 29 MB per block instead of 63 (`cost::train_memory_in` states the account;
+//! BENCHMARKS.md, "Memory modes", the measured peaks). Other backends keep burn's operations:
+//! the public functions choose, and those that have no plain-burn twin return `None` there.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -42,6 +48,16 @@ pub trait FusedBackend: Backend {
         g: FloatTensor<Self>,
         u: FloatTensor<Self>,
         a: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// `h a` where `h = x / sqrt(mean(x^2) + eps) * w` (RMSNorm's output, passed in, `w` the
+    /// frozen norm weight): a LoRA `A` product of a normed input, whose backward pass recomputes
+    /// `h` from `x` instead of keeping it; see [`norm_matmul`].
+    fn norm_matmul(
+        h: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        eps: f64,
     ) -> FloatTensor<Self>;
     /// Causal attention `softmax(q k^T / sqrt(hd) + mask) v` per KV head: `q` is `[batch,
     /// kv_heads, g * seq, hd]` (a group's queries as rows), `k` and `v` are `[batch, kv_heads,
@@ -108,7 +124,30 @@ fn causal_probs(q: &FlexTensor, k: &FlexTensor, seq: usize) -> (FlexTensor, f32)
     (like(&scores, p), scale)
 }
 
+/// RMSNorm of the rows of `x` (flex) with weight `w`.
+fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
+    let (x, w) = (contiguous(x), contiguous(w));
+    let mut out = vec![0f32; values(&x).len()];
+    assert_eq!(
+        last_dim(&x),
+        values(&w).len(),
+        "RMSNorm weight against rows"
+    );
+    kernels::rms_norm_into(values(&x), values(&w), &mut out, eps as f32);
+    like(&x, out)
+}
+
 impl FusedBackend for Flex {
+    fn norm_matmul(
+        h: FlexTensor,
+        _x: FlexTensor,
+        _w: FlexTensor,
+        a: FlexTensor,
+        _eps: f64,
+    ) -> FlexTensor {
+        Flex::float_matmul(h, a)
+    }
+
     fn swiglu_matmul(act: FlexTensor, _g: FlexTensor, _u: FlexTensor, a: FlexTensor) -> FlexTensor {
         Flex::float_matmul(act, a)
     }
@@ -205,6 +244,31 @@ impl Backward<Flex, 2> for SwigluMatmulBackward {
     }
 }
 
+/// `z = h a` with `h = rms_norm(x) * w`: `da = h^T dz` with `h` recomputed from the kept `x`
+/// (RMSNorm's own kept input, so no new memory), `dh = dz a^T` (summed at `h` with the frozen
+/// products' gradients, then through RMSNorm's backward once).
+#[derive(Debug)]
+struct NormMatmulBackward;
+
+impl Backward<Flex, 2> for NormMatmulBackward {
+    type State = (FlexTensor, FlexTensor, FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_h, node_a] = ops.parents;
+        let dz = grads.consume::<Flex>(&ops.node);
+        let (x, w, a, eps) = ops.state;
+        if let Some(node) = node_a {
+            let h = rms_norm(x, w, eps);
+            let da = Flex::float_matmul(Flex::float_swap_dims(h, 0, 1), dz.clone());
+            grads.register::<Flex>(node.id, da);
+        }
+        if let Some(node) = node_h {
+            let dh = Flex::float_matmul(dz, Flex::float_swap_dims(a, 0, 1));
+            grads.register::<Flex>(node.id, dh);
+        }
+    }
+}
+
 /// Attention's gradients from the kept `q`, `k` and `v`: the probabilities are recomputed (one
 /// `q k^T` product and a softmax per block), then `dv = P^T dy`, `dP = dy v^T`, `ds = P * (dP -
 /// sum(dP * P)) / sqrt(hd)`, `dq = ds k`, `dk = ds^T q`.
@@ -245,6 +309,29 @@ impl Backward<Flex, 3> for AttentionBackward {
 }
 
 impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
+    fn norm_matmul(
+        h: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        match NormMatmulBackward
+            .prepare::<C>([h.node(), a.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let a = a.into_primitive();
+                let z = Flex::float_matmul(h.into_primitive(), a.clone());
+                prep.finish((x.into_primitive(), w.into_primitive(), a, eps), z)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::float_matmul(h.into_primitive(), a.into_primitive()))
+            }
+        }
+    }
+
     fn swiglu_matmul(
         act: FloatTensor<Self>,
         g: FloatTensor<Self>,
@@ -386,6 +473,31 @@ pub fn swiglu_matmul(
     ))
 }
 
+/// `h a` for RMSNorm's output `h = x / sqrt(mean(x^2) + eps) * w` (as
+/// [`crate::model::rms_norm`] returned it for these `x`, `w` and `eps`): on flex under autodiff
+/// the backward pass recomputes `h` from `x`, which RMSNorm keeps anyway, so `h` is not kept for
+/// the LoRA `A` gradient. `None` off flex.
+pub fn norm_matmul(
+    h: Tensor<2>,
+    x: Tensor<2>,
+    w: Tensor<1>,
+    a: Tensor<2>,
+    eps: f64,
+) -> Option<Tensor<2>> {
+    if !on_flex(&h) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(
+        <Dispatch as FusedBackend>::norm_matmul(
+            h.into_dispatch(),
+            x.into_dispatch(),
+            w.into_dispatch(),
+            a.into_dispatch(),
+            eps,
+        ),
+    ))
+}
+
 /// `silu(g) * u`: the fused operation on flex, burn's elsewhere.
 pub fn swiglu<const D: usize>(g: Tensor<D>, u: Tensor<D>) -> Tensor<D> {
     if !on_flex(&g) {
@@ -398,205 +510,4 @@ pub fn swiglu<const D: usize>(g: Tensor<D>, u: Tensor<D>) -> Tensor<D> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::tensor::Device;
-    use test_support::seeded_noise as seeded;
-
-    fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
-        (a - b).abs().max().into_scalar()
-    }
-
-    /// Values and input gradients of `sum(f(x...) * w)` for the fused operations against burn's
-    /// own, on rows with masked (-1e30) scores as causal attention writes them, under autodiff
-    /// and without; and a strided input (a transpose) is read correctly.
-    #[test]
-    fn fused_operations_have_burns_values_and_gradients() {
-        let device = Device::flex();
-        let (rows, cols) = (67, 53);
-        let mut sv = seeded(rows * cols, 7, 6.0);
-        for r in 0..rows {
-            for c in (cols - r % cols)..cols {
-                sv[r * cols + c] = -1e30;
-            }
-        }
-        let s = Tensor::<2>::from_data(TensorData::new(sv, [rows, cols]), &device);
-        let w = Tensor::<2>::from_data(
-            TensorData::new(seeded(rows * cols, 11, 1.0), [rows, cols]),
-            &device,
-        );
-        assert!(max_diff(softmax(s.clone()), activation::softmax(s.clone(), 1)) < 5e-6);
-        let grad = |f: &dyn Fn(Tensor<2>) -> Tensor<2>| {
-            let x = s.clone().autodiff().require_grad();
-            let y = f(x.clone());
-            let g = (y.clone() * w.clone()).sum().backward();
-            (y.inner(), x.grad(&g).expect("input gradient"))
-        };
-        let (ya, ga) = grad(&softmax);
-        let (yb, gb) = grad(&|t| activation::softmax(t, 1));
-        assert!(max_diff(ya, yb) < 5e-6);
-        let d = max_diff(ga, gb);
-        assert!(d < 5e-6, "softmax gradients differ by {d}");
-        let st = s.clone().transpose();
-        assert!(max_diff(softmax(st.clone()), activation::softmax(st, 1)) < 5e-6);
-
-        let g = Tensor::<2>::from_data(
-            TensorData::new(seeded(rows * cols, 5, 9.0), [rows, cols]),
-            &device,
-        );
-        let u = Tensor::<2>::from_data(
-            TensorData::new(seeded(rows * cols, 3, 2.0), [rows, cols]),
-            &device,
-        );
-        let plain = activation::silu(g.clone()) * u.clone();
-        assert!(max_diff(swiglu(g.clone(), u.clone()), plain.clone()) < 1e-5);
-        assert!(
-            max_diff(
-                swiglu(g.clone().transpose(), u.clone().transpose()),
-                plain.transpose()
-            ) < 1e-5
-        );
-        let grads = |f: &dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<2>| {
-            let (ga, ua) = (
-                g.clone().autodiff().require_grad(),
-                u.clone().autodiff().require_grad(),
-            );
-            let y = f(ga.clone(), ua.clone());
-            let gr = (y.clone() * w.clone()).sum().backward();
-            (y.inner(), ga.grad(&gr).unwrap(), ua.grad(&gr).unwrap())
-        };
-        let (ya, dga, dua) = grads(&swiglu);
-        let (yb, dgb, dub) = grads(&|a, b| activation::silu(a) * b);
-        assert!(max_diff(ya, yb) < 1e-5);
-        let (dg, du) = (max_diff(dga, dgb), max_diff(dua, dub));
-        assert!(
-            dg < 1e-4 && du < 1e-5,
-            "swiglu gradients differ by {dg}, {du}"
-        );
-        // Only one input tracked: the other gets no gradient and the tracked one is right.
-        let ga = g.clone().autodiff().require_grad();
-        let y = swiglu(ga.clone(), u.clone().autodiff());
-        let gr = (y * w.clone()).sum().backward();
-        assert!(max_diff(ga.grad(&gr).unwrap(), dgb_only(&g, &u, &w)) < 1e-4);
-    }
-
-    /// The fused attention against the same attention in burn's operations, values and the
-    /// gradients of `q`, `k` and `v` under autodiff: grouped KV heads (3 queries per KV head),
-    /// a prompt with no cache, new positions after cached ones, and one decoded position.
-    #[test]
-    fn fused_attention_has_the_values_and_gradients_of_burns_operations() {
-        let device = Device::flex();
-        let (batch, nkv, g, hd) = (2, 2, 3, 16);
-        // The last is large enough to run row-parallel, in chunks that straddle score matrices.
-        for (seq, keys) in [(9, 9), (5, 12), (1, 7), (40, 40), (100, 130)] {
-            let t = |dims: [usize; 4], seed: u32| {
-                let n = dims.iter().product();
-                Tensor::<4>::from_data(TensorData::new(seeded(n, seed, 2.0), dims), &device)
-            };
-            let q = t([batch, nkv, g * seq, hd], 1);
-            let k = t([batch, nkv, keys, hd], 2);
-            let v = t([batch, nkv, keys, hd], 3);
-            let w = t([batch, nkv, g * seq, hd], 4);
-            let run = |fused: bool| {
-                let (qa, ka, va) = (
-                    q.clone().autodiff().require_grad(),
-                    k.clone().autodiff().require_grad(),
-                    v.clone().autodiff().require_grad(),
-                );
-                let o = if fused {
-                    causal_attention(qa.clone(), ka.clone(), va.clone(), seq).expect("flex")
-                } else {
-                    crate::model::attention_by_ops(qa.clone(), ka.clone(), va.clone(), seq)
-                };
-                let gr = (o.clone() * w.clone()).sum().backward();
-                let flat = |t: Tensor<4>| {
-                    let [a, b, c, d] = t.dims();
-                    t.reshape([a * b * c, d])
-                };
-                [
-                    flat(o.inner()),
-                    flat(qa.grad(&gr).unwrap()),
-                    flat(ka.grad(&gr).unwrap()),
-                    flat(va.grad(&gr).unwrap()),
-                ]
-            };
-            let (ours, theirs) = (run(true), run(false));
-            for (name, (a, b)) in ["value", "dq", "dk", "dv"]
-                .iter()
-                .zip(ours.into_iter().zip(theirs))
-            {
-                let d = max_diff(a, b);
-                assert!(d < 2e-5, "seq {seq}, keys {keys}: {name} differs by {d}");
-            }
-            // Without autodiff the value is the same.
-            let plain = causal_attention(q.clone(), k.clone(), v.clone(), seq).unwrap();
-            let by_ops = crate::model::attention_by_ops(q.clone(), k.clone(), v.clone(), seq);
-            let [a, b, c, d] = plain.dims();
-            assert!(
-                max_diff(
-                    plain.reshape([a * b * c, d]),
-                    by_ops.reshape([a * b * c, d])
-                ) < 2e-5
-            );
-        }
-    }
-
-    /// SwiGLU's down projection with the LoRA `A` product taken by [`swiglu_matmul`] (the
-    /// product recomputed in the backward pass) against the same in burn's operations: the value
-    /// and the gradients of `g`, `u`, `A` and `B`.
-    #[test]
-    fn swiglu_matmul_has_the_gradients_of_the_kept_product() {
-        let device = Device::flex();
-        let (n, ffn, r, out) = (70, 48, 4, 20);
-        let t = |dims: [usize; 2], seed: u32, scale: f32| {
-            Tensor::<2>::from_data(
-                TensorData::new(seeded(dims[0] * dims[1], seed, scale), dims),
-                &device,
-            )
-        };
-        let (g, u, a, b, w) = (
-            t([n, ffn], 1, 4.0),
-            t([n, ffn], 2, 2.0),
-            t([ffn, r], 3, 0.5),
-            t([r, out], 4, 0.5),
-            t([ffn, out], 5, 0.5),
-        );
-        let wo = t([n, out], 6, 1.0);
-        let run = |fused: bool| {
-            let leaves: Vec<Tensor<2>> = [&g, &u, &a, &b]
-                .iter()
-                .map(|x| (*x).clone().autodiff().require_grad())
-                .collect();
-            let (gl, ul, al, bl) = (&leaves[0], &leaves[1], &leaves[2], &leaves[3]);
-            let act = swiglu(gl.clone(), ul.clone());
-            let low = if fused {
-                swiglu_matmul(act.clone(), gl.clone(), ul.clone(), al.clone()).expect("flex")
-            } else {
-                (activation::silu(gl.clone()) * ul.clone()).matmul(al.clone())
-            };
-            let y = act.matmul(w.clone().autodiff()) + low.matmul(bl.clone());
-            let gr = (y.clone() * wo.clone()).sum().backward();
-            let mut out = vec![y.inner()];
-            out.extend(leaves.iter().map(|l| l.grad(&gr).expect("gradient")));
-            out
-        };
-        for (name, (x, y)) in ["value", "dg", "du", "da", "db"]
-            .iter()
-            .zip(run(true).into_iter().zip(run(false)))
-        {
-            let scale: f32 = y.clone().abs().max().into_scalar();
-            let d = max_diff(x, y);
-            assert!(
-                d <= 1e-5 * scale.max(1.0),
-                "{name} differs by {d} (scale {scale})"
-            );
-        }
-    }
-
-    fn dgb_only(g: &Tensor<2>, u: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-        let ga = g.clone().autodiff().require_grad();
-        let y = activation::silu(ga.clone()) * u.clone().autodiff();
-        let gr = (y * w.clone()).sum().backward();
-        ga.grad(&gr).unwrap()
-    }
-}
+mod tests;

@@ -258,6 +258,37 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// RMSNorm of each `w.len()`-long row of `x` into `out`: `x / sqrt(mean(x^2) + eps) * w`.
+    fn rms_norm_rows(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
+        let d = w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            for (o, &v) in or.iter_mut().zip(xr) {
+                *o = v * v;
+            }
+            let r = 1.0 / (lane_sum(or) / d as f32 + eps).sqrt();
+            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+                *o = v * r * g;
+            }
+        }
+    }
+}
+
+/// [`rms_norm_rows`] over a whole buffer, row-parallel when large.
+pub(crate) fn rms_norm_into(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
+    let d = w.len();
+    if d == 0 {
+        return;
+    }
+    if x.len() <= ELEMS_PER_TASK {
+        return rms_norm_rows(x, w, out, eps);
+    }
+    let chunk = d * ROWS_PER_TASK;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(o, x)| rms_norm_rows(x, w, o, eps));
+}
+
 /// Softmax of each `row_len`-long row of `x` into `out`, row-parallel when large.
 pub(crate) fn softmax_into(x: &[f32], out: &mut [f32], row_len: usize) {
     if row_len == 0 {

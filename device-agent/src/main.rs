@@ -148,7 +148,7 @@ struct TuneArgs {
     #[arg(long)]
     no_heads: bool,
     /// Activation memory: keep (fastest), recompute (one block at a time in the backward pass:
-    /// about a third of the peak for about 1.45x the time), or auto (keep when its estimated
+    /// about 0.6x the peak for about 1.45x the time), or auto (keep when its estimated
     /// peak fits in this machine's RAM).
     #[arg(long, default_value = "auto")]
     memory: String,

@@ -29,7 +29,7 @@ pub(crate) use layers::attention_by_ops;
 pub(crate) use layers::rms_norm;
 pub use layers::{causal_attention, Rope};
 pub(crate) use lora_layer::lora_group;
-use lora_layer::{proj, proj_group, swiglu_proj, Adapter, Base};
+use lora_layer::{proj, proj_group_normed, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 
 use crate::bf16::{self, Precision, PrecisionError};
@@ -421,13 +421,14 @@ impl Llama {
             None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
         };
-        let h = rms_norm(x.clone(), &blk.attn_norm, cfg.rms_eps);
         let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
         let attn_out = if nh == 0 {
             None
         } else {
-            let [q, k, v] = proj_group(
-                h,
+            let [q, k, v] = proj_group_normed(
+                &x,
+                &blk.attn_norm,
+                cfg.rms_eps,
                 [
                     (w(Proj::Q), lora(Proj::Q)),
                     (w(Proj::K), lora(Proj::K)),
@@ -470,9 +471,10 @@ impl Llama {
             x = x + a;
         }
         if shape.ffn_dim > 0 {
-            let h = rms_norm(x.clone(), &blk.ffn_norm, cfg.rms_eps);
-            let [g, u] = proj_group(
-                h,
+            let [g, u] = proj_group_normed(
+                &x,
+                &blk.ffn_norm,
+                cfg.rms_eps,
                 [
                     (w(Proj::Gate), lora(Proj::Gate)),
                     (w(Proj::Up), lora(Proj::Up)),
@@ -516,7 +518,12 @@ pub fn to_rows(t: Tensor<2>) -> Vec<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, TensorData};
+    use test_support::seeded_noise as seeded;
+
+    fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
 
     fn tiny(n_layers: usize) -> ModelConfig {
         let mut c = ModelConfig::dense(61, 32, n_layers, 4, 2, 8, 48, true);
@@ -594,6 +601,69 @@ mod tests {
             for (a, b) in want.iter().zip(&got) {
                 assert!((a - b).abs() < 1e-5, "seq {seq}: {a} vs {b}");
             }
+        }
+    }
+
+    /// The fused attention against the same attention in burn's operations, values and the
+    /// gradients of `q`, `k` and `v` under autodiff: grouped KV heads (3 queries per KV head),
+    /// a prompt with no cache, new positions after cached ones, and one decoded position.
+    #[test]
+    fn fused_attention_has_the_values_and_gradients_of_burns_operations() {
+        let device = Device::flex();
+        let (batch, nkv, g, hd) = (2, 2, 3, 16);
+        // The last is large enough to run row-parallel, in chunks that straddle score matrices.
+        for (seq, keys) in [(9, 9), (5, 12), (1, 7), (40, 40), (100, 130)] {
+            let t = |dims: [usize; 4], seed: u32| {
+                let n = dims.iter().product();
+                Tensor::<4>::from_data(TensorData::new(seeded(n, seed, 2.0), dims), &device)
+            };
+            let q = t([batch, nkv, g * seq, hd], 1);
+            let k = t([batch, nkv, keys, hd], 2);
+            let v = t([batch, nkv, keys, hd], 3);
+            let w = t([batch, nkv, g * seq, hd], 4);
+            let run = |fused: bool| {
+                let (qa, ka, va) = (
+                    q.clone().autodiff().require_grad(),
+                    k.clone().autodiff().require_grad(),
+                    v.clone().autodiff().require_grad(),
+                );
+                let o = if fused {
+                    crate::fused::causal_attention(qa.clone(), ka.clone(), va.clone(), seq)
+                        .expect("flex")
+                } else {
+                    attention_by_ops(qa.clone(), ka.clone(), va.clone(), seq)
+                };
+                let gr = (o.clone() * w.clone()).sum().backward();
+                let flat = |t: Tensor<4>| {
+                    let [a, b, c, d] = t.dims();
+                    t.reshape([a * b * c, d])
+                };
+                [
+                    flat(o.inner()),
+                    flat(qa.grad(&gr).unwrap()),
+                    flat(ka.grad(&gr).unwrap()),
+                    flat(va.grad(&gr).unwrap()),
+                ]
+            };
+            let (ours, theirs) = (run(true), run(false));
+            for (name, (a, b)) in ["value", "dq", "dk", "dv"]
+                .iter()
+                .zip(ours.into_iter().zip(theirs))
+            {
+                let d = max_diff(a, b);
+                assert!(d < 2e-5, "seq {seq}, keys {keys}: {name} differs by {d}");
+            }
+            // Without autodiff the value is the same.
+            let plain =
+                crate::fused::causal_attention(q.clone(), k.clone(), v.clone(), seq).unwrap();
+            let by_ops = attention_by_ops(q.clone(), k.clone(), v.clone(), seq);
+            let [a, b, c, d] = plain.dims();
+            assert!(
+                max_diff(
+                    plain.reshape([a * b * c, d]),
+                    by_ops.reshape([a * b * c, d])
+                ) < 2e-5
+            );
         }
     }
 

@@ -357,12 +357,14 @@ fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// `tune --precision bf16` against fp32 on the real model: 40 steps of batch 2 x 64 on Moby-Dick
-/// with pruning to 20% sparsity in the round, same seed, same batches. Where the CPU runs bf16
-/// products, every step's loss stays within 0.15 nats of fp32's (the pruning events make single
-/// steps jumpy; measured 0.085 on Zen 4), the last ten steps' mean within 0.02 (measured
-/// 0.002), and the held-out perplexity of the result within 3% (measured 0.4%); elsewhere bf16
-/// resolves to fp32 and says why.
+/// `tune --precision bf16` against fp32 on the real model: 40 steps of batch 2 x 64 on Moby-Dick,
+/// same seed, same batches, no pruning during the steps (a prune event is a discrete choice that
+/// a last-bit difference can flip, after which the two runs train different models: with
+/// pruning to 20% in the round, one run of this test kept a 0.002 gap and a later one 0.044).
+/// Where the CPU runs bf16 products, every step's loss stays within 0.05 nats of fp32's
+/// (measured 0.0043 on Zen 4), the last ten steps' mean within 0.01 (measured 0.0005), and the
+/// held-out perplexity within 1% (measured 0.03%); then a prune of the bf16 run keeps its
+/// precision. Elsewhere bf16 resolves to fp32 and says why.
 #[test]
 fn bf16_products_train_like_fp32_for_40_steps() {
     use device_agent::bf16::Precision;
@@ -388,10 +390,11 @@ fn bf16_products_train_like_fp32_for_40_steps() {
         let ad = Adapter::new(&base.config, 8, 16.0, 3, &base.device);
         let mut t = Tuner::new(base, KeptIndices::dense(&base.config), ad, cfg).unwrap();
         let rep = t
-            .run_round(base, 40, 0.2, |i| shard.batch(i, 2), |_| {})
+            .run_round(base, 40, 0.0, |i| shard.batch(i, 2), |_| {})
             .unwrap();
         let losses: Vec<f64> = rep.steps.iter().map(|s| s.loss).collect();
         let ppl = shard.evaluate(&t.model, Some(&t.adapter)).perplexity;
+        t.prune_to(base, 0.2).unwrap();
         (losses, ppl, t.model.config.sparsity(), t.model.precision())
     };
     let t0 = std::time::Instant::now();
@@ -420,9 +423,9 @@ fn bf16_products_train_like_fp32_for_40_steps() {
         tail(&l32),
         tail(&l16)
     );
-    assert!(worst < 0.15, "worst step loss gap {worst}");
-    assert!((tail(&l32) - tail(&l16)).abs() < 0.02);
-    assert!((p16 / p32 - 1.0).abs() < 0.03, "perplexity {p32} vs {p16}");
+    assert!(worst < 0.05, "worst step loss gap {worst}");
+    assert!((tail(&l32) - tail(&l16)).abs() < 0.01);
+    assert!((p16 / p32 - 1.0).abs() < 0.01, "perplexity {p32} vs {p16}");
     assert!(
         s32 > 0.15 && (s32 - s16).abs() < 0.01,
         "sparsity {s32} vs {s16}"

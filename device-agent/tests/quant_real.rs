@@ -143,25 +143,33 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
     assert!((nb - na).abs() < 0.02, "NLL {na} vs {nb}");
 
     // The greedy chat answer, compared token by token with fp32's. Its first token is a
-    // near-tie in fp32 ("The" 25.33 vs "L" 25.24) that Q8_0 flips, so the answers differ from
-    // the first token on ("L'Étoile, la Cité, la France, ..."), still about the place.
+    // near-tie in fp32 ("The" 25.33 vs "L" 25.24) that Q8_0 flips, after which the answers
+    // differ ("L'Étoile, la Cité, ...", whose later tokens move with any last-bit change), so
+    // Q8_0 continues from fp32's first token and must then follow fp32's answer.
     let cfg = GenerateConfig {
         max_new_tokens: 16,
         sampling: Sampling::Greedy,
         seed: 0,
     };
-    let g = generate::generate(&q, &tok, None, &r.chat.prompt_ids, &cfg, |_| {}).unwrap();
     let want = &r.chat.greedy_ids[..r.chat.greedy_ids.len() - 1];
+    let mut prompt = r.chat.prompt_ids.clone();
+    prompt.push(want[0]);
+    let g = generate::generate(&q, &tok, None, &prompt, &cfg, |_| {}).unwrap();
     let same = g
         .tokens
         .iter()
-        .zip(want)
+        .zip(&want[1..])
         .take_while(|(x, y)| x == y)
         .count();
     println!(
-        "greedy chat: {:?}; first {same} of {} tokens equal to fp32's",
+        "greedy chat after fp32's first token: {:?}; first {same} of {} tokens equal to fp32's",
         g.text,
-        want.len()
+        want.len() - 1
+    );
+    assert!(
+        same >= (want.len() - 1).min(4),
+        "{same} tokens equal: {}",
+        g.text
     );
     assert!(
         g.text.contains("France") || g.text.contains("Paris"),

@@ -72,7 +72,41 @@ pub(crate) fn proj_group<const N: usize>(
     x: Tensor<2>,
     parts: [(Base, LoraRef); N],
 ) -> [Tensor<2>; N] {
-    let mut low = lora_group(x.clone(), parts.map(|(_, l)| l)).into_iter();
+    proj_group_of(x, Source::Kept, parts)
+}
+
+/// [`proj_group`] of RMSNorm's output `h = rms_norm(x, w, eps)` (what
+/// [`crate::model::rms_norm`] returns): on flex the LoRA `A` product recomputes `h` from `x` in
+/// the backward pass ([`fused::norm_matmul`]), so `h` is not kept for it.
+pub(crate) fn proj_group_normed<const N: usize>(
+    x: &Tensor<2>,
+    w: &Tensor<1>,
+    eps: f64,
+    parts: [(Base, LoraRef); N],
+) -> [Tensor<2>; N] {
+    let h = crate::model::rms_norm(x.clone(), w, eps);
+    proj_group_of(h, Source::Normed { x, w, eps }, parts)
+}
+
+/// Where a projection group's input came from, when the LoRA `A` product may recompute it.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// Kept by the product as usual.
+    Kept,
+    /// RMSNorm of `x` with weight `w`.
+    Normed {
+        x: &'a Tensor<2>,
+        w: &'a Tensor<1>,
+        eps: f64,
+    },
+}
+
+fn proj_group_of<const N: usize>(
+    x: Tensor<2>,
+    source: Source,
+    parts: [(Base, LoraRef); N],
+) -> [Tensor<2>; N] {
+    let mut low = lora_group_of(x.clone(), source, parts.map(|(_, l)| l)).into_iter();
     let q8: Vec<&Q8Matrix> = parts
         .iter()
         .filter_map(|(w, _)| match w {
@@ -130,6 +164,24 @@ pub(crate) fn lora_group<const N: usize>(
     x: Tensor<2>,
     loras: [LoraRef; N],
 ) -> [Option<Tensor<2>>; N] {
+    lora_group_of(x, Source::Kept, loras)
+}
+
+/// `x @ a`, through [`fused::norm_matmul`] when `x` is a normed input.
+fn a_product(x: &Tensor<2>, source: Source, a: Tensor<2>) -> Tensor<2> {
+    if let Source::Normed { x: pre, w, eps } = source {
+        if let Some(z) = fused::norm_matmul(x.clone(), pre.clone(), w.clone(), a.clone(), eps) {
+            return z;
+        }
+    }
+    x.clone().matmul(a)
+}
+
+fn lora_group_of<const N: usize>(
+    x: Tensor<2>,
+    source: Source,
+    loras: [LoraRef; N],
+) -> [Option<Tensor<2>>; N] {
     let all_lora = loras.iter().all(Option::is_some);
     let xa = if all_lora && N > 1 {
         let a: Vec<Tensor<2>> = loras
@@ -139,7 +191,7 @@ pub(crate) fn lora_group<const N: usize>(
                     .expect("all_lora: every projection of the group has factors")
             })
             .collect();
-        Some(x.clone().matmul(Tensor::cat(a, 1)))
+        Some(a_product(&x, source, Tensor::cat(a, 1)))
     } else {
         None
     };
@@ -149,7 +201,7 @@ pub(crate) fn lora_group<const N: usize>(
             let r = a.dims()[1];
             let low = match &xa {
                 Some(xa) => xa.clone().narrow(1, offset, r),
-                None => x.clone().matmul(a.clone()),
+                None => a_product(&x, source, a.clone()),
             };
             offset += r;
             low.matmul(b.clone().mul_scalar(scale))

@@ -1,0 +1,198 @@
+//! The fused operations against the same computations in burn's operations: values and
+//! gradients.
+
+use super::*;
+use burn::tensor::Device;
+use test_support::seeded_noise as seeded;
+
+fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+/// Values and input gradients of `sum(f(x...) * w)` for the fused operations against burn's
+/// own, on rows with masked (-1e30) scores as causal attention writes them, under autodiff
+/// and without; and a strided input (a transpose) is read correctly.
+#[test]
+fn fused_operations_have_burns_values_and_gradients() {
+    let device = Device::flex();
+    let (rows, cols) = (67, 53);
+    let mut sv = seeded(rows * cols, 7, 6.0);
+    for r in 0..rows {
+        for c in (cols - r % cols)..cols {
+            sv[r * cols + c] = -1e30;
+        }
+    }
+    let s = Tensor::<2>::from_data(TensorData::new(sv, [rows, cols]), &device);
+    let w = Tensor::<2>::from_data(
+        TensorData::new(seeded(rows * cols, 11, 1.0), [rows, cols]),
+        &device,
+    );
+    assert!(max_diff(softmax(s.clone()), activation::softmax(s.clone(), 1)) < 5e-6);
+    let grad = |f: &dyn Fn(Tensor<2>) -> Tensor<2>| {
+        let x = s.clone().autodiff().require_grad();
+        let y = f(x.clone());
+        let g = (y.clone() * w.clone()).sum().backward();
+        (y.inner(), x.grad(&g).expect("input gradient"))
+    };
+    let (ya, ga) = grad(&softmax);
+    let (yb, gb) = grad(&|t| activation::softmax(t, 1));
+    assert!(max_diff(ya, yb) < 5e-6);
+    let d = max_diff(ga, gb);
+    assert!(d < 5e-6, "softmax gradients differ by {d}");
+    let st = s.clone().transpose();
+    assert!(max_diff(softmax(st.clone()), activation::softmax(st, 1)) < 5e-6);
+
+    let g = Tensor::<2>::from_data(
+        TensorData::new(seeded(rows * cols, 5, 9.0), [rows, cols]),
+        &device,
+    );
+    let u = Tensor::<2>::from_data(
+        TensorData::new(seeded(rows * cols, 3, 2.0), [rows, cols]),
+        &device,
+    );
+    let plain = activation::silu(g.clone()) * u.clone();
+    assert!(max_diff(swiglu(g.clone(), u.clone()), plain.clone()) < 1e-5);
+    assert!(
+        max_diff(
+            swiglu(g.clone().transpose(), u.clone().transpose()),
+            plain.transpose()
+        ) < 1e-5
+    );
+    let grads = |f: &dyn Fn(Tensor<2>, Tensor<2>) -> Tensor<2>| {
+        let (ga, ua) = (
+            g.clone().autodiff().require_grad(),
+            u.clone().autodiff().require_grad(),
+        );
+        let y = f(ga.clone(), ua.clone());
+        let gr = (y.clone() * w.clone()).sum().backward();
+        (y.inner(), ga.grad(&gr).unwrap(), ua.grad(&gr).unwrap())
+    };
+    let (ya, dga, dua) = grads(&swiglu);
+    let (yb, dgb, dub) = grads(&|a, b| activation::silu(a) * b);
+    assert!(max_diff(ya, yb) < 1e-5);
+    let (dg, du) = (max_diff(dga, dgb), max_diff(dua, dub));
+    assert!(
+        dg < 1e-4 && du < 1e-5,
+        "swiglu gradients differ by {dg}, {du}"
+    );
+    // Only one input tracked: the other gets no gradient and the tracked one is right.
+    let ga = g.clone().autodiff().require_grad();
+    let y = swiglu(ga.clone(), u.clone().autodiff());
+    let gr = (y * w.clone()).sum().backward();
+    assert!(max_diff(ga.grad(&gr).unwrap(), dgb_only(&g, &u, &w)) < 1e-4);
+}
+
+/// SwiGLU's down projection with the LoRA `A` product taken by [`swiglu_matmul`] (the
+/// product recomputed in the backward pass) against the same in burn's operations: the value
+/// and the gradients of `g`, `u`, `A` and `B`.
+#[test]
+fn swiglu_matmul_has_the_gradients_of_the_kept_product() {
+    let device = Device::flex();
+    let (n, ffn, r, out) = (70, 48, 4, 20);
+    let t = |dims: [usize; 2], seed: u32, scale: f32| {
+        Tensor::<2>::from_data(
+            TensorData::new(seeded(dims[0] * dims[1], seed, scale), dims),
+            &device,
+        )
+    };
+    let (g, u, a, b, w) = (
+        t([n, ffn], 1, 4.0),
+        t([n, ffn], 2, 2.0),
+        t([ffn, r], 3, 0.5),
+        t([r, out], 4, 0.5),
+        t([ffn, out], 5, 0.5),
+    );
+    let wo = t([n, out], 6, 1.0);
+    let run = |fused: bool| {
+        let leaves: Vec<Tensor<2>> = [&g, &u, &a, &b]
+            .iter()
+            .map(|x| (*x).clone().autodiff().require_grad())
+            .collect();
+        let (gl, ul, al, bl) = (&leaves[0], &leaves[1], &leaves[2], &leaves[3]);
+        let act = swiglu(gl.clone(), ul.clone());
+        let low = if fused {
+            swiglu_matmul(act.clone(), gl.clone(), ul.clone(), al.clone()).expect("flex")
+        } else {
+            (activation::silu(gl.clone()) * ul.clone()).matmul(al.clone())
+        };
+        let y = act.matmul(w.clone().autodiff()) + low.matmul(bl.clone());
+        let gr = (y.clone() * wo.clone()).sum().backward();
+        let mut out = vec![y.inner()];
+        out.extend(leaves.iter().map(|l| l.grad(&gr).expect("gradient")));
+        out
+    };
+    for (name, (x, y)) in ["value", "dg", "du", "da", "db"]
+        .iter()
+        .zip(run(true).into_iter().zip(run(false)))
+    {
+        let scale: f32 = y.clone().abs().max().into_scalar();
+        let d = max_diff(x, y);
+        assert!(
+            d <= 1e-5 * scale.max(1.0),
+            "{name} differs by {d} (scale {scale})"
+        );
+    }
+}
+
+/// A LoRA `A` product of RMSNorm's output through [`norm_matmul`] (the normed input
+/// recomputed in the backward pass) against the same in burn's operations: the value and the
+/// gradients of the pre-norm input, `A` and `B`.
+#[test]
+fn norm_matmul_has_the_gradients_of_the_kept_product() {
+    let device = Device::flex();
+    let (n, d, r, out) = (90, 40, 4, 24);
+    let t = |dims: [usize; 2], seed: u32, scale: f32| {
+        Tensor::<2>::from_data(
+            TensorData::new(seeded(dims[0] * dims[1], seed, scale), dims),
+            &device,
+        )
+    };
+    let (x, a, b, wp, wo) = (
+        t([n, d], 1, 3.0),
+        t([d, r], 2, 0.5),
+        t([r, out], 3, 0.5),
+        t([d, out], 4, 0.5),
+        t([n, out], 5, 1.0),
+    );
+    let norm_w =
+        Tensor::<1>::from_data(TensorData::new(seeded(d, 6, 1.0), [d]), &device).autodiff();
+    let eps = 1e-5;
+    let run = |fused: bool| {
+        let leaves: Vec<Tensor<2>> = [&x, &a, &b]
+            .iter()
+            .map(|t| (*t).clone().autodiff().require_grad())
+            .collect();
+        let (xl, al, bl) = (&leaves[0], &leaves[1], &leaves[2]);
+        // RMSNorm as `model::rms_norm` writes it.
+        let ms = xl.clone().square().mean_dim(1);
+        let h = xl.clone() * (ms + eps).sqrt().recip() * norm_w.clone().reshape([1, d]);
+        let low = if fused {
+            norm_matmul(h.clone(), xl.clone(), norm_w.clone(), al.clone(), eps).expect("flex")
+        } else {
+            h.clone().matmul(al.clone())
+        };
+        let y = h.matmul(wp.clone().autodiff()) + low.matmul(bl.clone());
+        let gr = (y.clone() * wo.clone()).sum().backward();
+        let mut out = vec![y.inner()];
+        out.extend(leaves.iter().map(|l| l.grad(&gr).expect("gradient")));
+        out
+    };
+    for (name, (p, q)) in ["value", "dx", "da", "db"]
+        .iter()
+        .zip(run(true).into_iter().zip(run(false)))
+    {
+        let scale: f32 = q.clone().abs().max().into_scalar();
+        let diff = max_diff(p, q);
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "{name} differs by {diff} (scale {scale})"
+        );
+    }
+}
+
+fn dgb_only(g: &Tensor<2>, u: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+    let ga = g.clone().autodiff().require_grad();
+    let y = activation::silu(ga.clone()) * u.clone().autodiff();
+    let gr = (y * w.clone()).sum().backward();
+    ga.grad(&gr).unwrap()
+}
