@@ -219,52 +219,71 @@ impl Backward<Flex, 2> for SwigluBackward {
     }
 }
 
-/// `z = act a` with `act = silu(g) * u`: `da = act^T dz` with `act` recomputed from the kept `g`
-/// and `u` (SwiGLU's own kept inputs, so no new memory), `dact = dz a^T` (summed at `act` with
-/// the gradient of the frozen product, then through SwiGLU's backward once).
-#[derive(Debug)]
-struct SwigluMatmulBackward;
+/// How a recomputing product rebuilds its input `x` in the backward pass, from tensors that
+/// `x`'s producer keeps anyway (so no new memory stays).
+#[derive(Debug, Clone)]
+enum Recipe {
+    /// `x = silu(g) * u`.
+    Swiglu { g: FlexTensor, u: FlexTensor },
+    /// `x = rms_norm(pre) * w`.
+    Norm {
+        pre: FlexTensor,
+        w: FlexTensor,
+        eps: f64,
+    },
+}
 
-impl Backward<Flex, 2> for SwigluMatmulBackward {
-    type State = (FlexTensor, FlexTensor, FlexTensor);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_act, node_a] = ops.parents;
-        let dz = grads.consume::<Flex>(&ops.node);
-        let (g, u, a) = ops.state;
-        if let Some(node) = node_a {
-            let act = Flex::swiglu(g, u);
-            let da = Flex::float_matmul(Flex::float_swap_dims(act, 0, 1), dz.clone());
-            grads.register::<Flex>(node.id, da);
-        }
-        if let Some(node) = node_act {
-            let dact = Flex::float_matmul(dz, Flex::float_swap_dims(a, 0, 1));
-            grads.register::<Flex>(node.id, dact);
+impl Recipe {
+    fn input(self) -> FlexTensor {
+        match self {
+            Recipe::Swiglu { g, u } => Flex::swiglu(g, u),
+            Recipe::Norm { pre, w, eps } => rms_norm(pre, w, eps),
         }
     }
 }
 
-/// `z = h a` with `h = rms_norm(x) * w`: `da = h^T dz` with `h` recomputed from the kept `x`
-/// (RMSNorm's own kept input, so no new memory), `dh = dz a^T` (summed at `h` with the frozen
-/// products' gradients, then through RMSNorm's backward once).
+/// `z = x a` with `x` rebuilt by its [`Recipe`]: `da = x^T dz`, `dx = dz a^T` (summed at `x`
+/// with the frozen product's gradient, then through `x`'s own backward once).
 #[derive(Debug)]
-struct NormMatmulBackward;
+struct RecomputingProduct;
 
-impl Backward<Flex, 2> for NormMatmulBackward {
-    type State = (FlexTensor, FlexTensor, FlexTensor, f64);
+impl Backward<Flex, 2> for RecomputingProduct {
+    type State = (Recipe, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_h, node_a] = ops.parents;
+        let [node_x, node_a] = ops.parents;
         let dz = grads.consume::<Flex>(&ops.node);
-        let (x, w, a, eps) = ops.state;
+        let (recipe, a) = ops.state;
         if let Some(node) = node_a {
-            let h = rms_norm(x, w, eps);
-            let da = Flex::float_matmul(Flex::float_swap_dims(h, 0, 1), dz.clone());
+            let x = recipe.input();
+            let da = Flex::float_matmul(Flex::float_swap_dims(x, 0, 1), dz.clone());
             grads.register::<Flex>(node.id, da);
         }
-        if let Some(node) = node_h {
-            let dh = Flex::float_matmul(dz, Flex::float_swap_dims(a, 0, 1));
-            grads.register::<Flex>(node.id, dh);
+        if let Some(node) = node_x {
+            let dx = Flex::float_matmul(dz, Flex::float_swap_dims(a, 0, 1));
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+/// `x a` under autodiff, keeping `a` and the recipe of `x` instead of `x`.
+fn recomputing_product<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    a: FloatTensor<Autodiff<Flex, C>>,
+    recipe: impl FnOnce() -> Recipe,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    match RecomputingProduct
+        .prepare::<C>([x.node(), a.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let a = a.into_primitive();
+            let z = Flex::float_matmul(x.into_primitive(), a.clone());
+            prep.finish((recipe(), a), z)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(Flex::float_matmul(x.into_primitive(), a.into_primitive()))
         }
     }
 }
@@ -316,20 +335,11 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
         a: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self> {
-        match NormMatmulBackward
-            .prepare::<C>([h.node(), a.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let a = a.into_primitive();
-                let z = Flex::float_matmul(h.into_primitive(), a.clone());
-                prep.finish((x.into_primitive(), w.into_primitive(), a, eps), z)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(Flex::float_matmul(h.into_primitive(), a.into_primitive()))
-            }
-        }
+        recomputing_product::<C>(h, a, || Recipe::Norm {
+            pre: x.into_primitive(),
+            w: w.into_primitive(),
+            eps,
+        })
     }
 
     fn swiglu_matmul(
@@ -338,24 +348,10 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
         u: FloatTensor<Self>,
         a: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        match SwigluMatmulBackward
-            .prepare::<C>([act.node(), a.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let a = a.into_primitive();
-                let (g, u) = (
-                    contiguous(g.into_primitive()),
-                    contiguous(u.into_primitive()),
-                );
-                let z = Flex::float_matmul(act.into_primitive(), a.clone());
-                prep.finish((g, u, a), z)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(Flex::float_matmul(act.into_primitive(), a.into_primitive()))
-            }
-        }
+        recomputing_product::<C>(act, a, || Recipe::Swiglu {
+            g: contiguous(g.into_primitive()),
+            u: contiguous(u.into_primitive()),
+        })
     }
 
     fn causal_attention(
