@@ -70,11 +70,9 @@ pub(crate) fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
 ///
 /// A group's queries become the rows of one `[g * seq, hd] x [hd, keys]` product per KV head, so
 /// keys and values are neither copied out per query head nor kept so for the backward pass
-/// (at decoding those copies were most of a step's memory traffic besides the weights). Leaner
-/// than burn's generic fallback on the CPU backend (`cargo bench -p device-agent --bench speed --
-/// profile`): the scale goes on `q` rather than on the scores, the mask is one add of a bias (0
-/// or -1e30, which the softmax weighs 0), and the softmax is [`fused::softmax`] (under autodiff
-/// too).
+/// (at decoding those copies were most of a step's memory traffic besides the weights). On flex
+/// this is [`fused::causal_attention`] (scale and mask inside its softmax; under autodiff it keeps
+/// `q`, `k` and `v` and recomputes the probabilities); elsewhere [`attention_by_ops`].
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [batch, nh, seq, hd] = q.dims();
     let nkv = k.dims()[1];
@@ -87,7 +85,9 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 
 /// [`causal_attention`] in burn's operations, for backends without [`fused::causal_attention`]
 /// (and as its reference in tests): `q` is `[batch, kv_heads, g * seq, hd]`, `k` and `v`
-/// `[batch, kv_heads, keys, hd]`.
+/// `[batch, kv_heads, keys, hd]`. Leaner than burn's generic attention: the scale goes on `q`
+/// rather than on the scores and the mask is one add of a bias (0 or -1e30, which the softmax
+/// weighs 0).
 pub(crate) fn attention_by_ops(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, seq: usize) -> Tensor<4> {
     let [_, _, rows, hd] = q.dims();
     let keys = k.dims()[2];
