@@ -289,18 +289,24 @@ pub(crate) fn rms_norm_into(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
         .for_each(|(o, x)| rms_norm_rows(x, w, o, eps));
 }
 
-/// Softmax of each `row_len`-long row of `x` into `out`, row-parallel when large.
-pub(crate) fn softmax_into(x: &[f32], out: &mut [f32], row_len: usize) {
+/// A row kernel (`input rows, output rows, row length`) over whole buffers: on the calling
+/// thread when small (decoding), else row-parallel in chunks of [`ROWS_PER_TASK`] rows.
+fn rows_into(x: &[f32], out: &mut [f32], row_len: usize, kernel: fn(&[f32], &mut [f32], usize)) {
     if row_len == 0 {
         return;
     }
     if x.len() <= ELEMS_PER_TASK {
-        return softmax_rows(x, out, row_len);
+        return kernel(x, out, row_len);
     }
     let chunk = row_len * ROWS_PER_TASK;
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(o, i)| softmax_rows(i, o, row_len));
+        .for_each(|(o, i)| kernel(i, o, row_len));
+}
+
+/// Softmax of each `row_len`-long row of `x` into `out`, row-parallel when large.
+pub(crate) fn softmax_into(x: &[f32], out: &mut [f32], row_len: usize) {
+    rows_into(x, out, row_len, softmax_rows);
 }
 
 /// [`softmax_grad_rows`] over whole buffers, row-parallel when large.
@@ -389,8 +395,7 @@ fn wrap<const D: usize>(v: Vec<f32>, dims: [usize; D]) -> Tensor<D> {
 }
 
 /// Apply a row kernel (`input row, output row, row length`) over the last dimension of a flex
-/// f32 tensor without autodiff; `None` otherwise. Small tensors (decoding) run on the calling
-/// thread, larger ones row-parallel.
+/// f32 tensor without autodiff ([`rows_into`]); `None` otherwise.
 fn map_rows<const D: usize>(
     t: &Tensor<D>,
     kernel: fn(&[f32], &mut [f32], usize),
@@ -400,13 +405,7 @@ fn map_rows<const D: usize>(
     let row = dims[D - 1];
     let x = slice(&ft);
     let mut out = vec![0.0f32; x.len()];
-    if row > 0 && x.len() <= ELEMS_PER_TASK {
-        kernel(x, &mut out, row);
-    } else if row > 0 {
-        out.par_chunks_mut(row * ROWS_PER_TASK)
-            .zip(x.par_chunks(row * ROWS_PER_TASK))
-            .for_each(|(o, i)| kernel(i, o, row));
-    }
+    rows_into(x, &mut out, row, kernel);
     Some(wrap(out, dims))
 }
 
