@@ -205,7 +205,7 @@ fn run(
     let ad = Adapter::new(&base.config, 8, 32.0, o.seed, &base.device);
     let mut t = Tuner::new(base, KeptIndices::dense(&base.config), ad, cfg).expect("dense maps");
     let rep = t
-        .run_round(base, o.steps, ratio, |i| shard.batch(i, o.batch), |_| {})
+        .run_round(o.steps, ratio, |i| shard.batch(i, o.batch), |_| {})
         .expect("pruning the dense maps");
     let m = shard.evaluate(&t.model, Some(&t.adapter));
     let losses: Vec<f64> = rep.steps.iter().map(|s| s.loss).collect();

@@ -1,14 +1,14 @@
 //! A device's local round on burn: its local data ([`LocalData`]), the starting adapter built
 //! from the global slice or its own last adapter ([`start_adapter`]), and [`run_job`], the whole
 //! round (held-out loss before, prune-and-tune, loss after). A deterministic function of the
-//! job, the device's state, the shared frozen base and the data; drivers run it where the
+//! job, the device's state, the model it holds and the data; drivers run it where the
 //! session's `Train` command says, and time it themselves.
 
 use protocol::UpdateStats;
 
 use crate::lora::Adapter;
 use crate::model::Llama;
-use crate::prune::{self, KeptIndicesExt, PruneError};
+use crate::prune::{self, HeldModel, KeptIndicesExt, PruneError};
 use crate::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use crate::tokenizer::Tok;
 use crate::train::{TrainConfig, Tuner};
@@ -121,14 +121,15 @@ impl LocalData {
 
 /// Build the device's starting adapter for a job: the global slice cut to the device's own
 /// kept maps (which may be a subset of the maps the server cut it for) with padded components
-/// re-initialised, else the device's own adapter resized to the arm's rank, else fresh.
+/// re-initialised, else the device's own adapter resized to the arm's rank, else fresh. `model`
+/// is any model of the architecture, pruned or not: only its dense dims and device are read.
 pub fn start_adapter(
     job: &TrainJob,
     state: &DeviceState,
-    base: &Llama,
+    model: &Llama,
 ) -> Result<Adapter, JobError> {
     let rank = job.arm.rank as usize;
-    let dense = &base.config;
+    let dense = &model.config;
     let own_cfg = {
         let mut c = dense.clone();
         c.blocks = state.kept.shapes(dense);
@@ -144,18 +145,14 @@ pub fn start_adapter(
             cfg.blocks = slice_kept.shapes(dense);
             let host = wire::adapter_from_wire(&g.adapter);
             let r = g.adapter.rank as usize;
-            let ad = Adapter::from_host(&cfg, r, g.adapter.alpha as f64, &host, &base.device)
+            let ad = Adapter::from_host(&cfg, r, g.adapter.alpha as f64, &host, &model.device)
                 .map_err(|e| JobError::BadSlice(e.to_string()))?;
             // Cut to the device's own kept maps.
             let hd = dense.head_dim;
             let mut blocks = Vec::with_capacity(ad.blocks.len());
             for (l, blk) in ad.blocks.into_iter().enumerate() {
                 let (o, n) = (&slice_kept.blocks[l], &state.kept.blocks[l]);
-                let subset = |a: &[u32], b: &[u32]| b.iter().all(|x| a.binary_search(x).is_ok());
-                if !(subset(&o.query_heads, &n.query_heads)
-                    && subset(&o.mlp_channels, &n.mlp_channels)
-                    && subset(&o.kv_heads, &n.kv_heads))
-                {
+                if !prune::block_within(n, o) {
                     return Err(JobError::BadSlice(format!(
                         "block {l}: the slice lacks units this device kept"
                     )));
@@ -191,7 +188,7 @@ pub fn start_adapter(
         }
         None => match &state.adapter {
             Some((r, alpha, host)) => {
-                let ad = Adapter::from_host(&own_cfg, *r, *alpha, host, &base.device)
+                let ad = Adapter::from_host(&own_cfg, *r, *alpha, host, &model.device)
                     .map_err(|e| JobError::BadSlice(e.to_string()))?;
                 Ok(ad.resize(rank, job.seed))
             }
@@ -200,13 +197,26 @@ pub fn start_adapter(
                 rank,
                 job.alpha,
                 job.seed,
-                &base.device,
+                &model.device,
             )),
         },
     }
 }
 
-/// Run one local round: start adapter, held-out loss before, prune-and-tune, loss after.
+/// A finished (or failed) local round, with the model it trained handed back.
+pub struct JobRun {
+    /// The device's model as the round left it: sliced to the outcome's kept maps on
+    /// success; after a failure, to maps that may lie beyond the state's (a cancelled round
+    /// may have pruned), which [`HeldModel::covers`] tells the driver.
+    pub held: HeldModel,
+    pub outcome: Result<JobOutcome, JobError>,
+}
+
+/// Run one local round: start adapter, held-out loss before, prune-and-tune, loss after, on
+/// `held`, the device's model (its kept maps must cover the state's; it is narrowed to them
+/// first). The round prunes the model in place and hands it back in [`JobRun::held`], so a
+/// device holds only its own pruned model; the simulator passes each virtual device a copy
+/// sliced from its one shared base ([`HeldModel::sliced`]).
 /// Compute time and peak memory are left for the driver to fill in (they are measurements,
 /// or virtual in the simulator). `on_step` sees each finished step's count; when it returns
 /// false (the driver was told to cancel the job) the round stops there with
@@ -214,17 +224,42 @@ pub fn start_adapter(
 pub fn run_job(
     job: &TrainJob,
     state: &DeviceState,
-    base: &Llama,
+    mut held: HeldModel,
     data: &LocalData,
     agent: &AgentConfig,
-    mut on_step: impl FnMut(usize) -> bool,
-) -> Result<JobOutcome, JobError> {
+    on_step: impl FnMut(usize) -> bool,
+) -> JobRun {
     if job.local_steps == 0 || job.batch == 0 {
-        return Err(JobError::BadConfig(
-            "local_steps and batch_size must be positive".into(),
-        ));
+        return JobRun {
+            held,
+            outcome: Err(JobError::BadConfig(
+                "local_steps and batch_size must be positive".into(),
+            )),
+        };
     }
-    let adapter = start_adapter(job, state, base)?;
+    if let Some(rp) = &job.rank_pruning {
+        if let Err(e) = rp.check() {
+            return JobRun {
+                held,
+                outcome: Err(JobError::BadConfig(e)),
+            };
+        }
+    }
+    if let Err(e) = held.narrow_to(&state.kept) {
+        return JobRun {
+            held,
+            outcome: Err(e.into()),
+        };
+    }
+    let adapter = match start_adapter(job, state, held.model()) {
+        Ok(a) => a,
+        Err(e) => {
+            return JobRun {
+                held,
+                outcome: Err(e),
+            }
+        }
+    };
     let cfg = TrainConfig {
         lr: job.lr,
         prune_every: job.prune_every,
@@ -235,20 +270,30 @@ pub fn run_job(
         recompute_blocks: job.memory.recomputes(),
         ..TrainConfig::default()
     };
-    if let Some(rp) = &job.rank_pruning {
-        rp.check().map_err(JobError::BadConfig)?;
-    }
-    let tuner =
-        Tuner::new(base, state.kept.clone(), adapter, cfg)?.with_rank_pruning(job.rank_pruning);
+    let mut tuner = Tuner::holding(held, adapter, cfg)
+        .expect("the held model was just narrowed to the state's kept maps")
+        .with_rank_pruning(job.rank_pruning);
     // The importance EMA continues from the device's earlier rounds; one that does not fit
     // the kept maps (a damaged state file) is dropped, and the EMA starts afresh.
-    let mut tuner = match state.importance.check(&state.kept) {
-        Ok(()) => tuner.with_importance(state.importance.clone())?,
-        Err(e) => {
-            tracing::warn!(error = %e, "the carried importance EMA does not fit the kept maps; starting afresh");
-            tuner
-        }
-    };
+    if let Err(e) = state.importance.check(&state.kept) {
+        tracing::warn!(error = %e, "the carried importance EMA does not fit the kept maps; starting afresh");
+    } else {
+        tuner.importance = state.importance.clone();
+    }
+    let outcome = tune_round(job, data, &mut tuner, on_step);
+    JobRun {
+        held: tuner.into_held(),
+        outcome,
+    }
+}
+
+/// The round's training and measurements on a ready tuner.
+fn tune_round(
+    job: &TrainJob,
+    data: &LocalData,
+    tuner: &mut Tuner,
+    mut on_step: impl FnMut(usize) -> bool,
+) -> Result<JobOutcome, JobError> {
     let (loss_pre, _) = data.evaluate(&tuner.model, Some(&tuner.adapter));
     let n = data.train_len().max(1);
     // Round-local batch order: a seeded offset into the shard.
@@ -258,7 +303,6 @@ pub fn run_job(
     // With a run target the arm's ratio is the round's pace: close that share of the gap.
     let round_target = job.sparsity_goal().round_target(tuner.sparsity());
     let report = tuner.run_round_while(
-        base,
         job.local_steps,
         round_target,
         |i| data.batch(offset + i, job.batch),

@@ -19,7 +19,7 @@ use device_agent::gguf::GgufFile;
 use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
-use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::prune::{Criterion, HeldModel, KeptIndicesExt, PruneConfig};
 use device_agent::quant::BasePrecision;
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
@@ -29,7 +29,6 @@ use device_agent::train::{
 use device_agent::user_data::UserDataConfig;
 use device_agent::weights;
 use device_agent::workload::{ClsShard, LmShard, SpamTask};
-use protocol::KeptIndices;
 
 #[derive(Parser)]
 #[command(
@@ -375,11 +374,7 @@ fn main() -> Result<()> {
             let precision: BasePrecision = args.base_precision.parse()?;
             let (base, tok) = load(&args.model)?;
             let (mut model, adapter) = match &args.state {
-                Some(dir) => {
-                    let r = from_state(&base, dir)?;
-                    drop(base);
-                    r
-                }
+                Some(dir) => from_state(base, dir)?,
                 None => (base, None),
             };
             hold_base(&mut model, precision, args.stats)?;
@@ -452,11 +447,7 @@ fn main() -> Result<()> {
                     drop(base);
                     (m, Some(a))
                 }
-                (None, Some(dir)) => {
-                    let r = from_state(&base, dir)?;
-                    drop(base);
-                    r
-                }
+                (None, Some(dir)) => from_state(base, dir)?,
                 (None, None) => (base, None),
             };
             hold_base(&mut model, precision, false)?;
@@ -492,7 +483,7 @@ fn main() -> Result<()> {
                     let (m, a) = Adapter::load_tuned(&base, dir)?;
                     a.merge_into(&m)
                 }
-                (None, Some(dir)) => match from_state(&base, dir)? {
+                (None, Some(dir)) => match from_state(base, dir)? {
                     (m, Some(a)) => a.merge_into(&m),
                     (m, None) => m,
                 },
@@ -550,7 +541,7 @@ fn hold_base(model: &mut Llama, precision: BasePrecision, report: bool) -> Resul
 
 /// The device's pruned model and last-trained adapter from a state directory written by `join
 /// --state` for `base`; says on stderr what it loaded.
-fn from_state(base: &Llama, dir: &std::path::Path) -> Result<(Llama, Option<Adapter>)> {
+fn from_state(base: Llama, dir: &std::path::Path) -> Result<(Llama, Option<Adapter>)> {
     let (model, adapter, saved) = state_dir::tuned_model(dir, base)?;
     let round = match &saved.last_round {
         Some(l) => format!("last round {} ({})", l.round, l.status),
@@ -666,7 +657,8 @@ fn tune(args: TuneArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     let adapter = Adapter::new(&base.config, args.rank, args.alpha, args.seed, &base.device);
-    let mut tuner = Tuner::new(&base, KeptIndices::dense(&base.config), adapter, cfg)?;
+    // The tuner takes the base over and prunes it in place: no dense copy stays resident.
+    let mut tuner = Tuner::holding(HeldModel::dense(base)?, adapter, cfg)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let metrics_path = args.out.join("metrics.jsonl");
@@ -693,9 +685,8 @@ fn tune(args: TuneArgs) -> Result<()> {
         };
         let local = LocalData::from_files(path, &tok, &cfg)
             .with_context(|| format!("reading --data {}", path.display()))?;
-        let before = local.evaluate(&base, None);
+        let before = local.evaluate(&tuner.model, None);
         let report = tuner.run_round(
-            &base,
             args.steps,
             args.ratio,
             |i| local.batch(i, args.batch),
@@ -726,9 +717,8 @@ fn tune(args: TuneArgs) -> Result<()> {
                 }
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
                 let shard = LmShard::build(&tok, &refs, args.seq_len, 0.1, args.seed)?;
-                let before = shard.evaluate(&base, None);
+                let before = shard.evaluate(&tuner.model, None);
                 let report = tuner.run_round(
-                    &base,
                     args.steps,
                     args.ratio,
                     |i| shard.batch(i, args.batch),
@@ -757,10 +747,9 @@ fn tune(args: TuneArgs) -> Result<()> {
                     .map(|m| task.example(&tok, &m.text, m.spam))
                     .collect::<Result<Vec<_>, _>>()?;
                 let shard = ClsShard::split(examples, 0.25, args.seed);
-                let before = task.evaluate(&base, None, &shard.test, tok.eos, 8);
+                let before = task.evaluate(&tuner.model, None, &shard.test, tok.eos, 8);
                 let n = shard.train.len().max(1);
                 let report = tuner.run_round(
-                    &base,
                     args.steps,
                     args.ratio,
                     |i| {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::{Adapter, LoraFactors};
 use crate::model::Llama;
-use crate::prune::{self, BlockScores, Criterion, Importance, PruneConfig, PruneError};
+use crate::prune::{self, BlockScores, Criterion, HeldModel, Importance, PruneConfig, PruneError};
 
 pub use adamw::{check_weight_decay, optimiser_name};
 pub use loss::{chunked_ce, Batch, StepStats};
@@ -133,15 +133,26 @@ pub struct StepRecord {
 }
 
 impl Tuner {
-    /// Start from the dense base, kept maps and (optionally) an adapter already shaped to
-    /// those maps.
+    /// Start from a copy of the dense base sliced to `kept`, with an adapter already shaped to
+    /// those maps (the base stays as it is: the simulator's devices share one).
     pub fn new(
         base: &Llama,
         kept: KeptIndices,
         adapter: Adapter,
         cfg: TrainConfig,
     ) -> Result<Self, PruneError> {
-        let model = prune::slice_model(base, &kept)?;
+        Self::holding(HeldModel::sliced(base, &kept)?, adapter, cfg)
+    }
+
+    /// Start from a model a device holds, taking it over: pruning then narrows it in place
+    /// ([`prune::narrow`]), so no dense copy stays resident beside it. Hand it back with
+    /// [`Tuner::into_held`].
+    pub fn holding(
+        held: HeldModel,
+        adapter: Adapter,
+        cfg: TrainConfig,
+    ) -> Result<Self, PruneError> {
+        let (model, kept) = held.into_parts();
         let n = model.config.n_layers() * 14;
         let mut moments = Vec::with_capacity(n);
         for blk in &adapter.blocks {
@@ -165,6 +176,11 @@ impl Tuner {
             rng,
             rank_pruning: None,
         })
+    }
+
+    /// The model, sliced to the kept maps training and pruning left it at.
+    pub fn into_held(self) -> HeldModel {
+        HeldModel::from_parts(self.model, self.kept)
     }
 
     /// Continue the importance EMA a device carried from earlier rounds (it must match the
@@ -422,7 +438,7 @@ impl Tuner {
     /// Prune toward `target` sparsity using the current importance (the bias-corrected EMA;
     /// fresh scores for magnitude and random, and magnitude before the EMA's first sample);
     /// slices the model, adapter, moments and EMA. Returns units removed.
-    pub fn prune_to(&mut self, base: &Llama, target: f64) -> Result<usize, PruneError> {
+    pub fn prune_to(&mut self, target: f64) -> Result<usize, PruneError> {
         let scores = match self.cfg.criterion {
             Criterion::Random => prune::random_scores(&self.model, &mut self.rng),
             Criterion::Magnitude => prune::magnitude_scores(&self.model),
@@ -430,7 +446,13 @@ impl Tuner {
                 .scores()
                 .unwrap_or_else(|| prune::magnitude_scores(&self.model)),
         };
-        let new = prune::select_prune(&base.config, &self.kept, &scores, target, &self.cfg.prune);
+        let new = prune::select_prune(
+            &self.model.config,
+            &self.kept,
+            &scores,
+            target,
+            &self.cfg.prune,
+        );
         if new == self.kept {
             return Ok(0);
         }
@@ -444,14 +466,15 @@ impl Tuner {
                     + (o.mlp_channels.len() - n.mlp_channels.len())
             })
             .sum();
-        self.apply_kept(base, new)?;
+        self.apply_kept(new)?;
         Ok(removed)
     }
 
-    /// Re-slice everything to new kept maps (a subset of the current ones).
-    pub fn apply_kept(&mut self, base: &Llama, new: KeptIndices) -> Result<(), PruneError> {
-        self.model = prune::slice_model(base, &new)?;
-        let hd = base.config.head_dim;
+    /// Re-slice everything to new kept maps (a subset of the current ones): the model in
+    /// place, the adapter, the optimiser moments and the importance EMA.
+    pub fn apply_kept(&mut self, new: KeptIndices) -> Result<(), PruneError> {
+        prune::narrow(&mut self.model, &self.kept, &new)?;
+        let hd = self.model.config.head_dim;
         let mut k = 0;
         for (l, blk) in self.adapter.blocks.iter_mut().enumerate() {
             let (old_b, new_b) = (&self.kept.blocks[l], &new.blocks[l]);
@@ -489,13 +512,12 @@ impl Tuner {
     /// means no further pruning (pruning is never undone).
     pub fn run_round(
         &mut self,
-        base: &Llama,
         steps: usize,
         target: f64,
         next_batch: impl FnMut(usize) -> Batch,
         mut on_step: impl FnMut(&StepRecord),
     ) -> Result<RoundReport, PruneError> {
-        self.run_round_while(base, steps, target, next_batch, |r| {
+        self.run_round_while(steps, target, next_batch, |r| {
             on_step(r);
             true
         })
@@ -505,7 +527,6 @@ impl Tuner {
     /// report then holds the steps done).
     pub fn run_round_while(
         &mut self,
-        base: &Llama,
         steps: usize,
         target: f64,
         mut next_batch: impl FnMut(usize) -> Batch,
@@ -540,7 +561,7 @@ impl Tuner {
                 break;
             }
             if let Some(k) = events.iter().position(|&e| e == done) {
-                self.prune_to(base, targets[k])?;
+                self.prune_to(targets[k])?;
                 prune_events.push((done, self.sparsity()));
             }
         }
@@ -649,12 +670,12 @@ mod tests {
         };
         let mut one = fresh();
         steps(&mut one, 3);
-        one.prune_to(&base, 0.2).unwrap();
+        one.prune_to(0.2).unwrap();
         steps(&mut one, 3);
 
         let mut first = fresh();
         steps(&mut first, 3);
-        first.prune_to(&base, 0.2).unwrap();
+        first.prune_to(0.2).unwrap();
         assert_eq!(first.importance.samples, 3);
         let carried: Importance =
             serde_json::from_str(&serde_json::to_string(&first.importance).unwrap()).unwrap();
@@ -710,7 +731,7 @@ mod tests {
             first.loss,
             last.loss
         );
-        let removed = t.prune_to(&base, 0.2).unwrap();
+        let removed = t.prune_to(0.2).unwrap();
         assert!(removed > 0);
         assert!(t.sparsity() >= 0.2 - 1e-9);
         // The adapter follows the model's new shapes, and training continues.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use device_agent::cost::PrunedModel;
 use device_agent::job::{run_job, LocalData};
 use device_agent::model::ModelConfig;
-use device_agent::prune::{Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::prune::{Criterion, HeldModel, KeptIndicesExt, PruneConfig};
 use device_agent::session::{
     AgentCommand, AgentConfig, AgentEvent, AgentSession, DeviceState, RoundLimits, TrainJob,
 };
@@ -174,20 +174,24 @@ fn a_cancelled_job_stops_at_its_next_step() {
     // after that step instead of running all 6.
     let cancel = AtomicBool::new(false);
     let mut seen = Vec::new();
-    let r = run_job(&job, &state, &base, &data, &agent, |step| {
+    let held = HeldModel::sliced(&base, &state.kept).unwrap();
+    let r = run_job(&job, &state, held, &data, &agent, |step| {
         seen.push(step);
         if step == 2 {
             cancel.store(true, Ordering::SeqCst);
         }
         !cancel.load(Ordering::SeqCst)
     });
-    let err = r.expect_err("a cancelled job has no outcome");
+    let err = r.outcome.expect_err("a cancelled job has no outcome");
     assert_eq!(
         err.to_string(),
         "stopped after 2 of 6 local steps: the round's deadline passed"
     );
     assert_eq!(seen, vec![1, 2]);
     // Uncancelled, the same job runs every step.
-    let out = run_job(&job, &state, &base, &data, &agent, |_| true).expect("the job runs");
+    // The cancelled round handed its model back; the next one runs on it.
+    let out = run_job(&job, &state, r.held, &data, &agent, |_| true)
+        .outcome
+        .expect("the job runs");
     assert_eq!(out.stats.steps, 6);
 }

@@ -150,7 +150,7 @@ fn lora_gradient_importance_beats_random_channels() {
         for i in 0..6 {
             t.train_micro(&shard.batch(i, 2), 1e-3, true).unwrap();
         }
-        t.prune_to(m, target).unwrap();
+        t.prune_to(target).unwrap();
         let removed: usize = t
             .kept
             .blocks
@@ -200,9 +200,7 @@ fn tuning_on_a_sotu_shard_lowers_held_out_perplexity() {
         cfg,
     )
     .unwrap();
-    let rep = t
-        .run_round(m, 12, 0.0, |i| shard.batch(i, 4), |_| {})
-        .unwrap();
+    let rep = t.run_round(12, 0.0, |i| shard.batch(i, 4), |_| {}).unwrap();
     assert_eq!(rep.steps.len(), 12);
     let after = shard.evaluate(&t.model, Some(&t.adapter));
     assert!(
@@ -247,7 +245,6 @@ fn tuning_on_a_spam_shard_raises_accuracy() {
     .unwrap();
     let n = shard.train.len();
     t.run_round(
-        m,
         16,
         0.0,
         |i| {
@@ -389,12 +386,10 @@ fn bf16_products_train_like_fp32_for_40_steps() {
         };
         let ad = Adapter::new(&base.config, 8, 16.0, 3, &base.device);
         let mut t = Tuner::new(base, KeptIndices::dense(&base.config), ad, cfg).unwrap();
-        let rep = t
-            .run_round(base, 40, 0.0, |i| shard.batch(i, 2), |_| {})
-            .unwrap();
+        let rep = t.run_round(40, 0.0, |i| shard.batch(i, 2), |_| {}).unwrap();
         let losses: Vec<f64> = rep.steps.iter().map(|s| s.loss).collect();
         let ppl = shard.evaluate(&t.model, Some(&t.adapter)).perplexity;
-        t.prune_to(base, 0.2).unwrap();
+        t.prune_to(0.2).unwrap();
         (losses, ppl, t.model.config.sparsity(), t.model.precision())
     };
     let t0 = std::time::Instant::now();

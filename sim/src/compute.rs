@@ -9,7 +9,7 @@ use std::sync::Arc;
 use device_agent::cost::{PrunedModel, RoundCosts};
 use device_agent::job::{self, LocalData};
 use device_agent::model::{Llama, ModelConfig};
-use device_agent::prune::{self, Criterion, KeptIndicesExt, PruneConfig};
+use device_agent::prune::{self, Criterion, HeldModel, KeptIndicesExt, PruneConfig};
 use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{TrainConfig, Tuner};
 use protocol::KeptIndices;
@@ -198,31 +198,43 @@ impl LocalTrainer for RealTrainer {
         // Held-out accuracy of the starting adapter, for the device-round dataset (run_job
         // measures the loss before the round but keeps only the accuracy after it).
         let ledger = self.wall_ledger.as_deref();
+        const LOCAL_ROUNDS: &str = "local rounds (run_job: slicing, steps, pruning)";
+        // The device's own copy of the shared base, sliced to its kept maps.
+        let started_ms = self.wall_clock.map(|clock| clock());
+        let held = HeldModel::sliced(&self.base, &state.kept).map_err(|e| e.to_string())?;
+        let slicing_ms = self
+            .wall_clock
+            .zip(started_ms)
+            .map(|(clock, t0)| clock() - t0);
+        if let (Some(l), Some(ms)) = (ledger, slicing_ms) {
+            l.add(LOCAL_ROUNDS, ms);
+        }
+        // Held-out accuracy of the starting adapter, for the device-round dataset (run_job
+        // measures the loss before the round but keeps only the accuracy after it).
         let accuracy_before = WallLedger::time(
             ledger,
             self.wall_clock,
             "device-round dataset: accuracy before the round",
             || -> Result<f64, String> {
-                let model =
-                    prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
                 let adapter =
-                    job::start_adapter(job, state, &self.base).map_err(|e| e.to_string())?;
-                Ok(data.evaluate(&model, Some(&adapter)).1)
+                    job::start_adapter(job, state, held.model()).map_err(|e| e.to_string())?;
+                Ok(data.evaluate(held.model(), Some(&adapter)).1)
             },
         )?;
-        let started_ms = self.wall_clock.map(|clock| clock());
-        let outcome = job::run_job(job, state, &self.base, data, agent, |_| true)
+        let resumed_ms = self.wall_clock.map(|clock| clock());
+        let outcome = job::run_job(job, state, held, data, agent, |_| true)
+            .outcome
             .map_err(|e| e.to_string())?;
-        if let (Some(l), Some(clock), Some(t0)) = (ledger, self.wall_clock, started_ms) {
-            l.add(
-                "local rounds (run_job: slicing, steps, pruning)",
-                clock() - t0,
-            );
+        if let (Some(l), Some(clock), Some(t0)) = (ledger, self.wall_clock, resumed_ms) {
+            l.add(LOCAL_ROUNDS, clock() - t0);
         }
+        // Compute of the round itself: slicing and run_job, not the dataset's extra evaluation.
         let measured_compute_ms = self
             .wall_clock
-            .zip(started_ms)
-            .map(|(clock, t0)| clock() - t0);
+            .zip(resumed_ms)
+            .map(|(clock, t0)| clock() - t0)
+            .zip(slicing_ms)
+            .map(|(run, slice)| run + slice);
         let stats = device_rounds::data_stats(data);
         let (rank, alpha, factors) = &outcome.adapter;
         self.recorded.push(DeviceRound {
@@ -340,16 +352,13 @@ impl RealTrainer {
         for i in 0..goal.importance_batches.max(1) {
             tuner.train_micro(&data.batch(offset + i, goal.batch), 0.0, true);
         }
-        tuner
-            .prune_to(&self.base, goal.target)
-            .map_err(|e| e.to_string())?;
+        tuner.prune_to(goal.target).map_err(|e| e.to_string())?;
         if goal.recovery_steps > 0 {
             let start = offset + goal.importance_batches.max(1);
             // A target at the current sparsity: no pruning events, training only.
             let now = tuner.sparsity();
             tuner
                 .run_round(
-                    &self.base,
                     goal.recovery_steps,
                     now,
                     |i| data.batch(start + i, goal.batch),

@@ -51,10 +51,12 @@ use crate::state_dir::{self, StateError};
 use crate::wire;
 
 mod local;
+mod model_slot;
 
 use local::{load_data, load_model};
 pub use local::{machine_ram_bytes, parse_range};
 pub use local::{synthetic_shard, tiny_model};
+use model_slot::{ModelSlot, Reload};
 
 /// `device-agent join`: take part in federated rounds.
 #[derive(clap::Args, Debug, Clone)]
@@ -196,7 +198,10 @@ pub struct JoinReport {
 
 /// Everything a local round needs, shared with the blocking thread that runs it.
 struct Work {
-    base: Llama,
+    /// The device's model, sliced to its kept maps (the dense base is not kept).
+    model: ModelSlot,
+    /// The served model's dims this device checks against (the dense base's).
+    dims: ModelDims,
     data: LocalData,
     agent: AgentConfig,
 }
@@ -259,7 +264,22 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         .enable_all()
         .build()
         .map_err(|e| setup("async runtime")(e.to_string()))?;
-    let work = Arc::new(Work { base, data, agent });
+    let dims = wire::dims_of(&base.config);
+    let reload_args = args.clone();
+    let reload: Reload = Box::new(move || {
+        load_model(&reload_args)
+            .map(|(m, _)| m)
+            .map_err(|e| e.to_string())
+    });
+    // From here the agent holds only its own (possibly pruned) model.
+    let model = ModelSlot::new(base, &session.state().kept, reload)
+        .map_err(|e| setup("holding the model")(e))?;
+    let work = Arc::new(Work {
+        model,
+        dims,
+        data,
+        agent,
+    });
     runtime.block_on(drive(args, session, keeper, work))
 }
 
@@ -458,11 +478,17 @@ fn run_local_round(
     cancel: &AtomicBool,
 ) -> Result<JobOutcome, FailReason> {
     let started = Instant::now();
-    let mut outcome = run_job(job, state, &work.base, &work.data, &work.agent, |step| {
+    let mut lease = work
+        .model
+        .lease(&state.kept)
+        .map_err(|e| FailReason::Error(format!("the device's model: {e}")))?;
+    let run = run_job(job, state, lease.take(), &work.data, &work.agent, |step| {
         progress.store(step as u32, Ordering::SeqCst);
         !cancel.load(Ordering::SeqCst)
-    })
-    .map_err(|e| FailReason::Error(e.to_string()))?;
+    });
+    lease.put(run.held);
+    drop(lease);
+    let mut outcome = run.outcome.map_err(|e| FailReason::Error(e.to_string()))?;
     outcome.stats.compute_ms = started.elapsed().as_millis() as u64;
     tracing::info!(
         round = %job.round,
@@ -488,7 +514,7 @@ async fn drive(
         transport::load_client_config_with_idle(&args.pki, DeviceId(args.id), idle)?;
     let endpoint = transport::client_endpoint(args.bind, client_config)?;
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel();
-    let dims = wire::dims_of(&work.base.config);
+    let dims = work.dims.clone();
     let mut d = Driver {
         args,
         session,

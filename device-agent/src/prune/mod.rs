@@ -2,7 +2,7 @@
 //! indices into the dense base model) and physical slicing of the base weights and of
 //! LoRA-shaped tensors to those indices (this file); group importance scores and the
 //! device's importance EMA ([`scores`]); the choice of units to remove toward a sparsity
-//! target ([`select`]).
+//! target ([`select`]); the model a device holds, sliced to its maps ([`HeldModel`]).
 //!
 //! Coupled groups:
 //! - MLP channel j: column j of gate and up, row j of down (and the matching LoRA slices).
@@ -17,6 +17,7 @@
 //! Kept-index maps are the wire's own types, [`protocol::KeptIndices`] (one [`BlockKept`] per
 //! block); [`KeptIndicesExt`] reads them against a dense [`ModelConfig`].
 
+mod held;
 mod scores;
 mod select;
 
@@ -24,6 +25,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use protocol::{BlockKept, KeptIndices, Proj};
 
 use crate::model::{Block, BlockShape, Llama, ModelConfig};
+
+pub use held::HeldModel;
 
 pub use scores::{
     group_scores, magnitude_scores, random_scores, scores_rng, slice_scores, BlockScores,
@@ -60,6 +63,16 @@ pub enum PruneError {
         got: usize,
         want: usize,
     },
+    #[error("block {block}: {what} {index} is not among the units the model still holds")]
+    NotSubset {
+        block: usize,
+        what: &'static str,
+        index: u32,
+    },
+    #[error("the model's block shapes are not those of the kept maps it is said to hold")]
+    NotHeld,
+    #[error("a model whose base is held quantized cannot be pruned further: prune in fp32, then quantize")]
+    Quantized,
     #[error(
         "block {block}: an importance {what} score is {value}, not a finite non-negative number"
     )]
@@ -88,11 +101,6 @@ pub fn kv_of(cfg: &ModelConfig, h: u32) -> u32 {
 /// `0..n` as kept indices.
 fn all_of(n: usize) -> Vec<u32> {
     (0..n as u32).collect()
-}
-
-/// Kept indices as `usize` positions.
-fn positions(idx: &[u32]) -> Vec<usize> {
-    idx.iter().map(|&i| i as usize).collect()
 }
 
 impl KeptIndicesExt for KeptIndices {
@@ -191,19 +199,55 @@ pub fn keep(t: Tensor<2>, dim: usize, idx: &[usize]) -> Tensor<2> {
     t.select(dim, idx_tensor(idx, &device))
 }
 
-/// Slice the dense base model to the kept units. Blocks that keep everything share the base's
-/// tensors, so a 0% prune is bit-identical to the dense model.
+/// Slice the dense base model to the kept units (a copy; the base stays as it is). Blocks that
+/// keep everything share the base's tensors, so a 0% prune is bit-identical to the dense model.
 pub fn slice_model(base: &Llama, kept: &KeptIndices) -> Result<Llama, PruneError> {
-    let cfg = &base.config;
-    kept.validate(cfg)?;
-    let hd = cfg.head_dim;
-    let shapes = kept.shapes(cfg);
     let mut m = base.clone();
-    for (l, (b, shape)) in kept.blocks.iter().zip(shapes).enumerate() {
-        let src = &base.blocks[l];
-        let q_cols = head_elems(&positions(&b.query_heads), hd);
-        let kv_cols = head_elems(&positions(&b.kv_heads), hd);
-        let channels = positions(&b.mlp_channels);
+    narrow(&mut m, &KeptIndices::dense(&base.config), kept)?;
+    Ok(m)
+}
+
+/// Prune `model`, now sliced to `from`, down to `to` in place: each block's weights are replaced
+/// by the rows and columns `to` keeps, and the old ones are dropped as it goes (a device never
+/// holds more than its model plus one block). `to` must be a subset of `from`; both are read
+/// against the dense dims the model's config carries.
+pub fn narrow(model: &mut Llama, from: &KeptIndices, to: &KeptIndices) -> Result<(), PruneError> {
+    let cfg = model.config.clone();
+    from.validate(&cfg)?;
+    to.validate(&cfg)?;
+    if from.shapes(&cfg) != cfg.blocks {
+        return Err(PruneError::NotHeld);
+    }
+    for (block, (o, n)) in from.blocks.iter().zip(&to.blocks).enumerate() {
+        for (what, old, new) in [
+            ("head", &o.query_heads, &n.query_heads),
+            ("kv head", &o.kv_heads, &n.kv_heads),
+            ("channel", &o.mlp_channels, &n.mlp_channels),
+        ] {
+            if let Some(&index) = new.iter().find(|x| old.binary_search(x).is_err()) {
+                return Err(PruneError::NotSubset { block, what, index });
+            }
+        }
+    }
+    if from != to && model.quant_base().is_some() {
+        return Err(PruneError::Quantized);
+    }
+    let hd = cfg.head_dim;
+    let mut changed = false;
+    for (l, (shape, (o, n))) in to
+        .shapes(&cfg)
+        .into_iter()
+        .zip(from.blocks.iter().zip(&to.blocks))
+        .enumerate()
+    {
+        if o == n {
+            continue;
+        }
+        changed = true;
+        let q_cols = head_elems(&local_positions(&o.query_heads, &n.query_heads), hd);
+        let kv_cols = head_elems(&local_positions(&o.kv_heads, &n.kv_heads), hd);
+        let channels = local_positions(&o.mlp_channels, &n.mlp_channels);
+        let src = &model.blocks[l];
         let block = Block {
             attn_norm: src.attn_norm.clone(),
             wq: keep(src.wq.clone(), 1, &q_cols),
@@ -215,9 +259,13 @@ pub fn slice_model(base: &Llama, kept: &KeptIndices) -> Result<Llama, PruneError
             w_up: keep(src.w_up.clone(), 1, &channels),
             w_down: keep(src.w_down.clone(), 0, &channels),
         };
-        m.set_block(l, block, shape);
+        model.set_block(l, block, shape);
     }
-    Ok(m)
+    if changed {
+        // The dropped rows go back to the system, not just to the allocator's free lists.
+        crate::quant::release_freed_memory();
+    }
+    Ok(())
 }
 
 /// For a tensor shaped like projection `p`'s LoRA factor (`a: [in, r]`, `b: [r, out]`), which
@@ -239,6 +287,14 @@ pub enum Unit {
     Head,
     KvHead,
     Channel,
+}
+
+/// Whether every unit `inner` keeps is kept by `outer` too.
+pub fn block_within(inner: &BlockKept, outer: &BlockKept) -> bool {
+    let within = |i: &[u32], o: &[u32]| i.iter().all(|x| o.binary_search(x).is_ok());
+    within(&inner.query_heads, &outer.query_heads)
+        && within(&inner.kv_heads, &outer.kv_heads)
+        && within(&inner.mlp_channels, &outer.mlp_channels)
 }
 
 /// Local positions (in `old`) of the entries that `new` keeps; `new` must be a subset of `old`.

@@ -329,20 +329,25 @@ fn adapter_of(state: &DeviceState, base: &Llama) -> Result<Option<Adapter>, Stri
 }
 
 /// What federation produced on this device, from `dir` and the dense `base` it was written for:
-/// the base sliced to the saved kept maps and the device's last-trained adapter (`None` before
-/// its first round), with the saved state.
+/// the base pruned in place to the saved kept maps (no dense copy stays resident) and the
+/// device's last-trained adapter (`None` before its first round), with the saved state.
 pub fn tuned_model(
     dir: &Path,
-    base: &Llama,
+    base: Llama,
 ) -> Result<(Llama, Option<Adapter>, SavedState), StateError> {
     let path = state_file(dir);
-    let saved = load(dir, base)?.ok_or(StateError::Missing { path: path.clone() })?;
-    let model = prune::slice_model(base, &saved.device.kept).map_err(|e| StateError::Invalid {
+    let saved = load(dir, &base)?.ok_or(StateError::Missing { path: path.clone() })?;
+    let adapter = adapter_of(&saved.device, &base).map_err(|detail| StateError::Invalid {
         path: path.clone(),
-        detail: format!("kept maps: {e}"),
+        detail,
     })?;
-    let adapter =
-        adapter_of(&saved.device, base).map_err(|detail| StateError::Invalid { path, detail })?;
+    let held = prune::HeldModel::dense(base)
+        .and_then(|mut held| held.narrow_to(&saved.device.kept).map(|()| held))
+        .map_err(|e| StateError::Invalid {
+            path,
+            detail: format!("kept maps: {e}"),
+        })?;
+    let (model, _) = held.into_parts();
     Ok((model, adapter, saved))
 }
 

@@ -17,6 +17,7 @@ use super::keeper::{Opened, StateKeeper};
 use super::*;
 use crate::cost::PrunedModel;
 use crate::job::{run_job, LocalData};
+use crate::prune::HeldModel;
 use crate::prune::{Criterion, PruneConfig};
 use crate::session::{AgentCommand, AgentConfig, AgentEvent, AgentSession, RoundLimits};
 use crate::wire;
@@ -130,7 +131,10 @@ fn train(base: &Llama, cmds: Vec<AgentCommand>) -> crate::session::JobOutcome {
         })
         .expect("the session asked for training");
     let data = LocalData::Lm(rule_shard());
-    run_job(&job, &state, base, &data, &agent(base), |_| true).expect("the round trains")
+    let held = HeldModel::sliced(base, &state.kept).unwrap();
+    run_job(&job, &state, held, &data, &agent(base), |_| true)
+        .outcome
+        .expect("the round trains")
 }
 
 fn sent_update(cmds: &[AgentCommand]) -> Option<&protocol::Update> {
@@ -308,7 +312,7 @@ fn unusable_state_files_are_errors_naming_the_file_and_never_a_dense_start() {
         err.contains("belongs to device 3, not to device 4"),
         "{err}"
     );
-    assert!(tuned_model(&dir, &other).is_err());
+    assert!(tuned_model(&dir, other.clone()).is_err());
 
     // Only an explicit fresh start replaces it, and the old file is kept.
     std::fs::write(&path, &flipped).unwrap();
@@ -347,7 +351,7 @@ fn stale_temporary_files_are_removed_and_links_are_not_followed() {
 fn the_state_dir_model_is_the_pruned_base_with_the_trained_adapter() {
     let base = tiny_model(&Device::flex());
     let dir = saved_dir("model", &base);
-    let (model, adapter, saved) = tuned_model(&dir, &base).unwrap();
+    let (model, adapter, saved) = tuned_model(&dir, base.clone()).unwrap();
     let adapter = adapter.expect("a trained adapter");
     assert_eq!(saved.device_id, 3);
     assert!(model.config.sparsity() > 0.0);
@@ -422,11 +426,14 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
             _ => None,
         })
         .unwrap();
-    let outcome = run_job(&job, &state, &base, &data, &agent(&base), |_| true).unwrap();
+    let held = HeldModel::sliced(&base, &state.kept).unwrap();
+    let outcome = run_job(&job, &state, held, &data, &agent(&base), |_| true)
+        .outcome
+        .unwrap();
     s.handle(Timestamp(2), AgentEvent::JobDone(Ok(outcome)));
     keeper.round_done(&s, RoundId(1)).unwrap();
 
-    let (model, adapter, _) = tuned_model(&dir, &base).unwrap();
+    let (model, adapter, _) = tuned_model(&dir, base.clone()).unwrap();
     let adapter = adapter.unwrap();
     assert!(model.config.sparsity() > 0.0);
     let toks = base.tokens_tensor(&[ids.clone()]);
@@ -451,4 +458,69 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     assert!(d < 1e-3, "safetensors reload differs by {d}");
     assert_eq!(argmax_rows(&got), argmax_rows(&want));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `join` holds only the device's own model between rounds (its base pruned in place, never a
+/// dense copy beside it): rounds on the model each round hands back give the very outcome
+/// (update, losses, kept maps, report) of rounds on fresh slices of the dense base; a round
+/// cancelled after it pruned hands back a model narrower than the state's maps, which
+/// `covers` tells the driver, and slicing it back to them is refused.
+#[test]
+fn rounds_on_the_held_model_equal_rounds_on_fresh_slices_of_the_base() {
+    let base = tiny_model(&Device::flex());
+    let data = LocalData::Lm(rule_shard());
+    let job = |round: u64| crate::session::TrainJob {
+        round: RoundId(round),
+        arm: Arm::new(0.15 * round as f64, 4),
+        target_sparsity: None,
+        global: None,
+        local_steps: 6,
+        prune_every: 2,
+        lr: 0.01,
+        batch: 2,
+        seed: 40 + round,
+        alpha: 16.0,
+        deadline: Timestamp(u64::MAX),
+        rank_pruning: None,
+        memory: crate::cost::MemoryMode::KeepActivations,
+    };
+    let mut state = DeviceState::fresh(&base);
+    let mut held = HeldModel::dense(base.clone()).unwrap();
+    for round in 1..=2 {
+        let fresh = HeldModel::sliced(&base, &state.kept).unwrap();
+        let want = run_job(&job(round), &state, fresh, &data, &agent(&base), |_| true)
+            .outcome
+            .unwrap();
+        let before = held.model().config.sparsity();
+        let run = run_job(&job(round), &state, held, &data, &agent(&base), |_| true);
+        let got = run.outcome.unwrap();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "round {round}");
+        assert!(
+            got.stats.sparsity as f64 > before + 0.05,
+            "round {round} pruned"
+        );
+        assert_eq!(run.held.kept(), &got.kept);
+        held = run.held;
+        state = DeviceState {
+            kept: got.kept,
+            adapter: Some(got.adapter),
+            importance: got.importance,
+        };
+    }
+    // Cancelled after the pruning event at step 2: the model lies beyond the state's maps.
+    let mut steps = 0;
+    let run = run_job(&job(3), &state, held, &data, &agent(&base), |_| {
+        steps += 1;
+        steps < 3
+    });
+    assert!(run.outcome.is_err());
+    assert!(!run.held.covers(&state.kept));
+    let err = run_job(&job(4), &state, run.held, &data, &agent(&base), |_| true)
+        .outcome
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is not among the units the model still holds"),
+        "{err}"
+    );
 }
