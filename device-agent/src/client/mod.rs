@@ -514,7 +514,7 @@ async fn drive(
         transport::load_client_config_with_idle(&args.pki, DeviceId(args.id), idle)?;
     let endpoint = transport::client_endpoint(args.bind, client_config)?;
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel();
-    let dims = work.dims.clone();
+    let dims = work.dims;
     let mut d = Driver {
         args,
         session,

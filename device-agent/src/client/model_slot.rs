@@ -42,6 +42,13 @@ impl ModelSlot {
     pub(super) fn new(base: Llama, kept: &KeptIndices, reload: Reload) -> Result<Self, String> {
         let fingerprint = Fingerprint::of(&base);
         let held = hold(base, kept)?;
+        let c = &held.model().config;
+        tracing::info!(
+            sparsity = c.sparsity(),
+            params = c.total_params(),
+            weights_mib = (c.total_params() * 4) >> 20,
+            "holding the device's model (the dense base is not kept)"
+        );
         Ok(ModelSlot {
             inner: Mutex::new(Slot {
                 model: Some(held),
