@@ -127,7 +127,7 @@ fn step_only(sparsity: f64, rank: usize, recompute: bool, default_malloc: bool) 
         recompute_blocks: recompute,
         ..train::TrainConfig::default()
     };
-    let mut t = train::Tuner::holding(held, ad, cfg).expect("tuner");
+    let mut t = train::Tuner::holding(held, ad, cfg);
     // The step's own peak: loading the dense base peaks first (about 650 MiB), above a pruned
     // step in block-recompute mode. Linux resets the high-water mark on this write.
     let load_peak = peak_rss_mib();

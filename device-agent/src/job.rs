@@ -270,9 +270,7 @@ pub fn run_job(
         recompute_blocks: job.memory.recomputes(),
         ..TrainConfig::default()
     };
-    let mut tuner = Tuner::holding(held, adapter, cfg)
-        .expect("the held model was just narrowed to the state's kept maps")
-        .with_rank_pruning(job.rank_pruning);
+    let mut tuner = Tuner::holding(held, adapter, cfg).with_rank_pruning(job.rank_pruning);
     // The importance EMA continues from the device's earlier rounds; one that does not fit
     // the kept maps (a damaged state file) is dropped, and the EMA starts afresh.
     if let Err(e) = state.importance.check(&state.kept) {

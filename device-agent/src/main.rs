@@ -658,7 +658,7 @@ fn tune(args: TuneArgs) -> Result<()> {
     };
     let adapter = Adapter::new(&base.config, args.rank, args.alpha, args.seed, &base.device);
     // The tuner takes the base over and prunes it in place: no dense copy stays resident.
-    let mut tuner = Tuner::holding(HeldModel::dense(base)?, adapter, cfg)?;
+    let mut tuner = Tuner::holding(HeldModel::dense(base)?, adapter, cfg);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let metrics_path = args.out.join("metrics.jsonl");

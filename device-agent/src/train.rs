@@ -141,17 +141,13 @@ impl Tuner {
         adapter: Adapter,
         cfg: TrainConfig,
     ) -> Result<Self, PruneError> {
-        Self::holding(HeldModel::sliced(base, &kept)?, adapter, cfg)
+        Ok(Self::holding(HeldModel::sliced(base, &kept)?, adapter, cfg))
     }
 
     /// Start from a model a device holds, taking it over: pruning then narrows it in place
     /// ([`prune::narrow`]), so no dense copy stays resident beside it. Hand it back with
     /// [`Tuner::into_held`].
-    pub fn holding(
-        held: HeldModel,
-        adapter: Adapter,
-        cfg: TrainConfig,
-    ) -> Result<Self, PruneError> {
+    pub fn holding(held: HeldModel, adapter: Adapter, cfg: TrainConfig) -> Self {
         let (model, kept) = held.into_parts();
         let n = model.config.n_layers() * 14;
         let mut moments = Vec::with_capacity(n);
@@ -162,7 +158,7 @@ impl Tuner {
             }
         }
         let rng = prune::scores_rng(cfg.seed);
-        Ok(Tuner {
+        Tuner {
             model,
             kept,
             adapter,
@@ -175,7 +171,7 @@ impl Tuner {
             importance: Importance::default(),
             rng,
             rank_pruning: None,
-        })
+        }
     }
 
     /// The model, sliced to the kept maps training and pruning left it at.
