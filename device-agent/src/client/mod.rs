@@ -1,4 +1,5 @@
-//! The device agent's QUIC client: `device-agent join`. It loads the base model once, builds
+//! The device agent's QUIC client: `device-agent join`. It loads the base model, prunes it in
+//! place to the device's kept maps and holds only that (`model_slot.rs`), builds
 //! the device's local data, connects to the aggregator with mutual TLS and drives the sans-IO
 //! [`AgentSession`]: messages in (with their frame sizes), commands out, heartbeats from
 //! `poll_timeout`, local rounds ([`run_job`]) on a blocking thread with the wall-clock
