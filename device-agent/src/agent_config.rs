@@ -153,10 +153,11 @@ mod tests {
 
     #[test]
     fn a_file_becomes_flags_before_the_command_line_s_own() {
-        let dir =
-            std::env::temp_dir().join(format!("fedspine-agent-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("agent.toml");
+        let tmp = tempfile::Builder::new()
+            .prefix("fedspine-agent-config-")
+            .tempdir()
+            .unwrap();
+        let f = tmp.path().join("agent.toml");
         std::fs::write(
             &f,
             "aggregator = \"10.0.0.2:7443\"\nid = 3\nseq_len = 64\nfresh-state = false\nstate = \"/s\"\n",
@@ -197,7 +198,6 @@ mod tests {
             .map(OsString::from)
             .collect();
         assert_eq!(expand(plain.clone(), &known()).unwrap(), plain);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -327,8 +327,12 @@ mod tests {
 
     #[test]
     fn offline_cold_cache_names_what_is_missing_and_how_to_get_it() {
-        let cache = std::env::temp_dir().join(format!("fedspine-cold-{}", std::process::id()));
-        let e = ensure_in(&cache, &MOBY_DICK, false).err().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("fedspine-cold-")
+            .tempdir()
+            .unwrap();
+        let cache = tmp.path();
+        let e = ensure_in(cache, &MOBY_DICK, false).err().unwrap();
         let msg = e.to_string();
         assert!(msg.contains("moby-dick"), "{msg}");
         assert!(
@@ -341,11 +345,13 @@ mod tests {
 
     #[test]
     fn an_unmarked_directory_is_not_trusted() {
-        let cache = std::env::temp_dir().join(format!("fedspine-partial-{}", std::process::id()));
-        let d = cache.join("moby-dick").join("package/data");
+        let tmp = tempfile::Builder::new()
+            .prefix("fedspine-partial-")
+            .tempdir()
+            .unwrap();
+        let d = tmp.path().join("moby-dick").join("package/data");
         std::fs::create_dir_all(&d).unwrap();
-        let r = ensure_in(&cache, &MOBY_DICK, false);
+        let r = ensure_in(tmp.path(), &MOBY_DICK, false);
         assert!(matches!(r, Err(AssetError::Offline { .. })));
-        std::fs::remove_dir_all(cache).ok();
     }
 }

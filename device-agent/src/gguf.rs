@@ -540,15 +540,18 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("fedspine-gguf-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A scratch directory, removed when dropped (also when the test fails).
+    fn tmpdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("fedspine-gguf-{tag}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn write_then_read_round_trips_f32_f16_q8() {
-        let dir = tmpdir("rt");
+        let tmp_dir = tmpdir("rt");
+        let dir = tmp_dir.path().to_path_buf();
         let path = dir.join("t.gguf");
         let vals: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) / 7.0).collect();
         let tensors = vec![
@@ -600,7 +603,6 @@ mod tests {
         for (x, y) in c.iter().zip(&vals) {
             assert!((x - y).abs() <= amax / 127.0, "{x} vs {y}");
         }
-        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
@@ -631,7 +633,8 @@ mod tests {
 
     #[test]
     fn bad_files_are_clear_errors() {
-        let dir = tmpdir("bad");
+        let tmp_dir = tmpdir("bad");
+        let dir = tmp_dir.path().to_path_buf();
         let p = dir.join("magic.gguf");
         std::fs::write(&p, b"GGML\x03\0\0\0").unwrap();
         let e = GgufFile::open(&p).err().unwrap();
@@ -678,6 +681,5 @@ mod tests {
             e.to_string().contains("Q6_K") && e.to_string().contains("q6k.gguf"),
             "{e}"
         );
-        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -278,7 +278,11 @@ fn tuning_on_a_spam_shard_raises_accuracy() {
 fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
     let (m, tok) = model();
     let c = &m.config;
-    let dir = std::env::temp_dir().join(format!("fedspine-export-{}", std::process::id()));
+    let tmp = tempfile::Builder::new()
+        .prefix("fedspine-export-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let toks = m.tokens_tensor(&[PROMPT.to_vec()]);
     for uniform in [false, true] {
         let pc = PruneConfig {
@@ -351,7 +355,6 @@ fn pruned_merged_model_exports_and_reloads_with_the_same_logits() {
             "{prec:?} changes a greedy choice"
         );
     }
-    std::fs::remove_dir_all(dir).ok();
 }
 
 /// `tune --precision bf16` against fp32 on the real model: 40 steps of batch 2 x 64 on Moby-Dick,

@@ -2,7 +2,6 @@
 //! use): reference logits from an independent fp32 implementation, greedy chat answer,
 //! perplexity on a held-out Moby-Dick chapter, HF and GGUF export round trips, bad files.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::tensor::Device;
@@ -24,10 +23,12 @@ fn model() -> &'static (Llama, Tok) {
     })
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fedspine-it-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory, removed when dropped (also when the test fails).
+fn scratch(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fedspine-it-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[derive(serde::Deserialize)]
@@ -146,7 +147,8 @@ fn perplexity_on_held_out_moby_dick_is_sane_and_survives_hf_export() {
         base.perplexity
     );
 
-    let dir = scratch("hf");
+    let tmp_dir = scratch("hf");
+    let dir = tmp_dir.path().to_path_buf();
     let note = export::export_hf(m, tok, &dir).unwrap();
     assert!(
         note.is_none(),
@@ -162,14 +164,14 @@ fn perplexity_on_held_out_moby_dick_is_sane_and_survives_hf_export() {
         base.perplexity,
         again.perplexity
     );
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
 fn gguf_f32_export_reloads_with_identical_logits() {
     let (m, tok) = model();
     let r = reference();
-    let dir = scratch("gguf");
+    let tmp_dir = scratch("gguf");
+    let dir = tmp_dir.path().to_path_buf();
     let p = dir.join("m.gguf");
     let rep = export::export_gguf(m, tok, &p, GgufPrecision::F32).unwrap();
     assert_eq!(rep.arch, "llama");
@@ -186,12 +188,12 @@ fn gguf_f32_export_reloads_with_identical_logits() {
         .zip(b.iter().flatten())
         .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
     assert!(worst < 1e-4, "max logit difference {worst}");
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
 fn bad_model_files_are_clear_errors() {
-    let dir = scratch("bad");
+    let tmp_dir = scratch("bad");
+    let dir = tmp_dir.path().to_path_buf();
     let real = assets::default_model().unwrap();
     let bytes = std::fs::read(&real).unwrap();
 
@@ -267,6 +269,4 @@ fn bad_model_files_are_clear_errors() {
     let e = weights::load(&p, &Device::flex()).err().unwrap();
     assert!(matches!(e, LoadError::UnsupportedArch { .. }), "{e}");
     assert!(e.to_string().contains("mamba"));
-
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -270,8 +270,11 @@ mod tests {
 
     #[test]
     fn a_line_out_of_range_is_refused_with_its_file_and_line() {
-        let dir = std::env::temp_dir().join(format!("fedspine-dr-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("fedspine-dr-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let good = DeviceRound {
             workload: "spam".into(),
             seed: 1,
@@ -309,6 +312,5 @@ mod tests {
         let (rounds, inputs) = read(std::slice::from_ref(&path)).unwrap();
         assert_eq!(rounds, vec![good]);
         assert_eq!(inputs[0].device_rounds, 1);
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

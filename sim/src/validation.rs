@@ -350,7 +350,11 @@ mod tests {
 
     #[test]
     fn a_folder_without_runs_or_with_a_broken_summary_is_refused_with_its_path() {
-        let dir = std::env::temp_dir().join(format!("fedspine-validate-{}", std::process::id()));
+        let tmp = tempfile::Builder::new()
+            .prefix("fedspine-validate-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
         let (real, surr) = (dir.join("real"), dir.join("surr"));
         std::fs::create_dir_all(real.join("fedspine")).unwrap();
         std::fs::create_dir_all(&surr).unwrap();
@@ -361,6 +365,5 @@ mod tests {
         std::fs::write(surr.join("fedspine/summary.json"), "not json").unwrap();
         let e = validate(&real, &surr).unwrap_err().to_string();
         assert!(e.contains("summary.json"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

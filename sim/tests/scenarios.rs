@@ -41,12 +41,12 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
 
 /// The report's files as text (what `write_to` writes, without the SVGs).
 fn report_text(r: &Report) -> String {
-    let dir = std::env::temp_dir().join(format!(
-        "fedspine-sim-{}-{}",
-        std::process::id(),
-        r.summary.strategy
-    ));
-    r.write_to(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("fedspine-sim-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    r.write_to(dir).unwrap();
     let mut s = String::new();
     for f in [
         "rounds.jsonl",
@@ -58,7 +58,6 @@ fn report_text(r: &Report) -> String {
     ] {
         s.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
     }
-    std::fs::remove_dir_all(&dir).ok();
     s
 }
 

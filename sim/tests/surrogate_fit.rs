@@ -2,8 +2,6 @@
 //! stated tolerances (with provenance and a held-out validation that beats the mean), and a
 //! parameter file without provenance is refused unless forced (in the library and by `sim run`).
 
-use std::path::PathBuf;
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sim::config::SurrogateConfig;
@@ -12,10 +10,12 @@ use sim::local_data::WorkloadKind;
 use sim::sampling::standard_normal;
 use sim::surrogate::{fit_device_rounds, FitOptions, SurrogateParams};
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fedspine-surrogate-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory, removed when dropped (also when the test fails).
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fedspine-surrogate-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn truth() -> SurrogateParams {
@@ -101,7 +101,8 @@ fn draw(p: &SurrogateParams, runs: u64, rounds: u64, per_round: u64) -> Vec<Devi
 fn fitting_drawn_device_rounds_recovers_the_parameters() {
     let p = truth();
     let rounds = draw(&p, 8, 6, 10);
-    let dir = temp_dir("fit");
+    let tmp_dir = temp_dir("fit");
+    let dir = tmp_dir.path().to_path_buf();
     let path = dir.join(device_rounds::FILE_NAME);
     std::fs::remove_file(&path).ok();
     device_rounds::append(&path, &rounds).unwrap();
@@ -157,12 +158,12 @@ fn fitting_drawn_device_rounds_recovers_the_parameters() {
     )
     .unwrap();
     assert_eq!(back, got);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn a_parameter_file_without_provenance_is_refused_unless_forced() {
-    let dir = temp_dir("refuse");
+    let tmp_dir = temp_dir("refuse");
+    let dir = tmp_dir.path().to_path_buf();
     let mut p = truth();
     p.source = "hand-set".into();
     let path = dir.join("hand-set.toml");
@@ -241,5 +242,4 @@ fn a_parameter_file_without_provenance_is_refused_unless_forced() {
         stdout.contains("Surrogate parameters: UNFITTED (forced)"),
         "{stdout}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

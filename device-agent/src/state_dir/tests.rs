@@ -4,7 +4,7 @@
 //! file can be unusable (corrupt, truncated, extended, another version, model or device, not a
 //! state file) giving an error that names the file, never a dense start.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use burn::tensor::Device;
@@ -42,12 +42,13 @@ fn rule_shard() -> LmShard {
     }
 }
 
-/// A fresh, empty directory for one test.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("fedspine-state-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh, empty directory for one test, removed when dropped (also when the test fails: the
+/// export test writes hundreds of MB).
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fedspine-state-test-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn agent(base: &Llama) -> AgentConfig {
@@ -153,7 +154,8 @@ fn trains(cmds: &[AgentCommand]) -> usize {
 #[test]
 fn a_saved_round_is_resumed_answered_again_and_never_trained_twice() {
     let base = tiny_model(&Device::flex());
-    let dir = temp_dir("resume");
+    let tmp_dir = temp_dir("resume");
+    let dir = tmp_dir.path().to_path_buf();
     let dense = KeptIndices::dense(&base.config);
 
     // First run: a new directory, round 1 trained and saved before its update goes out.
@@ -231,19 +233,19 @@ fn a_saved_round_is_resumed_answered_again_and_never_trained_twice() {
     let cmds = s.handle(Timestamp(6), config(&base, 2, &outcome.kept));
     assert_eq!(trains(&cmds), 1);
     assert_ne!(std::fs::read(state_file(&dir)).unwrap(), on_disk);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// A state directory holding one saved round of device 3 on the tiny model.
-fn saved_dir(name: &str, base: &Llama) -> PathBuf {
-    let dir = temp_dir(name);
+fn saved_dir(name: &str, base: &Llama) -> tempfile::TempDir {
+    let tmp_dir = temp_dir(name);
+    let dir = tmp_dir.path().to_path_buf();
     let (mut keeper, resume) = StateKeeper::open(&dir, base, 3, false).unwrap();
     let mut s = session(base, resume);
     let dense = KeptIndices::dense(&base.config);
     let outcome = train(base, s.handle(Timestamp(1), config(base, 1, &dense)));
     s.handle(Timestamp(2), AgentEvent::JobDone(Ok(outcome)));
     keeper.round_done(&s, RoundId(1)).unwrap();
-    dir
+    tmp_dir
 }
 
 /// Opens `dir` for device 3 and returns the error's text (the open must fail).
@@ -257,7 +259,8 @@ fn open_error(dir: &Path, base: &Llama) -> String {
 #[test]
 fn unusable_state_files_are_errors_naming_the_file_and_never_a_dense_start() {
     let base = tiny_model(&Device::flex());
-    let dir = saved_dir("bad", &base);
+    let tmp_dir = saved_dir("bad", &base);
+    let dir = tmp_dir.path().to_path_buf();
     let path = state_file(&dir);
     let name = path.display().to_string();
     let good = std::fs::read(&path).unwrap();
@@ -322,13 +325,13 @@ fn unusable_state_files_are_errors_naming_the_file_and_never_a_dense_start() {
     assert_eq!(resume.state.kept, KeptIndices::dense(&base.config));
     assert_eq!(std::fs::read(&old).unwrap(), flipped);
     assert!(load(&dir, &base).unwrap().is_some());
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn stale_temporary_files_are_removed_and_links_are_not_followed() {
     let base = tiny_model(&Device::flex());
-    let dir = saved_dir("temps", &base);
+    let tmp_dir = saved_dir("temps", &base);
+    let dir = tmp_dir.path().to_path_buf();
     let target = dir.join("precious.txt");
     std::fs::write(&target, "keep me").unwrap();
     let stale = dir.join(".device-state.bin.tmp.1.0");
@@ -344,13 +347,13 @@ fn stale_temporary_files_are_removed_and_links_are_not_followed() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn the_state_dir_model_is_the_pruned_base_with_the_trained_adapter() {
     let base = tiny_model(&Device::flex());
-    let dir = saved_dir("model", &base);
+    let tmp_dir = saved_dir("model", &base);
+    let dir = tmp_dir.path().to_path_buf();
     let (model, adapter, saved) = tuned_model(&dir, base.clone()).unwrap();
     let adapter = adapter.expect("a trained adapter");
     assert_eq!(saved.device_id, 3);
@@ -367,10 +370,9 @@ fn the_state_dir_model_is_the_pruned_base_with_the_trained_adapter() {
     let (fp, inspected) = inspect(&dir).unwrap();
     assert_eq!(fp, Fingerprint::of(&base));
     assert_eq!(inspected.device.kept, saved.device.kept);
-    let missing = temp_dir("missing");
+    let missing = dir.join("no-such-dir");
     let err = inspect(&missing).unwrap_err().to_string();
     assert!(err.contains("no state file"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// Largest difference between two logit tables.
@@ -402,7 +404,8 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     use crate::export::{self, GgufPrecision};
     let (base, tok) =
         crate::weights::load(&crate::assets::default_model().unwrap(), &Device::flex()).unwrap();
-    let dir = temp_dir("export");
+    let tmp_dir = temp_dir("export");
+    let dir = tmp_dir.path().to_path_buf();
     let (mut keeper, resume) = StateKeeper::open(&dir, &base, 3, false).unwrap();
     let mut s = session(&base, resume);
     let dense = KeptIndices::dense(&base.config);
@@ -457,7 +460,6 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     eprintln!("safetensors export: max abs logit difference {d}");
     assert!(d < 1e-3, "safetensors reload differs by {d}");
     assert_eq!(argmax_rows(&got), argmax_rows(&want));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `join` holds only the device's own model between rounds (its base pruned in place, never a

@@ -1,7 +1,7 @@
 //! Tests of the user-data reader on small fixture files and a tiny byte-level tokenizer with
 //! the ChatML markers.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -67,14 +67,19 @@ fn tiny_tok(dir: &Path) -> Tok {
 }
 
 /// A fresh scratch directory with `files` (name, content) written into it.
-fn fixture(tag: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fedspine-userdata-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("data")).expect("scratch dir");
+/// A fresh scratch directory with `files` (name, content) written into its `data` folder,
+/// removed when dropped.
+fn fixture(tag: &str, files: &[(&str, &str)]) -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("fedspine-userdata-{tag}-"))
+        .tempdir()
+        .expect("scratch dir");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("scratch dir");
     for (name, content) in files {
-        std::fs::write(dir.join("data").join(name), content).expect("fixture");
+        std::fs::write(data.join(name), content).expect("fixture");
     }
-    dir
+    tmp
 }
 
 fn cfg(seq_len: usize) -> UserDataConfig {
@@ -111,7 +116,7 @@ fn learned_runs(t: &MaskedTokens) -> Vec<Vec<u32>> {
 #[test]
 fn plain_text_and_text_records_train_on_every_token() {
     let long = "the whale swam on and on. ".repeat(20);
-    let dir = fixture(
+    let tmp_dir = fixture(
         "text",
         &[
             ("a.txt", long.as_str()),
@@ -122,6 +127,7 @@ fn plain_text_and_text_records_train_on_every_token() {
             ),
         ],
     );
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let shard = lm(load(&dir.join("data"), &tok, &cfg(32)).expect("loads"));
     let all: Vec<&MaskedWindow> = shard.train.iter().chain(&shard.test).collect();
@@ -150,7 +156,8 @@ fn plain_text_and_text_records_train_on_every_token() {
 
 #[test]
 fn chat_masks_cover_exactly_the_assistant_tokens() {
-    let dir = fixture("chat-mask", &[]);
+    let tmp_dir = fixture("chat-mask", &[]);
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let messages = vec![
         Message {
@@ -193,7 +200,7 @@ fn chat_masks_cover_exactly_the_assistant_tokens() {
 
 #[test]
 fn instruction_records_render_like_the_generate_prompt() {
-    let dir = fixture(
+    let tmp_dir = fixture(
         "instruction",
         &[(
             "i.jsonl",
@@ -202,6 +209,7 @@ fn instruction_records_render_like_the_generate_prompt() {
              {\"instruction\": \"Count.\", \"input\": \"\", \"output\": \"One, two.\"}\n",
         )],
     );
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let (format, records) = parse::read_file(&dir.join("data/i.jsonl")).expect("parses");
     assert_eq!(format, Format::JsonlInstruction);
@@ -239,7 +247,8 @@ fn classification_records_use_the_spam_item_type() {
             "{{\"text\": \"mail number {i}\", \"label\": \"{label}\"}}\n"
         ));
     }
-    let dir = fixture("cls", &[("mail.jsonl", lines.as_str())]);
+    let tmp_dir = fixture("cls", &[("mail.jsonl", lines.as_str())]);
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let UserData::Cls {
         task,
@@ -273,7 +282,8 @@ fn the_split_is_seeded_and_disjoint() {
              {{\"role\": \"assistant\", \"content\": \"answer {i}\"}}]}}\n"
         ));
     }
-    let dir = fixture("split", &[("chat.jsonl", lines.as_str())]);
+    let tmp_dir = fixture("split", &[("chat.jsonl", lines.as_str())]);
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let path = dir.join("data");
     let a = lm(load(&path, &tok, &cfg(24)).unwrap());
@@ -372,7 +382,8 @@ fn bad_files_are_reported_with_file_and_line() {
         ),
     ];
     for (name, content, want) in &cases {
-        let dir = fixture(&format!("bad-{name}"), &[(name, content)]);
+        let tmp_dir = fixture(&format!("bad-{name}"), &[(name, content)]);
+        let dir = tmp_dir.path().to_path_buf();
         let tok = tiny_tok(&dir);
         let err = load(&dir.join("data").join(name), &tok, &cfg(16))
             .expect_err(name)
@@ -380,7 +391,7 @@ fn bad_files_are_reported_with_file_and_line() {
         assert!(err.contains(want), "{name}: got '{err}', want '{want}'");
     }
     // A directory mixing classification and language-model files is refused, naming both.
-    let dir = fixture(
+    let tmp_dir = fixture(
         "bad-mix",
         &[
             ("a.jsonl", "{\"text\": \"a\", \"label\": \"x\"}\n"),
@@ -388,6 +399,7 @@ fn bad_files_are_reported_with_file_and_line() {
             (".hidden", "ignored"),
         ],
     );
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let err = load(&dir.join("data"), &tok, &cfg(16))
         .unwrap_err()
@@ -401,13 +413,14 @@ fn bad_files_are_reported_with_file_and_line() {
 
 #[test]
 fn classification_needs_two_labels_that_differ_in_their_first_token() {
-    let dir = fixture(
+    let tmp_dir = fixture(
         "labels",
         &[
             ("three.jsonl", "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"y\"}\n{\"text\": \"c\", \"label\": \"z\"}\n"),
             ("same.jsonl", "{\"text\": \"a\", \"label\": \"yes\"}\n{\"text\": \"b\", \"label\": \"yellow\"}\n"),
         ],
     );
+    let dir = tmp_dir.path().to_path_buf();
     let tok = tiny_tok(&dir);
     let err = load(&dir.join("data/three.jsonl"), &tok, &cfg(16)).unwrap_err();
     assert!(
