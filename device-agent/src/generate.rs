@@ -90,6 +90,13 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut ChaCha8Rng) -> u32 {
     }
 }
 
+/// Run `f` on one of rayon's worker threads, so that the parallel loops inside it (every matmul
+/// of a decoded token) split their work from there, the caller taking part, instead of each
+/// being handed over from this thread, which then sleeps until the pool wakes it.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Generate a continuation of `prompt_ids`, calling `on_text` with each new piece of text.
 pub fn generate(
     model: &Llama,
@@ -114,11 +121,13 @@ pub fn generate(
             .try_to_vec()
             .expect("the model computes in f32, so its logits are f32")
     };
-    let mut logits = last(model.hidden(
-        model.tokens_tensor(&[prompt_ids.to_vec()]),
-        adapter,
-        Some(&mut cache),
-    ));
+    let mut logits = on_pool(|| {
+        last(model.hidden(
+            model.tokens_tensor(&[prompt_ids.to_vec()]),
+            adapter,
+            Some(&mut cache),
+        ))
+    });
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut out: Vec<u32> = Vec::new();
@@ -133,11 +142,13 @@ pub fn generate(
         if out.len() == max_new {
             break;
         }
-        logits = last(model.hidden(
-            model.tokens_tensor(&[vec![next]]),
-            adapter,
-            Some(&mut cache),
-        ));
+        logits = on_pool(|| {
+            last(model.hidden(
+                model.tokens_tensor(&[vec![next]]),
+                adapter,
+                Some(&mut cache),
+            ))
+        });
     }
     let decode_s = t1.elapsed().as_secs_f64();
     Ok(Generation {

@@ -9,6 +9,7 @@
 //! The tensor-level functions work on tensors without autodiff; on other backends or dtypes they
 //! return `None` and the caller uses burn's own operation. The slice-level `*_into` functions are
 //! the bodies of [`crate::fused`]'s softmax and SwiGLU, which carry their own backward passes.
+//! [`skinny`] holds the fp32 products of decoding (a few rows times a large weight).
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -457,6 +458,9 @@ pub fn cross_entropy_rows(
     let (nll, pred) = per_row.into_iter().unzip();
     Some((wrap(grad, [rows, vocab]), nll, pred))
 }
+
+mod skinny;
+pub use skinny::{skinny_matmul, SKINNY_ROWS};
 
 #[cfg(test)]
 mod tests {

@@ -493,9 +493,13 @@ impl Llama {
         let bf16 = self.precision == Precision::Bf16;
         match &self.lm_head {
             Some(w) if bf16 => bf16::matmul(hidden, w),
-            Some(w) => hidden.matmul(w.clone()),
+            Some(w) => crate::kernels::skinny_matmul(&hidden, w)
+                .unwrap_or_else(|| hidden.matmul(w.clone())),
             None if bf16 => bf16::matmul_transposed(hidden, &self.embed),
-            None => hidden.matmul(self.embed.clone().transpose()),
+            None => {
+                let head = self.embed.clone().transpose();
+                crate::kernels::skinny_matmul(&hidden, &head).unwrap_or_else(|| hidden.matmul(head))
+            }
         }
     }
 

@@ -138,7 +138,7 @@ fn proj_group_of<const N: usize>(
 /// [`quant::matmul_tensors`].
 fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
     match w {
-        Base::F32(w) => x.matmul(w.clone()),
+        Base::F32(w) => crate::kernels::skinny_matmul(&x, w).unwrap_or_else(|| x.matmul(w.clone())),
         Base::Bf16(w) => crate::bf16::matmul(x, w),
         Base::Q8(_) => unreachable!("Q8_0 products are taken per group by proj_group"),
     }

@@ -1,0 +1,184 @@
+//! Products of a few activation rows with a large fp32 weight matrix: decoding, where each new
+//! token is one row. Flex hands a product below about 7 M multiply-adds to `gemm` on one
+//! thread, and a decoded token's projections (at most 49152 x 576) are all below it, so fp32
+//! decoding read its weights through one core. Here the weight's rows (slabs of the inner
+//! dimension, each giving a partial output row; for a transposed weight such as the tied LM
+//! head, blocks of output entries) are split across rayon's threads, each streaming contiguous
+//! memory.
+//!
+//! Sums run in the order of the inner dimension with fused multiply-adds, so a product here
+//! differs from gemm's in the last bits, not more (tested against burn's matmul).
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::{flex_f32, slice, wrap};
+
+/// Rows of `x` up to which [`skinny_matmul`] computes the product (one per decoded sequence).
+pub const SKINNY_ROWS: usize = 4;
+/// Rows of a row-major `[k, m]` weight one task reads: a contiguous slab, summed into its own
+/// partial output row (splitting the columns instead made every task stride through all `k`
+/// rows, at half the bandwidth of one thread reading whole rows).
+const ROWS_PER_TASK: usize = 128;
+/// Output columns of one task on a transposed weight (one dot product of length `k` each).
+const DOTS_PER_TASK: usize = 256;
+/// Multiply-adds below which a product stays on the calling thread.
+const SERIAL_MACS: usize = 1 << 15;
+
+multiversion! {
+    /// `out += x w` for one row `x` and a row-major `[x.len(), out.len()]` weight `w`.
+    fn axpy_rows(x: &[f32], w: &[f32], out: &mut [f32]) {
+        let m = out.len();
+        for (&xk, row) in x.iter().zip(w.chunks_exact(m)) {
+            for (a, &v) in out.iter_mut().zip(row) {
+                *a = v.mul_add(xk, *a);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[c] = dot(x, e[(j0 + c) * k..])`: entries `j0..j0 + out.len()` of `x eᵀ` for one row
+    /// `x` of length `k` and a row-major `[m, k]` matrix `e`.
+    fn dot_rows(x: &[f32], e: &[f32], j0: usize, out: &mut [f32]) {
+        let k = x.len();
+        for (c, o) in out.iter_mut().enumerate() {
+            let r = &e[(j0 + c) * k..(j0 + c + 1) * k];
+            let mut acc = [0.0f32; 16];
+            let (xc, rc) = (x.chunks_exact(16), r.chunks_exact(16));
+            let tail: f32 = xc.remainder().iter().zip(rc.remainder()).map(|(a, b)| a * b).sum();
+            for (xs, rs) in xc.zip(rc) {
+                for ((a, &p), &q) in acc.iter_mut().zip(xs).zip(rs) {
+                    *a = p.mul_add(q, *a);
+                }
+            }
+            *o = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+/// One output row `y` (`m` values) of `x w` (`w` row-major `[k, m]`): slabs of
+/// [`ROWS_PER_TASK`] rows in parallel, their partial rows summed in slab order (so the result
+/// does not depend on how rayon scheduled them).
+fn row_times(x: &[f32], w: &[f32], y: &mut [f32]) {
+    let m = y.len();
+    if x.len() * m < SERIAL_MACS {
+        return axpy_rows(x, w, y);
+    }
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(ROWS_PER_TASK)
+        .zip(w.par_chunks(ROWS_PER_TASK * m))
+        .map(|(xs, ws)| {
+            let mut p = vec![0.0f32; m];
+            axpy_rows(xs, ws, &mut p);
+            p
+        })
+        .collect();
+    for p in &partials {
+        for (a, &v) in y.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+}
+
+/// One output row `y` (`m` values) of `x eᵀ` (`e` row-major `[m, k]`), parallel over `e`'s rows.
+fn row_times_transposed(x: &[f32], e: &[f32], y: &mut [f32]) {
+    if x.len() * y.len() < SERIAL_MACS {
+        return y
+            .chunks_mut(DOTS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, o)| dot_rows(x, e, c * DOTS_PER_TASK, o));
+    }
+    y.par_chunks_mut(DOTS_PER_TASK)
+        .enumerate()
+        .for_each(|(c, o)| dot_rows(x, e, c * DOTS_PER_TASK, o));
+}
+
+/// The flex f32 tensor behind `t` when it is contiguous and without autodiff. Unlike
+/// [`flex_f32`] this never copies: a weight that is contiguous neither way is left to burn.
+fn contiguous(t: &Tensor<2>) -> Option<FlexTensor> {
+    if t.is_autodiff() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let ft = t.clone().try_into_primitive::<Flex>().ok()?;
+    ft.is_contiguous().then_some(ft)
+}
+
+/// `x w` for `x` of at most [`SKINNY_ROWS`] rows, both flex f32 tensors without autodiff, `w`
+/// `[k, m]` either row-major or the transpose of a row-major `[m, k]` tensor (no copy is made
+/// of `w` in either case). `None` when any of that does not hold: the caller uses burn's matmul.
+pub fn skinny_matmul(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+    let ([n, k], [wk, m]) = (x.dims(), w.dims());
+    if n == 0 || n > SKINNY_ROWS || k != wk || m == 0 {
+        return None;
+    }
+    let xf = flex_f32(x)?;
+    let xs = slice(&xf);
+    let mut y = vec![0.0f32; n * m];
+    if let Some(wf) = contiguous(w) {
+        let ws = slice(&wf);
+        for (xr, yr) in xs.chunks_exact(k).zip(y.chunks_exact_mut(m)) {
+            row_times(xr, ws, yr);
+        }
+    } else {
+        let ef = contiguous(&w.clone().transpose())?;
+        let es = slice(&ef);
+        for (xr, yr) in xs.chunks_exact(k).zip(y.chunks_exact_mut(m)) {
+            row_times_transposed(xr, es, yr);
+        }
+    }
+    Some(wrap(y, [n, m]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.into_data().try_to_vec().unwrap(),
+            b.into_data().try_to_vec().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(&b).fold(0.0, |m, (p, q)| m.max((p - q).abs()))
+    }
+
+    #[test]
+    fn skinny_products_match_burn_for_both_layouts_and_decline_the_rest() {
+        let dev = Device::flex();
+        // Widths with and without a whole last chunk, serial and parallel sizes.
+        for (n, k, m) in [
+            (1, 576, 1536),
+            (1, 1536, 576),
+            (3, 576, 200),
+            (1, 40, 7),
+            (4, 64, 300),
+        ] {
+            let x = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &dev);
+            let w = Tensor::<2>::random([k, m], Distribution::Normal(0.0, 0.05), &dev);
+            let got = skinny_matmul(&x, &w).expect("row-major weight");
+            let d = max_diff(got, x.clone().matmul(w.clone()));
+            assert!(d < 1e-4, "[{n}x{k}] x [{k}x{m}]: {d}");
+            // The same product through a transposed [m, k] matrix (the tied LM head's layout).
+            let e = w.clone().transpose().into_data();
+            let e = Tensor::<2>::from_data(e, &dev);
+            let got = skinny_matmul(&x, &e.clone().transpose()).expect("transposed weight");
+            let d = max_diff(got, x.clone().matmul(w));
+            assert!(d < 1e-4, "[{n}x{k}] x [{m}x{k}]ᵀ: {d}");
+        }
+        let x = Tensor::<2>::random([5, 8], Distribution::Default, &dev);
+        let w = Tensor::<2>::random([8, 8], Distribution::Default, &dev);
+        assert!(
+            skinny_matmul(&x, &w).is_none(),
+            "more rows than a decode step"
+        );
+        let x = Tensor::<2>::random([1, 8], Distribution::Default, &dev);
+        assert!(
+            skinny_matmul(&x, &w.clone().narrow(0, 0, 4)).is_none(),
+            "mismatched inner size"
+        );
+    }
+}
