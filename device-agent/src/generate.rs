@@ -90,13 +90,6 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut ChaCha8Rng) -> u32 {
     }
 }
 
-/// Run `f` on one of rayon's worker threads, so that the parallel loops inside it (every matmul
-/// of a decoded token) split their work from there, the caller taking part, instead of each
-/// being handed over from this thread, which then sleeps until the pool wakes it.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
-}
-
 /// Generate a continuation of `prompt_ids`, calling `on_text` with each new piece of text.
 pub fn generate(
     model: &Llama,
@@ -121,7 +114,7 @@ pub fn generate(
             .try_to_vec()
             .expect("the model computes in f32, so its logits are f32")
     };
-    let mut logits = on_pool(|| {
+    let mut logits = crate::backend::on_pool(|| {
         last(model.hidden(
             model.tokens_tensor(&[prompt_ids.to_vec()]),
             adapter,
@@ -142,7 +135,7 @@ pub fn generate(
         if out.len() == max_new {
             break;
         }
-        logits = on_pool(|| {
+        logits = crate::backend::on_pool(|| {
             last(model.hidden(
                 model.tokens_tensor(&[vec![next]]),
                 adapter,

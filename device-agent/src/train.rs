@@ -381,7 +381,8 @@ impl Tuner {
         // Normalise by the targets of this micro-batch times the accumulation count, so the
         // accumulated gradient is the mean over the optimiser step.
         let norm = (batch.n_targets().max(1) * accum) as f64;
-        let (st, taylor_scores) = self.micro(batch, norm, track_importance);
+        let (st, taylor_scores) =
+            crate::backend::on_pool(|| self.micro(batch, norm, track_importance));
         self.accum_stats.loss += st.loss * st.targets as f64;
         self.accum_stats.targets += st.targets;
         self.accum_stats.correct += st.correct;
