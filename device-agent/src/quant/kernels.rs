@@ -1,4 +1,4 @@
-//! The int8 dot products of the Q8_0 matmul: one weight row (Q8_0 blocks) against every row of
+//! The int8 dot products of the Q8_0 matmul: weight rows (Q8_0 blocks) against every row of
 //! the activations (also quantized to Q8_0 blocks), `y[i] = sum_b dw[b] * dx[i, b] * sum_k
 //! w[b, k] * x[i, b, k]`, the inner sum exact in int32. Paths: AVX-512 VNNI (`vpdpbusd`),
 //! AVX2 (`maddubs` + `madd`) and a portable one (also what aarch64 compiles to). The x86
@@ -11,10 +11,11 @@ use crate::cpu::DotPath;
 /// Values per Q8_0 block (along the input dimension).
 pub const QK: usize = 32;
 
-/// One weight row against the activations: `qw`/`dw` are the row's `nb` blocks (values and f16
-/// scale bits), `qx`/`dx` the activations' `y.len()` rows of `nb` blocks each, `tab` the f16 ->
-/// f32 table. Writes `y[i]` for each activation row `i`.
+/// Consecutive weight rows against the activations: `qw`/`dw` hold the rows' blocks (`nb` per
+/// row: values and f16 scale bits), `qx`/`dx` the activations' `n` rows of `nb` blocks each,
+/// `tab` the f16 -> f32 table. Writes `y[j * n + i]` for weight row `j` and activation row `i`.
 pub struct RowArgs<'a> {
+    pub nb: usize,
     pub qw: &'a [i8],
     pub dw: &'a [u16],
     pub qx: &'a [i8],
@@ -22,23 +23,37 @@ pub struct RowArgs<'a> {
     pub tab: &'a [f32; 65536],
 }
 
-/// Run the row kernel of `path` (which the caller has checked the CPU supports: see
-/// [`crate::cpu::DotPath::detect`]); the portable one for paths this build lacks.
+/// Run the row kernel of `path` over every weight row in `a` (the CPU's support is checked
+/// once per call, not per row: a decoded token's rows are 18-48 blocks long); the portable one
+/// for paths this CPU or build lacks.
 #[allow(unsafe_code)]
 pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
-    let nb = a.dw.len();
-    assert!(a.qw.len() == nb * QK && a.qx.len() == y.len() * nb * QK && a.dx.len() == y.len() * nb);
+    let nb = a.nb;
+    let rows = a.dw.len().checked_div(nb).unwrap_or(0);
+    let n = a.dx.len().checked_div(nb).unwrap_or(0);
+    assert!(
+        a.dw.len() == rows * nb
+            && a.qw.len() == rows * nb * QK
+            && a.qx.len() == n * nb * QK
+            && a.dx.len() == n * nb
+            && y.len() == rows * n,
+        "Q8_0 row kernel: slice lengths disagree"
+    );
+    if nb == 0 {
+        y.fill(0.0);
+        return;
+    }
     match path {
         #[cfg(target_arch = "x86_64")]
         DotPath::Avx512Vnni if crate::cpu::hardware().1 >= DotPath::Avx512Vnni => {
             // SAFETY: the CPU reports AVX-512F/BW/VL/VNNI (checked just above); the slices'
-            // lengths were checked against `nb` and `y.len()` at the top.
-            unsafe { x86::row_vnni(a, y) }
+            // lengths were checked against `nb`, the rows and `y` at the top.
+            unsafe { x86::rows_vnni(a, y, n) }
         }
         #[cfg(target_arch = "x86_64")]
         DotPath::Avx512Vnni | DotPath::Avx2 if crate::cpu::hardware().1 >= DotPath::Avx2 => {
             // SAFETY: the CPU reports AVX2 and FMA; lengths checked as above.
-            unsafe { x86::row_avx2(a, y) }
+            unsafe { x86::rows_avx2(a, y, n) }
         }
         _ => row_portable(a, y),
     }
@@ -46,18 +61,26 @@ pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
 
 /// The portable row kernel (the reference the others are tested against).
 pub fn row_portable(a: &RowArgs, y: &mut [f32]) {
-    let nb = a.dw.len();
-    for (i, yi) in y.iter_mut().enumerate() {
-        let qx = &a.qx[i * nb * QK..(i + 1) * nb * QK];
-        let dx = &a.dx[i * nb..(i + 1) * nb];
-        let mut acc = 0.0f32;
-        for b in 0..nb {
-            let w = &a.qw[b * QK..(b + 1) * QK];
-            let x = &qx[b * QK..(b + 1) * QK];
-            let s: i32 = w.iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum();
-            acc += a.tab[a.dw[b] as usize] * dx[b] * s as f32;
+    let nb = a.nb;
+    let n = a.dx.len().checked_div(nb).unwrap_or(0);
+    if n == 0 {
+        return;
+    }
+    for (j, yj) in y.chunks_mut(n).enumerate() {
+        let qw = &a.qw[j * nb * QK..(j + 1) * nb * QK];
+        let dw = &a.dw[j * nb..(j + 1) * nb];
+        for (i, yi) in yj.iter_mut().enumerate() {
+            let qx = &a.qx[i * nb * QK..(i + 1) * nb * QK];
+            let dx = &a.dx[i * nb..(i + 1) * nb];
+            let mut acc = 0.0f32;
+            for b in 0..nb {
+                let w = &qw[b * QK..(b + 1) * QK];
+                let x = &qx[b * QK..(b + 1) * QK];
+                let s: i32 = w.iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum();
+                acc += a.tab[dw[b] as usize] * dx[b] * s as f32;
+            }
+            *yi = acc;
         }
-        *yi = acc;
     }
 }
 
@@ -81,10 +104,10 @@ mod x86 {
     /// The shared loop, expanded inside each target-feature function; `$dot8` turns one
     /// block's `(|x|, w * sign(x))` into 8 int32 partial sums.
     macro_rules! rows {
-        ($a:expr, $y:expr, $dot8:ident) => {{
-            let (a, y): (&RowArgs, &mut [f32]) = ($a, $y);
-            let nb = a.dw.len();
-            // The weight row's scales, converted once for every activation row.
+        ($a:expr, $y:expr, $n:expr, $dot8:ident) => {{
+            let (a, y, n): (&RowArgs, &mut [f32], usize) = ($a, $y, $n);
+            let nb = a.nb;
+            // One weight row's scales, converted once for every activation row.
             let mut dws = [0f32; 64];
             let mut dw_big = Vec::new();
             let dw: &mut [f32] = if nb <= dws.len() {
@@ -93,37 +116,39 @@ mod x86 {
                 dw_big.resize(nb, 0.0);
                 &mut dw_big
             };
-            for (d, &h) in dw.iter_mut().zip(a.dw) {
-                *d = a.tab[h as usize];
-            }
-            let wp = a.qw.as_ptr();
-            for (i, yi) in y.iter_mut().enumerate() {
-                let xp = a.qx.as_ptr().add(i * nb * QK);
-                let dx = a.dx.as_ptr().add(i * nb);
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                let mut b = 0;
-                while b + 1 < nb {
-                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                    let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
-                    let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                    let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
-                    let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
-                    let d1 = _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1));
-                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                    acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-                    b += 2;
+            for (j, yj) in y.chunks_mut(n).enumerate() {
+                for (d, &h) in dw.iter_mut().zip(&a.dw[j * nb..(j + 1) * nb]) {
+                    *d = a.tab[h as usize];
                 }
-                if b < nb {
-                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                    let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
-                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                let wp = a.qw.as_ptr().add(j * nb * QK);
+                for (i, yi) in yj.iter_mut().enumerate() {
+                    let xp = a.qx.as_ptr().add(i * nb * QK);
+                    let dx = a.dx.as_ptr().add(i * nb);
+                    let mut acc0 = _mm256_setzero_ps();
+                    let mut acc1 = _mm256_setzero_ps();
+                    let mut b = 0;
+                    while b + 1 < nb {
+                        let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                        let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                        let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
+                        let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                        let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                        let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
+                        let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
+                        let d1 = _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1));
+                        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                        b += 2;
+                    }
+                    if b < nb {
+                        let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                        let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                        let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                        let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
+                        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                    }
+                    *yi = hsum(_mm256_add_ps(acc0, acc1));
                 }
-                *yi = hsum(_mm256_add_ps(acc0, acc1));
             }
         }};
     }
@@ -135,10 +160,11 @@ mod x86 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1))
     }
 
-    /// SAFETY (caller): the CPU has AVX2 and FMA; slice lengths as [`super::row_dots`] checks.
+    /// SAFETY (caller): the CPU has AVX2 and FMA; slice lengths as [`super::row_dots`] checks,
+    /// `n` activation rows, `nb > 0`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_avx2(a: &RowArgs, y: &mut [f32]) {
-        rows!(a, y, dot8_avx2)
+    pub unsafe fn rows_avx2(a: &RowArgs, y: &mut [f32], n: usize) {
+        rows!(a, y, n, dot8_avx2)
     }
 
     #[inline]
@@ -155,7 +181,7 @@ mod x86 {
     ///
     /// SAFETY (caller): the CPU has AVX-512F/VL/VNNI; slice lengths as above.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn row_vnni(a: &RowArgs, y: &mut [f32]) {
-        rows!(a, y, dot8_vnni)
+    pub unsafe fn rows_vnni(a: &RowArgs, y: &mut [f32], n: usize) {
+        rows!(a, y, n, dot8_vnni)
     }
 }

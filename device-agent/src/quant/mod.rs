@@ -70,9 +70,22 @@ pub fn quantize_block(values: &[f32], q: &mut [i8; QK]) -> f32 {
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (i, qi) in q.iter_mut().enumerate() {
         let v = values.get(i).copied().unwrap_or(0.0);
-        *qi = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *qi = round_half_away(v * inv).clamp(-127.0, 127.0) as i8;
     }
     d
+}
+
+/// `x.round()` (halves away from zero) for `|x| < 2^31`, without the C library's `roundf`
+/// call per value, so a block's loop vectorises: truncation through `i32` is exact there and
+/// so is the remainder `x - t`.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 /// The f16 -> f32 table (256 KiB), built once.
@@ -249,10 +262,13 @@ impl Q8Matrix {
         if n == 0 || out == 0 {
             return yt;
         }
-        let row = |j: usize, y: &mut [f32]| {
+        // Weight rows `j0..j0 + y.len() / n` into `y` (their outputs for every activation row).
+        let rows = |j0: usize, y: &mut [f32]| {
+            let j1 = j0 + y.len() / n;
             let a = RowArgs {
-                qw: &self.qs[j * nb * QK..(j + 1) * nb * QK],
-                dw: &self.d[j * nb..(j + 1) * nb],
+                nb,
+                qw: &self.qs[j0 * nb * QK..j1 * nb * QK],
+                dw: &self.d[j0 * nb..j1 * nb],
                 qx: &qx.qs,
                 dx: &qx.d,
                 tab,
@@ -261,17 +277,13 @@ impl Q8Matrix {
         };
         let macs = out * n * nb * QK;
         if macs < 1 << 18 {
-            yt.chunks_mut(n).enumerate().for_each(|(j, y)| row(j, y));
+            rows(0, &mut yt);
         } else {
             let threads = rayon::current_num_threads().max(1);
             let per_task = out.div_ceil(threads * 8).max(1);
             yt.par_chunks_mut(per_task * n)
                 .enumerate()
-                .for_each(|(c, ys)| {
-                    for (jj, y) in ys.chunks_mut(n).enumerate() {
-                        row(c * per_task + jj, y);
-                    }
-                });
+                .for_each(|(c, ys)| rows(c * per_task, ys));
         }
         if n == 1 {
             return yt;
@@ -440,6 +452,18 @@ mod tests {
                 (0..cols).map(move |k| q.qs[i * q.nb * QK + k] as f32 * q.d[i * q.nb + k / QK])
             })
             .collect()
+    }
+
+    #[test]
+    fn rounding_matches_std_round_at_halves_and_their_neighbours() {
+        let mut xs = vec![0.0f32, -0.0, 127.0, -127.0, 127.49, -127.5];
+        for k in -256..=256 {
+            let h = k as f32 * 0.5;
+            xs.extend([h, h.next_up(), h.next_down()]);
+        }
+        for x in xs {
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
     }
 
     #[test]
