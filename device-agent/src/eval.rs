@@ -121,12 +121,14 @@ pub fn evaluate_windows(
         }
         let group = &windows[i..j];
         if len >= 2 {
-            let hidden = model.hidden(model.tokens_tensor(group), adapter, None);
             let targets: Vec<Option<u32>> = group
                 .iter()
                 .flat_map(|w| (0..len).map(move |t| w.get(t + 1).copied()))
                 .collect();
-            let (s, c, n) = score_rows(model, hidden, &targets);
+            let (s, c, n) = crate::backend::on_pool(|| {
+                let hidden = model.hidden(model.tokens_tensor(group), adapter, None);
+                score_rows(model, hidden, &targets)
+            });
             nll += s;
             correct += c;
             count += n;

@@ -228,10 +228,11 @@ pub enum AgentEvent {
 pub enum AgentCommand {
     Send(Message),
     /// Run `job` from `state` (the device's kept maps and adapter when the job starts) and
-    /// report the result with [`AgentEvent::JobDone`].
+    /// report the result with [`AgentEvent::JobDone`]. The state is shared with the session,
+    /// not copied: the session replaces it only when the job is done.
     Train {
         job: Box<TrainJob>,
-        state: DeviceState,
+        state: Arc<DeviceState>,
     },
     /// Stop the running job of this round at its next step: its deadline passed and it was
     /// reported failed. The driver still reports the job done (its result is dropped).
@@ -311,7 +312,9 @@ struct Queued {
 #[derive(Debug)]
 pub struct AgentSession {
     pub config: AgentConfig,
-    state: DeviceState,
+    /// Shared with the running job (a `Train` command's `state`); written only after the job
+    /// is done, through `Arc::make_mut`, which copies only if a driver still holds the job's.
+    state: Arc<DeviceState>,
     phase: Phase,
     /// Whether the transport is up (answers are sent) or down (answers wait in `outbox`).
     connected: bool,
@@ -344,6 +347,10 @@ pub struct AgentSession {
 
 impl AgentSession {
     pub fn new(config: AgentConfig, state: DeviceState) -> Self {
+        Self::with_shared(config, Arc::new(state))
+    }
+
+    fn with_shared(config: AgentConfig, state: Arc<DeviceState>) -> Self {
         AgentSession {
             config,
             state,
@@ -388,7 +395,7 @@ impl AgentSession {
     /// The agent process restarted: everything but what an agent persists (its kept maps and
     /// adapter) is forgotten, including a running job and the outbox.
     pub fn restart(&mut self) {
-        *self = AgentSession::new(self.config.clone(), self.state.clone());
+        *self = AgentSession::with_shared(self.config.clone(), Arc::clone(&self.state));
     }
 
     /// The device's static settings (the simulator evaluates a device's model with its
@@ -647,7 +654,7 @@ impl AgentSession {
                 rank_pruning: rc.options.rank_pruning,
                 memory,
             }),
-            state: self.state.clone(),
+            state: Arc::clone(&self.state),
         }]
     }
 
@@ -695,12 +702,11 @@ impl AgentSession {
         }
         match result {
             Ok(out) if out.round == round => {
-                self.state.kept = out.kept.clone();
-                let (rank, alpha, factors) = out.adapter.clone();
+                let (rank, alpha, factors) = &out.adapter;
                 let (key, config_bytes) = running.unzip();
                 let mut msg = Message::Update(Update {
                     round,
-                    adapter: wire::adapter_to_wire(rank, alpha, &factors, self.config.f16_updates),
+                    adapter: wire::adapter_to_wire(*rank, *alpha, factors, self.config.f16_updates),
                     kept: out.kept.clone(),
                     stats: UpdateStats {
                         bytes_down: config_bytes.unwrap_or(0),
@@ -712,8 +718,10 @@ impl AgentSession {
                     update.stats.bytes_up = bytes_up;
                     self.last_update = key.map(|k| (k, update.clone()));
                 }
-                self.state.adapter = Some(out.adapter);
-                self.state.importance = out.importance;
+                let state = Arc::make_mut(&mut self.state);
+                state.kept = out.kept;
+                state.adapter = Some(out.adapter);
+                state.importance = out.importance;
                 self.phase = Phase::AwaitingAck(round);
                 self.answer(msg)
             }

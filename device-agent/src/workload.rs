@@ -166,18 +166,20 @@ impl SpamTask {
             let refs: Vec<&ClsExample> = chunk.iter().collect();
             let (b, last) = self.batch(&refs, pad);
             let len = b.tokens[0].len();
-            let h = model.hidden(model.tokens_tensor(&b.tokens), adapter, None);
             let rows: Vec<usize> = last.iter().enumerate().map(|(i, &p)| i * len + p).collect();
             let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let sel = h.select(
-                0,
-                burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
-                    burn::tensor::TensorData::new(idx, [rows.len()]),
-                    &model.device,
-                ),
-            );
-            let logits = burn::tensor::activation::log_softmax(model.logits(sel), 1);
-            let lp = crate::model::to_rows(logits);
+            let lp = crate::backend::on_pool(|| {
+                let h = model.hidden(model.tokens_tensor(&b.tokens), adapter, None);
+                let sel = h.select(
+                    0,
+                    burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+                        burn::tensor::TensorData::new(idx, [rows.len()]),
+                        &model.device,
+                    ),
+                );
+                let logits = burn::tensor::activation::log_softmax(model.logits(sel), 1);
+                crate::model::to_rows(logits)
+            });
             for (e, row) in chunk.iter().zip(&lp) {
                 let (y, n) = (row[self.yes as usize], row[self.no as usize]);
                 if (y > n) == e.label {

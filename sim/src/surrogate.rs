@@ -361,13 +361,15 @@ impl LocalTrainer for SurrogateTrainer {
             state.kept.clone()
         };
         let s_new = self.wire_sparsity(&kept);
-        let p = self.params.clone();
+        // The two noise draws first (in this order), so the parameters are read in place.
+        let (noise_pre, noise_post) = (self.noise(), self.noise());
+        let p = &self.params;
         let phi = p.phi(rank as f64, steps as f64);
         let o = self.offsets.get(device).copied().unwrap_or(0.0);
         let loss_pre =
-            (p.loss_floor + self.gap + p.sparsity_penalty * s_prev + o + self.noise()).max(0.01);
+            (p.loss_floor + self.gap + p.sparsity_penalty * s_prev + o + noise_pre).max(0.01);
         let loss_post =
-            (p.loss_floor + (1.0 - phi) * self.gap + p.sparsity_penalty * s_new + o + self.noise())
+            (p.loss_floor + (1.0 - phi) * self.gap + p.sparsity_penalty * s_new + o + noise_post)
                 .max(0.01);
         self.pending.insert(device, phi);
         let wire_cfg = pruned_config(&self.wire, &kept);

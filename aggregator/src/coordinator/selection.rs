@@ -92,15 +92,17 @@ impl Coordinator {
             self.gate = None;
         }
         // Called on every message while no round is open (every join of a 10,000-device fleet
-        // coming up): count, stopping at the minimum, before collecting anything.
+        // coming up): fewer known devices than the minimum need no scan; else count, stopping
+        // at the minimum, before collecting anything.
         let min = self.config.min_devices_to_start();
-        if self
-            .devices
-            .values()
-            .filter(|e| is_idle(e))
-            .take(min)
-            .count()
-            < min
+        if self.devices.len() < min
+            || self
+                .devices
+                .values()
+                .filter(|e| is_idle(e))
+                .take(min)
+                .count()
+                < min
         {
             return;
         }

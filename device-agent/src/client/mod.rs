@@ -454,7 +454,7 @@ impl Driver {
     }
 
     /// Runs a local round from `state` on a blocking thread.
-    fn start_job(&mut self, job: TrainJob, state: DeviceState) {
+    fn start_job(&mut self, job: TrainJob, state: Arc<DeviceState>) {
         let work = self.work.clone();
         let progress = self.progress.clone();
         let tx = self.jobs.clone();
@@ -465,6 +465,9 @@ impl Driver {
         tokio::task::spawn_blocking(move || {
             let round = job.round;
             let result = run_local_round(&job, &state, &work, &progress, &cancel);
+            // Released before the result is reported, so the session updates its state in
+            // place instead of copying it.
+            drop(state);
             let _ = tx.send(JobResult { round, result });
         });
     }

@@ -143,9 +143,11 @@ fn candidates(
     out
 }
 
-/// Importance per parameter, lowest first (ties by block, kind, index: deterministic).
+/// Importance per parameter, lowest first (ties by block, kind, index: deterministic). The
+/// order is total (no two candidates share block, kind and index), so the unstable sort gives
+/// the one sorted order without the stable sort's scratch buffer.
 fn sort_by_density(c: &mut [Cand]) {
-    c.sort_by(|a, b| {
+    c.sort_unstable_by(|a, b| {
         (a.score / a.cost)
             .total_cmp(&(b.score / b.cost))
             .then(a.block.cmp(&b.block))

@@ -112,8 +112,10 @@ impl MaskedShard {
         for group in self.test.chunks(4) {
             let refs: Vec<&MaskedWindow> = group.iter().collect();
             let b = masked_batch(&refs);
-            let hidden = model.hidden(model.tokens_tensor(&b.tokens), adapter, None);
-            let (s, c, n) = eval::score_rows(model, hidden, &b.targets);
+            let (s, c, n) = crate::backend::on_pool(|| {
+                let hidden = model.hidden(model.tokens_tensor(&b.tokens), adapter, None);
+                eval::score_rows(model, hidden, &b.targets)
+            });
             nll += s;
             correct += c;
             count += n;

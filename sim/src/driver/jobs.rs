@@ -5,6 +5,8 @@
 //! come from the run's `device-round` stream at (device, round): the same in every strategy's
 //! run.
 
+use std::sync::Arc;
+
 use device_agent::session::{DeviceState, TrainJob};
 use protocol::{FailReason, Timestamp};
 use rand::Rng;
@@ -45,7 +47,7 @@ impl Simulation<'_> {
         &mut self,
         i: usize,
         job: TrainJob,
-        state: DeviceState,
+        state: Arc<DeviceState>,
     ) -> Result<(), SimError> {
         self.observer.job_started();
         let profile = self.profile(i).clone();

@@ -119,7 +119,8 @@ impl Simulation<'_> {
                 ..Play::empty()
             });
         }
-        plays.sort_by_key(|p| p.device);
+        // One play per device: the unstable sort gives the same order without a scratch buffer.
+        plays.sort_unstable_by_key(|p| p.device);
         for p in &plays {
             if let Some(i) = self.index_of(DeviceId(p.device)) {
                 self.devices[i]
