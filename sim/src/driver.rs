@@ -7,9 +7,12 @@
 //! `local_data`'s and selection, arms and local-round seeds are the coordinator's.
 //!
 //! The driver plays the parts the real deployment gives to hardware and transport:
-//! - **Links.** A message is encoded with the real codec; it arrives `bytes / rate + rtt` after
-//!   its link (the device's uplink or downlink, one message at a time) is free, and is decoded
-//!   on arrival. Messages of a connection that closed meanwhile are lost.
+//! - **Links.** A message is sized by the real codec; it arrives `bytes / rate + rtt` after its
+//!   link (the device's uplink or downlink, one message at a time) is free. Real mode encodes
+//!   it and decodes the frame on arrival; surrogate mode hands over the message itself (the
+//!   codec gives back exactly what it encoded, which protocol's tests and `round_trip` fuzz
+//!   target check), since the round trip was a sixth of a 10,000-device run. Messages of a
+//!   connection that closed meanwhile are lost.
 //! - **Compute.** A session's `Train` command runs the local round at once (real training or
 //!   the surrogate) and its result is delivered after the virtual compute time. (A round that
 //!   cannot fit in the profile's RAM never gets here: the session refuses it, sized by the
@@ -128,13 +131,13 @@ enum Ev {
     ToServer {
         dev: usize,
         epoch: u64,
-        frame: Vec<u8>,
+        wire: Wire,
         bytes: u64,
     },
     ToDevice {
         dev: usize,
         epoch: u64,
-        frame: Vec<u8>,
+        wire: Wire,
         bytes: u64,
     },
     JobDone {
@@ -174,6 +177,14 @@ pub struct Simulation<'a> {
     /// Frame buffers whose message was delivered, reused by the next sends (a 10,000-device
     /// run would otherwise allocate and free one per message).
     frame_pool: Vec<Vec<u8>>,
+    /// Whether messages travel encoded (real mode) or as themselves (surrogate mode).
+    encode_frames: bool,
+}
+
+/// What a link carries: the encoded frame, or the message itself (see the module docs).
+enum Wire {
+    Frame(Vec<u8>),
+    Message(Box<Message>),
 }
 
 /// The session's failure event for a job that could not run.
@@ -291,6 +302,7 @@ impl<'a> Simulation<'a> {
                 attackers[i] = true;
             }
         }
+        let encode_frames = trainer.mode() == "real";
         Ok(Simulation {
             attackers,
             poisoned_sent: 0,
@@ -313,6 +325,7 @@ impl<'a> Simulation<'a> {
             bytes_down_total: 0,
             sparsity_memo: std::collections::HashMap::new(),
             frame_pool: Vec::new(),
+            encode_frames,
         })
     }
 
@@ -406,14 +419,13 @@ impl<'a> Simulation<'a> {
             Ev::ToServer {
                 dev,
                 epoch,
-                frame,
+                wire,
                 bytes,
             } => {
                 if self.devices[dev].epoch != epoch || !self.devices[dev].connected {
                     return Ok(());
                 }
-                let msg = decode(&frame, "from a device")?;
-                self.recycle(frame);
+                let msg = self.unpack(wire, "from a device")?;
                 let id = self.devices[dev].id;
                 let cmds = self.coordinator.handle(
                     self.now,
@@ -428,14 +440,13 @@ impl<'a> Simulation<'a> {
             Ev::ToDevice {
                 dev,
                 epoch,
-                frame,
+                wire,
                 bytes,
             } => {
                 if self.devices[dev].epoch != epoch || !self.devices[dev].connected {
                     return Ok(());
                 }
-                let msg = decode(&frame, "to a device")?;
-                self.recycle(frame);
+                let msg = self.unpack(wire, "to a device")?;
                 let cmds = self.devices[dev]
                     .session
                     .handle(self.now, AgentEvent::Message { msg, bytes });
@@ -561,12 +572,31 @@ impl<'a> Simulation<'a> {
     const FRAME_POOL: usize = 256;
     const FRAME_KEEP_BYTES: usize = 4 << 20;
 
-    /// `msg` encoded with the real codec into a reused buffer.
-    fn encode(&mut self, msg: &Message) -> Result<Vec<u8>, protocol::CodecError> {
+    /// `msg` ready for a link with its size in bytes (the trainer's `wire_bytes` of its frame
+    /// length): encoded with the real codec into a reused buffer, or, in surrogate mode, sized
+    /// by the codec and carried as it is.
+    fn pack(&mut self, msg: Message) -> Result<(Wire, usize), protocol::CodecError> {
+        if !self.encode_frames {
+            let bytes = self.trainer.wire_bytes(&msg, protocol::frame_len(&msg)?);
+            return Ok((Wire::Message(Box::new(msg)), bytes));
+        }
         let mut frame = self.frame_pool.pop().unwrap_or_default();
         frame.clear();
-        protocol::encode_frame_into(msg, &mut frame)?;
-        Ok(frame)
+        protocol::encode_frame_into(&msg, &mut frame)?;
+        let bytes = self.trainer.wire_bytes(&msg, frame.len());
+        Ok((Wire::Frame(frame), bytes))
+    }
+
+    /// The message a link delivered (`what` says which way it went).
+    fn unpack(&mut self, wire: Wire, what: &str) -> Result<Message, SimError> {
+        match wire {
+            Wire::Message(msg) => Ok(*msg),
+            Wire::Frame(frame) => {
+                let msg = decode(&frame, what)?;
+                self.recycle(frame);
+                Ok(msg)
+            }
+        }
     }
 
     /// Returns a delivered frame's buffer to the pool.
@@ -599,10 +629,9 @@ impl<'a> Simulation<'a> {
             crate::byzantine::poison(u, self.cfg.byzantine.attack, self.cfg.seed, i)?;
             self.poisoned_sent += 1;
         }
-        let frame = self
-            .encode(&msg)
+        let (wire, bytes) = self
+            .pack(msg)
             .map_err(|e| SimError::Coordinator(format!("cannot encode a device message: {e}")))?;
-        let bytes = self.trainer.wire_bytes(&msg, frame.len());
         let (up, rtt) = (self.profile(i).uplink_mbps, self.profile(i).rtt_ms);
         let d = &mut self.devices[i];
         let at = Self::link(&mut d.up_free, self.now, bytes, up, rtt);
@@ -613,7 +642,7 @@ impl<'a> Simulation<'a> {
             Ev::ToServer {
                 dev: i,
                 epoch,
-                frame,
+                wire,
                 bytes: bytes as u64,
             },
         );
@@ -627,10 +656,9 @@ impl<'a> Simulation<'a> {
         if !self.devices[i].connected {
             return Ok(());
         }
-        let frame = self.encode(&msg).map_err(|e| {
+        let (wire, bytes) = self.pack(msg).map_err(|e| {
             SimError::Coordinator(format!("cannot encode an aggregator message: {e}"))
         })?;
-        let bytes = self.trainer.wire_bytes(&msg, frame.len());
         let (down, rtt) = (self.profile(i).downlink_mbps, self.profile(i).rtt_ms);
         let d = &mut self.devices[i];
         let at = Self::link(&mut d.down_free, self.now, bytes, down, rtt);
@@ -641,7 +669,7 @@ impl<'a> Simulation<'a> {
             Ev::ToDevice {
                 dev: i,
                 epoch,
-                frame,
+                wire,
                 bytes: bytes as u64,
             },
         );
