@@ -111,6 +111,10 @@ struct VDev {
     /// computed, and that sparsity: the fleet's mean is taken every round over every device,
     /// and most devices' maps have not changed since.
     sparsity_seen: Option<(Vec<[usize; 3]>, f64)>,
+    /// Whether a job finished since `sparsity_seen` was taken (only a finished job changes a
+    /// device's kept maps): the fleet's mean sparsity, taken every round, then reads no
+    /// session state of the devices that did not train.
+    sparsity_stale: bool,
 }
 
 impl VDev {
@@ -291,6 +295,7 @@ impl<'a> Simulation<'a> {
                 peak_mem: 0,
                 history: Vec::new(),
                 sparsity_seen: None,
+                sparsity_stale: true,
             });
         }
         let panel_seed = Stream::new(cfg.seed, label::EVALUATION).at(0, 0);
@@ -459,6 +464,7 @@ impl<'a> Simulation<'a> {
                 let cmds = self.devices[dev]
                     .session
                     .handle(self.now, AgentEvent::JobDone(*result));
+                self.devices[dev].sparsity_stale = true;
                 self.apply_session(dev, cmds)?;
             }
             Ev::DeviceTimer(i) => {

@@ -26,13 +26,18 @@ impl Simulation<'_> {
     /// device.
     fn sparsity_of(&mut self, i: usize) -> f64 {
         let d = &self.devices[i];
+        if let (false, Some((_, s))) = (d.sparsity_stale, &d.sparsity_seen) {
+            return *s;
+        }
         let kept = &d.session.state().kept;
         let shape = |b: &BlockKept| [b.query_heads.len(), b.kv_heads.len(), b.mlp_channels.len()];
         if let Some((seen, s)) = &d.sparsity_seen {
             if seen.len() == kept.blocks.len()
                 && seen.iter().zip(&kept.blocks).all(|(k, b)| *k == shape(b))
             {
-                return *s;
+                let s = *s;
+                self.devices[i].sparsity_stale = false;
+                return s;
             }
         }
         let key: Vec<[usize; 3]> = kept.blocks.iter().map(shape).collect();
@@ -45,6 +50,7 @@ impl Simulation<'_> {
             }
         };
         self.devices[i].sparsity_seen = Some((key, s));
+        self.devices[i].sparsity_stale = false;
         s
     }
 
