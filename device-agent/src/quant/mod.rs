@@ -255,47 +255,78 @@ impl Q8Matrix {
 
     /// The matmul from already quantized activations (`qx` has this matrix's block count).
     pub fn matmul_q(&self, path: DotPath, qx: &QRows) -> Vec<f32> {
-        assert_eq!(qx.nb, self.nb, "activations quantized for another width");
-        let (n, out, nb) = (qx.n, self.rows, self.nb);
-        let tab = f16_table();
-        let mut yt = vec![0f32; out * n];
-        if n == 0 || out == 0 {
-            return yt;
-        }
-        // Weight rows `j0..j0 + y.len() / n` into `y` (their outputs for every activation row).
-        let rows = |j0: usize, y: &mut [f32]| {
-            let j1 = j0 + y.len() / n;
-            let a = RowArgs {
-                nb,
-                qw: &self.qs[j0 * nb * QK..j1 * nb * QK],
-                dw: &self.d[j0 * nb..j1 * nb],
-                qx: &qx.qs,
-                dx: &qx.d,
-                tab,
-            };
-            kernels::row_dots(path, &a, y);
+        matmul_many_q(path, &[self], qx)
+            .pop()
+            .expect("one product per matrix")
+    }
+}
+
+/// Several matrices times the same quantized activations (`qx` has their block count), `y[n,
+/// rows]` each. Their weight rows are split over the pool together: a decoded token's k and v
+/// products are each too small to split (a task per thread would cost more than it saves), so
+/// taken one by one they ran on one thread after q; together they run beside it. Every output
+/// is one weight row's dot products, whichever task computes it, so the split never changes a
+/// value.
+pub fn matmul_many_q(path: DotPath, mats: &[&Q8Matrix], qx: &QRows) -> Vec<Vec<f32>> {
+    let n = qx.n;
+    for m in mats {
+        assert_eq!(qx.nb, m.nb, "activations quantized for another width");
+    }
+    let tab = f16_table();
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
+    if n == 0 {
+        return outs;
+    }
+    // Weight rows `j0..j0 + y.len() / n` of `m` into `y` (their outputs for every activation
+    // row).
+    let rows = |m: &Q8Matrix, j0: usize, y: &mut [f32]| {
+        let nb = m.nb;
+        let j1 = j0 + y.len() / n;
+        let a = RowArgs {
+            nb,
+            qw: &m.qs[j0 * nb * QK..j1 * nb * QK],
+            dw: &m.d[j0 * nb..j1 * nb],
+            qx: &qx.qs,
+            dx: &qx.d,
+            tab,
         };
-        let macs = out * n * nb * QK;
-        if macs < 1 << 18 {
-            rows(0, &mut yt);
-        } else {
-            let threads = rayon::current_num_threads().max(1);
-            let per_task = out.div_ceil(threads * 8).max(1);
-            yt.par_chunks_mut(per_task * n)
-                .enumerate()
-                .for_each(|(c, ys)| rows(c * per_task, ys));
+        kernels::row_dots(path, &a, y);
+    };
+    let macs: usize = mats.iter().map(|m| m.rows * n * m.nb * QK).sum();
+    if macs < 1 << 18 {
+        for (m, y) in mats.iter().zip(outs.iter_mut()) {
+            rows(m, 0, y);
         }
-        if n == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; n * out];
-        for (j, col) in yt.chunks_exact(n).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                y[i * out + j] = v;
+    } else {
+        let threads = rayon::current_num_threads().max(1);
+        let total: usize = mats.iter().map(|m| m.rows).sum();
+        let per_task = total.div_ceil(threads * 8).max(1);
+        let mut tasks: Vec<(&Q8Matrix, usize, &mut [f32])> = Vec::new();
+        for (m, y) in mats.iter().zip(outs.iter_mut()) {
+            for (c, ys) in y.chunks_mut(per_task * n).enumerate() {
+                tasks.push((m, c * per_task, ys));
             }
         }
-        y
+        tasks
+            .into_par_iter()
+            .for_each(|(m, j0, ys)| rows(m, j0, ys));
     }
+    if n == 1 {
+        return outs;
+    }
+    // Each task wrote its rows' outputs for every activation row; `y` is `[n, rows]`.
+    outs.into_iter()
+        .zip(mats)
+        .map(|(yt, m)| {
+            let mut y = vec![0f32; n * m.rows];
+            for (j, col) in yt.chunks_exact(n).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    y[i * m.rows + j] = v;
+                }
+            }
+            y
+        })
+        .collect()
 }
 
 /// `x[n, cols]` (a burn tensor, no autodiff) times each matrix, quantizing `x` once.
@@ -314,21 +345,22 @@ pub fn matmul_tensors(mats: &[&Q8Matrix], x: Tensor<2>) -> Result<Vec<Tensor<2>>
                 got: 0,
                 expected: n * cols,
             })?;
+    for m in mats {
+        if m.cols != cols {
+            return Err(QuantError::Shape {
+                what: format!("input of a [{} x {}] Q8_0 matrix", m.rows, m.cols),
+                got: cols,
+                expected: m.cols,
+            });
+        }
+    }
     let qx = QRows::quantize(&v, n, cols)?;
-    let path = DotPath::detect();
-    mats.iter()
-        .map(|m| {
-            if m.cols != cols {
-                return Err(QuantError::Shape {
-                    what: format!("input of a [{} x {}] Q8_0 matrix", m.rows, m.cols),
-                    got: cols,
-                    expected: m.cols,
-                });
-            }
-            let y = m.matmul_q(path, &qx);
-            Ok(Tensor::from_data(TensorData::new(y, [n, m.rows]), &device))
-        })
-        .collect()
+    let ys = matmul_many_q(DotPath::detect(), mats, &qx);
+    Ok(ys
+        .into_iter()
+        .zip(mats)
+        .map(|(y, m)| Tensor::from_data(TensorData::new(y, [n, m.rows]), &device))
+        .collect())
 }
 
 /// A model's frozen base in Q8_0: the embedding table (also the LM head when tied), the untied
@@ -569,6 +601,43 @@ mod tests {
             "q4_k".parse::<BasePrecision>().is_err()
                 && "Q8_0".parse::<BasePrecision>().unwrap() == BasePrecision::Q8_0
         );
+    }
+
+    #[test]
+    fn grouped_products_equal_each_matrix_alone_above_and_below_the_split() {
+        // SmolLM2's q, k and v shapes at one decoded token (together past the parallel split,
+        // k and v alone under it), at a short prompt, and a small group that stays serial.
+        let cols = 576;
+        let mats: Vec<Q8Matrix> = [576usize, 192, 192]
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| {
+                Q8Matrix::quantize(&seeded(rows * cols, 90 + i as u32, 0.5), rows, cols).unwrap()
+            })
+            .collect();
+        let small = Q8Matrix::quantize(&seeded(3 * 64, 95, 0.5), 3, 64).unwrap();
+        let refs: Vec<&Q8Matrix> = mats.iter().collect();
+        let path = DotPath::detect();
+        for n in [1, 5] {
+            let qx = QRows::quantize(&seeded(n * cols, 99, 2.0), n, cols).unwrap();
+            let together = matmul_many_q(path, &refs, &qx);
+            assert_eq!(together.len(), 3);
+            for (m, y) in mats.iter().zip(&together) {
+                assert_eq!(y, &m.matmul_q(path, &qx), "n {n}, {} rows", m.rows);
+                // Each output is its weight row's dot product whichever task ran it: the
+                // portable kernel's over the same rows agrees to rounding.
+                let single = m.matmul_q(DotPath::Portable, &qx);
+                let worst = y
+                    .iter()
+                    .zip(&single)
+                    .fold(0f32, |a, (p, q)| a.max((p - q).abs() / q.abs().max(1.0)));
+                assert!(worst < 1e-5, "n {n}: {worst}");
+            }
+        }
+        let qx = QRows::quantize(&seeded(2 * 64, 96, 2.0), 2, 64).unwrap();
+        let y = matmul_many_q(path, &[&small, &small], &qx);
+        assert_eq!(y[0], y[1]);
+        assert_eq!(y[0], small.matmul_q(path, &qx));
     }
 
     fn tiny(n_layers: usize, tie: bool) -> ModelConfig {
