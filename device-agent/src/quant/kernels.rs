@@ -11,6 +11,11 @@ use crate::cpu::DotPath;
 /// Values per Q8_0 block (along the input dimension).
 pub const QK: usize = 32;
 
+/// The VNNI kernel's tile: weight rows and activation rows multiplied together, each loaded
+/// block used `TILE` times from registers. Fewer activation rows than this (a decoded token)
+/// take the row-by-row kernel, which is bound by reading the weights anyway.
+pub const TILE: usize = 4;
+
 /// Consecutive weight rows against the activations: `qw`/`dw` hold the rows' blocks (`nb` per
 /// row: values and f16 scale bits), `qx`/`dx` the activations' `n` rows of `nb` blocks each,
 /// `tab` the f16 -> f32 table. Writes `y[j * n + i]` for weight row `j` and activation row `i`.
@@ -48,7 +53,11 @@ pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
         DotPath::Avx512Vnni if crate::cpu::hardware().1 >= DotPath::Avx512Vnni => {
             // SAFETY: the CPU reports AVX-512F/BW/VL/VNNI (checked just above); the slices'
             // lengths were checked against `nb`, the rows and `y` at the top.
-            unsafe { x86::rows_vnni(a, y, n) }
+            if n >= TILE {
+                unsafe { x86::rows_vnni_tiled(a, y, n) }
+            } else {
+                unsafe { x86::rows_vnni(a, y, n) }
+            }
         }
         #[cfg(target_arch = "x86_64")]
         DotPath::Avx512Vnni | DotPath::Avx2 if crate::cpu::hardware().1 >= DotPath::Avx2 => {
@@ -87,7 +96,7 @@ pub fn row_portable(a: &RowArgs, y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{RowArgs, QK};
+    use super::{RowArgs, QK, TILE};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -101,13 +110,57 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// The shared loop, expanded inside each target-feature function; `$dot8` turns one
-    /// block's `(|x|, w * sign(x))` into 8 int32 partial sums.
+    /// One weight row's scales converted once for every activation row: `dw` has `nb` places.
+    #[inline(always)]
+    unsafe fn row_scales(a: &RowArgs, j: usize, dw: &mut [f32]) {
+        let nb = a.nb;
+        for (d, &h) in dw.iter_mut().zip(&a.dw[j * nb..(j + 1) * nb]) {
+            *d = a.tab[h as usize];
+        }
+    }
+
+    /// The dot product of weight row `j` (its scales converted in `dw`) with activation row
+    /// `i`, expanded inside each target-feature function; `$dot8` turns one block's `(|x|, w *
+    /// sign(x))` into 8 int32 partial sums.
+    macro_rules! pair {
+        ($a:expr, $j:expr, $i:expr, $dw:expr, $dot8:ident) => {{
+            let (a, j, i, dw): (&RowArgs, usize, usize, &[f32]) = ($a, $j, $i, $dw);
+            let nb = a.nb;
+            let wp = a.qw.as_ptr().add(j * nb * QK);
+            let xp = a.qx.as_ptr().add(i * nb * QK);
+            let dx = a.dx.as_ptr().add(i * nb);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut b = 0;
+            while b + 1 < nb {
+                let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
+                let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
+                let d1 = _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                b += 2;
+            }
+            if b < nb {
+                let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }};
+    }
+
+    /// Every weight row against every activation row, one pair at a time.
     macro_rules! rows {
         ($a:expr, $y:expr, $n:expr, $dot8:ident) => {{
             let (a, y, n): (&RowArgs, &mut [f32], usize) = ($a, $y, $n);
             let nb = a.nb;
-            // One weight row's scales, converted once for every activation row.
             let mut dws = [0f32; 64];
             let mut dw_big = Vec::new();
             let dw: &mut [f32] = if nb <= dws.len() {
@@ -117,37 +170,9 @@ mod x86 {
                 &mut dw_big
             };
             for (j, yj) in y.chunks_mut(n).enumerate() {
-                for (d, &h) in dw.iter_mut().zip(&a.dw[j * nb..(j + 1) * nb]) {
-                    *d = a.tab[h as usize];
-                }
-                let wp = a.qw.as_ptr().add(j * nb * QK);
+                row_scales(a, j, dw);
                 for (i, yi) in yj.iter_mut().enumerate() {
-                    let xp = a.qx.as_ptr().add(i * nb * QK);
-                    let dx = a.dx.as_ptr().add(i * nb);
-                    let mut acc0 = _mm256_setzero_ps();
-                    let mut acc1 = _mm256_setzero_ps();
-                    let mut b = 0;
-                    while b + 1 < nb {
-                        let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                        let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                        let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
-                        let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-                        let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                        let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
-                        let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
-                        let d1 = _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1));
-                        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-                        b += 2;
-                    }
-                    if b < nb {
-                        let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                        let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                        let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                        let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
-                        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                    }
-                    *yi = hsum(_mm256_add_ps(acc0, acc1));
+                    *yi = pair!(a, j, i, dw, $dot8);
                 }
             }
         }};
@@ -183,5 +208,76 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn rows_vnni(a: &RowArgs, y: &mut [f32], n: usize) {
         rows!(a, y, n, dot8_vnni)
+    }
+
+    /// The VNNI kernel for several activation rows: tiles of [`TILE`] weight rows x `TILE`
+    /// activation rows, so each loaded block serves four products from registers. It uses the
+    /// offset trick instead of the sign trick, which costs an instruction per product: `x +
+    /// 128` is unsigned (`x ^ 0x80` for `x` in `-127..=127`), and `vpdpbusd` starting from
+    /// `-128 * sum(w)` per lane (one more `vpdpbusd` per weight block, shared by the tile's four
+    /// activation rows) gives `sum(x * w)` exactly in int32. Rows and activation rows past the
+    /// last whole tile take the pair kernel.
+    ///
+    /// SAFETY (caller): the CPU has AVX-512F/VL/VNNI; slice lengths as above.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn rows_vnni_tiled(a: &RowArgs, y: &mut [f32], n: usize) {
+        const T: usize = TILE;
+        let nb = a.nb;
+        let rows = y.len() / n;
+        let n_t = n / T * T;
+        let mut dw = vec![0f32; T * nb];
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let zero = _mm256_setzero_si256();
+        for j0 in (0..rows).step_by(T) {
+            let tj = (rows - j0).min(T);
+            for t in 0..tj {
+                row_scales(a, j0 + t, &mut dw[t * nb..(t + 1) * nb]);
+            }
+            if tj == T {
+                let wp: [*const i8; T] =
+                    std::array::from_fn(|t| a.qw.as_ptr().add((j0 + t) * nb * QK));
+                for i0 in (0..n_t).step_by(T) {
+                    let xp: [*const i8; T] =
+                        std::array::from_fn(|t| a.qx.as_ptr().add((i0 + t) * nb * QK));
+                    let mut acc = [[_mm256_setzero_ps(); T]; T];
+                    for b in 0..nb {
+                        let mut w = [zero; T];
+                        let mut start = [zero; T];
+                        let mut bw = [_mm256_setzero_ps(); T];
+                        for t in 0..T {
+                            w[t] = _mm256_loadu_si256(wp[t].add(b * QK) as *const __m256i);
+                            // -128 * (sum of each lane's four weights): the offset's correction.
+                            start[t] =
+                                _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, w[t]));
+                            bw[t] = _mm256_set1_ps(*dw.get_unchecked(t * nb + b));
+                        }
+                        for u in 0..T {
+                            let x = _mm256_loadu_si256(xp[u].add(b * QK) as *const __m256i);
+                            let xu = _mm256_xor_si256(x, flip);
+                            let bx = _mm256_set1_ps(*a.dx.get_unchecked((i0 + u) * nb + b));
+                            for t in 0..T {
+                                let p = _mm256_dpbusd_epi32(start[t], xu, w[t]);
+                                let s = _mm256_mul_ps(bw[t], bx);
+                                acc[t][u] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[t][u]);
+                            }
+                        }
+                    }
+                    for t in 0..T {
+                        for u in 0..T {
+                            *y.get_unchecked_mut((j0 + t) * n + i0 + u) = hsum(acc[t][u]);
+                        }
+                    }
+                }
+            }
+            // What the tiles left: every activation row of a partial tile of weight rows, the
+            // activation rows past the last whole tile of a full one.
+            let from = if tj == T { n_t } else { 0 };
+            for t in 0..tj {
+                let dwt = &dw[t * nb..(t + 1) * nb];
+                for i in from..n {
+                    y[(j0 + t) * n + i] = pair!(a, j0 + t, i, dwt, dot8_vnni);
+                }
+            }
+        }
     }
 }
