@@ -32,32 +32,13 @@ use protocol::{
 
 use crate::cost::{MemoryMode, RoundCosts};
 use crate::lora::HostFactors;
-use crate::model::Llama;
-use crate::prune::{Criterion, Importance, KeptIndicesExt, PruneConfig};
+use crate::prune::{Criterion, Importance, PruneConfig};
 use crate::train::RoundReport;
 use crate::wire;
 use protocol::KeptIndices;
 
-/// What a device remembers between rounds (persisted whole by `join --state`, see
-/// [`crate::state_dir`]).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct DeviceState {
-    pub kept: KeptIndices,
-    /// The adapter the device last trained (rank, alpha, factors in wire orientation).
-    pub adapter: Option<(usize, f64, Vec<HostFactors>)>,
-    /// The importance EMA over the kept units (sliced with `kept`), continued by every round.
-    pub importance: Importance,
-}
-
-impl DeviceState {
-    pub fn fresh(base: &Llama) -> Self {
-        DeviceState {
-            kept: KeptIndices::dense(&base.config),
-            adapter: None,
-            importance: Importance::default(),
-        }
-    }
-}
+mod state;
+pub use state::DeviceState;
 
 /// A round's work as the session hands it to its driver.
 #[derive(Debug, Clone, PartialEq)]
