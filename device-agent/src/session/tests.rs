@@ -5,6 +5,7 @@
 use super::*;
 use crate::cost::{MemoryMode, PrunedModel};
 use crate::model::ModelConfig;
+use crate::prune::KeptIndicesExt;
 use protocol::{ModelDims, Welcome};
 
 fn tiny() -> ModelConfig {
