@@ -68,6 +68,27 @@ pub fn quantize_block(values: &[f32], q: &mut [i8; QK]) -> f32 {
     let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let whole_finite = values
+        .first_chunk::<QK>()
+        .filter(|b| b.iter().all(|v| v.is_finite()));
+    if let Some(block) = whole_finite {
+        // A whole block of finite values: every `v * inv` is finite with magnitude at most
+        // about 127, so truncation needs no saturation check, and the loop vectorises.
+        for (qi, &v) in q.iter_mut().zip(block) {
+            let x = v * inv;
+            #[allow(unsafe_code)]
+            // SAFETY: `x` is finite (every `v` is, so `amax`, `d` and `inv` are) and `|x| <= |v|
+            // / d <= 127` up to rounding, far inside `i32`'s range.
+            let t = unsafe { x.to_int_unchecked::<i32>() } as f32;
+            let r = if (x - t).abs() >= 0.5 {
+                t + 1f32.copysign(x)
+            } else {
+                t
+            };
+            *qi = r.clamp(-127.0, 127.0) as i32 as i8;
+        }
+        return d;
+    }
     for (i, qi) in q.iter_mut().enumerate() {
         let v = values.get(i).copied().unwrap_or(0.0);
         *qi = round_half_away(v * inv).clamp(-127.0, 127.0) as i8;
@@ -524,6 +545,47 @@ mod tests {
         }
         for x in xs {
             assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+    }
+
+    #[test]
+    fn whole_finite_blocks_quantize_as_the_scalar_rule_and_others_fall_back() {
+        // The rule written out value by value, with the saturating cast: what the fast path
+        // (whole blocks of finite values) must reproduce exactly.
+        fn rule(values: &[f32]) -> ([i8; QK], f32) {
+            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut q = [0i8; QK];
+            for (i, qi) in q.iter_mut().enumerate() {
+                let v = values.get(i).copied().unwrap_or(0.0);
+                *qi = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            (q, d)
+        }
+        let mut blocks: Vec<Vec<f32>> = (0..200).map(|k| seeded(QK, 500 + k, 3.0)).collect();
+        // Values landing on halves of a step, zeros, one huge value, a short block, and
+        // non-finite values (the fallback: NaN quantises to 0, an infinity makes every step 0).
+        blocks.push((0..QK).map(|i| i as f32 * 0.5 - 8.0).collect());
+        blocks.push(vec![0.0; QK]);
+        let mut big = seeded(QK, 9, 1.0);
+        big[7] = 3.0e38;
+        blocks.push(big);
+        blocks.push(seeded(13, 10, 1.0));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut b = seeded(QK, 11, 1.0);
+            b[4] = bad;
+            blocks.push(b);
+        }
+        for (k, b) in blocks.iter().enumerate() {
+            let mut q = [0i8; QK];
+            let d = quantize_block(b, &mut q);
+            let (want, wd) = rule(b);
+            assert_eq!(q, want, "block {k}");
+            assert!(
+                d == wd || (d.is_nan() && wd.is_nan()),
+                "block {k}: {d} vs {wd}"
+            );
         }
     }
 
