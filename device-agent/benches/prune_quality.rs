@@ -15,7 +15,9 @@
 //! `--batch N` (2), `--test-windows N` (32), `--seed N` (1), `--ratios 0.3,0.5`, `--criteria
 //! lora-gradient,taylor,magnitude,random`, `--schedules cubic,one-shot` (the grid is their
 //! product), or `--configs criterion:schedule:ratio[:K],...` for an explicit list, and
-//! `--no-dense` to skip the dense row. A configuration's `K` is the paper's pruning interval:
+//! `--no-dense` to skip the dense row. The pruning policy of every row: `--per-block`
+//! (LoRAPrune's uniform share per block), `--channels-only` (no attention heads), `--protect
+//! F,L` (the first `F` and last `L` blocks are never pruned; default 1,1). A configuration's `K` is the paper's pruning interval:
 //! an event every `K` optimiser steps of the pruning window, with no floor on the number of
 //! events (without it, `tune`'s defaults: at most 20 steps apart and at least 8 events).
 
@@ -36,6 +38,11 @@ struct Opts {
     seed: u64,
     dense: bool,
     configs: Vec<Config>,
+    /// The pruning policy of every row (its protected blocks set from `protect` once the
+    /// model's depth is known).
+    policy: PruneConfig,
+    /// Blocks never pruned: the first and the last this many.
+    protect: (usize, usize),
 }
 
 /// One row to run: criterion, schedule, target sparsity, and the pruning interval `K` when
@@ -59,6 +66,8 @@ fn opts() -> Result<Opts, String> {
         seed: 1,
         dense: true,
         configs: Vec::new(),
+        policy: PruneConfig::default(),
+        protect: (1, 1),
     };
     let mut ratios = vec![0.3, 0.5];
     let mut criteria = list("lora-gradient,taylor,magnitude,random");
@@ -68,8 +77,12 @@ fn opts() -> Result<Opts, String> {
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        if a == "--no-dense" {
-            o.dense = false;
+        if a == "--no-dense" || a == "--per-block" || a == "--channels-only" {
+            match a {
+                "--no-dense" => o.dense = false,
+                "--per-block" => o.policy.per_block = true,
+                _ => o.policy.prune_heads = false,
+            }
             i += 1;
             continue;
         }
@@ -103,6 +116,12 @@ fn opts() -> Result<Opts, String> {
             "--criteria" => criteria = list(v),
             "--schedules" => schedules = list(v),
             "--configs" => explicit = Some(v.to_string()),
+            "--protect" => {
+                o.protect = match v.split_once(',').map(|(f, l)| (f.parse(), l.parse())) {
+                    Some((Ok(f), Ok(l))) => (f, l),
+                    _ => return Err(format!("--protect {v:?} is not F,L (two whole numbers)")),
+                }
+            }
             other => return Err(format!("unknown option {other}")),
         }
         i += 2;
@@ -192,7 +211,7 @@ fn run(
     let cfg = TrainConfig {
         criterion,
         prune_shape: shape,
-        prune: PruneConfig::for_layers(base.config.n_layers()),
+        prune: o.policy.clone(),
         seed: o.seed,
         prune_every: interval.unwrap_or(defaults.prune_every),
         min_prune_events: if interval.is_some() {
@@ -227,9 +246,19 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let mut o = o;
     let device = Device::flex();
     let (base, tok) =
         weights::load(&assets::default_model().expect("model asset"), &device).expect("load");
+    let n_layers = base.config.n_layers();
+    let (first, last) = o.protect;
+    if first + last >= n_layers {
+        eprintln!(
+            "prune_quality: --protect {first},{last} leaves none of {n_layers} blocks to prune"
+        );
+        std::process::exit(2);
+    }
+    o.policy.protected_blocks = (0..first).chain(n_layers - last..n_layers).collect();
     let texts: Vec<String> = data::sotu()
         .expect("SOTU asset")
         .into_iter()
@@ -242,12 +271,16 @@ fn main() {
     let held_out: usize = shard.test.iter().map(|w| w.len() - 1).sum();
     println!(
         "SOTU 2001-2021, {} training windows, {} held-out windows ({held_out} tokens); \
-         rank 8, alpha 32, {} steps of batch {} x 128, seed {}",
+         rank 8, alpha 32, {} steps of batch {} x 128, seed {}; protected blocks {:?}, \
+         per-block {}, heads pruned {}",
         shard.train.len(),
         shard.test.len(),
         o.steps,
         o.batch,
-        o.seed
+        o.seed,
+        o.policy.protected_blocks,
+        o.policy.per_block,
+        o.policy.prune_heads
     );
     let untrained = shard.evaluate(&base, None).perplexity;
     println!("untrained dense base: held-out perplexity {untrained:.3}\n");
