@@ -16,6 +16,7 @@
 //! projections are named by [`protocol::Proj`], the same vocabulary the wire uses.
 
 pub mod config;
+mod kv_cache;
 pub mod layers;
 pub mod lora_layer;
 
@@ -24,6 +25,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use protocol::Proj;
 
 pub use config::{BlockShape, ModelConfig};
+pub use kv_cache::{KvCache, LayerKv};
 #[cfg(test)]
 pub(crate) use layers::attention_by_ops;
 pub(crate) use layers::rms_norm;
@@ -92,29 +94,6 @@ impl Block {
             Proj::Up => &mut self.w_up,
             Proj::Down => &mut self.w_down,
         }
-    }
-}
-
-/// Cached keys and values of one block, `[batch, n_kv_heads, seq, head_dim]`.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; n_layers],
-            len: 0,
-        }
-    }
-    /// Number of positions already cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -407,7 +386,7 @@ impl Llama {
         l: usize,
         mut x: Tensor<2>,
         adapter: Option<&Adapter>,
-        cache_layer: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        cache_layer: Option<&mut LayerKv>,
         start: usize,
         batch: usize,
         seq: usize,
@@ -440,31 +419,28 @@ impl Llama {
             let v = v.reshape([batch, seq, nkv, hd]).swap_dims(1, 2);
             let q = self.rope.apply(q, start);
             let k = self.rope.apply(k, start);
-            let (k, v) = match cache_layer {
-                Some(c) => {
-                    let (k, v) = match c.take() {
-                        Some((pk, pv)) => {
-                            (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2))
-                        }
-                        None => (k, v),
-                    };
-                    *c = Some((k.clone(), v.clone()));
-                    (k, v)
-                }
-                None => (k, v),
-            };
             // Equal consecutive groups read their KV head in place; any other map selects one
             // KV head per query head by index.
-            let (k, v) = if shape.uniform_groups() {
-                (k, v)
-            } else {
-                (
-                    k.select(1, self.q_to_kv[l].clone()),
-                    v.select(1, self.q_to_kv[l].clone()),
-                )
+            let attend = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {
+                let (k, v) = if shape.uniform_groups() {
+                    (k, v)
+                } else {
+                    (
+                        k.select(1, self.q_to_kv[l].clone()),
+                        v.select(1, self.q_to_kv[l].clone()),
+                    )
+                };
+                let o = causal_attention(q, k, v);
+                o.swap_dims(1, 2).reshape([batch * seq, nh * hd])
             };
-            let o = causal_attention(q, k, v);
-            let o = o.swap_dims(1, 2).reshape([batch * seq, nh * hd]);
+            let o = match cache_layer {
+                Some(c) => match c.append(k, v) {
+                    Some((k, v)) => attend(q, k, v),
+                    // One new position against host buffers: attention reads them in place.
+                    None => c.decode(q, &shape.q_to_kv),
+                },
+                None => attend(q, k, v),
+            };
             Some(proj(o, w(Proj::O), lora(Proj::O)))
         };
         if let Some(a) = attn_out {
@@ -552,31 +528,84 @@ mod tests {
         assert_eq!(logits.dims(), [3, 61]);
     }
 
+    /// Cached decoding gives the logits of the whole sequence at once: two sequences, a
+    /// one-token prompt, 20 decoded tokens (the host buffers grow past their first 16
+    /// positions), a 3-token chunk after cached positions (attention through tensors built from
+    /// the buffers) and more decoded tokens; on equal KV groups and on a pruned model whose
+    /// blocks map query heads to KV heads unevenly (one block without attention).
     #[test]
     fn kv_cache_decoding_equals_full_sequence() {
-        let m = Llama::random(tiny(3), 7, &dev());
-        let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8];
-        let full = to_rows(m.forward(m.tokens_tensor(&[ids.clone()]), None));
-        let mut cache = KvCache::new(3);
-        // Prefill 5 tokens, then one at a time.
-        let mut rows = to_rows(m.logits(m.hidden(
-            m.tokens_tensor(&[ids[..5].to_vec()]),
-            None,
-            Some(&mut cache),
-        )));
-        for &t in &ids[5..] {
-            rows.extend(to_rows(m.logits(m.hidden(
-                m.tokens_tensor(&[vec![t]]),
-                None,
-                Some(&mut cache),
-            ))));
-        }
-        assert_eq!(cache.len(), ids.len());
-        for (a, b) in full.iter().zip(&rows) {
-            for (x, y) in a.iter().zip(b) {
-                assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        let mut pruned = tiny(3);
+        pruned.blocks[0] = BlockShape {
+            n_heads: 3,
+            n_kv_heads: 2,
+            ffn_dim: 20,
+            q_to_kv: vec![0, 1, 1],
+        };
+        pruned.blocks[1] = BlockShape {
+            n_heads: 0,
+            n_kv_heads: 0,
+            ffn_dim: 48,
+            q_to_kv: vec![],
+        };
+        for (what, cfg) in [("equal groups", tiny(3)), ("pruned", pruned)] {
+            let m = Llama::random(cfg, 7, &dev());
+            let seqs: Vec<Vec<u32>> = (0..2u32)
+                .map(|b| (0..27u32).map(|i| (i * 7 + b * 13 + 3) % 61).collect())
+                .collect();
+            let full = to_rows(m.forward(m.tokens_tensor(&seqs), None));
+            let mut cache = KvCache::new(3);
+            let mut got = vec![Vec::new(); 2];
+            let mut at = 0;
+            for chunk in std::iter::once(1).chain([1; 20]).chain([3]).chain([1; 3]) {
+                let part: Vec<Vec<u32>> = seqs.iter().map(|s| s[at..at + chunk].to_vec()).collect();
+                let rows =
+                    to_rows(m.logits(m.hidden(m.tokens_tensor(&part), None, Some(&mut cache))));
+                for (b, g) in got.iter_mut().enumerate() {
+                    g.extend(rows[b * chunk..(b + 1) * chunk].iter().cloned());
+                }
+                at += chunk;
+            }
+            assert_eq!(cache.len(), 27);
+            let got: Vec<Vec<f32>> = got.into_iter().flatten().collect();
+            assert_eq!(got.len(), full.len());
+            for (i, (a, b)) in full.iter().zip(&got).enumerate() {
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() < 1e-4, "{what}, row {i}: {x} vs {y}");
+                }
             }
         }
+    }
+
+    /// The decode kernel on a cache with spare room, long enough that heads run in parallel,
+    /// against attention through tensors of the filled positions (SmolLM2's 9 heads on 3 KV
+    /// heads of 64).
+    #[test]
+    fn decode_attention_in_place_equals_attention_through_tensors() {
+        let (heads, nkv, hd, keys, cap) = (9, 3, 64, 300, 320);
+        let q = seeded(heads * hd, 1, 2.0);
+        let (k, v) = (
+            seeded(nkv * cap * hd, 2, 2.0),
+            seeded(nkv * cap * hd, 3, 2.0),
+        );
+        let kv_of: Vec<usize> = (0..heads).map(|h| h / 3).collect();
+        let got = crate::kernels::decode_attention(&q, &k, &v, &kv_of, (cap, keys, hd));
+        let filled = |buf: &[f32]| -> Vec<f32> {
+            buf.chunks(cap * hd)
+                .flat_map(|c| c[..keys * hd].to_vec())
+                .collect()
+        };
+        let t = |v: Vec<f32>, dims: [usize; 4]| {
+            Tensor::<4>::from_data(TensorData::new(v, dims), &dev())
+        };
+        let want = causal_attention(
+            t(q, [1, heads, 1, hd]),
+            t(filled(&k), [1, nkv, keys, hd]),
+            t(filled(&v), [1, nkv, keys, hd]),
+        );
+        let got = Tensor::<2>::from_data(TensorData::new(got, [heads, hd]), &dev());
+        let d = max_diff(want.reshape([heads, hd]), got);
+        assert!(d < 1e-5, "differs by {d}");
     }
 
     /// Grouped KV heads read in place give what attention over KV heads repeated per query head
