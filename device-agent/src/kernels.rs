@@ -105,25 +105,6 @@ fn lane_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Dot product with 16 independent accumulators, as [`lane_sum`].
-#[inline(always)]
-fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let rest: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *a += x * y;
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
 /// Maximum with 16 independent lanes, as [`lane_sum`].
 #[inline(always)]
 fn lane_max(x: &[f32]) -> f32 {
@@ -245,39 +226,60 @@ multiversion! {
 
 multiversion! {
     /// Attention of one query head at the newest position over a sequence's cached keys and
-    /// values (decoding): `q` and `out` hold `hd` values, `k` and `v` the head's KV head at
-    /// positions `0..p.len()` (`[keys, hd]`, the new position last), `p` is scratch for the
-    /// probabilities. The scores are scaled inside the exponential and normalised as
-    /// [`causal_softmax_rows`] does; every key is visible to the newest position.
-    fn attend_newest(q: &[f32], k: &[f32], v: &[f32], scale: f32, p: &mut [f32], out: &mut [f32]) {
-        let hd = q.len();
-        for (s, kj) in p.iter_mut().zip(k.chunks_exact(hd)) {
-            *s = lane_dot(q, kj);
+    /// values (decoding): `q` and `out` hold `hd` values; `kt` is the head's KV head's keys
+    /// transposed, `hd` rows of `stride` positions; `v` its values, `[p.len(), hd]`; `p` is
+    /// scratch for the probabilities, one per position (the new one last). The scores are
+    /// scaled inside the exponential and normalised as [`causal_softmax_rows`] does. With the
+    /// keys transposed, a score is summed over `hd` broadcasts along 16 positions at a time, with
+    /// no horizontal sum per position; the values are summed into 64 output lanes held at once.
+    fn attend_newest(q: &[f32], kt: &[f32], stride: usize, v: &[f32], scale: f32, p: &mut [f32], out: &mut [f32]) {
+        let (hd, keys) = (q.len(), p.len());
+        p.fill(0.0);
+        for (&qd, row) in q.iter().zip(kt.chunks(stride)) {
+            for (s, &x) in p.iter_mut().zip(&row[..keys]) {
+                *s += qd * x;
+            }
         }
         let max = lane_max(p);
         for s in p.iter_mut() {
             *s = exp_lane((*s - max) * scale);
         }
         let inv = 1.0 / lane_sum(p);
-        out.fill(0.0);
-        for (&w, vj) in p.iter().zip(v.chunks_exact(hd)) {
-            let w = w * inv;
-            for (o, &x) in out.iter_mut().zip(vj) {
-                *o += w * x;
+        for (d0, o) in (0..hd).step_by(64).zip(out.chunks_mut(64)) {
+            let w = o.len();
+            let mut acc = [0f32; 64];
+            if w == 64 {
+                // A fixed width keeps the 64 sums in registers across the positions.
+                for (&pj, vj) in p.iter().zip(v.chunks_exact(hd)) {
+                    let vj: &[f32; 64] = vj[d0..d0 + 64].try_into().expect("64 values");
+                    for (a, &x) in acc.iter_mut().zip(vj) {
+                        *a += pj * x;
+                    }
+                }
+            } else {
+                for (&pj, vj) in p.iter().zip(v.chunks_exact(hd)) {
+                    for (a, &x) in acc.iter_mut().zip(&vj[d0..d0 + w]) {
+                        *a += pj * x;
+                    }
+                }
+            }
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = a * inv;
             }
         }
     }
 }
 
-/// One new position per sequence against a KV cache (decoding): `q` is `[batch, heads, hd]`,
-/// `k` and `v` are `[batch, kv_heads, cap, hd]` buffers with positions `0..keys` filled (the new
-/// one last), `kv_of[h]` query head `h`'s KV head; returns `[batch, heads, hd]`. Reads the cache
-/// in place, where attention through tensors first copies it whole into a contiguous
-/// `[batch, kv_heads, keys, hd]` tensor every token. Heads run in parallel once the cache is
-/// long enough to pay for the hand-off; each output is computed the same way either way.
+/// One new position per sequence against a KV cache (decoding): `q` is `[batch, heads, hd]`;
+/// `kt` holds the keys transposed, `[batch, kv_heads, hd, cap]`, and `v` the values, `[batch,
+/// kv_heads, cap, hd]`, positions `0..keys` filled (the new one last); `kv_of[h]` is query head
+/// `h`'s KV head; returns `[batch, heads, hd]`. Reads the cache in place, where attention
+/// through tensors first copies it whole into contiguous `[batch, kv_heads, keys, hd]` tensors
+/// every token. Heads run in parallel once the cache is long enough to pay for the hand-off;
+/// each output is computed the same way either way.
 pub(crate) fn decode_attention(
     q: &[f32],
-    k: &[f32],
+    kt: &[f32],
     v: &[f32],
     kv_of: &[usize],
     (cap, keys, hd): (usize, usize, usize),
@@ -288,17 +290,17 @@ pub(crate) fn decode_attention(
         return out;
     }
     let batch = q.len() / (heads * hd);
-    let nkv = k.len() / (batch * cap * hd).max(1);
+    let nkv = kt.len() / (batch * cap * hd).max(1);
     assert!(
         keys <= cap
             && q.len() == batch * heads * hd
-            && k.len() == batch * nkv * cap * hd
-            && v.len() == k.len()
+            && kt.len() == batch * nkv * cap * hd
+            && v.len() == kt.len()
             && kv_of.iter().all(|&g| g < nkv),
         "decode attention: {} queries of {heads} heads x {hd} against a cache of {} values \
          ({keys} of {cap} positions)",
         q.len(),
-        k.len()
+        kt.len()
     );
     let scale = 1.0 / (hd as f32).sqrt();
     let one = |(bh, o): (usize, &mut [f32])| {
@@ -306,14 +308,8 @@ pub(crate) fn decode_attention(
         let at = (b * nkv + kv_of[h]) * cap * hd;
         let mut p = vec![0f32; keys];
         let qh = &q[bh * hd..(bh + 1) * hd];
-        attend_newest(
-            qh,
-            &k[at..at + keys * hd],
-            &v[at..at + keys * hd],
-            scale,
-            &mut p,
-            o,
-        );
+        let (kh, vh) = (&kt[at..at + cap * hd], &v[at..at + keys * hd]);
+        attend_newest(qh, kh, cap, vh, scale, &mut p, o);
     };
     if batch * heads * keys * hd >= ELEMS_PER_TASK * 4 {
         out.par_chunks_mut(hd).enumerate().for_each(one);

@@ -589,7 +589,12 @@ mod tests {
             seeded(nkv * cap * hd, 3, 2.0),
         );
         let kv_of: Vec<usize> = (0..heads).map(|h| h / 3).collect();
-        let got = crate::kernels::decode_attention(&q, &k, &v, &kv_of, (cap, keys, hd));
+        // The kernel takes the keys transposed per KV head: `[hd, cap]`.
+        let kt: Vec<f32> = k
+            .chunks(cap * hd)
+            .flat_map(|c| (0..hd * cap).map(move |i| c[(i % cap) * hd + i / cap]))
+            .collect();
+        let got = crate::kernels::decode_attention(&q, &kt, &v, &kv_of, (cap, keys, hd));
         let filled = |buf: &[f32]| -> Vec<f32> {
             buf.chunks(cap * hd)
                 .flat_map(|c| c[..keys * hd].to_vec())

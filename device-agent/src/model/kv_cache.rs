@@ -44,10 +44,12 @@ pub enum LayerKv {
     Tensors(Tensor<4>, Tensor<4>),
 }
 
-/// Keys and values in host buffers `[batch, kv_heads, cap, hd]`, positions `0..len` filled.
+/// Keys and values in host buffers, positions `0..len` of `cap` filled: the keys transposed,
+/// `[batch, kv_heads, hd, cap]` (a score sums along positions, see
+/// [`crate::kernels::decode_attention`]), the values `[batch, kv_heads, cap, hd]`.
 #[derive(Debug, Clone)]
 pub struct HostKv {
-    k: Vec<f32>,
+    kt: Vec<f32>,
     v: Vec<f32>,
     batch: usize,
     nkv: usize,
@@ -72,18 +74,21 @@ impl HostKv {
             return;
         }
         let cap = need.max(self.cap * 2).max(16);
-        let (hd, old) = (self.hd, self.cap);
-        let regrow = |buf: &Vec<f32>| {
-            let mut out = vec![0f32; self.batch * self.nkv * cap * hd];
-            if self.len > 0 {
-                for (dst, src) in out.chunks_mut(cap * hd).zip(buf.chunks(old * hd)) {
-                    dst[..self.len * hd].copy_from_slice(&src[..self.len * hd]);
+        let (old, len, hd) = (self.cap, self.len, self.hd);
+        let size = self.batch * self.nkv * cap * hd;
+        // Both buffers are runs of `len` filled values every `old` (keys: per dimension; values:
+        // `hd` wide per position, so runs of `len * hd` every `old * hd`).
+        let regrow = |buf: &[f32], run: usize, old: usize, new: usize| {
+            let mut out = vec![0f32; size];
+            if len > 0 {
+                for (dst, src) in out.chunks_mut(new).zip(buf.chunks(old)) {
+                    dst[..run].copy_from_slice(&src[..run]);
                 }
             }
             out
         };
-        self.k = regrow(&self.k);
-        self.v = regrow(&self.v);
+        self.kt = regrow(&self.kt, len, old, cap);
+        self.v = regrow(&self.v, len * hd, old * hd, cap * hd);
         self.cap = cap;
     }
 
@@ -91,28 +96,35 @@ impl HostKv {
     fn append(&mut self, k: &[f32], v: &[f32], seq: usize) {
         self.reserve(self.len + seq);
         let (hd, cap, len) = (self.hd, self.cap, self.len);
-        for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
-            for (dst, src) in buf.chunks_mut(cap * hd).zip(new.chunks(seq * hd)) {
-                dst[len * hd..(len + seq) * hd].copy_from_slice(src);
+        for (dst, src) in self.kt.chunks_mut(cap * hd).zip(k.chunks(seq * hd)) {
+            for (t, kt) in src.chunks(hd).enumerate() {
+                for (d, &x) in kt.iter().enumerate() {
+                    dst[d * cap + len + t] = x;
+                }
             }
+        }
+        for (dst, src) in self.v.chunks_mut(cap * hd).zip(v.chunks(seq * hd)) {
+            dst[len * hd..(len + seq) * hd].copy_from_slice(src);
         }
         self.len += seq;
     }
 
     /// Every cached position as `[batch, nkv, len, hd]` tensors (a copy).
     fn tensors(&self, device: &Device) -> (Tensor<4>, Tensor<4>) {
-        let (hd, len) = (self.hd, self.len);
-        let pack = |buf: &[f32]| {
-            let mut out = Vec::with_capacity(self.batch * self.nkv * len * hd);
-            for src in buf.chunks(self.cap * hd) {
-                out.extend_from_slice(&src[..len * hd]);
+        let (hd, len, cap) = (self.hd, self.len, self.cap);
+        let n = self.batch * self.nkv * len * hd;
+        let (mut k, mut v) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (kt, vs) in self.kt.chunks(cap * hd).zip(self.v.chunks(cap * hd)) {
+            for t in 0..len {
+                k.extend((0..hd).map(|d| kt[d * cap + t]));
             }
-            Tensor::<4>::from_data(
-                TensorData::new(out, [self.batch, self.nkv, len, hd]),
-                device,
-            )
-        };
-        (pack(&self.k), pack(&self.v))
+            v.extend_from_slice(&vs[..len * hd]);
+        }
+        let dims = [self.batch, self.nkv, len, hd];
+        (
+            Tensor::from_data(TensorData::new(k, dims), device),
+            Tensor::from_data(TensorData::new(v, dims), device),
+        )
     }
 }
 
@@ -126,7 +138,7 @@ impl LayerKv {
         match std::mem::take(self) {
             LayerKv::Empty if crate::backend::is_flex(&device) => {
                 let mut h = HostKv {
-                    k: Vec::new(),
+                    kt: Vec::new(),
                     v: Vec::new(),
                     batch,
                     nkv,
@@ -175,7 +187,7 @@ impl LayerKv {
         let device = q.device();
         let out = crate::kernels::decode_attention(
             &host_values(q),
-            &h.k,
+            &h.kt,
             &h.v,
             kv_of,
             (h.cap, h.len, hd),
