@@ -87,9 +87,17 @@ pub fn hardware() -> (Isa, DotPath) {
         } else {
             Isa::Portable
         };
-        let dot = if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+        // The int8 row kernels convert the weights' f16 scales with F16C (every AVX2 CPU has
+        // it; checked all the same).
+        let f16c = has!("f16c");
+        let dot = if f16c
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx512vnni")
+        {
             DotPath::Avx512Vnni
-        } else if has!("avx2") && has!("fma") {
+        } else if f16c && has!("avx2") && has!("fma") {
             DotPath::Avx2
         } else {
             DotPath::Portable
