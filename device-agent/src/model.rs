@@ -515,6 +515,15 @@ mod tests {
         Device::flex()
     }
 
+    fn block(n_heads: usize, n_kv_heads: usize, ffn_dim: usize, q_to_kv: Vec<usize>) -> BlockShape {
+        BlockShape {
+            n_heads,
+            n_kv_heads,
+            ffn_dim,
+            q_to_kv,
+        }
+    }
+
     #[test]
     fn output_shapes() {
         let m = Llama::random(tiny(2), 1, &dev());
@@ -536,18 +545,8 @@ mod tests {
     #[test]
     fn kv_cache_decoding_equals_full_sequence() {
         let mut pruned = tiny(3);
-        pruned.blocks[0] = BlockShape {
-            n_heads: 3,
-            n_kv_heads: 2,
-            ffn_dim: 20,
-            q_to_kv: vec![0, 1, 1],
-        };
-        pruned.blocks[1] = BlockShape {
-            n_heads: 0,
-            n_kv_heads: 0,
-            ffn_dim: 48,
-            q_to_kv: vec![],
-        };
+        pruned.blocks[0] = block(3, 2, 20, vec![0, 1, 1]);
+        pruned.blocks[1] = block(0, 0, 48, vec![]);
         for (what, cfg) in [("equal groups", tiny(3)), ("pruned", pruned)] {
             let m = Llama::random(cfg, 7, &dev());
             let seqs: Vec<Vec<u32>> = (0..2u32)
@@ -708,24 +707,9 @@ mod tests {
     #[test]
     fn unequal_blocks_run() {
         let mut c = tiny(3);
-        c.blocks[0] = BlockShape {
-            n_heads: 3,
-            n_kv_heads: 2,
-            ffn_dim: 20,
-            q_to_kv: vec![0, 1, 1],
-        };
-        c.blocks[1] = BlockShape {
-            n_heads: 1,
-            n_kv_heads: 1,
-            ffn_dim: 48,
-            q_to_kv: vec![0],
-        };
-        c.blocks[2] = BlockShape {
-            n_heads: 0,
-            n_kv_heads: 0,
-            ffn_dim: 0,
-            q_to_kv: vec![],
-        };
+        c.blocks[0] = block(3, 2, 20, vec![0, 1, 1]);
+        c.blocks[1] = block(1, 1, 48, vec![0]);
+        c.blocks[2] = block(0, 0, 0, vec![]);
         assert!(c.sparsity() > 0.3);
         let m = Llama::random(c, 3, &dev());
         let rows = to_rows(m.forward(m.tokens_tensor(&[vec![1, 2, 3, 4]]), None));
