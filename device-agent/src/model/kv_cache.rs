@@ -34,6 +34,8 @@ impl KvCache {
 }
 
 /// One block's cache (what [`Llama::block_forward`](super::Llama::block_forward) appends to).
+// One per block, held for a generation: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Default)]
 pub enum LayerKv {
     #[default]
