@@ -15,7 +15,7 @@
 //! `--batch N` (2), `--test-windows N` (32), `--seed N` (1), `--ratios 0.3,0.5`, `--criteria
 //! lora-gradient,taylor,magnitude,random`, `--schedules cubic,one-shot` (the grid is their
 //! product), or `--configs criterion:schedule:ratio[:K],...` for an explicit list, and
-//! `--no-dense` to skip the dense row. The pruning policy of every row: `--per-block`
+//! `--no-dense` to skip the dense row (`--dense-only` runs only it). The pruning policy of every row: `--per-block`
 //! (LoRAPrune's uniform share per block), `--channels-only` (no attention heads), `--protect
 //! F,L` (the first `F` and last `L` blocks are never pruned; default 1,1). A configuration's `K` is the paper's pruning interval:
 //! an event every `K` optimiser steps of the pruning window, with no floor on the number of
@@ -77,9 +77,17 @@ fn opts() -> Result<Opts, String> {
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        if a == "--no-dense" || a == "--per-block" || a == "--channels-only" {
+        if [
+            "--no-dense",
+            "--dense-only",
+            "--per-block",
+            "--channels-only",
+        ]
+        .contains(&a)
+        {
             match a {
                 "--no-dense" => o.dense = false,
+                "--dense-only" => explicit = Some(String::new()),
                 "--per-block" => o.policy.per_block = true,
                 _ => o.policy.prune_heads = false,
             }
@@ -127,6 +135,7 @@ fn opts() -> Result<Opts, String> {
         i += 2;
     }
     o.configs = match explicit {
+        Some(e) if e.is_empty() => Vec::new(),
         Some(e) => e
             .split(',')
             .map(|c| {
