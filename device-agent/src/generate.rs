@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::lora::Adapter;
-use crate::model::{KvCache, Llama};
+use crate::model::{HostDecoder, KvCache, Llama};
 use crate::tokenizer::{Tok, TokenizerError};
 
 /// How the next token is chosen.
@@ -114,6 +114,8 @@ pub fn generate(
             .try_to_vec()
             .expect("the model computes in f32, so its logits are f32")
     };
+    // Decoded tokens skip burn's tensors where the base is Q8_0 on flex.
+    let host = HostDecoder::new(model, adapter);
     let mut logits = crate::backend::on_pool(|| {
         last(model.hidden(
             model.tokens_tensor(&[prompt_ids.to_vec()]),
@@ -136,11 +138,14 @@ pub fn generate(
             break;
         }
         logits = crate::backend::on_pool(|| {
-            last(model.hidden(
-                model.tokens_tensor(&[vec![next]]),
-                adapter,
-                Some(&mut cache),
-            ))
+            match host.as_ref().and_then(|h| h.logits(&[next], &mut cache)) {
+                Some(l) => l,
+                None => last(model.hidden(
+                    model.tokens_tensor(&[vec![next]]),
+                    adapter,
+                    Some(&mut cache),
+                )),
+            }
         });
     }
     let decode_s = t1.elapsed().as_secs_f64();

@@ -16,6 +16,7 @@
 //! projections are named by [`protocol::Proj`], the same vocabulary the wire uses.
 
 pub mod config;
+mod host_decode;
 mod kv_cache;
 pub mod layers;
 pub mod lora_layer;
@@ -25,6 +26,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use protocol::Proj;
 
 pub use config::{BlockShape, ModelConfig};
+pub use host_decode::HostDecoder;
 pub use kv_cache::{KvCache, LayerKv};
 #[cfg(test)]
 pub(crate) use layers::attention_by_ops;

@@ -94,8 +94,13 @@ impl HostKv {
         self.cap = cap;
     }
 
+    /// Sequences held.
+    pub(super) fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// Append `seq` positions of `[batch, nkv, seq, hd]` keys and values.
-    fn append(&mut self, k: &[f32], v: &[f32], seq: usize) {
+    pub(super) fn append(&mut self, k: &[f32], v: &[f32], seq: usize) {
         self.reserve(self.len + seq);
         let (hd, cap, len) = (self.hd, self.cap, self.len);
         for (dst, src) in self.kt.chunks_mut(cap * hd).zip(k.chunks(seq * hd)) {
@@ -109,6 +114,13 @@ impl HostKv {
             dst[len * hd..(len + seq) * hd].copy_from_slice(src);
         }
         self.len += seq;
+    }
+
+    /// Attention of one new position per sequence (the last one appended) over every cached
+    /// position, read in place: `q` is `[batch, heads, hd]` (RoPE applied), `kv_of[h]` query
+    /// head `h`'s KV head; returns `[batch, heads * hd]`.
+    pub(super) fn attend(&self, q: &[f32], kv_of: &[usize]) -> Vec<f32> {
+        crate::kernels::decode_attention(q, &self.kt, &self.v, kv_of, (self.cap, self.len, self.hd))
     }
 
     /// Every cached position as `[batch, nkv, len, hd]` tensors (a copy).
@@ -187,13 +199,7 @@ impl LayerKv {
         let [batch, heads, seq, hd] = q.dims();
         assert_eq!(seq, 1, "decode attends one new position");
         let device = q.device();
-        let out = crate::kernels::decode_attention(
-            &host_values(q),
-            &h.kt,
-            &h.v,
-            kv_of,
-            (h.cap, h.len, hd),
-        );
+        let out = h.attend(&host_values(q), kv_of);
         Tensor::from_data(TensorData::new(out, [batch, heads * hd]), &device)
     }
 }

@@ -14,17 +14,10 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, max_seq_len: usize, theta: f64, device: &Device) -> Self {
-        let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_seq_len * head_dim);
         let mut sin = Vec::with_capacity(max_seq_len * head_dim);
         for pos in 0..max_seq_len {
-            let row: Vec<(f32, f32)> = (0..half)
-                .map(|i| {
-                    let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
-                    let a = pos as f64 * freq;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .collect();
+            let row: Vec<(f32, f32)> = rope_angles(head_dim, pos, theta).collect();
             for _ in 0..2 {
                 cos.extend(row.iter().map(|r| r.0));
                 sin.extend(row.iter().map(|r| r.1));
@@ -54,6 +47,20 @@ impl Rope {
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * cos + rotated * sin
     }
+}
+
+/// The rotary `(cos, sin)` of position `pos` for each of a head's `head_dim / 2` frequency
+/// pairs (`theta^(-2i / head_dim)`), computed in f64 and rounded once.
+pub(crate) fn rope_angles(
+    head_dim: usize,
+    pos: usize,
+    theta: f64,
+) -> impl Iterator<Item = (f32, f32)> {
+    (0..head_dim / 2).map(move |i| {
+        let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+        let a = pos as f64 * freq;
+        (a.cos() as f32, a.sin() as f32)
+    })
 }
 
 pub(crate) fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
