@@ -111,9 +111,10 @@ mod x86 {
     }
 
     /// One weight row's scales converted once for every activation row: `dw` has `nb` places.
-    /// Eight at a time with F16C's `vcvtph2ps` (exact, as the table: every f16 is an f32), the
-    /// rest through the table; a decoded token's rows are 18-48 blocks, where looking each
-    /// scale up in the 256 KiB table was 6% of a Q8_0 token.
+    /// With F16C's `vcvtph2ps` (exact, as the table: every f16 is an f32), eight at a time and
+    /// the rest one by one; a decoded token's rows are 18-48 blocks, where looking each scale
+    /// up in the 256 KiB table was 6% of a Q8_0 token (and the two left over from 576-wide
+    /// rows, looked up there, still 4%: the table's lines miss the cache).
     ///
     /// SAFETY (caller): the CPU has F16C (and AVX for the 256-bit registers).
     #[inline]
@@ -127,7 +128,7 @@ mod x86 {
             _mm256_storeu_ps(d.as_mut_ptr(), v);
         }
         for (d, &h) in dw[whole..nb].iter_mut().zip(&src[whole..]) {
-            *d = a.tab[h as usize];
+            *d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
         }
     }
 
@@ -190,6 +191,63 @@ mod x86 {
         }};
     }
 
+    /// One activation row (a decoded token) against every weight row, the weights' scales
+    /// converted inside the loop, two blocks at a time, where [`rows!`] converts a row's scales
+    /// into a buffer first: here that pass was 8% of a token, waiting on each row's first
+    /// scale from memory before the row's products could start. The next rows are prefetched
+    /// two ahead (their values and scales).
+    macro_rules! rows_one {
+        ($a:expr, $y:expr, $dot8:ident) => {{
+            let (a, y): (&RowArgs, &mut [f32]) = ($a, $y);
+            let nb = a.nb;
+            let (xp, dx) = (a.qx.as_ptr(), a.dx.as_ptr());
+            let rows = y.len();
+            for (j, yj) in y.iter_mut().enumerate() {
+                if j + 2 < rows {
+                    let p = a.qw.as_ptr().add((j + 2) * nb * QK);
+                    for line in (0..nb * QK).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+                    }
+                    _mm_prefetch::<_MM_HINT_T0>(a.dw.as_ptr().add((j + 2) * nb) as *const i8);
+                }
+                let wp = a.qw.as_ptr().add(j * nb * QK);
+                let dwp = a.dw.as_ptr().add(j * nb);
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                let mut b = 0;
+                while b + 1 < nb {
+                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                    let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
+                    let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                    let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
+                    // Both blocks' weight scales (two f16) times the activations' scales.
+                    let hw = (dwp.add(b) as *const i32).read_unaligned();
+                    let s = _mm_mul_ps(
+                        _mm_cvtph_ps(_mm_cvtsi32_si128(hw)),
+                        _mm_castpd_ps(_mm_load_sd(dx.add(b) as *const f64)),
+                    );
+                    let d0 = _mm256_broadcastss_ps(s);
+                    let d1 = _mm256_broadcastss_ps(_mm_movehdup_ps(s));
+                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                    acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                    b += 2;
+                }
+                if b < nb {
+                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                    let hw = i32::from(*dwp.add(b));
+                    let s = _mm_mul_ss(_mm_cvtph_ps(_mm_cvtsi32_si128(hw)), _mm_load_ss(dx.add(b)));
+                    let d0 = _mm256_broadcastss_ps(s);
+                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                }
+                *yj = hsum(_mm256_add_ps(acc0, acc1));
+            }
+        }};
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot8_avx2(ax: __m256i, sw: __m256i) -> __m256i {
@@ -201,7 +259,11 @@ mod x86 {
     /// `n` activation rows, `nb > 0`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows_avx2(a: &RowArgs, y: &mut [f32], n: usize) {
-        rows!(a, y, n, dot8_avx2)
+        if n == 1 {
+            rows_one!(a, y, dot8_avx2)
+        } else {
+            rows!(a, y, n, dot8_avx2)
+        }
     }
 
     #[inline]
@@ -219,7 +281,11 @@ mod x86 {
     /// SAFETY (caller): the CPU has AVX-512F/VL/VNNI and F16C; slice lengths as above.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn rows_vnni(a: &RowArgs, y: &mut [f32], n: usize) {
-        rows!(a, y, n, dot8_vnni)
+        if n == 1 {
+            rows_one!(a, y, dot8_vnni)
+        } else {
+            rows!(a, y, n, dot8_vnni)
+        }
     }
 
     /// The VNNI kernel for several activation rows: tiles of [`TILE`] weight rows x `TILE`

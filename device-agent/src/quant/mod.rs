@@ -667,26 +667,31 @@ mod tests {
 
     #[test]
     fn every_dot_path_agrees_with_the_portable_one() {
-        let (n, rows, cols) = (7, 200, 45 + 576 + 32);
-        let w = seeded(rows * cols, 77, 0.5);
-        // Include values that quantize to +-127 and to 0.
-        let mut x = seeded(n * cols, 78, 4.0);
-        x[3] = 4.0;
-        x[4] = -4.0;
-        x[5] = 0.0;
-        let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
-        let base = m.matmul_with(DotPath::Portable, &x, n).unwrap();
-        let (_, hw) = crate::cpu::hardware();
-        for path in [DotPath::Avx2, DotPath::Avx512Vnni] {
-            let y = m.matmul_with(path, &x, n).unwrap();
-            let worst = y
-                .iter()
-                .zip(&base)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs() / q.abs().max(1.0)));
-            assert!(
-                worst < 1e-5,
-                "{path} (hardware offers {hw}) differs from portable by {worst}"
-            );
+        // One activation row (decoding), fewer than a tile, tiles and a remainder; an odd and
+        // an even number of blocks per row.
+        for (n, cols) in [(1, 45 + 576 + 32), (1, 576), (2, 576), (7, 45 + 576 + 32)] {
+            let rows = 200;
+            let w = seeded(rows * cols, 77, 0.5);
+            // Include values that quantize to +-127 and to 0.
+            let mut x = seeded(n * cols, 78, 4.0);
+            x[3] = 4.0;
+            x[4] = -4.0;
+            x[5] = 0.0;
+            let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
+            let base = m.matmul_with(DotPath::Portable, &x, n).unwrap();
+            let (_, hw) = crate::cpu::hardware();
+            for path in [DotPath::Avx2, DotPath::Avx512Vnni] {
+                let y = m.matmul_with(path, &x, n).unwrap();
+                let worst = y
+                    .iter()
+                    .zip(&base)
+                    .fold(0f32, |a, (p, q)| a.max((p - q).abs() / q.abs().max(1.0)));
+                assert!(
+                    worst < 1e-5,
+                    "{path} (hardware offers {hw}), n {n}, cols {cols}: differs from portable \
+                     by {worst}"
+                );
+            }
         }
         assert!(
             "q4_k".parse::<BasePrecision>().is_err()
