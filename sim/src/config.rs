@@ -360,12 +360,8 @@ impl ExperimentConfig {
             base.byzantine.fraction = 0.0;
         }
         let mut c = base.with_strategy(strategy)?;
-        if let Some(kind) = policy {
-            let mut t = toml::Table::new();
-            t.insert("kind".into(), toml::Value::String(kind.to_string()));
-            c.coordinator.policy = toml::Value::Table(t).try_into().map_err(|e| {
-                SimError::Config(format!("entry '{entry}': unknown policy '{kind}' ({e})"))
-            })?;
+        if let Some(policy) = policy {
+            c.coordinator.policy = policy_of_entry(entry, policy)?;
             c.validate()?;
         }
         Ok(c)
@@ -462,6 +458,43 @@ impl ExperimentConfig {
     }
 }
 
+/// The policy of a compared entry's `@KIND[:KEY=VALUE...]` part: the kind with its
+/// defaults, each `KEY=VALUE` (a TOML value: a number, `true`, a quoted string) replacing one
+/// of its parameters, e.g. `s-ucb:nu=0.1:exploration=0.3` or `fixed:prune_ratio=0.6:rank=4`.
+fn policy_of_entry(entry: &str, policy: &str) -> Result<bandit::PolicyConfig, SimError> {
+    let mut parts = policy.split(':');
+    let kind = parts.next().unwrap_or_default().trim();
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), toml::Value::String(kind.to_string()));
+    for kv in parts {
+        let Some((key, value)) = kv.split_once('=') else {
+            return Err(SimError::Config(format!(
+                "entry '{entry}': policy parameter '{kv}' is not KEY=VALUE"
+            )));
+        };
+        let key = key.trim();
+        let parsed: toml::Table =
+            toml::from_str(&format!("v = {}", value.trim())).map_err(|_| {
+                SimError::Config(format!(
+                    "entry '{entry}': policy parameter {key}={value} is not a TOML value"
+                ))
+            })?;
+        let v = parsed.get("v").cloned().ok_or_else(|| {
+            SimError::Config(format!(
+                "entry '{entry}': policy parameter {key} has no value"
+            ))
+        })?;
+        if t.insert(key.to_string(), v).is_some() {
+            return Err(SimError::Config(format!(
+                "entry '{entry}': policy parameter '{key}' given twice"
+            )));
+        }
+    }
+    toml::Value::Table(t)
+        .try_into()
+        .map_err(|e| SimError::Config(format!("entry '{entry}': policy '{policy}' ({e})")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,6 +565,43 @@ mod tests {
             assert!(e.contains("clip=-1"), "{e}");
             let e = b.with_entry("hetlora+poison").unwrap_err().to_string();
             assert!(e.contains("unknown modifier 'poison'"), "{e}");
+        }
+    }
+
+    /// `@KIND:KEY=VALUE...` sets the policy's parameters; a parameter the policy does not
+    /// have, a value that is not TOML, a repeated key, a pair without `=` or a fixed arm outside
+    /// the arm space is refused by name.
+    #[test]
+    fn an_entry_sets_its_policy_parameters() {
+        let b = ExperimentConfig::preset("bandit").unwrap();
+        let c = b
+            .with_entry("fedspine@fixed:prune_ratio=0.4:rank=4")
+            .unwrap();
+        assert_eq!(
+            c.coordinator.policy,
+            bandit::PolicyConfig::Fixed(bandit::policy::FixedConfig {
+                prune_ratio: Some(0.4),
+                rank: Some(4),
+            })
+        );
+        let c = b.with_entry("fedspine@s-ucb:nu=0.1+clean").unwrap();
+        match c.coordinator.policy {
+            bandit::PolicyConfig::SUcb(s) => {
+                assert_eq!(s.nu, 0.1);
+                assert_eq!(s.rho, bandit::policy::SUcbConfig::default().rho);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (entry, says) in [
+            ("fedspine@s-ucb:speed=2", "speed"),
+            ("fedspine@s-ucb:nu=fast", "nu=fast"),
+            ("fedspine@s-ucb:nu=0.1:nu=0.2", "'nu' given twice"),
+            ("fedspine@s-ucb:nu", "'nu' is not KEY=VALUE"),
+            // The preset's arm space is [0, 0.5] x {4, 8, 16}: the arm is checked against it.
+            ("fedspine@fixed:prune_ratio=0.6", "outside [0, 0.5]"),
+        ] {
+            let e = b.with_entry(entry).unwrap_err().to_string();
+            assert!(e.contains(says), "{entry}: {e}");
         }
     }
 
