@@ -307,7 +307,8 @@ impl ExperimentConfig {
     /// such as `uniform-random` or `fixed`, with its default parameters) replacing
     /// `coordinator.policy`, then any `+`-separated modifiers: `agg=METHOD` (the aggregation
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
-    /// (`aggregation.clip_norm`) and `clean` (no Byzantine devices). E.g.
+    /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`) and `clean`
+    /// (no Byzantine devices). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
         let mut parts = entry.split('+');
@@ -345,10 +346,20 @@ impl ExperimentConfig {
                         )))
                     }
                 },
+                Some(("scope", scope)) => {
+                    base.coordinator.bandit_scope = toml::Value::String(scope.to_string())
+                        .try_into()
+                        .map_err(|_| {
+                            SimError::Config(format!(
+                                "entry '{entry}': scope={scope} is not device or class"
+                            ))
+                        })?;
+                }
                 None if m == "clean" => clean = true,
                 _ => {
                     return Err(SimError::Config(format!(
-                        "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, clean)"
+                        "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
+                         scope=device|class, clean)"
                     )))
                 }
             }
@@ -584,6 +595,16 @@ mod tests {
                 rank: Some(4),
             })
         );
+        let c = b.with_entry("fedspine+scope=class").unwrap();
+        assert_eq!(
+            c.coordinator.bandit_scope,
+            aggregator::coordinator::BanditScope::Class
+        );
+        let e = b
+            .with_entry("fedspine+scope=fleet")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scope=fleet"), "{e}");
         let c = b.with_entry("fedspine@s-ucb:nu=0.1+clean").unwrap();
         match c.coordinator.policy {
             bandit::PolicyConfig::SUcb(s) => {

@@ -254,7 +254,12 @@ impl<'a> Simulation<'a> {
                     ram_bytes: prof.ram_bytes(),
                     backend: "sim".into(),
                     bench_score: None,
-                    device_class: None,
+                    // The profile's name, as an operator would name the board (a bandit
+                    // scope of `class` shares rewards by it); a name the protocol would refuse
+                    // declares none.
+                    device_class: protocol::check_device_class(&prof.name)
+                        .ok()
+                        .map(|()| prof.name.clone()),
                 },
                 criterion: device_agent::prune::Criterion::LoraGradient,
                 prune: PruneConfig::for_layers(dense.n_layers()),

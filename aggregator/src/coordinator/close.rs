@@ -8,12 +8,44 @@ use std::collections::BTreeMap;
 use bandit::{shape_rewards, BanditError, Policy, RoundStats};
 use protocol::{Bye, ByeReason, DeviceId, Message, RoundId, Timestamp, UNKNOWN_DEVICE_CLASS};
 
+use super::config::BanditScope;
 use super::round::{OpenRound, Outcome, Participant};
 use super::summary::{Assignment, FailedSummary, ParticipantSummary, RoundSummary};
 use super::{Command, Coordinator};
 use crate::aggregate::Aggregation;
 
 impl Coordinator {
+    /// [`BanditScope::Class`]: every device record of a class observes the round's rewards
+    /// that the other devices of its class earned (`shared`: device, class, arm, reward, in
+    /// device order), after its own. An arm the receiving bandit cannot take (outside its
+    /// space) is skipped and counted like any bandit error.
+    fn share_rewards(&mut self, round: RoundId, shared: &[(DeviceId, String, protocol::Arm, f64)]) {
+        if shared.is_empty() {
+            return;
+        }
+        let ids: Vec<DeviceId> = self.devices.keys().copied().collect();
+        for id in ids {
+            let mut results = Vec::new();
+            if let Some(record) = self.record_mut(id) {
+                let class = record.capabilities.class().to_string();
+                let ctx = bandit::DeviceContext {
+                    device_id: id.0,
+                    round: round.0,
+                    ram_bytes: Some(record.capabilities.ram_bytes),
+                    deadline_ms: None,
+                };
+                for (from, c, arm, reward) in shared {
+                    if *from != id && *c == class {
+                        results.push(record.bandit.observe(&ctx, *arm, *reward));
+                    }
+                }
+            }
+            for result in results {
+                self.note_bandit_error(id, result);
+            }
+        }
+    }
+
     /// Closes the open round early when `close_at_target` and enough updates were accepted,
     /// or when no selected device that is still connected has yet to answer.
     pub(super) fn maybe_close_early(&mut self, now: Timestamp, out: &mut Vec<Command>) {
@@ -99,6 +131,20 @@ impl Coordinator {
         };
         let (mut loss_pre, mut loss_post, mut weight) = (0.0, 0.0, 0.0);
         let self_prunes = self.strategy.rank_pruning().is_some();
+        let shared: Vec<(DeviceId, String, protocol::Arm, f64)> =
+            if self.config.bandit_scope == BanditScope::Class {
+                participants
+                    .iter()
+                    .zip(&rewards)
+                    .filter_map(|((device, p), r)| {
+                        let class = self.device(*device)?.capabilities.class().to_string();
+                        Some((*device, class, p.arm, (*r)?))
+                    })
+                    .filter(|(_, class, _, _)| class != UNKNOWN_DEVICE_CLASS)
+                    .collect()
+            } else {
+                Vec::new()
+            };
         for ((device, p), reward) in participants.into_iter().zip(rewards) {
             let mut results: Vec<Result<(), BanditError>> = Vec::new();
             // The arm as sent: the bandit's, at the (possibly self-pruning-capped) rank sent.
@@ -170,6 +216,7 @@ impl Coordinator {
                 self.note_bandit_error(device, result);
             }
         }
+        self.share_rewards(id, &shared);
         if weight > 0.0 {
             summary.mean_loss_pre = Some(loss_pre / weight);
             summary.mean_loss_post = Some(loss_post / weight);

@@ -34,6 +34,21 @@ use super::error::CoordinatorError;
 use crate::aggregate::AggregationConfig;
 use crate::strategy::{Common, Strategy, StrategyConfig};
 
+/// Whose rewards a device's bandit learns from (TOML: `bandit_scope = "device"` or
+/// `"class"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BanditScope {
+    /// Its own plays only: each device learns alone (the paper's setting).
+    #[default]
+    Device,
+    /// Its own plays, then every reward a device of the same declared class earned in the
+    /// round (each observed as that arm, in device order). A fleet learns in the first rounds
+    /// what one device would need dozens of plays for; devices that declare no class share
+    /// nothing. Feasibility (memory, deadline) stays each device's own.
+    Class,
+}
+
 /// Everything the coordinator decides with. Plain data; see the module docs for a TOML
 /// example. [`CoordinatorConfig::validate`] runs in [`crate::coordinator::Coordinator::new`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +100,8 @@ pub struct CoordinatorConfig {
     pub reward: RewardWeights,
     /// The bandit of adaptive strategies. Default S-UCB.
     pub policy: PolicyConfig,
+    /// Whose rewards a device's bandit learns from. Default [`BanditScope::Device`].
+    pub bandit_scope: BanditScope,
     /// Pruning ratios and LoRA ranks arms are drawn from.
     pub arms: ArmSpace,
     pub feasibility: FeasibilityConfig,
@@ -127,6 +144,7 @@ impl Default for CoordinatorConfig {
             aggregation: AggregationConfig::default(),
             reward: RewardWeights::default(),
             policy: PolicyConfig::SUcb(Default::default()),
+            bandit_scope: BanditScope::Device,
             arms: ArmSpace::default(),
             feasibility: FeasibilityConfig::default(),
             f16_downloads: false,
