@@ -4,11 +4,11 @@
 
 mod common;
 
-use aggregator::coordinator::{BanditScope, Command, Coordinator, CoordinatorConfig, Event};
+use aggregator::coordinator::{BanditScope, Coordinator, CoordinatorConfig};
 use aggregator::strategy::StrategyConfig;
-use protocol::{DeviceId, Message, Timestamp};
+use protocol::{DeviceId, Message};
 
-use common::{dims, join_msg, shifted_answer};
+use common::{dims, join_msg, run_answering, shifted_answer};
 
 /// Devices 1-3 of class `jetson-nx`, 4 of `rpi5`, 5 with no class; all five every round.
 const CLASSES: [(u64, Option<&str>); 5] = [
@@ -43,64 +43,20 @@ fn config(scope: BanditScope, rounds: u64) -> CoordinatorConfig {
 /// Runs the rounds with every device answering at once; returns the coordinator.
 fn run(config: CoordinatorConfig) -> Coordinator {
     let mut coord = Coordinator::new(config, dims()).unwrap();
-    let mut now = Timestamp(0);
-    let mut pending: Vec<(u64, Message)> = Vec::new();
-    let answer = |cmds: Vec<Command>, pending: &mut Vec<(u64, Message)>| {
-        for c in cmds {
-            if let Command::Send {
-                device,
-                msg: Message::RoundConfig(rc),
-            } = c
-            {
-                // Devices answer with different losses, so their rewards differ.
-                let loss = 2.0 - 0.1 * device.0 as f32;
-                let update = shifted_answer(device.0, &rc, loss, 100 * device.0);
-                pending.push((device.0, Message::Update(update)));
-            }
-        }
-    };
-    for (d, class) in CLASSES {
-        let device = DeviceId(d);
-        let Message::Join(mut join) = join_msg(d) else {
-            unreachable!("join_msg makes a Join")
-        };
-        join.capabilities.device_class = class.map(str::to_string);
-        let mut cmds = coord.handle(now, Event::Connected { device });
-        cmds.extend(coord.handle(
-            now,
-            Event::Message {
-                device,
-                msg: Message::Join(join),
-                bytes: 64,
-            },
-        ));
-        answer(cmds, &mut pending);
-    }
-    for _ in 0..1_000 {
-        if pending.is_empty() {
-            match coord.poll_timeout() {
-                Some(t) => {
-                    now = now.max(t);
-                    let cmds = coord.handle_timeout(now);
-                    answer(cmds, &mut pending);
-                    continue;
-                }
-                None => break,
-            }
-        }
-        now = now.plus_ms(10);
-        for (d, msg) in std::mem::take(&mut pending) {
-            let cmds = coord.handle(
-                now,
-                Event::Message {
-                    device: DeviceId(d),
-                    msg,
-                    bytes: 2_000,
-                },
-            );
-            answer(cmds, &mut pending);
-        }
-    }
+    let joins = CLASSES
+        .iter()
+        .map(|&(d, class)| {
+            let Message::Join(mut join) = join_msg(d) else {
+                unreachable!("join_msg makes a Join")
+            };
+            join.capabilities.device_class = class.map(str::to_string);
+            (d, Message::Join(join))
+        })
+        .collect();
+    // Devices answer with different losses, so their rewards differ.
+    run_answering(&mut coord, joins, |d, rc| {
+        shifted_answer(d, rc, 2.0 - 0.1 * d as f32, 100 * d)
+    });
     coord
 }
 

@@ -7,13 +7,13 @@
 mod common;
 
 use aggregator::aggregate::AggregationMethod;
-use aggregator::coordinator::{Command, Coordinator, CoordinatorConfig, Event};
+use aggregator::coordinator::{Coordinator, CoordinatorConfig};
 use aggregator::strategy::{
     FedLoraConfig, FixedPruneConfig, HetLoraConfig, PruneAfterFlConfig, StrategyConfig, TargetRoute,
 };
-use protocol::{DeviceId, Message, RoundConfig, SparsityGoal, Timestamp};
+use protocol::{RoundConfig, SparsityGoal};
 
-use common::{dims, join_msg, shifted_answer};
+use common::{dims, join_msg, run_answering, shifted_answer};
 
 /// Three devices per round for `rounds` rounds, s* = 0.5, paces in [0.25, 1].
 fn config(strategy: StrategyConfig, rounds: u64) -> CoordinatorConfig {
@@ -40,67 +40,8 @@ fn config(strategy: StrategyConfig, rounds: u64) -> CoordinatorConfig {
 /// every round configuration sent, in order.
 fn run(config: CoordinatorConfig) -> Vec<RoundConfig> {
     let mut coord = Coordinator::new(config, dims()).unwrap();
-    let mut now = Timestamp(0);
-    let mut pending: Vec<(u64, Message)> = Vec::new();
-    let mut sent = Vec::new();
-    for d in 1..=3 {
-        let mut cmds = coord.handle(
-            now,
-            Event::Connected {
-                device: DeviceId(d),
-            },
-        );
-        cmds.extend(coord.handle(
-            now,
-            Event::Message {
-                device: DeviceId(d),
-                msg: join_msg(d),
-                bytes: 64,
-            },
-        ));
-        collect(cmds, &mut pending, &mut sent);
-    }
-    for _ in 0..1_000 {
-        if pending.is_empty() {
-            match coord.poll_timeout() {
-                Some(t) => {
-                    now = now.max(t);
-                    let cmds = coord.handle_timeout(now);
-                    collect(cmds, &mut pending, &mut sent);
-                    continue;
-                }
-                None => break,
-            }
-        }
-        now = now.plus_ms(10);
-        for (d, msg) in std::mem::take(&mut pending) {
-            let cmds = coord.handle(
-                now,
-                Event::Message {
-                    device: DeviceId(d),
-                    msg,
-                    bytes: 2_000,
-                },
-            );
-            collect(cmds, &mut pending, &mut sent);
-        }
-    }
-    sent
-}
-
-/// Answers every round configuration among `cmds` (a device that trained honestly).
-fn collect(cmds: Vec<Command>, pending: &mut Vec<(u64, Message)>, sent: &mut Vec<RoundConfig>) {
-    for c in cmds {
-        if let Command::Send {
-            device,
-            msg: Message::RoundConfig(rc),
-        } = c
-        {
-            let update = shifted_answer(device.0, &rc, 2.0, 100);
-            pending.push((device.0, Message::Update(update)));
-            sent.push(rc);
-        }
-    }
+    let joins = (1..=3).map(|d| (d, join_msg(d))).collect();
+    run_answering(&mut coord, joins, |d, rc| shifted_answer(d, rc, 2.0, 100))
 }
 
 #[test]

@@ -3,9 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+use aggregator::coordinator::{Command, Coordinator, Event};
 use protocol::{
-    Buffer, Capabilities, DeviceId, Join, Message, ModelDims, RoundConfig, Update, UpdateStats,
-    PROTOCOL_VERSION,
+    Buffer, Capabilities, DeviceId, Join, Message, ModelDims, RoundConfig, Timestamp, Update,
+    UpdateStats, PROTOCOL_VERSION,
 };
 
 /// Two blocks, d_model 8, 2 query heads on 1 KV head of width 4, FFN 12.
@@ -65,4 +66,68 @@ pub fn shifted_answer(device: u64, rc: &RoundConfig, loss_post: f32, compute_ms:
             steps: rc.local_steps,
         },
     }
+}
+
+/// Connects and joins each `(device, join)`, then runs the coordinator until it has nothing
+/// left to do, every device answering each round configuration at once with `answer`'s update
+/// (10 ms later); returns every round configuration sent, in order.
+pub fn run_answering(
+    coord: &mut Coordinator,
+    joins: Vec<(u64, Message)>,
+    mut answer: impl FnMut(u64, &RoundConfig) -> Update,
+) -> Vec<RoundConfig> {
+    let mut now = Timestamp(0);
+    let mut pending: Vec<(u64, Message)> = Vec::new();
+    let mut sent = Vec::new();
+    let mut collect = |cmds: Vec<Command>, pending: &mut Vec<(u64, Message)>| {
+        for c in cmds {
+            if let Command::Send {
+                device,
+                msg: Message::RoundConfig(rc),
+            } = c
+            {
+                pending.push((device.0, Message::Update(answer(device.0, &rc))));
+                sent.push(rc);
+            }
+        }
+    };
+    for (d, join) in joins {
+        let device = DeviceId(d);
+        let mut cmds = coord.handle(now, Event::Connected { device });
+        cmds.extend(coord.handle(
+            now,
+            Event::Message {
+                device,
+                msg: join,
+                bytes: 64,
+            },
+        ));
+        collect(cmds, &mut pending);
+    }
+    for _ in 0..1_000 {
+        if pending.is_empty() {
+            match coord.poll_timeout() {
+                Some(t) => {
+                    now = now.max(t);
+                    let cmds = coord.handle_timeout(now);
+                    collect(cmds, &mut pending);
+                    continue;
+                }
+                None => break,
+            }
+        }
+        now = now.plus_ms(10);
+        for (d, msg) in std::mem::take(&mut pending) {
+            let cmds = coord.handle(
+                now,
+                Event::Message {
+                    device: DeviceId(d),
+                    msg,
+                    bytes: 2_000,
+                },
+            );
+            collect(cmds, &mut pending);
+        }
+    }
+    sent
 }

@@ -132,6 +132,41 @@ mod x86 {
         }
     }
 
+    /// Block `b` of the weight row at `wp` against the activation row at `xp`: `$dot8` of
+    /// `(|x|, w * sign(x))`, 8 int32 partial sums.
+    macro_rules! block_dot {
+        ($wp:expr, $xp:expr, $b:expr, $dot8:ident) => {{
+            let w = _mm256_loadu_si256($wp.add($b * QK) as *const __m256i);
+            let x = _mm256_loadu_si256($xp.add($b * QK) as *const __m256i);
+            $dot8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x))
+        }};
+    }
+
+    /// One weight row (at `wp`, `nb` blocks) against one activation row (at `xp`), two blocks
+    /// at a time with two accumulators: `two` gives blocks `b` and `b + 1`'s combined scales
+    /// (weight times activation, broadcast), `one` block `b`'s for an odd last block.
+    macro_rules! row_dot {
+        ($wp:expr, $xp:expr, $nb:expr, $dot8:ident, |$b:ident| two $two:expr, one $one:expr) => {{
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut $b = 0;
+            while $b + 1 < $nb {
+                let p0 = block_dot!($wp, $xp, $b, $dot8);
+                let p1 = block_dot!($wp, $xp, $b + 1, $dot8);
+                let (d0, d1): (__m256, __m256) = $two;
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                $b += 2;
+            }
+            if $b < $nb {
+                let p0 = block_dot!($wp, $xp, $b, $dot8);
+                let d0: __m256 = $one;
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }};
+    }
+
     /// The dot product of weight row `j` (its scales converted in `dw`) with activation row
     /// `i`, expanded inside each target-feature function; `$dot8` turns one block's `(|x|, w *
     /// sign(x))` into 8 int32 partial sums.
@@ -142,30 +177,10 @@ mod x86 {
             let wp = a.qw.as_ptr().add(j * nb * QK);
             let xp = a.qx.as_ptr().add(i * nb * QK);
             let dx = a.dx.as_ptr().add(i * nb);
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut b = 0;
-            while b + 1 < nb {
-                let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
-                let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-                let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
-                let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
-                let d1 = _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1));
-                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-                b += 2;
-            }
-            if b < nb {
-                let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                let d0 = _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b));
-                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-            }
-            hsum(_mm256_add_ps(acc0, acc1))
+            row_dot!(wp, xp, nb, $dot8, |b| two (
+                _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b)),
+                _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1)),
+            ), one _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b)))
         }};
     }
 
@@ -212,38 +227,19 @@ mod x86 {
                 }
                 let wp = a.qw.as_ptr().add(j * nb * QK);
                 let dwp = a.dw.as_ptr().add(j * nb);
-                let mut acc0 = _mm256_setzero_ps();
-                let mut acc1 = _mm256_setzero_ps();
-                let mut b = 0;
-                while b + 1 < nb {
-                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                    let w1 = _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i);
-                    let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
-                    let p1 = $dot8(_mm256_sign_epi8(x1, x1), _mm256_sign_epi8(w1, x1));
-                    // Both blocks' weight scales (two f16) times the activations' scales.
+                // Both blocks' weight scales (two f16) times the activations' scales.
+                *yj = row_dot!(wp, xp, nb, $dot8, |b| two {
                     let hw = (dwp.add(b) as *const i32).read_unaligned();
                     let s = _mm_mul_ps(
                         _mm_cvtph_ps(_mm_cvtsi32_si128(hw)),
                         _mm_castpd_ps(_mm_load_sd(dx.add(b) as *const f64)),
                     );
-                    let d0 = _mm256_broadcastss_ps(s);
-                    let d1 = _mm256_broadcastss_ps(_mm_movehdup_ps(s));
-                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                    acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-                    b += 2;
-                }
-                if b < nb {
-                    let w0 = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                    let p0 = $dot8(_mm256_sign_epi8(x0, x0), _mm256_sign_epi8(w0, x0));
+                    (_mm256_broadcastss_ps(s), _mm256_broadcastss_ps(_mm_movehdup_ps(s)))
+                }, one {
                     let hw = i32::from(*dwp.add(b));
                     let s = _mm_mul_ss(_mm_cvtph_ps(_mm_cvtsi32_si128(hw)), _mm_load_ss(dx.add(b)));
-                    let d0 = _mm256_broadcastss_ps(s);
-                    acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                }
-                *yj = hsum(_mm256_add_ps(acc0, acc1));
+                    _mm256_broadcastss_ps(s)
+                });
             }
         }};
     }
