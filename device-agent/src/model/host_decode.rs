@@ -19,7 +19,7 @@
 
 use protocol::Proj;
 
-use super::kv_cache::{KvCache, LayerKv};
+use super::kv_cache::{host_values, KvCache, LayerKv};
 use super::layers::rope_angles;
 use super::lora_layer::Adapter;
 use super::Llama;
@@ -48,20 +48,6 @@ pub struct HostDecoder<'m> {
     lora: Vec<Vec<Option<HostLora>>>,
 }
 
-fn host(t: burn::tensor::Tensor<1>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .expect("f32 values after conversion")
-}
-
-fn host2(t: burn::tensor::Tensor<2>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .expect("f32 values after conversion")
-}
-
 impl<'m> HostDecoder<'m> {
     /// The decoder of `model` with `adapter`, or `None` where it does not apply (no Q8_0
     /// base, or a backend other than flex).
@@ -77,9 +63,12 @@ impl<'m> HostDecoder<'m> {
                     .map(|&p| {
                         let (a, b, scale) = adapter?.factors(l, p)?;
                         let rank = a.dims()[1];
-                        let b = host2(b.clone()).iter().map(|&v| v * scale as f32).collect();
+                        let b = host_values(b.clone())
+                            .iter()
+                            .map(|&v| v * scale as f32)
+                            .collect();
                         Some(HostLora {
-                            a: host2(a.clone()),
+                            a: host_values(a.clone()),
                             b,
                             rank,
                         })
@@ -94,14 +83,14 @@ impl<'m> HostDecoder<'m> {
             attn_norm: model
                 .blocks
                 .iter()
-                .map(|b| host(b.attn_norm.clone()))
+                .map(|b| host_values(b.attn_norm.clone()))
                 .collect(),
             ffn_norm: model
                 .blocks
                 .iter()
-                .map(|b| host(b.ffn_norm.clone()))
+                .map(|b| host_values(b.ffn_norm.clone()))
                 .collect(),
-            norm: host(model.norm.clone()),
+            norm: host_values(model.norm.clone()),
             lora,
         })
     }

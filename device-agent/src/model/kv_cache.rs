@@ -61,7 +61,7 @@ pub struct HostKv {
 }
 
 /// A tensor's values in row-major order as `f32`.
-fn host_values(t: Tensor<4>) -> Vec<f32> {
+pub(super) fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
