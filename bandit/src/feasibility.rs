@@ -234,6 +234,16 @@ impl<P: Policy> Filtered<P> {
         self.filter.record(arm, peak_mem_bytes, duration_ms, ctx)
     }
 
+    /// `region` less the arms the filter has excluded for the device.
+    fn within(&self, ctx: &DeviceContext, region: &FeasibleRegion) -> FeasibleRegion {
+        let own = self.filter.region(ctx.device_id);
+        if region.is_unrestricted() {
+            own
+        } else {
+            own.intersect(region)
+        }
+    }
+
     /// See [`FeasibilityFilter::record_out_of_memory`].
     pub fn record_out_of_memory(
         &mut self,
@@ -251,13 +261,18 @@ impl<P: Policy> Policy for Filtered<P> {
         region: &FeasibleRegion,
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
-        let own = self.filter.region(ctx.device_id);
-        let region = if region.is_unrestricted() {
-            own
-        } else {
-            own.intersect(region)
-        };
+        let region = self.within(ctx, region);
         self.policy.choose_in(ctx, &region, rng)
+    }
+
+    fn exploit_in(
+        &self,
+        ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        let region = self.within(ctx, region);
+        self.policy.exploit_in(ctx, &region, rng)
     }
 
     fn observe(&mut self, ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError> {

@@ -307,8 +307,8 @@ impl ExperimentConfig {
     /// such as `uniform-random` or `fixed`, with its default parameters) replacing
     /// `coordinator.policy`, then any `+`-separated modifiers: `agg=METHOD` (the aggregation
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
-    /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`) and `clean`
-    /// (no Byzantine devices). E.g.
+    /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`),
+    /// `explore=N` (`coordinator.explore_per_round`) and `clean` (no Byzantine devices). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
         let mut parts = entry.split('+');
@@ -355,11 +355,19 @@ impl ExperimentConfig {
                             ))
                         })?;
                 }
+                Some(("explore", n)) => match n.parse::<usize>() {
+                    Ok(n) => base.coordinator.explore_per_round = Some(n),
+                    Err(_) => {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': explore={n} is not a number of devices"
+                        )))
+                    }
+                },
                 None if m == "clean" => clean = true,
                 _ => {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
-                         scope=device|class, clean)"
+                         scope=device|class, explore=N, clean)"
                     )))
                 }
             }
@@ -600,6 +608,10 @@ mod tests {
             c.coordinator.bandit_scope,
             aggregator::coordinator::BanditScope::Class
         );
+        let c = b.with_entry("fedspine@ucb1+scope=class+explore=2").unwrap();
+        assert_eq!(c.coordinator.explore_per_round, Some(2));
+        let e = b.with_entry("fedspine+explore=-1").unwrap_err().to_string();
+        assert!(e.contains("explore=-1"), "{e}");
         let e = b
             .with_entry("fedspine+scope=fleet")
             .unwrap_err()

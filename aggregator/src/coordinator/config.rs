@@ -102,6 +102,15 @@ pub struct CoordinatorConfig {
     pub policy: PolicyConfig,
     /// Whose rewards a device's bandit learns from. Default [`BanditScope::Device`].
     pub bandit_scope: BanditScope,
+    /// Exploration budget of a round: at most this many of the selected devices (drawn with
+    /// the seeded generator) play their policy's exploring choice; the others play the arm
+    /// their bandit now believes best ([`bandit::Policy::exploit_in`]). A synchronous round
+    /// lasts as long as its slowest device, so when every device explores, nearly every round
+    /// holds a slow arm; a budget pays for exploration with a few devices per round instead.
+    /// A device whose bandit has nothing to exploit yet (nothing played, or a policy without
+    /// estimates: fixed, uniform-random, EXP3) explores beyond the budget. `None` (the
+    /// default): every device plays its policy's choice.
+    pub explore_per_round: Option<usize>,
     /// Pruning ratios and LoRA ranks arms are drawn from.
     pub arms: ArmSpace,
     pub feasibility: FeasibilityConfig,
@@ -145,6 +154,7 @@ impl Default for CoordinatorConfig {
             reward: RewardWeights::default(),
             policy: PolicyConfig::SUcb(Default::default()),
             bandit_scope: BanditScope::Device,
+            explore_per_round: None,
             arms: ArmSpace::default(),
             feasibility: FeasibilityConfig::default(),
             f16_downloads: false,

@@ -78,6 +78,17 @@ impl Coordinator {
         keys
     }
 
+    /// With an exploration budget, the positions (in the round's sorted picks) of the devices
+    /// that play their policy's exploring choice, drawn with the policy generator; `None`
+    /// without a budget (every device explores as its policy does).
+    fn explorers(&mut self, picks: usize) -> Option<Vec<usize>> {
+        let budget = self.config.explore_per_round?;
+        if budget >= picks {
+            return Some((0..picks).collect());
+        }
+        Some(rand::seq::index::sample(&mut self.policy_rng, picks, budget).into_vec())
+    }
+
     /// Starts a round when none is open, the interval since the last close passed and enough
     /// joined devices are idle: samples them with the seeded generator, asks each one's bandit
     /// (through the strategy) for its arm, and sends each its `RoundConfig`.
@@ -129,8 +140,9 @@ impl Coordinator {
                 }
             };
         let id = self.round.next();
+        let explorers = self.explorers(picks.len());
         let mut participants = BTreeMap::new();
-        for device in picks {
+        for (pick, device) in picks.into_iter().enumerate() {
             let Some(entry) = self.devices.get_mut(&device) else {
                 continue;
             };
@@ -143,10 +155,20 @@ impl Coordinator {
                 ram_bytes: Some(record.capabilities.ram_bytes),
                 deadline_ms: Some(self.config.round_deadline_ms),
             };
-            let arm = match self
-                .strategy
-                .choose_arm(&mut record.bandit, &ctx, &mut self.policy_rng)
-            {
+            let exploited = match &explorers {
+                Some(chosen) if !chosen.contains(&pick) => {
+                    self.strategy
+                        .exploit_arm(&record.bandit, &ctx, &mut self.policy_rng)
+                }
+                _ => None,
+            };
+            let chosen = match exploited {
+                Some(arm) => Ok(arm),
+                None => self
+                    .strategy
+                    .choose_arm(&mut record.bandit, &ctx, &mut self.policy_rng),
+            };
+            let arm = match chosen {
                 Ok(arm) => arm,
                 Err(BanditError::NoFeasibleArm { .. }) => {
                     self.counters.no_feasible_arm += 1;

@@ -4,8 +4,8 @@
 use std::fmt;
 
 use bandit::{
-    AnyPolicy, Arm, ArmSpace, BanditError, DeviceContext, FeasibilityFilter, Filtered, Policy,
-    PolicyConfig,
+    AnyPolicy, Arm, ArmSpace, BanditError, DeviceContext, FeasibilityFilter, FeasibleRegion,
+    Filtered, Policy, PolicyConfig,
 };
 use protocol::Capabilities;
 use rand_chacha::ChaCha8Rng;
@@ -68,6 +68,18 @@ pub trait Strategy: fmt::Debug + Send {
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
         bandit.choose(ctx, rng)
+    }
+
+    /// The arm a selected device plays in a round where it is not one of the explorers
+    /// (default: its bandit's best estimate, `None` when it has none yet; see
+    /// `CoordinatorConfig::explore_per_round`).
+    fn exploit_arm(
+        &self,
+        bandit: &DeviceBandit,
+        ctx: &DeviceContext,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        bandit.exploit_in(ctx, &FeasibleRegion::all(), rng)
     }
 }
 

@@ -125,4 +125,17 @@ impl Policy for EpsilonGreedy {
         self.total += 1;
         Ok(())
     }
+
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        self.grid.best_mean(
+            region,
+            |i| (self.stats[i].count as f64, self.stats[i].sum),
+            rng,
+        )
+    }
 }

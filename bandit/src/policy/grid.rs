@@ -86,6 +86,24 @@ impl ArmGrid {
     }
 }
 
+impl ArmGrid {
+    /// The feasible grid arm with the highest mean among those with a positive count
+    /// (`stats(i)` gives arm `i`'s count and reward sum), ties at random; `None` when no
+    /// feasible arm was played. What every grid policy exploits.
+    pub(crate) fn best_mean(
+        &self,
+        region: &FeasibleRegion,
+        stats: impl Fn(usize) -> (f64, f64),
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        let scored = self.feasible_iter(region).filter_map(|i| {
+            let (count, sum) = stats(i);
+            (count > 0.0).then(|| (i, sum / count))
+        });
+        argmax_random_tie(scored, rng).map(|i| self.arm(i))
+    }
+}
+
 /// The index with the largest score (`+inf` allowed); ties broken uniformly at random.
 /// `None` when `scored` is empty.
 pub(crate) fn argmax_random_tie(

@@ -47,6 +47,21 @@ pub trait Policy {
     /// Learns that `arm`, played for `ctx`, earned `reward` (normally in [0, 1], see
     /// [`crate::reward::shape_rewards`]).
     fn observe(&mut self, ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError>;
+
+    /// The arm inside `region` the policy currently believes best, without exploring: the
+    /// highest mean reward among the arms played so far (S-UCB: a point of the cell reached by
+    /// descending to the child with the higher mean). `None` when the policy has nothing to
+    /// exploit yet (no feasible arm played) or does not keep reward estimates (fixed,
+    /// uniform-random, EXP3): the caller then asks [`Policy::choose_in`]. Unlike `choose_in`
+    /// it changes no state; `rng` only breaks ties.
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        _region: &FeasibleRegion,
+        _rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        None
+    }
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
@@ -61,6 +76,15 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
 
     fn observe(&mut self, ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError> {
         (**self).observe(ctx, arm, reward)
+    }
+
+    fn exploit_in(
+        &self,
+        ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        (**self).exploit_in(ctx, region, rng)
     }
 }
 
@@ -212,6 +236,15 @@ impl Policy for AnyPolicy {
 
     fn observe(&mut self, ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError> {
         each_policy!(self, p => p.observe(ctx, arm, reward))
+    }
+
+    fn exploit_in(
+        &self,
+        ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        each_policy!(self, p => p.exploit_in(ctx, region, rng))
     }
 }
 

@@ -27,6 +27,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::grid::argmax_random_tie;
 use super::{check_range, check_reward, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
@@ -404,6 +405,33 @@ impl Policy for SUcb {
             match next {
                 Some(j) => at = j as usize,
                 None => return Ok(()),
+            }
+        }
+    }
+
+    /// Descends from the root to the feasible child with the higher mean (children never
+    /// played do not count) and plays a random feasible point of the last cell reached.
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        let root = &self.nodes[0];
+        if root.count == 0 || !self.cell_feasible(&root.cell, region) {
+            return None;
+        }
+        let mut at = 0usize;
+        loop {
+            let node = &self.nodes[at];
+            let mean = |j: u32| {
+                let c = &self.nodes[j as usize];
+                (c.count > 0 && self.cell_feasible(&c.cell, region))
+                    .then(|| (j as usize, c.sum / c.count as f64))
+            };
+            match argmax_random_tie(node.children.iter().flatten().filter_map(|&j| mean(j)), rng) {
+                Some(j) => at = j,
+                None => return Some(self.sample_in(&node.cell, region, rng)),
             }
         }
     }

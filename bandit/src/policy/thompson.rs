@@ -119,4 +119,17 @@ impl Policy for Thompson {
         self.stats[i].sum += reward;
         Ok(())
     }
+
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        self.grid.best_mean(
+            region,
+            |i| (self.stats[i].count as f64, self.stats[i].sum),
+            rng,
+        )
+    }
 }

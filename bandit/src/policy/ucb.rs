@@ -116,6 +116,19 @@ impl Policy for Ucb1 {
         self.total += 1;
         Ok(())
     }
+
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        self.grid.best_mean(
+            region,
+            |i| (self.stats[i].count as f64, self.stats[i].sum),
+            rng,
+        )
+    }
 }
 
 /// Parameters of [`DiscountedUcb`].
@@ -215,6 +228,16 @@ impl Policy for DiscountedUcb {
         self.sums[i] += reward;
         Ok(())
     }
+
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        self.grid
+            .best_mean(region, |i| (self.counts[i], self.sums[i]), rng)
+    }
 }
 
 /// Parameters of [`SlidingWindowUcb`].
@@ -313,5 +336,18 @@ impl Policy for SlidingWindowUcb {
             s.sum = if s.count == 0 { 0.0 } else { s.sum - r };
         }
         Ok(())
+    }
+
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        self.grid.best_mean(
+            region,
+            |i| (self.stats[i].count as f64, self.stats[i].sum),
+            rng,
+        )
     }
 }
