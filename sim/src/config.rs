@@ -308,7 +308,8 @@ impl ExperimentConfig {
     /// `coordinator.policy`, then any `+`-separated modifiers: `agg=METHOD` (the aggregation
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
     /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`),
-    /// `explore=N` (`coordinator.explore_per_round`) and `clean` (no Byzantine devices). E.g.
+    /// `explore=N` (`coordinator.explore_per_round`), `w1=X` ... `w4=X` (`coordinator.reward`'s
+    /// term weights) and `clean` (no Byzantine devices). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
         let mut parts = entry.split('+');
@@ -363,11 +364,26 @@ impl ExperimentConfig {
                         )))
                     }
                 },
+                Some((w @ ("w1" | "w2" | "w3" | "w4"), x)) => {
+                    let weight = x.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0);
+                    let Some(weight) = weight else {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': {w}={x} is not a finite weight >= 0"
+                        )));
+                    };
+                    let r = &mut base.coordinator.reward;
+                    *match w {
+                        "w1" => &mut r.w1,
+                        "w2" => &mut r.w2,
+                        "w3" => &mut r.w3,
+                        _ => &mut r.w4,
+                    } = weight;
+                }
                 None if m == "clean" => clean = true,
                 _ => {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
-                         scope=device|class, explore=N, clean)"
+                         scope=device|class, explore=N, w1..w4=X, clean)"
                     )))
                 }
             }
@@ -608,8 +624,14 @@ mod tests {
             c.coordinator.bandit_scope,
             aggregator::coordinator::BanditScope::Class
         );
-        let c = b.with_entry("fedspine@ucb1+scope=class+explore=2").unwrap();
+        let c = b
+            .with_entry("fedspine@ucb1+scope=class+explore=2+w4=3")
+            .unwrap();
         assert_eq!(c.coordinator.explore_per_round, Some(2));
+        assert_eq!(c.coordinator.reward.w4, 3.0);
+        assert_eq!(c.coordinator.reward.w1, b.coordinator.reward.w1);
+        let e = b.with_entry("fedspine+w2=-1").unwrap_err().to_string();
+        assert!(e.contains("w2=-1"), "{e}");
         let e = b.with_entry("fedspine+explore=-1").unwrap_err().to_string();
         assert!(e.contains("explore=-1"), "{e}");
         let e = b
