@@ -4,7 +4,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::grid::{argmax_random_tie, ArmStats};
+use super::grid::{argmax_random_tie, exploit_best_mean, ArmStats};
 use super::{check_range, check_reward, ArmGrid, Policy};
 use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
@@ -126,16 +126,5 @@ impl Policy for EpsilonGreedy {
         Ok(())
     }
 
-    fn exploit_in(
-        &self,
-        _ctx: &DeviceContext,
-        region: &FeasibleRegion,
-        rng: &mut ChaCha8Rng,
-    ) -> Option<Arm> {
-        self.grid.best_mean(
-            region,
-            |i| (self.stats[i].count as f64, self.stats[i].sum),
-            rng,
-        )
-    }
+    exploit_best_mean!();
 }

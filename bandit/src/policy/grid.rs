@@ -104,6 +104,25 @@ impl ArmGrid {
     }
 }
 
+/// `Policy::exploit_in` for a grid policy whose `stats: Vec<ArmStats>` hold every arm's plays.
+macro_rules! exploit_best_mean {
+    () => {
+        fn exploit_in(
+            &self,
+            _ctx: &DeviceContext,
+            region: &FeasibleRegion,
+            rng: &mut ChaCha8Rng,
+        ) -> Option<Arm> {
+            self.grid.best_mean(
+                region,
+                |i| (self.stats[i].count as f64, self.stats[i].sum),
+                rng,
+            )
+        }
+    };
+}
+pub(crate) use exploit_best_mean;
+
 /// The index with the largest score (`+inf` allowed); ties broken uniformly at random.
 /// `None` when `scored` is empty.
 pub(crate) fn argmax_random_tie(
