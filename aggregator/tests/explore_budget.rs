@@ -18,6 +18,10 @@ const DEVICES: u64 = 5;
 const ROUNDS: u64 = 6;
 
 fn config(explore_per_round: Option<usize>) -> CoordinatorConfig {
+    bounded_config(explore_per_round, false)
+}
+
+fn bounded_config(explore_per_round: Option<usize>, bounded: bool) -> CoordinatorConfig {
     let mut c = CoordinatorConfig {
         rounds: ROUNDS,
         devices_per_round: DEVICES as usize,
@@ -34,6 +38,7 @@ fn config(explore_per_round: Option<usize>) -> CoordinatorConfig {
             exploration: 0.15,
         }),
         explore_per_round,
+        bounded_exploration: bounded,
         ..CoordinatorConfig::default()
     };
     c.arms.ratio_min = 0.0;
@@ -42,9 +47,11 @@ fn config(explore_per_round: Option<usize>) -> CoordinatorConfig {
     c
 }
 
-/// For each round, how many devices played an arm they had not played before.
-fn new_arms_per_round(explore_per_round: Option<usize>) -> Vec<usize> {
-    let mut coord = Coordinator::new(config(explore_per_round), dims()).unwrap();
+/// Every play of a run: (round, device, (ratio bits, rank)), sorted.
+type Plays = Vec<(u64, u64, (u64, u32))>;
+
+fn run(config: CoordinatorConfig) -> Plays {
+    let mut coord = Coordinator::new(config, dims()).unwrap();
     let joins = (1..=DEVICES).map(|d| (d, join_msg(d))).collect();
     let mut plays: Vec<(u64, u64, (u64, u32))> = Vec::new();
     run_answering(&mut coord, joins, |d, rc| {
@@ -55,12 +62,24 @@ fn new_arms_per_round(explore_per_round: Option<usize>) -> Vec<usize> {
     assert_eq!(coord.counters().bandit_errors, 0);
     assert_eq!(coord.state().round.0, ROUNDS, "every round closed");
     plays.sort();
+    plays
+}
+
+/// For each round, which plays were of an arm the device had not played before.
+fn fresh_plays(plays: &Plays) -> Vec<bool> {
     let mut seen: BTreeMap<u64, BTreeSet<(u64, u32)>> = BTreeMap::new();
+    plays
+        .iter()
+        .map(|&(_, d, arm)| seen.entry(d).or_default().insert(arm))
+        .collect()
+}
+
+/// For each round, how many devices played an arm they had not played before.
+fn new_arms_per_round(explore_per_round: Option<usize>) -> Vec<usize> {
+    let plays = run(config(explore_per_round));
     let mut fresh = vec![0usize; ROUNDS as usize];
-    for (round, d, arm) in plays {
-        if seen.entry(d).or_default().insert(arm) {
-            fresh[(round - 1) as usize] += 1;
-        }
+    for (&(round, _, _), new) in plays.iter().zip(fresh_plays(&plays)) {
+        fresh[(round - 1) as usize] += usize::from(new);
     }
     fresh
 }
@@ -95,4 +114,46 @@ fn the_budget_survives_a_config_round_trip() {
     assert!(text.contains("explore_per_round = 2"), "{text}");
     let back: CoordinatorConfig = toml::from_str(&text).unwrap();
     assert_eq!(back, c);
+}
+
+/// Rounds after the first whose one explorer (the device playing a new arm) played an arm
+/// at once at or below the lowest ratio and at or above the highest rank the others played
+/// (that corner itself aside).
+fn costlier_explorations(plays: &Plays) -> usize {
+    let fresh = fresh_plays(plays);
+    (2..=ROUNDS)
+        .filter(|&round| {
+            let of_round: Vec<_> = plays
+                .iter()
+                .zip(&fresh)
+                .filter(|((r, _, _), _)| *r == round)
+                .map(|(&(_, _, (bits, rank)), &new)| (f64::from_bits(bits), rank, new))
+                .collect();
+            let explored: Vec<_> = of_round.iter().filter(|a| a.2).collect();
+            assert_eq!(explored.len(), 1, "round {round}: one explorer");
+            let (ratio, rank, _) = *explored[0];
+            let others = of_round.iter().filter(|a| !a.2);
+            let lowest = others.clone().map(|a| a.0).fold(f64::MAX, f64::min);
+            let highest = others.map(|a| a.1).max().unwrap();
+            ratio <= lowest && rank >= highest && (ratio, rank) != (lowest, highest)
+        })
+        .count()
+}
+
+#[test]
+fn bounded_explorers_play_nothing_costlier_than_the_exploited_arms() {
+    let costlier = |bounded: bool| -> usize {
+        (0..8)
+            .map(|seed| {
+                let config = CoordinatorConfig {
+                    seed,
+                    ..bounded_config(Some(1), bounded)
+                };
+                costlier_explorations(&run(config))
+            })
+            .sum()
+    };
+    assert_eq!(costlier(true), 0);
+    // Unbounded, the same seeds explore costlier arms: the check has something to catch.
+    assert!(costlier(false) > 0);
 }

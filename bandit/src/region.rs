@@ -29,6 +29,28 @@ impl FeasibleRegion {
         }
     }
 
+    /// The arms not costlier than the given ones taken together: excluded is every arm at once
+    /// at or below their lowest ratio and at or above their highest rank (a lower ratio keeps
+    /// more of the model, a higher rank trains more parameters: the cost order this region's
+    /// monotone shape already assumes), except that corner itself. No arms: no exclusions.
+    pub fn no_costlier_than(arms: &[Arm]) -> Self {
+        let Some(lowest) = arms.iter().map(|a| a.prune_ratio).reduce(f64::min) else {
+            return FeasibleRegion::all();
+        };
+        let highest = arms.iter().map(|a| a.rank).max().expect("not empty");
+        let mut corners = vec![Arm {
+            prune_ratio: lowest,
+            rank: highest.saturating_add(1),
+        }];
+        if lowest > 0.0 {
+            corners.push(Arm {
+                prune_ratio: next_down(lowest),
+                rank: highest,
+            });
+        }
+        FeasibleRegion { corners }
+    }
+
     /// Arms allowed by both regions.
     pub fn intersect(&self, other: &FeasibleRegion) -> FeasibleRegion {
         let mut corners = self.corners.clone();
@@ -98,4 +120,9 @@ fn next_up(x: f64) -> f64 {
         return 0.0;
     }
     f64::from_bits(x.to_bits() + 1)
+}
+
+/// The largest `f64` below a finite, positive `x`.
+fn next_down(x: f64) -> f64 {
+    f64::from_bits(x.to_bits() - 1)
 }

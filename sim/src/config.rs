@@ -308,7 +308,8 @@ impl ExperimentConfig {
     /// `coordinator.policy`, then any `+`-separated modifiers: `agg=METHOD` (the aggregation
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
     /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`),
-    /// `explore=N` (`coordinator.explore_per_round`), `w1=X` ... `w4=X` (`coordinator.reward`'s
+    /// `explore=N` (`coordinator.explore_per_round`), `bounded`
+    /// (`coordinator.bounded_exploration`), `w1=X` ... `w4=X` (`coordinator.reward`'s
     /// term weights) and `clean` (no Byzantine devices). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
@@ -380,10 +381,11 @@ impl ExperimentConfig {
                     } = weight;
                 }
                 None if m == "clean" => clean = true,
+                None if m == "bounded" => base.coordinator.bounded_exploration = true,
                 _ => {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
-                         scope=device|class, explore=N, w1..w4=X, clean)"
+                         scope=device|class, explore=N, bounded, w1..w4=X, clean)"
                     )))
                 }
             }
@@ -625,9 +627,10 @@ mod tests {
             aggregator::coordinator::BanditScope::Class
         );
         let c = b
-            .with_entry("fedspine@ucb1+scope=class+explore=2+w4=3")
+            .with_entry("fedspine@ucb1+scope=class+explore=2+bounded+w4=3")
             .unwrap();
         assert_eq!(c.coordinator.explore_per_round, Some(2));
+        assert!(c.coordinator.bounded_exploration);
         assert_eq!(c.coordinator.reward.w4, 3.0);
         assert_eq!(c.coordinator.reward.w1, b.coordinator.reward.w1);
         let e = b.with_entry("fedspine+w2=-1").unwrap_err().to_string();

@@ -111,6 +111,12 @@ pub struct CoordinatorConfig {
     /// estimates: fixed, uniform-random, EXP3) explores beyond the budget. `None` (the
     /// default): every device plays its policy's choice.
     pub explore_per_round: Option<usize>,
+    /// With an exploration budget, the explorers choose after the round's other devices and
+    /// only among arms no costlier than theirs taken together
+    /// ([`bandit::FeasibleRegion::no_costlier_than`]: nothing at once lower in ratio and higher
+    /// in rank), so that exploring does not set the round's pace. An explorer with no arm left
+    /// there chooses unbounded. Default `false`.
+    pub bounded_exploration: bool,
     /// Pruning ratios and LoRA ranks arms are drawn from.
     pub arms: ArmSpace,
     pub feasibility: FeasibilityConfig,
@@ -155,6 +161,7 @@ impl Default for CoordinatorConfig {
             policy: PolicyConfig::SUcb(Default::default()),
             bandit_scope: BanditScope::Device,
             explore_per_round: None,
+            bounded_exploration: false,
             arms: ArmSpace::default(),
             feasibility: FeasibilityConfig::default(),
             f16_downloads: false,

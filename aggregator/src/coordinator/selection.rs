@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use bandit::{BanditError, DeviceContext};
+use bandit::{BanditError, DeviceContext, FeasibleRegion};
 use protocol::{
     Arm, DeviceId, KeptIndices, Message, RoundConfig, RoundId, RoundOptions, Timestamp,
 };
@@ -141,8 +141,18 @@ impl Coordinator {
             };
         let id = self.round.next();
         let explorers = self.explorers(picks.len());
+        let mut order: Vec<(usize, DeviceId)> = picks.into_iter().enumerate().collect();
+        let bounded = match &explorers {
+            Some(chosen) if self.config.bounded_exploration => {
+                // The others first (a stable sort), so that the explorers' bound is known.
+                order.sort_by_key(|(pick, _)| chosen.contains(pick));
+                true
+            }
+            _ => false,
+        };
+        let mut exploited_arms: Vec<Arm> = Vec::new();
         let mut participants = BTreeMap::new();
-        for (pick, device) in picks.into_iter().enumerate() {
+        for (pick, device) in order {
             let Some(entry) = self.devices.get_mut(&device) else {
                 continue;
             };
@@ -155,18 +165,39 @@ impl Coordinator {
                 ram_bytes: Some(record.capabilities.ram_bytes),
                 deadline_ms: Some(self.config.round_deadline_ms),
             };
-            let exploited = match &explorers {
-                Some(chosen) if !chosen.contains(&pick) => {
-                    self.strategy
-                        .exploit_arm(&record.bandit, &ctx, &mut self.policy_rng)
-                }
-                _ => None,
+            let explorer = explorers.as_ref().is_none_or(|c| c.contains(&pick));
+            let exploited = if explorer {
+                None
+            } else {
+                self.strategy
+                    .exploit_arm(&record.bandit, &ctx, &mut self.policy_rng)
             };
             let chosen = match exploited {
-                Some(arm) => Ok(arm),
-                None => self
-                    .strategy
-                    .choose_arm(&mut record.bandit, &ctx, &mut self.policy_rng),
+                Some(arm) => {
+                    exploited_arms.push(arm);
+                    Ok(arm)
+                }
+                None if bounded && explorer => {
+                    let region = FeasibleRegion::no_costlier_than(&exploited_arms);
+                    let rng = &mut self.policy_rng;
+                    match self
+                        .strategy
+                        .choose_arm(&mut record.bandit, &ctx, &region, rng)
+                    {
+                        Err(BanditError::NoFeasibleArm { .. }) => {
+                            let all = FeasibleRegion::all();
+                            self.strategy
+                                .choose_arm(&mut record.bandit, &ctx, &all, rng)
+                        }
+                        chosen => chosen,
+                    }
+                }
+                None => self.strategy.choose_arm(
+                    &mut record.bandit,
+                    &ctx,
+                    &FeasibleRegion::all(),
+                    &mut self.policy_rng,
+                ),
             };
             let arm = match chosen {
                 Ok(arm) => arm,

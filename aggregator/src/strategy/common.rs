@@ -60,14 +60,16 @@ pub trait Strategy: fmt::Debug + Send {
         }
     }
 
-    /// The arm a selected device plays this round (default: its bandit's choice).
+    /// The arm a selected device plays this round, inside `region` (default: its bandit's
+    /// choice; the region is unrestricted unless the round bounds its explorers).
     fn choose_arm(
         &self,
         bandit: &mut DeviceBandit,
         ctx: &DeviceContext,
+        region: &FeasibleRegion,
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
-        bandit.choose(ctx, rng)
+        bandit.choose_in(ctx, region, rng)
     }
 
     /// The arm a selected device plays in a round where it is not one of the explorers
