@@ -91,6 +91,10 @@ pub struct AgentConfig {
     pub costs: Arc<dyn RoundCosts>,
     /// The most a round configuration may ask of this device.
     pub limits: RoundLimits,
+    /// Keep the adapter a job trained in [`DeviceState`] once its update is built. A device
+    /// needs it (it persists it, and trains from it when a round brings no global slice); the
+    /// surrogate simulator reads none, and 10,000 retained adapters were most of its memory.
+    pub keep_adapter: bool,
 }
 
 /// Caps on what an aggregator may ask of a device: a round configuration (or the Welcome's
@@ -683,11 +687,16 @@ impl AgentSession {
         }
         match result {
             Ok(out) if out.round == round => {
-                let (rank, alpha, factors) = &out.adapter;
+                let (rank, alpha, factors) = out.adapter;
+                // The factors move into the update; a device keeping its adapter copies them.
+                let keep = self
+                    .config
+                    .keep_adapter
+                    .then(|| (rank, alpha, factors.clone()));
                 let (key, config_bytes) = running.unzip();
                 let mut msg = Message::Update(Update {
                     round,
-                    adapter: wire::adapter_to_wire(*rank, *alpha, factors, self.config.f16_updates),
+                    adapter: wire::adapter_to_wire(rank, alpha, factors, self.config.f16_updates),
                     kept: out.kept.clone(),
                     stats: UpdateStats {
                         bytes_down: config_bytes.unwrap_or(0),
@@ -701,7 +710,7 @@ impl AgentSession {
                 }
                 let state = Arc::make_mut(&mut self.state);
                 state.kept = out.kept;
-                state.adapter = Some(out.adapter);
+                state.adapter = keep;
                 state.importance = out.importance;
                 self.phase = Phase::AwaitingAck(round);
                 self.answer(msg)

@@ -23,19 +23,19 @@ pub fn dims_of(cfg: &ModelConfig) -> ModelDims {
 pub fn adapter_to_wire(
     rank: usize,
     alpha: f64,
-    factors: &[HostFactors],
+    factors: Vec<HostFactors>,
     f16: bool,
 ) -> AdapterPayload {
     let p = AdapterPayload {
         rank: rank as u32,
         alpha: alpha as f32,
         layers: factors
-            .iter()
+            .into_iter()
             .map(|f| LayerAdapter {
                 block: f.block as u32,
                 proj: f.proj,
-                a: Tensor2::f32(rank as u32, f.cols_in as u32, f.a.clone()),
-                b: Tensor2::f32(f.rows_out as u32, rank as u32, f.b.clone()),
+                a: Tensor2::f32(rank as u32, f.cols_in as u32, f.a),
+                b: Tensor2::f32(f.rows_out as u32, rank as u32, f.b),
             })
             .collect(),
     };
@@ -81,7 +81,7 @@ mod tests {
         k.validate(&c).unwrap();
         let ad = Adapter::new(&c, 3, 6.0, 1, &Device::flex());
         let host = ad.to_host();
-        let back = adapter_from_wire(&adapter_to_wire(3, 6.0, &host, false));
+        let back = adapter_from_wire(&adapter_to_wire(3, 6.0, host.clone(), false));
         assert_eq!(back, host);
         let dims = dims_of(&c);
         protocol::validate_kept(&dims, &k).unwrap();

@@ -44,6 +44,7 @@ fn agent_config() -> AgentConfig {
             seq_len: 16,
         }),
         limits: RoundLimits::default(),
+        keep_adapter: true,
     }
 }
 

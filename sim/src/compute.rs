@@ -66,7 +66,7 @@ pub trait LocalTrainer {
     fn dense(&self) -> &ModelConfig;
     /// The model whose shape sets time and memory for a device with `kept` maps (the dense
     /// model pruned to them in real mode; the real model at the same sparsity for the surrogate).
-    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig;
+    fn cost_config(&self, kept: &KeptIndices) -> Arc<ModelConfig>;
     /// Tokens per training sequence of `device`.
     fn seq_len(&self, device: usize) -> usize;
     /// How `device`'s session sizes its rounds and messages (the same shapes, sequence length
@@ -168,8 +168,8 @@ impl LocalTrainer for RealTrainer {
         &self.base.config
     }
 
-    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig {
-        pruned_config(&self.base.config, kept)
+    fn cost_config(&self, kept: &KeptIndices) -> Arc<ModelConfig> {
+        Arc::new(pruned_config(&self.base.config, kept))
     }
 
     fn seq_len(&self, device: usize) -> usize {

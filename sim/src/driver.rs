@@ -266,6 +266,9 @@ impl<'a> Simulation<'a> {
                 f16_updates: false,
                 costs: trainer.costs(i),
                 limits: device_agent::session::RoundLimits::default(),
+                // Real mode trains from the adapter when a round brings no global slice; the surrogate
+                // reads none, so it keeps none (most of a 10,000-device fleet's memory otherwise).
+                keep_adapter: trainer.mode() == "real",
             };
             let state = DeviceState {
                 kept: KeptIndices::dense(&dense),

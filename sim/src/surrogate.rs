@@ -28,9 +28,9 @@
 //! ranks stay its bandits' choices (only real mode shows the self-pruning).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use device_agent::cost::{self, RoundCosts};
+use device_agent::cost::{self, MemoryMode, RoundCosts};
 use device_agent::lora::HostFactors;
 use device_agent::model::ModelConfig;
 use device_agent::prune::{self, BlockScores, KeptIndicesExt, PruneConfig};
@@ -38,7 +38,7 @@ use device_agent::session::{AgentConfig, DeviceState, JobOutcome, TrainJob};
 use device_agent::train::{RoundReport, StepRecord};
 use protocol::{Buffer, GlobalSlice, Message, UpdateStats};
 use protocol::{KeptIndices, Proj};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::compute::{pruned_config, LocalTrainer, Quality, ToTarget, TrainedRound};
@@ -83,8 +83,13 @@ fn ffn_kept(real: &ModelConfig, dense: usize, s: f64) -> Option<usize> {
 }
 
 fn real_at(real: &ModelConfig, dense: usize, s: f64) -> ModelConfig {
+    real_with_ffn(real, ffn_kept(real, dense, s))
+}
+
+/// `real` with `keep` MLP channels in each prunable block (`None`: dense).
+fn real_with_ffn(real: &ModelConfig, keep: Option<usize>) -> ModelConfig {
     let mut c = real.clone();
-    if let Some(keep) = ffn_kept(real, dense, s) {
+    if let Some(keep) = keep {
         let n = c.n_layers();
         for b in c.blocks.iter_mut().take(n - 1).skip(1) {
             b.ffn_dim = keep;
@@ -95,13 +100,17 @@ fn real_at(real: &ModelConfig, dense: usize, s: f64) -> ModelConfig {
 
 /// How a surrogate device sizes its rounds and messages: the real model at the sparsity of
 /// its wire-model kept maps, and the real model's adapter payloads.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SurrogateCosts {
     wire: ModelConfig,
     real: ModelConfig,
     /// `real`'s dense non-embedding parameter count (asked for every message and round).
     real_dense: usize,
     seq_len: usize,
+    /// The real model at each MLP width a sparsity maps to, built once: a config is 31
+    /// allocations, and every message, job and memory check asks for one (a quarter of the
+    /// 10,000-device preset's allocations went to rebuilding them).
+    real_by_width: Mutex<BTreeMap<Option<usize>, Arc<ModelConfig>>>,
 }
 
 impl SurrogateCosts {
@@ -111,16 +120,31 @@ impl SurrogateCosts {
             real_dense: real.dense_non_embedding_params(),
             real,
             seq_len,
+            real_by_width: Mutex::new(BTreeMap::new()),
         }
     }
 
     fn wire_sparsity(&self, kept: &KeptIndices) -> f64 {
-        pruned_config(&self.wire, kept).sparsity()
+        kept.sparsity(&self.wire)
     }
 
-    /// The real model at sparsity `s` (as [`real_at_sparsity`]).
-    fn real_at(&self, s: f64) -> ModelConfig {
-        real_at(&self.real, self.real_dense, s)
+    /// The real model at sparsity `s` (as [`real_at_sparsity`]), shared.
+    fn real_at(&self, s: f64) -> Arc<ModelConfig> {
+        let keep = ffn_kept(&self.real, self.real_dense, s);
+        // A poisoned lock only means a panic elsewhere: the map holds finished entries.
+        let mut built = self
+            .real_by_width
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        built
+            .entry(keep)
+            .or_insert_with(|| Arc::new(real_with_ffn(&self.real, keep)))
+            .clone()
+    }
+
+    /// The real model a device with `kept` wire-model maps stands for, shared.
+    fn shared_shape(&self, kept: &KeptIndices) -> Arc<ModelConfig> {
+        self.real_at(self.wire_sparsity(kept))
     }
 
     /// Bytes of a real-model adapter payload at `rank` for kept maps of wire sparsity `s`.
@@ -148,11 +172,15 @@ impl SurrogateCosts {
 
 impl RoundCosts for SurrogateCosts {
     fn shape(&self, kept: &KeptIndices) -> ModelConfig {
-        self.real_at(self.wire_sparsity(kept))
+        self.shared_shape(kept).as_ref().clone()
     }
 
     fn seq_len(&self) -> usize {
         self.seq_len
+    }
+
+    fn round_memory(&self, kept: &KeptIndices, rank: usize, batch: usize, mode: MemoryMode) -> u64 {
+        cost::train_memory_in(&self.shared_shape(kept), rank, batch, self.seq_len, mode).total
     }
 
     fn wire_bytes(&self, msg: &Message, encoded_len: usize) -> usize {
@@ -305,8 +333,13 @@ impl SurrogateTrainer {
 fn uniform_draws(n: usize, sd: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let half_width = (3.0f64.sqrt() * sd) as f32;
     let scale = 2.0 * half_width / (1u64 << 32) as f32;
-    (0..n)
-        .map(|_| rng.next_u32() as f32 * scale - half_width)
+    // The generator's words in one bulk fill (the same words, in order, as `n` calls of
+    // `next_u32`), turned into floats in place.
+    let mut words = vec![0u32; n];
+    rng.fill(&mut words[..]);
+    words
+        .into_iter()
+        .map(|u| u as f32 * scale - half_width)
         .collect()
 }
 
@@ -326,8 +359,8 @@ impl LocalTrainer for SurrogateTrainer {
         &self.wire
     }
 
-    fn cost_config(&self, kept: &KeptIndices) -> ModelConfig {
-        self.costs.shape(kept)
+    fn cost_config(&self, kept: &KeptIndices) -> Arc<ModelConfig> {
+        self.costs.shared_shape(kept)
     }
 
     fn costs(&self, _device: usize) -> Arc<dyn RoundCosts> {
@@ -528,7 +561,7 @@ mod tests {
         let costs = SurrogateCosts::new(wire_model(), real_model(), 64);
         for s in [0.0, 0.1, 0.3, 0.5] {
             let c = real_at_sparsity(&real_model(), s);
-            assert_eq!(costs.real_at(s), c);
+            assert_eq!(*costs.real_at(s), c);
             // Counted the long way: every projection of every block at rank 8, f32, plus the
             // kept indices (4 bytes each) and 64 bytes of framing per layer.
             let mut numbers = 0;

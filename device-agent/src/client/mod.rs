@@ -249,6 +249,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
             seq_len: data.seq_len(),
         }),
         limits: RoundLimits::default(),
+        keep_adapter: true,
     };
     let (session, keeper) = open_state(&args, &base, agent.clone())?;
     tracing::info!(

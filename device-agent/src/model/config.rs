@@ -93,9 +93,22 @@ impl ModelConfig {
 
     /// Parameters outside the embedding table and LM head (what sparsity is measured on).
     pub fn non_embedding_params(&self) -> usize {
-        self.blocks
-            .iter()
-            .map(|b| self.block_params(b.n_heads, b.n_kv_heads, b.ffn_dim))
+        self.non_embedding_params_of(
+            self.blocks
+                .iter()
+                .map(|b| (b.n_heads, b.n_kv_heads, b.ffn_dim)),
+        )
+    }
+
+    /// [`Self::non_embedding_params`] of this architecture with blocks of these (query heads,
+    /// KV heads, channels) counts, without building their shapes.
+    pub fn non_embedding_params_of(
+        &self,
+        blocks: impl IntoIterator<Item = (usize, usize, usize)>,
+    ) -> usize {
+        blocks
+            .into_iter()
+            .map(|(h, kv, f)| self.block_params(h, kv, f))
             .sum::<usize>()
             + self.d_model
     }

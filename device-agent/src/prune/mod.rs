@@ -91,6 +91,9 @@ pub trait KeptIndicesExt: Sized {
     fn validate(&self, cfg: &ModelConfig) -> Result<(), PruneError>;
     /// Block shapes these maps give a dense config.
     fn shapes(&self, cfg: &ModelConfig) -> Vec<BlockShape>;
+    /// Non-embedding sparsity of the dense config pruned to these maps (what
+    /// `pruned.sparsity()` gives, without building the shapes).
+    fn sparsity(&self, cfg: &ModelConfig) -> f64;
 }
 
 /// Dense KV head read by dense query head `h`.
@@ -104,6 +107,17 @@ fn all_of(n: usize) -> Vec<u32> {
 }
 
 impl KeptIndicesExt for KeptIndices {
+    fn sparsity(&self, cfg: &ModelConfig) -> f64 {
+        // The pruned config's `blocks` has one entry per kept block, so its dense count is
+        // this one (`dense_non_embedding_params` counts `blocks.len()` blocks).
+        let dense = cfg.non_embedding_params_of(
+            self.blocks
+                .iter()
+                .map(|_| (cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim)),
+        );
+        1.0 - params_of(cfg, self) as f64 / dense as f64
+    }
+
     fn dense(cfg: &ModelConfig) -> Self {
         KeptIndices {
             blocks: (0..cfg.n_layers())
@@ -351,5 +365,26 @@ mod tests {
             to_rows(m.forward(t.clone(), None)),
             to_rows(s.forward(t, None))
         );
+    }
+
+    #[test]
+    fn sparsity_and_params_from_the_maps_equal_the_pruned_configs() {
+        let c = ModelConfig::dense(50, 32, 4, 4, 2, 8, 64, true);
+        let mut kept = KeptIndices::dense(&c);
+        let pruned = |k: &KeptIndices| {
+            let mut p = c.clone();
+            p.blocks = k.shapes(&c);
+            p
+        };
+        assert_eq!(kept.sparsity(&c), 0.0);
+        // Heads, a whole KV group and channels out of different blocks.
+        kept.blocks[1].query_heads = vec![0, 1, 3];
+        kept.blocks[2].query_heads = vec![0, 1];
+        kept.blocks[2].kv_heads = vec![0];
+        kept.blocks[3].mlp_channels.truncate(17);
+        let p = pruned(&kept);
+        assert_eq!(params_of(&c, &kept), p.non_embedding_params());
+        assert_eq!(kept.sparsity(&c).to_bits(), p.sparsity().to_bits());
+        assert!(kept.sparsity(&c) > 0.0);
     }
 }

@@ -56,6 +56,7 @@ fn session(ram_bytes: u64) -> AgentSession {
             seq_len: 16,
         }),
         limits: RoundLimits::default(),
+        keep_adapter: true,
     };
     let state = DeviceState {
         kept: KeptIndices::dense(&cfg),

@@ -40,6 +40,7 @@ fn session_with_ram(ram_bytes: u64) -> AgentSession {
         f16_updates: false,
         costs: Arc::new(costs()),
         limits: RoundLimits::default(),
+        keep_adapter: true,
     };
     let state = DeviceState {
         kept: KeptIndices::dense(&cfg),
@@ -622,4 +623,37 @@ fn a_welcome_handled_after_the_transport_went_down_leaves_no_due_heartbeat() {
     s.handle(Timestamp(2_000), AgentEvent::Connected);
     s.handle(Timestamp(2_001), beating(5_000));
     assert_eq!(s.poll_timeout(), Some(Timestamp(7_001)));
+}
+
+#[test]
+fn the_trained_adapter_is_kept_only_when_the_config_says_so() {
+    let cfg = ModelConfig::dense(256, 64, 4, 4, 2, 16, 128, true);
+    let factors =
+        crate::lora::Adapter::new(&cfg, 8, 16.0, 1, &burn::tensor::Device::flex()).to_host();
+    for keep in [true, false] {
+        let mut s = session();
+        s.config.keep_adapter = keep;
+        s.handle(Timestamp(0), msg(config(1, 8, 60_000)));
+        let AgentEvent::JobDone(Ok(mut out)) = finished(1) else {
+            unreachable!()
+        };
+        out.adapter = (8, 16.0, factors.clone());
+        let c = s.handle(Timestamp(10), AgentEvent::JobDone(Ok(out)));
+        // Either way the update carries the factors, moved or copied.
+        let [u] = sent_updates(&c).try_into().unwrap();
+        assert_eq!(crate::wire::adapter_from_wire(&u.adapter), factors);
+        let held = s
+            .state()
+            .adapter
+            .as_ref()
+            .map(|(r, a, f)| (*r, *a, f.clone()));
+        if keep {
+            assert_eq!(held, Some((8, 16.0, factors.clone())));
+        } else {
+            assert_eq!(
+                held, None,
+                "a session told not to keep its adapter held one"
+            );
+        }
+    }
 }

@@ -68,6 +68,7 @@ fn agent(base: &Llama) -> AgentConfig {
             seq_len: 16,
         }),
         limits: RoundLimits::default(),
+        keep_adapter: true,
     }
 }
 
@@ -105,7 +106,7 @@ fn config(base: &Llama, round: u64, kept: &KeptIndices) -> AgentEvent {
                 rank: 4,
             },
             global: Some(GlobalSlice {
-                adapter: wire::adapter_to_wire(4, 16.0, &global.to_host(), false),
+                adapter: wire::adapter_to_wire(4, 16.0, global.to_host(), false),
                 kept: kept.clone(),
                 filled_rank: 4,
             }),
