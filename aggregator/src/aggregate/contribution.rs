@@ -68,15 +68,20 @@ pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
     scale.abs() * sq.max(0.0).sqrt()
 }
 
-/// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major).
+/// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major). Each
+/// factor is widened to `f64` once; every sum runs in the same order as a plain loop over the
+/// `f32` values would, so the result is the same to the bit.
 fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
+    let a = widen(a);
+    let b = widen(b);
     let mut gram_a = vec![0.0f64; r * r];
     for i in 0..r {
+        let ai = &a[i * inp..(i + 1) * inp];
         for j in i..r {
-            let dot: f64 = a[i * inp..(i + 1) * inp]
+            let dot: f64 = ai
                 .iter()
                 .zip(&a[j * inp..(j + 1) * inp])
-                .map(|(&x, &y)| x as f64 * y as f64)
+                .map(|(x, y)| x * y)
                 .sum();
             gram_a[i * r + j] = dot;
             gram_a[j * r + i] = dot;
@@ -84,11 +89,10 @@ fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
     }
     let mut gram_b = vec![0.0f64; r * r];
     for row in b.chunks_exact(r.max(1)).take(out) {
-        for i in 0..r {
-            let bi = row[i] as f64;
+        for (i, &bi) in row.iter().enumerate() {
             if bi != 0.0 {
-                for j in 0..r {
-                    gram_b[i * r + j] += bi * row[j] as f64;
+                for (g, &bj) in gram_b[i * r..(i + 1) * r].iter_mut().zip(row) {
+                    *g += bi * bj;
                 }
             }
         }
@@ -96,22 +100,28 @@ fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
     gram_a.iter().zip(&gram_b).map(|(x, y)| x * y).sum()
 }
 
-/// `|B A|_F²` from the product, one output row at a time.
+/// `|B A|_F²` from the product, one output row at a time (`a` widened to `f64` once).
 fn product_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize) -> f64 {
+    let a = widen(a);
     let mut row = vec![0.0f64; inp];
     let mut sq = 0.0;
     for b_row in b.chunks_exact(r.max(1)) {
         row.iter_mut().for_each(|x| *x = 0.0);
-        for (k, &bk) in b_row.iter().enumerate() {
+        for (&bk, a_k) in b_row.iter().zip(a.chunks_exact(inp.max(1))) {
             if bk != 0.0 {
-                for (x, &ak) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
-                    *x += bk as f64 * ak as f64;
+                let bk = bk as f64;
+                for (x, &ak) in row.iter_mut().zip(a_k) {
+                    *x += bk * ak;
                 }
             }
         }
         sq += row.iter().map(|x| x * x).sum::<f64>();
     }
     sq
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
 }
 
 /// Total delta norm `sqrt(Σ_layers |s B A|_F²)` of a validated adapter.
@@ -177,6 +187,52 @@ mod tests {
             .collect()
     }
 
+    /// The two norms as first written (each product widened where it is taken): the faster
+    /// versions above must give the same bits, or every recorded reward would move.
+    fn gram_reference(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
+        let mut gram_a = vec![0.0f64; r * r];
+        for i in 0..r {
+            for j in i..r {
+                let dot: f64 = a[i * inp..(i + 1) * inp]
+                    .iter()
+                    .zip(&a[j * inp..(j + 1) * inp])
+                    .map(|(&x, &y)| x as f64 * y as f64)
+                    .sum();
+                gram_a[i * r + j] = dot;
+                gram_a[j * r + i] = dot;
+            }
+        }
+        let mut gram_b = vec![0.0f64; r * r];
+        for row in b.chunks_exact(r.max(1)).take(out) {
+            for i in 0..r {
+                let bi = row[i] as f64;
+                if bi != 0.0 {
+                    for j in 0..r {
+                        gram_b[i * r + j] += bi * row[j] as f64;
+                    }
+                }
+            }
+        }
+        gram_a.iter().zip(&gram_b).map(|(x, y)| x * y).sum()
+    }
+
+    fn product_reference(a: &[f32], b: &[f32], r: usize, inp: usize) -> f64 {
+        let mut row = vec![0.0f64; inp];
+        let mut sq = 0.0;
+        for b_row in b.chunks_exact(r.max(1)) {
+            row.iter_mut().for_each(|x| *x = 0.0);
+            for (k, &bk) in b_row.iter().enumerate() {
+                if bk != 0.0 {
+                    for (x, &ak) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                        *x += bk as f64 * ak as f64;
+                    }
+                }
+            }
+            sq += row.iter().map(|x| x * x).sum::<f64>();
+        }
+        sq
+    }
+
     #[test]
     fn both_ways_to_the_delta_norm_agree_with_the_explicit_product() {
         // (rank, in, out): wide factors (Gram), narrow ones (product), and the boundary.
@@ -199,6 +255,14 @@ mod tests {
             }
             let gram = gram_norm_sq(&a, &b, r, inp, out);
             let product = product_norm_sq(&a, &b, r, inp);
+            assert_eq!(
+                gram.to_bits(),
+                gram_reference(&a, &b, r, inp, out).to_bits()
+            );
+            assert_eq!(
+                product.to_bits(),
+                product_reference(&a, &b, r, inp).to_bits()
+            );
             for got in [gram, product] {
                 assert!(
                     (got - want).abs() <= 1e-9 * want.max(1.0),

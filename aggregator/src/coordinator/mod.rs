@@ -316,6 +316,24 @@ impl Coordinator {
         }
     }
 
+    /// [`Self::state`] of a coordinator that is done, without copying the global adapter or
+    /// the device records.
+    pub fn into_state(self) -> CoordinatorState {
+        CoordinatorState {
+            dims: self.dims,
+            strategy: self.strategy.name().to_string(),
+            round: self.last_closed,
+            global: self.global,
+            devices: self
+                .devices
+                .into_values()
+                .filter_map(|e| e.record)
+                .collect(),
+            rng: self.policy_rng,
+            counters: self.counters,
+        }
+    }
+
     /// The global adapter (effective factors in full coordinates).
     pub fn global(&self) -> &GlobalAdapter {
         &self.global

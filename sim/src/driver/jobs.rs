@@ -50,7 +50,12 @@ impl Simulation<'_> {
         state: Arc<DeviceState>,
     ) -> Result<(), SimError> {
         self.observer.job_started();
-        let profile = self.profile(i).clone();
+        let profile = self.profile(i);
+        let (variability, train_gflops, dropout_prob) = (
+            profile.variability,
+            profile.train_gflops,
+            profile.dropout_prob,
+        );
         let mut noise = self.device_round.rng_at(i as u64 + 1, job.round.0);
         let d = &mut self.devices[i];
         d.job_token += 1;
@@ -58,8 +63,8 @@ impl Simulation<'_> {
         let rank = job.arm.rank as usize;
         let pre = self.trainer.cost_config(&state.kept);
         let seq = self.trainer.seq_len(i);
-        let draw = truncated_normal(1.0, profile.variability, &mut noise);
-        let gflops = profile.train_gflops * d.power_mode * draw;
+        let draw = truncated_normal(1.0, variability, &mut noise);
+        let gflops = train_gflops * d.power_mode * draw;
         let step_ms = timing::compute_ms(
             timing::train_step_flops(&pre, rank, job.batch, seq, false)
                 * timing::step_cost_factor(job.memory),
@@ -73,7 +78,7 @@ impl Simulation<'_> {
             compute_ms: None,
             state: "running",
         };
-        if noise.random::<f64>() < profile.dropout_prob {
+        if noise.random::<f64>() < dropout_prob {
             // The device goes away at a uniform point of the round's expected duration; its work
             // is lost, so it is not computed.
             let expected = step_ms.saturating_mul(job.local_steps as u64);
@@ -85,8 +90,8 @@ impl Simulation<'_> {
             self.queue.push(at, Ev::Crash { dev: i, token });
             return Ok(());
         }
-        let agent = d.session.config.clone();
-        match self.trainer.train(i, &job, &state, &agent) {
+        let agent = &self.devices[i].session.config;
+        match self.trainer.train(i, &job, &state, agent) {
             Ok(trained) => {
                 let mut outcome = trained.outcome;
                 let ms = timing::compute_ms(trained.flops.in_mode(job.memory).total(), gflops);

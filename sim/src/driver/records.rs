@@ -187,7 +187,8 @@ impl Simulation<'_> {
                 Some(k) => self.trainer.cost_config(k),
                 None => cfg.clone(),
             };
-            let p = self.profile(i).clone();
+            let history = std::mem::take(&mut self.devices[i].history);
+            let p = self.profile(i);
             let d = &self.devices[i];
             devices.push(DeviceFinal {
                 device: d.id.0,
@@ -203,7 +204,7 @@ impl Simulation<'_> {
                 peak_mem_mib: d.peak_mem as f64 / (1 << 20) as f64,
                 quality: final_eval.fleet.get(&i).copied(),
                 quality_before_target: final_eval.before_target.get(&i).copied(),
-                history: d.history.clone(),
+                history,
             });
         }
         let mut summary = self.summarise(&devices, &qualities, ended_by);
@@ -211,7 +212,6 @@ impl Simulation<'_> {
         summary.final_brought_to_target = final_eval.brought_to_target;
         summary.final_min_sparsity = final_eval.min_sparsity;
         let config = serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null);
-        let state = self.coordinator.state();
         let device_rounds = self.device_rounds();
         let mut report = Report {
             summary,
@@ -221,7 +221,8 @@ impl Simulation<'_> {
             device_rounds,
         };
         report.summary.byzantine = self.byzantine_summary(&report);
-        Ok((report, state))
+        // Moved out, not copied: the run is over, and the copy was the run's peak of memory.
+        Ok((report, self.coordinator.into_state()))
     }
 
     fn summarise(
