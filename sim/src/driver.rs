@@ -22,7 +22,8 @@
 //!   round (its job is lost; it restarts with its saved state after `reconnect_s`). Going
 //!   offline ends the connection: the coordinator sees `Disconnected`, the device a fresh
 //!   session on its next connection (the agent process restarted), with its kept maps and
-//!   adapter kept, as an agent persists them.
+//!   adapter kept, as an agent persists them (in surrogate mode, which never trains from a
+//!   device's own adapter, only the kept maps: `AgentConfig::keep_adapter`).
 //!
 //! Everything else (rounds, selection, arms, aggregation, rewards, rejects, a device's
 //! out-of-memory pre-check, byte accounting and outbox) is the coordinator's and the session's
