@@ -415,7 +415,7 @@ impl KeptIndices {
 }
 
 /// Full-model coordinates of a pruned layer's local rows and columns.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LayerIndexMap {
     /// `rows[i]` is the full output row of local row `i`.
     pub rows: Vec<u32>,
@@ -423,40 +423,51 @@ pub struct LayerIndexMap {
     pub cols: Vec<u32>,
 }
 
-fn head_rows(heads: &[u32], head_dim: u32) -> Vec<u32> {
-    heads
-        .iter()
-        .flat_map(|&h| h * head_dim..(h + 1) * head_dim)
-        .collect()
-}
-
 /// Where a pruned projection's local rows (`B`'s rows) and columns (`A`'s columns) sit in the
 /// full model: q rows = kept query heads x head_dim, k/v rows = kept KV heads x head_dim,
 /// o columns = kept query heads x head_dim, gate/up rows and down columns = kept channels;
 /// the other side is the full `d_model`.
 pub fn layer_index_map(dims: &ModelDims, proj: Proj, kept: &BlockKept) -> LayerIndexMap {
-    let full_d: Vec<u32> = (0..dims.d_model).collect();
-    match proj {
-        Proj::Q => LayerIndexMap {
-            rows: head_rows(&kept.query_heads, dims.head_dim),
-            cols: full_d,
-        },
-        Proj::K | Proj::V => LayerIndexMap {
-            rows: head_rows(&kept.kv_heads, dims.head_dim),
-            cols: full_d,
-        },
-        Proj::O => LayerIndexMap {
-            rows: full_d,
-            cols: head_rows(&kept.query_heads, dims.head_dim),
-        },
-        Proj::Gate | Proj::Up => LayerIndexMap {
-            rows: kept.mlp_channels.clone(),
-            cols: full_d,
-        },
-        Proj::Down => LayerIndexMap {
-            rows: full_d,
-            cols: kept.mlp_channels.clone(),
-        },
+    let mut map = LayerIndexMap::default();
+    map.fill(dims, proj, kept);
+    map
+}
+
+impl LayerIndexMap {
+    /// Make this [`layer_index_map`]`(dims, proj, kept)`, reusing its buffers: a caller that
+    /// maps every layer of an adapter allocates once, not twice per layer.
+    pub fn fill(&mut self, dims: &ModelDims, proj: Proj, kept: &BlockKept) {
+        fn full(v: &mut Vec<u32>, dims: &ModelDims) {
+            v.extend(0..dims.d_model);
+        }
+        fn heads(v: &mut Vec<u32>, heads: &[u32], head_dim: u32) {
+            v.extend(heads.iter().flat_map(|&h| h * head_dim..(h + 1) * head_dim));
+        }
+        self.rows.clear();
+        self.cols.clear();
+        let hd = dims.head_dim;
+        match proj {
+            Proj::Q => {
+                heads(&mut self.rows, &kept.query_heads, hd);
+                full(&mut self.cols, dims);
+            }
+            Proj::K | Proj::V => {
+                heads(&mut self.rows, &kept.kv_heads, hd);
+                full(&mut self.cols, dims);
+            }
+            Proj::O => {
+                full(&mut self.rows, dims);
+                heads(&mut self.cols, &kept.query_heads, hd);
+            }
+            Proj::Gate | Proj::Up => {
+                self.rows.extend_from_slice(&kept.mlp_channels);
+                full(&mut self.cols, dims);
+            }
+            Proj::Down => {
+                full(&mut self.rows, dims);
+                self.cols.extend_from_slice(&kept.mlp_channels);
+            }
+        }
     }
 }
 
@@ -545,9 +556,13 @@ mod tests {
         assert_eq!(o.rows.len(), 4);
         let down = layer_index_map(&dims, Proj::Down, &kept);
         assert_eq!(down.cols, vec![0, 4, 5]);
+        let mut reused = layer_index_map(&dims, Proj::Down, &kept);
         for p in Proj::ALL {
             let m = layer_index_map(&dims, p, &kept);
             assert_eq!(kept_shape(&dims, p, &kept), (m.rows.len(), m.cols.len()));
+            // A map refilled for another projection is that projection's map.
+            reused.fill(&dims, p, &kept);
+            assert_eq!(reused, m);
         }
     }
 

@@ -3,7 +3,7 @@
 //! randomised SVD.
 
 use faer::{Mat, MatRef};
-use protocol::{layer_index_map, KeptIndices, LayerAdapter, ModelDims, Side};
+use protocol::{KeptIndices, LayerAdapter, LayerIndexMap, ModelDims, Side};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -45,8 +45,9 @@ pub(super) fn add_exact_layer(
     kept: &KeptIndices,
     product_mult: f32,
     weight: f64,
+    map: &mut LayerIndexMap,
 ) {
-    let map = layer_index_map(dims, layer.proj, &kept.blocks[layer.block as usize]);
+    map.fill(dims, layer.proj, &kept.blocks[layer.block as usize]);
     if map.rows.is_empty() || map.cols.is_empty() {
         return;
     }

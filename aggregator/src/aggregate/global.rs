@@ -2,7 +2,7 @@
 //! LoRA initialisation, and the slice cut from it for one device (kept maps, rank, scale).
 
 use protocol::{
-    layer_index_map, validate_kept, AdapterPayload, GlobalSlice, KeptIndices, LayerAdapter,
+    validate_kept, AdapterPayload, GlobalSlice, KeptIndices, LayerAdapter, LayerIndexMap,
     ModelDims, Proj, Tensor2, ValidationError,
 };
 use rand::Rng;
@@ -185,12 +185,13 @@ impl GlobalAdapter {
         let rg = self.rank as usize;
         let filled = r.min(rg);
         let inv_sqrt_s = (rank as f64 / alpha as f64).sqrt() as f32;
+        let mut map = LayerIndexMap::default();
         let layers = self
             .layers
             .iter()
             .map(|l| {
                 let (_, in_full) = self.dims.full_shape(l.proj);
-                let map = layer_index_map(&self.dims, l.proj, &kept.blocks[l.block as usize]);
+                map.fill(&self.dims, l.proj, &kept.blocks[l.block as usize]);
                 let (out_k, in_k) = (map.rows.len(), map.cols.len());
                 let mut a = vec![0.0f32; r * in_k];
                 for i in 0..filled {

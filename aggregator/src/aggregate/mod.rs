@@ -64,7 +64,7 @@ mod robust;
 
 use std::borrow::Cow;
 
-use protocol::{ModelDims, Side};
+use protocol::{LayerIndexMap, ModelDims, Side};
 
 pub use config::{AggregationConfig, AggregationMethod, SvdMode};
 pub use contribution::{
@@ -216,6 +216,8 @@ impl Aggregation {
             }
             State::Exact(layers) => {
                 let mult = (scale * clip_factor * sample_weight) as f32;
+                // One index map refilled for every layer.
+                let mut map = LayerIndexMap::default();
                 for layer in &contribution.adapter.layers {
                     let (out_full, in_full) = dims.full_shape(layer.proj);
                     let side = match layer.proj.pruned_side() {
@@ -231,6 +233,7 @@ impl Aggregation {
                         &contribution.kept,
                         mult,
                         sample_weight,
+                        &mut map,
                     );
                 }
             }
