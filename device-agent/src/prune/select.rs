@@ -256,11 +256,14 @@ pub fn select_prune(
             &mut drop_ch,
         );
     }
-    let mut new = kept.clone();
-    for l in 0..kept.blocks.len() {
-        apply_drops(cfg, &mut new.blocks[l], &drop_heads[l], &drop_ch[l]);
+    KeptIndices {
+        blocks: kept
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, b)| dropped(cfg, b, &drop_heads[l], &drop_ch[l]))
+            .collect(),
     }
-    new
 }
 
 /// Take candidates in order until `removed` reaches `budget`, within the per-block minimums;
@@ -307,15 +310,15 @@ fn greedy(
     }
 }
 
-/// Remove local query heads `heads` and channels `channels` from `b`; KV heads no kept query
+/// `b` without its local query heads `heads` and channels `channels`; KV heads no kept query
 /// head reads go too.
-pub(super) fn apply_drops(
+pub(super) fn dropped(
     cfg: &ModelConfig,
-    b: &mut BlockKept,
+    b: &BlockKept,
     heads: &[usize],
     channels: &[usize],
-) {
-    b.query_heads = b
+) -> BlockKept {
+    let query_heads: Vec<u32> = b
         .query_heads
         .iter()
         .enumerate()
@@ -324,16 +327,20 @@ pub(super) fn apply_drops(
         .collect();
     let mut ch_drop = channels.to_vec();
     ch_drop.sort_unstable();
-    b.mlp_channels = b
+    let mlp_channels = b
         .mlp_channels
         .iter()
         .enumerate()
         .filter(|(i, _)| ch_drop.binary_search(i).is_err())
         .map(|(_, &c)| c)
         .collect();
-    let mut kv: Vec<u32> = b.query_heads.iter().map(|&h| kv_of(cfg, h)).collect();
-    kv.dedup();
-    b.kv_heads = kv;
+    let mut kv_heads: Vec<u32> = query_heads.iter().map(|&h| kv_of(cfg, h)).collect();
+    kv_heads.dedup();
+    BlockKept {
+        query_heads,
+        kv_heads,
+        mlp_channels,
+    }
 }
 
 /// Uniform variant: the same number of heads and channels removed from every prunable block
@@ -411,7 +418,7 @@ fn select_uniform(
             );
         }
         let dc = lowest(&s.channels, ch_per_block);
-        apply_drops(cfg, &mut new.blocks[l], &dh, &dc);
+        new.blocks[l] = dropped(cfg, &new.blocks[l], &dh, &dc);
     }
     new
 }
@@ -581,12 +588,10 @@ mod tests {
     #[test]
     fn kv_head_goes_when_no_query_head_reads_it() {
         let c = cfg(); // 4 heads on 2 KV heads: heads 0,1 -> kv 0; 2,3 -> kv 1
-        let mut b = KeptIndices::dense(&c).blocks[1].clone();
-        apply_drops(&c, &mut b, &[0, 1], &[]);
+        let b = dropped(&c, &KeptIndices::dense(&c).blocks[1], &[0, 1], &[]);
         assert_eq!(b.query_heads, vec![2, 3]);
         assert_eq!(b.kv_heads, vec![1]);
-        let mut b2 = KeptIndices::dense(&c).blocks[1].clone();
-        apply_drops(&c, &mut b2, &[1, 3], &[]);
+        let b2 = dropped(&c, &KeptIndices::dense(&c).blocks[1], &[1, 3], &[]);
         assert_eq!(b2.kv_heads, vec![0, 1]);
         let mut maps = KeptIndices::dense(&c);
         maps.blocks[1] = b2;
