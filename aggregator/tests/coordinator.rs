@@ -775,6 +775,8 @@ fn a_restored_coordinator_continues_exactly_like_the_original() {
         (a.round, &a.global, &a.devices, &a.rng),
         (b.round, &b.global, &b.devices, &b.rng)
     );
+    // A finished coordinator's state moved out is the state it would copy.
+    assert_eq!(restored.coord.into_state(), b);
 
     // A state from another strategy or rank is refused with a clear error.
     let mut other = c.clone();
