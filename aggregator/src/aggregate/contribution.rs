@@ -68,12 +68,9 @@ pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
     scale.abs() * sq.max(0.0).sqrt()
 }
 
-/// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major). Each
-/// factor is widened to `f64` once; every sum runs in the same order as a plain loop over the
-/// `f32` values would, so the result is the same to the bit.
+/// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major), every sum
+/// in index order (the tests hold it to a plain loop bit for bit).
 fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
-    let a = widen(a);
-    let b = widen(b);
     let mut gram_a = vec![0.0f64; r * r];
     for i in 0..r {
         let ai = &a[i * inp..(i + 1) * inp];
@@ -81,7 +78,7 @@ fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
             let dot: f64 = ai
                 .iter()
                 .zip(&a[j * inp..(j + 1) * inp])
-                .map(|(x, y)| x * y)
+                .map(|(&x, &y)| x as f64 * y as f64)
                 .sum();
             gram_a[i * r + j] = dot;
             gram_a[j * r + i] = dot;
@@ -91,8 +88,9 @@ fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
     for row in b.chunks_exact(r.max(1)).take(out) {
         for (i, &bi) in row.iter().enumerate() {
             if bi != 0.0 {
+                let bi = bi as f64;
                 for (g, &bj) in gram_b[i * r..(i + 1) * r].iter_mut().zip(row) {
-                    *g += bi * bj;
+                    *g += bi * bj as f64;
                 }
             }
         }
@@ -100,9 +98,8 @@ fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
     gram_a.iter().zip(&gram_b).map(|(x, y)| x * y).sum()
 }
 
-/// `|B A|_F²` from the product, one output row at a time (`a` widened to `f64` once).
+/// `|B A|_F²` from the product, one output row at a time.
 fn product_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize) -> f64 {
-    let a = widen(a);
     let mut row = vec![0.0f64; inp];
     let mut sq = 0.0;
     for b_row in b.chunks_exact(r.max(1)) {
@@ -111,17 +108,13 @@ fn product_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize) -> f64 {
             if bk != 0.0 {
                 let bk = bk as f64;
                 for (x, &ak) in row.iter_mut().zip(a_k) {
-                    *x += bk * ak;
+                    *x += bk * ak as f64;
                 }
             }
         }
         sq += row.iter().map(|x| x * x).sum::<f64>();
     }
     sq
-}
-
-fn widen(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
 }
 
 /// Total delta norm `sqrt(Σ_layers |s B A|_F²)` of a validated adapter.
@@ -187,8 +180,8 @@ mod tests {
             .collect()
     }
 
-    /// The two norms as first written (each product widened where it is taken): the faster
-    /// versions above must give the same bits, or every recorded reward would move.
+    /// The two norms as first written (indexed loops): the iterator forms above must give the
+    /// same bits, or every recorded reward would move.
     fn gram_reference(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
         let mut gram_a = vec![0.0f64; r * r];
         for i in 0..r {
