@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aggregator::fuzzing::{check_aggregate, seed_inputs};
+use aggregator::fuzzing::{accepted_as_round, check_aggregate, seed_inputs, METHODS};
 
 use protocol::fuzzing::{
     allocation_tracking_active, check_decode_validate, check_frame_stream, check_round_trip,
@@ -93,17 +93,55 @@ fn aggregate_corpus_replays() {
     assert!(replay(name, check) > 0);
 }
 
+/// How many inputs of `inputs` choose each aggregation method and get at least one update
+/// accepted by a round under it.
+fn accepted_per_method<'a>(inputs: impl IntoIterator<Item = &'a [u8]>) -> [usize; METHODS] {
+    let mut reached = [0; METHODS];
+    for input in inputs {
+        if let Some((method, accepted)) = accepted_as_round(input) {
+            reached[method] += usize::from(accepted > 0);
+        }
+    }
+    reached
+}
+
 #[test]
 fn aggregate_seeds_are_accepted_and_pass() {
     let seeds = seed_inputs();
-    assert!(seeds.len() >= 4);
+    assert!(seeds.len() >= 4 * METHODS);
     for (name, input) in &seeds {
         // Every seed update passes a round's checks, or the fuzzer starts outside the
         // aggregation code.
-        let accepted = aggregator::fuzzing::accepted_as_round(input);
+        let accepted = accepted_as_round(input).map_or(0, |(_, n)| n);
         assert!(accepted >= 1, "{name}: no update accepted");
         check_aggregate(input);
     }
+    let reached = accepted_per_method(seeds.iter().map(|(_, input)| input.as_slice()));
+    assert!(
+        reached.iter().all(|&n| n >= 4),
+        "seeds per method: {reached:?}"
+    );
+}
+
+/// The kept corpus must still reach the aggregation code under every method. A corpus written
+/// against an older wire format (its frames refused as another protocol version) replays
+/// without a failure while exercising only the decoder's refusal: this once went unnoticed for
+/// a whole fuzzing campaign.
+#[test]
+fn the_aggregate_corpus_reaches_every_method() {
+    let corpus: Vec<Vec<u8>> = inputs(&fuzz_dir().join("corpus").join("aggregate"))
+        .iter()
+        .map(|path| match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("cannot read {}: {e}", path.display()),
+        })
+        .collect();
+    let reached = accepted_per_method(corpus.iter().map(Vec::as_slice));
+    assert!(
+        reached.iter().all(|&n| n > 0),
+        "corpus inputs with an accepted update, per method: {reached:?} (stale corpus? re-seed \
+         with scripts/fuzz.sh after emptying fuzz/corpus/aggregate)"
+    );
 }
 
 #[test]
