@@ -4,6 +4,7 @@
 //! `agent_session` target's corpus replays as a device-agent unit test,
 //! `session::fuzzing::tests`, so that this crate does not link burn.)
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use aggregator::fuzzing::{accepted_as_round, check_aggregate, seed_inputs, METHODS};
@@ -13,8 +14,8 @@ use protocol::fuzzing::{
     seed_messages, FUZZ_DIMS,
 };
 use protocol::{
-    encode_frame, validate_adapter, validate_update, Message, RoundConfig, ValidationLimits,
-    FRAME_HEADER_BYTES,
+    decode_body, encode_frame, validate_adapter, validate_update, Message, RoundConfig,
+    ValidationLimits, FRAME_HEADER_BYTES,
 };
 
 #[global_allocator]
@@ -85,6 +86,34 @@ fn decode_validate_corpus_replays() {
 fn round_trip_corpus_replays() {
     let (name, check) = TARGETS[2];
     assert!(replay(name, check) > 0);
+}
+
+/// The message kinds the kept corpus of a body-level target (`decode_validate`, `round_trip`)
+/// decodes to under the current wire format.
+fn decoded_kinds(target: &str) -> BTreeSet<&'static str> {
+    inputs(&fuzz_dir().join("corpus").join(target))
+        .iter()
+        .filter_map(|path| match std::fs::read(path) {
+            Ok(bytes) => decode_body(&bytes).ok().map(|m| m.kind()),
+            Err(e) => panic!("cannot read {}: {e}", path.display()),
+        })
+        .collect()
+}
+
+/// A corpus written against an older wire format replays cleanly while testing nothing but the
+/// version check; each body-level corpus must still decode to every kind of message.
+#[test]
+fn the_protocol_corpora_decode_to_every_message_kind() {
+    let every: BTreeSet<&str> = seed_messages().iter().map(Message::kind).collect();
+    assert_eq!(every.len(), 9, "a message kind without a seed: {every:?}");
+    for target in ["decode_validate", "round_trip"] {
+        let kinds = decoded_kinds(target);
+        let missing: Vec<_> = every.difference(&kinds).collect();
+        assert!(
+            missing.is_empty(),
+            "{target}'s corpus decodes no {missing:?}"
+        );
+    }
 }
 
 #[test]
