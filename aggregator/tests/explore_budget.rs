@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aggregator::coordinator::{ColdStart, Coordinator, CoordinatorConfig};
+use aggregator::coordinator::{Coordinator, CoordinatorConfig};
 use aggregator::strategy::StrategyConfig;
 use bandit::policy::Ucb1Config;
 use bandit::PolicyConfig;
@@ -156,52 +156,4 @@ fn bounded_explorers_play_nothing_costlier_than_the_exploited_arms() {
     assert_eq!(costlier(true), 0);
     // Unbounded, the same seeds explore costlier arms: the check has something to catch.
     assert!(costlier(false) > 0);
-}
-
-/// `cold_start = "cheapest"`: in the first round, when nothing can be exploited, the devices
-/// that do not explore play the arm space's cheapest arm (highest ratio, lowest rank) instead
-/// of exploring beyond the budget; a policy without estimates (uniform-random) is unaffected.
-#[test]
-fn a_cheap_cold_start_plays_the_cheapest_arm_until_there_is_something_to_exploit() {
-    let cheapest = (1.0f64.to_bits(), 2);
-    for budget in [0, 1, 2] {
-        let mut c = config(Some(budget));
-        c.cold_start = ColdStart::Cheapest;
-        let plays = run(c);
-        let first: Vec<_> = plays.iter().filter(|p| p.0 == 1).collect();
-        let cheap = first.iter().filter(|p| p.2 == cheapest).count();
-        assert!(
-            cheap >= DEVICES as usize - budget,
-            "budget {budget}: {cheap} of round 1's devices played the cheapest arm: {first:?}"
-        );
-        // Later rounds exploit (or explore within the budget) as before.
-        let fresh = fresh_plays(&plays);
-        for round in 2..=ROUNDS {
-            let new = plays
-                .iter()
-                .zip(&fresh)
-                .filter(|((r, _, _), &n)| *r == round && n)
-                .count();
-            assert_eq!(new, budget, "round {round}, budget {budget}");
-        }
-    }
-    // Without the cold start, round 1 draws arms all over the grid.
-    let plays = run(config(Some(1)));
-    let cheap = plays.iter().filter(|p| p.0 == 1 && p.2 == cheapest).count();
-    assert!(
-        cheap <= 1,
-        "{cheap} cheapest arms in round 1 without a cold start"
-    );
-    // A policy that keeps no estimates never has anything to exploit: its devices explore.
-    let mut c = config(Some(1));
-    c.cold_start = ColdStart::Cheapest;
-    c.policy = PolicyConfig::UniformRandom(Default::default());
-    let random = run(c);
-    let mut c = config(Some(1));
-    c.policy = PolicyConfig::UniformRandom(Default::default());
-    assert_eq!(
-        random,
-        run(c),
-        "the cold start changed a uniform-random run"
-    );
 }

@@ -73,17 +73,6 @@ impl ArmSpace {
     }
 
     /// Position of `rank` in the allowed set.
-    /// The arm of least compute per round in the cost order the feasibility region assumes
-    /// ([`crate::FeasibleRegion::no_costlier_than`]): the highest ratio (the most pruning, or
-    /// under a target sparsity the fastest pace) at the lowest rank. Known from the space
-    /// alone, with nothing about the device.
-    pub fn cheapest(&self) -> Arm {
-        Arm {
-            prune_ratio: self.ratio_max,
-            rank: self.ranks.first().copied().unwrap_or(1),
-        }
-    }
-
     pub fn rank_index(&self, rank: u32) -> Option<usize> {
         self.ranks.binary_search(&rank).ok()
     }

@@ -309,8 +309,7 @@ impl ExperimentConfig {
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
     /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`),
     /// `explore=N` (`coordinator.explore_per_round`), `bounded`
-    /// (`coordinator.bounded_exploration`), `cold=explore|cheapest` (`coordinator.cold_start`),
-    /// `w1=X` ... `w4=X` (`coordinator.reward`'s
+    /// (`coordinator.bounded_exploration`), `w1=X` ... `w4=X` (`coordinator.reward`'s
     /// term weights) and `clean` (no Byzantine devices). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
@@ -383,20 +382,10 @@ impl ExperimentConfig {
                 }
                 None if m == "clean" => clean = true,
                 None if m == "bounded" => base.coordinator.bounded_exploration = true,
-                Some(("cold", how)) => {
-                    base.coordinator.cold_start = toml::Value::String(how.to_string())
-                        .try_into()
-                        .map_err(|_| {
-                        SimError::Config(format!(
-                            "entry '{entry}': cold={how} is not explore or cheapest"
-                        ))
-                    })?;
-                }
                 _ => {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
-                         scope=device|class, explore=N, bounded, cold=explore|cheapest, \
-                         w1..w4=X, clean)"
+                         scope=device|class, explore=N, bounded, w1..w4=X, clean)"
                     )))
                 }
             }
@@ -638,15 +627,9 @@ mod tests {
             aggregator::coordinator::BanditScope::Class
         );
         let c = b
-            .with_entry("fedspine@ucb1+scope=class+explore=2+bounded+w4=3+cold=cheapest")
+            .with_entry("fedspine@ucb1+scope=class+explore=2+bounded+w4=3")
             .unwrap();
         assert_eq!(c.coordinator.explore_per_round, Some(2));
-        assert_eq!(
-            c.coordinator.cold_start,
-            aggregator::coordinator::ColdStart::Cheapest
-        );
-        let e = b.with_entry("fedspine+cold=warm").unwrap_err().to_string();
-        assert!(e.contains("cold=warm"), "{e}");
         assert!(c.coordinator.bounded_exploration);
         assert_eq!(c.coordinator.reward.w4, 3.0);
         assert_eq!(c.coordinator.reward.w1, b.coordinator.reward.w1);

@@ -49,23 +49,6 @@ pub enum BanditScope {
     Class,
 }
 
-/// What a device that is not one of a round's explorers plays while its bandit has nothing to
-/// exploit yet (TOML: `cold_start = "explore"` or `"cheapest"`; only with an exploration
-/// budget, [`CoordinatorConfig::explore_per_round`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ColdStart {
-    /// Its policy's exploring choice, beyond the budget: in the first round every device
-    /// explores, and the round lasts as long as the slowest arm drawn.
-    #[default]
-    Explore,
-    /// The arm space's cheapest arm ([`bandit::ArmSpace::cheapest`]: highest ratio, lowest
-    /// rank), when the policy keeps estimates and the arm is feasible for the device; the
-    /// budget's explorers still explore. Without a target sparsity the highest ratio is the
-    /// most pruned model, which later rounds cannot undo.
-    Cheapest,
-}
-
 /// Everything the coordinator decides with. Plain data; see the module docs for a TOML
 /// example. [`CoordinatorConfig::validate`] runs in [`crate::coordinator::Coordinator::new`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,9 +111,6 @@ pub struct CoordinatorConfig {
     /// estimates: fixed, uniform-random, EXP3) explores beyond the budget. `None` (the
     /// default): every device plays its policy's choice.
     pub explore_per_round: Option<usize>,
-    /// With an exploration budget, what a device that does not explore plays before its
-    /// bandit has anything to exploit. Default [`ColdStart::Explore`].
-    pub cold_start: ColdStart,
     /// With an exploration budget, the explorers choose after the round's other devices and
     /// only among arms no costlier than theirs taken together
     /// ([`bandit::FeasibleRegion::no_costlier_than`]: nothing at once lower in ratio and higher
@@ -181,7 +161,6 @@ impl Default for CoordinatorConfig {
             policy: PolicyConfig::SUcb(Default::default()),
             bandit_scope: BanditScope::Device,
             explore_per_round: None,
-            cold_start: ColdStart::Explore,
             bounded_exploration: false,
             arms: ArmSpace::default(),
             feasibility: FeasibilityConfig::default(),

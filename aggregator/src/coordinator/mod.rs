@@ -76,7 +76,7 @@ use crate::strategy::Strategy;
 use round::OpenRound;
 use streams::Stream;
 
-pub use config::{BanditScope, ColdStart, CoordinatorConfig};
+pub use config::{BanditScope, CoordinatorConfig};
 pub use error::CoordinatorError;
 pub use state::{
     CapabilitiesV1, CoordinatorState, CoordinatorStateV1, DeviceRecord, DeviceRecordV1,

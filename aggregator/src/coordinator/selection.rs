@@ -16,7 +16,6 @@ use protocol::{
     Arm, DeviceId, KeptIndices, Message, RoundConfig, RoundId, RoundOptions, Timestamp,
 };
 
-use super::config::ColdStart;
 use super::round::{OpenRound, Outcome, Participant};
 use super::{Command, Coordinator, DeviceEntry};
 use crate::aggregate::{AggregateError, Aggregation};
@@ -172,15 +171,6 @@ impl Coordinator {
             } else {
                 self.strategy
                     .exploit_arm(&record.bandit, &ctx, &mut self.policy_rng)
-                    .or_else(|| {
-                        // Nothing to exploit yet: with a cheap cold start, the cheapest arm
-                        // (if this device can run it) rather than exploring beyond the budget.
-                        let cold = record.bandit.policy.arm_space().cheapest();
-                        let cheap = self.config.cold_start == ColdStart::Cheapest
-                            && record.bandit.policy.keeps_estimates()
-                            && record.bandit.filter.is_feasible(device.0, &cold);
-                        cheap.then_some(cold)
-                    })
             };
             let chosen = match exploited {
                 Some(arm) => {

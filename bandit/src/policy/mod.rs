@@ -222,15 +222,6 @@ impl AnyPolicy {
     pub fn arm_space(&self) -> &ArmSpace {
         each_policy!(self, p => p.arm_space())
     }
-
-    /// Whether the policy keeps reward estimates that [`Policy::exploit_in`] can exploit once
-    /// something was played (every policy but EXP3, fixed and uniform-random).
-    pub fn keeps_estimates(&self) -> bool {
-        !matches!(
-            self,
-            AnyPolicy::Exp3(_) | AnyPolicy::Fixed(_) | AnyPolicy::UniformRandom(_)
-        )
-    }
 }
 
 impl Policy for AnyPolicy {
