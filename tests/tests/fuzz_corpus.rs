@@ -14,8 +14,8 @@ use protocol::fuzzing::{
     seed_messages, FUZZ_DIMS,
 };
 use protocol::{
-    decode_body, encode_frame, validate_adapter, validate_update, Message, RoundConfig,
-    ValidationLimits, FRAME_HEADER_BYTES,
+    decode_body, decode_frame, encode_frame, validate_adapter, validate_update, Decoded, Message,
+    RoundConfig, ValidationLimits, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_BYTES,
 };
 
 #[global_allocator]
@@ -88,25 +88,33 @@ fn round_trip_corpus_replays() {
     assert!(replay(name, check) > 0);
 }
 
-/// The message kinds the kept corpus of a body-level target (`decode_validate`, `round_trip`)
-/// decodes to under the current wire format.
+/// The message kinds the kept corpus of `target` decodes to under the current wire format:
+/// each input as a frame body (`decode_validate`, `round_trip`), or the first frame of a
+/// stream (`frame_decoder`).
 fn decoded_kinds(target: &str) -> BTreeSet<&'static str> {
+    let decode = |bytes: &[u8]| match target {
+        "frame_decoder" => match decode_frame(bytes, DEFAULT_MAX_FRAME_BYTES) {
+            Ok(Decoded::Frame { message, .. }) => Some(message.kind()),
+            _ => None,
+        },
+        _ => decode_body(bytes).ok().map(|m| m.kind()),
+    };
     inputs(&fuzz_dir().join("corpus").join(target))
         .iter()
         .filter_map(|path| match std::fs::read(path) {
-            Ok(bytes) => decode_body(&bytes).ok().map(|m| m.kind()),
+            Ok(bytes) => decode(&bytes),
             Err(e) => panic!("cannot read {}: {e}", path.display()),
         })
         .collect()
 }
 
 /// A corpus written against an older wire format replays cleanly while testing nothing but the
-/// version check; each body-level corpus must still decode to every kind of message.
+/// version check; each protocol corpus must still decode to every kind of message.
 #[test]
 fn the_protocol_corpora_decode_to_every_message_kind() {
     let every: BTreeSet<&str> = seed_messages().iter().map(Message::kind).collect();
     assert_eq!(every.len(), 9, "a message kind without a seed: {every:?}");
-    for target in ["decode_validate", "round_trip"] {
+    for target in ["frame_decoder", "decode_validate", "round_trip"] {
         let kinds = decoded_kinds(target);
         let missing: Vec<_> = every.difference(&kinds).collect();
         assert!(
