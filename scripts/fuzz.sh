@@ -20,6 +20,9 @@
 #   FUZZ_TOOLCHAIN  rustup toolchain for cargo fuzz (default: nightly)
 #   FUZZ_MAX_LEN    largest input libFuzzer generates, in bytes (default 8192)
 #   FUZZ_ARGS       extra libFuzzer flags (e.g. "-max_total_time=600")
+#   FUZZ_BUILD_ARGS extra `cargo fuzz` build flags, e.g. "--no-trace-compares --target-dir
+#                   fuzz/target-notc" (the aggregate target spends most of its time in the
+#                   comparison tracing of faer's SVD loops; see BENCHMARKS.md, "Fuzzing")
 #   FUZZ_NO_CMIN    set to 1 to keep the grown corpus instead of minimising it
 # Exits non-zero as soon as a target finds a crash; the log above names the input.
 set -euo pipefail
@@ -54,9 +57,10 @@ for target in "${targets[@]}"; do
                 cargo run -q -p protocol --features fuzzing --example fuzz_seeds -- fuzz/corpus ;;
         esac
     fi
-    build_args=()
+    # shellcheck disable=SC2206
+    build_args=(${FUZZ_BUILD_ARGS:-})
     if [ "$target" = agent_session ]; then
-        build_args=(--features agent -s none --target-dir fuzz/target-agent)
+        build_args+=(--features agent -s none --target-dir fuzz/target-agent)
     fi
     echo "== $target: $runs executions"
     # shellcheck disable=SC2086
