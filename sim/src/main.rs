@@ -21,22 +21,37 @@ use sim::{comparison, experiment, surrogate, Observer, Resources};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc's `mi_option_t` (`mimalloc.h`, the same index in its v2
-/// and v3); the Rust bindings name no constant for it.
+/// `mi_option_purge_delay` and `mi_option_allow_thp` in mimalloc's `mi_option_t` (v3's
+/// `mimalloc.h`, the version `libmimalloc-sys` builds by default); the Rust bindings name no
+/// constants for them.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// Surrogate mode: keep freed memory with the process instead of handing it back to the OS
-/// 10 ms later (the default). mimalloc's arenas sit on transparent huge pages here, so every
-/// purge cost a 2 MiB page fault and zeroing on the next allocation: 20-25% of the 10,000-device
-/// preset's wall time was the kernel clearing pages (`perf record`). Real mode keeps the default:
-/// there the same setting was 5% faster but raised peak resident memory by 13% (BENCHMARKS.md,
-/// "Simulator throughput and memory").
+/// 10 ms later (the default), and map it in 4 KiB pages rather than transparent huge pages.
+/// On this project's VM host first touch of memory is slow (the kernel clears each page under
+/// a fault), so every purge cost a fault and zeroing on the next allocation (20-25% of the
+/// 10,000-device preset's wall time, `perf record`), and every huge page cleared 2 MiB of which
+/// the simulator's small allocations used a part (peak RSS 112 against 94 MiB with 4 KiB pages,
+/// system time 0.2-0.5 s against 0.05-0.07 s). Real mode keeps both defaults: there the first
+/// setting was 5% faster but raised peak resident memory by 13%, and its large tensors fill
+/// huge pages (BENCHMARKS.md, "Simulator throughput and memory").
 fn keep_freed_memory() {
     #[allow(unsafe_code)]
     // SAFETY: `mi_option_set` only stores an option value that mimalloc reads when it next
-    // considers purging; it takes no pointers and is valid at any time.
+    // purges or maps memory; it takes no pointers and is valid at any time.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+    }
+    // mimalloc reserved its first arena (advised for huge pages) before `main`, so the option
+    // above reaches only later mappings; the process flag stops huge pages at fault time for
+    // every mapping, as mimalloc itself does when the option is set from the environment.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and sets a flag of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 

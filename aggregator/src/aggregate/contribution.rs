@@ -71,17 +71,28 @@ pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
 /// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major), every sum
 /// in index order (the tests hold it to a plain loop bit for bit).
 fn gram_norm_sq(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
-    let mut gram_a = vec![0.0f64; r * r];
+    // `A` column-major in f64: the r(r+1)/2 dot products of `A Aᵀ` advance one column at a
+    // time, side by side, each still summed over the columns in order (independent chains the
+    // CPU overlaps, instead of one dependent chain per dot product).
+    let mut at = vec![0.0f64; inp * r];
+    for (i, ai) in a.chunks_exact(inp.max(1)).take(r).enumerate() {
+        for (k, &x) in ai.iter().enumerate() {
+            at[k * r + i] = x as f64;
+        }
+    }
+    // The same neutral element as `Iterator::sum`, so that all-zero sums keep their sign.
+    let start: f64 = std::iter::empty::<f64>().sum();
+    let mut gram_a = vec![start; r * r];
+    for col in at.chunks_exact(r.max(1)) {
+        for (i, &x) in col.iter().enumerate() {
+            for (g, &y) in gram_a[i * r + i..(i + 1) * r].iter_mut().zip(&col[i..]) {
+                *g += x * y;
+            }
+        }
+    }
     for i in 0..r {
-        let ai = &a[i * inp..(i + 1) * inp];
-        for j in i..r {
-            let dot: f64 = ai
-                .iter()
-                .zip(&a[j * inp..(j + 1) * inp])
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .sum();
-            gram_a[i * r + j] = dot;
-            gram_a[j * r + i] = dot;
+        for j in 0..i {
+            gram_a[i * r + j] = gram_a[j * r + i];
         }
     }
     let mut gram_b = vec![0.0f64; r * r];
@@ -262,6 +273,14 @@ mod tests {
                     "r {r}, in {inp}, out {out}: {got} vs {want}"
                 );
             }
+            // Signed zeros and zero rows: the sums' neutral element must match too.
+            let mut z = a.clone();
+            z.iter_mut().step_by(3).for_each(|x| *x = -0.0);
+            z[..inp].iter_mut().for_each(|x| *x = 0.0);
+            assert_eq!(
+                gram_norm_sq(&z, &b, r, inp, out).to_bits(),
+                gram_reference(&z, &b, r, inp, out).to_bits()
+            );
             let layer = LayerAdapter {
                 block: 0,
                 proj: protocol::Proj::Q,
