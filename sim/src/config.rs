@@ -309,7 +309,9 @@ impl ExperimentConfig {
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
     /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`),
     /// `explore=N` (`coordinator.explore_per_round`), `bounded`
-    /// (`coordinator.bounded_exploration`), `w1=X` ... `w4=X` (`coordinator.reward`'s
+    /// (`coordinator.bounded_exploration`), `over=X` (`coordinator.over_selection`: select
+    /// `ceil(n (1 + X))` devices, close the round on the first n updates), `w1=X` ... `w4=X`
+    /// (`coordinator.reward`'s
     /// term weights) and `clean` (no Byzantine devices). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
@@ -365,6 +367,16 @@ impl ExperimentConfig {
                         )))
                     }
                 },
+                Some(("over", x)) => match x.parse::<f64>() {
+                    Ok(x) if x.is_finite() && (0.0..=10.0).contains(&x) => {
+                        base.coordinator.over_selection = x
+                    }
+                    _ => {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': over={x} is not an over-selection in [0, 10]"
+                        )))
+                    }
+                },
                 Some((w @ ("w1" | "w2" | "w3" | "w4"), x)) => {
                     let weight = x.parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0);
                     let Some(weight) = weight else {
@@ -385,7 +397,7 @@ impl ExperimentConfig {
                 _ => {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
-                         scope=device|class, explore=N, bounded, w1..w4=X, clean)"
+                         scope=device|class, explore=N, bounded, over=X, w1..w4=X, clean)"
                     )))
                 }
             }
@@ -633,6 +645,12 @@ mod tests {
         assert!(c.coordinator.bounded_exploration);
         assert_eq!(c.coordinator.reward.w4, 3.0);
         assert_eq!(c.coordinator.reward.w1, b.coordinator.reward.w1);
+        let c = b.with_entry("fedspine+over=0.25").unwrap();
+        assert_eq!(c.coordinator.over_selection, 0.25);
+        for bad in ["over=-0.1", "over=NaN", "over=11"] {
+            let e = b.with_entry(&format!("fedspine+{bad}")).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
         let e = b.with_entry("fedspine+w2=-1").unwrap_err().to_string();
         assert!(e.contains("w2=-1"), "{e}");
         let e = b.with_entry("fedspine+explore=-1").unwrap_err().to_string();
