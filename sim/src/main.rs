@@ -28,12 +28,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// Surrogate mode: keep freed memory with the process instead of handing it back to the OS
-/// 10 ms later (the default), and map it in 4 KiB pages rather than transparent huge pages.
+/// a second later (v3's default), and map it in 4 KiB pages rather than transparent huge pages.
 /// On this project's VM host first touch of memory is slow (the kernel clears each page under
 /// a fault), so every purge cost a fault and zeroing on the next allocation (20-25% of the
 /// 10,000-device preset's wall time, `perf record`), and every huge page cleared 2 MiB of which
-/// the simulator's small allocations used a part (peak RSS 112 against 94 MiB with 4 KiB pages,
-/// system time 0.2-0.5 s against 0.05-0.07 s). Real mode keeps both defaults: there the first
+/// the simulator's small allocations used a part (on the 10,000-device preset: peak RSS 110
+/// against 95 MiB with 4 KiB pages, system time 0.09-0.45 s against 0.02-0.09 s per run; wall
+/// time within the host's drift). Real mode keeps both defaults: there the first
 /// setting was 5% faster but raised peak resident memory by 13%, and its large tensors fill
 /// huge pages (BENCHMARKS.md, "Simulator throughput and memory").
 fn keep_freed_memory() {
@@ -656,5 +657,26 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two option indices are written by hand: a `libmimalloc-sys` that renumbers
+    /// `mi_option_t` would silently set other options. Their v3 defaults identify them.
+    #[test]
+    fn the_mimalloc_option_indices_name_the_options_we_mean() {
+        #[allow(unsafe_code)]
+        // SAFETY: `mi_option_get` reads an option's value; it takes no pointers.
+        let (purge_delay, allow_thp) = unsafe {
+            (
+                libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY),
+                libmimalloc_sys::mi_option_get(MI_OPTION_ALLOW_THP),
+            )
+        };
+        assert_eq!(purge_delay, 1000, "mi_option_purge_delay (ms)");
+        assert_eq!(allow_thp, 1, "mi_option_allow_thp");
     }
 }
