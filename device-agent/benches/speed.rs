@@ -327,15 +327,19 @@ fn quant_rows(
         });
         let fl = 2.0 * (n * k * m) as f64;
         // Each int8 path the CPU has, called directly (FEDSPINE_ISA does not limit these).
-        let (_, hw) = device_agent::cpu::hardware();
-        let paths: Vec<String> = [DotPath::Avx512Vnni, DotPath::Avx2, DotPath::Portable]
-            .into_iter()
-            .filter(|&p| p <= hw)
-            .map(|p| {
-                let t = time_small(|| q.matmul_with(p, &xv, n).expect("shapes"));
-                format!("{p} {:.0}", fl / t / 1e9)
-            })
-            .collect();
+        let paths: Vec<String> = [
+            DotPath::Avx512Vnni,
+            DotPath::Avx2,
+            DotPath::NeonDot,
+            DotPath::Portable,
+        ]
+        .into_iter()
+        .filter(|&p| p.runs_here())
+        .map(|p| {
+            let t = time_small(|| q.matmul_with(p, &xv, n).expect("shapes"));
+            format!("{p} {:.0}", fl / t / 1e9)
+        })
+        .collect();
         println!(
             "| matmul {n} x {k} x {m}: fp32 (flex) vs Q8_0 | {:.0} vs {:.0} | GFLOP/s | | Q8_0 through tensors {:.0} GFLOP/s; by path: {}; weights {:.2} MB fp32, {:.2} MB Q8_0; int8 MAC = 2 ops |",
             fl / t32 / 1e9,

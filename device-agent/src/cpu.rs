@@ -45,6 +45,9 @@ impl fmt::Display for Isa {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DotPath {
     Portable,
+    /// aarch64 `sdot` (the dot-product extension, FEAT_DotProd: Armv8.2 cores such as the
+    /// Cortex-A76 of the Raspberry Pi 5 and Jetson Orin's A78AE; not the Pi 4's A72).
+    NeonDot,
     /// AVX2 `maddubs` + `madd`.
     Avx2,
     /// AVX-512 VNNI `vpdpbusd` (256-bit, with AVX-512VL).
@@ -55,6 +58,7 @@ impl fmt::Display for DotPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DotPath::Portable => "portable",
+            DotPath::NeonDot => "NEON sdot",
             DotPath::Avx2 => "AVX2 (maddubs+madd)",
             DotPath::Avx512Vnni => "AVX-512 VNNI (vpdpbusd)",
         })
@@ -106,7 +110,12 @@ pub fn hardware() -> (Isa, DotPath) {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        (Isa::Neon, DotPath::Portable)
+        let dot = if std::arch::is_aarch64_feature_detected!("dotprod") {
+            DotPath::NeonDot
+        } else {
+            DotPath::Portable
+        };
+        (Isa::Neon, dot)
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
@@ -153,6 +162,18 @@ impl DotPath {
     /// The int8 dot-product path the Q8_0 kernels use in this process.
     pub fn detect() -> DotPath {
         paths().1
+    }
+
+    /// Whether this path runs its own kernel on this CPU, uncapped (a path it lacks falls back
+    /// to the portable kernel). The order of the variants ranks paths within one architecture
+    /// only: `NeonDot` sorts below the x86 paths but never runs beside them.
+    pub fn runs_here(self) -> bool {
+        let hw = hardware().1;
+        match self {
+            DotPath::Portable => true,
+            DotPath::NeonDot => hw == DotPath::NeonDot,
+            DotPath::Avx2 | DotPath::Avx512Vnni => hw >= self,
+        }
     }
 }
 
@@ -236,5 +257,8 @@ mod tests {
         let (isa, dot) = capped(Some(Isa::Avx2Fma));
         assert!(isa <= Isa::Avx2Fma && dot <= DotPath::Avx2);
         assert_eq!(capped(None), hardware());
+        assert!(DotPath::Portable.runs_here() && hardware().1.runs_here());
+        #[cfg(target_arch = "x86_64")]
+        assert!(!DotPath::NeonDot.runs_here());
     }
 }

@@ -1,7 +1,10 @@
 //! The int8 dot products of the Q8_0 matmul: weight rows (Q8_0 blocks) against every row of
 //! the activations (also quantized to Q8_0 blocks), `y[i] = sum_b dw[b] * dx[i, b] * sum_k
 //! w[b, k] * x[i, b, k]`, the inner sum exact in int32. Paths: AVX-512 VNNI (`vpdpbusd`),
-//! AVX2 (`maddubs` + `madd`) and a portable one (also what aarch64 compiles to). The x86
+//! AVX2 (`maddubs` + `madd`), aarch64's `sdot` (signed by signed, no trick needed; it sums
+//! each block in int32 and then follows the portable kernel's arithmetic, so its results are
+//! the portable kernel's bit for bit) and a portable one (what aarch64 cores without the
+//! dot-product extension run, vectorised by the compiler with baseline NEON). The x86
 //! instructions multiply unsigned by signed bytes; both x86 paths use the sign trick, `|x| * (w *
 //! sign(x))`, exact because every quantized value lies in `-127..=127` (the quantizer clamps
 //! there; `-128` would not survive the sign flip).
@@ -63,6 +66,12 @@ pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
         DotPath::Avx512Vnni | DotPath::Avx2 if crate::cpu::hardware().1 >= DotPath::Avx2 => {
             // SAFETY: the CPU reports AVX2, FMA and F16C; lengths checked as above.
             unsafe { x86::rows_avx2(a, y, n) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        DotPath::NeonDot if crate::cpu::hardware().1 == DotPath::NeonDot => {
+            // SAFETY: the CPU reports the dot-product extension (checked just above); the
+            // slices' lengths were checked against `nb`, the rows and `y` at the top.
+            unsafe { arm::rows_sdot(a, y, n) }
         }
         _ => row_portable(a, y),
     }
@@ -351,6 +360,65 @@ mod x86 {
                 for i in from..n {
                     y[(j0 + t) * n + i] = pair!(a, j0 + t, i, dwt, dot8_vnni);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod arm {
+    use super::{RowArgs, QK};
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// `acc + sdot(w, x)`: each of the four int32 lanes gains the sum of its four byte
+    /// products. Written as assembly: the `vdotq_s32` intrinsic is not stable in our Rust.
+    ///
+    /// SAFETY (caller): the CPU has the dot-product extension.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        asm!(
+            "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            x = in(vreg) x,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        acc
+    }
+
+    /// Every weight row against every activation row: per block two `sdot`s and one
+    /// across-lanes add give the block's exact int32 sum, which is then scaled and accumulated
+    /// in f32 exactly as [`super::row_portable`] does (same operations, same order), so the two
+    /// kernels agree bit for bit. Quantized values lie in `-127..=127` and a block's sum in
+    /// `±32 * 127²`, far inside int32.
+    ///
+    /// SAFETY (caller): the CPU has the dot-product extension; slice lengths as
+    /// [`super::row_dots`] checks, `n` activation rows, `nb > 0`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn rows_sdot(a: &RowArgs, y: &mut [f32], n: usize) {
+        if n == 0 {
+            return;
+        }
+        let nb = a.nb;
+        for (j, yj) in y.chunks_mut(n).enumerate() {
+            let wp = a.qw.as_ptr().add(j * nb * QK);
+            let dw = &a.dw[j * nb..(j + 1) * nb];
+            for (i, yi) in yj.iter_mut().enumerate() {
+                let xp = a.qx.as_ptr().add(i * nb * QK);
+                let dx = &a.dx[i * nb..(i + 1) * nb];
+                let mut acc = 0.0f32;
+                for b in 0..nb {
+                    let (w, x) = (wp.add(b * QK), xp.add(b * QK));
+                    let p = sdot(vdupq_n_s32(0), vld1q_s8(w), vld1q_s8(x));
+                    let p = sdot(p, vld1q_s8(w.add(16)), vld1q_s8(x.add(16)));
+                    let s = vaddvq_s32(p);
+                    acc += a.tab[dw[b] as usize] * dx[b] * s as f32;
+                }
+                *yi = acc;
             }
         }
     }

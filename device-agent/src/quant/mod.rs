@@ -2,7 +2,8 @@
 //! a model takes it on through `Llama::set_base_precision`): GGUF's Q8_0 blocks (32 int8 values sharing one f16 scale, running along the *input*
 //! dimension of each output row) and a matmul that multiplies from them, quantizing the
 //! activations' rows to Q8_0 blocks too and summing int8 products exactly in int32
-//! ([`kernels`]: AVX-512 VNNI, AVX2, portable; chosen at run time by [`crate::cpu::DotPath`]).
+//! ([`kernels`]: AVX-512 VNNI, AVX2, aarch64 `sdot`, portable; chosen at run time by
+//! [`crate::cpu::DotPath`]).
 //! Output rows are split across rayon's threads, so one decoded token pulls the weights through
 //! every core.
 //!
@@ -680,6 +681,9 @@ mod tests {
             let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
             let base = m.matmul_with(DotPath::Portable, &x, n).unwrap();
             let (_, hw) = crate::cpu::hardware();
+            // The NEON kernel sums each block in int32 and accumulates in the portable
+            // kernel's order: the same bits (on other CPUs it is the portable kernel).
+            assert_eq!(m.matmul_with(DotPath::NeonDot, &x, n).unwrap(), base);
             for path in [DotPath::Avx2, DotPath::Avx512Vnni] {
                 let y = m.matmul_with(path, &x, n).unwrap();
                 let worst = y
