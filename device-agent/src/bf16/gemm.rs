@@ -20,6 +20,11 @@
 //! [`reference`] computes the same products one at a time in fp32 from the same rounded values:
 //! the tests hold the SIMD kernel to it, and a machine without the instructions never calls the
 //! kernel (the caller runs fp32 instead: [`available`]).
+//!
+//! The kernels are x86-64 only: elsewhere [`available`] is false, [`matmul`] is never reached,
+//! and the code that would drive the kernels compiles without them (hence the `allow` below,
+//! for that code's bindings on other architectures).
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused, unused_unsafe))]
 
 use rayon::prelude::*;
 
