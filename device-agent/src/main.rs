@@ -20,7 +20,7 @@ use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{Criterion, HeldModel, KeptIndicesExt, PruneConfig};
-use device_agent::quant::BasePrecision;
+use device_agent::quant::{BasePrecision, Q8Arithmetic};
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
 use device_agent::train::{
@@ -158,6 +158,10 @@ struct TuneArgs {
     /// optimiser and loss stay fp32); where the CPU or backend cannot, it says so, runs fp32.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// The frozen base in memory while tuning: f32, or q8_0 (QLoRA style: each product
+    /// dequantizes its weight; LoRA, optimiser and loss stay fp32; not with taylor or bf16).
+    #[arg(long, default_value = "f32")]
+    base_precision: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output directory for the adapter, kept-index maps and metrics.jsonl.
@@ -623,6 +627,14 @@ fn tune(args: TuneArgs) -> Result<()> {
         bail!("--ratio {} is outside [0, 0.95)", args.ratio);
     }
     let prune_shape: PruneShape = args.prune_schedule.parse().map_err(anyhow::Error::msg)?;
+    let base_precision: BasePrecision = args.base_precision.parse()?;
+    if base_precision == BasePrecision::Q8_0 {
+        if criterion == Criterion::Taylor || precision != "fp32" {
+            bail!("a Q8_0 base trains on fp32 products of its dequantized weights: not with --criterion taylor (weight gradients) or --precision {precision}");
+        }
+        hold_base(&mut base, base_precision, true)?;
+        base.set_q8_arithmetic(Q8Arithmetic::Fp32);
+    }
     check_weight_decay(args.weight_decay, args.lr)
         .map_err(|e| anyhow::anyhow!("--weight-decay: {e}"))?;
     let mut prune_cfg = PruneConfig::for_layers(base.config.n_layers());

@@ -37,7 +37,9 @@ use lora_layer::{proj, proj_group_normed, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 
 use crate::bf16::{self, Precision, PrecisionError};
-use crate::quant::{self, BasePrecision, Q8Matrix, QuantBase, QuantError, QuantReport};
+use crate::quant::{
+    self, BasePrecision, Q8Arithmetic, Q8Matrix, QuantBase, QuantError, QuantReport,
+};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
 /// checkpoints and PEFT adapter files spell it.
@@ -116,6 +118,8 @@ pub struct Llama {
     /// The frozen base in Q8_0 ([`crate::quant`]) when loaded with `--base-precision q8_0`;
     /// the fp32 weight tensors above are then empty.
     quant: Option<Arc<QuantBase>>,
+    /// How products from `quant` are computed.
+    q8_arithmetic: Q8Arithmetic,
     /// The arithmetic of the fp32 base's matrix products ([`crate::bf16`]); resolved, so bf16
     /// only where the backend and the CPU run it.
     precision: Precision,
@@ -190,6 +194,7 @@ impl Llama {
             q_to_kv,
             device: device.clone(),
             quant: None,
+            q8_arithmetic: Q8Arithmetic::Int8,
             precision: Precision::Fp32,
         })
     }
@@ -223,6 +228,35 @@ impl Llama {
         self.quant.as_deref()
     }
 
+    /// How products from a Q8_0 base are computed (no effect on an fp32 base): int8 for serving
+    /// (the default), fp32 from the dequantized weights for training over it.
+    pub fn set_q8_arithmetic(&mut self, arithmetic: Q8Arithmetic) {
+        self.q8_arithmetic = arithmetic;
+    }
+
+    /// The LM head as `[vocab, d_model]` fp32 rows (the embedding table when tied); a Q8_0
+    /// base's is dequantized for the caller, so a caller holds it only as long as it needs it.
+    pub fn head_rows(&self) -> Tensor<2> {
+        match (&self.quant, &self.lm_head) {
+            (Some(q), _) => q
+                .lm_head
+                .as_ref()
+                .unwrap_or(&q.embed)
+                .dequantized(&self.device),
+            (None, Some(w)) => w.clone().transpose(),
+            (None, None) => self.embed.clone(),
+        }
+    }
+
+    /// Projection `p`'s frozen weight in block `l` as fp32 `[in, out]`: the tensor itself, or a
+    /// Q8_0 base's matrix dequantized.
+    pub fn base_weight(&self, l: usize, p: Proj) -> Tensor<2> {
+        match &self.quant {
+            Some(q) => q.proj(l, p).dequantized(&self.device).transpose(),
+            None => self.blocks[l].weight(p).clone(),
+        }
+    }
+
     /// Hold the frozen base at `precision`: for Q8_0, quantize the embedding table, the LM head
     /// and every projection ([`crate::quant`]) and drop their fp32 tensors (the weight tensors
     /// become empty, so quantize last: after loading, slicing and merging). `None` for F32 or
@@ -243,7 +277,7 @@ impl Llama {
             for p in Proj::ALL {
                 let w = std::mem::replace(blk.weight_mut(p), empty());
                 fp32 += 4 * w.dims().iter().product::<usize>();
-                mats.push(Q8Matrix::from_in_out(w)?);
+                mats.push(Arc::new(Q8Matrix::from_in_out(w)?));
             }
             blocks.push(mats);
         }
@@ -274,12 +308,35 @@ impl Llama {
         }))
     }
 
-    /// Replace block `i`'s weights and shape (used by pruning).
-    pub fn set_block(&mut self, i: usize, block: Block, shape: BlockShape) {
-        assert!(
-            self.quant.is_none(),
-            "a model with a quantized base cannot be re-sliced: slice in fp32, then quantize"
-        );
+    /// Block `i`'s weights in fp32 (a Q8_0 base's projections dequantized; see
+    /// [`Self::base_weight`]).
+    pub fn fp32_block(&self, i: usize) -> Block {
+        let mut b = self.blocks[i].clone();
+        if self.quant.is_some() {
+            for p in Proj::ALL {
+                *b.weight_mut(p) = self.base_weight(i, p);
+            }
+        }
+        b
+    }
+
+    /// Replace block `i`'s weights and shape (used by pruning). A Q8_0 base quantizes the new
+    /// projections again: a block of 32 inputs that the slice kept whole comes back bit for bit
+    /// (the rule is idempotent on its own output), so only products whose inputs were cut
+    /// inside a block (the down projection's channels) take a second rounding.
+    pub fn set_block(&mut self, i: usize, mut block: Block, shape: BlockShape) {
+        if let Some(q) = &mut self.quant {
+            let base = Arc::make_mut(q);
+            for p in Proj::ALL {
+                let w = std::mem::replace(
+                    block.weight_mut(p),
+                    Tensor::<2>::zeros([0, 0], &self.device),
+                );
+                let m = Q8Matrix::from_in_out(w)
+                    .unwrap_or_else(|e| panic!("block {i} {p:?} of a sliced Q8_0 base: {e}"));
+                base.blocks[i][p.index()] = Arc::new(m);
+            }
+        }
         let idx: Vec<i64> = shape.q_to_kv.iter().map(|&k| k as i64).collect();
         self.q_to_kv[i] = Tensor::from_data(TensorData::new(idx, [shape.n_heads]), &self.device);
         self.blocks[i] = block;
@@ -398,6 +455,7 @@ impl Llama {
         let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
         let w = |p: Proj| match &self.quant {
+            Some(q) if self.q8_arithmetic == Q8Arithmetic::Fp32 => Base::Q8Fp32(q.proj(l, p)),
             Some(q) => Base::Q8(q.proj(l, p)),
             None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
@@ -466,6 +524,9 @@ impl Llama {
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         if let Some(q) = &self.quant {
+            if self.q8_arithmetic == Q8Arithmetic::Fp32 {
+                return hidden.matmul(self.head_rows().transpose());
+            }
             return q.logits(hidden);
         }
         let bf16 = self.precision == Precision::Bf16;

@@ -236,6 +236,10 @@ impl Tuner {
         let mut model_ref = &self.model;
         let tracked;
         if taylor {
+            assert!(
+                self.model.quant_base().is_none(),
+                "Taylor importance needs the base's weight gradients: an fp32 base"
+            );
             let mut m = self.model.clone();
             for b in &mut m.blocks {
                 for p in Proj::ALL {
@@ -344,11 +348,8 @@ impl Tuner {
     fn lora_scores(&self) -> Vec<BlockScores> {
         let s = self.adapter.scale();
         let hd = self.model.config.head_dim;
-        self.model
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(l, b)| {
+        (0..self.model.blocks.len())
+            .map(|l| {
                 let imp = |p: Proj| {
                     let f = &self.adapter.blocks[l][p.index()];
                     let da = self.accum[fidx(l, p, true)].clone().expect("every LoRA factor is an autodiff leaf, so a backward pass accumulated its gradient");
@@ -356,7 +357,8 @@ impl Tuner {
                     let g = (da.clone().matmul(f.b.clone()) + f.a.clone().matmul(db.clone())
                         - da.matmul(db))
                     .mul_scalar(s);
-                    let w = b.weight(p).clone() + f.a.clone().matmul(f.b.clone()).mul_scalar(s);
+                    let w = self.model.base_weight(l, p)
+                        + f.a.clone().matmul(f.b.clone()).mul_scalar(s);
                     (g * w).abs()
                 };
                 prune::group_scores(imp, hd)

@@ -156,7 +156,7 @@ impl<'m> HostDecoder<'m> {
     /// Rows `x` (`[n, in]`) through the quantized projections `projs` of block `l` (their
     /// activations quantized once), each plus its LoRA branch.
     fn project<const N: usize>(&self, l: usize, x: &[f32], projs: [Proj; N]) -> [Vec<f32>; N] {
-        let mats = projs.map(|p| self.base.proj(l, p));
+        let mats = projs.map(|p| &**self.base.proj(l, p));
         let mut outs = self.products(&mats, x).into_iter();
         projs.map(|p| {
             let mut y = outs.next().expect("one product per projection");

@@ -4,6 +4,8 @@
 //! converting, merging and saving adapters is [`crate::lora`]'s business; this module is the
 //! part the forward pass needs.
 
+use std::sync::Arc;
+
 use burn::tensor::Tensor;
 use protocol::Proj;
 
@@ -11,12 +13,14 @@ use crate::fused;
 use crate::quant::{self, Q8Matrix};
 
 /// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, or with bf16
-/// operands: [`crate::bf16`]), or Q8_0 `[out, in]` blocks.
+/// operands: [`crate::bf16`]), or Q8_0 `[out, in]` blocks (int8 products for serving, or fp32
+/// products from the dequantized weight for training: [`quant::frozen`]).
 #[derive(Clone, Copy)]
 pub(crate) enum Base<'a> {
     F32(&'a Tensor<2>),
     Bf16(&'a Tensor<2>),
     Q8(&'a Q8Matrix),
+    Q8Fp32(&'a Arc<Q8Matrix>),
 }
 
 /// The factors of one adapted projection.
@@ -111,7 +115,7 @@ fn proj_group_of<const N: usize>(
         .iter()
         .filter_map(|(w, _)| match w {
             Base::Q8(m) => Some(*m),
-            Base::F32(_) | Base::Bf16(_) => None,
+            Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_) => None,
         })
         .collect();
     let mut q8_out = if q8.is_empty() {
@@ -122,7 +126,7 @@ fn proj_group_of<const N: usize>(
     .into_iter();
     parts.map(|(w, _)| {
         let base = match w {
-            Base::F32(_) | Base::Bf16(_) => dense_product(x.clone(), w),
+            Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_) => dense_product(x.clone(), w),
             Base::Q8(_) => q8_out
                 .next()
                 .expect("one quantized product per quantized base"),
@@ -134,12 +138,13 @@ fn proj_group_of<const N: usize>(
     })
 }
 
-/// `x @ W` for an fp32 base (in fp32 or with bf16 operands); Q8_0 bases go through
-/// [`quant::matmul_tensors`].
+/// `x @ W` in fp32 (an fp32 base in fp32 or with bf16 operands, or a Q8_0 base dequantized);
+/// int8 products from a Q8_0 base go through [`quant::matmul_tensors`].
 fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
     match w {
         Base::F32(w) => crate::kernels::skinny_matmul(&x, w).unwrap_or_else(|| x.matmul(w.clone())),
         Base::Bf16(w) => crate::bf16::matmul(x, w),
+        Base::Q8Fp32(w) => quant::frozen::matmul(x, w),
         Base::Q8(_) => unreachable!("Q8_0 products are taken per group by proj_group"),
     }
 }
@@ -149,7 +154,7 @@ fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
 /// not kept for the backward pass (it is recomputed from `g` and `u`, which SwiGLU keeps).
 pub(crate) fn swiglu_proj(g: Tensor<2>, u: Tensor<2>, w: Base, lora: LoraRef) -> Tensor<2> {
     let act = fused::swiglu(g.clone(), u.clone());
-    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_)) = (lora, w) else {
+    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_)) = (lora, w) else {
         return proj(act, w, lora);
     };
     match fused::swiglu_matmul(act.clone(), g, u, a.clone()) {

@@ -71,8 +71,6 @@ pub enum PruneError {
     },
     #[error("the model's block shapes are not those of the kept maps it is said to hold")]
     NotHeld,
-    #[error("a model whose base is held quantized cannot be pruned further: prune in fp32, then quantize")]
-    Quantized,
     #[error(
         "block {block}: an importance {what} score is {value}, not a finite non-negative number"
     )]
@@ -243,9 +241,6 @@ pub fn narrow(model: &mut Llama, from: &KeptIndices, to: &KeptIndices) -> Result
             }
         }
     }
-    if from != to && model.quant_base().is_some() {
-        return Err(PruneError::Quantized);
-    }
     let hd = cfg.head_dim;
     let mut changed = false;
     for (l, (shape, (o, n))) in to
@@ -261,7 +256,8 @@ pub fn narrow(model: &mut Llama, from: &KeptIndices, to: &KeptIndices) -> Result
         let q_cols = head_elems(&local_positions(&o.query_heads, &n.query_heads), hd);
         let kv_cols = head_elems(&local_positions(&o.kv_heads, &n.kv_heads), hd);
         let channels = local_positions(&o.mlp_channels, &n.mlp_channels);
-        let src = &model.blocks[l];
+        // A Q8_0 base's block in fp32 for the slice (`set_block` quantizes it again).
+        let src = &model.fp32_block(l);
         let block = Block {
             attn_norm: src.attn_norm.clone(),
             wq: keep(src.wq.clone(), 1, &q_cols),

@@ -112,9 +112,8 @@ fn host_f64(t: Tensor<1>) -> Vec<f64> {
 
 /// Magnitude scores of a (pruned) model.
 pub fn magnitude_scores(m: &Llama) -> Vec<BlockScores> {
-    m.blocks
-        .iter()
-        .map(|b| group_scores(|p| b.weight(p).clone().abs(), m.config.head_dim))
+    (0..m.blocks.len())
+        .map(|l| group_scores(|p| m.base_weight(l, p).abs(), m.config.head_dim))
         .collect()
 }
 

@@ -1,4 +1,5 @@
-//! A frozen base kept quantized in memory (`--base-precision q8_0`, for `generate` and `eval`;
+//! A frozen base kept quantized in memory (`--base-precision q8_0`, for `generate`, `eval` and
+//! `tune` ([`frozen`]);
 //! a model takes it on through `Llama::set_base_precision`): GGUF's Q8_0 blocks (32 int8 values sharing one f16 scale, running along the *input*
 //! dimension of each output row) and a matmul that multiplies from them, quantizing the
 //! activations' rows to Q8_0 blocks too and summing int8 products exactly in int32
@@ -14,19 +15,23 @@
 //! with zeros. Slicing: output rows can be dropped freely; input columns only by whole
 //! 32-blocks, so a pruned model is sliced in fp32 first and quantized afterwards.
 //!
-//! The LoRA path stays fp32 and is added on top (QLoRA style). There is no backward through a
-//! quantized matmul: `tune` keeps an fp32 base.
+//! The LoRA path stays fp32 and is added on top (QLoRA style). Training takes its products
+//! from the dequantized weights instead ([`frozen`], with an input gradient), and a pruned
+//! block is sliced in fp32 and quantized again (`Llama::set_block`).
 
+mod base;
+pub mod frozen;
 pub mod kernels;
+
+pub use base::QuantBase;
 
 use std::sync::OnceLock;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::cpu::DotPath;
 use kernels::{RowArgs, QK};
-use protocol::Proj;
 
 /// Errors of the quantized base.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +44,7 @@ pub enum QuantError {
     },
     #[error("unknown base precision '{0}' (f32, q8_0)")]
     UnknownPrecision(String),
-    #[error("a Q8_0 base has no backward pass: training needs an fp32 base")]
+    #[error("int8 products from a Q8_0 base have no backward pass: training takes its products from the dequantized weights (Q8Arithmetic::Fp32)")]
     Tracked,
 }
 
@@ -49,6 +54,18 @@ pub enum BasePrecision {
     #[default]
     F32,
     Q8_0,
+}
+
+/// How products from a Q8_0 base are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Q8Arithmetic {
+    /// Serving (`generate`, `eval`): the activations are quantized to Q8_0 too and the block
+    /// sums are exact int8 dot products ([`kernels`]).
+    #[default]
+    Int8,
+    /// Training (`tune`): fp32 products of the activations with the dequantized weight, one
+    /// matrix at a time, with an input gradient ([`frozen`]: QLoRA's arithmetic).
+    Fp32,
 }
 
 impl std::str::FromStr for BasePrecision {
@@ -412,68 +429,6 @@ pub fn matmul_tensors(mats: &[&Q8Matrix], x: Tensor<2>) -> Result<Vec<Tensor<2>>
         .zip(mats)
         .map(|(y, m)| Tensor::from_data(TensorData::new(y, [n, m.rows]), &device))
         .collect())
-}
-
-/// A model's frozen base in Q8_0: the embedding table (also the LM head when tied), the untied
-/// LM head, and per block the seven projections in [`Proj::ALL`] order, each `[out, in]`.
-#[derive(Debug)]
-pub struct QuantBase {
-    pub embed: Q8Matrix,
-    pub lm_head: Option<Q8Matrix>,
-    pub blocks: Vec<Vec<Q8Matrix>>,
-}
-
-impl QuantBase {
-    /// Bytes held by all the quantized matrices.
-    pub fn bytes(&self) -> usize {
-        self.embed.bytes()
-            + self.lm_head.as_ref().map_or(0, Q8Matrix::bytes)
-            + self
-                .blocks
-                .iter()
-                .flatten()
-                .map(Q8Matrix::bytes)
-                .sum::<usize>()
-    }
-
-    /// The projection `p` of block `l`.
-    pub fn proj(&self, l: usize, p: Proj) -> &Q8Matrix {
-        &self.blocks[l][p.index()]
-    }
-
-    /// Embedding rows of token ids, `[ids.len(), d_model]` row-major.
-    pub fn embed_rows(&self, ids: &[i64]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(ids.len() * self.embed.cols);
-        for &t in ids {
-            let t = usize::try_from(t)
-                .ok()
-                .filter(|&t| t < self.embed.rows)
-                .unwrap_or_else(|| {
-                    panic!("token id {t} outside the vocabulary of {}", self.embed.rows)
-                });
-            out.extend(self.embed.dequantize_row(t));
-        }
-        out
-    }
-
-    /// Embeddings `[batch, seq]` -> `[batch * seq, d_model]`.
-    pub fn embed_tokens(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
-        let device = tokens.device();
-        let [b, s] = tokens.dims();
-        let ids: Vec<i64> = tokens
-            .into_data()
-            .convert::<i64>()
-            .try_into_vec()
-            .expect("token ids convert to i64");
-        let rows = self.embed_rows(&ids);
-        Tensor::from_data(TensorData::new(rows, [b * s, self.embed.cols]), &device)
-    }
-
-    /// LM head logits of hidden rows `[n, d_model]` -> `[n, vocab]`.
-    pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        expect_q8(matmul_tensors(&[head], hidden)).remove(0)
-    }
 }
 
 /// The result of a quantized matmul in the forward pass, whose shapes the model has checked;

@@ -54,10 +54,7 @@ pub fn chunked_ce(
 ) -> (f64, usize, Tensor<2>) {
     let [n, d] = h.dims();
     let device = model.device.clone();
-    let head = match &model.lm_head {
-        Some(w) => w.clone().transpose(), // [vocab, d]
-        None => model.embed.clone(),
-    };
+    let head = model.head_rows(); // [vocab, d]
     let mut nll = 0.0;
     let mut correct = 0;
     let mut grads = Vec::new();

@@ -1,0 +1,275 @@
+//! Training over a Q8_0 frozen base (`tune --base-precision q8_0`), as QLoRA does it: the base
+//! stays quantized in memory and each product dequantizes its weight to fp32 for the length of
+//! one matrix product, forward `y = x Wᵀ` and input gradient `dx = dy W`; the weight gets no
+//! gradient, and the LoRA factors, the optimiser and the loss stay fp32. A product therefore
+//! computes exactly what an fp32 model holding the dequantized weights computes (same values,
+//! same flex matrix product), which is what the tests hold it to; the only difference from an
+//! fp32 base is the weights' quantization error.
+//!
+//! Unlike [`super::matmul_tensors`] (serving: the activations are quantized to Q8_0 too and
+//! the sums are int8), nothing here quantizes activations or gradients. The transient fp32 copy
+//! of one projection is at most `[1536, 576]` on SmolLM2-135M (3.5 MB), against 540 MB for
+//! an fp32 base held whole.
+//!
+//! Under autodiff the product keeps only the (shared) quantized matrix for its backward pass.
+//! It is a flex backend extension; other backends take the same arithmetic through burn's
+//! operations.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, Dispatch, Flex};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::{f16_table, Q8Matrix, QK};
+
+impl Q8Matrix {
+    /// The whole matrix in fp32, row-major `[rows, cols]` (the padding of a last partial block
+    /// dropped): each value is its block's `q * d`, `d` read from its f16 bits.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let tab = f16_table();
+        let (cols, nb) = (self.cols, self.nb);
+        let mut out = vec![0f32; self.rows * cols];
+        if cols == 0 {
+            return out;
+        }
+        let row = |(r, o): (usize, &mut [f32])| {
+            let q = &self.qs[r * nb * QK..(r + 1) * nb * QK];
+            let d = &self.d[r * nb..(r + 1) * nb];
+            for ((ob, qb), &db) in o.chunks_mut(QK).zip(q.chunks_exact(QK)).zip(d) {
+                let s = tab[db as usize];
+                for (v, &qv) in ob.iter_mut().zip(qb) {
+                    *v = f32::from(qv) * s;
+                }
+            }
+        };
+        if self.rows * cols >= 1 << 16 {
+            out.par_chunks_mut(cols).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(cols).enumerate().for_each(row);
+        }
+        out
+    }
+
+    /// The dequantized matrix as a `[rows, cols]` tensor on `device`.
+    pub fn dequantized(&self, device: &Device) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(self.dequantize(), [self.rows, self.cols]),
+            device,
+        )
+    }
+}
+
+/// The frozen Q8_0 product, for flex and autodiff over flex.
+#[backend_extension(Flex, Autodiff)]
+pub trait FrozenQ8Backend: Backend {
+    /// `x Wᵀ` (`x` `[n, cols]`, the result `[n, rows]`), or with `transposed` `x W` (`x` `[n,
+    /// rows]`, the result `[n, cols]`), `W` dequantized for this product.
+    fn q8_frozen_matmul(
+        x: FloatTensor<Self>,
+        w: Arc<Q8Matrix>,
+        transposed: bool,
+    ) -> FloatTensor<Self>;
+}
+
+impl FrozenQ8Backend for Flex {
+    fn q8_frozen_matmul(x: FlexTensor, w: Arc<Q8Matrix>, transposed: bool) -> FlexTensor {
+        let deq = FlexTensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]));
+        if transposed {
+            Flex::float_matmul(x, deq)
+        } else {
+            Flex::float_matmul(x, Flex::float_swap_dims(deq, 0, 1))
+        }
+    }
+}
+
+/// `dx = dy W` for `y = x Wᵀ` (and `dy Wᵀ` for `y = x W`); no gradient for `W`.
+#[derive(Debug)]
+struct FrozenQ8Product {
+    transposed: bool,
+}
+
+impl Backward<Flex, 1> for FrozenQ8Product {
+    type State = Arc<Q8Matrix>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node_x {
+            let dx = Flex::q8_frozen_matmul(dy, ops.state, !self.transposed);
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FrozenQ8Backend for Autodiff<Flex, C> {
+    fn q8_frozen_matmul(
+        x: FloatTensor<Self>,
+        w: Arc<Q8Matrix>,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
+        match (FrozenQ8Product { transposed })
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::q8_frozen_matmul(x.into_primitive(), w.clone(), transposed);
+                prep.finish(w, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::q8_frozen_matmul(x.into_primitive(), w, transposed))
+            }
+        }
+    }
+}
+
+/// `x Wᵀ` for a projection held in Q8_0 (`W` `[out, in]`, `x` `[n, in]`), computed in fp32 from
+/// the dequantized weight; gradients flow to `x` only.
+pub fn matmul(x: Tensor<2>, w: &Arc<Q8Matrix>) -> Tensor<2> {
+    if x.dtype() != DType::F32 || !crate::backend::is_flex(&x.device()) {
+        let deq = w.dequantized(&x.device());
+        return x.matmul(deq.transpose());
+    }
+    Tensor::from_dispatch(<Dispatch as FrozenQ8Backend>::q8_frozen_matmul(
+        x.into_dispatch(),
+        w.clone(),
+        false,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Dequantizing gives every row's `dequantize_row`, including a partial last block.
+    #[test]
+    fn dequantize_is_every_row_dequantized() {
+        let (rows, cols) = (7, 80);
+        let m = Q8Matrix::quantize(&values(rows * cols, 1), rows, cols).unwrap();
+        let all = m.dequantize();
+        for r in 0..rows {
+            assert_eq!(&all[r * cols..(r + 1) * cols], &m.dequantize_row(r)[..]);
+        }
+    }
+
+    /// The product and the input gradient of `sum(y * g)` equal, bit for bit, burn's own product
+    /// with an fp32 copy of the dequantized weight, on flex under autodiff.
+    #[test]
+    fn product_and_input_gradient_are_those_of_the_dequantized_weight() {
+        let device = Device::flex().autodiff();
+        let (n, rows, cols) = (37, 70, 96);
+        let w = Arc::new(Q8Matrix::quantize(&values(rows * cols, 2), rows, cols).unwrap());
+        let g = Tensor::<2>::from_data(TensorData::new(values(n * rows, 3), [n, rows]), &device);
+        let x0 = TensorData::new(values(n * cols, 4), [n, cols]);
+
+        let x = Tensor::<2>::from_data(x0.clone(), &device).require_grad();
+        let y = matmul(x.clone(), &w);
+        let dx = x.grad(&(y.clone() * g.clone()).sum().backward()).unwrap();
+
+        let xr = Tensor::<2>::from_data(x0, &device).require_grad();
+        let wr = w.dequantized(&device);
+        let yr = xr.clone().matmul(wr.transpose());
+        let dxr = xr.grad(&(yr.clone() * g).sum().backward()).unwrap();
+
+        let v = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(v(y), v(yr));
+        assert_eq!(dx.into_data().try_to_vec::<f32>().unwrap(), {
+            dxr.into_data().try_to_vec::<f32>().unwrap()
+        });
+    }
+
+    /// Tuning over a Q8_0 base is tuning an fp32 model that holds the dequantized weights:
+    /// the same losses step for step (within float reordering of the two layouts' products),
+    /// and after a pruning event, which slices and quantizes the base again, still within the
+    /// second rounding of the cut down projections; the quantized matrices take the pruned
+    /// shapes.
+    #[test]
+    fn tuning_over_a_q8_base_is_tuning_its_dequantized_weights() {
+        use crate::lora::Adapter;
+        use crate::model::{Llama, ModelConfig};
+        use crate::prune::{KeptIndicesExt, PruneConfig};
+        use crate::quant::{BasePrecision, Q8Arithmetic};
+        use crate::train::{Batch, TrainConfig, Tuner};
+        use protocol::{KeptIndices, Proj};
+
+        let mut c = ModelConfig::dense(40, 64, 2, 4, 2, 16, 96, true);
+        c.max_seq_len = 32;
+        let device = Device::flex();
+        let mut q8 = Llama::random(c.clone(), 5, &device);
+        q8.set_base_precision(BasePrecision::Q8_0).unwrap();
+        q8.set_q8_arithmetic(Q8Arithmetic::Fp32);
+        let mut fp = Llama::random(c.clone(), 5, &device);
+        for l in 0..c.n_layers() {
+            for p in Proj::ALL {
+                *fp.blocks[l].weight_mut(p) = q8.base_weight(l, p);
+            }
+        }
+        fp.embed = q8.head_rows();
+
+        let windows: Vec<Vec<u32>> = (0..2)
+            .map(|r| (0..17).map(|i| ((i * 7 + r * 3) % 40) as u32).collect())
+            .collect();
+        let batch = Batch::lm(&windows);
+        let cfg = TrainConfig {
+            prune: PruneConfig {
+                min_channels_per_block: 8,
+                ..PruneConfig::for_layers(c.n_layers())
+            },
+            ..TrainConfig::default()
+        };
+        let run = |base: &Llama| {
+            let ad = Adapter::new(&c, 4, 8.0, 3, &device);
+            let mut t = Tuner::new(base, KeptIndices::dense(&c), ad, cfg.clone()).unwrap();
+            let mut losses = Vec::new();
+            for k in 0..6 {
+                if k == 3 {
+                    t.prune_to(0.3).unwrap();
+                }
+                losses.push(t.train_micro(&batch, 1e-2, true).unwrap().loss);
+            }
+            (losses, t)
+        };
+        let (lq, tq) = run(&q8);
+        let (lf, tf) = run(&fp);
+        for (k, (a, b)) in lq.iter().zip(&lf).enumerate() {
+            let tol = if k < 3 { 1e-5 } else { 1e-2 };
+            assert!((a - b).abs() <= tol * b.abs(), "step {k}: {a} vs {b}");
+        }
+        assert_eq!(tq.kept, tf.kept, "the same units pruned");
+        assert_eq!(tq.model.config.blocks, tf.model.config.blocks);
+        assert!(tq.model.config.sparsity() > 0.2);
+        let qb = tq.model.quant_base().expect("still held in Q8_0");
+        for (l, shape) in tq.model.config.blocks.iter().enumerate() {
+            let (q, ffn) = (shape.n_heads * c.head_dim, shape.ffn_dim);
+            assert_eq!(
+                [qb.proj(l, Proj::Q).rows(), qb.proj(l, Proj::O).cols()],
+                [q, q]
+            );
+            assert_eq!(
+                [qb.proj(l, Proj::Up).rows(), qb.proj(l, Proj::Down).cols()],
+                [ffn, ffn]
+            );
+        }
+    }
+}
