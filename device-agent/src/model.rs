@@ -234,6 +234,17 @@ impl Llama {
         self.q8_arithmetic = arithmetic;
     }
 
+    /// The LM head of a Q8_0 base that products take in fp32 ([`Q8Arithmetic::Fp32`]), `[vocab,
+    /// d_model]`; `None` otherwise.
+    pub fn q8_fp32_head(&self) -> Option<&Q8Matrix> {
+        match &self.quant {
+            Some(q) if self.q8_arithmetic == Q8Arithmetic::Fp32 => {
+                Some(q.lm_head.as_ref().unwrap_or(&q.embed))
+            }
+            _ => None,
+        }
+    }
+
     /// The LM head as `[vocab, d_model]` fp32 rows (the embedding table when tied); a Q8_0
     /// base's is dequantized for the caller, so a caller holds it only as long as it needs it.
     pub fn head_rows(&self) -> Tensor<2> {
@@ -525,7 +536,7 @@ impl Llama {
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         if let Some(q) = &self.quant {
             if self.q8_arithmetic == Q8Arithmetic::Fp32 {
-                return hidden.matmul(self.head_rows().transpose());
+                return quant::frozen::logits(hidden, q.lm_head.as_ref().unwrap_or(&q.embed));
             }
             return q.logits(hidden);
         }

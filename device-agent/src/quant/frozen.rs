@@ -31,17 +31,27 @@ use rayon::prelude::*;
 
 use super::{f16_table, Q8Matrix, QK};
 
+/// Rows of a Q8_0 matrix that the chunked products ([`logits`], [`logits_backward`])
+/// dequantize at a time: 4,096 rows of 576 (9.4 MB) of SmolLM2-135M's 49,152-row LM head.
+const CHUNK_ROWS: usize = 4096;
+
 impl Q8Matrix {
     /// The whole matrix in fp32, row-major `[rows, cols]` (the padding of a last partial block
     /// dropped): each value is its block's `q * d`, `d` read from its f16 bits.
     pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(0, self.rows)
+    }
+
+    /// Rows `r0..r1` in fp32, row-major `[r1 - r0, cols]`.
+    fn dequantize_rows(&self, r0: usize, r1: usize) -> Vec<f32> {
         let tab = f16_table();
         let (cols, nb) = (self.cols, self.nb);
-        let mut out = vec![0f32; self.rows * cols];
+        let mut out = vec![0f32; (r1 - r0) * cols];
         if cols == 0 {
             return out;
         }
-        let row = |(r, o): (usize, &mut [f32])| {
+        let row = |(k, o): (usize, &mut [f32])| {
+            let r = r0 + k;
             let q = &self.qs[r * nb * QK..(r + 1) * nb * QK];
             let d = &self.d[r * nb..(r + 1) * nb];
             for ((ob, qb), &db) in o.chunks_mut(QK).zip(q.chunks_exact(QK)).zip(d) {
@@ -51,7 +61,7 @@ impl Q8Matrix {
                 }
             }
         };
-        if self.rows * cols >= 1 << 16 {
+        if out.len() >= 1 << 16 {
             out.par_chunks_mut(cols).enumerate().for_each(row);
         } else {
             out.chunks_mut(cols).enumerate().for_each(row);
@@ -66,6 +76,45 @@ impl Q8Matrix {
             device,
         )
     }
+
+    /// Each chunk of [`CHUNK_ROWS`] rows dequantized, with its first row.
+    fn row_chunks<'a>(
+        &'a self,
+        device: &'a Device,
+    ) -> impl Iterator<Item = (usize, Tensor<2>)> + 'a {
+        (0..self.rows).step_by(CHUNK_ROWS).map(move |r0| {
+            let r1 = (r0 + CHUNK_ROWS).min(self.rows);
+            let v = self.dequantize_rows(r0, r1);
+            (
+                r0,
+                Tensor::from_data(TensorData::new(v, [r1 - r0, self.cols]), device),
+            )
+        })
+    }
+}
+
+/// `h Wᵀ` for a Q8_0 LM head `W` `[vocab, d]` and hidden rows `h` `[n, d]` (no autodiff: the
+/// loss forms its gradient by hand), in fp32, dequantizing [`CHUNK_ROWS`] rows of the head at
+/// a time so the fp32 head never exists whole.
+pub fn logits(h: Tensor<2>, w: &Q8Matrix) -> Tensor<2> {
+    let device = h.device();
+    let parts: Vec<Tensor<2>> = w
+        .row_chunks(&device)
+        .map(|(_, c)| h.clone().matmul(c.transpose()))
+        .collect();
+    Tensor::cat(parts, 1)
+}
+
+/// `dlogits W` (`[n, vocab]` -> `[n, d]`), the hidden rows' gradient through the head, summed
+/// over the same chunks of rows.
+pub fn logits_backward(dlogits: Tensor<2>, w: &Q8Matrix) -> Tensor<2> {
+    let device = dlogits.device();
+    let [n, _] = dlogits.dims();
+    w.row_chunks(&device)
+        .fold(Tensor::zeros([n, w.cols], &device), |acc, (r0, c)| {
+            let rows = c.dims()[0];
+            acc + dlogits.clone().narrow(1, r0, rows).matmul(c)
+        })
 }
 
 /// The frozen Q8_0 product, for flex and autodiff over flex.
@@ -197,6 +246,30 @@ mod tests {
         assert_eq!(dx.into_data().try_to_vec::<f32>().unwrap(), {
             dxr.into_data().try_to_vec::<f32>().unwrap()
         });
+    }
+
+    /// The LM head's chunked products, over a head of more than one chunk of rows, equal the
+    /// unchunked products within float reordering (the matrix product blocks its sums by shape).
+    #[test]
+    fn chunked_head_products_are_the_whole_heads() {
+        let device = Device::flex();
+        let (n, rows, cols) = (3, CHUNK_ROWS + 70, 64);
+        let w = Q8Matrix::quantize(&values(rows * cols, 6), rows, cols).unwrap();
+        let deq = w.dequantized(&device);
+        let h = Tensor::<2>::from_data(TensorData::new(values(n * cols, 7), [n, cols]), &device);
+        let g = Tensor::<2>::from_data(TensorData::new(values(n * rows, 8), [n, rows]), &device);
+        let v = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let close = |a: Vec<f32>, b: Vec<f32>| {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+            }
+        };
+        close(
+            v(logits(h.clone(), &w)),
+            v(h.matmul(deq.clone().transpose())),
+        );
+        close(v(logits_backward(g.clone(), &w)), v(g.matmul(deq)));
     }
 
     /// Tuning over a Q8_0 base is tuning an fp32 model that holds the dequantized weights:

@@ -54,7 +54,20 @@ pub fn chunked_ce(
 ) -> (f64, usize, Tensor<2>) {
     let [n, d] = h.dims();
     let device = model.device.clone();
-    let head = model.head_rows(); // [vocab, d]
+    // [vocab, d]: fp32 rows, or a Q8_0 head dequantized a chunk of rows at a time.
+    let q8_head = model.q8_fp32_head();
+    let head = match q8_head {
+        Some(_) => Tensor::zeros([0, d], &device),
+        None => model.head_rows(),
+    };
+    let head_product = |hc: Tensor<2>| match q8_head {
+        Some(w) => crate::quant::frozen::logits(hc, w),
+        None => hc.matmul(head.clone().transpose()),
+    };
+    let head_backward = |dlogits: Tensor<2>| match q8_head {
+        Some(w) => crate::quant::frozen::logits_backward(dlogits, w),
+        None => dlogits.matmul(head.clone()),
+    };
     let mut nll = 0.0;
     let mut correct = 0;
     let mut grads = Vec::new();
@@ -68,8 +81,8 @@ pub fn chunked_ce(
             continue;
         }
         let hc = h.clone().narrow(0, start, len);
-        let logits = hc.matmul(head.clone().transpose()); // [len, vocab]
-                                                          // One fused pass on the CPU backend (loss, predictions and gradient together).
+        let logits = head_product(hc); // [len, vocab]
+                                       // One fused pass on the CPU backend (loss, predictions and gradient together).
         if let Some((dlogits, row_nll, pred)) =
             crate::kernels::cross_entropy_rows(&logits, tg, (1.0 / norm) as f32)
         {
@@ -79,7 +92,7 @@ pub fn chunked_ce(
                     correct += usize::from(*p == *t as usize);
                 }
             }
-            grads.push(dlogits.matmul(head.clone()));
+            grads.push(head_backward(dlogits));
             start += len;
             continue;
         }
@@ -122,7 +135,7 @@ pub fn chunked_ce(
         let w = w.div_scalar(norm);
         let dlogits =
             (probs * w.clone()).scatter(1, idx, w.neg(), burn::tensor::IndexingUpdateOp::Add);
-        grads.push(dlogits.matmul(head.clone()));
+        grads.push(head_backward(dlogits));
         start += len;
     }
     (nll, correct, Tensor::cat(grads, 0))
