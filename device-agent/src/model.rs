@@ -534,10 +534,10 @@ impl Llama {
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
+        if let Some(head) = self.q8_fp32_head() {
+            return quant::frozen::logits(hidden, head);
+        }
         if let Some(q) = &self.quant {
-            if self.q8_arithmetic == Q8Arithmetic::Fp32 {
-                return quant::frozen::logits(hidden, q.lm_head.as_ref().unwrap_or(&q.embed));
-            }
             return q.logits(hidden);
         }
         let bf16 = self.precision == Precision::Bf16;
