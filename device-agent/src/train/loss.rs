@@ -54,19 +54,18 @@ pub fn chunked_ce(
 ) -> (f64, usize, Tensor<2>) {
     let [n, d] = h.dims();
     let device = model.device.clone();
-    // [vocab, d]: fp32 rows, or a Q8_0 head dequantized a chunk of rows at a time.
+    // [vocab, d]: a Q8_0 head dequantized a chunk of rows at a time, or fp32 rows.
     let q8_head = model.q8_fp32_head();
-    let head = match q8_head {
-        Some(_) => Tensor::zeros([0, d], &device),
-        None => model.head_rows(),
+    let head = q8_head.is_none().then(|| model.head_rows());
+    let head_product = |hc: Tensor<2>| match (q8_head, &head) {
+        (Some(w), _) => crate::quant::frozen::logits(hc, w),
+        (None, Some(h)) => hc.matmul(h.clone().transpose()),
+        (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };
-    let head_product = |hc: Tensor<2>| match q8_head {
-        Some(w) => crate::quant::frozen::logits(hc, w),
-        None => hc.matmul(head.clone().transpose()),
-    };
-    let head_backward = |dlogits: Tensor<2>| match q8_head {
-        Some(w) => crate::quant::frozen::logits_backward(dlogits, w),
-        None => dlogits.matmul(head.clone()),
+    let head_backward = |dlogits: Tensor<2>| match (q8_head, &head) {
+        (Some(w), _) => crate::quant::frozen::logits_backward(dlogits, w),
+        (None, Some(h)) => dlogits.matmul(h.clone()),
+        (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };
     let mut nll = 0.0;
     let mut correct = 0;
