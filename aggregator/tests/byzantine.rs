@@ -466,3 +466,99 @@ fn the_metadata_bounds_have_defaults_and_are_validated() {
         assert!(CoordinatorConfig::from_toml_str(bad).is_err(), "{bad}");
     }
 }
+
+/// Every layer's factors of `g`, flattened (bit-for-bit comparisons).
+fn factors(g: &GlobalAdapter) -> Vec<f32> {
+    g.layers
+        .iter()
+        .flat_map(|l| l.a.iter().chain(&l.b).copied())
+        .collect()
+}
+
+/// Norm screening (`screen_factor`) leaves a sign-flipped, ten-fold update out of the round under
+/// every method: the global adapter is the honest-only aggregate bit for bit, the update is
+/// named in the summary, counted, and earns reward 0; with no outlier screening changes nothing.
+#[test]
+fn norm_screening_leaves_out_a_scaled_update_under_every_method() {
+    let scaled: fn(&mut Update) = |u| {
+        for layer in &mut u.adapter.layers {
+            if let Buffer::F32(b) = &mut layer.b.data {
+                b.iter_mut().for_each(|x| *x *= -10.0);
+            }
+        }
+    };
+    let screened = |devices: usize, method: AggregationMethod| {
+        let mut c = config(devices, method);
+        c.aggregation.screen_factor = Some(3.0);
+        c.aggregation.svd = SvdMode::Full;
+        c
+    };
+    for method in [
+        AggregationMethod::HetLora,
+        AggregationMethod::Mean,
+        AggregationMethod::Exact,
+        AggregationMethod::Median,
+        AggregationMethod::TrimmedMean,
+    ] {
+        let name = method.name();
+        let reference = run_round(screened(9, method), 9, None);
+        assert!(reference.summaries[0].screened_out.is_empty(), "{name}");
+        let ref_factors = factors(reference.coord.global());
+
+        let h = run_round(screened(10, method), 9, Some(scaled));
+        let s = &h.summaries[0];
+        assert!(s.aggregated, "{name}");
+        let ids: Vec<u64> = s.screened_out.iter().map(|d| d.0).collect();
+        assert_eq!(
+            ids,
+            vec![BYZANTINE],
+            "{name}: the scaled update is screened out"
+        );
+        assert_eq!(h.coord.counters().updates_screened_out, 1, "{name}");
+        assert_eq!(
+            h.coord.counters().total_rejects(),
+            0,
+            "{name}: accepted at intake"
+        );
+        let p = s.participants.iter().find(|p| p.device.0 == BYZANTINE);
+        assert_eq!(p.map(|p| p.reward), Some(0.0), "{name}: no reward for it");
+        assert!(
+            factors(h.coord.global()) == ref_factors,
+            "{name}: the global adapter is the honest-only aggregate"
+        );
+
+        // Without screening the same attack moves every method but the robust ones.
+        let mut open = screened(10, method);
+        open.aggregation.screen_factor = None;
+        let unscreened = run_round(open, 9, Some(scaled));
+        let moved = factors(unscreened.coord.global()) != ref_factors;
+        let robust = matches!(
+            method,
+            AggregationMethod::Median | AggregationMethod::TrimmedMean
+        );
+        assert!(moved || robust, "{name}: the attack is visible unscreened");
+
+        // Ten honest updates: screening leaves nothing out and changes nothing.
+        let on = run_round(screened(10, method), 10, None);
+        let mut off_config = screened(10, method);
+        off_config.aggregation.screen_factor = None;
+        let off = run_round(off_config, 10, None);
+        assert!(on.summaries[0].screened_out.is_empty(), "{name}");
+        assert!(
+            factors(on.coord.global()) == factors(off.coord.global()),
+            "{name}: screening without an outlier is the plain aggregate"
+        );
+    }
+}
+
+#[test]
+fn a_screen_factor_of_one_or_less_is_refused() {
+    for k in [1.0, 0.5, f64::NAN, f64::INFINITY] {
+        let mut c = config(4, AggregationMethod::HetLora);
+        c.aggregation.screen_factor = Some(k);
+        let e = aggregator::aggregate::Aggregation::new(dims(), 8, c.aggregation)
+            .err()
+            .unwrap_or_else(|| panic!("screen_factor {k} accepted"));
+        assert!(e.to_string().contains("screen_factor"), "{e}");
+    }
+}

@@ -307,7 +307,7 @@ impl ExperimentConfig {
     /// such as `uniform-random` or `fixed`, with its default parameters) replacing
     /// `coordinator.policy`, then any `+`-separated modifiers: `agg=METHOD` (the aggregation
     /// method, for the strategy's own `aggregation` override too), `clip=NORM`
-    /// (`aggregation.clip_norm`), `scope=device|class` (`coordinator.bandit_scope`),
+    /// (`aggregation.clip_norm`), `screen=K` (`aggregation.screen_factor`), `scope=device|class` (`coordinator.bandit_scope`),
     /// `explore=N` (`coordinator.explore_per_round`), `bounded`
     /// (`coordinator.bounded_exploration`), `over=X` (`coordinator.over_selection`: select
     /// `ceil(n (1 + X))` devices, close the round on the first n updates), `w1=X` ... `w4=X`
@@ -323,6 +323,7 @@ impl ExperimentConfig {
         };
         let mut base = self.clone();
         let mut clip = None;
+        let mut screen = None;
         let mut clean = false;
         for m in parts {
             let m = m.trim();
@@ -347,6 +348,14 @@ impl ExperimentConfig {
                     _ => {
                         return Err(SimError::Config(format!(
                             "entry '{entry}': clip={norm} is not a positive norm"
+                        )))
+                    }
+                },
+                Some(("screen", k)) => match k.parse::<f64>() {
+                    Ok(x) if x.is_finite() && x > 1.0 => screen = Some(x),
+                    _ => {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': screen={k} is not a factor above 1"
                         )))
                     }
                 },
@@ -396,7 +405,7 @@ impl ExperimentConfig {
                 None if m == "bounded" => base.coordinator.bounded_exploration = true,
                 _ => {
                     return Err(SimError::Config(format!(
-                        "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, \
+                        "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, screen=K, \
                          scope=device|class, explore=N, bounded, over=X, w1..w4=X, clean)"
                     )))
                 }
@@ -404,6 +413,9 @@ impl ExperimentConfig {
         }
         if clip.is_some() {
             base.coordinator.aggregation.clip_norm = clip;
+        }
+        if screen.is_some() {
+            base.coordinator.aggregation.screen_factor = screen;
         }
         if clean {
             base.byzantine.fraction = 0.0;
@@ -610,6 +622,11 @@ mod tests {
             assert_eq!(clip.byzantine, b.byzantine);
             let e = b.with_entry("hetlora+agg=avg").unwrap_err().to_string();
             assert!(e.contains("unknown aggregation method 'avg'"), "{e}");
+            let screen = b.with_entry("hetlora+screen=3+clean").unwrap();
+            assert_eq!(screen.coordinator.aggregation.screen_factor, Some(3.0));
+            assert!(screen.byzantine.is_off());
+            let e = b.with_entry("hetlora+screen=1").unwrap_err().to_string();
+            assert!(e.contains("screen=1"), "{e}");
             let e = b.with_entry("hetlora+clip=-1").unwrap_err().to_string();
             assert!(e.contains("clip=-1"), "{e}");
             let e = b.with_entry("hetlora+poison").unwrap_err().to_string();

@@ -77,7 +77,7 @@ enum Cmd {
         /// `fedspine@fixed`), with parameters after `:` (e.g.
         /// `fedspine@s-ucb:nu=0.1:exploration=0.3`, `fedspine@fixed:prune_ratio=0.6:rank=4`).
         /// Modifiers after `+`: `agg=METHOD` (aggregation method),
-        /// `clip=NORM` (norm clipping), `scope=class` (bandits learn from their class's
+        /// `clip=NORM` (norm clipping), `screen=K` (norm screening), `scope=class` (bandits learn from their class's
         /// rewards too), `clean` (no `[byzantine]` devices), e.g.
         /// `hetlora+agg=median,hetlora+agg=median+clean`. The first is the reference of the
         /// paired differences; a poisoned entry and its `+clean` twin get a Byzantine table.

@@ -1,5 +1,6 @@
 //! `AggregationConfig`: plain data (serde, TOML `[aggregation]`) saying how a round's updates
-//! are combined: the method, the SVD of the exact method, clipping and the refusal limits.
+//! are combined: the method, the SVD of the exact method, clipping, norm screening and the
+//! refusal limits.
 //!
 //! The same type is the `[aggregation]` table of the coordinator's config and the settings an
 //! [`crate::aggregate::Aggregation`] runs with; the global rank (`max_rank`) is the run's, passed
@@ -66,6 +67,12 @@ pub struct AggregationConfig {
     /// Scale an update down so that its total delta norm `sqrt(Σ_layers |s B A|_F²)` is at most
     /// this. Default: no clipping.
     pub clip_norm: Option<f64>,
+    /// Norm screening: when the round closes, leave out every update whose total delta norm
+    /// exceeds this multiple of the median total delta norm of the round's accepted updates (a
+    /// scaled or noise update stands out against its cohort however the honest norms grow over
+    /// the rounds). Must be above 1. Every method buffers the round's updates until it closes
+    /// when this is set. Default: no screening.
+    pub screen_factor: Option<f64>,
     /// Refuse an update with a layer whose `|s B A|_F` exceeds this. Default `1000`.
     pub max_layer_delta_norm: f64,
     /// Refuse an update with a factor whose Frobenius norm exceeds this. Default `10000`.
@@ -87,6 +94,7 @@ impl Default for AggregationConfig {
             method: AggregationMethod::Exact,
             trim_fraction: 0.1,
             clip_norm: None,
+            screen_factor: None,
             max_layer_delta_norm: 1.0e3,
             max_factor_norm: 1.0e4,
             weight_by_samples: true,
@@ -109,6 +117,7 @@ mod tests {
             method = "trimmed-mean"
             trim_fraction = 0.2
             clip_norm = 5.0
+            screen_factor = 3.0
             max_layer_delta_norm = 100.0
             max_factor_norm = 200.0
             weight_by_samples = false
@@ -124,6 +133,7 @@ mod tests {
                 method: AggregationMethod::TrimmedMean,
                 trim_fraction: 0.2,
                 clip_norm: Some(5.0),
+                screen_factor: Some(3.0),
                 max_layer_delta_norm: 100.0,
                 max_factor_norm: 200.0,
                 weight_by_samples: false,

@@ -45,13 +45,17 @@
 //! Every update is validated ([`protocol::validate_adapter`]: shapes, finiteness, factor norms)
 //! and its per-layer delta norms `|s B A|_F` checked against `max_layer_delta_norm` *before* it
 //! touches any accumulator. Optional norm clipping scales an update whose total delta norm
-//! exceeds `clip_norm` down to it.
+//! exceeds `clip_norm` down to it. Optional norm screening (`screen_factor`) holds the round's
+//! accepted updates until [`Aggregation::screen`] (called by [`Aggregation::finish`] if nobody
+//! did) leaves out those whose total delta norm exceeds `screen_factor` times the round's median
+//! and feeds the rest to the method in arrival order, so with no outlier the result is the one
+//! without screening, bit for bit.
 //!
 //! # Where things are
 //! `config.rs` holds the settings ([`AggregationConfig`]), `error.rs` the error,
 //! `global.rs` the [`GlobalAdapter`] and the slice a device receives, `contribution.rs` an
 //! update's validation and delta norms, `mean.rs`, `exact.rs` and `robust.rs` one method
-//! family each (clipping is in `robust.rs`); this file is the round's [`Aggregation`] that
+//! family each (clipping and the screening threshold are in `robust.rs`); this file is the round's [`Aggregation`] that
 //! feeds each accepted update to its method and finishes into the next global adapter.
 
 mod config;
@@ -64,7 +68,7 @@ mod robust;
 
 use std::borrow::Cow;
 
-use protocol::{LayerIndexMap, ModelDims, Side};
+use protocol::{DeviceId, LayerIndexMap, ModelDims, Side};
 
 pub use config::{AggregationConfig, AggregationMethod, SvdMode};
 pub use contribution::{
@@ -97,6 +101,18 @@ pub struct Aggregation {
     config: AggregationConfig,
     state: State,
     accepted: usize,
+    /// With `screen_factor`: the accepted updates not yet screened, in arrival order.
+    pending: Vec<(Contribution, ContributionCheck)>,
+}
+
+/// An update [`Aggregation::screen`] left out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Screened {
+    pub device: DeviceId,
+    /// Its total delta norm.
+    pub delta_norm: f64,
+    /// The limit it exceeded: `screen_factor` times the median.
+    pub limit: f64,
 }
 
 impl Aggregation {
@@ -125,6 +141,13 @@ impl Aggregation {
                 )));
             }
         }
+        if let Some(k) = config.screen_factor {
+            if !(k > 1.0 && k.is_finite()) {
+                return Err(AggregateError::Config(format!(
+                    "screen_factor {k} is not a finite number above 1"
+                )));
+            }
+        }
         let n = dims.n_layers();
         let state = match config.method {
             AggregationMethod::HetLora | AggregationMethod::Mean => {
@@ -141,6 +164,7 @@ impl Aggregation {
             config,
             state,
             accepted: 0,
+            pending: Vec::new(),
         })
     }
 
@@ -166,16 +190,62 @@ impl Aggregation {
 
     /// Bytes held by the accumulators (buffered updates included).
     pub fn state_bytes(&self) -> usize {
-        match &self.state {
+        let pending: usize = self.pending.iter().map(|(c, _)| c.adapter.byte_len()).sum();
+        let held: usize = match &self.state {
             State::Mean(layers) => layers.iter().flatten().map(MeanLayer::state_bytes).sum(),
             State::Exact(layers) => layers.iter().flatten().map(ExactLayer::state_bytes).sum(),
             State::Buffered(v) => v.iter().map(|b| b.adapter.byte_len()).sum(),
-        }
+        };
+        pending + held
     }
 
-    /// Validates `contribution` and, only if it is acceptable, folds it into the state.
+    /// Validates `contribution` and, only if it is acceptable, folds it into the state (with
+    /// norm screening: holds it for [`Aggregation::screen`]).
     pub fn add(&mut self, contribution: Contribution) -> Result<Accepted, AggregateError> {
         let check = check_contribution(&self.dims, self.max_rank, &self.config, &contribution)?;
+        let accepted = Accepted {
+            delta_norm: check.delta_norm,
+            clip_factor: robust::clip_factor(check.delta_norm, self.config.clip_norm),
+        };
+        self.accepted += 1;
+        if self.config.screen_factor.is_some() {
+            self.pending.push((contribution, check));
+        } else {
+            self.fold(contribution, &check);
+        }
+        Ok(accepted)
+    }
+
+    /// Norm screening: leaves out every held update whose total delta norm exceeds
+    /// `screen_factor` times the median of the held updates' norms, folds the others into the
+    /// state in arrival order and returns what it left out (nothing without `screen_factor`, or
+    /// when called again).
+    pub fn screen(&mut self) -> Vec<Screened> {
+        let Some(factor) = self.config.screen_factor else {
+            return Vec::new();
+        };
+        let pending = std::mem::take(&mut self.pending);
+        let norms: Vec<f64> = pending.iter().map(|(_, c)| c.delta_norm).collect();
+        let limit = robust::screen_limit(&norms, factor);
+        let mut out = Vec::new();
+        for (contribution, check) in pending {
+            if check.delta_norm > limit {
+                tracing::debug!(device = %contribution.device, delta_norm = check.delta_norm, limit, "update screened out");
+                out.push(Screened {
+                    device: contribution.device,
+                    delta_norm: check.delta_norm,
+                    limit,
+                });
+                self.accepted -= 1;
+            } else {
+                self.fold(contribution, &check);
+            }
+        }
+        out
+    }
+
+    /// Folds a checked update into the method's state.
+    fn fold(&mut self, contribution: Contribution, check: &ContributionCheck) {
         let clip_factor = robust::clip_factor(check.delta_norm, self.config.clip_norm);
         let sample_weight = if self.config.weight_by_samples {
             contribution.samples.max(1) as f64
@@ -243,7 +313,6 @@ impl Aggregation {
                 kept: contribution.kept,
             }),
         }
-        self.accepted += 1;
         tracing::debug!(
             device = %contribution.device,
             delta_norm = check.delta_norm,
@@ -251,15 +320,15 @@ impl Aggregation {
             method = self.config.method.name(),
             "update aggregated"
         );
-        Ok(Accepted {
-            delta_norm: check.delta_norm,
-            clip_factor,
-        })
     }
 
-    /// The next global adapter at `max_rank`. Coordinates no accepted update held keep their
-    /// value in `previous` (zero without one).
-    pub fn finish(self, previous: Option<&GlobalAdapter>) -> Result<GlobalAdapter, AggregateError> {
+    /// The next global adapter at `max_rank`, after [`Aggregation::screen`] if nobody called it.
+    /// Coordinates no accepted update held keep their value in `previous` (zero without one).
+    pub fn finish(
+        mut self,
+        previous: Option<&GlobalAdapter>,
+    ) -> Result<GlobalAdapter, AggregateError> {
+        self.screen();
         let dims = self.dims;
         let rank = self.max_rank;
         let prev: Option<Cow<'_, GlobalAdapter>> = match previous {

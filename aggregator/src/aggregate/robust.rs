@@ -1,4 +1,5 @@
-//! Robust aggregation: norm clipping of an update, and the coordinate-wise median and trimmed
+//! Robust aggregation: norm clipping of an update, the norm screening threshold, and the
+//! coordinate-wise median and trimmed
 //! mean of the zero-padded effective factors over the devices holding each coordinate (these
 //! buffer every update until the round closes).
 
@@ -17,6 +18,23 @@ pub(super) fn clip_factor(delta_norm: f64, clip_norm: Option<f64>) -> f64 {
         Some(limit) if delta_norm > limit => limit / delta_norm,
         _ => 1.0,
     }
+}
+
+/// Norm screening's limit on a round's total delta norms `norms`: `factor` times their median
+/// (the mean of the two middle values for an even count). Infinite for no norms.
+pub(super) fn screen_limit(norms: &[f64], factor: f64) -> f64 {
+    if norms.is_empty() {
+        return f64::INFINITY;
+    }
+    let mut sorted = norms.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    factor * median
 }
 
 /// A validated update kept for the buffering methods.

@@ -76,12 +76,22 @@ impl Coordinator {
             id,
             started_at,
             participants,
-            aggregation,
+            mut aggregation,
             quorum,
             rejects,
             samples_clipped,
             ..
         } = open;
+        // Norm screening decides before the merge; the quorum counted the updates as accepted.
+        let screened_out: Vec<DeviceId> = if quorum_met {
+            aggregation.screen().into_iter().map(|s| s.device).collect()
+        } else {
+            Vec::new()
+        };
+        self.counters.updates_screened_out += screened_out.len() as u64;
+        if !screened_out.is_empty() {
+            tracing::warn!(round = %id, devices = ?screened_out, "updates screened out by their delta norm");
+        }
         let merged = if quorum_met {
             self.merge_round(id, aggregation)
         } else {
@@ -93,7 +103,13 @@ impl Coordinator {
         } else {
             self.counters.rounds_abandoned += 1;
         }
-        let rewards = self.round_rewards(id, quorum_met, &participants);
+        let mut rewards = self.round_rewards(id, quorum_met, &participants);
+        // A screened-out update did not help the round.
+        for (r, device) in rewards.iter_mut().zip(participants.keys()) {
+            if screened_out.contains(device) {
+                *r = Some(0.0);
+            }
+        }
         let assigned = participants
             .iter()
             .map(|(device, p)| Assignment {
@@ -123,6 +139,7 @@ impl Coordinator {
             aggregated,
             non_finite_aggregate: merged == Merge::NonFinite,
             samples_clipped,
+            screened_out,
             closed_by: closed_by.to_string(),
             bytes_up: 0,
             bytes_down: 0,

@@ -88,6 +88,10 @@ pub struct RoundSummary {
     /// `CoordinatorConfig::max_samples`).
     #[serde(default)]
     pub samples_clipped: u64,
+    /// Accepted updates that norm screening left out of the aggregate (see
+    /// `AggregationConfig::screen_factor`); they stay in `participants` with reward 0.
+    #[serde(default)]
+    pub screened_out: Vec<DeviceId>,
     /// Why the round closed: `all_answered`, `target_reached` or `deadline`.
     pub closed_by: String,
     pub bytes_up: u64,
@@ -169,6 +173,9 @@ pub struct Counters {
     /// Accepted updates whose reported sample count was clipped to the bound.
     #[serde(default)]
     pub samples_clipped: u64,
+    /// Accepted updates that norm screening left out of their round's aggregate.
+    #[serde(default)]
+    pub updates_screened_out: u64,
 }
 
 impl Counters {

@@ -67,6 +67,7 @@ fn classed(n: u64, secs: u64, arms: &[(&str, f64, u32)]) -> RoundSummary {
         aggregated: true,
         non_finite_aggregate: false,
         samples_clipped: 0,
+        screened_out: vec![],
         closed_by: "all_answered".into(),
         bytes_up: 100 * arms.len() as u64,
         bytes_down: 50 * arms.len() as u64,

@@ -66,13 +66,17 @@ impl Simulation<'_> {
             let Some(i) = self.index_of(p.device) else {
                 continue;
             };
-            participants_for_trainer.push((i, p.reward));
+            // A screened-out update is left out of the aggregate, so of the surrogate's too.
+            let screened = s.screened_out.contains(&p.device);
+            if !screened {
+                participants_for_trainer.push((i, p.reward));
+            }
             plays.push(Play {
                 device: p.device.0,
                 class: self.class_of(i),
                 prune_ratio: p.arm.prune_ratio,
                 rank: p.arm.rank,
-                outcome: "accepted".into(),
+                outcome: if screened { "screened_out" } else { "accepted" }.into(),
                 reward: Some(p.reward),
                 sparsity: Some(p.sparsity as f64),
                 compute_s: Some(ms_to_s(p.compute_ms)),
