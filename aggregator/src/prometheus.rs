@@ -240,6 +240,16 @@ pub fn render(view: &MetricsView) -> String {
         "Round aggregates with non-finite values (the previous global was kept).",
         c.non_finite_aggregates,
     );
+    o.counter(
+        "fedspine_updates_screened_out_total",
+        "Accepted updates left out of their round's aggregate by norm screening.",
+        c.updates_screened_out,
+    );
+    o.counter(
+        "fedspine_samples_clipped_total",
+        "Accepted updates whose reported sample count was clipped to the bound.",
+        c.samples_clipped,
+    );
     o.family(
         "fedspine_rejects_total",
         "counter",

@@ -515,6 +515,11 @@ fn norm_screening_leaves_out_a_scaled_update_under_every_method() {
             "{name}: the scaled update is screened out"
         );
         assert_eq!(h.coord.counters().updates_screened_out, 1, "{name}");
+        let line = s.progress_line(1);
+        assert!(
+            line.contains("0 rejects, 1 screened out;"),
+            "{name}: {line}"
+        );
         assert_eq!(
             h.coord.counters().total_rejects(),
             0,

@@ -24,8 +24,9 @@
 //! noise comes from the same stream's `(device, round)` generator.
 //!
 //! Surrogate mode: the surrogate's synthetic update is poisoned and aggregated for real (the
-//! counts of refused and clipped updates are real), but the surrogate's accuracy does not read
-//! the global adapter, so only real mode tests whether an attack moves accuracy.
+//! counts of refused, clipped and screened-out updates are real), but the surrogate's accuracy
+//! does not read the global adapter (it only drops the screened-out devices from its round), so
+//! only real mode tests whether an attack moves accuracy.
 
 use aggregator::coordinator::streams::Stream;
 use protocol::{AdapterPayload, Buffer, Update};

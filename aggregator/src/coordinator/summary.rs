@@ -114,8 +114,12 @@ impl RoundSummary {
             _ => "no updates".to_string(),
         };
         let rejects: u64 = self.rejects.values().sum();
+        let screened = match self.screened_out.len() {
+            0 => String::new(),
+            n => format!(", {n} screened out"),
+        };
         format!(
-            "round {}/{} [{}] {} of {} selected answered, {} missed, {} failed, {} rejects; {}; {}; {:.1}s, {:.2} MB up",
+            "round {}/{} [{}] {} of {} selected answered, {} missed, {} failed, {} rejects{}; {}; {}; {:.1}s, {:.2} MB up",
             self.round.0,
             total_rounds,
             self.strategy,
@@ -124,6 +128,7 @@ impl RoundSummary {
             self.missed.len(),
             self.failed.len(),
             rejects,
+            screened,
             loss,
             if self.aggregated {
                 format!("aggregated ({})", self.aggregation)

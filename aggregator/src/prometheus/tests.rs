@@ -84,6 +84,7 @@ fn view() -> MetricsView {
     v.counters.rounds_started = 3;
     v.counters.rounds_aggregated = 2;
     v.counters.rounds_abandoned = 1;
+    v.counters.updates_screened_out = 2;
     v.counters.bytes_received = 12_345;
     v.counters.rejects.insert("stale_round".into(), 4);
     v.counters.rejects.insert("non_finite".into(), 1);
@@ -182,6 +183,8 @@ fn the_exposition_is_valid_text_format_with_the_run_s_figures() {
     assert_eq!(s["fedspine_rounds_started_total"], 3.0);
     assert_eq!(s["fedspine_devices_connected"], 3.0);
     assert_eq!(s["fedspine_rejects_total{reason=\"stale_round\"}"], 4.0);
+    assert_eq!(s["fedspine_updates_screened_out_total"], 2.0);
+    assert_eq!(s["fedspine_samples_clipped_total"], 0.0);
     assert_eq!(s["fedspine_bytes_total{direction=\"received\"}"], 12_345.0);
     assert_eq!(s["fedspine_bytes_total{direction=\"sent\"}"], 200.0);
     // Round durations 3 s and 70 s: cumulative buckets.
