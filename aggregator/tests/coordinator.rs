@@ -1002,7 +1002,7 @@ fn device_classes_are_kept_per_device_and_a_bad_one_is_refused() {
             })
             .collect(),
         rng: state.rng.clone(),
-        counters: state.counters.clone(),
+        counters: state.counters.clone().into(),
     };
     aggregator::checkpoint::write_atomic(&path, aggregator::coordinator::STATE_SCHEMA_V1, &old)
         .unwrap();
@@ -1016,6 +1016,23 @@ fn device_classes_are_kept_per_device_and_a_bad_one_is_refused() {
         d.capabilities.device_class = None;
     }
     assert_eq!(migrated, expected);
+    assert!(Coordinator::restore(config(), migrated).is_ok());
+    // A schema-2 checkpoint (before the screening counter) resumes with nothing screened out.
+    let mut counted = state.counters.clone();
+    counted.updates_screened_out = 3;
+    let v2 = aggregator::coordinator::CoordinatorStateV2 {
+        dims: state.dims,
+        strategy: state.strategy.clone(),
+        round: state.round,
+        global: state.global.clone(),
+        devices: state.devices.clone(),
+        rng: state.rng.clone(),
+        counters: counted.into(),
+    };
+    aggregator::checkpoint::write_atomic(&path, aggregator::coordinator::STATE_SCHEMA_V2, &v2)
+        .unwrap();
+    let migrated = aggregator::server::read_state(&path).unwrap().unwrap();
+    assert_eq!(migrated, state);
     assert!(Coordinator::restore(config(), migrated).is_ok());
     // Another schema is still refused, naming the file.
     aggregator::checkpoint::write_atomic(&path, 99, &state).unwrap();

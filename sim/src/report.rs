@@ -21,8 +21,9 @@ pub struct Play {
     pub class: String,
     pub prune_ratio: f64,
     pub rank: u32,
-    /// `accepted`, `missed` (deadline or round closed first), `dropped` (the device went away
-    /// during the round), `out_of_memory`, `error`, or a reject kind.
+    /// `accepted`, `screened_out` (accepted, then left out of the aggregate by norm screening),
+    /// `missed` (deadline or round closed first), `dropped` (the device went away during the
+    /// round), `out_of_memory`, `error`, or a reject kind.
     pub outcome: String,
     /// Bandit reward the coordinator computed (accepted devices).
     pub reward: Option<f64>,

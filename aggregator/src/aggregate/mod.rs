@@ -26,7 +26,7 @@
 //!   with per-layer weights `w_k ∝ |B̃_k Ã_k|_F` (times the sample count when
 //!   `weight_by_samples`), normalised over the holders of each coordinate; each device later
 //!   receives the truncation to its rank. Streaming: running sums of size
-//!   `max_rank x (in + out)` per layer, whatever the device count.
+//!   `max_rank x (in + out)` per layer, whatever the device count (without norm screening).
 //! - [`AggregationMethod::Mean`] (`mean.rs`): the same zero-padded running sums with weights
 //!   `w_k` = sample count (or 1): FedAvg of the factors, the `fedlora` baseline.
 //! - [`AggregationMethod::Exact`] (`exact.rs`, FlexLoRA-style): `dW = Σ w_k s_k B_k A_k` per
@@ -37,7 +37,7 @@
 //!   rank-`r_k` approximation ([`SvdMode::Randomized`] trades exactness for speed on large
 //!   layers). faer runs sequentially, so results do not depend on thread scheduling.
 //!   Streaming: one dense `f32` `[out, in]` running sum per layer (about 425 MB for
-//!   SmolLM2-135M), whatever the device count.
+//!   SmolLM2-135M), whatever the device count (without norm screening).
 //! - [`AggregationMethod::Median`], [`AggregationMethod::TrimmedMean`] (`robust.rs`):
 //!   coordinate-wise over the holders of each coordinate of the zero-padded effective factors
 //!   (unweighted). These must buffer every update until [`Aggregation::finish`].
@@ -49,7 +49,8 @@
 //! accepted updates until [`Aggregation::screen`] (called by [`Aggregation::finish`] if nobody
 //! did) leaves out those whose total delta norm exceeds `screen_factor` times the round's median
 //! and feeds the rest to the method in arrival order, so with no outlier the result is the one
-//! without screening, bit for bit.
+//! without screening, bit for bit. Holding costs every method the round's update bytes until it
+//! closes, as the buffering methods always do (one update per selected device).
 //!
 //! # Where things are
 //! `config.rs` holds the settings ([`AggregationConfig`]), `error.rs` the error,
@@ -81,6 +82,7 @@ use exact::ExactLayer;
 use global::layer_slot;
 use mean::MeanLayer;
 use robust::Buffered;
+pub use robust::SCREEN_MIN_UPDATES;
 
 /// What a round's aggregation holds until it finishes, by method.
 enum State {
@@ -218,8 +220,10 @@ impl Aggregation {
 
     /// Norm screening: leaves out every held update whose total delta norm exceeds
     /// `screen_factor` times the median of the held updates' norms, folds the others into the
-    /// state in arrival order and returns what it left out (nothing without `screen_factor`, or
-    /// when called again).
+    /// state in arrival order and returns what it left out (nothing without `screen_factor`).
+    /// The median is the honest one only while attackers are a strict minority of the held
+    /// updates; fewer than [`SCREEN_MIN_UPDATES`] are all kept. Updates added after a
+    /// call are held for the next one.
     pub fn screen(&mut self) -> Vec<Screened> {
         let Some(factor) = self.config.screen_factor else {
             return Vec::new();

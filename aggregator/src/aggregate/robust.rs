@@ -20,10 +20,15 @@ pub(super) fn clip_factor(delta_norm: f64, clip_norm: Option<f64>) -> f64 {
     }
 }
 
+/// Fewest updates norm screening judges: with two, a ten-fold update sets half the median.
+pub const SCREEN_MIN_UPDATES: usize = 3;
+
 /// Norm screening's limit on a round's total delta norms `norms`: `factor` times their median
-/// (the mean of the two middle values for an even count). Infinite for no norms.
+/// (the mean of the two middle values for an even count). Infinite (nothing screened) for
+/// fewer than [`SCREEN_MIN_UPDATES`] norms or a zero median (most updates are empty; a limit of
+/// zero would leave out every update that is not).
 pub(super) fn screen_limit(norms: &[f64], factor: f64) -> f64 {
-    if norms.is_empty() {
+    if norms.len() < SCREEN_MIN_UPDATES {
         return f64::INFINITY;
     }
     let mut sorted = norms.to_vec();
@@ -34,7 +39,11 @@ pub(super) fn screen_limit(norms: &[f64], factor: f64) -> f64 {
     } else {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     };
-    factor * median
+    if median > 0.0 {
+        factor * median
+    } else {
+        f64::INFINITY
+    }
 }
 
 /// A validated update kept for the buffering methods.
@@ -186,4 +195,20 @@ pub(super) fn finish_robust_layer(
         }
     }
     out_layer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_screening_limit_is_k_times_the_median_and_off_where_the_median_says_nothing() {
+        assert_eq!(screen_limit(&[2.0, 30.0, 1.0], 3.0), 6.0);
+        assert_eq!(screen_limit(&[2.0, 30.0, 1.0, 4.0], 3.0), 9.0);
+        // Two updates: a ten-fold one would set half the median.
+        assert_eq!(screen_limit(&[1.0, 10.0], 3.0), f64::INFINITY);
+        assert_eq!(screen_limit(&[], 3.0), f64::INFINITY);
+        // Mostly empty updates: a zero limit would leave out every update that is not.
+        assert_eq!(screen_limit(&[0.0, 0.0, 5.0], 3.0), f64::INFINITY);
+    }
 }

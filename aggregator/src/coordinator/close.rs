@@ -70,7 +70,6 @@ impl Coordinator {
         self.closed_now = true;
         self.last_closed = open.id;
         let accepted = open.accepted();
-        let quorum_met = accepted >= open.quorum;
         let method = open.aggregation.config().method.name().to_string();
         let OpenRound {
             id,
@@ -82,12 +81,11 @@ impl Coordinator {
             samples_clipped,
             ..
         } = open;
-        // Norm screening decides before the merge; the quorum counted the updates as accepted.
-        let screened_out: Vec<DeviceId> = if quorum_met {
-            aggregation.screen().into_iter().map(|s| s.device).collect()
-        } else {
-            Vec::new()
-        };
+        // Norm screening decides before the quorum: a screened-out update counts no more than a
+        // refused one.
+        let screened_out: Vec<DeviceId> =
+            aggregation.screen().into_iter().map(|s| s.device).collect();
+        let quorum_met = accepted.saturating_sub(screened_out.len()) >= quorum;
         self.counters.updates_screened_out += screened_out.len() as u64;
         if !screened_out.is_empty() {
             tracing::warn!(round = %id, devices = ?screened_out, "updates screened out by their delta norm");
@@ -103,13 +101,7 @@ impl Coordinator {
         } else {
             self.counters.rounds_abandoned += 1;
         }
-        let mut rewards = self.round_rewards(id, quorum_met, &participants);
-        // A screened-out update did not help the round.
-        for (r, device) in rewards.iter_mut().zip(participants.keys()) {
-            if screened_out.contains(device) {
-                *r = Some(0.0);
-            }
-        }
+        let rewards = self.round_rewards(id, quorum_met, &participants, &screened_out);
         let assigned = participants
             .iter()
             .map(|(device, p)| Assignment {
@@ -139,7 +131,7 @@ impl Coordinator {
             aggregated,
             non_finite_aggregate: merged == Merge::NonFinite,
             samples_clipped,
-            screened_out,
+            screened_out: screened_out.clone(),
             closed_by: closed_by.to_string(),
             bytes_up: 0,
             bytes_down: 0,
@@ -191,10 +183,13 @@ impl Coordinator {
                     }
                     record.sparsity = c.stats.sparsity as f64;
                     record.rounds_completed += 1;
-                    let w = c.stats.samples.max(1) as f64;
-                    loss_pre += w * c.stats.loss_pre as f64;
-                    loss_post += w * c.stats.loss_post as f64;
-                    weight += w;
+                    // The round's mean losses are those of the updates it aggregated.
+                    if !screened_out.contains(&device) {
+                        let w = c.stats.samples.max(1) as f64;
+                        loss_pre += w * c.stats.loss_pre as f64;
+                        loss_post += w * c.stats.loss_post as f64;
+                        weight += w;
+                    }
                     summary.bytes_up += c.bytes_up;
                     summary.bytes_down += c.stats.bytes_down;
                     summary.participants.push(ParticipantSummary {
@@ -286,14 +281,21 @@ impl Coordinator {
         id: RoundId,
         quorum_met: bool,
         participants: &BTreeMap<DeviceId, Participant>,
+        screened_out: &[DeviceId],
     ) -> Vec<Option<f64>> {
         if !quorum_met {
             return zero_unless_completed(participants);
         }
         let target = self.config.reward_target();
+        // A screened-out update is a failed round to the bandit: reward 0, and its norm and
+        // losses stay out of the round's reward normalisation.
         let stats: Vec<RoundStats> = participants
-            .values()
-            .map(|p| round_stats(p, target))
+            .iter()
+            .map(|(device, p)| {
+                let mut s = round_stats(p, target);
+                s.failed |= screened_out.contains(device);
+                s
+            })
             .collect();
         match shape_rewards(&stats, &self.config.reward) {
             Ok(r) => r.into_iter().map(Some).collect(),

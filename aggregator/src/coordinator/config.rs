@@ -293,6 +293,13 @@ impl CoordinatorConfig {
                 )));
             }
         }
+        if let Some(k) = agg.screen_factor {
+            if !(k.is_finite() && k > 1.0) {
+                return Err(invalid(format!(
+                    "aggregation.screen_factor {k} is not a finite number above 1"
+                )));
+            }
+        }
         for (name, value) in [
             ("max_layer_delta_norm", agg.max_layer_delta_norm),
             ("max_factor_norm", agg.max_factor_norm),

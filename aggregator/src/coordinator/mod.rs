@@ -79,8 +79,8 @@ use streams::Stream;
 pub use config::{BanditScope, CoordinatorConfig};
 pub use error::CoordinatorError;
 pub use state::{
-    CapabilitiesV1, CoordinatorState, CoordinatorStateV1, DeviceRecord, DeviceRecordV1,
-    STATE_SCHEMA, STATE_SCHEMA_V1,
+    CapabilitiesV1, CoordinatorState, CoordinatorStateV1, CoordinatorStateV2, CountersV2,
+    DeviceRecord, DeviceRecordV1, STATE_SCHEMA, STATE_SCHEMA_V1, STATE_SCHEMA_V2,
 };
 pub use summary::{Assignment, Counters, FailedSummary, ParticipantSummary, RoundSummary};
 

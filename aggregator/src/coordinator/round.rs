@@ -19,7 +19,8 @@ pub(super) enum Outcome {
     Failed { kind: String, reason: String },
 }
 
-/// What the coordinator keeps of an accepted update (its factors went into the aggregation).
+/// What the coordinator keeps of an accepted update (its factors went to the aggregation, which
+/// norm screening may still leave out at close).
 #[derive(Clone, Debug)]
 pub(super) struct Completed {
     pub(super) stats: UpdateStats,
@@ -55,7 +56,7 @@ pub(super) struct OpenRound {
     pub(super) started_at: Timestamp,
     pub(super) deadline: Timestamp,
     pub(super) participants: BTreeMap<DeviceId, Participant>,
-    /// Accepted updates folded in as they arrive.
+    /// Accepted updates, folded in as they arrive (held until close with norm screening).
     pub(super) aggregation: Aggregation,
     /// Accepted updates the round needs to be aggregated.
     pub(super) quorum: usize,

@@ -10,10 +10,13 @@
 //! internally tagged enums, which only self-describing formats can read back); JSON with
 //! `float_roundtrip` restores them bit-identically whatever the outer encoding.
 //!
-//! Schemas: 2 (this build) added each device's class to its capabilities and its self-pruned
-//! rank limit (`rank_limit`, HetLoRA); a schema-1
-//! checkpoint ([`CoordinatorStateV1`]) still resumes, every device in it of class `unknown`
-//! until it joins again.
+//! Schemas: 3 (this build) added the `updates_screened_out` counter; 2 added each device's class
+//! to its capabilities and its self-pruned rank limit (`rank_limit`, HetLoRA). A schema-2
+//! checkpoint ([`CoordinatorStateV2`]) resumes with no update screened out so far; a schema-1
+//! one ([`CoordinatorStateV1`]) too, every device in it of class `unknown` until it joins
+//! again.
+
+use std::collections::BTreeMap;
 
 use protocol::{Capabilities, DeviceId, KeptIndices, ModelDims, RoundId};
 use rand_chacha::ChaCha8Rng;
@@ -24,8 +27,10 @@ use crate::aggregate::GlobalAdapter;
 use crate::strategy::DeviceBandit;
 
 /// Schema version of [`CoordinatorState`] in checkpoints; bump it on any change to the
-/// state's shape (and keep reading the previous one, see [`CoordinatorStateV1`]).
-pub const STATE_SCHEMA: u32 = 2;
+/// state's shape (and keep reading the previous ones, see [`CoordinatorStateV2`]).
+pub const STATE_SCHEMA: u32 = 3;
+/// The schema before the `updates_screened_out` counter: [`CoordinatorStateV2`].
+pub const STATE_SCHEMA_V2: u32 = 2;
 /// The schema before device classes: [`CoordinatorStateV1`].
 pub const STATE_SCHEMA_V1: u32 = 1;
 
@@ -91,8 +96,91 @@ impl CoordinatorState {
     }
 }
 
-/// A schema-1 checkpoint: [`CoordinatorState`] as it was before `Capabilities::device_class`
+/// A schema-2 checkpoint: [`CoordinatorState`] before the `updates_screened_out` counter
 /// (bincode is not self-describing, so the old shape is spelled out to read old files).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorStateV2 {
+    pub dims: ModelDims,
+    pub strategy: String,
+    pub round: RoundId,
+    pub global: GlobalAdapter,
+    pub devices: Vec<DeviceRecord>,
+    pub rng: ChaCha8Rng,
+    pub counters: CountersV2,
+}
+
+/// Schema-1 and schema-2 [`Counters`]: every field but `updates_screened_out`, in order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CountersV2 {
+    pub connections: u64,
+    pub disconnects: u64,
+    pub joins: u64,
+    pub rounds_started: u64,
+    pub rounds_aggregated: u64,
+    pub rounds_abandoned: u64,
+    pub updates_accepted: u64,
+    pub round_failures: u64,
+    pub out_of_memory: u64,
+    pub missed: u64,
+    pub no_feasible_arm: u64,
+    pub heartbeats: u64,
+    pub bytes_received: u64,
+    pub bandit_errors: u64,
+    pub aggregation_errors: u64,
+    pub rejects: BTreeMap<String, u64>,
+    pub non_finite_aggregates: u64,
+    pub samples_clipped: u64,
+}
+
+/// Moves the counters between the schemas: forward with no update screened out; back (what a
+/// schema-2 build wrote, for migration tests) dropping the screening count.
+macro_rules! counters_between {
+    ($from:ty => $to:ident { $($extra:ident: $value:expr),* }) => {
+        impl From<$from> for $to {
+            fn from(c: $from) -> $to {
+                $to {
+                    connections: c.connections,
+                    disconnects: c.disconnects,
+                    joins: c.joins,
+                    rounds_started: c.rounds_started,
+                    rounds_aggregated: c.rounds_aggregated,
+                    rounds_abandoned: c.rounds_abandoned,
+                    updates_accepted: c.updates_accepted,
+                    round_failures: c.round_failures,
+                    out_of_memory: c.out_of_memory,
+                    missed: c.missed,
+                    no_feasible_arm: c.no_feasible_arm,
+                    heartbeats: c.heartbeats,
+                    bytes_received: c.bytes_received,
+                    bandit_errors: c.bandit_errors,
+                    aggregation_errors: c.aggregation_errors,
+                    rejects: c.rejects,
+                    non_finite_aggregates: c.non_finite_aggregates,
+                    samples_clipped: c.samples_clipped,
+                    $($extra: $value,)*
+                }
+            }
+        }
+    };
+}
+counters_between!(CountersV2 => Counters { updates_screened_out: 0 });
+counters_between!(Counters => CountersV2 {});
+
+impl From<CoordinatorStateV2> for CoordinatorState {
+    fn from(old: CoordinatorStateV2) -> CoordinatorState {
+        CoordinatorState {
+            dims: old.dims,
+            strategy: old.strategy,
+            round: old.round,
+            global: old.global,
+            devices: old.devices,
+            rng: old.rng,
+            counters: old.counters.into(),
+        }
+    }
+}
+
+/// A schema-1 checkpoint: [`CoordinatorState`] as it was before `Capabilities::device_class`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CoordinatorStateV1 {
     pub dims: ModelDims,
@@ -101,7 +189,7 @@ pub struct CoordinatorStateV1 {
     pub global: GlobalAdapter,
     pub devices: Vec<DeviceRecordV1>,
     pub rng: ChaCha8Rng,
-    pub counters: Counters,
+    pub counters: CountersV2,
 }
 
 /// A schema-1 [`DeviceRecord`].
@@ -157,7 +245,7 @@ impl From<CoordinatorStateV1> for CoordinatorState {
                 })
                 .collect(),
             rng: old.rng,
-            counters: old.counters,
+            counters: old.counters.into(),
         }
     }
 }

@@ -75,7 +75,7 @@ use transport::{Revocations, TransportError};
 use crate::checkpoint::{self, CheckpointError};
 use crate::coordinator::{
     Coordinator, CoordinatorConfig, CoordinatorError, CoordinatorState, CoordinatorStateV1,
-    Counters, STATE_SCHEMA, STATE_SCHEMA_V1,
+    CoordinatorStateV2, Counters, STATE_SCHEMA, STATE_SCHEMA_V1, STATE_SCHEMA_V2,
 };
 use crate::prometheus::MetricsView;
 
@@ -175,10 +175,19 @@ pub fn prepare(
     }
 }
 
-/// The checkpoint at `path`, if any: this build's schema, or schema 1 (before device classes)
-/// brought forward with every device of class `unknown`.
+/// The checkpoint at `path`, if any: this build's schema, schema 2 (before the screening
+/// counter) brought forward with no update screened out, or schema 1 (before device classes)
+/// with every device of class `unknown` too.
 pub fn read_state(path: &Path) -> Result<Option<CoordinatorState>, CheckpointError> {
     match checkpoint::read_if_exists::<CoordinatorState>(path, STATE_SCHEMA) {
+        Err(CheckpointError::Schema {
+            found: STATE_SCHEMA_V2,
+            ..
+        }) => {
+            let old: CoordinatorStateV2 = checkpoint::read(path, STATE_SCHEMA_V2)?;
+            tracing::info!(path = %path.display(), "read a schema-2 checkpoint");
+            Ok(Some(old.into()))
+        }
         Err(CheckpointError::Schema {
             found: STATE_SCHEMA_V1,
             ..

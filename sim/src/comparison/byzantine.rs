@@ -150,7 +150,7 @@ pub fn markdown(rows: &[ByzantineRow], seeds: usize, surrogate: bool) -> String 
     }
     let _ = writeln!(
         s,
-        "\n## Byzantine devices: each entry poisoned against its clean twin\n\nFinal accuracy of the devices that trained, mean over seeds with its bootstrap interval; the paired difference is poisoned minus clean, seed by seed (the same devices attack in every entry of a seed). Counts add up over seeds: the attackers' updates sent, accepted, refused and clipped (accepted with a delta norm over `clip_norm`), every clipped update and every reject in the poisoned runs, and the same two in the clean ones.\n"
+        "\n## Byzantine devices: each entry poisoned against its clean twin\n\nFinal accuracy of the devices that trained, mean over seeds with its bootstrap interval; the paired difference is poisoned minus clean, seed by seed (the same devices attack in every entry of a seed). Counts add up over seeds: the attackers' updates sent, accepted, refused (screened-out ones included) and clipped (accepted with a delta norm over `clip_norm`), every clipped update and every reject in the poisoned runs, and the same two in the clean ones.\n"
     );
     if surrogate {
         s.push_str("**SURROGATE MODE**: the poisoned updates are aggregated for real (the counts are real), but the surrogate's accuracy does not read the global adapter, so these accuracies cannot show an attack's effect; only real mode tests it.\n\n");
