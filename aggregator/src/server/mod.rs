@@ -183,21 +183,31 @@ pub fn read_state(path: &Path) -> Result<Option<CoordinatorState>, CheckpointErr
         Err(CheckpointError::Schema {
             found: STATE_SCHEMA_V2,
             ..
-        }) => {
-            let old: CoordinatorStateV2 = checkpoint::read(path, STATE_SCHEMA_V2)?;
-            tracing::info!(path = %path.display(), "read a schema-2 checkpoint");
-            Ok(Some(old.into()))
-        }
+        }) => bring_forward::<CoordinatorStateV2>(path, STATE_SCHEMA_V2, ""),
         Err(CheckpointError::Schema {
             found: STATE_SCHEMA_V1,
             ..
-        }) => {
-            let old: CoordinatorStateV1 = checkpoint::read(path, STATE_SCHEMA_V1)?;
-            tracing::info!(path = %path.display(), "read a schema-1 checkpoint: its devices are of class unknown until they join again");
-            Ok(Some(old.into()))
-        }
+        }) => bring_forward::<CoordinatorStateV1>(
+            path,
+            STATE_SCHEMA_V1,
+            ": its devices are of class unknown until they join again",
+        ),
         other => other,
     }
+}
+
+/// Reads the older-schema checkpoint at `path` and brings it to this build's state.
+fn bring_forward<T>(
+    path: &Path,
+    schema: u32,
+    note: &str,
+) -> Result<Option<CoordinatorState>, CheckpointError>
+where
+    T: serde::de::DeserializeOwned + Into<CoordinatorState>,
+{
+    let old: T = checkpoint::read(path, schema)?;
+    tracing::info!(path = %path.display(), "read a schema-{schema} checkpoint{note}");
+    Ok(Some(old.into()))
 }
 
 /// How a run ended.
