@@ -1,8 +1,10 @@
 //! Byzantine devices on the tiny model in real mode: two of eight devices send their update
 //! sign-flipped and scaled by ten. The plain mean's global adapter is dragged far from the
 //! clean run's (past the origin), the coordinate-wise median's and trimmed mean's stay close
-//! and pointing the clean way, and norm clipping bounds the size of the damage (not its
-//! direction); the attackers are the same devices under every method of one seed.
+//! and pointing the clean way, norm clipping bounds the size of the damage (not its
+//! direction), and norm screening leaves every poisoned update out (the global is the one
+//! without the two attackers); the attackers are the same devices under every method of one
+//! seed.
 
 use aggregator::aggregate::GlobalAdapter;
 use sim::config::ExperimentConfig;
@@ -72,6 +74,8 @@ struct Run {
     global: GlobalAdapter,
     attackers: Vec<u64>,
     accepted: u64,
+    rejected: u64,
+    sent: u64,
     clipped: u64,
 }
 
@@ -91,6 +95,8 @@ fn run(cfg: &ExperimentConfig, res: &Resources, entry: &str) -> Run {
         global: state.global,
         attackers: b.devices.clone(),
         accepted: b.poisoned_accepted,
+        rejected: b.poisoned_rejected,
+        sent: b.poisoned_sent,
         clipped: b.poisoned_clipped,
     }
 }
@@ -130,14 +136,24 @@ fn robust_methods_keep_the_global_near_the_clean_one_and_the_mean_does_not() {
         "agg=median".into(),
         "agg=trimmed-mean".into(),
         format!("agg=mean+{clip}"),
+        "agg=mean+screen=3".into(),
     ];
     for method in &methods {
         let clean = run(&cfg, &res, &format!("fedlora+{method}+clean"));
         let poisoned = run(&cfg, &res, &format!("fedlora+{method}"));
-        assert!(
-            poisoned.accepted > 0,
-            "{method}: poisoned updates reached the aggregate"
-        );
+        if method.contains("screen") {
+            assert!(poisoned.sent > 0);
+            assert_eq!(
+                (poisoned.accepted, poisoned.rejected),
+                (0, poisoned.sent),
+                "{method}: every poisoned update was screened out"
+            );
+        } else {
+            assert!(
+                poisoned.accepted > 0,
+                "{method}: poisoned updates reached the aggregate"
+            );
+        }
         if method.contains("clip") {
             assert_eq!(
                 poisoned.clipped, poisoned.accepted,
@@ -151,7 +167,7 @@ fn robust_methods_keep_the_global_near_the_clean_one_and_the_mean_does_not() {
         "(distance, cosine) to the clean global: {:?}",
         methods.iter().zip(&d).collect::<Vec<_>>()
     );
-    let (mean, median, trimmed, clipped) = (d[0].0, d[1].0, d[2].0, d[3].0);
+    let (mean, median, trimmed, clipped, screened) = (d[0].0, d[1].0, d[2].0, d[3].0, d[4].0);
     assert_eq!(attackers[0].len(), 2, "{:?}", attackers[0]);
     assert!(
         attackers.iter().all(|a| a == &attackers[0]),
@@ -177,4 +193,11 @@ fn robust_methods_keep_the_global_near_the_clean_one_and_the_mean_does_not() {
         "clipping bounds the damage: {clipped} vs {mean}"
     );
     assert!(median < clipped && trimmed < clipped);
+    // Screening leaves the attackers out: the mean of the six honest updates, pointing the
+    // clean run's way.
+    assert!(
+        screened < 0.2 * mean && d[4].1 > 0.5,
+        "screening: {:?} vs mean {mean}",
+        d[4]
+    );
 }
