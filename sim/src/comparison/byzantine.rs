@@ -34,9 +34,12 @@ pub struct ByzantineRow {
     /// Every accepted update over the clip norm (honest ones too), and every reject sent.
     pub clipped_total: u64,
     pub rejects: u64,
-    /// The same two counts in the clean runs.
+    /// Every update norm screening left out in the poisoned runs (honest ones too).
+    pub screened_total: u64,
+    /// The same three counts in the clean runs.
     pub clean_clipped: u64,
     pub clean_rejects: u64,
+    pub clean_screened: u64,
 }
 
 /// `entry` without its `+clean` modifier, or `None` when it has none.
@@ -93,11 +96,14 @@ pub fn rows(entries: &[String], runs: &[SeedRuns], boot: &Stream, level: f64) ->
             poisoned_clipped: 0,
             clipped_total: 0,
             rejects: 0,
+            screened_total: 0,
             clean_clipped: 0,
             clean_rejects: 0,
+            clean_screened: 0,
         };
         for r in pick(p) {
             row.rejects += r.summary.rejects;
+            row.screened_total += screened_in(r);
             let Some(b) = &r.summary.byzantine else {
                 row.attackers_per_seed.push(0);
                 continue;
@@ -113,6 +119,7 @@ pub fn rows(entries: &[String], runs: &[SeedRuns], boot: &Stream, level: f64) ->
         for r in pick(c) {
             row.clean_rejects += r.summary.rejects;
             row.clean_clipped += clipped_in(r);
+            row.clean_screened += screened_in(r);
         }
         if row.attackers_per_seed.iter().any(|&n| n > 0) {
             out.push(row);
@@ -135,6 +142,15 @@ fn clipped_in(r: &crate::report::Report) -> u64 {
         .count() as u64
 }
 
+/// Updates of a run that norm screening left out.
+fn screened_in(r: &crate::report::Report) -> u64 {
+    r.rounds
+        .iter()
+        .flat_map(|x| &x.plays)
+        .filter(|p| p.outcome == "screened_out")
+        .count() as u64
+}
+
 fn cell(i: &Option<Interval>, n: usize) -> String {
     match i {
         Some(i) => format!("{:.4} [{:.4}, {:.4}] (n {}/{n})", i.mean, i.lo, i.hi, i.n),
@@ -150,18 +166,18 @@ pub fn markdown(rows: &[ByzantineRow], seeds: usize, surrogate: bool) -> String 
     }
     let _ = writeln!(
         s,
-        "\n## Byzantine devices: each entry poisoned against its clean twin\n\nFinal accuracy of the devices that trained, mean over seeds with its bootstrap interval; the paired difference is poisoned minus clean, seed by seed (the same devices attack in every entry of a seed). Counts add up over seeds: the attackers' updates sent, accepted, refused (screened-out ones included) and clipped (accepted with a delta norm over `clip_norm`), every clipped update and every reject in the poisoned runs, and the same two in the clean ones.\n"
+        "\n## Byzantine devices: each entry poisoned against its clean twin\n\nFinal accuracy of the devices that trained, mean over seeds with its bootstrap interval; the paired difference is poisoned minus clean, seed by seed (the same devices attack in every entry of a seed). Counts add up over seeds: the attackers' updates sent, accepted, refused (screened-out ones included) and clipped (accepted with a delta norm over `clip_norm`), every clipped update, every screened-out update and every reject in the poisoned runs, and the same three in the clean ones (an honest update screened out shows there).\n"
     );
     if surrogate {
         s.push_str("**SURROGATE MODE**: the poisoned updates are aggregated for real (the counts are real), but the surrogate's accuracy does not read the global adapter, so these accuracies cannot show an attack's effect; only real mode tests it.\n\n");
     }
-    s.push_str("| poisoned entry | attack | attackers per seed | clean | poisoned | poisoned - clean | sent / accepted / refused / clipped | clipped, rejects (poisoned) | clipped, rejects (clean) |\n");
+    s.push_str("| poisoned entry | attack | attackers per seed | clean | poisoned | poisoned - clean | sent / accepted / refused / clipped | clipped, screened out, rejects (poisoned) | clipped, screened out, rejects (clean) |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let per: Vec<String> = r.attackers_per_seed.iter().map(usize::to_string).collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {}, {} | {}, {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {}, {}, {} | {}, {}, {} |",
             r.entry,
             r.attack,
             per.join(", "),
@@ -173,8 +189,10 @@ pub fn markdown(rows: &[ByzantineRow], seeds: usize, surrogate: bool) -> String 
             r.poisoned_rejected,
             r.poisoned_clipped,
             r.clipped_total,
+            r.screened_total,
             r.rejects,
             r.clean_clipped,
+            r.clean_screened,
             r.clean_rejects
         );
     }
