@@ -56,8 +56,9 @@
 //! `config.rs` holds the settings ([`AggregationConfig`]), `error.rs` the error,
 //! `global.rs` the [`GlobalAdapter`] and the slice a device receives, `contribution.rs` an
 //! update's validation and delta norms, `mean.rs`, `exact.rs` and `robust.rs` one method
-//! family each (clipping and the screening threshold are in `robust.rs`); this file is the round's [`Aggregation`] that
-//! feeds each accepted update to its method and finishes into the next global adapter.
+//! family each (clipping and the screening limit are in `robust.rs`); this file is the round's
+//! [`Aggregation`] that feeds each accepted update to its method and finishes into the next
+//! global adapter.
 
 mod config;
 mod contribution;
