@@ -555,7 +555,7 @@ pub fn cross_entropy_rows(
 }
 
 mod skinny;
-pub use skinny::{skinny_matmul, SKINNY_ROWS};
+pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
 
 #[cfg(test)]
 mod tests {

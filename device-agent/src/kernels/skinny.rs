@@ -28,10 +28,26 @@ const DOTS_PER_TASK: usize = 256;
 const SERIAL_MACS: usize = 1 << 15;
 
 multiversion! {
-    /// `out += x w` for one row `x` and a row-major `[x.len(), out.len()]` weight `w`.
+    /// `out += x w` for one row `x` and a row-major `[x.len(), out.len()]` weight `w`. Four
+    /// weight rows go through each output entry at once (one load and store of the entry per
+    /// four rows instead of per row), still added in row order, so the sums are those of one
+    /// row at a time bit for bit.
     fn axpy_rows(x: &[f32], w: &[f32], out: &mut [f32]) {
         let m = out.len();
-        for (&xk, row) in x.iter().zip(w.chunks_exact(m)) {
+        let (x4, x1) = x.split_at(x.len() / 4 * 4);
+        let (w4, w1) = w.split_at(x4.len() * m);
+        for (xs, rows) in x4.chunks_exact(4).zip(w4.chunks_exact(4 * m)) {
+            let (r0, rest) = rows.split_at(m);
+            let (r1, rest) = rest.split_at(m);
+            let (r2, r3) = rest.split_at(m);
+            for ((((a, &v0), &v1), &v2), &v3) in out.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+                let mut s = v0.mul_add(xs[0], *a);
+                s = v1.mul_add(xs[1], s);
+                s = v2.mul_add(xs[2], s);
+                *a = v3.mul_add(xs[3], s);
+            }
+        }
+        for (&xk, row) in x1.iter().zip(w1.chunks_exact(m)) {
             for (a, &v) in out.iter_mut().zip(row) {
                 *a = v.mul_add(xk, *a);
             }
@@ -106,6 +122,116 @@ fn contiguous(t: &Tensor<2>) -> Option<FlexTensor> {
     ft.is_contiguous().then_some(ft)
 }
 
+/// One weight of [`skinny_matmul_group`] as its tasks read it.
+enum Layout<'a> {
+    /// Row-major `[k, m]`: slabs of rows, each a partial output row.
+    Rows(&'a [f32]),
+    /// The transpose of a row-major `[m, k]` matrix: blocks of output entries.
+    Transposed(&'a [f32]),
+}
+
+/// One task of [`skinny_matmul_group`]: weight `w`, input row `r`, and the slab (rows of a
+/// row-major weight) or block of outputs (a transposed one) `part`.
+struct Task {
+    w: usize,
+    r: usize,
+    part: usize,
+}
+
+/// `x w_i` for each of `ws` in one parallel region: rayon's threads are woken once for the
+/// group (a decoded token's q, k and v, or gate and up) instead of once per product, and the
+/// group's tasks balance over the threads together. Every product is split and summed exactly
+/// as [`skinny_matmul`] does it alone, so the results are the same bit for bit. `None` when
+/// any product does not qualify for [`skinny_matmul`].
+pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tensor<2>>> {
+    let [n, k] = x.dims();
+    if n == 0 || n > SKINNY_ROWS || ws.is_empty() {
+        return None;
+    }
+    let mut flex = Vec::with_capacity(ws.len());
+    let mut widths = Vec::with_capacity(ws.len());
+    for w in ws {
+        let [wk, m] = w.dims();
+        if wk != k || m == 0 {
+            return None;
+        }
+        flex.push(match contiguous(w) {
+            Some(f) => (f, false),
+            None => (contiguous(&(*w).clone().transpose())?, true),
+        });
+        widths.push(m);
+    }
+    let xf = flex_f32(x)?;
+    let xs = slice(&xf);
+    let layouts: Vec<Layout> = flex
+        .iter()
+        .map(|(f, t)| {
+            if *t {
+                Layout::Transposed(slice(f))
+            } else {
+                Layout::Rows(slice(f))
+            }
+        })
+        .collect();
+    // A product below SERIAL_MACS is one task over all its rows, as `row_times` takes it.
+    let parts = |w: usize| -> usize {
+        let m = widths[w];
+        match layouts[w] {
+            Layout::Rows(_) if k * m < SERIAL_MACS => 1,
+            Layout::Rows(_) => k.div_ceil(ROWS_PER_TASK),
+            Layout::Transposed(_) => m.div_ceil(DOTS_PER_TASK),
+        }
+    };
+    let tasks: Vec<Task> = (0..ws.len())
+        .flat_map(|w| (0..n).flat_map(move |r| (0..parts(w)).map(move |part| Task { w, r, part })))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| {
+            let x = &xs[t.r * k..(t.r + 1) * k];
+            let m = widths[t.w];
+            match layouts[t.w] {
+                Layout::Rows(w) if k * m < SERIAL_MACS => {
+                    let mut p = vec![0.0f32; m];
+                    axpy_rows(x, w, &mut p);
+                    p
+                }
+                Layout::Rows(w) => {
+                    let lo = t.part * ROWS_PER_TASK;
+                    let hi = (lo + ROWS_PER_TASK).min(k);
+                    let mut p = vec![0.0f32; m];
+                    axpy_rows(&x[lo..hi], &w[lo * m..hi * m], &mut p);
+                    p
+                }
+                Layout::Transposed(e) => {
+                    let j0 = t.part * DOTS_PER_TASK;
+                    let mut o = vec![0.0f32; DOTS_PER_TASK.min(m - j0)];
+                    dot_rows(x, e, j0, &mut o);
+                    o
+                }
+            }
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = widths.iter().map(|&m| vec![0.0f32; n * m]).collect();
+    for (t, p) in tasks.iter().zip(&results) {
+        let m = widths[t.w];
+        let y = &mut outs[t.w][t.r * m..(t.r + 1) * m];
+        match layouts[t.w] {
+            Layout::Rows(_) => y.iter_mut().zip(p).for_each(|(a, &v)| *a += v),
+            Layout::Transposed(_) => {
+                let j0 = t.part * DOTS_PER_TASK;
+                y[j0..j0 + p.len()].copy_from_slice(p);
+            }
+        }
+    }
+    Some(
+        outs.into_iter()
+            .zip(&widths)
+            .map(|(v, &m)| wrap(v, [n, m]))
+            .collect(),
+    )
+}
+
 /// `x w` for `x` of at most [`SKINNY_ROWS`] rows, both flex f32 tensors without autodiff, `w`
 /// `[k, m]` either row-major or the transpose of a row-major `[m, k]` tensor (no copy is made
 /// of `w` in either case). `None` when any of that does not hold: the caller uses burn's matmul.
@@ -147,6 +273,26 @@ mod tests {
     }
 
     #[test]
+    fn four_rows_at_once_add_in_row_order() {
+        // 11 rows: two groups of four and three single rows; sums as one row at a time.
+        let (k, m) = (11, 37);
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..k * m).map(|i| (i as f32 * 0.11).cos() * 0.3).collect();
+        let mut want = vec![0.5f32; m];
+        for (&xk, row) in x.iter().zip(w.chunks_exact(m)) {
+            for (a, &v) in want.iter_mut().zip(row) {
+                *a = v.mul_add(xk, *a);
+            }
+        }
+        let mut got = vec![0.5f32; m];
+        axpy_rows(&x, &w, &mut got);
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn skinny_products_match_burn_for_both_layouts_and_decline_the_rest() {
         let dev = Device::flex();
         // Widths with and without a whole last chunk, serial and parallel sizes.
@@ -168,6 +314,27 @@ mod tests {
             let got = skinny_matmul(&x, &e.clone().transpose()).expect("transposed weight");
             let d = max_diff(got, x.clone().matmul(w));
             assert!(d < 1e-4, "[{n}x{k}] x [{m}x{k}]ᵀ: {d}");
+        }
+        // The group gives each product bit for bit as alone (serial and parallel sizes, both
+        // layouts, in one region).
+        let x = Tensor::<2>::random([2, 576], Distribution::Normal(0.0, 1.0), &dev);
+        let ws: Vec<Tensor<2>> = [1536, 192, 40]
+            .iter()
+            .map(|&m| Tensor::<2>::random([576, m], Distribution::Normal(0.0, 0.05), &dev))
+            .collect();
+        let e = Tensor::<2>::from_data(ws[0].clone().transpose().into_data(), &dev).transpose();
+        let group: Vec<&Tensor<2>> = ws.iter().chain([&e]).collect();
+        let got = skinny_matmul_group(&x, &group).expect("all qualify");
+        for (g, w) in got.into_iter().zip(&group) {
+            let alone = skinny_matmul(&x, w).expect("qualifies alone");
+            let (g, a): (Vec<f32>, Vec<f32>) = (
+                g.into_data().try_to_vec().unwrap(),
+                alone.into_data().try_to_vec().unwrap(),
+            );
+            assert_eq!(
+                g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
         let x = Tensor::<2>::random([5, 8], Distribution::Default, &dev);
         let w = Tensor::<2>::random([8, 8], Distribution::Default, &dev);

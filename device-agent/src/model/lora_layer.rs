@@ -124,10 +124,25 @@ fn proj_group_of<const N: usize>(
         quant::expect_q8(quant::matmul_tensors(&q8, x.clone()))
     }
     .into_iter();
+    // A decoded token's fp32 products of one input go through one parallel region.
+    let fp32: Vec<&Tensor<2>> = parts
+        .iter()
+        .filter_map(|(w, _)| match w {
+            Base::F32(m) => Some(*m),
+            Base::Bf16(_) | Base::Q8Fp32(_) | Base::Q8(_) => None,
+        })
+        .collect();
+    let mut fp32_out = if N > 1 && fp32.len() == N {
+        crate::kernels::skinny_matmul_group(&x, &fp32)
+    } else {
+        None
+    }
+    .map(Vec::into_iter);
     parts.map(|(w, _)| {
-        let base = match w {
-            Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_) => dense_product(x.clone(), w),
-            Base::Q8(_) => q8_out
+        let base = match (w, fp32_out.as_mut().and_then(Iterator::next)) {
+            (_, Some(grouped)) => grouped,
+            (Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_), None) => dense_product(x.clone(), w),
+            (Base::Q8(_), None) => q8_out
                 .next()
                 .expect("one quantized product per quantized base"),
         };
