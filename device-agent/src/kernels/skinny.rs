@@ -145,7 +145,7 @@ struct Task {
 /// any product does not qualify for [`skinny_matmul`].
 pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tensor<2>>> {
     let [n, k] = x.dims();
-    if n == 0 || n > SKINNY_ROWS || ws.is_empty() {
+    if n == 0 || n > SKINNY_ROWS || k == 0 || ws.is_empty() {
         return None;
     }
     let mut flex = Vec::with_capacity(ws.len());
@@ -173,12 +173,19 @@ pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tenso
             }
         })
         .collect();
-    // A product below SERIAL_MACS is one task over all its rows, as `row_times` takes it.
+    // Rows of a row-major weight per task: all of them below SERIAL_MACS, as `row_times`
+    // takes such a product in one pass.
+    let slab = |m: usize| {
+        if k * m < SERIAL_MACS {
+            k
+        } else {
+            ROWS_PER_TASK
+        }
+    };
     let parts = |w: usize| -> usize {
         let m = widths[w];
         match layouts[w] {
-            Layout::Rows(_) if k * m < SERIAL_MACS => 1,
-            Layout::Rows(_) => k.div_ceil(ROWS_PER_TASK),
+            Layout::Rows(_) => k.div_ceil(slab(m)),
             Layout::Transposed(_) => m.div_ceil(DOTS_PER_TASK),
         }
     };
@@ -191,14 +198,9 @@ pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tenso
             let x = &xs[t.r * k..(t.r + 1) * k];
             let m = widths[t.w];
             match layouts[t.w] {
-                Layout::Rows(w) if k * m < SERIAL_MACS => {
-                    let mut p = vec![0.0f32; m];
-                    axpy_rows(x, w, &mut p);
-                    p
-                }
                 Layout::Rows(w) => {
-                    let lo = t.part * ROWS_PER_TASK;
-                    let hi = (lo + ROWS_PER_TASK).min(k);
+                    let lo = t.part * slab(m);
+                    let hi = (lo + slab(m)).min(k);
                     let mut p = vec![0.0f32; m];
                     axpy_rows(&x[lo..hi], &w[lo * m..hi * m], &mut p);
                     p
