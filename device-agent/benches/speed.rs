@@ -210,8 +210,13 @@ fn profile(reps: usize) {
     println!(
         "Matmul ceiling on the step's shapes, GFLOP/s (contiguous operands, medians of {reps})"
     );
-    println!("| m x k x n | flex f32 | gemm crate f32, direct | flex f16 | flex bf16 |");
-    println!("|---|---|---|---|---|");
+    let kernels = device_agent::bf16::gemm::Kernel::all_usable();
+    let heads: String = kernels
+        .iter()
+        .map(|k| format!(" ours bf16 on {k}: packed per call / kernel alone |"))
+        .collect();
+    println!("| m x k x n | flex f32 | gemm crate f32, direct | flex f16 | flex bf16 |{heads}");
+    println!("|---|---|---|---|---|{}", "---|".repeat(kernels.len()));
     let (n, d, f, v) = (1024, base.config.d_model, base.config.ffn_dim, 8192);
     for (m, k, nn) in [
         (n, d, d),
@@ -226,8 +231,46 @@ fn profile(reps: usize) {
         let direct = gemm_direct_gflops(m, k, nn, reps);
         let h = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F16, reps, &device);
         let b = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::BF16, reps, &device);
-        println!("| {m} x {k} x {nn} | {fl:.0} | {direct:.0} | {h:.0} | {b:.0} |");
+        let ours: String = kernels
+            .iter()
+            .map(|&kern| {
+                let (per_call, alone) = ours_bf16_gflops(kern, m, k, nn, reps);
+                format!(" {per_call:.0} / {alone:.0} |")
+            })
+            .collect();
+        println!("| {m} x {k} x {nn} | {fl:.0} | {direct:.0} | {h:.0} | {b:.0} |{ours}");
     }
+}
+
+/// Our bf16 product on `kernel` (`x w`, `w` of `k x n`), GFLOP/s: as a step runs it (the weight
+/// rounded and packed in each call) and the kernel alone on a weight packed once.
+fn ours_bf16_gflops(
+    kernel: device_agent::bf16::gemm::Kernel,
+    m: usize,
+    k: usize,
+    n: usize,
+    reps: usize,
+) -> (f64, f64) {
+    use device_agent::bf16::gemm::{matmul_on, Layout, PackedB};
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
+    let w: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut c = vec![0f32; m * n];
+    let packed = PackedB::pack(&w, k, n, Layout::Plain);
+    let flops = 2.0 * (m * k * n) as f64;
+    let mut time = |pack: bool| {
+        let t0 = Instant::now();
+        if pack {
+            let p = PackedB::pack(&w, k, n, Layout::Plain);
+            matmul_on(kernel, &a, m, &p, &mut c);
+        } else {
+            matmul_on(kernel, &a, m, &packed, &mut c);
+        }
+        t0.elapsed().as_secs_f64()
+    };
+    time(true);
+    let per_call = median((0..reps.max(3)).map(|_| time(true)).collect());
+    let alone = median((0..reps.max(3)).map(|_| time(false)).collect());
+    (flops / per_call / 1e9, flops / alone / 1e9)
 }
 
 /// The `gemm` crate (the one the flex backend calls) on row-major f32 buffers, all threads.
@@ -443,6 +486,10 @@ fn bf16_rows(base: &device_agent::model::Llama, batch: &train::Batch, ids: &[u32
         println!("| bf16 rows | not run | | | {} |", why.unwrap_or("fp32"));
         return;
     }
+    let kernel = device_agent::bf16::gemm::Kernel::detect().expect("bf16 resolved");
+    println!(
+        "| bf16 products on | {kernel} | | | `FEDSPINE_ISA=avx512` keeps them off AMX tiles |"
+    );
     for (name, kept) in [
         ("dense", KeptIndices::dense(&base.config)),
         ("pruned 50% MLP, 1/3 heads", half_mlp_two_thirds_heads(base)),

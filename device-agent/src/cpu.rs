@@ -2,7 +2,8 @@
 //! vector instruction set our own kernels take ([`Isa`]: AVX-512F, AVX2+FMA, NEON or portable)
 //! and the int8 dot-product path of the quantized kernels ([`DotPath`]). Detected once per
 //! process. `FEDSPINE_ISA=avx512|avx2|portable` caps what our kernels use (to measure and test
-//! the AVX2 path on an AVX-512 host); it does not cap burn's own matmul, which picks its
+//! the AVX2 path on an AVX-512 host); any cap, `avx512` included, also keeps the bf16 products
+//! off AMX tiles ([`crate::bf16::amx`]). It does not cap burn's own matmul, which picks its
 //! instructions itself.
 
 use std::fmt;

@@ -56,6 +56,8 @@ pub fn score_rows(
     let mut correct = 0;
     let mut count = 0;
     let mut start = 0;
+    // With bf16 products the head is rounded and packed once for all chunks.
+    let packed = model.bf16_head();
     while start < n {
         let len = LOGIT_CHUNK_ROWS.min(n - start);
         let rows: Vec<usize> = (start..start + len)
@@ -67,7 +69,11 @@ pub fn score_rows(
                 0,
                 Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &model.device),
             );
-            let logits = model.logits(sel.reshape([rows.len(), d]));
+            let sel = sel.reshape([rows.len(), d]);
+            let logits = match packed.as_ref().and_then(|p| p.logits(&sel)) {
+                Some(logits) => logits,
+                None => model.logits(sel),
+            };
             let tgt: Vec<i64> = rows
                 .iter()
                 .map(|&r| targets[r].unwrap_or(0) as i64)

@@ -466,7 +466,7 @@ pub(crate) fn swiglu_grad_into(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32],
 }
 
 /// The tensor's f32 buffer when it lives on flex without autodiff, made contiguous.
-fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
+pub(crate) fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
     if t.is_autodiff() || t.dtype() != DType::F32 {
         return None;
     }
@@ -478,7 +478,7 @@ fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
     })
 }
 
-fn slice(ft: &FlexTensor) -> &[f32] {
+pub(crate) fn slice(ft: &FlexTensor) -> &[f32] {
     let (a, b) = ft
         .layout()
         .contiguous_offsets()
@@ -486,7 +486,7 @@ fn slice(ft: &FlexTensor) -> &[f32] {
     &ft.storage::<f32>()[a..b]
 }
 
-fn wrap<const D: usize>(v: Vec<f32>, dims: [usize; D]) -> Tensor<D> {
+pub(crate) fn wrap<const D: usize>(v: Vec<f32>, dims: [usize; D]) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(v, dims)))
 }
 

@@ -215,6 +215,9 @@ impl Llama {
         if let Some(why) = why {
             eprintln!("precision: {why}");
         }
+        if let (Precision::Bf16, Some(kernel)) = (p, crate::bf16::gemm::Kernel::detect()) {
+            eprintln!("precision: bf16 products on {kernel}");
+        }
         Ok(p)
     }
 
@@ -530,6 +533,15 @@ impl Llama {
             x = x + swiglu_proj(g, u, w(Proj::Down), lora(Proj::Down));
         }
         x
+    }
+
+    /// With bf16 products on an fp32 base, the LM head rounded and packed once, for callers
+    /// that take logits over many row chunks (the training loss, scoring); `None` otherwise.
+    pub fn bf16_head(&self) -> Option<bf16::PackedHead> {
+        if self.precision != Precision::Bf16 || self.quant.is_some() {
+            return None;
+        }
+        bf16::PackedHead::new(&self.head_rows())
     }
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.

@@ -15,6 +15,8 @@ same shapes, same thread count, medians after one warm-up:
 
 Usage (in a virtual environment with torch, transformers, peft, gguf):
   python scripts/peers/pytorch_speed.py [--threads 2] [--reps 3] [--model PATH.gguf]
+  python scripts/peers/pytorch_speed.py --bf16 [--reps 3]   # LoRA steps only: fp32 and bf16
+                                                           # autocast, alternating in pairs
 The model defaults to `$FEDSPINE_CACHE` (or ~/.cache/fedspine) as `device-agent fetch` left it.
 """
 
@@ -109,7 +111,9 @@ def pruned_copy(model):
     return small
 
 
-def lora_step_time(model, ids, reps):
+def lora_step_time(model, ids, reps, bf16=False):
+    """Median seconds of one LoRA step; `bf16` runs the forward and the loss under CPU bf16
+    autocast (the frozen products in bf16, as the issue's 438 tok/s peer figure)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -126,8 +130,11 @@ def lora_step_time(model, ids, reps):
     y = ids[:, 1:].contiguous()
 
     def step():
-        out = peft_model(input_ids=x)
-        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = peft_model(input_ids=x)
+            loss = torch.nn.functional.cross_entropy(
+                out.logits.reshape(-1, out.logits.shape[-1]).float(), y.reshape(-1)
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -144,6 +151,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--memory-only", action="store_true", help="only the dense step, for its peak RSS")
+    ap.add_argument("--bf16", action="store_true", help="only the LoRA steps, fp32 and bf16 autocast alternating")
     args = ap.parse_args()
 
     import torch
@@ -161,6 +169,17 @@ def main():
     if args.memory_only:
         s = lora_step_time(model, ids, 1)
         print(f"| LoRA r16 step, b4 x s256, fp32, dense | {1024 / s:.0f} tok/s ({s:.2f} s/step) | peak RSS {peak_rss_mib():.0f} MiB |")
+        return
+
+    if args.bf16:
+        pruned = pruned_copy(model)
+        print("| workload | PyTorch | unit |")
+        print("|---|---|---|")
+        for name, m in [("dense", model), ("pruned 50% MLP, 1/3 heads", pruned)]:
+            for r in range(args.reps):
+                for label, flag in [("fp32", False), ("bf16 autocast", True)]:
+                    s = lora_step_time(m, ids, 1, bf16=flag)
+                    print(f"| LoRA r16 step, b4 x s256, {label}, {name} (pair {r + 1}) | {1024 / s:.0f} | tok/s ({s:.2f} s/step) |")
         return
 
     print("| workload | PyTorch | unit |")

@@ -9,13 +9,18 @@
 //! `b[2p+1][j]` (high half), 32 words per pair (two vectors). `a` is rounded row by row into
 //! bf16, which in memory is already its pairs (`a[r][2p]`, `a[r][2p+1]` adjacent); the kernel
 //! broadcasts one pair of row `r` to every lane and multiplies it into both vectors of the panel.
-//! An odd reduced dimension is padded with a zero; a ragged last panel with zero columns (stored
-//! under a mask); a ragged last group of rows reuses the last row (its results are not stored).
+//! The reduced dimension is padded with zero pairs to a multiple of 16 pairs (the AMX kernel's
+//! step; an odd `k` pads half a pair); a ragged last panel with zero columns (stored under a
+//! mask); a ragged last group of rows reuses the last row (its results are not stored), and the
+//! rounded rows are padded with zero rows to a multiple of 32 for the AMX kernel's loads.
 //!
 //! A micro-tile is [`MR`] = 8 rows by 32 columns: 16 accumulators, two panel loads and eight
 //! broadcasts per pair, over the whole reduced dimension (no blocking along it: the shapes of a
 //! 135M-parameter model keep a tile's rows of `a`, at most 8 x 1536 bf16, in L1). Work is split
 //! over rayon's threads by blocks of rows and groups of panels.
+//!
+//! Where the CPU has AMX tiles and Linux permits them, the same packed operands go through
+//! [`super::amx`]'s 32 x 32 blocks instead ([`Kernel`], chosen once per process).
 //!
 //! [`reference`] computes the same products one at a time in fp32 from the same rounded values:
 //! the tests hold the SIMD kernel to it, and a machine without the instructions never calls the
@@ -27,6 +32,8 @@
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused, unused_unsafe))]
 
 use rayon::prelude::*;
+
+use super::amx;
 
 /// Output columns per packed panel (two 16-lane vectors).
 pub const NR: usize = 32;
@@ -85,6 +92,19 @@ impl PackedB {
     /// Pack `w` (`rows x cols`, row-major) for products of the given layout: `Transposed` reads
     /// it as `[n][k]`, `Plain` as `[k][n]`.
     pub fn pack(w: &[f32], rows: usize, cols: usize, layout: Layout) -> PackedB {
+        PackedB::pack_into(Vec::new(), w, rows, cols, layout)
+    }
+
+    /// [`PackedB::pack`] into the allocation of `words`, whose contents are overwritten, never
+    /// read: a caller packing weight after weight reuses one buffer ([`PackedB::into_words`])
+    /// and pays neither the allocation nor the zeroing again.
+    pub fn pack_into(
+        mut words: Vec<u32>,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        layout: Layout,
+    ) -> PackedB {
         assert_eq!(
             w.len(),
             rows * cols,
@@ -95,9 +115,10 @@ impl PackedB {
             Layout::Transposed => (cols, rows),
             Layout::Plain => (rows, cols),
         };
-        let pairs = k.div_ceil(2);
+        let pairs = padded_pairs(k);
         let panels = n.div_ceil(NR);
-        let mut words = vec![0u32; panels * pairs * NR];
+        set_len(&mut words, panels * pairs * NR);
+        // Each panel function writes every word of its panel, padding included.
         words
             .par_chunks_mut(pairs * NR)
             .enumerate()
@@ -106,6 +127,11 @@ impl PackedB {
                 Layout::Plain => pack_plain(w, k, n, q, panel),
             });
         PackedB { k, n, pairs, words }
+    }
+
+    /// The buffer, for [`PackedB::pack_into`] to reuse.
+    pub fn into_words(self) -> Vec<u32> {
+        self.words
     }
 
     fn panel(&self, q: usize) -> &[u32] {
@@ -117,18 +143,55 @@ impl PackedB {
     }
 }
 
-/// `a` (`m x k`, row-major) rounded to bf16, one row of `pairs` words each.
-fn round_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
-    let pairs = k.div_ceil(2);
-    let mut out = vec![0u32; m * pairs];
-    out.par_chunks_mut(pairs * ROUND_ROWS)
+/// Pairs of the reduced dimension as stored: `k / 2` rounded up, then up to a whole tile step of
+/// the AMX kernel (the padding is zeros on both sides, so it adds nothing to any sum).
+fn padded_pairs(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(amx::STEP_PAIRS)
+}
+
+/// `v` at length `len`, keeping its allocation; new words are zero, old ones keep stale values
+/// for the caller to overwrite (only growth pays for zeroing).
+fn set_len(v: &mut Vec<u32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0);
+    } else {
+        v.truncate(len);
+    }
+}
+
+/// `a` (`m x k`, row-major) rounded to bf16 into `out` (its contents overwritten, never read),
+/// one row of [`padded_pairs`] words each, and zero rows up to a multiple of the AMX block's rows
+/// (its loads read whole blocks).
+fn round_rows_into(out: &mut Vec<u32>, a: &[f32], m: usize, k: usize) {
+    let pairs = padded_pairs(k);
+    let real = k.div_ceil(2);
+    set_len(out, m.next_multiple_of(amx::BLOCK_ROWS) * pairs);
+    let (body, pad) = out.split_at_mut(m * pairs);
+    pad.fill(0);
+    body.par_chunks_mut(pairs * ROUND_ROWS)
         .zip(a.par_chunks(k * ROUND_ROWS))
         .for_each(|(dst, src)| {
             for (d, s) in dst.chunks_mut(pairs).zip(src.chunks(k)) {
+                let (d, tail) = d.split_at_mut(real);
                 round_row(s, d);
+                tail.fill(0);
             }
         });
+}
+
+/// [`round_rows_into`] a new buffer.
+fn round_rows(a: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    round_rows_into(&mut out, a, m, k);
     out
+}
+
+thread_local! {
+    /// A thread's buffers for products that round and pack per call ([`product`]): the rounded
+    /// rows and the packed weight. Taken out while in use, so a product that starts while
+    /// another waits on the same thread (rayon may run one inside the other's wait) gets fresh
+    /// buffers instead of a conflict.
+    static SCRATCH: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// Rows of `a` rounded by one task.
@@ -160,6 +223,9 @@ fn round_row(src: &[f32], dst: &mut [u32]) {
 fn pack_plain(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
     let j0 = q * NR;
     let cols = (n - j0).min(NR);
+    // Pairs past the weight's rows are zero (padding).
+    let (panel, pad) = panel.split_at_mut(k.div_ceil(2) * NR);
+    pad.fill(0);
     #[cfg(target_arch = "x86_64")]
     if available() {
         for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
@@ -175,6 +241,7 @@ fn pack_plain(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
         return;
     }
     for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+        out[cols..].fill(0);
         for (jj, o) in out.iter_mut().enumerate().take(cols) {
             let j = j0 + jj;
             let lo = bf16_bits(w[2 * p * n + j]) as u32;
@@ -192,6 +259,7 @@ fn pack_plain(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
 /// `(w[j][2p], w[j][2p+1])`, adjacent in row `j`; each row is rounded whole, then the panel's
 /// rows are turned into its pairs.
 fn pack_transposed(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
+    // Pairs past the weight's columns are zero (padding), as are columns past `n`.
     let pairs = k.div_ceil(2);
     let j0 = q * NR;
     let cols = (n - j0).min(NR);
@@ -199,8 +267,11 @@ fn pack_transposed(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
     for (jj, dst) in rows.chunks_exact_mut(pairs).enumerate() {
         round_row(&w[(j0 + jj) * k..][..k], dst);
     }
-    for p in 0..pairs {
-        let out = &mut panel[p * NR..][..cols];
+    let (panel, pad) = panel.split_at_mut(pairs * NR);
+    pad.fill(0);
+    for (p, out) in panel.chunks_exact_mut(NR).enumerate() {
+        let (out, rest) = out.split_at_mut(cols);
+        rest.fill(0);
         for (jj, o) in out.iter_mut().enumerate() {
             *o = rows[jj * pairs + p];
         }
@@ -218,30 +289,122 @@ unsafe impl Send for OutPtr {}
 #[allow(unsafe_code)]
 unsafe impl Sync for OutPtr {}
 
+/// The micro-kernel that runs the bf16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles, `tdpbf16ps` ([`super::amx`]): 32 x 32 blocks.
+    AmxTiles,
+    /// AVX-512-BF16 `vdpbf16ps`: 8 x 32 tiles.
+    Avx512Bf16,
+}
+
+impl Kernel {
+    /// The fastest kernel this process may use, `None` without AVX-512-BF16 (see [`available`]).
+    pub fn detect() -> Option<Kernel> {
+        if !available() {
+            None
+        } else if amx::usable() {
+            Some(Kernel::AmxTiles)
+        } else {
+            Some(Kernel::Avx512Bf16)
+        }
+    }
+
+    /// Every kernel this process may use (the tests run each).
+    pub fn all_usable() -> Vec<Kernel> {
+        match Kernel::detect() {
+            None => vec![],
+            Some(Kernel::AmxTiles) => vec![Kernel::AmxTiles, Kernel::Avx512Bf16],
+            Some(Kernel::Avx512Bf16) => vec![Kernel::Avx512Bf16],
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernel::AmxTiles => "AMX tiles (tdpbf16ps)",
+            Kernel::Avx512Bf16 => "AVX-512-BF16 (vdpbf16ps)",
+        })
+    }
+}
+
 /// `out = a * b` with `a` of `m x k` (row-major fp32, rounded to bf16 here) and `b` packed;
-/// `out` is `m x n` row-major. Panics unless [`available`] (the caller checks it once).
+/// `out` is `m x n` row-major, on the fastest kernel here. Panics unless [`available`] (the
+/// caller checks it once).
 pub fn matmul(a: &[f32], m: usize, b: &PackedB, out: &mut [f32]) {
-    let (k, n) = (b.k, b.n);
-    assert_eq!(
-        a.len(),
-        m * k,
-        "left operand: {} values for {m} x {k}",
-        a.len()
-    );
+    let kernel = Kernel::detect().expect("bf16 matmul called on a CPU without AVX-512-BF16");
+    matmul_on(kernel, a, m, b, out);
+}
+
+/// [`matmul`] on a given kernel. Panics if this process may not use it.
+pub fn matmul_on(kernel: Kernel, a: &[f32], m: usize, b: &PackedB, out: &mut [f32]) {
+    check(kernel, a, m, b);
     assert_eq!(
         out.len(),
-        m * n,
-        "output: {} values for {m} x {n}",
-        out.len()
+        m * b.n,
+        "output: {} values for {m} x {}",
+        out.len(),
+        b.n
+    );
+    let rows = round_rows(a, m, b.k);
+    run(kernel, &rows, m, b, OutPtr(out.as_mut_ptr()));
+}
+
+/// `x w` (`Layout::Plain`, `w` is `rows x cols` = `[k][n]`) or `x w^T` (`Layout::Transposed`,
+/// `[n][k]`) into a new `m x n` buffer, with `w` rounded and packed in this call, on the fastest
+/// kernel here: what a frozen weight's product does in a training step. The rounded rows and the
+/// packed weight live in this thread's scratch buffers, so a step's many products allocate and
+/// zero only their outputs. Panics unless [`available`].
+pub fn product(
+    a: &[f32],
+    m: usize,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+) -> Vec<f32> {
+    let kernel = Kernel::detect().expect("bf16 product called on a CPU without AVX-512-BF16");
+    let (mut rounded, words) = SCRATCH.with(|c| c.take());
+    let b = PackedB::pack_into(words, w, rows, cols, layout);
+    check(kernel, a, m, &b);
+    round_rows_into(&mut rounded, a, m, b.k);
+    let len = m * b.n;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    run(kernel, &rounded, m, &b, OutPtr(out.as_mut_ptr()));
+    // SAFETY: `run` wrote every one of the `m x n` cells (each task writes all the cells of its
+    // block of rows and run of panels, and the tasks cover the output), and `len` is within the
+    // capacity.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(len);
+    }
+    SCRATCH.with(|c| c.set((rounded, b.into_words())));
+    out
+}
+
+/// The checks every product makes before it runs.
+fn check(kernel: Kernel, a: &[f32], m: usize, b: &PackedB) {
+    assert_eq!(
+        a.len(),
+        m * b.k,
+        "left operand: {} values for {m} x {}",
+        a.len(),
+        b.k
     );
     assert!(
-        available(),
-        "bf16 matmul called on a CPU without AVX-512-BF16"
+        Kernel::all_usable().contains(&kernel),
+        "bf16 matmul on {kernel}, which this process may not use"
     );
+}
+
+/// The product of rounded rows (`m` of them, padded as [`round_rows_into`] leaves them) and a
+/// packed weight into the `m x n` cells at `dst`, every cell written once.
+fn run(kernel: Kernel, rows: &[u32], m: usize, b: &PackedB, dst: OutPtr) {
+    let n = b.n;
     if m == 0 || n == 0 {
         return;
     }
-    let rows = round_rows(a, m, k);
     let pairs = b.pairs;
     let panels = b.panels();
     let row_blocks = m.div_ceil(ROW_BLOCK);
@@ -250,39 +413,94 @@ pub fn matmul(a: &[f32], m: usize, b: &PackedB, out: &mut [f32]) {
     let groups = (4 * threads).div_ceil(row_blocks).clamp(1, panels);
     let per_group = panels.div_ceil(groups);
     let groups = panels.div_ceil(per_group);
-    let dst = OutPtr(out.as_mut_ptr());
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let r0 = rb * ROW_BLOCK;
         let r1 = (r0 + ROW_BLOCK).min(m);
-        for q in g * per_group..((g + 1) * per_group).min(panels) {
-            let cols = (n - q * NR).min(NR);
-            let panel = b.panel(q);
-            let mut r = r0;
-            while r < r1 {
-                let tile_rows = (r1 - r).min(MR);
-                // SAFETY: `available()` was checked above; the tile reads rows `r..r+tile_rows`
-                // of `rows` (each `pairs` words) and one panel of `pairs * NR` words, and writes
-                // `tile_rows x cols` cells starting at (r, q * NR) of the `m x n` output, which no
-                // other task writes.
-                #[allow(unsafe_code)]
-                unsafe {
-                    #[cfg(target_arch = "x86_64")]
-                    x86::tile(
-                        rows.as_ptr().add(r * pairs),
-                        pairs,
-                        tile_rows,
-                        panel.as_ptr(),
-                        dst.0.add(r * n + q * NR),
-                        n,
-                        cols,
-                    );
+        let block = r0..r1;
+        let run = g * per_group..((g + 1) * per_group).min(panels);
+        match kernel {
+            Kernel::AmxTiles => amx_task(rows, b, block, run, dst, n),
+            Kernel::Avx512Bf16 => {
+                for q in run {
+                    let cols = (n - q * NR).min(NR);
+                    let panel = b.panel(q);
+                    let mut r = r0;
+                    while r < r1 {
+                        let tile_rows = (r1 - r).min(MR);
+                        // SAFETY: the kernel is usable (checked by the caller); the tile reads
+                        // rows `r..r+tile_rows` of `rows` (each `pairs` words) and one panel of
+                        // `pairs * NR` words, and writes `tile_rows x cols` cells starting at
+                        // (r, q * NR) of the `m x n` output, which no other task writes.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            #[cfg(target_arch = "x86_64")]
+                            x86::tile(
+                                rows.as_ptr().add(r * pairs),
+                                pairs,
+                                tile_rows,
+                                panel.as_ptr(),
+                                dst.0.add(r * n + q * NR),
+                                n,
+                                cols,
+                            );
+                        }
+                        r += tile_rows;
+                    }
                 }
-                r += tile_rows;
             }
         }
     });
+}
+
+/// One task on AMX tiles: rows `block` of the output (a multiple of the AMX block's rows from
+/// its start) times the panels `run`.
+fn amx_task(
+    rows: &[u32],
+    b: &PackedB,
+    block: std::ops::Range<usize>,
+    run: std::ops::Range<usize>,
+    dst: OutPtr,
+    n: usize,
+) {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        let pairs = b.pairs;
+        // SAFETY: `matmul_on` checked that AMX is usable in this process.
+        #[allow(unsafe_code)]
+        let _tiles = unsafe { amx::Tiles::configure() };
+        for q in run {
+            let cols = (n - q * NR).min(NR);
+            let panel = b.panel(q);
+            for r in block.clone().step_by(amx::BLOCK_ROWS) {
+                let valid = (block.end - r).min(amx::BLOCK_ROWS);
+                debug_assert!(rows.len() >= (r + amx::BLOCK_ROWS) * pairs);
+                // SAFETY: this thread holds the tiles; `rows` is padded with zero rows to a
+                // multiple of the block's 32 rows and `pairs` to a multiple of 16 (`round_rows`,
+                // `padded_pairs`), so the block's loads stay inside it and inside the panel; it
+                // writes `valid x cols` cells at (r, q * NR) of the `m x n` output, which no other
+                // task writes.
+                #[allow(unsafe_code)]
+                unsafe {
+                    amx::block(
+                        rows.as_ptr().add(r * pairs),
+                        pairs,
+                        panel.as_ptr(),
+                        dst.0.add(r * n + q * NR),
+                        n,
+                        valid,
+                        cols,
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        let _ = (rows, b, block, run, dst, n);
+        unreachable!("AMX tiles are never usable off x86-64 Linux");
+    }
 }
 
 /// The same product one multiply-add at a time in fp32, from the same bf16-rounded inputs (the
@@ -479,6 +697,43 @@ mod tests {
         assert_eq!(got[50] >> 16, 0, "odd length pads with 0");
     }
 
+    /// A per-call product reuses this thread's buffers: after a large product of large values, a
+    /// smaller ragged one (odd k, n off the panel, m off the block) must see none of them, in
+    /// its padding or its ragged columns.
+    #[test]
+    fn reused_buffers_leave_nothing_behind() {
+        if !available() {
+            return;
+        }
+        let big = values(200 * 700, 3)
+            .iter()
+            .map(|v| v * 1e3)
+            .collect::<Vec<_>>();
+        let wbig = values(700 * 300, 4)
+            .iter()
+            .map(|v| v * 1e3)
+            .collect::<Vec<_>>();
+        for layout in [Layout::Plain, Layout::Transposed] {
+            let (m, k, n) = (37, 41, 45);
+            let _ = product(&big, 200, &wbig, 700, 300, Layout::Plain);
+            let a = values(m * k, 5);
+            let w = values(k * n, 6);
+            let (rows, cols) = match layout {
+                Layout::Transposed => (n, k),
+                Layout::Plain => (k, n),
+            };
+            let got = product(&a, m, &w, rows, cols, layout);
+            let mut want = vec![0f32; m * n];
+            reference(&a, m, &PackedB::pack(&w, rows, cols, layout), &mut want);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * k as f32,
+                    "{layout:?} cell {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
     /// Both layouts, ragged shapes (odd k, n off the panel, m off the tile), against the
     /// reference and against the fp32 product within bf16's rounding.
     #[test]
@@ -489,6 +744,8 @@ mod tests {
             (8, 64, 32),
             (13, 33, 47),
             (70, 130, 97),
+            (64, 64, 64),
+            (96, 600, 70),
         ] {
             let a = values(m * k, 1 + m as u32);
             let w = values(n * k, 7 + n as u32);
@@ -521,17 +778,16 @@ mod tests {
                         );
                     }
                 }
-                if !available() {
-                    continue;
-                }
-                let mut got = vec![f32::NAN; m * n];
-                matmul(&a, m, &b, &mut got);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    // Same products; only the order of the fp32 additions differs.
-                    assert!(
-                        (g - w).abs() <= 1e-5 * k as f32,
-                        "{m}x{k}x{n} {layout:?} cell {i}: kernel {g}, reference {w}"
-                    );
+                for kernel in Kernel::all_usable() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_on(kernel, &a, m, &b, &mut got);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        // Same products; only the order of the fp32 additions differs.
+                        assert!(
+                            (g - w).abs() <= 1e-5 * k as f32,
+                            "{m}x{k}x{n} {layout:?} {kernel} cell {i}: kernel {g}, reference {w}"
+                        );
+                    }
                 }
             }
         }

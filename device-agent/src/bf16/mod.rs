@@ -1,6 +1,7 @@
 //! bf16 matrix products for the frozen base (`--precision bf16`): the projections' and the tied
 //! LM head's products, forward and input gradient, round their operands to bf16 and accumulate
-//! in fp32 on the CPU's bf16 dot-product instructions ([`gemm`]); the LoRA factors, their
+//! in fp32 on the CPU's bf16 instructions ([`gemm`]: AMX tiles where the CPU has them and the
+//! kernel permits them, [`amx`], else AVX-512-BF16 dot products); the LoRA factors, their
 //! gradients, the optimiser and the loss stay fp32, and the weights themselves stay fp32 in
 //! memory (pruning, scoring and export read them), rounded per product.
 //!
@@ -9,6 +10,7 @@
 //! the flex backend on a CPU with AVX-512-BF16; [`Precision::resolve`] turns a request for bf16
 //! anywhere else into fp32 and says why, once, before any work starts.
 
+pub mod amx;
 pub mod gemm;
 
 use std::fmt;
@@ -126,9 +128,7 @@ impl Bf16Backend for Flex {
         );
         let xs = x.as_slice::<f32>().expect("contiguous f32");
         let ws = w.as_slice::<f32>().expect("contiguous f32");
-        let packed = PackedB::pack(ws, wr, wc, layout);
-        let mut out = vec![0f32; m * n];
-        gemm::matmul(xs, m, &packed, &mut out);
+        let out = gemm::product(xs, m, ws, wr, wc, layout);
         FlexTensor::from_data(TensorData::new(out, [m, n]))
     }
 }
@@ -179,6 +179,56 @@ impl<B: Backend + Bf16Backend, C: CheckpointStrategy> Bf16Backend for Autodiff<B
                 transposed,
             )),
         }
+    }
+}
+
+/// The tied LM head `[vocab, d]` rounded and packed once for the training loss's row chunks
+/// ([`crate::train::loss`]): logits `x h^T` and input gradients `g h`, both with bf16 operands.
+/// The loss works outside the autodiff graph, on untracked flex tensors. Packing once per loss
+/// rather than per chunk matters here: the head is 28M values and the loss takes it in chunks of
+/// 128 rows, twice each.
+pub struct PackedHead {
+    /// `h` read as `[vocab][d]` for `x h^T`.
+    logits: PackedB,
+    /// `h` read as `[k = vocab][n = d]` for `g h`.
+    grads: PackedB,
+    vocab: usize,
+    d: usize,
+}
+
+impl PackedHead {
+    /// `None` unless `head` is an untracked flex f32 matrix.
+    pub fn new(head: &Tensor<2>) -> Option<PackedHead> {
+        let ft = crate::kernels::flex_f32(head)?;
+        let [vocab, d] = head.dims();
+        let h = crate::kernels::slice(&ft);
+        Some(PackedHead {
+            logits: PackedB::pack(h, vocab, d, Layout::Transposed),
+            grads: PackedB::pack(h, vocab, d, Layout::Plain),
+            vocab,
+            d,
+        })
+    }
+
+    /// Logits `x h^T` (`x` `[m, d]`, untracked flex f32), `None` otherwise.
+    pub fn logits(&self, x: &Tensor<2>) -> Option<Tensor<2>> {
+        self.product(x, self.d, &self.logits, self.vocab)
+    }
+
+    /// The loss's gradient with respect to the hidden rows, `g h` (`g` `[m, vocab]`).
+    pub fn input_grad(&self, g: &Tensor<2>) -> Option<Tensor<2>> {
+        self.product(g, self.vocab, &self.grads, self.d)
+    }
+
+    fn product(&self, x: &Tensor<2>, k: usize, b: &PackedB, n: usize) -> Option<Tensor<2>> {
+        let [m, xk] = x.dims();
+        if xk != k {
+            return None;
+        }
+        let ft = crate::kernels::flex_f32(x)?;
+        let mut out = vec![0f32; m * n];
+        gemm::matmul(crate::kernels::slice(&ft), m, b, &mut out);
+        Some(crate::kernels::wrap(out, [m, n]))
     }
 }
 

@@ -57,14 +57,22 @@ pub fn chunked_ce(
     // [vocab, d]: a Q8_0 head dequantized a chunk of rows at a time, or fp32 rows.
     let q8_head = model.q8_fp32_head();
     let head = q8_head.is_none().then(|| model.head_rows());
+    // With bf16 products the head is rounded and packed once for all chunks.
+    let packed = head.as_ref().and_then(|_| model.bf16_head());
     let head_product = |hc: Tensor<2>| match (q8_head, &head) {
         (Some(w), _) => crate::quant::frozen::logits(hc, w),
-        (None, Some(h)) => hc.matmul(h.clone().transpose()),
+        (None, Some(h)) => match packed.as_ref().and_then(|p| p.logits(&hc)) {
+            Some(logits) => logits,
+            None => hc.matmul(h.clone().transpose()),
+        },
         (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };
     let head_backward = |dlogits: Tensor<2>| match (q8_head, &head) {
         (Some(w), _) => crate::quant::frozen::logits_backward(dlogits, w),
-        (None, Some(h)) => dlogits.matmul(h.clone()),
+        (None, Some(h)) => match packed.as_ref().and_then(|p| p.input_grad(&dlogits)) {
+            Some(dh) => dh,
+            None => dlogits.matmul(h.clone()),
+        },
         (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };
     let mut nll = 0.0;
