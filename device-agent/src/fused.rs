@@ -1,7 +1,7 @@
 //! Operations with a hand-written backward pass on the flex CPU backend (plain and under
 //! autodiff), written so that a LoRA step keeps only what its gradients need: softmax, SwiGLU,
 //! causal attention, and the LoRA `A` products of a normed input and of SwiGLU's output. Values
-//! come from the vectorised passes of [`crate::kernels`] and flex's own matrix products.
+//! come from the vectorised passes of [`crate::kernels`] and its fp32 products ([`kernels::flex_matmul`]).
 //!
 //! Built from burn's primitives, a block kept for the backward pass: the attention scores, the
 //! probabilities and a second copy of them, keys and values copied out per query head, `silu(g)`
@@ -109,7 +109,7 @@ fn causal_probs(q: &FlexTensor, k: &FlexTensor, seq: usize) -> (FlexTensor, f32)
     );
     let (rows, keys, hd) = (qs[2], ks[2], qs[3]);
     let scale = 1.0 / (hd as f32).sqrt();
-    let scores = contiguous(Flex::float_matmul(
+    let scores = contiguous(kernels::flex_matmul(
         q.clone(),
         Flex::float_swap_dims(k.clone(), 2, 3),
     ));
@@ -145,16 +145,16 @@ impl FusedBackend for Flex {
         a: FlexTensor,
         _eps: f64,
     ) -> FlexTensor {
-        Flex::float_matmul(h, a)
+        kernels::flex_matmul(h, a)
     }
 
     fn swiglu_matmul(act: FlexTensor, _g: FlexTensor, _u: FlexTensor, a: FlexTensor) -> FlexTensor {
-        Flex::float_matmul(act, a)
+        kernels::flex_matmul(act, a)
     }
 
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, seq: usize) -> FlexTensor {
         let (p, _) = causal_probs(&q, &k, seq);
-        Flex::float_matmul(p, v)
+        kernels::flex_matmul(p, v)
     }
 
     fn softmax_last(s: FlexTensor) -> FlexTensor {
@@ -256,11 +256,11 @@ impl Backward<Flex, 2> for RecomputingProduct {
         let (recipe, a) = ops.state;
         if let Some(node) = node_a {
             let x = recipe.input();
-            let da = Flex::float_matmul(Flex::float_swap_dims(x, 0, 1), dz.clone());
+            let da = kernels::flex_matmul(Flex::float_swap_dims(x, 0, 1), dz.clone());
             grads.register::<Flex>(node.id, da);
         }
         if let Some(node) = node_x {
-            let dx = Flex::float_matmul(dz, Flex::float_swap_dims(a, 0, 1));
+            let dx = kernels::flex_matmul(dz, Flex::float_swap_dims(a, 0, 1));
             grads.register::<Flex>(node.id, dx);
         }
     }
@@ -279,11 +279,11 @@ fn recomputing_product<C: CheckpointStrategy>(
     {
         OpsKind::Tracked(prep) => {
             let a = a.into_primitive();
-            let z = Flex::float_matmul(x.into_primitive(), a.clone());
+            let z = kernels::flex_matmul(x.into_primitive(), a.clone());
             prep.finish((recipe(), a), z)
         }
         OpsKind::UnTracked(prep) => {
-            prep.finish(Flex::float_matmul(x.into_primitive(), a.into_primitive()))
+            prep.finish(kernels::flex_matmul(x.into_primitive(), a.into_primitive()))
         }
     }
 }
@@ -303,25 +303,25 @@ impl Backward<Flex, 3> for AttentionBackward {
         let (q, k, v, seq) = ops.state;
         let (p, scale) = causal_probs(&q, &k, seq);
         if let Some(node) = node_v {
-            let dv = Flex::float_matmul(Flex::float_swap_dims(p.clone(), 2, 3), dy.clone());
+            let dv = kernels::flex_matmul(Flex::float_swap_dims(p.clone(), 2, 3), dy.clone());
             grads.register::<Flex>(node.id, dv);
         }
         if node_q.is_none() && node_k.is_none() {
             return;
         }
-        let dp = contiguous(Flex::float_matmul(dy, Flex::float_swap_dims(v, 2, 3)));
+        let dp = contiguous(kernels::flex_matmul(dy, Flex::float_swap_dims(v, 2, 3)));
         let mut ds = vec![0f32; values(&p).len()];
         kernels::softmax_grad_into(values(&p), values(&dp), &mut ds, last_dim(&p), scale);
         drop(dp);
         let ds = like(&p, ds);
         drop(p);
         if let Some(node) = node_q {
-            grads.register::<Flex>(node.id, Flex::float_matmul(ds.clone(), k));
+            grads.register::<Flex>(node.id, kernels::flex_matmul(ds.clone(), k));
         }
         if let Some(node) = node_k {
             grads.register::<Flex>(
                 node.id,
-                Flex::float_matmul(Flex::float_swap_dims(ds, 2, 3), q),
+                kernels::flex_matmul(Flex::float_swap_dims(ds, 2, 3), q),
             );
         }
     }

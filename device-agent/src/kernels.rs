@@ -9,7 +9,8 @@
 //! The tensor-level functions work on tensors without autodiff; on other backends or dtypes they
 //! return `None` and the caller uses burn's own operation. The slice-level `*_into` functions are
 //! the bodies of [`crate::fused`]'s softmax and SwiGLU, which carry their own backward passes.
-//! [`skinny`] holds the fp32 products of decoding (a few rows times a large weight).
+//! [`skinny`] holds the fp32 products of decoding (a few rows times a large weight);
+//! [`flex_matmul`] the other fp32 products, without flex's zeroing and copying of the output.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -554,8 +555,22 @@ pub fn cross_entropy_rows(
     Some((wrap(grad, [rows, vocab]), nll, pred))
 }
 
+mod matmul;
 mod skinny;
+pub use matmul::flex_matmul;
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
+
+/// `a @ b` of untracked flex f32 matrices, any strides, through [`flex_matmul`] (no zeroing
+/// and copying of the output); `None` for autodiff tensors or another backend or dtype.
+pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Option<Tensor<2>> {
+    let flex = |t: &Tensor<2>| {
+        (!t.is_autodiff() && t.dtype() == DType::F32)
+            .then(|| t.clone().try_into_primitive::<Flex>().ok())
+            .flatten()
+    };
+    let (fa, fb) = (flex(a)?, flex(b)?);
+    Some(Tensor::from_primitive::<Flex>(flex_matmul(fa, fb)))
+}
 
 #[cfg(test)]
 mod tests {

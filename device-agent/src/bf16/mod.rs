@@ -5,7 +5,7 @@
 //! gradients, the optimiser and the loss stay fp32, and the weights themselves stay fp32 in
 //! memory (pruning, scoring and export read them), rounded per product.
 //!
-//! The product is a burn backend extension ([`Bf16Backend`]) with a hand-written backward: for
+//! The product is a burn backend extension ([`FrozenBackend`]) with a hand-written backward: for
 //! `y = x w` with `w` frozen, `dx = dy w^T`, the same kernel on the other layout. It exists for
 //! the flex backend on a CPU with AVX-512-BF16; [`Precision::resolve`] turns a request for bf16
 //! anywhere else into fp32 and says why, once, before any work starts.
@@ -21,6 +21,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -88,14 +89,18 @@ impl Precision {
     }
 }
 
-/// A frozen-weight product with bf16 operands: `x w` (`transposed` false, `w` is `[k, n]`) or
-/// `x w^T` (`transposed` true, `w` is `[n, k]`); `x` is `[m, k]`. Gradients flow to `x` only.
+/// A frozen-weight product: `x w` (`transposed` false, `w` is `[k, n]`) or `x w^T` (`transposed`
+/// true, `w` is `[n, k]`); `x` is `[m, k]`, gradients flow to `x` only. With `bf16` the operands
+/// are rounded ([`gemm`]); without, it is the fp32 product of
+/// [`crate::kernels::flex_matmul`], which writes its output once where flex's own matmul zeroes
+/// and copies it, in the forward pass and in the input gradient alike.
 #[backend_extension(Flex, Autodiff)]
-pub trait Bf16Backend: Backend {
-    fn bf16_matmul(
+pub trait FrozenBackend: Backend {
+    fn frozen_matmul(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         transposed: bool,
+        bf16: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -113,8 +118,16 @@ fn rows_of(t: &FlexTensor) -> (FlexTensor, [usize; 2]) {
     (t, dims)
 }
 
-impl Bf16Backend for Flex {
-    fn bf16_matmul(x: FlexTensor, w: FlexTensor, transposed: bool) -> FlexTensor {
+impl FrozenBackend for Flex {
+    fn frozen_matmul(x: FlexTensor, w: FlexTensor, transposed: bool, bf16: bool) -> FlexTensor {
+        if !bf16 {
+            let w = if transposed {
+                Flex::float_swap_dims(w, 0, 1)
+            } else {
+                w
+            };
+            return crate::kernels::flex_matmul(x, w);
+        }
         let (x, [m, k]) = rows_of(&x);
         let (w, [wr, wc]) = rows_of(&w);
         let (layout, wk, n) = if transposed {
@@ -133,19 +146,21 @@ impl Bf16Backend for Flex {
     }
 }
 
-impl<B: Backend + Bf16Backend, C: CheckpointStrategy> Bf16Backend for Autodiff<B, C> {
-    fn bf16_matmul(
+impl<B: Backend + FrozenBackend, C: CheckpointStrategy> FrozenBackend for Autodiff<B, C> {
+    fn frozen_matmul(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         transposed: bool,
+        bf16: bool,
     ) -> FloatTensor<Self> {
         /// `dx = dy w^T` for `y = x w` (and `dy w` for `y = x w^T`); no gradient for `w`.
         #[derive(Debug)]
         struct FrozenProduct {
             transposed: bool,
+            bf16: bool,
         }
 
-        impl<B: Backend + Bf16Backend> Backward<B, 2> for FrozenProduct {
+        impl<B: Backend + FrozenBackend> Backward<B, 2> for FrozenProduct {
             type State = FloatTensor<B>;
 
             fn backward(
@@ -157,26 +172,27 @@ impl<B: Backend + Bf16Backend, C: CheckpointStrategy> Bf16Backend for Autodiff<B
                 let [node_x, _node_w] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = node_x {
-                    let dx = B::bf16_matmul(grad, ops.state, !self.transposed);
+                    let dx = B::frozen_matmul(grad, ops.state, !self.transposed, self.bf16);
                     grads.register::<B>(node.id, dx);
                 }
             }
         }
 
-        match (FrozenProduct { transposed })
+        match (FrozenProduct { transposed, bf16 })
             .prepare::<C>([x.node(), w.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let w = w.into_primitive();
-                let out = B::bf16_matmul(x.into_primitive(), w.clone(), transposed);
+                let out = B::frozen_matmul(x.into_primitive(), w.clone(), transposed, bf16);
                 prep.finish(w, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::bf16_matmul(
+            OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(
                 x.into_primitive(),
                 w.into_primitive(),
                 transposed,
+                bf16,
             )),
         }
     }
@@ -234,23 +250,32 @@ impl PackedHead {
 
 /// `x w` with bf16 operands (`w` `[k, n]`, frozen: it must not be tracked).
 pub fn matmul(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    product(x, w, false)
+    product(x, w, false, true)
 }
 
 /// `x w^T` with bf16 operands (`w` `[n, k]`, frozen).
 pub fn matmul_transposed(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    product(x, w, true)
+    product(x, w, true, true)
 }
 
-fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool) -> Tensor<2> {
+/// `x w` in fp32 for a frozen `w` (`[k, n]`, untracked) on the flex backend: burn's product and
+/// gradient without flex's zeroing and copying of each output (see [`FrozenBackend`]). `None` off
+/// flex or for another dtype.
+pub fn matmul_fp32(x: Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+    let flex = |t: &Tensor<2>| t.dtype() == DType::F32 && crate::backend::is_flex(&t.device());
+    (flex(&x) && flex(w)).then(|| product(x, w, false, false))
+}
+
+fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool, bf16: bool) -> Tensor<2> {
     debug_assert!(
         !w.is_tracked(),
-        "bf16 products give no gradient to the weight"
+        "frozen products give no gradient to the weight"
     );
-    Tensor::from_dispatch(<Dispatch as Bf16Backend>::bf16_matmul(
+    Tensor::from_dispatch(<Dispatch as FrozenBackend>::frozen_matmul(
         x.into_dispatch(),
         w.clone().into_dispatch(),
         transposed,
+        bf16,
     ))
 }
 
@@ -306,7 +331,7 @@ mod tests {
             } else {
                 w.clone()
             };
-            let y16 = product(x.clone(), &w, transposed);
+            let y16 = product(x.clone(), &w, transposed, true);
             let wt = if transposed {
                 w.clone().transpose()
             } else {

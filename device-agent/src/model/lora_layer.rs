@@ -157,7 +157,10 @@ fn proj_group_of<const N: usize>(
 /// int8 products from a Q8_0 base go through [`quant::matmul_tensors`].
 fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
     match w {
-        Base::F32(w) => crate::kernels::skinny_matmul(&x, w).unwrap_or_else(|| x.matmul(w.clone())),
+        // A weight that takes gradients (Taylor importance) goes through burn's own product.
+        Base::F32(w) => crate::kernels::skinny_matmul(&x, w)
+            .or_else(|| (!w.is_tracked()).then(|| crate::bf16::matmul_fp32(x.clone(), w))?)
+            .unwrap_or_else(|| x.matmul(w.clone())),
         Base::Bf16(w) => crate::bf16::matmul(x, w),
         Base::Q8Fp32(w) => quant::frozen::matmul(x, w),
         Base::Q8(_) => unreachable!("Q8_0 products are taken per group by proj_group"),

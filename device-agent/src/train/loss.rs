@@ -63,7 +63,10 @@ pub fn chunked_ce(
         (Some(w), _) => crate::quant::frozen::logits(hc, w),
         (None, Some(h)) => match packed.as_ref().and_then(|p| p.logits(&hc)) {
             Some(logits) => logits,
-            None => hc.matmul(h.clone().transpose()),
+            None => {
+                let ht = h.clone().transpose();
+                crate::kernels::matmul(&hc, &ht).unwrap_or_else(|| hc.matmul(ht))
+            }
         },
         (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };
@@ -71,7 +74,9 @@ pub fn chunked_ce(
         (Some(w), _) => crate::quant::frozen::logits_backward(dlogits, w),
         (None, Some(h)) => match packed.as_ref().and_then(|p| p.input_grad(&dlogits)) {
             Some(dh) => dh,
-            None => dlogits.matmul(h.clone()),
+            None => {
+                crate::kernels::matmul(&dlogits, h).unwrap_or_else(|| dlogits.matmul(h.clone()))
+            }
         },
         (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };
