@@ -57,7 +57,7 @@ pub fn score_rows(
     let mut count = 0;
     let mut start = 0;
     // With bf16 products the head is rounded and packed once for all chunks.
-    let packed = model.bf16_head();
+    let packed = model.bf16_head(false);
     while start < n {
         let len = LOGIT_CHUNK_ROWS.min(n - start);
         let rows: Vec<usize> = (start..start + len)

@@ -109,19 +109,19 @@ fn causal_probs(q: &FlexTensor, k: &FlexTensor, seq: usize) -> (FlexTensor, f32)
     );
     let (rows, keys, hd) = (qs[2], ks[2], qs[3]);
     let scale = 1.0 / (hd as f32).sqrt();
-    let scores = contiguous(kernels::flex_matmul(
+    // A new contiguous buffer that only this function holds: the softmax overwrites it.
+    let mut probs = contiguous(kernels::flex_matmul(
         q.clone(),
         Flex::float_swap_dims(k.clone(), 2, 3),
     ));
-    let mut p = vec![0f32; values(&scores).len()];
     let mask = kernels::CausalMask {
         group_rows: rows,
         seq,
         past: keys - seq,
         scale,
     };
-    kernels::causal_softmax_into(values(&scores), &mut p, keys, mask);
-    (like(&scores, p), scale)
+    kernels::causal_softmax_in_place(probs.storage_mut::<f32>(), keys, mask);
+    (probs, scale)
 }
 
 /// RMSNorm of the rows of `x` (flex) with weight `w`.

@@ -206,15 +206,15 @@ multiversion! {
     /// Causal softmax of scaled attention scores, row by row: row `first_row + n` of the buffer
     /// is group row `r = (first_row + n) % mask.group_rows`, the query at position
     /// `mask.past + r % mask.seq`, which sees the keys up to and including its own position;
-    /// later keys get probability 0.
-    fn causal_softmax_rows(x: &[f32], out: &mut [f32], row_len: usize, first_row: usize, mask: CausalMask) {
-        for (n, (xr, or)) in x.chunks_exact(row_len).zip(out.chunks_exact_mut(row_len)).enumerate() {
+    /// later keys get probability 0. In place: the scores become the probabilities.
+    fn causal_softmax_rows(x: &mut [f32], row_len: usize, first_row: usize, mask: CausalMask) {
+        for (n, or) in x.chunks_exact_mut(row_len).enumerate() {
             let r = (first_row + n) % mask.group_rows;
             let valid = (mask.past + r % mask.seq + 1).min(row_len);
-            let (xv, ov) = (&xr[..valid], &mut or[..valid]);
-            let max = lane_max(xv);
-            for (o, &v) in ov.iter_mut().zip(xv) {
-                *o = exp_lane((v - max) * mask.scale);
+            let ov = &mut or[..valid];
+            let max = lane_max(ov);
+            for o in ov.iter_mut() {
+                *o = exp_lane((*o - max) * mask.scale);
             }
             let inv = 1.0 / lane_sum(ov);
             for o in ov.iter_mut() {
@@ -321,7 +321,7 @@ pub(crate) fn decode_attention(
 }
 
 /// Which keys each row of attention scores may see, and the scores' scale (see
-/// [`causal_softmax_into`]).
+/// [`causal_softmax_in_place`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalMask {
     /// Rows of one `[rows, keys]` score matrix: a KV head's group of queries, `g * seq`.
@@ -427,20 +427,19 @@ pub(crate) fn softmax_grad_into(
         .for_each(|((o, p), d)| softmax_grad_rows(p, d, o, row_len, scale));
 }
 
-/// [`causal_softmax_rows`] over a whole buffer of `[.., group_rows, row_len]` scores,
-/// row-parallel when large.
-pub(crate) fn causal_softmax_into(x: &[f32], out: &mut [f32], row_len: usize, mask: CausalMask) {
+/// [`causal_softmax_rows`] over a whole buffer of `[.., group_rows, row_len]` scores, in
+/// place, row-parallel when large.
+pub(crate) fn causal_softmax_in_place(x: &mut [f32], row_len: usize, mask: CausalMask) {
     if row_len == 0 || mask.group_rows == 0 || mask.seq == 0 {
         return;
     }
     if x.len() <= ELEMS_PER_TASK {
-        return causal_softmax_rows(x, out, row_len, 0, mask);
+        return causal_softmax_rows(x, row_len, 0, mask);
     }
     let chunk = row_len * ROWS_PER_TASK;
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
+    x.par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(i, (o, x))| causal_softmax_rows(x, o, row_len, i * ROWS_PER_TASK, mask));
+        .for_each(|(i, x)| causal_softmax_rows(x, row_len, i * ROWS_PER_TASK, mask));
 }
 
 /// `silu(g) * u` element-wise into `out`, parallel when large.

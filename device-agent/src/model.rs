@@ -536,12 +536,13 @@ impl Llama {
     }
 
     /// With bf16 products on an fp32 base, the LM head rounded and packed once, for callers
-    /// that take logits over many row chunks (the training loss, scoring); `None` otherwise.
-    pub fn bf16_head(&self) -> Option<bf16::PackedHead> {
+    /// that take logits over many row chunks (the training loss, with `gradients`; scoring);
+    /// `None` otherwise.
+    pub fn bf16_head(&self, gradients: bool) -> Option<bf16::PackedHead> {
         if self.precision != Precision::Bf16 || self.quant.is_some() {
             return None;
         }
-        bf16::PackedHead::new(&self.head_rows())
+        bf16::PackedHead::new(&self.head_rows(), gradients)
     }
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.

@@ -206,21 +206,22 @@ impl<B: Backend + FrozenBackend, C: CheckpointStrategy> FrozenBackend for Autodi
 pub struct PackedHead {
     /// `h` read as `[vocab][d]` for `x h^T`.
     logits: PackedB,
-    /// `h` read as `[k = vocab][n = d]` for `g h`.
-    grads: PackedB,
+    /// `h` read as `[k = vocab][n = d]` for `g h`, when packed for training.
+    grads: Option<PackedB>,
     vocab: usize,
     d: usize,
 }
 
 impl PackedHead {
-    /// `None` unless `head` is an untracked flex f32 matrix.
-    pub fn new(head: &Tensor<2>) -> Option<PackedHead> {
+    /// `None` unless `head` is an untracked flex f32 matrix; `gradients` packs the second
+    /// layout, for [`PackedHead::input_grad`] (scoring needs only the logits).
+    pub fn new(head: &Tensor<2>, gradients: bool) -> Option<PackedHead> {
         let ft = crate::kernels::flex_f32(head)?;
         let [vocab, d] = head.dims();
         let h = crate::kernels::slice(&ft);
         Some(PackedHead {
             logits: PackedB::pack(h, vocab, d, Layout::Transposed),
-            grads: PackedB::pack(h, vocab, d, Layout::Plain),
+            grads: gradients.then(|| PackedB::pack(h, vocab, d, Layout::Plain)),
             vocab,
             d,
         })
@@ -231,9 +232,10 @@ impl PackedHead {
         self.product(x, self.d, &self.logits, self.vocab)
     }
 
-    /// The loss's gradient with respect to the hidden rows, `g h` (`g` `[m, vocab]`).
+    /// The loss's gradient with respect to the hidden rows, `g h` (`g` `[m, vocab]`); `None`
+    /// when packed without gradients.
     pub fn input_grad(&self, g: &Tensor<2>) -> Option<Tensor<2>> {
-        self.product(g, self.vocab, &self.grads, self.d)
+        self.product(g, self.vocab, self.grads.as_ref()?, self.d)
     }
 
     fn product(&self, x: &Tensor<2>, k: usize, b: &PackedB, n: usize) -> Option<Tensor<2>> {

@@ -58,7 +58,7 @@ pub fn chunked_ce(
     let q8_head = model.q8_fp32_head();
     let head = q8_head.is_none().then(|| model.head_rows());
     // With bf16 products the head is rounded and packed once for all chunks.
-    let packed = head.as_ref().and_then(|_| model.bf16_head());
+    let packed = head.as_ref().and_then(|_| model.bf16_head(true));
     let head_product = |hc: Tensor<2>| match (q8_head, &head) {
         (Some(w), _) => crate::quant::frozen::logits(hc, w),
         (None, Some(h)) => match packed.as_ref().and_then(|p| p.logits(&hc)) {
