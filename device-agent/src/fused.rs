@@ -59,6 +59,13 @@ pub trait FusedBackend: Backend {
         a: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
+    /// `y + low sb` (`y` `[n, out]` a base product's output, `low = x A` `[n, r]`, `sb` the
+    /// scaled `B` `[r, out]`): the LoRA term added into `y` as it is formed; see [`lora_add`].
+    fn lora_add(
+        y: FloatTensor<Self>,
+        low: FloatTensor<Self>,
+        sb: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// Causal attention `softmax(q k^T / sqrt(hd) + mask) v` per KV head: `q` is `[batch,
     /// kv_heads, g * seq, hd]` (a group's queries as rows), `k` and `v` are `[batch, kv_heads,
     /// keys, hd]`; see [`causal_attention`].
@@ -150,6 +157,10 @@ impl FusedBackend for Flex {
 
     fn swiglu_matmul(act: FlexTensor, _g: FlexTensor, _u: FlexTensor, a: FlexTensor) -> FlexTensor {
         kernels::flex_matmul(act, a)
+    }
+
+    fn lora_add(y: FlexTensor, low: FlexTensor, sb: FlexTensor) -> FlexTensor {
+        kernels::flex_matmul_add(y, low, sb)
     }
 
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, seq: usize) -> FlexTensor {
@@ -288,6 +299,31 @@ fn recomputing_product<C: CheckpointStrategy>(
     }
 }
 
+/// `y + low sb`: `dy` passes to `y` unchanged, `dlow = dy sb^T`, `dsb = low^T dy`.
+#[derive(Debug)]
+struct LoraAddBackward;
+
+impl Backward<Flex, 3> for LoraAddBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_y, node_low, node_sb] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (low, sb) = ops.state;
+        if let Some(node) = node_low {
+            let dlow = kernels::flex_matmul(dy.clone(), Flex::float_swap_dims(sb, 0, 1));
+            grads.register::<Flex>(node.id, dlow);
+        }
+        if let Some(node) = node_sb {
+            let dsb = kernels::flex_matmul(Flex::float_swap_dims(low, 0, 1), dy.clone());
+            grads.register::<Flex>(node.id, dsb);
+        }
+        if let Some(node) = node_y {
+            grads.register::<Flex>(node.id, dy);
+        }
+    }
+}
+
 /// Attention's gradients from the kept `q`, `k` and `v`: the probabilities are recomputed (one
 /// `q k^T` product and a softmax per block), then `dv = P^T dy`, `dP = dy v^T`, `ds = P * (dP -
 /// sum(dP * P)) / sqrt(hd)`, `dq = ds k`, `dk = ds^T q`.
@@ -352,6 +388,29 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
             g: contiguous(g.into_primitive()),
             u: contiguous(u.into_primitive()),
         })
+    }
+
+    fn lora_add(
+        y: FloatTensor<Self>,
+        low: FloatTensor<Self>,
+        sb: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match LoraAddBackward
+            .prepare::<C>([y.node(), low.node(), sb.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (low, sb) = (low.into_primitive(), sb.into_primitive());
+                let out = Flex::lora_add(y.into_primitive(), low.clone(), sb.clone());
+                prep.finish((low, sb), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::lora_add(
+                y.into_primitive(),
+                low.into_primitive(),
+                sb.into_primitive(),
+            )),
+        }
     }
 
     fn causal_attention(
@@ -443,6 +502,21 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, seq: usize) ->
             v.into_dispatch(),
             seq,
         ),
+    ))
+}
+
+/// `y + low sb`, a LoRA term `(x A)(scale B)` added into the base product `y`: on flex the
+/// product is added into `y`'s buffer as `gemm` forms it, so no `[n, out]` LoRA product is
+/// allocated and no separate add runs; its backward is the product's (`dlow = dy sb^T`, `dsb =
+/// low^T dy`, `dy` to `y`). Burn's `y + low.matmul(sb)` off flex.
+pub fn lora_add(y: Tensor<2>, low: Tensor<2>, sb: Tensor<2>) -> Tensor<2> {
+    if !on_flex(&y) {
+        return y + low.matmul(sb);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedBackend>::lora_add(
+        y.into_dispatch(),
+        low.into_dispatch(),
+        sb.into_dispatch(),
     ))
 }
 

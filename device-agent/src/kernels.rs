@@ -556,7 +556,7 @@ pub fn cross_entropy_rows(
 
 mod matmul;
 mod skinny;
-pub use matmul::flex_matmul;
+pub use matmul::{flex_matmul, flex_matmul_add};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
 
 /// `a @ b` of untracked flex f32 matrices, any strides, through [`flex_matmul`] (no zeroing

@@ -32,7 +32,7 @@ pub use kv_cache::{KvCache, LayerKv};
 pub(crate) use layers::attention_by_ops;
 pub(crate) use layers::rms_norm;
 pub use layers::{causal_attention, Rope};
-pub(crate) use lora_layer::lora_group;
+pub(crate) use lora_layer::{lora_group, LoraTerm};
 use lora_layer::{proj, proj_group_normed, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 

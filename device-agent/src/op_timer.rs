@@ -18,7 +18,7 @@ use burn::tensor::{Distribution, Tensor};
 use protocol::{KeptIndices, Proj};
 
 use crate::lora::Adapter;
-use crate::model::{lora_group, module_name, rms_norm, Llama};
+use crate::model::{lora_group, module_name, rms_norm, Llama, LoraTerm};
 use crate::prune::KeptIndicesExt;
 use crate::train::{chunked_ce, Batch, TrainConfig, Tuner};
 
@@ -217,7 +217,7 @@ pub fn lora_step_profile(
             let refs: Vec<Option<(&Tensor<2>, &Tensor<2>, f64)>> = (0..k)
                 .map(|j| Some((&i[2 + 3 * j], &i[3 + 3 * j], scales[j])))
                 .collect();
-            let terms: Vec<Option<Tensor<2>>> = match k {
+            let terms: Vec<Option<LoraTerm>> = match k {
                 1 => lora_group(i[0].clone(), [refs[0]]).into(),
                 2 => lora_group(i[0].clone(), [refs[0], refs[1]]).into(),
                 _ => lora_group(i[0].clone(), [refs[0], refs[1], refs[2]]).into(),
@@ -225,7 +225,10 @@ pub fn lora_step_profile(
             terms
                 .into_iter()
                 .enumerate()
-                .map(|(j, d)| i[1 + 3 * j].clone() + d.expect("every projection has factors"))
+                .map(|(j, d)| {
+                    d.expect("every projection has factors")
+                        .add_to(i[1 + 3 * j].clone())
+                })
                 .collect()
         });
         lora.0 += t.0;

@@ -196,3 +196,56 @@ fn dgb_only(g: &Tensor<2>, u: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     let gr = (y * w.clone()).sum().backward();
     ga.grad(&gr).unwrap()
 }
+
+/// A LoRA term added into a base product by [`lora_add`]: the value and the gradients of the
+/// base output, `x A` and the scaled `B` equal burn's `y + low.matmul(sb)` (same products; only
+/// where the add happens differs), with the base output untracked as well, and plain flex.
+#[test]
+fn lora_add_has_the_values_and_gradients_of_the_add() {
+    let device = Device::flex();
+    let (n, r, out) = (70, 8, 45);
+    let t = |len: usize, seed: u32, dims: [usize; 2]| {
+        Tensor::<2>::from_data(TensorData::new(seeded(len, seed, 1.0), dims), &device)
+    };
+    let (y, low, sb, w) = (
+        t(n * out, 1, [n, out]),
+        t(n * r, 2, [n, r]),
+        t(r * out, 3, [r, out]),
+        t(n * out, 4, [n, out]),
+    );
+    let plain = y.clone() + low.clone().matmul(sb.clone());
+    assert!(max_diff(lora_add(y.clone(), low.clone(), sb.clone()), plain.clone()) < 1e-6);
+    for track_y in [true, false] {
+        let run = |f: &dyn Fn(Tensor<2>, Tensor<2>, Tensor<2>) -> Tensor<2>| {
+            let ya = if track_y {
+                y.clone().autodiff().require_grad()
+            } else {
+                y.clone().autodiff()
+            };
+            let (la, sa) = (
+                low.clone().autodiff().require_grad(),
+                sb.clone().autodiff().require_grad(),
+            );
+            let z = f(ya.clone(), la.clone(), sa.clone());
+            let g = (z.clone() * w.clone().autodiff()).sum().backward();
+            (
+                z.inner(),
+                ya.grad(&g),
+                la.grad(&g).unwrap(),
+                sa.grad(&g).unwrap(),
+            )
+        };
+        let (za, dya, dla, dsa) = run(&|a, b, c| lora_add(a, b, c));
+        let (zb, dyb, dlb, dsb) = run(&|a, b, c| a + b.matmul(c));
+        assert!(max_diff(za, zb) < 1e-6);
+        assert_eq!(
+            dya.is_some(),
+            track_y,
+            "the base output's gradient exactly when tracked"
+        );
+        if let (Some(a), Some(b)) = (dya, dyb) {
+            assert!(max_diff(a, b) < 1e-6);
+        }
+        assert!(max_diff(dla, dlb) < 1e-5 && max_diff(dsa, dsb) < 1e-5);
+    }
+}

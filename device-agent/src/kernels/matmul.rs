@@ -33,6 +33,75 @@ pub fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     }
 }
 
+/// `acc + lhs @ rhs` for matrices (`acc` `[m, n]`), the product added into `acc`'s buffer by
+/// `gemm` as it is formed (no `[m, n]` product of its own, no separate add); `acc` is taken
+/// over, copied first only if something else holds it.
+pub fn flex_matmul_add(acc: FlexTensor, lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+    let two_d = |t: &FlexTensor| t.dtype() == DType::F32 && t.layout().shape().num_dims() == 2;
+    let (ls, rs, accs) = (
+        lhs.layout().shape(),
+        rhs.layout().shape(),
+        acc.layout().shape(),
+    );
+    if !(two_d(&acc) && two_d(&lhs) && two_d(&rhs))
+        || ls[1] != rs[0]
+        || accs[0] != ls[0]
+        || accs[1] != rs[1]
+        || ls[1] == 0
+    {
+        return Flex::float_add(acc, flex_matmul(lhs, rhs));
+    }
+    let (m, k, n) = (ls[0], ls[1], rs[1]);
+    let mut acc = if acc.is_contiguous() && acc.layout().start_offset() == 0 {
+        acc
+    } else {
+        acc.to_contiguous()
+    };
+    let (l_rs, l_cs) = strides_2d(&lhs);
+    let (r_rs, r_cs) = strides_2d(&rhs);
+    let (ld, rd): (&[f32], &[f32]) = (lhs.storage(), rhs.storage());
+    let (lo, ro) = (lhs.layout().start_offset(), rhs.layout().start_offset());
+    let par = if m * n * k >= PARALLEL_MACS {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let dst: &mut [f32] = acc.storage_mut();
+    assert!(
+        dst.len() >= m * n,
+        "accumulator of {} values for {m} x {n}",
+        dst.len()
+    );
+    // SAFETY: the operands are `m x k` and `k x n` matrices at their start offsets with their
+    // strides, inside their buffers (flex's layout of a valid tensor); `dst` is the contiguous
+    // `m x n` accumulator (checked above), read and written by `gemm` alone.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            ld.as_ptr().add(lo),
+            l_cs,
+            l_rs,
+            rd.as_ptr().add(ro),
+            r_cs,
+            r_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    acc
+}
+
 /// The element strides of a tensor's last two dimensions: (row, column).
 fn strides_2d(t: &FlexTensor) -> (isize, isize) {
     let s = t.layout().strides();
@@ -199,5 +268,34 @@ mod tests {
         }
         // Broadcast batches are left to flex.
         assert!(product(&tensor(&[1, 4, 5], 1), &tensor(&[3, 5, 2], 2)).is_none());
+    }
+
+    /// The product added into the accumulator equals the product added after it, within one
+    /// rounding of the sum (the same products; `gemm` adds the accumulator at the end of each
+    /// output cell's sum), with a transposed operand and an accumulator that others hold
+    /// (which is then copied, not written under them).
+    #[test]
+    fn accumulating_equals_adding_after() {
+        let acc = tensor(&[300, 200], 1);
+        let lhs = tensor(&[300, 16], 2);
+        let rhs = Flex::float_swap_dims(tensor(&[200, 16], 3), 0, 1);
+        let want = values(Flex::float_add(
+            acc.clone(),
+            Flex::float_matmul(lhs.clone(), rhs.clone()),
+        ));
+        let held = acc.clone();
+        let got = values(flex_matmul_add(acc, lhs, rhs));
+        assert_eq!(got.0, want.0);
+        for (i, (x, y)) in got.1.iter().zip(&want.1).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                "cell {i}: {x} vs {y}"
+            );
+        }
+        assert_eq!(
+            values(held),
+            values(tensor(&[300, 200], 1)),
+            "the held copy is untouched"
+        );
     }
 }

@@ -147,7 +147,7 @@ fn proj_group_of<const N: usize>(
                 .expect("one quantized product per quantized base"),
         };
         match low.next().flatten() {
-            Some(d) => base + d,
+            Some(term) => term.add_to(base),
             None => base,
         }
     })
@@ -176,17 +176,33 @@ pub(crate) fn swiglu_proj(g: Tensor<2>, u: Tensor<2>, w: Base, lora: LoraRef) ->
         return proj(act, w, lora);
     };
     match fused::swiglu_matmul(act.clone(), g, u, a.clone()) {
-        Some(low) => dense_product(act, w) + low.matmul(b.clone().mul_scalar(scale)),
+        Some(low) => fused::lora_add(dense_product(act, w), low, b.clone().mul_scalar(scale)),
         None => proj(act, w, lora),
     }
 }
 
-/// The LoRA terms `(x @ A) @ (scale * B)` of [`proj_group`], `None` where a projection has no
-/// adapter; the `A` factors are joined when every projection has one.
+/// A projection's LoRA term `(x @ A) @ (scale * B)`, its product not yet formed: it is added
+/// into the base product's output as `gemm` forms it ([`fused::lora_add`]).
+pub(crate) struct LoraTerm {
+    /// `x @ A`, `[n, r]`.
+    low: Tensor<2>,
+    /// `scale * B`, `[r, out]`.
+    sb: Tensor<2>,
+}
+
+impl LoraTerm {
+    /// `base + low @ sb`.
+    pub(crate) fn add_to(self, base: Tensor<2>) -> Tensor<2> {
+        fused::lora_add(base, self.low, self.sb)
+    }
+}
+
+/// The LoRA terms of [`proj_group`], `None` where a projection has no adapter; the `A` factors
+/// are joined when every projection has one.
 pub(crate) fn lora_group<const N: usize>(
     x: Tensor<2>,
     loras: [LoraRef; N],
-) -> [Option<Tensor<2>>; N] {
+) -> [Option<LoraTerm>; N] {
     lora_group_of(x, Source::Kept, loras)
 }
 
@@ -204,7 +220,7 @@ fn lora_group_of<const N: usize>(
     x: Tensor<2>,
     source: Source,
     loras: [LoraRef; N],
-) -> [Option<Tensor<2>>; N] {
+) -> [Option<LoraTerm>; N] {
     let all_lora = loras.iter().all(Option::is_some);
     let xa = if all_lora && N > 1 {
         let a: Vec<Tensor<2>> = loras
@@ -227,7 +243,10 @@ fn lora_group_of<const N: usize>(
                 None => a_product(&x, source, a.clone()),
             };
             offset += r;
-            low.matmul(b.clone().mul_scalar(scale))
+            LoraTerm {
+                low,
+                sb: b.clone().mul_scalar(scale),
+            }
         })
     })
 }
