@@ -14,7 +14,8 @@
 //! memory of the loaded model (each precision in its own process). `-- quant` runs only those
 //! rows. bf16 products on the frozen base (`tune --precision bf16`, [`device_agent::bf16`]) are
 //! timed against fp32 alternating call by call (the LoRA step dense and pruned, the prompt
-//! forward); `-- bf16` runs only those rows.
+//! forward); `-- bf16` runs only those rows. `-- matmuls` prints only the matmul table of
+//! `-- profile` (flex, the `gemm` crate directly, and our bf16 kernels at the step's shapes).
 
 use std::time::Instant;
 
@@ -207,6 +208,12 @@ fn profile(reps: usize) {
     );
 
     println!();
+    matmul_ceiling(&base.config, reps, &device);
+}
+
+/// The matmul ceiling table: flex's products, the `gemm` crate called directly, and ours with
+/// bf16 operands on every kernel this host may use, at the step's shapes (`-- matmuls` alone).
+fn matmul_ceiling(config: &device_agent::model::ModelConfig, reps: usize, device: &Device) {
     println!(
         "Matmul ceiling on the step's shapes, GFLOP/s (contiguous operands, medians of {reps})"
     );
@@ -217,7 +224,7 @@ fn profile(reps: usize) {
         .collect();
     println!("| m x k x n | flex f32 | gemm crate f32, direct | flex f16 | flex bf16 |{heads}");
     println!("|---|---|---|---|---|{}", "---|".repeat(kernels.len()));
-    let (n, d, f, v) = (1024, base.config.d_model, base.config.ffn_dim, 8192);
+    let (n, d, f, v) = (1024, config.d_model, config.ffn_dim, 8192);
     for (m, k, nn) in [
         (n, d, d),
         (n, d, 192),
@@ -227,10 +234,10 @@ fn profile(reps: usize) {
         (2048, 2048, 2048),
     ] {
         use burn::tensor::DType;
-        let fl = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F32, reps, &device);
+        let fl = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F32, reps, device);
         let direct = gemm_direct_gflops(m, k, nn, reps);
-        let h = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F16, reps, &device);
-        let b = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::BF16, reps, &device);
+        let h = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::F16, reps, device);
+        let b = device_agent::op_timer::backend_matmul_gflops(m, k, nn, DType::BF16, reps, device);
         let ours: String = kernels
             .iter()
             .map(|&kern| {
@@ -555,6 +562,13 @@ fn main() {
             .parse()
             .expect("precision f32 or q8_0");
         rss_only(p);
+        return;
+    }
+    if args.iter().any(|a| a == "matmuls") {
+        let device = Device::flex();
+        let Setup { base, .. } = setup(&device);
+        println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
+        matmul_ceiling(&base.config, 5, &device);
         return;
     }
     if args.iter().any(|a| a == "profile") {
