@@ -556,6 +556,7 @@ pub fn cross_entropy_rows(
 
 mod matmul;
 mod skinny;
+pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
 

@@ -20,6 +20,7 @@ mod host_decode;
 mod kv_cache;
 pub mod layers;
 pub mod lora_layer;
+mod precision;
 
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -36,7 +37,7 @@ pub(crate) use lora_layer::{lora_group, LoraTerm};
 use lora_layer::{proj, proj_group_normed, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 
-use crate::bf16::{self, Precision, PrecisionError};
+use crate::bf16::{self, Precision};
 use crate::quant::{
     self, BasePrecision, Q8Arithmetic, Q8Matrix, QuantBase, QuantError, QuantReport,
 };
@@ -197,33 +198,6 @@ impl Llama {
             q8_arithmetic: Q8Arithmetic::Int8,
             precision: Precision::Fp32,
         })
-    }
-
-    /// Run the frozen base's products at `precision` where this backend and CPU can (see
-    /// [`Precision::resolve`]); returns the precision that will run and, if it differs, why.
-    pub fn set_precision(&mut self, precision: Precision) -> (Precision, Option<&'static str>) {
-        let flex = crate::backend::is_flex(&self.device);
-        let (p, why) = precision.resolve(flex);
-        self.precision = p;
-        (p, why)
-    }
-
-    /// [`Llama::set_precision`] from a flag or config value (`fp32`, `bf16`), saying on stderr
-    /// why when the precision that runs is not the one asked for; returns the one that runs.
-    pub fn apply_precision(&mut self, name: &str) -> Result<Precision, PrecisionError> {
-        let (p, why) = self.set_precision(name.parse()?);
-        if let Some(why) = why {
-            eprintln!("precision: {why}");
-        }
-        if let (Precision::Bf16, Some(kernel)) = (p, crate::bf16::gemm::Kernel::detect()) {
-            eprintln!("precision: bf16 products on {kernel}");
-        }
-        Ok(p)
-    }
-
-    /// The arithmetic the frozen base's products run in.
-    pub fn precision(&self) -> Precision {
-        self.precision
     }
 
     /// The quantized frozen base, when the model holds one.
@@ -533,16 +507,6 @@ impl Llama {
             x = x + swiglu_proj(g, u, w(Proj::Down), lora(Proj::Down));
         }
         x
-    }
-
-    /// With bf16 products on an fp32 base, the LM head rounded and packed once, for callers
-    /// that take logits over many row chunks (the training loss, with `gradients`; scoring);
-    /// `None` otherwise.
-    pub fn bf16_head(&self, gradients: bool) -> Option<bf16::PackedHead> {
-        if self.precision != Precision::Bf16 || self.quant.is_some() {
-            return None;
-        }
-        bf16::PackedHead::new(&self.head_rows(), gradients)
     }
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.

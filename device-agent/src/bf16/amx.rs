@@ -26,6 +26,9 @@
 pub const BLOCK_ROWS: usize = 32;
 /// Pairs of the reduced dimension per tile step (64 bytes of a tile row).
 pub const STEP_PAIRS: usize = 16;
+/// Output columns one block computes (two tiles of 16): the width of a packed panel, whose pair
+/// rows are therefore `BLOCK_COLS` words apart.
+pub const BLOCK_COLS: usize = 32;
 
 /// May the bf16 products use AMX tiles in this process? Detected (and, on Linux, permitted by the
 /// kernel) once.
@@ -53,8 +56,7 @@ pub(super) use x86::{block, Tiles};
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{BLOCK_ROWS, STEP_PAIRS};
-    use crate::bf16::gemm::NR;
+    use super::{BLOCK_COLS, BLOCK_ROWS, STEP_PAIRS};
     use std::arch::asm;
 
     /// CPUID leaf 7: AMX-BF16 is bit 22 of EDX, AMX-TILE bit 24.
@@ -117,13 +119,13 @@ mod x86 {
     }
 
     /// One block: rows `0..32` of `a` (each `pairs` words, consecutive; `pairs` a multiple of
-    /// 16) times one packed panel (`pairs * NR` words), into the `rows x cols` cells at `c` (row
+    /// 16) times one packed panel (`pairs * BLOCK_COLS` words), into the `rows x cols` cells at `c` (row
     /// stride `ldc` values).
     ///
     /// # Safety
     /// The calling thread holds a [`Tiles`]; `a` is readable for `32 * pairs` words (rows past
-    /// `rows` are padding), `panel` for `pairs * NR` words, and `c` writable for `rows` (<= 32)
-    /// rows of `cols` (<= NR) cells.
+    /// `rows` are padding), `panel` for `pairs * BLOCK_COLS` words, and `c` writable for `rows` (<= 32)
+    /// rows of `cols` (<= BLOCK_COLS) cells.
     pub unsafe fn block(
         a: *const u32,
         pairs: usize,
@@ -133,12 +135,12 @@ mod x86 {
         rows: usize,
         cols: usize,
     ) {
-        debug_assert!(pairs % STEP_PAIRS == 0 && rows <= BLOCK_ROWS && cols <= NR);
+        debug_assert!(pairs % STEP_PAIRS == 0 && rows <= BLOCK_ROWS && cols <= BLOCK_COLS);
         let lda = pairs * 4;
-        let ldb = NR * 4;
-        // SAFETY (every block below): the tiles are configured as 16 x 64 bytes; each load reads
-        // 16 rows of 64 bytes inside the buffers the contract names, each store writes 16 rows
-        // of 64 bytes inside `c` (direct) or the scratch (edges).
+        let ldb = BLOCK_COLS * 4;
+        // SAFETY: the tiles are configured as 16 x 64 bytes; each load reads 16 rows of 64 bytes
+        // inside the buffers the contract names, each store writes 16 rows of 64 bytes inside
+        // `c` (direct) or the scratch (edges).
         unsafe {
             asm!(
                 "tilezero tmm0",
@@ -150,7 +152,7 @@ mod x86 {
             for s in 0..pairs / STEP_PAIRS {
                 let a0 = a.add(s * STEP_PAIRS);
                 let a1 = a0.add(16 * pairs);
-                let b0 = panel.add(s * STEP_PAIRS * NR);
+                let b0 = panel.add(s * STEP_PAIRS * BLOCK_COLS);
                 let b1 = b0.add(16);
                 asm!(
                     "tileloadd tmm4, [{a0} + {lda}*1]",
@@ -170,14 +172,14 @@ mod x86 {
                     options(nostack, readonly)
                 );
             }
-            if rows == BLOCK_ROWS && cols == NR {
+            if rows == BLOCK_ROWS && cols == BLOCK_COLS {
                 store(c, ldc);
             } else {
-                let mut scratch = [0f32; BLOCK_ROWS * NR];
-                store(scratch.as_mut_ptr(), NR);
+                let mut scratch = [0f32; BLOCK_ROWS * BLOCK_COLS];
+                store(scratch.as_mut_ptr(), BLOCK_COLS);
                 for i in 0..rows {
                     std::ptr::copy_nonoverlapping(
-                        scratch.as_ptr().add(i * NR),
+                        scratch.as_ptr().add(i * BLOCK_COLS),
                         c.add(i * ldc),
                         cols,
                     );

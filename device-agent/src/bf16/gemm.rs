@@ -34,9 +34,10 @@
 use rayon::prelude::*;
 
 use super::amx;
+use crate::kernels::OutPtr;
 
-/// Output columns per packed panel (two 16-lane vectors).
-pub const NR: usize = 32;
+/// Output columns per packed panel (two 16-lane vectors; the AMX block's width).
+pub const NR: usize = amx::BLOCK_COLS;
 /// Rows per micro-tile.
 pub const MR: usize = 8;
 /// Rows of `a` handed to one task.
@@ -277,17 +278,6 @@ fn pack_transposed(w: &[f32], k: usize, n: usize, q: usize, panel: &mut [u32]) {
         }
     }
 }
-
-/// A raw pointer to the output that tasks write disjoint tiles of.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of (row, column) cells of one buffer that outlives the
-// parallel loop (see `matmul`).
-#[allow(unsafe_code)]
-unsafe impl Send for OutPtr {}
-// SAFETY: as for `Send`: shared only to hand each task its own cells.
-#[allow(unsafe_code)]
-unsafe impl Sync for OutPtr {}
 
 /// The micro-kernel that runs the bf16 products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

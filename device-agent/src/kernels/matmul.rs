@@ -201,13 +201,16 @@ fn product(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
     Some(FlexTensor::from_data(TensorData::new(out, dims)))
 }
 
-/// The output pointer, shared by the tasks that write disjoint matrices of it.
+/// An output buffer's pointer, shared by parallel tasks that each write their own disjoint cells
+/// of it (here a batch's matrix; in the bf16 products a block of rows times a run of panels).
+/// Whoever makes one keeps the buffer alive across the parallel loop and hands out disjoint cells.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes its own batch's cells of a buffer that outlives the parallel loop.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: the tasks holding copies write disjoint cells of a buffer that outlives them (the
+// maker's contract above).
 #[allow(unsafe_code)]
 unsafe impl Send for OutPtr {}
-// SAFETY: as for `Send`.
+// SAFETY: as for `Send`: shared only to hand each task its own cells.
 #[allow(unsafe_code)]
 unsafe impl Sync for OutPtr {}
 
