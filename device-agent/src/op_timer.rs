@@ -358,7 +358,7 @@ pub fn lora_step_profile(
         (0..reps.max(1))
             .map(|_| {
                 let t = Instant::now();
-                let _ = chunked_ce(model, hf.clone(), &batch.targets, n as f64);
+                let _ = chunked_ce(model, hf.clone(), &batch.targets, n as f64, None);
                 ms(t)
             })
             .collect(),

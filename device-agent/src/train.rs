@@ -118,6 +118,10 @@ pub struct Tuner {
     /// HetLoRA's rank self-pruning ([`rank_prune`]); `None` (the default) leaves training as
     /// it is.
     rank_pruning: Option<protocol::RankPruning>,
+    /// With bf16 products, the LM head rounded and packed for the loss, once per tuner rather
+    /// than once per micro-batch (the head is the frozen embedding, which pruning never
+    /// narrows); built at the first micro-batch.
+    packed_head: Option<crate::bf16::PackedHead>,
 }
 
 /// A record of one optimiser step.
@@ -171,6 +175,7 @@ impl Tuner {
             importance: Importance::default(),
             rng,
             rank_pruning: None,
+            packed_head: None,
         }
     }
 
@@ -205,6 +210,9 @@ impl Tuner {
         want_scores: bool,
     ) -> (StepStats, Option<Vec<BlockScores>>) {
         let taylor = want_scores && self.cfg.criterion == Criterion::Taylor;
+        if self.packed_head.is_none() {
+            self.packed_head = self.model.bf16_head(true);
+        }
         let strategy = if self.cfg.checkpointing {
             burn::tensor::GradientCheckpointingStrategy::Balanced
         } else {
@@ -271,7 +279,13 @@ impl Tuner {
             let x_leaf = leaf(&x);
             let h = self.model.final_norm(x_leaf.clone());
             let (nll, correct, dh) =
-                chunked_ce(&self.model, h.clone().inner(), &batch.targets, norm);
+                chunked_ce(
+                    &self.model,
+                    h.clone().inner(),
+                    &batch.targets,
+                    norm,
+                    self.packed_head.as_ref(),
+                );
             let grads = (h * dh).sum().backward();
             let mut dx = x_leaf
                 .grad(&grads)
@@ -289,7 +303,13 @@ impl Tuner {
             let tokens = self.model.tokens_tensor(&batch.tokens);
             let h = model_ref.hidden(tokens, Some(&leaves), None);
             let (nll, correct, dh) =
-                chunked_ce(&self.model, h.clone().inner(), &batch.targets, norm);
+                chunked_ce(
+                    &self.model,
+                    h.clone().inner(),
+                    &batch.targets,
+                    norm,
+                    self.packed_head.as_ref(),
+                );
             let grads = (h * dh).sum().backward();
             block_grads = (0..n_layers).map(|_| None).collect();
             block_grads[0] = Some(grads);

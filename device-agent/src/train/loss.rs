@@ -8,6 +8,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
+use crate::bf16::{PackedHead, Precision};
 use crate::eval::LOGIT_CHUNK_ROWS;
 use crate::model::Llama;
 
@@ -45,20 +46,28 @@ pub struct StepStats {
 }
 
 /// Chunked cross-entropy from hidden rows: returns (sum of NLL, correct argmax count, dL/dh)
-/// where `L = sum NLL / norm`.
+/// where `L = sum NLL / norm`. With bf16 products, `packed` is the model's LM head packed for
+/// training ([`Llama::bf16_head`] with gradients), which a caller taking many steps keeps
+/// ([`crate::train::Tuner`] does); without it the head is packed here, for this call.
 pub fn chunked_ce(
     model: &Llama,
     h: Tensor<2>,
     targets: &[Option<u32>],
     norm: f64,
+    packed: Option<&PackedHead>,
 ) -> (f64, usize, Tensor<2>) {
     let [n, d] = h.dims();
     let device = model.device.clone();
     // [vocab, d]: a Q8_0 head dequantized a chunk of rows at a time, or fp32 rows.
     let q8_head = model.q8_fp32_head();
     let head = q8_head.is_none().then(|| model.head_rows());
-    // With bf16 products the head is rounded and packed once for all chunks.
-    let packed = head.as_ref().and_then(|_| model.bf16_head(true));
+    // With bf16 products the head is rounded and packed once for all chunks (or was, by the
+    // caller); a head handed in for another precision is not used.
+    let bf16 = head.is_some() && model.precision() == Precision::Bf16;
+    let own = (bf16 && packed.is_none())
+        .then(|| model.bf16_head(true))
+        .flatten();
+    let packed = if bf16 { packed.or(own.as_ref()) } else { None };
     let head_product = |hc: Tensor<2>| match (q8_head, &head) {
         (Some(w), _) => crate::quant::frozen::logits(hc, w),
         (None, Some(h)) => match packed.as_ref().and_then(|p| p.logits(&hc)) {
@@ -174,7 +183,7 @@ mod tests {
             &m.device,
         );
         let targets = vec![Some(3), None, Some(7), Some(39), None, Some(0)];
-        let (nll, _, dh) = chunked_ce(&m, h.clone(), &targets, 4.0);
+        let (nll, _, dh) = chunked_ce(&m, h.clone(), &targets, 4.0, None);
         // Autodiff reference.
         let leaf = h.clone().autodiff().require_grad();
         let lp = log_softmax(m.logits(leaf.clone()), 1);
