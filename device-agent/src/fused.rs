@@ -101,34 +101,30 @@ fn last_dim(t: &FlexTensor) -> usize {
     shape[shape.num_dims() - 1]
 }
 
-/// The attention probabilities `[batch, kv_heads, rows, keys]` of queries `q` against keys `k`
-/// (flex), with the causal mask of [`kernels::CausalMask`], and the scale used.
-fn causal_probs(q: &FlexTensor, k: &FlexTensor, seq: usize) -> (FlexTensor, f32) {
+/// The shape of causal attention of queries `q` `[batch, kv_heads, group * seq, hd]` against
+/// keys `k` `[batch, kv_heads, keys, hd]`, `seq` new positions, and the scores' scale.
+fn attention_shape(q: &FlexTensor, k: &FlexTensor, seq: usize) -> (kernels::AttentionShape, f32) {
     let (qs, ks) = (q.layout().shape(), k.layout().shape());
     assert!(
         qs.num_dims() == 4
             && ks.num_dims() == 4
+            && qs[0] == ks[0]
+            && qs[1] == ks[1]
             && qs[3] == ks[3]
             && seq > 0
             && qs[2] % seq == 0
             && ks[2] >= seq,
         "causal attention of queries {qs:?} against keys {ks:?}, {seq} new positions"
     );
-    let (rows, keys, hd) = (qs[2], ks[2], qs[3]);
-    let scale = 1.0 / (hd as f32).sqrt();
-    // A new contiguous buffer that only this function holds: the softmax overwrites it.
-    let mut probs = contiguous(kernels::flex_matmul(
-        q.clone(),
-        Flex::float_swap_dims(k.clone(), 2, 3),
-    ));
-    let mask = kernels::CausalMask {
-        group_rows: rows,
+    let shape = kernels::AttentionShape {
+        batch: qs[0],
+        kv_heads: qs[1],
+        group: qs[2] / seq,
         seq,
-        past: keys - seq,
-        scale,
+        keys: ks[2],
+        head_dim: qs[3],
     };
-    kernels::causal_softmax_in_place(probs.storage_mut::<f32>(), keys, mask);
-    (probs, scale)
+    (shape, 1.0 / (qs[3] as f32).sqrt())
 }
 
 /// RMSNorm of the rows of `x` (flex) with weight `w`.
@@ -164,8 +160,10 @@ impl FusedBackend for Flex {
     }
 
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, seq: usize) -> FlexTensor {
-        let (p, _) = causal_probs(&q, &k, seq);
-        kernels::flex_matmul(p, v)
+        let (shape, scale) = attention_shape(&q, &k, seq);
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let out = kernels::causal_attention(values(&q), values(&k), values(&v), shape, scale);
+        like(&q, out)
     }
 
     fn softmax_last(s: FlexTensor) -> FlexTensor {
@@ -324,9 +322,8 @@ impl Backward<Flex, 3> for LoraAddBackward {
     }
 }
 
-/// Attention's gradients from the kept `q`, `k` and `v`: the probabilities are recomputed (one
-/// `q k^T` product and a softmax per block), then `dv = P^T dy`, `dP = dy v^T`, `ds = P * (dP -
-/// sum(dP * P)) / sqrt(hd)`, `dq = ds k`, `dk = ds^T q`.
+/// Attention's gradients from the kept `q`, `k` and `v`, the probabilities recomputed block by
+/// block ([`kernels::causal_attention_backward`]).
 #[derive(Debug)]
 struct AttentionBackward;
 
@@ -335,30 +332,22 @@ impl Backward<Flex, 3> for AttentionBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
-        let dy = grads.consume::<Flex>(&ops.node);
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let (q, k, v, seq) = ops.state;
-        let (p, scale) = causal_probs(&q, &k, seq);
-        if let Some(node) = node_v {
-            let dv = kernels::flex_matmul(Flex::float_swap_dims(p.clone(), 2, 3), dy.clone());
-            grads.register::<Flex>(node.id, dv);
-        }
-        if node_q.is_none() && node_k.is_none() {
-            return;
-        }
-        let dp = contiguous(kernels::flex_matmul(dy, Flex::float_swap_dims(v, 2, 3)));
-        let mut ds = vec![0f32; values(&p).len()];
-        kernels::softmax_grad_into(values(&p), values(&dp), &mut ds, last_dim(&p), scale);
-        drop(dp);
-        let ds = like(&p, ds);
-        drop(p);
-        if let Some(node) = node_q {
-            grads.register::<Flex>(node.id, kernels::flex_matmul(ds.clone(), k));
-        }
-        if let Some(node) = node_k {
-            grads.register::<Flex>(
-                node.id,
-                kernels::flex_matmul(Flex::float_swap_dims(ds, 2, 3), q),
-            );
+        let (shape, scale) = attention_shape(&q, &k, seq);
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let (dq, dk, dv) = kernels::causal_attention_backward(
+            values(&q),
+            values(&k),
+            values(&v),
+            values(&dy),
+            shape,
+            scale,
+        );
+        for (node, t, g) in [(node_q, &q, dq), (node_k, &k, dk), (node_v, &v, dv)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, like(t, g));
+            }
         }
     }
 }

@@ -10,7 +10,8 @@
 //! return `None` and the caller uses burn's own operation. The slice-level `*_into` functions are
 //! the bodies of [`crate::fused`]'s softmax and SwiGLU, which carry their own backward passes.
 //! [`skinny`] holds the fp32 products of decoding (a few rows times a large weight);
-//! [`flex_matmul`] the other fp32 products, without flex's zeroing and copying of the output.
+//! [`flex_matmul`] the other fp32 products, without flex's zeroing and copying of the output;
+//! [`causal_attention`] attention by blocks of query rows, skipping the masked keys.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -321,7 +322,7 @@ pub(crate) fn decode_attention(
 }
 
 /// Which keys each row of attention scores may see, and the scores' scale (see
-/// [`causal_softmax_in_place`]).
+/// [`causal_softmax_rows`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CausalMask {
     /// Rows of one `[rows, keys]` score matrix: a KV head's group of queries, `g * seq`.
@@ -425,21 +426,6 @@ pub(crate) fn softmax_grad_into(
         .zip(p.par_chunks(chunk))
         .zip(dy.par_chunks(chunk))
         .for_each(|((o, p), d)| softmax_grad_rows(p, d, o, row_len, scale));
-}
-
-/// [`causal_softmax_rows`] over a whole buffer of `[.., group_rows, row_len]` scores, in
-/// place, row-parallel when large.
-pub(crate) fn causal_softmax_in_place(x: &mut [f32], row_len: usize, mask: CausalMask) {
-    if row_len == 0 || mask.group_rows == 0 || mask.seq == 0 {
-        return;
-    }
-    if x.len() <= ELEMS_PER_TASK {
-        return causal_softmax_rows(x, row_len, 0, mask);
-    }
-    let chunk = row_len * ROWS_PER_TASK;
-    x.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, x)| causal_softmax_rows(x, row_len, i * ROWS_PER_TASK, mask));
 }
 
 /// `silu(g) * u` element-wise into `out`, parallel when large.
@@ -554,8 +540,10 @@ pub fn cross_entropy_rows(
     Some((wrap(grad, [rows, vocab]), nll, pred))
 }
 
+mod attention;
 mod matmul;
 mod skinny;
+pub use attention::{causal_attention, causal_attention_backward, AttentionShape};
 pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
