@@ -278,14 +278,13 @@ impl Tuner {
             }
             let x_leaf = leaf(&x);
             let h = self.model.final_norm(x_leaf.clone());
-            let (nll, correct, dh) =
-                chunked_ce(
-                    &self.model,
-                    h.clone().inner(),
-                    &batch.targets,
-                    norm,
-                    self.packed_head.as_ref(),
-                );
+            let (nll, correct, dh) = chunked_ce(
+                &self.model,
+                h.clone().inner(),
+                &batch.targets,
+                norm,
+                self.packed_head.as_ref(),
+            );
             let grads = (h * dh).sum().backward();
             let mut dx = x_leaf
                 .grad(&grads)
@@ -302,14 +301,13 @@ impl Tuner {
         } else {
             let tokens = self.model.tokens_tensor(&batch.tokens);
             let h = model_ref.hidden(tokens, Some(&leaves), None);
-            let (nll, correct, dh) =
-                chunked_ce(
-                    &self.model,
-                    h.clone().inner(),
-                    &batch.targets,
-                    norm,
-                    self.packed_head.as_ref(),
-                );
+            let (nll, correct, dh) = chunked_ce(
+                &self.model,
+                h.clone().inner(),
+                &batch.targets,
+                norm,
+                self.packed_head.as_ref(),
+            );
             let grads = (h * dh).sum().backward();
             block_grads = (0..n_layers).map(|_| None).collect();
             block_grads[0] = Some(grads);

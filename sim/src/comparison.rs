@@ -8,12 +8,13 @@
 //! [`byzantine`] sets each poisoned entry against its `+clean` twin.
 
 pub mod byzantine;
+pub mod pool;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use aggregator::coordinator::streams::Stream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::experiment::SeedRuns;
 use crate::report::Report;
@@ -196,7 +197,7 @@ fn settled_arm<'a>(reports: impl Iterator<Item = &'a Report>, class: &str) -> Op
 }
 
 /// The arm a class settles on.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettledArm {
     /// Centre of the ratio bin ([`RATIO_BIN`] wide).
     pub prune_ratio: f64,
@@ -208,7 +209,7 @@ pub struct SettledArm {
 }
 
 /// One entry's bandit behaviour on one device class, over all seeds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassBandit {
     pub class: String,
     pub entry: String,
@@ -224,7 +225,7 @@ pub struct ClassBandit {
 }
 
 /// One metric of one entry over seeds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricRow {
     pub metric: String,
     pub entry: String,
@@ -234,7 +235,7 @@ pub struct MetricRow {
 }
 
 /// The whole comparison.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
     pub name: String,
     pub mode: String,
@@ -252,8 +253,18 @@ pub struct Comparison {
     pub eval_items_effective: usize,
     pub final_accuracy_se: Option<f64>,
     /// Poisoned entries against their clean twins (absent without Byzantine runs).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub byzantine: Vec<byzantine::ByzantineRow>,
+    /// For a comparison pooled from runs of disjoint seeds ([`pool`]): the parts, each as
+    /// `folder: seeds` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pooled_from: Vec<String>,
+}
+
+/// The bootstrap stream of metric `m`'s interval for entry `e` (its paired difference's with
+/// `paired`): [`compare`] and [`pool`] draw the same resamples for the same values.
+fn interval_stream(m: usize, e: usize, paired: bool) -> u64 {
+    (m * 1000 + if paired { 500 } else { 0 } + e) as u64
 }
 
 /// The comparison of `runs` (every seed ran `entries` in order). `eval_items` is the
@@ -287,7 +298,7 @@ pub fn compare(name: &str, entries: &[String], runs: &[SeedRuns], eval_items: us
     for (m, (key, _, _)) in METRICS.iter().enumerate() {
         for (e, entry) in entries.iter().enumerate() {
             let per_seed = column(e, m);
-            let interval = boot_ci(&per_seed, (m * 1000 + e) as u64);
+            let interval = boot_ci(&per_seed, interval_stream(m, e, false));
             metrics.push(MetricRow {
                 metric: key.to_string(),
                 entry: entry.clone(),
@@ -302,7 +313,7 @@ pub fn compare(name: &str, entries: &[String], runs: &[SeedRuns], eval_items: us
                     .zip(&b)
                     .map(|(x, y)| stats::paired_differences(&[*x], &[*y]).first().copied())
                     .collect();
-                let interval = boot_ci(&per_seed, (m * 1000 + 500 + e) as u64);
+                let interval = boot_ci(&per_seed, interval_stream(m, e, true));
                 paired.push(MetricRow {
                     metric: key.to_string(),
                     entry: format!("{} - {}", entries[0], entry),
@@ -340,6 +351,7 @@ pub fn compare(name: &str, entries: &[String], runs: &[SeedRuns], eval_items: us
         eval_items_effective: eval_items,
         final_accuracy_se,
         byzantine,
+        pooled_from: Vec::new(),
     }
 }
 
@@ -490,6 +502,19 @@ impl Comparison {
                 "\nPaired differences, seed by seed (an interval excluding 0 is a difference these seeds support):\n"
             );
             metric_table(&mut s, &others, &self.paired, n);
+        }
+        if !self.pooled_from.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nPooled from runs of disjoint seeds on one CPU class: {}. Bandit rows are not pooled (they need each run's plays): see each part's `compare.md`.",
+                self.pooled_from.join("; ")
+            );
+            s.push_str(&byzantine::markdown(
+                &self.byzantine,
+                n,
+                self.mode == "surrogate",
+            ));
+            return s;
         }
         let _ = writeln!(
             s,

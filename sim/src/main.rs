@@ -158,6 +158,17 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Pool `sim compare --seeds N` folders of disjoint seeds (one experiment, one CPU class)
+    /// into one comparison of all their seeds: per-seed values as each run reported them,
+    /// intervals drawn again over the pooled seeds (the bandit rows are not pooled).
+    Pool {
+        /// The comparison folders (each with `compare.json` and `host.json`).
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// Where to write the pooled `compare.json`, `compare.md` and `host.json`.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List the built-in device profiles.
     Profiles,
     /// List the built-in presets.
@@ -473,6 +484,25 @@ fn write_host(dir: &Path, host: &HostInfo) -> Result<()> {
     write_file(&dir.join("host.json"), &text)
 }
 
+fn pool(dirs: &[PathBuf], out: &Path) -> Result<()> {
+    let parts = dirs
+        .iter()
+        .map(|d| comparison::pool::Part::load(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cmp = comparison::pool::pool(&parts)?;
+    write_file(&out.join("compare.json"), &cmp.to_json())?;
+    write_file(&out.join("compare.md"), &cmp.to_markdown())?;
+    let host = std::fs::read_to_string(dirs[0].join("host.json"))
+        .with_context(|| format!("reading {}", dirs[0].join("host.json").display()))?;
+    write_file(&out.join("host.json"), &host)?;
+    println!("{}", cmp.to_markdown());
+    println!(
+        "reports in {} (compare.json, compare.md, host.json)",
+        out.display()
+    );
+    Ok(())
+}
+
 fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let opts = surrogate::FitOptions {
@@ -612,6 +642,7 @@ fn main() -> Result<()> {
             reps,
             quick,
         }) => calibrate(out, from, reps, quick),
+        Some(Cmd::Pool { parts, out }) => pool(&parts, &out),
         Some(Cmd::Profiles) => {
             println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");
             println!("|---|---|---|---|---|---|---|---|---|");

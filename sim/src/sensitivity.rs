@@ -234,6 +234,7 @@ mod tests {
             eval_items_effective: 400,
             final_accuracy_se: None,
             byzantine: Vec::new(),
+            pooled_from: Vec::new(),
         }
     }
 

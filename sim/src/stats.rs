@@ -7,13 +7,13 @@
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Resamples of the comparison report's bootstrap.
 pub const RESAMPLES: usize = 10_000;
 
 /// A mean with its two-sided percentile-bootstrap interval over `n` values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
     pub mean: f64,
     pub lo: f64,

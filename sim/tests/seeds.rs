@@ -129,3 +129,76 @@ fn the_bandit_preset_plays_every_device_twenty_times_and_names_settled_arms() {
     assert!(md.contains("SURROGATE MODE"), "{md}");
     assert!(md.contains("fedspine - fedspine@uniform-random"), "{md}");
 }
+
+/// Pooling comparisons of disjoint seeds (`sim pool`) gives what one comparison of all their
+/// seeds gives: per-seed values, intervals, paired differences, the Byzantine rows (counts
+/// summed) and the standard error, whatever the order of the parts. A repeated seed, another
+/// experiment and another CPU class are refused with the parts named; a comparison survives
+/// the JSON it is read back from.
+#[test]
+fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
+    use sim::comparison::pool::{self, Part};
+    let mut cfg = ExperimentConfig::preset("tiny").unwrap();
+    cfg.coordinator.rounds = 3;
+    cfg.coordinator.devices_per_round = 8;
+    cfg.coordinator.min_devices = Some(8);
+    cfg.eval.every_rounds = 3;
+    cfg.eval.panel_devices = 1;
+    cfg.byzantine =
+        toml::from_str("fraction = 0.25\nattack = { kind = \"scale\", factor = -10 }").unwrap();
+    cfg.validate().unwrap();
+    let entries: Vec<String> = ["fedlora", "fedlora+clean"].map(String::from).to_vec();
+    let res = Resources::load(&cfg, None).unwrap();
+    let seeds = experiment::seeds(&cfg, 3);
+    let mut ok = |_: u64, _: &Report| Ok(());
+    let runs =
+        experiment::compare_seeds(&cfg, &entries, &seeds, &res, &mut Quiet, &mut ok).unwrap();
+    let whole = comparison::compare(&cfg.name, &entries, &runs, 2);
+    assert_eq!(
+        whole.byzantine.len(),
+        1,
+        "the poisoned entry has its clean twin"
+    );
+    let part = |runs: &[SeedRuns], label: &str| Part {
+        label: label.into(),
+        comparison: comparison::compare(&cfg.name, &entries, runs, 2),
+        host: ("a CPU".into(), "avx512".into()),
+    };
+    let (a, b) = (part(&runs[..2], "a"), part(&runs[2..], "b"));
+    let pooled = pool::pool(&[b.clone(), a.clone()]).unwrap();
+    assert_eq!(pooled.seeds, whole.seeds);
+    assert_eq!(pooled.metrics, whole.metrics);
+    assert_eq!(pooled.paired, whole.paired);
+    assert_eq!(pooled.byzantine, whole.byzantine);
+    assert_eq!(pooled.final_accuracy_se, whole.final_accuracy_se);
+    assert!(pooled.bandit.is_empty());
+    assert_eq!(
+        pooled.pooled_from,
+        [
+            format!("b: seeds {}", seeds[2]),
+            format!("a: seeds {}, {}", seeds[0], seeds[1])
+        ]
+    );
+    let md = pooled.to_markdown();
+    assert!(
+        md.contains("Pooled from") && md.contains("not pooled"),
+        "{md}"
+    );
+    // The file `sim pool` reads gives back the comparison written.
+    let back: comparison::Comparison = serde_json::from_str(&a.comparison.to_json()).unwrap();
+    assert_eq!(back, a.comparison);
+    // Refusals, each naming what was wrong.
+    let err = pool::pool(&[a.clone(), a.clone()]).unwrap_err().to_string();
+    assert!(
+        err.contains("in both a and a") && err.contains("disjoint"),
+        "{err}"
+    );
+    let mut avx2 = b.clone();
+    avx2.host.1 = "avx2".into();
+    let err = pool::pool(&[a.clone(), avx2]).unwrap_err().to_string();
+    assert!(err.contains("CPU classes"), "{err}");
+    let mut other = b.clone();
+    other.comparison.entries.push("hetlora".into());
+    let err = pool::pool(&[a, other]).unwrap_err().to_string();
+    assert!(err.contains("entries differs"), "{err}");
+}

@@ -6,13 +6,13 @@
 use std::fmt::Write as _;
 
 use aggregator::coordinator::streams::Stream;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::experiment::SeedRuns;
 use crate::stats::{self, Interval};
 
 /// One poisoned entry against its clean twin, over seeds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ByzantineRow {
     pub entry: String,
     pub clean_entry: String,
@@ -40,6 +40,12 @@ pub struct ByzantineRow {
     pub clean_clipped: u64,
     pub clean_rejects: u64,
     pub clean_screened: u64,
+}
+
+/// The first of the three bootstrap streams of the `row`-th row (clean, poisoned, difference):
+/// [`rows`] and [`super::pool`] draw the same resamples for the same values.
+pub(crate) fn row_stream(row: usize) -> u64 {
+    3_000_000 + 10 * row as u64
 }
 
 /// `entry` without its `+clean` modifier, or `None` when it has none.
@@ -74,7 +80,7 @@ pub fn rows(entries: &[String], runs: &[SeedRuns], boot: &Stream, level: f64) ->
             .zip(&clean_per_seed)
             .map(|(x, y)| stats::paired_differences(&[*x], &[*y]).first().copied())
             .collect();
-        let k = 3_000_000 + 10 * out.len() as u64;
+        let k = row_stream(out.len());
         let ci = |xs: &[Option<f64>], n: u64| {
             let v: Vec<f64> = xs.iter().flatten().copied().collect();
             stats::bootstrap_mean(&v, level, stats::RESAMPLES, &mut boot.rng_for(k + n))
