@@ -85,9 +85,10 @@ enum Cmd {
         strategies: String,
         /// Run every strategy on this many seeds (the config's seed, +1, ...): per-seed folders
         /// `seed-S/STRATEGY/`, and `compare.json`/`compare.md` with bootstrap intervals and
-        /// paired differences. 1 (the default) writes one folder per strategy as before.
-        #[arg(long, default_value_t = 1)]
-        seeds: usize,
+        /// paired differences, even for `--seeds 1` (a part `sim pool` can take). Without the
+        /// flag, one run per strategy in one folder each, as `sim run` writes them.
+        #[arg(long)]
+        seeds: Option<usize>,
         /// Also re-run every strategy on the same seeds with every profile's compute derated
         /// x0.5 and x2 and its bandwidth x0.5 and x2, and write the headline ratios under each
         /// (`sensitivity.md`, `sensitivity.json`); five times the work.
@@ -328,7 +329,13 @@ fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn compare(strategies: &str, n_seeds: usize, sensitivity: bool, args: RunArgs) -> Result<()> {
+fn compare(
+    strategies: &str,
+    seeds_flag: Option<usize>,
+    sensitivity: bool,
+    args: RunArgs,
+) -> Result<()> {
+    let n_seeds = seeds_flag.unwrap_or(1);
     let (cfg, base) = args.load()?;
     let names: Vec<String> = strategies
         .split(',')
@@ -360,7 +367,7 @@ fn compare(strategies: &str, n_seeds: usize, sensitivity: bool, args: RunArgs) -
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut progress = Progress::new("", cfg.coordinator.rounds);
-    if n_seeds == 1 {
+    if seeds_flag.is_none() {
         let mut reports = Vec::new();
         for name in &names {
             let c = cfg.with_entry(name)?;

@@ -200,5 +200,5 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
     let mut other = b.clone();
     other.comparison.entries.push("hetlora".into());
     let err = pool::pool(&[a, other]).unwrap_err().to_string();
-    assert!(err.contains("entries differs"), "{err}");
+    assert!(err.contains("differ in entries"), "{err}");
 }

@@ -34,11 +34,14 @@ pub struct ByzantineRow {
     /// Every accepted update over the clip norm (honest ones too), and every reject sent.
     pub clipped_total: u64,
     pub rejects: u64,
-    /// Every update norm screening left out in the poisoned runs (honest ones too).
+    /// Every update norm screening left out in the poisoned runs (honest ones too); 0 when
+    /// read from a file written before screening was counted.
+    #[serde(default)]
     pub screened_total: u64,
     /// The same three counts in the clean runs.
     pub clean_clipped: u64,
     pub clean_rejects: u64,
+    #[serde(default)]
     pub clean_screened: u64,
 }
 

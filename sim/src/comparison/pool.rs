@@ -88,7 +88,7 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
         ];
         if let Some((what, _)) = differs.iter().find(|(_, d)| *d) {
             return Err(data(format!(
-                "{} and {} are not one experiment: their {what} differs",
+                "{} and {} are not one experiment: they differ in {what}",
                 first.label, p.label
             )));
         }
