@@ -23,6 +23,8 @@ pub mod prune;
 pub mod quant;
 pub mod session;
 pub mod state_dir;
+#[cfg(test)]
+mod test_values;
 pub mod tokenizer;
 pub mod train;
 pub mod user_data;

@@ -261,6 +261,16 @@ impl Tuner {
         let hd = self.model.config.head_dim;
         let n_layers = self.model.blocks.len();
         let mut block_grads: Vec<Option<burn::tensor::Gradients>> = Vec::new();
+        // The loss and its gradient with respect to the final hidden rows (outside the graph).
+        let loss = |h: &Tensor<2>| {
+            chunked_ce(
+                &self.model,
+                h.clone().inner(),
+                &batch.targets,
+                norm,
+                self.packed_head.as_ref(),
+            )
+        };
         let (nll, correct) = if self.cfg.recompute_blocks {
             // Block-wise recomputation: a plain forward keeps only each block's input; the
             // backward then rebuilds one block's graph at a time from its input and the
@@ -278,13 +288,7 @@ impl Tuner {
             }
             let x_leaf = leaf(&x);
             let h = self.model.final_norm(x_leaf.clone());
-            let (nll, correct, dh) = chunked_ce(
-                &self.model,
-                h.clone().inner(),
-                &batch.targets,
-                norm,
-                self.packed_head.as_ref(),
-            );
+            let (nll, correct, dh) = loss(&h);
             let grads = (h * dh).sum().backward();
             let mut dx = x_leaf
                 .grad(&grads)
@@ -301,13 +305,7 @@ impl Tuner {
         } else {
             let tokens = self.model.tokens_tensor(&batch.tokens);
             let h = model_ref.hidden(tokens, Some(&leaves), None);
-            let (nll, correct, dh) = chunked_ce(
-                &self.model,
-                h.clone().inner(),
-                &batch.targets,
-                norm,
-                self.packed_head.as_ref(),
-            );
+            let (nll, correct, dh) = loss(&h);
             let grads = (h * dh).sum().backward();
             block_grads = (0..n_layers).map(|_| None).collect();
             block_grads[0] = Some(grads);

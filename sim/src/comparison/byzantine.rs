@@ -12,7 +12,7 @@ use crate::experiment::SeedRuns;
 use crate::stats::{self, Interval};
 
 /// One poisoned entry against its clean twin, over seeds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ByzantineRow {
     pub entry: String,
     pub clean_entry: String,
@@ -98,17 +98,7 @@ pub fn rows(entries: &[String], runs: &[SeedRuns], boot: &Stream, level: f64) ->
             clean_per_seed,
             poisoned_per_seed,
             difference_per_seed,
-            attackers_per_seed: Vec::new(),
-            poisoned_sent: 0,
-            poisoned_accepted: 0,
-            poisoned_rejected: 0,
-            poisoned_clipped: 0,
-            clipped_total: 0,
-            rejects: 0,
-            screened_total: 0,
-            clean_clipped: 0,
-            clean_rejects: 0,
-            clean_screened: 0,
+            ..ByzantineRow::default()
         };
         for r in pick(p) {
             row.rejects += r.summary.rejects;

@@ -251,16 +251,7 @@ fn pool_byzantine(
         poisoned_per_seed,
         difference_per_seed,
         attackers_per_seed,
-        poisoned_sent: 0,
-        poisoned_accepted: 0,
-        poisoned_rejected: 0,
-        poisoned_clipped: 0,
-        clipped_total: 0,
-        rejects: 0,
-        screened_total: 0,
-        clean_clipped: 0,
-        clean_rejects: 0,
-        clean_screened: 0,
+        ..ByzantineRow::default()
     };
     for b in parts.iter().filter_map(|p| find(&p.comparison)) {
         out.poisoned_sent += b.poisoned_sent;
