@@ -179,7 +179,6 @@ fn product(dst: &mut [f32], accumulate: bool, lhs: View, rhs: View) {
 /// The probabilities of one block: queries `qb` (`rows x hd`, row-major) against the first
 /// `kmax` keys of `k` (one KV head, row-major `keys x hd`), scaled, masked and normalised into
 /// `p` (`rows x kmax`), the block's first row being position `r0` of its head.
-#[allow(clippy::too_many_arguments)]
 fn block_probs(
     p: &mut [f32],
     qb: &[f32],

@@ -114,10 +114,7 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
     origins.sort_unstable();
     let seeds: Vec<u64> = origins.iter().map(|o| o.0).collect();
     let boot = Stream::new(seeds[0], "bootstrap");
-    let ci = |xs: &[Option<f64>], stream: u64| -> Option<Interval> {
-        let v: Vec<f64> = xs.iter().flatten().copied().collect();
-        stats::bootstrap_mean(&v, c0.level, c0.resamples, &mut boot.rng_for(stream))
-    };
+    let ci = |xs: &[Option<f64>], stream: u64| drawn(xs, c0, &boot, stream);
     let entry_index = |entry: &str, paired: bool| -> Option<usize> {
         c0.entries.iter().position(|e| {
             if paired {
@@ -166,7 +163,7 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
         stats::mean(&accuracy).and_then(|p| stats::accuracy_se(p, c0.eval_items_effective));
     let mut byzantine = Vec::new();
     for (r, row) in c0.byzantine.iter().enumerate() {
-        byzantine.push(pool_byzantine(parts, &origins, r, row, &ci)?);
+        byzantine.push(pool_byzantine(parts, &origins, r, row, &boot)?);
     }
     Ok(Comparison {
         name: c0.name.clone(),
@@ -192,6 +189,13 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
     })
 }
 
+/// The interval over the values present in `xs`, with `c`'s level and resamples, drawn from
+/// stream `stream` of `boot`.
+fn drawn(xs: &[Option<f64>], c: &Comparison, boot: &Stream, stream: u64) -> Option<Interval> {
+    let v: Vec<f64> = xs.iter().flatten().copied().collect();
+    stats::bootstrap_mean(&v, c.level, c.resamples, &mut boot.rng_for(stream))
+}
+
 /// A comparison's metric rows, or its paired-difference rows.
 fn rows_of(c: &Comparison, paired: bool) -> &[MetricRow] {
     if paired {
@@ -208,19 +212,20 @@ fn gather<T: Copy>(
     origins: &Origins,
     row: impl Fn(&Comparison) -> Option<Vec<T>>,
 ) -> Result<Vec<T>, SimError> {
+    // Each part's row once, kept only when it has a value per seed of the part.
+    let per_part: Vec<Option<Vec<T>>> = parts
+        .iter()
+        .map(|p| row(&p.comparison).filter(|v| v.len() == p.comparison.seeds.len()))
+        .collect();
     origins
         .iter()
         .map(|&(seed, k, i)| {
-            let p = &parts[k];
-            row(&p.comparison)
-                .filter(|v| v.len() == p.comparison.seeds.len())
-                .map(|v| v[i])
-                .ok_or_else(|| {
-                    data(format!(
-                        "{}: a row of the first part is missing or has no value for seed {seed}",
-                        p.label
-                    ))
-                })
+            per_part[k].as_ref().map(|v| v[i]).ok_or_else(|| {
+                data(format!(
+                    "{}: a row of the first part is missing or has no value for seed {seed}",
+                    parts[k].label
+                ))
+            })
         })
         .collect()
 }
@@ -232,13 +237,14 @@ fn pool_byzantine(
     origins: &Origins,
     r: usize,
     row: &ByzantineRow,
-    ci: &dyn Fn(&[Option<f64>], u64) -> Option<Interval>,
+    boot: &Stream,
 ) -> Result<ByzantineRow, SimError> {
     let find = |c: &Comparison| c.byzantine.iter().find(|b| b.entry == row.entry).cloned();
     let clean_per_seed = gather(parts, origins, |c| find(c).map(|b| b.clean_per_seed))?;
     let poisoned_per_seed = gather(parts, origins, |c| find(c).map(|b| b.poisoned_per_seed))?;
     let difference_per_seed = gather(parts, origins, |c| find(c).map(|b| b.difference_per_seed))?;
     let attackers_per_seed = gather(parts, origins, |c| find(c).map(|b| b.attackers_per_seed))?;
+    let ci = |xs: &[Option<f64>], stream: u64| drawn(xs, &parts[0].comparison, boot, stream);
     let k = byzantine::row_stream(r);
     let mut out = ByzantineRow {
         entry: row.entry.clone(),
