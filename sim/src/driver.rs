@@ -262,8 +262,11 @@ impl<'a> Simulation<'a> {
                         .ok()
                         .map(|()| prof.name.clone()),
                 },
-                criterion: device_agent::prune::Criterion::LoraGradient,
-                prune: PruneConfig::for_layers(dense.n_layers()),
+                criterion: cfg.pruning.criterion,
+                prune: PruneConfig {
+                    per_block: cfg.pruning.per_block,
+                    ..PruneConfig::for_layers(dense.n_layers())
+                },
                 f16_updates: false,
                 costs: trainer.costs(i),
                 limits: device_agent::session::RoundLimits::default(),

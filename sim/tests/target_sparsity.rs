@@ -265,3 +265,22 @@ fn surrogate_runs_score_every_final_model_at_target() {
         }
     }
 }
+
+/// The entry's `crit=NAME` reaches the devices: `fixed-prune` under random importance prunes
+/// other units than under LoRA-gradient importance (its devices' losses and final models
+/// differ), and naming the default criterion changes nothing.
+#[test]
+fn the_devices_prune_by_the_entrys_criterion() {
+    let cfg = config("fixed-prune");
+    let devices = |entry: &str| {
+        let report = run(&cfg.with_entry(entry).unwrap());
+        assert!(
+            report.devices.iter().any(|d| d.final_sparsity > 0.0),
+            "{entry}"
+        );
+        serde_json::to_string(&(&report.devices, &report.rounds)).unwrap()
+    };
+    let default = devices("fixed-prune");
+    assert_eq!(default, devices("fixed-prune+crit=lora-gradient"));
+    assert_ne!(default, devices("fixed-prune+crit=random"));
+}
