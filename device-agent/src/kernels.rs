@@ -11,7 +11,8 @@
 //! the bodies of [`crate::fused`]'s softmax and SwiGLU, which carry their own backward passes.
 //! [`skinny`] holds the fp32 products of decoding (a few rows times a large weight);
 //! [`flex_matmul`] the other fp32 products, without flex's zeroing and copying of the output;
-//! [`causal_attention`] attention by blocks of query rows, skipping the masked keys.
+//! [`causal_attention`] attention by blocks of query rows, skipping the masked keys;
+//! [`lora_importance`] LoRA-gradient importance in one pass over a frozen weight.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -541,9 +542,11 @@ pub fn cross_entropy_rows(
 }
 
 mod attention;
+mod importance;
 mod matmul;
 mod skinny;
 pub use attention::{causal_attention, causal_attention_backward, AttentionShape};
+pub use importance::{lora_importance, Along};
 pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};

@@ -19,6 +19,7 @@ use burn::tensor::Tensor;
 use protocol::{KeptIndices, Proj};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::{self, Along};
 use crate::lora::{Adapter, LoraFactors};
 use crate::model::Llama;
 use crate::prune::{self, BlockScores, Criterion, HeldModel, Importance, PruneConfig, PruneError};
@@ -360,24 +361,35 @@ impl Tuner {
         )
     }
 
-    /// LoRA-gradient importance from the accumulated gradients (before the update).
+    /// LoRA-gradient importance from the accumulated gradients (before the update): on flex in
+    /// one pass over each frozen weight ([`kernels::lora_importance`]), elsewhere composed from
+    /// burn's operations.
     fn lora_scores(&self) -> Vec<BlockScores> {
         let s = self.adapter.scale();
         let hd = self.model.config.head_dim;
+        let grad = |l: usize, p: Proj, is_a: bool| {
+            self.accum[fidx(l, p, is_a)].clone().expect(
+                "every LoRA factor is an autodiff leaf, so a backward pass accumulated its gradient",
+            )
+        };
         (0..self.model.blocks.len())
             .map(|l| {
-                let imp = |p: Proj| {
+                let sum = |p: Proj, along: Along| {
                     let f = &self.adapter.blocks[l][p.index()];
-                    let da = self.accum[fidx(l, p, true)].clone().expect("every LoRA factor is an autodiff leaf, so a backward pass accumulated its gradient");
-                    let db = self.accum[fidx(l, p, false)].clone().expect("every LoRA factor is an autodiff leaf, so a backward pass accumulated its gradient");
+                    let (da, db) = (grad(l, p, true), grad(l, p, false));
+                    let w0 = self.model.base_weight(l, p);
+                    if let Some(t) =
+                        kernels::lora_importance(&w0, &f.a, &f.b, &da, &db, s as f32, along)
+                    {
+                        return t;
+                    }
                     let g = (da.clone().matmul(f.b.clone()) + f.a.clone().matmul(db.clone())
                         - da.matmul(db))
                     .mul_scalar(s);
-                    let w = self.model.base_weight(l, p)
-                        + f.a.clone().matmul(f.b.clone()).mul_scalar(s);
-                    (g * w).abs()
+                    let w = w0 + f.a.clone().matmul(f.b.clone()).mul_scalar(s);
+                    prune::sum_along((g * w).abs(), along)
                 };
-                prune::group_scores(imp, hd)
+                prune::group_sums(sum, hd)
             })
             .collect()
     }

@@ -29,8 +29,8 @@ use crate::model::{Block, BlockShape, Llama, ModelConfig};
 pub use held::HeldModel;
 
 pub use scores::{
-    group_scores, magnitude_scores, random_scores, scores_rng, slice_scores, BlockScores,
-    Criterion, Importance,
+    group_scores, group_sums, magnitude_scores, random_scores, scores_rng, slice_scores, sum_along,
+    BlockScores, Criterion, Importance,
 };
 pub use select::{channel_cost, head_cost, kv_cost, params_of, select_prune, PruneConfig};
 

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::{local_positions, PruneError};
+use crate::kernels::Along;
 use crate::model::Llama;
 
 /// Importance criterion.
@@ -66,18 +67,30 @@ pub struct BlockScores {
 /// Sum per-element importance matrices (`[in, out]`, one per projection, from `imp`) of a
 /// block into group scores; `head_dim` elements make a head.
 pub fn group_scores(imp: impl Fn(Proj) -> Tensor<2>, head_dim: usize) -> BlockScores {
+    group_sums(|p, along| sum_along(imp(p), along), head_dim)
+}
+
+/// An `[in, out]` element-score matrix summed `along` one axis.
+pub fn sum_along(t: Tensor<2>, along: Along) -> Tensor<1> {
+    let dim = match along {
+        Along::Inputs => 0,
+        Along::Outputs => 1,
+    };
+    let n = t.dims()[1 - dim];
+    t.sum_dim(dim).reshape([n])
+}
+
+/// Group scores from each projection's element scores already summed (`sum(p, along)`: over
+/// the input rows for `q`, `k`, `v`, `gate`, `up`, one value per output; over the output
+/// columns for `o` and `down`, one per input); `head_dim` values make a head.
+pub fn group_sums(sum: impl Fn(Proj, Along) -> Tensor<1>, head_dim: usize) -> BlockScores {
     let hd = head_dim.max(1);
-    // Sum over the input dim (columns: q, k, v, gate, up) or the output dim (rows: o, down).
-    let per_out = |p: Proj| {
-        let t = imp(p);
-        let [_, n] = t.dims();
-        (n > 0).then(|| t.sum_dim(0).reshape([n]))
+    let summed = |p: Proj, along| {
+        let t = sum(p, along);
+        (t.dims()[0] > 0).then_some(t)
     };
-    let per_in = |p: Proj| {
-        let t = imp(p);
-        let [n, _] = t.dims();
-        (n > 0).then(|| t.sum_dim(1).reshape([n]))
-    };
+    let per_out = |p: Proj| summed(p, Along::Inputs);
+    let per_in = |p: Proj| summed(p, Along::Outputs);
     let by_head = |t: Tensor<1>| {
         let n = t.dims()[0] / hd;
         t.reshape([n, hd]).sum_dim(1).reshape([n])
