@@ -265,6 +265,7 @@ pub fn run_job(
         prune_every: job.prune_every,
         criterion: agent.criterion,
         prune: agent.prune.clone(),
+        min_prune_events: agent.min_prune_events,
         seed: job.seed,
         warmup_steps: (job.local_steps / 10).max(1),
         recompute_blocks: job.memory.recomputes(),

@@ -38,6 +38,7 @@ fn agent_config() -> AgentConfig {
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(4),
+        min_prune_events: 8,
         f16_updates: false,
         costs: Arc::new(PrunedModel {
             dense: tiny(),

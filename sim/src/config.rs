@@ -193,7 +193,7 @@ pub struct SurrogateConfig {
 
 /// How real-mode devices choose what they prune: device-side settings that the round
 /// configuration does not carry (an operator sets them per agent), the same for every device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PruningConfig {
     /// Importance criterion: `lora-gradient` (the default), `taylor`, `magnitude`, `random`.
@@ -201,6 +201,19 @@ pub struct PruningConfig {
     /// Every prunable block pruned by the same ratio, each choosing its own units (LoRAPrune's
     /// option), instead of one ranking over the whole model.
     pub per_block: bool,
+    /// The gradual schedule's floor on pruning events per round (the agent's default, 8);
+    /// 1 lets `coordinator.prune_interval_steps` alone space them, as the paper's K does.
+    pub min_events: usize,
+}
+
+impl Default for PruningConfig {
+    fn default() -> Self {
+        PruningConfig {
+            criterion: Default::default(),
+            per_block: false,
+            min_events: device_agent::train::TrainConfig::default().min_prune_events,
+        }
+    }
 }
 
 impl PruningConfig {
@@ -398,11 +411,16 @@ impl ExperimentConfig {
                 "max_virtual_hours must be positive".into(),
             ));
         }
+        if self.pruning.min_events == 0 {
+            return Err(SimError::Config(
+                "pruning.min_events must be at least 1".into(),
+            ));
+        }
         if self.mode == Mode::Surrogate && !self.pruning.is_default() {
             return Err(SimError::Config(format!(
                 "pruning: the surrogate was fitted on devices ranking LoRA-gradient importance over \
-                 the whole model and models no other criterion or block ratio ({:?}); run this \
-                 in real mode",
+                 the whole model with the default schedule and models no other criterion, block \
+                 ratio or event floor ({:?}); run this in real mode",
                 self.pruning
             )));
         }

@@ -267,6 +267,7 @@ impl<'a> Simulation<'a> {
                     per_block: cfg.pruning.per_block,
                     ..PruneConfig::for_layers(dense.n_layers())
                 },
+                min_prune_events: cfg.pruning.min_events,
                 f16_updates: false,
                 costs: trainer.costs(i),
                 limits: device_agent::session::RoundLimits::default(),

@@ -78,8 +78,9 @@ enum Cmd {
         /// `fedspine@s-ucb:nu=0.1:exploration=0.3`, `fedspine@fixed:prune_ratio=0.6:rank=4`).
         /// Modifiers after `+`: `agg=METHOD` (aggregation method),
         /// `clip=NORM` (norm clipping), `screen=K` (norm screening), `scope=class` (bandits learn from their class's
-        /// rewards too), `clean` (no `[byzantine]` devices), `k=N` (local steps between pruning
-        /// events), `crit=NAME` (importance criterion), `per-block` (per-block ratios), e.g.
+        /// rewards too), `clean` (no `[byzantine]` devices), `k=N` (the longest interval between
+        /// pruning events), `events=N` (the schedule's floor on events per round), `crit=NAME`
+        /// (importance criterion), `per-block` (per-block ratios), e.g.
         /// `hetlora+agg=median,hetlora+agg=median+clean`, `fixed-prune+k=5+crit=taylor`. The first is the reference of the
         /// paired differences; a poisoned entry and its `+clean` twin get a Byzantine table.
         #[arg(long, default_value = "fedspine,hetlora,fixed-prune")]

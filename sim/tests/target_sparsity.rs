@@ -266,11 +266,12 @@ fn surrogate_runs_score_every_final_model_at_target() {
     }
 }
 
-/// The entry's `crit=NAME` reaches the devices: `fixed-prune` under random importance prunes
-/// other units than under LoRA-gradient importance (its devices' losses and final models
-/// differ), and naming the default criterion changes nothing.
+/// The entry's `crit=NAME` and `events=N` reach the devices: `fixed-prune` under random
+/// importance prunes other units than under LoRA-gradient importance (its devices' losses and
+/// final models differ), and so does a schedule with another floor on events; naming the
+/// default criterion changes nothing.
 #[test]
-fn the_devices_prune_by_the_entrys_criterion() {
+fn the_devices_prune_by_the_entrys_criterion_and_schedule() {
     let cfg = config("fixed-prune");
     let devices = |entry: &str| {
         let report = run(&cfg.with_entry(entry).unwrap());
@@ -283,4 +284,7 @@ fn the_devices_prune_by_the_entrys_criterion() {
     let default = devices("fixed-prune");
     assert_eq!(default, devices("fixed-prune+crit=lora-gradient"));
     assert_ne!(default, devices("fixed-prune+crit=random"));
+    // The schedule's floor reaches them too: with `events=1` the round's interval (2 of the
+    // tiny preset's 4 steps) spaces the events, one in the 3-step window instead of three.
+    assert_ne!(default, devices("fixed-prune+events=1"));
 }

@@ -243,6 +243,7 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         },
         criterion,
         prune: PruneConfig::for_layers(base.config.n_layers()),
+        min_prune_events: crate::train::TrainConfig::default().min_prune_events,
         f16_updates: args.f16_updates,
         costs: Arc::new(PrunedModel {
             dense: base.config.clone(),

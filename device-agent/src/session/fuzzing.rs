@@ -50,6 +50,7 @@ fn session(ram_bytes: u64) -> AgentSession {
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(4),
+        min_prune_events: 8,
         f16_updates: ram_bytes & 1 == 1,
         costs: Arc::new(PrunedModel {
             dense: cfg.clone(),

@@ -37,6 +37,7 @@ fn session_with_ram(ram_bytes: u64) -> AgentSession {
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(4),
+        min_prune_events: 8,
         f16_updates: false,
         costs: Arc::new(costs()),
         limits: RoundLimits::default(),

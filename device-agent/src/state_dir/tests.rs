@@ -62,6 +62,7 @@ fn agent(base: &Llama) -> AgentConfig {
         },
         criterion: Criterion::LoraGradient,
         prune: PruneConfig::for_layers(base.config.n_layers()),
+        min_prune_events: 8,
         f16_updates: false,
         costs: Arc::new(PrunedModel {
             dense: base.config.clone(),

@@ -16,8 +16,9 @@ impl ExperimentConfig {
     /// `ceil(n (1 + X))` devices, close the round on the first n updates), `w1=X` ... `w4=X`
     /// (`coordinator.reward`'s
     /// term weights), `clean` (no Byzantine devices), and the devices' pruning: `k=N`
-    /// (`coordinator.prune_interval_steps`, the local steps between pruning events),
-    /// `crit=NAME` (`pruning.criterion`) and `per-block` (`pruning.per_block`). E.g.
+    /// (`coordinator.prune_interval_steps`, the longest interval between pruning events),
+    /// `events=N` (`pruning.min_events`, the schedule's floor on events per round), `crit=NAME`
+    /// (`pruning.criterion`) and `per-block` (`pruning.per_block`). E.g.
     /// `hetlora+agg=median`, `hetlora+agg=median+clean`, `fixed-prune+crit=taylor+per-block`.
     pub fn with_entry(&self, entry: &str) -> Result<Self, SimError> {
         let mut parts = entry.split('+');
@@ -114,6 +115,14 @@ impl ExperimentConfig {
                         )))
                     }
                 },
+                Some(("events", n)) => match n.parse::<usize>() {
+                    Ok(n) if n >= 1 => base.pruning.min_events = n,
+                    _ => {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': events={n} is not a number of pruning events >= 1"
+                        )))
+                    }
+                },
                 Some(("crit", name)) => {
                     base.pruning.criterion = name
                         .parse()
@@ -126,7 +135,7 @@ impl ExperimentConfig {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, screen=K, \
                          scope=device|class, explore=N, bounded, over=X, w1..w4=X, clean, k=N, \
-                         crit=NAME, per-block)"
+                         events=N, crit=NAME, per-block)"
                     )))
                 }
             }
@@ -256,7 +265,7 @@ mod tests {
         }
     }
 
-    /// `k=N`, `crit=NAME` and `per-block` set the devices' pruning (a file's `[pruning]` table
+    /// `k=N`, `events=N`, `crit=NAME` and `per-block` set the devices' pruning (a file's `[pruning]` table
     /// the same); a bad value is refused by name; the surrogate refuses a criterion or block
     /// ratio it was not fitted on.
     #[test]
@@ -271,7 +280,8 @@ mod tests {
             c.pruning,
             PruningConfig {
                 criterion: Criterion::Taylor,
-                per_block: true
+                per_block: true,
+                ..PruningConfig::default()
             }
         );
         assert_eq!(c.coordinator.strategy.name(), "fixed-prune");
@@ -282,9 +292,16 @@ mod tests {
         );
         assert_eq!(c.pruning.criterion, Criterion::Magnitude);
         assert!(!c.pruning.per_block);
+        assert_eq!(c.pruning.min_events, 8, "the agent's default floor");
+        let c = b.with_entry("fixed-prune+k=20+events=1").unwrap();
+        assert_eq!(
+            (c.coordinator.prune_interval_steps, c.pruning.min_events),
+            (20, 1)
+        );
         for (entry, says) in [
             ("fixed-prune+k=0", "k=0"),
             ("fixed-prune+k=-3", "k=-3"),
+            ("fixed-prune+events=0", "events=0"),
             ("fixed-prune+crit=l1", "unknown criterion 'l1'"),
         ] {
             let e = b.with_entry(entry).unwrap_err().to_string();
@@ -299,12 +316,16 @@ mod tests {
                 .prune_interval_steps,
             2
         );
-        for entry in ["fixed-prune+crit=random", "fixed-prune+per-block"] {
+        for entry in [
+            "fixed-prune+crit=random",
+            "fixed-prune+per-block",
+            "fixed-prune+events=1",
+        ] {
             let e = s.with_entry(entry).unwrap_err().to_string();
             assert!(e.contains("run this in real mode"), "{entry}: {e}");
         }
         let f = ExperimentConfig::from_toml(
-            "[pruning]\ncriterion = \"random\"\nper_block = true\n",
+            "[pruning]\ncriterion = \"random\"\nper_block = true\nmin_events = 1\n",
             "file",
         )
         .unwrap();
@@ -312,7 +333,8 @@ mod tests {
             f.pruning,
             PruningConfig {
                 criterion: Criterion::Random,
-                per_block: true
+                per_block: true,
+                min_events: 1
             }
         );
         let ablation = ExperimentConfig::from_toml(
@@ -320,15 +342,19 @@ mod tests {
             "ablation-sotu",
         )
         .unwrap();
-        for (entry, k, criterion) in [
-            ("fixed-prune+k=5", 5, Criterion::LoraGradient),
-            ("fixed-prune+k=20", 20, Criterion::LoraGradient),
-            ("fixed-prune+k=5+crit=random", 5, Criterion::Random),
+        for (entry, k, events, criterion) in [
+            ("fixed-prune", 5, 8, Criterion::LoraGradient),
+            ("fixed-prune+k=20+events=1", 20, 1, Criterion::LoraGradient),
+            ("fixed-prune+crit=random", 5, 8, Criterion::Random),
         ] {
             let c = ablation.with_entry(entry).unwrap();
             assert_eq!(
-                (c.coordinator.prune_interval_steps, c.pruning.criterion),
-                (k, criterion),
+                (
+                    c.coordinator.prune_interval_steps,
+                    c.pruning.min_events,
+                    c.pruning.criterion
+                ),
+                (k, events, criterion),
                 "{entry}"
             );
         }
