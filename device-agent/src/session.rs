@@ -85,10 +85,7 @@ pub struct AgentConfig {
     pub capabilities: Capabilities,
     pub criterion: Criterion,
     pub prune: PruneConfig,
-    /// The gradual schedule's floor: at least this many pruning events in a round whose
-    /// pruning window holds that many steps, the round's `prune_interval_steps` being the
-    /// longest interval between them (`TrainConfig::min_prune_events`; 1 lets the interval
-    /// alone set them).
+    /// `TrainConfig::min_prune_events` for every round (1: the round's interval alone).
     pub min_prune_events: usize,
     /// Send adapter factors in half precision.
     pub f16_updates: bool,
