@@ -293,7 +293,7 @@ fn tune_round(
     tuner: &mut Tuner,
     mut on_step: impl FnMut(usize) -> bool,
 ) -> Result<JobOutcome, JobError> {
-    let (loss_pre, _) = data.evaluate(&tuner.model, Some(&tuner.adapter));
+    let (loss_pre, metric_pre) = data.evaluate(&tuner.model, Some(&tuner.adapter));
     let n = data.train_len().max(1);
     // Round-local batch order: a seeded offset into the shard.
     let offset = (job.seed % n as u64) as usize;
@@ -361,6 +361,7 @@ fn tune_round(
         importance: tuner.importance.clone(),
         stats,
         report,
+        metric_pre,
         metric_post,
     })
 }

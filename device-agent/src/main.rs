@@ -154,8 +154,8 @@ struct TuneArgs {
     /// The same as `--memory recompute`.
     #[arg(long)]
     low_memory: bool,
-    /// Frozen-base products: fp32, or bf16 (bf16 operands, fp32 sums, on AVX-512-BF16; LoRA,
-    /// optimiser and loss stay fp32); where the CPU or backend cannot, it says so, runs fp32.
+    /// Frozen-base products: fp32, bf16 (bf16 operands, fp32 sums, on AVX-512-BF16; LoRA and
+    /// optimiser stay fp32; where the CPU cannot, it says so, runs fp32) or auto (bf16 if it can).
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// The frozen base in memory while tuning: f32, or q8_0 (QLoRA style: each product
@@ -266,7 +266,7 @@ struct EvalArgs {
     /// about 0.27x the weights' memory; any adapter stays fp32 on top).
     #[arg(long, default_value = "f32")]
     base_precision: String,
-    /// Arithmetic of an fp32 base's products: fp32, or bf16 (as `tune --precision`).
+    /// Arithmetic of an fp32 base's products: fp32, bf16 or auto (as `tune --precision`).
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// Adapter directory written by `tune`: evaluates the pruned model with its adapter.

@@ -19,9 +19,8 @@
 //! job still running at its round's deadline is reported failed then, its driver told to stop
 //! it ([`AgentCommand::Cancel`]), and its late result dropped.
 //!
-//! State kept across rounds: the kept-index maps (pruning is cumulative and never undone),
-//! the adapter the device last trained and its importance EMA; the frozen base is shared and
-//! re-sliced each round.
+//! State kept across rounds: the kept-index maps (pruning is cumulative), the adapter last
+//! trained and its importance EMA; the frozen base is shared and re-sliced each round.
 
 use std::sync::Arc;
 
@@ -188,7 +187,8 @@ pub struct JobOutcome {
     pub importance: Importance,
     pub stats: UpdateStats,
     pub report: RoundReport,
-    /// Held-out metric (accuracy) after the round, for reports.
+    /// Held-out metric (accuracy) of the adapter the round started from and after it.
+    pub metric_pre: f64,
     pub metric_post: f64,
 }
 

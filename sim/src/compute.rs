@@ -195,46 +195,20 @@ impl LocalTrainer for RealTrainer {
         agent: &AgentConfig,
     ) -> Result<TrainedRound, String> {
         let data = &self.data[device];
-        // Held-out accuracy of the starting adapter, for the device-round dataset (run_job
-        // measures the loss before the round but keeps only the accuracy after it).
-        let ledger = self.wall_ledger.as_deref();
-        const LOCAL_ROUNDS: &str = "local rounds (run_job: slicing, steps, pruning)";
-        // The device's own copy of the shared base, sliced to its kept maps.
+        // The device's own copy of the shared base, sliced to its kept maps, and its round.
         let started_ms = self.wall_clock.map(|clock| clock());
         let held = HeldModel::sliced(&self.base, &state.kept).map_err(|e| e.to_string())?;
-        let slicing_ms = self
-            .wall_clock
-            .zip(started_ms)
-            .map(|(clock, t0)| clock() - t0);
-        if let (Some(l), Some(ms)) = (ledger, slicing_ms) {
-            l.add(LOCAL_ROUNDS, ms);
-        }
-        // Held-out accuracy of the starting adapter, for the device-round dataset (run_job
-        // measures the loss before the round but keeps only the accuracy after it).
-        let accuracy_before = WallLedger::time(
-            ledger,
-            self.wall_clock,
-            "device-round dataset: accuracy before the round",
-            || -> Result<f64, String> {
-                let adapter =
-                    job::start_adapter(job, state, held.model()).map_err(|e| e.to_string())?;
-                Ok(data.evaluate(held.model(), Some(&adapter)).1)
-            },
-        )?;
-        let resumed_ms = self.wall_clock.map(|clock| clock());
         let outcome = job::run_job(job, state, held, data, agent, |_| true)
             .outcome
             .map_err(|e| e.to_string())?;
-        if let (Some(l), Some(clock), Some(t0)) = (ledger, self.wall_clock, resumed_ms) {
-            l.add(LOCAL_ROUNDS, clock() - t0);
-        }
-        // Compute of the round itself: slicing and run_job, not the dataset's extra evaluation.
+        // Compute of the round itself: slicing and run_job (its evaluations included).
         let measured_compute_ms = self
             .wall_clock
-            .zip(resumed_ms)
-            .map(|(clock, t0)| clock() - t0)
-            .zip(slicing_ms)
-            .map(|(run, slice)| run + slice);
+            .zip(started_ms)
+            .map(|(clock, t0)| clock() - t0);
+        if let (Some(l), Some(ms)) = (self.wall_ledger.as_deref(), measured_compute_ms) {
+            l.add("local rounds (run_job: slicing, steps, pruning)", ms);
+        }
         let stats = device_rounds::data_stats(data);
         let (rank, alpha, factors) = &outcome.adapter;
         self.recorded.push(DeviceRound {
@@ -255,7 +229,8 @@ impl LocalTrainer for RealTrainer {
             label_share: stats.label_share,
             loss_before: outcome.stats.loss_pre as f64,
             loss_after: outcome.stats.loss_post as f64,
-            accuracy_before,
+            // The device's own held-out evaluation of the adapter it started from.
+            accuracy_before: outcome.metric_pre,
             accuracy_after: outcome.metric_post,
             update_norm: device_rounds::update_norm(factors, *rank, *alpha),
             measured_compute_ms,

@@ -237,9 +237,10 @@ pub struct ExperimentConfig {
     pub max_virtual_hours: f64,
     pub fleet: FleetConfig,
     pub model: ModelChoice,
-    /// Real mode: arithmetic of the frozen base's products, `fp32` or `bf16` (operands rounded
+    /// Real mode: arithmetic of the frozen base's products, `fp32`, `bf16` (operands rounded
     /// to bf16 with fp32 accumulation, on a CPU with AVX-512-BF16; elsewhere the run says so and
-    /// trains in fp32). The report's summary names the one that ran.
+    /// trains in fp32) or `auto` (bf16 where the CPU has it, else fp32; the shipped real-mode
+    /// presets ask for it). The report's summary names the one that ran.
     pub precision: String,
     pub workload: WorkloadConfig,
     pub eval: EvalConfig,
@@ -384,8 +385,7 @@ impl ExperimentConfig {
         self.coordinator
             .validate()
             .map_err(|e| SimError::Config(e.to_string()))?;
-        self.precision
-            .parse::<device_agent::bf16::Precision>()
+        device_agent::bf16::Precision::requested(&self.precision, true)
             .map_err(|e| SimError::Config(format!("precision: {e}")))?;
         let fleet = self.fleet.spec()?;
         if fleet.total() == 0 {

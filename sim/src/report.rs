@@ -328,7 +328,7 @@ pub fn markdown_table(reports: &[Report]) -> String {
         }
     }
     if reports.iter().any(|r| r.summary.precision == "bf16") {
-        s.push_str("**bf16 products**: the frozen base's matrix products ran with bf16 operands and fp32 accumulation (`precision = \"bf16\"`); its losses differ from an fp32 run's by rounding, not by method.\n\n");
+        s.push_str("**bf16 products**: the frozen base's matrix products ran with bf16 operands and fp32 accumulation (`precision = \"bf16\"`, or `\"auto\"` on a CPU with bf16 products); its losses differ from an fp32 run's by rounding, not by method.\n\n");
     }
     let target = reports
         .first()

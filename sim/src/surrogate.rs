@@ -463,6 +463,7 @@ impl LocalTrainer for SurrogateTrainer {
             importance: Default::default(),
             stats,
             report,
+            metric_pre: p.accuracy(loss_pre),
             metric_post: p.accuracy(loss_post),
         };
         Ok(TrainedRound { outcome, flops })

@@ -31,7 +31,7 @@ use gemm::{Layout, PackedB};
 /// Errors of the precision setting.
 #[derive(Debug, thiserror::Error)]
 pub enum PrecisionError {
-    #[error("unknown precision '{0}' (fp32, bf16)")]
+    #[error("unknown precision '{0}' (fp32, bf16, auto)")]
     Unknown(String),
 }
 
@@ -71,6 +71,17 @@ impl std::str::FromStr for Precision {
 }
 
 impl Precision {
+    /// The precision a flag or config value asks for on this backend and CPU: `fp32`, `bf16`,
+    /// or `auto`, which is bf16 where this backend and CPU have bf16 products (the frozen-base
+    /// accuracy tests hold them to fp32 within tolerance) and fp32 elsewhere.
+    pub fn requested(name: &str, flex: bool) -> Result<Precision, PrecisionError> {
+        if name.eq_ignore_ascii_case("auto") {
+            let bf16 = flex && gemm::available();
+            return Ok(if bf16 { Precision::Bf16 } else { Precision::Fp32 });
+        }
+        name.parse()
+    }
+
     /// The precision that will run for this request on this backend and CPU, and, when it is
     /// not the one asked for, why.
     pub fn resolve(self, flex: bool) -> (Precision, Option<&'static str>) {
@@ -285,6 +296,25 @@ fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool, bf16: bool) -> Tensor<
 mod tests {
     use super::*;
     use burn::tensor::Device;
+
+    #[test]
+    fn auto_asks_for_bf16_only_where_the_cpu_has_it() {
+        let here = if gemm::available() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+        assert_eq!(Precision::requested("auto", true).unwrap(), here);
+        assert_eq!(Precision::requested("AUTO", true).unwrap(), here);
+        // Off flex there are no bf16 products to ask for.
+        assert_eq!(Precision::requested("auto", false).unwrap(), Precision::Fp32);
+        assert_eq!(Precision::requested("bf16", true).unwrap(), Precision::Bf16);
+        assert_eq!(Precision::requested("fp32", true).unwrap(), Precision::Fp32);
+        let e = Precision::requested("fp8", true).unwrap_err().to_string();
+        assert!(e.contains("'fp8'") && e.contains("auto"), "{e}");
+        // What `auto` asks for runs as asked: resolving it never falls back.
+        assert_eq!(here.resolve(true), (here, None));
+    }
 
     fn random(dims: [usize; 2], seed: u64, device: &Device) -> Tensor<2> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

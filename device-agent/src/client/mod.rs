@@ -111,8 +111,9 @@ pub struct JoinArgs {
     /// Compute backend: flex (default CPU), ndarray, wgpu, vulkan, metal.
     #[arg(long, default_value = "flex")]
     pub backend: String,
-    /// Arithmetic of the frozen base's products: fp32, or bf16 (operands rounded to bf16, fp32
-    /// accumulation; flex on a CPU with AVX-512-BF16, elsewhere it says so and runs fp32).
+    /// Arithmetic of the frozen base's products: fp32, bf16 (operands rounded to bf16, fp32
+    /// accumulation; flex on a CPU with AVX-512-BF16, elsewhere it says so and runs fp32), or
+    /// auto (bf16 where the CPU has it, else fp32).
     #[arg(long, default_value = "fp32")]
     pub precision: String,
     /// RAM reported to the aggregator in MiB (default: the machine's total memory).

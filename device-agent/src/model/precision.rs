@@ -14,10 +14,15 @@ impl Llama {
         (p, why)
     }
 
-    /// [`Llama::set_precision`] from a flag or config value (`fp32`, `bf16`), saying on stderr
-    /// why when the precision that runs is not the one asked for; returns the one that runs.
+    /// [`Llama::set_precision`] from a flag or config value (`fp32`, `bf16`, `auto`: see
+    /// [`Precision::requested`]), saying on stderr why when the precision that runs is not the
+    /// one asked for; returns the one that runs.
     pub fn apply_precision(&mut self, name: &str) -> Result<Precision, PrecisionError> {
-        let (p, why) = self.set_precision(name.parse()?);
+        let flex = crate::backend::is_flex(&self.device);
+        let (p, why) = self.set_precision(Precision::requested(name, flex)?);
+        if name.eq_ignore_ascii_case("auto") && p == Precision::Fp32 {
+            eprintln!("precision: auto: no bf16 products on this CPU or backend; running fp32");
+        }
         if let Some(why) = why {
             eprintln!("precision: {why}");
         }

@@ -213,6 +213,7 @@ fn outcome(round: RoundId, b: &mut Bytes) -> JobOutcome {
             sparsity_after: 0.2,
             prune_events: Vec::new(),
         },
+        metric_pre: 1.0,
         metric_post: 1.5,
     }
 }

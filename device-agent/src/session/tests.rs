@@ -187,6 +187,7 @@ fn finished(round: u64) -> AgentEvent {
             sparsity_after: 0.2,
             prune_events: Vec::new(),
         },
+        metric_pre: 1.0,
         metric_post: 1.5,
     }))
 }

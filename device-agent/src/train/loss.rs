@@ -49,7 +49,43 @@ pub struct StepStats {
 /// where `L = sum NLL / norm`. With bf16 products, `packed` is the model's LM head packed for
 /// training ([`Llama::bf16_head`] with gradients), which a caller taking many steps keeps
 /// ([`crate::train::Tuner`] does); without it the head is packed here, for this call.
+///
+/// Only rows with a target reach the LM head: where some rows have none (a classification
+/// batch has one target per sequence, a masked chat batch none over its prompts), those with
+/// one are gathered first and their gradient put back in place; rows without a target get a
+/// zero gradient, as they would through the head. A batch whose every row has a target (causal
+/// LM) takes the head in place, chunk by chunk.
 pub fn chunked_ce(
+    model: &Llama,
+    h: Tensor<2>,
+    targets: &[Option<u32>],
+    norm: f64,
+    packed: Option<&PackedHead>,
+) -> (f64, usize, Tensor<2>) {
+    let [n, d] = h.dims();
+    assert_eq!(n, targets.len(), "one target slot per hidden row");
+    let rows: Vec<i64> = (0..n)
+        .filter(|&r| targets[r].is_some())
+        .map(|r| r as i64)
+        .collect();
+    if rows.len() == n || rows.is_empty() {
+        return ce_rows(model, h, targets, norm, packed);
+    }
+    let m = rows.len();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), &model.device);
+    let kept: Vec<Option<u32>> = targets.iter().copied().filter(Option::is_some).collect();
+    let (nll, correct, dh_kept) = ce_rows(model, h.select(0, idx.clone()), &kept, norm, packed);
+    let dh = Tensor::<2>::zeros([n, d], &model.device).select_assign(
+        0,
+        idx,
+        dh_kept,
+        burn::tensor::IndexingUpdateOp::Add,
+    );
+    (nll, correct, dh)
+}
+
+/// [`chunked_ce`] over every row of `h` (a chunk without any target skips the head).
+fn ce_rows(
     model: &Llama,
     h: Tensor<2>,
     targets: &[Option<u32>],
@@ -210,6 +246,36 @@ mod tests {
         let ours: Vec<f32> = dh.into_data().try_to_vec().unwrap();
         for (a, b) in g.iter().zip(&ours) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn only_rows_with_targets_reach_the_head() {
+        // A classification-like batch: 300 rows over three logit chunks, one target in 50.
+        let m = tiny();
+        let h = Tensor::<2>::random(
+            [300, 16],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &m.device,
+        );
+        let targets: Vec<Option<u32>> = (0..300)
+            .map(|r| (r % 50 == 49).then_some((r % 40) as u32))
+            .collect();
+        let (nll, correct, dh) = chunked_ce(&m, h.clone(), &targets, 6.0, None);
+        let (want_nll, want_correct, want_dh) = ce_rows(&m, h, &targets, 6.0, None);
+        assert!(
+            (nll - want_nll).abs() < 1e-5 * want_nll.abs().max(1.0),
+            "{nll} vs {want_nll}"
+        );
+        assert_eq!(correct, want_correct);
+        let ours: Vec<f32> = dh.into_data().try_to_vec().unwrap();
+        let want: Vec<f32> = want_dh.into_data().try_to_vec().unwrap();
+        assert_eq!(ours.len(), 300 * 16);
+        for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+            if targets[i / 16].is_none() {
+                assert_eq!(*a, 0.0, "row {} has no target", i / 16);
+            }
+            assert!((a - b).abs() < 1e-6, "element {i}: {a} vs {b}");
         }
     }
 }
