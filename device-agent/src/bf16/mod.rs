@@ -77,7 +77,11 @@ impl Precision {
     pub fn requested(name: &str, flex: bool) -> Result<Precision, PrecisionError> {
         if name.eq_ignore_ascii_case("auto") {
             let bf16 = flex && gemm::available();
-            return Ok(if bf16 { Precision::Bf16 } else { Precision::Fp32 });
+            return Ok(if bf16 {
+                Precision::Bf16
+            } else {
+                Precision::Fp32
+            });
         }
         name.parse()
     }
@@ -307,7 +311,10 @@ mod tests {
         assert_eq!(Precision::requested("auto", true).unwrap(), here);
         assert_eq!(Precision::requested("AUTO", true).unwrap(), here);
         // Off flex there are no bf16 products to ask for.
-        assert_eq!(Precision::requested("auto", false).unwrap(), Precision::Fp32);
+        assert_eq!(
+            Precision::requested("auto", false).unwrap(),
+            Precision::Fp32
+        );
         assert_eq!(Precision::requested("bf16", true).unwrap(), Precision::Bf16);
         assert_eq!(Precision::requested("fp32", true).unwrap(), Precision::Fp32);
         let e = Precision::requested("fp8", true).unwrap_err().to_string();
