@@ -23,7 +23,7 @@ use burn::tensor::Device;
 use device_agent::bf16::Precision;
 use device_agent::cpu::DotPath;
 use device_agent::prune::{self, KeptIndicesExt};
-use device_agent::quant::{self, BasePrecision, Q8Matrix};
+use device_agent::quant::{self, BasePrecision, QMatrix};
 use device_agent::{assets, cost, generate, lora::Adapter, train, weights};
 use protocol::KeptIndices;
 
@@ -366,7 +366,7 @@ fn quant_rows(
         let x = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<2>::random([k, m], Distribution::Normal(0.0, 0.05), &device);
         let t32 = time_small(|| x.clone().matmul(w.clone()).into_data());
-        let q = Q8Matrix::from_in_out(w.clone()).expect("quantize");
+        let q = QMatrix::from_in_out(quant::BlockFormat::Q8_0, w.clone()).expect("quantize");
         let xv: Vec<f32> = x.clone().into_data().try_to_vec().expect("f32");
         let tq = time_small(|| q.matmul(&xv, n).expect("shapes"));
         let tqt = time_small(|| {
@@ -442,7 +442,7 @@ fn quant_rows(
     // table is the LM head; an untied one is read one row per token, which is negligible).
     let lm = 4.0 * (base.config.vocab_size * d) as f64;
     let proj32 = rep.fp32_bytes as f64 - if base.config.tie_embeddings { 0.0 } else { lm };
-    let projq = proj32 * rep.q8_bytes as f64 / rep.fp32_bytes as f64;
+    let projq = proj32 * rep.quant_bytes as f64 / rep.fp32_bytes as f64;
     println!(
         "| greedy generation, 64 tokens: fp32 vs Q8_0 base | {r32:.1} vs {rq:.1} | tok/s | | Q8_0/fp32 {:.2}x; weights read per token {:.0} vs {:.0} MB ({:.1} vs {:.1} GB/s) |",
         rq / r32,
@@ -478,7 +478,7 @@ fn quant_rows(
                 b[2] - b[0],
                 (b[2] - b[0]) / (a[2] - a[0]),
                 rep.fp32_bytes as f64 / 1e6,
-                rep.q8_bytes as f64 / 1e6
+                rep.quant_bytes as f64 / 1e6
             );
         }
     }

@@ -193,6 +193,10 @@ pub enum GgufPrecision {
     F32,
     F16,
     Q8_0,
+    /// 4-bit projections; the embedding table and an untied LM head Q8_0 (as the quantized
+    /// base holds them).
+    Q4_0,
+    Q4_1,
 }
 
 impl std::str::FromStr for GgufPrecision {
@@ -202,7 +206,11 @@ impl std::str::FromStr for GgufPrecision {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
-            o => Err(format!("unknown GGUF precision '{o}' (f32, f16, q8_0)")),
+            "q4_0" => Ok(Self::Q4_0),
+            "q4_1" => Ok(Self::Q4_1),
+            o => Err(format!(
+                "unknown GGUF precision '{o}' (f32, f16, q8_0, q4_0, q4_1)"
+            )),
         }
     }
 }
@@ -269,6 +277,9 @@ pub fn export_gguf(
                 GgufPrecision::F32 => 0,
                 GgufPrecision::F16 => 1,
                 GgufPrecision::Q8_0 => 7,
+                // llama.cpp's "mostly" file types: the matrices at this type, some others not.
+                GgufPrecision::Q4_0 => 2,
+                GgufPrecision::Q4_1 => 3,
             }),
         ),
         (k("block_count"), Value::U32(c.n_layers() as u32)),
@@ -316,13 +327,20 @@ pub fn export_gguf(
         GgufPrecision::F32 => GgmlType::F32,
         GgufPrecision::F16 => GgmlType::F16,
         GgufPrecision::Q8_0 => GgmlType::Q8_0,
+        GgufPrecision::Q4_0 => GgmlType::Q4_0,
+        GgufPrecision::Q4_1 => GgmlType::Q4_1,
+    };
+    // The embedding table and LM head: Q8_0 under a 4-bit export.
+    let table_ty = match mat_ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => GgmlType::Q8_0,
+        t => t,
     };
     let mut tensors = Vec::new();
     // Embedding rows are [vocab][d]: dims (d, vocab).
     tensors.push(WriteTensor {
         name: "token_embd.weight".into(),
         dims: vec![d as u64, c.vocab_size as u64],
-        ggml_type: mat_ty,
+        ggml_type: table_ty,
         values: host(&model.embed),
     });
     for (l, (b, s)) in model.blocks.iter().zip(&c.blocks).enumerate() {
@@ -378,14 +396,19 @@ pub fn export_gguf(
         tensors.push(WriteTensor {
             name: "output.weight".into(),
             dims: vec![d as u64, c.vocab_size as u64],
-            ggml_type: mat_ty,
+            ggml_type: table_ty,
             values: transpose(&host(h), i, o),
         });
     }
-    // Q8_0 needs rows that are a multiple of 32 elements; fall back to F16 per tensor otherwise.
+    // Block types need rows that are a multiple of 32 elements; fall back to F16 per tensor
+    // otherwise.
     let mut notes = Vec::new();
     for t in &mut tensors {
-        if t.ggml_type == GgmlType::Q8_0 && t.dims[0] % 32 != 0 {
+        let blocked = matches!(
+            t.ggml_type,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1
+        );
+        if blocked && t.dims[0] % 32 != 0 {
             notes.push(format!(
                 "{}: row length {} is not a multiple of 32, written as F16",
                 t.name, t.dims[0]

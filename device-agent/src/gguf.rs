@@ -1,5 +1,5 @@
 //! GGUF v3 reading and writing: metadata, tensor directory, and (de)quantisation of the block
-//! formats we support (F32, F16, BF16, Q8_0, Q4_0, Q4_1 in; F32, F16, Q8_0 out).
+//! formats we support (F32, F16, BF16, Q8_0, Q4_0, Q4_1 in; F32, F16, Q8_0, Q4_0, Q4_1 out).
 //!
 //! Layout facts (GGUF v3): a header (magic `GGUF`, version, tensor count, metadata count), the
 //! metadata key/value list, the tensor directory (name, dims `ne0..`, type, offset), then the
@@ -65,6 +65,17 @@ pub enum GgmlType {
     Q4_1,
     Q8_0,
     Bf16,
+}
+
+impl From<crate::quant::BlockFormat> for GgmlType {
+    fn from(f: crate::quant::BlockFormat) -> Self {
+        use crate::quant::BlockFormat;
+        match f {
+            BlockFormat::Q8_0 => GgmlType::Q8_0,
+            BlockFormat::Q4_0 => GgmlType::Q4_0,
+            BlockFormat::Q4_1 => GgmlType::Q4_1,
+        }
+    }
 }
 
 impl GgmlType {

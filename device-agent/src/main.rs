@@ -20,7 +20,7 @@ use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
 use device_agent::prune::{Criterion, HeldModel, KeptIndicesExt, PruneConfig};
-use device_agent::quant::{BasePrecision, Q8Arithmetic};
+use device_agent::quant::{BasePrecision, QuantArithmetic};
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
 use device_agent::train::{
@@ -158,7 +158,7 @@ struct TuneArgs {
     /// optimiser stay fp32; where the CPU cannot, it says so, runs fp32) or auto (bf16 if it can).
     #[arg(long, default_value = "fp32")]
     precision: String,
-    /// The frozen base in memory while tuning: f32, or q8_0 (QLoRA style: each product
+    /// The frozen base in memory while tuning: f32, q8_0, q4_0 or q4_1 (QLoRA style: each product
     /// dequantizes its weight; LoRA, optimiser and loss stay fp32; not with taylor or bf16).
     #[arg(long, default_value = "f32")]
     base_precision: String,
@@ -183,7 +183,7 @@ struct ExportArgs {
     /// gguf or hf.
     #[arg(long, default_value = "gguf")]
     format: String,
-    /// GGUF precision: f32, f16, q8_0.
+    /// GGUF precision: f32, f16, q8_0, q4_0 or q4_1 (4-bit projections, embedding Q8_0).
     #[arg(long, default_value = "f16")]
     precision: String,
     /// Output file (gguf) or directory (hf).
@@ -227,8 +227,8 @@ struct GenerateArgs {
     /// Print prefill and decode speed to stderr at the end.
     #[arg(long)]
     stats: bool,
-    /// How the frozen base is held in memory: f32, or q8_0 (GGUF Q8_0 blocks, int8 matmuls;
-    /// about 0.27x the weights' memory; any adapter stays fp32 on top).
+    /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks, int8 matmuls; 0.27x,
+    /// 0.17x, 0.18x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
     #[arg(long, default_value = "f32")]
     base_precision: String,
     /// A device state directory (`join --state`): chat with the device's pruned model and its
@@ -262,8 +262,8 @@ struct EvalArgs {
     /// Print the metrics as one JSON object.
     #[arg(long)]
     json: bool,
-    /// How the frozen base is held in memory: f32, or q8_0 (GGUF Q8_0 blocks, int8 matmuls;
-    /// about 0.27x the weights' memory; any adapter stays fp32 on top).
+    /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks, int8 matmuls; 0.27x,
+    /// 0.17x, 0.18x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
     #[arg(long, default_value = "f32")]
     base_precision: String,
     /// Arithmetic of an fp32 base's products: fp32, bf16 or auto (as `tune --precision`).
@@ -534,8 +534,8 @@ fn main() -> Result<()> {
 fn hold_base(model: &mut Llama, precision: BasePrecision, report: bool) -> Result<()> {
     if let (Some(r), true) = (model.set_base_precision(precision)?, report) {
         eprintln!(
-            "base held in Q8_0: {:.0} MB instead of {:.0} MB fp32 ({})",
-            r.q8_bytes as f64 / 1e6,
+            "base held in {precision:?}: {:.0} MB instead of {:.0} MB fp32 ({})",
+            r.quant_bytes as f64 / 1e6,
             r.fp32_bytes as f64 / 1e6,
             device_agent::cpu::CpuInfo::detect()
         );
@@ -628,12 +628,12 @@ fn tune(args: TuneArgs) -> Result<()> {
     }
     let prune_shape: PruneShape = args.prune_schedule.parse().map_err(anyhow::Error::msg)?;
     let base_precision: BasePrecision = args.base_precision.parse()?;
-    if base_precision == BasePrecision::Q8_0 {
+    if base_precision != BasePrecision::F32 {
         if criterion == Criterion::Taylor || precision != "fp32" {
-            bail!("a Q8_0 base trains on fp32 products of its dequantized weights: not with --criterion taylor (weight gradients) or --precision {precision}");
+            bail!("a quantized base trains on fp32 products of its dequantized weights: not with --criterion taylor (weight gradients) or --precision {precision}");
         }
         hold_base(&mut base, base_precision, true)?;
-        base.set_q8_arithmetic(Q8Arithmetic::Fp32);
+        base.set_quant_arithmetic(QuantArithmetic::Fp32);
     }
     check_weight_decay(args.weight_decay, args.lr)
         .map_err(|e| anyhow::anyhow!("--weight-decay: {e}"))?;

@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use crate::bf16::{self, Precision};
 use crate::quant::{
-    self, BasePrecision, Q8Arithmetic, Q8Matrix, QuantBase, QuantError, QuantReport,
+    self, BasePrecision, BlockFormat, QMatrix, QuantArithmetic, QuantBase, QuantError, QuantReport,
 };
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
@@ -120,7 +120,7 @@ pub struct Llama {
     /// the fp32 weight tensors above are then empty.
     quant: Option<Arc<QuantBase>>,
     /// How products from `quant` are computed.
-    q8_arithmetic: Q8Arithmetic,
+    quant_arithmetic: QuantArithmetic,
     /// The arithmetic of the fp32 base's matrix products ([`crate::bf16`]); resolved, so bf16
     /// only where the backend and the CPU run it.
     precision: Precision,
@@ -195,7 +195,7 @@ impl Llama {
             q_to_kv,
             device: device.clone(),
             quant: None,
-            q8_arithmetic: Q8Arithmetic::Int8,
+            quant_arithmetic: QuantArithmetic::Int8,
             precision: Precision::Fp32,
         })
     }
@@ -207,15 +207,15 @@ impl Llama {
 
     /// How products from a Q8_0 base are computed (no effect on an fp32 base): int8 for serving
     /// (the default), fp32 from the dequantized weights for training over it.
-    pub fn set_q8_arithmetic(&mut self, arithmetic: Q8Arithmetic) {
-        self.q8_arithmetic = arithmetic;
+    pub fn set_quant_arithmetic(&mut self, arithmetic: QuantArithmetic) {
+        self.quant_arithmetic = arithmetic;
     }
 
-    /// The LM head of a Q8_0 base that products take in fp32 ([`Q8Arithmetic::Fp32`]), `[vocab,
+    /// The LM head of a Q8_0 base that products take in fp32 ([`QuantArithmetic::Fp32`]), `[vocab,
     /// d_model]`; `None` otherwise.
-    pub fn q8_fp32_head(&self) -> Option<&Q8Matrix> {
+    pub fn quant_fp32_head(&self) -> Option<&QMatrix> {
         match &self.quant {
-            Some(q) if self.q8_arithmetic == Q8Arithmetic::Fp32 => {
+            Some(q) if self.quant_arithmetic == QuantArithmetic::Fp32 => {
                 Some(q.lm_head.as_ref().unwrap_or(&q.embed))
             }
             _ => None,
@@ -245,17 +245,17 @@ impl Llama {
         }
     }
 
-    /// Hold the frozen base at `precision`: for Q8_0, quantize the embedding table, the LM head
-    /// and every projection ([`crate::quant`]) and drop their fp32 tensors (the weight tensors
+    /// Hold the frozen base at `precision`: quantize every projection to its blocks, and the
+    /// embedding table and LM head to Q8_0 ([`crate::quant`]), and drop their fp32 tensors (the weight tensors
     /// become empty, so quantize last: after loading, slicing and merging). `None` for F32 or
     /// when already quantized.
     pub fn set_base_precision(
         &mut self,
         precision: BasePrecision,
     ) -> Result<Option<QuantReport>, QuantError> {
-        if precision == BasePrecision::F32 || self.quant.is_some() {
+        let Some(format) = precision.format().filter(|_| self.quant.is_none()) else {
             return Ok(None);
-        }
+        };
         let device = self.device.clone();
         let empty = || Tensor::<2>::zeros([0, 0], &device);
         let mut fp32 = 0usize;
@@ -265,18 +265,19 @@ impl Llama {
             for p in Proj::ALL {
                 let w = std::mem::replace(blk.weight_mut(p), empty());
                 fp32 += 4 * w.dims().iter().product::<usize>();
-                mats.push(Arc::new(Q8Matrix::from_in_out(w)?));
+                mats.push(Arc::new(QMatrix::from_in_out(format, w)?));
             }
             blocks.push(mats);
         }
         let [v, d] = self.embed.dims();
         let embed_t = std::mem::replace(&mut self.embed, empty());
         fp32 += 4 * v * d;
-        let embed = Q8Matrix::from_rows(embed_t, v, d)?;
+        // The embedding and LM head stay Q8_0 under a 4-bit base (see `crate::quant`).
+        let embed = QMatrix::from_rows(BlockFormat::Q8_0, embed_t, v, d)?;
         let lm_head = match self.lm_head.take() {
             Some(w) => {
                 fp32 += 4 * w.dims().iter().product::<usize>();
-                let m = Q8Matrix::from_in_out(w)?;
+                let m = QMatrix::from_in_out(BlockFormat::Q8_0, w)?;
                 self.lm_head = Some(empty());
                 Some(m)
             }
@@ -292,7 +293,7 @@ impl Llama {
         quant::release_freed_memory();
         Ok(Some(QuantReport {
             fp32_bytes: fp32,
-            q8_bytes: q8,
+            quant_bytes: q8,
         }))
     }
 
@@ -320,8 +321,9 @@ impl Llama {
                     block.weight_mut(p),
                     Tensor::<2>::zeros([0, 0], &self.device),
                 );
-                let m = Q8Matrix::from_in_out(w)
-                    .unwrap_or_else(|e| panic!("block {i} {p:?} of a sliced Q8_0 base: {e}"));
+                let format = base.blocks[i][p.index()].format();
+                let m = QMatrix::from_in_out(format, w)
+                    .unwrap_or_else(|e| panic!("block {i} {p:?} of a sliced {format} base: {e}"));
                 base.blocks[i][p.index()] = Arc::new(m);
             }
         }
@@ -443,7 +445,7 @@ impl Llama {
         let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
         let w = |p: Proj| match &self.quant {
-            Some(q) if self.q8_arithmetic == Q8Arithmetic::Fp32 => Base::Q8Fp32(q.proj(l, p)),
+            Some(q) if self.quant_arithmetic == QuantArithmetic::Fp32 => Base::Q8Fp32(q.proj(l, p)),
             Some(q) => Base::Q8(q.proj(l, p)),
             None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
@@ -511,7 +513,7 @@ impl Llama {
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        if let Some(head) = self.q8_fp32_head() {
+        if let Some(head) = self.quant_fp32_head() {
             return quant::frozen::logits(hidden, head);
         }
         if let Some(q) = &self.quant {

@@ -57,10 +57,10 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
         .set_base_precision(BasePrecision::Q8_0)
         .expect("quantizes")
         .expect("Q8_0 asked");
-    let ratio = rep.q8_bytes as f64 / rep.fp32_bytes as f64;
+    let ratio = rep.quant_bytes as f64 / rep.fp32_bytes as f64;
     println!(
         "base: {} bytes fp32 -> {} bytes Q8_0 ({ratio:.3}x)",
-        rep.fp32_bytes, rep.q8_bytes
+        rep.fp32_bytes, rep.quant_bytes
     );
     // 34 bytes per 32 weights, plus the padding of ragged rows (none in the dense model).
     assert!(ratio < 0.27, "{ratio}");

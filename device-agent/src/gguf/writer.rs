@@ -1,5 +1,5 @@
 //! Writing GGUF v3 files: the header, metadata and tensor directory, quantisation of the output
-//! types (F32, F16, BF16, Q8_0), and the data section at the file's alignment, written
+//! types (F32, F16, BF16, Q8_0, Q4_0, Q4_1; the block rules are the quantized base's), and the data section at the file's alignment, written
 //! atomically.
 
 use std::io::Write;
@@ -9,7 +9,7 @@ use half::{bf16, f16};
 
 use super::{GgmlType, GgufError, Value};
 
-/// Quantize f32 values to the given output type (F32, F16 or Q8_0).
+/// Quantize f32 values to the given output type.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ty.byte_len(values.len()));
     match ty {
@@ -31,8 +31,22 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Vec<u8> {
                 out.extend(q.iter().map(|&v| v as u8));
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            unreachable!("the writer only offers F32, F16, BF16 and Q8_0")
+        GgmlType::Q4_0 => {
+            let mut nib = [0u8; 16];
+            for blk in values.chunks(32) {
+                let d = crate::quant::q4::quantize_block_q4_0(blk, &mut nib);
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&nib);
+            }
+        }
+        GgmlType::Q4_1 => {
+            let mut nib = [0u8; 16];
+            for blk in values.chunks(32) {
+                let (d, m) = crate::quant::q4::quantize_block_q4_1(blk, &mut nib);
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend_from_slice(&f16::from_f32(m).to_le_bytes());
+                out.extend_from_slice(&nib);
+            }
         }
     }
     out

@@ -25,7 +25,7 @@ use super::lora_layer::Adapter;
 use super::Llama;
 use crate::cpu::DotPath;
 use crate::kernels;
-use crate::quant::{matmul_many_q, Q8Matrix, QRows, QuantBase};
+use crate::quant::{matmul_many_q, QMatrix, QRows, QuantBase};
 
 /// One projection's LoRA branch in host buffers: `a` is `[in, rank]`, `b` is `[rank, out]`
 /// already multiplied by the adapter's scale (`alpha / rank`).
@@ -168,7 +168,7 @@ impl<'m> HostDecoder<'m> {
     }
 
     /// `x` (`[n, cols]`, every matrix `cols` wide) times each matrix, `[n, rows]` each.
-    fn products(&self, mats: &[&Q8Matrix], x: &[f32]) -> Vec<Vec<f32>> {
+    fn products(&self, mats: &[&QMatrix], x: &[f32]) -> Vec<Vec<f32>> {
         let cols = mats[0].cols();
         let n = x.len() / cols.max(1);
         let qx = QRows::quantize(x, n, cols)

@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use protocol::Proj;
 
 use crate::fused;
-use crate::quant::{self, Q8Matrix};
+use crate::quant::{self, QMatrix};
 
 /// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, or with bf16
 /// operands: [`crate::bf16`]), or Q8_0 `[out, in]` blocks (int8 products for serving, or fp32
@@ -19,8 +19,8 @@ use crate::quant::{self, Q8Matrix};
 pub(crate) enum Base<'a> {
     F32(&'a Tensor<2>),
     Bf16(&'a Tensor<2>),
-    Q8(&'a Q8Matrix),
-    Q8Fp32(&'a Arc<Q8Matrix>),
+    Q8(&'a QMatrix),
+    Q8Fp32(&'a Arc<QMatrix>),
 }
 
 /// The factors of one adapted projection.
@@ -111,7 +111,7 @@ fn proj_group_of<const N: usize>(
     parts: [(Base, LoraRef); N],
 ) -> [Tensor<2>; N] {
     let mut low = lora_group_of(x.clone(), source, parts.map(|(_, l)| l)).into_iter();
-    let q8: Vec<&Q8Matrix> = parts
+    let q8: Vec<&QMatrix> = parts
         .iter()
         .filter_map(|(w, _)| match w {
             Base::Q8(m) => Some(*m),
@@ -121,7 +121,7 @@ fn proj_group_of<const N: usize>(
     let mut q8_out = if q8.is_empty() {
         Vec::new()
     } else {
-        quant::expect_q8(quant::matmul_tensors(&q8, x.clone()))
+        quant::expect_quant(quant::matmul_tensors(&q8, x.clone()))
     }
     .into_iter();
     // A decoded token's fp32 products of one input go through one parallel region.

@@ -6,23 +6,23 @@ use std::sync::Arc;
 use burn::tensor::{Int, Tensor, TensorData};
 use protocol::Proj;
 
-use super::{expect_q8, matmul_tensors, Q8Matrix};
+use super::{expect_quant, matmul_tensors, QMatrix};
 
 /// A model's frozen base in Q8_0: the embedding table (also the LM head when tied), the untied
 /// LM head, and per block the seven projections in [`Proj::ALL`] order, each `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct QuantBase {
-    pub embed: Q8Matrix,
-    pub lm_head: Option<Q8Matrix>,
+    pub embed: QMatrix,
+    pub lm_head: Option<QMatrix>,
     /// Shared, so a product under autodiff can keep its matrix for the backward pass.
-    pub blocks: Vec<Vec<Arc<Q8Matrix>>>,
+    pub blocks: Vec<Vec<Arc<QMatrix>>>,
 }
 
 impl QuantBase {
     /// Bytes held by all the quantized matrices.
     pub fn bytes(&self) -> usize {
         self.embed.bytes()
-            + self.lm_head.as_ref().map_or(0, Q8Matrix::bytes)
+            + self.lm_head.as_ref().map_or(0, QMatrix::bytes)
             + self
                 .blocks
                 .iter()
@@ -32,7 +32,7 @@ impl QuantBase {
     }
 
     /// The projection `p` of block `l`.
-    pub fn proj(&self, l: usize, p: Proj) -> &Arc<Q8Matrix> {
+    pub fn proj(&self, l: usize, p: Proj) -> &Arc<QMatrix> {
         &self.blocks[l][p.index()]
     }
 
@@ -67,6 +67,6 @@ impl QuantBase {
     /// LM head logits of hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        expect_q8(matmul_tensors(&[head], hidden)).remove(0)
+        expect_quant(matmul_tensors(&[head], hidden)).remove(0)
     }
 }

@@ -27,15 +27,14 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use rayon::prelude::*;
 
-use super::{f16_table, Q8Matrix, QK};
+use super::QMatrix;
 
 /// Rows of a Q8_0 matrix that the chunked products ([`logits`], [`logits_backward`])
 /// dequantize at a time: 4,096 rows of 576 (9.4 MB) of SmolLM2-135M's 49,152-row LM head.
 const CHUNK_ROWS: usize = 4096;
 
-impl Q8Matrix {
+impl QMatrix {
     /// The whole matrix in fp32, row-major `[rows, cols]` (the padding of a last partial block
     /// dropped): each value is its block's `q * d`, `d` read from its f16 bits.
     pub fn dequantize(&self) -> Vec<f32> {
@@ -44,28 +43,8 @@ impl Q8Matrix {
 
     /// Rows `r0..r1` in fp32, row-major `[r1 - r0, cols]`.
     fn dequantize_rows(&self, r0: usize, r1: usize) -> Vec<f32> {
-        let tab = f16_table();
-        let (cols, nb) = (self.cols, self.nb);
-        let mut out = vec![0f32; (r1 - r0) * cols];
-        if cols == 0 {
-            return out;
-        }
-        let row = |(k, o): (usize, &mut [f32])| {
-            let r = r0 + k;
-            let q = &self.qs[r * nb * QK..(r + 1) * nb * QK];
-            let d = &self.d[r * nb..(r + 1) * nb];
-            for ((ob, qb), &db) in o.chunks_mut(QK).zip(q.chunks_exact(QK)).zip(d) {
-                let s = tab[db as usize];
-                for (v, &qv) in ob.iter_mut().zip(qb) {
-                    *v = f32::from(qv) * s;
-                }
-            }
-        };
-        if out.len() >= 1 << 16 {
-            out.par_chunks_mut(cols).enumerate().for_each(row);
-        } else {
-            out.chunks_mut(cols).enumerate().for_each(row);
-        }
+        let mut out = vec![0f32; (r1 - r0) * self.cols];
+        self.dequantize_into(r0, r1, &mut out);
         out
     }
 
@@ -96,7 +75,7 @@ impl Q8Matrix {
 /// `h Wᵀ` for a Q8_0 LM head `W` `[vocab, d]` and hidden rows `h` `[n, d]` (no autodiff: the
 /// loss forms its gradient by hand), in fp32, dequantizing [`CHUNK_ROWS`] rows of the head at
 /// a time so the fp32 head never exists whole.
-pub fn logits(h: Tensor<2>, w: &Q8Matrix) -> Tensor<2> {
+pub fn logits(h: Tensor<2>, w: &QMatrix) -> Tensor<2> {
     let device = h.device();
     let parts: Vec<Tensor<2>> = w
         .row_chunks(&device)
@@ -107,7 +86,7 @@ pub fn logits(h: Tensor<2>, w: &Q8Matrix) -> Tensor<2> {
 
 /// `dlogits W` (`[n, vocab]` -> `[n, d]`), the hidden rows' gradient through the head, summed
 /// over the same chunks of rows.
-pub fn logits_backward(dlogits: Tensor<2>, w: &Q8Matrix) -> Tensor<2> {
+pub fn logits_backward(dlogits: Tensor<2>, w: &QMatrix) -> Tensor<2> {
     let device = dlogits.device();
     let [n, _] = dlogits.dims();
     w.row_chunks(&device)
@@ -124,13 +103,13 @@ pub trait FrozenQ8Backend: Backend {
     /// rows]`, the result `[n, cols]`), `W` dequantized for this product.
     fn q8_frozen_matmul(
         x: FloatTensor<Self>,
-        w: Arc<Q8Matrix>,
+        w: Arc<QMatrix>,
         transposed: bool,
     ) -> FloatTensor<Self>;
 }
 
 impl FrozenQ8Backend for Flex {
-    fn q8_frozen_matmul(x: FlexTensor, w: Arc<Q8Matrix>, transposed: bool) -> FlexTensor {
+    fn q8_frozen_matmul(x: FlexTensor, w: Arc<QMatrix>, transposed: bool) -> FlexTensor {
         let deq = FlexTensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]));
         if transposed {
             Flex::float_matmul(x, deq)
@@ -147,7 +126,7 @@ struct FrozenQ8Product {
 }
 
 impl Backward<Flex, 1> for FrozenQ8Product {
-    type State = Arc<Q8Matrix>;
+    type State = Arc<QMatrix>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x] = ops.parents;
@@ -162,7 +141,7 @@ impl Backward<Flex, 1> for FrozenQ8Product {
 impl<C: CheckpointStrategy> FrozenQ8Backend for Autodiff<Flex, C> {
     fn q8_frozen_matmul(
         x: FloatTensor<Self>,
-        w: Arc<Q8Matrix>,
+        w: Arc<QMatrix>,
         transposed: bool,
     ) -> FloatTensor<Self> {
         match (FrozenQ8Product { transposed })
@@ -183,7 +162,7 @@ impl<C: CheckpointStrategy> FrozenQ8Backend for Autodiff<Flex, C> {
 
 /// `x Wᵀ` for a projection held in Q8_0 (`W` `[out, in]`, `x` `[n, in]`), computed in fp32 from
 /// the dequantized weight; gradients flow to `x` only.
-pub fn matmul(x: Tensor<2>, w: &Arc<Q8Matrix>) -> Tensor<2> {
+pub fn matmul(x: Tensor<2>, w: &Arc<QMatrix>) -> Tensor<2> {
     if x.dtype() != DType::F32 || !crate::backend::is_flex(&x.device()) {
         let deq = w.dequantized(&x.device());
         return x.matmul(deq.transpose());
@@ -198,19 +177,33 @@ pub fn matmul(x: Tensor<2>, w: &Arc<Q8Matrix>) -> Tensor<2> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::BlockFormat;
+
+    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         crate::test_values::uniform(n, seed, -0.5, 0.5)
     }
 
-    /// Dequantizing gives every row's `dequantize_row`, including a partial last block.
+    /// Dequantizing gives every row's `dequantize_row`, including a partial last block, and
+    /// each row is what the GGUF reader makes of the writer's blocks for it (rows past the
+    /// parallel split too).
     #[test]
     fn dequantize_is_every_row_dequantized() {
-        let (rows, cols) = (7, 80);
-        let m = Q8Matrix::quantize(&values(rows * cols, 1), rows, cols).unwrap();
-        let all = m.dequantize();
-        for r in 0..rows {
-            assert_eq!(&all[r * cols..(r + 1) * cols], &m.dequantize_row(r)[..]);
+        for format in FORMATS {
+            for (rows, cols) in [(7, 80), (70, 1024)] {
+                let v = values(rows * cols, 1);
+                let m = QMatrix::quantize(format, &v, rows, cols).unwrap();
+                let ty = crate::gguf::GgmlType::from(format);
+                let all = m.dequantize();
+                for r in 0..rows {
+                    let row = &all[r * cols..(r + 1) * cols];
+                    assert_eq!(row, &m.dequantize_row(r)[..], "{format} row {r}");
+                    let bytes = crate::gguf::writer::quantize(ty, &v[r * cols..(r + 1) * cols]);
+                    let file = crate::gguf::dequantize(ty, &bytes, cols);
+                    assert_eq!(row, &file[..], "{format} row {r} against the file's");
+                }
+            }
         }
     }
 
@@ -220,7 +213,20 @@ mod tests {
     fn product_and_input_gradient_are_those_of_the_dequantized_weight() {
         let device = Device::flex().autodiff();
         let (n, rows, cols) = (37, 70, 96);
-        let w = Arc::new(Q8Matrix::quantize(&values(rows * cols, 2), rows, cols).unwrap());
+        for format in FORMATS {
+            product_and_gradient(&device, format, n, rows, cols);
+        }
+    }
+
+    fn product_and_gradient(
+        device: &Device,
+        format: BlockFormat,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) {
+        let device = device.clone();
+        let w = Arc::new(QMatrix::quantize(format, &values(rows * cols, 2), rows, cols).unwrap());
         let g = Tensor::<2>::from_data(TensorData::new(values(n * rows, 3), [n, rows]), &device);
         let x0 = TensorData::new(values(n * cols, 4), [n, cols]);
 
@@ -246,7 +252,7 @@ mod tests {
     fn chunked_head_products_are_the_whole_heads() {
         let device = Device::flex();
         let (n, rows, cols) = (3, CHUNK_ROWS + 70, 64);
-        let w = Q8Matrix::quantize(&values(rows * cols, 6), rows, cols).unwrap();
+        let w = QMatrix::quantize(BlockFormat::Q8_0, &values(rows * cols, 6), rows, cols).unwrap();
         let deq = w.dequantized(&device);
         let h = Tensor::<2>::from_data(TensorData::new(values(n * cols, 7), [n, cols]), &device);
         let g = Tensor::<2>::from_data(TensorData::new(values(n * rows, 8), [n, rows]), &device);
@@ -264,17 +270,27 @@ mod tests {
         close(v(logits_backward(g.clone(), &w)), v(g.matmul(deq)));
     }
 
-    /// Tuning over a Q8_0 base is tuning an fp32 model that holds the dequantized weights:
+    /// Tuning over a quantized base (Q8_0 and Q4_0 here) is tuning an fp32 model that holds the
+    /// dequantized weights:
     /// the same losses step for step (within float reordering of the two layouts' products),
     /// and after a pruning event, which slices and quantizes the base again, still within the
     /// second rounding of the cut down projections; the quantized matrices take the pruned
     /// shapes.
     #[test]
-    fn tuning_over_a_q8_base_is_tuning_its_dequantized_weights() {
+    fn tuning_over_a_quantized_base_is_tuning_its_dequantized_weights() {
+        for precision in [
+            crate::quant::BasePrecision::Q8_0,
+            crate::quant::BasePrecision::Q4_0,
+        ] {
+            tune_over(precision);
+        }
+    }
+
+    fn tune_over(precision: crate::quant::BasePrecision) {
         use crate::lora::Adapter;
         use crate::model::{Llama, ModelConfig};
         use crate::prune::{KeptIndicesExt, PruneConfig};
-        use crate::quant::{BasePrecision, Q8Arithmetic};
+        use crate::quant::QuantArithmetic;
         use crate::train::{Batch, TrainConfig, Tuner};
         use protocol::{KeptIndices, Proj};
 
@@ -282,8 +298,8 @@ mod tests {
         c.max_seq_len = 32;
         let device = Device::flex();
         let mut q8 = Llama::random(c.clone(), 5, &device);
-        q8.set_base_precision(BasePrecision::Q8_0).unwrap();
-        q8.set_q8_arithmetic(Q8Arithmetic::Fp32);
+        q8.set_base_precision(precision).unwrap();
+        q8.set_quant_arithmetic(QuantArithmetic::Fp32);
         let mut fp = Llama::random(c.clone(), 5, &device);
         for l in 0..c.n_layers() {
             for p in Proj::ALL {
@@ -319,12 +335,16 @@ mod tests {
         let (lf, tf) = run(&fp);
         for (k, (a, b)) in lq.iter().zip(&lf).enumerate() {
             let tol = if k < 3 { 1e-5 } else { 1e-2 };
-            assert!((a - b).abs() <= tol * b.abs(), "step {k}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= tol * b.abs(),
+                "{precision:?} step {k}: {a} vs {b}"
+            );
         }
         assert_eq!(tq.kept, tf.kept, "the same units pruned");
         assert_eq!(tq.model.config.blocks, tf.model.config.blocks);
         assert!(tq.model.config.sparsity() > 0.2);
-        let qb = tq.model.quant_base().expect("still held in Q8_0");
+        let qb = tq.model.quant_base().expect("still held quantized");
+        assert_eq!(qb.proj(0, Proj::Down).format(), precision.format().unwrap());
         for (l, shape) in tq.model.config.blocks.iter().enumerate() {
             let (q, ffn) = (shape.n_heads * c.head_dim, shape.ffn_dim);
             assert_eq!(

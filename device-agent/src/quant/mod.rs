@@ -1,17 +1,24 @@
-//! A frozen base kept quantized in memory (`--base-precision q8_0`, for `generate`, `eval` and
-//! `tune` ([`frozen`]);
-//! a model takes it on through `Llama::set_base_precision`): GGUF's Q8_0 blocks (32 int8 values sharing one f16 scale, running along the *input*
-//! dimension of each output row) and a matmul that multiplies from them, quantizing the
-//! activations' rows to Q8_0 blocks too and summing int8 products exactly in int32
+//! A frozen base kept quantized in memory (`--base-precision q8_0 | q4_0 | q4_1`, for
+//! `generate`, `eval` and `tune` ([`frozen`]); a model takes it on through
+//! `Llama::set_base_precision`): GGUF's blocks of 32 values along the *input* dimension of each
+//! output row ([`QMatrix`]): Q8_0 (int8 values and an f16 scale) or the 4-bit Q4_0 and Q4_1
+//! ([`q4`]: nibbles, an f16 scale and for Q4_1 an f16 minimum). A matmul multiplies from them,
+//! quantizing the activations' rows to Q8_0 blocks and summing int8 products exactly in int32
 //! ([`kernels`]: AVX-512 VNNI, AVX2, aarch64 `sdot`, portable; chosen at run time by
-//! [`crate::cpu::DotPath`]).
+//! [`crate::cpu::DotPath`]). A 4-bit matrix is unpacked to int8 a few rows at a time into a
+//! per-thread buffer of at most [`UNPACK_BYTES`] (so the weights are read from memory at 4.5 or
+//! 5 bits each) and goes through the same kernels; Q4_1's minimum adds `m * sum(x)` per block.
 //! Output rows are split across rayon's threads, so one decoded token pulls the weights through
 //! every core.
 //!
-//! The block's quantization rule ([`quantize_block`]) is the one the GGUF writer uses, so a
-//! Q8_0 file read back and quantized again gives the same blocks. Blocks are stored as two
-//! arrays (values, then scales) rather than interleaved 34-byte records; the content is the
-//! same. An input dimension that is not a multiple of 32 (a pruned MLP) pads its last block
+//! With a 4-bit base the embedding table and the LM head stay Q8_0 (as llama.cpp keeps its
+//! output matrix at higher precision): they are a fifth of SmolLM2-135M's weights and the
+//! logits are where 4-bit error shows most.
+//!
+//! The block rules ([`quantize_block`], [`q4`]) are the ones the GGUF writer uses, so a file
+//! read back and quantized again at its own format gives the same blocks. Blocks are stored as
+//! separate arrays (values, scales, minimums) rather than interleaved records; the content is
+//! the same. An input dimension that is not a multiple of 32 (a pruned MLP) pads its last block
 //! with zeros. Slicing: output rows can be dropped freely; input columns only by whole
 //! 32-blocks, so a pruned model is sliced in fp32 first and quantized afterwards.
 //!
@@ -22,9 +29,11 @@
 mod base;
 pub mod frozen;
 pub mod kernels;
+pub mod q4;
 
 pub use base::QuantBase;
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use burn::tensor::{Tensor, TensorData};
@@ -42,9 +51,9 @@ pub enum QuantError {
         got: usize,
         expected: usize,
     },
-    #[error("unknown base precision '{0}' (f32, q8_0)")]
+    #[error("unknown base precision '{0}' (f32, q8_0, q4_0, q4_1)")]
     UnknownPrecision(String),
-    #[error("int8 products from a Q8_0 base have no backward pass: training takes its products from the dequantized weights (Q8Arithmetic::Fp32)")]
+    #[error("int8 products from a quantized base have no backward pass: training takes its products from the dequantized weights (QuantArithmetic::Fp32)")]
     Tracked,
 }
 
@@ -54,11 +63,43 @@ pub enum BasePrecision {
     #[default]
     F32,
     Q8_0,
+    Q4_0,
+    Q4_1,
 }
 
-/// How products from a Q8_0 base are computed.
+impl BasePrecision {
+    /// The block format of the projections; `None` for fp32.
+    pub fn format(self) -> Option<BlockFormat> {
+        match self {
+            BasePrecision::F32 => None,
+            BasePrecision::Q8_0 => Some(BlockFormat::Q8_0),
+            BasePrecision::Q4_0 => Some(BlockFormat::Q4_0),
+            BasePrecision::Q4_1 => Some(BlockFormat::Q4_1),
+        }
+    }
+}
+
+/// The GGUF block format of a [`QMatrix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl std::fmt::Display for BlockFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BlockFormat::Q8_0 => "Q8_0",
+            BlockFormat::Q4_0 => "Q4_0",
+            BlockFormat::Q4_1 => "Q4_1",
+        })
+    }
+}
+
+/// How products from a quantized base are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Q8Arithmetic {
+pub enum QuantArithmetic {
     /// Serving (`generate`, `eval`): the activations are quantized to Q8_0 too and the block
     /// sums are exact int8 dot products ([`kernels`]).
     #[default]
@@ -74,6 +115,8 @@ impl std::str::FromStr for BasePrecision {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "fp32" => Ok(BasePrecision::F32),
             "q8_0" | "q8" => Ok(BasePrecision::Q8_0),
+            "q4_0" => Ok(BasePrecision::Q4_0),
+            "q4_1" => Ok(BasePrecision::Q4_1),
             _ => Err(QuantError::UnknownPrecision(s.to_string())),
         }
     }
@@ -139,23 +182,28 @@ fn f16_table() -> &'static [f32; 65536] {
     })
 }
 
-/// A `[rows, cols]` matrix in Q8_0 blocks along `cols` (for a projection: rows = outputs,
+/// A `[rows, cols]` matrix in GGUF blocks along `cols` (for a projection: rows = outputs,
 /// cols = inputs).
 #[derive(Clone)]
-pub struct Q8Matrix {
+pub struct QMatrix {
+    format: BlockFormat,
     rows: usize,
     cols: usize,
     /// Blocks per row, `ceil(cols / 32)`.
     nb: usize,
-    /// `rows * nb * 32` values, each in `-127..=127`.
+    /// Q8_0: `rows * nb * 32` values, each in `-127..=127`; empty otherwise.
     qs: Vec<i8>,
+    /// Q4_0 and Q4_1: `rows * nb * 16` bytes of nibbles in GGUF's order; empty otherwise.
+    nib: Vec<u8>,
     /// `rows * nb` f16 scales (bits).
     d: Vec<u16>,
+    /// Q4_1: `rows * nb` f16 block minimums (bits); empty otherwise.
+    m: Vec<u16>,
 }
 
-impl std::fmt::Debug for Q8Matrix {
+impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q8Matrix[{} x {}]", self.rows, self.cols)
+        write!(f, "QMatrix[{} x {}, {}]", self.rows, self.cols, self.format)
     }
 }
 
@@ -165,6 +213,8 @@ pub struct QRows {
     nb: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
+    /// Per block, `d * sum(qs)`: what Q4_1's minimum multiplies.
+    s: Vec<f32>,
 }
 
 impl QRows {
@@ -180,32 +230,55 @@ impl QRows {
         let nb = cols.div_ceil(QK);
         let mut qs = vec![0i8; n * nb * QK];
         let mut d = vec![0f32; n * nb];
-        let work = |(r, (q, dr)): (usize, (&mut [i8], &mut [f32]))| {
+        let mut s = vec![0f32; n * nb];
+        let work = |(r, ((q, dr), sr)): (usize, ((&mut [i8], &mut [f32]), &mut [f32]))| {
             let row = &x[r * cols..(r + 1) * cols];
-            for (b, (qb, db)) in q.chunks_exact_mut(QK).zip(dr.iter_mut()).enumerate() {
+            for (b, ((qb, db), sb)) in q
+                .chunks_exact_mut(QK)
+                .zip(dr.iter_mut())
+                .zip(sr.iter_mut())
+                .enumerate()
+            {
                 let end = ((b + 1) * QK).min(cols);
                 let qb: &mut [i8; QK] = qb.try_into().expect("chunks of QK");
                 *db = quantize_block(&row[b * QK..end], qb);
+                *sb = *db * qb.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
             }
         };
         if n * cols >= 1 << 16 && nb > 0 {
             qs.par_chunks_mut(nb * QK)
                 .zip(d.par_chunks_mut(nb))
+                .zip(s.par_chunks_mut(nb))
                 .enumerate()
                 .for_each(work);
         } else if nb > 0 {
             qs.chunks_mut(nb * QK)
                 .zip(d.chunks_mut(nb))
+                .zip(s.chunks_mut(nb))
                 .enumerate()
                 .for_each(work);
         }
-        Ok(QRows { n, nb, qs, d })
+        Ok(QRows { n, nb, qs, d, s })
     }
 }
 
-impl Q8Matrix {
-    /// Quantize a row-major `[rows, cols]` matrix.
-    pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Result<Q8Matrix, QuantError> {
+/// Most bytes of unpacked int8 rows a thread holds at once while multiplying from a 4-bit
+/// matrix: small enough to stay in the core's L1/L2 while the kernel reads it back.
+pub const UNPACK_BYTES: usize = 16 << 10;
+
+thread_local! {
+    /// Each thread's buffer of unpacked 4-bit rows (at most [`UNPACK_BYTES`], or one row).
+    static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl QMatrix {
+    /// Quantize a row-major `[rows, cols]` matrix to `format`'s blocks.
+    pub fn quantize(
+        format: BlockFormat,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<QMatrix, QuantError> {
         if values.len() != rows * cols {
             return Err(QuantError::Shape {
                 what: format!("matrix [{rows}, {cols}]"),
@@ -214,38 +287,85 @@ impl Q8Matrix {
             });
         }
         let nb = cols.div_ceil(QK);
-        let mut qs = vec![0i8; rows * nb * QK];
-        let mut d = vec![0u16; rows * nb];
-        if nb > 0 {
-            qs.par_chunks_mut(nb * QK)
-                .zip(d.par_chunks_mut(nb))
-                .enumerate()
-                .for_each(|(r, (q, dr))| {
-                    let row = &values[r * cols..(r + 1) * cols];
-                    for (b, (qb, db)) in q.chunks_exact_mut(QK).zip(dr.iter_mut()).enumerate() {
-                        let end = ((b + 1) * QK).min(cols);
-                        let qb: &mut [i8; QK] = qb.try_into().expect("chunks of QK");
-                        *db = half::f16::from_f32(quantize_block(&row[b * QK..end], qb)).to_bits();
-                    }
-                });
-        }
-        Ok(Q8Matrix {
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits();
+        let mut m = QMatrix {
+            format,
             rows,
             cols,
             nb,
-            qs,
-            d,
-        })
+            qs: Vec::new(),
+            nib: Vec::new(),
+            d: vec![0u16; rows * nb],
+            m: Vec::new(),
+        };
+        if nb == 0 {
+            return Ok(m);
+        }
+        // Block `b` of row `r`'s values (the last one of a ragged row short).
+        let block = |r: usize, b: usize| {
+            let row = &values[r * cols..(r + 1) * cols];
+            &row[b * QK..((b + 1) * QK).min(cols)]
+        };
+        match format {
+            BlockFormat::Q8_0 => {
+                m.qs = vec![0i8; rows * nb * QK];
+                m.qs.par_chunks_mut(nb * QK)
+                    .zip(m.d.par_chunks_mut(nb))
+                    .enumerate()
+                    .for_each(|(r, (q, dr))| {
+                        for (b, (qb, db)) in q.chunks_exact_mut(QK).zip(dr).enumerate() {
+                            let qb: &mut [i8; QK] = qb.try_into().expect("chunks of QK");
+                            *db = f16(quantize_block(block(r, b), qb));
+                        }
+                    });
+            }
+            BlockFormat::Q4_0 => {
+                m.nib = vec![0u8; rows * nb * q4::NIB];
+                m.nib
+                    .par_chunks_mut(nb * q4::NIB)
+                    .zip(m.d.par_chunks_mut(nb))
+                    .enumerate()
+                    .for_each(|(r, (q, dr))| {
+                        for (b, (qb, db)) in q.chunks_exact_mut(q4::NIB).zip(dr).enumerate() {
+                            let qb: &mut [u8; q4::NIB] = qb.try_into().expect("chunks of NIB");
+                            *db = f16(q4::quantize_block_q4_0(block(r, b), qb));
+                        }
+                    });
+            }
+            BlockFormat::Q4_1 => {
+                m.nib = vec![0u8; rows * nb * q4::NIB];
+                m.m = vec![0u16; rows * nb];
+                m.nib
+                    .par_chunks_mut(nb * q4::NIB)
+                    .zip(m.d.par_chunks_mut(nb))
+                    .zip(m.m.par_chunks_mut(nb))
+                    .enumerate()
+                    .for_each(|(r, ((q, dr), mr))| {
+                        let blocks = q.chunks_exact_mut(q4::NIB).zip(dr).zip(mr);
+                        for (b, ((qb, db), mb)) in blocks.enumerate() {
+                            let qb: &mut [u8; q4::NIB] = qb.try_into().expect("chunks of NIB");
+                            let (d, lo) = q4::quantize_block_q4_1(block(r, b), qb);
+                            (*db, *mb) = (f16(d), f16(lo));
+                        }
+                    });
+            }
+        }
+        Ok(m)
     }
 
     /// Quantize a projection held as burn holds it, `[in, out]`: rows become the outputs.
-    pub fn from_in_out(w: Tensor<2>) -> Result<Q8Matrix, QuantError> {
+    pub fn from_in_out(format: BlockFormat, w: Tensor<2>) -> Result<QMatrix, QuantError> {
         let [i, o] = w.dims();
-        Self::from_rows(w.transpose(), o, i)
+        Self::from_rows(format, w.transpose(), o, i)
     }
 
     /// Quantize a `[rows, cols]` tensor as it is.
-    pub fn from_rows(w: Tensor<2>, rows: usize, cols: usize) -> Result<Q8Matrix, QuantError> {
+    pub fn from_rows(
+        format: BlockFormat,
+        w: Tensor<2>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QMatrix, QuantError> {
         let v: Vec<f32> =
             w.into_data()
                 .convert::<f32>()
@@ -255,30 +375,73 @@ impl Q8Matrix {
                     got: 0,
                     expected: rows * cols,
                 })?;
-        Self::quantize(&v, rows, cols)
+        Self::quantize(format, &v, rows, cols)
     }
 
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
     pub fn rows(&self) -> usize {
         self.rows
     }
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// Bytes held (values and f16 scales).
+    /// Bytes held (values, f16 scales and minimums).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * self.d.len()
+        self.qs.len() + self.nib.len() + 2 * (self.d.len() + self.m.len())
+    }
+
+    /// Values `v0..v1` (counted over the padded rows, whole blocks) as the kernels read them,
+    /// int8: Q8_0's as they are, a 4-bit format's unpacked ([`q4::unpack`]).
+    fn int8_rows_range(&self, v0: usize, v1: usize, out: &mut [i8]) {
+        match self.format {
+            BlockFormat::Q8_0 => out.copy_from_slice(&self.qs[v0..v1]),
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let offset = if self.format == BlockFormat::Q4_0 {
+                    8
+                } else {
+                    0
+                };
+                q4::unpack(&self.nib[v0 / 2..v1 / 2], offset, out);
+            }
+        }
+    }
+
+    /// Rows `r0..r1` in fp32 into `out`, row-major `[r1 - r0, cols]` (a last partial block's
+    /// padding dropped): each value is its block's `q * d` (plus `m` for Q4_1), the parameters
+    /// read from their f16 bits.
+    pub(crate) fn dequantize_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (tab, cols, nb) = (f16_table(), self.cols, self.nb);
+        debug_assert_eq!(out.len(), (r1 - r0) * cols);
+        if cols == 0 {
+            return;
+        }
+        let row = |(k, o): (usize, &mut [f32])| {
+            let r = r0 + k;
+            let mut q = [0i8; QK];
+            for (b, ob) in o.chunks_mut(QK).enumerate() {
+                let at = r * nb + b;
+                self.int8_rows_range(at * QK, (at + 1) * QK, &mut q);
+                let s = tab[self.d[at] as usize];
+                let lo = self.m.get(at).map_or(0.0, |&m| tab[m as usize]);
+                for (v, &qv) in ob.iter_mut().zip(&q) {
+                    *v = f32::from(qv) * s + lo;
+                }
+            }
+        };
+        if out.len() >= 1 << 16 {
+            out.par_chunks_mut(cols).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(cols).enumerate().for_each(row);
+        }
     }
 
     /// Row `r` dequantized (`cols` values).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let tab = f16_table();
-        let q = &self.qs[r * self.nb * QK..(r + 1) * self.nb * QK];
-        let d = &self.d[r * self.nb..(r + 1) * self.nb];
-        q.iter()
-            .enumerate()
-            .take(self.cols)
-            .map(|(k, &v)| v as f32 * tab[d[k / QK] as usize])
-            .collect()
+        let mut out = vec![0f32; self.cols];
+        self.dequantize_into(r, r + 1, &mut out);
+        out
     }
 
     /// `y[n, rows] = x[n, cols] · selfᵀ` on the path this process detected.
@@ -298,6 +461,60 @@ impl Q8Matrix {
             .pop()
             .expect("one product per matrix")
     }
+
+    /// Weight rows `j0..j0 + y.len() / n` against every activation row into `y` (`y[j * n +
+    /// i]`): Q8_0 straight from its blocks, a 4-bit format a few rows at a time through the
+    /// thread's unpacking buffer, then Q4_1's `m * d_x * sum(q_x)` per block.
+    fn row_products(&self, path: DotPath, qx: &QRows, j0: usize, y: &mut [f32]) {
+        let (n, nb, tab) = (qx.n, self.nb, f16_table());
+        let j1 = j0 + y.len() / n;
+        // The kernel's view of weight rows `j0..j1` whose int8 values are `qw`.
+        fn args<'a>(
+            m: &'a QMatrix,
+            qx: &'a QRows,
+            qw: &'a [i8],
+            j0: usize,
+            j1: usize,
+        ) -> RowArgs<'a> {
+            RowArgs {
+                nb: m.nb,
+                qw,
+                dw: &m.d[j0 * m.nb..j1 * m.nb],
+                qx: &qx.qs,
+                dx: &qx.d,
+                tab: f16_table(),
+            }
+        }
+        if self.format == BlockFormat::Q8_0 {
+            let qw = &self.qs[j0 * nb * QK..j1 * nb * QK];
+            kernels::row_dots(path, &args(self, qx, qw, j0, j1), y);
+            return;
+        }
+        let step = (UNPACK_BYTES / (nb * QK).max(1)).max(1);
+        UNPACKED.with_borrow_mut(|buf| {
+            buf.resize(step.min(j1 - j0) * nb * QK, 0);
+            for (c, yc) in y.chunks_mut(step * n).enumerate() {
+                let a0 = j0 + c * step;
+                let a1 = a0 + yc.len() / n;
+                let q = &mut buf[..(a1 - a0) * nb * QK];
+                self.int8_rows_range(a0 * nb * QK, a1 * nb * QK, q);
+                kernels::row_dots(path, &args(self, qx, q, a0, a1), yc);
+                if self.format == BlockFormat::Q4_1 {
+                    for (j, yj) in (a0..a1).zip(yc.chunks_mut(n)) {
+                        let mins = &self.m[j * nb..(j + 1) * nb];
+                        for (yi, si) in yj.iter_mut().zip(qx.s.chunks_exact(nb)) {
+                            let add: f32 = mins
+                                .iter()
+                                .zip(si)
+                                .map(|(&m, &s)| tab[m as usize] * s)
+                                .sum();
+                            *yi += add;
+                        }
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Several matrices times the same quantized activations (`qx` has their block count), `y[n,
@@ -306,41 +523,25 @@ impl Q8Matrix {
 /// taken one by one they ran on one thread after q; together they run beside it. Every output
 /// is one weight row's dot products, whichever task computes it, so the split never changes a
 /// value.
-pub fn matmul_many_q(path: DotPath, mats: &[&Q8Matrix], qx: &QRows) -> Vec<Vec<f32>> {
+pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f32>> {
     let n = qx.n;
     for m in mats {
         assert_eq!(qx.nb, m.nb, "activations quantized for another width");
     }
-    let tab = f16_table();
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
     if n == 0 {
         return outs;
     }
-    // Weight rows `j0..j0 + y.len() / n` of `m` into `y` (their outputs for every activation
-    // row).
-    let rows = |m: &Q8Matrix, j0: usize, y: &mut [f32]| {
-        let nb = m.nb;
-        let j1 = j0 + y.len() / n;
-        let a = RowArgs {
-            nb,
-            qw: &m.qs[j0 * nb * QK..j1 * nb * QK],
-            dw: &m.d[j0 * nb..j1 * nb],
-            qx: &qx.qs,
-            dx: &qx.d,
-            tab,
-        };
-        kernels::row_dots(path, &a, y);
-    };
     let macs: usize = mats.iter().map(|m| m.rows * n * m.nb * QK).sum();
     if macs < 1 << 18 {
         for (m, y) in mats.iter().zip(outs.iter_mut()) {
-            rows(m, 0, y);
+            m.row_products(path, qx, 0, y);
         }
     } else {
         let threads = rayon::current_num_threads().max(1);
         let total: usize = mats.iter().map(|m| m.rows).sum();
         let per_task = total.div_ceil(threads * 8).max(1);
-        let mut tasks: Vec<(&Q8Matrix, usize, &mut [f32])> = Vec::new();
+        let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
         for (m, y) in mats.iter().zip(outs.iter_mut()) {
             for (c, ys) in y.chunks_mut(per_task * n).enumerate() {
                 tasks.push((m, c * per_task, ys));
@@ -348,7 +549,7 @@ pub fn matmul_many_q(path: DotPath, mats: &[&Q8Matrix], qx: &QRows) -> Vec<Vec<f
         }
         tasks
             .into_par_iter()
-            .for_each(|(m, j0, ys)| rows(m, j0, ys));
+            .for_each(|(m, j0, ys)| m.row_products(path, qx, j0, ys));
     }
     if n == 1 {
         return outs;
@@ -398,7 +599,7 @@ fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// `x[n, cols]` (a burn tensor, no autodiff) times each matrix, quantizing `x` once.
-pub fn matmul_tensors(mats: &[&Q8Matrix], x: Tensor<2>) -> Result<Vec<Tensor<2>>, QuantError> {
+pub fn matmul_tensors(mats: &[&QMatrix], x: Tensor<2>) -> Result<Vec<Tensor<2>>, QuantError> {
     if x.is_tracked() {
         return Err(QuantError::Tracked);
     }
@@ -433,7 +634,7 @@ pub fn matmul_tensors(mats: &[&Q8Matrix], x: Tensor<2>) -> Result<Vec<Tensor<2>>
 
 /// The result of a quantized matmul in the forward pass, whose shapes the model has checked;
 /// the one error left is autodiff, which has no backward here.
-pub(crate) fn expect_q8(r: Result<Vec<Tensor<2>>, QuantError>) -> Vec<Tensor<2>> {
+pub(crate) fn expect_quant(r: Result<Vec<Tensor<2>>, QuantError>) -> Vec<Tensor<2>> {
     r.unwrap_or_else(|e| panic!("Q8_0 base: {e}"))
 }
 
@@ -443,7 +644,7 @@ pub struct QuantReport {
     /// Bytes of the fp32 tensors replaced.
     pub fp32_bytes: usize,
     /// Bytes of the Q8_0 matrices that replace them.
-    pub q8_bytes: usize,
+    pub quant_bytes: usize,
 }
 
 /// Hand freed heap pages back to the system: the binaries tune glibc's allocator never to trim
@@ -458,291 +659,4 @@ pub fn release_freed_memory() {
 }
 
 #[cfg(test)]
-mod tests {
-    // Tests of the Q8_0 base: the block rule against the GGUF reader, the matmul against a scalar
-    // reference on awkward shapes, every dot path against the portable one, and a tiny random
-    // model whose quantized forward (full and KV-cached) stays close to fp32.
-
-    use super::*;
-    use crate::gguf::{self, GgmlType};
-    use crate::model::{to_rows, KvCache, Llama, ModelConfig};
-    use burn::tensor::Device;
-
-    use test_support::seeded_noise as seeded;
-
-    /// `x[n, cols] · w[rows, cols]ᵀ` in f64.
-    fn reference(x: &[f32], w: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f64> {
-        let mut y = vec![0f64; n * rows];
-        for i in 0..n {
-            for j in 0..rows {
-                y[i * rows + j] = (0..cols)
-                    .map(|k| x[i * cols + k] as f64 * w[j * cols + k] as f64)
-                    .sum();
-            }
-        }
-        y
-    }
-
-    /// The activations as the kernels see them after quantization.
-    fn dequantized_rows(q: &QRows, cols: usize) -> Vec<f32> {
-        (0..q.n)
-            .flat_map(|i| {
-                (0..cols).map(move |k| q.qs[i * q.nb * QK + k] as f32 * q.d[i * q.nb + k / QK])
-            })
-            .collect()
-    }
-
-    #[test]
-    fn rounding_matches_std_round_at_halves_and_their_neighbours() {
-        let mut xs = vec![0.0f32, -0.0, 127.0, -127.0, 127.49, -127.5];
-        for k in -256..=256 {
-            let h = k as f32 * 0.5;
-            xs.extend([h, h.next_up(), h.next_down()]);
-        }
-        for x in xs {
-            assert_eq!(round_half_away(x), x.round(), "{x}");
-        }
-    }
-
-    #[test]
-    fn whole_finite_blocks_quantize_as_the_scalar_rule_and_others_fall_back() {
-        // The rule written out value by value, with the saturating cast: what the fast path
-        // (whole blocks of finite values) must reproduce exactly.
-        fn rule(values: &[f32]) -> ([i8; QK], f32) {
-            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut q = [0i8; QK];
-            for (i, qi) in q.iter_mut().enumerate() {
-                let v = values.get(i).copied().unwrap_or(0.0);
-                *qi = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            }
-            (q, d)
-        }
-        let mut blocks: Vec<Vec<f32>> = (0..200).map(|k| seeded(QK, 500 + k, 3.0)).collect();
-        // Values landing on halves of a step, zeros, one huge value, a short block, and
-        // non-finite values (the fallback: NaN quantises to 0, an infinity makes every step 0).
-        blocks.push((0..QK).map(|i| i as f32 * 0.5 - 8.0).collect());
-        blocks.push(vec![0.0; QK]);
-        let mut big = seeded(QK, 9, 1.0);
-        big[7] = 3.0e38;
-        blocks.push(big);
-        blocks.push(seeded(13, 10, 1.0));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let mut b = seeded(QK, 11, 1.0);
-            b[4] = bad;
-            blocks.push(b);
-        }
-        for (k, b) in blocks.iter().enumerate() {
-            let mut q = [0i8; QK];
-            let d = quantize_block(b, &mut q);
-            let (want, wd) = rule(b);
-            assert_eq!(q, want, "block {k}");
-            assert!(
-                d == wd || (d.is_nan() && wd.is_nan()),
-                "block {k}: {d} vs {wd}"
-            );
-        }
-    }
-
-    #[test]
-    fn blocks_are_the_gguf_writers_and_read_back_exactly() {
-        let v = seeded(5 * 70, 3, 2.0);
-        let m = Q8Matrix::quantize(&v, 5, 70).unwrap();
-        for r in 0..5 {
-            // The writer pads each row to whole blocks the same way.
-            let bytes = gguf::writer::quantize(GgmlType::Q8_0, &v[r * 70..(r + 1) * 70]);
-            let back = gguf::dequantize(GgmlType::Q8_0, &bytes, 70);
-            assert_eq!(back, m.dequantize_row(r), "row {r}");
-            // Quantizing the dequantized values again gives the same blocks (a Q8_0 file loses
-            // nothing more when its base is held quantized).
-            let again = Q8Matrix::quantize(&back, 1, 70).unwrap();
-            assert_eq!(again.dequantize_row(0), back, "row {r} re-quantized");
-            // Within half a step of the original.
-            for (k, (&a, &b)) in v[r * 70..(r + 1) * 70].iter().zip(&back).enumerate() {
-                let d = m.d[r * m.nb + k / QK];
-                let step = half::f16::from_bits(d).to_f32();
-                assert!((a - b).abs() <= 0.5 * step * 1.01 + 1e-7, "{a} vs {b}");
-            }
-        }
-        assert!(Q8Matrix::quantize(&v, 5, 71).is_err());
-    }
-
-    #[test]
-    fn matmul_matches_the_scalar_reference_on_awkward_shapes() {
-        let mut seed = 10;
-        // n: decode, odd, and a prompt-sized block; cols: whole blocks, a ragged last block,
-        // fewer than one block, and the model's widths; rows large enough for the parallel path.
-        for &(n, rows, cols) in &[
-            (1, 7, 32),
-            (3, 5, 45),
-            (6, 11, 96),
-            (2, 9, 7),
-            (5, 33, 576),
-            (1, 1536, 576),
-            (17, 300, 1536),
-            (4, 0, 64),
-            (0, 8, 64),
-        ] {
-            seed += 1;
-            let w = seeded(rows * cols, seed, 0.3);
-            let x = seeded(n * cols, seed + 100, 3.0);
-            let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
-            let y = m.matmul(&x, n).unwrap();
-            assert_eq!(y.len(), n * rows);
-            // Exact up to f32 rounding against the dequantized operands.
-            let wd: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
-            let xq = QRows::quantize(&x, n, cols).unwrap();
-            let xd = dequantized_rows(&xq, cols);
-            let exact = reference(&xd, &wd, n, rows, cols);
-            let scale = exact.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
-            for (k, (&a, &b)) in y.iter().zip(&exact).enumerate() {
-                assert!(
-                    (a as f64 - b).abs() <= 1e-5 * scale,
-                    "[{n}x{rows}x{cols}] #{k}: {a} vs {b}"
-                );
-            }
-            // Within the quantization error of the fp32 product: each operand carries at most
-            // half a step (max/254) per value.
-            let fp = reference(&x, &w, n, rows, cols);
-            for (k, (&a, &b)) in y.iter().zip(&fp).enumerate() {
-                let bound = 2.0 * (cols as f64).sqrt() * 3.0 * 0.3 / 254.0 + 1e-6;
-                assert!(
-                    (a as f64 - b).abs() <= bound,
-                    "[{n}x{rows}x{cols}] #{k}: {a} vs fp32 {b} (bound {bound})"
-                );
-            }
-        }
-        // A wrong activation length is an error, not a panic.
-        let m = Q8Matrix::quantize(&seeded(64, 1, 1.0), 2, 32).unwrap();
-        assert!(matches!(
-            m.matmul(&[0.0; 31], 1),
-            Err(QuantError::Shape { .. })
-        ));
-    }
-
-    #[test]
-    fn every_dot_path_agrees_with_the_portable_one() {
-        // One activation row (decoding), fewer than a tile, tiles and a remainder; an odd and
-        // an even number of blocks per row.
-        for (n, cols) in [(1, 45 + 576 + 32), (1, 576), (2, 576), (7, 45 + 576 + 32)] {
-            let rows = 200;
-            let w = seeded(rows * cols, 77, 0.5);
-            // Include values that quantize to +-127 and to 0.
-            let mut x = seeded(n * cols, 78, 4.0);
-            x[3] = 4.0;
-            x[4] = -4.0;
-            x[5] = 0.0;
-            let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
-            let base = m.matmul_with(DotPath::Portable, &x, n).unwrap();
-            let (_, hw) = crate::cpu::hardware();
-            // The NEON kernel sums each block in int32 and accumulates in the portable
-            // kernel's order: the same bits (on other CPUs it is the portable kernel).
-            assert_eq!(m.matmul_with(DotPath::NeonDot, &x, n).unwrap(), base);
-            for path in [DotPath::Avx2, DotPath::Avx512Vnni] {
-                let y = m.matmul_with(path, &x, n).unwrap();
-                let worst = y
-                    .iter()
-                    .zip(&base)
-                    .fold(0f32, |a, (p, q)| a.max((p - q).abs() / q.abs().max(1.0)));
-                assert!(
-                    worst < 1e-5,
-                    "{path} (hardware offers {hw}), n {n}, cols {cols}: differs from portable \
-                     by {worst}"
-                );
-            }
-        }
-        assert!(
-            "q4_k".parse::<BasePrecision>().is_err()
-                && "Q8_0".parse::<BasePrecision>().unwrap() == BasePrecision::Q8_0
-        );
-    }
-
-    #[test]
-    fn grouped_products_equal_each_matrix_alone_above_and_below_the_split() {
-        // SmolLM2's q, k and v shapes at one decoded token (together past the parallel split,
-        // k and v alone under it), at a short prompt, and a small group that stays serial.
-        let cols = 576;
-        let mats: Vec<Q8Matrix> = [576usize, 192, 192]
-            .iter()
-            .enumerate()
-            .map(|(i, &rows)| {
-                Q8Matrix::quantize(&seeded(rows * cols, 90 + i as u32, 0.5), rows, cols).unwrap()
-            })
-            .collect();
-        let small = Q8Matrix::quantize(&seeded(3 * 64, 95, 0.5), 3, 64).unwrap();
-        let refs: Vec<&Q8Matrix> = mats.iter().collect();
-        let path = DotPath::detect();
-        for n in [1, 5] {
-            let qx = QRows::quantize(&seeded(n * cols, 99, 2.0), n, cols).unwrap();
-            let together = matmul_many_q(path, &refs, &qx);
-            assert_eq!(together.len(), 3);
-            for (m, y) in mats.iter().zip(&together) {
-                assert_eq!(y, &m.matmul_q(path, &qx), "n {n}, {} rows", m.rows);
-                // Each output is its weight row's dot product whichever task ran it: the
-                // portable kernel's over the same rows agrees to rounding.
-                let single = m.matmul_q(DotPath::Portable, &qx);
-                let worst = y
-                    .iter()
-                    .zip(&single)
-                    .fold(0f32, |a, (p, q)| a.max((p - q).abs() / q.abs().max(1.0)));
-                assert!(worst < 1e-5, "n {n}: {worst}");
-            }
-        }
-        let qx = QRows::quantize(&seeded(2 * 64, 96, 2.0), 2, 64).unwrap();
-        let y = matmul_many_q(path, &[&small, &small], &qx);
-        assert_eq!(y[0], y[1]);
-        assert_eq!(y[0], small.matmul_q(path, &qx));
-    }
-
-    fn tiny(n_layers: usize, tie: bool) -> ModelConfig {
-        // d_model 64 and ffn 80: the MLP's input width is not a multiple of 32.
-        let mut c = ModelConfig::dense(97, 64, n_layers, 4, 2, 16, 80, tie);
-        c.max_seq_len = 64;
-        c
-    }
-
-    #[test]
-    fn quantized_tiny_model_stays_close_and_caches_alike() {
-        let device = Device::flex();
-        for tie in [true, false] {
-            let fp = Llama::random(tiny(2, tie), 5, &device);
-            let mut q = fp.clone();
-            let rep = q
-                .set_base_precision(BasePrecision::Q8_0)
-                .unwrap()
-                .expect("quantized");
-            assert!(q.quant_base().is_some() && fp.quant_base().is_none());
-            // The fp32 tensors are gone from the quantized model.
-            assert_eq!(q.blocks[0].wq.dims(), [0, 0]);
-            assert!(rep.q8_bytes * 3 < rep.fp32_bytes, "{rep:?}");
-            let ids: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
-            let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
-            let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
-            let scale = a.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = a
-                .iter()
-                .flatten()
-                .zip(b.iter().flatten())
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(worst < 0.05 * scale, "tie {tie}: {worst} of {scale}");
-            // KV-cached decoding of the quantized model equals its full forward.
-            let mut cache = KvCache::new(2);
-            let mut rows = to_rows(q.logits(q.hidden(
-                q.tokens_tensor(&[ids[..5].to_vec()]),
-                None,
-                Some(&mut cache),
-            )));
-            for &t in &ids[5..] {
-                rows.extend(to_rows(q.logits(q.hidden(
-                    q.tokens_tensor(&[vec![t]]),
-                    None,
-                    Some(&mut cache),
-                ))));
-            }
-            for (r, c) in b.iter().flatten().zip(rows.iter().flatten()) {
-                assert!((r - c).abs() < 1e-4, "{r} vs {c}");
-            }
-        }
-    }
-}
+mod tests;

@@ -95,7 +95,7 @@ fn ce_rows(
     let [n, d] = h.dims();
     let device = model.device.clone();
     // [vocab, d]: a Q8_0 head dequantized a chunk of rows at a time, or fp32 rows.
-    let q8_head = model.q8_fp32_head();
+    let q8_head = model.quant_fp32_head();
     let head = q8_head.is_none().then(|| model.head_rows());
     // With bf16 products the head is rounded and packed once for all chunks (or was, by the
     // caller); a head handed in for another precision is not used.
