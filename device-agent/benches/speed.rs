@@ -8,8 +8,9 @@
 //! `cargo bench -p device-agent --bench speed` (add `-- quick` for one repetition).
 //!
 //! It prints first the CPU (model name, family/model) and the paths our kernels take on it
-//! (`device_agent::cpu`; `FEDSPINE_ISA=avx2|portable` caps ours, not burn's matmul). The Q8_0
-//! frozen base (`--base-precision q8_0`) is measured beside fp32 in the same run: its raw
+//! (`device_agent::cpu`; `FEDSPINE_ISA=avx2|portable` caps ours, not burn's matmul). The
+//! quantized frozen base (`--base-precision q8_0 | q4_0 | q4_1`) is measured beside fp32 in the
+//! same run: its raw
 //! matmul at the decode and prompt shapes, prompt forward, greedy generation and the resident
 //! memory of the loaded model (each precision in its own process). `-- quant` runs only those
 //! rows. bf16 products on the frozen base (`tune --precision bf16`, [`device_agent::bf16`]) are
@@ -351,8 +352,9 @@ fn time_small<T>(mut f: impl FnMut() -> T) -> f64 {
     )
 }
 
-/// The Q8_0 rows: raw matmul against fp32 at the decode and prompt shapes, prompt forward,
-/// greedy generation (fp32 and Q8_0 in the same run) and the loaded model's resident memory.
+/// The quantized-base rows: raw matmul against fp32 at the decode and prompt shapes (Q8_0 by
+/// dot path, Q4_0 and Q4_1 on this CPU's), prompt forward, greedy generation (fp32, Q8_0, Q4_0
+/// and Q4_1 alternating in the same run) and the loaded model's resident memory.
 fn quant_rows(
     base: &device_agent::model::Llama,
     tok: &device_agent::tokenizer::Tok,
@@ -369,6 +371,18 @@ fn quant_rows(
         let q = QMatrix::from_in_out(quant::BlockFormat::Q8_0, w.clone()).expect("quantize");
         let xv: Vec<f32> = x.clone().into_data().try_to_vec().expect("f32");
         let tq = time_small(|| q.matmul(&xv, n).expect("shapes"));
+        let q4: Vec<String> = [quant::BlockFormat::Q4_0, quant::BlockFormat::Q4_1]
+            .into_iter()
+            .map(|f| {
+                let m = QMatrix::from_in_out(f, w.clone()).expect("quantize");
+                let t = time_small(|| m.matmul(&xv, n).expect("shapes"));
+                format!(
+                    "{f} {:.0} GFLOP/s ({:.2} MB)",
+                    2.0 * (n * k * m.rows()) as f64 / t / 1e9,
+                    m.bytes() as f64 / 1e6
+                )
+            })
+            .collect();
         let tqt = time_small(|| {
             quant::matmul_tensors(&[&q], x.clone())
                 .expect("shapes")
@@ -391,37 +405,62 @@ fn quant_rows(
         })
         .collect();
         println!(
-            "| matmul {n} x {k} x {m}: fp32 (flex) vs Q8_0 | {:.0} vs {:.0} | GFLOP/s | | Q8_0 through tensors {:.0} GFLOP/s; by path: {}; weights {:.2} MB fp32, {:.2} MB Q8_0; int8 MAC = 2 ops |",
+            "| matmul {n} x {k} x {m}: fp32 (flex) vs Q8_0 | {:.0} vs {:.0} | GFLOP/s | | Q8_0 through tensors {:.0} GFLOP/s; by path: {}; weights {:.2} MB fp32, {:.2} MB Q8_0; {}; int8 MAC = 2 ops |",
             fl / t32 / 1e9,
             fl / tq / 1e9,
             fl / tqt / 1e9,
             paths.join(", "),
             (k * m * 4) as f64 / 1e6,
-            q.bytes() as f64 / 1e6
+            q.bytes() as f64 / 1e6,
+            q4.join(", ")
         );
     }
 
-    let mut qbase = base.clone();
-    let rep = qbase
-        .set_base_precision(BasePrecision::Q8_0)
-        .expect("quantize")
-        .expect("Q8_0");
+    // The model at each base precision: fp32 and the three block formats.
+    let precisions = [
+        BasePrecision::F32,
+        BasePrecision::Q8_0,
+        BasePrecision::Q4_0,
+        BasePrecision::Q4_1,
+    ];
+    let models: Vec<(device_agent::model::Llama, Option<quant::QuantReport>)> = precisions
+        .iter()
+        .map(|&p| {
+            let mut m = base.clone();
+            let rep = m.set_base_precision(p).expect("quantize");
+            (m, rep)
+        })
+        .collect();
+    let names = "fp32 vs Q8_0 vs Q4_0 vs Q4_1";
+    let fmt = |v: &[f64], digits: usize| {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(" vs ")
+    };
+    let ratios = |v: &[f64]| {
+        v[1..]
+            .iter()
+            .zip(&precisions[1..])
+            .map(|(x, p)| format!("{p:?}/fp32 {:.2}x", x / v[0]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     // Prompt forward, 256 tokens, batch 1: full logits, as the fp32 row above.
     let prompt: Vec<u32> = ids[..256].to_vec();
     let mut fwd = Vec::new();
-    for model in [base, &qbase] {
+    for (model, _) in &models {
         let toks = || model.tokens_tensor(std::slice::from_ref(&prompt));
         let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
         fwd.push(256.0 / s);
     }
     println!(
-        "| prompt forward 256 tokens, b1: fp32 vs Q8_0 base | {:.0} vs {:.0} | tok/s | | Q8_0/fp32 {:.2}x |",
-        fwd[0],
-        fwd[1],
-        fwd[1] / fwd[0]
+        "| prompt forward 256 tokens, b1: {names} base | {} | tok/s | | {} |",
+        fmt(&fwd, 0),
+        ratios(&fwd)
     );
 
-    // Greedy generation of 64 tokens, both precisions alternating in the same run.
+    // Greedy generation of 64 tokens, the precisions alternating in the same run.
     let chat = tok
         .encode(&tok.chat_prompt("Write a short story about a whale.", None))
         .expect("encode");
@@ -430,32 +469,38 @@ fn quant_rows(
         sampling: generate::Sampling::Greedy,
         seed: 0,
     };
-    let mut rates = [Vec::new(), Vec::new()];
+    let mut rates = vec![Vec::new(); models.len()];
     for _ in 0..reps.max(3) {
-        for (i, model) in [base, &qbase].into_iter().enumerate() {
+        for (i, (model, _)) in models.iter().enumerate() {
             let g = generate::generate(model, tok, None, &chat, &cfg, |_| {}).expect("generate");
             rates[i].push(g.tokens.len() as f64 / g.decode_s);
         }
     }
-    let [r32, rq] = rates.map(median);
+    let rates: Vec<f64> = rates.into_iter().map(median).collect();
     // Bytes each decoded token reads: every projection and the LM head (the tied embedding
     // table is the LM head; an untied one is read one row per token, which is negligible).
     let lm = 4.0 * (base.config.vocab_size * d) as f64;
-    let proj32 = rep.fp32_bytes as f64 - if base.config.tie_embeddings { 0.0 } else { lm };
-    let projq = proj32 * rep.quant_bytes as f64 / rep.fp32_bytes as f64;
+    let fp32_bytes = models[1].1.expect("Q8_0").fp32_bytes as f64;
+    let read: Vec<f64> = models
+        .iter()
+        .map(|(_, rep)| {
+            let untied = if base.config.tie_embeddings { 0.0 } else { lm };
+            rep.map_or(fp32_bytes, |r| r.quant_bytes as f64) * (fp32_bytes - untied) / fp32_bytes
+        })
+        .collect();
+    let gbs: Vec<f64> = read.iter().zip(&rates).map(|(b, r)| b * r / 1e9).collect();
     println!(
-        "| greedy generation, 64 tokens: fp32 vs Q8_0 base | {r32:.1} vs {rq:.1} | tok/s | | Q8_0/fp32 {:.2}x; weights read per token {:.0} vs {:.0} MB ({:.1} vs {:.1} GB/s) |",
-        rq / r32,
-        proj32 / 1e6,
-        projq / 1e6,
-        proj32 * r32 / 1e9,
-        projq * rq / 1e9
+        "| greedy generation, 64 tokens: {names} base | {} | tok/s | | {}; weights read per token {} MB ({} GB/s) |",
+        fmt(&rates, 1),
+        ratios(&rates),
+        fmt(&read.iter().map(|b| b / 1e6).collect::<Vec<_>>(), 0),
+        fmt(&gbs, 1)
     );
 
     // Resident memory, each precision in a fresh process.
     let exe = std::env::current_exe().expect("own path");
     let mut rss = Vec::new();
-    for p in ["f32", "q8_0"] {
+    for p in ["f32", "q8_0", "q4_0", "q4_1"] {
         let out = std::process::Command::new(&exe)
             .args(["rss", p])
             .output()
@@ -466,21 +511,22 @@ fn quant_rows(
             .collect();
         rss.push(v);
     }
-    if let [a, b] = &rss[..] {
-        if a.len() == 3 && b.len() == 3 {
-            println!(
-                "| resident memory of the loaded model: fp32 vs Q8_0 base | {:.0} vs {:.0} | MiB | | {:.2}x; above the process's {:.0} MiB before loading: {:.0} vs {:.0} MiB ({:.2}x); base held {:.0} MB fp32 -> {:.0} MB Q8_0 |",
-                a[2],
-                b[2],
-                b[2] / a[2],
-                a[0],
-                a[2] - a[0],
-                b[2] - b[0],
-                (b[2] - b[0]) / (a[2] - a[0]),
-                rep.fp32_bytes as f64 / 1e6,
-                rep.quant_bytes as f64 / 1e6
-            );
-        }
+    if rss.iter().all(|v| v.len() == 3) {
+        let total: Vec<f64> = rss.iter().map(|v| v[2]).collect();
+        let added: Vec<f64> = rss.iter().map(|v| v[2] - v[0]).collect();
+        let held: Vec<f64> = models
+            .iter()
+            .map(|(_, r)| r.map_or(fp32_bytes, |r| r.quant_bytes as f64) / 1e6)
+            .collect();
+        println!(
+            "| resident memory of the loaded model: {names} base | {} | MiB | | {}; above the process's {:.0} MiB before loading: {} MiB ({}); base held {} MB |",
+            fmt(&total, 0),
+            ratios(&total),
+            rss[0][0],
+            fmt(&added, 0),
+            ratios(&added),
+            fmt(&held, 0)
+        );
     }
 }
 
@@ -560,7 +606,7 @@ fn main() {
             .get(i + 1)
             .map_or("f32", String::as_str)
             .parse()
-            .expect("precision f32 or q8_0");
+            .expect("precision f32, q8_0, q4_0 or q4_1");
         rss_only(p);
         return;
     }

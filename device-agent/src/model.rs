@@ -445,8 +445,10 @@ impl Llama {
         let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
         let w = |p: Proj| match &self.quant {
-            Some(q) if self.quant_arithmetic == QuantArithmetic::Fp32 => Base::Q8Fp32(q.proj(l, p)),
-            Some(q) => Base::Q8(q.proj(l, p)),
+            Some(q) if self.quant_arithmetic == QuantArithmetic::Fp32 => {
+                Base::QuantFp32(q.proj(l, p))
+            }
+            Some(q) => Base::Quant(q.proj(l, p)),
             None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
         };

@@ -13,14 +13,14 @@ use crate::fused;
 use crate::quant::{self, QMatrix};
 
 /// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, or with bf16
-/// operands: [`crate::bf16`]), or Q8_0 `[out, in]` blocks (int8 products for serving, or fp32
+/// operands: [`crate::bf16`]), or GGUF `[out, in]` blocks (int8 products for serving, or fp32
 /// products from the dequantized weight for training: [`quant::frozen`]).
 #[derive(Clone, Copy)]
 pub(crate) enum Base<'a> {
     F32(&'a Tensor<2>),
     Bf16(&'a Tensor<2>),
-    Q8(&'a QMatrix),
-    Q8Fp32(&'a Arc<QMatrix>),
+    Quant(&'a QMatrix),
+    QuantFp32(&'a Arc<QMatrix>),
 }
 
 /// The factors of one adapted projection.
@@ -114,8 +114,8 @@ fn proj_group_of<const N: usize>(
     let q8: Vec<&QMatrix> = parts
         .iter()
         .filter_map(|(w, _)| match w {
-            Base::Q8(m) => Some(*m),
-            Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_) => None,
+            Base::Quant(m) => Some(*m),
+            Base::F32(_) | Base::Bf16(_) | Base::QuantFp32(_) => None,
         })
         .collect();
     let mut q8_out = if q8.is_empty() {
@@ -129,7 +129,7 @@ fn proj_group_of<const N: usize>(
         .iter()
         .filter_map(|(w, _)| match w {
             Base::F32(m) => Some(*m),
-            Base::Bf16(_) | Base::Q8Fp32(_) | Base::Q8(_) => None,
+            Base::Bf16(_) | Base::QuantFp32(_) | Base::Quant(_) => None,
         })
         .collect();
     let mut fp32_out = if N > 1 && fp32.len() == N {
@@ -141,8 +141,10 @@ fn proj_group_of<const N: usize>(
     parts.map(|(w, _)| {
         let base = match (w, fp32_out.as_mut().and_then(Iterator::next)) {
             (_, Some(grouped)) => grouped,
-            (Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_), None) => dense_product(x.clone(), w),
-            (Base::Q8(_), None) => q8_out
+            (Base::F32(_) | Base::Bf16(_) | Base::QuantFp32(_), None) => {
+                dense_product(x.clone(), w)
+            }
+            (Base::Quant(_), None) => q8_out
                 .next()
                 .expect("one quantized product per quantized base"),
         };
@@ -162,8 +164,8 @@ fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
             .or_else(|| (!w.is_tracked()).then(|| crate::bf16::matmul_fp32(x.clone(), w))?)
             .unwrap_or_else(|| x.matmul(w.clone())),
         Base::Bf16(w) => crate::bf16::matmul(x, w),
-        Base::Q8Fp32(w) => quant::frozen::matmul(x, w),
-        Base::Q8(_) => unreachable!("Q8_0 products are taken per group by proj_group"),
+        Base::QuantFp32(w) => quant::frozen::matmul(x, w),
+        Base::Quant(_) => unreachable!("Q8_0 products are taken per group by proj_group"),
     }
 }
 
@@ -172,7 +174,7 @@ fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
 /// not kept for the backward pass (it is recomputed from `g` and `u`, which SwiGLU keeps).
 pub(crate) fn swiglu_proj(g: Tensor<2>, u: Tensor<2>, w: Base, lora: LoraRef) -> Tensor<2> {
     let act = fused::swiglu(g.clone(), u.clone());
-    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_) | Base::Q8Fp32(_)) = (lora, w) else {
+    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_) | Base::QuantFp32(_)) = (lora, w) else {
         return proj(act, w, lora);
     };
     match fused::swiglu_matmul(act.clone(), g, u, a.clone()) {
