@@ -1,7 +1,7 @@
-// Tests of the quantized base: the Q8_0 block rule against the GGUF reader (the 4-bit rules:
-// `q4`), the matmul in every block format against a scalar reference on awkward shapes, every
-// dot path against the portable one, and a tiny random model whose quantized forward (full and
-// KV-cached) stays close to fp32.
+//! Tests of the quantized base: the Q8_0 block rule against the GGUF reader (the 4-bit rules:
+//! `q4`), the matmul in every block format against a scalar reference on awkward shapes, every
+//! dot path against the portable one, and a tiny random model whose quantized forward (full and
+//! KV-cached) stays close to fp32.
 
 use super::*;
 use crate::gguf::{self, GgmlType};

@@ -297,6 +297,19 @@ fn block_end(toks: &[(Tok, usize)], open: usize) -> usize {
     toks.len()
 }
 
+/// The names of the out-of-line modules a file declares under `#[cfg(test)]` (`mod x;`).
+fn test_modules(src: &str) -> Vec<String> {
+    let toks = tokens(src);
+    (0..toks.len())
+        .filter(|&i| {
+            matches!(&toks[i].0, Tok::Ident(kw) if kw == "mod")
+                && is(&toks, i + 2, &Tok::Punct(';'))
+                && cfg_test_before(&toks, i)
+        })
+        .filter_map(|i| ident(&toks, i + 1).map(String::from))
+        .collect()
+}
+
 /// Every `use` path and every inline `crate::`/`super::`/`self::` path in one file.
 fn references(src: &str) -> Vec<Reference> {
     let toks = tokens(src);
@@ -394,9 +407,23 @@ fn show(m: &[String]) -> String {
 impl Crate {
     /// `files`: (path relative to `src/`, text) of the library's files.
     pub fn new(files: &[(String, String)]) -> Crate {
+        // Files of unit tests declared out of line (`#[cfg(test)] mod tests;`) are left out
+        // as inline test modules are: unit tests may use any module of the crate.
+        let tests: Vec<ModPath> = files
+            .iter()
+            .filter_map(|(rel, text)| Some((module_of(rel)?, text)))
+            .flat_map(|(m, text)| {
+                test_modules(text).into_iter().map(move |name| {
+                    let mut c = m.clone();
+                    c.push(name);
+                    c
+                })
+            })
+            .collect();
         let files = files
             .iter()
             .filter_map(|(rel, text)| Some((module_of(rel)?, (rel.clone(), references(text)))))
+            .filter(|(m, _)| !tests.iter().any(|t| m.starts_with(t)))
             .collect();
         Crate { files }
     }
@@ -566,10 +593,21 @@ mod tests {
             ),
             (
                 "b.rs",
-                "use crate::a::X;\nfn f() {}\nmod inner {\n    use super::*;\n    use super::f;\n}\n",
+                "use crate::a::X;\nfn f() {}\nmod inner {\n    use super::*;\n    use super::f;\n}\n#[cfg(test)]\nmod tests;\n",
             ),
+            // An out-of-line test module may import its parent's dependents too.
+            ("b/tests.rs", "use crate::a::X;\nuse crate::c::C;\n"),
+            ("c.rs", "use crate::b::*;\npub struct C;\n"),
         ]);
         assert!(found.is_empty(), "{found:?}");
+        // A module declared without `#[cfg(test)]` still counts.
+        let found = cycles(&[
+            ("lib.rs", "pub mod b;\npub mod c;\n"),
+            ("b.rs", "mod helpers;\n"),
+            ("b/helpers.rs", "use crate::c::C;\n"),
+            ("c.rs", "use crate::b::*;\npub struct C;\n"),
+        ]);
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 
     #[test]
