@@ -46,6 +46,18 @@ fn kl_div(p: &[f32], q: &[f32]) -> f64 {
         .sum()
 }
 
+/// Mean next-token NLL of `rows` (logits per position) against the tokens that follow in `ids`.
+fn mean_nll(rows: &[Vec<f32>], ids: &[u32]) -> f64 {
+    let n = rows.len().min(ids.len()) - 1;
+    let mut s = 0f64;
+    for (t, row) in rows.iter().enumerate().take(n) {
+        let m = row.iter().fold(f32::MIN, |a, &v| a.max(v)) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        s += lse - row[ids[t + 1] as usize] as f64;
+    }
+    s / n as f64
+}
+
 #[test]
 fn q8_base_logits_stay_within_tolerance_of_fp32() {
     let r: Reference = serde_json::from_str(include_str!("data/smollm2-135m-instruct-fp32.json"))
@@ -122,15 +134,7 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
         flip_margin < 0.5,
         "a top-1 flipped over a margin of {flip_margin}"
     );
-    let nll = |rows: &[Vec<f32>]| {
-        let mut s = 0f64;
-        for (t, row) in rows.iter().enumerate().take(255) {
-            let m = row.iter().fold(f32::MIN, |a, &v| a.max(v)) as f64;
-            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            s += lse - row[ids[t + 1] as usize] as f64;
-        }
-        s / 255.0
-    };
+    let nll = |rows: &[Vec<f32>]| mean_nll(rows, &ids);
     let (na, nb) = (nll(&a), nll(&b));
     let mean_kl = a.iter().zip(&b).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
     println!(
@@ -202,15 +206,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         .expect("encode")[..256]
         .to_vec();
     let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
-    let nll = |rows: &[Vec<f32>]| {
-        let mut s = 0f64;
-        for (t, row) in rows.iter().enumerate().take(255) {
-            let m = row.iter().fold(f32::MIN, |a, &v| a.max(v)) as f64;
-            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            s += lse - row[ids[t + 1] as usize] as f64;
-        }
-        s / 255.0
-    };
+    let nll = |rows: &[Vec<f32>]| mean_nll(rows, &ids);
     let dir = tempfile::tempdir().unwrap();
     for (precision, gguf, limits) in [
         (

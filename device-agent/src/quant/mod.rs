@@ -7,7 +7,8 @@
 //! ([`kernels`]: AVX-512 VNNI, AVX2, aarch64 `sdot`, portable; chosen at run time by
 //! [`crate::cpu::DotPath`]). A 4-bit matrix is unpacked to int8 a few rows at a time into a
 //! per-thread buffer of at most [`UNPACK_BYTES`] (so the weights are read from memory at 4.5 or
-//! 5 bits each) and goes through the same kernels; Q4_1's minimum adds `m * sum(x)` per block.
+//! 5 bits each) and goes through the same kernels; Q4_1 adds its block midpoint `(m + 8 d) *
+//! sum(x)` per block.
 //! Output rows are split across rayon's threads, so one decoded token pulls the weights through
 //! every core.
 //!
@@ -269,7 +270,7 @@ pub const UNPACK_BYTES: usize = 16 << 10;
 thread_local! {
     /// Each thread's buffer of unpacked 4-bit rows (at most [`UNPACK_BYTES`], or one row).
     static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
-    /// Each thread's Q4_1 minimums of the same rows in f32.
+    /// Each thread's Q4_1 block midpoints of the same rows in f32 (and room for their scales).
     static MINS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -395,17 +396,15 @@ impl QMatrix {
     }
 
     /// Values `v0..v1` (counted over the padded rows, whole blocks) as the kernels read them,
-    /// int8: Q8_0's as they are, a 4-bit format's unpacked ([`q4::unpack`]).
+    /// int8: Q8_0's as they are, a 4-bit format's unpacked ([`q4::unpack`]) less 8 (Q4_1's
+    /// too: its block is then `(q - 8) d` plus its midpoint `m + 8 d`, which is near zero for
+    /// a weight block, where `m` itself is about `-8 d`, so the term added after the int8
+    /// sums stays small instead of cancelling most of them).
     fn int8_rows_range(&self, v0: usize, v1: usize, out: &mut [i8]) {
         match self.format {
             BlockFormat::Q8_0 => out.copy_from_slice(&self.qs[v0..v1]),
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-                let offset = if self.format == BlockFormat::Q4_0 {
-                    8
-                } else {
-                    0
-                };
-                q4::unpack(&self.nib[v0 / 2..v1 / 2], offset, out);
+                q4::unpack(&self.nib[v0 / 2..v1 / 2], 8, out);
             }
         }
     }
@@ -426,9 +425,10 @@ impl QMatrix {
                 let at = r * nb + b;
                 self.int8_rows_range(at * QK, (at + 1) * QK, &mut q);
                 let s = tab[self.d[at] as usize];
-                let lo = self.m.get(at).map_or(0.0, |&m| tab[m as usize]);
+                // GGUF's definition, `q d` (Q4_0: `(q - 8) d`) or `q d + m`.
+                let (lo, back) = self.m.get(at).map_or((0.0, 0), |&m| (tab[m as usize], 8));
                 for (v, &qv) in ob.iter_mut().zip(&q) {
-                    *v = f32::from(qv) * s + lo;
+                    *v = f32::from(qv + back) * s + lo;
                 }
             }
         };
@@ -466,7 +466,7 @@ impl QMatrix {
 
     /// Weight rows `j0..j0 + y.len() / n` against every activation row into `y` (`y[j * n +
     /// i]`): Q8_0 straight from its blocks, a 4-bit format a few rows at a time through the
-    /// thread's unpacking buffer, then Q4_1's `m * d_x * sum(q_x)` per block.
+    /// thread's unpacking buffer, then Q4_1's `(m + 8 d) * d_x * sum(q_x)` per block.
     fn row_products(&self, path: DotPath, qx: &QRows, j0: usize, y: &mut [f32]) {
         let (n, nb) = (qx.n, self.nb);
         let j1 = j0 + y.len() / n;
@@ -502,14 +502,21 @@ impl QMatrix {
                 self.int8_rows_range(a0 * nb * QK, a1 * nb * QK, q);
                 kernels::row_dots(path, &args(self, qx, q, a0, a1), yc);
                 if self.format == BlockFormat::Q4_1 {
-                    // The chunk's minimums converted at once (F16C where the CPU has it), then
-                    // a plain dot product per output that the compiler vectorises.
-                    MINS.with_borrow_mut(|mins| {
+                    // The chunk's block midpoints `m + 8 d` (their f16 parameters converted at
+                    // once, F16C where the CPU has it), then a plain dot product per output
+                    // that the compiler vectorises.
+                    MINS.with_borrow_mut(|buf| {
                         use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                        mins.resize((a1 - a0) * nb, 0.0);
-                        let bits = &self.m[a0 * nb..a1 * nb];
-                        let halves: &[half::f16] = bits.reinterpret_cast();
+                        let k = (a1 - a0) * nb;
+                        buf.resize(2 * k, 0.0);
+                        let (mins, scales) = buf.split_at_mut(k);
+                        let halves: &[half::f16] = self.m[a0 * nb..a1 * nb].reinterpret_cast();
                         halves.convert_to_f32_slice(mins);
+                        let halves: &[half::f16] = self.d[a0 * nb..a1 * nb].reinterpret_cast();
+                        halves.convert_to_f32_slice(scales);
+                        for (m, &d) in mins.iter_mut().zip(scales.iter()) {
+                            *m += 8.0 * d;
+                        }
                         for (mj, yj) in mins.chunks_exact(nb).zip(yc.chunks_mut(n)) {
                             for (yi, si) in yj.iter_mut().zip(qx.s.chunks_exact(nb)) {
                                 *yi += dot(mj, si);

@@ -8,8 +8,8 @@
 //!   at `q = 0` (`d = v_max / -8`), so that value comes back exactly.
 //! - Q4_1: a scale `d` and a minimum `m`; value `q d + m`, `d = (max - min) / 15`.
 //!
-//! Unpacked for the kernels, Q4_0 gives `q - 8` (in `-8..=7`) and Q4_1 gives `q` (in
-//! `0..=15`); Q4_1's `m` is added outside the int8 sums (`m * sum(x)` per block).
+//! Unpacked for the kernels, both give `q - 8` (in `-8..=7`); Q4_1's block is then `(q - 8) d`
+//! plus its midpoint `m + 8 d`, added outside the int8 sums (`(m + 8 d) * sum(x)` per block).
 
 use super::QK;
 
