@@ -46,6 +46,14 @@ fn kl_div(p: &[f32], q: &[f32]) -> f64 {
         .sum()
 }
 
+/// Positions whose top-1 token is the same in both.
+fn top1_agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> usize {
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count()
+}
+
 /// Mean next-token NLL of `rows` (logits per position) against the tokens that follow in `ids`.
 fn mean_nll(rows: &[Vec<f32>], ids: &[u32]) -> f64 {
     let n = rows.len().min(ids.len()) - 1;
@@ -118,11 +126,7 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
         .to_vec();
     let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
     let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
-    let agree = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| argmax(x) == argmax(y))
-        .count();
+    let agree = top1_agreement(&a, &b);
     // Where the top-1 differs, fp32's own margin between the two tokens: flips happen only
     // between near-ties.
     let flip_margin = a.iter().zip(&b).fold(0f32, |m, (x, y)| {
@@ -226,11 +230,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         let rep = q.set_base_precision(precision).unwrap().unwrap();
         let ratio = rep.quant_bytes as f64 / rep.fp32_bytes as f64;
         let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
-        let agree = a
-            .iter()
-            .zip(&b)
-            .filter(|(x, y)| argmax(x) == argmax(y))
-            .count();
+        let agree = top1_agreement(&a, &b);
         let mean_kl = a.iter().zip(&b).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
         let (na, nb) = (nll(&a), nll(&b));
         println!(
