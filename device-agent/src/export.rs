@@ -330,9 +330,9 @@ pub fn export_gguf(
         GgufPrecision::Q4_0 => GgmlType::Q4_0,
         GgufPrecision::Q4_1 => GgmlType::Q4_1,
     };
-    // The embedding table and LM head: Q8_0 under a 4-bit export.
+    // The embedding table and LM head: as the quantized base holds them under a 4-bit export.
     let table_ty = match mat_ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => GgmlType::Q8_0,
+        GgmlType::Q4_0 | GgmlType::Q4_1 => crate::quant::TABLE_FORMAT.into(),
         t => t,
     };
     let mut tensors = Vec::new();

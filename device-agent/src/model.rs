@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use crate::bf16::{self, Precision};
 use crate::quant::{
-    self, BasePrecision, BlockFormat, QMatrix, QuantArithmetic, QuantBase, QuantError, QuantReport,
+    self, BasePrecision, QMatrix, QuantArithmetic, QuantBase, QuantError, QuantReport,
 };
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
@@ -272,12 +272,11 @@ impl Llama {
         let [v, d] = self.embed.dims();
         let embed_t = std::mem::replace(&mut self.embed, empty());
         fp32 += 4 * v * d;
-        // The embedding and LM head stay Q8_0 under a 4-bit base (see `crate::quant`).
-        let embed = QMatrix::from_rows(BlockFormat::Q8_0, embed_t, v, d)?;
+        let embed = QMatrix::from_rows(quant::TABLE_FORMAT, embed_t, v, d)?;
         let lm_head = match self.lm_head.take() {
             Some(w) => {
                 fp32 += 4 * w.dims().iter().product::<usize>();
-                let m = QMatrix::from_in_out(BlockFormat::Q8_0, w)?;
+                let m = QMatrix::from_in_out(quant::TABLE_FORMAT, w)?;
                 self.lm_head = Some(empty());
                 Some(m)
             }

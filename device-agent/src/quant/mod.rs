@@ -80,6 +80,10 @@ impl BasePrecision {
     }
 }
 
+/// The format of the embedding table and the LM head whatever the projections' (4-bit
+/// error shows most in the logits); the GGUF export writes them the same way.
+pub const TABLE_FORMAT: BlockFormat = BlockFormat::Q8_0;
+
 /// The GGUF block format of a [`QMatrix`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
@@ -214,8 +218,9 @@ pub struct QRows {
     nb: usize,
     qs: Vec<i8>,
     d: Vec<f32>,
-    /// Per block, `d * sum(qs)`: what Q4_1's minimum multiplies.
-    s: Vec<f32>,
+    /// Per block, `d * sum(qs)`: what a Q4_1 block's midpoint multiplies; computed on the first
+    /// product from a Q4_1 matrix, never for the other formats.
+    sums: OnceLock<Vec<f32>>,
 }
 
 impl QRows {
@@ -231,35 +236,43 @@ impl QRows {
         let nb = cols.div_ceil(QK);
         let mut qs = vec![0i8; n * nb * QK];
         let mut d = vec![0f32; n * nb];
-        let mut s = vec![0f32; n * nb];
-        let work = |(r, ((q, dr), sr)): (usize, ((&mut [i8], &mut [f32]), &mut [f32]))| {
+        let work = |(r, (q, dr)): (usize, (&mut [i8], &mut [f32]))| {
             let row = &x[r * cols..(r + 1) * cols];
-            for (b, ((qb, db), sb)) in q
-                .chunks_exact_mut(QK)
-                .zip(dr.iter_mut())
-                .zip(sr.iter_mut())
-                .enumerate()
-            {
+            for (b, (qb, db)) in q.chunks_exact_mut(QK).zip(dr.iter_mut()).enumerate() {
                 let end = ((b + 1) * QK).min(cols);
                 let qb: &mut [i8; QK] = qb.try_into().expect("chunks of QK");
                 *db = quantize_block(&row[b * QK..end], qb);
-                *sb = *db * qb.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
             }
         };
         if n * cols >= 1 << 16 && nb > 0 {
             qs.par_chunks_mut(nb * QK)
                 .zip(d.par_chunks_mut(nb))
-                .zip(s.par_chunks_mut(nb))
                 .enumerate()
                 .for_each(work);
         } else if nb > 0 {
             qs.chunks_mut(nb * QK)
                 .zip(d.chunks_mut(nb))
-                .zip(s.chunks_mut(nb))
                 .enumerate()
                 .for_each(work);
         }
-        Ok(QRows { n, nb, qs, d, s })
+        Ok(QRows {
+            n,
+            nb,
+            qs,
+            d,
+            sums: OnceLock::new(),
+        })
+    }
+
+    /// Per block, `d * sum(qs)` (see `sums`).
+    fn block_sums(&self) -> &[f32] {
+        self.sums.get_or_init(|| {
+            self.qs
+                .chunks_exact(QK)
+                .zip(&self.d)
+                .map(|(q, &d)| d * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
+                .collect()
+        })
     }
 }
 
@@ -271,7 +284,7 @@ thread_local! {
     /// Each thread's buffer of unpacked 4-bit rows (at most [`UNPACK_BYTES`], or one row).
     static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
     /// Each thread's Q4_1 block midpoints of the same rows in f32 (and room for their scales).
-    static MINS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static MIDPOINTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl QMatrix {
@@ -505,20 +518,21 @@ impl QMatrix {
                     // The chunk's block midpoints `m + 8 d` (their f16 parameters converted at
                     // once, F16C where the CPU has it), then a plain dot product per output
                     // that the compiler vectorises.
-                    MINS.with_borrow_mut(|buf| {
+                    let sums = qx.block_sums();
+                    MIDPOINTS.with_borrow_mut(|buf| {
                         use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
                         let k = (a1 - a0) * nb;
                         buf.resize(2 * k, 0.0);
-                        let (mins, scales) = buf.split_at_mut(k);
+                        let (mids, scales) = buf.split_at_mut(k);
                         let halves: &[half::f16] = self.m[a0 * nb..a1 * nb].reinterpret_cast();
-                        halves.convert_to_f32_slice(mins);
+                        halves.convert_to_f32_slice(mids);
                         let halves: &[half::f16] = self.d[a0 * nb..a1 * nb].reinterpret_cast();
                         halves.convert_to_f32_slice(scales);
-                        for (m, &d) in mins.iter_mut().zip(scales.iter()) {
+                        for (m, &d) in mids.iter_mut().zip(scales.iter()) {
                             *m += 8.0 * d;
                         }
-                        for (mj, yj) in mins.chunks_exact(nb).zip(yc.chunks_mut(n)) {
-                            for (yi, si) in yj.iter_mut().zip(qx.s.chunks_exact(nb)) {
+                        for (mj, yj) in mids.chunks_exact(nb).zip(yc.chunks_mut(n)) {
+                            for (yi, si) in yj.iter_mut().zip(sums.chunks_exact(nb)) {
                                 *yi += dot(mj, si);
                             }
                         }
@@ -561,6 +575,10 @@ pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f3
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
     if n == 0 {
         return outs;
+    }
+    if mats.iter().any(|m| m.format == BlockFormat::Q4_1) {
+        // Once, before the tasks, so none of them waits on another's first call.
+        qx.block_sums();
     }
     let macs: usize = mats.iter().map(|m| m.rows * n * m.nb * QK).sum();
     if macs < 1 << 18 {
