@@ -16,6 +16,7 @@
 //! projections are named by [`protocol::Proj`], the same vocabulary the wire uses.
 
 pub mod config;
+mod held_base;
 mod host_decode;
 mod kv_cache;
 pub mod layers;
@@ -38,9 +39,7 @@ use lora_layer::{proj, proj_group_normed, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 
 use crate::bf16::{self, Precision};
-use crate::quant::{
-    self, BasePrecision, QMatrix, QuantArithmetic, QuantBase, QuantError, QuantReport,
-};
+use crate::quant::{QuantArithmetic, QuantBase};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
 /// checkpoints and PEFT adapter files spell it.
@@ -169,13 +168,37 @@ impl Llama {
                     ));
                 }
             }
-            if s.q_to_kv.len() != s.n_heads || s.q_to_kv.iter().any(|&k| k >= s.n_kv_heads) {
-                return Err(format!("block {i}: query->KV map {:?} invalid", s.q_to_kv));
-            }
         }
         if config.tie_embeddings != lm_head.is_none() {
             return Err("tie_embeddings disagrees with the presence of an LM head".into());
         }
+        Self::assemble(config, embed, blocks, norm, lm_head, device, None)
+    }
+
+    /// The model from weights whose shapes were checked (fp32 ones by [`Self::new`], a held
+    /// base's by [`Self::with_held_base`]); checks the query->KV maps and the final norm.
+    fn assemble(
+        config: ModelConfig,
+        embed: Tensor<2>,
+        blocks: Vec<Block>,
+        norm: Tensor<1>,
+        lm_head: Option<Tensor<2>>,
+        device: &Device,
+        quant: Option<QuantBase>,
+    ) -> Result<Self, String> {
+        for (i, s) in config.blocks.iter().enumerate() {
+            if s.q_to_kv.len() != s.n_heads || s.q_to_kv.iter().any(|&k| k >= s.n_kv_heads) {
+                return Err(format!("block {i}: query->KV map {:?} invalid", s.q_to_kv));
+            }
+        }
+        if norm.dims() != [config.d_model] {
+            return Err(format!(
+                "final norm is {:?}, expected [{}]",
+                norm.dims(),
+                config.d_model
+            ));
+        }
+        let hd = config.head_dim;
         let q_to_kv = config
             .blocks
             .iter()
@@ -194,142 +217,10 @@ impl Llama {
             rope,
             q_to_kv,
             device: device.clone(),
-            quant: None,
+            quant: quant.map(Arc::new),
             quant_arithmetic: QuantArithmetic::Int8,
             precision: Precision::Fp32,
         })
-    }
-
-    /// The quantized frozen base, when the model holds one.
-    pub fn quant_base(&self) -> Option<&QuantBase> {
-        self.quant.as_deref()
-    }
-
-    /// How products from a Q8_0 base are computed (no effect on an fp32 base): int8 for serving
-    /// (the default), fp32 from the dequantized weights for training over it.
-    pub fn set_quant_arithmetic(&mut self, arithmetic: QuantArithmetic) {
-        self.quant_arithmetic = arithmetic;
-    }
-
-    /// The LM head of a Q8_0 base that products take in fp32 ([`QuantArithmetic::Fp32`]), `[vocab,
-    /// d_model]`; `None` otherwise.
-    pub fn quant_fp32_head(&self) -> Option<&QMatrix> {
-        match &self.quant {
-            Some(q) if self.quant_arithmetic == QuantArithmetic::Fp32 => {
-                Some(q.lm_head.as_ref().unwrap_or(&q.embed))
-            }
-            _ => None,
-        }
-    }
-
-    /// The LM head as `[vocab, d_model]` fp32 rows (the embedding table when tied); a Q8_0
-    /// base's is dequantized for the caller, so a caller holds it only as long as it needs it.
-    pub fn head_rows(&self) -> Tensor<2> {
-        match (&self.quant, &self.lm_head) {
-            (Some(q), _) => q
-                .lm_head
-                .as_ref()
-                .unwrap_or(&q.embed)
-                .dequantized(&self.device),
-            (None, Some(w)) => w.clone().transpose(),
-            (None, None) => self.embed.clone(),
-        }
-    }
-
-    /// Projection `p`'s frozen weight in block `l` as fp32 `[in, out]`: the tensor itself, or a
-    /// Q8_0 base's matrix dequantized.
-    pub fn base_weight(&self, l: usize, p: Proj) -> Tensor<2> {
-        match &self.quant {
-            Some(q) => q.proj(l, p).dequantized(&self.device).transpose(),
-            None => self.blocks[l].weight(p).clone(),
-        }
-    }
-
-    /// Hold the frozen base at `precision`: quantize every projection to its blocks, and the
-    /// embedding table and LM head to Q8_0 ([`crate::quant`]), and drop their fp32 tensors (the weight tensors
-    /// become empty, so quantize last: after loading, slicing and merging). `None` for F32 or
-    /// when already quantized.
-    pub fn set_base_precision(
-        &mut self,
-        precision: BasePrecision,
-    ) -> Result<Option<QuantReport>, QuantError> {
-        let Some(format) = precision.format().filter(|_| self.quant.is_none()) else {
-            return Ok(None);
-        };
-        let device = self.device.clone();
-        let empty = || Tensor::<2>::zeros([0, 0], &device);
-        let mut fp32 = 0usize;
-        let mut blocks = Vec::with_capacity(self.blocks.len());
-        for blk in &mut self.blocks {
-            let mut mats = Vec::with_capacity(Proj::ALL.len());
-            for p in Proj::ALL {
-                let w = std::mem::replace(blk.weight_mut(p), empty());
-                fp32 += 4 * w.dims().iter().product::<usize>();
-                mats.push(Arc::new(QMatrix::from_in_out(format, w)?));
-            }
-            blocks.push(mats);
-        }
-        let [v, d] = self.embed.dims();
-        let embed_t = std::mem::replace(&mut self.embed, empty());
-        fp32 += 4 * v * d;
-        let embed = QMatrix::from_rows(quant::TABLE_FORMAT, embed_t, v, d)?;
-        let lm_head = match self.lm_head.take() {
-            Some(w) => {
-                fp32 += 4 * w.dims().iter().product::<usize>();
-                let m = QMatrix::from_in_out(quant::TABLE_FORMAT, w)?;
-                self.lm_head = Some(empty());
-                Some(m)
-            }
-            None => None,
-        };
-        let base = QuantBase {
-            embed,
-            lm_head,
-            blocks,
-        };
-        let q8 = base.bytes();
-        self.quant = Some(Arc::new(base));
-        quant::release_freed_memory();
-        Ok(Some(QuantReport {
-            fp32_bytes: fp32,
-            quant_bytes: q8,
-        }))
-    }
-
-    /// Block `i`'s weights in fp32 (a Q8_0 base's projections dequantized; see
-    /// [`Self::base_weight`]).
-    pub fn fp32_block(&self, i: usize) -> Block {
-        let mut b = self.blocks[i].clone();
-        if self.quant.is_some() {
-            for p in Proj::ALL {
-                *b.weight_mut(p) = self.base_weight(i, p);
-            }
-        }
-        b
-    }
-
-    /// Replace block `i`'s weights and shape (used by pruning). A Q8_0 base quantizes the new
-    /// projections again: a block of 32 inputs that the slice kept whole comes back bit for bit
-    /// (the rule is idempotent on its own output), so only products whose inputs were cut
-    /// inside a block (the down projection's channels) take a second rounding.
-    pub fn set_block(&mut self, i: usize, mut block: Block, shape: BlockShape) {
-        if let Some(q) = &mut self.quant {
-            let base = Arc::make_mut(q);
-            for p in Proj::ALL {
-                let w = std::mem::replace(
-                    block.weight_mut(p),
-                    Tensor::<2>::zeros([0, 0], &self.device),
-                );
-                let format = base.blocks[i][p.index()].format();
-                let m = QMatrix::from_in_out(format, w)
-                    .unwrap_or_else(|e| panic!("block {i} {p:?} of a sliced {format} base: {e}"));
-                base.blocks[i][p.index()] = Arc::new(m);
-            }
-        }
-        let idx: Vec<i64> = shape.q_to_kv.iter().map(|&k| k as i64).collect();
-        self.q_to_kv[i] = Tensor::from_data(TensorData::new(idx, [shape.n_heads]), &self.device);
-        self.blocks[i] = block;
-        self.config.blocks[i] = shape;
     }
 
     /// A model with random weights (for tests on tiny configs).
@@ -515,7 +406,7 @@ impl Llama {
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
         if let Some(head) = self.quant_fp32_head() {
-            return quant::frozen::logits(hidden, head);
+            return crate::quant::frozen::logits(hidden, head);
         }
         if let Some(q) = &self.quant {
             return q.logits(hidden);

@@ -9,6 +9,7 @@
 //! sign(x))`, exact because every quantized value lies in `-127..=127` (the quantizer clamps
 //! there; `-128` would not survive the sign flip).
 
+use super::q4::NIB;
 use crate::cpu::DotPath;
 
 /// Values per Q8_0 block (along the input dimension).
@@ -77,6 +78,76 @@ pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
     }
 }
 
+/// Consecutive weight rows of a 4-bit matrix for the fused kernels: `nib` holds the rows'
+/// blocks as GGUF packs them ([`super::q4`]), 16 bytes each; `dw`, `qx`, `dx` as in
+/// [`RowArgs`]; `off` the activations' per-block lane offsets (`QRows::nibble_offsets`).
+pub struct NibArgs<'a> {
+    pub nb: usize,
+    pub nib: &'a [u8],
+    pub dw: &'a [u16],
+    pub qx: &'a [i8],
+    pub dx: &'a [f32],
+    pub off: &'a [i32],
+    pub tab: &'a [f32; 65536],
+}
+
+/// Whether `path` multiplies `n` activation rows straight from a 4-bit matrix's nibbles on
+/// this CPU ([`nib_row_dots`]). Where it does not, the caller unpacks rows to int8 and runs
+/// [`row_dots`]: the x86 paths for more than one activation row (the tiled kernel amortises
+/// unpacking over its rows), and the portable path.
+pub fn fuses_nibbles(path: DotPath, n: usize) -> bool {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        DotPath::Avx512Vnni | DotPath::Avx2 => n == 1 && crate::cpu::hardware().1 >= DotPath::Avx2,
+        #[cfg(target_arch = "aarch64")]
+        DotPath::NeonDot => crate::cpu::hardware().1 == DotPath::NeonDot,
+        _ => false,
+    }
+}
+
+/// The fused 4-bit row kernel of `path` (only where [`fuses_nibbles`] says so): each block's
+/// values are `q - 8` for its nibbles `q`, and every int32 lane and f32 operation is the one
+/// [`row_dots`] performs on the unpacked rows, so the two agree bit for bit.
+#[allow(unsafe_code)]
+pub fn nib_row_dots(path: DotPath, a: &NibArgs, y: &mut [f32]) {
+    let nb = a.nb;
+    let rows = a.dw.len().checked_div(nb).unwrap_or(0);
+    let n = a.dx.len().checked_div(nb).unwrap_or(0);
+    assert!(
+        fuses_nibbles(path, n)
+            && a.dw.len() == rows * nb
+            && a.nib.len() == rows * nb * NIB
+            && a.qx.len() == n * nb * QK
+            && a.dx.len() == n * nb
+            && a.off.len() == n * nb * 8
+            && y.len() == rows * n,
+        "4-bit row kernel: no fused kernel here, or slice lengths disagree"
+    );
+    if nb == 0 {
+        y.fill(0.0);
+        return;
+    }
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        DotPath::Avx512Vnni if crate::cpu::hardware().1 >= DotPath::Avx512Vnni => {
+            // SAFETY: the CPU reports AVX-512F/BW/VL/VNNI and F16C (checked just above); the
+            // slices' lengths were checked against `nb`, the rows and `y` at the top.
+            unsafe { x86::nib_rows_vnni(a, y) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        DotPath::Avx512Vnni | DotPath::Avx2 => {
+            // SAFETY: `fuses_nibbles` checked AVX2 (and with it FMA and F16C); lengths as above.
+            unsafe { x86::nib_rows_avx2(a, y) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        DotPath::NeonDot => {
+            // SAFETY: `fuses_nibbles` checked the dot-product extension; lengths as above.
+            unsafe { arm::nib_rows_sdot(a, y, n) }
+        }
+        _ => unreachable!("fuses_nibbles was checked"),
+    }
+}
+
 /// The portable row kernel (the reference the others are tested against).
 pub fn row_portable(a: &RowArgs, y: &mut [f32]) {
     let nb = a.nb;
@@ -105,7 +176,7 @@ pub fn row_portable(a: &RowArgs, y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{RowArgs, QK, TILE};
+    use super::{NibArgs, RowArgs, NIB, QK, TILE};
     use std::arch::x86_64::*;
 
     #[inline]
@@ -151,24 +222,28 @@ mod x86 {
         }};
     }
 
-    /// One weight row (at `wp`, `nb` blocks) against one activation row (at `xp`), two blocks
-    /// at a time with two accumulators: `two` gives blocks `b` and `b + 1`'s combined scales
-    /// (weight times activation, broadcast), `one` block `b`'s for an odd last block.
+    /// One weight row (`nb` blocks) against one activation row, two blocks at a time with two
+    /// accumulators: `block` gives block `b`'s 8 int32 partial sums, `two` blocks `b` and `b +
+    /// 1`'s combined scales (weight times activation, broadcast), `one` block `b`'s for an odd
+    /// last block.
     macro_rules! row_dot {
-        ($wp:expr, $xp:expr, $nb:expr, $dot8:ident, |$b:ident| two $two:expr, one $one:expr) => {{
+        ($nb:expr, |$b:ident| block $block:expr, two $two:expr, one $one:expr) => {{
             let mut acc0 = _mm256_setzero_ps();
             let mut acc1 = _mm256_setzero_ps();
             let mut $b = 0;
             while $b + 1 < $nb {
-                let p0 = block_dot!($wp, $xp, $b, $dot8);
-                let p1 = block_dot!($wp, $xp, $b + 1, $dot8);
+                let p0 = $block;
+                let p1 = {
+                    let $b = $b + 1;
+                    $block
+                };
                 let (d0, d1): (__m256, __m256) = $two;
                 acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
                 acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
                 $b += 2;
             }
             if $b < $nb {
-                let p0 = block_dot!($wp, $xp, $b, $dot8);
+                let p0 = $block;
                 let d0: __m256 = $one;
                 acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
             }
@@ -186,7 +261,7 @@ mod x86 {
             let wp = a.qw.as_ptr().add(j * nb * QK);
             let xp = a.qx.as_ptr().add(i * nb * QK);
             let dx = a.dx.as_ptr().add(i * nb);
-            row_dot!(wp, xp, nb, $dot8, |b| two (
+            row_dot!(nb, |b| block block_dot!(wp, xp, b, $dot8), two (
                 _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b)),
                 _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.add(b + 1)),
             ), one _mm256_set1_ps(*dw.get_unchecked(b) * *dx.add(b)))
@@ -219,37 +294,71 @@ mod x86 {
     /// converted inside the loop, two blocks at a time, where [`rows!`] converts a row's scales
     /// into a buffer first: here that pass was 8% of a token, waiting on each row's first
     /// scale from memory before the row's products could start. The next rows are prefetched
-    /// two ahead (their values and scales).
+    /// two ahead (their `row_bytes` of values from `w`, and their scales); `block` gives weight
+    /// row `j`'s block `b` against the activations' as 8 int32 partial sums.
     macro_rules! rows_one {
-        ($a:expr, $y:expr, $dot8:ident) => {{
-            let (a, y): (&RowArgs, &mut [f32]) = ($a, $y);
+        ($a:expr, $y:expr, $w:expr, $row_bytes:expr, |$j:ident, $b:ident| $block:expr) => {{
+            let a = $a;
+            let y: &mut [f32] = $y;
             let nb = a.nb;
-            let (xp, dx) = (a.qx.as_ptr(), a.dx.as_ptr());
+            let (w, row_bytes): (*const i8, usize) = ($w, $row_bytes);
+            let dx = a.dx.as_ptr();
             let rows = y.len();
-            for (j, yj) in y.iter_mut().enumerate() {
-                if j + 2 < rows {
-                    let p = a.qw.as_ptr().add((j + 2) * nb * QK);
-                    for line in (0..nb * QK).step_by(64) {
+            for ($j, yj) in y.iter_mut().enumerate() {
+                if $j + 2 < rows {
+                    let p = w.add(($j + 2) * row_bytes);
+                    for line in (0..row_bytes).step_by(64) {
                         _mm_prefetch::<_MM_HINT_T0>(p.add(line));
                     }
-                    _mm_prefetch::<_MM_HINT_T0>(a.dw.as_ptr().add((j + 2) * nb) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(a.dw.as_ptr().add(($j + 2) * nb) as *const i8);
                 }
-                let wp = a.qw.as_ptr().add(j * nb * QK);
-                let dwp = a.dw.as_ptr().add(j * nb);
+                let dwp = a.dw.as_ptr().add($j * nb);
                 // Both blocks' weight scales (two f16) times the activations' scales.
-                *yj = row_dot!(wp, xp, nb, $dot8, |b| two {
-                    let hw = (dwp.add(b) as *const i32).read_unaligned();
+                *yj = row_dot!(nb, |$b| block $block, two {
+                    let hw = (dwp.add($b) as *const i32).read_unaligned();
                     let s = _mm_mul_ps(
                         _mm_cvtph_ps(_mm_cvtsi32_si128(hw)),
-                        _mm_castpd_ps(_mm_load_sd(dx.add(b) as *const f64)),
+                        _mm_castpd_ps(_mm_load_sd(dx.add($b) as *const f64)),
                     );
                     (_mm256_broadcastss_ps(s), _mm256_broadcastss_ps(_mm_movehdup_ps(s)))
                 }, one {
-                    let hw = i32::from(*dwp.add(b));
-                    let s = _mm_mul_ss(_mm_cvtph_ps(_mm_cvtsi32_si128(hw)), _mm_load_ss(dx.add(b)));
+                    let hw = i32::from(*dwp.add($b));
+                    let s = _mm_mul_ss(_mm_cvtph_ps(_mm_cvtsi32_si128(hw)), _mm_load_ss(dx.add($b)));
                     _mm256_broadcastss_ps(s)
                 });
             }
+        }};
+    }
+
+    /// [`rows_one!`] over Q8_0 rows.
+    macro_rules! rows_one_q8 {
+        ($a:expr, $y:expr, $dot8:ident) => {{
+            let a: &RowArgs = $a;
+            let (qw, xp) = (a.qw.as_ptr(), a.qx.as_ptr());
+            rows_one!(a, $y, qw, a.nb * QK, |j, b| {
+                let wp = qw.add(j * a.nb * QK);
+                block_dot!(wp, xp, b, $dot8)
+            })
+        }};
+    }
+
+    /// [`rows_one!`] over 4-bit rows read straight from their nibbles: a block's 16 bytes
+    /// become 32 unsigned values (`0..=15`, low nibbles then high ones, GGUF's order), which
+    /// `$dotq` multiplies by the activations' block, starting from the activations' offsets
+    /// (`-8 *` each lane's sum), so each lane ends with exactly what the unpacked kernel's has:
+    /// the sum of `(q - 8) * x` over its four values.
+    macro_rules! rows_one_nib {
+        ($a:expr, $y:expr, $dotq:ident) => {{
+            let a: &NibArgs = $a;
+            let (np, xp, op) = (a.nib.as_ptr(), a.qx.as_ptr(), a.off.as_ptr());
+            let low4 = _mm256_set1_epi8(0x0f);
+            rows_one!(a, $y, np as *const i8, a.nb * NIB, |j, b| {
+                let raw = _mm_loadu_si128(np.add((j * a.nb + b) * NIB) as *const __m128i);
+                let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let o = _mm256_loadu_si256(op.add(b * 8) as *const __m256i);
+                $dotq(o, q, x)
+            })
         }};
     }
 
@@ -265,10 +374,38 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows_avx2(a: &RowArgs, y: &mut [f32], n: usize) {
         if n == 1 {
-            rows_one!(a, y, dot8_avx2)
+            rows_one_q8!(a, y, dot8_avx2)
         } else {
             rows!(a, y, n, dot8_avx2)
         }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dotq_avx2(off: __m256i, q: __m256i, x: __m256i) -> __m256i {
+        // u8 nibbles x i8 pairs summed to i16 (at most 2 * 15 * 127), then to i32.
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+        _mm256_add_epi32(off, p)
+    }
+
+    /// SAFETY (caller): the CPU has AVX2, FMA and F16C; slice lengths as
+    /// [`super::nib_row_dots`] checks (one activation row), `nb > 0`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn nib_rows_avx2(a: &NibArgs, y: &mut [f32]) {
+        rows_one_nib!(a, y, dotq_avx2)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    unsafe fn dotq_vnni(off: __m256i, q: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(off, q, x)
+    }
+
+    /// SAFETY (caller): the CPU has AVX-512F/VL/VNNI and F16C; slice lengths as
+    /// [`super::nib_row_dots`] checks (one activation row), `nb > 0`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn nib_rows_vnni(a: &NibArgs, y: &mut [f32]) {
+        rows_one_nib!(a, y, dotq_vnni)
     }
 
     #[inline]
@@ -287,7 +424,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn rows_vnni(a: &RowArgs, y: &mut [f32], n: usize) {
         if n == 1 {
-            rows_one!(a, y, dot8_vnni)
+            rows_one_q8!(a, y, dot8_vnni)
         } else {
             rows!(a, y, n, dot8_vnni)
         }
@@ -368,7 +505,7 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 #[allow(unsafe_code)]
 mod arm {
-    use super::{RowArgs, QK};
+    use super::{NibArgs, RowArgs, NIB, QK};
     use std::arch::aarch64::*;
     use std::arch::asm;
 
@@ -415,6 +552,42 @@ mod arm {
                     let (w, x) = (wp.add(b * QK), xp.add(b * QK));
                     let p = sdot(vdupq_n_s32(0), vld1q_s8(w), vld1q_s8(x));
                     let p = sdot(p, vld1q_s8(w.add(16)), vld1q_s8(x.add(16)));
+                    let s = vaddvq_s32(p);
+                    acc += a.tab[dw[b] as usize] * dx[b] * s as f32;
+                }
+                *yi = acc;
+            }
+        }
+    }
+
+    /// [`rows_sdot`] reading 4-bit rows straight from their nibbles: a block's 16 bytes give
+    /// its low-nibble values (`0..16`) and high-nibble values (`16..32`), less 8, as signed
+    /// bytes, which `sdot` takes as they are; the rest is `rows_sdot`'s arithmetic, so the
+    /// result is the portable kernel's on the unpacked rows, bit for bit.
+    ///
+    /// SAFETY (caller): the CPU has the dot-product extension; slice lengths as
+    /// [`super::nib_row_dots`] checks, `n` activation rows, `nb > 0`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn nib_rows_sdot(a: &NibArgs, y: &mut [f32], n: usize) {
+        if n == 0 {
+            return;
+        }
+        let nb = a.nb;
+        let (low4, eight) = (vdupq_n_u8(0x0f), vdupq_n_s8(8));
+        for (j, yj) in y.chunks_mut(n).enumerate() {
+            let np = a.nib.as_ptr().add(j * nb * NIB);
+            let dw = &a.dw[j * nb..(j + 1) * nb];
+            for (i, yi) in yj.iter_mut().enumerate() {
+                let xp = a.qx.as_ptr().add(i * nb * QK);
+                let dx = &a.dx[i * nb..(i + 1) * nb];
+                let mut acc = 0.0f32;
+                for b in 0..nb {
+                    let raw = vld1q_u8(np.add(b * NIB));
+                    let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low4)), eight);
+                    let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw)), eight);
+                    let x = xp.add(b * QK);
+                    let p = sdot(vdupq_n_s32(0), lo, vld1q_s8(x));
+                    let p = sdot(p, hi, vld1q_s8(x.add(16)));
                     let s = vaddvq_s32(p);
                     acc += a.tab[dw[b] as usize] * dx[b] * s as f32;
                 }

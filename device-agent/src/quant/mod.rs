@@ -28,6 +28,7 @@
 //! block is sliced in fp32 and quantized again (`Llama::set_block`).
 
 mod base;
+mod file_blocks;
 pub mod frozen;
 pub mod kernels;
 pub mod q4;
@@ -41,7 +42,8 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::cpu::DotPath;
-use kernels::{RowArgs, QK};
+use kernels::{NibArgs, RowArgs, QK};
+use q4::NIB;
 
 /// Errors of the quantized base.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,8 @@ pub enum QuantError {
         got: usize,
         expected: usize,
     },
+    #[error("{0}")]
+    Blocks(String),
     #[error("unknown base precision '{0}' (f32, q8_0, q4_0, q4_1)")]
     UnknownPrecision(String),
     #[error("int8 products from a quantized base have no backward pass: training takes its products from the dequantized weights (QuantArithmetic::Fp32)")]
@@ -221,6 +225,10 @@ pub struct QRows {
     /// Per block, `d * sum(qs)`: what a Q4_1 block's midpoint multiplies; computed on the first
     /// product from a Q4_1 matrix, never for the other formats.
     sums: OnceLock<Vec<f32>>,
+    /// Per block and lane of eight, `-8 *` the sum of the lane's four values: the fused 4-bit
+    /// kernels start each block's int32 lanes from it, which turns their products with
+    /// unsigned nibbles `q` into products with `q - 8`; computed on the first such product.
+    offsets: OnceLock<Vec<i32>>,
 }
 
 impl QRows {
@@ -261,6 +269,17 @@ impl QRows {
             qs,
             d,
             sums: OnceLock::new(),
+            offsets: OnceLock::new(),
+        })
+    }
+
+    /// Per block and lane, `-8 *` the lane's sum (see `offsets`).
+    fn nibble_offsets(&self) -> &[i32] {
+        self.offsets.get_or_init(|| {
+            self.qs
+                .chunks_exact(4)
+                .map(|q| -8 * q.iter().map(|&v| i32::from(v)).sum::<i32>())
+                .collect()
         })
     }
 
@@ -505,15 +524,31 @@ impl QMatrix {
             kernels::row_dots(path, &args(self, qx, qw, j0, j1), y);
             return;
         }
+        let fused = kernels::fuses_nibbles(path, n);
         let step = (UNPACK_BYTES / (nb * QK).max(1)).max(1);
         UNPACKED.with_borrow_mut(|buf| {
-            buf.resize(step.min(j1 - j0) * nb * QK, 0);
+            if !fused {
+                buf.resize(step.min(j1 - j0) * nb * QK, 0);
+            }
             for (c, yc) in y.chunks_mut(step * n).enumerate() {
                 let a0 = j0 + c * step;
                 let a1 = a0 + yc.len() / n;
-                let q = &mut buf[..(a1 - a0) * nb * QK];
-                self.int8_rows_range(a0 * nb * QK, a1 * nb * QK, q);
-                kernels::row_dots(path, &args(self, qx, q, a0, a1), yc);
+                if fused {
+                    let a = NibArgs {
+                        nb,
+                        nib: &self.nib[a0 * nb * NIB..a1 * nb * NIB],
+                        dw: &self.d[a0 * nb..a1 * nb],
+                        qx: &qx.qs,
+                        dx: &qx.d,
+                        off: qx.nibble_offsets(),
+                        tab: f16_table(),
+                    };
+                    kernels::nib_row_dots(path, &a, yc);
+                } else {
+                    let q = &mut buf[..(a1 - a0) * nb * QK];
+                    self.int8_rows_range(a0 * nb * QK, a1 * nb * QK, q);
+                    kernels::row_dots(path, &args(self, qx, q, a0, a1), yc);
+                }
                 if self.format == BlockFormat::Q4_1 {
                     // The chunk's block midpoints `m + 8 d` (their f16 parameters converted at
                     // once, F16C where the CPU has it), then a plain dot product per output
@@ -576,9 +611,12 @@ pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f3
     if n == 0 {
         return outs;
     }
+    // Once, before the tasks, so none of them waits on another's first call.
     if mats.iter().any(|m| m.format == BlockFormat::Q4_1) {
-        // Once, before the tasks, so none of them waits on another's first call.
         qx.block_sums();
+    }
+    if mats.iter().any(|m| m.format != BlockFormat::Q8_0) && kernels::fuses_nibbles(path, n) {
+        qx.nibble_offsets();
     }
     let macs: usize = mats.iter().map(|m| m.rows * n * m.nb * QK).sum();
     if macs < 1 << 18 {

@@ -226,6 +226,58 @@ fn every_dot_path_agrees_with_the_portable_one() {
 }
 
 #[test]
+fn fused_nibble_kernels_equal_the_unpacked_ones_bit_for_bit() {
+    let (_, hw) = crate::cpu::hardware();
+    // A CPU with AVX2 or `sdot` has a fused kernel: this test is not vacuous there.
+    assert_eq!(
+        [DotPath::Avx2, DotPath::NeonDot]
+            .into_iter()
+            .any(|p| kernels::fuses_nibbles(p, 1)),
+        matches!(hw, DotPath::Avx2 | DotPath::Avx512Vnni | DotPath::NeonDot)
+    );
+    let tab = f16_table();
+    for format in [BlockFormat::Q4_0, BlockFormat::Q4_1] {
+        // Odd and even block counts, a last block with padding.
+        for cols in [45 + 576 + 32, 576, 1536] {
+            let rows = 37;
+            let m = QMatrix::quantize(format, &seeded(rows * cols, 81, 0.5), rows, cols).unwrap();
+            let mut x = seeded(cols, 82, 4.0);
+            (x[0], x[1], x[2]) = (4.0, -4.0, 0.0);
+            let qx = QRows::quantize(&x, 1, cols).unwrap();
+            let nb = m.nb;
+            let mut q = vec![0i8; rows * nb * QK];
+            m.int8_rows_range(0, rows * nb * QK, &mut q);
+            let unpacked = RowArgs {
+                nb,
+                qw: &q,
+                dw: &m.d,
+                qx: &qx.qs,
+                dx: &qx.d,
+                tab,
+            };
+            let fused = NibArgs {
+                nb,
+                nib: &m.nib,
+                dw: &m.d,
+                qx: &qx.qs,
+                dx: &qx.d,
+                off: qx.nibble_offsets(),
+                tab,
+            };
+            for path in [DotPath::Avx2, DotPath::Avx512Vnni, DotPath::NeonDot] {
+                if !kernels::fuses_nibbles(path, 1) {
+                    continue;
+                }
+                let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+                kernels::row_dots(path, &unpacked, &mut a);
+                kernels::nib_row_dots(path, &fused, &mut b);
+                assert_eq!(a, b, "{format} {path}, cols {cols}");
+            }
+        }
+    }
+}
+
+#[test]
 fn grouped_products_equal_each_matrix_alone_above_and_below_the_split() {
     // SmolLM2's q, k and v shapes at one decoded token (together past the parallel split,
     // k and v alone under it), at a short prompt, and a small group that stays serial.
