@@ -4,9 +4,10 @@
 #   1. `generate` answers the reference chat prompt with exactly the host build's greedy text
 #      (device-agent/tests/real_model.rs ties the host build to the reference's greedy ids);
 #   2. a 2-step `tune` on a local text file writes its adapter;
-#   3. `generate --base-precision q8_0` on an emulated Cortex-A76 (the `sdot` kernel) prints
-#      exactly what it prints on an emulated Cortex-A72 (no dot-product extension: the
-#      portable kernel), and each run names the kernel it used;
+#   3. `generate --base-precision q8_0 | q4_0 | q4_1` on an emulated Cortex-A76 (the `sdot`
+#      kernels, the 4-bit ones reading nibbles straight) prints exactly what it prints on an
+#      emulated Cortex-A72 (no dot-product extension: the portable kernel on unpacked rows),
+#      and each run names the kernel it used;
 #   4. the aarch64 agent completes a federated round (QUIC, mutual TLS) against the x86-64
 #      aggregator on loopback (tiny model, synthetic data: the round protocol is the point).
 # Needs the model in the asset cache (`device-agent fetch`). Prints PASS/FAIL per check.
@@ -41,20 +42,28 @@ wrote_adapter() { [ -s "$work/tune/adapter.json" ] && ls "$work/tune" | grep -q 
 check wrote_adapter
 ls "$work/tune" | sed 's/^/  /'
 
-name="Q8_0 generate: the sdot kernel (Cortex-A76) prints the portable kernel's text (Cortex-A72)"
+name="quantized generate (Q8_0, Q4_0, Q4_1): the sdot kernels (Cortex-A76) print the portable kernel's text (Cortex-A72)"
 arm_on() { local cpu=$1; shift; qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "$edge" "$@"; }
-for cpu in cortex-a76 cortex-a72; do
-    arm_on "$cpu" generate --base-precision q8_0 --stats --prompt "$prompt" --max-new-tokens 12 \
-        > "$work/q8-$cpu.txt" 2> "$work/q8-$cpu.err"
+formats="q8_0 q4_0 q4_1"
+for fmt in $formats; do
+    for cpu in cortex-a76 cortex-a72; do
+        arm_on "$cpu" generate --base-precision "$fmt" --stats --prompt "$prompt" --max-new-tokens 12 \
+            > "$work/$fmt-$cpu.txt" 2> "$work/$fmt-$cpu.err"
+    done
 done
-same_q8() {
-    grep -q "Q8_0 int8 dot: NEON sdot" "$work/q8-cortex-a76.err" \
-        && grep -q "Q8_0 int8 dot: portable" "$work/q8-cortex-a72.err" \
-        && [ -s "$work/q8-cortex-a76.txt" ] && cmp -s "$work/q8-cortex-a76.txt" "$work/q8-cortex-a72.txt"
+same_quant() {
+    for fmt in $formats; do
+        grep -q "Q8_0 int8 dot: NEON sdot" "$work/$fmt-cortex-a76.err" \
+            && grep -q "Q8_0 int8 dot: portable" "$work/$fmt-cortex-a72.err" \
+            && [ -s "$work/$fmt-cortex-a76.txt" ] \
+            && cmp -s "$work/$fmt-cortex-a76.txt" "$work/$fmt-cortex-a72.txt" || return 1
+    done
 }
-check same_q8
-echo "  Cortex-A76: $(tr '\n' ' ' < "$work/q8-cortex-a76.txt")"
-echo "  Cortex-A72: $(tr '\n' ' ' < "$work/q8-cortex-a72.txt")"
+check same_quant
+for fmt in $formats; do
+    echo "  $fmt Cortex-A76: $(tr '\n' ' ' < "$work/$fmt-cortex-a76.txt")"
+    echo "  $fmt Cortex-A72: $(tr '\n' ' ' < "$work/$fmt-cortex-a72.txt")"
+done
 
 name="federated round: aarch64 agent against the x86-64 aggregator"
 pki="$work/pki"

@@ -488,6 +488,18 @@ impl GgufFile {
 
     /// Dequantize a tensor to f32, in file order (row-major `[ne1][ne0]`).
     pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), GgufError> {
+        let (ty, bytes, dims) = self.read_raw(name)?;
+        let n = dims.iter().product();
+        Ok((dequantize(ty, bytes, n), dims))
+    }
+
+    /// Where tensor `name`'s bytes start in the file.
+    pub fn data_offset(&self, name: &str) -> Result<u64, GgufError> {
+        Ok(self.data_start + self.tensor_info(name)?.offset)
+    }
+
+    /// A tensor's type, its bytes as the file holds them (mapped, not copied) and its dims.
+    pub fn read_raw(&self, name: &str) -> Result<(GgmlType, &[u8], Vec<usize>), GgufError> {
         let info = self.tensor_info(name)?;
         let ty = GgmlType::from_id(info.ggml_type).ok_or_else(|| GgufError::UnsupportedType {
             path: self.path.clone(),
@@ -499,7 +511,7 @@ impl GgufFile {
         let start = (self.data_start + info.offset) as usize;
         let bytes = &self.map[start..start + ty.byte_len(n)];
         let dims = info.dims.iter().map(|&d| d as usize).collect();
-        Ok((dequantize(ty, bytes, n), dims))
+        Ok((ty, bytes, dims))
     }
 }
 

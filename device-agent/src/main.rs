@@ -19,7 +19,7 @@ use device_agent::gguf::GgufFile;
 use device_agent::job::LocalData;
 use device_agent::lora::Adapter;
 use device_agent::model::Llama;
-use device_agent::prune::{Criterion, HeldModel, KeptIndicesExt, PruneConfig};
+use device_agent::prune::{Criterion, HeldModel, PruneConfig};
 use device_agent::quant::{BasePrecision, QuantArithmetic};
 use device_agent::state_dir;
 use device_agent::tokenizer::Tok;
@@ -278,14 +278,16 @@ struct EvalArgs {
     state: Option<PathBuf>,
 }
 
-fn load(args: &ModelArgs) -> Result<(Llama, Tok)> {
+/// The model, its frozen base held at `hold` (a GGUF file's blocks read straight in); a base
+/// that a state or adapter slices or merges is loaded in fp32 and held after.
+fn load(args: &ModelArgs, hold: BasePrecision) -> Result<(Llama, Tok)> {
     let backend: BackendKind = args.backend.parse()?;
     let device = backend.device()?;
     let path = match &args.model {
         Some(p) => p.clone(),
         None => assets::default_model().context("getting the default model")?,
     };
-    let (model, tok) = weights::load(&path, &device)
+    let (model, tok) = weights::load_held(&path, &device, hold)
         .with_context(|| format!("loading model {}", path.display()))?;
     Ok((model, tok))
 }
@@ -347,7 +349,7 @@ fn main() -> Result<()> {
                     println!("  {k} = {shown}");
                 }
             }
-            let (m, tok) = load(&args)?;
+            let (m, tok) = load(&args, BasePrecision::F32)?;
             let c = &m.config;
             println!(
                 "blocks {} d_model {} heads {}/{} kv head_dim {} ffn {} vocab {} tied {}",
@@ -376,7 +378,8 @@ fn main() -> Result<()> {
         }
         Command::Generate(args) => {
             let precision: BasePrecision = args.base_precision.parse()?;
-            let (base, tok) = load(&args.model)?;
+            let hold = [precision, BasePrecision::F32][usize::from(args.state.is_some())];
+            let (base, tok) = load(&args.model, hold)?;
             let (mut model, adapter) = match &args.state {
                 Some(dir) => from_state(base, dir)?,
                 None => (base, None),
@@ -444,7 +447,11 @@ fn main() -> Result<()> {
                 ),
             };
             let precision: BasePrecision = args.base_precision.parse()?;
-            let (base, tok) = load(&args.model)?;
+            let tuned = args.adapter.is_some() || args.state.is_some();
+            let (base, tok) = load(
+                &args.model,
+                [precision, BasePrecision::F32][usize::from(tuned)],
+            )?;
             let (mut model, adapter) = match (&args.adapter, &args.state) {
                 (Some(dir), _) => {
                     let (m, a) = Adapter::load_tuned(&base, dir)?;
@@ -481,7 +488,7 @@ fn main() -> Result<()> {
         }
         Command::State(args) => show_state(&args)?,
         Command::Export(args) => {
-            let (base, tok) = load(&args.model)?;
+            let (base, tok) = load(&args.model, BasePrecision::F32)?;
             let model = match (&args.adapter, &args.state) {
                 (Some(dir), _) => {
                     let (m, a) = Adapter::load_tuned(&base, dir)?;
@@ -532,13 +539,10 @@ fn main() -> Result<()> {
 /// Hold the (already sliced) model's frozen base at `precision`; with `report`, say what it
 /// saved on stderr.
 fn hold_base(model: &mut Llama, precision: BasePrecision, report: bool) -> Result<()> {
-    if let (Some(r), true) = (model.set_base_precision(precision)?, report) {
-        eprintln!(
-            "base held in {precision:?}: {:.0} MB instead of {:.0} MB fp32 ({})",
-            r.quant_bytes as f64 / 1e6,
-            r.fp32_bytes as f64 / 1e6,
-            device_agent::cpu::CpuInfo::detect()
-        );
+    model.set_base_precision(precision)?;
+    if let (Some(q), true) = (model.quant_base(), report) {
+        let cpu = device_agent::cpu::CpuInfo::detect();
+        eprintln!("base held in {precision:?}: {} ({cpu})", q.report());
     }
     Ok(())
 }
@@ -569,36 +573,7 @@ fn from_state(base: Llama, dir: &std::path::Path) -> Result<(Llama, Option<Adapt
 
 /// `device-agent state`: the state file's contents as JSON (no model needed).
 fn show_state(args: &StateArgs) -> Result<()> {
-    let (fingerprint, saved) = state_dir::inspect(&args.state)?;
-    let kept = &saved.device.kept;
-    kept.validate(&saved.model).with_context(|| {
-        format!(
-            "{}: kept maps do not fit the model it names",
-            state_dir::state_file(&args.state).display()
-        )
-    })?;
-    let mut pruned = saved.model.clone();
-    pruned.blocks = kept.shapes(&saved.model);
-    let last = saved.last_round.as_ref().map(|l| {
-        serde_json::json!({
-            "round": l.round.0, "status": l.status.to_string(), "unacknowledged_update": l.unacked.is_some(),
-            "loss_pre": l.stats.loss_pre, "loss_post": l.stats.loss_post, "sparsity": l.stats.sparsity,
-        })
-    });
-    let mut out = serde_json::json!({
-        "file": state_dir::state_file(&args.state).display().to_string(),
-        "device_id": saved.device_id,
-        "model": state_dir::describe(&saved.model),
-        "model_fingerprint": fingerprint.hex(),
-        "kept_digest": state_dir::kept_digest(kept),
-        "sparsity": pruned.sparsity(),
-        "non_embedding_params": pruned.non_embedding_params(),
-        "adapter": saved.device.adapter.as_ref().map(|(rank, alpha, _)| serde_json::json!({"rank": rank, "alpha": alpha})),
-        "last_round": last,
-    });
-    if args.kept {
-        out["kept"] = serde_json::to_value(kept)?;
-    }
+    let out = state_dir::summary::summary(&args.state, args.kept)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
@@ -619,7 +594,8 @@ fn progress(len: u64) -> indicatif::ProgressBar {
 }
 
 fn tune(args: TuneArgs) -> Result<()> {
-    let (mut base, tok) = load(&args.model)?;
+    let base_precision: BasePrecision = args.base_precision.parse()?;
+    let (mut base, tok) = load(&args.model, base_precision)?;
     let precision = base.apply_precision(&args.precision)?.name();
     eprintln!("precision: {precision} products on the frozen base");
     let criterion: Criterion = args.criterion.parse().map_err(anyhow::Error::msg)?;
@@ -627,7 +603,6 @@ fn tune(args: TuneArgs) -> Result<()> {
         bail!("--ratio {} is outside [0, 0.95)", args.ratio);
     }
     let prune_shape: PruneShape = args.prune_schedule.parse().map_err(anyhow::Error::msg)?;
-    let base_precision: BasePrecision = args.base_precision.parse()?;
     if base_precision != BasePrecision::F32 {
         if criterion == Criterion::Taylor || precision != "fp32" {
             bail!("a quantized base trains on fp32 products of its dequantized weights: not with --criterion taylor (weight gradients) or --precision {precision}");

@@ -7,12 +7,14 @@
 //! un-permuted here (HF checkpoints already use rotate-half and are taken as they are).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::gguf::{GgufError, GgufFile, Value};
+use crate::gguf::{GgmlType, GgufError, GgufFile, Value};
 use crate::model::{Block, BlockShape, Llama, ModelConfig};
+use crate::quant::{BasePrecision, BlockFormat, QMatrix, QuantBase, QuantError, TABLE_FORMAT};
 use crate::tokenizer::{Tok, TokenizerError};
 
 /// Errors loading a model.
@@ -45,9 +47,23 @@ fn invalid(path: &Path, what: impl Into<String>) -> LoadError {
 
 /// Load a model and its tokenizer from a `.gguf` file or an HF checkpoint directory.
 pub fn load(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
+    load_held(path, device, BasePrecision::F32)
+}
+
+/// [`load`] with the frozen base held at `precision`: a GGUF file through [`load_gguf_held`]
+/// (never the whole model in fp32), an HF checkpoint loaded in fp32 and then held.
+pub fn load_held(
+    path: &Path,
+    device: &Device,
+    precision: BasePrecision,
+) -> Result<(Llama, Tok), LoadError> {
     if path.is_dir() {
         if path.join("config.json").is_file() {
-            return load_hf(path, device);
+            let (mut model, tok) = load_hf(path, device)?;
+            model
+                .set_base_precision(precision)
+                .map_err(|e| invalid(path, e.to_string()))?;
+            return Ok((model, tok));
         }
         return Err(LoadError::UnknownFormat {
             path: path.to_path_buf(),
@@ -59,7 +75,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
-    load_gguf(path, device)
+    load_gguf_held(path, device, precision)
 }
 
 /// `[rows, cols]` row-major -> `[cols, rows]` row-major.
@@ -74,9 +90,15 @@ pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Reorder the `[out, in]` rows of a q/k matrix from interleaved-pair RoPE order (GGUF) to
-/// rotate-half order (HF, ours): row `h*hd + j*hd/2 + i` takes row `h*hd + 2i + j`.
-pub fn unpermute_rows(v: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
+/// rotate-half order (HF, ours): row `h*hd + j*hd/2 + i` takes row `h*hd + 2i + j`. A row is
+/// `cols` elements: values, or a quantized row's block bytes.
+pub fn unpermute_rows<T: Copy + Default>(
+    v: &[T],
+    n_heads: usize,
+    head_dim: usize,
+    cols: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
     let half = head_dim / 2;
     for h in 0..n_heads {
         for i in 0..half {
@@ -128,6 +150,26 @@ fn per_layer(g: &GgufFile, key: &str, n_layers: usize) -> Result<Vec<usize>, Ggu
 
 /// Load a GGUF model file.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
+    load_gguf_held(path, device, BasePrecision::F32)
+}
+
+/// A projection as loaded: fp32 `[in, out]`, or held in blocks `[out, in]`.
+enum Loaded {
+    Fp32(Tensor<2>),
+    Held(QMatrix),
+}
+
+/// Load a GGUF model file with its frozen base held at `precision` (as
+/// [`Llama::set_base_precision`] would hold it after an fp32 load). A tensor the file holds in
+/// that very format is taken from the file's blocks ([`QMatrix::from_gguf_blocks`]): the default
+/// model's Q4_1 projections under `q4_1` come out bit for bit as the fp32 route gives them, with
+/// no fp32 copy. Any other tensor is read to fp32 and quantized alone, so the loading peak holds
+/// at most one tensor in fp32 (the embedding table, 113 MB for SmolLM2), never the model.
+pub fn load_gguf_held(
+    path: &Path,
+    device: &Device,
+    precision: BasePrecision,
+) -> Result<(Llama, Tok), LoadError> {
     let g = GgufFile::open(path)?;
     let arch = g.get_str("general.architecture")?.to_string();
     if arch != "llama" && arch != "deci" {
@@ -163,7 +205,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
             .map_or(fallback, |v| v as usize)
     };
     let tok = Tok::from_gguf(&g)?;
-    let (embed, emb_dims) = g.read_f32("token_embd.weight")?;
+    let emb_dims: Vec<usize> = g
+        .tensor_info("token_embd.weight")?
+        .dims
+        .iter()
+        .map(|&d| d as usize)
+        .collect();
     if emb_dims.len() != 2 || emb_dims[0] != d_model {
         return Err(invalid(
             path,
@@ -173,6 +220,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     let vocab = emb_dims[1];
     let tie = g.tensor_info("output.weight").is_err();
     let mut blocks = Vec::with_capacity(n_layers);
+    // A held base's projections and each block's two norms.
+    let (mut held, mut norm_pairs) = (Vec::new(), Vec::new());
     let mut shapes = Vec::with_capacity(n_layers);
     let load_mat = |name: &str, out: usize, inp: usize| -> Result<Vec<f32>, LoadError> {
         let (v, dims) = g.read_f32(name)?;
@@ -197,6 +246,43 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     let mat = |v: Vec<f32>, out: usize, inp: usize| -> Tensor<2> {
         Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), device)
     };
+    // Matrix `name`, `[out, in]` in the file, its rows un-permuted for `heads` query or KV
+    // heads: fp32, or held in `format`'s blocks.
+    let load_proj = |name: &str,
+                     out: usize,
+                     inp: usize,
+                     format: Option<BlockFormat>,
+                     heads: Option<usize>|
+     -> Result<Loaded, LoadError> {
+        let unpermuted = |v: Vec<f32>| match heads {
+            Some(h) => unpermute_rows(&v, h, head_dim, inp),
+            None => v,
+        };
+        let Some(format) = format else {
+            return Ok(Loaded::Fp32(mat(
+                unpermuted(load_mat(name, out, inp)?),
+                out,
+                inp,
+            )));
+        };
+        let bad = |e: QuantError| invalid(path, format!("tensor '{name}': {e}"));
+        let (ty, bytes, dims) = g.read_raw(name)?;
+        if ty == GgmlType::from(format) && dims == [inp, out] && out > 0 {
+            let row = bytes.len() / out;
+            let bytes = match heads {
+                Some(h) => std::borrow::Cow::Owned(unpermute_rows(bytes, h, head_dim, row)),
+                None => std::borrow::Cow::Borrowed(bytes),
+            };
+            if let Some(m) = QMatrix::from_gguf_blocks(format, &bytes, out, inp).map_err(bad)? {
+                return Ok(Loaded::Held(m));
+            }
+        }
+        let v = unpermuted(load_mat(name, out, inp)?);
+        Ok(Loaded::Held(
+            QMatrix::quantize(format, &v, out, inp).map_err(bad)?,
+        ))
+    };
+    let format = precision.format();
     for l in 0..n_layers {
         let (nh, nkv, f) = (heads[l], kv_heads[l], ffn[l]);
         if nkv == 0 && nh > 0 || nkv > 0 && nh % nkv != 0 {
@@ -206,34 +292,51 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
             ));
         }
         let p = |t: &str| format!("blk.{l}.{t}.weight");
-        let q = unpermute_rows(
-            &load_mat(&p("attn_q"), nh * head_dim, d_model)?,
-            nh,
-            head_dim,
-            d_model,
+        let (q, kv) = (nh * head_dim, nkv * head_dim);
+        // In `Proj::ALL`'s order: file name, `[out, in]`, heads to un-permute.
+        let names = [
+            ("attn_q", q, d_model, Some(nh)),
+            ("attn_k", kv, d_model, Some(nkv)),
+            ("attn_v", kv, d_model, None),
+            ("attn_output", d_model, q, None),
+            ("ffn_gate", f, d_model, None),
+            ("ffn_up", f, d_model, None),
+            ("ffn_down", d_model, f, None),
+        ];
+        let mut mats = Vec::with_capacity(names.len());
+        for (t, out, inp, heads) in names {
+            mats.push(load_proj(&p(t), out, inp, format, heads)?);
+        }
+        let norms = (
+            load_vec(&p("attn_norm"), d_model)?,
+            load_vec(&p("ffn_norm"), d_model)?,
         );
-        let k = unpermute_rows(
-            &load_mat(&p("attn_k"), nkv * head_dim, d_model)?,
-            nkv,
-            head_dim,
-            d_model,
-        );
-        let v = load_mat(&p("attn_v"), nkv * head_dim, d_model)?;
-        let o = load_mat(&p("attn_output"), d_model, nh * head_dim)?;
-        let gate = load_mat(&p("ffn_gate"), f, d_model)?;
-        let up = load_mat(&p("ffn_up"), f, d_model)?;
-        let down = load_mat(&p("ffn_down"), d_model, f)?;
-        blocks.push(Block {
-            attn_norm: load_vec(&p("attn_norm"), d_model)?,
-            wq: mat(q, nh * head_dim, d_model),
-            wk: mat(k, nkv * head_dim, d_model),
-            wv: mat(v, nkv * head_dim, d_model),
-            wo: mat(o, d_model, nh * head_dim),
-            ffn_norm: load_vec(&p("ffn_norm"), d_model)?,
-            w_gate: mat(gate, f, d_model),
-            w_up: mat(up, f, d_model),
-            w_down: mat(down, d_model, f),
-        });
+        if format.is_some() {
+            let held_mats = mats.into_iter().map(|m| match m {
+                Loaded::Held(m) => Arc::new(m),
+                Loaded::Fp32(_) => unreachable!("a format was asked for"),
+            });
+            held.push(held_mats.collect());
+            norm_pairs.push(norms);
+        } else {
+            let mut ws = mats.into_iter().map(|m| match m {
+                Loaded::Fp32(w) => w,
+                Loaded::Held(_) => unreachable!("no format was asked for"),
+            });
+            let mut next = || ws.next().expect("seven projections");
+            // Fields are evaluated in the order written: `Proj::ALL`'s.
+            blocks.push(Block {
+                attn_norm: norms.0,
+                wq: next(),
+                wk: next(),
+                wv: next(),
+                wo: next(),
+                ffn_norm: norms.1,
+                w_gate: next(),
+                w_up: next(),
+                w_down: next(),
+            });
+        }
         shapes.push(BlockShape::dense(nh, nkv, f));
     }
     let config = ModelConfig {
@@ -252,20 +355,39 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
         tie_embeddings: tie,
         blocks: shapes,
     };
-    let embed = Tensor::from_data(TensorData::new(embed, [vocab, d_model]), device);
     let norm = load_vec("output_norm.weight", d_model)?;
-    let lm_head = if tie {
-        None
+    let model = if format.is_some() {
+        // The embedding table and LM head in the base's table format.
+        let table = |name: &str| match load_proj(name, vocab, d_model, Some(TABLE_FORMAT), None)? {
+            Loaded::Held(m) => Ok::<_, LoadError>(m),
+            Loaded::Fp32(_) => unreachable!("a format was asked for"),
+        };
+        let lm_head = if tie {
+            None
+        } else {
+            Some(table("output.weight")?)
+        };
+        let base = QuantBase {
+            embed: table("token_embd.weight")?,
+            lm_head,
+            blocks: held,
+        };
+        Llama::with_held_base(config, base, norm_pairs, norm, device)
     } else {
-        Some(mat(
-            load_mat("output.weight", vocab, d_model)?,
-            vocab,
-            d_model,
-        ))
+        let (embed, _) = g.read_f32("token_embd.weight")?;
+        let embed = Tensor::from_data(TensorData::new(embed, [vocab, d_model]), device);
+        let lm_head = if tie {
+            None
+        } else {
+            Some(mat(
+                load_mat("output.weight", vocab, d_model)?,
+                vocab,
+                d_model,
+            ))
+        };
+        Llama::new(config, embed, blocks, norm, lm_head, device)
     };
-    let model =
-        Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(path, e))?;
-    Ok((model, tok))
+    Ok((model.map_err(|e| invalid(path, e))?, tok))
 }
 
 /// The fields of an HF `config.json` we read.

@@ -283,3 +283,81 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         assert_eq!(qa.embed.dequantize(), qb.embed.dequantize());
     }
 }
+
+/// A GGUF file's blocks taken straight into a held base (`weights::load_held`) are the very
+/// blocks the fp32 route (load in fp32, then `set_base_precision`) holds, in every format: the
+/// file's own Q4_1 projections without a second rounding, the others quantized one tensor at
+/// a time by the same rule. Hostile blocks: a scale that is not finite is refused with the
+/// tensor's name; a Q8_0 `-128` (legal in GGUF, outside the kernels' range) is quantized again
+/// from fp32 instead of read as it is.
+#[test]
+fn gguf_blocks_load_straight_into_the_held_base_the_fp32_route_gives() {
+    use device_agent::export::{self, GgufPrecision};
+    use device_agent::gguf::GgufFile;
+    use device_agent::quant::QMatrix;
+    use protocol::Proj;
+
+    let path = assets::default_model().expect("default model in cache or fetchable");
+    let dev = Device::flex();
+    let (fp, tok) = weights::load(&path, &dev).expect("default model loads");
+    for precision in [
+        BasePrecision::Q4_1,
+        BasePrecision::Q8_0,
+        BasePrecision::Q4_0,
+    ] {
+        let (held, _) = weights::load_held(&path, &dev, precision).unwrap();
+        let mut route = fp.clone();
+        route.set_base_precision(precision).unwrap();
+        let (h, r) = (held.quant_base().unwrap(), route.quant_base().unwrap());
+        assert!(h.embed == r.embed, "{precision:?}: embedding table");
+        assert_eq!(h.lm_head.is_some(), r.lm_head.is_some());
+        for l in 0..fp.config.n_layers() {
+            for p in Proj::ALL {
+                assert!(
+                    h.proj(l, p) == r.proj(l, p),
+                    "{precision:?} block {l} {p:?}"
+                );
+            }
+        }
+        assert_eq!(h.report().quant_bytes, r.report().quant_bytes);
+        assert_eq!(h.report().fp32_bytes, r.report().fp32_bytes);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let patched = |src: &std::path::Path, name: &str, at: u64, bytes: &[u8]| {
+        let offset = GgufFile::open(src).unwrap().data_offset(name).unwrap() + at;
+        let mut raw = std::fs::read(src).unwrap();
+        raw[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+        let out = dir.path().join(format!("{name}-{at}.gguf"));
+        std::fs::write(&out, raw).unwrap();
+        out
+    };
+    // The shipped Q4_1 file with block 3's scale of the first block's V projection made NaN
+    // (f16 0x7e00; a Q4_1 block is 20 bytes, its scale first).
+    let nan = patched(&path, "blk.0.attn_v.weight", 3 * 20, &[0x00, 0x7e]);
+    let err = weights::load_held(&nan, &dev, BasePrecision::Q4_1)
+        .err()
+        .expect("a NaN scale is refused")
+        .to_string();
+    assert!(
+        err.contains("blk.0.attn_v.weight")
+            && err.contains("block 3 of row 0")
+            && err.contains("not finite"),
+        "{err}"
+    );
+    // Our Q8_0 export with one value of the first block of the down projection set to -128
+    // (a Q8_0 block is 34 bytes: the f16 scale, then 32 values).
+    let q8 = dir.path().join("q8.gguf");
+    export::export_gguf(&fp, &tok, &q8, GgufPrecision::Q8_0).unwrap();
+    let odd = patched(&q8, "blk.0.ffn_down.weight", 2, &[0x80]);
+    let (held, _) = weights::load_held(&odd, &dev, BasePrecision::Q8_0).unwrap();
+    let (mut route, _) = weights::load(&odd, &dev).unwrap();
+    route.set_base_precision(BasePrecision::Q8_0).unwrap();
+    let (h, r) = (held.quant_base().unwrap(), route.quant_base().unwrap());
+    let down: &QMatrix = h.proj(0, Proj::Down);
+    assert!(
+        down == &**r.proj(0, Proj::Down),
+        "the -128 matrix takes the fp32 route"
+    );
+    assert!(h.proj(0, Proj::Up) == r.proj(0, Proj::Up));
+}

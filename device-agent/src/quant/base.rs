@@ -6,7 +6,7 @@ use std::sync::Arc;
 use burn::tensor::{Int, Tensor, TensorData};
 use protocol::Proj;
 
-use super::{expect_quant, matmul_tensors, QMatrix};
+use super::{expect_quant, matmul_tensors, QMatrix, QuantReport};
 
 /// A model's frozen base in Q8_0: the embedding table (also the LM head when tied), the untied
 /// LM head, and per block the seven projections in [`Proj::ALL`] order, each `[out, in]`.
@@ -29,6 +29,17 @@ impl QuantBase {
                 .flatten()
                 .map(|m| m.bytes())
                 .sum::<usize>()
+    }
+
+    /// What holding this base saves: its bytes, and those of the fp32 matrices it stands for.
+    pub fn report(&self) -> QuantReport {
+        let all = std::iter::once(&self.embed)
+            .chain(self.lm_head.as_ref())
+            .chain(self.blocks.iter().flatten().map(|m| &**m));
+        QuantReport {
+            fp32_bytes: all.map(|m| 4 * m.rows() * m.cols()).sum(),
+            quant_bytes: self.bytes(),
+        }
     }
 
     /// The projection `p` of block `l`.

@@ -192,8 +192,8 @@ fn f16_table() -> &'static [f32; 65536] {
 }
 
 /// A `[rows, cols]` matrix in GGUF blocks along `cols` (for a projection: rows = outputs,
-/// cols = inputs).
-#[derive(Clone)]
+/// cols = inputs). Equal when format, shape and every block are.
+#[derive(Clone, PartialEq)]
 pub struct QMatrix {
     format: BlockFormat,
     rows: usize,
@@ -731,6 +731,14 @@ pub struct QuantReport {
     pub fp32_bytes: usize,
     /// Bytes of the Q8_0 matrices that replace them.
     pub quant_bytes: usize,
+}
+
+impl std::fmt::Display for QuantReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |b: usize| b as f64 / 1e6;
+        let (q, fp) = (mb(self.quant_bytes), mb(self.fp32_bytes));
+        write!(f, "{q:.0} MB instead of {fp:.0} MB fp32")
+    }
 }
 
 /// Hand freed heap pages back to the system: the binaries tune glibc's allocator never to trim

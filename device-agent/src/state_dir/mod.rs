@@ -24,6 +24,7 @@
 
 pub mod file;
 pub mod keeper;
+pub mod summary;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
