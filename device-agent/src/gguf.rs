@@ -103,7 +103,7 @@ impl GgmlType {
     }
 
     /// (elements per block, bytes per block)
-    fn block(self) -> (usize, usize) {
+    pub fn block(self) -> (usize, usize) {
         match self {
             GgmlType::F32 => (1, 4),
             GgmlType::F16 | GgmlType::Bf16 => (1, 2),

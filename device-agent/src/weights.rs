@@ -12,7 +12,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
-use crate::gguf::{GgmlType, GgufError, GgufFile, Value};
+use crate::gguf::{self, GgmlType, GgufError, GgufFile, Value};
 use crate::model::{Block, BlockShape, Llama, ModelConfig};
 use crate::quant::{BasePrecision, BlockFormat, QMatrix, QuantBase, QuantError, TABLE_FORMAT};
 use crate::tokenizer::{Tok, TokenizerError};
@@ -277,10 +277,26 @@ pub fn load_gguf_held(
                 return Ok(Loaded::Held(m));
             }
         }
-        let v = unpermuted(load_mat(name, out, inp)?);
-        Ok(Loaded::Held(
-            QMatrix::quantize(format, &v, out, inp).map_err(bad)?,
-        ))
+        let (per_block, _) = ty.block();
+        if heads.is_some() || dims != [inp, out] || inp % per_block != 0 {
+            let v = unpermuted(load_mat(name, out, inp)?);
+            return Ok(Loaded::Held(
+                QMatrix::quantize(format, &v, out, inp).map_err(bad)?,
+            ));
+        }
+        // Bands of rows (about 4 MB in fp32 each), so that even the embedding table is never
+        // whole in fp32.
+        let band = ((1 << 20) / inp.max(1)).max(1);
+        let mut parts = Vec::with_capacity(out.div_ceil(band));
+        for r0 in (0..out).step_by(band) {
+            let r1 = (r0 + band).min(out);
+            let part = &bytes[ty.byte_len(r0 * inp)..ty.byte_len(r1 * inp)];
+            let v = gguf::dequantize(ty, part, (r1 - r0) * inp);
+            parts.push(QMatrix::quantize(format, &v, r1 - r0, inp).map_err(bad)?);
+        }
+        QMatrix::stack_rows(parts)
+            .map(Loaded::Held)
+            .ok_or_else(|| invalid(path, format!("tensor '{name}' has no rows")))
     };
     let format = precision.format();
     for l in 0..n_layers {

@@ -95,4 +95,25 @@ impl QMatrix {
         }
         Ok(Some(m))
     }
+
+    /// Matrices of one format and width, their rows one after another (a tensor quantized a
+    /// band of rows at a time). `None` for no parts or parts that disagree.
+    pub fn stack_rows(parts: Vec<QMatrix>) -> Option<QMatrix> {
+        let first = parts.first()?;
+        let (format, cols) = (first.format, first.cols);
+        if parts.iter().any(|p| p.format != format || p.cols != cols) {
+            return None;
+        }
+        let mut m = QMatrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            ..QMatrix::quantize(format, &[], 0, cols).ok()?
+        };
+        for p in parts {
+            m.qs.extend(p.qs);
+            m.nib.extend(p.nib);
+            m.d.extend(p.d);
+            m.m.extend(p.m);
+        }
+        Some(m)
+    }
 }

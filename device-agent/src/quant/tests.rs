@@ -386,3 +386,38 @@ fn quantized_tiny_model_stays_close_and_caches_alike() {
         }
     }
 }
+
+#[test]
+fn gguf_blocks_read_back_and_bad_ones_are_refused() {
+    use super::file_blocks::block_bytes;
+    let (rows, cols) = (5, 64);
+    let w = seeded(rows * cols, 83, 0.5);
+    for format in FORMATS {
+        let m = QMatrix::quantize(format, &w, rows, cols).unwrap();
+        let bytes = crate::gguf::writer::quantize(format.into(), &w);
+        assert_eq!(bytes.len(), rows * 2 * block_bytes(format));
+        let back = QMatrix::from_gguf_blocks(format, &bytes, rows, cols)
+            .unwrap()
+            .unwrap();
+        assert!(
+            back == m,
+            "{format}: the writer's blocks read back as the matrix"
+        );
+        // Bands of rows stacked are the whole matrix.
+        let band = |r0: usize, r1: usize| {
+            QMatrix::quantize(format, &w[r0 * cols..r1 * cols], r1 - r0, cols).unwrap()
+        };
+        assert!(QMatrix::stack_rows(vec![band(0, 2), band(2, 5)]).unwrap() == m);
+        let short = &bytes[..bytes.len() - 1];
+        let err = QMatrix::from_gguf_blocks(format, short, rows, cols)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("expected"), "{err}");
+        let err = QMatrix::from_gguf_blocks(format, &bytes, rows * 2, cols / 2 + 1);
+        assert!(err.err().unwrap().to_string().contains("whole blocks"));
+    }
+    let other = QMatrix::quantize(BlockFormat::Q4_0, &w, rows, cols).unwrap();
+    let q8 = QMatrix::quantize(BlockFormat::Q8_0, &w, rows, cols).unwrap();
+    assert!(QMatrix::stack_rows(vec![q8, other]).is_none());
+    assert!(QMatrix::stack_rows(Vec::new()).is_none());
+}
