@@ -45,16 +45,8 @@ impl QMatrix {
                 expected,
             });
         }
-        let mut m = QMatrix {
-            format,
-            rows,
-            cols,
-            nb,
-            qs: Vec::new(),
-            nib: Vec::new(),
-            d: Vec::with_capacity(rows * nb),
-            m: Vec::new(),
-        };
+        let mut m = QMatrix::empty(format, rows, cols);
+        m.d.reserve_exact(rows * nb);
         match format {
             BlockFormat::Q8_0 => m.qs.reserve_exact(rows * nb * QK),
             BlockFormat::Q4_0 => m.nib.reserve_exact(rows * nb * NIB),
@@ -104,10 +96,7 @@ impl QMatrix {
         if parts.iter().any(|p| p.format != format || p.cols != cols) {
             return None;
         }
-        let mut m = QMatrix {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            ..QMatrix::quantize(format, &[], 0, cols).ok()?
-        };
+        let mut m = QMatrix::empty(format, parts.iter().map(|p| p.rows).sum(), cols);
         for p in parts {
             m.qs.extend(p.qs);
             m.nib.extend(p.nib);

@@ -307,6 +307,20 @@ thread_local! {
 }
 
 impl QMatrix {
+    /// A `[rows, cols]` matrix of `format` with no blocks yet (its vectors empty).
+    fn empty(format: BlockFormat, rows: usize, cols: usize) -> QMatrix {
+        QMatrix {
+            format,
+            rows,
+            cols,
+            nb: cols.div_ceil(QK),
+            qs: Vec::new(),
+            nib: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+        }
+    }
+
     /// Quantize a row-major `[rows, cols]` matrix to `format`'s blocks.
     pub fn quantize(
         format: BlockFormat,
@@ -323,16 +337,8 @@ impl QMatrix {
         }
         let nb = cols.div_ceil(QK);
         let f16 = |v: f32| half::f16::from_f32(v).to_bits();
-        let mut m = QMatrix {
-            format,
-            rows,
-            cols,
-            nb,
-            qs: Vec::new(),
-            nib: Vec::new(),
-            d: vec![0u16; rows * nb],
-            m: Vec::new(),
-        };
+        let mut m = QMatrix::empty(format, rows, cols);
+        m.d = vec![0u16; rows * nb];
         if nb == 0 {
             return Ok(m);
         }
