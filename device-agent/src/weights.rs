@@ -159,12 +159,14 @@ enum Loaded {
     Held(QMatrix),
 }
 
-/// Load a GGUF model file with its frozen base held at `precision` (as
-/// [`Llama::set_base_precision`] would hold it after an fp32 load). A tensor the file holds in
-/// that very format is taken from the file's blocks ([`QMatrix::from_gguf_blocks`]): the default
-/// model's Q4_1 projections under `q4_1` come out bit for bit as the fp32 route gives them, with
-/// no fp32 copy. Any other tensor is read to fp32 and quantized alone, so the loading peak holds
-/// at most one tensor in fp32 (the embedding table, 113 MB for SmolLM2), never the model.
+/// Load a GGUF model file with its frozen base held at `precision` (the formats
+/// [`Llama::set_base_precision`] holds after an fp32 load). A tensor the file holds in that very
+/// format is taken as the file's blocks ([`QMatrix::from_gguf_blocks`]), with no fp32 copy and
+/// no second rounding; these equal the fp32 route's blocks where our rule reproduces the file's
+/// (it does for every tensor of the default model, tested), while a file quantized by another
+/// rule (an importance matrix, say) keeps its own blocks here and would be re-rounded by the
+/// fp32 route. Any other tensor is quantized a band of rows at a time, so loading never holds
+/// the model, nor even one whole tensor, in fp32 (q/k, small, are taken whole to un-permute).
 pub fn load_gguf_held(
     path: &Path,
     device: &Device,
@@ -278,7 +280,7 @@ pub fn load_gguf_held(
             }
         }
         let (per_block, _) = ty.block();
-        if heads.is_some() || dims != [inp, out] || inp % per_block != 0 {
+        if heads.is_some() || dims != [inp, out] || inp % per_block != 0 || out == 0 {
             let v = unpermuted(load_mat(name, out, inp)?);
             return Ok(Loaded::Held(
                 QMatrix::quantize(format, &v, out, inp).map_err(bad)?,

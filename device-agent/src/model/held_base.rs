@@ -204,10 +204,12 @@ impl Llama {
         b
     }
 
-    /// Replace block `i`'s weights and shape (used by pruning). A Q8_0 base quantizes the new
+    /// Replace block `i`'s weights and shape (used by pruning). A held base quantizes the new
     /// projections again: a block of 32 inputs that the slice kept whole comes back bit for bit
-    /// (the rule is idempotent on its own output), so only products whose inputs were cut
-    /// inside a block (the down projection's channels) take a second rounding.
+    /// when its blocks came from our rule (it is idempotent on its own output; a file's blocks
+    /// read straight by [`crate::weights::load_gguf_held`] are re-rounded by it unless the
+    /// file's rule is ours, as the default model's is), so otherwise only products whose inputs
+    /// were cut inside a block (the down projection's channels) take a second rounding.
     pub fn set_block(&mut self, i: usize, mut block: Block, shape: BlockShape) {
         if let Some(q) = &mut self.quant {
             let base = Arc::make_mut(q);

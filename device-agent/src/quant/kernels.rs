@@ -80,7 +80,7 @@ pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
 
 /// Consecutive weight rows of a 4-bit matrix for the fused kernels: `nib` holds the rows'
 /// blocks as GGUF packs them ([`super::q4`]), 16 bytes each; `dw`, `qx`, `dx` as in
-/// [`RowArgs`]; `off` the activations' per-block lane offsets (`QRows::nibble_offsets`).
+/// [`RowArgs`]; `off` the activations' per-block lane offsets ([`offsets_for`]).
 pub struct NibArgs<'a> {
     pub nb: usize,
     pub nib: &'a [u8],
@@ -105,6 +105,16 @@ pub fn fuses_nibbles(path: DotPath, n: usize) -> bool {
     }
 }
 
+/// The activations' lane offsets where `path`'s fused kernel reads them (the x86 ones, which
+/// multiply unsigned nibbles), computed once per activation set; empty for `sdot`, which
+/// subtracts 8 from the nibbles instead.
+pub fn offsets_for<'a>(path: DotPath, qx: &'a super::QRows) -> &'a [i32] {
+    match path {
+        DotPath::Avx512Vnni | DotPath::Avx2 => qx.nibble_offsets(),
+        DotPath::NeonDot | DotPath::Portable => &[],
+    }
+}
+
 /// The fused 4-bit row kernel of `path` (only where [`fuses_nibbles`] says so): each block's
 /// values are `q - 8` for its nibbles `q`, and every int32 lane and f32 operation is the one
 /// [`row_dots`] performs on the unpacked rows, so the two agree bit for bit.
@@ -119,7 +129,7 @@ pub fn nib_row_dots(path: DotPath, a: &NibArgs, y: &mut [f32]) {
             && a.nib.len() == rows * nb * NIB
             && a.qx.len() == n * nb * QK
             && a.dx.len() == n * nb
-            && a.off.len() == n * nb * 8
+            && (a.off.len() == n * nb * 8 || !matches!(path, DotPath::Avx512Vnni | DotPath::Avx2))
             && y.len() == rows * n,
         "4-bit row kernel: no fused kernel here, or slice lengths disagree"
     );

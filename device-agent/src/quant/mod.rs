@@ -274,7 +274,7 @@ impl QRows {
     }
 
     /// Per block and lane, `-8 *` the lane's sum (see `offsets`).
-    fn nibble_offsets(&self) -> &[i32] {
+    pub(crate) fn nibble_offsets(&self) -> &[i32] {
         self.offsets.get_or_init(|| {
             self.qs
                 .chunks_exact(4)
@@ -546,7 +546,7 @@ impl QMatrix {
                         dw: &self.d[a0 * nb..a1 * nb],
                         qx: &qx.qs,
                         dx: &qx.d,
-                        off: qx.nibble_offsets(),
+                        off: kernels::offsets_for(path, qx),
                         tab: f16_table(),
                     };
                     kernels::nib_row_dots(path, &a, yc);
@@ -622,7 +622,7 @@ pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f3
         qx.block_sums();
     }
     if mats.iter().any(|m| m.format != BlockFormat::Q8_0) && kernels::fuses_nibbles(path, n) {
-        qx.nibble_offsets();
+        kernels::offsets_for(path, qx);
     }
     let macs: usize = mats.iter().map(|m| m.rows * n * m.nb * QK).sum();
     if macs < 1 << 18 {

@@ -12,12 +12,11 @@ pub fn summary(dir: &Path, with_kept: bool) -> Result<serde_json::Value, StateEr
     let (fingerprint, saved) = inspect(dir)?;
     let kept = &saved.device.kept;
     let file = state_file(dir);
-    let bad = |detail: String| StateError::Decode {
-        path: file.clone(),
-        detail,
-    };
     kept.validate(&saved.model)
-        .map_err(|e| bad(format!("kept maps do not fit the model it names: {e}")))?;
+        .map_err(|e| StateError::Invalid {
+            path: file.clone(),
+            detail: format!("kept maps do not fit the model it names: {e}"),
+        })?;
     let mut pruned = saved.model.clone();
     pruned.blocks = kept.shapes(&saved.model);
     let last = saved.last_round.as_ref().map(|l| {
@@ -39,7 +38,10 @@ pub fn summary(dir: &Path, with_kept: bool) -> Result<serde_json::Value, StateEr
         "last_round": last,
     });
     if with_kept {
-        out["kept"] = serde_json::to_value(kept).map_err(|e| bad(e.to_string()))?;
+        out["kept"] = serde_json::to_value(kept).map_err(|e| StateError::Encode {
+            path: file.clone(),
+            detail: e.to_string(),
+        })?;
     }
     Ok(out)
 }
