@@ -95,6 +95,7 @@ pub struct NibArgs<'a> {
 /// this CPU ([`nib_row_dots`]). Where it does not, the caller unpacks rows to int8 and runs
 /// [`row_dots`]: the x86 paths for more than one activation row (the tiled kernel amortises
 /// unpacking over its rows), and the portable path.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn fuses_nibbles(path: DotPath, n: usize) -> bool {
     match path {
         #[cfg(target_arch = "x86_64")]
