@@ -228,7 +228,7 @@ struct GenerateArgs {
     #[arg(long)]
     stats: bool,
     /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks, int8 matmuls; 0.27x,
-    /// 0.17x, 0.18x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
+    /// 0.17x, 0.20x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
     #[arg(long, default_value = "f32")]
     base_precision: String,
     /// A device state directory (`join --state`): chat with the device's pruned model and its
@@ -263,7 +263,7 @@ struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks, int8 matmuls; 0.27x,
-    /// 0.17x, 0.18x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
+    /// 0.17x, 0.20x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
     #[arg(long, default_value = "f32")]
     base_precision: String,
     /// Arithmetic of an fp32 base's products: fp32, bf16 or auto (as `tune --precision`).

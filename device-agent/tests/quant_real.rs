@@ -198,6 +198,8 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
 /// the Intel AMX host (2026-12-04): Q4_1 0.179x the bytes, top-1 agreement 250/256, mean KL
 /// 0.0033, perplexity 1.014x fp32's (1.000-1.014x as last bits of its sums changed: a changed
 /// bit re-draws the activations' rounding downstream); Q4_0 0.167x, 162/256, 0.35, 1.215x.
+/// Since session 29 a Q4_1 matrix also holds its blocks' f32 midpoints for the products (4
+/// bytes per 32 weights): 0.204x the bytes.
 #[test]
 fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
     use device_agent::export::{self, GgufPrecision};
@@ -222,7 +224,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         (
             BasePrecision::Q4_1,
             GgufPrecision::Q4_1,
-            (0.185, 230, 0.02, 1.03),
+            (0.21, 230, 0.02, 1.03),
         ),
     ] {
         let (max_ratio, min_agree, max_kl, max_ppl) = limits;

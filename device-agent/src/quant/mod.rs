@@ -208,6 +208,22 @@ pub struct QMatrix {
     d: Vec<u16>,
     /// Q4_1: `rows * nb` f16 block minimums (bits); empty otherwise.
     m: Vec<u16>,
+    /// Q4_1: each block's midpoint `m + 8 d` in f32, made from `m` and `d` on the first
+    /// product ([`QMatrix::midpoints`]).
+    mids: Midpoints,
+}
+
+/// A derived cache of a Q4_1 matrix's block midpoints: made once, from blocks that no longer
+/// change (every constructor fills `d` and `m` before any product), so it takes no part in
+/// equality. Converting each product's `m` and `d` from f16 again was about a fifth of a Q4_1
+/// token's cycles (`perf`, session 29).
+#[derive(Clone, Default)]
+struct Midpoints(OnceLock<Vec<f32>>);
+
+impl PartialEq for Midpoints {
+    fn eq(&self, _: &Midpoints) -> bool {
+        true
+    }
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -302,8 +318,6 @@ pub const UNPACK_BYTES: usize = 16 << 10;
 thread_local! {
     /// Each thread's buffer of unpacked 4-bit rows (at most [`UNPACK_BYTES`], or one row).
     static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
-    /// Each thread's Q4_1 block midpoints of the same rows in f32 (and room for their scales).
-    static MIDPOINTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl QMatrix {
@@ -318,7 +332,22 @@ impl QMatrix {
             nib: Vec::new(),
             d: Vec::new(),
             m: Vec::new(),
+            mids: Midpoints::default(),
         }
+    }
+
+    /// Q4_1's block midpoints `m + 8 d` (`rows * nb`, f32), computed on the first call: each
+    /// is `m`'s f32 plus eight times `d`'s (both exact conversions of f16, one rounding in
+    /// the sum). Empty for the other formats.
+    fn midpoints(&self) -> &[f32] {
+        self.mids.0.get_or_init(|| {
+            let tab = f16_table();
+            self.m
+                .iter()
+                .zip(&self.d)
+                .map(|(&m, &d)| tab[m as usize] + 8.0 * tab[d as usize])
+                .collect()
+        })
     }
 
     /// Quantize a row-major `[rows, cols]` matrix to `format`'s blocks.
@@ -428,9 +457,10 @@ impl QMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// Bytes held (values, f16 scales and minimums).
+    /// Bytes held while multiplying: values, f16 scales and minimums, and Q4_1's f32 block
+    /// midpoints (made on its first product).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + self.nib.len() + 2 * (self.d.len() + self.m.len())
+        self.qs.len() + self.nib.len() + 2 * (self.d.len() + self.m.len()) + 4 * self.m.len()
     }
 
     /// Values `v0..v1` (counted over the padded rows, whole blocks) as the kernels read them,
@@ -556,28 +586,15 @@ impl QMatrix {
                     kernels::row_dots(path, &args(self, qx, q, a0, a1), yc);
                 }
                 if self.format == BlockFormat::Q4_1 {
-                    // The chunk's block midpoints `m + 8 d` (their f16 parameters converted at
-                    // once, F16C where the CPU has it), then a plain dot product per output
-                    // that the compiler vectorises.
+                    // The chunk's block midpoints times the activations' block sums: a plain
+                    // dot product per output that the compiler vectorises.
                     let sums = qx.block_sums();
-                    MIDPOINTS.with_borrow_mut(|buf| {
-                        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                        let k = (a1 - a0) * nb;
-                        buf.resize(2 * k, 0.0);
-                        let (mids, scales) = buf.split_at_mut(k);
-                        let halves: &[half::f16] = self.m[a0 * nb..a1 * nb].reinterpret_cast();
-                        halves.convert_to_f32_slice(mids);
-                        let halves: &[half::f16] = self.d[a0 * nb..a1 * nb].reinterpret_cast();
-                        halves.convert_to_f32_slice(scales);
-                        for (m, &d) in mids.iter_mut().zip(scales.iter()) {
-                            *m += 8.0 * d;
+                    let mids = &self.midpoints()[a0 * nb..a1 * nb];
+                    for (mj, yj) in mids.chunks_exact(nb).zip(yc.chunks_mut(n)) {
+                        for (yi, si) in yj.iter_mut().zip(sums.chunks_exact(nb)) {
+                            *yi += dot(mj, si);
                         }
-                        for (mj, yj) in mids.chunks_exact(nb).zip(yc.chunks_mut(n)) {
-                            for (yi, si) in yj.iter_mut().zip(sums.chunks_exact(nb)) {
-                                *yi += dot(mj, si);
-                            }
-                        }
-                    });
+                    }
                 }
             }
         });
@@ -618,8 +635,9 @@ pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f3
         return outs;
     }
     // Once, before the tasks, so none of them waits on another's first call.
-    if mats.iter().any(|m| m.format == BlockFormat::Q4_1) {
+    for m in mats.iter().filter(|m| m.format == BlockFormat::Q4_1) {
         qx.block_sums();
+        m.midpoints();
     }
     if mats.iter().any(|m| m.format != BlockFormat::Q8_0) && kernels::fuses_nibbles(path, n) {
         kernels::offsets_for(path, qx);
