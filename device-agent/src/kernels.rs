@@ -550,6 +550,7 @@ pub use importance::{lora_importance, Along};
 pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
+pub(crate) use skinny::{skinny_products, SkinnyWeight};
 
 /// `a @ b` of untracked flex f32 matrices, any strides, through [`flex_matmul`] (no zeroing
 /// and copying of the output); `None` for autodiff tensors or another backend or dtype.

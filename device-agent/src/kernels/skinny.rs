@@ -122,7 +122,7 @@ fn contiguous(t: &Tensor<2>) -> Option<FlexTensor> {
     ft.is_contiguous().then_some(ft)
 }
 
-/// One weight of [`skinny_matmul_group`] as its tasks read it.
+/// How a task reads one weight of [`skinny_products`].
 enum Layout<'a> {
     /// Row-major `[k, m]`: slabs of rows, each a partial output row.
     Rows(&'a [f32]),
@@ -130,7 +130,53 @@ enum Layout<'a> {
     Transposed(&'a [f32]),
 }
 
-/// One task of [`skinny_matmul_group`]: weight `w`, input row `r`, and the slab (rows of a
+/// A `[k, m]` fp32 weight held for [`skinny_products`]: flex's buffer itself (shared, not
+/// copied), row-major or the transpose of a row-major `[m, k]` matrix.
+#[derive(Debug, Clone)]
+pub(crate) struct SkinnyWeight {
+    data: FlexTensor,
+    k: usize,
+    m: usize,
+    transposed: bool,
+}
+
+impl SkinnyWeight {
+    /// `w` when it is a flex f32 tensor without autodiff, contiguous in either layout.
+    pub(crate) fn of(w: &Tensor<2>) -> Option<Self> {
+        let [k, m] = w.dims();
+        let (data, transposed) = match contiguous(w) {
+            Some(f) => (f, false),
+            None => (contiguous(&w.clone().transpose())?, true),
+        };
+        Some(SkinnyWeight {
+            data,
+            k,
+            m,
+            transposed,
+        })
+    }
+
+    /// Output width `m`.
+    pub(crate) fn width(&self) -> usize {
+        self.m
+    }
+
+    /// Row `r` of the `[m, k]` matrix whose transpose this weight is (a token's embedding,
+    /// where the weight is the tied LM head); `None` for a row-major weight or `r >= m`.
+    pub(crate) fn transposed_row(&self, r: usize) -> Option<&[f32]> {
+        (self.transposed && r < self.m).then(|| &slice(&self.data)[r * self.k..(r + 1) * self.k])
+    }
+
+    fn layout(&self) -> Layout<'_> {
+        if self.transposed {
+            Layout::Transposed(slice(&self.data))
+        } else {
+            Layout::Rows(slice(&self.data))
+        }
+    }
+}
+
+/// One task of [`skinny_products`]: weight `w`, input row `r`, and the slab (rows of a
 /// row-major weight) or block of outputs (a transposed one) `part`.
 struct Task {
     w: usize,
@@ -138,41 +184,26 @@ struct Task {
     part: usize,
 }
 
-/// `x w_i` for each of `ws` in one parallel region: rayon's threads are woken once for the
-/// group (a decoded token's q, k and v, or gate and up) instead of once per product, and the
-/// group's tasks balance over the threads together. Every product is split and summed exactly
-/// as [`skinny_matmul`] does it alone, so the results are the same bit for bit. `None` when
-/// any product does not qualify for [`skinny_matmul`].
-pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tensor<2>>> {
-    let [n, k] = x.dims();
-    if n == 0 || n > SKINNY_ROWS || k == 0 || ws.is_empty() {
-        return None;
-    }
-    let mut flex = Vec::with_capacity(ws.len());
-    let mut widths = Vec::with_capacity(ws.len());
-    for w in ws {
-        let [wk, m] = w.dims();
-        if wk != k || m == 0 {
-            return None;
-        }
-        flex.push(match contiguous(w) {
-            Some(f) => (f, false),
-            None => (contiguous(&(*w).clone().transpose())?, true),
-        });
-        widths.push(m);
-    }
-    let xf = flex_f32(x)?;
-    let xs = slice(&xf);
-    let layouts: Vec<Layout> = flex
-        .iter()
-        .map(|(f, t)| {
-            if *t {
-                Layout::Transposed(slice(f))
-            } else {
-                Layout::Rows(slice(f))
-            }
-        })
-        .collect();
+/// `x w_i` for the rows `x` (`[n, k]` row-major, best for `n` up to [`SKINNY_ROWS`]) and each
+/// weight of `ws` (all `k` deep), `[n, m_i]` row-major each, in one parallel region: rayon's
+/// threads are woken once for the group (a decoded token's q, k and v, or gate and up) instead
+/// of once per product, and the group's tasks balance over the threads together. Every
+/// product is split and summed exactly as [`skinny_matmul`] does it alone, so the results are
+/// the same bit for bit.
+///
+/// # Panics
+/// When the weights are not all `k` deep (`k > 0`) or `x` is not whole rows of `k`.
+pub(crate) fn skinny_products(x: &[f32], ws: &[&SkinnyWeight]) -> Vec<Vec<f32>> {
+    let k = ws.first().map_or(0, |w| w.k);
+    let n = x.len() / k.max(1);
+    assert!(
+        k > 0 && ws.iter().all(|w| w.k == k) && x.len() == n * k,
+        "skinny products of {} values with weights {:?} deep",
+        x.len(),
+        ws.iter().map(|w| w.k).collect::<Vec<_>>()
+    );
+    let widths: Vec<usize> = ws.iter().map(|w| w.m).collect();
+    let layouts: Vec<Layout> = ws.iter().map(|w| w.layout()).collect();
     // Rows of a row-major weight per task: all of them below SERIAL_MACS, as `row_times`
     // takes such a product in one pass.
     let slab = |m: usize| {
@@ -195,7 +226,7 @@ pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tenso
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|t| {
-            let x = &xs[t.r * k..(t.r + 1) * k];
+            let x = &x[t.r * k..(t.r + 1) * k];
             let m = widths[t.w];
             match layouts[t.w] {
                 Layout::Rows(w) => {
@@ -226,10 +257,27 @@ pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tenso
             }
         }
     }
+    outs
+}
+
+/// [`skinny_products`] of burn tensors: `None` when `x` has more than [`SKINNY_ROWS`] rows or
+/// any weight does not qualify for [`skinny_matmul`] (the caller uses burn's matmul).
+pub fn skinny_matmul_group(x: &Tensor<2>, ws: &[&Tensor<2>]) -> Option<Vec<Tensor<2>>> {
+    let [n, k] = x.dims();
+    if n == 0 || n > SKINNY_ROWS || k == 0 || ws.is_empty() {
+        return None;
+    }
+    let held = ws
+        .iter()
+        .map(|w| SkinnyWeight::of(w).filter(|h| h.k == k && h.m > 0))
+        .collect::<Option<Vec<_>>>()?;
+    let xf = flex_f32(x)?;
+    let refs: Vec<&SkinnyWeight> = held.iter().collect();
     Some(
-        outs.into_iter()
-            .zip(&widths)
-            .map(|(v, &m)| wrap(v, [n, m]))
+        skinny_products(slice(&xf), &refs)
+            .into_iter()
+            .zip(&held)
+            .map(|(v, w)| wrap(v, [n, w.m]))
             .collect(),
     )
 }

@@ -1,21 +1,26 @@
-//! Decoding one new position per sequence on the host: a Q8_0 base on flex, the whole token
-//! (embedding, every block, the LM head) over plain buffers instead of burn tensors.
+//! Decoding one new position per sequence on the host: the whole token (embedding, every
+//! block, the LM head) over plain buffers instead of burn tensors, for a quantized or an fp32
+//! base on flex.
 //!
 //! A decoded token through [`Llama::hidden`] runs about 40 small tensor operations per block
 //! (RMSNorm and rotary embeddings alone are 17), each allocating its output and dispatching on
-//! a `[1, 576]`-sized tensor; with the weights' int8 products at 18-48 blocks per row, that
-//! bookkeeping was a sizeable share of a token. Here a block is: RMSNorm
-//! ([`kernels::rms_norm_into`]), one quantized product for q, k and v together, the LoRA
-//! branches, rotary embeddings in place, the KV cache's host buffers appended and attended in
-//! place, the output projection, RMSNorm, gate and up together, SwiGLU, down. The arithmetic is
-//! the tensor path's (the same kernels and quantizer; RMSNorm's sum and the LoRA products may
-//! round differently), so the logits agree to float rounding: tested against
-//! [`Llama::hidden`] with equal and uneven KV maps, a block without attention, and an adapter.
+//! a `[1, 576]`-sized tensor; next to the weights' products that bookkeeping was a sizeable
+//! share of a token (a quarter of Q8_0 decoding's; about 15% of fp32's, whose products read
+//! four times the bytes). Here a block is: RMSNorm ([`kernels::rms_norm_into`]), one product
+//! group for q, k and v, the LoRA branches, rotary embeddings in place, the KV cache's host
+//! buffers appended and attended in place, the output projection, RMSNorm, gate and up
+//! together, SwiGLU, down. The products are the tensor path's own: int8 products of
+//! activations quantized once per group for a quantized base ([`matmul_many_q`]), the skinny
+//! fp32 kernels reading flex's buffers in place for an fp32 one ([`kernels::skinny_products`],
+//! bit for bit the tensor path's). RMSNorm's sum and the LoRA products may round differently,
+//! so the logits agree to float rounding: tested against [`Llama::hidden`] for both bases with
+//! equal and uneven KV maps, a block without attention, and an adapter.
 //!
-//! It applies only where the tensor path would read host buffers anyway: a Q8_0 base on flex,
-//! and a cache that a prompt has filled through [`Llama::hidden`] (every block with attention
-//! holds [`LayerKv::Host`] buffers for this batch). Elsewhere [`HostDecoder::new`] or
-//! [`HostDecoder::logits`] return `None` and the caller takes the tensor path.
+//! It applies only where the tensor path would read host buffers anyway: a quantized or fp32
+//! (not bf16) base on flex, and a cache that a prompt has filled through [`Llama::hidden`]
+//! (every block with attention holds [`LayerKv::Host`] buffers for this batch). Elsewhere
+//! [`HostDecoder::new`] or [`HostDecoder::logits`] return `None` and the caller takes the
+//! tensor path.
 
 use protocol::Proj;
 
@@ -23,8 +28,9 @@ use super::kv_cache::{host_values, KvCache, LayerKv};
 use super::layers::rope_angles;
 use super::lora_layer::Adapter;
 use super::Llama;
+use crate::bf16::Precision;
 use crate::cpu::DotPath;
-use crate::kernels;
+use crate::kernels::{self, SkinnyWeight};
 use crate::quant::{matmul_many_q, QMatrix, QRows, QuantBase};
 
 /// One projection's LoRA branch in host buffers: `a` is `[in, rank]`, `b` is `[rank, out]`
@@ -35,12 +41,54 @@ struct HostLora {
     rank: usize,
 }
 
+/// The fp32 base as the skinny kernels read it: flex's buffers, shared, not copied.
+struct F32Base {
+    /// `[block][Proj::index()]`.
+    proj: Vec<Vec<SkinnyWeight>>,
+    /// The embedding `[vocab, d]` held as its transpose: the tied LM head, and rows to look up.
+    embed: SkinnyWeight,
+    /// An untied LM head `[d, vocab]`.
+    head: Option<SkinnyWeight>,
+}
+
+impl F32Base {
+    /// `None` where any weight is not a contiguous flex f32 tensor without autodiff.
+    fn of(model: &Llama) -> Option<Self> {
+        let proj = model
+            .blocks
+            .iter()
+            .map(|b| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| SkinnyWeight::of(b.weight(p)))
+                    .collect()
+            })
+            .collect::<Option<_>>()?;
+        let head = match &model.lm_head {
+            Some(w) => Some(SkinnyWeight::of(w)?),
+            None => None,
+        };
+        Some(F32Base {
+            proj,
+            embed: SkinnyWeight::of(&model.embed.clone().transpose())?,
+            head,
+        })
+    }
+}
+
+/// Where a decoded token's base products come from.
+enum BaseWeights<'m> {
+    /// A quantized base: int8 products, activations quantized once per product group.
+    Quant(&'m QuantBase, DotPath),
+    /// An fp32 base.
+    F32(Box<F32Base>),
+}
+
 /// A model's decoding state that does not change between tokens: the norms' weights and the
 /// adapter's factors copied to the host once per generation.
 pub struct HostDecoder<'m> {
     model: &'m Llama,
-    base: &'m QuantBase,
-    path: DotPath,
+    weights: BaseWeights<'m>,
     attn_norm: Vec<Vec<f32>>,
     ffn_norm: Vec<Vec<f32>>,
     norm: Vec<f32>,
@@ -49,13 +97,19 @@ pub struct HostDecoder<'m> {
 }
 
 impl<'m> HostDecoder<'m> {
-    /// The decoder of `model` with `adapter`, or `None` where it does not apply (no Q8_0
-    /// base, or a backend other than flex).
+    /// The decoder of `model` with `adapter`, or `None` where it does not apply (a backend
+    /// other than flex, a bf16 base, or fp32 weights that flex does not hold contiguous).
     pub fn new(model: &'m Llama, adapter: Option<&Adapter>) -> Option<Self> {
-        let base = model.quant.as_deref()?;
         if !crate::backend::is_flex(&model.device) {
             return None;
         }
+        let weights = match model.quant.as_deref() {
+            Some(base) => BaseWeights::Quant(base, DotPath::detect()),
+            None if model.precision == Precision::Fp32 => {
+                BaseWeights::F32(Box::new(F32Base::of(model)?))
+            }
+            None => return None,
+        };
         let lora = (0..model.blocks.len())
             .map(|l| {
                 Proj::ALL
@@ -78,8 +132,7 @@ impl<'m> HostDecoder<'m> {
             .collect();
         Some(HostDecoder {
             model,
-            base,
-            path: DotPath::detect(),
+            weights,
             attn_norm: model
                 .blocks
                 .iter()
@@ -121,7 +174,7 @@ impl<'m> HostDecoder<'m> {
         );
         let (d, hd, eps) = (cfg.d_model, cfg.head_dim, cfg.rms_eps as f32);
         let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-        let mut x = self.base.embed_rows(&ids);
+        let mut x = self.embed_rows(&ids);
         let (cos, sin): (Vec<f32>, Vec<f32>) = rope_angles(hd, pos, cfg.rope_theta).unzip();
         let mut h = vec![0f32; batch * d];
         for (l, s) in cfg.blocks.iter().enumerate() {
@@ -149,15 +202,50 @@ impl<'m> HostDecoder<'m> {
         }
         cache.len += 1;
         kernels::rms_norm_into(&x, &self.norm, &mut h, eps);
-        let head = self.base.lm_head.as_ref().unwrap_or(&self.base.embed);
-        Some(self.products(&[head], &h).remove(0))
+        Some(match &self.weights {
+            BaseWeights::Quant(base, path) => {
+                let head = base.lm_head.as_ref().unwrap_or(&base.embed);
+                quant_products(*path, &[head], &h).remove(0)
+            }
+            BaseWeights::F32(f) => {
+                let head = f.head.as_ref().unwrap_or(&f.embed);
+                kernels::skinny_products(&h, &[head]).remove(0)
+            }
+        })
     }
 
-    /// Rows `x` (`[n, in]`) through the quantized projections `projs` of block `l` (their
-    /// activations quantized once), each plus its LoRA branch.
+    /// The embeddings of `ids`, `[ids.len(), d_model]` row-major.
+    fn embed_rows(&self, ids: &[i64]) -> Vec<f32> {
+        match &self.weights {
+            BaseWeights::Quant(base, _) => base.embed_rows(ids),
+            BaseWeights::F32(f) => ids
+                .iter()
+                .flat_map(|&t| {
+                    usize::try_from(t)
+                        .ok()
+                        .and_then(|t| f.embed.transposed_row(t))
+                        .unwrap_or_else(|| {
+                            panic!("token id {t} outside the vocabulary of {}", f.embed.width())
+                        })
+                        .iter()
+                        .copied()
+                })
+                .collect(),
+        }
+    }
+
+    /// Rows `x` (`[n, in]`) through the projections `projs` of block `l` (one product group),
+    /// each plus its LoRA branch.
     fn project<const N: usize>(&self, l: usize, x: &[f32], projs: [Proj; N]) -> [Vec<f32>; N] {
-        let mats = projs.map(|p| &**self.base.proj(l, p));
-        let mut outs = self.products(&mats, x).into_iter();
+        let mut outs = match &self.weights {
+            BaseWeights::Quant(base, path) => {
+                quant_products(*path, &projs.map(|p| &**base.proj(l, p)), x)
+            }
+            BaseWeights::F32(f) => {
+                kernels::skinny_products(x, &projs.map(|p| &f.proj[l][p.index()]))
+            }
+        }
+        .into_iter();
         projs.map(|p| {
             let mut y = outs.next().expect("one product per projection");
             if let Some(f) = &self.lora[l][p.index()] {
@@ -166,15 +254,16 @@ impl<'m> HostDecoder<'m> {
             y
         })
     }
+}
 
-    /// `x` (`[n, cols]`, every matrix `cols` wide) times each matrix, `[n, rows]` each.
-    fn products(&self, mats: &[&QMatrix], x: &[f32]) -> Vec<Vec<f32>> {
-        let cols = mats[0].cols();
-        let n = x.len() / cols.max(1);
-        let qx = QRows::quantize(x, n, cols)
-            .unwrap_or_else(|e| panic!("Q8_0 base while decoding on the host: {e}"));
-        matmul_many_q(self.path, mats, &qx)
-    }
+/// `x` (`[n, cols]`, every matrix `cols` wide) times each quantized matrix, `[n, rows]` each,
+/// the activations quantized once.
+fn quant_products(path: DotPath, mats: &[&QMatrix], x: &[f32]) -> Vec<Vec<f32>> {
+    let cols = mats[0].cols();
+    let n = x.len() / cols.max(1);
+    let qx = QRows::quantize(x, n, cols)
+        .unwrap_or_else(|e| panic!("quantized base while decoding on the host: {e}"));
+    matmul_many_q(path, mats, &qx)
 }
 
 /// Rotary embeddings in place on rows of whole heads (`x` is `[n, heads * hd]`, `cos` and
@@ -255,9 +344,12 @@ mod tests {
     /// Host decoding gives the tensor path's logits: two sequences after a 5-token prompt, 14
     /// decoded tokens (past the buffers' first growth at 16 positions), tied and untied heads,
     /// equal KV groups and a pruned model with an uneven map and a block without attention,
-    /// with and without an adapter. And it declines a cache no prompt has filled.
+    /// with and without an adapter, a Q8_0 and an fp32 base. And it declines a cache no prompt
+    /// has filled.
     ///
-    /// The tolerance is 1% of the largest logit: both paths quantize their activations to Q8_0,
+    /// An fp32 base's products are the tensor path's bit for bit; only RMSNorm's sum and the
+    /// LoRA products round differently, so its tolerance is 1e-5 of the largest logit. For Q8_0
+    /// the tolerance is 1% of the largest logit: both paths quantize their activations to Q8_0,
     /// and a value on a rounding boundary goes to the other integer under a last-bit difference
     /// (RMSNorm's and the LoRA products' summation order), which moves every later logit a
     /// little (0.35% seen here, with the adapter). What this test exists to catch is far larger:
@@ -280,14 +372,21 @@ mod tests {
                 ffn_dim: 48,
                 q_to_kv: vec![],
             };
-            for (what, cfg) in [("equal groups", tiny(tie)), ("pruned", pruned)] {
+            let cases = [("equal groups", tiny(tie)), ("pruned", pruned)];
+            for ((what, cfg), base) in cases
+                .iter()
+                .flat_map(|c| [(c, BasePrecision::Q8_0), (c, BasePrecision::F32)])
+            {
                 let mut m = Llama::random(cfg.clone(), 11, &device);
-                m.set_base_precision(BasePrecision::Q8_0)
-                    .unwrap()
-                    .expect("quantized");
-                let lora = adapter(&cfg, &device);
+                let tolerance = if base == BasePrecision::F32 {
+                    1e-5
+                } else {
+                    m.set_base_precision(base).unwrap().expect("quantized");
+                    1e-2
+                };
+                let lora = adapter(cfg, &device);
                 for ad in [None, Some(&lora)] {
-                    let dec = HostDecoder::new(&m, ad).expect("Q8_0 on flex");
+                    let dec = HostDecoder::new(&m, ad).expect("on flex");
                     let seqs: Vec<Vec<u32>> = (0..2u32)
                         .map(|b| (0..19u32).map(|i| (i * 7 + b * 13 + 3) % 97).collect())
                         .collect();
@@ -315,8 +414,9 @@ mod tests {
                             .zip(&got)
                             .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
                         assert!(
-                            worst <= 1e-2 * scale,
-                            "{what}, tie {tie}, adapter {}, position {t}: {worst} of {scale}",
+                            worst <= tolerance * scale,
+                            "{what}, {base:?}, tie {tie}, adapter {}, position {t}: {worst} of \
+                             {scale}",
                             ad.is_some()
                         );
                     }
