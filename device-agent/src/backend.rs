@@ -249,7 +249,6 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-/// Whether [`ALLOW_SOFTWARE_GPU_ENV`] is set to a true value.
 /// Is this device (with or without autodiff) the flex CPU backend?
 pub fn is_flex(device: &Device) -> bool {
     matches!(
@@ -258,6 +257,7 @@ pub fn is_flex(device: &Device) -> bool {
     )
 }
 
+/// Whether [`ALLOW_SOFTWARE_GPU_ENV`] is set to a true value.
 pub fn software_gpu_allowed() -> bool {
     std::env::var(ALLOW_SOFTWARE_GPU_ENV).is_ok_and(|v| {
         let v = v.trim().to_ascii_lowercase();
