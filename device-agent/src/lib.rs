@@ -15,6 +15,7 @@ pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod job;
+#[macro_use]
 pub mod kernels;
 pub mod lora;
 pub mod model;

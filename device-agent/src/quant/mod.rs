@@ -588,20 +588,29 @@ impl QMatrix {
                 if self.format == BlockFormat::Q4_1 {
                     // The chunk's block midpoints times the activations' block sums: a plain
                     // dot product per output that the compiler vectorises.
-                    let sums = qx.block_sums();
-                    let mids = &self.midpoints()[a0 * nb..a1 * nb];
-                    for (mj, yj) in mids.chunks_exact(nb).zip(yc.chunks_mut(n)) {
-                        for (yi, si) in yj.iter_mut().zip(sums.chunks_exact(nb)) {
-                            *yi += dot(mj, si);
-                        }
-                    }
+                    add_midpoints(&self.midpoints()[a0 * nb..a1 * nb], qx.block_sums(), nb, yc);
                 }
             }
         });
     }
 }
 
+multiversion! {
+    /// `y[j, i] += dot(mids[j], sums[i])` over rows `j` of `nb` block midpoints and activation
+    /// rows `i` of `nb` block sums (`y` is `[rows, n]`). Compiled per instruction set; the
+    /// same additions in the same order on each, so the same values.
+    fn add_midpoints(mids: &[f32], sums: &[f32], nb: usize, y: &mut [f32]) {
+        let n = sums.len() / nb.max(1);
+        for (mj, yj) in mids.chunks_exact(nb).zip(y.chunks_mut(n)) {
+            for (yi, si) in yj.iter_mut().zip(sums.chunks_exact(nb)) {
+                *yi += dot(mj, si);
+            }
+        }
+    }
+}
+
 /// `sum(a * b)` in eight lanes (a fixed order, so the same on every thread and split).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
