@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use sim::comparison;
 use sim::config::ExperimentConfig;
 use sim::experiment::{self, Resources, SeedRuns};
+use sim::host::HostClass;
 use sim::report::Report;
 use sim::Quiet;
 
@@ -162,7 +163,10 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
     let part = |runs: &[SeedRuns], label: &str| Part {
         label: label.into(),
         comparison: comparison::compare(&cfg.name, &entries, runs, 2),
-        host: ("a CPU".into(), "avx512".into()),
+        host: HostClass::from_json(
+            &serde_json::json!({"cpu_model": "a CPU", "vector_path": "avx512", "family": 26}),
+        )
+        .unwrap(),
     };
     let (a, b) = (part(&runs[..2], "a"), part(&runs[2..], "b"));
     let pooled = pool::pool(&[b.clone(), a.clone()]).unwrap();
@@ -194,9 +198,19 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
         "{err}"
     );
     let mut avx2 = b.clone();
-    avx2.host.1 = "avx2".into();
+    avx2.host.0.insert("vector_path".into(), "avx2".into());
     let err = pool::pool(&[a.clone(), avx2]).unwrap_err().to_string();
-    assert!(err.contains("CPU classes"), "{err}");
+    assert!(
+        err.contains("CPU classes") && err.contains("vector_path avx512"),
+        "{err}"
+    );
+    let mut zen4 = b.clone();
+    zen4.host.0.insert("family".into(), "25".into());
+    let err = pool::pool(&[a.clone(), zen4]).unwrap_err().to_string();
+    assert!(
+        err.contains("family 26") && err.contains("family 25"),
+        "{err}"
+    );
     let mut other = b.clone();
     other.comparison.entries.push("hetlora".into());
     let err = pool::pool(&[a, other]).unwrap_err().to_string();

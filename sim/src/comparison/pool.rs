@@ -19,6 +19,7 @@ use aggregator::coordinator::streams::Stream;
 use super::byzantine::{self, ByzantineRow};
 use super::{interval_stream, Comparison, MetricRow, METRICS};
 use crate::error::SimError;
+use crate::host::HostClass;
 use crate::stats::{self, Interval};
 
 /// One comparison folder's results.
@@ -27,8 +28,8 @@ pub struct Part {
     /// Where it came from (the folder), for messages and the pooled report.
     pub label: String,
     pub comparison: Comparison,
-    /// `host.json`'s CPU model and vector path.
-    pub host: (String, String),
+    /// `host.json`'s CPU class.
+    pub host: HostClass,
 }
 
 fn data(what: String) -> SimError {
@@ -46,17 +47,12 @@ impl Part {
         let path = dir.join("compare.json");
         let comparison: Comparison = serde_json::from_value(read("compare.json")?)
             .map_err(|e| data(format!("{}: not a comparison: {e}", path.display())))?;
-        let host = read("host.json")?;
-        let field = |k: &str| -> Result<String, SimError> {
-            host.get(k)
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| data(format!("{}: no `{k}`", dir.join("host.json").display())))
-        };
+        let host = HostClass::from_json(&read("host.json")?)
+            .map_err(|e| data(format!("{}: {e}", dir.join("host.json").display())))?;
         Ok(Part {
             label: dir.display().to_string(),
             comparison,
-            host: (field("cpu_model")?, field("vector_path")?),
+            host,
         })
     }
 }
@@ -92,10 +88,10 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
                 first.label, p.label
             )));
         }
-        if p.host != first.host {
+        if let Some((field, a, b)) = first.host.differs_from(&p.host) {
             return Err(data(format!(
-                "{} ran on {} ({}) and {} on {} ({}): results differ between CPU classes; pool runs of one class",
-                first.label, first.host.0, first.host.1, p.label, p.host.0, p.host.1
+                "{} ran on {field} {a} and {} on {field} {b}: results differ between CPU classes; pool runs of one class",
+                first.label, p.label
             )));
         }
     }
