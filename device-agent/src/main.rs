@@ -227,8 +227,9 @@ struct GenerateArgs {
     /// Print prefill and decode speed to stderr at the end.
     #[arg(long)]
     stats: bool,
-    /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks, int8 matmuls; 0.27x,
-    /// 0.17x, 0.20x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
+    /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks; 0.27x, 0.17x, 0.20x the
+    /// weights' memory, embedding and head Q8_0; any adapter fp32 on top). Decoded tokens take
+    /// int8 products, a prompt of 64 tokens or more fp32 products of the dequantized weights.
     #[arg(long, default_value = "f32")]
     base_precision: String,
     /// A device state directory (`join --state`): chat with the device's pruned model and its
@@ -262,8 +263,9 @@ struct EvalArgs {
     /// Print the metrics as one JSON object.
     #[arg(long)]
     json: bool,
-    /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks, int8 matmuls; 0.27x,
-    /// 0.17x, 0.20x the weights' memory, embedding and head Q8_0; any adapter fp32 on top).
+    /// The frozen base in memory: f32, q8_0, q4_0 or q4_1 (GGUF blocks; 0.27x, 0.17x, 0.20x the
+    /// weights' memory, embedding and head Q8_0; any adapter fp32 on top). Decoded tokens take
+    /// int8 products, a prompt of 64 tokens or more fp32 products of the dequantized weights.
     #[arg(long, default_value = "f32")]
     base_precision: String,
     /// Arithmetic of an fp32 base's products: fp32, bf16 or auto (as `tune --precision`).

@@ -218,7 +218,7 @@ impl Llama {
             q_to_kv,
             device: device.clone(),
             quant: quant.map(Arc::new),
-            quant_arithmetic: QuantArithmetic::Int8,
+            quant_arithmetic: QuantArithmetic::Serving,
             precision: Precision::Fp32,
         })
     }
@@ -335,9 +335,7 @@ impl Llama {
         let (blk, shape) = (&self.blocks[l], &cfg.blocks[l]);
         let lora = |p: Proj| adapter.and_then(|a| a.factors(l, p));
         let w = |p: Proj| match &self.quant {
-            Some(q) if self.quant_arithmetic == QuantArithmetic::Fp32 => {
-                Base::QuantFp32(q.proj(l, p))
-            }
+            Some(q) if self.quant_arithmetic.fp32_for(batch * seq) => Base::QuantFp32(q.proj(l, p)),
             Some(q) => Base::Quant(q.proj(l, p)),
             None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
@@ -405,11 +403,12 @@ impl Llama {
 
     /// Logits for hidden rows `[n, d_model]` -> `[n, vocab]`.
     pub fn logits(&self, hidden: Tensor<2>) -> Tensor<2> {
-        if let Some(head) = self.quant_fp32_head() {
-            return crate::quant::frozen::logits(hidden, head);
-        }
         if let Some(q) = &self.quant {
-            return q.logits(hidden);
+            return if self.quant_arithmetic.fp32_for(hidden.dims()[0]) {
+                crate::quant::frozen::logits(hidden, q.lm_head.as_ref().unwrap_or(&q.embed))
+            } else {
+                q.logits(hidden)
+            };
         }
         let bf16 = self.precision == Precision::Bf16;
         match &self.lm_head {

@@ -8,7 +8,7 @@ use device_agent::assets;
 use device_agent::data;
 use device_agent::generate::{self, GenerateConfig, Sampling};
 use device_agent::model::to_rows;
-use device_agent::quant::BasePrecision;
+use device_agent::quant::{BasePrecision, QuantArithmetic, FP32_ROWS};
 use device_agent::weights;
 
 #[derive(serde::Deserialize)]
@@ -77,6 +77,9 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
         .set_base_precision(BasePrecision::Q8_0)
         .expect("quantizes")
         .expect("Q8_0 asked");
+    // The int8 kernels at every size: serving's default takes a prompt's many rows in fp32.
+    let serving = q.clone();
+    q.set_quant_arithmetic(QuantArithmetic::Int8);
     let ratio = rep.quant_bytes as f64 / rep.fp32_bytes as f64;
     println!(
         "base: {} bytes fp32 -> {} bytes Q8_0 ({ratio:.3}x)",
@@ -88,6 +91,7 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
     let toks = |m: &device_agent::model::Llama| m.tokens_tensor(&[r.token_ids.clone()]);
     let a = to_rows(fp.forward(toks(&fp), None));
     let b = to_rows(q.forward(toks(&q), None));
+    let b_short = b.clone();
     let mut max_abs = 0f32;
     let mut max_rel = 0f32;
     let mut agree = 0;
@@ -149,6 +153,26 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
     assert!(agree >= 230, "top-1 agreement {agree}/256");
     assert!(mean_kl < 0.02, "mean KL {mean_kl}");
     assert!((nb - na).abs() < 0.02, "NLL {na} vs {nb}");
+
+    // Serving (the default): the 256 rows are FP32_ROWS or more, so every product and the head
+    // are the fp32 products of the dequantized weights, exactly as training's arithmetic; a
+    // prompt under FP32_ROWS rows takes the int8 kernels exactly. Rounding only the weights,
+    // the long text lands nearer fp32 than int8 did.
+    assert!(ids.len() >= FP32_ROWS && r.token_ids.len() < FP32_ROWS);
+    let mut trained = serving.clone();
+    trained.set_quant_arithmetic(QuantArithmetic::Fp32);
+    let s = to_rows(serving.forward(serving.tokens_tensor(&[ids.clone()]), None));
+    assert_eq!(
+        s,
+        to_rows(trained.forward(trained.tokens_tensor(&[ids.clone()]), None))
+    );
+    assert_eq!(to_rows(serving.forward(toks(&serving), None)), b_short);
+    let serving_kl = a.iter().zip(&s).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
+    println!(
+        "serving's fp32 route over the 256 tokens: top-1 agreement {}/256, mean KL {serving_kl:.5}",
+        top1_agreement(&a, &s)
+    );
+    assert!(serving_kl < mean_kl, "{serving_kl} vs int8's {mean_kl}");
 
     // The greedy chat answer, compared token by token with fp32's. Its first token is a
     // near-tie in fp32 ("The" 25.33 vs "L" 25.24) that Q8_0 flips, after which the answers
@@ -231,6 +255,16 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         let mut q = fp.clone();
         let rep = q.set_base_precision(precision).unwrap().unwrap();
         let ratio = rep.quant_bytes as f64 / rep.fp32_bytes as f64;
+        // Serving's route for these 256 rows: fp32 products of the dequantized weights. At
+        // Q4_1 those weights are the file's own, which the fp32 model holds too.
+        let s = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
+        let serving_kl = a.iter().zip(&s).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
+        println!("{precision:?}: serving's fp32 route, mean KL {serving_kl:.2e}");
+        if precision == BasePrecision::Q4_1 {
+            assert!(serving_kl < 1e-6, "{serving_kl}");
+        }
+        // The int8 kernels over the same rows.
+        q.set_quant_arithmetic(QuantArithmetic::Int8);
         let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
         let agree = top1_agreement(&a, &b);
         let mean_kl = a.iter().zip(&b).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;

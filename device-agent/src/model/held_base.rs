@@ -101,8 +101,9 @@ impl Llama {
         self.quant.as_deref()
     }
 
-    /// How products from a Q8_0 base are computed (no effect on an fp32 base): int8 for serving
-    /// (the default), fp32 from the dequantized weights for training over it.
+    /// How products from a quantized base are computed (no effect on an fp32 base): for serving
+    /// (the default) int8 for a decoded token's few rows and fp32 from the dequantized weights
+    /// for a prompt's many ([`QuantArithmetic::Serving`]), fp32 throughout for training over it.
     pub fn set_quant_arithmetic(&mut self, arithmetic: QuantArithmetic) {
         self.quant_arithmetic = arithmetic;
     }

@@ -109,13 +109,37 @@ impl std::fmt::Display for BlockFormat {
 /// How products from a quantized base are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QuantArithmetic {
-    /// Serving (`generate`, `eval`): the activations are quantized to Q8_0 too and the block
-    /// sums are exact int8 dot products ([`kernels`]).
+    /// Serving (`generate`, `eval`), the default: a product of fewer than [`FP32_ROWS`] rows
+    /// (a decoded token's) is [`QuantArithmetic::Int8`]'s, one of more (a prompt, an evaluation
+    /// batch) is [`QuantArithmetic::Fp32`]'s. Reading the weight's bytes bounds a few rows,
+    /// where the int8 kernels read a quarter or less of fp32's; many rows are bound by
+    /// arithmetic, where the fp32 product of the dequantized weight (one transient copy of it)
+    /// runs faster than the int8 kernels, and it rounds only the weights.
     #[default]
+    Serving,
+    /// Every product from int8 sums of activations quantized to Q8_0 too ([`kernels`]): what a
+    /// decoded token takes, at any size (the tests measure the kernels' accuracy with it).
     Int8,
     /// Training (`tune`): fp32 products of the activations with the dequantized weight, one
     /// matrix at a time, with an input gradient ([`frozen`]: QLoRA's arithmetic).
     Fp32,
+}
+
+/// Rows from which [`QuantArithmetic::Serving`] takes a product in fp32 from the dequantized
+/// weight: on the Zen 5 host of BENCHMARKS.md ("Quantized prompts through fp32 products") the
+/// two routes cross between about 30 (Q4_1) and 80 (Q8_0) prompt tokens; dequantizing every
+/// weight once per forward costs a prompt of a few tokens about twice the int8 route's time.
+pub const FP32_ROWS: usize = 64;
+
+impl QuantArithmetic {
+    /// Whether a product of `rows` rows is taken in fp32 from the dequantized weight.
+    pub fn fp32_for(self, rows: usize) -> bool {
+        match self {
+            QuantArithmetic::Serving => rows >= FP32_ROWS,
+            QuantArithmetic::Int8 => false,
+            QuantArithmetic::Fp32 => true,
+        }
+    }
 }
 
 impl std::str::FromStr for BasePrecision {
@@ -468,6 +492,7 @@ impl QMatrix {
     /// too: its block is then `(q - 8) d` plus its midpoint `m + 8 d`, which is near zero for
     /// a weight block, where `m` itself is about `-8 d`, so the term added after the int8
     /// sums stays small instead of cancelling most of them).
+    #[inline(always)]
     fn int8_rows_range(&self, v0: usize, v1: usize, out: &mut [i8]) {
         match self.format {
             BlockFormat::Q8_0 => out.copy_from_slice(&self.qs[v0..v1]),
@@ -486,20 +511,7 @@ impl QMatrix {
         if cols == 0 {
             return;
         }
-        let row = |(k, o): (usize, &mut [f32])| {
-            let r = r0 + k;
-            let mut q = [0i8; QK];
-            for (b, ob) in o.chunks_mut(QK).enumerate() {
-                let at = r * nb + b;
-                self.int8_rows_range(at * QK, (at + 1) * QK, &mut q);
-                let s = tab[self.d[at] as usize];
-                // GGUF's definition, `q d` (Q4_0: `(q - 8) d`) or `q d + m`.
-                let (lo, back) = self.m.get(at).map_or((0.0, 0), |&m| (tab[m as usize], 8));
-                for (v, &qv) in ob.iter_mut().zip(&q) {
-                    *v = f32::from(qv + back) * s + lo;
-                }
-            }
-        };
+        let row = |(k, o): (usize, &mut [f32])| dequantize_row_into(self, r0 + k, tab, nb, o);
         if out.len() >= 1 << 16 {
             out.par_chunks_mut(cols).enumerate().for_each(row);
         } else {
@@ -592,6 +604,24 @@ impl QMatrix {
                 }
             }
         });
+    }
+}
+
+multiversion! {
+    /// Row `r` of `m` (`nb` blocks) in fp32 into `o`: each value is its block's `q d` (Q4_0:
+    /// `(q - 8) d`) or `q d + m` (Q4_1), GGUF's definition, with `d` and `m` from their f16
+    /// bits through `tab`. Compiled per instruction set; the same arithmetic on each.
+    fn dequantize_row_into(m: &QMatrix, r: usize, tab: &[f32; 65536], nb: usize, o: &mut [f32]) {
+        let mut q = [0i8; QK];
+        for (b, ob) in o.chunks_mut(QK).enumerate() {
+            let at = r * nb + b;
+            m.int8_rows_range(at * QK, (at + 1) * QK, &mut q);
+            let s = tab[m.d[at] as usize];
+            let (lo, back) = m.m.get(at).map_or((0.0, 0), |&v| (tab[v as usize], 8));
+            for (v, &qv) in ob.iter_mut().zip(&q) {
+                *v = f32::from(qv + back) * s + lo;
+            }
+        }
     }
 }
 

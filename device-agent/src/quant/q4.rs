@@ -63,6 +63,7 @@ pub fn quantize_block_q4_1(values: &[f32], nib: &mut [u8; NIB]) -> (f32, f32) {
 /// Unpack whole blocks of nibbles into int8 values, `out.len() == 2 * nib.len()`: each value
 /// less `offset` (8 for Q4_0, 0 for Q4_1). Written as two plain loops over a block so the
 /// compiler vectorises it.
+#[inline(always)]
 pub fn unpack(nib: &[u8], offset: i8, out: &mut [i8]) {
     debug_assert_eq!(out.len(), 2 * nib.len());
     for (src, dst) in nib.chunks_exact(NIB).zip(out.chunks_exact_mut(QK)) {
