@@ -6,7 +6,9 @@
 //! same flex matrix product), which is what the tests hold it to; the only difference from an
 //! fp32 base is the weights' quantization error.
 //!
-//! Unlike [`super::matmul_tensors`] (serving: the activations are quantized to Q8_0 too and
+//! Serving takes the same products for a prompt's many rows ([`super::QuantArithmetic::Serving`]);
+//! the row dequantization here is compiled per instruction set. Unlike
+//! [`super::matmul_tensors`] (a decoded token's: the activations are quantized to Q8_0 too and
 //! the sums are int8), nothing here quantizes activations or gradients. The transient fp32 copy
 //! of one projection is at most `[1536, 576]` on SmolLM2-135M (3.5 MB), against 540 MB for
 //! an fp32 base held whole.
@@ -28,17 +30,61 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, Flex};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use super::QMatrix;
+use rayon::prelude::*;
+
+use super::{f16_table, QMatrix, QK};
 
 /// Rows of a Q8_0 matrix that the chunked products ([`logits`], [`logits_backward`])
 /// dequantize at a time: 4,096 rows of 576 (9.4 MB) of SmolLM2-135M's 49,152-row LM head.
 const CHUNK_ROWS: usize = 4096;
+
+multiversion! {
+    /// Row `r` of `m` (`nb` blocks) in fp32 into `o`: each value is its block's `q d` (Q4_0:
+    /// `(q - 8) d`) or `q d + m` (Q4_1), GGUF's definition, with `d` and `m` from their f16
+    /// bits through `tab`. Compiled per instruction set; the same arithmetic on each.
+    fn dequantize_row_into(m: &QMatrix, r: usize, tab: &[f32; 65536], nb: usize, o: &mut [f32]) {
+        let mut q = [0i8; QK];
+        for (b, ob) in o.chunks_mut(QK).enumerate() {
+            let at = r * nb + b;
+            m.int8_rows_range(at * QK, (at + 1) * QK, &mut q);
+            let s = tab[m.d[at] as usize];
+            let (lo, back) = m.m.get(at).map_or((0.0, 0), |&v| (tab[v as usize], 8));
+            for (v, &qv) in ob.iter_mut().zip(&q) {
+                *v = f32::from(qv + back) * s + lo;
+            }
+        }
+    }
+}
 
 impl QMatrix {
     /// The whole matrix in fp32, row-major `[rows, cols]` (the padding of a last partial block
     /// dropped): each value is its block's `q * d`, `d` read from its f16 bits.
     pub fn dequantize(&self) -> Vec<f32> {
         self.dequantize_rows(0, self.rows)
+    }
+
+    /// Rows `r0..r1` in fp32 into `out`, row-major `[r1 - r0, cols]` (a last partial block's
+    /// padding dropped): each value is its block's `q * d` (plus `m` for Q4_1), the parameters
+    /// read from their f16 bits.
+    pub(crate) fn dequantize_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let (tab, cols, nb) = (f16_table(), self.cols, self.nb);
+        debug_assert_eq!(out.len(), (r1 - r0) * cols);
+        if cols == 0 {
+            return;
+        }
+        let row = |(k, o): (usize, &mut [f32])| dequantize_row_into(self, r0 + k, tab, nb, o);
+        if out.len() >= 1 << 16 {
+            out.par_chunks_mut(cols).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(cols).enumerate().for_each(row);
+        }
+    }
+
+    /// Row `r` dequantized (`cols` values).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.cols];
+        self.dequantize_into(r, r + 1, &mut out);
+        out
     }
 
     /// Rows `r0..r1` in fp32, row-major `[r1 - r0, cols]`.

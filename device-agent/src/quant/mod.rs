@@ -493,37 +493,13 @@ impl QMatrix {
     /// a weight block, where `m` itself is about `-8 d`, so the term added after the int8
     /// sums stays small instead of cancelling most of them).
     #[inline(always)]
-    fn int8_rows_range(&self, v0: usize, v1: usize, out: &mut [i8]) {
+    pub(super) fn int8_rows_range(&self, v0: usize, v1: usize, out: &mut [i8]) {
         match self.format {
             BlockFormat::Q8_0 => out.copy_from_slice(&self.qs[v0..v1]),
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
                 q4::unpack(&self.nib[v0 / 2..v1 / 2], 8, out);
             }
         }
-    }
-
-    /// Rows `r0..r1` in fp32 into `out`, row-major `[r1 - r0, cols]` (a last partial block's
-    /// padding dropped): each value is its block's `q * d` (plus `m` for Q4_1), the parameters
-    /// read from their f16 bits.
-    pub(crate) fn dequantize_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let (tab, cols, nb) = (f16_table(), self.cols, self.nb);
-        debug_assert_eq!(out.len(), (r1 - r0) * cols);
-        if cols == 0 {
-            return;
-        }
-        let row = |(k, o): (usize, &mut [f32])| dequantize_row_into(self, r0 + k, tab, nb, o);
-        if out.len() >= 1 << 16 {
-            out.par_chunks_mut(cols).enumerate().for_each(row);
-        } else {
-            out.chunks_mut(cols).enumerate().for_each(row);
-        }
-    }
-
-    /// Row `r` dequantized (`cols` values).
-    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let mut out = vec![0f32; self.cols];
-        self.dequantize_into(r, r + 1, &mut out);
-        out
     }
 
     /// `y[n, rows] = x[n, cols] · selfᵀ` on the path this process detected.
@@ -604,24 +580,6 @@ impl QMatrix {
                 }
             }
         });
-    }
-}
-
-multiversion! {
-    /// Row `r` of `m` (`nb` blocks) in fp32 into `o`: each value is its block's `q d` (Q4_0:
-    /// `(q - 8) d`) or `q d + m` (Q4_1), GGUF's definition, with `d` and `m` from their f16
-    /// bits through `tab`. Compiled per instruction set; the same arithmetic on each.
-    fn dequantize_row_into(m: &QMatrix, r: usize, tab: &[f32; 65536], nb: usize, o: &mut [f32]) {
-        let mut q = [0i8; QK];
-        for (b, ob) in o.chunks_mut(QK).enumerate() {
-            let at = r * nb + b;
-            m.int8_rows_range(at * QK, (at + 1) * QK, &mut q);
-            let s = tab[m.d[at] as usize];
-            let (lo, back) = m.m.get(at).map_or((0.0, 0), |&v| (tab[v as usize], 8));
-            for (v, &qv) in ob.iter_mut().zip(&q) {
-                *v = f32::from(qv + back) * s + lo;
-            }
-        }
     }
 }
 
