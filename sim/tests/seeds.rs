@@ -197,20 +197,20 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
         err.contains("in both a and a") && err.contains("disjoint"),
         "{err}"
     );
-    let mut avx2 = b.clone();
-    avx2.host.0.insert("vector_path".into(), "avx2".into());
-    let err = pool::pool(&[a.clone(), avx2]).unwrap_err().to_string();
-    assert!(
-        err.contains("CPU classes") && err.contains("vector_path avx512"),
-        "{err}"
-    );
-    let mut zen4 = b.clone();
-    zen4.host.0.insert("family".into(), "25".into());
-    let err = pool::pool(&[a.clone(), zen4]).unwrap_err().to_string();
-    assert!(
-        err.contains("family 26") && err.contains("family 25"),
-        "{err}"
-    );
+    // Another vector path, another x86 family (Zen 4 against Zen 5 under one model name).
+    for (field, value, ours) in [("vector_path", "avx2", "avx512"), ("family", "25", "26")] {
+        let mut other_class = b.clone();
+        other_class.host.0.insert(field.into(), value.into());
+        let err = pool::pool(&[a.clone(), other_class])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CPU classes")
+                && err.contains(&format!("{field} {ours}"))
+                && err.contains(&format!("{field} {value}")),
+            "{err}"
+        );
+    }
     let mut other = b.clone();
     other.comparison.entries.push("hetlora".into());
     let err = pool::pool(&[a, other]).unwrap_err().to_string();
