@@ -1,7 +1,7 @@
 //! Matrix products with bf16 inputs and fp32 accumulation on AVX-512-BF16 (`vdpbf16ps`), for the
 //! frozen base's projections: `out[m][n] = sum_k a[m][k] * b[k][n]`, where `a` (activations or
-//! output gradients) is rounded to bf16 per call and `b` (a frozen weight) is packed once per
-//! call into [`PackedB`].
+//! output gradients) is rounded to bf16 per call and `b` (a frozen weight) is packed into
+//! [`PackedB`], once and kept for a model's own weights ([`super::cache`]), per call otherwise.
 //!
 //! `vdpbf16ps` multiplies pairs: each of its 16 fp32 lanes adds `x[2i] * y[2i] + x[2i+1] *
 //! y[2i+1]`. So `b` is packed in panels of [`NR`] = 32 output columns, and within a panel by pairs
@@ -133,6 +133,11 @@ impl PackedB {
     /// The buffer, for [`PackedB::pack_into`] to reuse.
     pub fn into_words(self) -> Vec<u32> {
         self.words
+    }
+
+    /// Bytes of packed words held.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * std::mem::size_of::<u32>()
     }
 
     fn panel(&self, q: usize) -> &[u32] {
@@ -343,9 +348,9 @@ pub fn matmul_on(kernel: Kernel, a: &[f32], m: usize, b: &PackedB, out: &mut [f3
 
 /// `x w` (`Layout::Plain`, `w` is `rows x cols` = `[k][n]`) or `x w^T` (`Layout::Transposed`,
 /// `[n][k]`) into a new `m x n` buffer, with `w` rounded and packed in this call, on the fastest
-/// kernel here: what a frozen weight's product does in a training step. The rounded rows and the
-/// packed weight live in this thread's scratch buffers, so a step's many products allocate and
-/// zero only their outputs. Panics unless [`available`].
+/// kernel here: what a product of a weight met once does. The rounded rows and the packed weight
+/// live in this thread's scratch buffers, so such products allocate and zero only their
+/// outputs. Panics unless [`available`].
 pub fn product(
     a: &[f32],
     m: usize,
@@ -354,14 +359,37 @@ pub fn product(
     cols: usize,
     layout: Layout,
 ) -> Vec<f32> {
-    let kernel = Kernel::detect().expect("bf16 product called on a CPU without AVX-512-BF16");
-    let (mut rounded, words) = SCRATCH.with(|c| c.take());
+    let (rounded, words) = SCRATCH.with(|c| c.take());
     let b = PackedB::pack_into(words, w, rows, cols, layout);
-    check(kernel, a, m, &b);
+    let (out, rounded) = product_into_new(a, m, &b, rounded);
+    SCRATCH.with(|c| c.set((rounded, b.into_words())));
+    out
+}
+
+/// `a b` into a new `m x n` buffer for a weight packed before (a frozen weight's product in a
+/// training step: [`super::cache`]), the rounded rows in this thread's scratch buffer. Panics
+/// unless [`available`].
+pub fn product_packed(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
+    let (rounded, words) = SCRATCH.with(|c| c.take());
+    let (out, rounded) = product_into_new(a, m, b, rounded);
+    SCRATCH.with(|c| c.set((rounded, words)));
+    out
+}
+
+/// The product of [`product`] and [`product_packed`], with `rounded` the buffer for the rounded
+/// rows (handed back).
+fn product_into_new(
+    a: &[f32],
+    m: usize,
+    b: &PackedB,
+    mut rounded: Vec<u32>,
+) -> (Vec<f32>, Vec<u32>) {
+    let kernel = Kernel::detect().expect("bf16 product called on a CPU without AVX-512-BF16");
+    check(kernel, a, m, b);
     round_rows_into(&mut rounded, a, m, b.k);
     let len = m * b.n;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    run(kernel, &rounded, m, &b, OutPtr(out.as_mut_ptr()));
+    run(kernel, &rounded, m, b, OutPtr(out.as_mut_ptr()));
     // SAFETY: `run` wrote every one of the `m x n` cells (each task writes all the cells of its
     // block of rows and run of panels, and the tasks cover the output), and `len` is within the
     // capacity.
@@ -369,8 +397,7 @@ pub fn product(
     unsafe {
         out.set_len(len);
     }
-    SCRATCH.with(|c| c.set((rounded, b.into_words())));
-    out
+    (out, rounded)
 }
 
 /// The checks every product makes before it runs.

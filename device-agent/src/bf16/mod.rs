@@ -11,9 +11,11 @@
 //! anywhere else into fp32 and says why, once, before any work starts.
 
 pub mod amx;
+pub mod cache;
 pub mod gemm;
 
 use std::fmt;
+use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -144,6 +146,9 @@ impl FrozenBackend for Flex {
             return crate::kernels::flex_matmul(x, w);
         }
         let (x, [m, k]) = rows_of(&x);
+        // A weight held contiguously is the model's own buffer, packed once and kept; a
+        // contiguous copy made here would die with this product, so it is packed for it alone.
+        let keep = w.is_contiguous();
         let (w, [wr, wc]) = rows_of(&w);
         let (layout, wk, n) = if transposed {
             (Layout::Transposed, wc, wr)
@@ -156,7 +161,11 @@ impl FrozenBackend for Flex {
         );
         let xs = x.as_slice::<f32>().expect("contiguous f32");
         let ws = w.as_slice::<f32>().expect("contiguous f32");
-        let out = gemm::product(xs, m, ws, wr, wc, layout);
+        let out = if keep {
+            gemm::product_packed(xs, m, &cache::packed(&w, ws, wr, wc, layout))
+        } else {
+            gemm::product(xs, m, ws, wr, wc, layout)
+        };
         FlexTensor::from_data(TensorData::new(out, [m, n]))
     }
 }
@@ -213,16 +222,16 @@ impl<B: Backend + FrozenBackend, C: CheckpointStrategy> FrozenBackend for Autodi
     }
 }
 
-/// The tied LM head `[vocab, d]` rounded and packed once for the training loss's row chunks
+/// The tied LM head `[vocab, d]` rounded and packed for the training loss's row chunks
 /// ([`crate::train::loss`]): logits `x h^T` and input gradients `g h`, both with bf16 operands.
-/// The loss works outside the autodiff graph, on untracked flex tensors. Packing once per loss
-/// rather than per chunk matters here: the head is 28M values and the loss takes it in chunks of
-/// 128 rows, twice each.
+/// The loss works outside the autodiff graph, on untracked flex tensors. The head is 28M values
+/// and the loss takes it in chunks of 128 rows, twice each: it is packed once and kept across
+/// losses ([`cache`]), not per chunk or per step.
 pub struct PackedHead {
     /// `h` read as `[vocab][d]` for `x h^T`.
-    logits: PackedB,
+    logits: Arc<PackedB>,
     /// `h` read as `[k = vocab][n = d]` for `g h`, when packed for training.
-    grads: Option<PackedB>,
+    grads: Option<Arc<PackedB>>,
     vocab: usize,
     d: usize,
 }
@@ -234,9 +243,10 @@ impl PackedHead {
         let ft = crate::kernels::flex_f32(head)?;
         let [vocab, d] = head.dims();
         let h = crate::kernels::slice(&ft);
+        // The head (a tied model's embedding) is the same weight step after step: kept packed.
         Some(PackedHead {
-            logits: PackedB::pack(h, vocab, d, Layout::Transposed),
-            grads: gradients.then(|| PackedB::pack(h, vocab, d, Layout::Plain)),
+            logits: cache::packed(&ft, h, vocab, d, Layout::Transposed),
+            grads: gradients.then(|| cache::packed(&ft, h, vocab, d, Layout::Plain)),
             vocab,
             d,
         })
@@ -350,6 +360,31 @@ mod tests {
     /// through both layouts agree with fp32 within bf16 rounding (8 significant bits: about
     /// 2^-8 relative per operand, far less on a sum of 96 terms of mixed sign), and the weight
     /// gets no gradient. Elsewhere, asking for bf16 resolves to fp32 with a reason.
+    /// A weight's packing is kept: the product through the cache is the per-call product bit for
+    /// bit, again on the second call. A weight changed after it was packed is never served its
+    /// old packing: the cache shares the buffer, so flex copies it before changing it (were the
+    /// buffer changed in place, the cache would hand back the old values at the same address).
+    #[test]
+    fn kept_packing_follows_the_weight() {
+        if !gemm::available() {
+            return;
+        }
+        let device = Device::flex();
+        let (m, k, n) = (5, 64, 48);
+        let x = random([m, k], 4, &device);
+        let w = random([k, n], 5, &device);
+        let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let xs = values(x.clone());
+        let per_call = gemm::product(&xs, m, &values(w.clone()), k, n, Layout::Plain);
+        for _ in 0..2 {
+            assert_eq!(values(matmul(x.clone(), &w)), per_call);
+        }
+        let changed = w.add_scalar(1.0);
+        let y = matmul(x.clone(), &changed);
+        let exact = x.matmul(changed);
+        assert!(max_rel(y, exact) < 1e-2, "served a stale packing");
+    }
+
     #[test]
     fn product_and_input_gradient_match_fp32_within_rounding() {
         let (p, why) = Precision::Bf16.resolve(true);

@@ -1,0 +1,286 @@
+//! Frozen weights packed for the bf16 kernel once and kept ([`packed`]), so a training step's
+//! products stop rounding and re-packing every weight they read: the forward pass reads each
+//! weight as `[k][n]` ([`Layout::Plain`]), the input gradient as `[n][k]`
+//! ([`Layout::Transposed`]), step after step, while the weight does not change. With a few
+//! dozen rows per product (the simulator's batches of 2 short e-mails), packing took two thirds
+//! as long as the products themselves (BENCHMARKS.md, "Packed bf16 weights kept").
+//!
+//! An entry is keyed by where the weight's values are (the address and length of its
+//! contiguous values), its dimensions and the layout, and holds a clone of the weight's flex
+//! tensor. Holding it keeps the key true: the allocation cannot be freed and reused at the same
+//! address while the entry lives, and flex changes a shared buffer only by copying it first
+//! (its copy-on-write), so the values an entry was packed from stay the values at its key.
+//!
+//! Memory is bounded by [`BUDGET_BYTES`] of packed words (one SmolLM2-135M's projections and tied
+//! head in both layouts come to about 540 MB). Before a new packing is kept, entries whose
+//! clone is the buffer's only holder go (a weight every model dropped: pruned away, a device's
+//! model finished), then, while the new one does not fit, the least recently used entry idle
+//! for [`IDLE_LOOKUPS`] lookups (a model still alive but no longer used: the simulator's dense
+//! base while devices train pruned copies). An entry in use is never evicted for a newcomer: a
+//! model too large for the budget keeps the weights it met first and packs the rest per
+//! product, as before the cache, rather than evicting what the next product needs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use burn::backend::flex::FlexTensor;
+
+use super::gemm::{Layout, PackedB};
+
+/// Most bytes of packed words kept: one SmolLM2-135M's (about 540 MB) with some room.
+pub const BUDGET_BYTES: usize = 640 << 20;
+
+/// Lookups an entry must have gone unused before a newcomer may evict it: a training step of
+/// SmolLM2-135M makes about 420 (210 projections, two layouts), so about ten steps; an entry a
+/// model uses every step is never this idle unless the model makes over 2,000 per step.
+pub const IDLE_LOOKUPS: u64 = 4096;
+
+/// Where a weight's values are: the address and length of its contiguous f32 values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Buffer {
+    addr: usize,
+    len: usize,
+}
+
+/// A packing of a buffer: its dimensions as the product reads them, and the layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    buffer: Buffer,
+    shape: Shape,
+}
+
+/// The packings of one buffer. One holder per buffer: an entry is dead when its holder is the
+/// buffer's only holder, which two holders of one buffer would never see.
+struct Entry {
+    /// Keeps the weight's buffer alive and shared (see the module's notes).
+    holder: FlexTensor,
+    packs: Vec<(Shape, Arc<PackedB>)>,
+    /// The lookup count at its last use.
+    used: u64,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.packs.iter().map(|(_, p)| p.bytes()).sum()
+    }
+}
+
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<Buffer, Entry>,
+    bytes: usize,
+    /// Lookups so far.
+    lookups: u64,
+}
+
+impl Cache {
+    fn get(&mut self, key: &Key) -> Option<Arc<PackedB>> {
+        self.lookups += 1;
+        let e = self.entries.get_mut(&key.buffer)?;
+        let (_, p) = e.packs.iter().find(|(s, _)| *s == key.shape)?;
+        e.used = self.lookups;
+        Some(p.clone())
+    }
+
+    /// Drop the entries of weights nobody else holds.
+    fn sweep(&mut self) {
+        let mut freed = 0;
+        self.entries.retain(|_, e| {
+            let live = !e.holder.is_unique();
+            if !live {
+                freed += e.bytes();
+            }
+            live
+        });
+        self.bytes -= freed;
+    }
+
+    /// Keep `packed` for `key` (a packing of `holder`'s values) if it fits in `budget` bytes
+    /// once the dead entries are gone and the idle ones evicted as needed; whether it was kept.
+    fn keep(
+        &mut self,
+        key: Key,
+        holder: &FlexTensor,
+        packed: &Arc<PackedB>,
+        budget: usize,
+    ) -> bool {
+        self.sweep();
+        let bytes = packed.bytes();
+        if self
+            .entries
+            .get(&key.buffer)
+            .is_some_and(|e| e.packs.iter().any(|(s, _)| *s == key.shape))
+        {
+            return false;
+        }
+        while self.bytes + bytes > budget {
+            let idle = self
+                .entries
+                .iter()
+                .filter(|(b, e)| **b != key.buffer && self.lookups - e.used > IDLE_LOOKUPS)
+                .min_by_key(|(_, e)| e.used)
+                .map(|(b, _)| *b);
+            let Some(victim) = idle else {
+                return false;
+            };
+            let e = self.entries.remove(&victim).expect("found above");
+            self.bytes -= e.bytes();
+        }
+        self.bytes += bytes;
+        let used = self.lookups;
+        let e = self.entries.entry(key.buffer).or_insert_with(|| Entry {
+            holder: holder.clone(),
+            packs: Vec::new(),
+            used,
+        });
+        e.used = used;
+        e.packs.push((key.shape, packed.clone()));
+        true
+    }
+}
+
+fn key(values: &[f32], rows: usize, cols: usize, layout: Layout) -> Key {
+    Key {
+        buffer: Buffer {
+            addr: values.as_ptr() as usize,
+            len: values.len(),
+        },
+        shape: Shape {
+            rows,
+            cols,
+            transposed: layout == Layout::Transposed,
+        },
+    }
+}
+
+static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+fn lock() -> MutexGuard<'static, Option<Cache>> {
+    // A panic while the lock was held left at most a half-made map change; the entries it holds
+    // are each whole (inserted after packing), so the cache stays usable.
+    CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `w` (`rows x cols`, `values` its contiguous f32 values, `w` the tensor they belong to)
+/// packed for `layout`: from the cache when packed before, else packed now and kept when it
+/// fits the budget.
+pub fn packed(
+    w: &FlexTensor,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+) -> Arc<PackedB> {
+    let key = key(values, rows, cols, layout);
+    if let Some(hit) = lock().get_or_insert_with(Cache::default).get(&key) {
+        return hit;
+    }
+    // Packed outside the lock (it is the slow part; other threads' products go on meanwhile).
+    let packed = Arc::new(PackedB::pack(values, rows, cols, layout));
+    lock()
+        .get_or_insert_with(Cache::default)
+        .keep(key, w, &packed, BUDGET_BYTES);
+    packed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    fn weight(rows: usize, cols: usize, seed: u32) -> FlexTensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        FlexTensor::from_data(TensorData::new(v, [rows, cols]))
+    }
+
+    fn values(w: &FlexTensor) -> &[f32] {
+        w.as_slice::<f32>().unwrap()
+    }
+
+    fn k_buffer(w: &FlexTensor) -> Buffer {
+        key(values(w), 0, 0, Layout::Plain).buffer
+    }
+
+    /// A weight met again is served from the cache, one entry per layout, and its entry goes
+    /// once the weight's last holder drops it.
+    #[test]
+    fn serves_a_kept_weight_and_forgets_a_dropped_one() {
+        let mut c = Cache::default();
+        let w = weight(96, 64, 1);
+        for layout in [Layout::Plain, Layout::Transposed] {
+            let k = key(values(&w), 96, 64, layout);
+            assert!(c.get(&k).is_none());
+            let p = Arc::new(PackedB::pack(values(&w), 96, 64, layout));
+            assert!(c.keep(k, &w, &p, usize::MAX));
+            assert!(Arc::ptr_eq(&c.get(&k).unwrap(), &p));
+        }
+        assert_eq!(
+            (c.entries.len(), c.entries[&k_buffer(&w)].packs.len()),
+            (1, 2)
+        );
+        // A view of the same buffer with other dimensions is another key.
+        let k = key(values(&w), 64, 96, Layout::Plain);
+        assert!(c.get(&k).is_none());
+        let held = c.bytes;
+        assert!(held > 0);
+        // The model lets the weight go: only the cache holds it, so the next sweep drops it.
+        drop(w);
+        c.sweep();
+        assert_eq!((c.entries.len(), c.bytes), (0, 0));
+    }
+
+    /// Past the budget a weight is packed but not kept, and what is kept is never evicted for it.
+    #[test]
+    fn keeps_nothing_past_the_budget() {
+        let mut c = Cache::default();
+        let (a, b) = (weight(64, 64, 2), weight(64, 64, 3));
+        let pa = Arc::new(PackedB::pack(values(&a), 64, 64, Layout::Plain));
+        let pb = Arc::new(PackedB::pack(values(&b), 64, 64, Layout::Plain));
+        let budget = pa.bytes() + pb.bytes() / 2;
+        assert!(c.keep(key(values(&a), 64, 64, Layout::Plain), &a, &pa, budget));
+        assert!(!c.keep(key(values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
+        assert_eq!(c.entries.len(), 1);
+        assert!(c.get(&key(values(&a), 64, 64, Layout::Plain)).is_some());
+        // Once `a` is dropped its room goes to `b`.
+        drop(a);
+        assert!(c.keep(key(values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
+        assert_eq!(c.bytes, pb.bytes());
+    }
+
+    /// A live entry idle for [`IDLE_LOOKUPS`] lookups makes room for a newcomer; one in use does
+    /// not.
+    #[test]
+    fn evicts_only_an_idle_entry() {
+        let mut c = Cache::default();
+        let (a, b, d) = (weight(64, 64, 4), weight(64, 64, 5), weight(64, 64, 6));
+        let pack = |w: &FlexTensor| Arc::new(PackedB::pack(values(w), 64, 64, Layout::Plain));
+        let (pa, pb, pd) = (pack(&a), pack(&b), pack(&d));
+        let (ka, kb, kd) = [&a, &b, &d]
+            .map(|w| key(values(w), 64, 64, Layout::Plain))
+            .into();
+        let budget = pa.bytes() + pb.bytes();
+        assert!(c.keep(ka, &a, &pa, budget) && c.keep(kb, &b, &pb, budget));
+        // Both in use: `d` is packed for its product but not kept.
+        assert!(c.get(&ka).is_some() && c.get(&kb).is_some());
+        assert!(!c.keep(kd, &d, &pd, budget));
+        // `b` keeps being used, `a` goes idle (its model alive: `a` is still held).
+        for _ in 0..=IDLE_LOOKUPS {
+            assert!(c.get(&kb).is_some());
+        }
+        assert!(c.keep(kd, &d, &pd, budget));
+        assert!(c.get(&ka).is_none() && c.get(&kb).is_some() && c.get(&kd).is_some());
+        assert_eq!(c.bytes, pb.bytes() + pd.bytes());
+        drop(a);
+    }
+}
