@@ -198,9 +198,11 @@ impl LocalTrainer for RealTrainer {
         // The device's own copy of the shared base, sliced to its kept maps, and its round.
         let started_ms = self.wall_clock.map(|clock| clock());
         let held = HeldModel::sliced(&self.base, &state.kept).map_err(|e| e.to_string())?;
-        let outcome = job::run_job(job, state, held, data, agent, |_| true)
-            .outcome
-            .map_err(|e| e.to_string())?;
+        let outcome = job::run_job(job, state, held, data, agent, |_| true).outcome;
+        // The round's model is gone: its kept bf16 packings go now, before the next model is
+        // built, not at that model's first product.
+        device_agent::bf16::cache::sweep();
+        let outcome = outcome.map_err(|e| e.to_string())?;
         // Compute of the round itself: slicing and run_job (its evaluations included).
         let measured_compute_ms = self
             .wall_clock
@@ -288,12 +290,15 @@ impl LocalTrainer for RealTrainer {
         goal: &ToTarget,
     ) -> Result<(Quality, KeptIndices), String> {
         let (ledger, clock) = (self.wall_ledger.clone(), self.wall_clock);
-        WallLedger::time(
+        let out = WallLedger::time(
             ledger.as_deref(),
             clock,
             "bring to s* and evaluate (panel, final)",
             || self.real_at_target(device, state, slice, goal),
-        )
+        );
+        // As after a local round: the tuner's model is gone.
+        device_agent::bf16::cache::sweep();
+        out
     }
 }
 

@@ -5,39 +5,46 @@
 //! dozen rows per product (the simulator's batches of 2 short e-mails), packing took two thirds
 //! as long as the products themselves (BENCHMARKS.md, "Packed bf16 weights kept").
 //!
-//! An entry is keyed by where the weight's values are (the address and length of its
-//! contiguous values), its dimensions and the layout, and holds a clone of the weight's flex
-//! tensor. Holding it keeps the key true: the allocation cannot be freed and reused at the same
-//! address while the entry lives, and flex changes a shared buffer only by copying it first
-//! (its copy-on-write), so the values an entry was packed from stay the values at its key.
+//! An entry is keyed by the weight's buffer (the address of flex's shared allocation, and the
+//! address and length of the weight's contiguous values in it), its dimensions and the layout,
+//! and holds a weak reference to that allocation. The weak reference keeps the key true without
+//! keeping the weight alive: the allocation's address cannot be reused while it exists, and the
+//! values cannot change under it, because Rust's `Arc` refuses in-place access while a weak
+//! reference exists (`get_mut`) or moves the values to a new allocation (`make_mut`,
+//! `try_unwrap`), which the weak reference sees as the old one's end. flex changes a buffer only
+//! through those. An entry whose allocation has ended (the weight was dropped: pruned away, a
+//! device's model finished, or changed) serves nothing and goes at the next [`sweep`].
 //!
 //! Memory is bounded by [`BUDGET_BYTES`] of packed words (one SmolLM2-135M's projections and tied
-//! head in both layouts come to about 540 MB). Before a new packing is kept, entries whose
-//! clone is the buffer's only holder go (a weight every model dropped: pruned away, a device's
-//! model finished), then, while the new one does not fit, the least recently used entry idle
-//! for [`IDLE_LOOKUPS`] lookups (a model still alive but no longer used: the simulator's dense
-//! base while devices train pruned copies). An entry in use is never evicted for a newcomer: a
-//! model too large for the budget keeps the weights it met first and packs the rest per
-//! product, as before the cache, rather than evicting what the next product needs.
+//! head in both layouts come to about 540 MB). Before a new packing is kept, the ended entries
+//! go, then, while the new one does not fit, the least recently used entry idle for
+//! [`IDLE_LOOKUPS`] lookups (a model still alive but no longer used: the simulator's dense base
+//! while devices train pruned copies). An entry in use is never evicted for a newcomer: a model
+//! too large for the budget keeps the weights it met first and packs the rest per product, as
+//! before the cache, rather than evicting what the next product needs.
 
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use burn::backend::flex::FlexTensor;
 
 use super::gemm::{Layout, PackedB};
 
-/// Most bytes of packed words kept: one SmolLM2-135M's (about 540 MB) with some room.
-pub const BUDGET_BYTES: usize = 640 << 20;
+/// Most bytes of packed words kept: room for one SmolLM2-135M (about 540 MB) and most of a
+/// second (the simulator's device models beside the dense base it slices them from).
+pub const BUDGET_BYTES: usize = 1 << 30;
 
 /// Lookups an entry must have gone unused before a newcomer may evict it: a training step of
 /// SmolLM2-135M makes about 420 (210 projections, two layouts), so about ten steps; an entry a
 /// model uses every step is never this idle unless the model makes over 2,000 per step.
 pub const IDLE_LOOKUPS: u64 = 4096;
 
-/// Where a weight's values are: the address and length of its contiguous f32 values.
+/// Where a weight's values are: flex's shared allocation, and the address and length of the
+/// weight's contiguous f32 values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Buffer {
+    allocation: usize,
     addr: usize,
     len: usize,
 }
@@ -56,11 +63,10 @@ struct Key {
     shape: Shape,
 }
 
-/// The packings of one buffer. One holder per buffer: an entry is dead when its holder is the
-/// buffer's only holder, which two holders of one buffer would never see.
+/// The packings of one buffer.
 struct Entry {
-    /// Keeps the weight's buffer alive and shared (see the module's notes).
-    holder: FlexTensor,
+    /// The buffer's allocation (see the module's notes).
+    owner: Weak<dyn Any + Send + Sync>,
     packs: Vec<(Shape, Arc<PackedB>)>,
     /// The lookup count at its last use.
     used: u64,
@@ -75,6 +81,7 @@ impl Entry {
 #[derive(Default)]
 struct Cache {
     entries: HashMap<Buffer, Entry>,
+    /// Bytes of the entries' packings.
     bytes: usize,
     /// Lookups so far.
     lookups: u64,
@@ -84,16 +91,19 @@ impl Cache {
     fn get(&mut self, key: &Key) -> Option<Arc<PackedB>> {
         self.lookups += 1;
         let e = self.entries.get_mut(&key.buffer)?;
+        if e.owner.strong_count() == 0 {
+            return None;
+        }
         let (_, p) = e.packs.iter().find(|(s, _)| *s == key.shape)?;
         e.used = self.lookups;
         Some(p.clone())
     }
 
-    /// Drop the entries of weights nobody else holds.
+    /// Drop the entries whose allocation has ended.
     fn sweep(&mut self) {
         let mut freed = 0;
         self.entries.retain(|_, e| {
-            let live = !e.holder.is_unique();
+            let live = e.owner.strong_count() > 0;
             if !live {
                 freed += e.bytes();
             }
@@ -102,15 +112,9 @@ impl Cache {
         self.bytes -= freed;
     }
 
-    /// Keep `packed` for `key` (a packing of `holder`'s values) if it fits in `budget` bytes
-    /// once the dead entries are gone and the idle ones evicted as needed; whether it was kept.
-    fn keep(
-        &mut self,
-        key: Key,
-        holder: &FlexTensor,
-        packed: &Arc<PackedB>,
-        budget: usize,
-    ) -> bool {
+    /// Keep `packed` for `key` (a packing of `w`'s values) if it fits in `budget` bytes once the
+    /// ended entries are gone and the idle ones evicted as needed; whether it was kept.
+    fn keep(&mut self, key: Key, w: &FlexTensor, packed: &Arc<PackedB>, budget: usize) -> bool {
         self.sweep();
         let bytes = packed.bytes();
         if self
@@ -136,7 +140,7 @@ impl Cache {
         self.bytes += bytes;
         let used = self.lookups;
         let e = self.entries.entry(key.buffer).or_insert_with(|| Entry {
-            holder: holder.clone(),
+            owner: owner(w),
             packs: Vec::new(),
             used,
         });
@@ -146,9 +150,15 @@ impl Cache {
     }
 }
 
-fn key(values: &[f32], rows: usize, cols: usize, layout: Layout) -> Key {
+fn owner(w: &FlexTensor) -> Weak<dyn Any + Send + Sync> {
+    let arc: Arc<dyn Any + Send + Sync> = w.data_arc();
+    Arc::downgrade(&arc)
+}
+
+fn key(w: &FlexTensor, values: &[f32], rows: usize, cols: usize, layout: Layout) -> Key {
     Key {
         buffer: Buffer {
+            allocation: Arc::as_ptr(&w.data_arc()) as *const () as usize,
             addr: values.as_ptr() as usize,
             len: values.len(),
         },
@@ -180,7 +190,7 @@ pub fn packed(
     cols: usize,
     layout: Layout,
 ) -> Arc<PackedB> {
-    let key = key(values, rows, cols, layout);
+    let key = key(w, values, rows, cols, layout);
     if let Some(hit) = lock().get_or_insert_with(Cache::default).get(&key) {
         return hit;
     }
@@ -190,6 +200,14 @@ pub fn packed(
         .get_or_insert_with(Cache::default)
         .keep(key, w, &packed, BUDGET_BYTES);
     packed
+}
+
+/// Free the packings of weights that have been dropped (the next kept packing does this too):
+/// for a caller that drops a model and builds another before its next product.
+pub fn sweep() {
+    if let Some(c) = lock().as_mut() {
+        c.sweep();
+    }
 }
 
 #[cfg(test)]
@@ -209,17 +227,17 @@ mod tests {
     }
 
     fn k_buffer(w: &FlexTensor) -> Buffer {
-        key(values(w), 0, 0, Layout::Plain).buffer
+        key(w, values(w), 0, 0, Layout::Plain).buffer
     }
 
-    /// A weight met again is served from the cache, one entry per layout, and its entry goes
-    /// once the weight's last holder drops it.
+    /// A weight met again is served from the cache, one packing per layout, and nothing is
+    /// served for it once its last holder drops it.
     #[test]
     fn serves_a_kept_weight_and_forgets_a_dropped_one() {
         let mut c = Cache::default();
         let w = weight(96, 64, 1);
         for layout in [Layout::Plain, Layout::Transposed] {
-            let k = key(values(&w), 96, 64, layout);
+            let k = key(&w, values(&w), 96, 64, layout);
             assert!(c.get(&k).is_none());
             let p = Arc::new(PackedB::pack(values(&w), 96, 64, layout));
             assert!(c.keep(k, &w, &p, usize::MAX));
@@ -230,12 +248,17 @@ mod tests {
             (1, 2)
         );
         // A view of the same buffer with other dimensions is another key.
-        let k = key(values(&w), 64, 96, Layout::Plain);
+        let k = key(&w, values(&w), 64, 96, Layout::Plain);
         assert!(c.get(&k).is_none());
         let held = c.bytes;
         assert!(held > 0);
-        // The model lets the weight go: only the cache holds it, so the next sweep drops it.
+        // The model lets the weight go: the cache does not keep it alive, serves nothing for
+        // it (a new weight could not take its address while the entry lives), and the next
+        // sweep frees its packings.
+        let k = key(&w, values(&w), 96, 64, Layout::Plain);
         drop(w);
+        assert!(c.get(&k).is_none());
+        assert_eq!(c.entries.len(), 1);
         c.sweep();
         assert_eq!((c.entries.len(), c.bytes), (0, 0));
     }
@@ -248,13 +271,13 @@ mod tests {
         let pa = Arc::new(PackedB::pack(values(&a), 64, 64, Layout::Plain));
         let pb = Arc::new(PackedB::pack(values(&b), 64, 64, Layout::Plain));
         let budget = pa.bytes() + pb.bytes() / 2;
-        assert!(c.keep(key(values(&a), 64, 64, Layout::Plain), &a, &pa, budget));
-        assert!(!c.keep(key(values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
+        assert!(c.keep(key(&a, values(&a), 64, 64, Layout::Plain), &a, &pa, budget));
+        assert!(!c.keep(key(&b, values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
         assert_eq!(c.entries.len(), 1);
-        assert!(c.get(&key(values(&a), 64, 64, Layout::Plain)).is_some());
+        assert!(c.get(&key(&a, values(&a), 64, 64, Layout::Plain)).is_some());
         // Once `a` is dropped its room goes to `b`.
         drop(a);
-        assert!(c.keep(key(values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
+        assert!(c.keep(key(&b, values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
         assert_eq!(c.bytes, pb.bytes());
     }
 
@@ -267,7 +290,7 @@ mod tests {
         let pack = |w: &FlexTensor| Arc::new(PackedB::pack(values(w), 64, 64, Layout::Plain));
         let (pa, pb, pd) = (pack(&a), pack(&b), pack(&d));
         let (ka, kb, kd) = [&a, &b, &d]
-            .map(|w| key(values(w), 64, 64, Layout::Plain))
+            .map(|w| key(w, values(w), 64, 64, Layout::Plain))
             .into();
         let budget = pa.bytes() + pb.bytes();
         assert!(c.keep(ka, &a, &pa, budget) && c.keep(kb, &b, &pb, budget));
