@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 
 use device_agent::bf16::gemm::Kernel;
 use device_agent::cpu::{CpuInfo, Isa};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The host's CPU class.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {
     /// `model name` of the first processor, or `unknown CPU`. A VM may give only the vendor's
     /// line ("AMD EPYC"), the same for several generations: `family` and `model` tell them apart.

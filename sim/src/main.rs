@@ -559,7 +559,7 @@ fn calibrate(out: Option<PathBuf>, from: Vec<PathBuf>, reps: usize, quick: bool)
         } else {
             "release"
         };
-        let host = grid::host_info(command, build);
+        let host = grid::measured_on(command, build);
         eprintln!("timing {} configurations on {} ...", design.len(), host.cpu);
         let measurements = grid::measure(&base, &ids, &design, reps, |m| {
             eprintln!(

@@ -217,7 +217,7 @@ impl Measurement {
 
 /// Where and how a measurement file was taken.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostInfo {
+pub struct MeasuredOn {
     /// CPU model name.
     pub cpu: String,
     /// Instruction sets the kernels could use (`avx512f`, `avx2`, `fma`, `neon`).
@@ -228,12 +228,16 @@ pub struct HostInfo {
     pub command: String,
     /// UTC date, `YYYY-MM-DD`.
     pub date: String,
+    /// The CPU class as a comparison's `host.json` names it (family and model, the kernels'
+    /// paths); files written before 2026-12-05 leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<crate::host::HostInfo>,
 }
 
 /// A measurement file as `sim calibrate` writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
-    pub host: HostInfo,
+    pub host: MeasuredOn,
     pub measurements: Vec<Measurement>,
 }
 
@@ -301,8 +305,16 @@ impl Calibration {
         };
         let mut merged = first.clone();
         for (origin, run) in &runs[1..] {
-            let same = |a: &HostInfo, b: &HostInfo| {
-                a.cpu == b.cpu && a.isa == b.isa && a.threads == b.threads && a.build == b.build
+            let same = |a: &MeasuredOn, b: &MeasuredOn| {
+                let class = match (&a.class, &b.class) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => true,
+                };
+                a.cpu == b.cpu
+                    && a.isa == b.isa
+                    && a.threads == b.threads
+                    && a.build == b.build
+                    && class
             };
             if !same(&run.host, &first.host) {
                 return Err(TimeModelError::Invalid {

@@ -18,7 +18,7 @@ use device_agent::prune::{self, KeptIndicesExt, PruneConfig};
 use device_agent::{eval, train};
 use protocol::KeptIndices;
 
-use super::{HostInfo, Measurement, ShapeSums, StepKind, TimeModelError, Workload};
+use super::{MeasuredOn, Measurement, ShapeSums, StepKind, TimeModelError, Workload};
 
 /// How units are removed to reach a sparsity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,48 +186,28 @@ pub fn measure(
     Ok(out)
 }
 
-/// The host's CPU model name and the instruction sets the kernels may use.
-pub fn host_info(command: String, build: &str) -> HostInfo {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name") || l.starts_with("Model"))
-        .and_then(|l| l.split_once(':'))
-        .map_or_else(
-            || std::env::consts::ARCH.to_string(),
-            |(_, v)| v.trim().to_string(),
-        );
-    HostInfo {
-        cpu,
-        isa: isa(),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+/// The host's CPU (its class as [`crate::host::HostInfo`] detects it, whose model name and
+/// instruction sets the older fields repeat) and how the file was made.
+pub fn measured_on(command: String, build: &str) -> MeasuredOn {
+    let class = crate::host::HostInfo::detect();
+    let isa = [
+        ("avx512f", class.avx512f),
+        ("avx2", class.avx2),
+        ("fma", class.fma),
+        ("neon", class.vector_path == "neon"),
+    ]
+    .into_iter()
+    .filter_map(|(name, has)| has.then(|| name.to_string()))
+    .collect();
+    MeasuredOn {
+        cpu: class.cpu_model.clone(),
+        isa,
+        threads: class.threads,
         build: build.to_string(),
         command,
         date: utc_date(),
+        class: Some(class),
     }
-}
-
-fn isa() -> Vec<String> {
-    let mut v = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            v.push("avx512f".to_string());
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            v.push("avx2".to_string());
-        }
-        if std::arch::is_x86_feature_detected!("fma") {
-            v.push("fma".to_string());
-        }
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            v.push("neon".to_string());
-        }
-    }
-    v
 }
 
 /// The current UTC time as RFC 3339 (`2026-11-30T15:04:05Z`), from the system clock

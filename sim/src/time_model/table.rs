@@ -10,15 +10,15 @@ use super::{Calibration, StepKind, TimeModel, Validation, FEATURE_NAMES};
 pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
     let h = &cal.host;
     let mut s = String::new();
+    // The CPU class where the file records it (since 2026-12-05), else the older fields.
+    let cpu = h.class.as_ref().map_or_else(
+        || format!("{} ({}), {} threads", h.cpu, h.isa.join(", "), h.threads),
+        |c| c.line(),
+    );
     let _ = writeln!(
         s,
-        "Host: {} ({}), {} threads, {} build, {}; `{}`\n",
-        h.cpu,
-        h.isa.join(", "),
-        h.threads,
-        h.build,
-        h.date,
-        h.command
+        "Host: {cpu}, {} build, {}; `{}`\n",
+        h.build, h.date, h.command
     );
     let mut summary = Vec::new();
     for kind in StepKind::ALL {

@@ -48,13 +48,14 @@ fn synthetic(coefs: &[f64; N_FEATURES], kind: StepKind) -> Vec<Measurement> {
 
 fn calibration(measurements: Vec<Measurement>) -> Calibration {
     Calibration {
-        host: HostInfo {
+        host: MeasuredOn {
             cpu: "test".into(),
             isa: vec![],
             threads: 1,
             build: "test".into(),
             command: "test".into(),
             date: "2026-11-30".into(),
+            class: None,
         },
         measurements,
     }
@@ -199,10 +200,41 @@ fn runs_merge_to_the_fastest_time_per_point_and_other_hosts_are_refused() {
     assert!(merged.host.command.contains("a.json") && merged.host.command.contains("b.json"));
     let mut other = a.clone();
     other.host.cpu = "another CPU".into();
-    let e = Calibration::fastest_of(&[("a.json".into(), a), ("c.json".into(), other)])
+    let e = Calibration::fastest_of(&[("a.json".into(), a.clone()), ("c.json".into(), other)])
         .unwrap_err()
         .to_string();
     assert!(e.contains("c.json") && e.contains("another CPU"), "{e}");
+    // One vendor line, two generations: the classes (family, model) tell them apart where both
+    // files record them; a file from before the class was recorded is compared on the rest.
+    let with_class = |model: Option<u32>| {
+        let mut c = a.clone();
+        let mut class = crate::host::HostInfo::detect();
+        class.model = model;
+        c.host.class = Some(class);
+        c
+    };
+    let (zen5, zen4) = (with_class(Some(2)), with_class(Some(17)));
+    let e = Calibration::fastest_of(&[("5.json".into(), zen5.clone()), ("4.json".into(), zen4)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4.json"), "{e}");
+    Calibration::fastest_of(&[
+        ("5.json".into(), zen5.clone()),
+        ("old.json".into(), a.clone()),
+    ])
+    .unwrap();
+    // The class survives a round trip through the file, and an old file reads without one.
+    let text = serde_json::to_string(&zen5).unwrap();
+    assert_eq!(serde_json::from_str::<Calibration>(&text).unwrap(), zen5);
+    let old = serde_json::to_string(&a).unwrap();
+    assert!(!old.contains("class"));
+    assert_eq!(
+        serde_json::from_str::<Calibration>(&old)
+            .unwrap()
+            .host
+            .class,
+        None
+    );
     let e = Calibration::fastest_of(&[]).unwrap_err().to_string();
     assert!(e.contains("no calibration"), "{e}");
 }
