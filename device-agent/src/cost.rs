@@ -238,9 +238,34 @@ pub fn train_memory_in(
     }
 }
 
+/// Bytes of bf16 packings a model with bf16 products keeps beside its fp32 weights
+/// ([`crate::bf16::cache`]): every projection and the LM head in both layouts, 2 bytes a value
+/// (padding aside), at most the cache's budget. Add it to [`train_memory_in`]'s estimate when
+/// the products are bf16.
+pub fn bf16_kept_bytes(cfg: &ModelConfig) -> u64 {
+    let values = cfg.non_embedding_params() as u64 + (cfg.vocab_size * cfg.d_model) as u64;
+    values
+        .saturating_mul(2 * 2)
+        .min(crate::bf16::cache::BUDGET_BYTES as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SmolLM2-135M's kept bf16 packings come to about 540 MB; a larger model's stop at the
+    /// cache's budget.
+    #[test]
+    fn bf16_packings_are_counted_up_to_the_budget() {
+        let smol = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
+        let kept = bf16_kept_bytes(&smol);
+        assert!((530e6..550e6).contains(&(kept as f64)), "{kept}");
+        let big = ModelConfig::dense(49152, 2048, 24, 32, 32, 64, 8192, true);
+        assert_eq!(
+            bf16_kept_bytes(&big),
+            crate::bf16::cache::BUDGET_BYTES as u64
+        );
+    }
 
     #[test]
     fn pruning_cuts_flops_and_memory() {

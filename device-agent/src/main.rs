@@ -618,8 +618,15 @@ fn tune(args: TuneArgs) -> Result<()> {
     prune_cfg.uniform = args.uniform;
     prune_cfg.per_block = args.per_block;
     prune_cfg.prune_heads = !args.no_heads;
-    let peak =
-        |m| cost::train_memory_in(&base.config, args.rank, args.batch, args.seq_len, m).total;
+    // bf16 products keep the frozen weights packed beside their fp32 values.
+    let packed = if precision == "bf16" {
+        cost::bf16_kept_bytes(&base.config)
+    } else {
+        0
+    };
+    let peak = |m| {
+        cost::train_memory_in(&base.config, args.rank, args.batch, args.seq_len, m).total + packed
+    };
     let setting = if args.low_memory {
         "recompute"
     } else {
