@@ -78,6 +78,18 @@ pub fn machine_ram_bytes() -> u64 {
         .unwrap_or(4 << 30)
 }
 
+/// RAM the device offers its rounds: `ram` (`--ram-mb` or the machine's) less what bf16
+/// products keep beside the fp32 weights ([`crate::cost::bf16_kept_bytes`]), which no round's
+/// memory estimate counts; so the aggregator's plans and the session's out-of-memory pre-check
+/// leave room for it.
+pub fn training_ram(ram: u64, model: &Llama) -> u64 {
+    if model.precision() == crate::bf16::Precision::Bf16 {
+        ram.saturating_sub(crate::cost::bf16_kept_bytes(&model.config))
+    } else {
+        ram
+    }
+}
+
 /// Loads the base model (and its tokenizer when it has one).
 pub(super) fn load_model(args: &JoinArgs) -> Result<(Llama, Option<Tok>), ClientError> {
     let (mut model, tok) = load_base(args)?;
@@ -212,6 +224,31 @@ pub(super) fn load_data(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With bf16 products (where this CPU has them) the reported RAM leaves room for the kept
+    /// packings; in fp32 it is the RAM as given.
+    #[test]
+    fn reported_ram_leaves_room_for_bf16_packings() {
+        let mut model = tiny_model(&burn::tensor::Device::flex());
+        assert_eq!(training_ram(1 << 30, &model), 1 << 30);
+        let kept = crate::cost::bf16_kept_bytes(&model.config);
+        assert!(kept > 0);
+        let (p, _) = model.set_precision(crate::bf16::Precision::Bf16);
+        let want = if p == crate::bf16::Precision::Bf16 {
+            (1 << 30) - kept
+        } else {
+            1 << 30
+        };
+        assert_eq!(training_ram(1 << 30, &model), want);
+        assert_eq!(
+            training_ram(kept / 2, &model),
+            if p == crate::bf16::Precision::Bf16 {
+                0
+            } else {
+                kept / 2
+            }
+        );
+    }
     use crate::wire;
     use protocol::ModelDims;
 

@@ -230,10 +230,12 @@ pub fn run_join(args: JoinArgs) -> Result<JoinReport, ClientError> {
         .criterion
         .parse()
         .map_err(|e: String| setup("--criterion")(e))?;
-    let ram_bytes = args
-        .ram_mb
-        .map(|mb| mb << 20)
-        .unwrap_or_else(machine_ram_bytes);
+    let ram_bytes = local::training_ram(
+        args.ram_mb
+            .map(|mb| mb << 20)
+            .unwrap_or_else(machine_ram_bytes),
+        &base,
+    );
     let agent = AgentConfig {
         device_id: DeviceId(args.id),
         capabilities: Capabilities {
