@@ -9,7 +9,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use device_agent::assets;
 use device_agent::backend::BackendKind;
-use device_agent::client::{machine_ram_bytes, parse_range};
+use device_agent::client::{machine_ram_bytes, parse_range, training_ram};
 use device_agent::cost::{self, MemoryMode};
 use device_agent::data;
 use device_agent::eval;
@@ -618,12 +618,11 @@ fn tune(args: TuneArgs) -> Result<()> {
     prune_cfg.uniform = args.uniform;
     prune_cfg.per_block = args.per_block;
     prune_cfg.prune_heads = !args.no_heads;
-    // bf16 products keep the frozen weights packed beside their fp32 values.
-    let packed = if precision == "bf16" {
-        cost::bf16_kept_bytes(&base.config)
-    } else {
-        0
-    };
+    // bf16 products keep the frozen weights packed beside their fp32 values: the RAM left for
+    // the step is what `join` reports for its rounds too.
+    let ram = machine_ram_bytes();
+    let step_ram = training_ram(ram, &base);
+    let packed = ram - step_ram;
     let peak = |m| {
         cost::train_memory_in(&base.config, args.rank, args.batch, args.seq_len, m).total + packed
     };
@@ -632,8 +631,7 @@ fn tune(args: TuneArgs) -> Result<()> {
     } else {
         &args.memory
     };
-    let memory =
-        MemoryMode::from_setting(setting, peak, machine_ram_bytes()).map_err(anyhow::Error::msg)?;
+    let memory = MemoryMode::from_setting(setting, peak, ram).map_err(anyhow::Error::msg)?;
     eprintln!(
         "memory: {} (estimated peak {} MiB)",
         memory.name(),

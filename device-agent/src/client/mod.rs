@@ -55,7 +55,7 @@ mod local;
 mod model_slot;
 
 use local::{load_data, load_model};
-pub use local::{machine_ram_bytes, parse_range};
+pub use local::{machine_ram_bytes, parse_range, training_ram};
 pub use local::{synthetic_shard, tiny_model};
 use model_slot::{ModelSlot, Reload};
 
