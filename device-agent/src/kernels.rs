@@ -10,6 +10,7 @@
 //! return `None` and the caller uses burn's own operation. The slice-level `*_into` functions are
 //! the bodies of [`crate::fused`]'s softmax and SwiGLU, which carry their own backward passes.
 //! [`skinny`] holds the fp32 products of decoding (a few rows times a large weight);
+//! [`sgemm`] the fp32 products with a frozen weight, read where it lies (AVX2 and AVX-512);
 //! [`flex_matmul`] the other fp32 products, without flex's zeroing and copying of the output;
 //! [`causal_attention`] attention by blocks of query rows, skipping the masked keys;
 //! [`lora_importance`] LoRA-gradient importance in one pass over a frozen weight.
@@ -544,6 +545,7 @@ pub fn cross_entropy_rows(
 mod attention;
 mod importance;
 mod matmul;
+pub mod sgemm;
 mod skinny;
 pub use attention::{causal_attention, causal_attention_backward, AttentionShape};
 pub use importance::{lora_importance, Along};
@@ -551,6 +553,17 @@ pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
 pub(crate) use skinny::{skinny_products, SkinnyWeight};
+
+/// How a weight matrix is laid out relative to the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `w` is `[n][k]`: the product is `a * w^T`. Here: a projection's input gradient (its
+    /// weight is burn's `[in, out]`) and the tied LM head's forward (the `[vocab, d]` embedding).
+    Transposed,
+    /// `w` is `[k][n]`: the product is `a * w`. Here: a projection's forward and the tied LM
+    /// head's input gradient.
+    Plain,
+}
 
 /// `a @ b` of untracked flex f32 matrices, any strides, through [`flex_matmul`] (no zeroing
 /// and copying of the output); `None` for autodiff tensors or another backend or dtype.

@@ -69,16 +69,7 @@ pub fn available() -> bool {
     }
 }
 
-/// How a weight matrix is laid out relative to the product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// `w` is `[n][k]`: the product is `a * w^T`. Here: a projection's input gradient (its
-    /// weight is burn's `[in, out]`) and the tied LM head's forward (the `[vocab, d]` embedding).
-    Transposed,
-    /// `w` is `[k][n]`: the product is `a * w`. Here: a projection's forward and the tied LM
-    /// head's input gradient.
-    Plain,
-}
+pub use crate::kernels::Layout;
 
 /// A weight rounded to bf16 and packed for the kernel.
 pub struct PackedB {

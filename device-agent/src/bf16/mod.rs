@@ -135,9 +135,35 @@ fn rows_of(t: &FlexTensor) -> (FlexTensor, [usize; 2]) {
     (t, dims)
 }
 
+/// The fp32 product with the weight read where it lies ([`crate::kernels::sgemm`]: no copy of
+/// the weight per product), when the CPU has those kernels and `w` is a held matrix (a model's
+/// own weight is); `None` otherwise, for the `gemm` crate's product.
+fn fp32_in_place(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Option<FlexTensor> {
+    let matrix = |t: &FlexTensor| t.dtype() == DType::F32 && t.layout().shape().num_dims() == 2;
+    if !(matrix(x) && matrix(w) && w.is_contiguous()) {
+        return None;
+    }
+    let kernel = crate::kernels::sgemm::Kernel::detect()?;
+    let (x, [m, k]) = rows_of(x);
+    let (w, [wr, wc]) = rows_of(w);
+    let (layout, wk, n) = if transposed {
+        (Layout::Transposed, wc, wr)
+    } else {
+        (Layout::Plain, wr, wc)
+    };
+    assert_eq!(k, wk, "product of [{m}, {k}] with a weight of [{wr}, {wc}]");
+    let xs = x.as_slice::<f32>().expect("contiguous f32");
+    let ws = w.as_slice::<f32>().expect("contiguous f32");
+    let out = crate::kernels::sgemm::product_on(kernel, xs, m, ws, wr, wc, layout);
+    Some(FlexTensor::from_data(TensorData::new(out, [m, n])))
+}
+
 impl FrozenBackend for Flex {
     fn frozen_matmul(x: FlexTensor, w: FlexTensor, transposed: bool, bf16: bool) -> FlexTensor {
         if !bf16 {
+            if let Some(out) = fp32_in_place(&x, &w, transposed) {
+                return out;
+            }
             let w = if transposed {
                 Flex::float_swap_dims(w, 0, 1)
             } else {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::bf16::{PackedHead, Precision};
 use crate::eval::LOGIT_CHUNK_ROWS;
+use crate::kernels::Layout;
 use crate::model::Llama;
 
 /// One micro-batch: token rows of equal length and, per position (row-major), the token to
@@ -110,7 +111,9 @@ fn ce_rows(
             Some(logits) => logits,
             None => {
                 let ht = h.clone().transpose();
-                crate::kernels::matmul(&hc, &ht).unwrap_or_else(|| hc.matmul(ht))
+                crate::kernels::sgemm::matmul(&hc, h, Layout::Transposed)
+                    .or_else(|| crate::kernels::matmul(&hc, &ht))
+                    .unwrap_or_else(|| hc.matmul(ht))
             }
         },
         (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
@@ -119,9 +122,9 @@ fn ce_rows(
         (Some(w), _) => crate::quant::frozen::logits_backward(dlogits, w),
         (None, Some(h)) => match packed.as_ref().and_then(|p| p.input_grad(&dlogits)) {
             Some(dh) => dh,
-            None => {
-                crate::kernels::matmul(&dlogits, h).unwrap_or_else(|| dlogits.matmul(h.clone()))
-            }
+            None => crate::kernels::sgemm::matmul(&dlogits, h, Layout::Plain)
+                .or_else(|| crate::kernels::matmul(&dlogits, h))
+                .unwrap_or_else(|| dlogits.matmul(h.clone())),
         },
         (None, None) => unreachable!("fp32 head rows are taken when there is no Q8_0 head"),
     };

@@ -1,0 +1,108 @@
+//! fp32 products with the frozen weights of the default model: the `gemm` crate (packing both
+//! operands per product, as flex's matmul and `kernels::flex_matmul` do) against
+//! `kernels::sgemm` (the weight read in place), alternated in one process, for every projection
+//! shape of a block and the tied head, forward (`x w`) and input gradient (`dy w^T`), at the row
+//! counts of a simulated device's micro-batch (32), a prompt (256) and the agent's default step
+//! (1024).
+//!
+//! `cargo bench -p device-agent --bench sgemm` (`-- quick` for 3 repetitions instead of 7).
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use device_agent::kernels::{self, sgemm, Layout};
+use device_agent::{assets, weights};
+use protocol::Proj;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn host(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().expect("f32")
+}
+
+fn main() {
+    let reps = if std::env::args().any(|a| a == "quick") {
+        3
+    } else {
+        7
+    };
+    let device = Device::flex();
+    let (base, _tok) =
+        weights::load(&assets::default_model().expect("model"), &device).expect("load");
+    println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
+    let Some(kernel) = sgemm::Kernel::detect() else {
+        println!("no AVX2/AVX-512 kernels on this CPU: products stay on the gemm crate");
+        return;
+    };
+    println!(
+        "kernel: {kernel:?}, threads: {}",
+        rayon::current_num_threads()
+    );
+    println!("\nms per product, median of {reps}, alternated; GFLOP/s of the in-place kernel\n");
+    println!("| weight [rows, cols] | product | rows of x | gemm crate | in place | ratio | GFLOP/s | largest difference / scale |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut weights: Vec<(String, Tensor<2>)> = Proj::ALL
+        .iter()
+        .map(|&p| (format!("{p:?}"), base.base_weight(0, p)))
+        .collect();
+    weights.push(("head".into(), base.head_rows()));
+    let (mut total_gemm, mut total_ours) = (0.0, 0.0);
+    for m in [32usize, 256, 1024] {
+        for (name, w) in &weights {
+            let [rows, cols] = w.dims();
+            for layout in [Layout::Plain, Layout::Transposed] {
+                let (k, n) = match layout {
+                    Layout::Plain => (rows, cols),
+                    Layout::Transposed => (cols, rows),
+                };
+                // The head's forward is its logits (`x h^T`); its `x h` is the input gradient.
+                if name == "head" && m == 1024 {
+                    continue;
+                }
+                let x = Tensor::<2>::random([m, k], Distribution::Uniform(-1.0, 1.0), &device);
+                let gemm_crate = || match layout {
+                    Layout::Plain => kernels::matmul(&x, w).expect("flex f32"),
+                    Layout::Transposed => {
+                        kernels::matmul(&x, &w.clone().transpose()).expect("flex f32")
+                    }
+                };
+                let ours = || sgemm::matmul(&x, w, layout).expect("flex f32, contiguous");
+                let (a, b) = (host(gemm_crate()), host(ours()));
+                let scale = a.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-30);
+                let worst = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+                let (mut tg, mut to) = (Vec::new(), Vec::new());
+                for _ in 0..reps {
+                    let t0 = Instant::now();
+                    drop(gemm_crate());
+                    tg.push(t0.elapsed().as_secs_f64() * 1e3);
+                    let t0 = Instant::now();
+                    drop(ours());
+                    to.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                let (g, o) = (median(tg), median(to));
+                total_gemm += g;
+                total_ours += o;
+                let gflops = 2.0 * (m * k * n) as f64 / (o * 1e6);
+                let what = match layout {
+                    Layout::Plain => "x w",
+                    Layout::Transposed => "x w^T",
+                };
+                println!(
+                    "| {name} [{rows}, {cols}] | {what} | {m} | {g:.3} | {o:.3} | {:.2}x | {gflops:.0} | {:.1e} |",
+                    g / o,
+                    worst / scale
+                );
+            }
+        }
+    }
+    println!(
+        "\nall rows: gemm crate {total_gemm:.1} ms, in place {total_ours:.1} ms, {:.2}x",
+        total_gemm / total_ours
+    );
+}
