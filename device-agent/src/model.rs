@@ -39,6 +39,7 @@ use lora_layer::{proj, proj_group_normed, swiglu_proj, Adapter, Base};
 use std::sync::Arc;
 
 use crate::bf16::{self, Precision};
+use crate::kernels::Layout;
 use crate::quant::{QuantArithmetic, QuantBase};
 
 /// The checkpoint's module name of a projection (`q_proj`, ..., `down_proj`), as Hugging Face
@@ -413,12 +414,19 @@ impl Llama {
         let bf16 = self.precision == Precision::Bf16;
         match &self.lm_head {
             Some(w) if bf16 => bf16::matmul(hidden, w),
+            // A few rows: the decoding kernels; more: the head read in place where the CPU has
+            // those kernels (no copy of its 28M values per call); else burn's product.
             Some(w) => crate::kernels::skinny_matmul(&hidden, w)
+                .or_else(|| crate::kernels::sgemm::matmul(&hidden, w, Layout::Plain))
                 .unwrap_or_else(|| hidden.matmul(w.clone())),
             None if bf16 => bf16::matmul_transposed(hidden, &self.embed),
             None => {
                 let head = self.embed.clone().transpose();
-                crate::kernels::skinny_matmul(&hidden, &head).unwrap_or_else(|| hidden.matmul(head))
+                crate::kernels::skinny_matmul(&hidden, &head)
+                    .or_else(|| {
+                        crate::kernels::sgemm::matmul(&hidden, &self.embed, Layout::Transposed)
+                    })
+                    .unwrap_or_else(|| hidden.matmul(head))
             }
         }
     }

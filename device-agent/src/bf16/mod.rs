@@ -108,9 +108,10 @@ impl Precision {
 
 /// A frozen-weight product: `x w` (`transposed` false, `w` is `[k, n]`) or `x w^T` (`transposed`
 /// true, `w` is `[n, k]`); `x` is `[m, k]`, gradients flow to `x` only. With `bf16` the operands
-/// are rounded ([`gemm`]); without, it is the fp32 product of
-/// [`crate::kernels::flex_matmul`], which writes its output once where flex's own matmul zeroes
-/// and copies it, in the forward pass and in the input gradient alike.
+/// are rounded ([`gemm`]); without, it is the fp32 product of [`crate::kernels::sgemm`], which
+/// reads a held weight in place (AVX2 and AVX-512), or else of [`crate::kernels::flex_matmul`],
+/// which writes its output once where flex's own matmul zeroes and copies it, in the forward
+/// pass and in the input gradient alike.
 #[backend_extension(Flex, Autodiff)]
 pub trait FrozenBackend: Backend {
     fn frozen_matmul(
