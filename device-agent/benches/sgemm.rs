@@ -5,7 +5,8 @@
 //! counts of a simulated device's micro-batch (32), a prompt (256) and the agent's default step
 //! (1024).
 //!
-//! `cargo bench -p device-agent --bench sgemm` (`-- quick` for 3 repetitions instead of 7).
+//! `cargo bench -p device-agent --bench sgemm` (`-- quick` for 3 repetitions instead of 7; `--
+//! rows 64,128` for other row counts).
 
 use std::time::Instant;
 
@@ -50,7 +51,15 @@ fn main() {
         .collect();
     weights.push(("head".into(), base.head_rows()));
     let (mut total_gemm, mut total_ours) = (0.0, 0.0);
-    for m in [32usize, 256, 1024] {
+    // `-- rows 64,128`: other row counts than the default three.
+    let args: Vec<String> = std::env::args().collect();
+    let rows: Vec<usize> = args
+        .iter()
+        .position(|a| a == "rows")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect())
+        .unwrap_or_else(|| vec![32, 256, 1024]);
+    for m in rows {
         for (name, w) in &weights {
             let [rows, cols] = w.dims();
             for layout in [Layout::Plain, Layout::Transposed] {
@@ -69,7 +78,8 @@ fn main() {
                         kernels::matmul(&x, &w.clone().transpose()).expect("flex f32")
                     }
                 };
-                let ours = || sgemm::matmul(&x, w, layout).expect("flex f32, contiguous");
+                let ours =
+                    || sgemm::matmul_on(kernel, &x, w, layout).expect("flex f32, contiguous");
                 let (a, b) = (host(gemm_crate()), host(ours()));
                 let scale = a.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-30);
                 let worst = a

@@ -565,6 +565,17 @@ pub enum Layout {
     Plain,
 }
 
+impl Layout {
+    /// `(k, n)`, the reduced and the output dimension, of a product with a `rows x cols` weight
+    /// read in this layout.
+    pub fn reduced_and_out(self, rows: usize, cols: usize) -> (usize, usize) {
+        match self {
+            Layout::Plain => (rows, cols),
+            Layout::Transposed => (cols, rows),
+        }
+    }
+}
+
 /// `a @ b` of untracked flex f32 matrices, any strides, through [`flex_matmul`] (no zeroing
 /// and copying of the output); `None` for autodiff tensors or another backend or dtype.
 pub fn matmul(a: &Tensor<2>, b: &Tensor<2>) -> Option<Tensor<2>> {

@@ -103,10 +103,7 @@ impl PackedB {
             "weight of {rows} x {cols} has {} values",
             w.len()
         );
-        let (k, n) = match layout {
-            Layout::Transposed => (cols, rows),
-            Layout::Plain => (rows, cols),
-        };
+        let (k, n) = layout.reduced_and_out(rows, cols);
         let pairs = padded_pairs(k);
         let panels = n.div_ceil(NR);
         set_len(&mut words, panels * pairs * NR);

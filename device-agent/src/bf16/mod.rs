@@ -136,27 +136,69 @@ fn rows_of(t: &FlexTensor) -> (FlexTensor, [usize; 2]) {
     (t, dims)
 }
 
+/// A frozen product's operands in row-major order: `x` `[m, k]` and the weight `[wr, wc]`, read
+/// in `layout` (Transposed: as `[n][k]`), for an `[m, n]` output.
+struct Operands {
+    x: FlexTensor,
+    w: FlexTensor,
+    m: usize,
+    wr: usize,
+    wc: usize,
+    n: usize,
+    layout: Layout,
+}
+
+impl Operands {
+    fn new(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Operands {
+        let (x, [m, k]) = rows_of(x);
+        let (w, [wr, wc]) = rows_of(w);
+        let layout = if transposed {
+            Layout::Transposed
+        } else {
+            Layout::Plain
+        };
+        let (wk, n) = layout.reduced_and_out(wr, wc);
+        assert_eq!(k, wk, "product of [{m}, {k}] with a weight of [{wr}, {wc}]");
+        Operands {
+            x,
+            w,
+            m,
+            wr,
+            wc,
+            n,
+            layout,
+        }
+    }
+
+    fn x(&self) -> &[f32] {
+        self.x.as_slice::<f32>().expect("contiguous f32")
+    }
+
+    fn w(&self) -> &[f32] {
+        self.w.as_slice::<f32>().expect("contiguous f32")
+    }
+
+    fn output(&self, values: Vec<f32>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, [self.m, self.n]))
+    }
+}
+
 /// The fp32 product with the weight read where it lies ([`crate::kernels::sgemm`]: no copy of
-/// the weight per product), when the CPU has those kernels and `w` is a held matrix (a model's
-/// own weight is); `None` otherwise, for the `gemm` crate's product.
+/// the weight per product), when the CPU has those kernels, `x` has fewer rows than
+/// [`crate::kernels::sgemm::IN_PLACE_BELOW_ROWS`] and `w` is a held matrix (a model's own weight
+/// is); `None` otherwise, for the `gemm` crate's product.
 fn fp32_in_place(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Option<FlexTensor> {
     let matrix = |t: &FlexTensor| t.dtype() == DType::F32 && t.layout().shape().num_dims() == 2;
-    if !(matrix(x) && matrix(w) && w.is_contiguous()) {
+    // Checked before the operands are made row-major: without the kernels nothing is copied.
+    if !(matrix(x) && matrix(w) && w.is_contiguous())
+        || x.layout().shape()[0] >= crate::kernels::sgemm::IN_PLACE_BELOW_ROWS
+        || crate::kernels::sgemm::Kernel::detect().is_none()
+    {
         return None;
     }
-    let kernel = crate::kernels::sgemm::Kernel::detect()?;
-    let (x, [m, k]) = rows_of(x);
-    let (w, [wr, wc]) = rows_of(w);
-    let (layout, wk, n) = if transposed {
-        (Layout::Transposed, wc, wr)
-    } else {
-        (Layout::Plain, wr, wc)
-    };
-    assert_eq!(k, wk, "product of [{m}, {k}] with a weight of [{wr}, {wc}]");
-    let xs = x.as_slice::<f32>().expect("contiguous f32");
-    let ws = w.as_slice::<f32>().expect("contiguous f32");
-    let out = crate::kernels::sgemm::product_on(kernel, xs, m, ws, wr, wc, layout);
-    Some(FlexTensor::from_data(TensorData::new(out, [m, n])))
+    let o = Operands::new(x, w, transposed);
+    let out = crate::kernels::sgemm::product(o.x(), o.m, o.w(), o.wr, o.wc, o.layout)?;
+    Some(o.output(out))
 }
 
 impl FrozenBackend for Flex {
@@ -172,28 +214,20 @@ impl FrozenBackend for Flex {
             };
             return crate::kernels::flex_matmul(x, w);
         }
-        let (x, [m, k]) = rows_of(&x);
         // A weight held contiguously is the model's own buffer, packed once and kept; a
         // contiguous copy made here would die with this product, so it is packed for it alone.
         let keep = w.is_contiguous();
-        let (w, [wr, wc]) = rows_of(&w);
-        let (layout, wk, n) = if transposed {
-            (Layout::Transposed, wc, wr)
-        } else {
-            (Layout::Plain, wr, wc)
-        };
-        assert_eq!(
-            k, wk,
-            "bf16 product of [{m}, {k}] with a weight of [{wr}, {wc}]"
-        );
-        let xs = x.as_slice::<f32>().expect("contiguous f32");
-        let ws = w.as_slice::<f32>().expect("contiguous f32");
+        let o = Operands::new(&x, &w, transposed);
         let out = if keep {
-            gemm::product_packed(xs, m, &cache::packed(&w, ws, wr, wc, layout))
+            gemm::product_packed(
+                o.x(),
+                o.m,
+                &cache::packed(&o.w, o.w(), o.wr, o.wc, o.layout),
+            )
         } else {
-            gemm::product(xs, m, ws, wr, wc, layout)
+            gemm::product(o.x(), o.m, o.w(), o.wr, o.wc, o.layout)
         };
-        FlexTensor::from_data(TensorData::new(out, [m, n]))
+        o.output(out)
     }
 }
 

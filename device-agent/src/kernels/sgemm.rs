@@ -107,8 +107,16 @@ impl Kernel {
     }
 }
 
+/// Rows of `x` from which the frozen products go back to the `gemm` crate: its copy of the weight
+/// is then spread over enough rows that the two are at parity (`cargo bench -p device-agent
+/// --bench sgemm -- rows 64,128,256` on Zen 1: 1.06-1.77x at 64 rows, 0.86-1.19x at 128,
+/// 0.90-1.19x at 256; 1.23-2.55x at 32), and keeping the `gemm` crate there keeps the training
+/// step's and a prompt's products as they were, bit for bit.
+pub const IN_PLACE_BELOW_ROWS: usize = 128;
+
 /// `a w` (`layout` Plain, `w` `rows x cols` read as `[k][n]`) or `a w^T` (Transposed, `w` read as
-/// `[n][k]`) for `a` `[m][k]`, all row-major, on this CPU's kernel; `None` where it has none.
+/// `[n][k]`) for `a` `[m][k]`, all row-major, on this CPU's kernel; `None` where it has none or
+/// for [`IN_PLACE_BELOW_ROWS`] rows or more.
 pub fn product(
     a: &[f32],
     m: usize,
@@ -117,6 +125,9 @@ pub fn product(
     cols: usize,
     layout: Layout,
 ) -> Option<Vec<f32>> {
+    if m >= IN_PLACE_BELOW_ROWS {
+        return None;
+    }
     Some(product_on(Kernel::detect()?, a, m, w, rows, cols, layout))
 }
 
@@ -140,10 +151,7 @@ pub fn product_on(
         "weight of {rows} x {cols} has {} values",
         w.len()
     );
-    let (k, n) = match layout {
-        Layout::Plain => (rows, cols),
-        Layout::Transposed => (cols, rows),
-    };
+    let (k, n) = layout.reduced_and_out(rows, cols);
     assert_eq!(
         a.len(),
         m * k,
@@ -163,21 +171,32 @@ pub fn product_on(
 }
 
 /// [`product`] of untracked flex f32 matrices: `x w` (`layout` Plain, `w` `[k, n]`) or `x w^T`
-/// (Transposed, `w` `[n, k]`); `None` for autodiff tensors, another backend or dtype, or a CPU
-/// without the kernels, or a weight that is not held contiguously (copying it for one product
-/// would cost more than the `gemm` crate's packing saved).
+/// (Transposed, `w` `[n, k]`); `None` for autodiff tensors, another backend or dtype, a CPU
+/// without the kernels, [`IN_PLACE_BELOW_ROWS`] rows of `x` or more, or a weight that is not
+/// held contiguously (copying it for one product would cost more than the `gemm` crate's
+/// packing saved).
 pub fn matmul(x: &Tensor<2>, w: &Tensor<2>, layout: Layout) -> Option<Tensor<2>> {
-    let kernel = Kernel::detect()?;
+    if x.dims()[0] >= IN_PLACE_BELOW_ROWS {
+        return None;
+    }
+    matmul_on(Kernel::detect()?, x, w, layout)
+}
+
+/// [`matmul`] on a given kernel at any number of rows (the bench compares the two products at
+/// every size).
+pub fn matmul_on(
+    kernel: Kernel,
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+    layout: Layout,
+) -> Option<Tensor<2>> {
     let fw = w.clone().try_into_primitive::<Flex>().ok()?;
     if w.is_autodiff() || w.dtype() != DType::F32 || !fw.is_contiguous() {
         return None;
     }
     let fx = super::flex_f32(x)?;
     let ([m, k], [rows, cols]) = (x.dims(), w.dims());
-    let (wk, n) = match layout {
-        Layout::Plain => (rows, cols),
-        Layout::Transposed => (cols, rows),
-    };
+    let (wk, n) = layout.reduced_and_out(rows, cols);
     if wk != k {
         return None;
     }
@@ -279,7 +298,7 @@ fn plain(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize, dst
 }
 
 /// One outer-product tile: `rows` (1..=MR) rows of `a` (row stride `lda`, from the pass's first
-/// reduced index) times `kc` rows of a two-vector panel `b` (row stride `ldb`), into the
+/// reduced index) times `kc` rows of an [`NV`]-vector panel `b` (row stride `ldb`), into the
 /// `rows x panel` cells at `c` (row stride `ldc`), added to them when `add`.
 #[allow(clippy::too_many_arguments)]
 fn outer_tile(
@@ -368,10 +387,7 @@ pub fn reference(
     cols: usize,
     layout: Layout,
 ) -> Vec<f32> {
-    let (k, n) = match layout {
-        Layout::Plain => (rows, cols),
-        Layout::Transposed => (cols, rows),
-    };
+    let (k, n) = layout.reduced_and_out(rows, cols);
     let at = |p: usize, j: usize| match layout {
         Layout::Plain => w[p * n + j],
         Layout::Transposed => w[j * k + p],

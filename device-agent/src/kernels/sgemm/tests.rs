@@ -1,3 +1,6 @@
+//! The in-place fp32 products against an f64 reference, on every kernel this host may use, at
+//! ragged shapes; the same bits on one thread as on many.
+
 use super::*;
 
 /// Deterministic values in [-1, 1) from a seed (a small LCG: the tests need spread, not quality).
