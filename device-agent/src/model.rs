@@ -414,8 +414,8 @@ impl Llama {
         let bf16 = self.precision == Precision::Bf16;
         match &self.lm_head {
             Some(w) if bf16 => bf16::matmul(hidden, w),
-            // A few rows: the decoding kernels; more: the head read in place where the CPU has
-            // those kernels (no copy of its 28M values per call); else burn's product.
+            // A few rows: the decoding kernels; up to 127: the head read in place where the CPU
+            // has those kernels (no copy of its 28M values per call); else burn's product.
             Some(w) => crate::kernels::skinny_matmul(&hidden, w)
                 .or_else(|| crate::kernels::sgemm::matmul(&hidden, w, Layout::Plain))
                 .unwrap_or_else(|| hidden.matmul(w.clone())),
