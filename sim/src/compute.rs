@@ -17,6 +17,7 @@ use protocol::{Arm, GlobalSlice, Timestamp};
 use serde::Serialize;
 
 use crate::device_rounds::{self, DeviceRound};
+use crate::side_by_side;
 use crate::timing::{self, RoundFlops, StepShape};
 use crate::wall_profile::WallLedger;
 
@@ -52,6 +53,20 @@ pub struct ToTarget {
     pub criterion: Criterion,
     pub prune: PruneConfig,
 }
+
+/// One evaluation of `device`'s model (its state's kept maps) with `slice` of the global
+/// adapter, brought to a target sparsity first when `goal` is set (see [`ToTarget`]).
+#[derive(Debug, Clone)]
+pub struct EvalTask {
+    pub device: usize,
+    pub state: DeviceState,
+    pub slice: GlobalSlice,
+    pub goal: Option<ToTarget>,
+}
+
+/// An evaluation's quality and, when it was brought to a target, the kept maps it was scored
+/// with.
+pub type EvalResult = Result<(Quality, Option<KeptIndices>), String>;
 
 /// The simulator's stand-in for device hardware and local training.
 pub trait LocalTrainer {
@@ -99,6 +114,22 @@ pub trait LocalTrainer {
         slice: &GlobalSlice,
         goal: &ToTarget,
     ) -> Result<(Quality, KeptIndices), String>;
+    /// Every one of `tasks` (independent of each other: the same global state), results in
+    /// the order of the tasks; the real trainer runs several side by side
+    /// ([`crate::side_by_side`]), with the same results as one after another.
+    fn evaluate_all(&mut self, tasks: &[EvalTask]) -> Vec<EvalResult> {
+        tasks
+            .iter()
+            .map(|t| match &t.goal {
+                None => self
+                    .evaluate(t.device, &t.state, &t.slice)
+                    .map(|q| (q, None)),
+                Some(g) => self
+                    .evaluate_at_target(t.device, &t.state, &t.slice, g)
+                    .map(|(q, k)| (q, Some(k))),
+            })
+            .collect()
+    }
     /// Bytes a frame of `encoded_len` would take on the wire for the modelled model (the
     /// surrogate's wire model is tiny; it reports the real model's sizes).
     fn wire_bytes(&self, _msg: &protocol::Message, encoded_len: usize) -> usize {
@@ -131,7 +162,15 @@ pub struct RealTrainer {
     pub wall_clock: Option<WallClock>,
     /// Where the wall time goes (with `wall_clock`), for the binary's overhead table.
     pub wall_ledger: Option<Arc<WallLedger>>,
+    /// Evaluations [`LocalTrainer::evaluate_all`] runs side by side (one worker: one after
+    /// another); fp32 only (bf16 runs keep one at a time: their packed weights' cache holds
+    /// about one model and a half).
+    pub eval_workers: side_by_side::Workers,
 }
+
+/// Wall-time ledger parts of the evaluations.
+const EVALUATIONS: &str = "evaluations (panel, final)";
+const AT_TARGET: &str = "bring to s* and evaluate (panel, final)";
 
 pub use crate::wall_profile::WallClock;
 
@@ -144,6 +183,42 @@ impl RealTrainer {
             recorded: Vec::new(),
             wall_clock: None,
             wall_ledger: None,
+            eval_workers: side_by_side::Workers::default(),
+        }
+    }
+
+    /// Quality of `device`'s model (its kept maps) with `slice` of the global adapter.
+    fn quality(
+        &self,
+        device: usize,
+        state: &DeviceState,
+        slice: &GlobalSlice,
+    ) -> Result<Quality, String> {
+        let data = self.global_test.as_ref().unwrap_or(&self.data[device]);
+        let model = prune::slice_model(&self.base, &state.kept).map_err(|e| e.to_string())?;
+        let job = eval_job(slice);
+        let adapter = job::start_adapter(&job, state, &self.base).map_err(|e| e.to_string())?;
+        let (loss, accuracy) = data.evaluate(&model, Some(&adapter));
+        let perplexity = matches!(data, LocalData::Lm(_)).then(|| loss.exp());
+        Ok(Quality {
+            loss,
+            accuracy,
+            perplexity,
+        })
+    }
+
+    /// One task, untimed.
+    fn run_task(&self, t: &EvalTask) -> EvalResult {
+        match &t.goal {
+            None => self
+                .quality(t.device, &t.state, &t.slice)
+                .map(|q| (q, None)),
+            Some(g) => {
+                let out = self.real_at_target(t.device, &t.state, &t.slice, g);
+                // As after a local round: the tuner's model is gone.
+                device_agent::bf16::cache::sweep();
+                out.map(|(q, k)| (q, Some(k)))
+            }
         }
     }
 }
@@ -261,24 +336,9 @@ impl LocalTrainer for RealTrainer {
         state: &DeviceState,
         slice: &GlobalSlice,
     ) -> Result<Quality, String> {
-        let data = self.global_test.as_ref().unwrap_or(&self.data[device]);
-        let (base, ledger) = (&self.base, self.wall_ledger.as_deref());
-        let (loss, accuracy) = WallLedger::time(
-            ledger,
-            self.wall_clock,
-            "evaluations (panel, final)",
-            || -> Result<(f64, f64), String> {
-                let model = prune::slice_model(base, &state.kept).map_err(|e| e.to_string())?;
-                let job = eval_job(slice);
-                let adapter = job::start_adapter(&job, state, base).map_err(|e| e.to_string())?;
-                Ok(data.evaluate(&model, Some(&adapter)))
-            },
-        )?;
-        let perplexity = matches!(data, LocalData::Lm(_)).then(|| loss.exp());
-        Ok(Quality {
-            loss,
-            accuracy,
-            perplexity,
+        let (ledger, clock) = (self.wall_ledger.clone(), self.wall_clock);
+        WallLedger::time(ledger.as_deref(), clock, EVALUATIONS, || {
+            self.quality(device, state, slice)
         })
     }
 
@@ -289,16 +349,50 @@ impl LocalTrainer for RealTrainer {
         slice: &GlobalSlice,
         goal: &ToTarget,
     ) -> Result<(Quality, KeptIndices), String> {
-        let (ledger, clock) = (self.wall_ledger.clone(), self.wall_clock);
-        let out = WallLedger::time(
-            ledger.as_deref(),
-            clock,
-            "bring to s* and evaluate (panel, final)",
-            || self.real_at_target(device, state, slice, goal),
-        );
-        // As after a local round: the tuner's model is gone.
-        device_agent::bf16::cache::sweep();
-        out
+        let task = EvalTask {
+            device,
+            state: state.clone(),
+            slice: slice.clone(),
+            goal: Some(goal.clone()),
+        };
+        let mut out = self.evaluate_all(std::slice::from_ref(&task));
+        out.pop()
+            .expect("one result per task")
+            .map(|(q, k)| (q, k.unwrap_or_else(|| state.kept.clone())))
+    }
+
+    fn evaluate_all(&mut self, tasks: &[EvalTask]) -> Vec<EvalResult> {
+        let w = self.eval_workers;
+        let workers = if self.base.precision() == device_agent::bf16::Precision::Fp32 {
+            w.workers
+        } else {
+            1
+        };
+        let this = &*self;
+        // A task's size in training steps' worth of work (an evaluation about one).
+        let size = |t: &EvalTask| {
+            t.goal
+                .as_ref()
+                .map_or(1, |g| 1 + (g.importance_batches + g.recovery_steps) as u64)
+        };
+        let ran = side_by_side::run(tasks, workers, w.cores, this.wall_clock, size, |t| {
+            this.run_task(t)
+        });
+        // Pieces that ran side by side overlap: each part is charged its pieces' share of the
+        // batch's wall time, so the ledger's parts still add up to the run's wall time.
+        if let (Some(l), Some(_)) = (self.wall_ledger.as_deref(), self.wall_clock) {
+            let sum: f64 = ran.results.iter().map(|(_, ms)| ms).sum();
+            let scale = if sum > 0.0 { ran.elapsed_ms / sum } else { 0.0 };
+            for (t, (_, ms)) in tasks.iter().zip(&ran.results) {
+                let part = if t.goal.is_some() {
+                    AT_TARGET
+                } else {
+                    EVALUATIONS
+                };
+                l.add(part, ms * scale);
+            }
+        }
+        ran.results.into_iter().map(|(r, _)| r).collect()
     }
 }
 
@@ -307,7 +401,7 @@ impl RealTrainer {
     /// global adapter, importance from its own data, `Tuner::prune_to`, the recovery steps,
     /// then the held-out evaluation.
     fn real_at_target(
-        &mut self,
+        &self,
         device: usize,
         state: &DeviceState,
         slice: &GlobalSlice,

@@ -44,6 +44,8 @@ pub struct Resources {
     pub wall_clock: Option<crate::compute::WallClock>,
     /// Where real-mode wall time goes (filled when `wall_clock` is set).
     pub wall_ledger: Option<std::sync::Arc<crate::wall_profile::WallLedger>>,
+    /// Real-mode evaluations run side by side (set by the binary; one at a time by default).
+    pub eval_workers: crate::side_by_side::Workers,
 }
 
 /// The random tiny model of a config.
@@ -76,6 +78,7 @@ impl Resources {
                 seed: cfg.seed,
                 wall_clock: None,
                 wall_ledger: None,
+                eval_workers: Default::default(),
             });
         }
         let (mut base, shards, tok) = match &cfg.model {
@@ -126,6 +129,7 @@ impl Resources {
             seed: cfg.seed,
             wall_clock: None,
             wall_ledger: None,
+            eval_workers: Default::default(),
         })
     }
 
@@ -170,6 +174,7 @@ impl Resources {
             seed,
             wall_clock: self.wall_clock,
             wall_ledger: self.wall_ledger.clone(),
+            eval_workers: self.eval_workers,
         })
     }
 
@@ -181,6 +186,7 @@ impl Resources {
                     RealTrainer::new(base.clone(), self.data.clone(), self.global_test.clone());
                 t.wall_clock = self.wall_clock;
                 t.wall_ledger = self.wall_ledger.clone();
+                t.eval_workers = self.eval_workers;
                 Ok(Box::new(t))
             }
             (None, Some(p)) => {

@@ -44,6 +44,7 @@ pub mod record;
 pub mod report;
 pub mod sampling;
 pub mod sensitivity;
+pub mod side_by_side;
 pub mod stats;
 pub mod surrogate;
 pub mod time_model;

@@ -210,6 +210,12 @@ struct RunArgs {
     /// Surrogate mode: accept a parameter file without provenance (not fitted).
     #[arg(long)]
     force_unfitted: bool,
+    /// Real mode (fp32): evaluations run side by side, each on its share of the cores
+    /// (default: one per core, at most 2, each holding a device's model: about 1.5 GB more
+    /// peak memory than one, so one where the machine has under 7.5 GiB); 1 runs them one
+    /// after another. The reports are the same either way.
+    #[arg(long)]
+    eval_workers: Option<usize>,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -221,6 +227,17 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 }
 
 impl RunArgs {
+    fn eval_workers(&self) -> sim::side_by_side::Workers {
+        let host = sim::side_by_side::Workers::for_this_host();
+        match self.eval_workers {
+            Some(n) => sim::side_by_side::Workers {
+                workers: n.max(1),
+                ..host
+            },
+            None => host,
+        }
+    }
+
     fn load(&self) -> Result<(ExperimentConfig, Option<PathBuf>)> {
         let (mut cfg, base) = match (&self.config, &self.preset) {
             (Some(p), _) => (
@@ -315,6 +332,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
     resources.wall_clock = Some(wall_ms);
+    resources.eval_workers = args.eval_workers();
     resources.wall_ledger = Some(Default::default());
     let load_s = t0.elapsed().as_secs_f64();
     let mut progress = Progress::new(&cfg.strategy, cfg.coordinator.rounds);
@@ -366,6 +384,7 @@ fn compare(
     let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
     resources.wall_clock = Some(wall_ms);
+    resources.eval_workers = args.eval_workers();
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut progress = Progress::new("", cfg.coordinator.rounds);
@@ -596,6 +615,7 @@ fn record(ratios: &str, ranks: &str, data: &Path, args: RunArgs) -> Result<()> {
     let mut resources =
         Resources::load(&cfg, base.as_deref()).context("loading the fleet, model and data")?;
     resources.wall_clock = Some(wall_ms);
+    resources.eval_workers = args.eval_workers();
     let cells = grid.cells().len() as u64;
     let mut progress = Progress::new("record", cfg.coordinator.rounds * cells);
     let t = Instant::now();

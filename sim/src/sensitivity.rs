@@ -284,6 +284,7 @@ mod tests {
             seed: 1,
             wall_clock: None,
             wall_ledger: None,
+            eval_workers: Default::default(),
         };
         let p = &r.perturbed(VARIANTS[1]).profiles[0];
         assert_eq!(p.train_gflops, base.train_gflops * 0.5);

@@ -36,6 +36,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         seed: cfg.seed,
         wall_clock: None,
         wall_ledger: None,
+        eval_workers: Default::default(),
     }
 }
 

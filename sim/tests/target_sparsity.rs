@@ -288,3 +288,28 @@ fn the_devices_prune_by_the_entrys_criterion_and_schedule() {
     // tiny preset's 4 steps) spaces the events, one in the 3-step window instead of three.
     assert_ne!(default, devices("fixed-prune+events=1"));
 }
+
+#[test]
+fn side_by_side_evaluations_keep_reports() {
+    // Every final-evaluation path: devices brought to s* (with their before-scores) under
+    // fedspine and prune-after-fl, models scored as they are under a dense strategy.
+    for strategy in ["fedspine", "prune-after-fl", "fedlora"] {
+        let cfg = config(strategy);
+        let mut res = Resources::load(&cfg, None).unwrap();
+        let one_at_a_time = experiment::run_with_state(&cfg, &res, &mut Quiet)
+            .unwrap()
+            .0;
+        res.eval_workers = sim::side_by_side::Workers {
+            workers: 3,
+            cores: 2,
+        };
+        let side_by_side = experiment::run_with_state(&cfg, &res, &mut Quiet)
+            .unwrap()
+            .0;
+        assert!(
+            side_by_side.summary.evaluation.fleet_evaluated > 0,
+            "{strategy}"
+        );
+        assert_eq!(one_at_a_time, side_by_side, "{strategy}");
+    }
+}

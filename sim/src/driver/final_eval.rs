@@ -22,9 +22,9 @@ use aggregator::coordinator::streams::{label, Stream};
 use protocol::KeptIndices;
 use rand::seq::SliceRandom;
 
-use super::panel::Scored;
+use super::panel::{Planned, Scored};
 use super::Simulation;
-use crate::compute::Quality;
+use crate::compute::{EvalTask, Quality};
 use crate::error::SimError;
 use crate::local_data::WorkloadKind;
 use crate::report::EvalSummary;
@@ -61,6 +61,35 @@ struct Memo {
     min_sparsity: Option<f64>,
 }
 
+/// Where a device's score in [`Simulation::evaluate_distinct`] comes from.
+enum Source {
+    /// An earlier evaluation of the same kept maps (`Memo::shared`): quality and sparsity.
+    Known(Quality, f64),
+    /// The task of an earlier device of the same call with the same kept maps, and sparsity.
+    SameAs(usize, f64),
+    /// Its own task and, for a device brought to s*, where its score before that comes from.
+    Own(Box<Planned>, usize, Option<Before>),
+}
+
+/// Where a brought device's score before it was brought comes from.
+enum Before {
+    /// An earlier call's (`Memo::before`).
+    Known(Quality),
+    /// A task of this call, and whether this device is the one that asked for it.
+    Task(usize, bool),
+}
+
+/// The score of a model scored as it is.
+fn unbrought(quality: Quality, sparsity: f64) -> Scored {
+    Scored {
+        quality,
+        brought: false,
+        before_target: None,
+        sparsity,
+        kept_at_target: None,
+    }
+}
+
 fn mean_of(q: &BTreeMap<usize, Quality>, f: impl Fn(&Quality) -> Option<f64>) -> Option<f64> {
     let v: Vec<f64> = q.values().filter_map(f).collect();
     (v.len() == q.len()).then(|| stats::mean(&v)).flatten()
@@ -88,39 +117,76 @@ impl Simulation<'_> {
     }
 
     /// Evaluate each of `devices`, once per distinct kept maps when `shared` (every model is
-    /// scored on the same global set, so equal kept maps mean equal results).
+    /// scored on the same global set, so equal kept maps mean equal results). What to run is
+    /// decided first, in device order, then it all runs at once (side by side where the
+    /// trainer can), and the scores are put together in device order.
     fn evaluate_distinct(
         &mut self,
         devices: &[usize],
         shared: bool,
         memo: &mut Memo,
     ) -> Result<BTreeMap<usize, Scored>, SimError> {
-        let mut out = BTreeMap::new();
+        let mut tasks: Vec<EvalTask> = Vec::new();
+        // Tasks of this call whose results later devices with the same kept maps share: a
+        // model as it is (with its sparsity), and a brought model's score before it was
+        // brought.
+        let mut pending_shared: Vec<(KeptIndices, usize, f64)> = Vec::new();
+        let mut pending_before: Vec<(KeptIndices, usize)> = Vec::new();
+        let mut plan: Vec<(usize, KeptIndices, Source)> = Vec::with_capacity(devices.len());
         for &i in devices {
             let kept = self.devices[i].session.state().kept.clone();
             let known = memo.shared.iter().find(|(k, _, _)| shared && *k == kept);
-            let e = match known {
-                Some((_, q, s)) => Scored {
-                    quality: *q,
-                    brought: false,
-                    before_target: None,
-                    sparsity: *s,
-                    kept_at_target: None,
-                },
-                None => {
-                    let before = memo
-                        .before
-                        .iter()
-                        .find(|(k, _)| shared && *k == kept)
-                        .map(|(_, q)| *q);
-                    let e = self.evaluate_device(i, true, before)?;
+            let pending = pending_shared.iter().find(|(k, _, _)| shared && *k == kept);
+            let source = match (known, pending) {
+                (Some((_, q, s)), _) => Source::Known(*q, *s),
+                (None, Some((_, t, s))) => Source::SameAs(*t, *s),
+                (None, None) => {
+                    let p = self.plan_device(i, true)?;
                     memo.evaluations += 1;
-                    if e.brought {
+                    let before = if p.brought() {
                         memo.brought_to_target += 1;
-                        if let (Some(q), None) = (e.before_target, before) {
-                            memo.before.push((kept, q));
-                        }
+                        let known = memo.before.iter().find(|(k, _)| shared && *k == kept);
+                        let pending = pending_before.iter().find(|(k, _)| shared && *k == kept);
+                        Some(match (known, pending) {
+                            (Some((_, q)), _) => Before::Known(*q),
+                            (None, Some((_, t))) => Before::Task(*t, false),
+                            (None, None) => {
+                                tasks.push(p.as_it_is());
+                                pending_before.push((kept.clone(), tasks.len() - 1));
+                                Before::Task(tasks.len() - 1, true)
+                            }
+                        })
                     } else {
+                        pending_shared.push((kept.clone(), tasks.len(), p.sparsity));
+                        None
+                    };
+                    tasks.push(p.task.clone());
+                    Source::Own(Box::new(p), tasks.len() - 1, before)
+                }
+            };
+            plan.push((i, kept, source));
+        }
+        let results = self.trainer.evaluate_all(&tasks);
+        let quality = |t: usize| results[t].clone().map(|(q, _)| q).map_err(SimError::Model);
+        let mut out = BTreeMap::new();
+        for (i, kept, source) in plan {
+            let e = match source {
+                Source::Known(q, s) => unbrought(q, s),
+                Source::SameAs(t, s) => unbrought(quality(t)?, s),
+                Source::Own(p, t, before) => {
+                    let before_q = match before {
+                        None => None,
+                        Some(Before::Known(q)) => Some(q),
+                        Some(Before::Task(b, first)) => {
+                            let q = quality(b)?;
+                            if first {
+                                memo.before.push((kept.clone(), q));
+                            }
+                            Some(q)
+                        }
+                    };
+                    let e = p.scored(self.trainer.dense(), &results[t], before_q)?;
+                    if !e.brought {
                         memo.shared.push((kept, e.quality, e.sparsity));
                     }
                     e
@@ -159,10 +225,12 @@ impl Simulation<'_> {
         }
         let (items, shared) = self.eval_sample();
         let mut memo = Memo::default();
-        let mut scored = self.evaluate_distinct(&trained, shared, &mut memo)?;
+        // One batch: the trained devices first, then the rest, so the rest share what the
+        // trained ones computed, and every evaluation can run beside every other.
+        let all: Vec<usize> = trained.iter().chain(&untrained).copied().collect();
+        let mut scored = self.evaluate_distinct(&all, shared, &mut memo)?;
         let trained_q: BTreeMap<usize, Quality> =
-            scored.iter().map(|(&i, e)| (i, e.quality)).collect();
-        scored.extend(self.evaluate_distinct(&untrained, shared, &mut memo)?);
+            trained.iter().map(|i| (*i, scored[i].quality)).collect();
         let fleet: BTreeMap<usize, Quality> = scored.iter().map(|(&i, e)| (i, e.quality)).collect();
         let at_target: BTreeMap<usize, KeptIndices> = scored
             .iter_mut()

@@ -20,10 +20,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{ms_to_s, Simulation, VDev};
-use crate::compute::{pruned_config, Quality, ToTarget};
+use crate::compute::{pruned_config, EvalResult, EvalTask, Quality, ToTarget};
 use crate::error::SimError;
 use crate::hardware::DeviceProfile;
 use crate::report::EvalRecord;
+use device_agent::model::ModelConfig;
 
 /// Micro-batches of a device's own data that score importance before it is brought to s*.
 pub(super) const IMPORTANCE_BATCHES: usize = 4;
@@ -53,51 +54,96 @@ pub(super) struct Scored {
     pub(super) kept_at_target: Option<KeptIndices>,
 }
 
+/// What evaluating one device takes, decided before anything runs: its model as it is
+/// (`goal` unset) or brought to s* (`goal` set), and the sparsity it is at.
+pub(super) struct Planned {
+    pub(super) task: EvalTask,
+    pub(super) sparsity: f64,
+}
+
+impl Planned {
+    /// The same device's model as it is (its score before it is brought to s*).
+    pub(super) fn as_it_is(&self) -> EvalTask {
+        EvalTask {
+            goal: None,
+            ..self.task.clone()
+        }
+    }
+
+    /// Whether the device is brought to s* before it is scored.
+    pub(super) fn brought(&self) -> bool {
+        self.task.goal.is_some()
+    }
+
+    /// The device's score from its task's result (`before`: its score as it was, in the final
+    /// evaluation of a brought device).
+    pub(super) fn scored(
+        &self,
+        dense: &ModelConfig,
+        result: &EvalResult,
+        before: Option<Quality>,
+    ) -> Result<Scored, SimError> {
+        let (quality, kept) = result.clone().map_err(SimError::Model)?;
+        Ok(match kept {
+            Some(kept) if self.brought() => Scored {
+                quality,
+                brought: true,
+                before_target: before,
+                sparsity: pruned_config(dense, &kept).sparsity(),
+                kept_at_target: Some(kept),
+            },
+            _ => Scored {
+                quality,
+                brought: false,
+                before_target: None,
+                sparsity: self.sparsity,
+                kept_at_target: None,
+            },
+        })
+    }
+}
+
 impl Simulation<'_> {
     /// Quality of each of `devices`' models (its kept maps) with the global adapter, brought
-    /// to the run's target sparsity first where the strategy says so (`final_eval`: the
-    /// evaluation at the end of the run, where `prune-after-fl` prunes).
-    pub(super) fn evaluate_devices(
-        &mut self,
-        devices: &[usize],
-        final_eval: bool,
-    ) -> Result<Evaluated, SimError> {
+    /// to the run's target sparsity first where the strategy says so (the panel during the
+    /// rounds; the final evaluation is `final_eval.rs`'s). The evaluations run side by side
+    /// where the trainer can ([`crate::compute::LocalTrainer::evaluate_all`]).
+    pub(super) fn evaluate_devices(&mut self, devices: &[usize]) -> Result<Evaluated, SimError> {
+        let plans = devices
+            .iter()
+            .map(|&i| self.plan_device(i, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tasks: Vec<EvalTask> = plans.iter().map(|p| p.task.clone()).collect();
+        let results = self.trainer.evaluate_all(&tasks);
         let mut out = Evaluated {
             qualities: Vec::with_capacity(devices.len()),
             brought_to_target: 0,
             min_sparsity: None,
         };
-        for &i in devices {
-            let e = self.evaluate_device(i, final_eval, None)?;
+        for (p, result) in plans.iter().zip(&results) {
+            let e = p.scored(self.trainer.dense(), result, None)?;
             out.brought_to_target += usize::from(e.brought);
             out.min_sparsity = Some(out.min_sparsity.map_or(e.sparsity, |m| m.min(e.sparsity)));
-            out.qualities.push((i, e.quality));
+            out.qualities.push((p.task.device, e.quality));
         }
         Ok(out)
     }
 
-    /// Device `i`'s model with the global adapter, brought to the run's target sparsity first
-    /// where the strategy says so (see the module docs). `known_before`: the quality of a model
-    /// with the same kept maps already scored as it is on the same items (the final
-    /// evaluation shares it), so the before-score is not computed again.
-    pub(super) fn evaluate_device(
-        &mut self,
-        i: usize,
-        final_eval: bool,
-        known_before: Option<Quality>,
-    ) -> Result<Scored, SimError> {
+    /// What evaluating device `i` takes: its model with the global adapter, brought to the
+    /// run's target sparsity first where the strategy says so (see the module docs).
+    pub(super) fn plan_device(&self, i: usize, final_eval: bool) -> Result<Planned, SimError> {
         let global = self.coordinator.global();
         let c = &self.cfg.coordinator;
         let (batch, lr, seed) = (c.batch_size as usize, c.learning_rate as f64, c.seed);
         let route = c.strategy.target_route();
-        let dense = self.trainer.dense().clone();
+        let dense = self.trainer.dense();
         let session = &self.devices[i].session;
         let state = session.state().clone();
         let (criterion, prune) = (session.config().criterion, session.config().prune.clone());
         let slice = global
             .global_slice(&state.kept, global.rank, c.lora_alpha)
             .map_err(|e| SimError::Coordinator(format!("cannot slice the global adapter: {e}")))?;
-        let sparsity = pruned_config(&dense, &state.kept).sparsity();
+        let sparsity = pruned_config(dense, &state.kept).sparsity();
         // Short of s* by more than `protocol::SPARSITY_TOLERANCE`.
         let short = c
             .target_sparsity
@@ -107,60 +153,40 @@ impl Simulation<'_> {
             TargetRoute::AfterTraining { .. } => short && final_eval,
             TargetRoute::Dense => false,
         };
-        let (true, Some(target)) = (brought, c.target_sparsity) else {
-            let quality = self
-                .trainer
-                .evaluate(i, &state, &slice)
-                .map_err(SimError::Model)?;
-            return Ok(Scored {
-                quality,
-                brought: false,
-                before_target: None,
-                sparsity,
-                kept_at_target: None,
-            });
+        let goal = match (brought, c.target_sparsity) {
+            (true, Some(target)) => Some(ToTarget {
+                target,
+                importance_batches: IMPORTANCE_BATCHES,
+                // `prune-after-fl`'s own recovery is the run's budget (read from the same
+                // table).
+                recovery_steps: if final_eval {
+                    self.cfg.final_recovery_steps()? as usize
+                } else {
+                    0
+                },
+                batch,
+                lr,
+                seed: seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                criterion,
+                prune,
+            }),
+            _ => None,
         };
-        let before_target = match (final_eval, known_before) {
-            (false, _) => None,
-            (true, Some(q)) => Some(q),
-            (true, None) => Some(
-                self.trainer
-                    .evaluate(i, &state, &slice)
-                    .map_err(SimError::Model)?,
-            ),
-        };
-        // `prune-after-fl`'s own recovery is the run's budget (read from the same table).
-        let goal = ToTarget {
-            target,
-            importance_batches: IMPORTANCE_BATCHES,
-            recovery_steps: if final_eval {
-                self.cfg.final_recovery_steps()? as usize
-            } else {
-                0
+        Ok(Planned {
+            task: EvalTask {
+                device: i,
+                state,
+                slice,
+                goal,
             },
-            batch,
-            lr,
-            seed: seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            criterion,
-            prune,
-        };
-        let (quality, kept) = self
-            .trainer
-            .evaluate_at_target(i, &state, &slice, &goal)
-            .map_err(SimError::Model)?;
-        Ok(Scored {
-            quality,
-            brought: true,
-            before_target,
-            sparsity: pruned_config(&dense, &kept).sparsity(),
-            kept_at_target: Some(kept),
+            sparsity,
         })
     }
 
     /// The panel's mean quality after `round`.
     pub(super) fn evaluate_panel(&mut self, round: u64) -> Result<EvalRecord, SimError> {
         let panel = self.panel.clone();
-        let e = self.evaluate_devices(&panel, false)?;
+        let e = self.evaluate_devices(&panel)?;
         let q = &e.qualities;
         let n = q.len().max(1) as f64;
         let loss = q.iter().map(|(_, x)| x.loss).sum::<f64>() / n;
