@@ -316,7 +316,7 @@ pub(crate) fn decode_attention(
         attend_newest(qh, kh, cap, vh, scale, &mut p, o);
     };
     if batch * heads * keys * hd >= ELEMS_PER_TASK * 4 {
-        out.par_chunks_mut(hd).enumerate().for_each(one);
+        team::for_each(out.chunks_mut(hd).enumerate().collect(), one);
     } else {
         out.chunks_mut(hd).enumerate().for_each(one);
     }
@@ -547,6 +547,7 @@ mod importance;
 mod matmul;
 pub mod sgemm;
 mod skinny;
+pub mod team;
 pub use attention::{causal_attention, causal_attention_backward, AttentionShape};
 pub use importance::{lora_importance, Along};
 pub(crate) use matmul::OutPtr;

@@ -12,7 +12,6 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor};
-use rayon::prelude::*;
 
 use super::{flex_f32, slice, wrap};
 
@@ -83,15 +82,13 @@ fn row_times(x: &[f32], w: &[f32], y: &mut [f32]) {
     if x.len() * m < SERIAL_MACS {
         return axpy_rows(x, w, y);
     }
-    let partials: Vec<Vec<f32>> = x
-        .par_chunks(ROWS_PER_TASK)
-        .zip(w.par_chunks(ROWS_PER_TASK * m))
-        .map(|(xs, ws)| {
-            let mut p = vec![0.0f32; m];
-            axpy_rows(xs, ws, &mut p);
-            p
-        })
-        .collect();
+    let partials: Vec<Vec<f32>> = super::team::map(x.len().div_ceil(ROWS_PER_TASK), |c| {
+        let lo = c * ROWS_PER_TASK;
+        let hi = (lo + ROWS_PER_TASK).min(x.len());
+        let mut p = vec![0.0f32; m];
+        axpy_rows(&x[lo..hi], &w[lo * m..hi * m], &mut p);
+        p
+    });
     for p in &partials {
         for (a, &v) in y.iter_mut().zip(p) {
             *a += v;
@@ -107,9 +104,8 @@ fn row_times_transposed(x: &[f32], e: &[f32], y: &mut [f32]) {
             .enumerate()
             .for_each(|(c, o)| dot_rows(x, e, c * DOTS_PER_TASK, o));
     }
-    y.par_chunks_mut(DOTS_PER_TASK)
-        .enumerate()
-        .for_each(|(c, o)| dot_rows(x, e, c * DOTS_PER_TASK, o));
+    let parts = y.chunks_mut(DOTS_PER_TASK).enumerate().collect();
+    super::team::for_each(parts, |(c, o)| dot_rows(x, e, c * DOTS_PER_TASK, o));
 }
 
 /// The flex f32 tensor behind `t` when it is contiguous and without autodiff. Unlike
@@ -223,28 +219,26 @@ pub(crate) fn skinny_products(x: &[f32], ws: &[&SkinnyWeight]) -> Vec<Vec<f32>> 
     let tasks: Vec<Task> = (0..ws.len())
         .flat_map(|w| (0..n).flat_map(move |r| (0..parts(w)).map(move |part| Task { w, r, part })))
         .collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|t| {
-            let x = &x[t.r * k..(t.r + 1) * k];
-            let m = widths[t.w];
-            match layouts[t.w] {
-                Layout::Rows(w) => {
-                    let lo = t.part * slab(m);
-                    let hi = (lo + slab(m)).min(k);
-                    let mut p = vec![0.0f32; m];
-                    axpy_rows(&x[lo..hi], &w[lo * m..hi * m], &mut p);
-                    p
-                }
-                Layout::Transposed(e) => {
-                    let j0 = t.part * DOTS_PER_TASK;
-                    let mut o = vec![0.0f32; DOTS_PER_TASK.min(m - j0)];
-                    dot_rows(x, e, j0, &mut o);
-                    o
-                }
+    let results: Vec<Vec<f32>> = super::team::map(tasks.len(), |i| {
+        let t = &tasks[i];
+        let x = &x[t.r * k..(t.r + 1) * k];
+        let m = widths[t.w];
+        match layouts[t.w] {
+            Layout::Rows(w) => {
+                let lo = t.part * slab(m);
+                let hi = (lo + slab(m)).min(k);
+                let mut p = vec![0.0f32; m];
+                axpy_rows(&x[lo..hi], &w[lo * m..hi * m], &mut p);
+                p
             }
-        })
-        .collect();
+            Layout::Transposed(e) => {
+                let j0 = t.part * DOTS_PER_TASK;
+                let mut o = vec![0.0f32; DOTS_PER_TASK.min(m - j0)];
+                dot_rows(x, e, j0, &mut o);
+                o
+            }
+        }
+    });
     let mut outs: Vec<Vec<f32>> = widths.iter().map(|&m| vec![0.0f32; n * m]).collect();
     for (t, p) in tasks.iter().zip(&results) {
         let m = widths[t.w];

@@ -30,6 +30,7 @@ use super::lora_layer::Adapter;
 use super::Llama;
 use crate::bf16::Precision;
 use crate::cpu::DotPath;
+use crate::kernels::team::Team;
 use crate::kernels::{self, SkinnyWeight};
 use crate::quant::{matmul_many_q, QMatrix, QRows, QuantBase};
 
@@ -94,6 +95,9 @@ pub struct HostDecoder<'m> {
     norm: Vec<f32>,
     /// `[block][Proj::index()]`, `None` where the projection has no adapter.
     lora: Vec<Vec<Option<HostLora>>>,
+    /// Helper threads that spin between a token's parallel sections (one per core beside
+    /// the caller), parked when the decoder is idle.
+    team: Team,
 }
 
 impl<'m> HostDecoder<'m> {
@@ -145,6 +149,7 @@ impl<'m> HostDecoder<'m> {
                 .collect(),
             norm: host_values(model.norm.clone()),
             lora,
+            team: Team::for_pool(),
         })
     }
 
@@ -155,6 +160,11 @@ impl<'m> HostDecoder<'m> {
     /// # Panics
     /// As [`Llama::hidden`]: past the model's context, or a token id outside the vocabulary.
     pub fn logits(&self, ids: &[u32], cache: &mut KvCache) -> Option<Vec<f32>> {
+        self.team.enter(|| self.logits_here(ids, cache))
+    }
+
+    /// [`Self::logits`] on the entered team.
+    fn logits_here(&self, ids: &[u32], cache: &mut KvCache) -> Option<Vec<f32>> {
         let cfg = &self.model.config;
         let batch = ids.len();
         let ready = cfg.blocks.iter().zip(&cache.layers).all(|(s, c)| match c {

@@ -654,9 +654,7 @@ pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f3
                 tasks.push((m, c * per_task, ys));
             }
         }
-        tasks
-            .into_par_iter()
-            .for_each(|(m, j0, ys)| m.row_products(path, qx, j0, ys));
+        crate::kernels::team::for_each(tasks, |(m, j0, ys)| m.row_products(path, qx, j0, ys));
     }
     if n == 1 {
         return outs;
