@@ -137,16 +137,18 @@ pub fn generate(
         if out.len() == max_new {
             break;
         }
-        logits = crate::backend::on_pool(|| {
-            match host.as_ref().and_then(|h| h.logits(&[next], &mut cache)) {
-                Some(l) => l,
-                None => last(model.hidden(
+        // The host decoder runs its parallel sections on its own team from this thread;
+        // only the tensor path needs a rayon worker to run on.
+        logits = match host.as_ref().and_then(|h| h.logits(&[next], &mut cache)) {
+            Some(l) => l,
+            None => crate::backend::on_pool(|| {
+                last(model.hidden(
                     model.tokens_tensor(&[vec![next]]),
                     adapter,
                     Some(&mut cache),
-                )),
-            }
-        });
+                ))
+            }),
+        };
     }
     let decode_s = t1.elapsed().as_secs_f64();
     Ok(Generation {
