@@ -14,7 +14,9 @@
 //! fp32 kernels reading flex's buffers in place for an fp32 one ([`kernels::skinny_products`],
 //! bit for bit the tensor path's). RMSNorm's sum and the LoRA products may round differently,
 //! so the logits agree to float rounding: tested against [`Llama::hidden`] for both bases with
-//! equal and uneven KV maps, a block without attention, and an adapter.
+//! equal and uneven KV maps, a block without attention, and an adapter. The decoder holds a
+//! [`Team`] and enters it for each token, so the token's parallel sections run on helper
+//! threads that spin between them rather than on rayon workers woken for each one.
 //!
 //! It applies only where the tensor path would read host buffers anyway: a quantized or fp32
 //! (not bf16) base on flex, and a cache that a prompt has filled through [`Llama::hidden`]
