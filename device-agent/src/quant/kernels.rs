@@ -190,6 +190,16 @@ mod x86 {
     use super::{NibArgs, RowArgs, NIB, QK, TILE};
     use std::arch::x86_64::*;
 
+    /// Bytes ahead of the row being read that a one-row kernel prefetches into L2. One core
+    /// reading a decoded token's weights with only L1 prefetches (two rows, about 1 KiB,
+    /// ahead) waited on its line-fill buffers: ten to sixteen lines in flight at once, about
+    /// 10 GB/s. L2 prefetches far ahead keep more lines in flight; 4 KiB was the best of 2-12
+    /// KiB on the Intel AMX host (Q8_0 decoding 1.17-1.20x, BENCHMARKS.md "Prefetching a
+    /// decoded token's weights into L2").
+    const PREFETCH_L2: usize = 4096;
+    /// Bytes ahead that the same kernel prefetches into L1, from L2 by then.
+    const PREFETCH_L1: usize = 512;
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -304,9 +314,10 @@ mod x86 {
     /// One activation row (a decoded token) against every weight row, the weights' scales
     /// converted inside the loop, two blocks at a time, where [`rows!`] converts a row's scales
     /// into a buffer first: here that pass was 8% of a token, waiting on each row's first
-    /// scale from memory before the row's products could start. The next rows are prefetched
-    /// two ahead (their `row_bytes` of values from `w`, and their scales); `block` gives weight
-    /// row `j`'s block `b` against the activations' as 8 int32 partial sums.
+    /// scale from memory before the row's products could start. Each row's `row_bytes` of
+    /// values are prefetched twice: [`PREFETCH_L2`] bytes ahead into L2 and [`PREFETCH_L1`]
+    /// ahead into L1 (the scales two rows ahead); `block` gives weight row `j`'s block `b`
+    /// against the activations' as 8 int32 partial sums.
     macro_rules! rows_one {
         ($a:expr, $y:expr, $w:expr, $row_bytes:expr, |$j:ident, $b:ident| $block:expr) => {{
             let a = $a;
@@ -315,12 +326,21 @@ mod x86 {
             let (w, row_bytes): (*const i8, usize) = ($w, $row_bytes);
             let dx = a.dx.as_ptr();
             let rows = y.len();
+            let end = w.wrapping_add(rows * row_bytes);
             for ($j, yj) in y.iter_mut().enumerate() {
-                if $j + 2 < rows {
-                    let p = w.add(($j + 2) * row_bytes);
-                    for line in (0..row_bytes).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+                // Hints only: an address past the matrix is never prefetched or dereferenced.
+                let here = w.add($j * row_bytes);
+                for line in (0..row_bytes).step_by(64) {
+                    let far = here.wrapping_add(PREFETCH_L2 + line);
+                    if far < end {
+                        _mm_prefetch::<_MM_HINT_T1>(far);
                     }
+                    let near = here.wrapping_add(PREFETCH_L1 + line);
+                    if near < end {
+                        _mm_prefetch::<_MM_HINT_T0>(near);
+                    }
+                }
+                if $j + 2 < rows {
                     _mm_prefetch::<_MM_HINT_T0>(a.dw.as_ptr().add(($j + 2) * nb) as *const i8);
                 }
                 let dwp = a.dw.as_ptr().add($j * nb);
