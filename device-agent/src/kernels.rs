@@ -279,8 +279,9 @@ multiversion! {
 /// kv_heads, cap, hd]`, positions `0..keys` filled (the new one last); `kv_of[h]` is query head
 /// `h`'s KV head; returns `[batch, heads, hd]`. Reads the cache in place, where attention
 /// through tensors first copies it whole into contiguous `[batch, kv_heads, keys, hd]` tensors
-/// every token. Heads run in parallel once the cache is long enough to pay for the hand-off;
-/// each output is computed the same way either way.
+/// every token. Heads run in parallel once the cache is long enough to pay for the hand-off
+/// (from 228 keys of SmolLM2's nine heads on rayon, from 15 on an entered decoding team, whose
+/// helpers spin); each output is computed the same way either way.
 pub(crate) fn decode_attention(
     q: &[f32],
     kt: &[f32],
@@ -315,7 +316,12 @@ pub(crate) fn decode_attention(
         let (kh, vh) = (&kt[at..at + cap * hd], &v[at..at + keys * hd]);
         attend_newest(qh, kh, cap, vh, scale, &mut p, o);
     };
-    if batch * heads * keys * hd >= ELEMS_PER_TASK * 4 {
+    let split_from = if team::entered() {
+        ELEMS_PER_TASK / 4
+    } else {
+        ELEMS_PER_TASK * 4
+    };
+    if batch * heads * keys * hd >= split_from {
         team::for_each(out.chunks_mut(hd).enumerate().collect(), one);
     } else {
         out.chunks_mut(hd).enumerate().for_each(one);

@@ -233,6 +233,13 @@ fn with_team<R>(with: impl FnOnce(Option<&Team>) -> R) -> R {
     with(team)
 }
 
+/// Whether a team is entered on this thread (and not busy with the section this call is in):
+/// a section costs its caller about a microsecond there, against a rayon worker's wake-up
+/// elsewhere, so callers may split smaller work on a team.
+pub fn entered() -> bool {
+    CURRENT.with(|c| !c.get().is_null())
+}
+
 /// Slots written by exactly one task each (the task that claimed the index).
 struct Slots<T>(Vec<UnsafeCell<Option<T>>>);
 

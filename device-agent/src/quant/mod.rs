@@ -549,7 +549,9 @@ impl QMatrix {
             return;
         }
         let fused = kernels::fuses_nibbles(path, n);
-        let step = (UNPACK_BYTES / (nb * QK).max(1)).max(1);
+        // Whole tiles per unpacked chunk, as per task (see [`matmul_many_q`]).
+        let step =
+            (UNPACK_BYTES / (nb * QK).max(1) / kernels::TILE * kernels::TILE).max(kernels::TILE);
         UNPACKED.with_borrow_mut(|buf| {
             if !fused {
                 buf.resize(step.min(j1 - j0) * nb * QK, 0);
@@ -620,8 +622,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// rows]` each. Their weight rows are split over the pool together: a decoded token's k and v
 /// products are each too small to split (a task per thread would cost more than it saves), so
 /// taken one by one they ran on one thread after q; together they run beside it. Every output
-/// is one weight row's dot products, whichever task computes it, so the split never changes a
-/// value.
+/// is one weight row's dot products, whichever task computes it, and every task starts at a
+/// whole tile of the tiled kernel, so neither the split nor the thread count changes a value.
 pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f32>> {
     let n = qx.n;
     for m in mats {
@@ -646,12 +648,22 @@ pub fn matmul_many_q(path: DotPath, mats: &[&QMatrix], qx: &QRows) -> Vec<Vec<f3
         }
     } else {
         let threads = rayon::current_num_threads().max(1);
-        let total: usize = mats.iter().map(|m| m.rows).sum();
-        let per_task = total.div_ceil(threads * 8).max(1);
+        let mut left: usize = mats.iter().map(|m| m.rows).sum();
+        // Guided sizes: each task a share of the rows still left, down to about 8 KiB of
+        // weights, so the threads' last tasks are short and finish close together. Whole
+        // tiles of rows (the tiled kernel sums a partial tile's rows in another order).
         let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
         for (m, y) in mats.iter().zip(outs.iter_mut()) {
-            for (c, ys) in y.chunks_mut(per_task * n).enumerate() {
-                tasks.push((m, c * per_task, ys));
+            let least = (8192 * m.rows / m.bytes().max(1)).max(1);
+            let (mut j0, mut rest) = (0, y.as_mut_slice());
+            while j0 < m.rows {
+                let size = (left / (2 * threads))
+                    .max(least)
+                    .next_multiple_of(kernels::TILE)
+                    .min(m.rows - j0);
+                let (ys, tail) = rest.split_at_mut(size * n);
+                tasks.push((m, j0, ys));
+                (j0, rest, left) = (j0 + size, tail, left - size);
             }
         }
         crate::kernels::team::for_each(tasks, |(m, j0, ys)| m.row_products(path, qx, j0, ys));

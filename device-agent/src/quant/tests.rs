@@ -317,6 +317,36 @@ fn grouped_products_equal_each_matrix_alone_above_and_below_the_split() {
     assert_eq!(y[0], small.matmul_q(path, &qx));
 }
 
+#[test]
+fn products_do_not_depend_on_the_thread_count() {
+    // The tasks' sizes follow the pool's threads; each starts on a whole tile, so the tiled
+    // kernel (several activation rows) and the 4-bit chunks see the same tiles at any count.
+    // 1,538 rows: not a multiple of the tile, and the split's guided sizes end uneven.
+    let (rows, cols) = (1538, 1536);
+    for (i, format) in FORMATS.into_iter().enumerate() {
+        let w = seeded(rows * cols, 70 + i as u32, 0.5);
+        let m = QMatrix::quantize(format, &w, rows, cols).unwrap();
+        for n in [1, 5, 9] {
+            let qx = QRows::quantize(&seeded(n * cols, 80 + n as u32, 2.0), n, cols).unwrap();
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| matmul_many_q(DotPath::detect(), &[&m], &qx).remove(0))
+            };
+            let one = on(1);
+            for threads in [2, 3, 5] {
+                assert_eq!(
+                    on(threads),
+                    one,
+                    "{format:?}, {n} rows of activations, {threads} threads"
+                );
+            }
+        }
+    }
+}
+
 fn tiny(n_layers: usize, tie: bool) -> ModelConfig {
     // d_model 64 and ffn 80: the MLP's input width is not a multiple of 32.
     let mut c = ModelConfig::dense(97, 64, n_layers, 4, 2, 16, 80, tie);
