@@ -7,11 +7,8 @@
 //! each token ([`Team::enter`]); inside, [`for_each`] and [`map`] run their tasks on the
 //! calling thread and the team's helpers. Called with no team entered on this thread (every
 //! other caller: training, evaluation, the simulator's many agents) they are rayon's parallel
-//! iterators. Tasks are claimed one index at a time from a shared claim word, and each task's
-//! result goes to its own place, so which thread ran a task never changes a value. A section
-//! is published in place, without a lock or an allocation: an empty 16-task section costs
-//! about 0.4 µs on the Intel AMX host, against 2.7 µs through a mutex and a reference-counted
-//! section before (BENCHMARKS.md, "Prefetching a decoded token's weights into L2").
+//! iterators. Tasks are claimed one index at a time from a shared counter, and each task's
+//! result goes to its own place, so which thread ran a task never changes a value.
 //!
 //! A helper spins for at most [`SPIN`] after its last section, then parks until the next one:
 //! a team left idle (between prompts, or while the caller samples and detokenizes for long)
@@ -19,8 +16,8 @@
 
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,85 +26,54 @@ use rayon::prelude::*;
 /// How long an idle helper keeps spinning before it parks.
 pub const SPIN: Duration = Duration::from_micros(300);
 
-/// Bits of the claim word for a section's task count, and again for its next unclaimed task.
-const TASK_BITS: u32 = 16;
-/// The most tasks one published section holds (a larger call runs as several sections).
-const MAX_TASKS: usize = (1 << TASK_BITS) - 1;
-
-/// The running section's task function with its lifetime erased.
-type TaskFn = *const (dyn Fn(usize) + Sync + 'static);
-
-/// What the caller and the helpers share: one section at a time, published in place (no
-/// allocation, no lock), so a section costs its threads a few cache-line transfers.
-///
-/// A section is its claim word, `epoch << 32 | n << 16 | next`: threads claim task `next` by a
-/// compare-and-swap that also checks the section is still the one they saw, so a helper late
-/// from an earlier section can never claim a task of a later one; each thread adds the tasks it
-/// ran to `done` once, when no task is left to claim.
-struct Shared {
-    /// Bumped once per published section, after its claim word; helpers watch it.
-    epoch: AtomicUsize,
-    claim: AtomicU64,
-    /// The section's tasks: written by the caller before it publishes the claim word (release),
-    /// read by a thread only after it has claimed a task of that section (acquire), and not
-    /// written again before every claimed task has been counted in `done`.
-    f: UnsafeCell<Option<TaskFn>>,
+/// One parallel section: `n` tasks of `f`, claimed through `next`, counted in `done`.
+struct Section {
+    n: usize,
+    next: AtomicUsize,
     done: AtomicUsize,
     panicked: AtomicBool,
-    /// Set while a caller runs a section: a second thread entering the same team runs its
-    /// section alone instead of overwriting this one.
-    busy: AtomicBool,
+    /// The caller's task function with its lifetime erased: called only for a claimed index
+    /// below `n`, and the caller does not return before every such call has finished.
+    f: *const (dyn Fn(usize) + Sync + 'static),
+}
+
+// SAFETY: `f` is `Sync` and is only called while the section's caller waits (see `Section`);
+// the counters are atomics.
+#[allow(unsafe_code)]
+unsafe impl Send for Section {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Section {}
+
+impl Section {
+    /// Claim and run tasks until none is left; a task that panics is counted as done and
+    /// flagged, so the caller never waits for it forever.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.n {
+                return;
+            }
+            // SAFETY: `i < n` was claimed here and only here, and the section's caller waits
+            // for `done == n` before the borrow behind `f` ends.
+            #[allow(unsafe_code)]
+            let f = unsafe { &*self.f };
+            if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// What the caller and the helpers share.
+struct Shared {
+    /// Bumped once per published section; helpers watch it.
+    epoch: AtomicUsize,
+    section: Mutex<Option<Arc<Section>>>,
     /// Per helper: parked (or about to park), so the next section must unpark it.
     parked: Vec<AtomicBool>,
     quit: AtomicBool,
-}
-
-// SAFETY: `f` is only written by the one caller holding `busy`, and read under the claim
-// protocol described on the field; everything else is atomic.
-#[allow(unsafe_code)]
-unsafe impl Sync for Shared {}
-// SAFETY: as above; the pointer in `f` is only dereferenced under that protocol.
-#[allow(unsafe_code)]
-unsafe impl Send for Shared {}
-
-impl Shared {
-    /// Claim and run tasks of the section published as `epoch` until none is left; a task
-    /// that panics is counted as done and flagged, so the caller never waits for it forever.
-    fn work(&self, epoch: u32) {
-        let mut ran = 0;
-        let mut c = self.claim.load(Ordering::Acquire);
-        loop {
-            let (e, n, next) = (
-                (c >> 32) as u32,
-                (c >> TASK_BITS) as usize & MAX_TASKS,
-                c as usize & MAX_TASKS,
-            );
-            if e != epoch || next >= n {
-                break;
-            }
-            match self
-                .claim
-                .compare_exchange_weak(c, c + 1, Ordering::Acquire, Ordering::Acquire)
-            {
-                Ok(_) => {
-                    // SAFETY: task `next` of the live section is claimed here and only here;
-                    // the acquire above saw the caller's write of `f`, and the caller does not
-                    // write it again or return before this task is counted in `done`.
-                    #[allow(unsafe_code)]
-                    let f = unsafe { &*(*self.f.get()).expect("a published section") };
-                    if catch_unwind(AssertUnwindSafe(|| f(next))).is_err() {
-                        self.panicked.store(true, Ordering::Relaxed);
-                    }
-                    ran += 1;
-                    c = self.claim.load(Ordering::Acquire);
-                }
-                Err(now) => c = now,
-            }
-        }
-        if ran > 0 {
-            self.done.fetch_add(ran, Ordering::Release);
-        }
-    }
 }
 
 /// Helper threads for one decoding session (see the module's comment).
@@ -128,11 +94,7 @@ impl Team {
         let helpers = threads.saturating_sub(1);
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
-            claim: AtomicU64::new(0),
-            f: UnsafeCell::new(None),
-            done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-            busy: AtomicBool::new(false),
+            section: Mutex::new(None),
             parked: (0..helpers).map(|_| AtomicBool::new(false)).collect(),
             quit: AtomicBool::new(false),
         });
@@ -168,54 +130,39 @@ impl Team {
 
     /// Run `f(0..n)` on this thread and the helpers; returns when every task has finished.
     fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
-        let s = &*self.shared;
-        if self.helpers.is_empty() || n <= 1 || s.busy.swap(true, Ordering::Acquire) {
+        if self.helpers.is_empty() || n <= 1 {
             (0..n).for_each(f);
             return;
         }
-        struct Free<'a>(&'a AtomicBool);
-        impl Drop for Free<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
+        // SAFETY: only the lifetime is erased; this function does not return (nor unwind:
+        // every task runs under `catch_unwind`) before `done == n`, after which no thread
+        // calls `f` again (every index below `n` has been claimed and run).
+        #[allow(unsafe_code)]
+        let f: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
+        let section = Arc::new(Section {
+            n,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            f,
+        });
+        *self
+            .shared
+            .section
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&section));
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        for (p, h) in self.shared.parked.iter().zip(&self.helpers) {
+            if p.load(Ordering::SeqCst) {
+                h.thread().unpark();
             }
         }
-        let _free = Free(&s.busy);
-        for base in (0..n).step_by(MAX_TASKS) {
-            let count = (n - base).min(MAX_TASKS);
-            let task = |i: usize| f(base + i);
-            let task: &(dyn Fn(usize) + Sync) = &task;
-            // SAFETY: only the lifetime is erased; this loop does not leave the section (nor
-            // unwind: every task runs under `catch_unwind`) before `done == count`, after
-            // which no thread calls `f` again (every task has been claimed and has run).
-            #[allow(unsafe_code)]
-            let task: TaskFn = unsafe { std::mem::transmute(task) };
-            // SAFETY: no thread reads `f` now: every task of the previous section was counted
-            // done before its caller moved on, and a thread reads `f` only after claiming a
-            // task of the section published below.
-            #[allow(unsafe_code)]
-            unsafe {
-                *s.f.get() = Some(task);
-            }
-            s.done.store(0, Ordering::Relaxed);
-            s.panicked.store(false, Ordering::Relaxed);
-            let epoch = s.epoch.load(Ordering::Relaxed).wrapping_add(1);
-            s.claim.store(
-                u64::from(epoch as u32) << 32 | (count as u64) << TASK_BITS,
-                Ordering::Release,
-            );
-            s.epoch.store(epoch, Ordering::SeqCst);
-            for (p, h) in s.parked.iter().zip(&self.helpers) {
-                if p.load(Ordering::SeqCst) {
-                    h.thread().unpark();
-                }
-            }
-            s.work(epoch as u32);
-            while s.done.load(Ordering::Acquire) < count {
-                std::hint::spin_loop();
-            }
-            if s.panicked.load(Ordering::Relaxed) {
-                panic!("a task of a parallel decoding section panicked");
-            }
+        section.work();
+        while section.done.load(Ordering::Acquire) < n {
+            std::hint::spin_loop();
+        }
+        if section.panicked.load(Ordering::Relaxed) {
+            panic!("a task of a parallel decoding section panicked");
         }
     }
 }
@@ -241,7 +188,7 @@ fn helper(s: &Shared, me: usize) {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            if s.quit.load(Ordering::Relaxed) {
+            if s.quit.load(Ordering::SeqCst) {
                 return;
             }
             if s.epoch.load(Ordering::Acquire) != seen {
@@ -261,7 +208,10 @@ fn helper(s: &Shared, me: usize) {
             }
         }
         seen = s.epoch.load(Ordering::Acquire);
-        s.work(seen as u32);
+        let section = s.section.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(section) = section {
+            section.work();
+        }
     }
 }
 
@@ -396,31 +346,5 @@ mod tests {
         // Nested sections run on rayon: no deadlock on the busy team.
         let nested = team.enter(|| map(4, |i| map(3, |j| i * j).iter().sum::<usize>()));
         assert_eq!(nested, vec![0, 3, 6, 9]);
-    }
-
-    #[test]
-    fn more_tasks_than_a_section_holds_and_two_callers_on_one_team() {
-        let team = Team::new(2);
-        let n = MAX_TASKS * 2 + 7;
-        let many = team.enter(|| map(n, |i| i as u64 * 3));
-        assert_eq!(many, (0..n as u64).map(|i| i * 3).collect::<Vec<_>>());
-        // A second thread entering the busy team runs its sections alone, and both get theirs.
-        let sums: Vec<u64> = std::thread::scope(|sc| {
-            let runs: Vec<_> = (0..2u64)
-                .map(|t| {
-                    let team = &team;
-                    sc.spawn(move || {
-                        team.enter(|| {
-                            (0..500u64)
-                                .map(|r| map(9, |i| i as u64 + r + t).iter().sum::<u64>())
-                                .sum()
-                        })
-                    })
-                })
-                .collect();
-            runs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let expect = |t: u64| (0..500u64).map(|r| 36 + 9 * (r + t)).sum::<u64>();
-        assert_eq!(sums, vec![expect(0), expect(1)]);
     }
 }
