@@ -347,4 +347,26 @@ mod tests {
         let nested = team.enter(|| map(4, |i| map(3, |j| i * j).iter().sum::<usize>()));
         assert_eq!(nested, vec![0, 3, 6, 9]);
     }
+
+    #[test]
+    fn two_callers_on_one_team_each_get_their_sections() {
+        let team = Team::new(2);
+        let sums: Vec<u64> = std::thread::scope(|sc| {
+            let runs: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let team = &team;
+                    sc.spawn(move || {
+                        team.enter(|| {
+                            (0..500u64)
+                                .map(|r| map(9, |i| i as u64 + r + t).iter().sum::<u64>())
+                                .sum()
+                        })
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expect = |t: u64| (0..500u64).map(|r| 36 + 9 * (r + t)).sum::<u64>();
+        assert_eq!(sums, vec![expect(0), expect(1)]);
+    }
 }
