@@ -6,8 +6,8 @@
 //! quantizing the activations' rows to Q8_0 blocks and summing int8 products exactly in int32
 //! ([`kernels`]: AVX-512 VNNI, AVX2, aarch64 `sdot`, portable; chosen at run time by
 //! [`crate::cpu::DotPath`]). A 4-bit matrix is unpacked to int8 a few rows at a time into a
-//! per-thread buffer of at most [`UNPACK_BYTES`] (so the weights are read from memory at 4.5 or
-//! 5 bits each) and goes through the same kernels; Q4_1 adds its block midpoint `(m + 8 d) *
+//! per-thread buffer of at most [`UNPACK_BYTES`] or one tile of rows (so the weights are read
+//! from memory at 4.5 or 5 bits each) and goes through the same kernels; Q4_1 adds its block midpoint `(m + 8 d) *
 //! sum(x)` per block.
 //! Output rows are split across rayon's threads, so one decoded token pulls the weights through
 //! every core.
@@ -340,7 +340,8 @@ impl QRows {
 pub const UNPACK_BYTES: usize = 16 << 10;
 
 thread_local! {
-    /// Each thread's buffer of unpacked 4-bit rows (at most [`UNPACK_BYTES`], or one row).
+    /// Each thread's buffer of unpacked 4-bit rows (at most [`UNPACK_BYTES`], or one tile of
+    /// [`kernels::TILE`] rows where rows are wider).
     static UNPACKED: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
 }
 
