@@ -234,8 +234,9 @@ fn with_team<R>(with: impl FnOnce(Option<&Team>) -> R) -> R {
 }
 
 /// Whether a team is entered on this thread (and not busy with the section this call is in):
-/// a section costs its caller about a microsecond there, against a rayon worker's wake-up
-/// elsewhere, so callers may split smaller work on a team.
+/// a section costs its threads a few microseconds there (2.7 µs for 16 empty tasks on the Intel
+/// AMX host), against a rayon worker's wake-up elsewhere, so callers may split smaller work on
+/// a team.
 pub fn entered() -> bool {
     CURRENT.with(|c| !c.get().is_null())
 }
