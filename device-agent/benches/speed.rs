@@ -588,6 +588,68 @@ fn bf16_rows(base: &device_agent::model::Llama, batch: &train::Batch, ids: &[u32
     println!("| prompt forward 256 tokens, b1, bf16 base, dense | {:.0} | tok/s | {:.0} | fp32 alternating: {:.0} tok/s; **{:.2}x** |", 256.0 / b, flops / b / 1e9, 256.0 / a, a / b);
 }
 
+/// `-- prompt`: the dense 256-token prompt four ways, alternating call by call: to the first
+/// token (logits at the last position only, what llama-bench's pp rows and `generate` compute)
+/// with every block run on every position, the same with the last block after attention run on
+/// the last position alone ([`device_agent::model::Llama::hidden_last`], as llama.cpp does), that
+/// filling a KV cache (what `generate` does), and the whole forward with logits at every
+/// position (the main table's row, what PyTorch's `model(ids)` computes). GFLOP/s count every
+/// block on every position and not the head, for all four.
+fn prompt_rows(base: &device_agent::model::Llama, ids: &[u32], reps: usize) {
+    let prompt: Vec<u32> = ids[..256].to_vec();
+    let toks = || base.tokens_tensor(std::slice::from_ref(&prompt));
+    let d = base.config.d_model;
+    let full = || base.forward(toks(), None).into_data();
+    let every = || {
+        let h = base.hidden(toks(), None, None);
+        base.logits(h.narrow(0, 255, 1).reshape([1, d])).into_data()
+    };
+    let last = |cache: Option<&mut device_agent::model::KvCache>| {
+        base.logits(base.hidden_last(toks(), None, cache))
+            .into_data()
+    };
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let mut s: [Vec<f64>; 4] = Default::default();
+    for rep in 0..=reps {
+        let e = time(&mut || drop(every()));
+        let l = time(&mut || drop(last(None)));
+        let mut cache = device_agent::model::KvCache::new(base.config.n_layers());
+        let c = time(&mut || drop(last(Some(&mut cache))));
+        let f = time(&mut || drop(full()));
+        // The first round warms up.
+        if rep > 0 {
+            for (v, x) in s.iter_mut().zip([e, l, c, f]) {
+                v.push(x);
+            }
+        }
+    }
+    let [e, l, c, f] = s.map(median);
+    let flops = cost::forward_flops(&base.config, 256, 256, false);
+    for (name, secs) in [
+        ("to the first token, every block on every position", e),
+        (
+            "to the first token, the last block's MLP on the last position",
+            l,
+        ),
+        (
+            "to the first token as `generate` runs it (the same, filling a KV cache)",
+            c,
+        ),
+        ("logits at every position", f),
+    ] {
+        println!(
+            "| prompt forward 256 tokens, b1, fp32, {name} | {:.0} | tok/s ({:.1} ms) | {:.0} | |",
+            256.0 / secs,
+            secs * 1e3,
+            flops / secs / 1e9
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // What the binaries do (see `backend::tune_allocator`); `default-malloc` measures without.
@@ -681,6 +743,10 @@ fn main() {
         bf16_rows(&base, &batch, &ids, reps.max(3));
         return;
     }
+    if args.iter().any(|a| a == "prompt") {
+        prompt_rows(&base, &ids, if quick { 3 } else { 9 });
+        return;
+    }
 
     // Large square fp32 matmul through the backend.
     let sq = device_agent::op_timer::backend_matmul_gflops(
@@ -741,13 +807,12 @@ fn main() {
         let model = prune::slice_model(&base, &uniform_prune(&base, sp)).expect("slice");
         let toks = || model.tokens_tensor(std::slice::from_ref(&prompt));
         let s = time_median(reps.max(3), || model.forward(toks(), None).into_data());
-        // Time to the first generated token: logits of the last position only, as
-        // `generate` does (the LM head costs 1/256 of the full-logits forward's).
+        // Time to the first generated token: logits of the last position only, the last
+        // block's MLP on that position alone, as `generate` does (the LM head costs 1/256 of
+        // the full-logits forward's).
         let first = || {
-            let h = model.hidden(toks(), None, None);
-            let d = h.dims()[1];
             model
-                .logits(h.narrow(0, 255, 1).reshape([1, d]))
+                .logits(model.hidden_last(toks(), None, None))
                 .into_data()
         };
         let f = time_median(reps.max(3), first);

@@ -105,11 +105,10 @@ pub fn generate(
     let budget = model.config.max_seq_len.saturating_sub(prompt_ids.len());
     let max_new = cfg.max_new_tokens.min(budget);
     let t0 = std::time::Instant::now();
+    // The last position's hidden state (one row): its logits.
     let last = |h: burn::tensor::Tensor<2>| -> Vec<f32> {
-        let [n, d] = h.dims();
-        let row = h.narrow(0, n - 1, 1).reshape([1, d]);
         model
-            .logits(row)
+            .logits(h)
             .into_data()
             .try_to_vec()
             .expect("the model computes in f32, so its logits are f32")
@@ -117,7 +116,7 @@ pub fn generate(
     // Decoded tokens skip burn's tensors where the base is Q8_0 on flex.
     let host = HostDecoder::new(model, adapter);
     let mut logits = crate::backend::on_pool(|| {
-        last(model.hidden(
+        last(model.hidden_last(
             model.tokens_tensor(&[prompt_ids.to_vec()]),
             adapter,
             Some(&mut cache),
@@ -142,7 +141,7 @@ pub fn generate(
         logits = match host.as_ref().and_then(|h| h.logits(&[next], &mut cache)) {
             Some(l) => l,
             None => crate::backend::on_pool(|| {
-                last(model.hidden(
+                last(model.hidden_last(
                     model.tokens_tensor(&[vec![next]]),
                     adapter,
                     Some(&mut cache),

@@ -282,7 +282,35 @@ impl Llama {
         &self,
         tokens: Tensor<2, Int>,
         adapter: Option<&Adapter>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<2> {
+        self.hidden_rows(tokens, adapter, cache, false)
+    }
+
+    /// Final hidden states after the last norm at each sequence's last position only, what
+    /// the next token is sampled from. The last block's attention output, output projection
+    /// and MLP are computed for those rows alone (every position's keys and values still go
+    /// into `cache`): for a prompt of `seq` tokens that block's work after attention is
+    /// `1 / seq` of [`Llama::hidden`]'s.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]`
+    /// - returns: `[batch, d_model]` (row `b`: sequence `b`'s position `seq - 1`)
+    pub fn hidden_last(
+        &self,
+        tokens: Tensor<2, Int>,
+        adapter: Option<&Adapter>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<2> {
+        self.hidden_rows(tokens, adapter, cache, true)
+    }
+
+    fn hidden_rows(
+        &self,
+        tokens: Tensor<2, Int>,
+        adapter: Option<&Adapter>,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Tensor<2> {
         let [batch, seq] = tokens.dims();
         let cfg = &self.config;
@@ -294,9 +322,18 @@ impl Llama {
             cfg.max_seq_len
         );
         let mut x = self.embed_tokens(tokens);
-        for l in 0..self.blocks.len() {
+        let layers = self.blocks.len();
+        for l in 0..layers {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = self.block_forward(l, x, adapter, slot, start, batch, seq);
+            let rows = if last_only && l + 1 == layers {
+                Rows::Last
+            } else {
+                Rows::All
+            };
+            x = self.block_rows(l, x, adapter, slot, start, batch, seq, rows);
+        }
+        if last_only && layers == 0 {
+            x = Rows::Last.of(x, batch, seq);
         }
         if let Some(c) = cache {
             c.len += seq;
@@ -324,12 +361,30 @@ impl Llama {
     pub fn block_forward(
         &self,
         l: usize,
+        x: Tensor<2>,
+        adapter: Option<&Adapter>,
+        cache_layer: Option<&mut LayerKv>,
+        start: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Tensor<2> {
+        self.block_rows(l, x, adapter, cache_layer, start, batch, seq, Rows::All)
+    }
+
+    /// [`Llama::block_forward`] whose output holds `rows` of its input's: with [`Rows::Last`]
+    /// attention still reads (and caches) every position, and what follows it runs on the last
+    /// position of each sequence alone.
+    #[allow(clippy::too_many_arguments)]
+    fn block_rows(
+        &self,
+        l: usize,
         mut x: Tensor<2>,
         adapter: Option<&Adapter>,
         cache_layer: Option<&mut LayerKv>,
         start: usize,
         batch: usize,
         seq: usize,
+        rows: Rows,
     ) -> Tensor<2> {
         let cfg = &self.config;
         let hd = cfg.head_dim;
@@ -382,8 +437,9 @@ impl Llama {
                 },
                 None => attend(q, k, v),
             };
-            Some(proj(o, w(Proj::O), lora(Proj::O)))
+            Some(proj(rows.of(o, batch, seq), w(Proj::O), lora(Proj::O)))
         };
+        x = rows.of(x, batch, seq);
         if let Some(a) = attn_out {
             x = x + a;
         }
@@ -434,6 +490,31 @@ impl Llama {
     /// Full forward: logits `[batch * seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<2, Int>, adapter: Option<&Adapter>) -> Tensor<2> {
         self.logits(self.hidden(tokens, adapter, None))
+    }
+}
+
+/// Which rows of a block's input its output keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// Every position of every sequence.
+    All,
+    /// The last position of each sequence (what the next token is sampled from).
+    Last,
+}
+
+impl Rows {
+    /// These rows of `t`, `[batch * seq, d]` in sequence-major order.
+    fn of(self, t: Tensor<2>, batch: usize, seq: usize) -> Tensor<2> {
+        match self {
+            Rows::All => t,
+            Rows::Last if seq <= 1 => t,
+            Rows::Last if batch == 1 => t.narrow(0, seq - 1, 1),
+            Rows::Last => {
+                let idx: Vec<i64> = (0..batch).map(|b| (b * seq + seq - 1) as i64).collect();
+                let device = t.device();
+                t.select(0, Tensor::from_data(TensorData::new(idx, [batch]), &device))
+            }
+        }
     }
 }
 
@@ -523,6 +604,61 @@ mod tests {
             for (i, (a, b)) in full.iter().zip(&got).enumerate() {
                 for (x, y) in a.iter().zip(b) {
                     assert!((x - y).abs() < 1e-4, "{what}, row {i}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    /// `hidden_last` gives the rows of `hidden` at each sequence's last position, for two
+    /// sequences and for one, with and without a cache; a cache it filled serves the next
+    /// tokens as one filled by `hidden` does (its keys and values cover every position). On
+    /// equal KV groups, on a pruned model (the last block without attention) and on a one-block
+    /// model.
+    #[test]
+    fn hidden_last_equals_the_last_rows_of_hidden() {
+        let mut pruned = tiny(3);
+        pruned.blocks[0] = block(3, 2, 20, vec![0, 1, 1]);
+        pruned.blocks[2] = block(0, 0, 48, vec![]);
+        for (what, cfg) in [
+            ("equal groups", tiny(3)),
+            ("pruned", pruned),
+            ("one block", tiny(1)),
+        ] {
+            let layers = cfg.n_layers();
+            let m = Llama::random(cfg, 5, &dev());
+            let seqs: Vec<Vec<u32>> = (0..2u32)
+                .map(|b| (0..9u32).map(|i| (i * 5 + b * 11 + 1) % 61).collect())
+                .collect();
+            for batch in [&seqs[..], &seqs[..1]] {
+                let n = batch.len();
+                let all = to_rows(m.hidden(m.tokens_tensor(batch), None, None));
+                let want: Vec<Vec<f32>> = (0..n).map(|b| all[b * 9 + 8].clone()).collect();
+                let mut cache = KvCache::new(layers);
+                let mut ref_cache = KvCache::new(layers);
+                let prompt: Vec<Vec<u32>> = batch.iter().map(|s| s[..8].to_vec()).collect();
+                let _ = m.hidden(m.tokens_tensor(&prompt), None, Some(&mut ref_cache));
+                let from_cache = m.hidden_last(m.tokens_tensor(&prompt), None, Some(&mut cache));
+                assert_eq!(from_cache.dims(), [n, 32], "{what}: one row per sequence");
+                assert_eq!(cache.len(), 8, "{what}: every prompt position cached");
+                let next: Vec<Vec<u32>> = batch.iter().map(|s| s[8..].to_vec()).collect();
+                let got = [
+                    to_rows(m.hidden_last(m.tokens_tensor(batch), None, None)),
+                    to_rows(m.hidden_last(m.tokens_tensor(&next), None, Some(&mut cache))),
+                    to_rows(m.hidden_last(m.tokens_tensor(&next), None, Some(&mut ref_cache))),
+                ];
+                for (way, rows) in ["whole", "after its own cache", "after hidden's cache"]
+                    .iter()
+                    .zip(&got)
+                {
+                    assert_eq!(rows.len(), n, "{what}, {way}");
+                    for (b, (g, w)) in rows.iter().zip(&want).enumerate() {
+                        for (x, y) in g.iter().zip(w) {
+                            assert!(
+                                (x - y).abs() < 1e-4,
+                                "{what}, {way}, sequence {b}: {x} vs {y}"
+                            );
+                        }
+                    }
                 }
             }
         }
