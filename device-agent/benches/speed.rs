@@ -17,6 +17,8 @@
 //! timed against fp32 alternating call by call (the LoRA step dense and pruned, the prompt
 //! forward); `-- bf16` runs only those rows. `-- matmuls` prints only the matmul table of
 //! `-- profile` (flex, the `gemm` crate directly, and our bf16 kernels at the step's shapes).
+//! `-- prompt` times the 256-token prompt to the first token (what llama-bench's pp rows
+//! measure: logits at the last position only) beside the full forward, alternating.
 
 use std::time::Instant;
 
