@@ -66,6 +66,17 @@ pub trait FusedBackend: Backend {
         low: FloatTensor<Self>,
         sb: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// Rotary position embedding of rows `[rows, heads * hd]` (whole sequences of `seq`
+    /// positions from `start`) by the `[positions, hd]` angle tables `cos` and `sin`; see
+    /// [`rope`].
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        hd: usize,
+        seq: usize,
+        start: usize,
+    ) -> FloatTensor<Self>;
     /// Causal attention `softmax(q k^T / sqrt(hd) + mask) v` per KV head: `q` is `[batch,
     /// kv_heads, g * seq, hd]` (a group's queries as rows), `k` and `v` are `[batch, kv_heads,
     /// keys, hd]`; see [`causal_attention`].
@@ -140,7 +151,44 @@ fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
     like(&x, out)
 }
 
+/// [`kernels::rope_into`] on flex tensors: `x` `[rows, heads * hd]`, the tables `[positions,
+/// hd]`; the angles negated when `inverse` (the backward pass).
+fn rope_flex(
+    x: FlexTensor,
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+    (hd, seq, start): (usize, usize, usize),
+    inverse: bool,
+) -> FlexTensor {
+    let (x, cos, sin) = (
+        contiguous(x),
+        contiguous(cos.clone()),
+        contiguous(sin.clone()),
+    );
+    let mut out = vec![0f32; values(&x).len()];
+    let at = kernels::RopeRows {
+        cos: values(&cos),
+        sin: values(&sin),
+        hd,
+        seq,
+        start,
+    };
+    kernels::rope_into(values(&x), &mut out, last_dim(&x), at, inverse);
+    like(&x, out)
+}
+
 impl FusedBackend for Flex {
+    fn rope(
+        x: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        hd: usize,
+        seq: usize,
+        start: usize,
+    ) -> FlexTensor {
+        rope_flex(x, &cos, &sin, (hd, seq, start), false)
+    }
+
     fn norm_matmul(
         h: FlexTensor,
         _x: FlexTensor,
@@ -201,6 +249,23 @@ impl Backward<Flex, 1> for SoftmaxBackward {
             let mut ds = vec![0f32; values(&p).len()];
             kernels::softmax_grad_into(values(&p), values(&dy), &mut ds, last_dim(&p), 1.0);
             grads.register::<Flex>(node.id, like(&p, ds));
+        }
+    }
+}
+
+/// `dx` is `dy` rotated back (the rotation is orthogonal), from the kept tables.
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    type State = (FlexTensor, FlexTensor, (usize, usize, usize));
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = parent {
+            let (cos, sin, at) = ops.state;
+            grads.register::<Flex>(node.id, rope_flex(dy, &cos, &sin, at, true));
         }
     }
 }
@@ -427,6 +492,30 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
         }
     }
 
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        hd: usize,
+        seq: usize,
+        start: usize,
+    ) -> FloatTensor<Self> {
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match RopeBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::rope(x.into_primitive(), cos.clone(), sin.clone(), hd, seq, start);
+                prep.finish((cos, sin, (hd, seq, start)), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::rope(x.into_primitive(), cos, sin, hd, seq, start))
+            }
+        }
+    }
+
     fn softmax_last(s: FloatTensor<Self>) -> FloatTensor<Self> {
         match SoftmaxBackward
             .prepare::<C>([s.node()])
@@ -473,6 +562,32 @@ pub fn softmax<const D: usize>(s: Tensor<D>) -> Tensor<D> {
         return activation::softmax(s, D - 1);
     }
     Tensor::from_dispatch(<Dispatch as FusedBackend>::softmax_last(s.into_dispatch()))
+}
+
+/// Rotary position embedding of `x` `[batch * seq, heads * hd]` (the rows a q or k product
+/// leaves, heads not yet split) at positions `start..start + seq` of each sequence, by `cos`
+/// and `sin` `[positions, hd]` ([`crate::model::Rope`]'s tables), in one pass over the rows
+/// ([`kernels::rope_into`]); its backward pass rotates the gradient back. The same bits as
+/// [`crate::model::Rope::apply`]'s operations. `None` off flex.
+pub fn rope(
+    x: Tensor<2>,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+    hd: usize,
+    seq: usize,
+    start: usize,
+) -> Option<Tensor<2>> {
+    if !on_flex(&x) || !on_flex(cos) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(<Dispatch as FusedBackend>::rope(
+        x.into_dispatch(),
+        cos.clone().into_dispatch(),
+        sin.clone().into_dispatch(),
+        hd,
+        seq,
+        start,
+    )))
 }
 
 /// Causal attention on flex (see [`crate::model::causal_attention`], which reshapes into this

@@ -556,6 +556,7 @@ pub fn cross_entropy_rows(
 mod attention;
 mod importance;
 mod matmul;
+mod rope;
 pub mod sgemm;
 mod skinny;
 pub mod team;
@@ -563,6 +564,7 @@ pub use attention::{causal_attention, causal_attention_backward, AttentionShape}
 pub use importance::{lora_importance, Along};
 pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
+pub use rope::{rope_into, RopeRows};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
 pub(crate) use skinny::{skinny_products, SkinnyWeight};
 

@@ -410,11 +410,12 @@ impl Llama {
                     (w(Proj::V), lora(Proj::V)),
                 ],
             );
+            // Rotated while the heads of a position are one row (one pass, see `Rope`).
+            let q = self.rope.apply_rows(q, start, seq);
+            let k = self.rope.apply_rows(k, start, seq);
             let q = q.reshape([batch, seq, nh, hd]).swap_dims(1, 2);
             let k = k.reshape([batch, seq, nkv, hd]).swap_dims(1, 2);
             let v = v.reshape([batch, seq, nkv, hd]).swap_dims(1, 2);
-            let q = self.rope.apply(q, start);
-            let k = self.rope.apply(k, start);
             // Equal consecutive groups read their KV head in place; any other map selects one
             // KV head per query head by index.
             let attend = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {

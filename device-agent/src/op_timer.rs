@@ -265,12 +265,10 @@ pub fn lora_step_profile(
         t.reshape([b * h * s, e])
     };
     let unflat = move |t: Tensor<2>, heads: usize| t.reshape([bsz, heads, seq, hd]);
-    let (q4, k4) = (flat(split(q.clone(), nh)), flat(split(k.clone(), nkv)));
+    // As the model rotates them: the rows of the q and k products, heads not yet split.
     let mut rope_t = (0.0, 0.0);
-    for (t, heads) in [(q4, nh), (k4, nkv)] {
-        let (f, b) = time_one(&[t], reps, |i| {
-            flat(rope.apply(unflat(i[0].clone(), heads), 0))
-        });
+    for t in [q.clone(), k.clone()] {
+        let (f, b) = time_one(&[t], reps, |i| rope.apply_rows(i[0].clone(), 0, seq));
         rope_t.0 += f;
         rope_t.1 += b;
     }

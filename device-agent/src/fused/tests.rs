@@ -249,3 +249,58 @@ fn lora_add_has_the_values_and_gradients_of_the_add() {
         assert!(max_diff(dla, dlb) < 1e-5 && max_diff(dsa, dsb) < 1e-5);
     }
 }
+
+/// RoPE over the rows of a q product against `Rope::apply` on the split heads (burn's
+/// operations): the same bits forward and in the input gradient under autodiff, for two
+/// sequences at positions from 7 (as after cached positions), and from a strided input.
+#[test]
+fn rope_has_the_bits_of_burns_operations_forward_and_backward() {
+    let device = Device::flex();
+    let (batch, seq, heads, hd, start) = (2, 37, 3, 16, 7);
+    let (rows, width) = (batch * seq, heads * hd);
+    let rope = crate::model::Rope::new(hd, 64, 10_000.0, &device);
+    let x = Tensor::<2>::from_data(
+        TensorData::new(seeded(rows * width, 13, 3.0), [rows, width]),
+        &device,
+    );
+    let w = Tensor::<2>::from_data(
+        TensorData::new(seeded(rows * width, 17, 1.0), [rows, width]),
+        &device,
+    );
+    let by_ops = |t: Tensor<2>| {
+        let split = t.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
+        rope.apply(split, start)
+            .swap_dims(1, 2)
+            .reshape([rows, width])
+    };
+    let bits = |t: Tensor<2>| {
+        t.into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
+    };
+    assert_eq!(
+        bits(rope.apply_rows(x.clone(), start, seq)),
+        bits(by_ops(x.clone())),
+        "forward"
+    );
+    // The same values as the left half of wider rows: a row stride of 2 * width.
+    let wide = Tensor::cat(vec![x.clone(), w.clone()], 1).narrow(1, 0, width);
+    assert_eq!(
+        bits(rope.apply_rows(wide, start, seq)),
+        bits(by_ops(x.clone())),
+        "strided input"
+    );
+    let grad = |f: &dyn Fn(Tensor<2>) -> Tensor<2>| {
+        let xa = x.clone().autodiff().require_grad();
+        let y = f(xa.clone());
+        let g = (y.clone() * w.clone()).sum().backward();
+        (y.inner(), xa.grad(&g).expect("input gradient"))
+    };
+    let (ya, ga) = grad(&|t| rope.apply_rows(t, start, seq));
+    let (yb, gb) = grad(&by_ops);
+    assert_eq!(bits(ya), bits(yb), "forward under autodiff");
+    assert_eq!(bits(ga), bits(gb), "input gradient");
+}

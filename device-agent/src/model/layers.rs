@@ -29,6 +29,21 @@ impl Rope {
         }
     }
 
+    /// Rotate the rows `x` `[batch * seq, heads * head_dim]` (a q or k product's output, its
+    /// heads not yet split) for positions `start..start + seq` of each sequence: one pass on
+    /// flex ([`crate::fused::rope`]), [`Rope::apply`] on the split heads elsewhere.
+    pub fn apply_rows(&self, x: Tensor<2>, start: usize, seq: usize) -> Tensor<2> {
+        let hd = self.cos.dims()[1];
+        let [rows, width] = x.dims();
+        crate::fused::rope(x.clone(), &self.cos, &self.sin, hd, seq, start).unwrap_or_else(|| {
+            let (batch, heads) = (rows / seq, width / hd);
+            let split = x.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
+            self.apply(split, start)
+                .swap_dims(1, 2)
+                .reshape([rows, width])
+        })
+    }
+
     /// Rotate `x` of shape `[batch, heads, seq, head_dim]` for positions `start..start+seq`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [_, _, seq, hd] = x.dims();
