@@ -275,7 +275,7 @@ fn rope_has_the_bits_of_burns_operations_forward_and_backward() {
     };
     let bits = |t: Tensor<2>| {
         t.into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .unwrap()
             .iter()
             .map(|v| v.to_bits())

@@ -60,14 +60,14 @@ multiversion! {
 /// multiple of `at.seq`), into `out`; row-parallel when large.
 pub fn rope_into(x: &[f32], out: &mut [f32], width: usize, at: RopeRows, inverse: bool) {
     assert!(
-        width > 0 && at.hd > 0 && width % at.hd == 0 && at.hd % 2 == 0,
+        width > 0 && at.hd > 0 && width.is_multiple_of(at.hd) && at.hd.is_multiple_of(2),
         "rows of {width} values are not whole heads of an even {}",
         at.hd
     );
     assert_eq!(x.len(), out.len(), "RoPE input and output sizes");
     let rows = x.len() / width;
     assert!(
-        at.seq > 0 && rows % at.seq == 0,
+        at.seq > 0 && rows.is_multiple_of(at.seq),
         "{rows} rows are not whole sequences of {}",
         at.seq
     );
