@@ -66,6 +66,8 @@ pub trait FusedBackend: Backend {
         low: FloatTensor<Self>,
         sb: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// RMSNorm of the rows of `x` with weight `w`; see [`rms_norm`].
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     /// Rotary position embedding of rows `[rows, heads * hd]` (whole sequences of `seq`
     /// positions from `start`) by the `[positions, hd]` angle tables `cos` and `sin`; see
     /// [`rope`].
@@ -139,7 +141,7 @@ fn attention_shape(q: &FlexTensor, k: &FlexTensor, seq: usize) -> (kernels::Atte
 }
 
 /// RMSNorm of the rows of `x` (flex) with weight `w`.
-fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
+fn rms_norm_flex(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
     let (x, w) = (contiguous(x), contiguous(w));
     let mut out = vec![0f32; values(&x).len()];
     assert_eq!(
@@ -178,6 +180,10 @@ fn rope_flex(
 }
 
 impl FusedBackend for Flex {
+    fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
+        rms_norm_flex(x, w, eps)
+    }
+
     fn rope(
         x: FlexTensor,
         cos: FlexTensor,
@@ -253,6 +259,39 @@ impl Backward<Flex, 1> for SoftmaxBackward {
     }
 }
 
+/// RMSNorm's gradients from the kept input and weight: `dx` by [`kernels::rms_norm_grad_into`],
+/// and `dw = sum over rows of dy x r` when the weight is tracked (a frozen model's is not).
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    type State = (FlexTensor, FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let (x, w, eps) = ops.state;
+        let (xv, wv, dyv) = (values(&x), values(&w), values(&dy));
+        if let Some(node) = node_x {
+            let mut dx = vec![0f32; xv.len()];
+            kernels::rms_norm_grad_into(xv, wv, dyv, &mut dx, eps as f32);
+            grads.register::<Flex>(node.id, like(&x, dx));
+        }
+        if let Some(node) = node_w {
+            let d = wv.len();
+            let mut dw = vec![0f32; d];
+            for (xr, er) in xv.chunks_exact(d).zip(dyv.chunks_exact(d)) {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + eps as f32).sqrt();
+                for ((g, &v), &e) in dw.iter_mut().zip(xr).zip(er) {
+                    *g += e * v * r;
+                }
+            }
+            grads.register::<Flex>(node.id, like(&w, dw));
+        }
+    }
+}
+
 /// `dx` is `dy` rotated back (the rotation is orthogonal), from the kept tables.
 #[derive(Debug)]
 struct RopeBackward;
@@ -311,7 +350,7 @@ impl Recipe {
     fn input(self) -> FlexTensor {
         match self {
             Recipe::Swiglu { g, u } => Flex::swiglu(g, u),
-            Recipe::Norm { pre, w, eps } => rms_norm(pre, w, eps),
+            Recipe::Norm { pre, w, eps } => rms_norm_flex(pre, w, eps),
         }
     }
 }
@@ -492,6 +531,26 @@ impl<C: CheckpointStrategy> FusedBackend for Autodiff<Flex, C> {
         }
     }
 
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        match RmsNormBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (
+                    contiguous(x.into_primitive()),
+                    contiguous(w.into_primitive()),
+                );
+                let y = rms_norm_flex(x.clone(), w.clone(), eps);
+                prep.finish((x, w, eps), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(rms_norm_flex(x.into_primitive(), w.into_primitive(), eps))
+            }
+        }
+    }
+
     fn rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -562,6 +621,20 @@ pub fn softmax<const D: usize>(s: Tensor<D>) -> Tensor<D> {
         return activation::softmax(s, D - 1);
     }
     Tensor::from_dispatch(<Dispatch as FusedBackend>::softmax_last(s.into_dispatch()))
+}
+
+/// RMSNorm of the rows of `x` `[n, d]` with weight `w` `[d]`, `x / sqrt(mean(x^2) + eps) * w`,
+/// in one pass ([`kernels::rms_norm_into`]); under autodiff it keeps `x` and `w` (`x` is the
+/// residual stream, kept anyway) and its backward pass is one more pass per row. `None` off
+/// flex.
+pub fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Option<Tensor<2>> {
+    if !on_flex(&x) || !on_flex(w) {
+        return None;
+    }
+    let d = w.dims()[0];
+    let w2 = w.clone().reshape([1, d]);
+    let y = <Dispatch as FusedBackend>::rms_norm(x.into_dispatch(), w2.into_dispatch(), eps);
+    Some(Tensor::from_dispatch(y))
 }
 
 /// Rotary position embedding of `x` `[batch * seq, heads * hd]` (the rows a q or k product

@@ -369,37 +369,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// RMSNorm of each `w.len()`-long row of `x` into `out`: `x / sqrt(mean(x^2) + eps) * w`.
-    fn rms_norm_rows(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
-        let d = w.len();
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            for (o, &v) in or.iter_mut().zip(xr) {
-                *o = v * v;
-            }
-            let r = 1.0 / (lane_sum(or) / d as f32 + eps).sqrt();
-            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
-                *o = v * r * g;
-            }
-        }
-    }
-}
-
-/// [`rms_norm_rows`] over a whole buffer, row-parallel when large.
-pub(crate) fn rms_norm_into(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
-    let d = w.len();
-    if d == 0 {
-        return;
-    }
-    if x.len() <= ELEMS_PER_TASK {
-        return rms_norm_rows(x, w, out, eps);
-    }
-    let chunk = d * ROWS_PER_TASK;
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(o, x)| rms_norm_rows(x, w, o, eps));
-}
-
 /// A row kernel (`input rows, output rows, row length`) over whole buffers: on the calling
 /// thread when small (decoding), else row-parallel in chunks of [`ROWS_PER_TASK`] rows.
 fn rows_into(x: &[f32], out: &mut [f32], row_len: usize, kernel: fn(&[f32], &mut [f32], usize)) {
@@ -556,6 +525,7 @@ pub fn cross_entropy_rows(
 mod attention;
 mod importance;
 mod matmul;
+mod norm;
 mod rope;
 pub mod sgemm;
 mod skinny;
@@ -564,6 +534,7 @@ pub use attention::{causal_attention, causal_attention_backward, AttentionShape}
 pub use importance::{lora_importance, Along};
 pub(crate) use matmul::OutPtr;
 pub use matmul::{flex_matmul, flex_matmul_add};
+pub(crate) use norm::{rms_norm_grad_into, rms_norm_into};
 pub use rope::{rope_into, RopeRows};
 pub use skinny::{skinny_matmul, skinny_matmul_group, SKINNY_ROWS};
 pub(crate) use skinny::{skinny_products, SkinnyWeight};

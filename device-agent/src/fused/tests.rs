@@ -304,3 +304,75 @@ fn rope_has_the_bits_of_burns_operations_forward_and_backward() {
     assert_eq!(bits(ya), bits(yb), "forward under autodiff");
     assert_eq!(bits(ga), bits(gb), "input gradient");
 }
+
+/// RMSNorm in one pass against burn's operations: the value, the input gradient and, when the
+/// weight is tracked, the weight gradient, on rows large enough to split across tasks and on a
+/// strided input; rows of very different scales.
+#[test]
+fn rms_norm_has_burns_values_and_gradients() {
+    let device = Device::flex();
+    let (rows, d, eps) = (300, 576, 1e-5);
+    let mut xv = seeded(rows * d, 23, 2.0);
+    for (r, row) in xv.chunks_mut(d).enumerate() {
+        let scale = [1e-3f32, 1.0, 40.0][r % 3];
+        row.iter_mut().for_each(|v| *v *= scale);
+    }
+    let x = Tensor::<2>::from_data(TensorData::new(xv, [rows, d]), &device);
+    let w1 = Tensor::<1>::from_data(TensorData::new(seeded(d, 29, 1.5), [d]), &device);
+    let wo = Tensor::<2>::from_data(
+        TensorData::new(seeded(rows * d, 31, 1.0), [rows, d]),
+        &device,
+    );
+    let by_ops = |x: Tensor<2>, w: Tensor<1>| {
+        let ms = x.clone().square().mean_dim(1);
+        x * (ms + eps).sqrt().recip() * w.reshape([1, d])
+    };
+    let ours = rms_norm(x.clone(), &w1, eps).expect("flex f32");
+    let rel = |a: Tensor<2>, b: Tensor<2>| {
+        let scale: f32 = b.clone().abs().max().into_scalar();
+        max_diff(a, b) / scale
+    };
+    assert!(rel(ours, by_ops(x.clone(), w1.clone())) < 1e-6);
+    let wide = Tensor::cat(vec![x.clone(), wo.clone()], 1).narrow(1, 0, d);
+    assert!(
+        rel(
+            rms_norm(wide, &w1, eps).unwrap(),
+            by_ops(x.clone(), w1.clone())
+        ) < 1e-6
+    );
+    let grads = |f: &dyn Fn(Tensor<2>, Tensor<1>) -> Tensor<2>, track_w: bool| {
+        let xa = x.clone().autodiff().require_grad();
+        let wa = if track_w {
+            w1.clone().autodiff().require_grad()
+        } else {
+            w1.clone().autodiff()
+        };
+        let y = f(xa.clone(), wa.clone());
+        let g = (y.clone() * wo.clone()).sum().backward();
+        (y.inner(), xa.grad(&g).expect("input gradient"), wa.grad(&g))
+    };
+    for track_w in [false, true] {
+        let (ya, dxa, dwa) = grads(&|x, w| rms_norm(x, &w, eps).unwrap(), track_w);
+        let (yb, dxb, dwb) = grads(&by_ops, track_w);
+        assert!(rel(ya, yb) < 1e-6);
+        // Row by row: a row's gradient scales as 1 / its scale.
+        for r in 0..3 {
+            let (a, b) = (dxa.clone().narrow(0, r, 1), dxb.clone().narrow(0, r, 1));
+            let e = rel(a, b);
+            assert!(
+                e < 1e-5,
+                "input gradient of row {r} off by {e:e} of its largest"
+            );
+        }
+        let e = rel(dxa, dxb);
+        assert!(e < 1e-5, "input gradient off by {e:e}");
+        match (dwa, dwb) {
+            (Some(a), Some(b)) => {
+                let e = rel(a.reshape([1, d]), b.reshape([1, d]));
+                assert!(track_w && e < 1e-5, "weight gradient off by {e:e}");
+            }
+            (None, None) => assert!(!track_w),
+            _ => panic!("a weight gradient from one path only"),
+        }
+    }
+}

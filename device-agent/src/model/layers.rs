@@ -78,7 +78,12 @@ pub(crate) fn rope_angles(
     })
 }
 
+/// RMSNorm of the rows of `x`: one pass on flex ([`crate::fused::rms_norm`]), burn's
+/// operations elsewhere.
 pub(crate) fn rms_norm(x: Tensor<2>, w: &Tensor<1>, eps: f64) -> Tensor<2> {
+    if let Some(y) = crate::fused::rms_norm(x.clone(), w, eps) {
+        return y;
+    }
     let ms = x.clone().square().mean_dim(1);
     let d = w.dims()[0];
     x * (ms + eps).sqrt().recip() * w.clone().reshape([1, d])
