@@ -65,7 +65,7 @@ pub(crate) fn rms_norm_into(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
 pub(crate) fn rms_norm_grad_into(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], eps: f32) {
     let d = w.len();
     assert!(
-        x.len() == dy.len() && x.len() == dx.len() && (d == 0 || x.len() % d == 0),
+        x.len() == dy.len() && x.len() == dx.len() && (d == 0 || x.len().is_multiple_of(d)),
         "RMSNorm gradient of {} values against rows of {d}",
         x.len()
     );
