@@ -12,7 +12,8 @@
 //! Run without a release build of burn (the dev profile builds dependencies at opt-level 3):
 //! `cargo test --workspace --bench prune_quality -- --steps 200`, or `cargo bench --bench
 //! prune_quality -- ...` where a release build is affordable. Options: `--steps N` (200),
-//! `--batch N` (2), `--test-windows N` (32), `--seed N` (1), `--ratios 0.3,0.5`, `--criteria
+//! `--batch N` (2), `--test-windows N` (32), `--seed N` (1), `--lr X` (1e-3), `--rank N` (8,
+//! alpha 4N), `--ratios 0.3,0.5`, `--criteria
 //! lora-gradient,taylor,magnitude,random`, `--schedules cubic,one-shot` (the grid is their
 //! product), or `--configs criterion:schedule:ratio[:K],...` for an explicit list, and
 //! `--no-dense` to skip the dense row (`--dense-only` runs only it). The pruning policy of every row: `--per-block`
@@ -43,6 +44,10 @@ struct Opts {
     policy: PruneConfig,
     /// Blocks never pruned: the first and the last this many.
     protect: (usize, usize),
+    /// Peak learning rate of every row.
+    lr: f64,
+    /// LoRA rank of every row (alpha is four times the rank, as at rank 8).
+    rank: usize,
 }
 
 /// One row to run: criterion, schedule, target sparsity, and the pruning interval `K` when
@@ -68,6 +73,8 @@ fn opts() -> Result<Opts, String> {
         configs: Vec::new(),
         policy: PruneConfig::default(),
         protect: (1, 1),
+        lr: TrainConfig::default().lr,
+        rank: 8,
     };
     let mut ratios = vec![0.3, 0.5];
     let mut criteria = list("lora-gradient,taylor,magnitude,random");
@@ -112,6 +119,14 @@ fn opts() -> Result<Opts, String> {
             "--batch" => o.batch = num(a)?,
             "--test-windows" => o.test_windows = num(a)?,
             "--seed" => o.seed = num(a)? as u64,
+            "--rank" => o.rank = num(a)?,
+            "--lr" => {
+                o.lr = v
+                    .parse()
+                    .ok()
+                    .filter(|l: &f64| l.is_finite() && *l > 0.0)
+                    .ok_or_else(|| format!("--lr {v:?} is not a positive number"))?
+            }
             "--ratios" => {
                 ratios = v
                     .split(',')
@@ -190,8 +205,8 @@ fn opts() -> Result<Opts, String> {
             return Err(format!("ratio {} is outside [0, 0.95)", c.ratio));
         }
     }
-    if o.steps == 0 || o.batch == 0 || o.test_windows == 0 {
-        return Err("--steps, --batch and --test-windows must be positive".into());
+    if o.steps == 0 || o.batch == 0 || o.test_windows == 0 || o.rank == 0 {
+        return Err("--steps, --batch, --test-windows and --rank must be positive".into());
     }
     Ok(o)
 }
@@ -222,6 +237,7 @@ fn run(
         prune_shape: shape,
         prune: o.policy.clone(),
         seed: o.seed,
+        lr: o.lr,
         prune_every: interval.unwrap_or(defaults.prune_every),
         min_prune_events: if interval.is_some() {
             1
@@ -230,7 +246,13 @@ fn run(
         },
         ..defaults
     };
-    let ad = Adapter::new(&base.config, 8, 32.0, o.seed, &base.device);
+    let ad = Adapter::new(
+        &base.config,
+        o.rank,
+        4.0 * o.rank as f64,
+        o.seed,
+        &base.device,
+    );
     let mut t = Tuner::new(base, KeptIndices::dense(&base.config), ad, cfg).expect("dense maps");
     let rep = t
         .run_round(o.steps, ratio, |i| shard.batch(i, o.batch), |_| {})
@@ -280,10 +302,13 @@ fn main() {
     let held_out: usize = shard.test.iter().map(|w| w.len() - 1).sum();
     println!(
         "SOTU 2001-2021, {} training windows, {} held-out windows ({held_out} tokens); \
-         rank 8, alpha 32, {} steps of batch {} x 128, seed {}; protected blocks {:?}, \
-         per-block {}, heads pruned {}",
+         rank {}, alpha {}, peak learning rate {}, {} steps of batch {} x 128, seed {}; \
+         protected blocks {:?}, per-block {}, heads pruned {}",
         shard.train.len(),
         shard.test.len(),
+        o.rank,
+        4 * o.rank,
+        o.lr,
         o.steps,
         o.batch,
         o.seed,

@@ -6,7 +6,9 @@
 //! (1024).
 //!
 //! `cargo bench -p device-agent --bench sgemm` (`-- quick` for 3 repetitions instead of 7; `--
-//! rows 64,128` for other row counts).
+//! rows 64,128` for other row counts). `-- lora` times instead the LoRA backward's products that
+//! read a large matrix: the `gemm` crate's pair `dy (sB)^T`, `(xA)^T dy` and its `x^T dz` against
+//! `kernels::lora_grad` (one pass), at every projection's shape and rank 16.
 
 use std::time::Instant;
 
@@ -31,6 +33,18 @@ fn main() {
         7
     };
     let device = Device::flex();
+    // `-- rows 64,128`: other row counts than the default three.
+    let args: Vec<String> = std::env::args().collect();
+    let rows: Vec<usize> = args
+        .iter()
+        .position(|a| a == "rows")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect())
+        .unwrap_or_else(|| vec![32, 256, 1024]);
+    if args.iter().any(|a| a == "lora") {
+        println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
+        return lora_backward(&rows, reps, &device);
+    }
     let (base, _tok) =
         weights::load(&assets::default_model().expect("model"), &device).expect("load");
     println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
@@ -51,14 +65,6 @@ fn main() {
         .collect();
     weights.push(("head".into(), base.head_rows()));
     let (mut total_gemm, mut total_ours) = (0.0, 0.0);
-    // `-- rows 64,128`: other row counts than the default three.
-    let args: Vec<String> = std::env::args().collect();
-    let rows: Vec<usize> = args
-        .iter()
-        .position(|a| a == "rows")
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect())
-        .unwrap_or_else(|| vec![32, 256, 1024]);
     for m in rows {
         for (name, w) in &weights {
             let [rows, cols] = w.dims();
@@ -113,6 +119,88 @@ fn main() {
     }
     println!(
         "\nall rows: gemm crate {total_gemm:.1} ms, in place {total_ours:.1} ms, {:.2}x",
+        total_gemm / total_ours
+    );
+}
+
+/// `-- lora`: the LoRA backward's products through the `gemm` crate against one pass of
+/// `kernels::lora_grad`, at rank 16 (`dy` of each projection's output width with `(xA)` and
+/// `sB`; `x` of each input width with the group's joined `dz`), alternated.
+fn lora_backward(rows: &[usize], reps: usize, device: &Device) {
+    let r = 16;
+    println!(
+        "\nms per backward, median of {reps}, alternated (both products of a row where two)\n"
+    );
+    println!("| products | rows | width | rank | gemm crate | one pass | ratio | largest difference / scale |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let rnd = |d: [usize; 2]| Tensor::<2>::random(d, Distribution::Uniform(-1.0, 1.0), device);
+    let (mut total_gemm, mut total_ours) = (0.0, 0.0);
+    // (what, width of the large matrix, rank, with w): dy of q/o (576), k/v (192), gate/up
+    // (1536), down (576); x of o (576) and down (1536). The joined q/k/v and gate/up factors
+    // (ranks 48 and 32) are past `lora_grad::MAX_RANK` and stay on the `gemm` crate.
+    let cases = [
+        ("dy (sB)^T, (xA)^T dy", 576, r, true),
+        ("dy (sB)^T, (xA)^T dy", 192, r, true),
+        ("dy (sB)^T, (xA)^T dy", 1536, r, true),
+        ("x^T dz", 576, r, false),
+        ("x^T dz", 1536, r, false),
+    ];
+    for &n in rows {
+        for &(what, c, r, with_w) in &cases {
+            let (m, s, w) = (rnd([n, c]), rnd([n, r]), rnd([r, c]));
+            let gemm_crate = || {
+                if with_w {
+                    let p = kernels::matmul(&m, &w.clone().transpose()).expect("flex f32");
+                    let g = kernels::matmul(&s.clone().transpose(), &m).expect("flex f32");
+                    (host(p), host(g))
+                } else {
+                    (
+                        Vec::new(),
+                        host(kernels::matmul(&m.clone().transpose(), &s).expect("flex f32")),
+                    )
+                }
+            };
+            let (mh, sh, wh) = (host(m.clone()), host(s.clone()), host(w.clone()));
+            let ours = || {
+                if with_w {
+                    kernels::lora_grad::b_grads(&mh, n, c, &sh, &wh, r).expect("a rank-16 tile")
+                } else {
+                    let g = kernels::lora_grad::a_grad(&mh, n, c, &sh, r).expect("a rank-16 tile");
+                    (Vec::new(), g)
+                }
+            };
+            let (a, b) = (gemm_crate(), ours());
+            let scale =
+                a.0.iter()
+                    .chain(&a.1)
+                    .fold(0f32, |s, v| s.max(v.abs()))
+                    .max(1e-30);
+            let worst =
+                a.0.iter()
+                    .zip(&b.0)
+                    .chain(a.1.iter().zip(&b.1))
+                    .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+            let (mut tg, mut to) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                drop(gemm_crate());
+                tg.push(t0.elapsed().as_secs_f64() * 1e3);
+                let t0 = Instant::now();
+                drop(ours());
+                to.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            let (g, o) = (median(tg), median(to));
+            total_gemm += g;
+            total_ours += o;
+            println!(
+                "| {what} | {n} | {c} | {r} | {g:.3} | {o:.3} | {:.2}x | {:.1e} |",
+                g / o,
+                worst / scale
+            );
+        }
+    }
+    println!(
+        "\nall rows: gemm crate {total_gemm:.2} ms, one pass {total_ours:.2} ms, {:.2}x",
         total_gemm / total_ours
     );
 }

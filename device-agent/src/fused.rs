@@ -31,7 +31,7 @@ use burn::backend::{backend_extension, Backend, Dispatch, Flex};
 use burn::tensor::activation;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::kernels;
+use crate::kernels::{self, contiguous_f32 as contiguous, f32_values as values};
 
 /// The fused operations, for flex and autodiff over flex.
 #[backend_extension(Flex, Autodiff)]
@@ -88,20 +88,6 @@ pub trait FusedBackend: Backend {
         v: FloatTensor<Self>,
         seq: usize,
     ) -> FloatTensor<Self>;
-}
-
-/// A flex f32 tensor made contiguous (a no-op when it is).
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    assert_eq!(t.dtype(), DType::F32, "fused operations take f32 tensors");
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("contiguous f32")
 }
 
 /// A new flex tensor of `t`'s shape holding `v`.
@@ -368,8 +354,11 @@ impl Backward<Flex, 2> for RecomputingProduct {
         let dz = grads.consume::<Flex>(&ops.node);
         let (recipe, a) = ops.state;
         if let Some(node) = node_a {
-            let x = recipe.input();
-            let da = kernels::flex_matmul(Flex::float_swap_dims(x, 0, 1), dz.clone());
+            let x = contiguous(recipe.input());
+            let da = match kernels::lora_grad::flex_grads(&x, &dz, None) {
+                Some((_, da)) => da,
+                None => kernels::flex_matmul(Flex::float_swap_dims(x, 0, 1), dz.clone()),
+            };
             grads.register::<Flex>(node.id, da);
         }
         if let Some(node) = node_x {
@@ -412,6 +401,20 @@ impl Backward<Flex, 3> for LoraAddBackward {
         let [node_y, node_low, node_sb] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (low, sb) = ops.state;
+        let both = node_low.is_some() && node_sb.is_some();
+        let dy = if both { contiguous(dy) } else { dy };
+        if let Some((Some(dlow), dsb)) = both
+            .then(|| kernels::lora_grad::flex_grads(&dy, &low, Some(&sb)))
+            .flatten()
+        {
+            for (node, g) in [(node_low, dlow), (node_sb, dsb)] {
+                grads.register::<Flex>(node.expect("both tracked").id, g);
+            }
+            if let Some(node) = node_y {
+                grads.register::<Flex>(node.id, dy);
+            }
+            return;
+        }
         if let Some(node) = node_low {
             let dlow = kernels::flex_matmul(dy.clone(), Flex::float_swap_dims(sb, 0, 1));
             grads.register::<Flex>(node.id, dlow);

@@ -446,6 +446,21 @@ pub(crate) fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
     })
 }
 
+/// A flex f32 tensor made contiguous (a no-op when it is).
+pub(crate) fn contiguous_f32(t: FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "fused operations take f32 tensors");
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The values of a contiguous flex f32 tensor.
+pub(crate) fn f32_values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32")
+}
+
 pub(crate) fn slice(ft: &FlexTensor) -> &[f32] {
     let (a, b) = ft
         .layout()
@@ -524,6 +539,7 @@ pub fn cross_entropy_rows(
 
 mod attention;
 mod importance;
+pub mod lora_grad;
 mod matmul;
 mod norm;
 mod rope;

@@ -89,7 +89,7 @@ impl Kernel {
     }
 
     /// fp32 lanes of one vector.
-    fn lanes(self) -> usize {
+    pub(crate) fn lanes(self) -> usize {
         match self {
             Kernel::Avx512 => 16,
             Kernel::Avx2 => 8,
