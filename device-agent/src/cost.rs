@@ -177,7 +177,7 @@ pub const PROCESS_OVERHEAD_BYTES: u64 = 32 << 20;
 /// [`crate::fused`] for why nothing more) and the LoRA products; one block's attention scores at
 /// a time; in
 /// [`MemoryMode::RecomputeBlocks`] each block's input and one block's activations), one logit
-/// chunk, and [`PROCESS_OVERHEAD_BYTES`]. Within 4% of the measured peaks of both modes at
+/// chunk with its gradient, and [`PROCESS_OVERHEAD_BYTES`]. Within 5% of the measured peaks of both modes at
 /// the default shape (a test below).
 pub fn train_memory_in(
     cfg: &ModelConfig,
@@ -223,7 +223,9 @@ pub fn train_memory_in(
     // One block's scores, probabilities and their gradient live at a time.
     act = act.saturating_add(largest_scores.saturating_mul(3));
     let adapter_and_optimizer = adapter.saturating_mul(f * 4);
-    let logits_chunk = n(crate::eval::LOGIT_CHUNK_ROWS) * n(cfg.vocab_size) * 3;
+    // The loss's chunk of logits and their gradient, alive together (the cross-entropy writes
+    // the gradient into a buffer of its own; `train::loss::CE_CHUNK_ROWS`).
+    let logits_chunk = n(crate::train::loss::CE_CHUNK_ROWS) * n(cfg.vocab_size) * 2;
     let activations = act.saturating_add(logits_chunk).saturating_mul(f);
     let total = weights
         .saturating_add(adapter_and_optimizer)
@@ -286,13 +288,14 @@ mod tests {
 
     #[test]
     fn the_estimates_match_the_measured_peaks_of_both_modes() {
-        // Peak RSS of the dense rank-16 step at batch 4 x 256 on SmolLM2-135M (BENCHMARKS.md,
-        // "Keeping only what the gradients need"): 1,380 MiB keeping activations, 796 MiB
-        // recomputing.
+        // Peak RSS of the dense rank-16 step at batch 4 x 256 on SmolLM2-135M with the loss's
+        // 256-row logit chunks (`cargo bench -p device-agent --bench speed -- step 0 16 [keep |
+        // recompute]`, session 37, BENCHMARKS.md "256 rows of logits per chunk"): 1,407 MiB
+        // keeping activations, 830 MiB recomputing.
         let dense = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
         for (mode, measured) in [
-            (MemoryMode::KeepActivations, 1380.0),
-            (MemoryMode::RecomputeBlocks, 796.0),
+            (MemoryMode::KeepActivations, 1407.0),
+            (MemoryMode::RecomputeBlocks, 830.0),
         ] {
             let est = train_memory_in(&dense, 16, 4, 256, mode).total as f64 / (1 << 20) as f64;
             eprintln!("{mode:?}: estimated {est:.0} MiB, measured {measured} MiB");

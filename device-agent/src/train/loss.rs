@@ -9,9 +9,17 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
 use crate::bf16::{PackedHead, Precision};
-use crate::eval::LOGIT_CHUNK_ROWS;
 use crate::kernels::Layout;
 use crate::model::Llama;
+
+/// Rows of logits formed at once in the training loss (the peak holds `CE_CHUNK_ROWS * vocab`
+/// logits, their gradient and the cross-entropy's buffers). With an fp32 head the `gemm` crate
+/// copies the whole head (28 M values for the default model) into its panels for every chunk's
+/// product, forward and backward: 256 rows, against scoring's 128 ([`crate::eval::LOGIT_CHUNK_ROWS`]),
+/// halve those copies; the rank-16 step of b4 x s256 ran 1.04-1.08x faster in six alternated
+/// runs on the AVX-512 host of session 37 for 49 MiB more peak RSS, and 512 rows ran 0.93-0.95x
+/// (`cargo bench -p device-agent --bench speed -- step 0 16`, BENCHMARKS.md).
+pub const CE_CHUNK_ROWS: usize = 256;
 
 /// One micro-batch: token rows of equal length and, per position (row-major), the token to
 /// predict there (`None` = no loss at this position).
@@ -133,7 +141,7 @@ fn ce_rows(
     let mut grads = Vec::new();
     let mut start = 0;
     while start < n {
-        let len = LOGIT_CHUNK_ROWS.min(n - start);
+        let len = CE_CHUNK_ROWS.min(n - start);
         let tg = &targets[start..start + len];
         if tg.iter().all(Option::is_none) {
             grads.push(Tensor::zeros([len, d], &device));
