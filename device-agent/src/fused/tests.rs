@@ -2,7 +2,7 @@
 //! gradients.
 
 use super::*;
-use crate::kernels::lora_grad::ONE_PASS_ROWS;
+use crate::kernels::lora_grad::{ONE_PASS_COLS, ONE_PASS_ROWS};
 use burn::tensor::Device;
 use test_support::seeded_noise as seeded;
 
@@ -89,14 +89,14 @@ fn fused_operations_have_burns_values_and_gradients() {
 #[test]
 fn swiglu_matmul_has_the_gradients_of_the_kept_product() {
     // Rows below and above the one-pass LoRA gradients' threshold.
-    for n in [70, ONE_PASS_ROWS + 37] {
-        swiglu_matmul_case(n);
+    for (n, ffn) in [(70, 48), (ONE_PASS_ROWS + 37, ONE_PASS_COLS + 5)] {
+        swiglu_matmul_case(n, ffn);
     }
 }
 
-fn swiglu_matmul_case(n: usize) {
+fn swiglu_matmul_case(n: usize, ffn: usize) {
     let device = Device::flex();
-    let (ffn, r, out) = (48, 4, 20);
+    let (r, out) = (4, 20);
     let t = |dims: [usize; 2], seed: u32, scale: f32| {
         Tensor::<2>::from_data(
             TensorData::new(seeded(dims[0] * dims[1], seed, scale), dims),
@@ -147,14 +147,14 @@ fn swiglu_matmul_case(n: usize) {
 /// gradients of the pre-norm input, `A` and `B`.
 #[test]
 fn norm_matmul_has_the_gradients_of_the_kept_product() {
-    for n in [90, ONE_PASS_ROWS + 5] {
-        norm_matmul_case(n);
+    for (n, d) in [(90, 40), (ONE_PASS_ROWS + 5, ONE_PASS_COLS + 11)] {
+        norm_matmul_case(n, d);
     }
 }
 
-fn norm_matmul_case(n: usize) {
+fn norm_matmul_case(n: usize, d: usize) {
     let device = Device::flex();
-    let (d, r, out) = (40, 4, 24);
+    let (r, out) = (4, 24);
     let t = |dims: [usize; 2], seed: u32, scale: f32| {
         Tensor::<2>::from_data(
             TensorData::new(seeded(dims[0] * dims[1], seed, scale), dims),
@@ -216,14 +216,14 @@ fn dgb_only(g: &Tensor<2>, u: &Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 /// where the add happens differs), with the base output untracked as well, and plain flex.
 #[test]
 fn lora_add_has_the_values_and_gradients_of_the_add() {
-    for n in [70, ONE_PASS_ROWS + 70] {
-        lora_add_case(n);
+    for (n, out) in [(70, 45), (ONE_PASS_ROWS + 70, ONE_PASS_COLS + 45)] {
+        lora_add_case(n, out);
     }
 }
 
-fn lora_add_case(n: usize) {
+fn lora_add_case(n: usize, out: usize) {
     let device = Device::flex();
-    let (r, out) = (8, 45);
+    let r = 8;
     let t = |len: usize, seed: u32, dims: [usize; 2]| {
         Tensor::<2>::from_data(TensorData::new(seeded(len, seed, 1.0), dims), &device)
     };

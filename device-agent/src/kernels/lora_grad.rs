@@ -43,14 +43,18 @@ const SERIAL_MACS: usize = 1 << 20;
 /// on the AVX-512 host of session 37); ranks 32 and 64 were not measured.
 pub const MAX_RANK: usize = 16;
 
-/// Rows of a LoRA product's large operand (`dy` or `x`) from which its backward products go
-/// through this one pass instead of the `gemm` crate (`cargo bench -p
-/// device-agent --bench sgemm -- lora`).
+/// Rows and columns of a LoRA product's large operand (`dy` or `x`) from which its backward
+/// products go through this one pass instead of the `gemm` crate: below them the `gemm` crate
+/// was as fast or faster (`cargo bench -p device-agent --bench sgemm -- lora`, session 37 on
+/// the AVX-512 host: 0.53-0.88x at 256 rows but for the narrowest, 0.65x for the 192-wide `dy`
+/// of the k and v projections at 1024 rows, 1.44-1.71x for the 576- and 1536-wide ones).
 pub const ONE_PASS_ROWS: usize = 512;
+pub const ONE_PASS_COLS: usize = 512;
 
 /// A LoRA backward's products in one pass over the contiguous `m` `[n, c]` with the thin `s`
 /// `[n, r]`: with `sb` `[r, c]`, `(m sb^T, s^T m)` (a `B` product's `dlow` and `dsb`); without,
-/// `(None, m^T s)` (an `A` product's `da`). `None` below [`ONE_PASS_ROWS`] rows or where
+/// `(None, m^T s)` (an `A` product's `da`). `None` below [`ONE_PASS_ROWS`] rows or
+/// [`ONE_PASS_COLS`] columns or where
 /// there is no tile.
 pub(crate) fn flex_grads(
     m: &FlexTensor,
@@ -58,7 +62,12 @@ pub(crate) fn flex_grads(
     sb: Option<&FlexTensor>,
 ) -> Option<(Option<FlexTensor>, FlexTensor)> {
     let (ms, ss) = (m.layout().shape(), s.layout().shape());
-    if ms.num_dims() != 2 || ss.num_dims() != 2 || ms[0] != ss[0] || ms[0] < ONE_PASS_ROWS {
+    if ms.num_dims() != 2
+        || ss.num_dims() != 2
+        || ms[0] != ss[0]
+        || ms[0] < ONE_PASS_ROWS
+        || ms[1] < ONE_PASS_COLS
+    {
         return None;
     }
     let (n, c, r) = (ms[0], ms[1], ss[1]);
