@@ -290,7 +290,7 @@ mod tests {
     fn the_estimates_match_the_measured_peaks_of_both_modes() {
         // Peak RSS of the dense rank-16 step at batch 4 x 256 on SmolLM2-135M with the loss's
         // 256-row logit chunks (`cargo bench -p device-agent --bench speed -- step 0 16 [keep |
-        // recompute]`, session 37, BENCHMARKS.md "256 rows of logits per chunk"): 1,407 MiB
+        // recompute]`, session 37, BENCHMARKS.md "256 rows of logits per loss chunk"): 1,407 MiB
         // keeping activations, 830 MiB recomputing.
         let dense = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
         for (mode, measured) in [
