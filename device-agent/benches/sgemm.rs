@@ -22,6 +22,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median milliseconds of `a` and of `b` over `reps` runs, alternated.
+fn alternate<A, B>(reps: usize, a: impl Fn() -> A, b: impl Fn() -> B) -> (f64, f64) {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        drop(a());
+        ta.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        drop(b());
+        tb.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    (median(ta), median(tb))
+}
+
 fn host(t: Tensor<2>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().expect("f32")
 }
@@ -92,16 +106,7 @@ fn main() {
                     .iter()
                     .zip(&b)
                     .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
-                let (mut tg, mut to) = (Vec::new(), Vec::new());
-                for _ in 0..reps {
-                    let t0 = Instant::now();
-                    drop(gemm_crate());
-                    tg.push(t0.elapsed().as_secs_f64() * 1e3);
-                    let t0 = Instant::now();
-                    drop(ours());
-                    to.push(t0.elapsed().as_secs_f64() * 1e3);
-                }
-                let (g, o) = (median(tg), median(to));
+                let (g, o) = alternate(reps, gemm_crate, ours);
                 total_gemm += g;
                 total_ours += o;
                 let gflops = 2.0 * (m * k * n) as f64 / (o * 1e6);
@@ -180,16 +185,7 @@ fn lora_backward(rows: &[usize], reps: usize, device: &Device) {
                     .zip(&b.0)
                     .chain(a.1.iter().zip(&b.1))
                     .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
-            let (mut tg, mut to) = (Vec::new(), Vec::new());
-            for _ in 0..reps {
-                let t0 = Instant::now();
-                drop(gemm_crate());
-                tg.push(t0.elapsed().as_secs_f64() * 1e3);
-                let t0 = Instant::now();
-                drop(ours());
-                to.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-            let (g, o) = (median(tg), median(to));
+            let (g, o) = alternate(reps, gemm_crate, ours);
             total_gemm += g;
             total_ours += o;
             println!(
