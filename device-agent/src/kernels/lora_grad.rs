@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use super::sgemm::Kernel;
 use super::{contiguous_f32 as contiguous, f32_values as f32s};
 
-/// Rows of `m` one task takes (a multiple of every tile's rows).
+/// The most rows of `m` one task takes (blocks share the rows evenly, whole tiles each).
 const ROW_BLOCK: usize = 256;
 /// The most rows of `m` a tile takes.
 const MAX_TILE_ROWS: usize = 8;
@@ -165,8 +165,14 @@ pub fn grads_on(
         c.div_ceil(TASKS.div_ceil(row_blocks)).max(MIN_COL_BLOCK)
     };
     let col_blocks = c.div_ceil(col_block);
-    let row_blocks = if serial { 1 } else { row_blocks };
-    let row_block = if serial { n } else { ROW_BLOCK };
+    // Rows shared evenly between the row blocks (whole tiles each), so a ragged count does not
+    // leave one short block behind the others.
+    let row_block = if serial {
+        n
+    } else {
+        n.div_ceil(row_blocks).next_multiple_of(MAX_TILE_ROWS)
+    };
+    let row_blocks = n.div_ceil(row_block);
     let blk = Block {
         kernel,
         nv,
