@@ -231,7 +231,8 @@ pub fn grads_on(
     Some((p, g))
 }
 
-/// One task's operands: the padded `s` (with its zero row last) and `w`, rows of `ld` values.
+/// One task's operands: the padded `s` (with [`MAX_TILE_ROWS`] zero rows last) and `w`, rows of
+/// `ld` values.
 struct Block<'a> {
     kernel: Kernel,
     nv: usize,

@@ -16,9 +16,10 @@ use crate::model::Llama;
 /// logits, their gradient and the cross-entropy's buffers). With an fp32 head the `gemm` crate
 /// copies the whole head (28 M values for the default model) into its panels for every chunk's
 /// product, forward and backward: 256 rows, against scoring's 128 ([`crate::eval::LOGIT_CHUNK_ROWS`]),
-/// halve those copies; the rank-16 step of b4 x s256 ran 1.04-1.08x faster in six alternated
-/// runs on the AVX-512 host of session 37 for 49 MiB more peak RSS, and 512 rows ran 0.93-0.95x
-/// (`cargo bench -p device-agent --bench speed -- step 0 16`, BENCHMARKS.md).
+/// halve those copies; the rank-16 fp32 step of b4 x s256 ran 1.04-1.07x faster in five
+/// alternated runs on the AVX-512 host of session 37 (three rounds of `cargo bench -p
+/// device-agent --bench speed -- step 0 16`, two of `-- bf16`) for 49 MiB more peak RSS, and
+/// 512 rows ran 0.93-0.95x (BENCHMARKS.md).
 pub const CE_CHUNK_ROWS: usize = 256;
 
 /// One micro-batch: token rows of equal length and, per position (row-major), the token to
