@@ -190,6 +190,10 @@ pub fn lora_step_profile(
     }
     // LoRA terms as the model computes them (`model::lora_group`: q/k/v and gate/up share one
     // `x A` matmul, the scale is on B) plus their add into the base outputs, per input group.
+    // The base outputs here are shared with the inputs, so each add first copies its base (an
+    // `[n, out]` pass the model, whose base outputs nothing else holds, does not make): the row
+    // overstates the terms' forward (7.3 ms a block against about 3.5 ms for the products
+    // alone on the Intel AMX host, BENCHMARKS.md session 38).
     let mut lora = (0.0, 0.0);
     let mut lora_flops = 0.0;
     let groups: [&[(Proj, usize)]; 4] = [&projs[0..3], &projs[3..4], &projs[4..6], &projs[6..7]];
@@ -235,7 +239,7 @@ pub fn lora_step_profile(
         lora.1 += t.1;
     }
     push(
-        "LoRA terms, 7 projections (joined x A, then (x A)(s B), + base)",
+        "LoRA terms, 7 projections (joined x A, then (x A)(s B), + base; each base copied first here, not in the model)",
         layers,
         lora,
         lora_flops,

@@ -80,7 +80,10 @@ pub fn row_dots(path: DotPath, a: &RowArgs, y: &mut [f32]) {
 
 /// Consecutive weight rows of a 4-bit matrix for the fused kernels: `nib` holds the rows'
 /// blocks as GGUF packs them ([`super::q4`]), 16 bytes each; `dw`, `qx`, `dx` as in
-/// [`RowArgs`]; `off` the activations' per-block lane offsets ([`offsets_for`]).
+/// [`RowArgs`]; `off` the activations' per-block lane offsets ([`offsets_for`]). For Q4_1,
+/// `mids` holds the rows' block midpoints (`nb` per row) and `sums` the activation row's block
+/// sums (`nb`), and each row's [`midpoint_dot`] is added to its product; both empty otherwise
+/// (Q4_0, or a caller that adds the midpoints itself).
 pub struct NibArgs<'a> {
     pub nb: usize,
     pub nib: &'a [u8],
@@ -89,6 +92,28 @@ pub struct NibArgs<'a> {
     pub dx: &'a [f32],
     pub off: &'a [i32],
     pub tab: &'a [f32; 65536],
+    pub mids: &'a [f32],
+    pub sums: &'a [f32],
+}
+
+/// The Q4_1 midpoint term of one weight row: `sum_b mids[b] * sums[b]` as two chains of fused
+/// multiply-adds (even blocks and an odd last one in the first, odd blocks in the second),
+/// then their sum. The fused 4-bit kernels form exactly these operations inside their row
+/// loop, so a row's product has the same bits whichever path adds its midpoints.
+#[inline]
+pub fn midpoint_dot(mids: &[f32], sums: &[f32]) -> f32 {
+    debug_assert_eq!(mids.len(), sums.len());
+    let (mut even, mut odd) = (0f32, 0f32);
+    let (pm, ps) = (mids.chunks_exact(2), sums.chunks_exact(2));
+    let (rm, rs) = (pm.remainder(), ps.remainder());
+    for (m, s) in pm.zip(ps) {
+        even = m[0].mul_add(s[0], even);
+        odd = m[1].mul_add(s[1], odd);
+    }
+    if let (Some(&m), Some(&s)) = (rm.first(), rs.first()) {
+        even = m.mul_add(s, even);
+    }
+    even + odd
 }
 
 /// Whether `path` multiplies `n` activation rows straight from a 4-bit matrix's nibbles on
@@ -131,7 +156,8 @@ pub fn nib_row_dots(path: DotPath, a: &NibArgs, y: &mut [f32]) {
             && a.qx.len() == n * nb * QK
             && a.dx.len() == n * nb
             && (a.off.len() == n * nb * 8 || !matches!(path, DotPath::Avx512Vnni | DotPath::Avx2))
-            && y.len() == rows * n,
+            && y.len() == rows * n
+            && (a.mids.is_empty() || (a.mids.len() == rows * nb && a.sums.len() == nb && n == 1)),
         "4-bit row kernel: no fused kernel here, or slice lengths disagree"
     );
     if nb == 0 {
@@ -153,7 +179,12 @@ pub fn nib_row_dots(path: DotPath, a: &NibArgs, y: &mut [f32]) {
         #[cfg(target_arch = "aarch64")]
         DotPath::NeonDot => {
             // SAFETY: `fuses_nibbles` checked the dot-product extension; lengths as above.
-            unsafe { arm::nib_rows_sdot(a, y, n) }
+            unsafe { arm::nib_rows_sdot(a, y, n) };
+            if !a.mids.is_empty() {
+                for (yj, mj) in y.iter_mut().zip(a.mids.chunks_exact(nb)) {
+                    *yj += midpoint_dot(mj, a.sums);
+                }
+            }
         }
         _ => unreachable!("fuses_nibbles was checked"),
     }
@@ -317,9 +348,13 @@ mod x86 {
     /// scale from memory before the row's products could start. Each row's `row_bytes` of
     /// values are prefetched twice: [`PREFETCH_L2`] bytes ahead into L2 and [`PREFETCH_L1`]
     /// ahead into L1 (the scales two rows ahead); `block` gives weight row `j`'s block `b`
-    /// against the activations' as 8 int32 partial sums.
+    /// against the activations' as 8 int32 partial sums; `after j, yj => ...` (optional) runs
+    /// once a row's output `yj` is written (Q4_1's midpoint term).
     macro_rules! rows_one {
-        ($a:expr, $y:expr, $w:expr, $row_bytes:expr, |$j:ident, $b:ident| $block:expr) => {{
+        ($a:expr, $y:expr, $w:expr, $row_bytes:expr, |$j:ident, $b:ident| $block:expr) => {
+            rows_one!($a, $y, $w, $row_bytes, |$j, $b| $block, after _j, _yj => ())
+        };
+        ($a:expr, $y:expr, $w:expr, $row_bytes:expr, |$j:ident, $b:ident| $block:expr, after $pj:ident, $py:ident => $post:expr) => {{
             let a = $a;
             let y: &mut [f32] = $y;
             let nb = a.nb;
@@ -357,6 +392,8 @@ mod x86 {
                     let s = _mm_mul_ss(_mm_cvtph_ps(_mm_cvtsi32_si128(hw)), _mm_load_ss(dx.add($b)));
                     _mm256_broadcastss_ps(s)
                 });
+                let ($pj, $py) = ($j, yj);
+                $post;
             }
         }};
     }
@@ -380,6 +417,14 @@ mod x86 {
     /// the sum of `(q - 8) * x` over its four values.
     macro_rules! rows_one_nib {
         ($a:expr, $y:expr, $dotq:ident) => {{
+            // Two loops, so that Q4_0's has no midpoint term in it at all.
+            if $a.mids.is_empty() {
+                rows_one_nib!($a, $y, $dotq, false)
+            } else {
+                rows_one_nib!($a, $y, $dotq, true)
+            }
+        }};
+        ($a:expr, $y:expr, $dotq:ident, $with_mids:literal) => {{
             let a: &NibArgs = $a;
             let (np, xp, op) = (a.nib.as_ptr(), a.qx.as_ptr(), a.off.as_ptr());
             let low4 = _mm256_set1_epi8(0x0f);
@@ -389,8 +434,33 @@ mod x86 {
                 let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
                 let o = _mm256_loadu_si256(op.add(b * 8) as *const __m256i);
                 $dotq(o, q, x)
+            }, after j, yj => if $with_mids {
+                *yj += midpoint_dot_x86(a.mids.as_ptr().add(j * a.nb), a.sums.as_ptr(), a.nb);
             })
         }};
+    }
+
+    /// [`super::midpoint_dot`] with both chains in two lanes of one register: the same fused
+    /// multiply-adds in the same order, so the same bits.
+    ///
+    /// SAFETY (caller): the CPU has AVX2 and FMA; `mids` and `sums` hold `nb` values each.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn midpoint_dot_x86(mids: *const f32, sums: *const f32, nb: usize) -> f32 {
+        let mut acc = _mm_setzero_ps();
+        let mut b = 0;
+        while b + 1 < nb {
+            let m = _mm_castpd_ps(_mm_load_sd(mids.add(b) as *const f64));
+            let s = _mm_castpd_ps(_mm_load_sd(sums.add(b) as *const f64));
+            acc = _mm_fmadd_ps(m, s, acc);
+            b += 2;
+        }
+        let odd = _mm_cvtss_f32(_mm_movehdup_ps(acc));
+        if b < nb {
+            // `vfmadd..ss` takes its upper lanes from the first operand: lane 0 only is read.
+            acc = _mm_fmadd_ss(_mm_load_ss(mids.add(b)), _mm_load_ss(sums.add(b)), acc);
+        }
+        _mm_cvtss_f32(acc) + odd
     }
 
     #[inline]

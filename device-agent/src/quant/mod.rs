@@ -560,7 +560,18 @@ impl QMatrix {
             for (c, yc) in y.chunks_mut(step * n).enumerate() {
                 let a0 = j0 + c * step;
                 let a1 = a0 + yc.len() / n;
+                let q4_1 = self.format == BlockFormat::Q4_1;
+                // A fused kernel over one activation row (a decoded token) adds Q4_1's midpoint
+                // term inside its row loop (the same operations as `add_midpoints`: see
+                // `kernels::midpoint_dot`); over several (aarch64's `sdot` takes a prompt's rows
+                // too) and after the unpacked kernels, `add_midpoints` adds it.
+                let in_kernel = fused && q4_1 && n == 1;
                 if fused {
+                    let (mids, sums): (&[f32], &[f32]) = if in_kernel {
+                        (&self.midpoints()[a0 * nb..a1 * nb], qx.block_sums())
+                    } else {
+                        (&[], &[])
+                    };
                     let a = NibArgs {
                         nb,
                         nib: &self.nib[a0 * nb * NIB..a1 * nb * NIB],
@@ -569,6 +580,8 @@ impl QMatrix {
                         dx: &qx.d,
                         off: kernels::offsets_for(path, qx),
                         tab: f16_table(),
+                        mids,
+                        sums,
                     };
                     kernels::nib_row_dots(path, &a, yc);
                 } else {
@@ -576,9 +589,7 @@ impl QMatrix {
                     self.int8_rows_range(a0 * nb * QK, a1 * nb * QK, q);
                     kernels::row_dots(path, &args(self, qx, q, a0, a1), yc);
                 }
-                if self.format == BlockFormat::Q4_1 {
-                    // The chunk's block midpoints times the activations' block sums: a plain
-                    // dot product per output that the compiler vectorises.
+                if q4_1 && !in_kernel {
                     add_midpoints(&self.midpoints()[a0 * nb..a1 * nb], qx.block_sums(), nb, yc);
                 }
             }
@@ -587,36 +598,18 @@ impl QMatrix {
 }
 
 multiversion! {
-    /// `y[j, i] += dot(mids[j], sums[i])` over rows `j` of `nb` block midpoints and activation
-    /// rows `i` of `nb` block sums (`y` is `[rows, n]`). Compiled per instruction set; the
-    /// same additions in the same order on each, so the same values.
+    /// `y[j, i] += midpoint_dot(mids[j], sums[i])` over rows `j` of `nb` block midpoints and
+    /// activation rows `i` of `nb` block sums (`y` is `[rows, n]`). Compiled per instruction
+    /// set; the same fused multiply-adds in the same order on each (and in the fused 4-bit
+    /// kernels), so the same values.
     fn add_midpoints(mids: &[f32], sums: &[f32], nb: usize, y: &mut [f32]) {
         let n = sums.len() / nb.max(1);
         for (mj, yj) in mids.chunks_exact(nb).zip(y.chunks_mut(n)) {
             for (yi, si) in yj.iter_mut().zip(sums.chunks_exact(nb)) {
-                *yi += dot(mj, si);
+                *yi += kernels::midpoint_dot(mj, si);
             }
         }
     }
-}
-
-/// `sum(a * b)` in eight lanes (a fixed order, so the same on every thread and split).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Several matrices times the same quantized activations (`qx` has their block count), `y[n,

@@ -263,6 +263,8 @@ fn fused_nibble_kernels_equal_the_unpacked_ones_bit_for_bit() {
                 dx: &qx.d,
                 off: qx.nibble_offsets(),
                 tab,
+                mids: &[],
+                sums: &[],
             };
             for path in [DotPath::Avx2, DotPath::Avx512Vnni, DotPath::NeonDot] {
                 if !kernels::fuses_nibbles(path, 1) {
@@ -272,6 +274,20 @@ fn fused_nibble_kernels_equal_the_unpacked_ones_bit_for_bit() {
                 kernels::row_dots(path, &unpacked, &mut a);
                 kernels::nib_row_dots(path, &fused, &mut b);
                 assert_eq!(a, b, "{format} {path}, cols {cols}");
+                if format == BlockFormat::Q4_1 {
+                    // Q4_1's midpoint term inside the fused kernel's row loop against
+                    // `add_midpoints` after the unpacked kernel: the same bits, and not zero.
+                    add_midpoints(m.midpoints(), qx.block_sums(), nb, &mut a);
+                    assert_ne!(a, b, "{path}, cols {cols}: the midpoints add something");
+                    let with_mids = NibArgs {
+                        mids: m.midpoints(),
+                        sums: qx.block_sums(),
+                        ..fused
+                    };
+                    kernels::nib_row_dots(path, &with_mids, &mut b);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "Q4_1 midpoints {path}, cols {cols}");
+                }
             }
         }
     }
