@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::device_rounds::{self, DeviceRound};
 use crate::side_by_side;
-use crate::timing::{self, RoundFlops, StepShape};
+use crate::timing::{Clock, RoundFlops, StepShape};
 use crate::wall_profile::WallLedger;
 
 /// A finished local round and what it cost.
@@ -84,6 +84,9 @@ pub trait LocalTrainer {
     fn cost_config(&self, kept: &KeptIndices) -> Arc<ModelConfig>;
     /// Tokens per training sequence of `device`.
     fn seq_len(&self, device: usize) -> usize;
+    /// What the virtual clock charges compute with (the trainer's rounds and the driver's
+    /// step estimates and latencies alike).
+    fn clock(&self) -> &Clock;
     /// How `device`'s session sizes its rounds and messages (the same shapes, sequence length
     /// and wire sizes as [`LocalTrainer::cost_config`], [`LocalTrainer::seq_len`] and
     /// [`LocalTrainer::wire_bytes`]).
@@ -155,6 +158,8 @@ pub struct RealTrainer {
     pub data: Vec<LocalData>,
     /// When set, evaluations of the global adapter use this held-out set for every device.
     pub global_test: Option<LocalData>,
+    /// What the virtual clock charges a round's compute.
+    clock: Arc<Clock>,
     /// Device-rounds trained since the last [`LocalTrainer::take_device_rounds`].
     recorded: Vec<DeviceRound>,
     /// A wall clock in milliseconds, injected by the binary (the library reads no clock), to
@@ -175,11 +180,17 @@ const AT_TARGET: &str = "bring to s* and evaluate (panel, final)";
 pub use crate::wall_profile::WallClock;
 
 impl RealTrainer {
-    pub fn new(base: Llama, data: Vec<LocalData>, global_test: Option<LocalData>) -> Self {
+    pub fn new(
+        base: Llama,
+        data: Vec<LocalData>,
+        global_test: Option<LocalData>,
+        clock: Arc<Clock>,
+    ) -> Self {
         RealTrainer {
             base,
             data,
             global_test,
+            clock,
             recorded: Vec::new(),
             wall_clock: None,
             wall_ledger: None,
@@ -245,6 +256,10 @@ impl LocalTrainer for RealTrainer {
 
     fn cost_config(&self, kept: &KeptIndices) -> Arc<ModelConfig> {
         Arc::new(pruned_config(&self.base.config, kept))
+    }
+
+    fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     fn seq_len(&self, device: usize) -> usize {
@@ -322,7 +337,7 @@ impl LocalTrainer for RealTrainer {
             eval_tokens,
             eval_seq,
         };
-        let flops = timing::round_flops(&pre, &post, shape, &outcome.report);
+        let flops = self.clock.round_flops(&pre, &post, shape, &outcome.report);
         Ok(TrainedRound { outcome, flops })
     }
 

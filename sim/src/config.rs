@@ -191,6 +191,23 @@ pub struct SurrogateConfig {
     pub force_unfitted: bool,
 }
 
+/// The virtual clock's compute model.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    /// Measurement file written by `sim calibrate` (read relative to the working directory)
+    /// that the per-operator step-time model is fitted to; empty = the shipped calibration
+    /// (`sim/calibration/amd-epyc-zen4-avx512.json`). Only the shape of the costs comes from
+    /// it (what pruning, rank and geometry save): device profiles set the speed.
+    pub calibration: String,
+}
+
+impl ClockConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// How real-mode devices choose what they prune: device-side settings that the round
 /// configuration does not carry (an operator sets them per agent), the same for every device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +272,9 @@ pub struct ExperimentConfig {
     /// Devices that poison their updates (none by default; see [`crate::byzantine`]).
     #[serde(skip_serializing_if = "ByzantineConfig::is_off")]
     pub byzantine: ByzantineConfig,
+    /// The measurement file the virtual clock is fitted to (the shipped one by default).
+    #[serde(skip_serializing_if = "ClockConfig::is_default")]
+    pub clock: ClockConfig,
 }
 
 impl Default for ExperimentConfig {
@@ -276,6 +296,7 @@ impl Default for ExperimentConfig {
             strategies: BTreeMap::new(),
             pruning: PruningConfig::default(),
             byzantine: ByzantineConfig::default(),
+            clock: ClockConfig::default(),
         }
     }
 }

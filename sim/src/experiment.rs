@@ -8,6 +8,7 @@
 //! replaced, so S-UCB can be set against random and fixed arms on the same seeds.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use aggregator::coordinator::CoordinatorState;
 use burn::tensor::Device;
@@ -24,6 +25,7 @@ use crate::hardware::DeviceProfile;
 use crate::local_data::{self, WorkloadKind};
 use crate::report::Report;
 use crate::surrogate::{SurrogateParams, SurrogateTrainer};
+use crate::timing::Clock;
 
 /// What every run of an experiment shares: device profiles, and in real mode the one frozen
 /// base model and every device's data. Cloning shares the base model's tensors.
@@ -36,6 +38,8 @@ pub struct Resources {
     /// A global held-out set evaluations use instead of devices' own held-out data.
     pub global_test: Option<LocalData>,
     pub surrogate: Option<SurrogateParams>,
+    /// The virtual clock's compute model (`[clock]`; the shipped calibration by default).
+    pub clock: Arc<Clock>,
     /// The tokenizer of a loaded checkpoint (to partition the data again for another seed).
     pub tok: Option<Tok>,
     /// The seed the data was partitioned with.
@@ -62,6 +66,7 @@ impl Resources {
     pub fn load(cfg: &ExperimentConfig, base_dir: Option<&Path>) -> Result<Self, SimError> {
         let profiles = cfg.fleet.spec()?.expand(base_dir)?;
         let n = profiles.len();
+        let clock = Clock::load(&cfg.clock)?;
         if cfg.mode == Mode::Surrogate {
             let params = SurrogateParams::load(&cfg.surrogate, cfg.workload.kind)?;
             let labels = (0..n)
@@ -74,6 +79,7 @@ impl Resources {
                 data: Vec::new(),
                 global_test: None,
                 surrogate: Some(params),
+                clock,
                 tok: None,
                 seed: cfg.seed,
                 wall_clock: None,
@@ -125,6 +131,7 @@ impl Resources {
             data,
             global_test,
             surrogate: None,
+            clock,
             tok,
             seed: cfg.seed,
             wall_clock: None,
@@ -170,6 +177,7 @@ impl Resources {
             data,
             global_test,
             surrogate: self.surrogate.clone(),
+            clock: self.clock.clone(),
             tok: self.tok.clone(),
             seed,
             wall_clock: self.wall_clock,
@@ -182,8 +190,12 @@ impl Resources {
     pub fn trainer(&self, cfg: &ExperimentConfig) -> Result<Box<dyn LocalTrainer>, SimError> {
         match (&self.base, &self.surrogate) {
             (Some(base), _) => {
-                let mut t =
-                    RealTrainer::new(base.clone(), self.data.clone(), self.global_test.clone());
+                let mut t = RealTrainer::new(
+                    base.clone(),
+                    self.data.clone(),
+                    self.global_test.clone(),
+                    self.clock.clone(),
+                );
                 t.wall_clock = self.wall_clock;
                 t.wall_ledger = self.wall_ledger.clone();
                 t.eval_workers = self.eval_workers;
@@ -199,6 +211,7 @@ impl Resources {
                     eval_tokens,
                     cfg.coordinator.batch_size as usize,
                     cfg.seed,
+                    self.clock.clone(),
                 )))
             }
             (None, None) => Err(SimError::Config("no model and no surrogate loaded".into())),

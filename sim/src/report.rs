@@ -236,6 +236,10 @@ pub struct Summary {
     /// Surrogate mode: where the parameters came from and their validation error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub surrogate_params: Option<String>,
+    /// The measurement file the virtual clock was fitted to, where the experiment named one
+    /// (`[clock] calibration`; absent: the shipped calibration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<String>,
     /// Runs with Byzantine devices: who attacked and what became of their updates.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub byzantine: Option<crate::byzantine::ByzantineSummary>,
@@ -326,6 +330,9 @@ pub fn markdown_table(reports: &[Report]) -> String {
         {
             let _ = writeln!(s, "Surrogate parameters: {note}\n");
         }
+    }
+    if let Some(clock) = reports.iter().find_map(|r| r.summary.clock.as_ref()) {
+        let _ = writeln!(s, "Virtual clock fitted to {clock}.\n");
     }
     if reports.iter().any(|r| r.summary.precision == "bf16") {
         s.push_str("**bf16 products**: the frozen base's matrix products ran with bf16 operands and fp32 accumulation (`precision = \"bf16\"`, or `\"auto\"` on a CPU with bf16 products); its losses differ from an fp32 run's by rounding, not by method.\n\n");

@@ -280,6 +280,7 @@ mod tests {
             data: Vec::new(),
             global_test: None,
             surrogate: None,
+            clock: crate::timing::Clock::builtin(),
             tok: None,
             seed: 1,
             wall_clock: None,

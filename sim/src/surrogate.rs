@@ -43,7 +43,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::compute::{pruned_config, LocalTrainer, Quality, ToTarget, TrainedRound};
 use crate::sampling::standard_normal;
-use crate::timing::{self, StepShape};
+use crate::timing::{Clock, StepShape};
 
 mod fit;
 mod params;
@@ -226,6 +226,7 @@ pub struct SurrogateTrainer {
     rng: ChaCha8Rng,
     /// Share of the gap each device's last local round closed.
     pending: BTreeMap<usize, f64>,
+    clock: Arc<Clock>,
 }
 
 impl SurrogateTrainer {
@@ -236,6 +237,7 @@ impl SurrogateTrainer {
         eval_tokens: usize,
         batch: usize,
         seed: u64,
+        clock: Arc<Clock>,
     ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5077_06a7e);
         let offsets = (0..devices)
@@ -262,6 +264,7 @@ impl SurrogateTrainer {
             offsets,
             rng,
             pending: BTreeMap::new(),
+            clock,
         }
     }
 
@@ -367,6 +370,10 @@ impl LocalTrainer for SurrogateTrainer {
         self.costs.clone()
     }
 
+    fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     fn seq_len(&self, _device: usize) -> usize {
         self.seq_len
     }
@@ -455,7 +462,7 @@ impl LocalTrainer for SurrogateTrainer {
             eval_tokens: self.eval_tokens,
             eval_seq: self.seq_len,
         };
-        let flops = timing::round_flops_estimate(&pre, &post, shape, steps);
+        let flops = self.clock.round_flops_estimate(&pre, &post, shape, steps);
         let outcome = JobOutcome {
             round: job.round,
             kept,

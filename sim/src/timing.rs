@@ -26,26 +26,170 @@
 //! activations when that fits its RAM, else recomputes blocks (slower by `step_cost_factor`);
 //! a round runs out of memory only when neither mode fits.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use device_agent::cost::{self, MemoryMode};
 use device_agent::model::ModelConfig;
 use device_agent::train::RoundReport;
 
+use crate::config::ClockConfig;
+use crate::error::SimError;
 use crate::time_model::{
-    Calibration, ShapeSums, StepKind, TimeModel, Workload, BUILTIN_CALIBRATION,
+    Calibration, ShapeSums, StepKind, TimeModel, Validation, Workload, BUILTIN_CALIBRATION,
 };
 
-/// The calibrated time model the simulator charges compute with (fitted once, from
-/// [`BUILTIN_CALIBRATION`]).
-pub fn calibrated() -> &'static TimeModel {
-    static MODEL: OnceLock<TimeModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let (origin, text) = BUILTIN_CALIBRATION;
-        Calibration::from_json(text, origin)
-            .and_then(|c| TimeModel::fit(&c))
-            .expect("the built-in calibration parses and fits (checked by a unit test)")
-    })
+/// The virtual clock's compute model: the per-operator time model fitted to one measurement
+/// file, and where that file came from (reports name it).
+#[derive(Debug, Clone)]
+pub struct Clock {
+    model: TimeModel,
+    /// The file, the host it was measured on and the fit's leave-one-out error.
+    pub source: String,
+}
+
+impl Clock {
+    /// The clock fitted to `cal` (`origin` names the file).
+    pub fn fit(cal: &Calibration, origin: &str) -> Result<Clock, SimError> {
+        let model = TimeModel::fit(cal).map_err(|e| SimError::Config(e.to_string()))?;
+        let errors: Vec<String> = [StepKind::Train, StepKind::Forward]
+            .into_iter()
+            .map(|kind| {
+                let v = Validation::leave_one_out(kind, &cal.of_kind(kind));
+                format!("{} {:.1}%", kind.name(), 100.0 * v.ours().0)
+            })
+            .collect();
+        let source = format!(
+            "{origin} (measured on {}, {}; leave-one-out max error {})",
+            cal.host.cpu,
+            cal.host.date,
+            errors.join(", ")
+        );
+        Ok(Clock { model, source })
+    }
+
+    /// The shipped calibration's clock (fitted once per process).
+    pub fn builtin() -> Arc<Clock> {
+        static CLOCK: OnceLock<Arc<Clock>> = OnceLock::new();
+        CLOCK
+            .get_or_init(|| {
+                let (origin, text) = BUILTIN_CALIBRATION;
+                let clock = Calibration::from_json(text, origin)
+                    .map_err(|e| SimError::Config(e.to_string()))
+                    .and_then(|c| Clock::fit(&c, origin));
+                Arc::new(
+                    clock.expect(
+                        "the built-in calibration parses and fits (checked by a unit test)",
+                    ),
+                )
+            })
+            .clone()
+    }
+
+    /// The clock an experiment asks for: its `[clock] calibration` file (a `sim calibrate`
+    /// output, read relative to the working directory), or the shipped one.
+    pub fn load(cfg: &ClockConfig) -> Result<Arc<Clock>, SimError> {
+        if cfg.calibration.is_empty() {
+            return Ok(Clock::builtin());
+        }
+        let path = &cfg.calibration;
+        let text = std::fs::read_to_string(path).map_err(|e| SimError::io(path, e))?;
+        let cal = Calibration::from_json(&text, path)
+            .map_err(|e| SimError::Config(format!("[clock] {e}")))?;
+        Ok(Arc::new(Clock::fit(&cal, path)?))
+    }
+
+    /// The fitted time model.
+    pub fn model(&self) -> &TimeModel {
+        &self.model
+    }
+
+    /// Reference-equivalent FLOPs of one training step (`scoring`: while importance
+    /// accumulates).
+    pub fn train_step_flops(
+        &self,
+        cfg: &ModelConfig,
+        rank: usize,
+        batch: usize,
+        seq: usize,
+        scoring: bool,
+    ) -> f64 {
+        let kind = if scoring {
+            StepKind::TrainScoring
+        } else {
+            StepKind::Train
+        };
+        self.model
+            .equivalent_flops(kind, &workload(cfg, rank, batch, seq))
+    }
+
+    /// Reference-equivalent FLOPs of a forward pass over `tokens` tokens in sequences of `seq`
+    /// with a rank-`rank` adapter (0: merged or none).
+    pub fn forward_flops(&self, cfg: &ModelConfig, tokens: usize, seq: usize, rank: usize) -> f64 {
+        let seq = seq.max(1);
+        let batch = tokens.div_ceil(seq).max(1);
+        self.model
+            .equivalent_flops(StepKind::Forward, &workload(cfg, rank, batch, seq))
+    }
+
+    /// Reference-equivalent FLOPs of a round from its report, the starting and final shapes.
+    pub fn round_flops(
+        &self,
+        pre: &ModelConfig,
+        post: &ModelConfig,
+        shape: StepShape,
+        report: &RoundReport,
+    ) -> RoundFlops {
+        let (r, b, n) = (shape.rank, shape.batch, shape.seq);
+        let cost = |cfg: &ModelConfig, scoring: bool| self.train_step_flops(cfg, r, b, n, scoring);
+        let p_pre = pre.non_embedding_params() as f64;
+        let p_post = post.non_embedding_params() as f64;
+        // Steps before the round's last pruning event accumulate importance scores.
+        let last_event = report.prune_events.last().map_or(0, |&(step, _)| step);
+        let train = report
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let scoring = i < last_event;
+                let (f_pre, f_post) = (cost(pre, scoring), cost(post, scoring));
+                if (p_pre - p_post).abs() < 0.5 {
+                    f_pre
+                } else {
+                    let frac = ((s.params as f64 - p_post) / (p_pre - p_post)).clamp(0.0, 1.0);
+                    f_post + (f_pre - f_post) * frac
+                }
+            })
+            .sum();
+        let eval = self.forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
+            + self.forward_flops(post, shape.eval_tokens, shape.eval_seq, r);
+        RoundFlops { train, eval }
+    }
+
+    /// Reference-equivalent FLOPs of a round when only the shapes are known (the surrogate):
+    /// steps run at the average of the starting and final shapes' costs.
+    pub fn round_flops_estimate(
+        &self,
+        pre: &ModelConfig,
+        post: &ModelConfig,
+        shape: StepShape,
+        steps: usize,
+    ) -> RoundFlops {
+        let (r, b, n) = (shape.rank, shape.batch, shape.seq);
+        let train = steps as f64
+            * 0.5
+            * (self.train_step_flops(pre, r, b, n, false)
+                + self.train_step_flops(post, r, b, n, false));
+        let eval = self.forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
+            + self.forward_flops(post, shape.eval_tokens, shape.eval_seq, r);
+        RoundFlops { train, eval }
+    }
+
+    /// Latency of one inference forward pass over `tokens` tokens (a prompt of that length,
+    /// the adapter merged) on a device whose forward throughput at the forward reference is
+    /// `infer_gflops`, in milliseconds (fractional).
+    pub fn inference_ms(&self, cfg: &ModelConfig, tokens: usize, infer_gflops: f64) -> f64 {
+        self.forward_flops(cfg, tokens, tokens, 0) / (infer_gflops * 1e9) * 1000.0
+    }
 }
 
 fn workload(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> Workload {
@@ -55,30 +199,6 @@ fn workload(cfg: &ModelConfig, rank: usize, batch: usize, seq: usize) -> Workloa
         batch,
         seq,
     }
-}
-
-/// Reference-equivalent FLOPs of one training step (`scoring`: while importance accumulates).
-pub fn train_step_flops(
-    cfg: &ModelConfig,
-    rank: usize,
-    batch: usize,
-    seq: usize,
-    scoring: bool,
-) -> f64 {
-    let kind = if scoring {
-        StepKind::TrainScoring
-    } else {
-        StepKind::Train
-    };
-    calibrated().equivalent_flops(kind, &workload(cfg, rank, batch, seq))
-}
-
-/// Reference-equivalent FLOPs of a forward pass over `tokens` tokens in sequences of `seq`
-/// with a rank-`rank` adapter (0: merged or none).
-pub fn forward_flops(cfg: &ModelConfig, tokens: usize, seq: usize, rank: usize) -> f64 {
-    let seq = seq.max(1);
-    let batch = tokens.div_ceil(seq).max(1);
-    calibrated().equivalent_flops(StepKind::Forward, &workload(cfg, rank, batch, seq))
 }
 
 /// FLOPs of one local round.
@@ -124,39 +244,6 @@ pub struct StepShape {
     pub eval_seq: usize,
 }
 
-/// Reference-equivalent FLOPs of a round from its report, the starting and final shapes.
-pub fn round_flops(
-    pre: &ModelConfig,
-    post: &ModelConfig,
-    shape: StepShape,
-    report: &RoundReport,
-) -> RoundFlops {
-    let (r, b, n) = (shape.rank, shape.batch, shape.seq);
-    let cost = |cfg: &ModelConfig, scoring: bool| train_step_flops(cfg, r, b, n, scoring);
-    let p_pre = pre.non_embedding_params() as f64;
-    let p_post = post.non_embedding_params() as f64;
-    // Steps before the round's last pruning event accumulate importance scores.
-    let last_event = report.prune_events.last().map_or(0, |&(step, _)| step);
-    let train = report
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let scoring = i < last_event;
-            let (f_pre, f_post) = (cost(pre, scoring), cost(post, scoring));
-            if (p_pre - p_post).abs() < 0.5 {
-                f_pre
-            } else {
-                let frac = ((s.params as f64 - p_post) / (p_pre - p_post)).clamp(0.0, 1.0);
-                f_post + (f_pre - f_post) * frac
-            }
-        })
-        .sum();
-    let eval = forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
-        + forward_flops(post, shape.eval_tokens, shape.eval_seq, r);
-    RoundFlops { train, eval }
-}
-
 /// The FLOPs-linear round cost the simulator used before the calibrated model (every step's
 /// analytic FLOPs, `cost::train_step_flops`, at the interpolated shape), for comparisons.
 pub fn round_flops_linear(
@@ -186,23 +273,6 @@ pub fn round_flops_linear(
     RoundFlops { train, eval }
 }
 
-/// Reference-equivalent FLOPs of a round when only the shapes are known (the surrogate):
-/// steps run at the average of the starting and final shapes' costs.
-pub fn round_flops_estimate(
-    pre: &ModelConfig,
-    post: &ModelConfig,
-    shape: StepShape,
-    steps: usize,
-) -> RoundFlops {
-    let (r, b, n) = (shape.rank, shape.batch, shape.seq);
-    let train = steps as f64
-        * 0.5
-        * (train_step_flops(pre, r, b, n, false) + train_step_flops(post, r, b, n, false));
-    let eval = forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
-        + forward_flops(post, shape.eval_tokens, shape.eval_seq, r);
-    RoundFlops { train, eval }
-}
-
 /// Milliseconds to compute `flops` at `gflops` GFLOP/s (at least 1 ms).
 pub fn compute_ms(flops: f64, gflops: f64) -> u64 {
     ((flops / (gflops * 1e9)) * 1000.0).ceil().max(1.0) as u64
@@ -212,13 +282,6 @@ pub fn compute_ms(flops: f64, gflops: f64) -> u64 {
 pub fn transfer_ms(bytes: usize, mbps: f64, rtt_ms: f64) -> u64 {
     let serialise = bytes as f64 * 8.0 / (mbps * 1e6) * 1000.0;
     (serialise + rtt_ms).ceil() as u64
-}
-
-/// Latency of one inference forward pass over `tokens` tokens (a prompt of that length, the
-/// adapter merged) on a device whose forward throughput at the forward reference is
-/// `infer_gflops`, in milliseconds (fractional).
-pub fn inference_ms(cfg: &ModelConfig, tokens: usize, infer_gflops: f64) -> f64 {
-    forward_flops(cfg, tokens, tokens, 0) / (infer_gflops * 1e9) * 1000.0
 }
 
 /// Peak training memory of a round that starts at `cfg` and trains in `mode`.
@@ -278,17 +341,21 @@ mod tests {
         };
         let pp = pre.non_embedding_params();
         let pq = post.non_embedding_params();
-        let f_pre = train_step_flops(&pre, 8, 2, 128, false);
-        let f_post = train_step_flops(&post, 8, 2, 128, false);
+        let clock = Clock::builtin();
+        let f_pre = clock.train_step_flops(&pre, 8, 2, 128, false);
+        let f_post = clock.train_step_flops(&post, 8, 2, 128, false);
+        let round_flops = |pre: &ModelConfig, post: &ModelConfig, report: RoundReport| {
+            clock.round_flops(pre, post, shape, &report)
+        };
         // Two steps at the start shape, two at the end shape, no pruning event.
-        let r = round_flops(&pre, &post, shape, &report(&[pp, pp, pq, pq]));
+        let r = round_flops(&pre, &post, report(&[pp, pp, pq, pq]));
         assert!((r.train / (2.0 * (f_pre + f_post)) - 1.0).abs() < 1e-9);
         // A step half-way through the pruning costs the mean of the two.
         let mid = (pp + pq) / 2;
-        let r = round_flops(&pre, &post, shape, &report(&[mid]));
+        let r = round_flops(&pre, &post, report(&[mid]));
         assert!((r.train / (0.5 * (f_pre + f_post)) - 1.0).abs() < 1e-3);
         // No pruning: every step at the dense shape.
-        let r = round_flops(&pre, &pre, shape, &report(&[pp, pp, pp]));
+        let r = round_flops(&pre, &pre, report(&[pp, pp, pp]));
         assert!((r.train / (3.0 * f_pre) - 1.0).abs() < 1e-9);
         assert!(r.eval > 0.0);
         // Halving the MLP saves less time than FLOPs: the head and overheads do not shrink.
@@ -304,13 +371,86 @@ mod tests {
 
     #[test]
     fn the_reference_step_costs_its_flops_and_the_builtin_calibration_fits() {
-        let m = calibrated();
+        let clock = Clock::builtin();
+        let m = clock.model();
         let (rank, batch, seq) = crate::time_model::REFERENCE;
         let dense = smollm(1536);
-        let eq = train_step_flops(&dense, rank, batch, seq, false);
+        let eq = clock.train_step_flops(&dense, rank, batch, seq, false);
         let flops = cost::train_step_flops(&dense, rank, batch, seq);
         assert!((eq / flops - 1.0).abs() < 1e-9, "{eq} vs {flops}");
         assert!(m.reference_gflops() > 1.0 && m.reference_forward_gflops() > 1.0);
+        assert!(
+            clock.source.starts_with(BUILTIN_CALIBRATION.0) && clock.source.contains("max error"),
+            "{}",
+            clock.source
+        );
+    }
+
+    /// The shipped measurement points, every one timed at `ms` (a host where only a fixed
+    /// cost per call counts), written to a file.
+    fn flat_calibration(dir: &std::path::Path, ms: f64) -> String {
+        let mut cal = Calibration::from_json(BUILTIN_CALIBRATION.1, "shipped").unwrap();
+        for m in &mut cal.measurements {
+            m.ms = ms;
+        }
+        let path = dir.join("calibration.json");
+        std::fs::write(&path, serde_json::to_string(&cal).unwrap()).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn an_experiment_charges_the_calibration_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pre, post) = (smollm(1536), smollm(768));
+        let builtin = Clock::builtin();
+        let share = |c: &Clock| {
+            c.train_step_flops(&post, 8, 2, 128, false) / c.train_step_flops(&pre, 8, 2, 128, false)
+        };
+        // On the shipped host halving the MLP saves time; on a host where every call costs the
+        // same it saves none, and a pruned step is charged the dense step's work.
+        assert!(share(&builtin) < 0.9, "{}", share(&builtin));
+        let path = flat_calibration(dir.path(), 250.0);
+        let clock = Clock::load(&ClockConfig {
+            calibration: path.clone(),
+        })
+        .unwrap();
+        assert!(clock.source.starts_with(&path), "{}", clock.source);
+        assert!((share(&clock) - 1.0).abs() < 1e-6, "{}", share(&clock));
+        // Whatever the shape, a step costs the reference step's FLOPs there.
+        let (rank, batch, seq) = crate::time_model::REFERENCE;
+        let reference = cost::train_step_flops(&pre, rank, batch, seq);
+        let tiny = ModelConfig::dense(256, 32, 2, 2, 1, 16, 64, true);
+        let eq = clock.train_step_flops(&tiny, 2, 1, 16, false);
+        assert!((eq / reference - 1.0).abs() < 1e-6, "{eq} vs {reference}");
+        assert!(builtin.train_step_flops(&tiny, 2, 1, 16, false) < 0.5 * reference);
+        // The default is the shipped file.
+        let same = Clock::load(&ClockConfig::default()).unwrap();
+        assert_eq!(same.source, builtin.source);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_calibration_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nowhere.json").display().to_string();
+        let load = |calibration: &str| {
+            Clock::load(&ClockConfig {
+                calibration: calibration.to_string(),
+            })
+        };
+        let err = load(&missing).unwrap_err();
+        assert!(err.to_string().contains(&missing), "{err}");
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"host\": 3}").unwrap();
+        let bad = bad.display().to_string();
+        let err = load(&bad).unwrap_err();
+        assert!(
+            err.to_string().contains(&bad) && err.to_string().contains("[clock]"),
+            "{err}"
+        );
+        // A file whose times are not all positive is refused, not fitted.
+        let path = flat_calibration(dir.path(), -1.0);
+        let err = load(&path).unwrap_err();
+        assert!(err.to_string().contains("time"), "{err}");
     }
 
     #[test]

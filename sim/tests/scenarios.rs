@@ -32,6 +32,7 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         data,
         global_test: None,
         surrogate: None,
+        clock: timing::Clock::load(&cfg.clock).unwrap(),
         tok: None,
         seed: cfg.seed,
         wall_clock: None,
@@ -92,6 +93,57 @@ fn same_seed_gives_byte_identical_reports_and_another_seed_differs() {
     }
 }
 
+#[test]
+fn a_run_charges_the_calibration_its_config_names_and_says_so() {
+    let cfg = tiny_config();
+    let res = Resources::load(&cfg, None).unwrap();
+    let (plain, _) = run(&cfg, &res);
+    assert_eq!(plain.summary.clock, None);
+    assert!(!report_text(&plain).contains("Virtual clock fitted to"));
+    // The shipped measurements with every timed call twice as slow: times are relative to the
+    // reference step, so the virtual clock does not move (beyond rounding) ...
+    let dir = tempfile::tempdir().unwrap();
+    let (_, text) = sim::time_model::BUILTIN_CALIBRATION;
+    let mut cal = sim::time_model::Calibration::from_json(text, "shipped").unwrap();
+    for m in &mut cal.measurements {
+        m.ms *= 2.0;
+    }
+    let path = dir.path().join("slow-host.json");
+    std::fs::write(&path, serde_json::to_string(&cal).unwrap()).unwrap();
+    let mut named = cfg.clone();
+    named.clock.calibration = path.display().to_string();
+    let res_named = Resources::load(&named, None).unwrap();
+    let (same, _) = run(&named, &res_named);
+    let note = same.summary.clock.clone().unwrap();
+    assert!(note.starts_with(&named.clock.calibration), "{note}");
+    assert!(report_text(&same).contains(&format!("Virtual clock fitted to {note}")));
+    let moved = (same.summary.virtual_s / plain.summary.virtual_s - 1.0).abs();
+    assert!(
+        moved < 1e-3,
+        "{} vs {}",
+        same.summary.virtual_s,
+        plain.summary.virtual_s
+    );
+    // ... but on a host where every call takes the same time whatever its shape, the tiny
+    // model's steps cost what the reference step of SmolLM2-135M does, so the run takes longer.
+    for m in &mut cal.measurements {
+        m.ms = 300.0;
+    }
+    std::fs::write(&path, serde_json::to_string(&cal).unwrap()).unwrap();
+    let res_flat = Resources::load(&named, None).unwrap();
+    let (flat, _) = run(&named, &res_flat);
+    assert!(
+        flat.summary.virtual_s > plain.summary.virtual_s,
+        "{} vs {}",
+        flat.summary.virtual_s,
+        plain.summary.virtual_s
+    );
+    // A file that is not a calibration stops the experiment before it starts, naming it.
+    std::fs::write(&path, "[1, 2]").unwrap();
+    let err = Resources::load(&named, None).err().unwrap().to_string();
+    assert!(err.contains("slow-host.json"), "{err}");
+}
+
 /// Sum of counts and rewards in a UCB1 bandit's serialised arm statistics.
 fn ucb_totals(state: &CoordinatorState, device: u64) -> (u64, f64) {
     let rec = state.devices.iter().find(|d| d.id.0 == device).unwrap();
@@ -135,7 +187,8 @@ fn a_straggler_misses_its_deadlines_and_its_bandit_learns_reward_zero() {
         eval_seq: seq,
     };
     let cheapest = 0.5
-        * timing::round_flops_estimate(&dense, &dense, shape, cfg.coordinator.local_steps as usize)
+        * timing::Clock::builtin()
+            .round_flops_estimate(&dense, &dense, shape, cfg.coordinator.local_steps as usize)
             .total();
     let mut slow = agx();
     slow.name = "straggler".into();

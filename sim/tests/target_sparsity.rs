@@ -199,7 +199,8 @@ fn prune_after_fl_trains_dense_and_prunes_only_for_the_final_evaluation() {
             d.device
         );
         let p = DeviceProfile::resolve(&d.profile, None).unwrap();
-        let dense_ms = timing::inference_ms(&dense, prompt, p.infer_gflops * d.power_mode);
+        let dense_ms =
+            timing::Clock::builtin().inference_ms(&dense, prompt, p.infer_gflops * d.power_mode);
         assert!(
             d.inference_ms < dense_ms,
             "device {}: {} ms at s*, {dense_ms} ms dense",

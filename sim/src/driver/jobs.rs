@@ -66,7 +66,9 @@ impl Simulation<'_> {
         let draw = truncated_normal(1.0, variability, &mut noise);
         let gflops = train_gflops * d.power_mode * draw;
         let step_ms = timing::compute_ms(
-            timing::train_step_flops(&pre, rank, job.batch, seq, false)
+            self.trainer
+                .clock()
+                .train_step_flops(&pre, rank, job.batch, seq, false)
                 * timing::step_cost_factor(job.memory),
             gflops,
         );

@@ -13,7 +13,7 @@ use crate::config::TargetMetric;
 use crate::device_rounds::DeviceRound;
 use crate::error::SimError;
 use crate::report::{ClassSummary, DeviceFinal, Play, Report, RoundRecord, Summary};
-use crate::{stats, timing};
+use crate::stats;
 
 impl Simulation<'_> {
     fn class_of(&self, i: usize) -> String {
@@ -204,7 +204,11 @@ impl Simulation<'_> {
                 params: cfg.total_params() as u64,
                 rounds_trained: d.rounds_trained,
                 final_sparsity: scored.sparsity(),
-                inference_ms: timing::inference_ms(&scored, prompt, p.infer_gflops * d.power_mode),
+                inference_ms: self.trainer.clock().inference_ms(
+                    &scored,
+                    prompt,
+                    p.infer_gflops * d.power_mode,
+                ),
                 peak_mem_mib: d.peak_mem as f64 / (1 << 20) as f64,
                 quality: final_eval.fleet.get(&i).copied(),
                 quality_before_target: final_eval.before_target.get(&i).copied(),
@@ -340,6 +344,7 @@ impl Simulation<'_> {
             by_class,
             ended_by: ended_by.to_string(),
             surrogate_params: self.trainer.params_note(),
+            clock: (!self.cfg.clock.is_default()).then(|| self.trainer.clock().source.clone()),
             byzantine: None,
         }
     }
