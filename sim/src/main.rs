@@ -154,9 +154,14 @@ enum Cmd {
         /// the flag) are merged point by point, each point at its fastest over the files.
         #[arg(long)]
         from: Vec<PathBuf>,
-        /// Timed calls per point (the fastest is kept; after one warm-up).
-        #[arg(long, default_value_t = 3)]
+        /// Timed calls per point and visit (the fastest over all visits is kept; each visit
+        /// makes one warm-up call first).
+        #[arg(long, default_value_t = 2)]
         reps: usize,
+        /// Passes over the whole grid, forward and backward in turn, so that a point's calls
+        /// are spread over the run rather than made in one burst.
+        #[arg(long, default_value_t = 3)]
+        visits: usize,
         /// A third of the grid, for a smoke run.
         #[arg(long)]
         quick: bool,
@@ -547,7 +552,13 @@ fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Resul
     Ok(())
 }
 
-fn calibrate(out: Option<PathBuf>, from: Vec<PathBuf>, reps: usize, quick: bool) -> Result<()> {
+fn calibrate(
+    out: Option<PathBuf>,
+    from: Vec<PathBuf>,
+    reps: usize,
+    visits: usize,
+    quick: bool,
+) -> Result<()> {
     use sim::time_model::{self, grid, Calibration, TimeModel};
     let cal = if !from.is_empty() {
         let mut runs = Vec::new();
@@ -580,7 +591,8 @@ fn calibrate(out: Option<PathBuf>, from: Vec<PathBuf>, reps: usize, quick: bool)
         };
         let host = grid::measured_on(command, build);
         eprintln!("timing {} configurations on {} ...", design.len(), host.cpu);
-        let measurements = grid::measure(&base, &ids, &design, reps, |m| {
+        let visit = |v: usize| eprintln!("visit {v} of {visits} ...");
+        let measurements = grid::measure(&base, &ids, &design, reps, visits, visit, |m| {
             eprintln!(
                 "  {} {} s={:.2} r={} {}x{}: {:.0} ms",
                 m.kind.name(),
@@ -669,8 +681,9 @@ fn main() -> Result<()> {
             out,
             from,
             reps,
+            visits,
             quick,
-        }) => calibrate(out, from, reps, quick),
+        }) => calibrate(out, from, reps, visits, quick),
         Some(Cmd::Pool { parts, out }) => pool(&parts, &out),
         Some(Cmd::Profiles) => {
             println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");

@@ -4,10 +4,11 @@
 //! The design is not a full factorial (that would take hours on a 2-core host): a sparsity
 //! sweep for two pruning mixes at one rank and batch, a rank sweep at two shapes, and a batch
 //! and sequence sweep at three shapes. Every point is one training-step time and one forward
-//! time (the fastest of `reps` calls after a warm-up: the work is deterministic, so anything
-//! slower is interference from the host, which a median of 7 did not always remove: one such
-//! point once timed a rank-4 forward pass 22% slower than rank 8); importance-scoring steps are
-//! timed on the sparsity sweep only.
+//! time (the fastest of its timed calls: the work is deterministic, so anything slower is
+//! interference from the host, which a median of 7 did not always remove: one such point once
+//! timed a rank-4 forward pass 22% slower than rank 8); importance-scoring steps are timed on
+//! the sparsity sweep only. The calls are spread over several visits to each point (see
+//! [`measure`]).
 
 use std::time::Instant;
 
@@ -118,71 +119,111 @@ fn fastest_ms(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Time every point of `design` on `base`, with training windows cut from `ids`; `on_point`
-/// sees each measurement as it is taken.
+/// Time every point of `design` on `base`, with training windows cut from `ids`: `visits`
+/// passes over the design, each building the point's tuner again, making one warm-up call and
+/// `reps` timed calls per kind; a point keeps its fastest call over all visits. Visits go
+/// forward and backward in turn, so a point's calls are spread over the whole run: on a VM
+/// whose speed drifts for seconds at a time, seven calls in a row could all land in one slow
+/// spell (two runs of that form disagreed by a median 8% and up to 37% per point on the Intel
+/// family 6 model 207 host). `on_visit` sees each visit's number as it starts, `on_point`
+/// every point's final measurement at the end.
 pub fn measure(
     base: &Llama,
     ids: &[u32],
     design: &[Point],
     reps: usize,
+    visits: usize,
+    mut on_visit: impl FnMut(usize),
     mut on_point: impl FnMut(&Measurement),
 ) -> Result<Vec<Measurement>, TimeModelError> {
-    let device: &Device = &base.device;
-    let mut out = Vec::new();
-    for p in design {
-        let kept = kept_for(base, p.mix, p.sparsity);
-        let mut cfg = base.config.clone();
-        cfg.blocks = kept.shapes(&base.config);
-        let windows: Vec<Vec<u32>> = ids
-            .chunks_exact(p.seq + 1)
-            .take(p.batch)
-            .map(<[u32]>::to_vec)
-            .collect();
-        if windows.len() < p.batch {
-            return Err(TimeModelError::Grid(format!(
-                "the calibration text has too few tokens for {} windows of {}",
-                p.batch, p.seq
-            )));
-        }
-        let batch = train::Batch::lm(&windows);
-        let adapter = Adapter::new(&cfg, p.rank, 2.0 * p.rank as f64, 0, device);
-        let tcfg = train::TrainConfig::default();
-        let mut tuner = train::Tuner::new(base, kept, adapter, tcfg)
-            .map_err(|e| TimeModelError::Grid(format!("{p:?}: {e}")))?;
-        let workload = Workload {
-            shape: ShapeSums::of(&tuner.model.config),
-            rank: p.rank,
-            batch: p.batch,
-            seq: p.seq,
+    let visits = visits.max(1);
+    // Per point: its measurements (train, scoring when asked, forward) in design order.
+    let mut per_point: Vec<Vec<Measurement>> = vec![Vec::new(); design.len()];
+    for visit in 0..visits {
+        on_visit(visit + 1);
+        let order: Vec<usize> = if visit % 2 == 0 {
+            (0..design.len()).collect()
+        } else {
+            (0..design.len()).rev().collect()
         };
-        let sparsity = tuner.sparsity();
-        let mut record = |kind: StepKind, ms: f64| {
-            let m = Measurement {
-                kind,
-                label: p.mix.label(p.sparsity),
-                sparsity,
-                workload,
-                ms,
-                reps,
-            };
-            on_point(&m);
-            out.push(m);
-        };
-        let ms = fastest_ms(reps, || {
-            tuner.train_micro(&batch, 1e-4, false);
-        });
-        record(StepKind::Train, ms);
-        if p.scoring {
-            let ms = fastest_ms(reps, || {
-                tuner.train_micro(&batch, 1e-4, true);
-            });
-            record(StepKind::TrainScoring, ms);
+        for i in order {
+            let timed = time_point(base, ids, &design[i], reps)?;
+            let kept = &mut per_point[i];
+            if kept.is_empty() {
+                *kept = timed;
+            } else {
+                for (k, t) in kept.iter_mut().zip(timed) {
+                    k.ms = k.ms.min(t.ms);
+                    k.reps += t.reps;
+                }
+            }
         }
-        let ms = fastest_ms(reps, || {
-            eval::evaluate_windows(&tuner.model, Some(&tuner.adapter), &windows, p.batch);
-        });
-        record(StepKind::Forward, ms);
     }
+    let out: Vec<Measurement> = per_point.into_iter().flatten().collect();
+    out.iter().for_each(&mut on_point);
+    Ok(out)
+}
+
+/// One visit to a point: its tuner built, then per kind a warm-up call and the fastest of
+/// `reps` timed calls.
+fn time_point(
+    base: &Llama,
+    ids: &[u32],
+    p: &Point,
+    reps: usize,
+) -> Result<Vec<Measurement>, TimeModelError> {
+    let device: &Device = &base.device;
+    let kept = kept_for(base, p.mix, p.sparsity);
+    let mut cfg = base.config.clone();
+    cfg.blocks = kept.shapes(&base.config);
+    let windows: Vec<Vec<u32>> = ids
+        .chunks_exact(p.seq + 1)
+        .take(p.batch)
+        .map(<[u32]>::to_vec)
+        .collect();
+    if windows.len() < p.batch {
+        return Err(TimeModelError::Grid(format!(
+            "the calibration text has too few tokens for {} windows of {}",
+            p.batch, p.seq
+        )));
+    }
+    let batch = train::Batch::lm(&windows);
+    let adapter = Adapter::new(&cfg, p.rank, 2.0 * p.rank as f64, 0, device);
+    let tcfg = train::TrainConfig::default();
+    let mut tuner = train::Tuner::new(base, kept, adapter, tcfg)
+        .map_err(|e| TimeModelError::Grid(format!("{p:?}: {e}")))?;
+    let workload = Workload {
+        shape: ShapeSums::of(&tuner.model.config),
+        rank: p.rank,
+        batch: p.batch,
+        seq: p.seq,
+    };
+    let sparsity = tuner.sparsity();
+    let mut out = Vec::new();
+    let mut record = |kind: StepKind, ms: f64| {
+        out.push(Measurement {
+            kind,
+            label: p.mix.label(p.sparsity),
+            sparsity,
+            workload,
+            ms,
+            reps,
+        })
+    };
+    let ms = fastest_ms(reps, || {
+        tuner.train_micro(&batch, 1e-4, false);
+    });
+    record(StepKind::Train, ms);
+    if p.scoring {
+        let ms = fastest_ms(reps, || {
+            tuner.train_micro(&batch, 1e-4, true);
+        });
+        record(StepKind::TrainScoring, ms);
+    }
+    let ms = fastest_ms(reps, || {
+        eval::evaluate_windows(&tuner.model, Some(&tuner.adapter), &windows, p.batch);
+    });
+    record(StepKind::Forward, ms);
     Ok(out)
 }
 

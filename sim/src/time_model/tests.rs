@@ -238,3 +238,54 @@ fn runs_merge_to_the_fastest_time_per_point_and_other_hosts_are_refused() {
     let e = Calibration::fastest_of(&[]).unwrap_err().to_string();
     assert!(e.contains("no calibration"), "{e}");
 }
+
+#[test]
+fn every_point_is_timed_on_every_visit_and_keeps_its_fastest_call() {
+    let base = crate::experiment::tiny_model(&crate::config::TinyModel::default());
+    let design = [
+        grid::Point {
+            mix: grid::Mix::Channels,
+            sparsity: 0.0,
+            rank: 2,
+            batch: 1,
+            seq: 8,
+            scoring: true,
+        },
+        grid::Point {
+            mix: grid::Mix::HeadsAndChannels,
+            sparsity: 0.3,
+            rank: 4,
+            batch: 2,
+            seq: 8,
+            scoring: false,
+        },
+    ];
+    let ids: Vec<u32> = (0..64).map(|i| i % 48).collect();
+    let mut visits = Vec::new();
+    let mut seen = 0;
+    let out = grid::measure(
+        &base,
+        &ids,
+        &design,
+        2,
+        3,
+        |v| visits.push(v),
+        |_| seen += 1,
+    )
+    .unwrap();
+    assert_eq!(visits, [1, 2, 3]);
+    // Design order: the first point's train, scoring and forward, then the second's two.
+    let kinds: Vec<StepKind> = out.iter().map(|m| m.kind).collect();
+    use StepKind::*;
+    assert_eq!(kinds, [Train, TrainScoring, Forward, Train, Forward]);
+    assert_eq!(seen, out.len());
+    for m in &out {
+        assert_eq!(m.reps, 6, "two timed calls on each of three visits");
+        assert!(m.ms > 0.0 && m.ms.is_finite());
+    }
+    assert_eq!(out[3].label, "heads+channels");
+    assert!(out[3].sparsity > 0.0);
+    // Too little text for the batch is a grid error, not a panic.
+    let err = grid::measure(&base, &ids[..10], &design, 1, 1, |_| {}, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("too few tokens"), "{err}");
+}
