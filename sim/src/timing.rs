@@ -152,12 +152,7 @@ impl Clock {
             .map(|(i, s)| {
                 let scoring = i < last_event;
                 let (f_pre, f_post) = (cost(pre, scoring), cost(post, scoring));
-                if (p_pre - p_post).abs() < 0.5 {
-                    f_pre
-                } else {
-                    let frac = ((s.params as f64 - p_post) / (p_pre - p_post)).clamp(0.0, 1.0);
-                    f_post + (f_pre - f_post) * frac
-                }
+                at_params((p_pre, f_pre), (p_post, f_post), s.params)
             })
             .sum();
         let eval = self.forward_flops(pre, shape.eval_tokens, shape.eval_seq, r)
@@ -259,18 +254,23 @@ pub fn round_flops_linear(
     let train = report
         .steps
         .iter()
-        .map(|s| {
-            if (p_pre - p_post).abs() < 0.5 {
-                f_pre
-            } else {
-                let frac = ((s.params as f64 - p_post) / (p_pre - p_post)).clamp(0.0, 1.0);
-                f_post + (f_pre - f_post) * frac
-            }
-        })
+        .map(|s| at_params((p_pre, f_pre), (p_post, f_post), s.params))
         .sum();
     let eval = cost::forward_flops(pre, shape.eval_tokens, shape.eval_seq, true)
         + cost::forward_flops(post, shape.eval_tokens, shape.eval_seq, true);
     RoundFlops { train, eval }
+}
+
+/// A step's cost at `params` non-embedding parameters, interpolated between the round's
+/// starting `(params, cost)` and final one (the model is affine in the kept units).
+fn at_params(pre: (f64, f64), post: (f64, f64), params: usize) -> f64 {
+    let ((p_pre, f_pre), (p_post, f_post)) = (pre, post);
+    if (p_pre - p_post).abs() < 0.5 {
+        f_pre
+    } else {
+        let frac = ((params as f64 - p_post) / (p_pre - p_post)).clamp(0.0, 1.0);
+        f_post + (f_pre - f_post) * frac
+    }
 }
 
 /// Milliseconds to compute `flops` at `gflops` GFLOP/s (at least 1 ms).
