@@ -122,11 +122,13 @@ fn fastest_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 /// Time every point of `design` on `base`, with training windows cut from `ids`: `visits`
 /// passes over the design, each building the point's tuner again, making one warm-up call and
 /// `reps` timed calls per kind; a point keeps its fastest call over all visits. Visits go
-/// forward and backward in turn, so a point's calls are spread over the whole run: on a VM
-/// whose speed drifts for seconds at a time, seven calls in a row could all land in one slow
-/// spell (two runs of that form disagreed by a median 8% and up to 37% per point on the Intel
-/// family 6 model 207 host). `on_visit` sees each visit's number as it starts, `on_point`
-/// every point's final measurement at the end.
+/// forward and backward in turn, so a point's calls are spread over the whole run rather
+/// than made in one burst that a slow spell of the host can cover. (On the drifting Intel
+/// family 6 model 207 VM of session 39 that did not make single points repeat: two runs of
+/// seven calls in a row disagreed per point by a median 8% and up to 34%, two runs of three
+/// visits by 6.5% and 34%; merging runs at their fastest is what helps, BENCHMARKS.md.)
+/// `on_visit` sees each visit's number as it starts, `on_point` every point's final
+/// measurement at the end.
 pub fn measure(
     base: &Llama,
     ids: &[u32],
