@@ -289,3 +289,44 @@ fn every_point_is_timed_on_every_visit_and_keeps_its_fastest_call() {
     let err = grid::measure(&base, &ids[..10], &design, 1, 1, |_| {}, |_| {}).unwrap_err();
     assert!(err.to_string().contains("too few tokens"), "{err}");
 }
+
+#[test]
+fn the_recorded_intel_runs_merge_to_the_file_and_errors_benchmarks_states() {
+    // BENCHMARKS.md, "On the Intel family 6 model 207 host with today's code": four runs whose
+    // merge is shipped beside them; its leave-one-out errors are the table's last row.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benchmarks");
+    let read = |name: &str| {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        (
+            name.to_string(),
+            Calibration::from_json(&text, name).unwrap(),
+        )
+    };
+    let runs: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|r| read(&format!("calibration-intel207-s39-{r}.json")))
+        .collect();
+    let merged = Calibration::fastest_of(&runs).unwrap();
+    let (_, shipped) = read("calibration-intel207-s39-merged.json");
+    assert_eq!(merged.measurements, shipped.measurements);
+    // Visits are counted: runs c and d made 3 x 2 calls per point, a and b 7.
+    assert!(shipped.measurements.iter().all(|m| m.reps == 7 + 7 + 6 + 6));
+    for (kind, max, mean) in [
+        (StepKind::Train, 0.230, 0.062),
+        (StepKind::Forward, 0.243, 0.059),
+    ] {
+        let (got_max, got_mean) = Validation::leave_one_out(kind, &shipped.of_kind(kind)).ours();
+        assert!(
+            (got_max - max).abs() < 5e-4 && (got_mean - mean).abs() < 5e-4,
+            "{}: {got_max:.4} / {got_mean:.4}, stated {max} / {mean}",
+            kind.name()
+        );
+    }
+    let model = TimeModel::fit(&shipped).unwrap();
+    assert!(
+        (model.scoring_factor - 1.122).abs() < 5e-4,
+        "{}",
+        model.scoring_factor
+    );
+}
