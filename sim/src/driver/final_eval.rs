@@ -30,6 +30,11 @@ use crate::local_data::WorkloadKind;
 use crate::report::EvalSummary;
 use crate::stats;
 
+/// Devices the final evaluation plans and runs together: enough to keep every evaluation
+/// worker busy, few enough that the fleet's planned tasks are not all held at once (at 1,200
+/// devices of the real model's shapes that was 160 MiB in the 10,000-device preset).
+const EVAL_BATCH: usize = 64;
+
 /// What the final evaluation found.
 pub(super) struct FinalEvaluation {
     /// Qualities of the evaluated devices that trained.
@@ -130,13 +135,19 @@ impl Simulation<'_> {
         // Tasks of this call whose results later devices with the same kept maps share: a
         // model as it is (with its sparsity), and a brought model's score before it was
         // brought.
+        // Without `shared` nothing is looked up, so no kept maps are kept either (a model's
+        // kept maps are the largest part of its task: about 100 KiB for the real model).
         let mut pending_shared: Vec<(KeptIndices, usize, f64)> = Vec::new();
         let mut pending_before: Vec<(KeptIndices, usize)> = Vec::new();
-        let mut plan: Vec<(usize, KeptIndices, Source)> = Vec::with_capacity(devices.len());
+        let mut plan: Vec<(usize, Option<KeptIndices>, Source)> = Vec::with_capacity(devices.len());
         for &i in devices {
-            let kept = self.devices[i].session.state().kept.clone();
-            let known = memo.shared.iter().find(|(k, _, _)| shared && *k == kept);
-            let pending = pending_shared.iter().find(|(k, _, _)| shared && *k == kept);
+            let kept = shared.then(|| self.devices[i].session.state().kept.clone());
+            let known = kept
+                .as_ref()
+                .and_then(|kept| memo.shared.iter().find(|(k, _, _)| k == kept));
+            let pending = kept
+                .as_ref()
+                .and_then(|kept| pending_shared.iter().find(|(k, _, _)| k == kept));
             let source = match (known, pending) {
                 (Some((_, q, s)), _) => Source::Known(*q, *s),
                 (None, Some((_, t, s))) => Source::SameAs(*t, *s),
@@ -145,19 +156,27 @@ impl Simulation<'_> {
                     memo.evaluations += 1;
                     let before = if p.brought() {
                         memo.brought_to_target += 1;
-                        let known = memo.before.iter().find(|(k, _)| shared && *k == kept);
-                        let pending = pending_before.iter().find(|(k, _)| shared && *k == kept);
+                        let known = kept
+                            .as_ref()
+                            .and_then(|kept| memo.before.iter().find(|(k, _)| k == kept));
+                        let pending = kept
+                            .as_ref()
+                            .and_then(|kept| pending_before.iter().find(|(k, _)| k == kept));
                         Some(match (known, pending) {
                             (Some((_, q)), _) => Before::Known(*q),
                             (None, Some((_, t))) => Before::Task(*t, false),
                             (None, None) => {
                                 tasks.push(p.as_it_is());
-                                pending_before.push((kept.clone(), tasks.len() - 1));
+                                if let Some(kept) = &kept {
+                                    pending_before.push((kept.clone(), tasks.len() - 1));
+                                }
                                 Before::Task(tasks.len() - 1, true)
                             }
                         })
                     } else {
-                        pending_shared.push((kept.clone(), tasks.len(), p.sparsity));
+                        if let Some(kept) = &kept {
+                            pending_shared.push((kept.clone(), tasks.len(), p.sparsity));
+                        }
                         None
                     };
                     tasks.push(p.task.clone());
@@ -179,14 +198,14 @@ impl Simulation<'_> {
                         Some(Before::Known(q)) => Some(q),
                         Some(Before::Task(b, first)) => {
                             let q = quality(b)?;
-                            if first {
+                            if let (true, Some(kept)) = (first, &kept) {
                                 memo.before.push((kept.clone(), q));
                             }
                             Some(q)
                         }
                     };
                     let e = p.scored(self.trainer.dense(), &results[t], before_q)?;
-                    if !e.brought {
+                    if let (false, Some(kept)) = (e.brought, kept) {
                         memo.shared.push((kept, e.quality, e.sparsity));
                     }
                     e
@@ -227,8 +246,14 @@ impl Simulation<'_> {
         let mut memo = Memo::default();
         // One batch: the trained devices first, then the rest, so the rest share what the
         // trained ones computed, and every evaluation can run beside every other.
+        // In batches of `EVAL_BATCH` devices, so that at most that many tasks (each with its
+        // device's state and global slice) are held at once; what a batch computes reaches
+        // the next through `memo`, so the result is the same as one batch's.
         let all: Vec<usize> = trained.iter().chain(&untrained).copied().collect();
-        let mut scored = self.evaluate_distinct(&all, shared, &mut memo)?;
+        let mut scored = BTreeMap::new();
+        for batch in all.chunks(EVAL_BATCH) {
+            scored.append(&mut self.evaluate_distinct(batch, shared, &mut memo)?);
+        }
         let trained_q: BTreeMap<usize, Quality> =
             trained.iter().map(|i| (*i, scored[i].quality)).collect();
         let fleet: BTreeMap<usize, Quality> = scored.iter().map(|(&i, e)| (i, e.quality)).collect();
