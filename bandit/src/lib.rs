@@ -3,7 +3,8 @@
 //! - [`arm`]: [`ArmSpace`] (ratio interval x allowed ranks, and its grids), [`DeviceContext`];
 //!   [`Arm`] itself is `protocol::Arm`, the type the coordinator sends.
 //! - [`policy`]: the [`Policy`] trait; S-UCB, UCB1, discounted and sliding-window UCB,
-//!   Gaussian Thompson sampling, EXP3, epsilon-greedy, fixed and uniform-random; the
+//!   Gaussian Thompson sampling, linear UCB (one reward model shared by every arm), EXP3,
+//!   epsilon-greedy, fixed and uniform-random; the
 //!   serializable [`PolicyConfig`] -> [`AnyPolicy`] pair used for configs and checkpoints.
 //! - [`region`]: [`FeasibleRegion`], the arms a policy may still choose.
 //! - [`feasibility`]: [`FeasibilityFilter`] learns per device which arms exceed its memory or

@@ -176,7 +176,7 @@ fn shared_scope_and_heavy_tails_run() {
         ..RunSettings::default()
     };
     let report = run_environment(&mut env, &NamedPolicy::all_defaults(), &settings).unwrap();
-    assert_eq!(report.runs.len(), 9);
+    assert_eq!(report.runs.len(), PolicyConfig::all_defaults().len());
     assert!(report.runs.iter().all(|r| r.regret_curve.len() == 300));
 }
 

@@ -471,6 +471,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_example_config_loads_and_the_linear_bandit_one_changes_only_its_learner() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/examples");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                ExperimentConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                loaded += 1;
+            }
+        }
+        assert!(loaded >= 9, "{loaded} example configs");
+        let base = ExperimentConfig::load(&dir.join("bandit-s03.toml")).unwrap();
+        let mut linear = ExperimentConfig::load(&dir.join("bandit-s03-linear.toml")).unwrap();
+        let c = &linear.coordinator;
+        assert_eq!(c.policy.kind(), "linear-ucb");
+        assert_eq!(c.bandit_scope, aggregator::coordinator::BanditScope::Class);
+        assert_eq!(c.explore_per_round, Some(1));
+        assert_eq!((c.reward.w1, c.reward.w2, c.reward.w3), (1.0, 3.0, 0.25));
+        assert_eq!(c.reward.w4, 3.0);
+        // Everything else is bandit-s03's.
+        linear.name = base.name.clone();
+        linear.output_dir = base.output_dir.clone();
+        linear.coordinator.policy = base.coordinator.policy.clone();
+        linear.coordinator.bandit_scope = base.coordinator.bandit_scope;
+        linear.coordinator.explore_per_round = base.coordinator.explore_per_round;
+        linear.coordinator.reward = base.coordinator.reward;
+        assert_eq!(linear, base);
+    }
+
+    #[test]
     fn presets_parse() {
         for (name, _) in PRESETS {
             let c = ExperimentConfig::preset(name).unwrap();

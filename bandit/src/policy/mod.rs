@@ -4,6 +4,7 @@ mod epsilon_greedy;
 mod exp3;
 mod fixed;
 mod grid;
+mod linear;
 mod sucb;
 mod thompson;
 mod ucb;
@@ -19,6 +20,7 @@ pub use epsilon_greedy::{EpsilonGreedy, EpsilonGreedyConfig};
 pub use exp3::{Exp3, Exp3Config};
 pub use fixed::{Fixed, FixedConfig, UniformRandom, UniformRandomConfig};
 pub use grid::ArmGrid;
+pub use linear::{LinearUcb, LinearUcbConfig};
 pub use sucb::{SUcb, SUcbConfig};
 pub use thompson::{Thompson, ThompsonConfig};
 pub use ucb::{
@@ -100,6 +102,8 @@ pub enum PolicyConfig {
     DiscountedUcb(DiscountedUcbConfig),
     SlidingWindowUcb(SlidingWindowUcbConfig),
     Thompson(ThompsonConfig),
+    /// One reward model, additive in pace and rank, shared by every arm (LinUCB).
+    LinearUcb(LinearUcbConfig),
     Exp3(Exp3Config),
     EpsilonGreedy(EpsilonGreedyConfig),
     Fixed(FixedConfig),
@@ -116,6 +120,7 @@ impl PolicyConfig {
             PolicyConfig::DiscountedUcb(DiscountedUcbConfig::default()),
             PolicyConfig::SlidingWindowUcb(SlidingWindowUcbConfig::default()),
             PolicyConfig::Thompson(ThompsonConfig::default()),
+            PolicyConfig::LinearUcb(LinearUcbConfig::default()),
             PolicyConfig::Exp3(Exp3Config::default()),
             PolicyConfig::EpsilonGreedy(EpsilonGreedyConfig::default()),
             PolicyConfig::Fixed(FixedConfig::default()),
@@ -131,6 +136,7 @@ impl PolicyConfig {
             PolicyConfig::DiscountedUcb(_) => "discounted-ucb",
             PolicyConfig::SlidingWindowUcb(_) => "sliding-window-ucb",
             PolicyConfig::Thompson(_) => "thompson",
+            PolicyConfig::LinearUcb(_) => "linear-ucb",
             PolicyConfig::Exp3(_) => "exp3",
             PolicyConfig::EpsilonGreedy(_) => "epsilon-greedy",
             PolicyConfig::Fixed(_) => "fixed",
@@ -159,6 +165,7 @@ impl PolicyConfig {
                 AnyPolicy::SlidingWindowUcb(SlidingWindowUcb::new(space.clone(), *c)?)
             }
             PolicyConfig::Thompson(c) => AnyPolicy::Thompson(Thompson::new(space.clone(), *c)?),
+            PolicyConfig::LinearUcb(c) => AnyPolicy::LinearUcb(LinearUcb::new(space.clone(), *c)?),
             PolicyConfig::Exp3(c) => AnyPolicy::Exp3(Exp3::new(space.clone(), *c)?),
             PolicyConfig::EpsilonGreedy(c) => {
                 AnyPolicy::EpsilonGreedy(EpsilonGreedy::new(space.clone(), *c)?)
@@ -181,6 +188,7 @@ pub enum AnyPolicy {
     DiscountedUcb(DiscountedUcb),
     SlidingWindowUcb(SlidingWindowUcb),
     Thompson(Thompson),
+    LinearUcb(LinearUcb),
     Exp3(Exp3),
     EpsilonGreedy(EpsilonGreedy),
     Fixed(Fixed),
@@ -195,6 +203,7 @@ macro_rules! each_policy {
             AnyPolicy::DiscountedUcb($p) => $body,
             AnyPolicy::SlidingWindowUcb($p) => $body,
             AnyPolicy::Thompson($p) => $body,
+            AnyPolicy::LinearUcb($p) => $body,
             AnyPolicy::Exp3($p) => $body,
             AnyPolicy::EpsilonGreedy($p) => $body,
             AnyPolicy::Fixed($p) => $body,
@@ -212,6 +221,7 @@ impl AnyPolicy {
             AnyPolicy::DiscountedUcb(_) => "discounted-ucb",
             AnyPolicy::SlidingWindowUcb(_) => "sliding-window-ucb",
             AnyPolicy::Thompson(_) => "thompson",
+            AnyPolicy::LinearUcb(_) => "linear-ucb",
             AnyPolicy::Exp3(_) => "exp3",
             AnyPolicy::EpsilonGreedy(_) => "epsilon-greedy",
             AnyPolicy::Fixed(_) => "fixed",

@@ -1,0 +1,451 @@
+//! Linear UCB over an `ArmGrid`: one reward model shared by every arm.
+//!
+//! The grid policies (UCB1, Thompson, ...) learn each arm's mean from that arm's plays alone, so
+//! with 18-30 arms a device's first ten plays say almost nothing about the arms it did not play,
+//! and an arm that scored well once or twice is exploited on that evidence (BENCHMARKS.md,
+//! "Where the fixed arm's lead comes from"). This policy assumes the reward is additive in the
+//! pace and the rank,
+//!
+//! ```text
+//! r(arm) ~ theta . phi(arm),  phi = [1, x, (3 x^2 - 1) / 2, e_rank(2), ..., e_rank(k)]
+//! ```
+//!
+//! with `x` the arm's ratio scaled to [-1, 1] over the space (the second Legendre polynomial
+//! for the curvature, so every feature spans about one unit and the ridge penalty weighs them
+//! alike; with `x` in [-0.5, 0.5] the penalty flattened the curvature and the model's best arm
+//! went to an end of the interval) and `e_rank(j)` one for the arm's rank (the first rank is
+//! the baseline). Every play then informs every arm that shares
+//! its pace or its rank. `theta` is the ridge estimate `A^-1 b` with `A = ridge I + sum phi
+//! phi^T` and `b = sum (r - prior_mean) phi`; an arm's score is `prior_mean + theta . phi +
+//! exploration * sqrt(phi^T A^-1 phi)` (LinUCB, Li et al. 2010), and the best feasible grid arm
+//! plays. Its exploited arm is the model's best feasible grid arm, played or not.
+//!
+//! The model is wrong wherever pace and rank interact; it trades that bias for pooling. The
+//! state is a `d x d` matrix and a `d`-vector, `d = 2 + ranks`.
+
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::grid::argmax_random_tie;
+use super::{check_range, check_reward, ArmGrid, Policy};
+use crate::arm::{Arm, ArmSpace, DeviceContext};
+use crate::error::BanditError;
+use crate::region::FeasibleRegion;
+
+/// Parameters of [`LinearUcb`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinearUcbConfig {
+    /// Ratios in the grid (times every allowed rank). Default `6`.
+    pub n_ratios: usize,
+    /// Multiplier of the confidence width `sqrt(phi^T A^-1 phi)`. Default `0.15`, UCB1's
+    /// (the width of an unplayed direction starts at `1 / sqrt(ridge)`).
+    pub exploration: f64,
+    /// Ridge penalty: how many observations' worth of weight the prior (every coefficient
+    /// zero, i.e. every arm at `prior_mean`) carries. Default `1.0`.
+    pub ridge: f64,
+    /// The reward the model assumes before any play. Default `0.5` (middle of [0, 1]).
+    pub prior_mean: f64,
+}
+
+impl Default for LinearUcbConfig {
+    fn default() -> Self {
+        LinearUcbConfig {
+            n_ratios: 6,
+            exploration: 0.15,
+            ridge: 1.0,
+            prior_mean: 0.5,
+        }
+    }
+}
+
+/// Linear UCB with the pace-plus-rank features of the module docs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinearUcb {
+    config: LinearUcbConfig,
+    grid: ArmGrid,
+    /// `A = ridge I + sum phi phi^T`, row-major, `d x d`.
+    gram: Vec<f64>,
+    /// `b = sum (r - prior_mean) phi`.
+    target: Vec<f64>,
+    /// Observations so far.
+    plays: u64,
+}
+
+/// The Cholesky factor `L` (row-major, lower) of a symmetric positive definite `d x d` matrix;
+/// `None` when it is not positive definite (only a corrupted state can make `A` so).
+fn cholesky(a: &[f64], d: usize) -> Option<Vec<f64>> {
+    let mut l = vec![0.0; d * d];
+    for i in 0..d {
+        for j in 0..=i {
+            let s: f64 = a[i * d + j] - (0..j).map(|k| l[i * d + k] * l[j * d + k]).sum::<f64>();
+            if i == j {
+                if !(s > 0.0 && s.is_finite()) {
+                    return None;
+                }
+                l[i * d + i] = s.sqrt();
+            } else {
+                l[i * d + j] = s / l[j * d + j];
+            }
+        }
+    }
+    Some(l)
+}
+
+/// `y` with `L y = v` (forward substitution).
+fn forward(l: &[f64], d: usize, v: &[f64]) -> Vec<f64> {
+    let mut y = vec![0.0; d];
+    for i in 0..d {
+        let s: f64 = (0..i).map(|k| l[i * d + k] * y[k]).sum();
+        y[i] = (v[i] - s) / l[i * d + i];
+    }
+    y
+}
+
+/// `x` with `L^T x = y` (back substitution).
+fn backward(l: &[f64], d: usize, y: &[f64]) -> Vec<f64> {
+    let mut x = vec![0.0; d];
+    for i in (0..d).rev() {
+        let s: f64 = (i + 1..d).map(|k| l[k * d + i] * x[k]).sum();
+        x[i] = (y[i] - s) / l[i * d + i];
+    }
+    x
+}
+
+/// The fitted model at one moment: `L` and `theta`.
+struct Fit {
+    chol: Vec<f64>,
+    theta: Vec<f64>,
+}
+
+impl LinearUcb {
+    pub fn new(space: ArmSpace, config: LinearUcbConfig) -> Result<Self, BanditError> {
+        check_range(
+            "exploration",
+            config.exploration,
+            0.0,
+            f64::MAX,
+            "a finite number >= 0",
+        )?;
+        check_range(
+            "ridge",
+            config.ridge,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            "a finite number > 0",
+        )?;
+        check_range(
+            "prior_mean",
+            config.prior_mean,
+            f64::MIN,
+            f64::MAX,
+            "a finite number",
+        )?;
+        let grid = ArmGrid::new(space, config.n_ratios)?;
+        let d = Self::dim_of(&grid.space);
+        let mut gram = vec![0.0; d * d];
+        for i in 0..d {
+            gram[i * d + i] = config.ridge;
+        }
+        Ok(LinearUcb {
+            config,
+            grid,
+            gram,
+            target: vec![0.0; d],
+            plays: 0,
+        })
+    }
+
+    pub fn arm_space(&self) -> &ArmSpace {
+        &self.grid.space
+    }
+
+    pub fn config(&self) -> &LinearUcbConfig {
+        &self.config
+    }
+
+    /// Observations so far.
+    pub fn plays(&self) -> u64 {
+        self.plays
+    }
+
+    fn dim_of(space: &ArmSpace) -> usize {
+        2 + space.ranks.len()
+    }
+
+    fn dim(&self) -> usize {
+        Self::dim_of(&self.grid.space)
+    }
+
+    /// `phi(arm)` of the module docs (the arm is in the space: callers checked it).
+    fn features(&self, arm: &Arm) -> Vec<f64> {
+        let space = &self.grid.space;
+        let width = space.ratio_max - space.ratio_min;
+        let x = if width > 0.0 {
+            2.0 * (arm.prune_ratio - space.ratio_min) / width - 1.0
+        } else {
+            0.0
+        };
+        let mut phi = vec![0.0; self.dim()];
+        phi[0] = 1.0;
+        phi[1] = x;
+        phi[2] = 1.5 * x * x - 0.5;
+        if let Some(j) = space.rank_index(arm.rank).filter(|&j| j > 0) {
+            phi[2 + j] = 1.0;
+        }
+        phi
+    }
+
+    /// The current fit; an error when the state's shapes do not match the space or `A` is not
+    /// positive definite (a state deserialized from a damaged checkpoint).
+    fn fit(&self) -> Result<Fit, BanditError> {
+        let d = self.dim();
+        let bad = |what: String| {
+            BanditError::param("linear-ucb state", what, "a state this policy wrote: A is d x d and positive definite, b has d finite entries, d = 2 + ranks")
+        };
+        if self.gram.len() != d * d || self.target.len() != d {
+            return Err(bad(format!(
+                "A of {} and b of {} entries for d = {d}",
+                self.gram.len(),
+                self.target.len()
+            )));
+        }
+        if self.target.iter().any(|v| !v.is_finite()) {
+            return Err(bad("a non-finite entry of b".into()));
+        }
+        let chol = cholesky(&self.gram, d)
+            .ok_or_else(|| bad("A not symmetric positive definite".into()))?;
+        let theta = backward(&chol, d, &forward(&chol, d, &self.target));
+        Ok(Fit { chol, theta })
+    }
+
+    /// The model's mean reward for `arm` and its confidence width.
+    fn predict(&self, fit: &Fit, arm: &Arm) -> (f64, f64) {
+        let d = self.dim();
+        let phi = self.features(arm);
+        let mean =
+            self.config.prior_mean + phi.iter().zip(&fit.theta).map(|(p, t)| p * t).sum::<f64>();
+        let y = forward(&fit.chol, d, &phi);
+        (mean, y.iter().map(|v| v * v).sum::<f64>().sqrt())
+    }
+}
+
+impl Policy for LinearUcb {
+    fn choose_in(
+        &mut self,
+        ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Arm, BanditError> {
+        let fit = self.fit()?;
+        let scored = self.grid.feasible_iter(region).map(|i| {
+            let (mean, width) = self.predict(&fit, &self.grid.arm(i));
+            (i, mean + self.config.exploration * width)
+        });
+        let i = argmax_random_tie(scored, rng).ok_or(BanditError::NoFeasibleArm {
+            device_id: ctx.device_id,
+        })?;
+        Ok(self.grid.arm(i))
+    }
+
+    fn observe(&mut self, _ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError> {
+        self.grid.index_of(&arm)?;
+        check_reward(&arm, reward)?;
+        self.fit()?;
+        let d = self.dim();
+        let phi = self.features(&arm);
+        let centred = reward - self.config.prior_mean;
+        for i in 0..d {
+            for j in 0..d {
+                self.gram[i * d + j] += phi[i] * phi[j];
+            }
+            self.target[i] += centred * phi[i];
+        }
+        self.plays += 1;
+        Ok(())
+    }
+
+    /// The model's best feasible grid arm (played or not) once anything was observed.
+    fn exploit_in(
+        &self,
+        _ctx: &DeviceContext,
+        region: &FeasibleRegion,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<Arm> {
+        if self.plays == 0 {
+            return None;
+        }
+        let fit = self.fit().ok()?;
+        let scored = self
+            .grid
+            .feasible_iter(region)
+            .map(|i| (i, self.predict(&fit, &self.grid.arm(i)).0));
+        argmax_random_tie(scored, rng).map(|i| self.grid.arm(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn ctx() -> DeviceContext {
+        DeviceContext {
+            device_id: 1,
+            ..Default::default()
+        }
+    }
+
+    fn space() -> ArmSpace {
+        ArmSpace::new(0.0, 1.0, vec![4, 8, 16]).unwrap()
+    }
+
+    #[test]
+    fn the_solves_invert_the_gram_matrix() {
+        // A known SPD matrix: L L^T with L lower triangular.
+        let d = 3;
+        let a = [4.0, 2.0, 0.4, 2.0, 5.0, 1.0, 0.4, 1.0, 3.0];
+        let l = cholesky(&a, d).unwrap();
+        let x = backward(&l, d, &forward(&l, d, &[1.0, -2.0, 0.5]));
+        for i in 0..d {
+            let ax: f64 = (0..d).map(|j| a[i * d + j] * x[j]).sum();
+            assert!((ax - [1.0, -2.0, 0.5][i]).abs() < 1e-12, "{i}: {ax}");
+        }
+        assert!(cholesky(&[1.0, 2.0, 2.0, 1.0], 2).is_none());
+    }
+
+    #[test]
+    fn plays_of_one_rank_teach_the_pace_to_every_rank() {
+        // Rewards fall with the ratio at rank 4 only; the model carries the pace effect to
+        // ranks 8 and 16, which were each played once at the middle.
+        let mut p = LinearUcb::new(space(), LinearUcbConfig::default()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..5 {
+            for k in 0..6 {
+                let ratio = space().grid_ratio(k, 6);
+                p.observe(
+                    &ctx(),
+                    Arm {
+                        prune_ratio: ratio,
+                        rank: 4,
+                    },
+                    0.8 - 0.5 * ratio,
+                )
+                .unwrap();
+            }
+        }
+        p.observe(
+            &ctx(),
+            Arm {
+                prune_ratio: 0.4,
+                rank: 8,
+            },
+            0.4,
+        )
+        .unwrap();
+        p.observe(
+            &ctx(),
+            Arm {
+                prune_ratio: 0.6,
+                rank: 16,
+            },
+            0.3,
+        )
+        .unwrap();
+        let fit = p.fit().unwrap();
+        let low = p
+            .predict(
+                &fit,
+                &Arm {
+                    prune_ratio: 0.0,
+                    rank: 16,
+                },
+            )
+            .0;
+        let high = p
+            .predict(
+                &fit,
+                &Arm {
+                    prune_ratio: 1.0,
+                    rank: 16,
+                },
+            )
+            .0;
+        assert!(low > high + 0.3, "{low} vs {high}");
+        // The best arm is rank 4 at the lowest ratio, unplayed arms included.
+        let best = p
+            .exploit_in(&ctx(), &FeasibleRegion::all(), &mut rng)
+            .unwrap();
+        assert_eq!((best.prune_ratio, best.rank), (0.0, 4));
+        // The width shrinks where the plays were.
+        let (_, w_played) = p.predict(
+            &fit,
+            &Arm {
+                prune_ratio: 0.0,
+                rank: 4,
+            },
+        );
+        let (_, w_rare) = p.predict(
+            &fit,
+            &Arm {
+                prune_ratio: 0.0,
+                rank: 16,
+            },
+        );
+        assert!(w_played < w_rare, "{w_played} vs {w_rare}");
+    }
+
+    #[test]
+    fn it_explores_the_unplayed_ranks_before_exploiting() {
+        let mut p = LinearUcb::new(space(), LinearUcbConfig::default()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        assert!(p
+            .exploit_in(&ctx(), &FeasibleRegion::all(), &mut rng)
+            .is_none());
+        // Rewards that teach nothing: the widths alone steer it to every rank and both ends
+        // of the ratio interval within nine plays.
+        let mut seen = Vec::new();
+        for _ in 0..9 {
+            let arm = p.choose(&ctx(), &mut rng).unwrap();
+            seen.push(arm);
+            p.observe(&ctx(), arm, 0.5).unwrap();
+        }
+        for rank in [4, 8, 16] {
+            assert!(seen.iter().any(|a| a.rank == rank), "{rank}: {seen:?}");
+        }
+        for end in [0.0, 1.0] {
+            assert!(seen.iter().any(|a| a.prune_ratio == end), "{end}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_state_is_an_error_not_a_panic() {
+        let mut p = LinearUcb::new(space(), LinearUcbConfig::default()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut short = p.clone();
+        short.gram.pop();
+        assert!(short.choose(&ctx(), &mut rng).is_err());
+        let mut negative = p.clone();
+        negative.gram[0] = -1.0;
+        let arm = Arm {
+            prune_ratio: 0.0,
+            rank: 4,
+        };
+        let before = negative.clone();
+        assert!(negative.observe(&ctx(), arm, 0.5).is_err());
+        assert_eq!(negative, before, "a failed observe changes nothing");
+        p.plays = 1;
+        p.target[1] = f64::NAN;
+        assert!(p
+            .exploit_in(&ctx(), &FeasibleRegion::all(), &mut rng)
+            .is_none());
+        assert!(LinearUcb::new(
+            space(),
+            LinearUcbConfig {
+                ridge: 0.0,
+                ..Default::default()
+            }
+        )
+        .is_err());
+    }
+}
