@@ -92,13 +92,18 @@ fn cholesky(a: &[f64], d: usize) -> Option<Vec<f64>> {
     Some(l)
 }
 
-/// `y` with `L y = v` (forward substitution).
-fn forward(l: &[f64], d: usize, v: &[f64]) -> Vec<f64> {
-    let mut y = vec![0.0; d];
+/// `y` with `L y = v` (forward substitution), into `y`.
+fn forward_into(l: &[f64], d: usize, v: &[f64], y: &mut [f64]) {
     for i in 0..d {
         let s: f64 = (0..i).map(|k| l[i * d + k] * y[k]).sum();
         y[i] = (v[i] - s) / l[i * d + i];
     }
+}
+
+/// `y` with `L y = v`.
+fn forward(l: &[f64], d: usize, v: &[f64]) -> Vec<f64> {
+    let mut y = vec![0.0; d];
+    forward_into(l, d, v, &mut y);
     y
 }
 
@@ -112,10 +117,13 @@ fn backward(l: &[f64], d: usize, y: &[f64]) -> Vec<f64> {
     x
 }
 
-/// The fitted model at one moment: `L` and `theta`.
+/// The fitted model at one moment: `L` and `theta`, and room for one arm's features and
+/// solve (so scoring the grid allocates nothing per arm).
 struct Fit {
     chol: Vec<f64>,
     theta: Vec<f64>,
+    phi: Vec<f64>,
+    y: Vec<f64>,
 }
 
 impl LinearUcb {
@@ -179,6 +187,13 @@ impl LinearUcb {
 
     /// `phi(arm)` of the module docs (the arm is in the space: callers checked it).
     fn features(&self, arm: &Arm) -> Vec<f64> {
+        let mut phi = vec![0.0; self.dim()];
+        self.features_into(arm, &mut phi);
+        phi
+    }
+
+    /// [`LinearUcb::features`] into `phi` (`d` entries).
+    fn features_into(&self, arm: &Arm, phi: &mut [f64]) {
         let space = &self.grid.space;
         let width = space.ratio_max - space.ratio_min;
         let x = if width > 0.0 {
@@ -186,14 +201,13 @@ impl LinearUcb {
         } else {
             0.0
         };
-        let mut phi = vec![0.0; self.dim()];
+        phi.fill(0.0);
         phi[0] = 1.0;
         phi[1] = x;
         phi[2] = 1.5 * x * x - 0.5;
         if let Some(j) = space.rank_index(arm.rank).filter(|&j| j > 0) {
             phi[2 + j] = 1.0;
         }
-        phi
     }
 
     /// The current fit; an error when the state's shapes do not match the space or `A` is not
@@ -216,17 +230,27 @@ impl LinearUcb {
         let chol = cholesky(&self.gram, d)
             .ok_or_else(|| bad("A not symmetric positive definite".into()))?;
         let theta = backward(&chol, d, &forward(&chol, d, &self.target));
-        Ok(Fit { chol, theta })
+        Ok(Fit {
+            chol,
+            theta,
+            phi: vec![0.0; d],
+            y: vec![0.0; d],
+        })
     }
 
     /// The model's mean reward for `arm` and its confidence width.
-    fn predict(&self, fit: &Fit, arm: &Arm) -> (f64, f64) {
+    fn predict(&self, fit: &mut Fit, arm: &Arm) -> (f64, f64) {
         let d = self.dim();
-        let phi = self.features(arm);
-        let mean =
-            self.config.prior_mean + phi.iter().zip(&fit.theta).map(|(p, t)| p * t).sum::<f64>();
-        let y = forward(&fit.chol, d, &phi);
-        (mean, y.iter().map(|v| v * v).sum::<f64>().sqrt())
+        self.features_into(arm, &mut fit.phi);
+        let mean = self.config.prior_mean
+            + fit
+                .phi
+                .iter()
+                .zip(&fit.theta)
+                .map(|(p, t)| p * t)
+                .sum::<f64>();
+        forward_into(&fit.chol, d, &fit.phi, &mut fit.y);
+        (mean, fit.y.iter().map(|v| v * v).sum::<f64>().sqrt())
     }
 }
 
@@ -237,9 +261,9 @@ impl Policy for LinearUcb {
         region: &FeasibleRegion,
         rng: &mut ChaCha8Rng,
     ) -> Result<Arm, BanditError> {
-        let fit = self.fit()?;
+        let mut fit = self.fit()?;
         let scored = self.grid.feasible_iter(region).map(|i| {
-            let (mean, width) = self.predict(&fit, &self.grid.arm(i));
+            let (mean, width) = self.predict(&mut fit, &self.grid.arm(i));
             (i, mean + self.config.exploration * width)
         });
         let i = argmax_random_tie(scored, rng).ok_or(BanditError::NoFeasibleArm {
@@ -275,11 +299,11 @@ impl Policy for LinearUcb {
         if self.plays == 0 {
             return None;
         }
-        let fit = self.fit().ok()?;
+        let mut fit = self.fit().ok()?;
         let scored = self
             .grid
             .feasible_iter(region)
-            .map(|i| (i, self.predict(&fit, &self.grid.arm(i)).0));
+            .map(|i| (i, self.predict(&mut fit, &self.grid.arm(i)).0));
         argmax_random_tie(scored, rng).map(|i| self.grid.arm(i))
     }
 }
@@ -352,10 +376,10 @@ mod tests {
             0.3,
         )
         .unwrap();
-        let fit = p.fit().unwrap();
+        let mut fit = p.fit().unwrap();
         let low = p
             .predict(
-                &fit,
+                &mut fit,
                 &Arm {
                     prune_ratio: 0.0,
                     rank: 16,
@@ -364,7 +388,7 @@ mod tests {
             .0;
         let high = p
             .predict(
-                &fit,
+                &mut fit,
                 &Arm {
                     prune_ratio: 1.0,
                     rank: 16,
@@ -379,14 +403,14 @@ mod tests {
         assert_eq!((best.prune_ratio, best.rank), (0.0, 4));
         // The width shrinks where the plays were.
         let (_, w_played) = p.predict(
-            &fit,
+            &mut fit,
             &Arm {
                 prune_ratio: 0.0,
                 rank: 4,
             },
         );
         let (_, w_rare) = p.predict(
-            &fit,
+            &mut fit,
             &Arm {
                 prune_ratio: 0.0,
                 rank: 16,
