@@ -32,6 +32,14 @@ use crate::arm::{Arm, ArmSpace, DeviceContext};
 use crate::error::BanditError;
 use crate::region::FeasibleRegion;
 
+/// The largest reward magnitude [`LinearUcb`] accepts: far outside any shaped reward ([0, 1],
+/// [`crate::reward::shape_rewards`]), small enough that the model's sums stay finite.
+pub const MAX_ABS_REWARD: f64 = 1e9;
+
+/// What a usable state is, for the error that names a damaged one.
+const STATE_EXPECTED: &str =
+    "a state this policy wrote: A is d x d and positive definite, b has d finite entries, d = 2 + ranks";
+
 /// Parameters of [`LinearUcb`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -214,9 +222,7 @@ impl LinearUcb {
     /// positive definite (a state deserialized from a damaged checkpoint).
     fn fit(&self) -> Result<Fit, BanditError> {
         let d = self.dim();
-        let bad = |what: String| {
-            BanditError::param("linear-ucb state", what, "a state this policy wrote: A is d x d and positive definite, b has d finite entries, d = 2 + ranks")
-        };
+        let bad = |what: String| BanditError::param("linear-ucb state", what, STATE_EXPECTED);
         if self.gram.len() != d * d || self.target.len() != d {
             return Err(bad(format!(
                 "A of {} and b of {} entries for d = {d}",
@@ -230,6 +236,9 @@ impl LinearUcb {
         let chol = cholesky(&self.gram, d)
             .ok_or_else(|| bad("A not symmetric positive definite".into()))?;
         let theta = backward(&chol, d, &forward(&chol, d, &self.target));
+        if theta.iter().any(|v| !v.is_finite()) {
+            return Err(bad("A too close to singular for b".into()));
+        }
         Ok(Fit {
             chol,
             theta,
@@ -275,6 +284,15 @@ impl Policy for LinearUcb {
     fn observe(&mut self, _ctx: &DeviceContext, arm: Arm, reward: f64) -> Result<(), BanditError> {
         self.grid.index_of(&arm)?;
         check_reward(&arm, reward)?;
+        if reward.abs() > MAX_ABS_REWARD {
+            // A finite but enormous reward would overflow the model's sums.
+            return Err(BanditError::RewardOutOfRange {
+                arm,
+                reward,
+                min: -MAX_ABS_REWARD,
+                max: MAX_ABS_REWARD,
+            });
+        }
         self.fit()?;
         let d = self.dim();
         let phi = self.features(&arm);
@@ -458,6 +476,14 @@ mod tests {
         let before = negative.clone();
         assert!(negative.observe(&ctx(), arm, 0.5).is_err());
         assert_eq!(negative, before, "a failed observe changes nothing");
+        // A reward that would overflow the model is refused and changes nothing.
+        let mut huge = p.clone();
+        let before = huge.clone();
+        assert!(huge.observe(&ctx(), arm, f64::MAX).is_err());
+        assert!(huge.observe(&ctx(), arm, -2.0 * MAX_ABS_REWARD).is_err());
+        assert_eq!(huge, before);
+        huge.observe(&ctx(), arm, MAX_ABS_REWARD).unwrap();
+        assert!(huge.choose(&ctx(), &mut rng).is_ok());
         p.plays = 1;
         p.target[1] = f64::NAN;
         assert!(p
