@@ -37,8 +37,10 @@ use crate::region::FeasibleRegion;
 pub const MAX_ABS_REWARD: f64 = 1e9;
 
 /// What a usable state is, for the error that names a damaged one.
-const STATE_EXPECTED: &str =
-    "a state this policy wrote: A is d x d and positive definite, b has d finite entries, d = 2 + ranks";
+const STATE_EXPECTED: &str = concat!(
+    "a state this policy wrote: A is d x d and positive definite, ",
+    "b has d finite entries, d = 2 + ranks"
+);
 
 /// Parameters of [`LinearUcb`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
