@@ -151,9 +151,14 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Refit and print existing measurement files instead of measuring; several (repeat
-        /// the flag) are merged point by point, each point at its fastest over the files.
+        /// the flag) are merged point by point (`--merge`).
         #[arg(long)]
         from: Vec<PathBuf>,
+        /// How `--from` files merge: `fastest` (each point at its fastest over the files) or
+        /// `median` (each file scaled to the fastest file's overall speed, then each point at
+        /// the median of its scaled times: a host whose speed drifts between runs).
+        #[arg(long, default_value = "fastest")]
+        merge: String,
         /// Timed calls per point and visit (the fastest over all visits is kept; each visit
         /// makes one warm-up call first).
         #[arg(long, default_value_t = 2)]
@@ -555,6 +560,7 @@ fn fit(data: Vec<PathBuf>, out: PathBuf, split_seed: u64, holdout: f64) -> Resul
 fn calibrate(
     out: Option<PathBuf>,
     from: Vec<PathBuf>,
+    merge: &str,
     reps: usize,
     visits: usize,
     quick: bool,
@@ -569,7 +575,11 @@ fn calibrate(
             let cal = Calibration::from_json(&text, &origin)?;
             runs.push((origin, cal));
         }
-        let cal = Calibration::fastest_of(&runs)?;
+        let cal = match merge {
+            "fastest" => Calibration::fastest_of(&runs)?,
+            "median" => Calibration::scaled_median_of(&runs)?,
+            other => bail!("--merge {other}: expected fastest or median"),
+        };
         if let Some(out) = &out {
             std::fs::write(out, serde_json::to_string_pretty(&cal)? + "\n")
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -680,10 +690,11 @@ fn main() -> Result<()> {
         Some(Cmd::Calibrate {
             out,
             from,
+            merge,
             reps,
             visits,
             quick,
-        }) => calibrate(out, from, reps, visits, quick),
+        }) => calibrate(out, from, &merge, reps, visits, quick),
         Some(Cmd::Pool { parts, out }) => pool(&parts, &out),
         Some(Cmd::Profiles) => {
             println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");

@@ -297,35 +297,8 @@ impl Calibration {
     /// calls within one run still kept some (two runs disagreed by up to 10% on single points).
     /// Runs from different CPUs or builds are refused; `runs` pairs each with its origin.
     pub fn fastest_of(runs: &[(String, Calibration)]) -> Result<Calibration, TimeModelError> {
-        let Some((first_origin, first)) = runs.first() else {
-            return Err(TimeModelError::Invalid {
-                origin: "merge".into(),
-                reason: "no calibration to merge".into(),
-            });
-        };
-        let mut merged = first.clone();
-        for (origin, run) in &runs[1..] {
-            let same = |a: &MeasuredOn, b: &MeasuredOn| {
-                let class = match (&a.class, &b.class) {
-                    (Some(x), Some(y)) => x == y,
-                    _ => true,
-                };
-                a.cpu == b.cpu
-                    && a.isa == b.isa
-                    && a.threads == b.threads
-                    && a.build == b.build
-                    && class
-            };
-            if !same(&run.host, &first.host) {
-                return Err(TimeModelError::Invalid {
-                    origin: origin.clone(),
-                    reason: format!(
-                        "measured on {} ({}, {} threads, {} build), not on the host of {first_origin} ({}, {} threads, {} build)",
-                        run.host.cpu, run.host.isa.join(","), run.host.threads, run.host.build,
-                        first.host.cpu, first.host.threads, first.host.build
-                    ),
-                });
-            }
+        let mut merged = Self::same_host(runs)?.clone();
+        for (_, run) in &runs[1..] {
             for m in &run.measurements {
                 match merged.measurements.iter_mut().find(|x| x.same_point(m)) {
                     Some(x) => {
@@ -337,15 +310,128 @@ impl Calibration {
             }
             merged.host.date = merged.host.date.clone().max(run.host.date.clone());
         }
-        merged.host.command = format!(
-            "fastest per point of {} runs: {}",
+        merged.host.command = Self::merged_command("fastest per point", runs);
+        Ok(merged)
+    }
+
+    /// Several runs of one host merged point by point after each run is scaled to one speed:
+    /// run `i`'s scale is the median over the points it shares with the first run of its time
+    /// over the first run's, every time is divided by its run's scale and multiplied by the
+    /// smallest scale, and each point keeps the median of its scaled times (`reps` summed). A
+    /// VM whose speed drifts between runs (session 39's host: one run 1.19x slower throughout)
+    /// then contributes its shape, which is what the clock reads, and a point that one run
+    /// caught unusually fast or slow is outvoted; [`Calibration::fastest_of`] keeps such a
+    /// point and adds nothing from a run that was slower throughout. Runs from different CPUs
+    /// or builds are refused; points only some runs measured keep the median of those.
+    pub fn scaled_median_of(runs: &[(String, Calibration)]) -> Result<Calibration, TimeModelError> {
+        let first = Self::same_host(runs)?;
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        };
+        let mut scales = Vec::with_capacity(runs.len());
+        for (origin, run) in runs {
+            let ratios: Vec<f64> = run
+                .measurements
+                .iter()
+                .filter_map(|m| {
+                    let f = first.measurements.iter().find(|x| x.same_point(m))?;
+                    Some(m.ms / f.ms)
+                })
+                .collect();
+            if ratios.is_empty() {
+                return Err(TimeModelError::Invalid {
+                    origin: origin.clone(),
+                    reason: "no point in common with the first run to scale it by".into(),
+                });
+            }
+            scales.push(median(ratios));
+        }
+        let fastest = scales.iter().copied().fold(f64::INFINITY, f64::min);
+        let mut merged = first.clone();
+        merged.measurements.clear();
+        for (run, _) in runs.iter().map(|(_, c)| c).zip(&scales) {
+            for m in &run.measurements {
+                if !merged.measurements.iter().any(|x| x.same_point(m)) {
+                    merged.measurements.push(m.clone());
+                }
+            }
+        }
+        for x in &mut merged.measurements {
+            let mut times = Vec::new();
+            let mut reps = 0;
+            for ((_, run), scale) in runs.iter().zip(&scales) {
+                if let Some(m) = run.measurements.iter().find(|m| m.same_point(x)) {
+                    times.push(m.ms / scale * fastest);
+                    reps += m.reps;
+                }
+            }
+            x.ms = median(times);
+            x.reps = reps;
+        }
+        for (_, run) in runs {
+            merged.host.date = merged.host.date.clone().max(run.host.date.clone());
+        }
+        let scales: Vec<String> = scales.iter().map(|s| format!("{s:.3}")).collect();
+        merged.host.command = Self::merged_command(
+            &format!(
+                "median per point, each run scaled to the fastest (scales {})",
+                scales.join(", ")
+            ),
+            runs,
+        );
+        Ok(merged)
+    }
+
+    /// The first run, once every run is known to come from its host and build.
+    fn same_host(runs: &[(String, Calibration)]) -> Result<&Calibration, TimeModelError> {
+        let Some((first_origin, first)) = runs.first() else {
+            return Err(TimeModelError::Invalid {
+                origin: "merge".into(),
+                reason: "no calibration to merge".into(),
+            });
+        };
+        let same = |a: &MeasuredOn, b: &MeasuredOn| {
+            let class = match (&a.class, &b.class) {
+                (Some(x), Some(y)) => x == y,
+                _ => true,
+            };
+            a.cpu == b.cpu
+                && a.isa == b.isa
+                && a.threads == b.threads
+                && a.build == b.build
+                && class
+        };
+        for (origin, run) in &runs[1..] {
+            if !same(&run.host, &first.host) {
+                return Err(TimeModelError::Invalid {
+                    origin: origin.clone(),
+                    reason: format!(
+                        "measured on {} ({}, {} threads, {} build), not on the host of {first_origin} ({}, {} threads, {} build)",
+                        run.host.cpu, run.host.isa.join(","), run.host.threads, run.host.build,
+                        first.host.cpu, first.host.threads, first.host.build
+                    ),
+                });
+            }
+        }
+        Ok(first)
+    }
+
+    /// A merged file's `command`: how it was merged and every run's own command.
+    fn merged_command(how: &str, runs: &[(String, Calibration)]) -> String {
+        format!(
+            "{how} of {} runs: {}",
             runs.len(),
             runs.iter()
                 .map(|(o, c)| format!("{o} ({})", c.host.command))
                 .collect::<Vec<_>>()
                 .join("; ")
-        );
-        Ok(merged)
+        )
     }
 
     pub fn of_kind(&self, kind: StepKind) -> Vec<&Measurement> {

@@ -240,6 +240,64 @@ fn runs_merge_to_the_fastest_time_per_point_and_other_hosts_are_refused() {
 }
 
 #[test]
+fn a_scaled_median_merge_outvotes_a_lucky_point_and_uses_a_slower_run() {
+    let truth = [40.0, 30.0, 25.0, 50.0, 120.0, 0.4, 2.0, 30.0];
+    let a = calibration(synthetic(&truth, StepKind::Train));
+    // Run b: the host 1.3x slower throughout, and point 0 caught at half its time.
+    let mut b = a.clone();
+    for m in &mut b.measurements {
+        m.ms *= 1.3;
+    }
+    b.measurements[0].ms = a.measurements[0].ms * 0.5;
+    // Run c: 1.1x slower throughout, point 1 20% slower still, and a point only it has.
+    let mut c = a.clone();
+    for m in &mut c.measurements {
+        m.ms *= 1.1;
+    }
+    c.measurements[1].ms *= 1.2;
+    let mut extra = c.measurements[2].clone();
+    extra.workload.seq = 96;
+    c.measurements.push(extra.clone());
+    let runs = [
+        ("a.json".to_string(), a.clone()),
+        ("b.json".to_string(), b),
+        ("c.json".to_string(), c),
+    ];
+    let merged = Calibration::scaled_median_of(&runs).unwrap();
+    assert_eq!(merged.measurements.len(), a.measurements.len() + 1);
+    for (m, x) in merged.measurements.iter().zip(&a.measurements) {
+        assert!(m.same_point(x));
+        // Every run scaled to a's speed agrees with a but on the two odd points, which the
+        // other two outvote.
+        assert!((m.ms / x.ms - 1.0).abs() < 1e-12, "{} vs {}", m.ms, x.ms);
+        assert_eq!(m.reps, 3 * x.reps);
+    }
+    // The point only c measured keeps c's time at a's speed.
+    let only = merged.measurements.last().unwrap();
+    assert!(only.same_point(&extra) && (only.ms / (extra.ms / 1.1) - 1.0).abs() < 1e-12);
+    assert!(merged.host.command.contains("scales 1.000, 1.300, 1.100"));
+    assert!(merged.host.command.contains("c.json"));
+    // The fastest-of merge keeps b's lucky point and nothing else from b.
+    let fastest = Calibration::fastest_of(&runs).unwrap();
+    assert_eq!(fastest.measurements[0].ms, a.measurements[0].ms * 0.5);
+    // Another host is refused here too, and a run with no point in common with the first.
+    let mut other = a.clone();
+    other.host.cpu = "another CPU".into();
+    let e = Calibration::scaled_median_of(&[runs[0].clone(), ("o.json".into(), other)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("o.json") && e.contains("another CPU"), "{e}");
+    let disjoint = calibration(vec![extra]);
+    let e = Calibration::scaled_median_of(&[runs[0].clone(), ("d.json".into(), disjoint)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("d.json") && e.contains("no point in common"),
+        "{e}"
+    );
+}
+
+#[test]
 fn every_point_is_timed_on_every_visit_and_keeps_its_fastest_call() {
     let base = crate::experiment::tiny_model(&crate::config::TinyModel::default());
     let design = [
@@ -329,4 +387,32 @@ fn the_recorded_intel_runs_merge_to_the_file_and_errors_benchmarks_states() {
         "{}",
         model.scoring_factor
     );
+    // Session 40: two more runs of the class (1.26-1.30x slower throughout than runs a-c),
+    // and the six merged by their scaled median (BENCHMARKS.md's session-40 rows).
+    let mut six = runs;
+    six.extend(["e", "f"].map(|r| read(&format!("calibration-intel207-s40-{r}.json"))));
+    let merged = Calibration::scaled_median_of(&six).unwrap();
+    let (_, shipped) = read("calibration-intel207-s40-median6.json");
+    assert_eq!(merged.measurements, shipped.measurements);
+    for (kind, max, mean) in [
+        (StepKind::Train, 0.307, 0.047),
+        (StepKind::Forward, 0.085, 0.032),
+    ] {
+        let (got_max, got_mean) = Validation::leave_one_out(kind, &shipped.of_kind(kind)).ours();
+        assert!(
+            (got_max - max).abs() < 5e-4 && (got_mean - mean).abs() < 5e-4,
+            "{}: {got_max:.4} / {got_mean:.4}, stated {max} / {mean}",
+            kind.name()
+        );
+    }
+    // Every training point but two within 10% (dense rank 16 at 1 x 64: +30.7%, 2 x 256:
+    // +10.4%).
+    let v = Validation::leave_one_out(StepKind::Train, &shipped.of_kind(StepKind::Train));
+    let over: Vec<f64> = v
+        .predictions
+        .iter()
+        .map(|(measured, ours, _)| ours / measured - 1.0)
+        .filter(|e| e.abs() > 0.10)
+        .collect();
+    assert_eq!(over.len(), 2, "{over:?}");
 }
