@@ -325,14 +325,10 @@ impl Calibration {
     /// or builds are refused; points only some runs measured keep the median of those.
     pub fn scaled_median_of(runs: &[(String, Calibration)]) -> Result<Calibration, TimeModelError> {
         let first = Self::same_host(runs)?;
+        // Never empty where it is called.
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
-            let n = v.len();
-            if n % 2 == 1 {
-                v[n / 2]
-            } else {
-                (v[n / 2 - 1] + v[n / 2]) / 2.0
-            }
+            crate::stats::quantile(&v, 0.5).unwrap_or(f64::NAN)
         };
         let mut scales = Vec::with_capacity(runs.len());
         for (origin, run) in runs {
@@ -355,7 +351,7 @@ impl Calibration {
         let fastest = scales.iter().copied().fold(f64::INFINITY, f64::min);
         let mut merged = first.clone();
         merged.measurements.clear();
-        for (run, _) in runs.iter().map(|(_, c)| c).zip(&scales) {
+        for (_, run) in runs {
             for m in &run.measurements {
                 if !merged.measurements.iter().any(|x| x.same_point(m)) {
                     merged.measurements.push(m.clone());

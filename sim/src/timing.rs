@@ -4,9 +4,10 @@
 //! **Compute.** Each optimiser step of a local round is charged what the calibrated
 //! per-operator model ([`crate::time_model`], fitted to the agent's own steps timed on a real
 //! host: the shipped `sim/calibration/*.json`, or the file an experiment's `[clock] calibration`
-//! names; see [`Clock`]) predicts for the step's shape, rank, batch and sequence length: a pruned model does not get cheaper in proportion to its FLOPs, because
-//! the LM head, per-step overhead and memory-bound operators do not shrink. Steps that still
-//! accumulate importance for a pending prune are charged as such. Two held-out evaluations
+//! names; see [`Clock`]) predicts for the step's shape, rank, batch and sequence length: a
+//! pruned model does not get cheaper in proportion to its FLOPs, because the LM head,
+//! per-step overhead and memory-bound operators do not shrink. Steps that still accumulate
+//! importance for a pending prune are charged as such. Two held-out evaluations
 //! (before and after) are charged as forward passes. The shape during a step is not recorded
 //! per step, but its non-embedding parameter count is (`StepRecord::params`); the model is
 //! affine in the kept units, so a step's cost is interpolated between the round's starting and

@@ -134,9 +134,8 @@ impl Simulation<'_> {
         let mut tasks: Vec<EvalTask> = Vec::new();
         // Tasks of this call whose results later devices with the same kept maps share: a
         // model as it is (with its sparsity), and a brought model's score before it was
-        // brought.
-        // Without `shared` nothing is looked up, so no kept maps are kept either (a model's
-        // kept maps are the largest part of its task: about 100 KiB for the real model).
+        // brought. Without `shared` nothing is looked up, so no kept maps are kept either (a
+        // model's kept maps are the largest part of its task: about 100 KiB for the real one).
         let mut pending_shared: Vec<(KeptIndices, usize, f64)> = Vec::new();
         let mut pending_before: Vec<(KeptIndices, usize)> = Vec::new();
         let mut plan: Vec<(usize, Option<KeptIndices>, Source)> = Vec::with_capacity(devices.len());
@@ -244,11 +243,11 @@ impl Simulation<'_> {
         }
         let (items, shared) = self.eval_sample();
         let mut memo = Memo::default();
-        // One batch: the trained devices first, then the rest, so the rest share what the
-        // trained ones computed, and every evaluation can run beside every other.
-        // In batches of `EVAL_BATCH` devices, so that at most that many tasks (each with its
-        // device's state and global slice) are held at once; what a batch computes reaches
-        // the next through `memo`, so the result is the same as one batch's.
+        // The trained devices first, then the rest, so the rest share what the trained ones
+        // computed; in batches of `EVAL_BATCH` devices, each batch's evaluations side by side,
+        // so that at most that many tasks (each with its device's state and global slice) are
+        // held at once. What a batch computes reaches the next through `memo`, so the result
+        // is the same as one batch's.
         let all: Vec<usize> = trained.iter().chain(&untrained).copied().collect();
         let mut scored = BTreeMap::new();
         for batch in all.chunks(EVAL_BATCH) {
