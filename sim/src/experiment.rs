@@ -96,14 +96,7 @@ impl Resources {
                 }
                 let m = tiny_model(t);
                 let shards = local_data::build_synthetic(&cfg.workload, n, t.vocab, cfg.seed);
-                (
-                    m,
-                    local_data::Workload {
-                        devices: shards,
-                        global_test: None,
-                    },
-                    None,
-                )
+                (m, shards, None)
             }
             choice => {
                 let path = match choice {
@@ -152,10 +145,9 @@ impl Resources {
             )
         } else {
             let shards = match (&cfg.model, &self.tok) {
-                (ModelChoice::Tiny(t), _) => local_data::Workload {
-                    devices: local_data::build_synthetic(&cfg.workload, n, t.vocab, seed),
-                    global_test: None,
-                },
+                (ModelChoice::Tiny(t), _) => {
+                    local_data::build_synthetic(&cfg.workload, n, t.vocab, seed)
+                }
                 (_, Some(tok)) => local_data::build(&cfg.workload, n, tok, seed)?,
                 (_, None) => {
                     return Err(SimError::Config(

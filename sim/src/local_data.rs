@@ -56,8 +56,9 @@ pub struct WorkloadConfig {
     pub spam_examples: usize,
     /// Body tokens kept per e-mail.
     pub spam_body_tokens: usize,
-    /// Size of a global held-out set (balanced over labels for spam) that evaluations of the
-    /// global adapter use instead of each device's own held-out data; 0 = devices' own.
+    /// Size of a global held-out set (balanced over labels for spam; held-out windows of every
+    /// device in turn for SOTU and the synthetic workload) that evaluations of the global
+    /// adapter use instead of each device's own held-out data, in real mode; 0 = devices' own.
     pub global_eval_items: usize,
 }
 
@@ -137,7 +138,10 @@ pub fn build(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wor
 }
 
 /// The synthetic workload over a vocabulary of `vocab` tokens (see [`WorkloadKind::Synthetic`]).
-pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) -> Vec<DeviceData> {
+/// With `global_eval_items`, each device also draws enough further held-out windows of its
+/// dialect for the global set (after its own, so its training and test windows are the same
+/// with or without one), and the set takes them device by device in turn, as SOTU's does.
+pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) -> Workload {
     use rand::Rng;
     let dialects = n.clamp(1, 4);
     let partition = Stream::new(seed, label::PARTITION);
@@ -155,7 +159,9 @@ pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) 
         32
     };
     let test_n = cfg.eval_items.max(1);
-    (0..n)
+    let global_n = cfg.global_eval_items.div_ceil(n.max(1));
+    let mut held_out: Vec<Vec<Vec<u32>>> = Vec::with_capacity(n);
+    let devices = (0..n)
         .map(|d| {
             let k = d % dialects;
             let mut drng = partition.rng_for(d as u64 + 1);
@@ -175,6 +181,7 @@ pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) 
             };
             let train = (0..train_n).map(|_| window(&mut drng)).collect();
             let test = (0..test_n).map(|_| window(&mut drng)).collect();
+            held_out.push((0..global_n).map(|_| window(&mut drng)).collect());
             DeviceData {
                 data: LocalData::Lm(LmShard {
                     seq_len: cfg.seq_len,
@@ -184,7 +191,33 @@ pub fn build_synthetic(cfg: &WorkloadConfig, n: usize, vocab: usize, seed: u64) 
                 label: format!("dialect {k}"),
             }
         })
-        .collect()
+        .collect();
+    Workload {
+        devices,
+        global_test: global_lm_set(&held_out, cfg.global_eval_items, cfg.seq_len),
+    }
+}
+
+/// A global held-out set of at most `items` windows, taken from every device's held-out
+/// windows in turn (the first of each, then the second, ...); `None` for 0 items.
+fn global_lm_set(held_out: &[Vec<Vec<u32>>], items: usize, seq_len: usize) -> Option<LocalData> {
+    (items > 0).then(|| {
+        let mut test = Vec::with_capacity(items);
+        let mut k = 0;
+        while test.len() < items && held_out.iter().any(|h| k < h.len()) {
+            for h in held_out {
+                if test.len() < items && k < h.len() {
+                    test.push(h[k].clone());
+                }
+            }
+            k += 1;
+        }
+        LocalData::Lm(LmShard {
+            seq_len,
+            train: Vec::new(),
+            test,
+        })
+    })
 }
 
 fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Workload, SimError> {
@@ -230,23 +263,7 @@ fn build_sotu(cfg: &WorkloadConfig, n: usize, tok: &Tok, seed: u64) -> Result<Wo
         });
     }
     // The global set: held-out windows of every device in turn.
-    let global_test = (cfg.global_eval_items > 0).then(|| {
-        let mut test = Vec::with_capacity(cfg.global_eval_items);
-        let mut k = 0;
-        while test.len() < cfg.global_eval_items && held_out.iter().any(|h| k < h.len()) {
-            for h in &held_out {
-                if test.len() < cfg.global_eval_items && k < h.len() {
-                    test.push(h[k].clone());
-                }
-            }
-            k += 1;
-        }
-        LocalData::Lm(LmShard {
-            seq_len: cfg.seq_len,
-            train: Vec::new(),
-            test,
-        })
-    });
+    let global_test = global_lm_set(&held_out, cfg.global_eval_items, cfg.seq_len);
     Ok(Workload {
         devices: out,
         global_test,
@@ -384,5 +401,64 @@ mod tests {
         let j = cut_at_whitespace(t, 19); // inside the two-byte 'é'
         assert!(t.is_char_boundary(j));
         assert_eq!(cut_at_whitespace(t, 100), t.len());
+    }
+
+    #[test]
+    fn a_synthetic_global_set_takes_new_windows_of_every_device_and_leaves_theirs_alone() {
+        let lm = |d: &LocalData| match d {
+            LocalData::Lm(s) => s.clone(),
+            _ => panic!("synthetic data is language modelling"),
+        };
+        let cfg = WorkloadConfig {
+            kind: WorkloadKind::Synthetic,
+            seq_len: 8,
+            eval_items: 2,
+            max_train_items: 4,
+            ..WorkloadConfig::default()
+        };
+        let without = build_synthetic(&cfg, 3, 32, 7);
+        assert!(without.global_test.is_none());
+        let with = build_synthetic(
+            &WorkloadConfig {
+                global_eval_items: 7,
+                ..cfg.clone()
+            },
+            3,
+            32,
+            7,
+        );
+        // Each device's own windows are the same with or without the set.
+        for (a, b) in without.devices.iter().zip(&with.devices) {
+            assert_eq!(lm(&a.data), lm(&b.data));
+        }
+        let global = lm(with.global_test.as_ref().unwrap());
+        assert_eq!(global.test.len(), 7);
+        assert!(global.train.is_empty());
+        // None of them is a window some device trains or tests on, and the first three come
+        // from devices 0, 1, 2 in turn (device d follows dialect d: 80% of its steps).
+        for w in &global.test {
+            assert_eq!(w.len(), 9);
+            for d in &with.devices {
+                let s = lm(&d.data);
+                assert!(!s.train.contains(w) && !s.test.contains(w));
+            }
+        }
+        let follows = |w: &[u32], d: &LmShard| {
+            // How often a window's step matches the device's own training windows' steps.
+            let pairs: std::collections::HashSet<(u32, u32)> = d
+                .train
+                .iter()
+                .flat_map(|t| t.windows(2).map(|p| (p[0], p[1])))
+                .collect();
+            w.windows(2)
+                .filter(|p| pairs.contains(&(p[0], p[1])))
+                .count()
+        };
+        for (k, w) in global.test.iter().take(3).enumerate() {
+            let best = (0..3)
+                .max_by_key(|&d| follows(w, &lm(&with.devices[d].data)))
+                .unwrap();
+            assert_eq!(best, k, "window {k}");
+        }
     }
 }

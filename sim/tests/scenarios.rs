@@ -24,13 +24,18 @@ fn resources(cfg: &ExperimentConfig, profiles: Vec<DeviceProfile>) -> Resources 
         panic!("tiny model expected")
     };
     let shards = local_data::build_synthetic(&cfg.workload, profiles.len(), t.vocab, cfg.seed);
-    let (data, labels) = shards.into_iter().map(|d| (d.data, d.label)).unzip();
+    let (data, labels) = shards
+        .devices
+        .into_iter()
+        .map(|d| (d.data, d.label))
+        .unzip();
+    let global_test = shards.global_test;
     Resources {
         profiles,
         labels,
         base: Some(tiny_model(t)),
         data,
-        global_test: None,
+        global_test,
         surrogate: None,
         clock: timing::Clock::load(&cfg.clock).unwrap(),
         tok: None,

@@ -314,3 +314,59 @@ fn side_by_side_evaluations_keep_reports() {
         assert_eq!(one_at_a_time, side_by_side, "{strategy}");
     }
 }
+
+#[test]
+fn a_global_held_out_set_shares_results_across_evaluation_batches() {
+    // More devices than the final evaluation plans at once (64), every one evaluated on one
+    // global held-out set: models with equal kept maps share one evaluation even when they
+    // fall in different batches, and so do brought devices' scores from before they were
+    // brought.
+    let fleet = 70;
+    let with_fleet = |strategy: &str| {
+        let mut cfg = config(strategy);
+        cfg.fleet.devices = fleet;
+        cfg.workload.global_eval_items = 8;
+        cfg.coordinator.rounds = 2;
+        cfg
+    };
+    // A dense strategy: one model for the whole fleet, evaluated once.
+    let dense = run(&with_fleet("fedlora"));
+    let e = &dense.summary.evaluation;
+    assert_eq!(dense.devices.len(), fleet);
+    assert!(e.shared_items);
+    assert_eq!(e.items_per_evaluation, 8 * 16);
+    assert_eq!((e.fleet_evaluated, e.distinct_models), (fleet, 1));
+    let first = dense.devices[0].quality.expect("scored");
+    assert!(first.loss.is_finite());
+    for d in &dense.devices {
+        assert_eq!(d.quality, Some(first), "device {}", d.device);
+        assert_eq!(d.quality_before_target, None, "device {}", d.device);
+    }
+    // Pruning to s*: every device that never trained is dense and is brought to s* with its own
+    // importance scores (its own evaluation), but its score as it was is the dense model's
+    // with the global adapter, shared by all of them across both batches.
+    let pruned = run(&with_fleet("fedspine"));
+    let e = &pruned.summary.evaluation;
+    assert_eq!(e.fleet_evaluated, fleet);
+    let untrained: Vec<_> = pruned
+        .devices
+        .iter()
+        .filter(|d| d.rounds_trained == 0)
+        .collect();
+    // The trained devices are planned first, so the untrained ones fill the rest of the first
+    // batch and all of the second.
+    let trained = fleet - untrained.len();
+    assert!(trained < 64 && untrained.len() > 1, "{trained} trained");
+    let before = untrained[0].quality_before_target.expect("brought");
+    for d in &untrained {
+        assert_eq!(d.quality_before_target, Some(before), "device {}", d.device);
+        assert!(d.final_sparsity >= TARGET - SPARSITY_TOLERANCE);
+    }
+    // One evaluation per device brought (its own), plus one per distinct model scored as it is.
+    let brought = pruned
+        .devices
+        .iter()
+        .filter(|d| d.quality_before_target.is_some())
+        .count();
+    assert!(e.distinct_models >= brought && e.distinct_models <= fleet);
+}

@@ -111,10 +111,7 @@ impl Simulation<'_> {
             WorkloadKind::Spam => 1,
             _ => w.seq_len.max(1),
         };
-        if w.global_eval_items > 0
-            && w.kind != WorkloadKind::Synthetic
-            && self.trainer.mode() == "real"
-        {
+        if w.global_eval_items > 0 && self.trainer.mode() == "real" {
             (w.global_eval_items * per_item, true)
         } else {
             (w.eval_items * per_item, false)
