@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod scenario;
+
 use aggregator::coordinator::{Command, Coordinator, Event};
 use protocol::{
     Buffer, Capabilities, DeviceId, Join, Message, ModelDims, RoundConfig, Timestamp, Update,
