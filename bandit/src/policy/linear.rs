@@ -49,7 +49,10 @@ pub struct LinearUcbConfig {
     /// Ratios in the grid (times every allowed rank). Default `6`.
     pub n_ratios: usize,
     /// Multiplier of the confidence width `sqrt(phi^T A^-1 phi)`. Default `0.15`, UCB1's
-    /// (the width of an unplayed direction starts at `1 / sqrt(ridge)`).
+    /// (the width of an unplayed direction starts at `1 / sqrt(ridge)`), the better setting for
+    /// the simulator's 20-odd plays per device; over hundreds of plays, or where plays fail
+    /// inside the arm space, 0.3 keeps a misfitted model from locking onto one arm
+    /// (`bandit/BENCHMARKS-bandit.md`).
     pub exploration: f64,
     /// Ridge penalty: how many observations' worth of weight the prior (every coefficient
     /// zero, i.e. every arm at `prior_mean`) carries. Default `1.0`.
