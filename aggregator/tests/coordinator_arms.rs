@@ -178,6 +178,18 @@ fn toml_configs_parse_with_defaults_and_refuse_typos() {
         err.to_string(),
         "invalid coordinator config: rank 8 exceeds max_rank 4"
     );
+    // Devices never beat more often than once a second, so a faster interval is refused
+    // rather than silently not honoured; 0 (no heartbeats) and a second are fine.
+    let err = CoordinatorConfig::from_toml_str("heartbeat_interval_ms = 999").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid coordinator config: heartbeat_interval_ms 999 is below 1000 (devices never beat \
+         more often; 0 for no heartbeats)"
+    );
+    for ok in [0, 1_000] {
+        let c = CoordinatorConfig::from_toml_str(&format!("heartbeat_interval_ms = {ok}"));
+        assert_eq!(c.unwrap().heartbeat_interval_ms, ok);
+    }
 }
 
 fn join_with_ram(id: u64, ram_bytes: u64) -> Message {

@@ -14,10 +14,11 @@
 //!
 //! Nothing from the network is trusted to be small: a round configuration over the device's
 //! [`RoundLimits`] (rank, batch, local steps, learning rate, alpha) is refused with a
-//! `RoundFailed` naming the value and the cap before anything is sized for it; every time
-//! computed from a network value (`now + heartbeat interval`, `now + deadline`) saturates; and a
-//! job still running at its round's deadline is reported failed then, its driver told to stop
-//! it ([`AgentCommand::Cancel`]), and its late result dropped.
+//! `RoundFailed` naming the value and the cap before anything is sized for it; a heartbeat
+//! interval is raised to `MIN_HEARTBEAT_INTERVAL_MS`; every time computed from a network value
+//! (`now + heartbeat interval` with u64::MAX meaning never, `now + deadline`) saturates; a job
+//! running at its deadline is reported failed, told to stop ([`AgentCommand::Cancel`]), and its
+//! late result dropped.
 //!
 //! State kept across rounds: the kept-index maps (pruning is cumulative), the adapter last
 //! trained and its importance EMA; the frozen base is shared and re-sliced each round.
@@ -36,7 +37,9 @@ use crate::train::RoundReport;
 use crate::wire;
 use protocol::KeptIndices;
 
+mod limits;
 mod state;
+pub use limits::RoundLimits;
 pub use state::DeviceState;
 
 /// A round's work as the session hands it to its driver.
@@ -96,85 +99,6 @@ pub struct AgentConfig {
     /// needs it (it persists it, and trains from it when a round brings no global slice); the
     /// surrogate simulator reads none, and 10,000 retained adapters were most of its memory.
     pub keep_adapter: bool,
-}
-
-/// Caps on what an aggregator may ask of a device: a round configuration (or the Welcome's
-/// LoRA alpha) over any of them is refused with a `RoundFailed` that names the value and the
-/// cap, before anything is sized or allocated for it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoundLimits {
-    /// Largest LoRA rank (of the arm and of a global slice).
-    pub max_rank: u32,
-    /// Largest batch, in sequences.
-    pub max_batch: u32,
-    /// Most local optimiser steps in one round.
-    pub max_local_steps: u32,
-    /// Largest learning rate; it must also be finite and positive.
-    pub max_learning_rate: f64,
-    /// Largest LoRA alpha (the Welcome's and a global slice's); finite and positive too.
-    pub max_alpha: f64,
-}
-
-impl Default for RoundLimits {
-    fn default() -> Self {
-        RoundLimits {
-            max_rank: 256,
-            max_batch: 64,
-            max_local_steps: 10_000,
-            max_learning_rate: 1.0,
-            max_alpha: 1e4,
-        }
-    }
-}
-
-impl RoundLimits {
-    /// Why `rc` (with the run's LoRA `alpha`) is refused, or `Ok` when it is within the caps.
-    pub fn check(&self, rc: &RoundConfig, alpha: f64) -> Result<(), String> {
-        rc.sparsity_goal().check()?;
-        if let Some(rp) = &rc.options.rank_pruning {
-            rp.check()?;
-        }
-        let within = |what: &str, v: u64, max: u64| {
-            if v == 0 || v > max {
-                Err(format!("{what} {v} is not in [1, {max}]"))
-            } else {
-                Ok(())
-            }
-        };
-        within("rank", rc.arm.rank.into(), self.max_rank.into())?;
-        within("batch size", rc.batch_size.into(), self.max_batch.into())?;
-        within(
-            "local steps",
-            rc.local_steps.into(),
-            self.max_local_steps.into(),
-        )?;
-        let positive = |what: &str, v: f64, max: f64| {
-            if v.is_finite() && v > 0.0 && v <= max {
-                Ok(())
-            } else {
-                Err(format!("{what} {v} is not a finite value in (0, {max}]"))
-            }
-        };
-        positive(
-            "learning rate",
-            rc.learning_rate as f64,
-            self.max_learning_rate,
-        )?;
-        positive("LoRA alpha", alpha, self.max_alpha)?;
-        if let Some(g) = &rc.global {
-            within(
-                "global slice rank",
-                g.adapter.rank.into(),
-                self.max_rank.into(),
-            )?;
-            positive(
-                "global slice LoRA alpha",
-                g.adapter.alpha as f64,
-                self.max_alpha,
-            )?;
-        }
-        Ok(())
-    }
 }
 
 /// What a finished job produced.
@@ -485,13 +409,19 @@ impl AgentSession {
                     ))];
                 }
                 self.alpha = w.lora_alpha as f64;
-                self.heartbeat_ms = w.heartbeat_interval_ms;
-                // The interval comes from the network: the next beat saturates at the end of
-                // time (an interval of u64::MAX means no heartbeats), never wraps or panics.
-                // A Welcome handled after the transport went down (read before the drop was
-                // noticed) schedules nothing: heartbeats start with the next connection's.
-                self.next_heartbeat = (w.heartbeat_interval_ms > 0 && self.connected)
-                    .then(|| now.plus_ms(w.heartbeat_interval_ms));
+                // From the network (see the module docs). A Welcome handled after the
+                // transport went down (read before the drop was noticed) schedules nothing:
+                // heartbeats start with the next connection's.
+                self.heartbeat_ms = w.kept_heartbeat_ms();
+                if self.heartbeat_ms != w.heartbeat_interval_ms {
+                    tracing::warn!(
+                        asked_ms = w.heartbeat_interval_ms,
+                        kept_ms = self.heartbeat_ms,
+                        "heartbeat interval raised to the shortest a device keeps"
+                    );
+                }
+                self.next_heartbeat = (self.heartbeat_ms > 0 && self.connected)
+                    .then(|| now.plus_ms(self.heartbeat_ms));
                 if self.phase == Phase::Joining {
                     self.phase = Phase::Idle;
                 }

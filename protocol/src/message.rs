@@ -144,9 +144,27 @@ pub struct Welcome {
     pub model: ModelDims,
     /// LoRA alpha used by every adapter (scale = alpha / rank).
     pub lora_alpha: f32,
-    /// How often the device should send a [`Heartbeat`] while it works.
+    /// How often the device should send a [`Heartbeat`] while it works (0: never). A device
+    /// beats at most once per [`MIN_HEARTBEAT_INTERVAL_MS`] whatever this says.
     pub heartbeat_interval_ms: u64,
 }
+
+impl Welcome {
+    /// The heartbeat interval a device keeps: 0 (no heartbeats) as it is, anything shorter
+    /// than [`MIN_HEARTBEAT_INTERVAL_MS`] raised to it.
+    pub fn kept_heartbeat_ms(&self) -> u64 {
+        match self.heartbeat_interval_ms {
+            0 => 0,
+            ms => ms.max(MIN_HEARTBEAT_INTERVAL_MS),
+        }
+    }
+}
+
+/// The shortest heartbeat interval: an aggregator configured below it is refused, and a device
+/// told a shorter one (a hostile or broken aggregator) beats at this interval instead. Once a
+/// second is far above any interval a deployment needs and far below the server's per-connection
+/// message rate limit, so an honest device never trips it.
+pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
 /// The bandit's choice for one device in one round: a pruning ratio and a LoRA `rank`. The one
 /// arm type of the workspace: the bandit plays it, the coordinator sends it.

@@ -90,7 +90,8 @@ pub struct CoordinatorConfig {
     pub lora_alpha: f32,
     /// Rank of the global adapter; every rank an arm may use must be at most this.
     pub max_rank: u32,
-    /// How often devices send heartbeats while they work.
+    /// How often devices send heartbeats while they work: 0 (none) or at least
+    /// [`protocol::MIN_HEARTBEAT_INTERVAL_MS`], the shortest interval a device keeps.
     pub heartbeat_interval_ms: u64,
     /// Seed of the coordinator's generator (selection, arms, round seeds, initial adapter).
     pub seed: u64,
@@ -236,6 +237,16 @@ impl CoordinatorConfig {
             if value == 0 {
                 return Err(invalid(format!("{name} must be positive")));
             }
+        }
+        if self.heartbeat_interval_ms != 0
+            && self.heartbeat_interval_ms < protocol::MIN_HEARTBEAT_INTERVAL_MS
+        {
+            return Err(invalid(format!(
+                "heartbeat_interval_ms {} is below {} (devices never beat more often; 0 for no \
+                 heartbeats)",
+                self.heartbeat_interval_ms,
+                protocol::MIN_HEARTBEAT_INTERVAL_MS
+            )));
         }
         for (name, value) in [
             ("learning_rate", self.learning_rate),

@@ -418,6 +418,30 @@ fn a_huge_heartbeat_interval_saturates_instead_of_wrapping() {
     }
 }
 
+#[test]
+fn a_heartbeat_interval_under_a_second_is_raised_to_one() {
+    // A hostile aggregator asking for a beat every millisecond gets one a second: over ten
+    // seconds of timers fired every millisecond, ten beats.
+    for asked in [1, 999] {
+        let mut s = session();
+        s.handle(Timestamp(0), msg(welcome_with_heartbeat(asked)));
+        assert_eq!(
+            s.poll_timeout(),
+            Some(Timestamp(protocol::MIN_HEARTBEAT_INTERVAL_MS))
+        );
+        let beats: usize = (1..=10_000)
+            .map(|t| heartbeats(&s.handle_timeout(Timestamp(t))))
+            .sum();
+        assert_eq!(beats, 10, "asked {asked} ms");
+    }
+    // 0 (none) and anything from a second up are kept as they are.
+    let mut s = session();
+    s.handle(Timestamp(0), msg(welcome_with_heartbeat(0)));
+    assert_eq!(s.poll_timeout(), None);
+    s.handle(Timestamp(0), msg(welcome_with_heartbeat(1_500)));
+    assert_eq!(s.poll_timeout(), Some(Timestamp(1_500)));
+}
+
 fn refusal(cmds: &[AgentCommand]) -> String {
     match cmds {
         [AgentCommand::Send(Message::RoundFailed(RoundFailed {
