@@ -161,9 +161,9 @@ impl Welcome {
 }
 
 /// The shortest heartbeat interval: an aggregator configured below it is refused, and a device
-/// told a shorter one (a hostile or broken aggregator) beats at this interval instead. Once a
-/// second is far above any interval a deployment needs and far below the server's per-connection
-/// message rate limit, so an honest device never trips it.
+/// told a shorter one (a hostile or broken aggregator) beats at this interval instead. A beat a
+/// second is more often than a deployment needs (the shipped configs beat every 5 to 600 s) and
+/// well under the server's per-connection message rate (20 a second by default).
 pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 
 /// The bandit's choice for one device in one round: a pruning ratio and a LoRA `rank`. The one
