@@ -64,6 +64,20 @@ fn setup(device: &Device) -> Setup {
     }
 }
 
+/// The generation rows' prompt (tokens of a short chat request) and settings: 64 new tokens,
+/// greedy.
+fn greedy_64(tok: &device_agent::tokenizer::Tok) -> (Vec<u32>, generate::GenerateConfig) {
+    let chat = tok
+        .encode(&tok.chat_prompt("Write a short story about a whale.", None))
+        .expect("encode");
+    let cfg = generate::GenerateConfig {
+        max_new_tokens: 64,
+        sampling: generate::Sampling::Greedy,
+        seed: 0,
+    };
+    (chat, cfg)
+}
+
 /// Median seconds of `reps` calls of `f` after one warm-up call.
 fn time_median<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
     let _ = f();
@@ -628,14 +642,7 @@ fn main() {
     }
 
     // Greedy generation of 64 tokens after a short prompt.
-    let chat = tok
-        .encode(&tok.chat_prompt("Write a short story about a whale.", None))
-        .expect("encode");
-    let cfg = generate::GenerateConfig {
-        max_new_tokens: 64,
-        sampling: generate::Sampling::Greedy,
-        seed: 0,
-    };
+    let (chat, cfg) = greedy_64(&tok);
     let mut rates = Vec::new();
     for _ in 0..reps {
         let g = generate::generate(&base, &tok, None, &chat, &cfg, |_| {}).expect("generate");

@@ -9,7 +9,7 @@ use device_agent::cpu::DotPath;
 use device_agent::quant::{self, BasePrecision, QMatrix};
 use device_agent::{assets, generate, weights};
 
-use super::{median, status_mib, time_median};
+use super::{greedy_64, median, status_mib, time_median};
 
 /// `speed rss <precision>`, in a fresh process: resident memory before loading, after loading
 /// fp32, and after holding the base at `precision`.
@@ -152,14 +152,7 @@ pub fn quant_rows(
     );
 
     // Greedy generation of 64 tokens, the precisions alternating in the same run.
-    let chat = tok
-        .encode(&tok.chat_prompt("Write a short story about a whale.", None))
-        .expect("encode");
-    let cfg = generate::GenerateConfig {
-        max_new_tokens: 64,
-        sampling: generate::Sampling::Greedy,
-        seed: 0,
-    };
+    let (chat, cfg) = greedy_64(tok);
     let mut rates = vec![Vec::new(); models.len()];
     for _ in 0..reps.max(3) {
         for (i, (model, _)) in models.iter().enumerate() {
