@@ -17,15 +17,13 @@
 //! it could not read.
 //!
 //! # Temporary files
-//! The temporary file of `dir/NAME` is `dir/.NAME.tmp.<pid>.<n>`, `n` a per-process counter, so
-//! two writers never share one. It is created exclusively (`O_CREAT | O_EXCL`, which refuses
-//! any existing entry, a symbolic link included, without following it), with mode 0600 on Unix
-//! (the umask can only narrow it; the rename keeps it, so checkpoints are owner-only). A name
-//! that is taken is skipped for the next one, a few times, then the write fails naming it. Any
-//! error after creation removes the temporary file; an I/O error (disk full, file too large)
-//! is returned naming the file and the step, and the previous checkpoint stays as it was.
-//! A crash can leave a temporary file behind; [`remove_stale_temps`] removes those (the server
-//! calls it when it opens its state directory, before it reads the checkpoint).
+//! The crash-safe write itself (an exclusive, owner-only temporary file `dir/.NAME.tmp.<pid>.<n>`
+//! that is never a followed link, fsync, rename, directory fsync; the temporary file removed on
+//! any error, the previous checkpoint left as it was) is the `durable` crate's, shared with the
+//! device agent's state file. An I/O error (disk full, file too large) is returned naming the
+//! file and the step. A crash can leave a temporary file behind; [`remove_stale_temps`] removes
+//! those (the server calls it when it opens its state directory, before it reads the
+//! checkpoint).
 //!
 //! # Failpoints (tests only)
 //! [`failpoint`] pauses the process at a named point when the environment variable
@@ -37,8 +35,8 @@
 //! aggregation and acknowledged). Unset, a failpoint is one environment lookup and nothing
 //! else.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -54,8 +52,6 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 32;
 /// Largest body accepted when reading (16 GiB).
 pub const MAX_BODY_BYTES: u64 = 16 << 30;
-/// How many temporary-file names a write tries before it gives up.
-pub const TEMP_ATTEMPTS: u32 = 8;
 
 /// The environment variable that arms a [`failpoint`]: `POINT` (its first hit) or `POINT:N`
 /// (its N-th hit in this process).
@@ -94,9 +90,6 @@ pub fn failpoint(point: &str) {
         }
     }
 }
-
-/// Numbers this process's temporary files.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Why a checkpoint could not be written or read. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -151,86 +144,22 @@ fn io_err<'a>(
     }
 }
 
-/// The file name of `path`, or `checkpoint` for a path without one.
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".to_string())
-}
-
-/// The prefix every temporary file of `path` starts with: `.NAME.tmp`.
-fn temp_prefix(path: &Path) -> String {
-    format!(".{}.tmp", file_name(path))
-}
-
-/// Creates a fresh temporary file next to `path`: exclusively (never an existing entry, never
-/// through a symbolic link), owner read/write only.
-fn create_temp(path: &Path) -> Result<(File, PathBuf), CheckpointError> {
-    let prefix = temp_prefix(path);
-    let pid = std::process::id();
-    let mut attempt = 0;
-    loop {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_file_name(format!("{prefix}.{pid}.{n}"));
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(&tmp) {
-            Ok(file) => return Ok((file, tmp)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                attempt += 1;
-                tracing::warn!(path = %tmp.display(), "temporary checkpoint name taken; trying another");
-                if attempt >= TEMP_ATTEMPTS {
-                    return Err(io_err(&tmp, "create temporary file")(e));
-                }
-            }
-            Err(e) => return Err(io_err(&tmp, "create temporary file")(e)),
+impl From<durable::IoError> for CheckpointError {
+    fn from(e: durable::IoError) -> Self {
+        CheckpointError::Io {
+            path: e.path,
+            op: e.op,
+            source: e.source,
         }
     }
 }
 
 /// Removes the temporary files a crashed writer of `path` left behind (`.NAME.tmp.*`, and the
-/// `.NAME.tmp-<pid>` of earlier builds) and returns them. Only files and symbolic links are
-/// removed (a link itself, never its target); anything else with such a name is left alone
-/// and logged. Call it only while no other process writes `path`.
+/// `.NAME.tmp-<pid>` of earlier builds) and returns them ([`durable::remove_stale_temps`]:
+/// files and links only, a link itself and never its target). Call it only while no other
+/// process writes `path`.
 pub fn remove_stale_temps(path: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let prefix = temp_prefix(path);
-    let entries = match fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        other => other.map_err(io_err(dir, "list directory"))?,
-    };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir, "list directory"))?;
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-            continue;
-        };
-        if !(rest.starts_with('.') || rest.starts_with('-')) {
-            continue;
-        }
-        let stale = entry.path();
-        let kind = fs::symlink_metadata(&stale)
-            .map_err(io_err(&stale, "stat"))?
-            .file_type();
-        if !(kind.is_file() || kind.is_symlink()) {
-            tracing::warn!(path = %stale.display(), "not a file; left in place");
-            continue;
-        }
-        fs::remove_file(&stale).map_err(io_err(&stale, "remove stale temporary file"))?;
-        tracing::warn!(path = %stale.display(), "removed a stale temporary checkpoint file");
-        removed.push(stale);
-    }
-    if !removed.is_empty() {
-        sync_parent_dir(path)?;
-    }
-    removed.sort();
-    Ok(removed)
+    Ok(durable::remove_stale_temps(path)?)
 }
 
 /// Serialises `state` and atomically replaces `path` with it (exclusive temporary file, fsync,
@@ -256,42 +185,14 @@ pub fn write_atomic<T: Serialize>(
     header.extend_from_slice(&(body.len() as u64).to_le_bytes());
     header.extend_from_slice(&digest);
 
-    let (file, tmp) = create_temp(path)?;
-    let result = (|mut file: File| {
-        file.write_all(&header)
-            .and_then(|_| file.write_all(&body))
-            .map_err(io_err(&tmp, "write"))?;
-        file.sync_all().map_err(io_err(&tmp, "fsync"))?;
-        drop(file);
-        failpoint("after-temp-write");
-        fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
-        sync_parent_dir(path)?;
-        failpoint("after-rename");
-        Ok(())
-    })(file);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    let size = (HEADER_BYTES + body.len()) as u64;
+    let size = durable::replace(path, &[&header, &body], |step| {
+        failpoint(match step {
+            durable::Step::TempWritten => "after-temp-write",
+            durable::Step::Renamed => "after-rename",
+        })
+    })?;
     tracing::debug!(path = %path.display(), bytes = size, "checkpoint written");
     Ok(size)
-}
-
-#[cfg(unix)]
-fn sync_parent_dir(path: &Path) -> Result<(), CheckpointError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir, "fsync directory"))
-}
-
-#[cfg(not(unix))]
-fn sync_parent_dir(_path: &Path) -> Result<(), CheckpointError> {
-    Ok(())
 }
 
 /// Reads and verifies the checkpoint at `path`, expecting state schema `schema`.

@@ -184,7 +184,14 @@ fn only_transport_modules_and_binaries_use_tokio_or_quinn() {
 
 #[test]
 fn burn_free_crates_do_not_depend_on_burn() {
-    for c in ["protocol", "bandit", "aggregator", "charts", "test-support"] {
+    for c in [
+        "protocol",
+        "durable",
+        "bandit",
+        "aggregator",
+        "charts",
+        "test-support",
+    ] {
         let manifest =
             std::fs::read_to_string(root().join(c).join("Cargo.toml")).expect("manifest");
         assert!(

@@ -17,18 +17,15 @@
 //! a file, naming the file and what is wrong; nothing here deletes or replaces a file it could
 //! not read.
 //!
-//! The temporary file of `dir/NAME` is `dir/.NAME.tmp.<pid>.<n>`: created with `create_new`
-//! (`O_CREAT | O_EXCL`, which refuses any existing entry, a symbolic link included, without
-//! following it) and mode 0600, so a planted link is never written through and the state stays
-//! owner-only. A crash leaves either the old or the new file in place, never a torn one; the
-//! temporary files it may leave are removed by [`remove_stale_temps`] when the agent opens its
-//! state directory. (The aggregator's `checkpoint.rs` does the same for the server; the device
-//! agent does not link the aggregator, so the few lines live here too.)
+//! The write is the `durable` crate's (shared with the aggregator's checkpoints): the
+//! temporary file of `dir/NAME` is `dir/.NAME.tmp.<pid>.<n>`, created exclusively (a planted
+//! link is never written through) and owner-only, so a crash leaves either the old or the new
+//! file in place, never a torn one; the temporary files it may leave are removed by
+//! [`remove_stale_temps`] when the agent opens its state directory.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -46,10 +43,6 @@ const FIELDS_BYTES: usize = 8 + 4 + 4 + 8 + 32;
 pub const HEADER_BYTES: usize = FIELDS_BYTES + 32;
 /// Largest body accepted when reading (4 GiB: far above any adapter of a device model).
 pub const MAX_BODY_BYTES: u64 = 4 << 30;
-/// How many temporary-file names a write tries before it gives up.
-const TEMP_ATTEMPTS: u32 = 8;
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// An I/O error at `op` on `path`.
 pub(super) fn io_err<'a>(
@@ -63,96 +56,21 @@ pub(super) fn io_err<'a>(
     }
 }
 
-fn temp_prefix(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "state".into());
-    format!(".{name}.tmp.")
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// A fresh temporary file next to `path`: exclusively created, owner read/write only.
-fn create_temp(path: &Path) -> Result<(File, PathBuf), StateError> {
-    let prefix = temp_prefix(path);
-    let pid = std::process::id();
-    let mut attempt = 0;
-    loop {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_file_name(format!("{prefix}{pid}.{n}"));
-        let mut options = OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(&tmp) {
-            Ok(file) => return Ok((file, tmp)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                attempt += 1;
-                tracing::warn!(path = %tmp.display(), "temporary state file name taken; trying another");
-                if attempt >= TEMP_ATTEMPTS {
-                    return Err(io_err(&tmp, "create temporary file")(e));
-                }
-            }
-            Err(e) => return Err(io_err(&tmp, "create temporary file")(e)),
+impl From<durable::IoError> for StateError {
+    fn from(e: durable::IoError) -> Self {
+        StateError::Io {
+            path: e.path,
+            op: e.op,
+            source: e.source,
         }
     }
 }
 
-#[cfg(unix)]
-fn sync_dir(path: &Path) -> Result<(), StateError> {
-    let dir = parent_dir(path);
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir, "fsync directory"))
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_path: &Path) -> Result<(), StateError> {
-    Ok(())
-}
-
-/// Removes the temporary files a killed writer of `path` left behind (`.NAME.tmp.*`; files
-/// and symbolic links only, a link itself and never its target). Returns what it removed.
+/// Removes the temporary files a killed writer of `path` left behind (`.NAME.tmp.*` and
+/// `.NAME.tmp-*`; files and symbolic links only, a link itself and never its target).
+/// Returns what it removed.
 pub fn remove_stale_temps(path: &Path) -> Result<Vec<PathBuf>, StateError> {
-    let dir = parent_dir(path);
-    let prefix = temp_prefix(path);
-    let entries = match fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        other => other.map_err(io_err(dir, "list directory"))?,
-    };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir, "list directory"))?;
-        if !entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(&prefix))
-        {
-            continue;
-        }
-        let stale = entry.path();
-        let kind = fs::symlink_metadata(&stale)
-            .map_err(io_err(&stale, "stat"))?
-            .file_type();
-        if !(kind.is_file() || kind.is_symlink()) {
-            tracing::warn!(path = %stale.display(), "not a file; left in place");
-            continue;
-        }
-        fs::remove_file(&stale).map_err(io_err(&stale, "remove stale temporary file"))?;
-        tracing::warn!(path = %stale.display(), "removed a temporary state file a killed agent left");
-        removed.push(stale);
-    }
-    if !removed.is_empty() {
-        sync_dir(path)?;
-    }
-    removed.sort();
-    Ok(removed)
+    Ok(durable::remove_stale_temps(path)?)
 }
 
 /// The header fields before the checksum.
@@ -189,22 +107,7 @@ pub fn write_atomic<T: Serialize>(
     })?;
     let head = fields(schema, body.len() as u64, model);
     let sum = checksum(&head, &body);
-    let (file, tmp) = create_temp(path)?;
-    let result = (|mut file: File| {
-        file.write_all(&head)
-            .and_then(|_| file.write_all(&sum))
-            .and_then(|_| file.write_all(&body))
-            .map_err(io_err(&tmp, "write"))?;
-        file.sync_all().map_err(io_err(&tmp, "fsync"))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))?;
-        sync_dir(path)
-    })(file);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    Ok((HEADER_BYTES + body.len()) as u64)
+    Ok(durable::replace(path, &[&head, &sum, &body], |_| {})?)
 }
 
 /// Reads and verifies the file at `path` (magic, versions, length, checksum, body), returning
