@@ -245,8 +245,8 @@ mod tests {
         let path = dir.path().join("state");
         let victim = dir.path().join("victim");
         fs::write(&victim, b"precious").unwrap();
-        // Links at the next names this process will pick (tests share the counter, so plant
-        // well past it; fewer than TEMP_ATTEMPTS are skipped, TEMP_ATTEMPTS are refused).
+        // Links at the next 4,096 names this process can pick (the other tests running beside
+        // this one take only a few): the write tries TEMP_ATTEMPTS of them, then gives up.
         let pid = std::process::id();
         let next = TEMP_COUNTER.load(Ordering::Relaxed);
         for n in next..next + 4096 {
