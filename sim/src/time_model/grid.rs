@@ -78,7 +78,15 @@ pub fn design(quick: bool) -> Vec<Point> {
     // surrogate presets' training step, and a second small dense point: with (1, 64) the only
     // one, the fixed overhead and the weight term were told apart by that point alone, so
     // leaving it out moved 90 ms between them (BENCHMARKS.md, "Time model").
-    for (b, n) in [(1, 64), (2, 64), (4, 64), (1, 128), (1, 256), (4, 128), (2, 256)] {
+    for (b, n) in [
+        (1, 64),
+        (2, 64),
+        (4, 64),
+        (1, 128),
+        (1, 256),
+        (4, 128),
+        (2, 256),
+    ] {
         v.push(p(Mix::Channels, 0.0, 16, b, n, false));
         v.push(p(Mix::Channels, 0.3, 16, b, n, false));
         v.push(p(Mix::HeadsAndChannels, 0.6, 16, b, n, false));
