@@ -214,7 +214,7 @@ pub fn poison(
 }
 
 /// What the attackers did in one run (absent from clean runs).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ByzantineSummary {
     pub attack: String,
     /// The attacking devices' ids, ascending.

@@ -28,7 +28,7 @@ pub struct TrainedRound {
 }
 
 /// Held-out quality of a device's model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Quality {
     /// Mean loss (nats): next-token NLL (LM) or label cross-entropy (classification).
     pub loss: f64,

@@ -288,19 +288,128 @@ pub fn compare_seeds(
     observer: &mut dyn Observer,
     done: &mut dyn FnMut(u64, &Report) -> Result<(), SimError>,
 ) -> Result<Vec<SeedRuns>, SimError> {
+    compare_seeds_resuming(
+        cfg,
+        entries,
+        seeds,
+        resources,
+        observer,
+        done,
+        &mut |_, _| Ok(None),
+    )
+}
+
+/// [`compare_seeds`], taking the run that `earlier(seed, entry)` returns (a run folder read
+/// back, `sim compare --resume`) in place of running that seed and entry; `done` is not
+/// called for it. A seed whose every entry was run before is not even partitioned. A run from
+/// another experiment is refused, naming the first setting that differs: its configuration
+/// must equal the one this comparison would run it with (so resuming after a change to the
+/// config, the entry or the seed cannot mix two experiments in one table). The configuration
+/// names the model, data and parameter files, not their contents.
+pub fn compare_seeds_resuming(
+    cfg: &ExperimentConfig,
+    entries: &[String],
+    seeds: &[u64],
+    resources: &Resources,
+    observer: &mut dyn Observer,
+    done: &mut dyn FnMut(u64, &Report) -> Result<(), SimError>,
+    earlier: &mut dyn FnMut(u64, &str) -> Result<Option<Report>, SimError>,
+) -> Result<Vec<SeedRuns>, SimError> {
     let mut out = Vec::with_capacity(seeds.len());
     for &seed in seeds {
         let mut c = cfg.clone();
         c.seed = seed;
-        let res = resources.for_seed(&c, seed)?;
-        let mut reports = Vec::with_capacity(entries.len());
+        let mut found = Vec::with_capacity(entries.len());
         for e in entries {
-            observer.note(&format!("seed {seed}, strategy {e}"));
-            let r = run_entry(&c, e, &res, observer)?;
-            done(seed, &r)?;
-            reports.push(r);
+            let r = earlier(seed, e)?;
+            if let Some(r) = &r {
+                check_same_run(&c, e, r)?;
+            }
+            found.push(r);
+        }
+        let mut res = None;
+        let mut reports = Vec::with_capacity(entries.len());
+        for (e, before) in entries.iter().zip(found) {
+            if let Some(r) = before {
+                observer.note(&format!("seed {seed}, strategy {e}: run before, read back"));
+                reports.push(r);
+                continue;
+            }
+            if res.is_none() {
+                res = Some(resources.for_seed(&c, seed)?);
+            }
+            if let Some(res) = &res {
+                observer.note(&format!("seed {seed}, strategy {e}"));
+                let r = run_entry(&c, e, res, observer)?;
+                done(seed, &r)?;
+                reports.push(r);
+            }
         }
         out.push(SeedRuns { seed, reports });
     }
     Ok(out)
+}
+
+/// That `r` is entry `entry` of `c` (the seed set): its strategy column and its whole
+/// configuration as run.
+fn check_same_run(c: &ExperimentConfig, entry: &str, r: &Report) -> Result<(), SimError> {
+    let refuse = |what: String| {
+        SimError::Config(format!(
+            "seed {}, entry '{entry}': the run on disk is not this comparison's: {what} (resume \
+             with the configuration it was run with, or write to another folder)",
+            c.seed
+        ))
+    };
+    if r.summary.strategy != entry {
+        return Err(refuse(format!("its entry is '{}'", r.summary.strategy)));
+    }
+    let want = serde_json::to_value(c.with_entry(entry)?)
+        .map_err(|e| SimError::Config(format!("entry '{entry}': {e}")))?;
+    match first_difference(&want, &r.config, "") {
+        None => Ok(()),
+        Some((key, want, got)) => Err(refuse(format!("{key} is {got} there and {want} here"))),
+    }
+}
+
+/// The first place two JSON values differ: (dotted key, here, there).
+fn first_difference(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    at: &str,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let key = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, va) in x {
+                match y.get(k) {
+                    Some(vb) => {
+                        if let Some(d) = first_difference(va, vb, &key(k)) {
+                            return Some(d);
+                        }
+                    }
+                    None => return Some((key(k), va.to_string(), "absent".into())),
+                }
+            }
+            y.keys()
+                .find(|k| !x.contains_key(*k))
+                .map(|k| (key(k), "absent".into(), y[k].to_string()))
+        }
+        _ if a == b => None,
+        _ => Some((
+            if at.is_empty() {
+                "the configuration".into()
+            } else {
+                at.to_string()
+            },
+            a.to_string(),
+            b.to_string(),
+        )),
+    }
 }

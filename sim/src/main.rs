@@ -96,6 +96,12 @@ enum Cmd {
         /// (`sensitivity.md`, `sensitivity.json`); five times the work.
         #[arg(long)]
         sensitivity: bool,
+        /// With `--seeds`: take every run already finished under `--out` (its `summary.json`
+        /// reads back) as it is and run only the rest, so an interrupted comparison goes on
+        /// where it stopped. A run folder from another configuration is refused by name; one
+        /// that does not read back whole is run again.
+        #[arg(long, requires = "seeds")]
+        resume: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -363,6 +369,7 @@ fn compare(
     strategies: &str,
     seeds_flag: Option<usize>,
     sensitivity: bool,
+    resume: bool,
     args: RunArgs,
 ) -> Result<()> {
     let n_seeds = seeds_flag.unwrap_or(1);
@@ -429,13 +436,30 @@ fn compare(
         inner: &mut progress,
         rounds,
     };
-    let runs = experiment::compare_seeds(
+    let mut earlier = |seed: u64, entry: &str| -> Result<Option<Report>, sim::SimError> {
+        let dir = out.join(format!("seed-{seed}")).join(entry);
+        if !resume || !dir.join(sim::report::SUMMARY_FILE).exists() {
+            return Ok(None);
+        }
+        match Report::read_from(&dir) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                eprintln!(
+                    "{}: does not read back ({e}); running it again",
+                    dir.display()
+                );
+                Ok(None)
+            }
+        }
+    };
+    let runs = experiment::compare_seeds_resuming(
         &cfg,
         &names,
         &seeds,
         &resources,
         &mut observer,
         &mut write_run,
+        &mut earlier,
     )?;
     progress.finish();
     let run_s = t1.elapsed().as_secs_f64();
@@ -667,8 +691,9 @@ fn main() -> Result<()> {
             strategies,
             seeds,
             sensitivity,
+            resume,
             run: a,
-        }) => compare(&strategies, seeds, sensitivity, a),
+        }) => compare(&strategies, seeds, sensitivity, resume, a),
         Some(Cmd::FitSurrogate {
             data,
             out,

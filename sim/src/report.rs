@@ -10,15 +10,19 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use charts::{Chart, Series};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::SimError;
 
+mod read;
+
 /// One selected device's round.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Play {
     pub device: u64,
     pub class: String,
+    /// NaN (written as `null`) for a missed device that was never sent an arm.
+    #[serde(deserialize_with = "read::f64_or_nan")]
     pub prune_ratio: f64,
     pub rank: u32,
     /// `accepted`, `screened_out` (accepted, then left out of the aggregate by norm screening),
@@ -69,7 +73,7 @@ impl Play {
 }
 
 /// A panel evaluation of the global adapter on devices' own models and held-out data.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     pub round: u64,
     pub time_s: f64,
@@ -85,7 +89,7 @@ pub struct EvalRecord {
 }
 
 /// One closed round.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     pub started_s: f64,
@@ -109,7 +113,7 @@ pub struct RoundRecord {
 }
 
 /// A device at the end of the run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceFinal {
     pub device: u64,
     pub profile: String,
@@ -131,12 +135,14 @@ pub struct DeviceFinal {
     /// Where the device was brought to the target sparsity before it was scored: the quality
     /// of its model as it was, before that.
     pub quality_before_target: Option<crate::compute::Quality>,
-    /// (round, ratio, rank, outcome) of every round the device was selected for.
+    /// (round, ratio, rank, outcome) of every round the device was selected for (the ratio NaN,
+    /// written as `null`, where it was never sent an arm).
+    #[serde(deserialize_with = "read::history")]
     pub history: Vec<(u64, f64, u32, String)>,
 }
 
 /// Per-class aggregates.
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ClassSummary {
     pub devices: usize,
     /// Of them, those whose final model the final evaluation scored; the two means below are
@@ -151,7 +157,7 @@ pub struct ClassSummary {
 }
 
 /// The final evaluation's coverage and uncertainty (see `driver/final_eval.rs`).
-#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct EvalSummary {
     /// Devices that trained and were evaluated (all of them unless `eval.final_devices` caps).
     pub trained_evaluated: usize,
@@ -184,7 +190,7 @@ pub struct EvalSummary {
 }
 
 /// One strategy's run in numbers.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub strategy: String,
     /// `real` or `surrogate`; surrogate numbers come from a fitted model, not training.
@@ -257,6 +263,9 @@ pub struct Report {
     pub device_rounds: Vec<crate::device_rounds::DeviceRound>,
 }
 
+/// The file a finished run folder is recognised by (written last).
+pub const SUMMARY_FILE: &str = "summary.json";
+
 fn json_line<T: Serialize>(v: &T) -> String {
     // Plain data with string keys: serialising cannot fail.
     serde_json::to_string(v).unwrap_or_default()
@@ -270,9 +279,19 @@ fn write(path: &Path, text: &str) -> Result<(), SimError> {
 }
 
 impl Report {
-    /// `rounds.jsonl`, `devices.jsonl`, `summary.json`, `summary.md`, `arms.svg` and
-    /// `metric.svg` into `dir`.
+    /// `rounds.jsonl`, `devices.jsonl`, `device_rounds.jsonl` (real mode), `summary.md`,
+    /// `arms.svg`, `metric.svg` and, last, `summary.json` into `dir`: a folder whose
+    /// `summary.json` reads back whole holds a finished run ([`Report::read_from`]).
     pub fn write_to(&self, dir: &Path) -> Result<(), SimError> {
+        // A run written over an older one: until the new summary lands, the folder must not
+        // look finished with the older summary beside the newer files.
+        let summary_path = dir.join(SUMMARY_FILE);
+        match std::fs::remove_file(&summary_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(SimError::io(&summary_path, e))
+            }
+            _ => {}
+        }
         let rounds: String = self.rounds.iter().map(|r| json_line(r) + "\n").collect();
         write(&dir.join("rounds.jsonl"), &rounds)?;
         let devices: String = self.devices.iter().map(|d| json_line(d) + "\n").collect();
@@ -281,11 +300,6 @@ impl Report {
             let text = crate::device_rounds::to_jsonl(&self.device_rounds);
             write(&dir.join(crate::device_rounds::FILE_NAME), &text)?;
         }
-        let summary = serde_json::to_string_pretty(
-            &serde_json::json!({ "summary": self.summary, "config": self.config }),
-        )
-        .unwrap_or_default();
-        write(&dir.join("summary.json"), &(summary + "\n"))?;
         write(
             &dir.join("summary.md"),
             &markdown_table(std::slice::from_ref(self)),
@@ -295,6 +309,11 @@ impl Report {
             &dir.join("metric.svg"),
             &metric_svg(std::slice::from_ref(self)),
         )?;
+        let summary = serde_json::to_string_pretty(
+            &serde_json::json!({ "summary": self.summary, "config": self.config }),
+        )
+        .unwrap_or_default();
+        write(&summary_path, &(summary + "\n"))?;
         Ok(())
     }
 }
