@@ -31,8 +31,10 @@ pub struct TrainedRound {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct Quality {
     /// Mean loss (nats): next-token NLL (LM) or label cross-entropy (classification).
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub loss: f64,
     /// Next-token accuracy (LM) or label accuracy (classification).
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub accuracy: f64,
     /// `exp(loss)` for LM workloads.
     pub perplexity: Option<f64>,

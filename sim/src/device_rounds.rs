@@ -49,11 +49,16 @@ pub struct DeviceRound {
     pub label_share: Option<f64>,
     /// Held-out loss (nats) and accuracy on the device's own held-out items, before the round
     /// (starting adapter) and after it.
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub loss_before: f64,
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub loss_after: f64,
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub accuracy_before: f64,
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub accuracy_after: f64,
     /// `sqrt(sum over layers |(alpha / rank) B A|_F^2)` of the adapter the round produced.
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub update_norm: f64,
     /// Wall-clock milliseconds of the local round (training and its two evaluations), when the
     /// binary gave the run a clock.

@@ -315,21 +315,29 @@ pub fn compare_seeds_resuming(
     done: &mut dyn FnMut(u64, &Report) -> Result<(), SimError>,
     earlier: &mut dyn FnMut(u64, &str) -> Result<Option<Report>, SimError>,
 ) -> Result<Vec<SeedRuns>, SimError> {
-    let mut out = Vec::with_capacity(seeds.len());
+    // Every run on disk is checked before anything runs: a refusal comes at once, not after
+    // hours of the seeds before it.
+    let mut found = Vec::with_capacity(seeds.len());
     for &seed in seeds {
         let mut c = cfg.clone();
         c.seed = seed;
-        let mut found = Vec::with_capacity(entries.len());
+        let mut of_seed = Vec::with_capacity(entries.len());
         for e in entries {
             let r = earlier(seed, e)?;
             if let Some(r) = &r {
                 check_same_run(&c, e, r)?;
             }
-            found.push(r);
+            of_seed.push(r);
         }
+        found.push(of_seed);
+    }
+    let mut out = Vec::with_capacity(seeds.len());
+    for (&seed, of_seed) in seeds.iter().zip(found) {
+        let mut c = cfg.clone();
+        c.seed = seed;
         let mut res = None;
         let mut reports = Vec::with_capacity(entries.len());
-        for (e, before) in entries.iter().zip(found) {
+        for (e, before) in entries.iter().zip(of_seed) {
             if let Some(r) = before {
                 observer.note(&format!("seed {seed}, strategy {e}: run before, read back"));
                 reports.push(r);
@@ -363,9 +371,17 @@ fn check_same_run(c: &ExperimentConfig, entry: &str, r: &Report) -> Result<(), S
     if r.summary.strategy != entry {
         return Err(refuse(format!("its entry is '{}'", r.summary.strategy)));
     }
-    let want = serde_json::to_value(c.with_entry(entry)?)
+    let mut want = serde_json::to_value(c.with_entry(entry)?)
         .map_err(|e| SimError::Config(format!("entry '{entry}': {e}")))?;
-    match first_difference(&want, &r.config, "") {
+    // Where the files are written is not part of the experiment (a folder moved, or named
+    // `runs/x/` where it was `runs/x`, still resumes).
+    let mut got = r.config.clone();
+    for v in [&mut want, &mut got] {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("output_dir");
+        }
+    }
+    match first_difference(&want, &got, "") {
         None => Ok(()),
         Some((key, want, got)) => Err(refuse(format!("{key} is {got} there and {want} here"))),
     }
@@ -401,6 +417,11 @@ fn first_difference(
                 .find(|k| !x.contains_key(*k))
                 .map(|k| (key(k), "absent".into(), y[k].to_string()))
         }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (va, vb))| first_difference(va, vb, &format!("{at}[{i}]"))),
         _ if a == b => None,
         _ => Some((
             if at.is_empty() {

@@ -16,7 +16,8 @@
 //!   shared base model) or the fitted loss-response model.
 //! - [`config`], [`experiment`]: experiment files, presets, running and comparing strategies.
 //! - [`byzantine`]: attacking devices that poison the update they send (`[byzantine]`).
-//! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`).
+//! - [`report`]: per-round JSONL, summaries, tables and charts (drawn by `charts`), read back
+//!   by `compare --resume` ([`nan_json`]: NaN written as `null` reads back).
 //! - [`validation`]: a real-mode comparison against the same experiment through the surrogate.
 //! - [`comparison`], [`stats`], [`host`]: comparisons over seeds (bootstrap intervals, paired
 //!   differences, the bandits' settled arms per class) and the CPU class a run was computed on.
@@ -37,6 +38,7 @@ pub mod experiment;
 pub mod hardware;
 pub mod host;
 pub mod local_data;
+pub mod nan_json;
 pub mod partition;
 pub mod progress;
 pub mod queue;

@@ -98,8 +98,9 @@ enum Cmd {
         sensitivity: bool,
         /// With `--seeds`: take every run already finished under `--out` (its `summary.json`
         /// reads back) as it is and run only the rest, so an interrupted comparison goes on
-        /// where it stopped. A run folder from another configuration is refused by name; one
-        /// that does not read back whole is run again.
+        /// where it stopped. A run folder from another configuration, or a folder whose
+        /// `host.json` names another CPU class, is refused; a run that does not read back whole
+        /// is run again. `--sensitivity`'s re-runs are not kept, so never resumed.
         #[arg(long, requires = "seeds")]
         resume: bool,
         #[command(flatten)]
@@ -428,6 +429,28 @@ fn compare(
     }
     let seeds = experiment::seeds(&cfg, n_seeds);
     let out = cfg.output_dir.clone();
+    let host_path = out.join("host.json");
+    if resume && host_path.exists() {
+        // Runs of another CPU class are not draws of this experiment (the kernels' arithmetic,
+        // and what `precision = "auto"` resolves to, differ between classes).
+        let text = std::fs::read_to_string(&host_path)
+            .with_context(|| format!("reading {}", host_path.display()))?;
+        let before = serde_json::from_str(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|v| sim::host::HostClass::from_json(&v))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", host_path.display()))?;
+        let now = sim::host::HostClass::from_json(&serde_json::to_value(&host)?)
+            .map_err(|e| anyhow::anyhow!("this host: {e}"))?;
+        if let Some((field, was, is)) = before.differs_from(&now) {
+            bail!(
+                "{} holds runs from {field} {was}, and this host is {field} {is}: results differ \
+                 between CPU classes, so they cannot be resumed here (resume on that class, or \
+                 write to another folder and `sim pool` parts of one class)",
+                out.display()
+            );
+        }
+    }
+    write_host(&out, &host)?;
     let rounds = cfg.coordinator.rounds;
     let mut write_run = |seed: u64, r: &Report| -> Result<(), sim::SimError> {
         r.write_to(&out.join(format!("seed-{seed}")).join(&r.summary.strategy))
@@ -436,13 +459,17 @@ fn compare(
         inner: &mut progress,
         rounds,
     };
+    let mut read_back = std::collections::BTreeSet::new();
     let mut earlier = |seed: u64, entry: &str| -> Result<Option<Report>, sim::SimError> {
         let dir = out.join(format!("seed-{seed}")).join(entry);
         if !resume || !dir.join(sim::report::SUMMARY_FILE).exists() {
             return Ok(None);
         }
         match Report::read_from(&dir) {
-            Ok(r) => Ok(Some(r)),
+            Ok(r) => {
+                read_back.insert((seed, entry.to_string()));
+                Ok(Some(r))
+            }
             Err(e) => {
                 eprintln!(
                     "{}: does not read back ({e}); running it again",
@@ -477,7 +504,6 @@ fn compare(
     for r in &runs {
         report::write_comparison(&r.reports, &out.join(format!("seed-{}", r.seed)))?;
     }
-    write_host(&out, &host)?;
     println!("{}", cmp.to_markdown());
     if sensitivity {
         let mut variants = vec![(sim::sensitivity::VARIANTS[0], cmp.clone())];
@@ -509,8 +535,22 @@ fn compare(
         "reports in {} (compare.json, compare.md, host.json, seed-S/STRATEGY/ per run)",
         out.display()
     );
-    let all: Vec<Report> = runs.into_iter().flat_map(|r| r.reports).collect();
-    print_throughput(&all, load_s, run_s);
+    if !read_back.is_empty() {
+        println!(
+            "{} run(s) read back from an earlier sitting (not counted below)",
+            read_back.len()
+        );
+    }
+    let fresh: Vec<Report> = runs
+        .into_iter()
+        .flat_map(|sr| {
+            let seed = sr.seed;
+            sr.reports.into_iter().map(move |r| (seed, r))
+        })
+        .filter(|(seed, r)| !read_back.contains(&(*seed, r.summary.strategy.clone())))
+        .map(|(_, r)| r)
+        .collect();
+    print_throughput(&fresh, load_s, run_s);
     Ok(())
 }
 

@@ -22,7 +22,7 @@ pub struct Play {
     pub device: u64,
     pub class: String,
     /// NaN (written as `null`) for a missed device that was never sent an arm.
-    #[serde(deserialize_with = "read::f64_or_nan")]
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub prune_ratio: f64,
     pub rank: u32,
     /// `accepted`, `screened_out` (accepted, then left out of the aggregate by norm screening),
@@ -77,7 +77,9 @@ impl Play {
 pub struct EvalRecord {
     pub round: u64,
     pub time_s: f64,
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub loss: f64,
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub accuracy: f64,
     pub perplexity: Option<f64>,
     pub devices: usize,
@@ -151,6 +153,7 @@ pub struct ClassSummary {
     pub mean_sparsity: f64,
     pub mean_inference_ms: f64,
     pub max_peak_mem_mib: f64,
+    #[serde(deserialize_with = "crate::nan_json::f64_or_nan")]
     pub mean_ratio_played: f64,
     pub mean_rank_played: f64,
     pub plays: usize,
@@ -278,6 +281,13 @@ fn write(path: &Path, text: &str) -> Result<(), SimError> {
     std::fs::write(path, text).map_err(|e| SimError::io(path, e))
 }
 
+fn remove_if_there(path: &Path) -> Result<(), SimError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SimError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
 impl Report {
     /// `rounds.jsonl`, `devices.jsonl`, `device_rounds.jsonl` (real mode), `summary.md`,
     /// `arms.svg`, `metric.svg` and, last, `summary.json` into `dir`: a folder whose
@@ -286,11 +296,10 @@ impl Report {
         // A run written over an older one: until the new summary lands, the folder must not
         // look finished with the older summary beside the newer files.
         let summary_path = dir.join(SUMMARY_FILE);
-        match std::fs::remove_file(&summary_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(SimError::io(&summary_path, e))
-            }
-            _ => {}
+        remove_if_there(&summary_path)?;
+        if self.device_rounds.is_empty() {
+            // Nor may an older run's dataset pass for this run's.
+            remove_if_there(&dir.join(crate::device_rounds::FILE_NAME))?;
         }
         let rounds: String = self.rounds.iter().map(|r| json_line(r) + "\n").collect();
         write(&dir.join("rounds.jsonl"), &rounds)?;

@@ -152,4 +152,85 @@ fn a_resumed_comparison_equals_an_uninterrupted_one() {
         e.contains("coordinator.rounds") && e.contains("is 3 there and 2 here"),
         "{e}"
     );
+    // The output folder is not part of the experiment.
+    let mut moved = cfg.clone();
+    moved.output_dir = root.join("elsewhere");
+    experiment::compare_seeds_resuming(
+        &moved,
+        &entries,
+        &seeds,
+        &res,
+        &mut Quiet,
+        &mut nothing,
+        &mut |seed, e| read_back(root, seed, e),
+    )
+    .unwrap();
+}
+
+/// The binary: `--resume` reads back what is there (the output folder named another way
+/// still resumes), says how many runs it read, writes the same comparison, and refuses a
+/// folder whose `host.json` names another CPU class.
+#[test]
+fn the_binary_resumes_and_refuses_another_cpu_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cmp");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let run = |out: String, resume: bool| {
+        let mut args: Vec<String> = [
+            "compare",
+            "--config",
+            "sim/configs/examples/bandit-s03.toml",
+            "--rounds",
+            "12",
+            "--seed",
+            "201",
+            "--seeds",
+            "2",
+            "--strategies",
+            "fedspine@ucb1,fedspine@fixed:prune_ratio=0.6:rank=4",
+            "--out",
+            &out,
+        ]
+        .map(String::from)
+        .to_vec();
+        if resume {
+            args.push("--resume".into());
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_sim"))
+            .current_dir(root)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let plain = out.display().to_string();
+    let first = run(plain.clone(), false);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let want = std::fs::read(out.join("compare.json")).unwrap();
+    std::fs::remove_dir_all(out.join("seed-202/fedspine@ucb1")).unwrap();
+    let resumed = run(format!("{plain}/"), true);
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(stdout.contains("3 run(s) read back"), "{stdout}");
+    assert_eq!(std::fs::read(out.join("compare.json")).unwrap(), want);
+    // Another CPU class wrote this folder's runs.
+    let host = out.join("host.json");
+    let text = std::fs::read_to_string(&host).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["cpu_model"] = "another CPU".into();
+    std::fs::write(&host, v.to_string()).unwrap();
+    let refused = run(plain, true);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("another CPU") && stderr.contains("differ between CPU classes"),
+        "{stderr}"
+    );
 }

@@ -11,12 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use super::{DeviceFinal, Report, RoundRecord, Summary, SUMMARY_FILE};
+use crate::device_rounds::DeviceRound;
 use crate::error::SimError;
-
-/// An `f64` that serde_json wrote as `null` (it writes NaN so) read back as NaN.
-pub(super) fn f64_or_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-}
 
 /// [`DeviceFinal::history`], whose ratios may be NaN (`null`).
 pub(super) fn history<'de, D: Deserializer<'de>>(
@@ -64,8 +60,10 @@ impl Report {
         let rounds: Vec<RoundRecord> = read_lines(&dir.join("rounds.jsonl"))?;
         let devices: Vec<DeviceFinal> = read_lines(&dir.join("devices.jsonl"))?;
         let dr_path = dir.join(crate::device_rounds::FILE_NAME);
-        let device_rounds = if dr_path.exists() {
-            crate::device_rounds::read(&[dr_path])?.0
+        // As written, non-finite losses of a diverged round included (the dataset's own reader,
+        // for fitting, refuses those lines).
+        let device_rounds: Vec<DeviceRound> = if dr_path.exists() {
+            read_lines(&dr_path)?
         } else {
             Vec::new()
         };
