@@ -12,6 +12,9 @@ use device_agent::bf16::gemm::Kernel;
 use device_agent::cpu::{CpuInfo, Isa};
 use serde::{Deserialize, Serialize};
 
+/// The file beside a comparison that names its CPU class.
+pub const HOST_FILE: &str = "host.json";
+
 /// The host's CPU class.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {
@@ -53,6 +56,40 @@ impl HostInfo {
             vector_path: vector_path(cpu.isa).to_string(),
             int8_dot: cpu.dot.to_string(),
             bf16_kernel: Kernel::detect().map_or_else(|| "none".to_string(), |k| k.to_string()),
+        }
+    }
+
+    /// `host.json` in `dir`.
+    pub fn write_into(&self, dir: &std::path::Path) -> Result<(), crate::SimError> {
+        let path = dir.join(HOST_FILE);
+        std::fs::create_dir_all(dir).map_err(|e| crate::SimError::io(dir, e))?;
+        let text = serde_json::to_string_pretty(self).unwrap_or_default() + "\n";
+        std::fs::write(&path, text).map_err(|e| crate::SimError::io(&path, e))
+    }
+
+    /// That the runs already in `dir` (per its `host.json`, where it has one) were computed on
+    /// this host's CPU class, before `compare --resume` adds to them: runs of another class
+    /// are not draws of the same experiment (the kernels' arithmetic, and what `precision =
+    /// "auto"` resolves to, differ between classes).
+    pub fn check_resumable(&self, dir: &std::path::Path) -> Result<(), crate::SimError> {
+        let path = dir.join(HOST_FILE);
+        if !path.exists() {
+            return Ok(());
+        }
+        let bad = |e: String| crate::SimError::Data(format!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::SimError::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let before = HostClass::from_json(&v).map_err(bad)?;
+        let now = HostClass::from_json(&serde_json::to_value(self).unwrap_or_default())
+            .map_err(|e| crate::SimError::Data(format!("this host: {e}")))?;
+        match before.differs_from(&now) {
+            None => Ok(()),
+            Some((field, was, is)) => Err(crate::SimError::Config(format!(
+                "{} holds runs from {field} {was}, and this host is {field} {is}: results \
+                 differ between CPU classes, so they cannot be resumed here (resume on that \
+                 class, or write to another folder and `sim pool` parts of one class)",
+                dir.display()
+            ))),
         }
     }
 

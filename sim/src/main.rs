@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use sim::config::{ExperimentConfig, Mode, PRESETS, STRATEGIES};
 use sim::hardware::{DeviceProfile, BUILTIN_PROFILES};
 use sim::host::HostInfo;
-use sim::progress::Progress;
+use sim::progress::{Progress, SeedProgress};
 use sim::report::{self, Report};
 use sim::{comparison, experiment, surrogate, Observer, Resources};
 
@@ -418,7 +418,7 @@ fn compare(
         progress.finish();
         let run_s = t1.elapsed().as_secs_f64();
         report::write_comparison(&reports, &cfg.output_dir)?;
-        write_host(&cfg.output_dir, &host)?;
+        host.write_into(&cfg.output_dir)?;
         println!("{}", report::markdown_table(&reports));
         println!(
             "reports in {} (compare.md, metric.svg, host.json, one folder per strategy)",
@@ -429,28 +429,10 @@ fn compare(
     }
     let seeds = experiment::seeds(&cfg, n_seeds);
     let out = cfg.output_dir.clone();
-    let host_path = out.join("host.json");
-    if resume && host_path.exists() {
-        // Runs of another CPU class are not draws of this experiment (the kernels' arithmetic,
-        // and what `precision = "auto"` resolves to, differ between classes).
-        let text = std::fs::read_to_string(&host_path)
-            .with_context(|| format!("reading {}", host_path.display()))?;
-        let before = serde_json::from_str(&text)
-            .map_err(|e| e.to_string())
-            .and_then(|v| sim::host::HostClass::from_json(&v))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", host_path.display()))?;
-        let now = sim::host::HostClass::from_json(&serde_json::to_value(&host)?)
-            .map_err(|e| anyhow::anyhow!("this host: {e}"))?;
-        if let Some((field, was, is)) = before.differs_from(&now) {
-            bail!(
-                "{} holds runs from {field} {was}, and this host is {field} {is}: results differ \
-                 between CPU classes, so they cannot be resumed here (resume on that class, or \
-                 write to another folder and `sim pool` parts of one class)",
-                out.display()
-            );
-        }
+    if resume {
+        host.check_resumable(&out)?;
     }
-    write_host(&out, &host)?;
+    host.write_into(&out)?;
     let rounds = cfg.coordinator.rounds;
     let mut write_run = |seed: u64, r: &Report| -> Result<(), sim::SimError> {
         r.write_to(&out.join(format!("seed-{seed}")).join(&r.summary.strategy))
@@ -554,36 +536,11 @@ fn compare(
     Ok(())
 }
 
-/// The progress bar restarted at each run of a comparison over seeds.
-struct SeedProgress<'a> {
-    inner: &'a mut Progress,
-    rounds: u64,
-}
-
-impl Observer for SeedProgress<'_> {
-    fn round_closed(&mut self, record: &sim::report::RoundRecord, total: u64) {
-        self.inner.round_closed(record, total);
-    }
-    fn job_started(&mut self) {
-        self.inner.job_started();
-    }
-    fn note(&mut self, line: &str) {
-        self.inner.restart(line, self.rounds);
-    }
-}
-
 fn write_file(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// `host.json`: the CPU class the numbers beside it were computed on (kept apart from the
-/// seed-determined files, which stay byte-identical across hosts).
-fn write_host(dir: &Path, host: &HostInfo) -> Result<()> {
-    let text = serde_json::to_string_pretty(host).unwrap_or_default() + "\n";
-    write_file(&dir.join("host.json"), &text)
 }
 
 fn pool(dirs: &[PathBuf], out: &Path) -> Result<()> {

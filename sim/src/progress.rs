@@ -82,3 +82,22 @@ impl Observer for Progress {
         }
     }
 }
+
+/// The bar restarted at each run of a comparison over seeds: a note (the seed and entry that
+/// start) becomes the new bar's label.
+pub struct SeedProgress<'a> {
+    pub inner: &'a mut Progress,
+    pub rounds: u64,
+}
+
+impl Observer for SeedProgress<'_> {
+    fn round_closed(&mut self, record: &RoundRecord, total: u64) {
+        self.inner.round_closed(record, total);
+    }
+    fn job_started(&mut self) {
+        self.inner.job_started();
+    }
+    fn note(&mut self, line: &str) {
+        self.inner.restart(line, self.rounds);
+    }
+}
