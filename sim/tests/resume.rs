@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sim::comparison;
 use sim::config::ExperimentConfig;
-use sim::experiment::{self, Resources};
+use sim::experiment::{self, Resources, SeedRuns};
 use sim::report::{Report, SUMMARY_FILE};
 use sim::{Quiet, SimError};
 
@@ -23,6 +23,25 @@ fn read_back(root: &Path, seed: u64, entry: &str) -> Result<Option<Report>, SimE
         return Ok(None);
     }
     Ok(Report::read_from(&dir).ok())
+}
+
+/// Resume with every run on disk: running anything is a failure.
+fn resume_complete(
+    cfg: &ExperimentConfig,
+    entries: &[String],
+    res: &Resources,
+    root: &Path,
+) -> Result<Vec<SeedRuns>, SimError> {
+    let seeds = experiment::seeds(cfg, 2);
+    experiment::compare_seeds_resuming(
+        cfg,
+        entries,
+        &seeds,
+        res,
+        &mut Quiet,
+        &mut |seed, r| panic!("seed {seed} {} ran again", r.summary.strategy),
+        &mut |seed, e| read_back(root, seed, e),
+    )
 }
 
 fn text(r: &Report) -> String {
@@ -115,19 +134,7 @@ fn a_resumed_comparison_equals_an_uninterrupted_one() {
     );
 
     // Nothing is missing now: nothing runs, and the comparison is the same again.
-    let mut nothing = |seed: u64, r: &Report| -> Result<(), SimError> {
-        panic!("seed {seed} {} ran again", r.summary.strategy)
-    };
-    let again = experiment::compare_seeds_resuming(
-        &cfg,
-        &entries,
-        &seeds,
-        &res,
-        &mut Quiet,
-        &mut nothing,
-        &mut |seed, e| read_back(root, seed, e),
-    )
-    .unwrap();
+    let again = resume_complete(&cfg, &entries, &res, root).unwrap();
     assert_eq!(
         comparison::compare(&cfg.name, &entries, &again, 2).to_json(),
         want
@@ -136,18 +143,10 @@ fn a_resumed_comparison_equals_an_uninterrupted_one() {
     // Resuming another experiment into the same folders is refused by the setting.
     let mut other = cfg.clone();
     other.coordinator.rounds = 2;
-    let e = experiment::compare_seeds_resuming(
-        &other,
-        &entries,
-        &seeds,
-        &res,
-        &mut Quiet,
-        &mut nothing,
-        &mut |seed, e| read_back(root, seed, e),
-    )
-    .err()
-    .expect("another experiment's runs are refused")
-    .to_string();
+    let e = resume_complete(&other, &entries, &res, root)
+        .err()
+        .expect("another experiment's runs are refused")
+        .to_string();
     assert!(
         e.contains("coordinator.rounds") && e.contains("is 3 there and 2 here"),
         "{e}"
@@ -155,16 +154,7 @@ fn a_resumed_comparison_equals_an_uninterrupted_one() {
     // The output folder is not part of the experiment.
     let mut moved = cfg.clone();
     moved.output_dir = root.join("elsewhere");
-    experiment::compare_seeds_resuming(
-        &moved,
-        &entries,
-        &seeds,
-        &res,
-        &mut Quiet,
-        &mut nothing,
-        &mut |seed, e| read_back(root, seed, e),
-    )
-    .unwrap();
+    resume_complete(&moved, &entries, &res, root).unwrap();
 }
 
 /// The binary: `--resume` reads back what is there (the output folder named another way
