@@ -29,10 +29,13 @@
 //!   `b <- g b`, so a play's weight halves after `ln 2 / -ln g` later plays and `A` never
 //!   falls below `ridge I`. This is the discounted LinUCB of Russac, Vernade and Cappe (2019)
 //!   with one simplification: the width is `sqrt(phi^T A^-1 phi)`, not their
-//!   `sqrt(phi^T A^-1 V~ A^-1 phi)` (which needs a second matrix of squared discounts); with
-//!   one `exploration` multiplier tuned by hand the constant it changes is absorbed there.
+//!   `sqrt(phi^T A^-1 V~ A^-1 phi)`, which needs a second matrix of squared discounts. Here
+//!   `A = ridge I + sum g^k phi phi^T`; with the same ridge `V~ = ridge I + sum g^2k phi
+//!   phi^T` is no larger than `A` (each `g^2k <= g^k`), so `A^-1 V~ A^-1 <= A^-1`: the width
+//!   used here is never narrower than theirs, and explores at least as much.
 //!
-//! The state is a `d x d` matrix and a `d`-vector, `d = 2 + ranks` (additive).
+//! The state is a `d x d` matrix and a `d`-vector, `d = 2 + ranks` (additive) or `1 + 2 ranks`
+//! (with the interaction).
 
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
