@@ -567,3 +567,135 @@ fn a_screen_factor_of_one_or_less_is_refused() {
         assert!(e.to_string().contains("screen_factor"), "{e}");
     }
 }
+
+/// Rescales every layer of `u` to `(c A, B / c)`, `c` as large as the factor norm limit lets
+/// `A` be (at most `limit`): the same products, so the same delta norms, with `A` far longer.
+fn regauge(u: &mut Update, limit: f64) {
+    for layer in &mut u.adapter.layers {
+        let a = layer.a.data.to_f32_vec();
+        let norm_a = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let c = (0.9 * limit / norm_a) as f32;
+        if let Buffer::F32(a) = &mut layer.a.data {
+            a.iter_mut().for_each(|x| *x *= c);
+        }
+        if let Buffer::F32(b) = &mut layer.b.data {
+            b.iter_mut().for_each(|x| *x /= c);
+        }
+    }
+}
+
+/// Rescales the first two rank components of every layer of `u` against each other: row 0 of
+/// `A` by `g`, row 1 by `1 / g`, and `B`'s columns 0 and 1 inversely. The products are the same
+/// and `|A|_F` grows by about `g / 2` only, so no scalar test of its length sees much.
+fn skew_gauge(u: &mut Update, g: f32) {
+    for layer in &mut u.adapter.layers {
+        let (r, inp) = (layer.a.rows as usize, layer.a.cols as usize);
+        assert!(r >= 2, "the attack needs two components");
+        if let Buffer::F32(a) = &mut layer.a.data {
+            a[..inp].iter_mut().for_each(|x| *x *= g);
+            a[inp..2 * inp].iter_mut().for_each(|x| *x /= g);
+        }
+        if let Buffer::F32(b) = &mut layer.b.data {
+            for row in b.chunks_exact_mut(r) {
+                row[0] /= g;
+                row[1] *= g;
+            }
+        }
+    }
+}
+
+/// The factors' gauge against the averaging methods (HetLoRA, plain mean), which average `A` and
+/// `B` separately: one device of ten sends its honest update with its products split
+/// differently between `A` and `B`. Its products, and so every delta norm the checks and the
+/// screens measure, are those of an honest update, and nothing refuses it. Unbounded, `(c A,
+/// B / c)` with `A` near the factor norm limit moved this round's global 103 from the honest
+/// aggregate, whose largest entry is 0.10 (measured with the defences switched off).
+/// - A scalar `c` is repaired: the update counts as the honest update it is, so the global is
+///   the ten-honest aggregate up to rounding, and the round counts the repaired layers.
+/// - A skew between two components (`g` = 1000: the scalar repair divides `A` by its length
+///   ratio, which leaves the skew) is caught by the step bound: the merged layers step far
+///   further than the updates do, so every layer keeps its starting value bit for bit, counted.
+///   (A skew small enough to pass both, `|A|_F` within 4x of the slice's, moves a round's step
+///   by a bounded factor, as any accepted update can.)
+/// Ten honest devices trip neither.
+#[test]
+fn a_regauged_update_cannot_lengthen_an_averaged_aggregate() {
+    for method in [AggregationMethod::HetLora, AggregationMethod::Mean] {
+        for screen in [None, Some(3.0)] {
+            let name = format!("{} / screen {screen:?}", method.name());
+            let make = |devices| {
+                let mut c = config(devices, method);
+                c.aggregation.screen_factor = screen;
+                c
+            };
+            assert_eq!(
+                make(10).aggregation.max_factor_norm,
+                1.0e4,
+                "the default limit"
+            );
+            let start = Harness::new(make(10)).coord.global().clone();
+            let layers = start.layers.len() as u32;
+            let reference = run_round(make(10), 10, None);
+            let r = &reference.summaries[0];
+            assert!(r.aggregated, "{name}");
+            assert_eq!(
+                r.gauge,
+                Default::default(),
+                "{name}: honest updates trip nothing"
+            );
+            assert!(!r.progress_line(1).contains("gauge"), "{name}");
+            let ref_factors = factors(reference.coord.global());
+            assert_ne!(
+                ref_factors,
+                factors(&start),
+                "{name}: the honest round moves the global"
+            );
+            let ref_deltas = deltas(reference.coord.global());
+            let scale = ref_deltas
+                .iter()
+                .flatten()
+                .fold(0.0f64, |m, v| m.max(v.abs()));
+
+            let scalar = run_round(make(10), 9, Some(|u: &mut Update| regauge(u, 1.0e4)));
+            let s = &scalar.summaries[0];
+            assert!(s.aggregated, "{name}");
+            assert_eq!(
+                scalar.coord.counters().total_rejects(),
+                0,
+                "{name}: nothing refuses it"
+            );
+            assert!(s.screened_out.is_empty(), "{name}: its norms are honest");
+            assert_eq!(
+                s.gauge.layers_regauged, layers,
+                "{name}: every layer repaired"
+            );
+            assert_eq!(s.gauge.layers_bounded, 0, "{name}");
+            assert!(
+                s.progress_line(1)
+                    .contains(&format!("{layers} layer updates regauged")),
+                "{name}: {}",
+                s.progress_line(1)
+            );
+            let diff = max_diff(&deltas(scalar.coord.global()), &ref_deltas);
+            assert!(
+                diff <= 1e-5 * scale,
+                "{name}: the repaired round is {diff} from the ten-honest one (scale {scale})"
+            );
+
+            let skewed = run_round(make(10), 9, Some(|u: &mut Update| skew_gauge(u, 1000.0)));
+            let s = &skewed.summaries[0];
+            assert!(s.aggregated, "{name}");
+            assert_eq!(skewed.coord.counters().total_rejects(), 0, "{name}");
+            assert_eq!(
+                s.gauge.layers_bounded, layers,
+                "{name}: every layer bounded"
+            );
+            let global = skewed.coord.global();
+            assert!(global.is_finite(), "{name}");
+            assert!(
+                factors(global) == factors(&start),
+                "{name}: every layer kept its starting value"
+            );
+        }
+    }
+}

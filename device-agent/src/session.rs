@@ -23,6 +23,7 @@
 //! State kept across rounds: the kept-index maps (pruning is cumulative), the adapter last
 //! trained and its importance EMA; the frozen base is shared and re-sliced each round.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use protocol::{
@@ -250,11 +251,22 @@ pub struct AgentSession {
     /// Updates and failure reports produced while disconnected, or undelivered: sent after the
     /// next `Welcome`, oldest first.
     outbox: Vec<Message>,
-    /// Rounds completed and acknowledged.
+    /// Rounds completed and acknowledged: only acknowledgements of an update this session
+    /// sent count, so an aggregator repeating `Ack`s cannot grow it.
     pub acked_rounds: Vec<RoundId>,
-    /// Reasons of rejects received.
-    pub rejects: Vec<String>,
+    /// The last [`KEPT_REJECTS`] reject reasons received, each cut to
+    /// [`REJECT_REASON_CHARS`] characters: an aggregator's reasons are its text, of any length
+    /// and number.
+    pub rejects: VecDeque<String>,
+    /// Every reject received.
+    pub rejects_total: u64,
 }
+
+/// Reject reasons a session keeps (the newest).
+pub const KEPT_REJECTS: usize = 32;
+
+/// Characters of a reject reason a session keeps.
+pub const REJECT_REASON_CHARS: usize = 256;
 
 impl AgentSession {
     pub fn new(config: AgentConfig, state: DeviceState) -> Self {
@@ -278,7 +290,8 @@ impl AgentSession {
             last_update: None,
             outbox: Vec::new(),
             acked_rounds: Vec::new(),
-            rejects: Vec::new(),
+            rejects: VecDeque::new(),
+            rejects_total: 0,
         }
     }
 
@@ -432,8 +445,10 @@ impl AgentSession {
             }
             Message::RoundConfig(rc) => self.on_round(now, rc, bytes),
             Message::Ack(a) => {
+                let mut ours = false;
                 if self.phase == Phase::AwaitingAck(a.round) {
                     self.phase = Phase::Idle;
+                    ours = true;
                 }
                 if self
                     .last_update
@@ -441,12 +456,25 @@ impl AgentSession {
                     .is_some_and(|(k, _)| k.round == a.round)
                 {
                     self.last_update = None;
+                    ours = true;
                 }
-                self.acked_rounds.push(a.round);
+                if ours && self.acked_rounds.last() != Some(&a.round) {
+                    self.acked_rounds.push(a.round);
+                }
                 vec![]
             }
             Message::Reject(r) => {
-                self.rejects.push(r.reason.to_string());
+                self.rejects_total += 1;
+                if self.rejects.len() == KEPT_REJECTS {
+                    self.rejects.pop_front();
+                }
+                self.rejects.push_back(
+                    r.reason
+                        .to_string()
+                        .chars()
+                        .take(REJECT_REASON_CHARS)
+                        .collect(),
+                );
                 if r.round.is_some() && self.last_update.as_ref().map(|(k, _)| k.round) == r.round {
                     self.last_update = None;
                 }

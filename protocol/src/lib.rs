@@ -30,8 +30,8 @@ pub use ids::{DeviceId, RoundId, Timestamp};
 pub use message::{
     check_device_class, Ack, Arm, Bye, ByeReason, Capabilities, FailReason, GlobalSlice, Heartbeat,
     Join, Message, RankPruning, Reject, RejectReason, RoundConfig, RoundFailed, RoundOptions,
-    SparsityGoal, Update, UpdateStats, Welcome, MAX_DEVICE_CLASS_CHARS, MAX_TARGET_SPARSITY,
-    MIN_HEARTBEAT_INTERVAL_MS, SPARSITY_TOLERANCE, UNKNOWN_DEVICE_CLASS,
+    SparsityGoal, Update, UpdateStats, Welcome, MAX_BACKEND_CHARS, MAX_DEVICE_CLASS_CHARS,
+    MAX_TARGET_SPARSITY, MIN_HEARTBEAT_INTERVAL_MS, SPARSITY_TOLERANCE, UNKNOWN_DEVICE_CLASS,
 };
 pub use validate::{
     validate_adapter, validate_dims, validate_kept, validate_update, Factor, ValidationError,

@@ -69,9 +69,19 @@ impl Join {
         if let Some(class) = &self.capabilities.device_class {
             check_device_class(class).map_err(RejectReason::BadDeviceClass)?;
         }
+        let backend = self.capabilities.backend.chars().count();
+        if backend > MAX_BACKEND_CHARS {
+            return Err(RejectReason::Malformed(format!(
+                "backend name of {backend} characters (at most {MAX_BACKEND_CHARS})"
+            )));
+        }
         Ok(())
     }
 }
+
+/// Longest backend name a join may carry, in characters (the aggregator keeps and checkpoints
+/// it).
+pub const MAX_BACKEND_CHARS: usize = 64;
 
 /// Longest device class name, in characters.
 pub const MAX_DEVICE_CLASS_CHARS: usize = 32;

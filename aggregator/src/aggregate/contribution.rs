@@ -60,12 +60,18 @@ pub fn layer_delta_norm(layer: &LayerAdapter, scale: f64) -> f64 {
     if layer.b.cols as usize != r || a.len() != r * inp || b.len() != out * r {
         return f64::NAN;
     }
+    scale.abs() * factors_product_norm(&a, &b, r, inp, out)
+}
+
+/// `|B A|_F` of factors `a` (`[r, inp]`) and `b` (`[out, r]`), row-major, by whichever of the
+/// two routes of [`layer_delta_norm`] costs fewer multiplications.
+pub(super) fn factors_product_norm(a: &[f32], b: &[f32], r: usize, inp: usize, out: usize) -> f64 {
     let sq = if inp * out < r * (inp / 2 + out) {
-        product_norm_sq(&a, &b, r, inp)
+        product_norm_sq(a, b, r, inp)
     } else {
-        gram_norm_sq(&a, &b, r, inp, out)
+        gram_norm_sq(a, b, r, inp, out)
     };
-    scale.abs() * sq.max(0.0).sqrt()
+    sq.max(0.0).sqrt()
 }
 
 /// `|B A|_F²` from the Gram matrices (`a`: `[r, inp]`, `b`: `[out, r]`, row-major), every sum

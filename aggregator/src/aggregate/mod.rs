@@ -105,7 +105,33 @@ pub struct Aggregation {
     state: State,
     accepted: usize,
     /// With `screen_factor`: the accepted updates not yet screened, in arrival order.
-    pending: Vec<(Contribution, ContributionCheck)>,
+    pending: Vec<Held>,
+    /// Whether an update came through [`Aggregation::add_against`] with a starting global: the
+    /// HetLoRA and mean layers' steps are then bounded (see `mean.rs`).
+    anchored: bool,
+    /// Layers [`Aggregation::finish_counting_bounds`] kept at their previous value.
+    layers_bounded: u32,
+    /// Folded update layers whose scalar gauge was repaired.
+    layers_regauged: u32,
+}
+
+/// An accepted update, checked, with its per-layer steps from the slice it started from and the
+/// gauges to fold its layers with (HetLoRA and mean, when added against a starting global; see
+/// `mean::layer_step`).
+struct Held {
+    contribution: Contribution,
+    check: ContributionCheck,
+    steps: Option<Vec<(f64, f64)>>,
+}
+
+/// What the averaging methods' gauge defences did in a round (see `mean.rs`; zero for the
+/// other methods and without a starting global).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GaugeBounds {
+    /// Layers whose step was out of bounds, kept at their previous value.
+    pub layers_bounded: u32,
+    /// Update layers folded with their scalar gauge repaired.
+    pub layers_regauged: u32,
 }
 
 /// An update [`Aggregation::screen`] left out.
@@ -168,6 +194,9 @@ impl Aggregation {
             state,
             accepted: 0,
             pending: Vec::new(),
+            anchored: false,
+            layers_bounded: 0,
+            layers_regauged: 0,
         })
     }
 
@@ -193,7 +222,11 @@ impl Aggregation {
 
     /// Bytes held by the accumulators (buffered updates included).
     pub fn state_bytes(&self) -> usize {
-        let pending: usize = self.pending.iter().map(|(c, _)| c.adapter.byte_len()).sum();
+        let pending: usize = self
+            .pending
+            .iter()
+            .map(|h| h.contribution.adapter.byte_len())
+            .sum();
         let held: usize = match &self.state {
             State::Mean(layers) => layers.iter().flatten().map(MeanLayer::state_bytes).sum(),
             State::Exact(layers) => layers.iter().flatten().map(ExactLayer::state_bytes).sum(),
@@ -205,16 +238,54 @@ impl Aggregation {
     /// Validates `contribution` and, only if it is acceptable, folds it into the state (with
     /// norm screening: holds it for [`Aggregation::screen`]).
     pub fn add(&mut self, contribution: Contribution) -> Result<Accepted, AggregateError> {
+        self.add_against(contribution, None)
+    }
+
+    /// [`Aggregation::add`] for an update that started from its slice of `start`, the global
+    /// adapter the round began with (pass the same one to [`Aggregation::finish`]): HetLoRA and
+    /// mean then bound each layer's step by the updates' own steps from their slices, which
+    /// closes the factors' gauge to an attacker (see `mean.rs`). The coordinator always does.
+    pub fn add_against(
+        &mut self,
+        contribution: Contribution,
+        start: Option<&GlobalAdapter>,
+    ) -> Result<Accepted, AggregateError> {
         let check = check_contribution(&self.dims, self.max_rank, &self.config, &contribution)?;
+        let clip_factor = robust::clip_factor(check.delta_norm, self.config.clip_norm);
         let accepted = Accepted {
             delta_norm: check.delta_norm,
-            clip_factor: robust::clip_factor(check.delta_norm, self.config.clip_norm),
+            clip_factor,
+        };
+        let steps = match (&self.state, start) {
+            (State::Mean(_), Some(g)) if g.dims == self.dims && g.is_well_formed() => {
+                self.anchored = true;
+                let mult = (contribution.adapter.scale() * clip_factor).sqrt();
+                let start_rank = g.rank as usize;
+                Some(
+                    contribution
+                        .adapter
+                        .layers
+                        .iter()
+                        .map(|l| {
+                            let from = &g.layers[layer_slot(l.block, l.proj)];
+                            let kept = &contribution.kept;
+                            mean::layer_step(&self.dims, l, kept, mult, from, start_rank)
+                        })
+                        .collect(),
+                )
+            }
+            _ => None,
         };
         self.accepted += 1;
+        let held = Held {
+            contribution,
+            check,
+            steps,
+        };
         if self.config.screen_factor.is_some() {
-            self.pending.push((contribution, check));
+            self.pending.push(held);
         } else {
-            self.fold(contribution, &check);
+            self.fold(held);
         }
         Ok(accepted)
     }
@@ -230,10 +301,11 @@ impl Aggregation {
             return Vec::new();
         };
         let pending = std::mem::take(&mut self.pending);
-        let norms: Vec<f64> = pending.iter().map(|(_, c)| c.delta_norm).collect();
+        let norms: Vec<f64> = pending.iter().map(|h| h.check.delta_norm).collect();
         let limit = robust::screen_limit(&norms, factor);
         let mut out = Vec::new();
-        for (contribution, check) in pending {
+        for held in pending {
+            let (contribution, check) = (&held.contribution, &held.check);
             if check.delta_norm > limit {
                 tracing::debug!(device = %contribution.device, delta_norm = check.delta_norm, limit, "update screened out");
                 out.push(Screened {
@@ -243,14 +315,19 @@ impl Aggregation {
                 });
                 self.accepted -= 1;
             } else {
-                self.fold(contribution, &check);
+                self.fold(held);
             }
         }
         out
     }
 
     /// Folds a checked update into the method's state.
-    fn fold(&mut self, contribution: Contribution, check: &ContributionCheck) {
+    fn fold(&mut self, held: Held) {
+        let Held {
+            contribution,
+            check,
+            steps,
+        } = held;
         let clip_factor = robust::clip_factor(check.delta_norm, self.config.clip_norm);
         let sample_weight = if self.config.weight_by_samples {
             contribution.samples.max(1) as f64
@@ -264,12 +341,19 @@ impl Aggregation {
         match &mut self.state {
             State::Mean(layers) => {
                 let mult = (scale * clip_factor).sqrt();
-                for (layer, norm) in contribution
+                for (i, (layer, norm)) in contribution
                     .adapter
                     .layers
                     .iter()
                     .zip(&check.layer_delta_norms)
+                    .enumerate()
                 {
+                    // Without a starting global the step is measured from zero.
+                    let product = norm * clip_factor;
+                    let (step, gauge) = steps.as_ref().map_or((product, 1.0), |s| s[i]);
+                    if gauge != 1.0 {
+                        self.layers_regauged += 1;
+                    }
                     let weight = if plain_mean {
                         sample_weight
                     } else {
@@ -286,6 +370,8 @@ impl Aggregation {
                         weight * mult,
                         weight,
                         max_rank,
+                        gauge,
+                        (step, product),
                     );
                 }
             }
@@ -329,10 +415,16 @@ impl Aggregation {
 
     /// The next global adapter at `max_rank`, after [`Aggregation::screen`] if nobody called it.
     /// Coordinates no accepted update held keep their value in `previous` (zero without one).
-    pub fn finish(
+    pub fn finish(self, previous: Option<&GlobalAdapter>) -> Result<GlobalAdapter, AggregateError> {
+        self.finish_counting_bounds(previous).map(|(g, _)| g)
+    }
+
+    /// [`Aggregation::finish`], with what the gauge defences of HetLoRA and mean (fed through
+    /// [`Aggregation::add_against`]) did: see `mean.rs`.
+    pub fn finish_counting_bounds(
         mut self,
         previous: Option<&GlobalAdapter>,
-    ) -> Result<GlobalAdapter, AggregateError> {
+    ) -> Result<(GlobalAdapter, GaugeBounds), AggregateError> {
         self.screen();
         let dims = self.dims;
         let rank = self.max_rank;
@@ -353,13 +445,24 @@ impl Aggregation {
         match self.state {
             State::Mean(accs) => {
                 for (slot, acc) in accs.into_iter().enumerate() {
-                    layers.push(mean::finish_mean_layer(
+                    let (layer, kept_previous) = mean::finish_mean_layer(
                         &dims,
                         slot,
                         acc,
                         prev_layer(slot),
                         rank,
-                    ));
+                        self.anchored,
+                    );
+                    if kept_previous {
+                        let (block, proj) = (layer.block, layer.proj.name());
+                        tracing::warn!(
+                            block,
+                            proj,
+                            "averaged layer's step out of bounds; previous value kept"
+                        );
+                        self.layers_bounded += 1;
+                    }
+                    layers.push(layer);
                 }
             }
             State::Exact(accs) => {
@@ -387,6 +490,10 @@ impl Aggregation {
                 }
             }
         }
-        Ok(GlobalAdapter { dims, rank, layers })
+        let bounds = GaugeBounds {
+            layers_bounded: self.layers_bounded,
+            layers_regauged: self.layers_regauged,
+        };
+        Ok((GlobalAdapter { dims, rank, layers }, bounds))
     }
 }

@@ -12,7 +12,7 @@ use super::config::BanditScope;
 use super::round::{OpenRound, Outcome, Participant};
 use super::summary::{Assignment, FailedSummary, ParticipantSummary, RoundSummary};
 use super::{Command, Coordinator};
-use crate::aggregate::Aggregation;
+use crate::aggregate::{Aggregation, GaugeBounds};
 
 impl Coordinator {
     /// [`BanditScope::Class`]: every device record of a class observes the round's rewards
@@ -95,7 +95,7 @@ impl Coordinator {
         } else {
             Merge::Failed
         };
-        let aggregated = merged == Merge::Replaced;
+        let aggregated = matches!(merged, Merge::Replaced { .. });
         if aggregated {
             self.counters.rounds_aggregated += 1;
         } else {
@@ -130,6 +130,10 @@ impl Coordinator {
             quorum_met,
             aggregated,
             non_finite_aggregate: merged == Merge::NonFinite,
+            gauge: match merged {
+                Merge::Replaced { gauge } => gauge,
+                _ => GaugeBounds::default(),
+            },
             samples_clipped,
             screened_out: screened_out.clone(),
             closed_by: closed_by.to_string(),
@@ -190,8 +194,15 @@ impl Coordinator {
                         loss_post += w * c.stats.loss_post as f64;
                         weight += w;
                     }
-                    summary.bytes_up += c.bytes_up;
-                    summary.bytes_down += c.stats.bytes_down;
+                    // Counted by the connection (`bytes_up`) and reported by the device
+                    // (`bytes_down`, clipped to twice the largest update accepted: a download
+                    // is a slice of that size): saturating, so no report can wrap or panic.
+                    let reported_down = c
+                        .stats
+                        .bytes_down
+                        .min(self.config.max_update_bytes.saturating_mul(2));
+                    summary.bytes_up = summary.bytes_up.saturating_add(c.bytes_up);
+                    summary.bytes_down = summary.bytes_down.saturating_add(reported_down);
                     summary.participants.push(ParticipantSummary {
                         device,
                         arm: sent,
@@ -203,7 +214,7 @@ impl Coordinator {
                         compute_ms: c.stats.compute_ms,
                         duration_ms: c.duration_ms,
                         bytes_up: c.bytes_up,
-                        bytes_down: c.stats.bytes_down,
+                        bytes_down: reported_down,
                         peak_mem_bytes: c.stats.peak_mem_bytes,
                         samples: c.stats.samples,
                         delta_norm: c.delta_norm,
@@ -254,10 +265,13 @@ impl Coordinator {
     /// unchanged when the aggregation fails or its result holds a non-finite value (so a
     /// non-finite global is never checkpointed).
     fn merge_round(&mut self, id: RoundId, aggregation: Aggregation) -> Merge {
-        match aggregation.finish(Some(&self.global)) {
-            Ok(global) if global.is_finite() => {
+        match aggregation.finish_counting_bounds(Some(&self.global)) {
+            Ok((global, gauge)) if global.is_finite() => {
                 self.global = global;
-                Merge::Replaced
+                if gauge != GaugeBounds::default() {
+                    tracing::warn!(round = %id, layers_bounded = gauge.layers_bounded, layers_regauged = gauge.layers_regauged, "an update's factors were out of gauge");
+                }
+                Merge::Replaced { gauge }
             }
             Ok(_) => {
                 self.counters.non_finite_aggregates += 1;
@@ -329,8 +343,8 @@ impl Coordinator {
 /// How a round's aggregate ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Merge {
-    /// It replaced the global adapter.
-    Replaced,
+    /// It replaced the global adapter (what the averaging methods' gauge defences did).
+    Replaced { gauge: GaugeBounds },
     /// It held non-finite values and was dropped.
     NonFinite,
     /// No quorum, or the aggregation failed.

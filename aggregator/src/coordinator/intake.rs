@@ -1,8 +1,9 @@
 //! Intake: what the coordinator does with each event and message. Connections, joins
 //! (version, identity, allow-list, a bandit for a new device, the round configuration re-sent
-//! to a selected device that comes back: once per connection; a repeated Join on the same
-//! connection gets a Welcome only, and other RAM updates the capabilities but keeps the
-//! bandit), updates (round, selection, duplicates, size, rank,
+//! to a selected device that comes back: once per connection and at most
+//! [`MAX_RESENDS_PER_ROUND`] times a round; a repeated Join on the same connection gets a
+//! Welcome only, and other RAM updates the capabilities but keeps the bandit and the first
+//! class), updates (round, selection, duplicates, size, rank,
 //! the round's alpha, every assigned layer present, statistics with losses in range, the
 //! sample count clipped to its bound, then the aggregation's validation of shapes, finiteness
 //! and norms: nothing a device reports steers the weighting unchecked) and reported
@@ -10,14 +11,24 @@
 //! `Err`.
 
 use protocol::{
-    Ack, AdapterPayload, Bye, ByeReason, DeviceId, FailReason, Join, Message, ModelDims, Proj,
-    Reject, RejectReason, RoundFailed, RoundId, Timestamp, Update, UpdateStats, Welcome,
-    PROTOCOL_VERSION,
+    Ack, AdapterPayload, Bye, ByeReason, Capabilities, DeviceId, FailReason, Join, Message,
+    ModelDims, Proj, Reject, RejectReason, RoundFailed, RoundId, Timestamp, Update, UpdateStats,
+    Welcome, PROTOCOL_VERSION,
 };
 
 use super::round::{Completed, Outcome, Participant};
 use super::{Command, Coordinator, DeviceRecord};
 use crate::aggregate::Contribution;
+
+/// Characters of a device's failure report kept (in the round summary, metrics and log).
+pub const MAX_FAILURE_REASON_CHARS: usize = 256;
+
+/// Times a round re-sends its configuration to one selected device that reconnects before
+/// answering. Each re-send cuts and encodes the device's slice of the global adapter on the
+/// coordinator's thread (megabytes), so a device that reconnects in a loop must not get it
+/// every time; past the cap it waits for its configuration's deadline like a device that
+/// went away (it still holds the configuration it was sent).
+pub const MAX_RESENDS_PER_ROUND: u32 = 3;
 
 impl Coordinator {
     /// A connection is up: the device must join (again) before anything else counts.
@@ -164,7 +175,17 @@ impl Coordinator {
                 if record.capabilities.ram_bytes != caps.ram_bytes {
                     tracing::info!(%device, old = record.capabilities.ram_bytes, new = caps.ram_bytes, "device reports other RAM; its bandit keeps what it learned");
                 }
-                record.capabilities = caps;
+                // A device's class is what it first joined as: classes pool bandit
+                // observations and name metric series, so a device renaming itself on every
+                // join could write into other classes' bandits and use up the series.
+                let class = record.capabilities.device_class.take();
+                if caps.device_class != class {
+                    tracing::warn!(%device, old = ?class, new = ?caps.device_class, "device names another class; it keeps its first");
+                }
+                record.capabilities = Capabilities {
+                    device_class: class,
+                    ..caps
+                };
             }
             (None, Some(bandit)) => {
                 entry.record = Some(DeviceRecord {
@@ -215,11 +236,19 @@ impl Coordinator {
             });
             return;
         }
-        // A selected device that comes back before answering gets its configuration again.
-        let resend = self.open.as_ref().and_then(|open| {
-            let p = open.participants.get(&device)?;
-            matches!(p.outcome, Outcome::Pending)
-                .then(|| (open.id, p.clone(), open.deadline.ms_since(now)))
+        // A selected device that comes back before answering gets its configuration again,
+        // up to the cap.
+        let resend = self.open.as_mut().and_then(|open| {
+            let p = open.participants.get_mut(&device)?;
+            if !matches!(p.outcome, Outcome::Pending) {
+                return None;
+            }
+            if p.resends >= MAX_RESENDS_PER_ROUND {
+                tracing::warn!(%device, round = %open.id, resends = p.resends, "device reconnects in a loop: its configuration is not sent again this round");
+                return None;
+            }
+            p.resends += 1;
+            Some((open.id, p.clone(), open.deadline.ms_since(now)))
         });
         if let Some((round, participant, left_ms)) = resend {
             match self.round_config(device, round, &participant, left_ms) {
@@ -354,7 +383,12 @@ impl Coordinator {
             kept: update.kept,
             samples: stats.samples,
         };
-        match open.aggregation.add(contribution) {
+        // Against the global the round started from (unchanged while it is open): the slice
+        // this update started from, for the averaging methods' step bound.
+        match open
+            .aggregation
+            .add_against(contribution, Some(&self.global))
+        {
             Ok(accepted) => {
                 if clipped {
                     open.samples_clipped += 1;
@@ -401,13 +435,20 @@ impl Coordinator {
             FailReason::OutOfMemory { .. } => "out_of_memory",
             FailReason::Error(_) => "error",
         };
+        // The device's own text, kept in the round summary, the metrics and the log: cut.
+        let reason: String = failed
+            .reason
+            .to_string()
+            .chars()
+            .take(MAX_FAILURE_REASON_CHARS)
+            .collect();
         participant.outcome = Outcome::Failed {
             kind: kind.to_string(),
-            reason: failed.reason.to_string(),
+            reason: reason.clone(),
         };
         let (arm, ctx) = (participant.arm, participant.ctx);
         self.counters.round_failures += 1;
-        tracing::info!(%device, %round, reason = %failed.reason, "device could not run its round");
+        tracing::info!(%device, %round, %reason, "device could not run its round");
         if let FailReason::OutOfMemory { .. } = failed.reason {
             self.counters.out_of_memory += 1;
             let result = match self.record_mut(device) {

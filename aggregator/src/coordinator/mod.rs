@@ -78,6 +78,7 @@ use streams::Stream;
 
 pub use config::{BanditScope, CoordinatorConfig};
 pub use error::CoordinatorError;
+pub use intake::{MAX_FAILURE_REASON_CHARS, MAX_RESENDS_PER_ROUND};
 pub use state::{
     CapabilitiesV1, CoordinatorState, CoordinatorStateV1, CoordinatorStateV2, CountersV2,
     DeviceRecord, DeviceRecordV1, STATE_SCHEMA, STATE_SCHEMA_V1, STATE_SCHEMA_V2,

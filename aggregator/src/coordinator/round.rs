@@ -48,6 +48,9 @@ pub(super) struct Participant {
     /// The device's sparsity before the round.
     pub(super) sparsity_prev: f64,
     pub(super) outcome: Outcome,
+    /// Times its configuration was sent again after it reconnected (see
+    /// `intake::MAX_RESENDS_PER_ROUND`).
+    pub(super) resends: u32,
 }
 
 /// The round in progress.

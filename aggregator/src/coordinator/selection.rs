@@ -223,6 +223,7 @@ impl Coordinator {
                     seed,
                     sparsity_prev: record.sparsity,
                     outcome: Outcome::Pending,
+                    resends: 0,
                 },
             );
         }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use protocol::{Arm, DeviceId, RoundId, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::GaugeBounds;
+
 /// One device that answered a round with an accepted update.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParticipantSummary {
@@ -84,6 +86,12 @@ pub struct RoundSummary {
     /// The round's aggregate held non-finite values, so the previous global adapter was kept.
     #[serde(default)]
     pub non_finite_aggregate: bool,
+    /// What HetLoRA's and plain mean's gauge defences did (`aggregate/mean.rs`): layers whose
+    /// step was out of bounds and kept their previous value, and update layers folded with a
+    /// repaired scalar gauge. Nonzero means some update split its products between `A` and `B`
+    /// far from the slice it was sent: a gauge attack or a broken device.
+    #[serde(default)]
+    pub gauge: GaugeBounds,
     /// Accepted updates whose reported sample count was clipped (see
     /// `CoordinatorConfig::max_samples`).
     #[serde(default)]
@@ -118,8 +126,14 @@ impl RoundSummary {
             0 => String::new(),
             n => format!(", {n} screened out"),
         };
+        let bounded = match (self.gauge.layers_bounded, self.gauge.layers_regauged) {
+            (0, 0) => String::new(),
+            (0, g) => format!(", {g} layer updates regauged"),
+            (b, 0) => format!(", {b} layers bounded"),
+            (b, g) => format!(", {b} layers bounded, {g} layer updates regauged"),
+        };
         format!(
-            "round {}/{} [{}] {} of {} selected answered, {} missed, {} failed, {} rejects{}; {}; {}; {:.1}s, {:.2} MB up",
+            "round {}/{} [{}] {} of {} selected answered, {} missed, {} failed, {} rejects{}{}; {}; {}; {:.1}s, {:.2} MB up",
             self.round.0,
             total_rounds,
             self.strategy,
@@ -129,6 +143,7 @@ impl RoundSummary {
             self.failed.len(),
             rejects,
             screened,
+            bounded,
             loss,
             if self.aggregated {
                 format!("aggregated ({})", self.aggregation)

@@ -66,6 +66,7 @@ fn classed(n: u64, secs: u64, arms: &[(&str, f64, u32)]) -> RoundSummary {
         quorum_met: true,
         aggregated: true,
         non_finite_aggregate: false,
+        gauge: Default::default(),
         samples_clipped: 0,
         screened_out: vec![],
         closed_by: "all_answered".into(),

@@ -194,8 +194,11 @@ fn setup(what: impl Into<String>) -> impl FnOnce(String) -> ClientError {
 pub struct JoinReport {
     /// Rounds whose update the aggregator acknowledged.
     pub rounds_acked: usize,
-    /// Reject reasons received.
+    /// The last reject reasons received (at most `session::KEPT_REJECTS`, each cut to
+    /// `session::REJECT_REASON_CHARS` characters).
     pub rejects: Vec<String>,
+    /// Every reject received.
+    pub rejects_total: u64,
 }
 
 /// Everything a local round needs, shared with the blocking thread that runs it.
@@ -218,7 +221,20 @@ struct JobResult {
 struct Link {
     connection: quinn::Connection,
     send: quinn::SendStream,
-    frames: mpsc::UnboundedReceiver<Result<(Message, usize), String>>,
+    /// Decoded frames from the reader task, at most [`INBOUND_FRAMES`] waiting: past that the
+    /// reader stops reading, and QUIC's flow control stops the aggregator.
+    frames: mpsc::Receiver<Result<(Message, usize), String>>,
+}
+
+/// Decoded frames the reader task may hold ahead of the session (each up to the frame limit).
+const INBOUND_FRAMES: usize = 4;
+
+/// How long one message may take to send: a fixed allowance plus its size at 64 KiB/s (an
+/// update of SmolLM2-135M at rank 16, about 23 MB, gets about 6.5 minutes). An aggregator that
+/// stops reading (withholding QUIC flow-control credit while its keep-alives go on) would
+/// otherwise hold the agent in one send for ever; past this the connection counts as lost.
+fn send_deadline(bytes: usize) -> Duration {
+    Duration::from_secs(30) + Duration::from_millis(bytes as u64 / 64)
 }
 
 /// Runs `device-agent join` to completion: `Ok` after `Bye(Finished)`.
@@ -334,15 +350,15 @@ async fn connect(endpoint: &quinn::Endpoint, args: &JoinArgs) -> Result<Link, Tr
     )
     .await?;
     let (send, mut recv) = conn.stream.into_parts();
-    let (tx, frames) = mpsc::unbounded_channel();
+    let (tx, frames) = mpsc::channel(INBOUND_FRAMES);
     tokio::spawn(async move {
         loop {
             let item = transport::recv_frame(&mut recv, DEFAULT_MAX_FRAME_BYTES).await;
             let done = !matches!(item, Ok(Some(_)));
             let sent = match item {
-                Ok(Some(frame)) => tx.send(Ok(frame)),
+                Ok(Some(frame)) => tx.send(Ok(frame)).await,
                 Ok(None) => Ok(()),
-                Err(e) => tx.send(Err(e.to_string())),
+                Err(e) => tx.send(Err(e.to_string())).await,
             };
             if done || sent.is_err() {
                 break;
@@ -421,13 +437,29 @@ impl Driver {
     /// update or failure report for the next connection). False when the connection broke.
     async fn send(&mut self, link: &mut Option<Link>, msg: Message) -> bool {
         let sent = match link.as_mut() {
-            Some(l) => match transport::send_frame(&mut l.send, &msg).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, kind = msg.kind(), "send failed");
-                    false
+            Some(l) => {
+                let bytes = match &msg {
+                    Message::Update(u) => u.adapter.byte_len(),
+                    _ => 0,
+                };
+                let deadline = send_deadline(bytes);
+                match tokio::time::timeout(deadline, transport::send_frame(&mut l.send, &msg)).await
+                {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, kind = msg.kind(), "send failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            kind = msg.kind(),
+                            seconds = deadline.as_secs(),
+                            "send timed out: the aggregator is not reading"
+                        );
+                        false
+                    }
                 }
-            },
+            }
             None => false,
         };
         if !sent {
@@ -657,12 +689,12 @@ async fn drive(
     close(&mut link, &endpoint).await;
     let report = JoinReport {
         rounds_acked: d.session.acked_rounds.len(),
-        rejects: d.session.rejects.clone(),
+        rejects: d.session.rejects.iter().cloned().collect(),
+        rejects_total: d.session.rejects_total,
     };
     println!(
         "finished: {} rounds acknowledged, {} rejects",
-        report.rounds_acked,
-        report.rejects.len()
+        report.rounds_acked, report.rejects_total
     );
     Ok(report)
 }

@@ -683,3 +683,51 @@ fn the_trained_adapter_is_kept_only_when_the_config_says_so() {
         }
     }
 }
+
+/// A hostile aggregator's text and repetition cannot grow the session: of 1,000 rejects whose
+/// reasons are 100 KB each it keeps the newest 32, cut to 256 characters, and counts them all;
+/// 1,000 acknowledgements of a round it never sent an update for add nothing, and the one
+/// update it did send is counted once however often it is acknowledged.
+#[test]
+fn rejects_and_acks_from_the_aggregator_are_bounded() {
+    let mut s = session();
+    s.handle(Timestamp(1), msg(welcome()));
+    for i in 0..1_000u64 {
+        let reason = format!("{i:04}{}", "x".repeat(100_000));
+        s.handle(
+            Timestamp(2 + i),
+            msg(Message::Reject(protocol::Reject {
+                round: None,
+                reason: protocol::RejectReason::Malformed(reason),
+            })),
+        );
+    }
+    assert_eq!(s.rejects_total, 1_000);
+    assert_eq!(s.rejects.len(), super::KEPT_REJECTS);
+    assert!(s
+        .rejects
+        .iter()
+        .all(|r| r.chars().count() <= super::REJECT_REASON_CHARS));
+    assert!(
+        s.rejects.back().is_some_and(|r| r.contains("0999")),
+        "the newest is kept: {:?}",
+        s.rejects.back().map(|r| &r[..40])
+    );
+    for i in 0..1_000u64 {
+        s.handle(
+            Timestamp(2_000 + i),
+            msg(Message::Ack(protocol::Ack { round: RoundId(7) })),
+        );
+    }
+    assert!(s.acked_rounds.is_empty(), "no update was sent for round 7");
+    s.handle(Timestamp(3_000), msg(config(1, 8, 60_000)));
+    let c = s.handle(Timestamp(3_010), finished(1));
+    assert_eq!(updates(&c), vec![RoundId(1)]);
+    for i in 0..100u64 {
+        s.handle(
+            Timestamp(3_020 + i),
+            msg(Message::Ack(protocol::Ack { round: RoundId(1) })),
+        );
+    }
+    assert_eq!(s.acked_rounds, vec![RoundId(1)]);
+}
