@@ -268,8 +268,13 @@ impl Coordinator {
         match aggregation.finish_counting_bounds(Some(&self.global)) {
             Ok((global, gauge)) if global.is_finite() => {
                 self.global = global;
-                if gauge != GaugeBounds::default() {
-                    tracing::warn!(round = %id, layers_bounded = gauge.layers_bounded, layers_regauged = gauge.layers_regauged, "an update's factors were out of gauge");
+                // A repaired scalar gauge changes nothing the update meant (and the simulator's
+                // surrogate, whose factors do not start from their slices, trips it): info; a
+                // layer kept at its previous value is lost progress: warn.
+                if gauge.layers_bounded > 0 {
+                    tracing::warn!(round = %id, layers_bounded = gauge.layers_bounded, layers_regauged = gauge.layers_regauged, "layers whose averaged step was out of bounds kept their previous value");
+                } else if gauge.layers_regauged > 0 {
+                    tracing::info!(round = %id, layers_regauged = gauge.layers_regauged, "update layers folded with their scalar gauge repaired");
                 }
                 Merge::Replaced { gauge }
             }
