@@ -157,3 +157,27 @@ fn reported_byte_counts_cannot_wrap_the_round_totals() {
     assert_eq!(s.bytes_down, 3 * cap);
     assert!(s.participants.iter().all(|p| p.bytes_down == cap));
 }
+
+/// The sparsity a device reports feeds its reward's progress toward s* and its record: the
+/// coordinator takes the one its kept maps give (the maps its adapter is checked against), so
+/// a device that claims to have pruned everything gets credit for what it pruned.
+#[test]
+fn a_reported_sparsity_is_replaced_by_the_kept_maps_one() {
+    let mut h = Harness::new(config());
+    for d in 1..=3 {
+        h.step(Step::Join(d));
+    }
+    h.step(Step::AnswerWith(1, |u| u.stats.sparsity = 1.0));
+    h.step(Step::Answer(2));
+    h.step(Step::Answer(3));
+    let s = h.summaries.first().expect("round 1 closed");
+    let dims = common::dims();
+    for p in &s.participants {
+        let rc = &h.configs[&(p.device.0, 1)];
+        let kept = &rc.global.as_ref().expect("slice").kept;
+        let want = kept.non_embedding_sparsity(&dims) as f32;
+        assert_eq!(p.sparsity, want, "device {}", p.device.0);
+    }
+    let d1 = h.coord.device(DeviceId(1)).expect("record");
+    assert!(d1.sparsity < 0.999, "recorded {}", d1.sparsity);
+}

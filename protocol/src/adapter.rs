@@ -406,6 +406,33 @@ pub struct KeptIndices {
 }
 
 impl KeptIndices {
+    /// Non-embedding sparsity of the model these maps keep: one minus its parameters (each
+    /// block's two norms, four attention and three MLP projections at the kept head and channel
+    /// counts, plus the final norm) over the dense model's. The same integers and the same
+    /// division as the device agent's `ModelConfig::sparsity` of the pruned config, so the
+    /// same bits: the aggregator derives a device's sparsity from the maps it sends instead of
+    /// taking the figure it reports.
+    pub fn non_embedding_sparsity(&self, dims: &ModelDims) -> f64 {
+        let (d, hd) = (dims.d_model as u64, dims.head_dim as u64);
+        let block = |h: u64, kv: u64, f: u64| 2 * d + d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f;
+        let kept: u64 = self
+            .blocks
+            .iter()
+            .map(|b| {
+                block(
+                    b.query_heads.len() as u64,
+                    b.kv_heads.len() as u64,
+                    b.mlp_channels.len() as u64,
+                )
+            })
+            .sum::<u64>()
+            + d;
+        let dense = self.blocks.len() as u64
+            * block(dims.n_heads as u64, dims.n_kv_heads as u64, dims.ffn as u64)
+            + d;
+        1.0 - kept as f64 / dense as f64
+    }
+
     /// An unpruned model.
     pub fn full(dims: &ModelDims) -> KeptIndices {
         KeptIndices {

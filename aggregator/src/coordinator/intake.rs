@@ -367,6 +367,14 @@ impl Coordinator {
             return self.fail_and_reject(out, device, round, reason);
         }
         let mut stats = update.stats;
+        // The sparsity the reward's progress term and the device's record use is the one its
+        // kept maps give (validated against its adapter below), not the figure it reports: the
+        // same bits for an honest device, the truth for one that claims more.
+        let sparsity = update.kept.non_embedding_sparsity(&self.dims) as f32;
+        if sparsity.to_bits() != stats.sparsity.to_bits() {
+            tracing::debug!(%device, reported = stats.sparsity, sparsity, "reported sparsity replaced by its kept maps'");
+            stats.sparsity = sparsity;
+        }
         let samples = self.config.pinned_samples(stats.samples);
         let clipped = samples != stats.samples;
         if clipped {

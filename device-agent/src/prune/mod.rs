@@ -382,5 +382,15 @@ mod tests {
         assert_eq!(params_of(&c, &kept), p.non_embedding_params());
         assert_eq!(kept.sparsity(&c).to_bits(), p.sparsity().to_bits());
         assert!(kept.sparsity(&c) > 0.0);
+        // The aggregator's derivation from the maps alone gives the same bits.
+        let dims = crate::wire::dims_of(&c);
+        assert_eq!(
+            protocol::KeptIndices::non_embedding_sparsity(&kept, &dims).to_bits(),
+            p.sparsity().to_bits()
+        );
+        assert_eq!(
+            protocol::KeptIndices::non_embedding_sparsity(&KeptIndices::dense(&c), &dims),
+            0.0
+        );
     }
 }
