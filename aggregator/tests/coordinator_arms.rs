@@ -79,7 +79,12 @@ fn fedspine_bandits_choose_pruned_arms_and_devices_report_pruned_kept_maps() {
             @10    d3 <- round_config round-2 ratio 0.036 rank 8 ffn kept 24 deadline 1000ms
         "#]],
     );
-    assert_eq!(h.coord.device(DeviceId(1)).unwrap().sparsity, 0.1f32 as f64);
+    // Recorded from its kept maps, not from the 0.1 it reported.
+    let record = h.coord.device(DeviceId(1)).unwrap();
+    let kept = record.kept.as_ref().expect("its kept maps are recorded");
+    let want = kept.non_embedding_sparsity(&dims()) as f32 as f64;
+    assert!(want > 0.0 && want != 0.1f32 as f64, "{want}");
+    assert_eq!(record.sparsity, want);
 }
 
 #[test]
