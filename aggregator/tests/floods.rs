@@ -7,7 +7,8 @@
 //! devices finish their round; 1,280 stalled QUIC Initials from 80 addresses hold no
 //! connection slot (address validation by Retry) and a real device still joins within 2 s,
 //! while with validation off the same flood fills every slot and keeps it out; a device that
-//! comes back with other RAM keeps its bandit.
+//! comes back with other RAM keeps its bandit; the frames waiting for the coordinator stay
+//! within the server's byte budget; a device cannot open a second stream.
 
 mod common;
 mod netkit;
@@ -79,6 +80,59 @@ async fn a_device_whose_queue_is_over_its_byte_budget_is_closed_not_buffered() {
     let outcome = netkit::outcome(server).await;
     assert_eq!(outcome.net.slow_readers, 1);
     assert_eq!(outcome.counters.updates_accepted, 3);
+}
+
+/// The frames waiting for the coordinator thread are bounded in bytes, not only in number:
+/// with a 64 KiB budget, four round-sized updates (each larger than the whole budget) wait one
+/// at a time, the budget is reached and never passed, and none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_frames_wait_within_the_servers_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    netkit::pki_dir(&pki, 1..=4);
+    let mut opts = netkit::options(dir.path());
+    opts.limits.inbound_bytes_total = 64 << 10;
+    let mut config = netkit::config(1, 4);
+    config.arms.ranks = vec![8];
+    let (server, addr) =
+        netkit::spawn_server(config, netkit::wide_dims(), &opts, std::future::pending()).await;
+    let honest = netkit::spawn_honest(&pki, addr, 1..=4);
+    netkit::expect_finished(honest, &[1]).await;
+    let outcome = netkit::outcome(server).await;
+    assert_eq!(outcome.counters.updates_accepted, 4);
+    assert_eq!(outcome.net.peak_inbound_bytes, 64 << 10);
+}
+
+/// A device may open one stream, the one the server reads: a second one is never granted, so
+/// it cannot park data the server never reads in quinn's buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cannot_open_a_second_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    netkit::pki_dir(&pki, [1]);
+    let opts = netkit::options(dir.path());
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (server, addr) = netkit::spawn_server(netkit::config(1, 3), common::dims(), &opts, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+    let mut peer = netkit::connect(&pki, 1, addr, "127.0.0.1", None)
+        .await
+        .unwrap();
+    assert!(matches!(peer.join(1).await, Ok(Message::Welcome(_))));
+    let second = tokio::time::timeout(Duration::from_secs(1), peer.conn.connection.open_bi()).await;
+    assert!(second.is_err(), "the server granted a second stream");
+    // The first stream still works.
+    peer.conn
+        .stream
+        .send(&Message::Heartbeat(Heartbeat {
+            round: None,
+            steps_done: 0,
+        }))
+        .await
+        .unwrap();
+    stop_tx.send(()).unwrap();
+    netkit::outcome(server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

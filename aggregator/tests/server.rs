@@ -550,6 +550,80 @@ async fn scrape(addr: SocketAddr) -> String {
     text.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
+/// A slow client at one address (eight connections that never finish their request) holds at
+/// most its share of the metrics endpoint: the rest of its connections are closed unanswered,
+/// and a scrape from another address is answered at once rather than after the slow ones'
+/// deadline (five seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_address_cannot_hold_the_metrics_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(&dir.path().join("pki"), &[1]);
+    let mut opts = options(dir.path());
+    let prom = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    opts.prometheus = Some(prom);
+    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (server, _addr) = spawn_server(coord, &opts, async move {
+        let _ = stop_rx.await;
+    })
+    .await;
+    let from = |ip: &str| {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        sock.connect(prom)
+    };
+    // Wait for the endpoint, from an address of its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while from("127.0.0.3").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no metrics endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut s = from("127.0.0.1").await.unwrap();
+        s.write_all(b"GET /met").await.unwrap();
+        slow.push(s);
+    }
+    // A scrape from 127.0.0.2 is answered while the slow client's connections are still open.
+    let other = async {
+        let mut s = from("127.0.0.2").await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(3), other)
+        .await
+        .expect("a scrape from another address waited behind the slow client");
+    assert!(out.starts_with(b"HTTP/1.1 200 OK"));
+    // Of the slow client's eight, the server closed all but its share without an answer.
+    let mut open = 0;
+    for s in &mut slow {
+        let mut out = Vec::new();
+        match tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut out)).await {
+            Err(_) => open += 1,
+            // Closed with the request unread: a reset or an end of stream, never an answer.
+            Ok(_) => assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out)),
+        }
+    }
+    assert_eq!(open, server::MAX_SCRAPES_PER_ADDRESS);
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 fn sample(body: &str, series: &str) -> f64 {
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())

@@ -259,6 +259,10 @@ pub struct Comparison {
     /// `folder: seeds` (absent otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pooled_from: Vec<String>,
+    /// A pool whose parts ran on different CPU classes (`sim pool --across-classes`; each
+    /// part's class is named in `pooled_from`, and `hosts.json` holds them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub classes_mixed: bool,
 }
 
 /// The bootstrap stream of metric `m`'s interval for entry `e` (its paired difference's with
@@ -352,6 +356,7 @@ pub fn compare(name: &str, entries: &[String], runs: &[SeedRuns], eval_items: us
         final_accuracy_se,
         byzantine,
         pooled_from: Vec::new(),
+        classes_mixed: false,
     }
 }
 
@@ -475,10 +480,15 @@ impl Comparison {
         );
         let _ = writeln!(
             s,
-            "Mean over seeds with a {:.0}% percentile-bootstrap interval ({} resamples over seeds); `n k/{n}`: seeds with a value. Target: {}. The CPU class these numbers were computed on is in `host.json` beside this file.\n",
+            "Mean over seeds with a {:.0}% percentile-bootstrap interval ({} resamples over seeds); `n k/{n}`: seeds with a value. Target: {}. {}\n",
             self.level * 100.0,
             self.resamples,
-            self.target
+            self.target,
+            if self.classes_mixed {
+                "The CPU classes these numbers were computed on (one per part below) are in `hosts.json` beside this file."
+            } else {
+                "The CPU class these numbers were computed on is in `host.json` beside this file."
+            }
         );
         if let Some(se) = self.final_accuracy_se {
             let _ = writeln!(
@@ -504,9 +514,14 @@ impl Comparison {
             metric_table(&mut s, &others, &self.paired, n);
         }
         if !self.pooled_from.is_empty() {
+            let classes = if self.classes_mixed {
+                "on several CPU classes (every entry of a seed on one class, so each seed's differences stay paired; the seeds are draws over seed and class together, and the class's own effect is not separated from the seeds')"
+            } else {
+                "on one CPU class"
+            };
             let _ = writeln!(
                 s,
-                "\nPooled from runs of disjoint seeds on one CPU class: {}. Bandit rows are not pooled (they need each run's plays): see each part's `compare.md`.",
+                "\nPooled from runs of disjoint seeds {classes}: {}. Bandit rows are not pooled (they need each run's plays): see each part's `compare.md`.",
                 self.pooled_from.join("; ")
             );
             s.push_str(&byzantine::markdown(

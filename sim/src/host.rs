@@ -87,7 +87,8 @@ impl HostInfo {
             Some((field, was, is)) => Err(crate::SimError::Config(format!(
                 "{} holds runs from {field} {was}, and this host is {field} {is}: results \
                  differ between CPU classes, so they cannot be resumed here (resume on that \
-                 class, or write to another folder and `sim pool` parts of one class)",
+                 class, or run the remaining seeds into another folder and `sim pool \
+                 --across-classes` the two)",
                 dir.display()
             ))),
         }
@@ -163,6 +164,12 @@ impl HostClass {
             fields.insert(k.to_string(), v);
         }
         Ok(HostClass(fields))
+    }
+
+    /// The fields as `name value` pairs, for a report line.
+    pub fn describe(&self) -> String {
+        let fields: Vec<String> = self.0.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        fields.join(", ")
     }
 
     /// The first field both recorded with different values, with the two values; `None` when

@@ -188,6 +188,12 @@ enum Cmd {
         /// Where to write the pooled `compare.json`, `compare.md` and `host.json`.
         #[arg(long)]
         out: PathBuf,
+        /// Pool parts computed on different CPU classes. Each part is still one class, so every
+        /// seed's entries ran on one class and stay paired; the seeds are then draws over seed
+        /// and class together. The report names each part's class, and `hosts.json` (every
+        /// part's `host.json`) replaces `host.json`.
+        #[arg(long)]
+        across_classes: bool,
     },
     /// List the built-in device profiles.
     Profiles,
@@ -429,10 +435,34 @@ fn compare(
     }
     let seeds = experiment::seeds(&cfg, n_seeds);
     let out = cfg.output_dir.clone();
+    // Runs written on another CPU class may still be read back when every one is on disk:
+    // nothing is computed here, so nothing mixes, and the folder keeps its own `host.json`.
+    let mut foreign = false;
     if resume {
-        host.check_resumable(&out)?;
+        if let Err(e) = host.check_resumable(&out) {
+            let missing = seeds
+                .iter()
+                .flat_map(|s| names.iter().map(move |n| (s, n)))
+                .filter(|(s, n)| {
+                    let dir = out.join(format!("seed-{s}")).join(n);
+                    !dir.join(sim::report::SUMMARY_FILE).exists()
+                })
+                .count();
+            if missing > 0 {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{missing} run(s) of this comparison are not on disk yet"
+                )));
+            }
+            eprintln!(
+                "{}: every run is on disk, from another CPU class; reading them back, running none",
+                out.display()
+            );
+            foreign = true;
+        }
     }
-    host.write_into(&out)?;
+    if !foreign {
+        host.write_into(&out)?;
+    }
     let rounds = cfg.coordinator.rounds;
     let mut write_run = |seed: u64, r: &Report| -> Result<(), sim::SimError> {
         r.write_to(&out.join(format!("seed-{seed}")).join(&r.summary.strategy))
@@ -452,6 +482,11 @@ fn compare(
                 read_back.insert((seed, entry.to_string()));
                 Ok(Some(r))
             }
+            Err(e) if foreign => Err(sim::SimError::Data(format!(
+                "{}: does not read back ({e}), and this host is another CPU class than the \
+                 folder's: run it again on that class",
+                dir.display()
+            ))),
             Err(e) => {
                 eprintln!(
                     "{}: does not read back ({e}); running it again",
@@ -543,20 +578,57 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn pool(dirs: &[PathBuf], out: &Path) -> Result<()> {
+fn pool(dirs: &[PathBuf], out: &Path, across_classes: bool) -> Result<()> {
+    use comparison::pool::{self, Classes, HOSTS_FILE};
+    use sim::host::HOST_FILE;
     let parts = dirs
         .iter()
-        .map(|d| comparison::pool::Part::load(d))
+        .map(|d| pool::Part::load(d))
         .collect::<Result<Vec<_>, _>>()?;
-    let cmp = comparison::pool::pool(&parts)?;
+    let classes = if across_classes {
+        Classes::Mixed
+    } else {
+        Classes::One
+    };
+    let cmp = pool::pool(&parts, classes)?;
+    let read_host = |dir: &Path| -> Result<serde_json::Value> {
+        let path = dir.join(HOST_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))
+    };
+    // A pool of one class keeps that class's `host.json`; a mixed one lists every part's, under
+    // another name, so that nothing takes the folder for runs of one class.
+    let (host_name, host_text) = if pool::classes_differ(&parts) {
+        let mut hosts = Vec::new();
+        for (dir, p) in dirs.iter().zip(&parts) {
+            hosts.push(serde_json::json!({
+                "folder": p.label,
+                "seeds": p.comparison.seeds,
+                "host": read_host(dir)?,
+            }));
+        }
+        (HOSTS_FILE, serde_json::to_string_pretty(&hosts)? + "\n")
+    } else {
+        let path = dirs[0].join(HOST_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        (HOST_FILE, text)
+    };
+    let stale = out.join(if host_name == HOST_FILE {
+        HOSTS_FILE
+    } else {
+        HOST_FILE
+    });
+    if stale.exists() {
+        std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
+    }
     write_file(&out.join("compare.json"), &cmp.to_json())?;
     write_file(&out.join("compare.md"), &cmp.to_markdown())?;
-    let host = std::fs::read_to_string(dirs[0].join("host.json"))
-        .with_context(|| format!("reading {}", dirs[0].join("host.json").display()))?;
-    write_file(&out.join("host.json"), &host)?;
+    write_file(&out.join(host_name), &host_text)?;
     println!("{}", cmp.to_markdown());
     println!(
-        "reports in {} (compare.json, compare.md, host.json)",
+        "reports in {} (compare.json, compare.md, {host_name})",
         out.display()
     );
     Ok(())
@@ -717,7 +789,11 @@ fn main() -> Result<()> {
             visits,
             quick,
         }) => calibrate(out, from, &merge, reps, visits, quick),
-        Some(Cmd::Pool { parts, out }) => pool(&parts, &out),
+        Some(Cmd::Pool {
+            parts,
+            out,
+            across_classes,
+        }) => pool(&parts, &out, across_classes),
         Some(Cmd::Profiles) => {
             println!("| profile | class | RAM GiB | train GFLOP/s | power modes | up/down Mbit/s | RTT ms | variability | dropout |");
             println!("|---|---|---|---|---|---|---|---|---|");

@@ -235,6 +235,7 @@ mod tests {
             final_accuracy_se: None,
             byzantine: Vec::new(),
             pooled_from: Vec::new(),
+            classes_mixed: false,
         }
     }
 

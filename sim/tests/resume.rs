@@ -158,8 +158,9 @@ fn a_resumed_comparison_equals_an_uninterrupted_one() {
 }
 
 /// The binary: `--resume` reads back what is there (the output folder named another way
-/// still resumes), says how many runs it read, writes the same comparison, and refuses a
-/// folder whose `host.json` names another CPU class.
+/// still resumes), says how many runs it read, writes the same comparison; a folder whose
+/// `host.json` names another CPU class is read back only while no run is missing, and keeps its
+/// class.
 #[test]
 fn the_binary_resumes_and_refuses_another_cpu_class() {
     let tmp = tempfile::tempdir().unwrap();
@@ -210,17 +211,32 @@ fn the_binary_resumes_and_refuses_another_cpu_class() {
     );
     assert!(stdout.contains("3 run(s) read back"), "{stdout}");
     assert_eq!(std::fs::read(out.join("compare.json")).unwrap(), want);
-    // Another CPU class wrote this folder's runs.
+    // Another CPU class wrote this folder's runs: with every run on disk they read back (nothing
+    // is computed here) and the folder keeps its class; with one missing, nothing runs.
     let host = out.join("host.json");
     let text = std::fs::read_to_string(&host).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["cpu_model"] = "another CPU".into();
-    std::fs::write(&host, v.to_string()).unwrap();
+    let foreign = v.to_string();
+    std::fs::write(&host, &foreign).unwrap();
+    let read_only = run(plain.clone(), true);
+    assert!(
+        read_only.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read_only.stderr)
+    );
+    assert!(String::from_utf8_lossy(&read_only.stdout).contains("4 run(s) read back"));
+    assert_eq!(std::fs::read(out.join("compare.json")).unwrap(), want);
+    assert_eq!(std::fs::read_to_string(&host).unwrap(), foreign);
+    std::fs::remove_dir_all(out.join("seed-202/fedspine@ucb1")).unwrap();
     let refused = run(plain, true);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(
-        stderr.contains("another CPU") && stderr.contains("differ between CPU classes"),
+        stderr.contains("another CPU")
+            && stderr.contains("differ between CPU classes")
+            && stderr.contains("1 run(s) of this comparison are not on disk"),
         "{stderr}"
     );
+    assert!(!out.join("seed-202/fedspine@ucb1").exists());
 }

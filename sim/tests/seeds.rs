@@ -134,11 +134,12 @@ fn the_bandit_preset_plays_every_device_twenty_times_and_names_settled_arms() {
 /// Pooling comparisons of disjoint seeds (`sim pool`) gives what one comparison of all their
 /// seeds gives: per-seed values, intervals, paired differences, the Byzantine rows (counts
 /// summed) and the standard error, whatever the order of the parts. A repeated seed, another
-/// experiment and another CPU class are refused with the parts named; a comparison survives
-/// the JSON it is read back from.
+/// experiment and (unless asked for) another CPU class are refused with the parts named; asked
+/// for, parts of two classes pool with each part's class named; a comparison survives the JSON
+/// it is read back from.
 #[test]
 fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
-    use sim::comparison::pool::{self, Part};
+    use sim::comparison::pool::{self, Classes, Part};
     let mut cfg = ExperimentConfig::preset("tiny").unwrap();
     cfg.coordinator.rounds = 3;
     cfg.coordinator.devices_per_round = 8;
@@ -169,7 +170,8 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
         .unwrap(),
     };
     let (a, b) = (part(&runs[..2], "a"), part(&runs[2..], "b"));
-    let pooled = pool::pool(&[b.clone(), a.clone()]).unwrap();
+    let pooled = pool::pool(&[b.clone(), a.clone()], Classes::One).unwrap();
+    assert!(!pooled.classes_mixed);
     assert_eq!(pooled.seeds, whole.seeds);
     assert_eq!(pooled.metrics, whole.metrics);
     assert_eq!(pooled.paired, whole.paired);
@@ -192,7 +194,9 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
     let back: comparison::Comparison = serde_json::from_str(&a.comparison.to_json()).unwrap();
     assert_eq!(back, a.comparison);
     // Refusals, each naming what was wrong.
-    let err = pool::pool(&[a.clone(), a.clone()]).unwrap_err().to_string();
+    let err = pool::pool(&[a.clone(), a.clone()], Classes::Mixed)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("in both a and a") && err.contains("disjoint"),
         "{err}"
@@ -201,18 +205,34 @@ fn pooled_comparisons_equal_one_comparison_of_all_their_seeds() {
     for (field, value, ours) in [("vector_path", "avx2", "avx512"), ("family", "25", "26")] {
         let mut other_class = b.clone();
         other_class.host.0.insert(field.into(), value.into());
-        let err = pool::pool(&[a.clone(), other_class])
+        let err = pool::pool(&[a.clone(), other_class.clone()], Classes::One)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("CPU classes")
                 && err.contains(&format!("{field} {ours}"))
-                && err.contains(&format!("{field} {value}")),
+                && err.contains(&format!("{field} {value}"))
+                && err.contains("--across-classes"),
             "{err}"
         );
+        // Asked for, parts of two classes pool as one comparison (each seed's entries still
+        // ran on one class), and the report names each part's class.
+        let mixed = pool::pool(&[a.clone(), other_class], Classes::Mixed).unwrap();
+        assert!(mixed.classes_mixed);
+        assert!(mixed.to_markdown().contains("on several CPU classes"));
+        assert_eq!(mixed.metrics, whole.metrics);
+        assert_eq!(mixed.paired, whole.paired);
+        for (line, v) in mixed.pooled_from.iter().zip([ours, value]) {
+            assert!(
+                line.contains("CPU class: ") && line.contains(&format!("{field} {v}")),
+                "{line}"
+            );
+        }
     }
     let mut other = b.clone();
     other.comparison.entries.push("hetlora".into());
-    let err = pool::pool(&[a, other]).unwrap_err().to_string();
+    let err = pool::pool(&[a, other], Classes::Mixed)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("differ in entries"), "{err}");
 }

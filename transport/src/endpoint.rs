@@ -25,6 +25,10 @@ pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 32 << 20;
 pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 64 << 20;
 /// Per-connection send window.
 pub const SEND_WINDOW_BYTES: u64 = 64 << 20;
+/// Streams a peer may open: the one message stream a device opens. The aggregator reads only
+/// that one, so a further stream would let a device park data nobody reads in quinn's buffers;
+/// quinn never grants it.
+pub const MESSAGE_STREAMS: u32 = 1;
 /// A connection with no traffic for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive interval, well inside the idle timeout.
@@ -51,7 +55,7 @@ pub fn transport_config_with_idle(idle: Duration) -> quinn::TransportConfig {
     t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
         .send_window(SEND_WINDOW_BYTES)
-        .max_concurrent_bidi_streams(VarInt::from_u32(4))
+        .max_concurrent_bidi_streams(VarInt::from_u32(MESSAGE_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL.min(idle / 3)));
     // Durations below 2^62 ms fit the idle-timeout encoding.

@@ -92,6 +92,9 @@ pub struct NetLimits {
     pub inbound_per_connection: usize,
     /// Messages of all connections waiting for the coordinator thread at most.
     pub inbound_total: usize,
+    /// Frame bytes of all connections waiting for the coordinator thread at most (a frame
+    /// larger than this waits alone).
+    pub inbound_bytes_total: usize,
     /// Sustained messages per second one connection may send.
     pub messages_per_second: f64,
     /// Messages one connection may send in a burst above that rate; as many messages again
@@ -117,6 +120,7 @@ impl Default for NetLimits {
             outbound_queue_bytes: 64 << 20,
             inbound_per_connection: 4,
             inbound_total: 1024,
+            inbound_bytes_total: 1 << 30,
             messages_per_second: 20.0,
             message_burst: 64,
             duplicate_idle: None,

@@ -106,7 +106,7 @@ async fn read_loop(recv: &mut quinn::RecvStream, conn: &Arc<Conn>, shared: &Arc<
                     tracing::debug!(%device, kind = msg.kind(), "message over the rate limit dropped");
                     continue;
                 }
-                let Some(permit) = shared.inbound_permit(conn).await else {
+                let Some(permit) = shared.inbound_permit(conn, bytes).await else {
                     return;
                 };
                 let event = Event::Message {

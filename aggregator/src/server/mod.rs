@@ -86,6 +86,7 @@ use registry::{Input, Shared};
 
 pub use config::{load_serve_config, ModelSpec, NetLimits, ServeOptions};
 pub use registry::NetStats;
+pub use scrape::MAX_SCRAPES_PER_ADDRESS;
 
 /// File name of the checkpoint inside the state directory.
 pub const CHECKPOINT_FILE: &str = "coordinator.ckpt";

@@ -10,12 +10,14 @@
 //!   encoded on the coordinator thread, so the bytes are exact. A frame that does not fit
 //!   means the device does not read: its connection is closed with the reason ("slow reader"),
 //!   never buffered further. The server-wide total and its peak are metered.
-//! - Inbound: a reader hands a message to the coordinator thread only with two permits, one of
-//!   its connection's `inbound_per_connection` and one of the server's `inbound_total` (a fair,
-//!   first-come semaphore), released when the coordinator has handled it. So at most
-//!   `inbound_total` messages wait, one connection holds at most `inbound_per_connection` of
-//!   them and cannot starve the others, and a reader without a permit stops reading (QUIC flow
-//!   control then holds its peer back). Connection events (up, down, a refused frame) need no
+//! - Inbound: a reader hands a message to the coordinator thread only with three permits, one
+//!   of its connection's `inbound_per_connection`, one of the server's `inbound_total` and as
+//!   many of the server's `inbound_bytes_total` as the frame has bytes (all of them for a frame
+//!   larger than that), each a fair, first-come semaphore, released when the coordinator has
+//!   handled it. So at most `inbound_total` messages of at most `inbound_bytes_total` bytes
+//!   together wait, one connection holds at most `inbound_per_connection` of them and cannot
+//!   starve the others, and a reader without its permits stops reading (QUIC flow control then
+//!   holds its peer back). Connection events (up, down, a refused frame) need no
 //!   permit: there are at most three per connection. So the channel to the coordinator thread
 //!   holds at most `inbound_total` messages plus three events per live connection (at most
 //!   `max_connections`), and the frames waiting in readers at most one per connection.
@@ -71,6 +73,8 @@ pub(super) struct Counters {
     pub queued_bytes: AtomicUsize,
     pub peak_queued_bytes: AtomicUsize,
     pub peak_inbound_pending: AtomicUsize,
+    pub inbound_bytes: AtomicUsize,
+    pub peak_inbound_bytes: AtomicUsize,
 }
 
 /// The server's network counters at the end of a run: refusals by cause and queue peaks.
@@ -106,6 +110,8 @@ pub struct NetStats {
     pub peak_queued_bytes: usize,
     /// Most messages waiting for the coordinator thread at once.
     pub peak_inbound_pending: usize,
+    /// Most frame bytes waiting for the coordinator thread at once.
+    pub peak_inbound_bytes: usize,
 }
 
 impl Counters {
@@ -131,6 +137,7 @@ impl Counters {
             flood_disconnects: get(&self.flood_disconnects),
             peak_queued_bytes: self.peak_queued_bytes.load(Ordering::SeqCst),
             peak_inbound_pending: self.peak_inbound_pending.load(Ordering::SeqCst),
+            peak_inbound_bytes: self.peak_inbound_bytes.load(Ordering::SeqCst),
         }
     }
 }
@@ -165,10 +172,22 @@ pub(super) enum Input {
     Shutdown,
 }
 
-/// The two permits a message holds while it waits for the coordinator thread.
+/// The permits a message holds while it waits for the coordinator thread; its bytes leave the
+/// meter when it is dropped.
 pub(super) struct InboundPermit {
     _connection: OwnedSemaphorePermit,
     _server: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+    metered: usize,
+    counters: Arc<Counters>,
+}
+
+impl Drop for InboundPermit {
+    fn drop(&mut self) {
+        self.counters
+            .inbound_bytes
+            .fetch_sub(self.metered, Ordering::SeqCst);
+    }
 }
 
 /// One authenticated connection of a device.
@@ -252,6 +271,7 @@ pub(super) struct Shared {
     /// See [`NetLimits::duplicate_idle`] (resolved).
     pub duplicate_idle: Duration,
     inbound: Arc<Semaphore>,
+    inbound_bytes: Arc<Semaphore>,
     start: Instant,
 }
 
@@ -271,6 +291,7 @@ impl Shared {
             revocations,
             max_frame_bytes,
             inbound: Arc::new(Semaphore::new(limits.inbound_total.max(1))),
+            inbound_bytes: Arc::new(Semaphore::new(inbound_byte_permits(&limits) as usize)),
             limits,
             duplicate_idle,
             start: Instant::now(),
@@ -469,11 +490,12 @@ impl Shared {
         conn.close_now(close_code::SLOW_READER, reason);
     }
 
-    /// The permits a message of `conn` needs before it goes to the coordinator thread: waits
-    /// until the connection's outbound queue is at most half full, then in line (first come,
-    /// first served) for a permit of the connection and one of the server. `None` when the
-    /// connection is going away.
-    pub async fn inbound_permit(&self, conn: &Conn) -> Option<InboundPermit> {
+    /// The permits a message of `conn`, a frame of `bytes`, needs before it goes to the
+    /// coordinator thread: waits until the connection's outbound queue is at most half full,
+    /// then in line (first come, first served) for a permit of the connection, one of the
+    /// server and the frame's bytes of the server's byte budget (the whole budget for a frame
+    /// larger than it). `None` when the connection is going away.
+    pub async fn inbound_permit(&self, conn: &Conn, bytes: usize) -> Option<InboundPermit> {
         let room = (self.limits.outbound_queue_frames.max(1) / 2).max(1);
         loop {
             let drained = conn.drained.notified();
@@ -487,13 +509,32 @@ impl Shared {
         }
         let connection = conn.inbound.clone().acquire_owned().await.ok()?;
         let server = self.inbound.clone().acquire_owned().await.ok()?;
+        let share = bytes.clamp(1, inbound_byte_permits(&self.limits) as usize) as u32;
+        let in_bytes = self
+            .inbound_bytes
+            .clone()
+            .acquire_many_owned(share)
+            .await
+            .ok()?;
         let pending = self.limits.inbound_total.max(1) - self.inbound.available_permits();
         self.counters
             .peak_inbound_pending
             .fetch_max(pending, Ordering::SeqCst);
+        let metered = share as usize;
+        let now = self
+            .counters
+            .inbound_bytes
+            .fetch_add(metered, Ordering::SeqCst)
+            + metered;
+        self.counters
+            .peak_inbound_bytes
+            .fetch_max(now, Ordering::SeqCst);
         Some(InboundPermit {
             _connection: connection,
             _server: server,
+            _bytes: in_bytes,
+            metered,
+            counters: self.counters.clone(),
         })
     }
 
@@ -614,4 +655,10 @@ mod tests {
         assert!(s.take_slot(ip("2001:db8:0:1::9")).is_ok());
         assert!(s.registry.lock().expect("lock").per_ip.len() <= 3);
     }
+}
+
+/// The byte budget's permits: `inbound_bytes_total`, at least one and at most what one
+/// acquisition can take (`u32::MAX`).
+fn inbound_byte_permits(limits: &NetLimits) -> u32 {
+    limits.inbound_bytes_total.clamp(1, u32::MAX as usize) as u32
 }

@@ -1,7 +1,11 @@
 //! The Prometheus endpoint's socket: plain HTTP/1.1 on its own opt-in address, one request per
 //! connection (`prometheus::respond` decides the answer), a bounded request head read within a
-//! deadline, and a cap on concurrent scrapes so the endpoint cannot be used to tie the server up.
+//! deadline, and a cap on concurrent scrapes so the endpoint cannot be used to tie the server up,
+//! with a smaller cap per client address so that one slow client cannot hold every scrape slot
+//! (a connection past its address's cap is closed unanswered).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +18,48 @@ use crate::prometheus::{self, MetricsView, MAX_REQUEST_BYTES};
 
 /// Scrapes served at once; more wait in the listen backlog.
 const MAX_SCRAPES: usize = 8;
+/// Scrapes one client address may hold at once.
+pub const MAX_SCRAPES_PER_ADDRESS: usize = 2;
 /// Time a client has to send its request head, and to take the answer.
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Open scrapes per client address; an address is in the map only while it holds one, so the
+/// map never holds more than [`MAX_SCRAPES`] entries.
+type Held = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One open scrape of one address, given back when dropped (answered, timed out or failed).
+struct Slot {
+    held: Held,
+    ip: IpAddr,
+}
+
+impl Slot {
+    /// A slot for `ip`, or `None` when it already holds its cap.
+    fn take(held: &Held, ip: IpAddr) -> Option<Slot> {
+        let mut map = held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_SCRAPES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            held: held.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Accept scrapes until the task is aborted.
 pub(super) async fn serve(
@@ -24,6 +68,7 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let held: Held = Arc::default();
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -36,6 +81,10 @@ pub(super) async fn serve(
                 continue;
             }
         };
+        let Some(slot) = Slot::take(&held, peer.ip()) else {
+            tracing::debug!(%peer, "Prometheus scrape refused: its address holds its share");
+            continue;
+        };
         let (view, shared) = (view.clone(), shared.clone());
         tokio::spawn(async move {
             if tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &view, &shared))
@@ -44,6 +93,7 @@ pub(super) async fn serve(
             {
                 tracing::debug!(%peer, "Prometheus scrape timed out");
             }
+            drop(slot);
             drop(permit);
         });
     }

@@ -7,10 +7,15 @@
 //! rows that one comparison of seeds `7, 8, 9` gives.
 //!
 //! Refused, with the folder named: parts of another experiment (name, mode, target, entries,
-//! evaluation size or bootstrap settings differ), a seed in two parts, and parts computed on
-//! different CPU classes (their `host.json`; the kernels' arithmetic differs between classes, so
-//! their runs are not draws of one experiment). Not pooled: the bandit rows, which need each
-//! run's plays (each part's own `compare.md` has them).
+//! evaluation size or bootstrap settings differ), a seed in two parts, and, unless asked for
+//! with [`Classes::Mixed`] (`sim pool --across-classes`), parts computed on different CPU
+//! classes (their `host.json`; the kernels' arithmetic differs between classes, so the same seed
+//! gives other numbers on another class). Pooling across classes stays a paired design: a part is
+//! one `sim compare` folder, and `compare --resume` keeps a folder to one class, so every entry of
+//! a seed ran on one class and each seed's paired differences compare like with like; what
+//! changes is the population the seeds are drawn from (seed and class together), and the pooled
+//! report names each part's class. Not pooled: the bandit rows, which need each run's plays
+//! (each part's own `compare.md` has them).
 
 use std::path::Path;
 
@@ -19,8 +24,12 @@ use aggregator::coordinator::streams::Stream;
 use super::byzantine::{self, ByzantineRow};
 use super::{interval_stream, Comparison, MetricRow, METRICS};
 use crate::error::SimError;
-use crate::host::HostClass;
+use crate::host::{HostClass, HOST_FILE};
 use crate::stats::{self, Interval};
+
+/// What a pool across CPU classes writes in place of `host.json`: each part's `host.json`,
+/// with the part's folder and seeds.
+pub const HOSTS_FILE: &str = "hosts.json";
 
 /// One comparison folder's results.
 #[derive(Debug, Clone)]
@@ -47,7 +56,13 @@ impl Part {
         let path = dir.join("compare.json");
         let comparison: Comparison = serde_json::from_value(read("compare.json")?)
             .map_err(|e| data(format!("{}: not a comparison: {e}", path.display())))?;
-        let host = HostClass::from_json(&read("host.json")?)
+        if !dir.join(HOST_FILE).exists() && dir.join(HOSTS_FILE).exists() {
+            return Err(data(format!(
+                "{}: a pool across CPU classes (it has {HOSTS_FILE}, no {HOST_FILE}); pool its parts instead",
+                dir.display()
+            )));
+        }
+        let host = HostClass::from_json(&read(HOST_FILE)?)
             .map_err(|e| data(format!("{}: {e}", dir.join("host.json").display())))?;
         Ok(Part {
             label: dir.display().to_string(),
@@ -60,8 +75,25 @@ impl Part {
 /// Where each pooled seed comes from: (seed, part, position in the part's seeds), by seed.
 type Origins = Vec<(u64, usize, usize)>;
 
+/// Whether the parts must share one CPU class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classes {
+    /// Parts of another class are refused.
+    One,
+    /// Parts may come from different classes (each part is still one class); the pooled
+    /// report names each part's class.
+    Mixed,
+}
+
+/// Whether the parts' `host.json` classes differ anywhere.
+pub fn classes_differ(parts: &[Part]) -> bool {
+    parts
+        .iter()
+        .any(|p| parts[0].host.differs_from(&p.host).is_some())
+}
+
 /// The comparison of every part's seeds together.
-pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
+pub fn pool(parts: &[Part], classes: Classes) -> Result<Comparison, SimError> {
     let first = parts
         .first()
         .ok_or_else(|| data("nothing to pool".into()))?;
@@ -88,9 +120,10 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
                 first.label, p.label
             )));
         }
-        if let Some((field, a, b)) = first.host.differs_from(&p.host) {
+        if let (Classes::One, Some((field, a, b))) = (classes, first.host.differs_from(&p.host)) {
             return Err(data(format!(
-                "{} ran on {field} {a} and {} on {field} {b}: results differ between CPU classes; pool runs of one class",
+                "{} ran on {field} {a} and {} on {field} {b}: results differ between CPU classes; \
+                 pool runs of one class, or ask for --across-classes",
                 first.label, p.label
             )));
         }
@@ -175,13 +208,23 @@ pub fn pool(parts: &[Part]) -> Result<Comparison, SimError> {
         eval_items_effective: c0.eval_items_effective,
         final_accuracy_se,
         byzantine,
-        pooled_from: parts
-            .iter()
-            .map(|p| {
-                let seeds: Vec<String> = p.comparison.seeds.iter().map(u64::to_string).collect();
-                format!("{}: seeds {}", p.label, seeds.join(", "))
-            })
-            .collect(),
+        classes_mixed: classes_differ(parts),
+        pooled_from: {
+            let name_class = classes_differ(parts);
+            parts
+                .iter()
+                .map(|p| {
+                    let seeds: Vec<String> =
+                        p.comparison.seeds.iter().map(u64::to_string).collect();
+                    let class = if name_class {
+                        format!(" (CPU class: {})", p.host.describe())
+                    } else {
+                        String::new()
+                    };
+                    format!("{}: seeds {}{class}", p.label, seeds.join(", "))
+                })
+                .collect()
+        },
     })
 }
 
