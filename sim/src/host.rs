@@ -94,6 +94,31 @@ impl HostInfo {
         }
     }
 
+    /// Before `compare --resume` into `dir`, whose runs leave `summaries` (one file each):
+    /// `Ok(false)` when the folder's runs are of this host's class (or it has none yet);
+    /// `Ok(true)` when another class wrote them but every run is on disk, so they are read back,
+    /// none is run here and the folder keeps its `host.json`; else the refusal, with how many
+    /// runs are missing.
+    pub fn resume_foreign(
+        &self,
+        dir: &std::path::Path,
+        summaries: &[std::path::PathBuf],
+    ) -> Result<bool, crate::SimError> {
+        // Only a class that differs may be read back; an unreadable `host.json` stays an error.
+        let refused = match self.check_resumable(dir) {
+            Ok(()) => return Ok(false),
+            Err(crate::SimError::Config(why)) => why,
+            Err(e) => return Err(e),
+        };
+        let missing = summaries.iter().filter(|f| !f.exists()).count();
+        if missing == 0 {
+            return Ok(true);
+        }
+        Err(crate::SimError::Config(format!(
+            "{refused}; {missing} run(s) of this comparison are not on disk yet"
+        )))
+    }
+
     /// One line for terminals and Markdown.
     pub fn line(&self) -> String {
         let numbers = match (self.family, self.model) {

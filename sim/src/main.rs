@@ -304,41 +304,6 @@ impl RunArgs {
     }
 }
 
-/// Peak resident set size of this process, from the kernel (Linux), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn print_throughput(reports: &[Report], load_s: f64, run_s: f64) {
-    let jobs: u64 = reports.iter().map(|r| r.summary.jobs_trained).sum();
-    let mode = reports
-        .first()
-        .map(|r| r.summary.mode.as_str())
-        .unwrap_or("real");
-    eprintln!(
-        "wall clock: {load_s:.1} s loading, {run_s:.1} s simulating; {jobs} device-rounds trained"
-    );
-    if run_s > 0.0 {
-        if mode == "surrogate" {
-            eprintln!(
-                "throughput: {:.1} device-rounds per second (surrogate mode)",
-                jobs as f64 / run_s
-            );
-        } else {
-            eprintln!(
-                "throughput: {:.0} device-rounds per hour (real mode)",
-                jobs as f64 / run_s * 3600.0
-            );
-        }
-    }
-    if let Some(m) = peak_rss_mib() {
-        eprintln!("peak resident memory: {m:.0} MiB");
-    }
-}
-
 /// Real mode: where the run's wall time went (compute against everything else).
 fn print_wall_profile(resources: &Resources, mode: &str, run_s: f64) {
     if let (Some(ledger), "real") = (&resources.wall_ledger, mode) {
@@ -368,7 +333,7 @@ fn run(args: RunArgs) -> Result<()> {
     println!("{}", report::markdown_table(std::slice::from_ref(&report)));
     println!("reports in {}", dir.display());
     print_wall_profile(&resources, &report.summary.mode, run_s);
-    print_throughput(std::slice::from_ref(&report), load_s, run_s);
+    sim::progress::print_throughput(std::slice::from_ref(&report), load_s, run_s);
     Ok(())
 }
 
@@ -430,35 +395,22 @@ fn compare(
             "reports in {} (compare.md, metric.svg, host.json, one folder per strategy)",
             cfg.output_dir.display()
         );
-        print_throughput(&reports, load_s, run_s);
+        sim::progress::print_throughput(&reports, load_s, run_s);
         return Ok(());
     }
     let seeds = experiment::seeds(&cfg, n_seeds);
     let out = cfg.output_dir.clone();
-    // Runs written on another CPU class may still be read back when every one is on disk:
-    // nothing is computed here, so nothing mixes, and the folder keeps its own `host.json`.
-    let mut foreign = false;
-    if resume {
-        if let Err(e) = host.check_resumable(&out) {
-            let missing = seeds
-                .iter()
-                .flat_map(|s| names.iter().map(move |n| (s, n)))
-                .filter(|(s, n)| {
-                    let dir = out.join(format!("seed-{s}")).join(n);
-                    !dir.join(sim::report::SUMMARY_FILE).exists()
-                })
-                .count();
-            if missing > 0 {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "{missing} run(s) of this comparison are not on disk yet"
-                )));
-            }
-            eprintln!(
-                "{}: every run is on disk, from another CPU class; reading them back, running none",
-                out.display()
-            );
-            foreign = true;
-        }
+    let mut summaries = Vec::new();
+    for s in &seeds {
+        let run = |n: &String| out.join(format!("seed-{s}")).join(n);
+        summaries.extend(names.iter().map(|n| run(n).join(report::SUMMARY_FILE)));
+    }
+    let foreign = resume && host.resume_foreign(&out, &summaries)?;
+    if foreign {
+        eprintln!(
+            "{}: every run is on disk, from another CPU class; reading them back, running none",
+            out.display()
+        );
     }
     if !foreign {
         host.write_into(&out)?;
@@ -567,7 +519,7 @@ fn compare(
         .filter(|(seed, r)| !read_back.contains(&(*seed, r.summary.strategy.clone())))
         .map(|(_, r)| r)
         .collect();
-    print_throughput(&fresh, load_s, run_s);
+    sim::progress::print_throughput(&fresh, load_s, run_s);
     Ok(())
 }
 
@@ -579,53 +531,13 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 fn pool(dirs: &[PathBuf], out: &Path, across_classes: bool) -> Result<()> {
-    use comparison::pool::{self, Classes, HOSTS_FILE};
-    use sim::host::HOST_FILE;
-    let parts = dirs
-        .iter()
-        .map(|d| pool::Part::load(d))
-        .collect::<Result<Vec<_>, _>>()?;
+    use comparison::pool::{self, Classes};
     let classes = if across_classes {
         Classes::Mixed
     } else {
         Classes::One
     };
-    let cmp = pool::pool(&parts, classes)?;
-    let read_host = |dir: &Path| -> Result<serde_json::Value> {
-        let path = dir.join(HOST_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))
-    };
-    // A pool of one class keeps that class's `host.json`; a mixed one lists every part's, under
-    // another name, so that nothing takes the folder for runs of one class.
-    let (host_name, host_text) = if pool::classes_differ(&parts) {
-        let mut hosts = Vec::new();
-        for (dir, p) in dirs.iter().zip(&parts) {
-            hosts.push(serde_json::json!({
-                "folder": p.label,
-                "seeds": p.comparison.seeds,
-                "host": read_host(dir)?,
-            }));
-        }
-        (HOSTS_FILE, serde_json::to_string_pretty(&hosts)? + "\n")
-    } else {
-        let path = dirs[0].join(HOST_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        (HOST_FILE, text)
-    };
-    let stale = out.join(if host_name == HOST_FILE {
-        HOSTS_FILE
-    } else {
-        HOST_FILE
-    });
-    if stale.exists() {
-        std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
-    }
-    write_file(&out.join("compare.json"), &cmp.to_json())?;
-    write_file(&out.join("compare.md"), &cmp.to_markdown())?;
-    write_file(&out.join(host_name), &host_text)?;
+    let (cmp, host_name) = pool::pool_into(dirs, out, classes)?;
     println!("{}", cmp.to_markdown());
     println!(
         "reports in {} (compare.json, compare.md, {host_name})",

@@ -1,12 +1,13 @@
 //! A terminal progress bar for simulation runs (indicatif, rounds done with an ETA from wall
-//! time); hidden when stderr is not a terminal, where round lines go to the log instead.
+//! time); hidden when stderr is not a terminal, where round lines go to the log instead. Also the
+//! throughput lines printed after a run.
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::driver::Observer;
-use crate::report::RoundRecord;
+use crate::report::{Report, RoundRecord};
 
 /// Draws one bar per run.
 pub struct Progress {
@@ -99,5 +100,42 @@ impl Observer for SeedProgress<'_> {
     }
     fn note(&mut self, line: &str) {
         self.inner.restart(line, self.rounds);
+    }
+}
+
+/// Peak resident set size of this process, from the kernel (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// After a run or comparison, on stderr: wall time loading and simulating, device-rounds
+/// trained and their rate, and the process's peak resident memory.
+pub fn print_throughput(reports: &[Report], load_s: f64, run_s: f64) {
+    let jobs: u64 = reports.iter().map(|r| r.summary.jobs_trained).sum();
+    let mode = reports
+        .first()
+        .map(|r| r.summary.mode.as_str())
+        .unwrap_or("real");
+    eprintln!(
+        "wall clock: {load_s:.1} s loading, {run_s:.1} s simulating; {jobs} device-rounds trained"
+    );
+    if run_s > 0.0 {
+        if mode == "surrogate" {
+            eprintln!(
+                "throughput: {:.1} device-rounds per second (surrogate mode)",
+                jobs as f64 / run_s
+            );
+        } else {
+            eprintln!(
+                "throughput: {:.0} device-rounds per hour (real mode)",
+                jobs as f64 / run_s * 3600.0
+            );
+        }
+    }
+    if let Some(m) = peak_rss_mib() {
+        eprintln!("peak resident memory: {m:.0} MiB");
     }
 }

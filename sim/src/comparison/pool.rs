@@ -72,6 +72,70 @@ impl Part {
     }
 }
 
+/// `sim pool`: the comparison of the folders `dirs` together, written into `out` as
+/// `compare.json`, `compare.md` and the host file [`host_file`] names (a host file of the other
+/// kind left there by an earlier pool is removed). Returns the comparison and that file's name.
+pub fn pool_into(
+    dirs: &[std::path::PathBuf],
+    out: &Path,
+    classes: Classes,
+) -> Result<(Comparison, &'static str), SimError> {
+    let parts = dirs
+        .iter()
+        .map(|d| Part::load(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cmp = pool(&parts, classes)?;
+    let (host_name, host_text) = host_file(dirs, &parts)?;
+    let stale = out.join(if host_name == HOST_FILE {
+        HOSTS_FILE
+    } else {
+        HOST_FILE
+    });
+    if stale.exists() {
+        std::fs::remove_file(&stale).map_err(|e| SimError::io(&stale, e))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| SimError::io(out, e))?;
+    for (name, text) in [
+        ("compare.json", cmp.to_json()),
+        ("compare.md", cmp.to_markdown()),
+        (host_name, host_text),
+    ] {
+        let path = out.join(name);
+        std::fs::write(&path, text).map_err(|e| SimError::io(&path, e))?;
+    }
+    Ok((cmp, host_name))
+}
+
+/// What a pool writes beside its comparison, as (file name, text): a pool of one class keeps
+/// the first part's `host.json` as it is; one across classes writes every part's (with its
+/// folder and seeds) into [`HOSTS_FILE`], so that nothing takes the folder for runs of one class.
+pub fn host_file(
+    dirs: &[std::path::PathBuf],
+    parts: &[Part],
+) -> Result<(&'static str, String), SimError> {
+    let read = |dir: &Path| -> Result<String, SimError> {
+        let path = dir.join(HOST_FILE);
+        std::fs::read_to_string(&path).map_err(|e| SimError::io(&path, e))
+    };
+    let first = dirs.first().ok_or_else(|| data("nothing to pool".into()))?;
+    if !classes_differ(parts) {
+        return Ok((HOST_FILE, read(first)?));
+    }
+    let mut hosts = Vec::new();
+    for (dir, p) in dirs.iter().zip(parts) {
+        let text = read(dir)?;
+        let host: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| data(format!("{}: {e}", dir.join(HOST_FILE).display())))?;
+        hosts.push(serde_json::json!({
+            "folder": p.label,
+            "seeds": p.comparison.seeds,
+            "host": host,
+        }));
+    }
+    let text = serde_json::to_string_pretty(&hosts).unwrap_or_default() + "\n";
+    Ok((HOSTS_FILE, text))
+}
+
 /// Where each pooled seed comes from: (seed, part, position in the part's seeds), by seed.
 type Origins = Vec<(u64, usize, usize)>;
 
