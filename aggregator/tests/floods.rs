@@ -108,18 +108,9 @@ async fn inbound_frames_wait_within_the_servers_byte_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_cannot_open_a_second_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    netkit::pki_dir(&pki, [1]);
     let opts = netkit::options(dir.path());
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (server, addr) = netkit::spawn_server(netkit::config(1, 3), common::dims(), &opts, async {
-        let _ = stop_rx.await;
-    })
-    .await;
-    let mut peer = netkit::connect(&pki, 1, addr, "127.0.0.1", None)
-        .await
-        .unwrap();
-    assert!(matches!(peer.join(1).await, Ok(Message::Welcome(_))));
+    let (server, stop_tx, mut peer) =
+        netkit::one_joined_device(&dir.path().join("pki"), &opts).await;
     let second = tokio::time::timeout(Duration::from_secs(1), peer.conn.connection.open_bi()).await;
     assert!(second.is_err(), "the server granted a second stream");
     // The first stream still works.
@@ -138,19 +129,10 @@ async fn a_device_cannot_open_a_second_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_trickled_byte_by_byte_is_dropped_at_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    netkit::pki_dir(&pki, [1]);
     let mut opts = netkit::options(dir.path());
     opts.limits.frame_read_timeout = Duration::from_secs(1);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (server, addr) = netkit::spawn_server(netkit::config(1, 3), common::dims(), &opts, async {
-        let _ = stop_rx.await;
-    })
-    .await;
-    let mut peer = netkit::connect(&pki, 1, addr, "127.0.0.1", None)
-        .await
-        .unwrap();
-    assert!(matches!(peer.join(1).await, Ok(Message::Welcome(_))));
+    let (server, stop_tx, mut peer) =
+        netkit::one_joined_device(&dir.path().join("pki"), &opts).await;
     // A frame that declares 1 MiB, then a byte every 100 ms.
     let started = Instant::now();
     let mut header = (1u32 << 20).to_le_bytes().to_vec();

@@ -536,6 +536,33 @@ async fn a_device_revoked_while_the_server_runs_is_refused_and_the_others_still_
     assert_eq!(outcome.round, RoundId(0));
 }
 
+/// A two-round server with the metrics endpoint on a free port, devices `ids` in `dir/pki`,
+/// stopped by the sender returned: the task, its QUIC address, the sender, the metrics address.
+async fn with_metrics(
+    dir: &Path,
+    ids: &[u64],
+) -> (
+    JoinHandle<Result<ServeOutcome, ServerError>>,
+    SocketAddr,
+    oneshot::Sender<()>,
+    SocketAddr,
+) {
+    pki_dir(&dir.join("pki"), ids);
+    let mut opts = options(dir);
+    let prom = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    opts.prometheus = Some(prom);
+    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (server, addr) = spawn_server(coord, &opts, async move {
+        let _ = stop_rx.await;
+    })
+    .await;
+    (server, addr, stop_tx, prom)
+}
+
 /// `GET /metrics` over plain TCP; the response's body.
 async fn scrape(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -558,19 +585,7 @@ async fn scrape(addr: SocketAddr) -> String {
 async fn one_slow_address_cannot_hold_the_metrics_endpoint() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    pki_dir(&dir.path().join("pki"), &[1]);
-    let mut opts = options(dir.path());
-    let prom = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    opts.prometheus = Some(prom);
-    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (server, _addr) = spawn_server(coord, &opts, async move {
-        let _ = stop_rx.await;
-    })
-    .await;
+    let (server, _addr, stop_tx, prom) = with_metrics(dir.path(), &[1]).await;
     let from = |ip: &str| {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
@@ -634,19 +649,7 @@ fn sample(body: &str, series: &str) -> f64 {
 async fn prometheus_scrapes_follow_the_run_on_their_own_port() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    pki_dir(&pki, &[1, 2, 3]);
-    let mut opts = options(dir.path());
-    let prom = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    opts.prometheus = Some(prom);
-    let coord = server::prepare(config(2), dims(), &opts, false).unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (server, addr) = spawn_server(coord, &opts, async move {
-        let _ = stop_rx.await;
-    })
-    .await;
+    let (server, addr, stop_tx, prom) = with_metrics(dir.path(), &[1, 2, 3]).await;
     // Before any device: a valid exposition with nothing counted.
     let body = scrape(prom).await;
     assert_eq!(sample(&body, "fedspine_rounds_started_total"), 0.0);

@@ -93,6 +93,27 @@ pub async fn spawn_server(
     (server, addr_rx.await.unwrap())
 }
 
+/// A server for device 1 alone (certificates in `pki`, one round of three devices, so it
+/// waits), stopped by the sender returned, and device 1 connected from 127.0.0.1 and welcomed.
+pub async fn one_joined_device(
+    pki: &Path,
+    opts: &ServeOptions,
+) -> (
+    JoinHandle<Result<ServeOutcome, ServerError>>,
+    oneshot::Sender<()>,
+    Peer,
+) {
+    pki_dir(pki, [1]);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (server, addr) = spawn_server(config(1, 3), common::dims(), opts, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+    let mut peer = connect(pki, 1, addr, "127.0.0.1", None).await.unwrap();
+    assert!(matches!(peer.join(1).await, Ok(Message::Welcome(_))));
+    (server, stop_tx, peer)
+}
+
 /// Waits for the server task (at most 60 s).
 pub async fn outcome(server: JoinHandle<Result<ServeOutcome, ServerError>>) -> ServeOutcome {
     tokio::time::timeout(Duration::from_secs(60), server)
