@@ -258,6 +258,7 @@ pub fn pool(parts: &[Part], classes: Classes) -> Result<Comparison, SimError> {
     for (r, row) in c0.byzantine.iter().enumerate() {
         byzantine.push(pool_byzantine(parts, &origins, r, row, &boot)?);
     }
+    let mixed = classes_differ(parts);
     Ok(Comparison {
         name: c0.name.clone(),
         mode: c0.mode.clone(),
@@ -272,15 +273,14 @@ pub fn pool(parts: &[Part], classes: Classes) -> Result<Comparison, SimError> {
         eval_items_effective: c0.eval_items_effective,
         final_accuracy_se,
         byzantine,
-        classes_mixed: classes_differ(parts),
+        classes_mixed: mixed,
         pooled_from: {
-            let name_class = classes_differ(parts);
             parts
                 .iter()
                 .map(|p| {
                     let seeds: Vec<String> =
                         p.comparison.seeds.iter().map(u64::to_string).collect();
-                    let class = if name_class {
+                    let class = if mixed {
                         format!(" (CPU class: {})", p.host.describe())
                     } else {
                         String::new()
