@@ -617,6 +617,7 @@ fn skew_gauge(u: &mut Update, g: f32) {
 ///   further than the updates do, so every layer keeps its starting value bit for bit, counted.
 ///   (A skew small enough to pass both, `|A|_F` within 4x of the slice's, moves a round's step
 ///   by a bounded factor, as any accepted update can.)
+///
 /// Ten honest devices trip neither.
 #[test]
 fn a_regauged_update_cannot_lengthen_an_averaged_aggregate() {

@@ -181,3 +181,63 @@ fn a_reported_sparsity_is_replaced_by_the_kept_maps_one() {
     let d1 = h.coord.device(DeviceId(1)).expect("record");
     assert!(d1.sparsity < 0.999, "recorded {}", d1.sparsity);
 }
+
+/// The losses a device reports feed the round's reward shaping, and the coordinator can only
+/// range-check them. One device claiming a blow-up from a near-zero loss (a change of about
+/// -1e9, inside `max_loss`) sets the loss scale for the whole round under the default
+/// `loss_trim = 0`, so the honest devices' loss terms fall to about 1e-10; with a trim over the
+/// liar's share the scale is an honest device's change. (Only the loss term weighs here.)
+#[test]
+fn a_loss_trim_keeps_one_liar_from_setting_the_others_loss_scale() {
+    let rewards = |loss_trim: f64, lie: bool| {
+        let mut c = config();
+        c.reward = bandit::RewardWeights {
+            w1: 1.0,
+            w2: 0.0,
+            w3: 0.0,
+            w4: 0.0,
+            loss_trim,
+            ..bandit::RewardWeights::default()
+        };
+        let mut h = Harness::new(c);
+        for d in 1..=3 {
+            h.step(Step::Join(d));
+        }
+        if lie {
+            h.step(Step::AnswerWith(1, |u| {
+                u.stats.loss_pre = 1e-6;
+                u.stats.loss_post = 1000.0;
+            }));
+        } else {
+            h.step(Step::Answer(1));
+        }
+        h.step(Step::Answer(2));
+        h.step(Step::Answer(3));
+        let s = h.summaries.first().expect("round 1 closed").clone();
+        assert_eq!(
+            s.participants.len(),
+            3,
+            "the lie is inside the range checks"
+        );
+        s.participants
+            .iter()
+            .map(|p| (p.device.0, p.reward))
+            .collect::<Vec<_>>()
+    };
+    // Honest changes (3 - (2.5 - 0.1 d)) / 3: device 2 0.2333, device 3 0.2667.
+    let default = rewards(0.0, true);
+    assert!(default[1].1 < 1e-9 && default[2].1 < 1e-9, "{default:?}");
+    let trimmed = rewards(0.3, true);
+    assert!((trimmed[2].1 - 1.0).abs() < 1e-6, "{trimmed:?}");
+    assert!((trimmed[1].1 - 0.875).abs() < 1e-6, "{trimmed:?}");
+    assert_eq!(
+        trimmed[0].1, 0.0,
+        "the liar's own term clamps at -1, its reward at 0"
+    );
+    // Honest, the same trim scales by the second largest change (device 2's 0.2333).
+    let honest = rewards(0.3, false);
+    assert!(
+        (honest[1].1 - 1.0).abs() < 1e-6 && (honest[2].1 - 1.0).abs() < 1e-6,
+        "{honest:?}"
+    );
+}

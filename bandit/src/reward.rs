@@ -3,7 +3,9 @@
 //! For device `i` among the devices that finished in time (failed or late devices get 0):
 //!
 //! ```text
-//! loss_i     = (L_pre - L_post) / L_pre, then divided by max_j |loss_j| over the round
+//! loss_i     = (L_pre - L_post) / L_pre, divided by the round's loss scale, clamped to [-1, 1]
+//! scale      = max_j |loss_j| over the round            (loss_trim = 0, the default)
+//!            = the (f+1)-th largest |loss_j|, f = min(ceil(loss_trim * n), n - 1)
 //! progress_i = (s_t - s_{t-1}) / (s* - s_{t-1}), clamped to [-1, 1]   (1 when s_{t-1} >= s*)
 //! norm_i     = |B_i A_i|_F / max_j |B_j A_j|_F
 //! late_i     = (T_i - mean_T) / mean_T          (mean over the devices that finished in time)
@@ -14,7 +16,14 @@
 //!
 //! - **Loss**: dividing by the round's largest loss change is the within-round normalisation:
 //!   losses fall less as training converges, and without it every later arm would look worse
-//!   than the early ones.
+//!   than the early ones. The losses are the devices' own reports, which the aggregator can
+//!   only range-check: with the round's largest as the scale, one device claiming a perfect
+//!   round (`L_post = 0`, a change of 1) or a blow-up (`L_pre` near 0, `L_post` at the
+//!   aggregator's `max_loss`, a change of about -1e9) shrinks every other device's loss term
+//!   toward 0. `loss_trim > 0` takes the scale from the `(f+1)`-th largest magnitude instead,
+//!   so up to `f` devices (a `loss_trim` share of the round, rounded up) cannot set it: the
+//!   scale stays one of the other devices' own changes, and the `f` largest terms are clamped
+//!   to `[-1, 1]`. At `loss_trim = 0` the clamp never acts (no term exceeds the largest).
 //! - **Progress toward s\***: the share of the remaining gap to the run's target sparsity `s*`
 //!   that the round closed. It is not divided by the arm's own ratio, so a small non-zero ratio
 //!   earns a small share, never full credit; only closing the whole gap earns 1. A device
@@ -73,6 +82,16 @@ pub struct RewardWeights {
     /// Share of `w4` an early finisher earns per unit of relative earliness, in `[0, 1)`
     /// (stragglers are penalised more than early finishers are rewarded). Default `0.5`.
     pub early_credit: f64,
+    /// Share of the round's devices, in `[0, 0.5)`, whose loss changes cannot set the loss
+    /// term's scale (see the module docs): `0` (the default) divides by the round's largest
+    /// change, as every run before this option did; it must exceed the share of devices that
+    /// may lie about their losses for the bound to hold. Left out of serialised configs at 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub loss_trim: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for RewardWeights {
@@ -83,6 +102,7 @@ impl Default for RewardWeights {
             w3: 0.25,
             w4: 0.25,
             early_credit: 0.5,
+            loss_trim: 0.0,
         }
     }
 }
@@ -104,6 +124,13 @@ impl RewardWeights {
                 "early_credit",
                 self.early_credit,
                 "in [0, 1) (an early finisher earns less than a straggler loses)",
+            ));
+        }
+        if !(self.loss_trim.is_finite() && (0.0..0.5).contains(&self.loss_trim)) {
+            return Err(BanditError::param(
+                "loss_trim",
+                self.loss_trim,
+                "in [0, 0.5) (a share of the round that cannot set the loss scale)",
             ));
         }
         let positive = self.w1 + self.w2 + self.w3;
@@ -187,10 +214,7 @@ pub fn shape_rewards(stats: &[RoundStats], w: &RewardWeights) -> Result<Vec<f64>
             0.0
         }
     };
-    let max_loss_change = valid
-        .iter()
-        .map(|s| loss_change(s).abs())
-        .fold(0.0, f64::max);
+    let loss_scale = loss_scale(valid.iter().map(|s| loss_change(s).abs()), w.loss_trim);
     let max_norm = valid.iter().map(|s| s.update_norm).fold(0.0, f64::max);
     let mean_time = valid.iter().map(|s| s.duration_ms as f64).sum::<f64>() / valid.len() as f64;
     let positive = w.w1 + w.w2 + w.w3;
@@ -201,8 +225,8 @@ pub fn shape_rewards(stats: &[RoundStats], w: &RewardWeights) -> Result<Vec<f64>
             if !counts(s) {
                 return 0.0;
             }
-            let loss = if max_loss_change > 0.0 {
-                loss_change(s) / max_loss_change
+            let loss = if loss_scale > 0.0 {
+                (loss_change(s) / loss_scale).clamp(-1.0, 1.0)
             } else {
                 0.0
             };
@@ -226,6 +250,19 @@ pub fn shape_rewards(stats: &[RoundStats], w: &RewardWeights) -> Result<Vec<f64>
             (raw / positive).clamp(0.0, 1.0)
         })
         .collect())
+}
+
+/// The loss term's scale from the round's loss-change magnitudes: the largest at `trim = 0`,
+/// else the `(f+1)`-th largest with `f = min(ceil(trim * n), n - 1)`.
+fn loss_scale(magnitudes: impl Iterator<Item = f64>, trim: f64) -> f64 {
+    let mut m: Vec<f64> = magnitudes.collect();
+    if m.is_empty() {
+        return 0.0;
+    }
+    // The tolerance keeps a product such as 0.1 * 30 = 3.0000000000000004 from rounding up to 4.
+    let f = ((trim * m.len() as f64 - 1e-9).ceil().max(0.0) as usize).min(m.len() - 1);
+    m.sort_unstable_by(|a, b| b.total_cmp(a));
+    m[f]
 }
 
 /// The share of the remaining gap to the target sparsity that the round closed, in `[-1, 1]`

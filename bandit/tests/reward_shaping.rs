@@ -202,3 +202,113 @@ fn weights_load_from_toml_with_defaults() {
     let parsed: RewardWeights = toml::from_str("w4 = 0.5").unwrap();
     assert_eq!(parsed, RewardWeights { w4: 0.5, ..w() });
 }
+
+/// Nine honest devices with loss changes 0.01 ... 0.09 and a tenth that lies; only the loss
+/// term counts. Returns the ten rewards.
+fn with_a_liar(pre: f64, post: f64, loss_trim: f64) -> Vec<f64> {
+    let loss_only = RewardWeights {
+        w1: 1.0,
+        w2: 0.0,
+        w3: 0.0,
+        w4: 0.0,
+        loss_trim,
+        ..w()
+    };
+    let mut round: Vec<RoundStats> = (1..=9)
+        .map(|k| ok(1.0, 1.0 - 0.01 * k as f64, 0.0, 0.0, 0.3, 1.0, 100))
+        .collect();
+    round.push(ok(pre, post, 0.0, 0.0, 0.3, 1.0, 100));
+    shape_rewards(&round, &loss_only).unwrap()
+}
+
+#[test]
+fn a_device_lying_about_its_losses_cannot_set_the_others_loss_scale_when_trimmed() {
+    let honest_alone: Vec<f64> = (1..=9).map(|k| k as f64 / 9.0).collect();
+    let close =
+        |got: &[f64], want: &[f64]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12);
+    // Two lies that pass the aggregator's range checks (losses finite, in [0, max_loss]): a
+    // perfect round (change 1) and a blow-up from a near-zero loss (change about -1e9).
+    let perfect = (1000.0, 0.0);
+    let blow_up = (1e-6, 1000.0);
+    // The round's largest as the scale (the default): the liar decides it, and the best
+    // honest device's loss term falls from 1 to 0.09, or to about 1e-10.
+    let max_perfect = with_a_liar(perfect.0, perfect.1, 0.0);
+    assert!((max_perfect[8] - 0.09).abs() < 1e-12, "{max_perfect:?}");
+    assert_eq!(max_perfect[9], 1.0);
+    let max_blow_up = with_a_liar(blow_up.0, blow_up.1, 0.0);
+    assert!(max_blow_up[8] < 1e-9, "{max_blow_up:?}");
+    // Trimmed (f = ceil(0.1 * 10) = 1): the scale is the best honest change whatever the liar
+    // says, so the honest terms are what they would be without the liar, and the liar's own
+    // term is clamped to [-1, 1] (rewards clamp at 0).
+    for (pre, post) in [perfect, blow_up] {
+        let r = with_a_liar(pre, post, 0.1);
+        assert!(close(&r[..9], &honest_alone), "{r:?}");
+        assert!((0.0..=1.0).contains(&r[9]));
+    }
+    // The price of trimming, in an honest round: the largest change is trimmed too, so with
+    // the tenth device at an honest 0.05 the scale is the second largest, 0.08, and the best
+    // device's term clamps at 1 beside one of exactly 1.
+    let honest = with_a_liar(1.0, 0.95, 0.1);
+    let by_second: Vec<f64> = (1..=9).map(|k| (k as f64 / 8.0).min(1.0)).collect();
+    assert!(close(&honest[..9], &by_second), "{honest:?}");
+    // Two liars in ten need a trim over 0.1: at 0.2 (f = 2) both are trimmed.
+    let mut round: Vec<RoundStats> = (1..=8)
+        .map(|k| ok(1.0, 1.0 - 0.01 * k as f64, 0.0, 0.0, 0.3, 1.0, 100))
+        .collect();
+    round.push(ok(1000.0, 0.0, 0.0, 0.0, 0.3, 1.0, 100));
+    round.push(ok(1e-6, 1000.0, 0.0, 0.0, 0.3, 1.0, 100));
+    let trim = |loss_trim| {
+        let w = RewardWeights {
+            w1: 1.0,
+            w2: 0.0,
+            w3: 0.0,
+            w4: 0.0,
+            loss_trim,
+            ..w()
+        };
+        shape_rewards(&round, &w).unwrap()
+    };
+    assert!(
+        trim(0.1)[7] < 0.1,
+        "one trimmed liar of two still sets the scale"
+    );
+    let two = trim(0.2);
+    let eight: Vec<f64> = (1..=8).map(|k| k as f64 / 8.0).collect();
+    assert!(close(&two[..8], &eight), "{two:?}");
+}
+
+#[test]
+fn the_loss_trim_is_checked_and_zero_is_the_old_scale() {
+    let round = [
+        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
+        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
+    ];
+    // The hand-computed round of `two_devices_by_hand`: trimming one of two devices leaves the
+    // smaller change (0.10) as the scale, so d0's loss term clamps at 1 and d1's becomes 1.
+    check(&round, w(), expect!["0.845238 0.228571"]);
+    check(
+        &round,
+        RewardWeights {
+            loss_trim: 0.3,
+            ..w()
+        },
+        expect!["0.845238 0.571429"],
+    );
+    for bad in [0.5, -0.1, f64::NAN] {
+        let e = shape_rewards(
+            &round,
+            &RewardWeights {
+                loss_trim: bad,
+                ..w()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("loss_trim"), "{e}");
+    }
+    // Left out of a serialised config at 0, read back when given.
+    let text = toml::to_string(&w()).unwrap();
+    assert!(!text.contains("loss_trim"), "{text}");
+    let parsed: RewardWeights = toml::from_str("loss_trim = 0.2").unwrap();
+    assert_eq!(parsed.loss_trim, 0.2);
+}

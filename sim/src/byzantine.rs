@@ -2,8 +2,8 @@
 //! attacks and how), the seeded choice of the attacking devices, and the poisoning of the
 //! update an attacker sends.
 //!
-//! A Byzantine device trains honestly (its session, local state and reported losses are the
-//! honest ones) and then poisons the `Update` on the wire, just before it is encoded: the
+//! A Byzantine device trains honestly (its session and local state are the honest ones) and
+//! then poisons the `Update` on the wire, just before it is encoded: the
 //! aggregator's validation, norm limits and robust methods see exactly what an attacker would
 //! send. The poisoned update keeps every shape, rank, alpha and kept map of the honest one and
 //! is finite (a non-finite result is an error naming the device and round, never sent), so it
@@ -16,7 +16,13 @@
 //! - `sign-flip`: `scale` with `factor = -1` (the same norm as the honest update: no norm
 //!   limit can see it);
 //! - `random` (with `norm`): every `B` replaced by Gaussian noise, rescaled so that each layer's
-//!   delta `s N A` has `norm` times the Frobenius norm of the honest layer's delta (`A` kept).
+//!   delta `s N A` has `norm` times the Frobenius norm of the honest layer's delta (`A` kept);
+//! - `report-losses` (with `loss_post` and optionally `loss_pre`): the adapter is the honest
+//!   one, the losses in the update's statistics are the given ones (`loss_pre` left out keeps
+//!   the honest one). The aggregator can only range-check a loss, and the losses feed the
+//!   round's reward shaping: `loss_post = 0` claims a perfect round, `loss_pre = 1e-6` with
+//!   `loss_post = 1000` a blow-up, each setting the round's loss scale under the default
+//!   `reward.loss_trim = 0`.
 //!
 //! Which devices attack is drawn from the run's `byzantine` stream alone (a fixed-size seeded
 //! sample of the fleet, `round(fraction * devices)` devices), so every strategy, aggregation
@@ -52,6 +58,12 @@ pub enum Attack {
     SignFlip,
     /// Every layer's `B` replaced by Gaussian noise with `norm` times the honest delta norm.
     Random { norm: f64 },
+    /// The honest adapter with these losses reported (`loss_pre` absent: the honest one).
+    ReportLosses {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss_pre: Option<f64>,
+        loss_post: f64,
+    },
 }
 
 impl Attack {
@@ -61,6 +73,13 @@ impl Attack {
             Attack::Scale { factor } => format!("scale({factor})"),
             Attack::SignFlip => "sign-flip".into(),
             Attack::Random { norm } => format!("random({norm})"),
+            Attack::ReportLosses {
+                loss_pre,
+                loss_post,
+            } => match loss_pre {
+                Some(pre) => format!("report-losses({pre}, {loss_post})"),
+                None => format!("report-losses(honest, {loss_post})"),
+            },
         }
     }
 }
@@ -113,6 +132,22 @@ impl ByzantineConfig {
                 if !norm.is_finite() || norm <= 0.0 || norm > MAX_ATTACK_MAGNITUDE =>
             {
                 bad("norm", norm)
+            }
+            Attack::ReportLosses {
+                loss_pre,
+                loss_post,
+            } => {
+                for (what, v) in [("loss_pre", loss_pre), ("loss_post", Some(loss_post))] {
+                    match v {
+                        Some(v) if !(v.is_finite() && (0.0..=f32::MAX as f64).contains(&v)) => {
+                            return Err(SimError::Config(format!(
+                                "byzantine.attack.{what} must be a finite loss >= 0, not {v}"
+                            )))
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -168,6 +203,17 @@ pub fn poison(
     seed: u64,
     device: usize,
 ) -> Result<(), SimError> {
+    if let Attack::ReportLosses {
+        loss_pre,
+        loss_post,
+    } = attack
+    {
+        if let Some(pre) = loss_pre {
+            update.stats.loss_pre = pre as f32;
+        }
+        update.stats.loss_post = loss_post as f32;
+        return Ok(());
+    }
     let round = update.round.0;
     let half = update
         .adapter
@@ -197,6 +243,8 @@ pub fn poison(
                 noise.iter_mut().for_each(|x| *x = (*x as f64 * k) as f32);
                 b = noise;
             }
+            // Returned above: it leaves the adapter alone.
+            Attack::ReportLosses { .. } => {}
         }
         if let Some(bad) = b.iter().position(|x| !x.is_finite()) {
             return Err(SimError::Coordinator(format!(
@@ -318,6 +366,36 @@ mod tests {
     }
 
     #[test]
+    fn a_loss_report_attack_changes_the_losses_only() {
+        let honest = update();
+        let mut u = honest.clone();
+        let lie = Attack::ReportLosses {
+            loss_pre: None,
+            loss_post: 0.0,
+        };
+        poison(&mut u, lie, 7, 2).unwrap();
+        assert_eq!(u.adapter, honest.adapter);
+        assert_eq!((u.stats.loss_pre, u.stats.loss_post), (1.0, 0.0));
+        assert_eq!(lie.name(), "report-losses(honest, 0)");
+        let blow_up = Attack::ReportLosses {
+            loss_pre: Some(1e-6),
+            loss_post: 1000.0,
+        };
+        let mut v = honest.clone();
+        poison(&mut v, blow_up, 7, 2).unwrap();
+        assert_eq!((v.stats.loss_pre, v.stats.loss_post), (1e-6, 1000.0));
+        assert_eq!(
+            UpdateStats {
+                loss_pre: 1.0,
+                loss_post: 0.9,
+                ..v.stats
+            },
+            honest.stats
+        );
+        assert_eq!(blow_up.name(), "report-losses(0.000001, 1000)");
+    }
+
+    #[test]
     fn the_attackers_are_the_seeds_alone() {
         let cfg = ByzantineConfig {
             fraction: 0.25,
@@ -367,6 +445,19 @@ mod tests {
                 .contains("attack.norm")
         );
         assert!(toml::from_str::<ByzantineConfig>("attack = { kind = \"flip\" }").is_err());
+        assert!(bad(
+            "fraction = 0.1\nattack = { kind = \"report-losses\", loss_pre = -1.0, loss_post = 0.0 }"
+        )
+        .contains("attack.loss_pre"));
+        let lie: ByzantineConfig = toml::from_str(
+            "fraction = 0.1\nattack = { kind = \"report-losses\", loss_pre = 1e-6, loss_post = 1000 }",
+        )
+        .unwrap();
+        lie.validate().unwrap();
+        assert!(toml::from_str::<ByzantineConfig>(
+            "attack = { kind = \"report-losses\", loss_post = 0.0, samples = 1 }"
+        )
+        .is_err());
         let ok: ByzantineConfig =
             toml::from_str("fraction = 0.1\nattack = { kind = \"scale\", factor = -10 }").unwrap();
         assert_eq!(ok.attack, Attack::Scale { factor: -10.0 });

@@ -593,6 +593,12 @@ impl Drop for Slot {
     }
 }
 
+/// The byte budget's permits: `inbound_bytes_total`, at least one and at most what one
+/// acquisition can take (`u32::MAX`).
+fn inbound_byte_permits(limits: &NetLimits) -> u32 {
+    limits.inbound_bytes_total.clamp(1, u32::MAX as usize) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,10 +661,4 @@ mod tests {
         assert!(s.take_slot(ip("2001:db8:0:1::9")).is_ok());
         assert!(s.registry.lock().expect("lock").per_ip.len() <= 3);
     }
-}
-
-/// The byte budget's permits: `inbound_bytes_total`, at least one and at most what one
-/// acquisition can take (`u32::MAX`).
-fn inbound_byte_permits(limits: &NetLimits) -> u32 {
-    limits.inbound_bytes_total.clamp(1, u32::MAX as usize) as u32
 }

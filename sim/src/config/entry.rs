@@ -15,7 +15,8 @@ impl ExperimentConfig {
     /// (`coordinator.bounded_exploration`), `over=X` (`coordinator.over_selection`: select
     /// `ceil(n (1 + X))` devices, close the round on the first n updates), `w1=X` ... `w4=X`
     /// (`coordinator.reward`'s
-    /// term weights), `clean` (no Byzantine devices), and the devices' pruning: `k=N`
+    /// term weights), `loss-trim=X` (`coordinator.reward.loss_trim`: the share of a round's
+    /// devices whose loss changes cannot set the reward's loss scale), `clean` (no Byzantine devices), and the devices' pruning: `k=N`
     /// (`coordinator.prune_interval_steps`, the longest interval between pruning events),
     /// `events=N` (`pruning.min_events`, the schedule's floor on events per round), `crit=NAME`
     /// (`pruning.criterion`) and `per-block` (`pruning.per_block`). E.g.
@@ -107,6 +108,16 @@ impl ExperimentConfig {
                         _ => &mut r.w4,
                     } = weight;
                 }
+                Some(("loss-trim", x)) => match x.parse::<f64>() {
+                    Ok(x) if x.is_finite() && (0.0..0.5).contains(&x) => {
+                        base.coordinator.reward.loss_trim = x
+                    }
+                    _ => {
+                        return Err(SimError::Config(format!(
+                            "entry '{entry}': loss-trim={x} is not a share in [0, 0.5)"
+                        )))
+                    }
+                },
                 Some(("k", n)) => match n.parse::<u32>() {
                     Ok(n) if n >= 1 => base.coordinator.prune_interval_steps = n,
                     _ => {
@@ -134,8 +145,8 @@ impl ExperimentConfig {
                 _ => {
                     return Err(SimError::Config(format!(
                         "entry '{entry}': unknown modifier '{m}' (agg=METHOD, clip=NORM, screen=K, \
-                         scope=device|class, explore=N, bounded, over=X, w1..w4=X, clean, k=N, \
-                         events=N, crit=NAME, per-block)"
+                         scope=device|class, explore=N, bounded, over=X, w1..w4=X, loss-trim=X, clean, \
+                         k=N, events=N, crit=NAME, per-block)"
                     )))
                 }
             }
