@@ -145,6 +145,16 @@ struct ServeArgs {
     /// Messages one connection may send in a burst above that rate.
     #[arg(long, default_value_t = 64)]
     message_burst: u32,
+    /// Messages of all connections waiting for the coordinator thread at most.
+    #[arg(long, default_value_t = 1024)]
+    inbound_messages: usize,
+    /// MiB of frames of all connections waiting for the coordinator thread at most (a larger
+    /// frame waits alone); with --inbound-messages this bounds what floods can hold.
+    #[arg(long, default_value_t = 1024)]
+    inbound_mib: usize,
+    /// MiB queued to one device before a further frame to it is refused.
+    #[arg(long, default_value_t = 64)]
+    outbound_queue_mib: usize,
     /// Seconds to wait for devices to leave after the last round.
     #[arg(long, default_value_t = 5)]
     finish_grace_s: u64,
@@ -208,6 +218,8 @@ fn run_ca(cmd: CaCommand) -> Result<()> {
 
 fn run_serve(args: ServeArgs) -> Result<()> {
     transport::install_crypto_provider();
+    // The flags first: a bad one is named before any file is read.
+    let limits = limits_of(&args)?;
     if let Some(ca_key) = server::exposed_ca_key(&args.pki) {
         eprintln!(
             "warning: the CA key {} sits in the server's PKI directory; keep it offline and serve from `aggregator ca export-server --dir <ca> --out <pki>`",
@@ -218,24 +230,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let mut opts = server::ServeOptions::new(args.listen, args.pki.clone(), args.state.clone());
     opts.metrics = args.metrics.clone();
     opts.prometheus = args.prometheus_listen;
-    opts.limits = server::NetLimits {
-        max_connections: args.max_connections.max(1),
-        max_connections_per_ip: args.max_connections_per_ip.max(1),
-        max_handshakes_per_ip: args.max_handshakes_per_ip.max(1),
-        validate_addresses: !args.no_address_validation,
-        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
-        frame_read_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
-        write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
-        messages_per_second: args.messages_per_second,
-        message_burst: args.message_burst.max(1),
-        ..server::NetLimits::default()
-    };
-    if !(args.messages_per_second.is_finite() && args.messages_per_second > 0.0) {
-        anyhow::bail!(
-            "--messages-per-second must be a positive number, got {}",
-            args.messages_per_second
-        );
-    }
+    opts.limits = limits;
     opts.finish_grace = Duration::from_secs(args.finish_grace_s);
     let rounds = config.rounds;
     let coordinator = server::prepare(config, dims, &opts, args.resume)?;
@@ -294,4 +289,44 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The connection limits of `serve`'s flags; a rate, budget or queue of 0 is refused by name.
+fn limits_of(args: &ServeArgs) -> Result<server::NetLimits> {
+    if !(args.messages_per_second.is_finite() && args.messages_per_second > 0.0) {
+        anyhow::bail!(
+            "--messages-per-second must be a positive number, got {}",
+            args.messages_per_second
+        );
+    }
+    for (flag, value) in [
+        ("--inbound-messages", args.inbound_messages),
+        ("--inbound-mib", args.inbound_mib),
+        ("--outbound-queue-mib", args.outbound_queue_mib),
+    ] {
+        if value == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
+    let mib = |m: usize| m.checked_mul(1 << 20);
+    let (Some(inbound_bytes_total), Some(outbound_queue_bytes)) =
+        (mib(args.inbound_mib), mib(args.outbound_queue_mib))
+    else {
+        anyhow::bail!("--inbound-mib and --outbound-queue-mib must fit in this machine's memory");
+    };
+    Ok(server::NetLimits {
+        max_connections: args.max_connections.max(1),
+        max_connections_per_ip: args.max_connections_per_ip.max(1),
+        max_handshakes_per_ip: args.max_handshakes_per_ip.max(1),
+        validate_addresses: !args.no_address_validation,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
+        frame_read_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
+        write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
+        messages_per_second: args.messages_per_second,
+        message_burst: args.message_burst.max(1),
+        inbound_total: args.inbound_messages,
+        inbound_bytes_total,
+        outbound_queue_bytes,
+        ..server::NetLimits::default()
+    })
 }
