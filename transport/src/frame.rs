@@ -3,7 +3,8 @@
 //! the body is read in chunks, so memory follows the bytes actually received). A server reads
 //! with [`recv_frame_within`]: once a frame's first byte arrived, the whole frame must arrive
 //! within a deadline, or the read fails and its buffer is freed (a peer that declares a large
-//! frame and trickles it cannot hold memory for long).
+//! frame and trickles it cannot hold memory for long). A device sends with
+//! [`send_frame_within`], so an aggregator that stops reading cannot hold it in one send.
 
 use std::time::Duration;
 
@@ -20,6 +21,23 @@ pub async fn send_frame(send: &mut SendStream, message: &Message) -> Result<usiz
     let frame = encode_frame(message)?;
     send.write_all(&frame).await?;
     Ok(frame.len())
+}
+
+/// [`send_frame`] with a deadline: a peer that stops reading withholds QUIC flow-control
+/// credit (while its keep-alives go on), so a frame larger than the credit left would block for
+/// ever; past `deadline` the send fails with [`TransportError::SendTimeout`] (the stream is
+/// then mid-frame and good for nothing: the caller drops the connection).
+pub async fn send_frame_within(
+    send: &mut SendStream,
+    message: &Message,
+    deadline: Duration,
+) -> Result<usize, TransportError> {
+    match tokio::time::timeout(deadline, send_frame(send, message)).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::SendTimeout {
+            limit_ms: deadline.as_millis() as u64,
+        }),
+    }
 }
 
 /// Writes one frame already encoded ([`protocol::encode_frame`]).

@@ -15,7 +15,7 @@
 //! | [`identity`] | PKI file names, PEM loading, device DNS name <-> id, certificate -> device |
 //! | [`tls`] | rustls server and client configurations |
 //! | [`endpoint`] | transport parameters, quinn configs and endpoints, accept and connect |
-//! | [`frame`] | frames over a stream ([`send_frame`], [`recv_frame`], [`recv_frame_within`], [`FramedStream`]) |
+//! | [`frame`] | frames over a stream ([`send_frame`], [`send_frame_within`], [`recv_frame`], [`recv_frame_within`], [`FramedStream`]) |
 //! | [`revocation`] | the revocation list (`revoked.txt`) checked after the handshake |
 //!
 //! The crate does not re-export quinn or tokio: a driver depends on them itself. Issuing
@@ -35,7 +35,9 @@ pub use endpoint::{
     KEEP_ALIVE_INTERVAL, MAX_INCOMING, SEND_WINDOW_BYTES, STREAM_RECEIVE_WINDOW_BYTES,
     UDP_SOCKET_BUFFER_BYTES,
 };
-pub use frame::{recv_frame, recv_frame_within, send_frame, send_frame_bytes, FramedStream};
+pub use frame::{
+    recv_frame, recv_frame_within, send_frame, send_frame_bytes, send_frame_within, FramedStream,
+};
 pub use identity::{
     ca_paths, device_dns_name, device_id_from_cert, device_paths, load_ca, load_certs,
     load_identity, load_key, parse_device_dns_name, peer_certificate, peer_device_id,
@@ -88,4 +90,6 @@ pub enum TransportError {
     Truncated { expected: usize, got: usize },
     #[error("a frame did not arrive whole within {limit_ms} ms of its first byte")]
     FrameTimeout { limit_ms: u64 },
+    #[error("a frame was not sent whole within {limit_ms} ms: the peer is not reading")]
+    SendTimeout { limit_ms: u64 },
 }

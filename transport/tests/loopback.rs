@@ -2,7 +2,8 @@
 //! with another CA's certificate or another ALPN, a device certificate cannot serve as the
 //! aggregator, a revoked device is refused after its handshake, a private key others can read
 //! is refused on load, oversized frames are refused, and a frame must arrive whole within its
-//! deadline once its first byte came (a trickled one fails, a split but timely one passes).
+//! deadline once its first byte came (a trickled one fails, a split but timely one passes), and
+//! a send to a peer that stops reading ends at its deadline.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -535,4 +536,77 @@ async fn a_frame_must_arrive_whole_within_its_deadline_from_its_first_byte() {
         "the trickled frame failed {took:?} after the first frame"
     );
     trickle.abort();
+}
+
+/// An aggregator that accepts a device and never reads: QUIC flow control lets the first 32 MiB
+/// of the stream through (the receive window) and then holds the sender, keep-alives and all.
+/// A send without a deadline would wait for ever; with one it fails at the deadline, and a frame
+/// within the window goes through on the same kind of connection.
+#[tokio::test]
+async fn a_send_to_a_peer_that_stops_reading_ends_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    pki_dir(dir.path(), &[4]);
+    let (server_ep, addr) = server(dir.path());
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let server_task = tokio::spawn(async move {
+        let dev = accept_one(&server_ep).await.unwrap();
+        // Hold the connection and its stream unread until the test ends.
+        let _ = held_rx.await;
+        drop(dev);
+    });
+    let client_ep = client(transport::load_client_config(dir.path(), DeviceId(4)).unwrap());
+    let conn = transport::connect(&client_ep, addr, "localhost", DEFAULT_MAX_FRAME_BYTES)
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.stream.into_parts();
+    // A small frame fits the window: sent at once.
+    let small = transport::send_frame_within(&mut send, &join(4), Duration::from_secs(5)).await;
+    assert!(small.is_ok(), "{small:?}");
+    // 40 MB of update: more than the 32 MiB the unread stream will take.
+    let floats: u32 = 10 << 20;
+    let big = Message::Update(Update {
+        round: RoundId(1),
+        adapter: AdapterPayload {
+            rank: 1,
+            alpha: 1.0,
+            layers: vec![LayerAdapter {
+                block: 0,
+                proj: Proj::ALL[0],
+                a: Tensor2::f32(1, floats, vec![0.5; floats as usize]),
+                b: Tensor2::f32(1, 1, vec![0.5]),
+            }],
+        },
+        kept: KeptIndices { blocks: Vec::new() },
+        stats: UpdateStats {
+            loss_pre: 1.0,
+            loss_post: 0.5,
+            sparsity: 0.0,
+            param_count: 1,
+            compute_ms: 1,
+            bytes_down: 1,
+            bytes_up: 1,
+            peak_mem_bytes: 1,
+            samples: 1,
+            steps: 1,
+        },
+    });
+    let started = std::time::Instant::now();
+    let deadline = Duration::from_millis(1500);
+    let sent = timeout(
+        LIMIT,
+        transport::send_frame_within(&mut send, &big, deadline),
+    )
+    .await
+    .expect("the deadline, not the test's limit, ends the send");
+    let took = started.elapsed();
+    match sent {
+        Err(TransportError::SendTimeout { limit_ms: 1500 }) => {}
+        other => panic!("expected a send timeout, got {other:?}"),
+    }
+    assert!(
+        took >= deadline && took < deadline + Duration::from_secs(3),
+        "the send ended after {took:?}"
+    );
+    let _ = held_tx.send(());
+    server_task.await.unwrap();
 }

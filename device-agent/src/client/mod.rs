@@ -442,20 +442,10 @@ impl Driver {
                     Message::Update(u) => u.adapter.byte_len(),
                     _ => 0,
                 };
-                let deadline = send_deadline(bytes);
-                match tokio::time::timeout(deadline, transport::send_frame(&mut l.send, &msg)).await
-                {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => {
+                match transport::send_frame_within(&mut l.send, &msg, send_deadline(bytes)).await {
+                    Ok(_) => true,
+                    Err(e) => {
                         tracing::warn!(error = %e, kind = msg.kind(), "send failed");
-                        false
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            kind = msg.kind(),
-                            seconds = deadline.as_secs(),
-                            "send timed out: the aggregator is not reading"
-                        );
                         false
                     }
                 }
