@@ -31,6 +31,26 @@ fn check(stats: &[RoundStats], weights: RewardWeights, expect: Expect) {
     expect.assert_eq(&text);
 }
 
+/// The hand-computed round of `two_devices_by_hand`.
+fn two_devices() -> [RoundStats; 2] {
+    [
+        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
+        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
+    ]
+}
+
+/// Only the loss term weighs.
+fn loss_only(loss_trim: f64) -> RewardWeights {
+    RewardWeights {
+        w1: 1.0,
+        w2: 0.0,
+        w3: 0.0,
+        w4: 0.0,
+        loss_trim,
+        ..w()
+    }
+}
+
 fn w() -> RewardWeights {
     RewardWeights::default() // w1 = 1, w2 = 0.5, w3 = 0.25, w4 = 0.25; w1 + w2 + w3 = 1.75
 }
@@ -44,10 +64,7 @@ fn two_devices_by_hand() {
     // (credit 0.5 * 0.5 = 0.25), d1 0.5 late (penalty 0.5).
     // d0: (1.0 + 0.5/3 + 0.25*1.0 + 0.25*0.25) / 1.75 = 1.479167 / 1.75 = 0.845238
     // d1: (0.4 + 0     + 0.25*0.5 - 0.25*0.5)  / 1.75 = 0.40 / 1.75     = 0.228571
-    let round = [
-        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
-        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
-    ];
+    let round = two_devices();
     check(&round, w(), expect!["0.845238 0.228571"]);
 }
 
@@ -120,19 +137,9 @@ fn rewards_are_clipped_to_the_unit_interval() {
 
 #[test]
 fn weights_change_the_mix() {
-    let round = [
-        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
-        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
-    ];
+    let round = two_devices();
     // Loss only: d0 1.0, d1 0.4.
-    let loss_only = RewardWeights {
-        w1: 1.0,
-        w2: 0.0,
-        w3: 0.0,
-        w4: 0.0,
-        ..w()
-    };
-    check(&round, loss_only, expect!["1.000000 0.400000"]);
+    check(&round, loss_only(0.0), expect!["1.000000 0.400000"]);
     // Norm with a heavy time weight: d0 finished 0.5 early, (0.25*1 + 1*0.5*0.5)/0.25 = 2 -> 1;
     // d1 0.5 late, (0.25*0.5 - 1*0.5)/0.25 < 0 -> 0.
     let time_heavy = RewardWeights {
@@ -206,19 +213,11 @@ fn weights_load_from_toml_with_defaults() {
 /// Nine honest devices with loss changes 0.01 ... 0.09 and a tenth that lies; only the loss
 /// term counts. Returns the ten rewards.
 fn with_a_liar(pre: f64, post: f64, loss_trim: f64) -> Vec<f64> {
-    let loss_only = RewardWeights {
-        w1: 1.0,
-        w2: 0.0,
-        w3: 0.0,
-        w4: 0.0,
-        loss_trim,
-        ..w()
-    };
     let mut round: Vec<RoundStats> = (1..=9)
         .map(|k| ok(1.0, 1.0 - 0.01 * k as f64, 0.0, 0.0, 0.3, 1.0, 100))
         .collect();
     round.push(ok(pre, post, 0.0, 0.0, 0.3, 1.0, 100));
-    shape_rewards(&round, &loss_only).unwrap()
+    shape_rewards(&round, &loss_only(loss_trim)).unwrap()
 }
 
 #[test]
@@ -257,17 +256,7 @@ fn a_device_lying_about_its_losses_cannot_set_the_others_loss_scale_when_trimmed
         .collect();
     round.push(ok(1000.0, 0.0, 0.0, 0.0, 0.3, 1.0, 100));
     round.push(ok(1e-6, 1000.0, 0.0, 0.0, 0.3, 1.0, 100));
-    let trim = |loss_trim| {
-        let w = RewardWeights {
-            w1: 1.0,
-            w2: 0.0,
-            w3: 0.0,
-            w4: 0.0,
-            loss_trim,
-            ..w()
-        };
-        shape_rewards(&round, &w).unwrap()
-    };
+    let trim = |loss_trim| shape_rewards(&round, &loss_only(loss_trim)).unwrap();
     assert!(
         trim(0.1)[7] < 0.1,
         "one trimmed liar of two still sets the scale"
@@ -279,10 +268,7 @@ fn a_device_lying_about_its_losses_cannot_set_the_others_loss_scale_when_trimmed
 
 #[test]
 fn the_loss_trim_is_checked_and_zero_is_the_old_scale() {
-    let round = [
-        ok(2.0, 1.5, 0.1, 0.2, 0.4, 2.0, 100),
-        ok(2.0, 1.8, 0.1, 0.1, 0.4, 1.0, 300),
-    ];
+    let round = two_devices();
     // The hand-computed round of `two_devices_by_hand`: trimming one of two devices leaves the
     // smaller change (0.10) as the scale, so d0's loss term clamps at 1 and d1's becomes 1.
     check(&round, w(), expect!["0.845238 0.228571"]);
