@@ -291,7 +291,14 @@ async fn shutdown_signal() {
     }
 }
 
-/// The connection limits of `serve`'s flags; a rate, budget or queue of 0 is refused by name.
+/// Largest `--inbound-mib`: the byte budget is counted in `u32` permits of one byte.
+const MAX_INBOUND_MIB: usize = (u32::MAX as usize) >> 20;
+
+/// Largest `--inbound-messages` (tokio's semaphores hold at most this many permits).
+const MAX_INBOUND_MESSAGES: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
+/// The connection limits of `serve`'s flags; a count, rate, budget or timeout of 0 is refused
+/// by name, and so is a budget over what the server can count.
 fn limits_of(args: &ServeArgs) -> Result<server::NetLimits> {
     if !(args.messages_per_second.is_finite() && args.messages_per_second > 0.0) {
         anyhow::bail!(
@@ -300,33 +307,128 @@ fn limits_of(args: &ServeArgs) -> Result<server::NetLimits> {
         );
     }
     for (flag, value) in [
-        ("--inbound-messages", args.inbound_messages),
-        ("--inbound-mib", args.inbound_mib),
-        ("--outbound-queue-mib", args.outbound_queue_mib),
+        ("--max-connections", args.max_connections as u64),
+        (
+            "--max-connections-per-ip",
+            args.max_connections_per_ip as u64,
+        ),
+        ("--max-handshakes-per-ip", args.max_handshakes_per_ip as u64),
+        ("--handshake-timeout-ms", args.handshake_timeout_ms),
+        ("--frame-timeout-ms", args.frame_timeout_ms),
+        ("--write-timeout-ms", args.write_timeout_ms),
+        ("--message-burst", args.message_burst as u64),
+        ("--inbound-messages", args.inbound_messages as u64),
+        ("--inbound-mib", args.inbound_mib as u64),
+        ("--outbound-queue-mib", args.outbound_queue_mib as u64),
     ] {
         if value == 0 {
             anyhow::bail!("{flag} must be at least 1");
         }
     }
-    let mib = |m: usize| m.checked_mul(1 << 20);
-    let (Some(inbound_bytes_total), Some(outbound_queue_bytes)) =
-        (mib(args.inbound_mib), mib(args.outbound_queue_mib))
-    else {
-        anyhow::bail!("--inbound-mib and --outbound-queue-mib must fit in this machine's memory");
+    if args.inbound_messages > MAX_INBOUND_MESSAGES {
+        anyhow::bail!("--inbound-messages must be at most {MAX_INBOUND_MESSAGES}");
+    }
+    if args.inbound_mib > MAX_INBOUND_MIB {
+        anyhow::bail!("--inbound-mib must be at most {MAX_INBOUND_MIB} (just under 4 GiB)");
+    }
+    let Some(outbound_queue_bytes) = args.outbound_queue_mib.checked_mul(1 << 20) else {
+        anyhow::bail!("--outbound-queue-mib must fit in this machine's memory");
     };
     Ok(server::NetLimits {
-        max_connections: args.max_connections.max(1),
-        max_connections_per_ip: args.max_connections_per_ip.max(1),
-        max_handshakes_per_ip: args.max_handshakes_per_ip.max(1),
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        max_handshakes_per_ip: args.max_handshakes_per_ip,
         validate_addresses: !args.no_address_validation,
-        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
-        frame_read_timeout: Duration::from_millis(args.frame_timeout_ms.max(1)),
-        write_timeout: Duration::from_millis(args.write_timeout_ms.max(1)),
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        frame_read_timeout: Duration::from_millis(args.frame_timeout_ms),
+        write_timeout: Duration::from_millis(args.write_timeout_ms),
         messages_per_second: args.messages_per_second,
-        message_burst: args.message_burst.max(1),
+        message_burst: args.message_burst,
         inbound_total: args.inbound_messages,
-        inbound_bytes_total,
+        inbound_bytes_total: args.inbound_mib << 20,
         outbound_queue_bytes,
         ..server::NetLimits::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn limits(flags: &[&str]) -> Result<server::NetLimits> {
+        let mut argv = vec![
+            "aggregator",
+            "serve",
+            "--config",
+            "c.toml",
+            "--pki",
+            "p",
+            "--state",
+            "s",
+        ];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(args) => limits_of(&args),
+            Command::Ca(_) => unreachable!("parsed as serve"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_servers_defaults() {
+        assert_eq!(limits(&[]).unwrap(), server::NetLimits::default());
+    }
+
+    #[test]
+    fn each_budget_flag_sets_its_own_field() {
+        let l = limits(&[
+            "--inbound-messages",
+            "64",
+            "--inbound-mib",
+            "256",
+            "--outbound-queue-mib",
+            "16",
+            "--message-burst",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                l.inbound_total,
+                l.inbound_bytes_total,
+                l.outbound_queue_bytes,
+                l.message_burst
+            ),
+            (64, 256 << 20, 16 << 20, 9)
+        );
+        assert_eq!(l.inbound_per_connection, 4, "no flag: the default");
+    }
+
+    #[test]
+    fn zeros_and_budgets_past_what_the_server_counts_are_refused_by_name() {
+        for flag in [
+            "--max-connections",
+            "--message-burst",
+            "--frame-timeout-ms",
+            "--inbound-messages",
+            "--inbound-mib",
+            "--outbound-queue-mib",
+        ] {
+            let e = limits(&[flag, "0"]).unwrap_err().to_string();
+            assert!(e.contains(&format!("{flag} must be at least 1")), "{e}");
+        }
+        let e = limits(&["--inbound-mib", "4096"]).unwrap_err().to_string();
+        assert!(e.contains("--inbound-mib must be at most 4095"), "{e}");
+        assert!(limits(&["--inbound-mib", "4095"]).is_ok());
+        let too_many = (MAX_INBOUND_MESSAGES + 1).to_string();
+        let e = limits(&["--inbound-messages", &too_many])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--inbound-messages must be at most"), "{e}");
+        let e = limits(&["--messages-per-second", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--messages-per-second"), "{e}");
+    }
 }

@@ -5,7 +5,8 @@
 //! ```text
 //! loss_i     = (L_pre - L_post) / L_pre, divided by the round's loss scale, clamped to [-1, 1]
 //! scale      = max_j |loss_j| over the round            (loss_trim = 0, the default)
-//!            = the (f+1)-th largest |loss_j|, f = min(ceil(loss_trim * n), n - 1)
+//!            = the (f+1)-th largest |loss_j|, f = min(ceil(loss_trim * n), n - 1), n the
+//!              devices that finished in time (ceil with a 1e-9 tolerance: 0.1 * 30 is 3)
 //! progress_i = (s_t - s_{t-1}) / (s* - s_{t-1}), clamped to [-1, 1]   (1 when s_{t-1} >= s*)
 //! norm_i     = |B_i A_i|_F / max_j |B_j A_j|_F
 //! late_i     = (T_i - mean_T) / mean_T          (mean over the devices that finished in time)
@@ -84,8 +85,10 @@ pub struct RewardWeights {
     pub early_credit: f64,
     /// Share of the round's devices, in `[0, 0.5)`, whose loss changes cannot set the loss
     /// term's scale (see the module docs): `0` (the default) divides by the round's largest
-    /// change, as every run before this option did; it must exceed the share of devices that
-    /// may lie about their losses for the bound to hold. Left out of serialised configs at 0.
+    /// change, as every run before this option did. The bound holds for a round whose liars
+    /// number at most `ceil(loss_trim * n)`, `n` being the devices that finished in time that
+    /// round (not the fleet): set it at least to the share of a round that may lie, with room
+    /// for rounds where fewer honest devices finish. Left out of serialised configs at 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub loss_trim: f64,
 }
@@ -207,9 +210,11 @@ pub fn shape_rewards(stats: &[RoundStats], w: &RewardWeights) -> Result<Vec<f64>
         return Ok(vec![0.0; stats.len()]);
     }
 
+    // Finite losses can still divide to an infinite change (1e300 over 1e-300): such a change
+    // counts as the largest finite one, so no reward becomes NaN.
     let loss_change = |s: &RoundStats| {
         if s.loss_pre > 0.0 {
-            (s.loss_pre - s.loss_post) / s.loss_pre
+            ((s.loss_pre - s.loss_post) / s.loss_pre).clamp(-f64::MAX, f64::MAX)
         } else {
             0.0
         }

@@ -298,3 +298,18 @@ fn the_loss_trim_is_checked_and_zero_is_the_old_scale() {
     let parsed: RewardWeights = toml::from_str("loss_trim = 0.2").unwrap();
     assert_eq!(parsed.loss_trim, 0.2);
 }
+
+/// Finite losses can divide to an infinite change (1e300 after 1e-300): it counts as the
+/// largest finite change, so every reward stays a number, at either trim.
+#[test]
+fn an_infinite_loss_change_gives_no_nan() {
+    for trim in [0.0, 0.3] {
+        let round = [
+            ok(1e-300, 1e300, 0.0, 0.0, 0.3, 1.0, 100),
+            ok(2.0, 1.5, 0.0, 0.0, 0.3, 1.0, 100),
+            ok(2.0, 1.8, 0.0, 0.0, 0.3, 1.0, 100),
+        ];
+        let r = shape_rewards(&round, &loss_only(trim)).unwrap();
+        assert!(r.iter().all(|x| (0.0..=1.0).contains(x)), "{trim}: {r:?}");
+    }
+}

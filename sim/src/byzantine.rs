@@ -153,6 +153,38 @@ impl ByzantineConfig {
         }
     }
 
+    /// A `report-losses` attack whose losses the aggregator would refuse outright (over its
+    /// `max_loss`) tests nothing about the reward: refused, naming the bound. So is a positive
+    /// loss that is 0 once sent as `f32`.
+    pub fn check_reported_losses(&self, max_loss: f64) -> Result<(), SimError> {
+        let Attack::ReportLosses {
+            loss_pre,
+            loss_post,
+        } = self.attack
+        else {
+            return Ok(());
+        };
+        for (what, v) in [("loss_pre", loss_pre), ("loss_post", Some(loss_post))] {
+            match v {
+                Some(v) if v > max_loss => {
+                    return Err(SimError::Config(format!(
+                        "byzantine.attack.{what} = {v} is over coordinator.max_loss = {max_loss}: \
+                         every such update would be refused before the reward sees it"
+                    )))
+                }
+                Some(v) if v > 0.0 && (v as f32) < f32::MIN_POSITIVE => {
+                    return Err(SimError::Config(format!(
+                        "byzantine.attack.{what} = {v} is below the smallest normal f32 loss \
+                         ({:e}), which a device sends",
+                        f32::MIN_POSITIVE
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// How many of `devices` attack: `round(fraction * devices)`.
     pub fn count(&self, devices: usize) -> usize {
         ((self.fraction * devices as f64).round() as usize).min(devices)
@@ -454,6 +486,18 @@ mod tests {
         )
         .unwrap();
         lie.validate().unwrap();
+        lie.check_reported_losses(1000.0).unwrap();
+        let e = lie.check_reported_losses(500.0).unwrap_err().to_string();
+        assert!(
+            e.contains("loss_post = 1000") && e.contains("max_loss = 500"),
+            "{e}"
+        );
+        let tiny: ByzantineConfig = toml::from_str(
+            "fraction = 0.1\nattack = { kind = \"report-losses\", loss_pre = 1e-50, loss_post = 0 }",
+        )
+        .unwrap();
+        let e = tiny.check_reported_losses(1000.0).unwrap_err().to_string();
+        assert!(e.contains("loss_pre = 0.00000000"), "{e}");
         assert!(toml::from_str::<ByzantineConfig>(
             "attack = { kind = \"report-losses\", loss_post = 0.0, samples = 1 }"
         )

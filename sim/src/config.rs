@@ -446,6 +446,8 @@ impl ExperimentConfig {
             )));
         }
         self.byzantine.validate()?;
+        self.byzantine
+            .check_reported_losses(self.coordinator.max_loss as f64)?;
         self.final_recovery_steps()?;
         if self.eval.every_rounds == 0 {
             return Err(SimError::Config(

@@ -540,8 +540,9 @@ async fn a_frame_must_arrive_whole_within_its_deadline_from_its_first_byte() {
 
 /// An aggregator that accepts a device and never reads: QUIC flow control lets the first 32 MiB
 /// of the stream through (the receive window) and then holds the sender, keep-alives and all.
-/// A send without a deadline would wait for ever; with one it fails at the deadline, and a frame
-/// within the window goes through on the same kind of connection.
+/// A send without a deadline would wait for ever; with one it fails at the deadline, while a
+/// frame within the window is taken at once (flow control, not the peer's reading, is what
+/// holds a sender).
 #[tokio::test]
 async fn a_send_to_a_peer_that_stops_reading_ends_at_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
@@ -559,10 +560,10 @@ async fn a_send_to_a_peer_that_stops_reading_ends_at_its_deadline() {
         .await
         .unwrap();
     let (mut send, _recv) = conn.stream.into_parts();
-    // A small frame fits the window: sent at once.
+    // A small frame fits the window: taken at once.
     let small = transport::send_frame_within(&mut send, &join(4), Duration::from_secs(5)).await;
     assert!(small.is_ok(), "{small:?}");
-    // 40 MB of update: more than the 32 MiB the unread stream will take.
+    // 40 MiB of update: more than the 32 MiB the unread stream will take.
     let floats: u32 = 10 << 20;
     let big = Message::Update(Update {
         round: RoundId(1),
@@ -603,8 +604,10 @@ async fn a_send_to_a_peer_that_stops_reading_ends_at_its_deadline() {
         Err(TransportError::SendTimeout { limit_ms: 1500 }) => {}
         other => panic!("expected a send timeout, got {other:?}"),
     }
+    // The deadline covers encoding the frame too (slow in a debug build on a loaded host), so
+    // only the lower bound is tight; the test's 20 s limit would be the other ending.
     assert!(
-        took >= deadline && took < deadline + Duration::from_secs(3),
+        took >= deadline && took < deadline + Duration::from_secs(10),
         "the send ended after {took:?}"
     );
     let _ = held_tx.send(());

@@ -280,6 +280,22 @@ mod tests {
     /// the same); a bad value is refused by name; the surrogate refuses a criterion or block
     /// ratio it was not fitted on.
     #[test]
+    fn an_entry_sets_the_rewards_loss_trim() {
+        let b = ExperimentConfig::preset("bandit").unwrap();
+        assert_eq!(b.coordinator.reward.loss_trim, 0.0);
+        let c = b.with_entry("fedspine+loss-trim=0.2+w4=3").unwrap();
+        assert_eq!(
+            (c.coordinator.reward.loss_trim, c.coordinator.reward.w4),
+            (0.2, 3.0)
+        );
+        for bad in ["0.5", "-0.1", "nan", "x"] {
+            let entry = format!("fedspine+loss-trim={bad}");
+            let e = b.with_entry(&entry).unwrap_err().to_string();
+            assert!(e.contains(&format!("loss-trim={bad}")), "{entry}: {e}");
+        }
+    }
+
+    #[test]
     fn an_entry_sets_the_devices_pruning() {
         let b = ExperimentConfig::preset("sotu").unwrap();
         assert!(b.pruning.is_default());
