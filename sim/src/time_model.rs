@@ -18,6 +18,15 @@
 //!                             does not scale with its length (dispatch, packing); removing a
 //!                             head removes it, which is why head pruning saves more per FLOP
 //!                             than channel pruning on short passes
+//!   + c8 * F_in_place         FLOPs of the block and head products of a pass with fewer rows
+//!                             (batch x sequence) than the agent's in-place threshold
+//!                             (`device_agent::kernels::sgemm::IN_PLACE_BELOW_ROWS`, recorded
+//!                             in the file as `in_place_below_rows`): those products read the
+//!                             frozen weights where they lie instead of packing them, so such a
+//!                             pass pays neither `c6 W` nor `c1`/`c2`'s efficiency but one of
+//!                             its own; `F_block`, `F_head` and `W` are zero there. Files
+//!                             without the field (measured before the in-place kernels, or on
+//!                             a CPU without them) never take this term.
 //! ```
 //!
 //! (The attention probabilities' element-wise work, `T n H` elements, is proportional to the
@@ -115,7 +124,7 @@ pub struct Workload {
 }
 
 /// Number of per-operator quantities (the length of [`features`]).
-pub const N_FEATURES: usize = 8;
+pub const N_FEATURES: usize = 9;
 /// Fewest points of a kind that are fitted (one more than the coefficients, so leave-one-out
 /// is defined). Training steps and forward passes must have them; scoring steps need only one
 /// (they set a factor on the training step, [`TimeModel::scoring_factor`]).
@@ -130,11 +139,13 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "activation M-elements",
     "weight M-params",
     "k head-sequences",
+    "in-place GFLOP",
 ];
 
 /// The per-operator quantities of one forward pass over `w` (GFLOP and millions of elements;
-/// the first is the constant 1 of the overhead term).
-pub fn features(w: &Workload) -> [f64; N_FEATURES] {
+/// the first is the constant 1 of the overhead term) on a host whose products read the weights
+/// in place below `in_place_below` rows (`None`: every product packs them).
+pub fn features(w: &Workload, in_place_below: Option<usize>) -> [f64; N_FEATURES] {
     let s = &w.shape;
     let t = (w.batch * w.seq) as f64;
     let d = s.d_model as f64;
@@ -153,22 +164,25 @@ pub fn features(w: &Workload) -> [f64; N_FEATURES] {
     // Weights a pass reads once whatever the token count (blocks and the tied LM head): what
     // small batches pay for, and what pruning shrinks.
     let weights = d * (2.0 * h * hd + 2.0 * kv * hd) + 3.0 * d * ch + d * s.vocab as f64;
+    let in_place = in_place_below.is_some_and(|rows| w.batch * w.seq < rows);
+    let (packed, read_in_place) = if in_place { (0.0, 1.0) } else { (1.0, 0.0) };
     [
         1.0,
-        block * 1e-9,
-        head * 1e-9,
+        packed * block * 1e-9,
+        packed * head * 1e-9,
         attn * 1e-9,
         lora * 1e-9,
         act * 1e-6,
-        weights * 1e-6,
+        packed * weights * 1e-6,
         h * w.batch as f64 * 1e-3,
+        read_in_place * (block + head) * 1e-9,
     ]
 }
 
 /// Total FLOPs of the work, as the FLOPs-linear model counts them (`cost`'s formulas: a
 /// training step is two forward passes plus three LoRA forward passes).
 pub fn total_flops(kind: StepKind, cfg_sums: &Workload) -> f64 {
-    let f = features(cfg_sums);
+    let f = features(cfg_sums, None);
     let forward = (f[1] + f[2] + f[3]) * 1e9;
     let lora = f[4] * 1e9;
     match kind {
@@ -232,6 +246,12 @@ pub struct MeasuredOn {
     /// paths); files written before 2026-12-05 leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<crate::host::HostInfo>,
+    /// Rows (batch x sequence) below which the measuring agent's fp32 products read the frozen
+    /// weights in place (the model's `F_in_place` term); `None` where it had no such kernels
+    /// (files written before 2026-12-07 leave it out; those measured since 2026-12-05 with
+    /// the in-place kernels may have it added by hand, as their commands record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_place_below_rows: Option<usize>,
 }
 
 /// A measurement file as `sim calibrate` writes it.
@@ -401,6 +421,7 @@ impl Calibration {
                 && a.isa == b.isa
                 && a.threads == b.threads
                 && a.build == b.build
+                && a.in_place_below_rows == b.in_place_below_rows
                 && class
         };
         for (origin, run) in &runs[1..] {
@@ -436,6 +457,20 @@ impl Calibration {
             .filter(|m| m.kind == kind)
             .collect()
     }
+
+    /// Leave-one-out validation of the points of `kind` (scoring steps: the training fit times
+    /// the other scoring points' factor), under this file's in-place threshold.
+    pub fn validation(&self, kind: StepKind) -> Validation {
+        let in_place = self.host.in_place_below_rows;
+        match kind {
+            StepKind::TrainScoring => Validation::leave_one_out_scoring(
+                &self.of_kind(StepKind::Train),
+                &self.of_kind(kind),
+                in_place,
+            ),
+            _ => Validation::leave_one_out(kind, &self.of_kind(kind), in_place),
+        }
+    }
 }
 
 /// Fitted coefficients for training steps and forward passes, and the cost of accumulating
@@ -456,6 +491,8 @@ pub struct TimeModel {
     /// Host milliseconds and FLOPs of the forward pass at [`REFERENCE_FORWARD`].
     pub reference_forward_ms: f64,
     pub reference_forward_flops: f64,
+    /// The calibration's in-place threshold ([`MeasuredOn::in_place_below_rows`]).
+    pub in_place_below_rows: Option<usize>,
 }
 
 impl TimeModel {
@@ -468,13 +505,17 @@ impl TimeModel {
             if pts.len() < MIN_POINTS {
                 continue;
             }
-            coefficients.push((kind, fit::fit_points(&pts)));
+            coefficients.push((kind, fit::fit_points(&pts, cal.host.in_place_below_rows)));
         }
         let train = coefficients
             .first()
             .map(|(_, c)| *c)
             .unwrap_or([0.0; N_FEATURES]);
-        let scoring_factor = fit::scoring_factor(&train, &cal.of_kind(StepKind::TrainScoring));
+        let scoring_factor = fit::scoring_factor(
+            &train,
+            &cal.of_kind(StepKind::TrainScoring),
+            cal.host.in_place_below_rows,
+        );
         let dense = cal
             .measurements
             .iter()
@@ -498,6 +539,7 @@ impl TimeModel {
             reference_flops: total_flops(StepKind::Train, &train),
             reference_forward_ms: 0.0,
             reference_forward_flops: total_flops(StepKind::Forward, &forward),
+            in_place_below_rows: cal.host.in_place_below_rows,
         };
         m.reference_ms = m.host_ms(StepKind::Train, &train);
         m.reference_forward_ms = m.host_ms(StepKind::Forward, &forward);
@@ -528,7 +570,7 @@ impl TimeModel {
 
     /// Predicted host milliseconds of one step of `kind` on `w`.
     pub fn host_ms(&self, kind: StepKind, w: &Workload) -> f64 {
-        let f = features(w);
+        let f = features(w, self.in_place_below_rows);
         let t: f64 = self.coefs(kind).iter().zip(f).map(|(c, x)| c * x).sum();
         if kind == StepKind::TrainScoring {
             t * self.scoring_factor

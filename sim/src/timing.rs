@@ -36,7 +36,7 @@ use device_agent::train::RoundReport;
 use crate::config::ClockConfig;
 use crate::error::SimError;
 use crate::time_model::{
-    Calibration, ShapeSums, StepKind, TimeModel, Validation, Workload, BUILTIN_CALIBRATION,
+    Calibration, ShapeSums, StepKind, TimeModel, Workload, BUILTIN_CALIBRATION,
 };
 
 /// The virtual clock's compute model: the per-operator time model fitted to one measurement
@@ -55,7 +55,7 @@ impl Clock {
         let errors: Vec<String> = [StepKind::Train, StepKind::Forward]
             .into_iter()
             .map(|kind| {
-                let v = Validation::leave_one_out(kind, &cal.of_kind(kind));
+                let v = cal.validation(kind);
                 format!("{} {:.1}%", kind.name(), 100.0 * v.ours().0)
             })
             .collect();

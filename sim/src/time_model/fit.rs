@@ -83,11 +83,20 @@ fn least_squares(a: &[Vec<f64>], b: &[f64], cols: &[usize], norms: &[f64]) -> Op
 }
 
 /// Coefficients for points of one kind: relative-error weighting (each row divided by its
-/// measured time), so a 50 ms point counts as much as a 5 s one.
-pub(super) fn fit_points(points: &[&Measurement]) -> [f64; N_FEATURES] {
+/// measured time), so a 50 ms point counts as much as a 5 s one. `in_place_below`: the
+/// calibration's in-place threshold ([`super::MeasuredOn::in_place_below_rows`]).
+pub(super) fn fit_points(
+    points: &[&Measurement],
+    in_place_below: Option<usize>,
+) -> [f64; N_FEATURES] {
     let a: Vec<Vec<f64>> = points
         .iter()
-        .map(|m| features(&m.workload).iter().map(|x| x / m.ms).collect())
+        .map(|m| {
+            features(&m.workload, in_place_below)
+                .iter()
+                .map(|x| x / m.ms)
+                .collect()
+        })
         .collect();
     let b = vec![1.0; points.len()];
     let x = nnls(&a, &b);
@@ -96,18 +105,22 @@ pub(super) fn fit_points(points: &[&Measurement]) -> [f64; N_FEATURES] {
     out
 }
 
-fn predict(c: &[f64; N_FEATURES], m: &Measurement) -> f64 {
+fn predict(c: &[f64; N_FEATURES], m: &Measurement, in_place_below: Option<usize>) -> f64 {
     c.iter()
-        .zip(features(&m.workload))
+        .zip(features(&m.workload, in_place_below))
         .map(|(c, x)| c * x)
         .sum()
 }
 
 /// Mean of measured over predicted plain-step time across scoring points (1 without any).
-pub(super) fn scoring_factor(train: &[f64; N_FEATURES], scoring: &[&Measurement]) -> f64 {
+pub(super) fn scoring_factor(
+    train: &[f64; N_FEATURES],
+    scoring: &[&Measurement],
+    in_place_below: Option<usize>,
+) -> f64 {
     let r: Vec<f64> = scoring
         .iter()
-        .map(|m| m.ms / predict(train, m))
+        .map(|m| m.ms / predict(train, m, in_place_below))
         .filter(|r| r.is_finite() && *r > 0.0)
         .collect();
     if r.is_empty() {
@@ -143,8 +156,13 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// Leave-one-out over the points of `kind`.
-    pub fn leave_one_out(kind: StepKind, points: &[&Measurement]) -> Validation {
+    /// Leave-one-out over the points of `kind`, measured with the in-place threshold
+    /// `in_place_below`.
+    pub fn leave_one_out(
+        kind: StepKind,
+        points: &[&Measurement],
+        in_place_below: Option<usize>,
+    ) -> Validation {
         let predictions = (0..points.len())
             .map(|i| {
                 let rest: Vec<&Measurement> = points
@@ -153,9 +171,9 @@ impl Validation {
                     .filter(|&(j, _)| j != i)
                     .map(|(_, m)| *m)
                     .collect();
-                let c = fit_points(&rest);
+                let c = fit_points(&rest, in_place_below);
                 let w = &points[i].workload;
-                let ours: f64 = c.iter().zip(features(w)).map(|(c, x)| c * x).sum();
+                let ours = predict(&c, points[i], in_place_below);
                 let k = fit_flops_linear(kind, &rest);
                 (points[i].ms, ours, k * total_flops(kind, w))
             })
@@ -169,8 +187,12 @@ impl Validation {
 
     /// Leave-one-out over scoring steps: each predicted as the training-step fit (to every
     /// training point) times the factor of the other scoring points.
-    pub fn leave_one_out_scoring(train: &[&Measurement], scoring: &[&Measurement]) -> Validation {
-        let c = fit_points(train);
+    pub fn leave_one_out_scoring(
+        train: &[&Measurement],
+        scoring: &[&Measurement],
+        in_place_below: Option<usize>,
+    ) -> Validation {
+        let c = fit_points(train, in_place_below);
         let predictions = (0..scoring.len())
             .map(|i| {
                 let rest: Vec<&Measurement> = scoring
@@ -180,7 +202,8 @@ impl Validation {
                     .map(|(_, m)| *m)
                     .collect();
                 let m = scoring[i];
-                let ours = scoring_factor(&c, &rest) * predict(&c, m);
+                let ours =
+                    scoring_factor(&c, &rest, in_place_below) * predict(&c, m, in_place_below);
                 let k = fit_flops_linear(StepKind::TrainScoring, &rest);
                 (
                     m.ms,

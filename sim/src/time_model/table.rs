@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::{Calibration, StepKind, TimeModel, Validation, FEATURE_NAMES};
+use super::{Calibration, StepKind, TimeModel, FEATURE_NAMES};
 
 /// Markdown for a calibration and its fit.
 pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
@@ -15,9 +15,13 @@ pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
         || format!("{} ({}), {} threads", h.cpu, h.isa.join(", "), h.threads),
         |c| c.line(),
     );
+    let in_place = h.in_place_below_rows.map_or_else(
+        || "every product packs the weights".to_string(),
+        |rows| format!("products under {rows} rows read the weights in place"),
+    );
     let _ = writeln!(
         s,
-        "Host: {cpu}, {} build, {}; `{}`\n",
+        "Host: {cpu}, {} build, {}; {in_place}; `{}`\n",
         h.build, h.date, h.command
     );
     let mut summary = Vec::new();
@@ -26,11 +30,7 @@ pub fn markdown(cal: &Calibration, model: &TimeModel) -> String {
         if pts.len() < super::MIN_POINTS && !(kind == StepKind::TrainScoring && pts.len() > 1) {
             continue;
         }
-        let v = if kind == StepKind::TrainScoring {
-            Validation::leave_one_out_scoring(&cal.of_kind(StepKind::Train), &pts)
-        } else {
-            Validation::leave_one_out(kind, &pts)
-        };
+        let v = cal.validation(kind);
         let _ = writeln!(
             s,
             "**{}** (each prediction from a fit that left the point out)\n",
