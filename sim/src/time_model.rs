@@ -499,23 +499,21 @@ impl TimeModel {
     /// Fit training steps and forward passes (each with at least [`MIN_POINTS`] points; a
     /// missing forward fit falls back to the training step's) and the scoring factor.
     pub fn fit(cal: &Calibration) -> Result<TimeModel, TimeModelError> {
+        let in_place = cal.host.in_place_below_rows;
         let mut coefficients = Vec::new();
         for kind in [StepKind::Train, StepKind::Forward] {
             let pts = cal.of_kind(kind);
             if pts.len() < MIN_POINTS {
                 continue;
             }
-            coefficients.push((kind, fit::fit_points(&pts, cal.host.in_place_below_rows)));
+            coefficients.push((kind, fit::fit_points(&pts, in_place)));
         }
         let train = coefficients
             .first()
             .map(|(_, c)| *c)
             .unwrap_or([0.0; N_FEATURES]);
-        let scoring_factor = fit::scoring_factor(
-            &train,
-            &cal.of_kind(StepKind::TrainScoring),
-            cal.host.in_place_below_rows,
-        );
+        let scoring_factor =
+            fit::scoring_factor(&train, &cal.of_kind(StepKind::TrainScoring), in_place);
         let dense = cal
             .measurements
             .iter()
@@ -539,7 +537,7 @@ impl TimeModel {
             reference_flops: total_flops(StepKind::Train, &train),
             reference_forward_ms: 0.0,
             reference_forward_flops: total_flops(StepKind::Forward, &forward),
-            in_place_below_rows: cal.host.in_place_below_rows,
+            in_place_below_rows: in_place,
         };
         m.reference_ms = m.host_ms(StepKind::Train, &train);
         m.reference_forward_ms = m.host_ms(StepKind::Forward, &forward);

@@ -191,8 +191,8 @@ fn fp32_in_place(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Option<Fle
     let matrix = |t: &FlexTensor| t.dtype() == DType::F32 && t.layout().shape().num_dims() == 2;
     // Checked before the operands are made row-major: without the kernels nothing is copied.
     if !(matrix(x) && matrix(w) && w.is_contiguous())
-        || x.layout().shape()[0] >= crate::kernels::sgemm::IN_PLACE_BELOW_ROWS
-        || crate::kernels::sgemm::Kernel::detect().is_none()
+        || crate::kernels::sgemm::in_place_below_rows()
+            .is_none_or(|rows| x.layout().shape()[0] >= rows)
     {
         return None;
     }

@@ -114,6 +114,13 @@ impl Kernel {
 /// step's and a prompt's products as they were, bit for bit.
 pub const IN_PLACE_BELOW_ROWS: usize = 128;
 
+/// Rows of `x` below which this CPU's frozen fp32 products read the weight in place
+/// ([`IN_PLACE_BELOW_ROWS`]); `None` where it has no kernel for them and every product goes to
+/// the `gemm` crate. What the simulator's time model records of the agent it calibrates.
+pub fn in_place_below_rows() -> Option<usize> {
+    Kernel::detect().map(|_| IN_PLACE_BELOW_ROWS)
+}
+
 /// `a w` (`layout` Plain, `w` `rows x cols` read as `[k][n]`) or `a w^T` (Transposed, `w` read as
 /// `[n][k]`) for `a` `[m][k]`, all row-major, on this CPU's kernel; `None` where it has none or
 /// for [`IN_PLACE_BELOW_ROWS`] rows or more.

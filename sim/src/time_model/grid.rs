@@ -261,8 +261,7 @@ pub fn measured_on(command: String, build: &str) -> MeasuredOn {
         command,
         date: utc_date(),
         class: Some(class),
-        in_place_below_rows: device_agent::kernels::sgemm::Kernel::detect()
-            .map(|_| device_agent::kernels::sgemm::IN_PLACE_BELOW_ROWS),
+        in_place_below_rows: device_agent::kernels::sgemm::in_place_below_rows(),
     }
 }
 
