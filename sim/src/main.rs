@@ -27,22 +27,30 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// Surrogate mode: keep freed memory with the process instead of handing it back to the OS
-/// a second later (v3's default), and map it in 4 KiB pages rather than transparent huge pages.
-/// On this project's VM host first touch of memory is slow (the kernel clears each page under
-/// a fault), so every purge cost a fault and zeroing on the next allocation (20-25% of the
-/// 10,000-device preset's wall time, `perf record`), and every huge page cleared 2 MiB of which
-/// the simulator's small allocations used a part (on the 10,000-device preset: peak RSS 110
-/// against 95 MiB with 4 KiB pages, system time 0.09-0.45 s against 0.02-0.09 s per run; wall
-/// time within the host's drift). Real mode keeps both defaults: there the first
-/// setting was 5% faster but raised peak resident memory by 13%, and its large tensors fill
-/// huge pages (BENCHMARKS.md, "Simulator throughput and memory").
-fn keep_freed_memory() {
+/// Keep freed memory with the process instead of handing it back to the OS a second later
+/// (mimalloc v3's default), in both modes; in surrogate mode also map it in 4 KiB pages rather
+/// than transparent huge pages. On this project's VM hosts first touch of memory is slow (the
+/// kernel clears each page under a fault), so every purge cost a fault and zeroing on the next
+/// allocation: 20-25% of the 10,000-device preset's wall time (`perf record`), and in real mode
+/// 6% of the samples in `clear_page_erms`, a fifth to a third of the run in system time; kept,
+/// the default preset's real mode ran 1.09-1.20x faster on Zen 5 for 1.6% more peak resident
+/// memory (BENCHMARKS.md, "Simulator throughput and memory"). Huge pages stay on in real mode,
+/// whose large tensors fill them; in surrogate mode every huge page cleared 2 MiB of which the
+/// simulator's small allocations used a part (on the 10,000-device preset: peak RSS 110
+/// against 95 MiB with 4 KiB pages, system time 0.09-0.45 s against 0.02-0.09 s per run).
+fn keep_freed_memory(mode: Mode) {
     #[allow(unsafe_code)]
     // SAFETY: `mi_option_set` only stores an option value that mimalloc reads when it next
     // purges or maps memory; it takes no pointers and is valid at any time.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+    }
+    if mode != Mode::Surrogate {
+        return;
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
     }
     // mimalloc reserved its first arena (advised for huge pages) before `main`, so the option
@@ -292,9 +300,7 @@ impl RunArgs {
             cfg.mode = m;
         }
         cfg.surrogate.force_unfitted |= self.force_unfitted;
-        if cfg.mode == Mode::Surrogate {
-            keep_freed_memory();
-        }
+        keep_freed_memory(cfg.mode);
         let strategy = self
             .strategy
             .clone()

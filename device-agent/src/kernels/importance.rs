@@ -5,10 +5,13 @@
 //! MLP channel sums its elements along one axis. Composed from tensor operations that is five
 //! rank-`r` products and as many element-wise passes, each writing a whole `[in, out]` matrix:
 //! about half a second per step on the 135M model, a third of a step again while importance
-//! accumulates. Here each task takes a few rows of `W0`, forms their `G` and `W` entries in two
-//! row-long buffers with fused multiply-adds (`4 r` per element) and keeps only the sums.
+//! accumulates. Here each task takes a few rows of `W0`, forms their `G` and `W` entries with
+//! fused multiply-adds (`4 r` per element) and keeps only the sums. With AVX-512 or AVX2 a tile
+//! of rows by columns keeps its `G` and `W` in vector registers for the whole rank loop
+//! ([`x86`]); elsewhere the entries go through two row-long buffers, rank term by rank term.
 //!
-//! Each element's terms are added in the order of the rank, and column sums add the rows in
+//! Each element's terms are added in the order of the rank, with the same operations on every
+//! path (so the scores do not depend on the CPU), and column sums add the rows in
 //! their order, so the result is the same whatever the thread count; it differs from the tensor
 //! composition in the last bits (the test holds it to an f64 reference).
 
@@ -148,11 +151,21 @@ const BLOCK_ROWS: usize = 4;
 /// (4 x 512 x 2 + 2 x 512 floats, 20 KiB) stay in the first-level cache.
 const TILE: usize = 512;
 
+/// The element scores of rows `i0..i0 + w.len() / n_out` into `w`, which holds those rows of
+/// `W0` (`g` is scratch of the same length): `g = dA_i B + A_i dB - dA_i dB` and `w += s A_i B`,
+/// rank term by rank term, then `w = |s g w|`.
+fn score_block(f: Factors<'_>, i0: usize, g: &mut [f32], w: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::score_block(f, i0, w) {
+        return;
+    }
+    score_block_portable(f, i0, g, w);
+}
+
 multiversion! {
-    /// The element scores of rows `i0..i0 + w.len() / n_out` into `w`, which holds those rows
-    /// of `W0` (`g` is scratch of the same length): `g = dA_i B + A_i dB - dA_i dB` and
-    /// `w += s A_i B`, rank term by rank term, then `w = |s g w|`.
-    fn score_block(f: Factors<'_>, i0: usize, g: &mut [f32], w: &mut [f32]) {
+    /// [`score_block`] through two row-long buffers: the whole row's `g` and `w` move one rank
+    /// term at a time.
+    fn score_block_portable(f: Factors<'_>, i0: usize, g: &mut [f32], w: &mut [f32]) {
         let (n, r, s) = (f.n_out, f.rank, f.scale);
         let rows = w.len() / n;
         g.fill(0.0);
@@ -187,6 +200,199 @@ multiversion! {
     fn add_into(x: &[f32], acc: &mut [f32]) {
         for (a, &v) in acc.iter_mut().zip(x) {
             *a += v;
+        }
+    }
+}
+
+/// The register tiles: `R` rows by `NV` vectors of columns, their `g` and `w` held across the
+/// rank loop, each rank term's `B` and `dB` vectors loaded once for the `R` rows. AVX-512 takes
+/// 4 rows by 2 vectors (32 columns: 16 accumulators of its 32 registers, and 8 independent
+/// chains of `g`'s three dependent multiply-adds per rank term, enough to hide their latency);
+/// AVX2 2 rows by 2 vectors (16 columns; it has 16 registers).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::Factors;
+    use crate::cpu::Isa;
+    use std::arch::x86_64::*;
+
+    /// What one tile call covers: rows `i0..i0 + R` of `w` (`R` rows of `n` columns at stride
+    /// `n`), columns `c..c + NV * lanes`.
+    #[derive(Clone, Copy)]
+    struct Tile {
+        w: *mut f32,
+        n: usize,
+        b: *const f32,
+        db: *const f32,
+        /// `dA`'s and `A`'s row `i0` (rows at stride `r`).
+        da: *const f32,
+        a: *const f32,
+        r: usize,
+        s: f32,
+        c: usize,
+    }
+
+    macro_rules! tile {
+        ($name:ident, $feature:literal, $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident, $mul:ident, $lanes:literal) => {
+            /// # Safety
+            /// The CPU has the target features; `t.w` holds `R` rows of `t.n` values, writable;
+            /// `t.b` and `t.db` hold `t.r` rows of `t.n`; `t.da` and `t.a` hold `R` rows of
+            /// `t.r`; `t.c + NV * lanes <= t.n`.
+            #[target_feature(enable = $feature)]
+            unsafe fn $name<const R: usize, const NV: usize>(t: Tile) {
+                let (n, r, c) = (t.n, t.r, t.c);
+                let mut g = [[$zero(); NV]; R];
+                let mut v = [[$zero(); NV]; R];
+                for (i, vi) in v.iter_mut().enumerate() {
+                    for (q, x) in vi.iter_mut().enumerate() {
+                        *x = $load(t.w.add(i * n + c + q * $lanes));
+                    }
+                }
+                for k in 0..r {
+                    let mut bk = [$zero(); NV];
+                    let mut dbk = [$zero(); NV];
+                    for q in 0..NV {
+                        bk[q] = $load(t.b.add(k * n + c + q * $lanes));
+                        dbk[q] = $load(t.db.add(k * n + c + q * $lanes));
+                    }
+                    for i in 0..R {
+                        let x = *t.da.add(i * r + k);
+                        let y = *t.a.add(i * r + k);
+                        let (xv, nxv, yv, syv) = ($set1(x), $set1(-x), $set1(y), $set1(t.s * y));
+                        for q in 0..NV {
+                            let u = $fma(xv, bk[q], g[i][q]);
+                            let u = $fma(yv, dbk[q], u);
+                            g[i][q] = $fma(nxv, dbk[q], u);
+                            v[i][q] = $fma(syv, bk[q], v[i][q]);
+                        }
+                    }
+                }
+                // `s g w`, its sign cleared by the caller.
+                let sv = $set1(t.s);
+                for i in 0..R {
+                    for q in 0..NV {
+                        $store(
+                            t.w.add(i * n + c + q * $lanes),
+                            $mul($mul(sv, g[i][q]), v[i][q]),
+                        );
+                    }
+                }
+            }
+        };
+    }
+
+    tile!(
+        tile_avx2,
+        "avx2,fma",
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_mul_ps,
+        8
+    );
+    tile!(
+        tile_avx512,
+        "avx512f",
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_mul_ps,
+        16
+    );
+
+    /// [`super::score_block`] by register tiles; `false` (nothing done) without AVX2 or AVX-512.
+    pub(super) fn score_block(f: Factors<'_>, i0: usize, w: &mut [f32]) -> bool {
+        score_block_on(Isa::detect(), f, i0, w).is_some()
+    }
+
+    /// The same with `isa`'s tiles, or the best this process may use if that is less (`None`
+    /// when neither tile runs here); returns the instruction set used.
+    pub(super) fn score_block_on(
+        isa: Isa,
+        f: Factors<'_>,
+        i0: usize,
+        w: &mut [f32],
+    ) -> Option<Isa> {
+        let isa = isa.min(Isa::detect());
+        match isa {
+            Isa::Avx512 => by_tiles::<4, 2, 16>(f, i0, w, |t, rows| match rows {
+                // SAFETY: AVX-512F is present; `by_tiles` checked the extents.
+                4 => unsafe { tile_avx512::<4, 2>(t) },
+                // SAFETY: as above.
+                _ => unsafe { tile_avx512::<1, 2>(t) },
+            }),
+            Isa::Avx2Fma => by_tiles::<2, 2, 8>(f, i0, w, |t, rows| match rows {
+                // SAFETY: AVX2 and FMA are present; `by_tiles` checked the extents.
+                2 => unsafe { tile_avx2::<2, 2>(t) },
+                // SAFETY: as above.
+                _ => unsafe { tile_avx2::<1, 2>(t) },
+            }),
+            _ => return None,
+        }
+        Some(isa)
+    }
+
+    /// `w`'s rows `R` at a time (the rest one at a time) in tiles of `NV * LANES` columns through
+    /// `tile(t, rows)`; the columns past the last whole tile one element at a time with the same
+    /// operations; then every score's sign cleared.
+    fn by_tiles<const R: usize, const NV: usize, const LANES: usize>(
+        f: Factors<'_>,
+        i0: usize,
+        w: &mut [f32],
+        tile: impl Fn(Tile, usize),
+    ) {
+        let (n, r, s) = (f.n_out, f.rank, f.scale);
+        let rows = w.len() / n;
+        let width = NV * LANES;
+        let whole = n - n % width;
+        // The extents every tile reads and writes.
+        assert!(
+            w.len() == rows * n
+                && f.b.len() >= r * n
+                && f.db.len() >= r * n
+                && f.a.len() >= (i0 + rows) * r
+                && f.da.len() >= (i0 + rows) * r,
+            "importance tile operands"
+        );
+        let mut i = 0;
+        while i < rows {
+            let m = if rows - i >= R { R } else { 1 };
+            for c in (0..whole).step_by(width) {
+                let t = Tile {
+                    w: w.as_mut_ptr().wrapping_add(i * n),
+                    n,
+                    b: f.b.as_ptr(),
+                    db: f.db.as_ptr(),
+                    da: f.da[(i0 + i) * r..].as_ptr(),
+                    a: f.a[(i0 + i) * r..].as_ptr(),
+                    r,
+                    s,
+                    c,
+                };
+                tile(t, m);
+            }
+            for row in i..i + m {
+                for c in whole..n {
+                    let (mut g, mut v) = (0.0f32, w[row * n + c]);
+                    for k in 0..r {
+                        let (x, y) = (f.da[(i0 + row) * r + k], f.a[(i0 + row) * r + k]);
+                        let (bv, dbv) = (f.b[k * n + c], f.db[k * n + c]);
+                        let u = x.mul_add(bv, g);
+                        let u = y.mul_add(dbv, u);
+                        g = (-x).mul_add(dbv, u);
+                        v = (s * y).mul_add(bv, v);
+                    }
+                    w[row * n + c] = s * g * v;
+                }
+            }
+            i += m;
+        }
+        for x in w.iter_mut() {
+            *x = x.abs();
         }
     }
 }
@@ -231,6 +437,48 @@ mod tests {
             }
         }
         sums
+    }
+
+    /// Both register tiles (where the CPU has them) give, bit for bit, what the row-buffer path
+    /// gives: on ragged rows and columns (not multiples of a tile) and at rank 1 and 16.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_register_tiles_score_each_element_as_the_row_buffers_do() {
+        use crate::cpu::Isa;
+        let mut ran = Vec::new();
+        for (n_in, r, n_out, seed) in [(7, 16, 75, 5), (4, 1, 32, 6), (9, 3, 33, 7), (5, 2, 6, 8)] {
+            let w0 = uniform(n_in * n_out, seed, -0.5, 0.5);
+            let a = uniform(n_in * r, seed + 10, -0.3, 0.3);
+            let b = uniform(r * n_out, seed + 20, -0.3, 0.3);
+            let da = uniform(n_in * r, seed + 30, -0.02, 0.02);
+            let db = uniform(r * n_out, seed + 40, -0.02, 0.02);
+            let f = Factors {
+                w0: &w0,
+                a: &a,
+                b: &b,
+                da: &da,
+                db: &db,
+                rank: r,
+                n_out,
+                scale: 1.5,
+            };
+            // Rows 1.. of the weight: a block that does not start at row 0.
+            let rows = &w0[n_out..];
+            let mut want = rows.to_vec();
+            score_block_portable(f, 1, &mut vec![0.0; want.len()], &mut want);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for isa in [Isa::Avx2Fma, Isa::Avx512] {
+                let mut got = rows.to_vec();
+                if let Some(used) = x86::score_block_on(isa, f, 1, &mut got) {
+                    assert_eq!(bits(&got), bits(&want), "{used} tiles, {n_in}x{r}x{n_out}");
+                    ran.push(used);
+                }
+            }
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            assert!(!ran.is_empty(), "no tile ran on a CPU with AVX2 and FMA");
+        }
     }
 
     /// Both axes, ragged row counts (not a multiple of a task), rank 1 and 16, against the f64
