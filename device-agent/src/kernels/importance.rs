@@ -337,8 +337,9 @@ mod x86 {
     }
 
     /// `w`'s rows `R` at a time (the rest one at a time) in tiles of `NV * LANES` columns through
-    /// `tile(t, rows)`; the columns past the last whole tile one element at a time with the same
-    /// operations; then every score's sign cleared.
+    /// `tile(t, rows)`; the columns past the last whole tile through one more tile on copies
+    /// padded with zeros (a pruned projection keeps any number of channels); then every score's
+    /// sign cleared.
     fn by_tiles<const R: usize, const NV: usize, const LANES: usize>(
         f: Factors<'_>,
         i0: usize,
@@ -358,35 +359,43 @@ mod x86 {
                 && f.da.len() >= (i0 + rows) * r,
             "importance tile operands"
         );
+        // `B`'s and `dB`'s last columns, each row padded to a tile's width.
+        let tail = n - whole;
+        let padded = |m: &[f32]| {
+            let mut p = vec![0.0f32; if tail > 0 { r * width } else { 0 }];
+            if tail > 0 {
+                for (k, row) in p.chunks_exact_mut(width).enumerate() {
+                    row[..tail].copy_from_slice(&m[k * n + whole..(k + 1) * n]);
+                }
+            }
+            p
+        };
+        let (b_tail, db_tail) = (padded(f.b), padded(f.db));
+        let mut w_tail = vec![0.0f32; R * width];
         let mut i = 0;
         while i < rows {
             let m = if rows - i >= R { R } else { 1 };
+            let at = |w: *mut f32, n: usize, b: &[f32], db: &[f32], c: usize| Tile {
+                w,
+                n,
+                b: b.as_ptr(),
+                db: db.as_ptr(),
+                da: f.da[(i0 + i) * r..].as_ptr(),
+                a: f.a[(i0 + i) * r..].as_ptr(),
+                r,
+                s,
+                c,
+            };
             for c in (0..whole).step_by(width) {
-                let t = Tile {
-                    w: w.as_mut_ptr().wrapping_add(i * n),
-                    n,
-                    b: f.b.as_ptr(),
-                    db: f.db.as_ptr(),
-                    da: f.da[(i0 + i) * r..].as_ptr(),
-                    a: f.a[(i0 + i) * r..].as_ptr(),
-                    r,
-                    s,
-                    c,
-                };
-                tile(t, m);
+                tile(at(w.as_mut_ptr().wrapping_add(i * n), n, f.b, f.db, c), m);
             }
-            for row in i..i + m {
-                for c in whole..n {
-                    let (mut g, mut v) = (0.0f32, w[row * n + c]);
-                    for k in 0..r {
-                        let (x, y) = (f.da[(i0 + row) * r + k], f.a[(i0 + row) * r + k]);
-                        let (bv, dbv) = (f.b[k * n + c], f.db[k * n + c]);
-                        let u = x.mul_add(bv, g);
-                        let u = y.mul_add(dbv, u);
-                        g = (-x).mul_add(dbv, u);
-                        v = (s * y).mul_add(bv, v);
-                    }
-                    w[row * n + c] = s * g * v;
+            if tail > 0 {
+                for (j, t) in w_tail.chunks_exact_mut(width).take(m).enumerate() {
+                    t[..tail].copy_from_slice(&w[(i + j) * n + whole..(i + j + 1) * n]);
+                }
+                tile(at(w_tail.as_mut_ptr(), width, &b_tail, &db_tail, 0), m);
+                for (j, t) in w_tail.chunks_exact(width).take(m).enumerate() {
+                    w[(i + j) * n + whole..(i + j + 1) * n].copy_from_slice(&t[..tail]);
                 }
             }
             i += m;
