@@ -40,7 +40,7 @@ pub fn flags_from_toml(
     let mut out = Vec::new();
     for (key, value) in &table {
         let flag = key.replace('_', "-");
-        if flag == "config" || !known.iter().any(|k| *k == flag) {
+        if flag == "config" || !known.contains(&flag) {
             return Err(bad(format!(
                 "unknown key '{key}': `join` has no --{flag} flag"
             )));

@@ -165,9 +165,9 @@ mod tests {
         c.max_seq_len = 700;
         let m = Llama::random(c, 5, &Device::flex());
         let ids: Vec<u32> = (0..600).map(|i| (i * 7 % 300) as u32).collect();
-        let got = evaluate_windows(&m, None, &[ids.clone()], 1);
+        let got = evaluate_windows(&m, None, std::slice::from_ref(&ids), 1);
         // Direct: full logits at once.
-        let logits = m.forward(m.tokens_tensor(&[ids.clone()]), None);
+        let logits = m.forward(m.tokens_tensor(std::slice::from_ref(&ids)), None);
         let lp = log_softmax(logits, 1);
         let rows = crate::model::to_rows(lp);
         let mut nll = 0.0;

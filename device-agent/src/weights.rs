@@ -280,7 +280,7 @@ pub fn load_gguf_held(
             }
         }
         let (per_block, _) = ty.block();
-        if heads.is_some() || dims != [inp, out] || inp % per_block != 0 || out == 0 {
+        if heads.is_some() || dims != [inp, out] || !inp.is_multiple_of(per_block) || out == 0 {
             let v = unpermuted(load_mat(name, out, inp)?);
             return Ok(Loaded::Held(
                 QMatrix::quantize(format, &v, out, inp).map_err(bad)?,

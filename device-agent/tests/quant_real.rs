@@ -88,7 +88,7 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
     // 34 bytes per 32 weights, plus the padding of ragged rows (none in the dense model).
     assert!(ratio < 0.27, "{ratio}");
 
-    let toks = |m: &device_agent::model::Llama| m.tokens_tensor(&[r.token_ids.clone()]);
+    let toks = |m: &device_agent::model::Llama| m.tokens_tensor(std::slice::from_ref(&r.token_ids));
     let a = to_rows(fp.forward(toks(&fp), None));
     let b = to_rows(q.forward(toks(&q), None));
     let b_short = b.clone();
@@ -128,8 +128,8 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
         .encode(&data::moby_dick_chapter(3).expect("data").text)
         .expect("encode")[..256]
         .to_vec();
-    let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
-    let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
+    let a = to_rows(fp.forward(fp.tokens_tensor(std::slice::from_ref(&ids)), None));
+    let b = to_rows(q.forward(q.tokens_tensor(std::slice::from_ref(&ids)), None));
     let agree = top1_agreement(&a, &b);
     // Where the top-1 differs, fp32's own margin between the two tokens: flips happen only
     // between near-ties.
@@ -161,10 +161,10 @@ fn q8_base_logits_stay_within_tolerance_of_fp32() {
     assert!(ids.len() >= FP32_ROWS && r.token_ids.len() < FP32_ROWS);
     let mut trained = serving.clone();
     trained.set_quant_arithmetic(QuantArithmetic::Fp32);
-    let s = to_rows(serving.forward(serving.tokens_tensor(&[ids.clone()]), None));
+    let s = to_rows(serving.forward(serving.tokens_tensor(std::slice::from_ref(&ids)), None));
     assert_eq!(
         s,
-        to_rows(trained.forward(trained.tokens_tensor(&[ids.clone()]), None))
+        to_rows(trained.forward(trained.tokens_tensor(std::slice::from_ref(&ids)), None))
     );
     assert_eq!(to_rows(serving.forward(toks(&serving), None)), b_short);
     let serving_kl = a.iter().zip(&s).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
@@ -236,7 +236,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         .encode(&data::moby_dick_chapter(3).expect("data").text)
         .expect("encode")[..256]
         .to_vec();
-    let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
+    let a = to_rows(fp.forward(fp.tokens_tensor(std::slice::from_ref(&ids)), None));
     let nll = |rows: &[Vec<f32>]| mean_nll(rows, &ids);
     let dir = tempfile::tempdir().unwrap();
     for (precision, gguf, limits) in [
@@ -257,7 +257,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         let ratio = rep.quant_bytes as f64 / rep.fp32_bytes as f64;
         // Serving's route for these 256 rows: fp32 products of the dequantized weights. At
         // Q4_1 those weights are the file's own, which the fp32 model holds too.
-        let s = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
+        let s = to_rows(q.forward(q.tokens_tensor(std::slice::from_ref(&ids)), None));
         let serving_kl = a.iter().zip(&s).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
         println!("{precision:?}: serving's fp32 route, mean KL {serving_kl:.2e}");
         if precision == BasePrecision::Q4_1 {
@@ -265,7 +265,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         }
         // The int8 kernels over the same rows.
         q.set_quant_arithmetic(QuantArithmetic::Int8);
-        let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
+        let b = to_rows(q.forward(q.tokens_tensor(std::slice::from_ref(&ids)), None));
         let agree = top1_agreement(&a, &b);
         let mean_kl = a.iter().zip(&b).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
         let (na, nb) = (nll(&a), nll(&b));
@@ -281,7 +281,7 @@ fn q4_bases_stay_within_tolerance_and_their_export_keeps_the_blocks() {
         let (mut back, _) = weights::load(&file, &Device::flex()).unwrap();
         // The file's weights in fp32 (activations not quantized): the weights' share of the
         // error.
-        let c = to_rows(back.forward(back.tokens_tensor(&[ids.clone()]), None));
+        let c = to_rows(back.forward(back.tokens_tensor(std::slice::from_ref(&ids)), None));
         let kl_w = a.iter().zip(&c).map(|(x, y)| kl_div(x, y)).sum::<f64>() / a.len() as f64;
         println!(
             "  the exported file's weights in fp32: mean KL {kl_w:.4}, perplexity {:.3}",
@@ -372,8 +372,7 @@ fn gguf_blocks_load_straight_into_the_held_base_the_fp32_route_gives() {
     // (f16 0x7e00; a Q4_1 block is 20 bytes, its scale first).
     let nan = patched(&path, "blk.0.attn_v.weight", 3 * 20, &[0x00, 0x7e]);
     let err = weights::load_held(&nan, &dev, BasePrecision::Q4_1)
-        .err()
-        .expect("a NaN scale is refused")
+        .expect_err("a NaN scale is refused")
         .to_string();
     assert!(
         err.contains("blk.0.attn_v.weight")

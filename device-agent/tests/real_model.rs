@@ -59,7 +59,7 @@ fn reference() -> Reference {
 
 /// Max |ours - reference| over the reference's top-5 logits at every position.
 fn max_logit_error(m: &Llama, r: &Reference) -> f32 {
-    let rows = to_rows(m.forward(m.tokens_tensor(&[r.token_ids.clone()]), None));
+    let rows = to_rows(m.forward(m.tokens_tensor(std::slice::from_ref(&r.token_ids)), None));
     let mut worst = 0f32;
     for (row, tops) in rows.iter().zip(&r.top5_per_position) {
         for t in tops {
@@ -180,8 +180,8 @@ fn gguf_f32_export_reloads_with_identical_logits() {
         tok2.encode(&r.chat.rendered_prompt).unwrap(),
         r.chat.prompt_ids
     );
-    let a = to_rows(m.forward(m.tokens_tensor(&[r.token_ids.clone()]), None));
-    let b = to_rows(m2.forward(m2.tokens_tensor(&[r.token_ids.clone()]), None));
+    let a = to_rows(m.forward(m.tokens_tensor(std::slice::from_ref(&r.token_ids)), None));
+    let b = to_rows(m2.forward(m2.tokens_tensor(std::slice::from_ref(&r.token_ids)), None));
     let worst = a
         .iter()
         .flatten()

@@ -107,7 +107,7 @@ struct VDev {
     sent_arm: Option<(u64, protocol::Arm)>,
     rounds_trained: u64,
     peak_mem: u64,
-    history: Vec<(u64, f64, u32, String)>,
+    history: crate::report::History,
     /// The kept maps' shape (heads, KV heads, channels per block) when its sparsity was last
     /// computed, and that sparsity: the fleet's mean is taken every round over every device,
     /// and most devices' maps have not changed since.

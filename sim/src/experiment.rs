@@ -299,6 +299,9 @@ pub fn compare_seeds(
     )
 }
 
+/// A run of `(seed, entry)` made before, if there is one: [`compare_seeds_resuming`]'s `earlier`.
+pub type EarlierRun<'a> = dyn FnMut(u64, &str) -> Result<Option<Report>, SimError> + 'a;
+
 /// [`compare_seeds`], taking the run that `earlier(seed, entry)` returns (a run folder read
 /// back, `sim compare --resume`) in place of running that seed and entry; `done` is not
 /// called for it. A seed whose every entry was run before is not even partitioned. A run from
@@ -313,7 +316,7 @@ pub fn compare_seeds_resuming(
     resources: &Resources,
     observer: &mut dyn Observer,
     done: &mut dyn FnMut(u64, &Report) -> Result<(), SimError>,
-    earlier: &mut dyn FnMut(u64, &str) -> Result<Option<Report>, SimError>,
+    earlier: &mut EarlierRun<'_>,
 ) -> Result<Vec<SeedRuns>, SimError> {
     // Every run on disk is checked before anything runs: a refusal comes at once, not after
     // hours of the seeds before it.

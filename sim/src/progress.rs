@@ -69,7 +69,7 @@ impl Observer for Progress {
 
     fn job_started(&mut self) {
         self.jobs += 1;
-        if self.jobs % 4 == 0 {
+        if self.jobs.is_multiple_of(4) {
             self.bar
                 .set_message(format!("{} local rounds trained", self.jobs));
         }

@@ -140,8 +140,11 @@ pub struct DeviceFinal {
     /// (round, ratio, rank, outcome) of every round the device was selected for (the ratio NaN,
     /// written as `null`, where it was never sent an arm).
     #[serde(deserialize_with = "read::history")]
-    pub history: Vec<(u64, f64, u32, String)>,
+    pub history: History,
 }
+
+/// A device's (round, ratio, rank, outcome) per round it was selected for: [`DeviceFinal::history`].
+pub type History = Vec<(u64, f64, u32, String)>;
 
 /// Per-class aggregates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -378,18 +381,19 @@ pub fn markdown_table(reports: &[Report]) -> String {
             Some(t) => format!("{:.2}", t / div),
             None => "not reached".into(),
         };
+        let accuracy = format!(
+            "{} +- {} / {} +- {}",
+            opt(m.final_accuracy, 4),
+            opt(m.evaluation.trained_accuracy_se, 3),
+            opt(m.evaluation.fleet_accuracy, 4),
+            opt(m.evaluation.fleet_accuracy_se, 3)
+        );
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {:.3} / {:.3} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {:.2} |",
             m.strategy,
             ttt,
-            format!(
-                "{} +- {} / {} +- {}",
-                opt(m.final_accuracy, 4),
-                opt(m.evaluation.trained_accuracy_se, 3),
-                opt(m.evaluation.fleet_accuracy, 4),
-                opt(m.evaluation.fleet_accuracy_se, 3)
-            ),
+            accuracy,
             opt(m.final_perplexity, 2),
             m.mean_sparsity,
             m.mean_sparsity_trained,

@@ -118,10 +118,7 @@ pub fn run<T: Sync, R: Send>(
                     // Without a pool of its own (the OS refused a thread) a worker's products
                     // use the global pool: slower, the same bits.
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
-                    loop {
-                        let Some(&k) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                            break;
-                        };
+                    while let Some(&k) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let piece = &pieces[k];
                         let out = match &pool {
                             Ok(p) => p.install(|| timed(piece)),

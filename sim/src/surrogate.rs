@@ -196,7 +196,7 @@ impl RoundCosts for SurrogateCosts {
             }
             Message::RoundConfig(rc) => match &rc.global {
                 Some(g) => {
-                    let s = self.wire_sparsity(&&g.kept);
+                    let s = self.wire_sparsity(&g.kept);
                     let elem = g
                         .adapter
                         .layers

@@ -112,6 +112,18 @@ pub fn thread_peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
     (out, THREAD_PEAK.with(|p| p.get()) - base)
 }
 
+/// `n` values uniform in `[-scale, scale)` from a 32-bit linear congruential generator seeded
+/// with `seed`: the same numbers on every platform, no RNG crate needed.
+pub fn seeded_noise(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,16 +141,4 @@ mod tests {
         let (_, peak) = thread_peak_during(|| ());
         assert!(peak < 1 << 20, "nothing allocated, peak {peak}");
     }
-}
-
-/// `n` values uniform in `[-scale, scale)` from a 32-bit linear congruential generator seeded
-/// with `seed`: the same numbers on every platform, no RNG crate needed.
-pub fn seeded_noise(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            ((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }

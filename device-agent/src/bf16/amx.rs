@@ -135,7 +135,7 @@ mod x86 {
         rows: usize,
         cols: usize,
     ) {
-        debug_assert!(pairs % STEP_PAIRS == 0 && rows <= BLOCK_ROWS && cols <= BLOCK_COLS);
+        debug_assert!(pairs.is_multiple_of(STEP_PAIRS) && rows <= BLOCK_ROWS && cols <= BLOCK_COLS);
         let lda = pairs * 4;
         let ldb = BLOCK_COLS * 4;
         // SAFETY: the tiles are configured as 16 x 64 bytes; each load reads 16 rows of 64 bytes

@@ -425,6 +425,8 @@ fn run(kernel: Kernel, rows: &[u32], m: usize, b: &PackedB, dst: OutPtr) {
     let per_group = panels.div_ceil(groups);
     let groups = panels.div_ceil(per_group);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
+        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let r0 = rb * ROW_BLOCK;
@@ -612,7 +614,7 @@ mod x86 {
         ldc: usize,
         cols: usize,
     ) {
-        debug_assert!(rows >= 1 && rows <= MR && cols >= 1 && cols <= NR);
+        debug_assert!((1..=MR).contains(&rows) && (1..=NR).contains(&cols));
         // Rows past the last reuse it: computed, never stored.
         let row = |i: usize| a.add(i.min(rows - 1) * pairs);
         let (a0, a1, a2, a3) = (row(0), row(1), row(2), row(3));

@@ -275,7 +275,9 @@ impl Block<'_> {
         assert!(rows.end * self.c <= self.m.len() && cols.end <= self.c);
         assert!(self.s.len() >= (rows.end + MAX_TILE_ROWS) * ld && g.len() == kc * ld);
         assert!(!with_p || p.len() == rows.len() * ld);
-        assert!(mr <= MAX_TILE_ROWS && (rows.len() % MAX_TILE_ROWS == 0 || rows.end == self.n));
+        assert!(
+            mr <= MAX_TILE_ROWS && (rows.len().is_multiple_of(MAX_TILE_ROWS) || rows.end == self.n)
+        );
         let mut i = rows.start;
         while i < rows.end {
             let n_rows = mr.min(rows.end - i);

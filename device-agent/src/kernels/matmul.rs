@@ -150,6 +150,8 @@ fn product(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let dst = OutPtr(out.as_mut_ptr());
     let one = |b: usize, par: gemm::Parallelism| {
+        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         // SAFETY: the operand pointers are the matrices of batch `b` inside their buffers (flex's
         // layout: start offset plus strides, all within the storage for a valid tensor); the

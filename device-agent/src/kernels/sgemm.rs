@@ -236,6 +236,8 @@ fn plain(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize, dst
     let row_blocks = m.div_ceil(ROW_BLOCK);
     let (groups, per_group) = split(row_blocks, panels);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
+        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));
@@ -345,6 +347,8 @@ fn transposed(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize
     let w_blocks = n.div_ceil(W_BLOCK);
     let (groups, per_group) = split(row_blocks, w_blocks);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
+        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
+        #[allow(clippy::redundant_locals)]
         let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));

@@ -195,7 +195,7 @@ fn helper(s: &Shared, me: usize) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
                 // Announce the park, then look once more: the caller bumps the epoch before
                 // it reads `parked`, so one of the two sees the other.
                 s.parked[me].store(true, Ordering::SeqCst);
@@ -253,11 +253,22 @@ impl<T> Slots<T> {
         Slots(items.map(UnsafeCell::new).collect())
     }
 
+    /// Takes what slot `i` holds, leaving it empty.
+    ///
     /// SAFETY (caller): no other thread touches slot `i` meanwhile.
     #[allow(unsafe_code)]
-    unsafe fn slot(&self, i: usize) -> &mut Option<T> {
-        // SAFETY: exclusive per the caller's promise.
-        unsafe { &mut *self.0[i].get() }
+    unsafe fn take(&self, i: usize) -> Option<T> {
+        // SAFETY: exclusive per the caller's promise; the borrow ends within this call.
+        unsafe { (*self.0[i].get()).take() }
+    }
+
+    /// Puts `value` in slot `i`.
+    ///
+    /// SAFETY (caller): no other thread touches slot `i` meanwhile.
+    #[allow(unsafe_code)]
+    unsafe fn put(&self, i: usize, value: T) {
+        // SAFETY: exclusive per the caller's promise; the borrow ends within this call.
+        unsafe { *self.0[i].get() = Some(value) }
     }
 }
 
@@ -270,13 +281,13 @@ pub fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
             // SAFETY: the team runs each index once, so slot `i` is this task's alone.
             #[allow(unsafe_code)]
             let task = |i: usize| {
-                if let Some(item) = unsafe { slots.slot(i) }.take() {
+                if let Some(item) = unsafe { slots.take(i) } {
                     f(item);
                 }
             };
             team.run(n, &task);
         }
-        None => items.into_par_iter().for_each(|t| f(t)),
+        None => items.into_par_iter().for_each(&f),
     })
 }
 
@@ -287,7 +298,10 @@ pub fn map<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
             let slots = Slots::new((0..n).map(|_| None));
             // SAFETY: the team runs each index once, so slot `i` is this task's alone.
             #[allow(unsafe_code)]
-            let task = |i: usize| *unsafe { slots.slot(i) } = Some(f(i));
+            let task = |i: usize| {
+                let value = f(i);
+                unsafe { slots.put(i, value) }
+            };
             team.run(n, &task);
             slots
                 .0
@@ -295,7 +309,7 @@ pub fn map<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
                 .map(|s| s.into_inner().expect("every task ran"))
                 .collect()
         }
-        None => (0..n).into_par_iter().map(|i| f(i)).collect(),
+        None => (0..n).into_par_iter().map(&f).collect(),
     })
 }
 

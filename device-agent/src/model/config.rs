@@ -31,7 +31,7 @@ impl BlockShape {
     /// Whether query heads map onto KV heads in equal consecutive groups (what llama.cpp and
     /// stock HF transformers assume).
     pub fn uniform_groups(&self) -> bool {
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return false;
         }
         let g = self.n_heads / self.n_kv_heads;

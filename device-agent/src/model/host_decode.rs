@@ -368,6 +368,7 @@ mod tests {
     /// swapping the rotary `cos` and `sin` of the keys fails it at 21%, dropping the LoRA branch
     /// of `v` at 6.5%; without an adapter the paths agreed to 2e-7 of the largest logit.
     #[test]
+    #[allow(clippy::needless_range_loop)] // `t` indexes both sequences and names the position
     fn host_decoding_equals_the_tensor_path() {
         let device = Device::flex();
         for tie in [true, false] {

@@ -12,6 +12,7 @@
 //! - KV head g: its `head_dim` columns of k and v. It is scored on its own (k and v count in
 //!   the importance), and the ranking splits its score and its parameters evenly among the
 //!   kept query heads that read it; it goes with the last of them.
+//!
 //! Embeddings, norms and the LM head are never pruned.
 //!
 //! Kept-index maps are the wire's own types, [`protocol::KeptIndices`] (one [`BlockKept`] per

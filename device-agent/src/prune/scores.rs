@@ -145,7 +145,7 @@ pub fn random_scores(m: &Llama, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<BlockS
 
 /// A fresh RNG for random scores.
 pub fn scores_rng(seed: u64) -> rand_chacha::ChaCha8Rng {
-    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_5c0e)
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed0f_5c0e)
 }
 
 /// Slice per-unit score vectors from `old` to `new` kept maps (`new` a subset of `old`).

@@ -30,7 +30,7 @@ impl QMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<Option<QMatrix>, QuantError> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(QuantError::Blocks(format!(
                 "{format} rows of {cols} values are not whole blocks of {QK}"
             )));

@@ -134,7 +134,7 @@ pub fn fuses_nibbles(path: DotPath, n: usize) -> bool {
 /// The activations' lane offsets where `path`'s fused kernel reads them (the x86 ones, which
 /// multiply unsigned nibbles), computed once per activation set; empty for `sdot`, which
 /// subtracts 8 from the nibbles instead.
-pub fn offsets_for<'a>(path: DotPath, qx: &'a super::QRows) -> &'a [i32] {
+pub fn offsets_for(path: DotPath, qx: &super::QRows) -> &[i32] {
     match path {
         DotPath::Avx512Vnni | DotPath::Avx2 => qx.nibble_offsets(),
         DotPath::NeonDot | DotPath::Portable => &[],
@@ -541,6 +541,7 @@ mod x86 {
     ///
     /// SAFETY (caller): the CPU has AVX-512F/VL/VNNI and F16C; slice lengths as above.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // the accumulator tile is indexed as its operands are
     pub unsafe fn rows_vnni_tiled(a: &RowArgs, y: &mut [f32], n: usize) {
         const T: usize = TILE;
         let nb = a.nb;

@@ -395,8 +395,8 @@ fn quantized_tiny_model_stays_close_and_caches_alike() {
         );
         assert_eq!(qb.embed.format(), BlockFormat::Q8_0);
         let ids: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
-        let a = to_rows(fp.forward(fp.tokens_tensor(&[ids.clone()]), None));
-        let b = to_rows(q.forward(q.tokens_tensor(&[ids.clone()]), None));
+        let a = to_rows(fp.forward(fp.tokens_tensor(std::slice::from_ref(&ids)), None));
+        let b = to_rows(q.forward(q.tokens_tensor(std::slice::from_ref(&ids)), None));
         let scale = a.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
         let worst = a
             .iter()

@@ -145,7 +145,7 @@ fn welcome(b: &mut Bytes) -> Message {
 fn round_config(b: &mut Bytes) -> Message {
     let round = RoundId(u64::from(b.u8() % 8));
     let rank = b.wide() as u32;
-    let global = (b.u8() % 4 == 0).then(|| GlobalSlice {
+    let global = b.u8().is_multiple_of(4).then(|| GlobalSlice {
         adapter: protocol::AdapterPayload {
             rank: b.wide() as u32,
             alpha: b.f32(),
@@ -160,7 +160,7 @@ fn round_config(b: &mut Bytes) -> Message {
             prune_ratio: f64::from(b.f32()),
             rank,
         },
-        target_sparsity: (b.u8() % 4 == 0).then(|| f64::from(b.f32())),
+        target_sparsity: b.u8().is_multiple_of(4).then(|| f64::from(b.f32())),
         global,
         deadline_ms: b.wide(),
         local_steps: b.wide() as u32,
@@ -169,7 +169,7 @@ fn round_config(b: &mut Bytes) -> Message {
         batch_size: b.wide() as u32,
         seed: u64::from(b.u8()),
         options: RoundOptions {
-            rank_pruning: (b.u8() % 4 == 0).then(|| RankPruning {
+            rank_pruning: b.u8().is_multiple_of(4).then(|| RankPruning {
                 reg: b.f32(),
                 gamma: b.f32(),
                 step: b.f32(),

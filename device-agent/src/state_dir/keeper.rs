@@ -69,21 +69,19 @@ impl StateKeeper {
             last_round: None,
         };
         let dense = || DeviceState::fresh(base);
-        if fresh {
-            if std::fs::symlink_metadata(&path).is_ok() {
-                let old = path.with_extension(format!("bin.{REPLACED_SUFFIX}"));
-                std::fs::rename(&path, &old).map_err(file::io_err(&path, "move aside"))?;
-                tracing::warn!(path = %path.display(), old = %old.display(), "fresh start asked for: the previous device state was moved aside");
-                keeper.save_state(&dense(), None)?;
-                return Ok((
-                    keeper,
-                    Resume {
-                        state: dense(),
-                        unacked: None,
-                        opened: Opened::Replaced { old },
-                    },
-                ));
-            }
+        if fresh && std::fs::symlink_metadata(&path).is_ok() {
+            let old = path.with_extension(format!("bin.{REPLACED_SUFFIX}"));
+            std::fs::rename(&path, &old).map_err(file::io_err(&path, "move aside"))?;
+            tracing::warn!(path = %path.display(), old = %old.display(), "fresh start asked for: the previous device state was moved aside");
+            keeper.save_state(&dense(), None)?;
+            return Ok((
+                keeper,
+                Resume {
+                    state: dense(),
+                    unacked: None,
+                    opened: Opened::Replaced { old },
+                },
+            ));
         }
         match super::load(dir, base)? {
             None => {

@@ -441,7 +441,7 @@ fn the_real_state_dir_model_and_its_exports_give_the_same_logits() {
     let (model, adapter, _) = tuned_model(&dir, base.clone()).unwrap();
     let adapter = adapter.unwrap();
     assert!(model.config.sparsity() > 0.0);
-    let toks = base.tokens_tensor(&[ids.clone()]);
+    let toks = base.tokens_tensor(std::slice::from_ref(&ids));
     let want = crate::model::to_rows(model.forward(toks.clone(), Some(&adapter)));
     let merged = adapter.merge_into(&model);
 

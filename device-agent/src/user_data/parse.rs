@@ -221,7 +221,7 @@ fn read_jsonl(path: &Path, text: &str) -> Result<(Format, Vec<Record>), UserData
                 f
             }
         };
-        let body = parse_record(f, &obj).map_err(|what| err(what))?;
+        let body = parse_record(f, &obj).map_err(err)?;
         records.push(Record {
             path: path.to_path_buf(),
             line,

@@ -10,14 +10,12 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
-use super::{DeviceFinal, Report, RoundRecord, Summary, SUMMARY_FILE};
+use super::{DeviceFinal, History, Report, RoundRecord, Summary, SUMMARY_FILE};
 use crate::device_rounds::DeviceRound;
 use crate::error::SimError;
 
 /// [`DeviceFinal::history`], whose ratios may be NaN (`null`).
-pub(super) fn history<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<(u64, f64, u32, String)>, D::Error> {
+pub(super) fn history<'de, D: Deserializer<'de>>(d: D) -> Result<History, D::Error> {
     let v: Vec<(u64, Option<f64>, u32, String)> = Deserialize::deserialize(d)?;
     Ok(v.into_iter()
         .map(|(round, ratio, rank, outcome)| (round, ratio.unwrap_or(f64::NAN), rank, outcome))

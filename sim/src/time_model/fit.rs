@@ -52,6 +52,7 @@ fn residual(a: &[Vec<f64>], b: &[f64], x: &[f64]) -> f64 {
 
 /// Least squares on the scaled columns `cols` by the normal equations (Gaussian elimination
 /// with partial pivoting); `None` when they are singular.
+#[allow(clippy::needless_range_loop)] // elimination reads rows `c` and `r` of `g` at once
 fn least_squares(a: &[Vec<f64>], b: &[f64], cols: &[usize], norms: &[f64]) -> Option<Vec<f64>> {
     let m = cols.len();
     let mut g = vec![vec![0.0; m + 1]; m];

@@ -251,7 +251,8 @@ pub fn measured_on(command: String, build: &str) -> MeasuredOn {
         ("neon", class.vector_path == "neon"),
     ]
     .into_iter()
-    .filter_map(|(name, has)| has.then(|| name.to_string()))
+    .filter(|&(_, has)| has)
+    .map(|(name, _)| name.to_string())
     .collect();
     MeasuredOn {
         cpu: class.cpu_model.clone(),

@@ -20,6 +20,7 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 
 /// `out` within fp32 rounding of the f64 reference: each cell within 1e-5 of the sum of the
 /// magnitudes of its terms (the bound on reordered fp32 sums of a few hundred terms).
+#[allow(clippy::too_many_arguments)] // a product's operands, shape and layout, named as the kernels name them
 fn assert_close(
     out: &[f32],
     a: &[f32],
