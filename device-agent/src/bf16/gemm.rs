@@ -331,7 +331,7 @@ pub fn matmul_on(kernel: Kernel, a: &[f32], m: usize, b: &PackedB, out: &mut [f3
         b.n
     );
     let rows = round_rows(a, m, b.k);
-    run(kernel, &rows, m, b, OutPtr(out.as_mut_ptr()));
+    run(kernel, &rows, m, b, OutPtr::new(out.as_mut_ptr()));
 }
 
 /// `x w` (`Layout::Plain`, `w` is `rows x cols` = `[k][n]`) or `x w^T` (`Layout::Transposed`,
@@ -377,7 +377,7 @@ fn product_into_new(
     round_rows_into(&mut rounded, a, m, b.k);
     let len = m * b.n;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    run(kernel, &rounded, m, b, OutPtr(out.as_mut_ptr()));
+    run(kernel, &rounded, m, b, OutPtr::new(out.as_mut_ptr()));
     // SAFETY: `run` wrote every one of the `m x n` cells (each task writes all the cells of its
     // block of rows and run of panels, and the tasks cover the output), and `len` is within the
     // capacity.
@@ -425,9 +425,6 @@ fn run(kernel: Kernel, rows: &[u32], m: usize, b: &PackedB, dst: OutPtr) {
     let per_group = panels.div_ceil(groups);
     let groups = panels.div_ceil(per_group);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
-        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
-        #[allow(clippy::redundant_locals)]
-        let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let r0 = rb * ROW_BLOCK;
         let r1 = (r0 + ROW_BLOCK).min(m);
@@ -454,7 +451,7 @@ fn run(kernel: Kernel, rows: &[u32], m: usize, b: &PackedB, dst: OutPtr) {
                                 pairs,
                                 tile_rows,
                                 panel.as_ptr(),
-                                dst.0.add(r * n + q * NR),
+                                dst.at(r * n + q * NR),
                                 n,
                                 cols,
                             );
@@ -500,7 +497,7 @@ fn amx_task(
                         rows.as_ptr().add(r * pairs),
                         pairs,
                         panel.as_ptr(),
-                        dst.0.add(r * n + q * NR),
+                        dst.at(r * n + q * NR),
                         n,
                         valid,
                         cols,

@@ -148,11 +148,8 @@ fn product(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
     let (r_rs, r_cs) = strides_2d(rhs);
     let (ld, rd): (&[f32], &[f32]) = (lhs.storage(), rhs.storage());
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = OutPtr::new(out.as_mut_ptr());
     let one = |b: usize, par: gemm::Parallelism| {
-        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
-        #[allow(clippy::redundant_locals)]
-        let dst = dst;
         // SAFETY: the operand pointers are the matrices of batch `b` inside their buffers (flex's
         // layout: start offset plus strides, all within the storage for a valid tensor); the
         // destination is batch `b`'s `m x n` cells of `out`, row stride `n`, which only this
@@ -163,7 +160,7 @@ fn product(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
                 m,
                 n,
                 k,
-                dst.0.add(b * size),
+                dst.at(b * size),
                 1,
                 n as isize,
                 false,
@@ -207,7 +204,21 @@ fn product(lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
 /// of it (here a batch's matrix; in the bf16 products a block of rows times a run of panels).
 /// Whoever makes one keeps the buffer alive across the parallel loop and hands out disjoint cells.
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
+pub(crate) struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// The buffer's first cell.
+    pub(crate) fn new(first: *mut f32) -> Self {
+        OutPtr(first)
+    }
+
+    /// The address of cell `offset` (computed, not dereferenced: the caller's unsafe write says
+    /// why the cell is its own). Taking `self`, a call inside a task's closure moves the whole
+    /// `OutPtr` into it, which is Send and Sync, where its raw field alone would be neither.
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 // SAFETY: the tasks holding copies write disjoint cells of a buffer that outlives them (the
 // maker's contract above).
 #[allow(unsafe_code)]

@@ -169,7 +169,7 @@ pub fn product_on(
     if m == 0 || n == 0 || k == 0 {
         return out;
     }
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = OutPtr::new(out.as_mut_ptr());
     match layout {
         Layout::Plain => plain(kernel, a, m, k, w, n, dst),
         Layout::Transposed => transposed(kernel, a, m, k, w, n, dst),
@@ -236,9 +236,6 @@ fn plain(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize, dst
     let row_blocks = m.div_ceil(ROW_BLOCK);
     let (groups, per_group) = split(row_blocks, panels);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
-        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
-        #[allow(clippy::redundant_locals)]
-        let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));
         let (q0, q1) = (g * per_group, ((g + 1) * per_group).min(panels));
@@ -266,36 +263,29 @@ fn plain(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize, dst
                 while r < r1 {
                     let rows = MR.min(r1 - r);
                     let lhs = &a[r * k + p0..];
-                    // SAFETY: the cells (r..r + rows, c0..c0 + cols) of the `m x n` output are
-                    // this task's alone and inside the buffer `dst` points into.
-                    #[allow(unsafe_code)]
-                    let c = unsafe { dst.0.add(r * n + c0) };
+                    // The cells (r..r + rows, c0..c0 + cols) of the `m x n` output: this task's
+                    // alone and inside the buffer `dst` points into (what the writes below and
+                    // `outer_tile` rely on).
+                    let c = dst.at(r * n + c0);
                     if cols == nr {
                         outer_tile(kernel, lhs, k, rows, kc, b, ldb, c, n, p0 > 0);
                     } else {
                         // Through a full-width buffer: the tile stores whole vectors.
-                        let cells = OutPtr(cell_buf.as_mut_ptr());
+                        let cells = cell_buf.as_mut_ptr();
                         for i in 0..rows {
-                            // SAFETY: as above, row `i` of the tile's own cells.
+                            // SAFETY: row `i` of the tile's own cells (above), `cols` of them;
+                            // `cell_buf` holds `MR` rows of `nr`.
                             #[allow(unsafe_code)]
                             unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    c.add(i * n),
-                                    cells.0.add(i * nr),
-                                    cols,
-                                )
+                                std::ptr::copy_nonoverlapping(c.add(i * n), cells.add(i * nr), cols)
                             };
                         }
-                        outer_tile(kernel, lhs, k, rows, kc, b, ldb, cells.0, nr, p0 > 0);
+                        outer_tile(kernel, lhs, k, rows, kc, b, ldb, cells, nr, p0 > 0);
                         for i in 0..rows {
                             // SAFETY: as above.
                             #[allow(unsafe_code)]
                             unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    cells.0.add(i * nr),
-                                    c.add(i * n),
-                                    cols,
-                                )
+                                std::ptr::copy_nonoverlapping(cells.add(i * nr), c.add(i * n), cols)
                             };
                         }
                     }
@@ -347,9 +337,6 @@ fn transposed(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize
     let w_blocks = n.div_ceil(W_BLOCK);
     let (groups, per_group) = split(row_blocks, w_blocks);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
-        // Moves the whole `OutPtr` (Send and Sync) into the closure, not its raw field.
-        #[allow(clippy::redundant_locals)]
-        let dst = dst;
         let (rb, g) = (task / groups, task % groups);
         let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));
         let (j0, j1) = (
@@ -373,7 +360,7 @@ fn transposed(kernel: Kernel, a: &[f32], m: usize, k: usize, w: &[f32], n: usize
                         let (ap, wp, c) = (
                             a.as_ptr().add(r * k),
                             w.as_ptr().add(j * k),
-                            dst.0.add(r * n + j),
+                            dst.at(r * n + j),
                         );
                         #[cfg(target_arch = "x86_64")]
                         match kernel {
