@@ -6,7 +6,9 @@
 //! (1024).
 //!
 //! `cargo bench -p device-agent --bench sgemm` (`-- quick` for 3 repetitions instead of 7; `--
-//! rows 64,128` for other row counts). `-- lora` times instead the LoRA backward's products that
+//! rows 64,128` for other row counts; `-- cold` to time every product with its weight out of
+//! the caches, as a simulated device's step meets it, where by default the bench's repetitions
+//! find it in L2 or L3). `-- lora` times instead the LoRA backward's products that
 //! read a large matrix: the `gemm` crate's pair `dy (sB)^T`, `(xA)^T dy` and its `x^T dz` against
 //! `kernels::lora_grad` (one pass), at every projection's shape and rank 16.
 
@@ -22,13 +24,45 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median milliseconds of `a` and of `b` over `reps` runs, alternated.
-fn alternate<A, B>(reps: usize, a: impl Fn() -> A, b: impl Fn() -> B) -> (f64, f64) {
+/// Bytes read before each timed product under `-- cold`: several times any L3 a host of this
+/// kind has (32 MiB per Zen 5 CCD), so the weight (at most 113 MB, the head) is read from memory,
+/// as in a simulated device's step, where the fp32 model (540 MB) cannot stay in cache. Read, not
+/// written, so no dirty lines are left to write back during the product. The product's left
+/// operand is evicted too (at most a few MiB, a small part of its time).
+const EVICT_BYTES: usize = 256 << 20;
+
+/// What runs before each timed call: nothing, or a read of [`EVICT_BYTES`] (`-- cold`).
+struct Evict(Option<Vec<u64>>);
+
+impl Evict {
+    fn new(cold: bool) -> Self {
+        // Distinct values, so the pages are really there (not the shared zero page).
+        Evict(cold.then(|| (0..EVICT_BYTES as u64 / 8).collect()))
+    }
+
+    /// On every thread of the pool, so its workers are awake when the product starts, as they are
+    /// in a step (an idle worker's wake-up on a VM costs far more than a product of this size).
+    fn run(&self) {
+        use rayon::prelude::*;
+        if let Some(buf) = &self.0 {
+            let sum = buf
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |s, &v| s.wrapping_add(v)))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(sum);
+        }
+    }
+}
+
+/// Median milliseconds of `a` and of `b` over `reps` runs, alternated, `evict` before each.
+fn alternate<A, B>(reps: usize, evict: &Evict, a: impl Fn() -> A, b: impl Fn() -> B) -> (f64, f64) {
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..reps {
+        evict.run();
         let t0 = Instant::now();
         drop(a());
         ta.push(t0.elapsed().as_secs_f64() * 1e3);
+        evict.run();
         let t0 = Instant::now();
         drop(b());
         tb.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -70,7 +104,16 @@ fn main() {
         "kernel: {kernel:?}, threads: {}",
         rayon::current_num_threads()
     );
-    println!("\nms per product, median of {reps}, alternated; GFLOP/s of the in-place kernel\n");
+    let cold = args.iter().any(|a| a == "cold");
+    let evict = Evict::new(cold);
+    println!(
+        "\nms per product, median of {reps}, alternated; GFLOP/s of the in-place kernel; {}\n",
+        if cold {
+            "weights out of the caches (each product after a 256 MiB read)"
+        } else {
+            "weights as the repetitions leave them (in L2 or L3 where they fit)"
+        }
+    );
     println!("| weight [rows, cols] | product | rows of x | gemm crate | in place | ratio | GFLOP/s | largest difference / scale |");
     println!("|---|---|---|---|---|---|---|---|");
     let mut weights: Vec<(String, Tensor<2>)> = Proj::ALL
@@ -106,7 +149,7 @@ fn main() {
                     .iter()
                     .zip(&b)
                     .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
-                let (g, o) = alternate(reps, gemm_crate, ours);
+                let (g, o) = alternate(reps, &evict, gemm_crate, ours);
                 total_gemm += g;
                 total_ours += o;
                 let gflops = 2.0 * (m * k * n) as f64 / (o * 1e6);
@@ -185,7 +228,7 @@ fn lora_backward(rows: &[usize], reps: usize, device: &Device) {
                     .zip(&b.0)
                     .chain(a.1.iter().zip(&b.1))
                     .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
-            let (g, o) = alternate(reps, gemm_crate, ours);
+            let (g, o) = alternate(reps, &Evict::new(false), gemm_crate, ours);
             total_gemm += g;
             total_ours += o;
             println!(

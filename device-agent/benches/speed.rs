@@ -18,7 +18,9 @@
 //! forward); `-- bf16` runs only those rows. `-- matmuls` prints only the matmul table of
 //! `-- profile` (flex, the `gemm` crate directly, and our bf16 kernels at the step's shapes).
 //! `-- prompt` times the 256-token prompt to the first token (what llama-bench's pp rows
-//! measure: logits at the last position only) beside the full forward, alternating.
+//! measure: logits at the last position only) beside the full forward, alternating. `--
+//! small-step B S` times the dense rank-8 step on `B` windows of `S` tokens (a simulated
+//! device's micro-batch, default 2 x 52).
 
 use std::time::Instant;
 
@@ -132,6 +134,41 @@ fn half_mlp_two_thirds_heads(base: &device_agent::model::Llama) -> KeptIndices {
         b.query_heads = vec![0, 1, 3, 4, 6, 7];
     }
     kept
+}
+
+/// `-- small-step B S`: the dense rank-8 LoRA step on a micro-batch of `B` windows of `S` tokens
+/// (a simulated device's shape: the default preset's is about 2 x 52), its rate against the
+/// step's FLOPs, so a simulator profile's products can be put beside the `sgemm` bench's rates.
+fn small_step(batch: usize, seq: usize) {
+    let device = Device::flex();
+    let Setup { base, ids, .. } = setup(&device);
+    let wins: Vec<Vec<u32>> = ids
+        .chunks_exact(seq + 1)
+        .take(batch)
+        .map(<[u32]>::to_vec)
+        .collect();
+    let micro = train::Batch::lm(&wins);
+    let config = base.config.clone();
+    let ad = Adapter::new(&config, 8, 16.0, 0, &device);
+    let mut t = train::Tuner::new(
+        &base,
+        KeptIndices::dense(&config),
+        ad,
+        train::TrainConfig::default(),
+    )
+    .expect("tuner");
+    let s = time_median(9, || {
+        t.train_micro(&micro, 1e-3, false)
+            .expect("one optimiser step per micro-batch")
+    });
+    let flops = cost::train_step_flops(&config, 8, batch, seq);
+    println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
+    println!(
+        "| LoRA r8 step, b{batch} x s{seq}, fp32, dense | {:.0} | tok/s ({:.1} ms/step, median of 9) | {:.0} | FLOPs with the head at every position |",
+        (batch * seq) as f64 / s,
+        s * 1e3,
+        flops / s / 1e9
+    );
 }
 
 /// One training configuration in its own process so its peak RSS is its own:
@@ -471,6 +508,11 @@ fn main() {
         let sp: f64 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let r: usize = args.get(i + 2).and_then(|v| v.parse().ok()).unwrap_or(16);
         step_only(sp, r, args.iter().any(|a| a == "recompute"), default_malloc);
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "small-step") {
+        let arg = |j: usize, d: usize| args.get(i + j).and_then(|v| v.parse().ok()).unwrap_or(d);
+        small_step(arg(1, 2), arg(2, 52));
         return;
     }
     if let Some(i) = args.iter().position(|a| a == "rss") {

@@ -153,9 +153,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(Llama, Tok), LoadError
     load_gguf_held(path, device, BasePrecision::F32)
 }
 
-/// A projection as loaded: fp32 `[in, out]`, or held in blocks `[out, in]`.
+/// A projection as loaded: fp32 `[in, out]`, or held in blocks `[out, in]`. The tensor is boxed:
+/// with the GPU backends compiled in, a tensor handle is several times a held matrix's size.
 enum Loaded {
-    Fp32(Tensor<2>),
+    Fp32(Box<Tensor<2>>),
     Held(QMatrix),
 }
 
@@ -261,11 +262,11 @@ pub fn load_gguf_held(
             None => v,
         };
         let Some(format) = format else {
-            return Ok(Loaded::Fp32(mat(
+            return Ok(Loaded::Fp32(Box::new(mat(
                 unpermuted(load_mat(name, out, inp)?),
                 out,
                 inp,
-            )));
+            ))));
         };
         let bad = |e: QuantError| invalid(path, format!("tensor '{name}': {e}"));
         let (ty, bytes, dims) = g.read_raw(name)?;
@@ -338,7 +339,7 @@ pub fn load_gguf_held(
             norm_pairs.push(norms);
         } else {
             let mut ws = mats.into_iter().map(|m| match m {
-                Loaded::Fp32(w) => w,
+                Loaded::Fp32(w) => *w,
                 Loaded::Held(_) => unreachable!("no format was asked for"),
             });
             let mut next = || ws.next().expect("seven projections");
