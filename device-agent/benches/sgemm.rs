@@ -8,7 +8,8 @@
 //! `cargo bench -p device-agent --bench sgemm` (`-- quick` for 3 repetitions instead of 7; `--
 //! rows 64,128` for other row counts; `-- cold` to time every product with its weight out of
 //! the caches, as a simulated device's step meets it, where by default the bench's repetitions
-//! find it in L2 or L3). `-- lora` times instead the LoRA backward's products that
+//! find it in L2 or L3; `-- align` times the in-place kernel on the same operands placed on
+//! 64-byte boundaries and 16 bytes past them). `-- lora` times instead the LoRA backward's products that
 //! read a large matrix: the `gemm` crate's pair `dy (sB)^T`, `(xA)^T dy` and its `x^T dz` against
 //! `kernels::lora_grad` (one pass), at every projection's shape and rank 16.
 
@@ -89,6 +90,10 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect())
         .unwrap_or_else(|| vec![32, 256, 1024]);
+    if args.iter().any(|a| a == "align") {
+        println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
+        return alignment(&rows, reps);
+    }
     if args.iter().any(|a| a == "lora") {
         println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
         return lora_backward(&rows, reps, &device);
@@ -241,5 +246,67 @@ fn lora_backward(rows: &[usize], reps: usize, device: &Device) {
     println!(
         "\nall rows: gemm crate {total_gemm:.2} ms, one pass {total_ours:.2} ms, {:.2}x",
         total_gemm / total_ours
+    );
+}
+
+/// A copy of `v` starting `offset` bytes past a 64-byte boundary (a multiple of 4).
+fn placed(v: &[f32], offset: usize) -> (Vec<f32>, usize) {
+    let mut buf = vec![0f32; v.len() + 32];
+    let base = buf.as_ptr() as usize;
+    let start = ((64 - base % 64) % 64 + offset) % 64 / 4;
+    buf[start..start + v.len()].copy_from_slice(v);
+    (buf, start)
+}
+
+/// `-- align`: the in-place kernel on the same operands placed on 64-byte boundaries and 16 bytes
+/// past them (where large allocations usually start), alternated.
+fn alignment(rows: &[usize], reps: usize) {
+    let kernel = sgemm::Kernel::detect().expect("an x86 kernel");
+    println!("kernel: {kernel:?}; ms per product, median of {reps}, alternated\n");
+    println!("| weight [rows, cols] | product | rows of x | both 64-byte aligned | both 16 past | ratio |");
+    println!("|---|---|---|---|---|---|");
+    let shapes = [
+        ("Q", 576, 576),
+        ("K", 576, 192),
+        ("Gate", 576, 1536),
+        ("Down", 1536, 576),
+    ];
+    let (mut ta, mut tm) = (0.0, 0.0);
+    for &m in rows {
+        for &(name, r, c) in &shapes {
+            for layout in [Layout::Plain, Layout::Transposed] {
+                let (k, _) = layout.reduced_and_out(r, c);
+                let w: Vec<f32> = (0..r * c)
+                    .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+                    .collect();
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
+                    .collect();
+                let (wa, wa0) = placed(&w, 0);
+                let (aa, aa0) = placed(&a, 0);
+                let (wm, wm0) = placed(&w, 16);
+                let (am, am0) = placed(&a, 16);
+                let (wa, aa) = (&wa[wa0..wa0 + w.len()], &aa[aa0..aa0 + a.len()]);
+                let (wm, am) = (&wm[wm0..wm0 + w.len()], &am[am0..am0 + a.len()]);
+                assert_eq!(wa.as_ptr() as usize % 64, 0);
+                assert_eq!(wm.as_ptr() as usize % 64, 16);
+                let (x, y) = alternate(
+                    reps,
+                    &Evict::new(false),
+                    || sgemm::product_on(kernel, aa, m, wa, r, c, layout),
+                    || sgemm::product_on(kernel, am, m, wm, r, c, layout),
+                );
+                ta += x;
+                tm += y;
+                println!(
+                    "| {name} [{r}, {c}] | {layout:?} | {m} | {x:.3} | {y:.3} | {:.2}x |",
+                    y / x
+                );
+            }
+        }
+    }
+    println!(
+        "\nall: aligned {ta:.1} ms, 16 past {tm:.1} ms, {:.2}x",
+        tm / ta
     );
 }
