@@ -56,14 +56,23 @@ fn setup(device: &Device) -> Setup {
     let ids = tok
         .encode(&device_agent::data::moby_dick_chapter(3).expect("data").text)
         .expect("encode");
-    let wins: Vec<Vec<u32>> = ids.chunks_exact(257).take(4).map(<[u32]>::to_vec).collect();
-    let batch = train::Batch::lm(&wins);
+    let batch = lm_batch(&ids, 4, 256);
     Setup {
         base,
         tok,
         ids,
         batch,
     }
+}
+
+/// A causal-LM micro-batch of the first `batch` windows of `seq` tokens of `ids`.
+fn lm_batch(ids: &[u32], batch: usize, seq: usize) -> train::Batch {
+    let wins: Vec<Vec<u32>> = ids
+        .chunks_exact(seq + 1)
+        .take(batch)
+        .map(<[u32]>::to_vec)
+        .collect();
+    train::Batch::lm(&wins)
 }
 
 /// The generation rows' prompt (tokens of a short chat request) and settings: 64 new tokens,
@@ -142,12 +151,7 @@ fn half_mlp_two_thirds_heads(base: &device_agent::model::Llama) -> KeptIndices {
 fn small_step(batch: usize, seq: usize) {
     let device = Device::flex();
     let Setup { base, ids, .. } = setup(&device);
-    let wins: Vec<Vec<u32>> = ids
-        .chunks_exact(seq + 1)
-        .take(batch)
-        .map(<[u32]>::to_vec)
-        .collect();
-    let micro = train::Batch::lm(&wins);
+    let micro = lm_batch(&ids, batch, seq);
     let config = base.config.clone();
     let ad = Adapter::new(&config, 8, 16.0, 0, &device);
     let mut t = train::Tuner::new(
