@@ -11,7 +11,10 @@
 //! find it in L2 or L3; `-- align` times the in-place kernel on the same operands placed on
 //! 64-byte boundaries and 16 bytes past them). `-- lora` times instead the LoRA backward's products that
 //! read a large matrix: the `gemm` crate's pair `dy (sB)^T`, `(xA)^T dy` and its `x^T dz` against
-//! `kernels::lora_grad` (one pass), at every projection's shape and rank 16.
+//! `kernels::lora_grad` (one pass), at every projection's shape and rank 16. `-- int8` times the
+//! in-place fp32 kernel against `quant::rowwise`'s int8 products with row-wise scales (the left
+//! operand quantized inside the timing, the weight beforehand, as a frozen base would keep it),
+//! with the int8 result's error against fp32.
 
 use std::time::Instant;
 
@@ -101,6 +104,9 @@ fn main() {
     let (base, _tok) =
         weights::load(&assets::default_model().expect("model"), &device).expect("load");
     println!("CPU: {}", device_agent::cpu::CpuInfo::detect());
+    if args.iter().any(|a| a == "int8") {
+        return int8(&base, &rows, reps, &device);
+    }
     let Some(kernel) = sgemm::Kernel::detect() else {
         println!("no AVX2/AVX-512 kernels on this CPU: products stay on the gemm crate");
         return;
@@ -308,5 +314,77 @@ fn alignment(rows: &[usize], reps: usize) {
     println!(
         "\nall: aligned {ta:.1} ms, 16 past {tm:.1} ms, {:.2}x",
         tm / ta
+    );
+}
+
+/// `-- int8`: every projection's forward (`x w`, int8 against the weight's columns) and input
+/// gradient (`dy w^T`, against its rows) through the in-place fp32 kernel and through
+/// `quant::rowwise` (the left operand quantized inside the timing), alternated; the error is the
+/// int8 result's relative Frobenius distance from the fp32 one, with normal left operands.
+fn int8(base: &device_agent::model::Llama, rows: &[usize], reps: usize, device: &Device) {
+    use device_agent::quant::rowwise::{self, RowQuant};
+    let kernel = sgemm::Kernel::detect().expect("an x86 kernel");
+    let path = device_agent::cpu::DotPath::detect();
+    println!(
+        "fp32 kernel: {kernel:?}; int8 path: {path}; threads {}",
+        rayon::current_num_threads()
+    );
+    println!("ms per product, median of {reps}, alternated\n");
+    println!("| weight [rows, cols] | product | rows of x | fp32 in place | int8 (with quantizing x) | ratio | int8 product alone | int8 GOP/s | relative error |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let (mut tf, mut ti) = (0.0, 0.0);
+    for &m in rows {
+        for p in Proj::ALL {
+            let w = base.base_weight(0, p);
+            let [r, c] = w.dims();
+            let wh = host(w.clone());
+            for layout in [Layout::Plain, Layout::Transposed] {
+                let (k, n) = layout.reduced_and_out(r, c);
+                let qw = match layout {
+                    Layout::Plain => RowQuant::quantize_columns(&wh, r, c),
+                    Layout::Transposed => RowQuant::quantize(&wh, r, c),
+                };
+                let x = host(Tensor::<2>::random(
+                    [m, k],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                ));
+                let fp32 = || sgemm::product_on(kernel, &x, m, &wh, r, c, layout);
+                let q8 = || rowwise::product(path, &RowQuant::quantize(&x, m, k), &qw);
+                let (want, got) = (fp32(), q8());
+                let (mut e, mut s) = (0f64, 0f64);
+                for (a, b) in want.iter().zip(&got) {
+                    e += f64::from(a - b).powi(2);
+                    s += f64::from(*a).powi(2);
+                }
+                let (f, i) = alternate(reps, &Evict::new(false), fp32, q8);
+                let qx = RowQuant::quantize(&x, m, k);
+                let alone = median(
+                    (0..reps)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            drop(rowwise::product(path, &qx, &qw));
+                            t0.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect(),
+                );
+                tf += f;
+                ti += i;
+                let what = match layout {
+                    Layout::Plain => "x w",
+                    Layout::Transposed => "dy w^T",
+                };
+                println!(
+                    "| {p:?} [{r}, {c}] | {what} | {m} | {f:.3} | {i:.3} | {:.2}x | {alone:.3} | {:.0} | {:.4} |",
+                    f / i,
+                    2.0 * (m * k * n) as f64 / (i * 1e6),
+                    (e / s.max(1e-30)).sqrt()
+                );
+            }
+        }
+    }
+    println!(
+        "\nall: fp32 in place {tf:.1} ms, int8 {ti:.1} ms, {:.2}x",
+        tf / ti
     );
 }

@@ -32,6 +32,7 @@ mod file_blocks;
 pub mod frozen;
 pub mod kernels;
 pub mod q4;
+pub mod rowwise;
 
 pub use base::QuantBase;
 

@@ -1,0 +1,468 @@
+//! Int8 products with one scale per row: `out[i][j] = sa[i] * sb[j] * sum_k qa[i][k] qb[j][k]`,
+//! the inner sum exact in int32, both operands quantized row by row to `-127..=127` with the
+//! scale `max |row| / 127` (symmetric, round to nearest).
+//!
+//! What it is for: the frozen base's products in training with fewer instructions than fp32
+//! fused multiply-adds. A Q8_0 block carries a scale per 32 values, so a Q8_0 product converts
+//! and scales every block's partial sum (about as many instructions per 32 products as fp32's
+//! four 8-lane multiply-adds: why session 30 moved prompts off the Q8_0 kernels); one scale per
+//! row lets the int32 sums run over the whole row and leaves one conversion per output. Row-wise
+//! scales on the activations (a token's row) and on the gradients, and a scale per weight row, are
+//! how SwitchBack (Wortsman et al., 2023) runs a linear layer's forward and input-gradient
+//! products in int8; a LoRA step needs no gradient of the frozen weight, so those two products
+//! are all of the base's work. The forward multiplies the activations by the weight's rows along
+//! its input dimension (`w^T`, one scale per output channel); the input gradient multiplies the
+//! output gradient by the rows of `w` (one scale per input channel): a frozen weight is kept
+//! quantized both ways ([`RowQuant::quantize_columns`]).
+//!
+//! Not wired into training yet: `cargo bench -p device-agent --bench sgemm -- int8` measures
+//! these products against the fp32 products read in place, with their error, at a simulated
+//! device's shapes (BENCHMARKS.md). Rows are padded with zeros to a multiple of [`STEP`]; a
+//! reduced length up to [`MAX_K`] keeps every int32 sum exact.
+//!
+//! Paths ([`DotPath`]): AVX-512 VNNI (`vpdpbusd` on 256-bit registers, the left operand offset
+//! to unsigned by `x ^ 0x80` and the right rows' sums correcting it), AVX2 (`maddubs` + `madd`
+//! with the sign trick `|a| * (b * sign(a))`, exact because no value is `-128`), and a portable
+//! loop for the rest (aarch64 included, vectorised by the compiler).
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused, unused_unsafe))]
+
+use rayon::prelude::*;
+
+use crate::cpu::DotPath;
+use crate::kernels::OutPtr;
+
+/// Row padding: every kernel steps through a row 32 or 64 values at a time.
+pub const STEP: usize = 64;
+
+/// The longest reduced dimension whose sums stay exact in int32 on every path (the VNNI path
+/// sums `(a + 128) * b`, at most `255 * 127` per value).
+pub const MAX_K: usize = 65_536;
+
+/// Rows of the left operand per kernel tile.
+const MR: usize = 4;
+/// Rows of the right operand per kernel tile.
+const NR: usize = 4;
+/// Rows of the left operand one task takes (a multiple of [`MR`]).
+const A_BLOCK: usize = 64;
+/// Rows of the right operand one task takes (a multiple of [`NR`]).
+const B_BLOCK: usize = 32;
+/// Rows quantized per task.
+const QUANT_ROWS: usize = 16;
+
+/// A matrix quantized row by row: the value at `(r, k)` is `scale[r] * q[r * stride + k]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowQuant {
+    rows: usize,
+    k: usize,
+    stride: usize,
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    /// `sum_k q[r][k]` per row: the VNNI path's correction when this is the right operand.
+    sums: Vec<i32>,
+}
+
+/// Quantize one row into `q` (as long as `row`); returns the scale and the values' sum. Written
+/// so the loops vectorise: the rounding adds and subtracts `1.5 * 2^23` (to nearest, ties to
+/// even) and reads the integer from the sum's bits, since a float-to-int cast saturates lane by
+/// lane.
+fn quantize_row(row: &[f32], q: &mut [i8]) -> (f32, i32) {
+    const ROUND: f32 = 12_582_912.0;
+    debug_assert_eq!(row.len(), q.len());
+    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        // A zero row is exact; a row holding inf or NaN has no finite scale: zeros, and the
+        // scale carries the NaN into every product it touches.
+        q.fill(0);
+        return (if max == 0.0 { 0.0 } else { f32::NAN }, 0);
+    }
+    let inv = 127.0 / max;
+    for (d, &v) in q.iter_mut().zip(row) {
+        let t = (v * inv).clamp(-127.0, 127.0) + ROUND;
+        *d = t.to_bits().wrapping_sub(ROUND.to_bits()) as i8;
+    }
+    let sum = q.iter().map(|&v| i32::from(v)).sum();
+    (max / 127.0, sum)
+}
+
+impl RowQuant {
+    /// `x` is `rows x k`, row-major.
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> RowQuant {
+        assert_eq!(
+            x.len(),
+            rows * k,
+            "RowQuant::quantize: {rows} x {k} needs {} values",
+            rows * k
+        );
+        Self::build(rows, k, |r, q| quantize_row(&x[r * k..(r + 1) * k], q))
+    }
+
+    /// The columns of `w` (`rows_w x cols_w`, row-major) as rows: `w^T` quantized row by row,
+    /// one scale per column of `w`.
+    pub fn quantize_columns(w: &[f32], rows_w: usize, cols_w: usize) -> RowQuant {
+        assert_eq!(
+            w.len(),
+            rows_w * cols_w,
+            "RowQuant::quantize_columns: length"
+        );
+        Self::build(cols_w, rows_w, |c, q| {
+            let col: Vec<f32> = w[c..]
+                .iter()
+                .step_by(cols_w.max(1))
+                .take(rows_w)
+                .copied()
+                .collect();
+            quantize_row(&col, q)
+        })
+    }
+
+    /// `rows` rows of `k` values, `row(r, q)` quantizing row `r` into `q` (`k` long).
+    fn build(
+        rows: usize,
+        k: usize,
+        row: impl Fn(usize, &mut [i8]) -> (f32, i32) + Sync,
+    ) -> RowQuant {
+        assert!(
+            k <= MAX_K,
+            "RowQuant: a reduced length of {k} is over {MAX_K}"
+        );
+        let stride = k.div_ceil(STEP).max(1) * STEP;
+        let mut q = vec![0i8; rows * stride];
+        let mut scale = vec![0f32; rows];
+        let mut sums = vec![0i32; rows];
+        q.par_chunks_mut(QUANT_ROWS * stride)
+            .zip(scale.par_chunks_mut(QUANT_ROWS))
+            .zip(sums.par_chunks_mut(QUANT_ROWS))
+            .enumerate()
+            .for_each(|(t, ((q, scale), sums))| {
+                for (i, (qr, (s, sum))) in q
+                    .chunks_mut(stride)
+                    .zip(scale.iter_mut().zip(sums.iter_mut()))
+                    .enumerate()
+                {
+                    (*s, *sum) = row(t * QUANT_ROWS + i, &mut qr[..k]);
+                }
+            });
+        RowQuant {
+            rows,
+            k,
+            stride,
+            q,
+            scale,
+            sums,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The reduced length (values per row, padding excluded).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The values back in fp32, `rows x k`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.k);
+        for (r, &s) in self.scale.iter().enumerate() {
+            let q = &self.q[r * self.stride..r * self.stride + self.k];
+            out.extend(q.iter().map(|&v| s * f32::from(v)));
+        }
+        out
+    }
+
+    /// Bytes held (values with their padding, scales, sums).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 8 * self.rows
+    }
+}
+
+/// The int32 sums of a tile: `MR x NR` rows' dot products, row-major (rows of the tile short of
+/// `MR` or `NR` read row 0 again and are dropped by the caller).
+type Tile = [[i32; NR]; MR];
+
+/// The portable tile: plain integer loops, which the compiler vectorises.
+fn tile_portable(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
+    let mut t = [[0i32; NR]; MR];
+    for (ti, ar) in t.iter_mut().zip(a) {
+        for (c, br) in ti.iter_mut().zip(b) {
+            *c = ar
+                .iter()
+                .zip(br)
+                .map(|(&x, &y)| i32::from(x) * i32::from(y))
+                .sum();
+        }
+    }
+    t
+}
+
+/// `a` (`m` rows) times `b` (`n` rows) along their rows: `m x n` row-major, on `path` where
+/// this CPU runs it (the portable loop elsewhere). Each output's int32 sum is exact, so every
+/// path gives the same bits.
+#[allow(unsafe_code)]
+pub fn product(path: DotPath, a: &RowQuant, b: &RowQuant) -> Vec<f32> {
+    assert_eq!(
+        a.k, b.k,
+        "int8 row product: reduced lengths {} and {} differ",
+        a.k, b.k
+    );
+    let (m, n, stride) = (a.rows, b.rows, a.stride);
+    debug_assert_eq!(a.stride, b.stride);
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let path = if path.runs_here() {
+        path
+    } else {
+        DotPath::Portable
+    };
+    let dst = OutPtr::new(out.as_mut_ptr());
+    let (a_blocks, b_blocks) = (m.div_ceil(A_BLOCK), n.div_ceil(B_BLOCK));
+    // Each task: a block of `a`'s rows against a block of `b`'s, the `b` block (at most 32 rows
+    // of a reduced length of a few thousand bytes) staying in L1 or L2 while `a`'s rows pass.
+    (0..a_blocks * b_blocks).into_par_iter().for_each(|task| {
+        let (i_lo, j_lo) = (task / b_blocks * A_BLOCK, task % b_blocks * B_BLOCK);
+        let (i_hi, j_hi) = ((i_lo + A_BLOCK).min(m), (j_lo + B_BLOCK).min(n));
+        for i0 in (i_lo..i_hi).step_by(MR) {
+            let ra: [&[i8]; MR] = std::array::from_fn(|t| {
+                let r = if i0 + t < i_hi { i0 + t } else { i0 };
+                &a.q[r * stride..(r + 1) * stride]
+            });
+            for j0 in (j_lo..j_hi).step_by(NR) {
+                let rb: [&[i8]; NR] = std::array::from_fn(|t| {
+                    let r = if j0 + t < j_hi { j0 + t } else { j0 };
+                    &b.q[r * stride..(r + 1) * stride]
+                });
+                let tile = match path {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `runs_here` said the CPU has AVX-512F/BW/VL/VNNI (and AVX2);
+                    // every row slice is `stride` long, a multiple of 64.
+                    DotPath::Avx512Vnni => unsafe { x86::tile_vnni(ra, rb) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `runs_here` said the CPU has AVX2; rows as above.
+                    DotPath::Avx2 => unsafe { x86::tile_avx2(ra, rb) },
+                    _ => tile_portable(ra, rb),
+                };
+                for (i, row) in (i0..i_hi).zip(&tile) {
+                    for (j, &s) in (j0..j_hi).zip(row) {
+                        // The VNNI tile summed (a + 128) * b.
+                        let s = if path == DotPath::Avx512Vnni {
+                            s - 128 * b.sums[j]
+                        } else {
+                            s
+                        };
+                        // SAFETY: cell (i, j) lies in this task's rows and columns, which no
+                        // other task has; `out` outlives the loop.
+                        unsafe { *dst.at(i * n + j) = a.scale[i] * b.scale[j] * s as f32 };
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::{Tile, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// The lane sums of four accumulators, in their order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sums4(v: &[__m256i; 4]) -> [i32; 4] {
+        let ab = _mm256_hadd_epi32(v[0], v[1]);
+        let cd = _mm256_hadd_epi32(v[2], v[3]);
+        let abcd = _mm256_hadd_epi32(ab, cd);
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(abcd),
+            _mm256_extracti128_si256::<1>(abcd),
+        );
+        let mut t = [0i32; 4];
+        // SAFETY: `t` holds four int32, 16 bytes.
+        unsafe { _mm_storeu_si128(t.as_mut_ptr().cast(), s) };
+        t
+    }
+
+    /// SAFETY (caller): AVX2; every slice the same length, a multiple of 32.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::needless_range_loop)] // the accumulator tile is indexed as its operands are
+    pub unsafe fn tile_avx2(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
+        let len = a[0].len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); NR]; MR];
+        let mut k = 0;
+        while k < len {
+            // SAFETY: k + 32 <= len, the length of every row.
+            let bv: [__m256i; NR] =
+                std::array::from_fn(|j| unsafe { _mm256_loadu_si256(b[j].as_ptr().add(k).cast()) });
+            for i in 0..MR {
+                // SAFETY: as above.
+                let av = unsafe { _mm256_loadu_si256(a[i].as_ptr().add(k).cast()) };
+                let aa = _mm256_abs_epi8(av);
+                for j in 0..NR {
+                    let s = _mm256_sign_epi8(bv[j], av);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aa, s), ones);
+                    acc[i][j] = _mm256_add_epi32(acc[i][j], p);
+                }
+            }
+            k += 32;
+        }
+        std::array::from_fn(|i| sums4(&acc[i]))
+    }
+
+    /// Sums `(a + 128) * b` on 512-bit registers: the caller subtracts `128 * sum(b)`.
+    ///
+    /// SAFETY (caller): AVX2, AVX-512F/BW/VL/VNNI; every slice the same length, a multiple of 64.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)]
+    pub unsafe fn tile_vnni(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
+        let len = a[0].len();
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let mut acc = [[_mm512_setzero_si512(); NR]; MR];
+        let mut k = 0;
+        while k < len {
+            // SAFETY: k + 64 <= len, the length of every row.
+            let bv: [__m512i; NR] =
+                std::array::from_fn(|j| unsafe { _mm512_loadu_si512(b[j].as_ptr().add(k).cast()) });
+            for i in 0..MR {
+                // SAFETY: as above.
+                let av = unsafe { _mm512_loadu_si512(a[i].as_ptr().add(k).cast()) };
+                let au = _mm512_xor_si512(av, flip);
+                for j in 0..NR {
+                    acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], au, bv[j]);
+                }
+            }
+            k += 64;
+        }
+        std::array::from_fn(|i| {
+            let halves: [__m256i; NR] = std::array::from_fn(|j| {
+                _mm256_add_epi32(
+                    _mm512_castsi512_si256(acc[i][j]),
+                    _mm512_extracti64x4_epi64::<1>(acc[i][j]),
+                )
+            });
+            sums4(&halves)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        // A spread of magnitudes, with a few large entries as activations have.
+        (0..n)
+            .map(|i| {
+                let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                let u = (h >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                if h.is_multiple_of(97) {
+                    u * 20.0
+                } else {
+                    u
+                }
+            })
+            .collect()
+    }
+
+    fn paths() -> Vec<DotPath> {
+        [DotPath::Portable, DotPath::Avx2, DotPath::Avx512Vnni]
+            .into_iter()
+            .filter(|p| p.runs_here())
+            .collect()
+    }
+
+    #[test]
+    fn every_path_gives_the_exact_integer_products() {
+        // Shapes with ragged tiles on both sides and a pruned, unpadded reduced length.
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 33), (9, 70, 576), (13, 33, 1075)] {
+            let (x, w) = (values(m * k, 1), values(n * k, 2));
+            let (a, b) = (RowQuant::quantize(&x, m, k), RowQuant::quantize(&w, n, k));
+            let mut want = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let s: i64 = (0..k)
+                        .map(|t| {
+                            i64::from(a.q[i * a.stride + t]) * i64::from(b.q[j * b.stride + t])
+                        })
+                        .sum();
+                    want[i * n + j] = a.scale[i] * b.scale[j] * s as f32;
+                }
+            }
+            for p in paths() {
+                assert_eq!(product(p, &a, &b), want, "{p:?} at {m} x {n} x {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_product_is_close_to_fp32() {
+        let (m, n, k) = (16, 48, 576);
+        let (x, w) = (values(m * k, 3), values(n * k, 4));
+        let got = product(
+            DotPath::detect(),
+            &RowQuant::quantize(&x, m, k),
+            &RowQuant::quantize(&w, n, k),
+        );
+        let (mut err, mut norm) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f64 = (0..k)
+                    .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                    .sum();
+                err += (f64::from(got[i * n + j]) - r).powi(2);
+                norm += r * r;
+            }
+        }
+        let rel = (err / norm).sqrt();
+        // Row-wise int8 with outliers at 20x the bulk: a few percent, not more.
+        assert!(rel < 0.05, "relative error {rel}");
+    }
+
+    #[test]
+    fn columns_quantize_as_the_transpose_does() {
+        let (r, c) = (37, 70);
+        let w = values(r * c, 5);
+        let t: Vec<f32> = (0..c)
+            .flat_map(|j| (0..r).map(move |i| (i, j)))
+            .map(|(i, j)| w[i * c + j])
+            .collect();
+        assert_eq!(
+            RowQuant::quantize_columns(&w, r, c),
+            RowQuant::quantize(&t, c, r)
+        );
+    }
+
+    #[test]
+    fn a_row_round_trips_within_half_a_step_and_bad_rows_are_flagged() {
+        let x = [
+            0.0,
+            1.0,
+            -2.0,
+            0.5,
+            127.0,
+            -127.0,
+            0.0,
+            0.0,
+            f32::INFINITY,
+            1.0,
+            0.0,
+            0.0,
+        ];
+        let q = RowQuant::quantize(&x, 3, 4);
+        let back = q.dequantize();
+        for (a, b) in x[..4].iter().zip(&back[..4]) {
+            assert!((a - b).abs() <= 2.0 / 127.0 / 2.0 + 1e-6, "{a} -> {b}");
+        }
+        assert_eq!(&back[4..8], &x[4..8]);
+        assert!(
+            back[8..].iter().all(|v| v.is_nan()),
+            "a row with inf has no scale"
+        );
+        assert_eq!(q.k(), 4);
+        assert_eq!(q.rows(), 3);
+    }
+}
