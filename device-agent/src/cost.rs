@@ -240,31 +240,40 @@ pub fn train_memory_in(
     }
 }
 
-/// Bytes of bf16 packings a model with bf16 products keeps beside its fp32 weights
-/// ([`crate::bf16::cache`]): every projection and the LM head in both layouts, 2 bytes a value
-/// (padding aside), at most the cache's budget. Add it to [`train_memory_in`]'s estimate when
-/// the products are bf16.
-pub fn bf16_kept_bytes(cfg: &ModelConfig) -> u64 {
-    let values = cfg.non_embedding_params() as u64 + (cfg.vocab_size * cfg.d_model) as u64;
-    values
-        .saturating_mul(2 * 2)
-        .min(crate::bf16::cache::BUDGET_BYTES as u64)
+/// Bytes of packed weights a model keeps beside its fp32 weights for `precision`'s products
+/// ([`crate::bf16::cache`]), at most the cache's budget: none in fp32; with bf16 products every
+/// projection and the LM head in both layouts, 2 bytes a value; with int8 products every
+/// projection in both layouts, a byte a value (the head stays fp32), padding and row scales
+/// aside. Add it to [`train_memory_in`]'s estimate.
+pub fn kept_bytes(cfg: &ModelConfig, precision: crate::bf16::Precision) -> u64 {
+    use crate::bf16::Precision;
+    let body = cfg.non_embedding_params() as u64;
+    let bytes = match precision {
+        Precision::Fp32 => 0,
+        Precision::Bf16 => (body + (cfg.vocab_size * cfg.d_model) as u64).saturating_mul(2 * 2),
+        Precision::Int8 => body.saturating_mul(2),
+    };
+    bytes.min(crate::bf16::cache::BUDGET_BYTES as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// SmolLM2-135M's kept bf16 packings come to about 540 MB; a larger model's stop at the
-    /// cache's budget.
+    /// SmolLM2-135M's kept bf16 packings come to about 540 MB, its int8 rows to about 210 MB,
+    /// fp32 keeps none; a larger model's stop at the cache's budget.
     #[test]
-    fn bf16_packings_are_counted_up_to_the_budget() {
+    fn packings_are_counted_up_to_the_budget() {
+        use crate::bf16::Precision;
         let smol = ModelConfig::dense(49152, 576, 30, 9, 3, 64, 1536, true);
-        let kept = bf16_kept_bytes(&smol);
+        let kept = kept_bytes(&smol, Precision::Bf16);
         assert!((530e6..550e6).contains(&(kept as f64)), "{kept}");
+        let int8 = kept_bytes(&smol, Precision::Int8);
+        assert!((200e6..220e6).contains(&(int8 as f64)), "{int8}");
+        assert_eq!(kept_bytes(&smol, Precision::Fp32), 0);
         let big = ModelConfig::dense(49152, 2048, 24, 32, 32, 64, 8192, true);
         assert_eq!(
-            bf16_kept_bytes(&big),
+            kept_bytes(&big, Precision::Bf16),
             crate::bf16::cache::BUDGET_BYTES as u64
         );
     }

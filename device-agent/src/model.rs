@@ -394,6 +394,7 @@ impl Llama {
             Some(q) if self.quant_arithmetic.fp32_for(batch * seq) => Base::QuantFp32(q.proj(l, p)),
             Some(q) => Base::Quant(q.proj(l, p)),
             None if self.precision == Precision::Bf16 => Base::Bf16(blk.weight(p)),
+            None if self.precision == Precision::Int8 => Base::Int8(blk.weight(p)),
             None => Base::F32(blk.weight(p)),
         };
         let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);

@@ -170,8 +170,8 @@ pub struct RealTrainer {
     /// Where the wall time goes (with `wall_clock`), for the binary's overhead table.
     pub wall_ledger: Option<Arc<WallLedger>>,
     /// Evaluations [`LocalTrainer::evaluate_all`] runs side by side (one worker: one after
-    /// another); fp32 only (bf16 runs keep one at a time: their packed weights' cache holds
-    /// about one model and a half).
+    /// another); fp32 and int8 (bf16 runs keep one at a time: their packed weights' cache holds
+    /// about one model and a half; int8 rows take under half as much a model).
     pub eval_workers: side_by_side::Workers,
 }
 
@@ -380,7 +380,7 @@ impl LocalTrainer for RealTrainer {
 
     fn evaluate_all(&mut self, tasks: &[EvalTask]) -> Vec<EvalResult> {
         let w = self.eval_workers;
-        let workers = if self.base.precision() == device_agent::bf16::Precision::Fp32 {
+        let workers = if self.base.precision() != device_agent::bf16::Precision::Bf16 {
             w.workers
         } else {
             1

@@ -368,6 +368,9 @@ pub fn markdown_table(reports: &[Report]) -> String {
     if reports.iter().any(|r| r.summary.precision == "bf16") {
         s.push_str("**bf16 products**: the frozen base's matrix products ran with bf16 operands and fp32 accumulation (`precision = \"bf16\"`, or `\"auto\"` on a CPU with bf16 products); its losses differ from an fp32 run's by rounding, not by method.\n\n");
     }
+    if reports.iter().any(|r| r.summary.precision == "int8") {
+        s.push_str("**int8 products**: the frozen base's matrix products ran with int8 operands, one scale per row of the activations, the gradients and the weights (`precision = \"int8\"`); its losses differ from an fp32 run's by that quantization, whose effect on training is still being measured.\n\n");
+    }
     let target = reports
         .first()
         .map(|r| r.summary.target.clone())

@@ -23,7 +23,7 @@
 //! too large for the budget keeps the weights it met first and packs the rest per product, as
 //! before the cache, rather than evicting what the next product needs.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -49,13 +49,37 @@ struct Buffer {
     len: usize,
 }
 
-/// A packing of a buffer: its dimensions as the product reads them, and the layout.
+/// A packing of a buffer: its dimensions as the product reads them, the layout, and the form
+/// (the packing's type: bf16 panels, int8 rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Shape {
     rows: usize,
     cols: usize,
     transposed: bool,
+    form: TypeId,
 }
+
+/// A form a frozen weight is kept in: bf16 panels ([`PackedB`]) or int8 rows
+/// ([`crate::quant::rowwise::RowQuant`]).
+pub trait Packing: Any + Send + Sync {
+    /// Bytes it holds (what counts against [`BUDGET_BYTES`]).
+    fn bytes(&self) -> usize;
+}
+
+impl Packing for PackedB {
+    fn bytes(&self) -> usize {
+        PackedB::bytes(self)
+    }
+}
+
+impl Packing for crate::quant::rowwise::RowQuant {
+    fn bytes(&self) -> usize {
+        crate::quant::rowwise::RowQuant::bytes(self)
+    }
+}
+
+/// One kept packing: its shape, the packing, its bytes.
+type Kept = (Shape, Arc<dyn Any + Send + Sync>, usize);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Key {
@@ -67,14 +91,14 @@ struct Key {
 struct Entry {
     /// The buffer's allocation (see the module's notes).
     owner: Weak<dyn Any + Send + Sync>,
-    packs: Vec<(Shape, Arc<PackedB>)>,
+    packs: Vec<Kept>,
     /// The lookup count at its last use.
     used: u64,
 }
 
 impl Entry {
     fn bytes(&self) -> usize {
-        self.packs.iter().map(|(_, p)| p.bytes()).sum()
+        self.packs.iter().map(|(_, _, b)| b).sum()
     }
 }
 
@@ -88,15 +112,15 @@ struct Cache {
 }
 
 impl Cache {
-    fn get(&mut self, key: &Key) -> Option<Arc<PackedB>> {
+    fn get<P: Packing>(&mut self, key: &Key) -> Option<Arc<P>> {
         self.lookups += 1;
         let e = self.entries.get_mut(&key.buffer)?;
         if e.owner.strong_count() == 0 {
             return None;
         }
-        let (_, p) = e.packs.iter().find(|(s, _)| *s == key.shape)?;
+        let (_, p, _) = e.packs.iter().find(|(s, _, _)| *s == key.shape)?;
         e.used = self.lookups;
-        Some(p.clone())
+        p.clone().downcast::<P>().ok()
     }
 
     /// Drop the entries whose allocation has ended.
@@ -114,13 +138,19 @@ impl Cache {
 
     /// Keep `packed` for `key` (a packing of `w`'s values) if it fits in `budget` bytes once the
     /// ended entries are gone and the idle ones evicted as needed; whether it was kept.
-    fn keep(&mut self, key: Key, w: &FlexTensor, packed: &Arc<PackedB>, budget: usize) -> bool {
+    fn keep<P: Packing>(
+        &mut self,
+        key: Key,
+        w: &FlexTensor,
+        packed: &Arc<P>,
+        budget: usize,
+    ) -> bool {
         self.sweep();
         let bytes = packed.bytes();
         if self
             .entries
             .get(&key.buffer)
-            .is_some_and(|e| e.packs.iter().any(|(s, _)| *s == key.shape))
+            .is_some_and(|e| e.packs.iter().any(|(s, _, _)| *s == key.shape))
         {
             return false;
         }
@@ -145,7 +175,8 @@ impl Cache {
             used,
         });
         e.used = used;
-        e.packs.push((key.shape, packed.clone()));
+        let any: Arc<dyn Any + Send + Sync> = packed.clone();
+        e.packs.push((key.shape, any, bytes));
         true
     }
 }
@@ -155,7 +186,13 @@ fn owner(w: &FlexTensor) -> Weak<dyn Any + Send + Sync> {
     Arc::downgrade(&arc)
 }
 
-fn key(w: &FlexTensor, values: &[f32], rows: usize, cols: usize, layout: Layout) -> Key {
+fn key<P: Packing>(
+    w: &FlexTensor,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+) -> Key {
     Key {
         buffer: Buffer {
             allocation: Arc::as_ptr(&w.data_arc()) as *const () as usize,
@@ -166,6 +203,7 @@ fn key(w: &FlexTensor, values: &[f32], rows: usize, cols: usize, layout: Layout)
             rows,
             cols,
             transposed: layout == Layout::Transposed,
+            form: TypeId::of::<P>(),
         },
     }
 }
@@ -181,8 +219,7 @@ fn lock() -> MutexGuard<'static, Option<Cache>> {
 }
 
 /// `w` (`rows x cols`, `values` its contiguous f32 values, `w` the tensor they belong to)
-/// packed for `layout`: from the cache when packed before, else packed now and kept when it
-/// fits the budget.
+/// packed for the bf16 kernel in `layout`: [`kept`] with [`PackedB::pack`].
 pub fn packed(
     w: &FlexTensor,
     values: &[f32],
@@ -190,12 +227,28 @@ pub fn packed(
     cols: usize,
     layout: Layout,
 ) -> Arc<PackedB> {
-    let key = key(w, values, rows, cols, layout);
-    if let Some(hit) = lock().get_or_insert_with(Cache::default).get(&key) {
+    kept(w, values, rows, cols, layout, || {
+        PackedB::pack(values, rows, cols, layout)
+    })
+}
+
+/// `w` (`rows x cols`, `values` its contiguous f32 values, `w` the tensor they belong to) in
+/// the form `make` builds for `layout`: from the cache when built before, else built now and
+/// kept when it fits the budget.
+pub fn kept<P: Packing>(
+    w: &FlexTensor,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+    make: impl FnOnce() -> P,
+) -> Arc<P> {
+    let key = key::<P>(w, values, rows, cols, layout);
+    if let Some(hit) = lock().get_or_insert_with(Cache::default).get::<P>(&key) {
         return hit;
     }
-    // Packed outside the lock (it is the slow part; other threads' products go on meanwhile).
-    let packed = Arc::new(PackedB::pack(values, rows, cols, layout));
+    // Built outside the lock (it is the slow part; other threads' products go on meanwhile).
+    let packed = Arc::new(make());
     lock()
         .get_or_insert_with(Cache::default)
         .keep(key, w, &packed, BUDGET_BYTES);
@@ -227,7 +280,7 @@ mod tests {
     }
 
     fn k_buffer(w: &FlexTensor) -> Buffer {
-        key(w, values(w), 0, 0, Layout::Plain).buffer
+        key::<PackedB>(w, values(w), 0, 0, Layout::Plain).buffer
     }
 
     /// A weight met again is served from the cache, one packing per layout, and nothing is
@@ -237,27 +290,27 @@ mod tests {
         let mut c = Cache::default();
         let w = weight(96, 64, 1);
         for layout in [Layout::Plain, Layout::Transposed] {
-            let k = key(&w, values(&w), 96, 64, layout);
-            assert!(c.get(&k).is_none());
+            let k = key::<PackedB>(&w, values(&w), 96, 64, layout);
+            assert!(c.get::<PackedB>(&k).is_none());
             let p = Arc::new(PackedB::pack(values(&w), 96, 64, layout));
             assert!(c.keep(k, &w, &p, usize::MAX));
-            assert!(Arc::ptr_eq(&c.get(&k).unwrap(), &p));
+            assert!(Arc::ptr_eq(&c.get::<PackedB>(&k).unwrap(), &p));
         }
         assert_eq!(
             (c.entries.len(), c.entries[&k_buffer(&w)].packs.len()),
             (1, 2)
         );
         // A view of the same buffer with other dimensions is another key.
-        let k = key(&w, values(&w), 64, 96, Layout::Plain);
-        assert!(c.get(&k).is_none());
+        let k = key::<PackedB>(&w, values(&w), 64, 96, Layout::Plain);
+        assert!(c.get::<PackedB>(&k).is_none());
         let held = c.bytes;
         assert!(held > 0);
         // The model lets the weight go: the cache does not keep it alive, serves nothing for
         // it (a new weight could not take its address while the entry lives), and the next
         // sweep frees its packings.
-        let k = key(&w, values(&w), 96, 64, Layout::Plain);
+        let k = key::<PackedB>(&w, values(&w), 96, 64, Layout::Plain);
         drop(w);
-        assert!(c.get(&k).is_none());
+        assert!(c.get::<PackedB>(&k).is_none());
         assert_eq!(c.entries.len(), 1);
         c.sweep();
         assert_eq!((c.entries.len(), c.bytes), (0, 0));
@@ -271,13 +324,30 @@ mod tests {
         let pa = Arc::new(PackedB::pack(values(&a), 64, 64, Layout::Plain));
         let pb = Arc::new(PackedB::pack(values(&b), 64, 64, Layout::Plain));
         let budget = pa.bytes() + pb.bytes() / 2;
-        assert!(c.keep(key(&a, values(&a), 64, 64, Layout::Plain), &a, &pa, budget));
-        assert!(!c.keep(key(&b, values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
+        assert!(c.keep(
+            key::<PackedB>(&a, values(&a), 64, 64, Layout::Plain),
+            &a,
+            &pa,
+            budget
+        ));
+        assert!(!c.keep(
+            key::<PackedB>(&b, values(&b), 64, 64, Layout::Plain),
+            &b,
+            &pb,
+            budget
+        ));
         assert_eq!(c.entries.len(), 1);
-        assert!(c.get(&key(&a, values(&a), 64, 64, Layout::Plain)).is_some());
+        assert!(c
+            .get::<PackedB>(&key::<PackedB>(&a, values(&a), 64, 64, Layout::Plain))
+            .is_some());
         // Once `a` is dropped its room goes to `b`.
         drop(a);
-        assert!(c.keep(key(&b, values(&b), 64, 64, Layout::Plain), &b, &pb, budget));
+        assert!(c.keep(
+            key::<PackedB>(&b, values(&b), 64, 64, Layout::Plain),
+            &b,
+            &pb,
+            budget
+        ));
         assert_eq!(c.bytes, pb.bytes());
     }
 
@@ -290,19 +360,23 @@ mod tests {
         let pack = |w: &FlexTensor| Arc::new(PackedB::pack(values(w), 64, 64, Layout::Plain));
         let (pa, pb, pd) = (pack(&a), pack(&b), pack(&d));
         let (ka, kb, kd) = [&a, &b, &d]
-            .map(|w| key(w, values(w), 64, 64, Layout::Plain))
+            .map(|w| key::<PackedB>(w, values(w), 64, 64, Layout::Plain))
             .into();
         let budget = pa.bytes() + pb.bytes();
         assert!(c.keep(ka, &a, &pa, budget) && c.keep(kb, &b, &pb, budget));
         // Both in use: `d` is packed for its product but not kept.
-        assert!(c.get(&ka).is_some() && c.get(&kb).is_some());
+        assert!(c.get::<PackedB>(&ka).is_some() && c.get::<PackedB>(&kb).is_some());
         assert!(!c.keep(kd, &d, &pd, budget));
         // `b` keeps being used, `a` goes idle (its model alive: `a` is still held).
         for _ in 0..=IDLE_LOOKUPS {
-            assert!(c.get(&kb).is_some());
+            assert!(c.get::<PackedB>(&kb).is_some());
         }
         assert!(c.keep(kd, &d, &pd, budget));
-        assert!(c.get(&ka).is_none() && c.get(&kb).is_some() && c.get(&kd).is_some());
+        assert!(
+            c.get::<PackedB>(&ka).is_none()
+                && c.get::<PackedB>(&kb).is_some()
+                && c.get::<PackedB>(&kd).is_some()
+        );
         assert_eq!(c.bytes, pb.bytes() + pd.bytes());
         drop(a);
     }

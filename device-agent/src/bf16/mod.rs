@@ -33,7 +33,7 @@ use gemm::{Layout, PackedB};
 /// Errors of the precision setting.
 #[derive(Debug, thiserror::Error)]
 pub enum PrecisionError {
-    #[error("unknown precision '{0}' (fp32, bf16, auto)")]
+    #[error("unknown precision '{0}' (fp32, bf16, int8, auto)")]
     Unknown(String),
 }
 
@@ -43,14 +43,19 @@ pub enum Precision {
     #[default]
     Fp32,
     Bf16,
+    /// Int8 operands with one scale per row ([`crate::quant::rowwise`]): the activations' and
+    /// gradients' rows quantized per product, the weight kept quantized both ways. Asked for
+    /// by name only (`auto` never picks it: its accuracy in training is being measured).
+    Int8,
 }
 
 impl Precision {
-    /// The name a flag or config takes: `fp32` or `bf16`.
+    /// The name a flag or config takes: `fp32`, `bf16` or `int8`.
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 }
@@ -67,6 +72,7 @@ impl std::str::FromStr for Precision {
         match s.to_ascii_lowercase().as_str() {
             "fp32" | "f32" => Ok(Precision::Fp32),
             "bf16" => Ok(Precision::Bf16),
+            "int8" => Ok(Precision::Int8),
             _ => Err(PrecisionError::Unknown(s.to_string())),
         }
     }
@@ -102,6 +108,12 @@ impl Precision {
                 Some("no AVX-512-BF16 (bf16 dot products) on this CPU, or FEDSPINE_ISA caps our kernels below AVX-512; running fp32"),
             ),
             Precision::Bf16 => (Precision::Bf16, None),
+            Precision::Int8 if !flex => (
+                Precision::Fp32,
+                Some("int8 products are built for the flex CPU backend only; running fp32"),
+            ),
+            // Every CPU runs them: VNNI, AVX2 or the portable loop.
+            Precision::Int8 => (Precision::Int8, None),
         }
     }
 }
@@ -118,7 +130,7 @@ pub trait FrozenBackend: Backend {
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         transposed: bool,
-        bf16: bool,
+        arithmetic: Precision,
     ) -> FloatTensor<Self>;
 }
 
@@ -201,9 +213,37 @@ fn fp32_in_place(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Option<Fle
     Some(o.output(out))
 }
 
+/// The int8 product ([`crate::quant::rowwise`]): `x`'s rows quantized for this product, the
+/// weight's rows along the reduced dimension (its columns for `x w`, its rows for `x w^T`)
+/// quantized once and kept when `keep` (a held matrix: the model's own buffer).
+fn int8_product(o: &Operands, keep: bool) -> FlexTensor {
+    use crate::quant::rowwise::{self, RowQuant};
+    let (wr, wc) = (o.wr, o.wc);
+    let make = || match o.layout {
+        Layout::Plain => RowQuant::quantize_columns(o.w(), wr, wc),
+        Layout::Transposed => RowQuant::quantize(o.w(), wr, wc),
+    };
+    let b = if keep {
+        cache::kept(&o.w, o.w(), wr, wc, o.layout, make)
+    } else {
+        Arc::new(make())
+    };
+    let a = RowQuant::quantize(o.x(), o.m, b.k());
+    o.output(rowwise::product(crate::cpu::DotPath::detect(), &a, &b))
+}
+
 impl FrozenBackend for Flex {
-    fn frozen_matmul(x: FlexTensor, w: FlexTensor, transposed: bool, bf16: bool) -> FlexTensor {
-        if !bf16 {
+    fn frozen_matmul(
+        x: FlexTensor,
+        w: FlexTensor,
+        transposed: bool,
+        arithmetic: Precision,
+    ) -> FlexTensor {
+        if arithmetic == Precision::Int8 {
+            let keep = w.is_contiguous();
+            return int8_product(&Operands::new(&x, &w, transposed), keep);
+        }
+        if arithmetic == Precision::Fp32 {
             if let Some(out) = fp32_in_place(&x, &w, transposed) {
                 return out;
             }
@@ -236,13 +276,13 @@ impl<B: Backend + FrozenBackend, C: CheckpointStrategy> FrozenBackend for Autodi
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         transposed: bool,
-        bf16: bool,
+        arithmetic: Precision,
     ) -> FloatTensor<Self> {
         /// `dx = dy w^T` for `y = x w` (and `dy w` for `y = x w^T`); no gradient for `w`.
         #[derive(Debug)]
         struct FrozenProduct {
             transposed: bool,
-            bf16: bool,
+            arithmetic: Precision,
         }
 
         impl<B: Backend + FrozenBackend> Backward<B, 2> for FrozenProduct {
@@ -257,27 +297,30 @@ impl<B: Backend + FrozenBackend, C: CheckpointStrategy> FrozenBackend for Autodi
                 let [node_x, _node_w] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = node_x {
-                    let dx = B::frozen_matmul(grad, ops.state, !self.transposed, self.bf16);
+                    let dx = B::frozen_matmul(grad, ops.state, !self.transposed, self.arithmetic);
                     grads.register::<B>(node.id, dx);
                 }
             }
         }
 
-        match (FrozenProduct { transposed, bf16 })
-            .prepare::<C>([x.node(), w.node()])
-            .compute_bound()
-            .stateful()
+        match (FrozenProduct {
+            transposed,
+            arithmetic,
+        })
+        .prepare::<C>([x.node(), w.node()])
+        .compute_bound()
+        .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let w = w.into_primitive();
-                let out = B::frozen_matmul(x.into_primitive(), w.clone(), transposed, bf16);
+                let out = B::frozen_matmul(x.into_primitive(), w.clone(), transposed, arithmetic);
                 prep.finish(w, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::frozen_matmul(
                 x.into_primitive(),
                 w.into_primitive(),
                 transposed,
-                bf16,
+                arithmetic,
             )),
         }
     }
@@ -338,12 +381,19 @@ impl PackedHead {
 
 /// `x w` with bf16 operands (`w` `[k, n]`, frozen: it must not be tracked).
 pub fn matmul(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    product(x, w, false, true)
+    product(x, w, false, Precision::Bf16)
 }
 
 /// `x w^T` with bf16 operands (`w` `[n, k]`, frozen).
 pub fn matmul_transposed(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-    product(x, w, true, true)
+    product(x, w, true, Precision::Bf16)
+}
+
+/// `x w` with int8 operands and row-wise scales (`w` `[k, n]`, frozen; see [`Precision::Int8`]),
+/// on the flex backend; `None` off flex or for another dtype.
+pub fn matmul_int8(x: Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+    let flex = |t: &Tensor<2>| t.dtype() == DType::F32 && crate::backend::is_flex(&t.device());
+    (flex(&x) && flex(w)).then(|| product(x, w, false, Precision::Int8))
 }
 
 /// `x w` in fp32 for a frozen `w` (`[k, n]`, untracked) on the flex backend: burn's product and
@@ -351,10 +401,10 @@ pub fn matmul_transposed(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 /// flex or for another dtype.
 pub fn matmul_fp32(x: Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     let flex = |t: &Tensor<2>| t.dtype() == DType::F32 && crate::backend::is_flex(&t.device());
-    (flex(&x) && flex(w)).then(|| product(x, w, false, false))
+    (flex(&x) && flex(w)).then(|| product(x, w, false, Precision::Fp32))
 }
 
-fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool, bf16: bool) -> Tensor<2> {
+fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool, arithmetic: Precision) -> Tensor<2> {
     debug_assert!(
         !w.is_tracked(),
         "frozen products give no gradient to the weight"
@@ -363,7 +413,7 @@ fn product(x: Tensor<2>, w: &Tensor<2>, transposed: bool, bf16: bool) -> Tensor<
         x.into_dispatch(),
         w.clone().into_dispatch(),
         transposed,
-        bf16,
+        arithmetic,
     ))
 }
 
@@ -387,6 +437,10 @@ mod tests {
             Precision::Fp32
         );
         assert_eq!(Precision::requested("bf16", true).unwrap(), Precision::Bf16);
+        assert_eq!(Precision::requested("int8", true).unwrap(), Precision::Int8);
+        assert_eq!(Precision::Int8.resolve(true), (Precision::Int8, None));
+        assert_eq!(Precision::Int8.resolve(false).0, Precision::Fp32);
+        assert_ne!(Precision::requested("auto", true).unwrap(), Precision::Int8);
         assert_eq!(Precision::requested("fp32", true).unwrap(), Precision::Fp32);
         let e = Precision::requested("fp8", true).unwrap_err().to_string();
         assert!(e.contains("'fp8'") && e.contains("auto"), "{e}");
@@ -466,7 +520,7 @@ mod tests {
             } else {
                 w.clone()
             };
-            let y16 = product(x.clone(), &w, transposed, true);
+            let y16 = product(x.clone(), &w, transposed, Precision::Bf16);
             let wt = if transposed {
                 w.clone().transpose()
             } else {

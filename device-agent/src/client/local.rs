@@ -78,16 +78,12 @@ pub fn machine_ram_bytes() -> u64 {
         .unwrap_or(4 << 30)
 }
 
-/// RAM the device offers its rounds: `ram` (`--ram-mb` or the machine's) less what bf16
-/// products keep beside the fp32 weights ([`crate::cost::bf16_kept_bytes`]), which no round's
+/// RAM the device offers its rounds: `ram` (`--ram-mb` or the machine's) less what bf16 or
+/// int8 products keep beside the fp32 weights ([`crate::cost::kept_bytes`]), which no round's
 /// memory estimate counts; so the aggregator's plans and the session's out-of-memory pre-check
 /// leave room for it.
 pub fn training_ram(ram: u64, model: &Llama) -> u64 {
-    if model.precision() == crate::bf16::Precision::Bf16 {
-        ram.saturating_sub(crate::cost::bf16_kept_bytes(&model.config))
-    } else {
-        ram
-    }
+    ram.saturating_sub(crate::cost::kept_bytes(&model.config, model.precision()))
 }
 
 /// Loads the base model (and its tokenizer when it has one).
@@ -231,7 +227,7 @@ mod tests {
     fn reported_ram_leaves_room_for_bf16_packings() {
         let mut model = tiny_model(&burn::tensor::Device::flex());
         assert_eq!(training_ram(1 << 30, &model), 1 << 30);
-        let kept = crate::cost::bf16_kept_bytes(&model.config);
+        let kept = crate::cost::kept_bytes(&model.config, crate::bf16::Precision::Bf16);
         assert!(kept > 0);
         let (p, _) = model.set_precision(crate::bf16::Precision::Bf16);
         let want = if p == crate::bf16::Precision::Bf16 {

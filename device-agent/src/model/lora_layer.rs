@@ -12,13 +12,15 @@ use protocol::Proj;
 use crate::fused;
 use crate::quant::{self, QMatrix};
 
-/// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, or with bf16
-/// operands: [`crate::bf16`]), or GGUF `[out, in]` blocks (int8 products for serving, or fp32
+/// A projection's frozen base weight: fp32 `[in, out]` (multiplied in fp32, with bf16 operands:
+/// [`crate::bf16`], or with int8 ones: [`crate::quant::rowwise`]), or GGUF `[out, in]` blocks (int8 products for serving, or fp32
 /// products from the dequantized weight for training: [`quant::frozen`]).
 #[derive(Clone, Copy)]
 pub(crate) enum Base<'a> {
     F32(&'a Tensor<2>),
     Bf16(&'a Tensor<2>),
+    /// fp32 `[in, out]` multiplied with int8 operands ([`crate::quant::rowwise`]).
+    Int8(&'a Tensor<2>),
     Quant(&'a QMatrix),
     QuantFp32(&'a Arc<QMatrix>),
 }
@@ -115,7 +117,7 @@ fn proj_group_of<const N: usize>(
         .iter()
         .filter_map(|(w, _)| match w {
             Base::Quant(m) => Some(*m),
-            Base::F32(_) | Base::Bf16(_) | Base::QuantFp32(_) => None,
+            Base::F32(_) | Base::Bf16(_) | Base::Int8(_) | Base::QuantFp32(_) => None,
         })
         .collect();
     let mut q8_out = if q8.is_empty() {
@@ -129,7 +131,7 @@ fn proj_group_of<const N: usize>(
         .iter()
         .filter_map(|(w, _)| match w {
             Base::F32(m) => Some(*m),
-            Base::Bf16(_) | Base::QuantFp32(_) | Base::Quant(_) => None,
+            Base::Bf16(_) | Base::Int8(_) | Base::QuantFp32(_) | Base::Quant(_) => None,
         })
         .collect();
     let mut fp32_out = if N > 1 && fp32.len() == N {
@@ -141,7 +143,7 @@ fn proj_group_of<const N: usize>(
     parts.map(|(w, _)| {
         let base = match (w, fp32_out.as_mut().and_then(Iterator::next)) {
             (_, Some(grouped)) => grouped,
-            (Base::F32(_) | Base::Bf16(_) | Base::QuantFp32(_), None) => {
+            (Base::F32(_) | Base::Bf16(_) | Base::Int8(_) | Base::QuantFp32(_), None) => {
                 dense_product(x.clone(), w)
             }
             (Base::Quant(_), None) => q8_out
@@ -164,6 +166,12 @@ fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
             .or_else(|| (!w.is_tracked()).then(|| crate::bf16::matmul_fp32(x.clone(), w))?)
             .unwrap_or_else(|| x.matmul(w.clone())),
         Base::Bf16(w) => crate::bf16::matmul(x, w),
+        // A weight that takes gradients (Taylor importance) keeps burn's fp32 product.
+        Base::Int8(w) if w.is_tracked() => x.matmul(w.clone()),
+        Base::Int8(w) => match crate::bf16::matmul_int8(x.clone(), w) {
+            Some(y) => y,
+            None => x.matmul(w.clone()),
+        },
         Base::QuantFp32(w) => quant::frozen::matmul(x, w),
         Base::Quant(_) => unreachable!("Q8_0 products are taken per group by proj_group"),
     }
@@ -174,7 +182,9 @@ fn dense_product(x: Tensor<2>, w: Base) -> Tensor<2> {
 /// not kept for the backward pass (it is recomputed from `g` and `u`, which SwiGLU keeps).
 pub(crate) fn swiglu_proj(g: Tensor<2>, u: Tensor<2>, w: Base, lora: LoraRef) -> Tensor<2> {
     let act = fused::swiglu(g.clone(), u.clone());
-    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_) | Base::QuantFp32(_)) = (lora, w) else {
+    let (Some((a, b, scale)), Base::F32(_) | Base::Bf16(_) | Base::Int8(_) | Base::QuantFp32(_)) =
+        (lora, w)
+    else {
         return proj(act, w, lora);
     };
     match fused::swiglu_matmul(act.clone(), g, u, a.clone()) {

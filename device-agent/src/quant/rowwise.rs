@@ -422,6 +422,36 @@ mod tests {
         assert!(rel < 0.05, "relative error {rel}");
     }
 
+    /// As a frozen product under autodiff (`Precision::Int8`): the forward is `x`'s rows against
+    /// the weight's columns, the input gradient `dy`'s rows against the weight's rows, each
+    /// exactly this module's product.
+    #[test]
+    fn the_frozen_product_and_its_input_gradient_are_these_products() {
+        use burn::tensor::{Device, Tensor, TensorData};
+        let device = Device::flex().autodiff();
+        let (n, k, out) = (9, 70, 37);
+        let (xv, wv, gv) = (values(n * k, 6), values(k * out, 7), values(n * out, 8));
+        let w = Tensor::<2>::from_data(TensorData::new(wv.clone(), [k, out]), &device);
+        let x = Tensor::<2>::from_data(TensorData::new(xv.clone(), [n, k]), &device).require_grad();
+        let g = Tensor::<2>::from_data(TensorData::new(gv.clone(), [n, out]), &device);
+        let y = crate::bf16::matmul_int8(x.clone(), &w).expect("flex f32");
+        let dx = x.grad(&(y.clone() * g).sum().backward()).unwrap();
+        let v = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let path = DotPath::detect();
+        let want_y = product(
+            path,
+            &RowQuant::quantize(&xv, n, k),
+            &RowQuant::quantize_columns(&wv, k, out),
+        );
+        let want_dx = product(
+            path,
+            &RowQuant::quantize(&gv, n, out),
+            &RowQuant::quantize(&wv, k, out),
+        );
+        assert_eq!(v(y), want_y);
+        assert_eq!(dx.into_data().try_to_vec::<f32>().unwrap(), want_dx);
+    }
+
     #[test]
     fn columns_quantize_as_the_transpose_does() {
         let (r, c) = (37, 70);
