@@ -155,7 +155,8 @@ struct TuneArgs {
     #[arg(long)]
     low_memory: bool,
     /// Frozen-base products: fp32, bf16 (bf16 operands, fp32 sums, on AVX-512-BF16; LoRA and
-    /// optimiser stay fp32; where the CPU cannot, it says so, runs fp32) or auto (bf16 if it can).
+    /// optimiser stay fp32; where the CPU cannot, it says so, runs fp32), int8 (int8 operands with
+    /// one scale per row, exact int32 sums; the LM head stays fp32) or auto (bf16 if it can).
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// The frozen base in memory while tuning: f32, q8_0, q4_0 or q4_1 (QLoRA style: each product
@@ -268,7 +269,7 @@ struct EvalArgs {
     /// int8 products, a prompt of 64 tokens or more fp32 products of the dequantized weights.
     #[arg(long, default_value = "f32")]
     base_precision: String,
-    /// Arithmetic of an fp32 base's products: fp32, bf16 or auto (as `tune --precision`).
+    /// Arithmetic of an fp32 base's products: fp32, bf16, int8 or auto (as `tune --precision`).
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// Adapter directory written by `tune`: evaluates the pruned model with its adapter.

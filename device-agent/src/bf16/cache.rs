@@ -1,5 +1,6 @@
-//! Frozen weights packed for the bf16 kernel once and kept ([`packed`]), so a training step's
-//! products stop rounding and re-packing every weight they read: the forward pass reads each
+//! Frozen weights packed once and kept, for the bf16 kernel ([`packed`]) and as int8 rows for
+//! [`crate::quant::rowwise`] ([`kept`], any [`Packing`]), so a training step's products stop
+//! rounding and re-packing every weight they read: the forward pass reads each
 //! weight as `[k][n]` ([`Layout::Plain`]), the input gradient as `[n][k]`
 //! ([`Layout::Transposed`]), step after step, while the weight does not change. With a few
 //! dozen rows per product (the simulator's batches of 2 short e-mails), packing took two thirds

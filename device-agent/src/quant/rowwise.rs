@@ -15,10 +15,13 @@
 //! output gradient by the rows of `w` (one scale per input channel): a frozen weight is kept
 //! quantized both ways ([`RowQuant::quantize_columns`]).
 //!
-//! Not wired into training yet: `cargo bench -p device-agent --bench sgemm -- int8` measures
-//! these products against the fp32 products read in place, with their error, at a simulated
-//! device's shapes (BENCHMARKS.md). Rows are padded with zeros to a multiple of [`STEP`]; a
-//! reduced length up to [`MAX_K`] keeps every int32 sum exact.
+//! Training takes them with `--precision int8` ([`crate::bf16::Precision::Int8`], opt-in: `auto`
+//! never picks it): the frozen product ([`crate::bf16::FrozenBackend`]) quantizes the left
+//! operand's rows per product and keeps the weight's two quantized forms in
+//! [`crate::bf16::cache`]; the LM head, the LoRA factors, the optimiser and the loss stay fp32.
+//! `cargo bench -p device-agent --bench sgemm -- int8` measures the products against the fp32
+//! ones read in place, with their error (BENCHMARKS.md). Rows are padded with zeros to a
+//! multiple of [`STEP`]; a reduced length up to [`MAX_K`] keeps every int32 sum exact.
 //!
 //! Paths ([`DotPath`]): AVX-512 VNNI (`vpdpbusd` on 256-bit registers, the left operand offset
 //! to unsigned by `x ^ 0x80` and the right rows' sums correcting it), AVX2 (`maddubs` + `madd`
@@ -48,6 +51,8 @@ const A_BLOCK: usize = 64;
 const B_BLOCK: usize = 32;
 /// Rows quantized per task.
 const QUANT_ROWS: usize = 16;
+/// Columns one task of [`RowQuant::quantize_columns`] copies out.
+const COL_BLOCK: usize = 32;
 
 /// A matrix quantized row by row: the value at `(r, k)` is `scale[r] * q[r * stride + k]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,14 +109,21 @@ impl RowQuant {
             rows_w * cols_w,
             "RowQuant::quantize_columns: length"
         );
+        // Blocks of columns copied out row by row (contiguous reads), then quantized as rows.
+        let mut t = vec![0f32; rows_w * cols_w];
+        t.par_chunks_mut(COL_BLOCK * rows_w.max(1))
+            .enumerate()
+            .for_each(|(blk, out)| {
+                let c0 = blk * COL_BLOCK;
+                let width = out.len() / rows_w.max(1);
+                for (r, src) in w.chunks_exact(cols_w.max(1)).enumerate() {
+                    for (c, &v) in src[c0..c0 + width].iter().enumerate() {
+                        out[c * rows_w + r] = v;
+                    }
+                }
+            });
         Self::build(cols_w, rows_w, |c, q| {
-            let col: Vec<f32> = w[c..]
-                .iter()
-                .step_by(cols_w.max(1))
-                .take(rows_w)
-                .copied()
-                .collect();
-            quantize_row(&col, q)
+            quantize_row(&t[c * rows_w..(c + 1) * rows_w], q)
         })
     }
 
@@ -286,19 +298,24 @@ mod x86 {
         t
     }
 
+    /// Two rows of `a` against the four of `b`: eight accumulators, the four rows of `b`, the
+    /// ones, a row of `a` with its absolute values and a product fit AVX2's sixteen registers
+    /// (a whole 4 x 4 tile would spill its accumulators).
+    ///
     /// SAFETY (caller): AVX2; every slice the same length, a multiple of 32.
+    #[inline]
     #[target_feature(enable = "avx2")]
     #[allow(clippy::needless_range_loop)] // the accumulator tile is indexed as its operands are
-    pub unsafe fn tile_avx2(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
+    unsafe fn half_avx2(a: [&[i8]; 2], b: [&[i8]; NR]) -> [[i32; NR]; 2] {
         let len = a[0].len();
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_si256(); NR]; MR];
+        let mut acc = [[_mm256_setzero_si256(); NR]; 2];
         let mut k = 0;
         while k < len {
             // SAFETY: k + 32 <= len, the length of every row.
             let bv: [__m256i; NR] =
                 std::array::from_fn(|j| unsafe { _mm256_loadu_si256(b[j].as_ptr().add(k).cast()) });
-            for i in 0..MR {
+            for i in 0..2 {
                 // SAFETY: as above.
                 let av = unsafe { _mm256_loadu_si256(a[i].as_ptr().add(k).cast()) };
                 let aa = _mm256_abs_epi8(av);
@@ -310,7 +327,19 @@ mod x86 {
             }
             k += 32;
         }
-        std::array::from_fn(|i| sums4(&acc[i]))
+        [sums4(&acc[0]), sums4(&acc[1])]
+    }
+
+    /// The tile as two halves of two rows of `a` (the rows of `b` read twice, from L1).
+    ///
+    /// SAFETY (caller): AVX2; every slice the same length, a multiple of 32.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn tile_avx2(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
+        // SAFETY: the caller's contract, passed on.
+        let [r0, r1] = unsafe { half_avx2([a[0], a[1]], b) };
+        // SAFETY: as above.
+        let [r2, r3] = unsafe { half_avx2([a[2], a[3]], b) };
+        [r0, r1, r2, r3]
     }
 
     /// Sums `(a + 128) * b` on 512-bit registers: the caller subtracts `128 * sum(b)`.
