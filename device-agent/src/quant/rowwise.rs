@@ -81,6 +81,16 @@ fn quantize_row(row: &[f32], q: &mut [i8]) -> (f32, i32) {
         return (if max == 0.0 { 0.0 } else { f32::NAN }, 0);
     }
     let inv = 127.0 / max;
+    if !inv.is_finite() {
+        // A row of values so small that `127 / max` overflows: scaled in f64 instead (rare;
+        // scalar).
+        let inv = 127.0 / f64::from(max);
+        for (d, &v) in q.iter_mut().zip(row) {
+            *d = (f64::from(v) * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+        let sum = q.iter().map(|&v| i32::from(v)).sum();
+        return (max / 127.0, sum);
+    }
     for (d, &v) in q.iter_mut().zip(row) {
         let t = (v * inv).clamp(-127.0, 127.0) + ROUND;
         *d = t.to_bits().wrapping_sub(ROUND.to_bits()) as i8;
@@ -521,6 +531,11 @@ mod tests {
             back[8..].iter().all(|v| v.is_nan()),
             "a row with inf has no scale"
         );
+        // Subnormal values: `127 / max` overflows in f32; the row still keeps its shape.
+        let tiny = [1e-39f32, -5e-40, 0.0, 2.5e-40];
+        let t = RowQuant::quantize(&tiny, 1, 4);
+        assert_eq!(&t.q[..4], &[127, -64, 0, 32]);
+        assert!(t.scale[0] > 0.0 && t.scale[0].is_finite());
         assert_eq!(q.k(), 4);
         assert_eq!(q.rows(), 3);
     }
