@@ -5,6 +5,9 @@
 //! gradients, the optimiser and the loss stay fp32, and the weights themselves stay fp32 in
 //! memory (pruning, scoring and export read them), rounded per product.
 //!
+//! [`Precision`] names the frozen base's arithmetic, this module's bf16 and also fp32 and the int8
+//! products of [`crate::quant::rowwise`], which share the product below and its kept packings.
+//!
 //! The product is a burn backend extension ([`FrozenBackend`]) with a hand-written backward: for
 //! `y = x w` with `w` frozen, `dx = dy w^T`, the same kernel on the other layout. It exists for
 //! the flex backend on a CPU with AVX-512-BF16; [`Precision::resolve`] turns a request for bf16
@@ -119,11 +122,12 @@ impl Precision {
 }
 
 /// A frozen-weight product: `x w` (`transposed` false, `w` is `[k, n]`) or `x w^T` (`transposed`
-/// true, `w` is `[n, k]`); `x` is `[m, k]`, gradients flow to `x` only. With `bf16` the operands
-/// are rounded ([`gemm`]); without, it is the fp32 product of [`crate::kernels::sgemm`], which
-/// reads a held weight in place (AVX2 and AVX-512), or else of [`crate::kernels::flex_matmul`],
-/// which writes its output once where flex's own matmul zeroes and copies it, in the forward
-/// pass and in the input gradient alike.
+/// true, `w` is `[n, k]`); `x` is `[m, k]`, gradients flow to `x` only. In `arithmetic`
+/// [`Precision::Bf16`] the operands are rounded ([`gemm`]); in [`Precision::Int8`] they are
+/// quantized row by row ([`crate::quant::rowwise`]); in fp32 it is the product of
+/// [`crate::kernels::sgemm`], which reads a held weight in place (AVX2 and AVX-512), or else of
+/// [`crate::kernels::flex_matmul`], which writes its output once where flex's own matmul zeroes
+/// and copies it, in the forward pass and in the input gradient alike.
 #[backend_extension(Flex, Autodiff)]
 pub trait FrozenBackend: Backend {
     fn frozen_matmul(
