@@ -51,6 +51,9 @@ const A_BLOCK: usize = 64;
 const B_BLOCK: usize = 32;
 /// Rows quantized per task.
 const QUANT_ROWS: usize = 16;
+/// Values from which quantizing splits rows across threads: a micro-batch's activations
+/// (about 100 rows of 576) take a few microseconds on one thread, less than waking the pool.
+const PARALLEL_VALUES: usize = 1 << 17;
 /// Columns one task of [`RowQuant::quantize_columns`] copies out.
 const COL_BLOCK: usize = 32;
 
@@ -151,19 +154,28 @@ impl RowQuant {
         let mut q = vec![0i8; rows * stride];
         let mut scale = vec![0f32; rows];
         let mut sums = vec![0i32; rows];
-        q.par_chunks_mut(QUANT_ROWS * stride)
-            .zip(scale.par_chunks_mut(QUANT_ROWS))
-            .zip(sums.par_chunks_mut(QUANT_ROWS))
-            .enumerate()
-            .for_each(|(t, ((q, scale), sums))| {
-                for (i, (qr, (s, sum))) in q
-                    .chunks_mut(stride)
-                    .zip(scale.iter_mut().zip(sums.iter_mut()))
-                    .enumerate()
-                {
-                    (*s, *sum) = row(t * QUANT_ROWS + i, &mut qr[..k]);
-                }
-            });
+        let task = |(t, ((q, scale), sums)): (usize, ((&mut [i8], &mut [f32]), &mut [i32]))| {
+            for (i, (qr, (s, sum))) in q
+                .chunks_mut(stride)
+                .zip(scale.iter_mut().zip(sums.iter_mut()))
+                .enumerate()
+            {
+                (*s, *sum) = row(t * QUANT_ROWS + i, &mut qr[..k]);
+            }
+        };
+        if rows * k >= PARALLEL_VALUES {
+            q.par_chunks_mut(QUANT_ROWS * stride)
+                .zip(scale.par_chunks_mut(QUANT_ROWS))
+                .zip(sums.par_chunks_mut(QUANT_ROWS))
+                .enumerate()
+                .for_each(task);
+        } else {
+            q.chunks_mut(QUANT_ROWS * stride)
+                .zip(scale.chunks_mut(QUANT_ROWS))
+                .zip(sums.chunks_mut(QUANT_ROWS))
+                .enumerate()
+                .for_each(task);
+        }
         RowQuant {
             rows,
             k,
