@@ -69,6 +69,9 @@ pub struct RowQuant {
     sums: Vec<i32>,
 }
 
+/// One quantizing task's share: its index, and its rows' values, scales and sums.
+type RowsTask<'a> = (usize, ((&'a mut [i8], &'a mut [f32]), &'a mut [i32]));
+
 /// Quantize one row into `q` (as long as `row`); returns the scale and the values' sum. Written
 /// so the loops vectorise: the rounding adds and subtracts `1.5 * 2^23` (to nearest, ties to
 /// even) and reads the integer from the sum's bits, since a float-to-int cast saturates lane by
@@ -154,7 +157,7 @@ impl RowQuant {
         let mut q = vec![0i8; rows * stride];
         let mut scale = vec![0f32; rows];
         let mut sums = vec![0i32; rows];
-        let task = |(t, ((q, scale), sums)): (usize, ((&mut [i8], &mut [f32]), &mut [i32]))| {
+        let task = |(t, ((q, scale), sums)): RowsTask| {
             for (i, (qr, (s, sum))) in q
                 .chunks_mut(stride)
                 .zip(scale.iter_mut().zip(sums.iter_mut()))
