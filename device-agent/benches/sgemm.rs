@@ -330,8 +330,8 @@ fn int8(base: &device_agent::model::Llama, rows: &[usize], reps: usize, device: 
         rayon::current_num_threads()
     );
     println!("ms per product, median of {reps}, alternated\n");
-    println!("| weight [rows, cols] | product | rows of x | fp32 in place | int8 (with quantizing x) | ratio | int8 product alone | int8 GOP/s | relative error |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| weight [rows, cols] | product | rows of x | fp32 in place | int8 (quantizing x, fp32 outlier columns) | ratio | int8 without outlier columns | int8 product alone | int8 GOP/s | relative error |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let (mut tf, mut ti) = (0.0, 0.0);
     for &m in rows {
         for p in Proj::ALL {
@@ -344,13 +344,25 @@ fn int8(base: &device_agent::model::Llama, rows: &[usize], reps: usize, device: 
                     Layout::Plain => RowQuant::quantize_columns(&wh, r, c),
                     Layout::Transposed => RowQuant::quantize(&wh, r, c),
                 };
+                // Where a column's weights lie, as `bf16::FrozenBackend` reads them: a row of
+                // `w` for `x w`, a row of the weight's other int8 form for `dy w^T`.
+                let other =
+                    (layout == Layout::Transposed).then(|| RowQuant::quantize_columns(&wh, r, c));
+                let weights = |cols: &[usize]| match &other {
+                    None => cols
+                        .iter()
+                        .flat_map(|&c| &wh[c * n..(c + 1) * n])
+                        .copied()
+                        .collect(),
+                    Some(o) => o.dequantize_rows(cols),
+                };
                 let x = host(Tensor::<2>::random(
                     [m, k],
                     Distribution::Normal(0.0, 1.0),
                     device,
                 ));
                 let fp32 = || sgemm::product_on(kernel, &x, m, &wh, r, c, layout);
-                let q8 = || rowwise::product(path, &RowQuant::quantize(&x, m, k), &qw);
+                let q8 = || rowwise::product_with_outliers(path, &x, m, &qw, weights);
                 let (want, got) = (fp32(), q8());
                 let (mut e, mut s) = (0f64, 0f64);
                 for (a, b) in want.iter().zip(&got) {
@@ -358,6 +370,8 @@ fn int8(base: &device_agent::model::Llama, rows: &[usize], reps: usize, device: 
                     s += f64::from(*a).powi(2);
                 }
                 let (f, i) = alternate(reps, &Evict::new(false), fp32, q8);
+                let rows_only = || rowwise::product(path, &RowQuant::quantize(&x, m, k), &qw);
+                let (_, plain) = alternate(reps, &Evict::new(false), q8, rows_only);
                 let qx = RowQuant::quantize(&x, m, k);
                 let alone = median(
                     (0..reps)
@@ -375,7 +389,7 @@ fn int8(base: &device_agent::model::Llama, rows: &[usize], reps: usize, device: 
                     Layout::Transposed => "dy w^T",
                 };
                 println!(
-                    "| {p:?} [{r}, {c}] | {what} | {m} | {f:.3} | {i:.3} | {:.2}x | {alone:.3} | {:.0} | {:.4} |",
+                    "| {p:?} [{r}, {c}] | {what} | {m} | {f:.3} | {i:.3} | {:.2}x | {plain:.3} | {alone:.3} | {:.0} | {:.4} |",
                     f / i,
                     2.0 * (m * k * n) as f64 / (i * 1e6),
                     (e / s.max(1e-30)).sqrt()

@@ -47,8 +47,10 @@ pub enum Precision {
     Fp32,
     Bf16,
     /// Int8 operands with one scale per row ([`crate::quant::rowwise`]): the activations' and
-    /// gradients' rows quantized per product, the weight kept quantized both ways. Asked for
-    /// by name only (`auto` never picks it: its accuracy in training is being measured).
+    /// gradients' rows quantized per product, their largest columns kept in fp32, the weight
+    /// kept quantized both ways. `auto` picks it where there are no bf16 products but x86 int8
+    /// dot products (its 40-step accuracy test holds it to bf16's loss bounds and to 1.5% of
+    /// fp32's perplexity).
     Int8,
 }
 
@@ -83,15 +85,21 @@ impl std::str::FromStr for Precision {
 
 impl Precision {
     /// The precision a flag or config value asks for on this backend and CPU: `fp32`, `bf16`,
-    /// or `auto`, which is bf16 where this backend and CPU have bf16 products (the frozen-base
-    /// accuracy tests hold them to fp32 within tolerance) and fp32 elsewhere.
+    /// `int8`, or `auto`, the fastest one here that the frozen-base accuracy tests hold to fp32
+    /// within tolerance: bf16 where this backend and CPU have bf16 products, else int8 where the
+    /// CPU has x86 int8 dot products (AVX2 or AVX-512 VNNI: faster than fp32 there, BENCHMARKS.md),
+    /// else fp32 (off flex; aarch64, whose int8 products are the portable loop, unmeasured).
     pub fn requested(name: &str, flex: bool) -> Result<Precision, PrecisionError> {
         if name.eq_ignore_ascii_case("auto") {
-            let bf16 = flex && gemm::available();
-            return Ok(if bf16 {
-                Precision::Bf16
-            } else {
-                Precision::Fp32
+            let int8 = matches!(
+                crate::cpu::DotPath::detect(),
+                crate::cpu::DotPath::Avx2 | crate::cpu::DotPath::Avx512Vnni
+            );
+            return Ok(match (flex, gemm::available(), int8) {
+                (false, _, _) => Precision::Fp32,
+                (true, true, _) => Precision::Bf16,
+                (true, false, true) => Precision::Int8,
+                (true, false, false) => Precision::Fp32,
             });
         }
         name.parse()
@@ -217,23 +225,53 @@ fn fp32_in_place(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Option<Fle
     Some(o.output(out))
 }
 
-/// The int8 product ([`crate::quant::rowwise`]): `x`'s rows quantized for this product, the
-/// weight's rows along the reduced dimension (its columns for `x w`, its rows for `x w^T`)
-/// quantized once and kept when `keep` (a held matrix: the model's own buffer).
+/// The int8 product ([`crate::quant::rowwise`]): `x`'s rows quantized for this product, its
+/// largest columns kept in fp32 ([`rowwise::product_with_outliers`]), the weight's rows along the
+/// reduced dimension (its columns for `x w`, its rows for `x w^T`) quantized once and kept when
+/// `keep` (a held matrix: the model's own buffer).
 fn int8_product(o: &Operands, keep: bool) -> FlexTensor {
     use crate::quant::rowwise::{self, RowQuant};
-    let (wr, wc) = (o.wr, o.wc);
-    let make = || match o.layout {
-        Layout::Plain => RowQuant::quantize_columns(o.w(), wr, wc),
-        Layout::Transposed => RowQuant::quantize(o.w(), wr, wc),
+    let (wr, wc, n) = (o.wr, o.wc, o.n);
+    // The weight quantized along its rows (Transposed) or its columns (Plain): the forward's
+    // and the input gradient's right operands, each the other's way to a column of weights.
+    let form = |layout: Layout| {
+        let make = || match layout {
+            Layout::Plain => RowQuant::quantize_columns(o.w(), wr, wc),
+            Layout::Transposed => RowQuant::quantize(o.w(), wr, wc),
+        };
+        if keep {
+            cache::kept(&o.w, o.w(), wr, wc, layout, make)
+        } else {
+            Arc::new(make())
+        }
     };
-    let b = if keep {
-        cache::kept(&o.w, o.w(), wr, wc, o.layout, make)
-    } else {
-        Arc::new(make())
+    let b = form(o.layout);
+    let k = b.k();
+    let w = o.w();
+    let weights = |cols: &[usize]| -> Vec<f32> {
+        match o.layout {
+            // `x w`, `w` `[k, n]`: a column's weights are a row of `w`, read as they lie.
+            Layout::Plain => cols
+                .iter()
+                .flat_map(|&c| &w[c * n..(c + 1) * n])
+                .copied()
+                .collect(),
+            // `x w^T`, `w` `[n, k]`: a column's weights are a column of `w`, spread over all of
+            // it; a held weight's other int8 form has them as a row (a byte each, together).
+            Layout::Transposed if keep => form(Layout::Plain).dequantize_rows(cols),
+            Layout::Transposed => cols
+                .iter()
+                .flat_map(|&c| (0..n).map(move |j| w[j * k + c]))
+                .collect(),
+        }
     };
-    let a = RowQuant::quantize(o.x(), o.m, b.k());
-    o.output(rowwise::product(crate::cpu::DotPath::detect(), &a, &b))
+    o.output(rowwise::product_with_outliers(
+        crate::cpu::DotPath::detect(),
+        o.x(),
+        o.m,
+        &b,
+        weights,
+    ))
 }
 
 impl FrozenBackend for Flex {
@@ -427,15 +465,18 @@ mod tests {
     use burn::tensor::Device;
 
     #[test]
-    fn auto_asks_for_bf16_only_where_the_cpu_has_it() {
+    fn auto_asks_for_the_fastest_precision_held_to_fp32() {
+        use crate::cpu::DotPath;
         let here = if gemm::available() {
             Precision::Bf16
+        } else if matches!(DotPath::detect(), DotPath::Avx2 | DotPath::Avx512Vnni) {
+            Precision::Int8
         } else {
             Precision::Fp32
         };
         assert_eq!(Precision::requested("auto", true).unwrap(), here);
         assert_eq!(Precision::requested("AUTO", true).unwrap(), here);
-        // Off flex there are no bf16 products to ask for.
+        // Off flex there are no bf16 or int8 products to ask for.
         assert_eq!(
             Precision::requested("auto", false).unwrap(),
             Precision::Fp32
@@ -444,7 +485,6 @@ mod tests {
         assert_eq!(Precision::requested("int8", true).unwrap(), Precision::Int8);
         assert_eq!(Precision::Int8.resolve(true), (Precision::Int8, None));
         assert_eq!(Precision::Int8.resolve(false).0, Precision::Fp32);
-        assert_ne!(Precision::requested("auto", true).unwrap(), Precision::Int8);
         assert_eq!(Precision::requested("fp32", true).unwrap(), Precision::Fp32);
         let e = Precision::requested("fp8", true).unwrap_err().to_string();
         assert!(e.contains("'fp8'") && e.contains("auto"), "{e}");

@@ -14,14 +14,22 @@ impl Llama {
         (p, why)
     }
 
-    /// [`Llama::set_precision`] from a flag or config value (`fp32`, `bf16`, `auto`: see
+    /// [`Llama::set_precision`] from a flag or config value (`fp32`, `bf16`, `int8`, `auto`: see
     /// [`Precision::requested`]), saying on stderr why when the precision that runs is not the
     /// one asked for; returns the one that runs.
     pub fn apply_precision(&mut self, name: &str) -> Result<Precision, PrecisionError> {
         let flex = crate::backend::is_flex(&self.device);
         let (p, why) = self.set_precision(Precision::requested(name, flex)?);
         if name.eq_ignore_ascii_case("auto") && p == Precision::Fp32 {
-            eprintln!("precision: auto: no bf16 products on this CPU or backend; running fp32");
+            eprintln!(
+                "precision: auto: no bf16 or x86 int8 products on this CPU or backend; running fp32"
+            );
+        }
+        if name.eq_ignore_ascii_case("auto") && p == Precision::Int8 {
+            eprintln!(
+                "precision: auto: no bf16 products on this CPU; int8 products ({}), their largest columns in fp32",
+                crate::cpu::DotPath::detect()
+            );
         }
         if let Some(why) = why {
             eprintln!("precision: {why}");

@@ -15,9 +15,11 @@
 //! output gradient by the rows of `w` (one scale per input channel): a frozen weight is kept
 //! quantized both ways ([`RowQuant::quantize_columns`]).
 //!
-//! Training takes them with `--precision int8` ([`crate::bf16::Precision::Int8`], opt-in: `auto`
-//! never picks it): the frozen product ([`crate::bf16::FrozenBackend`]) quantizes the left
-//! operand's rows per product and keeps the weight's two quantized forms in
+//! Training takes them with `--precision int8` ([`crate::bf16::Precision::Int8`], which `auto`
+//! picks on x86 CPUs without bf16 products): the frozen product ([`crate::bf16::FrozenBackend`])
+//! quantizes the left operand's rows per product, its largest columns kept out and multiplied in
+//! fp32 ([`product_with_outliers`]: with one scale per row alone, SmolLM2's few large activation
+//! channels cost 4% in perplexity), and keeps the weight's two quantized forms in
 //! [`crate::bf16::cache`]; the LM head, the LoRA factors, the optimiser and the loss stay fp32.
 //! `cargo bench -p device-agent --bench sgemm -- int8` measures the products against the fp32
 //! ones read in place, with their error (BENCHMARKS.md). Rows are padded with zeros to a
@@ -79,7 +81,7 @@ type RowsTask<'a> = (usize, ((&'a mut [i8], &'a mut [f32]), &'a mut [i32]));
 fn quantize_row(row: &[f32], q: &mut [i8]) -> (f32, i32) {
     const ROUND: f32 = 12_582_912.0;
     debug_assert_eq!(row.len(), q.len());
-    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max = f32::from_bits(row.iter().fold(0, |m, v| m.max(magnitude(*v))));
     if max == 0.0 || !max.is_finite() {
         // A zero row is exact; a row holding inf or NaN has no finite scale: zeros, and the
         // scale carries the NaN into every product it touches.
@@ -200,9 +202,17 @@ impl RowQuant {
 
     /// The values back in fp32, `rows x k`.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.rows * self.k);
-        for (r, &s) in self.scale.iter().enumerate() {
-            let q = &self.q[r * self.stride..r * self.stride + self.k];
+        self.dequantize_rows(&(0..self.rows).collect::<Vec<_>>())
+    }
+
+    /// The rows `which` back in fp32, `which.len() x k`.
+    pub fn dequantize_rows(&self, which: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(which.len() * self.k);
+        for &r in which {
+            let (q, s) = (
+                &self.q[r * self.stride..r * self.stride + self.k],
+                self.scale[r],
+            );
             out.extend(q.iter().map(|&v| s * f32::from(v)));
         }
         out
@@ -212,6 +222,105 @@ impl RowQuant {
     pub fn bytes(&self) -> usize {
         self.q.len() + 8 * self.rows
     }
+}
+
+/// The most columns of a left operand kept out of its int8 rows ([`product_with_outliers`]).
+pub const OUTLIERS: usize = 32;
+
+/// How many of a left operand's `k` columns go the fp32 way: [`OUTLIERS`], or an eighth of
+/// `k` when that is fewer (a 192-wide gradient keeps 24).
+pub fn outlier_count(k: usize) -> usize {
+    (k / 8).min(OUTLIERS)
+}
+
+/// The columns of `x` (`rows x k`, row-major) with the `count` largest magnitudes, ascending
+/// (ties to the lower index; all of them when `k <= count`). A column holding NaN ranks first.
+pub fn outlier_columns(x: &[f32], rows: usize, k: usize, count: usize) -> Vec<usize> {
+    assert_eq!(x.len(), rows * k, "outlier_columns: {rows} x {k}");
+    let mut max = vec![0u32; k];
+    for row in x.chunks_exact(k.max(1)) {
+        for (m, &v) in max.iter_mut().zip(row) {
+            *m = (*m).max(magnitude(v));
+        }
+    }
+    let mut cols: Vec<usize> = (0..k).collect();
+    if k > count {
+        // A total order (magnitude down, then index up), so the choice is the same on every run.
+        cols.select_nth_unstable_by(count, |a, b| max[*b].cmp(&max[*a]).then(a.cmp(b)));
+        cols.truncate(count);
+    }
+    cols.sort_unstable();
+    cols
+}
+
+/// `x` (`m x k`) times `b`'s rows, the [`outlier_count`] columns of `x` with the largest
+/// magnitudes taken in fp32 and the rest as int8 rows (LLM.int8's decomposition, Dettmers et
+/// al. 2022): a language model's activations and gradients carry a few channels tens of times
+/// larger than the rest, and with one scale per row those few set the scale and round the rest
+/// coarsely. Kept out, they leave the rows' scales to the other columns; on SmolLM2's own
+/// activations this cuts a forward product's error from 2-5% to about 1%. `weights(cols)` gives,
+/// for each of `cols`, the `n` weights that column meets, `cols.len() x n` row-major. Columns
+/// are chosen from `x` alone, so the result is a function of the operands.
+pub fn product_with_outliers(
+    path: DotPath,
+    x: &[f32],
+    m: usize,
+    b: &RowQuant,
+    weights: impl FnOnce(&[usize]) -> Vec<f32>,
+) -> Vec<f32> {
+    let (k, n) = (b.k, b.rows);
+    let count = outlier_count(k);
+    if count == 0 {
+        return product(path, &RowQuant::quantize(x, m, k), b);
+    }
+    let cols = outlier_columns(x, m, k, count);
+    let a = RowQuant::build(m, k, |r, q| {
+        let mut row = x[r * k..(r + 1) * k].to_vec();
+        for &c in &cols {
+            row[c] = 0.0;
+        }
+        quantize_row(&row, q)
+    });
+    let w = weights(&cols);
+    assert_eq!(w.len(), cols.len() * n, "product_with_outliers: weights");
+    // The fp32 share first, `x[:, cols] w` (`m x count` by `count x n`), on this CPU's fp32
+    // kernel where it has one; the int8 share is added to it.
+    let xo: Vec<f32> = x
+        .chunks_exact(k)
+        .flat_map(|r| cols.iter().map(move |&c| r[c]))
+        .collect();
+    let count = cols.len();
+    let mut out = match crate::kernels::sgemm::Kernel::detect() {
+        Some(kernel) => crate::kernels::sgemm::product_on(
+            kernel,
+            &xo,
+            m,
+            &w,
+            count,
+            n,
+            crate::kernels::Layout::Plain,
+        ),
+        None => {
+            let mut out = vec![0f32; m * n];
+            for (o, xr) in out.chunks_mut(n).zip(xo.chunks_exact(count)) {
+                for (&v, w) in xr.iter().zip(w.chunks_exact(n)) {
+                    for (d, &wv) in o.iter_mut().zip(w) {
+                        *d += v * wv;
+                    }
+                }
+            }
+            out
+        }
+    };
+    add_product(path, &a, b, &mut out);
+    out
+}
+
+/// `|v|`'s bits: ordered as the magnitudes are, with NaN above infinity, so an integer maximum
+/// (which vectorises, where a float one that keeps NaN does not) finds the largest and keeps NaN.
+#[inline]
+fn magnitude(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
 }
 
 /// The int32 sums of a tile: `MR x NR` rows' dot products, row-major (rows of the tile short of
@@ -236,8 +345,15 @@ fn tile_portable(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
 /// `a` (`m` rows) times `b` (`n` rows) along their rows: `m x n` row-major, on `path` where
 /// this CPU runs it (the portable loop elsewhere). Each output's int32 sum is exact, so every
 /// path gives the same bits.
-#[allow(unsafe_code)]
 pub fn product(path: DotPath, a: &RowQuant, b: &RowQuant) -> Vec<f32> {
+    let mut out = vec![0f32; a.rows * b.rows];
+    add_product(path, a, b, &mut out);
+    out
+}
+
+/// [`product`] added to `out` (`m x n`, row-major).
+#[allow(unsafe_code)]
+pub fn add_product(path: DotPath, a: &RowQuant, b: &RowQuant, out: &mut [f32]) {
     assert_eq!(
         a.k, b.k,
         "int8 row product: reduced lengths {} and {} differ",
@@ -245,9 +361,9 @@ pub fn product(path: DotPath, a: &RowQuant, b: &RowQuant) -> Vec<f32> {
     );
     let (m, n, stride) = (a.rows, b.rows, a.stride);
     debug_assert_eq!(a.stride, b.stride);
-    let mut out = vec![0f32; m * n];
+    assert_eq!(out.len(), m * n, "int8 row product: output of {m} x {n}");
     if m == 0 || n == 0 {
-        return out;
+        return;
     }
     let path = if path.runs_here() {
         path
@@ -291,13 +407,12 @@ pub fn product(path: DotPath, a: &RowQuant, b: &RowQuant) -> Vec<f32> {
                         };
                         // SAFETY: cell (i, j) lies in this task's rows and columns, which no
                         // other task has; `out` outlives the loop.
-                        unsafe { *dst.at(i * n + j) = a.scale[i] * b.scale[j] * s as f32 };
+                        unsafe { *dst.at(i * n + j) += a.scale[i] * b.scale[j] * s as f32 };
                     }
                 }
             }
         }
     });
-    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -476,6 +591,93 @@ mod tests {
         assert!(rel < 0.05, "relative error {rel}");
     }
 
+    /// The relative Frobenius distance of `got` (`m x n`) from `x w^T` in f64, `w` `n x k`.
+    fn distance(got: &[f32], x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize)) -> f64 {
+        let (mut err, mut norm) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f64 = (0..k)
+                    .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                    .sum();
+                err += (f64::from(got[i * n + j]) - r).powi(2);
+                norm += r * r;
+            }
+        }
+        (err / norm).sqrt()
+    }
+
+    #[test]
+    fn outlier_columns_are_the_largest_in_a_fixed_order() {
+        let (m, k) = (3, 40);
+        let mut x = vec![0.5f32; m * k];
+        x[2 * k + 7] = -9.0;
+        x[11] = 4.0;
+        x[k + 30] = -4.0;
+        assert_eq!(outlier_columns(&x, m, k, 3), [7, 11, 30]);
+        // A tie goes to the lower index, on every run.
+        assert_eq!(outlier_columns(&x, m, k, 2), [7, 11]);
+        // A column holding NaN goes first (to fp32, where the NaN stays a NaN).
+        x[k + 20] = f32::NAN;
+        assert_eq!(outlier_columns(&x, m, k, 1), [20]);
+        assert_eq!(outlier_columns(&x[..8], 2, 4, 5), [0, 1, 2, 3]);
+        assert_eq!(
+            [
+                outlier_count(1536),
+                outlier_count(576),
+                outlier_count(192),
+                outlier_count(7)
+            ],
+            [32, 32, 24, 0]
+        );
+    }
+
+    #[test]
+    fn outlier_columns_go_the_fp32_way() {
+        // Eight channels at 60x the rest, as a language model's activations carry a few.
+        let (m, n, k) = (24, 40, 576);
+        let mut x = values(m * k, 5);
+        for row in x.chunks_mut(k) {
+            for c in [3, 77, 140, 300, 301, 450, 511, 575] {
+                row[c] *= 60.0;
+            }
+        }
+        let w = values(n * k, 6);
+        let b = RowQuant::quantize(&w, n, k);
+        let w = &w;
+        let gather = |cols: &[usize]| -> Vec<f32> {
+            cols.iter()
+                .flat_map(|&c| (0..n).map(move |j| w[j * k + c]))
+                .collect()
+        };
+        let path = DotPath::detect();
+        let split = product_with_outliers(path, &x, m, &b, &gather);
+        let plain = product(path, &RowQuant::quantize(&x, m, k), &b);
+        let (es, ep) = (
+            distance(&split, &x, w, (m, n, k)),
+            distance(&plain, &x, w, (m, n, k)),
+        );
+        assert!(
+            es < 0.02 && ep > 3.0 * es,
+            "with outlier columns {es}, without {ep}"
+        );
+        // Only outlier columns nonzero: the int8 share is zero and the product is fp32's.
+        let mut sparse = vec![0f32; m * k];
+        for (r, row) in sparse.chunks_mut(k).enumerate() {
+            for c in [5, 99, 400] {
+                row[c] = r as f32 - 7.5 + c as f32 / 100.0;
+            }
+        }
+        let exact = product_with_outliers(path, &sparse, m, &b, &gather);
+        let e = distance(&exact, &sparse, w, (m, n, k));
+        assert!(e < 1e-6, "fp32 share alone: {e}");
+        // A NaN in a row reaches that row's outputs and no other.
+        let mut bad = x.clone();
+        bad[k + 200] = f32::NAN;
+        let out = product_with_outliers(path, &bad, m, &b, &gather);
+        assert!(out[n..2 * n].iter().all(|v| v.is_nan()));
+        assert!(out[..n].iter().chain(&out[2 * n..]).all(|v| v.is_finite()));
+    }
+
     /// As a frozen product under autodiff (`Precision::Int8`): the forward is `x`'s rows against
     /// the weight's columns, the input gradient `dy`'s rows against the weight's rows, each
     /// exactly this module's product.
@@ -492,16 +694,19 @@ mod tests {
         let dx = x.grad(&(y.clone() * g).sum().backward()).unwrap();
         let v = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
         let path = DotPath::detect();
-        let want_y = product(
-            path,
-            &RowQuant::quantize(&xv, n, k),
-            &RowQuant::quantize_columns(&wv, k, out),
-        );
-        let want_dx = product(
-            path,
-            &RowQuant::quantize(&gv, n, out),
-            &RowQuant::quantize(&wv, k, out),
-        );
+        // The forward's outlier columns meet rows of `w` (in fp32); the gradient's meet columns
+        // of `w`, read from its other int8 form.
+        let columns = RowQuant::quantize_columns(&wv, k, out);
+        let want_y = product_with_outliers(path, &xv, n, &columns, |cols| {
+            cols.iter()
+                .flat_map(|&c| &wv[c * out..(c + 1) * out])
+                .copied()
+                .collect()
+        });
+        let want_dx =
+            product_with_outliers(path, &gv, n, &RowQuant::quantize(&wv, k, out), |cols| {
+                columns.dequantize_rows(cols)
+            });
         assert_eq!(v(y), want_y);
         assert_eq!(dx.into_data().try_to_vec::<f32>().unwrap(), want_dx);
     }
@@ -546,6 +751,9 @@ mod tests {
             back[8..].iter().all(|v| v.is_nan()),
             "a row with inf has no scale"
         );
+        // NaN likewise (a float maximum would pass over it and quantize the rest).
+        let nan = RowQuant::quantize(&[1.0, f32::NAN, -3.0, 0.5], 1, 4);
+        assert!(nan.scale[0].is_nan() && nan.dequantize().iter().all(|v| v.is_nan()));
         // Subnormal values: `127 / max` overflows in f32; the row still keeps its shape.
         let tiny = [1e-39f32, -5e-40, 0.0, 2.5e-40];
         let t = RowQuant::quantize(&tiny, 1, 4);
