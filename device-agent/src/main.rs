@@ -157,7 +157,7 @@ struct TuneArgs {
     /// Frozen-base products: fp32, bf16 (bf16 operands, fp32 sums, on AVX-512-BF16; LoRA and
     /// optimiser stay fp32; where the CPU cannot, it says so, runs fp32), int8 (int8 operands with
     /// one scale per row, each product's largest input columns in fp32; the LM head stays fp32)
-    /// or auto (bf16 where the CPU has it, else int8 on x86 with AVX2, else fp32).
+    /// or auto (bf16 if it can; never int8).
     #[arg(long, default_value = "fp32")]
     precision: String,
     /// The frozen base in memory while tuning: f32, q8_0, q4_0 or q4_1 (QLoRA style: each product

@@ -458,14 +458,16 @@ impl Tolerance {
         tail: 0.01,
         ppl: 0.01,
     };
-    /// Int8 operands with row-wise scales, each product's largest input columns in fp32: on Zen
-    /// 5 a worst step of 0.034 nats, a last-10 gap of 0.002 and perplexity 0.9% above fp32's
-    /// (BENCHMARKS.md, "Int8 products with outlier columns"). The step and tail bounds are bf16's;
-    /// the perplexity bound is wider, since changes of rounding order alone (the fp32 share's
-    /// kernel, the order of the two shares' sum) moved that gap between 0.0% and 0.9%.
+    /// Int8 operands with row-wise scales, each product's 32 largest input columns in fp32: here
+    /// a worst step of 0.034 nats, a last-10 gap of 0.002 and perplexity 0.9% above fp32's on
+    /// Zen 5 (the same bits under the AVX2 cap); `tune --dataset sotu` over 40 steps strayed
+    /// further (worst step 0.061, last ten 0.024 lower, perplexity 1.7% lower), and rounding-order
+    /// changes alone moved this test's perplexity gap between 0.0% and 0.9% (BENCHMARKS.md,
+    /// "Int8 products with outlier columns"). About ten times bf16's perturbation, no bias seen:
+    /// the bounds state that cost, not a match with fp32.
     const INT8: Tolerance = Tolerance {
-        step: 0.05,
-        tail: 0.01,
-        ppl: 0.015,
+        step: 0.075,
+        tail: 0.015,
+        ppl: 0.02,
     };
 }

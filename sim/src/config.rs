@@ -257,9 +257,9 @@ pub struct ExperimentConfig {
     /// Real mode: arithmetic of the frozen base's products, `fp32`, `bf16` (operands rounded
     /// to bf16 with fp32 accumulation, on a CPU with AVX-512-BF16; elsewhere the run says so and
     /// trains in fp32), `int8` (int8 operands with one scale per row and each product's largest
-    /// input columns in fp32, on every CPU) or `auto` (bf16 where the CPU has it, else int8 on
-    /// x86 with AVX2, else fp32; the shipped real-mode presets ask for it). The report's summary
-    /// names the one that ran.
+    /// input columns in fp32, on every CPU; never chosen by `auto`) or `auto` (bf16 where the CPU
+    /// has it, else fp32; the shipped real-mode presets ask for it). The report's summary names
+    /// the one that ran.
     pub precision: String,
     pub workload: WorkloadConfig,
     pub eval: EvalConfig,

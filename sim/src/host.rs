@@ -35,8 +35,7 @@ pub struct HostInfo {
     pub vector_path: String,
     /// The int8 dot-product path of the quantized-base kernels.
     pub int8_dot: String,
-    /// The kernel of bf16 products (`precision = "bf16"`, or `"auto"` where there is one), or
-    /// `none`.
+    /// The kernel of bf16 products (`precision = "bf16"` or `"auto"`), or `none`.
     pub bf16_kernel: String,
 }
 

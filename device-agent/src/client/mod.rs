@@ -114,7 +114,7 @@ pub struct JoinArgs {
     /// Arithmetic of the frozen base's products: fp32, bf16 (operands rounded to bf16, fp32
     /// accumulation; flex on a CPU with AVX-512-BF16, elsewhere it says so and runs fp32), int8
     /// (int8 rows with fp32 outlier columns, flex only), or auto (bf16 where the CPU has it, else
-    /// int8 on x86 with AVX2, else fp32).
+    /// fp32).
     #[arg(long, default_value = "fp32")]
     pub precision: String,
     /// RAM reported to the aggregator in MiB (default: the machine's total memory).

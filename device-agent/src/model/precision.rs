@@ -21,15 +21,7 @@ impl Llama {
         let flex = crate::backend::is_flex(&self.device);
         let (p, why) = self.set_precision(Precision::requested(name, flex)?);
         if name.eq_ignore_ascii_case("auto") && p == Precision::Fp32 {
-            eprintln!(
-                "precision: auto: no bf16 or x86 int8 products on this CPU or backend; running fp32"
-            );
-        }
-        if name.eq_ignore_ascii_case("auto") && p == Precision::Int8 {
-            eprintln!(
-                "precision: auto: no bf16 products on this CPU; int8 products ({}), their largest columns in fp32",
-                crate::cpu::DotPath::detect()
-            );
+            eprintln!("precision: auto: no bf16 products on this CPU or backend; running fp32");
         }
         if let Some(why) = why {
             eprintln!("precision: {why}");

@@ -15,8 +15,8 @@
 //! output gradient by the rows of `w` (one scale per input channel): a frozen weight is kept
 //! quantized both ways ([`RowQuant::quantize_columns`]).
 //!
-//! Training takes them with `--precision int8` ([`crate::bf16::Precision::Int8`], which `auto`
-//! picks on x86 CPUs without bf16 products): the frozen product ([`crate::bf16::FrozenBackend`])
+//! Training takes them with `--precision int8` ([`crate::bf16::Precision::Int8`], opt-in: `auto`
+//! never picks it): the frozen product ([`crate::bf16::FrozenBackend`])
 //! quantizes the left operand's rows per product, its largest columns kept out and multiplied in
 //! fp32 ([`product_with_outliers`]: with one scale per row alone, SmolLM2's few large activation
 //! channels cost 4% in perplexity), and keeps the weight's two quantized forms in
@@ -269,8 +269,14 @@ pub fn product_with_outliers(
     weights: impl FnOnce(&[usize]) -> Vec<f32>,
 ) -> Vec<f32> {
     let (k, n) = (b.k, b.rows);
+    assert_eq!(
+        x.len(),
+        m * k,
+        "product_with_outliers: {m} x {k} needs {} values",
+        m * k
+    );
     let count = outlier_count(k);
-    if count == 0 {
+    if count == 0 || m == 0 || n == 0 {
         return product(path, &RowQuant::quantize(x, m, k), b);
     }
     let cols = outlier_columns(x, m, k, count);
@@ -650,7 +656,7 @@ mod tests {
                 .collect()
         };
         let path = DotPath::detect();
-        let split = product_with_outliers(path, &x, m, &b, &gather);
+        let split = product_with_outliers(path, &x, m, &b, gather);
         let plain = product(path, &RowQuant::quantize(&x, m, k), &b);
         let (es, ep) = (
             distance(&split, &x, w, (m, n, k)),
@@ -667,13 +673,13 @@ mod tests {
                 row[c] = r as f32 - 7.5 + c as f32 / 100.0;
             }
         }
-        let exact = product_with_outliers(path, &sparse, m, &b, &gather);
+        let exact = product_with_outliers(path, &sparse, m, &b, gather);
         let e = distance(&exact, &sparse, w, (m, n, k));
         assert!(e < 1e-6, "fp32 share alone: {e}");
         // A NaN in a row reaches that row's outputs and no other.
         let mut bad = x.clone();
         bad[k + 200] = f32::NAN;
-        let out = product_with_outliers(path, &bad, m, &b, &gather);
+        let out = product_with_outliers(path, &bad, m, &b, gather);
         assert!(out[n..2 * n].iter().all(|v| v.is_nan()));
         assert!(out[..n].iter().chain(&out[2 * n..]).all(|v| v.is_finite()));
     }
