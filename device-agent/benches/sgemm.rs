@@ -12,9 +12,10 @@
 //! 64-byte boundaries and 16 bytes past them). `-- lora` times instead the LoRA backward's products that
 //! read a large matrix: the `gemm` crate's pair `dy (sB)^T`, `(xA)^T dy` and its `x^T dz` against
 //! `kernels::lora_grad` (one pass), at every projection's shape and rank 16. `-- int8` times the
-//! in-place fp32 kernel against `quant::rowwise`'s int8 products with row-wise scales (the left
-//! operand quantized inside the timing, the weight beforehand, as a frozen base would keep it),
-//! with the int8 result's error against fp32.
+//! in-place fp32 kernel against `quant::rowwise`'s int8 products with row-wise scales and the
+//! left operand's largest columns in fp32 (`product_with_outliers`: the left operand quantized
+//! inside the timing, the weight beforehand, as a frozen base would keep it), and against the
+//! same products without those columns, with the int8 result's error against fp32.
 
 use std::time::Instant;
 
