@@ -461,7 +461,7 @@ impl Tolerance {
     /// Int8 operands with row-wise scales, each product's 32 largest input columns in fp32: here
     /// a worst step of 0.034 nats, a last-10 gap of 0.002 and perplexity 0.9% above fp32's on
     /// Zen 5 (the same bits under the AVX2 cap); `tune --dataset sotu` over 40 steps strayed
-    /// further (worst step 0.061, last ten 0.024 lower, perplexity 1.7% lower), and rounding-order
+    /// further (three seeds: worst steps 0.046-0.061, perplexity -1.7% to +1.8%), and rounding-order
     /// changes alone moved this test's perplexity gap between 0.0% and 0.9% (BENCHMARKS.md,
     /// "Int8 products with outlier columns"). About ten times bf16's perturbation, no bias seen:
     /// the bounds state that cost, not a match with fp32.

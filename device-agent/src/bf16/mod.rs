@@ -50,7 +50,7 @@ pub enum Precision {
     /// gradients' rows quantized per product, their largest columns kept in fp32, the weight
     /// kept quantized both ways. Asked for by name only: `auto` does not pick it, since its
     /// losses stray from fp32's by up to about 0.06 nats a step over 40 steps, ten times bf16's
-    /// (no bias seen in two runs; BENCHMARKS.md, "Int8 products with outlier columns").
+    /// (no bias seen in four runs; BENCHMARKS.md, "Int8 products with outlier columns").
     Int8,
 }
 
