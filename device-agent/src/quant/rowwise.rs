@@ -582,17 +582,7 @@ mod tests {
             &RowQuant::quantize(&x, m, k),
             &RowQuant::quantize(&w, n, k),
         );
-        let (mut err, mut norm) = (0f64, 0f64);
-        for i in 0..m {
-            for j in 0..n {
-                let r: f64 = (0..k)
-                    .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
-                    .sum();
-                err += (f64::from(got[i * n + j]) - r).powi(2);
-                norm += r * r;
-            }
-        }
-        let rel = (err / norm).sqrt();
+        let rel = distance(&got, &x, &w, (m, n, k));
         // Row-wise int8 with outliers at 20x the bulk: a few percent, not more.
         assert!(rel < 0.05, "relative error {rel}");
     }
