@@ -223,9 +223,9 @@ fn fp32_in_place(x: &FlexTensor, w: &FlexTensor, transposed: bool) -> Option<Fle
 /// The int8 product ([`crate::quant::rowwise`]): `x`'s rows quantized for this product, its
 /// largest columns kept in fp32 ([`rowwise::product_with_outliers`]: in the forward they meet
 /// rows of the fp32 weight; in the input gradient, rows of the weight's other int8 form, since
-/// the fp32 ones lie a row apart), the weight's rows along the
-/// reduced dimension (its columns for `x w`, its rows for `x w^T`) quantized once and kept when
-/// `keep` (a held matrix: the model's own buffer).
+/// the fp32 ones lie a row apart), the weight's rows along the reduced dimension (its columns
+/// for `x w`, its rows for `x w^T`) quantized once and kept when `keep` (a held matrix: the
+/// model's own buffer).
 fn int8_product(o: &Operands, keep: bool) -> FlexTensor {
     use crate::quant::rowwise::{self, RowQuant};
     let (wr, wc, n) = (o.wr, o.wc, o.n);
