@@ -16,9 +16,8 @@
 //! quantized both ways ([`RowQuant::quantize_columns`]).
 //!
 //! Training takes them with `--precision int8` ([`crate::bf16::Precision::Int8`], opt-in: `auto`
-//! never picks it): the frozen product ([`crate::bf16::FrozenBackend`])
-//! quantizes the left operand's rows per product, its largest columns kept out and multiplied in
-//! fp32 ([`product_with_outliers`]: with one scale per row alone, SmolLM2's few large activation
+//! never picks it): the frozen product ([`crate::bf16::FrozenBackend`]) quantizes the left
+//! operand's rows per product, its largest columns kept out and multiplied in fp32 ([`product_with_outliers`]: with one scale per row alone, SmolLM2's few large activation
 //! channels cost 4% in perplexity), and keeps the weight's two quantized forms in
 //! [`crate::bf16::cache`]; the LM head, the LoRA factors, the optimiser and the loss stay fp32.
 //! `cargo bench -p device-agent --bench sgemm -- int8` measures the products against the fp32
