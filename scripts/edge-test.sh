@@ -4,11 +4,14 @@
 #   1. `generate` answers the reference chat prompt with exactly the host build's greedy text
 #      (device-agent/tests/real_model.rs ties the host build to the reference's greedy ids);
 #   2. a 2-step `tune` on a local text file writes its adapter;
-#   3. `generate --base-precision q8_0 | q4_0 | q4_1` on an emulated Cortex-A76 (the `sdot`
+#   3. `tune --precision int8` (the frozen base's products in int8) on an emulated Cortex-A76
+#      (the `sdot` tile) gives exactly the losses and adapter it gives on an emulated Cortex-A72
+#      (the portable tile): the int32 sums are exact, so the paths must agree bit for bit;
+#   4. `generate --base-precision q8_0 | q4_0 | q4_1` on an emulated Cortex-A76 (the `sdot`
 #      kernels, the 4-bit ones reading nibbles straight) prints exactly what it prints on an
 #      emulated Cortex-A72 (no dot-product extension: the portable kernel on unpacked rows),
 #      and each run names the kernel it used;
-#   4. the aarch64 agent completes a federated round (QUIC, mutual TLS) against the x86-64
+#   5. the aarch64 agent completes a federated round (QUIC, mutual TLS) against the x86-64
 #      aggregator on loopback (tiny model, synthetic data: the round protocol is the point).
 # Needs the model in the asset cache (`device-agent fetch`). Prints PASS/FAIL per check.
 set -euo pipefail
@@ -42,8 +45,26 @@ wrote_adapter() { [ -s "$work/tune/adapter.json" ] && ls "$work/tune" | grep -q 
 check wrote_adapter
 ls "$work/tune" | sed 's/^/  /'
 
-name="quantized generate (Q8_0, Q4_0, Q4_1): the sdot kernels (Cortex-A76) print the portable kernel's text (Cortex-A72)"
 arm_on() { local cpu=$1; shift; qemu-aarch64-static -cpu "$cpu" -L /usr/aarch64-linux-gnu "$edge" "$@"; }
+
+name="tune --precision int8: the sdot tile (Cortex-A76) trains exactly as the portable one (Cortex-A72)"
+for cpu in cortex-a76 cortex-a72; do
+    arm_on "$cpu" tune --data "$work/notes.txt" --steps 2 --batch 1 --seq-len 32 --rank 4 \
+        --precision int8 --out "$work/int8-$cpu" > "$work/int8-$cpu.log" 2>&1
+done
+losses() { grep -o '"loss":[^,}]*' "$work/int8-$1/metrics.jsonl"; }
+same_int8() {
+    grep -q "int8 products on NEON sdot" "$work/int8-cortex-a76.log" \
+        && grep -q "int8 products on portable" "$work/int8-cortex-a72.log" \
+        && [ "$(losses cortex-a76 | wc -l)" = 2 ] \
+        && [ "$(losses cortex-a76)" = "$(losses cortex-a72)" ] \
+        && cmp -s "$work/int8-cortex-a76/adapter.safetensors" "$work/int8-cortex-a72/adapter.safetensors"
+}
+check same_int8
+echo "  Cortex-A76: $(losses cortex-a76 | tr '\n' ' ')"
+echo "  Cortex-A72: $(losses cortex-a72 | tr '\n' ' ')"
+
+name="quantized generate (Q8_0, Q4_0, Q4_1): the sdot kernels (Cortex-A76) print the portable kernel's text (Cortex-A72)"
 formats="q8_0 q4_0 q4_1"
 for fmt in $formats; do
     for cpu in cortex-a76 cortex-a72; do
@@ -53,8 +74,8 @@ for fmt in $formats; do
 done
 same_quant() {
     for fmt in $formats; do
-        grep -q "Q8_0 int8 dot: NEON sdot" "$work/$fmt-cortex-a76.err" \
-            && grep -q "Q8_0 int8 dot: portable" "$work/$fmt-cortex-a72.err" \
+        grep -q "int8 dot (Q8_0, --precision int8): NEON sdot" "$work/$fmt-cortex-a76.err" \
+            && grep -q "int8 dot (Q8_0, --precision int8): portable" "$work/$fmt-cortex-a72.err" \
             && [ -s "$work/$fmt-cortex-a76.txt" ] \
             && cmp -s "$work/$fmt-cortex-a76.txt" "$work/$fmt-cortex-a72.txt" || return 1
     done

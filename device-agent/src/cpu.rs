@@ -42,7 +42,8 @@ impl fmt::Display for Isa {
     }
 }
 
-/// The int8 dot-product path of the Q8_0 kernels ([`crate::quant`]).
+/// The int8 dot-product path of the Q8_0 kernels ([`crate::quant`]) and of `--precision int8`'s
+/// row-wise products ([`crate::quant::rowwise`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DotPath {
     Portable,
@@ -230,7 +231,7 @@ impl fmt::Display for CpuInfo {
         }
         write!(
             f,
-            "; our f32 kernels: {}; Q8_0 int8 dot: {}",
+            "; our f32 kernels: {}; int8 dot (Q8_0, --precision int8): {}",
             self.isa, self.dot
         )?;
         if let Some(c) = self.cap {

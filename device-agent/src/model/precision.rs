@@ -29,6 +29,12 @@ impl Llama {
         if let (Precision::Bf16, Some(kernel)) = (p, crate::bf16::gemm::Kernel::detect()) {
             eprintln!("precision: bf16 products on {kernel}");
         }
+        if p == Precision::Int8 {
+            eprintln!(
+                "precision: int8 products on {}",
+                crate::cpu::DotPath::detect()
+            );
+        }
         Ok(p)
     }
 

@@ -26,8 +26,9 @@
 //!
 //! Paths ([`DotPath`]): AVX-512 VNNI (`vpdpbusd` on 256-bit registers, the left operand offset
 //! to unsigned by `x ^ 0x80` and the right rows' sums correcting it), AVX2 (`maddubs` + `madd`
-//! with the sign trick `|a| * (b * sign(a))`, exact because no value is `-128`), and a portable
-//! loop for the rest (aarch64 included, vectorised by the compiler).
+//! with the sign trick `|a| * (b * sign(a))`, exact because no value is `-128`), aarch64's
+//! `sdot` (FEAT_DotProd: Cortex-A76 and later; signed by signed), and a portable loop for the
+//! rest (aarch64 cores without it included, vectorised by the compiler).
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused, unused_unsafe))]
 
 use rayon::prelude::*;
@@ -400,6 +401,10 @@ pub fn add_product(path: DotPath, a: &RowQuant, b: &RowQuant, out: &mut [f32]) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `runs_here` said the CPU has AVX2; rows as above.
                     DotPath::Avx2 => unsafe { x86::tile_avx2(ra, rb) },
+                    #[cfg(target_arch = "aarch64")]
+                    // SAFETY: `runs_here` said the CPU has the dot-product extension; rows as
+                    // above.
+                    DotPath::NeonDot => unsafe { arm::tile_sdot(ra, rb) },
                     _ => tile_portable(ra, rb),
                 };
                 for (i, row) in (i0..i_hi).zip(&tile) {
@@ -523,6 +528,63 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+mod arm {
+    use super::{Tile, MR, NR};
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// `acc + sdot(a, b)`: each int32 lane gains the sum of its four byte products (signed by
+    /// signed, so no offset or sign trick). Assembly: `vdotq_s32` is not stable in our Rust.
+    ///
+    /// SAFETY (caller): the CPU has the dot-product extension.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: the caller's contract; the instruction touches registers only.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// The whole `MR x NR` tile in registers: sixteen accumulators and the eight rows' 16 bytes
+    /// fit aarch64's 32 vector registers. Every int32 sum is exact (at most `k * 127²`, and `k`
+    /// is bounded by [`super::MAX_K`]), so the tile equals the portable one.
+    ///
+    /// SAFETY (caller): the dot-product extension; every slice the same length, a multiple of 16.
+    #[target_feature(enable = "neon,dotprod")]
+    #[allow(clippy::needless_range_loop)] // the accumulator tile is indexed as its operands are
+    pub unsafe fn tile_sdot(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
+        let len = a[0].len();
+        let mut acc = [[vdupq_n_s32(0); NR]; MR];
+        let mut k = 0;
+        while k < len {
+            // SAFETY: k + 16 <= len, the length of every row.
+            let bv: [int8x16_t; NR] =
+                std::array::from_fn(|j| unsafe { vld1q_s8(b[j].as_ptr().add(k)) });
+            for i in 0..MR {
+                // SAFETY: as above.
+                let av = unsafe { vld1q_s8(a[i].as_ptr().add(k)) };
+                for j in 0..NR {
+                    // SAFETY: the caller's contract.
+                    acc[i][j] = unsafe { sdot(acc[i][j], av, bv[j]) };
+                }
+            }
+            k += 16;
+        }
+        std::array::from_fn(|i| std::array::from_fn(|j| vaddvq_s32(acc[i][j])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,10 +605,15 @@ mod tests {
     }
 
     fn paths() -> Vec<DotPath> {
-        [DotPath::Portable, DotPath::Avx2, DotPath::Avx512Vnni]
-            .into_iter()
-            .filter(|p| p.runs_here())
-            .collect()
+        [
+            DotPath::Portable,
+            DotPath::Avx2,
+            DotPath::Avx512Vnni,
+            DotPath::NeonDot,
+        ]
+        .into_iter()
+        .filter(|p| p.runs_here())
+        .collect()
     }
 
     #[test]
