@@ -306,19 +306,33 @@ pub fn product_with_outliers(
             n,
             crate::kernels::Layout::Plain,
         ),
-        None => {
-            let mut out = vec![0f32; m * n];
-            for (o, xr) in out.chunks_mut(n).zip(xo.chunks_exact(count)) {
-                for (&v, w) in xr.iter().zip(w.chunks_exact(n)) {
-                    for (d, &wv) in o.iter_mut().zip(w) {
-                        *d += v * wv;
-                    }
-                }
-            }
-            out
-        }
+        None => share_portable(&xo, m, &w, n),
     };
     add_product(path, &a, b, &mut out);
+    out
+}
+
+/// The fp32 share where this CPU has no [`crate::kernels::sgemm`] kernel (aarch64): `x w`, `x`
+/// `m x count`, `w` `count x n`, each output a chain of fused multiply-adds in the order of the
+/// reduced index from zero, which is what the sgemm kernels compute for a reduced length within
+/// one panel (`count` is at most [`OUTLIERS`]), so both give the same bits. That matters more
+/// than it would in fp32: a one-ulp difference here can move a value of the next product across
+/// an int8 rounding boundary or change which columns are its outliers, and with a plain multiply
+/// and add this loop moved the first loss of a 2-step `tune --precision int8` by 0.0025 nats
+/// (where fp32's whole forward differed between x86 and the portable kernels by 2e-6).
+fn share_portable(x: &[f32], m: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let count = x.len().checked_div(m).unwrap_or(0);
+    let mut out = vec![0f32; m * n];
+    if count == 0 {
+        return out;
+    }
+    for (o, xr) in out.chunks_mut(n).zip(x.chunks_exact(count)) {
+        for (&v, w) in xr.iter().zip(w.chunks_exact(n)) {
+            for (d, &wv) in o.iter_mut().zip(w) {
+                *d = v.mul_add(wv, *d);
+            }
+        }
+    }
     out
 }
 
@@ -771,6 +785,28 @@ mod tests {
             });
         assert_eq!(v(y), want_y);
         assert_eq!(dx.into_data().try_to_vec::<f32>().unwrap(), want_dx);
+    }
+
+    /// The fp32 share gives the same bits on every x86 kernel and on the portable loop that
+    /// aarch64 runs, so `--precision int8` trains alike on both architectures.
+    #[test]
+    fn the_fp32_share_is_the_same_on_every_kernel() {
+        for (m, count, n) in [(1, 32, 576), (37, 32, 192), (112, 24, 1536), (5, 3, 40)] {
+            let (x, w) = (values(m * count, 9), values(count * n, 10));
+            let want = share_portable(&x, m, &w, n);
+            for kernel in crate::kernels::sgemm::Kernel::all_usable() {
+                let got = crate::kernels::sgemm::product_on(
+                    kernel,
+                    &x,
+                    m,
+                    &w,
+                    count,
+                    n,
+                    crate::kernels::Layout::Plain,
+                );
+                assert_eq!(got, want, "{kernel:?} at {m} x {count} x {n}");
+            }
+        }
     }
 
     #[test]
