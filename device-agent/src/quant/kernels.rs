@@ -606,7 +606,7 @@ mod x86 {
 
 #[cfg(target_arch = "aarch64")]
 #[allow(unsafe_code)]
-mod arm {
+pub(super) mod arm {
     use super::{NibArgs, RowArgs, NIB, QK};
     use std::arch::aarch64::*;
     use std::arch::asm;
@@ -617,7 +617,7 @@ mod arm {
     /// SAFETY (caller): the CPU has the dot-product extension.
     #[inline]
     #[target_feature(enable = "neon,dotprod")]
-    unsafe fn sdot(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    pub(in crate::quant) unsafe fn sdot(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
         let mut acc = acc;
         asm!(
             "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",

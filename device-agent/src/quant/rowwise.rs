@@ -36,6 +36,8 @@ use rayon::prelude::*;
 use crate::cpu::DotPath;
 use crate::kernels::OutPtr;
 
+mod tiles;
+
 /// Row padding: every kernel steps through a row 32 or 64 values at a time.
 pub const STEP: usize = 64;
 
@@ -343,25 +345,6 @@ fn magnitude(v: f32) -> u32 {
     v.to_bits() & 0x7fff_ffff
 }
 
-/// The int32 sums of a tile: `MR x NR` rows' dot products, row-major (rows of the tile short of
-/// `MR` or `NR` read row 0 again and are dropped by the caller).
-type Tile = [[i32; NR]; MR];
-
-/// The portable tile: plain integer loops, which the compiler vectorises.
-fn tile_portable(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
-    let mut t = [[0i32; NR]; MR];
-    for (ti, ar) in t.iter_mut().zip(a) {
-        for (c, br) in ti.iter_mut().zip(b) {
-            *c = ar
-                .iter()
-                .zip(br)
-                .map(|(&x, &y)| i32::from(x) * i32::from(y))
-                .sum();
-        }
-    }
-    t
-}
-
 /// `a` (`m` rows) times `b` (`n` rows) along their rows: `m x n` row-major, on `path` where
 /// this CPU runs it (the portable loop elsewhere). Each output's int32 sum is exact, so every
 /// path gives the same bits.
@@ -407,20 +390,7 @@ pub fn add_product(path: DotPath, a: &RowQuant, b: &RowQuant, out: &mut [f32]) {
                     let r = if j0 + t < j_hi { j0 + t } else { j0 };
                     &b.q[r * stride..(r + 1) * stride]
                 });
-                let tile = match path {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `runs_here` said the CPU has AVX-512F/BW/VL/VNNI (and AVX2);
-                    // every row slice is `stride` long, a multiple of 64.
-                    DotPath::Avx512Vnni => unsafe { x86::tile_vnni(ra, rb) },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `runs_here` said the CPU has AVX2; rows as above.
-                    DotPath::Avx2 => unsafe { x86::tile_avx2(ra, rb) },
-                    #[cfg(target_arch = "aarch64")]
-                    // SAFETY: `runs_here` said the CPU has the dot-product extension; rows as
-                    // above.
-                    DotPath::NeonDot => unsafe { arm::tile_sdot(ra, rb) },
-                    _ => tile_portable(ra, rb),
-                };
+                let tile = tiles::tile(path, ra, rb);
                 for (i, row) in (i0..i_hi).zip(&tile) {
                     for (j, &s) in (j0..j_hi).zip(row) {
                         // The VNNI tile summed (a + 128) * b.
@@ -437,166 +407,6 @@ pub fn add_product(path: DotPath, a: &RowQuant, b: &RowQuant, out: &mut [f32]) {
             }
         }
     });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod x86 {
-    use super::{Tile, MR, NR};
-    use std::arch::x86_64::*;
-
-    /// The lane sums of four accumulators, in their order.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn sums4(v: &[__m256i; 4]) -> [i32; 4] {
-        let ab = _mm256_hadd_epi32(v[0], v[1]);
-        let cd = _mm256_hadd_epi32(v[2], v[3]);
-        let abcd = _mm256_hadd_epi32(ab, cd);
-        let s = _mm_add_epi32(
-            _mm256_castsi256_si128(abcd),
-            _mm256_extracti128_si256::<1>(abcd),
-        );
-        let mut t = [0i32; 4];
-        // SAFETY: `t` holds four int32, 16 bytes.
-        unsafe { _mm_storeu_si128(t.as_mut_ptr().cast(), s) };
-        t
-    }
-
-    /// Two rows of `a` against the four of `b`: eight accumulators, the four rows of `b`, the
-    /// ones, a row of `a` with its absolute values and a product fit AVX2's sixteen registers
-    /// (a whole 4 x 4 tile would spill its accumulators).
-    ///
-    /// SAFETY (caller): AVX2; every slice the same length, a multiple of 32.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    #[allow(clippy::needless_range_loop)] // the accumulator tile is indexed as its operands are
-    unsafe fn half_avx2(a: [&[i8]; 2], b: [&[i8]; NR]) -> [[i32; NR]; 2] {
-        let len = a[0].len();
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_si256(); NR]; 2];
-        let mut k = 0;
-        while k < len {
-            // SAFETY: k + 32 <= len, the length of every row.
-            let bv: [__m256i; NR] =
-                std::array::from_fn(|j| unsafe { _mm256_loadu_si256(b[j].as_ptr().add(k).cast()) });
-            for i in 0..2 {
-                // SAFETY: as above.
-                let av = unsafe { _mm256_loadu_si256(a[i].as_ptr().add(k).cast()) };
-                let aa = _mm256_abs_epi8(av);
-                for j in 0..NR {
-                    let s = _mm256_sign_epi8(bv[j], av);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aa, s), ones);
-                    acc[i][j] = _mm256_add_epi32(acc[i][j], p);
-                }
-            }
-            k += 32;
-        }
-        [sums4(&acc[0]), sums4(&acc[1])]
-    }
-
-    /// The tile as two halves of two rows of `a` (the rows of `b` read twice, from L1).
-    ///
-    /// SAFETY (caller): AVX2; every slice the same length, a multiple of 32.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn tile_avx2(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
-        // SAFETY: the caller's contract, passed on.
-        let [r0, r1] = unsafe { half_avx2([a[0], a[1]], b) };
-        // SAFETY: as above.
-        let [r2, r3] = unsafe { half_avx2([a[2], a[3]], b) };
-        [r0, r1, r2, r3]
-    }
-
-    /// Sums `(a + 128) * b` on 512-bit registers: the caller subtracts `128 * sum(b)`.
-    ///
-    /// SAFETY (caller): AVX2, AVX-512F/BW/VL/VNNI; every slice the same length, a multiple of 64.
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[allow(clippy::needless_range_loop)]
-    pub unsafe fn tile_vnni(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
-        let len = a[0].len();
-        let flip = _mm512_set1_epi8(i8::MIN);
-        let mut acc = [[_mm512_setzero_si512(); NR]; MR];
-        let mut k = 0;
-        while k < len {
-            // SAFETY: k + 64 <= len, the length of every row.
-            let bv: [__m512i; NR] =
-                std::array::from_fn(|j| unsafe { _mm512_loadu_si512(b[j].as_ptr().add(k).cast()) });
-            for i in 0..MR {
-                // SAFETY: as above.
-                let av = unsafe { _mm512_loadu_si512(a[i].as_ptr().add(k).cast()) };
-                let au = _mm512_xor_si512(av, flip);
-                for j in 0..NR {
-                    acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], au, bv[j]);
-                }
-            }
-            k += 64;
-        }
-        std::array::from_fn(|i| {
-            let halves: [__m256i; NR] = std::array::from_fn(|j| {
-                _mm256_add_epi32(
-                    _mm512_castsi512_si256(acc[i][j]),
-                    _mm512_extracti64x4_epi64::<1>(acc[i][j]),
-                )
-            });
-            sums4(&halves)
-        })
-    }
-}
-
-#[cfg(target_arch = "aarch64")]
-#[allow(unsafe_code)]
-mod arm {
-    use super::{Tile, MR, NR};
-    use std::arch::aarch64::*;
-    use std::arch::asm;
-
-    /// `acc + sdot(a, b)`: each int32 lane gains the sum of its four byte products (signed by
-    /// signed, so no offset or sign trick). Assembly: `vdotq_s32` is not stable in our Rust.
-    ///
-    /// SAFETY (caller): the CPU has the dot-product extension.
-    #[inline]
-    #[target_feature(enable = "neon,dotprod")]
-    unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-        let mut acc = acc;
-        // SAFETY: the caller's contract; the instruction touches registers only.
-        unsafe {
-            asm!(
-                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-                acc = inout(vreg) acc,
-                a = in(vreg) a,
-                b = in(vreg) b,
-                options(pure, nomem, nostack, preserves_flags)
-            );
-        }
-        acc
-    }
-
-    /// The whole `MR x NR` tile in registers: sixteen accumulators and the eight rows' 16 bytes
-    /// fit aarch64's 32 vector registers. Every int32 sum is exact (at most `k * 127²`, and `k`
-    /// is bounded by [`super::MAX_K`]), so the tile equals the portable one.
-    ///
-    /// SAFETY (caller): the dot-product extension; every slice the same length, a multiple of 16.
-    #[target_feature(enable = "neon,dotprod")]
-    #[allow(clippy::needless_range_loop)] // the accumulator tile is indexed as its operands are
-    pub unsafe fn tile_sdot(a: [&[i8]; MR], b: [&[i8]; NR]) -> Tile {
-        let len = a[0].len();
-        let mut acc = [[vdupq_n_s32(0); NR]; MR];
-        let mut k = 0;
-        while k < len {
-            // SAFETY: k + 16 <= len, the length of every row.
-            let bv: [int8x16_t; NR] =
-                std::array::from_fn(|j| unsafe { vld1q_s8(b[j].as_ptr().add(k)) });
-            for i in 0..MR {
-                // SAFETY: as above.
-                let av = unsafe { vld1q_s8(a[i].as_ptr().add(k)) };
-                for j in 0..NR {
-                    // SAFETY: the caller's contract.
-                    acc[i][j] = unsafe { sdot(acc[i][j], av, bv[j]) };
-                }
-            }
-            k += 16;
-        }
-        std::array::from_fn(|i| std::array::from_fn(|j| vaddvq_s32(acc[i][j])))
-    }
 }
 
 #[cfg(test)]
