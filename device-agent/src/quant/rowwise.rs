@@ -390,7 +390,9 @@ pub fn add_product(path: DotPath, a: &RowQuant, b: &RowQuant, out: &mut [f32]) {
                     let r = if j0 + t < j_hi { j0 + t } else { j0 };
                     &b.q[r * stride..(r + 1) * stride]
                 });
-                let tile = tiles::tile(path, ra, rb);
+                // SAFETY: `path` runs here (checked above, else Portable); every row slice is
+                // `stride` long, a multiple of `STEP`.
+                let tile = unsafe { tiles::tile(path, ra, rb) };
                 for (i, row) in (i0..i_hi).zip(&tile) {
                     for (j, &s) in (j0..j_hi).zip(row) {
                         // The VNNI tile summed (a + 128) * b.

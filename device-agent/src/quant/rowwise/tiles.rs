@@ -7,24 +7,26 @@
 use super::{MR, NR};
 use crate::cpu::DotPath;
 
-/// The tile of `path`, which this CPU must run ([`DotPath::runs_here`]; the caller falls back
-/// to [`DotPath::Portable`]); every row slice the same length, a multiple of
-/// [`super::STEP`].
+/// The tile of `path`.
+///
+/// SAFETY (caller): this CPU runs `path` ([`DotPath::runs_here`]; [`super::add_product`] falls
+/// back to [`DotPath::Portable`] where it does not), and every row slice has the same length, a
+/// multiple of [`super::STEP`] (the kernels read each row to the first one's length).
 #[allow(unsafe_code)]
-pub(super) fn tile(path: DotPath, ra: [&[i8]; MR], rb: [&[i8]; NR]) -> Tile {
+pub(super) unsafe fn tile(path: DotPath, ra: [&[i8]; MR], rb: [&[i8]; NR]) -> Tile {
     debug_assert!(path.runs_here());
     debug_assert!(ra.iter().chain(&rb).all(|r| r.len() == ra[0].len()));
     debug_assert_eq!(ra[0].len() % super::STEP, 0);
     match path {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `runs_here` said the CPU has AVX-512F/BW/VL/VNNI (and AVX2); every row slice
-        // is the same length, a multiple of 64.
+        // SAFETY: the caller's contract: the CPU has AVX-512F/BW/VL/VNNI (and AVX2); every row
+        // slice is the same length, a multiple of 64.
         DotPath::Avx512Vnni => unsafe { x86::tile_vnni(ra, rb) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `runs_here` said the CPU has AVX2; rows as above.
+        // SAFETY: the caller's contract: the CPU has AVX2; rows as above.
         DotPath::Avx2 => unsafe { x86::tile_avx2(ra, rb) },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: `runs_here` said the CPU has the dot-product extension; rows as above.
+        // SAFETY: the caller's contract: the CPU has the dot-product extension; rows as above.
         DotPath::NeonDot => unsafe { arm::tile_sdot(ra, rb) },
         _ => tile_portable(ra, rb),
     }
