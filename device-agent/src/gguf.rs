@@ -118,7 +118,34 @@ impl GgmlType {
         let (be, bb) = self.block();
         n.div_ceil(be) * bb
     }
+
+    /// [`GgmlType::byte_len`] for a count read from a file: `None` where it overflows.
+    fn checked_byte_len(self, n: u64) -> Option<u64> {
+        let (be, bb) = self.block();
+        n.div_ceil(be as u64).checked_mul(bb as u64)
+    }
 }
+
+/// Fewest bytes one metadata value of type `ty` takes in a file (an unknown type: 1, so the
+/// parser reaches it and names it).
+fn min_value_bytes(ty: u32) -> u64 {
+    match ty {
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string's length, an array's element type and count, or an 8-byte number.
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
+/// Most metadata array elements a file may hold in all: a vocabulary, its scores, types and
+/// merges take a few hundred thousand in the largest tokenizers; each parsed element takes
+/// tens of bytes of memory, so a file's claim is bounded before it is believed.
+const MAX_ARRAY_ELEMENTS: u64 = 1 << 23;
+
+/// Largest `general.alignment` accepted (the format's default is 32).
+const MAX_ALIGNMENT: u64 = 1 << 16;
 
 /// Human name of a ggml type id, for error messages.
 fn ggml_type_name(id: u32) -> &'static str {
@@ -233,6 +260,8 @@ struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata array elements parsed so far (bounded by [`MAX_ARRAY_ELEMENTS`]).
+    array_elements: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -271,6 +300,22 @@ impl<'a> Cursor<'a> {
             b.try_into().expect("take(8) returned exactly 8 bytes"),
         ))
     }
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+    /// Refuses a count of `n` items of at least `min_bytes` each that the rest of the file
+    /// cannot hold, before anything is sized by it.
+    fn claim(&self, n: u64, min_bytes: u64, what: &str) -> Result<(), GgufError> {
+        match n.checked_mul(min_bytes) {
+            Some(need) if need <= self.remaining() => Ok(()),
+            need => Err(GgufError::Truncated {
+                path: self.path.to_path_buf(),
+                what: format!("{what}: {n} of at least {min_bytes} bytes each"),
+                needed: need.map_or(u64::MAX, |b| b.saturating_add(self.pos as u64)),
+                len: self.bytes.len() as u64,
+            }),
+        }
+    }
     fn malformed(&self, what: String) -> GgufError {
         GgufError::Malformed {
             path: self.path.to_path_buf(),
@@ -307,14 +352,19 @@ impl<'a> Cursor<'a> {
                 }
                 let elem_ty = self.u32(key)?;
                 let n = self.u64(key)?;
-                // Every element takes at least one byte: a count beyond the file is a lie.
-                if n > (self.bytes.len() - self.pos) as u64 {
-                    return Err(GgufError::Truncated {
-                        path: self.path.to_path_buf(),
-                        what: format!("metadata array '{key}' of {n} elements"),
-                        needed: self.pos as u64 + n,
-                        len: self.bytes.len() as u64,
-                    });
+                // A count the rest of the file cannot hold is a lie; so is one beyond any
+                // tokenizer's, which would only cost memory.
+                self.claim(
+                    n,
+                    min_value_bytes(elem_ty),
+                    &format!("metadata array '{key}'"),
+                )?;
+                self.array_elements = self.array_elements.saturating_add(n);
+                if self.array_elements > MAX_ARRAY_ELEMENTS {
+                    return Err(self.malformed(format!(
+                        "metadata array '{key}' of {n} elements: more than \
+                         {MAX_ARRAY_ELEMENTS} array elements in the file"
+                    )));
                 }
                 let mut items = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -351,6 +401,7 @@ impl GgufFile {
             bytes: &map,
             pos: 0,
             path: &path,
+            array_elements: 0,
         };
         let magic: [u8; 4] = c
             .take(4, "magic")?
@@ -370,6 +421,8 @@ impl GgufFile {
                 "implausible counts: {n_tensors} tensors, {n_kv} metadata entries"
             )));
         }
+        // A key's length, its type and a value of at least a byte.
+        c.claim(n_kv, 13, "metadata entries")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = c.string("metadata key")?;
@@ -377,6 +430,8 @@ impl GgufFile {
             let v = c.value(ty, &key, 0)?;
             metadata.insert(key, v);
         }
+        // A name's length, the dim count, one dim, the type and the offset.
+        c.claim(n_tensors, 32, "tensor directory entries")?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
             let name = c.string("tensor name")?;
@@ -397,19 +452,42 @@ impl GgufFile {
                 offset,
             });
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(32)
-            .max(1);
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| (1..=MAX_ALIGNMENT).contains(a))
+                .ok_or_else(|| {
+                    c.malformed(format!(
+                        "general.alignment {v:?} is not an integer in 1..={MAX_ALIGNMENT}"
+                    ))
+                })?,
+        };
+        // Below `pos + alignment`: no overflow.
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let file_len = map.len() as u64;
         for t in &tensors {
+            if t.dims.contains(&0) {
+                return Err(c.malformed(format!(
+                    "tensor '{}' has a zero dimension: {:?}",
+                    t.name, t.dims
+                )));
+            }
             let n = t
                 .dims
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| c.malformed(format!("tensor '{}' dims overflow", t.name)))?;
+            let start = data_start.checked_add(t.offset).filter(|&s| s <= file_len);
+            let Some(start) = start else {
+                return Err(c.malformed(format!(
+                    "tensor '{}' starts at offset {}, past the end of the data section \
+                     ({} bytes)",
+                    t.name,
+                    t.offset,
+                    file_len.saturating_sub(data_start)
+                )));
+            };
             if let Some(ty) = GgmlType::from_id(t.ggml_type) {
                 let (be, _) = ty.block();
                 if t.dims[0] % be as u64 != 0 {
@@ -418,12 +496,14 @@ impl GgufFile {
                         t.name, t.dims[0]
                     )));
                 }
-                let end = data_start + t.offset + ty.byte_len(n as usize) as u64;
-                if end > file_len {
+                let end = ty
+                    .checked_byte_len(n)
+                    .and_then(|len| start.checked_add(len));
+                if end.is_none_or(|end| end > file_len) {
                     return Err(GgufError::Truncated {
                         path: path.clone(),
-                        what: format!("data of tensor '{}'", t.name),
-                        needed: end,
+                        what: format!("data of tensor '{}' ({n} elements)", t.name),
+                        needed: end.unwrap_or(u64::MAX),
                         len: file_len,
                     });
                 }
@@ -560,149 +640,4 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A scratch directory, removed when dropped (also when the test fails).
-    fn tmpdir(tag: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("fedspine-gguf-{tag}-"))
-            .tempdir()
-            .unwrap()
-    }
-
-    #[test]
-    fn write_then_read_round_trips_f32_f16_q8() {
-        let tmp_dir = tmpdir("rt");
-        let dir = tmp_dir.path().to_path_buf();
-        let path = dir.join("t.gguf");
-        let vals: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) / 7.0).collect();
-        let tensors = vec![
-            WriteTensor {
-                name: "a".into(),
-                dims: vec![32, 2],
-                ggml_type: GgmlType::F32,
-                values: vals.clone(),
-            },
-            WriteTensor {
-                name: "b".into(),
-                dims: vec![64],
-                ggml_type: GgmlType::F16,
-                values: vals.clone(),
-            },
-            WriteTensor {
-                name: "c".into(),
-                dims: vec![32, 2],
-                ggml_type: GgmlType::Q8_0,
-                values: vals.clone(),
-            },
-        ];
-        let meta = vec![
-            (
-                "general.architecture".to_string(),
-                Value::Str("llama".into()),
-            ),
-            (
-                "x.list".to_string(),
-                Value::Array(vec![Value::U32(3), Value::U32(4)]),
-            ),
-        ];
-        write(&path, &meta, &tensors).unwrap();
-        let g = GgufFile::open(&path).unwrap();
-        assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
-        assert_eq!(
-            g.get("x.list").unwrap(),
-            &Value::Array(vec![Value::U32(3), Value::U32(4)])
-        );
-        let (a, dims) = g.read_f32("a").unwrap();
-        assert_eq!(dims, vec![32, 2]);
-        assert_eq!(a, vals);
-        let (b, _) = g.read_f32("b").unwrap();
-        for (x, y) in b.iter().zip(&vals) {
-            assert!((x - y).abs() < 2e-3);
-        }
-        let (c, _) = g.read_f32("c").unwrap();
-        let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
-        for (x, y) in c.iter().zip(&vals) {
-            assert!((x - y).abs() <= amax / 127.0, "{x} vs {y}");
-        }
-    }
-
-    #[test]
-    fn q4_blocks_dequantize_by_formula() {
-        // Q4_1: d = 0.5, m = -1.0, nibbles 0..15 low then high.
-        let mut blk = Vec::new();
-        blk.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
-        blk.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
-        for i in 0..16u8 {
-            blk.push(i | ((15 - i) << 4));
-        }
-        let v = dequantize(GgmlType::Q4_1, &blk, 32);
-        assert_eq!(v[0], -1.0);
-        assert_eq!(v[15], 15.0 * 0.5 - 1.0);
-        assert_eq!(v[16], 15.0 * 0.5 - 1.0);
-        assert_eq!(v[31], -1.0);
-        // Q4_0: d = 2, value = (q - 8) * d.
-        let mut blk = Vec::new();
-        blk.extend_from_slice(&f16::from_f32(2.0).to_le_bytes());
-        for i in 0..16u8 {
-            blk.push(i | (8 << 4));
-        }
-        let v = dequantize(GgmlType::Q4_0, &blk, 32);
-        assert_eq!(v[0], -16.0);
-        assert_eq!(v[9], 2.0);
-        assert_eq!(v[20], 0.0);
-    }
-
-    #[test]
-    fn bad_files_are_clear_errors() {
-        let tmp_dir = tmpdir("bad");
-        let dir = tmp_dir.path().to_path_buf();
-        let p = dir.join("magic.gguf");
-        std::fs::write(&p, b"GGML\x03\0\0\0").unwrap();
-        let e = GgufFile::open(&p).err().unwrap();
-        assert!(matches!(e, GgufError::BadMagic { .. }), "{e}");
-        assert!(e.to_string().contains("magic.gguf"));
-
-        // A valid file cut short inside the tensor data.
-        let good = dir.join("good.gguf");
-        write(
-            &good,
-            &[],
-            &[WriteTensor {
-                name: "w".into(),
-                dims: vec![32, 4],
-                ggml_type: GgmlType::F32,
-                values: vec![1.0; 128],
-            }],
-        )
-        .unwrap();
-        let bytes = std::fs::read(&good).unwrap();
-        let cut = dir.join("cut.gguf");
-        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
-        let e = GgufFile::open(&cut).err().unwrap();
-        assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
-        assert!(e.to_string().contains("cut.gguf") && e.to_string().contains("'w'"));
-        // Cut inside the header.
-        std::fs::write(&cut, &bytes[..30]).unwrap();
-        assert!(matches!(
-            GgufFile::open(&cut).err().unwrap(),
-            GgufError::Truncated { .. }
-        ));
-
-        // An unknown quant type: patch the type id of the only tensor to Q6_K (14).
-        let mut patched = bytes.clone();
-        let name_pos = patched.windows(1).position(|w| w == b"w").unwrap();
-        // after the name: n_dims (4) + 2 dims (16) then type (4)
-        let ty_pos = name_pos + 1 + 4 + 16;
-        patched[ty_pos..ty_pos + 4].copy_from_slice(&14u32.to_le_bytes());
-        let q6 = dir.join("q6k.gguf");
-        std::fs::write(&q6, &patched).unwrap();
-        let g = GgufFile::open(&q6).unwrap();
-        let e = g.read_f32("w").err().unwrap();
-        assert!(
-            e.to_string().contains("Q6_K") && e.to_string().contains("q6k.gguf"),
-            "{e}"
-        );
-    }
-}
+mod tests;

@@ -127,7 +127,8 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Assemble a model from weights; validates every shape against the config.
+    /// Assemble a model from weights; checks the config ([`ModelConfig::check`]) and every
+    /// shape against it.
     pub fn new(
         config: ModelConfig,
         embed: Tensor<2>,
@@ -136,6 +137,7 @@ impl Llama {
         lm_head: Option<Tensor<2>>,
         device: &Device,
     ) -> Result<Self, String> {
+        config.check()?;
         let d = config.d_model;
         let hd = config.head_dim;
         if embed.dims() != [config.vocab_size, d] {
@@ -177,7 +179,7 @@ impl Llama {
     }
 
     /// The model from weights whose shapes were checked (fp32 ones by [`Self::new`], a held
-    /// base's by [`Self::with_held_base`]); checks the query->KV maps and the final norm.
+    /// base's by [`Self::with_held_base`], after [`ModelConfig::check`]); checks the final norm.
     fn assemble(
         config: ModelConfig,
         embed: Tensor<2>,
@@ -187,11 +189,6 @@ impl Llama {
         device: &Device,
         quant: Option<QuantBase>,
     ) -> Result<Self, String> {
-        for (i, s) in config.blocks.iter().enumerate() {
-            if s.q_to_kv.len() != s.n_heads || s.q_to_kv.iter().any(|&k| k >= s.n_kv_heads) {
-                return Err(format!("block {i}: query->KV map {:?} invalid", s.q_to_kv));
-            }
-        }
         if norm.dims() != [config.d_model] {
             return Err(format!(
                 "final norm is {:?}, expected [{}]",

@@ -129,8 +129,18 @@ impl Tok {
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
         tk.add_special_tokens(&specials);
-        let id = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        let eos = id("tokenizer.ggml.eos_token_id")
+        let id = |key: &str| -> Result<Option<u32>, TokenizerError> {
+            let Some(v) = g.get(key).and_then(Value::as_u64) else {
+                return Ok(None);
+            };
+            u32::try_from(v)
+                .map(Some)
+                .map_err(|_| TokenizerError::Invalid {
+                    path: path.clone(),
+                    what: format!("'{key}' is {v}, not a token id"),
+                })
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?
             .ok_or_else(|| g.missing("tokenizer.ggml.eos_token_id", "token id"))?;
         let chat_template = g
             .get("tokenizer.chat_template")
@@ -138,7 +148,7 @@ impl Tok {
             .map(str::to_string);
         Ok(Self::finish(
             tk,
-            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.bos_token_id")?,
             eos,
             chat_template,
         ))

@@ -13,6 +13,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::Deserialize;
 
 use crate::gguf::{self, GgmlType, GgufError, GgufFile, Value};
+use crate::model::config::{checked_count, limits};
 use crate::model::{Block, BlockShape, Llama, ModelConfig};
 use crate::quant::{BasePrecision, BlockFormat, QMatrix, QuantBase, QuantError, TABLE_FORMAT};
 use crate::tokenizer::{Tok, TokenizerError};
@@ -128,24 +129,63 @@ pub fn permute_rows(v: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> 
     out
 }
 
-fn per_layer(g: &GgufFile, key: &str, n_layers: usize) -> Result<Vec<usize>, GgufError> {
+/// A per-block count: an array of `n_layers` values or one value for every block, each at
+/// most `max`.
+fn per_layer(
+    g: &GgufFile,
+    key: &str,
+    n_layers: usize,
+    max: usize,
+) -> Result<Vec<usize>, LoadError> {
+    let one = |x: u64| checked_count(&format!("'{key}'"), x, 0, max).map_err(|e| g.malformed(e));
     match g.get(key) {
         Some(Value::Array(items)) => {
-            let v: Option<Vec<usize>> = items
-                .iter()
-                .map(|x| x.as_u64().map(|x| x as usize))
-                .collect();
-            match v {
-                Some(v) if v.len() == n_layers => Ok(v),
-                _ => Err(g.malformed(format!("'{key}' must hold {n_layers} unsigned integers"))),
+            if items.len() != n_layers {
+                return Err(g
+                    .malformed(format!("'{key}' must hold {n_layers} unsigned integers"))
+                    .into());
             }
+            items
+                .iter()
+                .map(|x| {
+                    let x = x.as_u64().ok_or_else(|| {
+                        g.malformed(format!("'{key}' must hold {n_layers} unsigned integers"))
+                    })?;
+                    Ok(one(x)?)
+                })
+                .collect()
         }
-        Some(v) => v
-            .as_u64()
-            .map(|x| vec![x as usize; n_layers])
-            .ok_or_else(|| g.missing(key, "integer or integer array")),
-        None => Err(g.missing(key, "integer or integer array")),
+        Some(v) => {
+            let x = v
+                .as_u64()
+                .ok_or_else(|| g.missing(key, "integer or integer array"))?;
+            Ok(vec![one(x)?; n_layers])
+        }
+        None => Err(g.missing(key, "integer or integer array").into()),
     }
+}
+
+/// The tokenizer's ids all name rows of the embedding table.
+fn check_vocab(path: &Path, tok: &Tok, vocab: usize) -> Result<(), LoadError> {
+    let ids = [("end-of-sequence", Some(tok.eos)), ("beginning", tok.bos)];
+    if tok.vocab_size() > vocab {
+        return Err(invalid(
+            path,
+            format!(
+                "the tokenizer has {} tokens, the embedding table {vocab} rows",
+                tok.vocab_size()
+            ),
+        ));
+    }
+    for (what, id) in ids {
+        if let Some(id) = id.filter(|&id| id as usize >= vocab) {
+            return Err(invalid(
+                path,
+                format!("the {what} token id {id} is outside the vocabulary of {vocab}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Load a GGUF model file.
@@ -182,17 +222,32 @@ pub fn load_gguf_held(
         });
     }
     let key = |k: &str| format!("{arch}.{k}");
-    let n_layers = g.get_u64(&key("block_count"))? as usize;
-    let d_model = g.get_u64(&key("embedding_length"))? as usize;
-    let heads = per_layer(&g, &key("attention.head_count"), n_layers)?;
+    // Counts size what follows: each is checked before it is used.
+    let count = |k: &str, min: usize, max: usize| -> Result<usize, LoadError> {
+        checked_count(&format!("'{}'", key(k)), g.get_u64(&key(k))?, min, max)
+            .map_err(|e| invalid(path, e))
+    };
+    let n_layers = count("block_count", 1, limits::MAX_LAYERS)?;
+    let d_model = count("embedding_length", 1, limits::MAX_WIDTH)?;
+    let heads = per_layer(
+        &g,
+        &key("attention.head_count"),
+        n_layers,
+        limits::MAX_HEADS,
+    )?;
     let kv_heads = match g.get(&key("attention.head_count_kv")) {
-        Some(_) => per_layer(&g, &key("attention.head_count_kv"), n_layers)?,
+        Some(_) => per_layer(
+            &g,
+            &key("attention.head_count_kv"),
+            n_layers,
+            limits::MAX_HEADS,
+        )?,
         None => heads.clone(),
     };
-    let ffn = per_layer(&g, &key("feed_forward_length"), n_layers)?;
+    let ffn = per_layer(&g, &key("feed_forward_length"), n_layers, limits::MAX_WIDTH)?;
     let max_heads = heads.iter().copied().max().unwrap_or(0);
-    let head_dim = match g.get(&key("attention.key_length")).and_then(Value::as_u64) {
-        Some(v) => v as usize,
+    let head_dim = match g.get(&key("attention.key_length")) {
+        Some(_) => count("attention.key_length", 2, limits::MAX_HEAD_DIM)?,
         None if max_heads > 0 => d_model / max_heads,
         None => return Err(invalid(path, "cannot infer head_dim: no attention heads")),
     };
@@ -200,12 +255,12 @@ pub fn load_gguf_held(
         .get_f64(&key("attention.layer_norm_rms_epsilon"))
         .unwrap_or(1e-5);
     let rope_theta = g.get_f64(&key("rope.freq_base")).unwrap_or(10_000.0);
-    let ctx = g.get_u64(&key("context_length")).unwrap_or(2048) as usize;
+    let ctx = g.get_u64(&key("context_length")).unwrap_or(2048).min(8192) as usize;
     // The un-pruned dims: recorded by our exporter, else the largest per-block count.
     let orig = |k: &str, fallback: usize| {
         g.get(&format!("fedspine.original.{k}"))
             .and_then(Value::as_u64)
-            .map_or(fallback, |v| v as usize)
+            .map_or(fallback, |v| usize::try_from(v).unwrap_or(usize::MAX))
     };
     let tok = Tok::from_gguf(&g)?;
     let emb_dims: Vec<usize> = g
@@ -222,10 +277,39 @@ pub fn load_gguf_held(
     }
     let vocab = emb_dims[1];
     let tie = g.tensor_info("output.weight").is_err();
+    let mut shapes = Vec::with_capacity(n_layers);
+    for l in 0..n_layers {
+        let (nh, nkv, f) = (heads[l], kv_heads[l], ffn[l]);
+        if nkv == 0 && nh > 0 || nkv > 0 && nh % nkv != 0 {
+            return Err(invalid(
+                path,
+                format!("block {l}: {nh} query heads cannot be grouped onto {nkv} KV heads"),
+            ));
+        }
+        shapes.push(BlockShape::dense(nh, nkv, f));
+    }
+    let config = ModelConfig {
+        vocab_size: vocab,
+        d_model,
+        head_dim,
+        n_heads: orig("head_count", max_heads),
+        n_kv_heads: orig("head_count_kv", kv_heads.iter().copied().max().unwrap_or(0)),
+        ffn_dim: orig(
+            "feed_forward_length",
+            ffn.iter().copied().max().unwrap_or(0),
+        ),
+        rms_eps,
+        rope_theta,
+        max_seq_len: ctx,
+        tie_embeddings: tie,
+        blocks: shapes,
+    };
+    // Before any tensor is read: every count the loops below use is within bounds.
+    config.check().map_err(|e| invalid(path, e))?;
+    check_vocab(path, &tok, vocab)?;
     let mut blocks = Vec::with_capacity(n_layers);
     // A held base's projections and each block's two norms.
     let (mut held, mut norm_pairs) = (Vec::new(), Vec::new());
-    let mut shapes = Vec::with_capacity(n_layers);
     let load_mat = |name: &str, out: usize, inp: usize| -> Result<Vec<f32>, LoadError> {
         let (v, dims) = g.read_f32(name)?;
         if dims != [inp, out] {
@@ -304,12 +388,6 @@ pub fn load_gguf_held(
     let format = precision.format();
     for l in 0..n_layers {
         let (nh, nkv, f) = (heads[l], kv_heads[l], ffn[l]);
-        if nkv == 0 && nh > 0 || nkv > 0 && nh % nkv != 0 {
-            return Err(invalid(
-                path,
-                format!("block {l}: {nh} query heads cannot be grouped onto {nkv} KV heads"),
-            ));
-        }
         let p = |t: &str| format!("blk.{l}.{t}.weight");
         let (q, kv) = (nh * head_dim, nkv * head_dim);
         // In `Proj::ALL`'s order: file name, `[out, in]`, heads to un-permute.
@@ -356,24 +434,7 @@ pub fn load_gguf_held(
                 w_down: next(),
             });
         }
-        shapes.push(BlockShape::dense(nh, nkv, f));
     }
-    let config = ModelConfig {
-        vocab_size: vocab,
-        d_model,
-        head_dim,
-        n_heads: orig("head_count", max_heads),
-        n_kv_heads: orig("head_count_kv", kv_heads.iter().copied().max().unwrap_or(0)),
-        ffn_dim: orig(
-            "feed_forward_length",
-            ffn.iter().copied().max().unwrap_or(0),
-        ),
-        rms_eps,
-        rope_theta,
-        max_seq_len: ctx.min(8192),
-        tie_embeddings: tie,
-        blocks: shapes,
-    };
     let norm = load_vec("output_norm.weight", d_model)?;
     let model = if format.is_some() {
         // The embedding table and LM head in the base's table format.
@@ -430,13 +491,30 @@ pub struct HfConfig {
     pub fedspine_blocks: Option<Vec<BlockShape>>,
 }
 
+/// Largest `config.json` read: a model's is a few kilobytes (a pruned export's per-block
+/// shapes add about a kilobyte per block).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// A small text file, refused unread when larger than [`MAX_CONFIG_BYTES`].
+fn read_small_text(path: &Path) -> Result<String, LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_CONFIG_BYTES {
+        return Err(invalid(
+            path,
+            format!("{len} bytes: a model config is at most {MAX_CONFIG_BYTES}"),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
 /// Load an HF checkpoint directory.
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|source| LoadError::Io {
-        path: cfg_path.clone(),
-        source,
-    })?;
+    let text = read_small_text(&cfg_path)?;
     let hf: HfConfig =
         serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
     if let Some(mt) = &hf.model_type {
@@ -447,6 +525,23 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
             });
         }
     }
+    // Counts size what follows: each is checked before it is used.
+    let count = |what: &str, v: usize, min: usize, max: usize| {
+        checked_count(what, v as u64, min, max).map_err(|e| invalid(&cfg_path, e))
+    };
+    count(
+        "num_hidden_layers",
+        hf.num_hidden_layers,
+        1,
+        limits::MAX_LAYERS,
+    )?;
+    count(
+        "num_attention_heads",
+        hf.num_attention_heads,
+        1,
+        limits::MAX_HEADS,
+    )?;
+    count("hidden_size", hf.hidden_size, 1, limits::MAX_WIDTH)?;
     let n_kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
     let head_dim = hf
         .head_dim
@@ -478,6 +573,7 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
         tie_embeddings: tie,
         blocks: shapes,
     };
+    config.check().map_err(|e| invalid(&cfg_path, e))?;
     // Gather every *.safetensors file in the directory.
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| LoadError::Io {
@@ -576,10 +672,16 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
     let model =
         Llama::new(config, embed, blocks, norm, lm_head, device).map_err(|e| invalid(dir, e))?;
     let eos = match &hf.eos_token_id {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
-        Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()),
         _ => None,
     };
+    let eos = eos
+        .map(|id| {
+            u32::try_from(id)
+                .map_err(|_| invalid(&cfg_path, format!("eos_token_id {id} is not a token id")))
+        })
+        .transpose()?;
     let tok_path = dir.join("tokenizer.json");
     let template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()
@@ -590,31 +692,9 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(Llama, Tok), LoadError> {
                 .map(str::to_string)
         });
     let tok = Tok::from_file(&tok_path, hf.bos_token_id, eos, template)?;
+    check_vocab(&tok_path, &tok, v)?;
     Ok((model, tok))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn permutation_round_trips() {
-        let (nh, hd, cols) = (3, 8, 5);
-        let v: Vec<f32> = (0..nh * hd * cols).map(|i| i as f32).collect();
-        let u = unpermute_rows(&v, nh, hd, cols);
-        assert_ne!(u, v);
-        assert_eq!(permute_rows(&u, nh, hd, cols), v);
-        // Row 1 of head 0 in rotate-half order (first half, i=1) came from interleaved row 2.
-        assert_eq!(u[cols], v[2 * cols]);
-        // Row hd/2 (second half, i=0) came from interleaved row 1.
-        assert_eq!(u[(hd / 2) * cols], v[cols]);
-    }
-
-    #[test]
-    fn transpose_is_an_involution() {
-        let v: Vec<f32> = (0..12).map(|i| i as f32).collect();
-        let t = transpose(&v, 3, 4);
-        assert_eq!(t[1], 4.0);
-        assert_eq!(transpose(&t, 4, 3), v);
-    }
-}
+mod tests;

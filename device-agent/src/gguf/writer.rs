@@ -110,7 +110,7 @@ pub fn write(
     Ok(())
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
@@ -133,7 +133,7 @@ fn value_type(v: &Value) -> u32 {
     }
 }
 
-fn put_value(out: &mut Vec<u8>, v: &Value, with_type: bool) {
+pub(super) fn put_value(out: &mut Vec<u8>, v: &Value, with_type: bool) {
     if with_type {
         out.extend_from_slice(&value_type(v).to_le_bytes());
     }

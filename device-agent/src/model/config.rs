@@ -39,6 +39,29 @@ impl BlockShape {
     }
 }
 
+/// The largest hyper-parameters a model file may claim. A file's counts size allocations and
+/// loops before its tensors are read, so they are checked against these first: each is well
+/// above any LLaMA-family model that fits a device (a 70B model has 80 blocks of 64 heads of
+/// 128, width 8,192, 28,672 channels; the largest vocabularies are about 256,000 tokens).
+pub mod limits {
+    pub const MAX_LAYERS: usize = 512;
+    pub const MAX_HEADS: usize = 512;
+    pub const MAX_HEAD_DIM: usize = 1024;
+    /// The model width and the MLP's channels.
+    pub const MAX_WIDTH: usize = 1 << 17;
+    pub const MAX_VOCAB: usize = 1 << 21;
+    /// Positions the rotary tables are built for (loaders cap a file's context at 8,192).
+    pub const MAX_CONTEXT: usize = 1 << 16;
+}
+
+/// `value` of `what` as a count in `min..=max`, or what is wrong with it.
+pub fn checked_count(what: &str, value: u64, min: usize, max: usize) -> Result<usize, String> {
+    usize::try_from(value)
+        .ok()
+        .filter(|v| (min..=max).contains(v))
+        .ok_or_else(|| format!("{what} is {value}, outside {min}..={max}"))
+}
+
 /// Hyper-parameters of a LLaMA-family model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -62,6 +85,53 @@ pub struct ModelConfig {
 impl ModelConfig {
     pub fn n_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Every hyper-parameter within [`limits`] and consistent (an even head width for the
+    /// rotary embedding, positive finite norm epsilon and rotary base, each block's query
+    /// heads mapped onto its own KV heads), or the first that is not: what a model file gave
+    /// is checked here before a model is built from it.
+    pub fn check(&self) -> Result<(), String> {
+        use limits::*;
+        let count = |what: &str, v: usize, min: usize, max: usize| {
+            checked_count(what, v as u64, min, max).map(|_| ())
+        };
+        count("the block count", self.blocks.len(), 1, MAX_LAYERS)?;
+        count("the vocabulary size", self.vocab_size, 1, MAX_VOCAB)?;
+        count("the model width", self.d_model, 1, MAX_WIDTH)?;
+        count("the head width", self.head_dim, 2, MAX_HEAD_DIM)?;
+        if self.head_dim % 2 != 0 {
+            return Err(format!(
+                "the head width is {}: the rotary embedding needs an even one",
+                self.head_dim
+            ));
+        }
+        count("the query head count", self.n_heads, 1, MAX_HEADS)?;
+        count("the KV head count", self.n_kv_heads, 1, MAX_HEADS)?;
+        count("the MLP width", self.ffn_dim, 1, MAX_WIDTH)?;
+        count("the context length", self.max_seq_len, 1, MAX_CONTEXT)?;
+        for (what, v) in [
+            ("RMSNorm epsilon", self.rms_eps),
+            ("rotary base", self.rope_theta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("the {what} is {v}: it must be positive and finite"));
+            }
+        }
+        for (i, s) in self.blocks.iter().enumerate() {
+            count(&format!("block {i}'s query heads"), s.n_heads, 0, MAX_HEADS)?;
+            count(&format!("block {i}'s KV heads"), s.n_kv_heads, 0, MAX_HEADS)?;
+            count(
+                &format!("block {i}'s MLP channels"),
+                s.ffn_dim,
+                0,
+                MAX_WIDTH,
+            )?;
+            if s.q_to_kv.len() != s.n_heads || s.q_to_kv.iter().any(|&k| k >= s.n_kv_heads) {
+                return Err(format!("block {i}: query->KV map {:?} invalid", s.q_to_kv));
+            }
+        }
+        Ok(())
     }
 
     /// A dense config with `n_layers` identical blocks.

@@ -15,8 +15,9 @@ use crate::quant::{
 impl Llama {
     /// Assemble a model around a frozen base already held in blocks (read from a file's own
     /// blocks by [`crate::weights::load_gguf_held`]): `norms` are each block's attention and
-    /// MLP norms, `norm` the final one. Every matrix's shape is checked against the config;
-    /// the fp32 weight tensors are empty, as after [`Self::set_base_precision`].
+    /// MLP norms, `norm` the final one. The config is checked ([`ModelConfig::check`]) and every
+    /// matrix's shape against it; the fp32 weight tensors are empty, as after
+    /// [`Self::set_base_precision`].
     pub fn with_held_base(
         config: ModelConfig,
         base: QuantBase,
@@ -24,6 +25,7 @@ impl Llama {
         norm: Tensor<1>,
         device: &Device,
     ) -> Result<Self, String> {
+        config.check()?;
         let (d, hd, vocab) = (config.d_model, config.head_dim, config.vocab_size);
         let rows_cols = |m: &QMatrix| [m.rows(), m.cols()];
         if rows_cols(&base.embed) != [vocab, d] {
