@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod job;
 #[macro_use]
 pub mod kernels;
+pub mod local_file;
 pub mod lora;
 pub mod model;
 pub mod op_timer;

@@ -149,7 +149,7 @@ pub struct JoinArgs {
     #[arg(long)]
     pub state: Option<PathBuf>,
     /// With --state: start dense even though the directory holds a state (the old file is
-    /// kept as device-state.bin.old).
+    /// kept as device-state.bin.old, or .old.2, .old.3, ... when that exists).
     #[arg(long, requires = "state")]
     pub fresh_state: bool,
 }
@@ -168,7 +168,7 @@ pub enum ClientError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The state directory holds a state this agent cannot use.
-    #[error("{source}; to start this device dense instead, pass --fresh-state (the file is kept as {}.old)", state_dir::STATE_FILE)]
+    #[error("{source}; to start this device dense instead, pass --fresh-state (the file is kept as {}.old, or .old.2, .old.3, ... when that exists)", state_dir::STATE_FILE)]
     StateUnusable {
         #[source]
         source: StateError,

@@ -100,7 +100,7 @@ impl ModelConfig {
         count("the vocabulary size", self.vocab_size, 1, MAX_VOCAB)?;
         count("the model width", self.d_model, 1, MAX_WIDTH)?;
         count("the head width", self.head_dim, 2, MAX_HEAD_DIM)?;
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "the head width is {}: the rotary embedding needs an even one",
                 self.head_dim

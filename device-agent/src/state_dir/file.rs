@@ -24,7 +24,7 @@
 //! [`remove_stale_temps`] when the agent opens its state directory.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -41,8 +41,13 @@ pub const FORMAT_VERSION: u32 = 1;
 const FIELDS_BYTES: usize = 8 + 4 + 4 + 8 + 32;
 /// Bytes before the body.
 pub const HEADER_BYTES: usize = FIELDS_BYTES + 32;
-/// Largest body accepted when reading (4 GiB: far above any adapter of a device model).
-pub const MAX_BODY_BYTES: u64 = 4 << 30;
+/// Largest body accepted when reading (1 GiB: far above any adapter of a device model, which
+/// is tens of megabytes at rank 16 with an unacknowledged update beside it). It also bounds
+/// what a length inside the body may make the decoder allocate before it finds the body too
+/// short.
+pub const MAX_BODY_BYTES: u64 = 1 << 30;
+/// Bytes hashed at a time while the checksum is verified.
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// An I/O error at `op` on `path`.
 pub(super) fn io_err<'a>(
@@ -115,8 +120,19 @@ pub fn write_atomic<T: Serialize>(
 /// compare.
 pub fn read<T: DeserializeOwned>(path: &Path, schema: u32) -> Result<(Fingerprint, T), StateError> {
     let p = || path.to_path_buf();
+    // Not opened unless a regular file (through links): a FIFO would block the open, a device
+    // such as /dev/zero reports no length and never ends.
+    let kind = |m: &std::fs::Metadata| crate::local_file::irregular_kind(&m.file_type());
+    let before = std::fs::metadata(path).map_err(io_err(path, "stat"))?;
+    if let Some(kind) = kind(&before) {
+        return Err(StateError::NotAFile { path: p(), kind });
+    }
     let mut file = File::open(path).map_err(io_err(path, "open"))?;
-    let actual = file.metadata().map_err(io_err(path, "stat"))?.len();
+    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    if let Some(kind) = kind(&meta) {
+        return Err(StateError::NotAFile { path: p(), kind });
+    }
+    let actual = meta.len();
     if actual < HEADER_BYTES as u64 {
         let mut head = Vec::new();
         file.read_to_end(&mut head).map_err(io_err(path, "read"))?;
@@ -177,17 +193,37 @@ pub fn read<T: DeserializeOwned>(path: &Path, schema: u32) -> Result<(Fingerprin
             extra: actual - expected,
         });
     }
+    // The checksum first, a chunk at a time: a corrupt body of any length is refused without
+    // being held.
+    let mut h = Sha256::new();
+    h.update(&header[..FIELDS_BYTES]);
+    let mut chunk = vec![0u8; CHUNK_BYTES.min(body_len as usize)];
+    let mut left = body_len as usize;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        file.read_exact(&mut chunk[..n])
+            .map_err(io_err(path, "read body"))?;
+        h.update(&chunk[..n]);
+        left -= n;
+    }
+    if h.finalize()[..] != header[FIELDS_BYTES..] {
+        return Err(StateError::Checksum { path: p() });
+    }
+    drop(chunk);
+    file.seek(SeekFrom::Start(HEADER_BYTES as u64))
+        .map_err(io_err(path, "seek"))?;
     let mut body = vec![0u8; body_len as usize];
     file.read_exact(&mut body)
         .map_err(io_err(path, "read body"))?;
+    // The file may have changed between the two reads: the checksum holds for what is decoded.
     if checksum(&header[..FIELDS_BYTES], &body)[..] != header[FIELDS_BYTES..] {
         return Err(StateError::Checksum { path: p() });
     }
     let mut fingerprint = [0u8; 32];
     fingerprint.copy_from_slice(&header[24..56]);
-    // The body's length is checked against MAX_BODY_BYTES above; the limit only bounds what a
-    // length field inside the body may ask for.
-    let config = bincode::config::standard().with_limit::<{ usize::MAX / 4 }>();
+    // No length inside the body may claim more than the largest body (a string's bytes are
+    // allocated before they are read, so this bounds that allocation).
+    let config = bincode::config::standard().with_limit::<{ MAX_BODY_BYTES as usize }>();
     let (value, used): (T, usize) =
         bincode::serde::decode_from_slice(&body, config).map_err(|e| StateError::Decode {
             path: p(),

@@ -51,7 +51,7 @@ impl StateKeeper {
     /// Opens (creating it, mode 0700) the state directory `dir` of device `device_id` holding
     /// `base`: removes temporary files a killed agent left, then loads the state file. A file
     /// that cannot be used (corrupt, truncated, another version, model or device) is an error,
-    /// unless `fresh`: then it is renamed to `device-state.bin.old` and the device starts dense.
+    /// unless `fresh`: then it is moved aside (see [`aside_path`]) and the device starts dense.
     pub fn open(
         dir: &Path,
         base: &Llama,
@@ -70,7 +70,7 @@ impl StateKeeper {
         };
         let dense = || DeviceState::fresh(base);
         if fresh && std::fs::symlink_metadata(&path).is_ok() {
-            let old = path.with_extension(format!("bin.{REPLACED_SUFFIX}"));
+            let old = aside_path(&path)?;
             std::fs::rename(&path, &old).map_err(file::io_err(&path, "move aside"))?;
             tracing::warn!(path = %path.display(), old = %old.display(), "fresh start asked for: the previous device state was moved aside");
             keeper.save_state(&dense(), None)?;
@@ -220,10 +220,47 @@ impl StateKeeper {
     }
 }
 
-/// Creates the state directory (owner-only on Unix) or checks that `dir` is one.
+/// Most states moved aside by fresh starts that are kept side by side.
+const MAX_ASIDE: u32 = 1000;
+
+/// Where a fresh start moves the state at `path`: `device-state.bin.old`, or the first of
+/// `.old.2`, `.old.3`, ... that does not exist, so no earlier state moved aside is replaced.
+fn aside_path(path: &Path) -> Result<PathBuf, StateError> {
+    let free = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    let first = path.with_extension(format!("bin.{REPLACED_SUFFIX}"));
+    if free(&first) {
+        return Ok(first);
+    }
+    (2..=MAX_ASIDE)
+        .map(|k| path.with_extension(format!("bin.{REPLACED_SUFFIX}.{k}")))
+        .find(|p| free(p))
+        .ok_or_else(|| StateError::Invalid {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{MAX_ASIDE} earlier states are already moved aside beside it: remove some \
+                 before another fresh start"
+            ),
+        })
+}
+
+/// Creates the state directory (owner-only on Unix) or checks that `dir` is one that other
+/// users cannot write into.
 fn create_dir(dir: &Path) -> Result<(), StateError> {
     match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(m) if m.is_dir() => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = m.permissions().mode() & 0o7777;
+                if mode & 0o002 != 0 {
+                    return Err(StateError::OpenDirectory {
+                        path: dir.to_path_buf(),
+                        mode,
+                    });
+                }
+            }
+            return Ok(());
+        }
         Ok(_) => {
             return Err(StateError::NotADirectory {
                 path: dir.to_path_buf(),

@@ -108,6 +108,10 @@ pub enum StateError {
     Missing { path: PathBuf },
     #[error("device state directory {path} is not a directory")]
     NotADirectory { path: PathBuf },
+    #[error("device state {path} is not a regular file but {kind}: refusing to read it")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("device state directory {path} is writable by every user (mode {mode:o}): anyone could plant a state in it; make it the owner's alone (chmod 700)")]
+    OpenDirectory { path: PathBuf, mode: u32 },
 }
 
 /// SHA-256 identity of a base model: its dense config and a sample of every weight tensor (the
@@ -256,8 +260,12 @@ pub fn kept_digest(kept: &protocol::KeptIndices) -> String {
 /// `device-agent state`). The body's maps are not checked against a model.
 pub fn inspect(dir: &Path) -> Result<(Fingerprint, SavedState), StateError> {
     let path = state_file(dir);
-    if !path.exists() {
-        return Err(StateError::Missing { path });
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StateError::Missing { path })
+        }
+        Err(e) => return Err(file::io_err(&path, "stat")(e)),
+        Ok(_) => {}
     }
     file::read(&path, SCHEMA_VERSION)
 }

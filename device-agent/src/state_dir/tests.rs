@@ -327,6 +327,69 @@ fn unusable_state_files_are_errors_naming_the_file_and_never_a_dense_start() {
     assert_eq!(resume.state.kept, KeptIndices::dense(&base.config));
     assert_eq!(std::fs::read(&old).unwrap(), flipped);
     assert!(load(&dir, &base).unwrap().is_some());
+    // A second fresh start keeps the first one's file too.
+    let dense_file = std::fs::read(&path).unwrap();
+    let (_k, resume) = StateKeeper::open(&dir, &base, 3, true).unwrap();
+    let second = path.with_extension("bin.old.2");
+    assert_eq!(
+        resume.opened,
+        Opened::Replaced {
+            old: second.clone()
+        }
+    );
+    assert_eq!(std::fs::read(&old).unwrap(), flipped);
+    assert_eq!(std::fs::read(&second).unwrap(), dense_file);
+}
+
+/// What else an attacker, or an accident, can put at the state file's path or in its body:
+/// a FIFO (opening it would block), a link to a device that never ends, a directory, a
+/// directory every user can write into, and a well-formed, checksummed body whose string length
+/// asks for 2^61 bytes. Each is an error naming the file, at once and without a huge
+/// allocation.
+#[cfg(unix)]
+#[test]
+fn special_files_open_directories_and_lying_lengths_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tiny_model(&Device::flex());
+    let tmp_dir = temp_dir("special");
+    let dir = tmp_dir.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let path = state_file(&dir);
+    let expect = |what: &str| {
+        let err = open_error(&dir, &base);
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(what),
+            "{err}"
+        );
+    };
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    expect("not a regular file but a FIFO");
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    expect("not a regular file but a device");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    expect("not a regular file but a directory");
+    std::fs::remove_dir(&path).unwrap();
+
+    // A body that encodes 2^61 as a string's length, read as a string.
+    let fp = Fingerprint::of(&base);
+    file::write_atomic(&path, SCHEMA_VERSION, &fp, &(1u64 << 61)).unwrap();
+    let err = file::read::<String>(&path, SCHEMA_VERSION)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot decode the state"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = open_error(&dir, &base);
+    assert!(err.contains("writable by every user (mode 777)"), "{err}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(StateKeeper::open(&dir, &base, 3, false).is_ok());
 }
 
 #[test]

@@ -114,10 +114,12 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>, UserDataError> {
         source,
     };
     if !path.is_dir() {
-        std::fs::metadata(path).map_err(io)?;
+        let bytes = data_file_len(path)?;
+        total_within(path, bytes)?;
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
+    let mut total = 0u64;
     for entry in std::fs::read_dir(path).map_err(io)? {
         let p = entry.map_err(io)?.path();
         let hidden = p
@@ -133,6 +135,8 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>, UserDataError> {
                 what: "is a directory; data directories are read one level deep".into(),
             });
         }
+        total = total.saturating_add(data_file_len(&p)?);
+        total_within(path, total)?;
         files.push(p);
     }
     files.sort();
@@ -145,6 +149,50 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>, UserDataError> {
     Ok(files)
 }
 
+/// Largest data file read: a quarter of a gigabyte of text is some 60 million tokens, far more
+/// than a device trains on in many rounds.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+/// Largest sum of the data files read.
+pub const MAX_TOTAL_BYTES: u64 = 512 << 20;
+
+/// The length of the data file at `path`, which must be a regular file (through links) of at
+/// most [`MAX_FILE_BYTES`].
+fn data_file_len(path: &Path) -> Result<u64, UserDataError> {
+    let meta = std::fs::metadata(path).map_err(|source| UserDataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(kind) = crate::local_file::irregular_kind(&meta.file_type()) {
+        return Err(UserDataError::File {
+            path: path.to_path_buf(),
+            what: format!("is {kind}, not a data file"),
+        });
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(UserDataError::File {
+            path: path.to_path_buf(),
+            what: format!(
+                "{} bytes, over the {MAX_FILE_BYTES}-byte limit for one data file: split it",
+                meta.len()
+            ),
+        });
+    }
+    Ok(meta.len())
+}
+
+/// Refuses data files of `total` bytes in all under `path` beyond [`MAX_TOTAL_BYTES`].
+fn total_within(path: &Path, total: u64) -> Result<(), UserDataError> {
+    if total > MAX_TOTAL_BYTES {
+        return Err(UserDataError::File {
+            path: path.to_path_buf(),
+            what: format!(
+                "the data files hold over {MAX_TOTAL_BYTES} bytes in all: train on a part of them"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Read one file: its format and its records.
 pub fn read_file(path: &Path) -> Result<(Format, Vec<Record>), UserDataError> {
     let file_err = |what: String| UserDataError::File {
@@ -155,10 +203,23 @@ pub fn read_file(path: &Path) -> Result<(Format, Vec<Record>), UserDataError> {
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    let bytes = std::fs::read(path).map_err(|source| UserDataError::Io {
+    let io = |source| UserDataError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    data_file_len(path)?;
+    // Bounded again while reading: the file may have grown since it was listed.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path).map_err(io)?, MAX_FILE_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(file_err(format!(
+            "grew past the {MAX_FILE_BYTES}-byte limit for one data file while it was read"
+        )));
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
             .iter()

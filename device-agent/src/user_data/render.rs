@@ -32,10 +32,30 @@ impl MaskedTokens {
     }
 }
 
-/// A document for causal-LM training: its tokens and the end-of-text token, all learned.
+/// Longest piece of a document encoded at once: the tokenizer keeps tens of bytes per token
+/// while it encodes, so a long file is encoded a piece at a time.
+pub const PIECE_BYTES: usize = 1 << 20;
+
+/// A document for causal-LM training: its tokens and the end-of-text token, all learned. A
+/// document longer than [`PIECE_BYTES`] is encoded in pieces that end at a line break (or, in a
+/// line longer than that, at a character boundary), so its tokens may differ from encoding it
+/// whole only where pieces meet; a shorter one is encoded whole.
 pub fn document(tok: &Tok, text: &str) -> Result<MaskedTokens, TokenizerError> {
     let mut out = MaskedTokens::default();
-    out.push(tok.encode(text)?, true);
+    let mut rest = text;
+    while rest.len() > PIECE_BYTES {
+        let mut end = PIECE_BYTES;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        // After the last line break in the piece, when there is one.
+        if let Some(nl) = rest[..end].rfind('\n') {
+            end = nl + 1;
+        }
+        out.push(tok.encode(&rest[..end])?, true);
+        rest = &rest[end..];
+    }
+    out.push(tok.encode(rest)?, true);
     out.push(vec![tok.eos], true);
     Ok(out)
 }

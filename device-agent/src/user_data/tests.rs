@@ -434,3 +434,69 @@ fn classification_needs_two_labels_that_differ_in_their_first_token() {
         "{err}"
     );
 }
+
+/// What is not a data file, or too much of one, is refused by name before anything is read: a
+/// FIFO (reading it would block), a link to a device that never ends, a file over the
+/// one-file limit and files over the total (sparse, so nothing of them exists on disk).
+#[cfg(unix)]
+#[test]
+fn special_files_and_oversized_data_are_refused_unread() {
+    let tmp = fixture("special", &[("a.txt", "some text\n")]);
+    let data = tmp.path().join("data");
+    let tok = tiny_tok(tmp.path());
+    let expect = |path: &Path, says: &str| {
+        let e = load(path, &tok, &cfg(8)).expect_err("refused").to_string();
+        assert!(e.contains(says), "{says:?} in {e}");
+    };
+    let fifo = data.join("b.txt");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    expect(&data, "b.txt: is a FIFO, not a data file");
+    expect(&fifo, "b.txt: is a FIFO, not a data file");
+    std::fs::remove_file(&fifo).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", data.join("z.txt")).unwrap();
+    expect(&data, "z.txt: is a device, not a data file");
+    std::fs::remove_file(data.join("z.txt")).unwrap();
+
+    let big = std::fs::File::create(data.join("big.txt")).unwrap();
+    big.set_len(parse::MAX_FILE_BYTES + 1).unwrap();
+    expect(
+        &data,
+        "big.txt: 268435457 bytes, over the 268435456-byte limit",
+    );
+    big.set_len(parse::MAX_FILE_BYTES).unwrap();
+    for name in ["c.txt", "d.txt"] {
+        std::fs::File::create(data.join(name))
+            .unwrap()
+            .set_len(parse::MAX_FILE_BYTES / 2)
+            .unwrap();
+    }
+    expect(&data, "the data files hold over 536870912 bytes in all");
+}
+
+/// A document longer than a piece is encoded a piece at a time and loses or repeats nothing
+/// where pieces meet (it decodes back to itself), in lines and in one long line; a shorter one
+/// is encoded whole.
+#[test]
+fn long_documents_are_encoded_in_pieces_that_decode_to_the_text() {
+    let tmp = fixture("pieces", &[]);
+    let tok = tiny_tok(tmp.path());
+    let line = "a line of text, é and ü included, then a break\n";
+    let lines = line.repeat(render::PIECE_BYTES * 5 / 2 / line.len());
+    let one_line = "wörds ".repeat(render::PIECE_BYTES * 3 / 2 / 7);
+    for text in [&lines, &one_line] {
+        assert!(text.len() > render::PIECE_BYTES);
+        let doc = render::document(&tok, text).unwrap();
+        let (last, body) = doc.ids.split_last().unwrap();
+        assert_eq!(*last, tok.eos);
+        assert_eq!(&tok.decode(body).unwrap(), text);
+        assert!(doc.mask.iter().all(|&m| m));
+    }
+    let short = render::document(&tok, line).unwrap();
+    let mut whole = tok.encode(line).unwrap();
+    whole.push(tok.eos);
+    assert_eq!(short.ids, whole);
+}
