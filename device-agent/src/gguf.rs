@@ -428,11 +428,16 @@ impl GgufFile {
             let key = c.string("metadata key")?;
             let ty = c.u32(&key)?;
             let v = c.value(ty, &key, 0)?;
+            if metadata.contains_key(&key) {
+                // Which of two values is meant cannot be known: neither is taken.
+                return Err(c.malformed(format!("metadata key '{key}' appears twice")));
+            }
             metadata.insert(key, v);
         }
         // A name's length, the dim count, one dim, the type and the offset.
         c.claim(n_tensors, 32, "tensor directory entries")?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut names = std::collections::HashSet::new();
         for _ in 0..n_tensors {
             let name = c.string("tensor name")?;
             let n_dims = c.u32(&name)?;
@@ -445,6 +450,9 @@ impl GgufFile {
             }
             let ggml_type = c.u32(&name)?;
             let offset = c.u64(&name)?;
+            if !names.insert(name.clone()) {
+                return Err(c.malformed(format!("tensor '{name}' appears twice")));
+            }
             tensors.push(TensorInfo {
                 name,
                 dims,

@@ -251,6 +251,17 @@ fn hostile_counts_offsets_and_dims_are_refused() {
     );
     assert!(e.to_string().contains("general.alignment"), "{e}");
 
+    // Two values for one name: which is meant cannot be known.
+    let twice = [("k", Value::U32(1)), ("k", Value::U32(2))];
+    let e = open_err(dir, "key2.gguf", &raw_file(None, &twice, &[], 0));
+    assert!(
+        e.to_string().contains("metadata key 'k' appears twice"),
+        "{e}"
+    );
+    let infos = [("w", vec![32], f32_id, 0), ("w", vec![32], f32_id, 128)];
+    let e = open_err(dir, "tensor2.gguf", &raw_file(None, &[], &infos, 256));
+    assert!(e.to_string().contains("tensor 'w' appears twice"), "{e}");
+
     // Counts the file cannot hold are refused before anything is sized by them (2^24 tensor
     // entries would be about a gigabyte of directory).
     let e = open_err(

@@ -37,12 +37,12 @@ impl QMatrix {
         }
         let nb = cols / QK;
         let size = block_bytes(format);
-        let expected = rows * nb * size;
-        if bytes.len() != expected {
+        let expected = rows.checked_mul(nb).and_then(|b| b.checked_mul(size));
+        if expected != Some(bytes.len()) {
             return Err(QuantError::Shape {
                 what: format!("{format} blocks of a [{rows}, {cols}] matrix (bytes)"),
                 got: bytes.len(),
-                expected,
+                expected: expected.unwrap_or(usize::MAX),
             });
         }
         let mut m = QMatrix::empty(format, rows, cols);

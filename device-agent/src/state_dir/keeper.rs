@@ -32,6 +32,8 @@ pub enum Opened {
 /// The state directory of a running `join`.
 #[derive(Debug)]
 pub struct StateKeeper {
+    /// Held open, locked, while the keeper lives: one agent per state directory.
+    _lock: std::fs::File,
     path: PathBuf,
     fingerprint: Fingerprint,
     device_id: u64,
@@ -59,9 +61,11 @@ impl StateKeeper {
         fresh: bool,
     ) -> Result<(StateKeeper, Resume), StateError> {
         create_dir(dir)?;
+        let lock = lock_dir(dir)?;
         let path = state_file(dir);
         file::remove_stale_temps(&path)?;
         let mut keeper = StateKeeper {
+            _lock: lock,
             path: path.clone(),
             fingerprint: Fingerprint::of(base),
             device_id,
@@ -217,6 +221,27 @@ impl StateKeeper {
         last.status = status;
         self.save(session)?;
         Ok(true)
+    }
+}
+
+/// The file a running agent holds locked in its state directory.
+pub const LOCK_FILE: &str = "device-state.lock";
+
+/// Takes `dir`'s lock, or says that another agent holds it: two agents on one directory would
+/// remove each other's temporary files and overwrite each other's state.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StateError> {
+    let path = dir.join(LOCK_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let f = options
+        .open(&path)
+        .map_err(file::io_err(&path, "open lock"))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StateError::InUse { path }),
+        Err(std::fs::TryLockError::Error(e)) => Err(file::io_err(&path, "lock")(e)),
     }
 }
 

@@ -108,6 +108,8 @@ pub enum StateError {
     Missing { path: PathBuf },
     #[error("device state directory {path} is not a directory")]
     NotADirectory { path: PathBuf },
+    #[error("device state directory is in use: {path} is locked by another running agent")]
+    InUse { path: PathBuf },
     #[error("device state {path} is not a regular file but {kind}: refusing to read it")]
     NotAFile { path: PathBuf, kind: &'static str },
     #[error("device state directory {path} is writable by every user (mode {mode:o}): anyone could plant a state in it; make it the owner's alone (chmod 700)")]
@@ -256,6 +258,17 @@ pub fn kept_digest(kept: &protocol::KeptIndices) -> String {
         .collect()
 }
 
+/// The state file at `path`, its model config checked ([`ModelConfig::check`]: what describes
+/// and sizes it before any model is compared).
+fn read_saved(path: &Path) -> Result<(Fingerprint, SavedState), StateError> {
+    let (fingerprint, saved): (Fingerprint, SavedState) = file::read(path, SCHEMA_VERSION)?;
+    saved.model.check().map_err(|e| StateError::Invalid {
+        path: path.to_path_buf(),
+        detail: format!("model config: {e}"),
+    })?;
+    Ok((fingerprint, saved))
+}
+
 /// Reads and verifies `dir`'s state file without a model: its fingerprint and body (for
 /// `device-agent state`). The body's maps are not checked against a model.
 pub fn inspect(dir: &Path) -> Result<(Fingerprint, SavedState), StateError> {
@@ -267,7 +280,7 @@ pub fn inspect(dir: &Path) -> Result<(Fingerprint, SavedState), StateError> {
         Err(e) => return Err(file::io_err(&path, "stat")(e)),
         Ok(_) => {}
     }
-    file::read(&path, SCHEMA_VERSION)
+    read_saved(&path)
 }
 
 /// Reads `dir`'s state file for `base`: `Ok(None)` when there is none; an error when it cannot
@@ -279,7 +292,7 @@ pub fn load(dir: &Path, base: &Llama) -> Result<Option<SavedState>, StateError> 
         Err(e) => return Err(file::io_err(&path, "stat")(e)),
         Ok(_) => {}
     }
-    let (fingerprint, saved): (Fingerprint, SavedState) = file::read(&path, SCHEMA_VERSION)?;
+    let (fingerprint, saved) = read_saved(&path)?;
     let held = Fingerprint::of(base);
     if fingerprint != held {
         return Err(StateError::WrongModel {
@@ -294,8 +307,9 @@ pub fn load(dir: &Path, base: &Llama) -> Result<Option<SavedState>, StateError> 
     Ok(Some(saved))
 }
 
-/// The saved maps and adapter against the base (the checksum guards against corruption; this
-/// guards against a file that is well-formed but does not fit).
+/// The saved maps, adapter and importance history against the base, and the unacknowledged
+/// update against them (the checksum guards against corruption; this guards against a file
+/// that is well-formed but does not fit).
 fn check(path: &Path, saved: &SavedState, base: &Llama) -> Result<(), StateError> {
     let invalid = |detail: String| StateError::Invalid {
         path: path.to_path_buf(),
@@ -305,6 +319,11 @@ fn check(path: &Path, saved: &SavedState, base: &Llama) -> Result<(), StateError
     kept.validate(&base.config)
         .map_err(|e| invalid(format!("kept maps: {e}")))?;
     adapter_of(&saved.device, base).map_err(invalid)?;
+    saved
+        .device
+        .importance
+        .check(kept)
+        .map_err(|e| invalid(format!("importance history: {e}")))?;
     if let Some(last) = &saved.last_round {
         if let Some(u) = &last.unacked {
             if u.update.round != last.round {
@@ -312,6 +331,13 @@ fn check(path: &Path, saved: &SavedState, base: &Llama) -> Result<(), StateError
                     "the unacknowledged update is for {}, the last round is {}",
                     u.update.round, last.round
                 )));
+            }
+            // It was sent with the maps the device then kept, which are the saved ones: a
+            // resent update must not report maps the device does not hold.
+            if u.update.kept != *kept {
+                return Err(invalid(
+                    "the unacknowledged update's kept maps differ from the device's".into(),
+                ));
             }
         }
     }

@@ -321,7 +321,14 @@ fn unusable_state_files_are_errors_naming_the_file_and_never_a_dense_start() {
 
     // Only an explicit fresh start replaces it, and the old file is kept.
     std::fs::write(&path, &flipped).unwrap();
-    let (_k, resume) = StateKeeper::open(&dir, &base, 3, true).unwrap();
+    let (k, resume) = StateKeeper::open(&dir, &base, 3, true).unwrap();
+    // One agent per directory: a second keeper is refused while this one lives.
+    let busy = match StateKeeper::open(&dir, &base, 3, false) {
+        Ok(_) => panic!("a second agent must not open a directory in use"),
+        Err(e) => e.to_string(),
+    };
+    assert!(busy.contains("locked by another running agent"), "{busy}");
+    drop(k);
     let old = path.with_extension("bin.old");
     assert_eq!(resume.opened, Opened::Replaced { old: old.clone() });
     assert_eq!(resume.state.kept, KeptIndices::dense(&base.config));
@@ -590,4 +597,51 @@ fn rounds_on_the_held_model_equal_rounds_on_fresh_slices_of_the_base() {
             .contains("is not among the units the model still holds"),
         "{err}"
     );
+}
+
+/// Well-formed, checksummed states that do not hold together (as a bug or an attacker with the
+/// public base weights could write them): an unacknowledged update reporting maps the device
+/// does not hold, an importance history of another shape, a model config no model has. Each
+/// is refused by name, not resent, used or printed.
+#[test]
+fn checksummed_states_that_do_not_hold_together_are_refused() {
+    let base = tiny_model(&Device::flex());
+    let tmp_dir = saved_dir("inconsistent", &base);
+    let dir = tmp_dir.path().to_path_buf();
+    let path = state_file(&dir);
+    let fp = Fingerprint::of(&base);
+    let (_, good): (Fingerprint, SavedState) = file::read(&path, SCHEMA_VERSION).unwrap();
+    assert!(good.last_round.as_ref().unwrap().unacked.is_some());
+    let write = |s: &SavedState| file::write_atomic(&path, SCHEMA_VERSION, &fp, s).unwrap();
+
+    let mut other_maps = good.clone();
+    let unacked = other_maps
+        .last_round
+        .as_mut()
+        .unwrap()
+        .unacked
+        .as_mut()
+        .unwrap();
+    unacked.update.kept = KeptIndices::dense(&base.config);
+    assert_ne!(unacked.update.kept, good.device.kept);
+    write(&other_maps);
+    let err = open_error(&dir, &base);
+    assert!(err.contains("kept maps differ from the device's"), "{err}");
+
+    let mut other_history = good.clone();
+    other_history.device.importance.ema.pop();
+    write(&other_history);
+    let err = open_error(&dir, &base);
+    assert!(err.contains("importance history"), "{err}");
+
+    let mut odd_model = good.clone();
+    odd_model.model.head_dim = 15;
+    write(&odd_model);
+    let err = open_error(&dir, &base);
+    assert!(err.contains("model config: the head width is 15"), "{err}");
+    let err = inspect(&dir).unwrap_err().to_string();
+    assert!(err.contains("model config: the head width is 15"), "{err}");
+
+    write(&good);
+    assert!(StateKeeper::open(&dir, &base, 3, false).is_ok());
 }
