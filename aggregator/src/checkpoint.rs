@@ -274,7 +274,10 @@ pub fn read<T: DeserializeOwned>(path: &Path, schema: u32) -> Result<T, Checkpoi
             path: path.to_path_buf(),
         });
     }
-    let config = bincode::config::standard().with_limit::<{ usize::MAX / 4 }>();
+    // What the decoder may claim in all (a string's bytes are allocated before they are read):
+    // no more than the largest body, so a length a crafted body claims cannot abort the
+    // process on an allocation of 2^61 bytes.
+    let config = bincode::config::standard().with_limit::<{ MAX_BODY_BYTES as usize }>();
     let (state, used): (T, usize) =
         bincode::serde::decode_from_slice(&body, config).map_err(|e| CheckpointError::Decode {
             path: path.to_path_buf(),

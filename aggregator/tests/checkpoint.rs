@@ -124,6 +124,23 @@ fn a_valid_container_with_the_wrong_state_type_is_refused() {
     );
 }
 
+/// A checksummed body whose string length claims 2^61 bytes (as a crafted file, not
+/// corruption, would hold) is a decode error: the decoder allocates a string before it reads
+/// it, so its limit, not the body's length, bounds that allocation.
+#[test]
+fn a_string_length_past_any_body_is_refused_without_allocating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("liar.ckpt");
+    // 2^61 is encoded exactly as a string of that length's prefix.
+    checkpoint::write_atomic(&path, SCHEMA, &(1u64 << 61)).unwrap();
+    let err = checkpoint::read::<String>(&path, SCHEMA).unwrap_err();
+    assert!(matches!(err, CheckpointError::Decode { .. }), "{err}");
+    assert!(
+        err.to_string().contains("liar.ckpt: cannot decode state"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_missing_directory_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
