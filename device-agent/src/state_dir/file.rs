@@ -24,7 +24,7 @@
 //! [`remove_stale_temps`] when the agent opens its state directory.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -193,30 +193,22 @@ pub fn read<T: DeserializeOwned>(path: &Path, schema: u32) -> Result<(Fingerprin
             extra: actual - expected,
         });
     }
-    // The checksum first, a chunk at a time: a corrupt body of any length is refused without
-    // being held.
+    // One pass, a chunk at a time: the body grows only by what the file holds (nothing is
+    // allocated for a length the header merely claims) and is hashed as it is read.
     let mut h = Sha256::new();
     h.update(&header[..FIELDS_BYTES]);
-    let mut chunk = vec![0u8; CHUNK_BYTES.min(body_len as usize)];
+    let mut body = Vec::new();
     let mut left = body_len as usize;
     while left > 0 {
-        let n = left.min(chunk.len());
-        file.read_exact(&mut chunk[..n])
+        let at = body.len();
+        let n = left.min(CHUNK_BYTES);
+        body.resize(at + n, 0);
+        file.read_exact(&mut body[at..])
             .map_err(io_err(path, "read body"))?;
-        h.update(&chunk[..n]);
+        h.update(&body[at..]);
         left -= n;
     }
     if h.finalize()[..] != header[FIELDS_BYTES..] {
-        return Err(StateError::Checksum { path: p() });
-    }
-    drop(chunk);
-    file.seek(SeekFrom::Start(HEADER_BYTES as u64))
-        .map_err(io_err(path, "seek"))?;
-    let mut body = vec![0u8; body_len as usize];
-    file.read_exact(&mut body)
-        .map_err(io_err(path, "read body"))?;
-    // The file may have changed between the two reads: the checksum holds for what is decoded.
-    if checksum(&header[..FIELDS_BYTES], &body)[..] != header[FIELDS_BYTES..] {
         return Err(StateError::Checksum { path: p() });
     }
     let mut fingerprint = [0u8; 32];
